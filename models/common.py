@@ -1,0 +1,163 @@
+"""Building blocks shared by the dLLM families.
+
+Every family is a bidirectional pre-norm transformer. Forward passes take an optional ``KVCache``: a query
+slice ``[start, start + T)`` writes its new K/V into the cache in place and attends over the whole cached
+sequence. That one primitive gives the three schedules of the runtime:
+
+* refresh: queries = the whole sequence, start = 0 (fills the cache);
+* prefix reuse: queries = block + everything after it;
+* dual reuse: queries = the block only (the rest of the cache is stale until the next refresh).
+
+Without a cache the layer attends over its own K/V, which is the plain full forward that torch.export traces.
+Attention goes through ``F.scaled_dot_product_attention`` so compiler passes find one SDPA node per layer
+whose K/V inputs are the post-RoPE keys and values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
+    """cos/sin tables for positions [B, T] in float32: two [B, 1, T, head_dim] tensors."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=position_ids.device, dtype=torch.float32) / half))
+    ang = position_ids.float()[..., None] * inv_freq                 # [B, T, half]
+    ang = torch.cat([ang, ang], dim=-1)                                # [B, T, D]
+    return ang.cos()[:, None], ang.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()                                                     # [B, H, T, D]
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer K/V for a batch: k[l], v[l] are [B, n_kv_heads, S, head_dim]."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, seq_len: int, dtype, device) -> "KVCache":
+        shape = (batch, config.n_kv_heads, seq_len, config.head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        return cls(k, v)
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+
+
+def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] bool (True = attend) -> [B, 1, 1, S] for SDPA."""
+    return None if key_mask is None else key_mask[:, None, None, :]
+
+
+def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_heads: int, n_kv: int,
+                   q_norm=None, k_norm=None, cache_kv=None, start: int = 0):
+    """Bidirectional attention with GQA and optional QK-norm; projections are the caller's modules so each
+    family keeps its checkpoint's parameter names. Returns (output [B, T, d], (k, v) [B, Hkv, T, D])."""
+    B, T, _ = x.shape
+    q, k, v = q_proj(x), k_proj(x), v_proj(x)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    hd = q.shape[-1] // n_heads
+    q = q.view(B, T, n_heads, hd).transpose(1, 2)                     # [B, H, T, D]
+    k = k.view(B, T, n_kv, hd).transpose(1, 2)                        # [B, Hkv, T, D]
+    v = v.view(B, T, n_kv, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_kv = (k, v)
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck[:, :, start:start + T] = k
+        cv[:, :, start:start + T] = v
+        k, v = ck, cv                                                 # [B, Hkv, S, D]
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, T, D]
+    y = y.transpose(1, 2).reshape(B, T, n_heads * hd)
+    return o_proj(y), new_kv
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int, names: dict[str, str]):
+        super().__init__()
+        self.names = names
+        setattr(self, names["gate"], nn.Linear(d_model, hidden, bias=False))
+        setattr(self, names["up"], nn.Linear(d_model, hidden, bias=False))
+        setattr(self, names["down"], nn.Linear(hidden, d_model, bias=False))
+
+    def forward(self, x):
+        n = self.names
+        return getattr(self, n["down"])(F.silu(getattr(self, n["gate"])(x)) * getattr(self, n["up"])(x))
+
+
+class DiffusionLM(nn.Module):
+    """Base class of the families: embedding -> blocks -> final norm; ``logits`` applies the head.
+
+    Subclasses build ``self.embed``, ``self.blocks`` (each block: ``forward(x, cos, sin, mask, cache_kv, start)
+    -> (x, (k, v))``), ``self.norm`` and ``self.head`` under the checkpoint's parameter names."""
+
+    config: ModelConfig
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
+                return_kv: bool = False):
+        """input_ids [B, T] -> final hidden states [B, T, d] (and per-layer post-RoPE (k, v) if asked).
+
+        position_ids default to ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a
+        cache, the cache length with one)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=input_ids.device) + start)[None].expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        mask = key_mask_to_attn_mask(key_mask)
+        x = self.embed(input_ids)                                         # [B, T, d]
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            ckv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = block(x, cos, sin, mask, ckv, start)
+            kvs.append(kv)
+        h = self.norm(x)
+        return (h, kvs) if return_kv else h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, N, d] -> [B, N, vocab]. Callers pass only the rows they decode (never the whole sequence)."""
+        return self.head(hidden)
+
+    def full_logits(self, input_ids, position_ids=None, key_mask=None) -> torch.Tensor:
+        """Unoptimised [B, T, vocab] logits aligned so row i predicts token i (Dream's shift applied)."""
+        out = self.logits(self(input_ids, position_ids, key_mask))
+        if self.config.logit_shift:
+            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+        return out
