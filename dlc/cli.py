@@ -1,0 +1,111 @@
+"""The ``dlc`` command line: generate, models, compile, serve (and eval, bench when installed)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dlc")
+def main():
+    """dlc: compile and serve diffusion LLMs."""
+
+
+def _fail(msg: str):
+    raise click.ClickException(msg)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--gen-length", default=128, show_default=True, type=int)
+@click.option("--block-length", default=32, show_default=True, type=int)
+@click.option("--steps", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float)
+@click.option("--remasking", default="low_confidence", show_default=True,
+              type=click.Choice(["low_confidence", "random"]))
+@click.option("--threshold", default=None, type=float, help="Fast-dLLM threshold decoding (e.g. 0.9)")
+@click.option("--factor", default=None, type=float, help="Fast-dLLM parallel-factor decoding")
+@click.option("--cfg-scale", default=0.0, show_default=True, type=float)
+@click.option("--kv-cache", default="none", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
+@click.option("--weights", default=None, help="local checkpoint directory (overrides the preset's HF cache lookup)")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
+             cfg_scale, kv_cache, weights, dtype, device, seed, chat, as_json):
+    """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
+    import torch
+
+    from dlc.runtime.generate import GenerationConfig
+    from dlc.runtime.generate import generate as run_generate
+    from dlc.runtime.session import decode_tokens, encode_prompt, open_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps,
+                               temperature=temperature, remasking=remasking, threshold=threshold, factor=factor,
+                               cfg_scale=cfg_scale, kv_cache=kv_cache, seed=seed,
+                               stop_at_eos=chat is not False)
+        session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json)
+        use_chat = session.chat if chat is None else chat
+        cfg.stop_at_eos = use_chat
+        ids = encode_prompt(session, prompt, use_chat)
+        res = run_generate(session.runner, [ids], cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    text = decode_tokens(session, res.token_ids[0])
+    if as_json:
+        print(json.dumps({"text": text, "token_ids": res.token_ids[0], "nfe": res.nfe,
+                          "seconds": round(res.seconds, 4), "tokens_per_forward": round(res.tokens_per_forward, 3),
+                          "prompt_tokens": len(ids), "model": session.source, "engine": session.kind}))
+    else:
+        print(text)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def models(as_json):
+    """List the model presets with their Hugging Face repo and parameter count."""
+    from dlc.models.presets import PRESETS, preset_config
+
+    rows = []
+    for name in sorted(PRESETS):
+        p = PRESETS[name]
+        rows.append({"name": name, "repo": p["repo"] or ("bundled" if p.get("path") else "random (in-process)"),
+                     "parameters": preset_config(name).num_parameters() if p.get("config") else None,
+                     "description": p["description"]})
+    if as_json:
+        print(json.dumps(rows))
+        return
+    click.echo(f"{'name':<16} {'repo':<42} {'params':>10}  description")
+    for r in rows:
+        n = r["parameters"]
+        size = "?" if n is None else (f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M")
+        click.echo(f"{r['name']:<16} {r['repo']:<42} {size:>10}  {r['description']}")
+
+
+def _add_optional_commands() -> None:
+    """Commands that live in other packages register here; a missing one is an install problem, not a crash."""
+    import importlib
+
+    for module, attr, name in [("dlc.compiler.cli", "compile_command", "compile"),
+                               ("dlc.compiler.cli", "inspect_command", "inspect"),
+                               ("dlc.runtime.server_cli", "serve_command", "serve"),
+                               ("dlc.tiny.cli", "eval_command", "eval"),
+                               ("dlc.bench_cli", "bench_command", "bench")]:
+        try:
+            cmd = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        main.add_command(cmd, name)
+
+
+_add_optional_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())

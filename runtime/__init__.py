@@ -1,0 +1,1 @@
+"""dlc runtime: reference diffusion decoding, phase runners (eager and compiled), scheduler and server."""

@@ -1,0 +1,64 @@
+"""Open a MODEL argument (preset, checkpoint dir or compiled engine dir) as a phase runner + tokenizer.
+
+Compiled engine directories are recognised by ``ENGINE_OPENERS``: a plain dict of name -> (probe, opener)
+that the compiler package fills in; everything else goes through dlc.models.loading."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlc.models.config import ModelConfig
+from dlc.models.loading import load_model
+
+from .model_runner import EagerRunner
+
+ENGINE_OPENERS: dict = {}   # name -> (probe(path) -> bool, open(path, device=..., dtype=...) -> Session)
+
+
+@dataclass
+class Session:
+    runner: object
+    tokenizer: object
+    config: ModelConfig
+    chat: bool
+    source: str
+    kind: str = "eager"          # "eager" or the engine backend
+
+
+def _register_builtin_openers() -> None:
+    try:  # the compiler package registers its engine opener on import
+        import dlc.compiler  # noqa: F401
+    except ImportError:
+        pass
+
+
+def open_model(model: str, weights: str | None = None, dtype=None, device: str = "cpu",
+               progress: bool = True) -> Session:
+    _register_builtin_openers()
+    p = Path(model).expanduser()
+    if p.is_dir() and weights is None:
+        for probe, opener in ENGINE_OPENERS.values():
+            if probe(p):
+                return opener(p, device=device, dtype=dtype)
+    lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress)
+    return Session(EagerRunner(lm.model), lm.tokenizer, lm.config, lm.chat, lm.source)
+
+
+def encode_prompt(session: Session, prompt: str, chat: bool | None = None) -> list[int]:
+    tok = session.tokenizer
+    if tok is None:
+        raise ValueError(f"{session.source} has no tokenizer files (tokenizer.json / tokenizer.model)")
+    use_chat = session.chat if chat is None else chat
+    if use_chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{session.source}: the tokenizer has no chat template; use --no-chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tok(prompt, add_special_tokens=False)["input_ids"] or tok(prompt)["input_ids"]
+
+
+def decode_tokens(session: Session, ids: list[int]) -> str:
+    return session.tokenizer.decode(ids, skip_special_tokens=True)
