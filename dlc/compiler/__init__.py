@@ -1,0 +1,1 @@
+"""The dlc compiler: export, pass pipeline, engine emission and engine loading."""

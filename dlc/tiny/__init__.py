@@ -1,0 +1,1 @@
+"""The bundled tiny dLLM: synthetic tasks, tokenizer, training and evaluation."""

@@ -1,0 +1,62 @@
+"""The dlc command line as a user runs it: a real subprocess, output parsed."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def dlc(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "dlc.cli", *args], capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"dlc {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_generate_json_matches_library():
+    p = dlc("generate", "tiny-llada", "hello", "--gen-length", "16", "--block-length", "8", "--steps", "16",
+            "--no-chat", "--json")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(out) >= {"text", "token_ids", "nfe", "seconds"}
+    assert len(out["token_ids"]) == 16 and out["nfe"] == 16
+
+    from dlc.models.loading import load_model
+    from dlc.runtime.generate import GenerationConfig, generate
+    lm = load_model("tiny-llada")
+    ids = lm.tokenizer("hello", add_special_tokens=False)["input_ids"]
+    ref = generate(lm.model, [ids], GenerationConfig(gen_length=16, block_length=8, steps=16))
+    assert out["token_ids"] == ref.token_ids[0]
+
+
+def test_generate_threshold_dual_plain_text():
+    p = dlc("generate", "tiny-llada", "hi", "--gen-length", "16", "--block-length", "8", "--steps", "16",
+            "--threshold", "0.9", "--kv-cache", "dual")
+    assert p.stdout.endswith("\n")
+
+
+def test_models_lists_presets():
+    rows = json.loads(dlc("models", "--json").stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["llada-8b"]["repo"] == "GSAI-ML/LLaDA-8B-Instruct"
+    assert 7.9e9 < by_name["llada-8b"]["parameters"] < 8.1e9
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "no-such-model", "hi"], "Known presets"),
+    (["generate", "tiny-llada", "hi", "--bogus"], "No such option"),
+    (["generate", "tiny-llada", "hi", "--gen-length", "10"], "multiple of block_length"),
+    (["generate", "tiny-llada", "hi", "--kv-cache", "paged"], "paged"),
+])
+def test_bad_input_is_a_clear_error(args, needle):
+    p = dlc(*args, check=False)
+    assert p.returncode != 0
+    assert needle in p.stderr
+
+
+def test_preset_without_weights_names_repo_and_option(tmp_path):
+    import os
+    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "llada-8b", "hi"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode != 0
+    assert "GSAI-ML/LLaDA-8B-Instruct" in p.stderr and "--weights" in p.stderr
