@@ -5,7 +5,13 @@ Each real preset records the numbers of its released config.json (checked agains
 seeded, in-process models with a byte tokenizer: they exercise every code path in tests and on CPU."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import dlc
+
 from .config import ModelConfig
+
+ASSETS = Path(dlc.__file__).resolve().parent / "assets"   # package data, in editable and normal installs
 
 LLADA_8B = dict(family="llada", d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden=12288,
                 vocab_size=126464, embedding_size=126464, rope_theta=500000.0, rms_eps=1e-5, max_seq_len=4096,
@@ -22,6 +28,8 @@ PRESETS: dict[str, dict] = {
                       "description": "LLaDA 8B Base"},
     "llada-1.5": {"repo": "GSAI-ML/LLaDA-1.5", "config": LLADA_8B, "chat": True,
                   "description": "LLaDA 1.5 (8B, VRPO-aligned)"},
+    "dlc-tiny": {"repo": None, "path": str(ASSETS / "dlc-tiny"), "chat": True,
+                 "description": "bundled trained tiny LLaDA (synthetic tasks; the quick-start default)"},
     "tiny-llada": {"repo": None, "chat": True, "description": "random tiny LLaDA (tests)",
                    "config": dict(family="llada", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=128,
                                   rope_theta=10000.0, **_TINY_IDS)},
