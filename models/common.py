@@ -1,7 +1,7 @@
 """Building blocks shared by the dLLM families.
 
 Every family is a bidirectional pre-norm transformer. Forward passes take an optional ``KVCache``: a query
-slice ``[start, start + T)`` writes its new K/V into the cache in place and attends over the whole cached
+slice ``[start, start + T)`` (``start`` an int or one per row) writes its new K/V into the cache in place and attends over the whole cached
 sequence. That one primitive gives the three schedules of the runtime:
 
 * refresh: queries = the whole sequence, start = 0 (fills the cache);
@@ -50,10 +50,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Per-layer K/V for a batch: k[l], v[l] are [B, n_kv_heads, S, head_dim]."""
+    """Per-layer K/V: ``k[l]``, ``v[l]`` are [N, n_kv_heads, S, head_dim].
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
-        self.k, self.v = k, v
+    Without ``rows`` batch row b is cache row b (N = B). With ``rows`` (LongTensor [B]) the tensors are a slot
+    pool shared by many requests and batch row b lives in pool row ``rows[b]``: the runtime's KV cache manager
+    hands out such views so requests of different lengths and blocks run in one batch."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None):
+        self.k, self.v, self.rows = k, v, rows
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, seq_len: int, dtype, device) -> "KVCache":
@@ -64,7 +68,7 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k[0].shape[0]
+        return self.k[0].shape[0] if self.rows is None else self.rows.shape[0]
 
     @property
     def seq_len(self) -> int:
@@ -73,8 +77,32 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def layer(self, i: int):
+        return self.k[i], self.v[i], self.rows
+
     def select(self, rows: torch.Tensor) -> "KVCache":
+        """A view on some batch rows: same storage when this cache is a pool (writes land in the pool)."""
+        if self.rows is not None:
+            return KVCache(self.k, self.v, self.rows[rows])
         return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+
+
+def write_cache(ck, cv, rows, k, v, start):
+    """Write k, v [B, Hkv, T, D] into cache rows at columns start .. start + T, in place; returns the keys and
+    values to attend over, [B, Hkv, S, D]. ``start`` is an int (every row) or a LongTensor [B] (per row)."""
+    T = k.shape[2]
+    if rows is None and isinstance(start, int):
+        ck[:, :, start:start + T] = k
+        cv[:, :, start:start + T] = v
+        return ck, cv
+    B = k.shape[0]
+    if isinstance(start, int):
+        start = torch.full((B,), start, dtype=torch.long, device=k.device)
+    r = torch.arange(B, device=k.device) if rows is None else rows
+    cols = start[:, None] + torch.arange(T, device=k.device)           # [B, T]
+    ck[r[:, None], :, cols] = k.transpose(1, 2)                         # indexed view is [B, T, Hkv, D]
+    cv[r[:, None], :, cols] = v.transpose(1, 2)
+    return (ck, cv) if rows is None else (ck[r], cv[r])
 
 
 def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -96,11 +124,8 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     v = v.view(B, T, n_kv, hd).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = (k, v)
-    if cache_kv is not None:
-        ck, cv = cache_kv
-        ck[:, :, start:start + T] = k
-        cv[:, :, start:start + T] = v
-        k, v = ck, cv                                                 # [B, Hkv, S, D]
+    if cache_kv is not None:                                          # (pool k, pool v, rows or None)
+        k, v = write_cache(*cache_kv, k, v, start)                    # [B, Hkv, S, D]
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
@@ -135,17 +160,19 @@ class DiffusionLM(nn.Module):
                 return_kv: bool = False):
         """input_ids [B, T] -> final hidden states [B, T, d] (and per-layer post-RoPE (k, v) if asked).
 
-        position_ids default to ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a
-        cache, the cache length with one)."""
+        ``start`` (int or LongTensor [B]) is the column of input_ids[:, 0] in the cache; position_ids default to
+        ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache length
+        with one)."""
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = (torch.arange(T, device=input_ids.device) + start)[None].expand(B, T)
+            st = start[:, None] if isinstance(start, torch.Tensor) else start
+            position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = key_mask_to_attn_mask(key_mask)
         x = self.embed(input_ids)                                         # [B, T, d]
         kvs = []
         for i, block in enumerate(self.blocks):
-            ckv = None if cache is None else (cache.k[i], cache.v[i])
+            ckv = None if cache is None else cache.layer(i)
             x, kv = block(x, cos, sin, mask, ckv, start)
             kvs.append(kv)
         h = self.norm(x)
