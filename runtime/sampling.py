@@ -19,7 +19,7 @@ class Sampling:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None   # or a list with one generator per row (per-request seeds)
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
@@ -27,7 +27,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator=None) -> t
     if temperature == 0:
         return logits.argmax(-1)
     l64 = logits.to(torch.float64)
-    u = torch.rand(l64.shape, dtype=torch.float64, device=l64.device, generator=generator)
+    u = _uniform(l64.shape, l64.device, generator)
     return (l64.exp() / (-torch.log(u)) ** temperature).argmax(-1)
 
 
@@ -38,7 +38,7 @@ def sample_tokens(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torc
         p = torch.softmax(logits.to(torch.float64), dim=-1)
         conf = torch.gather(p, -1, x0[..., None])[..., 0]
     elif s.remasking == "random":
-        conf = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=s.generator)
+        conf = _uniform(x0.shape, x0.device, s.generator)
     else:
         raise ValueError(f"unknown remasking {s.remasking!r}; choose one of {REMASKING}")
     return x0, conf
@@ -47,3 +47,14 @@ def sample_tokens(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torc
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Classifier-free guidance as in LLaDA: un + (cfg + 1) * (cond - un)."""
     return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
+def _uniform(shape, device, generator) -> torch.Tensor:
+    """U(0, 1) float64 noise; a list of generators draws row b from generator b (a request alone draws the
+    same numbers as in any batch)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
+        return torch.stack([torch.rand(shape[1:], dtype=torch.float64, device=device, generator=g)
+                            for g in generator])
+    return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)

@@ -1,0 +1,111 @@
+"""Serving configuration: one dataclass that validates itself.
+
+Every `dlc serve` option is a field here under the same name (dashes become underscores), and a YAML
+``--config`` file uses the same keys; command-line flags override the file. Generation defaults left as None
+are taken from the model or engine directory (``generation_config.json`` or the engine config's
+``generation`` section), then from ``GEN_DEFAULTS``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICIES = ("phase", "fcfs")            # phase-multiplexed batcher, FCFS static batching (the baseline)
+GRANULARITY = ("fixed", "elastic")      # fixed block size, or Optimus-style load-driven chunk size
+GEN_DEFAULTS = dict(gen_length=128, block_length=32, steps=128, threshold=None, remasking="low_confidence",
+                    kv_cache="dual")
+GEN_KEYS = tuple(GEN_DEFAULTS)
+
+
+@dataclass
+class ServeConfig:
+    model: str = "tiny-llada"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 64            # most requests in one iteration (and running at once)
+    max_num_tokens: int = 8192          # token budget of one iteration (Refresh costs the sequence, Reuse the block)
+    max_queue: int = 256                # waiting requests beyond this get HTTP 429
+    api_key: str | None = None
+    served_model_name: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    max_seq_len: int | None = None      # default: the model's
+    kv_cache_mb: float = 512.0          # memory budget of the KV slot pool
+    policy: str = "phase"
+    granularity: str = "fixed"
+    chunk_sizes: tuple = (4, 8, 16, 32, 64)   # elastic mode: the chunk sizes the controller picks from
+    refresh_share: float = 0.5          # at most this share of the token budget goes to Refresh per iteration
+    age_iters: int = 16                 # a request waiting this many iterations goes first (no starvation)
+    seed: int = 0
+    drain_timeout_s: float = 60.0
+    gen_length: int | None = None
+    block_length: int | None = None
+    steps: int | None = None
+    threshold: float | None = None
+    remasking: str | None = None
+    kv_cache: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"serve config: {name} must be a positive integer, got {v!r}")
+        if self.port > 65535:
+            raise ValueError(f"serve config: port must be <= 65535, got {self.port}")
+        if self.kv_cache_mb <= 0:
+            raise ValueError(f"serve config: kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"serve config: policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.granularity not in GRANULARITY:
+            raise ValueError(f"serve config: granularity must be one of {GRANULARITY}, got {self.granularity!r}")
+        if not 0 < self.refresh_share <= 1:
+            raise ValueError(f"serve config: refresh_share must be in (0, 1], got {self.refresh_share}")
+        self.chunk_sizes = tuple(sorted(int(c) for c in self.chunk_sizes))
+        if not self.chunk_sizes or self.chunk_sizes[0] <= 0:
+            raise ValueError(f"serve config: chunk_sizes must be positive integers, got {self.chunk_sizes}")
+        if self.max_seq_len is not None and self.max_seq_len <= 0:
+            raise ValueError(f"serve config: max_seq_len must be > 0, got {self.max_seq_len}")
+        if self.api_key == "":
+            raise ValueError("serve config: api_key must not be empty (leave it out to disable auth)")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":
+        import yaml
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read serve config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"serve config {path}: expected a mapping of option -> value")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ServeConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"serve config: unknown options {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def model_generation_defaults(model: str) -> dict:
+    """Generation defaults stored with a model or engine directory (dlc keys), else GEN_DEFAULTS."""
+    out = dict(GEN_DEFAULTS)
+    p = Path(model).expanduser()
+    for f, section in ((p / "generation_config.json", None), (p / "config.json", "generation")):
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue
+        d = d.get(section) if section else d
+        if isinstance(d, dict):
+            out.update({k: d[k] for k in GEN_KEYS if k in d})
+    return out
