@@ -89,8 +89,8 @@ class ModelConfig:
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.qkv_bias:
             attn += h * hd + 2 * kv * hd
-        if self.qk_norm:
-            attn += h * hd + kv * hd
+        if self.qk_norm:      # per-head q/k RMSNorm weights of size head_dim (LLaDA-MoE)
+            attn += 2 * hd
         if self.is_moe:
             mlp = self.n_experts * 3 * d * self.expert_hidden + d * self.n_experts
         else:

@@ -1,0 +1,135 @@
+"""Dream-v0 7B (Dream-org/Dream-v0-Instruct-7B, Dream-org/Dream-v0-Base-7B): Qwen2.5-7B layout run bidirectionally.
+
+GQA (28 query heads over 4 KV heads), bias on q/k/v (not on o_proj), SwiGLU MLP, RMSNorm eps 1e-6, RoPE theta 1e6,
+untied head. Dream was adapted from an autoregressive model, so its output at position i predicts token i + 1:
+``logit_shift=1`` (the runners read hidden row i - 1 to decode position i).
+
+Config keys and parameter names follow the released checkpoint (``model_type: "Dream"``, ``DreamModel``,
+``model.layers.N.self_attn.q_proj.{weight,bias}``, ``model.layers.N.mlp.gate_proj.weight``, ``model.norm.weight``,
+``lm_head.weight``), so it loads without ``trust_remote_code``."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .common import DiffusionLM, RMSNorm, SwiGLU, self_attention
+from .config import ModelConfig
+
+HF_MODEL_TYPE = "Dream"
+MODEL_TYPES = ("Dream", "dream")
+MASK_ID, EOS_ID, IM_END_ID = 151666, 151643, 151645     # <|mask|>, <|endoftext|>, <|im_end|>
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _check_supported(d: dict) -> None:
+    if d.get("rope_scaling"):
+        raise ValueError(f"Dream config.json: rope_scaling {d['rope_scaling']!r} is not supported (only plain RoPE)")
+    hd = d.get("head_dim")
+    if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
+        raise ValueError(f"Dream config.json: head_dim {hd} != hidden_size / num_attention_heads is not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"Dream config.json: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+
+
+def from_hf(d: dict) -> ModelConfig:
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"Dream config.json is missing the key {missing[0]!r}")
+    _check_supported(d)
+    eos = d.get("eos_token_id")
+    eos = EOS_ID if eos is None else (eos[0] if isinstance(eos, list) else eos)
+    pad = d.get("pad_token_id")
+    vocab = d["vocab_size"]
+    stops = d.get("dlc_stop_ids") or [eos] + ([IM_END_ID] if vocab > IM_END_ID and eos == EOS_ID else [])
+    return ModelConfig(
+        family="dream",
+        d_model=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        mlp_hidden=d["intermediate_size"], vocab_size=vocab, embedding_size=vocab,
+        rope_theta=float(d.get("rope_theta", 10000.0)), rms_eps=float(d.get("rms_norm_eps", 1e-6)),
+        qkv_bias=True, tie_embeddings=bool(d.get("tie_word_embeddings", False)), logit_shift=1,
+        max_seq_len=d.get("max_position_embeddings", 32768),
+        mask_id=d.get("mask_token_id", MASK_ID), eos_id=eos, pad_id=eos if pad is None else pad,
+        stop_ids=list(stops),
+    )
+
+
+def to_hf(c: ModelConfig) -> dict:
+    return {
+        "model_type": HF_MODEL_TYPE, "architectures": ["DreamModel"],
+        "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "intermediate_size": c.mlp_hidden, "vocab_size": c.vocab_size,
+        "hidden_act": "silu", "rms_norm_eps": c.rms_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
+        "tie_word_embeddings": c.tie_embeddings, "max_position_embeddings": c.max_seq_len,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": c.n_layers,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": False,
+        "mask_token_id": c.mask_id, "bos_token_id": c.eos_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id,
+        "dlc_stop_ids": c.stop_ids, "torch_dtype": "bfloat16",
+    }
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        hd = c.head_dim
+        self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * hd, bias=True)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=True)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=True)
+        self.o_proj = nn.Linear(c.n_heads * hd, c.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
+                              self.n_heads, self.n_kv, cache_kv=cache_kv, start=start, **kw)
+
+
+class DreamDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.d_model, c.rms_eps)
+        self.self_attn = DreamAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.d_model, c.rms_eps)
+        self.mlp = SwiGLU(c.d_model, c.mlp_hidden, MLP_NAMES)
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
+        x = x + a                                                         # [B, T, d]
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class DreamBase(nn.Module):
+    """``model.*`` of the checkpoint: embed_tokens, layers, norm."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.embedding_size, c.d_model)
+        self.layers = nn.ModuleList(DreamDecoderLayer(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.rms_eps)
+
+
+class TiedHead(nn.Module):
+    """Output projection that reuses the input embedding (kept out of the module tree: one name per tensor)."""
+
+    def __init__(self, embed: nn.Embedding, vocab: int):
+        super().__init__()
+        self._embed = [embed]
+        self.vocab = vocab
+
+    def forward(self, h):
+        return nn.functional.linear(h, self._embed[0].weight[: self.vocab])
+
+
+class DreamLM(DiffusionLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DreamBase(config)
+        if config.tie_embeddings:
+            self.__dict__["_tied_head"] = TiedHead(self.model.embed_tokens, config.vocab_size)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    embed = property(lambda self: self.model.embed_tokens)
+    blocks = property(lambda self: self.model.layers)
+    norm = property(lambda self: self.model.norm)
+    head = property(lambda self: self.__dict__.get("_tied_head") or self.lm_head)

@@ -1,0 +1,224 @@
+"""LLaDA-MoE-7B-A1B (inclusionAI/LLaDA-MoE-7B-A1B-Instruct, -Base): OLMoE-style sparse MoE, bidirectional.
+
+16 layers of d_model 2048, 16 heads (MHA, head_dim 128) with per-head QK RMSNorm (``q_norm``/``k_norm`` weights of
+size head_dim, applied before RoPE), RoPE theta 50000, and in every layer a router over 64 SwiGLU experts
+(expert_intermediate_size 1024) of which the top 8 run per token. Routing follows the released modeling code:
+softmax over all experts in fp32, top-k, *no* renormalisation of the k weights (its MoE block hard-codes
+``norm_topk_prob = False`` whatever config.json says), weights cast to the activation dtype, weighted sum.
+
+The released config.json says ``model_type: "llada"`` (the same string as LLaDA-8B; architectures
+``["LLaDAMoEModelLM"]``), so ``dlc.models`` tells the two apart by ``detect`` (MoE keys present). Forks that renamed
+it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embed_tokens.weight``,
+``model.layers.N.self_attn.{q,k,v,o}_proj.weight``, ``model.layers.N.self_attn.{q,k}_norm.weight``,
+``model.layers.N.mlp.gate.weight`` (router, [E, d]), ``model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight``,
+``model.layers.N.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``.
+
+The MoE forward has two implementations (``MOE_IMPLS``): ``dense`` (default) runs every expert on every token and
+weights the results by a dense [N, E] routing matrix that is zero off the top-k. It has no data-dependent shapes or
+control flow, so torch.export / ONNX trace it as is (cost: E / k times the expert FLOPs). ``grouped`` gathers each
+expert's tokens (data-dependent shapes: eager only) and does only the routed work."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import DiffusionLM, RMSNorm, SwiGLU, self_attention
+from .config import ModelConfig
+from .dream import TiedHead
+
+HF_MODEL_TYPE = "llada"                       # what the released config.json says
+MODEL_TYPES = ("llada", "lladamoe", "llada_moe")
+MASK_ID, EOS_ID = 156895, 156892              # <|mask|>, <|endoftext|>
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts",
+            "num_experts_per_tok", "expert_intermediate_size", "rope_theta")
+MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def detect(d: dict) -> bool:
+    """True when a config.json (possibly ``model_type: "llada"``) describes LLaDA-MoE rather than LLaDA-8B."""
+    arch = " ".join(d.get("architectures") or [])
+    return "num_experts" in d or "MoE" in arch or "Moe" in arch
+
+
+def _check_supported(d: dict) -> None:
+    """Options of the remote config class that the released checkpoints leave off; refuse rather than ignore."""
+    unsupported = {
+        "shared_expert_intermediate_size": d.get("shared_expert_intermediate_size") not in (None, 0),
+        "moe_router_enable_expert_bias": bool(d.get("moe_router_enable_expert_bias")),
+        "attention_bias": bool(d.get("attention_bias")),
+        "clip_qkv": d.get("clip_qkv") is not None,
+        "rope_scaling": bool(d.get("rope_scaling")),
+        "partial_rotary_factor": d.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0, -1),
+        "moe_router_score_function": d.get("moe_router_score_function") not in (None, "softmax"),
+        "moe_layer_freq": any(f != 1 for f in (d.get("moe_layer_freq") or [])),
+        "hidden_act": d.get("hidden_act", "silu") != "silu",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"LLaDA-MoE config.json: {bad[0]}={d.get(bad[0])!r} is not supported by dlc "
+                         f"(released checkpoints use the default)")
+
+
+def from_hf(d: dict) -> ModelConfig:
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"LLaDA-MoE config.json is missing the key {missing[0]!r}")
+    _check_supported(d)
+    eos = d.get("eos_token_id")
+    eos = EOS_ID if eos is None else (eos[0] if isinstance(eos, list) else eos)
+    pad = d.get("pad_token_id")
+    return ModelConfig(
+        family="llada_moe",
+        d_model=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        mlp_hidden=d.get("dense_intermediate_size") or d["expert_intermediate_size"],
+        vocab_size=d["vocab_size"], embedding_size=d["vocab_size"],
+        rope_theta=float(d["rope_theta"]), rms_eps=float(d.get("rms_norm_eps", 1e-5)),
+        qk_norm=bool(d.get("qk_layernorm", True)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        n_experts=d["num_experts"], n_experts_per_tok=d["num_experts_per_tok"],
+        expert_hidden=d["expert_intermediate_size"], norm_topk_prob=False,
+        max_seq_len=d.get("max_position_embeddings", 4096),
+        mask_id=d.get("mask_token_id", MASK_ID), eos_id=eos, pad_id=eos if pad is None else pad,
+        stop_ids=list(d.get("dlc_stop_ids") or [eos]),
+        extra={"norm_topk_prob": d.get("norm_topk_prob")} if d.get("norm_topk_prob") else {},
+    )
+
+
+def to_hf(c: ModelConfig) -> dict:
+    return {
+        "model_type": HF_MODEL_TYPE, "architectures": ["LLaDAMoEModelLM"],
+        "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size, "hidden_act": "silu",
+        "dense_intermediate_size": c.mlp_hidden, "expert_intermediate_size": c.expert_hidden,
+        "shared_expert_intermediate_size": None, "num_experts": c.n_experts,
+        "num_experts_per_tok": c.n_experts_per_tok, "moe_layer_freq": [1] * c.n_layers,
+        "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
+        "norm_topk_prob": c.norm_topk_prob, "qk_layernorm": c.qk_norm, "attention_bias": False,
+        "clip_qkv": None, "rope_theta": c.rope_theta, "rope_scaling": None, "partial_rotary_factor": 1.0,
+        "rms_norm_eps": c.rms_eps, "tie_word_embeddings": c.tie_embeddings,
+        "max_position_embeddings": c.max_seq_len, "router_aux_loss_coef": 0.01, "output_router_logits": False,
+        "use_cache": False, "mask_token_id": c.mask_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id,
+        "dlc_stop_ids": c.stop_ids, "torch_dtype": "bfloat16",
+    }
+
+
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over each head's head_dim slice of a [B, T, H * head_dim] projection (weight: [head_dim])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hd = self.weight.shape[0]
+        return super().forward(x.unflatten(-1, (-1, hd))).flatten(-2)    # [B, T, H, D] -> [B, T, H * D]
+
+
+class LLaDAMoEAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        hd = c.head_dim
+        self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * hd, c.d_model, bias=False)
+        if c.qk_norm:
+            self.q_norm = HeadRMSNorm(hd, c.rms_eps)
+            self.k_norm = HeadRMSNorm(hd, c.rms_eps)
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
+                              self.n_heads, self.n_kv, q_norm=qn, k_norm=kn, cache_kv=cache_kv, start=start, **kw)
+
+
+def route(router_logits: torch.Tensor, k: int, norm_topk: bool):
+    """[N, E] router logits -> (weights [N, k] fp32, expert ids [N, k]): softmax in fp32, then top-k."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(probs, k, dim=-1)
+    if norm_topk:
+        w = w / w.sum(-1, keepdim=True)
+    return w, idx
+
+
+def moe_dense(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """Every expert on every token, weighted by the dense routing matrix (0 off the top-k). Static shapes."""
+    dense = torch.zeros(x.shape[0], len(experts), dtype=w.dtype, device=x.device).scatter(1, idx, w)
+    dense = dense.to(x.dtype)                                            # [N, E]
+    out = torch.zeros_like(x)                                            # [N, d]
+    for e, expert in enumerate(experts):
+        out = out + dense[:, e:e + 1] * expert(x)
+    return out
+
+
+def moe_grouped(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """Each expert runs on its routed tokens only (eager: the gathers have data-dependent shapes)."""
+    w = w.to(x.dtype)
+    out = torch.zeros_like(x)                                            # [N, d]
+    for e, expert in enumerate(experts):
+        tok, slot = torch.where(idx == e)                                # [n_e], [n_e]
+        out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+    return out
+
+
+MOE_IMPLS = {"dense": moe_dense, "grouped": moe_grouped}
+
+
+class SparseMoeBlock(nn.Module):
+    impl = "dense"    # key of MOE_IMPLS; set per instance or on the class
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk = c.n_experts_per_tok, c.norm_topk_prob
+        self.gate = nn.Linear(c.d_model, c.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES) for _ in range(c.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)                                       # [N, d]
+        w, idx = route(self.gate(flat), self.top_k, self.norm_topk)      # [N, k], [N, k]
+        return MOE_IMPLS[self.impl](flat, w, idx, self.experts).view(B, T, d)
+
+
+class LLaDAMoEDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.d_model, c.rms_eps)
+        self.self_attn = LLaDAMoEAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.d_model, c.rms_eps)
+        self.mlp = SparseMoeBlock(c)
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
+        x = x + a                                                         # [B, T, d]
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LLaDAMoEBase(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.embedding_size, c.d_model)
+        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.rms_eps)
+
+
+class LLaDAMoEModel(DiffusionLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.is_moe:
+            raise ValueError("LLaDA-MoE model config: n_experts must be > 0")
+        self.config = config
+        self.model = LLaDAMoEBase(config)
+        if config.tie_embeddings:
+            self.__dict__["_tied_head"] = TiedHead(self.model.embed_tokens, config.vocab_size)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    embed = property(lambda self: self.model.embed_tokens)
+    blocks = property(lambda self: self.model.layers)
+    norm = property(lambda self: self.model.norm)
+    head = property(lambda self: self.__dict__.get("_tied_head") or self.lm_head)
+
+    def set_moe_impl(self, impl: str) -> None:
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
+        for layer in self.model.layers:
+            layer.mlp.impl = impl
