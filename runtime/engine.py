@@ -1,0 +1,271 @@
+"""The serving engine: model (eager dir/preset or compiled engine dir) + KV slot pool + scheduler + loop.
+
+Threading: one engine thread runs ``step()`` in a loop; other threads only call ``add_request`` and
+``abort``, which queue work under ``self.lock`` and wake the loop. All scheduling state (queues, slots,
+request decoding state) is touched by the engine thread only, so a cancelled request's slot is freed at the
+start of the next iteration, never under a running forward. Output reaches callers through each request's
+``on_output(req, new_ids, finished)`` callback, called on the engine thread as blocks finalize.
+
+Request parameters: ``make_request`` turns a prompt and the diffusion fields (gen_length, block_length, steps,
+threshold, factor, remasking, kv_cache, temperature, seed, cfg_scale) into a validated ``Request``; missing
+fields come from the model/engine directory's defaults. ``max_tokens`` caps the output: gen_length becomes
+the smallest multiple of block_length holding it (steps scaled to keep steps per block) and the output is cut
+at max_tokens, so the first max_tokens tokens are exactly those of the uncapped request.
+
+This module imports no web framework (the GPU machine has none)."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import torch
+
+from .config import GEN_KEYS, ServeConfig, model_generation_defaults
+from .batch_runner import BatchRunner
+from .generate import GenerationConfig
+from .granularity import Granularity, measure_step_times
+from .kv_cache import KVCacheManager
+from .metrics import Metrics
+from .request import CANCELLED, FINISHED, Request, advance, apply
+from .scheduler import SCHEDULERS
+
+REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, session, cfg: ServeConfig):
+        self.session, self.cfg = session, cfg
+        self.runner, self.mc = session.runner, session.config
+        self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.mc.max_seq_len, cfg.max_num_tokens)
+        self.gen_defaults = {**model_generation_defaults(cfg.model),
+                             **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
+        GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
+        self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
+                                 self.runner.device, max_slots=cfg.max_batch_size)
+        self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
+        self.scheduler = SCHEDULERS[cfg.policy](cfg, self.mc, self.kv, self.gran, self.runner.device)
+        self.batch_runner = BatchRunner(self.runner, self.kv)
+        self.metrics = Metrics()
+        self.metrics.set("kv_cache_total_slots", self.kv.n_slots)
+        self.lock = threading.Condition()
+        self._incoming: list[Request] = []
+        self._aborts: list[Request] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._tps_count, self._tps_t0 = 0, time.monotonic()
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> "Engine":
+        from .session import open_model
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False), cfg)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def make_request(self, prompt: list[int], params: dict | None = None, max_tokens: int | None = None,
+                     rid: str = "") -> Request:
+        params = dict(params or {})
+        unknown = set(params) - set(REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown generation fields {sorted(unknown)}")
+        p = {**self.gen_defaults, **{k: v for k, v in params.items() if v is not None}}
+        if max_tokens is not None:
+            if max_tokens <= 0:
+                raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+            p = _cap_length(p, max_tokens)
+        if p.get("cfg_scale", 0) > 0 and p["kv_cache"] != "none":
+            raise ValueError("cfg_scale > 0 is served only with kv_cache 'none' (the unconditional pass is not "
+                             "batched into the slot pool)")
+        gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(t == self.mc.mask_id for t in prompt):
+            raise ValueError(f"the prompt contains the mask token id {self.mc.mask_id}")
+        if any(not 0 <= t < self.mc.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.mc.vocab_size})")
+        if len(prompt) + gen.gen_length > self.max_seq:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + gen_length ({gen.gen_length}) exceeds the maximum "
+                             f"sequence length {self.max_seq}")
+        return Request(list(prompt), gen, max_tokens=max_tokens, rid=rid)
+
+    def add_request(self, req: Request) -> None:
+        with self.lock:
+            if self._stop:
+                raise RuntimeError("the engine is shutting down")
+            if len(self.scheduler.waiting) + len(self._incoming) >= self.cfg.max_queue:
+                self.metrics.inc("rejected_total")
+                raise QueueFull(f"the queue is full ({self.cfg.max_queue} waiting requests)")
+            self._incoming.append(req)
+            self.lock.notify_all()
+
+    def abort(self, req: Request) -> None:
+        with self.lock:
+            if not req.finished:
+                self._aborts.append(req)
+                self.lock.notify_all()
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self._incoming or self._aborts or self.scheduler.has_work())
+
+    # -- one iteration (the seam a CUDA-graph runner slots into is BatchRunner.run) ---------------------------
+    def step(self) -> int:
+        """Run one iteration; returns the number of rows stepped."""
+        with self.lock:
+            incoming, self._incoming = self._incoming, []
+            aborts, self._aborts = self._aborts, []
+        for r in incoming:
+            self.scheduler.add(r)
+        for r in aborts:
+            if not r.finished:
+                self.scheduler.cancel(r)
+                self.metrics.inc("requests_total", status="cancelled")
+        batch = self.scheduler.schedule()
+        for r in batch:
+            self._emit(r, getattr(r, "pending_out", []) or [])
+            r.pending_out = []
+        if batch:
+            t0 = time.perf_counter()
+            results = self.batch_runner.run(batch)
+            dt = time.perf_counter() - t0
+            self._record(batch, dt)
+            n_running = len(self.scheduler.running)
+            for r, (x0, conf) in zip(batch, results):
+                apply(r, x0, conf, self.mc.mask_id)
+                new = advance(r, self.mc, self.gran.width(r, n_running))
+                self._emit(r, new)
+        self._update_gauges()
+        return len(batch)
+
+    def _record(self, batch, dt: float) -> None:
+        m = self.metrics
+        tokens = {"refresh": 0, "reuse": 0, "full": 0}
+        for r in batch:
+            tokens[r.phase] += r.cost()
+        total = sum(tokens.values())
+        for ph, n in tokens.items():
+            if n:
+                m.inc("phase_tokens_total", n, phase=ph)
+        m.inc("iterations_total")
+        m.observe("step_seconds", dt)
+        m.set("phase_refresh_share", (tokens["refresh"] + tokens["full"]) / max(1, total))
+        m.set("iteration_refresh_rows", sum(r.phase != "reuse" for r in batch))
+        m.set("iteration_reuse_rows", sum(r.phase == "reuse" for r in batch))
+        self.gran.observe(tokens["reuse"] or total, dt)
+
+    def _emit(self, r: Request, new: list[int]) -> None:
+        done = r.phase is None and not r.finished
+        if r.max_tokens is not None:
+            new = new[:max(0, r.max_tokens - len(r.output_ids))]
+            if len(r.output_ids) + len(new) >= r.max_tokens and not r.finished:
+                done = True
+        if new or done:
+            now = time.monotonic()
+            if r.first_token_time is None:
+                r.first_token_time = now
+                self.metrics.observe("ttft", now - r.arrival)
+            r.output_ids += new
+            self.metrics.inc("generated_tokens_total", len(new))
+            self._tps_count += len(new)
+        if done:
+            self._finish(r)
+        if (new or done) and r.on_output is not None:
+            r.on_output(r, new, done)
+
+    def _finish(self, r: Request) -> None:
+        capped = r.max_tokens is not None and len(r.output_ids) >= r.max_tokens
+        r.finish_reason = "stop" if r.stopped and not capped else "length"
+        if r.stopped and r.max_tokens is not None and len(r.output_ids) < r.max_tokens:
+            r.finish_reason = "stop"
+        self.scheduler.release(r, FINISHED)
+        r.finish_time = time.monotonic()
+        self.metrics.inc("requests_total", status="finished")
+        self.metrics.observe("latency", r.finish_time - r.arrival)
+
+    def _update_gauges(self) -> None:
+        m, s = self.metrics, self.scheduler
+        with self.lock:
+            m.set("queue_length", len(s.waiting) + len(self._incoming))
+        m.set("running_requests", len(s.running))
+        m.set("kv_cache_used_slots", self.kv.num_used)
+        m.set("kv_cache_usage_ratio", self.kv.usage())
+        m.set("granularity_chunk", self.gran.last_chunk)
+        m.set("saturation_tokens", self.gran.saturation or 0)
+        m.counters["preemptions_total"][()] = float(s.preemptions)
+        now = time.monotonic()
+        if now - self._tps_t0 >= 1.0:   # tokens/s over windows of about a second
+            m.set("tokens_per_second", self._tps_count / (now - self._tps_t0))
+            self._tps_count, self._tps_t0 = 0, now
+
+    # -- warm-up and the loop ---------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One tiny forward (first-call costs), and in elastic mode the saturation measurement."""
+        sizes = [8]
+        if self.cfg.granularity == "elastic":
+            sizes = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if n <= self.max_seq]
+        timings = measure_step_times(self.runner, sizes, repeats=1 if len(sizes) == 1 else 3)
+        if self.cfg.granularity == "elastic":
+            self.gran.calibrate(timings)
+        self._update_gauges()
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts: list[list[int]], params: dict | None = None) -> list[list[int]]:
+        """Offline helper: all prompts through the scheduler, outputs in order."""
+        reqs = [self.make_request(p, params) for p in prompts]
+        for r in reqs:
+            self.add_request(r)
+        self.run_until_done()
+        return [r.output_ids for r in reqs]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dlc-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not (self._incoming or self._aborts or self.scheduler.has_work()) and not self._stop:
+                    self.lock.wait(0.5)
+                if self._stop and not (self._incoming or self._aborts or self.scheduler.has_work()):
+                    return
+            try:
+                self.step()
+            except Exception as e:   # a failing batch must not kill the server: fail its requests
+                self._fail_all(e)
+
+    def _fail_all(self, err: Exception) -> None:
+        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.release(r, CANCELLED)
+            r.finish_reason = "error"
+            r.error = f"{type(err).__name__}: {err}"
+            if r.on_output is not None:
+                r.on_output(r, [], True)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting work; with ``drain`` finish in-flight requests first."""
+        with self.lock:
+            self._stop = True
+            if not drain:
+                self._aborts += self._incoming + list(self.scheduler.waiting) + list(self.scheduler.running)
+                self._incoming = []
+            self.lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _cap_length(p: dict, max_tokens: int) -> dict:
+    if max_tokens >= p["gen_length"]:
+        return p
+    blocks_before = p["gen_length"] // p["block_length"] if p["gen_length"] % p["block_length"] == 0 else None
+    if blocks_before is None or p["steps"] % blocks_before:
+        return p   # invalid combination: GenerationConfig names the problem
+    per_block = p["steps"] // blocks_before
+    n_blocks = math.ceil(max_tokens / p["block_length"])
+    return {**p, "gen_length": n_blocks * p["block_length"], "steps": n_blocks * per_block}

@@ -1,0 +1,61 @@
+"""KV cache manager: a slot pool sized from a memory budget.
+
+Per layer the pool holds K and V as ``[n_slots, n_kv_heads, S_max, head_dim]`` (S_max = the server's max
+sequence). A running request with a prefix or dual cache owns one slot (one pool row) from admission to
+finish or cancel; its sequence is laid out from column 0. Requests at any prompt length and block batch
+together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none) take no slot.
+
+Policy: ``n_slots = budget // bytes_per_slot`` (capped by ``max_slots``); ``allocate`` hands out the lowest
+free slot or None when the pool is full (the scheduler then waits or preempts); ``free`` returns a slot and
+is idempotent-safe (freeing a free slot is a bug and raises)."""
+from __future__ import annotations
+
+import torch
+
+from dlc.models.common import KVCache
+
+
+def slot_bytes(config, s_max: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layers * config.n_kv_heads * s_max * config.head_dim * elem
+
+
+class KVCacheManager:
+    def __init__(self, config, s_max: int, budget_bytes: int, dtype, device, max_slots: int | None = None):
+        per = slot_bytes(config, s_max, dtype)
+        n = int(budget_bytes // per)
+        if max_slots is not None:
+            n = min(n, max_slots)
+        if n < 1:
+            raise ValueError(f"KV cache budget {budget_bytes / 2**20:.1f} MiB is too small for one slot of "
+                             f"{s_max} tokens ({per / 2**20:.2f} MiB); raise kv_cache_mb or lower max_seq_len")
+        self.n_slots, self.s_max, self.slot_bytes = n, s_max, per
+        shape = (n, config.n_kv_heads, s_max, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self._free = list(range(n))          # kept sorted: lowest slot first
+        self.device = device
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.n_slots - len(self._free)
+
+    def usage(self) -> float:
+        return self.num_used / self.n_slots
+
+    def allocate(self) -> int | None:
+        return self._free.pop(0) if self._free else None
+
+    def free(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.n_slots:
+            raise ValueError(f"KV slot {slot} is not allocated")
+        self._free.append(slot)
+        self._free.sort()
+
+    def view(self, slots: list[int]) -> KVCache:
+        """A batch view on pool rows ``slots`` (writes land in the pool)."""
+        return KVCache(self.k, self.v, torch.tensor(slots, dtype=torch.long, device=self.device))

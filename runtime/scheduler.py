@@ -1,0 +1,156 @@
+"""Schedulers: which requests take a step in the next iteration.
+
+Every running request is in one phase per step: Refresh (a forward over its whole sequence that refills its
+cache; also every step of kv_cache none, ``full``) or Reuse (a forward over its block only, over the cached
+K/V). Refresh is compute-bound, Reuse bandwidth-bound. ``schedule()`` returns the requests of one iteration;
+the engine runs them (grouped into runner calls) and feeds the results back.
+
+``PhaseScheduler`` (policy ``phase``, the default) builds each iteration under a token budget
+(``max_num_tokens``; Refresh costs the sequence, Reuse the query slice) and at most ``max_batch_size`` rows:
+
+1. Reuse steps of running requests go first (cheap, they keep the bandwidth-bound work flowing);
+2. Refresh steps (running requests at a block start, then new admissions) fill at most ``refresh_share`` of
+   the budget, so a burst of block starts is spread over several iterations and later block boundaries stay
+   staggered: iterations mix both phases instead of swinging between all-compute and all-bandwidth;
+3. admission needs a free KV slot (prefix/dual caches) and room in the budget; a request that does not fit
+   is skipped, not waited on, so it does not stall smaller ones (no head-of-line blocking);
+4. ageing: a request left ready-but-unscheduled for ``age_iters`` iterations goes first in every list above
+   and ignores the Refresh share; while an aged request waits for admission nothing younger is admitted, and
+   if the slot pool is the obstacle the youngest running request is preempted by recompute (its slot is
+   freed; it restarts its current block later with identical output);
+5. an iteration is never empty while work is ready: the oldest ready step runs even if it exceeds the share.
+
+``FCFSScheduler`` (policy ``fcfs``) is the static-batching baseline: when nothing runs it admits waiting
+requests in arrival order up to the batch and token limits, stopping at the first that does not fit; that
+batch runs to completion (every request steps every iteration) before anything else is admitted.
+
+Neither policy changes tokens: each request decodes through its own state (runtime/request.py)."""
+from __future__ import annotations
+
+from collections import deque
+
+from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request, advance, init_state, restart_block
+
+
+class BaseScheduler:
+    def __init__(self, cfg, model_config, kv, granularity, device):
+        self.cfg, self.mc, self.kv, self.gran, self.device = cfg, model_config, kv, granularity, device
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = WAITING
+        self.waiting.append(req)
+
+    def needs_slot(self, req: Request) -> bool:
+        return req.gen.kv_cache != "none"
+
+    def admit(self, req: Request) -> bool:
+        """Take a slot (when the request needs one) and start decoding; False when the pool is full."""
+        if self.needs_slot(req) and req.slot is None:
+            slot = self.kv.allocate()
+            if slot is None:
+                return False
+            req.slot = slot
+        if req.x is None:
+            init_state(req, self.mc.mask_id, self.device)
+            req.pending_out = advance(req, self.mc, self.gran.width(req, len(self.running) + 1))
+        req.status, req.waited = RUNNING, 0
+        self.waiting.remove(req)
+        self.running.append(req)
+        return True
+
+    def release(self, req: Request, status: str = FINISHED) -> None:
+        if req.slot is not None:
+            self.kv.free(req.slot)
+            req.slot = None
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+
+    def cancel(self, req: Request) -> None:
+        self.release(req, CANCELLED)
+
+    def preempt(self, req: Request) -> None:
+        """Preemption by recompute: free the slot, rewind the block, requeue at the front."""
+        self.kv.free(req.slot)
+        req.slot = None
+        restart_block(req)
+        advance(req, self.mc, self.gran.width(req, len(self.running)))
+        req.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(req)
+        req.status = WAITING
+        self.waiting.appendleft(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _aged(self, req: Request) -> bool:
+        return req.waited >= self.cfg.age_iters
+
+    def _age(self, ready: list[Request], chosen: list[Request]) -> None:
+        picked = {id(r) for r in chosen}
+        for r in ready:
+            r.waited = 0 if id(r) in picked else r.waited + 1
+
+
+class PhaseScheduler(BaseScheduler):
+    def schedule(self) -> list[Request]:
+        cfg = self.cfg
+        budget, cap = cfg.max_num_tokens, cfg.refresh_share * cfg.max_num_tokens
+        prio = lambda r: (not self._aged(r), r.seq)                                 # noqa: E731
+        ready = sorted((r for r in self.running if r.phase is not None), key=prio)
+        chosen, used, refresh_used = [], 0, 0
+
+        def fits(r, c, refresh):
+            if len(chosen) >= cfg.max_batch_size or used + c > budget:
+                return False
+            return not refresh or refresh_used + c <= cap or self._aged(r) or not chosen
+
+        for r in ready:                                           # 1. Reuse first
+            if r.phase == "reuse" and fits(r, r.cost(), False):
+                chosen.append(r)
+                used += r.cost()
+        for r in ready:                                           # 2. Refresh under the share
+            if r.phase != "reuse" and fits(r, r.cost(), True):
+                chosen.append(r)
+                used += r.cost()
+                refresh_used += r.cost()
+        for r in sorted(self.waiting, key=prio):                  # 3. admission, no head-of-line blocking
+            c = r.L if r.x is None else r.cost()
+            if fits(r, c, True) and (len(self.running) < cfg.max_batch_size) and self.admit(r):
+                chosen.append(r)
+                used += c
+                refresh_used += c
+            elif self._aged(r):                                   # 4. an aged request reserves capacity
+                if self.needs_slot(r) and self.kv.num_free == 0:
+                    self._preempt_for(r)
+                break
+        self._age(ready + list(self.waiting), chosen)            # waiting requests age as well
+        return chosen
+
+    def _preempt_for(self, aged: Request) -> None:
+        victims = [r for r in self.running if r.slot is not None and not self._aged(r) and r.seq > aged.seq]
+        if victims:
+            self.preempt(max(victims, key=lambda r: r.seq))
+
+
+class FCFSScheduler(BaseScheduler):
+    def schedule(self) -> list[Request]:
+        cfg = self.cfg
+        if not self.running:
+            used = 0
+            while self.waiting and len(self.running) < cfg.max_batch_size:
+                r = self.waiting[0]
+                if used + r.L > cfg.max_num_tokens or not self.admit(r):
+                    break                                          # head-of-line: stop at the first misfit
+                used += r.L
+        return [r for r in self.running if r.phase is not None]
+
+
+SCHEDULERS = {"phase": PhaseScheduler, "fcfs": FCFSScheduler}
