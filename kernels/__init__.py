@@ -1,1 +1,78 @@
-"""GPU kernels (Triton) registered as torch custom ops, each with a pure-PyTorch reference."""
+"""GPU kernels (Triton) registered as torch custom ops, each with a pure-PyTorch reference.
+
+Every op lives under ``torch.ops.dlc`` so torch.export keeps it as one node and AOTInductor compiles the Triton
+kernel into the artifact. On CPU tensors each op runs its reference (the op's CPU implementation); on CUDA
+tensors it launches the Triton kernel. ``OPS`` maps name -> op for passes that look ops up by name.
+
+Python API (what compiler passes and runtimes call):
+
+* ``fused_select_logits(hidden [N, d], weight [V, d], temperature=0.0, seed=0, noise=None)``
+  -> (token [N] int64, confidence [N] float32). Logits of the selected rows in vocab tiles with an online
+  softmax; never an [N, V] tensor. T > 0 samples by Gumbel-max with noise ``u`` [N, V] when given, else a
+  counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen token.
+* ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
+* ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
+  Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
+  head h reads KV head h // (H / Hkv)). ``idx`` [B, Hkv, n] indexes the full cache k/v [B, Hkv, S, D] (entries
+  < 0 skipped); without ``idx``, k/v are used whole (compacted [B, Hkv, n, D], or the full cache = dense).
+* ``select_positions(q_blk, k, retention, key_mask=None)`` -> idx [B, Hkv, n]: Sparse-dLLM's per-head choice.
+* ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
+  ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._registry import HAS_TRITON, OPS, concrete
+from . import cache_write as _kv
+from . import logits as _sl
+from . import attention as _sa
+from .attention import select_positions
+
+OPS["fused_topk_logprobs"] = torch.ops.dlc.fused_topk_logprobs
+
+REFERENCES = {                     # name -> pure-PyTorch reference (the CPU implementation)
+    "fused_select_logits": _sl.select_logits_reference,
+    "fused_topk_logprobs": _sl.topk_logprobs_reference,
+    "sparse_attention": _sa.sparse_attention_reference,
+    "kv_write": _kv.kv_write_reference,
+}
+
+
+def fused_select_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0, seed: int = 0,
+                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [N] int64, confidence [N] float32) for hidden [N, d] against the lm-head weight [V, d]."""
+    _sl.validate(hidden, weight, temperature, noise)
+    return torch.ops.dlc.fused_select_logits(hidden, weight, float(temperature), int(seed), noise)
+
+
+def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities (logprobs [N, k] float32, ids [N, k] int64) without an [N, V] tensor."""
+    _sl.validate(hidden, weight, 0.0, None)
+    if not 0 < k <= weight.shape[0]:
+        raise ValueError(f"k must be in [1, vocab={weight.shape[0]}], got {k}")
+    return torch.ops.dlc.fused_topk_logprobs(hidden, weight, int(k))
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
+                     idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Block queries over per-head selected cached K/V plus the block's own K/V: [B, H, T, D]."""
+    _sa.validate(q, k, v, k_blk, v_blk, idx)
+    if idx is not None and concrete() and idx.numel() and int(idx.max()) >= k.shape[2]:
+        raise ValueError(f"idx holds position {int(idx.max())} but the cache has S={k.shape[2]} positions")
+    return torch.ops.dlc.sparse_attention(q, k, v, k_blk, v_blk, idx)
+
+
+def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+              start: torch.Tensor | int, rows: torch.Tensor | None = None) -> None:
+    """Write the block's K/V [B, Hkv, T, D] into the caches [N, Hkv, S, D] in place at per-row ``start``."""
+    if isinstance(start, int):
+        start = torch.full((k_new.shape[0],), start, dtype=torch.int64, device=k_new.device)
+    _kv.validate(k_cache, v_cache, k_new, v_new, start, rows)
+    if concrete():
+        _kv.check_ranges(k_cache, k_new, start, rows)
+    torch.ops.dlc.kv_write(k_cache, v_cache, k_new, v_new, start, rows)
+
+
+__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs", "sparse_attention",
+           "select_positions", "kv_write_"]

@@ -1,0 +1,261 @@
+"""Fused logits for selected rows: (token, confidence) without the [N, V] logit tensor.
+
+A diffusion step decodes a few rows per sequence, but ``head(hidden)`` then ``softmax`` materialises [N, V]
+logits twice (V = 126464 for LLaDA: 12 GiB at B=32, L=768 in fp32). This kernel streams the lm-head weight in
+vocab tiles, keeps per row a running max ``m`` and sum ``s`` of exp (online softmax) and the best (Gumbel-)score
+with its id and logit, and reduces at once. Output: token id [N] int64 and confidence [N] float32 = softmax
+probability of the chosen token (LLaDA's ``low_confidence``).
+
+Sampling at temperature T > 0 is Gumbel-max: argmax(logit - T * log(-log u)), which is LLaDA's
+``exp(logit) / (-log u)^T`` in log space (the same argmax without overflowing exp). ``u`` is either passed in
+(``noise`` [N, V], for parity with a torch generator) or drawn by a counter-based hash of (seed, row, column),
+so the Triton kernel and the reference draw the very same noise and the op needs no [N, V] noise tensor.
+
+GPU parallelism: rows are tiled by BN and the vocab is split so that about four programs per SM run; each
+program writes its partial (m, s, best score, id, logit); a tiny torch reduction over the splits finishes.
+Programs sharing a vocab split run side by side (row tile is the fast grid axis), so each weight tile is read
+from HBM once and served from L2 to the other row tiles.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+
+_MASK32 = 0xFFFFFFFF
+_HASH_M1, _HASH_M2, _ROW_M = 0x7FEB352D, 0x2C1B3C6D, 0x27D4EB2F   # odd multipliers < 2^31 (int64-safe)
+REF_CHUNK = 8192                                                   # vocab columns per reference chunk
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """32-bit integer finaliser on int64 tensors holding values < 2^32 (low 32 bits kept)."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_M2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float32 from (seed, row, column): rows [N, 1], cols [1, C] int64 -> [N, C].
+
+    24 random bits, so the value is exact in float32 and never 0 or 1 (the Gumbel transform stays finite)."""
+    r = _mix32(((rows * _ROW_M) + (seed & 0x7FFFFFFF)) & _MASK32)
+    x = _mix32(_mix32(r ^ cols))
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def select_logits_reference(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0,
+                            seed: int = 0, noise: torch.Tensor | None = None, chunk: int = REF_CHUNK):
+    """Pure-PyTorch reference: the same online reduction over vocab chunks of ``chunk`` columns, in float32.
+
+    Never holds more than [N, chunk] logits. Returns (token [N] int64, confidence [N] float32)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    h = hidden.float()                                                 # [N, d]
+    m = torch.full((N,), -math.inf, device=dev)
+    s = torch.zeros(N, device=dev)
+    best = torch.full((N,), -math.inf, device=dev)
+    tok = torch.zeros(N, dtype=torch.int64, device=dev)
+    blog = torch.zeros(N, device=dev)
+    rows = torch.arange(N, device=dev)[:, None]                        # [N, 1]
+    for v0 in range(0, V, chunk):
+        logit = h @ weight[v0:v0 + chunk].float().T                    # [N, C]
+        m_new = torch.maximum(m, logit.amax(1))
+        s = s * torch.exp(m - m_new) + torch.exp(logit - m_new[:, None]).sum(1)
+        m = m_new
+        score = logit
+        if temperature > 0:
+            cols = torch.arange(v0, v0 + logit.shape[1], device=dev)[None]
+            u = noise[:, v0:v0 + chunk].float() if noise is not None else hash_uniform(seed, rows, cols)
+            score = logit - temperature * torch.log(-torch.log(u))
+        cbest, cidx = score.max(1)                                     # first max within the chunk
+        upd = cbest > best                                             # strict: earlier chunks win ties
+        best = torch.where(upd, cbest, best)
+        tok = torch.where(upd, cidx + v0, tok)
+        blog = torch.where(upd, logit.gather(1, cidx[:, None])[:, 0], blog)
+    return tok, torch.exp(blog - m) / s
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+if HAS_TRITON:
+    @triton.jit
+    def _mix32_tl(x):
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _select_logits_kernel(H, W, U, PM, PS, PB, PI, PL,
+                              N, V, D, n_split, cols_per_split, stride_h, stride_w, stride_u,
+                              temperature, seed,
+                              SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, IEEE: tl.constexpr,
+                              BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N, BN)
+        pid_n = pid % n_tiles                                          # row tile: fast axis (L2 reuse of W)
+        pid_s = pid // n_tiles
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < N
+        v_lo = pid_s * cols_per_split
+        v_hi = tl.minimum(v_lo + cols_per_split, V)
+        m = tl.full([BN], float("-inf"), tl.float32)
+        s = tl.zeros([BN], tl.float32)
+        best = tl.full([BN], float("-inf"), tl.float32)
+        bidx = tl.zeros([BN], tl.int32)
+        blog = tl.zeros([BN], tl.float32)
+        if SAMPLE:
+            r = _mix32_tl(((rows.to(tl.int64) * 0x27D4EB2F) + seed) & 0xFFFFFFFF)
+        for v0 in range(v_lo, v_hi, BV):
+            cols = v0 + tl.arange(0, BV)
+            cmask = cols < v_hi
+            acc = tl.zeros([BN, BV], tl.float32)
+            for d0 in range(0, D, BD):
+                dk = d0 + tl.arange(0, BD)
+                dmask = dk < D
+                h = tl.load(H + rows[:, None] * stride_h + dk[None, :], mask=rmask[:, None] & dmask[None, :],
+                            other=0.0)
+                w = tl.load(W + cols[:, None] * stride_w + dk[None, :], mask=cmask[:, None] & dmask[None, :],
+                            other=0.0)
+                if IEEE:
+                    acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h, tl.trans(w), acc)
+            logit = tl.where(cmask[None, :], acc, float("-inf"))       # [BN, BV]
+            m_new = tl.maximum(m, tl.max(logit, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
+            m = m_new
+            score = logit
+            if SAMPLE:
+                if HAS_NOISE:
+                    u = tl.load(U + rows[:, None] * stride_u + cols[None, :],
+                                mask=rmask[:, None] & cmask[None, :], other=0.5).to(tl.float32)
+                else:
+                    x = _mix32_tl(_mix32_tl(r[:, None] ^ cols[None, :].to(tl.int64)))
+                    u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                score = tl.where(cmask[None, :], logit - temperature * tl.log(-tl.log(u)), float("-inf"))
+            cbest = tl.max(score, 1)
+            cidx = tl.argmax(score, 1)
+            clog = tl.sum(tl.where(tl.arange(0, BV)[None, :] == cidx[:, None], logit, 0.0), 1)
+            upd = cbest > best
+            best = tl.where(upd, cbest, best)
+            bidx = tl.where(upd, cidx + v0, bidx)
+            blog = tl.where(upd, clog, blog)
+        out = rows * n_split + pid_s
+        tl.store(PM + out, m, mask=rmask)
+        tl.store(PS + out, s, mask=rmask)
+        tl.store(PB + out, best, mask=rmask)
+        tl.store(PI + out, bidx, mask=rmask)
+        tl.store(PL + out, blog, mask=rmask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def plan(N: int, V: int, sms: int, BN: int | None = None, BV: int = 128, programs_per_sm: int = 4):
+    """Tile sizes and vocab split: (BN, BV, n_split, cols_per_split)."""
+    if BN is None:
+        BN = 16 if N <= 16 else 32 if N <= 32 else 64
+    n_tiles = -(-N // BN)
+    n_split = max(1, min(-(-programs_per_sm * sms // n_tiles), -(-V // BV)))
+    cols = -(-(-(-V // n_split)) // BV) * BV
+    return BN, BV, -(-V // cols), cols
+
+
+def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, BN=None, BV=128, BD=64,
+                         num_warps=4, num_stages=3, programs_per_sm=4):
+    """Launch the kernel (also on CPU tensors under TRITON_INTERPRET=1) and reduce the per-split partials."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    BN, BV, n_split, cols = plan(N, V, _sm_count(hidden.device), BN, BV, programs_per_sm)
+    part = [torch.empty((N, n_split), dtype=dt, device=hidden.device)
+            for dt in (torch.float32, torch.float32, torch.float32, torch.int32, torch.float32)]
+    pm, ps, pb, pi, pl = part
+    sample = temperature > 0
+    u = noise if noise is not None else hidden
+    grid = (-(-N // BN) * n_split,)
+    launch(_select_logits_kernel)[grid](
+        hidden, weight, u, pm, ps, pb, pi, pl, N, V, D, n_split, cols,
+        hidden.stride(0), weight.stride(0), u.stride(0), float(temperature), int(seed) & 0x7FFFFFFF,
+        SAMPLE=sample, HAS_NOISE=noise is not None, IEEE=hidden.dtype == torch.float32,
+        BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages)
+    return _combine(pm, ps, pb, pi, pl)
+
+
+def _combine(pm, ps, pb, pi, pl):
+    """Partials [N, n_split] -> (token [N] int64, confidence [N] float32)."""
+    M = pm.amax(1)                                                     # [N]
+    S = (ps * torch.exp(pm - M[:, None])).sum(1)
+    j = pb.argmax(1, keepdim=True)                                     # first max: lowest vocab split
+    tok = pi.gather(1, j)[:, 0].to(torch.int64)
+    return tok, torch.exp(pl.gather(1, j)[:, 0] - M) / S
+
+
+# ----------------------------------------------------------------------------------------------- the op
+def validate(hidden, weight, temperature, noise) -> None:
+    check_shape("hidden", hidden, 2, "[N, d]")
+    check_shape("weight", weight, 2, "[V, d] (the lm-head weight)")
+    check(hidden.shape[1] == weight.shape[1],
+          f"hidden has d={hidden.shape[1]} but weight has d={weight.shape[1]}")
+    check(hidden.dtype == weight.dtype, f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
+    check(hidden.device == weight.device, f"hidden on {hidden.device} but weight on {weight.device}")
+    check(temperature >= 0 and math.isfinite(temperature), f"temperature must be finite and >= 0, got {temperature}")
+    check(hidden.stride(1) == 1 and weight.stride(1) == 1, "hidden and weight need a contiguous last dim")
+    if noise is not None:
+        check(tuple(noise.shape) == (hidden.shape[0], weight.shape[0]),
+              f"noise must be [N, V] = {(hidden.shape[0], weight.shape[0])}, got {tuple(noise.shape)}")
+        check(noise.stride(1) == 1, "noise needs a contiguous last dim")
+
+
+@define_op("fused_select_logits")
+def fused_select_logits_op(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0, seed: int = 0,
+                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(hidden):
+        require_triton("fused_select_logits")
+        return select_logits_triton(hidden, weight, temperature, seed, noise)
+    return select_logits_reference(hidden, weight, temperature, seed, noise)
+
+
+@fused_select_logits_op.register_fake
+def _(hidden, weight, temperature=0.0, seed=0, noise=None):
+    N = hidden.shape[0]
+    return hidden.new_empty((N,), dtype=torch.int64), hidden.new_empty((N,), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- top-k logprobs
+def topk_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int = REF_CHUNK):
+    """Top-k log-probabilities per row, chunked over the vocab (never [N, V]): (logprobs [N, k] f32, ids [N, k])."""
+    N, V = hidden.shape[0], weight.shape[0]
+    h = hidden.float()
+    m = torch.full((N,), -math.inf, device=hidden.device)
+    s = torch.zeros(N, device=hidden.device)
+    vals = torch.full((N, 0), -math.inf, device=hidden.device)
+    ids = torch.zeros((N, 0), dtype=torch.int64, device=hidden.device)
+    for v0 in range(0, V, chunk):
+        logit = h @ weight[v0:v0 + chunk].float().T                    # [N, C]
+        m_new = torch.maximum(m, logit.amax(1))
+        s = s * torch.exp(m - m_new) + torch.exp(logit - m_new[:, None]).sum(1)
+        m = m_new
+        cv, ci = logit.topk(min(k, logit.shape[1]), dim=1)
+        vals, j = torch.cat([vals, cv], 1).topk(min(k, vals.shape[1] + cv.shape[1]), dim=1)
+        ids = torch.cat([ids, ci + v0], 1).gather(1, j)
+    return vals - (m + torch.log(s))[:, None], ids
+
+
+@torch.library.custom_op("dlc::fused_topk_logprobs", mutates_args=())
+def fused_topk_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return topk_logprobs_reference(hidden, weight, k)
+
+
+@fused_topk_logprobs_op.register_fake
+def _(hidden, weight, k):
+    N = hidden.shape[0]
+    return hidden.new_empty((N, k), dtype=torch.float32), hidden.new_empty((N, k), dtype=torch.int64)
