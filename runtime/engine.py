@@ -233,6 +233,7 @@ class Engine:
             with self.lock:
                 while not (self._incoming or self._aborts or self.scheduler.has_work()) and not self._stop:
                     self.lock.wait(0.5)
+                    self._update_gauges()      # idle: tokens/s decays to 0
                 if self._stop and not (self._incoming or self._aborts or self.scheduler.has_work()):
                     return
             try:
