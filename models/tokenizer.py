@@ -61,16 +61,34 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as first:  # remote tokenizer class, or an unknown tokenizer_class name
-        if not (path / "tokenizer.json").exists():
+        bpe_files = (path / "vocab.json").exists() and (path / "merges.txt").exists()
+        if not (path / "tokenizer.json").exists() and not bpe_files:
             raise ValueError(f"cannot load the tokenizer in {path}: {first}") from first
         cfg = {}
         if (path / "tokenizer_config.json").exists():
             cfg = json.loads((path / "tokenizer_config.json").read_text())
         kwargs = {k: cfg[k] for k in ("eos_token", "pad_token", "mask_token", "bos_token", "unk_token")
                   if isinstance(cfg.get(k), str)}
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **kwargs)
+        if (path / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **kwargs)
+        else:
+            tok = _qwen2_bpe_tokenizer(path, cfg, kwargs)
         template = cfg.get("chat_template")
         if template is None and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
         tok.chat_template = template
         return tok
+
+
+def _qwen2_bpe_tokenizer(path: Path, cfg: dict, special_kwargs: dict):
+    """Dream ships only vocab.json + merges.txt for its remote ``DreamTokenizer``, which is Qwen2's byte-level BPE
+    (same pre-tokenizer regex, NFC): build transformers' Qwen2Tokenizer from them, with the added tokens at the ids
+    tokenizer_config.json's ``added_tokens_decoder`` gives (<|endoftext|>, <|mask|>, <|im_end|>, ...)."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    added = {int(i): AddedToken(t["content"], special=t.get("special", True), normalized=t.get("normalized", False),
+                                lstrip=t.get("lstrip", False), rstrip=t.get("rstrip", False),
+                                single_word=t.get("single_word", False))
+             for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
+    return Qwen2Tokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"),
+                          added_tokens_decoder=added, **special_kwargs)
