@@ -1,1 +1,39 @@
-"""The dlc compiler: export, pass pipeline, engine emission and engine loading."""
+"""The dlc compiler: export, pass pipeline, engine emission and engine loading.
+
+Importing it registers the engine-directory opener in ``dlc.runtime.session.ENGINE_OPENERS``."""
+from __future__ import annotations
+
+
+def in_memory_runner(model, *, sparse_retention: float | None = None, block_length: int = 32, passes=None,
+                     logit_chunk: int | None = None):
+    """Build the phase programs of ``model`` in memory (trace + pass pipeline, run as FX graphs in Python)
+    and return a runner with the EagerRunner contract. ``block_length`` sizes the logit chunk (rows decoded
+    per step); ``sparse_retention`` enables head-sparse attention in reuse steps."""
+    import torch
+
+    from .export import build_phases
+    from .plan import default_logit_chunk
+    from .runner import CompiledRunner
+    from dlc.passes.pipeline import input_names
+
+    p = next(model.parameters())
+    chunk = logit_chunk if logit_chunk is not None else default_logit_chunk(model.config, block_length)
+    phases, ctx, _ = build_phases(model, passes=passes, sparse_retention=sparse_retention, logit_chunk=chunk)
+    names = {k: input_names(g) for k, g in phases.items()}
+    with torch.no_grad():
+        return CompiledRunner(model.config, phases, names, device=p.device, dtype=p.dtype,
+                              sparse_retention=sparse_retention, kind="in-memory")
+
+
+def _register() -> None:
+    try:
+        from dlc.runtime.session import ENGINE_OPENERS
+    except ImportError:
+        return
+    from .engine import is_engine_dir, open_engine
+    ENGINE_OPENERS["dlc-engine"] = (is_engine_dir, open_engine)
+
+
+_register()
+
+__all__ = ["in_memory_runner"]

@@ -1,0 +1,154 @@
+"""Export: trace the model's full-sequence forward with torch.export and build the phase programs.
+
+The trace is ``(input_ids [B, L], position_ids [B, L], key_mask [B, L]) -> hidden [B, L, d]`` with dynamic
+B and L; it works on the meta device (no weights: the dry run). The pass pipeline (dlc.passes) turns it into
+``refresh`` and ``reuse`` programs; ``export_phase`` re-exports a rewritten program with every input's
+symbolic dims named (for AOTI / ONNX / torch.export.save)."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx as fx
+
+from dlc.models.common import DiffusionLM
+from dlc.passes.graph_utils import remove_guard_calls
+from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
+
+EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7)   # distinct sizes: export must not unify unrelated dims
+
+
+class _Forward(torch.nn.Module):
+    def __init__(self, model: DiffusionLM):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, position_ids, key_mask):
+        return self.m(input_ids, position_ids, key_mask)
+
+
+def trace_forward(model: DiffusionLM) -> fx.GraphModule:
+    """torch.export of the full forward (dynamic batch and sequence), unlifted to a GraphModule whose
+    parameters are the model's own tensors (shared, not copied)."""
+    dev = next(model.parameters()).device
+    B, L = EXAMPLE["B"], EXAMPLE["L"]
+    ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+    pos = torch.arange(L, device=dev)[None].expand(B, L).contiguous()
+    km = torch.ones(B, L, dtype=torch.bool, device=dev)
+    b, l = torch.export.Dim("B", min=1), torch.export.Dim("L", min=2)
+    dyn = ({0: b, 1: l},) * 3
+    ep = torch.export.export(_Forward(model).eval(), (ids, pos, km), dynamic_shapes=dyn, strict=False)
+    gm = ep.module()
+    remove_guard_calls(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def head_weight(model: DiffusionLM) -> torch.Tensor:
+    """The LM head weight; tied heads use the embedding (the decoder reads its first vocab_size rows)."""
+    return model.head.weight if hasattr(model.head, "weight") else model.embed.weight
+
+
+def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_retention: float | None = None,
+                 logit_chunk: int = 0, logprobs: int = 0, dump_after: str | None = None, dump=print,
+                 timings: dict | None = None):
+    """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names)."""
+    names = select_passes(passes, sparse_retention)
+    t0 = time.perf_counter()
+    base = trace_forward(model)
+    t1 = time.perf_counter()
+    ctx = PassContext(config=model.config, head_weight=head_weight(model),
+                      logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention)
+    phases = run_pipeline(base, ctx, names, dump_after=dump_after, dump=dump)
+    if timings is not None:
+        timings["trace"] = t1 - t0
+        timings["passes"] = time.perf_counter() - t1
+    return phases, ctx, names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase signatures: every input's shape as named symbolic dims (ints are static), and its dtype.
+
+def input_specs(phase: str, names: list[str], config, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+    nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
+    seq = "L" if phase == "refresh" else "S"
+    table = {
+        "input_ids": (("B", "L"), torch.long), "position_ids": (("B", "L"), torch.long),
+        "q_ids": (("B", "T"), torch.long), "q_pos": (("B", "T"), torch.long),
+        "key_mask": (("B", seq), torch.bool), "q_start": (("B",), torch.long),
+        "k_cache": ((nl, "B", hkv, "S", hd), dtype), "v_cache": ((nl, "B", hkv, "S", hd), dtype),
+        "keep_idx": ((nl, "B", hkv, "K"), torch.long),
+        "out_index": (("B", "N"), torch.long), "cond_rows": (("C",), torch.long), "un_rows": (("C",), torch.long),
+        "cfg_weight": ((1,), dtype), "temperature": ((1,), torch.float64), "seeds": (("C",), torch.long),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"phase {phase}: no signature for input(s) {unknown}")
+    return {n: table[n] for n in names}
+
+
+def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int) -> dict:
+    nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
+    seq = "L" if phase == "refresh" else "T"
+    out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), torch.float64)}
+    if logprobs:
+        out["topk_ids"] = (("C", "N", logprobs), torch.long)
+        out["topk_logprobs"] = (("C", "N", logprobs), torch.float64)
+    kname = "k" if phase == "refresh" else "k_new"
+    out[kname] = ((nl, "B", hkv, seq, hd), dtype)
+    out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)
+    if sparse and phase == "refresh":
+        out["head_scores"] = ((nl, "B", hkv, "L"), torch.float32)
+    return out
+
+
+def example_inputs(phase: str, specs: dict, device="cpu") -> list[torch.Tensor]:
+    """Valid example inputs at the EXAMPLE sizes (distinct per dim)."""
+    e = EXAMPLE
+    B, C, N, T, S, K = e["B"], e["C"], e["N"], e["T"], e["S"], e["K"]
+    q_start = torch.tensor([2, 3, 4, 5][:B])
+    vals = {
+        "input_ids": torch.randint(0, 200, (B, e["L"])), "position_ids": torch.arange(e["L"])[None].repeat(B, 1),
+        "q_ids": torch.randint(0, 200, (B, T)), "q_pos": q_start[:, None] + torch.arange(T),
+        "q_start": q_start, "keep_idx": torch.sort(torch.randperm(S)[:K])[0].repeat(1, 1, 1, 1),
+        "out_index": (q_start[:, None] if phase == "reuse" else torch.full((B, 1), 4)) + torch.arange(N),
+        "cond_rows": torch.arange(C), "un_rows": torch.arange(C) + C,
+        "temperature": torch.zeros(1, dtype=torch.float64), "seeds": torch.arange(C),
+    }
+    out = []
+    for name, (shape, dt) in specs.items():
+        if name == "key_mask":
+            out.append(torch.ones(B, e["L"] if phase == "refresh" else S, dtype=torch.bool))
+        elif name in ("k_cache", "v_cache"):
+            out.append(torch.randn(_concrete(shape)).to(dt))
+        elif name == "cfg_weight":
+            out.append(torch.ones(1, dtype=dt))
+        elif name == "keep_idx":
+            out.append(vals[name].expand(_concrete(shape)).contiguous())
+        else:
+            out.append(vals[name])
+    return [t.to(device) for t in out]
+
+
+def _concrete(shape) -> tuple:
+    return tuple(EXAMPLE[d] if isinstance(d, str) else d for d in shape)
+
+
+def dynamic_shapes(specs: dict, limits: dict[str, int] | None = None) -> tuple:
+    """torch.export dynamic_shapes for the inputs: one Dim per symbolic name (max from the build limits)."""
+    limits = limits or {}
+    dims = {}
+    for shape, _ in specs.values():
+        for d in shape:
+            if isinstance(d, str) and d not in dims:
+                dims[d] = torch.export.Dim(d, min=1, max=max(limits.get(d, 1 << 20), EXAMPLE[d] + 1))
+    return tuple({i: dims[d] for i, d in enumerate(shape) if isinstance(d, str)} or None
+                 for shape, _ in specs.values())
+
+
+def export_phase(gm: fx.GraphModule, phase: str, config, dtype, limits=None, device="cpu"):
+    """Re-export a rewritten phase program with named dynamic dims -> ExportedProgram."""
+    specs = input_specs(phase, input_names(gm), config, dtype)
+    args = tuple(example_inputs(phase, specs, device))
+    return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(specs, limits), strict=False)

@@ -1,0 +1,122 @@
+"""Logit chunking (logit-aware activation budgeting, dLLM-Serve): decode inside the graph, never [B, L, V].
+
+Replaces the hidden-state output with (tokens [C, N], confidence [C, N] float64) for the requested rows only:
+
+1. gather ``out_index [B, N]`` rows of the hidden states (absolute positions; reuse subtracts ``q_start``);
+2. for each vocab chunk of ``ctx.logit_chunk`` rows of the LM head: ``[B, N, Vc]`` logits, classifier-free
+   guidance ``un + w * (cond - un)`` with ``cond_rows/un_rows [C]`` and ``cfg_weight [1]`` (= cfg_scale + 1;
+   without CFG both row lists are ``arange(B)`` so the logits pass through bit-exactly), cast to float64;
+3. Gumbel-max: ``argmax(l - T * log(-log u))`` (equal to the reference ``exp(l) / (-log u)^T``; T = 0 is the
+   plain argmax, exactly). ``u`` comes from a counter-based hash of (``seeds [C]``, row, vocab id), computed
+   per chunk inside the graph, so no [B, N, V] noise tensor is ever an input;
+4. each chunk is reduced at once: running (best score, token, its logit) and an online float64 logsumexp,
+   giving confidence = softmax probability of the chosen token (``low_confidence``); optional running top-k
+   logprobs (``ctx.logprobs``).
+
+The largest vocab-sized tensor is [B, N, Vc]: the planner sizes Vc from the activation budget.
+Rewrites counted: one per vocab chunk."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph_utils import add_input, inline, outputs, placeholders, set_outputs
+
+DECODE_INPUTS = ("out_index", "cond_rows", "un_rows", "cfg_weight", "temperature", "seeds")
+_M32 = 4294967296
+
+
+def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int, device) -> torch.Tensor:
+    """Counter-based uniform(0, 1) noise [C, N, c1 - c0] float64 for vocab ids c0..c1 (integer hash; the same
+    (seed, row, id) always gives the same draw, whatever the chunking)."""
+    row = torch.arange(n_rows, device=device)[None, :, None]                    # [1, N, 1]
+    col = torch.arange(c0, c1, device=device)[None, None, :]                    # [1, 1, Vc]
+    x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + col           # [C, N, Vc] int64
+    x = (x * 2654435761) % _M32
+    for _ in range(2):
+        x = torch.bitwise_xor(x, x // 65536)
+        x = (x * 73244475) % _M32
+    x = torch.bitwise_xor(x, x // 65536)
+    return (x.to(torch.float64) + 0.5) / _M32
+
+
+def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int):
+    """h [B, N, d] rows to decode, w [>=V, d] LM head -> tokens [C, N], confidence [C, N] (+ top-k)."""
+    best = tok = best_l = m = s = top_v = top_i = None
+    have = 0                                                                     # top-k candidates so far
+    for c0 in range(0, vocab, chunk):
+        c1 = min(vocab, c0 + chunk)
+        lc = F.linear(h, w[c0:c1])                                               # [B, N, Vc]
+        cond, un = lc.index_select(0, cond_rows), lc.index_select(0, un_rows)    # [C, N, Vc]
+        l64 = (un + cfg_w * (cond - un)).to(torch.float64)
+        g = torch.log(-torch.log(uniform_noise(seeds, h.size(1), c0, c1, vocab, h.device)))
+        score = l64 - temp * g                                                   # [C, N, Vc]
+        ci = score.argmax(-1, keepdim=True)                                      # [C, N, 1]
+        cs, cl = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0]
+        cm = l64.amax(-1)
+        csum = torch.exp(l64 - cm[..., None]).sum(-1)
+        if best is None:
+            best, tok, best_l, m, s = cs, ci[..., 0] + c0, cl, cm, csum
+        else:
+            take = cs > best                                                     # ties keep the earlier id
+            best, tok, best_l = torch.where(take, cs, best), torch.where(take, ci[..., 0] + c0, tok), \
+                torch.where(take, cl, best_l)
+            nm = torch.maximum(m, cm)
+            s = s * torch.exp(m - nm) + csum * torch.exp(cm - nm)
+            m = nm
+        if topk:
+            tv, ti = l64.topk(min(topk, c1 - c0), dim=-1)
+            ti = ti + c0
+            if top_v is not None:
+                tv, ti = torch.cat([top_v, tv], -1), torch.cat([top_i, ti], -1)
+            have += min(topk, c1 - c0)
+            top_v, j = tv.topk(min(topk, have), dim=-1)
+            have = min(topk, have)
+            top_i = ti.gather(-1, j)
+    conf = torch.exp(best_l - m) / s                                             # [C, N] float64
+    if topk:
+        return tok, conf, top_i, top_v - (m + torch.log(s))[..., None]
+    return tok, conf
+
+
+def select_rows(hidden: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, d], out_index [B, N] (row positions in hidden) -> [B, N, d]."""
+    return torch.gather(hidden, 1, out_index[..., None].expand(-1, -1, hidden.size(-1)))
+
+
+def run(gm: fx.GraphModule, ctx) -> int:
+    c = ctx.config
+    vocab = c.vocab_size
+    chunk = min(ctx.logit_chunk or vocab, vocab)
+    ins = {name: add_input(gm, name) for name in DECODE_INPUTS}
+    ph = placeholders(gm)
+    outs = outputs(gm)
+    hidden = outs[0]
+    w = _head_weight_node(gm, ctx)
+    if ctx.phase == "reuse":
+        (rows,) = inline(gm, lambda h, oi, qs: (select_rows(h, oi - qs[:, None]),),
+                         [hidden, ins["out_index"], ph["q_start"]])
+    else:
+        (rows,) = inline(gm, lambda h, oi: (select_rows(h, oi),), [hidden, ins["out_index"]])
+    dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
+                                                                   chunk=chunk, topk=ctx.logprobs),
+                 [rows, w, ins["cond_rows"], ins["un_rows"], ins["cfg_weight"], ins["temperature"], ins["seeds"]])
+    set_outputs(gm, list(dec) + outs[1:])
+    return -(-vocab // chunk)
+
+
+HEAD_ATTR = "lm_head_weight"
+
+
+def _head_weight_node(gm: fx.GraphModule, ctx) -> fx.Node:
+    """The LM head weight as a get_attr node (registered on gm under HEAD_ATTR, sharing the model's tensor)."""
+    if ctx.head_weight is None:
+        raise ValueError("chunk_logits needs ctx.head_weight (the LM head weight tensor)")
+    if not hasattr(gm, HEAD_ATTR):
+        w = ctx.head_weight
+        gm.register_parameter(HEAD_ATTR, w if isinstance(w, torch.nn.Parameter)
+                              else torch.nn.Parameter(w, requires_grad=False))
+    first = next(iter(gm.graph.nodes))
+    with gm.graph.inserting_before(first):
+        return gm.graph.get_attr(HEAD_ATTR)

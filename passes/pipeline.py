@@ -1,0 +1,113 @@
+"""The ordered pass pipeline of ``dlc compile`` (Torch-TensorRT lowering-pass style).
+
+Every pass has one signature, ``run(gm, ctx) -> int`` (the number of rewrites it made), and runs once on each
+phase program. The driver copies the traced full-sequence forward into one program per phase (``refresh``,
+``reuse``), then runs ``PIPELINE`` in order on each; after every pass a shared clean-up removes dead code,
+lints and recompiles the graph, the rewrite count is logged, and ``dump_after`` names a pass whose output graph
+is printed (``--dump-graph-after``)."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import cache_kv_reuse, chunk_logits, sparsify_heads
+
+log = logging.getLogger("dlc.passes")
+
+PHASES = ("refresh", "reuse")
+
+# name -> (module, required). Order is the pipeline order.
+PIPELINE: dict[str, tuple] = {
+    "cache_kv_reuse": (cache_kv_reuse, True),
+    "sparsify_heads": (sparsify_heads, False),
+    "chunk_logits": (chunk_logits, True),
+}
+
+
+@dataclass
+class PassContext:
+    """What passes may read: the model facts and the build settings. ``phase`` is set by the driver."""
+    config: object                        # dlc.models.ModelConfig
+    head_weight: object = None            # the LM head weight tensor [>= vocab, d] (tied: the embedding)
+    logit_chunk: int = 0                  # vocab rows per logit chunk (0: the whole vocabulary at once)
+    logprobs: int = 0                     # top-k logprobs to return per decoded row (0: none)
+    sparse_retention: float | None = None
+    phase: str = ""
+    counts: dict = field(default_factory=dict)     # (pass, phase) -> rewrites
+
+    def params(self, name: str) -> dict:
+        """The parameters of one pass, as recorded in config.json."""
+        return {"cache_kv_reuse": {"layouts": ["prefix", "dual"], "vicinity": "runtime"},
+                "sparsify_heads": {"retention": self.sparse_retention, "pool_kernel": 3},
+                "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
+                                 "logprobs": self.logprobs}}[name]
+
+
+def select_passes(names: list[str] | None, sparse_retention: float | None) -> list[str]:
+    """Validate a --passes list; default: the required passes plus sparsify_heads when a retention is set."""
+    if names is None:
+        names = [n for n, (_, req) in PIPELINE.items() if req or (n == "sparsify_heads" and sparse_retention)]
+    unknown = [n for n in names if n not in PIPELINE]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; the pipeline is {list(PIPELINE)}")
+    missing = [n for n, (_, req) in PIPELINE.items() if req and n not in names]
+    if missing:
+        raise ValueError(f"--passes must include the required pass(es) {missing} (they define the phase programs)")
+    if "sparsify_heads" in names and sparse_retention is None:
+        raise ValueError("pass sparsify_heads needs --sparse-retention F (0 < F <= 1)")
+    if sparse_retention is not None and not 0 < sparse_retention <= 1:
+        raise ValueError(f"--sparse-retention must be in (0, 1], got {sparse_retention}")
+    return [n for n in PIPELINE if n in names]
+
+
+def cleanup(gm: fx.GraphModule) -> None:
+    """Shared clean-up after every pass."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def run_pipeline(base: fx.GraphModule, ctx: PassContext, names: list[str], dump_after: str | None = None,
+                 dump=print) -> dict[str, fx.GraphModule]:
+    """Copy ``base`` into one program per phase and run the selected passes on each, in PIPELINE order."""
+    if dump_after is not None and dump_after not in names:
+        raise ValueError(f"--dump-graph-after {dump_after!r} is not a pass of this build; passes: {names}")
+    phases = {}
+    for phase in PHASES:
+        gm = fork(base)
+        ctx.phase = phase
+        for name in names:
+            n = PIPELINE[name][0].run(gm, ctx)
+            cleanup(gm)
+            ctx.counts[(name, phase)] = n
+            log.info("pass %s [%s]: %d rewrites", name, phase, n)
+            if name == dump_after:
+                dump(f"# graph after {name} [{phase}]\n{gm.graph}")
+        phases[phase] = gm
+    return phases
+
+
+def fork(base: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with its own copy of base's graph and base's parameters (shared, not copied), using
+    the flat calling convention (positional inputs, tuple output) instead of export's pytree one."""
+    g = fx.Graph()
+    val_map: dict = {}
+    out = g.graph_copy(base.graph, val_map)
+    g.output(out)
+    return fx.GraphModule(base, g)
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def count_ops(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+__all__ = ["PIPELINE", "PHASES", "PassContext", "run_pipeline", "select_passes", "cleanup", "input_names",
+           "count_ops", "torch"]
