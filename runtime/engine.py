@@ -8,14 +8,14 @@ start of the next iteration, never under a running forward. Output reaches calle
 
 Request parameters: ``make_request`` turns a prompt and the diffusion fields (gen_length, block_length, steps,
 threshold, factor, remasking, kv_cache, temperature, seed, cfg_scale) into a validated ``Request``; missing
-fields come from the model/engine directory's defaults. ``max_tokens`` caps the output: gen_length becomes
-the smallest multiple of block_length holding it (steps scaled to keep steps per block) and the output is cut
-at max_tokens, so the first max_tokens tokens are exactly those of the uncapped request.
+fields come from the model/engine directory's defaults. ``max_tokens`` caps the output: the request keeps its
+gen_length (the masked region is part of what a bidirectional model sees, so shrinking it would change the
+tokens) and finishes as soon as max_tokens tokens are final, so its output is exactly the first max_tokens
+tokens of the uncapped request.
 
 This module imports no web framework (the GPU machine has none)."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 
@@ -76,7 +76,6 @@ class Engine:
         if max_tokens is not None:
             if max_tokens <= 0:
                 raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-            p = _cap_length(p, max_tokens)
         if p.get("cfg_scale", 0) > 0 and p["kv_cache"] != "none":
             raise ValueError("cfg_scale > 0 is served only with kv_cache 'none' (the unconditional pass is not "
                              "batched into the slot pool)")
@@ -259,14 +258,3 @@ class Engine:
             self.lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-
-
-def _cap_length(p: dict, max_tokens: int) -> dict:
-    if max_tokens >= p["gen_length"]:
-        return p
-    blocks_before = p["gen_length"] // p["block_length"] if p["gen_length"] % p["block_length"] == 0 else None
-    if blocks_before is None or p["steps"] % blocks_before:
-        return p   # invalid combination: GenerationConfig names the problem
-    per_block = p["steps"] // blocks_before
-    n_blocks = math.ceil(max_tokens / p["block_length"])
-    return {**p, "gen_length": n_blocks * p["block_length"], "steps": n_blocks * per_block}

@@ -14,11 +14,12 @@ the engine runs them (grouped into runner calls) and feeds the results back.
    staggered: iterations mix both phases instead of swinging between all-compute and all-bandwidth;
 3. admission needs a free KV slot (prefix/dual caches) and room in the budget; a request that does not fit
    is skipped, not waited on, so it does not stall smaller ones (no head-of-line blocking);
-4. ageing: a request left ready-but-unscheduled for ``age_iters`` iterations goes first in every list above
-   and ignores the Refresh share; while an aged request waits for admission nothing younger is admitted, and
-   if the slot pool is the obstacle the youngest running request is preempted by recompute (its slot is
-   freed; it restarts its current block later with identical output);
-5. an iteration is never empty while work is ready: the oldest ready step runs even if it exceeds the share.
+4. ageing: a request left ready-but-unscheduled for ``age_iters`` iterations goes first in every list above;
+   while an aged request waits for admission nothing younger is admitted, and if the slot pool is the
+   obstacle the youngest running request is preempted by recompute (its slot is freed; it restarts its
+   current block later with identical output);
+5. the first Refresh of an iteration (highest priority first) is always allowed, even past the share, so
+   a sequence longer than the share is never starved and an iteration is never empty while work is ready.
 
 ``FCFSScheduler`` (policy ``fcfs``) is the static-batching baseline: when nothing runs it admits waiting
 requests in arrival order up to the batch and token limits, stopping at the first that does not fit; that
@@ -104,37 +105,52 @@ class PhaseScheduler(BaseScheduler):
         cfg = self.cfg
         budget, cap = cfg.max_num_tokens, cfg.refresh_share * cfg.max_num_tokens
         prio = lambda r: (not self._aged(r), r.seq)                                 # noqa: E731
-        ready = sorted((r for r in self.running if r.phase is not None), key=prio)
-        chosen, used, refresh_used = [], 0, 0
+        chosen: list[Request] = []
+        used = {"all": 0, "refresh": 0}
 
-        def fits(r, c, refresh):
-            if len(chosen) >= cfg.max_batch_size or used + c > budget:
-                return False
-            return not refresh or refresh_used + c <= cap or self._aged(r) or not chosen
-
-        for r in ready:                                           # 1. Reuse first
-            if r.phase == "reuse" and fits(r, r.cost(), False):
-                chosen.append(r)
-                used += r.cost()
-        for r in ready:                                           # 2. Refresh under the share
-            if r.phase != "reuse" and fits(r, r.cost(), True):
-                chosen.append(r)
-                used += r.cost()
-                refresh_used += r.cost()
-        for r in sorted(self.waiting, key=prio):                  # 3. admission, no head-of-line blocking
+        def take(r, refresh: bool) -> bool:
             c = r.L if r.x is None else r.cost()
-            if fits(r, c, True) and (len(self.running) < cfg.max_batch_size) and self.admit(r):
-                chosen.append(r)
-                used += c
-                refresh_used += c
-            elif self._aged(r):                                   # 4. an aged request reserves capacity
-                if self.needs_slot(r) and self.kv.num_free == 0:
-                    self._preempt_for(r)
+            if len(chosen) >= cfg.max_batch_size or used["all"] + c > budget:
+                return False
+            if refresh and used["refresh"] and used["refresh"] + c > cap:
+                return False
+            chosen.append(r)
+            used["all"] += c
+            used["refresh"] += c if refresh else 0
+            return True
+
+        def admit(r) -> bool:
+            if len(self.running) >= cfg.max_batch_size or not take(r, True):
+                return False
+            if self.admit(r):
+                return True
+            chosen.pop()
+            used["all"] -= r.L
+            used["refresh"] -= r.L
+            return False
+
+        blocked = False
+        for r in sorted((r for r in self.waiting if self._aged(r)), key=prio):   # 0. starving requests first
+            if self.needs_slot(r) and self.kv.num_free == 0:
+                self._preempt_for(r)
+            if not admit(r):
+                blocked = True                                    # it reserves the next free capacity
                 break
+        ready = sorted((r for r in self.running if r.phase is not None and r not in chosen), key=prio)
+        for r in ready:                                           # 1. Reuse first
+            if r.phase == "reuse":
+                take(r, False)
+        for r in ready:                                           # 2. Refresh under the share
+            if r.phase != "reuse":
+                take(r, True)
+        if not blocked:                                           # 3. admission, no head-of-line blocking
+            for r in sorted(self.waiting, key=prio):
+                admit(r)
         self._age(ready + list(self.waiting), chosen)            # waiting requests age as well
         return chosen
 
     def _preempt_for(self, aged: Request) -> None:
+        """Free a slot for an aged request: preempt the youngest running request younger than it."""
         victims = [r for r in self.running if r.slot is not None and not self._aged(r) and r.seq > aged.seq]
         if victims:
             self.preempt(max(victims, key=lambda r: r.seq))
