@@ -1,0 +1,51 @@
+"""Run the Triton kernels in Triton's interpreter on CPU tensors (tiny shapes) against the references.
+
+Invoked by test_interpret.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set before Triton
+is imported). The interpreter lacks bfloat16 dot support, so float32 and float16 are checked here; bfloat16
+runs in the GPU tests."""
+import sys
+
+import torch
+
+from dlc.kernels import attention as A
+from dlc.kernels import cache_write as C
+from dlc.kernels import logits as L
+
+REL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main():
+    torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    for dt in (torch.float32, torch.float16):
+        h, w = torch.randn(20, 48).to(dt), torch.randn(700, 48).to(dt)
+        for T, noise in ((0.0, None), (0.9, None), (1.0, torch.rand(20, 700))):
+            tok, conf = L.select_logits_triton(h, w, T, 5, noise, BN=16, BV=32, BD=16)
+            rt, rc = L.select_logits_reference(h, w, T, 5, noise, chunk=100)
+            assert (tok == rt).float().mean() >= 0.9, (dt, T, tok, rt)
+            same = tok == rt
+            assert rel(conf[same], rc[same]) < REL[dt], (dt, T)
+        q = torch.randn(2, 4, 5, 16).to(dt)
+        k, v = torch.randn(2, 2, 40, 16).to(dt), torch.randn(2, 2, 40, 16).to(dt)
+        kb, vb = torch.randn(2, 2, 5, 16).to(dt), torch.randn(2, 2, 5, 16).to(dt)
+        idx = torch.randint(0, 40, (2, 2, 20))
+        idx[0, 1, 3:7] = -1
+        for ix in (idx, None):
+            out = A.sparse_attention_triton(q, k, v, kb, vb, ix, BK=16)
+            ref = A.sparse_attention_reference(q.float(), k.float(), v.float(), kb.float(), vb.float(), ix)
+            assert rel(out, ref) < REL[dt], (dt, ix is None, rel(out, ref))
+    kc, vc = torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kn, vn = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    start, rows = torch.tensor([0, 35]), torch.tensor([2, 0])
+    C.kv_write_triton(kc, vc, kn, vn, start, rows)
+    C.kv_write_reference(kc2, vc2, kn, vn, start, rows)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    print("interpret-ok")
+
+
+if __name__ == "__main__":
+    main()
