@@ -1,0 +1,35 @@
+"""ServeConfig validates itself; YAML keys and CLI options are the same names."""
+import pytest
+
+from dlc.runtime.config import ServeConfig, model_generation_defaults
+from dlc.runtime.server_cli import build_config
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("max_batch_size", 0, "max_batch_size"), ("max_num_tokens", -5, "max_num_tokens"), ("port", 70000, "port"),
+    ("policy", "lifo", "policy"), ("granularity", "auto", "granularity"), ("refresh_share", 0.0, "refresh_share"),
+    ("kv_cache_mb", 0, "kv_cache_mb"), ("max_queue", 1.5, "max_queue"), ("api_key", "", "api_key")])
+def test_bad_values(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        ServeConfig(**{field: value})
+
+
+def test_yaml_and_flags(tmp_path):
+    y = tmp_path / "serve.yaml"
+    y.write_text("max-batch-size: 4\nport: 9001\npolicy: fcfs\ngen_length: 64\n")
+    cfg = build_config("tiny-llada", str(y), port=9002, max_queue=None)
+    assert (cfg.max_batch_size, cfg.port, cfg.policy, cfg.gen_length, cfg.model) == (4, 9002, "fcfs", 64, "tiny-llada")
+    y.write_text("max_batch: 4\n")
+    with pytest.raises(ValueError, match="unknown options"):
+        build_config("tiny-llada", str(y))
+    y.write_text("- 1\n")
+    with pytest.raises(ValueError, match="mapping"):
+        build_config("tiny-llada", str(y))
+
+
+def test_generation_defaults_from_model_dir(tmp_path):
+    (tmp_path / "generation_config.json").write_text('{"gen_length": 64, "steps": 32, "other": 1}')
+    d = model_generation_defaults(str(tmp_path))
+    assert d["gen_length"] == 64 and d["steps"] == 32 and d["block_length"] == 32 and "other" not in d
+    (tmp_path / "config.json").write_text('{"generation": {"kv_cache": "prefix"}}')
+    assert model_generation_defaults(str(tmp_path))["kv_cache"] == "prefix"
