@@ -90,5 +90,9 @@ def _qwen2_bpe_tokenizer(path: Path, cfg: dict, special_kwargs: dict):
                                 lstrip=t.get("lstrip", False), rstrip=t.get("rstrip", False),
                                 single_word=t.get("single_word", False))
              for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
-    return Qwen2Tokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"),
-                          added_tokens_decoder=added, **special_kwargs)
+    vocab = json.loads((path / "vocab.json").read_text())
+    for i, t in added.items():      # pin each added token to its id (the BPE model then owns that id)
+        vocab.setdefault(t.content, i)
+    lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(m.split()) for m in lines if m.strip() and not m.startswith("#version")]
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, added_tokens_decoder=added, **special_kwargs)

@@ -188,3 +188,44 @@ def test_weights_option_overrides_preset(tmp_path):
     assert lm.config.d_model == 32 and lm.chat is True       # preset's chat flag, checkpoint's architecture
     ids = torch.arange(3, 12)[None]
     torch.testing.assert_close(_logits(lm.model, ids), _logits(direct_model("dream", tensors), ids), rtol=0, atol=ATOL)
+
+
+def _dream_tokenizer_files(path):
+    """Dream's tokenizer as released: vocab.json + merges.txt for the remote DreamTokenizer (no tokenizer.json),
+    special tokens at fixed ids through added_tokens_decoder, chat template in tokenizer_config.json."""
+    from dlc.models.tokenizer import _bytes_to_unicode
+    byte = _bytes_to_unicode()
+    vocab = {byte[b]: b for b in range(256)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    specials = {EOS: "<|endoftext|>", 281: "<|im_start|>", 282: "<|im_end|>", MASK: "<|mask|>"}
+    cfg = {
+        "added_tokens_decoder": {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for i, s in specials.items()},
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "tokenizer_class": "DreamTokenizer", "bos_token": None, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "unk_token": None, "errors": "replace",
+        "clean_up_tokenization_spaces": False, "model_max_length": 131072, "split_special_tokens": False,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def test_dream_tokenizer_without_remote_code(tmp_path):
+    from dlc.runtime.session import encode_prompt, open_model
+    path, _ = _ckpt(tmp_path, "dream")
+    _dream_tokenizer_files(path)
+    lm = load_model(str(path), dtype="fp32", progress=False)
+    tok = lm.tokenizer
+    assert lm.chat is True
+    assert (tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (EOS, EOS, MASK)
+    ids = tok("the the<|mask|>", add_special_tokens=False)["input_ids"]
+    assert ids == [ord("t"), 257, 258, MASK]                  # "the", " the" by the merges, the mask as one token
+    assert tok.decode(ids, skip_special_tokens=True) == "the the"
+    session = open_model(str(path), dtype="fp32", progress=False)
+    chat = encode_prompt(session, "the")
+    assert chat[0] == 281 and chat.count(282) == 1 and ord("t") in chat
