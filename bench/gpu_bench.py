@@ -1,0 +1,635 @@
+"""H200 benchmark of dlc's LLaDA-8B-shaped model: Reuse/Refresh steps, logit memory, end-to-end, serving.
+
+One invocation prints ONE table; every ratio compares numbers measured in this same process:
+
+* floors: device-copy bandwidth (bytes read + written) and a bf16 8192^3 matmul rate, measured first;
+* Reuse step (a 32-token block over a cached 768-token K/V) at B = 1, 8, 32: the eager runner
+  (``dlc.runtime.model_runner.EagerRunner``: dlc.models forward + [B, 32, V] logits + float64 softmax) vs the
+  optimized step (the same dlc.models forward with its blocks under torch.compile, ``dlc.kernels``'s fused
+  selected-row logits, the static in-place KVCache, the whole step captured as one CUDA graph per batch size),
+  against the weight-read floor (parameter bytes / copy bandwidth);
+* Refresh step at B = 1 (L = 768) vs the matmul floor (2 x params x L / matmul rate);
+* peak transient memory of decoding every row of [B, L] hidden states: monolithic (``head`` -> [B, L, V]
+  logits -> float64 softmax, as ``dlc.runtime.sampling.sample_tokens``) vs the fused op, vs a budget;
+* end-to-end tokens/s at a fixed schedule (prompt 512, gen 256, block 32, one token per step, dual cache):
+  optimized vs a plain eager Fast-dLLM dual-cache loop written below;
+* serving throughput / p99 latency, phase-multiplexed vs FCFS, through ``dlc.runtime`` when its scheduler exists.
+
+Random bf16 weights are created directly on the GPU. ``--smoke`` runs every section on a tiny model on CPU (no
+graphs, no compile) to check the script itself.
+
+    python bench/gpu_bench.py                      # on the H200
+    python bench/gpu_bench.py --smoke              # anywhere
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import dlc.kernels as K
+from dlc.models import KVCache, build_model
+from dlc.models.presets import preset_config
+from dlc.runtime.model_runner import EagerRunner
+from dlc.runtime.sampling import Sampling, sample_tokens
+
+GiB = 2**30
+ROWS: list[dict] = []          # the one table: section, case, eager, optimized, floor/budget, ratio, target, status
+NOTES: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, dev, iters: int = 20, warmup: int = 3) -> float:
+    """Median wall time of fn() in ms: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    out = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
+
+
+def copy_bandwidth(dev, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 2, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), dev, iters=10)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def matmul_rate(dev, n: int) -> float:
+    """FLOP/s of an n^3 bf16 matmul on random data."""
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, dev, iters=10)
+    return 2 * n**3 / (ms / 1e3)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build(cfg, dev, dtype):
+    """dlc.models LLaDA with random weights created on ``dev`` in ``dtype`` (never materialised on the host)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = build_model(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():                      # random-model logits peaked enough to make argmax stable
+        head_weight(model).mul_(4.0)
+    return model
+
+
+def head_weight(model) -> torch.Tensor:
+    head = model.head
+    return head.weight if hasattr(head, "weight") else head._embed[0].weight[: model.config.vocab_size]
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each transformer block (one compiled code object shared by all layers: same class)."""
+    import torch._dynamo as dynamo
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, 64)
+    for b in model.blocks:
+        b.compile(fullgraph=True)
+        b._dlc_compiled = b._compiled_call_impl
+
+
+def set_compiled(model, on: bool) -> None:
+    for b in model.blocks:
+        if hasattr(b, "_dlc_compiled"):
+            b._compiled_call_impl = b._dlc_compiled if on else None
+
+
+class Graphed:
+    """fn() captured as one CUDA graph (fn reads/writes only static tensors); eager call on CPU."""
+
+    def __init__(self, fn, dev, use_graph: bool):
+        self.fn, self.graph, self.out = fn, None, None
+        if use_graph and dev.type == "cuda":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = fn()
+
+    def __call__(self):
+        if self.graph is None:
+            return self.fn()
+        self.graph.replay()
+        return self.out
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def eager_inputs(cfg, B, L, dev, g):
+    ids = torch.randint(0, cfg.vocab_size, (B, L), device=dev, generator=g)
+    pos = torch.arange(L, device=dev)[None].expand(B, L).contiguous()
+    return ids, pos, torch.ones(B, L, dtype=torch.bool, device=dev)
+
+
+def fused_decode(model, h):
+    """[B, T, d] -> (token [B, T], confidence [B, T]) through dlc.kernels.fused_select_logits."""
+    B, T, d = h.shape
+    tok, conf = K.fused_select_logits(h.reshape(B * T, d), head_weight(model))
+    return tok.view(B, T), conf.view(B, T)
+
+
+def unmask_one(blk, tok, conf, mask_id):
+    """One token per step: the most confident masked position of each row takes its prediction, in place."""
+    conf = conf.masked_fill(blk != mask_id, -math.inf)
+    j = conf.argmax(1, keepdim=True)                                   # [B, 1]
+    blk.scatter_(1, j, tok.gather(1, j))
+    return blk
+
+
+@torch.no_grad()
+def bench_reuse(model, args, dev, g, floor_ms):
+    cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
+    runner = EagerRunner(model)
+    s = Sampling()
+    res = {}
+    for B in args.batches:
+        ids, pos, km = eager_inputs(cfg, B, L, dev, g)
+        cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, dev)
+        runner.refresh(ids, pos, km, (a, a + T), s, cache=cache)          # fill the cache once
+        set_compiled(model, False)
+        eager = time_ms(lambda: runner.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s), dev, args.iters)
+        set_compiled(model, args.compile)
+        blk = ids[:, a:a + T].contiguous()
+        step = Graphed(lambda: fused_decode(model, model(blk, None, None, cache, a)), dev, args.graphs)
+        opt = time_ms(step, dev, args.iters)
+        ref_tok, ref_conf = runner.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s)
+        tok, conf = step()
+        agree = (tok == ref_tok).float().mean().item()
+        res[B] = dict(eager=eager, opt=opt, agree=agree)
+        target = "<= 1.25x floor" if B == 1 else ""
+        add_row("Reuse step (32 tok / 768 cached)", f"B={B}", eager, opt, floor_ms, opt / floor_ms,
+                target, None if B != 1 else opt / floor_ms <= 1.25, "ms")
+        NOTES.append(f"Reuse B={B}: optimized vs eager token agreement {agree:.3f} (bf16 compiled vs eager)")
+        del cache, step
+        free(dev)
+    return res
+
+
+@torch.no_grad()
+def bench_refresh(model, args, dev, g, floor_ms):
+    cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
+    runner = EagerRunner(model)
+    ids, pos, km = eager_inputs(cfg, 1, L, dev, g)
+    cache = KVCache.empty(cfg, 1, L, next(model.parameters()).dtype, dev)
+    set_compiled(model, False)
+    eager = time_ms(lambda: runner.refresh(ids, pos, km, (a, a + T), Sampling(), cache=cache), dev, args.iters)
+    set_compiled(model, args.compile)
+
+    def step():
+        h = model(ids, None, None, cache, 0)                             # [1, L, d]; fills the cache
+        return fused_decode(model, h[:, a:a + T])
+    opt = time_ms(step, dev, args.iters)
+    add_row("Refresh step (L=768)", "B=1", eager, opt, floor_ms, opt / floor_ms, "<= 1.15x floor",
+            opt / floor_ms <= 1.15, "ms")
+    del cache
+    free(dev)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def free(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def transient(fn, dev):
+    """(peak bytes above the starting allocation, result) of fn(); None on CPU."""
+    if dev.type != "cuda":
+        return None, fn()
+    free(dev)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, out
+
+
+@torch.no_grad()
+def bench_memory(model, args, dev, g):
+    L, d = args.prompt + args.gen, model.config.d_model
+    budget = args.logit_budget_mib * 2**20
+    for B in args.mem_batches:
+        h = torch.randn(B, L, d, device=dev, generator=g, dtype=next(model.parameters()).dtype)
+
+        def mono():
+            x0, conf = sample_tokens(model.logits(h), Sampling())      # [B, L, V] logits, float64 softmax
+            return x0
+
+        def fused():
+            return fused_decode(model, h)[0]
+        try:
+            m_bytes, x_mono = transient(mono, dev)
+            m_txt = m_bytes / GiB if m_bytes is not None else None
+        except torch.OutOfMemoryError:
+            need = B * L * model.config.vocab_size * 18 / GiB
+            m_txt, x_mono = None, None
+            NOTES.append(f"logits B={B}: monolithic path ran out of memory (needs ~{need:.0f} GiB)")
+            free(dev)
+        f_bytes, x_fused = transient(fused, dev)
+        if x_mono is not None:
+            NOTES.append(f"logits B={B}: fused vs monolithic argmax agreement "
+                         f"{(x_mono == x_fused).float().mean().item():.4f}")
+        f_gib = f_bytes / GiB if f_bytes is not None else None
+        ok = None if f_bytes is None else f_bytes <= budget
+        add_row("Logit transient (all L rows)", f"B={B}", m_txt if m_txt is not None or dev.type != "cuda" else "OOM",
+                f_gib,
+                budget / GiB, None, f"<= {args.logit_budget_mib} MiB", ok, "GiB")
+        del h, x_mono, x_fused
+        free(dev)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@torch.no_grad()
+def bench_kernels(model, args, dev, g):
+    """Each dlc.kernels op vs its plain-PyTorch equivalent on LLaDA-8B shapes."""
+    W = head_weight(model)
+    V, d = W.shape
+    dt = W.dtype
+    head_floor = W.numel() * W.element_size() / args.bw * 1e3
+    for N in args.kernel_rows:
+        h = torch.randn(N, d, device=dev, generator=g, dtype=dt)
+        mono = time_ms(lambda: sample_tokens(model.logits(h[None]), Sampling()), dev, args.iters)
+        fused = time_ms(lambda: K.fused_select_logits(h, W), dev, args.iters)
+        add_row("Kernel: fused logits (lm-head read floor)", f"N={N}", mono, fused, head_floor, fused / head_floor,
+                "", None, "ms")
+        if args.sweep and dev.type == "cuda":
+            sweep_select_logits(h, W, dev, args)
+    B, H, T, S, D = args.batches[-1], model.config.n_heads, args.block, args.prompt + args.gen, model.config.head_dim
+    Hkv = model.config.n_kv_heads
+    q = torch.randn(B, H, T, D, device=dev, generator=g, dtype=dt)
+    k, v = (torch.randn(B, Hkv, S, D, device=dev, generator=g, dtype=dt) for _ in range(2))
+    kb, vb = (torch.randn(B, Hkv, T, D, device=dev, generator=g, dtype=dt) for _ in range(2))
+    idx = K.select_positions(q, k, 0.5)
+    kk, vv = torch.cat([k, kb], 2), torch.cat([v, vb], 2)
+    sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv), dev, args.iters)
+    sparse = time_ms(lambda: K.sparse_attention(q, k, v, kb, vb, idx), dev, args.iters)
+    dense = time_ms(lambda: K.sparse_attention(q, k, v, kb, vb), dev, args.iters)
+    add_row("Kernel: sparse attn 50% vs SDPA (one layer)", f"B={B}", sdpa, sparse, None, sparse / sdpa, "", None, "ms")
+    add_row("Kernel: dense attn (Triton) vs SDPA", f"B={B}", sdpa, dense, None, dense / sdpa, "", None, "ms")
+    start = torch.full((B,), args.prompt, device=dev, dtype=torch.long)
+
+    def sliced():
+        k[:, :, args.prompt:args.prompt + T] = kb
+        v[:, :, args.prompt:args.prompt + T] = vb
+    write = time_ms(lambda: torch.ops.dlc.kv_write(k, v, kb, vb, start, None), dev, args.iters)
+    add_row("Kernel: KV write (per-row start) vs slice", f"B={B}", time_ms(sliced, dev, args.iters), write, None,
+            write / time_ms(sliced, dev, args.iters), "", None, "ms")
+
+
+def sweep_select_logits(h, W, dev, args):
+    """Tile configurations of the fused-logits kernel (printed, for tuning the defaults)."""
+    from dlc.kernels import logits as L
+    best = None
+    for BN in sorted({L.plan(h.shape[0], W.shape[0], 1)[0], 64 if h.shape[0] > 32 else 16}):
+        for BV, BD in ((64, 128), (128, 64), (128, 128), (256, 64)):
+            for nw, ns in ((4, 3), (4, 4), (8, 3)):
+                for pps in (2, 4, 8):                                  # runtime args: no recompile
+                    try:
+                        ms = time_ms(lambda: L.select_logits_triton(h, W, BN=BN, BV=BV, BD=BD, num_warps=nw,
+                                                                   num_stages=ns, programs_per_sm=pps), dev, 10, 2)
+                    except Exception as e:                             # noqa: BLE001 - e.g. out of shared memory
+                        log(f"  sweep N={h.shape[0]} BN={BN} BV={BV} BD={BD} w={nw} s={ns}: {type(e).__name__}")
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, BN, BV, BD, nw, ns, pps)
+    log(f"  sweep N={h.shape[0]}: best {best}")
+    NOTES.append(f"fused-logits sweep N={h.shape[0]}: best (ms, BN, BV, BD, warps, stages, programs/SM) = {best}")
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+def initial_state(cfg, B, args, dev, g):
+    x = torch.full((B, args.prompt + args.gen), cfg.mask_id, dtype=torch.long, device=dev)
+    x[:, :args.prompt] = torch.randint(0, cfg.mask_id, (B, args.prompt), device=dev, generator=g)
+    return x
+
+
+@torch.no_grad()
+def fastdllm_dual_cache(model, x, args):
+    """Plain eager Fast-dLLM dual cache: full forward + full [B, L, V] logits at each block start, then
+    block-only forwards over the cached K/V with the block's full logits; float64 softmax confidence."""
+    cfg, P, blk = model.config, args.prompt, args.block
+    B, L = x.shape
+    cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, x.device)
+
+    def step(logits, a):
+        x0 = logits.argmax(-1)                                           # [B, n]
+        p = torch.softmax(logits.to(torch.float64), dim=-1)
+        conf = torch.gather(p, -1, x0[..., None])[..., 0]
+        n = logits.shape[1]
+        region = x[:, a:a + blk] if n == blk else x
+        if n != blk:                                                     # full logits: only the block counts
+            conf[:, :a] = -math.inf
+            conf[:, a + blk:] = -math.inf
+        conf = torch.where(region == cfg.mask_id, conf, -math.inf)
+        j = conf.argmax(1, keepdim=True)
+        region.scatter_(1, j, x0.gather(1, j))
+
+    for a in range(P, L, blk):
+        step(model.logits(model(x, None, None, cache, 0)), a)           # Refresh: [B, L, V]
+        for _ in range(blk - 1):
+            step(model.logits(model(x[:, a:a + blk], None, None, cache, a)), a)   # Reuse: [B, blk, V]
+    return x
+
+
+class FastDual:
+    """The optimized loop: compiled Refresh + fused logits of the block rows; each Reuse step one CUDA graph
+    (per block start, since dlc.models takes an int start) that also unmasks its token in place."""
+
+    def __init__(self, model, x, args, dev):
+        cfg, P, blk = model.config, args.prompt, args.block
+        self.model, self.x, self.args = model, x, args
+        B, L = x.shape
+        self.cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, dev)
+        self.blks = {a: torch.full((B, blk), cfg.mask_id, dtype=torch.long, device=dev) for a in range(P, L, blk)}
+        self.steps = {a: Graphed(self._reuse_fn(a), dev, args.graphs) for a in self.blks}
+        with torch.no_grad():
+            self.model(x, None, None, self.cache, 0)                      # compile/warm the Refresh shape
+
+    def _reuse_fn(self, a):
+        blk = self.blks[a]
+
+        def fn():
+            tok, conf = fused_decode(self.model, self.model(blk, None, None, self.cache, a))
+            return unmask_one(blk, tok, conf, self.model.config.mask_id)
+        return fn
+
+    @torch.no_grad()
+    def run(self, x):
+        P, L, blk, mask = self.args.prompt, x.shape[1], self.args.block, self.model.config.mask_id
+        for a in range(P, L, blk):
+            h = self.model(x, None, None, self.cache, 0)                  # Refresh (fills the cache)
+            tok, conf = fused_decode(self.model, h[:, a:a + blk])
+            b = self.blks[a]
+            b.copy_(x[:, a:a + blk])
+            unmask_one(b, tok, conf, mask)
+            for _ in range(blk - 1):
+                self.steps[a]()
+            x[:, a:a + blk] = b
+        return x
+
+
+@torch.no_grad()
+def bench_e2e(model, args, dev, g):
+    cfg = model.config
+    for B in args.e2e_batches:
+        x0 = initial_state(cfg, B, args, dev, g)
+        set_compiled(model, False)
+        x = x0.clone()
+        sync(dev)
+        t = time.perf_counter()
+        fastdllm_dual_cache(model, x, args)
+        sync(dev)
+        base_s = time.perf_counter() - t
+        base_x = x
+        free(dev)
+        set_compiled(model, args.compile)
+        fast = FastDual(model, x0.clone(), args, dev)                   # capture (warm-up runs excluded)
+        x = x0.clone()
+        sync(dev)
+        t = time.perf_counter()
+        fast.run(x)
+        sync(dev)
+        opt_s = time.perf_counter() - t
+        ntok = B * args.gen
+        assert (x[:, args.prompt:] != cfg.mask_id).all(), "optimized loop left masks"
+        agree = (x == base_x).float()[:, args.prompt:].mean().item()
+        NOTES.append(f"e2e B={B}: generated-token agreement optimized vs eager baseline {agree:.3f}")
+        target = ">= 2x eager" if B == 32 else ""
+        add_row("End-to-end tok/s (512+256, blk 32)", f"B={B}", ntok / base_s, ntok / opt_s, None,
+                base_s / opt_s, target, None if B != 32 else base_s / opt_s >= 2.0, "tok/s")
+        del fast, x, base_x, x0
+        free(dev)
+
+
+# ----------------------------------------------------------------------------------------------- serving
+def bench_serving(model, args, dev, g):
+    """Phase-multiplexed vs FCFS scheduling through dlc.runtime.Engine on the eager runner (staggered arrivals)."""
+    try:
+        import dlc.runtime.scheduler  # noqa: F401
+        from dlc.runtime.config import ServeConfig
+        from dlc.runtime.engine import Engine
+        from dlc.runtime.session import Session
+    except ImportError:
+        log("serving throughput / p99, phase-multiplexed vs FCFS: not available in this build")
+        add_row("Serving (phase vs FCFS)", "-", None, None, None, None, "not available in this build", None, "")
+        return
+    cfg = model.config
+    prompts = [torch.randint(0, cfg.mask_id, (args.serve_prompt,), generator=g.__class__().manual_seed(i)).tolist()
+               for i in range(args.serve_requests)]
+    out = {}
+    seq = args.serve_prompt + args.serve_gen
+    slot_mib = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * seq * 2 / 2**20
+    for policy in ("fcfs", "phase"):
+        set_compiled(model, False)
+        sc = ServeConfig(model="bench", policy=policy, device=str(dev), max_batch_size=args.serve_batch,
+                         max_num_tokens=max(8192, args.serve_batch * seq), max_seq_len=seq,
+                         kv_cache_mb=slot_mib * args.serve_batch + 1, max_queue=4096,
+                         gen_length=args.serve_gen, block_length=args.block, steps=args.serve_gen, kv_cache="dual")
+        eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
+        t0 = time.monotonic()
+        arrivals = [t0 + i * args.serve_gap_s for i in range(len(prompts))]
+        reqs, nxt = [], 0
+        while nxt < len(prompts) or eng.has_work():
+            now = time.monotonic()
+            while nxt < len(prompts) and arrivals[nxt] <= now:
+                r = eng.make_request(prompts[nxt])
+                r.arrival = arrivals[nxt]
+                eng.add_request(r)
+                reqs.append(r)
+                nxt += 1
+            if eng.has_work():
+                eng.step()
+            else:
+                time.sleep(max(0.0, arrivals[nxt] - now))
+            if time.monotonic() - t0 > args.serve_timeout_s:
+                NOTES.append(f"serving {policy}: stopped at the {args.serve_timeout_s}s cap")
+                break
+        sync(dev)
+        done = [r for r in reqs if r.finish_time is not None]
+        span = max(r.finish_time for r in done) - t0 if done else float("nan")
+        lat = sorted(r.finish_time - r.arrival for r in done)
+        p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else float("nan")
+        out[policy] = (sum(len(r.output_ids) for r in done) / span, p99, len(done))
+        free(dev)
+    (ft, fp, fn), (pt, pp, pn) = out["fcfs"], out["phase"]
+    add_row("Serving tok/s (phase vs FCFS)", f"{pn}/{args.serve_requests} req", ft, pt, None, pt / ft, "", None,
+            "tok/s")
+    add_row("Serving p99 latency (phase vs FCFS)", f"{fn}/{args.serve_requests} req", fp, pp, None, pp / fp, "",
+            None, "s")
+
+
+# ----------------------------------------------------------------------------------------------- table
+def add_row(section, case, eager, opt, floor, ratio, target, ok, unit):
+    ROWS.append(dict(section=section, case=case, eager=eager, opt=opt, floor=floor, ratio=ratio, target=target,
+                     status="" if ok is None else ("PASS" if ok else "MISS"), unit=unit))
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def table() -> str:
+    head = "| section | case | eager / baseline | optimized | floor / budget | ratio | target | status |"
+    lines = [head, "|" + "---|" * 8]
+    for r in ROWS:
+        u = f" {r['unit']}" if r["unit"] else ""
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['section']} | {r['case']} | {fmt(r['eager'])}{u if r['eager'] is not None else ''} | "
+                     f"{fmt(r['opt'])}{u if r['opt'] is not None else ''} | "
+                     f"{fmt(r['floor'])}{u if r['floor'] is not None else ''} | "
+                     f"{ratio} | "
+                     f"{r['target'] or '-'} | {r['status'] or '-'} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="llada-8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--mem-batches", default="1,8,32,64")
+    p.add_argument("--e2e-batches", default="1,32")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--logit-budget-mib", type=int, default=256)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false")
+    p.add_argument("--sections", default="kernels,reuse,refresh,memory,e2e,serving")
+    p.add_argument("--serve-requests", type=int, default=24)
+    p.add_argument("--serve-prompt", type=int, default=128)
+    p.add_argument("--serve-gen", type=int, default=64)
+    p.add_argument("--serve-batch", type=int, default=16)
+    p.add_argument("--serve-gap-s", type=float, default=0.05)
+    p.add_argument("--serve-timeout-s", type=float, default=60.0)
+    p.add_argument("--kernel-rows", default="32,1024")
+    p.add_argument("--sweep", action="store_true", help="sweep fused-logits tile configs in the kernels section")
+    p.add_argument("--json", default=None, help="write rows and notes here")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, small shapes (checks the script)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.preset, a.device, a.prompt, a.gen, a.block = "tiny-llada", "cpu", 24, 16, 8
+        a.batches, a.mem_batches, a.e2e_batches, a.iters, a.kernel_rows = "1,2", "1,2", "1,2", 2, "4"
+        a.compile, a.graphs = False, False
+        a.serve_requests, a.serve_prompt, a.serve_gen, a.serve_batch, a.serve_gap_s = 4, 8, 16, 4, 0.0
+    for name in ("batches", "mem_batches", "e2e_batches", "kernel_rows"):
+        setattr(a, name, [int(v) for v in getattr(a, name).split(",") if v])
+    a.sections = set(a.sections.split(","))
+    if a.gen % a.block:
+        raise SystemExit(f"--gen {a.gen} must be a multiple of --block {a.block}")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available (use --smoke for a CPU check)")
+    g = torch.Generator(device=dev).manual_seed(0)
+    cfg = preset_config(args.preset)
+    env = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
+               triton=_triton_version(), python=platform.python_version(),
+               gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", argv=" ".join(sys.argv))
+    log(f"# dlc gpu_bench  {env}")
+    big = dev.type == "cuda"
+    bw = copy_bandwidth(dev, 4 * GiB if big else 64 * 2**20)
+    rate = matmul_rate(dev, 8192 if big else 512)
+    args.bw, args.rate = bw, rate
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    t = time.perf_counter()
+    model = build(cfg, dev, torch.bfloat16)
+    sync(dev)
+    pbytes, nparams = param_bytes(model), cfg.num_parameters()
+    log(f"model {args.preset}: {nparams / 1e9:.2f} B params, {pbytes / GiB:.1f} GiB, built in "
+        f"{time.perf_counter() - t:.1f}s")
+    reuse_floor = pbytes / bw * 1e3
+    refresh_floor = 2 * nparams * (args.prompt + args.gen) / rate * 1e3
+    add_row("Floors", "copy BW / bf16 matmul", None, None, None, None,
+            f"{bw / 1e12:.2f} TB/s, {rate / 1e12:.0f} TFLOP/s", None, "")
+    if args.compile:
+        compile_blocks(model)
+    sections = [("kernels", lambda: bench_kernels(model, args, dev, g)),
+                ("reuse", lambda: bench_reuse(model, args, dev, g, reuse_floor)),
+                ("refresh", lambda: bench_refresh(model, args, dev, g, refresh_floor)),
+                ("memory", lambda: bench_memory(model, args, dev, g)),
+                ("e2e", lambda: bench_e2e(model, args, dev, g)),
+                ("serving", lambda: bench_serving(model, args, dev, g))]
+    for name, fn in sections:
+        if name not in args.sections:
+            continue
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:                                       # noqa: BLE001 - report, keep the table
+            NOTES.append(f"section {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            log(f"section {name} failed: {e!r}")
+            free(dev)
+        log(f"[{name} done in {time.perf_counter() - t:.1f}s]")
+    log("\n" + table())
+    for n in NOTES:
+        log(f"- {n}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, rows=ROWS, notes=NOTES, reuse_floor_ms=reuse_floor,
+                           refresh_floor_ms=refresh_floor), f, indent=1)
+    return ROWS
+
+
+def _triton_version() -> str:
+    with contextlib.suppress(Exception):
+        import triton
+        return triton.__version__
+    return "none"
+
+
+if __name__ == "__main__":
+    main()
