@@ -1,6 +1,8 @@
 """``dlc serve MODEL_OR_ENGINE_DIR``: every option is a ServeConfig field of the same name (and a YAML key)."""
 from __future__ import annotations
 
+import signal
+
 import click
 
 from .config import GRANULARITY, POLICIES, ServeConfig
@@ -66,5 +68,9 @@ def serve_command(model, config_path, **options):
     app = build_app(engine, name, cfg.api_key)
     click.echo(f"dlc serve: {name} on http://{cfg.host}:{cfg.port} ({engine.kv.n_slots} KV slots of "
                f"{engine.max_seq} tokens, policy {cfg.policy}, granularity {cfg.granularity})", err=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=int(cfg.drain_timeout_s))
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                           timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: make that a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    click.echo("dlc serve: drained and stopped", err=True)

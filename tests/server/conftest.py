@@ -61,3 +61,9 @@ def tiny_server():
                         "--steps", "8", "--kv-cache", "dual", "--max-num-tokens", "1024")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server_process():
+    """The ServerProcess class, for tests that start a server with their own options."""
+    return ServerProcess
