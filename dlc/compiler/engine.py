@@ -1,7 +1,18 @@
-"""Engine directories: probe and open (filled in below)."""
+"""Opening engine directories: validate config.json, load each phase artifact, wrap them in a runner."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
+
+from dlc.manifest import EngineError, load_manifest
+from dlc.models.config import ModelConfig
+
+from .backends import get_backend
+from .runner import CompiledRunner
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def is_engine_dir(path) -> bool:
@@ -9,11 +20,33 @@ def is_engine_dir(path) -> bool:
     if not p.exists():
         return False
     try:
-        import json
         return json.loads(p.read_text()).get("format") == "dlc-engine"
-    except Exception:
-        return False
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return True        # let open_engine report the damage
+
+
+def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
+    path = Path(path)
+    m = load_manifest(path)
+    cfg = ModelConfig.from_dict(m["model"])
+    phases, names = {}, {}
+    for ph, spec in m["phases"].items():
+        phases[ph] = get_backend(spec["runtime"])["load"](path / spec["file"], device)
+        names[ph] = [i["name"] for i in spec["inputs"]]
+    sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
+    runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]], sparse_retention=sparse,
+                            kind=m["runtime"])
+    return runner, m
 
 
 def open_engine(path, device="cpu", dtype=None):
-    raise NotImplementedError
+    """ENGINE_OPENERS entry: engine dir -> dlc.runtime.session.Session."""
+    from dlc.models.tokenizer import has_tokenizer, load_tokenizer
+    from dlc.runtime.session import Session
+
+    path = Path(path)
+    runner, m = engine_runner(path, device=str(device))
+    if dtype not in (None, "auto") and DTYPES.get(dtype, dtype) != runner.dtype:
+        raise EngineError(f"{path} was compiled for {m['dtype']}; --dtype {dtype} needs a recompile")
+    tok = load_tokenizer(path) if has_tokenizer(path) else None
+    return Session(runner, tok, runner.config, bool(m.get("chat")), str(path), kind=m["runtime"])

@@ -1,0 +1,220 @@
+"""The ``dlc compile`` driver: plan -> trace -> passes -> export -> emit -> config.json, with per-stage timings."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dlc.manifest import write_manifest
+from dlc.models.tokenizer import TOKENIZER_FILES
+from dlc.passes.pipeline import input_names
+from dlc.targets import get_target, local_matches
+
+from .backends import BackendUnavailable, artifact_bytes, get_backend, trt_available, trtexec_command
+from .export import build_phases, export_phase, input_specs, output_specs
+from .plan import plan_build
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Stage:
+    """Progress output per stage with its wall time (collected in ``times``)."""
+
+    def __init__(self, echo, times: dict):
+        self.echo, self.times = echo, times
+
+    def __call__(self, name: str):
+        stage = self
+
+        class _Ctx:
+            def __enter__(self):
+                stage.echo(f"[{name}] ...")
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, exc_type, *_):
+                dt = time.perf_counter() - self.t0
+                stage.times[name] = round(stage.times.get(name, 0) + dt, 3)
+                if exc_type is None:
+                    stage.echo(f"[{name}] done in {dt:.1f}s")
+        return _Ctx()
+
+
+def model_for_build(model: str, weights: str | None, dtype: torch.dtype, device: str, dry_run: bool):
+    """(DiffusionLM, LoadedModel | None). Dry runs build the architecture on the meta device (no weights)."""
+    from dlc.models import build_model
+    from dlc.models.loading import load_model, read_config, resolve_checkpoint_dir
+    from dlc.models.presets import PRESETS, preset_config, unknown_model_error
+
+    if not dry_run:
+        lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=False)
+        return lm.model, lm
+    p = Path(weights or model).expanduser()
+    if p.is_dir():
+        cfg = read_config(resolve_checkpoint_dir(model, weights))
+    elif model in PRESETS and PRESETS[model].get("config"):
+        cfg = preset_config(model)
+    elif model in PRESETS:
+        cfg = read_config(resolve_checkpoint_dir(model, weights))
+    else:
+        raise unknown_model_error(model)
+    with torch.device("meta"):
+        m = build_model(cfg).to(dtype)
+    return m.eval(), None
+
+
+def build_limits(plan) -> dict[str, int]:
+    b, s = plan.max_batch_size, plan.max_seq_len
+    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s}
+
+
+def profiles(specs: dict, plan) -> dict:
+    """TensorRT optimisation profile per input: min (1 per dim), opt (batch, whole sequence, one block), max."""
+    mx = build_limits(plan)
+    opt = {"B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len, "S": plan.max_seq_len,
+           "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len}
+    res = {}
+    for name, (shape, _) in specs.items():
+        res[name] = {"min": [1 if isinstance(d, str) else d for d in shape],
+                     "opt": [min(opt[d], mx[d]) if isinstance(d, str) else d for d in shape],
+                     "max": [mx[d] if isinstance(d, str) else d for d in shape]}
+    return res
+
+
+def _sig(specs: dict) -> list[dict]:
+    return [{"name": n, "shape": list(shape), "dtype": str(dt).replace("torch.", "")} for n, (shape, dt) in specs.items()]
+
+
+def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti", weights: str | None = None,
+                  dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                  block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
+                  dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print) -> dict:
+    """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan)."""
+    tgt = get_target(target)
+    get_backend(backend)
+    dtype = dtype or ("fp32" if tgt.device == "cpu" else "bf16")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not dry_run and not out_dir:
+        raise ValueError("-o/--output OUT_DIR is required (or use --dry-run)")
+    times: dict = {}
+    stage = Stage(echo, times)
+    local = local_matches(tgt)
+    device = "cuda" if tgt.device == "cuda" and local else "cpu"
+
+    with stage("load"):
+        m, lm = model_for_build(model, weights, DTYPES[dtype], device, dry_run)
+    cfg = m.config
+    plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length)
+    echo(f"plan for {model} on {tgt.name} ({tgt.description}; {tgt.memory_gib} GiB, {tgt.bandwidth_gbs} GB/s, "
+         f"{tgt.bf16_tflops} TFLOP/s bf16):")
+    for line in plan.lines():
+        echo("  " + line)
+    if not plan.fits:
+        raise ValueError(f"cannot build {model} for {tgt.name}: {plan.reason}")
+
+    with stage("trace+passes"):
+        phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
+                                          logit_chunk=plan.logit_chunk, logprobs=logprobs,
+                                          dump_after=dump_graph_after, dump=echo)
+    echo("phases: refresh (whole sequence -> tokens, confidence, every layer's K/V), "
+         "reuse (fed slice + cached K/V -> tokens, confidence, the slice's new K/V)")
+    for name in names:
+        echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
+             f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
+
+    runtime = backend
+    pending = None
+    if backend in ("aoti", "tensorrt") and not local:
+        runtime = "onnx"
+        pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this machine has "
+                   f"{'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run `dlc compile {model} "
+                   f"--target {tgt.name} --backend {backend}` there (or use the trtexec commands below).")
+    elif backend == "tensorrt":
+        runtime = "onnx"                                  # until the engines are built
+    specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype]) for ph, g in phases.items()}
+    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs) for ph in phases}
+    ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
+    files = [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"] if backend == "tensorrt" else [])
+    files += ["config.json", "tokenizer files"]
+    if dry_run:
+        echo(f"dry run: would write to {out_dir or 'OUT_DIR'}: {', '.join(files)}")
+        if pending:
+            echo(f"note: {pending}")
+        return {"plan": plan.to_dict(), "passes": names, "counts": {f"{k[0]}/{k[1]}": v for k, v in ctx.counts.items()},
+                "files": files, "times": times}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    limits = build_limits(plan)
+    weight_bytes = cfg.num_parameters() * torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    phase_info, onnx_files, trt_cmds = {}, {}, {}
+    for ph, g in phases.items():
+        with stage(f"export {ph}"):
+            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device)
+        ectx = {"input_names": list(specs[ph]), "output_names": list(outs[ph]), "weight_bytes": weight_bytes,
+                "dtype": dtype, "profiles": {p: profiles(specs[p], plan) for p in phases}, "onnx_files": onnx_files}
+        with stage(f"emit {ph} ({runtime})"):
+            f = get_backend(runtime)["emit"](ep, ph, out, ectx)
+        if runtime == "onnx":
+            onnx_files[ph] = f
+            trt_cmds[ph] = trtexec_command(f, f"{ph}.engine", profiles(specs[ph], plan), dtype)
+        extra = [p.name for p in out.glob(f + ".data")]
+        phase_info[ph] = {"file": f, "extra_files": extra, "runtime": runtime,
+                          "bytes": {x: (out / x).stat().st_size for x in [f] + extra},
+                          "inputs": _sig(specs[ph]), "outputs": _sig(outs[ph])}
+    _copy_tokenizer(lm, out)
+    manifest = {
+        "backend": backend, "runtime": runtime, "dtype": dtype, "target": tgt.to_dict(), "source": model,
+        "chat": bool(lm.chat) if lm else False,
+        "model": cfg.to_dict(),
+        "build": {**{k: v for k, v in plan.to_dict().items() if k in ("max_batch_size", "max_seq_len",
+                                                                        "block_length", "logit_chunk")},
+                  "dims": limits, "plan": plan.to_dict()},
+        "passes": [{"name": n, "params": ctx.params(n),
+                    "rewrites": {ph: ctx.counts[(n, ph)] for ph in phases}} for n in names],
+        "phases": phase_info,
+        "tokenizer": sorted(p.name for p in out.iterdir() if p.name in TOKENIZER_FILES),
+        "compile_seconds": times,
+        "artifact_bytes": {ph: artifact_bytes(out, i["file"]) for ph, i in phase_info.items()},
+    }
+    if trt_cmds and backend in ("tensorrt", "onnx", "aoti"):
+        manifest["tensorrt"] = {"trtexec": trt_cmds}
+    if pending:
+        manifest["pending"] = pending
+    if backend == "tensorrt" and not pending:
+        reason = trt_available()
+        if reason:
+            manifest["pending"] = f"TensorRT engines not built: {reason}"
+            write_manifest(out, manifest)
+            raise BackendUnavailable(f"{reason}. The ONNX phases and config.json (with the exact trtexec commands) "
+                                     f"are in {out}; nothing was built with TensorRT.")
+        for ph in phases:
+            with stage(f"emit {ph} (tensorrt)"):
+                f = get_backend("tensorrt")["emit"](None, ph, out, ectx)
+            phase_info[ph].update({"file": f, "extra_files": [], "runtime": "tensorrt",
+                                   "bytes": {f: (out / f).stat().st_size}})
+        manifest["runtime"] = "tensorrt"
+    write_manifest(out, manifest)
+    total = sum(manifest["artifact_bytes"].values())
+    echo(f"wrote {out} ({total / 1e6:.2f} MB of phase artifacts; "
+         + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
+    if manifest.get("pending"):
+        echo(f"note: {manifest['pending']}")
+    return manifest
+
+
+def _copy_tokenizer(lm, out: Path) -> None:
+    if lm is None or lm.tokenizer is None:
+        return
+    src = Path(lm.source)
+    if src.is_dir():
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, out / name)
+    else:
+        lm.tokenizer.save_pretrained(str(out))
+        stray = out / "config.json"
+        if stray.exists():
+            stray.unlink()

@@ -1,0 +1,69 @@
+"""``dlc compile`` and ``dlc inspect`` (registered by dlc/cli.py)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+
+@click.command("compile")
+@click.argument("model")
+@click.option("--target", required=True, help="rtx4090, l40s, a100-40g, a100-80g, h100, h200 or cpu")
+@click.option("-o", "--output", "out_dir", default=None, help="engine directory to write")
+@click.option("--backend", default="aoti", show_default=True, type=click.Choice(["aoti", "onnx", "tensorrt", "export"]))
+@click.option("--weights", default=None, help="local checkpoint directory")
+@click.option("--dtype", default=None, type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="default: fp32 for cpu, bf16 for GPU targets")
+@click.option("--max-batch-size", default=None, type=int, help="default: the most that fits the target")
+@click.option("--max-seq-len", default=None, type=int, help="default: the model's maximum")
+@click.option("--block-length", default=32, show_default=True, type=int)
+@click.option("--passes", default=None, help="comma-separated pass list (default: the required passes, plus "
+                                              "sparsify_heads with --sparse-retention)")
+@click.option("--sparse-retention", default=None, type=float, help="head-sparse attention: fraction kept per head")
+@click.option("--logprobs", default=0, show_default=True, type=int, help="top-k logprobs per decoded row")
+@click.option("--dump-graph-after", default=None, help="print the graph after this pass")
+@click.option("--dry-run", is_flag=True, help="plan on the meta device (no weights) and print what would be written")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest / plan as JSON at the end")
+@click.option("-v", "--verbose", is_flag=True, help="log every pass's rewrite count")
+def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_size, max_seq_len, block_length,
+                    passes, sparse_retention, logprobs, dump_graph_after, dry_run, as_json, verbose):
+    """Compile MODEL (preset or checkpoint dir) for TARGET into an engine directory."""
+    from .backends import BackendUnavailable
+    from .build import compile_model
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
+    try:
+        res = compile_model(model, target, out_dir, backend=backend, weights=weights, dtype=dtype,
+                            max_batch_size=max_batch_size, max_seq_len=max_seq_len, block_length=block_length,
+                            passes=names, sparse_retention=sparse_retention, dump_graph_after=dump_graph_after,
+                            dry_run=dry_run, logprobs=logprobs, echo=click.echo)
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(res, default=str))
+
+
+@click.command("inspect")
+@click.argument("engine_dir")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_command(engine_dir, as_json):
+    """Summarise an engine directory's config.json (and check it opens: versions, hash, files)."""
+    from dlc.manifest import EngineError, read_manifest, summary_lines, validate_manifest
+
+    try:
+        m = read_manifest(engine_dir)
+    except EngineError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    for line in summary_lines(m):
+        click.echo(line)
+    try:
+        validate_manifest(engine_dir, m)
+        click.echo("status      ok")
+    except EngineError as e:
+        click.echo(f"status      REFUSED: {e}")
