@@ -554,6 +554,7 @@ def parse_args(argv=None):
     p.add_argument("--kernel-rows", default="32,1024")
     p.add_argument("--sweep", action="store_true", help="sweep fused-logits tile configs in the kernels section")
     p.add_argument("--json", default=None, help="write rows and notes here")
+    p.add_argument("--md", default=None, help="write the results markdown (table + notes) here")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, small shapes (checks the script)")
     a = p.parse_args(argv)
     if a.smoke:
@@ -617,11 +618,24 @@ def main(argv=None):
     log("\n" + table())
     for n in NOTES:
         log(f"- {n}")
+    if args.md:
+        write_md(args.md, env, reuse_floor, refresh_floor)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, rows=ROWS, notes=NOTES, reuse_floor_ms=reuse_floor,
                            refresh_floor_ms=refresh_floor), f, indent=1)
     return ROWS
+
+
+def write_md(path, env, reuse_floor, refresh_floor) -> None:
+    """The results file: environment, exact command, the table, the notes (analysis is added by hand below)."""
+    text = (f"# GPU results (bench/gpu_bench.py)\n\n- date: {env['date']}\n- GPU: {env['gpu']}\n"
+            f"- torch {env['torch']}, triton {env['triton']}, Python {env['python']}\n"
+            f"- command: `python {env['argv']}`\n- floors: Reuse {reuse_floor:.2f} ms (parameter bytes / copy "
+            f"bandwidth), Refresh {refresh_floor:.2f} ms (2 x params x L / bf16 matmul rate)\n\n"
+            + table() + "\n\n" + "".join(f"- {n}\n" for n in NOTES))
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _triton_version() -> str:
