@@ -2,7 +2,8 @@
 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template),
 ``/health``, ``/metrics`` (Prometheus). ``stream: true`` answers with Server-Sent Events, one chunk per
-finalized block and a last chunk with the finish reason, then ``data: [DONE]``; the streamed text always
+finalized block (with a ``token_ids`` extension field) and a last chunk with the finish reason, then
+``data: [DONE]``; the streamed text always
 concatenates to the non-streamed text (text is decoded from all tokens so far and only the new suffix is sent,
 holding back an incomplete UTF-8 character).
 
@@ -272,12 +273,13 @@ class Server:
         stream = TextStream(self.tok)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish, first=False):
+        def chunk(delta: str | None, finish, first=False, ids=()):
             if chat:
                 d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
                 choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            choice["token_ids"] = list(ids)          # dlc extension: the block's tokens (text may lag a char)
             data = {"id": req.rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
 
@@ -293,13 +295,12 @@ class Server:
                                          "type": "server_error", "param": None, "code": None}}
                         yield f"data: {json.dumps(err)}\n\n"
                     else:
-                        if delta:
-                            yield chunk(delta, None)
+                        if delta or new:
+                            yield chunk(delta, None, ids=new)
                         yield chunk(None, req.finish_reason)
                     yield "data: [DONE]\n\n"
                     return
-                if delta:
-                    yield chunk(delta, None)
+                yield chunk(delta, None, ids=new)           # one chunk per finalized block
         finally:                      # client gone (generator closed) or finished: abort is a no-op when done
             self.engine.abort(req)
 

@@ -1,0 +1,63 @@
+"""``dlc bench``: benchmarks that print ratios against a baseline run in the same process."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group("bench")
+def bench_command():
+    """Benchmarks (serving: phase-multiplexed batcher vs FCFS static batching)."""
+
+
+def _pair(s: str) -> tuple[int, int]:
+    lo, _, hi = s.partition(":")
+    return int(lo), int(hi or lo)
+
+
+@bench_command.command("serve")
+@click.argument("model", default="tiny-llada")
+@click.option("--workload", "pattern", default="poisson", show_default=True,
+              type=click.Choice(["poisson", "burst", "osc"]))
+@click.option("--num-requests", default=48, show_default=True, type=int)
+@click.option("--rate", default=8.0, show_default=True, type=float, help="requests/s (poisson, osc mean)")
+@click.option("--period", default=4.0, show_default=True, type=float, help="osc period (s)")
+@click.option("--amplitude", default=0.9, show_default=True, type=float, help="osc relative amplitude")
+@click.option("--prompt-len", default="8:64", show_default=True, help="uniform range LO:HI of prompt tokens")
+@click.option("--gen-lens", default="16,32,64", show_default=True, help="generation lengths to draw from")
+@click.option("--block-length", default=8, show_default=True, type=int)
+@click.option("--tokens-per-step", default=2, show_default=True, type=int)
+@click.option("--policies", default="fcfs,phase", show_default=True, help="first one is the baseline")
+@click.option("--max-batch-size", default=16, show_default=True, type=int)
+@click.option("--max-num-tokens", default=2048, show_default=True, type=int)
+@click.option("--max-seq-len", default=256, show_default=True, type=int)
+@click.option("--port", default=8391, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_len, gen_lens, block_length,
+                tokens_per_step, policies, max_batch_size, max_num_tokens, max_seq_len, port, seed, as_json):
+    """Drive `dlc serve MODEL` once per scheduler policy with the same workload; print throughput, TTFT and
+    latency percentiles and the ratios against the baseline (the first policy)."""
+    from dlc.runtime.loadgen import Workload, compare, format_row, ratios
+
+    try:
+        wl = Workload(pattern, num_requests, rate, period, amplitude, _pair(prompt_len),
+                      tuple(int(g) for g in gen_lens.split(",")), block_length, tokens_per_step, seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    pols = [p.strip() for p in policies.split(",") if p.strip()]
+    args = ["--max-batch-size", str(max_batch_size), "--max-num-tokens", str(max_num_tokens),
+            "--max-seq-len", str(max_seq_len), "--max-queue", str(num_requests + 16)]
+    click.echo(f"workload {pattern}: {num_requests} requests, rate {rate}/s, prompt {prompt_len}, gen {gen_lens}, "
+               f"block {block_length}; model {model}, max batch {max_batch_size}")
+    res = compare(model, wl, pols, args, port, log=click.echo)
+    base = pols[0]
+    for p in pols[1:]:
+        r = ratios(res, base, p)
+        click.echo(f"{p} vs {base}: throughput x{r['throughput']:.2f}; TTFT speed-up p50/p90/p99 "
+                   f"x{r['ttft_p50']:.2f}/x{r['ttft_p90']:.2f}/x{r['ttft_p99']:.2f}; latency speed-up p50/p90/p99 "
+                   f"x{r['latency_p50']:.2f}/x{r['latency_p90']:.2f}/x{r['latency_p99']:.2f}")
+        res[f"ratio_{p}_vs_{base}"] = r
+    if as_json:
+        click.echo(json.dumps(res))

@@ -1,0 +1,202 @@
+"""Serving workloads and the HTTP driver behind `dlc bench serve` and bench/serve_bench.py.
+
+Arrival patterns (all seeded): ``poisson`` (exponential gaps at ``rate`` requests/s), ``burst`` (all
+``num_requests`` at t = 0), ``osc`` (a Poisson process whose rate oscillates as
+``rate * (1 + amplitude * sin(2 pi t / period))``, drawn by thinning). Prompt lengths are uniform in
+``prompt_len``, generation lengths uniform over ``gen_lens`` (multiples of the block length). Each request
+streams from ``/v1/completions`` with token-id prompts; time to first token is the first chunk carrying
+tokens, latency the ``[DONE]``. ``compare`` starts one `dlc serve` process per policy on the same model and
+settings, drives the same workload through each and reports the ratios against the first baseline."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+PATTERNS = ("poisson", "burst", "osc")
+
+
+@dataclass
+class Workload:
+    pattern: str = "poisson"
+    num_requests: int = 64
+    rate: float = 8.0                      # requests per second (poisson; osc mean)
+    period: float = 4.0                    # osc period, seconds
+    amplitude: float = 0.9                 # osc relative amplitude in [0, 1]
+    prompt_len: tuple = (8, 64)
+    gen_lens: tuple = (16, 32, 64)
+    block_length: int = 8
+    tokens_per_step: int = 2               # steps = gen_length / tokens_per_step
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"workload pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.num_requests <= 0 or self.rate <= 0:
+            raise ValueError("num_requests and rate must be > 0")
+        if not 0 <= self.amplitude <= 1:
+            raise ValueError(f"amplitude must be in [0, 1], got {self.amplitude}")
+        lo, hi = self.prompt_len
+        if not 0 < lo <= hi:
+            raise ValueError(f"prompt_len must be 0 < lo <= hi, got {self.prompt_len}")
+        bad = [g for g in self.gen_lens if g % self.block_length or g % self.tokens_per_step]
+        if bad:
+            raise ValueError(f"gen_lens {bad} must be multiples of block_length {self.block_length} and "
+                             f"tokens_per_step {self.tokens_per_step}")
+
+    def arrivals(self) -> list[float]:
+        rng = random.Random(self.seed)
+        if self.pattern == "burst":
+            return [0.0] * self.num_requests
+        out, t = [], 0.0
+        peak = self.rate * (1 + (self.amplitude if self.pattern == "osc" else 0))
+        while len(out) < self.num_requests:
+            t += rng.expovariate(peak)
+            if self.pattern == "poisson" or rng.random() * peak <= self._osc_rate(t):
+                out.append(t)
+        return out
+
+    def _osc_rate(self, t: float) -> float:
+        return self.rate * (1 + self.amplitude * math.sin(2 * math.pi * t / self.period))
+
+    def requests(self) -> list[dict]:
+        rng = random.Random(self.seed + 1)
+        out = []
+        for t in self.arrivals():
+            n = rng.randint(*self.prompt_len)
+            g = rng.choice(self.gen_lens)
+            out.append({"t": t, "prompt": [rng.randint(32, 126) for _ in range(n)], "gen_length": g,
+                        "block_length": self.block_length, "steps": g // self.tokens_per_step})
+        return out
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"requests": len(self.latency), "errors": self.errors, "seconds": round(self.seconds, 3),
+                "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+                "requests_per_s": len(self.latency) / self.seconds if self.seconds else 0.0,
+                **{f"ttft_p{q}": percentile(self.ttft, q) for q in (50, 90, 99)},
+                **{f"latency_p{q}": percentile(self.latency, q) for q in (50, 90, 99)}}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def _one(client, url: str, model: str, req: dict, t0: float, res: Result, headers: dict) -> None:
+    await asyncio.sleep(max(0.0, t0 + req["t"] - time.perf_counter()))
+    start = time.perf_counter()
+    body = {"model": model, "prompt": req["prompt"], "stream": True, "gen_length": req["gen_length"],
+            "block_length": req["block_length"], "steps": req["steps"], "kv_cache": "dual"}
+    first, n = None, 0
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                if ids and first is None:
+                    first = time.perf_counter()
+                n += len(ids)
+    except Exception:
+        res.errors += 1
+        return
+    end = time.perf_counter()
+    res.ttft.append((first or end) - start)
+    res.latency.append(end - start)
+    res.tokens += n
+
+
+async def drive(url: str, model: str, reqs: list[dict], api_key: str | None = None) -> Result:
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    res = Result()
+    limits = httpx.Limits(max_connections=len(reqs) + 4, max_keepalive_connections=len(reqs) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_one(client, url, model, r, t0, res, headers) for r in reqs))
+        res.seconds = time.perf_counter() - t0
+    return res
+
+
+def start_server(model: str, port: int, args: list[str]) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "dlc.cli", "serve", model, "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dlc serve exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("dlc serve did not become healthy within 120 s")
+
+
+def compare(model: str, workload: Workload, policies: list[str], server_args: list[str], port: int,
+            warmup: int = 4, log=print) -> dict[str, dict]:
+    """One server per policy, the same workload through each; returns policy -> summary."""
+    import httpx
+
+    reqs = workload.requests()
+    out = {}
+    for policy in policies:
+        proc = start_server(model, port, ["--policy", policy, *server_args])
+        try:
+            url = f"http://127.0.0.1:{port}"
+            warm = [dict(r, t=0.0) for r in reqs[:warmup]]
+            asyncio.run(drive(url, model, warm))
+            out[policy] = asyncio.run(drive(url, model, reqs)).summary()
+            m = httpx.get(url + "/metrics", timeout=5).text
+            out[policy]["iterations"] = _metric(m, "dlc_iterations_total")
+            log(f"  {policy}: {format_row(out[policy])}")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return out
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return float("nan")
+
+
+def format_row(s: dict) -> str:
+    return (f"{s['tokens_per_s']:8.1f} tok/s {s['requests_per_s']:6.2f} req/s | TTFT p50/p90/p99 "
+            f"{s['ttft_p50']:.3f}/{s['ttft_p90']:.3f}/{s['ttft_p99']:.3f} s | latency p50/p90/p99 "
+            f"{s['latency_p50']:.3f}/{s['latency_p90']:.3f}/{s['latency_p99']:.3f} s | errors {s['errors']}")
+
+
+def ratios(res: dict[str, dict], base: str, other: str) -> dict[str, float]:
+    a, b = res[other], res[base]
+    r = {"throughput": a["tokens_per_s"] / b["tokens_per_s"]}
+    for k in ("ttft_p50", "ttft_p90", "ttft_p99", "latency_p50", "latency_p90", "latency_p99"):
+        r[k] = b[k] / a[k] if a[k] else float("nan")     # > 1: `other` is faster
+    return r
