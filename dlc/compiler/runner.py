@@ -99,6 +99,9 @@ class CompiledRunner:
         if cache is None:
             cache = KVCache([k[i] for i in range(k.shape[0])], [v[i] for i in range(v.shape[0])])
         else:
+            if cache.batch != k.shape[1] or cache.seq_len < L:
+                raise ValueError(f"refresh: cache holds {cache.batch} rows x {cache.seq_len} columns, the batch "
+                                 f"needs {k.shape[1]} x {L}")
             rows = _cache_rows(cache, k.shape[1], k.device)
             for i in range(k.shape[0]):
                 cache.k[i][rows, :, :L] = k[i].to(cache.k[i].dtype)
@@ -123,7 +126,9 @@ class CompiledRunner:
         B = ids.shape[0]
         a = _bound(out[0], B, ids.device)
         n = _width(a, out[1])
-        qa = torch.minimum(_bound(q[0], B, ids.device), a - self.shift)
+        qa = _bound(q[0], B, ids.device)
+        if self.shift:                                                            # Dream: widen to row a - 1
+            qa = torch.minimum(qa, a - self.shift)
         T = _width(qa, q[1])
         ids2, pos2, km2 = self._cfg(ids, pos, key_mask, s, prompt_mask)
         fed = ids2.shape[0]
