@@ -32,11 +32,13 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--max-batch-size", default=16, show_default=True, type=int)
 @click.option("--max-num-tokens", default=2048, show_default=True, type=int)
 @click.option("--max-seq-len", default=256, show_default=True, type=int)
+@click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
 @click.option("--port", default=8391, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_len, gen_lens, block_length,
-                tokens_per_step, policies, max_batch_size, max_num_tokens, max_seq_len, port, seed, as_json):
+                tokens_per_step, policies, max_batch_size, max_num_tokens, max_seq_len, granularity, port, seed,
+                as_json):
     """Drive `dlc serve MODEL` once per scheduler policy with the same workload; print throughput, TTFT and
     latency percentiles and the ratios against the baseline (the first policy)."""
     from dlc.runtime.loadgen import Workload, compare, format_row, ratios
@@ -48,9 +50,9 @@ def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_le
         raise click.ClickException(str(e)) from None
     pols = [p.strip() for p in policies.split(",") if p.strip()]
     args = ["--max-batch-size", str(max_batch_size), "--max-num-tokens", str(max_num_tokens),
-            "--max-seq-len", str(max_seq_len), "--max-queue", str(num_requests + 16)]
+            "--max-seq-len", str(max_seq_len), "--max-queue", str(num_requests + 16), "--granularity", granularity]
     click.echo(f"workload {pattern}: {num_requests} requests, rate {rate}/s, prompt {prompt_len}, gen {gen_lens}, "
-               f"block {block_length}; model {model}, max batch {max_batch_size}")
+               f"block {block_length}; model {model}, max batch {max_batch_size}, granularity {granularity}")
     res = compare(model, wl, pols, args, port, log=click.echo)
     base = pols[0]
     for p in pols[1:]:
