@@ -13,10 +13,16 @@ it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embed_tokens
 ``model.layers.N.mlp.gate.weight`` (router, [E, d]), ``model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight``,
 ``model.layers.N.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``.
 
-The MoE forward has two implementations (``MOE_IMPLS``): ``dense`` (default) runs every expert on every token and
-weights the results by a dense [N, E] routing matrix that is zero off the top-k. It has no data-dependent shapes or
-control flow, so torch.export / ONNX trace it as is (cost: E / k times the expert FLOPs). ``grouped`` gathers each
-expert's tokens (data-dependent shapes: eager only) and does only the routed work."""
+The MoE forward has three implementations (``MOE_IMPLS``), all exact against the released per-token routing:
+
+* ``stacked`` (default): the E experts as one wide SwiGLU of hidden E * expert_hidden, its hidden scaled per
+  expert by a dense [N, E] routing matrix that is zero off the top-k: three GEMMs, static shapes, no
+  data-dependent control flow, so torch.export / ONNX trace it as is. It does E / k times the routed FLOPs
+  (Refresh) but reads each weight once (Reuse is bandwidth-bound: every expert is touched anyway). In eager mode
+  the experts' weights are re-pointed once into contiguous [E * H, d] tensors (``pack_experts``: same values, same
+  names in the state dict, no extra memory); while tracing, the concatenation is part of the graph.
+* ``dense``: a Python loop running each expert on every token (static; 3 * E small GEMMs per layer).
+* ``grouped``: each expert runs on its routed tokens only (data-dependent gathers: eager only)."""
 from __future__ import annotations
 
 import torch
@@ -159,11 +165,59 @@ def moe_grouped(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn
     return out
 
 
-MOE_IMPLS = {"dense": moe_dense, "grouped": moe_grouped}
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _weights_id(experts: nn.ModuleList):
+    """Storage identity of the first and last experts' weights: changes when loading or ``.to()`` replaces them."""
+    return tuple((w.data_ptr(), w.dtype, w.device) for e in (experts[0], experts[-1])
+                 for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight))
+
+
+def pack_experts(experts: nn.ModuleList) -> None:
+    """Re-point every expert's gate/up/down weight at a slice of three contiguous tensors (gate, up: [E * H, d];
+    down: [d, E * H]) so ``moe_stacked`` runs without copying. Values and parameter names are unchanged."""
+    gate = torch.cat([e.gate_proj.weight.detach() for e in experts])             # [E * H, d]
+    up = torch.cat([e.up_proj.weight.detach() for e in experts])                 # [E * H, d]
+    down = torch.cat([e.down_proj.weight.detach() for e in experts], dim=1)      # [d, E * H]
+    H = experts[0].gate_proj.weight.shape[0]
+    for i, e in enumerate(experts):
+        rg = e.gate_proj.weight.requires_grad
+        e.gate_proj.weight = nn.Parameter(gate[i * H:(i + 1) * H], requires_grad=rg)
+        e.up_proj.weight = nn.Parameter(up[i * H:(i + 1) * H], requires_grad=rg)
+        e.down_proj.weight = nn.Parameter(down[:, i * H:(i + 1) * H], requires_grad=rg)
+    experts.__dict__["_packed"] = (_weights_id(experts), (gate, up, down))
+
+
+def _packed(experts: nn.ModuleList):
+    """(gate [E*H, d], up [E*H, d], down [d, E*H]): the packed tensors while the experts still point into them,
+    packing first in eager mode; inside a traced graph a plain concatenation of the parameters."""
+    if _tracing() or experts[0].gate_proj.weight.device.type == "meta":
+        return (torch.cat([e.gate_proj.weight for e in experts]), torch.cat([e.up_proj.weight for e in experts]),
+                torch.cat([e.down_proj.weight for e in experts], dim=1))
+    p = experts.__dict__.get("_packed")
+    if p is None or p[0] != _weights_id(experts):
+        with torch.no_grad():
+            pack_experts(experts)
+    return experts.__dict__["_packed"][1]
+
+
+def moe_stacked(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """All experts as one wide SwiGLU whose hidden is scaled per expert by the routing weight (0 off the top-k)."""
+    gate, up, down = _packed(experts)
+    N, E = x.shape[0], len(experts)
+    dense = torch.zeros(N, E, dtype=w.dtype, device=x.device).scatter(1, idx, w).to(x.dtype)   # [N, E]
+    h = F.silu(F.linear(x, gate)) * F.linear(x, up)                                             # [N, E * H]
+    h = (h.view(N, E, -1) * dense[:, :, None]).view(N, -1)
+    return F.linear(h, down)                                                                    # [N, d]
+
+
+MOE_IMPLS = {"stacked": moe_stacked, "dense": moe_dense, "grouped": moe_grouped}
 
 
 class SparseMoeBlock(nn.Module):
-    impl = "dense"    # key of MOE_IMPLS; set per instance or on the class
+    impl = "stacked"    # key of MOE_IMPLS; set per instance or on the class
 
     def __init__(self, c: ModelConfig):
         super().__init__()

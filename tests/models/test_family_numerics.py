@@ -175,8 +175,8 @@ def test_reuse_over_stale_cache_writes_only_the_block(hf_family):
         assert not torch.allclose(h, old[:, 6:9], **CACHE_TOL)
         _, kvs = model(new_ids, pos, km, return_kv=True)
         torch.testing.assert_close(cache.k[0][:, :, 6:9], kvs[0][0][:, :, 6:9], **CACHE_TOL)
-        for layer, k in enumerate(cache.k):
-            assert torch.equal(k[:, :, :6], before[layer][:, :, :6]) and torch.equal(k[:, :, 9:], before[layer][:, :, 9:])
+        for k, k0 in zip(cache.k, before):
+            assert torch.equal(k[:, :, :6], k0[:, :, :6]) and torch.equal(k[:, :, 9:], k0[:, :, 9:])
 
 
 def test_dream_logits_are_shifted(hf_family):
@@ -219,7 +219,7 @@ def test_moe_block_matches_per_token_loop(impl, norm_topk):
         with torch.no_grad():
             out = block(x)
     finally:
-        block.impl, block.norm_topk = "dense", False
+        block.impl, block.norm_topk = "stacked", False
     torch.testing.assert_close(out.double(), ref, **REF_TOL)
     other = _moe_per_token(x.reshape(15, -1).double(), {k: v.double() for k, v in t.items()}, "model.layers.1.mlp.",
                            d["num_experts_per_tok"], not norm_topk).view(3, 5, -1)
@@ -251,7 +251,29 @@ def test_config_rejects_moe_family_without_experts():
         build_model(c)
 
 
-def test_dense_moe_exports_without_graph_breaks():
+def test_expert_packing_keeps_names_values_and_follows_dtype_changes():
+    """The stacked path re-points expert weights into shared tensors: same state dict, no copy per forward, and
+    a dtype change (new storage) is noticed and repacked."""
+    from dlc.models.llada_moe import _packed
+    family, d, t, _ = _family("llada_moe")
+    model = direct_model(family, t)
+    ids, pos, km = _batch()
+    with torch.no_grad():
+        before = model(ids, pos, km)
+        experts = model.model.layers[0].mlp.experts
+        gate, up, down = _packed(experts)
+        H = d["expert_intermediate_size"]
+        assert experts[3].gate_proj.weight.data_ptr() == gate[3 * H].data_ptr()
+        assert experts[3].down_proj.weight.data_ptr() == down[:, 3 * H].data_ptr()
+        sd = model.state_dict()
+        assert set(sd) == set(t) and all(torch.equal(sd[k], t[k]) for k in t)
+        torch.testing.assert_close(model(ids, pos, km), before, rtol=0, atol=0)
+        model.to(torch.float64)
+        assert _packed(experts)[0].dtype == torch.float64
+        torch.testing.assert_close(model(ids, pos, km), before.double(), **CACHE_TOL)
+
+
+def test_default_moe_exports_without_graph_breaks():
     """The default MoE path has no data-dependent control flow: torch.export traces the whole model."""
     from dlc.models.loading import load_model
     m = load_model("tiny-llada-moe", seed=2).model
