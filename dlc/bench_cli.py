@@ -33,7 +33,7 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--max-num-tokens", default=2048, show_default=True, type=int)
 @click.option("--max-seq-len", default=256, show_default=True, type=int)
 @click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
-@click.option("--port", default=8391, show_default=True, type=int)
+@click.option("--port", default=0, show_default=True, type=int, help="server port (0: a free one)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_len, gen_lens, block_length,

@@ -158,14 +158,23 @@ def start_server(model: str, port: int, args: list[str]) -> subprocess.Popen:
     raise RuntimeError("dlc serve did not become healthy within 120 s")
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def compare(model: str, workload: Workload, policies: list[str], server_args: list[str], port: int,
             warmup: int = 4, log=print) -> dict[str, dict]:
-    """One server per policy, the same workload through each; returns policy -> summary."""
+    """One server per policy, the same workload through each (port 0: a free port); policy -> summary."""
     import httpx
 
     reqs = workload.requests()
     out = {}
+    fixed_port = port
     for policy in policies:
+        port = fixed_port or free_port()
         proc = start_server(model, port, ["--policy", policy, *server_args])
         try:
             url = f"http://127.0.0.1:{port}"

@@ -200,3 +200,12 @@ def test_elastic_controller_follows_load():
     assert g.width(R, 1) == 32 and g.width(R, 4) == 16 and g.width(R, 16) == 4
     g.observe(48, 3.0)                  # slower than flat below N*: N* moves down
     assert g.saturation < 64
+
+
+def test_engine_imports_without_web_stack():
+    """The GPU machine has no fastapi/uvicorn/pydantic: the engine and scheduler must not need them."""
+    import subprocess
+    import sys
+    code = ("import sys\nfor m in ('fastapi', 'uvicorn', 'pydantic', 'starlette', 'prometheus_client'):\n"
+            "    sys.modules[m] = None\nimport dlc.runtime.engine, dlc.runtime.scheduler, dlc.runtime.kv_cache\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
