@@ -1,0 +1,101 @@
+"""cache_kv_reuse: refresh/reuse phase programs from the traced full forward."""
+import pytest
+import torch
+
+from conftest import kv_phases, tiny, token_state
+from dlc.compiler import in_memory_runner
+from dlc.models.common import KVCache
+from dlc.passes.graph_utils import SDPA, SYM_SIZE, placeholders
+from dlc.passes.pipeline import count_ops, input_names
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.model_runner import EagerRunner
+from dlc.runtime.sampling import Sampling
+
+ATOL = 1e-5          # fp32: reuse over a cache of the same token state vs the full forward
+PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
+
+
+def test_graph_structure():
+    phases, ctx = kv_phases("tiny-llada")
+    c = tiny("tiny-llada").config
+    r, u = phases["refresh"], phases["reuse"]
+    assert input_names(r) == ["input_ids", "position_ids", "key_mask"]
+    assert input_names(u) == ["q_ids", "q_pos", "key_mask", "q_start", "k_cache", "v_cache"]
+    assert count_ops(r, SDPA) == count_ops(u, SDPA) == c.n_layers
+    scatters = sum(1 for n in u.graph.nodes if n.op == "call_function" and "scatter" in str(n.target))
+    assert scatters == 2 * c.n_layers                     # one K and one V cache write per layer
+    assert not any("scatter" in str(n.target) for n in r.graph.nodes)
+    km = placeholders(u)["key_mask"]
+    assert not any(n.target == SYM_SIZE and n.args[0] is km for n in u.graph.nodes)   # T comes from q_ids
+    assert ctx.counts[("cache_kv_reuse", "refresh")] == c.n_layers
+
+
+@pytest.mark.parametrize("layout", ["prefix", "dual", "dual-per-row"])
+def test_reuse_equals_full_forward_rows(family, layout):
+    m = tiny(family)
+    c = m.config
+    phases, _ = kv_phases(family)
+    ids, pos, km = token_state(c)
+    B, L = ids.shape
+    with torch.no_grad():
+        full = m(ids, pos, km)                                                 # [B, L, d]
+        h, k, v = phases["refresh"](ids, pos, km)
+        assert torch.allclose(h, full, atol=ATOL)
+        assert k.shape == (c.n_layers, B, c.n_kv_heads, L, c.head_dim)
+        if layout == "prefix":
+            qs, T = torch.full((B,), 12), L - 12
+        elif layout == "dual":
+            qs, T = torch.full((B,), 10), 6
+        else:
+            qs, T = torch.tensor([9, 11, 13]), 5
+        cols = qs[:, None] + torch.arange(T)
+        stale_k = k.clone()
+        for b in range(B):                            # the fed columns are rewritten by reuse: stale values vanish
+            stale_k[:, b, :, cols[b]] = 0.0
+        hq, kn, vn = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, stale_k, v)
+    ref = full.gather(1, cols[..., None].expand(-1, -1, full.shape[-1]))
+    assert torch.allclose(hq, ref, atol=ATOL), (hq - ref).abs().max()
+    kref = torch.stack([k[:, b, :, cols[b]] for b in range(B)], 1)
+    assert torch.allclose(kn, kref, atol=ATOL)
+
+
+@pytest.mark.parametrize("kv,extra", [("prefix", {}), ("dual", {}), ("dual", {"vicinity": 2}),
+                                      ("dual", {"cfg_scale": 1.0}), ("none", {"threshold": 0.6})])
+def test_schedules_give_identical_tokens(family, kv, extra):
+    m = tiny(family)
+    runner = _runner(family)
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv, **extra)
+    assert generate(runner, PROMPTS, cfg).token_ids == generate(m, PROMPTS, cfg).token_ids
+
+
+_RUNNERS: dict = {}
+
+
+def _runner(name):
+    if name not in _RUNNERS:
+        _RUNNERS[name] = in_memory_runner(tiny(name), block_length=8, logit_chunk=100)
+    return _RUNNERS[name]
+
+
+def test_slot_pool_cache_matches_eager():
+    """The runtime's slot pool: a KVCache with rows; refresh fills pool rows, reuse reads and updates them."""
+    m = tiny("tiny-llada")
+    c = m.config
+    ids, pos, km = token_state(c, B=2, L=16)
+    rows = torch.tensor([3, 1])
+    pools = [KVCache.empty(c, 5, 20, torch.float32, "cpu") for _ in range(2)]
+    s = Sampling()
+    outs = []
+    for runner, pool in zip([_runner("tiny-llada"), EagerRunner(m)], pools):
+        view = KVCache(pool.k, pool.v, rows)
+        x0, conf, _ = runner.refresh(ids, pos, km, (8, 12), s, cache=view)
+        ids2 = ids.clone()
+        ids2[:, 8:10] = 7
+        y0, conf2 = runner.reuse(view, ids2, pos, km, (torch.tensor([8, 9]), torch.tensor([12, 13])),
+                                 (torch.tensor([8, 9]), torch.tensor([12, 13])), s)
+        outs.append((x0, conf, y0, conf2))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    for i in range(c.n_layers):
+        assert torch.allclose(pools[0].k[i], pools[1].k[i], atol=ATOL)
+        assert torch.equal(pools[0].k[i][[0, 2, 4]], torch.zeros_like(pools[0].k[i][[0, 2, 4]]))  # other slots untouched
