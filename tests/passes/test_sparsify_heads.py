@@ -1,0 +1,122 @@
+"""sparsify_heads: per-head top-retention cached positions; retention 1.0 equals dense exactly."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny, token_state, traced
+from dlc.compiler import in_memory_runner
+from dlc.passes.pipeline import PassContext, run_pipeline
+from dlc.passes.sparsify_heads import head_scores
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.sampling import Sampling
+
+ATOL = 1e-5
+PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
+_P: dict = {}
+
+
+def phases(name, sparse: bool):
+    key = (name, sparse)
+    if key not in _P:
+        m = tiny(name)
+        ctx = PassContext(config=m.config, sparse_retention=0.5 if sparse else None)
+        names = ["cache_kv_reuse", "sparsify_heads"] if sparse else ["cache_kv_reuse"]
+        _P[key] = run_pipeline(traced(name), ctx, names), ctx
+    return _P[key]
+
+
+def test_graph_has_per_head_gathers():
+    (ph, ctx) = phases("tiny-dream", True)
+    c = tiny("tiny-dream").config
+    names = [n.target for n in ph["reuse"].graph.nodes if n.op == "placeholder"]
+    assert "keep_idx" in names
+    gathers = sum(1 for n in ph["reuse"].graph.nodes if n.op == "call_function" and "gather" in str(n.target))
+    assert gathers == 3 * c.n_layers                      # K, V and key mask per layer
+    assert ctx.counts[("sparsify_heads", "reuse")] == ctx.counts[("sparsify_heads", "refresh")] == c.n_layers
+
+
+def test_head_scores_match_a_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D = 2, 4, 2, 9, 8
+    q, k = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :2] = False
+    out = torch.tensor([[4, 5, 6], [5, 6, 7]])
+    s = head_scores(q, k, km, out, H // Hkv)
+    ref = torch.empty(B, Hkv, L)
+    for b in range(B):
+        for h in range(Hkv):
+            raw = []
+            for j in range(L):
+                best = max(float(q[b, hq, out[b]].mean(0) @ k[b, h, j]) / math.sqrt(D)
+                           for hq in range(h * 2, h * 2 + 2))
+                raw.append(best)
+            for j in range(L):
+                ref[b, h, j] = max(raw[max(0, j - 1):j + 2]) if km[b, j] else float("-inf")
+    assert torch.allclose(s, ref, atol=1e-5)
+
+
+def test_retention_one_equals_dense_exactly(family):
+    m = tiny(family)
+    c = m.config
+    dense, _ = phases(family, False)
+    sparse, _ = phases(family, True)
+    ids, pos, km = token_state(c)
+    B, L = ids.shape
+    qs = torch.tensor([10, 11, 12])
+    cols = qs[:, None] + torch.arange(5)
+    keep = torch.arange(L).expand(c.n_layers, B, c.n_kv_heads, L).contiguous()
+    with torch.no_grad():
+        _, k, v = dense["refresh"](ids, pos, km)
+        a = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v)
+        b = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_per_head_gather_drops_exactly_the_unkept_columns():
+    """Keeping the same columns in every head equals dense attention with the others masked out."""
+    name = "tiny-dream"
+    m = tiny(name)
+    c = m.config
+    dense, _ = phases(name, False)
+    sparse, _ = phases(name, True)
+    ids, pos, km = token_state(c)
+    B, L = ids.shape
+    qs = torch.tensor([10, 10, 10])
+    cols = qs[:, None] + torch.arange(5)
+    kept = torch.tensor([0, 2, 3, 5, 8, 10, 11, 12, 13, 14, 16, 19])
+    keep = kept.expand(c.n_layers, B, c.n_kv_heads, len(kept)).contiguous()
+    km_dense = torch.zeros_like(km)
+    km_dense[:, kept] = km[:, kept]
+    with torch.no_grad():
+        _, k, v = dense["refresh"](ids, pos, km)
+        ref = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km_dense, qs, k, v)
+        got = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+    assert torch.allclose(got[0], ref[0], atol=ATOL)
+
+
+def test_runner_keeps_top_fraction_per_head():
+    m = tiny("tiny-llada")
+    c = m.config
+    runner = in_memory_runner(m, sparse_retention=0.5, block_length=8)
+    ids, pos, km = token_state(c, B=2, L=24)
+    _, _, cache = runner.refresh(ids, pos, km, (12, 16), Sampling())
+    assert cache.dlc_head_scores.shape == (c.n_layers, 2, c.n_kv_heads, 24)
+    cols = torch.tensor([12, 13, 14, 15])[None].repeat(2, 1)
+    keep = runner._keep_idx(cache, cols, 24)
+    assert keep.shape[-1] == 4 + math.ceil(0.5 * 20)
+    assert bool((keep[..., 1:] > keep[..., :-1]).all())                          # ascending, unique
+    assert bool(torch.isin(cols[0], keep[0, 0, 0]).all())                       # fed columns always kept
+    assert any(not torch.equal(keep[0, 0, 0], keep[0, 0, h]) for h in range(1, c.n_kv_heads))  # heads differ
+    x0, conf = runner.reuse(cache, ids, pos, km, (12, 16), (12, 16), Sampling())
+    assert x0.shape == (2, 4) and torch.isfinite(conf).all()
+
+
+@pytest.mark.parametrize("kv", ["dual", "prefix"])
+def test_retention_one_generates_eager_tokens(kv):
+    m = tiny("tiny-dream")
+    runner = in_memory_runner(m, sparse_retention=1.0, block_length=8)
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv)
+    assert generate(runner, PROMPTS, cfg).token_ids == generate(m, PROMPTS, cfg).token_ids
