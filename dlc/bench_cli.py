@@ -28,7 +28,7 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--gen-lens", default="16,32,64", show_default=True, help="generation lengths to draw from")
 @click.option("--block-length", default=8, show_default=True, type=int)
 @click.option("--tokens-per-step", default=2, show_default=True, type=int)
-@click.option("--policies", default="fcfs,phase", show_default=True, help="first one is the baseline")
+@click.option("--policies", default="fcfs,phase", show_default=True, help="first one is the baseline; POLICY:elastic for elastic granularity")
 @click.option("--max-batch-size", default=16, show_default=True, type=int)
 @click.option("--max-num-tokens", default=2048, show_default=True, type=int)
 @click.option("--max-seq-len", default=256, show_default=True, type=int)
@@ -50,7 +50,9 @@ def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_le
         raise click.ClickException(str(e)) from None
     pols = [p.strip() for p in policies.split(",") if p.strip()]
     args = ["--max-batch-size", str(max_batch_size), "--max-num-tokens", str(max_num_tokens),
-            "--max-seq-len", str(max_seq_len), "--max-queue", str(num_requests + 16), "--granularity", granularity]
+            "--max-seq-len", str(max_seq_len), "--max-queue", str(num_requests + 16)]
+    if granularity != "fixed":
+        args += ["--granularity", granularity]
     click.echo(f"workload {pattern}: {num_requests} requests, rate {rate}/s, prompt {prompt_len}, gen {gen_lens}, "
                f"block {block_length}; model {model}, max batch {max_batch_size}, granularity {granularity}")
     res = compare(model, wl, pols, args, port, log=click.echo)

@@ -5,8 +5,8 @@ Arrival patterns (all seeded): ``poisson`` (exponential gaps at ``rate`` request
 ``rate * (1 + amplitude * sin(2 pi t / period))``, drawn by thinning). Prompt lengths are uniform in
 ``prompt_len``, generation lengths uniform over ``gen_lens`` (multiples of the block length). Each request
 streams from ``/v1/completions`` with token-id prompts; time to first token is the first chunk carrying
-tokens, latency the ``[DONE]``. ``compare`` starts one `dlc serve` process per policy on the same model and
-settings, drives the same workload through each and reports the ratios against the first baseline."""
+tokens, latency the ``[DONE]``. ``compare`` starts one `dlc serve` process per policy (``fcfs``, ``phase``, or
+``phase:elastic`` for the elastic granularity) on the same model and settings, drives the same workload through each and reports the ratios against the first baseline."""
 from __future__ import annotations
 
 import asyncio
@@ -175,7 +175,9 @@ def compare(model: str, workload: Workload, policies: list[str], server_args: li
     fixed_port = port
     for policy in policies:
         port = fixed_port or free_port()
-        proc = start_server(model, port, ["--policy", policy, *server_args])
+        pol, _, gran = policy.partition(":")             # "phase:elastic" = policy phase, elastic granularity
+        extra = ["--granularity", gran] if gran else []
+        proc = start_server(model, port, [*server_args, "--policy", pol, *extra])
         try:
             url = f"http://127.0.0.1:{port}"
             warm = [dict(r, t=0.0) for r in reqs[:warmup]]

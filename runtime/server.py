@@ -166,18 +166,19 @@ class Server:
         return req, q
 
     async def _collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> None:
-        """Wait for the request to finish; cancel it if the client goes away."""
+        """Wait for the request to finish; cancel it if the client goes away (checked every poll interval,
+        whether or not blocks keep arriving)."""
         try:
             while True:
                 try:
                     _, done = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+                    if done:
+                        return
                 except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        self.engine.abort(req)
-                        raise APIError(499, "client closed the request", code="client_closed")
-                    continue
-                if done:
-                    return
+                    pass
+                if await http.is_disconnected():
+                    self.engine.abort(req)
+                    raise APIError(499, "client closed the request", code="client_closed")
         except asyncio.CancelledError:
             self.engine.abort(req)
             raise
@@ -305,6 +306,22 @@ class Server:
             self.engine.abort(req)
 
 
+class APIKeyMiddleware:
+    """Plain ASGI (BaseHTTPMiddleware would hide client disconnects from the handlers): /v1 needs the key."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                      "authentication_error", code="invalid_api_key")
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: Engine, model_name: str, api_key: str | None = None, start_engine: bool = True) -> FastAPI:
     srv = Server(engine, model_name, api_key)
 
@@ -340,13 +357,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, start
         return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
                               else "server_error")
 
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                      "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health():

@@ -187,3 +187,12 @@ def test_metrics_names(tiny_server):
         assert name in m
     assert m["dlc_step_seconds_count"] > 0 and m["dlc_time_to_first_token_seconds_count"] > 0
     assert m['dlc_phase_tokens_total{phase="refresh"}'] > 0 and m['dlc_phase_tokens_total{phase="reuse"}'] > 0
+
+
+def test_non_streaming_disconnect_cancels(tiny_server):
+    before = _wait_idle(tiny_server).get('dlc_requests_total{status="cancelled"}', 0)
+    body = {"model": MODEL, "prompt": "hang up", "gen_length": 96, "block_length": 8, "steps": 96}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server.base + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+    m = _wait_idle(tiny_server)
+    assert m['dlc_requests_total{status="cancelled"}'] >= before + 1
