@@ -52,7 +52,8 @@ def has_tokenizer(path: Path) -> bool:
 
 def load_tokenizer(path: str | Path):
     """AutoTokenizer without remote code; checkpoints whose tokenizer class is remote code (Dream's
-    DreamTokenizer) fall back to their tokenizer.json with the chat template from tokenizer_config.json."""
+    DreamTokenizer) fall back to their tokenizer.json, or to vocab.json + merges.txt as a Qwen2 byte-level BPE, with
+    the chat template from tokenizer_config.json."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
