@@ -229,3 +229,16 @@ def test_dream_tokenizer_without_remote_code(tmp_path):
     session = open_model(str(path), dtype="fp32", progress=False)
     chat = encode_prompt(session, "the")
     assert chat[0] == 281 and chat.count(282) == 1 and ord("t") in chat
+
+
+@pytest.mark.parametrize("family", ["dream", "llada_moe"])
+def test_tied_embeddings_checkpoint_has_no_lm_head(tmp_path, family):
+    d = dict(HF_CONFIGS[family], tie_word_embeddings=True)
+    tensors = random_tensors(HF_NAMES[family](d), seed=2)
+    del tensors["lm_head.weight"]
+    lm = load_model(str(write_checkpoint(tmp_path / "c", d, tensors)), dtype="fp32", progress=False)
+    assert lm.config.tie_embeddings and "lm_head.weight" not in lm.model.state_dict()
+    ids = torch.arange(4, 10)[None]
+    with torch.no_grad():
+        h = lm.model(ids)
+        torch.testing.assert_close(lm.model.logits(h), h @ tensors["model.embed_tokens.weight"].T, rtol=0, atol=ATOL)
