@@ -1,0 +1,91 @@
+"""``dlc eval``: accuracy / tokens-per-forward / seconds of a model on the held-out dlc-tiny tasks."""
+from __future__ import annotations
+
+import json
+import tempfile
+
+import click
+
+
+def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float | None, block_length: int,
+                  kv_cache: str = "dual"):
+    """open_model, plus head-sparse attention when asked: that only exists in compiled engines, so an eager
+    model is compiled (``export`` backend, in a temp dir) with ``--sparse-retention``; an engine must already
+    have been compiled with that retention."""
+    from dlc.runtime.session import open_model
+
+    if sparse_retention is None:
+        return open_model(model, dtype=dtype, device=device, progress=False)
+    if not 0 < sparse_retention <= 1:
+        raise ValueError(f"--sparse-retention must be in (0, 1], got {sparse_retention}")
+    if kv_cache == "none":
+        raise ValueError("--sparse-retention acts on cached Reuse steps: use it with --kv-cache prefix or dual")
+    session = open_model(model, dtype=dtype, device=device, progress=False)
+    if session.kind != "eager":
+        have = getattr(session.runner, "sparse_retention", None)
+        if have != sparse_retention:
+            raise ValueError(f"{model} was compiled with sparse retention {have}; recompile it with "
+                             f"`dlc compile ... --sparse-retention {sparse_retention}` to evaluate that")
+        return session
+    try:
+        from dlc.compiler.build import compile_model
+        from dlc.runtime.session import open_model as reopen
+    except ImportError as e:
+        raise ValueError(f"--sparse-retention needs the compiler's head-sparse attention pass "
+                         f"(dlc.compiler / dlc.passes.sparsify_heads), which is not available: {e}") from None
+    out = tempfile.mkdtemp(prefix="dlc-eval-sparse-")
+    compile_model(model, "cpu" if device == "cpu" else "h200", out, backend="export", dtype=None,
+                  block_length=block_length, sparse_retention=sparse_retention, echo=lambda *a, **k: None)
+    return reopen(out, device=device)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--n", default=200, show_default=True, type=int, help="held-out examples")
+@click.option("--decoder", default="low_confidence", show_default=True,
+              type=click.Choice(["low_confidence", "threshold", "factor"]))
+@click.option("--threshold", default=0.9, show_default=True, type=float, help="for --decoder threshold")
+@click.option("--factor", default=1.0, show_default=True, type=float, help="for --decoder factor")
+@click.option("--kv-cache", default="none", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
+@click.option("--vicinity", default=0, show_default=True, type=int, help="dual cache: positions refreshed each side")
+@click.option("--refresh-every", default=0, show_default=True, type=int, help="also refresh every N steps")
+@click.option("--sparse-retention", default=None, type=float, help="head-sparse attention: fraction kept per head")
+@click.option("--gen-length", default=None, type=int, help="default: the model's generation_config.json")
+@click.option("--block-length", default=None, type=int)
+@click.option("--steps", default=None, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def eval_command(model, n, decoder, threshold, factor, kv_cache, vicinity, refresh_every, sparse_retention,
+                 gen_length, block_length, steps, batch_size, dtype, device, as_json):
+    """Evaluate MODEL (preset, checkpoint dir or engine dir) on the held-out dlc-tiny tasks."""
+    import torch
+
+    from dlc.models.loading import resolve_checkpoint_dir
+
+    from .evaluate import evaluate, generation_defaults, make_config
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        path = resolve_checkpoint_dir(model) if not _is_dir(model) else model
+        gd = generation_defaults(path) if path is not None else generation_defaults("")
+        gen_length = gen_length or gd["gen_length"]
+        block_length = block_length or gd["block_length"]
+        cfg = make_config(decoder, threshold, factor, kv_cache, vicinity, refresh_every, gen_length, block_length,
+                          steps or (gd["steps"] if gen_length == gd["gen_length"] else gen_length))
+        session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache)
+        res = evaluate(session, cfg, n=n, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{session.source} ({session.kind}): decoder {decoder}, kv {kv_cache}, n {res.n}")
+    click.echo(f"accuracy {res.accuracy:.4f}  tpf {res.tpf:.3f}  seconds {res.seconds:.2f}  "
+               + "  ".join(f"{k} {v:.3f}" for k, v in res.per_task.items()))
+    if as_json:
+        click.echo(json.dumps(res.summary() | {"model": session.source, "engine": session.kind, "decoder": decoder,
+                                               "kv_cache": kv_cache, "sparse_retention": sparse_retention}))
+
+
+def _is_dir(model: str) -> bool:
+    from pathlib import Path
+    return Path(model).expanduser().is_dir()

@@ -1,0 +1,129 @@
+"""Print the dlc-tiny quality table (docs/QUALITY.md): accuracy and TPF across decoders, KV modes, backends.
+
+    python -m dlc.tiny.quality_table                          # eager rows (the gates in tests/tiny)
+    python -m dlc.tiny.quality_table --backends eager,onnx    # plus compiled engines (dlc compile --target cpu)
+    python -m dlc.tiny.quality_table --sparse 1.0,0.5,0.25    # plus head-sparse attention rows (dual cache)
+
+Rows are plain dicts, so a new backend is one entry in ``BACKENDS`` (name -> how to open the model) and a new
+decoding setting one entry in ``SETTINGS``. Every row is compared with the exact reference: one token per step,
+low-confidence remasking, no KV cache, eager."""
+from __future__ import annotations
+
+import tempfile
+
+import click
+
+from .evaluate import EvalResult, evaluate, generation_defaults, make_config
+
+# name -> make_config kwargs. "exact" is the reference row the others are compared with.
+SETTINGS: dict[str, dict] = {
+    "exact": dict(decoder="low_confidence", kv_cache="none"),
+    "low_confidence prefix": dict(decoder="low_confidence", kv_cache="prefix"),
+    "low_confidence dual": dict(decoder="low_confidence", kv_cache="dual"),
+    "low_confidence dual+vicinity": dict(decoder="low_confidence", kv_cache="dual", vicinity=2),
+    "threshold 0.9": dict(decoder="threshold", threshold=0.9, kv_cache="none"),
+    "threshold 0.9 prefix": dict(decoder="threshold", threshold=0.9, kv_cache="prefix"),
+    "threshold 0.9 dual": dict(decoder="threshold", threshold=0.9, kv_cache="dual"),
+    "threshold 0.9 dual+vicinity": dict(decoder="threshold", threshold=0.9, kv_cache="dual", vicinity=2),
+    "factor 1.0": dict(decoder="factor", factor=1.0, kv_cache="none"),
+    "factor 1.0 prefix": dict(decoder="factor", factor=1.0, kv_cache="prefix"),
+    "factor 1.0 dual": dict(decoder="factor", factor=1.0, kv_cache="dual"),
+    "factor 1.0 dual+vicinity": dict(decoder="factor", factor=1.0, kv_cache="dual", vicinity=2),
+}
+SPARSE_SETTINGS = ("low_confidence dual", "threshold 0.9 dual")   # head-sparse rows need cached Reuse steps
+
+
+def open_eager(model: str, sparse: float | None = None):
+    from dlc.runtime.session import open_model
+    if sparse is not None:
+        return _open_compiled(model, "export", sparse)
+    return open_model(model, device="cpu", progress=False)
+
+
+def _open_compiled(model: str, backend: str, sparse: float | None = None):
+    from dlc.compiler.build import compile_model
+    from dlc.runtime.session import open_model
+
+    out = tempfile.mkdtemp(prefix=f"dlc-quality-{backend}-")
+    compile_model(model, "cpu", out, backend=backend, block_length=generation_defaults(_dir(model))["block_length"],
+                  sparse_retention=sparse, echo=lambda *a, **k: None)
+    return open_model(out, device="cpu", progress=False)
+
+
+def _dir(model: str) -> str:
+    from dlc.models.loading import resolve_checkpoint_dir
+    return str(resolve_checkpoint_dir(model) or "")
+
+
+# backend name -> (model, sparse retention or None) -> Session
+BACKENDS = {
+    "eager": open_eager,
+    "export": lambda model, sparse=None: _open_compiled(model, "export", sparse),
+    "aoti": lambda model, sparse=None: _open_compiled(model, "aoti", sparse),
+    "onnx": lambda model, sparse=None: _open_compiled(model, "onnx", sparse),
+}
+
+
+def run_rows(model: str, backends: list[str], sparse: list[float], n: int, settings: list[str] | None = None,
+             log=None) -> list[dict]:
+    gd = generation_defaults(_dir(model))
+    names = settings or list(SETTINGS)
+    rows: list[dict] = []
+    exact = None
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        for retention in [None] + list(sparse):
+            session = BACKENDS[backend](model, retention)
+            for name in (names if retention is None else [s for s in SPARSE_SETTINGS if s in names]):
+                cfg = make_config(**SETTINGS[name], gen_length=gd["gen_length"], block_length=gd["block_length"],
+                                  steps=gd["steps"])
+                res: EvalResult = evaluate(session, cfg, n=n)
+                if exact is None and name == "exact" and retention is None:
+                    exact = res.accuracy
+                row = {"backend": backend, "setting": name, "sparse": retention, "accuracy": res.accuracy,
+                       "delta": None if exact is None else 100 * (res.accuracy - exact), "tpf": res.tpf,
+                       "seconds": res.seconds, "n": res.n}
+                rows.append(row)
+                if log:
+                    log(format_row(row))
+    return rows
+
+
+HEADER = "| backend | setting | sparse retention | accuracy | Δ vs exact (points) | TPF | seconds |"
+
+
+def format_row(r: dict) -> str:
+    delta = "" if r["delta"] is None else f"{r['delta']:+.1f}"
+    sparse = "dense" if r["sparse"] is None else f"{r['sparse']:g}"
+    return (f"| {r['backend']} | {r['setting']} | {sparse} | {100 * r['accuracy']:.1f}% | {delta} | "
+            f"{r['tpf']:.2f} | {r['seconds']:.2f} |")
+
+
+def format_table(rows: list[dict]) -> str:
+    sep = "|" + "---|" * HEADER.count(" | ") + "---|"
+    return "\n".join([HEADER, sep] + [format_row(r) for r in rows])
+
+
+@click.command()
+@click.option("--model", default="dlc-tiny", show_default=True)
+@click.option("--n", default=200, show_default=True, type=int)
+@click.option("--backends", default="eager", show_default=True, help=f"comma-separated: {', '.join(BACKENDS)}")
+@click.option("--sparse", default="", help="comma-separated sparse retentions (e.g. 1.0,0.5,0.25)")
+def main(model, n, backends, sparse):
+    """Print the quality table as Markdown."""
+    import torch
+
+    torch.set_num_threads(2)
+    try:
+        rows = run_rows(model, [b.strip() for b in backends.split(",") if b.strip()],
+                        [float(s) for s in sparse.split(",") if s.strip()], n)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"model {model}, {n} held-out prompts, "
+               f"gen/block/steps {'/'.join(str(v) for v in generation_defaults(_dir(model)).values())}")
+    click.echo(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

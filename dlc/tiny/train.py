@@ -1,0 +1,169 @@
+"""Train dlc-tiny: a few-million-parameter LLaDA on the synthetic tasks, with the masked-diffusion objective.
+
+    python -m dlc.tiny.train --out dlc/assets/dlc-tiny --seed 0
+
+Objective (LLaDA SFT): a sequence is chat(prompt) + answer + EOS padding up to the generation length; per
+sample a mask ratio t ~ U(0, 1) masks each response position with probability t (the prompt is never masked);
+the loss is the cross-entropy on masked positions weighted 1/t, averaged over response positions. The EOS
+padding is part of the response, so the model learns where answers end. Most batches pad to the bundled
+generation length (8), some to 16 (so longer generations still end in EOS).
+
+Batches are left-padded exactly like the decoding loop pads prompts (key mask + real-token positions), so the
+model sees at training time the layout it decodes with. Seeded end to end; 2 torch threads."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+
+from dlc.models import build_model
+from dlc.models.config import ModelConfig
+from dlc.models.loading import init_weights, save_checkpoint
+
+from . import tasks
+from .tokenizer import EOS_ID, EOT_ID, MASK_ID, VOCAB_SIZE, build_tokenizer, encode_chat, encode_text
+
+GEN_LENGTH, BLOCK_LENGTH = 8, 4                      # bundled generation defaults (generation_config.json)
+PAD_LENGTHS = {8: 0.9, 16: 0.1}                    # response lengths trained on, with their probability
+T_MIN = 1e-3                                         # floor of the mask ratio (1/t stays finite)
+# Round-robin task order of training batches: addition learns slowest, so it comes twice as often.
+TRAIN_MIX = ["add", "sort", "add", "reverse"]
+
+
+def tiny_config(d_model=160, n_layers=4, n_heads=4, mlp_hidden=448) -> ModelConfig:
+    return ModelConfig(family="llada", d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                       mlp_hidden=mlp_hidden, vocab_size=VOCAB_SIZE, embedding_size=VOCAB_SIZE,
+                       rope_theta=10000.0, rms_eps=1e-5, max_seq_len=256, mask_id=MASK_ID, eos_id=EOS_ID,
+                       pad_id=EOS_ID, stop_ids=[EOS_ID, EOT_ID])
+
+
+def make_batch(pairs: list[tuple[str, str]], gen_len: int):
+    """Left-padded training batch: ids, position ids, key mask, response mask, all [B, L]."""
+    prompts = [encode_chat(p) for p, _ in pairs]
+    answers = [encode_text(a) + [EOS_ID] * (gen_len - len(a)) for _, a in pairs]
+    P = max(len(p) for p in prompts)
+    B, L = len(pairs), P + gen_len
+    ids = torch.full((B, L), EOS_ID, dtype=torch.long)
+    key_mask = torch.zeros(B, L, dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, P - len(p):] = torch.tensor(p + a)
+        key_mask[i, P - len(p):] = True
+    pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    resp = torch.zeros(B, L, dtype=torch.bool)
+    resp[:, P:] = True
+    return ids, pos, key_mask, resp
+
+
+def diffusion_loss(model, ids, pos, key_mask, resp, gen: torch.Generator, device="cpu") -> torch.Tensor:
+    """Masked-diffusion loss: t ~ U(0, 1) per sample (stratified over the batch), CE on masked response
+    positions weighted 1/t, normalised by the number of response positions."""
+    B = ids.shape[0]
+    u = torch.rand(1, generator=gen)
+    t = ((u + torch.arange(B) / B) % 1.0).clamp(min=T_MIN)                # [B]
+    masked = (torch.rand(ids.shape, generator=gen) < t[:, None]) & resp    # [B, L] (drawn on the CPU: same
+    ids, pos, key_mask, masked, t = (x.to(device) for x in (ids, pos, key_mask, masked, t))  # stream anywhere)
+    noisy = torch.where(masked, torch.full_like(ids, MASK_ID), ids)
+    h = model(noisy, pos, key_mask)                                        # [B, L, d]
+    logits = model.logits(h[masked])                                       # [M, V]
+    ce = F.cross_entropy(logits.float(), ids[masked], reduction="none")    # [M]
+    w = (1.0 / t)[:, None].expand_as(ids)[masked]                          # [M]
+    return (ce * w).sum() / resp.sum()
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+@torch.no_grad()
+def quick_accuracy(model, n: int = 64) -> float:
+    """Exact decoding (one token per step, no cache) on the first n held-out prompts."""
+    from dlc.runtime.generate import GenerationConfig, generate
+
+    from .tokenizer import decode_ids
+
+    model.eval()
+    pairs = tasks.eval_set(n)
+    cfg = GenerationConfig(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, steps=GEN_LENGTH, stop_at_eos=True)
+    res = generate(model, [encode_chat(p) for p, _ in pairs], cfg)
+    model.train()
+    return tasks.score([p for p, _ in pairs], [decode_ids(t) for t in res.token_ids])
+
+
+def train(out: str, seed: int = 0, steps: int = 2000, batch: int = 128, lr: float = 6e-4, warmup: int = 100,
+          eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu", log=print,
+          **model_kw) -> Path:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = tiny_config(**model_kw)
+    model = build_model(cfg)
+    init_weights(model, seed)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    lens, probs = list(PAD_LENGTHS), list(PAD_LENGTHS.values())
+    pick = random.Random(f"dlc-tiny/lengths/{seed}")
+    log(f"dlc-tiny: {cfg.num_parameters() / 1e6:.2f}M parameters, {steps} steps x {batch}, seed {seed}")
+    t0, avg = time.perf_counter(), None
+    for step in range(steps):
+        gen_len = pick.choices(lens, probs)[0]
+        pairs = tasks.sample("train", batch, seed=seed * 1_000_003 + step, tasks=TRAIN_MIX)
+        loss = diffusion_loss(model, *make_batch(pairs, gen_len), gen, device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if (step + 1) % 50 == 0:
+            log(f"step {step + 1} loss {avg:.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
+                f"{time.perf_counter() - t0:.0f}s")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            log(f"step {step + 1} held-out accuracy ({eval_n}, exact) {quick_accuracy(model, eval_n):.3f}")
+    model.eval()
+    log(f"final held-out accuracy ({eval_n}, exact) {quick_accuracy(model, eval_n):.3f}; {time.perf_counter() - t0:.0f}s")
+    return save(model.cpu(), out)
+
+
+def save(model, out: str) -> Path:
+    path = save_checkpoint(model, out, tokenizer=build_tokenizer(), dtype=torch.float32)
+    tc = path / "tokenizer_config.json"        # keep the template in tokenizer_config.json too (older readers)
+    d = json.loads(tc.read_text())
+    d["chat_template"] = build_tokenizer().chat_template
+    tc.write_text(json.dumps(d, indent=2))
+    gc = {"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "steps": GEN_LENGTH,
+          "max_new_tokens": GEN_LENGTH, "eos_token_id": [EOS_ID, EOT_ID], "pad_token_id": EOS_ID}
+    (path / "generation_config.json").write_text(json.dumps(gc, indent=2))
+    return path
+
+
+@click.command()
+@click.option("--out", required=True, help="output directory (HF layout)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--batch", default=128, show_default=True, type=int)
+@click.option("--lr", default=6e-4, show_default=True, type=float)
+@click.option("--d-model", default=160, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--heads", default=4, show_default=True, type=int)
+@click.option("--mlp", default=448, show_default=True, type=int)
+@click.option("--eval-every", default=250, show_default=True, type=int)
+@click.option("--eval-n", default=64, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu reproduces the bundled checkpoint")
+def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, eval_n, threads, device):
+    """Train dlc-tiny from scratch and save it to OUT."""
+    train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads, device=device,
+          log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers, n_heads=heads, mlp_hidden=mlp)
+
+
+if __name__ == "__main__":
+    main()
