@@ -20,9 +20,9 @@ def _fail(msg: str):
 @main.command()
 @click.argument("model")
 @click.argument("prompt")
-@click.option("--gen-length", default=128, show_default=True, type=int)
-@click.option("--block-length", default=32, show_default=True, type=int)
-@click.option("--steps", default=128, show_default=True, type=int)
+@click.option("--gen-length", default=None, type=int, help="default: the model's generation_config.json, else 128")
+@click.option("--block-length", default=None, type=int, help="default: the model's generation_config.json, else 32")
+@click.option("--steps", default=None, type=int, help="default: the model's generation_config.json, else 128")
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--remasking", default="low_confidence", show_default=True,
               type=click.Choice(["low_confidence", "random"]))
@@ -46,6 +46,9 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     from dlc.runtime.session import decode_tokens, encode_prompt, open_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gd = _generation_defaults(model, weights)
+    gen_length, block_length, steps = (gen_length or gd["gen_length"], block_length or gd["block_length"],
+                                       steps or gd["steps"])
     try:
         cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps,
                                temperature=temperature, remasking=remasking, threshold=threshold, factor=factor,
@@ -65,6 +68,20 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
                           "prompt_tokens": len(ids), "model": session.source, "engine": session.kind}))
     else:
         print(text)
+
+
+def _generation_defaults(model: str, weights: str | None) -> dict:
+    """gen_length / block_length / steps from the model directory's generation_config.json (dlc-tiny ships
+    one), else LLaDA's 128 / 32 / 128. Unresolvable models fall back silently: open_model reports them."""
+    d = {"gen_length": 128, "block_length": 32, "steps": 128}
+    try:
+        from dlc.models.loading import resolve_checkpoint_dir
+        path = resolve_checkpoint_dir(model, weights)
+        saved = json.loads((path / "generation_config.json").read_text()) if path is not None else {}
+        d.update({k: int(saved[k]) for k in d if k in saved})
+    except (ValueError, OSError, TypeError):
+        pass
+    return d
 
 
 @main.command()
