@@ -97,7 +97,7 @@ def quick_accuracy(model, n: int = 64) -> float:
     return tasks.score([p for p, _ in pairs], [decode_ids(t) for t in res.token_ids])
 
 
-def train(out: str, seed: int = 0, steps: int = 2000, batch: int = 128, lr: float = 6e-4, warmup: int = 100,
+def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 6e-4, warmup: int = 100,
           eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu", log=print,
           **model_kw) -> Path:
     torch.set_num_threads(threads)
@@ -148,7 +148,7 @@ def save(model, out: str) -> Path:
 @click.command()
 @click.option("--out", required=True, help="output directory (HF layout)")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--steps", default=3000, show_default=True, type=int)
 @click.option("--batch", default=128, show_default=True, type=int)
 @click.option("--lr", default=6e-4, show_default=True, type=float)
 @click.option("--d-model", default=160, show_default=True, type=int)
