@@ -161,6 +161,11 @@ def advance(req: Request, cfg, width: int) -> list[int]:
                 req.step += 1
                 continue
         else:
+            if req.step >= 2 * (req.be - req.bs):
+                # A threshold/factor step whose only candidates are the mask id itself unmasks nothing, and at
+                # T = 0 the next forward repeats it forever (generate() would hang): give up on the block.
+                out += _end_block(req, cfg.stop_ids, cfg.eos_id)
+                continue
             n_now = int(masked.sum())
         req.n_now = n_now
         if g.kv_cache == "none":

@@ -209,3 +209,47 @@ def test_engine_imports_without_web_stack():
     code = ("import sys\nfor m in ('fastapi', 'uvicorn', 'pydantic', 'starlette', 'prometheus_client'):\n"
             "    sys.modules[m] = None\nimport dlc.runtime.engine, dlc.runtime.scheduler, dlc.runtime.kv_cache\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-dream", "tiny-llada-moe"])
+def test_other_families_match_generate(name):
+    """Dream (shifted logits, GQA) and LLaDA-MoE through the slot pool, in one mixed batch."""
+    s = open_model(name, progress=False)
+    eng = make_engine(s)
+    specs = [(p, {**params, "threshold": None}) for p, params in random_specs(6, seed=1)]
+    reqs = [eng.make_request(p, params) for p, params in specs]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    for r, (p, params) in zip(reqs, specs):
+        assert r.output_ids == reference(s, p, params), (name, params)
+
+
+def test_compiled_runner_through_the_engine(session):
+    """A compiled (traced + passes) runner slots in: batched engine output equals generate() with it alone."""
+    from dlc.compiler import in_memory_runner
+    from dlc.models.loading import load_model
+    from dlc.runtime.session import Session
+
+    lm = load_model("tiny-llada")
+    runner = in_memory_runner(lm.model, block_length=8)
+    s = Session(runner, lm.tokenizer, lm.config, True, "tiny-llada", kind="in-memory")
+    eng = make_engine(s)
+    prompts = [[5, 17, 99, 3], [42, 8], list(range(40, 60))]
+    for kv in ("prefix", "dual"):
+        params = dict(gen_length=16, block_length=8, steps=8, kv_cache=kv)
+        outs = eng.generate(prompts, params)
+        assert outs == [reference(s, p, params) for p in prompts], kv
+
+
+def test_a_block_that_cannot_progress_ends():
+    """tiny-dream predicts the mask id itself for some positions: threshold decoding would loop forever at T = 0
+    (generate() hangs); the engine ends such a block after 2 x its width steps and the server carries on."""
+    s = open_model("tiny-dream", progress=False)
+    eng = make_engine(s)
+    p, params = random_specs(6, seed=1)[5]
+    assert params["threshold"] == 0.05
+    r = eng.make_request(p, params)
+    eng.add_request(r)
+    eng.run_until_done()
+    assert r.status == "finished" and r.forwards <= 2 * params["gen_length"]
