@@ -35,10 +35,11 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
 @click.option("--port", default=0, show_default=True, type=int, help="server port (0: a free one)")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--rounds", default=1, show_default=True, type=int, help="alternate the policies; report medians")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_len, gen_lens, block_length,
                 tokens_per_step, policies, max_batch_size, max_num_tokens, max_seq_len, granularity, port, seed,
-                as_json):
+                rounds, as_json):
     """Drive `dlc serve MODEL` once per scheduler policy with the same workload; print throughput, TTFT and
     latency percentiles and the ratios against the baseline (the first policy)."""
     from dlc.runtime.loadgen import Workload, compare, format_row, ratios
@@ -55,7 +56,12 @@ def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_le
         args += ["--granularity", granularity]
     click.echo(f"workload {pattern}: {num_requests} requests, rate {rate}/s, prompt {prompt_len}, gen {gen_lens}, "
                f"block {block_length}; model {model}, max batch {max_batch_size}, granularity {granularity}")
-    res = compare(model, wl, pols, args, port, log=click.echo)
+    if rounds < 1:
+        raise click.ClickException(f"--rounds must be >= 1, got {rounds}")
+    res = compare(model, wl, pols, args, port, rounds=rounds, log=click.echo)
+    if rounds > 1:
+        for p in pols:
+            click.echo(f"  {p} (median of {rounds}): {format_row(res[p])}")
     base = pols[0]
     for p in pols[1:]:
         r = ratios(res, base, p)

@@ -166,29 +166,43 @@ def free_port() -> int:
 
 
 def compare(model: str, workload: Workload, policies: list[str], server_args: list[str], port: int,
-            warmup: int = 4, log=print) -> dict[str, dict]:
-    """One server per policy, the same workload through each (port 0: a free port); policy -> summary."""
+            warmup: int = 4, rounds: int = 1, log=print) -> dict[str, dict]:
+    """One server per policy, the same workload through each (port 0: a free port); policy -> summary.
+
+    With ``rounds > 1`` the policies alternate (A B A B ...) and each metric is the median over rounds, so a
+    shared, noisy machine does not favour whichever policy ran in a quiet moment."""
+    reqs = workload.requests()
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    for rnd in range(rounds):
+        for policy in policies:
+            s = _run_policy(model, policy, reqs, server_args, port or free_port(), warmup)
+            runs[policy].append(s)
+            log(f"  {policy}{f' (round {rnd + 1})' if rounds > 1 else ''}: {format_row(s)}")
+    return {p: _median(rs) for p, rs in runs.items()}
+
+
+def _run_policy(model, policy, reqs, server_args, port, warmup) -> dict:
     import httpx
 
-    reqs = workload.requests()
+    pol, _, gran = policy.partition(":")             # "phase:elastic" = policy phase, elastic granularity
+    extra = ["--granularity", gran] if gran else []
+    proc = start_server(model, port, [*server_args, "--policy", pol, *extra])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(drive(url, model, [dict(r, t=0.0) for r in reqs[:warmup]]))
+        s = asyncio.run(drive(url, model, reqs)).summary()
+        s["iterations"] = _metric(httpx.get(url + "/metrics", timeout=5).text, "dlc_iterations_total")
+        return s
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _median(rs: list[dict]) -> dict:
     out = {}
-    fixed_port = port
-    for policy in policies:
-        port = fixed_port or free_port()
-        pol, _, gran = policy.partition(":")             # "phase:elastic" = policy phase, elastic granularity
-        extra = ["--granularity", gran] if gran else []
-        proc = start_server(model, port, [*server_args, "--policy", pol, *extra])
-        try:
-            url = f"http://127.0.0.1:{port}"
-            warm = [dict(r, t=0.0) for r in reqs[:warmup]]
-            asyncio.run(drive(url, model, warm))
-            out[policy] = asyncio.run(drive(url, model, reqs)).summary()
-            m = httpx.get(url + "/metrics", timeout=5).text
-            out[policy]["iterations"] = _metric(m, "dlc_iterations_total")
-            log(f"  {policy}: {format_row(out[policy])}")
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    for k in rs[0]:
+        vals = sorted(r[k] for r in rs)
+        out[k] = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
     return out
 
 
