@@ -1,6 +1,6 @@
-"""Train dlc-tiny: a few-million-parameter LLaDA on the synthetic tasks, with the masked-diffusion objective.
+"""Train dlc-tiny: a 1.3M-parameter LLaDA on the synthetic tasks, with the masked-diffusion objective.
 
-    python -m dlc.tiny.train --out dlc/assets/dlc-tiny --seed 0
+    python -m dlc.tiny.train --out dlc/assets/dlc-tiny --seed 0      # ~8 min on 2 idle CPU cores
 
 Objective (LLaDA SFT): a sequence is chat(prompt) + answer + EOS padding up to the generation length; per
 sample a mask ratio t ~ U(0, 1) masks each response position with probability t (the prompt is never masked);
@@ -9,7 +9,9 @@ padding is part of the response, so the model learns where answers end. Most bat
 generation length (8), some to 16 (so longer generations still end in EOS).
 
 Batches are left-padded exactly like the decoding loop pads prompts (key mask + real-token positions), so the
-model sees at training time the layout it decodes with. Seeded end to end; 2 torch threads."""
+model sees at training time the layout it decodes with. Seeded end to end; 2 torch threads. Random draws
+(tasks, mask ratios, masks) all happen on the CPU, so ``--device cuda`` sees the same data stream (its
+numerics differ, so its weights do not match the CPU run's bit for bit)."""
 from __future__ import annotations
 
 import json
@@ -27,10 +29,10 @@ from dlc.models.config import ModelConfig
 from dlc.models.loading import init_weights, save_checkpoint
 
 from . import tasks
+from .evaluate import BLOCK_LENGTH, GEN_LENGTH
 from .tokenizer import EOS_ID, EOT_ID, MASK_ID, VOCAB_SIZE, build_tokenizer, encode_chat, encode_text
 
-GEN_LENGTH, BLOCK_LENGTH = 8, 4                      # bundled generation defaults (generation_config.json)
-PAD_LENGTHS = {8: 0.9, 16: 0.1}                    # response lengths trained on, with their probability
+PAD_LENGTHS = {GEN_LENGTH: 0.9, 16: 0.1}             # response lengths trained on, with their probability
 T_MIN = 1e-3                                         # floor of the mask ratio (1/t stays finite)
 # Round-robin task order of training batches: addition learns slowest, so it comes twice as often.
 TRAIN_MIX = ["add", "sort", "add", "reverse"]
@@ -66,8 +68,8 @@ def diffusion_loss(model, ids, pos, key_mask, resp, gen: torch.Generator, device
     B = ids.shape[0]
     u = torch.rand(1, generator=gen)
     t = ((u + torch.arange(B) / B) % 1.0).clamp(min=T_MIN)                # [B]
-    masked = (torch.rand(ids.shape, generator=gen) < t[:, None]) & resp    # [B, L] (drawn on the CPU: same
-    ids, pos, key_mask, masked, t = (x.to(device) for x in (ids, pos, key_mask, masked, t))  # stream anywhere)
+    masked = (torch.rand(ids.shape, generator=gen) < t[:, None]) & resp    # [B, L]
+    ids, pos, key_mask, masked, t = (x.to(device) for x in (ids, pos, key_mask, masked, t))
     noisy = torch.where(masked, torch.full_like(ids, MASK_ID), ids)
     h = model(noisy, pos, key_mask)                                        # [B, L, d]
     logits = model.logits(h[masked])                                       # [M, V]
@@ -100,6 +102,9 @@ def quick_accuracy(model, n: int = 64) -> float:
 def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 6e-4, warmup: int = 100,
           eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu", log=print,
           **model_kw) -> Path:
+    for name, v in (("steps", steps), ("batch", batch), ("threads", threads)):
+        if v <= 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     cfg = tiny_config(**model_kw)
@@ -161,8 +166,11 @@ def save(model, out: str) -> Path:
 @click.option("--device", default="cpu", show_default=True, help="cpu reproduces the bundled checkpoint")
 def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, eval_n, threads, device):
     """Train dlc-tiny from scratch and save it to OUT."""
-    train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads, device=device,
-          log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers, n_heads=heads, mlp_hidden=mlp)
+    try:
+        train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads, device=device,
+              log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers, n_heads=heads, mlp_hidden=mlp)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":
