@@ -60,12 +60,15 @@ def test_reuse_equals_full_forward_rows(family, layout):
 
 
 @pytest.mark.parametrize("kv,extra", [("prefix", {}), ("dual", {}), ("dual", {"vicinity": 2}),
-                                      ("dual", {"cfg_scale": 1.0}), ("none", {"threshold": 0.6})])
+                                      ("dual", {"cfg_scale": 1.0}), ("none", {}),
+                                      ("prefix", {"refresh_every": 2})])
 def test_schedules_give_identical_tokens(family, kv, extra):
     m = tiny(family)
     runner = _runner(family)
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv, **extra)
-    assert generate(runner, PROMPTS, cfg).token_ids == generate(m, PROMPTS, cfg).token_ids
+    eager = generate(m, PROMPTS, cfg).token_ids
+    assert len({t for row in eager for t in row}) > 3               # varied tokens: a real comparison
+    assert generate(runner, PROMPTS, cfg).token_ids == eager
 
 
 _RUNNERS: dict = {}

@@ -1,0 +1,141 @@
+"""End-to-end compile -> generate through the ONNX and AOTI backends (and TensorRT's clear refusal), plus
+the C++ example running an AOTI engine."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import gen_tokens, run_cli
+from dlc.compiler.backends import load_export
+from dlc.compiler.engine import engine_runner
+from dlc.compiler.export import example_inputs, input_specs
+from dlc.models.loading import load_model
+from dlc.runtime.sampling import Sampling
+
+CONF_ATOL = 1e-8      # float64 confidences: onnxruntime / inductor exp and sum vs PyTorch's
+KV_ATOL = 1e-5        # fp32 K/V
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compile_engine(ckpt, out, backend, extra=()):
+    res = run_cli(["compile", ckpt, "--target", "cpu", "--backend", backend, "-o", out, "--max-seq-len", "64",
+                   "--max-batch-size", "2", "--block-length", "8", *extra])
+    return res
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "onnx"
+    res = compile_engine(tiny_ckpt, out, "onnx")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.slow
+def test_onnx_files_pass_the_checker(onnx_engine):
+    import onnx
+    m = json.loads((onnx_engine / "config.json").read_text())
+    for phase, spec in m["phases"].items():
+        assert spec["runtime"] == "onnx" and spec["file"] == f"{phase}.onnx"
+        assert spec["extra_files"] == [f"{phase}.onnx.data"]              # weights as external data
+        onnx.checker.check_model(str(onnx_engine / spec["file"]), full_check=True)
+        model = onnx.load(str(onnx_engine / spec["file"]), load_external_data=False)
+        assert [i.name for i in model.graph.input] == [i["name"] for i in spec["inputs"]]
+    assert "trtexec --onnx=refresh.onnx" in m["tensorrt"]["trtexec"]["refresh"]
+
+
+@pytest.mark.slow
+def test_onnxruntime_matches_pytorch_per_phase(onnx_engine, tiny_ckpt, tmp_path):
+    """The same phase inputs through onnxruntime and through the in-process export backend."""
+    pt = tmp_path / "export"
+    assert compile_engine(tiny_ckpt, pt, "export").exit_code == 0
+    cfg = json.loads((pt / "config.json").read_text())
+    model_cfg = load_model(str(tiny_ckpt)).config
+    ort_runner, _ = engine_runner(onnx_engine)
+    for phase in ("refresh", "reuse"):
+        names = [i["name"] for i in cfg["phases"][phase]["inputs"]]
+        args = example_inputs(phase, input_specs(phase, names, model_cfg, torch.float32))
+        ref = load_export(pt / f"{phase}.pt2")(*args)
+        got = ort_runner.phases[phase](*args)
+        assert torch.equal(got[0], ref[0])                                 # tokens
+        assert torch.allclose(got[1], ref[1], rtol=0, atol=CONF_ATOL)      # confidence
+        for g, r in zip(got[2:], ref[2:]):
+            assert torch.allclose(g, r, atol=KV_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["none", "dual"])
+def test_onnx_engine_generates_eager_tokens(onnx_engine, tiny_ckpt, kv):
+    eager = gen_tokens(str(tiny_ckpt), kv)
+    assert len(set(eager)) > 1
+    assert gen_tokens(str(onnx_engine), kv) == eager
+
+
+@pytest.mark.slow
+def test_tensorrt_missing_is_a_clear_error_with_trtexec(tiny_ckpt, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "trt"
+    res = compile_engine(tiny_ckpt, out, "tensorrt")
+    assert res.exit_code != 0
+    assert "TensorRT is not installed" in res.output and "pip install tensorrt" in res.output
+    assert "nothing was built with TensorRT" in res.output
+    m = json.loads((out / "config.json").read_text())
+    assert m["backend"] == "tensorrt" and m["runtime"] == "onnx" and "not built" in m["pending"]
+    cmd = m["tensorrt"]["trtexec"]["reuse"]
+    assert cmd.startswith("trtexec --onnx=reuse.onnx --saveEngine=reuse.engine")
+    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and "k_cache:2x4x4x64x16" in cmd
+    assert not list(out.glob("*.engine"))                                  # never claims it ran
+    assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")   # the ONNX runs meanwhile
+
+
+@pytest.fixture(scope="module")
+def aoti_engine(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "aoti"
+    res = compile_engine(tiny_ckpt, out, "aoti")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["prefix", "dual"])
+def test_aoti_engine_generates_eager_tokens(aoti_engine, tiny_ckpt, kv):
+    m = json.loads((aoti_engine / "config.json").read_text())
+    assert m["runtime"] == "aoti" and m["phases"]["refresh"]["file"] == "refresh.aoti.pt2"
+    eager = gen_tokens(str(tiny_ckpt), kv)
+    assert len(set(eager)) > 1
+    assert gen_tokens(str(aoti_engine), kv) == eager
+
+
+@pytest.mark.slow
+def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "dlc_engine_demo"
+    build = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    ids = [72, 101, 108, 108, 257, 257, 257, 257]
+    run = subprocess.run([str(exe), str(aoti_engine), "4", "8", *map(str, ids)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(":", 1) for line in run.stdout.splitlines() if ":" in line)
+    cpp_refresh = [int(t) for t in lines["refresh tokens"].split()]
+    cpp_reuse = [int(t) for t in lines["reuse tokens"].split()]
+    # the same two steps through the Python runner of the same engine
+    runner, _ = engine_runner(aoti_engine)
+    x = torch.tensor([ids])
+    pos, km = torch.arange(8)[None], torch.ones(1, 8, dtype=torch.bool)
+    x0, conf, cache = runner.refresh(x, pos, km, (4, 8), Sampling())
+    assert cpp_refresh == x0[0].tolist()
+    best = int(conf[0].argmax())
+    x[0, 4 + best] = x0[0, best]
+    y0, _ = runner.reuse(cache, x, pos, km, (4, 8), (4, 8), Sampling())
+    assert cpp_reuse == y0[0].tolist()
+    assert f"committed column {4 + best} = {int(x0[0, best])}" in run.stdout

@@ -1,0 +1,116 @@
+"""Engine directories through the in-process export backend: config.json, generate, inspect, refusals."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import gen_tokens, run_cli
+from dlc.compiler.engine import engine_runner, open_engine
+from dlc.manifest import EngineError, settings_hash
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.session import open_model
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "export"
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out,
+                   "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8"])
+    assert res.exit_code == 0, res.output
+    assert "[export refresh] done" in res.output and "wrote" in res.output
+    return out
+
+
+def test_config_json_describes_the_engine(engine, tiny_ckpt):
+    m = json.loads((engine / "config.json").read_text())
+    assert m["format"] == "dlc-engine" and m["dlc"] and m["torch"] == torch.__version__
+    assert m["target"]["name"] == "cpu" and m["dtype"] == "fp32" and m["backend"] == m["runtime"] == "export"
+    assert m["model"]["mask_id"] == 257 and m["model"]["eos_id"] == 256 and m["model"]["n_layers"] == 2
+    assert m["build"]["max_seq_len"] == 96 and m["build"]["max_batch_size"] == 4 and m["build"]["block_length"] == 8
+    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "chunk_logits"]
+    assert m["passes"][1]["params"]["vocab_chunk"] == m["build"]["logit_chunk"]
+    refresh, reuse = m["phases"]["refresh"], m["phases"]["reuse"]
+    assert refresh["file"] == "refresh.pt2" and (engine / "refresh.pt2").exists()
+    assert [i["name"] for i in refresh["inputs"]][:3] == ["input_ids", "position_ids", "key_mask"]
+    assert {"name": "k_cache", "shape": [2, "B", 4, "S", 16], "dtype": "float32"} in reuse["inputs"]
+    assert {"name": "confidence", "shape": ["C", "N"], "dtype": "float64"} in reuse["outputs"]
+    assert m["settings_hash"] == settings_hash(m)
+    assert "tokenizer.json" in m["tokenizer"] and (engine / "tokenizer.json").exists()
+    assert set(m["compile_seconds"]) >= {"load", "trace+passes", "export refresh", "export reuse"}
+    assert m["artifact_bytes"]["refresh"] > 0
+
+
+@pytest.mark.parametrize("kv", ["none", "prefix", "dual"])
+def test_generate_from_the_engine_equals_eager(engine, tiny_ckpt, kv):
+    eager = gen_tokens(str(tiny_ckpt), kv)
+    assert len(set(eager)) > 1                                   # a real comparison, not a constant
+    assert gen_tokens(str(engine), kv) == eager
+
+
+def test_engine_runner_in_a_batch_with_cfg(engine, tiny_ckpt):
+    runner, _ = engine_runner(engine)
+    eager = open_model(str(tiny_ckpt), device="cpu").runner
+    prompts = [[72, 101, 108], [87, 111, 114, 108, 100, 33, 32]]
+    for kv, cfg_scale in [("dual", 1.0), ("prefix", 0.0)]:
+        cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv, cfg_scale=cfg_scale)
+        assert generate(runner, prompts, cfg).token_ids == generate(eager, prompts, cfg).token_ids
+
+
+def test_inspect_summarises(engine):
+    res = run_cli(["inspect", engine])
+    assert res.exit_code == 0, res.output
+    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_cache", "status      ok"):
+        assert word in res.output
+
+
+def _copy(engine, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(engine, dst)
+    return dst, json.loads((dst / "config.json").read_text())
+
+
+def test_missing_artifact_is_refused(engine, tmp_path):
+    dst, _ = _copy(engine, tmp_path)
+    (dst / "reuse.pt2").unlink()
+    with pytest.raises(EngineError, match="reuse artifact reuse.pt2 is missing"):
+        open_engine(dst)
+    res = run_cli(["generate", dst, "hi", "--device", "cpu"])
+    assert res.exit_code != 0 and "missing" in res.output
+
+
+def test_other_torch_version_is_refused(engine, tmp_path):
+    dst, m = _copy(engine, tmp_path)
+    m["torch"] = "2.11.0+cu128"
+    (dst / "config.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="built with torch 2.11.0"):
+        open_engine(dst)
+
+
+def test_edited_settings_are_refused_by_the_hash(engine, tmp_path):
+    dst, m = _copy(engine, tmp_path)
+    m["build"]["logit_chunk"] = 7
+    (dst / "config.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="settings hash mismatch"):
+        open_engine(dst)
+    res = run_cli(["inspect", dst])
+    assert "REFUSED" in res.output
+
+
+def test_truncated_artifact_is_refused(engine, tmp_path):
+    dst, _ = _copy(engine, tmp_path)
+    data = (dst / "refresh.pt2").read_bytes()
+    (dst / "refresh.pt2").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match="damaged"):
+        open_engine(dst)
+
+
+def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
+    out = tmp_path / "sparse"
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
+                   "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "config.json").read_text())
+    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits"]
+    assert any(i["name"] == "keep_idx" for i in m["phases"]["reuse"]["inputs"])
+    assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")

@@ -1,0 +1,103 @@
+"""Targets and build planning; the dry run."""
+import json
+
+import pytest
+
+from conftest import run_cli
+from dlc.compiler.plan import plan_build
+from dlc.models.presets import preset_config
+from dlc.targets import TARGETS, get_target
+
+LLADA = preset_config("llada-8b")
+
+
+def test_targets_have_the_hardware_facts():
+    assert set(TARGETS) == {"rtx4090", "l40s", "a100-40g", "a100-80g", "h100", "h200", "cpu"}
+    for t in TARGETS.values():
+        assert t.arch and t.memory_gib > 0 and t.bandwidth_gbs > 0 and t.bf16_tflops > 0
+    assert get_target("h200").memory_gib > get_target("rtx4090").memory_gib
+
+
+def test_unknown_target_lists_the_targets():
+    with pytest.raises(ValueError, match="unknown target 'tpu'.*rtx4090.*h200.*cpu"):
+        get_target("tpu")
+    res = run_cli(["compile", "tiny-llada", "--target", "tpu", "--dry-run"])
+    assert res.exit_code != 0 and "rtx4090" in res.output and "l40s" in res.output
+
+
+def test_plan_fits_llada_8b_on_rtx4090_in_bf16():
+    p = plan_build(LLADA, get_target("rtx4090"), "bf16", None, 1024, 32)
+    assert p.fits
+    assert p.weights + p.kv_cache + p.activations <= p.memory_budget
+    assert p.max_batch_size >= 1 and p.max_tokens >= p.max_batch_size * p.max_seq_len
+    assert p.logit_chunk <= LLADA.vocab_size and (p.logit_chunk % 128 == 0 or p.logit_chunk == LLADA.vocab_size)
+    big = plan_build(LLADA, get_target("h200"), "bf16", None, 1024, 32)
+    assert big.max_tokens > 5 * p.max_tokens
+
+
+def test_plan_refuses_with_the_reason():
+    p = plan_build(LLADA, get_target("rtx4090"), "fp32", None, 1024, 32)
+    assert not p.fits and "weights alone" in p.reason and "rtx4090" in p.reason
+    p = plan_build(LLADA, get_target("rtx4090"), "bf16", 64, 4096, 32)
+    assert not p.fits and "at most" in p.reason and "--max-batch-size" in p.reason
+    with pytest.raises(ValueError, match="max-seq-len"):
+        plan_build(LLADA, get_target("h100"), "bf16", None, 10 ** 6, 32)
+
+
+def test_logit_chunk_shrinks_with_the_decoded_rows():
+    small = plan_build(LLADA, get_target("h200"), "bf16", 8, 1024, 32)
+    large = plan_build(LLADA, get_target("h200"), "bf16", 128, 1024, 32)
+    assert large.logit_chunk < small.logit_chunk
+    per_elem = 36
+    assert large.max_batch_size * 32 * large.logit_chunk * per_elem <= large.logit_budget
+
+
+def test_tiny_dry_run_prints_the_plan():
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--json", "--sparse-retention", "0.5"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    for word in ("plan for tiny-llada", "refresh", "reuse", "cache_kv_reuse", "sparsify_heads", "chunk_logits",
+                 "max batch x sequence", "would write"):
+        assert word in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["counts"]["cache_kv_reuse/refresh"] == 2 and summary["counts"]["sparsify_heads/reuse"] == 2
+    assert "refresh.aoti.pt2" in summary["files"] and "config.json" in summary["files"]
+
+
+def test_bad_options_are_named():
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--passes", "chunk_logits,fuse_all"])
+    assert res.exit_code != 0 and "fuse_all" in res.output
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--passes", "chunk_logits"])
+    assert res.exit_code != 0 and "cache_kv_reuse" in res.output
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--sparse-retention", "1.5"])
+    assert res.exit_code != 0 and "--sparse-retention" in res.output
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu"])
+    assert res.exit_code != 0 and "OUT_DIR" in res.output
+
+
+def test_dump_graph_after_a_pass():
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after", "cache_kv_reuse"])
+    assert res.exit_code == 0, res.output
+    assert "# graph after cache_kv_reuse [reuse]" in res.output and "k_cache" in res.output
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after", "sparsify_heads"])
+    assert res.exit_code != 0 and "not a pass of this build" in res.output
+
+
+def test_compile_without_weights_gives_the_loader_error(tmp_path):
+    res = run_cli(["compile", "llada-8b", "--target", "rtx4090", "-o", tmp_path / "e"])
+    assert res.exit_code != 0
+    assert "GSAI-ML/LLaDA-8B-Instruct" in res.output and "--weights" in res.output
+
+
+@pytest.mark.slow
+def test_llada_8b_dry_run_on_rtx4090():
+    """The real 8B architecture on the meta device: no weights, the plan and rewrite counts of 32 layers."""
+    res = run_cli(["compile", "llada-8b", "--target", "rtx4090", "--dry-run", "--max-seq-len", "1024", "--json"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "weights      14.93 GiB" in out and "rtx4090" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    plan = summary["plan"]
+    assert plan["fits"] and plan["max_batch_size"] >= 4 and plan["max_seq_len"] == 1024
+    assert summary["counts"]["cache_kv_reuse/refresh"] == 32 and summary["counts"]["cache_kv_reuse/reuse"] == 32
+    assert "must be built on a sm_89 GPU" in out
