@@ -8,9 +8,9 @@ import click
 
 
 def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float | None, block_length: int,
-                  kv_cache: str = "dual"):
+                  kv_cache: str = "dual", workdir: str | None = None):
     """open_model, plus head-sparse attention when asked: that only exists in compiled engines, so an eager
-    model is compiled (``export`` backend, in a temp dir) with ``--sparse-retention``; an engine must already
+    model is compiled (``export`` backend, into ``workdir``) with ``--sparse-retention``; an engine must already
     have been compiled with that retention."""
     from dlc.runtime.session import open_model
 
@@ -33,7 +33,7 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
     except ImportError as e:
         raise ValueError(f"--sparse-retention needs the compiler's head-sparse attention pass "
                          f"(dlc.compiler / dlc.passes.sparsify_heads), which is not available: {e}") from None
-    out = tempfile.mkdtemp(prefix="dlc-eval-sparse-")
+    out = workdir or tempfile.mkdtemp(prefix="dlc-eval-sparse-")
     compile_model(model, "cpu" if device == "cpu" else "h200", out, backend="export", dtype=None,
                   block_length=block_length, sparse_retention=sparse_retention, echo=lambda *a, **k: None)
     return reopen(out, device=device)
@@ -74,15 +74,17 @@ def eval_command(model, n, decoder, threshold, factor, kv_cache, vicinity, refre
         block_length = block_length or gd["block_length"]
         cfg = make_config(decoder, threshold, factor, kv_cache, vicinity, refresh_every, gen_length, block_length,
                           steps or (gd["steps"] if gen_length == gd["gen_length"] else gen_length))
-        session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache)
-        res = evaluate(session, cfg, n=n, batch_size=batch_size)
+        with tempfile.TemporaryDirectory(prefix="dlc-eval-") as workdir:
+            session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache, workdir)
+            res = evaluate(session, cfg, n=n, batch_size=batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{session.source} ({session.kind}): decoder {decoder}, kv {kv_cache}, n {res.n}")
     click.echo(f"accuracy {res.accuracy:.4f}  tpf {res.tpf:.3f}  seconds {res.seconds:.2f}  "
                + "  ".join(f"{k} {v:.3f}" for k, v in res.per_task.items()))
     if as_json:
-        click.echo(json.dumps(res.summary() | {"model": session.source, "engine": session.kind, "decoder": decoder,
+        click.echo(json.dumps(res.summary() | {"model": model, "source": session.source, "engine": session.kind,
+                                               "decoder": decoder,
                                                "kv_cache": kv_cache, "sparse_retention": sparse_retention}))
 
 

@@ -40,11 +40,20 @@ def open_eager(model: str, sparse: float | None = None):
     return open_model(model, device="cpu", progress=False)
 
 
+_WORKDIR: list = []          # one TemporaryDirectory, made on first use: compiled engines live there until exit
+
+
+def _workdir() -> str:
+    if not _WORKDIR:
+        _WORKDIR.append(tempfile.TemporaryDirectory(prefix="dlc-quality-"))
+    return _WORKDIR[0].name
+
+
 def _open_compiled(model: str, backend: str, sparse: float | None = None):
     from dlc.compiler.build import compile_model
     from dlc.runtime.session import open_model
 
-    out = tempfile.mkdtemp(prefix=f"dlc-quality-{backend}-")
+    out = tempfile.mkdtemp(prefix=f"{backend}-", dir=_workdir())
     compile_model(model, "cpu", out, backend=backend, block_length=generation_defaults(_dir(model))["block_length"],
                   sparse_retention=sparse, echo=lambda *a, **k: None)
     return open_model(out, device="cpu", progress=False)

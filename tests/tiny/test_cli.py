@@ -1,0 +1,63 @@
+"""`dlc eval` and the quick start `dlc generate dlc-tiny ...` as a user runs them (real subprocesses)."""
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from dlc.runtime.session import open_model
+from dlc.tiny import tasks
+from dlc.tiny.cli import eval_command
+from dlc.tiny.evaluate import evaluate, make_config
+
+
+def dlc(*args):
+    p = subprocess.run([sys.executable, "-m", "dlc.cli", *args], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"dlc {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+def test_quick_start_generate_answers_with_the_bundled_defaults():
+    prompts = ["sort 52913", "64+78", "rev diffuse"]
+    out = [dlc("generate", "dlc-tiny", p).strip() for p in prompts[:1]]
+    out += [json.loads(dlc("generate", "dlc-tiny", p, "--json").splitlines()[-1])["text"] for p in prompts[1:]]
+    assert out == [tasks.solve(p) for p in prompts] == ["12359", "142", "esuffid"]
+
+
+def test_eval_json_matches_the_library():
+    line = dlc("eval", "dlc-tiny", "--n", "24", "--decoder", "threshold", "--kv-cache", "dual", "--json")
+    out = json.loads(line.strip().splitlines()[-1])
+    assert {"accuracy", "tpf", "n", "seconds"} <= set(out) and out["n"] == 24 and out["seconds"] > 0
+    ref = evaluate(open_model("dlc-tiny", progress=False), make_config("threshold", kv_cache="dual"), n=24)
+    assert out["accuracy"] == round(ref.accuracy, 4) and out["tpf"] == round(ref.tpf, 3)
+    assert out["accuracy"] >= 0.95 and out["tpf"] > 1.5
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n", "0"], "n (0) and batch_size (64) must be > 0"),
+    (["--decoder", "greedy"], "'greedy' is not one of"),
+    (["--kv-cache", "paged"], "'paged' is not one of"),
+    (["--sparse-retention", "0.5"], "use it with --kv-cache prefix or dual"),
+    (["--sparse-retention", "1.5", "--kv-cache", "dual"], "must be in (0, 1], got 1.5"),
+    (["--threshold", "1.5", "--decoder", "threshold"], "threshold must be in (0, 1], got 1.5"),
+    (["--gen-length", "6"], "gen_length 6 must be a multiple of block_length 4"),
+])
+def test_bad_input_is_a_clear_error(args, needle):
+    r = CliRunner().invoke(eval_command, ["dlc-tiny", *args])
+    assert r.exit_code != 0 and needle in r.output, r.output
+
+
+def test_unknown_model_is_a_clear_error():
+    r = CliRunner().invoke(eval_command, ["no-such-model"])
+    assert r.exit_code != 0 and "Known presets" in r.output
+
+
+@pytest.mark.slow
+def test_sparse_retention_one_equals_dense_dual():
+    """--sparse-retention compiles the model with the head-sparse pass; retention 1.0 keeps every column."""
+    line = dlc("eval", "dlc-tiny", "--n", "48", "--kv-cache", "dual", "--sparse-retention", "1.0", "--json")
+    out = json.loads(line.strip().splitlines()[-1])
+    ref = evaluate(open_model("dlc-tiny", progress=False), make_config(kv_cache="dual"), n=48)
+    assert out["sparse_retention"] == 1.0 and out["engine"] != "eager"
+    assert out["accuracy"] == round(ref.accuracy, 4) and out["tpf"] == round(ref.tpf, 3)

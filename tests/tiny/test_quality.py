@@ -1,0 +1,77 @@
+"""Quality gates of dlc-tiny on the held-out set (docs/QUALITY.md): exact decoding, approximate decoders and KV
+caches against it, parallelism of threshold decoding, and exactness of refresh-every-step caches."""
+import pytest
+import torch
+
+from dlc.runtime.generate import generate
+from dlc.runtime.session import encode_prompt, open_model
+from dlc.tiny import tasks
+from dlc.tiny.evaluate import evaluate, make_config
+from dlc.tiny.quality_table import SETTINGS, format_table, run_rows
+
+N = 150                  # held-out prompts per gate (one batch)
+EXACT_MIN = 0.95         # exact decoding accuracy
+MAX_DROP = 0.02          # approximate settings: at most 2 points below exact
+THRESHOLD_TPF_MIN = 1.5  # threshold 0.9 decodes more than 1.5 tokens per forward
+
+
+@pytest.fixture(scope="module")
+def session():
+    return open_model("dlc-tiny", device="cpu", dtype="fp32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def results(session):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = evaluate(session, make_config(**SETTINGS[name]), n=N, batch_size=N)
+        return cache[name]
+    return get
+
+
+def test_exact_decoding_accuracy(results):
+    r = results("exact")
+    assert r.n == N
+    assert r.accuracy >= EXACT_MIN, f"exact accuracy {r.accuracy:.3f}; wrong: {[c for c in r.completions if not c[2]][:5]}"
+    assert set(r.per_task) == set(tasks.TASKS)
+
+
+def test_threshold_decoding_is_parallel_and_accurate(results):
+    exact, r = results("exact"), results("threshold 0.9")
+    assert r.tpf > THRESHOLD_TPF_MIN
+    assert r.tpf > 2 * exact.tpf                   # exact decoding is one token per forward at most
+    assert r.accuracy >= exact.accuracy - MAX_DROP
+
+
+@pytest.mark.parametrize("name", [s for s in SETTINGS if s != "exact"])
+def test_approximate_settings_within_two_points(results, name):
+    exact, r = results("exact"), results(name)
+    assert r.accuracy >= exact.accuracy - MAX_DROP, f"{name}: {r.accuracy:.3f} vs exact {exact.accuracy:.3f}"
+
+
+@pytest.mark.parametrize("decoder", ["low_confidence", "threshold"])
+def test_refresh_every_step_caches_are_token_identical(session, decoder):
+    prompts = [encode_prompt(session, p) for p, _ in tasks.eval_set(48)]
+    ref = generate(session.runner, prompts, make_config(decoder, kv_cache="none"))
+    for kv, vic in [("prefix", 0), ("dual", 0), ("dual", 2)]:
+        res = generate(session.runner, prompts, make_config(decoder, kv_cache=kv, vicinity=vic, refresh_every=1))
+        assert res.token_ids == ref.token_ids, (kv, vic)
+        assert torch.equal(res.sequences, ref.sequences)
+
+
+def test_gates_can_fail_on_an_untrained_model():
+    """The checker is not trivially satisfied: random weights (byte tokenizer, same chat template) score ~0."""
+    rnd = open_model("tiny-llada", device="cpu", progress=False)
+    assert evaluate(rnd, make_config(gen_length=8, block_length=4), n=24).accuracy < 0.2
+
+
+def test_quality_table_rows():
+    rows = run_rows("dlc-tiny", ["eager"], [], n=24, settings=["exact", "threshold 0.9 dual"])
+    assert [r["setting"] for r in rows] == ["exact", "threshold 0.9 dual"]
+    assert rows[0]["delta"] == 0.0 and rows[1]["tpf"] > rows[0]["tpf"]
+    table = format_table(rows).splitlines()
+    assert len(table) == 4 and table[0].startswith("| backend |") and "| eager | exact | dense |" in table[2]
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt-llm'"):
+        run_rows("dlc-tiny", ["tensorrt-llm"], [], n=4)
