@@ -42,7 +42,7 @@ class Engine:
         self.session, self.cfg = session, cfg
         self.runner, self.mc = session.runner, session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.mc.max_seq_len, cfg.max_num_tokens)
-        self.gen_defaults = {**model_generation_defaults(cfg.model),
+        self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
         self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
