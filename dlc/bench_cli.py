@@ -35,11 +35,12 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
 @click.option("--port", default=0, show_default=True, type=int, help="server port (0: a free one)")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--refresh-share", default=None, type=float, help="passed to every server (default: the server's)")
 @click.option("--rounds", default=1, show_default=True, type=int, help="alternate the policies; report medians")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_len, gen_lens, block_length,
                 tokens_per_step, policies, max_batch_size, max_num_tokens, max_seq_len, granularity, port, seed,
-                rounds, as_json):
+                refresh_share, rounds, as_json):
     """Drive `dlc serve MODEL` once per scheduler policy with the same workload; print throughput, TTFT and
     latency percentiles and the ratios against the baseline (the first policy)."""
     from dlc.runtime.loadgen import Workload, compare, format_row, ratios
@@ -52,6 +53,8 @@ def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_le
     pols = [p.strip() for p in policies.split(",") if p.strip()]
     args = ["--max-batch-size", str(max_batch_size), "--max-num-tokens", str(max_num_tokens),
             "--max-seq-len", str(max_seq_len), "--max-queue", str(num_requests + 16)]
+    if refresh_share is not None:
+        args += ["--refresh-share", str(refresh_share)]
     if granularity != "fixed":
         args += ["--granularity", granularity]
     click.echo(f"workload {pattern}: {num_requests} requests, rate {rate}/s, prompt {prompt_len}, gen {gen_lens}, "
