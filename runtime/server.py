@@ -223,14 +223,16 @@ class Server:
         prompts = self._encode_prompt(body)
         if body.stream and len(prompts) > 1:
             raise APIError(400, "streaming takes one prompt", param="prompt")
-        return await self._run(prompts, body, http, chat=False, echo=[body.prompt] if body.echo else None)
+        if body.echo and body.stream:
+            raise APIError(400, "'echo' is not supported with streaming", param="echo")
+        return await self._run(prompts, body, http, chat=False, echo=body.echo)
 
     async def chat(self, body: ChatBody, http: HTTPRequest):
         self._check_model(body)
         _check_unsupported(body)
         return await self._run([self._chat_prompt(body)], body, http, chat=True)
 
-    async def _run(self, prompts, body, http, chat: bool, echo=None):
+    async def _run(self, prompts, body, http, chat: bool, echo: bool = False):
         if self.draining:
             raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
         subs = []
@@ -261,6 +263,8 @@ class Server:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "finish_reason": r.finish_reason, "logprobs": None})
             else:
+                if echo:
+                    text = self.tok.decode(r.prompt, skip_special_tokens=True) + text
                 choices.append({"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": None,
                                 "token_ids": r.output_ids})
         usage = {"prompt_tokens": sum(r.P for r, _ in subs),

@@ -196,3 +196,13 @@ def test_non_streaming_disconnect_cancels(tiny_server):
         httpx.post(tiny_server.base + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
     m = _wait_idle(tiny_server)
     assert m['dlc_requests_total{status="cancelled"}'] >= before + 1
+
+
+def test_echo_and_token_prompts(client):
+    plain = client.completions.create(model=MODEL, prompt="echo me")
+    echoed = client.completions.create(model=MODEL, prompt="echo me", echo=True)
+    assert echoed.choices[0].text == "echo me" + plain.choices[0].text
+    by_ids = client.completions.create(model=MODEL, prompt=list(b"echo me"))
+    assert by_ids.choices[0].text == plain.choices[0].text
+    two = client.completions.create(model=MODEL, prompt=["echo me", "other"])
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == plain.choices[0].text
