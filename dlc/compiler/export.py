@@ -29,15 +29,39 @@ class _Forward(torch.nn.Module):
 
 def trace_forward(model: DiffusionLM) -> fx.GraphModule:
     """torch.export of the full forward (dynamic batch and sequence), unlifted to a GraphModule whose
-    parameters are the model's own tensors (shared, not copied)."""
+    parameters are the model's own tensors (shared, not copied).
+
+    CUDA models are traced through a meta-device twin (same architecture and parameter names; the real
+    parameters are bound afterwards and traced device constants retargeted), so tracing never runs real
+    kernels or allocates activations on the GPU. Checked on the H200 (torch 2.11): tokens equal eager."""
     dev = next(model.parameters()).device
+    if dev.type != "cuda":
+        return _export_forward(model, dev)
+    from dlc.models import build_model
+    with torch.device("meta"):
+        twin = build_model(model.config).to(next(model.parameters()).dtype).eval()
+    gm = _export_forward(twin, torch.device("meta"))
+    real = dict(model.named_parameters())
+    for name, _ in list(gm.named_parameters()):
+        path, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(path), attr, real[name.removeprefix("m.")])
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == "meta":
+            node.kwargs = {**node.kwargs, "device": dev}
+    gm.recompile()
+    return gm
+
+
+def _export_forward(model: DiffusionLM, dev) -> fx.GraphModule:
     B, L = EXAMPLE["B"], EXAMPLE["L"]
     ids = torch.zeros(B, L, dtype=torch.long, device=dev)
     pos = torch.arange(L, device=dev)[None].expand(B, L).contiguous()
     km = torch.ones(B, L, dtype=torch.bool, device=dev)
     b, l = torch.export.Dim("B", min=1), torch.export.Dim("L", min=2)
     dyn = ({0: b, 1: l},) * 3
-    ep = torch.export.export(_Forward(model).eval(), (ids, pos, km), dynamic_shapes=dyn, strict=False)
+    # deferred runtime asserts: torch 2.11 emits stride guards (min(16 L, 32 L) == 16 L) it cannot prove
+    ep = torch.export.export(_Forward(model).eval(), (ids, pos, km), dynamic_shapes=dyn, strict=False,
+                             prefer_deferred_runtime_asserts_over_guards=True)
     gm = ep.module()
     remove_guard_calls(gm)
     gm.graph.eliminate_dead_code()
@@ -151,4 +175,5 @@ def export_phase(gm: fx.GraphModule, phase: str, config, dtype, limits=None, dev
     """Re-export a rewritten phase program with named dynamic dims -> ExportedProgram."""
     specs = input_specs(phase, input_names(gm), config, dtype)
     args = tuple(example_inputs(phase, specs, device))
-    return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(specs, limits), strict=False)
+    return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(specs, limits), strict=False,
+                               prefer_deferred_runtime_asserts_over_guards=True)

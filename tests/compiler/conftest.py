@@ -1,40 +1,10 @@
-"""Shared fixtures of the compiler tests: a tiny LLaDA checkpoint in HF layout (with tokenizer files)."""
+"""Fixtures of the compiler tests (helpers live in compiler_helpers.py: module names must be unique across
+tests/)."""
 import pytest
-import torch
 
-from dlc.models.loading import load_model, save_checkpoint
-
-
-def make_checkpoint(path):
-    """tiny-llada with its matrices scaled x10 (the random init barely moves the residual stream, so every
-    masked position would predict the same token), saved as config.json + safetensors + tokenizer files: what a
-    user's checkpoint directory looks like."""
-    lm = load_model("tiny-llada", seed=1)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if p.ndim == 2 and "wte" not in name:
-                p.mul_(10)
-    save_checkpoint(lm.model, path, tokenizer=lm.tokenizer)
-    return path
+from compiler_helpers import make_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
-
-
-def run_cli(args):
-    from click.testing import CliRunner
-
-    from dlc.cli import main
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-GEN = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--device", "cpu", "--json", "--no-chat"]
-
-
-def gen_tokens(model, kv="dual", prompt="The cat", extra=()):
-    import json
-    res = run_cli(["generate", model, prompt, *GEN, "--kv-cache", kv, *extra])
-    assert res.exit_code == 0, res.output
-    return json.loads(res.output.strip().splitlines()[-1])["token_ids"]

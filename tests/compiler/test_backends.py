@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import gen_tokens, run_cli
+from compiler_helpers import gen_tokens, run_cli
 from dlc.compiler.backends import load_export
 from dlc.compiler.engine import engine_runner
 from dlc.compiler.export import example_inputs, input_specs

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from compiler_helpers import run_cli
 from dlc.compiler.plan import plan_build
 from dlc.models.presets import preset_config
 from dlc.targets import TARGETS, get_target

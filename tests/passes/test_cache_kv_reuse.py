@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import kv_phases, tiny, token_state
+from passes_helpers import kv_phases, tiny, token_state
 from dlc.compiler import in_memory_runner
 from dlc.models.common import KVCache
 from dlc.passes.graph_utils import SDPA, SYM_SIZE, placeholders

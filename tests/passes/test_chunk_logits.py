@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
-from conftest import traced, tiny, token_state
+from passes_helpers import traced, tiny, token_state
 from dlc.compiler.export import trace_forward
 from dlc.models import build_model
 from dlc.models.config import ModelConfig

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny, token_state, traced
+from passes_helpers import tiny, token_state, traced
 from dlc.compiler import in_memory_runner
 from dlc.passes.pipeline import PassContext, run_pipeline
 from dlc.passes.sparsify_heads import head_scores

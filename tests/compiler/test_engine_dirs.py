@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import gen_tokens, run_cli
+from compiler_helpers import gen_tokens, run_cli
 from dlc.compiler.engine import engine_runner, open_engine
 from dlc.manifest import EngineError, settings_hash
 from dlc.runtime.generate import GenerationConfig, generate
