@@ -130,7 +130,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         runtime = "onnx"
         pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this machine has "
                    f"{'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run `dlc compile {model} "
-                   f"--target {tgt.name} --backend {backend}` there (or use the trtexec commands below).")
+                   f"--target {tgt.name} --backend {backend}` there; config.json carries the trtexec commands for the ONNX.")
     elif backend == "tensorrt":
         runtime = "onnx"                                  # until the engines are built
     specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype]) for ph, g in phases.items()}
