@@ -20,9 +20,12 @@ def is_engine_dir(path) -> bool:
     if not p.exists():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == "dlc-engine"
-    except (json.JSONDecodeError, OSError, AttributeError):
-        return True        # let open_engine report the damage
+        text = p.read_text()
+        return json.loads(text).get("format") == "dlc-engine"
+    except (json.JSONDecodeError, AttributeError):
+        return '"dlc-engine"' in text      # a damaged engine manifest: let open_engine report it
+    except OSError:
+        return False
 
 
 def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:

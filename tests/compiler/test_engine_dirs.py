@@ -114,3 +114,11 @@ def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
     assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits"]
     assert any(i["name"] == "keep_idx" for i in m["phases"]["reuse"]["inputs"])
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")
+
+
+def test_unreadable_manifest_is_refused(engine, tmp_path):
+    dst, _ = _copy(engine, tmp_path)
+    text = (dst / "config.json").read_text()
+    (dst / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(EngineError, match="not valid JSON"):
+        open_model(str(dst), device="cpu")
