@@ -34,8 +34,11 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
         raise ValueError(f"--sparse-retention needs the compiler's head-sparse attention pass "
                          f"(dlc.compiler / dlc.passes.sparsify_heads), which is not available: {e}") from None
     out = workdir or tempfile.mkdtemp(prefix="dlc-eval-sparse-")
-    compile_model(model, "cpu" if device == "cpu" else "h200", out, backend="export", dtype=None,
-                  block_length=block_length, sparse_retention=sparse_retention, echo=lambda *a, **k: None)
+    try:
+        compile_model(model, "cpu" if device == "cpu" else "h200", out, backend="export", dtype=None,
+                      block_length=block_length, sparse_retention=sparse_retention, echo=lambda *a, **k: None)
+    except RuntimeError as e:            # e.g. BackendUnavailable: say which step failed
+        raise ValueError(f"compiling {model} with --sparse-retention {sparse_retention} failed: {e}") from None
     return reopen(out, device=device)
 
 

@@ -2,7 +2,7 @@
 
     python -m dlc.tiny.quality_table                          # eager rows (the gates in tests/tiny)
     python -m dlc.tiny.quality_table --backends eager,onnx    # plus compiled engines (dlc compile --target cpu)
-    python -m dlc.tiny.quality_table --sparse 1.0,0.5,0.25    # plus head-sparse attention rows (dual cache)
+    python -m dlc.tiny.quality_table --backends eager,onnx --sparse 1.0,0.5,0.25   # plus head-sparse rows
 
 Rows are plain dicts, so a new backend is one entry in ``BACKENDS`` (name -> how to open the model) and a new
 decoding setting one entry in ``SETTINGS``. Every row is compared with the exact reference: one token per step,
@@ -31,12 +31,11 @@ SETTINGS: dict[str, dict] = {
     "factor 1.0 dual+vicinity": dict(decoder="factor", factor=1.0, kv_cache="dual", vicinity=2),
 }
 SPARSE_SETTINGS = ("low_confidence dual", "threshold 0.9 dual")   # head-sparse rows need cached Reuse steps
+SPARSE_BACKENDS = ("export", "aoti", "onnx")    # head-sparse attention is a compiler pass: compiled rows only
 
 
 def open_eager(model: str, sparse: float | None = None):
     from dlc.runtime.session import open_model
-    if sparse is not None:
-        return _open_compiled(model, "export", sparse)
     return open_model(model, device="cpu", progress=False)
 
 
@@ -82,7 +81,7 @@ def run_rows(model: str, backends: list[str], sparse: list[float], n: int, setti
     for backend in backends:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-        for retention in [None] + list(sparse):
+        for retention in [None] + (list(sparse) if backend in SPARSE_BACKENDS else []):
             session = BACKENDS[backend](model, retention)
             for name in (names if retention is None else [s for s in SPARSE_SETTINGS if s in names]):
                 cfg = make_config(**SETTINGS[name], gen_length=gd["gen_length"], block_length=gd["block_length"],
@@ -126,7 +125,8 @@ def main(model, n, backends, sparse):
     torch.set_num_threads(2)
     try:
         rows = run_rows(model, [b.strip() for b in backends.split(",") if b.strip()],
-                        [float(s) for s in sparse.split(",") if s.strip()], n)
+                        [float(s) for s in sparse.split(",") if s.strip()], n,
+                        log=lambda line: click.echo(line, err=True))     # progress on stderr
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"model {model}, {n} held-out prompts, "
