@@ -51,7 +51,7 @@ def test_single_request_matches_generate(session, kv):
 @pytest.mark.parametrize("policy", ["phase", "fcfs"])
 def test_mixed_batch_matches_generate(session, policy):
     """Different prompt lengths, block sizes, kv modes, decoding rules and seeded sampling in one busy batch."""
-    specs = random_specs(12)
+    specs = random_specs(9)
     eng = make_engine(session, policy=policy, max_num_tokens=S_MAX * 2, refresh_share=0.4)
     reqs = [eng.make_request(p, params) for p, params in specs]
     for r in reqs:
@@ -236,10 +236,8 @@ def test_compiled_runner_through_the_engine(session):
     s = Session(runner, lm.tokenizer, lm.config, True, "tiny-llada", kind="in-memory")
     eng = make_engine(s)
     prompts = [[5, 17, 99, 3], [42, 8], list(range(40, 60))]
-    for kv in ("prefix", "dual"):
-        params = dict(gen_length=16, block_length=8, steps=8, kv_cache=kv)
-        outs = eng.generate(prompts, params)
-        assert outs == [reference(s, p, params) for p in prompts], kv
+    params = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")
+    assert eng.generate(prompts, params) == [reference(s, p, params) for p in prompts]
 
 
 def test_a_block_that_cannot_progress_ends():
