@@ -7,11 +7,9 @@ lints and recompiles the graph, the rewrite count is logged, and ``dump_after`` 
 is printed (``--dump-graph-after``)."""
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
 from . import cache_kv_reuse, chunk_logits, sparsify_heads
@@ -110,4 +108,4 @@ def count_ops(gm: fx.GraphModule, target) -> int:
 
 
 __all__ = ["PIPELINE", "PHASES", "PassContext", "run_pipeline", "select_passes", "cleanup", "input_names",
-           "count_ops", "torch"]
+           "count_ops", "fork"]

@@ -5,7 +5,6 @@
 returns its outputs in order."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -194,5 +193,4 @@ def artifact_bytes(out: Path, name: str) -> int:
     return total
 
 
-__all__ = ["BACKENDS", "get_backend", "BackendUnavailable", "trtexec_command", "trt_available", "artifact_bytes",
-           "shutil"]
+__all__ = ["BACKENDS", "get_backend", "BackendUnavailable", "trtexec_command", "trt_available", "artifact_bytes"]
