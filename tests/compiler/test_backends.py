@@ -15,7 +15,7 @@ from dlc.compiler.export import example_inputs, input_specs
 from dlc.models.loading import load_model
 from dlc.runtime.sampling import Sampling
 
-CONF_ATOL = 1e-8      # float64 confidences: onnxruntime / inductor exp and sum vs PyTorch's
+CONF_ATOL = 1e-5      # confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
 KV_ATOL = 1e-5        # fp32 K/V
 ROOT = Path(__file__).resolve().parents[2]
 
