@@ -134,7 +134,8 @@ def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             log(f"step {step + 1} held-out accuracy ({eval_n}, exact) {quick_accuracy(model, eval_n):.3f}")
     model.eval()
-    log(f"final held-out accuracy ({eval_n}, exact) {quick_accuracy(model, eval_n):.3f}; {time.perf_counter() - t0:.0f}s")
+    acc = quick_accuracy(model, eval_n)
+    log(f"final held-out accuracy ({eval_n}, exact) {acc:.3f}; {time.perf_counter() - t0:.0f}s")
     return save(model.cpu(), out)
 
 

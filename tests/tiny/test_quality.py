@@ -34,7 +34,8 @@ def results(session):
 def test_exact_decoding_accuracy(results):
     r = results("exact")
     assert r.n == N
-    assert r.accuracy >= EXACT_MIN, f"exact accuracy {r.accuracy:.3f}; wrong: {[c for c in r.completions if not c[2]][:5]}"
+    wrong = [c for c in r.completions if not c[2]][:5]
+    assert r.accuracy >= EXACT_MIN, f"exact accuracy {r.accuracy:.3f}; wrong: {wrong}"
     assert set(r.per_task) == set(tasks.TASKS)
 
 

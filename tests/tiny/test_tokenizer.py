@@ -1,5 +1,6 @@
 """The bundled character tokenizer: a real HF tokenizer.json whose chat template works through encode_prompt."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,8 +10,6 @@ from dlc.models.tokenizer import load_tokenizer
 from dlc.runtime.session import Session, decode_tokens, encode_prompt
 from dlc.tiny.tokenizer import (ALPHABET, EOS_ID, EOT_ID, MASK_ID, SPECIALS, UNK_ID, VOCAB_SIZE, build_tokenizer,
                                 decode_ids, encode_chat, encode_text)
-
-from pathlib import Path
 
 ASSET = Path(PRESETS["dlc-tiny"]["path"])
 
