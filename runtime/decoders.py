@@ -74,6 +74,19 @@ DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold
             "factor": FactorRule}
 
 
+def unmask_step(rule, x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, n_now, mask_id: int):
+    """One step on a block: which positions to unmask, and which rows cannot progress.
+
+    x0 [B, K] candidates, conf [B, K] confidences, masked [B, K]. Threshold and factor rules never accept a
+    prediction equal to the mask id (dInfer): such positions are not candidates, and a row whose every masked
+    position predicts the mask id is stuck (at T = 0 the next forward would repeat it forever), so the loop
+    ends its block. The schedule rule keeps LLaDA's reference behaviour. Returns (select [B, K], stuck [B])."""
+    cand = masked if rule.fixed_steps else masked & (x0 != mask_id)
+    conf = torch.where(cand, conf, torch.full_like(conf, float("-inf")))
+    stuck = masked.any(-1) & ~cand.any(-1)
+    return rule.select(conf, cand, n_now), stuck
+
+
 def make_rule(threshold: float | None = None, factor: float | None = None):
     if threshold is not None and factor is not None:
         raise ValueError("choose either threshold or factor decoding, not both")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoders import make_rule, num_transfer_tokens
+from .decoders import make_rule, num_transfer_tokens, unmask_step
 from .model_runner import as_runner
 from .sampling import REMASKING, Sampling
 
@@ -163,10 +163,11 @@ def _decode_block(runner, rule, cfg, samp, x, pos, key_mask, prompt_mask, bs, be
             x0, conf = runner.reuse(cache, x, pos, key_mask, q, (bs, be), samp, prompt_mask)
         nfe += 1
         row_steps[active.cpu()] += masked.any(-1).cpu().long()
-        conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-        sel = rule.select(conf, masked, n_now)
+        sel, stuck = unmask_step(rule, x0, conf, masked, n_now, mask_id)
         x[:, bs:be] = torch.where(sel, x0, x[:, bs:be])
         step += 1
+        if bool(stuck.any()) and not bool((x[:, bs:be] == mask_id)[~stuck].any()):
+            break                          # the rows left can only predict the mask id: end the block
     return nfe
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoders import make_rule, num_transfer_tokens
+from .decoders import make_rule, num_transfer_tokens, unmask_step
 from .generate import GenerationConfig
 
 WAITING, RUNNING, FINISHED, CANCELLED = "waiting", "running", "finished", "cancelled"
@@ -47,6 +47,7 @@ class Request:
     be: int = 0
     sched: torch.Tensor | None = None        # [steps_in_block] tokens to unmask per step (fixed-step rules)
     step: int = 0
+    stuck: bool = False                      # last step could only predict the mask id (threshold/factor)
     has_cache: bool = False                  # the slot holds K/V for the current block
     phase: str | None = None                 # next forward: full / refresh / reuse (None when finished)
     n_now: int = 0
@@ -161,9 +162,8 @@ def advance(req: Request, cfg, width: int) -> list[int]:
                 req.step += 1
                 continue
         else:
-            if req.step >= 2 * (req.be - req.bs):
-                # A threshold/factor step whose only candidates are the mask id itself unmasks nothing, and at
-                # T = 0 the next forward repeats it forever (generate() would hang): give up on the block.
+            if req.stuck:      # every masked position predicts the mask id (decoders.unmask_step): end the block
+                req.stuck = False
                 out += _end_block(req, cfg.stop_ids, cfg.eos_id)
                 continue
             n_now = int(masked.sum())
@@ -181,10 +181,10 @@ def apply(req: Request, x0: torch.Tensor, conf: torch.Tensor, mask_id: int) -> N
     """x0 [K] candidate tokens, conf [K] float64 confidences of the current block: unmask the selection."""
     blk = req.x[req.bs:req.be]
     masked = blk == mask_id                                                   # [K]
-    conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
     n = torch.tensor([req.n_now], dtype=torch.long, device=conf.device)
-    sel = req.rule.select(conf[None], masked[None], n)[0]
-    req.x[req.bs:req.be] = torch.where(sel, x0, blk)
+    sel, stuck = unmask_step(req.rule, x0[None], conf[None], masked[None], n, mask_id)
+    req.x[req.bs:req.be] = torch.where(sel[0], x0, blk)
+    req.stuck = bool(stuck[0])
     if req.phase == "refresh":
         req.has_cache = True
     req.step += 1

@@ -195,3 +195,28 @@ def test_prompt_errors(model):
         generate(model, [[]], cfg)
     with pytest.raises(ValueError, match="max sequence"):
         generate(model, [[1] * 1020], cfg)
+
+
+class _MaskPredictingRunner:
+    """Predicts the mask id with certainty at even positions of the block, token 65 (conf 0.5) elsewhere."""
+
+    def __init__(self, config):
+        self.config, self.device = config, torch.device("cpu")
+
+    def full(self, x, pos, km, out, s, pm=None):
+        n = out[1] - out[0]
+        x0 = torch.full((x.shape[0], n), 65)
+        x0[:, ::2] = self.config.mask_id
+        conf = torch.where(x0 == self.config.mask_id, 1.0, 0.5).to(torch.float64)
+        return x0, conf
+
+    refresh = reuse = None
+
+
+@pytest.mark.parametrize("rule", [dict(threshold=0.9), dict(factor=1.0)])
+def test_threshold_rules_never_accept_the_mask_id_and_end_a_stuck_block(model, rule):
+    res = generate(_MaskPredictingRunner(model.config), PROMPTS[:2],
+                   GenerationConfig(gen_length=8, block_length=4, steps=8, **rule))
+    for t in res.token_ids:     # odd positions decoded, even ones left masked once only the mask id is predicted
+        assert t[1::2] == [65] * 4 and t[::2] == [257] * 4
+    assert res.nfe <= 2 * 3     # per block: at most one step per decodable position, then one stuck step
