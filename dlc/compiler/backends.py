@@ -45,7 +45,8 @@ def emit_aoti(ep, phase: str, out: Path, ctx: dict) -> str:
 
 def load_aoti(path: Path, device="cpu"):
     dev = torch.device(device)
-    model = torch._inductor.aoti_load_package(str(path), device_index=dev.index if dev.index is not None else -1)
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else -1)
+    model = torch._inductor.aoti_load_package(str(path), device_index=index)
     return lambda *args: model(*args)
 
 
