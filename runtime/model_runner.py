@@ -43,6 +43,16 @@ def _double(a):
     return torch.cat([a, a]) if isinstance(a, torch.Tensor) else a
 
 
+def cfg_inputs(ids, pos, key_mask, s: Sampling, prompt_mask, mask_id: int):
+    """Classifier-free guidance doubles the batch: rows B.. are the same state with the prompt masked."""
+    if s.cfg_scale <= 0:
+        return ids, pos, key_mask
+    if prompt_mask is None:
+        raise ValueError("classifier-free guidance (cfg_scale > 0) needs the prompt mask")
+    un = torch.where(prompt_mask, torch.full_like(ids, mask_id), ids)
+    return torch.cat([ids, un]), torch.cat([pos, pos]), torch.cat([key_mask, key_mask])
+
+
 class EagerRunner:
     def __init__(self, model: DiffusionLM):
         self.model = model
@@ -58,12 +68,7 @@ class EagerRunner:
         return next(self.model.parameters()).dtype
 
     def _cfg_inputs(self, ids, pos, key_mask, s: Sampling, prompt_mask):
-        if s.cfg_scale <= 0:
-            return ids, pos, key_mask
-        if prompt_mask is None:
-            raise ValueError("classifier-free guidance needs the prompt mask")
-        un = torch.where(prompt_mask, torch.full_like(ids, self.config.mask_id), ids)
-        return torch.cat([ids, un]), torch.cat([pos, pos]), torch.cat([key_mask, key_mask])
+        return cfg_inputs(ids, pos, key_mask, s, prompt_mask, self.config.mask_id)
 
     def _decode(self, hidden: torch.Tensor, s: Sampling):
         logits = self.model.logits(hidden)                                 # [B(*2), N, V]

@@ -14,6 +14,7 @@ import math
 import torch
 
 from dlc.models.common import KVCache
+from dlc.runtime.model_runner import cfg_inputs
 from dlc.runtime.sampling import Sampling
 
 
@@ -50,12 +51,7 @@ class CompiledRunner:
 
     # --- inputs shared by both phases ------------------------------------------------------------------
     def _cfg(self, ids, pos, key_mask, s: Sampling, prompt_mask):
-        if s.cfg_scale <= 0:
-            return ids, pos, key_mask
-        if prompt_mask is None:
-            raise ValueError("cfg_scale > 0 needs prompt_mask")
-        un = torch.where(prompt_mask, torch.full_like(ids, self.config.mask_id), ids)
-        return torch.cat([ids, un]), torch.cat([pos, pos]), torch.cat([key_mask, key_mask])
+        return cfg_inputs(ids, pos, key_mask, s, prompt_mask, self.config.mask_id)
 
     def _decode_inputs(self, a: torch.Tensor, n: int, s: Sampling, fed: int) -> dict:
         """a [B] first decoded column per row (before the shift); fed = rows fed (2B with CFG)."""
