@@ -147,6 +147,36 @@ class SwiGLU(nn.Module):
         return getattr(self, n["down"])(F.silu(getattr(self, n["gate"])(x)) * getattr(self, n["up"])(x))
 
 
+class TiedHead(nn.Module):
+    """Output projection that reuses the input embedding; the embedding is held in a list so it stays out of the
+    module tree (one parameter name per tensor)."""
+
+    def __init__(self, embed: nn.Embedding, vocab: int):
+        super().__init__()
+        self._embed = [embed]
+        self.vocab = vocab
+
+    def forward(self, h):
+        return F.linear(h, self._embed[0].weight[: self.vocab])
+
+
+class PreNormLayer(nn.Module):
+    """A decoder layer under the HF Llama/Qwen names (input_layernorm, self_attn, post_attention_layernorm, mlp);
+    the family supplies its attention and MLP modules."""
+
+    def __init__(self, c: ModelConfig, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.d_model, c.rms_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(c.d_model, c.rms_eps)
+        self.mlp = mlp
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
+        x = x + a                                                         # [B, T, d]
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
 class DiffusionLM(nn.Module):
     """Base class of the families: embedding -> blocks -> final norm; ``logits`` applies the head.
 
@@ -188,3 +218,33 @@ class DiffusionLM(nn.Module):
         if self.config.logit_shift:
             out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
         return out
+
+
+class _HFBase(nn.Module):
+    """``model.*`` of an HF Llama/Qwen-layout checkpoint: embed_tokens, layers, norm."""
+
+    def __init__(self, c: ModelConfig, make_layer):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.embedding_size, c.d_model)
+        self.layers = nn.ModuleList(make_layer(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.rms_eps)
+
+
+class HFLayoutLM(DiffusionLM):
+    """Families stored in the HF Llama/Qwen layout (Dream, LLaDA-MoE): ``model.embed_tokens``,
+    ``model.layers.N``, ``model.norm``, ``lm_head`` (or the embedding when tied). ``make_layer(config)`` builds
+    one layer (usually a ``PreNormLayer``)."""
+
+    def __init__(self, config: ModelConfig, make_layer):
+        super().__init__()
+        self.config = config
+        self.model = _HFBase(config, make_layer)
+        if config.tie_embeddings:
+            self.__dict__["_tied_head"] = TiedHead(self.model.embed_tokens, config.vocab_size)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    embed = property(lambda self: self.model.embed_tokens)
+    blocks = property(lambda self: self.model.layers)
+    norm = property(lambda self: self.model.norm)
+    head = property(lambda self: self.__dict__.get("_tied_head") or self.lm_head)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .common import DiffusionLM, RMSNorm, SwiGLU, self_attention
+from .common import HFLayoutLM, PreNormLayer, SwiGLU, self_attention
 from .config import ModelConfig
 
 HF_MODEL_TYPE = "Dream"
@@ -83,53 +83,10 @@ class DreamAttention(nn.Module):
                               self.n_heads, self.n_kv, cache_kv=cache_kv, start=start, **kw)
 
 
-class DreamDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(c.d_model, c.rms_eps)
-        self.self_attn = DreamAttention(c)
-        self.post_attention_layernorm = RMSNorm(c.d_model, c.rms_eps)
-        self.mlp = SwiGLU(c.d_model, c.mlp_hidden, MLP_NAMES)
-
-    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
-        x = x + a                                                         # [B, T, d]
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+def make_layer(c: ModelConfig) -> PreNormLayer:
+    return PreNormLayer(c, DreamAttention(c), SwiGLU(c.d_model, c.mlp_hidden, MLP_NAMES))
 
 
-class DreamBase(nn.Module):
-    """``model.*`` of the checkpoint: embed_tokens, layers, norm."""
-
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.embedding_size, c.d_model)
-        self.layers = nn.ModuleList(DreamDecoderLayer(c) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model, c.rms_eps)
-
-
-class TiedHead(nn.Module):
-    """Output projection that reuses the input embedding (kept out of the module tree: one name per tensor)."""
-
-    def __init__(self, embed: nn.Embedding, vocab: int):
-        super().__init__()
-        self._embed = [embed]
-        self.vocab = vocab
-
-    def forward(self, h):
-        return nn.functional.linear(h, self._embed[0].weight[: self.vocab])
-
-
-class DreamLM(DiffusionLM):
+class DreamLM(HFLayoutLM):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.model = DreamBase(config)
-        if config.tie_embeddings:
-            self.__dict__["_tied_head"] = TiedHead(self.model.embed_tokens, config.vocab_size)
-        else:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-
-    embed = property(lambda self: self.model.embed_tokens)
-    blocks = property(lambda self: self.model.layers)
-    norm = property(lambda self: self.model.norm)
-    head = property(lambda self: self.__dict__.get("_tied_head") or self.lm_head)
+        super().__init__(config, make_layer)

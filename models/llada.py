@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import DiffusionLM, RMSNorm, self_attention
+from .common import DiffusionLM, RMSNorm, TiedHead, self_attention
 from .config import ModelConfig
 
 HF_MODEL_TYPE = "llada"
@@ -84,16 +84,6 @@ class _Inner(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.transformer = _Transformer(c)
-
-
-class TiedHead(nn.Module):
-    def __init__(self, embed: nn.Embedding, vocab: int):
-        super().__init__()
-        self._embed = [embed]      # list: not registered as a sub-module (no duplicate parameter names)
-        self.vocab = vocab
-
-    def forward(self, h):
-        return F.linear(h, self._embed[0].weight[: self.vocab])
 
 
 class LLaDAModel(DiffusionLM):

@@ -29,9 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import DiffusionLM, RMSNorm, SwiGLU, self_attention
+from .common import HFLayoutLM, PreNormLayer, RMSNorm, SwiGLU, self_attention
 from .config import ModelConfig
-from .dream import TiedHead
 
 HF_MODEL_TYPE = "llada"                       # what the released config.json says
 MODEL_TYPES = ("llada", "lladamoe", "llada_moe")
@@ -232,44 +231,15 @@ class SparseMoeBlock(nn.Module):
         return MOE_IMPLS[self.impl](flat, w, idx, self.experts).view(B, T, d)
 
 
-class LLaDAMoEDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(c.d_model, c.rms_eps)
-        self.self_attn = LLaDAMoEAttention(c)
-        self.post_attention_layernorm = RMSNorm(c.d_model, c.rms_eps)
-        self.mlp = SparseMoeBlock(c)
-
-    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
-        x = x + a                                                         # [B, T, d]
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+def make_layer(c: ModelConfig) -> PreNormLayer:
+    return PreNormLayer(c, LLaDAMoEAttention(c), SparseMoeBlock(c))
 
 
-class LLaDAMoEBase(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.embedding_size, c.d_model)
-        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(c) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model, c.rms_eps)
-
-
-class LLaDAMoEModel(DiffusionLM):
+class LLaDAMoEModel(HFLayoutLM):
     def __init__(self, config: ModelConfig):
-        super().__init__()
         if not config.is_moe:
             raise ValueError("LLaDA-MoE model config: n_experts must be > 0")
-        self.config = config
-        self.model = LLaDAMoEBase(config)
-        if config.tie_embeddings:
-            self.__dict__["_tied_head"] = TiedHead(self.model.embed_tokens, config.vocab_size)
-        else:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-
-    embed = property(lambda self: self.model.embed_tokens)
-    blocks = property(lambda self: self.model.layers)
-    norm = property(lambda self: self.model.norm)
-    head = property(lambda self: self.__dict__.get("_tied_head") or self.lm_head)
+        super().__init__(config, make_layer)
 
     def set_moe_impl(self, impl: str) -> None:
         if impl not in MOE_IMPLS:
