@@ -160,6 +160,31 @@ class TiedHead(nn.Module):
         return F.linear(h, self._embed[0].weight[: self.vocab])
 
 
+class HFAttention(nn.Module):
+    """Attention under the HF Llama/Qwen names (q_proj, k_proj, v_proj, o_proj); q/k/v bias from the config,
+    and with ``config.qk_norm`` the family's ``head_norm`` class (built as ``head_norm(head_dim, eps)``) as
+    q_norm and k_norm."""
+
+    def __init__(self, c: ModelConfig, head_norm=None):
+        super().__init__()
+        hd = c.head_dim
+        self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * hd, c.d_model, bias=False)
+        if c.qk_norm:
+            if head_norm is None:
+                raise ValueError(f"model config: qk_norm is set but the {c.family} family has no QK-norm")
+            self.q_norm = head_norm(hd, c.rms_eps)
+            self.k_norm = head_norm(hd, c.rms_eps)
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
+                              self.n_heads, self.n_kv, q_norm=qn, k_norm=kn, cache_kv=cache_kv, start=start, **kw)
+
+
 class PreNormLayer(nn.Module):
     """A decoder layer under the HF Llama/Qwen names (input_layernorm, self_attn, post_attention_layernorm, mlp);
     the family supplies its attention and MLP modules."""

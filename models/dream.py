@@ -9,9 +9,8 @@ Config keys and parameter names follow the released checkpoint (``model_type: "D
 ``lm_head.weight``), so it loads without ``trust_remote_code``."""
 from __future__ import annotations
 
-import torch.nn as nn
 
-from .common import HFLayoutLM, PreNormLayer, SwiGLU, self_attention
+from .common import HFAttention, HFLayoutLM, PreNormLayer, SwiGLU
 from .config import ModelConfig
 
 HF_MODEL_TYPE = "Dream"
@@ -68,23 +67,8 @@ def to_hf(c: ModelConfig) -> dict:
     }
 
 
-class DreamAttention(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        hd = c.head_dim
-        self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
-        self.q_proj = nn.Linear(c.d_model, c.n_heads * hd, bias=True)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=True)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=True)
-        self.o_proj = nn.Linear(c.n_heads * hd, c.d_model, bias=False)
-
-    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
-        return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
-                              self.n_heads, self.n_kv, cache_kv=cache_kv, start=start, **kw)
-
-
 def make_layer(c: ModelConfig) -> PreNormLayer:
-    return PreNormLayer(c, DreamAttention(c), SwiGLU(c.d_model, c.mlp_hidden, MLP_NAMES))
+    return PreNormLayer(c, HFAttention(c), SwiGLU(c.d_model, c.mlp_hidden, MLP_NAMES))
 
 
 class DreamLM(HFLayoutLM):

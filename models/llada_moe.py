@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import HFLayoutLM, PreNormLayer, RMSNorm, SwiGLU, self_attention
+from .common import HFAttention, HFLayoutLM, PreNormLayer, RMSNorm, SwiGLU
 from .config import ModelConfig
 
 HF_MODEL_TYPE = "llada"                       # what the released config.json says
@@ -114,25 +114,6 @@ class HeadRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hd = self.weight.shape[0]
         return super().forward(x.unflatten(-1, (-1, hd))).flatten(-2)    # [B, T, H, D] -> [B, T, H * D]
-
-
-class LLaDAMoEAttention(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        hd = c.head_dim
-        self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
-        self.q_proj = nn.Linear(c.d_model, c.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(c.n_heads * hd, c.d_model, bias=False)
-        if c.qk_norm:
-            self.q_norm = HeadRMSNorm(hd, c.rms_eps)
-            self.k_norm = HeadRMSNorm(hd, c.rms_eps)
-
-    def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
-        qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-        return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
-                              self.n_heads, self.n_kv, q_norm=qn, k_norm=kn, cache_kv=cache_kv, start=start, **kw)
 
 
 def route(router_logits: torch.Tensor, k: int, norm_topk: bool):
@@ -232,7 +213,7 @@ class SparseMoeBlock(nn.Module):
 
 
 def make_layer(c: ModelConfig) -> PreNormLayer:
-    return PreNormLayer(c, LLaDAMoEAttention(c), SparseMoeBlock(c))
+    return PreNormLayer(c, HFAttention(c, HeadRMSNorm), SparseMoeBlock(c))
 
 
 class LLaDAMoEModel(HFLayoutLM):
