@@ -6,10 +6,12 @@ tensors it launches the Triton kernel. ``OPS`` maps name -> op for passes that l
 
 Python API (what compiler passes and runtimes call):
 
-* ``fused_select_logits(hidden [N, d], weight [V, d], temperature=0.0, seed=0, noise=None)``
-  -> (token [N] int64, confidence [N] float32). Logits of the selected rows in vocab tiles with an online
-  softmax; never an [N, V] tensor. T > 0 samples by Gumbel-max with noise ``u`` [N, V] when given, else a
-  counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen token.
+* ``fused_select_logits(hidden [N, d], weight [V, d], temperature=0.0, seed=0, noise=None, temperature_t=None,
+  row_keys=None)`` -> (token [N] int64, confidence [N] float32). Logits of the selected rows in vocab tiles with
+  an online softmax; never an [N, V] tensor. T > 0 samples by Gumbel-max with noise ``u`` [N, V] when given,
+  else a counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen token.
+  Graph form (compiled phases): ``temperature_t`` [1] tensor instead of the float, ``row_keys`` [N] int64
+  per-row hash keys (``logits.row_key(seed, row)``) instead of the seed.
 * ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
 * ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
@@ -40,10 +42,12 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
 
 
 def fused_select_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0, seed: int = 0,
-                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        noise: torch.Tensor | None = None, temperature_t: torch.Tensor | None = None,
+                        row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token [N] int64, confidence [N] float32) for hidden [N, d] against the lm-head weight [V, d]."""
-    _sl.validate(hidden, weight, temperature, noise)
-    return torch.ops.dlc.fused_select_logits(hidden, weight, float(temperature), int(seed), noise)
+    _sl.validate(hidden, weight, temperature, noise, temperature_t, row_keys)
+    return torch.ops.dlc.fused_select_logits(hidden, weight, float(temperature), int(seed), noise, temperature_t,
+                                             row_keys)
 
 
 def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,14 @@ Sampling at temperature T > 0 is Gumbel-max: argmax(logit - T * log(-log u)), wh
 (``noise`` [N, V], for parity with a torch generator) or drawn by a counter-based hash of (seed, row, column),
 so the Triton kernel and the reference draw the very same noise and the op needs no [N, V] noise tensor.
 
+Graph form (what compiled phase programs call, where temperature and seeds are runtime tensors, not Python
+numbers): ``temperature_t`` [1] (any float dtype) replaces the float ``temperature``, and ``row_keys`` [N]
+int64 replaces the (seed, row) part of the hash: row i draws from ``key = row_keys[i]`` where the scalar form
+uses ``key = (i * ROW_M + (seed & 0x7FFFFFFF)) mod 2^32`` (``row_key``). So a call with ``row_keys =
+row_key(seed_c, arange(n))`` for each request c of a flattened batch draws exactly what one call per request
+with ``seed=seed_c`` would. With ``temperature_t`` the noise is always computed (the kernel skips it at run
+time when the loaded temperature is 0) and ``logit - 0 * g == logit``: T = 0 is the plain argmax, exactly.
+
 GPU parallelism: rows are tiled by BN and the vocab is split so that about four programs per SM run; each
 program writes its partial (m, s, best score, id, logit); a tiny torch reduction over the splits finishes.
 Programs sharing a vocab split run side by side (row tile is the fast grid axis), so each weight tile is read
@@ -39,17 +47,29 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Uniform (0, 1) float32 from (seed, row, column): rows [N, 1], cols [1, C] int64 -> [N, C].
+def row_key(seed, rows: torch.Tensor) -> torch.Tensor:
+    """The per-row hash key of (seed, row): ``(row * ROW_M + (seed & 0x7FFFFFFF)) mod 2^32`` (int64). ``seed``
+    is an int or an int64 tensor broadcasting against ``rows``."""
+    return ((rows * _ROW_M) + (seed & 0x7FFFFFFF)) & _MASK32
+
+
+def key_uniform(keys: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float32 from per-row keys [N, 1] and columns [1, C] int64 -> [N, C].
 
     24 random bits, so the value is exact in float32 and never 0 or 1 (the Gumbel transform stays finite)."""
-    r = _mix32(((rows * _ROW_M) + (seed & 0x7FFFFFFF)) & _MASK32)
+    r = _mix32(keys & _MASK32)
     x = _mix32(_mix32(r ^ cols))
     return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
 
 
+def hash_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float32 from (seed, row, column): rows [N, 1], cols [1, C] int64 -> [N, C]."""
+    return key_uniform(row_key(seed, rows), cols)
+
+
 def select_logits_reference(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0,
-                            seed: int = 0, noise: torch.Tensor | None = None, chunk: int = REF_CHUNK):
+                            seed: int = 0, noise: torch.Tensor | None = None, temperature_t=None, row_keys=None,
+                            chunk: int = REF_CHUNK):
     """Pure-PyTorch reference: the same online reduction over vocab chunks of ``chunk`` columns, in float32.
 
     Never holds more than [N, chunk] logits. Returns (token [N] int64, confidence [N] float32)."""
@@ -62,16 +82,18 @@ def select_logits_reference(hidden: torch.Tensor, weight: torch.Tensor, temperat
     tok = torch.zeros(N, dtype=torch.int64, device=dev)
     blog = torch.zeros(N, device=dev)
     rows = torch.arange(N, device=dev)[:, None]                        # [N, 1]
+    keys = row_keys[:, None] if row_keys is not None else row_key(seed, rows)          # [N, 1]
+    temp = temperature_t.reshape(()).to(torch.float32) if temperature_t is not None else None
     for v0 in range(0, V, chunk):
         logit = h @ weight[v0:v0 + chunk].float().T                    # [N, C]
         m_new = torch.maximum(m, logit.amax(1))
         s = s * torch.exp(m - m_new) + torch.exp(logit - m_new[:, None]).sum(1)
         m = m_new
         score = logit
-        if temperature > 0:
+        if temperature > 0 or temp is not None:
             cols = torch.arange(v0, v0 + logit.shape[1], device=dev)[None]
-            u = noise[:, v0:v0 + chunk].float() if noise is not None else hash_uniform(seed, rows, cols)
-            score = logit - temperature * torch.log(-torch.log(u))
+            u = noise[:, v0:v0 + chunk].float() if noise is not None else key_uniform(keys, cols)
+            score = logit - (temp if temp is not None else temperature) * torch.log(-torch.log(u))
         cbest, cidx = score.max(1)                                     # first max within the chunk
         upd = cbest > best                                             # strict: earlier chunks win ties
         best = torch.where(upd, cbest, best)
@@ -91,10 +113,11 @@ if HAS_TRITON:
         return x ^ (x >> 16)
 
     @triton.jit(do_not_specialize=["seed", "temperature"])
-    def _select_logits_kernel(H, W, U, PM, PS, PB, PI, PL,
+    def _select_logits_kernel(H, W, U, TP, KP, PM, PS, PB, PI, PL,
                               N, V, D, n_split, cols_per_split, stride_h, stride_w, stride_u,
                               temperature, seed,
-                              SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, IEEE: tl.constexpr,
+                              SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, TEMP_PTR: tl.constexpr,
+                              HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
                               BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
         pid = tl.program_id(0)
         n_tiles = tl.cdiv(N, BN)
@@ -109,8 +132,14 @@ if HAS_TRITON:
         best = tl.full([BN], float("-inf"), tl.float32)
         bidx = tl.zeros([BN], tl.int32)
         blog = tl.zeros([BN], tl.float32)
+        if TEMP_PTR:                                                   # graph form: T from a [1] tensor
+            temperature = tl.load(TP).to(tl.float32)
         if SAMPLE:
-            r = _mix32_tl(((rows.to(tl.int64) * 0x27D4EB2F) + seed) & 0xFFFFFFFF)
+            if HAS_KEYS:                                               # graph form: per-row keys
+                key = tl.load(KP + rows, mask=rmask, other=0).to(tl.int64)
+            else:
+                key = (rows.to(tl.int64) * 0x27D4EB2F) + seed
+            r = _mix32_tl(key & 0xFFFFFFFF)
         for v0 in range(v_lo, v_hi, BV):
             cols = v0 + tl.arange(0, BV)
             cmask = cols < v_hi
@@ -132,13 +161,14 @@ if HAS_TRITON:
             m = m_new
             score = logit
             if SAMPLE:
-                if HAS_NOISE:
-                    u = tl.load(U + rows[:, None] * stride_u + cols[None, :],
-                                mask=rmask[:, None] & cmask[None, :], other=0.5).to(tl.float32)
-                else:
-                    x = _mix32_tl(_mix32_tl(r[:, None] ^ cols[None, :].to(tl.int64)))
-                    u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                score = tl.where(cmask[None, :], logit - temperature * tl.log(-tl.log(u)), float("-inf"))
+                if temperature > 0:                                    # run time: skipped when T == 0
+                    if HAS_NOISE:
+                        u = tl.load(U + rows[:, None] * stride_u + cols[None, :],
+                                    mask=rmask[:, None] & cmask[None, :], other=0.5).to(tl.float32)
+                    else:
+                        x = _mix32_tl(_mix32_tl(r[:, None] ^ cols[None, :].to(tl.int64)))
+                        u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                    score = tl.where(cmask[None, :], logit - temperature * tl.log(-tl.log(u)), float("-inf"))
             cbest = tl.max(score, 1)
             cidx = tl.argmax(score, 1)
             clog = tl.sum(tl.where(tl.arange(0, BV)[None, :] == cidx[:, None], logit, 0.0), 1)
@@ -170,8 +200,8 @@ def plan(N: int, V: int, sms: int, BN: int | None = None, BV: int = 128, program
     return BN, BV, -(-V // cols), cols
 
 
-def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, BN=None, BV=128, BD=64,
-                         num_warps=4, num_stages=3, programs_per_sm=4):
+def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, temperature_t=None, row_keys=None,
+                         BN=None, BV=128, BD=64, num_warps=4, num_stages=3, programs_per_sm=4):
     """Launch the kernel (also on CPU tensors under TRITON_INTERPRET=1) and reduce the per-split partials."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -179,13 +209,16 @@ def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, BN
     part = [torch.empty((N, n_split), dtype=dt, device=hidden.device)
             for dt in (torch.float32, torch.float32, torch.float32, torch.int32, torch.float32)]
     pm, ps, pb, pi, pl = part
-    sample = temperature > 0
+    sample = temperature > 0 or temperature_t is not None
     u = noise if noise is not None else hidden
+    tp = temperature_t if temperature_t is not None else hidden                  # unused pointers: any tensor
+    kp = row_keys if row_keys is not None else hidden
     grid = (-(-N // BN) * n_split,)
     launch(_select_logits_kernel)[grid](
-        hidden, weight, u, pm, ps, pb, pi, pl, N, V, D, n_split, cols,
+        hidden, weight, u, tp, kp, pm, ps, pb, pi, pl, N, V, D, n_split, cols,
         hidden.stride(0), weight.stride(0), u.stride(0), float(temperature), int(seed) & 0x7FFFFFFF,
-        SAMPLE=sample, HAS_NOISE=noise is not None, IEEE=hidden.dtype == torch.float32,
+        SAMPLE=sample, HAS_NOISE=noise is not None, TEMP_PTR=temperature_t is not None,
+        HAS_KEYS=row_keys is not None, IEEE=hidden.dtype == torch.float32,
         BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages)
     return _combine(pm, ps, pb, pi, pl)
 
@@ -200,7 +233,7 @@ def _combine(pm, ps, pb, pi, pl):
 
 
 # ----------------------------------------------------------------------------------------------- the op
-def validate(hidden, weight, temperature, noise) -> None:
+def validate(hidden, weight, temperature, noise, temperature_t=None, row_keys=None) -> None:
     check_shape("hidden", hidden, 2, "[N, d]")
     check_shape("weight", weight, 2, "[V, d] (the lm-head weight)")
     check(hidden.shape[1] == weight.shape[1],
@@ -213,19 +246,31 @@ def validate(hidden, weight, temperature, noise) -> None:
         check(tuple(noise.shape) == (hidden.shape[0], weight.shape[0]),
               f"noise must be [N, V] = {(hidden.shape[0], weight.shape[0])}, got {tuple(noise.shape)}")
         check(noise.stride(1) == 1, "noise needs a contiguous last dim")
+    if temperature_t is not None:
+        check(isinstance(temperature_t, torch.Tensor) and temperature_t.numel() == 1
+              and temperature_t.is_floating_point(), "temperature_t must be a one-element float tensor")
+        check(temperature == 0, f"give temperature or temperature_t, not both (temperature={temperature})")
+        check(temperature_t.device == hidden.device, f"temperature_t on {temperature_t.device}, hidden on "
+              f"{hidden.device}")
+    if row_keys is not None:
+        check(isinstance(row_keys, torch.Tensor) and tuple(row_keys.shape) == (hidden.shape[0],)
+              and row_keys.dtype == torch.int64, f"row_keys must be int64 [N={hidden.shape[0]}], got "
+              f"{getattr(row_keys, 'dtype', type(row_keys))} {tuple(getattr(row_keys, 'shape', ()))}")
+        check(row_keys.device == hidden.device, f"row_keys on {row_keys.device}, hidden on {hidden.device}")
 
 
 @define_op("fused_select_logits")
 def fused_select_logits_op(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0, seed: int = 0,
-                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           noise: torch.Tensor | None = None, temperature_t: torch.Tensor | None = None,
+                           row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(hidden):
         require_triton("fused_select_logits")
-        return select_logits_triton(hidden, weight, temperature, seed, noise)
-    return select_logits_reference(hidden, weight, temperature, seed, noise)
+        return select_logits_triton(hidden, weight, temperature, seed, noise, temperature_t, row_keys)
+    return select_logits_reference(hidden, weight, temperature, seed, noise, temperature_t, row_keys)
 
 
 @fused_select_logits_op.register_fake
-def _(hidden, weight, temperature=0.0, seed=0, noise=None):
+def _(hidden, weight, temperature=0.0, seed=0, noise=None, temperature_t=None, row_keys=None):
     N = hidden.shape[0]
     return hidden.new_empty((N,), dtype=torch.int64), hidden.new_empty((N,), dtype=torch.float32)
 

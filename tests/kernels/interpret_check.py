@@ -28,6 +28,18 @@ def main():
             assert (tok == rt).float().mean() >= 0.9, (dt, T, tok, rt)
             same = tok == rt
             assert rel(conf[same], rc[same]) < REL[dt], (dt, T)
+        keys = L.row_key(torch.tensor([3, 9]).repeat_interleave(10), torch.arange(10).repeat(2))   # 2 requests
+        for T in (0.0, 0.9):                                  # graph form: tensor temperature, per-row keys
+            tt = torch.tensor([T], dtype=torch.float64)
+            tok, conf = L.select_logits_triton(h, w, temperature_t=tt, row_keys=keys, BN=16, BV=32, BD=16)
+            rt, rc = L.select_logits_reference(h, w, temperature_t=tt, row_keys=keys, chunk=100)
+            assert (tok == rt).float().mean() >= 0.9, (dt, T, "graph form", tok, rt)
+            same = tok == rt
+            assert rel(conf[same], rc[same]) < REL[dt], (dt, T, "graph form")
+            st, _ = L.select_logits_triton(h, w, T, 0, BN=16, BV=32, BD=16) if T == 0 else \
+                (torch.cat([L.select_logits_triton(h[:10], w, T, 3, BN=16, BV=32, BD=16)[0],
+                            L.select_logits_triton(h[10:], w, T, 9, BN=16, BV=32, BD=16)[0]]), None)
+            assert torch.equal(tok, st), (dt, T, "graph form vs one call per request", tok, st)
         q = torch.randn(2, 4, 5, 16).to(dt)
         k, v = torch.randn(2, 2, 40, 16).to(dt), torch.randn(2, 2, 40, 16).to(dt)
         kb, vb = torch.randn(2, 2, 5, 16).to(dt), torch.randn(2, 2, 5, 16).to(dt)

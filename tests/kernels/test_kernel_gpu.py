@@ -57,6 +57,27 @@ def test_fused_select_logits_with_noise_tensor():
     assert not torch.isnan(conf).any()
 
 
+@pytest.mark.parametrize("T", [0.0, 0.9])
+def test_fused_select_logits_graph_form(T):
+    """The form the GPU-lowered chunk_logits emits: temperature as a [1] float64 tensor, per-row hash keys
+    (two requests with their own seeds); equal to one scalar-form call per request."""
+    g = torch.Generator(device="cuda").manual_seed(torch.seed())
+    h = torch.randn(64, 1024, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(32000, 1024, device="cuda", generator=g) / 8).bfloat16()
+    seeds = torch.randint(0, 2**62, (2,), generator=g, device="cuda")
+    keys = L.row_key(seeds.repeat_interleave(32), torch.arange(32, device="cuda").repeat(2))
+    tt = torch.tensor([T], dtype=torch.float64, device="cuda")
+    _poison_allocator()
+    tok, conf = K.fused_select_logits(h, w, temperature_t=tt, row_keys=keys)
+    per = [K.fused_select_logits(h[32 * i:32 * (i + 1)], w, T, int(seeds[i]) & 0x7FFFFFFF) for i in range(2)]
+    assert torch.equal(tok, torch.cat([p[0] for p in per]))
+    torch.testing.assert_close(conf, torch.cat([p[1] for p in per]), rtol=1e-6, atol=1e-7)
+    rt, rc = L.select_logits_reference(h, w, temperature_t=tt, row_keys=keys)
+    same = tok == rt
+    assert not torch.isnan(conf).any() and same.float().mean() >= TOKEN_AGREE
+    torch.testing.assert_close(conf[same], rc[same], rtol=CONF_RTOL, atol=1e-6)
+
+
 @pytest.mark.parametrize("B,H,Hkv,T,S,n,D", [(1, 32, 32, 32, 768, 384, 128), (4, 28, 4, 32, 512, 200, 128),
                                              (3, 8, 2, 7, 100, 33, 64)])
 def test_sparse_attention_triton_vs_reference(B, H, Hkv, T, S, n, D):

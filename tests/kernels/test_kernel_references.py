@@ -66,6 +66,33 @@ def test_hash_noise_is_seeded_uniform_and_samples_the_softmax():
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("T", [0.0, 0.8])
+def test_select_logits_graph_form_equals_one_call_per_request(T):
+    """Tensor temperature + per-row keys (the compiled graphs' form) over a flattened batch of requests draws
+    exactly what one scalar-form call per request with that request's seed draws; T = 0 is the plain argmax."""
+    h, w = _rand(3 * 6, 16), _rand(400, 16)
+    seeds = torch.tensor([2 ** 40 + 7, 5, 123456789])
+    keys = L.row_key(seeds.repeat_interleave(6), torch.arange(6).repeat(3))
+    tok, conf = K.fused_select_logits(h, w, temperature_t=torch.tensor([T], dtype=torch.float64), row_keys=keys)
+    per = [K.fused_select_logits(h[6 * i:6 * (i + 1)], w, T, int(seeds[i])) for i in range(3)]
+    assert torch.equal(tok, torch.cat([p[0] for p in per]))
+    assert torch.equal(conf, torch.cat([p[1] for p in per]))
+    if T == 0:
+        assert torch.equal(tok, K.fused_select_logits(h, w)[0])
+    else:
+        assert not torch.equal(tok, K.fused_select_logits(h, w)[0])
+
+
+def test_select_logits_graph_form_validation():
+    h, w = _rand(4, 8), _rand(50, 8)
+    with pytest.raises(ValueError, match="row_keys"):
+        K.fused_select_logits(h, w, row_keys=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature_t"):
+        K.fused_select_logits(h, w, temperature_t=torch.zeros(2))
+    with pytest.raises(ValueError, match="not both"):
+        K.fused_select_logits(h, w, 0.5, temperature_t=torch.zeros(1))
+
+
 class _ShapeLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
