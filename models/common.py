@@ -105,6 +105,49 @@ def write_cache(ck, cv, rows, k, v, start):
     return (ck, cv) if rows is None else (ck[r], cv[r])
 
 
+def project(x: torch.Tensor, linears: tuple) -> tuple:
+    """``x`` through several linears that share it: one GEMM over their concatenated weight when
+    ``fuse_projections_`` fused them, else one GEMM each. Returns one output per linear."""
+    fused = getattr(linears[0], "_dlc_fused", None)
+    if fused is None:
+        return tuple(lin(x) for lin in linears)
+    w, b, sizes = fused
+    return F.linear(x, w, b).split(sizes, dim=-1)
+
+
+def fuse_projections_(model: nn.Module) -> int:
+    """Concatenate the weights of linears that read the same input (q|k|v; the MLP's gate|up) into one tensor,
+    in place: each parameter becomes a row-slice view of it, so names, state_dict and memory are unchanged and
+    ``project`` runs one GEMM instead of three / two (at small batch a Reuse step is weight-read bound and
+    skinny GEMMs stream faster when wide). Call it after the model is on its final device and dtype (moving it
+    afterwards breaks the sharing). Returns the number of fused groups."""
+    n = 0
+    for mod in model.modules():
+        for group in getattr(mod, "fusable", lambda: [])():
+            if getattr(group[0], "_dlc_fused", None) is not None:
+                continue
+            ws = [lin.weight for lin in group]
+            if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
+                continue
+            has_b = [lin.bias is not None for lin in group]
+            if any(has_b) and not all(has_b):
+                continue
+            with torch.no_grad():
+                w = torch.cat([x.detach() for x in ws])
+                b = torch.cat([lin.bias.detach() for lin in group]) if all(has_b) else None
+                sizes, r = [], 0
+                for lin in group:
+                    m = lin.weight.shape[0]
+                    lin.weight.data = w[r:r + m]
+                    if b is not None:
+                        lin.bias.data = b[r:r + m]
+                    sizes.append(m)
+                    r += m
+            group[0]._dlc_fused = (w, b, sizes)
+            n += 1
+    return n
+
+
 def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     """[B, S] bool (True = attend) -> [B, 1, 1, S] for SDPA."""
     return None if key_mask is None else key_mask[:, None, None, :]
@@ -115,7 +158,7 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     """Bidirectional attention with GQA and optional QK-norm; projections are the caller's modules so each
     family keeps its checkpoint's parameter names. Returns (output [B, T, d], (k, v) [B, Hkv, T, D])."""
     B, T, _ = x.shape
-    q, k, v = q_proj(x), k_proj(x), v_proj(x)
+    q, k, v = project(x, (q_proj, k_proj, v_proj))
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     hd = q.shape[-1] // n_heads
@@ -144,7 +187,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         n = self.names
-        return getattr(self, n["down"])(F.silu(getattr(self, n["gate"])(x)) * getattr(self, n["up"])(x))
+        gate, up = project(x, (getattr(self, n["gate"]), getattr(self, n["up"])))
+        return getattr(self, n["down"])(F.silu(gate) * up)
+
+    def fusable(self):
+        return [(getattr(self, self.names["gate"]), getattr(self, self.names["up"]))]
 
 
 class TiedHead(nn.Module):
@@ -178,6 +225,9 @@ class HFAttention(nn.Module):
                 raise ValueError(f"model config: qk_norm is set but the {c.family} family has no QK-norm")
             self.q_norm = head_norm(hd, c.rms_eps)
             self.k_norm = head_norm(hd, c.rms_eps)
+
+    def fusable(self):
+        return [(self.q_proj, self.k_proj, self.v_proj)]
 
     def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
         qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)

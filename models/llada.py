@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import DiffusionLM, RMSNorm, TiedHead, self_attention
+from .common import DiffusionLM, RMSNorm, TiedHead, project, self_attention
 from .config import ModelConfig
 
 HF_MODEL_TYPE = "llada"
@@ -62,12 +62,16 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(c.d_model, c.mlp_hidden, bias=False)
         self.ff_out = nn.Linear(c.mlp_hidden, c.d_model, bias=False)    # down
 
+    def fusable(self):
+        return [(self.q_proj, self.k_proj, self.v_proj), (self.ff_proj, self.up_proj)]
+
     def forward(self, x, cos, sin, mask, cache_kv=None, start: int = 0):
         a, kv = self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
                                cos, sin, mask, self.n_heads, self.n_kv, cache_kv=cache_kv, start=start)
         x = x + a
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), kv
+        gate, up = project(h, (self.ff_proj, self.up_proj))
+        return x + self.ff_out(F.silu(gate) * up), kv
 
 
 class _Transformer(nn.Module):

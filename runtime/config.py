@@ -39,6 +39,9 @@ class ServeConfig:
     age_iters: int = 16                 # a request waiting this many iterations goes first (no starvation)
     seed: int = 0
     drain_timeout_s: float = 60.0
+    cuda_graphs: bool | None = None     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
+    graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
+    compile: bool = False               # torch.compile each transformer block (graph runner only)
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None
@@ -69,6 +72,10 @@ class ServeConfig:
             raise ValueError(f"serve config: chunk_sizes must be positive integers, got {self.chunk_sizes}")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ValueError(f"serve config: max_seq_len must be > 0, got {self.max_seq_len}")
+        if self.graph_decode not in (None, "fused", "exact"):
+            raise ValueError(f"serve config: graph_decode must be 'fused' or 'exact', got {self.graph_decode!r}")
+        if self.compile and self.cuda_graphs is False:
+            raise ValueError("serve config: compile applies to the graph runner; it needs cuda_graphs on")
         if self.api_key == "":
             raise ValueError("serve config: api_key must not be empty (leave it out to disable auth)")
 

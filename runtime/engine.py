@@ -25,6 +25,8 @@ from .config import GEN_KEYS, ServeConfig, model_generation_defaults
 from .batch_runner import BatchRunner
 from .generate import GenerationConfig
 from .granularity import Granularity, measure_step_times
+from .graph_runner import GraphRunner
+from .model_runner import EagerRunner
 from .kv_cache import KVCacheManager
 from .metrics import Metrics
 from .request import CANCELLED, FINISHED, Request, advance, apply
@@ -37,16 +39,33 @@ class QueueFull(RuntimeError):
     pass
 
 
+def graph_runner_for(runner, cfg: ServeConfig):
+    """The runner the engine uses: a GraphRunner over an eager model when cuda_graphs is on (default: on a CUDA
+    device); compiled engines and explicit --no-cuda-graphs keep theirs."""
+    on = cfg.cuda_graphs
+    if on is None:
+        on = type(runner) is EagerRunner and runner.device.type == "cuda"
+    if not on:
+        return runner
+    if type(runner) is not EagerRunner:
+        raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset); compiled engines run their "
+                         "own programs")
+    return GraphRunner(runner.model, decode=cfg.graph_decode, compile=cfg.compile)
+
+
 class Engine:
     def __init__(self, session, cfg: ServeConfig):
         self.session, self.cfg = session, cfg
-        self.runner, self.mc = session.runner, session.config
+        self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.mc.max_seq_len, cfg.max_num_tokens)
         self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
         self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
-                                 self.runner.device, max_slots=cfg.max_batch_size)
+                                 self.runner.device,
+                                 max_slots=cfg.max_batch_size + isinstance(self.runner, GraphRunner))
+        if isinstance(self.runner, GraphRunner):
+            self.runner.bind_pool(self.kv)             # one slot for the graphs' padding rows
         self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
         self.scheduler = SCHEDULERS[cfg.policy](cfg, self.mc, self.kv, self.gran, self.runner.device)
         self.batch_runner = BatchRunner(self.runner, self.kv)
@@ -207,6 +226,9 @@ class Engine:
         if self.cfg.granularity == "elastic":
             sizes = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if n <= self.max_seq]
         timings = measure_step_times(self.runner, sizes, repeats=1 if len(sizes) == 1 else 3)
+        if isinstance(self.runner, GraphRunner):      # capture the default block's Reuse step at every bucket
+            blk = min(self.gen_defaults["block_length"], self.gen_defaults["gen_length"])
+            self.runner.warmup([(blk + self.mc.logit_shift, blk)], self.cfg.max_batch_size)
         if self.cfg.granularity == "elastic":
             self.gran.calibrate(timings)
         self._update_gauges()

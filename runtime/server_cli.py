@@ -33,6 +33,11 @@ def _options(f):
         click.option("--remasking", default=None, type=click.Choice(["low_confidence", "random"])),
         click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual"])),
         click.option("--seed", default=None, type=int),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+                     help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an eager model]"),
+        click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
+                     help="decoding inside the graphs [fused on GPU: Triton selected-row logits]"),
+        click.option("--compile/--no-compile", default=None, help="torch.compile each block (graph runner)"),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -1,0 +1,199 @@
+"""CUDA-graph Reuse steps at bucketed batch sizes, behind the runner contract (dInfer / vLLM style).
+
+A Reuse step feeds one block per row through every layer. At small batch its cost is reading the weights
+(~4 ms for LLaDA-8B on an H200), and launching the ~15 kernels per layer from Python costs about as much
+again. ``GraphRunner`` captures the whole Reuse step (embedding, every layer with its in-place K/V write into
+the serving slot pool, final norm, decoding of the block's rows) once per (batch bucket, fed width, decoded
+width) and replays it:
+
+* batch buckets: a call with B rows replays the smallest bucket >= B (``BUCKETS``); padding rows read and
+  write a scratch slot of the pool that no request owns (``bind_pool`` takes it from the KV manager);
+* per call the host only copies the rows' inputs into the graph's static buffers and replays: host time per
+  call is counted in ``stats`` (``host_s``: preparing + launching; ``replays``), the GPU time is not;
+* decoding inside the graph: ``fused`` (``dlc.kernels.fused_select_logits``: no [B, N, V] logits, float32
+  confidence; the GPU default) or ``exact`` (the eager runner's logits + float64 softmax, so tokens equal
+  ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
+* everything else runs through ``EagerRunner`` unchanged: Refresh and full forwards (compute-bound: launch
+  overhead is noise there), classifier-free guidance, temperature > 0 (per-request generators cannot live
+  inside a graph), fed widths over ``max_width``, batches over the largest bucket, and caches that are not
+  the bound pool. ``stats["eager_reuse"]`` counts those fallbacks.
+
+``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
+layers) before capture; ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
+same parameters, one GEMM instead of three / two)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dlc.models.common import KVCache, fuse_projections_
+
+from .model_runner import EagerRunner, _pad_keys, _take, _width
+from .sampling import Sampling, _uniform, sample_tokens
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+DECODE = ("fused", "exact")
+
+
+@dataclass
+class _Graph:
+    """Static buffers of one captured Reuse step: inputs [bb, ...] and outputs tok/conf [bb, N]."""
+    bb: int
+    T: int
+    N: int
+    ids: torch.Tensor           # [bb, T] fed tokens
+    pos: torch.Tensor           # [bb, T] their positions
+    key_mask: torch.Tensor      # [bb, S] attended cache columns
+    rows: torch.Tensor          # [bb] pool slots
+    start: torch.Tensor         # [bb] cache column of ids[:, 0]
+    off: torch.Tensor           # [bb] first decoded hidden row within the fed slice
+    tok: torch.Tensor | None = None
+    conf: torch.Tensor | None = None
+    graph: object = None
+
+
+class GraphRunner(EagerRunner):
+    def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
+                 compile: bool = False, fuse: bool | None = None, max_width: int = 128):
+        super().__init__(model)
+        cuda = self.device.type == "cuda"
+        self.decode = decode or ("fused" if cuda else "exact")
+        if self.decode not in DECODE:
+            raise ValueError(f"graph runner: decode must be one of {DECODE}, got {self.decode!r}")
+        if capture and not cuda:
+            raise ValueError("graph runner: capture=True needs the model on a CUDA device")
+        self.capture = cuda if capture is None else capture
+        self.buckets = tuple(sorted(int(b) for b in buckets))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"graph runner: buckets must be positive integers, got {buckets}")
+        self.max_width = max_width
+        self.pool = self.scratch = self._mempool = None
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0}
+        if fuse if fuse is not None else cuda:
+            fuse_projections_(model)
+        if compile:
+            for b in model.blocks:
+                b.compile(fullgraph=True)
+
+    # -- the pool ---------------------------------------------------------------------------------------------
+    def bind_pool(self, kv) -> None:
+        """Take one slot of the serving KV pool (``KVCacheManager``) for the padding rows; a pool of one slot
+        leaves graphs off (every Reuse step runs eagerly)."""
+        if kv.n_slots < 2:
+            return
+        self.pool, self.scratch = kv, kv.allocate()
+        if self.scratch is None:
+            raise ValueError("graph runner: bind_pool needs a free KV slot for padding rows")
+
+    def _eligible(self, cache: KVCache, s: Sampling, B: int) -> bool:
+        return (self.pool is not None and cache.rows is not None and cache.k[0] is self.pool.k[0]
+                and s.cfg_scale <= 0 and s.temperature == 0 and s.remasking in ("low_confidence", "random")
+                and B <= self.buckets[-1])
+
+    def bucket(self, B: int) -> int:
+        return next(b for b in self.buckets if b >= B)
+
+    # -- capture ---------------------------------------------------------------------------------------------
+    def _graph(self, bb: int, T: int, N: int) -> _Graph:
+        key = (bb, T, N)
+        if key in self.graphs:
+            return self.graphs[key]
+        t0 = time.perf_counter()
+        dev, S = self.device, self.pool.s_max
+        g = _Graph(bb, T, N,
+                   ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
+                   pos=torch.arange(T, device=dev).repeat(bb, 1),
+                   key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
+                   rows=torch.full((bb,), self.scratch, dtype=torch.long, device=dev),
+                   start=torch.zeros(bb, dtype=torch.long, device=dev),
+                   off=torch.zeros(bb, dtype=torch.long, device=dev))
+        g.key_mask[:, :T] = True
+        if self.capture:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):                                   # warm-up (compile, cuBLAS handles)
+                    self._step(g)
+            torch.cuda.current_stream().wait_stream(s)
+            g.graph = torch.cuda.CUDAGraph()
+            if self._mempool is None:                                # one memory pool for every graph: they
+                self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time, outputs copied out
+            with torch.cuda.graph(g.graph, pool=self._mempool):
+                g.tok, g.conf = self._step(g)
+        self.graphs[key] = g
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
+        return g
+
+    @torch.no_grad()
+    def _step(self, g: _Graph):
+        """The captured computation: static inputs -> (tok [bb, N], conf [bb, N])."""
+        cache = KVCache(self.pool.k, self.pool.v, g.rows)
+        h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
+        rows = _take(h, g.off, g.N)                                               # [bb, N, d]
+        if self.decode == "exact":
+            x0, conf = sample_tokens(self.model.logits(rows), Sampling())
+            return x0, conf
+        from dlc.kernels import fused_select_logits
+        tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self._head_weight())
+        return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
+
+    def _head_weight(self) -> torch.Tensor:
+        head = self.model.head
+        w = head.weight if hasattr(head, "weight") else head._embed[0].weight
+        return w[: self.config.vocab_size]
+
+    # -- the runner contract -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reuse(self, cache: KVCache, ids, pos, key_mask, q, out, s: Sampling, prompt_mask=None):
+        B = ids.shape[0]
+        if not self._eligible(cache, s, B):
+            self.stats["eager_reuse"] += 1
+            return super().reuse(cache, ids, pos, key_mask, q, out, s, prompt_mask)
+        t0 = time.perf_counter()
+        dev = ids.device
+        qa, qb = (torch.as_tensor(v, device=dev).reshape(-1).expand(B) for v in q)
+        a, b = (torch.as_tensor(v, device=dev).reshape(-1).expand(B) for v in out)
+        if self.shift:                                                            # Dream: row a - 1 predicts a
+            qa = torch.minimum(qa, a - self.shift)
+        T, N = _width(qa, qb), _width(a, b)
+        if T > self.max_width or key_mask.shape[1] > self.pool.s_max:
+            self.stats["eager_reuse"] += 1
+            return super().reuse(cache, ids, pos, key_mask, q, out, s, prompt_mask)
+        g = self._graph(self.bucket(B), T, N)
+        g.ids[:B] = _take(ids, qa, T)
+        g.pos[:B] = _take(pos, qa, T)
+        g.key_mask[:B] = _pad_keys(key_mask, self.pool.s_max)
+        g.rows[:B] = cache.rows.to(dev)
+        g.start[:B] = qa
+        g.off[:B] = a - self.shift - qa
+        if B < g.bb:                                                              # padding rows: scratch slot
+            g.rows[B:] = self.scratch
+            g.start[B:] = 0
+            g.off[B:] = 0
+            g.key_mask[B:] = False
+            g.key_mask[B:, :T] = True
+        if g.graph is not None:
+            g.graph.replay()
+            tok, conf = g.tok, g.conf
+        else:
+            tok, conf = self._step(g)
+        x0, conf = tok[:B].clone(), conf[:B].to(torch.float64)
+        if s.remasking == "random":
+            conf = _uniform(x0.shape, x0.device, s.generator)
+        self.stats["replays"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0
+        return x0, conf
+
+    def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
+        """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""
+        if self.pool is None:
+            return
+        for T, N in widths:
+            for bb in self.buckets:
+                self._graph(bb, T, N)
+                if bb >= max_batch:
+                    break
