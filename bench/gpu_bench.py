@@ -134,6 +134,21 @@ def set_compiled(model, on: bool) -> None:
             b._compiled_call_impl = b._dlc_compiled if on else None
 
 
+def set_fused(model, on: bool) -> None:
+    """q|k|v and gate|up as one GEMM each (dlc.models.common.fuse_projections_) on or off; the eager baselines
+    run unfused, as the model issues its products."""
+    for m in model.modules():
+        if on and hasattr(m, "_dlc_fused_off"):
+            m._dlc_fused = m.__dict__.pop("_dlc_fused_off")
+        elif not on and getattr(m, "_dlc_fused", None) is not None:
+            m._dlc_fused_off, m._dlc_fused = m._dlc_fused, None
+
+
+def optimized(model, on: bool, args) -> None:
+    set_compiled(model, on and args.compile)
+    set_fused(model, on and args.fuse)
+
+
 class Graphed:
     """fn() captured as one CUDA graph (fn reads/writes only static tensors); eager call on CPU."""
 
@@ -223,9 +238,9 @@ def bench_reuse(model, args, dev, g, floor_ms):
         ids, pos, km = eager_inputs(cfg, B, L, dev, g)
         cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, dev)
         runner.refresh(ids, pos, km, (a, a + T), s, cache=cache)          # fill the cache once
-        set_compiled(model, False)
+        optimized(model, False, args)
         eager = time_ms(lambda: runner.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s), dev, args.iters)
-        set_compiled(model, args.compile)
+        optimized(model, True, args)
         blk = ids[:, a:a + T].contiguous()
         step = Graphed(lambda: fused_decode(model, model(blk, None, None, cache, a)), dev, args.graphs)
         opt = time_ms(step, dev, args.iters)
@@ -242,7 +257,43 @@ def bench_reuse(model, args, dev, g, floor_ms):
         NOTES.append(f"Reuse B={B}: optimized vs eager token agreement {agree:.3f} (bf16 compiled vs eager)")
         del cache, step
         free(dev)
+        rt, host, wall = runtime_reuse(model, args, dev, B, ids, pos, km)
+        add_row("Reuse step via dlc.runtime GraphRunner", f"B={B}", eager, rt, floor_ms, rt / floor_ms, "", None,
+                "ms")
+        NOTES.append(f"runtime Reuse B={B}: GraphRunner.reuse (slot pool, key mask, bucket padding, copy-out) "
+                     f"{rt:.2f} ms GPU-timed, {wall:.2f} ms wall per call with a sync; host work {host:.3f} ms "
+                     f"per call (prepare + launch, queued ahead of the GPU)")
+        free(dev)
     return res
+
+
+@torch.no_grad()
+def runtime_reuse(model, args, dev, B, ids, pos, km):
+    """The product's Reuse path: dlc.runtime.GraphRunner over a KVCacheManager slot pool, as the engine calls
+    it. -> (ms per call by CUDA events, host ms per call from its stats, wall ms per call with a sync)."""
+    from dlc.runtime.graph_runner import GraphRunner
+    from dlc.runtime.kv_cache import KVCacheManager, slot_bytes
+    cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
+    dt = next(model.parameters()).dtype
+    kv = KVCacheManager(cfg, L, slot_bytes(cfg, L, dt) * (B + 1), dt, dev, max_slots=B + 1)
+    gr = GraphRunner(model, decode="fused", fuse=False, capture=args.graphs and dev.type == "cuda")
+    gr.bind_pool(kv)
+    cache = kv.view([kv.allocate() for _ in range(B)])
+    s = Sampling()
+    gr.refresh(ids, pos, km, (a, a + T), s, cache=cache)
+    call = lambda: gr.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s)       # noqa: E731
+    ms = time_ms(call, dev, args.iters)
+    h0, n0 = gr.stats["host_s"], gr.stats["replays"]
+    walls = []
+    for _ in range(args.iters):
+        sync(dev)
+        t = time.perf_counter()
+        call()
+        sync(dev)
+        walls.append((time.perf_counter() - t) * 1e3)
+    host = (gr.stats["host_s"] - h0) / max(gr.stats["replays"] - n0, 1) * 1e3
+    del kv, cache, gr
+    return ms, host, statistics.median(walls)
 
 
 @torch.no_grad()
@@ -251,9 +302,9 @@ def bench_refresh(model, args, dev, g, floor_ms):
     runner = EagerRunner(model)
     ids, pos, km = eager_inputs(cfg, 1, L, dev, g)
     cache = KVCache.empty(cfg, 1, L, next(model.parameters()).dtype, dev)
-    set_compiled(model, False)
+    optimized(model, False, args)
     eager = time_ms(lambda: runner.refresh(ids, pos, km, (a, a + T), Sampling(), cache=cache), dev, args.iters)
-    set_compiled(model, args.compile)
+    optimized(model, True, args)
 
     def step():
         h = model(ids, None, None, cache, 0)                             # [1, L, d]; fills the cache
@@ -506,7 +557,7 @@ def bench_e2e(model, args, dev, g):
     cfg = model.config
     for B in args.e2e_batches:
         x0 = initial_state(cfg, B, args, dev, g)
-        set_compiled(model, False)
+        optimized(model, False, args)
         x = x0.clone()
         sync(dev)
         t = time.perf_counter()
@@ -515,7 +566,7 @@ def bench_e2e(model, args, dev, g):
         base_s = time.perf_counter() - t
         base_x = x
         free(dev)
-        set_compiled(model, args.compile)
+        optimized(model, True, args)
         fast = FastDual(model, x0.clone(), args, dev)                   # capture (warm-up runs excluded)
         x = x0.clone()
         sync(dev)
@@ -534,65 +585,117 @@ def bench_e2e(model, args, dev, g):
         target = ">= 2x eager" if B == 32 else ""
         add_row("End-to-end tok/s (512+256, blk 32)", f"B={B}", ntok / base_s, ntok / opt_s, None,
                 base_s / opt_s, target, None if B != 32 else base_s / opt_s >= 2.0, "tok/s")
-        del fast, x, base_x, x0
+        del fast, x, base_x
         free(dev)
+        eng_s, _ = engine_e2e(model, args, dev, x0)
+        add_row("End-to-end via dlc.runtime Engine (GraphRunner)", f"B={B}", ntok / base_s, ntok / eng_s, None,
+                base_s / eng_s, "", None, "tok/s")
+        del x0
+        free(dev)
+
+
+@torch.no_grad()
+def engine_e2e(model, args, dev, x0):
+    """The same fixed schedule through the product: all B requests in one dlc.runtime.Engine (FCFS static
+    batch = the schedule above; Refresh by the eager runner, Reuse by GraphRunner). -> (seconds, agreement)."""
+    P, gen, blk = args.prompt, args.gen, args.block
+    optimized(model, True, args)
+    B, L = x0.shape
+    eng = make_engine(model, dev, "fcfs", B, L, 2 * B * L, args.graphs)
+    prompts = [x0[b, :P].tolist() for b in range(B)]
+    params = dict(gen_length=blk, block_length=blk, steps=blk)
+    eng.generate(prompts, params)                                      # warm-up: capture, compile
+    params = dict(gen_length=gen, block_length=blk, steps=gen)
+    sync(dev)
+    t = time.perf_counter()
+    outs = eng.generate(prompts, params)
+    sync(dev)
+    secs = time.perf_counter() - t
+    n = min(len(o) for o in outs)
+    NOTES.append(f"e2e B={B} via Engine: {secs:.2f} s, {len(outs[0])} tokens per request, graph replays "
+                 f"{eng.runner.stats.get('replays', 0) if hasattr(eng.runner, 'stats') else 0}")
+    return secs, n
 
 
 # ----------------------------------------------------------------------------------------------- serving
 def bench_serving(model, args, dev, g):
-    """Phase-multiplexed vs FCFS scheduling through dlc.runtime.Engine on the eager runner (staggered arrivals)."""
-    try:
-        import dlc.runtime.scheduler  # noqa: F401
-        from dlc.runtime.config import ServeConfig
-        from dlc.runtime.engine import Engine
-        from dlc.runtime.session import Session
-    except ImportError:
-        log("serving throughput / p99, phase-multiplexed vs FCFS: not available in this build")
-        add_row("Serving (phase vs FCFS)", "-", None, None, None, None, "not available in this build", None, "")
-        return
+    """Phase-multiplexed vs FCFS through dlc.runtime.Engine (GraphRunner Reuse steps on CUDA) under the burst
+    workload of dlc.runtime.loadgen: every request at t = 0, prompt and generation lengths drawn per request."""
+    from dlc.runtime.loadgen import Workload
     cfg = model.config
-    prompts = [torch.randint(0, cfg.mask_id, (args.serve_prompt,), generator=g.__class__().manual_seed(i)).tolist()
-               for i in range(args.serve_requests)]
+    wl = Workload(pattern="burst", num_requests=args.serve_requests, prompt_len=(args.serve_prompt // 2,
+                  args.serve_prompt), gen_lens=tuple(args.serve_gens), block_length=args.block,
+                  tokens_per_step=args.serve_tps, seed=0)
+    rng = torch.Generator().manual_seed(0)          # the workload's lengths; token ids over the model's vocab
+    prompts = [(torch.randint(0, cfg.mask_id, (len(q["prompt"]),), generator=rng).tolist(), q["gen_length"])
+               for q in wl.requests()]
+    seq = args.serve_prompt + max(args.serve_gens)
     out = {}
-    seq = args.serve_prompt + args.serve_gen
-    slot_mib = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * seq * 2 / 2**20
+    optimized(model, True, args)
     for policy in ("fcfs", "phase"):
-        set_compiled(model, False)
-        sc = ServeConfig(model="bench", policy=policy, device=str(dev), max_batch_size=args.serve_batch,
-                         max_num_tokens=max(8192, args.serve_batch * seq), max_seq_len=seq,
-                         kv_cache_mb=slot_mib * args.serve_batch + 1, max_queue=4096,
-                         gen_length=args.serve_gen, block_length=args.block, steps=args.serve_gen, kv_cache="dual")
-        eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
-        t0 = time.monotonic()
-        arrivals = [t0 + i * args.serve_gap_s for i in range(len(prompts))]
-        reqs, nxt = [], 0
-        while nxt < len(prompts) or eng.has_work():
-            now = time.monotonic()
-            while nxt < len(prompts) and arrivals[nxt] <= now:
-                r = eng.make_request(prompts[nxt])
-                r.arrival = arrivals[nxt]
-                eng.add_request(r)
-                reqs.append(r)
-                nxt += 1
-            if eng.has_work():
-                eng.step()
-            else:
-                time.sleep(max(0.0, arrivals[nxt] - now))
-            if time.monotonic() - t0 > args.serve_timeout_s:
-                NOTES.append(f"serving {policy}: stopped at the {args.serve_timeout_s}s cap")
-                break
-        sync(dev)
-        done = [r for r in reqs if r.finish_time is not None]
-        span = max(r.finish_time for r in done) - t0 if done else float("nan")
-        lat = sorted(r.finish_time - r.arrival for r in done)
-        p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else float("nan")
-        out[policy] = (sum(len(r.output_ids) for r in done) / span, p99, len(done))
+        eng = make_engine(model, dev, policy, args.serve_batch, seq, args.serve_batch * seq * 2, args.graphs)
+        run_burst(eng, prompts[: args.serve_batch], args, seq_cap=True)            # warm-up: capture, compile
         free(dev)
-    (ft, fp, fn), (pt, pp, pn) = out["fcfs"], out["phase"]
-    add_row("Serving tok/s (phase vs FCFS)", f"{pn}/{args.serve_requests} req", ft, pt, None, pt / ft, "", None,
-            "tok/s")
-    add_row("Serving p99 latency (phase vs FCFS)", f"{fn}/{args.serve_requests} req", fp, pp, None, pp / fp, "",
-            None, "s")
+        eng = make_engine(model, dev, policy, args.serve_batch, seq, args.serve_batch * seq * 2, args.graphs,
+                          runner=eng.runner)
+        out[policy] = run_burst(eng, prompts, args)
+        free(dev)
+    (ft, fp, fn, fi), (pt, pp, pn, pi) = out["fcfs"], out["phase"]
+    add_row("Serving tok/s, burst (phase vs FCFS)", f"{pn}/{len(prompts)} req", ft, pt, None, pt / ft,
+            ">= 1.8x FCFS", pt / ft >= 1.8, "tok/s")
+    add_row("Serving p99 latency, burst (phase vs FCFS)", f"{fn}/{len(prompts)} req", fp, pp, None, pp / fp,
+            "<= 0.25x FCFS", pp / fp <= 0.25, "s")
+    NOTES.append(f"serving burst: {len(prompts)} requests at t=0, prompts {wl.prompt_len}, gen lengths "
+                 f"{wl.gen_lens}, block {args.block}, {args.serve_tps} tokens/step, max batch {args.serve_batch}; "
+                 f"per iteration: fcfs {fi}, phase {pi}")
+
+
+def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    from dlc.runtime.session import Session
+    cfg = model.config
+    mib = slot_bytes(cfg, seq, next(model.parameters()).dtype) * (batch + 1) / 2**20 + 1
+    sc = ServeConfig(model="bench", policy=policy, device=str(dev), max_batch_size=batch, max_num_tokens=tokens,
+                     max_seq_len=seq, kv_cache_mb=mib, max_queue=4096, gen_length=64, block_length=32,
+                     steps=64, kv_cache="dual", cuda_graphs=graphs and dev.type == "cuda")
+    eng = Engine(Session(runner or EagerRunner(model), None, cfg, False, "bench"), sc)
+    return eng
+
+
+def run_burst(eng, prompts, args, seq_cap=False):
+    """All prompts at once through eng; -> (tok/s, p99 latency s, finished, iteration note)."""
+    from dlc.runtime.graph_runner import GraphRunner
+    gr = eng.runner if isinstance(eng.runner, GraphRunner) else None
+    h0 = dict(gr.stats) if gr else {}
+    t0 = time.monotonic()
+    reqs = []
+    for p, gl in prompts:
+        gl = min(gl, 64) if seq_cap else gl
+        r = eng.make_request(p, dict(gen_length=gl, block_length=args.block, steps=gl // args.serve_tps))
+        r.arrival = t0
+        eng.add_request(r)
+        reqs.append(r)
+    iters = 0
+    while eng.has_work():
+        eng.step()
+        iters += 1
+        if time.monotonic() - t0 > args.serve_timeout_s:
+            NOTES.append(f"serving {eng.cfg.policy}: stopped at the {args.serve_timeout_s}s cap")
+            break
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    wall = time.monotonic() - t0
+    done = [r for r in reqs if r.finish_time is not None]
+    lat = sorted(r.finish_time - r.arrival for r in done)
+    p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else float("nan")
+    span = max(r.finish_time for r in done) - t0 if done else float("nan")
+    note = f"{iters} iterations, {wall / max(iters, 1) * 1e3:.1f} ms each"
+    if gr:
+        n = gr.stats["replays"] - h0["replays"]
+        note += (f", {n} graph replays ({(gr.stats['host_s'] - h0['host_s']) / max(n, 1) * 1e3:.2f} ms host "
+                 f"each), {gr.stats['eager_reuse'] - h0['eager_reuse']} eager Reuse calls")
+    return sum(len(r.output_ids) for r in done) / span, p99, len(done), note
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -638,12 +741,13 @@ def parse_args(argv=None):
     p.add_argument("--logit-budget-mib", type=int, default=256)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-graphs", dest="graphs", action="store_false")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs")
     p.add_argument("--sections", default="kernels,reuse,refresh,memory,e2e,serving")
-    p.add_argument("--serve-requests", type=int, default=24)
+    p.add_argument("--serve-requests", type=int, default=48)
     p.add_argument("--serve-prompt", type=int, default=128)
-    p.add_argument("--serve-gen", type=int, default=64)
+    p.add_argument("--serve-gens", default="64,128,256", help="generation lengths drawn per request")
+    p.add_argument("--serve-tps", type=int, default=2, help="tokens per step (steps = gen / this)")
     p.add_argument("--serve-batch", type=int, default=16)
-    p.add_argument("--serve-gap-s", type=float, default=0.05)
     p.add_argument("--serve-timeout-s", type=float, default=60.0)
     p.add_argument("--kernel-rows", default="32,1024")
     p.add_argument("--sweep", action="store_true", help="sweep fused-logits tile configs in the kernels section")
@@ -655,8 +759,8 @@ def parse_args(argv=None):
         a.preset, a.device, a.prompt, a.gen, a.block = "tiny-llada", "cpu", 24, 16, 8
         a.batches, a.mem_batches, a.e2e_batches, a.iters, a.kernel_rows = "1,2", "1,2", "1,2", 2, "4"
         a.compile, a.graphs = False, False
-        a.serve_requests, a.serve_prompt, a.serve_gen, a.serve_batch, a.serve_gap_s = 4, 8, 16, 4, 0.0
-    for name in ("batches", "mem_batches", "e2e_batches", "kernel_rows"):
+        a.serve_requests, a.serve_prompt, a.serve_gens, a.serve_batch = 6, 8, "8,16", 4
+    for name in ("batches", "mem_batches", "e2e_batches", "kernel_rows", "serve_gens"):
         setattr(a, name, [int(v) for v in getattr(a, name).split(",") if v])
     a.sections = set(a.sections.split(","))
     if a.gen % a.block:
@@ -690,6 +794,9 @@ def main(argv=None):
     refresh_floor = 2 * nparams * (args.prompt + args.gen) / rate * 1e3
     add_row("Floors", "copy BW / bf16 matmul", None, None, None, None,
             f"{bw / 1e12:.2f} TB/s, {rate / 1e12:.0f} TFLOP/s", None, "")
+    if args.fuse:
+        from dlc.models.common import fuse_projections_
+        log(f"fused projection groups: {fuse_projections_(model)}")
     if args.compile:
         compile_blocks(model)
     sections = [("kernels", lambda: bench_kernels(model, args, dev, g)),
