@@ -1,7 +1,8 @@
 """Head-sparse attention for the Reuse phase (Sparse-dLLM / dLLM-Serve's head-centric sparsity).
 
 At Refresh every KV head picks its own subset of cached positions (``select_positions``: the block's mean query
-scores the cache, max over the query heads of the group, 1-D max-pool of width 3, top ``retention`` fraction).
+scores the cache, or with ``v`` the block's attention probabilities times ||v|| as the ``sparsify_heads`` pass
+does; max over the query heads of the group, 1-D max-pool, top ``retention`` fraction).
 At Reuse the block's queries attend to those positions plus the block's own fresh K/V:
 
     out[b, h] = softmax(q[b, h] @ [K_sel[b, g]; K_blk[b, g]]^T / sqrt(D)) @ [V_sel[b, g]; V_blk[b, g]]
@@ -46,16 +47,26 @@ def sparse_attention_reference(q, k, v, k_blk, v_blk, idx=None):
 
 
 def select_positions(q_blk: torch.Tensor, k: torch.Tensor, retention: float, key_mask: torch.Tensor | None = None,
-                     pool: int = 3) -> torch.Tensor:
+                     pool: int = 3, v: torch.Tensor | None = None) -> torch.Tensor:
     """Per-KV-head positions to keep: q_blk [B, H, T, D], k [B, Hkv, S, D] -> idx [B, Hkv, n] (sorted, int64).
 
-    Score = mean query of the block . k / sqrt(D), max over the group's query heads, max-pooled along positions
-    (kernel ``pool``); masked keys (key_mask [B, S] False) never win. n = ceil(retention * S)."""
+    Without ``v`` (Sparse-dLLM's score): mean query of the block . k / sqrt(D). With ``v`` [B, Hkv, S, D] (the
+    score of dlc's ``sparsify_heads`` pass, which keeps answers on trained models; docs/QUALITY.md): the
+    block's attention probabilities averaged over its queries, times ||v||. Either score is maxed over the
+    group's query heads and max-pooled along positions (kernel ``pool``, 1 = none); masked keys (key_mask
+    [B, S] False) never win. n = ceil(retention * S)."""
     check(0 < retention <= 1, f"retention must be in (0, 1], got {retention}")
     B, H, T, D = q_blk.shape
     Hkv, S = k.shape[1], k.shape[2]
-    qm = q_blk.float().mean(2).view(B, Hkv, H // Hkv, D)               # [B, Hkv, rep, D]
-    score = torch.einsum("bgrd,bgsd->bgrs", qm, k.float()).amax(2) / math.sqrt(D)   # [B, Hkv, S]
+    if v is None:
+        qm = q_blk.float().mean(2).view(B, Hkv, H // Hkv, D)           # [B, Hkv, rep, D]
+        score = torch.einsum("bgrd,bgsd->bgrs", qm, k.float()).amax(2) / math.sqrt(D)   # [B, Hkv, S]
+    else:
+        qg = q_blk.float().view(B, Hkv, H // Hkv, T, D)
+        logits = torch.einsum("bgrtd,bgsd->bgrts", qg, k.float()) / math.sqrt(D)      # [B, Hkv, rep, T, S]
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, None, :], -math.inf)
+        score = (logits.softmax(-1).mean(3) * v.float().norm(dim=-1)[:, :, None, :]).amax(2)   # [B, Hkv, S]
     if pool > 1:
         score = F.max_pool1d(score, pool, stride=1, padding=pool // 2)
     if key_mask is not None:

@@ -1,11 +1,22 @@
 """Head-centric sparse attention (Sparse-dLLM / dLLM-Serve): each KV head keeps its own positions.
 
-* ``refresh``: scores every cached position per KV head with the mean query of the decoded block,
-  ``q_mean . k / sqrt(D)``, max over the query heads of the group, smoothed by a 1-D max-pool (kernel 3);
-  padding keys score -inf. New output ``head_scores [n_layers, B, Hkv, L]`` (float32).
+* ``refresh``: scores every cached position per KV head by its expected contribution to the decoded block's
+  attention outputs: ``mean_t softmax_j(q_t . k_j / sqrt(D)) * ||v_j||`` over the block's queries t (attention
+  probability from the block's own queries, as SnapKV / H2O accumulate it, weighted by the value norm as in
+  VATP, arXiv 2406.12335), max over the query heads of the group; optionally smoothed by a 1-D max-pool
+  (``POOL_KERNEL``; Sparse-dLLM uses 3); padding keys score -inf. New output ``head_scores [n_layers, B, Hkv, L]``
+  (float32).
 * ``reuse``: new input ``keep_idx [n_layers, B, Hkv, K]`` (ascending cache columns per head, chosen by the
   runner: the top ``retention`` fraction of positions by score plus the fed columns). After the cache write
   each layer gathers those K columns of K/V and of the key mask per head, and attends over them only.
+
+Why not Sparse-dLLM's score (``mean_t q_t . k_j``, raw logits of the mean query, pool 3): on the trained
+``dlc-tiny`` (docs/QUALITY.md) it kept the wrong half of the context (low-confidence dual, retention 0.5:
+78.5% vs 100% dense). The mean of the queries is not the mean of their attention: queries that attend to
+different positions (each answer character copies a different prompt character) average out, and raw logits
+ignore the softmax's normalisation across keys. Per-query probabilities fix that (97.0%); weighting by ``||v_j||``
+ranks keys by how much they move the output rather than how much they are looked at (99.5%). Max-pooling
+blurs the choice onto neighbours and cost 1.5-3.5 points there, so it is off by default.
 
 With retention 1.0 the runner keeps every column in order: the gather is the identity and attention equals
 the dense program exactly. Rewrites counted: one per attention layer."""
@@ -19,7 +30,14 @@ import torch.nn.functional as F
 
 from .graph_utils import add_input, attention_nodes, inline, kv_source, outputs, placeholders, set_outputs
 
-POOL_KERNEL = 3
+POOL_KERNEL = 1          # 1-D max-pool width over positions of the scores (1: none; Sparse-dLLM uses 3); odd
+SCORE = "attention x value norm, mean over the block's queries, max over the group"
+
+
+def params(ctx) -> dict:
+    """The pass's parameters as config.json should record them (PassContext.params)."""
+    return {"retention": ctx.sparse_retention, "score": SCORE,
+            "pool_kernel": getattr(ctx, "sparse_pool_kernel", POOL_KERNEL)}
 
 
 def run(gm: fx.GraphModule, ctx) -> int:
@@ -28,34 +46,56 @@ def run(gm: fx.GraphModule, ctx) -> int:
     return _refresh(gm, ctx) if ctx.phase == "refresh" else _reuse(gm, ctx)
 
 
-def head_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, out_index: torch.Tensor,
-                group: int) -> torch.Tensor:
-    """q [B, H, L, D], k [B, Hkv, L, D], key_mask [B, L], out_index [B, N] -> scores [B, Hkv, L] (float32)."""
+def head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, out_index: torch.Tensor,
+                group: int, pool: int = POOL_KERNEL) -> torch.Tensor:
+    """q [B, H, L, D], k/v [B, Hkv, L, D], key_mask [B, L], out_index [B, N] -> scores [B, Hkv, L] (float32):
+    mean over the N block queries of the attention probability of each key times the key's value norm, max
+    over the group's query heads, max-pooled over positions with width ``pool``; padding keys -inf."""
     idx = out_index[:, None, :, None].expand(-1, q.size(1), -1, q.size(3))        # [B, H, N, D]
-    q_mean = torch.gather(q, 2, idx).float().mean(2)                             # [B, H, D]
+    qb = torch.gather(q, 2, idx).float()                                          # [B, H, N, D]
     kf = k.float().repeat_interleave(group, dim=1)                                # [B, H, L, D]
-    s = torch.einsum("bhd,bhld->bhl", q_mean, kf) / math.sqrt(q.size(3))          # [B, H, L]
+    vf = v.float()
+    vnorm = (vf * vf).sum(-1).sqrt().repeat_interleave(group, dim=1)              # [B, H, L]
+    logits = torch.einsum("bhnd,bhld->bhnl", qb, kf) / math.sqrt(q.size(3))       # [B, H, N, L]
+    logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    s = logits.softmax(-1).mean(2) * vnorm                                        # [B, H, L]
     s = s.unflatten(1, (-1, group)).amax(2)                                       # [B, Hkv, L]
-    s = max_pool3(s)
+    if pool > 1:
+        s = max_pool(s, pool)
     return s.masked_fill(~key_mask[:, None, :], float("-inf"))
 
 
+def max_pool(s: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """1-D max-pool over the last dim, odd ``kernel``, stride 1, -inf padding (= F.max_pool1d(s, kernel, 1,
+    kernel // 2)); written with slices so export keeps the length symbolic and ONNX needs no pooling op."""
+    if kernel % 2 != 1:
+        raise ValueError(f"pool kernel must be odd, got {kernel}")
+    r = kernel // 2
+    p = F.pad(s, (r, r), value=float("-inf"))
+    n = p.size(-1) - 2 * r
+    out = p[..., r:r + n]
+    for o in range(-r, r + 1):
+        if o:
+            out = torch.maximum(out, p[..., r + o:r + o + n])
+    return out
+
+
 def max_pool3(s: torch.Tensor) -> torch.Tensor:
-    """1-D max-pool over the last dim, kernel 3, stride 1, -inf padding (= F.max_pool1d(s, 3, 1, 1)); written
-    with slices so export keeps the length symbolic and ONNX needs no pooling op."""
-    p = F.pad(s, (1, 1), value=float("-inf"))
-    return torch.maximum(torch.maximum(p[..., :-2], p[..., 1:-1]), p[..., 2:])
+    """Kernel-3 max-pool (Sparse-dLLM's smoothing)."""
+    return max_pool(s, 3)
 
 
 def _refresh(gm: fx.GraphModule, ctx) -> int:
     ph = placeholders(gm)
     out_index = add_input(gm, "out_index")
     group = ctx.config.n_heads // ctx.config.n_kv_heads
+    pool = getattr(ctx, "sparse_pool_kernel", POOL_KERNEL)
     scores = []
     for attn in attention_nodes(gm):
         k = kv_source(attn.args[1], ctx.config.n_kv_heads)
-        (s,) = inline(gm, lambda q, kk, km, oi: (head_scores(q, kk, km, oi, group),),
-                      [attn.args[0], k, ph["key_mask"], out_index])
+        v = kv_source(attn.args[2], ctx.config.n_kv_heads)
+        (s,) = inline(gm, lambda q, kk, vv, km, oi: (head_scores(q, kk, vv, km, oi, group, pool),),
+                      [attn.args[0], k, v, ph["key_mask"], out_index])
         scores.append(s)
     (stacked,) = inline(gm, lambda *t: (torch.stack(t),), scores)
     set_outputs(gm, outputs(gm) + [stacked])                  # + head_scores [n_layers, B, Hkv, L]

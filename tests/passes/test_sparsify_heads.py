@@ -3,11 +3,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from passes_helpers import tiny, token_state, traced
 from dlc.compiler import in_memory_runner
 from dlc.passes.pipeline import PassContext, run_pipeline
-from dlc.passes.sparsify_heads import head_scores
+from dlc.passes.sparsify_heads import head_scores, max_pool
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.sampling import Sampling
 
@@ -36,25 +37,66 @@ def test_graph_has_per_head_gathers():
     assert ctx.counts[("sparsify_heads", "reuse")] == ctx.counts[("sparsify_heads", "refresh")] == c.n_layers
 
 
-def test_head_scores_match_a_loop_reference():
-    g = torch.Generator().manual_seed(0)
-    B, H, Hkv, L, D = 2, 4, 2, 9, 8
-    q, k = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
-    km = torch.ones(B, L, dtype=torch.bool)
-    km[1, :2] = False
-    out = torch.tensor([[4, 5, 6], [5, 6, 7]])
-    s = head_scores(q, k, km, out, H // Hkv)
+def _loop_scores(q, k, v, km, out, group, pool):
+    """Per (row, kv head, key): mean over the block's queries of softmax(q.k/sqrt(D)) * ||v||, max over the
+    group's query heads, then a width-``pool`` max over neighbours; padding keys -inf."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
     ref = torch.empty(B, Hkv, L)
     for b in range(B):
+        valid = [j for j in range(L) if km[b, j]]
         for h in range(Hkv):
             raw = []
             for j in range(L):
-                best = max(float(q[b, hq, out[b]].mean(0) @ k[b, h, j]) / math.sqrt(D)
-                           for hq in range(h * 2, h * 2 + 2))
+                best = float("-inf")
+                for hq in range(h * group, (h + 1) * group):
+                    acc = 0.0
+                    for t in out[b].tolist():
+                        logits = {i: float(q[b, hq, t] @ k[b, h, i]) / math.sqrt(D) for i in valid}
+                        z = sum(math.exp(x) for x in logits.values())
+                        acc += math.exp(logits[j]) / z if j in logits else 0.0
+                    best = max(best, acc / len(out[b]) * float(v[b, h, j].norm()))
                 raw.append(best)
+            r = pool // 2
             for j in range(L):
-                ref[b, h, j] = max(raw[max(0, j - 1):j + 2]) if km[b, j] else float("-inf")
-    assert torch.allclose(s, ref, atol=1e-5)
+                ref[b, h, j] = max(raw[max(0, j - r):j + r + 1]) if km[b, j] else float("-inf")
+    return ref
+
+
+@pytest.mark.parametrize("pool", [1, 3])
+def test_head_scores_match_a_loop_reference(pool):
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D = 2, 4, 2, 9, 8
+    q, k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :2] = False
+    out = torch.tensor([[4, 5, 6], [5, 6, 7]])
+    s = head_scores(q, k, v, km, out, H // Hkv, pool)
+    assert torch.allclose(s, _loop_scores(q, k, v, km, out, H // Hkv, pool), atol=1e-5)
+
+
+def test_max_pool_equals_max_pool1d():
+    s = torch.randn(2, 3, 11)
+    for kernel in (1, 3, 5):
+        assert torch.equal(max_pool(s, kernel), F.max_pool1d(s, kernel, 1, kernel // 2))
+    with pytest.raises(ValueError, match="odd"):
+        max_pool(s, 2)
+
+
+def test_scores_follow_each_query_not_the_mean_query():
+    """Two block queries that attend to different keys: both keys outrank a key neither query attends to,
+    although the mean query (Sparse-dLLM's score) ranks that key first."""
+    D = 4
+    e = torch.eye(D) * 8
+    k = torch.stack([e[0], e[1], (e[0] + e[1]) * 0.6, e[3] * 0, e[2] * 0])[None, None]      # [1, 1, 5, D]
+    q = torch.zeros(1, 1, 5, D)
+    q[0, 0, 3], q[0, 0, 4] = e[0], e[1]                                                     # block = rows 3, 4
+    v = torch.ones(1, 1, 5, D)
+    km = torch.ones(1, 5, dtype=torch.bool)
+    s = head_scores(q, k, v, km, torch.tensor([[3, 4]]), 1)[0, 0]
+    assert s[0] > s[2] and s[1] > s[2]
+    mean_q = (q[0, 0, 3:5].mean(0) @ k[0, 0].T)
+    assert mean_q[2] > mean_q[0] and mean_q[2] > mean_q[1]
 
 
 def test_retention_one_equals_dense_exactly(family):
