@@ -42,22 +42,20 @@ class BatchRunner:
         return out
 
     def _inputs(self, reqs):
-        W = max(r.L for r in reqs)
         dev = reqs[0].x.device
-        ids = torch.full((len(reqs), W), self.mc.mask_id, dtype=torch.long, device=dev)   # [B, W]
-        key_mask = torch.zeros(len(reqs), W, dtype=torch.bool, device=dev)
-        prompt_mask = torch.zeros_like(key_mask)
-        for b, r in enumerate(reqs):
-            ids[b, :r.L] = r.x
-            key_mask[b, :r.L] = True
-            prompt_mask[b, :r.P] = True
-        pos = torch.arange(W, device=dev)[None].expand(len(reqs), W)
+        ids = torch.nn.utils.rnn.pad_sequence([r.x for r in reqs], batch_first=True,
+                                              padding_value=self.mc.mask_id)                 # [B, W]
+        W = ids.shape[1]
+        lp = torch.tensor([[r.L, r.P] for r in reqs], dtype=torch.long).to(dev, non_blocking=True)   # [B, 2]
+        ar = torch.arange(W, device=dev)[None]                                               # [1, W]
+        key_mask, prompt_mask = ar < lp[:, :1], ar < lp[:, 1:]
+        pos = ar.expand(len(reqs), W)
         return ids, pos, key_mask, prompt_mask
 
     def _call(self, reqs):
         r0 = reqs[0]
         ids, pos, key_mask, prompt_mask = self._inputs(reqs)
-        dev = ids.device
+        dev = "cpu" if getattr(self.runner, "host_bounds", False) else ids.device   # GraphRunner: no H2D, no sync
         col = lambda v: torch.tensor(v, dtype=torch.long, device=dev)      # noqa: E731
         out = (col([r.bs for r in reqs]), col([r.be for r in reqs]))
         gens = [r.generator for r in reqs]

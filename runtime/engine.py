@@ -42,6 +42,8 @@ class QueueFull(RuntimeError):
 def graph_runner_for(runner, cfg: ServeConfig):
     """The runner the engine uses: a GraphRunner over an eager model when cuda_graphs is on (default: on a CUDA
     device); compiled engines and explicit --no-cuda-graphs keep theirs."""
+    if isinstance(runner, GraphRunner):
+        return runner
     on = cfg.cuda_graphs
     if on is None:
         on = type(runner) is EagerRunner and runner.device.type == "cuda"

@@ -30,7 +30,7 @@ import torch
 
 from dlc.models.common import KVCache, fuse_projections_
 
-from .model_runner import EagerRunner, _pad_keys, _take, _width
+from .model_runner import EagerRunner, _take, _width
 from .sampling import Sampling, _uniform, sample_tokens
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -46,12 +46,16 @@ class _Graph:
     ids: torch.Tensor           # [bb, T] fed tokens
     pos: torch.Tensor           # [bb, T] their positions
     key_mask: torch.Tensor      # [bb, S] attended cache columns
-    rows: torch.Tensor          # [bb] pool slots
-    start: torch.Tensor         # [bb] cache column of ids[:, 0]
-    off: torch.Tensor           # [bb] first decoded hidden row within the fed slice
+    meta: torch.Tensor          # [3, bb] pool slot, cache column of ids[:, 0], first decoded row in the slice
+    meta_host: torch.Tensor     # [3, bb] its staging copy on the host (pinned on CUDA)
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
     graph: object = None
+    rows_used: int = 0          # real rows of the last call (padding rows past it are already reset)
+
+    rows = property(lambda self: self.meta[0])
+    start = property(lambda self: self.meta[1])
+    off = property(lambda self: self.meta[2])
 
 
 class GraphRunner(EagerRunner):
@@ -82,6 +86,10 @@ class GraphRunner(EagerRunner):
     def bind_pool(self, kv) -> None:
         """Take one slot of the serving KV pool (``KVCacheManager``) for the padding rows; a pool of one slot
         leaves graphs off (every Reuse step runs eagerly)."""
+        if kv is self.pool:
+            return
+        self.pool = self.scratch = None
+        self.graphs.clear()                  # captured over another pool's tensors
         if kv.n_slots < 2:
             return
         self.pool, self.scratch = kv, kv.allocate()
@@ -103,13 +111,13 @@ class GraphRunner(EagerRunner):
             return self.graphs[key]
         t0 = time.perf_counter()
         dev, S = self.device, self.pool.s_max
+        meta = torch.zeros(3, bb, dtype=torch.long, device=dev)
+        meta[0] = self.scratch
         g = _Graph(bb, T, N,
                    ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
-                   rows=torch.full((bb,), self.scratch, dtype=torch.long, device=dev),
-                   start=torch.zeros(bb, dtype=torch.long, device=dev),
-                   off=torch.zeros(bb, dtype=torch.long, device=dev))
+                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone())
         g.key_mask[:, :T] = True
         if self.capture:
             s = torch.cuda.Stream()
@@ -147,35 +155,58 @@ class GraphRunner(EagerRunner):
         return w[: self.config.vocab_size]
 
     # -- the runner contract -----------------------------------------------------------------------------------
+    host_bounds = True          # BatchRunner hands span bounds over as host tensors: no H2D copy, no sync
+
+    def _dev(self, bounds):
+        return tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in bounds)
+
+    def full(self, ids, pos, key_mask, out, s: Sampling, prompt_mask=None):
+        return super().full(ids, pos, key_mask, self._dev(out), s, prompt_mask)
+
+    def refresh(self, ids, pos, key_mask, out, s: Sampling, prompt_mask=None, cache=None):
+        return super().refresh(ids, pos, key_mask, self._dev(out), s, prompt_mask, cache)
+
     @torch.no_grad()
     def reuse(self, cache: KVCache, ids, pos, key_mask, q, out, s: Sampling, prompt_mask=None):
         B = ids.shape[0]
-        if not self._eligible(cache, s, B):
-            self.stats["eager_reuse"] += 1
-            return super().reuse(cache, ids, pos, key_mask, q, out, s, prompt_mask)
-        t0 = time.perf_counter()
-        dev = ids.device
-        qa, qb = (torch.as_tensor(v, device=dev).reshape(-1).expand(B) for v in q)
-        a, b = (torch.as_tensor(v, device=dev).reshape(-1).expand(B) for v in out)
+        if self._eligible(cache, s, B):
+            t0 = time.perf_counter()
+            res = self._replay(cache, ids, pos, key_mask, q, out, s)
+            if res is not None:
+                self.stats["replays"] += 1
+                self.stats["host_s"] += time.perf_counter() - t0
+                return res
+        self.stats["eager_reuse"] += 1
+        return super().reuse(cache, ids, pos, key_mask, self._dev(q), self._dev(out), s, prompt_mask)
+
+    def _replay(self, cache, ids, pos, key_mask, q, out, s):
+        B = ids.shape[0]
+        qa, qb, a, b = (torch.as_tensor(v).cpu().reshape(-1).expand(B) for v in (*q, *out))   # host [B]
         if self.shift:                                                            # Dream: row a - 1 predicts a
             qa = torch.minimum(qa, a - self.shift)
         T, N = _width(qa, qb), _width(a, b)
-        if T > self.max_width or key_mask.shape[1] > self.pool.s_max:
-            self.stats["eager_reuse"] += 1
-            return super().reuse(cache, ids, pos, key_mask, q, out, s, prompt_mask)
+        W, S = key_mask.shape[1], self.pool.s_max
+        if T > self.max_width or W > S:
+            return None
         g = self._graph(self.bucket(B), T, N)
-        g.ids[:B] = _take(ids, qa, T)
-        g.pos[:B] = _take(pos, qa, T)
-        g.key_mask[:B] = _pad_keys(key_mask, self.pool.s_max)
-        g.rows[:B] = cache.rows.to(dev)
-        g.start[:B] = qa
-        g.off[:B] = a - self.shift - qa
-        if B < g.bb:                                                              # padding rows: scratch slot
-            g.rows[B:] = self.scratch
-            g.start[B:] = 0
-            g.off[B:] = 0
-            g.key_mask[B:] = False
-            g.key_mask[B:, :T] = True
+        host = getattr(cache, "host_rows", None)
+        m = g.meta_host                                                           # [3, bb] on the host
+        m[0, :B] = torch.as_tensor(host) if host is not None else self.scratch
+        m[1, :B], m[2, :B] = qa, a - self.shift - qa
+        m[0, B:], m[1:, B:] = self.scratch, 0                                     # padding rows: scratch slot
+        g.meta.copy_(m, non_blocking=True)
+        if host is None:
+            g.meta[0, :B].copy_(cache.rows)
+        cols = g.start[:B, None] + torch.arange(T, device=ids.device)             # [B, T]
+        torch.gather(ids, 1, cols, out=g.ids[:B])
+        torch.gather(pos.expand(B, -1), 1, cols, out=g.pos[:B])
+        g.key_mask[:B, :W].copy_(key_mask)
+        if W < S:
+            g.key_mask[:B, W:] = False
+        if g.rows_used > B:                                                       # rows that were real last call
+            g.key_mask[B:g.rows_used] = False
+            g.key_mask[B:g.rows_used, :T] = True
+        g.rows_used = B
         if g.graph is not None:
             g.graph.replay()
             tok, conf = g.tok, g.conf
@@ -184,8 +215,6 @@ class GraphRunner(EagerRunner):
         x0, conf = tok[:B].clone(), conf[:B].to(torch.float64)
         if s.remasking == "random":
             conf = _uniform(x0.shape, x0.device, s.generator)
-        self.stats["replays"] += 1
-        self.stats["host_s"] += time.perf_counter() - t0
         return x0, conf
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:

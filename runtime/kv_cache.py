@@ -58,4 +58,6 @@ class KVCacheManager:
 
     def view(self, slots: list[int]) -> KVCache:
         """A batch view on pool rows ``slots`` (writes land in the pool)."""
-        return KVCache(self.k, self.v, torch.tensor(slots, dtype=torch.long, device=self.device))
+        cache = KVCache(self.k, self.v, torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True))
+        cache.host_rows = list(slots)          # the same rows on the host (graph runners stage them without a sync)
+        return cache
