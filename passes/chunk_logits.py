@@ -14,12 +14,31 @@ Replaces the hidden-state output with (tokens [C, N], confidence [C, N] float64)
    logprobs (``ctx.logprobs``).
 
 The largest vocab-sized tensor is [B, N, Vc]: the planner sizes Vc from the activation budget.
-Rewrites counted: one per vocab chunk."""
+Rewrites counted: one per vocab chunk.
+
+GPU targets (``ctx.use_kernels``: a CUDA target whose artifact runs torch ops, i.e. export / AOTI) decode with
+one ``torch.ops.dlc.fused_select_logits`` node instead (``decode_rows_fused``; the Triton kernel streams the head
+in vocab tiles with an online softmax, so no vocab loop and no [C, N, V] tensor exist in the graph at all):
+
+* CFG is applied to the hidden rows before the op: the LM head is linear without bias, so
+  ``head(un_h + w (cond_h - un_h)) = un + w (cond - un)``, exact up to rounding (the combination is done in
+  float32 and cast to the head's dtype; without CFG both row lists are equal, ``cond - un`` is 0 and the rows
+  pass through bit-exactly);
+* sampling uses the op's graph form: ``temperature [1]`` as a tensor and per-row hash keys
+  ``row_key(seeds[c], n)`` for decoded row n of request c, so each request draws what a call of the op with its
+  own seed draws, independent of its batch position (the noise is the kernel's hash, not ``uniform_noise``:
+  GPU and CPU builds sample differently for the same seed, both by Gumbel-max);
+* confidence comes back float32 (the kernel's online softmax) and is cast to float64 for the output spec;
+* top-k logprobs come from ``torch.ops.dlc.fused_topk_logprobs`` on the same guided rows (float32, cast).
+Rewrites counted: one per emitted op."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*, emitted for GPU targets)
+from dlc.kernels.logits import row_key
 
 from .graph_utils import add_input, inline, outputs, placeholders, set_outputs
 
@@ -80,6 +99,26 @@ def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chu
     return tok, conf
 
 
+def guided_hidden(h, cond_rows, un_rows, cfg_w, dtype):
+    """h [B, N, d] -> guided rows [C, N, d] in ``dtype``: ``un + w * (cond - un)`` on hidden states (float32)."""
+    cond, un = h.index_select(0, cond_rows).float(), h.index_select(0, un_rows).float()
+    return (un + cfg_w.float() * (cond - un)).to(dtype)
+
+
+def decode_rows_fused(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, topk: int):
+    """GPU lowering of decode_rows: one dlc.fused_select_logits over the guided rows (+ dlc.fused_topk_logprobs)."""
+    g = guided_hidden(h, cond_rows, un_rows, cfg_w, w.dtype)                  # [C, N, d]
+    n = g.size(1)
+    flat = g.reshape(-1, g.size(2)).contiguous()                               # [C * N, d]
+    keys = row_key(seeds[:, None], torch.arange(n, device=h.device)[None, :]).reshape(-1)   # [C * N]
+    tok, conf = torch.ops.dlc.fused_select_logits(flat, w, 0.0, 0, None, temp, keys)
+    tok, conf = tok.reshape(-1, n), conf.to(torch.float64).reshape(-1, n)      # [C, N]
+    if topk:
+        lp, ids = torch.ops.dlc.fused_topk_logprobs(flat, w, topk)              # [C * N, k]
+        return tok, conf, ids.reshape(-1, n, topk), lp.to(torch.float64).reshape(-1, n, topk)
+    return tok, conf
+
+
 def select_rows(hidden: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
     """hidden [B, T, d], out_index [B, N] (row positions in hidden) -> [B, N, d]."""
     return torch.gather(hidden, 1, out_index[..., None].expand(-1, -1, hidden.size(-1)))
@@ -99,9 +138,15 @@ def run(gm: fx.GraphModule, ctx) -> int:
                          [hidden, ins["out_index"], ph["q_start"]])
     else:
         (rows,) = inline(gm, lambda h, oi: (select_rows(h, oi),), [hidden, ins["out_index"]])
+    args = [rows, w, ins["cond_rows"], ins["un_rows"], ins["cfg_weight"], ins["temperature"], ins["seeds"]]
+    if ctx.use_kernels:
+        def fused(h, ww, cr, ur, cw, t, sd):
+            head = ww if ctx.head_weight.shape[0] == vocab else ww[:vocab]       # [V, d] (contiguous rows)
+            return decode_rows_fused(h, head, cr, ur, cw, t, sd, topk=ctx.logprobs)
+        set_outputs(gm, list(inline(gm, fused, args)) + outs[1:])
+        return 1 + bool(ctx.logprobs)
     dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
-                                                                   chunk=chunk, topk=ctx.logprobs),
-                 [rows, w, ins["cond_rows"], ins["un_rows"], ins["cfg_weight"], ins["temperature"], ins["seeds"]])
+                                                                   chunk=chunk, topk=ctx.logprobs), args)
     set_outputs(gm, list(dec) + outs[1:])
     return -(-vocab // chunk)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from . import cache_kv_reuse, chunk_logits, sparsify_heads
+from . import cache_kv_reuse, chunk_logits, fuse_projections, sparsify_heads
 
 log = logging.getLogger("dlc.passes")
 
@@ -22,6 +22,7 @@ PHASES = ("refresh", "reuse")
 PIPELINE: dict[str, tuple] = {
     "cache_kv_reuse": (cache_kv_reuse, True),
     "sparsify_heads": (sparsify_heads, False),
+    "fuse_projections": (fuse_projections, False),      # default on when lowering to the GPU kernels
     "chunk_logits": (chunk_logits, True),
 }
 
@@ -34,21 +35,34 @@ class PassContext:
     logit_chunk: int = 0                  # vocab rows per logit chunk (0: the whole vocabulary at once)
     logprobs: int = 0                     # top-k logprobs to return per decoded row (0: none)
     sparse_retention: float | None = None
+    device: str = "cpu"                   # the build target's device kind (dlc.targets Target.device)
+    kernels: bool | None = None           # lower to dlc.kernels ops (None: when device is "cuda")
     phase: str = ""
     counts: dict = field(default_factory=dict)     # (pass, phase) -> rewrites
+    shared: dict = field(default_factory=dict)     # what a pass builds once and both phases use
+
+    @property
+    def use_kernels(self) -> bool:
+        """Emit ``torch.ops.dlc.*`` (Triton kernels on CUDA tensors, their references on CPU)? GPU targets whose
+        artifact runs torch ops (export, AOTI); never for ONNX / TensorRT, which cannot run the custom ops."""
+        return self.device == "cuda" if self.kernels is None else self.kernels
 
     def params(self, name: str) -> dict:
         """The parameters of one pass, as recorded in config.json."""
         return {"cache_kv_reuse": {"layouts": ["prefix", "dual"], "vicinity": "runtime"},
                 "sparsify_heads": {"retention": self.sparse_retention, "pool_kernel": 3},
+                "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
-                                 "logprobs": self.logprobs}}[name]
+                                 "logprobs": self.logprobs, "device": self.device,
+                                 "lowering": "fused_select_logits" if self.use_kernels else "chunked"}}[name]
 
 
-def select_passes(names: list[str] | None, sparse_retention: float | None) -> list[str]:
-    """Validate a --passes list; default: the required passes plus sparsify_heads when a retention is set."""
+def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False) -> list[str]:
+    """Validate a --passes list; default: the required passes, plus sparsify_heads when a retention is set and
+    fuse_projections when the build lowers to the GPU kernels (``gpu``)."""
     if names is None:
-        names = [n for n, (_, req) in PIPELINE.items() if req or (n == "sparsify_heads" and sparse_retention)]
+        names = [n for n, (_, req) in PIPELINE.items() if req or (n == "sparsify_heads" and sparse_retention)
+                 or (n == "fuse_projections" and gpu)]
     unknown = [n for n in names if n not in PIPELINE]
     if unknown:
         raise ValueError(f"unknown pass(es) {unknown}; the pipeline is {list(PIPELINE)}")

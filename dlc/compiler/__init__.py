@@ -5,10 +5,12 @@ from __future__ import annotations
 
 
 def in_memory_runner(model, *, sparse_retention: float | None = None, block_length: int = 32, passes=None,
-                     logit_chunk: int | None = None):
+                     logit_chunk: int | None = None, device: str | None = None):
     """Build the phase programs of ``model`` in memory (trace + pass pipeline, run as FX graphs in Python)
     and return a runner with the EagerRunner contract. ``block_length`` sizes the logit chunk (rows decoded
-    per step); ``sparse_retention`` enables head-sparse attention in reuse steps."""
+    per step); ``sparse_retention`` enables head-sparse attention in reuse steps. ``device`` is the target's
+    device kind for the lowering (default: the model's; "cuda" decodes with dlc.fused_select_logits, "cpu"
+    with the exact chunked float64 loop)."""
     import torch
 
     from .export import build_phases
@@ -18,7 +20,9 @@ def in_memory_runner(model, *, sparse_retention: float | None = None, block_leng
 
     p = next(model.parameters())
     chunk = logit_chunk if logit_chunk is not None else default_logit_chunk(model.config, block_length)
-    phases, ctx, _ = build_phases(model, passes=passes, sparse_retention=sparse_retention, logit_chunk=chunk)
+    kind = device or ("cuda" if p.device.type == "cuda" else "cpu")
+    phases, ctx, _ = build_phases(model, passes=passes, sparse_retention=sparse_retention, logit_chunk=chunk,
+                                  device=kind)
     names = {k: input_names(g) for k, g in phases.items()}
     with torch.no_grad():
         return CompiledRunner(model.config, phases, names, device=p.device, dtype=p.dtype,

@@ -114,16 +114,6 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     if not plan.fits:
         raise ValueError(f"cannot build {model} for {tgt.name}: {plan.reason}")
 
-    with stage("trace+passes"):
-        phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
-                                          logit_chunk=plan.logit_chunk, logprobs=logprobs,
-                                          dump_after=dump_graph_after, dump=echo)
-    echo("phases: refresh (whole sequence -> tokens, confidence, every layer's K/V), "
-         "reuse (fed slice + cached K/V -> tokens, confidence, the slice's new K/V)")
-    for name in names:
-        echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
-             f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
-
     runtime = backend
     pending = None
     if backend in ("aoti", "tensorrt") and not local:
@@ -133,6 +123,20 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                    f"--target {tgt.name} --backend {backend}` there; config.json carries the trtexec commands for the ONNX.")
     elif backend == "tensorrt":
         runtime = "onnx"                                  # until the engines are built
+    # GPU targets lower to the dlc kernel ops when the artifact runs torch ops (export, AOTI); ONNX/TensorRT
+    # cannot run them, so those keep the portable chunked lowering.
+    kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
+    with stage("trace+passes"):
+        phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
+                                          logit_chunk=plan.logit_chunk, logprobs=logprobs,
+                                          dump_after=dump_graph_after, dump=echo, device=tgt.device,
+                                          kernels=kernels)
+    echo("phases: refresh (whole sequence -> tokens, confidence, every layer's K/V), "
+         "reuse (fed slice + cached K/V -> tokens, confidence, the slice's new K/V)")
+    for name in names:
+        echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
+             f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
+
     specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype]) for ph, g in phases.items()}
     outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs) for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
@@ -143,7 +147,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         if pending:
             echo(f"note: {pending}")
         return {"plan": plan.to_dict(), "passes": names, "counts": {f"{k[0]}/{k[1]}": v for k, v in ctx.counts.items()},
-                "files": files, "times": times}
+                "files": files, "times": times, "device": ctx.device,
+                "lowering": ctx.params("chunk_logits")["lowering"]}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,14 +76,22 @@ def head_weight(model: DiffusionLM) -> torch.Tensor:
 
 def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_retention: float | None = None,
                  logit_chunk: int = 0, logprobs: int = 0, dump_after: str | None = None, dump=print,
-                 timings: dict | None = None):
-    """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names)."""
-    names = select_passes(passes, sparse_retention)
+                 timings: dict | None = None, device: str = "cpu", kernels: bool | None = None):
+    """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names).
+
+    ``device`` is the build target's device kind ("cpu" or "cuda"): GPU targets lower to the dlc kernel ops
+    (``kernels=None``; ``kernels=False`` keeps the portable lowering, e.g. for ONNX). The model itself may live
+    anywhere: ``device="cuda"`` on a CPU model gives the GPU graph, runnable on CPU through the ops' references.
+    GPU lowering also adds ``fuse_projections`` to the default pass list."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels)
     t0 = time.perf_counter()
     base = trace_forward(model)
     t1 = time.perf_counter()
     ctx = PassContext(config=model.config, head_weight=head_weight(model),
-                      logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention)
+                      logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention,
+                      device=device, kernels=kernels)
     phases = run_pipeline(base, ctx, names, dump_after=dump_after, dump=dump)
     if timings is not None:
         timings["trace"] = t1 - t0

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*: GPU-lowered phase programs call them)
 from dlc.models.common import KVCache
 from dlc.runtime.model_runner import cfg_inputs
 from dlc.runtime.sampling import Sampling

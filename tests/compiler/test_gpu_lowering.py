@@ -1,0 +1,44 @@
+"""GPU targets lower chunk_logits to dlc.fused_select_logits when the artifact runs torch ops (export, AOTI);
+ONNX / TensorRT artifacts keep the chunked lowering. Checked on CPU: the engine's op runs its reference."""
+import json
+
+import pytest
+
+from compiler_helpers import gen_tokens, run_cli
+
+
+def dry_run(target, backend):
+    res = run_cli(["compile", "tiny-llada", "--target", target, "--backend", backend, "--dry-run", "--json",
+                   "--max-seq-len", "64", "--max-batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("target,backend,device,lowering", [
+    ("cpu", "export", "cpu", "chunked"),
+    ("cpu", "aoti", "cpu", "chunked"),
+    ("h200", "export", "cuda", "fused_select_logits"),
+    ("h200", "onnx", "cuda", "chunked"),                 # ONNX cannot carry the custom op
+])
+def test_dry_run_reports_the_lowering(target, backend, device, lowering):
+    s = dry_run(target, backend)
+    assert (s["device"], s["lowering"]) == (device, lowering)
+    assert ("fuse_projections" in s["passes"]) == (lowering == "fused_select_logits")
+    if lowering == "fused_select_logits":
+        assert s["counts"]["chunk_logits/refresh"] == s["counts"]["chunk_logits/reuse"] == 1    # one op
+
+
+def test_gpu_target_export_engine_generates_eager_tokens(tiny_ckpt, tmp_path):
+    out = tmp_path / "h200-export"
+    res = run_cli(["compile", tiny_ckpt, "--target", "h200", "--backend", "export", "--dtype", "fp32", "-o", out,
+                   "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "config.json").read_text())
+    chunk = next(p for p in m["passes"] if p["name"] == "chunk_logits")
+    assert chunk["params"]["device"] == "cuda" and chunk["params"]["lowering"] == "fused_select_logits"
+    assert chunk["rewrites"] == {"refresh": 1, "reuse": 1}
+    assert {"name": "confidence", "shape": ["C", "N"], "dtype": "float64"} in m["phases"]["reuse"]["outputs"]
+    for kv in ("none", "dual"):
+        eager = gen_tokens(str(tiny_ckpt), kv)
+        assert len(set(eager)) > 1
+        assert gen_tokens(str(out), kv) == eager
