@@ -18,6 +18,10 @@ ignore the softmax's normalisation across keys. Per-query probabilities fix that
 ranks keys by how much they move the output rather than how much they are looked at (99.5%). Max-pooling
 blurs the choice onto neighbours and cost 1.5-3.5 points there, so it is off by default.
 
+On GPU targets (``ctx.use_kernels``: export / AOTI artifacts for CUDA) each Reuse attention becomes one
+``torch.ops.dlc.sparse_attention`` node (``kernel_attention``: the Triton kernel reads the kept columns by index
+instead of gathering K/V, then attends over them plus the block's own K/V); elsewhere gather + SDPA.
+
 With retention 1.0 the runner keeps every column in order: the gather is the identity and attention equals
 the dense program exactly. Rewrites counted: one per attention layer."""
 from __future__ import annotations
@@ -114,17 +118,43 @@ def gather_heads(k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, keep:
     return ks, vs, km[:, :, None, :]
 
 
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, keep: torch.Tensor,
+                     q_start: torch.Tensor) -> torch.Tensor:
+    """The same attention as ``gather_heads`` + SDPA through ``torch.ops.dlc.sparse_attention`` (GPU targets):
+    q [B, H, T, D], k/v [B, Hkv, S, D] (cache with the fed block written), key_mask [B, S], keep [B, Hkv, K],
+    q_start [B] -> [B, H, T, D]. The op reads the kept cache columns by index (never materialising the gathered
+    K/V) plus the block's own K/V; kept entries that are fed columns or padding keys become -1 (skipped)."""
+    T, D = q.size(2), k.size(3)
+    cols = q_start[:, None] + torch.arange(T, device=q_start.device)             # [B, T]
+    cidx = cols[:, None, :, None].expand(-1, k.size(1), -1, D)                    # [B, Hkv, T, D]
+    k_blk, v_blk = torch.gather(k, 2, cidx), torch.gather(v, 2, cidx)
+    valid = torch.gather(key_mask[:, None, :].expand(-1, k.size(1), -1), 2, keep)  # [B, Hkv, K]
+    fed = (keep[..., None] == cols[:, None, None, :]).any(-1)                     # [B, Hkv, K]
+    idx = torch.where(valid & ~fed, keep, torch.full_like(keep, -1))
+    return torch.ops.dlc.sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_blk.contiguous(),
+                                          v_blk.contiguous(), idx.contiguous())
+
+
 def _reuse(gm: fx.GraphModule, ctx) -> int:
     ph = placeholders(gm)
     keep_idx = add_input(gm, "keep_idx")
     group = ctx.config.n_heads // ctx.config.n_kv_heads
+    kernels = bool(getattr(ctx, "use_kernels", False))      # GPU targets: torch.ops.dlc.sparse_attention
+    if kernels:
+        import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*)
     n = 0
     for layer, attn in enumerate(attention_nodes(gm)):
         if "dlc_kv" not in attn.meta:
             raise ValueError("sparsify_heads must run after cache_kv_reuse (no cached K/V found)")
         k_full, v_full = attn.meta["dlc_kv"]
-        ks, vs, mask = inline(gm, lambda k, v, km, keep, layer=layer: gather_heads(k, v, km, keep[layer], group),
-                              [k_full, v_full, ph["key_mask"], keep_idx], before=attn)
-        attn.args = (attn.args[0], ks, vs, mask) + tuple(attn.args[4:])
+        if kernels:
+            (o,) = inline(gm, lambda q, k, v, km, keep, qs, layer=layer: (kernel_attention(q, k, v, km, keep[layer], qs),),
+                          [attn.args[0], k_full, v_full, ph["key_mask"], keep_idx, ph["q_start"]], before=attn)
+            attn.replace_all_uses_with(o)
+            gm.graph.erase_node(attn)
+        else:
+            ks, vs, mask = inline(gm, lambda k, v, km, keep, layer=layer: gather_heads(k, v, km, keep[layer], group),
+                                  [k_full, v_full, ph["key_mask"], keep_idx], before=attn)
+            attn.args = (attn.args[0], ks, vs, mask) + tuple(attn.args[4:])
         n += 1
     return n

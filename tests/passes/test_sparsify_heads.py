@@ -162,3 +162,40 @@ def test_retention_one_generates_eager_tokens(kv):
     runner = in_memory_runner(m, sparse_retention=1.0, block_length=8)
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv)
     assert generate(runner, PROMPTS, cfg).token_ids == generate(m, PROMPTS, cfg).token_ids
+
+
+class _KernelCtx(PassContext):
+    use_kernels = True            # what a GPU target sets; on CPU tensors the op runs its reference
+
+
+def test_gpu_lowering_emits_the_sparse_attention_op_and_matches_gather(family):
+    """GPU targets attend through torch.ops.dlc.sparse_attention (kept columns by index, fed block and padding
+    skipped in the index, the block's K/V appended); same outputs as the gather + SDPA program."""
+    m = tiny(family)
+    c = m.config
+    dense, _ = phases(family, False)
+    sparse, _ = phases(family, True)
+    ctx = _KernelCtx(config=c, sparse_retention=0.5)
+    lowered = run_pipeline(traced(family), ctx, ["cache_kv_reuse", "sparsify_heads"])["reuse"]
+    ops = [n for n in lowered.graph.nodes if n.op == "call_function" and "sparse_attention" in str(n.target)]
+    assert len(ops) == c.n_layers
+    assert not any("scaled_dot_product" in str(n.target) for n in lowered.graph.nodes if n.op == "call_function")
+    ids, pos, km = token_state(c)
+    B, L = ids.shape
+    qs = torch.tensor([10, 11, 12])
+    cols = qs[:, None] + torch.arange(5)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.empty(c.n_layers, B, c.n_kv_heads, 12, dtype=torch.long)
+    for i in range(c.n_layers):
+        for b in range(B):
+            others = torch.tensor([j for j in range(L) if j not in cols[b].tolist()])
+            for h in range(c.n_kv_heads):        # fed columns + 7 others per head (row 1's padding included)
+                pick = others[torch.randperm(len(others), generator=g)[:7]]
+                keep[i, b, h] = torch.cat([cols[b], pick]).sort().values
+    with torch.no_grad():
+        _, k, v = dense["refresh"](ids, pos, km)
+        ref = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+        got = lowered(ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+    for x, y in zip(got, ref):
+        assert torch.allclose(x, y, atol=ATOL)
+
