@@ -18,6 +18,8 @@ Python API (what compiler passes and runtimes call):
   head h reads KV head h // (H / Hkv)). ``idx`` [B, Hkv, n] indexes the full cache k/v [B, Hkv, S, D] (entries
   < 0 skipped); without ``idx``, k/v are used whole (compacted [B, Hkv, n, D], or the full cache = dense).
 * ``select_positions(q_blk, k, retention, key_mask=None)`` -> idx [B, Hkv, n]: Sparse-dLLM's per-head choice.
+* ``pool_attention(q [B, H, T, D], k_pool, v_pool [N, Hkv, S, D], rows [B], kv_len [B])`` -> [B, H, T, D]:
+  attention over the serving slot pool's rows read in place, keys [0, kv_len[b]) (split-KV for small batches).
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
   ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
 """
@@ -29,6 +31,7 @@ from ._registry import HAS_TRITON, OPS, concrete
 from . import cache_write as _kv
 from . import logits as _sl
 from . import attention as _sa
+from . import pool_attn as _pa
 from .attention import select_positions
 
 OPS["fused_topk_logprobs"] = torch.ops.dlc.fused_topk_logprobs
@@ -38,6 +41,7 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
     "fused_topk_logprobs": _sl.topk_logprobs_reference,
     "sparse_attention": _sa.sparse_attention_reference,
     "kv_write": _kv.kv_write_reference,
+    "pool_attention": _pa.pool_attention_reference,
 }
 
 
@@ -67,6 +71,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blk: t
     return torch.ops.dlc.sparse_attention(q, k, v, k_blk, v_blk, idx)
 
 
+def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
+                   kv_len: torch.Tensor) -> torch.Tensor:
+    """Block queries [B, H, T, D] over slot-pool rows ``rows`` [B] of K/V [N, Hkv, S, D], keys [0, kv_len[b]):
+    [B, H, T, D], reading the pool in place (no gather)."""
+    _pa.validate(q, k_pool, v_pool, rows, kv_len)
+    return torch.ops.dlc.pool_attention(q, k_pool, v_pool, rows, kv_len)
+
+
 def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
               start: torch.Tensor | int, rows: torch.Tensor | None = None) -> None:
     """Write the block's K/V [B, Hkv, T, D] into the caches [N, Hkv, S, D] in place at per-row ``start``."""
@@ -79,4 +91,4 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
 
 
 __all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs", "sparse_attention",
-           "select_positions", "kv_write_"]
+           "select_positions", "kv_write_", "pool_attention"]

@@ -56,8 +56,10 @@ class KVCache:
     pool shared by many requests and batch row b lives in pool row ``rows[b]``: the runtime's KV cache manager
     hands out such views so requests of different lengths and blocks run in one batch."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None,
+                 kv_len: torch.Tensor | None = None):
         self.k, self.v, self.rows = k, v, rows
+        self.kv_len = kv_len        # [B] valid keys per row (a prefix): attend in the pool without a gather
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, seq_len: int, dtype, device) -> "KVCache":
@@ -78,6 +80,8 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def layer(self, i: int):
+        if self.kv_len is not None:
+            return self.k[i], self.v[i], self.rows, self.kv_len
         return self.k[i], self.v[i], self.rows
 
     def select(self, rows: torch.Tensor) -> "KVCache":
@@ -87,7 +91,7 @@ class KVCache:
         return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
 
 
-def write_cache(ck, cv, rows, k, v, start):
+def write_cache(ck, cv, rows, k, v, start, gather: bool = True):
     """Write k, v [B, Hkv, T, D] into cache rows at columns start .. start + T, in place; returns the keys and
     values to attend over, [B, Hkv, S, D]. ``start`` is an int (every row) or a LongTensor [B] (per row)."""
     T = k.shape[2]
@@ -102,6 +106,8 @@ def write_cache(ck, cv, rows, k, v, start):
     cols = start[:, None] + torch.arange(T, device=k.device)           # [B, T]
     ck[r[:, None], :, cols] = k.transpose(1, 2)                         # indexed view is [B, T, Hkv, D]
     cv[r[:, None], :, cols] = v.transpose(1, 2)
+    if not gather:
+        return None
     return (ck, cv) if rows is None else (ck[r], cv[r])
 
 
@@ -167,6 +173,12 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     v = v.view(B, T, n_kv, hd).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = (k, v)
+    if cache_kv is not None and len(cache_kv) == 4:                   # (pool k, pool v, rows, kv_len): the
+        ck, cv, rows, kv_len = cache_kv                               # pool is read in place, keys [0, kv_len)
+        write_cache(ck, cv, rows, k, v, start, gather=False)
+        from dlc.kernels import pool_attention
+        y = pool_attention(q, ck, cv, rows, kv_len)                   # [B, H, T, D]
+        return o_proj(y.transpose(1, 2).reshape(B, T, n_heads * hd)), new_kv
     if cache_kv is not None:                                          # (pool k, pool v, rows or None)
         k, v = write_cache(*cache_kv, k, v, start)                    # [B, Hkv, S, D]
     if n_kv != n_heads:

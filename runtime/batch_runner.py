@@ -49,6 +49,7 @@ class BatchRunner:
         lp = torch.tensor([[r.L, r.P] for r in reqs], dtype=torch.long).to(dev, non_blocking=True)   # [B, 2]
         ar = torch.arange(W, device=dev)[None]                                               # [1, W]
         key_mask, prompt_mask = ar < lp[:, :1], ar < lp[:, 1:]
+        key_mask.dlc_lengths = [r.L for r in reqs]          # a prefix mask: its lengths, for pool attention
         pos = ar.expand(len(reqs), W)
         return ids, pos, key_mask, prompt_mask
 

@@ -18,6 +18,12 @@ width) and replays it:
   inside a graph), fed widths over ``max_width``, batches over the largest bucket, and caches that are not
   the bound pool. ``stats["eager_reuse"]`` counts those fallbacks.
 
+Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
+``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
+gathering the batch's rows out of the pool for SDPA, which at batch 32 copied more bytes than the attention
+reads. It takes each row's keys to be a prefix of its cache row, which is how the runtime lays rows out
+(``BatchRunner`` hands the lengths over; other callers' masks are summed on the device).
+
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
 layers) before capture; ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
 same parameters, one GEMM instead of three / two)."""
@@ -46,8 +52,8 @@ class _Graph:
     ids: torch.Tensor           # [bb, T] fed tokens
     pos: torch.Tensor           # [bb, T] their positions
     key_mask: torch.Tensor      # [bb, S] attended cache columns
-    meta: torch.Tensor          # [3, bb] pool slot, cache column of ids[:, 0], first decoded row in the slice
-    meta_host: torch.Tensor     # [3, bb] its staging copy on the host (pinned on CUDA)
+    meta: torch.Tensor          # [4, bb] pool slot, cache column of ids[:, 0], first decoded row in the slice,
+    meta_host: torch.Tensor     #   valid keys; meta_host: its staging copy on the host (pinned on CUDA)
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
     graph: object = None
@@ -56,13 +62,16 @@ class _Graph:
     rows = property(lambda self: self.meta[0])
     start = property(lambda self: self.meta[1])
     off = property(lambda self: self.meta[2])
+    kv_len = property(lambda self: self.meta[3])
 
 
 class GraphRunner(EagerRunner):
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
-                 compile: bool = False, fuse: bool | None = None, max_width: int = 128):
+                 compile: bool = False, fuse: bool | None = None, max_width: int = 128,
+                 pool_attention: bool | None = None):
         super().__init__(model)
         cuda = self.device.type == "cuda"
+        self.pool_attention = cuda if pool_attention is None else pool_attention
         self.decode = decode or ("fused" if cuda else "exact")
         if self.decode not in DECODE:
             raise ValueError(f"graph runner: decode must be one of {DECODE}, got {self.decode!r}")
@@ -111,8 +120,8 @@ class GraphRunner(EagerRunner):
             return self.graphs[key]
         t0 = time.perf_counter()
         dev, S = self.device, self.pool.s_max
-        meta = torch.zeros(3, bb, dtype=torch.long, device=dev)
-        meta[0] = self.scratch
+        meta = torch.zeros(4, bb, dtype=torch.long, device=dev)
+        meta[0], meta[3] = self.scratch, T
         g = _Graph(bb, T, N,
                    ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
@@ -139,7 +148,7 @@ class GraphRunner(EagerRunner):
     @torch.no_grad()
     def _step(self, g: _Graph):
         """The captured computation: static inputs -> (tok [bb, N], conf [bb, N])."""
-        cache = KVCache(self.pool.k, self.pool.v, g.rows)
+        cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
         h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
         rows = _take(h, g.off, g.N)                                               # [bb, N, d]
         if self.decode == "exact":
@@ -188,15 +197,19 @@ class GraphRunner(EagerRunner):
         W, S = key_mask.shape[1], self.pool.s_max
         if T > self.max_width or W > S:
             return None
+        lens = getattr(key_mask, "dlc_lengths", None)        # BatchRunner's prefix masks carry their lengths
         g = self._graph(self.bucket(B), T, N)
         host = getattr(cache, "host_rows", None)
         m = g.meta_host                                                           # [3, bb] on the host
         m[0, :B] = torch.as_tensor(host) if host is not None else self.scratch
         m[1, :B], m[2, :B] = qa, a - self.shift - qa
-        m[0, B:], m[1:, B:] = self.scratch, 0                                     # padding rows: scratch slot
+        m[3, :B] = torch.as_tensor(lens) if lens is not None else 0
+        m[0, B:], m[1:3, B:], m[3, B:] = self.scratch, 0, T                       # padding rows: scratch slot
         g.meta.copy_(m, non_blocking=True)
         if host is None:
             g.meta[0, :B].copy_(cache.rows)
+        if lens is None:                                      # key masks are prefixes (the runtime's layout)
+            g.meta[3, :B] = key_mask.sum(1)
         cols = g.start[:B, None] + torch.arange(T, device=ids.device)             # [B, T]
         torch.gather(ids, 1, cols, out=g.ids[:B])
         torch.gather(pos.expand(B, -1), 1, cols, out=g.pos[:B])

@@ -56,6 +56,18 @@ def test_engine_tokens_equal_generate(session):
     assert eng.kv.num_used == 1                        # only the scratch slot is still held
 
 
+def test_pool_attention_path_tokens_equal_generate(session):
+    """Attention inside the slot pool (dlc.kernels.pool_attention, no row gather, per-row key lengths)."""
+    from dlc.runtime.session import Session
+    items = specs(6, seed=2)
+    gr = GraphRunner(session.runner.model, decode="exact", pool_attention=True)
+    sess = Session(gr, session.tokenizer, session.config, session.chat, session.source)
+    eng, outs = run_engine(sess, items, cuda_graphs=True)
+    assert eng.runner is gr and gr.stats["replays"] > 0 and gr.stats["eager_reuse"] == 0
+    for (p, params), out in zip(items, outs):
+        assert out == generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+
+
 def test_fused_decode_matches_exact(session):
     items = specs(5, seed=1)
     _, exact = run_engine(session, items, cuda_graphs=True, graph_decode="exact")
