@@ -242,8 +242,13 @@ def bench_reuse(model, args, dev, g, floor_ms):
         eager = time_ms(lambda: runner.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s), dev, args.iters)
         optimized(model, True, args)
         blk = ids[:, a:a + T].contiguous()
-        step = Graphed(lambda: fused_decode(model, model(blk, None, None, cache, a)), dev, args.graphs)
-        opt = time_ms(step, dev, args.iters)
+        sdpa_step = Graphed(lambda: fused_decode(model, model(blk, None, None, cache, a)), dev, args.graphs)
+        pool = KVCache(cache.k, cache.v, torch.arange(B, device=dev), torch.full((B,), L, device=dev))
+        pool_step = Graphed(lambda: fused_decode(model, model(blk, None, None, pool, a)), dev, args.graphs)
+        t_sdpa, t_pool = time_ms(sdpa_step, dev, args.iters), time_ms(pool_step, dev, args.iters)
+        step, opt = (sdpa_step, t_sdpa) if t_sdpa <= t_pool else (pool_step, t_pool)
+        NOTES.append(f"Reuse B={B} optimized step: {t_sdpa:.3f} ms with SDPA (contiguous cache, no mask), "
+                     f"{t_pool:.3f} ms with dlc.kernels.pool_attention; the table takes the faster")
         if B == args.batches[0]:
             NOTES.append(f"Reuse B={B} optimized step ({opt:.2f} ms in a CUDA graph): "
                          + kernel_breakdown(step.fn, dev))
@@ -255,7 +260,7 @@ def bench_reuse(model, args, dev, g, floor_ms):
         add_row("Reuse step (32 tok / 768 cached)", f"B={B}", eager, opt, floor_ms, opt / floor_ms,
                 target, None if B != 1 else opt / floor_ms <= 1.25, "ms")
         NOTES.append(f"Reuse B={B}: optimized vs eager token agreement {agree:.3f} (bf16 compiled vs eager)")
-        del cache, step
+        del cache, step, sdpa_step, pool_step, pool
         free(dev)
         rt, host, wall = runtime_reuse(model, args, dev, B, ids, pos, km)
         add_row("Reuse step via dlc.runtime GraphRunner", f"B={B}", eager, rt, floor_ms, rt / floor_ms, "", None,
@@ -409,7 +414,38 @@ def bench_kernels(model, args, dev, g):
     add_row("Kernel: KV write (per-row start) vs slice", f"B={B}", sl, write, None, write / sl, "", None, "ms")
     del q, k, v, kb, vb, kk, vv
     free(dev)
+    bench_pool_attention(model, args, dev, g)
     bench_gemms(model, args, dev, g)
+
+
+@torch.no_grad()
+def bench_pool_attention(model, args, dev, g):
+    """One layer's Reuse attention (32 queries over the 768 cached keys) as the runtime does it: SDPA over rows
+    gathered from the slot pool with a key mask (what GraphRunner did before) vs dlc.kernels.pool_attention
+    reading the pool in place; SDPA over a contiguous unmasked cache for reference."""
+    c, T, S = model.config, args.block, args.prompt + args.gen
+    dt = next(model.parameters()).dtype
+    kv_floor = None
+    for B in args.batches:
+        N = B + 1
+        q = torch.randn(B, c.n_heads, T, c.head_dim, device=dev, generator=g, dtype=dt)
+        kp, vp = (torch.randn(N, c.n_kv_heads, S, c.head_dim, device=dev, generator=g, dtype=dt) for _ in range(2))
+        rows = torch.arange(1, N, device=dev)
+        lens = torch.full((B,), S, device=dev, dtype=torch.long)
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=dev)
+        F_ = torch.nn.functional
+        gathered = graph_ms(lambda: F_.scaled_dot_product_attention(q, kp[rows], vp[rows], attn_mask=mask), dev,
+                            args.iters)
+        plain = graph_ms(lambda: F_.scaled_dot_product_attention(q, kp[1:], vp[1:]), dev, args.iters)
+        pool = graph_ms(lambda: K.pool_attention(q, kp, vp, rows, lens), dev, args.iters)
+        kv_floor = 2 * B * c.n_kv_heads * S * c.head_dim * kp.element_size() / args.bw * 1e3
+        add_row("Kernel: pool attention vs gather + masked SDPA (one layer)", f"B={B}", gathered, pool, kv_floor,
+                pool / kv_floor, "", None, "ms")
+        NOTES.append(f"attention B={B}, one layer: gather + masked SDPA {gathered * 1e3:.1f} us, pool_attention "
+                     f"{pool * 1e3:.1f} us, SDPA on a contiguous cache without mask {plain * 1e3:.1f} us, "
+                     f"K/V read floor {kv_floor * 1e3:.1f} us")
+        del q, kp, vp
+        free(dev)
 
 
 @torch.no_grad()
