@@ -76,7 +76,7 @@ if HAS_TRITON:
                 sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
             else:
                 sc = tl.dot(q, tl.trans(kt))
-            sc = tl.where(valid[None, :], sc * scale, float("-inf"))
+            sc = tl.where(valid[None, :], (sc * scale).to(tl.float32), float("-inf"))   # Inductor: scale fp64
             m_new = tl.maximum(m, tl.max(sc, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_safe)
