@@ -191,10 +191,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(N: int, V: int, sms: int, BN: int | None = None, BV: int = 128, programs_per_sm: int = 4):
-    """Tile sizes and vocab split: (BN, BV, n_split, cols_per_split)."""
+    """Tile sizes and vocab split: (BN, BV, n_split, cols_per_split).
+
+    A symbolic N (the op traced inside a compiled graph: AOTInductor, torch.compile, where the row count is a
+    dynamic dim) must not be branched on (each comparison would become a shape guard, specialising the
+    artifact to the example's row count): then BN = 64 and the split is sized for one row tile, so only the
+    grid depends on N."""
+    symbolic = not isinstance(N, int)
     if BN is None:
-        BN = 16 if N <= 16 else 32 if N <= 32 else 64
-    n_tiles = -(-N // BN)
+        BN = 64 if symbolic else 16 if N <= 16 else 32 if N <= 32 else 64
+    n_tiles = 1 if symbolic else -(-N // BN)
     n_split = max(1, min(-(-programs_per_sm * sms // n_tiles), -(-V // BV)))
     cols = -(-(-(-V // n_split)) // BV) * BV
     return BN, BV, -(-V // cols), cols
@@ -295,7 +301,7 @@ def topk_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, k: int, 
     return vals - (m + torch.log(s))[:, None], ids
 
 
-@torch.library.custom_op("dlc::fused_topk_logprobs", mutates_args=())
+@define_op("fused_topk_logprobs")              # a triton_op (with Triton) so Inductor/AOTI trace the torch body
 def fused_topk_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return topk_logprobs_reference(hidden, weight, k)
 
