@@ -24,10 +24,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 OPS: dict[str, object] = {}                      # name -> torch op (torch.ops.dlc.<name>)
 
 
-def define_op(name: str, mutates_args=()):
-    """Decorator: define ``dlc::name`` from a Python body (triton_op when Triton is there, else custom_op)."""
+def define_op(name: str, mutates_args=(), opaque: bool = False):
+    """Decorator: define ``dlc::name`` from a Python body (triton_op when Triton is there, else custom_op).
+    ``opaque``: always a custom_op, so torch.compile calls the body as an extern kernel instead of compiling the
+    Triton kernel into its own graph (runtime-only ops: nothing to lower into an exported artifact)."""
     def wrap(fn):
-        if HAS_TRITON:
+        if HAS_TRITON and not opaque:
             op = torch.library.triton_op(f"dlc::{name}", fn, mutates_args=mutates_args)
         else:
             op = torch.library.custom_op(f"dlc::{name}", fn, mutates_args=mutates_args)

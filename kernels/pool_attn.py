@@ -11,7 +11,10 @@ slow masked SDPA path either):
 
 with g = h // (H / Hkv). Split-KV (flash-decoding): with few (batch x head x query-tile) programs the key range
 is split over ``splits`` programs that write partial (sum, max, denominator), and a second kernel combines them,
-so a batch-1 step still fills the GPU."""
+so a batch-1 step still fills the GPU.
+
+The op is opaque to torch.compile (a plain custom op): compiled transformer blocks call it as an extern kernel,
+so capturing a block with it compiles nothing extra. It is a runtime op; exported engines do not use it."""
 from __future__ import annotations
 
 import math
@@ -19,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import HAS_TRITON, check, check_shape, define_op, require_triton, tl, triton, use_triton
 
 
 def pool_attention_reference(q, k_pool, v_pool, rows, kv_len):
@@ -144,13 +147,13 @@ def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, BT=None, BK=64, num_w
         pl = torch.empty_like(pm)
     else:
         po = pm = pl = o
-    launch(_pool_attn_kernel)[(B * H, tiles, split)](
+    _pool_attn_kernel[(B * H, tiles, split)](
         q, k_pool, v_pool, rows, kv_len, o, po, pm, pl, H, Hkv, T, chunk, D, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         SPLIT=split, IEEE=q.dtype == torch.float32, BT=BT, BK=BK, BD=BD, num_warps=num_warps, num_stages=num_stages)
     if split > 1:
-        launch(_pool_attn_combine)[(B * H, tiles)](o, po, pm, pl, H, T, D, o.stride(0), o.stride(1), o.stride(2),
+        _pool_attn_combine[(B * H, tiles)](o, po, pm, pl, H, T, D, o.stride(0), o.stride(1), o.stride(2),
                                                    SPLIT=split, BT=BT, BD=BD, num_warps=num_warps)
     return o
 
@@ -172,7 +175,7 @@ def validate(q, k_pool, v_pool, rows, kv_len) -> None:
         check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}")
 
 
-@define_op("pool_attention")
+@define_op("pool_attention", opaque=True)
 def pool_attention_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
                       kv_len: torch.Tensor) -> torch.Tensor:
     if use_triton(q):
