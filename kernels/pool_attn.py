@@ -43,6 +43,8 @@ def n_splits(B: int, H: int, t_tiles: int, S: int, sms: int, BK: int) -> int:
 
 
 if HAS_TRITON:
+    from .attention import _attend_tile          # one online-softmax step over a key tile (shared)
+
     @triton.jit
     def _pool_attn_kernel(Q, K, V, ROWS, LENS, O, PO, PM, PL,
                           H, HKV, T, CHUNK, D, scale,
@@ -72,24 +74,7 @@ if HAS_TRITON:
         s1 = tl.minimum(s0 + CHUNK, n)
         for j0 in range(s0, s1, BK):
             j = j0 + tl.arange(0, BK)
-            valid = j < s1
-            kt = tl.load(Kp + j[:, None] * sk_s + dk[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-            vt = tl.load(Vp + j[:, None] * sk_s + dk[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(kt))
-            sc = tl.where(valid[None, :], (sc * scale).to(tl.float32), float("-inf"))   # Inductor: scale fp64
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m = m_new
+            acc, m, l = _attend_tile(q, acc, m, l, Kp, Vp, j, j < s1, sk_s, dk, dmask, scale, IEEE)
         if SPLIT == 1:
             out = acc / l[:, None]
             tl.store(O + b * so_b + h * so_h + t[:, None] * so_t + dk[None, :], out.to(O.dtype.element_ty),

@@ -124,12 +124,18 @@ def test_padding_rows_touch_only_the_scratch_slot(session):
     assert all(torch.equal(t[slots[3]], o) for t, o in zip(kv.k, other))
 
 
-def test_fallbacks_run_eagerly(session):
-    mc = session.config
+def _refreshed(session, seed):
+    """A bound pool with two rows refreshed at block (20, 28) of a 40-token state."""
     kv, gr = _pool_and_runner(session)
     slots = [kv.allocate() for _ in range(2)]
-    ids, pos, km = _state(mc, 2, 40, 20, 1)
+    ids, pos, km = _state(session.config, 2, 40, 20, seed)
     gr.refresh(ids, pos, km, (20, 28), Sampling(), cache=kv.view(slots))
+    return kv, gr, slots, ids, pos, km
+
+
+def test_fallbacks_run_eagerly(session):
+    mc = session.config
+    kv, gr, slots, ids, pos, km = _refreshed(session, 1)
     gen = [torch.Generator().manual_seed(i) for i in range(2)]
     gr.reuse(kv.view(slots), ids, pos, km, (20, 28), (20, 28), Sampling(temperature=0.7, generator=gen))
     own = KVCache.empty(mc, 2, 40, torch.float32, "cpu")                     # not the bound pool
@@ -139,11 +145,7 @@ def test_fallbacks_run_eagerly(session):
 
 
 def test_random_remasking_draws_from_the_generator(session):
-    mc = session.config
-    kv, gr = _pool_and_runner(session)
-    slots = [kv.allocate() for _ in range(2)]
-    ids, pos, km = _state(mc, 2, 40, 20, 2)
-    gr.refresh(ids, pos, km, (20, 28), Sampling(), cache=kv.view(slots))
+    kv, gr, slots, ids, pos, km = _refreshed(session, 2)
     s = lambda: Sampling(remasking="random", generator=[torch.Generator().manual_seed(i) for i in (5, 6)])  # noqa
     _, c = gr.reuse(kv.view(slots), ids, pos, km, (20, 28), (20, 28), s())
     ref = torch.stack([torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in (5, 6)])
