@@ -17,7 +17,9 @@ Python API (what compiler passes and runtimes call):
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
   head h reads KV head h // (H / Hkv)). ``idx`` [B, Hkv, n] indexes the full cache k/v [B, Hkv, S, D] (entries
   < 0 skipped); without ``idx``, k/v are used whole (compacted [B, Hkv, n, D], or the full cache = dense).
-* ``select_positions(q_blk, k, retention, key_mask=None)`` -> idx [B, Hkv, n]: Sparse-dLLM's per-head choice.
+* ``select_positions(q_blk, k, retention, key_mask=None, pool=3, v=None)`` -> idx [B, Hkv, n]: per-head choice
+  of cached positions: Sparse-dLLM's mean-query score, or with ``v`` the block's attention probabilities times
+  ||v|| (the score of the sparsify_heads pass; docs/QUALITY.md says why).
 * ``pool_attention(q [B, H, T, D], k_pool, v_pool [N, Hkv, S, D], rows [B], kv_len [B])`` -> [B, H, T, D]:
   attention over the serving slot pool's rows read in place, keys [0, kv_len[b]) (split-KV for small batches).
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
