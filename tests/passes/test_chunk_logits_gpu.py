@@ -200,3 +200,34 @@ def test_lowered_phases_export_with_the_op(wide, lowered):
         got = eps["refresh"].module()(*args)
     assert torch.equal(got[0], want[0])
     assert torch.allclose(got[1], want[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_lowered_phase_builds_with_aotinductor(tmp_path):
+    """AOTInductor compiles a GPU-lowered refresh phase (fused projections, the fused op and top-k logprobs; on
+    CPU the ops' reference bodies) and the package computes what the FX graph computes."""
+    cfg = ModelConfig(family="llada", d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=48,
+                      vocab_size=300, embedding_size=300, mask_id=299, eos_id=298, pad_id=298, max_seq_len=64)
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    init_weights(m, 3)
+    m.eval()
+    from dlc.compiler.export import build_phases
+    phases, _, names = build_phases(m, device="cuda", logprobs=3)
+    assert "fuse_projections" in names
+    ep = export_phase(phases["refresh"], "refresh", cfg, torch.float32)
+    pkg = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(
+        ep, package_path=str(tmp_path / "refresh.pt2")))
+    ids, pos, km = token_state(cfg, B=2, L=16)
+    args = (ids, pos, km, torch.arange(8, 12)[None].repeat(2, 1), torch.arange(2), torch.arange(2), torch.ones(1),
+            torch.tensor([0.8], dtype=torch.float64), torch.tensor([5, 6]))
+    with torch.no_grad():
+        want = phases["refresh"](*args)
+    got = pkg(*args)
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[1], want[1], rtol=1e-5)
+    assert torch.allclose(got[3], want[3], atol=LOGPROB_ATOL)                       # top-k logprobs
+    gap = (want[3][..., :-1] - want[3][..., 1:]).min(-1).values > MARGIN             # distinct top-k order
+    assert torch.equal(got[2][gap], want[2][gap])
+    for a, b in zip(got[4:], want[4:]):                                              # k, v
+        assert torch.allclose(a, b, atol=1e-5)
