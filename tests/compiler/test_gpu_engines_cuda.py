@@ -2,7 +2,9 @@
 
 In-memory phase programs (fused projections + dlc.fused_select_logits) against the eager runner, fp32, whole
 generations with a dual cache; and an AOTInductor engine built for --target h200 loaded and run in a
-subprocess (an earlier torch 2.11 build crashed in aoti_load_package; a crash must fail the test, not pytest)."""
+subprocess (a crash must fail the test, not pytest). It is skipped where a one-layer Linear package cannot be
+loaded either: on the H200 image of 2026-11-21 (torch 2.11.0+cu130) aoti_load_package segfaults on any CUDA
+package, dlc's included (checked with faulthandler: the crash is inside _load_aoti)."""
 import json
 import os
 import subprocess
@@ -40,7 +42,27 @@ def test_in_memory_gpu_lowering_matches_eager(preset):
     assert same / len(prompts) >= SAME_SEQ
 
 
+PROBE = """
+import torch
+m = torch.nn.Linear(64, 64).cuda()
+x = torch.randn(4, 64, device="cuda")
+p = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)), package_path=PATH)
+assert torch.allclose(torch._inductor.aoti_load_package(p)(x), m(x), atol=1e-4)
+print("probe-ok")
+"""
+
+
+def _aoti_loads_at_all(tmp_path) -> bool:
+    """Whether this torch build can load any CUDA AOTI package: on the H200 image (torch 2.11.0+cu130, 2026-11-21)
+    aoti_load_package segfaults even on a one-layer Linear, so a crash there is the platform's, not dlc's."""
+    code = PROBE.replace("PATH", repr(str(tmp_path / "probe.pt2")))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    return r.returncode == 0 and "probe-ok" in r.stdout
+
+
 def test_aoti_h200_engine_runs_on_the_gpu(tmp_path):
+    if not _aoti_loads_at_all(tmp_path):
+        pytest.skip("this torch build's aoti_load_package crashes on a one-layer Linear CUDA package")
     code = f"""
 import json, sys, torch
 from dlc.compiler.build import compile_model
