@@ -50,7 +50,7 @@ class PassContext:
     def params(self, name: str) -> dict:
         """The parameters of one pass, as recorded in config.json."""
         return {"cache_kv_reuse": {"layouts": ["prefix", "dual"], "vicinity": "runtime"},
-                "sparsify_heads": {"retention": self.sparse_retention, "pool_kernel": 3},
+                "sparsify_heads": sparsify_heads.params(self),
                 "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
