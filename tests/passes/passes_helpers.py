@@ -2,7 +2,10 @@
 import torch
 
 from dlc.compiler.export import trace_forward
-from dlc.models.loading import load_model
+from dlc.models import build_model
+from dlc.models.config import ModelConfig
+from dlc.models.loading import init_weights, load_model
+from dlc.runtime.sampling import Sampling, guided_logits, sample_tokens
 from dlc.passes.pipeline import PassContext, run_pipeline
 
 FAMILIES = ["tiny-llada", "tiny-dream", "tiny-llada-moe"]
@@ -48,3 +51,41 @@ def token_state(config, B=3, L=20, seed=0):
     pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
     return ids, pos, key_mask
 
+
+
+def wide_llada():
+    """(model, traced forward): a tiny LLaDA with a 1000-token vocabulary (several logit chunks, recognisable
+    vocab dims) and a sharpened head (confident, distinct tokens)."""
+    cfg = ModelConfig(family="llada", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=96,
+                      vocab_size=1000, embedding_size=1000, mask_id=999, eos_id=998, pad_id=998, max_seq_len=256)
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    init_weights(m, 3)
+    with torch.no_grad():
+        m.model.transformer.ff_out.weight.mul_(20)
+    m.eval()
+    return m, trace_forward(m)
+
+
+def decode_args(B, N, a, cfg=0.0, temp=0.0, seeds=None):
+    """chunk_logits' decode inputs (out_index, cond_rows, un_rows, cfg_weight, temperature, seeds)."""
+    C = B // 2 if cfg else B
+    return [torch.arange(a, a + N)[None].repeat(B, 1), torch.arange(C), torch.arange(C) + (B - C),
+            torch.tensor([cfg + 1.0]), torch.tensor([temp], dtype=torch.float64),
+            torch.zeros(C, dtype=torch.long) if seeds is None else seeds]
+
+
+def guided_refresh(m, refresh, B=2, L=20, N=5, a=12, cfg=1.5, k=5):
+    """Run a refresh program with classifier-free guidance (prompt = the first 10 tokens) -> (its outputs, the
+    eager guided logits [B, N, V], eager (tokens, confidence), eager top-k (logprobs, ids))."""
+    ids, pos, km = token_state(m.config, B=B, L=L)
+    un = ids.clone()
+    un[:, :10] = m.config.mask_id
+    ids2, pos2, km2 = torch.cat([ids, un]), torch.cat([pos, pos]), torch.cat([km, km])
+    with torch.no_grad():
+        outs = refresh(ids2, pos2, km2, *decode_args(2 * B, N, a, cfg=cfg))
+        lg = m.logits(m(ids2, pos2, km2)[:, a:a + N])
+        g = guided_logits(*lg.chunk(2), cfg)
+        ref = sample_tokens(g, Sampling())
+        top = torch.log_softmax(g.double(), -1).topk(k, -1)
+    return outs, lg, g, ref, top

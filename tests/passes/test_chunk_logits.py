@@ -3,14 +3,11 @@ import pytest
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes_helpers import traced, tiny, token_state
+from passes_helpers import decode_args, guided_refresh, traced, tiny, token_state, wide_llada
 from dlc.compiler.export import trace_forward
-from dlc.models import build_model
-from dlc.models.config import ModelConfig
-from dlc.models.loading import init_weights
 from dlc.passes.chunk_logits import uniform_noise
 from dlc.passes.pipeline import PassContext, run_pipeline
-from dlc.runtime.sampling import Sampling, guided_logits, sample_tokens
+from dlc.runtime.sampling import Sampling, sample_tokens
 
 CONF_RTOL = 1e-12     # float64 softmax probability: chunked logsumexp vs torch.softmax (summation order only)
 
@@ -20,24 +17,9 @@ def decode_phases(model, chunk, logprobs=0, base=None):
     return run_pipeline(base or trace_forward(model), ctx, ["cache_kv_reuse", "chunk_logits"]), ctx
 
 
-def decode_args(B, N, a, cfg=0.0, temp=0.0, seeds=None):
-    C = B // 2 if cfg else B
-    return [torch.arange(a, a + N)[None].repeat(B, 1), torch.arange(C), torch.arange(C) + (B - C),
-            torch.tensor([cfg + 1.0]), torch.tensor([temp], dtype=torch.float64),
-            torch.zeros(C, dtype=torch.long) if seeds is None else seeds]
-
-
 @pytest.fixture(scope="module")
 def wide():
-    """A tiny LLaDA with a 1000-token vocabulary, so several chunks exist and vocab dims are recognisable."""
-    cfg = ModelConfig(family="llada", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=96,
-                      vocab_size=1000, embedding_size=1000, mask_id=999, eos_id=998, pad_id=998, max_seq_len=256)
-    torch.manual_seed(0)
-    m = build_model(cfg)
-    init_weights(m, 3)
-    with torch.no_grad():
-        m.model.transformer.ff_out.weight.mul_(20)          # sharper distributions: confident, distinct tokens
-    return m.eval(), trace_forward(m.eval())
+    return wide_llada()
 
 
 def test_no_vocab_tensor_larger_than_budget(wide):
@@ -87,17 +69,7 @@ def test_tokens_equal_unchunked_at_temperature_0(wide, chunk):
 def test_guidance_and_logprobs(wide):
     m, base = wide
     phases, _ = decode_phases(m, 128, logprobs=5, base=base)
-    B, L, N, a = 2, 20, 5, 12
-    ids, pos, km = token_state(m.config, B=B, L=L)
-    un = ids.clone()
-    un[:, :10] = m.config.mask_id
-    ids2, pos2, km2 = torch.cat([ids, un]), torch.cat([pos, pos]), torch.cat([km, km])
-    with torch.no_grad():
-        tok, conf, top_i, top_lp, _, _ = phases["refresh"](ids2, pos2, km2, *decode_args(2 * B, N, a, cfg=1.5))
-        lg = m.logits(m(ids2, pos2, km2)[:, a:a + N])
-        g = guided_logits(*lg.chunk(2), 1.5)
-        ref_tok, ref_conf = sample_tokens(g, Sampling())
-        ref_lp, ref_i = torch.log_softmax(g.double(), -1).topk(5, -1)
+    (tok, conf, top_i, top_lp, _, _), _, _, (ref_tok, ref_conf), (ref_lp, ref_i) = guided_refresh(m, phases["refresh"])
     assert torch.equal(tok, ref_tok)
     assert torch.allclose(conf, ref_conf, rtol=CONF_RTOL, atol=0)
     assert torch.equal(top_i, ref_i)

@@ -6,7 +6,7 @@ reference in tests/kernels (interpreter on CPU, GPU tests on the device)."""
 import pytest
 import torch
 
-from passes_helpers import tiny, token_state, traced
+from passes_helpers import decode_args, guided_refresh, tiny, token_state, traced, wide_llada
 from dlc.compiler import in_memory_runner
 from dlc.compiler.export import export_phase, head_weight, trace_forward
 from dlc.kernels.logits import key_uniform, row_key
@@ -16,7 +16,7 @@ from dlc.models.loading import init_weights
 from dlc.passes.chunk_logits import HEAD_ATTR
 from dlc.passes.pipeline import PassContext, run_pipeline
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.sampling import Sampling, guided_logits, sample_tokens
+from dlc.runtime.sampling import Sampling, sample_tokens
 
 CONF_RTOL = 1e-5      # float32 online softmax (the op) vs float64 softmax of eager logits
 CFG_CONF_RTOL = 1e-4  # guidance on hidden rows, then one head GEMM, vs guidance on two heads' logits (fp32)
@@ -32,13 +32,6 @@ def gpu_phases(model, base=None, logprobs=0, chunk=128):
     return run_pipeline(base or trace_forward(model), ctx, ["cache_kv_reuse", "chunk_logits"]), ctx
 
 
-def decode_args(B, N, a, cfg=0.0, temp=0.0, seeds=None):
-    C = B // 2 if cfg else B
-    return [torch.arange(a, a + N)[None].repeat(B, 1), torch.arange(C), torch.arange(C) + (B - C),
-            torch.tensor([cfg + 1.0]), torch.tensor([temp], dtype=torch.float64),
-            torch.zeros(C, dtype=torch.long) if seeds is None else seeds]
-
-
 def clear(scores: torch.Tensor) -> torch.Tensor:
     """[..., V] -> bool [...]: rows whose top-2 scores are further apart than MARGIN."""
     top = scores.double().topk(2, dim=-1).values
@@ -47,16 +40,7 @@ def clear(scores: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def wide():
-    """A tiny LLaDA with a 1000-token vocabulary and sharp distributions (distinct, confident tokens)."""
-    cfg = ModelConfig(family="llada", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=96,
-                      vocab_size=1000, embedding_size=1000, mask_id=999, eos_id=998, pad_id=998, max_seq_len=256)
-    torch.manual_seed(0)
-    m = build_model(cfg)
-    init_weights(m, 3)
-    with torch.no_grad():
-        m.model.transformer.ff_out.weight.mul_(20)
-    m.eval()
-    return m, trace_forward(m)
+    return wide_llada()
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +85,9 @@ def test_temperature_0_matches_eager(wide, lowered):
 def test_guidance_on_hidden_rows_matches_guided_logits(wide):
     m, base = wide
     phases, _ = gpu_phases(m, base=base, logprobs=5)
-    B, L, N, a = 2, 20, 5, 12
-    ids, pos, km = token_state(m.config, B=B, L=L)
-    un = ids.clone()
-    un[:, :10] = m.config.mask_id
-    ids2, pos2, km2 = torch.cat([ids, un]), torch.cat([pos, pos]), torch.cat([km, km])
-    with torch.no_grad():
-        tok, conf, top_i, top_lp, _, _ = phases["refresh"](ids2, pos2, km2, *decode_args(2 * B, N, a, cfg=1.5))
-        lg = m.logits(m(ids2, pos2, km2)[:, a:a + N])
-        g = guided_logits(*lg.chunk(2), 1.5)
-        ref_tok, ref_conf = sample_tokens(g, Sampling())
-        ref_lp, ref_i = torch.log_softmax(g.double(), -1).topk(5, -1)
+    B, N = 2, 5
+    (tok, conf, top_i, top_lp, _, _), lg, g, (ref_tok, ref_conf), (ref_lp, ref_i) = guided_refresh(
+        m, phases["refresh"], B=B, N=N)
     assert not torch.equal(g, lg[:B])                                # guidance changes the logits
     ok = clear(g)
     assert ok.float().mean() > 0.9
