@@ -89,3 +89,20 @@ def guided_refresh(m, refresh, B=2, L=20, N=5, a=12, cfg=1.5, k=5):
         ref = sample_tokens(g, Sampling())
         top = torch.log_softmax(g.double(), -1).topk(k, -1)
     return outs, lg, g, ref, top
+
+
+def reuse_case(phases, m):
+    """Refresh 2 rows of 16 tokens, then a reuse step feeding columns [6, 12) / [8, 14) and decoding rows 8..11 /
+    9..12 -> (reuse tokens, confidence, eager logits of those rows [2, 4, V])."""
+    ids, pos, km = token_state(m.config, B=2, L=16)
+    with torch.no_grad():
+        _, _, k, v = phases["refresh"](ids, pos, km, *decode_args(2, 4, 8))
+        qs = torch.tensor([6, 8])
+        cols = qs[:, None] + torch.arange(6)
+        out = torch.tensor([[8, 9, 10, 11], [9, 10, 11, 12]])
+        args = decode_args(2, 4, 0)
+        args[0] = out
+        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, *args)
+        h = m(ids, pos, km)
+        lg = m.logits(h.gather(1, out[..., None].expand(-1, -1, h.shape[-1])))
+    return tok, conf, lg

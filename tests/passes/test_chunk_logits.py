@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes_helpers import decode_args, guided_refresh, traced, tiny, token_state, wide_llada
+from passes_helpers import decode_args, guided_refresh, reuse_case, traced, tiny, token_state, wide_llada
 from dlc.compiler.export import trace_forward
 from dlc.passes.chunk_logits import uniform_noise
 from dlc.passes.pipeline import PassContext, run_pipeline
@@ -106,17 +106,7 @@ def test_uniform_noise_is_uniform():
 def test_reuse_decodes_rows_relative_to_q_start():
     m = tiny("tiny-llada")
     phases, _ = decode_phases(m, 100, base=traced("tiny-llada"))
-    ids, pos, km = token_state(m.config, B=2, L=16)
-    with torch.no_grad():
-        _, _, k, v = phases["refresh"](ids, pos, km, *decode_args(2, 4, 8))
-        qs = torch.tensor([6, 8])
-        cols = qs[:, None] + torch.arange(6)
-        out = torch.tensor([[8, 9, 10, 11], [9, 10, 11, 12]])
-        args = decode_args(2, 4, 0)
-        args[0] = out
-        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, *args)
-        h = m(ids, pos, km)
-        ref_tok, ref_conf = sample_tokens(m.logits(h.gather(1, out[..., None].expand(-1, -1, h.shape[-1]))),
-                                          Sampling())
+    tok, conf, lg = reuse_case(phases, m)
+    ref_tok, ref_conf = sample_tokens(lg, Sampling())
     assert torch.equal(tok, ref_tok)
     assert torch.allclose(conf, ref_conf, rtol=1e-6)

@@ -6,7 +6,7 @@ reference in tests/kernels (interpreter on CPU, GPU tests on the device)."""
 import pytest
 import torch
 
-from passes_helpers import decode_args, guided_refresh, tiny, token_state, traced, wide_llada
+from passes_helpers import decode_args, guided_refresh, reuse_case, tiny, token_state, traced, wide_llada
 from dlc.compiler import in_memory_runner
 from dlc.compiler.export import export_phase, head_weight, trace_forward
 from dlc.kernels.logits import key_uniform, row_key
@@ -130,18 +130,8 @@ def test_sampling_uses_per_request_seeds(wide, lowered):
 def test_reuse_decodes_rows_relative_to_q_start():
     m = tiny("tiny-llada")
     phases, _ = gpu_phases(m, base=traced("tiny-llada"), chunk=100)
-    ids, pos, km = token_state(m.config, B=2, L=16)
-    with torch.no_grad():
-        _, _, k, v = phases["refresh"](ids, pos, km, *decode_args(2, 4, 8))
-        qs = torch.tensor([6, 8])
-        cols = qs[:, None] + torch.arange(6)
-        out = torch.tensor([[8, 9, 10, 11], [9, 10, 11, 12]])
-        args = decode_args(2, 4, 0)
-        args[0] = out
-        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, *args)
-        h = m(ids, pos, km)
-        lg = m.logits(h.gather(1, out[..., None].expand(-1, -1, h.shape[-1])))
-        ref_tok, ref_conf = sample_tokens(lg, Sampling())
+    tok, conf, lg = reuse_case(phases, m)
+    ref_tok, ref_conf = sample_tokens(lg, Sampling())
     ok = clear(lg)
     assert ok.any()
     assert torch.equal(tok[ok], ref_tok[ok])
