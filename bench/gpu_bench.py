@@ -104,13 +104,8 @@ def build(cfg, dev, dtype):
         torch.set_default_dtype(old)
     model.eval().requires_grad_(False)
     with torch.no_grad():                      # random-model logits peaked enough to make argmax stable
-        head_weight(model).mul_(4.0)
+        model.head_weight().mul_(4.0)
     return model
-
-
-def head_weight(model) -> torch.Tensor:
-    head = model.head
-    return head.weight if hasattr(head, "weight") else head._embed[0].weight[: model.config.vocab_size]
 
 
 def param_bytes(model) -> int:
@@ -216,7 +211,7 @@ def eager_inputs(cfg, B, L, dev, g):
 def fused_decode(model, h):
     """[B, T, d] -> (token [B, T], confidence [B, T]) through dlc.kernels.fused_select_logits."""
     B, T, d = h.shape
-    tok, conf = K.fused_select_logits(h.reshape(B * T, d), head_weight(model))
+    tok, conf = K.fused_select_logits(h.reshape(B * T, d), model.head_weight())
     return tok.view(B, T), conf.view(B, T)
 
 
@@ -380,7 +375,7 @@ def bench_memory(model, args, dev, g):
 @torch.no_grad()
 def bench_kernels(model, args, dev, g):
     """Each dlc.kernels op vs its plain-PyTorch equivalent on LLaDA-8B shapes."""
-    W = head_weight(model)
+    W = model.head_weight()
     V, d = W.shape
     dt = W.dtype
     head_floor = W.numel() * W.element_size() / args.bw * 1e3
@@ -453,7 +448,7 @@ def bench_gemms(model, args, dev, g):
     """The Reuse step's weight GEMMs alone (all layers, M = B x 32 rows), as the model runs them (q, k, v, o,
     gate, up, down) and with q|k|v and gate|up concatenated: how close cuBLAS gets to the weight-read floor."""
     cfg, T = model.config, args.block
-    dt = head_weight(model).dtype
+    dt = model.head_weight().dtype
     layers = list(model.blocks)
     x = torch.randn(T, cfg.d_model, device=dev, generator=g, dtype=dt)
     m = torch.randn(T, cfg.mlp_hidden, device=dev, generator=g, dtype=dt)

@@ -295,6 +295,11 @@ class DiffusionLM(nn.Module):
         h = self.norm(x)
         return (h, kvs) if return_kv else h
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM head weight [vocab, d] (tied heads: the embedding's first vocab rows, a view)."""
+        head = self.head
+        return head.weight if hasattr(head, "weight") else head._embed[0].weight[: self.config.vocab_size]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, N, d] -> [B, N, vocab]. Callers pass only the rows they decode (never the whole sequence)."""
         return self.head(hidden)

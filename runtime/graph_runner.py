@@ -155,13 +155,8 @@ class GraphRunner(EagerRunner):
             x0, conf = sample_tokens(self.model.logits(rows), Sampling())
             return x0, conf
         from dlc.kernels import fused_select_logits
-        tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self._head_weight())
+        tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self.model.head_weight())
         return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
-
-    def _head_weight(self) -> torch.Tensor:
-        head = self.model.head
-        w = head.weight if hasattr(head, "weight") else head._embed[0].weight
-        return w[: self.config.vocab_size]
 
     # -- the runner contract -----------------------------------------------------------------------------------
     host_bounds = True          # BatchRunner hands span bounds over as host tensors: no H2D copy, no sync
@@ -200,7 +195,7 @@ class GraphRunner(EagerRunner):
         lens = getattr(key_mask, "dlc_lengths", None)        # BatchRunner's prefix masks carry their lengths
         g = self._graph(self.bucket(B), T, N)
         host = getattr(cache, "host_rows", None)
-        m = g.meta_host                                                           # [3, bb] on the host
+        m = g.meta_host                                                           # [4, bb] on the host
         m[0, :B] = torch.as_tensor(host) if host is not None else self.scratch
         m[1, :B], m[2, :B] = qa, a - self.shift - qa
         m[3, :B] = torch.as_tensor(lens) if lens is not None else 0
