@@ -14,6 +14,8 @@ whose K/V inputs are the post-RoPE keys and values.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -159,6 +161,21 @@ def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if key_mask is None else key_mask[:, None, None, :]
 
 
+_ATTENTION: list = []      # training-time replacements of the dense SDPA (attention_override); empty otherwise
+
+
+@contextmanager
+def attention_override(fn):
+    """Route the dense attention of ``self_attention`` through ``fn(q [B, H, T, D], k, v [B, H, S, D], attn_mask)``
+    (GQA already expanded) while the block runs. For training-time simulations such as ``dlc.tiny.train``'s
+    head-sparse Reuse attention; never active while tracing for export (passes look for SDPA nodes)."""
+    _ATTENTION.append(fn)
+    try:
+        yield
+    finally:
+        _ATTENTION.pop()
+
+
 def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_heads: int, n_kv: int,
                    q_norm=None, k_norm=None, cache_kv=None, start: int = 0):
     """Bidirectional attention with GQA and optional QK-norm; projections are the caller's modules so each
@@ -184,7 +201,8 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, T, D]
+    attend = _ATTENTION[-1] if _ATTENTION else F.scaled_dot_product_attention
+    y = attend(q, k, v, attn_mask=attn_mask)                          # [B, H, T, D]
     y = y.transpose(1, 2).reshape(B, T, n_heads * hd)
     return o_proj(y), new_kv
 

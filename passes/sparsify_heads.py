@@ -69,6 +69,21 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: tor
     return s.masked_fill(~key_mask[:, None, :], float("-inf"))
 
 
+def keep_columns(scores: torch.Tensor, cols: torch.Tensor, retention: float) -> torch.Tensor:
+    """The Reuse step's kept columns per head: scores [..., B, Hkv, S] (``head_scores``, padding -inf), fed
+    columns cols [B, T] -> [..., B, Hkv, K] ascending, K = min(S, T + ceil(retention x (S - T))): the fed columns
+    plus the top-scoring others. K = S keeps every column in order (the gather is the identity). The runner
+    feeds this as ``keep_idx``; ``dlc.tiny.train`` uses it to train with the same selection."""
+    S, T = scores.shape[-1], cols.shape[1]
+    k = min(S, T + math.ceil(retention * (S - T)))
+    if k == S:
+        return torch.arange(S, device=cols.device).expand(scores.shape).contiguous()
+    forced = torch.zeros(cols.shape[0], S, dtype=torch.bool, device=cols.device)
+    forced.scatter_(1, cols, True)
+    sc = scores.masked_fill(forced[:, None, :], float("inf"))                    # [..., B, Hkv, S]
+    return sc.topk(k, dim=-1).indices.sort(-1).values.contiguous()
+
+
 def max_pool(s: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     """1-D max-pool over the last dim, odd ``kernel``, stride 1, -inf padding (= F.max_pool1d(s, kernel, 1,
     kernel // 2)); written with slices so export keeps the length symbolic and ONNX needs no pooling op."""

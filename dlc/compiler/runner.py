@@ -9,12 +9,11 @@ K/V outputs, head-sparse column selection (top ``retention`` per head from the r
 ``random`` remasking draw."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*: GPU-lowered phase programs call them)
 from dlc.models.common import KVCache
+from dlc.passes.sparsify_heads import keep_columns
 from dlc.runtime.model_runner import cfg_inputs
 from dlc.runtime.sampling import Sampling
 
@@ -155,15 +154,6 @@ class CompiledRunner:
         scores = getattr(cache, "dlc_head_scores", None)
         if scores is None:
             raise ValueError("head-sparse reuse needs a cache filled by this runner's refresh (no head scores)")
-        T = cols.shape[1]
         if scores.shape[-1] < S:
             scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], S - scores.shape[-1]), float("-inf"))], -1)
-        k = min(S, T + math.ceil(self.sparse_retention * (S - T)))
-        forced = torch.zeros(cols.shape[0], S, dtype=torch.bool, device=cols.device)
-        forced.scatter_(1, cols, True)
-        sc = scores.masked_fill(forced[None, :, None, :], float("inf"))            # [nl, fed, Hkv, S]
-        if k == S:
-            idx = torch.arange(S, device=cols.device).expand(sc.shape)
-        else:
-            idx = sc.topk(k, dim=-1).indices.sort(-1).values
-        return idx.contiguous()
+        return keep_columns(scores, cols, self.sparse_retention)

@@ -9,7 +9,16 @@ padding is part of the response, so the model learns where answers end. Most bat
 generation length (8), some to 16 (so longer generations still end in EOS).
 
 Batches are left-padded exactly like the decoding loop pads prompts (key mask + real-token positions), so the
-model sees at training time the layout it decodes with. Seeded end to end; 2 torch threads. Random draws
+model sees at training time the layout it decodes with.
+
+Head-sparse-aware batches (``--sparse-aware P``, 0.5 for the bundled model): a fraction P of the batches trains
+the attention the ``sparsify_heads`` pass runs in Reuse steps. One block of the response (``BLOCK_LENGTH``
+positions, the decoded block) is picked per batch and a retention r ~ U(``SPARSE_RETENTION``); in every layer
+the block's queries attend only to the block plus, per head, the top ``ceil(r x (S - T))`` other positions as
+the pass chooses them (``sparsify_heads.head_scores`` of the block's own queries, ``keep_columns``); the other
+rows attend densely, as in the Refresh that produced the cache. A model trained only densely spreads its
+attention over the ~20 context positions of a prompt, and at retention 0.25 (5 kept positions per head) loses
+sorting (docs/QUALITY.md); trained this way it concentrates what each head needs into the kept positions. Seeded end to end; 2 torch threads. Random draws
 (tasks, mask ratios, masks) all happen on the CPU, so ``--device cuda`` sees the same data stream (its
 numerics differ, so its weights do not match the CPU run's bit for bit)."""
 from __future__ import annotations
@@ -26,7 +35,9 @@ import torch.nn.functional as F
 
 from dlc.models import build_model
 from dlc.models.config import ModelConfig
+from dlc.models.common import attention_override
 from dlc.models.loading import init_weights, save_checkpoint
+from dlc.passes.sparsify_heads import head_scores, keep_columns
 
 from . import tasks
 from .evaluate import BLOCK_LENGTH, GEN_LENGTH
@@ -36,6 +47,7 @@ PAD_LENGTHS = {GEN_LENGTH: 0.9, 16: 0.1}             # response lengths trained 
 T_MIN = 1e-3                                         # floor of the mask ratio (1/t stays finite)
 # Round-robin task order of training batches: addition learns slowest, so it comes twice as often.
 TRAIN_MIX = ["add", "sort", "add", "reverse"]
+SPARSE_RETENTION = (0.15, 0.5)                       # range of retentions head-sparse-aware batches train with
 
 
 def tiny_config(d_model=160, n_layers=4, n_heads=4, mlp_hidden=448) -> ModelConfig:
@@ -78,6 +90,34 @@ def diffusion_loss(model, ids, pos, key_mask, resp, gen: torch.Generator, device
     return (ce * w).sum() / resp.sum()
 
 
+def sparse_reuse_attention(block: torch.Tensor, retention: float, n_kv: int):
+    """SDPA replacement (``attention_override``) that gives the queries of ``block`` [B, T] (column indices)
+    the Reuse step's head-sparse view: the block's columns plus each KV head's top columns by the pass's score;
+    every other query attends densely. q [B, H, L, D], k/v [B, H, L, D] (GQA expanded), attn_mask [B, 1, 1, L]."""
+    def attend(q, k, v, attn_mask=None):
+        B, H, L, D = q.shape
+        group = H // n_kv
+        key_mask = attn_mask.reshape(B, L)                                          # [B, L]
+        with torch.no_grad():
+            s = head_scores(q, k[:, ::group], v[:, ::group], key_mask, block, group)  # [B, Hkv, L]
+            keep = keep_columns(s, block, retention)                                # [B, Hkv, K]
+            kept = torch.zeros(B, n_kv, L, dtype=torch.bool, device=q.device).scatter_(-1, keep, True)
+            kept = kept.repeat_interleave(group, dim=1) & key_mask[:, None, :]      # [B, H, L]
+            rows = torch.zeros(B, L, dtype=torch.bool, device=q.device).scatter_(1, block, True)
+            mask = torch.where(rows[:, None, :, None], kept[:, :, None, :], key_mask[:, None, None, :])  # [B, H, L, L]
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(D)                           # [B, H, L, L]
+        return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    return attend
+
+
+def sparse_block(resp: torch.Tensor, pick: random.Random) -> torch.Tensor:
+    """One decoded block of the (shared) response span, as column indices [B, T]."""
+    start = int(resp[0].nonzero()[0])
+    n_blocks = int(resp[0].sum()) // BLOCK_LENGTH
+    first = start + BLOCK_LENGTH * pick.randrange(n_blocks)
+    return (first + torch.arange(BLOCK_LENGTH)).expand(resp.shape[0], -1)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -100,11 +140,13 @@ def quick_accuracy(model, n: int = 64) -> float:
 
 
 def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 6e-4, warmup: int = 100,
-          eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu", log=print,
-          **model_kw) -> Path:
+          eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu", sparse_aware: float = 0.5,
+          log=print, **model_kw) -> Path:
     for name, v in (("steps", steps), ("batch", batch), ("threads", threads)):
         if v <= 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+    if not 0 <= sparse_aware <= 1:
+        raise ValueError(f"sparse_aware must be in [0, 1], got {sparse_aware}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     cfg = tiny_config(**model_kw)
@@ -115,12 +157,21 @@ def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
     gen = torch.Generator().manual_seed(seed)
     lens, probs = list(PAD_LENGTHS), list(PAD_LENGTHS.values())
     pick = random.Random(f"dlc-tiny/lengths/{seed}")
-    log(f"dlc-tiny: {cfg.num_parameters() / 1e6:.2f}M parameters, {steps} steps x {batch}, seed {seed}")
+    sparse_pick = random.Random(f"dlc-tiny/sparse/{seed}")
+    log(f"dlc-tiny: {cfg.num_parameters() / 1e6:.2f}M parameters, {steps} steps x {batch}, seed {seed}, "
+        f"head-sparse-aware batches {sparse_aware:.0%}")
     t0, avg = time.perf_counter(), None
     for step in range(steps):
         gen_len = pick.choices(lens, probs)[0]
         pairs = tasks.sample("train", batch, seed=seed * 1_000_003 + step, tasks=TRAIN_MIX)
-        loss = diffusion_loss(model, *make_batch(pairs, gen_len), gen, device)
+        ids, pos, key_mask, resp = make_batch(pairs, gen_len)
+        if sparse_pick.random() < sparse_aware:
+            block = sparse_block(resp, sparse_pick).to(device)
+            attend = sparse_reuse_attention(block, sparse_pick.uniform(*SPARSE_RETENTION), cfg.n_kv_heads)
+            with attention_override(attend):
+                loss = diffusion_loss(model, ids, pos, key_mask, resp, gen, device)
+        else:
+            loss = diffusion_loss(model, ids, pos, key_mask, resp, gen, device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
@@ -165,11 +216,13 @@ def save(model, out: str) -> Path:
 @click.option("--eval-n", default=64, show_default=True, type=int)
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu reproduces the bundled checkpoint")
-def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, eval_n, threads, device):
+@click.option("--sparse-aware", default=0.5, show_default=True, type=float,
+              help="fraction of batches trained with the head-sparse Reuse attention (0: dense only)")
+def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, eval_n, threads, device, sparse_aware):
     """Train dlc-tiny from scratch and save it to OUT."""
     try:
         train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads, device=device,
-              log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers, n_heads=heads, mlp_hidden=mlp)
+              sparse_aware=sparse_aware, log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers, n_heads=heads, mlp_hidden=mlp)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 
