@@ -9,6 +9,8 @@ decoding setting one entry in ``SETTINGS``. Every row is compared with the exact
 low-confidence remasking, no KV cache, eager."""
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 
 import click
@@ -53,8 +55,10 @@ def _open_compiled(model: str, backend: str, sparse: float | None = None):
     from dlc.runtime.session import open_model
 
     out = tempfile.mkdtemp(prefix=f"{backend}-", dir=_workdir())
-    compile_model(model, "cpu", out, backend=backend, block_length=generation_defaults(_dir(model))["block_length"],
-                  sparse_retention=sparse, echo=lambda *a, **k: None)
+    with contextlib.redirect_stdout(sys.stderr):        # torch.onnx prints progress: keep stdout the table
+        compile_model(model, "cpu", out, backend=backend,
+                      block_length=generation_defaults(_dir(model))["block_length"], sparse_retention=sparse,
+                      echo=lambda *a, **k: None)
     return open_model(out, device="cpu", progress=False)
 
 
