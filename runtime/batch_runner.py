@@ -6,6 +6,10 @@ alone. Requests are grouped into one runner call per (phase, block width, query 
 runner contract needs one decoded width and one fed width per call. Refresh and Reuse calls get the KV slot
 pool as ``KVCache(k, v, rows=slots)`` with per-row ``out``/``q`` bounds (LongTensor [B]).
 
+Token states live on the host (runtime/request.py): a call copies the group's padded tokens to the runner's
+device once (pinned, asynchronous on CUDA) and its (x0, conf) back once; masks and positions are built on the
+device from the row lengths.
+
 ``run`` is the engine's one seam to the model: a CUDA-graph Reuse runner or any compiled runner slots in by
 being the ``runner`` here."""
 from __future__ import annotations
@@ -37,14 +41,18 @@ class BatchRunner:
         out: list = [None] * len(reqs)
         for key, idx in groups.items():
             x0, conf = self._call([reqs[i] for i in idx])
+            x0, conf = x0.cpu(), conf.cpu()                  # one copy back per call; bookkeeping on the host
             for j, i in enumerate(idx):
                 out[i] = (x0[j], conf[j])
         return out
 
     def _inputs(self, reqs):
-        dev = reqs[0].x.device
+        dev = self.runner.device
         ids = torch.nn.utils.rnn.pad_sequence([r.x for r in reqs], batch_first=True,
-                                              padding_value=self.mc.mask_id)                 # [B, W]
+                                              padding_value=self.mc.mask_id)                 # [B, W] host
+        if dev.type == "cuda":
+            ids = ids.pin_memory()
+        ids = ids.to(dev, non_blocking=True)
         W = ids.shape[1]
         lp = torch.tensor([[r.L, r.P] for r in reqs], dtype=torch.long).to(dev, non_blocking=True)   # [B, 2]
         ar = torch.arange(W, device=dev)[None]                                               # [1, W]

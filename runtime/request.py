@@ -6,7 +6,10 @@ forward (skipping steps the schedule leaves empty, closing finished blocks, stop
 phase that forward is (``full`` without a cache, ``refresh`` at a block start or every ``refresh_every`` steps,
 ``reuse`` otherwise); ``apply`` takes the forward's (x0, conf) and unmasks what the decoding rule selects.
 Each request owns its token state (laid out from column 0: prompt, then gen_length masks) and, at T > 0, its
-own seeded ``torch.Generator``, so its tokens do not depend on what else is in the batch.
+own seeded ``torch.Generator`` (on the model's device), so its tokens do not depend on what else is in the
+batch. The token state lives on the host whatever the device: the bookkeeping after a step (which positions
+to unmask, block ends, stop tokens) is a few tiny ops per request, and on a GPU each would be a kernel launch
+and most a device sync; on the host a step costs one copy of the batch's tokens in and of (x0, conf) out.
 
 Blocks: in fixed granularity every block is ``block_length`` wide with ``steps // num_blocks`` steps (exactly
 ``generate``). In elastic granularity the scheduler picks the width of each next block (a chunk) when it
@@ -97,11 +100,12 @@ class Request:
 
 
 def init_state(req: Request, mask_id: int, device) -> None:
+    """Token state [L] on the host; the sampling generator (T > 0, random remasking) on ``device``."""
     x = torch.full((req.L,), mask_id, dtype=torch.long)
     x[:req.P] = torch.tensor(req.prompt, dtype=torch.long)
-    req.x = x.to(device)
+    req.x = x
     if req.gen.temperature > 0 or req.gen.remasking == "random":
-        req.generator = torch.Generator(device=req.x.device).manual_seed(req.gen.seed)
+        req.generator = torch.Generator(device=torch.device(device)).manual_seed(req.gen.seed)
 
 
 def _start_block(req: Request, width: int, mask_id: int) -> None:
@@ -123,7 +127,7 @@ def _end_block(req: Request, stop_ids, eos_id: int) -> list[int]:
     """Close the current block; returns the generated tokens it finalized (cut at the first stop id)."""
     P, be = req.P, req.be
     if req.gen.stop_at_eos:
-        hit = torch.isin(req.x[P:be], torch.tensor(stop_ids, device=req.x.device)).nonzero()
+        hit = torch.isin(req.x[P:be], torch.tensor(stop_ids)).nonzero()
         if hit.numel():
             req.x[P + int(hit[0]) + 1:] = eos_id
             req.stopped = True
@@ -178,10 +182,11 @@ def advance(req: Request, cfg, width: int) -> list[int]:
 
 
 def apply(req: Request, x0: torch.Tensor, conf: torch.Tensor, mask_id: int) -> None:
-    """x0 [K] candidate tokens, conf [K] float64 confidences of the current block: unmask the selection."""
+    """x0 [K] candidate tokens, conf [K] float64 confidences of the current block (host tensors, like req.x):
+    unmask the selection."""
     blk = req.x[req.bs:req.be]
     masked = blk == mask_id                                                   # [K]
-    n = torch.tensor([req.n_now], dtype=torch.long, device=conf.device)
+    n = torch.tensor([req.n_now], dtype=torch.long)
     sel, stuck = unmask_step(req.rule, x0[None], conf[None], masked[None], n, mask_id)
     req.x[req.bs:req.be] = torch.where(sel[0], x0, blk)
     req.stuck = bool(stuck[0])
