@@ -59,7 +59,10 @@ def test_bad_inputs_are_named():
 
 @pytest.mark.slow
 def test_triton_kernel_in_interpreter():
-    pytest.importorskip("triton")
+    # triton 3.6's interpreter (the H200 image) cannot use a loop bound computed from program_id / a loaded
+    # length (`range(s0, s1, BK)`: "only 0-dimensional arrays can be converted"); 3.9's can, and compiled
+    # kernels can on every version (the GPU tests below run them).
+    pytest.importorskip("triton", minversion="3.9")
     code = r'''
 import sys, torch
 from dlc.kernels import pool_attn as P
