@@ -93,26 +93,24 @@ class KVCache:
         return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
 
 
-def write_cache(ck, cv, rows, k, v, start, gather: bool = True, width: int | None = None):
+def write_cache(ck, cv, rows, k, v, start, gather: bool = True):
     """Write k, v [B, Hkv, T, D] into cache rows at columns start .. start + T, in place; returns the keys and
-    values to attend over, [B, Hkv, S, D]: the first ``width`` columns (default: all) of the batch's rows.
-    ``start`` is an int (every row) or a LongTensor [B] (per row)."""
+    values to attend over, [B, Hkv, S, D]. ``start`` is an int (every row) or a LongTensor [B] (per row)."""
     T = k.shape[2]
-    cols = slice(None) if width is None else slice(0, width)
     if rows is None and isinstance(start, int):
         ck[:, :, start:start + T] = k
         cv[:, :, start:start + T] = v
-        return ck[:, :, cols], cv[:, :, cols]
+        return ck, cv
     B = k.shape[0]
     if isinstance(start, int):
         start = torch.full((B,), start, dtype=torch.long, device=k.device)
     r = torch.arange(B, device=k.device) if rows is None else rows
-    idx = start[:, None] + torch.arange(T, device=k.device)           # [B, T]
-    ck[r[:, None], :, idx] = k.transpose(1, 2)                         # indexed view is [B, T, Hkv, D]
-    cv[r[:, None], :, idx] = v.transpose(1, 2)
+    cols = start[:, None] + torch.arange(T, device=k.device)           # [B, T]
+    ck[r[:, None], :, cols] = k.transpose(1, 2)                         # indexed view is [B, T, Hkv, D]
+    cv[r[:, None], :, cols] = v.transpose(1, 2)
     if not gather:
         return None
-    return (ck[:, :, cols], cv[:, :, cols]) if rows is None else (ck[r, :, cols], cv[r, :, cols])
+    return (ck, cv) if rows is None else (ck[r], cv[r])
 
 
 def project(x: torch.Tensor, linears: tuple) -> tuple:
@@ -199,11 +197,7 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
         y = pool_attention(q, ck, cv, rows, kv_len)                   # [B, H, T, D]
         return o_proj(y.transpose(1, 2).reshape(B, T, n_heads * hd)), new_kv
     if cache_kv is not None:                                          # (pool k, pool v, rows or None)
-        W = None if attn_mask is None else attn_mask.shape[-1]        # keys: the cache's first W columns
-        if W == T and isinstance(start, int) and start == 0:          # Refresh: they are this call's own K/V
-            write_cache(*cache_kv, k, v, start, gather=False)
-        else:
-            k, v = write_cache(*cache_kv, k, v, start, width=W)       # [B, Hkv, W, D]
+        k, v = write_cache(*cache_kv, k, v, start)                    # [B, Hkv, S, D]
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
@@ -302,10 +296,8 @@ class DiffusionLM(nn.Module):
         """input_ids [B, T] -> final hidden states [B, T, d] (and per-layer post-RoPE (k, v) if asked).
 
         ``start`` (int or LongTensor [B]) is the column of input_ids[:, 0] in the cache; position_ids default to
-        ``start + arange(T)``; key_mask [B, S] marks the keys to attend: without a cache S = T; with one, the
-        cache's first S columns (S <= its length: a serving slot is longer than most sequences, and attending
-        past the batch's longest row only adds masked work). A Refresh (start 0, S = T) attends to the K/V it
-        computes and writes, without reading the cache back."""
+        ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache length
+        with one)."""
         B, T = input_ids.shape
         if position_ids is None:
             st = start[:, None] if isinstance(start, torch.Tensor) else start

@@ -98,7 +98,7 @@ class EagerRunner:
         elif cache.batch != ids2.shape[0] or cache.seq_len < ids2.shape[1]:
             raise ValueError(f"refresh: cache holds {cache.batch} rows x {cache.seq_len} columns, the batch needs "
                              f"{ids2.shape[0]} x {ids2.shape[1]}")
-        h = self.model(ids2, pos2, km2, cache=cache, start=0)          # keys: its own K/V
+        h = self.model(ids2, pos2, _pad_keys(km2, cache.seq_len), cache=cache, start=0)
         return *self._decode(self._out_rows(h, out, s), s), cache
 
     @torch.no_grad()
@@ -119,8 +119,7 @@ class EagerRunner:
 
 
 def _pad_keys(key_mask: torch.Tensor, S: int) -> torch.Tensor:
-    """Key mask [B, L] -> [B, S] for a cache longer than the token state (extra columns are not attended).
-    Reuse steps attend over the whole cache row, as the captured Reuse steps of GraphRunner do (same sums)."""
+    """Key mask [B, L] -> [B, S] for a cache longer than the token state (extra columns are not attended)."""
     L = key_mask.shape[1]
     if S == L:
         return key_mask

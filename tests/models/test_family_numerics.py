@@ -161,27 +161,26 @@ def test_refresh_then_reuse_equals_full_rows(hf_family):
 
 
 def test_slot_pool_longer_than_the_sequence(hf_family):
-    """The serving layout: batch rows are rows 3 and 1 of a 6-row pool of 20 columns (13 used). A Refresh
-    (key mask as wide as the fed tokens) attends to its own K/V and writes them to the slots; Reuse reads the
-    first key-mask-width columns of the slots, whether the mask covers the sequence or the whole slot."""
+    """The serving layout: batch rows are rows 3 and 1 of a 6-row pool of 20 columns (13 used), the key mask
+    padded to the slot. Refresh and Reuse equal the full forward; the stale columns past the sequence and the
+    other slots are neither attended nor written."""
     family, d, t, model = hf_family
     ids, pos, km = _batch()
     with torch.no_grad():
         full, kvs = model(ids, pos, km, return_kv=True)
         pool = KVCache.empty(model.config, 6, 20, torch.float32, "cpu")
         for k in pool.k + pool.v:
-            k.fill_(1e4)                                              # stale junk past the sequence
+            k.fill_(1e4)                                              # stale junk
         rows = torch.tensor([3, 1])
         cache = KVCache(pool.k, pool.v, rows)
-        torch.testing.assert_close(model(ids, pos, km, cache=cache, start=0), full, **CACHE_TOL)
+        wide = torch.cat([km, km.new_zeros(2, 7)], 1)                 # [2, 20]: the whole slot, tail masked
+        torch.testing.assert_close(model(ids, pos, wide, cache=cache, start=0), full, **CACHE_TOL)
         for layer, (k, v) in enumerate(kvs):
             torch.testing.assert_close(pool.k[layer][rows, :, :13], k, **CACHE_TOL)
             torch.testing.assert_close(pool.v[layer][rows, :, :13], v, **CACHE_TOL)
         assert (pool.k[0][rows, :, 13:] == 1e4).all() and (pool.k[0][[0, 2, 4, 5]] == 1e4).all()
-        wide = torch.cat([km, km.new_zeros(2, 7)], 1)                 # [2, 20]: the whole slot, tail masked
-        for mask in (km, wide):
-            h = model(ids[:, 5:9], pos[:, 5:9], mask, cache=cache, start=5)
-            torch.testing.assert_close(h, full[:, 5:9], **CACHE_TOL)
+        h = model(ids[:, 5:9], pos[:, 5:9], wide, cache=cache, start=5)
+        torch.testing.assert_close(h, full[:, 5:9], **CACHE_TOL)
 
 
 def test_reuse_over_stale_cache_writes_only_the_block(hf_family):
