@@ -18,11 +18,14 @@ the block's queries attend only to the block plus, per head, the top ``ceil(r x 
 the pass chooses them (``sparsify_heads.head_scores`` of the block's own queries, ``keep_columns``); the other
 rows attend densely, as in the Refresh that produced the cache. A model trained only densely spreads its
 attention over the ~20 context positions of a prompt, and at retention 0.25 (5 kept positions per head) loses
-sorting (docs/QUALITY.md); trained this way it concentrates what each head needs into the kept positions. Seeded end to end; 2 torch threads. Random draws
-(tasks, mask ratios, masks) all happen on the CPU, so ``--device cuda`` sees the same data stream (its
-numerics differ, so its weights do not match the CPU run's bit for bit)."""
+sorting (docs/QUALITY.md); trained this way it concentrates what each head needs into the kept positions.
+
+Seeded end to end; 2 torch threads. Random draws (tasks, mask ratios, masks, sparse blocks and retentions) all
+happen on the CPU, so ``--device cuda`` sees the same data stream (its numerics differ, so its weights do not
+match the CPU run's bit for bit)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -165,12 +168,12 @@ def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
         gen_len = pick.choices(lens, probs)[0]
         pairs = tasks.sample("train", batch, seed=seed * 1_000_003 + step, tasks=TRAIN_MIX)
         ids, pos, key_mask, resp = make_batch(pairs, gen_len)
+        attention = contextlib.nullcontext()
         if sparse_pick.random() < sparse_aware:
             block = sparse_block(resp, sparse_pick).to(device)
-            attend = sparse_reuse_attention(block, sparse_pick.uniform(*SPARSE_RETENTION), cfg.n_kv_heads)
-            with attention_override(attend):
-                loss = diffusion_loss(model, ids, pos, key_mask, resp, gen, device)
-        else:
+            attention = attention_override(
+                sparse_reuse_attention(block, sparse_pick.uniform(*SPARSE_RETENTION), cfg.n_kv_heads))
+        with attention:
             loss = diffusion_loss(model, ids, pos, key_mask, resp, gen, device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
@@ -222,7 +225,8 @@ def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, e
     """Train dlc-tiny from scratch and save it to OUT."""
     try:
         train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads, device=device,
-              sparse_aware=sparse_aware, log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers, n_heads=heads, mlp_hidden=mlp)
+              sparse_aware=sparse_aware, log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers,
+              n_heads=heads, mlp_hidden=mlp)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 
