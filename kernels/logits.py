@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
 
@@ -310,3 +311,67 @@ def fused_topk_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, k: int) -
 def _(hidden, weight, k):
     N = hidden.shape[0]
     return hidden.new_empty((N, k), dtype=torch.float32), hidden.new_empty((N, k), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------- chunked decoding in plain torch
+_M32 = 4294967296
+
+
+def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int, device) -> torch.Tensor:
+    """Counter-based uniform(0, 1) noise [C, N, c1 - c0] float64 for vocab ids c0..c1 (integer hash; the same
+    (seed, row, id) always gives the same draw, whatever the chunking)."""
+    row = torch.arange(n_rows, device=device)[None, :, None]                    # [1, N, 1]
+    col = torch.arange(c0, c1, device=device)[None, None, :]                    # [1, 1, Vc]
+    x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + col           # [C, N, Vc] int64
+    x = (x * 2654435761) % _M32
+    for _ in range(2):
+        x = torch.bitwise_xor(x, x // 65536)
+        x = (x * 73244475) % _M32
+    x = torch.bitwise_xor(x, x // 65536)
+    return (x.to(torch.float64) + 0.5) / _M32
+
+def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int):
+    """h [B, N, d] rows to decode, w [>=V, d] LM head -> tokens [C, N], confidence [C, N] float64 (+ top-k ids
+    and logprobs [C, N, k]). Guided rows ``un + cfg_w * (cond - un)`` (cond_rows / un_rows [C] index h; without
+    CFG both are arange(B) and the rows pass through bit-exactly); Gumbel-max at temperature ``temp`` ([1]
+    tensor, or a Python float: 0.0 skips the noise) with ``uniform_noise(seeds [C])``; one vocab chunk of
+    ``chunk`` head rows at a time, reduced at once (running best and an online float64 logsumexp), so no
+    [C, N, V] tensor exists. The one decoding of the CPU lowering (``chunk_logits``) and of the eager runners."""
+    best = tok = best_l = m = s = top_v = top_i = None
+    have = 0                                                                     # top-k candidates so far
+    for c0 in range(0, vocab, chunk):
+        c1 = min(vocab, c0 + chunk)
+        lc = F.linear(h, w[c0:c1])                                               # [B, N, Vc]
+        cond, un = lc.index_select(0, cond_rows), lc.index_select(0, un_rows)    # [C, N, Vc]
+        l64 = (un + cfg_w * (cond - un)).to(torch.float64)
+        if isinstance(temp, (int, float)) and temp == 0:
+            score = l64                                                          # argmax, no noise to draw
+        else:
+            g = torch.log(-torch.log(uniform_noise(seeds, h.size(1), c0, c1, vocab, h.device)))
+            score = l64 - temp * g                                               # [C, N, Vc]
+        ci = score.argmax(-1, keepdim=True)                                      # [C, N, 1]
+        cs, cl = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0]
+        cm = l64.amax(-1)
+        csum = torch.exp(l64 - cm[..., None]).sum(-1)
+        if best is None:
+            best, tok, best_l, m, s = cs, ci[..., 0] + c0, cl, cm, csum
+        else:
+            take = cs > best                                                     # ties keep the earlier id
+            best, tok, best_l = torch.where(take, cs, best), torch.where(take, ci[..., 0] + c0, tok), \
+                torch.where(take, cl, best_l)
+            nm = torch.maximum(m, cm)
+            s = s * torch.exp(m - nm) + csum * torch.exp(cm - nm)
+            m = nm
+        if topk:
+            tv, ti = l64.topk(min(topk, c1 - c0), dim=-1)
+            ti = ti + c0
+            if top_v is not None:
+                tv, ti = torch.cat([top_v, tv], -1), torch.cat([top_i, ti], -1)
+            have += min(topk, c1 - c0)
+            top_v, j = tv.topk(min(topk, have), dim=-1)
+            have = min(topk, have)
+            top_i = ti.gather(-1, j)
+    conf = torch.exp(best_l - m) / s                                             # [C, N] float64
+    if topk:
+        return tok, conf, top_i, top_v - (m + torch.log(s))[..., None]
+    return tok, conf

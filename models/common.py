@@ -15,6 +15,7 @@ whose K/V inputs are the post-RoPE keys and values.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -51,17 +52,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+class LayerKV(NamedTuple):
+    """One layer's view of a KVCache: k, v [N, Hkv, S, D]; ``rows`` [B] pool rows (None: row b is cache row b);
+    ``kv_len`` [B] valid keys per row (a prefix) when the layer may attend inside the pool without a gather."""
+    k: torch.Tensor
+    v: torch.Tensor
+    rows: torch.Tensor | None = None
+    kv_len: torch.Tensor | None = None
+
+
 class KVCache:
     """Per-layer K/V: ``k[l]``, ``v[l]`` are [N, n_kv_heads, S, head_dim].
 
     Without ``rows`` batch row b is cache row b (N = B). With ``rows`` (LongTensor [B]) the tensors are a slot
     pool shared by many requests and batch row b lives in pool row ``rows[b]``: the runtime's KV cache manager
-    hands out such views so requests of different lengths and blocks run in one batch."""
+    hands out such views so requests of different lengths and blocks run in one batch. ``kv_len`` [B]: valid
+    keys per row (a prefix of the row) for attention inside the pool. ``scores`` [n_layers, N, Hkv, S] float32:
+    head-sparse engines' per-head key scores from the last Refresh of each row (models/sparse_heads.py), None
+    for dense runners."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None,
-                 kv_len: torch.Tensor | None = None):
+                 kv_len: torch.Tensor | None = None, scores: torch.Tensor | None = None):
         self.k, self.v, self.rows = k, v, rows
-        self.kv_len = kv_len        # [B] valid keys per row (a prefix): attend in the pool without a gather
+        self.kv_len = kv_len
+        self.scores = scores
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, seq_len: int, dtype, device) -> "KVCache":
@@ -81,16 +95,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def layer(self, i: int):
-        if self.kv_len is not None:
-            return self.k[i], self.v[i], self.rows, self.kv_len
-        return self.k[i], self.v[i], self.rows
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i], self.rows, self.kv_len)
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """A view on some batch rows: same storage when this cache is a pool (writes land in the pool)."""
-        if self.rows is not None:
-            return KVCache(self.k, self.v, self.rows[rows])
-        return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+    def row_index(self, batch: int, device) -> torch.Tensor:
+        """Pool rows of batch rows 0..batch-1 ([batch] int64)."""
+        return torch.arange(batch, device=device) if self.rows is None else self.rows.to(device)
 
 
 def write_cache(ck, cv, rows, k, v, start, gather: bool = True):
@@ -190,14 +200,13 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     v = v.view(B, T, n_kv, hd).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = (k, v)
-    if cache_kv is not None and len(cache_kv) == 4:                   # (pool k, pool v, rows, kv_len): the
-        ck, cv, rows, kv_len = cache_kv                               # pool is read in place, keys [0, kv_len)
-        write_cache(ck, cv, rows, k, v, start, gather=False)
+    if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place, keys
+        write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)     # [0, kv_len)
         from dlc.kernels import pool_attention
-        y = pool_attention(q, ck, cv, rows, kv_len)                   # [B, H, T, D]
+        y = pool_attention(q, cache_kv.k, cache_kv.v, cache_kv.rows, cache_kv.kv_len)   # [B, H, T, D]
         return o_proj(y.transpose(1, 2).reshape(B, T, n_heads * hd)), new_kv
-    if cache_kv is not None:                                          # (pool k, pool v, rows or None)
-        k, v = write_cache(*cache_kv, k, v, start)                    # [B, Hkv, S, D]
+    if cache_kv is not None:                                          # gather the batch's rows for SDPA
+        k, v = write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start)   # [B, Hkv, S, D]
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)

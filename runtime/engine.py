@@ -1,5 +1,15 @@
 """The serving engine: model (eager dir/preset or compiled engine dir) + KV slot pool + scheduler + loop.
 
+An iteration (``step``) is schedule, run, postprocess: the scheduler picks the requests (it only chooses and
+holds KV slots); the engine starts newly admitted requests' decoding states, groups the picked states
+(runtime/step.py), runs one runner call per group, applies each result to its state and advances it
+(runtime/decoding.py), then emits the tokens that became final.
+
+Isolation: a runner call that raises is retried with each of its requests alone, so the request whose own
+data breaks the call fails alone (finish_reason "error", the error recorded) and the others continue with
+exactly their solo output (their generators are rewound before the retry; K/V are rewritten by it). An error
+while applying or advancing one request fails that request only.
+
 Threading: one engine thread runs ``step()`` in a loop; other threads only call ``add_request`` and
 ``abort``, which queue work under ``self.lock`` and wake the loop. All scheduling state (queues, slots,
 request decoding state) is touched by the engine thread only, so a cancelled request's slot is freed at the
@@ -8,7 +18,8 @@ start of the next iteration, never under a running forward. Output reaches calle
 
 Request parameters: ``make_request`` turns a prompt and the diffusion fields (gen_length, block_length, steps,
 threshold, factor, remasking, kv_cache, temperature, seed, cfg_scale) into a validated ``Request``; missing
-fields come from the model/engine directory's defaults. ``max_tokens`` caps the output: the request keeps its
+fields come from the model/engine directory's defaults; values that can never be served raise ValueError
+naming the field (the server answers 400). ``max_tokens`` caps the output: the request keeps its
 gen_length (the masked region is part of what a bidirectional model sees, so shrinking it would change the
 tokens) and finishes as soon as max_tokens tokens are final, so its output is exactly the first max_tokens
 tokens of the uncapped request.
@@ -22,15 +33,16 @@ import time
 import torch
 
 from .config import GEN_KEYS, ServeConfig, model_generation_defaults
-from .batch_runner import BatchRunner
-from .generate import GenerationConfig
+from .decoding import DecodeState, GenerationConfig
+from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
-from .graph_runner import GraphRunner
-from .model_runner import EagerRunner
 from .kv_cache import KVCacheManager
 from .metrics import Metrics
-from .request import CANCELLED, FINISHED, Request, advance, apply
+from .request import CANCELLED, FINISHED, Request
+from .runners.eager import EagerRunner
+from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
+from .step import check_runner, group_states, make_batch, run_batch
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
 
@@ -58,6 +70,7 @@ def graph_runner_for(runner, cfg: ServeConfig):
 class Engine:
     def __init__(self, session, cfg: ServeConfig):
         self.session, self.cfg = session, cfg
+        check_runner(session.runner)
         self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.mc.max_seq_len, cfg.max_num_tokens)
         self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
@@ -65,12 +78,12 @@ class Engine:
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
         self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
                                  self.runner.device,
-                                 max_slots=cfg.max_batch_size + isinstance(self.runner, GraphRunner))
+                                 max_slots=2 * cfg.max_batch_size + isinstance(self.runner, GraphRunner),
+                                 head_scores=self.runner.sparse_retention is not None)
         if isinstance(self.runner, GraphRunner):
             self.runner.bind_pool(self.kv)             # one slot for the graphs' padding rows
         self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
         self.scheduler = SCHEDULERS[cfg.policy](cfg, self.mc, self.kv, self.gran, self.runner.device)
-        self.batch_runner = BatchRunner(self.runner, self.kv)
         self.metrics = Metrics()
         self.metrics.set("kv_cache_total_slots", self.kv.n_slots)
         self.lock = threading.Condition()
@@ -94,23 +107,17 @@ class Engine:
         if unknown:
             raise ValueError(f"unknown generation fields {sorted(unknown)}")
         p = {**self.gen_defaults, **{k: v for k, v in params.items() if v is not None}}
-        if max_tokens is not None:
-            if max_tokens <= 0:
-                raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-        if p.get("cfg_scale", 0) > 0 and p["kv_cache"] != "none":
-            raise ValueError("cfg_scale > 0 is served only with kv_cache 'none' (the unconditional pass is not "
-                             "batched into the slot pool)")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens <= 0):
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if any(t == self.mc.mask_id for t in prompt):
-            raise ValueError(f"the prompt contains the mask token id {self.mc.mask_id}")
-        if any(not 0 <= t < self.mc.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {self.mc.vocab_size})")
-        if len(prompt) + gen.gen_length > self.max_seq:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + gen_length ({gen.gen_length}) exceeds the maximum "
-                             f"sequence length {self.max_seq}")
-        return Request(list(prompt), gen, max_tokens=max_tokens, rid=rid)
+        check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
+        state = DecodeState.new(list(prompt), gen, self.mc)
+        usable = self.kv.n_slots - (self.runner.scratch is not None if isinstance(self.runner, GraphRunner) else 0)
+        if state.cache_rows() > usable:
+            raise ValueError(f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs {state.cache_rows()} KV slots; "
+                             f"the pool has {usable} (raise kv_cache_mb or use kv_cache 'none')")
+        return Request(state, max_tokens=max_tokens, rid=rid)
 
     def add_request(self, req: Request) -> None:
         with self.lock:
@@ -132,7 +139,7 @@ class Engine:
         with self.lock:
             return bool(self._incoming or self._aborts or self.scheduler.has_work())
 
-    # -- one iteration (the seam a CUDA-graph runner slots into is BatchRunner.run) ---------------------------
+    # -- one iteration: schedule, run, postprocess ---------------------------------------------------------------
     def step(self) -> int:
         """Run one iteration; returns the number of rows stepped."""
         with self.lock:
@@ -144,22 +151,69 @@ class Engine:
             if not r.finished:
                 self.scheduler.cancel(r)
                 self.metrics.inc("requests_total", status="cancelled")
-        batch = self.scheduler.schedule()
-        for r in batch:
-            self._emit(r, getattr(r, "pending_out", []) or [])
-            r.pending_out = []
+        picked = self.scheduler.schedule()
+        n_running = len(self.scheduler.running)
+        for r in self.scheduler.take_preempted():                 # their cache is gone: rewind the block
+            self._guard(r, lambda r=r: (r.state.restart_block(), r.state.advance(self.gran.width(r, n_running))))
+        for r in picked:
+            if not r.state.started:
+                self._guard(r, lambda r=r: self._emit(r, r.state.advance(self.gran.width(r, n_running))))
+        batch = [r for r in picked if not r.finished and r.phase is not None]
         if batch:
             t0 = time.perf_counter()
-            results = self.batch_runner.run(batch)
-            dt = time.perf_counter() - t0
-            self._record(batch, dt)
-            n_running = len(self.scheduler.running)
-            for r, (x0, conf) in zip(batch, results):
-                apply(r, x0, conf, self.mc.mask_id)
-                new = advance(r, self.mc, self.gran.width(r, n_running))
-                self._emit(r, new)
+            results = self._run(batch)
+            self._record(batch, time.perf_counter() - t0)
+            for r in batch:
+                if id(r) in results:
+                    self._guard(r, lambda r=r: self._postprocess(r, *results[id(r)], n_running))
         self._update_gauges()
         return len(batch)
+
+    def _postprocess(self, r: Request, x0, conf, n_running: int) -> None:
+        r.state.apply(x0, conf)
+        self._emit(r, r.state.advance(self.gran.width(r, n_running)))
+
+    def _run(self, reqs: list[Request]) -> dict[int, tuple]:
+        """One runner call per group -> {id(request): (x0 [K], conf [K]) on the host} for those that ran."""
+        results: dict[int, tuple] = {}
+        for idx in group_states([r.state for r in reqs]):
+            self._run_group([reqs[i] for i in idx], results)
+        return results
+
+    def _run_group(self, group: list[Request], results: dict) -> None:
+        rng = [None if r.state.generator is None else r.state.generator.get_state() for r in group]
+        try:
+            batch = make_batch(self.runner, [r.state for r in group], [r.slots for r in group], self.kv)
+            x0, conf = run_batch(self.runner, batch)
+        except Exception as e:             # noqa: BLE001 - whose data broke the call? run each request alone
+            if len(group) == 1:
+                self._fail(group[0], e)
+                return
+            self.metrics.inc("isolated_batches_total")
+            for r, g in zip(group, rng):
+                if g is not None:
+                    r.state.generator.set_state(g)
+                self._run_group([r], results)
+            return
+        for j, r in enumerate(group):
+            results[id(r)] = (x0[j], conf[j])
+
+    def _guard(self, r: Request, fn) -> None:
+        """Run one request's own bookkeeping; an error there fails that request only."""
+        try:
+            fn()
+        except Exception as e:             # noqa: BLE001
+            self._fail(r, e)
+
+    def _fail(self, r: Request, err: Exception) -> None:
+        if r.finished:
+            return
+        self.scheduler.release(r, CANCELLED)
+        r.finish_reason, r.error = "error", f"{type(err).__name__}: {err}"
+        r.finish_time = time.monotonic()
+        self.metrics.inc("requests_total", status="error")
+        if r.on_output is not None:
+            r.on_output(r, [], True)
 
     def _record(self, batch, dt: float) -> None:
         m = self.metrics
@@ -178,7 +232,7 @@ class Engine:
         self.gran.observe(tokens["reuse"] or total, dt)
 
     def _emit(self, r: Request, new: list[int]) -> None:
-        done = r.phase is None and not r.finished
+        done = r.state.finished and not r.finished
         if r.max_tokens is not None:
             new = new[:max(0, r.max_tokens - len(r.output_ids))]
             if len(r.output_ids) + len(new) >= r.max_tokens and not r.finished:
@@ -198,9 +252,7 @@ class Engine:
 
     def _finish(self, r: Request) -> None:
         capped = r.max_tokens is not None and len(r.output_ids) >= r.max_tokens
-        r.finish_reason = "stop" if r.stopped and not capped else "length"
-        if r.stopped and r.max_tokens is not None and len(r.output_ids) < r.max_tokens:
-            r.finish_reason = "stop"
+        r.finish_reason = "stop" if r.state.stopped and not capped else "length"
         self.scheduler.release(r, FINISHED)
         r.finish_time = time.monotonic()
         self.metrics.inc("requests_total", status="finished")
@@ -261,16 +313,13 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:   # a failing batch must not kill the server: fail its requests
+            except Exception as e:   # noqa: BLE001 - a bug outside any one request's work: the server stays up
                 self._fail_all(e)
 
     def _fail_all(self, err: Exception) -> None:
+        """Last resort (an error in scheduling itself, not in a request's call or bookkeeping)."""
         for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.release(r, CANCELLED)
-            r.finish_reason = "error"
-            r.error = f"{type(err).__name__}: {err}"
-            if r.on_output is not None:
-                r.on_output(r, [], True)
+            self._fail(r, err)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting work; with ``drain`` finish in-flight requests first."""

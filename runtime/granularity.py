@@ -55,18 +55,19 @@ class Granularity:
 
 def measure_step_times(runner, sizes: list[int], repeats: int = 3) -> list[tuple[int, float]]:
     """Median time of a full forward over ``n`` tokens (one row), for each n in sizes."""
-    from .sampling import Sampling
+    from .decoding import DecodeState, GenerationConfig
+    from .step import make_batch
 
     mc, dev = runner.config, runner.device
+    gen = GenerationConfig(gen_length=1, block_length=1, steps=1)
     out = []
     for n in sizes:
-        ids = torch.full((1, n), mc.mask_id, dtype=torch.long, device=dev)
-        pos = torch.arange(n, device=dev)[None]
-        km = torch.ones(1, n, dtype=torch.bool, device=dev)
+        state = DecodeState.new([0] * max(1, n - 1), gen, mc)
+        state.advance(1)                                                     # phase "full"
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            runner.full(ids, pos, km, (0, 1), Sampling())
+            runner.full(make_batch(runner, [state]))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -3,7 +3,10 @@
 Per layer the pool holds K and V as ``[n_slots, n_kv_heads, S_max, head_dim]`` (S_max = the server's max
 sequence). A running request with a prefix or dual cache owns one slot (one pool row) from admission to
 finish or cancel; its sequence is laid out from column 0. Requests at any prompt length and block batch
-together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none) take no slot.
+together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none) take no slot;
+requests with classifier-free guidance take two (their unconditional rows have K/V of their own).
+With ``head_scores`` (head-sparse runners) the pool also keeps ``[n_layers, n_slots, Hkv, S_max]`` float32 key
+scores per head, written by each row's Refresh and read when its Reuse steps choose their columns.
 
 Policy: ``n_slots = budget // bytes_per_slot`` (capped by ``max_slots``); ``allocate`` hands out the lowest
 free slot or None when the pool is full (the scheduler then waits or preempts); ``free`` returns a slot and
@@ -21,8 +24,9 @@ def slot_bytes(config, s_max: int, dtype: torch.dtype) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, config, s_max: int, budget_bytes: int, dtype, device, max_slots: int | None = None):
-        per = slot_bytes(config, s_max, dtype)
+    def __init__(self, config, s_max: int, budget_bytes: int, dtype, device, max_slots: int | None = None,
+                 head_scores: bool = False):
+        per = slot_bytes(config, s_max, dtype) + (head_scores * config.n_layers * config.n_kv_heads * s_max * 4)
         n = int(budget_bytes // per)
         if max_slots is not None:
             n = min(n, max_slots)
@@ -33,6 +37,9 @@ class KVCacheManager:
         shape = (n, config.n_kv_heads, s_max, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.scores = None
+        if head_scores:
+            self.scores = torch.full((config.n_layers, n, config.n_kv_heads, s_max), float("-inf"), device=device)
         self._free = list(range(n))          # kept sorted: lowest slot first
         self.device = device
 
@@ -50,14 +57,21 @@ class KVCacheManager:
     def allocate(self) -> int | None:
         return self._free.pop(0) if self._free else None
 
+    def allocate_n(self, n: int) -> tuple[int, ...] | None:
+        """n slots at once (a guided request needs two), or None (nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        return tuple(self._free.pop(0) for _ in range(n))
+
     def free(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.n_slots:
             raise ValueError(f"KV slot {slot} is not allocated")
         self._free.append(slot)
         self._free.sort()
 
-    def view(self, slots: list[int]) -> KVCache:
-        """A batch view on pool rows ``slots`` (writes land in the pool)."""
-        cache = KVCache(self.k, self.v, torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True))
-        cache.host_rows = list(slots)          # the same rows on the host (graph runners stage them without a sync)
-        return cache
+    def view(self, slots) -> KVCache:
+        """A batch view on pool rows ``slots`` (a host list or LongTensor [B]; writes land in the pool)."""
+        rows = torch.as_tensor(slots, dtype=torch.long)
+        if self.device is not None and torch.device(self.device).type == "cuda":
+            rows = rows.pin_memory()
+        return KVCache(self.k, self.v, rows.to(self.device, non_blocking=True), scores=self.scores)

@@ -25,12 +25,14 @@ the engine runs them (grouped into runner calls) and feeds the results back.
 requests in arrival order up to the batch and token limits, stopping at the first that does not fit; that
 batch runs to completion (every request steps every iteration) before anything else is admitted.
 
-Neither policy changes tokens: each request decodes through its own state (runtime/request.py)."""
+Neither policy changes tokens: each request decodes through its own state (runtime/decoding.py). Schedulers
+only choose: they take and free KV slots, but never advance or apply decoding state. A preempted request is
+listed in ``preempted`` for the engine, which rewinds its block (``DecodeState.restart_block``)."""
 from __future__ import annotations
 
 from collections import deque
 
-from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request, advance, init_state, restart_block
+from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request
 
 
 class BaseScheduler:
@@ -39,6 +41,7 @@ class BaseScheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.preempted: list[Request] = []      # preempted since the engine last took them (their cache is gone)
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -46,27 +49,28 @@ class BaseScheduler:
         self.waiting.append(req)
 
     def needs_slot(self, req: Request) -> bool:
-        return req.gen.kv_cache != "none"
+        return req.state.cache_rows() > 0
 
     def admit(self, req: Request) -> bool:
-        """Take a slot (when the request needs one) and start decoding; False when the pool is full."""
-        if self.needs_slot(req) and req.slot is None:
-            slot = self.kv.allocate()
-            if slot is None:
+        """Take the request's KV slots (when it needs any); False when the pool has too few free."""
+        need = req.state.cache_rows()
+        if need and not req.slots:
+            slots = self.kv.allocate_n(need)
+            if slots is None:
                 return False
-            req.slot = slot
-        if req.x is None:
-            init_state(req, self.mc.mask_id, self.device)
-            req.pending_out = advance(req, self.mc, self.gran.width(req, len(self.running) + 1))
+            req.slots = slots
         req.status, req.waited = RUNNING, 0
         self.waiting.remove(req)
         self.running.append(req)
         return True
 
+    def _free_slots(self, req: Request) -> None:
+        for slot in req.slots:
+            self.kv.free(slot)
+        req.slots = ()
+
     def release(self, req: Request, status: str = FINISHED) -> None:
-        if req.slot is not None:
-            self.kv.free(req.slot)
-            req.slot = None
+        self._free_slots(req)
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
@@ -77,11 +81,9 @@ class BaseScheduler:
         self.release(req, CANCELLED)
 
     def preempt(self, req: Request) -> None:
-        """Preemption by recompute: free the slot, rewind the block, requeue at the front."""
-        self.kv.free(req.slot)
-        req.slot = None
-        restart_block(req)
-        advance(req, self.mc, self.gran.width(req, len(self.running)))
+        """Preemption by recompute: free the slots, requeue at the front (the engine rewinds the block)."""
+        self._free_slots(req)
+        self.preempted.append(req)
         req.preemptions += 1
         self.preemptions += 1
         self.running.remove(req)
@@ -90,6 +92,10 @@ class BaseScheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def take_preempted(self) -> list[Request]:
+        out, self.preempted = self.preempted, []
+        return out
 
     def _aged(self, req: Request) -> bool:
         return req.waited >= self.cfg.age_iters
@@ -109,7 +115,7 @@ class PhaseScheduler(BaseScheduler):
         used = {"all": 0, "refresh": 0}
 
         def take(r, refresh: bool) -> bool:
-            c = r.L if r.x is None else r.cost()
+            c = r.L if r.status == WAITING else r.cost()           # admission is a Refresh / full forward
             if len(chosen) >= cfg.max_batch_size or used["all"] + c > budget:
                 return False
             if refresh and used["refresh"] and used["refresh"] + c > cap:
@@ -136,7 +142,7 @@ class PhaseScheduler(BaseScheduler):
             if not admit(r):
                 blocked = True                                    # it reserves the next free capacity
                 break
-        ready = sorted((r for r in self.running if r.phase is not None and r not in chosen), key=prio)
+        ready = sorted((r for r in self.running if not r.state.finished and r not in chosen), key=prio)
         for r in ready:                                           # 1. Reuse first
             if r.phase == "reuse":
                 take(r, False)
@@ -151,7 +157,7 @@ class PhaseScheduler(BaseScheduler):
 
     def _preempt_for(self, aged: Request) -> None:
         """Free a slot for an aged request: preempt the youngest running request younger than it."""
-        victims = [r for r in self.running if r.slot is not None and not self._aged(r) and r.seq > aged.seq]
+        victims = [r for r in self.running if r.slots and not self._aged(r) and r.seq > aged.seq]
         if victims:
             self.preempt(max(victims, key=lambda r: r.seq))
 
@@ -166,7 +172,7 @@ class FCFSScheduler(BaseScheduler):
                 if used + r.L > cfg.max_num_tokens or not self.admit(r):
                     break                                          # head-of-line: stop at the first misfit
                 used += r.L
-        return [r for r in self.running if r.phase is not None]
+        return [r for r in self.running if not r.state.finished]
 
 
 SCHEDULERS = {"phase": PhaseScheduler, "fcfs": FCFSScheduler}

@@ -255,7 +255,7 @@ class Server:
             raise
         for r, _ in subs:
             if r.finish_reason == "error":
-                raise APIError(500, f"generation failed: {getattr(r, 'error', '')}", type_="server_error")
+                raise APIError(500, f"generation failed: {r.error}", type_="server_error")
         choices = []
         for i, (r, _) in enumerate(subs):
             text = self.tok.decode(r.output_ids, skip_special_tokens=True) if self.tok is not None else ""
@@ -296,7 +296,7 @@ class Server:
                 delta = stream.push(new, done)
                 if done:
                     if req.finish_reason == "error":
-                        err = {"error": {"message": f"generation failed: {getattr(req, 'error', '')}",
+                        err = {"error": {"message": f"generation failed: {req.error}",
                                          "type": "server_error", "param": None, "code": None}}
                         yield f"data: {json.dumps(err)}\n\n"
                     else:

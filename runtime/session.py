@@ -1,7 +1,7 @@
 """Open a MODEL argument (preset, checkpoint dir or compiled engine dir) as a phase runner + tokenizer.
 
-Compiled engine directories are recognised by ``ENGINE_OPENERS``: a plain dict of name -> (probe, opener)
-that the compiler package fills in; everything else goes through dlc.models.loading."""
+Engine directories (config.json with ``"format": "dlc-engine"``) open through runners/engine_dir.py; everything
+else goes through dlc.models.loading."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,9 +10,7 @@ from pathlib import Path
 from dlc.models.config import ModelConfig
 from dlc.models.loading import load_model
 
-from .model_runner import EagerRunner
-
-ENGINE_OPENERS: dict = {}   # name -> (probe(path) -> bool, open(path, device=..., dtype=...) -> Session)
+from .runners.eager import EagerRunner
 
 
 @dataclass
@@ -25,21 +23,13 @@ class Session:
     kind: str = "eager"          # "eager" or the engine backend
 
 
-def _register_builtin_openers() -> None:
-    try:  # the compiler package registers its engine opener on import
-        import dlc.compiler  # noqa: F401
-    except ImportError:
-        pass
-
-
 def open_model(model: str, weights: str | None = None, dtype=None, device: str = "cpu",
                progress: bool = True) -> Session:
-    _register_builtin_openers()
+    from .runners.engine_dir import is_engine_dir, open_engine
+
     p = Path(model).expanduser()
-    if p.is_dir() and weights is None:
-        for probe, opener in ENGINE_OPENERS.values():
-            if probe(p):
-                return opener(p, device=device, dtype=dtype)
+    if p.is_dir() and weights is None and is_engine_dir(p):
+        return open_engine(p, device=device, dtype=dtype)
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress)
     return Session(EagerRunner(lm.model), lm.tokenizer, lm.config, lm.chat, lm.source)
 

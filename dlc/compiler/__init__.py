@@ -1,6 +1,5 @@
-"""The dlc compiler: export, pass pipeline, engine emission and engine loading.
-
-Importing it registers the engine-directory opener in ``dlc.runtime.session.ENGINE_OPENERS``."""
+"""The dlc compiler: export, pass pipeline and engine emission (it writes engine directories; the runtime
+opens them: dlc.runtime.runners.engine_dir)."""
 from __future__ import annotations
 
 
@@ -15,7 +14,7 @@ def in_memory_runner(model, *, sparse_retention: float | None = None, block_leng
 
     from .export import build_phases
     from .plan import default_logit_chunk
-    from .runner import CompiledRunner
+    from dlc.runtime.runners.compiled import CompiledRunner
     from dlc.passes.pipeline import input_names
 
     p = next(model.parameters())
@@ -28,16 +27,5 @@ def in_memory_runner(model, *, sparse_retention: float | None = None, block_leng
         return CompiledRunner(model.config, phases, names, device=p.device, dtype=p.dtype,
                               sparse_retention=sparse_retention, kind="in-memory")
 
-
-def _register() -> None:
-    try:
-        from dlc.runtime.session import ENGINE_OPENERS
-    except ImportError:
-        return
-    from .engine import is_engine_dir, open_engine
-    ENGINE_OPENERS["dlc-engine"] = (is_engine_dir, open_engine)
-
-
-_register()
 
 __all__ = ["in_memory_runner"]

@@ -1,19 +1,16 @@
-"""Emission backends: one artifact per phase, and the loaders that turn an artifact back into a callable.
+"""Emission backends: one artifact per phase.
 
-``BACKENDS[name] = {"emit": emit(ep, phase, out_dir, ctx) -> file name, "load": load(path, device) -> callable,
-"portable": bool}``. A loaded phase is called with its inputs positionally (the config.json order) and
-returns its outputs in order."""
+``BACKENDS[name] = {"emit": emit(ep, phase, out_dir, ctx) -> file name, "portable": bool}``. Loading an
+artifact is the runtime's (``dlc.runtime.runners.artifacts.LOADERS``): the compiler only writes engines."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from dlc.runtime.runners.artifacts import BackendUnavailable, trt_available
+
 LARGE_WEIGHTS = 1 << 30        # above this, AOTI keeps the weights out of the .so (binary blobs in the package)
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 # --- export: the pass-transformed ExportedProgram, saved with torch.export.save ---------------------------
@@ -21,11 +18,6 @@ def emit_export(ep, phase: str, out: Path, ctx: dict) -> str:
     name = f"{phase}.pt2"
     torch.export.save(ep, str(out / name))
     return name
-
-
-def load_export(path: Path, device="cpu"):
-    mod = torch.export.load(str(path)).module()
-    return lambda *args: mod(*args)
 
 
 # --- aoti: torch._inductor.aoti_compile_and_package -------------------------------------------------------
@@ -43,13 +35,6 @@ def emit_aoti(ep, phase: str, out: Path, ctx: dict) -> str:
     return name
 
 
-def load_aoti(path: Path, device="cpu"):
-    dev = torch.device(device)
-    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else -1)
-    model = torch._inductor.aoti_load_package(str(path), device_index=index)
-    return lambda *args: model(*args)
-
-
 # --- onnx: torch.onnx.export(dynamo=True) with external data --------------------------------------------
 def emit_onnx(ep, phase: str, out: Path, ctx: dict) -> str:
     name = f"{phase}.onnx"
@@ -59,45 +44,7 @@ def emit_onnx(ep, phase: str, out: Path, ctx: dict) -> str:
     return name
 
 
-def _ort_providers(device) -> list[str]:
-    import onnxruntime as ort
-    have = ort.get_available_providers()
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def load_onnx(path: Path, device="cpu"):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or dlc[onnx])") from None
-    sess = ort.InferenceSession(str(path), providers=_ort_providers(device))
-    names = [i.name for i in sess.get_inputs()]
-    dev = torch.device(device)
-
-    def run(*args):
-        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
-        return [torch.from_numpy(o).to(dev) for o in sess.run(None, feed)]
-    return run
-
-
 # --- tensorrt: from the ONNX, through the TensorRT Python API ---------------------------------------------
-TRT_INSTALL = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA's wheel, needs a CUDA GPU and driver), "
-               "or build the engine on the target with the trtexec command recorded in config.json")
-
-
-def trt_available() -> str | None:
-    """None when TensorRT can build here, else the reason."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return TRT_INSTALL
-    if not torch.cuda.is_available():
-        return "TensorRT needs a CUDA GPU; none is visible on this machine"
-    return None
-
-
 def trtexec_command(onnx_name: str, engine_name: str, profiles: dict, dtype: str) -> str:
     """The trtexec line that builds ``engine_name`` from ``onnx_name`` with the build limits as the profile."""
     fmt = lambda which: ",".join(f"{n}:{'x'.join(str(d) for d in s[which])}" for n, s in profiles.items())  # noqa
@@ -136,46 +83,11 @@ def emit_tensorrt(ep, phase: str, out: Path, ctx: dict) -> str:
     return name
 
 
-_TRT_DTYPES = {"BOOL": torch.bool, "INT64": torch.long, "INT32": torch.int32, "FLOAT": torch.float32,
-               "HALF": torch.float16, "BF16": torch.bfloat16, "DOUBLE": torch.float64}
-
-
-def load_tensorrt(path: Path, device="cuda"):
-    reason = trt_available()
-    if reason:
-        raise BackendUnavailable(reason)
-    import tensorrt as trt
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-
-    def run(*args):
-        stream = torch.cuda.current_stream()
-        for n, a in zip(ins, args):
-            a = a.contiguous().cuda()
-            context.set_input_shape(n, tuple(a.shape))
-            context.set_tensor_address(n, a.data_ptr())
-        results = []
-        for n in outs:
-            shape = tuple(context.get_tensor_shape(n))
-            t = torch.empty(shape, dtype=_TRT_DTYPES[engine.get_tensor_dtype(n).name], device="cuda")
-            context.set_tensor_address(n, t.data_ptr())
-            results.append(t)
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {path} failed")
-        stream.synchronize()
-        return results
-    return run
-
-
 BACKENDS: dict[str, dict] = {
-    "export": {"emit": emit_export, "load": load_export, "portable": True},
-    "aoti": {"emit": emit_aoti, "load": load_aoti, "portable": False},
-    "onnx": {"emit": emit_onnx, "load": load_onnx, "portable": True},
-    "tensorrt": {"emit": emit_tensorrt, "load": load_tensorrt, "portable": False},
+    "export": {"emit": emit_export, "portable": True},
+    "aoti": {"emit": emit_aoti, "portable": False},
+    "onnx": {"emit": emit_onnx, "portable": True},
+    "tensorrt": {"emit": emit_tensorrt, "portable": False},
 }
 
 

@@ -40,7 +40,7 @@ from dlc.models import build_model
 from dlc.models.config import ModelConfig
 from dlc.models.common import attention_override
 from dlc.models.loading import init_weights, save_checkpoint
-from dlc.passes.sparsify_heads import head_scores, keep_columns
+from dlc.models.sparse_heads import head_scores, keep_columns
 
 from . import tasks
 from .evaluate import BLOCK_LENGTH, GEN_LENGTH

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from compiler_helpers import gen_tokens, run_cli
-from dlc.compiler.backends import load_export
-from dlc.compiler.engine import engine_runner
+from dlc.runtime.runners.artifacts import load_export
+from dlc.runtime.runners.engine_dir import engine_runner
 from dlc.compiler.export import example_inputs, input_specs
 from dlc.models.loading import load_model
 from dlc.runtime.sampling import Sampling

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compiler_helpers import gen_tokens, run_cli
-from dlc.compiler.engine import engine_runner, open_engine
+from dlc.runtime.runners.engine_dir import engine_runner, open_engine
 from dlc.manifest import EngineError, settings_hash
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model

@@ -8,7 +8,7 @@ from hf_layouts import HF_CONFIGS, HF_NAMES, direct_model, random_tensors
 
 from dlc.models import KVCache, config_from_hf
 from dlc.models.llada_moe import MOE_IMPLS, route
-from dlc.runtime.model_runner import EagerRunner
+from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.sampling import Sampling
 
 REF_TOL = dict(rtol=1e-4, atol=1e-4)     # fp32 model vs fp64 reference

@@ -8,7 +8,7 @@ from dlc.models.common import KVCache
 from dlc.passes.graph_utils import SDPA, SYM_SIZE, placeholders
 from dlc.passes.pipeline import count_ops, input_names
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.model_runner import EagerRunner
+from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.sampling import Sampling
 
 ATOL = 1e-5          # fp32: reuse over a cache of the same token state vs the full forward

@@ -5,7 +5,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from passes_helpers import decode_args, guided_refresh, reuse_case, traced, tiny, token_state, wide_llada
 from dlc.compiler.export import trace_forward
-from dlc.passes.chunk_logits import uniform_noise
+from dlc.kernels.logits import uniform_noise
 from dlc.passes.pipeline import PassContext, run_pipeline
 from dlc.runtime.sampling import Sampling, sample_tokens
 

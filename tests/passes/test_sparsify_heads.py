@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from passes_helpers import tiny, token_state, traced
 from dlc.compiler import in_memory_runner
 from dlc.passes.pipeline import PassContext, run_pipeline
-from dlc.passes.sparsify_heads import head_scores, max_pool
+from dlc.models.sparse_heads import head_scores, max_pool
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.sampling import Sampling
 

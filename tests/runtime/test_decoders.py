@@ -1,6 +1,6 @@
 import torch
 
-from dlc.runtime.decoders import FactorRule, ScheduleRule, ThresholdRule, num_transfer_tokens
+from dlc.runtime.decoding import FactorRule, ScheduleRule, ThresholdRule, num_transfer_tokens
 
 NEG = float("-inf")
 

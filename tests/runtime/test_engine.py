@@ -84,7 +84,9 @@ def test_bad_requests_name_the_problem(session):
              ({"threshold": 1.5}, "threshold"),
              ({"temperature": -1.0}, "temperature"),
              ({"gen_length": 256, "block_length": 32, "steps": 256}, "maximum sequence length"),
-             ({"cfg_scale": 1.0, "kv_cache": "dual"}, "cfg_scale"),
+             ({"steps": 10 ** 30}, r"steps must be in \[1, 128\]"),
+             ({"steps": 2 * 10 ** 12}, "steps must be in"),
+             ({"seed": 2 ** 64, "temperature": 0.5}, "seed must be in"),
              ({"top_k": 3}, "unknown generation fields")]
     for params, needle in cases:
         with pytest.raises(ValueError, match=needle):
@@ -95,6 +97,25 @@ def test_bad_requests_name_the_problem(session):
         eng.make_request([], {})
     with pytest.raises(ValueError, match="max_tokens"):
         eng.make_request([1], {}, max_tokens=0)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        eng.make_request([1, session.config.vocab_size], {})
+
+
+def test_guidance_with_a_cache_uses_two_slots_and_matches_generate(session):
+    """cfg_scale > 0 with a dual cache: the unconditional rows get their own KV slot; output equals generate()."""
+    eng = make_engine(session)
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual", cfg_scale=1.5)
+    prompts = [[5, 17, 99, 3, 42], [9, 8, 7]]
+    reqs = [eng.make_request(p, params) for p in prompts]
+    for r in reqs:
+        eng.add_request(r)
+    eng.step()
+    assert sorted(len(r.slots) for r in reqs) == [2, 2] and eng.kv.num_used == 4
+    eng.run_until_done()
+    for r, p in zip(reqs, prompts):
+        assert r.output_ids == reference(session, p, params)
+    plain = reference(session, prompts[0], {**params, "cfg_scale": 0.0})
+    assert reqs[0].output_ids != plain and eng.kv.num_used == 0
 
 
 def test_queue_limit(session):
@@ -111,7 +132,7 @@ def test_cancel_frees_the_slot(session):
     eng.add_request(r)
     eng.step()
     eng.step()
-    assert eng.kv.num_used == 1 and r.slot is not None
+    assert eng.kv.num_used == 1 and len(r.slots) == 1
     eng.abort(r)
     eng.step()
     assert r.status == "cancelled" and eng.kv.num_used == 0 and not eng.scheduler.has_work()
@@ -176,16 +197,33 @@ def test_refreshes_are_staggered(session):
     assert [r.output_ids for r in reqs] == [reference(session, q, p) for q in prompts]
 
 
-def test_elastic_granularity(session):
+def _block_widths(eng, reqs) -> set[int]:
+    """Run to completion, recording the width of every block the requests decode."""
+    for r in reqs:
+        eng.add_request(r)
+    widths = set()
+    while eng.has_work():
+        eng.step()
+        widths |= {r.state.be - r.state.bs for r in reqs if r.state.bs is not None}
+    return widths
+
+
+def test_elastic_chunk_follows_load(session):
+    """Optimus-style granularity: with the saturation point at 32 tokens, one request decodes 16-wide chunks and
+    eight concurrent requests 4-wide ones (fixed granularity would keep every block at block_length 8)."""
     eng = make_engine(session, granularity="elastic", chunk_sizes=(4, 8, 16))
     eng.warmup()
-    assert eng.gran.saturation >= 8
+    assert eng.gran.saturation >= 8 and "dlc_granularity_chunk" in eng.metrics.render()
+    eng.gran.saturation, eng.gran.observe = 32.0, lambda *a: None      # pin the measured knee
     p = dict(gen_length=32, block_length=8, steps=32, kv_cache="dual")
-    outs = eng.generate([[1, 2, 3], [4, 5, 6, 7]], p)
-    assert all(len(o) == 32 for o in outs) or any(o for o in outs)
-    assert eng.metrics.gauges["granularity_chunk"] in (4, 8, 16)
-    assert "dlc_granularity_chunk" in eng.metrics.render()
-    assert eng.kv.num_used == 0
+    assert _block_widths(eng, [eng.make_request([1, 2, 3], p)]) == {16}
+    many = [eng.make_request([i + 1] * 5, p) for i in range(8)]
+    for r in many:
+        eng.add_request(r)
+    eng.step()                                              # all eight admitted: 8 x 4 <= 32
+    assert [r.state.be - r.state.bs for r in many] == [4] * 8
+    eng.run_until_done()
+    assert all(r.finish_reason in ("stop", "length") for r in many) and eng.kv.num_used == 0
 
 
 def test_elastic_controller_follows_load():

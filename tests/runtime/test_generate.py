@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from dlc.models.loading import load_model
-from dlc.runtime.generate import GenerationConfig, generate, pad_prompts
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.kv_cache import KVCacheManager
+from dlc.runtime.step import build_batch
 
 PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
 
@@ -16,10 +18,11 @@ def model():
     return load_model("tiny-llada", seed=1).model
 
 
-def reference_generate(model, x, pos, key_mask, P, steps, gen_length, block_length, temperature=0.0,
-                       cfg_scale=0.0, mask_id=257):
-    """LLaDA generate.py transcribed step by step (left-padded batch; pads excluded by the key mask)."""
-    x = x.clone()
+def reference_generate(model, prompt, steps, gen_length, block_length, cfg_scale=0.0, mask_id=257):
+    """LLaDA generate.py transcribed step by step, for one prompt (batch 1, no padding) -> [1, P + gen_length]."""
+    P = len(prompt)
+    x = torch.tensor([prompt + [mask_id] * gen_length])
+    pos, key_mask = torch.arange(x.shape[1])[None], torch.ones_like(x, dtype=torch.bool)
     prompt_index = (x != mask_id) & key_mask
     num_blocks = gen_length // block_length
     steps = steps // num_blocks
@@ -60,18 +63,19 @@ def test_no_cache_matches_reference(model, gen_length, block_length, steps, batc
     prompts = PROMPTS[:batch]
     cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps)
     ours = generate(model, prompts, cfg)
-    x, pos, km, P = pad_prompts(prompts, gen_length, 257, 256, "cpu")
-    ref = reference_generate(model, x, pos, km, P, steps, gen_length, block_length)
-    assert torch.equal(ours.sequences, ref)
-    assert [r[P:].tolist() for r in ref] == ours.token_ids
+    for p, seq, toks in zip(prompts, ours.sequences, ours.token_ids):
+        ref = reference_generate(model, p, steps, gen_length, block_length)[0]
+        assert torch.equal(seq, ref) and ref[len(p):].tolist() == toks
+    assert len({t for toks in ours.token_ids for t in toks}) > 3        # a decisive model: outputs vary
 
 
 def test_cfg_matches_reference(model):
     cfg = GenerationConfig(gen_length=8, block_length=4, steps=4, cfg_scale=1.5)
     ours = generate(model, PROMPTS, cfg)
-    x, pos, km, P = pad_prompts(PROMPTS, 8, 257, 256, "cpu")
-    ref = reference_generate(model, x, pos, km, P, 4, 8, 4, cfg_scale=1.5)
-    assert torch.equal(ours.sequences, ref)
+    for p, seq in zip(PROMPTS, ours.sequences):
+        assert torch.equal(seq, reference_generate(model, p, 4, 8, 4, cfg_scale=1.5)[0])
+    plain = generate(model, PROMPTS, GenerationConfig(gen_length=8, block_length=4, steps=4))
+    assert plain.token_ids != ours.token_ids                            # guidance changes the output
 
 
 def test_batch_equals_single(model):
@@ -93,7 +97,7 @@ def test_cache_with_refresh_every_step_equals_no_cache(model, kv):
 @pytest.mark.parametrize("kv", ["prefix", "dual"])
 def test_cache_modes_refresh_once_per_block(model, kv):
     calls = {"refresh": 0, "reuse": 0, "full": 0}
-    from dlc.runtime.model_runner import EagerRunner
+    from dlc.runtime.runners.eager import EagerRunner
 
     class Counting(EagerRunner):
         def full(self, *a, **k):
@@ -117,17 +121,20 @@ def test_cache_modes_refresh_once_per_block(model, kv):
 
 def test_reuse_rows_match_full_forward_when_cache_is_fresh(model):
     """A Reuse step over a cache made from the same token state decodes exactly what a full forward does."""
-    from dlc.runtime.model_runner import EagerRunner
-    from dlc.runtime.sampling import Sampling
+    from dlc.runtime.runners.eager import EagerRunner
 
     r = EagerRunner(model)
-    x, pos, km, P = pad_prompts(PROMPTS, 16, 257, 256, "cpu")
-    x[:, P:P + 3] = 65
-    s = Sampling()
-    xf, cf = r.full(x, pos, km, (P + 8, P + 16), s)
-    _, _, cache = r.refresh(x, pos, km, (P, P + 8), s)
-    for q in [(P + 8, P + 16), (P, x.shape[1])]:
-        xr, cr = r.reuse(cache, x, pos, km, q, (P + 8, P + 16), s)
+    states = [torch.tensor(p + [257] * 16) for p in PROMPTS]
+    for x, p in zip(states, PROMPTS):
+        x[len(p):len(p) + 3] = 65
+    P = [len(p) for p in PROMPTS]
+    a = [n + 8 for n in P]
+    pool = KVCacheManager(r.config, max(len(x) for x in states), 1 << 40, torch.float32, "cpu", max_slots=3)
+    slots = [(0,), (1,), (2,)]
+    xf, cf = r.full(build_batch(r, "full", states, P, a, 8))
+    r.refresh(build_batch(r, "refresh", states, P, P, 8, slots=slots, pool=pool))
+    for spans in ([(n, n + 8) for n in a], [(n, len(x)) for n, x in zip(a, states)]):
+        xr, cr = r.reuse(build_batch(r, "reuse", states, P, a, 8, spans, slots, pool))
         assert torch.equal(xr, xf)
         torch.testing.assert_close(cr, cf, rtol=1e-5, atol=1e-6)
 
@@ -158,19 +165,17 @@ def test_stop_at_eos_finishes_rows_and_cuts(model):
 
     class EosRunner:
         """Predicts EOS everywhere with certainty: every row ends after its first block."""
-        config = model.config
-        device = torch.device("cpu")
+        config, device, dtype, sparse_retention = model.config, torch.device("cpu"), torch.float32, None
 
-        def full(self, x, pos, km, out, s, pm=None):
-            n = out[1] - out[0]
-            return torch.full((x.shape[0], n), eos), torch.ones(x.shape[0], n, dtype=torch.float64)
+        def full(self, b):
+            return torch.full((b.n_seqs, b.n_out), eos), torch.ones(b.n_seqs, b.n_out, dtype=torch.float64)
 
-        refresh = reuse = None
+        refresh = reuse = full
 
     res = generate(EosRunner(), PROMPTS, GenerationConfig(gen_length=16, block_length=8, steps=16, stop_at_eos=True))
     assert res.token_ids == [[], [], []]
     assert res.nfe == 8                       # second block never ran
-    assert (res.sequences[:, -16:] == eos).all()
+    assert all((seq[-16:] == eos).all() for seq in res.sequences)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -181,6 +186,13 @@ def test_stop_at_eos_finishes_rows_and_cuts(model):
     (dict(remasking="entropy"), "remasking"),
     (dict(threshold=1.5), "threshold"),
     (dict(threshold=0.9, factor=1.0), "either threshold or factor"),
+    (dict(gen_length=16, block_length=8, steps=10 ** 30), r"steps must be in \[1, 16\]"),
+    (dict(gen_length=16, block_length=8, steps=32), r"steps must be in \[1, 16\]"),
+    (dict(seed=2 ** 64), r"seed must be in \[0, 9223372036854775807\]"),
+    (dict(seed=-1), "seed must be in"),
+    (dict(steps=True), "steps must be an integer"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(block_length=64, gen_length=32, steps=32), r"block_length must be in \[1, 32\]"),
 ])
 def test_bad_generation_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -193,24 +205,25 @@ def test_prompt_errors(model):
         generate(model, [[1, 257]], cfg)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], cfg)
-    with pytest.raises(ValueError, match="max sequence"):
+    with pytest.raises(ValueError, match="maximum sequence length"):
         generate(model, [[1] * 1020], cfg)
 
 
 class _MaskPredictingRunner:
     """Predicts the mask id with certainty at even positions of the block, token 65 (conf 0.5) elsewhere."""
 
+    dtype, sparse_retention = torch.float32, None
+
     def __init__(self, config):
         self.config, self.device = config, torch.device("cpu")
 
-    def full(self, x, pos, km, out, s, pm=None):
-        n = out[1] - out[0]
-        x0 = torch.full((x.shape[0], n), 65)
+    def full(self, b):
+        x0 = torch.full((b.n_seqs, b.n_out), 65)
         x0[:, ::2] = self.config.mask_id
         conf = torch.where(x0 == self.config.mask_id, 1.0, 0.5).to(torch.float64)
         return x0, conf
 
-    refresh = reuse = None
+    refresh = reuse = full
 
 
 @pytest.mark.parametrize("rule", [dict(threshold=0.9), dict(factor=1.0)])

@@ -9,11 +9,11 @@ from dlc.models.common import KVCache, fuse_projections_
 from dlc.runtime.config import ServeConfig
 from dlc.runtime.engine import Engine
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.graph_runner import GraphRunner
+from dlc.runtime.runners.graph import GraphRunner
 from dlc.runtime.kv_cache import KVCacheManager
-from dlc.runtime.model_runner import EagerRunner
-from dlc.runtime.sampling import Sampling
+from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.session import open_model
+from dlc.runtime.step import build_batch
 
 S_MAX = 96
 CONF_ATOL = 1e-5          # fused (float32 online softmax) vs exact (float64 softmax) confidence, fp32 model
@@ -88,12 +88,17 @@ def _pool_and_runner(session, n_slots=6):
     return kv, gr
 
 
-def _state(mc, B, L, P, seed):
+def _states(mc, B, L, P, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 200, (B, L), generator=g)
     ids[:, P:] = mc.mask_id
-    pos = torch.arange(L)[None].expand(B, L)
-    return ids, pos, torch.ones(B, L, dtype=torch.bool)
+    return list(ids)
+
+
+def _batch(runner, phase, states, P, blk, slots, pool, **kw):
+    spans = [(P, P + blk)] * len(states) if phase == "reuse" else None
+    return build_batch(runner, phase, states, [P] * len(states), [P] * len(states), blk, spans,
+                       [(s,) for s in slots], pool, **kw)
 
 
 def test_padding_rows_touch_only_the_scratch_slot(session):
@@ -104,52 +109,40 @@ def test_padding_rows_touch_only_the_scratch_slot(session):
     eager = EagerRunner(session.runner.model)
     slots = [kv.allocate() for _ in range(4)]
     B, L, P, blk = 3, 40, 20, 8
-    ids, pos, km = _state(mc, B, L, P, 0)
-    s = Sampling()
-    out = (P, P + blk)
-    q = (P, P + blk)
-    eager.refresh(ids, pos, km, out, s, cache=kv.view(slots[:3]))
+    states = _states(mc, B, L, P, 0)
+    eager.refresh(_batch(eager, "refresh", states, P, blk, slots[:3], kv))
     other = [t[slots[3]].clone() for t in kv.k]
     ref_pool = [t.clone() for t in kv.k]
-    x_ref, c_ref = eager.reuse(kv.view(slots[:3]), ids, pos, km, q, out, s)
+    x_ref, c_ref = eager.reuse(_batch(eager, "reuse", states, P, blk, slots[:3], kv))
     after_eager = [t.clone() for t in kv.k]
     for t, r in zip(kv.k, ref_pool):
         t.copy_(r)
-    x, c = gr.reuse(kv.view(slots[:3]), ids, pos, km, q, out, s)
+    x, c = gr.reuse(_batch(gr, "reuse", states, P, blk, slots[:3], kv))
     assert gr.stats["replays"] == 1 and (4, blk + mc.logit_shift, blk) in gr.graphs
     assert torch.equal(x, x_ref) and torch.allclose(c, c_ref, rtol=0, atol=1e-12)
+    assert len(set(x.flatten().tolist())) > 1
     for t, r in zip(kv.k, after_eager):
         mine = [i for i in range(kv.n_slots) if i != gr.scratch]
         assert torch.equal(t[mine], r[mine])
     assert all(torch.equal(t[slots[3]], o) for t, o in zip(kv.k, other))
 
 
-def _refreshed(session, seed):
-    """A bound pool with two rows refreshed at block (20, 28) of a 40-token state."""
-    kv, gr = _pool_and_runner(session)
-    slots = [kv.allocate() for _ in range(2)]
-    ids, pos, km = _state(session.config, 2, 40, 20, seed)
-    gr.refresh(ids, pos, km, (20, 28), Sampling(), cache=kv.view(slots))
-    return kv, gr, slots, ids, pos, km
-
-
 def test_fallbacks_run_eagerly(session):
+    """T > 0 and caches that are not the bound pool run through the eager runner, with its results."""
     mc = session.config
-    kv, gr, slots, ids, pos, km = _refreshed(session, 1)
-    gen = [torch.Generator().manual_seed(i) for i in range(2)]
-    gr.reuse(kv.view(slots), ids, pos, km, (20, 28), (20, 28), Sampling(temperature=0.7, generator=gen))
-    own = KVCache.empty(mc, 2, 40, torch.float32, "cpu")                     # not the bound pool
-    gr.refresh(ids, pos, km, (20, 28), Sampling(), cache=own)
-    gr.reuse(own, ids, pos, km, (20, 28), (20, 28), Sampling())
+    kv, gr = _pool_and_runner(session)
+    eager = EagerRunner(session.runner.model)
+    slots = [kv.allocate() for _ in range(2)]
+    states = _states(mc, 2, 40, 20, 1)
+    gr.refresh(_batch(gr, "refresh", states, 20, 8, slots, kv))
+    hot = dict(temperature=0.7, seeds=[11, 12])
+    x_t, c_t = gr.reuse(_batch(gr, "reuse", states, 20, 8, slots, kv, **hot))
+    x_e, c_e = eager.reuse(_batch(eager, "reuse", states, 20, 8, slots, kv, **hot))
+    assert torch.equal(x_t, x_e) and torch.allclose(c_t, c_e, rtol=0, atol=1e-12)
+    own = KVCacheManager(mc, 40, 1 << 40, torch.float32, "cpu", max_slots=2)          # not the bound pool
+    gr.refresh(_batch(gr, "refresh", states, 20, 8, [0, 1], own))
+    gr.reuse(_batch(gr, "reuse", states, 20, 8, [0, 1], own))
     assert gr.stats == {**gr.stats, "replays": 0, "eager_reuse": 2}
-
-
-def test_random_remasking_draws_from_the_generator(session):
-    kv, gr, slots, ids, pos, km = _refreshed(session, 2)
-    s = lambda: Sampling(remasking="random", generator=[torch.Generator().manual_seed(i) for i in (5, 6)])  # noqa
-    _, c = gr.reuse(kv.view(slots), ids, pos, km, (20, 28), (20, 28), s())
-    ref = torch.stack([torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in (5, 6)])
-    assert gr.stats["replays"] == 1 and torch.equal(c, ref)
 
 
 def test_bad_settings_are_named(session):

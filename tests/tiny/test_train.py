@@ -12,7 +12,7 @@ from dlc.models.loading import init_weights, load_model
 from dlc.models.presets import PRESETS
 from dlc.tiny import tasks
 from dlc.tiny.tokenizer import EOS_ID, MASK_ID, encode_chat, encode_text
-from dlc.passes.sparsify_heads import gather_heads, head_scores, keep_columns
+from dlc.models.sparse_heads import gather_heads, head_scores, keep_columns
 from dlc.tiny import train as train_mod
 from dlc.tiny.train import diffusion_loss, make_batch, sparse_block, sparse_reuse_attention, tiny_config, train
 

@@ -1,4 +1,5 @@
-"""Opening engine directories: validate config.json, load each phase artifact, wrap them in a runner."""
+"""Opening engine directories (``dlc compile`` output): validate config.json (dlc/manifest.py), load each phase
+artifact (artifacts.py), wrap them in a CompiledRunner."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import torch
 from dlc.manifest import EngineError, load_manifest
 from dlc.models.config import ModelConfig
 
-from .backends import get_backend
-from .runner import CompiledRunner
+from .artifacts import LOADERS
+from .compiled import CompiledRunner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +35,10 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
     cfg = ModelConfig.from_dict(m["model"])
     phases, names = {}, {}
     for ph, spec in m["phases"].items():
-        phases[ph] = get_backend(spec["runtime"])["load"](path / spec["file"], device)
+        if spec["runtime"] not in LOADERS:
+            raise EngineError(f"{path}: the {ph} artifact has runtime {spec['runtime']!r}; this dlc loads "
+                              f"{', '.join(LOADERS)}")
+        phases[ph] = LOADERS[spec["runtime"]](path / spec["file"], device)
         names[ph] = [i["name"] for i in spec["inputs"]]
     sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
     runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]], sparse_retention=sparse,
@@ -43,9 +47,10 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
 
 
 def open_engine(path, device="cpu", dtype=None):
-    """ENGINE_OPENERS entry: engine dir -> dlc.runtime.session.Session."""
+    """Engine dir -> dlc.runtime.session.Session."""
     from dlc.models.tokenizer import has_tokenizer, load_tokenizer
-    from dlc.runtime.session import Session
+
+    from ..session import Session
 
     path = Path(path)
     runner, m = engine_runner(path, device=str(device))

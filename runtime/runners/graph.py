@@ -14,15 +14,15 @@ width) and replays it:
   confidence; the GPU default) or ``exact`` (the eager runner's logits + float64 softmax, so tokens equal
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
 * everything else runs through ``EagerRunner`` unchanged: Refresh and full forwards (compute-bound: launch
-  overhead is noise there), classifier-free guidance, temperature > 0 (per-request generators cannot live
-  inside a graph), fed widths over ``max_width``, batches over the largest bucket, and caches that are not
-  the bound pool. ``stats["eager_reuse"]`` counts those fallbacks.
+  overhead is noise there), classifier-free guidance, temperature > 0 (the fused kernel's noise is not the
+  eager runner's hash, so sampled tokens would differ between the paths), fed widths over ``max_width``,
+  batches over the largest bucket, and caches that are not the bound pool. ``stats["eager_reuse"]`` counts
+  those fallbacks. Random remasking needs nothing from a runner (the decoding core draws it).
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
 gathering the batch's rows out of the pool for SDPA, which at batch 32 copied more bytes than the attention
-reads. It takes each row's keys to be a prefix of its cache row, which is how the runtime lays rows out
-(``BatchRunner`` hands the lengths over; other callers' masks are summed on the device).
+reads. Each row's keys are a prefix of its cache row (the runtime's layout): ``StepBatch.lengths`` on the host.
 
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
 layers) before capture; ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
 
-from .model_runner import EagerRunner, _take, _width
-from .sampling import Sampling, _uniform, sample_tokens
+from ..step import StepBatch, take_rows
+from .eager import VOCAB_CHUNK, EagerRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 DECODE = ("fused", "exact")
@@ -72,9 +73,9 @@ class GraphRunner(EagerRunner):
         super().__init__(model)
         cuda = self.device.type == "cuda"
         self.pool_attention = cuda if pool_attention is None else pool_attention
-        self.decode = decode or ("fused" if cuda else "exact")
-        if self.decode not in DECODE:
-            raise ValueError(f"graph runner: decode must be one of {DECODE}, got {self.decode!r}")
+        self.decoding = decode or ("fused" if cuda else "exact")
+        if self.decoding not in DECODE:
+            raise ValueError(f"graph runner: decode must be one of {DECODE}, got {self.decoding!r}")
         if capture and not cuda:
             raise ValueError("graph runner: capture=True needs the model on a CUDA device")
         self.capture = cuda if capture is None else capture
@@ -105,10 +106,11 @@ class GraphRunner(EagerRunner):
         if self.scratch is None:
             raise ValueError("graph runner: bind_pool needs a free KV slot for padding rows")
 
-    def _eligible(self, cache: KVCache, s: Sampling, B: int) -> bool:
-        return (self.pool is not None and cache.rows is not None and cache.k[0] is self.pool.k[0]
-                and s.cfg_scale <= 0 and s.temperature == 0 and s.remasking in ("low_confidence", "random")
-                and B <= self.buckets[-1])
+    def _eligible(self, batch: StepBatch) -> bool:
+        c = batch.cache
+        return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
+                and batch.temperature == 0 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
+                and batch.width <= self.pool.s_max)
 
     def bucket(self, B: int) -> int:
         return next(b for b in self.buckets if b >= B)
@@ -150,65 +152,47 @@ class GraphRunner(EagerRunner):
         """The captured computation: static inputs -> (tok [bb, N], conf [bb, N])."""
         cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
         h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
-        rows = _take(h, g.off, g.N)                                               # [bb, N, d]
-        if self.decode == "exact":
-            x0, conf = sample_tokens(self.model.logits(rows), Sampling())
-            return x0, conf
+        rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
+        if self.decoding == "exact":
+            return self._exact(rows)
         from dlc.kernels import fused_select_logits
         tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self.model.head_weight())
         return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
 
-    # -- the runner contract -----------------------------------------------------------------------------------
-    host_bounds = True          # BatchRunner hands span bounds over as host tensors: no H2D copy, no sync
+    def _exact(self, rows: torch.Tensor):
+        """The eager runner's decoding of rows [bb, N, d] at T = 0 (tokens equal EagerRunner's)."""
+        bb = rows.shape[0]
+        ar = torch.arange(bb, device=rows.device)
+        one = torch.ones(1, dtype=rows.dtype, device=rows.device)
+        return decode_rows(rows, self.model.head_weight(), ar, ar, one, 0.0, torch.zeros_like(ar),
+                           vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
-    def _dev(self, bounds):
-        return tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in bounds)
-
-    def full(self, ids, pos, key_mask, out, s: Sampling, prompt_mask=None):
-        return super().full(ids, pos, key_mask, self._dev(out), s, prompt_mask)
-
-    def refresh(self, ids, pos, key_mask, out, s: Sampling, prompt_mask=None, cache=None):
-        return super().refresh(ids, pos, key_mask, self._dev(out), s, prompt_mask, cache)
-
+    # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @torch.no_grad()
-    def reuse(self, cache: KVCache, ids, pos, key_mask, q, out, s: Sampling, prompt_mask=None):
-        B = ids.shape[0]
-        if self._eligible(cache, s, B):
+    def reuse(self, batch: StepBatch):
+        if self._eligible(batch):
             t0, c0 = time.perf_counter(), self.stats["capture_s"]
-            res = self._replay(cache, ids, pos, key_mask, q, out, s)
-            if res is not None:                                    # host time, a first call's capture excluded
-                self.stats["replays"] += 1
-                self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
-                return res
+            res = self._replay(batch)
+            self.stats["replays"] += 1                              # host time, a first call's capture excluded
+            self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+            return res
         self.stats["eager_reuse"] += 1
-        return super().reuse(cache, ids, pos, key_mask, self._dev(q), self._dev(out), s, prompt_mask)
+        return super().reuse(batch)
 
-    def _replay(self, cache, ids, pos, key_mask, q, out, s):
-        B = ids.shape[0]
-        qa, qb, a, b = (torch.as_tensor(v).cpu().reshape(-1).expand(B) for v in (*q, *out))   # host [B]
-        if self.shift:                                                            # Dream: row a - 1 predicts a
-            qa = torch.minimum(qa, a - self.shift)
-        T, N = _width(qa, qb), _width(a, b)
-        W, S = key_mask.shape[1], self.pool.s_max
-        if T > self.max_width or W > S:
-            return None
-        lens = getattr(key_mask, "dlc_lengths", None)        # BatchRunner's prefix masks carry their lengths
+    def _replay(self, batch: StepBatch):
+        B, T, N, W, S = batch.n_seqs, batch.n_fed, batch.n_out, batch.width, self.pool.s_max
         g = self._graph(self.bucket(B), T, N)
-        host = getattr(cache, "host_rows", None)
         m = g.meta_host                                                           # [4, bb] on the host
-        m[0, :B] = torch.as_tensor(host) if host is not None else self.scratch
-        m[1, :B], m[2, :B] = qa, a - self.shift - qa
-        m[3, :B] = torch.as_tensor(lens) if lens is not None else 0
+        m[0, :B] = batch.slots
+        m[1, :B] = batch.q_start
+        m[2, :B] = batch.out_start - self.config.logit_shift - batch.q_start
+        m[3, :B] = batch.lengths
         m[0, B:], m[1:3, B:], m[3, B:] = self.scratch, 0, T                       # padding rows: scratch slot
         g.meta.copy_(m, non_blocking=True)
-        if host is None:
-            g.meta[0, :B].copy_(cache.rows)
-        if lens is None:                                      # key masks are prefixes (the runtime's layout)
-            g.meta[3, :B] = key_mask.sum(1)
-        cols = g.start[:B, None] + torch.arange(T, device=ids.device)             # [B, T]
-        torch.gather(ids, 1, cols, out=g.ids[:B])
-        torch.gather(pos.expand(B, -1), 1, cols, out=g.pos[:B])
-        g.key_mask[:B, :W].copy_(key_mask)
+        cols = g.start[:B, None] + torch.arange(T, device=batch.ids.device)       # [B, T]
+        torch.gather(batch.ids, 1, cols, out=g.ids[:B])
+        torch.gather(batch.pos, 1, cols, out=g.pos[:B])
+        g.key_mask[:B, :W].copy_(batch.key_mask)
         if W < S:
             g.key_mask[:B, W:] = False
         if g.rows_used > B:                                                       # rows that were real last call
@@ -220,10 +204,7 @@ class GraphRunner(EagerRunner):
             tok, conf = g.tok, g.conf
         else:
             tok, conf = self._step(g)
-        x0, conf = tok[:B].clone(), conf[:B].to(torch.float64)
-        if s.remasking == "random":
-            conf = _uniform(x0.shape, x0.device, s.generator)
-        return x0, conf
+        return tok[:B].clone(), conf[:B].to(torch.float64)
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""

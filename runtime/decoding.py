@@ -1,0 +1,396 @@
+"""The one decoding core: every rule of diffusion decoding, for one sequence at a time.
+
+A ``DecodeState`` is one sequence's token state and where it is in its block / step schedule. Its two moves are
+the only implementation of the rules; ``generate()`` (offline batches) and the serving engine both drive them:
+
+* ``advance(width)`` moves to the next step that needs a forward: it starts blocks (``width`` wide: the
+  request's ``block_length``, or an elastic chunk), skips steps the schedule leaves empty, closes finished
+  blocks (stop ids, stuck rows), and sets ``phase`` to the forward the step needs (``full`` without a cache,
+  ``refresh`` at a block start or every ``refresh_every`` steps, ``reuse`` otherwise; None once done). It returns
+  the generated tokens finalised on the way (a block's tokens are final once it closes).
+* ``apply(x0, conf)`` takes the forward's candidates for the block and unmasks what the rule selects.
+
+Layout: the token state is [L] on the host, laid out from column 0 (prompt at [0, P), then gen_length masks);
+positions are ``arange(L)``. Batches right-pad rows to the longest and mask the padding keys, so a row decodes
+the same alone or in any batch.
+
+Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
+
+* steps: ``steps // num_blocks`` per block of ``block_length``; an elastic chunk of width w gets
+  ``max(1, round(w * steps / gen_length))``; masks split evenly over a block's steps, remainder first;
+* ``low_confidence`` / ``schedule``: the top-n masked positions by confidence (n from the schedule);
+  ``threshold``: every masked position with confidence >= threshold, at least the best; ``factor``: the longest
+  prefix of the sorted confidences with conf_n >= 1 - factor / (n + 1), at least the best. Threshold and factor
+  never accept a prediction equal to the mask id (dInfer); a row whose every masked position predicts it is
+  stuck and its block ends (at T = 0 it would repeat forever);
+* ``remasking``: ``low_confidence`` scores a candidate by its softmax probability (from the runner),
+  ``random`` by a uniform draw from the row's generator;
+* query spans: ``prefix`` feeds the block and everything after it, ``dual`` the block (plus ``vicinity``
+  columns either side, dInfer);
+* with ``stop_at_eos``, at the end of a block whose text holds a stop id everything after the first stop id
+  becomes EOS, the output is cut before it, and the sequence is done.
+
+Randomness: each sequence owns a host ``torch.Generator`` seeded with its ``seed``. A step at T > 0 draws one
+sampling seed (``draw_seed``; the runner's Gumbel noise is a counter-based hash of it, the same in every
+runner), and random remasking draws the block's confidences in ``apply``. So a sequence's tokens do not depend
+on its batch, and at each block start the state snapshots (tokens, generator) so that a preempted request
+restarts its block (``restart_block``) with identical output."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KV_MODES = ("none", "prefix", "dual")
+REMASKING = ("low_confidence", "random")
+PHASES = ("full", "refresh", "reuse")
+MAX_SEED = 2 ** 63 - 1
+SEED_RANGE = 2 ** 62                    # sampling seeds drawn per step are in [0, SEED_RANGE)
+
+
+# ------------------------------------------------------------------------------------------------ the config
+def _int_field(name: str, v, lo: int, hi: int | None = None) -> None:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+
+
+def _float_field(name: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v}")
+
+
+@dataclass
+class GenerationConfig:
+    """How one sequence is decoded. Validates itself: every error names the field and the allowed range."""
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int = 128
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    factor: float | None = None
+    cfg_scale: float = 0.0
+    kv_cache: str = "none"
+    refresh_every: int = 0
+    vicinity: int = 0
+    stop_at_eos: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def validate(self) -> None:
+        _int_field("gen_length", self.gen_length, 1)
+        _int_field("block_length", self.block_length, 1, self.gen_length)
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
+        _int_field("steps", self.steps, 1, self.gen_length)
+        if self.steps % self.num_blocks:
+            raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks "
+                             f"({self.num_blocks} = gen_length / block_length)")
+        _float_field("temperature", self.temperature, 0.0)
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.kv_cache not in KV_MODES:
+            raise ValueError(f"kv_cache must be one of {KV_MODES}, got {self.kv_cache!r}")
+        _float_field("cfg_scale", self.cfg_scale, 0.0)
+        _int_field("refresh_every", self.refresh_every, 0, self.gen_length)
+        _int_field("vicinity", self.vicinity, 0, self.gen_length)
+        _int_field("seed", self.seed, 0, MAX_SEED)
+        make_rule(self.threshold, self.factor)   # validates threshold / factor
+
+
+# ------------------------------------------------------------------------------------------------ the rules
+def _topk_mask(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Top-k[b] positions per row (k varies per row): [B, K] bool."""
+    order = conf.argsort(dim=-1, descending=True, stable=True)              # [B, K]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
+    return ranks < k[:, None]
+
+
+class ScheduleRule:
+    """LLaDA's reference: the top ``n_sched`` masked positions by confidence (torch.topk, as the reference, so
+    ties break the same way)."""
+    name = "schedule"
+    fixed_steps = True
+
+    def select(self, conf, masked, n_sched):
+        sel = torch.zeros_like(masked)
+        for j in range(conf.shape[0]):
+            k = int(n_sched[j])
+            if k > 0:
+                sel[j, torch.topk(conf[j], k=k).indices] = True
+        return sel & masked
+
+
+class ThresholdRule:
+    """Fast-dLLM: every masked position with confidence >= threshold, at least the best one."""
+    name = "threshold"
+    fixed_steps = False
+
+    def __init__(self, threshold: float):
+        _float_field("threshold", threshold, 0.0, 1.0, lo_open=True)
+        self.threshold = threshold
+
+    def select(self, conf, masked, n_sched):
+        best = _topk_mask(conf, masked.any(-1).long())
+        return ((conf >= self.threshold) | best) & masked
+
+
+class FactorRule:
+    """Fast-dLLM's parallel factor: sort descending, accept the longest prefix whose n-th confidence (n >= 2)
+    satisfies conf_n >= 1 - factor / (n + 1); the best one always."""
+    name = "factor"
+    fixed_steps = False
+
+    def __init__(self, factor: float):
+        _float_field("factor", factor, 0.0, lo_open=True)
+        self.factor = factor
+
+    def select(self, conf, masked, n_sched):
+        srt = conf.sort(dim=-1, descending=True).values                    # [B, K]
+        n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=torch.float64)
+        ok = srt >= 1 - self.factor / (n + 1)
+        ok[:, 0] = True
+        count = ok.long().cumprod(-1).sum(-1)                               # longest accepted prefix
+        count = torch.minimum(count, masked.sum(-1))
+        return _topk_mask(conf, count) & masked
+
+
+DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold": ThresholdRule,
+            "factor": FactorRule}
+
+
+def make_rule(threshold: float | None = None, factor: float | None = None):
+    if threshold is not None and factor is not None:
+        raise ValueError("choose either threshold or factor decoding, not both")
+    if threshold is not None:
+        return ThresholdRule(threshold)
+    if factor is not None:
+        return FactorRule(factor)
+    return ScheduleRule()
+
+
+def unmask_step(rule, x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, n_now, mask_id: int):
+    """One step on blocks: which positions to unmask, and which rows cannot progress.
+
+    x0 [B, K] candidates, conf [B, K] float64 confidences, masked [B, K], n_now [B] the schedule's count.
+    Returns (select [B, K], stuck [B])."""
+    cand = masked if rule.fixed_steps else masked & (x0 != mask_id)
+    conf = torch.where(cand, conf, torch.full_like(conf, float("-inf")))
+    stuck = masked.any(-1) & ~cand.any(-1)
+    return rule.select(conf, cand, n_now), stuck
+
+
+def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's schedule: masks split evenly over steps, remainder to the first steps. [B] -> [B, steps]."""
+    base = masked_count // steps
+    rem = masked_count % steps
+    sched = base[:, None].expand(-1, steps).clone()
+    sched += (torch.arange(steps, device=masked_count.device)[None] < rem[:, None]).long()
+    return sched
+
+
+# ------------------------------------------------------------------------------------------------ the state
+@dataclass(eq=False)          # identity: states hold tensors
+class DecodeState:
+    """One sequence's decoding state. Build it with ``DecodeState.new``; drive it with advance / apply."""
+    gen: GenerationConfig
+    prompt_len: int
+    x: torch.Tensor                          # [L] int64 token state on the host
+    mask_id: int
+    eos_id: int
+    stop_ids: tuple[int, ...]
+    rule: object
+    generator: torch.Generator | None        # host generator (T > 0 or random remasking), seeded with gen.seed
+    done: int = 0                            # generated columns whose block is closed
+    bs: int | None = None                    # current block [bs, be) (absolute columns); None between blocks
+    be: int = 0
+    sched: torch.Tensor | None = None        # [steps_in_block] tokens to unmask per step (fixed-step rules)
+    step: int = 0
+    stuck: bool = False                      # the last step could only predict the mask id
+    has_cache: bool = False                  # the KV slot holds this block's Refresh
+    phase: str | None = None                 # the next forward: full / refresh / reuse; None once done
+    n_now: int = 0                           # schedule's count for the next step
+    stopped: bool = False                    # a stop id was finalised
+    started: bool = False                    # advance() has run once
+    snapshot: tuple | None = None            # (x, generator state) at the current block start
+    emitted: int = 0                         # generated columns already returned as final
+    forwards: int = 0                        # forwards this sequence took part in
+
+    @classmethod
+    def new(cls, prompt: list[int], gen: GenerationConfig, model_config, seed: int | None = None) -> "DecodeState":
+        """``seed`` overrides ``gen.seed`` (generate() gives row i of a batch gen.seed + i)."""
+        mc = model_config
+        x = torch.full((len(prompt) + gen.gen_length,), mc.mask_id, dtype=torch.long)
+        x[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        g = None
+        if gen.temperature > 0 or gen.remasking == "random":
+            g = torch.Generator().manual_seed(gen.seed if seed is None else seed % (MAX_SEED + 1))
+        return cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, tuple(mc.stop_ids),
+                   make_rule(gen.threshold, gen.factor), g)
+
+    # -- geometry --------------------------------------------------------------------------------------------
+    @property
+    def P(self) -> int:
+        return self.prompt_len
+
+    @property
+    def L(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def finished(self) -> bool:
+        return self.started and self.phase is None
+
+    def q_span(self) -> tuple[int, int]:
+        """Fed columns of a Reuse step."""
+        if self.gen.kv_cache == "prefix":
+            return self.bs, self.L
+        v = self.gen.vicinity
+        return max(0, self.bs - v), min(self.L, self.be + v)
+
+    def cost(self) -> int:
+        """Tokens the next forward feeds: the sequence for full / refresh, the query span for reuse."""
+        if self.phase == "reuse":
+            qa, qb = self.q_span()
+            return qb - qa
+        return self.L
+
+    def group_key(self) -> tuple:
+        """States with equal keys run in one runner call (one decoded width, one fed width, one sampling)."""
+        fed = 0
+        if self.phase == "reuse":
+            qa, qb = self.q_span()
+            fed = qb - qa
+        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale)
+
+    def cache_rows(self) -> int:
+        """KV pool rows the sequence needs: none without a cache, two with guidance (the unconditional rows)."""
+        if self.gen.kv_cache == "none":
+            return 0
+        return 2 if self.gen.cfg_scale > 0 else 1
+
+    # -- randomness ------------------------------------------------------------------------------------------
+    def draw_seed(self) -> int:
+        """This step's sampling seed (T > 0): the runner's Gumbel noise is a hash of it."""
+        if self.generator is None:
+            return 0
+        return int(torch.randint(0, SEED_RANGE, (1,), generator=self.generator))
+
+    # -- the two moves ---------------------------------------------------------------------------------------
+    def advance(self, width: int) -> list[int]:
+        """Move to the next step that needs a forward; returns the tokens finalised on the way. ``width``: the
+        width of a block started here. Sets ``phase`` (None once the sequence is done)."""
+        self.started = True
+        out: list[int] = []
+        g = self.gen
+        while True:
+            if self.bs is None:
+                if self.stopped or self.done >= g.gen_length:
+                    self.phase = None
+                    return out
+                self._start_block(width)
+            masked = self.x[self.bs:self.be] == self.mask_id
+            if not bool(masked.any()):
+                out += self._end_block()
+                continue
+            if self.rule.fixed_steps:
+                if self.step >= self.sched.shape[0]:
+                    out += self._end_block()
+                    continue
+                n_now = int(self.sched[self.step])
+                if n_now == 0:                       # nothing to unmask: the forward would change nothing
+                    self.step += 1
+                    continue
+            else:
+                if self.stuck:                       # every masked position predicts the mask id
+                    self.stuck = False
+                    out += self._end_block()
+                    continue
+                n_now = int(masked.sum())
+            self.n_now = n_now
+            if g.kv_cache == "none":
+                self.phase = "full"
+            elif not self.has_cache or (g.refresh_every and self.step % g.refresh_every == 0):
+                self.phase = "refresh"
+            else:
+                self.phase = "reuse"
+            return out
+
+    def apply(self, x0: torch.Tensor, conf: torch.Tensor) -> None:
+        """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):
+        unmask the rule's selection."""
+        K = self.be - self.bs
+        if x0.shape != (K,) or conf.shape != (K,):
+            raise ValueError(f"apply: expected candidates for the {K} block columns, got x0 {tuple(x0.shape)} "
+                             f"conf {tuple(conf.shape)}")
+        if self.gen.remasking == "random":
+            conf = torch.rand(K, dtype=torch.float64, generator=self.generator)
+        blk = self.x[self.bs:self.be]
+        masked = blk == self.mask_id                                          # [K]
+        n = torch.tensor([self.n_now], dtype=torch.long)
+        sel, stuck = unmask_step(self.rule, x0[None], conf[None], masked[None], n, self.mask_id)
+        self.x[self.bs:self.be] = torch.where(sel[0], x0, blk)
+        self.stuck = bool(stuck[0])
+        if self.phase == "refresh":
+            self.has_cache = True
+        self.step += 1
+        self.forwards += 1
+
+    def restart_block(self) -> None:
+        """Preemption by recompute: the cache is gone; rewind to the current block's start (same output)."""
+        if self.snapshot is not None and self.bs is not None:
+            x, gstate = self.snapshot
+            self.x.copy_(x)
+            if gstate is not None:
+                self.generator.set_state(gstate)
+            self.step, self.stuck = 0, False
+        self.has_cache = False
+
+    # -- blocks ----------------------------------------------------------------------------------------------
+    def _start_block(self, width: int) -> None:
+        g = self.gen
+        self.bs = self.P + self.done
+        self.be = min(self.L, self.bs + width)
+        w = self.be - self.bs
+        if w == g.block_length:
+            n_steps = g.steps // g.num_blocks
+        else:                                        # elastic chunk: steps in proportion to its width
+            n_steps = max(1, round(w * g.steps / g.gen_length))
+        masked = (self.x[self.bs:self.be] == self.mask_id).sum()[None]
+        self.sched = num_transfer_tokens(masked, n_steps)[0]
+        self.step, self.has_cache, self.stuck = 0, False, False
+        self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
+
+    def _end_block(self) -> list[int]:
+        """Close the current block; returns the generated tokens it finalised (cut before the first stop id)."""
+        P, be, stop = self.P, self.be, self.gen.stop_at_eos
+        if stop:
+            hit = torch.isin(self.x[P:be], torch.tensor(self.stop_ids, dtype=torch.long)).nonzero()
+            if hit.numel():
+                self.x[P + int(hit[0]) + 1:] = self.eos_id
+                self.stopped = True
+        self.done = be - P
+        self.bs, self.has_cache = None, False
+        new = self.x[P + self.emitted:be].tolist()
+        self.emitted = be - P
+        if stop:
+            for j, t in enumerate(new):
+                if t in self.stop_ids:
+                    return new[:j]
+        return new
+

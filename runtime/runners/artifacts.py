@@ -1,0 +1,100 @@
+"""Loading the artifacts of an engine directory: one loader per backend, each returning a callable phase.
+
+``LOADERS[runtime](path, device)`` -> a callable taking the phase's inputs positionally (config.json order) and
+returning its outputs in order. The compiler writes these artifacts (dlc/compiler/backends.py); the runtime
+alone loads them, so serving an engine never imports the compiler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's library or hardware is missing here (the message says what to install)."""
+
+
+TRT_INSTALL = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA's wheel, needs a CUDA GPU and driver), "
+               "or build the engine on the target with the trtexec command recorded in config.json")
+
+
+def trt_available() -> str | None:
+    """None when TensorRT can build here, else the reason."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return TRT_INSTALL
+    if not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU; none is visible on this machine"
+    return None
+
+
+def load_export(path: Path, device="cpu"):
+    mod = torch.export.load(str(path)).module()
+    return lambda *args: mod(*args)
+
+
+def load_aoti(path: Path, device="cpu"):
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else -1)
+    model = torch._inductor.aoti_load_package(str(path), device_index=index)
+    return lambda *args: model(*args)
+
+
+def _ort_providers(device) -> list[str]:
+    import onnxruntime as ort
+    have = ort.get_available_providers()
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_onnx(path: Path, device="cpu"):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or dlc[onnx])") from None
+    sess = ort.InferenceSession(str(path), providers=_ort_providers(device))
+    names = [i.name for i in sess.get_inputs()]
+    dev = torch.device(device)
+
+    def run(*args):
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        return [torch.from_numpy(o).to(dev) for o in sess.run(None, feed)]
+    return run
+
+_TRT_DTYPES = {"BOOL": torch.bool, "INT64": torch.long, "INT32": torch.int32, "FLOAT": torch.float32,
+               "HALF": torch.float16, "BF16": torch.bfloat16, "DOUBLE": torch.float64}
+
+def load_tensorrt(path: Path, device="cuda"):
+    reason = trt_available()
+    if reason:
+        raise BackendUnavailable(reason)
+    import tensorrt as trt
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(*args):
+        stream = torch.cuda.current_stream()
+        for n, a in zip(ins, args):
+            a = a.contiguous().cuda()
+            context.set_input_shape(n, tuple(a.shape))
+            context.set_tensor_address(n, a.data_ptr())
+        results = []
+        for n in outs:
+            shape = tuple(context.get_tensor_shape(n))
+            t = torch.empty(shape, dtype=_TRT_DTYPES[engine.get_tensor_dtype(n).name], device="cuda")
+            context.set_tensor_address(n, t.data_ptr())
+            results.append(t)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {path} failed")
+        stream.synchronize()
+        return results
+    return run
+
+
+LOADERS = {"export": load_export, "aoti": load_aoti, "onnx": load_onnx, "tensorrt": load_tensorrt}

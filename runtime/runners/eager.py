@@ -1,0 +1,70 @@
+"""The eager runner: ``dlc.models`` modules over a StepBatch (the reference every other runner is tested against).
+
+* ``full``: one forward over the whole sequence, no cache;
+* ``refresh``: the same forward writing every column's K/V into the batch's KV pool rows (Refresh phase);
+* ``reuse``: feeds only the fed span over the cached K/V, writing the span's new K/V in place (Reuse phase:
+  prefix = block and everything after; dual = the block).
+
+Decoding is ``dlc.kernels.logits.decode_rows``, the function the compiler's CPU lowering inlines into phase
+programs: guidance on the logits, Gumbel-max with the hash noise of each sequence's step seed, confidence =
+softmax probability of the chosen token in float64, vocab in chunks so no [B, N, V] float64 tensor exists."""
+from __future__ import annotations
+
+import torch
+
+from dlc.kernels.logits import decode_rows
+from dlc.models.common import DiffusionLM
+
+from ..step import StepBatch, take_cols, take_rows
+
+VOCAB_CHUNK = 32768          # head rows per decoding chunk (bounds the float64 transient at large batch)
+
+
+def pad_keys(key_mask: torch.Tensor, S: int) -> torch.Tensor:
+    """Key mask [B, W] -> [B, S] for a cache longer than the batch (extra columns are not attended)."""
+    W = key_mask.shape[1]
+    if W > S:
+        raise ValueError(f"the batch is {W} columns wide, the KV cache holds {S}")
+    if S == W:
+        return key_mask
+    return torch.cat([key_mask, key_mask.new_zeros(key_mask.shape[0], S - W)], dim=1)
+
+
+class EagerRunner:
+    sparse_retention = None
+
+    def __init__(self, model: DiffusionLM):
+        self.model = model
+        self.config = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def decode(self, rows: torch.Tensor, batch: StepBatch):
+        """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64)."""
+        return decode_rows(rows, self.model.head_weight(), batch.cond_rows, batch.un_rows,
+                           batch.cfg_weight(rows.dtype), batch.temperature, batch.seeds,
+                           vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
+
+    @torch.no_grad()
+    def full(self, batch: StepBatch):
+        h = self.model(batch.ids, batch.pos, batch.key_mask)                       # [fed, W, d]
+        return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
+
+    @torch.no_grad()
+    def refresh(self, batch: StepBatch):
+        c = batch.cache
+        h = self.model(batch.ids, batch.pos, pad_keys(batch.key_mask, c.seq_len), cache=c, start=0)
+        return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
+
+    @torch.no_grad()
+    def reuse(self, batch: StepBatch):
+        c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
+        h = self.model(take_cols(batch.ids, qs, T), take_cols(batch.pos, qs, T),
+                       pad_keys(batch.key_mask, c.seq_len), cache=c, start=qs)       # [fed, T, d]
+        return self.decode(take_rows(h, batch.hid_start - qs, batch.n_out), batch)

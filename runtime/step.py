@@ -1,0 +1,200 @@
+"""The one typed seam between decoding and every runner: ``StepBatch`` and the ``PhaseRunner`` protocol.
+
+Decoding (runtime/decoding.py) decides what each sequence needs next; a runner runs the model. Between them
+there is exactly this: ``make_batch`` turns the states of one group (same phase, decoded width, fed width,
+temperature and guidance: ``DecodeState.group_key``) and their KV pool rows into a ``StepBatch``; a runner's
+``full`` / ``refresh`` / ``reuse`` takes it and returns (x0 [B, N] int64, conf [B, N] float64) for the decoded
+columns; ``run_batch`` copies them back to the host once. Every runner (eager, CUDA graph, compiled engine)
+implements the protocol over the same batch and nothing travels beside it.
+
+Layout (one for the whole runtime): row b's tokens sit at columns [0, L_b), right-padded with the mask id to
+the batch width W; positions are ``arange(W)``; ``key_mask`` marks the real tokens. With classifier-free
+guidance the batch is fed twice: rows [0, B) are the sequences, rows [B, 2B) the same with the prompt masked
+(``cond_rows`` / ``un_rows`` say which), and each sequence owns two KV pool rows. Dream's shifted logits
+(predictions for columns [a, b) come from hidden rows [a - 1, b - 1)) are folded in here: ``hid_start`` is the
+first hidden row to decode and the fed span of a Reuse step is widened to cover it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dlc.models.common import KVCache
+from dlc.models.sparse_heads import keep_columns
+
+from .decoding import PHASES, DecodeState
+
+
+@dataclass
+class StepBatch:
+    phase: str                          # "full" | "refresh" | "reuse"
+    n_seqs: int                         # B sequences; fed rows = B, or 2B with guidance
+    ids: torch.Tensor                   # [fed, W] int64 token states (device)
+    pos: torch.Tensor                   # [fed, W] int64 positions (device)
+    key_mask: torch.Tensor              # [fed, W] bool real tokens (device)
+    lengths: torch.Tensor               # [fed] int64 tokens per row: keys [0, L) are real (host)
+    out_start: torch.Tensor             # [B] int64 first decoded column (host)
+    n_out: int                          # decoded columns per row
+    hid_start: torch.Tensor             # [fed] int64 first hidden row to decode, out_start - shift (device)
+    q_start: torch.Tensor | None        # [fed] int64 first fed column of a Reuse step (host)
+    q_start_dev: torch.Tensor | None    # the same on the device
+    n_fed: int                          # fed columns per row (Reuse), W otherwise
+    cache: KVCache | None               # refresh / reuse: the pool view, cache.rows = slots on the device
+    slots: torch.Tensor | None          # [fed] int64 pool rows (host)
+    temperature: float
+    cfg_scale: float
+    seeds: torch.Tensor                 # [B] int64 sampling seeds (device; zeros at T = 0)
+    cond_rows: torch.Tensor             # [B] int64 fed rows of the sequences (device)
+    un_rows: torch.Tensor               # [B] int64 fed rows of their unconditional twins (= cond_rows without CFG)
+    keep_idx: torch.Tensor | None = None   # head-sparse Reuse: [n_layers, fed, Hkv, K] kept columns per head
+
+    @property
+    def fed(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def cfg_weight(self, dtype) -> torch.Tensor:
+        """[1]: the guidance weight cfg_scale + 1 (1.0 without guidance: the rows pass through)."""
+        w = self.cfg_scale + 1.0 if self.fed != self.n_seqs else 1.0
+        return torch.tensor([w], dtype=dtype, device=self.ids.device)
+
+
+@runtime_checkable
+class PhaseRunner(Protocol):
+    """What every runner is. ``sparse_retention`` is None for dense runners; with a value, Reuse batches carry
+    ``keep_idx`` chosen from the head scores its Refresh wrote into ``cache.scores``."""
+    config: object
+    device: torch.device
+    dtype: torch.dtype
+    sparse_retention: float | None
+
+    def full(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def refresh(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def reuse(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def check_runner(runner) -> None:
+    if not isinstance(runner, PhaseRunner):
+        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, "
+                        f"sparse_retention, full/refresh/reuse over a StepBatch)")
+
+
+def take_rows(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows start[b] .. start[b] + n of h [B, T, d] (start [B] on h's device) -> [B, n, d]."""
+    cols = start[:, None] + torch.arange(n, device=h.device)                    # [B, n]
+    return h.gather(1, cols[..., None].expand(-1, -1, h.shape[-1]))
+
+
+def take_cols(x: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
+    """Columns start[b] .. start[b] + n of x [B, W] -> [B, n]."""
+    return x.gather(1, start[:, None] + torch.arange(n, device=x.device))
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    return t.to(dev, non_blocking=True)
+
+
+def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] | None = None,
+               pool=None) -> StepBatch:
+    """One group's StepBatch. ``slots[i]``: state i's KV pool rows (1, or 2 with guidance); ``pool``: the
+    ``KVCacheManager`` they index (refresh / reuse). Draws each state's sampling seed for this step."""
+    s0 = states[0]
+    if s0.phase not in PHASES or any(s.group_key() != s0.group_key() for s in states):
+        raise ValueError("make_batch: the states must share one group key (phase, widths, sampling)")
+    seeds = [s.draw_seed() if s.gen.temperature > 0 else 0 for s in states]
+    return build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
+                       s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
+                       slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds)
+
+
+def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],
+                n_out: int, spans: list[tuple[int, int]] | None = None, slots: list[tuple[int, ...]] | None = None,
+                pool=None, temperature: float = 0.0, cfg_scale: float = 0.0,
+                seeds: list[int] | None = None) -> StepBatch:
+    """The StepBatch of token states ``seqs`` (host [L_i] each): decode columns [out_start_i, + n_out); a Reuse
+    step feeds ``spans`` (qa, qb) per row. ``make_batch`` calls this from decoding states; tests call it
+    directly to drive runners over hand-made states."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    dev, mc, B = runner.device, runner.config, len(seqs)
+    cfg = cfg_scale > 0
+    lengths = torch.tensor([x.shape[0] for x in seqs], dtype=torch.long)
+    prompts = torch.tensor(prompt_lens, dtype=torch.long)
+    W = int(lengths.max())
+    ids = torch.full((B, W), mc.mask_id, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, :x.shape[0]] = x
+    if cfg:                                       # the unconditional twins: prompt masked
+        un = ids.clone()
+        un[torch.arange(W)[None] < prompts[:, None]] = mc.mask_id
+        ids, lengths = torch.cat([ids, un]), torch.cat([lengths, lengths])
+    fed = ids.shape[0]
+    shift = mc.logit_shift
+    out_t = torch.tensor(out_start, dtype=torch.long)
+    hid = out_t - shift
+    hid = torch.cat([hid, hid]) if cfg else hid
+    q_start, n_fed = None, W
+    if phase == "reuse":
+        sp = torch.tensor(spans, dtype=torch.long)                                # [B, 2]
+        qa = torch.minimum(sp[:, 0], out_t - shift)                               # Dream: cover row a - 1
+        n_fed = int(sp[0, 1] - qa[0])
+        if bool(((sp[:, 1] - qa) != n_fed).any()):
+            raise ValueError(f"build_batch: fed spans differ in width: {(sp[:, 1] - qa).tolist()}")
+        q_start = torch.cat([qa, qa]) if cfg else qa
+    seeds_t = torch.tensor(seeds if seeds is not None else [0] * B, dtype=torch.long)
+    ar = torch.arange(W, device=dev)[None]                                       # [1, W]
+    cache, slot_rows, keep = None, None, None
+    if phase != "full":
+        if pool is None or slots is None:
+            raise ValueError(f"build_batch: a {phase} step needs the KV pool and the rows' slots")
+        need = 2 if cfg else 1
+        if any(len(sl) != need for sl in slots):
+            raise ValueError(f"build_batch: each row needs {need} KV slot(s), got {slots}")
+        slot_rows = torch.tensor([sl[0] for sl in slots] + ([sl[1] for sl in slots] if cfg else []),
+                                 dtype=torch.long)
+        cache = pool.view(slot_rows)
+        if phase == "reuse" and runner.sparse_retention is not None:
+            keep = _keep_idx(cache, q_start, n_fed, runner.sparse_retention, dev)
+    arange_b = torch.arange(B, device=dev)
+    return StepBatch(
+        phase=phase, n_seqs=B, ids=_to_device(ids, dev), pos=ar.expand(fed, W),
+        key_mask=ar < _to_device(lengths, dev)[:, None], lengths=lengths, out_start=out_t, n_out=n_out,
+        hid_start=_to_device(hid, dev), q_start=q_start,
+        q_start_dev=None if q_start is None else _to_device(q_start, dev), n_fed=n_fed, cache=cache,
+        slots=slot_rows, temperature=float(temperature), cfg_scale=float(cfg_scale),
+        seeds=_to_device(seeds_t, dev), cond_rows=arange_b, un_rows=arange_b + (fed - B), keep_idx=keep)
+
+
+def _keep_idx(cache: KVCache, q_start: torch.Tensor, n_fed: int, retention: float, dev) -> torch.Tensor:
+    """Per-head kept columns [n_layers, fed, Hkv, K]: the fed columns plus the top ``retention`` of the others
+    by the head scores the rows' Refresh stored in the pool."""
+    if cache.scores is None:
+        raise ValueError("head-sparse reuse needs the KV pool's head scores (a pool made for this runner)")
+    scores = cache.scores[:, cache.rows]                                          # [nl, fed, Hkv, S]
+    cols = q_start.to(dev)[:, None] + torch.arange(n_fed, device=dev)              # [fed, T]
+    return keep_columns(scores, cols, retention)
+
+
+def run_batch(runner, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The runner's call for the batch's phase -> (x0 [B, N] int64, conf [B, N] float64) on the host."""
+    x0, conf = getattr(runner, batch.phase)(batch)
+    if x0.shape != (batch.n_seqs, batch.n_out):
+        raise RuntimeError(f"{type(runner).__name__}.{batch.phase} returned x0 {tuple(x0.shape)}, expected "
+                           f"{(batch.n_seqs, batch.n_out)}")
+    return x0.cpu(), conf.to(torch.float64).cpu()
+
+
+def group_states(states: list[DecodeState]) -> list[list[int]]:
+    """Indices of the states, grouped by their group key (one runner call each), in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(states):
+        groups.setdefault(s.group_key(), []).append(i)
+    return list(groups.values())
