@@ -43,6 +43,7 @@ class Metrics:
         "iterations_total": "Engine iterations",
         "preemptions_total": "Requests preempted by recompute",
         "rejected_total": "Requests rejected because the queue was full",
+        "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
     }
 
     def __init__(self):
