@@ -50,21 +50,29 @@ SEED_RANGE = 2 ** 62                    # sampling seeds drawn per step are in [
 
 
 # ------------------------------------------------------------------------------------------------ the config
+class FieldError(ValueError):
+    """A value that can never be served; ``field`` names it (the server answers 400 with it as ``param``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _int_field(name: str, v, lo: int, hi: int | None = None) -> None:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
+        raise FieldError(name, f"{name} must be an integer, got {v!r}")
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {rng}, got {v}")
+        raise FieldError(name, f"{name} must be {rng}, got {v}")
 
 
 def _float_field(name: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
+        raise FieldError(name, f"{name} must be a finite number, got {v!r}")
     if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+        raise FieldError(name, f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {v}")
+        raise FieldError(name, f"{name} must be <= {hi}, got {v}")
 
 
 @dataclass
@@ -95,16 +103,17 @@ class GenerationConfig:
         _int_field("gen_length", self.gen_length, 1)
         _int_field("block_length", self.block_length, 1, self.gen_length)
         if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
+            raise FieldError("block_length", f"gen_length {self.gen_length} must be a multiple of block_length "
+                                             f"{self.block_length}")
         _int_field("steps", self.steps, 1, self.gen_length)
         if self.steps % self.num_blocks:
-            raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks "
-                             f"({self.num_blocks} = gen_length / block_length)")
+            raise FieldError("steps", f"steps {self.steps} must be a positive multiple of the number of blocks "
+                                      f"({self.num_blocks} = gen_length / block_length)")
         _float_field("temperature", self.temperature, 0.0)
         if self.remasking not in REMASKING:
-            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+            raise FieldError("remasking", f"remasking must be one of {REMASKING}, got {self.remasking!r}")
         if self.kv_cache not in KV_MODES:
-            raise ValueError(f"kv_cache must be one of {KV_MODES}, got {self.kv_cache!r}")
+            raise FieldError("kv_cache", f"kv_cache must be one of {KV_MODES}, got {self.kv_cache!r}")
         _float_field("cfg_scale", self.cfg_scale, 0.0)
         _int_field("refresh_every", self.refresh_every, 0, self.gen_length)
         _int_field("vicinity", self.vicinity, 0, self.gen_length)
@@ -176,7 +185,7 @@ DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold
 
 def make_rule(threshold: float | None = None, factor: float | None = None):
     if threshold is not None and factor is not None:
-        raise ValueError("choose either threshold or factor decoding, not both")
+        raise FieldError("factor", "choose either threshold or factor decoding, not both")
     if threshold is not None:
         return ThresholdRule(threshold)
     if factor is not None:

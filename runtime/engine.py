@@ -33,7 +33,7 @@ import time
 import torch
 
 from .config import GEN_KEYS, ServeConfig, model_generation_defaults
-from .decoding import DecodeState, GenerationConfig
+from .decoding import DecodeState, FieldError, GenerationConfig
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
 from .kv_cache import KVCacheManager
@@ -72,7 +72,7 @@ class Engine:
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
         self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
-        self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.mc.max_seq_len, cfg.max_num_tokens)
+        self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len, cfg.max_num_tokens)
         self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
@@ -105,17 +105,17 @@ class Engine:
         params = dict(params or {})
         unknown = set(params) - set(REQUEST_FIELDS)
         if unknown:
-            raise ValueError(f"unknown generation fields {sorted(unknown)}")
+            raise FieldError(sorted(unknown)[0], f"unknown generation fields {sorted(unknown)}")
         p = {**self.gen_defaults, **{k: v for k, v in params.items() if v is not None}}
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens <= 0):
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            raise FieldError("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
         check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
         state = DecodeState.new(list(prompt), gen, self.mc)
         usable = self.kv.n_slots - (self.runner.scratch is not None if isinstance(self.runner, GraphRunner) else 0)
         if state.cache_rows() > usable:
-            raise ValueError(f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs {state.cache_rows()} KV slots; "
+            raise FieldError("cfg_scale", f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs {state.cache_rows()} KV slots; "
                              f"the pool has {usable} (raise kv_cache_mb or use kv_cache 'none')")
         return Request(state, max_tokens=max_tokens, rid=rid)
 
@@ -123,7 +123,7 @@ class Engine:
         with self.lock:
             if self._stop:
                 raise RuntimeError("the engine is shutting down")
-            if len(self.scheduler.waiting) + len(self._incoming) >= self.cfg.max_queue:
+            if self.scheduler.num_waiting + len(self._incoming) >= self.cfg.max_queue:
                 self.metrics.inc("rejected_total")
                 raise QueueFull(f"the queue is full ({self.cfg.max_queue} waiting requests)")
             self._incoming.append(req)
@@ -152,8 +152,9 @@ class Engine:
                 self.scheduler.cancel(r)
                 self.metrics.inc("requests_total", status="cancelled")
         picked = self.scheduler.schedule()
-        n_running = len(self.scheduler.running)
+        n_running = self.scheduler.num_running
         for r in self.scheduler.take_preempted():                 # their cache is gone: rewind the block
+            self.metrics.inc("preemptions_total")
             self._guard(r, lambda r=r: (r.state.restart_block(), r.state.advance(self.gran.width(r, n_running))))
         for r in picked:
             if not r.state.started:
@@ -176,7 +177,7 @@ class Engine:
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
         """One runner call per group -> {id(request): (x0 [K], conf [K]) on the host} for those that ran."""
         results: dict[int, tuple] = {}
-        for idx in group_states([r.state for r in reqs]):
+        for idx in group_states([r.state for r in reqs], self.runner.max_batch_size):
             self._run_group([reqs[i] for i in idx], results)
         return results
 
@@ -261,13 +262,12 @@ class Engine:
     def _update_gauges(self) -> None:
         m, s = self.metrics, self.scheduler
         with self.lock:
-            m.set("queue_length", len(s.waiting) + len(self._incoming))
-        m.set("running_requests", len(s.running))
+            m.set("queue_length", s.num_waiting + len(self._incoming))
+        m.set("running_requests", s.num_running)
         m.set("kv_cache_used_slots", self.kv.num_used)
         m.set("kv_cache_usage_ratio", self.kv.usage())
         m.set("granularity_chunk", self.gran.last_chunk)
         m.set("saturation_tokens", self.gran.saturation or 0)
-        m.counters["preemptions_total"][()] = float(s.preemptions)
         now = time.monotonic()
         if now - self._tps_t0 >= 1.0:   # tokens/s over windows of about a second
             m.set("tokens_per_second", self._tps_count / (now - self._tps_t0))
@@ -318,7 +318,7 @@ class Engine:
 
     def _fail_all(self, err: Exception) -> None:
         """Last resort (an error in scheduling itself, not in a request's call or bookkeeping)."""
-        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for r in self.scheduler.requests():
             self._fail(r, err)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -326,7 +326,7 @@ class Engine:
         with self.lock:
             self._stop = True
             if not drain:
-                self._aborts += self._incoming + list(self.scheduler.waiting) + list(self.scheduler.running)
+                self._aborts += self._incoming + self.scheduler.requests()
                 self._incoming = []
             self.lock.notify_all()
         if self._thread is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import GenerationConfig, DecodeState
+from .decoding import DecodeState, FieldError, GenerationConfig
 from .kv_cache import KVCacheManager
 from .runners.eager import EagerRunner
 from .step import check_runner, group_states, make_batch, run_batch
@@ -53,20 +53,20 @@ def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_s
     limit = mc.max_seq_len if max_seq_len is None else max_seq_len
     for p in prompts:
         if len(p) == 0:
-            raise ValueError("every prompt needs at least one token (the prompt is empty)")
+            raise FieldError("prompt", "every prompt needs at least one token (the prompt is empty)")
         if any(t == mc.mask_id for t in p):
-            raise ValueError(f"the prompt contains the mask token id {mc.mask_id}")
+            raise FieldError("prompt", f"the prompt contains the mask token id {mc.mask_id}")
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < mc.vocab_size for t in p):
-            raise ValueError(f"prompt token ids must be integers in [0, {mc.vocab_size})")
+            raise FieldError("prompt", f"prompt token ids must be integers in [0, {mc.vocab_size})")
         if len(p) + gen_length > limit:
-            raise ValueError(f"prompt ({len(p)} tokens) + gen_length ({gen_length}) exceeds the maximum "
+            raise FieldError("prompt", f"prompt ({len(p)} tokens) + gen_length ({gen_length}) exceeds the maximum "
                              f"sequence length {limit}")
 
 
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationResult:
     runner = as_runner(model)
     mc = runner.config
-    check_prompts(prompts, cfg.gen_length, mc)
+    check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len)
     t0 = time.perf_counter()
     states = [DecodeState.new(list(p), cfg, mc, seed=cfg.seed + i) for i, p in enumerate(prompts)]
     pool, slots = None, [()] * len(states)
@@ -81,7 +81,7 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
         active = [i for i, s in enumerate(states) if s.phase is not None]
         if not active:
             break
-        for group in group_states([states[i] for i in active]):
+        for group in group_states([states[i] for i in active], runner.max_batch_size):
             rows = [active[j] for j in group]
             batch = make_batch(runner, [states[i] for i in rows], [slots[i] for i in rows], pool)
             x0, conf = run_batch(runner, batch)

@@ -93,6 +93,18 @@ class BaseScheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def requests(self) -> list[Request]:
+        """Every request the scheduler holds, running first."""
+        return list(self.running) + list(self.waiting)
+
     def take_preempted(self) -> list[Request]:
         out, self.preempted = self.preempted, []
         return out

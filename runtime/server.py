@@ -145,8 +145,8 @@ class Server:
         try:
             req = self.engine.make_request(prompt_ids, _params(body), max_tokens=max_tokens,
                                            rid=f"cmpl-{uuid.uuid4().hex[:24]}")
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except ValueError as e:       # FieldError names the field
+            raise APIError(400, str(e), param=getattr(e, "field", None)) from None
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 

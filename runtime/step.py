@@ -66,11 +66,15 @@ class StepBatch:
 @runtime_checkable
 class PhaseRunner(Protocol):
     """What every runner is. ``sparse_retention`` is None for dense runners; with a value, Reuse batches carry
-    ``keep_idx`` chosen from the head scores its Refresh wrote into ``cache.scores``."""
+    ``keep_idx`` chosen from the head scores its Refresh wrote into ``cache.scores``. ``max_seq_len`` and
+    ``max_batch_size`` (sequences per call; None: any) are the limits the runner was built for (an engine's
+    build limits): callers split groups and size KV pools by them."""
     config: object
     device: torch.device
     dtype: torch.dtype
     sparse_retention: float | None
+    max_seq_len: int
+    max_batch_size: int | None
 
     def full(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -81,8 +85,8 @@ class PhaseRunner(Protocol):
 
 def check_runner(runner) -> None:
     if not isinstance(runner, PhaseRunner):
-        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, "
-                        f"sparse_retention, full/refresh/reuse over a StepBatch)")
+        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, sparse_retention, "
+                        f"max_seq_len, max_batch_size, full/refresh/reuse over a StepBatch)")
 
 
 def take_rows(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
@@ -192,9 +196,11 @@ def run_batch(runner, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return x0.cpu(), conf.to(torch.float64).cpu()
 
 
-def group_states(states: list[DecodeState]) -> list[list[int]]:
-    """Indices of the states, grouped by their group key (one runner call each), in first-seen order."""
+def group_states(states: list[DecodeState], max_batch: int | None = None) -> list[list[int]]:
+    """Indices of the states, grouped by their group key (one runner call each, at most ``max_batch`` states),
+    in first-seen order."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(states):
         groups.setdefault(s.group_key(), []).append(i)
-    return list(groups.values())
+    n = max_batch or len(states) or 1
+    return [g[k:k + n] for g in groups.values() for k in range(0, len(g), n)]

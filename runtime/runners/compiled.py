@@ -18,7 +18,8 @@ from .eager import pad_keys
 
 class CompiledRunner:
     def __init__(self, config, phases: dict, input_names: dict[str, list[str]], *, device="cpu",
-                 dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export"):
+                 dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export",
+                 max_seq_len: int | None = None, max_batch_size: int | None = None):
         missing = {"refresh", "reuse"} - set(phases)
         if missing:
             raise ValueError(f"compiled runner: missing phase program(s) {sorted(missing)}")
@@ -26,6 +27,8 @@ class CompiledRunner:
         self.device, self.dtype = torch.device(device), dtype
         self.sparse_retention = sparse_retention
         self.kind = kind
+        self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)   # the build limits
+        self.max_batch_size = max_batch_size
 
     def _decode_inputs(self, batch: StepBatch, hid_start: torch.Tensor) -> dict:
         """hid_start [fed]: the decoded rows' first index into the program's hidden states."""

@@ -32,6 +32,7 @@ def pad_keys(key_mask: torch.Tensor, S: int) -> torch.Tensor:
 
 class EagerRunner:
     sparse_retention = None
+    max_batch_size = None
 
     def __init__(self, model: DiffusionLM):
         self.model = model
@@ -44,6 +45,10 @@ class EagerRunner:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64)."""

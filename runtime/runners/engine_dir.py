@@ -41,8 +41,10 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
         phases[ph] = LOADERS[spec["runtime"]](path / spec["file"], device)
         names[ph] = [i["name"] for i in spec["inputs"]]
     sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
+    build = m.get("build", {})
     runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]], sparse_retention=sparse,
-                            kind=m["runtime"])
+                            kind=m["runtime"], max_seq_len=build.get("max_seq_len"),
+                            max_batch_size=build.get("max_batch_size"))
     return runner, m
 
 
