@@ -11,6 +11,7 @@ from dlc.kernels import logits as L
 
 CONF_RTOL = 1e-5          # float32 online softmax vs float64 softmax
 ATTN_RTOL = 1e-5          # float32 reference attention vs float64 math
+GEMM_SHAPE_RTOL, GEMM_SHAPE_ATOL = 1e-5, 1e-6   # one float32 op over GEMMs of different shapes
 
 
 def _rand(*shape, dtype=torch.float32):
@@ -76,7 +77,10 @@ def test_select_logits_graph_form_equals_one_call_per_request(T):
     tok, conf = K.fused_select_logits(h, w, temperature_t=torch.tensor([T], dtype=torch.float64), row_keys=keys)
     per = [K.fused_select_logits(h[6 * i:6 * (i + 1)], w, T, int(seeds[i])) for i in range(3)]
     assert torch.equal(tok, torch.cat([p[0] for p in per]))
-    assert torch.equal(conf, torch.cat([p[1] for p in per]))
+    # One [18, d] @ [d, V] GEMM vs three [6, d] ones: BLAS may block the d-sum differently per shape,
+    # so float32 logits and confidences can differ in the last bits (seen: 2.4e-7); the tokens may not.
+    per_conf = torch.cat([p[1] for p in per])
+    torch.testing.assert_close(conf, per_conf, rtol=GEMM_SHAPE_RTOL, atol=GEMM_SHAPE_ATOL)
     if T == 0:
         assert torch.equal(tok, K.fused_select_logits(h, w)[0])
     else:

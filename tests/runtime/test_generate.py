@@ -166,6 +166,7 @@ def test_stop_at_eos_finishes_rows_and_cuts(model):
     class EosRunner:
         """Predicts EOS everywhere with certainty: every row ends after its first block."""
         config, device, dtype, sparse_retention = model.config, torch.device("cpu"), torch.float32, None
+        max_seq_len, max_batch_size = 1024, None
 
         def full(self, b):
             return torch.full((b.n_seqs, b.n_out), eos), torch.ones(b.n_seqs, b.n_out, dtype=torch.float64)
@@ -212,7 +213,7 @@ def test_prompt_errors(model):
 class _MaskPredictingRunner:
     """Predicts the mask id with certainty at even positions of the block, token 65 (conf 0.5) elsewhere."""
 
-    dtype, sparse_retention = torch.float32, None
+    dtype, sparse_retention, max_seq_len, max_batch_size = torch.float32, None, 1024, None
 
     def __init__(self, config):
         self.config, self.device = config, torch.device("cpu")

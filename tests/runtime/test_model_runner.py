@@ -9,6 +9,7 @@ from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.step import build_batch
 
 ATOL, RTOL = 1e-6, 1e-5
+KV_ATOL, KV_RTOL = 1e-5, 1e-4     # K/V after a second layer: fp32 rounding of O(1) activations, other batch
 MASK = 257
 
 
@@ -47,7 +48,8 @@ def test_slot_pool_batch_equals_each_request_alone(runner):
         torch.testing.assert_close(c_r[i], c1[0], rtol=RTOL, atol=ATOL)
         n = len(st)
         for layer in range(runner.config.n_layers):   # the pool row holds this request's K/V
-            torch.testing.assert_close(pool.k[layer][slots[i][0], :, :n], own.k[layer][0], rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(pool.k[layer][slots[i][0], :, :n], own.k[layer][0], rtol=KV_RTOL,
+                                       atol=KV_ATOL)
     untouched = [r for r in range(5) if r not in (3, 1)]
     assert all(bool((pool.k[0][r] == 0).all()) for r in untouched)
     assert len(set(x_b.flatten().tolist())) > 1      # the model's predictions vary across positions

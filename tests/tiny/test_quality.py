@@ -7,7 +7,7 @@ from dlc.runtime.generate import generate
 from dlc.runtime.session import encode_prompt, open_model
 from dlc.tiny import tasks
 from dlc.tiny.evaluate import evaluate, make_config
-from dlc.tiny.quality_table import SETTINGS, format_table, run_rows
+from dlc.tiny.quality_table import BACKENDS, SETTINGS, format_table, run_rows
 
 N = 150                  # held-out prompts per gate (one batch)
 EXACT_MIN = 0.95         # exact decoding accuracy
@@ -59,7 +59,8 @@ def test_refresh_every_step_caches_are_token_identical(session, decoder):
     for kv, vic in [("prefix", 0), ("dual", 0), ("dual", 2)]:
         res = generate(session.runner, prompts, make_config(decoder, kv_cache=kv, vicinity=vic, refresh_every=1))
         assert res.token_ids == ref.token_ids, (kv, vic)
-        assert torch.equal(res.sequences, ref.sequences)
+        assert len(res.sequences) == len(ref.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(res.sequences, ref.sequences))
 
 
 def test_gates_can_fail_on_an_untrained_model():
@@ -68,11 +69,20 @@ def test_gates_can_fail_on_an_untrained_model():
     assert evaluate(rnd, make_config(gen_length=8, block_length=4), n=24).accuracy < 0.2
 
 
-def test_quality_table_rows():
-    rows = run_rows("dlc-tiny", ["eager"], [], n=24, settings=["exact", "threshold 0.9 dual"])
-    assert [r["setting"] for r in rows] == ["exact", "threshold 0.9 dual"]
-    assert rows[0]["delta"] == 0.0 and rows[1]["tpf"] > rows[0]["tpf"]
+def test_quality_table_rows(session, monkeypatch):
+    """Every row's delta is against the eager exact row, recomputed here with evaluate(). A second backend
+    opening the untrained tiny-llada (accuracy ~0) gives non-zero deltas, so a row measured against itself
+    fails."""
+    monkeypatch.setitem(BACKENDS, "untrained", lambda model, sparse=None: BACKENDS["eager"]("tiny-llada"))
+    backends, names = ["eager", "untrained"], ["exact", "threshold 0.9 dual"]
+    rows = run_rows("dlc-tiny", backends, [], n=24, settings=names)
+    assert [(r["backend"], r["setting"]) for r in rows] == [(b, n) for b in backends for n in names]
+    exact = evaluate(session, make_config(**SETTINGS["exact"]), n=24).accuracy
+    assert rows[0]["accuracy"] == exact and rows[1]["tpf"] > rows[0]["tpf"]
+    for r in rows:
+        assert r["delta"] == pytest.approx(100 * (r["accuracy"] - exact)), r
+    assert rows[2]["delta"] < -50 and rows[3]["delta"] < -50
     table = format_table(rows).splitlines()
-    assert len(table) == 4 and table[0].startswith("| backend |") and "| eager | exact | dense |" in table[2]
+    assert len(table) == 6 and table[0].startswith("| backend |") and "| eager | exact | dense |" in table[2]
     with pytest.raises(ValueError, match="unknown backend 'tensorrt-llm'"):
         run_rows("dlc-tiny", ["tensorrt-llm"], [], n=4)
