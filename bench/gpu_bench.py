@@ -4,13 +4,13 @@ One invocation prints ONE table; every ratio compares numbers measured in this s
 
 * floors: device-copy bandwidth (bytes read + written) and a bf16 8192^3 matmul rate, measured first;
 * Reuse step (a 32-token block over a cached 768-token K/V) at B = 1, 8, 32: the eager runner
-  (``dlc.runtime.model_runner.EagerRunner``: dlc.models forward + [B, 32, V] logits + float64 softmax) vs the
+  (``dlc.runtime.runners.eager.EagerRunner``: dlc.models forward + [B, 32, V] logits + float64 softmax) vs the
   optimized step (the same dlc.models forward with its blocks under torch.compile, ``dlc.kernels``'s fused
   selected-row logits, the static in-place KVCache, the whole step captured as one CUDA graph per batch size),
   against the weight-read floor (parameter bytes / copy bandwidth);
 * Refresh step at B = 1 (L = 768) vs the matmul floor (2 x params x L / matmul rate);
 * peak transient memory of decoding every row of [B, L] hidden states: monolithic (``head`` -> [B, L, V]
-  logits -> float64 softmax, as ``dlc.runtime.sampling.sample_tokens``) vs the fused op, vs a budget;
+  logits -> float64 softmax: ``monolithic_decode`` below) vs the fused op, vs a budget;
 * end-to-end tokens/s at a fixed schedule (prompt 512, gen 256, block 32, one token per step, dual cache):
   optimized vs a plain eager Fast-dLLM dual-cache loop written below;
 * serving throughput / p99 latency, phase-multiplexed vs FCFS, through ``dlc.runtime`` when its scheduler exists.
@@ -37,8 +37,9 @@ import torch
 import dlc.kernels as K
 from dlc.models import KVCache, build_model
 from dlc.models.presets import preset_config
-from dlc.runtime.model_runner import EagerRunner
-from dlc.runtime.sampling import Sampling, sample_tokens
+from dlc.runtime.runners.eager import EagerRunner
+from dlc.runtime.kv_cache import KVCacheManager, slot_bytes
+from dlc.runtime.step import build_batch
 
 GiB = 2**30
 ROWS: list[dict] = []          # the one table: section, case, eager, optimized, floor/budget, ratio, target, status
@@ -208,6 +209,25 @@ def eager_inputs(cfg, B, L, dev, g):
     return ids, pos, torch.ones(B, L, dtype=torch.bool, device=dev)
 
 
+def monolithic_decode(logits):
+    """[B, N, V] logits -> (argmax [B, N], float64 softmax probability of it): the unchunked decoding."""
+    x0 = logits.argmax(-1)
+    return x0, torch.softmax(logits.to(torch.float64), -1).gather(-1, x0[..., None])[..., 0]
+
+
+def make_pool(cfg, B, L, dt, dev, extra=0):
+    """A KVCacheManager slot pool of B (+ extra) rows of L columns."""
+    return KVCacheManager(cfg, L, slot_bytes(cfg, L, dt) * (B + extra), dt, dev, max_slots=B + extra)
+
+
+def step_batch(runner, phase, ids, a, T, pool, slots):
+    """The StepBatch of token states ids [B, L] decoding (and, for reuse, feeding) columns [a, a + T)."""
+    B = ids.shape[0]
+    rows = list(ids.cpu())
+    spans = [(a, a + T)] * B if phase == "reuse" else None
+    return build_batch(runner, phase, rows, [a] * B, [a] * B, T, spans, [(s,) for s in slots], pool)
+
+
 def fused_decode(model, h):
     """[B, T, d] -> (token [B, T], confidence [B, T]) through dlc.kernels.fused_select_logits."""
     B, T, d = h.shape
@@ -227,14 +247,16 @@ def unmask_one(blk, tok, conf, mask_id):
 def bench_reuse(model, args, dev, g, floor_ms):
     cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
     runner = EagerRunner(model)
-    s = Sampling()
     res = {}
     for B in args.batches:
         ids, pos, km = eager_inputs(cfg, B, L, dev, g)
-        cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, dev)
-        runner.refresh(ids, pos, km, (a, a + T), s, cache=cache)          # fill the cache once
+        kv = make_pool(cfg, B, L, next(model.parameters()).dtype, dev)
+        slots = list(range(B))
+        cache = KVCache(kv.k, kv.v)                                      # pool row b = batch row b
+        runner.refresh(step_batch(runner, "refresh", ids, a, T, kv, slots))          # fill the cache once
         optimized(model, False, args)
-        eager = time_ms(lambda: runner.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s), dev, args.iters)
+        reuse_batch = step_batch(runner, "reuse", ids, a, T, kv, slots)
+        eager = time_ms(lambda: runner.reuse(reuse_batch), dev, args.iters)
         optimized(model, True, args)
         blk = ids[:, a:a + T].contiguous()
         sdpa_step = Graphed(lambda: fused_decode(model, model(blk, None, None, cache, a)), dev, args.graphs)
@@ -247,7 +269,7 @@ def bench_reuse(model, args, dev, g, floor_ms):
         if B == args.batches[0]:
             NOTES.append(f"Reuse B={B} optimized step ({opt:.2f} ms in a CUDA graph): "
                          + kernel_breakdown(step.fn, dev))
-        ref_tok, ref_conf = runner.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s)
+        ref_tok, ref_conf = runner.reuse(reuse_batch)
         tok, conf = step()
         agree = (tok == ref_tok).float().mean().item()
         res[B] = dict(eager=eager, opt=opt, agree=agree)
@@ -255,9 +277,9 @@ def bench_reuse(model, args, dev, g, floor_ms):
         add_row("Reuse step (32 tok / 768 cached)", f"B={B}", eager, opt, floor_ms, opt / floor_ms,
                 target, None if B != 1 else opt / floor_ms <= 1.25, "ms")
         NOTES.append(f"Reuse B={B}: optimized vs eager token agreement {agree:.3f} (bf16 compiled vs eager)")
-        del cache, step, sdpa_step, pool_step, pool
+        del cache, kv, reuse_batch, step, sdpa_step, pool_step, pool
         free(dev)
-        rt, host, wall = runtime_reuse(model, args, dev, B, ids, pos, km)
+        rt, host, wall = runtime_reuse(model, args, dev, B, ids)
         add_row("Reuse step via dlc.runtime GraphRunner", f"B={B}", eager, rt, floor_ms, rt / floor_ms, "", None,
                 "ms")
         NOTES.append(f"runtime Reuse B={B}: GraphRunner.reuse (slot pool, key mask, bucket padding, copy-out) "
@@ -268,20 +290,26 @@ def bench_reuse(model, args, dev, g, floor_ms):
 
 
 @torch.no_grad()
-def runtime_reuse(model, args, dev, B, ids, pos, km):
+def runtime_reuse(model, args, dev, B, ids):
     """The product's Reuse path: dlc.runtime.GraphRunner over a KVCacheManager slot pool, as the engine calls
-    it. -> (ms per call by CUDA events, host ms per call from its stats, wall ms per call with a sync)."""
-    from dlc.runtime.graph_runner import GraphRunner
-    from dlc.runtime.kv_cache import KVCacheManager, slot_bytes
+    it (a StepBatch built per call). -> (ms per call by CUDA events, host ms per call (StepBatch build +
+    GraphRunner host work), wall ms per call with a sync)."""
+    from dlc.runtime.runners.graph import GraphRunner
     cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
     dt = next(model.parameters()).dtype
-    kv = KVCacheManager(cfg, L, slot_bytes(cfg, L, dt) * (B + 1), dt, dev, max_slots=B + 1)
+    kv = make_pool(cfg, B, L, dt, dev, extra=1)
     gr = GraphRunner(model, decode="fused", fuse=False, capture=args.graphs and dev.type == "cuda")
     gr.bind_pool(kv)
-    cache = kv.view([kv.allocate() for _ in range(B)])
-    s = Sampling()
-    gr.refresh(ids, pos, km, (a, a + T), s, cache=cache)
-    call = lambda: gr.reuse(cache, ids, pos, km, (a, a + T), (a, a + T), s)       # noqa: E731
+    slots = [kv.allocate() for _ in range(B)]
+    gr.refresh(step_batch(gr, "refresh", ids, a, T, kv, slots))
+    host_ids = ids.cpu()
+    build_s = []
+
+    def call():
+        t = time.perf_counter()
+        b = step_batch(gr, "reuse", host_ids, a, T, kv, slots)
+        build_s.append(time.perf_counter() - t)
+        return gr.reuse(b)
     ms = time_ms(call, dev, args.iters)
     h0, n0 = gr.stats["host_s"], gr.stats["replays"]
     walls = []
@@ -292,7 +320,8 @@ def runtime_reuse(model, args, dev, B, ids, pos, km):
         sync(dev)
         walls.append((time.perf_counter() - t) * 1e3)
     host = (gr.stats["host_s"] - h0) / max(gr.stats["replays"] - n0, 1) * 1e3
-    del kv, cache, gr
+    host += statistics.median(build_s) * 1e3
+    del kv, gr
     return ms, host, statistics.median(walls)
 
 
@@ -301,9 +330,11 @@ def bench_refresh(model, args, dev, g, floor_ms):
     cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
     runner = EagerRunner(model)
     ids, pos, km = eager_inputs(cfg, 1, L, dev, g)
-    cache = KVCache.empty(cfg, 1, L, next(model.parameters()).dtype, dev)
+    kv = make_pool(cfg, 1, L, next(model.parameters()).dtype, dev)
+    cache = KVCache(kv.k, kv.v)
     optimized(model, False, args)
-    eager = time_ms(lambda: runner.refresh(ids, pos, km, (a, a + T), Sampling(), cache=cache), dev, args.iters)
+    refresh_batch = step_batch(runner, "refresh", ids, a, T, kv, [0])
+    eager = time_ms(lambda: runner.refresh(refresh_batch), dev, args.iters)
     optimized(model, True, args)
 
     def step():
@@ -314,7 +345,7 @@ def bench_refresh(model, args, dev, g, floor_ms):
     NOTES.append(f"Refresh B=1 optimized step ({opt:.2f} ms in a CUDA graph): " + kernel_breakdown(step, dev))
     add_row("Refresh step (L=768)", "B=1", eager, opt, floor_ms, opt / floor_ms, "<= 1.15x floor",
             opt / floor_ms <= 1.15, "ms")
-    del cache
+    del cache, kv, refresh_batch
     free(dev)
 
 
@@ -345,7 +376,7 @@ def bench_memory(model, args, dev, g):
         h = torch.randn(B, L, d, device=dev, generator=g, dtype=next(model.parameters()).dtype)
 
         def mono():
-            x0, conf = sample_tokens(model.logits(h), Sampling())      # [B, L, V] logits, float64 softmax
+            x0, conf = monolithic_decode(model.logits(h))              # [B, L, V] logits, float64 softmax
             return x0
 
         def fused():
@@ -381,7 +412,7 @@ def bench_kernels(model, args, dev, g):
     head_floor = W.numel() * W.element_size() / args.bw * 1e3
     for N in args.kernel_rows:
         h = torch.randn(N, d, device=dev, generator=g, dtype=dt)
-        mono = graph_ms(lambda: sample_tokens(model.logits(h[None]), Sampling()), dev, args.iters)
+        mono = graph_ms(lambda: monolithic_decode(model.logits(h[None])), dev, args.iters)
         fused = graph_ms(lambda: K.fused_select_logits(h, W), dev, args.iters)
         add_row("Kernel: fused logits (lm-head read floor)", f"N={N}", mono, fused, head_floor, fused / head_floor,
                 "", None, "ms")
@@ -697,7 +728,7 @@ def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
 
 def run_burst(eng, prompts, args, seq_cap=False):
     """All prompts at once through eng; -> (tok/s, p99 latency s, finished, iteration note)."""
-    from dlc.runtime.graph_runner import GraphRunner
+    from dlc.runtime.runners.graph import GraphRunner
     gr = eng.runner if isinstance(eng.runner, GraphRunner) else None
     h0 = dict(gr.stats) if gr else {}
     t0 = time.monotonic()
