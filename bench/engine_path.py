@@ -1,0 +1,91 @@
+"""End-to-end tokens/s of the product's runtime path (dlc.runtime.Engine: eager Refresh + GraphRunner Reuse
+in CUDA graphs over the slot pool) on an LLaDA-8B-shaped model with random bf16 weights.
+
+Schedule: prompt 512, gen 256, block 32, one token per step, dual cache, all B requests in one FCFS batch;
+a warm-up generation (one block) captures the graphs first. It uses only the Engine's public API, so the same
+script times two checkouts of dlc in alternating processes (``--label`` names the one on PYTHONPATH):
+
+    python3 -P bench/engine_path.py --label new --batches 1,32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def eager_runner(model):
+    try:
+        from dlc.runtime.runners.eager import EagerRunner
+    except ImportError:                                     # checkouts before the runners package
+        from dlc.runtime.model_runner import EagerRunner
+    return EagerRunner(model)
+
+
+def build(preset: str, dev: str):
+    from dlc.models import build_model
+    from dlc.models.presets import preset_config
+    cfg = preset_config(preset)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            model = build_model(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():                       # random init as in gpu_bench: logits peaked, argmax stable
+        model.head_weight().mul_(4.0)
+    return model
+
+
+def run(model, B: int, args) -> dict:
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    from dlc.runtime.session import Session
+    cfg, L = model.config, args.prompt + args.gen
+    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 1) / 2**20 + 1
+    sc = ServeConfig(model="bench", policy="fcfs", device="cuda", max_batch_size=B, max_num_tokens=2 * B * L,
+                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual")
+    eng = Engine(Session(eager_runner(model), None, cfg, False, "bench"), sc)
+    g = torch.Generator().manual_seed(B)
+    prompts = [torch.randint(0, cfg.vocab_size - 512, (args.prompt,), generator=g).tolist() for _ in range(B)]
+    eng.generate(prompts, dict(gen_length=args.block, block_length=args.block, steps=args.block))   # capture
+    params = dict(gen_length=args.gen, block_length=args.block, steps=args.gen)
+    secs = []
+    for _ in range(args.repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = eng.generate(prompts, params)
+        torch.cuda.synchronize()
+        secs.append(time.perf_counter() - t)
+    toks = sum(len(o) for o in outs)
+    med = sorted(secs)[len(secs) // 2]
+    stats = getattr(eng.runner, "stats", {})
+    return {"label": args.label, "B": B, "seconds": med, "all_seconds": secs, "tokens": toks,
+            "tok_s": toks / med, "replays": stats.get("replays"), "host_ms_per_replay":
+            1e3 * stats.get("host_s", 0) / max(1, stats.get("replays", 1))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--label", default="dlc")
+    p.add_argument("--preset", default="llada-8b")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    model = build(args.preset, "cuda")
+    for B in (int(b) for b in args.batches.split(",")):
+        print(json.dumps(run(model, B, args)), flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
