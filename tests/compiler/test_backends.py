@@ -13,7 +13,8 @@ from dlc.runtime.runners.artifacts import load_export
 from dlc.runtime.runners.engine_dir import engine_runner
 from dlc.compiler.export import example_inputs, input_specs
 from dlc.models.loading import load_model
-from dlc.runtime.sampling import Sampling
+from dlc.runtime.kv_cache import KVCacheManager
+from dlc.runtime.step import build_batch
 
 CONF_ATOL = 1e-5      # confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
 KV_ATOL = 1e-5        # fp32 K/V
@@ -130,12 +131,12 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     cpp_reuse = [int(t) for t in lines["reuse tokens"].split()]
     # the same two steps through the Python runner of the same engine
     runner, _ = engine_runner(aoti_engine)
-    x = torch.tensor([ids])
-    pos, km = torch.arange(8)[None], torch.ones(1, 8, dtype=torch.bool)
-    x0, conf, cache = runner.refresh(x, pos, km, (4, 8), Sampling())
+    x = torch.tensor(ids)
+    pool = KVCacheManager(runner.config, 8, 1 << 40, runner.dtype, "cpu", max_slots=1)
+    x0, conf = runner.refresh(build_batch(runner, "refresh", [x], [4], [4], 4, slots=[(0,)], pool=pool))
     assert cpp_refresh == x0[0].tolist()
     best = int(conf[0].argmax())
-    x[0, 4 + best] = x0[0, best]
-    y0, _ = runner.reuse(cache, x, pos, km, (4, 8), (4, 8), Sampling())
+    x[4 + best] = x0[0, best]
+    y0, _ = runner.reuse(build_batch(runner, "reuse", [x], [4], [4], 4, [(4, 8)], [(0,)], pool))
     assert cpp_reuse == y0[0].tolist()
     assert f"committed column {4 + best} = {int(x0[0, best])}" in run.stdout

@@ -8,8 +8,9 @@ from hf_layouts import HF_CONFIGS, HF_NAMES, direct_model, random_tensors
 
 from dlc.models import KVCache, config_from_hf
 from dlc.models.llada_moe import MOE_IMPLS, route
+from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.runners.eager import EagerRunner
-from dlc.runtime.sampling import Sampling
+from dlc.runtime.step import build_batch
 
 REF_TOL = dict(rtol=1e-4, atol=1e-4)     # fp32 model vs fp64 reference
 CACHE_TOL = dict(rtol=1e-5, atol=1e-5)   # fp32 cached vs fp32 full forward (same ops, other shapes)
@@ -215,14 +216,19 @@ def test_dream_logits_are_shifted(hf_family):
         assert not torch.allclose(shifted, raw)
     else:
         torch.testing.assert_close(shifted, raw, rtol=0, atol=0)
-    # the runner decodes positions [a, b) from the same aligned rows, full and over a cache (reuse widens by one)
-    r, s = EagerRunner(model), Sampling()
+    # the runner decodes positions [a, b) from the same aligned rows, full and over a cache (reuse widens by
+    # one); its batches lay rows out from column 0, right-padded: row 1's real tokens start at column 0 there
+    r = EagerRunner(model)
     a, b = 8, 12
-    x0, conf = r.full(ids, pos, km, (a, b), s)
+    seqs, starts = [ids[0], ids[1, 3:]], [a, a - 3]
+    x0, conf = r.full(build_batch(r, "full", seqs, [4, 4], starts, b - a))
     assert torch.equal(x0, shifted[:, a:b].argmax(-1))
     torch.testing.assert_close(conf, torch.softmax(shifted[:, a:b].double(), -1).max(-1).values, rtol=1e-6, atol=1e-6)
-    _, _, cache = r.refresh(ids, pos, km, (a, b), s)
-    xr, cr = r.reuse(cache, ids, pos, km, (a, b), (a, b), s)
+    pool = KVCacheManager(model.config, 13, 1 << 40, torch.float32, "cpu", max_slots=2)
+    slots = [(1,), (0,)]
+    r.refresh(build_batch(r, "refresh", seqs, [4, 4], starts, b - a, slots=slots, pool=pool))
+    spans = [(s, s + b - a) for s in starts]
+    xr, cr = r.reuse(build_batch(r, "reuse", seqs, [4, 4], starts, b - a, spans, slots, pool))
     assert torch.equal(xr, x0)
     torch.testing.assert_close(cr, conf, rtol=1e-5, atol=1e-6)
 

@@ -5,7 +5,6 @@ from dlc.compiler.export import trace_forward
 from dlc.models import build_model
 from dlc.models.config import ModelConfig
 from dlc.models.loading import init_weights, load_model
-from dlc.runtime.sampling import Sampling, guided_logits, sample_tokens
 from dlc.passes.pipeline import PassContext, run_pipeline
 
 FAMILIES = ["tiny-llada", "tiny-dream", "tiny-llada-moe"]
@@ -13,16 +12,23 @@ _CACHE: dict = {}
 
 
 def tiny(name: str):
-    """A tiny random model with its matrices scaled x10: the plain init barely moves the residual stream, so
-    every masked position would predict one token and token comparisons would prove little."""
+    """A tiny random model (the presets' decisive init, models/loading.py TINY_INIT_STD: predictions vary
+    with the input, so token comparisons prove something)."""
     if name not in _CACHE:
-        m = load_model(name, seed=1).model
-        with torch.no_grad():
-            for pname, p in m.named_parameters():
-                if p.ndim == 2 and "embed" not in pname and "wte" not in pname:
-                    p.mul_(10)
-        _CACHE[name] = m
+        _CACHE[name] = load_model(name, seed=1).model
     return _CACHE[name]
+
+
+def greedy(logits: torch.Tensor):
+    """The T = 0 decoding oracle (LLaDA's reference): logits [..., V] -> (argmax [...] int64, float64 softmax
+    probability of that token [...], LLaDA's ``low_confidence``)."""
+    x0 = logits.argmax(-1)
+    return x0, torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
+
+
+def guided(cond: torch.Tensor, un: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as in LLaDA: un + (cfg + 1) * (cond - un)."""
+    return un + (cfg_scale + 1) * (cond - un)
 
 
 def traced(name: str):
@@ -85,8 +91,8 @@ def guided_refresh(m, refresh, B=2, L=20, N=5, a=12, cfg=1.5, k=5):
     with torch.no_grad():
         outs = refresh(ids2, pos2, km2, *decode_args(2 * B, N, a, cfg=cfg))
         lg = m.logits(m(ids2, pos2, km2)[:, a:a + N])
-        g = guided_logits(*lg.chunk(2), cfg)
-        ref = sample_tokens(g, Sampling())
+        g = guided(*lg.chunk(2), cfg)
+        ref = greedy(g)
         top = torch.log_softmax(g.double(), -1).topk(k, -1)
     return outs, lg, g, ref, top
 

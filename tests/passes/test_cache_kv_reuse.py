@@ -4,12 +4,12 @@ import torch
 
 from passes_helpers import kv_phases, tiny, token_state
 from dlc.compiler import in_memory_runner
-from dlc.models.common import KVCache
 from dlc.passes.graph_utils import SDPA, SYM_SIZE, placeholders
 from dlc.passes.pipeline import count_ops, input_names
 from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.runners.eager import EagerRunner
-from dlc.runtime.sampling import Sampling
+from dlc.runtime.step import build_batch
 
 ATOL = 1e-5          # fp32: reuse over a cache of the same token state vs the full forward
 PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
@@ -81,24 +81,30 @@ def _runner(name):
 
 
 def test_slot_pool_cache_matches_eager():
-    """The runtime's slot pool: a KVCache with rows; refresh fills pool rows, reuse reads and updates them."""
+    """The runtime's slot pool: refresh fills pool rows 3 and 1 (rows of 16 and 13 tokens, the second
+    right-padded in the batch), reuse reads them and writes the fed span's K/V back in place; the compiled
+    runner's pool equals the eager runner's and the other slots are untouched."""
     m = tiny("tiny-llada")
     c = m.config
-    ids, pos, km = token_state(c, B=2, L=16)
-    rows = torch.tensor([3, 1])
-    pools = [KVCache.empty(c, 5, 20, torch.float32, "cpu") for _ in range(2)]
-    s = Sampling()
+    ids, _, _ = token_state(c, B=2, L=16)
+    seqs, P, slots = [ids[0], ids[1, 3:]], [4, 4], [(3,), (1,)]
+    changed = [x.clone() for x in seqs]
+    for x in changed:
+        x[8:10] = 7                                   # the token state moves on: reuse must write new K/V
+    pools = [KVCacheManager(c, 20, 1 << 40, torch.float32, "cpu", max_slots=5) for _ in range(2)]
     outs = []
     for runner, pool in zip([_runner("tiny-llada"), EagerRunner(m)], pools):
-        view = KVCache(pool.k, pool.v, rows)
-        x0, conf, _ = runner.refresh(ids, pos, km, (8, 12), s, cache=view)
-        ids2 = ids.clone()
-        ids2[:, 8:10] = 7
-        y0, conf2 = runner.reuse(view, ids2, pos, km, (torch.tensor([8, 9]), torch.tensor([12, 13])),
-                                 (torch.tensor([8, 9]), torch.tensor([12, 13])), s)
+        x0, conf = runner.refresh(build_batch(runner, "refresh", seqs, P, [8, 8], 4, slots=slots, pool=pool))
+        y0, conf2 = runner.reuse(build_batch(runner, "reuse", changed, P, [8, 9], 4, [(8, 12), (9, 13)],
+                                             slots, pool))
         outs.append((x0, conf, y0, conf2))
     for a, b in zip(*outs):
         assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     for i in range(c.n_layers):
         assert torch.allclose(pools[0].k[i], pools[1].k[i], atol=ATOL)
-        assert torch.equal(pools[0].k[i][[0, 2, 4]], torch.zeros_like(pools[0].k[i][[0, 2, 4]]))  # other slots untouched
+        assert torch.allclose(pools[0].v[i], pools[1].v[i], atol=ATOL)
+        assert not pools[0].k[i][[0, 2, 4]].any()                               # other slots untouched
+    with torch.no_grad():                     # the pool holds the changed state's K/V (layer 0: per token)
+        _, kvs = m(changed[0][None], torch.arange(16)[None], torch.ones(1, 16, dtype=torch.bool),
+                   return_kv=True)
+    assert torch.allclose(pools[0].k[0][3, :, 8:12], kvs[0][0][0, :, 8:12], atol=ATOL)

@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes_helpers import decode_args, guided_refresh, reuse_case, traced, tiny, token_state, wide_llada
+from passes_helpers import (decode_args, greedy, guided_refresh, reuse_case, traced, tiny, token_state,
+                            wide_llada)
 from dlc.compiler.export import trace_forward
 from dlc.kernels.logits import uniform_noise
 from dlc.passes.pipeline import PassContext, run_pipeline
-from dlc.runtime.sampling import Sampling, sample_tokens
 
 CONF_RTOL = 1e-12     # float64 softmax probability: chunked logsumexp vs torch.softmax (summation order only)
 
@@ -60,7 +60,7 @@ def test_tokens_equal_unchunked_at_temperature_0(wide, chunk):
     ids, pos, km = token_state(m.config, B=B, L=L)
     with torch.no_grad():
         tok, conf, _, _ = phases["refresh"](ids, pos, km, *decode_args(B, N, a))
-        ref_tok, ref_conf = sample_tokens(m.logits(m(ids, pos, km)[:, a:a + N]), Sampling())
+        ref_tok, ref_conf = greedy(m.logits(m(ids, pos, km)[:, a:a + N]))
     assert torch.equal(tok, ref_tok)
     assert conf.dtype == torch.float64
     assert torch.allclose(conf, ref_conf, rtol=CONF_RTOL if chunk % 128 == 0 or chunk >= 1000 else 1e-5, atol=0)
@@ -107,6 +107,6 @@ def test_reuse_decodes_rows_relative_to_q_start():
     m = tiny("tiny-llada")
     phases, _ = decode_phases(m, 100, base=traced("tiny-llada"))
     tok, conf, lg = reuse_case(phases, m)
-    ref_tok, ref_conf = sample_tokens(lg, Sampling())
+    ref_tok, ref_conf = greedy(lg)
     assert torch.equal(tok, ref_tok)
     assert torch.allclose(conf, ref_conf, rtol=1e-6)

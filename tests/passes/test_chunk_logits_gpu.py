@@ -6,7 +6,8 @@ reference in tests/kernels (interpreter on CPU, GPU tests on the device)."""
 import pytest
 import torch
 
-from passes_helpers import decode_args, guided_refresh, reuse_case, tiny, token_state, traced, wide_llada
+from passes_helpers import (decode_args, greedy, guided_refresh, reuse_case, tiny, token_state, traced,
+                            wide_llada)
 from dlc.compiler import in_memory_runner
 from dlc.compiler.export import export_phase, head_weight, trace_forward
 from dlc.kernels.logits import key_uniform, row_key
@@ -16,7 +17,6 @@ from dlc.models.loading import init_weights
 from dlc.passes.chunk_logits import HEAD_ATTR
 from dlc.passes.pipeline import PassContext, run_pipeline
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.sampling import Sampling, sample_tokens
 
 CONF_RTOL = 1e-5      # float32 online softmax (the op) vs float64 softmax of eager logits
 CFG_CONF_RTOL = 1e-4  # guidance on hidden rows, then one head GEMM, vs guidance on two heads' logits (fp32)
@@ -74,7 +74,7 @@ def test_temperature_0_matches_eager(wide, lowered):
     with torch.no_grad():
         tok, conf, _, _ = phases["refresh"](ids, pos, km, *decode_args(B, N, a))
         lg = m.logits(m(ids, pos, km)[:, a:a + N])
-        ref_tok, ref_conf = sample_tokens(lg, Sampling())
+        ref_tok, ref_conf = greedy(lg)
     ok = clear(lg)
     assert ok.float().mean() > 0.9
     assert torch.equal(tok[ok], ref_tok[ok])
@@ -131,7 +131,7 @@ def test_reuse_decodes_rows_relative_to_q_start():
     m = tiny("tiny-llada")
     phases, _ = gpu_phases(m, base=traced("tiny-llada"), chunk=100)
     tok, conf, lg = reuse_case(phases, m)
-    ref_tok, ref_conf = sample_tokens(lg, Sampling())
+    ref_tok, ref_conf = greedy(lg)
     ok = clear(lg)
     assert ok.any()
     assert torch.equal(tok[ok], ref_tok[ok])

@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from passes_helpers import tiny, token_state, traced
+from passes_helpers import greedy, tiny, token_state, traced
 from dlc.compiler import in_memory_runner
 from dlc.passes.pipeline import PassContext, run_pipeline
 from dlc.models.sparse_heads import head_scores, max_pool
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.sampling import Sampling
+from dlc.runtime.kv_cache import KVCacheManager
+from dlc.runtime.step import build_batch
 
 ATOL = 1e-5
 PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
@@ -140,20 +141,51 @@ def test_per_head_gather_drops_exactly_the_unkept_columns():
 
 
 def test_runner_keeps_top_fraction_per_head():
-    m = tiny("tiny-llada")
+    """Refresh writes each row's per-head scores into its pool row; the Reuse batch keeps, per layer, row and
+    head, the fed columns plus the top half of the others by its own row's scores; reuse attends over exactly
+    those (the sparse reuse program with that selection, decoded by the eager head)."""
+    name = "tiny-llada"
+    m = tiny(name)
     c = m.config
     runner = in_memory_runner(m, sparse_retention=0.5, block_length=8)
-    ids, pos, km = token_state(c, B=2, L=24)
-    _, _, cache = runner.refresh(ids, pos, km, (12, 16), Sampling())
-    assert cache.dlc_head_scores.shape == (c.n_layers, 2, c.n_kv_heads, 24)
-    cols = torch.tensor([12, 13, 14, 15])[None].repeat(2, 1)
-    keep = runner._keep_idx(cache, cols, 24)
-    assert keep.shape[-1] == 4 + math.ceil(0.5 * 20)
-    assert bool((keep[..., 1:] > keep[..., :-1]).all())                          # ascending, unique
-    assert bool(torch.isin(cols[0], keep[0, 0, 0]).all())                       # fed columns always kept
+    ids, _, _ = token_state(c, B=2, L=24)
+    seqs, P, slots, S = [ids[0], ids[1, 3:]], [4, 4], [(2,), (0,)], 24      # row 1: 21 tokens, right-padded
+    pool = KVCacheManager(c, S, 1 << 40, torch.float32, "cpu", max_slots=3, head_scores=True)
+    runner.refresh(build_batch(runner, "refresh", seqs, P, [12, 12], 4, slots=slots, pool=pool))
+    assert pool.scores.shape == (c.n_layers, 3, c.n_kv_heads, S)
+    sc = pool.scores[:, [2, 0]]                                                 # [nl, 2, Hkv, S]
+    assert torch.isfinite(sc[:, 0]).all() and torch.isfinite(sc[:, 1, :, :21]).all()
+    assert bool((sc[:, 1, :, 21:] == float("-inf")).all())                     # row 1's padding
+    assert bool((pool.scores[:, 1] == float("-inf")).all())                    # the free slot
+    sparse, _ = phases(name, True)                                              # the same scores, unfused
+    ids_b = torch.stack([ids[0], torch.cat([ids[1, 3:], torch.full((3,), c.mask_id)])])
+    km = torch.arange(S)[None] < torch.tensor([[24], [21]])
+    with torch.no_grad():
+        ref_scores = sparse["refresh"](ids_b, torch.arange(S).expand(2, S), km,
+                                       torch.arange(12, 16).expand(2, 4))[-1]
+    assert torch.allclose(sc, ref_scores, atol=ATOL)
+    batch = build_batch(runner, "reuse", seqs, P, [12, 12], 4, [(12, 16), (12, 16)], slots, pool)
+    keep = batch.keep_idx
+    K = 4 + math.ceil(0.5 * (S - 4))
+    assert keep.shape == (c.n_layers, 2, c.n_kv_heads, K)
+    fed = list(range(12, 16))
+    for i in range(c.n_layers):
+        for b in range(2):
+            for h in range(c.n_kv_heads):          # fed columns + the top others by this row's scores
+                others = [j for j in range(S) if j not in fed]
+                top = sorted(others, key=lambda j: -float(sc[i, b, h, j]))[:K - 4]
+                assert keep[i, b, h].tolist() == sorted(fed + top), (i, b, h)
     assert any(not torch.equal(keep[0, 0, 0], keep[0, 0, h]) for h in range(1, c.n_kv_heads))  # heads differ
-    x0, conf = runner.reuse(cache, ids, pos, km, (12, 16), (12, 16), Sampling())
-    assert x0.shape == (2, 4) and torch.isfinite(conf).all()
+    k_rows = torch.stack([k[[2, 0]] for k in pool.k])                          # the refreshed K/V
+    v_rows = torch.stack([v[[2, 0]] for v in pool.v])
+    x0, conf = runner.reuse(batch)
+    q = (ids_b[:, 12:16], torch.arange(12, 16).expand(2, 4), km, torch.tensor([12, 12]), k_rows, v_rows)
+    with torch.no_grad():
+        ref_tok, ref_conf = greedy(m.logits(sparse["reuse"](*q, keep)[0]))
+        _, dense_conf = greedy(m.logits(phases(name, False)[0]["reuse"](*q)[0]))
+    assert torch.equal(x0, ref_tok)
+    assert torch.allclose(conf, ref_conf, rtol=1e-6)
+    assert not torch.allclose(dense_conf, ref_conf, rtol=1e-3)                 # the kept half matters
 
 
 @pytest.mark.parametrize("kv", ["dual", "prefix"])
