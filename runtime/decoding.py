@@ -69,10 +69,14 @@ def _int_field(name: str, v, lo: int, hi: int | None = None) -> None:
 def _float_field(name: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise FieldError(name, f"{name} must be a finite number, got {v!r}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise FieldError(name, f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise FieldError(name, f"{name} must be <= {hi}, got {v}")
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        if lo is None:
+            rng = f"<= {hi:g}"
+        elif hi is None:
+            rng = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise FieldError(name, f"{name} must be {rng}, got {v}")
 
 
 @dataclass

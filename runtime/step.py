@@ -31,7 +31,7 @@ class StepBatch:
     phase: str                          # "full" | "refresh" | "reuse"
     n_seqs: int                         # B sequences; fed rows = B, or 2B with guidance
     ids: torch.Tensor                   # [fed, W] int64 token states (device)
-    pos: torch.Tensor                   # [fed, W] int64 positions (device)
+    pos: torch.Tensor                   # [fed, W] int64 positions (device; contiguous, as every field)
     key_mask: torch.Tensor              # [fed, W] bool real tokens (device)
     lengths: torch.Tensor               # [fed] int64 tokens per row: keys [0, L) are real (host)
     out_start: torch.Tensor             # [B] int64 first decoded column (host)
@@ -169,7 +169,7 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
             keep = _keep_idx(cache, q_start, n_fed, runner.sparse_retention, dev)
     arange_b = torch.arange(B, device=dev)
     return StepBatch(
-        phase=phase, n_seqs=B, ids=_to_device(ids, dev), pos=ar.expand(fed, W),
+        phase=phase, n_seqs=B, ids=_to_device(ids, dev), pos=ar.expand(fed, W).contiguous(),
         key_mask=ar < _to_device(lengths, dev)[:, None], lengths=lengths, out_start=out_t, n_out=n_out,
         hid_start=_to_device(hid, dev), q_start=q_start,
         q_start_dev=None if q_start is None else _to_device(q_start, dev), n_fed=n_fed, cache=cache,

@@ -40,7 +40,7 @@ class CompiledRunner:
                 "seeds": batch.seeds}
 
     def _call(self, phase: str, feed: dict):
-        args = [feed[n] for n in self.input_names[phase]]
+        args = [feed[n].contiguous() for n in self.input_names[phase]]   # AOTI reads inputs as dense buffers
         return list(self.phases[phase](*args))
 
     def _refresh(self, batch: StepBatch):

@@ -42,6 +42,7 @@ def test_completion_matches_generate(client, session):
     assert r.choices[0].text == text
     assert r.usage.completion_tokens == len(ids) and r.usage.prompt_tokens == len("Hello there")
     assert r.choices[0].finish_reason in ("stop", "length")
+    assert len(set(r.choices[0].model_extra["token_ids"])) > 3     # a decisive model: ordering bugs show
 
 
 def test_diffusion_fields_and_max_tokens(client, session):
@@ -143,7 +144,8 @@ BAD = [
     ("unknown field", {"prompt": "a", "frobnicate": 1}, "frobnicate"),
     ("n > 1", {"prompt": "a", "n": 2}, "n"),
     ("stop sequences", {"prompt": "a", "stop": ["x"]}, "stop"),
-    ("cfg with a cache", {"prompt": "a", "cfg_scale": 1.0}, "cfg_scale"),
+    ("steps past gen_length", {"prompt": "a", "steps": 10 ** 30}, "steps must be in [1, 16]"),
+    ("seed past 2^63 - 1", {"prompt": "a", "seed": 2 ** 64, "temperature": 0.5}, "seed must be in"),
     ("empty prompt", {"prompt": ""}, "empty"),
 ]
 
@@ -191,7 +193,7 @@ def test_metrics_names(tiny_server):
 
 def test_non_streaming_disconnect_cancels(tiny_server):
     before = _wait_idle(tiny_server).get('dlc_requests_total{status="cancelled"}', 0)
-    body = {"model": MODEL, "prompt": "hang up", "gen_length": 96, "block_length": 8, "steps": 96}
+    body = {"model": MODEL, "prompt": "long long", "gen_length": 96, "block_length": 8, "steps": 96}   # no EOS
     # The generation takes ~0.5 s on a 2-core CPU; the server sees the hang-up at its next poll (every
     # DISCONNECT_POLL_S = 0.2 s), so the client hangs up at 0.1 s to be seen well before the request could finish.
     with pytest.raises(httpx.ReadTimeout):
