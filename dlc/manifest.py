@@ -3,22 +3,82 @@
 The manifest records versions, target, dtype, model config (with mask/eos ids), build limits, the ordered
 passes with their parameters and rewrite counts, per-phase files with input/output names, shapes (symbolic
 dims named) and dtypes, tokenizer files, compile timings and artifact sizes, and ``settings_hash``: a sha256 of
-the engine-affecting settings. ``load_manifest`` refuses a damaged or mismatched directory with the reason."""
+the engine-affecting settings. Every artifact file's sha256 is recorded under its phase (``sha256``: file ->
+hex digest) and so covered by the settings hash. ``load_manifest`` refuses a damaged or mismatched directory
+with the reason, naming the file: wrong versions, an edited manifest, a missing file, a file whose size or
+sha256 differs from the record (truncated, overwritten, from another build).
+
+Hashing a 16 GB engine takes about a minute, so a verified file's (size, mtime, digest) is remembered in
+``$XDG_CACHE_HOME/dlc/verified.json`` (default ``~/.cache``): an unchanged file is hashed once. ``verify="full"``
+(``dlc inspect --verify``) hashes everything again."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import dlc
 
 FORMAT = "dlc-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                     # 2: per-artifact sha256
 HASHED = ("format_version", "backend", "runtime", "dtype", "target", "model", "build", "passes", "phases")
 
 
 class EngineError(ValueError):
     """A damaged or mismatched engine directory."""
+
+
+VERIFY_MODES = ("cached", "full", "off")
+_CHUNK = 16 << 20
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlc" / "verified.json"
+
+
+def _read_cache() -> dict:
+    try:
+        d = json.loads(_cache_path().read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_cache(d: dict) -> None:
+    try:
+        p = _cache_path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(d))
+        tmp.replace(p)
+    except OSError:                         # a read-only home: verify every time instead
+        pass
+
+
+def artifact_sha256(path, verify: str = "cached") -> str:
+    """sha256 of ``path``; with ``cached``, a file whose (size, mtime) is unchanged since it was last hashed
+    here is not read again."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key, stamp = str(p), [st.st_size, st.st_mtime_ns]
+    cache = _read_cache() if verify == "cached" else {}
+    hit = cache.get(key)
+    if hit and hit[:2] == stamp:
+        return hit[2]
+    digest = file_sha256(p)
+    cache = _read_cache()
+    cache[key] = stamp + [digest]
+    _write_cache(cache)
+    return digest
 
 
 def settings_hash(m: dict) -> str:
@@ -52,8 +112,11 @@ def read_manifest(path) -> dict:
     return m
 
 
-def validate_manifest(path, m: dict, check_versions: bool = True) -> None:
-    """Raise EngineError naming the first problem: format version, dlc/torch versions, settings hash, files."""
+def validate_manifest(path, m: dict, check_versions: bool = True, verify: str = "cached") -> None:
+    """Raise EngineError naming the first problem: format version, dlc/torch versions, settings hash, files
+    (present, recorded size, recorded sha256 unless ``verify="off"``)."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     path = Path(path)
     if m.get("format_version") != FORMAT_VERSION:
         raise EngineError(f"{path}: engine format version {m.get('format_version')} is not supported "
@@ -76,13 +139,19 @@ def validate_manifest(path, m: dict, check_versions: bool = True) -> None:
             if size is not None and fp.stat().st_size != size:
                 raise EngineError(f"{path}: {f} has {fp.stat().st_size} bytes, config.json recorded {size}: "
                                   f"the artifact is damaged or from another build")
+            want = spec.get("sha256", {}).get(f)
+            if want is None:
+                raise EngineError(f"{path}: config.json records no sha256 for {f}; recompile with `dlc compile`")
+            if verify != "off" and artifact_sha256(fp, verify) != want:
+                raise EngineError(f"{path}: {f} does not match the sha256 in config.json: the artifact is damaged "
+                                  f"or from another build; recompile with `dlc compile`")
     if not m.get("phases"):
         raise EngineError(f"{path}: config.json lists no phase artifacts")
 
 
-def load_manifest(path, check_versions: bool = True) -> dict:
+def load_manifest(path, check_versions: bool = True, verify: str = "cached") -> dict:
     m = read_manifest(path)
-    validate_manifest(path, m, check_versions)
+    validate_manifest(path, m, check_versions, verify)
     return m
 
 

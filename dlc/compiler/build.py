@@ -1,13 +1,14 @@
 """The ``dlc compile`` driver: plan -> trace -> passes -> export -> emit -> config.json, with per-stage timings."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from dlc.manifest import write_manifest
+from dlc.manifest import FORMAT, file_sha256, write_manifest
 from dlc.models.tokenizer import TOKENIZER_FILES
 from dlc.passes.pipeline import input_names
 from dlc.targets import get_target, local_matches
@@ -64,6 +65,23 @@ def model_for_build(model: str, weights: str | None, dtype: torch.dtype, device:
     return m.eval(), None
 
 
+def check_output_dir(out: Path) -> None:
+    """Refuse to write into a file, or a non-empty directory that is not a dlc engine (its files would be mixed
+    with or overwritten by the engine's)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    manifest = out / "config.json"
+    try:
+        is_engine = json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_engine = False
+    if not is_engine:
+        raise ValueError(f"-o {out}: the directory is not empty and is not a dlc engine; choose an empty or new "
+                         f"directory, or pass --force to write into it")
+
+
 def build_limits(plan) -> dict[str, int]:
     b, s = plan.max_batch_size, plan.max_seq_len
     return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s}
@@ -89,8 +107,10 @@ def _sig(specs: dict) -> list[dict]:
 def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti", weights: str | None = None,
                   dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
                   block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
-                  dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print) -> dict:
-    """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan)."""
+                  dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print,
+                  force: bool = False) -> dict:
+    """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
+    empty, absent, or an engine directory (recompiled in place); anything else needs ``force``."""
     tgt = get_target(target)
     get_backend(backend)
     dtype = dtype or ("fp32" if tgt.device == "cpu" else "bf16")
@@ -98,6 +118,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not dry_run and not out_dir:
         raise ValueError("-o/--output OUT_DIR is required (or use --dry-run)")
+    if not dry_run and not force:
+        check_output_dir(Path(out_dir))
     times: dict = {}
     stage = Stage(echo, times)
     local = local_matches(tgt)
@@ -168,6 +190,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         extra = [p.name for p in out.glob(f + ".data")]
         phase_info[ph] = {"file": f, "extra_files": extra, "runtime": runtime,
                           "bytes": {x: (out / x).stat().st_size for x in [f] + extra},
+                          "sha256": {x: file_sha256(out / x) for x in [f] + extra},
                           "inputs": _sig(specs[ph]), "outputs": _sig(outs[ph])}
     _copy_tokenizer(lm, out)
     manifest = {
@@ -199,7 +222,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
             with stage(f"emit {ph} (tensorrt)"):
                 f = get_backend("tensorrt")["emit"](None, ph, out, ectx)
             phase_info[ph].update({"file": f, "extra_files": [], "runtime": "tensorrt",
-                                   "bytes": {f: (out / f).stat().st_size}})
+                                   "bytes": {f: (out / f).stat().st_size}, "sha256": {f: file_sha256(out / f)}})
         manifest["runtime"] = "tensorrt"
     write_manifest(out, manifest)
     total = sum(manifest["artifact_bytes"].values())

@@ -26,8 +26,9 @@ import click
 @click.option("--dry-run", is_flag=True, help="plan on the meta device (no weights) and print what would be written")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest / plan as JSON at the end")
 @click.option("-v", "--verbose", is_flag=True, help="log every pass's rewrite count")
+@click.option("--force", is_flag=True, help="write into a non-empty directory that is not a dlc engine")
 def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_size, max_seq_len, block_length,
-                    passes, sparse_retention, logprobs, dump_graph_after, dry_run, as_json, verbose):
+                    passes, sparse_retention, logprobs, dump_graph_after, dry_run, as_json, verbose, force):
     """Compile MODEL (preset or checkpoint dir) for TARGET into an engine directory."""
     from .backends import BackendUnavailable
     from .build import compile_model
@@ -39,7 +40,7 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
         res = compile_model(model, target, out_dir, backend=backend, weights=weights, dtype=dtype,
                             max_batch_size=max_batch_size, max_seq_len=max_seq_len, block_length=block_length,
                             passes=names, sparse_retention=sparse_retention, dump_graph_after=dump_graph_after,
-                            dry_run=dry_run, logprobs=logprobs, echo=click.echo)
+                            dry_run=dry_run, logprobs=logprobs, echo=click.echo, force=force)
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -48,22 +49,31 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
 
 @click.command("inspect")
 @click.argument("engine_dir")
-@click.option("--json", "as_json", is_flag=True)
-def inspect_command(engine_dir, as_json):
-    """Summarise an engine directory's config.json (and check it opens: versions, hash, files)."""
+@click.option("--json", "as_json", is_flag=True, help="the manifest with its 'status' (ok / REFUSED) and 'reason'")
+@click.option("--verify", is_flag=True, help="hash every artifact again (default: a file unchanged since it was "
+                                             "last verified here is trusted)")
+def inspect_command(engine_dir, as_json, verify):
+    """Summarise an engine directory's config.json and check that it opens: versions, settings hash, every
+    artifact's size and sha256. Exits 1 when the engine would be refused."""
     from dlc.manifest import EngineError, read_manifest, summary_lines, validate_manifest
 
     try:
         m = read_manifest(engine_dir)
     except EngineError as e:
+        if as_json:
+            click.echo(json.dumps({"status": "REFUSED", "reason": str(e)}))
+            raise SystemExit(1)
         raise click.ClickException(str(e)) from None
-    if as_json:
-        click.echo(json.dumps(m, indent=2))
-        return
-    for line in summary_lines(m):
-        click.echo(line)
     try:
-        validate_manifest(engine_dir, m)
-        click.echo("status      ok")
+        validate_manifest(engine_dir, m, verify="full" if verify else "cached")
+        status, reason = "ok", None
     except EngineError as e:
-        click.echo(f"status      REFUSED: {e}")
+        status, reason = "REFUSED", str(e)
+    if as_json:
+        click.echo(json.dumps({**m, "status": status, "reason": reason}, indent=2))
+    else:
+        for line in summary_lines(m):
+            click.echo(line)
+        click.echo(f"status      {status}" + (f": {reason}" if reason else ""))
+    if status != "ok":
+        raise SystemExit(1)

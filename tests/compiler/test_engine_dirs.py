@@ -1,5 +1,7 @@
 """Engine directories through the in-process export backend: config.json, generate, inspect, refusals."""
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -94,7 +96,9 @@ def test_edited_settings_are_refused_by_the_hash(engine, tmp_path):
     with pytest.raises(EngineError, match="settings hash mismatch"):
         open_engine(dst)
     res = run_cli(["inspect", dst])
-    assert "REFUSED" in res.output
+    assert "REFUSED" in res.output and res.exit_code == 1
+    res = run_cli(["inspect", dst, "--json"])
+    assert res.exit_code == 1 and json.loads(res.output)["status"] == "REFUSED"
 
 
 def test_truncated_artifact_is_refused(engine, tmp_path):
@@ -103,6 +107,74 @@ def test_truncated_artifact_is_refused(engine, tmp_path):
     (dst / "refresh.pt2").write_bytes(data[: len(data) // 2])
     with pytest.raises(EngineError, match="damaged"):
         open_engine(dst)
+
+
+def test_config_json_records_each_artifacts_sha256(engine):
+    m = json.loads((engine / "config.json").read_text())
+    for spec in m["phases"].values():
+        files = [spec["file"], *spec["extra_files"]]
+        assert sorted(spec["sha256"]) == sorted(files)
+        for f in files:
+            assert spec["sha256"][f] == hashlib.sha256((engine / f).read_bytes()).hexdigest()
+    res = run_cli(["inspect", engine, "--json", "--verify"])
+    assert res.exit_code == 0 and json.loads(res.output)["status"] == "ok"
+
+
+def _scribble(path):
+    """Overwrite 4 KiB in the middle of ``path`` with random bytes: same size, same mtime as before."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                         dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_random_bytes_in_an_artifact_are_refused_naming_the_file(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dst, _ = _copy(engine, tmp_path)
+    size = (dst / "refresh.pt2").stat().st_size
+    (dst / "refresh.pt2").write_bytes(bytes(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy()))
+    with pytest.raises(EngineError, match="refresh.pt2 does not match the sha256"):
+        open_engine(dst)
+    res = run_cli(["generate", dst, "hi", "--device", "cpu"])
+    assert res.exit_code != 0 and "refresh.pt2 does not match the sha256" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = run_cli(["inspect", dst])
+    assert res.exit_code == 1 and "REFUSED" in res.output and "refresh.pt2" in res.output
+
+
+def test_verification_is_cached_by_size_and_mtime_and_verify_rehashes(engine, tmp_path, monkeypatch):
+    """A file verified once is trusted while its size and mtime are unchanged (16 GB engines load without
+    re-hashing); `dlc inspect --verify` hashes again and catches a same-size, same-mtime change."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dst, _ = _copy(engine, tmp_path)
+    open_engine(dst)                                            # verifies and remembers each file
+    assert (tmp_path / "cache" / "dlc" / "verified.json").exists()
+    _scribble(dst / "reuse.pt2")
+    assert run_cli(["inspect", dst]).exit_code == 0              # trusted: (size, mtime) unchanged
+    res = run_cli(["inspect", dst, "--verify"])
+    assert res.exit_code == 1 and "reuse.pt2 does not match the sha256" in res.output
+    os.utime(dst / "reuse.pt2")                                  # touched: hashed again on open
+    with pytest.raises(EngineError, match="reuse.pt2 does not match the sha256"):
+        open_engine(dst)
+
+
+def test_compile_refuses_a_foreign_non_empty_directory(tiny_ckpt, engine, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    args = ["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "--max-seq-len", "48",
+            "--max-batch-size", "2", "--block-length", "8", "-o"]
+    res = run_cli(args + [out])
+    assert res.exit_code != 0 and "not empty and is not a dlc engine" in res.output and "--force" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    res = run_cli(args + [out, "--force"])
+    assert res.exit_code == 0 and (out / "notes.txt").read_text() == "keep me"
+    dst, _ = _copy(engine, tmp_path)                             # an engine directory is recompiled in place
+    assert run_cli(args + [dst]).exit_code == 0
+    assert json.loads((dst / "config.json").read_text())["build"]["max_seq_len"] == 48
 
 
 def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
