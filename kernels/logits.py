@@ -332,11 +332,13 @@ def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int
 
 def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int):
     """h [B, N, d] rows to decode, w [>=V, d] LM head -> tokens [C, N], confidence [C, N] float64 (+ top-k ids
-    and logprobs [C, N, k]). Guided rows ``un + cfg_w * (cond - un)`` (cond_rows / un_rows [C] index h; without
+    and logprobs [C, N, k]). Guided rows ``un + cfg_w * (cond - un)``
+    (cond_rows / un_rows [C] index h; without
     CFG both are arange(B) and the rows pass through bit-exactly); Gumbel-max at temperature ``temp`` ([1]
     tensor, or a Python float: 0.0 skips the noise) with ``uniform_noise(seeds [C])``; one vocab chunk of
     ``chunk`` head rows at a time, reduced at once (running best and an online float64 logsumexp), so no
-    [C, N, V] tensor exists. The one decoding of the CPU lowering (``chunk_logits``) and of the eager runners."""
+    [C, N, V] tensor exists.
+    The one decoding of the CPU lowering (``chunk_logits``) and of the eager runners."""
     best = tok = best_l = m = s = top_v = top_i = None
     have = 0                                                                     # top-k candidates so far
     for c0 in range(0, vocab, chunk):

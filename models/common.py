@@ -53,8 +53,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LayerKV(NamedTuple):
-    """One layer's view of a KVCache: k, v [N, Hkv, S, D]; ``rows`` [B] pool rows (None: row b is cache row b);
-    ``kv_len`` [B] valid keys per row (a prefix) when the layer may attend inside the pool without a gather."""
+    """One layer's view of a KVCache: k, v [N, Hkv, S, D]; ``rows`` [B] pool rows (None: row b is cache
+    row b); ``kv_len`` [B] valid keys per row (a prefix) when the layer may attend inside the pool
+    without a gather."""
     k: torch.Tensor
     v: torch.Tensor
     rows: torch.Tensor | None = None
@@ -67,7 +68,8 @@ class KVCache:
     Without ``rows`` batch row b is cache row b (N = B). With ``rows`` (LongTensor [B]) the tensors are a slot
     pool shared by many requests and batch row b lives in pool row ``rows[b]``: the runtime's KV cache manager
     hands out such views so requests of different lengths and blocks run in one batch. ``kv_len`` [B]: valid
-    keys per row (a prefix of the row) for attention inside the pool. ``scores`` [n_layers, N, Hkv, S] float32:
+    keys per row (a prefix of the row) for attention inside the pool.
+    ``scores`` [n_layers, N, Hkv, S] float32:
     head-sparse engines' per-head key scores from the last Refresh of each row (models/sparse_heads.py), None
     for dense runners."""
 

@@ -185,7 +185,8 @@ TINY_INIT_STD = 0.25    # tiny-* presets: large enough that greedy outputs vary 
 
 
 def init_weights(model: DiffusionLM, seed: int = 0, std: float = 0.02) -> None:
-    """Deterministic random init (normal, ``std``; std / sqrt(2 n_layers) on output projections; norms at 1)."""
+    """Deterministic random init (normal, ``std``; std / sqrt(2 n_layers) on output projections;
+    norms at 1)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         with torch.no_grad():
@@ -193,7 +194,8 @@ def init_weights(model: DiffusionLM, seed: int = 0, std: float = 0.02) -> None:
                 p.copy_(torch.ones_like(p) if "norm" in name or name.endswith("ln_f.weight") else torch.zeros_like(p))
             else:
                 out = name.endswith(("attn_out.weight", "o_proj.weight", "down_proj.weight"))
-                p.copy_(torch.randn(p.shape, generator=g) * (std / math.sqrt(2 * model.config.n_layers) if out else std))
+                scale = std / math.sqrt(2 * model.config.n_layers) if out else std
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def save_checkpoint(model: DiffusionLM, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None,

@@ -2,7 +2,8 @@
 
 Shared by the ``sparsify_heads`` compiler pass (which inlines ``head_scores`` into Refresh programs and
 ``gather_heads`` into Reuse programs), the runtime (which picks each Reuse step's kept columns with
-``keep_columns`` from the scores its Refresh stored in the KV pool) and ``dlc.tiny.train`` (which trains with the
+``keep_columns`` from the scores its Refresh stored in the KV pool)
+and ``dlc.tiny.train`` (which trains with the
 same selection). docs/QUALITY.md and passes/sparsify_heads.py say why the score is what it is."""
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 
 POOL_KERNEL = 1          # 1-D max-pool width over positions of the scores (1: none; Sparse-dLLM uses 3); odd
 
-def head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, out_index: torch.Tensor,
+def head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                out_index: torch.Tensor,
                 group: int, pool: int = POOL_KERNEL) -> torch.Tensor:
     """q [B, H, L, D], k/v [B, Hkv, L, D], key_mask [B, L], out_index [B, N] -> scores [B, Hkv, L] (float32):
     mean over the N block queries of the attention probability of each key times the key's value norm, max
@@ -34,7 +36,8 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: tor
 
 def keep_columns(scores: torch.Tensor, cols: torch.Tensor, retention: float) -> torch.Tensor:
     """The Reuse step's kept columns per head: scores [..., B, Hkv, S] (``head_scores``, padding -inf), fed
-    columns cols [B, T] -> [..., B, Hkv, K] ascending, K = min(S, T + ceil(retention x (S - T))): the fed columns
+    columns cols [B, T] -> [..., B, Hkv, K] ascending, K = min(S, T + ceil(retention x (S - T))):
+    the fed columns
     plus the top-scoring others. K = S keeps every column in order (the gather is the identity). The runner
     feeds this as ``keep_idx``; ``dlc.tiny.train`` uses it to train with the same selection."""
     S, T = scores.shape[-1], cols.shape[1]

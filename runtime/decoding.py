@@ -1,12 +1,14 @@
 """The one decoding core: every rule of diffusion decoding, for one sequence at a time.
 
-A ``DecodeState`` is one sequence's token state and where it is in its block / step schedule. Its two moves are
+A ``DecodeState`` is one sequence's token state and where it is in its block / step schedule.
+Its two moves are
 the only implementation of the rules; ``generate()`` (offline batches) and the serving engine both drive them:
 
 * ``advance(width)`` moves to the next step that needs a forward: it starts blocks (``width`` wide: the
   request's ``block_length``, or an elastic chunk), skips steps the schedule leaves empty, closes finished
   blocks (stop ids, stuck rows), and sets ``phase`` to the forward the step needs (``full`` without a cache,
-  ``refresh`` at a block start or every ``refresh_every`` steps, ``reuse`` otherwise; None once done). It returns
+  ``refresh`` at a block start or every ``refresh_every`` steps, ``reuse`` otherwise; None once done).
+  It returns
   the generated tokens finalised on the way (a block's tokens are final once it closes).
 * ``apply(x0, conf)`` takes the forward's candidates for the block and unmasks what the rule selects.
 
@@ -19,8 +21,9 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
 * steps: ``steps // num_blocks`` per block of ``block_length``; an elastic chunk of width w gets
   ``max(1, round(w * steps / gen_length))``; masks split evenly over a block's steps, remainder first;
 * ``low_confidence`` / ``schedule``: the top-n masked positions by confidence (n from the schedule);
-  ``threshold``: every masked position with confidence >= threshold, at least the best; ``factor``: the longest
-  prefix of the sorted confidences with conf_n >= 1 - factor / (n + 1), at least the best. Threshold and factor
+  ``threshold``: every masked position with confidence >= threshold, at least the best; ``factor``: the
+  longest prefix of the sorted confidences with conf_n >= 1 - factor / (n + 1), at least the best.
+  Threshold and factor
   never accept a prediction equal to the mask id (dInfer); a row whose every masked position predicts it is
   stuck and its block ends (at T = 0 it would repeat forever);
 * ``remasking``: ``low_confidence`` scores a candidate by its softmax probability (from the runner),
@@ -66,7 +69,8 @@ def _int_field(name: str, v, lo: int, hi: int | None = None) -> None:
         raise FieldError(name, f"{name} must be {rng}, got {v}")
 
 
-def _float_field(name: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+def _float_field(name: str, v, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise FieldError(name, f"{name} must be a finite number, got {v!r}")
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
@@ -107,11 +111,13 @@ class GenerationConfig:
         _int_field("gen_length", self.gen_length, 1)
         _int_field("block_length", self.block_length, 1, self.gen_length)
         if self.gen_length % self.block_length:
-            raise FieldError("block_length", f"gen_length {self.gen_length} must be a multiple of block_length "
+            raise FieldError("block_length", f"gen_length {self.gen_length} "
+                                             f"must be a multiple of block_length "
                                              f"{self.block_length}")
         _int_field("steps", self.steps, 1, self.gen_length)
         if self.steps % self.num_blocks:
-            raise FieldError("steps", f"steps {self.steps} must be a positive multiple of the number of blocks "
+            raise FieldError("steps", f"steps {self.steps} "
+                                      f"must be a positive multiple of the number of blocks "
                                       f"({self.num_blocks} = gen_length / block_length)")
         _float_field("temperature", self.temperature, 0.0)
         if self.remasking not in REMASKING:
@@ -228,7 +234,8 @@ class DecodeState:
     eos_id: int
     stop_ids: tuple[int, ...]
     rule: object
-    generator: torch.Generator | None        # host generator (T > 0 or random remasking), seeded with gen.seed
+    generator: torch.Generator | None        # host generator (T > 0 or random remasking),
+                                             # seeded with gen.seed
     done: int = 0                            # generated columns whose block is closed
     bs: int | None = None                    # current block [bs, be) (absolute columns); None between blocks
     be: int = 0
@@ -245,7 +252,8 @@ class DecodeState:
     forwards: int = 0                        # forwards this sequence took part in
 
     @classmethod
-    def new(cls, prompt: list[int], gen: GenerationConfig, model_config, seed: int | None = None) -> "DecodeState":
+    def new(cls, prompt: list[int], gen: GenerationConfig, model_config,
+            seed: int | None = None) -> "DecodeState":
         """``seed`` overrides ``gen.seed`` (generate() gives row i of a batch gen.seed + i)."""
         mc = model_config
         x = torch.full((len(prompt) + gen.gen_length,), mc.mask_id, dtype=torch.long)
@@ -292,7 +300,8 @@ class DecodeState:
         return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale)
 
     def cache_rows(self) -> int:
-        """KV pool rows the sequence needs: none without a cache, two with guidance (the unconditional rows)."""
+        """KV pool rows the sequence needs: none without a cache,
+        two with guidance (the unconditional rows)."""
         if self.gen.kv_cache == "none":
             return 0
         return 2 if self.gen.cfg_scale > 0 else 1
@@ -349,7 +358,8 @@ class DecodeState:
         unmask the rule's selection."""
         K = self.be - self.bs
         if x0.shape != (K,) or conf.shape != (K,):
-            raise ValueError(f"apply: expected candidates for the {K} block columns, got x0 {tuple(x0.shape)} "
+            raise ValueError(f"apply: expected candidates for the {K} block columns, "
+                             f"got x0 {tuple(x0.shape)} "
                              f"conf {tuple(conf.shape)}")
         if self.gen.remasking == "random":
             conf = torch.rand(K, dtype=torch.float64, generator=self.generator)
@@ -390,7 +400,8 @@ class DecodeState:
         self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
 
     def _end_block(self) -> list[int]:
-        """Close the current block; returns the generated tokens it finalised (cut before the first stop id)."""
+        """Close the current block; returns the generated tokens it finalised
+        (cut before the first stop id)."""
         P, be, stop = self.P, self.be, self.gen.stop_at_eos
         if stop:
             hit = torch.isin(self.x[P:be], torch.tensor(self.stop_ids, dtype=torch.long)).nonzero()

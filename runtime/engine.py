@@ -72,7 +72,8 @@ class Engine:
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
         self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
-        self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len, cfg.max_num_tokens)
+        self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
+                           cfg.max_num_tokens)
         self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
@@ -113,9 +114,11 @@ class Engine:
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
         check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
         state = DecodeState.new(list(prompt), gen, self.mc)
-        usable = self.kv.n_slots - (self.runner.scratch is not None if isinstance(self.runner, GraphRunner) else 0)
+        usable = self.kv.n_slots - (self.runner.scratch is not None
+                                    if isinstance(self.runner, GraphRunner) else 0)
         if state.cache_rows() > usable:
-            raise FieldError("cfg_scale", f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs {state.cache_rows()} KV slots; "
+            raise FieldError("cfg_scale", f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs "
+                             f"{state.cache_rows()} KV slots; "
                              f"the pool has {usable} (raise kv_cache_mb or use kv_cache 'none')")
         return Request(state, max_tokens=max_tokens, rid=rid)
 
@@ -139,7 +142,7 @@ class Engine:
         with self.lock:
             return bool(self._incoming or self._aborts or self.scheduler.has_work())
 
-    # -- one iteration: schedule, run, postprocess ---------------------------------------------------------------
+    # -- one iteration: schedule, run, postprocess ----------------------------------------------------------
     def step(self) -> int:
         """Run one iteration; returns the number of rows stepped."""
         with self.lock:
@@ -155,7 +158,8 @@ class Engine:
         n_running = self.scheduler.num_running
         for r in self.scheduler.take_preempted():                 # their cache is gone: rewind the block
             self.metrics.inc("preemptions_total")
-            self._guard(r, lambda r=r: (r.state.restart_block(), r.state.advance(self.gran.width(r, n_running))))
+            self._guard(r, lambda r=r: (r.state.restart_block(),
+                                        r.state.advance(self.gran.width(r, n_running))))
         for r in picked:
             if not r.state.started:
                 self._guard(r, lambda r=r: self._emit(r, r.state.advance(self.gran.width(r, n_running))))
@@ -313,7 +317,8 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:   # noqa: BLE001 - a bug outside any one request's work: the server stays up
+            except Exception as e:   # noqa: BLE001 - a bug outside any one request's work:
+                                     # the server stays up
                 self._fail_all(e)
 
     def _fail_all(self, err: Exception) -> None:

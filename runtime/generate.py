@@ -1,7 +1,8 @@
 """Offline generation: a batch of prompts through the one decoding core (runtime/decoding.py).
 
 ``generate`` keeps no rules of its own: each prompt is a ``DecodeState``; every iteration groups the states by
-phase (``group_states``), runs one runner call per group over a ``StepBatch`` (runtime/step.py) and applies the
+phase (``group_states``), runs one runner call per group over a ``StepBatch`` (runtime/step.py)
+and applies the
 results; then every state advances. With a KV cache the rows live in a ``KVCacheManager`` slot pool sized for
 the batch, exactly as in serving, so a prompt decodes the same here, alone, or inside the serving engine.
 
@@ -26,7 +27,8 @@ __all__ = ["GenerationConfig", "GenerationResult", "generate", "as_runner", "che
 
 @dataclass
 class GenerationResult:
-    token_ids: list[list[int]]          # generated ids per prompt (cut before the first stop id with stop_at_eos)
+    token_ids: list[list[int]]          # generated ids per prompt (cut before the first stop id
+                                        # with stop_at_eos)
     sequences: list[torch.Tensor]       # final token state per prompt: [P_i + gen_length] (host)
     nfe: int                            # runner calls (forwards of the batch)
     seconds: float
@@ -59,7 +61,8 @@ def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_s
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < mc.vocab_size for t in p):
             raise FieldError("prompt", f"prompt token ids must be integers in [0, {mc.vocab_size})")
         if len(p) + gen_length > limit:
-            raise FieldError("prompt", f"prompt ({len(p)} tokens) + gen_length ({gen_length}) exceeds the maximum "
+            raise FieldError("prompt", f"prompt ({len(p)} tokens) + gen_length ({gen_length}) "
+                             f"exceeds the maximum "
                              f"sequence length {limit}")
 
 

@@ -26,7 +26,8 @@ def slot_bytes(config, s_max: int, dtype: torch.dtype) -> int:
 class KVCacheManager:
     def __init__(self, config, s_max: int, budget_bytes: int, dtype, device, max_slots: int | None = None,
                  head_scores: bool = False):
-        per = slot_bytes(config, s_max, dtype) + (head_scores * config.n_layers * config.n_kv_heads * s_max * 4)
+        per = slot_bytes(config, s_max, dtype) + (head_scores * config.n_layers * config.n_kv_heads
+                                                  * s_max * 4)
         n = int(budget_bytes // per)
         if max_slots is not None:
             n = min(n, max_slots)
@@ -39,7 +40,8 @@ class KVCacheManager:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.scores = None
         if head_scores:
-            self.scores = torch.full((config.n_layers, n, config.n_kv_heads, s_max), float("-inf"), device=device)
+            self.scores = torch.full((config.n_layers, n, config.n_kv_heads, s_max), float("-inf"),
+                                     device=device)
         self._free = list(range(n))          # kept sorted: lowest slot first
         self.device = device
 

@@ -22,7 +22,8 @@ class Request:
     rid: str = ""
     arrival: float = field(default_factory=time.monotonic)
     status: str = WAITING
-    slots: tuple[int, ...] = ()              # KV pool rows while running (1, 2 with guidance, none without cache)
+    slots: tuple[int, ...] = ()              # KV pool rows while running (1, 2 with guidance,
+                                             # none without cache)
     seq: int = field(default_factory=lambda: next(_ids))
     waited: int = 0                          # iterations spent ready but not scheduled (ageing)
     preemptions: int = 0

@@ -41,7 +41,8 @@ class BaseScheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
-        self.preempted: list[Request] = []      # preempted since the engine last took them (their cache is gone)
+        self.preempted: list[Request] = []      # preempted since the engine last took them
+                                                # (their cache is gone)
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:

@@ -46,7 +46,8 @@ class StepBatch:
     cfg_scale: float
     seeds: torch.Tensor                 # [B] int64 sampling seeds (device; zeros at T = 0)
     cond_rows: torch.Tensor             # [B] int64 fed rows of the sequences (device)
-    un_rows: torch.Tensor               # [B] int64 fed rows of their unconditional twins (= cond_rows without CFG)
+    un_rows: torch.Tensor               # [B] int64 fed rows of their unconditional twins
+                                        # (= cond_rows without CFG)
     keep_idx: torch.Tensor | None = None   # head-sparse Reuse: [n_layers, fed, Hkv, K] kept columns per head
 
     @property
@@ -85,7 +86,8 @@ class PhaseRunner(Protocol):
 
 def check_runner(runner) -> None:
     if not isinstance(runner, PhaseRunner):
-        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, sparse_retention, "
+        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, "
+                        f"sparse_retention, "
                         f"max_seq_len, max_batch_size, full/refresh/reuse over a StepBatch)")
 
 
@@ -120,10 +122,12 @@ def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] |
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],
-                n_out: int, spans: list[tuple[int, int]] | None = None, slots: list[tuple[int, ...]] | None = None,
+                n_out: int, spans: list[tuple[int, int]] | None = None,
+                slots: list[tuple[int, ...]] | None = None,
                 pool=None, temperature: float = 0.0, cfg_scale: float = 0.0,
                 seeds: list[int] | None = None) -> StepBatch:
-    """The StepBatch of token states ``seqs`` (host [L_i] each): decode columns [out_start_i, + n_out); a Reuse
+    """The StepBatch of token states ``seqs`` (host [L_i] each):
+    decode columns [out_start_i, + n_out); a Reuse
     step feeds ``spans`` (qa, qb) per row. ``make_batch`` calls this from decoding states; tests call it
     directly to drive runners over hand-made states."""
     if phase not in PHASES:

@@ -1,6 +1,7 @@
 """Loading the artifacts of an engine directory: one loader per backend, each returning a callable phase.
 
-``LOADERS[runtime](path, device)`` -> a callable taking the phase's inputs positionally (config.json order) and
+``LOADERS[runtime](path, device)`` -> a callable taking the phase's inputs positionally
+(config.json order) and
 returning its outputs in order. The compiler writes these artifacts (dlc/compiler/backends.py); the runtime
 alone loads them, so serving an engine never imports the compiler."""
 from __future__ import annotations
@@ -14,7 +15,8 @@ class BackendUnavailable(RuntimeError):
     """The backend's library or hardware is missing here (the message says what to install)."""
 
 
-TRT_INSTALL = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA's wheel, needs a CUDA GPU and driver), "
+TRT_INSTALL = ("TensorRT is not installed: `pip install tensorrt` "
+               "(NVIDIA's wheel, needs a CUDA GPU and driver), "
                "or build the engine on the target with the trtexec command recorded in config.json")
 
 
@@ -36,7 +38,8 @@ def load_export(path: Path, device="cpu"):
 
 def load_aoti(path: Path, device="cpu"):
     dev = torch.device(device)
-    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else -1)
+    index = dev.index if dev.index is not None else (torch.cuda.current_device()
+                                                     if dev.type == "cuda" else -1)
     model = torch._inductor.aoti_load_package(str(path), device_index=index)
     return lambda *args: model(*args)
 
@@ -53,7 +56,8 @@ def load_onnx(path: Path, device="cpu"):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or dlc[onnx])") from None
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime "
+                                 "(or dlc[onnx])") from None
     sess = ort.InferenceSession(str(path), providers=_ort_providers(device))
     names = [i.name for i in sess.get_inputs()]
     dev = torch.device(device)

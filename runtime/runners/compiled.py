@@ -2,7 +2,8 @@
 
 A phase program is any callable taking its inputs positionally (in the order of its recorded input names) and
 returning its outputs in order: an FX GraphModule (in-process), a loaded torch.export program, an AOTI package
-or an onnxruntime session wrapper. The programs decode inside the graph (``chunk_logits``: guidance, Gumbel-max
+or an onnxruntime session wrapper. The programs decode inside the graph
+(``chunk_logits``: guidance, Gumbel-max
 with the per-sequence step seeds, confidence); this class feeds them from the StepBatch and moves K/V: a
 Refresh program returns every column's K/V (and, head-sparse, per-head key scores), written into the batch's
 pool rows; a Reuse program takes the rows' cache and returns the fed span's new K/V, written back in place."""
@@ -62,7 +63,8 @@ class CompiledRunner:
         k, v = kv                                                                   # [nl, fed, Hkv, W, D]
         W = k.shape[3]
         if c.batch != k.shape[1] or c.seq_len < W:
-            raise ValueError(f"refresh: the cache holds {c.batch} rows x {c.seq_len} columns, the batch needs "
+            raise ValueError(f"refresh: the cache holds {c.batch} rows x {c.seq_len} columns, "
+                             f"the batch needs "
                              f"{k.shape[1]} x {W}")
         rows = c.row_index(k.shape[1], k.device)
         for i in range(k.shape[0]):

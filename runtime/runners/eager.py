@@ -1,4 +1,5 @@
-"""The eager runner: ``dlc.models`` modules over a StepBatch (the reference every other runner is tested against).
+"""The eager runner: ``dlc.models`` modules over a StepBatch
+(the reference every other runner is tested against).
 
 * ``full``: one forward over the whole sequence, no cache;
 * ``refresh``: the same forward writing every column's K/V into the batch's KV pool rows (Refresh phase);

@@ -22,7 +22,8 @@ width) and replays it:
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
 gathering the batch's rows out of the pool for SDPA, which at batch 32 copied more bytes than the attention
-reads. Each row's keys are a prefix of its cache row (the runtime's layout): ``StepBatch.lengths`` on the host.
+reads. Each row's keys are a prefix of its cache row (the runtime's layout):
+``StepBatch.lengths`` on the host.
 
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
 layers) before capture; ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
@@ -53,7 +54,8 @@ class _Graph:
     ids: torch.Tensor           # [bb, T] fed tokens
     pos: torch.Tensor           # [bb, T] their positions
     key_mask: torch.Tensor      # [bb, S] attended cache columns
-    meta: torch.Tensor          # [4, bb] pool slot, cache column of ids[:, 0], first decoded row in the slice,
+    meta: torch.Tensor          # [4, bb] pool slot, cache column of ids[:, 0],
+                                #   first decoded row in the slice,
     meta_host: torch.Tensor     #   valid keys; meta_host: its staging copy on the host (pinned on CUDA)
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
@@ -92,7 +94,7 @@ class GraphRunner(EagerRunner):
             for b in model.blocks:
                 b.compile(fullgraph=True)
 
-    # -- the pool ---------------------------------------------------------------------------------------------
+    # -- the pool --------------------------------------------------------------------------------------------
     def bind_pool(self, kv) -> None:
         """Take one slot of the serving KV pool (``KVCacheManager``) for the padding rows; a pool of one slot
         leaves graphs off (every Reuse step runs eagerly)."""
@@ -109,7 +111,8 @@ class GraphRunner(EagerRunner):
     def _eligible(self, batch: StepBatch) -> bool:
         c = batch.cache
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
-                and batch.temperature == 0 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
+                and batch.temperature == 0 and batch.n_seqs <= self.buckets[-1]
+                and batch.n_fed <= self.max_width
                 and batch.width <= self.pool.s_max)
 
     def bucket(self, B: int) -> int:
@@ -139,7 +142,8 @@ class GraphRunner(EagerRunner):
             torch.cuda.current_stream().wait_stream(s)
             g.graph = torch.cuda.CUDAGraph()
             if self._mempool is None:                                # one memory pool for every graph: they
-                self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time, outputs copied out
+                self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time,
+                                                                     # outputs copied out
             with torch.cuda.graph(g.graph, pool=self._mempool):
                 g.tok, g.conf = self._step(g)
         self.graphs[key] = g
@@ -173,7 +177,8 @@ class GraphRunner(EagerRunner):
         if self._eligible(batch):
             t0, c0 = time.perf_counter(), self.stats["capture_s"]
             res = self._replay(batch)
-            self.stats["replays"] += 1                              # host time, a first call's capture excluded
+            # host time, a first call's capture excluded
+            self.stats["replays"] += 1
             self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
             return res
         self.stats["eager_reuse"] += 1
@@ -195,7 +200,8 @@ class GraphRunner(EagerRunner):
         g.key_mask[:B, :W].copy_(batch.key_mask)
         if W < S:
             g.key_mask[:B, W:] = False
-        if g.rows_used > B:                                                       # rows that were real last call
+        # rows that were real last call
+        if g.rows_used > B:
             g.key_mask[B:g.rows_used] = False
             g.key_mask[B:g.rows_used, :T] = True
         g.rows_used = B

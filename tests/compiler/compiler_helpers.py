@@ -3,7 +3,8 @@ from dlc.models.loading import load_model, save_checkpoint
 
 
 def make_checkpoint(path):
-    """tiny-llada (a decisive random init: predictions vary with the input) saved as config.json + safetensors +
+    """tiny-llada (a decisive random init: predictions vary with the input)
+    saved as config.json + safetensors +
     tokenizer files: what a user's checkpoint directory looks like."""
     lm = load_model("tiny-llada", seed=1)
     save_checkpoint(lm.model, path, tokenizer=lm.tokenizer)

@@ -46,11 +46,13 @@ PROMPT = [5, 6, 7]
 
 
 def _state(**kw):
-    return DecodeState.new(PROMPT, GenerationConfig(**{"gen_length": 8, "block_length": 4, "steps": 8, **kw}), MC)
+    gen = GenerationConfig(**{"gen_length": 8, "block_length": 4, "steps": 8, **kw})
+    return DecodeState.new(PROMPT, gen, MC)
 
 
 def _feed(st, token=4, conf=None):
-    """Apply candidates ``token`` for every block column with confidences rising left to right (or ``conf``)."""
+    """Apply candidates ``token`` for every block column with confidences rising left to right
+    (or ``conf``)."""
     K = st.be - st.bs
     c = torch.arange(1, K + 1, dtype=torch.float64) / (K + 1) if conf is None else conf
     st.apply(torch.full((K,), token), c)

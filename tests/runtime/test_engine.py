@@ -102,7 +102,8 @@ def test_bad_requests_name_the_problem(session):
 
 
 def test_guidance_with_a_cache_uses_two_slots_and_matches_generate(session):
-    """cfg_scale > 0 with a dual cache: the unconditional rows get their own KV slot; output equals generate()."""
+    """cfg_scale > 0 with a dual cache: the unconditional rows get their own KV slot;
+    output equals generate()."""
     eng = make_engine(session)
     params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual", cfg_scale=1.5)
     prompts = [[5, 17, 99, 3, 42], [9, 8, 7]]
@@ -209,7 +210,8 @@ def _block_widths(eng, reqs) -> set[int]:
 
 
 def test_elastic_chunk_follows_load(session):
-    """Optimus-style granularity: with the saturation point at 32 tokens, one request decodes 16-wide chunks and
+    """Optimus-style granularity: with the saturation point at 32 tokens,
+    one request decodes 16-wide chunks and
     eight concurrent requests 4-wide ones (fixed granularity would keep every block at block_length 8)."""
     eng = make_engine(session, granularity="elastic", chunk_sizes=(4, 8, 16))
     eng.warmup()
@@ -260,7 +262,8 @@ def test_runtime_never_imports_the_compiler():
     pat = re.compile(r"^\s*(from|import)\s+(dlc\.compiler|dlc\.passes)", re.M)
     for f in (root / "runtime").rglob("*.py"):
         assert not pat.search(f.read_text()), f
-    code = ("import sys\nimport dlc.runtime.engine, dlc.runtime.server_cli, dlc.runtime.session, dlc.runtime.generate\n"
+    code = ("import sys\n"
+            "import dlc.runtime.engine, dlc.runtime.server_cli, dlc.runtime.session, dlc.runtime.generate\n"
             "import dlc.runtime.runners.engine_dir, dlc.runtime.runners.compiled, dlc.runtime.runners.graph\n"
             "import dlc.tiny.train\n"
             "bad = sorted(m for m in sys.modules if m.startswith(('dlc.compiler', 'dlc.passes')))\n"

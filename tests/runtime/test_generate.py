@@ -19,7 +19,8 @@ def model():
 
 
 def reference_generate(model, prompt, steps, gen_length, block_length, cfg_scale=0.0, mask_id=257):
-    """LLaDA generate.py transcribed step by step, for one prompt (batch 1, no padding) -> [1, P + gen_length]."""
+    """LLaDA generate.py transcribed step by step, for one prompt (batch 1, no padding)
+    -> [1, P + gen_length]."""
     P = len(prompt)
     x = torch.tensor([prompt + [mask_id] * gen_length])
     pos, key_mask = torch.arange(x.shape[1])[None], torch.ones_like(x, dtype=torch.bool)

@@ -37,7 +37,8 @@ def test_slot_pool_batch_equals_each_request_alone(runner):
     starts = [len(p) + b for p, b in zip(prompts, blocks)]
     P = [len(p) for p in prompts]
     x_b, c_b = runner.refresh(build_batch(runner, "refresh", states, P, starts, 4, slots=slots, pool=pool))
-    spans = [(a, a + 4) for a in starts]         # token state unchanged: reuse must reproduce the refresh rows
+    # token state unchanged: reuse must reproduce the refresh rows
+    spans = [(a, a + 4) for a in starts]
     x_r, c_r = runner.reuse(build_batch(runner, "reuse", states, P, starts, 4, spans, slots, pool))
     for i, st in enumerate(states):
         own = _pool(runner, 1, len(st))

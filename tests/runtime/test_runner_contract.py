@@ -53,7 +53,8 @@ def _pool(runner, n=6):
 
 
 def _steps(runner, pool, temperature, cfg_scale):
-    """full, refresh and reuse over three rows of different lengths at different blocks -> list of (x0, conf)."""
+    """full, refresh and reuse over three rows of different lengths at different blocks
+    -> list of (x0, conf)."""
     mc = runner.config
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 11, 3)]
@@ -122,7 +123,8 @@ def test_a_poisoned_request_fails_alone(sessions, kind):
             ([7, 7, 100, 31, 2], {**base, "temperature": 0.8, "seed": 11}),
             ([60, 61], {**base, "temperature": 0.8, "seed": 12})]
     reqs = [eng.make_request(p, params) for p, params in good]
-    bad = [Request(DecodeState.new([1, 10 ** 6, 2], GenerationConfig(**params, stop_at_eos=True), sess.config))
+    bad = [Request(DecodeState.new([1, 10 ** 6, 2], GenerationConfig(**params, stop_at_eos=True),
+                                   sess.config))
            for params in (base, {**base, "temperature": 0.8, "seed": 13})]
     for r in reqs[:2] + bad[:1] + reqs[2:] + bad[1:]:
         eng.add_request(r)

@@ -193,7 +193,8 @@ def test_metrics_names(tiny_server):
 
 def test_non_streaming_disconnect_cancels(tiny_server):
     before = _wait_idle(tiny_server).get('dlc_requests_total{status="cancelled"}', 0)
-    body = {"model": MODEL, "prompt": "long long", "gen_length": 96, "block_length": 8, "steps": 96}   # no EOS
+    body = {"model": MODEL, "prompt": "long long", "gen_length": 96, "block_length": 8,
+            "steps": 96}   # no EOS
     # The generation takes ~0.5 s on a 2-core CPU; the server sees the hang-up at its next poll (every
     # DISCONNECT_POLL_S = 0.2 s), so the client hangs up at 0.1 s to be seen well before the request could finish.
     with pytest.raises(httpx.ReadTimeout):

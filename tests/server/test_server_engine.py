@@ -1,4 +1,5 @@
-"""`dlc serve ENGINE_DIR` (an export engine of the bundled dlc-tiny) through the official openai client: sampled
+"""`dlc serve ENGINE_DIR` (an export engine of the bundled dlc-tiny)
+through the official openai client: sampled
 and random-remasking requests run beside greedy ones without failing them, and values that can never be
 served are refused with a 400 that names the field, while the other requests finish normally."""
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,8 @@ def test_sampling_requests_never_fail_their_neighbours(client, engine_dir):
         ids = generate(s.runner, [encode_prompt(s, prompt, True)], cfg).token_ids[0]
         assert text == decode_tokens(s, ids) and reason in ("stop", "length")
     assert all(reason in ("stop", "length") for _, reason in answers[4:])
-    assert len({t for t, _ in answers[:4]}) > 1                          # different prompts, different answers
+    # different prompts, different answers
+    assert len({t for t, _ in answers[:4]}) > 1
 
 
 @pytest.mark.parametrize("field,value,needle", [

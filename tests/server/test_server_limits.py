@@ -49,7 +49,8 @@ def test_chat_without_template_is_400(server):
 
 
 def test_full_queue_is_429(server):
-    body = {"model": "tiny", "prompt": "long long", "gen_length": 128, "block_length": 8, "steps": 128}  # no EOS
+    body = {"model": "tiny", "prompt": "long long", "gen_length": 128, "block_length": 8,
+            "steps": 128}  # no EOS
     headers = {"authorization": f"Bearer {KEY}"}
     codes = []
 
