@@ -1,4 +1,8 @@
-"""Engine manifests: ``OUT_DIR/config.json`` of a ``dlc compile`` build, and its validation on open.
+"""Engine manifests: ``OUT_DIR/dlc_engine.json`` of a ``dlc compile`` build, and its validation on open.
+
+An engine directory also holds the model's Hugging Face ``config.json`` and tokenizer files, so HF tooling
+(``AutoTokenizer.from_pretrained(OUT_DIR)``) reads it as it reads the checkpoint; dlc's own description lives in
+its own file, never under HF's keys (transformers would read ``dtype: "fp32"`` as a torch attribute).
 
 The manifest records versions, target, dtype, model config (with mask/eos ids), build limits, the ordered
 passes with their parameters and rewrite counts, per-phase files with input/output names, shapes (symbolic
@@ -21,7 +25,8 @@ from pathlib import Path
 import dlc
 
 FORMAT = "dlc-engine"
-FORMAT_VERSION = 2                     # 2: per-artifact sha256
+MANIFEST = "dlc_engine.json"
+FORMAT_VERSION = 2                     # 2: per-artifact sha256, dlc_engine.json beside an HF config.json
 HASHED = ("format_version", "backend", "runtime", "dtype", "target", "model", "build", "passes", "phases")
 
 
@@ -94,15 +99,28 @@ def versions() -> dict:
 def write_manifest(out: Path, m: dict) -> Path:
     m = {"format": FORMAT, "format_version": FORMAT_VERSION, **versions(), **m}
     m["settings_hash"] = settings_hash(m)
-    path = Path(out) / "config.json"
+    path = Path(out) / MANIFEST
     path.write_text(json.dumps(m, indent=2, default=str))
     return path
 
 
+def is_engine_dir(path) -> bool:
+    """A directory with a dlc engine manifest (a damaged one too: opening it reports what is wrong)."""
+    p = Path(path) / MANIFEST
+    try:
+        text = p.read_text()
+    except OSError:
+        return False
+    try:
+        return json.loads(text).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return f'"{FORMAT}"' in text
+
+
 def read_manifest(path) -> dict:
-    p = Path(path) / "config.json"
+    p = Path(path) / MANIFEST
     if not p.exists():
-        raise EngineError(f"{path} is not an engine directory: config.json is missing")
+        raise EngineError(f"{path} is not an engine directory: {MANIFEST} is missing")
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -128,8 +146,8 @@ def validate_manifest(path, m: dict, check_versions: bool = True, verify: str = 
                                   f"recompile the engine with this version (`dlc compile`)")
     h = settings_hash(m)
     if m.get("settings_hash") != h:
-        raise EngineError(f"{path}: settings hash mismatch (config.json says {m.get('settings_hash')}, its "
-                          f"settings hash to {h}): config.json was edited or damaged; recompile")
+        raise EngineError(f"{path}: settings hash mismatch ({MANIFEST} says {m.get('settings_hash')}, its "
+                          f"settings hash to {h}): {MANIFEST} was edited or damaged; recompile")
     for phase, spec in (m.get("phases") or {}).items():
         for f in [spec["file"]] + spec.get("extra_files", []):
             fp = path / f
@@ -137,16 +155,16 @@ def validate_manifest(path, m: dict, check_versions: bool = True, verify: str = 
                 raise EngineError(f"{path}: the {phase} artifact {f} is missing; the engine directory is damaged")
             size = spec.get("bytes", {}).get(f)
             if size is not None and fp.stat().st_size != size:
-                raise EngineError(f"{path}: {f} has {fp.stat().st_size} bytes, config.json recorded {size}: "
+                raise EngineError(f"{path}: {f} has {fp.stat().st_size} bytes, {MANIFEST} recorded {size}: "
                                   f"the artifact is damaged or from another build")
             want = spec.get("sha256", {}).get(f)
             if want is None:
-                raise EngineError(f"{path}: config.json records no sha256 for {f}; recompile with `dlc compile`")
+                raise EngineError(f"{path}: {MANIFEST} records no sha256 for {f}; recompile with `dlc compile`")
             if verify != "off" and artifact_sha256(fp, verify) != want:
-                raise EngineError(f"{path}: {f} does not match the sha256 in config.json: the artifact is damaged "
+                raise EngineError(f"{path}: {f} does not match the sha256 in {MANIFEST}: the artifact is damaged "
                                   f"or from another build; recompile with `dlc compile`")
     if not m.get("phases"):
-        raise EngineError(f"{path}: config.json lists no phase artifacts")
+        raise EngineError(f"{path}: {MANIFEST} lists no phase artifacts")
 
 
 def load_manifest(path, check_versions: bool = True, verify: str = "cached") -> dict:

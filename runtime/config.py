@@ -2,7 +2,7 @@
 
 Every `dlc serve` option is a field here under the same name (dashes become underscores), and a YAML
 ``--config`` file uses the same keys; command-line flags override the file. Generation defaults left as None
-are taken from the model or engine directory (``generation_config.json`` or the engine config's
+are taken from the model or engine directory (``generation_config.json`` or the engine manifest's
 ``generation`` section), then from ``GEN_DEFAULTS``."""
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def model_generation_defaults(model: str) -> dict:
     """Generation defaults stored with a model or engine directory (dlc keys), else GEN_DEFAULTS."""
     out = dict(GEN_DEFAULTS)
     p = Path(model).expanduser()
-    for f, section in ((p / "generation_config.json", None), (p / "config.json", "generation")):
+    for f, section in ((p / "generation_config.json", None), (p / "dlc_engine.json", "generation")):
         if not f.is_file():
             continue
         try:

@@ -1,6 +1,6 @@
 """Open a MODEL argument (preset, checkpoint dir or compiled engine dir) as a phase runner + tokenizer.
 
-Engine directories (config.json with ``"format": "dlc-engine"``)
+Engine directories (dlc_engine.json with ``"format": "dlc-engine"``)
 open through runners/engine_dir.py; everything
 else goes through dlc.models.loading."""
 from __future__ import annotations

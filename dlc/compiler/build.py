@@ -1,4 +1,5 @@
-"""The ``dlc compile`` driver: plan -> trace -> passes -> export -> emit -> config.json, with per-stage timings."""
+"""The ``dlc compile`` driver: plan -> trace -> passes -> export -> emit -> dlc_engine.json (+ the model's HF
+config.json and tokenizer files), with per-stage timings."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from dlc.manifest import FORMAT, file_sha256, write_manifest
+from dlc.manifest import MANIFEST, file_sha256, is_engine_dir, write_manifest
+from dlc.models import config_to_hf
 from dlc.models.tokenizer import TOKENIZER_FILES
 from dlc.passes.pipeline import input_names
 from dlc.targets import get_target, local_matches
@@ -72,12 +74,7 @@ def check_output_dir(out: Path) -> None:
         raise ValueError(f"-o {out}: exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    manifest = out / "config.json"
-    try:
-        is_engine = json.loads(manifest.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        is_engine = False
-    if not is_engine:
+    if not is_engine_dir(out):
         raise ValueError(f"-o {out}: the directory is not empty and is not a dlc engine; choose an empty or new "
                          f"directory, or pass --force to write into it")
 
@@ -142,7 +139,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         runtime = "onnx"
         pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this machine has "
                    f"{'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run `dlc compile {model} "
-                   f"--target {tgt.name} --backend {backend}` there; config.json carries the trtexec commands for the ONNX.")
+                   f"--target {tgt.name} --backend {backend}` there; {MANIFEST} carries the trtexec commands for the ONNX.")
     elif backend == "tensorrt":
         runtime = "onnx"                                  # until the engines are built
     # GPU targets lower to the dlc kernel ops when the artifact runs torch ops (export, AOTI); ONNX/TensorRT
@@ -163,7 +160,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs) for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
     files = [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"] if backend == "tensorrt" else [])
-    files += ["config.json", "tokenizer files"]
+    files += [MANIFEST, "config.json (the model's HF config)", "tokenizer files"]
     if dry_run:
         echo(f"dry run: would write to {out_dir or 'OUT_DIR'}: {', '.join(files)}")
         if pending:
@@ -193,6 +190,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                           "sha256": {x: file_sha256(out / x) for x in [f] + extra},
                           "inputs": _sig(specs[ph]), "outputs": _sig(outs[ph])}
     _copy_tokenizer(lm, out)
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))     # HF tooling reads the dir
     manifest = {
         "backend": backend, "runtime": runtime, "dtype": dtype, "target": tgt.to_dict(), "source": model,
         "chat": bool(lm.chat) if lm else False,
@@ -216,7 +214,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         if reason:
             manifest["pending"] = f"TensorRT engines not built: {reason}"
             write_manifest(out, manifest)
-            raise BackendUnavailable(f"{reason}. The ONNX phases and config.json (with the exact trtexec commands) "
+            raise BackendUnavailable(f"{reason}. The ONNX phases and {MANIFEST} (with the exact trtexec commands) "
                                      f"are in {out}; nothing was built with TensorRT.")
         for ph in phases:
             with stage(f"emit {ph} (tensorrt)"):

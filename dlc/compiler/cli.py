@@ -53,7 +53,7 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
 @click.option("--verify", is_flag=True, help="hash every artifact again (default: a file unchanged since it was "
                                              "last verified here is trusted)")
 def inspect_command(engine_dir, as_json, verify):
-    """Summarise an engine directory's config.json and check that it opens: versions, settings hash, every
+    """Summarise an engine directory's dlc_engine.json and check that it opens: versions, settings hash, every
     artifact's size and sha256. Exits 1 when the engine would be refused."""
     from dlc.manifest import EngineError, read_manifest, summary_lines, validate_manifest
 

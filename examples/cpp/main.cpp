@@ -5,7 +5,7 @@
 // TOKEN_IDs are the whole token state [1, L] (prompt + mask ids); A..B are the decoded columns (a block).
 // Refresh decodes the block and returns every layer's K/V; the demo then commits the most confident
 // prediction, and Reuse feeds the block over the cached K/V. Both steps print their tokens and confidences.
-// Inputs follow the phase signatures recorded in ENGINE_DIR/config.json (dense engine; see docs/COMPILER.md).
+// Inputs follow the phase signatures recorded in ENGINE_DIR/dlc_engine.json (dense engine; see docs/COMPILER.md).
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
@@ -26,10 +26,10 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-// The engine's top-level "dtype" ("fp32", "bf16", "fp16"): the first "dtype" key in config.json.
+// The engine's top-level "dtype" ("fp32", "bf16", "fp16"): the first "dtype" key in dlc_engine.json.
 at::ScalarType engine_dtype(const std::string& config) {
   auto at = config.find("\"dtype\": \"");
-  if (at == std::string::npos) throw std::runtime_error("config.json has no dtype");
+  if (at == std::string::npos) throw std::runtime_error("dlc_engine.json has no dtype");
   auto name = config.substr(at + 10, 4);
   if (name == "bf16") return at::kBFloat16;
   if (name == "fp16") return at::kHalf;
@@ -61,9 +61,9 @@ int main(int argc, char** argv) {
     std::cerr << "decoded columns " << a << ".." << b << " are outside the " << L << " tokens\n";
     return 2;
   }
-  const std::string config = read_file(dir + "/config.json");
+  const std::string config = read_file(dir + "/dlc_engine.json");
   if (config.find("\"runtime\": \"aoti\"") == std::string::npos) {
-    std::cerr << dir << " is not an AOTI engine (config.json runtime != aoti)\n";
+    std::cerr << dir << " is not an AOTI engine (dlc_engine.json runtime != aoti)\n";
     return 2;
   }
   const auto dtype = engine_dtype(config);

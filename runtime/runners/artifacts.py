@@ -1,7 +1,7 @@
 """Loading the artifacts of an engine directory: one loader per backend, each returning a callable phase.
 
 ``LOADERS[runtime](path, device)`` -> a callable taking the phase's inputs positionally
-(config.json order) and
+(dlc_engine.json order) and
 returning its outputs in order. The compiler writes these artifacts (dlc/compiler/backends.py); the runtime
 alone loads them, so serving an engine never imports the compiler."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ class BackendUnavailable(RuntimeError):
 
 TRT_INSTALL = ("TensorRT is not installed: `pip install tensorrt` "
                "(NVIDIA's wheel, needs a CUDA GPU and driver), "
-               "or build the engine on the target with the trtexec command recorded in config.json")
+               "or build the engine on the target with the trtexec command recorded in dlc_engine.json")
 
 
 def trt_available() -> str | None:

@@ -1,32 +1,18 @@
-"""Opening engine directories (``dlc compile`` output): validate config.json (dlc/manifest.py), load each phase
-artifact (artifacts.py), wrap them in a CompiledRunner."""
+"""Opening engine directories (``dlc compile`` output): validate dlc_engine.json (dlc/manifest.py), load each
+phase artifact (artifacts.py), wrap them in a CompiledRunner."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from dlc.manifest import EngineError, load_manifest
+from dlc.manifest import EngineError, is_engine_dir, load_manifest  # noqa: F401 (re-exported)
 from dlc.models.config import ModelConfig
 
 from .artifacts import LOADERS
 from .compiled import CompiledRunner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def is_engine_dir(path) -> bool:
-    p = Path(path) / "config.json"
-    if not p.exists():
-        return False
-    try:
-        text = p.read_text()
-        return json.loads(text).get("format") == "dlc-engine"
-    except (json.JSONDecodeError, AttributeError):
-        return '"dlc-engine"' in text      # a damaged engine manifest: let open_engine report it
-    except OSError:
-        return False
 
 
 def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
@@ -42,8 +28,8 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
         names[ph] = [i["name"] for i in spec["inputs"]]
     sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
     build = m.get("build", {})
-    runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]], sparse_retention=sparse,
-                            kind=m["runtime"], max_seq_len=build.get("max_seq_len"),
+    runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]],
+                            sparse_retention=sparse, kind=m["runtime"], max_seq_len=build.get("max_seq_len"),
                             max_batch_size=build.get("max_batch_size"))
     return runner, m
 

@@ -38,7 +38,7 @@ def onnx_engine(tiny_ckpt, tmp_path_factory):
 @pytest.mark.slow
 def test_onnx_files_pass_the_checker(onnx_engine):
     import onnx
-    m = json.loads((onnx_engine / "config.json").read_text())
+    m = json.loads((onnx_engine / "dlc_engine.json").read_text())
     for phase, spec in m["phases"].items():
         assert spec["runtime"] == "onnx" and spec["file"] == f"{phase}.onnx"
         assert spec["extra_files"] == [f"{phase}.onnx.data"]              # weights as external data
@@ -53,7 +53,7 @@ def test_onnxruntime_matches_pytorch_per_phase(onnx_engine, tiny_ckpt, tmp_path)
     """The same phase inputs through onnxruntime and through the in-process export backend."""
     pt = tmp_path / "export"
     assert compile_engine(tiny_ckpt, pt, "export").exit_code == 0
-    cfg = json.loads((pt / "config.json").read_text())
+    cfg = json.loads((pt / "dlc_engine.json").read_text())
     model_cfg = load_model(str(tiny_ckpt)).config
     ort_runner, _ = engine_runner(onnx_engine)
     for phase in ("refresh", "reuse"):
@@ -88,7 +88,7 @@ def test_tensorrt_missing_is_a_clear_error_with_trtexec(tiny_ckpt, tmp_path):
     assert res.exit_code != 0
     assert "TensorRT is not installed" in res.output and "pip install tensorrt" in res.output
     assert "nothing was built with TensorRT" in res.output
-    m = json.loads((out / "config.json").read_text())
+    m = json.loads((out / "dlc_engine.json").read_text())
     assert m["backend"] == "tensorrt" and m["runtime"] == "onnx" and "not built" in m["pending"]
     cmd = m["tensorrt"]["trtexec"]["reuse"]
     assert cmd.startswith("trtexec --onnx=reuse.onnx --saveEngine=reuse.engine")
@@ -108,7 +108,7 @@ def aoti_engine(tiny_ckpt, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", ["prefix", "dual"])
 def test_aoti_engine_generates_eager_tokens(aoti_engine, tiny_ckpt, kv):
-    m = json.loads((aoti_engine / "config.json").read_text())
+    m = json.loads((aoti_engine / "dlc_engine.json").read_text())
     assert m["runtime"] == "aoti" and m["phases"]["refresh"]["file"] == "refresh.aoti.pt2"
     eager = gen_tokens(str(tiny_ckpt), kv)
     assert len(set(eager)) > 1

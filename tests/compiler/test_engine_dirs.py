@@ -1,4 +1,5 @@
-"""Engine directories through the in-process export backend: config.json, generate, inspect, refusals."""
+"""Engine directories through the in-process export backend: dlc_engine.json, the HF files beside it, generate,
+inspect, refusals."""
 import hashlib
 import json
 import os
@@ -24,8 +25,8 @@ def engine(tiny_ckpt, tmp_path_factory):
     return out
 
 
-def test_config_json_describes_the_engine(engine, tiny_ckpt):
-    m = json.loads((engine / "config.json").read_text())
+def test_manifest_describes_the_engine(engine, tiny_ckpt):
+    m = json.loads((engine / "dlc_engine.json").read_text())
     assert m["format"] == "dlc-engine" and m["dlc"] and m["torch"] == torch.__version__
     assert m["target"]["name"] == "cpu" and m["dtype"] == "fp32" and m["backend"] == m["runtime"] == "export"
     assert m["model"]["mask_id"] == 257 and m["model"]["eos_id"] == 256 and m["model"]["n_layers"] == 2
@@ -41,6 +42,16 @@ def test_config_json_describes_the_engine(engine, tiny_ckpt):
     assert "tokenizer.json" in m["tokenizer"] and (engine / "tokenizer.json").exists()
     assert set(m["compile_seconds"]) >= {"load", "trace+passes", "export refresh", "export reuse"}
     assert m["artifact_bytes"]["refresh"] > 0
+
+
+def test_hf_tooling_reads_the_engine_directory_like_the_checkpoint(engine, tiny_ckpt):
+    """config.json is the model's HF config (the checkpoint's own keys), so transformers loads the engine's
+    tokenizer from the directory; dlc's description stays in dlc_engine.json."""
+    from transformers import AutoTokenizer
+    assert json.loads((engine / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
+    tok, ref = AutoTokenizer.from_pretrained(str(engine)), AutoTokenizer.from_pretrained(str(tiny_ckpt))
+    text = "The cat sat"
+    assert tok(text)["input_ids"] == ref(text)["input_ids"] and len(tok(text)["input_ids"]) == len(text)
 
 
 @pytest.mark.parametrize("kv", ["none", "prefix", "dual"])
@@ -69,7 +80,7 @@ def test_inspect_summarises(engine):
 def _copy(engine, tmp_path):
     dst = tmp_path / "engine"
     shutil.copytree(engine, dst)
-    return dst, json.loads((dst / "config.json").read_text())
+    return dst, json.loads((dst / "dlc_engine.json").read_text())
 
 
 def test_missing_artifact_is_refused(engine, tmp_path):
@@ -84,7 +95,7 @@ def test_missing_artifact_is_refused(engine, tmp_path):
 def test_other_torch_version_is_refused(engine, tmp_path):
     dst, m = _copy(engine, tmp_path)
     m["torch"] = "2.11.0+cu128"
-    (dst / "config.json").write_text(json.dumps(m))
+    (dst / "dlc_engine.json").write_text(json.dumps(m))
     with pytest.raises(EngineError, match="built with torch 2.11.0"):
         open_engine(dst)
 
@@ -92,7 +103,7 @@ def test_other_torch_version_is_refused(engine, tmp_path):
 def test_edited_settings_are_refused_by_the_hash(engine, tmp_path):
     dst, m = _copy(engine, tmp_path)
     m["build"]["logit_chunk"] = 7
-    (dst / "config.json").write_text(json.dumps(m))
+    (dst / "dlc_engine.json").write_text(json.dumps(m))
     with pytest.raises(EngineError, match="settings hash mismatch"):
         open_engine(dst)
     res = run_cli(["inspect", dst])
@@ -109,8 +120,8 @@ def test_truncated_artifact_is_refused(engine, tmp_path):
         open_engine(dst)
 
 
-def test_config_json_records_each_artifacts_sha256(engine):
-    m = json.loads((engine / "config.json").read_text())
+def test_manifest_records_each_artifacts_sha256(engine):
+    m = json.loads((engine / "dlc_engine.json").read_text())
     for spec in m["phases"].values():
         files = [spec["file"], *spec["extra_files"]]
         assert sorted(spec["sha256"]) == sorted(files)
@@ -174,7 +185,7 @@ def test_compile_refuses_a_foreign_non_empty_directory(tiny_ckpt, engine, tmp_pa
     assert res.exit_code == 0 and (out / "notes.txt").read_text() == "keep me"
     dst, _ = _copy(engine, tmp_path)                             # an engine directory is recompiled in place
     assert run_cli(args + [dst]).exit_code == 0
-    assert json.loads((dst / "config.json").read_text())["build"]["max_seq_len"] == 48
+    assert json.loads((dst / "dlc_engine.json").read_text())["build"]["max_seq_len"] == 48
 
 
 def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
@@ -182,7 +193,7 @@ def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
     res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
                    "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
     assert res.exit_code == 0, res.output
-    m = json.loads((out / "config.json").read_text())
+    m = json.loads((out / "dlc_engine.json").read_text())
     assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits"]
     assert any(i["name"] == "keep_idx" for i in m["phases"]["reuse"]["inputs"])
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")
@@ -190,7 +201,7 @@ def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
 
 def test_unreadable_manifest_is_refused(engine, tmp_path):
     dst, _ = _copy(engine, tmp_path)
-    text = (dst / "config.json").read_text()
-    (dst / "config.json").write_text(text[: len(text) // 2])
+    text = (dst / "dlc_engine.json").read_text()
+    (dst / "dlc_engine.json").write_text(text[: len(text) // 2])
     with pytest.raises(EngineError, match="not valid JSON"):
         open_model(str(dst), device="cpu")

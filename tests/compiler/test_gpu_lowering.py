@@ -33,7 +33,7 @@ def test_gpu_target_export_engine_generates_eager_tokens(tiny_ckpt, tmp_path):
     res = run_cli(["compile", tiny_ckpt, "--target", "h200", "--backend", "export", "--dtype", "fp32", "-o", out,
                    "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8"])
     assert res.exit_code == 0, res.output
-    m = json.loads((out / "config.json").read_text())
+    m = json.loads((out / "dlc_engine.json").read_text())
     chunk = next(p for p in m["passes"] if p["name"] == "chunk_logits")
     assert chunk["params"]["device"] == "cuda" and chunk["params"]["lowering"] == "fused_select_logits"
     assert chunk["rewrites"] == {"refresh": 1, "reuse": 1}

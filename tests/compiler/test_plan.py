@@ -61,7 +61,7 @@ def test_tiny_dry_run_prints_the_plan():
         assert word in out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["counts"]["cache_kv_reuse/refresh"] == 2 and summary["counts"]["sparsify_heads/reuse"] == 2
-    assert "refresh.aoti.pt2" in summary["files"] and "config.json" in summary["files"]
+    assert "refresh.aoti.pt2" in summary["files"] and "dlc_engine.json" in summary["files"]
 
 
 def test_bad_options_are_named():
