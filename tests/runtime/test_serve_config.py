@@ -31,5 +31,5 @@ def test_generation_defaults_from_model_dir(tmp_path):
     (tmp_path / "generation_config.json").write_text('{"gen_length": 64, "steps": 32, "other": 1}')
     d = model_generation_defaults(str(tmp_path))
     assert d["gen_length"] == 64 and d["steps"] == 32 and d["block_length"] == 32 and "other" not in d
-    (tmp_path / "config.json").write_text('{"generation": {"kv_cache": "prefix"}}')
+    (tmp_path / "dlc_engine.json").write_text('{"generation": {"kv_cache": "prefix"}}')     # an engine's
     assert model_generation_defaults(str(tmp_path))["kv_cache"] == "prefix"
