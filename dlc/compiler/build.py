@@ -105,9 +105,14 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                   dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
                   block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
                   dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print,
-                  force: bool = False) -> dict:
+                  force: bool = False, prepare_only: bool = False) -> dict:
     """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
-    empty, absent, or an engine directory (recompiled in place); anything else needs ``force``."""
+    empty, absent, or an engine directory (recompiled in place); anything else needs ``force``.
+
+    The backend asked for is the backend built: when this machine cannot build it (AOTI / TensorRT for a GPU
+    that is not here, TensorRT not installed) the command fails before any work, unless ``prepare_only``: then it
+    writes the portable half (ONNX phases + the manifest with the exact commands that finish the build on the
+    target, ``pending``) and succeeds."""
     tgt = get_target(target)
     get_backend(backend)
     dtype = dtype or ("fp32" if tgt.device == "cpu" else "bf16")
@@ -142,6 +147,11 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                    f"--target {tgt.name} --backend {backend}` there; {MANIFEST} carries the trtexec commands for the ONNX.")
     elif backend == "tensorrt":
         runtime = "onnx"                                  # until the engines are built
+    blocker = pending or (trt_available() if backend == "tensorrt" else None)
+    if blocker and not dry_run and not prepare_only:
+        raise BackendUnavailable(f"--backend {backend} cannot be built on this machine: {blocker.rstrip('.')}. Nothing was "
+                                 f"written; pass --prepare-only to write the portable ONNX half and {MANIFEST} "
+                                 f"with the commands that finish the build on the target.")
     # GPU targets lower to the dlc kernel ops when the artifact runs torch ops (export, AOTI); ONNX/TensorRT
     # cannot run them, so those keep the portable chunked lowering.
     kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
@@ -211,17 +221,15 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         manifest["pending"] = pending
     if backend == "tensorrt" and not pending:
         reason = trt_available()
-        if reason:
+        if reason:                                        # prepare_only (checked above)
             manifest["pending"] = f"TensorRT engines not built: {reason}"
-            write_manifest(out, manifest)
-            raise BackendUnavailable(f"{reason}. The ONNX phases and {MANIFEST} (with the exact trtexec commands) "
-                                     f"are in {out}; nothing was built with TensorRT.")
-        for ph in phases:
+        for ph in ([] if reason else phases):
             with stage(f"emit {ph} (tensorrt)"):
                 f = get_backend("tensorrt")["emit"](None, ph, out, ectx)
             phase_info[ph].update({"file": f, "extra_files": [], "runtime": "tensorrt",
                                    "bytes": {f: (out / f).stat().st_size}, "sha256": {f: file_sha256(out / f)}})
-        manifest["runtime"] = "tensorrt"
+        if not reason:
+            manifest["runtime"] = "tensorrt"
     write_manifest(out, manifest)
     total = sum(manifest["artifact_bytes"].values())
     echo(f"wrote {out} ({total / 1e6:.2f} MB of phase artifacts; "

@@ -27,8 +27,11 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print the manifest / plan as JSON at the end")
 @click.option("-v", "--verbose", is_flag=True, help="log every pass's rewrite count")
 @click.option("--force", is_flag=True, help="write into a non-empty directory that is not a dlc engine")
+@click.option("--prepare-only", is_flag=True, help="where the backend cannot be built here (AOTI / TensorRT for "
+              "another GPU, TensorRT missing): write the portable ONNX half and the commands that finish it")
 def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_size, max_seq_len, block_length,
-                    passes, sparse_retention, logprobs, dump_graph_after, dry_run, as_json, verbose, force):
+                    passes, sparse_retention, logprobs, dump_graph_after, dry_run, as_json, verbose, force,
+                    prepare_only):
     """Compile MODEL (preset or checkpoint dir) for TARGET into an engine directory."""
     from .backends import BackendUnavailable
     from .build import compile_model
@@ -40,7 +43,8 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
         res = compile_model(model, target, out_dir, backend=backend, weights=weights, dtype=dtype,
                             max_batch_size=max_batch_size, max_seq_len=max_seq_len, block_length=block_length,
                             passes=names, sparse_retention=sparse_retention, dump_graph_after=dump_graph_after,
-                            dry_run=dry_run, logprobs=logprobs, echo=click.echo, force=force)
+                            dry_run=dry_run, logprobs=logprobs, echo=click.echo, force=force,
+                            prepare_only=prepare_only)
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -76,7 +76,7 @@ def test_onnx_engine_generates_eager_tokens(onnx_engine, tiny_ckpt, kv):
 
 
 @pytest.mark.slow
-def test_tensorrt_missing_is_a_clear_error_with_trtexec(tiny_ckpt, tmp_path):
+def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     pytest.importorskip("onnx")
     try:
         import tensorrt  # noqa: F401
@@ -84,17 +84,41 @@ def test_tensorrt_missing_is_a_clear_error_with_trtexec(tiny_ckpt, tmp_path):
     except ImportError:
         pass
     out = tmp_path / "trt"
-    res = compile_engine(tiny_ckpt, out, "tensorrt")
+    res = compile_engine(tiny_ckpt, out, "tensorrt")          # the backend asked for cannot be built: fail first
     assert res.exit_code != 0
     assert "TensorRT is not installed" in res.output and "pip install tensorrt" in res.output
-    assert "nothing was built with TensorRT" in res.output
+    assert "Nothing was written" in res.output and "--prepare-only" in res.output
+    assert not out.exists() or not any(out.iterdir())
+    res = compile_engine(tiny_ckpt, out, "tensorrt", ["--prepare-only"])     # the portable half, on purpose
+    assert res.exit_code == 0, res.output
+    assert "TensorRT engines not built" in res.output
     m = json.loads((out / "dlc_engine.json").read_text())
     assert m["backend"] == "tensorrt" and m["runtime"] == "onnx" and "not built" in m["pending"]
     cmd = m["tensorrt"]["trtexec"]["reuse"]
     assert cmd.startswith("trtexec --onnx=reuse.onnx --saveEngine=reuse.engine")
     assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and "k_cache:2x4x4x64x16" in cmd
     assert not list(out.glob("*.engine"))                                  # never claims it ran
+    assert run_cli(["inspect", out]).exit_code == 0
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")   # the ONNX runs meanwhile
+
+
+@pytest.mark.slow
+def test_aoti_for_a_gpu_not_here_fails_unless_prepare_only(tiny_ckpt, tmp_path):
+    """One rule for every backend: exit 0 only when the artifact asked for exists (or --prepare-only)."""
+    pytest.importorskip("onnx")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: whether it is an sm_89 decides, not this test")
+    out = tmp_path / "ada"
+    args = ["compile", tiny_ckpt, "--target", "rtx4090", "--backend", "aoti", "--dtype", "fp32", "-o", out,
+            "--max-seq-len", "64", "--max-batch-size", "2", "--block-length", "8"]
+    res = run_cli(args)
+    assert res.exit_code != 0 and "must be built on a sm_89 GPU" in res.output and "--prepare-only" in res.output
+    assert not out.exists() or not any(out.iterdir())
+    res = run_cli(args + ["--prepare-only"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "dlc_engine.json").read_text())
+    assert m["backend"] == "aoti" and m["runtime"] == "onnx" and "sm_89" in m["pending"]
+    assert not list(out.glob("*.aoti.pt2"))
 
 
 @pytest.fixture(scope="module")
