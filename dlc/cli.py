@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -68,6 +69,42 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
                           "prompt_tokens": len(ids), "model": session.source, "engine": session.kind}))
     else:
         print(text)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
+@click.option("--gen-length", default=None, type=int, help="with --cpp: masks appended (default: the model's)")
+@click.option("--block-length", default=None, type=int, help="with --cpp: the first block's width")
+@click.option("--cpp", is_flag=True, help="print `A B ID...`: the arguments of examples/cpp's demo (the prompt "
+                                          "+ gen-length mask ids, decoding the first block A..B)")
+def tokenize(model, prompt, chat, gen_length, block_length, cpp):
+    """Print PROMPT's token ids under MODEL's tokenizer (preset, checkpoint dir or engine dir): what the C++
+    example and other non-Python callers take. An engine directory's programs are not loaded."""
+    from dlc.manifest import is_engine_dir, load_manifest
+    from dlc.models.config import ModelConfig
+    from dlc.models.tokenizer import has_tokenizer, load_tokenizer
+    from dlc.runtime.session import Session, encode_prompt, open_model
+
+    try:
+        if is_engine_dir(model):
+            path = Path(model)
+            m = load_manifest(path, verify="off")
+            tok = load_tokenizer(path) if has_tokenizer(path) else None
+            session = Session(None, tok, ModelConfig.from_dict(m["model"]), bool(m.get("chat")), str(model))
+        else:
+            session = open_model(model, device="cpu", progress=False)
+        ids = encode_prompt(session, prompt, chat)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if not cpp:
+        print(" ".join(map(str, ids)))
+        return
+    gd = _generation_defaults(model, None)
+    gen, blk = gen_length or gd["gen_length"], block_length or gd["block_length"]
+    a = len(ids)
+    print(" ".join(map(str, [a, a + min(blk, gen), *ids, *[session.config.mask_id] * gen])))
 
 
 def _generation_defaults(model: str, weights: str | None) -> dict:

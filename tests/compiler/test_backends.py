@@ -146,8 +146,10 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     exe = tmp_path / "dlc_engine_demo"
     build = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
+    res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4", "--block-length", "4"])
+    assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), res.output
     ids = [72, 101, 108, 108, 257, 257, 257, 257]
-    run = subprocess.run([str(exe), str(aoti_engine), "4", "8", *map(str, ids)], capture_output=True, text=True,
+    run = subprocess.run([str(exe), str(aoti_engine), *res.output.split()], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     lines = dict(line.split(":", 1) for line in run.stdout.splitlines() if ":" in line)
