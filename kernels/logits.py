@@ -317,9 +317,11 @@ def _(hidden, weight, k):
 _M32 = 4294967296
 
 
-def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int, device) -> torch.Tensor:
-    """Counter-based uniform(0, 1) noise [C, N, c1 - c0] float64 for vocab ids c0..c1 (integer hash; the same
-    (seed, row, id) always gives the same draw, whatever the chunking)."""
+def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int, device,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Counter-based uniform(0, 1) noise [C, N, c1 - c0] for vocab ids c0..c1 (integer hash; the same
+    (seed, row, id) always gives the same draw, whatever the chunking). float64: 32 random bits; float32 (builds
+    for runtimes without doubles, TensorRT): the top 24 bits, exact in float32 and never 0 or 1."""
     row = torch.arange(n_rows, device=device)[None, :, None]                    # [1, N, 1]
     col = torch.arange(c0, c1, device=device)[None, None, :]                    # [1, 1, Vc]
     x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + col           # [C, N, Vc] int64
@@ -328,9 +330,13 @@ def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int
         x = torch.bitwise_xor(x, x // 65536)
         x = (x * 73244475) % _M32
     x = torch.bitwise_xor(x, x // 65536)
+    if dtype == torch.float32:
+        return ((x // 256).to(torch.float32) + 0.5) / 16777216.0
     return (x.to(torch.float64) + 0.5) / _M32
 
-def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int):
+
+def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int,
+                acc: torch.dtype = torch.float64):
     """h [B, N, d] rows to decode, w [>=V, d] LM head -> tokens [C, N], confidence [C, N] float64 (+ top-k ids
     and logprobs [C, N, k]). Guided rows ``un + cfg_w * (cond - un)``
     (cond_rows / un_rows [C] index h; without
@@ -338,18 +344,19 @@ def decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chu
     tensor, or a Python float: 0.0 skips the noise) with ``uniform_noise(seeds [C])``; one vocab chunk of
     ``chunk`` head rows at a time, reduced at once (running best and an online float64 logsumexp), so no
     [C, N, V] tensor exists.
-    The one decoding of the CPU lowering (``chunk_logits``) and of the eager runners."""
+    The one decoding of the CPU lowering (``chunk_logits``) and of the eager runners. ``acc``: the arithmetic
+    (float64, LLaDA's reference; float32 only for builds whose runtime has no doubles, TensorRT)."""
     best = tok = best_l = m = s = top_v = top_i = None
     have = 0                                                                     # top-k candidates so far
     for c0 in range(0, vocab, chunk):
         c1 = min(vocab, c0 + chunk)
         lc = F.linear(h, w[c0:c1])                                               # [B, N, Vc]
         cond, un = lc.index_select(0, cond_rows), lc.index_select(0, un_rows)    # [C, N, Vc]
-        l64 = (un + cfg_w * (cond - un)).to(torch.float64)
+        l64 = (un + cfg_w * (cond - un)).to(acc)
         if isinstance(temp, (int, float)) and temp == 0:
             score = l64                                                          # argmax, no noise to draw
         else:
-            g = torch.log(-torch.log(uniform_noise(seeds, h.size(1), c0, c1, vocab, h.device)))
+            g = torch.log(-torch.log(uniform_noise(seeds, h.size(1), c0, c1, vocab, h.device, acc)))
             score = l64 - temp * g                                               # [C, N, Vc]
         ci = score.argmax(-1, keepdim=True)                                      # [C, N, 1]
         cs, cl = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0]

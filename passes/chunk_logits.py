@@ -95,8 +95,9 @@ def run(gm: fx.GraphModule, ctx) -> int:
             return decode_rows_fused(h, head, cr, ur, cw, t, sd, topk=ctx.logprobs)
         set_outputs(gm, list(inline(gm, fused, args)) + outs[1:])
         return 1 + bool(ctx.logprobs)
+    acc = ctx.decode_dtype or torch.float64
     dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
-                                                                   chunk=chunk, topk=ctx.logprobs), args)
+                                                                   chunk=chunk, topk=ctx.logprobs, acc=acc), args)
     set_outputs(gm, list(dec) + outs[1:])
     return -(-vocab // chunk)
 

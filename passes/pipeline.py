@@ -37,6 +37,7 @@ class PassContext:
     sparse_retention: float | None = None
     device: str = "cpu"                   # the build target's device kind (dlc.targets Target.device)
     kernels: bool | None = None           # lower to dlc.kernels ops (None: when device is "cuda")
+    decode_dtype: object = None           # decoding arithmetic (None: torch.float64; float32 for TensorRT)
     phase: str = ""
     counts: dict = field(default_factory=dict)     # (pass, phase) -> rewrites
     shared: dict = field(default_factory=dict)     # what a pass builds once and both phases use
@@ -54,6 +55,7 @@ class PassContext:
                 "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
+                                 "decode_dtype": str(self.decode_dtype or "torch.float64").replace("torch.", ""),
                                  "lowering": "fused_select_logits" if self.use_kernels else "chunked"}}[name]
 
 

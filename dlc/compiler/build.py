@@ -155,19 +155,22 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     # GPU targets lower to the dlc kernel ops when the artifact runs torch ops (export, AOTI); ONNX/TensorRT
     # cannot run them, so those keep the portable chunked lowering.
     kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
+    # TensorRT has no double type: its ONNX decodes in float32 (temperature, confidence, the sampling noise).
+    decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,
                                           dump_after=dump_graph_after, dump=echo, device=tgt.device,
-                                          kernels=kernels)
+                                          kernels=kernels, decode_dtype=decode_dtype)
     echo("phases: refresh (whole sequence -> tokens, confidence, every layer's K/V), "
          "reuse (fed slice + cached K/V -> tokens, confidence, the slice's new K/V)")
     for name in names:
         echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
              f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
 
-    specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype]) for ph, g in phases.items()}
-    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs) for ph in phases}
+    specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype], decode_dtype) for ph, g in phases.items()}
+    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype)
+            for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
     files = [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"] if backend == "tensorrt" else [])
     files += [MANIFEST, "config.json (the model's HF config)", "tokenizer files"]
@@ -186,7 +189,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     phase_info, onnx_files, trt_cmds = {}, {}, {}
     for ph, g in phases.items():
         with stage(f"export {ph}"):
-            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device)
+            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device, decode_dtype=decode_dtype)
         ectx = {"input_names": list(specs[ph]), "output_names": list(outs[ph]), "weight_bytes": weight_bytes,
                 "dtype": dtype, "profiles": {p: profiles(specs[p], plan) for p in phases}, "onnx_files": onnx_files}
         with stage(f"emit {ph} ({runtime})"):

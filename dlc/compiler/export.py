@@ -76,7 +76,8 @@ def head_weight(model: DiffusionLM) -> torch.Tensor:
 
 def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_retention: float | None = None,
                  logit_chunk: int = 0, logprobs: int = 0, dump_after: str | None = None, dump=print,
-                 timings: dict | None = None, device: str = "cpu", kernels: bool | None = None):
+                 timings: dict | None = None, device: str = "cpu", kernels: bool | None = None,
+                 decode_dtype: torch.dtype = torch.float64):
     """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names).
 
     ``device`` is the build target's device kind ("cpu" or "cuda"): GPU targets lower to the dlc kernel ops
@@ -91,7 +92,7 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_
     t1 = time.perf_counter()
     ctx = PassContext(config=model.config, head_weight=head_weight(model),
                       logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention,
-                      device=device, kernels=kernels)
+                      device=device, kernels=kernels, decode_dtype=decode_dtype)
     phases = run_pipeline(base, ctx, names, dump_after=dump_after, dump=dump)
     if timings is not None:
         timings["trace"] = t1 - t0
@@ -102,7 +103,8 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_
 # ----------------------------------------------------------------------------------------------------------
 # Phase signatures: every input's shape as named symbolic dims (ints are static), and its dtype.
 
-def input_specs(phase: str, names: list[str], config, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
+                decode_dtype: torch.dtype = torch.float64) -> dict[str, tuple[tuple, torch.dtype]]:
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     seq = "L" if phase == "refresh" else "S"
     table = {
@@ -112,7 +114,7 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype) -> dic
         "k_cache": ((nl, "B", hkv, "S", hd), dtype), "v_cache": ((nl, "B", hkv, "S", hd), dtype),
         "keep_idx": ((nl, "B", hkv, "K"), torch.long),
         "out_index": (("B", "N"), torch.long), "cond_rows": (("C",), torch.long), "un_rows": (("C",), torch.long),
-        "cfg_weight": ((1,), dtype), "temperature": ((1,), torch.float64), "seeds": (("C",), torch.long),
+        "cfg_weight": ((1,), dtype), "temperature": ((1,), decode_dtype), "seeds": (("C",), torch.long),
     }
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -120,13 +122,14 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype) -> dic
     return {n: table[n] for n in names}
 
 
-def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int) -> dict:
+def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int,
+                 decode_dtype: torch.dtype = torch.float64) -> dict:
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     seq = "L" if phase == "refresh" else "T"
-    out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), torch.float64)}
+    out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), decode_dtype)}
     if logprobs:
         out["topk_ids"] = (("C", "N", logprobs), torch.long)
-        out["topk_logprobs"] = (("C", "N", logprobs), torch.float64)
+        out["topk_logprobs"] = (("C", "N", logprobs), decode_dtype)
     kname = "k" if phase == "refresh" else "k_new"
     out[kname] = ((nl, "B", hkv, seq, hd), dtype)
     out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)
@@ -158,6 +161,8 @@ def example_inputs(phase: str, specs: dict, device="cpu") -> list[torch.Tensor]:
             out.append(torch.ones(1, dtype=dt))
         elif name == "keep_idx":
             out.append(vals[name].expand(_concrete(shape)).contiguous())
+        elif name == "temperature":
+            out.append(vals[name].to(dt))
         else:
             out.append(vals[name])
     return [t.to(device) for t in out]
@@ -179,9 +184,10 @@ def dynamic_shapes(specs: dict, limits: dict[str, int] | None = None) -> tuple:
                  for shape, _ in specs.values())
 
 
-def export_phase(gm: fx.GraphModule, phase: str, config, dtype, limits=None, device="cpu"):
+def export_phase(gm: fx.GraphModule, phase: str, config, dtype, limits=None, device="cpu",
+                 decode_dtype: torch.dtype = torch.float64):
     """Re-export a rewritten phase program with named dynamic dims -> ExportedProgram."""
-    specs = input_specs(phase, input_names(gm), config, dtype)
+    specs = input_specs(phase, input_names(gm), config, dtype, decode_dtype)
     args = tuple(example_inputs(phase, specs, device))
     return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(specs, limits), strict=False,
                                prefer_deferred_runtime_asserts_over_guards=True)

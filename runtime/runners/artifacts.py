@@ -67,8 +67,30 @@ def load_onnx(path: Path, device="cpu"):
         return [torch.from_numpy(o).to(dev) for o in sess.run(None, feed)]
     return run
 
+
 _TRT_DTYPES = {"BOOL": torch.bool, "INT64": torch.long, "INT32": torch.int32, "FLOAT": torch.float32,
-               "HALF": torch.float16, "BF16": torch.bfloat16, "DOUBLE": torch.float64}
+               "HALF": torch.float16, "BF16": torch.bfloat16}
+
+
+def check_bindings(engine, path, names: list[str], args) -> None:
+    """Every input against the engine's binding before anything runs: its dtype, rank, static dims and the
+    optimisation profile's [min, max] (TensorRT reads raw device pointers: a float64 or wrongly shaped tensor
+    would be read as garbage). Raises ValueError naming the binding."""
+    if len(args) != len(names):
+        raise ValueError(f"{path}: the engine takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    for n, a in zip(names, args):
+        kind = engine.get_tensor_dtype(n).name
+        want = _TRT_DTYPES.get(kind)
+        if want is None or a.dtype != want:
+            raise ValueError(f"{path}: input {n} is {a.dtype}, the engine binds {kind} ({want})")
+        dims = tuple(engine.get_tensor_shape(n))
+        lo, _, hi = (tuple(x) for x in engine.get_tensor_profile_shape(n, 0))
+        shape = tuple(a.shape)
+        if len(shape) != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, shape)) \
+                or any(not lo_d <= s <= hi_d for lo_d, s, hi_d in zip(lo, shape, hi)):
+            raise ValueError(f"{path}: input {n} has shape {list(shape)}; the engine binds {list(dims)} "
+                             f"within [{list(lo)}, {list(hi)}]")
+
 
 def load_tensorrt(path: Path, device="cuda"):
     reason = trt_available()
@@ -77,15 +99,18 @@ def load_tensorrt(path: Path, device="cuda"):
     import tensorrt as trt
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise ValueError(f"{path}: TensorRT could not deserialize the engine (another TensorRT version or GPU?)")
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
     def run(*args):
+        check_bindings(engine, path, ins, args)
         stream = torch.cuda.current_stream()
-        for n, a in zip(ins, args):
-            a = a.contiguous().cuda()
+        feed = [a.contiguous().cuda() for a in args]        # kept alive until the engine has run
+        for n, a in zip(ins, feed):
             context.set_input_shape(n, tuple(a.shape))
             context.set_tensor_address(n, a.data_ptr())
         results = []

@@ -20,7 +20,8 @@ from .eager import pad_keys
 class CompiledRunner:
     def __init__(self, config, phases: dict, input_names: dict[str, list[str]], *, device="cpu",
                  dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export",
-                 max_seq_len: int | None = None, max_batch_size: int | None = None):
+                 max_seq_len: int | None = None, max_batch_size: int | None = None,
+                 temperature_dtype: torch.dtype = torch.float64):
         missing = {"refresh", "reuse"} - set(phases)
         if missing:
             raise ValueError(f"compiled runner: missing phase program(s) {sorted(missing)}")
@@ -30,6 +31,7 @@ class CompiledRunner:
         self.kind = kind
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)   # the build limits
         self.max_batch_size = max_batch_size
+        self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
 
     def _decode_inputs(self, batch: StepBatch, hid_start: torch.Tensor) -> dict:
         """hid_start [fed]: the decoded rows' first index into the program's hidden states."""
@@ -37,7 +39,7 @@ class CompiledRunner:
         return {"out_index": hid_start[:, None] + torch.arange(n, device=hid_start.device),   # [fed, N]
                 "cond_rows": batch.cond_rows, "un_rows": batch.un_rows,
                 "cfg_weight": batch.cfg_weight(self.dtype),
-                "temperature": torch.tensor([batch.temperature], dtype=torch.float64, device=self.device),
+                "temperature": torch.tensor([batch.temperature], dtype=self.temperature_dtype, device=self.device),
                 "seeds": batch.seeds}
 
     def _call(self, phase: str, feed: dict):

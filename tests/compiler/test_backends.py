@@ -15,6 +15,8 @@ from dlc.compiler.export import example_inputs, input_specs
 from dlc.models.loading import load_model
 from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.step import build_batch
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.session import open_model
 
 CONF_ATOL = 1e-5      # confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
 KV_ATOL = 1e-5        # fp32 K/V
@@ -102,6 +104,61 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")   # the ONNX runs meanwhile
 
 
+def double_tensors(path) -> list[str]:
+    """Every float64 place of an ONNX model: graph inputs, outputs, initializers, inferred value types, Cast
+    targets and Constant values, in subgraphs too."""
+    import onnx
+    from onnx import TensorProto
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    found = []
+
+    def walk(g, where):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+                found.append(f"{where}value {vi.name}")
+        found.extend(f"{where}initializer {t.name}" for t in g.initializer if t.data_type == TensorProto.DOUBLE)
+        for node in g.node:
+            for a in node.attribute:
+                if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.DOUBLE:
+                    found.append(f"{where}Cast {node.name}")
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.DOUBLE:
+                    found.append(f"{where}{node.op_type} {node.name}")
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g, f"{where}{node.name}/")
+    walk(model.graph, "")
+    for fn in model.functions:
+        for node in fn.node:
+            for a in node.attribute:
+                if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.DOUBLE:
+                    found.append(f"function {fn.name}: Cast {node.name}")
+    return found
+
+
+@pytest.mark.slow
+def test_tensorrt_onnx_has_no_float64(tiny_ckpt, onnx_engine, tmp_path):
+    """TensorRT has no double type: the ONNX written for --backend tensorrt decodes in float32 (temperature,
+    confidence, the sampling noise) and holds no float64 anywhere; the plain ONNX backend keeps LLaDA's
+    float64 decoding (so the check finds something where there is something to find)."""
+    pytest.importorskip("onnx")
+    out = tmp_path / "trt"
+    res = compile_engine(tiny_ckpt, out, "tensorrt", ["--prepare-only"])
+    assert res.exit_code == 0, res.output
+    for ph in ("refresh", "reuse"):
+        assert double_tensors(out / f"{ph}.onnx") == [], ph
+        assert double_tensors(onnx_engine / f"{ph}.onnx")
+    m = json.loads((out / "dlc_engine.json").read_text())
+    assert {"name": "temperature", "shape": [1], "dtype": "float32"} in m["phases"]["refresh"]["inputs"]
+    assert {"name": "confidence", "shape": ["C", "N"], "dtype": "float32"} in m["phases"]["reuse"]["outputs"]
+    runner, _ = engine_runner(out)                    # onnxruntime runs the same ONNX meanwhile, T > 0 too
+    ref = open_model(str(tiny_ckpt), device="cpu").runner
+    prompts = [[72, 101, 108, 108], [87, 111, 114, 108, 100]]
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    assert generate(runner, prompts, cfg).token_ids == generate(ref, prompts, cfg).token_ids
+    hot = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual", temperature=0.8, seed=3)
+    sampled = generate(runner, prompts, hot).token_ids
+    assert sampled == generate(runner, prompts, hot).token_ids and sampled != generate(runner, prompts, cfg).token_ids
+
+
 @pytest.mark.slow
 def test_aoti_for_a_gpu_not_here_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     """One rule for every backend: exit 0 only when the artifact asked for exists (or --prepare-only)."""
@@ -166,3 +223,39 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     y0, _ = runner.reuse(build_batch(runner, "reuse", [x], [4], [4], 4, [(4, 8)], [(0,)], pool))
     assert cpp_reuse == y0[0].tolist()
     assert f"committed column {4 + best} = {int(x0[0, best])}" in run.stdout
+
+
+class _Kind:
+    def __init__(self, name):
+        self.name = name
+
+
+class _FakeEngine:
+    """The three calls of TensorRT's ICudaEngine that check_bindings reads (TensorRT cannot be installed here)."""
+    binds = {"q_ids": ("INT64", (-1, -1), ((1, 1), (2, 8), (4, 64))),
+             "temperature": ("FLOAT", (1,), ((1,), (1,), (1,)))}
+
+    def get_tensor_dtype(self, n):
+        return _Kind(self.binds[n][0])
+
+    def get_tensor_shape(self, n):
+        return self.binds[n][1]
+
+    def get_tensor_profile_shape(self, n, profile):
+        return self.binds[n][2]
+
+
+def test_tensorrt_bindings_are_checked_before_running():
+    from dlc.runtime.runners.artifacts import check_bindings
+    names, eng = ["q_ids", "temperature"], _FakeEngine()
+    ok = [torch.zeros(2, 8, dtype=torch.long), torch.zeros(1)]
+    check_bindings(eng, "reuse.engine", names, ok)
+    bad = [([torch.zeros(2, 8, dtype=torch.long), torch.zeros(1, dtype=torch.float64)], "input temperature is"),
+           ([torch.zeros(2, 8, dtype=torch.int32), torch.zeros(1)], "input q_ids is torch.int32"),
+           ([torch.zeros(2, 8, 1, dtype=torch.long), torch.zeros(1)], "input q_ids has shape"),
+           ([torch.zeros(5, 8, dtype=torch.long), torch.zeros(1)], r"within \[\[1, 1\], \[4, 64\]\]"),
+           ([torch.zeros(2, 8, dtype=torch.long), torch.zeros(2)], "input temperature has shape"),
+           ([torch.zeros(2, 8, dtype=torch.long)], "takes 2 inputs")]
+    for args, needle in bad:
+        with pytest.raises(ValueError, match=needle):
+            check_bindings(eng, "reuse.engine", names, args)
