@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*, emitted for GPU targets)
 from dlc.kernels.logits import decode_rows, row_key

@@ -37,7 +37,7 @@ class ServeConfig:
     chunk_sizes: tuple = (4, 8, 16, 32, 64)   # elastic mode: the chunk sizes the controller picks from
     refresh_share: float = 0.5          # at most this share of the token budget goes to Refresh per iteration
     age_iters: int = 16                 # a request waiting this many iterations goes first (no starvation)
-    seed: int = 0
+    seed: int | None = None             # default seed of requests that send none (None: a fresh random seed each)
     drain_timeout_s: float = 60.0
     cuda_graphs: bool | None = None     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
@@ -76,6 +76,9 @@ class ServeConfig:
             raise ValueError(f"serve config: graph_decode must be 'fused' or 'exact', got {self.graph_decode!r}")
         if self.compile and self.cuda_graphs is False:
             raise ValueError("serve config: compile applies to the graph runner; it needs cuda_graphs on")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= 2 ** 63 - 1):
+            raise ValueError(f"serve config: seed must be an integer in [0, 2^63 - 1], got {self.seed!r}")
         if self.api_key == "":
             raise ValueError("serve config: api_key must not be empty (leave it out to disable auth)")
 

@@ -27,6 +27,8 @@ tokens of the uncapped request.
 This module imports no web framework (the GPU machine has none)."""
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 import time
 
@@ -45,6 +47,7 @@ from .scheduler import SCHEDULERS
 from .step import check_runner, group_states, make_batch, run_batch
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
+log = logging.getLogger("dlc.engine")
 
 
 class QueueFull(RuntimeError):
@@ -108,6 +111,8 @@ class Engine:
         if unknown:
             raise FieldError(sorted(unknown)[0], f"unknown generation fields {sorted(unknown)}")
         p = {**self.gen_defaults, **{k: v for k, v in params.items() if v is not None}}
+        if p.get("seed") is None:         # unseeded: the server's --seed, else a fresh draw (samples differ)
+            p["seed"] = self.cfg.seed if self.cfg.seed is not None else secrets.randbits(63)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens <= 0):
             raise FieldError("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
@@ -217,6 +222,7 @@ class Engine:
         r.finish_reason, r.error = "error", f"{type(err).__name__}: {err}"
         r.finish_time = time.monotonic()
         self.metrics.inc("requests_total", status="error")
+        log.warning("failed %s after %.3f s: %s", r.rid, r.finish_time - r.arrival, r.error)
         if r.on_output is not None:
             r.on_output(r, [], True)
 
@@ -262,6 +268,8 @@ class Engine:
         r.finish_time = time.monotonic()
         self.metrics.inc("requests_total", status="finished")
         self.metrics.observe("latency", r.finish_time - r.arrival)
+        log.info("finished %s: %d prompt + %d completion tokens, %d forwards, %.3f s, %s", r.rid, r.P,
+                 len(r.output_ids), r.forwards, r.finish_time - r.arrival, r.finish_reason)
 
     def _update_gauges(self) -> None:
         m, s = self.metrics, self.scheduler

@@ -140,11 +140,12 @@ class Server:
         self.draining = False
 
     # -- request lifecycle --------------------------------------------------------------------------------------
-    def _submit(self, prompt_ids: list[int], body: DiffusionFields) -> tuple[Request, asyncio.Queue]:
+    def _submit(self, prompt_ids: list[int], body: DiffusionFields, chat: bool = False
+                ) -> tuple[Request, asyncio.Queue]:
         max_tokens = body.max_tokens or body.max_completion_tokens
         try:
             req = self.engine.make_request(prompt_ids, _params(body), max_tokens=max_tokens,
-                                           rid=f"cmpl-{uuid.uuid4().hex[:24]}")
+                                           rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
         except ValueError as e:       # FieldError names the field
             raise APIError(400, str(e), param=getattr(e, "field", None)) from None
         loop = asyncio.get_running_loop()
@@ -238,7 +239,7 @@ class Server:
         subs = []
         try:
             for p in prompts:
-                subs.append(self._submit(p, body))
+                subs.append(self._submit(p, body, chat))
         except APIError:
             for r, _ in subs:
                 self.engine.abort(r)
@@ -374,10 +375,18 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, start
     async def metrics():
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "dlc", "max_model_len": engine.max_seq}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "dlc",
-                                            "max_model_len": engine.max_seq}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):                    # the openai client's models.retrieve
+        if model_id != model_name:
+            return error_response(404, f"The model '{model_id}' does not exist; this server serves "
+                                       f"'{model_name}'", param="model", code="model_not_found")
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):

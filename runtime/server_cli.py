@@ -69,6 +69,8 @@ def serve_command(model, config_path, **options):
         from .server import build_app
     except ImportError as e:
         raise click.ClickException(f"dlc serve needs the serve extras (pip install 'dlc[serve]'): {e}") from None
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     name = cfg.served_model_name or model
     app = build_app(engine, name, cfg.api_key)
     click.echo(f"dlc serve: {name} on http://{cfg.host}:{cfg.port} ({engine.kv.n_slots} KV slots of "

@@ -119,6 +119,26 @@ def test_guidance_with_a_cache_uses_two_slots_and_matches_generate(session):
     assert reqs[0].output_ids != plain and eng.kv.num_used == 0
 
 
+def test_unseeded_sampling_differs_and_the_server_seed_is_the_default(session, caplog):
+    """OpenAI / vLLM semantics: a T > 0 request without a seed draws a fresh one (samples differ); with
+    `--seed` (ServeConfig.seed) unseeded requests use it; an explicit seed always wins. Each finished request
+    logs one line."""
+    p = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual", temperature=1.5)
+    prompt = [5, 17, 99, 3]
+    free = make_engine(session)
+    outs = [tuple(free.generate([prompt], p)[0]) for _ in range(4)]
+    assert len(set(outs)) > 1
+    pinned = make_engine(session, seed=7)
+    with caplog.at_level("INFO", logger="dlc.engine"):
+        a, b = pinned.generate([prompt], p)[0], pinned.generate([prompt], p)[0]
+    assert a == b == free.generate([prompt], {**p, "seed": 7})[0]
+    assert pinned.generate([prompt], {**p, "seed": 8})[0] != a
+    lines = [r.getMessage() for r in caplog.records if r.name == "dlc.engine"]
+    assert len(lines) == 2 and all(m.startswith("finished req-") and "4 prompt +" in m for m in lines)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        ServeConfig(seed=2 ** 64)
+
+
 def test_queue_limit(session):
     eng = make_engine(session, max_queue=2)
     for _ in range(2):

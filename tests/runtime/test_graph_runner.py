@@ -5,7 +5,7 @@ GPU test at the end (skipped without CUDA). Tokens must equal generate()'s exact
 import pytest
 import torch
 
-from dlc.models.common import KVCache, fuse_projections_
+from dlc.models.common import fuse_projections_
 from dlc.runtime.config import ServeConfig
 from dlc.runtime.engine import Engine
 from dlc.runtime.generate import GenerationConfig, generate

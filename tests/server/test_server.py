@@ -33,6 +33,9 @@ def expected_text(session, prompt: str, chat: bool = False, **params):
 
 def test_models_and_health(client, tiny_server):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     assert httpx.get(tiny_server.base + "/health").json() == {"status": "ok"}
 
 
@@ -57,6 +60,9 @@ def test_chat_uses_the_template(client, session):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     text, _ = expected_text(session, "hi", chat=True)
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    c = client.completions.create(model=MODEL, prompt="hi")
+    assert c.id.startswith("cmpl-") and not c.id.startswith("chatcmpl-")
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -75,6 +81,7 @@ def test_stream_equals_non_stream(client, chat):
         assert streamed == full.choices[0].text
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     assert len(chunks) >= 2
+    assert all(c.id.startswith("chatcmpl-" if chat else "cmpl-") for c in chunks)
 
 
 def test_sse_wire_format(tiny_server):
