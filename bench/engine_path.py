@@ -25,6 +25,8 @@ def eager_runner(model):
 
 
 def build(preset: str, dev: str):
+    """gpu_bench.build's model (random bf16 weights on the GPU, head x4), written out here: this script must
+    also run against older checkouts, whose dlc lacks what gpu_bench imports."""
     from dlc.models import build_model
     from dlc.models.presets import preset_config
     cfg = preset_config(preset)

@@ -199,6 +199,27 @@ def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")
 
 
+def test_head_sparse_engine_serves_default_requests(tiny_ckpt, tmp_path):
+    """The engine keeps each row's Refresh head scores in its KV pool, so a head-sparse engine serves dual-cache
+    requests in a batch (it answered 500 to every one while the scores rode on the cache object)."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    out = tmp_path / "sparse-half"
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
+                   "--max-batch-size", "4", "--block-length", "8", "--sparse-retention", "0.5"])
+    assert res.exit_code == 0, res.output
+    eng = Engine(open_model(str(out), device="cpu"), ServeConfig(kv_cache_mb=16, kv_cache="dual", gen_length=16,
+                                                               block_length=8, steps=16))
+    assert eng.kv.scores is not None
+    reqs = [eng.make_request(p, {}) for p in ([72, 101, 108], [87, 111, 114, 108, 100], [1, 2, 3, 4, 5, 6])]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert all(r.finish_reason in ("stop", "length") and r.error is None for r in reqs)
+    assert all(r.output_ids for r in reqs) and eng.metrics.counter("phase_tokens_total", phase="reuse") > 0
+    assert eng.metrics.counter("isolated_batches_total") == 0
+
+
 def test_unreadable_manifest_is_refused(engine, tmp_path):
     dst, _ = _copy(engine, tmp_path)
     text = (dst / "dlc_engine.json").read_text()
