@@ -7,7 +7,7 @@ holds KV slots); the engine starts newly admitted requests' decoding states, gro
 
 Isolation: a runner call that raises is retried with each of its requests alone, so the request whose own
 data breaks the call fails alone (finish_reason "error", the error recorded) and the others continue with
-exactly their solo output (their generators are rewound before the retry; K/V are rewritten by it). An error
+exactly their solo output (the retry reuses the step's sampling seeds; K/V are rewritten by it). An error
 while applying or advancing one request fails that request only.
 
 Threading: one engine thread runs ``step()`` in a loop; other threads only call ``add_request`` and
@@ -44,7 +44,7 @@ from .request import CANCELLED, FINISHED, Request
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import check_runner, group_states, make_batch, run_batch
+from .step import check_runner, draw_seeds, group_states, make_batch, run_batch
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
 log = logging.getLogger("dlc.engine")
@@ -190,20 +190,19 @@ class Engine:
             self._run_group([reqs[i] for i in idx], results)
         return results
 
-    def _run_group(self, group: list[Request], results: dict) -> None:
-        rng = [None if r.state.generator is None else r.state.generator.get_state() for r in group]
+    def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
+        states = [r.state for r in group]
+        seeds = draw_seeds(states) if seeds is None else seeds     # a retry reuses the step's seeds
         try:
-            batch = make_batch(self.runner, [r.state for r in group], [r.slots for r in group], self.kv)
+            batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, seeds)
             x0, conf = run_batch(self.runner, batch)
         except Exception as e:             # noqa: BLE001 - whose data broke the call? run each request alone
             if len(group) == 1:
                 self._fail(group[0], e)
                 return
             self.metrics.inc("isolated_batches_total")
-            for r, g in zip(group, rng):
-                if g is not None:
-                    r.state.generator.set_state(g)
-                self._run_group([r], results)
+            for r, seed in zip(group, seeds):
+                self._run_group([r], results, [seed])
             return
         for j, r in enumerate(group):
             results[id(r)] = (x0[j], conf[j])

@@ -61,9 +61,8 @@ def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_s
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < mc.vocab_size for t in p):
             raise FieldError("prompt", f"prompt token ids must be integers in [0, {mc.vocab_size})")
         if len(p) + gen_length > limit:
-            raise FieldError("prompt", f"prompt ({len(p)} tokens) + gen_length ({gen_length}) "
-                             f"exceeds the maximum "
-                             f"sequence length {limit}")
+            raise FieldError("prompt", f"prompt ({len(p)} tokens) + gen_length ({gen_length}) exceeds the "
+                                       f"maximum sequence length {limit}")
 
 
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationResult:

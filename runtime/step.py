@@ -86,8 +86,7 @@ class PhaseRunner(Protocol):
 
 def check_runner(runner) -> None:
     if not isinstance(runner, PhaseRunner):
-        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, "
-                        f"sparse_retention, "
+        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, sparse_retention, "
                         f"max_seq_len, max_batch_size, full/refresh/reuse over a StepBatch)")
 
 
@@ -108,14 +107,21 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev, non_blocking=True)
 
 
+def draw_seeds(states: list[DecodeState]) -> list[int]:
+    """This step's sampling seed of each state (0 at T = 0); draws advance the states' generators."""
+    return [s.draw_seed() if s.gen.temperature > 0 else 0 for s in states]
+
+
 def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] | None = None,
-               pool=None) -> StepBatch:
+               pool=None, seeds: list[int] | None = None) -> StepBatch:
     """One group's StepBatch. ``slots[i]``: state i's KV pool rows (1, or 2 with guidance); ``pool``: the
-    ``KVCacheManager`` they index (refresh / reuse). Draws each state's sampling seed for this step."""
+    ``KVCacheManager`` they index (refresh / reuse); ``seeds``: this step's sampling seeds (default: drawn
+    here, ``draw_seeds``)."""
     s0 = states[0]
     if s0.phase not in PHASES or any(s.group_key() != s0.group_key() for s in states):
         raise ValueError("make_batch: the states must share one group key (phase, widths, sampling)")
-    seeds = [s.draw_seed() if s.gen.temperature > 0 else 0 for s in states]
+    if seeds is None:
+        seeds = draw_seeds(states)
     return build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
                        s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
                        slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds)

@@ -11,7 +11,7 @@ width) and replays it:
 * per call the host only copies the rows' inputs into the graph's static buffers and replays: host time per
   call is counted in ``stats`` (``host_s``: preparing + launching; ``replays``), the GPU time is not;
 * decoding inside the graph: ``fused`` (``dlc.kernels.fused_select_logits``: no [B, N, V] logits, float32
-  confidence; the GPU default) or ``exact`` (the eager runner's logits + float64 softmax, so tokens equal
+  confidence; the GPU default) or ``exact`` (the eager runner's float64 ``decode_rows``, so tokens equal
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
 * everything else runs through ``EagerRunner`` unchanged: Refresh and full forwards (compute-bound: launch
   overhead is noise there), classifier-free guidance, temperature > 0 (the fused kernel's noise is not the
@@ -54,9 +54,10 @@ class _Graph:
     ids: torch.Tensor           # [bb, T] fed tokens
     pos: torch.Tensor           # [bb, T] their positions
     key_mask: torch.Tensor      # [bb, S] attended cache columns
-    meta: torch.Tensor          # [4, bb] pool slot, cache column of ids[:, 0],
-                                #   first decoded row in the slice,
-    meta_host: torch.Tensor     #   valid keys; meta_host: its staging copy on the host (pinned on CUDA)
+    # meta [4, bb]: pool slot, cache column of ids[:, 0], first decoded row in the slice, valid keys;
+    # meta_host: its staging copy on the host (pinned on CUDA)
+    meta: torch.Tensor
+    meta_host: torch.Tensor
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
     graph: object = None

@@ -115,7 +115,7 @@ def _solo(session, prompt, params):
 def test_a_poisoned_request_fails_alone(sessions, kind):
     """Four good long requests and two whose prompt holds an id outside the embedding (past validation, as a
     bug upstream could send) share runner calls; the poisoned ones fail with the error, the others finish with
-    exactly their solo output (seeded T > 0 included: their generators are rewound before the retry)."""
+    exactly their solo output (seeded T > 0 included: the retry reuses the step's seeds)."""
     sess = sessions[kind]
     eng = Engine(sess, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8))
     base = dict(gen_length=32, block_length=8, steps=32, kv_cache="dual")
