@@ -6,7 +6,8 @@ its own file, never under HF's keys (transformers would read ``dtype: "fp32"`` a
 
 The manifest records versions, target, dtype, model config (with mask/eos ids), build limits, the ordered
 passes with their parameters and rewrite counts, per-phase files with input/output names, shapes (symbolic
-dims named) and dtypes, tokenizer files, compile timings and artifact sizes, and ``settings_hash``: a sha256 of
+dims named) and dtypes, the weights (``weights``: one ``weights.safetensors`` every phase program takes as
+inputs, named ``w__*`` after its runtime inputs, in ``weight_inputs`` order), tokenizer files, compile timings and artifact sizes, and ``settings_hash``: a sha256 of
 the engine-affecting settings. Every artifact file's sha256 is recorded under its phase (``sha256``: file ->
 hex digest) and so covered by the settings hash. ``load_manifest`` refuses a damaged or mismatched directory
 with the reason, naming the file: wrong versions, an edited manifest, a missing file, a file whose size or
@@ -26,7 +27,8 @@ import dlc
 
 FORMAT = "dlc-engine"
 MANIFEST = "dlc_engine.json"
-FORMAT_VERSION = 2                     # 2: per-artifact sha256, dlc_engine.json beside an HF config.json
+FORMAT_VERSION = 3                     # 2: per-artifact sha256, dlc_engine.json beside an HF config.json
+                                       # 3: weights once in weights.safetensors, K/V in the runtime's pool
 HASHED = ("format_version", "backend", "runtime", "dtype", "target", "model", "build", "passes", "phases")
 
 
@@ -36,6 +38,14 @@ class EngineError(ValueError):
 
 VERIFY_MODES = ("cached", "full", "off")
 _CHUNK = 16 << 20
+
+
+WEIGHTS_FILE = "weights.safetensors"    # the engine's one copy of the weights, read by every phase program
+WEIGHT_PREFIX = "w__"                   # phase program inputs named so are weights (dlc.passes.lift_weights)
+
+
+def is_weight_input(name: str) -> bool:
+    return name.startswith(WEIGHT_PREFIX)
 
 
 def file_sha256(path) -> str:
@@ -148,7 +158,9 @@ def validate_manifest(path, m: dict, check_versions: bool = True, verify: str = 
     if m.get("settings_hash") != h:
         raise EngineError(f"{path}: settings hash mismatch ({MANIFEST} says {m.get('settings_hash')}, its "
                           f"settings hash to {h}): {MANIFEST} was edited or damaged; recompile")
-    for phase, spec in (m.get("phases") or {}).items():
+    if not isinstance(m.get("weights"), dict):
+        raise EngineError(f"{path}: {MANIFEST} records no weights file; recompile with `dlc compile`")
+    for phase, spec in [*(m.get("phases") or {}).items(), ("weights", m["weights"])]:
         for f in [spec["file"]] + spec.get("extra_files", []):
             fp = path / f
             if not fp.exists():
@@ -185,11 +197,18 @@ def summary_lines(m: dict) -> list[str]:
              f"limits      batch {b.get('max_batch_size')} seq {b.get('max_seq_len')} block {b.get('block_length')} "
              f"logit chunk {b.get('logit_chunk')}",
              "passes      " + ", ".join(f"{p['name']}{p.get('params') or ''}" for p in m.get("passes", []))]
+    w = m.get("weights") or {}
+    if w:
+        lines.append(f"weights     {w.get('file')} ({sum(w.get('bytes', {}).values()) / 1e6:.2f} MB, "
+                     f"{w.get('tensors')} tensors, once for every phase; K/V "
+                     f"{'written in place' if b.get('kv_inplace') else 'returned'} to the runtime's pool)")
     for phase, spec in m.get("phases", {}).items():
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in spec["inputs"])
         outs = ", ".join(f"{o['name']}{o['shape']}" for o in spec["outputs"])
         size = sum(spec.get("bytes", {}).values())
-        lines.append(f"phase {phase:<6} {spec['file']} ({size / 1e6:.2f} MB)\n  in:  {ins}\n  out: {outs}")
+        n_w = len(spec.get("weight_inputs", []))
+        lines.append(f"phase {phase:<6} {spec['file']} ({size / 1e6:.2f} MB)\n  in:  {ins} + {n_w} weights\n"
+                     f"  out: {outs}")
     if m.get("pending"):
         lines.append(f"pending     {m['pending']}")
     if m.get("tensorrt"):

@@ -71,20 +71,24 @@ class KVCache:
     keys per row (a prefix of the row) for attention inside the pool.
     ``scores`` [n_layers, N, Hkv, S] float32:
     head-sparse engines' per-head key scores from the last Refresh of each row (models/sparse_heads.py), None
-    for dense runners."""
+    for dense runners. ``k_all``, ``v_all`` [n_layers, N, Hkv, S, D]: the storage ``k[l]`` / ``v[l]`` are views
+    of (the slot pool as one tensor), which compiled phase programs take as an input and write in place; None
+    when the layers are separate tensors."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None,
-                 kv_len: torch.Tensor | None = None, scores: torch.Tensor | None = None):
+                 kv_len: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                 k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None):
         self.k, self.v, self.rows = k, v, rows
         self.kv_len = kv_len
         self.scores = scores
+        self.k_all, self.v_all = k_all, v_all
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, seq_len: int, dtype, device) -> "KVCache":
-        shape = (batch, config.n_kv_heads, seq_len, config.head_dim)
-        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        return cls(k, v)
+        shape = (config.n_layers, batch, config.n_kv_heads, seq_len, config.head_dim)
+        k_all = torch.zeros(shape, dtype=dtype, device=device)
+        v_all = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(list(k_all.unbind(0)), list(v_all.unbind(0)), k_all=k_all, v_all=v_all)
 
     @property
     def batch(self) -> int:

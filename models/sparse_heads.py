@@ -70,6 +70,20 @@ def max_pool3(s: torch.Tensor) -> torch.Tensor:
     return max_pool(s, 3)
 
 
+def gather_pool_heads(k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor,
+                      keep: torch.Tensor, group: int):
+    """Like ``gather_heads`` but straight from one layer's slot pool k_pool, v_pool [P, Hkv, S, D] at pool rows
+    ``rows`` [B]: only the kept columns are read (no copy of the batch's rows)."""
+    heads = torch.arange(k_pool.size(1), device=keep.device)[None, :, None]        # [1, Hkv, 1]
+    r = rows[:, None, None]                                                        # [B, 1, 1]
+    ks, vs = k_pool[r, heads, keep], v_pool[r, heads, keep]                        # [B, Hkv, K, D]
+    km = torch.gather(key_mask[:, None, :].expand(-1, k_pool.size(1), -1), 2, keep)   # [B, Hkv, K]
+    if group > 1:
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        km = km.repeat_interleave(group, dim=1)
+    return ks, vs, km[:, :, None, :]
+
+
 def gather_heads(k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, keep: torch.Tensor, group: int):
     """k, v [B, Hkv, S, D], key_mask [B, S], keep [B, Hkv, K] -> per-head K/V [B, H, K, D] and the SDPA mask
     [B, H, 1, K]."""

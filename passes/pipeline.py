@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from . import cache_kv_reuse, chunk_logits, fuse_projections, sparsify_heads
+from . import cache_kv_reuse, chunk_logits, fuse_projections, lift_weights, sparsify_heads
 
 log = logging.getLogger("dlc.passes")
 
@@ -24,6 +24,7 @@ PIPELINE: dict[str, tuple] = {
     "sparsify_heads": (sparsify_heads, False),
     "fuse_projections": (fuse_projections, False),      # default on when lowering to the GPU kernels
     "chunk_logits": (chunk_logits, True),
+    "lift_weights": (lift_weights, True),              # last: every weight becomes an input, stored once
 }
 
 
@@ -38,9 +39,12 @@ class PassContext:
     device: str = "cpu"                   # the build target's device kind (dlc.targets Target.device)
     kernels: bool | None = None           # lower to dlc.kernels ops (None: when device is "cuda")
     decode_dtype: object = None           # decoding arithmetic (None: torch.float64; float32 for TensorRT)
+    kv_inplace: bool = True               # programs write K/V into the pool inputs (False: ONNX / TensorRT,
+                                          # which return the new K/V for the runner to write)
     phase: str = ""
     counts: dict = field(default_factory=dict)     # (pass, phase) -> rewrites
     shared: dict = field(default_factory=dict)     # what a pass builds once and both phases use
+                                                   # ("weights": name -> tensor, from lift_weights)
 
     @property
     def use_kernels(self) -> bool:
@@ -50,7 +54,9 @@ class PassContext:
 
     def params(self, name: str) -> dict:
         """The parameters of one pass, as recorded in config.json."""
-        return {"cache_kv_reuse": {"layouts": ["prefix", "dual"], "vicinity": "runtime"},
+        return {"cache_kv_reuse": {"layouts": ["prefix", "dual"], "vicinity": "runtime",
+                                   "kv": "in place" if self.kv_inplace else "returned"},
+                "lift_weights": {"weights": len(self.shared.get("weights", {}))},
                 "sparsify_heads": sparsify_heads.params(self),
                 "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,

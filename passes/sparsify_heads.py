@@ -8,7 +8,8 @@
   (float32).
 * ``reuse``: new input ``keep_idx [n_layers, B, Hkv, K]`` (ascending cache columns per head, chosen by the
   runner: the top ``retention`` fraction of positions by score plus the fed columns). After the cache write
-  each layer gathers those K columns of K/V and of the key mask per head, and attends over them only.
+  each layer reads only those K columns of its pool rows (and of the key mask) per head, and attends over
+  them.
 
 Why not Sparse-dLLM's score (``mean_t q_t . k_j``, raw logits of the mean query, pool 3): on the trained
 ``dlc-tiny`` (docs/QUALITY.md) it kept the wrong half of the context (low-confidence dual, retention 0.5:
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from dlc.models.sparse_heads import POOL_KERNEL, gather_heads, head_scores
+from dlc.models.sparse_heads import POOL_KERNEL, gather_heads, gather_pool_heads, head_scores
 
 from .graph_utils import add_input, attention_nodes, inline, kv_source, outputs, placeholders, set_outputs
 SCORE = "attention x value norm, mean over the block's queries, max over the group"
@@ -102,15 +103,20 @@ def _reuse(gm: fx.GraphModule, ctx) -> int:
     for layer, attn in enumerate(attention_nodes(gm)):
         if "dlc_kv" not in attn.meta:
             raise ValueError("sparsify_heads must run after cache_kv_reuse (no cached K/V found)")
-        k_full, v_full = attn.meta["dlc_kv"]
+        kp_l, vp_l, rows, k_full, v_full = attn.meta["dlc_kv"]
         if kernels:
             (o,) = inline(gm, lambda q, k, v, km, keep, qs, layer=layer: (kernel_attention(q, k, v, km, keep[layer], qs),),
                           [attn.args[0], k_full, v_full, ph["key_mask"], keep_idx, ph["q_start"]], before=attn)
             attn.replace_all_uses_with(o)
             gm.graph.erase_node(attn)
         else:
-            ks, vs, mask = inline(gm, lambda k, v, km, keep, layer=layer: gather_heads(k, v, km, keep[layer], group),
-                                  [k_full, v_full, ph["key_mask"], keep_idx], before=attn)
+            if rows is None:                    # functional programs: the rows were copied with the block written
+                ks, vs, mask = inline(gm, lambda k, v, km, keep, layer=layer: gather_heads(
+                    k, v, km, keep[layer], group), [k_full, v_full, ph["key_mask"], keep_idx], before=attn)
+            else:                               # in place: read only the kept columns of the pool rows
+                ks, vs, mask = inline(gm, lambda kp, vp, r, km, keep, layer=layer: gather_pool_heads(
+                    kp, vp, r, km, keep[layer], group), [kp_l, vp_l, rows, ph["key_mask"], keep_idx],
+                    before=attn)
             attn.args = (attn.args[0], ks, vs, mask) + tuple(attn.args[4:])
         n += 1
     return n

@@ -1,7 +1,7 @@
 """KV cache manager: a slot pool sized from a memory budget.
 
-Per layer the pool holds K and V as ``[n_slots, n_kv_heads, S_max, head_dim]`` (S_max = the server's max
-sequence). A running request with a prefix or dual cache owns one slot (one pool row) from admission to
+The pool holds K and V as ``[n_layers, n_slots, n_kv_heads, S_max, head_dim]`` (per-layer views ``k[l]``;
+S_max = the server's max sequence). A running request with a prefix or dual cache owns one slot (one pool row) from admission to
 finish or cancel; its sequence is laid out from column 0. Requests at any prompt length and block batch
 together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none) take no slot;
 requests with classifier-free guidance take two (their unconditional rows have K/V of their own).
@@ -35,9 +35,10 @@ class KVCacheManager:
             raise ValueError(f"KV cache budget {budget_bytes / 2**20:.1f} MiB is too small for one slot of "
                              f"{s_max} tokens ({per / 2**20:.2f} MiB); raise kv_cache_mb or lower max_seq_len")
         self.n_slots, self.s_max, self.slot_bytes = n, s_max, per
-        shape = (n, config.n_kv_heads, s_max, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        shape = (config.n_layers, n, config.n_kv_heads, s_max, config.head_dim)
+        self.k_all = torch.zeros(shape, dtype=dtype, device=device)     # one tensor: compiled programs write
+        self.v_all = torch.zeros(shape, dtype=dtype, device=device)     # into it in place
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))   # per-layer views
         self.scores = None
         if head_scores:
             self.scores = torch.full((config.n_layers, n, config.n_kv_heads, s_max), float("-inf"),
@@ -76,4 +77,5 @@ class KVCacheManager:
         rows = torch.as_tensor(slots, dtype=torch.long)
         if self.device is not None and torch.device(self.device).type == "cuda":
             rows = rows.pin_memory()
-        return KVCache(self.k, self.v, rows.to(self.device, non_blocking=True), scores=self.scores)
+        return KVCache(self.k, self.v, rows.to(self.device, non_blocking=True), scores=self.scores,
+                       k_all=self.k_all, v_all=self.v_all)

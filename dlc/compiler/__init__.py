@@ -25,7 +25,8 @@ def in_memory_runner(model, *, sparse_retention: float | None = None, block_leng
     names = {k: input_names(g) for k, g in phases.items()}
     with torch.no_grad():
         return CompiledRunner(model.config, phases, names, device=p.device, dtype=p.dtype,
-                              sparse_retention=sparse_retention, kind="in-memory")
+                              sparse_retention=sparse_retention, kind="in-memory",
+                              weights=ctx.shared["weights"])
 
 
 __all__ = ["in_memory_runner"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dlc.manifest import MANIFEST, file_sha256, is_engine_dir, write_manifest
+from dlc.manifest import MANIFEST, WEIGHTS_FILE, file_sha256, is_engine_dir, is_weight_input, write_manifest
 from dlc.models import config_to_hf
 from dlc.models.tokenizer import TOKENIZER_FILES
 from dlc.passes.pipeline import input_names
@@ -84,10 +84,14 @@ def build_limits(plan) -> dict[str, int]:
     return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s}
 
 
+TRT_POOL_SLOTS = 8      # a TensorRT engine binds KV pools of up to 8 x max_batch_size slots (P has a range there)
+
+
 def profiles(specs: dict, plan) -> dict:
-    """TensorRT optimisation profile per input: min (1 per dim), opt (batch, whole sequence, one block), max."""
-    mx = build_limits(plan)
-    opt = {"B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len, "S": plan.max_seq_len,
+    """TensorRT optimisation profile per input: min (1 per dim), opt (batch, whole sequence, one block), max.
+    torch artifacts take any pool size (P unbounded)."""
+    mx = {**build_limits(plan), "P": TRT_POOL_SLOTS * plan.max_batch_size}
+    opt = {"P": plan.max_batch_size, "B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len, "S": plan.max_seq_len,
            "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len}
     res = {}
     for name, (shape, _) in specs.items():
@@ -157,22 +161,30 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
     # TensorRT has no double type: its ONNX decodes in float32 (temperature, confidence, the sampling noise).
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
+    # torch artifacts write K/V into the runtime's pool in place; ONNX has no input mutation: it returns K/V.
+    kv_inplace = runtime in ("export", "aoti")
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,
                                           dump_after=dump_graph_after, dump=echo, device=tgt.device,
-                                          kernels=kernels, decode_dtype=decode_dtype)
-    echo("phases: refresh (whole sequence -> tokens, confidence, every layer's K/V), "
-         "reuse (fed slice + cached K/V -> tokens, confidence, the slice's new K/V)")
+                                          kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace)
+    kv_io = "written into the KV pool in place" if kv_inplace else "returned for the runner to write"
+    echo(f"phases: refresh (whole sequence -> tokens, confidence; every layer's K/V {kv_io}), "
+         f"reuse (fed slice over the pool rows -> tokens, confidence; the slice's new K/V {kv_io}); "
+         f"weights are inputs, stored once ({WEIGHTS_FILE})")
     for name in names:
         echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
              f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
 
-    specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype], decode_dtype) for ph, g in phases.items()}
-    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype)
-            for ph in phases}
+    weights = ctx.shared["weights"]
+    specs = {ph: input_specs(ph, [n for n in input_names(g) if not is_weight_input(n)], cfg, DTYPES[dtype],
+                             decode_dtype) for ph, g in phases.items()}   # runtime inputs (weights follow them)
+    weight_inputs = {ph: [n for n in input_names(g) if is_weight_input(n)] for ph, g in phases.items()}
+    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype,
+                             kv_inplace) for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
-    files = [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"] if backend == "tensorrt" else [])
+    files = [WEIGHTS_FILE] + [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"]
+                                                                  if backend == "tensorrt" else [])
     files += [MANIFEST, "config.json (the model's HF config)", "tokenizer files"]
     if dry_run:
         echo(f"dry run: would write to {out_dir or 'OUT_DIR'}: {', '.join(files)}")
@@ -185,12 +197,16 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     limits = build_limits(plan)
-    weight_bytes = cfg.num_parameters() * torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    with stage("write weights"):
+        weights_info = write_weights(weights, out)
+    weight_bytes = weights_info["weight_bytes"]
     phase_info, onnx_files, trt_cmds = {}, {}, {}
     for ph, g in phases.items():
         with stage(f"export {ph}"):
-            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device, decode_dtype=decode_dtype)
-        ectx = {"input_names": list(specs[ph]), "output_names": list(outs[ph]), "weight_bytes": weight_bytes,
+            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device, decode_dtype=decode_dtype,
+                              weights=weights)
+        ectx = {"input_names": list(specs[ph]) + weight_inputs[ph], "output_names": list(outs[ph]),
+                "weight_bytes": weight_bytes,
                 "dtype": dtype, "profiles": {p: profiles(specs[p], plan) for p in phases}, "onnx_files": onnx_files}
         with stage(f"emit {ph} ({runtime})"):
             f = get_backend(runtime)["emit"](ep, ph, out, ectx)
@@ -201,7 +217,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         phase_info[ph] = {"file": f, "extra_files": extra, "runtime": runtime,
                           "bytes": {x: (out / x).stat().st_size for x in [f] + extra},
                           "sha256": {x: file_sha256(out / x) for x in [f] + extra},
-                          "inputs": _sig(specs[ph]), "outputs": _sig(outs[ph])}
+                          "inputs": _sig(specs[ph]), "weight_inputs": weight_inputs[ph],
+                          "outputs": _sig(outs[ph])}
     _copy_tokenizer(lm, out)
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))     # HF tooling reads the dir
     manifest = {
@@ -210,7 +227,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         "model": cfg.to_dict(),
         "build": {**{k: v for k, v in plan.to_dict().items() if k in ("max_batch_size", "max_seq_len",
                                                                         "block_length", "logit_chunk")},
-                  "dims": limits, "plan": plan.to_dict()},
+                  "dims": limits, "plan": plan.to_dict(), "kv_inplace": kv_inplace},
+        "weights": weights_info,
         "passes": [{"name": n, "params": ctx.params(n),
                     "rewrites": {ph: ctx.counts[(n, ph)] for ph in phases}} for n in names],
         "phases": phase_info,
@@ -235,11 +253,39 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
             manifest["runtime"] = "tensorrt"
     write_manifest(out, manifest)
     total = sum(manifest["artifact_bytes"].values())
-    echo(f"wrote {out} ({total / 1e6:.2f} MB of phase artifacts; "
+    echo(f"wrote {out} ({weight_bytes / 1e6:.2f} MB of weights in {WEIGHTS_FILE}, once; "
+         f"{total / 1e6:.2f} MB of phase programs; "
          + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
     if manifest.get("pending"):
         echo(f"note: {manifest['pending']}")
     return manifest
+
+
+def write_weights(weights: dict[str, torch.Tensor], out: Path) -> dict:
+    """Write the lifted weights once to ``WEIGHTS_FILE``; names that are the same tensor (tied embeddings and
+    heads) are stored once and recorded as aliases. Returns the manifest's ``weights`` entry."""
+    from safetensors.torch import save_file
+
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set = set()
+    for name in sorted(weights):
+        t = weights[name]
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        sp = t.untyped_storage().data_ptr()
+        t = t.detach()
+        stored[name] = t.contiguous() if sp not in storages else t.clone().contiguous()   # no shared storage
+        storages.add(sp)
+    save_file(stored, str(out / WEIGHTS_FILE))
+    f = WEIGHTS_FILE
+    return {"file": f, "tensors": len(stored), "aliases": aliases,
+            "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
+            "bytes": {f: (out / f).stat().st_size}, "sha256": {f: file_sha256(out / f)}}
 
 
 def _copy_tokenizer(lm, out: Path) -> None:

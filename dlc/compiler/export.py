@@ -15,7 +15,7 @@ from dlc.models.common import DiffusionLM
 from dlc.passes.graph_utils import remove_guard_calls
 from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
 
-EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7)   # distinct sizes: export must not unify unrelated dims
+EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6)   # distinct sizes: export must not unify unrelated dims
 
 
 class _Forward(torch.nn.Module):
@@ -77,13 +77,15 @@ def head_weight(model: DiffusionLM) -> torch.Tensor:
 def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_retention: float | None = None,
                  logit_chunk: int = 0, logprobs: int = 0, dump_after: str | None = None, dump=print,
                  timings: dict | None = None, device: str = "cpu", kernels: bool | None = None,
-                 decode_dtype: torch.dtype = torch.float64):
+                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True):
     """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names).
 
     ``device`` is the build target's device kind ("cpu" or "cuda"): GPU targets lower to the dlc kernel ops
     (``kernels=None``; ``kernels=False`` keeps the portable lowering, e.g. for ONNX). The model itself may live
     anywhere: ``device="cuda"`` on a CPU model gives the GPU graph, runnable on CPU through the ops' references.
-    GPU lowering also adds ``fuse_projections`` to the default pass list."""
+    GPU lowering also adds ``fuse_projections`` to the default pass list. ``kv_inplace``: the programs write
+    K/V into the pool inputs (torch artifacts); False returns it (ONNX / TensorRT). The weights the programs take
+    as inputs are ``ctx.shared["weights"]`` (name -> tensor)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels)
@@ -92,7 +94,7 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_
     t1 = time.perf_counter()
     ctx = PassContext(config=model.config, head_weight=head_weight(model),
                       logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention,
-                      device=device, kernels=kernels, decode_dtype=decode_dtype)
+                      device=device, kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace)
     phases = run_pipeline(base, ctx, names, dump_after=dump_after, dump=dump)
     if timings is not None:
         timings["trace"] = t1 - t0
@@ -104,18 +106,24 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_
 # Phase signatures: every input's shape as named symbolic dims (ints are static), and its dtype.
 
 def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
-                decode_dtype: torch.dtype = torch.float64) -> dict[str, tuple[tuple, torch.dtype]]:
+                decode_dtype: torch.dtype = torch.float64,
+                weights: dict | None = None) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Every input's (shape, dtype); ``weights`` (lifted weight inputs, name -> tensor) have static shapes.
+    ``P`` is the number of KV pool slots (any: the runtime's pool)."""
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
+    weights = weights or {}
     seq = "L" if phase == "refresh" else "S"
     table = {
         "input_ids": (("B", "L"), torch.long), "position_ids": (("B", "L"), torch.long),
         "q_ids": (("B", "T"), torch.long), "q_pos": (("B", "T"), torch.long),
         "key_mask": (("B", seq), torch.bool), "q_start": (("B",), torch.long),
-        "k_cache": ((nl, "B", hkv, "S", hd), dtype), "v_cache": ((nl, "B", hkv, "S", hd), dtype),
+        "k_pool": ((nl, "P", hkv, "S", hd), dtype), "v_pool": ((nl, "P", hkv, "S", hd), dtype),
+        "rows": (("B",), torch.long),
         "keep_idx": ((nl, "B", hkv, "K"), torch.long),
         "out_index": (("B", "N"), torch.long), "cond_rows": (("C",), torch.long), "un_rows": (("C",), torch.long),
         "cfg_weight": ((1,), dtype), "temperature": ((1,), decode_dtype), "seeds": (("C",), torch.long),
     }
+    table.update({n: (tuple(t.shape), t.dtype) for n, t in weights.items()})
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"phase {phase}: no signature for input(s) {unknown}")
@@ -123,39 +131,43 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
 
 
 def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int,
-                 decode_dtype: torch.dtype = torch.float64) -> dict:
+                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True) -> dict:
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     seq = "L" if phase == "refresh" else "T"
     out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), decode_dtype)}
     if logprobs:
         out["topk_ids"] = (("C", "N", logprobs), torch.long)
         out["topk_logprobs"] = (("C", "N", logprobs), decode_dtype)
-    kname = "k" if phase == "refresh" else "k_new"
-    out[kname] = ((nl, "B", hkv, seq, hd), dtype)
-    out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)
+    if not kv_inplace:                                   # functional programs return the new K/V
+        out["k" if phase == "refresh" else "k_new"] = ((nl, "B", hkv, seq, hd), dtype)
+        out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)
     if sparse and phase == "refresh":
         out["head_scores"] = ((nl, "B", hkv, "L"), torch.float32)
     return out
 
 
-def example_inputs(phase: str, specs: dict, device="cpu") -> list[torch.Tensor]:
-    """Valid example inputs at the EXAMPLE sizes (distinct per dim)."""
+def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None = None) -> list[torch.Tensor]:
+    """Valid example inputs at the EXAMPLE sizes (distinct per dim); lifted weights are the real tensors."""
+    weights = weights or {}
     e = EXAMPLE
     B, C, N, T, S, K = e["B"], e["C"], e["N"], e["T"], e["S"], e["K"]
     q_start = torch.tensor([2, 3, 4, 5][:B])
     vals = {
         "input_ids": torch.randint(0, 200, (B, e["L"])), "position_ids": torch.arange(e["L"])[None].repeat(B, 1),
         "q_ids": torch.randint(0, 200, (B, T)), "q_pos": q_start[:, None] + torch.arange(T),
-        "q_start": q_start, "keep_idx": torch.sort(torch.randperm(S)[:K])[0].repeat(1, 1, 1, 1),
+        "q_start": q_start, "rows": torch.tensor([5, 1, 3, 0][:B]), "keep_idx": torch.sort(torch.randperm(S)[:K])[0].repeat(1, 1, 1, 1),
         "out_index": (q_start[:, None] if phase == "reuse" else torch.full((B, 1), 4)) + torch.arange(N),
         "cond_rows": torch.arange(C), "un_rows": torch.arange(C) + C,
         "temperature": torch.zeros(1, dtype=torch.float64), "seeds": torch.arange(C),
     }
     out = []
     for name, (shape, dt) in specs.items():
+        if name in weights:
+            out.append(weights[name])
+            continue
         if name == "key_mask":
             out.append(torch.ones(B, e["L"] if phase == "refresh" else S, dtype=torch.bool))
-        elif name in ("k_cache", "v_cache"):
+        elif name in ("k_pool", "v_pool"):
             out.append(torch.randn(_concrete(shape)).to(dt))
         elif name == "cfg_weight":
             out.append(torch.ones(1, dtype=dt))
@@ -185,9 +197,10 @@ def dynamic_shapes(specs: dict, limits: dict[str, int] | None = None) -> tuple:
 
 
 def export_phase(gm: fx.GraphModule, phase: str, config, dtype, limits=None, device="cpu",
-                 decode_dtype: torch.dtype = torch.float64):
-    """Re-export a rewritten phase program with named dynamic dims -> ExportedProgram."""
-    specs = input_specs(phase, input_names(gm), config, dtype, decode_dtype)
-    args = tuple(example_inputs(phase, specs, device))
+                 decode_dtype: torch.dtype = torch.float64, weights: dict | None = None):
+    """Re-export a rewritten phase program with named dynamic dims -> ExportedProgram. ``weights``: the lifted
+    weight inputs (name -> tensor; ``ctx.shared["weights"]``), fed as the real tensors."""
+    specs = input_specs(phase, input_names(gm), config, dtype, decode_dtype, weights)
+    args = tuple(example_inputs(phase, specs, device, weights))
     return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(specs, limits), strict=False,
                                prefer_deferred_runtime_asserts_over_guards=True)

@@ -4,31 +4,48 @@ A phase program is any callable taking its inputs positionally (in the order of 
 returning its outputs in order: an FX GraphModule (in-process), a loaded torch.export program, an AOTI package
 or an onnxruntime session wrapper. The programs decode inside the graph
 (``chunk_logits``: guidance, Gumbel-max
-with the per-sequence step seeds, confidence); this class feeds them from the StepBatch and moves K/V: a
-Refresh program returns every column's K/V (and, head-sparse, per-head key scores), written into the batch's
-pool rows; a Reuse program takes the rows' cache and returns the fed span's new K/V, written back in place."""
+with the per-sequence step seeds, confidence); this class feeds them from the StepBatch: the runtime's KV slot
+pool itself with the batch's rows (the programs write K/V into it in place; ONNX / TensorRT programs return
+it and this runner writes it) and the engine's weights, one copy shared by the phases. A head-sparse Refresh
+also returns per-head key scores, kept in the pool for the rows' Reuse steps."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*: GPU-lowered phase programs call them)
+
+from dlc.manifest import is_weight_input
+from dlc.models.common import KVCache
 
 from ..step import StepBatch, take_cols
 from .eager import pad_keys
 
 
 class CompiledRunner:
+    """``input_names[phase]``: the program's inputs in order (runtime inputs, then lifted weights); ``weights``:
+    name -> tensor on the device, the one copy every phase reads. ``kv_inplace``: the programs write K/V into
+    the pool inputs (torch artifacts); else they return it and this runner writes it (ONNX / TensorRT)."""
+
     def __init__(self, config, phases: dict, input_names: dict[str, list[str]], *, device="cpu",
                  dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export",
                  max_seq_len: int | None = None, max_batch_size: int | None = None,
-                 temperature_dtype: torch.dtype = torch.float64):
+                 temperature_dtype: torch.dtype = torch.float64, weights: dict | None = None,
+                 kv_inplace: bool = True):
         missing = {"refresh", "reuse"} - set(phases)
         if missing:
             raise ValueError(f"compiled runner: missing phase program(s) {sorted(missing)}")
         self.config, self.phases, self.input_names = config, phases, input_names
+        self.weights = weights or {}
+        absent = sorted({n for names in input_names.values() for n in names if is_weight_input(n)}
+                        - set(self.weights))
+        if absent:
+            raise ValueError(f"compiled runner: no tensor for weight input(s) {absent[:3]}")
         self.device, self.dtype = torch.device(device), dtype
         self.sparse_retention = sparse_retention
         self.kind = kind
+        self.kv_inplace = kv_inplace
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)   # the build limits
         self.max_batch_size = max_batch_size
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
@@ -42,37 +59,41 @@ class CompiledRunner:
                 "temperature": torch.tensor([batch.temperature], dtype=self.temperature_dtype, device=self.device),
                 "seeds": batch.seeds}
 
-    def _call(self, phase: str, feed: dict):
-        args = [feed[n].contiguous() for n in self.input_names[phase]]   # AOTI reads inputs as dense buffers
-        return list(self.phases[phase](*args))
+    def _pool_inputs(self, batch: StepBatch) -> dict:
+        """The KV slot pool itself ([n_layers, P, Hkv, S, D], written in place by the program) and the rows."""
+        c = batch.cache
+        if c.k_all is None:
+            raise ValueError("compiled runner: the KV cache must be a slot pool (KVCacheManager / KVCache.empty)")
+        if c.k_all.dtype != self.dtype:
+            raise ValueError(f"compiled runner: the KV pool is {c.k_all.dtype}, the engine runs {self.dtype}")
+        return {"k_pool": c.k_all, "v_pool": c.v_all, "rows": c.row_index(batch.fed, self.device)}
 
-    def _refresh(self, batch: StepBatch):
-        feed = {"input_ids": batch.ids, "position_ids": batch.pos, "key_mask": batch.key_mask,
-                **self._decode_inputs(batch, batch.hid_start)}
-        return self._call("refresh", feed)
+    def _call(self, phase: str, feed: dict):
+        w = self.weights
+        args = [w[n] if n in w else feed[n].contiguous() for n in self.input_names[phase]]   # dense buffers
+        return list(self.phases[phase](*args))
 
     # --- the runner contract -------------------------------------------------------------------------
     @torch.no_grad()
     def full(self, batch: StepBatch):
-        res = self._refresh(batch)
-        return res[0], res[1]
+        scratch = KVCache.empty(self.config, batch.fed, batch.width, self.dtype, self.device)
+        return self.refresh(replace(batch, cache=scratch), scores=False)   # a Refresh whose K/V nobody keeps
 
     @torch.no_grad()
-    def refresh(self, batch: StepBatch):
-        res = self._refresh(batch)
+    def refresh(self, batch: StepBatch, scores: bool = True):
         c = batch.cache
-        kv = res[-3:-1] if self.sparse_retention is not None else res[-2:]
-        k, v = kv                                                                   # [nl, fed, Hkv, W, D]
-        W = k.shape[3]
-        if c.batch != k.shape[1] or c.seq_len < W:
-            raise ValueError(f"refresh: the cache holds {c.batch} rows x {c.seq_len} columns, "
-                             f"the batch needs "
-                             f"{k.shape[1]} x {W}")
-        rows = c.row_index(k.shape[1], k.device)
-        for i in range(k.shape[0]):
-            c.k[i][rows, :, :W] = k[i].to(c.k[i].dtype)
-            c.v[i][rows, :, :W] = v[i].to(c.v[i].dtype)
-        if self.sparse_retention is not None:                                       # [nl, fed, Hkv, W] scores
+        W = batch.width
+        if c.seq_len < W:
+            raise ValueError(f"refresh: the cache holds {c.seq_len} columns, the batch needs {W}")
+        feed = {"input_ids": batch.ids, "position_ids": batch.pos, "key_mask": batch.key_mask,
+                **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start)}
+        res = self._call("refresh", feed)
+        rows = feed["rows"]
+        if not self.kv_inplace:                     # outputs: tokens, conf, k, v [nl, fed, Hkv, W, D] (, scores)
+            k, v = res[2], res[3]
+            c.k_all[:, rows, :, :W] = k.to(c.k_all.dtype)
+            c.v_all[:, rows, :, :W] = v.to(c.v_all.dtype)
+        if self.sparse_retention is not None and scores:                            # [nl, fed, Hkv, W] scores
             if c.scores is None:
                 raise ValueError("head-sparse refresh needs a KV pool with head scores (KVCacheManager("
                                  "head_scores=True))")
@@ -83,20 +104,16 @@ class CompiledRunner:
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
-        fed = batch.fed
-        rows = c.row_index(fed, qs.device)
-        k_cache = torch.stack([k[rows] for k in c.k])                             # [nl, fed, Hkv, S, D]
-        v_cache = torch.stack([v[rows] for v in c.v])
         feed = {"q_ids": take_cols(batch.ids, qs, T), "q_pos": take_cols(batch.pos, qs, T), "q_start": qs,
-                "key_mask": pad_keys(batch.key_mask, c.seq_len),
-                "k_cache": k_cache.to(self.dtype), "v_cache": v_cache.to(self.dtype),
+                "key_mask": pad_keys(batch.key_mask, c.seq_len), **self._pool_inputs(batch),
                 **self._decode_inputs(batch, batch.hid_start)}
         if self.sparse_retention is not None:
             feed["keep_idx"] = batch.keep_idx
         res = self._call("reuse", feed)
-        k_new, v_new = res[-2], res[-1]                                           # [nl, fed, Hkv, T, D]
-        cols = qs[:, None] + torch.arange(T, device=qs.device)                    # [fed, T]
-        for i in range(k_new.shape[0]):
-            c.k[i][rows[:, None], :, cols] = k_new[i].transpose(1, 2).to(c.k[i].dtype)
-            c.v[i][rows[:, None], :, cols] = v_new[i].transpose(1, 2).to(c.v[i].dtype)
+        if not self.kv_inplace:                     # outputs: tokens, conf, k_new, v_new [nl, fed, Hkv, T, D]
+            rows = feed["rows"]
+            cols = qs[:, None] + torch.arange(T, device=qs.device)                # [fed, T]
+            idx = (slice(None), rows[:, None], slice(None), cols)                 # view [fed, T, nl, Hkv, D]
+            c.k_all[idx] = res[2].permute(1, 3, 0, 2, 4).to(c.k_all.dtype)
+            c.v_all[idx] = res[3].permute(1, 3, 0, 2, 4).to(c.v_all.dtype)
         return res[0], res[1]

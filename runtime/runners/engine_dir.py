@@ -25,14 +25,31 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
             raise EngineError(f"{path}: the {ph} artifact has runtime {spec['runtime']!r}; this dlc loads "
                               f"{', '.join(LOADERS)}")
         phases[ph] = LOADERS[spec["runtime"]](path / spec["file"], device)
-        names[ph] = [i["name"] for i in spec["inputs"]]
+        names[ph] = [i["name"] for i in spec["inputs"]] + spec.get("weight_inputs", [])
     sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
     build = m.get("build", {})
     temp = next((i["dtype"] for i in m["phases"]["refresh"]["inputs"] if i["name"] == "temperature"), "float64")
     runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]],
                             sparse_retention=sparse, kind=m["runtime"], max_seq_len=build.get("max_seq_len"),
-                            max_batch_size=build.get("max_batch_size"), temperature_dtype=getattr(torch, temp))
+                            max_batch_size=build.get("max_batch_size"), temperature_dtype=getattr(torch, temp),
+                            weights=load_weights(path, m, device), kv_inplace=build.get("kv_inplace", True))
     return runner, m
+
+
+def load_weights(path: Path, m: dict, device) -> dict[str, torch.Tensor]:
+    """The engine's weights, once, on ``device`` (name -> tensor; aliases share their tensor)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info = m["weights"]
+    f = path / info["file"]
+    try:
+        weights = load_file(str(f), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise EngineError(f"{f}: cannot read the engine's weights ({e})") from None
+    for alias, name in info.get("aliases", {}).items():
+        weights[alias] = weights[name]
+    return weights
 
 
 def open_engine(path, device="cpu", dtype=None):

@@ -31,13 +31,18 @@ def test_manifest_describes_the_engine(engine, tiny_ckpt):
     assert m["target"]["name"] == "cpu" and m["dtype"] == "fp32" and m["backend"] == m["runtime"] == "export"
     assert m["model"]["mask_id"] == 257 and m["model"]["eos_id"] == 256 and m["model"]["n_layers"] == 2
     assert m["build"]["max_seq_len"] == 96 and m["build"]["max_batch_size"] == 4 and m["build"]["block_length"] == 8
-    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "chunk_logits"]
+    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "chunk_logits", "lift_weights"]
     assert m["passes"][1]["params"]["vocab_chunk"] == m["build"]["logit_chunk"]
     refresh, reuse = m["phases"]["refresh"], m["phases"]["reuse"]
     assert refresh["file"] == "refresh.pt2" and (engine / "refresh.pt2").exists()
     assert [i["name"] for i in refresh["inputs"]][:3] == ["input_ids", "position_ids", "key_mask"]
-    assert {"name": "k_cache", "shape": [2, "B", 4, "S", 16], "dtype": "float32"} in reuse["inputs"]
+    assert {"name": "k_pool", "shape": [2, "P", 4, "S", 16], "dtype": "float32"} in reuse["inputs"]
+    assert {"name": "rows", "shape": ["B"], "dtype": "int64"} in reuse["inputs"]
     assert {"name": "confidence", "shape": ["C", "N"], "dtype": "float64"} in reuse["outputs"]
+    assert [o["name"] for o in reuse["outputs"]] == ["tokens", "confidence"]      # K/V written in place
+    assert m["build"]["kv_inplace"] is True
+    assert m["weights"]["file"] == "weights.safetensors" and (engine / "weights.safetensors").exists()
+    assert refresh["weight_inputs"] == reuse["weight_inputs"] and len(reuse["weight_inputs"]) > 10
     assert m["settings_hash"] == settings_hash(m)
     assert "tokenizer.json" in m["tokenizer"] and (engine / "tokenizer.json").exists()
     assert set(m["compile_seconds"]) >= {"load", "trace+passes", "export refresh", "export reuse"}
@@ -73,7 +78,8 @@ def test_engine_runner_in_a_batch_with_cfg(engine, tiny_ckpt):
 def test_inspect_summarises(engine):
     res = run_cli(["inspect", engine])
     assert res.exit_code == 0, res.output
-    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_cache", "status      ok"):
+    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_pool", "weights.safetensors",
+                 "status      ok"):
         assert word in res.output
 
 
@@ -194,7 +200,7 @@ def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
                    "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "dlc_engine.json").read_text())
-    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits"]
+    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits", "lift_weights"]
     assert any(i["name"] == "keep_idx" for i in m["phases"]["reuse"]["inputs"])
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")
 
