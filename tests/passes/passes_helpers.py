@@ -38,12 +38,13 @@ def traced(name: str):
     return _CACHE[key]
 
 
-def kv_phases(name: str):
-    """refresh/reuse programs after cache_kv_reuse only (outputs: hidden, k, v)."""
-    key = ("kv", name)
+def kv_phases(name: str, inplace: bool = True):
+    """refresh/reuse programs after cache_kv_reuse only: in place (outputs: hidden; K/V written into the pool
+    inputs) or functional (outputs: hidden, k, v)."""
+    key = ("kv", name, inplace)
     if key not in _CACHE:
         m = tiny(name)
-        ctx = PassContext(config=m.config)
+        ctx = PassContext(config=m.config, kv_inplace=inplace)
         _CACHE[key] = (run_pipeline(traced(name), ctx, ["cache_kv_reuse"]), ctx)
     return _CACHE[key]
 
@@ -108,7 +109,7 @@ def reuse_case(phases, m):
         out = torch.tensor([[8, 9, 10, 11], [9, 10, 11, 12]])
         args = decode_args(2, 4, 0)
         args[0] = out
-        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, *args)
+        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), *args)
         h = m(ids, pos, km)
         lg = m.logits(h.gather(1, out[..., None].expand(-1, -1, h.shape[-1])))
     return tok, conf, lg

@@ -4,7 +4,7 @@ import torch
 
 from passes_helpers import kv_phases, tiny, token_state
 from dlc.compiler import in_memory_runner
-from dlc.passes.graph_utils import SDPA, SYM_SIZE, placeholders
+from dlc.passes.graph_utils import SDPA, SYM_SIZE, outputs, placeholders
 from dlc.passes.pipeline import count_ops, input_names
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.kv_cache import KVCacheManager
@@ -15,33 +15,54 @@ ATOL = 1e-5          # fp32: reuse over a cache of the same token state vs the f
 PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
 
 
+def _writes(gm, what):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and what in str(n.target))
+
+
 def test_graph_structure():
     phases, ctx = kv_phases("tiny-llada")
     c = tiny("tiny-llada").config
     r, u = phases["refresh"], phases["reuse"]
-    assert input_names(r) == ["input_ids", "position_ids", "key_mask"]
-    assert input_names(u) == ["q_ids", "q_pos", "key_mask", "q_start", "k_cache", "v_cache"]
+    assert input_names(r) == ["input_ids", "position_ids", "key_mask", "k_pool", "v_pool", "rows"]
+    assert input_names(u) == ["q_ids", "q_pos", "key_mask", "q_start", "k_pool", "v_pool", "rows"]
     assert count_ops(r, SDPA) == count_ops(u, SDPA) == c.n_layers
-    scatters = sum(1 for n in u.graph.nodes if n.op == "call_function" and "scatter" in str(n.target))
-    assert scatters == 2 * c.n_layers                     # one K and one V cache write per layer
-    assert not any("scatter" in str(n.target) for n in r.graph.nodes)
+    # in place: one K and one V pool write per layer in each phase, no functional copy of a cache
+    assert _writes(u, "index_put_") == _writes(r, "index_put_") == 2 * c.n_layers
+    assert _writes(u, "scatter") == _writes(r, "scatter") == 0
+    assert len(outputs(r)) == len(outputs(u)) == 1                  # hidden only: K/V are in the pool
     km = placeholders(u)["key_mask"]
     assert not any(n.target == SYM_SIZE and n.args[0] is km for n in u.graph.nodes)   # T comes from q_ids
     assert ctx.counts[("cache_kv_reuse", "refresh")] == c.n_layers
+    f, _ = kv_phases("tiny-llada", inplace=False)                     # ONNX / TensorRT: K/V returned
+    assert _writes(f["reuse"], "index_put_") == 0 and _writes(f["reuse"], "scatter") == 2 * c.n_layers
+    assert len(outputs(f["refresh"])) == len(outputs(f["reuse"])) == 3
 
 
+@pytest.mark.parametrize("inplace", [True, False])
 @pytest.mark.parametrize("layout", ["prefix", "dual", "dual-per-row"])
-def test_reuse_equals_full_forward_rows(family, layout):
+def test_reuse_equals_full_forward_rows(family, layout, inplace):
+    """Refresh fills pool rows 4, 0, 2 (of a 5-slot pool); the fed columns are then made stale; Reuse over
+    the pool equals the full forward on the fed rows and leaves the fresh K/V in the pool (in place) or
+    returns them (functional)."""
     m = tiny(family)
     c = m.config
-    phases, _ = kv_phases(family)
+    phases, _ = kv_phases(family, inplace)
     ids, pos, km = token_state(c)
     B, L = ids.shape
+    rows = torch.tensor([4, 0, 2])
+    shape = (c.n_layers, 5, c.n_kv_heads, L, c.head_dim)
+    kp, vp = torch.zeros(shape), torch.zeros(shape)
     with torch.no_grad():
         full = m(ids, pos, km)                                                 # [B, L, d]
-        h, k, v = phases["refresh"](ids, pos, km)
+        res = phases["refresh"](ids, pos, km, *((kp, vp, rows) if inplace else ()))
+        h = res[0]
+        if not inplace:
+            kp[:, rows], vp[:, rows] = res[1], res[2]
         assert torch.allclose(h, full, atol=ATOL)
-        assert k.shape == (c.n_layers, B, c.n_kv_heads, L, c.head_dim)
+        assert not kp[:, [1, 3]].any() and kp[:, rows].abs().amax() > 0       # only the batch's rows
+        _, kvs = m(ids, pos, km, return_kv=True)
+        assert torch.allclose(kp[0, rows], kvs[0][0], atol=ATOL)              # layer 0's K of every row
+        k = kp.clone()
         if layout == "prefix":
             qs, T = torch.full((B,), 12), L - 12
         elif layout == "dual":
@@ -49,14 +70,17 @@ def test_reuse_equals_full_forward_rows(family, layout):
         else:
             qs, T = torch.tensor([9, 11, 13]), 5
         cols = qs[:, None] + torch.arange(T)
-        stale_k = k.clone()
         for b in range(B):                            # the fed columns are rewritten by reuse: stale values vanish
-            stale_k[:, b, :, cols[b]] = 0.0
-        hq, kn, vn = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, stale_k, v)
+            kp[:, rows[b], :, cols[b]] = 0.0
+        res = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, kp, vp, rows)
+    hq = res[0]
     ref = full.gather(1, cols[..., None].expand(-1, -1, full.shape[-1]))
     assert torch.allclose(hq, ref, atol=ATOL), (hq - ref).abs().max()
-    kref = torch.stack([k[:, b, :, cols[b]] for b in range(B)], 1)
-    assert torch.allclose(kn, kref, atol=ATOL)
+    kref = torch.stack([k[:, rows[b], :, cols[b]] for b in range(B)], 1)     # [nl, B, Hkv, T, D]
+    if inplace:
+        assert torch.allclose(torch.stack([kp[:, rows[b], :, cols[b]] for b in range(B)], 1), kref, atol=ATOL)
+    else:
+        assert torch.allclose(res[1], kref, atol=ATOL)
 
 
 @pytest.mark.parametrize("kv,extra", [("prefix", {}), ("dual", {}), ("dual", {"vicinity": 2}),

@@ -13,7 +13,8 @@ CONF_RTOL = 1e-12     # float64 softmax probability: chunked logsumexp vs torch.
 
 
 def decode_phases(model, chunk, logprobs=0, base=None):
-    ctx = PassContext(config=model.config, head_weight=model.head.weight, logit_chunk=chunk, logprobs=logprobs)
+    ctx = PassContext(config=model.config, head_weight=model.head.weight, logit_chunk=chunk, logprobs=logprobs,
+                      kv_inplace=False)
     return run_pipeline(base or trace_forward(model), ctx, ["cache_kv_reuse", "chunk_logits"]), ctx
 
 

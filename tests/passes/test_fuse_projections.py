@@ -14,7 +14,7 @@ _P: dict = {}
 def fused(name):
     if name not in _P:
         m = tiny(name)
-        ctx = PassContext(config=m.config, head_weight=head_weight(m))
+        ctx = PassContext(config=m.config, head_weight=head_weight(m), kv_inplace=False)
         _P[name] = run_pipeline(traced(name), ctx, ["cache_kv_reuse", "fuse_projections"]), ctx
     return _P[name]
 
@@ -35,7 +35,7 @@ def test_fewer_linears_same_numbers(name):
     with torch.no_grad():
         ref = m(ids, pos, km)
         h, k, v = phases["refresh"](ids, pos, km)
-        hq, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v)
+        hq, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]))
     assert torch.allclose(h, ref, atol=ATOL), (h - ref).abs().max()
     assert torch.allclose(hq, ref.gather(1, cols[..., None].expand(-1, -1, ref.shape[-1])), atol=ATOL)
 
@@ -62,5 +62,5 @@ def test_default_on_for_gpu_lowering_only():
     m = tiny("tiny-llada")
     _, _, gpu = build_phases(m, device="cuda")
     _, _, cpu = build_phases(m)
-    assert gpu == ["cache_kv_reuse", "fuse_projections", "chunk_logits"]
-    assert cpu == ["cache_kv_reuse", "chunk_logits"]
+    assert gpu == ["cache_kv_reuse", "fuse_projections", "chunk_logits", "lift_weights"]
+    assert cpu == ["cache_kv_reuse", "chunk_logits", "lift_weights"]

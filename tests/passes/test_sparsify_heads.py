@@ -22,7 +22,7 @@ def phases(name, sparse: bool):
     key = (name, sparse)
     if key not in _P:
         m = tiny(name)
-        ctx = PassContext(config=m.config, sparse_retention=0.5 if sparse else None)
+        ctx = PassContext(config=m.config, sparse_retention=0.5 if sparse else None, kv_inplace=False)
         names = ["cache_kv_reuse", "sparsify_heads"] if sparse else ["cache_kv_reuse"]
         _P[key] = run_pipeline(traced(name), ctx, names), ctx
     return _P[key]
@@ -112,8 +112,8 @@ def test_retention_one_equals_dense_exactly(family):
     keep = torch.arange(L).expand(c.n_layers, B, c.n_kv_heads, L).contiguous()
     with torch.no_grad():
         _, k, v = dense["refresh"](ids, pos, km)
-        a = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v)
-        b = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+        a = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]))
+        b = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -135,8 +135,8 @@ def test_per_head_gather_drops_exactly_the_unkept_columns():
     km_dense[:, kept] = km[:, kept]
     with torch.no_grad():
         _, k, v = dense["refresh"](ids, pos, km)
-        ref = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km_dense, qs, k, v)
-        got = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+        ref = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km_dense, qs, k, v, torch.arange(k.shape[1]))
+        got = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
     assert torch.allclose(got[0], ref[0], atol=ATOL)
 
 
@@ -179,7 +179,7 @@ def test_runner_keeps_top_fraction_per_head():
     k_rows = torch.stack([k[[2, 0]] for k in pool.k])                          # the refreshed K/V
     v_rows = torch.stack([v[[2, 0]] for v in pool.v])
     x0, conf = runner.reuse(batch)
-    q = (ids_b[:, 12:16], torch.arange(12, 16).expand(2, 4), km, torch.tensor([12, 12]), k_rows, v_rows)
+    q = (ids_b[:, 12:16], torch.arange(12, 16).expand(2, 4), km, torch.tensor([12, 12]), k_rows, v_rows, torch.arange(2))
     with torch.no_grad():
         ref_tok, ref_conf = greedy(m.logits(sparse["reuse"](*q, keep)[0]))
         _, dense_conf = greedy(m.logits(phases(name, False)[0]["reuse"](*q)[0]))
@@ -207,7 +207,7 @@ def test_gpu_lowering_emits_the_sparse_attention_op_and_matches_gather(family):
     c = m.config
     dense, _ = phases(family, False)
     sparse, _ = phases(family, True)
-    ctx = _KernelCtx(config=c, sparse_retention=0.5)
+    ctx = _KernelCtx(config=c, sparse_retention=0.5, kv_inplace=False)
     lowered = run_pipeline(traced(family), ctx, ["cache_kv_reuse", "sparsify_heads"])["reuse"]
     ops = [n for n in lowered.graph.nodes if n.op == "call_function" and "sparse_attention" in str(n.target)]
     assert len(ops) == c.n_layers
@@ -226,8 +226,8 @@ def test_gpu_lowering_emits_the_sparse_attention_op_and_matches_gather(family):
                 keep[i, b, h] = torch.cat([cols[b], pick]).sort().values
     with torch.no_grad():
         _, k, v = dense["refresh"](ids, pos, km)
-        ref = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
-        got = lowered(ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, keep)
+        ref = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
+        got = lowered(ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
     for x, y in zip(got, ref):
         assert torch.allclose(x, y, atol=ATOL)
 
