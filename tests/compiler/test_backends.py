@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from compiler_helpers import gen_tokens, run_cli
-from dlc.runtime.runners.artifacts import load_export
 from dlc.runtime.runners.engine_dir import engine_runner
-from dlc.compiler.export import example_inputs, input_specs
 from dlc.models.loading import load_model
 from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.step import build_batch
@@ -43,30 +41,39 @@ def test_onnx_files_pass_the_checker(onnx_engine):
     m = json.loads((onnx_engine / "dlc_engine.json").read_text())
     for phase, spec in m["phases"].items():
         assert spec["runtime"] == "onnx" and spec["file"] == f"{phase}.onnx"
-        assert spec["extra_files"] == [f"{phase}.onnx.data"]              # weights as external data
         onnx.checker.check_model(str(onnx_engine / spec["file"]), full_check=True)
         model = onnx.load(str(onnx_engine / spec["file"]), load_external_data=False)
-        assert [i.name for i in model.graph.input] == [i["name"] for i in spec["inputs"]]
+        names = [i["name"] for i in spec["inputs"]] + spec["weight_inputs"]     # weights are inputs, stored once
+        assert [i.name for i in model.graph.input] == names and len(spec["weight_inputs"]) > 10
+        data = sum(n for f, n in spec["bytes"].items() if f != spec["file"])   # external data: constants only
+        assert data < m["weights"]["weight_bytes"] / 100
     assert "trtexec --onnx=refresh.onnx" in m["tensorrt"]["trtexec"]["refresh"]
 
 
 @pytest.mark.slow
 def test_onnxruntime_matches_pytorch_per_phase(onnx_engine, tiny_ckpt, tmp_path):
-    """The same phase inputs through onnxruntime and through the in-process export backend."""
+    """One Refresh and one Reuse step through onnxruntime (functional programs: K/V returned, the runner
+    writes the pool) and through the in-process export backend (K/V written into the pool by the program):
+    the same tokens, confidences and pool contents."""
     pt = tmp_path / "export"
     assert compile_engine(tiny_ckpt, pt, "export").exit_code == 0
-    cfg = json.loads((pt / "dlc_engine.json").read_text())
-    model_cfg = load_model(str(tiny_ckpt)).config
-    ort_runner, _ = engine_runner(onnx_engine)
-    for phase in ("refresh", "reuse"):
-        names = [i["name"] for i in cfg["phases"][phase]["inputs"]]
-        args = example_inputs(phase, input_specs(phase, names, model_cfg, torch.float32))
-        ref = load_export(pt / f"{phase}.pt2")(*args)
-        got = ort_runner.phases[phase](*args)
-        assert torch.equal(got[0], ref[0])                                 # tokens
-        assert torch.allclose(got[1], ref[1], rtol=0, atol=CONF_ATOL)      # confidence
-        for g, r in zip(got[2:], ref[2:]):
-            assert torch.allclose(g, r, atol=KV_ATOL)
+    results = []
+    for path in (onnx_engine, pt):
+        runner, m = engine_runner(path)
+        assert m["build"]["kv_inplace"] is (path == pt)
+        pool = KVCacheManager(runner.config, 24, 1 << 40, runner.dtype, "cpu", max_slots=4)
+        x = [torch.tensor([72, 101, 108, 108] + [257] * 8), torch.tensor([87, 111] + [257] * 8)]
+        a = runner.refresh(build_batch(runner, "refresh", x, [4, 2], [4, 2], 8, slots=[(3,), (1,)], pool=pool))
+        x[0][6], x[1][3] = 72, 101
+        b = runner.reuse(build_batch(runner, "reuse", x, [4, 2], [4, 2], 8, [(4, 12), (2, 10)], [(3,), (1,)],
+                                     pool))
+        results.append((a, b, pool.k_all.clone(), pool.v_all.clone()))
+    (a1, b1, k1, v1), (a2, b2, k2, v2) = results
+    for (t1, c1), (t2, c2) in [(a1, a2), (b1, b2)]:
+        assert torch.equal(t1, t2)                                          # tokens
+        assert torch.allclose(c1, c2, rtol=0, atol=CONF_ATOL)               # confidence
+    assert k1[:, [3, 1]].abs().amax() > 0 and not k1[:, [0, 2]].any()
+    assert torch.allclose(k1, k2, atol=KV_ATOL) and torch.allclose(v1, v2, atol=KV_ATOL)
 
 
 @pytest.mark.slow
@@ -98,7 +105,7 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     assert m["backend"] == "tensorrt" and m["runtime"] == "onnx" and "not built" in m["pending"]
     cmd = m["tensorrt"]["trtexec"]["reuse"]
     assert cmd.startswith("trtexec --onnx=reuse.onnx --saveEngine=reuse.engine")
-    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and "k_cache:2x4x4x64x16" in cmd
+    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and "k_pool:2x16x4x64x16" in cmd
     assert not list(out.glob("*.engine"))                                  # never claims it ran
     assert run_cli(["inspect", out]).exit_code == 0
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")   # the ONNX runs meanwhile
