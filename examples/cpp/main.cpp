@@ -3,15 +3,20 @@
 //   dlc_engine_demo ENGINE_DIR A B TOKEN_ID...
 //
 // TOKEN_IDs are the whole token state [1, L] (prompt + mask ids); A..B are the decoded columns (a block).
-// Refresh decodes the block and returns every layer's K/V; the demo then commits the most confident
-// prediction, and Reuse feeds the block over the cached K/V. Both steps print their tokens and confidences.
-// Inputs follow the phase signatures recorded in ENGINE_DIR/dlc_engine.json (dense engine; see docs/COMPILER.md).
+// Refresh decodes the block and writes every layer's K/V into a one-slot KV pool; the demo then commits the
+// most confident prediction, and Reuse feeds the block over the pool. Both steps print their tokens and
+// confidences. Inputs follow the phase signatures recorded in ENGINE_DIR/dlc_engine.json (dense engine; see
+// docs/COMPILER.md): the runtime inputs, then the weights, read once from ENGINE_DIR/weights.safetensors and
+// passed to both phases in their "weight_inputs" order.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -34,6 +39,80 @@ at::ScalarType engine_dtype(const std::string& config) {
   if (name == "bf16") return at::kBFloat16;
   if (name == "fp16") return at::kHalf;
   return at::kFloat;
+}
+
+// The integer after the first "key": in text (the manifest's model config).
+int64_t json_int(const std::string& text, const std::string& key) {
+  auto at = text.find("\"" + key + "\": ");
+  if (at == std::string::npos) throw std::runtime_error("dlc_engine.json has no " + key);
+  return std::stoll(text.substr(at + key.size() + 4));
+}
+
+// The quoted strings of the n-th "key": [ ... ] list in text (a phase's weight_inputs).
+std::vector<std::string> json_strings(const std::string& text, const std::string& key, int n) {
+  size_t at = 0;
+  for (int i = 0; i <= n; ++i) {
+    at = text.find("\"" + key + "\": [", at);
+    if (at == std::string::npos) throw std::runtime_error("dlc_engine.json has no " + key + " list");
+    at += key.size() + 4;
+  }
+  std::vector<std::string> out;
+  const auto end = text.find(']', at);
+  for (auto q = text.find('"', at); q < end; q = text.find('"', q + 1)) {
+    const auto q2 = text.find('"', q + 1);
+    out.push_back(text.substr(q + 1, q2 - q - 1));
+    q = q2;
+  }
+  return out;
+}
+
+// Pairs "alias": "name" of the manifest's weights.aliases object.
+std::map<std::string, std::string> json_aliases(const std::string& text) {
+  std::map<std::string, std::string> out;
+  auto at = text.find("\"aliases\": {");
+  if (at == std::string::npos) return out;
+  const auto end = text.find('}', at);
+  std::vector<std::string> words;
+  for (auto q = text.find('"', at + 12); q < end; q = text.find('"', q + 1)) {
+    const auto q2 = text.find('"', q + 1);
+    words.push_back(text.substr(q + 1, q2 - q - 1));
+    q = q2;
+  }
+  for (size_t i = 0; i + 1 < words.size(); i += 2) out[words[i]] = words[i + 1];
+  return out;
+}
+
+// A safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}},
+// then the raw data. Returns name -> tensor (copied out of the file buffer).
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
+  const std::string blob = read_file(path);
+  uint64_t n = 0;
+  std::memcpy(&n, blob.data(), 8);
+  const std::string header = blob.substr(8, n);
+  const char* data = blob.data() + 8 + n;
+  const std::map<std::string, at::ScalarType> types = {
+      {"F32", at::kFloat}, {"BF16", at::kBFloat16}, {"F16", at::kHalf}, {"I64", at::kLong},
+      {"F64", at::kDouble}, {"BOOL", at::kBool}};
+  std::map<std::string, at::Tensor> out;
+  for (size_t at_ = header.find("\":{"); at_ != std::string::npos; at_ = header.find("\":{", at_ + 1)) {
+    const auto name_start = header.rfind('"', at_ - 1) + 1;
+    const std::string name = header.substr(name_start, at_ - name_start);
+    const auto entry_end = header.find('}', at_);
+    const std::string entry = header.substr(at_, entry_end - at_);
+    if (name == "__metadata__") continue;
+    const auto dt = entry.find("\"dtype\":\"") + 9;
+    const std::string dtype = entry.substr(dt, entry.find('"', dt) - dt);
+    std::vector<int64_t> shape;
+    const auto sh = entry.find("\"shape\":[") + 9;
+    std::stringstream dims(entry.substr(sh, entry.find(']', sh) - sh));
+    for (std::string d; std::getline(dims, d, ',');) if (!d.empty()) shape.push_back(std::stoll(d));
+    const auto off = entry.find("\"data_offsets\":[") + 16;
+    const int64_t begin = std::stoll(entry.substr(off));
+    if (!types.count(dtype)) throw std::runtime_error(path + ": tensor " + name + " has dtype " + dtype);
+    auto t = at::from_blob(const_cast<char*>(data + begin), shape, at::TensorOptions().dtype(types.at(dtype)));
+    out[name] = t.clone();
+  }
+  return out;
 }
 
 void print_row(const char* what, const at::Tensor& tokens, const at::Tensor& conf) {
@@ -68,6 +147,18 @@ int main(int argc, char** argv) {
   }
   const auto dtype = engine_dtype(config);
   c10::InferenceMode guard;
+  auto weights = load_safetensors(dir + "/weights.safetensors");          // one copy for both phases
+  for (const auto& [alias, name] : json_aliases(config)) weights[alias] = weights.at(name);
+  auto weight_args = [&](int phase) {
+    std::vector<at::Tensor> w;
+    for (const auto& name : json_strings(config, "weight_inputs", phase)) w.push_back(weights.at(name));
+    return w;
+  };
+  // The KV pool: one slot of L columns, [n_layers, 1, Hkv, L, D], written in place by both phases.
+  const int64_t n_layers = json_int(config, "n_layers"), n_kv = json_int(config, "n_kv_heads");
+  const int64_t head_dim = json_int(config, "d_model") / json_int(config, "n_heads");
+  auto k_pool = at::zeros({n_layers, 1, n_kv, L, head_dim}, at::TensorOptions().dtype(dtype));
+  auto v_pool = at::zeros_like(k_pool);
   torch::inductor::AOTIModelPackageLoader refresh(dir + "/refresh.aoti.pt2");
   torch::inductor::AOTIModelPackageLoader reuse(dir + "/reuse.aoti.pt2");
 
@@ -76,14 +167,17 @@ int main(int argc, char** argv) {
   auto pos = at::arange(L, i64).view({1, L});
   auto key_mask = at::ones({1, L}, at::kBool);
   auto out_index = at::arange(a, b, i64).view({1, N});                       // [1, N] absolute columns
-  auto rows = at::zeros({1}, i64);                                            // cond_rows = un_rows: no CFG
+  auto rows = at::zeros({1}, i64);                        // pool row 0; cond_rows = un_rows = 0: no CFG
   auto cfg_weight = at::ones({1}, at::TensorOptions().dtype(dtype));
   auto temperature = at::zeros({1}, at::kDouble);                          // greedy
   auto seeds = at::zeros({1}, i64);
 
-  // refresh(input_ids, position_ids, key_mask, out_index, cond_rows, un_rows, cfg_weight, temperature, seeds)
-  //   -> tokens [1, N], confidence [1, N], k, v [n_layers, 1, Hkv, L, D]
-  auto r = refresh.run({ids, pos, key_mask, out_index, rows, rows, cfg_weight, temperature, seeds});
+  // refresh(input_ids, position_ids, key_mask, k_pool, v_pool, rows, out_index, cond_rows, un_rows,
+  //         cfg_weight, temperature, seeds, weights...) -> tokens [1, N], confidence [1, N]; K/V in the pool
+  std::vector<at::Tensor> r_in = {ids, pos, key_mask, k_pool, v_pool, rows, out_index, rows, rows,
+                                  cfg_weight, temperature, seeds};
+  for (auto& w : weight_args(0)) r_in.push_back(w);
+  auto r = refresh.run(r_in);
   print_row("refresh", r[0], r[1]);
 
   // Commit the most confident prediction among the masked block columns, as one decoding step would.
@@ -94,13 +188,15 @@ int main(int argc, char** argv) {
   const int64_t best = conf.argmax(1).item<int64_t>();
   ids[0][a + best] = r[0][0][best];
 
-  // reuse(q_ids, q_pos, key_mask, q_start, k_cache, v_cache, out_index, cond_rows, un_rows, cfg_weight,
-  //       temperature, seeds) -> tokens, confidence, k_new, v_new [n_layers, 1, Hkv, N, D]
+  // reuse(q_ids, q_pos, key_mask, q_start, k_pool, v_pool, rows, out_index, cond_rows, un_rows,
+  //       cfg_weight, temperature, seeds, weights...) -> tokens, confidence; the block's new K/V in the pool
   auto q_ids = ids.slice(1, a, b).contiguous();                                  // [1, N]
   auto q_pos = pos.slice(1, a, b).contiguous();
   auto q_start = at::full({1}, a, i64);
-  auto u = reuse.run({q_ids, q_pos, key_mask, q_start, r[2], r[3], out_index, rows, rows, cfg_weight,
-                      temperature, seeds});
+  std::vector<at::Tensor> u_in = {q_ids, q_pos, key_mask, q_start, k_pool, v_pool, rows, out_index, rows,
+                                  rows, cfg_weight, temperature, seeds};
+  for (auto& w : weight_args(1)) u_in.push_back(w);
+  auto u = reuse.run(u_in);
   print_row("reuse", u[0], u[1]);
   std::cout << "committed column " << a + best << " = " << r[0][0][best].item<int64_t>() << "\n";
   return 0;
