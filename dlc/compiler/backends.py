@@ -16,6 +16,7 @@ LARGE_WEIGHTS = 1 << 30        # above this, AOTI keeps the weights out of the .
 # --- export: the pass-transformed ExportedProgram, saved with torch.export.save ---------------------------
 def emit_export(ep, phase: str, out: Path, ctx: dict) -> str:
     name = f"{phase}.pt2"
+    ep.example_inputs = None       # they hold the weights: torch.export.save would write another copy
     torch.export.save(ep, str(out / name))
     return name
 

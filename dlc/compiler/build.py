@@ -3,6 +3,7 @@ config.json and tokenizer files), with per-stage timings."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -283,6 +284,9 @@ def write_weights(weights: dict[str, torch.Tensor], out: Path) -> dict:
         storages.add(sp)
     save_file(stored, str(out / WEIGHTS_FILE))
     f = WEIGHTS_FILE
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / f, 0o666 & ~umask)                 # readable like the other engine files
     return {"file": f, "tensors": len(stored), "aliases": aliases,
             "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
             "bytes": {f: (out / f).stat().st_size}, "sha256": {f: file_sha256(out / f)}}

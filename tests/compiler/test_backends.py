@@ -204,6 +204,15 @@ def test_aoti_engine_generates_eager_tokens(aoti_engine, tiny_ckpt, kv):
 
 
 @pytest.mark.slow
+def test_aoti_packages_hold_no_weights(aoti_engine):
+    """The weights are program inputs read from weights.safetensors: no AOTI package carries constants."""
+    m = json.loads((aoti_engine / "dlc_engine.json").read_text())
+    for ph in ("refresh", "reuse"):
+        pkg = torch._inductor.aoti_load_package(str(aoti_engine / m["phases"][ph]["file"]))
+        assert pkg.get_constant_fqns() == [] and len(m["phases"][ph]["weight_inputs"]) > 10
+
+
+@pytest.mark.slow
 def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("no C++ compiler")
