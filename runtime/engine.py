@@ -41,10 +41,11 @@ from .granularity import Granularity, measure_step_times
 from .kv_cache import KVCacheManager
 from .metrics import Metrics
 from .request import CANCELLED, FINISHED, Request
+from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import check_runner, draw_seeds, group_states, make_batch, run_batch
+from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
 log = logging.getLogger("dlc.engine")
@@ -60,13 +61,15 @@ def graph_runner_for(runner, cfg: ServeConfig):
     if isinstance(runner, GraphRunner):
         return runner
     on = cfg.cuda_graphs
+    if isinstance(runner, CompiledRunner):           # an engine: graphs of its own Reuse program
+        runner.enable_graphs(runner.device.type == "cuda" and runner.kv_inplace if on is None else on)
+        return runner
     if on is None:
         on = type(runner) is EagerRunner and runner.device.type == "cuda"
     if not on:
         return runner
     if type(runner) is not EagerRunner:
-        raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset); compiled engines run their "
-                         "own programs")
+        raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
     return GraphRunner(runner.model, decode=cfg.graph_decode, compile=cfg.compile)
 
 
@@ -82,9 +85,9 @@ class Engine:
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
         self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
                                  self.runner.device,
-                                 max_slots=2 * cfg.max_batch_size + isinstance(self.runner, GraphRunner),
+                                 max_slots=2 * cfg.max_batch_size + is_graphed(self.runner),
                                  head_scores=self.runner.sparse_retention is not None)
-        if isinstance(self.runner, GraphRunner):
+        if is_graphed(self.runner):
             self.runner.bind_pool(self.kv)             # one slot for the graphs' padding rows
         self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
         self.scheduler = SCHEDULERS[cfg.policy](cfg, self.mc, self.kv, self.gran, self.runner.device)
@@ -119,8 +122,7 @@ class Engine:
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
         check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
         state = DecodeState.new(list(prompt), gen, self.mc)
-        usable = self.kv.n_slots - (self.runner.scratch is not None
-                                    if isinstance(self.runner, GraphRunner) else 0)
+        usable = self.kv.n_slots - is_graphed(self.runner)          # the graphs' scratch slot
         if state.cache_rows() > usable:
             raise FieldError("cfg_scale", f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs "
                              f"{state.cache_rows()} KV slots; "
@@ -291,7 +293,7 @@ class Engine:
         if self.cfg.granularity == "elastic":
             sizes = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if n <= self.max_seq]
         timings = measure_step_times(self.runner, sizes, repeats=1 if len(sizes) == 1 else 3)
-        if isinstance(self.runner, GraphRunner):      # capture the default block's Reuse step at every bucket
+        if is_graphed(self.runner):                   # capture the default block's Reuse step at every bucket
             blk = min(self.gen_defaults["block_length"], self.gen_defaults["gen_length"])
             self.runner.warmup([(blk + self.mc.logit_shift, blk)], self.cfg.max_batch_size)
         if self.cfg.granularity == "elastic":

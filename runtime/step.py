@@ -84,6 +84,23 @@ class PhaseRunner(Protocol):
     def reuse(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@runtime_checkable
+class GraphedRunner(Protocol):
+    """A runner that replays CUDA graphs over the serving KV pool (the eager model's ``GraphRunner``, an
+    engine's ``CompiledRunner`` with graphs on): while ``graphed``, it needs one scratch slot of the pool for
+    the padding rows of its batch buckets (``bind_pool``) and captures ahead of serving (``warmup`` over
+    (fed width, decoded width) pairs)."""
+    graphed: bool
+
+    def bind_pool(self, kv) -> None: ...
+
+    def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None: ...
+
+
+def is_graphed(runner) -> bool:
+    return isinstance(runner, GraphedRunner) and runner.graphed
+
+
 def check_runner(runner) -> None:
     if not isinstance(runner, PhaseRunner):
         raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, sparse_retention, "

@@ -21,6 +21,7 @@ from dlc.models.common import KVCache
 
 from ..step import StepBatch, take_cols
 from .eager import pad_keys
+from .program_graphs import ProgramGraphs
 
 
 class CompiledRunner:
@@ -32,7 +33,7 @@ class CompiledRunner:
                  dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export",
                  max_seq_len: int | None = None, max_batch_size: int | None = None,
                  temperature_dtype: torch.dtype = torch.float64, weights: dict | None = None,
-                 kv_inplace: bool = True):
+                 kv_inplace: bool = True, cuda_graphs: bool = False):
         missing = {"refresh", "reuse"} - set(phases)
         if missing:
             raise ValueError(f"compiled runner: missing phase program(s) {sorted(missing)}")
@@ -49,6 +50,36 @@ class CompiledRunner:
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)   # the build limits
         self.max_batch_size = max_batch_size
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
+        self.graphs = None
+        self.enable_graphs(cuda_graphs)
+
+    # --- CUDA graphs of the Reuse program (runtime/runners/program_graphs.py) ------------------------------
+    @property
+    def graphed(self) -> bool:
+        return self.graphs is not None
+
+    def enable_graphs(self, on: bool) -> None:
+        """Replay the Reuse program as CUDA graphs at bucketed batch sizes (CUDA, programs that write the pool in
+        place). Needs ``bind_pool`` before use."""
+        if not on:
+            self.graphs = None
+            return
+        if self.device.type != "cuda" or not self.kv_inplace:
+            raise ValueError("engine CUDA graphs need a CUDA device and a torch artifact (export / AOTI), whose "
+                             "programs write the KV pool in place")
+        names = [n for n in self.input_names["reuse"] if not is_weight_input(n)]
+        self.graphs = ProgramGraphs(lambda feed: self._call("reuse", feed), names, self.config.mask_id)
+
+    def bind_pool(self, kv) -> None:
+        if self.graphs is not None:
+            self.graphs.bind_pool(kv)
+
+    def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
+        if self.graphs is not None:
+            one = torch.ones(1, dtype=self.dtype, device=self.device)
+            temp = torch.zeros(1, dtype=self.temperature_dtype, device=self.device)
+            with torch.no_grad():
+                self.graphs.warmup(widths, max_batch, {"cfg_weight": one, "temperature": temp})
 
     def _decode_inputs(self, batch: StepBatch, hid_start: torch.Tensor) -> dict:
         """hid_start [fed]: the decoded rows' first index into the program's hidden states."""
@@ -109,6 +140,9 @@ class CompiledRunner:
                 **self._decode_inputs(batch, batch.hid_start)}
         if self.sparse_retention is not None:
             feed["keep_idx"] = batch.keep_idx
+        if self.graphs is not None and self.graphs.eligible(feed, batch.fed, batch.fed != batch.n_seqs,
+                                                            self.sparse_retention is not None):
+            return tuple(self.graphs.run(feed, batch.fed, T, batch.n_out)[:2])
         res = self._call("reuse", feed)
         if not self.kv_inplace:                     # outputs: tokens, conf, k_new, v_new [nl, fed, Hkv, T, D]
             rows = feed["rows"]

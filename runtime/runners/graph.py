@@ -70,6 +70,7 @@ class _Graph:
 
 
 class GraphRunner(EagerRunner):
+    graphed = True                           # step.GraphedRunner: binds a scratch pool slot, warms up
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
                  compile: bool = False, fuse: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None):

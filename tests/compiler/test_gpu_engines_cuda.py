@@ -83,3 +83,39 @@ print("aoti-ok", json.dumps(dict(same=same, n=len(prompts))))
     assert r.returncode == 0 and "aoti-ok" in r.stdout, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     res = json.loads(r.stdout.split("aoti-ok", 1)[1])
     assert res["same"] >= res["n"] - 1
+
+
+def _local_target() -> str:
+    return "h200" if "H200" in torch.cuda.get_device_name() else "h100"
+
+
+def test_export_engine_on_the_gpu_replays_graphs_over_the_pool(tmp_path):
+    """An export engine built for this GPU (runtime kernels: pool attention, fused decoding; K/V written into the
+    serving pool in place) served by the Engine: its Reuse program replays as CUDA graphs at bucketed batch
+    sizes and gives the same tokens as the uncaptured program, and (fp32) eager's tokens."""
+    from dlc.compiler.build import compile_model
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.session import open_model
+    out = tmp_path / "eng"
+    compile_model("tiny-llada", _local_target(), str(out), backend="export", dtype="fp32", block_length=8,
+                  echo=lambda *a, **k: None)
+    m = json.loads((out / "dlc_engine.json").read_text())
+    assert m["build"]["kv_inplace"] and m["passes"][-1]["name"] == "lift_weights"
+    prompts = _prompts(6, 200, seed=3)
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    outs = {}
+    for graphs in (True, False):
+        sess = open_model(str(out), device="cuda", progress=False)
+        eng = Engine(sess, ServeConfig(kv_cache_mb=64, cuda_graphs=graphs, max_batch_size=8, **params))
+        eng.warmup()
+        outs[graphs] = eng.generate(prompts, params)
+        if graphs:
+            assert eng.runner.graphs.stats["replays"] > 0 and eng.runner.graphs.stats["captures"] > 0
+        else:
+            assert eng.runner.graphs is None
+    assert outs[True] == outs[False] and len({t for o in outs[True] for t in o}) > 3
+    ref = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
+    eager = Engine(ref, ServeConfig(kv_cache_mb=64, cuda_graphs=False, max_batch_size=8, **params))
+    same = sum(a == b for a, b in zip(outs[True], eager.generate(prompts, params)))
+    assert same / len(prompts) >= SAME_SEQ

@@ -1,0 +1,177 @@
+"""The engine section of issue 13, measured at 8B: is the compiled engine the fastest way to run a model?
+
+On an LLaDA-8B-shaped model with random bf16 weights (head x4, as bench/gpu_bench.py), written to disk in dlc's
+LLaDA HF layout, this script:
+
+1. ``dlc compile CKPT --target <this GPU> --backend export`` in-process: compile wall time, engine size on disk
+   vs the weight bytes (target <= 1.05x);
+2. opens the engine on the GPU: load time (sha256 verification of every file included on the first open, and
+   again with the verification cached), device memory after load vs the weight bytes (target <= 1.05x);
+3. end-to-end tokens/s through ``dlc.runtime.Engine`` (FCFS, all B requests in one batch; prompt 512, gen 256,
+   block 32, one token per step, dual cache) for two paths in this process, alternating their order per batch:
+   ``engine`` = the compiled engine (phase programs with the runtime's kernels; Reuse replayed as CUDA graphs
+   over the serving pool, K/V written in place) and ``runtime`` = the eager model + GraphRunner (CUDA graphs),
+   the previous fast path. Target: engine >= 1.0x runtime at B=1 and B=32.
+
+    python3 -P bench/engine_bench.py --out $OUT/engine_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dir_bytes(path: Path, skip=()) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name not in skip)
+
+
+def build_checkpoint(ckpt: Path, preset: str) -> tuple[int, float]:
+    from dlc.models import build_model
+    from dlc.models.loading import save_checkpoint
+    from dlc.models.presets import preset_config
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = build_model(preset_config(preset))
+    finally:
+        torch.set_default_dtype(old)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        model.head_weight().mul_(4.0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    t = time.perf_counter()
+    save_checkpoint(model, ckpt)
+    secs = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return weight_bytes, secs
+
+
+def run(session, B: int, args) -> dict:
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    cfg, L = session.config, args.prompt + args.gen
+    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
+    sc = ServeConfig(model="bench", policy="fcfs", device="cuda", max_batch_size=B, max_num_tokens=2 * B * L,
+                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual")
+    eng = Engine(session, sc)
+    g = torch.Generator().manual_seed(B)
+    prompts = [torch.randint(0, cfg.vocab_size - 512, (args.prompt,), generator=g).tolist() for _ in range(B)]
+    eng.generate(prompts, dict(gen_length=args.block, block_length=args.block, steps=args.block))   # capture
+    params = dict(gen_length=args.gen, block_length=args.block, steps=args.gen)
+    secs = []
+    for _ in range(args.repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = eng.generate(prompts, params)
+        torch.cuda.synchronize()
+        secs.append(time.perf_counter() - t)
+    toks = sum(len(o) for o in outs)
+    med = sorted(secs)[len(secs) // 2]
+    r = eng.runner
+    stats = getattr(getattr(r, "graphs", None), "stats", None) or getattr(r, "stats", {})
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"B": B, "seconds": med, "all_seconds": secs, "tokens": toks, "tok_s": toks / med,
+            "replays": stats.get("replays"),
+            "host_ms_per_replay": 1e3 * stats.get("host_s", 0) / max(1, stats.get("replays") or 1),
+            "first_tokens": outs[0][:8]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llada-8b")
+    p.add_argument("--work", default="/tmp/dlc-engine-bench")
+    p.add_argument("--target", default=None, help="dlc target of this GPU (default: h200 on an H200, else h100)")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from dlc.compiler.build import compile_model
+    from dlc.runtime.session import open_model
+
+    work = Path(args.work)
+    ckpt, eng_dir = work / "ckpt", work / "engine"
+    shutil.rmtree(work, ignore_errors=True)
+    ckpt.mkdir(parents=True)
+    target = args.target or ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "target": target}
+    log(f"building {args.preset} (random bf16) -> {ckpt}")
+    res["weight_bytes"], res["save_s"] = build_checkpoint(ckpt, args.preset)
+    log(f"weights {res['weight_bytes'] / 1e9:.2f} GB written in {res['save_s']:.1f}s")
+
+    L = args.prompt + args.gen
+    t = time.perf_counter()
+    compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype="bf16", max_batch_size=max(
+        int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log)
+    res["compile_s"] = time.perf_counter() - t
+    gc.collect()
+    torch.cuda.empty_cache()
+    res["engine_bytes"] = dir_bytes(eng_dir)
+    res["engine_over_weights"] = res["engine_bytes"] / res["weight_bytes"]
+    log(f"compile {res['compile_s']:.1f}s, engine {res['engine_bytes'] / 1e9:.2f} GB "
+        f"({res['engine_over_weights']:.3f}x weights)")
+
+    base = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    engine = open_model(str(eng_dir), device="cuda", progress=False)
+    torch.cuda.synchronize()
+    res["load_s"] = time.perf_counter() - t
+    res["engine_device_bytes"] = torch.cuda.memory_allocated() - base
+    res["device_over_weights"] = res["engine_device_bytes"] / res["weight_bytes"]
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    t = time.perf_counter()
+    engine = open_model(str(eng_dir), device="cuda", progress=False)       # verification cached now
+    torch.cuda.synchronize()
+    res["load_cached_s"] = time.perf_counter() - t
+    log(f"load {res['load_s']:.1f}s (verified), {res['load_cached_s']:.1f}s (cached); device "
+        f"{res['engine_device_bytes'] / 1e9:.2f} GB ({res['device_over_weights']:.3f}x weights)")
+    t = time.perf_counter()
+    runtime = open_model(str(ckpt), device="cuda", dtype=torch.bfloat16, progress=False)
+    res["runtime_load_s"] = time.perf_counter() - t
+
+    res["e2e"] = []
+    for i, B in enumerate(int(b) for b in args.batches.split(",")):
+        order = [("engine", engine), ("runtime", runtime)]
+        for name, sess in (order if i % 2 == 0 else order[::-1]):
+            log(f"e2e {name} B={B}")
+            r = run(sess, B, args)
+            r["path"] = name
+            res["e2e"].append(r)
+            log(json.dumps(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    print("\n| path | B | tok/s | s (median of %d) | host ms/replay | ratio engine/runtime |" % args.repeats)
+    print("|---|---|---|---|---|---|")
+    by = {(r["path"], r["B"]): r for r in res["e2e"]}
+    for (name, B), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ratio = r["tok_s"] / by[("runtime", B)]["tok_s"] if name == "engine" else 1.0
+        print(f"| {name} | {B} | {r['tok_s']:.1f} | {r['seconds']:.2f} | {r['host_ms_per_replay']:.2f} | "
+              f"{ratio:.2f} |")
+    print(f"\ncompile {res['compile_s']:.0f}s; engine {res['engine_bytes'] / 1e9:.2f} GB = "
+          f"{res['engine_over_weights']:.3f}x weights; device after load {res['device_over_weights']:.3f}x "
+          f"weights; load {res['load_s']:.1f}s verified / {res['load_cached_s']:.1f}s cached; GPU {res['gpu']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""CUDA graphs of an engine's Reuse program at bucketed batch sizes (the engine path's launch-free step).
+
+A Reuse step at small batch is bound by reading the weights; launching an interpreted program's hundreds of
+kernels from Python costs as much again. ``ProgramGraphs`` captures one call of the program per (batch bucket,
+fed width, decoded width) over static input buffers and replays it: the program writes K/V into the serving
+slot pool in place (the pool tensors are the static inputs themselves) and decodes in the graph (guidance-free
+rows, the step seeds' hash noise: sampled tokens equal the uncaptured program's).
+
+Padding rows of a bucket read and write a scratch pool slot no request owns (``bind_pool`` takes it). Calls
+that are not graphable run the program directly: classifier-free guidance, head-sparse Reuse (its kept-column
+count varies per step), batches over the largest bucket, another pool. ``stats`` counts replays, captures,
+host time per replay and the fallbacks."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds")
+
+
+@dataclass
+class _Captured:
+    static: dict            # input name -> static device buffer [bb, ...] (pool, weights: the real tensors)
+    outs: list              # the program's outputs in the graph's memory
+    graph: object
+
+
+class ProgramGraphs:
+    """Graphs of ``call(feed) -> outputs`` for one runner's Reuse program."""
+
+    def __init__(self, call, names: list[str], mask_id: int, buckets=BUCKETS):
+        self.call, self.names, self.mask_id = call, names, mask_id
+        self.buckets = tuple(sorted(buckets))
+        self.pool = self.scratch = None
+        self.graphs: dict[tuple, _Captured] = {}
+        self._mempool = None
+        self.stats = {"replays": 0, "direct": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0}
+
+    def bind_pool(self, kv) -> None:
+        if kv is self.pool:
+            return
+        self.graphs.clear()
+        self.pool = self.scratch = None
+        if kv.n_slots < 2:
+            return
+        self.pool, self.scratch = kv, kv.allocate()
+        if self.scratch is None:
+            raise ValueError("engine graphs: bind_pool needs a free KV slot for padding rows")
+
+    def eligible(self, feed: dict, B: int, guided: bool, sparse: bool) -> bool:
+        return (self.pool is not None and not guided and not sparse and B <= self.buckets[-1]
+                and feed["k_pool"] is self.pool.k_all)
+
+    def warmup(self, widths: list[tuple[int, int]], max_batch: int, extra: dict) -> None:
+        """Capture every bucket up to ``max_batch`` for each (fed width T, decoded width N) over inert rows in
+        the scratch slot. ``extra``: the non-batch inputs (cfg_weight, temperature)."""
+        if self.pool is None:
+            return
+        dev, S = self.pool.k_all.device, self.pool.s_max
+        for T, N in widths:
+            for bb in self.buckets:
+                ar = torch.arange(bb, device=dev)
+                km = torch.zeros(bb, S, dtype=torch.bool, device=dev)
+                km[:, :T] = True
+                feed = {"q_ids": torch.full((bb, T), self.mask_id, device=dev), "q_pos": torch.arange(T, device=dev)
+                        .expand(bb, -1), "q_start": torch.zeros_like(ar), "key_mask": km,
+                        "rows": torch.full_like(ar, self.scratch), "out_index": torch.arange(N, device=dev)
+                        .expand(bb, -1), "cond_rows": ar, "un_rows": ar, "seeds": torch.zeros_like(ar),
+                        "k_pool": self.pool.k_all, "v_pool": self.pool.v_all, **extra}
+                self.run(feed, bb, T, N)
+                if bb >= max_batch:
+                    break
+
+    def bucket(self, B: int) -> int:
+        return next(b for b in self.buckets if b >= B)
+
+    def _pad(self, name: str, t: torch.Tensor, bb: int) -> torch.Tensor:
+        """A [B, ...] batch input padded to bb rows with inert values (scratch slot, masks, arange rows)."""
+        B = t.shape[0]
+        pad = bb - B
+        if name == "rows":
+            fill = torch.full((pad,), self.scratch, dtype=t.dtype, device=t.device)
+        elif name in ("cond_rows", "un_rows"):
+            fill = torch.arange(B, bb, dtype=t.dtype, device=t.device)
+        elif name == "q_ids":
+            fill = torch.full((pad, *t.shape[1:]), self.mask_id, dtype=t.dtype, device=t.device)
+        elif name in ("q_pos", "out_index"):
+            fill = torch.arange(t.shape[1], device=t.device).expand(pad, -1).to(t.dtype)
+        elif name == "key_mask":
+            fill = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            fill[:, 0] = True                                         # one real key: a finite softmax
+        else:                                                         # q_start, seeds: zeros
+            fill = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        return torch.cat([t, fill]) if pad else t
+
+    def run(self, feed: dict, B: int, T: int, N: int) -> list:
+        """Replay (capturing first if needed) the graph of bucket(B) with this call's inputs -> outputs [B, ...]."""
+        t0 = time.perf_counter()
+        bb = self.bucket(B)
+        key = (bb, T, N, feed["key_mask"].shape[1])
+        cap = self.graphs.get(key)
+        if cap is None:
+            cap = self._capture(key, {n: feed[n] if n in ("k_pool", "v_pool") else
+                                      (self._pad(n, feed[n], bb) if n in BATCHED else feed[n]).clone()
+                                      for n in self.names})
+        for n, buf in cap.static.items():
+            src = feed[n]
+            if src is not buf:                                        # the pool is its own static buffer
+                buf.copy_(self._pad(n, src, bb) if n in BATCHED else src, non_blocking=True)
+        cap.graph.replay()
+        self.stats["replays"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0
+        return [o[:B] for o in cap.outs]
+
+    def _capture(self, key, static: dict) -> _Captured:
+        t0 = time.perf_counter()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):                                   # warm-up: lazy inits, cuBLAS workspaces
+                self.call(static)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            outs = self.call(static)
+        cap = _Captured(static, outs, graph)
+        self.graphs[key] = cap
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
+        return cap
