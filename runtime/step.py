@@ -61,7 +61,7 @@ class StepBatch:
     def cfg_weight(self, dtype) -> torch.Tensor:
         """[1]: the guidance weight cfg_scale + 1 (1.0 without guidance: the rows pass through)."""
         w = self.cfg_scale + 1.0 if self.fed != self.n_seqs else 1.0
-        return torch.tensor([w], dtype=dtype, device=self.ids.device)
+        return torch.full((1,), w, dtype=dtype, device=self.ids.device)      # a fill: no blocking host copy
 
 
 @runtime_checkable

@@ -87,7 +87,8 @@ class CompiledRunner:
         return {"out_index": hid_start[:, None] + torch.arange(n, device=hid_start.device),   # [fed, N]
                 "cond_rows": batch.cond_rows, "un_rows": batch.un_rows,
                 "cfg_weight": batch.cfg_weight(self.dtype),
-                "temperature": torch.tensor([batch.temperature], dtype=self.temperature_dtype, device=self.device),
+                "temperature": torch.full((1,), batch.temperature, dtype=self.temperature_dtype,
+                                          device=self.device),          # a fill: no blocking host copy
                 "seeds": batch.seeds}
 
     def _pool_inputs(self, batch: StepBatch) -> dict:
