@@ -13,8 +13,12 @@ def bench_command():
 
 def _check_extras() -> None:
     """Before any work: the bench's HTTP client and the servers it starts need the bench extras."""
-    import importlib.util
-    missing = [m for m in ("httpx", "fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+    missing = []
+    for mod in ("httpx", "fastapi", "uvicorn", "pydantic"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
     if missing:
         raise click.ClickException(f"dlc bench serve needs {', '.join(missing)}: pip install 'dlc[bench]'")
 

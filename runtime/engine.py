@@ -87,10 +87,15 @@ class Engine:
         self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
-        self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
-                                 self.runner.device,
-                                 max_slots=2 * cfg.max_batch_size + isinstance(self.runner, GraphRunner),
-                                 head_scores=self.runner.sparse_retention is not None)
+        try:
+            self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
+                                     self.runner.device,
+                                     max_slots=2 * cfg.max_batch_size + isinstance(self.runner, GraphRunner),
+                                     head_scores=self.runner.sparse_retention is not None)
+        except (RuntimeError, MemoryError) as e:      # the allocator's out-of-memory: one line, what to change
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"cannot allocate the KV slot pool (kv_cache_mb {cfg.kv_cache_mb:g} on "
+                             f"{self.runner.device}): {first}; lower --kv-cache-mb or --max-batch-size") from None
         if isinstance(self.runner, GraphRunner):
             self.runner.bind_pool(self.kv)             # one slot for the graphs' padding rows
         self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
