@@ -51,6 +51,7 @@ from .step import check_runner, draw_seeds, group_states, make_batch, run_batch
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids")
 log = logging.getLogger("dlc.engine")
+stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line
 
 
 class QueueFull(RuntimeError):
@@ -355,7 +356,7 @@ class Engine:
             return
         busy = s.num_running or s.num_waiting
         if busy or self._log_tokens:
-            log.info("throughput %.1f tokens/s; running %d, waiting %d requests; KV slots %d/%d used",
+            stats_log.info("throughput %.1f tokens/s; running %d, waiting %d requests; KV slots %d/%d used",
                      self._log_tokens / dt, s.num_running, s.num_waiting, self.kv.num_used, self.kv.n_slots)
         self._log_t0, self._log_tokens = now, 0
 
