@@ -60,7 +60,7 @@ def test_sigterm_drains_while_answering_then_ends_streams_with_an_error(server):
     t.join(30)
     assert "drain limit" in _error_event(lines)["message"]
     assert server.proc.wait(30) == 0
-    out = server.proc.stdout.read()
+    out = server.output()
     assert "Traceback" not in out and "drained and stopped" in out
     assert "throughput" in out and "tokens/s; running 1, waiting 0 requests" in out
 
@@ -73,7 +73,7 @@ def test_sigint_stops_promptly_and_cleanly(server):
     assert time.time() - t0 < 5
     t.join(10)
     assert "shutting down" in _error_event(lines)["message"]
-    out = server.proc.stdout.read()
+    out = server.output()
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
 
 
