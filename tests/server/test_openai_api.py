@@ -2,6 +2,7 @@
 client: max_tokens as the generation length, stop strings and stop_token_ids (streamed and not), n > 1,
 stream_options.include_usage, provisional step events; malformed bodies through raw httpx."""
 import json
+import time
 
 import httpx
 import openai
@@ -190,3 +191,22 @@ def test_a_request_that_can_never_fit_the_queue_is_400(tiny_server):
                                                                "stream": True, "max_tokens": 1}, timeout=60)
     assert r.status_code == 200
 
+
+
+def test_tokenizing_a_large_prompt_does_not_block_the_server(tiny_server):
+    """A 1.9 MB prompt (under the 2 MiB body limit) takes seconds to tokenize; /health answers meanwhile."""
+    import threading
+    result = {}
+
+    def big():
+        r = httpx.post(tiny_server.base + "/v1/completions", json={"model": MODEL, "prompt": "ab c" * 475_000},
+                       timeout=120)
+        result["status"], result["message"] = r.status_code, r.json()["error"]["message"]
+
+    t = threading.Thread(target=big)
+    t.start()
+    time.sleep(0.5)
+    assert httpx.get(tiny_server.base + "/health", timeout=2).status_code == 200
+    assert t.is_alive()                              # answered while the large prompt was still in work
+    t.join(120)
+    assert result["status"] == 400 and "exceeds the maximum sequence length" in result["message"]
