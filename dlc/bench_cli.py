@@ -11,6 +11,18 @@ def bench_command():
     """Benchmarks (serving: phase-multiplexed batcher vs FCFS static batching)."""
 
 
+def _check_extras() -> None:
+    """Before any work: the bench's HTTP client and the servers it starts need the bench extras."""
+    missing = []
+    for mod in ("httpx", "fastapi", "uvicorn", "pydantic"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise click.ClickException(f"dlc bench serve needs {', '.join(missing)}: pip install 'dlc[bench]'")
+
+
 def _pair(s: str) -> tuple[int, int]:
     lo, _, hi = s.partition(":")
     return int(lo), int(hi or lo)
@@ -43,11 +55,13 @@ def serve_bench(model, pattern, num_requests, rate, period, amplitude, prompt_le
                 refresh_share, rounds, as_json):
     """Drive `dlc serve MODEL` once per scheduler policy with the same workload; print throughput, TTFT and
     latency percentiles and the ratios against the baseline (the first policy)."""
-    from dlc.runtime.loadgen import Workload, compare, format_row, ratios
+    _check_extras()
+    from dlc.runtime.loadgen import Workload, compare, format_row, model_config_of, prompt_token_ids, ratios
 
     try:
+        ids = prompt_token_ids(model_config_of(model))
         wl = Workload(pattern, num_requests, rate, period, amplitude, _pair(prompt_len),
-                      tuple(int(g) for g in gen_lens.split(",")), block_length, tokens_per_step, seed)
+                      tuple(int(g) for g in gen_lens.split(",")), block_length, tokens_per_step, seed, ids)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     pols = [p.strip() for p in policies.split(",") if p.strip()]

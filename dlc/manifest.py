@@ -182,7 +182,34 @@ def validate_manifest(path, m: dict, check_versions: bool = True, verify: str = 
 def load_manifest(path, check_versions: bool = True, verify: str = "cached") -> dict:
     m = read_manifest(path)
     validate_manifest(path, m, check_versions, verify)
+    check_program_shapes(path, m)
     return m
+
+
+KV_NAMES = ("k", "v", "k_new", "v_new", "k_pool", "v_pool")    # [n_layers, B or P, n_kv_heads, S, head_dim]
+
+
+def check_program_shapes(path, m: dict, config=None) -> None:
+    """The K/V shapes each program records against the model config (``config``: a ModelConfig, default the
+    manifest's model section), so an edited config whose settings hash was recomputed is refused at load, not
+    at the first request."""
+    c = config.__dict__ if config is not None else (m.get("model") or {})
+    try:
+        want = [c["n_layers"], None, c["n_kv_heads"], None, c["d_model"] // c["n_heads"]]
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise EngineError(f"{path}: {MANIFEST} has no usable model config ({e!r})") from None
+    for ph, spec in (m.get("phases") or {}).items():
+        for io in ("inputs", "outputs"):
+            for t in spec.get(io) or []:
+                if t.get("name") not in KV_NAMES:
+                    continue
+                shape = t.get("shape") or []
+                if len(shape) != 5 or any(w is not None and d != w for d, w in zip(shape, want)):
+                    dims = ", ".join("*" if w is None else str(w) for w in want)
+                    raise EngineError(f"{path}: the {ph} program's {t['name']} {io[:-1]} has shape {shape}, but "
+                                      f"the model config in {MANIFEST} gives [{dims}] (n_layers, batch, n_kv_heads, "
+                                      f"columns, head_dim): the manifest does not describe these programs; "
+                                      f"recompile with `dlc compile`")
 
 
 def summary_lines(m: dict) -> list[str]:

@@ -7,6 +7,7 @@ in from its shard once, so an 8B checkpoint never has two full copies in memory.
 mis-shaped tensors raise ``CheckpointError`` naming the tensor and the file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def _hf_cache_dir(name: str, repo: str) -> Path:
     except Exception:
         raise CheckpointError(
             f"preset {name!r} needs the checkpoint {repo}, which is not in the local Hugging Face cache. "
-            f"Download it (`huggingface-cli download {repo}`) or pass --weights DIR pointing at a local copy."
+            f"Download it (`hf download {repo}`, huggingface_hub's CLI) or pass --weights DIR pointing at a local copy."
         ) from None
 
 
@@ -106,12 +107,26 @@ def checkpoint_files(path: Path) -> dict[str, str]:
         return weight_map
     single = path / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-        with safe_open(str(single), "pt") as f:
+        with _open_safetensors(single) as f:
             return {k: "model.safetensors" for k in f.keys()}
     other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
     hint = f" (found {other}: convert them to safetensors)" if other else ""
     raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json{hint}")
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open whose failures (empty, truncated or random bytes) are a CheckpointError naming the file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), "pt", device="cpu") as f:
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as e:          # noqa: BLE001 - SafetensorError, OSError, ...: the file is unreadable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{file} is not a readable safetensors file ({first}); the checkpoint is damaged "
+                              f"or incomplete: download it again") from None
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -125,7 +140,6 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu", progress: bool = True) -> None:
-    from safetensors import safe_open
     from tqdm import tqdm
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -143,7 +157,7 @@ def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu
         by_file.setdefault(fname, []).append(name)
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress)
     for fname, names in sorted(by_file.items()):
-        with safe_open(str(path / fname), "pt", device="cpu") as f:
+        with _open_safetensors(path / fname) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

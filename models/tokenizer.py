@@ -71,7 +71,10 @@ def load_tokenizer(path: str | Path):
         kwargs = {k: cfg[k] for k in ("eos_token", "pad_token", "mask_token", "bos_token", "unk_token")
                   if isinstance(cfg.get(k), str)}
         if (path / "tokenizer.json").exists():
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **kwargs)
+            try:
+                tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **kwargs)
+            except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+                raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({e})") from None
         else:
             tok = _qwen2_bpe_tokenizer(path, cfg, kwargs)
         template = cfg.get("chat_template")

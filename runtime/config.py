@@ -38,7 +38,9 @@ class ServeConfig:
     refresh_share: float = 0.5          # at most this share of the token budget goes to Refresh per iteration
     age_iters: int = 16                 # a request waiting this many iterations goes first (no starvation)
     seed: int | None = None             # default seed of requests that send none (None: a fresh random seed each)
-    drain_timeout_s: float = 60.0
+    drain_timeout_s: float = 60.0       # SIGTERM: in-flight requests get this long, then end with an error
+    max_request_bytes: int = 2 ** 21    # larger request bodies get HTTP 413
+    log_interval_s: float = 5.0         # a throughput / queue console line this often while busy (0: none)
     cuda_graphs: bool | None = None     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
     compile: bool = False               # torch.compile each transformer block (graph runner only)
@@ -53,12 +55,14 @@ class ServeConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters"):
+        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters", "max_request_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"serve config: {name} must be a positive integer, got {v!r}")
         if self.port > 65535:
             raise ValueError(f"serve config: port must be <= 65535, got {self.port}")
+        if self.drain_timeout_s < 0 or self.log_interval_s < 0:
+            raise ValueError("serve config: drain_timeout_s and log_interval_s must be >= 0")
         if self.kv_cache_mb <= 0:
             raise ValueError(f"serve config: kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.policy not in POLICIES:

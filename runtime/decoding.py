@@ -30,8 +30,9 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
   ``random`` by a uniform draw from the row's generator;
 * query spans: ``prefix`` feeds the block and everything after it, ``dual`` the block (plus ``vicinity``
   columns either side, dInfer);
-* with ``stop_at_eos``, at the end of a block whose text holds a stop id everything after the first stop id
-  becomes EOS, the output is cut before it, and the sequence is done.
+* with ``stop_at_eos``, at the end of a block whose text holds a stop id (the model's, plus the request's
+  ``stop_token_ids``) everything after the first stop id becomes EOS, the output is cut before it, and the
+  sequence is done.
 
 Randomness: each sequence owns a host ``torch.Generator`` seeded with its ``seed``. A step at T > 0 draws one
 sampling seed (``draw_seed``; the runner's Gumbel noise is a counter-based hash of it, the same in every
@@ -99,6 +100,7 @@ class GenerationConfig:
     vicinity: int = 0
     stop_at_eos: bool = False
     seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()     # the request's stop ids beside the model's (with stop_at_eos)
 
     def __post_init__(self):
         self.validate()
@@ -128,6 +130,13 @@ class GenerationConfig:
         _int_field("refresh_every", self.refresh_every, 0, self.gen_length)
         _int_field("vicinity", self.vicinity, 0, self.gen_length)
         _int_field("seed", self.seed, 0, MAX_SEED)
+        if isinstance(self.stop_token_ids, list):
+            self.stop_token_ids = tuple(self.stop_token_ids)
+        if not isinstance(self.stop_token_ids, tuple):
+            raise FieldError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
+                                               f"got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            _int_field("stop_token_ids", t, 0)
         make_rule(self.threshold, self.factor)   # validates threshold / factor
 
 
@@ -261,7 +270,8 @@ class DecodeState:
         g = None
         if gen.temperature > 0 or gen.remasking == "random":
             g = torch.Generator().manual_seed(gen.seed if seed is None else seed % (MAX_SEED + 1))
-        return cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, tuple(mc.stop_ids),
+        stops = tuple(mc.stop_ids) + tuple(t for t in gen.stop_token_ids if t not in mc.stop_ids)
+        return cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, stops,
                    make_rule(gen.threshold, gen.factor), g)
 
     # -- geometry --------------------------------------------------------------------------------------------

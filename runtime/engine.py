@@ -19,10 +19,12 @@ start of the next iteration, never under a running forward. Output reaches calle
 Request parameters: ``make_request`` turns a prompt and the diffusion fields (gen_length, block_length, steps,
 threshold, factor, remasking, kv_cache, temperature, seed, cfg_scale) into a validated ``Request``; missing
 fields come from the model/engine directory's defaults; values that can never be served raise ValueError
-naming the field (the server answers 400). ``max_tokens`` caps the output: the request keeps its
-gen_length (the masked region is part of what a bidirectional model sees, so shrinking it would change the
-tokens) and finishes as soon as max_tokens tokens are final, so its output is exactly the first max_tokens
-tokens of the uncapped request.
+naming the field (the server answers 400). ``max_tokens`` (OpenAI's) sets the generation length when the
+request gives no explicit ``gen_length``: rounded up to whole blocks, within the maximum sequence, with
+steps in the default steps-per-token ratio (``fit_length``); the output is then capped at max_tokens.
+With an explicit gen_length, max_tokens only caps the output (finish_reason "length"). ``stop``
+strings are matched on the detokenized output as blocks finish (runtime/stops.py): the request finishes
+there with finish_reason "stop" and ``stop_text`` holds its text before the stop.
 
 This module imports no web framework (the GPU machine has none)."""
 from __future__ import annotations
@@ -46,13 +48,19 @@ from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
 from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch
+from .stops import StopStrings
 
-REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
+REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids")
 log = logging.getLogger("dlc.engine")
+stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line
 
 
 class QueueFull(RuntimeError):
     pass
+
+
+class ServerShutdown(RuntimeError):
+    """Ends the requests still running when the server stops (drain limit, or a forced stop)."""
 
 
 def graph_runner_for(runner, cfg: ServeConfig):
@@ -83,10 +91,15 @@ class Engine:
         self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
-        self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
-                                 self.runner.device,
-                                 max_slots=2 * cfg.max_batch_size + is_graphed(self.runner),
-                                 head_scores=self.runner.sparse_retention is not None)
+        try:
+            self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
+                                     self.runner.device,
+                                     max_slots=2 * cfg.max_batch_size + is_graphed(self.runner),
+                                     head_scores=self.runner.sparse_retention is not None)
+        except (RuntimeError, MemoryError) as e:      # the allocator's out-of-memory: one line, what to change
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"cannot allocate the KV slot pool (kv_cache_mb {cfg.kv_cache_mb:g} on "
+                             f"{self.runner.device}): {first}; lower --kv-cache-mb or --max-batch-size") from None
         if is_graphed(self.runner):
             self.runner.bind_pool(self.kv)             # one slot for the graphs' padding rows
         self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
@@ -99,6 +112,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tps_count, self._tps_t0 = 0, time.monotonic()
+        self._fail_msg: str | None = None             # fail_all(): every request ends with this error
+        self._log_t0, self._log_tokens, self._log_done = time.monotonic(), 0, 0
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "Engine":
@@ -108,17 +123,20 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------------
     def make_request(self, prompt: list[int], params: dict | None = None, max_tokens: int | None = None,
-                     rid: str = "") -> Request:
-        params = dict(params or {})
+                     rid: str = "", stop: tuple[str, ...] = ()) -> Request:
+        params = {k: v for k, v in (params or {}).items() if v is not None}
         unknown = set(params) - set(REQUEST_FIELDS)
         if unknown:
             raise FieldError(sorted(unknown)[0], f"unknown generation fields {sorted(unknown)}")
-        p = {**self.gen_defaults, **{k: v for k, v in params.items() if v is not None}}
+        p = {**self.gen_defaults, **params}
         if p.get("seed") is None:         # unseeded: the server's --seed, else a fresh draw (samples differ)
             p["seed"] = self.cfg.seed if self.cfg.seed is not None else secrets.randbits(63)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens <= 0):
             raise FieldError("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if max_tokens is not None and "gen_length" not in params:
+            p.update(self.fit_length(max_tokens, len(prompt), p, params))
+        self._check_stop_ids(p.get("stop_token_ids", ()))
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
         check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
         state = DecodeState.new(list(prompt), gen, self.mc)
@@ -127,7 +145,30 @@ class Engine:
             raise FieldError("cfg_scale", f"cfg_scale > 0 with kv_cache {gen.kv_cache!r} needs "
                              f"{state.cache_rows()} KV slots; "
                              f"the pool has {usable} (raise kv_cache_mb or use kv_cache 'none')")
-        return Request(state, max_tokens=max_tokens, rid=rid)
+        if stop and self.session.tokenizer is None:
+            raise FieldError("stop", "stop strings need the model's tokenizer; use stop_token_ids")
+        return Request(state, max_tokens=max_tokens, rid=rid,
+                       stop=StopStrings(self.session.tokenizer, stop) if stop else None)
+
+    def fit_length(self, max_tokens: int, prompt_len: int, p: dict, params: dict) -> dict:
+        """gen_length (and steps, unless the request set them) for ``max_tokens``: whole blocks, at most what
+        fits the maximum sequence after the prompt; steps keep the defaults' steps per block width."""
+        bl = p["block_length"]
+        room = (self.max_seq - prompt_len) // bl * bl
+        gen = min(-(-max_tokens // bl) * bl, room) if room >= bl else -(-max_tokens // bl) * bl
+        out = {"gen_length": gen}
+        if "steps" not in params:
+            d = self.gen_defaults
+            per_block = max(1, min(bl, round(bl * d["steps"] / d["gen_length"])))
+            out["steps"] = per_block * (gen // bl)
+        return out
+
+    def _check_stop_ids(self, ids) -> None:
+        for t in ids if isinstance(ids, (list, tuple)) else ():
+            if isinstance(t, int) and not isinstance(t, bool) and (t == self.mc.mask_id
+                                                                   or not 0 <= t < self.mc.vocab_size):
+                raise FieldError("stop_token_ids", f"stop_token_ids must be token ids in [0, "
+                                 f"{self.mc.vocab_size}) other than the mask id {self.mc.mask_id}, got {t}")
 
     def add_request(self, req: Request) -> None:
         with self.lock:
@@ -145,6 +186,12 @@ class Engine:
                 self._aborts.append(req)
                 self.lock.notify_all()
 
+    def fail_all(self, message: str) -> None:
+        """End every queued and running request with an error (its caller sees it) at the next iteration."""
+        with self.lock:
+            self._fail_msg = message
+            self.lock.notify_all()
+
     def has_work(self) -> bool:
         with self.lock:
             return bool(self._incoming or self._aborts or self.scheduler.has_work())
@@ -155,6 +202,11 @@ class Engine:
         with self.lock:
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, []
+            fail, self._fail_msg = self._fail_msg, None
+        if fail is not None:
+            for r in incoming + self.scheduler.requests():
+                self._fail(r, ServerShutdown(fail))
+            incoming = []
         for r in incoming:
             self.scheduler.add(r)
         for r in aborts:
@@ -182,8 +234,13 @@ class Engine:
         return len(batch)
 
     def _postprocess(self, r: Request, x0, conf, n_running: int) -> None:
-        r.state.apply(x0, conf)
-        self._emit(r, r.state.advance(self.gran.width(r, n_running)))
+        st = r.state
+        before = st.x[st.bs:st.be].clone() if r.on_step is not None else None     # [K]
+        st.apply(x0, conf)
+        if before is not None:               # provisional tokens: what this step unmasked in the block
+            pos = (st.x[st.bs:st.be] != before).nonzero()[:, 0]
+            r.on_step(r, st.bs - st.P, pos.tolist(), st.x[st.bs + pos].tolist())
+        self._emit(r, st.advance(self.gran.width(r, n_running)))
 
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
         """One runner call per group -> {id(request): (x0 [K], conf [K]) on the host} for those that ran."""
@@ -249,6 +306,11 @@ class Engine:
             new = new[:max(0, r.max_tokens - len(r.output_ids))]
             if len(r.output_ids) + len(new) >= r.max_tokens and not r.finished:
                 done = True
+        if r.stop is not None and new and not r.finished:
+            cut = r.stop.find(r.output_ids + new)
+            if cut is not None:                      # a stop string: keep the tokens through it, end here
+                new = new[:max(0, cut.n_tokens - len(r.output_ids))]
+                r.stop_text, done = cut.text, True
         if new or done:
             now = time.monotonic()
             if r.first_token_time is None:
@@ -264,7 +326,8 @@ class Engine:
 
     def _finish(self, r: Request) -> None:
         capped = r.max_tokens is not None and len(r.output_ids) >= r.max_tokens
-        r.finish_reason = "stop" if r.state.stopped and not capped else "length"
+        stopped = r.stop_text is not None or (r.state.stopped and not capped)
+        r.finish_reason = "stop" if stopped else "length"
         self.scheduler.release(r, FINISHED)
         r.finish_time = time.monotonic()
         self.metrics.inc("requests_total", status="finished")
@@ -284,7 +347,20 @@ class Engine:
         now = time.monotonic()
         if now - self._tps_t0 >= 1.0:   # tokens/s over windows of about a second
             m.set("tokens_per_second", self._tps_count / (now - self._tps_t0))
+            self._log_tokens += self._tps_count
             self._tps_count, self._tps_t0 = 0, now
+        self._log_load(now)
+
+    def _log_load(self, now: float) -> None:
+        """vLLM-style console line every log_interval_s while requests run or wait (or just finished)."""
+        dt, s = now - self._log_t0, self.scheduler
+        if not self.cfg.log_interval_s or dt < self.cfg.log_interval_s:
+            return
+        busy = s.num_running or s.num_waiting
+        if busy or self._log_tokens:
+            stats_log.info("throughput %.1f tokens/s; running %d, waiting %d requests; KV slots %d/%d used",
+                     self._log_tokens / dt, s.num_running, s.num_waiting, self.kv.num_used, self.kv.n_slots)
+        self._log_t0, self._log_tokens = now, 0
 
     # -- warm-up and the loop ---------------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -319,7 +395,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not (self._incoming or self._aborts or self.scheduler.has_work()) and not self._stop:
+                while not (self._incoming or self._aborts or self.scheduler.has_work()
+                           or self._fail_msg) and not self._stop:
                     self.lock.wait(0.5)
                     self._update_gauges()      # idle: tokens/s decays to 0
                 if self._stop and not (self._incoming or self._aborts or self.scheduler.has_work()):

@@ -33,6 +33,7 @@ class Workload:
     block_length: int = 8
     tokens_per_step: int = 2               # steps = gen_length / tokens_per_step
     seed: int = 0
+    token_ids: tuple = tuple(range(32, 127))   # prompt ids are drawn from these (prompt_token_ids(model))
 
     def __post_init__(self):
         if self.pattern not in PATTERNS:
@@ -44,6 +45,8 @@ class Workload:
         lo, hi = self.prompt_len
         if not 0 < lo <= hi:
             raise ValueError(f"prompt_len must be 0 < lo <= hi, got {self.prompt_len}")
+        if not self.token_ids:
+            raise ValueError("token_ids must not be empty")
         bad = [g for g in self.gen_lens if g % self.block_length or g % self.tokens_per_step]
         if bad:
             raise ValueError(f"gen_lens {bad} must be multiples of block_length {self.block_length} and "
@@ -70,7 +73,7 @@ class Workload:
         for t in self.arrivals():
             n = rng.randint(*self.prompt_len)
             g = rng.choice(self.gen_lens)
-            out.append({"t": t, "prompt": [rng.randint(32, 126) for _ in range(n)], "gen_length": g,
+            out.append({"t": t, "prompt": [rng.choice(self.token_ids) for _ in range(n)], "gen_length": g,
                         "block_length": self.block_length, "steps": g // self.tokens_per_step})
         return out
 
@@ -82,6 +85,11 @@ class Result:
     tokens: int = 0
     errors: int = 0
     seconds: float = 0.0
+    first_errors: dict = field(default_factory=dict)     # kind -> the first message of that kind
+
+    def error(self, kind: str, message: str) -> None:
+        self.errors += 1
+        self.first_errors.setdefault(kind, message[:300])
 
     def summary(self) -> dict:
         return {"requests": len(self.latency), "errors": self.errors, "seconds": round(self.seconds, 3),
@@ -109,17 +117,21 @@ async def _one(client, url: str, model: str, req: dict, t0: float, res: Result, 
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
-                res.errors += 1
+                res.error(f"HTTP {r.status_code}", (await r.aread()).decode("utf-8", "replace"))
                 return
             async for line in r.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
-                ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                data = json.loads(line[6:])
+                if "error" in data:
+                    res.error("stream error", json.dumps(data["error"]))
+                    return
+                ids = data["choices"][0].get("token_ids") or []
                 if ids and first is None:
                     first = time.perf_counter()
                 n += len(ids)
-    except Exception:
-        res.errors += 1
+    except Exception as e:       # noqa: BLE001 - counted and shown, the bench goes on
+        res.error(type(e).__name__, str(e) or repr(e))
         return
     end = time.perf_counter()
     res.ttft.append((first or end) - start)
@@ -175,13 +187,13 @@ def compare(model: str, workload: Workload, policies: list[str], server_args: li
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for rnd in range(rounds):
         for policy in policies:
-            s = _run_policy(model, policy, reqs, server_args, port or free_port(), warmup)
+            s = _run_policy(model, policy, reqs, server_args, port or free_port(), warmup, log)
             runs[policy].append(s)
             log(f"  {policy}{f' (round {rnd + 1})' if rounds > 1 else ''}: {format_row(s)}")
     return {p: _median(rs) for p, rs in runs.items()}
 
 
-def _run_policy(model, policy, reqs, server_args, port, warmup) -> dict:
+def _run_policy(model, policy, reqs, server_args, port, warmup, log=print) -> dict:
     import httpx
 
     pol, _, gran = policy.partition(":")             # "phase:elastic" = policy phase, elastic granularity
@@ -190,7 +202,10 @@ def _run_policy(model, policy, reqs, server_args, port, warmup) -> dict:
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(drive(url, model, [dict(r, t=0.0) for r in reqs[:warmup]]))
-        s = asyncio.run(drive(url, model, reqs)).summary()
+        res = asyncio.run(drive(url, model, reqs))
+        for kind, msg in res.first_errors.items():
+            log(f"  {policy}: first error of kind {kind}: {msg}")
+        s = res.summary()
         s["iterations"] = _metric(httpx.get(url + "/metrics", timeout=5).text, "dlc_iterations_total")
         return s
     finally:
@@ -221,7 +236,26 @@ def format_row(s: dict) -> str:
 
 def ratios(res: dict[str, dict], base: str, other: str) -> dict[str, float]:
     a, b = res[other], res[base]
-    r = {"throughput": a["tokens_per_s"] / b["tokens_per_s"]}
+    r = {"throughput": a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else float("nan")}
     for k in ("ttft_p50", "ttft_p90", "ttft_p99", "latency_p50", "latency_p90", "latency_p99"):
         r[k] = b[k] / a[k] if a[k] else float("nan")     # > 1: `other` is faster
     return r
+
+
+def model_config_of(model: str):
+    """The ModelConfig of a preset, checkpoint or engine directory, without loading weights."""
+    from pathlib import Path
+
+    from dlc.models.loading import read_config, resolve_checkpoint_dir
+    from dlc.models.presets import preset_config
+    p = Path(model).expanduser()
+    path = p if p.is_dir() else resolve_checkpoint_dir(model)
+    return preset_config(model) if path is None else read_config(path)
+
+
+def prompt_token_ids(mc) -> tuple[int, ...]:
+    """Ids a bench prompt may use: printable-byte ids inside the vocabulary, never a special id (mask, eos,
+    pad, stop); all other ids when the vocabulary is too small for that."""
+    special = {mc.mask_id, mc.eos_id, mc.pad_id, *mc.stop_ids}
+    ids = tuple(t for t in range(32, min(127, mc.vocab_size)) if t not in special)
+    return ids if len(ids) >= 8 else tuple(t for t in range(mc.vocab_size) if t not in special)

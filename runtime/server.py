@@ -28,22 +28,33 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .decoding import MAX_SEED
 from .engine import Engine, QueueFull
 from .request import Request
+from .stops import check_stops
 
 DISCONNECT_POLL_S = 0.2
+MAX_N = 128                        # choices per prompt (OpenAI's limit)
+RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                   headers=None):
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
 
 
 class DiffusionFields(BaseModel):
@@ -55,14 +66,18 @@ class DiffusionFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     seed: int | None = None
     stream: bool = False
-    stream_options: dict | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     top_p: float | None = Field(default=None, ge=1, le=1)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None       # vLLM's extension: ids that end the output (not included)
     user: str | None = None
+    # Penalties count tokens already emitted; diffusion unmasks a block's tokens in parallel from one forward,
+    # so there is no left-to-right history to penalise within a block: only their no-op value 0 is accepted.
     presence_penalty: float | None = Field(default=None, ge=0, le=0)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
     logprobs: bool | int | None = None
+    provisional: bool = False                     # dlc extension: stream each step's unmasked positions
     # diffusion parameters (defaults from the model or engine directory)
     gen_length: int | None = Field(default=None, gt=0)
     block_length: int | None = Field(default=None, gt=0)
@@ -77,6 +92,7 @@ class DiffusionFields(BaseModel):
 class CompletionBody(DiffusionFields):
     prompt: str | list[int] | list[str]
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
 
 
 class Message(BaseModel):
@@ -92,16 +108,24 @@ class ChatBody(DiffusionFields):
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 class TextStream:
-    """Incremental detokenizer whose deltas always concatenate to decode(all ids)."""
+    """Incremental detokenizer whose deltas always concatenate to the choice's final text: decode(all ids),
+    or the text before the stop string that ended it. A tail that could start a stop string is held back."""
 
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.sent = tokenizer, [], ""
+    def __init__(self, tokenizer, stop=None):
+        self.tok, self.stop, self.ids, self.sent = tokenizer, stop, [], ""
 
-    def push(self, new_ids: list[int], final: bool) -> str:
+    def push(self, new_ids: list[int], final: bool, final_text: str | None = None) -> str:
         self.ids += new_ids
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if not final:
-            text = text.rstrip("\ufffd")
+        if self.tok is None:
+            return ""
+        if final and final_text is not None:
+            text = final_text
+        else:
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            if not final:
+                text = text.rstrip("\ufffd")
+                if self.stop is not None:
+                    text = text[:len(text) - self.stop.holdback(text)]
         if not text.startswith(self.sent):      # cannot happen for prefix-stable decoders; never retract
             return ""
         delta, self.sent = text[len(self.sent):], text if len(text) > len(self.sent) else self.sent
@@ -121,16 +145,39 @@ def _message_text(m: Message) -> str:
 
 def _params(body: DiffusionFields) -> dict:
     p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
-                                       "kv_cache", "temperature", "seed", "cfg_scale")}
+                                       "kv_cache", "temperature", "seed", "cfg_scale", "stop_token_ids")}
     return {k: v for k, v in p.items() if v is not None}
 
 
 def _check_unsupported(body: DiffusionFields) -> None:
-    if body.stop:
-        raise APIError(400, "'stop' sequences are not supported; generation stops at the model's end tokens",
-                       param="stop")
     if body.logprobs:
         raise APIError(400, "'logprobs' are not supported by diffusion decoding", param="logprobs")
+    if getattr(body, "best_of", None) not in (None, 1):
+        raise APIError(400, "best_of > 1 is not supported: diffusion decoding has no sequence log-probability "
+                            "to rank candidates by; use n for several samples", param="best_of")
+    if body.provisional and not body.stream:
+        raise APIError(400, "provisional tokens are streamed: set stream to true", param="provisional")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options needs stream: true", param="stream_options")
+    try:
+        check_stops(body.stop)
+    except ValueError as e:
+        raise APIError(400, str(e), param="stop") from None
+
+
+def _usage(subs: list["Choice"]) -> dict:
+    """Prompt tokens once per prompt (OpenAI), completion tokens of every choice."""
+    prompts = {c.prompt_index: c.req.P for c in subs}
+    u = {"prompt_tokens": sum(prompts.values()), "completion_tokens": sum(len(c.req.output_ids) for c in subs)}
+    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    return u
+
+
+class Choice:
+    """One choice of a response: its request, index, and prompt (n > 1 gives a prompt several choices)."""
+
+    def __init__(self, req: Request, index: int, prompt_index: int):
+        self.req, self.index, self.prompt_index = req, index, prompt_index
 
 
 class Server:
@@ -139,50 +186,66 @@ class Server:
         self.tok = engine.session.tokenizer
         self.draining = False
 
+    def text(self, r: Request) -> str:
+        if r.stop_text is not None:
+            return r.stop_text
+        return self.tok.decode(r.output_ids, skip_special_tokens=True) if self.tok is not None else ""
+
     # -- request lifecycle --------------------------------------------------------------------------------------
-    def _submit(self, prompt_ids: list[int], body: DiffusionFields, chat: bool = False
-                ) -> tuple[Request, asyncio.Queue]:
+    def _submit(self, prompt_ids: list[int], body: DiffusionFields, chat: bool, index: int, sample: int,
+                q: asyncio.Queue) -> Request:
+        """Queue one choice; its events arrive on ``q`` as (index, kind, payload): ("out", (new_ids, done)) and,
+        with ``provisional``, ("step", (block_start, positions, token_ids))."""
         max_tokens = body.max_tokens or body.max_completion_tokens
+        params = _params(body)
+        base = body.seed if body.seed is not None else self.engine.cfg.seed
+        if base is not None:                  # n > 1: samples seed, seed + 1, ... (unseeded: fresh draws)
+            params["seed"] = (base + sample) % (MAX_SEED + 1) if sample and 0 <= base <= MAX_SEED else base
         try:
-            req = self.engine.make_request(prompt_ids, _params(body), max_tokens=max_tokens,
+            req = self.engine.make_request(prompt_ids, params, max_tokens=max_tokens, stop=check_stops(body.stop),
                                            rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
         except ValueError as e:       # FieldError names the field
             raise APIError(400, str(e), param=getattr(e, "field", None)) from None
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
 
-        def on_output(r, new, done):
+        def put(item):
             try:
-                loop.call_soon_threadsafe(q.put_nowait, (new, done))
+                loop.call_soon_threadsafe(q.put_nowait, item)
             except RuntimeError:     # the event loop is gone (shutdown): nothing to deliver to
                 pass
 
-        req.on_output = on_output
+        req.on_output = lambda r, new, done: put((index, "out", (new, done)))
+        if body.provisional:
+            req.on_step = lambda r, start, pos, ids: put((index, "step", (start, pos, ids)))
         try:
             self.engine.add_request(req)
         except QueueFull as e:
-            raise APIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded") from None
+            raise APIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except RuntimeError as e:
             raise APIError(503, str(e), type_="server_error", code="shutting_down") from None
-        return req, q
+        return req
 
-    async def _collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> None:
-        """Wait for the request to finish; cancel it if the client goes away (checked every poll interval,
+    async def _collect(self, subs: list[Choice], q: asyncio.Queue, http: HTTPRequest) -> None:
+        """Wait for every choice to finish; cancel them if the client goes away (checked every poll interval,
         whether or not blocks keep arriving)."""
-        try:
-            while True:
-                try:
-                    _, done = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
-                    if done:
+        left = {c.index for c in subs}
+        while left:
+            try:
+                i, kind, payload = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+                if kind == "out" and payload[1]:
+                    left.discard(i)
+                    if not left:
                         return
-                except asyncio.TimeoutError:
-                    pass
-                if await http.is_disconnected():
-                    self.engine.abort(req)
-                    raise APIError(499, "client closed the request", code="client_closed")
-        except asyncio.CancelledError:
-            self.engine.abort(req)
-            raise
+            except asyncio.TimeoutError:
+                pass
+            if await http.is_disconnected():
+                self._abort(subs)
+                raise APIError(499, "client closed the request", code="client_closed")
+
+    def _abort(self, subs: list[Choice]) -> None:
+        for c in subs:
+            self.engine.abort(c.req)
 
     def _check_model(self, body: DiffusionFields) -> None:
         if body.model != self.model_name:
@@ -221,94 +284,128 @@ class Server:
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self._check_model(body)
         _check_unsupported(body)
-        prompts = self._encode_prompt(body)
-        if body.stream and len(prompts) > 1:
-            raise APIError(400, "streaming takes one prompt", param="prompt")
         if body.echo and body.stream:
             raise APIError(400, "'echo' is not supported with streaming", param="echo")
+        prompts = await asyncio.to_thread(self._encode_prompt, body)      # tokenizing never blocks the loop
         return await self._run(prompts, body, http, chat=False, echo=body.echo)
 
     async def chat(self, body: ChatBody, http: HTTPRequest):
         self._check_model(body)
         _check_unsupported(body)
-        return await self._run([self._chat_prompt(body)], body, http, chat=True)
+        return await self._run([await asyncio.to_thread(self._chat_prompt, body)], body, http, chat=True)
+
+    def _submit_all(self, prompts, body, chat: bool, q: asyncio.Queue) -> list[Choice]:
+        n = body.n or 1
+        total, cap = len(prompts) * n, self.engine.cfg.max_queue
+        if total > cap:                       # can never fit, whatever the load: not a 429
+            raise APIError(400, f"the request asks for {total} sequences ({len(prompts)} prompts x n = {n}); "
+                                f"this server queues at most {cap}", param="n" if n > 1 else "prompt")
+        subs: list[Choice] = []
+        try:
+            for pi, p in enumerate(prompts):
+                for j in range(n):
+                    subs.append(Choice(self._submit(p, body, chat, len(subs), j, q), len(subs), pi))
+        except APIError:
+            self._abort(subs)
+            raise
+        return subs
 
     async def _run(self, prompts, body, http, chat: bool, echo: bool = False):
         if self.draining:
             raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
-        subs = []
-        try:
-            for p in prompts:
-                subs.append(self._submit(p, body, chat))
-        except APIError:
-            for r, _ in subs:
-                self.engine.abort(r)
-            raise
+        q: asyncio.Queue = asyncio.Queue()
+        subs = self._submit_all(prompts, body, chat, q)
         created = int(time.time())
         if body.stream:
-            req, q = subs[0]
-            return StreamingResponse(self._sse(req, q, created, chat), media_type="text/event-stream")
+            opts = body.stream_options
+            return StreamingResponse(self._sse(subs, q, created, chat, bool(opts and opts.include_usage)),
+                                     media_type="text/event-stream")
         try:
-            await asyncio.gather(*(self._collect(r, q, http) for r, q in subs))
-        except asyncio.CancelledError:
-            for r, _ in subs:
-                self.engine.abort(r)
+            await self._collect(subs, q, http)
+        except BaseException:
+            self._abort(subs)
             raise
-        for r, _ in subs:
-            if r.finish_reason == "error":
-                raise APIError(500, f"generation failed: {r.error}", type_="server_error")
+        for c in subs:
+            if c.req.finish_reason == "error":
+                raise APIError(500, f"generation failed: {c.req.error}", type_="server_error")
+        return self._response(subs, created, chat, echo)
+
+    def _response(self, subs: list[Choice], created: int, chat: bool, echo: bool) -> dict:
         choices = []
-        for i, (r, _) in enumerate(subs):
-            text = self.tok.decode(r.output_ids, skip_special_tokens=True) if self.tok is not None else ""
+        for c in subs:
+            r, text = c.req, self.text(c.req)
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
                                 "finish_reason": r.finish_reason, "logprobs": None})
             else:
                 if echo:
                     text = self.tok.decode(r.prompt, skip_special_tokens=True) + text
-                choices.append({"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": None,
-                                "token_ids": r.output_ids})
-        usage = {"prompt_tokens": sum(r.P for r, _ in subs),
-                 "completion_tokens": sum(len(r.output_ids) for r, _ in subs)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": subs[0][0].rid, "object": "chat.completion" if chat else "text_completion",
-                "created": created, "model": self.model_name, "choices": choices, "usage": usage,
-                "dlc": {"forwards": [r.forwards for r, _ in subs]}}
+                choices.append({"index": c.index, "text": text, "finish_reason": r.finish_reason,
+                                "logprobs": None, "token_ids": r.output_ids})
+        return {"id": subs[0].req.rid, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": self.model_name, "choices": choices, "usage": _usage(subs),
+                "dlc": {"forwards": [c.req.forwards for c in subs]}}
 
-    async def _sse(self, req: Request, q: asyncio.Queue, created: int, chat: bool):
-        stream = TextStream(self.tok)
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _sse(self, subs: list[Choice], q: asyncio.Queue, created: int, chat: bool, include_usage: bool):
+        streams = {c.index: TextStream(self.tok, c.req.stop) for c in subs}
+        reqs = {c.index: c.req for c in subs}
+        rid, obj = subs[0].req.rid, "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish, first=False, ids=()):
-            if chat:
-                d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            choice["token_ids"] = list(ids)          # dlc extension: the block's tokens (text may lag a char)
-            data = {"id": req.rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
+        def event(choices: list, usage=None, with_usage=include_usage) -> str:
+            data = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
+            if with_usage:
+                data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
+        def choice(i: int, delta: str | None, finish, first=False, ids=(), ext=None) -> dict:
+            if chat:
+                d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
+                c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            c["token_ids"] = list(ids)          # dlc extension: the block's tokens (text may lag a char)
+            if ext is not None:
+                c["dlc"] = ext
+            return c
+
+        left = set(reqs)
         try:
             if chat:
-                yield chunk("", None, first=True)
-            while True:
-                new, done = await q.get()
-                delta = stream.push(new, done)
-                if done:
-                    if req.finish_reason == "error":
-                        err = {"error": {"message": f"generation failed: {req.error}",
-                                         "type": "server_error", "param": None, "code": None}}
-                        yield f"data: {json.dumps(err)}\n\n"
-                    else:
-                        if delta or new:
-                            yield chunk(delta, None, ids=new)
-                        yield chunk(None, req.finish_reason)
-                    yield "data: [DONE]\n\n"
-                    return
-                yield chunk(delta, None, ids=new)           # one chunk per finalized block
+                for i in reqs:
+                    yield event([choice(i, "", None, first=True)])
+            while left:
+                i, kind, payload = await q.get()
+                r = reqs[i]
+                if kind == "step":
+                    start, pos, ids = payload
+                    ext = {"provisional": {"block_start": start, "positions": pos, "token_ids": ids,
+                                           "tokens": [self._piece(t) for t in ids]}}
+                    yield event([choice(i, None, None, ext=ext)])
+                    continue
+                new, done = payload
+                delta = streams[i].push(new, done, r.stop_text if done else None)
+                if not done:
+                    yield event([choice(i, delta, None, ids=new)])      # one chunk per finalized block
+                    continue
+                left.discard(i)
+                if r.finish_reason == "error":
+                    err = {"error": {"message": f"generation failed: {r.error}", "type": "server_error",
+                                     "param": None, "code": None}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    self._abort(subs)
+                    break
+                if delta or new:
+                    yield event([choice(i, delta, None, ids=new)])
+                yield event([choice(i, None, r.finish_reason)])
+            else:
+                if include_usage:
+                    yield event([], _usage(subs))
+            yield "data: [DONE]\n\n"
         finally:                      # client gone (generator closed) or finished: abort is a no-op when done
-            self.engine.abort(req)
+            self._abort(subs)
+
+    def _piece(self, t: int) -> str:
+        return self.tok.decode([t]) if self.tok is not None else ""
 
 
 class APIKeyMiddleware:
@@ -325,6 +422,78 @@ class APIKeyMiddleware:
                 await resp(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyGuard:
+    """Plain ASGI: a POST to /v1 must be JSON (Content-Type), at most ``limit`` bytes (413 otherwise, before the
+    rest is read), UTF-8, and parse without excessive nesting; each failure says which. The checked body is
+    replayed to the app; later receive() calls (disconnect polls) go to the client as before."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        body, err = await self._read(scope, receive)
+        if err is not None:
+            await err(scope, receive, send)
+            return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope, receive):
+        headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            return None, error_response(415, f"the body must be JSON sent with 'Content-Type: application/json' "
+                                             f"(got {ctype or 'no Content-Type'})", code="unsupported_media_type")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return None, self._too_large(int(length))
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return b"", PlainTextResponse("", status_code=499)
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return None, self._too_large(size)
+            if not msg.get("more_body"):
+                break
+        body = b"".join(chunks)
+        return body, _parse_error(body)
+
+    def _too_large(self, size: int):
+        return error_response(413, f"the request body ({size} bytes) exceeds the server's limit of {self.limit} "
+                                   f"bytes (max_request_bytes)", code="request_too_large")
+
+
+def _parse_error(body: bytes):
+    """None when the body is UTF-8 JSON; else the 400 saying what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return error_response(400, f"the body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 1]!r})",
+                              code="invalid_encoding")
+    try:
+        json.loads(text)
+    except RecursionError:
+        return error_response(400, "the JSON body is nested too deeply", code="invalid_json")
+    except json.JSONDecodeError as e:
+        return error_response(400, f"malformed JSON body: {e.msg} (line {e.lineno}, column {e.colno})",
+                              code="invalid_json")
+    return None
 
 
 def build_app(engine: Engine, model_name: str, api_key: str | None = None, start_engine: bool = True) -> FastAPI:
@@ -344,7 +513,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, start
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
@@ -362,7 +531,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, start
         return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
                               else "server_error")
 
-    if api_key:
+    app.add_middleware(BodyGuard, limit=engine.cfg.max_request_bytes)
+    if api_key:                                       # added last: runs first (no body read without the key)
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.get("/health")

@@ -1,11 +1,17 @@
 """``dlc serve MODEL_OR_ENGINE_DIR``: every option is a ServeConfig field of the same name (and a YAML key)."""
 from __future__ import annotations
 
+import logging
 import signal
+import socket
+import threading
+import time
 
 import click
 
 from .config import GRANULARITY, POLICIES, ServeConfig
+
+log = logging.getLogger("dlc.serve")
 
 
 def _options(f):
@@ -33,6 +39,11 @@ def _options(f):
         click.option("--remasking", default=None, type=click.Choice(["low_confidence", "random"])),
         click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual"])),
         click.option("--seed", default=None, type=int),
+        click.option("--drain-timeout-s", default=None, type=float,
+                     help="SIGTERM: in-flight requests get this long, then end with an error [60]"),
+        click.option("--max-request-bytes", default=None, type=int, help="larger bodies get HTTP 413 [2 MiB]"),
+        click.option("--log-interval-s", default=None, type=float,
+                     help="throughput / queue console line period while busy; 0: off [5]"),
         click.option("--cuda-graphs/--no-cuda-graphs", default=None,
                      help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an eager model]"),
         click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
@@ -69,15 +80,87 @@ def serve_command(model, config_path, **options):
         from .server import build_app
     except ImportError as e:
         raise click.ClickException(f"dlc serve needs the serve extras (pip install 'dlc[serve]'): {e}") from None
-    import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     name = cfg.served_model_name or model
     app = build_app(engine, name, cfg.api_key)
-    click.echo(f"dlc serve: {name} on http://{cfg.host}:{cfg.port} ({engine.kv.n_slots} KV slots of "
+    sock = bind_socket(cfg.host, cfg.port)          # bind first: a busy port fails before any banner
+    host, port = sock.getsockname()[:2]
+    server = DrainingServer(uvicorn.Config(app, log_level="warning",
+                                           timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s))),
+                            app.state.server, engine, cfg.drain_timeout_s)
+    click.echo(f"dlc serve: {name} on http://{host}:{port} ({engine.kv.n_slots} KV slots of "
                f"{engine.max_seq} tokens, policy {cfg.policy}, granularity {cfg.granularity})", err=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
-    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: make that a clean exit.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
-    click.echo("dlc serve: drained and stopped", err=True)
+    # uvicorn re-raises the signals it caught once it has stopped: make that a clean exit (no KeyboardInterrupt).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    click.echo("dlc serve: drained and stopped" if not server.forced else "dlc serve: stopped", err=True)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _draining_server():
+    import uvicorn
+
+    class _DrainingServer(uvicorn.Server):
+        """SIGTERM drains while still listening (/health and new requests answer 503), then stops; requests
+        still running at the drain limit end with an error (a stream gets an error event). SIGINT, or a second
+        signal, ends every request with an error at once and stops promptly."""
+
+        def __init__(self, config, srv, engine, drain_s: float):
+            super().__init__(config)
+            self.srv, self.engine, self.drain_s = srv, engine, drain_s
+            self.forced, self._draining = False, False
+
+        def handle_exit(self, sig, frame):
+            self.srv.draining = True
+            if sig == signal.SIGINT or self._draining:
+                self.forced = True
+                self.engine.fail_all("the server is shutting down")
+                threading.Thread(target=self._stop_when_idle, args=(2.0,), daemon=True).start()
+                if self.should_exit:
+                    self.force_exit = True
+                return
+            self._draining = True
+            log.info("draining: finishing %s in-flight requests (at most %.0f s)", self._in_flight(), self.drain_s)
+            threading.Thread(target=self._drain, daemon=True).start()
+
+        def _in_flight(self) -> int:
+            s = self.engine.scheduler
+            return s.num_running + s.num_waiting
+
+        def _drain(self):
+            if not self._wait_idle(self.drain_s):
+                log.warning("drain limit reached: ending %d requests with an error", self._in_flight())
+                self.engine.fail_all("the server is shutting down (drain limit reached)")
+            self._stop_when_idle(2.0)
+
+        def _stop_when_idle(self, timeout: float):
+            self._wait_idle(timeout)
+            time.sleep(0.1)                     # let the last events reach their clients
+            self.should_exit = True
+
+        def _wait_idle(self, timeout: float) -> bool:
+            deadline = time.monotonic() + timeout
+            while self.engine.has_work():
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+            return True
+
+    return _DrainingServer
+
+
+def DrainingServer(config, srv, engine, drain_s):         # noqa: N802 - builds the uvicorn subclass lazily
+    return _draining_server()(config, srv, engine, drain_s)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dlc.models.config import ModelConfig
 from dlc.models.loading import load_model
 
@@ -28,11 +30,19 @@ def open_model(model: str, weights: str | None = None, dtype=None, device: str =
                progress: bool = True) -> Session:
     from .runners.engine_dir import is_engine_dir, open_engine
 
+    check_device(device)
     p = Path(model).expanduser()
     if p.is_dir() and weights is None and is_engine_dir(p):
         return open_engine(p, device=device, dtype=dtype)
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress)
     return Session(EagerRunner(lm.model), lm.tokenizer, lm.config, lm.chat, lm.source)
+
+
+def check_device(device) -> None:
+    """A CUDA device asked for where there is none: one line saying so (not torch's assertion)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+        raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
 
 
 def encode_prompt(session: Session, prompt: str, chat: bool | None = None) -> list[int]:

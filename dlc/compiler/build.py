@@ -68,6 +68,19 @@ def model_for_build(model: str, weights: str | None, dtype: torch.dtype, device:
     return m.eval(), None
 
 
+def check_onnx_extras(backend: str) -> None:
+    """Before any work: the ONNX export needs onnx and onnxscript (the 'onnx' extra)."""
+    missing = []
+    for mod in ("onnx", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise BackendUnavailable(f"--backend {backend} writes ONNX, which needs {' and '.join(missing)} "
+                                 f"(pip install 'dlc[onnx]'); nothing was written")
+
+
 def check_output_dir(out: Path) -> None:
     """Refuse to write into a file, or a non-empty directory that is not a dlc engine (its files would be mixed
     with or overwritten by the engine's)."""
@@ -131,6 +144,9 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     stage = Stage(echo, times)
     local = local_matches(tgt)
     device = "cuda" if tgt.device == "cuda" and local else "cpu"
+    writes_onnx = backend in ("onnx", "tensorrt") or (backend == "aoti" and not local and prepare_only)
+    if writes_onnx and not dry_run:
+        check_onnx_extras(backend)
 
     with stage("load"):
         m, lm = model_for_build(model, weights, DTYPES[dtype], device, dry_run)
@@ -149,7 +165,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         runtime = "onnx"
         pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this machine has "
                    f"{'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run `dlc compile {model} "
-                   f"--target {tgt.name} --backend {backend}` there; {MANIFEST} carries the trtexec commands for the ONNX.")
+                   f"--target {tgt.name} --backend {backend} -o OUT_DIR` there; {MANIFEST} carries the trtexec commands for the ONNX.")
     elif backend == "tensorrt":
         runtime = "onnx"                                  # until the engines are built
     blocker = pending or (trt_available() if backend == "tensorrt" else None)

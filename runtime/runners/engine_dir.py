@@ -2,6 +2,7 @@
 phase artifact (artifacts.py), wrap them in a CompiledRunner."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from dlc.manifest import EngineError, is_engine_dir, load_manifest  # noqa: F401 (re-exported)
 from dlc.models.config import ModelConfig
 
-from .artifacts import LOADERS
+from .artifacts import LOADERS, BackendUnavailable
 from .compiled import CompiledRunner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,7 +25,7 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
         if spec["runtime"] not in LOADERS:
             raise EngineError(f"{path}: the {ph} artifact has runtime {spec['runtime']!r}; this dlc loads "
                               f"{', '.join(LOADERS)}")
-        phases[ph] = LOADERS[spec["runtime"]](path / spec["file"], device)
+        phases[ph] = _load_program(path / spec["file"], spec["runtime"], ph, device)
         names[ph] = [i["name"] for i in spec["inputs"]] + spec.get("weight_inputs", [])
     sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
     build = m.get("build", {})
@@ -50,6 +51,22 @@ def load_weights(path: Path, m: dict, device) -> dict[str, torch.Tensor]:
     for alias, name in info.get("aliases", {}).items():
         weights[alias] = weights[name]
     return weights
+
+
+def _load_program(file: Path, runtime: str, phase: str, device):
+    """One phase program; a file the backend cannot read is an EngineError naming it (no traceback)."""
+    quiet = logging.getLogger("torch.export")      # it logs the whole failure as a warning before raising
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return LOADERS[runtime](file, device)
+    except BackendUnavailable:
+        raise
+    except Exception as e:           # noqa: BLE001 - each backend raises its own types for unreadable files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EngineError(f"{file}: cannot load the {phase} program ({runtime}): {first}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def open_engine(path, device="cpu", dtype=None):

@@ -232,3 +232,29 @@ def test_unreadable_manifest_is_refused(engine, tmp_path):
     (dst / "dlc_engine.json").write_text(text[: len(text) // 2])
     with pytest.raises(EngineError, match="not valid JSON"):
         open_model(str(dst), device="cpu")
+
+
+def test_forged_manifest_is_refused_at_load(engine, tmp_path):
+    """An edited model config whose settings hash was recomputed: the programs' recorded K/V shapes no longer
+    match it, so opening the engine fails (not every request later)."""
+    dst, m = _copy(engine, tmp_path)
+    m["model"]["d_model"] *= 2
+    m["settings_hash"] = settings_hash(m)
+    (dst / "dlc_engine.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match=r"refresh program's k output has shape .* the model config"):
+        open_engine(dst)
+    res = run_cli(["generate", dst, "hi", "--device", "cpu"])
+    assert res.exit_code != 0 and "the manifest does not describe these programs" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_unreadable_program_with_a_forged_sha_names_the_file(engine, tmp_path):
+    dst, m = _copy(engine, tmp_path)
+    f = dst / "reuse.pt2"
+    f.write_bytes(bytes(torch.randint(0, 256, (f.stat().st_size,), dtype=torch.uint8).numpy()))
+    m["phases"]["reuse"]["sha256"]["reuse.pt2"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    m["settings_hash"] = settings_hash(m)
+    (dst / "dlc_engine.json").write_text(json.dumps(m))
+    res = run_cli(["generate", dst, "hi", "--device", "cpu"])
+    assert res.exit_code != 0 and f"{f}: cannot load the reuse program (export)" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1

@@ -37,3 +37,18 @@ def test_percentiles_and_ratios():
     fast = {"tokens_per_s": 150.0, **{f"{m}_p{q}": 1.0 for m in ("ttft", "latency") for q in (50, 90, 99)}}
     r = ratios({"fcfs": base, "phase": fast}, "fcfs", "phase")
     assert r["throughput"] == 1.5 and r["ttft_p99"] == 2.0
+
+
+def test_prompt_ids_stay_inside_the_vocabulary():
+    from dlc.runtime.loadgen import model_config_of, prompt_token_ids
+    mc = model_config_of("dlc-tiny")
+    ids = prompt_token_ids(mc)
+    assert mc.vocab_size == 102 and max(ids) < 102 and mc.mask_id not in ids and not set(mc.stop_ids) & set(ids)
+    reqs = Workload("burst", 50, token_ids=ids).requests()
+    assert all(t in ids for r in reqs for t in r["prompt"])
+
+
+def test_ratios_without_throughput_are_nan():
+    empty = {"tokens_per_s": 0.0, **{f"{m}_p{q}": float("nan") for m in ("ttft", "latency") for q in (50, 90, 99)}}
+    r = ratios({"a": empty, "b": empty}, "a", "b")
+    assert r["throughput"] != r["throughput"]                                # nan, not ZeroDivisionError

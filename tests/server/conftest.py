@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -23,10 +24,14 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "dlc.cli", "serve", model, "--port", str(self.port), *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        self.lines: list[str] = []            # the console, read as it comes (a full pipe would block the server)
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
+                                        daemon=True)
+        self._reader.start()
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dlc serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"dlc serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.base + "/health", timeout=1).status_code == 200:
                     return
@@ -35,6 +40,12 @@ class ServerProcess:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError("dlc serve did not become healthy in 90 s")
+
+    def output(self, timeout: float = 10) -> str:
+        """Everything the server printed (complete once the process has exited)."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout)
+        return "".join(self.lines)
 
     def metrics(self) -> dict[str, float]:
         out = {}

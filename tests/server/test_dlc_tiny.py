@@ -50,3 +50,14 @@ def test_stream_equals_non_stream(client):
     full = client.chat.completions.create(model="dlc-tiny", messages=msgs).choices[0].message.content
     chunks = list(client.chat.completions.create(model="dlc-tiny", messages=msgs, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full == "cfghhhj"
+
+
+def test_stop_string_across_blocks_is_held_back(client):
+    """'cfgh' + 'hhj' (blocks of 4): stop 'hh' starts in the first block; the first delta must hold the 'h'."""
+    msgs = [{"role": "user", "content": "sort fjhhghc"}]
+    chunks = list(client.chat.completions.create(model="dlc-tiny", messages=msgs, stream=True, stop="hh"))
+    pieces = [c.choices[0].delta.content or "" for c in chunks]
+    assert "".join(pieces) == "cfg" and chunks[-1].choices[0].finish_reason == "stop"
+    full = client.chat.completions.create(model="dlc-tiny", messages=msgs, stop=["hh", "zz"])
+    assert full.choices[0].message.content == "cfg" and full.choices[0].finish_reason == "stop"
+

@@ -52,10 +52,13 @@ def test_full_queue_is_429(server):
     body = {"model": "tiny", "prompt": "long long", "gen_length": 128, "block_length": 8,
             "steps": 128}  # no EOS
     headers = {"authorization": f"Bearer {KEY}"}
-    codes = []
+    codes, retry_after = [], []
 
     def call():
-        codes.append(httpx.post(server.base + "/v1/completions", json=body, headers=headers, timeout=60).status_code)
+        r = httpx.post(server.base + "/v1/completions", json=body, headers=headers, timeout=60)
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            retry_after.append(r.headers.get("retry-after"))
 
     threads = [threading.Thread(target=call) for _ in range(6)]
     for t in threads:
@@ -64,6 +67,7 @@ def test_full_queue_is_429(server):
     for t in threads:
         t.join()
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    assert retry_after and all(v == "1" for v in retry_after)
     assert httpx.get(server.base + "/health").status_code == 200
 
 
