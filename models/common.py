@@ -88,7 +88,8 @@ class KVCache:
         shape = (config.n_layers, batch, config.n_kv_heads, seq_len, config.head_dim)
         k_all = torch.zeros(shape, dtype=dtype, device=device)
         v_all = torch.zeros(shape, dtype=dtype, device=device)
-        return cls(list(k_all.unbind(0)), list(v_all.unbind(0)), k_all=k_all, v_all=v_all)
+        n = config.n_layers
+        return cls([k_all[i] for i in range(n)], [v_all[i] for i in range(n)], k_all=k_all, v_all=v_all)
 
     @property
     def batch(self) -> int:

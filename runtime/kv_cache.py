@@ -38,7 +38,8 @@ class KVCacheManager:
         shape = (config.n_layers, n, config.n_kv_heads, s_max, config.head_dim)
         self.k_all = torch.zeros(shape, dtype=dtype, device=device)     # one tensor: compiled programs write
         self.v_all = torch.zeros(shape, dtype=dtype, device=device)     # into it in place
-        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))   # per-layer views
+        self.k = [self.k_all[i] for i in range(config.n_layers)]      # per-layer views (one select
+        self.v = [self.v_all[i] for i in range(config.n_layers)]      # each: writable in place)
         self.scores = None
         if head_scores:
             self.scores = torch.full((config.n_layers, n, config.n_kv_heads, s_max), float("-inf"),

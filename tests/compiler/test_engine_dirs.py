@@ -241,7 +241,7 @@ def test_forged_manifest_is_refused_at_load(engine, tmp_path):
     m["model"]["d_model"] *= 2
     m["settings_hash"] = settings_hash(m)
     (dst / "dlc_engine.json").write_text(json.dumps(m))
-    with pytest.raises(EngineError, match=r"refresh program's k output has shape .* the model config"):
+    with pytest.raises(EngineError, match=r"refresh program's k_pool input has shape .* the model config"):
         open_engine(dst)
     res = run_cli(["generate", dst, "hi", "--device", "cpu"])
     assert res.exit_code != 0 and "the manifest does not describe these programs" in res.output

@@ -42,9 +42,10 @@ def test_view_writes_into_pool_rows():
     pos = torch.arange(10)[None].expand(2, 10)
     km = torch.ones(2, 32, dtype=torch.bool)
     km[:, 10:] = False
-    model(ids, pos, km, cache=kv.view([3, 1]), start=0)
-    private = KVCache.empty(CFG, 2, 10, torch.float32, "cpu")
-    model(ids, pos, km[:, :10], cache=private, start=0)
+    with torch.no_grad():                     # pools are inference state (views of one tensor per K / V)
+        model(ids, pos, km, cache=kv.view([3, 1]), start=0)
+        private = KVCache.empty(CFG, 2, 10, torch.float32, "cpu")
+        model(ids, pos, km[:, :10], cache=private, start=0)
     for layer in range(CFG.n_layers):
         torch.testing.assert_close(kv.k[layer][[3, 1], :, :10], private.k[layer])
         torch.testing.assert_close(kv.v[layer][[3, 1], :, :10], private.v[layer])
