@@ -46,7 +46,8 @@ from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
 from .step import check_runner, draw_seeds, group_states, make_batch, run_batch
 
-REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
+REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "low_threshold", "entropy_bound",
+                             "credit", "smoothing", "top_k", "top_p", "min_p", "logprobs")
 log = logging.getLogger("dlc.engine")
 
 
@@ -175,16 +176,16 @@ class Engine:
             self._record(batch, time.perf_counter() - t0)
             for r in batch:
                 if id(r) in results:
-                    self._guard(r, lambda r=r: self._postprocess(r, *results[id(r)], n_running))
+                    self._guard(r, lambda r=r: self._postprocess(r, results[id(r)], n_running))
         self._update_gauges()
         return len(batch)
 
-    def _postprocess(self, r: Request, x0, conf, n_running: int) -> None:
-        r.state.apply(x0, conf)
+    def _postprocess(self, r: Request, out, n_running: int) -> None:
+        r.state.apply(out.x0, out.conf, out)
         self._emit(r, r.state.advance(self.gran.width(r, n_running)))
 
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
-        """One runner call per group -> {id(request): (x0 [K], conf [K]) on the host} for those that ran."""
+        """One runner call per group -> {id(request): its row's StepOutput on the host} for those that ran."""
         results: dict[int, tuple] = {}
         for idx in group_states([r.state for r in reqs], self.runner.max_batch_size):
             self._run_group([reqs[i] for i in idx], results)
@@ -195,7 +196,7 @@ class Engine:
         seeds = draw_seeds(states) if seeds is None else seeds     # a retry reuses the step's seeds
         try:
             batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, seeds)
-            x0, conf = run_batch(self.runner, batch)
+            out = run_batch(self.runner, batch)
         except Exception as e:             # noqa: BLE001 - whose data broke the call? run each request alone
             if len(group) == 1:
                 self._fail(group[0], e)
@@ -205,7 +206,7 @@ class Engine:
                 self._run_group([r], results, [seed])
             return
         for j, r in enumerate(group):
-            results[id(r)] = (x0[j], conf[j])
+            results[id(r)] = out.row(j)
 
     def _guard(self, r: Request, fn) -> None:
         """Run one request's own bookkeeping; an error there fails that request only."""

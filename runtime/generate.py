@@ -86,10 +86,10 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
         for group in group_states([states[i] for i in active], runner.max_batch_size):
             rows = [active[j] for j in group]
             batch = make_batch(runner, [states[i] for i in rows], [slots[i] for i in rows], pool)
-            x0, conf = run_batch(runner, batch)
+            out = run_batch(runner, batch)
             nfe += 1
             for r, i in enumerate(rows):
-                states[i].apply(x0[r], conf[r])
+                states[i].apply(out.x0[r], out.conf[r], out.row(r))
         for i in active:
             outputs[i] += states[i].advance(cfg.block_length)
     return GenerationResult(outputs, [s.x for s in states], nfe, time.perf_counter() - t0,
