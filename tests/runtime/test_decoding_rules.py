@@ -334,11 +334,11 @@ def test_credit_generation_matches_transcription(model):
 
 def test_smoothing_generation_matches_transcription(model):
     mask_id = model.config.mask_id
-    cfg = dict(gen_length=16, block_length=8, steps=16, threshold=0.6)
+    cfg = dict(gen_length=24, block_length=8, steps=24, threshold=0.95)
     ours = generate(model, PROMPTS, GenerationConfig(**cfg, smoothing=True)).token_ids
     plain = generate(model, PROMPTS, GenerationConfig(**cfg)).token_ids
     for p, toks in zip(PROMPTS, ours):
-        assert toks == smoothing_generate_reference(model, p, 16, 8, 0.6, mask_id)
+        assert toks == smoothing_generate_reference(model, p, 24, 8, 0.95, mask_id)
     assert ours != plain
 
 
@@ -370,3 +370,44 @@ def test_logprobs_recorded_for_every_generated_token(model):
         assert ids[0] == tok and len(ids) == 2 and lps[0] >= lps[1]
         assert lp < 0 and math.isclose(lp, lps[0], rel_tol=1e-9)
     assert len({round(e[0], 6) for e in st.token_logprobs}) > 2            # they vary
+
+
+# ------------------------------------------------------------------------------ the engine, mixed batches
+RULES = [dict(), dict(threshold=0.6, low_threshold=0.3), dict(entropy_bound=1.0), dict(threshold=0.6, credit=True),
+         dict(threshold=0.6, smoothing=True), dict(temperature=1.2, top_k=4, top_p=0.9, min_p=0.05, logprobs=2),
+         dict(threshold=0.6, logprobs=0), dict(factor=1.0, credit=True, smoothing=True)]
+
+
+def mixed_specs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for i in range(n):
+        prompt = torch.randint(0, 250, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+        bl = (4, 8)[i % 2]
+        specs.append((prompt, dict(gen_length=2 * bl, block_length=bl, steps=2 * bl,
+                                   kv_cache=("none", "prefix", "dual")[i % 3], seed=100 + i, **RULES[i % len(RULES)])))
+    return specs
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_engine_equals_generate_with_every_rule_in_mixed_batches(model, graphs):
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.runners.eager import EagerRunner
+    from dlc.runtime.session import Session
+    sess = Session(EagerRunner(model), None, model.config, None, "tiny-llada")
+    eng = Engine(sess, ServeConfig(model="tiny-llada", max_seq_len=64, kv_cache_mb=16, max_num_tokens=256,
+                                   cuda_graphs=graphs, graph_decode="exact" if graphs else None))
+    specs = mixed_specs(12)
+    reqs = [eng.make_request(p, params) for p, params in specs]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    outs = set()
+    for r, (p, params) in zip(reqs, specs):
+        ref = generate(model, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+        assert r.finish_reason in ("stop", "length") and r.output_ids == ref, params
+        outs.add(tuple(r.output_ids))
+    assert len(outs) > 6
+    if graphs:
+        assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] > 0
