@@ -28,10 +28,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .decoding import MAX_LOGPROBS
 from .engine import Engine, QueueFull
 from .request import Request
 
 DISCONNECT_POLL_S = 0.2
+UNLIKELY = -9999.0           # OpenAI's logprob for "no probability" (a position the rule never unmasked)
 
 
 class APIError(Exception):
@@ -57,12 +59,13 @@ class DiffusionFields(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int | None = Field(default=None, ge=1, le=1)
-    top_p: float | None = Field(default=None, ge=1, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)           # -1 or 0: off (vLLM's and OpenAI-style clients')
+    min_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=0, le=0)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
-    logprobs: bool | int | None = None
     # diffusion parameters (defaults from the model or engine directory)
     gen_length: int | None = Field(default=None, gt=0)
     block_length: int | None = Field(default=None, gt=0)
@@ -72,11 +75,16 @@ class DiffusionFields(BaseModel):
     remasking: Literal["low_confidence", "random"] | None = None
     kv_cache: Literal["none", "prefix", "dual"] | None = None
     cfg_scale: float | None = Field(default=None, ge=0)
+    low_threshold: float | None = Field(default=None, ge=0, le=1)     # hierarchical decoding
+    entropy_bound: float | None = Field(default=None, ge=0)          # entropy-bounded decoding
+    credit: bool | None = None                                       # credit decoding
+    smoothing: bool | None = None                                    # iteration smoothing
 
 
 class CompletionBody(DiffusionFields):
     prompt: str | list[int] | list[str]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)   # top alternatives per token
 
 
 class Message(BaseModel):
@@ -87,6 +95,8 @@ class Message(BaseModel):
 
 class ChatBody(DiffusionFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -121,16 +131,27 @@ def _message_text(m: Message) -> str:
 
 def _params(body: DiffusionFields) -> dict:
     p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
-                                       "kv_cache", "temperature", "seed", "cfg_scale")}
+                                       "kv_cache", "temperature", "seed", "cfg_scale", "low_threshold",
+                                       "entropy_bound", "credit", "smoothing", "top_p", "min_p")}
+    if body.top_k is not None:
+        p["top_k"] = max(0, body.top_k)                   # -1 (vLLM's "off") is 0 here
+    p["logprobs"] = _logprobs_k(body)
     return {k: v for k, v in p.items() if v is not None}
+
+
+def _logprobs_k(body) -> int | None:
+    """Alternatives per token the response carries (None: no logprobs)."""
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return getattr(body, "logprobs", None)
 
 
 def _check_unsupported(body: DiffusionFields) -> None:
     if body.stop:
         raise APIError(400, "'stop' sequences are not supported; generation stops at the model's end tokens",
                        param="stop")
-    if body.logprobs:
-        raise APIError(400, "'logprobs' are not supported by diffusion decoding", param="logprobs")
 
 
 class Server:
@@ -217,6 +238,38 @@ class Server:
             ids = ids["input_ids"]
         return list(ids)
 
+    def _logprobs(self, r: Request, start: int, end: int, chat: bool) -> dict | None:
+        """OpenAI logprobs of output tokens [start, end): each token's log-probability and its top alternatives
+        at the step that unmasked it (None when the request did not ask)."""
+        rec = r.state.token_logprobs
+        if rec is None:
+            return None
+        text = self._token_text
+        ids = r.output_ids[start:end]
+        entries = [rec[j] or (UNLIKELY, [], []) for j in range(start, start + len(ids))]   # None: never unmasked
+        if chat:
+            def item(t, lp):
+                s = text(t)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in zip(alt, alp)]}
+                                for t, (lp, alt, alp) in zip(ids, entries)]}
+        toks = [text(t) for t in ids]
+        offsets, pos = [], 0
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": toks, "token_logprobs": [e[0] for e in entries],
+                "top_logprobs": [{text(a): b for a, b in zip(alt, alp)} for _, alt, alp in entries],
+                "text_offset": offsets}
+
+    def _token_text(self, t: int) -> str:
+        """A token as text; a partial UTF-8 character (decodes to U+FFFD) as its vocabulary string, so distinct
+        alternatives keep distinct keys."""
+        if self.tok is None:
+            return str(t)
+        s = self.tok.decode([t])
+        return self.tok.convert_ids_to_tokens(t) if "\ufffd" in s else s
+
     # -- endpoints ----------------------------------------------------------------------------------------------
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self._check_model(body)
@@ -260,13 +313,14 @@ class Server:
         choices = []
         for i, (r, _) in enumerate(subs):
             text = self.tok.decode(r.output_ids, skip_special_tokens=True) if self.tok is not None else ""
+            lps = self._logprobs(r, 0, len(r.output_ids), chat)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": r.finish_reason, "logprobs": None})
+                                "finish_reason": r.finish_reason, "logprobs": lps})
             else:
                 if echo:
                     text = self.tok.decode(r.prompt, skip_special_tokens=True) + text
-                choices.append({"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": None,
+                choices.append({"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": lps,
                                 "token_ids": r.output_ids})
         usage = {"prompt_tokens": sum(r.P for r, _ in subs),
                  "completion_tokens": sum(len(r.output_ids) for r, _ in subs)}
@@ -279,12 +333,16 @@ class Server:
         stream = TextStream(self.tok)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
+        sent = [0]                   # tokens whose logprobs went out
+
         def chunk(delta: str | None, finish, first=False, ids=()):
+            lps = self._logprobs(req, sent[0], sent[0] + len(ids), chat) if ids else None
+            sent[0] += len(ids)
             if chat:
                 d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": lps}
             choice["token_ids"] = list(ids)          # dlc extension: the block's tokens (text may lag a char)
             data = {"id": req.rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
