@@ -31,7 +31,18 @@ SETTINGS: dict[str, dict] = {
     "factor 1.0 prefix": dict(decoder="factor", factor=1.0, kv_cache="prefix"),
     "factor 1.0 dual": dict(decoder="factor", factor=1.0, kv_cache="dual"),
     "factor 1.0 dual+vicinity": dict(decoder="factor", factor=1.0, kv_cache="dual", vicinity=2),
+    "hierarchical 0.9/0.3": dict(decoder="hierarchical", kv_cache="none"),
+    "hierarchical 0.9/0.3 dual": dict(decoder="hierarchical", kv_cache="dual"),
+    "entropy_bound 0.1": dict(decoder="entropy_bound", kv_cache="none"),
+    "entropy_bound 0.1 dual": dict(decoder="entropy_bound", kv_cache="dual"),
+    "entropy_bound 1.0": dict(decoder="entropy_bound", entropy_bound=1.0, kv_cache="none"),
+    "entropy_bound 1.0 dual": dict(decoder="entropy_bound", entropy_bound=1.0, kv_cache="dual"),
+    "credit 0.9": dict(decoder="credit", kv_cache="none"),
+    "credit 0.9 dual": dict(decoder="credit", kv_cache="dual"),
+    "smoothing 0.9": dict(decoder="smoothing", kv_cache="none"),
+    "smoothing 0.9 dual": dict(decoder="smoothing", kv_cache="dual"),
 }
+NEW_RULES = ("hierarchical", "entropy_bound", "credit", "smoothing")     # issue 18's decoders (gated in CI)
 SPARSE_SETTINGS = ("low_confidence dual", "threshold 0.9 dual")   # head-sparse rows need cached Reuse steps
 SPARSE_BACKENDS = ("export", "aoti", "onnx")    # head-sparse attention is a compiler pass: compiled rows only
 
