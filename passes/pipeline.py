@@ -38,6 +38,8 @@ class PassContext:
     device: str = "cpu"                   # the build target's device kind (dlc.targets Target.device)
     kernels: bool | None = None           # lower to dlc.kernels ops (None: when device is "cuda")
     decode_dtype: object = None           # decoding arithmetic (None: torch.float64; float32 for TensorRT)
+    extras: bool = False                  # decode the rules' extras too (entropy, logprob, credit; chunked
+                                          # lowering only): chunk_logits.EXTRA_INPUTS / EXTRA_OUTPUTS
     phase: str = ""
     counts: dict = field(default_factory=dict)     # (pass, phase) -> rewrites
     shared: dict = field(default_factory=dict)     # what a pass builds once and both phases use
@@ -56,7 +58,8 @@ class PassContext:
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
                                  "decode_dtype": str(self.decode_dtype or "torch.float64").replace("torch.", ""),
-                                 "lowering": "fused_select_logits" if self.use_kernels else "chunked"}}[name]
+                                 "lowering": "fused_select_logits" if self.use_kernels else "chunked",
+                                 "extras": bool(self.extras and not self.use_kernels)}}[name]
 
 
 def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False) -> list[str]:

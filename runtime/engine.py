@@ -119,6 +119,8 @@ class Engine:
             raise FieldError("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
         check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
+        if hasattr(self.runner, "check_generation"):        # what a runner cannot decode (compiled engines)
+            self.runner.check_generation(gen)
         state = DecodeState.new(list(prompt), gen, self.mc)
         usable = self.kv.n_slots - (self.runner.scratch is not None
                                     if isinstance(self.runner, GraphRunner) else 0)

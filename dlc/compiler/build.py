@@ -81,14 +81,14 @@ def check_output_dir(out: Path) -> None:
 
 def build_limits(plan) -> dict[str, int]:
     b, s = plan.max_batch_size, plan.max_seq_len
-    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s}
+    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s, "M": s}   # M: credited ids per position
 
 
 def profiles(specs: dict, plan) -> dict:
     """TensorRT optimisation profile per input: min (1 per dim), opt (batch, whole sequence, one block), max."""
     mx = build_limits(plan)
     opt = {"B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len, "S": plan.max_seq_len,
-           "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len}
+           "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len, "M": plan.block_length}
     res = {}
     for name, (shape, _) in specs.items():
         res[name] = {"min": [1 if isinstance(d, str) else d for d in shape],
@@ -157,11 +157,14 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
     # TensorRT has no double type: its ONNX decodes in float32 (temperature, confidence, the sampling noise).
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
+    # the rules' decoding extras (entropy, logprobs, credit) ride in the chunked lowering (not the GPU kernels',
+    # not TensorRT's float32 build)
+    extras = not kernels and backend != "tensorrt"
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,
                                           dump_after=dump_graph_after, dump=echo, device=tgt.device,
-                                          kernels=kernels, decode_dtype=decode_dtype)
+                                          kernels=kernels, decode_dtype=decode_dtype, extras=extras)
     echo("phases: refresh (whole sequence -> tokens, confidence, every layer's K/V), "
          "reuse (fed slice + cached K/V -> tokens, confidence, the slice's new K/V)")
     for name in names:
@@ -169,8 +172,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
              f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
 
     specs = {ph: input_specs(ph, input_names(g), cfg, DTYPES[dtype], decode_dtype) for ph, g in phases.items()}
-    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype)
-            for ph in phases}
+    outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype,
+                             extras=ctx.params("chunk_logits")["extras"]) for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
     files = [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"] if backend == "tensorrt" else [])
     files += [MANIFEST, "config.json (the model's HF config)", "tokenizer files"]
