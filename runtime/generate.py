@@ -69,6 +69,8 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
     runner = as_runner(model)
     mc = runner.config
     check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len)
+    if hasattr(runner, "check_generation"):              # what a runner cannot decode (compiled engines)
+        runner.check_generation(cfg)
     t0 = time.perf_counter()
     states = [DecodeState.new(list(p), cfg, mc, seed=cfg.seed + i) for i, p in enumerate(prompts)]
     pool, slots = None, [()] * len(states)
