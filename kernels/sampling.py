@@ -94,9 +94,10 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     (top_k [C], top_p [C], min_p [C]) or None. Without extras this is ``decode_rows`` itself."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
     if filters is not None and sampling:
-        return _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
-                            logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
-                            acc=acc)
+        out = _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                           logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
+                           acc=acc)
+        return {k: v for k, v in out.items() if not k.startswith("_")}
     if credit is None and soft is None and not entropy and not logprobs:
         res = decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                           acc=acc)
@@ -104,8 +105,9 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
         if topk:
             out["topk_ids"], out["topk_logprobs"] = res[2], res[3]
         return out
-    return _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
-                           logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, acc=acc)
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                          logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, acc=acc)
+    return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
 def _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc):
@@ -178,12 +180,15 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             top_i = ti.gather(-1, j)
     lse = st["m"] + torch.log(st["s"])                                           # raw logsumexp [C, N]
     p1 = torch.exp(st["r1l"] - lse)                                              # raw top-1 probability
-    tok, lse_b, l_tok = st["tok"], st["bm"] + torch.log(st["bs"]), st["blb"]
+    tok, l_tok, den = st["tok"], st["blb"], st["bs"]
     out = {}
     if credit is not None:
-        tok, l_tok, lse_b = _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc)
+        tok, l_tok, den = _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc)
         out["top1_ids"], out["top1_prob"] = st["r1"], p1
-    out["tokens"], out["confidence"] = tok, torch.exp(l_tok - lse_b)
+    # exp(l - m) / s as decode_rows computes it: a row without credit (alpha 0 adds exactly 0.0) gets
+    # decode_rows' confidence bit for bit, whatever else its batch asks for
+    out["tokens"], out["confidence"] = tok, torch.exp(l_tok - st["bm"]) / den
+    out["_bm"], out["_den"] = st["bm"], den
     if logprobs:
         l_raw = st["bl"] if credit is None else _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc)
         out["logprob"] = l_raw - lse
@@ -211,8 +216,8 @@ def _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc):
     take = (score_t > st["best"]) | ((score_t == st["best"]) & (t < st["tok"])) | (t == st["tok"])
     tok = torch.where(take, t, st["tok"])
     l_tok = torch.where(take, lt + b_new, st["blb"])
-    lse_b = st["bm"] + torch.log(st["bs"] + torch.exp(lt - st["bm"]) * (torch.exp(b_new) - torch.exp(b_old)))
-    return tok, l_tok, lse_b
+    den = st["bs"] + torch.exp(lt - st["bm"]) * (torch.exp(b_new) - torch.exp(b_old))   # alpha 0: + 0.0
+    return tok, l_tok, den
 
 
 def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
@@ -247,8 +252,8 @@ def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, 
     g = torch.log(-torch.log(_noise(seeds, N, 0, vocab, vocab, h.device, acc)))
     score = torch.where(keep, lb - temp * g, torch.full_like(lb, float("-inf")))
     tok = score.argmax(-1)
-    lse = torch.logsumexp(lb, -1)
-    out["tokens"], out["confidence"] = tok, torch.exp(lb.gather(-1, tok[..., None])[..., 0] - lse)
+    out["tokens"] = tok
+    out["confidence"] = torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"]) / out["_den"]
     if logprobs:
         out["logprob"] = l.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(l, -1)
     return out

@@ -26,6 +26,18 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
   Threshold and factor
   never accept a prediction equal to the mask id (dInfer); a row whose every masked position predicts it is
   stuck and its block ends (at T = 0 it would repeat forever);
+* the field's parallel decoders (checked against dInfer's public ``parallel_strategy.py`` / ``generate_uniform.py``
+  at fce4e32 and the EB-sampler paper, arXiv 2505.24857): ``hierarchical`` (``low_threshold``: each contiguous
+  run's best above it, plus all above ``threshold``, at least one), ``entropy_bound`` (ascending entropy, the
+  largest prefix with sum H - max H <= gamma), ``credit`` (a per-block credit on each position's top-1 ids,
+  decayed 0.8 a step, fused into the logits as 0.7 log(1 + credit) before any rule selects; the runner applies
+  it, the state keeps it), ``smoothing`` (the still-masked block inputs take E[mask] + w softmax(l) @ W_e of the
+  previous step, w = min(0.15 + 0.02 i, 0.3), i = the sequence's forwards so far). Deviations from dInfer:
+  smoothing acts inside the current block only (dInfer's no-cache and Refresh forwards also smooth the masked
+  positions after it) and without IterSmooth's threshold decay; hierarchical runs are split by positions that
+  predict the mask id (no rule accepts it);
+* sampling filters ``top_k`` / ``top_p`` / ``min_p`` at T > 0 (runner side: dlc.kernels.sampling) and
+  ``logprobs`` (each token's logprob and top alternatives at the step that unmasked it: ``token_logprobs``);
 * ``remasking``: ``low_confidence`` scores a candidate by its softmax probability (from the runner),
   ``random`` by a uniform draw from the row's generator;
 * query spans: ``prefix`` feeds the block and everything after it, ``dual`` the block (plus ``vicinity``

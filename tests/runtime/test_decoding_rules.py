@@ -164,6 +164,26 @@ def test_entropy_logprobs_and_soft_match_plain_torch(rows):
     assert out["entropy"].std() > 0.05                                          # rows differ
 
 
+@pytest.mark.parametrize("T", [0.0, 1.3])
+def test_rows_without_a_feature_decode_as_decode_rows_bit_for_bit(rows, T):
+    """Batch invariance: a row whose batch-mates ask for entropy / logprobs / credit / filters gets exactly the
+    tokens and confidences decode_rows gives it (same shapes, same chunking)."""
+    h, w, we, V = rows
+    cr, ur, cw, seeds = _args(h)
+    tok, conf = decode_rows(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=7, topk=0)
+    ids = torch.randint(0, V, (3, 5, 2))
+    vals = torch.rand(3, 5, 2, dtype=torch.float64) * 50
+    alpha = torch.tensor([0.0, 0.7, 0.0], dtype=torch.float64)         # rows 0 and 2 take no credit
+    keep_all = (torch.tensor([0, 3, 0]), torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64),
+                torch.zeros(3, dtype=torch.float64))
+    for kw in (dict(entropy=True, logprobs=True, topk=2), dict(credit=(ids, vals, alpha)), dict(soft=(we, 1.0)),
+               dict(filters=keep_all, credit=(ids, vals, alpha))):
+        out = decode_rows_ext(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=7, **kw)
+        for b in (0, 2):
+            assert torch.equal(out["tokens"][b], tok[b]) and torch.equal(out["confidence"][b], conf[b]), kw
+    assert not torch.equal(out["tokens"][1], tok[1])                   # the credited, filtered row differs
+
+
 def credit_reference(l, prior, alpha, T, seeds, V):
     """dInfer's _apply_credit_fusion on dense credit [B, N, V] (prior already decayed) + Gumbel-max."""
     p = torch.softmax(l, -1)
