@@ -431,3 +431,34 @@ def test_engine_equals_generate_with_every_rule_in_mixed_batches(model, graphs):
     assert len(outs) > 6
     if graphs:
         assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] > 0
+
+
+@pytest.mark.parametrize("rule", [dict(threshold=0.99, credit=True, smoothing=True, logprobs=1),
+                                  dict(entropy_bound=0.05, temperature=0.9, top_k=5, seed=4)])
+def test_preempted_requests_restart_their_rule_state(model, rule):
+    """A preempted block rewinds its credit, soft embedding and smoothing weight with its tokens: the output
+    still equals generate() alone (the scenario of test_engine's preemption test)."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    from dlc.runtime.runners.eager import EagerRunner
+    from dlc.runtime.session import Session
+    S = 160
+    sess = Session(EagerRunner(model), None, model.config, None, "tiny-llada")
+    two_slots = 2.5 * slot_bytes(model.config, S, torch.float32) / 2**20
+    eng = Engine(sess, ServeConfig(max_seq_len=S, kv_cache_mb=two_slots, max_num_tokens=S, refresh_share=0.5,
+                                   age_iters=2))
+    p = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual", **rule)
+    first = eng.make_request([7] * 4, p)
+    eng.add_request(first)
+    eng.step()
+    long_prompt = list(range(100, 210))
+    lp = {**p, "gen_length": 48, "steps": 48}
+    long, short = eng.make_request(long_prompt, lp), eng.make_request([9, 8, 7], p)
+    eng.add_request(long)
+    eng.add_request(short)
+    eng.run_until_done()
+    assert eng.scheduler.preemptions >= 1
+    for r, prompt, params in [(first, [7] * 4, p), (short, [9, 8, 7], p), (long, long_prompt, lp)]:
+        ref = generate(model, [prompt], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+        assert r.output_ids == ref
