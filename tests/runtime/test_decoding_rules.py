@@ -462,3 +462,32 @@ def test_preempted_requests_restart_their_rule_state(model, rule):
     for r, prompt, params in [(first, [7] * 4, p), (short, [9, 8, 7], p), (long, long_prompt, lp)]:
         ref = generate(model, [prompt], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
         assert r.output_ids == ref
+
+
+def test_restart_block_rewinds_the_rule_state():
+    """Credit, the soft embedding and the smoothing weight's step count are block state: a restart rewinds
+    them with the tokens, so the restarted block sends exactly what its first run sent."""
+    from types import SimpleNamespace
+
+    from dlc.runtime.decoding import DecodeState
+    from dlc.runtime.step_output import StepOutput
+    mc = SimpleNamespace(mask_id=9, eos_id=0, stop_ids=[0])
+    gen = GenerationConfig(gen_length=8, block_length=4, steps=8, threshold=0.99, credit=True, smoothing=True)
+    st = DecodeState.new([5, 6, 7], gen, mc)
+    st.advance(4)
+    first = st.needs()
+
+    def step(tok):
+        out = StepOutput(torch.full((4,), tok), torch.full((4,), 0.5, dtype=torch.float64),
+                         top1_ids=torch.full((4,), tok), top1_prob=torch.full((4,), 0.5, dtype=torch.float64),
+                         soft=torch.ones(4, 3))
+        st.apply(out.x0, out.conf, out)
+        st.advance(4)
+    step(4)
+    step(5)
+    assert st.credit[0].shape == (4, 2) and st.soft is not None and st.needs()["soft"][1].abs().sum() > 0
+    st.restart_block()
+    st.advance(4)
+    again = st.needs()
+    assert st.step == 0 and st.iters == 0
+    assert again["credit"][0].shape == first["credit"][0].shape == (4, 0) and again["soft"] == first["soft"]
