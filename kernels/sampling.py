@@ -23,7 +23,8 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
   renormalised survivors (smallest prefix of the sorted probabilities reaching ``top_p``), min-p relative to
   the most likely token; the token is Gumbel-max over the survivors with the same hash noise, so a filter
   that keeps everything changes nothing. At T = 0 filters are skipped (each always keeps the argmax). Filtered
-  rows need every logit of a row at once: only then is [C, N, V] formed (float64), in chunks of rows.
+  rows need every logit of a row at once: only then is [C, N, V] formed (float64; a batch at T > 0 where some
+  row filters, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of exact filters, paid only then).
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
@@ -146,7 +147,10 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             ls = l64 / tau
             sm = ls.amax(-1)
             es = torch.exp(ls - sm[..., None])                                   # [C, N, Vc]
-            ssum, sacc = es.sum(-1), torch.matmul(es, we[c0:c1].to(acc))         # [C, N], [C, N, d]
+            # the [C, N, Vc] x [Vc, d] product in the embedding's dtype (dInfer's too): a second head-sized
+            # GEMM, in float64 it would dominate a GPU step
+            ssum = es.sum(-1)                                                    # [C, N]
+            sacc = torch.matmul(es.to(we.dtype), we[c0:c1]).to(acc)             # [C, N, d]
         if not st:
             st = {"best": cs, "tok": ci[..., 0] + c0, "bl": cl, "blb": clb, "m": cm, "s": csum, "a": cdot,
                   "r1": ri[..., 0] + c0, "r1l": l64.gather(-1, ri)[..., 0], "bm": bm, "bs": bsum}
