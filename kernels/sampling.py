@@ -239,25 +239,30 @@ def _noise(seeds, n_rows, c0, c1, vocab, device, acc):
 
 def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy, credit,
                  soft, filters, acc):
-    """Sampling filters need a row's every logit: [C, N, V] at once (the chunked extras, then the filtered
-    Gumbel-max over the fused logits)."""
+    """Sampling filters need a row's every logit: the chunked extras for all rows, then per sequence its
+    [N, V] logits at once and the filtered Gumbel-max over its fused logits."""
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0, seeds, vocab=vocab, chunk=chunk, topk=topk,
                           logprobs=False, entropy=entropy, credit=credit, soft=soft, acc=acc)
     N = h.size(1)
-    l = torch.cat([_guided(h, w, cond_rows, un_rows, cfg_w, c0, min(vocab, c0 + chunk), acc)
-                   for c0 in range(0, vocab, chunk)], -1)                        # [C, N, V]
-    lb = l
-    if credit is not None:
-        ids, vals, alpha = credit
-        cred = _credit_chunk(ids, vals, 0, vocab, l)
-        cred = cred.scatter_add(-1, out["top1_ids"][..., None], (out["top1_prob"] ** CREDIT_GAMMA)[..., None])
-        lb = l + alpha.to(acc)[:, None, None] * torch.log1p(cred)
-    keep = filter_mask(lb / temp, *filters)
-    g = torch.log(-torch.log(_noise(seeds, N, 0, vocab, vocab, h.device, acc)))
-    score = torch.where(keep, lb - temp * g, torch.full_like(lb, float("-inf")))
-    tok = score.argmax(-1)
-    out["tokens"] = tok
-    out["confidence"] = torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"]) / out["_den"]
+    toks, lps = [], []
+    for c in range(cond_rows.shape[0]):                                          # one sequence at a time
+        r = slice(c, c + 1)
+        l = torch.cat([_guided(h, w, cond_rows[r], un_rows[r], cfg_w, c0, min(vocab, c0 + chunk), acc)
+                       for c0 in range(0, vocab, chunk)], -1)                    # [1, N, V]
+        lb = l
+        if credit is not None:
+            ids, vals, alpha = (t[r] for t in credit)
+            cred = _credit_chunk(ids, vals, 0, vocab, l).scatter_add(
+                -1, out["top1_ids"][r][..., None], (out["top1_prob"][r] ** CREDIT_GAMMA)[..., None])
+            lb = l + alpha.to(acc)[:, None, None] * torch.log1p(cred)
+        keep = filter_mask(lb / temp, *(f[r] for f in filters))
+        g = torch.log(-torch.log(_noise(seeds[r], N, 0, vocab, vocab, h.device, acc)))
+        tok = torch.where(keep, lb - temp * g, torch.full_like(lb, float("-inf"))).argmax(-1)   # [1, N]
+        toks.append(torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"][r]) / out["_den"][r])
+        lps.append(l.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(l, -1))
+        toks[-1] = (tok, toks[-1])
+    out["tokens"] = torch.cat([t for t, _ in toks])
+    out["confidence"] = torch.cat([c for _, c in toks])
     if logprobs:
-        out["logprob"] = l.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(l, -1)
+        out["logprob"] = torch.cat(lps)
     return out

@@ -171,8 +171,10 @@ def test_rows_without_a_feature_decode_as_decode_rows_bit_for_bit(rows, T):
     h, w, we, V = rows
     cr, ur, cw, seeds = _args(h)
     tok, conf = decode_rows(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=7, topk=0)
-    ids = torch.randint(0, V, (3, 5, 2))
-    vals = torch.rand(3, 5, 2, dtype=torch.float64) * 50
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V, (3, 5, 2), generator=g)
+    ids[1, :, 0] = _plain_logits(h, w)[1].topk(2, -1).indices[:, 1]     # row 1: credit on the runner-up
+    vals = torch.rand(3, 5, 2, generator=g, dtype=torch.float64) * 50
     alpha = torch.tensor([0.0, 0.7, 0.0], dtype=torch.float64)         # rows 0 and 2 take no credit
     keep_all = (torch.tensor([0, 3, 0]), torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64),
                 torch.zeros(3, dtype=torch.float64))
