@@ -105,7 +105,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                   dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
                   block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
                   dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print,
-                  force: bool = False, prepare_only: bool = False) -> dict:
+                  force: bool = False, prepare_only: bool = False, decode_extras: bool = False) -> dict:
     """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
     empty, absent, or an engine directory (recompiled in place); anything else needs ``force``.
 
@@ -157,9 +157,12 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
     # TensorRT has no double type: its ONNX decodes in float32 (temperature, confidence, the sampling noise).
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
-    # the rules' decoding extras (entropy, logprobs, credit) ride in the chunked lowering (not the GPU kernels',
-    # not TensorRT's float32 build)
-    extras = not kernels and backend != "tensorrt"
+    # the rules' decoding extras (entropy, logprobs, credit; --decode-extras) ride in the chunked lowering (not
+    # the GPU kernels', not TensorRT's float32 build). Off by default: they change the programs' signatures.
+    extras = decode_extras and not kernels and backend != "tensorrt"
+    if decode_extras and not extras:
+        raise ValueError(f"--decode-extras needs the chunked lowering: a CPU target, or --backend onnx "
+                         f"(not {backend} for {tgt.name})")
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,

@@ -71,7 +71,7 @@ def _open_compiled(model: str, backend: str, sparse: float | None = None):
     with contextlib.redirect_stdout(sys.stderr):        # torch.onnx prints progress: keep stdout the table
         compile_model(model, "cpu", out, backend=backend,
                       block_length=generation_defaults(_dir(model))["block_length"], sparse_retention=sparse,
-                      echo=lambda *a, **k: None)
+                      echo=lambda *a, **k: None, decode_extras=True)
     return open_model(out, device="cpu", progress=False)
 
 

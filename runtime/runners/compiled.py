@@ -54,8 +54,8 @@ class CompiledRunner:
                 feed.update(credit_ids=batch.credit_ids, credit_vals=batch.credit_vals.to(dt),
                             credit_alpha=batch.credit_alpha.to(dt))
         elif batch.wants_extras():
-            raise ValueError("this compiled engine decodes (token, confidence) only: rebuild it with this dlc's "
-                             "`dlc compile` (CPU lowering) for entropy, logprobs and credit decoding")
+            raise ValueError("this compiled engine decodes (token, confidence) only: rebuild it with "
+                             "`dlc compile --decode-extras` for entropy, logprobs and credit decoding")
         return feed
 
     def _decode_outputs(self, res: list, batch: StepBatch):
@@ -87,7 +87,7 @@ class CompiledRunner:
         if not self.extras and (gen.logprobs is not None or gen.credit or gen.rule().needs_entropy):
             raise FieldError("logprobs" if gen.logprobs is not None else "credit" if gen.credit
                              else "entropy_bound", "this compiled engine decodes (token, confidence) only; "
-                                                   "rebuild it with this dlc's `dlc compile` (CPU lowering)")
+                                                   "rebuild it with `dlc compile --decode-extras`")
 
     def _call(self, phase: str, feed: dict):
         args = [feed[n].contiguous() for n in self.input_names[phase]]   # AOTI reads inputs as dense buffers

@@ -39,7 +39,7 @@ def sessions(ckpt, tmp_path_factory):
     for backend in ("export", "onnx"):
         d = tmp_path_factory.mktemp("contract-engines") / backend
         compile_model(str(ckpt), "cpu", str(d), backend=backend, max_seq_len=S_MAX, max_batch_size=8,
-                      block_length=8, echo=lambda *a, **k: None)
+                      block_length=8, echo=lambda *a, **k: None, decode_extras=True)
         out[backend] = open_model(str(d), device="cpu")
     return out
 
@@ -167,3 +167,22 @@ def test_compiled_engines_refuse_what_they_cannot_decode(sessions, kind):
             eng.make_request([5, 6, 7], {**base, **params})
         assert e.value.field == field
     eng.make_request([5, 6, 7], {**base, "top_p": 0.5})        # T = 0: filters change nothing, accepted
+
+
+def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions, tmp_path):
+    """A default build (no --decode-extras) serves plain requests and refuses, naming the field, the rules its
+    programs cannot decode."""
+    from dlc.compiler import in_memory_runner
+    from dlc.runtime.decoding import FieldError
+    from dlc.runtime.runners.compiled import CompiledRunner
+    plain = CompiledRunner(sessions["export"].runner.config, sessions["export"].runner.phases,
+                           {k: [n for n in v if not n.startswith("credit_")]
+                            for k, v in sessions["export"].runner.input_names.items()})
+    assert not plain.extras and sessions["export"].runner.extras
+    for params, field in [(dict(entropy_bound=1.0), "entropy_bound"), (dict(threshold=0.5, credit=True), "credit"),
+                          (dict(logprobs=0), "logprobs")]:
+        with pytest.raises(FieldError) as e:
+            plain.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
+        assert e.value.field == field and "--decode-extras" in str(e.value)
+    model = sessions["eager"].runner.model
+    assert not in_memory_runner(model, block_length=8, device="cuda").extras     # GPU kernel lowering: none
