@@ -33,6 +33,8 @@ class GenerationResult:
     nfe: int                            # runner calls (forwards of the batch)
     seconds: float
     steps_per_row: list[int] = field(default_factory=list)   # forwards each prompt took part in
+    logprobs: list = field(default_factory=list)   # cfg.logprobs: per prompt, per generated column (logprob,
+                                                   # top ids, their logprobs) at the step that unmasked it
 
     @property
     def tokens_per_forward(self) -> float:
@@ -95,4 +97,5 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
         for i in active:
             outputs[i] += states[i].advance(cfg.block_length)
     return GenerationResult(outputs, [s.x for s in states], nfe, time.perf_counter() - t0,
-                            [s.forwards for s in states])
+                            [s.forwards for s in states],
+                            [s.token_logprobs for s in states] if cfg.logprobs is not None else [])
