@@ -35,7 +35,8 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
   previous step, w = min(0.15 + 0.02 i, 0.3), i = the sequence's forwards so far). Deviations from dInfer:
   smoothing acts inside the current block only (dInfer's no-cache and Refresh forwards also smooth the masked
   positions after it) and without IterSmooth's threshold decay; hierarchical runs are split by positions that
-  predict the mask id (no rule accepts it);
+  predict the mask id (no rule accepts it); credit selects with the request's own rule (dInfer pairs it with
+  its threshold decoder, which also accepts positions within 1e-5 of the best one) and in float64;
 * sampling filters ``top_k`` / ``top_p`` / ``min_p`` at T > 0 (runner side: dlc.kernels.sampling) and
   ``logprobs`` (each token's logprob and top alternatives at the step that unmasked it: ``token_logprobs``);
 * ``remasking``: ``low_confidence`` scores a candidate by its softmax probability (from the runner),
