@@ -189,7 +189,8 @@ class Engine:
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
         """One runner call per group -> {id(request): its row's StepOutput on the host} for those that ran."""
         results: dict[int, tuple] = {}
-        for idx in group_states([r.state for r in reqs], self.runner.max_batch_size):
+        for idx in group_states([r.state for r in reqs], self.runner.max_batch_size,
+                                split_extras=isinstance(self.runner, GraphRunner)):
             self._run_group([reqs[i] for i in idx], results)
         return results
 

@@ -278,11 +278,20 @@ def run_batch(runner, batch: StepBatch) -> StepOutput:
     return res.to_host()
 
 
-def group_states(states: list[DecodeState], max_batch: int | None = None) -> list[list[int]]:
+def group_states(states: list[DecodeState], max_batch: int | None = None,
+                 split_extras: bool = False) -> list[list[int]]:
     """Indices of the states, grouped by their group key (one runner call each, at most ``max_batch`` states),
-    in first-seen order."""
+    in first-seen order. ``split_extras``: states that need decoding extras form their own groups (the CUDA-graph
+    runner replays the others instead of running the whole group eagerly)."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(states):
-        groups.setdefault(s.group_key(), []).append(i)
+        key = s.group_key() + ((_wants_extras(s),) if split_extras else ())
+        groups.setdefault(key, []).append(i)
     n = max_batch or len(states) or 1
     return [g[k:k + n] for g in groups.values() for k in range(0, len(g), n)]
+
+
+def _wants_extras(s: DecodeState) -> bool:
+    n = s.needs()
+    return bool(n["entropy"] or n["logprobs"] is not None or n["filters"] is not None or n["credit"] is not None
+                or n["soft"] is not None)

@@ -431,7 +431,7 @@ def test_engine_equals_generate_with_every_rule_in_mixed_batches(model, graphs):
         assert r.finish_reason in ("stop", "length") and r.output_ids == ref, params
         outs.add(tuple(r.output_ids))
     assert len(outs) > 6
-    if graphs:
+    if graphs:       # plain rows replay graphs in their own groups; rows with extras run eagerly
         assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] > 0
 
 
@@ -493,3 +493,25 @@ def test_restart_block_rewinds_the_rule_state():
     again = st.needs()
     assert st.step == 0 and st.iters == 0
     assert again["credit"][0].shape == first["credit"][0].shape == (4, 0) and again["soft"] == first["soft"]
+
+
+def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
+    """One logprobs request among plain ones: the engine gives it its own group (eager), the others still
+    replay their captured Reuse steps; every output equals generate() alone."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.runners.eager import EagerRunner
+    from dlc.runtime.session import Session
+    sess = Session(EagerRunner(model), None, model.config, None, "tiny-llada")
+    eng = Engine(sess, ServeConfig(model="tiny-llada", max_seq_len=64, kv_cache_mb=16, max_num_tokens=512,
+                                   cuda_graphs=True, graph_decode="exact"))
+    base = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    specs = [([5, 6, 7, i], {**base, **({"logprobs": 1} if i == 0 else {})}) for i in range(4)]
+    reqs = [eng.make_request(p, params) for p, params in specs]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    st = eng.runner.stats
+    assert st["replays"] >= st["eager_reuse"] > 0
+    for r, (p, params) in zip(reqs, specs):
+        assert r.output_ids == generate(model, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
