@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .logits import decode_rows
+from .logits import decode_rows, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
 _M32 = 4294967296
@@ -136,7 +136,7 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             lb = l64 + alpha.to(acc)[:, None, None] * torch.log1p(_credit_chunk(ids, vals, c0, c1, l64))
         else:
             lb = l64
-        score = lb - temp * torch.log(-torch.log(_noise(seeds, N, c0, c1, vocab, h.device, acc))) \
+        score = lb - temp * torch.log(-torch.log(uniform_noise(seeds, N, c0, c1, vocab, h.device, acc))) \
             if sampling else lb
         ci = score.argmax(-1, keepdim=True)
         cs, cl, clb = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], lb.gather(-1, ci)[..., 0]
@@ -232,11 +232,6 @@ def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
     return (un + cfg_w * (cond - un)).to(acc)
 
 
-def _noise(seeds, n_rows, c0, c1, vocab, device, acc):
-    from .logits import uniform_noise
-    return uniform_noise(seeds, n_rows, c0, c1, vocab, device, acc)
-
-
 def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy, credit,
                  soft, filters, acc):
     """Sampling filters need a row's every logit: the chunked extras for all rows, then per sequence its
@@ -256,7 +251,7 @@ def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, 
                 -1, out["top1_ids"][r][..., None], (out["top1_prob"][r] ** CREDIT_GAMMA)[..., None])
             lb = l + alpha.to(acc)[:, None, None] * torch.log1p(cred)
         keep = filter_mask(lb / temp, *(f[r] for f in filters))
-        g = torch.log(-torch.log(_noise(seeds[r], N, 0, vocab, vocab, h.device, acc)))
+        g = torch.log(-torch.log(uniform_noise(seeds[r], N, 0, vocab, vocab, h.device, acc)))
         tok = torch.where(keep, lb - temp * g, torch.full_like(lb, float("-inf"))).argmax(-1)   # [1, N]
         toks.append(torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"][r]) / out["_den"][r])
         lps.append(l.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(l, -1))
