@@ -29,6 +29,16 @@ def _fail(msg: str):
               type=click.Choice(["low_confidence", "random"]))
 @click.option("--threshold", default=None, type=float, help="Fast-dLLM threshold decoding (e.g. 0.9)")
 @click.option("--factor", default=None, type=float, help="Fast-dLLM parallel-factor decoding")
+@click.option("--low-threshold", default=None, type=float,
+              help="hierarchical decoding (dInfer): each run's best above this, plus all above --threshold")
+@click.option("--entropy-bound", default=None, type=float, help="entropy-bounded decoding (EB-sampler's gamma)")
+@click.option("--credit", is_flag=True, help="credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)")
+@click.option("--smoothing", is_flag=True, help="iteration smoothing (dInfer: soft embeddings of masked inputs)")
+@click.option("--top-k", default=0, show_default=True, type=int, help="sampling filter at T > 0 (0: off)")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="sampling filter at T > 0 (1: off)")
+@click.option("--min-p", default=0.0, show_default=True, type=float, help="sampling filter at T > 0 (0: off)")
+@click.option("--logprobs", default=None, type=int,
+              help="with --json: each token's logprob and this many top alternatives")
 @click.option("--cfg-scale", default=0.0, show_default=True, type=float)
 @click.option("--kv-cache", default="none", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
 @click.option("--weights", default=None, help="local checkpoint directory (overrides the preset's HF cache lookup)")
@@ -38,6 +48,7 @@ def _fail(msg: str):
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
+             low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, weights, dtype, device, seed, chat, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
@@ -54,6 +65,8 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
         cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps,
                                temperature=temperature, remasking=remasking, threshold=threshold, factor=factor,
                                cfg_scale=cfg_scale, kv_cache=kv_cache, seed=seed,
+                               low_threshold=low_threshold, entropy_bound=entropy_bound, credit=credit,
+                               smoothing=smoothing, top_k=top_k, top_p=top_p, min_p=min_p, logprobs=logprobs,
                                stop_at_eos=chat is not False)
         session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json)
         use_chat = session.chat if chat is None else chat
@@ -66,7 +79,10 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     if as_json:
         print(json.dumps({"text": text, "token_ids": res.token_ids[0], "nfe": res.nfe,
                           "seconds": round(res.seconds, 4), "tokens_per_forward": round(res.tokens_per_forward, 3),
-                          "prompt_tokens": len(ids), "model": session.source, "engine": session.kind}))
+                          "prompt_tokens": len(ids), "model": session.source, "engine": session.kind}
+                         | ({"logprobs": [None if e is None else {"logprob": e[0], "top": dict(zip(e[1], e[2]))}
+                                          for e in res.logprobs[0][:len(res.token_ids[0])]]}
+                            if res.logprobs else {})))
     else:
         print(text)
 

@@ -308,12 +308,12 @@ class DiffusionLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
-                return_kv: bool = False):
+                return_kv: bool = False, embed_add: torch.Tensor | None = None):
         """input_ids [B, T] -> final hidden states [B, T, d] (and per-layer post-RoPE (k, v) if asked).
 
         ``start`` (int or LongTensor [B]) is the column of input_ids[:, 0] in the cache; position_ids default to
         ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache length
-        with one)."""
+        with one). ``embed_add`` [B, T, d] is added to the input embeddings (iteration smoothing)."""
         B, T = input_ids.shape
         if position_ids is None:
             st = start[:, None] if isinstance(start, torch.Tensor) else start
@@ -321,6 +321,8 @@ class DiffusionLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = key_mask_to_attn_mask(key_mask)
         x = self.embed(input_ids)                                         # [B, T, d]
+        if embed_add is not None:
+            x = x + embed_add.to(x.dtype)
         kvs = []
         for i, block in enumerate(self.blocks):
             ckv = None if cache is None else cache.layer(i)

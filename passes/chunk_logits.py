@@ -38,10 +38,16 @@ import torch.fx as fx
 
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*, emitted for GPU targets)
 from dlc.kernels.logits import decode_rows, row_key
+from dlc.kernels.sampling import decode_rows_ext
 
 from .graph_utils import add_input, inline, outputs, placeholders, set_outputs
 
 DECODE_INPUTS = ("out_index", "cond_rows", "un_rows", "cfg_weight", "temperature", "seeds")
+# With ``ctx.extras`` (chunked lowering): credit decoding's inputs and every rule's extra outputs, after
+# (tokens, confidence[, topk_ids, topk_logprobs]) and before the K/V outputs. Credit rows with alpha 0 decode
+# exactly as without credit, so one program serves every request (dlc.kernels.sampling.decode_rows_ext).
+EXTRA_INPUTS = ("credit_ids", "credit_vals", "credit_alpha")
+EXTRA_OUTPUTS = ("entropy", "logprob", "top1_ids", "top1_prob")
 
 
 
@@ -95,6 +101,17 @@ def run(gm: fx.GraphModule, ctx) -> int:
         set_outputs(gm, list(inline(gm, fused, args)) + outs[1:])
         return 1 + bool(ctx.logprobs)
     acc = ctx.decode_dtype or torch.float64
+    if ctx.extras:
+        ext = [add_input(gm, name) for name in EXTRA_INPUTS]
+        k = ctx.logprobs
+
+        def extras(h, ww, cr, ur, cw, t, sd, ci, cv, ca):
+            r = decode_rows_ext(h, ww, cr, ur, cw, t, sd, vocab=vocab, chunk=chunk, topk=k, logprobs=True,
+                                entropy=True, credit=(ci, cv, ca), acc=acc)
+            return tuple(r[n] for n in ("tokens", "confidence") + (("topk_ids", "topk_logprobs") if k else ())
+                         + EXTRA_OUTPUTS)
+        set_outputs(gm, list(inline(gm, extras, args + ext)) + outs[1:])
+        return -(-vocab // chunk)
     dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
                                                                    chunk=chunk, topk=ctx.logprobs, acc=acc), args)
     set_outputs(gm, list(dec) + outs[1:])

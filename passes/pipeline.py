@@ -41,6 +41,8 @@ class PassContext:
     decode_dtype: object = None           # decoding arithmetic (None: torch.float64; float32 for TensorRT)
     kv_inplace: bool = True               # programs write K/V into the pool inputs (False: ONNX / TensorRT,
                                           # which return the new K/V for the runner to write)
+    extras: bool = False                  # decode the rules' extras too (entropy, logprob, credit; chunked
+                                          # lowering only): chunk_logits.EXTRA_INPUTS / EXTRA_OUTPUTS
     phase: str = ""
     counts: dict = field(default_factory=dict)     # (pass, phase) -> rewrites
     shared: dict = field(default_factory=dict)     # what a pass builds once and both phases use
@@ -62,7 +64,8 @@ class PassContext:
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
                                  "decode_dtype": str(self.decode_dtype or "torch.float64").replace("torch.", ""),
-                                 "lowering": "fused_select_logits" if self.use_kernels else "chunked"}}[name]
+                                 "lowering": "fused_select_logits" if self.use_kernels else "chunked",
+                                 "extras": bool(self.extras and not self.use_kernels)}}[name]
 
 
 def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False) -> list[str]:

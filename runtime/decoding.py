@@ -26,6 +26,19 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
   Threshold and factor
   never accept a prediction equal to the mask id (dInfer); a row whose every masked position predicts it is
   stuck and its block ends (at T = 0 it would repeat forever);
+* the field's parallel decoders (checked against dInfer's public ``parallel_strategy.py`` / ``generate_uniform.py``
+  at fce4e32 and the EB-sampler paper, arXiv 2505.24857): ``hierarchical`` (``low_threshold``: each contiguous
+  run's best above it, plus all above ``threshold``, at least one), ``entropy_bound`` (ascending entropy, the
+  largest prefix with sum H - max H <= gamma), ``credit`` (a per-block credit on each position's top-1 ids,
+  decayed 0.8 a step, fused into the logits as 0.7 log(1 + credit) before any rule selects; the runner applies
+  it, the state keeps it), ``smoothing`` (the still-masked block inputs take E[mask] + w softmax(l) @ W_e of the
+  previous step, w = min(0.15 + 0.02 i, 0.3), i = the sequence's forwards so far). Deviations from dInfer:
+  smoothing acts inside the current block only (dInfer's no-cache and Refresh forwards also smooth the masked
+  positions after it) and without IterSmooth's threshold decay; hierarchical runs are split by positions that
+  predict the mask id (no rule accepts it); credit selects with the request's own rule (dInfer pairs it with
+  its threshold decoder, which also accepts positions within 1e-5 of the best one) and in float64;
+* sampling filters ``top_k`` / ``top_p`` / ``min_p`` at T > 0 (runner side: dlc.kernels.sampling) and
+  ``logprobs`` (each token's logprob and top alternatives at the step that unmasked it: ``token_logprobs``);
 * ``remasking``: ``low_confidence`` scores a candidate by its softmax probability (from the runner),
   ``random`` by a uniform draw from the row's generator;
 * query spans: ``prefix`` feeds the block and everything after it, ``dual`` the block (plus ``vicinity``
@@ -50,6 +63,9 @@ KV_MODES = ("none", "prefix", "dual")
 REMASKING = ("low_confidence", "random")
 PHASES = ("full", "refresh", "reuse")
 MAX_SEED = 2 ** 63 - 1
+MAX_LOGPROBS = 20                       # top alternatives per token (OpenAI's top_logprobs limit)
+CREDIT_ALPHA, CREDIT_DECAY = 0.7, 0.8   # dInfer's credit_alpha, decay_beta (gamma: kernels/sampling.py)
+SMOOTH_W0, SMOOTH_DW, SMOOTH_W, SMOOTH_TAU = 0.15, 0.02, 0.3, 1.0   # dInfer's IterationSmooth / H2Embed
 SEED_RANGE = 2 ** 62                    # sampling seeds drawn per step are in [0, SEED_RANGE)
 
 
@@ -101,6 +117,14 @@ class GenerationConfig:
     stop_at_eos: bool = False
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()     # the request's stop ids beside the model's (with stop_at_eos)
+    low_threshold: float | None = None       # hierarchical decoding (with ``threshold`` as the high threshold)
+    entropy_bound: float | None = None       # entropy-bounded decoding (EB-sampler's gamma)
+    credit: bool = False                     # credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)
+    smoothing: bool = False                  # iteration smoothing (dInfer: w 0.15 + 0.02 i, at most 0.3; tau 1)
+    top_k: int = 0                           # sampling filters at T > 0 (0 / 1.0 / 0.0: off)
+    top_p: float = 1.0
+    min_p: float = 0.0
+    logprobs: int | None = None              # record each token's logprob and this many alternatives
 
     def __post_init__(self):
         self.validate()
@@ -137,7 +161,26 @@ class GenerationConfig:
                                                f"got {self.stop_token_ids!r}")
         for t in self.stop_token_ids:
             _int_field("stop_token_ids", t, 0)
-        make_rule(self.threshold, self.factor)   # validates threshold / factor
+        _int_field("top_k", self.top_k, 0)
+        _float_field("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _float_field("min_p", self.min_p, 0.0, 1.0)
+        if self.logprobs is not None:
+            _int_field("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        for name in ("credit", "smoothing"):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.smoothing and self.cfg_scale > 0:
+            raise FieldError("smoothing", "iteration smoothing does not combine with cfg_scale > 0")
+        self.rule()                                # validates threshold / factor / low_threshold / entropy_bound
+
+    def rule(self):
+        return make_rule(self.threshold, self.factor, self.low_threshold, self.entropy_bound)
+
+    def filters(self) -> tuple[int, float, float] | None:
+        """(top_k, top_p, min_p), or None when every filter is off (or at T = 0, where none changes a token)."""
+        if self.temperature == 0 or (self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0):
+            return None
+        return self.top_k, self.top_p, self.min_p
 
 
 # ------------------------------------------------------------------------------------------------ the rules
@@ -198,13 +241,82 @@ class FactorRule:
         return _topk_mask(conf, count) & masked
 
 
+class HierarchicalRule:
+    """dInfer's hierarchical decoding (``HierarchyDecoder``, python/dinfer/decoding/parallel_strategy.py at
+    fce4e32): split the candidates into contiguous runs; in each run accept its most confident position(s) if
+    above ``low_threshold`` (strictly), plus every candidate above ``threshold`` (strictly; None: none), plus
+    the block's best. A position predicting the mask id is no candidate, so it ends a run (dInfer's runs are
+    the masked region; it has no mask-id exclusion). dInfer's defaults: threshold 0.9, low_threshold 0.4
+    (its benchmarks: 0.3)."""
+    name = "hierarchical"
+    fixed_steps = False
+    needs_entropy = False
+
+    def __init__(self, low_threshold: float, threshold: float | None = None):
+        _float_field("low_threshold", low_threshold, 0.0, 1.0)
+        if threshold is not None:
+            _float_field("threshold", threshold, 0.0, 1.0, lo_open=True)
+            if low_threshold > threshold:
+                raise FieldError("low_threshold", f"low_threshold {low_threshold} must be <= threshold "
+                                                  f"{threshold}")
+        self.low, self.high = low_threshold, threshold
+
+    def select(self, conf, masked, n_sched):
+        prev = torch.cat([torch.zeros_like(masked[:, :1]), masked[:, :-1]], 1)
+        run = (masked & ~prev).long().cumsum(-1)                            # [B, K] run id (1-based)
+        run = torch.where(masked, run, torch.zeros_like(run))
+        neg = torch.full_like(conf, float("-inf"))
+        run_max = neg.scatter_reduce(1, run, conf, reduce="amax", include_self=True)   # [B, K] by run id
+        sel = masked & (conf == run_max.gather(1, run)) & (conf > self.low)
+        if self.high is not None:
+            sel |= conf > self.high
+        return (sel | _topk_mask(conf, masked.any(-1).long())) & masked
+
+
+class EntropyBoundRule:
+    """EB-sampler (Ben-Hamu et al. 2025, arXiv 2505.24857, "Accelerated Sampling from Masked Diffusion Models
+    via Entropy Bounded Unmasking"; as in diffusers' EntropyBoundScheduler): sort the candidates by the
+    entropy of their predicted distribution (ascending) and accept the largest prefix U with
+    sum_{U} H - max_{U} H <= gamma (``entropy_bound``); a single position always passes (at least one)."""
+    name = "entropy_bound"
+    fixed_steps = False
+    needs_entropy = True
+
+    def __init__(self, gamma: float):
+        _float_field("entropy_bound", gamma, 0.0)
+        self.gamma = gamma
+
+    def select(self, conf, masked, n_sched, entropy):
+        ent = torch.where(masked, entropy, torch.full_like(entropy, float("inf")))
+        srt = ent.sort(dim=-1, stable=True).values                          # [B, K] ascending
+        fin = torch.where(torch.isfinite(srt), srt, torch.zeros_like(srt))
+        excess = fin.cumsum(-1) - fin                                       # sum - max of each prefix
+        ok = (excess <= self.gamma) & torch.isfinite(srt)
+        count = ok.long().cumprod(-1).sum(-1).clamp(min=1)
+        count = torch.minimum(count, masked.sum(-1))
+        return _topk_mask(-ent, count) & masked
+
+
+for _r in (ScheduleRule, ThresholdRule, FactorRule):
+    _r.needs_entropy = False
+
 DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold": ThresholdRule,
-            "factor": FactorRule}
+            "factor": FactorRule, "hierarchical": HierarchicalRule, "entropy_bound": EntropyBoundRule}
 
 
-def make_rule(threshold: float | None = None, factor: float | None = None):
+def make_rule(threshold: float | None = None, factor: float | None = None, low_threshold: float | None = None,
+              entropy_bound: float | None = None):
     if threshold is not None and factor is not None:
         raise FieldError("factor", "choose either threshold or factor decoding, not both")
+    if entropy_bound is not None:
+        for name, v in (("threshold", threshold), ("factor", factor), ("low_threshold", low_threshold)):
+            if v is not None:
+                raise FieldError("entropy_bound", f"entropy_bound decoding does not combine with {name}")
+        return EntropyBoundRule(entropy_bound)
+    if low_threshold is not None:
+        if factor is not None:
+            raise FieldError("low_threshold", "hierarchical decoding (low_threshold) does not combine with factor")
+        return HierarchicalRule(low_threshold, threshold)
     if threshold is not None:
         return ThresholdRule(threshold)
     if factor is not None:
@@ -212,14 +324,19 @@ def make_rule(threshold: float | None = None, factor: float | None = None):
     return ScheduleRule()
 
 
-def unmask_step(rule, x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, n_now, mask_id: int):
+def unmask_step(rule, x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, n_now, mask_id: int,
+                entropy: torch.Tensor | None = None):
     """One step on blocks: which positions to unmask, and which rows cannot progress.
 
-    x0 [B, K] candidates, conf [B, K] float64 confidences, masked [B, K], n_now [B] the schedule's count.
-    Returns (select [B, K], stuck [B])."""
+    x0 [B, K] candidates, conf [B, K] float64 confidences, masked [B, K], n_now [B] the schedule's count,
+    entropy [B, K] (rules with ``needs_entropy``). Returns (select [B, K], stuck [B])."""
     cand = masked if rule.fixed_steps else masked & (x0 != mask_id)
     conf = torch.where(cand, conf, torch.full_like(conf, float("-inf")))
     stuck = masked.any(-1) & ~cand.any(-1)
+    if rule.needs_entropy:
+        if entropy is None:
+            raise ValueError(f"the {rule.name} rule needs the entropy of each position")
+        return rule.select(conf, cand, n_now, entropy), stuck
     return rule.select(conf, cand, n_now), stuck
 
 
@@ -259,6 +376,12 @@ class DecodeState:
     snapshot: tuple | None = None            # (x, generator state) at the current block start
     emitted: int = 0                         # generated columns already returned as final
     forwards: int = 0                        # forwards this sequence took part in
+    credit: tuple | None = None              # credit decoding: (ids [K, M], vals [K, M]) of the block so far
+    soft: torch.Tensor | None = None         # smoothing: [K, d] soft embedding of the block from the last step
+    soft_w: float = 0.0                      # ... and its weight
+    iters: int = 0                           # forwards applied, restored by restart_block (smoothing weight)
+    iters0: int = 0                          # ... at the current block start
+    token_logprobs: list | None = None       # logprobs: per generated column (logprob, ids, logprobs) or None
 
     @classmethod
     def new(cls, prompt: list[int], gen: GenerationConfig, model_config,
@@ -271,8 +394,30 @@ class DecodeState:
         if gen.temperature > 0 or gen.remasking == "random":
             g = torch.Generator().manual_seed(gen.seed if seed is None else seed % (MAX_SEED + 1))
         stops = tuple(mc.stop_ids) + tuple(t for t in gen.stop_token_ids if t not in mc.stop_ids)
-        return cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, stops,
-                   make_rule(gen.threshold, gen.factor), g)
+        st = cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, stops, gen.rule(), g)
+        if gen.logprobs is not None:
+            st.token_logprobs = [None] * gen.gen_length
+        return st
+
+    def needs(self) -> dict:
+        """The decoding extras this sequence's next step needs from the runner (``step.make_batch``)."""
+        g, K = self.gen, self.be - self.bs
+        credit = None
+        if g.credit:
+            if self.credit is None:
+                credit = (torch.zeros(K, 0, dtype=torch.long), torch.zeros(K, 0, dtype=torch.float64),
+                          CREDIT_ALPHA)
+            else:
+                credit = (self.credit[0], self.credit[1] * CREDIT_DECAY, CREDIT_ALPHA)
+        soft = None
+        if g.smoothing:
+            delta = None
+            if self.soft is not None:
+                still = (self.x[self.bs:self.be] == self.mask_id)[:, None]
+                delta = torch.where(still, self.soft_w * self.soft, torch.zeros_like(self.soft))
+            soft = (SMOOTH_TAU, delta)
+        return {"entropy": self.rule.needs_entropy, "logprobs": g.logprobs, "filters": g.filters(),
+                "credit": credit, "soft": soft}
 
     # -- geometry --------------------------------------------------------------------------------------------
     @property
@@ -363,9 +508,9 @@ class DecodeState:
                 self.phase = "reuse"
             return out
 
-    def apply(self, x0: torch.Tensor, conf: torch.Tensor) -> None:
+    def apply(self, x0: torch.Tensor, conf: torch.Tensor, out=None) -> None:
         """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):
-        unmask the rule's selection."""
+        unmask the rule's selection. ``out``: the row's ``StepOutput`` with the extras ``needs`` asked for."""
         K = self.be - self.bs
         if x0.shape != (K,) or conf.shape != (K,):
             raise ValueError(f"apply: expected candidates for the {K} block columns, "
@@ -376,13 +521,35 @@ class DecodeState:
         blk = self.x[self.bs:self.be]
         masked = blk == self.mask_id                                          # [K]
         n = torch.tensor([self.n_now], dtype=torch.long)
-        sel, stuck = unmask_step(self.rule, x0[None], conf[None], masked[None], n, self.mask_id)
+        ent = None if out is None or out.entropy is None else out.entropy[None]
+        sel, stuck = unmask_step(self.rule, x0[None], conf[None], masked[None], n, self.mask_id, ent)
+        if out is not None:
+            self._record_extras(out, masked, sel[0])
         self.x[self.bs:self.be] = torch.where(sel[0], x0, blk)
         self.stuck = bool(stuck[0])
         if self.phase == "refresh":
             self.has_cache = True
         self.step += 1
         self.forwards += 1
+        self.iters += 1
+
+    def _record_extras(self, out, masked: torch.Tensor, sel: torch.Tensor) -> None:
+        """Credit / smoothing state for the next step, logprobs of the tokens unmasked now."""
+        g = self.gen
+        if g.credit and out.top1_ids is not None:
+            from dlc.kernels.sampling import CREDIT_GAMMA
+            add = torch.where(masked, out.top1_prob.to(torch.float64) ** CREDIT_GAMMA,
+                              torch.zeros_like(out.top1_prob, dtype=torch.float64))
+            ids, vals, _ = self.needs()["credit"]         # the prior as sent (decayed)
+            self.credit = (torch.cat([ids, out.top1_ids[:, None]], 1), torch.cat([vals, add[:, None]], 1))
+        if g.smoothing and out.soft is not None:
+            self.soft = out.soft.clone()
+            self.soft_w = min(SMOOTH_W0 + SMOOTH_DW * self.iters, SMOOTH_W)
+        if self.token_logprobs is not None and out.logprob is not None:
+            k = g.logprobs
+            for j in sel.nonzero()[:, 0].tolist():
+                alt = ([], []) if not k else (out.topk_ids[j, :k].tolist(), out.topk_logprobs[j, :k].tolist())
+                self.token_logprobs[self.bs - self.P + j] = (float(out.logprob[j]), *alt)
 
     def restart_block(self) -> None:
         """Preemption by recompute: the cache is gone; rewind to the current block's start (same output)."""
@@ -392,6 +559,7 @@ class DecodeState:
             if gstate is not None:
                 self.generator.set_state(gstate)
             self.step, self.stuck = 0, False
+            self.credit, self.soft, self.iters = None, None, self.iters0
         self.has_cache = False
 
     # -- blocks ----------------------------------------------------------------------------------------------
@@ -407,6 +575,7 @@ class DecodeState:
         masked = (self.x[self.bs:self.be] == self.mask_id).sum()[None]
         self.sched = num_transfer_tokens(masked, n_steps)[0]
         self.step, self.has_cache, self.stuck = 0, False, False
+        self.credit, self.soft, self.iters0 = None, None, self.iters
         self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
 
     def _end_block(self) -> list[int]:

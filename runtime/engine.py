@@ -50,7 +50,8 @@ from .scheduler import SCHEDULERS
 from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch
 from .stops import StopStrings
 
-REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids")
+REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids", "low_threshold",
+                             "entropy_bound", "credit", "smoothing", "top_k", "top_p", "min_p", "logprobs")
 log = logging.getLogger("dlc.engine")
 stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line
 
@@ -139,6 +140,8 @@ class Engine:
         self._check_stop_ids(p.get("stop_token_ids", ()))
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
         check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
+        if hasattr(self.runner, "check_generation"):        # what a runner cannot decode (compiled engines)
+            self.runner.check_generation(gen)
         state = DecodeState.new(list(prompt), gen, self.mc)
         usable = self.kv.n_slots - is_graphed(self.runner)          # the graphs' scratch slot
         if state.cache_rows() > usable:
@@ -229,23 +232,24 @@ class Engine:
             self._record(batch, time.perf_counter() - t0)
             for r in batch:
                 if id(r) in results:
-                    self._guard(r, lambda r=r: self._postprocess(r, *results[id(r)], n_running))
+                    self._guard(r, lambda r=r: self._postprocess(r, results[id(r)], n_running))
         self._update_gauges()
         return len(batch)
 
-    def _postprocess(self, r: Request, x0, conf, n_running: int) -> None:
+    def _postprocess(self, r: Request, out, n_running: int) -> None:
         st = r.state
         before = st.x[st.bs:st.be].clone() if r.on_step is not None else None     # [K]
-        st.apply(x0, conf)
+        st.apply(out.x0, out.conf, out)
         if before is not None:               # provisional tokens: what this step unmasked in the block
             pos = (st.x[st.bs:st.be] != before).nonzero()[:, 0]
             r.on_step(r, st.bs - st.P, pos.tolist(), st.x[st.bs + pos].tolist())
         self._emit(r, st.advance(self.gran.width(r, n_running)))
 
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
-        """One runner call per group -> {id(request): (x0 [K], conf [K]) on the host} for those that ran."""
+        """One runner call per group -> {id(request): its row's StepOutput on the host} for those that ran."""
         results: dict[int, tuple] = {}
-        for idx in group_states([r.state for r in reqs], self.runner.max_batch_size):
+        for idx in group_states([r.state for r in reqs], self.runner.max_batch_size,
+                                split_extras=isinstance(self.runner, GraphRunner)):
             self._run_group([reqs[i] for i in idx], results)
         return results
 
@@ -254,7 +258,7 @@ class Engine:
         seeds = draw_seeds(states) if seeds is None else seeds     # a retry reuses the step's seeds
         try:
             batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, seeds)
-            x0, conf = run_batch(self.runner, batch)
+            out = run_batch(self.runner, batch)
         except Exception as e:             # noqa: BLE001 - whose data broke the call? run each request alone
             if len(group) == 1:
                 self._fail(group[0], e)
@@ -264,7 +268,7 @@ class Engine:
                 self._run_group([r], results, [seed])
             return
         for j, r in enumerate(group):
-            results[id(r)] = (x0[j], conf[j])
+            results[id(r)] = out.row(j)
 
     def _guard(self, r: Request, fn) -> None:
         """Run one request's own bookkeeping; an error there fails that request only."""

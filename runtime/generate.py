@@ -33,6 +33,8 @@ class GenerationResult:
     nfe: int                            # runner calls (forwards of the batch)
     seconds: float
     steps_per_row: list[int] = field(default_factory=list)   # forwards each prompt took part in
+    logprobs: list = field(default_factory=list)   # cfg.logprobs: per prompt, per generated column (logprob,
+                                                   # top ids, their logprobs) at the step that unmasked it
 
     @property
     def tokens_per_forward(self) -> float:
@@ -69,6 +71,8 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
     runner = as_runner(model)
     mc = runner.config
     check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len)
+    if hasattr(runner, "check_generation"):              # what a runner cannot decode (compiled engines)
+        runner.check_generation(cfg)
     t0 = time.perf_counter()
     states = [DecodeState.new(list(p), cfg, mc, seed=cfg.seed + i) for i, p in enumerate(prompts)]
     pool, slots = None, [()] * len(states)
@@ -86,11 +90,12 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
         for group in group_states([states[i] for i in active], runner.max_batch_size):
             rows = [active[j] for j in group]
             batch = make_batch(runner, [states[i] for i in rows], [slots[i] for i in rows], pool)
-            x0, conf = run_batch(runner, batch)
+            out = run_batch(runner, batch)
             nfe += 1
             for r, i in enumerate(rows):
-                states[i].apply(x0[r], conf[r])
+                states[i].apply(out.x0[r], out.conf[r], out.row(r))
         for i in active:
             outputs[i] += states[i].advance(cfg.block_length)
     return GenerationResult(outputs, [s.x for s in states], nfe, time.perf_counter() - t0,
-                            [s.forwards for s in states])
+                            [s.forwards for s in states],
+                            [s.token_logprobs for s in states] if cfg.logprobs is not None else [])

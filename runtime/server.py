@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .decoding import MAX_SEED
+from .decoding import MAX_LOGPROBS, MAX_SEED
 from .engine import Engine, QueueFull
 from .request import Request
 from .stops import check_stops
@@ -36,6 +36,7 @@ from .stops import check_stops
 DISCONNECT_POLL_S = 0.2
 MAX_N = 128                        # choices per prompt (OpenAI's limit)
 RETRY_AFTER_S = 1
+UNLIKELY = -9999.0           # OpenAI's logprob for "no probability" (a position the rule never unmasked)
 
 
 class APIError(Exception):
@@ -68,7 +69,9 @@ class DiffusionFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_N)
-    top_p: float | None = Field(default=None, ge=1, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)           # -1 or 0: off (vLLM's and OpenAI-style clients')
+    min_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None       # vLLM's extension: ids that end the output (not included)
     user: str | None = None
@@ -76,7 +79,6 @@ class DiffusionFields(BaseModel):
     # so there is no left-to-right history to penalise within a block: only their no-op value 0 is accepted.
     presence_penalty: float | None = Field(default=None, ge=0, le=0)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
-    logprobs: bool | int | None = None
     provisional: bool = False                     # dlc extension: stream each step's unmasked positions
     # diffusion parameters (defaults from the model or engine directory)
     gen_length: int | None = Field(default=None, gt=0)
@@ -87,12 +89,17 @@ class DiffusionFields(BaseModel):
     remasking: Literal["low_confidence", "random"] | None = None
     kv_cache: Literal["none", "prefix", "dual"] | None = None
     cfg_scale: float | None = Field(default=None, ge=0)
+    low_threshold: float | None = Field(default=None, ge=0, le=1)     # hierarchical decoding
+    entropy_bound: float | None = Field(default=None, ge=0)          # entropy-bounded decoding
+    credit: bool | None = None                                       # credit decoding
+    smoothing: bool | None = None                                    # iteration smoothing
 
 
 class CompletionBody(DiffusionFields):
     prompt: str | list[int] | list[str]
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)   # top alternatives per token
 
 
 class Message(BaseModel):
@@ -103,6 +110,8 @@ class Message(BaseModel):
 
 class ChatBody(DiffusionFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -145,13 +154,24 @@ def _message_text(m: Message) -> str:
 
 def _params(body: DiffusionFields) -> dict:
     p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
-                                       "kv_cache", "temperature", "seed", "cfg_scale", "stop_token_ids")}
+                                       "kv_cache", "temperature", "seed", "cfg_scale", "stop_token_ids",
+                                       "low_threshold", "entropy_bound", "credit", "smoothing", "top_p", "min_p")}
+    if body.top_k is not None:
+        p["top_k"] = max(0, body.top_k)                   # -1 (vLLM's "off") is 0 here
+    p["logprobs"] = _logprobs_k(body)
     return {k: v for k, v in p.items() if v is not None}
 
 
+def _logprobs_k(body) -> int | None:
+    """Alternatives per token the response carries (None: no logprobs)."""
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return getattr(body, "logprobs", None)
+
+
 def _check_unsupported(body: DiffusionFields) -> None:
-    if body.logprobs:
-        raise APIError(400, "'logprobs' are not supported by diffusion decoding", param="logprobs")
     if getattr(body, "best_of", None) not in (None, 1):
         raise APIError(400, "best_of > 1 is not supported: diffusion decoding has no sequence log-probability "
                             "to rank candidates by; use n for several samples", param="best_of")
@@ -280,6 +300,38 @@ class Server:
             ids = ids["input_ids"]
         return list(ids)
 
+    def _logprobs(self, r: Request, start: int, end: int, chat: bool) -> dict | None:
+        """OpenAI logprobs of output tokens [start, end): each token's log-probability and its top alternatives
+        at the step that unmasked it (None when the request did not ask)."""
+        rec = r.state.token_logprobs
+        if rec is None:
+            return None
+        text = self._token_text
+        ids = r.output_ids[start:end]
+        entries = [rec[j] or (UNLIKELY, [], []) for j in range(start, start + len(ids))]   # None: never unmasked
+        if chat:
+            def item(t, lp):
+                s = text(t)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in zip(alt, alp)]}
+                                for t, (lp, alt, alp) in zip(ids, entries)]}
+        toks = [text(t) for t in ids]
+        offsets, pos = [], 0
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": toks, "token_logprobs": [e[0] for e in entries],
+                "top_logprobs": [{text(a): b for a, b in zip(alt, alp)} for _, alt, alp in entries],
+                "text_offset": offsets}
+
+    def _token_text(self, t: int) -> str:
+        """A token as text; a partial UTF-8 character (decodes to U+FFFD) as its vocabulary string, so distinct
+        alternatives keep distinct keys."""
+        if self.tok is None:
+            return str(t)
+        s = self.tok.decode([t])
+        return self.tok.convert_ids_to_tokens(t) if "\ufffd" in s else s
+
     # -- endpoints ----------------------------------------------------------------------------------------------
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self._check_model(body)
@@ -334,14 +386,15 @@ class Server:
         choices = []
         for c in subs:
             r, text = c.req, self.text(c.req)
+            lps = self._logprobs(r, 0, len(r.output_ids), chat)
             if chat:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                                "finish_reason": r.finish_reason, "logprobs": None})
+                                "finish_reason": r.finish_reason, "logprobs": lps})
             else:
                 if echo:
                     text = self.tok.decode(r.prompt, skip_special_tokens=True) + text
                 choices.append({"index": c.index, "text": text, "finish_reason": r.finish_reason,
-                                "logprobs": None, "token_ids": r.output_ids})
+                                "logprobs": lps, "token_ids": r.output_ids})
         return {"id": subs[0].req.rid, "object": "chat.completion" if chat else "text_completion",
                 "created": created, "model": self.model_name, "choices": choices, "usage": _usage(subs),
                 "dlc": {"forwards": [c.req.forwards for c in subs]}}
@@ -357,12 +410,16 @@ class Server:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
+        sent = {i: 0 for i in reqs}         # per choice: tokens whose logprobs went out
+
         def choice(i: int, delta: str | None, finish, first=False, ids=(), ext=None) -> dict:
+            lps = self._logprobs(reqs[i], sent[i], sent[i] + len(ids), chat) if ids else None
+            sent[i] += len(ids)
             if chat:
                 d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-                c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+                c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
-                c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": lps}
             c["token_ids"] = list(ids)          # dlc extension: the block's tokens (text may lag a char)
             if ext is not None:
                 c["dlc"] = ext

@@ -4,7 +4,9 @@ Decoding (runtime/decoding.py) decides what each sequence needs next; a runner r
 there is exactly this: ``make_batch`` turns the states of one group (same phase, decoded width, fed width,
 temperature and guidance: ``DecodeState.group_key``) and their KV pool rows into a ``StepBatch``; a runner's
 ``full`` / ``refresh`` / ``reuse`` takes it and returns (x0 [B, N] int64, conf [B, N] float64) for the decoded
-columns; ``run_batch`` copies them back to the host once. Every runner (eager, CUDA graph, compiled engine)
+columns, or a ``StepOutput`` (runtime/step_output.py) with the extras a batch declares it wants (entropy,
+logprobs, sampling filters, credit, smoothing: the fields after ``keep_idx``); ``run_batch`` copies them back to
+the host once. Every runner (eager, CUDA graph, compiled engine)
 implements the protocol over the same batch and nothing travels beside it.
 
 Layout (one for the whole runtime): row b's tokens sit at columns [0, L_b), right-padded with the mask id to
@@ -24,6 +26,7 @@ from dlc.models.common import KVCache
 from dlc.models.sparse_heads import keep_columns
 
 from .decoding import PHASES, DecodeState
+from .step_output import StepOutput
 
 
 @dataclass
@@ -49,6 +52,22 @@ class StepBatch:
     un_rows: torch.Tensor               # [B] int64 fed rows of their unconditional twins
                                         # (= cond_rows without CFG)
     keep_idx: torch.Tensor | None = None   # head-sparse Reuse: [n_layers, fed, Hkv, K] kept columns per head
+    # -- decoding extras (declared; a runner honours them or raises). Defaults: a plain (x0, conf) step. -------
+    entropy: bool = False                  # return StepOutput.entropy (entropy-bounded rule)
+    logprobs: int | None = None            # return the token's logprob and k top alternatives (None: off)
+    top_k: torch.Tensor | None = None      # [B] int64 sampling filters at T > 0 (0 / 1.0 / 0.0: off), device
+    top_p: torch.Tensor | None = None      # [B] float64
+    min_p: torch.Tensor | None = None      # [B] float64
+    credit_ids: torch.Tensor | None = None     # [B, N, M] int64 credit decoding: the block's credited ids
+    credit_vals: torch.Tensor | None = None    # [B, N, M] float64 their credit, decayed for this step
+    credit_alpha: torch.Tensor | None = None   # [B] float64 (0: the row takes no credit)
+    soft_tau: float | None = None          # return StepOutput.soft = softmax(l / tau) @ W_e (smoothing)
+    embed_delta: torch.Tensor | None = None    # [fed, N, d] added to the input embedding of the decoded
+                                               # columns [out_start, + N) (smoothing's soft inputs)
+
+    def wants_extras(self) -> bool:
+        return (self.entropy or self.logprobs is not None or self.top_k is not None
+                or self.credit_ids is not None or self.soft_tau is not None or self.embed_delta is not None)
 
     @property
     def fed(self) -> int:
@@ -139,9 +158,50 @@ def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] |
         raise ValueError("make_batch: the states must share one group key (phase, widths, sampling)")
     if seeds is None:
         seeds = draw_seeds(states)
-    return build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
-                       s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
-                       slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds)
+    batch = build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
+                        s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
+                        slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds)
+    _add_extras(batch, states, runner.device)
+    return batch
+
+
+def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
+    """The decoding extras the states need (``DecodeState.needs``), batched: per-row tensors for filters and
+    credit, padded so rows without the feature are neutral (credit alpha 0; filters off)."""
+    needs = [s.needs() for s in states]
+    B, N = batch.n_seqs, batch.n_out
+    batch.entropy = any(n["entropy"] for n in needs)
+    ks = [n["logprobs"] for n in needs if n["logprobs"] is not None]
+    batch.logprobs = max(ks) if ks else None
+    if batch.temperature > 0 and any(n["filters"] is not None for n in needs):
+        f = [n["filters"] or (0, 1.0, 0.0) for n in needs]
+        batch.top_k = torch.tensor([x[0] for x in f], dtype=torch.long, device=dev)
+        batch.top_p = torch.tensor([x[1] for x in f], dtype=torch.float64, device=dev)
+        batch.min_p = torch.tensor([x[2] for x in f], dtype=torch.float64, device=dev)
+    if any(n["credit"] is not None for n in needs):
+        M = max(1, max(n["credit"][0].shape[1] for n in needs if n["credit"] is not None))
+        ids = torch.zeros(B, N, M, dtype=torch.long)
+        vals = torch.zeros(B, N, M, dtype=torch.float64)
+        alpha = torch.zeros(B, dtype=torch.float64)
+        for i, n in enumerate(needs):
+            if n["credit"] is not None:
+                ci, cv, a = n["credit"]
+                ids[i, :, :ci.shape[1]], vals[i, :, :cv.shape[1]], alpha[i] = ci, cv, a
+        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (_to_device(ids, dev), _to_device(vals, dev),
+                                                                   _to_device(alpha, dev))
+    taus = [n["soft"][0] for n in needs if n["soft"] is not None]
+    if taus:
+        if batch.fed != B:
+            raise ValueError("iteration smoothing does not combine with classifier-free guidance")
+        batch.soft_tau = taus[0]
+        deltas = [n["soft"][1] for n in needs if n["soft"][1] is not None]
+        if deltas:
+            d = deltas[0].shape[-1]
+            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype)
+            for i, n in enumerate(needs):
+                if n["soft"] is not None and n["soft"][1] is not None:
+                    delta[i] = n["soft"][1]
+            batch.embed_delta = _to_device(delta, dev)
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],
@@ -214,20 +274,41 @@ def _keep_idx(cache: KVCache, q_start: torch.Tensor, n_fed: int, retention: floa
     return keep_columns(scores, cols, retention)
 
 
-def run_batch(runner, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The runner's call for the batch's phase -> (x0 [B, N] int64, conf [B, N] float64) on the host."""
-    x0, conf = getattr(runner, batch.phase)(batch)
-    if x0.shape != (batch.n_seqs, batch.n_out):
-        raise RuntimeError(f"{type(runner).__name__}.{batch.phase} returned x0 {tuple(x0.shape)}, expected "
+def run_batch(runner, batch: StepBatch) -> StepOutput:
+    """The runner's call for the batch's phase -> StepOutput on the host (x0 [B, N] int64, conf [B, N] float64
+    and the extras the batch asked for). A runner answers a plain batch with (x0, conf) or a StepOutput, and a
+    batch that ``wants_extras`` with a StepOutput holding them."""
+    res = getattr(runner, batch.phase)(batch)
+    if not isinstance(res, StepOutput):
+        if batch.wants_extras():
+            raise RuntimeError(f"{type(runner).__name__}.{batch.phase} cannot compute the decoding extras this "
+                               f"batch asks for (entropy / logprobs / filters / credit / smoothing)")
+        res = StepOutput(*res)
+    if res.x0.shape != (batch.n_seqs, batch.n_out):
+        raise RuntimeError(f"{type(runner).__name__}.{batch.phase} returned x0 {tuple(res.x0.shape)}, expected "
                            f"{(batch.n_seqs, batch.n_out)}")
-    return x0.cpu(), conf.to(torch.float64).cpu()
+    missing = [k for k, on in (("entropy", batch.entropy), ("logprob", batch.logprobs is not None),
+                               ("top1_ids", batch.credit_ids is not None), ("soft", batch.soft_tau is not None))
+               if on and getattr(res, k) is None]
+    if missing:
+        raise RuntimeError(f"{type(runner).__name__}.{batch.phase} did not return {missing}")
+    return res.to_host()
 
 
-def group_states(states: list[DecodeState], max_batch: int | None = None) -> list[list[int]]:
+def group_states(states: list[DecodeState], max_batch: int | None = None,
+                 split_extras: bool = False) -> list[list[int]]:
     """Indices of the states, grouped by their group key (one runner call each, at most ``max_batch`` states),
-    in first-seen order."""
+    in first-seen order. ``split_extras``: states that need decoding extras form their own groups (the CUDA-graph
+    runner replays the others instead of running the whole group eagerly)."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(states):
-        groups.setdefault(s.group_key(), []).append(i)
+        key = s.group_key() + ((_wants_extras(s),) if split_extras else ())
+        groups.setdefault(key, []).append(i)
     n = max_batch or len(states) or 1
     return [g[k:k + n] for g in groups.values() for k in range(0, len(g), n)]
+
+
+def _wants_extras(s: DecodeState) -> bool:
+    n = s.needs()
+    return bool(n["entropy"] or n["logprobs"] is not None or n["filters"] is not None or n["credit"] is not None
+                or n["soft"] is not None)

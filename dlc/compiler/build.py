@@ -95,7 +95,7 @@ def check_output_dir(out: Path) -> None:
 
 def build_limits(plan) -> dict[str, int]:
     b, s = plan.max_batch_size, plan.max_seq_len
-    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s}
+    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s, "M": s}   # M: credited ids per position
 
 
 TRT_POOL_SLOTS = 8      # a TensorRT engine binds KV pools of up to 8 x max_batch_size slots (P has a range there)
@@ -105,8 +105,9 @@ def profiles(specs: dict, plan) -> dict:
     """TensorRT optimisation profile per input: min (1 per dim), opt (batch, whole sequence, one block), max.
     torch artifacts take any pool size (P unbounded)."""
     mx = {**build_limits(plan), "P": TRT_POOL_SLOTS * plan.max_batch_size}
-    opt = {"P": plan.max_batch_size, "B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len, "S": plan.max_seq_len,
-           "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len}
+    opt = {"P": plan.max_batch_size, "B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len,
+           "S": plan.max_seq_len, "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len,
+           "M": plan.block_length}
     res = {}
     for name, (shape, _) in specs.items():
         res[name] = {"min": [1 if isinstance(d, str) else d for d in shape],
@@ -123,7 +124,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                   dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
                   block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
                   dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print,
-                  force: bool = False, prepare_only: bool = False) -> dict:
+                  force: bool = False, prepare_only: bool = False, decode_extras: bool = False) -> dict:
     """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
     empty, absent, or an engine directory (recompiled in place); anything else needs ``force``.
 
@@ -180,11 +181,18 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
     # torch artifacts write K/V into the runtime's pool in place; ONNX has no input mutation: it returns K/V.
     kv_inplace = runtime in ("export", "aoti")
+    # the rules' decoding extras (entropy, logprobs, credit; --decode-extras) ride in the chunked lowering (not
+    # the GPU kernels', not TensorRT's float32 build). Off by default: they change the programs' signatures.
+    extras = decode_extras and not kernels and backend != "tensorrt"
+    if decode_extras and not extras:
+        raise ValueError(f"--decode-extras needs the chunked lowering: a CPU target, or --backend onnx "
+                         f"(not {backend} for {tgt.name})")
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,
                                           dump_after=dump_graph_after, dump=echo, device=tgt.device,
-                                          kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace)
+                                          kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace,
+                                          extras=extras)
     kv_io = "written into the KV pool in place" if kv_inplace else "returned for the runner to write"
     echo(f"phases: refresh (whole sequence -> tokens, confidence; every layer's K/V {kv_io}), "
          f"reuse (fed slice over the pool rows -> tokens, confidence; the slice's new K/V {kv_io}); "
@@ -198,7 +206,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                              decode_dtype) for ph, g in phases.items()}   # runtime inputs (weights follow them)
     weight_inputs = {ph: [n for n in input_names(g) if is_weight_input(n)] for ph, g in phases.items()}
     outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype,
-                             kv_inplace) for ph in phases}
+                             kv_inplace=kv_inplace, extras=ctx.params("chunk_logits")["extras"])
+            for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
     files = [WEIGHTS_FILE] + [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"]
                                                                   if backend == "tensorrt" else [])

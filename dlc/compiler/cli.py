@@ -22,6 +22,9 @@ import click
                                               "sparsify_heads with --sparse-retention)")
 @click.option("--sparse-retention", default=None, type=float, help="head-sparse attention: fraction kept per head")
 @click.option("--logprobs", default=0, show_default=True, type=int, help="top-k logprobs per decoded row")
+@click.option("--decode-extras", is_flag=True, help="the phase programs also decode what the parallel rules and "
+              "logprobs need (entropy, token logprob, credit decoding); CPU chunked lowering (not TensorRT / the "
+              "GPU kernel lowering); adds three inputs and four outputs to each program")
 @click.option("--dump-graph-after", default=None, help="print the graph after this pass")
 @click.option("--dry-run", is_flag=True, help="plan on the meta device (no weights) and print what would be written")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest / plan as JSON at the end")
@@ -30,8 +33,8 @@ import click
 @click.option("--prepare-only", is_flag=True, help="where the backend cannot be built here (AOTI / TensorRT for "
               "another GPU, TensorRT missing): write the portable ONNX half and the commands that finish it")
 def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_size, max_seq_len, block_length,
-                    passes, sparse_retention, logprobs, dump_graph_after, dry_run, as_json, verbose, force,
-                    prepare_only):
+                    passes, sparse_retention, logprobs, decode_extras, dump_graph_after, dry_run, as_json, verbose,
+                    force, prepare_only):
     """Compile MODEL (preset or checkpoint dir) for TARGET into an engine directory."""
     from .backends import BackendUnavailable
     from .build import compile_model
@@ -44,7 +47,7 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
                             max_batch_size=max_batch_size, max_seq_len=max_seq_len, block_length=block_length,
                             passes=names, sparse_retention=sparse_retention, dump_graph_after=dump_graph_after,
                             dry_run=dry_run, logprobs=logprobs, echo=click.echo, force=force,
-                            prepare_only=prepare_only)
+                            prepare_only=prepare_only, decode_extras=decode_extras)
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -15,7 +15,7 @@ from dlc.models.common import DiffusionLM
 from dlc.passes.graph_utils import remove_guard_calls
 from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
 
-EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6)   # distinct sizes: export must not unify unrelated dims
+EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6, M=2)   # distinct sizes: export must not unify unrelated dims
 
 
 class _Forward(torch.nn.Module):
@@ -77,7 +77,7 @@ def head_weight(model: DiffusionLM) -> torch.Tensor:
 def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_retention: float | None = None,
                  logit_chunk: int = 0, logprobs: int = 0, dump_after: str | None = None, dump=print,
                  timings: dict | None = None, device: str = "cpu", kernels: bool | None = None,
-                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True):
+                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True, extras: bool = False):
     """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names).
 
     ``device`` is the build target's device kind ("cpu" or "cuda"): GPU targets lower to the dlc kernel ops
@@ -94,7 +94,8 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_
     t1 = time.perf_counter()
     ctx = PassContext(config=model.config, head_weight=head_weight(model),
                       logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention,
-                      device=device, kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace)
+                      device=device, kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace,
+                      extras=extras)
     phases = run_pipeline(base, ctx, names, dump_after=dump_after, dump=dump)
     if timings is not None:
         timings["trace"] = t1 - t0
@@ -122,6 +123,8 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
         "keep_idx": ((nl, "B", hkv, "K"), torch.long),
         "out_index": (("B", "N"), torch.long), "cond_rows": (("C",), torch.long), "un_rows": (("C",), torch.long),
         "cfg_weight": ((1,), dtype), "temperature": ((1,), decode_dtype), "seeds": (("C",), torch.long),
+        "credit_ids": (("C", "N", "M"), torch.long), "credit_vals": (("C", "N", "M"), decode_dtype),
+        "credit_alpha": (("C",), decode_dtype),
     }
     table.update({n: (tuple(t.shape), t.dtype) for n, t in weights.items()})
     unknown = [n for n in names if n not in table]
@@ -131,13 +134,17 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
 
 
 def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int,
-                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True) -> dict:
+                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True,
+                 extras: bool = False) -> dict:
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     seq = "L" if phase == "refresh" else "T"
     out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), decode_dtype)}
     if logprobs:
         out["topk_ids"] = (("C", "N", logprobs), torch.long)
         out["topk_logprobs"] = (("C", "N", logprobs), decode_dtype)
+    if extras:                                            # chunk_logits.EXTRA_OUTPUTS
+        out.update(entropy=(("C", "N"), decode_dtype), logprob=(("C", "N"), decode_dtype),
+                   top1_ids=(("C", "N"), torch.long), top1_prob=(("C", "N"), decode_dtype))
     if not kv_inplace:                                   # functional programs return the new K/V
         out["k" if phase == "refresh" else "k_new"] = ((nl, "B", hkv, seq, hd), dtype)
         out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)
@@ -159,6 +166,8 @@ def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None =
         "out_index": (q_start[:, None] if phase == "reuse" else torch.full((B, 1), 4)) + torch.arange(N),
         "cond_rows": torch.arange(C), "un_rows": torch.arange(C) + C,
         "temperature": torch.zeros(1, dtype=torch.float64), "seeds": torch.arange(C),
+        "credit_ids": torch.arange(C * N * e["M"]).reshape(C, N, e["M"]) % 7,
+        "credit_vals": torch.rand(C, N, e["M"], dtype=torch.float64), "credit_alpha": torch.zeros(C) + 0.5,
     }
     out = []
     for name, (shape, dt) in specs.items():
@@ -173,7 +182,7 @@ def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None =
             out.append(torch.ones(1, dtype=dt))
         elif name == "keep_idx":
             out.append(vals[name].expand(_concrete(shape)).contiguous())
-        elif name == "temperature":
+        elif name in ("temperature", "credit_vals", "credit_alpha"):
             out.append(vals[name].to(dt))
         else:
             out.append(vals[name])

@@ -46,9 +46,13 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.argument("model")
 @click.option("--n", default=200, show_default=True, type=int, help="held-out examples")
 @click.option("--decoder", default="low_confidence", show_default=True,
-              type=click.Choice(["low_confidence", "threshold", "factor"]))
-@click.option("--threshold", default=0.9, show_default=True, type=float, help="for --decoder threshold")
+              type=click.Choice(["low_confidence", "threshold", "factor", "hierarchical", "entropy_bound",
+                                 "credit", "smoothing"]))
+@click.option("--threshold", default=0.9, show_default=True, type=float,
+              help="for --decoder threshold (and hierarchical / credit / smoothing)")
 @click.option("--factor", default=1.0, show_default=True, type=float, help="for --decoder factor")
+@click.option("--low-threshold", default=0.3, show_default=True, type=float, help="for --decoder hierarchical")
+@click.option("--entropy-bound", default=0.1, show_default=True, type=float, help="for --decoder entropy_bound")
 @click.option("--kv-cache", default="none", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
 @click.option("--vicinity", default=0, show_default=True, type=int, help="dual cache: positions refreshed each side")
 @click.option("--refresh-every", default=0, show_default=True, type=int, help="also refresh every N steps")
@@ -60,8 +64,9 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
-def eval_command(model, n, decoder, threshold, factor, kv_cache, vicinity, refresh_every, sparse_retention,
-                 gen_length, block_length, steps, batch_size, dtype, device, as_json):
+def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bound, kv_cache, vicinity,
+                 refresh_every, sparse_retention, gen_length, block_length, steps, batch_size, dtype, device,
+                 as_json):
     """Evaluate MODEL (preset, checkpoint dir or engine dir) on the held-out dlc-tiny tasks."""
     import torch
 
@@ -76,7 +81,8 @@ def eval_command(model, n, decoder, threshold, factor, kv_cache, vicinity, refre
         gen_length = gen_length or gd["gen_length"]
         block_length = block_length or gd["block_length"]
         cfg = make_config(decoder, threshold, factor, kv_cache, vicinity, refresh_every, gen_length, block_length,
-                          steps or (gd["steps"] if gen_length == gd["gen_length"] else gen_length))
+                          steps or (gd["steps"] if gen_length == gd["gen_length"] else gen_length),
+                          low_threshold=low_threshold, entropy_bound=entropy_bound)
         with tempfile.TemporaryDirectory(prefix="dlc-eval-") as workdir:
             session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache, workdir)
             res = evaluate(session, cfg, n=n, batch_size=batch_size)

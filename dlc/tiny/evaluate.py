@@ -18,7 +18,9 @@ from . import tasks
 
 # Generation defaults of dlc-tiny (also written to its generation_config.json by dlc.tiny.train).
 GEN_LENGTH, BLOCK_LENGTH = 8, 4
-DECODERS = ("low_confidence", "threshold", "factor")
+DECODERS = ("low_confidence", "threshold", "factor", "hierarchical", "entropy_bound", "credit", "smoothing")
+LOW_THRESHOLD = 0.3          # hierarchical: dInfer's benchmark default (with threshold 0.9)
+ENTROPY_BOUND = 0.1          # entropy_bound: diffusers' EntropyBoundScheduler default gamma
 
 
 @dataclass
@@ -50,14 +52,20 @@ def generation_defaults(source: str | Path) -> dict:
 
 def make_config(decoder: str = "low_confidence", threshold: float = 0.9, factor: float = 1.0,
                 kv_cache: str = "none", vicinity: int = 0, refresh_every: int = 0, gen_length: int = GEN_LENGTH,
-                block_length: int = BLOCK_LENGTH, steps: int | None = None) -> GenerationConfig:
-    """Decoder name + its parameter -> GenerationConfig (stop at EOS, greedy)."""
+                block_length: int = BLOCK_LENGTH, steps: int | None = None, low_threshold: float = LOW_THRESHOLD,
+                entropy_bound: float = ENTROPY_BOUND) -> GenerationConfig:
+    """Decoder name + its parameter -> GenerationConfig (stop at EOS, greedy). hierarchical, credit and
+    smoothing use ``threshold`` as dInfer does (the high threshold; credit / smoothing on threshold decoding)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    thr = decoder in ("threshold", "hierarchical", "credit", "smoothing")
     return GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps or gen_length,
-                            threshold=threshold if decoder == "threshold" else None,
+                            threshold=threshold if thr else None,
                             factor=factor if decoder == "factor" else None, kv_cache=kv_cache,
-                            vicinity=vicinity, refresh_every=refresh_every, stop_at_eos=True)
+                            vicinity=vicinity, refresh_every=refresh_every, stop_at_eos=True,
+                            low_threshold=low_threshold if decoder == "hierarchical" else None,
+                            entropy_bound=entropy_bound if decoder == "entropy_bound" else None,
+                            credit=decoder == "credit", smoothing=decoder == "smoothing")
 
 
 def evaluate(session: Session, cfg: GenerationConfig, n: int = 200, batch_size: int = 64,

@@ -19,7 +19,9 @@ import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*: GPU-lowered phase 
 from dlc.manifest import is_weight_input
 from dlc.models.common import KVCache
 
+from ..decoding import FieldError
 from ..step import StepBatch, take_cols
+from ..step_output import StepOutput
 from .eager import pad_keys
 from .program_graphs import ProgramGraphs
 
@@ -50,6 +52,7 @@ class CompiledRunner:
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)   # the build limits
         self.max_batch_size = max_batch_size
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
+        self.extras = all("credit_ids" in names for names in input_names.values())   # chunk_logits' extras
         self.graphs = None
         self.enable_graphs(cuda_graphs)
 
@@ -84,12 +87,56 @@ class CompiledRunner:
     def _decode_inputs(self, batch: StepBatch, hid_start: torch.Tensor) -> dict:
         """hid_start [fed]: the decoded rows' first index into the program's hidden states."""
         n = batch.n_out
-        return {"out_index": hid_start[:, None] + torch.arange(n, device=hid_start.device),   # [fed, N]
+        feed = {"out_index": hid_start[:, None] + torch.arange(n, device=hid_start.device),   # [fed, N]
                 "cond_rows": batch.cond_rows, "un_rows": batch.un_rows,
                 "cfg_weight": batch.cfg_weight(self.dtype),
                 "temperature": torch.full((1,), batch.temperature, dtype=self.temperature_dtype,
                                           device=self.device),          # a fill: no blocking host copy
                 "seeds": batch.seeds}
+        if self.extras:                  # chunk_logits.EXTRA_INPUTS; no credit: one neutral entry (alpha 0)
+            B, dt = batch.n_seqs, self.temperature_dtype
+            if batch.credit_ids is None:
+                feed.update(credit_ids=torch.zeros(B, n, 1, dtype=torch.long, device=self.device),
+                            credit_vals=torch.zeros(B, n, 1, dtype=dt, device=self.device),
+                            credit_alpha=torch.zeros(B, dtype=dt, device=self.device))
+            else:
+                feed.update(credit_ids=batch.credit_ids, credit_vals=batch.credit_vals.to(dt),
+                            credit_alpha=batch.credit_alpha.to(dt))
+        elif batch.wants_extras():
+            raise ValueError("this compiled engine decodes (token, confidence) only: rebuild it with "
+                             "`dlc compile --decode-extras` for entropy, logprobs and credit decoding")
+        return feed
+
+    def _decode_outputs(self, res: list, batch: StepBatch):
+        """(tokens, confidence), or a StepOutput with the extras the batch asked for (chunk_logits'
+        EXTRA_OUTPUTS after the optional top-k pair)."""
+        if not batch.wants_extras():
+            return res[0], res[1]
+        k = batch.logprobs or 0
+        ext = 4 if res[2].dtype == torch.long and res[2].dim() == 3 else 2          # past the top-k pair
+        if k and ext == 2:
+            raise ValueError("this engine was built without top-k logprobs (dlc compile --logprobs K)")
+        if k > (res[2].shape[-1] if ext == 4 else 0):
+            raise ValueError(f"logprobs {k}: this engine was built for at most {res[2].shape[-1]} alternatives")
+        ent, lp, t1, p1 = res[ext:ext + 4]
+        return StepOutput(res[0], res[1], entropy=ent, logprob=lp, top1_ids=t1, top1_prob=p1,
+                          topk_ids=res[2][..., :k] if k else None, topk_logprobs=res[3][..., :k] if k else None)
+
+    def check_generation(self, gen) -> None:
+        """Refuse, naming the field, what compiled programs cannot decode: iteration smoothing (its soft
+        inputs enter the embedding, which phase programs do not take) and sampling filters at T > 0 (they
+        need a row's every logit at once; programs decode in vocab chunks)."""
+        if gen.smoothing:
+            raise FieldError("smoothing", "iteration smoothing needs an eager model (a checkpoint or preset); "
+                                          "compiled engines do not take soft input embeddings")
+        if gen.filters() is not None:
+            field = "top_k" if gen.top_k else "top_p" if gen.top_p < 1 else "min_p"
+            raise FieldError(field, f"{field} at temperature > 0 needs an eager model; compiled engines sample "
+                                    f"over vocab chunks without filters")
+        if not self.extras and (gen.logprobs is not None or gen.credit or gen.rule().needs_entropy):
+            raise FieldError("logprobs" if gen.logprobs is not None else "credit" if gen.credit
+                             else "entropy_bound", "this compiled engine decodes (token, confidence) only; "
+                                                   "rebuild it with `dlc compile --decode-extras`")
 
     def _pool_inputs(self, batch: StepBatch) -> dict:
         """The KV slot pool itself ([n_layers, P, Hkv, S, D], written in place by the program) and the rows."""
@@ -121,8 +168,8 @@ class CompiledRunner:
                 **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start)}
         res = self._call("refresh", feed)
         rows = feed["rows"]
-        if not self.kv_inplace:                     # outputs: tokens, conf, k, v [nl, fed, Hkv, W, D] (, scores)
-            k, v = res[2], res[3]
+        if not self.kv_inplace:                     # outputs: decoding ..., k, v [nl, fed, Hkv, W, D] (, scores)
+            k, v = res[-3:-1] if self.sparse_retention is not None else res[-2:]
             c.k_all[:, rows, :, :W] = k.to(c.k_all.dtype)
             c.v_all[:, rows, :, :W] = v.to(c.v_all.dtype)
         if self.sparse_retention is not None and scores:                            # [nl, fed, Hkv, W] scores
@@ -131,7 +178,7 @@ class CompiledRunner:
                                  "head_scores=True))")
             c.scores[:, rows] = float("-inf")
             c.scores[:, rows, :, :W] = res[-1].to(c.scores.dtype)
-        return res[0], res[1]
+        return self._decode_outputs(res, batch)
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
@@ -143,12 +190,12 @@ class CompiledRunner:
             feed["keep_idx"] = batch.keep_idx
         if self.graphs is not None and self.graphs.eligible(feed, batch.fed, batch.fed != batch.n_seqs,
                                                             self.sparse_retention is not None):
-            return tuple(self.graphs.run(feed, batch.fed, T, batch.n_out)[:2])
+            return self._decode_outputs(self.graphs.run(feed, batch.fed, T, batch.n_out), batch)
         res = self._call("reuse", feed)
-        if not self.kv_inplace:                     # outputs: tokens, conf, k_new, v_new [nl, fed, Hkv, T, D]
+        if not self.kv_inplace:                     # outputs: decoding ..., k_new, v_new [nl, fed, Hkv, T, D]
             rows = feed["rows"]
             cols = qs[:, None] + torch.arange(T, device=qs.device)                # [fed, T]
             idx = (slice(None), rows[:, None], slice(None), cols)                 # view [fed, T, nl, Hkv, D]
-            c.k_all[idx] = res[2].permute(1, 3, 0, 2, 4).to(c.k_all.dtype)
-            c.v_all[idx] = res[3].permute(1, 3, 0, 2, 4).to(c.v_all.dtype)
-        return res[0], res[1]
+            c.k_all[idx] = res[-2].permute(1, 3, 0, 2, 4).to(c.k_all.dtype)
+            c.v_all[idx] = res[-1].permute(1, 3, 0, 2, 4).to(c.v_all.dtype)
+        return self._decode_outputs(res, batch)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 
 from dlc.kernels.logits import decode_rows
+from dlc.kernels.sampling import decode_rows_ext
 from dlc.models.common import DiffusionLM
 
 from ..step import StepBatch, take_cols, take_rows
+from ..step_output import StepOutput
 
 VOCAB_CHUNK = 32768          # head rows per decoding chunk (bounds the float64 transient at large batch)
 
@@ -52,25 +54,57 @@ class EagerRunner:
         return self.config.max_seq_len
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
-        """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64)."""
+        """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64), or a
+        StepOutput with the extras the batch asks for."""
+        if batch.wants_extras():
+            return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK))
         return decode_rows(rows, self.model.head_weight(), batch.cond_rows, batch.un_rows,
                            batch.cfg_weight(rows.dtype), batch.temperature, batch.seeds,
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
     @torch.no_grad()
     def full(self, batch: StepBatch):
-        h = self.model(batch.ids, batch.pos, batch.key_mask)                       # [fed, W, d]
+        h = self.model(batch.ids, batch.pos, batch.key_mask,
+                       embed_add=embed_add(batch, batch.width, 0, self.dtype))   # [fed, W, d]
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
 
     @torch.no_grad()
     def refresh(self, batch: StepBatch):
         c = batch.cache
-        h = self.model(batch.ids, batch.pos, pad_keys(batch.key_mask, c.seq_len), cache=c, start=0)
+        h = self.model(batch.ids, batch.pos, pad_keys(batch.key_mask, c.seq_len), cache=c, start=0,
+                       embed_add=embed_add(batch, batch.width, 0, self.dtype))
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
         h = self.model(take_cols(batch.ids, qs, T), take_cols(batch.pos, qs, T),
-                       pad_keys(batch.key_mask, c.seq_len), cache=c, start=qs)       # [fed, T, d]
+                       pad_keys(batch.key_mask, c.seq_len), cache=c, start=qs,
+                       embed_add=embed_add(batch, T, qs, self.dtype))                 # [fed, T, d]
         return self.decode(take_rows(h, batch.hid_start - qs, batch.n_out), batch)
+
+
+def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chunk: int) -> dict:
+    """``decode_rows_ext`` over a batch that wants extras (the eager runner's and the graph runner's)."""
+    vocab = model.config.vocab_size
+    credit = None
+    if batch.credit_ids is not None:
+        credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+    soft = None if batch.soft_tau is None else (model.embed.weight[:vocab], batch.soft_tau)
+    filters = None if batch.top_k is None else (batch.top_k, batch.top_p, batch.min_p)
+    return decode_rows_ext(rows, model.head_weight(), batch.cond_rows, batch.un_rows,
+                           batch.cfg_weight(rows.dtype), batch.temperature, batch.seeds, vocab=vocab, chunk=chunk,
+                           topk=batch.logprobs or 0, logprobs=batch.logprobs is not None, entropy=batch.entropy,
+                           credit=credit, soft=soft, filters=filters)
+
+
+def embed_add(batch: StepBatch, T: int, start, dtype) -> torch.Tensor | None:
+    """Smoothing's soft inputs as an embedding delta [fed, T, d] over the fed columns (fed from ``start``: 0 or
+    q_start [fed]): ``embed_delta`` lands on the decoded columns [out_start, + N), zeros elsewhere."""
+    d = batch.embed_delta
+    if d is None:
+        return None
+    out = torch.zeros(batch.fed, T, d.shape[-1], dtype=dtype, device=d.device)
+    first = batch.out_start.to(d.device) - start                                  # [fed] column in the slice
+    cols = first[:, None] + torch.arange(batch.n_out, device=d.device)            # [fed, N]
+    return out.scatter(1, cols[..., None].expand(-1, -1, d.shape[-1]), d.to(dtype))

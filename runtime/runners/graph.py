@@ -16,8 +16,9 @@ width) and replays it:
 * everything else runs through ``EagerRunner`` unchanged: Refresh and full forwards (compute-bound: launch
   overhead is noise there), classifier-free guidance, temperature > 0 (the fused kernel's noise is not the
   eager runner's hash, so sampled tokens would differ between the paths), fed widths over ``max_width``,
-  batches over the largest bucket, and caches that are not the bound pool. ``stats["eager_reuse"]`` counts
-  those fallbacks. Random remasking needs nothing from a runner (the decoding core draws it).
+  batches over the largest bucket, caches that are not the bound pool, and batches that want decoding extras
+  (``StepBatch.wants_extras``: entropy, logprobs, sampling filters, credit, smoothing).
+  ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a runner (the decoding core draws it).
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
@@ -112,9 +113,11 @@ class GraphRunner(EagerRunner):
 
     def _eligible(self, batch: StepBatch) -> bool:
         c = batch.cache
+        # decoding extras (entropy, logprobs, filters, credit, smoothing) run eagerly, as T > 0 does: the
+        # captured step decodes (token, confidence) only
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
-                and batch.temperature == 0 and batch.n_seqs <= self.buckets[-1]
-                and batch.n_fed <= self.max_width
+                and batch.temperature == 0 and not batch.wants_extras()
+                and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
                 and batch.width <= self.pool.s_max)
 
     def bucket(self, B: int) -> int:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds")
+BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
+           "credit_ids", "credit_vals", "credit_alpha")           # (credit: neutral zeros in padding rows)
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ProgramGraphs:
             raise ValueError("engine graphs: bind_pool needs a free KV slot for padding rows")
 
     def eligible(self, feed: dict, B: int, guided: bool, sparse: bool) -> bool:
-        return (self.pool is not None and not guided and not sparse and B <= self.buckets[-1]
+        credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] != 1         # its width varies per step
+        return (self.pool is not None and not guided and not sparse and not credit and B <= self.buckets[-1]
                 and feed["k_pool"] is self.pool.k_all)
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int, extra: dict) -> None:
@@ -70,6 +72,11 @@ class ProgramGraphs:
                         "rows": torch.full_like(ar, self.scratch), "out_index": torch.arange(N, device=dev)
                         .expand(bb, -1), "cond_rows": ar, "un_rows": ar, "seeds": torch.zeros_like(ar),
                         "k_pool": self.pool.k_all, "v_pool": self.pool.v_all, **extra}
+                if "credit_ids" in self.names:                       # engines built with --decode-extras
+                    dt = extra["temperature"].dtype
+                    feed.update(credit_ids=torch.zeros(bb, N, 1, dtype=torch.long, device=dev),
+                                credit_vals=torch.zeros(bb, N, 1, dtype=dt, device=dev),
+                                credit_alpha=torch.zeros(bb, dtype=dt, device=dev))
                 self.run(feed, bb, T, N)
                 if bb >= max_batch:
                     break

@@ -87,7 +87,7 @@ def test_bad_requests_name_the_problem(session):
              ({"steps": 10 ** 30}, r"steps must be in \[1, 128\]"),
              ({"steps": 2 * 10 ** 12}, "steps must be in"),
              ({"seed": 2 ** 64, "temperature": 0.5}, "seed must be in"),
-             ({"top_k": 3}, "unknown generation fields")]
+             ({"top_k": -3}, "top_k must be"), ({"frobnicate": 3}, "unknown generation fields")]
     for params, needle in cases:
         with pytest.raises(ValueError, match=needle):
             eng.make_request([1, 2, 3], params)

@@ -39,7 +39,7 @@ def sessions(ckpt, tmp_path_factory):
     for backend in ("export", "onnx"):
         d = tmp_path_factory.mktemp("contract-engines") / backend
         compile_model(str(ckpt), "cpu", str(d), backend=backend, max_seq_len=S_MAX, max_batch_size=8,
-                      block_length=8, echo=lambda *a, **k: None)
+                      block_length=8, echo=lambda *a, **k: None, decode_extras=True)
         out[backend] = open_model(str(d), device="cpu")
     return out
 
@@ -136,3 +136,53 @@ def test_a_poisoned_request_fails_alone(sessions, kind):
         assert r.output_ids == _solo(sessions["eager"], p, params)
     assert eng.metrics.counter("isolated_batches_total") >= 2
     assert eng.kv.num_used == (1 if kind == "graph" else 0) and not eng.scheduler.has_work()
+
+
+@pytest.mark.parametrize("kind", KINDS[1:])
+def test_the_parallel_decoders_match_eager(sessions, kind):
+    """Hierarchical, entropy-bounded and credit decoding (T = 0 and seeded T > 0), and token logprobs: compiled
+    programs decode the extras (chunk_logits' EXTRA_OUTPUTS), the graph runner falls back to eager for them."""
+    prompts = [[72, 101, 108, 108], [87, 111, 114, 108, 100, 33, 32, 65, 66]]
+    fewer = 0
+    for params in [dict(kv_cache="dual", threshold=0.3, low_threshold=0.1),
+                   dict(kv_cache="none", entropy_bound=8.0),
+                   dict(kv_cache="dual", threshold=0.3, credit=True),
+                   dict(kv_cache="prefix", threshold=0.3, credit=True, temperature=0.8, seed=3),
+                   dict(kv_cache="dual", threshold=0.3, logprobs=0)]:
+        cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, **params)
+        ref = generate(sessions["eager"].runner, prompts, cfg)
+        assert generate(sessions[kind].runner, prompts, cfg).token_ids == ref.token_ids, params
+        fewer += sum(ref.steps_per_row) < 32
+    assert fewer >= 3                                          # the rules really decode several tokens a step
+
+
+@pytest.mark.parametrize("kind", ["export", "onnx"])
+def test_compiled_engines_refuse_what_they_cannot_decode(sessions, kind):
+    from dlc.runtime.decoding import FieldError
+    eng = Engine(sessions[kind], ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8))
+    base = dict(gen_length=16, block_length=8, steps=16)
+    for params, field in [(dict(smoothing=True), "smoothing"), (dict(temperature=0.8, top_p=0.5), "top_p"),
+                          (dict(temperature=0.8, top_k=3), "top_k")]:
+        with pytest.raises(FieldError) as e:
+            eng.make_request([5, 6, 7], {**base, **params})
+        assert e.value.field == field
+    eng.make_request([5, 6, 7], {**base, "top_p": 0.5})        # T = 0: filters change nothing, accepted
+
+
+def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions, tmp_path):
+    """A default build (no --decode-extras) serves plain requests and refuses, naming the field, the rules its
+    programs cannot decode."""
+    from dlc.compiler import in_memory_runner
+    from dlc.runtime.decoding import FieldError
+    from dlc.runtime.runners.compiled import CompiledRunner
+    plain = CompiledRunner(sessions["export"].runner.config, sessions["export"].runner.phases,
+                           {k: [n for n in v if not n.startswith("credit_")]
+                            for k, v in sessions["export"].runner.input_names.items()})
+    assert not plain.extras and sessions["export"].runner.extras
+    for params, field in [(dict(entropy_bound=1.0), "entropy_bound"), (dict(threshold=0.5, credit=True), "credit"),
+                          (dict(logprobs=0), "logprobs")]:
+        with pytest.raises(FieldError) as e:
+            plain.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
+        assert e.value.field == field and "--decode-extras" in str(e.value)
+    model = sessions["eager"].runner.model
+    assert not in_memory_runner(model, block_length=8, device="cuda").extras     # GPU kernel lowering: none

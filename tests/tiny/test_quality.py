@@ -86,3 +86,17 @@ def test_quality_table_rows(session, monkeypatch):
     assert len(table) == 6 and table[0].startswith("| backend |") and "| eager | exact | dense |" in table[2]
     with pytest.raises(ValueError, match="unknown backend 'tensorrt-llm'"):
         run_rows("dlc-tiny", ["tensorrt-llm"], [], n=4)
+
+
+def test_new_rules_within_two_points_and_the_best_is_reported(results):
+    """Issue 18's decoders (hierarchical, entropy-bounded, credit, smoothing; each with and without the dual
+    cache) against exact decoding, and the quality table's pick of the most parallel one at that accuracy."""
+    from dlc.tiny.quality_table import NEW_RULES, best_rule
+    exact = results("exact")
+    rows = [{"backend": "eager", "setting": name, "delta": 100 * (results(name).accuracy - exact.accuracy),
+             "tpf": results(name).tpf} for name in SETTINGS if name.split()[0] in NEW_RULES]
+    assert {r["setting"].split()[0] for r in rows} == set(NEW_RULES) and len(rows) >= 2 * len(NEW_RULES)
+    assert all(r["delta"] >= -100 * MAX_DROP for r in rows), rows
+    best = best_rule(rows)
+    assert best["tpf"] == max(r["tpf"] for r in rows) and best["tpf"] > 2 * exact.tpf
+    assert best_rule([{**r, "delta": -5.0} for r in rows]) is None      # a rule 5 points down never qualifies

@@ -1,0 +1,263 @@
+"""Decoding with the extras some rules and requests need beyond (token, confidence): the one function every
+runner (eager, the CUDA-graph runner's eager fallback, compiled phase programs through ``chunk_logits``) calls
+when a ``StepBatch`` asks for more than ``decode_rows`` gives.
+
+Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (softmax probability):
+
+* ``entropy`` [C, N]: the Shannon entropy (nats) of the row's guided distribution at T = 1 (the
+  entropy-bounded rule), from an online float64 ``m, s = sum e^(l-m), a = sum e^(l-m) l``:
+  ``H = m + log s - a / s``;
+* ``logprob`` [C, N] and top-k ``topk_ids`` / ``topk_logprobs`` [C, N, k] of the model's distribution (the
+  OpenAI ``logprobs`` field; the fused op's streaming top-k);
+* credit (dInfer's ``CreditThresholdParallelDecoder``): ``credit_ids`` / ``credit_vals`` [C, N, M] are the
+  block's credit so far (sparse: a position's credit lives on the few ids that were its top-1; duplicates
+  add), already decayed by beta for this step; ``credit_alpha`` [C] (0: off for that row). The step first
+  adds its own raw top-1 probability ``p1 ** gamma`` on the raw top-1 id, then selects on the fused logits
+  ``l + alpha * log(1 + credit)``: token = Gumbel-max of the fused logits, confidence = their softmax
+  probability. One pass over the vocabulary: the prior credit is scattered into each chunk, and the current
+  step's own contribution (one id per row, known only at the end) is a closed-form correction of the
+  running best and of the logsumexp. ``top1_ids`` / ``top1_prob`` (raw) come back for the caller's update;
+* ``soft`` [C, N, d]: ``softmax(l / tau) @ W_e`` (iteration smoothing's soft embedding), online over chunks;
+* sampling filters at T > 0 (``top_k`` [C] int, 0 = off; ``top_p`` [C], 1 = off; ``min_p`` [C], 0 = off),
+  as vLLM / HF apply them: on the tempered distribution ``softmax(l / T)``, top-k first, top-p on the
+  renormalised survivors (smallest prefix of the sorted probabilities reaching ``top_p``), min-p relative to
+  the most likely token; the token is Gumbel-max over the survivors with the same hash noise, so a filter
+  that keeps everything changes nothing. At T = 0 filters are skipped (each always keeps the argmax). Filtered
+  rows need every logit of a row at once: only then is [C, N, V] formed (float64; a batch at T > 0 where some
+  row filters, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of exact filters, paid only then).
+
+Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
+``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
+float32 there, float64 here)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .logits import decode_rows, uniform_noise
+
+CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
+_M32 = 4294967296
+
+
+def hash_noise(seeds: torch.Tensor, cols: torch.Tensor, vocab: int, dtype=torch.float64) -> torch.Tensor:
+    """``uniform_noise``'s draw for arbitrary ids: seeds [C], cols [C, N, J] vocab ids -> [C, N, J] (the same
+    value ``uniform_noise(seeds, N, c0, c1, vocab)`` gives at those (row, id))."""
+    row = torch.arange(cols.shape[1], device=cols.device)[None, :, None]           # [1, N, 1]
+    x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + cols
+    x = (x * 2654435761) % _M32
+    for _ in range(2):
+        x = torch.bitwise_xor(x, x // 65536)
+        x = (x * 73244475) % _M32
+    x = torch.bitwise_xor(x, x // 65536)
+    if dtype == torch.float32:
+        return ((x // 256).to(torch.float32) + 0.5) / 16777216.0
+    return (x.to(torch.float64) + 0.5) / _M32
+
+
+def _credit_chunk(credit_ids, credit_vals, c0: int, c1: int, like: torch.Tensor) -> torch.Tensor:
+    """Prior credit of the chunk's ids [C, N, Vc] (duplicates add)."""
+    inside = (credit_ids >= c0) & (credit_ids < c1)
+    idx = torch.where(inside, credit_ids - c0, torch.zeros_like(credit_ids))
+    vals = torch.where(inside, credit_vals.to(like.dtype), torch.zeros_like(credit_vals, dtype=like.dtype))
+    return torch.zeros_like(like).scatter_add(-1, idx, vals)
+
+
+def _credit_at(credit_ids, credit_vals, ids: torch.Tensor) -> torch.Tensor:
+    """Prior credit of ids [C, N] -> [C, N]."""
+    hit = credit_ids == ids[..., None]
+    return torch.where(hit, credit_vals, torch.zeros_like(credit_vals)).sum(-1)
+
+
+def filter_mask(scaled: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
+    """Survivors [C, N, V] of top-k, then top-p, then min-p over tempered logits ``scaled`` [C, N, V]."""
+    V = scaled.shape[-1]
+    srt, order = scaled.sort(dim=-1, descending=True, stable=True)                    # [C, N, V]
+    rank = torch.arange(V, device=scaled.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))[:, None, None]   # [C, 1, 1]
+    keep_sorted = (rank < k).expand_as(srt).clone()
+    p = torch.softmax(torch.where(keep_sorted, srt, torch.full_like(srt, float("-inf"))), -1)
+    before = p.cumsum(-1) - p                                                      # mass strictly before
+    keep_sorted &= before < top_p.to(p.dtype)[:, None, None]
+    keep_sorted[..., 0] = True
+    pmax = p[..., :1]
+    keep_sorted &= p >= min_p.to(p.dtype)[:, None, None] * pmax
+    keep = torch.zeros_like(keep_sorted)
+    return keep.scatter(-1, order, keep_sorted)
+
+
+def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int = 0,
+                    logprobs: bool = False, entropy: bool = False, credit=None, soft=None, filters=None,
+                    acc: torch.dtype = torch.float64) -> dict:
+    """h [B, N, d] rows, w [>=V, d] head -> {"tokens", "confidence", and the asked extras} (see the module).
+
+    ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float); ``filters``:
+    (top_k [C], top_p [C], min_p [C]) or None. Without extras this is ``decode_rows`` itself."""
+    sampling = not (isinstance(temp, (int, float)) and temp == 0)
+    if filters is not None and sampling:
+        out = _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                           logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
+                           acc=acc)
+        return {k: v for k, v in out.items() if not k.startswith("_")}
+    if credit is None and soft is None and not entropy and not logprobs:
+        res = decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                          acc=acc)
+        out = {"tokens": res[0], "confidence": res[1]}
+        if topk:
+            out["topk_ids"], out["topk_logprobs"] = res[2], res[3]
+        return out
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                          logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, acc=acc)
+    return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc):
+    lc = F.linear(h, w[c0:c1])                                                     # [B, N, Vc]
+    cond, un = lc.index_select(0, cond_rows), lc.index_select(0, un_rows)          # [C, N, Vc]
+    return (un + cfg_w * (cond - un)).to(acc)
+
+
+def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
+                    credit, soft, acc):
+    sampling = not (isinstance(temp, (int, float)) and temp == 0)
+    N = h.size(1)
+    st = {}                          # running reductions, all [C, N] (soft: [C, N, d])
+    top_v = top_i = None
+    have = 0
+    for c0 in range(0, vocab, chunk):
+        c1 = min(vocab, c0 + chunk)
+        l64 = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc)              # [C, N, Vc]
+        cm = l64.amax(-1)
+        e = torch.exp(l64 - cm[..., None])
+        csum, cdot = e.sum(-1), (e * l64).sum(-1)
+        ri = l64.argmax(-1, keepdim=True)                                        # raw top-1 in the chunk
+        if credit is not None:
+            ids, vals, alpha = credit
+            lb = l64 + alpha.to(acc)[:, None, None] * torch.log1p(_credit_chunk(ids, vals, c0, c1, l64))
+        else:
+            lb = l64
+        score = lb - temp * torch.log(-torch.log(uniform_noise(seeds, N, c0, c1, vocab, h.device, acc))) \
+            if sampling else lb
+        ci = score.argmax(-1, keepdim=True)
+        cs, cl, clb = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], lb.gather(-1, ci)[..., 0]
+        bm = lb.amax(-1)
+        bsum = torch.exp(lb - bm[..., None]).sum(-1)
+        if soft is not None:
+            we, tau = soft
+            ls = l64 / tau
+            sm = ls.amax(-1)
+            es = torch.exp(ls - sm[..., None])                                   # [C, N, Vc]
+            # the [C, N, Vc] x [Vc, d] product in the embedding's dtype (dInfer's too): a second head-sized
+            # GEMM, in float64 it would dominate a GPU step
+            ssum = es.sum(-1)                                                    # [C, N]
+            sacc = torch.matmul(es.to(we.dtype), we[c0:c1]).to(acc)             # [C, N, d]
+        if not st:
+            st = {"best": cs, "tok": ci[..., 0] + c0, "bl": cl, "blb": clb, "m": cm, "s": csum, "a": cdot,
+                  "r1": ri[..., 0] + c0, "r1l": l64.gather(-1, ri)[..., 0], "bm": bm, "bs": bsum}
+            if soft is not None:
+                st.update(sm=sm, ss=ssum, sa=sacc)
+        else:
+            take = cs > st["best"]                                               # ties keep the earlier id
+            st["best"] = torch.where(take, cs, st["best"])
+            st["tok"] = torch.where(take, ci[..., 0] + c0, st["tok"])
+            st["bl"], st["blb"] = torch.where(take, cl, st["bl"]), torch.where(take, clb, st["blb"])
+            rl = l64.gather(-1, ri)[..., 0]
+            rtake = rl > st["r1l"]
+            st["r1"], st["r1l"] = torch.where(rtake, ri[..., 0] + c0, st["r1"]), torch.where(rtake, rl, st["r1l"])
+            nm = torch.maximum(st["m"], cm)
+            f_old, f_new = torch.exp(st["m"] - nm), torch.exp(cm - nm)
+            st["s"], st["a"], st["m"] = st["s"] * f_old + csum * f_new, st["a"] * f_old + cdot * f_new, nm
+            nb = torch.maximum(st["bm"], bm)
+            st["bs"], st["bm"] = st["bs"] * torch.exp(st["bm"] - nb) + bsum * torch.exp(bm - nb), nb
+            if soft is not None:
+                ns = torch.maximum(st["sm"], sm)
+                fo, fn = torch.exp(st["sm"] - ns), torch.exp(sm - ns)
+                st["ss"], st["sa"], st["sm"] = st["ss"] * fo + ssum * fn, st["sa"] * fo[..., None] + \
+                    sacc * fn[..., None], ns
+        if topk:
+            tv, ti = l64.topk(min(topk, c1 - c0), dim=-1)
+            ti = ti + c0
+            if top_v is not None:
+                tv, ti = torch.cat([top_v, tv], -1), torch.cat([top_i, ti], -1)
+            have = min(topk, have + min(topk, c1 - c0))
+            top_v, j = tv.topk(have, dim=-1)
+            top_i = ti.gather(-1, j)
+    lse = st["m"] + torch.log(st["s"])                                           # raw logsumexp [C, N]
+    p1 = torch.exp(st["r1l"] - lse)                                              # raw top-1 probability
+    tok, l_tok, den = st["tok"], st["blb"], st["bs"]
+    out = {}
+    if credit is not None:
+        tok, l_tok, den = _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc)
+        out["top1_ids"], out["top1_prob"] = st["r1"], p1
+    # exp(l - m) / s as decode_rows computes it: a row without credit (alpha 0 adds exactly 0.0) gets
+    # decode_rows' confidence bit for bit, whatever else its batch asks for
+    out["tokens"], out["confidence"] = tok, torch.exp(l_tok - st["bm"]) / den
+    out["_bm"], out["_den"] = st["bm"], den
+    if logprobs:
+        l_raw = st["bl"] if credit is None else _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc)
+        out["logprob"] = l_raw - lse
+    if entropy:
+        out["entropy"] = lse - st["a"] / st["s"]
+    if topk:
+        out["topk_ids"], out["topk_logprobs"] = top_i, top_v - lse[..., None]
+    if soft is not None:
+        out["soft"] = st["sa"] / st["ss"][..., None]
+    return out
+
+
+def _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc):
+    """Add this step's own credit (p1 ** gamma on the raw top-1 id t) to the running best and logsumexp."""
+    ids, vals, alpha = credit
+    a = alpha.to(acc)[:, None]                                                   # [C, 1]
+    t = st["r1"]
+    prior = _credit_at(ids, vals.to(acc), t)                                     # [C, N]
+    b_old, b_new = a * torch.log1p(prior), a * torch.log1p(prior + p1 ** CREDIT_GAMMA)
+    lt = st["r1l"]
+    score_t = lt + b_new
+    if sampling:
+        u = hash_noise(seeds, t[..., None], vocab, acc)[..., 0]
+        score_t = score_t - temp * torch.log(-torch.log(u))
+    take = (score_t > st["best"]) | ((score_t == st["best"]) & (t < st["tok"])) | (t == st["tok"])
+    tok = torch.where(take, t, st["tok"])
+    l_tok = torch.where(take, lt + b_new, st["blb"])
+    den = st["bs"] + torch.exp(lt - st["bm"]) * (torch.exp(b_new) - torch.exp(b_old))   # alpha 0: + 0.0
+    return tok, l_tok, den
+
+
+def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
+    """Guided raw logit of tok [C, N] (one row of the head per token)."""
+    rows = w[tok]                                                                # [C, N, d]
+    cond = (h.index_select(0, cond_rows) * rows).sum(-1)
+    un = (h.index_select(0, un_rows) * rows).sum(-1)
+    return (un + cfg_w * (cond - un)).to(acc)
+
+
+def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy, credit,
+                 soft, filters, acc):
+    """Sampling filters need a row's every logit: the chunked extras for all rows, then per sequence its
+    [N, V] logits at once and the filtered Gumbel-max over its fused logits."""
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                          logprobs=False, entropy=entropy, credit=credit, soft=soft, acc=acc)
+    N = h.size(1)
+    toks, lps = [], []
+    for c in range(cond_rows.shape[0]):                                          # one sequence at a time
+        r = slice(c, c + 1)
+        l = torch.cat([_guided(h, w, cond_rows[r], un_rows[r], cfg_w, c0, min(vocab, c0 + chunk), acc)
+                       for c0 in range(0, vocab, chunk)], -1)                    # [1, N, V]
+        lb = l
+        if credit is not None:
+            ids, vals, alpha = (t[r] for t in credit)
+            cred = _credit_chunk(ids, vals, 0, vocab, l).scatter_add(
+                -1, out["top1_ids"][r][..., None], (out["top1_prob"][r] ** CREDIT_GAMMA)[..., None])
+            lb = l + alpha.to(acc)[:, None, None] * torch.log1p(cred)
+        keep = filter_mask(lb / temp, *(f[r] for f in filters))
+        g = torch.log(-torch.log(uniform_noise(seeds[r], N, 0, vocab, vocab, h.device, acc)))
+        tok = torch.where(keep, lb - temp * g, torch.full_like(lb, float("-inf"))).argmax(-1)   # [1, N]
+        toks.append(torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"][r]) / out["_den"][r])
+        lps.append(l.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(l, -1))
+        toks[-1] = (tok, toks[-1])
+    out["tokens"] = torch.cat([t for t, _ in toks])
+    out["confidence"] = torch.cat([c for _, c in toks])
+    if logprobs:
+        out["logprob"] = torch.cat(lps)
+    return out

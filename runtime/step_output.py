@@ -1,0 +1,45 @@
+"""What a runner call returns through the one seam (runtime/step.py): ``StepOutput``.
+
+Every runner's ``full`` / ``refresh`` / ``reuse`` returns either the plain pair (x0 [B, N] int64, conf [B, N]
+float64), all a plain ``StepBatch`` needs, or a ``StepOutput`` carrying the extras its batch asked for
+(``StepBatch.wants_extras``): entropy (entropy-bounded rule), the chosen token's logprob and top-k
+alternatives (OpenAI ``logprobs``), the raw top-1 id / probability (credit decoding's update) and the soft
+embedding ``softmax(l / tau) @ W_e`` (iteration smoothing). ``run_batch`` normalises both forms to a host
+``StepOutput``; the decoding core reads one row with ``row(i)``. This module imports nothing from the runtime
+(decoding.py and step.py both use it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+EXTRA_KEYS = ("entropy", "logprob", "topk_ids", "topk_logprobs", "top1_ids", "top1_prob", "soft")
+
+
+@dataclass
+class StepOutput:
+    x0: torch.Tensor                            # [B, N] int64 candidate tokens
+    conf: torch.Tensor                          # [B, N] float64 confidence (the selection's score)
+    entropy: torch.Tensor | None = None         # [B, N] float64 entropy (nats) of the model's distribution
+    logprob: torch.Tensor | None = None         # [B, N] float64 log-probability of x0 under the model
+    topk_ids: torch.Tensor | None = None        # [B, N, k] int64 most likely ids
+    topk_logprobs: torch.Tensor | None = None   # [B, N, k] float64 their log-probabilities
+    top1_ids: torch.Tensor | None = None        # [B, N] int64 raw argmax (credit)
+    top1_prob: torch.Tensor | None = None       # [B, N] float64 its probability (credit)
+    soft: torch.Tensor | None = None            # [B, N, d] float soft embedding (smoothing)
+
+    @classmethod
+    def from_decode(cls, res: dict) -> "StepOutput":
+        """From ``dlc.kernels.sampling.decode_rows_ext``'s dict."""
+        return cls(res["tokens"], res["confidence"], **{k: res.get(k) for k in EXTRA_KEYS})
+
+    def to_host(self) -> "StepOutput":
+        def host(t, f):
+            if t is None:
+                return None
+            return t.to(torch.float64).cpu() if t.is_floating_point() and f != "soft" else t.cpu()
+        return StepOutput(**{f.name: host(getattr(self, f.name), f.name) for f in fields(self)})
+
+    def row(self, i: int) -> "StepOutput":
+        return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i]
+                             for f in fields(self)})
