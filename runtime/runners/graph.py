@@ -105,6 +105,8 @@ class GraphRunner(EagerRunner):
             return
         self.pool = self.scratch = None
         self.graphs.clear()                  # captured over another pool's tensors
+        self._mempool = None                 # a fresh graph pool (reusing one whose graphs died trips the
+                                             # caching allocator's use_count assert, torch 2.11)
         if kv.n_slots < 2:
             return
         self.pool, self.scratch = kv, kv.allocate()

@@ -44,7 +44,7 @@ class ProgramGraphs:
         if kv is self.pool:
             return
         self.graphs.clear()
-        self.pool = self.scratch = None
+        self.pool = self.scratch = self._mempool = None       # graphs and their memory pool go together
         if kv.n_slots < 2:
             return
         self.pool, self.scratch = kv, kv.allocate()
