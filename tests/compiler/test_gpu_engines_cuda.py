@@ -79,7 +79,7 @@ same = sum(generate(eng.runner, [p], cfg).token_ids[0] == generate(ref.runner, [
 print("aoti-ok", json.dumps(dict(same=same, n=len(prompts))))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ))
+                       env=dict(os.environ), cwd=tmp_path)     # not the repo root: its dlc/ would shadow dlc.*
     assert r.returncode == 0 and "aoti-ok" in r.stdout, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     res = json.loads(r.stdout.split("aoti-ok", 1)[1])
     assert res["same"] >= res["n"] - 1
