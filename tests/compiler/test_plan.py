@@ -78,7 +78,7 @@ def test_bad_options_are_named():
 def test_dump_graph_after_a_pass():
     res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after", "cache_kv_reuse"])
     assert res.exit_code == 0, res.output
-    assert "# graph after cache_kv_reuse [reuse]" in res.output and "k_cache" in res.output
+    assert "# graph after cache_kv_reuse [reuse]" in res.output and "k_pool" in res.output
     res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after", "sparsify_heads"])
     assert res.exit_code != 0 and "not a pass of this build" in res.output
 
