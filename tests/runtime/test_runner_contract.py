@@ -177,7 +177,8 @@ def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions,
     from dlc.runtime.runners.compiled import CompiledRunner
     plain = CompiledRunner(sessions["export"].runner.config, sessions["export"].runner.phases,
                            {k: [n for n in v if not n.startswith("credit_")]
-                            for k, v in sessions["export"].runner.input_names.items()})
+                            for k, v in sessions["export"].runner.input_names.items()},
+                           weights=sessions["export"].runner.weights)
     assert not plain.extras and sessions["export"].runner.extras
     for params, field in [(dict(entropy_bound=1.0), "entropy_bound"), (dict(threshold=0.5, credit=True), "credit"),
                           (dict(logprobs=0), "logprobs")]:
