@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from .config import GEN_KEYS, ServeConfig, model_generation_defaults
+from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
 from .decoding import DecodeState, FieldError, GenerationConfig
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
@@ -46,7 +46,7 @@ from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
 from .step import check_runner, draw_seeds, group_states, make_batch, run_batch
 
-REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale")
+REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale") + BLOCK_GEN_KEYS
 log = logging.getLogger("dlc.engine")
 
 
@@ -77,7 +77,7 @@ class Engine:
         self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
-        self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
+        self.gen_defaults = {**model_generation_defaults(session.source, self.mc),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
         self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
@@ -117,7 +117,9 @@ class Engine:
                                        or max_tokens <= 0):
             raise FieldError("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
-        check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
+        gen = gen.for_model(self.mc)
+        check_prompts([prompt], gen.gen_length, self.mc, self.max_seq,
+                      gen.block_length if gen.block_decoding else 0)
         state = DecodeState.new(list(prompt), gen, self.mc)
         usable = self.kv.n_slots - (self.runner.scratch is not None
                                     if isinstance(self.runner, GraphRunner) else 0)

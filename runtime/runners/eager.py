@@ -16,7 +16,7 @@ import torch
 from dlc.kernels.logits import decode_rows
 from dlc.models.common import DiffusionLM
 
-from ..step import StepBatch, take_cols, take_rows
+from ..step import StepBatch, attention_keys, take_cols, take_rows
 
 VOCAB_CHUNK = 32768          # head rows per decoding chunk (bounds the float64 transient at large batch)
 
@@ -59,18 +59,20 @@ class EagerRunner:
 
     @torch.no_grad()
     def full(self, batch: StepBatch):
-        h = self.model(batch.ids, batch.pos, batch.key_mask)                       # [fed, W, d]
+        h = self.model(batch.ids, batch.pos, attention_keys(batch, batch.key_mask, batch.pos))   # [fed, W, d]
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
 
     @torch.no_grad()
     def refresh(self, batch: StepBatch):
         c = batch.cache
-        h = self.model(batch.ids, batch.pos, pad_keys(batch.key_mask, c.seq_len), cache=c, start=0)
+        keys = attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), batch.pos)
+        h = self.model(batch.ids, batch.pos, keys, cache=c, start=0)
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
-        h = self.model(take_cols(batch.ids, qs, T), take_cols(batch.pos, qs, T),
-                       pad_keys(batch.key_mask, c.seq_len), cache=c, start=qs)       # [fed, T, d]
+        pos = take_cols(batch.pos, qs, T)
+        h = self.model(take_cols(batch.ids, qs, T), pos, attention_keys(batch, pad_keys(batch.key_mask, c.seq_len),
+                                                                        pos), cache=c, start=qs)   # [fed, T, d]
         return self.decode(take_rows(h, batch.hid_start - qs, batch.n_out), batch)
