@@ -41,7 +41,8 @@ LLaDA2.0's ``modeling_llada2_moe.generate``, JetAstra/SDAR ``generate.py`` and S
   starts at block ``P // block_length`` and the prompt's tail shares the first block; the overhang past
   gen_length is decoded and dropped; attention is block-causal (``attn_block``, the runner's ``block_size``);
 * ``llada2``: ``steps_per_block`` steps per block with the schedule ``num_transfer_tokens(block_length,
-  min(steps_per_block, gen_length))`` (not rescaled for a first block that is part prompt); ``threshold``:
+  min(steps_per_block, gen_length))`` (not rescaled for a first block that is part prompt; steps beyond
+  block_length are clamped to it, where the reference would spend forwards on steps of count 0); ``threshold``:
   every mask whose confidence is strictly above it if at least the step's scheduled count pass, else the
   scheduled count by confidence (``BlockThresholdRule``); no threshold: that count by confidence (the static
   low-confidence schedule, ``ScheduleRule``). Predictions equal to the mask id are committed like any other
@@ -204,7 +205,7 @@ class GenerationConfig:
         _int_field("gen_length", self.gen_length, 1)
         _int_field("block_length", self.block_length, 1)
         if self.steps_per_block is not None:
-            _int_field("steps_per_block", self.steps_per_block, 1, self.block_length)
+            _int_field("steps_per_block", self.steps_per_block, 1)
         _float_field("temperature", self.temperature, 0.0)
         if self.kv_cache not in ("none", "block"):
             raise FieldError("kv_cache", f"kv_cache must be 'none' or 'block' (exact block cache) for "
@@ -604,7 +605,7 @@ class DecodeState:
         w = self.be - self.bs
         self.settled, self.post_edits = False, 0
         if self.attn_block:                          # LLaDA2: the schedule of a whole block, whatever is masked
-            n = min(g.steps_per_block or g.block_length, g.gen_length)
+            n = min(g.steps_per_block or g.block_length, g.block_length, g.gen_length)
             self.sched = num_transfer_tokens(torch.tensor([g.block_length]), n)[0]
             self.step, self.stuck = 0, False
             self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
