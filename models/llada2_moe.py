@@ -43,6 +43,13 @@ MASK_ID, EOS_ID, ROLE_END_ID = 156895, 156892, 156900
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
             "rope_theta")
 MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# LLaDA2's chat format (tokenizer_config.json of the releases; used when a checkpoint's tokenizer ships none):
+# <role>SYSTEM</role>...<|role_end|><role>HUMAN</role>...<|role_end|><role>ASSISTANT</role>
+CHAT_TEMPLATE = (
+    "{% set names = {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT'} %}"
+    "{% for m in messages %}<role>{{ names[m['role']] }}</role>{{ m['content'] }}<|role_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
 # The reference generate's defaults (steps are per block; threshold 0.95).
 GENERATION_DEFAULTS = {"block_length": 32, "steps_per_block": 32, "threshold": 0.95, "decoder": "llada2"}
 

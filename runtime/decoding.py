@@ -78,6 +78,23 @@ DECODERS_BY_NAME = ("llada", "llada2", "llada2.1")      # GenerationConfig.decod
 BLOCK_DECODERS = ("llada2", "llada2.1")
 # LLaDA2.1's decoding modes (model card, SGLang docs): (threshold, edit_threshold)
 LLADA21_MODES = {"quality": (0.7, 0.5), "speed": (0.5, 0.0)}
+DECODER_ALIASES = {"llada2.1-quality": "quality", "llada2.1-speed": "speed"}   # CLI / request spellings
+
+
+def resolve_decoder(fields: dict) -> dict:
+    """Request / CLI fields with LLaDA2.1's mode spelled out: ``decoder`` llada2.1-speed / llada2.1-quality
+    (plain llada2.1: quality) becomes llada2.1 with that mode's threshold and edit_threshold where the fields
+    give none. Other fields pass through."""
+    dec = fields.get("decoder")
+    if dec not in DECODER_ALIASES and dec != "llada2.1":
+        return fields
+    thr, edit = LLADA21_MODES[DECODER_ALIASES.get(dec, "quality")]
+    out = dict(fields, decoder="llada2.1")
+    if out.get("threshold") is None:
+        out["threshold"] = thr
+    if out.get("edit_threshold") is None:
+        out["edit_threshold"] = edit
+    return out
 REMASKING = ("low_confidence", "random")
 PHASES = ("full", "refresh", "reuse")
 MAX_SEED = 2 ** 63 - 1

@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .config import BLOCK_GEN_KEYS
+from .decoding import resolve_decoder
 from .engine import Engine, QueueFull
 from .request import Request
 
@@ -70,8 +72,15 @@ class DiffusionFields(BaseModel):
     threshold: float | None = Field(default=None, gt=0, le=1)
     factor: float | None = Field(default=None, gt=0)
     remasking: Literal["low_confidence", "random"] | None = None
-    kv_cache: Literal["none", "prefix", "dual"] | None = None
+    kv_cache: Literal["none", "prefix", "dual", "block"] | None = None
     cfg_scale: float | None = Field(default=None, ge=0)
+    # block diffusion (LLaDA2.0 / 2.1, SDAR): decoding/DECODER_ALIASES spell LLaDA2.1's speed / quality modes
+    decoder: Literal["llada", "llada2", "llada2.1", "llada2.1-speed", "llada2.1-quality"] | None = None
+    steps_per_block: int | None = Field(default=None, gt=0)
+    eos_early_stop: bool | None = None
+    edit_threshold: float | None = Field(default=None, ge=0, le=1)
+    max_post_edit_steps: int | None = Field(default=None, ge=0)
+    tokens_per_step: int | None = Field(default=None, gt=0)
 
 
 class CompletionBody(DiffusionFields):
@@ -121,8 +130,8 @@ def _message_text(m: Message) -> str:
 
 def _params(body: DiffusionFields) -> dict:
     p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
-                                       "kv_cache", "temperature", "seed", "cfg_scale")}
-    return {k: v for k, v in p.items() if v is not None}
+                                       "kv_cache", "temperature", "seed", "cfg_scale") + BLOCK_GEN_KEYS}
+    return {k: v for k, v in resolve_decoder(p).items() if v is not None}
 
 
 def _check_unsupported(body: DiffusionFields) -> None:

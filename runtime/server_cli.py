@@ -31,7 +31,7 @@ def _options(f):
         click.option("--steps", default=None, type=int),
         click.option("--threshold", default=None, type=float),
         click.option("--remasking", default=None, type=click.Choice(["low_confidence", "random"])),
-        click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual"])),
+        click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual", "block"])),
         click.option("--seed", default=None, type=int),
         click.option("--cuda-graphs/--no-cuda-graphs", default=None,
                      help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an eager model]"),
