@@ -58,7 +58,7 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     gd = _generation_defaults(model, weights)
     try:
         session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json)
-        block = _block_defaults(session.config, gd)
+        block = _block_defaults(session.config, model, weights)
         gen_length, block_length, steps = (gen_length or gd["gen_length"],
                                            block_length or block.get("block_length") or gd["block_length"],
                                            steps or gd["steps"])
@@ -119,14 +119,19 @@ def tokenize(model, prompt, chat, gen_length, block_length, cpp):
     print(" ".join(map(str, [a, a + min(blk, gen), *ids, *[session.config.mask_id] * gen])))
 
 
-def _block_defaults(model_config, saved: dict) -> dict:
-    """Block-diffusion families' own block length and cache (unless generation_config.json set the length)."""
-    from dlc.runtime.config import family_generation_defaults
+def _block_defaults(model_config, model: str, weights: str | None) -> dict:
+    """Block-diffusion families' own block length and cache (unless generation_config.json sets the length)."""
+    from dlc.runtime.config import family_generation_defaults, model_generation_defaults
     fam = family_generation_defaults(model_config)
     if not fam:
         return {}
-    return {"kv_cache": fam["kv_cache"],
-            "block_length": None if saved.get("_block_length_saved") else fam.get("block_length")}
+    try:
+        from dlc.models.loading import resolve_checkpoint_dir
+        path = resolve_checkpoint_dir(model, weights)
+        saved = model_generation_defaults(str(path), model_config) if path is not None else fam
+    except (ValueError, OSError):
+        saved = fam
+    return {"kv_cache": fam["kv_cache"], "block_length": saved.get("block_length", fam.get("block_length"))}
 
 
 def _preset_decoder(model: str) -> str | None:
@@ -143,7 +148,6 @@ def _generation_defaults(model: str, weights: str | None) -> dict:
         path = resolve_checkpoint_dir(model, weights)
         saved = json.loads((path / "generation_config.json").read_text()) if path is not None else {}
         d.update({k: int(saved[k]) for k in d if k in saved})
-        d["_block_length_saved"] = "block_length" in saved
     except (ValueError, OSError, TypeError):
         pass
     return d
