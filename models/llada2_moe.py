@@ -182,6 +182,7 @@ class Gate(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c.n_experts, c.d_model))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)                # as nn.Linear (and the HF gate)
         self.register_buffer("expert_bias", torch.zeros(c.n_experts))
 
 
