@@ -51,6 +51,8 @@ class StepBatch:
     keep_idx: torch.Tensor | None = None   # head-sparse Reuse: [n_layers, fed, Hkv, K] kept columns per head
     block_size: int = 0                 # attention: 0 bidirectional; > 0 block-causal (block diffusion) with
                                         # blocks of this many columns aligned to column 0 (``block_key_mask``)
+    tempered_conf: bool = False         # confidence = probability under softmax(logits / T) (LLaDA2, SDAR)
+                                        # instead of LLaDA's untempered softmax; tokens are the same
 
     @property
     def fed(self) -> int:
@@ -140,14 +142,15 @@ def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] |
         seeds = draw_seeds(states)
     return build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
                        s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
-                       slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds, block_size=s0.attn_block)
+                       slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds, block_size=s0.attn_block,
+                       tempered_conf=s0.gen.block_decoding)
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],
                 n_out: int, spans: list[tuple[int, int]] | None = None,
                 slots: list[tuple[int, ...]] | None = None,
                 pool=None, temperature: float = 0.0, cfg_scale: float = 0.0,
-                seeds: list[int] | None = None, block_size: int = 0) -> StepBatch:
+                seeds: list[int] | None = None, block_size: int = 0, tempered_conf: bool = False) -> StepBatch:
     """The StepBatch of token states ``seqs`` (host [L_i] each):
     decode columns [out_start_i, + n_out); a Reuse
     step feeds ``spans`` (qa, qb) per row. ``make_batch`` calls this from decoding states; tests call it
@@ -201,7 +204,7 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
         q_start_dev=None if q_start is None else _to_device(q_start, dev), n_fed=n_fed, cache=cache,
         slots=slot_rows, temperature=float(temperature), cfg_scale=float(cfg_scale),
         seeds=_to_device(seeds_t, dev), cond_rows=arange_b, un_rows=arange_b + (fed - B), keep_idx=keep,
-        block_size=block_size)
+        block_size=block_size, tempered_conf=tempered_conf)
 
 
 def _keep_idx(cache: KVCache, q_start: torch.Tensor, n_fed: int, retention: float, dev) -> torch.Tensor:

@@ -52,9 +52,15 @@ class EagerRunner:
         return self.config.max_seq_len
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
-        """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64)."""
+        """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64).
+        ``tempered_conf``: the rows are scaled by 1 / T and decoded at temperature 1 (logits are linear in the
+        rows): the same Gumbel-max draw (tokens equal up to rounding), confidence = softmax(logits / T) of the
+        token, as LLaDA2's and SDAR's samplers report it."""
+        temperature = batch.temperature
+        if batch.tempered_conf and temperature > 0:
+            rows, temperature = rows / temperature, 1.0
         return decode_rows(rows, self.model.head_weight(), batch.cond_rows, batch.un_rows,
-                           batch.cfg_weight(rows.dtype), batch.temperature, batch.seeds,
+                           batch.cfg_weight(rows.dtype), temperature, batch.seeds,
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
     @torch.no_grad()

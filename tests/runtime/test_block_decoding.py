@@ -367,3 +367,27 @@ def test_bad_block_configs_name_the_field(model):
         DecodeState.new([1, 2], GenerationConfig(gen_length=8, block_length=4, steps=8, decoder="llada"),
                         model.config)
     assert e.value.field == "decoder"
+
+
+def test_block_decoders_report_the_tempered_probability(model):
+    """At T > 0 LLaDA2 / SDAR take the probability under softmax(logits / T) as confidence (their sampler's
+    ``token_prob``); LLaDA's decoders keep the untempered one. The sampled tokens are the same draw."""
+    from dlc.runtime.runners.eager import EagerRunner
+    from dlc.runtime.step import build_batch, run_batch
+    runner = EagerRunner(model)
+    x = torch.tensor(_prompts(1, seed=4)[0] + [model.config.mask_id] * 8)
+    P, T = len(x) - 8, 0.7
+    bs = P // 4 * 4
+    out = {}
+    for tempered in (False, True):
+        b = build_batch(runner, "full", [x], [P], [bs], 4, temperature=T, seeds=[123], block_size=4,
+                        tempered_conf=tempered)
+        out[tempered] = run_batch(runner, b)
+    assert torch.equal(out[False][0], out[True][0])
+    logits = _forward_logits(model, x[None], 4)[0, bs:bs + 4].double()
+    tok = out[True][0][0]
+    want = torch.softmax(logits / T, -1).gather(-1, tok[:, None])[:, 0]
+    torch.testing.assert_close(out[True][1][0], want, rtol=1e-4, atol=1e-6)
+    plain = torch.softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    torch.testing.assert_close(out[False][1][0], plain, rtol=1e-4, atol=1e-6)
+    assert (want - plain).abs().max() > 1e-3
