@@ -70,6 +70,8 @@ PRESETS: dict[str, dict] = {
                   "description": "LLaDA 1.5 (8B, VRPO-aligned)"},
     "dlc-tiny": {"repo": None, "path": str(ASSETS / "dlc-tiny"), "chat": True,
                  "description": "bundled trained tiny LLaDA (synthetic tasks; the quick-start default)"},
+    "dlc-tiny-bd": {"repo": None, "path": str(ASSETS / "dlc-tiny-bd"), "chat": True,
+                    "description": "bundled trained tiny block-diffusion model (SDAR layout, block 4; dlc-tiny's tasks)"},
     "tiny-llada": {"repo": None, "chat": True, "description": "random tiny LLaDA (tests)",
                    "config": dict(family="llada", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=128,
                                   rope_theta=10000.0, **_TINY_IDS)},
