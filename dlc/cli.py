@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from dlc.block_options import DECODER_CHOICES, block_diffusion_options, block_fields
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dlc")
@@ -40,7 +42,12 @@ def _fail(msg: str):
 @click.option("--logprobs", default=None, type=int,
               help="with --json: each token's logprob and this many top alternatives")
 @click.option("--cfg-scale", default=0.0, show_default=True, type=float)
-@click.option("--kv-cache", default="none", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
+@click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual", "block"]),
+              help="default: none (block-diffusion models: block, the exact block cache)")
+@click.option("--decoder", default=None, type=click.Choice(DECODER_CHOICES),
+              help="decoding rule: llada (full attention) or, for block-diffusion checkpoints, llada2 / llada2.1 "
+                   "(token editing; -speed / -quality pick its thresholds). Default: the model's")
+@block_diffusion_options
 @click.option("--weights", default=None, help="local checkpoint directory (overrides the preset's HF cache lookup)")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -49,7 +56,8 @@ def _fail(msg: str):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
-             cfg_scale, kv_cache, weights, dtype, device, seed, chat, as_json):
+             cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold, max_post_edit_steps,
+             tokens_per_step, weights, dtype, device, seed, chat, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
@@ -59,16 +67,20 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gd = _generation_defaults(model, weights)
-    gen_length, block_length, steps = (gen_length or gd["gen_length"], block_length or gd["block_length"],
-                                       steps or gd["steps"])
     try:
+        session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json)
+        block = _block_defaults(session.config, model, weights)
+        gen_length, block_length, steps = (gen_length or gd["gen_length"],
+                                           block_length or block.get("block_length") or gd["block_length"],
+                                           steps or gd["steps"])
+        fields = block_fields(session.config, decoder, threshold, steps_per_block, eos_early_stop, edit_threshold,
+                              max_post_edit_steps, tokens_per_step, _preset_decoder(model))
         cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps,
-                               temperature=temperature, remasking=remasking, threshold=threshold, factor=factor,
-                               cfg_scale=cfg_scale, kv_cache=kv_cache, seed=seed,
+                               temperature=temperature, remasking=remasking, factor=factor,
+                               cfg_scale=cfg_scale, kv_cache=kv_cache or block.get("kv_cache", "none"), seed=seed,
                                low_threshold=low_threshold, entropy_bound=entropy_bound, credit=credit,
                                smoothing=smoothing, top_k=top_k, top_p=top_p, min_p=min_p, logprobs=logprobs,
-                               stop_at_eos=chat is not False)
-        session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json)
+                               stop_at_eos=chat is not False, **fields)
         use_chat = session.chat if chat is None else chat
         cfg.stop_at_eos = use_chat
         ids = encode_prompt(session, prompt, use_chat)
@@ -121,6 +133,26 @@ def tokenize(model, prompt, chat, gen_length, block_length, cpp):
     gen, blk = gen_length or gd["gen_length"], block_length or gd["block_length"]
     a = len(ids)
     print(" ".join(map(str, [a, a + min(blk, gen), *ids, *[session.config.mask_id] * gen])))
+
+
+def _block_defaults(model_config, model: str, weights: str | None) -> dict:
+    """Block-diffusion families' own block length and cache (unless generation_config.json sets the length)."""
+    from dlc.runtime.config import family_generation_defaults, model_generation_defaults
+    fam = family_generation_defaults(model_config)
+    if not fam:
+        return {}
+    try:
+        from dlc.models.loading import resolve_checkpoint_dir
+        path = resolve_checkpoint_dir(model, weights)
+        saved = model_generation_defaults(str(path), model_config) if path is not None else fam
+    except (ValueError, OSError):
+        saved = fam
+    return {"kv_cache": fam["kv_cache"], "block_length": saved.get("block_length", fam.get("block_length"))}
+
+
+def _preset_decoder(model: str) -> str | None:
+    from dlc.models.presets import PRESETS
+    return PRESETS.get(model, {}).get("decoder")
 
 
 def _generation_defaults(model: str, weights: str | None) -> dict:

@@ -4,7 +4,7 @@
 ``PRESETS`` (dlc.models.presets) maps user-facing names like ``llada-8b`` to a checkpoint and a config."""
 from __future__ import annotations
 
-from . import dream, llada, llada_moe
+from . import dream, llada, llada2_moe, llada_moe, sdar
 from .common import DiffusionLM, KVCache
 from .config import ModelConfig
 
@@ -16,6 +16,8 @@ FAMILIES = {
     "dream": {"module": dream, "cls": dream.DreamLM, "model_types": dream.MODEL_TYPES},
     "llada_moe": {"module": llada_moe, "cls": llada_moe.LLaDAMoEModel, "model_types": llada_moe.MODEL_TYPES,
                   "detect": llada_moe.detect},
+    "llada2_moe": {"module": llada2_moe, "cls": llada2_moe.LLaDA2MoeModel, "model_types": llada2_moe.MODEL_TYPES},
+    "sdar": {"module": sdar, "cls": sdar.SDARModel, "model_types": sdar.MODEL_TYPES},
 }
 
 

@@ -46,6 +46,11 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by tables [B, 1, T, R]; with R < D (partial rotary, LLaDA2) only the first R dims
+    rotate (rotate-half within them) and the rest pass through."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)
     xf = x.float()                                                     # [B, H, T, D]
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -174,8 +179,11 @@ def fuse_projections_(model: nn.Module) -> int:
 
 
 def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, S] bool (True = attend) -> [B, 1, 1, S] for SDPA."""
-    return None if key_mask is None else key_mask[:, None, None, :]
+    """[B, S] bool (True = attend) -> [B, 1, 1, S] for SDPA; a per-query mask [B, T, S] (block-causal
+    attention, ``dlc.runtime.step.block_key_mask``) -> [B, 1, T, S]."""
+    if key_mask is None:
+        return None
+    return key_mask[:, None] if key_mask.dim() == 3 else key_mask[:, None, None, :]
 
 
 _ATTENTION: list = []      # training-time replacements of the dense SDPA (attention_override); empty otherwise
@@ -313,12 +321,13 @@ class DiffusionLM(nn.Module):
 
         ``start`` (int or LongTensor [B]) is the column of input_ids[:, 0] in the cache; position_ids default to
         ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache length
-        with one). ``embed_add`` [B, T, d] is added to the input embeddings (iteration smoothing)."""
+        with one), or [B, T, S] per query (block-causal families). ``embed_add`` [B, T, d] is added to the input
+        embeddings (iteration smoothing)."""
         B, T = input_ids.shape
         if position_ids is None:
             st = start[:, None] if isinstance(start, torch.Tensor) else start
             position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_theta)
         mask = key_mask_to_attn_mask(key_mask)
         x = self.embed(input_ids)                                         # [B, T, d]
         if embed_add is not None:

@@ -36,13 +36,28 @@ class ModelConfig:
     pad_id: int = 1
     stop_ids: list[int] = field(default_factory=list)   # ids that end a generation (eos, end-of-turn)
     extra: dict = field(default_factory=dict)           # checkpoint keys we keep but do not interpret
+    # Block diffusion and the LLaDA2 / SDAR layouts (defaults describe every earlier family).
+    attn_head_dim: int = 0           # explicit head_dim (Qwen3 / SDAR: != d_model / n_heads); 0: d_model / n_heads
+    rotary_dim: int = 0              # rotated dims per head (LLaDA2: partial_rotary_factor * head_dim); 0: all
+    block_diffusion: bool = False    # block-causal attention: bidirectional inside a block, causal across
+    n_shared_experts: int = 0        # LLaDA2: shared expert(s) of hidden expert_hidden * n, added to every token
+    first_dense_layers: int = 0      # LLaDA2: layers [0, k) use a dense MLP of mlp_hidden (first_k_dense_replace)
+    router: str = "softmax"          # "softmax" (LLaDA-MoE, Qwen3-MoE) | "sigmoid_group" (LLaDA2)
+    n_expert_groups: int = 1         # sigmoid_group: experts in n groups, tokens route into topk_groups of them
+    topk_groups: int = 1
+    routed_scaling: float = 1.0      # sigmoid_group: routing weights scaled after renormalisation
 
     def __post_init__(self):
         self.validate()
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated dims of each head (the rest pass through unrotated)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def is_moe(self) -> bool:
@@ -53,12 +68,18 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be > 0, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
+        if not self.attn_head_dim and self.d_model % self.n_heads:
             raise ValueError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        if self.head_dim % 2 or self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise ValueError(f"model config: head_dim {self.head_dim} and rotary_dim {self.rope_dim} must be even "
+                             f"with rotary_dim <= head_dim")
+        if self.router not in ("softmax", "sigmoid_group"):
+            raise ValueError(f"model config: router must be softmax or sigmoid_group, got {self.router!r}")
+        if self.is_moe and self.n_experts % self.n_expert_groups:
+            raise ValueError(f"model config: n_experts {self.n_experts} is not divisible by n_expert_groups "
+                             f"{self.n_expert_groups}")
         if self.embedding_size < self.vocab_size:
             raise ValueError("model config: embedding_size must be >= vocab_size")
         for name in ("mask_id", "eos_id", "pad_id"):
@@ -87,14 +108,24 @@ class ModelConfig:
         d, h, kv = self.d_model, self.n_heads, self.n_kv_heads
         hd = self.head_dim
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        dense_mlp = 3 * d * self.mlp_hidden
         if self.qkv_bias:
             attn += h * hd + 2 * kv * hd
         if self.qk_norm:      # per-head q/k RMSNorm weights of size head_dim (LLaDA-MoE)
             attn += 2 * hd
         if self.is_moe:
-            mlp = self.n_experts * 3 * d * self.expert_hidden + d * self.n_experts
+            mlp = (self.n_experts + self.n_shared_experts) * 3 * d * self.expert_hidden + d * self.n_experts
         else:
-            mlp = 3 * d * self.mlp_hidden
-        per_layer = attn + mlp + 2 * d
+            mlp = dense_mlp
+        n_dense = min(self.first_dense_layers, self.n_layers) if self.is_moe else 0
+        layers = (self.n_layers - n_dense) * (attn + mlp + 2 * d) + n_dense * (attn + dense_mlp + 2 * d)
         out = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.embedding_size * d + self.n_layers * per_layer + d + out
+        return self.embedding_size * d + layers + d + out
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token runs through (MoE: top-k routed + shared experts; dense: all)."""
+        if not self.is_moe:
+            return self.num_parameters()
+        idle = (self.n_experts - self.n_experts_per_tok) * 3 * self.d_model * self.expert_hidden
+        n_moe = self.n_layers - min(self.first_dense_layers, self.n_layers)
+        return self.num_parameters() - n_moe * idle

@@ -190,6 +190,9 @@ def load_model(model: str, weights: str | None = None, dtype=None, device="cpu",
     load_weights(m, path, dtype, device, progress)
     m.eval()
     tok = load_tokenizer(path) if has_tokenizer(path) else None
+    if tok is not None and not getattr(tok, "chat_template", None):    # e.g. LLaDA2's role template
+        from . import FAMILIES
+        tok.chat_template = getattr(FAMILIES[cfg.family]["module"], "CHAT_TEMPLATE", None)
     chat = PRESETS[model]["chat"] if model in PRESETS else bool(tok is not None and tok.chat_template)
     return LoadedModel(m, tok, cfg, str(path), chat)
 

@@ -108,9 +108,24 @@ class ServeConfig:
         return cls(**d)
 
 
-def model_generation_defaults(model: str) -> dict:
-    """Generation defaults stored with a model or engine directory (dlc keys), else GEN_DEFAULTS."""
-    out = dict(GEN_DEFAULTS)
+BLOCK_GEN_KEYS = ("decoder", "steps_per_block", "eos_early_stop", "edit_threshold", "max_post_edit_steps",
+                  "tokens_per_step")      # block-diffusion decoding's fields (requests, generation_config.json)
+
+
+def family_generation_defaults(model_config) -> dict:
+    """The family's own defaults over GEN_DEFAULTS: block-diffusion families decode with their reference's
+    block length, steps per block, threshold and the exact block cache (models/llada2_moe.py, models/sdar.py)."""
+    if model_config is None or not getattr(model_config, "block_diffusion", False):
+        return {}
+    from dlc.models import FAMILIES
+    d = dict(getattr(FAMILIES[model_config.family]["module"], "GENERATION_DEFAULTS", {}))
+    return {"kv_cache": "block", **d}
+
+
+def model_generation_defaults(model: str, model_config=None) -> dict:
+    """Generation defaults stored with a model or engine directory (dlc keys), else the family's
+    (``family_generation_defaults``), else GEN_DEFAULTS."""
+    out = {**GEN_DEFAULTS, **family_generation_defaults(model_config)}
     p = Path(model).expanduser()
     for f, section in ((p / "generation_config.json", None), (p / "dlc_engine.json", "generation")):
         if not f.is_file():
@@ -121,5 +136,5 @@ def model_generation_defaults(model: str) -> dict:
             continue
         d = d.get(section) if section else d
         if isinstance(d, dict):
-            out.update({k: d[k] for k in GEN_KEYS if k in d})
+            out.update({k: d[k] for k in GEN_KEYS + BLOCK_GEN_KEYS if k in d})
     return out

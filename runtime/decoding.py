@@ -47,6 +47,33 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
   ``stop_token_ids``) everything after the first stop id becomes EOS, the output is cut before it, and the
   sequence is done.
 
+Block diffusion (LLaDA2.0 / LLaDA2.1, SDAR: models whose ``ModelConfig.block_diffusion`` is set; decoders
+``llada2`` and ``llada2.1``), as the references' generate loops do it (REFERENCE.md section 9, checked against
+LLaDA2.0's ``modeling_llada2_moe.generate``, JetAstra/SDAR ``generate.py`` and SGLang's ``JointThreshold``):
+
+* the canvas is prompt + gen_length rounded up to whole blocks; blocks are aligned to column 0, so decoding
+  starts at block ``P // block_length`` and the prompt's tail shares the first block; the overhang past
+  gen_length is decoded and dropped; attention is block-causal (``attn_block``, the runner's ``block_size``);
+* ``llada2``: ``steps_per_block`` steps per block with the schedule ``num_transfer_tokens(block_length,
+  min(steps_per_block, gen_length))`` (not rescaled for a first block that is part prompt; steps beyond
+  block_length are clamped to it, where the reference would spend forwards on steps of count 0); ``threshold``:
+  every mask whose confidence is strictly above it if at least the step's scheduled count pass, else the
+  scheduled count by confidence (``BlockThresholdRule``); no threshold: that count by confidence (the static
+  low-confidence schedule, ``ScheduleRule``). Predictions equal to the mask id are committed like any other
+  (the references do; the position stays masked);
+* ``llada2.1``: ``JointThresholdRule``: masks above ``threshold`` (at least ``tokens_per_step`` by confidence)
+  plus token-to-token edits of already-decoded, non-prompt positions of the block whose prediction differs
+  with confidence above ``edit_threshold``; once the block has no mask, up to ``max_post_edit_steps`` more
+  steps of edits; the block ends when a step would change nothing (that forward is spent, as in the
+  reference) or after block_length + max_post_edit_steps + 1 steps;
+* stop: the block in which a stop id appears is the last one (always, as the references); with
+  ``eos_early_stop`` decoding also ends mid-block once a stop id is committed with no mask before it;
+* exact KV cache (``kv_cache="block"``): a step feeds the columns from the exact-cache frontier ``kv_upto`` to
+  the block end and writes their K/V. The first step feeds [0, block end) (prefill of the prompt's complete
+  blocks + the first block), the next ones feed the block; the first step of the next block feeds the
+  finished block too, which writes its clean K/V in the same forward (the references spend an extra forward
+  on it; block-causal attention makes the two equal) and moves ``kv_upto`` to the block start.
+
 Randomness: each sequence owns a host ``torch.Generator`` seeded with its ``seed``. A step at T > 0 draws one
 sampling seed (``draw_seed``; the runner's Gumbel noise is a counter-based hash of it, the same in every
 runner), and random remasking draws the block's confidences in ``apply``. So a sequence's tokens do not depend
@@ -54,12 +81,34 @@ on its batch, and at each block start the state snapshots (tokens, generator) so
 restarts its block (``restart_block``) with identical output."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-KV_MODES = ("none", "prefix", "dual")
+KV_MODES = ("none", "prefix", "dual", "block")
+DECODERS_BY_NAME = ("llada", "llada2", "llada2.1")      # GenerationConfig.decoder (None: the model's own)
+BLOCK_DECODERS = ("llada2", "llada2.1")
+# LLaDA2.1's decoding modes (model card, SGLang docs): (threshold, edit_threshold)
+LLADA21_MODES = {"quality": (0.7, 0.5), "speed": (0.5, 0.0)}
+DECODER_ALIASES = {"llada2.1-quality": "quality", "llada2.1-speed": "speed"}   # CLI / request spellings
+
+
+def resolve_decoder(fields: dict) -> dict:
+    """Request / CLI fields with LLaDA2.1's mode spelled out: ``decoder`` llada2.1-speed / llada2.1-quality
+    (plain llada2.1: quality) becomes llada2.1 with that mode's threshold and edit_threshold where the fields
+    give none. Other fields pass through."""
+    dec = fields.get("decoder")
+    if dec not in DECODER_ALIASES and dec != "llada2.1":
+        return fields
+    thr, edit = LLADA21_MODES[DECODER_ALIASES.get(dec, "quality")]
+    out = dict(fields, decoder="llada2.1")
+    if out.get("threshold") is None:
+        out["threshold"] = thr
+    if out.get("edit_threshold") is None:
+        out["edit_threshold"] = edit
+    return out
 REMASKING = ("low_confidence", "random")
 PHASES = ("full", "refresh", "reuse")
 MAX_SEED = 2 ** 63 - 1
@@ -125,6 +174,13 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     logprobs: int | None = None              # record each token's logprob and this many alternatives
+    decoder: str | None = None          # llada | llada2 | llada2.1; None: the model's (block models: llada2;
+                                        # until resolved, validated as llada unless a block-only field is set)
+    steps_per_block: int | None = None  # block decoders: denoising steps per block (LLaDA2's ``steps``)
+    eos_early_stop: bool = False        # block decoders: stop mid-block once a stop id is committed
+    edit_threshold: float | None = None   # llada2.1: token-to-token edit threshold (None: quality mode's 0.5)
+    max_post_edit_steps: int = 16       # llada2.1: edit steps after a block's last mask
+    tokens_per_step: int = 1            # llada2.1: masks committed per step at least
 
     def __post_init__(self):
         self.validate()
@@ -133,7 +189,44 @@ class GenerationConfig:
     def num_blocks(self) -> int:
         return self.gen_length // self.block_length
 
+    @property
+    def block_decoding(self) -> bool:
+        return self.decoder in BLOCK_DECODERS
+
+    def for_model(self, model_config) -> "GenerationConfig":
+        """This config with ``decoder`` resolved for the model (block-diffusion models: llada2; others: llada),
+        validated again; refuses a decoder the model cannot run (FieldError on ``decoder``)."""
+        block = bool(getattr(model_config, "block_diffusion", False))
+        dec = self.decoder or ("llada2" if block else "llada")
+        if block != (dec in BLOCK_DECODERS):
+            kind = "a block-diffusion" if block else "a full-attention"
+            ok = BLOCK_DECODERS if block else ("llada",)
+            raise FieldError("decoder", f"decoder {dec!r} cannot run {kind} model ({model_config.family}); "
+                                        f"use one of {ok}")
+        return self if dec == self.decoder else dataclasses.replace(self, decoder=dec)
+
     def validate(self) -> None:
+        if isinstance(self.stop_token_ids, list):
+            self.stop_token_ids = tuple(self.stop_token_ids)
+        if not isinstance(self.stop_token_ids, tuple):
+            raise FieldError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
+                                               f"got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            _int_field("stop_token_ids", t, 0)
+        if self.decoder is not None and self.decoder not in DECODERS_BY_NAME:
+            raise FieldError("decoder", f"decoder must be one of {DECODERS_BY_NAME}, got {self.decoder!r}")
+        block_only = (self.kv_cache == "block" or self.steps_per_block is not None
+                      or self.edit_threshold is not None or self.eos_early_stop)
+        if self.block_decoding or (self.decoder is None and block_only):
+            self._validate_block()               # decoder None: for_model resolves it and validates again
+            return
+        if block_only:
+            field = next(f for f, v in (("kv_cache", self.kv_cache == "block"),
+                                        ("steps_per_block", self.steps_per_block is not None),
+                                        ("edit_threshold", self.edit_threshold is not None),
+                                        ("eos_early_stop", True)) if v)
+            raise FieldError(field, f"{field} {getattr(self, field)!r} applies to block-diffusion decoding "
+                                    f"(decoder llada2 / llada2.1) only")
         _int_field("gen_length", self.gen_length, 1)
         _int_field("block_length", self.block_length, 1, self.gen_length)
         if self.gen_length % self.block_length:
@@ -154,13 +247,6 @@ class GenerationConfig:
         _int_field("refresh_every", self.refresh_every, 0, self.gen_length)
         _int_field("vicinity", self.vicinity, 0, self.gen_length)
         _int_field("seed", self.seed, 0, MAX_SEED)
-        if isinstance(self.stop_token_ids, list):
-            self.stop_token_ids = tuple(self.stop_token_ids)
-        if not isinstance(self.stop_token_ids, tuple):
-            raise FieldError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
-                                               f"got {self.stop_token_ids!r}")
-        for t in self.stop_token_ids:
-            _int_field("stop_token_ids", t, 0)
         _int_field("top_k", self.top_k, 0)
         _float_field("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _float_field("min_p", self.min_p, 0.0, 1.0)
@@ -174,13 +260,40 @@ class GenerationConfig:
         self.rule()                                # validates threshold / factor / low_threshold / entropy_bound
 
     def rule(self):
-        return make_rule(self.threshold, self.factor, self.low_threshold, self.entropy_bound)
+        return make_rule(self.threshold, self.factor, self.low_threshold, self.entropy_bound, self)
 
     def filters(self) -> tuple[int, float, float] | None:
         """(top_k, top_p, min_p), or None when every filter is off (or at T = 0, where none changes a token)."""
         if self.temperature == 0 or (self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0):
             return None
         return self.top_k, self.top_p, self.min_p
+
+    def _validate_block(self) -> None:
+        """Block decoders: gen_length need not fill whole blocks (the canvas is rounded up), ``steps`` is
+        unused (``steps_per_block``), caches are none or the exact block cache."""
+        _int_field("gen_length", self.gen_length, 1)
+        _int_field("block_length", self.block_length, 1)
+        if self.steps_per_block is not None:
+            _int_field("steps_per_block", self.steps_per_block, 1)
+        _float_field("temperature", self.temperature, 0.0)
+        if self.kv_cache not in ("none", "block"):
+            raise FieldError("kv_cache", f"kv_cache must be 'none' or 'block' (exact block cache) for "
+                                         f"block-diffusion decoding, got {self.kv_cache!r}")
+        for name, bad in (("factor", self.factor is not None), ("cfg_scale", self.cfg_scale > 0),
+                          ("remasking", self.remasking != "low_confidence"), ("vicinity", self.vicinity != 0),
+                          ("refresh_every", self.refresh_every != 0)):
+            if bad:
+                raise FieldError(name, f"{name} is not supported by block-diffusion decoding "
+                                       f"(decoder {self.decoder})")
+        if self.threshold is not None:
+            _float_field("threshold", self.threshold, 0.0, 1.0)
+        if self.edit_threshold is not None:
+            _float_field("edit_threshold", self.edit_threshold, 0.0, 1.0)
+        _int_field("max_post_edit_steps", self.max_post_edit_steps, 0, 1 << 16)
+        _int_field("tokens_per_step", self.tokens_per_step, 1, self.block_length)
+        _int_field("seed", self.seed, 0, MAX_SEED)
+        if self.decoder != "llada2.1" and self.edit_threshold is not None:
+            raise FieldError("edit_threshold", "edit_threshold applies to decoder llada2.1 (token editing)")
 
 
 # ------------------------------------------------------------------------------------------------ the rules
@@ -241,6 +354,52 @@ class FactorRule:
         return _topk_mask(conf, count) & masked
 
 
+class BlockThresholdRule:
+    """LLaDA2.0's (and SDAR's ``low_confidence_dynamic``) rule: every mask whose confidence is strictly above
+    the threshold when at least the step's scheduled count pass, else the scheduled count by confidence
+    (torch.topk over the block, as the references)."""
+    name = "block_threshold"
+    fixed_steps = True
+
+    def __init__(self, threshold: float):
+        _float_field("threshold", threshold, 0.0, 1.0)
+        self.threshold = threshold
+
+    def select(self, conf, masked, n_sched):
+        high = (conf > self.threshold) & masked
+        sel = torch.zeros_like(masked)
+        for j in range(conf.shape[0]):
+            k = min(int(n_sched[j]), int(masked[j].sum()))
+            if int(high[j].sum()) >= int(n_sched[j]):
+                sel[j] = high[j]
+            elif k > 0:
+                sel[j, torch.topk(conf[j], k=k).indices] = True
+        return sel & masked
+
+
+class JointThresholdRule:
+    """LLaDA2.1's joint threshold (mask-to-token + token-to-token editing); applied by ``DecodeState`` with
+    ``edit_step`` (it needs the block's current tokens and which columns are prompt)."""
+    name = "joint_threshold"
+    fixed_steps = False
+    edits = True
+
+    def __init__(self, threshold: float, edit_threshold: float, min_tokens: int):
+        self.threshold, self.edit_threshold, self.min_tokens = threshold, edit_threshold, min_tokens
+
+    def edit_step(self, x0, conf, blk, editable, mask_id):
+        """x0, conf, blk, editable [K] -> (masks to commit [K], edits [K])."""
+        masked = blk == mask_id
+        m2t = torch.zeros_like(masked)
+        if bool(masked.any()):
+            c = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            m2t = c > self.threshold
+            if int(m2t.sum()) < self.min_tokens:
+                m2t[torch.topk(c, k=min(self.min_tokens, int(masked.sum()))).indices] = True
+        edit = editable & ~masked & (conf > self.edit_threshold) & (x0 != blk)
+        return m2t, edit
+
+
 class HierarchicalRule:
     """dInfer's hierarchical decoding (``HierarchyDecoder``, python/dinfer/decoding/parallel_strategy.py at
     fce4e32): split the candidates into contiguous runs; in each run accept its most confident position(s) if
@@ -297,7 +456,7 @@ class EntropyBoundRule:
         return _topk_mask(-ent, count) & masked
 
 
-for _r in (ScheduleRule, ThresholdRule, FactorRule):
+for _r in (ScheduleRule, ThresholdRule, FactorRule, BlockThresholdRule, JointThresholdRule):
     _r.needs_entropy = False
 
 DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold": ThresholdRule,
@@ -305,7 +464,16 @@ DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold
 
 
 def make_rule(threshold: float | None = None, factor: float | None = None, low_threshold: float | None = None,
-              entropy_bound: float | None = None):
+              entropy_bound: float | None = None, gen: "GenerationConfig | None" = None):
+    """The rule of a config: LLaDA's (schedule / threshold / factor / hierarchical / entropy-bounded) or, for a
+    block decoder in ``gen``, LLaDA2's (block threshold / schedule) or LLaDA2.1's (joint threshold)."""
+    if gen is not None and gen.decoder == "llada2.1":
+        q_thr, q_edit = LLADA21_MODES["quality"]
+        return JointThresholdRule(q_thr if gen.threshold is None else gen.threshold,
+                                  q_edit if gen.edit_threshold is None else gen.edit_threshold,
+                                  gen.tokens_per_step)
+    if gen is not None and gen.decoder == "llada2":
+        return ScheduleRule() if gen.threshold is None else BlockThresholdRule(gen.threshold)
     if threshold is not None and factor is not None:
         raise FieldError("factor", "choose either threshold or factor decoding, not both")
     if entropy_bound is not None:
@@ -382,19 +550,29 @@ class DecodeState:
     iters: int = 0                           # forwards applied, restored by restart_block (smoothing weight)
     iters0: int = 0                          # ... at the current block start
     token_logprobs: list | None = None       # logprobs: per generated column (logprob, ids, logprobs) or None
+    attn_block: int = 0                      # block-causal attention with blocks of this size (0: bidirectional)
+    kv_upto: int = 0                         # block cache: K/V of columns [0, kv_upto) are exact in the slot
+    settled: bool = False                    # block decoders: the current block is finished (edits, early stop)
+    post_edits: int = 0                      # llada2.1: steps of the current block that found no mask
 
     @classmethod
     def new(cls, prompt: list[int], gen: GenerationConfig, model_config,
             seed: int | None = None) -> "DecodeState":
-        """``seed`` overrides ``gen.seed`` (generate() gives row i of a batch gen.seed + i)."""
+        """``seed`` overrides ``gen.seed`` (generate() gives row i of a batch gen.seed + i). Block-diffusion
+        models decode with a block decoder (``gen.for_model``) over a canvas rounded up to whole blocks."""
         mc = model_config
-        x = torch.full((len(prompt) + gen.gen_length,), mc.mask_id, dtype=torch.long)
+        gen = gen.for_model(mc)
+        L = len(prompt) + gen.gen_length
+        if gen.block_decoding:
+            L = -(-L // gen.block_length) * gen.block_length
+        x = torch.full((L,), mc.mask_id, dtype=torch.long)
         x[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         g = None
         if gen.temperature > 0 or gen.remasking == "random":
             g = torch.Generator().manual_seed(gen.seed if seed is None else seed % (MAX_SEED + 1))
         stops = tuple(mc.stop_ids) + tuple(t for t in gen.stop_token_ids if t not in mc.stop_ids)
-        st = cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, stops, gen.rule(), g)
+        st = cls(gen, len(prompt), x, mc.mask_id, mc.eos_id, stops, gen.rule(), g,
+                 attn_block=gen.block_length if gen.block_decoding else 0)
         if gen.logprobs is not None:
             st.token_logprobs = [None] * gen.gen_length
         return st
@@ -433,7 +611,9 @@ class DecodeState:
         return self.started and self.phase is None
 
     def q_span(self) -> tuple[int, int]:
-        """Fed columns of a Reuse step."""
+        """Fed columns of a Reuse step (block cache: from the exact-cache frontier to the block end)."""
+        if self.gen.kv_cache == "block":
+            return self.kv_upto, self.be
         if self.gen.kv_cache == "prefix":
             return self.bs, self.L
         v = self.gen.vicinity
@@ -452,7 +632,7 @@ class DecodeState:
         if self.phase == "reuse":
             qa, qb = self.q_span()
             fed = qb - qa
-        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale)
+        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale, self.attn_block)
 
     def cache_rows(self) -> int:
         """KV pool rows the sequence needs: none without a cache,
@@ -477,15 +657,17 @@ class DecodeState:
         g = self.gen
         while True:
             if self.bs is None:
-                if self.stopped or self.done >= g.gen_length:
+                if self.stopped or self.done >= self.L - self.P:
                     self.phase = None
                     return out
-                self._start_block(width)
+                self._start_block(g.block_length if self.attn_block else width)
             masked = self.x[self.bs:self.be] == self.mask_id
-            if not bool(masked.any()):
+            if self.settled or (not bool(masked.any()) and not getattr(self.rule, "edits", False)):
                 out += self._end_block()
                 continue
-            if self.rule.fixed_steps:
+            if getattr(self.rule, "edits", False):   # LLaDA2.1: runs until a step changes nothing
+                n_now = int(masked.sum())
+            elif self.rule.fixed_steps:
                 if self.step >= self.sched.shape[0]:
                     out += self._end_block()
                     continue
@@ -502,6 +684,8 @@ class DecodeState:
             self.n_now = n_now
             if g.kv_cache == "none":
                 self.phase = "full"
+            elif g.kv_cache == "block":              # exact block cache: every step feeds [kv_upto, be)
+                self.phase = "reuse"
             elif not self.has_cache or (g.refresh_every and self.step % g.refresh_every == 0):
                 self.phase = "refresh"
             else:
@@ -516,6 +700,11 @@ class DecodeState:
             raise ValueError(f"apply: expected candidates for the {K} block columns, "
                              f"got x0 {tuple(x0.shape)} "
                              f"conf {tuple(conf.shape)}")
+        if self.gen.kv_cache == "block":
+            self.kv_upto = self.bs                   # the fed columns before the block were final: exact K/V
+        if getattr(self.rule, "edits", False):
+            self._apply_edits(x0, conf)
+            return
         if self.gen.remasking == "random":
             conf = torch.rand(K, dtype=torch.float64, generator=self.generator)
         blk = self.x[self.bs:self.be]
@@ -532,6 +721,8 @@ class DecodeState:
         self.step += 1
         self.forwards += 1
         self.iters += 1
+        if self.gen.eos_early_stop and bool(torch.isin(x0[sel[0]], self._stops()).any()):
+            self._check_early_stop()
 
     def _record_extras(self, out, masked: torch.Tensor, sel: torch.Tensor) -> None:
         """Credit / smoothing state for the next step, logprobs of the tokens unmasked now."""
@@ -551,6 +742,41 @@ class DecodeState:
                 alt = ([], []) if not k else (out.topk_ids[j, :k].tolist(), out.topk_logprobs[j, :k].tolist())
                 self.token_logprobs[self.bs - self.P + j] = (float(out.logprob[j]), *alt)
 
+    def _stops(self) -> torch.Tensor:
+        return torch.tensor(self.stop_ids, dtype=torch.long)
+
+    def _check_early_stop(self) -> None:
+        """LLaDA2's eos_early_stop: a committed stop id with no mask between the prompt and the first stop id
+        ends decoding now (the block closes; _end_block cuts the output there)."""
+        hit = torch.isin(self.x[self.P:], self._stops()).nonzero()
+        if hit.numel() and not bool((self.x[self.P:self.P + int(hit[0])] == self.mask_id).any()):
+            self.settled = True
+
+    def _apply_edits(self, x0: torch.Tensor, conf: torch.Tensor) -> None:
+        """LLaDA2.1's step (SGLang's JointThreshold): commit masks, edit decoded non-prompt tokens; the block
+        settles when no mask is left for more than max_post_edit_steps steps, when a step changes nothing, or
+        after block_length + max_post_edit_steps + 1 steps (SGLang's cap)."""
+        self.forwards += 1
+        self.step += 1
+        blk = self.x[self.bs:self.be]
+        masked = blk == self.mask_id
+        if not bool(masked.any()):
+            self.post_edits += 1
+            if self.post_edits > self.gen.max_post_edit_steps:
+                self.settled = True
+                return
+        editable = torch.arange(self.bs, self.be) >= self.P
+        m2t, edit = self.rule.edit_step(x0, conf, blk, editable, self.mask_id)
+        sel = m2t | edit
+        if not bool(sel.any()):
+            self.settled = True
+            return
+        self.x[self.bs:self.be] = torch.where(sel, x0, blk)
+        if self.step >= (self.be - self.bs) + self.gen.max_post_edit_steps + 1:
+            self.settled = True
+        if self.gen.eos_early_stop and bool(torch.isin(x0[sel], self._stops()).any()):
+            self._check_early_stop()
+
     def restart_block(self) -> None:
         """Preemption by recompute: the cache is gone; rewind to the current block's start (same output)."""
         if self.snapshot is not None and self.bs is not None:
@@ -560,14 +786,25 @@ class DecodeState:
                 self.generator.set_state(gstate)
             self.step, self.stuck = 0, False
             self.credit, self.soft, self.iters = None, None, self.iters0
+            self.settled, self.post_edits = False, 0
         self.has_cache = False
+        self.kv_upto = 0                             # the slot's K/V are gone: the next step prefills again
 
     # -- blocks ----------------------------------------------------------------------------------------------
     def _start_block(self, width: int) -> None:
         g = self.gen
         self.bs = self.P + self.done
+        if self.attn_block and not self.done:       # blocks aligned to column 0: the prompt's tail shares one
+            self.bs = self.P // self.attn_block * self.attn_block
         self.be = min(self.L, self.bs + width)
         w = self.be - self.bs
+        self.settled, self.post_edits = False, 0
+        if self.attn_block:                          # LLaDA2: the schedule of a whole block, whatever is masked
+            n = min(g.steps_per_block or g.block_length, g.block_length, g.gen_length)
+            self.sched = num_transfer_tokens(torch.tensor([g.block_length]), n)[0]
+            self.step, self.stuck = 0, False
+            self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
+            return
         if w == g.block_length:
             n_steps = g.steps // g.num_blocks
         else:                                        # elastic chunk: steps in proportion to its width
@@ -581,7 +818,7 @@ class DecodeState:
     def _end_block(self) -> list[int]:
         """Close the current block; returns the generated tokens it finalised
         (cut before the first stop id)."""
-        P, be, stop = self.P, self.be, self.gen.stop_at_eos
+        P, be, stop = self.P, self.be, self.gen.stop_at_eos or bool(self.attn_block)   # references always stop
         if stop:
             hit = torch.isin(self.x[P:be], torch.tensor(self.stop_ids, dtype=torch.long)).nonzero()
             if hit.numel():
@@ -589,8 +826,9 @@ class DecodeState:
                 self.stopped = True
         self.done = be - P
         self.bs, self.has_cache = None, False
-        new = self.x[P + self.emitted:be].tolist()
-        self.emitted = be - P
+        end = min(be, P + self.gen.gen_length)        # block canvases: the overhang is dropped
+        new = self.x[P + self.emitted:end].tolist()
+        self.emitted = end - P
         if stop:
             for j, t in enumerate(new):
                 if t in self.stop_ids:

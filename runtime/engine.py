@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from .config import GEN_KEYS, ServeConfig, model_generation_defaults
+from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
 from .decoding import DecodeState, FieldError, GenerationConfig
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
@@ -51,7 +51,8 @@ from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch
 from .stops import StopStrings
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids", "low_threshold",
-                             "entropy_bound", "credit", "smoothing", "top_k", "top_p", "min_p", "logprobs")
+                             "entropy_bound", "credit", "smoothing", "top_k", "top_p", "min_p",
+                             "logprobs") + BLOCK_GEN_KEYS
 log = logging.getLogger("dlc.engine")
 stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line
 
@@ -89,7 +90,7 @@ class Engine:
         self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
-        self.gen_defaults = {**model_generation_defaults(session.source),   # the resolved directory
+        self.gen_defaults = {**model_generation_defaults(session.source, self.mc),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
         try:
@@ -139,7 +140,9 @@ class Engine:
             p.update(self.fit_length(max_tokens, len(prompt), p, params))
         self._check_stop_ids(p.get("stop_token_ids", ()))
         gen = GenerationConfig(**{k: v for k, v in p.items() if k in REQUEST_FIELDS}, stop_at_eos=True)
-        check_prompts([prompt], gen.gen_length, self.mc, self.max_seq)
+        gen = gen.for_model(self.mc)
+        check_prompts([prompt], gen.gen_length, self.mc, self.max_seq,
+                      gen.block_length if gen.block_decoding else 0)
         if hasattr(self.runner, "check_generation"):        # what a runner cannot decode (compiled engines)
             self.runner.check_generation(gen)
         state = DecodeState.new(list(prompt), gen, self.mc)

@@ -51,8 +51,10 @@ def as_runner(model_or_runner):
     return model_or_runner
 
 
-def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_seq_len: int | None = None):
-    """Refuse prompts that cannot be served, naming the problem."""
+def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_seq_len: int | None = None,
+                  block: int = 0):
+    """Refuse prompts that cannot be served, naming the problem. ``block``: block-diffusion decoding's block
+    length (its canvas is rounded up to whole blocks)."""
     mc = model_config
     limit = mc.max_seq_len if max_seq_len is None else max_seq_len
     for p in prompts:
@@ -62,7 +64,10 @@ def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_s
             raise FieldError("prompt", f"the prompt contains the mask token id {mc.mask_id}")
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < mc.vocab_size for t in p):
             raise FieldError("prompt", f"prompt token ids must be integers in [0, {mc.vocab_size})")
-        if len(p) + gen_length > limit:
+        n = len(p) + gen_length
+        if block:
+            n = -(-n // block) * block
+        if n > limit:
             raise FieldError("prompt", f"prompt ({len(p)} tokens) + gen_length ({gen_length}) exceeds the "
                                        f"maximum sequence length {limit}")
 
@@ -70,7 +75,8 @@ def check_prompts(prompts: list[list[int]], gen_length: int, model_config, max_s
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationResult:
     runner = as_runner(model)
     mc = runner.config
-    check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len)
+    cfg = cfg.for_model(mc)
+    check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len, cfg.block_length if cfg.block_decoding else 0)
     if hasattr(runner, "check_generation"):              # what a runner cannot decode (compiled engines)
         runner.check_generation(cfg)
     t0 = time.perf_counter()

@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .decoding import MAX_LOGPROBS, MAX_SEED
+from .config import BLOCK_GEN_KEYS
+from .decoding import MAX_LOGPROBS, MAX_SEED, resolve_decoder
 from .engine import Engine, QueueFull
 from .request import Request
 from .stops import check_stops
@@ -87,12 +88,19 @@ class DiffusionFields(BaseModel):
     threshold: float | None = Field(default=None, gt=0, le=1)
     factor: float | None = Field(default=None, gt=0)
     remasking: Literal["low_confidence", "random"] | None = None
-    kv_cache: Literal["none", "prefix", "dual"] | None = None
+    kv_cache: Literal["none", "prefix", "dual", "block"] | None = None
     cfg_scale: float | None = Field(default=None, ge=0)
     low_threshold: float | None = Field(default=None, ge=0, le=1)     # hierarchical decoding
     entropy_bound: float | None = Field(default=None, ge=0)          # entropy-bounded decoding
     credit: bool | None = None                                       # credit decoding
     smoothing: bool | None = None                                    # iteration smoothing
+    # block diffusion (LLaDA2.0 / 2.1, SDAR): decoding/DECODER_ALIASES spell LLaDA2.1's speed / quality modes
+    decoder: Literal["llada", "llada2", "llada2.1", "llada2.1-speed", "llada2.1-quality"] | None = None
+    steps_per_block: int | None = Field(default=None, gt=0)
+    eos_early_stop: bool | None = None
+    edit_threshold: float | None = Field(default=None, ge=0, le=1)
+    max_post_edit_steps: int | None = Field(default=None, ge=0)
+    tokens_per_step: int | None = Field(default=None, gt=0)
 
 
 class CompletionBody(DiffusionFields):
@@ -155,11 +163,12 @@ def _message_text(m: Message) -> str:
 def _params(body: DiffusionFields) -> dict:
     p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
                                        "kv_cache", "temperature", "seed", "cfg_scale", "stop_token_ids",
-                                       "low_threshold", "entropy_bound", "credit", "smoothing", "top_p", "min_p")}
+                                       "low_threshold", "entropy_bound", "credit", "smoothing", "top_p", "min_p")
+         + BLOCK_GEN_KEYS}
     if body.top_k is not None:
         p["top_k"] = max(0, body.top_k)                   # -1 (vLLM's "off") is 0 here
     p["logprobs"] = _logprobs_k(body)
-    return {k: v for k, v in p.items() if v is not None}
+    return {k: v for k, v in resolve_decoder(p).items() if v is not None}
 
 
 def _logprobs_k(body) -> int | None:

@@ -37,7 +37,7 @@ def _options(f):
         click.option("--steps", default=None, type=int),
         click.option("--threshold", default=None, type=float),
         click.option("--remasking", default=None, type=click.Choice(["low_confidence", "random"])),
-        click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual"])),
+        click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual", "block"])),
         click.option("--seed", default=None, type=int),
         click.option("--drain-timeout-s", default=None, type=float,
                      help="SIGTERM: in-flight requests get this long, then end with an error [60]"),

@@ -52,6 +52,10 @@ class StepBatch:
     un_rows: torch.Tensor               # [B] int64 fed rows of their unconditional twins
                                         # (= cond_rows without CFG)
     keep_idx: torch.Tensor | None = None   # head-sparse Reuse: [n_layers, fed, Hkv, K] kept columns per head
+    block_size: int = 0                 # attention: 0 bidirectional; > 0 block-causal (block diffusion) with
+                                        # blocks of this many columns aligned to column 0 (``block_key_mask``)
+    tempered_conf: bool = False         # confidence = probability under softmax(logits / T) (LLaDA2, SDAR)
+                                        # instead of LLaDA's untempered softmax; tokens are the same
     # -- decoding extras (declared; a runner honours them or raises). Defaults: a plain (x0, conf) step. -------
     entropy: bool = False                  # return StepOutput.entropy (entropy-bounded rule)
     logprobs: int | None = None            # return the token's logprob and k top alternatives (None: off)
@@ -126,6 +130,20 @@ def check_runner(runner) -> None:
                         f"max_seq_len, max_batch_size, full/refresh/reuse over a StepBatch)")
 
 
+def block_key_mask(key_mask: torch.Tensor, qpos: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-causal keys per query: key_mask [B, S] (real keys) and query positions qpos [B, T] -> [B, T, S],
+    True where the key's column is below the end of the query's block (bidirectional inside a block, causal
+    across blocks aligned to column 0: the mask of LLaDA2's and SDAR's reference generate)."""
+    ends = (qpos // block + 1) * block                                         # [B, T]
+    cols = torch.arange(key_mask.shape[1], device=key_mask.device)
+    return key_mask[:, None, :] & (cols[None, None, :] < ends[..., None])
+
+
+def attention_keys(batch: "StepBatch", key_mask: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """What a runner passes the model as ``key_mask``: [fed, S] as is, or [fed, T, S] block-causal."""
+    return block_key_mask(key_mask, qpos, batch.block_size) if batch.block_size else key_mask
+
+
 def take_rows(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     """Rows start[b] .. start[b] + n of h [B, T, d] (start [B] on h's device) -> [B, n, d]."""
     cols = start[:, None] + torch.arange(n, device=h.device)                    # [B, n]
@@ -160,7 +178,8 @@ def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] |
         seeds = draw_seeds(states)
     batch = build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
                         s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
-                        slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds)
+                        slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds, block_size=s0.attn_block,
+                        tempered_conf=s0.gen.block_decoding)
     _add_extras(batch, states, runner.device)
     return batch
 
@@ -208,7 +227,7 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
                 n_out: int, spans: list[tuple[int, int]] | None = None,
                 slots: list[tuple[int, ...]] | None = None,
                 pool=None, temperature: float = 0.0, cfg_scale: float = 0.0,
-                seeds: list[int] | None = None) -> StepBatch:
+                seeds: list[int] | None = None, block_size: int = 0, tempered_conf: bool = False) -> StepBatch:
     """The StepBatch of token states ``seqs`` (host [L_i] each):
     decode columns [out_start_i, + n_out); a Reuse
     step feeds ``spans`` (qa, qb) per row. ``make_batch`` calls this from decoding states; tests call it
@@ -261,7 +280,8 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
         hid_start=_to_device(hid, dev), q_start=q_start,
         q_start_dev=None if q_start is None else _to_device(q_start, dev), n_fed=n_fed, cache=cache,
         slots=slot_rows, temperature=float(temperature), cfg_scale=float(cfg_scale),
-        seeds=_to_device(seeds_t, dev), cond_rows=arange_b, un_rows=arange_b + (fed - B), keep_idx=keep)
+        seeds=_to_device(seeds_t, dev), cond_rows=arange_b, un_rows=arange_b + (fed - B), keep_idx=keep,
+        block_size=block_size, tempered_conf=tempered_conf)
 
 
 def _keep_idx(cache: KVCache, q_start: torch.Tensor, n_fed: int, retention: float, dev) -> torch.Tensor:

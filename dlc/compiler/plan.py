@@ -54,6 +54,9 @@ class Plan:
     max_tokens: int            # the largest batch x sequence the memory supports
     fits: bool
     reason: str = ""
+    parallel: int = 1          # GPUs of this target the model needs (tensor + expert parallel degree); 0: > 8
+    parallel_note: str = ""
+    moe_note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +69,45 @@ class Plan:
                 f"  activations  {g(self.activations)} (incl. logit chunk budget {g(self.logit_budget)})",
                 f"logit chunk    {self.logit_chunk} vocab rows x {self.max_batch_size * self.block_length} decoded rows",
                 f"max batch x sequence supported: {self.max_tokens} tokens "
-                f"(e.g. batch {self.max_tokens // self.max_seq_len} at seq {self.max_seq_len})"]
+                f"(e.g. batch {self.max_tokens // self.max_seq_len} at seq {self.max_seq_len})"] \
+            + ([self.moe_note] if self.moe_note else []) + ([self.parallel_note] if self.parallel_note else [])
+
+
+def moe_note(config, db: int) -> str:
+    """MoE weights in the plan: experts' share of the weights and the parameters one token reads."""
+    if not config.is_moe:
+        return ""
+    n_moe = config.n_layers - min(config.first_dense_layers, config.n_layers)
+    experts = n_moe * config.n_experts * 3 * config.d_model * config.expert_hidden * db
+    return (f"MoE            {config.n_experts} experts x {n_moe} layers = {experts / GIB:.2f} GiB of the weights; "
+            f"{config.num_active_parameters() / 1e9:.2f}B of {config.num_parameters() / 1e9:.2f}B parameters "
+            f"active per token (top-{config.n_experts_per_tok}"
+            f"{f' + {config.n_shared_experts} shared' if config.n_shared_experts else ''})")
+
+
+def parallel_degree(config, target, db: int, seq: int) -> tuple[int, str]:
+    """The smallest number of these GPUs (1, 2, 4, 8) that holds the model at batch 1 x ``seq``: tensor
+    parallel over attention heads, dense MLPs and the vocabulary, expert parallel over the routed experts (the
+    degree both), so weights and KV divide by it (KV heads replicated when fewer than the degree); activations
+    and the logit budget stay per GPU. Returns (degree, note); degree 0: more than 8 (multi-node)."""
+    budget = int(target.memory_bytes * target.utilisation)
+    weights = config.num_parameters() * db
+    for n in (1, 2, 4, 8):
+        kv_shards = n if config.n_kv_heads % n == 0 else max(1, config.n_kv_heads)
+        kv = kv_bytes_per_token(config, db) * seq / min(n, kv_shards)
+        need = weights / n + kv + act_bytes_per_token(config, db) * seq + (64 << 20)
+        if need <= budget:
+            if n == 1:
+                return 1, ""
+            ep = f" + expert parallel {n} ({config.n_experts // n} experts per GPU)" if config.is_moe else ""
+            kvn = ("" if config.n_kv_heads % n == 0 else
+                   f"; its {config.n_kv_heads} KV heads are replicated beyond tensor parallel {config.n_kv_heads}")
+            return n, (f"parallel       does not fit one {target.name}: needs {n} x {target.name} with tensor "
+                       f"parallel {n}{ep}: {weights / n / GIB:.2f} GiB of weights per GPU{kvn} (dlc engines are "
+                       f"single-GPU today: serve it with a TP/EP engine, e.g. SGLang --tp-size {n}"
+                       f"{f' --ep-size {n}' if config.is_moe else ''})")
+    return 0, (f"parallel       does not fit 8 x {target.name} ({weights / 8 / GIB:.2f} GiB of weights per GPU at "
+               f"degree 8): use a larger target or more than one node")
 
 
 def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_len: int | None,
@@ -103,5 +144,10 @@ def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_l
                                f"{weights / GIB:.2f} + KV {kv / GIB:.2f} + activations {acts / GIB:.2f}) > budget "
                                f"{budget / GIB:.2f} GiB on {target.name}; the target supports at most "
                                f"{max_tokens} tokens (batch x seq): lower --max-batch-size or --max-seq-len")
+    degree, note = parallel_degree(config, target, db, seq)
+    if free <= 0 and degree > 1:
+        reason = reason.replace("; use a smaller dtype or a larger target",
+                                f"; it needs {degree} x {target.name} (tensor parallel {degree}"
+                                f"{f' + expert parallel {degree}' if config.is_moe else ''}) or a larger target")
     return Plan(target.name, dtype, budget, weights, kv, acts, logit_budget, chunk, batch, seq, block_length,
-                int(max_tokens), fits, reason)
+                int(max_tokens), fits, reason, degree, note, moe_note(config, db))

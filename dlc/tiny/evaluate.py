@@ -53,9 +53,14 @@ def generation_defaults(source: str | Path) -> dict:
 def make_config(decoder: str = "low_confidence", threshold: float = 0.9, factor: float = 1.0,
                 kv_cache: str = "none", vicinity: int = 0, refresh_every: int = 0, gen_length: int = GEN_LENGTH,
                 block_length: int = BLOCK_LENGTH, steps: int | None = None, low_threshold: float = LOW_THRESHOLD,
-                entropy_bound: float = ENTROPY_BOUND) -> GenerationConfig:
+                entropy_bound: float = ENTROPY_BOUND, block: dict | None = None) -> GenerationConfig:
     """Decoder name + its parameter -> GenerationConfig (stop at EOS, greedy). hierarchical, credit and
-    smoothing use ``threshold`` as dInfer does (the high threshold; credit / smoothing on threshold decoding)."""
+    smoothing use ``threshold`` as dInfer does (the high threshold; credit / smoothing on threshold decoding).
+    ``decoder="block"``: a block-diffusion decoder whose fields (decoder, threshold, steps_per_block, ...) are
+    ``block``."""
+    if decoder == "block":
+        return GenerationConfig(gen_length=gen_length, block_length=block_length, kv_cache=kv_cache,
+                                stop_at_eos=True, **(block or {}))
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     thr = decoder in ("threshold", "hierarchical", "credit", "smoothing")

@@ -17,7 +17,7 @@ from dlc.kernels.logits import decode_rows
 from dlc.kernels.sampling import decode_rows_ext
 from dlc.models.common import DiffusionLM
 
-from ..step import StepBatch, take_cols, take_rows
+from ..step import StepBatch, attention_keys, take_cols, take_rows
 from ..step_output import StepOutput
 
 VOCAB_CHUNK = 32768          # head rows per decoding chunk (bounds the float64 transient at large batch)
@@ -55,31 +55,39 @@ class EagerRunner:
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64), or a
-        StepOutput with the extras the batch asks for."""
+        StepOutput with the extras the batch asks for.
+        ``tempered_conf``: the rows are scaled by 1 / T and decoded at temperature 1 (logits are linear in the
+        rows): the same Gumbel-max draw (tokens equal up to rounding), confidence = softmax(logits / T) of the
+        token, as LLaDA2's and SDAR's samplers report it (not applied to extras' batches)."""
         if batch.wants_extras():
             return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK))
+        temperature = batch.temperature
+        if batch.tempered_conf and temperature > 0:
+            rows, temperature = rows / temperature, 1.0
         return decode_rows(rows, self.model.head_weight(), batch.cond_rows, batch.un_rows,
-                           batch.cfg_weight(rows.dtype), batch.temperature, batch.seeds,
+                           batch.cfg_weight(rows.dtype), temperature, batch.seeds,
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
     @torch.no_grad()
     def full(self, batch: StepBatch):
-        h = self.model(batch.ids, batch.pos, batch.key_mask,
+        h = self.model(batch.ids, batch.pos, attention_keys(batch, batch.key_mask, batch.pos),
                        embed_add=embed_add(batch, batch.width, 0, self.dtype))   # [fed, W, d]
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
 
     @torch.no_grad()
     def refresh(self, batch: StepBatch):
         c = batch.cache
-        h = self.model(batch.ids, batch.pos, pad_keys(batch.key_mask, c.seq_len), cache=c, start=0,
+        keys = attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), batch.pos)
+        h = self.model(batch.ids, batch.pos, keys, cache=c, start=0,
                        embed_add=embed_add(batch, batch.width, 0, self.dtype))
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
-        h = self.model(take_cols(batch.ids, qs, T), take_cols(batch.pos, qs, T),
-                       pad_keys(batch.key_mask, c.seq_len), cache=c, start=qs,
+        pos = take_cols(batch.pos, qs, T)
+        keys = attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), pos)
+        h = self.model(take_cols(batch.ids, qs, T), pos, keys, cache=c, start=qs,
                        embed_add=embed_add(batch, T, qs, self.dtype))                 # [fed, T, d]
         return self.decode(take_rows(h, batch.hid_start - qs, batch.n_out), batch)
 

@@ -120,6 +120,7 @@ class GraphRunner(EagerRunner):
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
                 and batch.temperature == 0 and not batch.wants_extras()
                 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
+                and not batch.block_size                                     # block-causal: eager path
                 and batch.width <= self.pool.s_max)
 
     def bucket(self, B: int) -> int:

@@ -102,3 +102,37 @@ def test_llada_8b_dry_run_on_rtx4090():
     assert summary["counts"]["cache_kv_reuse/refresh"] == 32          # one per layer
     assert summary["counts"]["cache_kv_reuse/reuse"] >= 32            # + re-derived sequence sizes
     assert "must be built on a sm_89 GPU" in out
+
+
+@pytest.mark.parametrize("target", sorted(t for t in TARGETS if t != "cpu"))
+def test_llada2_plans_at_every_target(target):
+    """LLaDA2.0-mini (16.3B, 30.3 GiB in bf16) and -flash (102.9B, 191.7 GiB): the plan counts every expert's
+    weights, says when one GPU cannot hold them and the smallest tensor + expert parallel degree that can."""
+    t = get_target(target)
+    for name in ("llada2-mini", "llada2-flash"):
+        c = preset_config(name)
+        p = plan_build(c, t, "bf16", None, 4096, 32)
+        assert p.weights == c.num_parameters() * 2 and "experts" in p.moe_note
+        budget = t.memory_bytes * t.utilisation
+        if p.weights < budget:
+            assert p.parallel == 1 and p.parallel_note == ""
+            continue
+        assert not p.fits
+        if p.parallel == 0:                                   # flash on 24 GiB cards: 24 GiB / GPU even at 8
+            assert p.weights / 8 > budget and "more than one node" in p.parallel_note
+            continue
+        assert p.parallel in (2, 4, 8) and p.weights / p.parallel < budget
+        assert f"{p.parallel} x {target}" in p.reason and f"expert parallel {p.parallel}" in p.reason
+    mini = plan_build(preset_config("llada2-mini"), get_target("rtx4090"), "bf16", None, 4096, 32)
+    flash = plan_build(preset_config("llada2-flash"), get_target("h100"), "bf16", None, 4096, 32)
+    assert (mini.parallel, flash.parallel) == (2, 4)       # 15.1 GiB / GPU on 2 x 24 GiB; 47.9 GiB on 4 x 80 GiB
+    assert plan_build(preset_config("llada2-mini"), get_target("h100"), "bf16", None, 4096, 32).fits
+
+
+def test_llada2_dry_run_cli():
+    ok = run_cli(["compile", "llada2-mini", "--target", "h100", "--dry-run"])
+    assert ok.exit_code == 0 and "256 experts" in ok.output and "plan only" in ok.output
+    small = run_cli(["compile", "llada2-mini", "--target", "rtx4090", "--dry-run"])
+    assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and "expert parallel 2" in small.output
+    build = run_cli(["compile", "tiny-llada2", "--target", "cpu", "-o", "/tmp/dlc-never-written"])
+    assert build.exit_code != 0 and "block diffusion" in build.output and "Traceback" not in build.output

@@ -45,7 +45,51 @@ LLADA_MOE_HF = {
     "use_cache": False, "vocab_size": VOCAB,
 }
 
-HF_CONFIGS = {"llada": LLADA_HF, "dream": DREAM_HF, "llada_moe": LLADA_MOE_HF}
+# inclusionAI/LLaDA2.0-mini config.json keys (Ling 2.0 layout), scaled down: 3 layers, the first dense; 8 experts in
+# 4 groups (2 kept), top-2, one shared expert; GQA 4 over 2 heads of 16 with partial rotary 0.5.
+LLADA2_HF = {
+    "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe",
+    "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                 "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                 "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+    "attention_dropout": 0.0, "embedding_dropout": 0.0, "output_dropout": 0.0, "eos_token_id": EOS,
+    "pad_token_id": EOS, "first_k_dense_replace": 1, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 512, "max_window_layers": 3,
+    "moe_intermediate_size": 24, "moe_router_enable_expert_bias": True, "n_group": 4,
+    "norm_topk_prob": True, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
+    "num_hidden_layers": 3, "num_key_value_heads": 2, "num_shared_experts": 1, "output_router_logits": False,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 600000,
+    "routed_scaling_factor": 2.5, "router_dtype": "fp32", "score_function": "sigmoid",
+    "tie_word_embeddings": False, "topk_group": 2, "torch_dtype": "bfloat16", "use_bias": False,
+    "use_cache": False, "use_qk_norm": True, "use_qkv_bias": False, "using_split_qkv_in_self_attention": False,
+    "vocab_size": VOCAB,
+    "mask_token_id": MASK,    # not in the release (its generate() defaults mask_id to 156895): the tiny vocab needs it
+}
+
+# JetLM/SDAR-4B-Chat config.json keys (Qwen3 layout), scaled down: head_dim 24 != hidden / heads, tied embedding.
+SDAR_HF = {
+    "architectures": ["SDARForCausalLM"], "model_type": "sdar",
+    "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                 "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": EOS, "eos_token_id": EOS,
+    "pad_token_id": EOS, "head_dim": 24, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": 96, "max_position_embeddings": 512, "max_window_layers": 2, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_scaling": None,
+    "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": VOCAB, "mask_token_id": MASK,
+}
+
+# JetLM/SDAR-30B-A3B-Chat (Qwen3-MoE layout), scaled down: 6 experts top-2, renormalised.
+SDAR_MOE_HF = {k: v for k, v in SDAR_HF.items() if k != "intermediate_size"}
+SDAR_MOE_HF.update({"architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe", "num_experts": 6,
+                    "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True,
+                    "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": False,
+                    "output_router_logits": False, "router_aux_loss_coef": 0.001})
+
+HF_CONFIGS = {"llada": LLADA_HF, "dream": DREAM_HF, "llada_moe": LLADA_MOE_HF, "llada2_moe": LLADA2_HF,
+              "sdar": SDAR_HF, "sdar_moe": SDAR_MOE_HF}
+# family name of each HF_CONFIGS entry (sdar_moe is the sdar family's MoE variant)
+FAMILY_OF = {"sdar_moe": "sdar"}
 
 
 def llada_names(d: dict) -> dict[str, tuple]:
@@ -95,7 +139,58 @@ def llada_moe_names(d: dict) -> dict[str, tuple]:
     return names
 
 
-HF_NAMES = {"llada": llada_names, "dream": dream_names, "llada_moe": llada_moe_names}
+def _swiglu_names(p: str, F: int, D: int) -> dict[str, tuple]:
+    return {p + "gate_proj.weight": (F, D), p + "up_proj.weight": (F, D), p + "down_proj.weight": (D, F)}
+
+
+def llada2_names(d: dict) -> dict[str, tuple]:
+    """modeling_llada2_moe.py: word_embeddings, attention.query_key_value / dense / query_layernorm /
+    key_layernorm, dense mlp below first_k_dense_replace, then mlp.gate (+ expert_bias), experts, shared_experts."""
+    D, V, hd = d["hidden_size"], d["vocab_size"], d["head_dim"]
+    H, Hkv, E, F = d["num_attention_heads"], d["num_key_value_heads"], d["num_experts"], d["moe_intermediate_size"]
+    names = {"model.word_embeddings.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+    for i in range(d["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names.update({
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "attention.query_key_value.weight": ((H + 2 * Hkv) * hd, D),
+            p + "attention.query_layernorm.weight": (hd,), p + "attention.key_layernorm.weight": (hd,),
+            p + "attention.dense.weight": (D, H * hd)})
+        if i < d["first_k_dense_replace"]:
+            names.update(_swiglu_names(p + "mlp.", d["intermediate_size"], D))
+            continue
+        names.update({p + "mlp.gate.weight": (E, D), p + "mlp.gate.expert_bias": (E,)})
+        for j in range(E):
+            names.update(_swiglu_names(f"{p}mlp.experts.{j}.", F, D))
+        names.update(_swiglu_names(p + "mlp.shared_experts.", F * d["num_shared_experts"], D))
+    return names
+
+
+def sdar_names(d: dict) -> dict[str, tuple]:
+    """modeling_sdar.py (Qwen3): q/k/v/o_proj, q_norm / k_norm [head_dim], dense or Qwen3-MoE mlp."""
+    D, V, hd = d["hidden_size"], d["vocab_size"], d["head_dim"]
+    H, Hkv = d["num_attention_heads"], d["num_key_value_heads"]
+    names = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not d["tie_word_embeddings"]:
+        names["lm_head.weight"] = (V, D)
+    for i in range(d["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names.update({
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (Hkv * hd, D),
+            p + "self_attn.v_proj.weight": (Hkv * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
+            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if "num_experts" in d:
+            names[p + "mlp.gate.weight"] = (d["num_experts"], D)
+            for j in range(d["num_experts"]):
+                names.update(_swiglu_names(f"{p}mlp.experts.{j}.", d["moe_intermediate_size"], D))
+        else:
+            names.update(_swiglu_names(p + "mlp.", d["intermediate_size"], D))
+    return names
+
+
+HF_NAMES = {"llada": llada_names, "dream": dream_names, "llada_moe": llada_moe_names, "llada2_moe": llada2_names,
+            "sdar": sdar_names, "sdar_moe": sdar_names}
 
 
 def random_tensors(names: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:

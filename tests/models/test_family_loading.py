@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from hf_layouts import EOS, HF_CONFIGS, HF_NAMES, MASK, direct_model, random_tensors, write_checkpoint
+from hf_layouts import EOS, FAMILY_OF, HF_CONFIGS, HF_NAMES, MASK, direct_model, random_tensors, write_checkpoint
 
 from dlc.models import config_from_hf
 from dlc.models.loading import CheckpointError, load_model
@@ -29,7 +29,7 @@ def _logits(model, ids):
 def test_checkpoint_loads_and_matches_direct_model(tmp_path, family, shards):
     path, tensors = _ckpt(tmp_path, family, shards)
     lm = load_model(str(path), dtype="fp32", progress=False)
-    assert lm.config.family == family
+    assert lm.config.family == FAMILY_OF.get(family, family)
     assert set(lm.model.state_dict()) == set(tensors)          # exactly the released names, nothing else
     ids = torch.randint(0, 280, (2, 11), generator=torch.Generator().manual_seed(0))
     ref = _logits(direct_model(family, tensors), ids)
@@ -147,7 +147,9 @@ def test_only_pytorch_bin(tmp_path, family):
 
 @pytest.mark.parametrize("family,key", [("dream", "hidden_size"), ("dream", "intermediate_size"),
                                         ("llada_moe", "num_experts_per_tok"), ("llada_moe", "expert_intermediate_size"),
-                                        ("llada_moe", "rope_theta"), ("llada", "d_model")])
+                                        ("llada_moe", "rope_theta"), ("llada", "d_model"),
+                                        ("llada2_moe", "moe_intermediate_size"), ("llada2_moe", "intermediate_size"),
+                                        ("sdar", "intermediate_size"), ("sdar_moe", "num_experts_per_tok")])
 def test_missing_config_key(tmp_path, family, key):
     path, _ = _ckpt(tmp_path, family)
     d = {k: v for k, v in HF_CONFIGS[family].items() if k != key}
@@ -160,6 +162,9 @@ def test_missing_config_key(tmp_path, family, key):
     ("llada_moe", "shared_expert_intermediate_size", 64), ("llada_moe", "moe_router_enable_expert_bias", True),
     ("llada_moe", "moe_layer_freq", [0, 1]), ("llada_moe", "moe_router_score_function", "sigmoid"),
     ("dream", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+    ("llada2_moe", "score_function", "softmax"), ("llada2_moe", "tie_word_embeddings", True),
+    ("llada2_moe", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}), ("sdar", "attention_bias", True),
+    ("sdar", "use_sliding_window", True), ("sdar_moe", "decoder_sparse_step", 2),
 ])
 def test_unsupported_option_is_refused_by_name(tmp_path, family, key, value):
     path, _ = _ckpt(tmp_path, family, **{key: value})
@@ -242,3 +247,33 @@ def test_tied_embeddings_checkpoint_has_no_lm_head(tmp_path, family):
     with torch.no_grad():
         h = lm.model(ids)
         torch.testing.assert_close(lm.model.logits(h), h @ tensors["model.embed_tokens.weight"].T, rtol=0, atol=ATOL)
+
+
+def test_block_family_config_fields_from_released_keys():
+    c = config_from_hf(HF_CONFIGS["llada2_moe"])
+    assert (c.family, c.block_diffusion, c.head_dim, c.rope_dim, c.n_kv_heads) == ("llada2_moe", True, 16, 8, 2)
+    assert (c.n_experts, c.n_experts_per_tok, c.expert_hidden, c.n_shared_experts, c.first_dense_layers) == \
+        (8, 2, 24, 1, 1)
+    assert (c.router, c.n_expert_groups, c.topk_groups, c.routed_scaling, c.rope_theta) == \
+        ("sigmoid_group", 4, 2, 2.5, 600000.0)
+    s = config_from_hf(HF_CONFIGS["sdar"])
+    assert (s.family, s.block_diffusion, s.head_dim, s.d_model, s.tie_embeddings, s.is_moe) == \
+        ("sdar", True, 24, 64, True, False)
+    m = config_from_hf(HF_CONFIGS["sdar_moe"])
+    assert (m.family, m.is_moe, m.norm_topk_prob, m.expert_hidden) == ("sdar", True, True, 16)
+    # released special ids when the config leaves them out (LLaDA2's generate defaults, SDAR's tokenizer)
+    big = dict(HF_CONFIGS["llada2_moe"], vocab_size=157184)
+    del big["mask_token_id"], big["eos_token_id"], big["pad_token_id"]
+    c = config_from_hf(big)
+    assert (c.mask_id, c.eos_id, c.stop_ids) == (156895, 156892, [156892, 156900])
+
+
+def test_block_presets_parameter_counts():
+    """Totals of the released checkpoints (model cards: LLaDA2.0-mini 16B, flash 100B; SDAR = its Qwen3 base)."""
+    from dlc.models.presets import preset_config
+    expect = {"llada2-mini": (16.0e9, 16.5e9), "llada2-flash": (100e9, 104e9), "sdar-1.7b": (1.7e9, 1.75e9),
+              "sdar-4b": (4.0e9, 4.05e9), "sdar-8b": (8.1e9, 8.25e9), "sdar-30b-a3b": (30.4e9, 30.6e9)}
+    for name, (lo, hi) in expect.items():
+        assert lo <= preset_config(name).num_parameters() <= hi, name
+    active = preset_config("llada2-mini").num_active_parameters()
+    assert 1.2e9 < active < 1.7e9                     # "16B total, ~1.4B active"
