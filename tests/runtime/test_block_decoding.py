@@ -315,8 +315,8 @@ def test_block_cache_restart_equals_uninterrupted(model):
     st, slot = DecodeState.new(prompt, cfg, model.config), pool.allocate_n(1)
     out, n = st.advance(4), 0
     while st.phase is not None:
-        x0, conf = run_batch(runner, make_batch(runner, [st], [slot], pool))
-        st.apply(x0[0], conf[0])
+        res = run_batch(runner, make_batch(runner, [st], [slot], pool))           # a StepOutput
+        st.apply(res.x0[0], res.conf[0])
         n += 1
         if n == 5:                                              # mid-second block: cache lost
             pool.k[0].normal_()
@@ -382,7 +382,8 @@ def test_block_decoders_report_the_tempered_probability(model):
     for tempered in (False, True):
         b = build_batch(runner, "full", [x], [P], [bs], 4, temperature=T, seeds=[123], block_size=4,
                         tempered_conf=tempered)
-        out[tempered] = run_batch(runner, b)
+        res = run_batch(runner, b)
+        out[tempered] = (res.x0, res.conf)
     assert torch.equal(out[False][0], out[True][0])
     logits = _forward_logits(model, x[None], 4)[0, bs:bs + 4].double()
     tok = out[True][0][0]
