@@ -21,10 +21,14 @@ import argparse
 import gc
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+from engine_path import run_session  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -61,36 +65,11 @@ def build_checkpoint(ckpt: Path, preset: str) -> tuple[int, float]:
 
 
 def run(session, B: int, args) -> dict:
-    from dlc.runtime.config import ServeConfig
-    from dlc.runtime.engine import Engine
-    from dlc.runtime.kv_cache import slot_bytes
-    cfg, L = session.config, args.prompt + args.gen
-    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
-    sc = ServeConfig(model="bench", policy="fcfs", device="cuda", max_batch_size=B, max_num_tokens=2 * B * L,
-                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual")
-    eng = Engine(session, sc)
-    g = torch.Generator().manual_seed(B)
-    prompts = [torch.randint(0, cfg.vocab_size - 512, (args.prompt,), generator=g).tolist() for _ in range(B)]
-    eng.generate(prompts, dict(gen_length=args.block, block_length=args.block, steps=args.block))   # capture
-    params = dict(gen_length=args.gen, block_length=args.block, steps=args.gen)
-    secs = []
-    for _ in range(args.repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = eng.generate(prompts, params)
-        torch.cuda.synchronize()
-        secs.append(time.perf_counter() - t)
-    toks = sum(len(o) for o in outs)
-    med = sorted(secs)[len(secs) // 2]
-    r = eng.runner
-    stats = getattr(getattr(r, "graphs", None), "stats", None) or getattr(r, "stats", {})
-    del eng
+    """engine_path.run_session (the same Engine timing loop), then free the engine's KV pool."""
+    res = run_session(session, B, args)
     gc.collect()
     torch.cuda.empty_cache()
-    return {"B": B, "seconds": med, "all_seconds": secs, "tokens": toks, "tok_s": toks / med,
-            "replays": stats.get("replays"),
-            "host_ms_per_replay": 1e3 * stats.get("host_s", 0) / max(1, stats.get("replays") or 1),
-            "first_tokens": outs[0][:8]}
+    return res
 
 
 def main() -> None:

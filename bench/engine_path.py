@@ -45,15 +45,22 @@ def build(preset: str, dev: str):
 
 
 def run(model, B: int, args) -> dict:
+    from dlc.runtime.session import Session
+    res = run_session(Session(eager_runner(model), None, model.config, False, "bench"), B, args)
+    return {"label": args.label, **res}
+
+
+def run_session(session, B: int, args) -> dict:
+    """One batch of B requests through dlc.runtime.Engine on ``session`` (an eager model or an engine
+    directory): median seconds of ``args.repeats`` generations after a capture run (bench/engine_bench.py too)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes
-    from dlc.runtime.session import Session
-    cfg, L = model.config, args.prompt + args.gen
-    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 1) / 2**20 + 1
+    cfg, L = session.config, args.prompt + args.gen
+    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", policy="fcfs", device="cuda", max_batch_size=B, max_num_tokens=2 * B * L,
                      max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual")
-    eng = Engine(Session(eager_runner(model), None, cfg, False, "bench"), sc)
+    eng = Engine(session, sc)
     g = torch.Generator().manual_seed(B)
     prompts = [torch.randint(0, cfg.vocab_size - 512, (args.prompt,), generator=g).tolist() for _ in range(B)]
     eng.generate(prompts, dict(gen_length=args.block, block_length=args.block, steps=args.block))   # capture
@@ -67,10 +74,12 @@ def run(model, B: int, args) -> dict:
         secs.append(time.perf_counter() - t)
     toks = sum(len(o) for o in outs)
     med = sorted(secs)[len(secs) // 2]
-    stats = getattr(eng.runner, "stats", {})
-    return {"label": args.label, "B": B, "seconds": med, "all_seconds": secs, "tokens": toks,
-            "tok_s": toks / med, "replays": stats.get("replays"), "host_ms_per_replay":
-            1e3 * stats.get("host_s", 0) / max(1, stats.get("replays", 1))}
+    r = eng.runner
+    stats = getattr(getattr(r, "graphs", None), "stats", None) or getattr(r, "stats", {})
+    return {"B": B, "seconds": med, "all_seconds": secs, "tokens": toks, "tok_s": toks / med,
+            "replays": stats.get("replays"),
+            "host_ms_per_replay": 1e3 * stats.get("host_s", 0) / max(1, stats.get("replays") or 1),
+            "first_tokens": outs[0][:8]}
 
 
 def main() -> None:

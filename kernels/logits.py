@@ -324,7 +324,14 @@ def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int
     for runtimes without doubles, TensorRT): the top 24 bits, exact in float32 and never 0 or 1."""
     row = torch.arange(n_rows, device=device)[None, :, None]                    # [1, N, 1]
     col = torch.arange(c0, c1, device=device)[None, None, :]                    # [1, 1, Vc]
-    x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + col           # [C, N, Vc] int64
+    return seeded_uniform(seeds, row, col, vocab, dtype)
+
+
+def seeded_uniform(seeds: torch.Tensor, row: torch.Tensor, col: torch.Tensor, vocab: int,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The counter hash of (seed [C], decoded row, vocab id) -> uniform(0, 1); ``row`` and ``col`` broadcast
+    against [C, N, J] (``uniform_noise``: a vocab chunk; ``kernels.sampling``: arbitrary ids)."""
+    x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + col           # [C, N, J] int64
     x = (x * 2654435761) % _M32
     for _ in range(2):
         x = torch.bitwise_xor(x, x // 65536)

@@ -34,25 +34,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .logits import decode_rows, uniform_noise
+from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
-_M32 = 4294967296
 
 
 def hash_noise(seeds: torch.Tensor, cols: torch.Tensor, vocab: int, dtype=torch.float64) -> torch.Tensor:
     """``uniform_noise``'s draw for arbitrary ids: seeds [C], cols [C, N, J] vocab ids -> [C, N, J] (the same
     value ``uniform_noise(seeds, N, c0, c1, vocab)`` gives at those (row, id))."""
     row = torch.arange(cols.shape[1], device=cols.device)[None, :, None]           # [1, N, 1]
-    x = ((seeds[:, None, None] % _M32) * 1000003 + row) * vocab + cols
-    x = (x * 2654435761) % _M32
-    for _ in range(2):
-        x = torch.bitwise_xor(x, x // 65536)
-        x = (x * 73244475) % _M32
-    x = torch.bitwise_xor(x, x // 65536)
-    if dtype == torch.float32:
-        return ((x // 256).to(torch.float32) + 0.5) / 16777216.0
-    return (x.to(torch.float64) + 0.5) / _M32
+    return seeded_uniform(seeds, row, cols, vocab, dtype)
 
 
 def _credit_chunk(credit_ids, credit_vals, c0: int, c1: int, like: torch.Tensor) -> torch.Tensor:
