@@ -1,10 +1,10 @@
 """The engine section of issue 13, measured at 8B: is the compiled engine the fastest way to run a model?
 
-On an LLaDA-8B-shaped model with random bf16 weights (head x4, as bench/gpu_bench.py), written to disk in dlc's
-LLaDA HF layout, this script:
+On an LLaDA-8B-shaped model with random bf16 weights (head x4, as bench/gpu_bench.py), written to disk in
+dlc's LLaDA HF layout, this script:
 
-1. ``dlc compile CKPT --target <this GPU> --backend export`` in-process: compile wall time, engine size on disk
-   vs the weight bytes (target <= 1.05x);
+1. ``dlc compile CKPT --target <this GPU> --backend export`` in-process: compile wall time, engine size on
+   disk vs the weight bytes (target <= 1.05x);
 2. opens the engine on the GPU: load time (sha256 verification of every file included on the first open, and
    again with the verification cached), device memory after load vs the weight bytes (target <= 1.05x);
 3. end-to-end tokens/s through ``dlc.runtime.Engine`` (FCFS, all B requests in one batch; prompt 512, gen 256,
@@ -76,7 +76,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="llada-8b")
     p.add_argument("--work", default="/tmp/dlc-engine-bench")
-    p.add_argument("--target", default=None, help="dlc target of this GPU (default: h200 on an H200, else h100)")
+    p.add_argument("--target", default=None,
+                   help="dlc target of this GPU (default: h200 on an H200, else h100)")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=256)
@@ -149,7 +150,8 @@ def main() -> None:
               f"{ratio:.2f} |")
     print(f"\ncompile {res['compile_s']:.0f}s; engine {res['engine_bytes'] / 1e9:.2f} GB = "
           f"{res['engine_over_weights']:.3f}x weights; device after load {res['device_over_weights']:.3f}x "
-          f"weights; load {res['load_s']:.1f}s verified / {res['load_cached_s']:.1f}s cached; GPU {res['gpu']}")
+          f"weights; load {res['load_s']:.1f}s verified / {res['load_cached_s']:.1f}s cached; "
+          f"GPU {res['gpu']}")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def max_pool3(s: torch.Tensor) -> torch.Tensor:
 
 def gather_pool_heads(k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor,
                       keep: torch.Tensor, group: int):
-    """Like ``gather_heads`` but straight from one layer's slot pool k_pool, v_pool [P, Hkv, S, D] at pool rows
-    ``rows`` [B]: only the kept columns are read (no copy of the batch's rows)."""
+    """Like ``gather_heads`` but straight from one layer's slot pool k_pool, v_pool [P, Hkv, S, D] at pool
+    rows ``rows`` [B]: only the kept columns are read (no copy of the batch's rows)."""
     heads = torch.arange(k_pool.size(1), device=keep.device)[None, :, None]        # [1, Hkv, 1]
     r = rows[:, None, None]                                                        # [B, 1, 1]
     ks, vs = k_pool[r, heads, keep], v_pool[r, heads, keep]                        # [B, Hkv, K, D]

@@ -20,8 +20,8 @@ Attention reads the batch's rows of the layer's pool (``pool[rows]``, one layer 
 (``ctx.use_kernels``) call ``torch.ops.dlc.pool_attention`` instead, the runtime's kernel, which indexes the
 pool by row (no gather; keys [0, key_mask.sum()) of each row, the runtime's layout), and
 head-sparse Reuse (``sparsify_heads``) gathers only the kept columns. ``attn.meta["dlc_kv"]`` carries, per
-Reuse layer, ``(k_pool_l, v_pool_l, rows, k_rows, v_rows)`` for those later passes (rows None in functional programs,
-whose pool does not hold the fresh K/V yet: read ``k_rows``).
+Reuse layer, ``(k_pool_l, v_pool_l, rows, k_rows, v_rows)`` for those later passes (rows None in functional
+programs, whose pool does not hold the fresh K/V yet: read ``k_rows``).
 
 The prefix layout feeds the block and everything after it, the dual layout the block (+ a vicinity window
 either side): both are the same reuse program with different (q_start, T), chosen by the runner.
@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_utils import SYM_SIZE, add_input, attention_nodes, inline, kv_source, outputs, placeholders, set_outputs
+from .graph_utils import (SYM_SIZE, add_input, attention_nodes, inline, kv_source, outputs, placeholders,
+                          set_outputs)
 
 RENAME_REUSE = {"input_ids": "q_ids", "position_ids": "q_pos"}
 POOL_INPUTS = ("k_pool", "v_pool", "rows")
@@ -49,7 +50,8 @@ def write_pool(pool_l: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, new
 
 
 def write_rows(cache_l: torch.Tensor, q_start: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """cache_l [B, Hkv, S, D] with new [B, Hkv, T, D] written at columns q_start[b] + arange(T) (functional)."""
+    """cache_l [B, Hkv, S, D] with new [B, Hkv, T, D] written at columns q_start[b] + arange(T)
+    (functional)."""
     cols = q_start[:, None] + torch.arange(new.size(2), device=q_start.device)   # [B, T]
     idx = cols[:, None, :, None].expand_as(new)                                   # [B, Hkv, T, D]
     return torch.scatter(cache_l, 2, idx, new.to(cache_l.dtype))
@@ -122,8 +124,9 @@ def _reuse(gm: fx.GraphModule, ctx) -> int:
                                             before=attn)
         attn.meta["dlc_kv"] = (kp_l, vp_l, rows if inplace else None, k_full, v_full)   # for later passes
         if pool_kernel:                          # the runtime's pool attention: rows indexed, never gathered
-            (o,) = inline(gm, lambda q, kp, vp, r, kl: (torch.ops.dlc.pool_attention(q.contiguous(), kp, vp, r, kl),),
-                          [attn.args[0], kp_l, vp_l, rows, kv_len], before=attn)
+            def pool_attn(q, kp, vp, r, kl):
+                return (torch.ops.dlc.pool_attention(q.contiguous(), kp, vp, r, kl),)
+            (o,) = inline(gm, pool_attn, [attn.args[0], kp_l, vp_l, rows, kv_len], before=attn)
             attn.replace_all_uses_with(o)
             gm.graph.erase_node(attn)
             ks.append(k_new)

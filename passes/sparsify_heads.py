@@ -110,7 +110,7 @@ def _reuse(gm: fx.GraphModule, ctx) -> int:
             attn.replace_all_uses_with(o)
             gm.graph.erase_node(attn)
         else:
-            if rows is None:                    # functional programs: the rows were copied with the block written
+            if rows is None:                    # functional programs: rows copied with the block written
                 ks, vs, mask = inline(gm, lambda k, v, km, keep, layer=layer: gather_heads(
                     k, v, km, keep[layer], group), [k_full, v_full, ph["key_mask"], keep_idx], before=attn)
             else:                               # in place: read only the kept columns of the pool rows

@@ -15,7 +15,7 @@ from dlc.models.common import DiffusionLM
 from dlc.passes.graph_utils import remove_guard_calls
 from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
 
-EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6, M=2)   # distinct sizes: export must not unify unrelated dims
+EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6, M=2)   # distinct: export must not unify unrelated dims
 
 
 class _Forward(torch.nn.Module):

@@ -27,8 +27,8 @@ from .program_graphs import ProgramGraphs
 
 
 class CompiledRunner:
-    """``input_names[phase]``: the program's inputs in order (runtime inputs, then lifted weights); ``weights``:
-    name -> tensor on the device, the one copy every phase reads. ``kv_inplace``: the programs write K/V into
+    """``input_names[phase]``: the program's inputs in order (runtime inputs, then lifted weights);
+    ``weights``: name -> tensor on the device, the one copy every phase reads. ``kv_inplace``: the programs write K/V into
     the pool inputs (torch artifacts); else they return it and this runner writes it (ONNX / TensorRT)."""
 
     def __init__(self, config, phases: dict, input_names: dict[str, list[str]], *, device="cpu",
@@ -62,14 +62,14 @@ class CompiledRunner:
         return self.graphs is not None
 
     def enable_graphs(self, on: bool) -> None:
-        """Replay the Reuse program as CUDA graphs at bucketed batch sizes (CUDA, programs that write the pool in
-        place). Needs ``bind_pool`` before use."""
+        """Replay the Reuse program as CUDA graphs at bucketed batch sizes (CUDA, programs that write the pool
+        in place). Needs ``bind_pool`` before use."""
         if not on:
             self.graphs = None
             return
         if self.device.type != "cuda" or not self.kv_inplace:
-            raise ValueError("engine CUDA graphs need a CUDA device and a torch artifact (export / AOTI), whose "
-                             "programs write the KV pool in place")
+            raise ValueError("engine CUDA graphs need a CUDA device and a torch artifact (export / AOTI), "
+                             "whose programs write the KV pool in place")
         names = [n for n in self.input_names["reuse"] if not is_weight_input(n)]
         self.graphs = ProgramGraphs(lambda feed: self._call("reuse", feed), names, self.config.mask_id)
 
@@ -139,10 +139,12 @@ class CompiledRunner:
                                                    "rebuild it with `dlc compile --decode-extras`")
 
     def _pool_inputs(self, batch: StepBatch) -> dict:
-        """The KV slot pool itself ([n_layers, P, Hkv, S, D], written in place by the program) and the rows."""
+        """The KV slot pool itself ([n_layers, P, Hkv, S, D], written in place by the program) and the
+        rows."""
         c = batch.cache
         if c.k_all is None:
-            raise ValueError("compiled runner: the KV cache must be a slot pool (KVCacheManager / KVCache.empty)")
+            raise ValueError("compiled runner: the KV cache must be a slot pool "
+                             "(KVCacheManager / KVCache.empty)")
         if c.k_all.dtype != self.dtype:
             raise ValueError(f"compiled runner: the KV pool is {c.k_all.dtype}, the engine runs {self.dtype}")
         return {"k_pool": c.k_all, "v_pool": c.v_all, "rows": c.row_index(batch.fed, self.device)}
@@ -168,7 +170,7 @@ class CompiledRunner:
                 **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start)}
         res = self._call("refresh", feed)
         rows = feed["rows"]
-        if not self.kv_inplace:                     # outputs: decoding ..., k, v [nl, fed, Hkv, W, D] (, scores)
+        if not self.kv_inplace:             # outputs: decoding ..., k, v [nl, fed, Hkv, W, D] (, scores)
             k, v = res[-3:-1] if self.sparse_retention is not None else res[-2:]
             c.k_all[:, rows, :, :W] = k.to(c.k_all.dtype)
             c.v_all[:, rows, :, :W] = v.to(c.v_all.dtype)

@@ -52,7 +52,7 @@ class ProgramGraphs:
             raise ValueError("engine graphs: bind_pool needs a free KV slot for padding rows")
 
     def eligible(self, feed: dict, B: int, guided: bool, sparse: bool) -> bool:
-        credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] != 1         # its width varies per step
+        credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] != 1      # its width varies per step
         return (self.pool is not None and not guided and not sparse and not credit and B <= self.buckets[-1]
                 and feed["k_pool"] is self.pool.k_all)
 
@@ -67,8 +67,9 @@ class ProgramGraphs:
                 ar = torch.arange(bb, device=dev)
                 km = torch.zeros(bb, S, dtype=torch.bool, device=dev)
                 km[:, :T] = True
-                feed = {"q_ids": torch.full((bb, T), self.mask_id, device=dev), "q_pos": torch.arange(T, device=dev)
-                        .expand(bb, -1), "q_start": torch.zeros_like(ar), "key_mask": km,
+                feed = {"q_ids": torch.full((bb, T), self.mask_id, device=dev),
+                        "q_pos": torch.arange(T, device=dev).expand(bb, -1), "q_start": torch.zeros_like(ar),
+                        "key_mask": km,
                         "rows": torch.full_like(ar, self.scratch), "out_index": torch.arange(N, device=dev)
                         .expand(bb, -1), "cond_rows": ar, "un_rows": ar, "seeds": torch.zeros_like(ar),
                         "k_pool": self.pool.k_all, "v_pool": self.pool.v_all, **extra}
@@ -104,7 +105,8 @@ class ProgramGraphs:
         return torch.cat([t, fill]) if pad else t
 
     def run(self, feed: dict, B: int, T: int, N: int) -> list:
-        """Replay (capturing first if needed) the graph of bucket(B) with this call's inputs -> outputs [B, ...]."""
+        """Replay (capturing first if needed) the graph of bucket(B) with this call's inputs
+        -> outputs [B, ...]."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
         bb = self.bucket(B)
         key = (bb, T, N, feed["key_mask"].shape[1])
