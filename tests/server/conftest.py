@@ -8,7 +8,11 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
+
+from server_helpers import MODEL
+from dlc.runtime.session import open_model
 
 
 def free_port() -> int:
@@ -78,3 +82,15 @@ def tiny_server():
 def server_process():
     """The ServerProcess class, for tests that start a server with their own options."""
     return ServerProcess
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    """The official openai client on tiny_server (modules with their own server define their own)."""
+    return openai.OpenAI(base_url=tiny_server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def session():
+    """tiny_server's model, opened in-process: the offline reference."""
+    return open_model(MODEL, progress=False)

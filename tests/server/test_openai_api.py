@@ -5,29 +5,11 @@ import json
 import time
 
 import httpx
-import openai
 import pytest
 
-from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.session import decode_tokens, encode_prompt, open_model
+from server_helpers import MODEL, reference
+from dlc.runtime.session import decode_tokens
 
-MODEL = "tiny-llada"
-GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")    # the server's defaults (conftest)
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server):
-    return openai.OpenAI(base_url=tiny_server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def session():
-    return open_model(MODEL, progress=False)
-
-
-def reference(session, prompt, chat=False, **params):
-    ids = encode_prompt(session, prompt, chat)
-    return generate(session.runner, [ids], GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]
 
 
 def test_max_tokens_sets_the_generation_length(client, session):

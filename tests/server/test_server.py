@@ -7,21 +7,9 @@ import httpx
 import openai
 import pytest
 
+from server_helpers import GEN, MODEL
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.session import open_model
 
-MODEL = "tiny-llada"
-GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")    # the server's defaults (conftest)
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server):
-    return openai.OpenAI(base_url=tiny_server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def session():
-    return open_model(MODEL, progress=False)
 
 
 def expected_text(session, prompt: str, chat: bool = False, **params):
