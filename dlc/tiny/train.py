@@ -193,13 +193,15 @@ def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
     return save(model.cpu(), out)
 
 
-def save(model, out: str) -> Path:
+def save(model, out: str, decoding: dict | None = None) -> Path:
+    """The checkpoint in HF layout with the tokenizer, chat template and generation_config.json; ``decoding``:
+    its decoding defaults (default: dlc-tiny's LLaDA schedule; train_bd passes the block decoder's)."""
     path = save_checkpoint(model, out, tokenizer=build_tokenizer(), dtype=torch.float32)
     tc = path / "tokenizer_config.json"        # keep the template in tokenizer_config.json too (older readers)
     d = json.loads(tc.read_text())
     d["chat_template"] = build_tokenizer().chat_template
     tc.write_text(json.dumps(d, indent=2))
-    gc = {"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "steps": GEN_LENGTH,
+    gc = {**(decoding or {"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "steps": GEN_LENGTH}),
           "max_new_tokens": GEN_LENGTH, "eos_token_id": [EOS_ID, EOT_ID], "pad_token_id": EOS_ID}
     (path / "generation_config.json").write_text(json.dumps(gc, indent=2))
     return path

@@ -14,7 +14,6 @@ training sees exactly the context each denoising step of ``decoder llada2`` sees
 Seeded; 2 torch threads; shares the tasks, tokenizer and learning-rate schedule of ``dlc.tiny.train``."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -25,13 +24,14 @@ import torch.nn.functional as F
 
 from dlc.models import build_model
 from dlc.models.config import ModelConfig
-from dlc.models.loading import init_weights, save_checkpoint
+from dlc.models.loading import init_weights
 from dlc.runtime.step import block_key_mask
 
 from . import tasks
 from .evaluate import GEN_LENGTH
-from .tokenizer import EOS_ID, EOT_ID, MASK_ID, VOCAB_SIZE, build_tokenizer, decode_ids, encode_chat, encode_text
+from .tokenizer import EOS_ID, EOT_ID, MASK_ID, VOCAB_SIZE, decode_ids, encode_chat, encode_text
 from .train import PAD_LENGTHS, T_MIN, TRAIN_MIX, lr_at
+from .train import save as save_tiny
 
 BD_BLOCK = 4                                    # SDAR's block length
 BD_THRESHOLD = 0.9                              # the bundled threshold (SDAR's dynamic threshold)
@@ -136,16 +136,8 @@ def train(out: str, seed: int = 0, steps: int = 2000, batch: int = 128, lr: floa
 
 
 def save(model, out: str) -> Path:
-    path = save_checkpoint(model, out, tokenizer=build_tokenizer(), dtype=torch.float32)
-    tc = path / "tokenizer_config.json"
-    d = json.loads(tc.read_text())
-    d["chat_template"] = build_tokenizer().chat_template
-    tc.write_text(json.dumps(d, indent=2))
-    gc = {"gen_length": GEN_LENGTH, "block_length": BD_BLOCK, "steps_per_block": BD_BLOCK,
-          "threshold": BD_THRESHOLD, "decoder": "llada2", "kv_cache": "block", "max_new_tokens": GEN_LENGTH,
-          "eos_token_id": [EOS_ID, EOT_ID], "pad_token_id": EOS_ID}
-    (path / "generation_config.json").write_text(json.dumps(gc, indent=2))
-    return path
+    return save_tiny(model, out, {"gen_length": GEN_LENGTH, "block_length": BD_BLOCK, "steps_per_block": BD_BLOCK,
+                                  "threshold": BD_THRESHOLD, "decoder": "llada2", "kv_cache": "block"})
 
 
 @click.command()
