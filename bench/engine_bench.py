@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
-from engine_path import run_session  # noqa: E402
+from engine_path import build, run_session  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -40,20 +40,8 @@ def dir_bytes(path: Path, skip=()) -> int:
 
 
 def build_checkpoint(ckpt: Path, preset: str) -> tuple[int, float]:
-    from dlc.models import build_model
     from dlc.models.loading import save_checkpoint
-    from dlc.models.presets import preset_config
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = build_model(preset_config(preset))
-    finally:
-        torch.set_default_dtype(old)
-    model.eval().requires_grad_(False)
-    with torch.no_grad():
-        model.head_weight().mul_(4.0)
+    model = build(preset, "cuda")                                # random bf16 weights, head x4
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     t = time.perf_counter()
     save_checkpoint(model, ckpt)

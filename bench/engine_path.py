@@ -24,15 +24,16 @@ def eager_runner(model):
     return EagerRunner(model)
 
 
-def build(preset: str, dev: str):
-    """gpu_bench.build's model (random bf16 weights on the GPU, head x4), written out here: this script must
-    also run against older checkouts, whose dlc lacks what gpu_bench imports."""
+def build(preset: str, dev: str, dtype=torch.bfloat16):
+    """gpu_bench.build's model (random weights in ``dtype`` on ``dev``, head x4), written out here: this script
+    must also run against older checkouts, whose dlc lacks what gpu_bench imports. rule_cost.py and
+    engine_bench.py build theirs here too."""
     from dlc.models import build_model
     from dlc.models.presets import preset_config
     cfg = preset_config(preset)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(dev):
             model = build_model(cfg)

@@ -22,9 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+from engine_path import build  # noqa: E402  (the random LLaDA-shaped model every bench times)
 
 RULES = {
     "low_confidence": dict(),
@@ -37,24 +42,6 @@ RULES = {
     "top_k 50 top_p 0.9 (T 0.8)": dict(temperature=0.8, top_k=50, top_p=0.9),
 }
 GRAPH_RULES = ("low_confidence", "threshold 0.9", "hierarchical 0.9/0.3")
-
-
-def build(preset: str, dev: str, dtype):
-    from dlc.models import build_model
-    from dlc.models.presets import preset_config
-    cfg = preset_config(preset)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = build_model(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.eval().requires_grad_(False)
-    with torch.no_grad():                       # as gpu_bench: peaked logits
-        model.head_weight().mul_(4.0)
-    return model
 
 
 def sync(dev):
