@@ -44,6 +44,8 @@ class ServeConfig:
     cuda_graphs: bool | None = None     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
     compile: bool = False               # torch.compile each transformer block (graph runner only)
+    lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
+                                        # nothing waits (one host round trip per run; 1: every step alone)
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None
@@ -55,7 +57,8 @@ class ServeConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters", "max_request_bytes"):
+        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters", "max_request_bytes",
+                     "lookahead_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"serve config: {name} must be a positive integer, got {v!r}")

@@ -319,6 +319,22 @@ class ScheduleRule:
                 sel[j, torch.topk(conf[j], k=k).indices] = True
         return sel & masked
 
+    def select_batched(self, conf, masked, n_sched):
+        """``select`` without host syncs (``n_sched`` a device tensor): the commit a runner makes on the device
+        when it runs steps ahead of the host (``commit_ahead``). Ties may break unlike torch.topk; the host
+        checks every such commit against ``select`` (``DecodeState.apply``'s result) and drops what follows a
+        disagreement."""
+        return _topk_mask(conf, n_sched) & masked
+
+
+def commit_ahead(blk: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, n_now: torch.Tensor,
+                 mask_id: int) -> torch.Tensor:
+    """One fixed-schedule step on the device: blk [B, K] tokens, x0 [B, K] candidates, conf [B, K], n_now [B]
+    -> the block after unmasking the n_now most confident masked positions (``DecodeState.lookahead``)."""
+    masked = blk == mask_id
+    conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+    return torch.where(ScheduleRule.select_batched(None, conf, masked, n_now), x0, blk)
+
 
 class ThresholdRule:
     """Fast-dLLM: every masked position with confidence >= threshold, at least the best one."""
@@ -691,6 +707,25 @@ class DecodeState:
             else:
                 self.phase = "reuse"
             return out
+
+    def lookahead(self, cap: int) -> list[int]:
+        """The schedule's counts of the next forwards (this one first) while up to ``cap`` of them are Reuse
+        steps whose only input from the host would be the previous step's commit: fixed schedule, T = 0,
+        low-confidence, no decoding extras, no guidance, no mid-block stop. A runner may run them back to back,
+        committing on the device (``commit_ahead``); the host then applies each step's outputs in order and
+        checks the device's block after each commit against its own. [] when the next step is not one."""
+        g = self.gen
+        if (cap < 2 or self.phase != "reuse" or type(self.rule) is not ScheduleRule or g.temperature > 0
+                or g.remasking != "low_confidence" or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0
+                or g.eos_early_stop or self.attn_block or g.logprobs is not None or g.credit or g.smoothing):
+            return []
+        counts, s = [], self.step
+        while len(counts) < cap and s < self.sched.shape[0] and int(self.sched[s]) > 0:
+            if s != self.step and g.refresh_every and s % g.refresh_every == 0:
+                break                                # that step refreshes the cache
+            counts.append(int(self.sched[s]))
+            s += 1
+        return counts
 
     def apply(self, x0: torch.Tensor, conf: torch.Tensor, out=None) -> None:
         """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):

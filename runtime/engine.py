@@ -47,7 +47,8 @@ from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch
+from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch, runs_ahead
+from .step_output import StepOutput
 from .stops import StopStrings
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids", "low_threshold",
@@ -234,7 +235,9 @@ class Engine:
             results = self._run(batch)
             self._record(batch, time.perf_counter() - t0)
             for r in batch:
-                if id(r) in results:
+                if isinstance(results.get(id(r)), list):
+                    self._guard(r, lambda r=r: self._apply_ahead(r, results[id(r)], n_running))
+                elif id(r) in results:
                     self._guard(r, lambda r=r: self._postprocess(r, results[id(r)], n_running))
         self._update_gauges()
         return len(batch)
@@ -249,12 +252,51 @@ class Engine:
         self._emit(r, st.advance(self.gran.width(r, n_running)))
 
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
-        """One runner call per group -> {id(request): its row's StepOutput on the host} for those that ran."""
+        """One runner call per group -> {id(request): its row's StepOutput on the host, or the list of steps
+        run ahead} for those that ran."""
         results: dict[int, tuple] = {}
-        for idx in group_states([r.state for r in reqs], self.runner.max_batch_size,
-                                split_extras=isinstance(self.runner, GraphRunner)):
-            self._run_group([reqs[i] for i in idx], results)
+        groups = group_states([r.state for r in reqs], self.runner.max_batch_size,
+                              split_extras=isinstance(self.runner, GraphRunner))
+        with self.lock:                               # steps ahead only while nothing waits for admission
+            idle = not self._incoming and not self.scheduler.num_waiting
+        cap = self.cfg.lookahead_steps if idle and len(groups) == 1 and runs_ahead(self.runner) else 1
+        for idx in groups:
+            group = [reqs[i] for i in idx]
+            if not (cap > 1 and self._run_ahead(group, results, cap)):
+                self._run_group(group, results)
         return results
+
+    def _run_ahead(self, group: list[Request], results: dict, cap: int) -> bool:
+        """Run the group's next fixed-schedule Reuse steps back to back on the device (``reuse_ahead``);
+        False where it cannot (the one-step path runs it, and isolates a request whose data fails)."""
+        counts = [r.state.lookahead(cap) for r in group]
+        n = min(len(c) for c in counts)
+        if n < 2:
+            return False
+        states = [r.state for r in group]
+        try:
+            batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
+            if not self.runner.can_run_ahead(batch):
+                return False
+            x0, conf, blocks = self.runner.reuse_ahead(batch, torch.tensor([c[:n] for c in counts]))
+        except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
+            log.debug("steps ahead failed, one step instead: %s", e)
+            return False
+        for j, r in enumerate(group):
+            results[id(r)] = [(StepOutput(x0[s, j], conf[s, j]), blocks[s, j], counts[j][s]) for s in range(n)]
+        return True
+
+    def _apply_ahead(self, r: Request, steps: list, n_running: int) -> None:
+        """Apply steps run ahead in order, each through the decoding core; stop where the core's own commit
+        or schedule differs from what the device assumed for the next one (those steps are dropped and run
+        again)."""
+        for s, (out, _, count) in enumerate(steps):
+            st = r.state
+            if r.finished or st.phase != "reuse" or st.n_now != count or (
+                    s and not torch.equal(st.x[st.bs:st.be], steps[s - 1][1])):
+                self.metrics.inc("lookahead_dropped_steps_total", len(steps) - s)
+                return
+            self._postprocess(r, out, n_running)
 
     def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
         states = [r.state for r in group]

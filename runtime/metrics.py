@@ -44,6 +44,7 @@ class Metrics:
         "preemptions_total": "Requests preempted by recompute",
         "rejected_total": "Requests rejected because the queue was full",
         "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
+        "lookahead_dropped_steps_total": "Steps run ahead on the device that the decoding core dropped",
     }
 
     def __init__(self):

@@ -49,6 +49,9 @@ def _options(f):
         click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
                      help="decoding inside the graphs [fused on GPU: Triton selected-row logits]"),
         click.option("--compile/--no-compile", default=None, help="torch.compile each block (graph runner)"),
+        click.option("--lookahead-steps", default=None, type=int,
+                     help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
+                          "1: off [16]"),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -120,6 +120,23 @@ class GraphedRunner(Protocol):
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None: ...
 
 
+@runtime_checkable
+class LookaheadRunner(Protocol):
+    """A runner that runs several Reuse steps of one batch back to back on the device, committing each step's
+    tokens there (``decoding.commit_ahead``) so that the host neither waits nor stages inputs between them:
+    ``reuse_ahead(batch, counts [B, n] host int64, the rows' schedule counts from DecodeState.lookahead)`` ->
+    (x0 [n, B, N] int64, conf [n, B, N] float64, blocks [n, B, N] int64: the block after step s's commit),
+    all on the host after one sync. ``can_run_ahead(batch)`` says whether this batch can."""
+
+    def can_run_ahead(self, batch: "StepBatch") -> bool: ...
+
+    def reuse_ahead(self, batch: "StepBatch", counts: torch.Tensor) -> tuple: ...
+
+
+def runs_ahead(runner) -> bool:
+    return isinstance(runner, LookaheadRunner)
+
+
 def is_graphed(runner) -> bool:
     return isinstance(runner, GraphedRunner) and runner.graphed
 

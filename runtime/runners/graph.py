@@ -39,6 +39,7 @@ import torch
 from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
 
+from ..decoding import commit_ahead
 from ..step import StepBatch, take_rows
 from .eager import VOCAB_CHUNK, EagerRunner
 
@@ -90,7 +91,8 @@ class GraphRunner(EagerRunner):
         self.max_width = max_width
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
-        self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0}
+        self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
+                      "ahead_calls": 0}
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
         if compile:
@@ -193,6 +195,12 @@ class GraphRunner(EagerRunner):
         return super().reuse(batch)
 
     def _replay(self, batch: StepBatch):
+        B = batch.n_seqs
+        tok, conf = self._launch(self._stage(batch))
+        return tok[:B].clone(), conf[:B].to(torch.float64)
+
+    def _stage(self, batch: StepBatch) -> _Graph:
+        """Copy the batch's rows into its bucket's static inputs (capturing the bucket on first use)."""
         B, T, N, W, S = batch.n_seqs, batch.n_fed, batch.n_out, batch.width, self.pool.s_max
         g = self._graph(self.bucket(B), T, N)
         m = g.meta_host                                                           # [4, bb] on the host
@@ -213,12 +221,46 @@ class GraphRunner(EagerRunner):
             g.key_mask[B:g.rows_used] = False
             g.key_mask[B:g.rows_used, :T] = True
         g.rows_used = B
+        return g
+
+    def _launch(self, g: _Graph):
+        """Replay (or, without capture, run) the step over the static inputs -> its static (tok, conf)."""
         if g.graph is not None:
             g.graph.replay()
-            tok, conf = g.tok, g.conf
-        else:
-            tok, conf = self._step(g)
-        return tok[:B].clone(), conf[:B].to(torch.float64)
+            return g.tok, g.conf
+        return self._step(g)
+
+    # -- steps ahead of the host (step.LookaheadRunner) --------------------------------------------------
+    def can_run_ahead(self, batch: StepBatch) -> bool:
+        return batch.phase == "reuse" and self._eligible(batch)
+
+    @torch.no_grad()
+    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
+        """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``)
+        writes the block's new tokens into the graph's static ids, which the next replay reads; the host
+        launches them all and waits once at the end."""
+        if not self.can_run_ahead(batch):
+            raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
+        t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        B, N, n, dev = batch.n_seqs, batch.n_out, counts.shape[1], self.device
+        g = self._stage(batch)
+        k = counts.to(dev, non_blocking=True)                                     # [B, n]
+        cols = (batch.out_start - batch.q_start[:B]).to(dev)[:, None] + torch.arange(N, device=dev)  # [B, N]
+        ids = g.ids[:B]                                                           # a view of the static ids
+        toks = torch.empty(n, B, N, dtype=torch.long, device=dev)
+        blocks = torch.empty_like(toks)
+        confs = None
+        for s in range(n):
+            tok, conf = self._launch(g)
+            if confs is None:
+                confs = torch.empty(n, B, N, dtype=conf.dtype, device=dev)
+            new = commit_ahead(ids.gather(1, cols), tok[:B], conf[:B], k[:, s], self.config.mask_id)
+            ids.scatter_(1, cols, new)
+            toks[s], confs[s], blocks[s] = tok[:B], conf[:B], new
+        self.stats["replays"] += n
+        self.stats["ahead_calls"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # launched
+        return toks.cpu(), confs.to(torch.float64).cpu(), blocks.cpu()                   # the one wait
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""

@@ -1,0 +1,89 @@
+"""Steps run ahead of the host (step.LookaheadRunner, GraphRunner.reuse_ahead, Engine._run_ahead).
+
+A fixed-schedule Reuse step's only input from the host is the previous step's commit, so the graph runner runs
+several back to back, committing on the device (``decoding.commit_ahead``); the engine applies each step's
+outputs through the decoding core afterwards and drops steps whose device-side input differs from the core's
+own commit. On CPU the same code path runs without capture. Tokens must equal generate()'s exactly."""
+import pytest
+import torch
+
+from dlc.runtime import decoding
+from dlc.runtime.config import ServeConfig
+from dlc.runtime.decoding import DecodeState, GenerationConfig
+from dlc.runtime.engine import Engine
+from dlc.runtime.generate import generate
+from dlc.runtime.session import open_model
+
+
+@pytest.fixture(scope="module", params=["tiny-llada", "tiny-dream"])
+def session(request):
+    return open_model(request.param, progress=False)
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 200, (int(torch.randint(3, 25, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def run(session, ps, params, lookahead):
+    eng = Engine(session, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, cuda_graphs=True,
+                                      graph_decode="exact", lookahead_steps=lookahead))
+    reqs = [eng.make_request(p, params) for p in ps]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    return eng, [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("kv_cache", ["dual", "prefix"])
+def test_steps_ahead_give_generate_tokens(session, kv_cache):
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache=kv_cache)
+    ps = prompts(5)
+    eng, outs = run(session, ps, params, lookahead=16)
+    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in ps]
+    assert outs == refs
+    assert len({tuple(o) for o in outs}) > 1                     # a decisive model: outputs vary by prompt
+    st = eng.runner.stats
+    assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0
+    assert eng.metrics.counter("lookahead_dropped_steps_total") == 0
+    # 2 blocks of 8 steps each: 1 Refresh + 7 Reuse steps per block, the 7 run as one call each
+    assert st["ahead_calls"] == 2 and st["replays"] == 14
+    off, outs_off = run(session, ps, params, lookahead=1)
+    assert outs_off == refs and off.runner.stats["ahead_calls"] == 0
+
+
+def test_a_wrong_device_commit_is_dropped(session, monkeypatch):
+    """The core checks the device's commit: a device rule that unmasks the least confident position makes
+    every step after the first of a run differ; those are dropped and recomputed, and the tokens still equal
+    generate()'s."""
+    def worst(self, conf, masked, n_sched):
+        return decoding._topk_mask(torch.where(masked, -conf, torch.full_like(conf, float("-inf"))),
+                                   n_sched) & masked
+    monkeypatch.setattr(decoding.ScheduleRule, "select_batched", worst)
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    ps = prompts(3, seed=1)
+    eng, outs = run(session, ps, params, lookahead=16)
+    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in ps]
+    assert outs == refs
+    assert eng.metrics.counter("lookahead_dropped_steps_total") > 0
+
+
+def test_lookahead_counts_follow_the_schedule():
+    mc = open_model("tiny-llada", progress=False).config
+    st = DecodeState.new([1, 2, 3], GenerationConfig(gen_length=16, block_length=8, steps=8,
+                                                          kv_cache="dual"), mc)
+    st.advance(8)
+    assert st.phase == "refresh" and st.lookahead(16) == []        # a Refresh is not run ahead
+    st.apply(torch.full((8,), 5), torch.linspace(0, 1, 8, dtype=torch.float64))
+    st.advance(8)
+    assert st.phase == "reuse" and st.lookahead(16) == [2, 2, 2] and st.lookahead(2) == [2, 2]
+    assert st.lookahead(1) == []
+    for bad in (dict(threshold=0.9), dict(temperature=0.5), dict(refresh_every=2), dict(kv_cache="none")):
+        gen = GenerationConfig(**{**dict(gen_length=16, block_length=8, steps=8, kv_cache="dual"), **bad})
+        s = DecodeState.new([1, 2, 3], gen, mc)
+        s.advance(8)
+        s.apply(torch.full((8,), 5), torch.linspace(0, 1, 8, dtype=torch.float64))
+        s.advance(8)
+        got = s.lookahead(16)
+        assert got == ([2] if "refresh_every" in bad else []), bad
