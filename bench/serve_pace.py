@@ -1,0 +1,224 @@
+"""Is the served path as fast as the best hand-built loop? (issue 15's pace targets, one process, one GPU)
+
+LLaDA-8B shape, random bf16 weights, prompt 512, gen 256, block 32, one token per step, dual cache. Variants,
+timed in alternating order over ``--rounds`` rounds (medians reported), every shape warmed first:
+
+* ``hand``: the hand-built optimized loop (``gpu_bench.FastDual``: compiled-free eager Refresh + fused logits,
+  each Reuse step one CUDA graph that unmasks its token in place; no host sync until the end);
+* ``engine-la1``: ``dlc.runtime.Engine`` + GraphRunner, one host round trip per step (``lookahead_steps=1``);
+* ``engine-la<N>``: the same with fixed-schedule Reuse steps run ahead on the device (``lookahead_steps=N``);
+* ``http``: ``dlc serve``'s app (uvicorn on 127.0.0.1, phase policy, server defaults) driven by the official
+  openai client: one request at B=1, B concurrent requests otherwise (token-id prompts; the model has no
+  tokenizer, so detokenizing costs nothing here).
+
+Prints JSON lines and a table last: tok/s per variant and its ratio to ``hand``; GraphRunner host ms per
+replay; the GPU idle share at B=1 estimated as 1 - (GPU-timed Reuse step x replays + Refresh x blocks) / wall.
+
+    python3 -P bench/serve_pace.py --batches 1,32 --rounds 3 | tee serve_pace.log
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine_path  # noqa: E402
+import gpu_bench  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prompts_for(cfg, B, P):
+    g = torch.Generator().manual_seed(B)
+    return [torch.randint(0, cfg.vocab_size - 512, (P,), generator=g).tolist() for _ in range(B)]
+
+
+def make_engine(runner, B, args, **over):
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    from dlc.runtime.session import Session
+    cfg, L = runner.config, args.prompt + args.gen
+    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
+    sc = ServeConfig(model="bench", device=str(runner.device), max_batch_size=B, max_num_tokens=2 * B * L,
+                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", gen_length=args.gen,
+                     block_length=args.block, steps=args.gen, **over)
+    return Engine(Session(runner, None, cfg, False, "bench"), sc)
+
+
+def time_hand(model, B, args):
+    from types import SimpleNamespace
+    a = SimpleNamespace(prompt=args.prompt, block=args.block, graphs=True)
+    cfg = model.config
+    x0 = torch.full((B, args.prompt + args.gen), cfg.mask_id, dtype=torch.long, device="cuda")
+    x0[:, :args.prompt] = torch.tensor(prompts_for(cfg, B, args.prompt), device="cuda")
+    fast = gpu_bench.FastDual(model, x0.clone(), a, torch.device("cuda"))
+    fast.run(x0.clone())                                              # warm: every block's graph replayed
+    x = x0.clone()
+    sync()
+    t = time.perf_counter()
+    fast.run(x)
+    sync()
+    secs = time.perf_counter() - t
+    del fast
+    torch.cuda.empty_cache()
+    return secs
+
+
+def time_engine(runner, B, args, lookahead):
+    eng = make_engine(runner, B, args, policy="fcfs", lookahead_steps=lookahead)
+    prompts = prompts_for(runner.config, B, args.prompt)
+    eng.generate(prompts, dict(gen_length=2 * args.block, block_length=args.block, steps=2 * args.block))
+    st0 = dict(runner.stats)
+    sync()
+    t = time.perf_counter()
+    outs = eng.generate(prompts, dict(gen_length=args.gen, block_length=args.block, steps=args.gen))
+    sync()
+    secs = time.perf_counter() - t
+    assert all(len(o) == args.gen for o in outs), [len(o) for o in outs]
+    n = runner.stats["replays"] - st0["replays"]
+    host = (runner.stats["host_s"] - st0["host_s"]) / max(n, 1) * 1e3
+    del eng
+    torch.cuda.empty_cache()
+    return secs, host, n
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def time_http(runner, B, args, lookahead):
+    import openai
+    import uvicorn
+
+    from dlc.runtime.server import build_app
+    eng = make_engine(runner, B, args, lookahead_steps=lookahead)
+    eng.warmup()
+    app = build_app(eng, "bench")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+    prompts = prompts_for(runner.config, B, args.prompt)
+
+    def one(p, gen):
+        r = client.completions.create(model="bench", prompt=p, max_tokens=gen, temperature=0.0,
+                                      extra_body=dict(gen_length=gen, block_length=args.block, steps=gen))
+        return r.usage.completion_tokens
+
+    with ThreadPoolExecutor(B) as ex:                                  # warm: the timed shapes
+        list(ex.map(lambda p: one(p, 2 * args.block), prompts))
+        sync()
+        t = time.perf_counter()
+        toks = sum(ex.map(lambda p: one(p, args.gen), prompts))
+        secs = time.perf_counter() - t
+    server.should_exit = True
+    th.join(60)
+    del eng
+    torch.cuda.empty_cache()
+    assert toks == B * args.gen, toks
+    return secs
+
+
+def graph_step_ms(runner, args):
+    """GPU time of one captured Reuse step at B=1 (CUDA events over replays): the floor of the engine's step."""
+    eng = make_engine(runner, 1, args, policy="fcfs", lookahead_steps=1)
+    eng.generate(prompts_for(runner.config, 1, args.prompt), dict(gen_length=args.block,
+                                                                  block_length=args.block, steps=args.block))
+    g = next(g for g in runner.graphs.values() if g.graph is not None)
+    for _ in range(3):
+        g.graph.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(20):
+        g.graph.replay()
+    e1.record()
+    sync()
+    reuse_ms = e0.elapsed_time(e1) / 20
+    x = torch.randint(0, 1000, (1, args.prompt + args.gen), device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            runner.model(x)
+        e0.record()
+        for _ in range(5):
+            runner.model(x)
+        e1.record()
+    sync()
+    del eng
+    return reuse_ms, e0.elapsed_time(e1) / 5
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llada-8b")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lookahead", type=int, default=16)
+    p.add_argument("--no-http", action="store_true")
+    args = p.parse_args(argv)
+    from dlc.runtime.runners.graph import GraphRunner
+    model = engine_path.build(args.preset, "cuda")
+    runner = GraphRunner(model)                                        # fuses q|k|v, gate|up (hand too)
+    step_ms, refresh_ms = graph_step_ms(runner, args)
+    print(json.dumps({"graph_step_ms_B1": step_ms, "refresh_ms_B1": refresh_ms}), flush=True)
+    rows = []
+    for B in (int(b) for b in args.batches.split(",")):
+        variants = {"hand": lambda: (time_hand(model, B, args), None, None),
+                    "engine-la1": lambda: time_engine(runner, B, args, 1),
+                    f"engine-la{args.lookahead}": lambda: time_engine(runner, B, args, args.lookahead)}
+        if not args.no_http:
+            variants["http"] = lambda: (time_http(runner, B, args, args.lookahead), None, None)
+        res = {k: [] for k in variants}
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for k in order:
+                secs, host, n = variants[k]()
+                res[k].append((secs, host, n))
+                print(json.dumps({"B": B, "round": r, "variant": k, "seconds": secs, "host_ms_per_replay": host,
+                                  "replays": n}), flush=True)
+        hand = statistics.median(s for s, _, _ in res["hand"])
+        for k, v in res.items():
+            med = statistics.median(s for s, _, _ in v)
+            hosts = [h for _, h, _ in v if h is not None]
+            reps = [n for _, _, n in v if n is not None]
+            idle = None
+            if B == 1 and reps:
+                gpu_s = (step_ms * statistics.median(reps) + refresh_ms * args.gen // args.block) * 1e-3
+                idle = 1 - gpu_s / med                                       # wall not spent on the GPU
+            rows.append((B, k, B * args.gen / med, hand / med, statistics.median(hosts) if hosts else None,
+                         idle, min(s for s, _, _ in v), max(s for s, _, _ in v)))
+    print(f"\nLLaDA-8B shape bf16, prompt {args.prompt} gen {args.gen} block {args.block}, 1 token/step, dual "
+          f"cache; {torch.cuda.get_device_name()} torch {torch.__version__}; medians of {args.rounds} rounds; "
+          f"B=1 GPU: graph Reuse step {step_ms:.2f} ms, Refresh forward {refresh_ms:.2f} ms")
+    print(f"{'B':>3} {'variant':<14} {'tok/s':>8} {'x hand':>7} {'host ms/replay':>15} {'GPU idle':>16} "
+          f"{'min s':>7} {'max s':>7}")
+    for B, k, tps, ratio, host, idle, lo, hi in rows:
+        print(f"{B:>3} {k:<14} {tps:>8.1f} {ratio:>7.3f} {'' if host is None else f'{host:.3f}':>15} "
+              f"{'' if idle is None else f'{idle:.1%}':>16} {lo:>7.2f} {hi:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
