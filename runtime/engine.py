@@ -33,6 +33,7 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +48,8 @@ from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch, runs_ahead
+from .step import (AheadSteps, check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch,
+                   runs_ahead)
 from .step_output import StepOutput
 from .stops import StopStrings
 
@@ -82,6 +84,14 @@ def graph_runner_for(runner, cfg: ServeConfig):
     if type(runner) is not EagerRunner:
         raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
     return GraphRunner(runner.model, decode=cfg.graph_decode, compile=cfg.compile)
+
+
+@dataclass
+class _AheadRow:
+    """One request's share of a run of steps ahead: row ``j`` of ``steps``, its schedule ``counts``."""
+    steps: AheadSteps
+    j: int
+    counts: list[int]
 
 
 class Engine:
@@ -235,10 +245,11 @@ class Engine:
             results = self._run(batch)
             self._record(batch, time.perf_counter() - t0)
             for r in batch:
-                if isinstance(results.get(id(r)), list):
-                    self._guard(r, lambda r=r: self._apply_ahead(r, results[id(r)], n_running))
-                elif id(r) in results:
+                if id(r) in results and not isinstance(results[id(r)], _AheadRow):
                     self._guard(r, lambda r=r: self._postprocess(r, results[id(r)], n_running))
+            ahead = [r for r in batch if isinstance(results.get(id(r)), _AheadRow)]
+            if ahead:
+                self._apply_ahead(ahead, results, n_running)
         self._update_gauges()
         return len(batch)
 
@@ -278,25 +289,30 @@ class Engine:
             batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
             if not self.runner.can_run_ahead(batch):
                 return False
-            x0, conf, blocks = self.runner.reuse_ahead(batch, torch.tensor([c[:n] for c in counts]))
+            steps = self.runner.reuse_ahead(batch, torch.tensor([c[:n] for c in counts]))
         except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
             log.debug("steps ahead failed, one step instead: %s", e)
             return False
         for j, r in enumerate(group):
-            results[id(r)] = [(StepOutput(x0[s, j], conf[s, j]), blocks[s, j], counts[j][s]) for s in range(n)]
+            results[id(r)] = _AheadRow(steps, j, counts[j][:n])
         return True
 
-    def _apply_ahead(self, r: Request, steps: list, n_running: int) -> None:
-        """Apply steps run ahead in order, each through the decoding core; stop where the core's own commit
-        or schedule differs from what the device assumed for the next one (those steps are dropped and run
-        again)."""
-        for s, (out, _, count) in enumerate(steps):
-            st = r.state
-            if r.finished or st.phase != "reuse" or st.n_now != count or (
-                    s and not torch.equal(st.x[st.bs:st.be], steps[s - 1][1])):
-                self.metrics.inc("lookahead_dropped_steps_total", len(steps) - s)
-                return
-            self._postprocess(r, out, n_running)
+    def _apply_ahead(self, rows: list[Request], results: dict, n_running: int) -> None:
+        """Apply steps run ahead, step by step as each lands (the device runs the later ones meanwhile), each
+        through the decoding core; a row stops where the core's own commit or schedule differs from what the
+        device assumed for its next step (those steps are dropped and run again)."""
+        steps, live = results[id(rows[0])].steps, list(rows)
+        for s in range(len(steps)):
+            steps.wait(s)
+            for r in list(live):
+                a, st = results[id(r)], r.state
+                if r.finished or st.phase != "reuse" or st.n_now != a.counts[s] or (
+                        s and not torch.equal(st.x[st.bs:st.be], steps.blocks[s - 1, a.j])):
+                    self.metrics.inc("lookahead_dropped_steps_total", len(steps) - s)
+                    live.remove(r)
+                    continue
+                out = StepOutput(steps.x0[s, a.j], steps.conf[s, a.j].to(torch.float64))
+                self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
 
     def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
         states = [r.state for r in group]

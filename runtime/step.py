@@ -120,17 +120,34 @@ class GraphedRunner(Protocol):
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None: ...
 
 
+@dataclass
+class AheadSteps:
+    """Steps a runner ran ahead of the host, landing on the host step by step: step s's tensors are valid
+    once ``wait(s)`` returns, while the device still runs the steps after it."""
+    x0: torch.Tensor                    # [n, B, N] int64 candidates of each step (host)
+    conf: torch.Tensor                  # [n, B, N] float confidences
+    blocks: torch.Tensor                # [n, B, N] int64 the block after step s's device-side commit
+    events: list | None = None          # per step: a device event recorded after its copies (None: ready)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def wait(self, s: int) -> None:
+        if self.events is not None:
+            self.events[s].synchronize()
+
+
 @runtime_checkable
 class LookaheadRunner(Protocol):
     """A runner that runs several Reuse steps of one batch back to back on the device, committing each step's
     tokens there (``decoding.commit_ahead``) so that the host neither waits nor stages inputs between them:
     ``reuse_ahead(batch, counts [B, n] host int64, the rows' schedule counts from DecodeState.lookahead)`` ->
-    (x0 [n, B, N] int64, conf [n, B, N] float64, blocks [n, B, N] int64: the block after step s's commit),
-    all on the host after one sync. ``can_run_ahead(batch)`` says whether this batch can."""
+    ``AheadSteps`` (the host applies step s while the device runs the later ones). ``can_run_ahead(batch)``
+    says whether this batch can."""
 
     def can_run_ahead(self, batch: "StepBatch") -> bool: ...
 
-    def reuse_ahead(self, batch: "StepBatch", counts: torch.Tensor) -> tuple: ...
+    def reuse_ahead(self, batch: "StepBatch", counts: torch.Tensor) -> AheadSteps: ...
 
 
 def runs_ahead(runner) -> bool:

@@ -40,7 +40,7 @@ from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
 
 from ..decoding import commit_ahead
-from ..step import StepBatch, take_rows
+from ..step import AheadSteps, StepBatch, take_rows
 from .eager import VOCAB_CHUNK, EagerRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -238,7 +238,7 @@ class GraphRunner(EagerRunner):
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
         """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``)
         writes the block's new tokens into the graph's static ids, which the next replay reads; the host
-        launches them all and waits once at the end."""
+        launches them all at once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
         if not self.can_run_ahead(batch):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
@@ -247,20 +247,25 @@ class GraphRunner(EagerRunner):
         k = counts.to(dev, non_blocking=True)                                     # [B, n]
         cols = (batch.out_start - batch.q_start[:B]).to(dev)[:, None] + torch.arange(N, device=dev)  # [B, N]
         ids = g.ids[:B]                                                           # a view of the static ids
-        toks = torch.empty(n, B, N, dtype=torch.long, device=dev)
-        blocks = torch.empty_like(toks)
-        confs = None
+        cuda = dev.type == "cuda"
+        host = dict(dtype=torch.long, pin_memory=cuda)
+        out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
+                         [] if cuda else None)
         for s in range(n):
             tok, conf = self._launch(g)
-            if confs is None:
-                confs = torch.empty(n, B, N, dtype=conf.dtype, device=dev)
+            if out.conf is None:
+                out.conf = torch.empty(n, B, N, dtype=conf.dtype, pin_memory=cuda)
             new = commit_ahead(ids.gather(1, cols), tok[:B], conf[:B], k[:, s], self.config.mask_id)
             ids.scatter_(1, cols, new)
-            toks[s], confs[s], blocks[s] = tok[:B], conf[:B], new
+            for dst, src in ((out.x0, tok), (out.conf, conf), (out.blocks, new)):
+                dst[s].copy_(src[:B], non_blocking=cuda)
+            if cuda:                                      # step s lands while the later steps run
+                out.events.append(torch.cuda.Event())
+                out.events[-1].record()
         self.stats["replays"] += n
         self.stats["ahead_calls"] += 1
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # launched
-        return toks.cpu(), confs.to(torch.float64).cpu(), blocks.cpu()                   # the one wait
+        return out
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""
