@@ -19,6 +19,7 @@ replay; the GPU idle share at B=1 estimated as 1 - (GPU-timed Reuse step x repla
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import socket
 import statistics
@@ -57,6 +58,13 @@ def make_engine(runner, B, args, **over):
                      max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", gen_length=args.gen,
                      block_length=args.block, steps=args.gen, **over)
     return Engine(Session(runner, None, cfg, False, "bench"), sc)
+
+
+def settle():
+    """Free what earlier variants left (engines hold reference cycles) before anything captures a graph:
+    pinned host buffers freed by the collector during a capture would invalidate it."""
+    gc.collect()
+    sync()
 
 
 def time_hand(model, B, args):
@@ -195,6 +203,7 @@ def main(argv=None):
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for k in order:
+                settle()
                 secs, host, n = variants[k]()
                 res[k].append((secs, host, n))
                 print(json.dumps({"B": B, "round": r, "variant": k, "seconds": secs, "host_ms_per_replay": host,
