@@ -176,6 +176,49 @@ def graph_step_ms(runner, args):
     return reuse_ms, e0.elapsed_time(e1) / 5
 
 
+def profile_engine(runner, args, lookahead):
+    """Where an Engine generation's wall time goes at B=1 (wrappers around the engine's and runner's calls;
+    wall ms summed over the timed generation): Refresh calls (to the host copy), run-ahead launches, waits for
+    steps to land, the core's applies, the rest of the engine step."""
+    from dlc.runtime import engine as engine_mod
+    from dlc.runtime.step import AheadSteps
+    acc = {}
+
+    def wrap(obj, name, key):
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+        setattr(obj, name, timed)
+        return fn
+
+    eng = make_engine(runner, 1, args, policy="fcfs", lookahead_steps=lookahead)
+    prompts = prompts_for(runner.config, 1, args.prompt)
+    eng.generate(prompts, dict(gen_length=2 * args.block, block_length=args.block, steps=2 * args.block))
+    saved = [(engine_mod, "run_batch", wrap(engine_mod, "run_batch", "one-step calls (run_batch, synced)")),
+             (eng, "_postprocess", wrap(eng, "_postprocess", "core apply+advance+emit")),
+             (AheadSteps, "wait", wrap(AheadSteps, "wait", "waits for landed steps")),
+             (runner, "reuse_ahead", wrap(runner, "reuse_ahead", "run-ahead launches")),
+             (engine_mod, "make_batch", wrap(engine_mod, "make_batch", "make_batch"))]
+    sync()
+    t = time.perf_counter()
+    eng.generate(prompts, dict(gen_length=args.gen, block_length=args.block, steps=args.gen))
+    sync()
+    wall = time.perf_counter() - t
+    for obj, name, fn in saved:
+        if obj is eng or obj is runner:
+            delattr(obj, name) if name in vars(obj) else None
+        else:
+            setattr(obj, name, fn)
+    print(json.dumps({"profile_lookahead": lookahead, "wall_s": wall,
+                      **{k: round(v * 1e3, 2) for k, v in acc.items()}}), flush=True)
+    del eng
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="llada-8b")
@@ -186,12 +229,17 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lookahead", type=int, default=16)
     p.add_argument("--no-http", action="store_true")
+    p.add_argument("--profile", action="store_true", help="only the B=1 wall-time breakdown of the Engine")
     args = p.parse_args(argv)
     from dlc.runtime.runners.graph import GraphRunner
     model = engine_path.build(args.preset, "cuda")
     runner = GraphRunner(model)                                        # fuses q|k|v, gate|up (hand too)
     step_ms, refresh_ms = graph_step_ms(runner, args)
     print(json.dumps({"graph_step_ms_B1": step_ms, "refresh_ms_B1": refresh_ms}), flush=True)
+    if args.profile:
+        for la in (1, args.lookahead, 1, args.lookahead):
+            profile_engine(runner, args, la)
+        return
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
         variants = {"hand": lambda: (time_hand(model, B, args), None, None),

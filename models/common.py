@@ -107,6 +107,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def narrow(self, width: int) -> "KVCache":
+        """The same rows, columns [0, width) only (views: writes land in this cache): a Refresh of sequences
+        at most ``width`` long attends over ``width`` keys instead of the whole slot (and, with no padding,
+        without a mask: SDPA's flash kernel)."""
+        if width >= self.seq_len or self.scores is not None:
+            return self
+        return KVCache([k[:, :, :width] for k in self.k], [v[:, :, :width] for v in self.v], self.rows)
+
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.k[i], self.v[i], self.rows, self.kv_len)
 

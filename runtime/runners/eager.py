@@ -76,8 +76,9 @@ class EagerRunner:
 
     @torch.no_grad()
     def refresh(self, batch: StepBatch):
-        c = batch.cache
-        keys = attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), batch.pos)
+        c = batch.cache.narrow(batch.width)           # keys [0, W): the sequences, not the whole slot
+        full = c.seq_len == batch.width and not batch.block_size and bool((batch.lengths == batch.width).all())
+        keys = None if full else attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), batch.pos)
         h = self.model(batch.ids, batch.pos, keys, cache=c, start=0,
                        embed_add=embed_add(batch, batch.width, 0, self.dtype))
         return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
