@@ -13,9 +13,9 @@ width) and replays it:
 * decoding inside the graph: ``fused`` (``dlc.kernels.fused_select_logits``: no [B, N, V] logits, float32
   confidence; the GPU default) or ``exact`` (the eager runner's float64 ``decode_rows``, so tokens equal
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
-* everything else runs through ``EagerRunner`` unchanged: Refresh and full forwards (compute-bound: launch
-  overhead is noise there), classifier-free guidance, temperature > 0 (the fused kernel's noise is not the
-  eager runner's hash, so sampled tokens would differ between the paths), fed widths over ``max_width``,
+* everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
+  Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance,
+  temperature > 0 (the fused kernel's noise is not the eager runner's hash, so sampled tokens would differ between the paths), fed widths over ``max_width``,
   batches over the largest bucket, caches that are not the bound pool, and batches that want decoding extras
   (``StepBatch.wants_extras``: entropy, logprobs, sampling filters, credit, smoothing).
   ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a runner (the decoding core draws it).
@@ -180,6 +180,18 @@ class GraphRunner(EagerRunner):
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         return decode_rows(rows, self.model.head_weight(), ar, ar, one, 0.0, torch.zeros_like(ar),
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
+
+    def decode(self, rows: torch.Tensor, batch: StepBatch):
+        """Eager steps (Refresh, full, Reuse fallbacks) decode as the graphs do: ``fused`` rows through the
+        Triton selected-row logits at T = 0 without guidance or extras (no [B, N, V] logits, no float64
+        softmax); anything else as the eager runner."""
+        if (self.decoding != "fused" or batch.temperature > 0 or batch.fed != batch.n_seqs
+                or batch.wants_extras()):
+            return super().decode(rows, batch)
+        from dlc.kernels import fused_select_logits
+        B, N, d = rows.shape
+        tok, conf = fused_select_logits(rows.reshape(-1, d), self.model.head_weight())
+        return tok.view(B, N), conf.view(B, N).to(torch.float64)
 
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @torch.no_grad()
