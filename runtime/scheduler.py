@@ -25,6 +25,25 @@ the engine runs them (grouped into runner calls) and feeds the results back.
 requests in arrival order up to the batch and token limits, stopping at the first that does not fit; that
 batch runs to completion (every request steps every iteration) before anything else is admitted.
 
+``ContinuousFCFSScheduler`` (policy ``fcfs-continuous``) is iteration-level FCFS, the continuous batching of
+vLLM's default scheduler: at *every* iteration the running requests step in arrival order while they fit
+the token budget and ``max_batch_size`` (the oldest always steps), then waiting requests are admitted in
+arrival order while the iteration's budget, ``max_batch_size`` running requests and a free KV slot allow,
+stopping at the first that does not fit. Each admitted request runs to completion (no preemption).
+
+How the three differ (same budget, batch limit and slot pool; tokens identical under all three):
+
+| | ``fcfs`` (static) | ``fcfs-continuous`` | ``phase`` |
+|---|---|---|---|
+| admission | only when nothing runs | every iteration | every iteration |
+| order of admission | arrival, stop at the first misfit | arrival, stop at the first misfit | priority; a misfit is skipped |
+| rows of an iteration | every running request | running requests in arrival order under the budget | Reuse rows first, then Refresh rows under ``refresh_share`` |
+| phases | whatever each request needs | whatever each request needs | Reuse prioritised, Refresh capped and staggered |
+| starvation guard | arrival order | arrival order | ageing + preemption by recompute |
+
+So ``fcfs`` vs ``fcfs-continuous`` isolates continuous admission, and ``fcfs-continuous`` vs ``phase``
+isolates phase multiplexing (and skipping misfits).
+
 Neither policy changes tokens: each request decodes through its own state (runtime/decoding.py). Schedulers
 only choose: they take and free KV slots, but never advance or apply decoding state. A preempted request is
 listed in ``preempted`` for the engine, which rewinds its block (``DecodeState.restart_block``)."""
@@ -188,4 +207,23 @@ class FCFSScheduler(BaseScheduler):
         return [r for r in self.running if not r.state.finished]
 
 
-SCHEDULERS = {"phase": PhaseScheduler, "fcfs": FCFSScheduler}
+class ContinuousFCFSScheduler(BaseScheduler):
+    def schedule(self) -> list[Request]:
+        cfg = self.cfg
+        chosen: list[Request] = []
+        used = 0
+        for r in sorted((r for r in self.running if not r.state.finished), key=lambda r: r.seq):
+            if chosen and (len(chosen) >= cfg.max_batch_size or used + r.cost() > cfg.max_num_tokens):
+                return chosen                    # the budget is spent: the rest step next iteration, in order
+            chosen.append(r)
+            used += r.cost()
+        while self.waiting and len(self.running) < cfg.max_batch_size:
+            r = self.waiting[0]                  # admission is a Refresh / full forward: it costs the sequence
+            if len(chosen) >= cfg.max_batch_size or used + r.L > cfg.max_num_tokens or not self.admit(r):
+                break                            # head-of-line: stop at the first misfit
+            chosen.append(r)
+            used += r.L
+        return chosen
+
+
+SCHEDULERS = {"phase": PhaseScheduler, "fcfs": FCFSScheduler, "fcfs-continuous": ContinuousFCFSScheduler}
