@@ -136,3 +136,22 @@ def test_continuous_steps_running_requests_in_arrival_order_under_the_budget(ses
     assert any(waiting_rows for _, waiting_rows in iterations)          # the budget did run out
     mixed = [p for p, _ in iterations if len({c for _, c in p}) > 1 and min(c for _, c in p) == 8]
     assert mixed                                    # a Reuse row (8) beside a Refresh row in one iteration
+
+
+def test_set_policy_switches_an_idle_engine_only(session):
+    from dlc.runtime.scheduler import SCHEDULERS
+    eng = make_engine(session, policy="fcfs")
+    r = eng.make_request([1, 2, 3], P)
+    eng.add_request(r)
+    with pytest.raises(RuntimeError, match="in flight"):
+        eng.set_policy("phase")
+    eng.run_until_done()
+    with pytest.raises(ValueError, match="policy must be one of"):
+        eng.set_policy("lifo")
+    assert type(eng.scheduler) is SCHEDULERS["fcfs"] and eng.cfg.policy == "fcfs"
+    eng.set_policy("fcfs-continuous")
+    assert type(eng.scheduler) is SCHEDULERS["fcfs-continuous"] and eng.cfg.policy == "fcfs-continuous"
+    r2 = eng.make_request([1, 2, 3], P)
+    eng.add_request(r2)
+    eng.run_until_done()
+    assert r2.output_ids == r.output_ids == reference(session, [1, 2, 3], P) and eng.kv.num_used == 0
