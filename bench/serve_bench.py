@@ -6,8 +6,8 @@ bench/engine_path.py's ``build`` (no checkpoint on disk), for the in-process eng
 
     python bench/serve_bench.py tiny-llada                                  # CPU, HTTP servers, every workload
     python bench/serve_bench.py llada-8b --driver engine --random-weights --device cuda \\
-        --prompt-len 256:512 --gen-lens 64,128,256 --block-length 32 --tokens-per-step 2 \\
-        --max-batch-size 32 --max-num-tokens 8192 --num-requests 32 --json serve.json   # GPU (docs/SERVING.md)
+        --prompt-len 256:512 --gen-lens 64,128 --block-length 32 --tokens-per-step 2 --max-batch-size 32 \\
+        --max-num-tokens 8192 --num-requests 24 --workloads burst,poisson-80 --json serve.json  # docs/SERVING.md
 """
 import sys
 
