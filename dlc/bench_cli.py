@@ -36,7 +36,7 @@ def _pair(s: str) -> tuple[int, int]:
               help="http: one `dlc serve` per policy, streaming clients; engine: one in-process Engine "
                    "(no web stack needed: the GPU machine)")
 @click.option("--workloads", default=",".join(WORKLOADS), show_default=True,
-              help="some of burst, poisson-50, poisson-80, poisson-95, osc (rates from the measured capacity)")
+              help="some of burst, poisson-50, poisson-80, poisson-95, osc (rates: from the capacity)")
 @click.option("--policies", default="fcfs,fcfs-continuous,phase", show_default=True,
               help="scheduler policies (http driver: POLICY:elastic for elastic granularity)")
 @click.option("--num-requests", default=24, show_default=True, type=int, help="requests per run")
@@ -56,23 +56,24 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--max-seq-len", default=None, type=int, help="[longest prompt + generation of the mix]")
 @click.option("--kv-cache-mb", default=None, type=float, help="[max batch + 2 slots of --max-seq-len]")
 @click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
-@click.option("--refresh-share", default=None, type=float, help="passed to every server (default: the server's)")
+@click.option("--refresh-share", default=None, type=float, help="phase's Refresh share [the server's]")
 @click.option("--device", default=None, help="cpu or cuda [cuda when available]")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile blocks [the server's]")
 @click.option("--random-weights", is_flag=True,
-              help="engine driver: the preset with random weights built on the device (bench/serve_bench.py)")
+              help="engine driver: the preset, random weights built on the device (bench/serve_bench.py)")
 @click.option("--port", default=0, show_default=True, type=int, help="first server port (0: free ones)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="write the whole result (every run, medians, spreads, targets) here")
 def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, gen_lens, block_length,
                 tokens_per_step, rounds, warmup, capacity, osc_load, period, amplitude, max_batch_size,
-                max_num_tokens, max_seq_len, kv_cache_mb, granularity, refresh_share, device, dtype, compile_,
-                random_weights, port, seed, json_path):
-    """Serve MODEL under each scheduler policy with the same seeded workloads (burst; Poisson at 50/80/95 % of
-    the measured capacity; oscillating load), warmed and repeated over rounds in rotated policy order; print
-    throughput, TTFT and latency (median [min-max]) and the target ratios with PASS/MISS, the table last."""
+                max_num_tokens, max_seq_len, kv_cache_mb, granularity, refresh_share, device, dtype,
+                compile_, random_weights, port, seed, json_path):
+    """Serve MODEL under each scheduler policy with the same seeded workloads (burst; Poisson at 50/80/95 %
+    of the measured capacity; oscillating load), warmed and repeated over rounds in rotated policy order;
+    print throughput, TTFT and latency (median [min-max]) and the target ratios (PASS/MISS), table last."""
     from dlc.runtime.benchmark import run_suite, table
     from dlc.runtime.loadgen import Workload, model_config_of, prompt_token_ids
 

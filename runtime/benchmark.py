@@ -12,7 +12,8 @@ One run of the suite, for every policy on the same model, settings and seeded re
 3. with ``warmup="all"`` every policy serves each load workload once more untimed, so the timed rounds meet
    only shapes (Refresh lengths, batch buckets) a run of the same workload already met;
 4. ``rounds`` timed rounds; in each, every workload runs under every policy, the policies' order rotated by
-   one per round (round r starts with policy r mod n), so no policy always runs first (or after the same one).
+   one per round (round r starts with policy r mod n), so no policy always runs first (or after the same
+   one).
 
 Each metric is reported as the median over rounds and its spread (min-max): throughput (tokens/s and
 requests/s over the run, first arrival to last completion), TTFT p50/p99 (first streamed block), end-to-end
@@ -48,7 +49,8 @@ TARGETS = (  # (name, workload, policy, baseline, metric, ratio bound, "<=" or "
 
 # -- drivers ------------------------------------------------------------------------------------------------
 class EngineDriver:
-    """One in-process Engine for every policy (its loop thread serves; this thread submits at arrival times)."""
+    """One in-process Engine for every policy (its loop thread serves; this thread submits at arrival
+    times)."""
     name = "engine"
 
     def __init__(self, engine, timeout_s: float = 600.0):
@@ -117,7 +119,8 @@ class EngineDriver:
 
 
 class HttpDriver:
-    """One `dlc serve` process per policy ("POLICY:elastic" adds --granularity elastic), kept for the suite."""
+    """One `dlc serve` process per policy ("POLICY:elastic" adds --granularity elastic), kept for the
+    suite."""
     name = "http"
 
     def __init__(self, model: str, server_args: list[str], port: int = 0):
@@ -152,7 +155,7 @@ class HttpDriver:
             proc.wait(60)
 
 
-# -- the suite ------------------------------------------------------------------------------------------------
+# -- the suite -------------------------------------------------------------------------------------------
 def mix_text(wl: Workload) -> str:
     lo, hi = wl.prompt_len
     return (f"{wl.num_requests} requests per run; prompt {lo}-{hi} tokens (uniform), generation "
@@ -172,6 +175,11 @@ def workloads_for(base: Workload, capacity: float, names, osc_load: float) -> di
         else:
             raise ValueError(f"workload {name!r}: expected some of {WORKLOADS}")
     return out
+
+
+def describe(w: Workload) -> dict:
+    d = {"pattern": w.pattern, "rate": None if w.pattern == "burst" else w.rate}
+    return {**d, "period": w.period, "amplitude": w.amplitude} if w.pattern == "osc" else d
 
 
 def rotated(policies: list[str], rnd: int) -> list[str]:
@@ -206,9 +214,7 @@ def run_suite(driver, base: Workload, policies: list[str], names=WORKLOADS, roun
             + ", ".join(f"{p} {v:.2f}" for p, v in measured.items()) + ")")
         wls = workloads_for(base, cap, names, osc_load)
         reqs = {n: w.requests() for n, w in wls.items()}
-        out["workloads"] = {n: {"pattern": w.pattern, "rate": None if w.pattern == "burst" else w.rate,
-                                **({"period": w.period, "amplitude": w.amplitude} if w.pattern == "osc" else {})}
-                            for n, w in wls.items()}
+        out["workloads"] = {n: describe(w) for n, w in wls.items()}
         if warmup == "all":
             for n in (n for n in names if n != "burst"):
                 for p in policies:
@@ -274,18 +280,19 @@ def targets(runs: dict, results: dict) -> list[dict]:
     return out
 
 
-# -- the report -------------------------------------------------------------------------------------------------
-def _cell(d: dict, unit_scale: float = 1.0, fmt: str = ".2f") -> str:
-    return (f"{d['median'] * unit_scale:{fmt}} [{d['min'] * unit_scale:{fmt}}-{d['max'] * unit_scale:{fmt}}]")
+# -- the report ------------------------------------------------------------------------------------------
+def _cell(d: dict, fmt: str = ".2f") -> str:
+    return f"{d['median']:{fmt}} [{d['min']:{fmt}}-{d['max']:{fmt}}]"
 
 
 def table(res: dict) -> str:
     """The report, printed last: method, the per-workload table (median [min-max]), the target rows."""
     cap = res["capacity"]
+    warm = "every workload once untimed per policy" if res["warmup"] == "all" else "one burst per policy"
     lines = [f"driver {res['driver']}; {res['mix']}",
              f"capacity {cap['requests_per_s']:.2f} req/s ({cap['source']}); {res['rounds']} rounds, policy "
              f"order rotated per round ({' | '.join(','.join(o) for o in res['order'])}); warm-up: "
-             f"{'every workload once untimed per policy' if res['warmup'] == 'all' else 'one burst per policy'}",
+             f"{warm}",
              _compiles_text(res["timed_compiles"]), "",
              "| workload | rate req/s | policy | tok/s | req/s | TTFT p50 s | TTFT p99 s | latency p50 s | "
              "latency p99 s | errors |", "|" + "---|" * 10]
@@ -299,11 +306,12 @@ def table(res: dict) -> str:
                          f"{_cell(m['ttft_p99'], fmt='.3f')} | {_cell(m['latency_p50'], fmt='.3f')} | "
                          f"{_cell(m['latency_p99'], fmt='.3f')} | {m['errors']['max']:g} |")
     if res["targets"]:
-        lines += ["", "| target | ratio (medians) | per-round ratios | target | status |", "|---|---|---|---|---|"]
+        lines += ["", "| target | ratio (medians) | per-round ratios | target | status |",
+                  "|---|---|---|---|---|"]
         for t in res["targets"]:
             miss = f" by {t['miss_by']:.0%}" if t["miss_by"] is not None else ""
-            lines.append(f"| {t['name']} | {t['ratio']:.2f}x | {t['min']:.2f}-{t['max']:.2f}x | {t['target']} | "
-                         f"{t['status']}{miss} |")
+            lines.append(f"| {t['name']} | {t['ratio']:.2f}x | {t['min']:.2f}-{t['max']:.2f}x | "
+                         f"{t['target']} | {t['status']}{miss} |")
     return "\n".join(lines)
 
 

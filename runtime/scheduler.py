@@ -33,18 +33,19 @@ stopping at the first that does not fit. Each admitted request runs to completio
 
 How the three differ (same budget, batch limit and slot pool; tokens identical under all three):
 
-| | ``fcfs`` (static) | ``fcfs-continuous`` | ``phase`` |
-|---|---|---|---|
-| admission | only when nothing runs | every iteration | every iteration |
-| order of admission | arrival, stop at the first misfit | arrival, stop at the first misfit | priority; a misfit is skipped |
-| rows of an iteration | every running request | running requests in arrival order under the budget | Reuse rows first, then Refresh rows under ``refresh_share`` |
-| phases | whatever each request needs | whatever each request needs | Reuse prioritised, Refresh capped and staggered |
-| starvation guard | arrival order | arrival order | ageing + preemption by recompute |
+- admission: ``fcfs`` only when nothing runs; ``fcfs-continuous`` and ``phase`` at every iteration;
+- admission order: both FCFS policies take arrival order and stop at the first request that does not fit;
+  ``phase`` takes aged requests first and skips a misfit (no head-of-line blocking);
+- rows of an iteration: ``fcfs`` every running request; ``fcfs-continuous`` the running requests oldest first
+  while the budget lasts, whatever phase each needs; ``phase`` Reuse rows first, then Refresh rows under
+  ``refresh_share`` (staggered block starts);
+- starvation: the FCFS policies by arrival order (an admitted request runs to completion); ``phase`` by
+  ageing and preemption by recompute.
 
 So ``fcfs`` vs ``fcfs-continuous`` isolates continuous admission, and ``fcfs-continuous`` vs ``phase``
 isolates phase multiplexing (and skipping misfits).
 
-Neither policy changes tokens: each request decodes through its own state (runtime/decoding.py). Schedulers
+No policy changes tokens: each request decodes through its own state (runtime/decoding.py). Schedulers
 only choose: they take and free KV slots, but never advance or apply decoding state. A preempted request is
 listed in ``preempted`` for the engine, which rewinds its block (``DecodeState.restart_block``)."""
 from __future__ import annotations
@@ -214,11 +215,11 @@ class ContinuousFCFSScheduler(BaseScheduler):
         used = 0
         for r in sorted((r for r in self.running if not r.state.finished), key=lambda r: r.seq):
             if chosen and (len(chosen) >= cfg.max_batch_size or used + r.cost() > cfg.max_num_tokens):
-                return chosen                    # the budget is spent: the rest step next iteration, in order
+                return chosen                    # budget spent: the rest step next iteration, in order
             chosen.append(r)
             used += r.cost()
         while self.waiting and len(self.running) < cfg.max_batch_size:
-            r = self.waiting[0]                  # admission is a Refresh / full forward: it costs the sequence
+            r = self.waiting[0]                  # admission is a Refresh / full forward: costs the sequence
             if len(chosen) >= cfg.max_batch_size or used + r.L > cfg.max_num_tokens or not self.admit(r):
                 break                            # head-of-line: stop at the first misfit
             chosen.append(r)
