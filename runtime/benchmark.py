@@ -193,6 +193,8 @@ def run_suite(driver, base: Workload, policies: list[str], names=WORKLOADS, roun
     if rounds < 1 or not policies or warmup not in ("all", "burst"):
         raise ValueError(f"run_suite: rounds >= 1, some policies, warmup 'all' or 'burst' "
                          f"(got {rounds}, {policies}, {warmup!r})")
+    if not osc_load > 0 or (capacity is not None and not capacity > 0):
+        raise ValueError(f"run_suite: osc_load and capacity must be > 0 (got {osc_load}, {capacity})")
     names = list(names)
     workloads_for(base, 1.0, names, osc_load)                             # names checked before any work
     burst = dataclasses.replace(base, pattern="burst").requests()

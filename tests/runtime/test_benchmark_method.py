@@ -117,4 +117,6 @@ def test_bad_suites_fail_before_any_work():
         run_suite(d, base(), POLICIES, ["burst", "wave"])
     with pytest.raises(ValueError, match="rounds"):
         run_suite(d, base(), POLICIES, rounds=0)
+    with pytest.raises(ValueError, match="osc_load and capacity"):
+        run_suite(d, base(), POLICIES, capacity=0.0)
     assert d.calls == [] and d.prepared is None
