@@ -13,7 +13,13 @@ One invocation prints ONE table; every ratio compares numbers measured in this s
   logits -> float64 softmax: ``monolithic_decode`` below) vs the fused op, vs a budget;
 * end-to-end tokens/s at a fixed schedule (prompt 512, gen 256, block 32, one token per step, dual cache):
   optimized vs a plain eager Fast-dLLM dual-cache loop written below;
-* serving throughput / p99 latency, phase-multiplexed vs FCFS, through ``dlc.runtime`` when its scheduler exists.
+* serving: phase-multiplexed vs static and continuous FCFS through one ``dlc.runtime.Engine``, with the serving
+  benchmark's method (``dlc.runtime.benchmark``: warmed, capacity measured, rotated rounds, medians); the
+  issue's target ratios (burst, Poisson at 80 % of capacity) as rows.
+
+Every section fits an 80 GB card at the default shapes (LLaDA-8B, bf16, prompt 512 + gen 256, B up to 32): the
+e2e eager baseline takes its float64 softmax over chunks of sequences (``--softmax-chunk-mib``) and the memory
+section reports a monolithic decode that cannot fit as OOM without attempting it.
 
 Random bf16 weights are created directly on the GPU. ``--smoke`` runs every section on a tiny model on CPU (no
 graphs, no compile) to check the script itself.
@@ -215,6 +221,25 @@ def monolithic_decode(logits):
     return x0, torch.softmax(logits.to(torch.float64), -1).gather(-1, x0[..., None])[..., 0]
 
 
+def softmax_rows_per_chunk(N: int, V: int, budget_bytes: int) -> int:
+    """Sequences per chunk of the baseline's float64 softmax: its float64 copy and its softmax (16 bytes per
+    logit) of that many [N, V] rows fit ``budget_bytes`` (at least one)."""
+    return max(1, int(budget_bytes // (N * V * 16)))
+
+
+def chunked_confidence(logits, x0, rows: int):
+    """float64 softmax probability of x0 [B, N] under logits [B, N, V], ``rows`` sequences at a time. Equal
+    to ``monolithic_decode``'s (softmax is per position); the transient is rows x N x V x 16 bytes instead of
+    B x N x V x 16 (B=32, N=768, V=126464: 3.1 GB per 2 rows instead of 49.7 GB, which with the weights, the
+    [B, L] K/V and the bf16 logits does not fit an 80 GB card)."""
+    conf = torch.empty(x0.shape, dtype=torch.float64, device=x0.device)              # [B, N]
+    for i in range(0, x0.shape[0], rows):
+        p = torch.softmax(logits[i:i + rows].to(torch.float64), -1)                  # [rows, N, V]
+        conf[i:i + rows] = p.gather(-1, x0[i:i + rows, :, None])[..., 0]
+        del p
+    return conf
+
+
 def make_pool(cfg, B, L, dt, dev, extra=0):
     """A KVCacheManager slot pool of B (+ extra) rows of L columns."""
     return KVCacheManager(cfg, L, slot_bytes(cfg, L, dt) * (B + extra), dt, dev, max_slots=B + extra)
@@ -381,13 +406,17 @@ def bench_memory(model, args, dev, g):
 
         def fused():
             return fused_decode(model, h)[0]
+        need = B * L * model.config.vocab_size * 18                    # bf16 logits + float64 copy + softmax
+        avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
         try:
+            if avail is not None and need > avail:                     # do not fragment the allocator trying
+                raise torch.OutOfMemoryError(f"needs {need / GiB:.0f} GiB, {avail / GiB:.0f} GiB free")
             m_bytes, x_mono = transient(mono, dev)
             m_txt = m_bytes / GiB if m_bytes is not None else None
         except torch.OutOfMemoryError:
-            need = B * L * model.config.vocab_size * 18 / GiB
             m_txt, x_mono = None, None
-            NOTES.append(f"logits B={B}: monolithic path ran out of memory (needs ~{need:.0f} GiB)")
+            NOTES.append(f"logits B={B}: the monolithic path does not fit (needs ~{need / GiB:.0f} GiB"
+                         + (f", {avail / GiB:.0f} GiB free)" if avail is not None else ")") + ": reported as OOM")
             free(dev)
         f_bytes, x_fused = transient(fused, dev)
         if x_mono is not None:
@@ -542,15 +571,16 @@ def initial_state(cfg, B, args, dev, g):
 @torch.no_grad()
 def fastdllm_dual_cache(model, x, args):
     """Plain eager Fast-dLLM dual cache: full forward + full [B, L, V] logits at each block start, then
-    block-only forwards over the cached K/V with the block's full logits; float64 softmax confidence."""
+    block-only forwards over the cached K/V with the block's full logits; float64 softmax confidence, taken
+    over chunks of sequences (``chunked_confidence``, same numbers) so that B=32 fits an 80 GB card."""
     cfg, P, blk = model.config, args.prompt, args.block
     B, L = x.shape
     cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, x.device)
+    rows = softmax_rows_per_chunk(L, cfg.vocab_size, args.softmax_chunk_mib * 2**20)
 
     def step(logits, a):
         x0 = logits.argmax(-1)                                           # [B, n]
-        p = torch.softmax(logits.to(torch.float64), dim=-1)
-        conf = torch.gather(p, -1, x0[..., None])[..., 0]
+        conf = chunked_confidence(logits, x0, rows)                      # [B, n] float64
         n = logits.shape[1]
         region = x[:, a:a + blk] if n == blk else x
         if n != blk:                                                     # full logits: only the block counts
@@ -627,6 +657,11 @@ def bench_e2e(model, args, dev, g):
         sync(dev)
         base_s = time.perf_counter() - t
         base_x = x
+        rows = softmax_rows_per_chunk(args.prompt + args.gen, cfg.vocab_size, args.softmax_chunk_mib * 2**20)
+        if rows < B:
+            NOTES.append(f"e2e B={B}: the eager baseline's float64 softmax runs {rows} sequence(s) at a time "
+                         f"(--softmax-chunk-mib {args.softmax_chunk_mib:g}; unchunked it needs "
+                         f"{B * (args.prompt + args.gen) * cfg.vocab_size * 16 / GiB:.0f} GiB at a block start)")
         free(dev)
         optimized(model, True, args)
         fast = FastDual(model, x0.clone(), args, dev)                   # capture (warm-up runs excluded)
@@ -681,35 +716,37 @@ def engine_e2e(model, args, dev, x0):
 
 # ----------------------------------------------------------------------------------------------- serving
 def bench_serving(model, args, dev, g):
-    """Phase-multiplexed vs FCFS through dlc.runtime.Engine (GraphRunner Reuse steps on CUDA) under the burst
-    workload of dlc.runtime.loadgen: every request at t = 0, prompt and generation lengths drawn per request."""
-    from dlc.runtime.loadgen import Workload
-    cfg = model.config
-    wl = Workload(pattern="burst", num_requests=args.serve_requests, prompt_len=(args.serve_prompt // 2,
-                  args.serve_prompt), gen_lens=tuple(args.serve_gens), block_length=args.block,
-                  tokens_per_step=args.serve_tps, seed=0)
-    rng = torch.Generator().manual_seed(0)          # the workload's lengths; token ids over the model's vocab
-    prompts = [(torch.randint(0, cfg.mask_id, (len(q["prompt"]),), generator=rng).tolist(), q["gen_length"])
-               for q in wl.requests()]
+    """Phase-multiplexed vs static FCFS vs continuous FCFS through one dlc.runtime.Engine (GraphRunner Reuse
+    steps on CUDA) with the serving benchmark's method (dlc.runtime.benchmark: every policy warmed on every
+    workload, capacity measured, policies' order rotated over >= 3 rounds, medians and min-max)."""
+    from dlc.runtime.benchmark import TARGETS, EngineDriver, run_suite
+    from dlc.runtime.loadgen import Workload, prompt_token_ids
+    base = Workload("burst", args.serve_requests, 1.0, prompt_len=(args.serve_prompt // 2, args.serve_prompt),
+                    gen_lens=tuple(args.serve_gens), block_length=args.block, tokens_per_step=args.serve_tps,
+                    seed=0, token_ids=prompt_token_ids(model.config))
     seq = args.serve_prompt + max(args.serve_gens)
-    out = {}
     optimized(model, True, args)
-    for policy in ("fcfs", "phase"):
-        eng = make_engine(model, dev, policy, args.serve_batch, seq, args.serve_batch * seq * 2, args.graphs)
-        run_burst(eng, prompts[: args.serve_batch], args, seq_cap=True)            # warm-up: capture, compile
-        free(dev)
-        eng = make_engine(model, dev, policy, args.serve_batch, seq, args.serve_batch * seq * 2, args.graphs,
-                          runner=eng.runner)
-        out[policy] = run_burst(eng, prompts, args)
-        free(dev)
-    (ft, fp, fn, fi), (pt, pp, pn, pi) = out["fcfs"], out["phase"]
-    add_row("Serving tok/s, burst (phase vs FCFS)", f"{pn}/{len(prompts)} req", ft, pt, None, pt / ft,
-            ">= 1.8x FCFS", pt / ft >= 1.8, "tok/s")
-    add_row("Serving p99 latency, burst (phase vs FCFS)", f"{fn}/{len(prompts)} req", fp, pp, None, pp / fp,
-            "<= 0.25x FCFS", pp / fp <= 0.25, "s")
-    NOTES.append(f"serving burst: {len(prompts)} requests at t=0, prompts {wl.prompt_len}, gen lengths "
-                 f"{wl.gen_lens}, block {args.block}, {args.serve_tps} tokens/step, max batch {args.serve_batch}; "
-                 f"per iteration: fcfs {fi}, phase {pi}")
+    eng = make_engine(model, dev, "phase", args.serve_batch, seq, args.serve_batch * seq * 2, args.graphs)
+    policies = ["fcfs", "fcfs-continuous", "phase"]
+    res = run_suite(EngineDriver(eng, args.serve_timeout_s), base, policies, args.serve_workloads,
+                    args.serve_rounds, log=log)
+    for name, wl, pol, ref, metric, bound, op in TARGETS:
+        if wl not in res["results"]:
+            continue
+        t = next(t for t in res["targets"] if t["name"] == name)
+        a, b = res["results"][wl][pol][metric]["median"], res["results"][wl][ref][metric]["median"]
+        add_row(f"Serving {name}", f"{args.serve_requests} req", b, a, None, t["ratio"], f"{op} {bound:g}x {ref}",
+                t["status"] == "PASS", "s" if metric.startswith("ttft") else "tok/s")
+    NOTES.append(f"serving: {res['mix']}; max batch {args.serve_batch}; capacity "
+                 f"{res['capacity']['requests_per_s']:.2f} req/s ({res['capacity']['source']}); {args.serve_rounds} "
+                 f"rounds, order rotated; graph captures / Dynamo compiles during timed rounds: "
+                 f"{res['timed_compiles']['graph_captures']} / {res['timed_compiles']['dynamo_graphs']}")
+    for wl, by in res["results"].items():
+        for pol, m in by.items():
+            NOTES.append(f"serving {wl} {pol}: " + ", ".join(
+                f"{k} {m[k]['median']:.3g} [{m[k]['min']:.3g}-{m[k]['max']:.3g}]"
+                for k in ("tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99", "latency_p50", "latency_p99")))
+    free(dev)
 
 
 def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
@@ -724,40 +761,6 @@ def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
                      steps=64, kv_cache="dual", cuda_graphs=graphs and dev.type == "cuda")
     eng = Engine(Session(runner or EagerRunner(model), None, cfg, False, "bench"), sc)
     return eng
-
-
-def run_burst(eng, prompts, args, seq_cap=False):
-    """All prompts at once through eng; -> (tok/s, p99 latency s, finished, iteration note)."""
-    from dlc.runtime.runners.graph import GraphRunner
-    gr = eng.runner if isinstance(eng.runner, GraphRunner) else None
-    h0 = dict(gr.stats) if gr else {}
-    t0 = time.monotonic()
-    reqs = []
-    for p, gl in prompts:
-        gl = min(gl, 64) if seq_cap else gl
-        r = eng.make_request(p, dict(gen_length=gl, block_length=args.block, steps=gl // args.serve_tps))
-        r.arrival = t0
-        eng.add_request(r)
-        reqs.append(r)
-    iters = 0
-    while eng.has_work():
-        eng.step()
-        iters += 1
-        if time.monotonic() - t0 > args.serve_timeout_s:
-            NOTES.append(f"serving {eng.cfg.policy}: stopped at the {args.serve_timeout_s}s cap")
-            break
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    wall = time.monotonic() - t0
-    done = [r for r in reqs if r.finish_time is not None]
-    lat = sorted(r.finish_time - r.arrival for r in done)
-    p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else float("nan")
-    span = max(r.finish_time for r in done) - t0 if done else float("nan")
-    note = f"{iters} iterations, {wall / max(iters, 1) * 1e3:.1f} ms each"
-    if gr:
-        n = gr.stats["replays"] - h0["replays"]
-        note += (f", {n} graph replays ({(gr.stats['host_s'] - h0['host_s']) / max(n, 1) * 1e3:.2f} ms host "
-                 f"each), {gr.stats['eager_reuse'] - h0['eager_reuse']} eager Reuse calls")
-    return sum(len(r.output_ids) for r in done) / span, p99, len(done), note
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -801,6 +804,8 @@ def parse_args(argv=None):
     p.add_argument("--e2e-batches", default="1,32")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--logit-budget-mib", type=int, default=256)
+    p.add_argument("--softmax-chunk-mib", type=float, default=4096,
+                   help="e2e eager baseline: float64 softmax over chunks of sequences of at most this size")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-graphs", dest="graphs", action="store_false")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs")
@@ -810,7 +815,10 @@ def parse_args(argv=None):
     p.add_argument("--serve-gens", default="64,128,256", help="generation lengths drawn per request")
     p.add_argument("--serve-tps", type=int, default=2, help="tokens per step (steps = gen / this)")
     p.add_argument("--serve-batch", type=int, default=16)
-    p.add_argument("--serve-timeout-s", type=float, default=60.0)
+    p.add_argument("--serve-timeout-s", type=float, default=300.0, help="per serving run")
+    p.add_argument("--serve-rounds", type=int, default=3)
+    p.add_argument("--serve-workloads", default="burst,poisson-80",
+                   help="of burst, poisson-50, poisson-80, poisson-95, osc (the targets need burst, poisson-80)")
     p.add_argument("--kernel-rows", default="32,1024")
     p.add_argument("--sweep", action="store_true", help="sweep fused-logits tile configs in the kernels section")
     p.add_argument("--json", default=None, help="write rows and notes here")
@@ -822,9 +830,11 @@ def parse_args(argv=None):
         a.batches, a.mem_batches, a.e2e_batches, a.iters, a.kernel_rows = "1,2", "1,2", "1,2", 2, "4"
         a.compile, a.graphs = False, False
         a.serve_requests, a.serve_prompt, a.serve_gens, a.serve_batch = 6, 8, "8,16", 4
+        a.serve_workloads, a.softmax_chunk_mib = "burst,poisson-80", 0.01     # chunked baseline softmax too
     for name in ("batches", "mem_batches", "e2e_batches", "kernel_rows", "serve_gens"):
         setattr(a, name, [int(v) for v in getattr(a, name).split(",") if v])
     a.sections = set(a.sections.split(","))
+    a.serve_workloads = [w for w in a.serve_workloads.split(",") if w]
     if a.gen % a.block:
         raise SystemExit(f"--gen {a.gen} must be a multiple of --block {a.block}")
     return a

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-POLICIES = ("phase", "fcfs")            # phase-multiplexed batcher, FCFS static batching (the baseline)
+POLICIES = ("phase", "fcfs", "fcfs-continuous")   # phase-multiplexed batcher; FCFS static batching and
+                                                  # iteration-level (continuous) FCFS, the baselines
 GRANULARITY = ("fixed", "elastic")      # fixed block size, or Optimus-style load-driven chunk size
 GEN_DEFAULTS = dict(gen_length=128, block_length=32, steps=128, threshold=None, remasking="low_confidence",
                     kv_cache="dual")

@@ -29,6 +29,7 @@ there with finish_reason "stop" and ``stop_text`` holds its text before the stop
 This module imports no web framework (the GPU machine has none)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -426,6 +427,16 @@ class Engine:
             stats_log.info("throughput %.1f tokens/s; running %d, waiting %d requests; KV slots %d/%d used",
                      self._log_tokens / dt, s.num_running, s.num_waiting, self.kv.num_used, self.kv.n_slots)
         self._log_t0, self._log_tokens = now, 0
+
+    def set_policy(self, policy: str) -> None:
+        """Switch the scheduler policy of an idle engine (the serving benchmark times every policy over one
+        model, KV pool and set of captured graphs)."""
+        cfg = dataclasses.replace(self.cfg, policy=policy)          # validates the name
+        with self.lock:
+            if self._incoming or self.scheduler.has_work():
+                raise RuntimeError("set_policy: the engine has requests in flight")
+            self.cfg = cfg
+            self.scheduler = SCHEDULERS[policy](cfg, self.mc, self.kv, self.gran, self.runner.device)
 
     # -- warm-up and the loop ---------------------------------------------------------------------------------
     def warmup(self) -> None:

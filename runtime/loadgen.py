@@ -5,8 +5,8 @@ Arrival patterns (all seeded): ``poisson`` (exponential gaps at ``rate`` request
 ``rate * (1 + amplitude * sin(2 pi t / period))``, drawn by thinning). Prompt lengths are uniform in
 ``prompt_len``, generation lengths uniform over ``gen_lens`` (multiples of the block length). Each request
 streams from ``/v1/completions`` with token-id prompts; time to first token is the first chunk carrying
-tokens, latency the ``[DONE]``. ``compare`` starts one `dlc serve` process per policy (``fcfs``, ``phase``, or
-``phase:elastic`` for the elastic granularity) on the same model and settings, drives the same workload through each and reports the ratios against the first baseline."""
+tokens, latency the ``[DONE]``. The benchmark's method (warm-up, capacity, rounds, medians, targets) is
+dlc.runtime.benchmark."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +15,7 @@ import math
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -156,11 +157,13 @@ def start_server(model: str, port: int, args: list[str]) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, "-m", "dlc.cli", "serve", model, "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")           # a pipe nobody reads would fill up and stall a long-lived server
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"dlc serve exited with {proc.returncode}: {proc.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"dlc serve exited with {proc.returncode}: {log.read()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -177,69 +180,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def compare(model: str, workload: Workload, policies: list[str], server_args: list[str], port: int,
-            warmup: int = 4, rounds: int = 1, log=print) -> dict[str, dict]:
-    """One server per policy, the same workload through each (port 0: a free port); policy -> summary.
-
-    With ``rounds > 1`` the policies alternate (A B A B ...) and each metric is the median over rounds, so a
-    shared, noisy machine does not favour whichever policy ran in a quiet moment."""
-    reqs = workload.requests()
-    runs: dict[str, list[dict]] = {p: [] for p in policies}
-    for rnd in range(rounds):
-        for policy in policies:
-            s = _run_policy(model, policy, reqs, server_args, port or free_port(), warmup, log)
-            runs[policy].append(s)
-            log(f"  {policy}{f' (round {rnd + 1})' if rounds > 1 else ''}: {format_row(s)}")
-    return {p: _median(rs) for p, rs in runs.items()}
-
-
-def _run_policy(model, policy, reqs, server_args, port, warmup, log=print) -> dict:
-    import httpx
-
-    pol, _, gran = policy.partition(":")             # "phase:elastic" = policy phase, elastic granularity
-    extra = ["--granularity", gran] if gran else []
-    proc = start_server(model, port, [*server_args, "--policy", pol, *extra])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        asyncio.run(drive(url, model, [dict(r, t=0.0) for r in reqs[:warmup]]))
-        res = asyncio.run(drive(url, model, reqs))
-        for kind, msg in res.first_errors.items():
-            log(f"  {policy}: first error of kind {kind}: {msg}")
-        s = res.summary()
-        s["iterations"] = _metric(httpx.get(url + "/metrics", timeout=5).text, "dlc_iterations_total")
-        return s
-    finally:
-        proc.terminate()
-        proc.wait(60)
-
-
-def _median(rs: list[dict]) -> dict:
-    out = {}
-    for k in rs[0]:
-        vals = sorted(r[k] for r in rs)
-        out[k] = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
-    return out
-
-
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return float("nan")
-
-
-def format_row(s: dict) -> str:
-    return (f"{s['tokens_per_s']:8.1f} tok/s {s['requests_per_s']:6.2f} req/s | TTFT p50/p90/p99 "
-            f"{s['ttft_p50']:.3f}/{s['ttft_p90']:.3f}/{s['ttft_p99']:.3f} s | latency p50/p90/p99 "
-            f"{s['latency_p50']:.3f}/{s['latency_p90']:.3f}/{s['latency_p99']:.3f} s | errors {s['errors']}")
-
-
-def ratios(res: dict[str, dict], base: str, other: str) -> dict[str, float]:
-    a, b = res[other], res[base]
-    r = {"throughput": a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else float("nan")}
-    for k in ("ttft_p50", "ttft_p90", "ttft_p99", "latency_p50", "latency_p90", "latency_p99"):
-        r[k] = b[k] / a[k] if a[k] else float("nan")     # > 1: `other` is faster
-    return r
 
 
 def model_config_of(model: str):

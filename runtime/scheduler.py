@@ -25,7 +25,27 @@ the engine runs them (grouped into runner calls) and feeds the results back.
 requests in arrival order up to the batch and token limits, stopping at the first that does not fit; that
 batch runs to completion (every request steps every iteration) before anything else is admitted.
 
-Neither policy changes tokens: each request decodes through its own state (runtime/decoding.py). Schedulers
+``ContinuousFCFSScheduler`` (policy ``fcfs-continuous``) is iteration-level FCFS, the continuous batching of
+vLLM's default scheduler: at *every* iteration the running requests step in arrival order while they fit
+the token budget and ``max_batch_size`` (the oldest always steps), then waiting requests are admitted in
+arrival order while the iteration's budget, ``max_batch_size`` running requests and a free KV slot allow,
+stopping at the first that does not fit. Each admitted request runs to completion (no preemption).
+
+How the three differ (same budget, batch limit and slot pool; tokens identical under all three):
+
+- admission: ``fcfs`` only when nothing runs; ``fcfs-continuous`` and ``phase`` at every iteration;
+- admission order: both FCFS policies take arrival order and stop at the first request that does not fit;
+  ``phase`` takes aged requests first and skips a misfit (no head-of-line blocking);
+- rows of an iteration: ``fcfs`` every running request; ``fcfs-continuous`` the running requests oldest first
+  while the budget lasts, whatever phase each needs; ``phase`` Reuse rows first, then Refresh rows under
+  ``refresh_share`` (staggered block starts);
+- starvation: the FCFS policies by arrival order (an admitted request runs to completion); ``phase`` by
+  ageing and preemption by recompute.
+
+So ``fcfs`` vs ``fcfs-continuous`` isolates continuous admission, and ``fcfs-continuous`` vs ``phase``
+isolates phase multiplexing (and skipping misfits).
+
+No policy changes tokens: each request decodes through its own state (runtime/decoding.py). Schedulers
 only choose: they take and free KV slots, but never advance or apply decoding state. A preempted request is
 listed in ``preempted`` for the engine, which rewinds its block (``DecodeState.restart_block``)."""
 from __future__ import annotations
@@ -188,4 +208,23 @@ class FCFSScheduler(BaseScheduler):
         return [r for r in self.running if not r.state.finished]
 
 
-SCHEDULERS = {"phase": PhaseScheduler, "fcfs": FCFSScheduler}
+class ContinuousFCFSScheduler(BaseScheduler):
+    def schedule(self) -> list[Request]:
+        cfg = self.cfg
+        chosen: list[Request] = []
+        used = 0
+        for r in sorted((r for r in self.running if not r.state.finished), key=lambda r: r.seq):
+            if chosen and (len(chosen) >= cfg.max_batch_size or used + r.cost() > cfg.max_num_tokens):
+                return chosen                    # budget spent: the rest step next iteration, in order
+            chosen.append(r)
+            used += r.cost()
+        while self.waiting and len(self.running) < cfg.max_batch_size:
+            r = self.waiting[0]                  # admission is a Refresh / full forward: costs the sequence
+            if len(chosen) >= cfg.max_batch_size or used + r.L > cfg.max_num_tokens or not self.admit(r):
+                break                            # head-of-line: stop at the first misfit
+            chosen.append(r)
+            used += r.L
+        return chosen
+
+
+SCHEDULERS = {"phase": PhaseScheduler, "fcfs": FCFSScheduler, "fcfs-continuous": ContinuousFCFSScheduler}

@@ -1,7 +1,8 @@
 """Workload generator of the serving benchmark: seeded, the three arrival patterns, validated."""
 import pytest
 
-from dlc.runtime.loadgen import Workload, percentile, ratios
+from dlc.runtime.benchmark import targets
+from dlc.runtime.loadgen import Workload, percentile
 
 
 def test_patterns():
@@ -33,10 +34,11 @@ def test_bad_workloads(kw, needle):
 
 def test_percentiles_and_ratios():
     assert percentile([1, 2, 3, 4, 5], 50) == 3 and percentile([1, 2], 100) == 2
-    base = {"tokens_per_s": 100.0, **{f"{m}_p{q}": 2.0 for m in ("ttft", "latency") for q in (50, 90, 99)}}
-    fast = {"tokens_per_s": 150.0, **{f"{m}_p{q}": 1.0 for m in ("ttft", "latency") for q in (50, 90, 99)}}
-    r = ratios({"fcfs": base, "phase": fast}, "fcfs", "phase")
-    assert r["throughput"] == 1.5 and r["ttft_p99"] == 2.0
+    run = lambda tok, ttft: {"tokens_per_s": tok, "ttft_p99": ttft}                       # noqa: E731
+    runs = {"burst": {"fcfs": [run(100.0, 2.0)], "phase": [run(150.0, 1.0)]}}
+    med = {w: {p: {k: {"median": rs[0][k]} for k in rs[0]} for p, rs in by.items()} for w, by in runs.items()}
+    (t,) = targets(runs, med)
+    assert t["ratio"] == 1.5 and t["status"] == "MISS" and t["miss_by"] == pytest.approx(0.3 / 1.8)
 
 
 def test_prompt_ids_stay_inside_the_vocabulary():
@@ -49,6 +51,7 @@ def test_prompt_ids_stay_inside_the_vocabulary():
 
 
 def test_ratios_without_throughput_are_nan():
-    empty = {"tokens_per_s": 0.0, **{f"{m}_p{q}": float("nan") for m in ("ttft", "latency") for q in (50, 90, 99)}}
-    r = ratios({"a": empty, "b": empty}, "a", "b")
-    assert r["throughput"] != r["throughput"]                                # nan, not ZeroDivisionError
+    runs = {"burst": {p: [{"tokens_per_s": 0.0}] for p in ("fcfs", "phase")}}
+    med = {"burst": {p: {"tokens_per_s": {"median": 0.0}} for p in ("fcfs", "phase")}}
+    (t,) = targets(runs, med)
+    assert t["ratio"] != t["ratio"] and t["status"] == "MISS"              # nan, not ZeroDivisionError

@@ -1,0 +1,58 @@
+"""bench/gpu_bench.py on CPU: the e2e baseline's chunked float64 softmax equals the monolithic one, its chunk
+fits an 80 GB card at the LLaDA-8B shape, and the script's smoke mode runs every section."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+GB80 = 80 * 10**9
+
+
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", BENCH / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_chunked_confidence_equals_the_monolithic_softmax():
+    gb = gpu_bench()
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 7, 301, generator=g) * 4).to(torch.bfloat16)          # [B, N, V]
+    x0, ref = gb.monolithic_decode(logits)
+    assert ref.std() > 0.05                                                # confidences vary
+    for rows in (1, 2, 5, 8):
+        torch.testing.assert_close(gb.chunked_confidence(logits, x0, rows), ref, rtol=1e-12, atol=0)
+
+
+def test_e2e_baseline_fits_an_80gb_card_at_b32():
+    """Bytes alive at the baseline's block-start step, LLaDA-8B, bf16, prompt 512 + gen 256, B = 32: weights,
+    the [B, L] K/V cache, the bf16 [B, L, V] logits, and the float64 softmax transient (chunked vs not)."""
+    from dlc.models.presets import preset_config
+    gb = gpu_bench()
+    cfg, B, L = preset_config("llada-8b"), 32, 768
+    weights = cfg.num_parameters() * 2
+    kv = 2 * cfg.n_layers * B * cfg.n_kv_heads * L * cfg.head_dim * 2
+    logits = B * L * cfg.vocab_size * 2
+    rows = gb.softmax_rows_per_chunk(L, cfg.vocab_size, 4096 * 2**20)          # the default budget
+    chunk = rows * L * cfg.vocab_size * 16
+    assert rows == 2 and chunk <= 4096 * 2**20
+    assert weights + kv + logits + B * L * cfg.vocab_size * 16 > GB80          # unchunked: the reported OOM
+    assert weights + kv + logits + chunk < 0.6 * GB80                         # chunked: room for activations
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_every_section(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--smoke", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert not [n for n in res["notes"] if "FAILED" in n], res["notes"]
+    assert any("float64 softmax runs 1 sequence(s) at a time" in n for n in res["notes"])
+    sections = {r["section"] for r in res["rows"]}
+    assert {"Serving phase vs fcfs, burst: throughput", "End-to-end tok/s (512+256, blk 32)"} <= sections
