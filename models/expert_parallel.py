@@ -87,6 +87,15 @@ def _shard_swiglu(mlp: SwiGLU, rank: int, world: int) -> tuple[SwiGLU, dict]:
     return out, slices
 
 
+def _own_storage(module: nn.Module) -> None:
+    """Give each parameter that views a larger tensor (experts packed by ``pack_experts`` into one [E * H, d])
+    its own copy, so this rank does not keep the other ranks' experts alive through the shared storage."""
+    for mod in module.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.device.type != "meta" and p.untyped_storage().nbytes() > p.numel() * p.element_size():
+                setattr(mod, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
 class ExpertParallelMoE(nn.Module):
     """One rank's shard of a MoE block (see the module docstring). ``weight_slices`` maps each parameter that
     is a slice of a checkpoint tensor (the tensor-parallel shared expert) to (dim, start, stop)."""
@@ -99,6 +108,7 @@ class ExpertParallelMoE(nn.Module):
         self.impl = moe.impl
         self.gate = moe.gate                                              # the router: replicated
         self.experts = nn.ModuleDict({str(j): moe.experts[j] for j in range(self.lo, self.hi)})
+        _own_storage(self.experts)
         router = copy.copy(moe)                                           # routes through the family's own
         router._modules = {"gate": self.gate}                             # route_tokens, without its experts
         self.__dict__["_router"] = router

@@ -90,6 +90,33 @@ def model_case(work: Path, rank: int) -> dict:
         if hasattr(mod, "combine"):
             mod.combine = lambda y: y
     out["greedy_no_reduce"] = _generate(ep, dict(GEN_CASES[0][1]))
+    out.update(llada2_model_case(work, rank))
+    return out
+
+
+BLOCK_CASES = [("bd_greedy", dict(kv_cache="block", threshold=0.95)), ("bd_sampled", dict(kv_cache="block",
+                                                                                         temperature=0.7, seed=5))]
+
+
+def llada2_model_case(work: Path, rank: int) -> dict:
+    """A tiny LLaDA2 checkpoint (dense first layer, shared expert sliced on load): hidden states and block
+    decoding (the exact block cache) unsharded vs this rank's shard."""
+    from dlc.models.expert_parallel import load_expert_parallel
+    from dlc.models.loading import load_model, save_checkpoint
+
+    ckpt = work / "tiny-llada2"
+    if rank == 0:
+        save_checkpoint(_tiny("tiny-llada2"), ckpt, max_shard_bytes=100_000)
+    dist.barrier()
+    full = load_model(str(ckpt), dtype="fp32", progress=False).model
+    ep = load_expert_parallel(str(ckpt), rank, WORLD, None, dtype="fp32", progress=False).model
+    ids = torch.tensor([PROMPTS[2][:8]])
+    with torch.no_grad():
+        ref, got = full(ids), ep(ids)                                     # [1, 8, d]
+    out = {"bd_hidden_err": (got - ref).abs().max().item(), "bd_hidden_scale": ref.abs().max().item()}
+    for case, fields in BLOCK_CASES:
+        out[f"{case}_full"] = _generate(full, fields)
+        out[f"{case}_ep"] = _generate(ep, fields)
     return out
 
 

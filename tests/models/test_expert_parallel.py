@@ -8,7 +8,7 @@ break it (so the comparison is decisive)."""
 import pytest
 import torch
 
-from ep_helpers import GEN_CASES, LAYER_CASES, WORLD, run_all
+from ep_helpers import BLOCK_CASES, GEN_CASES, LAYER_CASES, PROMPTS, WORLD, run_all
 from dlc.models.expert_parallel import expert_range, shard_moe_layer
 from dlc.models.presets import preset_config
 
@@ -53,6 +53,11 @@ def test_expert_parallel_model_decodes_the_same_tokens(whole):
         for r in whole:
             assert r[f"{case}_ep"] == full, case
     assert r0["greedy_no_reduce"] != r0["greedy_full"]                        # the all-reduce matters
+    for r in whole:                                                           # LLaDA2: shared expert sliced
+        assert r["bd_hidden_err"] <= ATOL * max(1.0, r["bd_hidden_scale"])
+        for case, _ in BLOCK_CASES:
+            assert len({tuple(t) for t in r0[f"{case}_full"]}) == len(PROMPTS), case
+            assert r[f"{case}_ep"] == r0[f"{case}_full"], case
 
 
 def test_bad_splits_are_refused_naming_the_field():
@@ -74,3 +79,50 @@ def test_world_one_is_the_unsharded_layer():
     with torch.no_grad():
         ref = block(x)
         torch.testing.assert_close(shard_moe_layer(block, 0, 1)(x), ref, rtol=0, atol=ATOL)
+
+
+def test_a_rank_loads_only_its_experts_and_its_shared_expert_slice(tmp_path):
+    """Rank 1 of 2 of a tiny LLaDA2 checkpoint (sharded files): experts 4..7 only, the shared expert's second
+    half of the hidden (gate / up rows, down columns), everything else whole; no collective is needed to load."""
+    from safetensors.torch import load_file
+
+    from ep_helpers import _tiny
+    from dlc.models import build_model
+    from dlc.models.expert_parallel import load_moe_shard, shard_moe_model, weight_slices
+    from dlc.models.loading import read_config, save_checkpoint
+
+    ckpt = save_checkpoint(_tiny("tiny-llada2"), tmp_path / "ckpt", max_shard_bytes=100_000)
+    assert len(list(ckpt.glob("model-*.safetensors"))) > 1
+    stored = {}
+    for f in ckpt.glob("model-*.safetensors"):
+        stored.update(load_file(str(f)))
+    with torch.device("meta"):
+        m = build_model(read_config(ckpt))
+        assert shard_moe_model(m, 1, WORLD) == 1                       # layer 0 is dense, layer 1 MoE
+    load_moe_shard(m, ckpt, torch.float32, progress=False, rank=1, world=WORLD)
+    sd = m.state_dict()
+    experts = {n.split(".experts.")[1].split(".")[0] for n in sd if ".experts." in n}
+    assert experts == {"4", "5", "6", "7"}
+    pre = "model.layers.1.mlp.shared_experts."
+    assert weight_slices(m) == {pre + "gate_proj.weight": (0, 16, 32), pre + "up_proj.weight": (0, 16, 32),
+                                pre + "down_proj.weight": (1, 16, 32)}
+    for name, t in sd.items():
+        want = stored[name]
+        if name in weight_slices(m):
+            dim, a, b = weight_slices(m)[name]
+            want = want.narrow(dim, a, b - a)
+        assert torch.equal(t, want), name
+    assert not any(t.is_meta for t in sd.values())
+
+
+def test_loading_refuses_a_missing_expert_naming_it(tmp_path):
+    from ep_helpers import _tiny
+    from dlc.models.expert_parallel import load_expert_parallel
+    from dlc.models.loading import CheckpointError, save_checkpoint
+
+    model = _tiny("tiny-llada-moe")
+    del model.model.layers[1].mlp.experts[7].up_proj.weight          # rank 1's expert 7 lost from the checkpoint
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    assert load_expert_parallel(str(ckpt), 0, WORLD, progress=False).model is not None     # rank 0: not its
+    with pytest.raises(CheckpointError, match=r"experts\.7\.up_proj\.weight.*rank 1 of 2"):
+        load_expert_parallel(str(ckpt), 1, WORLD, progress=False)
