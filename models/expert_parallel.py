@@ -3,12 +3,12 @@
 ``shard_moe_layer(moe, rank, world, group)`` turns one MoE block into this rank's shard of it
 (``ExpertParallelMoE``): the same ``forward(x [B, T, d]) -> [B, T, d]`` and the same semantics, where
 
-* the router is replicated: every rank routes every token (``route_tokens`` of the block, so the family's own
-  rule: softmax top-k for LLaDA-MoE / SDAR, group-limited sigmoid with expert bias and routed scaling for LLaDA2)
-  and gets the same (weights, expert ids), since its input is replicated;
+* the router is replicated: every rank routes every token (``route_tokens`` of the block, so the family's
+  own rule: softmax top-k for LLaDA-MoE / SDAR, group-limited sigmoid with expert bias and routed scaling for
+  LLaDA2) and gets the same (weights, expert ids), since its input is replicated;
 * rank r holds only the routed experts ``[r * E / world, (r + 1) * E / world)`` and computes their weighted
-  contribution for the tokens routed to them (the family's ``MOE_IMPLS`` implementation over the local experts,
-  zero for tokens routed elsewhere);
+  contribution for the tokens routed to them (the family's ``MOE_IMPLS`` implementation over the local
+  experts, zero for tokens routed elsewhere);
 * the shared expert (LLaDA2) is tensor parallel when its hidden size divides by ``world``: gate / up split by
   rows (column parallel), down by columns (row parallel), so its partial sum rides the same collective;
   otherwise it is replicated and added after the collective;
@@ -54,9 +54,10 @@ def expert_range(n_experts: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def local_routing(w: torch.Tensor, idx: torch.Tensor, n_experts: int, lo: int, hi: int, grouped: bool):
-    """The routing restricted to experts [lo, hi): (weights [N, k'] , local ids [N, k']) with k' = min(k, hi - lo).
-    Tokens' routed experts on this rank come first with their weights; the other slots carry weight 0 (distinct
-    ids, so the implementations' scatter is well defined; ``grouped`` marks them -1 so they run nothing)."""
+    """The routing restricted to experts [lo, hi): (weights [N, k'], local ids [N, k']), k' = min(k, hi - lo).
+    Tokens' routed experts on this rank come first with their weights; the other slots carry weight 0
+    (distinct ids, so the implementations' scatter is well defined; ``grouped`` marks them -1: they run
+    nothing)."""
     N = w.shape[0]
     dense = torch.zeros(N, n_experts, dtype=w.dtype, device=w.device).scatter(1, idx, w)[:, lo:hi]  # [N, E_r]
     wl, il = dense.topk(min(idx.shape[1], hi - lo), dim=-1)                                          # [N, k']
@@ -152,13 +153,13 @@ class ExpertParallelMoE(nn.Module):
 def shard_moe_layer(moe_module: nn.Module, rank: int, world: int, group=None) -> ExpertParallelMoE:
     """This rank's expert-parallel shard of one MoE block of the families (see the module docstring)."""
     if not isinstance(moe_module, MOE_BLOCKS):
-        raise ValueError(f"expert parallel: {type(moe_module).__name__} is not a MoE block of the dlc families "
-                         f"({', '.join(c.__name__ for c in MOE_BLOCKS)})")
+        raise ValueError(f"expert parallel: {type(moe_module).__name__} is not a MoE block of the dlc "
+                         f"families ({', '.join(c.__name__ for c in MOE_BLOCKS)})")
     return ExpertParallelMoE(moe_module, rank, world, group)
 
 
 def shard_moe_model(model: nn.Module, rank: int, world: int, group=None) -> int:
-    """Replace every MoE block of ``model`` by its shard for this rank, in place. Returns the number sharded."""
+    """Replace every MoE block of ``model`` by its shard for this rank, in place; returns how many."""
     found = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MOE_BLOCKS)]
     for name, mod in found:
         parent, _, attr = name.rpartition(".")
@@ -168,11 +169,8 @@ def shard_moe_model(model: nn.Module, rank: int, world: int, group=None) -> int:
 
 def weight_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """Full parameter name -> (dim, start, stop) of every parameter that is a slice of a checkpoint tensor."""
-    out = {}
-    for name, mod in model.named_modules():
-        for rel, s in getattr(mod, "weight_slices", {}).items() if isinstance(mod, ExpertParallelMoE) else ():
-            out[f"{name}.{rel}"] = s
-    return out
+    return {f"{name}.{rel}": sl for name, mod in model.named_modules() if isinstance(mod, ExpertParallelMoE)
+            for rel, sl in mod.weight_slices.items()}
 
 
 def _read(f, name: str, sl: tuple[int, int, int] | None) -> torch.Tensor:
@@ -185,10 +183,10 @@ def _read(f, name: str, sl: tuple[int, int, int] | None) -> torch.Tensor:
 
 def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, device="cpu",
                    progress: bool = True, rank: int = 0, world: int = 1) -> int:
-    """Fill a sharded model (``shard_moe_model``, typically on the meta device) from the safetensors checkpoint
-    at ``path``: the replicated tensors whole, this rank's experts only, the shared expert's slice through
-    ``get_slice`` (never the whole tensor). Other ranks' experts are skipped unread; a missing, unknown or
-    mis-shaped tensor raises ``CheckpointError`` naming it and the file. Returns the bytes loaded."""
+    """Fill a sharded model (``shard_moe_model``, typically on the meta device) from the safetensors
+    checkpoint at ``path``: the replicated tensors whole, this rank's experts only, the shared expert's slice
+    through ``get_slice`` (never the whole tensor). Other ranks' experts are skipped unread; a missing,
+    unknown or mis-shaped tensor raises ``CheckpointError`` naming it and the file. Returns the bytes loaded."""
     from tqdm import tqdm
 
     from .loading import CheckpointError, _open_safetensors, _set_tensor, checkpoint_files
@@ -203,8 +201,8 @@ def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, devic
                                   f"(not a parameter of the {model.config.family} model)")
     missing = [k for k in expected if k not in weight_map]
     if missing:
-        raise CheckpointError(f"missing tensor {missing[0]!r}: not in {path} "
-                              f"({len(missing)} missing for rank {rank} of {world}; the checkpoint is incomplete)")
+        raise CheckpointError(f"missing tensor {missing[0]!r}: not in {path} ({len(missing)} missing for "
+                              f"rank {rank} of {world}; the checkpoint is incomplete)")
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(weight_map[name], []).append(name)
@@ -215,8 +213,9 @@ def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, devic
             for name in names:
                 t = _read(f, name, slices.get(name))
                 if tuple(t.shape) != expected[name]:
-                    raise CheckpointError(f"tensor {name!r} in {path / fname} gives shape {tuple(t.shape)} for "
-                                          f"rank {rank} of {world}, expected {expected[name]}")
+                    raise CheckpointError(f"tensor {name!r} in {path / fname} gives shape "
+                                          f"{tuple(t.shape)} for rank {rank} of {world}, "
+                                          f"expected {expected[name]}")
                 _set_tensor(model, name, t.to(device=device, dtype=dtype))
                 loaded += t.numel() * t.element_size()
                 bar.update(1)
@@ -235,8 +234,8 @@ def load_expert_parallel(model: str, rank: int, world: int, group=None, weights:
     dt = resolve_dtype(dtype, device)
     path = resolve_checkpoint_dir(model, weights)
     if path is None:
-        raise ValueError(f"expert parallel: {model!r} is an in-process random preset; save it as a checkpoint "
-                         f"(dlc.models.loading.save_checkpoint) and pass the directory")
+        raise ValueError(f"expert parallel: {model!r} is an in-process random preset; save it as a "
+                         f"checkpoint (dlc.models.loading.save_checkpoint) and pass the directory")
     cfg = read_config(path)
     if not cfg.is_moe:
         raise ValueError(f"expert parallel: {path} is not a MoE model ({cfg.family}); use tensor parallel")

@@ -40,10 +40,10 @@ def act_bytes_per_token(config, dtype_bytes: int) -> int:
 
 @dataclass
 class Layout:
-    """One way to spread the model over ``gpus`` GPUs of a target, in bytes per GPU. Tensor parallel (TP) shards
-    the attention heads (KV heads by head; one replicated KV head per GPU when there are fewer KV heads than GPUs),
-    dense MLPs and shared experts (by hidden) and the LM head (by vocab); expert parallel (EP, MoE models) gives
-    each GPU E / gpus routed experts; the embedding, norms and routers are replicated on every GPU."""
+    """One way to spread the model over ``gpus`` GPUs of a target, in bytes per GPU. Tensor parallel (TP)
+    shards the attention heads (KV heads by head; one replicated KV head per GPU when there are fewer KV heads
+    than GPUs), dense MLPs and shared experts (by hidden) and the LM head (by vocab); expert parallel (EP, MoE
+    models) gives each GPU E / gpus routed experts; the embedding, norms and routers are on every GPU."""
     name: str                  # "TP 1", "TP 4", "TP/EP 4"
     gpus: int
     sharded: int               # tensor-parallel weights held by one GPU
@@ -195,26 +195,31 @@ def layout(config, target, db: int, n: int, batch: int, seq: int, extra: int = 6
 
 def parallel_degree(config, target, db: int, seq: int) -> tuple[int, str, list[Layout]]:
     """The smallest number of these GPUs (1, 2, 4, 8) whose layout holds the model at batch 1 x ``seq``:
-    tensor parallel over attention heads, dense MLPs, shared experts and the vocabulary, expert parallel over the
-    routed experts (the degree both). Returns (degree, note, the layouts tried); degree 0: more than 8."""
+    tensor parallel over attention heads, dense MLPs, shared experts and the vocabulary, expert parallel over
+    the routed experts (the degree both). Returns (degree, note, the layouts tried); degree 0: more than 8."""
     tried = [layout(config, target, db, n, 1, seq) for n in (1, 2, 4, 8)]
     ok = [lay for lay in tried if lay.fits]
     if ok and ok[0].gpus == 1:
         return 1, "", tried
     if not ok:
-        return 0, (f"parallel       does not fit 8 x {target.name} ({tried[-1].weights / GIB:.2f} GiB of weights "
-                   f"per GPU at degree 8): use a larger target or more than one node"), tried
-    best = ok[0]
-    n, c = best.gpus, config
+        return 0, (f"parallel       does not fit 8 x {target.name} ({tried[-1].weights / GIB:.2f} GiB of "
+                   f"weights per GPU at degree 8): use a larger target or more than one node"), tried
+    return ok[0].gpus, layout_note(config, target, ok[0]), tried
+
+
+def layout_note(c, target, best: Layout) -> str:
+    """The plan's line naming the layout picked, what it splits and the flag that runs it."""
+    n = best.gpus
     kvn = f"{kv_heads_per_gpu(c, n)} of {c.n_kv_heads} KV heads per GPU" + (
         " (replicated)" if c.n_kv_heads < n else "")
-    ep = (f" + expert parallel {n} ({c.n_experts // n} of {c.n_experts} experts per GPU, one all-reduce per MoE "
-          f"layer)" if c.is_moe else "")
-    return n, (f"parallel       does not fit one {target.name}: layout {best.name} fits, needs {n} x {target.name} "
-               f"with tensor parallel {n} (attention: {kvn}; MLPs{', shared experts' if c.n_shared_experts else ''} "
-               f"and the LM head split){ep}: {best.weights / GIB:.2f} GiB of weights, {best.total / GIB:.2f} GiB "
-               f"in all per GPU of {best.budget / GIB:.2f}. Run it with `--tensor-parallel-size {n}` on dlc serve / "
-               f"generate (the runtime path; dlc engines are single-GPU today)"), tried
+    ep = (f" + expert parallel {n} ({c.n_experts // n} of {c.n_experts} experts per GPU, one all-reduce per "
+          f"MoE layer)" if c.is_moe else "")
+    shared = ", shared experts" if c.n_shared_experts else ""
+    return (f"parallel       does not fit one {target.name}: layout {best.name} fits, needs {n} x "
+            f"{target.name} with tensor parallel {n} (attention: {kvn}; MLPs{shared} and the LM head split)"
+            f"{ep}: {best.weights / GIB:.2f} GiB of weights, {best.total / GIB:.2f} GiB in all per GPU of "
+            f"{best.budget / GIB:.2f}. Run it with `--tensor-parallel-size {n}` on dlc serve / generate (the "
+            f"runtime path; dlc engines are single-GPU today)")
 
 
 def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_len: int | None,
@@ -237,8 +242,8 @@ def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_l
         raise ValueError(f"--tensor-parallel-size {tp}: {bad}")
     budget = int(target.memory_bytes * target.utilisation)
     weights = sum(weights_per_gpu(config, tp, db))
-    kv_tok = kv_bytes_per_token(config, db) * (kv_heads_per_gpu(config, tp) if tp > 1 else config.n_kv_heads) \
-        // config.n_kv_heads
+    kv_heads = kv_heads_per_gpu(config, tp) if tp > 1 else config.n_kv_heads
+    kv_tok = kv_bytes_per_token(config, db) * kv_heads // config.n_kv_heads
     per_tok = kv_tok + act_bytes_per_token(config, db)
     free = budget - weights
     # the logit budget: 1/8 of what is left after the weights, between 64 MiB and 2 GiB
@@ -263,8 +268,8 @@ def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_l
     if free <= 0 and degree > tp:
         reason = reason.replace("; use a smaller dtype or a larger target",
                                 f"; it needs {degree} x {target.name} (tensor parallel {degree}"
-                                f"{f' + expert parallel {degree}' if config.is_moe else ''}: --tensor-parallel-size {degree}) "
-                                f"or a larger target")
+                                f"{f' + expert parallel {degree}' if config.is_moe else ''}: "
+                                f"--tensor-parallel-size {degree}) or a larger target")
     if degree > 1 and tp == degree:
         note = ""                                                         # the layout asked for is the one
     return Plan(target.name, dtype, budget, weights, kv, acts, logit_budget, chunk, batch, seq, block_length,

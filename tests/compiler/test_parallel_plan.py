@@ -14,9 +14,9 @@ BF16 = 2
 
 
 def flash_per_gpu_by_hand(n: int) -> dict:
-    """LLaDA2.0-flash (32 layers of 4096, 32 heads, 4 KV heads of 128, first layer dense 9216, 256 experts of 1024
-    top-8 + 1 shared, vocab 157184, untied) on n GPUs, TP n for attention / MLPs / shared expert / LM head,
-    EP n for the routed experts; bytes per GPU in bf16."""
+    """LLaDA2.0-flash (32 layers of 4096, 32 heads, 4 KV heads of 128, first layer dense 9216, 256 experts of
+    1024 top-8 + 1 shared, vocab 157184, untied) on n GPUs, TP n for attention / MLPs / shared expert / LM
+    head, EP n for the routed experts; bytes per GPU in bf16."""
     d, L, H, K, hd, moe_layers = 4096, 32, 32, 4, 128, 31
     kv_heads = max(1, K // n)                                   # one replicated KV head when K < n
     attn = 2 * d * (H * hd) // n + 2 * d * kv_heads * hd        # q, o split by head; k, v by KV head
@@ -67,7 +67,8 @@ def test_dense_tp_and_bad_splits():
     assert weights_per_gpu(llada, 2, BF16)[0] == by_hand
     assert weights_per_gpu(llada, 2, BF16)[1] == 0
     dream = plan_build(preset_config("dream-7b"), get_target("h100"), "bf16", None, 4096, 32)
-    assert next(x for x in dream.layouts if x["gpus"] == 8)["invalid"] == "28 attention heads do not split over 8"
+    eight = next(x for x in dream.layouts if x["gpus"] == 8)
+    assert eight["invalid"] == "28 attention heads do not split over 8"
     with pytest.raises(ValueError, match="--tensor-parallel-size 3: 32 attention heads do not split over 3"):
         plan_build(llada, get_target("h100"), "bf16", None, 4096, 32, tensor_parallel=3)
 

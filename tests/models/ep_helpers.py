@@ -1,7 +1,8 @@
 """The rank side of the expert-parallel tests: run by torch.multiprocessing.spawn in 2 gloo processes.
 
-Every rank builds the same seeded tiny models, shards their MoE blocks (dlc.models.expert_parallel) and records
-what it sees as JSON (``rank{r}.json`` in the work directory); the tests assert on both ranks' records."""
+Every rank builds the same seeded tiny models, shards their MoE blocks (dlc.models.expert_parallel) and
+records what it sees as JSON (``rank{r}.json`` in the work directory); the tests assert on both ranks'
+records."""
 from __future__ import annotations
 
 import json
@@ -47,7 +48,8 @@ def layer_case(name: str, rank: int, impl: str = "stacked", **overrides) -> dict
 
     block = _moe_block(_tiny(name, **overrides))
     block.impl = impl
-    x = torch.randn(2, 7, block.gate.weight.shape[1], generator=torch.Generator().manual_seed(2))   # [B, T, d]
+    d = block.gate.weight.shape[1]
+    x = torch.randn(2, 7, d, generator=torch.Generator().manual_seed(2))                 # [B, T, d]
     with torch.no_grad():
         ref = block(x)                                                    # [B, T, d]
         shard = shard_moe_layer(block, rank, WORLD, None)
@@ -69,7 +71,7 @@ def _generate(model, case: dict) -> list[list[int]]:
 
 
 def model_case(work: Path, rank: int) -> dict:
-    """A whole tiny LLaDA-MoE checkpoint (sharded safetensors files) loaded unsharded and as this rank's shard."""
+    """A whole tiny LLaDA-MoE checkpoint (several safetensors files) loaded whole and as this rank's shard."""
     from dlc.models.expert_parallel import load_expert_parallel
     from dlc.models.loading import load_model, save_checkpoint
 
@@ -94,8 +96,8 @@ def model_case(work: Path, rank: int) -> dict:
     return out
 
 
-BLOCK_CASES = [("bd_greedy", dict(kv_cache="block", threshold=0.95)), ("bd_sampled", dict(kv_cache="block",
-                                                                                         temperature=0.7, seed=5))]
+BLOCK_CASES = [("bd_greedy", dict(kv_cache="block", threshold=0.95)),
+               ("bd_sampled", dict(kv_cache="block", temperature=0.7, seed=5))]
 
 
 def llada2_model_case(work: Path, rank: int) -> dict:

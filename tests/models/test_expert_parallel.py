@@ -2,9 +2,9 @@
 
 The sharded MoE block must give the unsharded block's output (fp32) for LLaDA-MoE (every MoE implementation),
 LLaDA2 (group-limited sigmoid routing with expert bias and routed scaling; shared expert tensor parallel, and
-replicated when its hidden does not divide) and SDAR-MoE; a whole tiny LLaDA-MoE checkpoint loaded shard by shard
-must decode the same tokens as the unsharded model. Each case also runs with the all-reduce removed, which must
-break it (so the comparison is decisive)."""
+replicated when its hidden does not divide) and SDAR-MoE; whole tiny LLaDA-MoE and LLaDA2 checkpoints loaded
+shard by shard must decode the same tokens as the unsharded models. Each case also runs with the all-reduce
+removed, which must break it (so the comparison is decisive)."""
 import pytest
 import torch
 
@@ -82,8 +82,8 @@ def test_world_one_is_the_unsharded_layer():
 
 
 def test_a_rank_loads_only_its_experts_and_its_shared_expert_slice(tmp_path):
-    """Rank 1 of 2 of a tiny LLaDA2 checkpoint (sharded files): experts 4..7 only, the shared expert's second
-    half of the hidden (gate / up rows, down columns), everything else whole; no collective is needed to load."""
+    """Rank 1 of 2 of a tiny LLaDA2 checkpoint (several files): experts 4..7 only, the shared expert's second
+    half of the hidden (gate / up rows, down columns), everything else whole; loading needs no collective."""
     from safetensors.torch import load_file
 
     from ep_helpers import _tiny
@@ -121,7 +121,7 @@ def test_loading_refuses_a_missing_expert_naming_it(tmp_path):
     from dlc.models.loading import CheckpointError, save_checkpoint
 
     model = _tiny("tiny-llada-moe")
-    del model.model.layers[1].mlp.experts[7].up_proj.weight          # rank 1's expert 7 lost from the checkpoint
+    del model.model.layers[1].mlp.experts[7].up_proj.weight      # rank 1's expert 7: not in the checkpoint
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
     assert load_expert_parallel(str(ckpt), 0, WORLD, progress=False).model is not None     # rank 0: not its
     with pytest.raises(CheckpointError, match=r"experts\.7\.up_proj\.weight.*rank 1 of 2"):
