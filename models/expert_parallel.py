@@ -182,18 +182,20 @@ def _read(f, name: str, sl: tuple[int, int, int] | None) -> torch.Tensor:
 
 
 def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, device="cpu",
-                   progress: bool = True, rank: int = 0, world: int = 1) -> int:
+                   progress: bool = True, rank: int = 0, world: int = 1, slices: dict | None = None) -> int:
     """Fill a sharded model (``shard_moe_model``, typically on the meta device) from the safetensors
     checkpoint at ``path``: the replicated tensors whole, this rank's experts only, the shared expert's slice
     through ``get_slice`` (never the whole tensor). Other ranks' experts are skipped unread; a missing,
-    unknown or mis-shaped tensor raises ``CheckpointError`` naming it and the file. Returns the bytes loaded."""
+    unknown or mis-shaped tensor raises ``CheckpointError`` naming it and the file. ``slices`` adds the
+    (dim, start, stop) slices of other sharded parameters (the tensor-parallel plan of the attention, dense
+    MLPs and LM head), so one pass loads a TP + EP rank. Returns the bytes loaded."""
     from tqdm import tqdm
 
     from .loading import CheckpointError, _open_safetensors, _set_tensor, checkpoint_files
 
     path = Path(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    slices = weight_slices(model)
+    slices = {**(slices or {}), **weight_slices(model)}
     weight_map = checkpoint_files(path)
     for name, fname in weight_map.items():
         if name not in expected and not EXPERT_NAME.search(name) and not name.endswith("rotary_emb.inv_freq"):

@@ -126,3 +126,25 @@ def test_loading_refuses_a_missing_expert_naming_it(tmp_path):
     assert load_expert_parallel(str(ckpt), 0, WORLD, progress=False).model is not None     # rank 0: not its
     with pytest.raises(CheckpointError, match=r"experts\.7\.up_proj\.weight.*rank 1 of 2"):
         load_expert_parallel(str(ckpt), 1, WORLD, progress=False)
+
+
+def test_extra_slices_load_a_tensor_parallel_plan_in_the_same_pass(tmp_path):
+    """The tensor-parallel plan of other parameters (here the LM head's vocabulary rows of rank 1 of 2) is read
+    with get_slice in the same pass as the rank's experts."""
+    from ep_helpers import _tiny
+    from dlc.models import build_model
+    from dlc.models.expert_parallel import load_moe_shard, shard_moe_model
+    from dlc.models.loading import read_config, save_checkpoint
+
+    full = _tiny("tiny-llada-moe")
+    ckpt = save_checkpoint(full, tmp_path / "ckpt")
+    V, d = full.lm_head.weight.shape
+    with torch.device("meta"):
+        m = build_model(read_config(ckpt))
+        shard_moe_model(m, 1, WORLD)
+        m.lm_head = torch.nn.Linear(d, V - V // 2, bias=False)
+    load_moe_shard(m, ckpt, torch.float32, progress=False, rank=1, world=WORLD,
+                   slices={"lm_head.weight": (0, V // 2, V)})
+    assert torch.equal(m.lm_head.weight, full.lm_head.weight[V // 2:])
+    assert torch.equal(m.model.layers[0].mlp.experts["5"].down_proj.weight,
+                       full.model.layers[0].mlp.experts[5].down_proj.weight)
