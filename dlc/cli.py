@@ -171,7 +171,11 @@ def _generation_defaults(model: str, weights: str | None) -> dict:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
-def models(as_json):
+@click.option("--target", default=None, help="also plan each preset on this GPU (rtx4090, l40s, a100-40g, a100-80g, "
+              "h100, h200): the smallest tensor / expert parallel layout that holds it (bf16, batch 1)")
+@click.option("--max-seq-len", default=4096, show_default=True, type=int,
+              help="with --target: the sequence the layout must hold (capped at each model's maximum)")
+def models(as_json, target, max_seq_len):
     """List the model presets with their Hugging Face repo and parameter count."""
     from dlc.models.presets import PRESETS, preset_config
 
@@ -181,14 +185,39 @@ def models(as_json):
         rows.append({"name": name, "repo": p["repo"] or ("bundled" if p.get("path") else "random (in-process)"),
                      "parameters": preset_config(name).num_parameters() if p.get("config") else None,
                      "description": p["description"]})
+    if target:
+        try:
+            _add_layouts(rows, target, max_seq_len)
+        except ValueError as e:
+            _fail(str(e))
     if as_json:
         print(json.dumps(rows))
         return
-    click.echo(f"{'name':<16} {'repo':<42} {'params':>10}  description")
+    lay = f" {'layout on ' + target:<22}" if target else ""
+    click.echo(f"{'name':<16} {'repo':<42} {'params':>10}{lay}  description")
     for r in rows:
         n = r["parameters"]
         size = "?" if n is None else (f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M")
-        click.echo(f"{r['name']:<16} {r['repo']:<42} {size:>10}  {r['description']}")
+        cell = f" {r.get('layout_text', '?'):<22}" if target else ""
+        click.echo(f"{r['name']:<16} {r['repo']:<42} {size:>10}{cell}  {r['description']}")
+
+
+def _add_layouts(rows: list[dict], target: str, max_seq_len: int) -> None:
+    """Each preset's smallest layout on TARGET (dlc.compiler.plan): 'layout', 'gpus', 'gib_per_gpu'."""
+    from dlc.compiler.plan import DTYPE_BYTES, parallel_degree
+    from dlc.models.presets import PRESETS, preset_config
+    from dlc.targets import get_target
+
+    tgt = get_target(target)
+    for r in rows:
+        if not PRESETS[r["name"]].get("config"):
+            continue
+        c = preset_config(r["name"])
+        degree, _, tried = parallel_degree(c, tgt, DTYPE_BYTES["bf16"], min(max_seq_len, c.max_seq_len))
+        best = next((lay for lay in tried if lay.gpus == degree), None)
+        r.update({"layout": best.name if best else None, "gpus": degree or None,
+                  "gib_per_gpu": round(best.total / (1 << 30), 2) if best else None,
+                  "layout_text": f"{best.name} ({best.total / (1 << 30):.1f} GiB/GPU)" if best else "> 8 GPUs"})
 
 
 def _add_optional_commands() -> None:

@@ -197,13 +197,18 @@ class MoEBlock(nn.Module):
         if c.n_shared_experts:
             self.shared_experts = SwiGLU(c.d_model, c.expert_hidden * c.n_shared_experts, MLP_NAMES)
 
+    def route_tokens(self, flat: torch.Tensor):
+        """[N, d] -> (weights [N, k] fp32, expert ids [N, k]); also what expert-parallel shards call."""
+        c = self.c
+        logits = F.linear(flat.float(), self.gate.weight.float())         # [N, E] fp32, as the reference
+        return route_sigmoid_group(logits, self.gate.expert_bias.float(), c.n_experts_per_tok,
+                                   c.n_expert_groups, c.topk_groups, c.routed_scaling)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         c = self.c
         flat = x.reshape(B * T, d)                                        # [N, d]
-        logits = F.linear(flat.float(), self.gate.weight.float())         # [N, E] fp32, as the reference
-        w, idx = route_sigmoid_group(logits, self.gate.expert_bias.float(), c.n_experts_per_tok,
-                                     c.n_expert_groups, c.topk_groups, c.routed_scaling)
+        w, idx = self.route_tokens(flat)                                  # [N, k], [N, k]
         y = MOE_IMPLS[self.impl](flat, w, idx, self.experts).view(B, T, d)
         if c.n_shared_experts:
             y = y + self.shared_experts(x)

@@ -205,10 +205,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(c.d_model, c.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES) for _ in range(c.n_experts))
 
+    def route_tokens(self, flat: torch.Tensor):
+        """[N, d] -> (weights [N, k] fp32, expert ids [N, k]); also what expert-parallel shards call."""
+        return route(self.gate(flat), self.top_k, self.norm_topk)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(B * T, d)                                       # [N, d]
-        w, idx = route(self.gate(flat), self.top_k, self.norm_topk)      # [N, k], [N, k]
+        w, idx = self.route_tokens(flat)                                 # [N, k], [N, k]
         return MOE_IMPLS[self.impl](flat, w, idx, self.experts).view(B, T, d)
 
 

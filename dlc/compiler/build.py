@@ -136,11 +136,20 @@ def _block_diffusion_plan(model: str, cfg, plan, dry_run: bool, echo) -> dict:
     return {"plan": plan.to_dict(), "passes": [], "files": [], "block_diffusion": True}
 
 
+def tp_engines_later(model: str, n: int, dry_run: bool = False) -> str:
+    """The one line ``dlc compile --tensor-parallel-size N`` (N > 1) answers: no per-rank engines yet."""
+    return (f"--tensor-parallel-size {n}: dlc compile builds single-GPU engines; tensor-parallel engines (one "
+            f"phase program set per rank) are a later step. Run the model tensor parallel on the runtime path "
+            f"instead: `dlc serve {model} --tensor-parallel-size {n}` or `dlc generate {model} PROMPT "
+            f"--tensor-parallel-size {n}`" + ("" if dry_run else " (add --dry-run to see the per-GPU plan)"))
+
+
 def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti", weights: str | None = None,
                   dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
                   block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
                   dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print,
-                  force: bool = False, prepare_only: bool = False, decode_extras: bool = False) -> dict:
+                  force: bool = False, prepare_only: bool = False, decode_extras: bool = False,
+                  tensor_parallel: int = 1) -> dict:
     """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
     empty, absent, or an engine directory (recompiled in place); anything else needs ``force``.
 
@@ -150,6 +159,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     target, ``pending``) and succeeds."""
     tgt = get_target(target)
     get_backend(backend)
+    if tensor_parallel != 1 and not dry_run:
+        raise ValueError(tp_engines_later(model, tensor_parallel))
     dtype = dtype or ("fp32" if tgt.device == "cpu" else "bf16")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -168,13 +179,17 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     with stage("load"):
         m, lm = model_for_build(model, weights, DTYPES[dtype], device, dry_run)
     cfg = m.config
-    plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length)
-    echo(f"plan for {model} on {tgt.name} ({tgt.description}; {tgt.memory_gib} GiB, {tgt.bandwidth_gbs} GB/s, "
+    plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length, tensor_parallel)
+    on = f"{tensor_parallel} x {tgt.name}" if tensor_parallel > 1 else tgt.name
+    echo(f"plan for {model} on {on} ({tgt.description}; {tgt.memory_gib} GiB, {tgt.bandwidth_gbs} GB/s, "
          f"{tgt.bf16_tflops} TFLOP/s bf16):")
     for line in plan.lines():
         echo("  " + line)
     if not plan.fits:
-        raise ValueError(f"cannot build {model} for {tgt.name}: {plan.reason}")
+        raise ValueError(f"cannot build {model} for {on}: {plan.reason}")
+    if tensor_parallel > 1:
+        echo(f"dry run, plan only: {tp_engines_later(model, tensor_parallel, dry_run=True)}")
+        return {"plan": plan.to_dict(), "passes": [], "files": [], "tensor_parallel": tensor_parallel}
     if getattr(cfg, "block_diffusion", False):
         return _block_diffusion_plan(model, cfg, plan, dry_run, echo)
 

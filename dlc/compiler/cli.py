@@ -26,6 +26,9 @@ import click
               "logprobs need (entropy, token logprob, credit decoding); CPU chunked lowering (not TensorRT / the "
               "GPU kernel lowering); adds three inputs and four outputs to each program")
 @click.option("--dump-graph-after", default=None, help="print the graph after this pass")
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel", default=1, show_default=True,
+              type=click.IntRange(min=1), help="plan one GPU of a tensor (+ expert) parallel layout with --dry-run; "
+              "building per-rank engines is a later step (dlc serve / generate --tensor-parallel-size run it)")
 @click.option("--dry-run", is_flag=True, help="plan on the meta device (no weights) and print what would be written")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest / plan as JSON at the end")
 @click.option("-v", "--verbose", is_flag=True, help="log every pass's rewrite count")
@@ -34,7 +37,7 @@ import click
               "another GPU, TensorRT missing): write the portable ONNX half and the commands that finish it")
 def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_size, max_seq_len, block_length,
                     passes, sparse_retention, logprobs, decode_extras, dump_graph_after, dry_run, as_json, verbose,
-                    force, prepare_only):
+                    force, prepare_only, tensor_parallel):
     """Compile MODEL (preset or checkpoint dir) for TARGET into an engine directory."""
     from .backends import BackendUnavailable
     from .build import compile_model
@@ -47,7 +50,8 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
                             max_batch_size=max_batch_size, max_seq_len=max_seq_len, block_length=block_length,
                             passes=names, sparse_retention=sparse_retention, dump_graph_after=dump_graph_after,
                             dry_run=dry_run, logprobs=logprobs, echo=click.echo, force=force,
-                            prepare_only=prepare_only, decode_extras=decode_extras)
+                            prepare_only=prepare_only, decode_extras=decode_extras,
+                            tensor_parallel=tensor_parallel)
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

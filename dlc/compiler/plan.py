@@ -7,7 +7,7 @@ the largest batch x sequence the target supports, derives the logit chunk from t
 refuses with the numbers when the model cannot fit."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 GIB = 1 << 30
 DEFAULT_LOGIT_BUDGET = 256 << 20      # bytes for the transient logit chunk when no target sizes it
@@ -39,11 +39,51 @@ def act_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 @dataclass
+class Layout:
+    """One way to spread the model over ``gpus`` GPUs of a target, in bytes per GPU. Tensor parallel (TP)
+    shards the attention heads (KV heads by head; one replicated KV head per GPU when there are fewer KV heads
+    than GPUs), dense MLPs and shared experts (by hidden) and the LM head (by vocab); expert parallel (EP, MoE
+    models) gives each GPU E / gpus routed experts; the embedding, norms and routers are on every GPU."""
+    name: str                  # "TP 1", "TP 4", "TP/EP 4"
+    gpus: int
+    sharded: int               # tensor-parallel weights held by one GPU
+    experts: int               # routed experts held by one GPU (expert parallel)
+    replicated: int            # embedding, norms, routers: on every GPU
+    kv_cache: int              # this GPU's KV heads at batch x seq
+    activations: int           # per GPU (not divided: every GPU runs the full hidden size)
+    budget: int
+    invalid: str = ""          # why the model does not split this way ("" = it does)
+
+    @property
+    def weights(self) -> int:
+        return self.sharded + self.experts + self.replicated
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return not self.invalid and self.total <= self.budget
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "weights": self.weights, "total": self.total, "fits": self.fits}
+
+    def line(self) -> str:
+        g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+        if self.invalid:
+            return f"  {self.name:<9} -: {self.invalid}"
+        return (f"  {self.name:<9} {g(self.total):>7} GiB per GPU = sharded {g(self.sharded)} + experts "
+                f"{g(self.experts)} + replicated {g(self.replicated)} + KV {g(self.kv_cache)} + activations "
+                f"{g(self.activations)}: {'fits' if self.fits else 'does not fit'} {g(self.budget)} GiB")
+
+
+@dataclass
 class Plan:
     target: str
     dtype: str
     memory_budget: int         # memory x utilisation
-    weights: int
+    weights: int               # per GPU (the whole model at tensor_parallel 1)
     kv_cache: int
     activations: int
     logit_budget: int
@@ -57,20 +97,37 @@ class Plan:
     parallel: int = 1          # GPUs of this target the model needs (tensor + expert parallel degree); 0: > 8
     parallel_note: str = ""
     moe_note: str = ""
+    tensor_parallel: int = 1   # the layout planned (GPUs); the numbers above are per GPU
+    layouts: list = field(default_factory=list)   # Layout.to_dict() of every degree 1, 2, 4, 8 at batch 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-        return [f"memory budget {g(self.memory_budget)} ({self.target}, {self.dtype})",
+        tp = self.tensor_parallel
+        per = f" per GPU, {layout_name_for(self, tp)}" if tp > 1 else ""
+        return [f"memory budget {g(self.memory_budget)} ({self.target}, {self.dtype}{per})",
                 f"  weights      {g(self.weights)}",
                 f"  KV cache     {g(self.kv_cache)} (batch {self.max_batch_size} x seq {self.max_seq_len})",
                 f"  activations  {g(self.activations)} (incl. logit chunk budget {g(self.logit_budget)})",
                 f"logit chunk    {self.logit_chunk} vocab rows x {self.max_batch_size * self.block_length} decoded rows",
                 f"max batch x sequence supported: {self.max_tokens} tokens "
                 f"(e.g. batch {self.max_tokens // self.max_seq_len} at seq {self.max_seq_len})"] \
-            + ([self.moe_note] if self.moe_note else []) + ([self.parallel_note] if self.parallel_note else [])
+            + ([self.moe_note] if self.moe_note else []) + self.layout_lines() \
+            + ([self.parallel_note] if self.parallel_note else [])
+
+    def layout_lines(self) -> list[str]:
+        if not self.layouts or (self.parallel == 1 and self.tensor_parallel == 1):
+            return []
+        return [f"layouts        per GPU at batch 1 x seq {self.max_seq_len} on {self.target}:"] + \
+            [Layout(**{k: v for k, v in d.items() if k not in ("weights", "total", "fits")}).line()
+             for d in self.layouts]
+
+
+def layout_name_for(plan_or_config, n: int) -> str:
+    moe = plan_or_config.moe_note if isinstance(plan_or_config, Plan) else plan_or_config.is_moe
+    return f"TP/EP {n}" if moe and n > 1 else f"TP {n}"
 
 
 def moe_note(config, db: int) -> str:
@@ -85,34 +142,90 @@ def moe_note(config, db: int) -> str:
             f"{f' + {config.n_shared_experts} shared' if config.n_shared_experts else ''})")
 
 
-def parallel_degree(config, target, db: int, seq: int) -> tuple[int, str]:
-    """The smallest number of these GPUs (1, 2, 4, 8) that holds the model at batch 1 x ``seq``: tensor
-    parallel over attention heads, dense MLPs and the vocabulary, expert parallel over the routed experts (the
-    degree both), so weights and KV divide by it (KV heads replicated when fewer than the degree); activations
-    and the logit budget stay per GPU. Returns (degree, note); degree 0: more than 8 (multi-node)."""
+def split_problem(config, n: int) -> str:
+    """Why the model cannot be split over n GPUs (the runtime's tensor / expert parallel rules), or ""."""
+    H, K = config.n_heads, config.n_kv_heads
+    if H % n:
+        return f"{H} attention heads do not split over {n}"
+    if (K >= n and K % n) or (K < n and n % K):
+        return f"{K} KV heads neither split over nor replicate evenly to {n}"
+    n_dense = config.n_layers if not config.is_moe else min(config.first_dense_layers, config.n_layers)
+    if n_dense and config.mlp_hidden % n:
+        return f"MLP hidden {config.mlp_hidden} does not split over {n}"
+    if config.is_moe and config.n_experts % n:
+        return f"{config.n_experts} experts do not split over {n}"
+    return ""
+
+
+def kv_heads_per_gpu(config, n: int) -> int:
+    """KV heads one GPU holds: K / n, or one replicated head when K < n."""
+    return max(1, config.n_kv_heads // n)
+
+
+def weights_per_gpu(config, n: int, db: int) -> tuple[int, int, int]:
+    """(tensor-parallel, expert-parallel, replicated) weight bytes one GPU of n holds; at n = 1 they add up to
+    ``config.num_parameters() * db``."""
+    d, H, hd, L = config.d_model, config.n_heads, config.head_dim, config.n_layers
+    kv = kv_heads_per_gpu(config, n) if n > 1 else config.n_kv_heads
+    attn = 2 * d * H * hd // n + 2 * d * kv * hd + ((H * hd // n + 2 * kv * hd) if config.qkv_bias else 0)
+    attn_rep = (2 * hd if config.qk_norm else 0) + 2 * d                          # QK-norms, the two norms
+    n_dense = L if not config.is_moe else min(config.first_dense_layers, L)
+    sharded = L * attn + n_dense * 3 * d * config.mlp_hidden // n
+    experts, replicated = 0, L * attn_rep + d + config.embedding_size * d          # + final norm, embedding
+    if config.is_moe:
+        expert = 3 * d * config.expert_hidden
+        sharded += (L - n_dense) * config.n_shared_experts * expert // n
+        experts = (L - n_dense) * (config.n_experts // n) * expert
+        replicated += (L - n_dense) * d * config.n_experts                          # the routers
+    if not config.tie_embeddings:
+        sharded += -(-config.vocab_size // n) * d                                   # vocab-parallel head
+    return sharded * db, experts * db, replicated * db
+
+
+def layout(config, target, db: int, n: int, batch: int, seq: int, extra: int = 64 << 20) -> Layout:
+    """Per-GPU memory of the degree-n layout at batch x seq (``extra``: the logit chunk budget)."""
     budget = int(target.memory_bytes * target.utilisation)
-    weights = config.num_parameters() * db
-    for n in (1, 2, 4, 8):
-        kv_shards = n if config.n_kv_heads % n == 0 else max(1, config.n_kv_heads)
-        kv = kv_bytes_per_token(config, db) * seq / min(n, kv_shards)
-        need = weights / n + kv + act_bytes_per_token(config, db) * seq + (64 << 20)
-        if need <= budget:
-            if n == 1:
-                return 1, ""
-            ep = f" + expert parallel {n} ({config.n_experts // n} experts per GPU)" if config.is_moe else ""
-            kvn = ("" if config.n_kv_heads % n == 0 else
-                   f"; its {config.n_kv_heads} KV heads are replicated beyond tensor parallel {config.n_kv_heads}")
-            return n, (f"parallel       does not fit one {target.name}: needs {n} x {target.name} with tensor "
-                       f"parallel {n}{ep}: {weights / n / GIB:.2f} GiB of weights per GPU{kvn} (dlc engines are "
-                       f"single-GPU today: serve it with a TP/EP engine, e.g. SGLang --tp-size {n}"
-                       f"{f' --ep-size {n}' if config.is_moe else ''})")
-    return 0, (f"parallel       does not fit 8 x {target.name} ({weights / 8 / GIB:.2f} GiB of weights per GPU at "
-               f"degree 8): use a larger target or more than one node")
+    bad = split_problem(config, n) if n > 1 else ""
+    sharded, experts, replicated = weights_per_gpu(config, n if not bad else 1, db)
+    kv_share = (kv_heads_per_gpu(config, n) if n > 1 and not bad else config.n_kv_heads) / config.n_kv_heads
+    kv = int(kv_bytes_per_token(config, db) * kv_share) * batch * seq
+    acts = act_bytes_per_token(config, db) * batch * seq + extra
+    return Layout(layout_name_for(config, n), n, sharded, experts, replicated, kv, acts, budget, bad)
+
+
+def parallel_degree(config, target, db: int, seq: int) -> tuple[int, str, list[Layout]]:
+    """The smallest number of these GPUs (1, 2, 4, 8) whose layout holds the model at batch 1 x ``seq``:
+    tensor parallel over attention heads, dense MLPs, shared experts and the vocabulary, expert parallel over
+    the routed experts (the degree both). Returns (degree, note, the layouts tried); degree 0: more than 8."""
+    tried = [layout(config, target, db, n, 1, seq) for n in (1, 2, 4, 8)]
+    ok = [lay for lay in tried if lay.fits]
+    if ok and ok[0].gpus == 1:
+        return 1, "", tried
+    if not ok:
+        return 0, (f"parallel       does not fit 8 x {target.name} ({tried[-1].weights / GIB:.2f} GiB of "
+                   f"weights per GPU at degree 8): use a larger target or more than one node"), tried
+    return ok[0].gpus, layout_note(config, target, ok[0]), tried
+
+
+def layout_note(c, target, best: Layout) -> str:
+    """The plan's line naming the layout picked, what it splits and the flag that runs it."""
+    n = best.gpus
+    kvn = f"{kv_heads_per_gpu(c, n)} of {c.n_kv_heads} KV heads per GPU" + (
+        " (replicated)" if c.n_kv_heads < n else "")
+    ep = (f" + expert parallel {n} ({c.n_experts // n} of {c.n_experts} experts per GPU, one all-reduce per "
+          f"MoE layer)" if c.is_moe else "")
+    shared = ", shared experts" if c.n_shared_experts else ""
+    return (f"parallel       does not fit one {target.name}: layout {best.name} fits, needs {n} x "
+            f"{target.name} with tensor parallel {n} (attention: {kvn}; MLPs{shared} and the LM head split)"
+            f"{ep}: {best.weights / GIB:.2f} GiB of weights, {best.total / GIB:.2f} GiB in all per GPU of "
+            f"{best.budget / GIB:.2f}. Run it with `--tensor-parallel-size {n}` on dlc serve / generate (the "
+            f"runtime path; dlc engines are single-GPU today)")
 
 
 def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_len: int | None,
-               block_length: int) -> Plan:
-    """Size the build. Unset limits are derived: seq = the model's max, batch = the most that fits (<= 256)."""
+               block_length: int, tensor_parallel: int = 1) -> Plan:
+    """Size the build. Unset limits are derived: seq = the model's max, batch = the most that fits (<= 256).
+    ``tensor_parallel`` > 1 plans one GPU of that layout (``Layout``): weights, KV and the batch per GPU."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
     if block_length <= 0:
@@ -123,31 +236,42 @@ def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_l
         raise ValueError(f"--max-seq-len must be in 1..{config.max_seq_len} (the model's maximum), got {seq}")
     if max_batch_size is not None and max_batch_size <= 0:
         raise ValueError(f"--max-batch-size must be > 0, got {max_batch_size}")
+    tp = tensor_parallel
+    bad = split_problem(config, tp) if isinstance(tp, int) and tp >= 1 else "it must be a positive integer"
+    if bad:
+        raise ValueError(f"--tensor-parallel-size {tp}: {bad}")
     budget = int(target.memory_bytes * target.utilisation)
-    weights = config.num_parameters() * db
-    per_tok = kv_bytes_per_token(config, db) + act_bytes_per_token(config, db)
+    weights = sum(weights_per_gpu(config, tp, db))
+    kv_heads = kv_heads_per_gpu(config, tp) if tp > 1 else config.n_kv_heads
+    kv_tok = kv_bytes_per_token(config, db) * kv_heads // config.n_kv_heads
+    per_tok = kv_tok + act_bytes_per_token(config, db)
     free = budget - weights
     # the logit budget: 1/8 of what is left after the weights, between 64 MiB and 2 GiB
     logit_budget = int(min(2 * GIB, max(64 << 20, free // 8))) if free > 0 else 64 << 20
     max_tokens = max(0, (free - logit_budget) // per_tok) if free > 0 else 0
     batch = max_batch_size or max(1, min(256, max_tokens // seq))
-    kv = kv_bytes_per_token(config, db) * batch * seq
+    kv = kv_tok * batch * seq
     acts = act_bytes_per_token(config, db) * batch * seq + logit_budget
     chunk = logit_chunk_for(config, batch * block_length, logit_budget)
+    where = f"{target.name}" if tp == 1 else f"each of {tp} x {target.name} ({layout_name_for(config, tp)})"
     fits, reason = True, ""
     if free <= 0:
         fits, reason = False, (f"the weights alone ({weights / GIB:.2f} GiB in {dtype}) exceed the memory budget "
-                               f"{budget / GIB:.2f} GiB of {target.name} ({target.memory_gib} GiB x "
+                               f"{budget / GIB:.2f} GiB of {where} ({target.memory_gib} GiB x "
                                f"{target.utilisation}); use a smaller dtype or a larger target")
     elif weights + kv + acts > budget:
         fits, reason = False, (f"batch {batch} x seq {seq} needs {(weights + kv + acts) / GIB:.2f} GiB (weights "
                                f"{weights / GIB:.2f} + KV {kv / GIB:.2f} + activations {acts / GIB:.2f}) > budget "
-                               f"{budget / GIB:.2f} GiB on {target.name}; the target supports at most "
+                               f"{budget / GIB:.2f} GiB on {where}; the target supports at most "
                                f"{max_tokens} tokens (batch x seq): lower --max-batch-size or --max-seq-len")
-    degree, note = parallel_degree(config, target, db, seq)
-    if free <= 0 and degree > 1:
+    degree, note, tried = parallel_degree(config, target, db, seq)
+    if free <= 0 and degree > tp:
         reason = reason.replace("; use a smaller dtype or a larger target",
                                 f"; it needs {degree} x {target.name} (tensor parallel {degree}"
-                                f"{f' + expert parallel {degree}' if config.is_moe else ''}) or a larger target")
+                                f"{f' + expert parallel {degree}' if config.is_moe else ''}: "
+                                f"--tensor-parallel-size {degree}) or a larger target")
+    if degree > 1 and tp == degree:
+        note = ""                                                         # the layout asked for is the one
     return Plan(target.name, dtype, budget, weights, kv, acts, logit_budget, chunk, batch, seq, block_length,
-                int(max_tokens), fits, reason, degree, note, moe_note(config, db))
+                int(max_tokens), fits, reason, degree, note, moe_note(config, db), tp,
+                [lay.to_dict() for lay in tried])
