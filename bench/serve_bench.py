@@ -10,10 +10,13 @@ bench/engine_path.py's ``build`` (no checkpoint on disk), for the in-process eng
         --max-num-tokens 8192 --num-requests 24 --workloads burst,poisson-80 --json serve.json  # docs/SERVING.md
 """
 import sys
+from pathlib import Path
 
-from engine_path import build
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # `python3 -P` leaves the script's folder out
 
-from dlc.bench_cli import serve_bench
+from engine_path import build  # noqa: E402
+
+from dlc.bench_cli import serve_bench  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(serve_bench.main(args=sys.argv[1:], prog_name="serve_bench.py", obj={"build": build}))
