@@ -87,7 +87,11 @@ def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, ge
     if driver == "http":
         _check_extras()
     try:
-        mc = model_config_of(model)
+        if random_weights:                         # the preset's shape; no checkpoint needed
+            from dlc.models.presets import preset_config
+            mc = preset_config(model)
+        else:
+            mc = model_config_of(model)
         base = Workload("burst", num_requests, 1.0, period, amplitude, _pair(prompt_len),
                         tuple(int(g) for g in gen_lens.split(",")), block_length, tokens_per_step, seed,
                         prompt_token_ids(mc))
