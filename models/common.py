@@ -228,7 +228,10 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
         from dlc.kernels import pool_attention
         y = pool_attention(q, cache_kv.k, cache_kv.v, cache_kv.rows, cache_kv.kv_len)   # [B, H, T, D]
         return o_proj(y.transpose(1, 2).reshape(B, T, n_heads * hd)), new_kv
-    if cache_kv is not None:                                          # gather the batch's rows for SDPA
+    if cache_kv is not None and isinstance(start, int) and start == 0 and cache_kv.k.shape[2] == T:
+        write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, 0, gather=False)   # a Refresh over a cache
+                                                  # narrowed to its width: its own keys are the whole cache
+    elif cache_kv is not None:                                        # gather the batch's rows for SDPA
         k, v = write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start)   # [B, Hkv, S, D]
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
