@@ -1,0 +1,234 @@
+"""Tensor parallelism for the dense families (LLaDA, Dream; the attention of the others): one rank's shard.
+
+Megatron layout, one all-reduce per sublayer: q/k/v and the MLP's gate/up are column-parallel (each rank
+holds whole heads and a slice of the MLP hidden), the attention output and the MLP's down projection are
+row-parallel (each rank multiplies its slice and the partial sums are all-reduced). KV heads split across
+ranks; with fewer KV heads than ranks each rank keeps the one KV head its query heads read (replicated, the
+GQA rule of vLLM). The LM head is vocab-parallel: rank r holds rows [v0, v1) of the head and decodes its
+slice (``dlc.runtime.distributed.vocab``). Embedding and norms are replicated.
+
+``shard_plan`` says, per parameter name, which slice of the checkpoint tensor a rank holds (``Slice``), so the
+loader reads just that slice from the safetensors file (``get_slice``) and no rank holds the full model;
+``shard_modules_`` swaps the model's linears for shard-sized ones (on the meta device before loading, or on a
+full model, copying the slices, for the in-process tiny presets). MoE layers go through
+``dlc.models.expert_parallel.shard_moe_layer`` when that module exists, else a model with MoE layers is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+ATTN_OUT = ("attn_out", "o_proj")                      # row-parallel attention output (LLaDA, HF names)
+MLP_NAMES = (("ff_proj", "up_proj", "ff_out"), ("gate_proj", "up_proj", "down_proj"))   # gate, up, down
+
+
+class Slice(NamedTuple):
+    dim: int          # the sliced dim of the checkpoint tensor
+    start: int
+    stop: int
+
+
+class HeadLayout(NamedTuple):
+    q: tuple[int, int]         # this rank's query heads [a, b)
+    kv: tuple[int, int]        # its KV heads [a, b) (one replicated head when KV heads < ranks)
+
+
+def head_layout(c: ModelConfig, rank: int, world: int) -> HeadLayout:
+    """Query / KV heads of ``rank``; refuses layouts that cannot split evenly (one line naming the numbers)."""
+    H, K = c.n_heads, c.n_kv_heads
+    if H % world:
+        raise ValueError(f"tensor_parallel_size {world}: the model's {H} attention heads do not split evenly")
+    hq = H // world
+    if K >= world:
+        if K % world:
+            raise ValueError(f"tensor_parallel_size {world}: the model's {K} KV heads do not split evenly "
+                             f"(use a size dividing {K}, or a multiple of it)")
+        hk = K // world
+        return HeadLayout((rank * hq, rank * hq + hq), (rank * hk, rank * hk + hk))
+    if world % K:
+        raise ValueError(f"tensor_parallel_size {world}: {K} KV heads cannot be replicated evenly (the size "
+                         f"must be a multiple of {K})")
+    kv = rank * hq // (H // K)                       # the one group this rank's query heads belong to
+    return HeadLayout((rank * hq, rank * hq + hq), (kv, kv + 1))
+
+
+def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's rows [v0, v1) of the LM head (ceil-split; the last shard may be shorter)."""
+    per = -(-vocab // world)
+    return min(vocab, rank * per), min(vocab, (rank + 1) * per)
+
+
+def shard_config(c: ModelConfig, world: int) -> ModelConfig:
+    """What one rank holds, as a ModelConfig: its query / KV heads (head_dim kept explicit). The runtime sizes
+    the KV slot pool from it, so each rank's pool holds only its heads; every other field is the model's."""
+    if world == 1:
+        return c
+    lay = head_layout(c, 0, world)
+    return dataclasses.replace(c, n_heads=lay.q[1] - lay.q[0], n_kv_heads=lay.kv[1] - lay.kv[0],
+                               attn_head_dim=c.head_dim)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_r @ W_r^T) + b: the rank's input slice times its column slice of W, summed over ranks.
+    ``weight`` [out, in / world] keeps the checkpoint's parameter name."""
+
+    def __init__(self, in_local: int, out: int, bias: bool, group, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out, in_local, device=device, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out, device=device, dtype=dtype), requires_grad=False) if bias \
+            else None
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        y = F.linear(x, self.weight)                                      # [B, T, out] partial sum
+        if self.group is not None:
+            dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def _column(lin: nn.Linear, a: int, b: int, full: bool) -> nn.Linear:
+    new = nn.Linear(lin.in_features, b - a, bias=lin.bias is not None, device=lin.weight.device,
+                    dtype=lin.weight.dtype)
+    if full:
+        with torch.no_grad():
+            new.weight.copy_(lin.weight[a:b])
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias[a:b])
+    new.requires_grad_(False)
+    return new
+
+
+def _row(lin: nn.Linear, a: int, b: int, group, full: bool) -> RowParallelLinear:
+    new = RowParallelLinear(b - a, lin.out_features, lin.bias is not None, group, lin.weight.device,
+                            lin.weight.dtype)
+    if full:
+        with torch.no_grad():
+            new.weight.copy_(lin.weight[:, a:b])
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+    return new
+
+
+def _attention(block: nn.Module) -> tuple[str, nn.Module]:
+    """(prefix, module) owning q/k/v: the LLaDA block itself or an HF layer's self_attn."""
+    if hasattr(block, "q_proj"):
+        return "", block
+    if hasattr(block, "self_attn") and hasattr(block.self_attn, "q_proj"):
+        return "self_attn.", block.self_attn
+    raise ValueError(f"tensor parallel: no attention projections in {type(block).__name__}")
+
+
+def _mlp(block: nn.Module) -> tuple[str, nn.Module, tuple[str, str, str]] | None:
+    """(prefix, module, (gate, up, down) names) of a dense SwiGLU MLP, or None (an MoE layer)."""
+    for prefix, mod in (("", block), ("mlp.", getattr(block, "mlp", None))):
+        for names in MLP_NAMES:
+            if mod is not None and all(isinstance(getattr(mod, n, None), nn.Linear) for n in names):
+                return prefix, mod, names
+    return None
+
+
+def _moe_sharder():
+    try:
+        from .expert_parallel import shard_moe_layer
+    except ImportError:
+        return None
+    return shard_moe_layer
+
+
+def shard_modules_(model: nn.Module, rank: int, world: int, group, full: bool = False) -> dict[str, Slice]:
+    """Replace the model's linears by this rank's shards, in place; returns the plan (parameter name ->
+    ``Slice`` of the checkpoint tensor; replicated parameters are absent). ``full``: the model holds real
+    full weights (tiny presets) and the slices are copied; else it is on the meta device, to be loaded."""
+    c: ModelConfig = model.config
+    lay = head_layout(c, rank, world)
+    hd = c.head_dim
+    plan: dict[str, Slice] = {}
+    blocks_prefix = _blocks_prefix(model)
+    for i, block in enumerate(model.blocks):
+        pre = f"{blocks_prefix}.{i}."
+        ap, attn = _attention(block)
+        spans = {"q_proj": (lay.q[0] * hd, lay.q[1] * hd), "k_proj": (lay.kv[0] * hd, lay.kv[1] * hd),
+                 "v_proj": (lay.kv[0] * hd, lay.kv[1] * hd)}
+        for name, (a, b) in spans.items():
+            _record(plan, pre + ap + name, getattr(attn, name), 0, a, b)
+            setattr(attn, name, _column(getattr(attn, name), a, b, full))
+        out_name = next(n for n in ATTN_OUT if hasattr(attn, n))
+        a, b = spans["q_proj"]
+        plan[pre + ap + out_name + ".weight"] = Slice(1, a, b)
+        setattr(attn, out_name, _row(getattr(attn, out_name), a, b, group, full))
+        attn.n_heads, attn.n_kv = lay.q[1] - lay.q[0], lay.kv[1] - lay.kv[0]
+        _shard_mlp(block, pre, rank, world, group, full, plan, c)
+    _shard_head(model, rank, world, full, plan)
+    return plan
+
+
+def _shard_mlp(block, pre, rank, world, group, full, plan, c) -> None:
+    found = _mlp(block)
+    if found is None:
+        sharder = _moe_sharder()
+        if sharder is None:
+            raise ValueError(f"tensor_parallel_size {world}: {c.family} has MoE layers and this build has no "
+                             f"expert parallelism (dlc.models.expert_parallel); use tensor_parallel_size 1")
+        block.mlp = sharder(block.mlp, rank, world, group)
+        return
+    mp, mlp, (g, u, d) = found
+    hidden = getattr(mlp, g).out_features
+    if hidden % world:
+        raise ValueError(f"tensor_parallel_size {world}: the MLP hidden size {hidden} does not split evenly")
+    a, b = rank * hidden // world, (rank + 1) * hidden // world
+    for name in (g, u):
+        _record(plan, pre + mp + name, getattr(mlp, name), 0, a, b)
+        setattr(mlp, name, _column(getattr(mlp, name), a, b, full))
+    plan[pre + mp + d + ".weight"] = Slice(1, a, b)
+    setattr(mlp, d, _row(getattr(mlp, d), a, b, group, full))
+
+
+def _shard_head(model, rank, world, full, plan) -> None:
+    """An untied head keeps only rows [v0, v1); a tied head is the (replicated) embedding, sliced at decode."""
+    if model.config.tie_embeddings:
+        return
+    v0, v1 = vocab_range(model.config.vocab_size, rank, world)
+    for parent_name, parent in model.named_modules():
+        for attr, child in list(parent.named_children()):
+            if child is model.head:
+                _record(plan, f"{parent_name}.{attr}".lstrip("."), child, 0, v0, v1)
+                setattr(parent, attr, _column(child, v0, v1, full))
+                return
+
+
+def head_shard(model, rank: int, world: int) -> tuple[torch.Tensor, int]:
+    """(this rank's head rows [v1 - v0, d], v0): a view of the tied embedding, or the sharded head."""
+    v0, v1 = vocab_range(model.config.vocab_size, rank, world)
+    w = model.head_weight()
+    return (w[v0:v1] if model.config.tie_embeddings else w), v0
+
+
+def _record(plan, name, lin, dim, a, b) -> None:
+    plan[name + ".weight"] = Slice(dim, a, b)
+    if lin.bias is not None:
+        plan[name + ".bias"] = Slice(0, a, b)
+
+
+def _blocks_prefix(model) -> str:
+    for name, mod in model.named_modules():
+        if mod is model.blocks:
+            return name
+    raise ValueError("tensor parallel: the model has no blocks list")
+
+
+def read_slice(f, name: str, sl: Slice | None) -> torch.Tensor:
+    """One tensor of an open safetensors file, only the rank's slice of it (``get_slice``: the other rows
+    are never read into memory)."""
+    if sl is None:
+        return f.get_tensor(name)
+    part = f.get_slice(name)
+    if sl.dim == 0:
+        return part[sl.start:sl.stop]
+    return part[:, sl.start:sl.stop]
