@@ -134,7 +134,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
         raise
     runner = TensorParallelRunner(shard, Channel(control), procs)
     atexit.register(runner.close)
-    log.info("tensor parallel: %d ranks on %s", world, dev)
+    pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
+    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}; {pids})", file=sys.stderr)
     return Session(runner, lm.tokenizer, shard.config, lm.chat, lm.source, kind=f"eager-tp{world}")
 
 

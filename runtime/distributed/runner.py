@@ -98,9 +98,13 @@ class TensorParallelRunner:
     def _fail(self, why: str) -> RankFailure:
         first = self._dead is None
         if first:
-            dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self.procs, 1)
+            for p in self.procs:                           # a killed peer's exit code lands a moment later
+                if p.exitcode is None:
+                    p.join(0.3)
+            dead = [f"rank {r} (pid {p.pid}) died (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1)
                     if p.exitcode is not None]
-            self._dead = f"tensor-parallel group of {self.world} is down: " + ("; ".join(dead) or why)
+            self._dead = (f"tensor-parallel {'; '.join(dead)}; the group of {self.world} ranks is down" if dead
+                          else f"tensor-parallel group of {self.world} ranks is down: {why}")
             log.error("%s", self._dead)
             for fn in self._callbacks:
                 try:
