@@ -82,9 +82,10 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
     from .runner import worker_loop
 
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         dev = _device(device, rank)
+        if dev == "cpu":                                       # ranks share the host's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         group, control = _init(rank, world, dev, init_method)
         shard, _ = load_shard(model, weights, dtype, dev, rank, world, group, progress=False)
         worker_loop(shard, Channel(control), _make_pool(shard))
