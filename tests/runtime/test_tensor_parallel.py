@@ -130,3 +130,23 @@ def test_each_rank_loads_its_slices(tmp_path, name):
                 want = want.narrow(s.dim, s.start, s.stop - s.start)
                 assert t.numel() < full[k].numel()
             assert torch.equal(t, want), k
+
+
+def test_cli_generate_tp2_matches_one_process():
+    """`dlc generate --tp 2` (the command starts its worker, then stops it at exit) = TP=1 generate."""
+    import json
+    import subprocess
+    import sys
+
+    from dlc.runtime.session import encode_prompt
+    args = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--kv-cache", "prefix", "--dtype", "fp32",
+            "--temperature", "0.7", "--seed", "4", "--no-chat", "--json"]
+    r = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "tiny-dream", "split me", "--tp", "2", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    one = open_model("tiny-dream", dtype="fp32", progress=False)
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="prefix", temperature=0.7, seed=4,
+                           stop_at_eos=False)
+    assert out["engine"] == "eager-tp2"
+    assert out["token_ids"] == generate(one.runner, [encode_prompt(one, "split me", False)], cfg).token_ids[0]
