@@ -150,3 +150,25 @@ def test_cli_generate_tp2_matches_one_process():
                            stop_at_eos=False)
     assert out["engine"] == "eager-tp2"
     assert out["token_ids"] == generate(one.runner, [encode_prompt(one, "split me", False)], cfg).token_ids[0]
+
+
+def test_torchrun_launched_ranks():
+    """Ranks started by torchrun (RANK / WORLD_SIZE env): rank 0 is the command, rank 1 a worker."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "dlc.cli", "generate", "tiny-llada", "ranks", "--tp", "2", "--gen-length", "8", "--block-length",
+           "8", "--steps", "4", "--dtype", "fp32", "--no-chat", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    one = open_model("tiny-llada", dtype="fp32", progress=False)
+    from dlc.runtime.session import encode_prompt
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=4, stop_at_eos=False)
+    assert out["engine"] == "eager-tp2" and "launched by torchrun" in r.stderr
+    assert out["token_ids"] == generate(one.runner, [encode_prompt(one, "ranks", False)], cfg).token_ids[0]
