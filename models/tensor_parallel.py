@@ -122,7 +122,8 @@ def _attention(block: nn.Module) -> tuple[str, nn.Module]:
         return "", block
     if hasattr(block, "self_attn") and hasattr(block.self_attn, "q_proj"):
         return "self_attn.", block.self_attn
-    raise ValueError(f"tensor parallel: no attention projections in {type(block).__name__}")
+    raise ValueError(f"tensor parallel: {type(block).__name__} has no separate q/k/v projections to shard "
+                     f"(a fused query_key_value is not supported yet); use tensor_parallel_size 1")
 
 
 def _mlp(block: nn.Module) -> tuple[str, nn.Module, tuple[str, str, str]] | None:
@@ -132,6 +133,20 @@ def _mlp(block: nn.Module) -> tuple[str, nn.Module, tuple[str, str, str]] | None
             if mod is not None and all(isinstance(getattr(mod, n, None), nn.Linear) for n in names):
                 return prefix, mod, names
     return None
+
+
+def check_layout(model: nn.Module, world: int) -> None:
+    """Refuse, before any process starts, a model this size cannot shard (one line naming the numbers)."""
+    head_layout(model.config, 0, world)
+    for block in model.blocks:
+        _attention(block)
+        found = _mlp(block)
+        if found is None and _moe_sharder() is None:
+            raise ValueError(f"tensor_parallel_size {world}: {model.config.family} has MoE layers and this build "
+                             f"has no expert parallelism (dlc.models.expert_parallel); use tensor_parallel_size 1")
+        if found is not None and getattr(found[1], found[2][0]).out_features % world:
+            raise ValueError(f"tensor_parallel_size {world}: the MLP hidden size "
+                             f"{getattr(found[1], found[2][0]).out_features} does not split evenly")
 
 
 def _moe_sharder():

@@ -146,15 +146,10 @@ def _check_layout(model: str, weights, world: int) -> None:
     from dlc.models.presets import preset_config
     from dlc.models.tensor_parallel import head_layout
 
+    from dlc.models import build_model
+    from dlc.models.tensor_parallel import check_layout
+
     path = resolve_checkpoint_dir(model, weights)
     c = preset_config(model) if path is None else read_config(path)
-    head_layout(c, 0, world)
-    if c.is_moe:
-        try:
-            import dlc.models.expert_parallel  # noqa: F401
-        except ImportError:
-            raise ValueError(f"tensor_parallel_size {world}: {c.family} has MoE layers and this build has no "
-                             f"expert parallelism (dlc.models.expert_parallel); use tensor_parallel_size 1") \
-                from None
-    if c.mlp_hidden % world and not c.is_moe:
-        raise ValueError(f"tensor_parallel_size {world}: the MLP hidden size {c.mlp_hidden} does not split evenly")
+    with torch.device("meta"):                                 # no weights: the module tree only
+        check_layout(build_model(c), world)

@@ -75,7 +75,7 @@ def test_outputs_vary_with_temperature(pair):
     assert greedy != sampled
 
 
-def test_tp2_logprobs_and_threshold_rule(pair):
+def test_tp2_logprobs_threshold_and_entropy_rules(pair):
     one, tp = pair
     if one.config.family != "dream" or one.config.tie_embeddings:
         pytest.skip("one model is enough (Dream GQA: shifted rows, biases)")
@@ -88,6 +88,9 @@ def test_tp2_logprobs_and_threshold_rule(pair):
             if ea is not None:
                 assert abs(ea[0] - eb[0]) < LOGIT_TOL and list(ea[1]) == list(eb[1])
                 assert max(abs(x - y) for x, y in zip(ea[2], eb[2])) < LOGIT_TOL
+    eb_cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="prefix", entropy_bound=2.0)
+    a, b = generate(one.runner, PROMPTS, eb_cfg), generate(tp.runner, PROMPTS, eb_cfg)   # entropy, combined
+    assert a.token_ids == b.token_ids and a.nfe == b.nfe
 
 
 def test_tp_refuses_what_it_cannot_combine(pair):
@@ -172,3 +175,20 @@ def test_torchrun_launched_ranks():
     cfg = GenerationConfig(gen_length=8, block_length=8, steps=4, stop_at_eos=False)
     assert out["engine"] == "eager-tp2" and "launched by torchrun" in r.stderr
     assert out["token_ids"] == generate(one.runner, [encode_prompt(one, "ranks", False)], cfg).token_ids[0]
+
+
+@pytest.mark.parametrize("model,size,match", [("tiny-llada", 3, "4 attention heads"),
+                                              ("tiny-llada2", 2, "query_key_value|expert")])
+def test_layouts_that_cannot_shard_are_refused_before_starting(model, size, match):
+    with pytest.raises(ValueError, match=match):
+        open_model(model, progress=False, tensor_parallel_size=size)
+
+
+def test_moe_without_expert_parallel_is_refused():
+    try:
+        import dlc.models.expert_parallel  # noqa: F401
+        pytest.skip("this build shards MoE layers")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="expert parallel"):
+        open_model("tiny-llada-moe", progress=False, tensor_parallel_size=2)
