@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 
-ATTN_OUT = ("attn_out", "o_proj")                      # row-parallel attention output (LLaDA, HF names)
+ATTN_OUT = ("attn_out", "o_proj", "dense")             # row-parallel attention output (LLaDA, HF, LLaDA2)
 MLP_NAMES = (("ff_proj", "up_proj", "ff_out"), ("gate_proj", "up_proj", "down_proj"))   # gate, up, down
 
 
@@ -93,14 +93,16 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _column(lin: nn.Linear, a: int, b: int, full: bool) -> nn.Linear:
-    new = nn.Linear(lin.in_features, b - a, bias=lin.bias is not None, device=lin.weight.device,
-                    dtype=lin.weight.dtype)
+def _column(lin: nn.Linear, a: int, b: int, full: bool, ranges: list | None = None) -> nn.Linear:
+    """Output rows [a, b) of ``lin`` (or the concatenated ``ranges`` [(a, b), ...]: a fused q|k|v)."""
+    ranges = ranges or [(a, b)]
+    new = nn.Linear(lin.in_features, sum(y - x for x, y in ranges), bias=lin.bias is not None,
+                    device=lin.weight.device, dtype=lin.weight.dtype)
     if full:
         with torch.no_grad():
-            new.weight.copy_(lin.weight[a:b])
+            new.weight.copy_(torch.cat([lin.weight[x:y] for x, y in ranges]))
             if lin.bias is not None:
-                new.bias.copy_(lin.bias[a:b])
+                new.bias.copy_(torch.cat([lin.bias[x:y] for x, y in ranges]))
     new.requires_grad_(False)
     return new
 
@@ -120,10 +122,12 @@ def _attention(block: nn.Module) -> tuple[str, nn.Module]:
     """(prefix, module) owning q/k/v: the LLaDA block itself or an HF layer's self_attn."""
     if hasattr(block, "q_proj"):
         return "", block
-    if hasattr(block, "self_attn") and hasattr(block.self_attn, "q_proj"):
-        return "self_attn.", block.self_attn
-    raise ValueError(f"tensor parallel: {type(block).__name__} has no separate q/k/v projections to shard "
-                     f"(a fused query_key_value is not supported yet); use tensor_parallel_size 1")
+    for name in ("self_attn", "attention"):                # HF layers; LLaDA2's fused query_key_value
+        mod = getattr(block, name, None)
+        if mod is not None and (hasattr(mod, "q_proj") or hasattr(mod, "query_key_value")):
+            return name + ".", mod
+    raise ValueError(f"tensor parallel: {type(block).__name__} has no attention projections to shard; "
+                     f"use tensor_parallel_size 1")
 
 
 def _mlp(block: nn.Module) -> tuple[str, nn.Module, tuple[str, str, str]] | None:
@@ -163,25 +167,38 @@ def shard_modules_(model: nn.Module, rank: int, world: int, group, full: bool = 
     full weights (tiny presets) and the slices are copied; else it is on the meta device, to be loaded."""
     c: ModelConfig = model.config
     lay = head_layout(c, rank, world)
-    hd = c.head_dim
     plan: dict[str, Slice] = {}
     blocks_prefix = _blocks_prefix(model)
     for i, block in enumerate(model.blocks):
         pre = f"{blocks_prefix}.{i}."
         ap, attn = _attention(block)
-        spans = {"q_proj": (lay.q[0] * hd, lay.q[1] * hd), "k_proj": (lay.kv[0] * hd, lay.kv[1] * hd),
-                 "v_proj": (lay.kv[0] * hd, lay.kv[1] * hd)}
-        for name, (a, b) in spans.items():
-            _record(plan, pre + ap + name, getattr(attn, name), 0, a, b)
-            setattr(attn, name, _column(getattr(attn, name), a, b, full))
-        out_name = next(n for n in ATTN_OUT if hasattr(attn, n))
-        a, b = spans["q_proj"]
-        plan[pre + ap + out_name + ".weight"] = Slice(1, a, b)
-        setattr(attn, out_name, _row(getattr(attn, out_name), a, b, group, full))
-        attn.n_heads, attn.n_kv = lay.q[1] - lay.q[0], lay.kv[1] - lay.kv[0]
+        shard_attention_(attn, pre + ap, lay, c, group, full, plan)
         _shard_mlp(block, pre, rank, world, group, full, plan, c)
     _shard_head(model, rank, world, full, plan)
     return plan
+
+
+def shard_attention_(attn: nn.Module, pre: str, lay: HeadLayout, c: ModelConfig, group, full: bool,
+                     plan: dict) -> None:
+    """One attention module -> its shard (heads ``lay``), in place; records the slices under ``pre``."""
+    hd = c.head_dim
+    q, kv = (lay.q[0] * hd, lay.q[1] * hd), (lay.kv[0] * hd, lay.kv[1] * hd)
+    if hasattr(attn, "query_key_value"):          # rows: q heads | k heads | v heads, each rank's three spans
+        H, K = c.n_heads * hd, c.n_kv_heads * hd
+        ranges = [q, (H + kv[0], H + kv[1]), (H + K + kv[0], H + K + kv[1])]
+        lin = attn.query_key_value
+        plan[pre + "query_key_value.weight"] = tuple(Slice(0, a, b) for a, b in ranges)
+        if lin.bias is not None:
+            plan[pre + "query_key_value.bias"] = tuple(Slice(0, a, b) for a, b in ranges)
+        attn.query_key_value = _column(lin, 0, 0, full, ranges)
+    else:
+        for name, (a, b) in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            _record(plan, pre + name, getattr(attn, name), 0, a, b)
+            setattr(attn, name, _column(getattr(attn, name), a, b, full))
+    out_name = next(n for n in ATTN_OUT if hasattr(attn, n))
+    plan[pre + out_name + ".weight"] = Slice(1, *q)
+    setattr(attn, out_name, _row(getattr(attn, out_name), *q, group, full))
+    attn.n_heads, attn.n_kv = lay.q[1] - lay.q[0], lay.kv[1] - lay.kv[0]
 
 
 def _shard_mlp(block, pre, rank, world, group, full, plan, c) -> None:
@@ -238,11 +255,13 @@ def _blocks_prefix(model) -> str:
     raise ValueError("tensor parallel: the model has no blocks list")
 
 
-def read_slice(f, name: str, sl: Slice | None) -> torch.Tensor:
+def read_slice(f, name: str, sl: Slice | tuple | None) -> torch.Tensor:
     """One tensor of an open safetensors file, only the rank's slice of it (``get_slice``: the other rows
     are never read into memory)."""
     if sl is None:
         return f.get_tensor(name)
+    if not isinstance(sl, Slice):                 # a fused q|k|v: the rank's spans, concatenated
+        return torch.cat([read_slice(f, name, s) for s in sl])
     part = f.get_slice(name)
     if sl.dim == 0:
         return part[sl.start:sl.stop]

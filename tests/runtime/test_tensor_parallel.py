@@ -192,3 +192,40 @@ def test_moe_without_expert_parallel_is_refused():
         pass
     with pytest.raises(ValueError, match="expert parallel"):
         open_model("tiny-llada-moe", progress=False, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("preset,world", [("tiny-llada", 2), ("tiny-dream", 2), ("tiny-dream", 4),
+                                          ("tiny-llada2", 2), ("tiny-sdar", 2)])
+def test_attention_shards_sum_to_the_full_output(preset, world):
+    """Column-parallel q/k/v (separate, or LLaDA2's fused query_key_value) and the row-parallel output: without
+    the all-reduce (group None) each rank returns its partial sum; the partials add up to the full layer, and
+    each rank's K/V are its heads of the full K/V (replicated when KV heads < ranks)."""
+    import copy
+
+    from dlc.models.common import rope_cos_sin, self_attention
+    from dlc.models.loading import init_weights
+    from dlc.models.presets import preset_config
+    from dlc.models.tensor_parallel import _attention, head_layout, shard_attention_
+    c = preset_config(preset)
+    m = build_model(c)
+    init_weights(m, 0, std=0.25)
+    _, attn = _attention(m.blocks[0])
+    x = torch.randn(2, 5, c.d_model, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_cos_sin(torch.arange(5)[None].expand(2, 5), c.rope_dim, c.rope_theta)
+
+    def run(a):                               # a LLaDA block owns its projections: its attention alone
+        if hasattr(a, "attn_out"):
+            return self_attention(x, a.q_proj, a.k_proj, a.v_proj, a.attn_out, cos, sin, None, a.n_heads, a.n_kv)
+        return a(x, cos, sin, None)
+    with torch.no_grad():
+        y, (k, v) = run(attn)
+        total = torch.zeros_like(y)
+        for r in range(world):
+            part = copy.deepcopy(attn)
+            lay = head_layout(c, r, world)
+            shard_attention_(part, "", lay, c, None, True, {})
+            yr, (kr, vr) = run(part)
+            total += yr
+            assert torch.allclose(kr, k[:, lay.kv[0]:lay.kv[1]], atol=1e-5)
+            assert torch.allclose(vr, v[:, lay.kv[0]:lay.kv[1]], atol=1e-5)
+    assert torch.allclose(total, y, atol=1e-4, rtol=1e-4) and y.abs().max() > 0.1
