@@ -10,15 +10,22 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("dlc.tp")
-TIMEOUT_S = float(os.environ.get("DLC_TP_TIMEOUT_S", "60"))   # bound on every collective (a dead rank's wait)
+TIMEOUT_S, START_TIMEOUT_S = 60.0, 1800.0      # defaults of DLC_TP_TIMEOUT_S (every collective while serving)
+                                               # and DLC_TP_START_TIMEOUT_S (joining and loading, all ranks)
+
+
+def _seconds(name: str, default: float) -> timedelta:
+    return timedelta(seconds=float(os.environ.get(name, default)))
 
 
 def _free_port() -> int:
@@ -46,12 +53,17 @@ def _device(device: str, rank: int) -> str:
 
 
 def _init(rank: int, world: int, device: str, init_method: str | None):
+    """Join the group -> (model group, control group, startup group). Joining and loading may take long (a
+    large checkpoint, ranks loading at different speeds): the rendezvous and the startup barrier get
+    DLC_TP_START_TIMEOUT_S; the model's collectives and the control messages DLC_TP_TIMEOUT_S."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    timeout = timedelta(seconds=TIMEOUT_S)
+    start, step = _seconds("DLC_TP_START_TIMEOUT_S", START_TIMEOUT_S), _seconds("DLC_TP_TIMEOUT_S", TIMEOUT_S)
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
-                            timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout)          # host-side messages, any backend
-    return dist.group.WORLD, control
+                            timeout=start)
+    model = dist.new_group(backend=backend, timeout=step)
+    control = dist.new_group(backend="gloo", timeout=step)              # host-side messages, any backend
+    startup = dist.new_group(backend="gloo", timeout=start)
+    return model, control, startup
 
 
 def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, group, progress: bool):
@@ -82,12 +94,14 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
     from .runner import worker_loop
 
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C reaches every rank: rank 0 stops them
     try:
         dev = _device(device, rank)
         if dev == "cpu":                                       # ranks share the host's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        group, control = _init(rank, world, dev, init_method)
+        group, control, startup = _init(rank, world, dev, init_method)
         shard, _ = load_shard(model, weights, dtype, dev, rank, world, group, progress=False)
+        dist.barrier(group=startup)                            # every rank loaded: serving timeouts from now
         worker_loop(shard, Channel(control), _make_pool(shard))
     except Exception as e:                                     # noqa: BLE001 - rank 0 reports the group down
         print(f"dlc tensor-parallel rank {rank}: stopping: {str(e).splitlines()[0] if str(e) else e!r}",
@@ -125,19 +139,38 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
                             name=f"dlc-tp-rank{r}", daemon=True)
             p.start()
             procs.append(p)
+    started = threading.Event()
+    threading.Thread(target=_watch_startup, args=(procs, started), daemon=True).start()
     try:
         dev = _device(device, 0)
-        group, control = _init(0, world, dev, init_method)
+        group, control, startup = _init(0, world, dev, init_method)
         shard, lm = load_shard(model, weights, dtype, dev, 0, world, group, progress)
+        dist.barrier(group=startup)
     except BaseException:
         for p in procs:
             p.terminate()
         raise
+    finally:
+        started.set()
     runner = TensorParallelRunner(shard, Channel(control), procs)
     atexit.register(runner.close)
     pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
     print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}; {pids})", file=sys.stderr)
     return Session(runner, lm.tokenizer, shard.config, lm.chat, lm.source, kind=f"eager-tp{world}")
+
+
+def _watch_startup(procs, started: threading.Event) -> None:
+    """A worker that dies while the group forms (its own error line is already on stderr) would leave rank 0
+    waiting in the rendezvous for DLC_TP_START_TIMEOUT_S: end the command at once instead."""
+    while not started.wait(0.2):
+        dead = [(r, p) for r, p in enumerate(procs, 1) if p.exitcode is not None]
+        if dead and not started.is_set():
+            r, p = dead[0]
+            print(f"dlc: tensor-parallel rank {r} (pid {p.pid}) exited during startup (exit code {p.exitcode})",
+                  file=sys.stderr, flush=True)
+            for q in procs:
+                q.terminate()
+            os._exit(1)
 
 
 def _check_layout(model: str, weights, world: int) -> None:

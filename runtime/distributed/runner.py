@@ -142,11 +142,14 @@ class TensorParallelRunner:
                     self.channel.send(STOP)
                 except Exception:                          # noqa: BLE001
                     pass
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if self._dead is None else 0.5)   # dead group: no STOP sent
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.exitcode is None:
                 p.terminate()
+                p.join(2)
+            if p.exitcode is None:                         # a stopped (SIGSTOP) rank ignores SIGTERM
+                p.kill()
                 p.join(2)
         if self._dead is None:
             try:

@@ -70,6 +70,26 @@ def test_killed_worker_stops_the_server(server_process):
         srv.stop(signal.SIGKILL if srv.proc.poll() is None else signal.SIGTERM)
 
 
+@pytest.mark.slow
+def test_hung_worker_fails_the_group_after_the_timeout(server_process, monkeypatch):
+    """A worker that stops answering (SIGSTOP: alive, silent) fails the collective at DLC_TP_TIMEOUT_S."""
+    monkeypatch.setenv("DLC_TP_TIMEOUT_S", "5")
+    srv = server_process("tiny-llada", "--tensor-parallel-size", "2", "--max-seq-len", "64", "--gen-length", "8",
+                         "--block-length", "8", "--steps", "4")
+    pid = int(re.search(r"rank 1 pid (\d+)", srv.output()).group(1))
+    try:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        t0 = time.monotonic()
+        with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):
+            client.completions.create(model="tiny-llada", prompt="anyone there")
+        assert srv.proc.wait(30) != 0 and time.monotonic() - t0 < 30
+        assert "group of 2 ranks is down" in srv.output()
+    finally:
+        subprocess.run(["kill", "-9", str(pid)])
+        srv.stop(signal.SIGKILL if srv.proc.poll() is None else signal.SIGTERM)
+
+
 def test_tensor_parallel_size_is_validated():
     from dlc.runtime.config import ServeConfig
     with pytest.raises(ValueError, match="tensor_parallel_size"):
