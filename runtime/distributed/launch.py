@@ -175,11 +175,9 @@ def _watch_startup(procs, started: threading.Event) -> None:
 
 def _check_layout(model: str, weights, world: int) -> None:
     """Refuse a size the model cannot split before any process starts (one line naming the numbers)."""
+    from dlc.models import build_model
     from dlc.models.loading import read_config, resolve_checkpoint_dir
     from dlc.models.presets import preset_config
-    from dlc.models.tensor_parallel import head_layout
-
-    from dlc.models import build_model
     from dlc.models.tensor_parallel import check_layout
 
     path = resolve_checkpoint_dir(model, weights)
