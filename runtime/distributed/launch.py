@@ -119,6 +119,7 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     from .channel import Channel
     from .runner import TensorParallelRunner
 
+    _check_layout(model, weights, world)
     if dist.is_initialized():
         raise ValueError("tensor_parallel_size: this process already belongs to a torch.distributed group")
     procs, init_method = [], None
@@ -131,7 +132,6 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
             worker_main(rank, world, None, model, weights, dtype, device)
             sys.exit(0)
     else:
-        _check_layout(model, weights, world)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = torch.multiprocessing.get_context("spawn")
         for r in range(1, world):
