@@ -23,6 +23,8 @@ MODELS = {
     "dream_gqa": dict(family="dream", n_kv_heads=2, qkv_bias=True, logit_shift=1, rope_theta=1e6, **TINY),
     "dream_mqa_tied": dict(family="dream", n_kv_heads=1, qkv_bias=True, logit_shift=1, rope_theta=1e6,
                            tie_embeddings=True, **TINY),
+    "sdar": dict(family="sdar", n_kv_heads=2, attn_head_dim=24, qk_norm=True, block_diffusion=True,
+                 rope_theta=1e6, **TINY),       # block-causal, per-head QK-norm, head_dim != d_model / heads
 }
 PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 64]]
 LOGIT_TOL = 1e-5          # logprobs of the chosen tokens, TP vs one process (fp32 model, float64 decoding)
@@ -57,6 +59,8 @@ FEW = {("dual", 0.0), ("none", 0.9)}          # the tied-MQA model: its layout, 
 @pytest.mark.parametrize("kv,temperature", CASES)
 def test_tp2_tokens_equal_one_process(pair, kv, temperature):
     one, tp = pair
+    if one.config.block_diffusion:
+        pytest.skip("block diffusion decodes with its exact block cache (test_tp2_block_diffusion)")
     if one.config.tie_embeddings and (kv, temperature) not in FEW:
         pytest.skip("covered on the other models")
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv, temperature=temperature, seed=11)
@@ -69,6 +73,8 @@ def test_tp2_tokens_equal_one_process(pair, kv, temperature):
 
 def test_outputs_vary_with_temperature(pair):
     one, _ = pair
+    if one.config.block_diffusion:
+        pytest.skip("full-attention decoding only")
     base = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")
     greedy = generate(one.runner, PROMPTS, GenerationConfig(**base)).token_ids
     sampled = generate(one.runner, PROMPTS, GenerationConfig(**base, temperature=0.9, seed=11)).token_ids
@@ -91,6 +97,20 @@ def test_tp2_logprobs_threshold_and_entropy_rules(pair):
     eb_cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="prefix", entropy_bound=2.0)
     a, b = generate(one.runner, PROMPTS, eb_cfg), generate(tp.runner, PROMPTS, eb_cfg)   # entropy, combined
     assert a.token_ids == b.token_ids and a.nfe == b.nfe
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_tp2_block_diffusion(pair, temperature):
+    """SDAR layout (block-causal attention, the exact block cache, the llada2 threshold decoder)."""
+    one, tp = pair
+    if not one.config.block_diffusion:
+        pytest.skip("block-diffusion model only")
+    cfg = GenerationConfig(gen_length=16, block_length=4, steps_per_block=4, threshold=0.3, kv_cache="block",
+                           temperature=temperature, seed=2)
+    want = generate(one.runner, PROMPTS, cfg)
+    got = generate(tp.runner, PROMPTS, cfg)
+    assert got.token_ids == want.token_ids and got.nfe == want.nfe
+    assert want.token_ids[0] != want.token_ids[1] and len(set(want.token_ids[0])) > 2
 
 
 def test_tp_refuses_what_it_cannot_combine(pair):
