@@ -97,6 +97,8 @@ def test_tp2_logprobs_threshold_and_entropy_rules(pair):
     eb_cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="prefix", entropy_bound=2.0)
     a, b = generate(one.runner, PROMPTS, eb_cfg), generate(tp.runner, PROMPTS, eb_cfg)   # entropy, combined
     assert a.token_ids == b.token_ids and a.nfe == b.nfe
+    guided = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="none", cfg_scale=1.5)
+    assert generate(tp.runner, PROMPTS, guided).token_ids == generate(one.runner, PROMPTS, guided).token_ids
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
