@@ -208,7 +208,10 @@ def _shard_mlp(block, pre, rank, world, group, full, plan, c) -> None:
         if sharder is None:
             raise ValueError(f"tensor_parallel_size {world}: {c.family} has MoE layers and this build has no "
                              f"expert parallelism (dlc.models.expert_parallel); use tensor_parallel_size 1")
-        block.mlp = sharder(block.mlp, rank, world, group)
+        block.mlp = sharder(block.mlp, rank, world, group)       # on the meta device when loading
+        sub = getattr(block.mlp, "shard_plan", None)             # slices it needs read (e.g. a TP shared
+        if callable(sub):                                        # expert), names relative to the MoE block
+            plan.update({f"{pre}mlp.{k}": v for k, v in sub().items()})
         return
     mp, mlp, (g, u, d) = found
     hidden = getattr(mlp, g).out_features
