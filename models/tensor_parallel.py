@@ -7,11 +7,13 @@ ranks; with fewer KV heads than ranks each rank keeps the one KV head its query 
 GQA rule of vLLM). The LM head is vocab-parallel: rank r holds rows [v0, v1) of the head and decodes its
 slice (``dlc.runtime.distributed.vocab``). Embedding and norms are replicated.
 
-``shard_plan`` says, per parameter name, which slice of the checkpoint tensor a rank holds (``Slice``), so the
-loader reads just that slice from the safetensors file (``get_slice``) and no rank holds the full model;
 ``shard_modules_`` swaps the model's linears for shard-sized ones (on the meta device before loading, or on a
-full model, copying the slices, for the in-process tiny presets). MoE layers go through
-``dlc.models.expert_parallel.shard_moe_layer`` when that module exists, else a model with MoE layers is refused.
+full model, copying the slices, for the in-process tiny presets) and returns the plan: per parameter name, the
+slice of the checkpoint tensor the rank holds (``Slice``), so the loader reads just that slice from the
+safetensors file (``get_slice``) and no rank holds the full model. MoE layers go through
+``dlc.models.expert_parallel.shard_moe_layer`` when that module exists (called on the meta device before
+loading; the loader reads every tensor the returned block still names, whole, plus the slices its optional
+``shard_plan()`` lists), else a model with MoE layers is refused.
 """
 from __future__ import annotations
 
