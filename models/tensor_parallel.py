@@ -5,7 +5,8 @@ holds whole heads and a slice of the MLP hidden), the attention output and the M
 row-parallel (each rank multiplies its slice and the partial sums are all-reduced). KV heads split across
 ranks; with fewer KV heads than ranks each rank keeps the one KV head its query heads read (replicated, the
 GQA rule of vLLM). The LM head is vocab-parallel: rank r holds rows [v0, v1) of the head and decodes its
-slice (``dlc.runtime.distributed.vocab``). Embedding and norms are replicated.
+slice (``dlc.runtime.distributed.vocab``); the input embedding too (the same rows; the last rank also the
+padding rows past the vocab), combined by one all-reduce. Norms are replicated.
 
 ``shard_modules_`` swaps the model's linears for shard-sized ones (on the meta device before loading, or on a
 full model, copying the slices, for the in-process tiny presets) and returns the plan: per parameter name, the
@@ -177,6 +178,7 @@ def shard_modules_(model: nn.Module, rank: int, world: int, group, full: bool = 
         shard_attention_(attn, pre + ap, lay, c, group, full, plan)
         _shard_mlp(block, pre, rank, world, group, full, plan, c)
     _shard_head(model, rank, world, full, plan)
+    _shard_embedding(model, rank, world, group, full, plan)
     return plan
 
 
@@ -227,24 +229,72 @@ def _shard_mlp(block, pre, rank, world, group, full, plan, c) -> None:
     setattr(mlp, d, _row(getattr(mlp, d), a, b, group, full))
 
 
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + n) of the input embedding: ids outside give zeros, one all-reduce sums the ranks
+    (exactly one rank contributes each row, so the sum is the row itself, bit for bit)."""
+
+    def __init__(self, start: int, n: int, d: int, group, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype), requires_grad=False)
+        self.start, self.group = start, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])                 # [B, T]
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # [B, T, d]
+        x = x * inside[..., None].to(x.dtype)
+        if self.group is not None:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+def embedding_range(c: ModelConfig, rank: int, world: int) -> tuple[int, int]:
+    """This rank's embedding rows: its head rows [v0, v1), the last rank also the padding rows past vocab."""
+    v0, v1 = vocab_range(c.vocab_size, rank, world)
+    return v0, (c.embedding_size if rank == world - 1 else v1)
+
+
+def _replace(model, old: nn.Module, new: nn.Module) -> str:
+    """Put ``new`` where ``old`` sits in the module tree; returns its qualified name."""
+    for parent_name, parent in model.named_modules():
+        for attr, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, attr, new)
+                return f"{parent_name}.{attr}".lstrip(".")
+    raise ValueError(f"tensor parallel: {type(old).__name__} is not in the model")
+
+
 def _shard_head(model, rank, world, full, plan) -> None:
-    """An untied head keeps only rows [v0, v1); a tied head is the (replicated) embedding, sliced at decode."""
+    """An untied head keeps only rows [v0, v1); a tied head is the embedding, sharded the same way."""
     if model.config.tie_embeddings:
         return
     v0, v1 = vocab_range(model.config.vocab_size, rank, world)
-    for parent_name, parent in model.named_modules():
-        for attr, child in list(parent.named_children()):
-            if child is model.head:
-                _record(plan, f"{parent_name}.{attr}".lstrip("."), child, 0, v0, v1)
-                setattr(parent, attr, _column(child, v0, v1, full))
-                return
+    head = model.head
+    name = _replace(model, head, _column(head, v0, v1, full))
+    _record(plan, name, head, 0, v0, v1)
+
+
+def _shard_embedding(model, rank, world, group, full, plan) -> None:
+    old = model.embed
+    e0, e1 = embedding_range(model.config, rank, world)
+    new = VocabParallelEmbedding(e0, e1 - e0, old.weight.shape[1], group, old.weight.device, old.weight.dtype)
+    if full:
+        with torch.no_grad():
+            new.weight.copy_(old.weight[e0:e1])
+    plan[_replace(model, old, new) + ".weight"] = Slice(0, e0, e1)
+    tied = model.__dict__.get("_tied_head")
+    if tied is not None:                          # the tied head reads the new (sharded) embedding
+        tied._embed[0] = new
 
 
 def head_shard(model, rank: int, world: int) -> tuple[torch.Tensor, int]:
-    """(this rank's head rows [v1 - v0, d], v0): a view of the tied embedding, or the sharded head."""
+    """(this rank's head rows [v1 - v0, d], v0): the first rows of the tied embedding's shard, or the sharded
+    head."""
     v0, v1 = vocab_range(model.config.vocab_size, rank, world)
-    w = model.head_weight()
-    return (w[v0:v1] if model.config.tie_embeddings else w), v0
+    if model.config.tie_embeddings:
+        return model.embed.weight[: v1 - v0], v0
+    return model.head_weight(), v0
 
 
 def _record(plan, name, lin, dim, a, b) -> None:
