@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -117,7 +118,7 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0)."""
     from ..session import Session
     from .channel import Channel
-    from .runner import TensorParallelRunner
+    from .runner import RankFailure, TensorParallelRunner, _first_line, _is_comm_error
 
     _check_layout(model, weights, world)
     if dist.is_initialized():
@@ -146,10 +147,13 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
         group, control, startup = _init(0, world, dev, init_method)
         shard, lm = load_shard(model, weights, dtype, dev, 0, world, group, progress)
         dist.barrier(group=startup)
-    except BaseException:
+    except Exception as e:
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _is_comm_error(e)):
+            time.sleep(0.5)                                    # a dead worker: the watchdog names it and exits
+            e = RankFailure(f"tensor-parallel startup failed: {_first_line(e)}")
         for p in procs:
             p.terminate()
-        raise
+        raise e from None
     finally:
         started.set()
     runner = TensorParallelRunner(shard, Channel(control), procs)
