@@ -32,7 +32,8 @@ class TensorParallelRunner:
     def __init__(self, shard, channel: Channel, procs: list | None = None, ping_s: float = 2.0):
         self.shard, self.channel, self.procs = shard, channel, procs or []
         self.world = shard.world
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()                  # one message + forward at a time (steps, pings)
+        self._fail_lock = threading.Lock()             # the failure is recorded (and announced) once
         self._dead: str | None = None
         self._callbacks: list = []
         self._closed = False
@@ -96,15 +97,11 @@ class TensorParallelRunner:
             raise RankFailure(self._dead)
 
     def _fail(self, why: str) -> RankFailure:
-        first = self._dead is None
+        with self._fail_lock:
+            first = self._dead is None
+            if first:
+                self._dead = self._describe(why)
         if first:
-            for p in self.procs:                           # a killed peer's exit code lands a moment later
-                if p.exitcode is None:
-                    p.join(0.3)
-            dead = [f"rank {r} (pid {p.pid}) died (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1)
-                    if p.exitcode is not None]
-            self._dead = (f"tensor-parallel {'; '.join(dead)}; the group of {self.world} ranks is down" if dead
-                          else f"tensor-parallel group of {self.world} ranks is down: {why}")
             log.error("%s", self._dead)
             for fn in self._callbacks:
                 try:
@@ -112,6 +109,16 @@ class TensorParallelRunner:
                 except Exception:           # noqa: BLE001 - a callback must not hide the failure
                     log.exception("tensor-parallel failure callback")
         return RankFailure(self._dead)
+
+    def _describe(self, why: str) -> str:
+        """One line: the dead ranks by pid and exit code where the watchdog sees them, else ``why``."""
+        for p in self.procs:                               # a killed peer's exit code lands a moment later
+            if p.exitcode is None:
+                p.join(0.3)
+        dead = [f"rank {r} (pid {p.pid}) died (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1)
+                if p.exitcode is not None]
+        return (f"tensor-parallel {'; '.join(dead)}; the group of {self.world} ranks is down" if dead
+                else f"tensor-parallel group of {self.world} ranks is down: {why}")
 
     def _ping_loop(self, every: float) -> None:
         while not self._stop.wait(every):
