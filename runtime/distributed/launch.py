@@ -95,7 +95,12 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
     from .runner import worker_loop
 
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C reaches every rank: rank 0 stops them
+    if init_method is not None:                                # spawned by rank 0: rank 0 owns its lifetime,
+        try:                                                   # so signals to the command's process group
+            os.setsid()                                        # (Ctrl-C, a supervisor) reach rank 0 only and
+        except OSError:                                        # it drains, then stops the workers
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         dev = _device(device, rank)
         if dev == "cpu":                                       # ranks share the host's cores
