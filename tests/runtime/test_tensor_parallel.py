@@ -200,7 +200,7 @@ def test_torchrun_launched_ranks():
 
 
 @pytest.mark.parametrize("model,size,match", [("tiny-llada", 3, "4 attention heads"),
-                                              ("tiny-llada2", 2, "query_key_value|expert")])
+                                              ("tiny-sdar", 8, "4 attention heads")])
 def test_layouts_that_cannot_shard_are_refused_before_starting(model, size, match):
     with pytest.raises(ValueError, match=match):
         open_model(model, progress=False, tensor_parallel_size=size)
@@ -212,8 +212,9 @@ def test_moe_without_expert_parallel_is_refused():
         pytest.skip("this build shards MoE layers")
     except ImportError:
         pass
-    with pytest.raises(ValueError, match="expert parallel"):
-        open_model("tiny-llada-moe", progress=False, tensor_parallel_size=2)
+    for moe in ("tiny-llada-moe", "tiny-llada2"):
+        with pytest.raises(ValueError, match="expert parallel"):
+            open_model(moe, progress=False, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("preset,world", [("tiny-llada", 2), ("tiny-dream", 2), ("tiny-dream", 4),
