@@ -53,14 +53,17 @@ def _fail(msg: str):
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True, type=int,
+              help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold, max_post_edit_steps,
-             tokens_per_step, weights, dtype, device, seed, chat, as_json):
+             tokens_per_step, weights, dtype, device, seed, chat, tensor_parallel_size, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
+    from dlc.runtime.distributed import RankFailure
     from dlc.runtime.generate import GenerationConfig
     from dlc.runtime.generate import generate as run_generate
     from dlc.runtime.session import decode_tokens, encode_prompt, open_model
@@ -68,7 +71,8 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gd = _generation_defaults(model, weights)
     try:
-        session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json)
+        session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json,
+                             tensor_parallel_size=tensor_parallel_size)
         block = _block_defaults(session.config, model, weights)
         gen_length, block_length, steps = (gen_length or gd["gen_length"],
                                            block_length or block.get("block_length") or gd["block_length"],
@@ -85,7 +89,7 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
         cfg.stop_at_eos = use_chat
         ids = encode_prompt(session, prompt, use_chat)
         res = run_generate(session.runner, [ids], cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RankFailure) as e:
         _fail(str(e))
     text = decode_tokens(session, res.token_ids[0])
     if as_json:

@@ -139,12 +139,19 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
-def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu", progress: bool = True) -> None:
+def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu", progress: bool = True,
+                 plan: dict | None = None, desc: str = "loading weights") -> None:
+    """``plan`` (tensor parallel, models/tensor_parallel.py): name -> the slice of the stored tensor this
+    process holds, read with ``get_slice`` (the rest of the tensor is never read)."""
     from tqdm import tqdm
+
+    from .tensor_parallel import read_slice
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     weight_map = checkpoint_files(path)
     for name, fname in weight_map.items():
+        if plan is not None:            # tensor parallel: tensors the shard lacks are other ranks' (experts)
+            break
         if name not in expected and not name.endswith(IGNORED_SUFFIXES):
             raise CheckpointError(f"unexpected tensor {name!r} in {path / fname} "
                                   f"(not a parameter of the {model.config.family} model)")
@@ -155,7 +162,7 @@ def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
-    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress)
     for fname, names in sorted(by_file.items()):
         with _open_safetensors(path / fname) as f:
             present = set(f.keys())
@@ -164,7 +171,7 @@ def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu
                     raise CheckpointError(f"tensor {name!r} is listed for {path / fname} but that file lacks it")
                 if name not in expected:
                     continue
-                t = f.get_tensor(name)
+                t = read_slice(f, name, (plan or {}).get(name))
                 if tuple(t.shape) != expected[name]:
                     raise CheckpointError(f"tensor {name!r} in {path / fname} has shape {tuple(t.shape)}, "
                                           f"expected {expected[name]}")
@@ -174,7 +181,9 @@ def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu
 
 
 def load_model(model: str, weights: str | None = None, dtype=None, device="cpu", progress: bool = True,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, shard=None, desc: str = "loading weights") -> LoadedModel:
+    """``shard(model, full) -> plan`` (tensor parallel): swaps the model's layers for this rank's shards before
+    the weights load (``full``: a tiny preset's real weights, sliced in place) and returns the loading plan."""
     dtype = resolve_dtype(dtype, device)
     path = resolve_checkpoint_dir(model, weights)
     if path is None:  # tiny random preset
@@ -182,12 +191,15 @@ def load_model(model: str, weights: str | None = None, dtype=None, device="cpu",
         torch.manual_seed(seed)
         m = build_model(cfg)
         init_weights(m, seed, TINY_INIT_STD)
+        if shard is not None:
+            shard(m, True)
         m = m.to(device=device, dtype=dtype).eval()
         return LoadedModel(m, byte_tokenizer(), cfg, model, PRESETS[model]["chat"])
     cfg = read_config(path)
     with torch.device("meta"):
         m = build_model(cfg)
-    load_weights(m, path, dtype, device, progress)
+        plan = shard(m, False) if shard is not None else None
+    load_weights(m, path, dtype, device, progress, plan, desc)
     m.eval()
     tok = load_tokenizer(path) if has_tokenizer(path) else None
     if tok is not None and not getattr(tok, "chat_template", None):    # e.g. LLaDA2's role template

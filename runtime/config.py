@@ -47,6 +47,7 @@ class ServeConfig:
     compile: bool = False               # torch.compile each transformer block (graph runner only)
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
+    tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (eager runner)
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None
@@ -87,6 +88,13 @@ class ServeConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed <= 2 ** 63 - 1):
             raise ValueError(f"serve config: seed must be an integer in [0, 2^63 - 1], got {self.seed!r}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"serve config: tensor_parallel_size must be a positive integer, got "
+                             f"{self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and (self.cuda_graphs or self.compile):
+            raise ValueError("serve config: tensor_parallel_size > 1 runs the eager runner (no cuda_graphs / "
+                             "compile yet); leave those off")
         if self.api_key == "":
             raise ValueError("serve config: api_key must not be empty (leave it out to disable auth)")
 

@@ -133,7 +133,8 @@ class Engine:
     def from_config(cls, cfg: ServeConfig) -> "Engine":
         from .session import open_model
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False), cfg)
+        return cls(open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False,
+                              tensor_parallel_size=cfg.tensor_parallel_size), cfg)
 
     # -- requests -------------------------------------------------------------------------------------------
     def make_request(self, prompt: list[int], params: dict | None = None, max_tokens: int | None = None,

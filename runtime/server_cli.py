@@ -52,6 +52,8 @@ def _options(f):
         click.option("--lookahead-steps", default=None, type=int,
                      help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
                           "1: off [16]"),
+        click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
+                     help="shard the model over this many GPUs (CPU: processes); starts the ranks itself [1]"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -96,8 +98,23 @@ def serve_command(model, config_path, **options):
     # uvicorn re-raises the signals it caught once it has stopped: make that a clean exit (no KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    if hasattr(engine.runner, "add_failure_callback"):          # tensor parallel: a dead rank stops the server
+        engine.runner.add_failure_callback(lambda msg: _stop_on_failure(server, engine, msg))
     server.run(sockets=[sock])
+    failure = getattr(engine.runner, "failure", None)
+    if failure:
+        raise click.ClickException(f"stopped: {failure}")
     click.echo("dlc serve: drained and stopped" if not server.forced else "dlc serve: stopped", err=True)
+
+
+def _stop_on_failure(server, engine, message: str) -> None:
+    """A tensor-parallel rank died: every request ends with the error, /health answers 503, the server exits
+    (non-zero, the message on stderr) instead of hanging on a group that can no longer compute."""
+    log.error("%s; stopping the server", message)
+    server.srv.draining = True
+    server.forced = True
+    engine.fail_all(message)
+    threading.Thread(target=server._stop_when_idle, args=(2.0,), daemon=True).start()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

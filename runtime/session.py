@@ -27,15 +27,30 @@ class Session:
 
 
 def open_model(model: str, weights: str | None = None, dtype=None, device: str = "cpu",
-               progress: bool = True) -> Session:
+               progress: bool = True, tensor_parallel_size: int = 1) -> Session:
+    """``tensor_parallel_size`` > 1: this process becomes rank 0 of a tensor-parallel group it starts
+    (``dlc.runtime.distributed``; eager checkpoints and presets only)."""
     from .runners.engine_dir import is_engine_dir, open_engine
 
     check_device(device)
     p = Path(model).expanduser()
+    tp = check_tensor_parallel(tensor_parallel_size)
     if p.is_dir() and weights is None and is_engine_dir(p):
+        if tp > 1:
+            raise ValueError(f"tensor_parallel_size {tp}: compiled engine directories run on one device; "
+                             f"pass the checkpoint directory or preset instead")
         return open_engine(p, device=device, dtype=dtype)
+    if tp > 1:
+        from .distributed import open_tp_model
+        return open_tp_model(model, tp, weights=weights, dtype=dtype, device=device, progress=progress)
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress)
     return Session(EagerRunner(lm.model), lm.tokenizer, lm.config, lm.chat, lm.source)
+
+
+def check_tensor_parallel(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {n!r}")
+    return n
 
 
 def check_device(device) -> None:

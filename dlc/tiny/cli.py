@@ -10,14 +10,17 @@ from dlc.block_options import block_diffusion_options, block_fields
 
 
 def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float | None, block_length: int,
-                  kv_cache: str = "dual", workdir: str | None = None):
+                  kv_cache: str = "dual", workdir: str | None = None, tensor_parallel_size: int = 1):
     """open_model, plus head-sparse attention when asked: that only exists in compiled engines, so an eager
     model is compiled (``export`` backend, into ``workdir``) with ``--sparse-retention``; an engine must already
     have been compiled with that retention."""
     from dlc.runtime.session import open_model
 
     if sparse_retention is None:
-        return open_model(model, dtype=dtype, device=device, progress=False)
+        return open_model(model, dtype=dtype, device=device, progress=False,
+                          tensor_parallel_size=tensor_parallel_size)
+    if tensor_parallel_size != 1:
+        raise ValueError("--sparse-retention runs a compiled engine on one device; use --tensor-parallel-size 1")
     if not 0 < sparse_retention <= 1:
         raise ValueError(f"--sparse-retention must be in (0, 1], got {sparse_retention}")
     if kv_cache == "none":
@@ -70,14 +73,18 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True, type=int,
+              help="shard the model over this many GPUs (CPU: processes)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bound, kv_cache, vicinity,
                  refresh_every, sparse_retention, gen_length, block_length, steps, steps_per_block, eos_early_stop,
-                 edit_threshold, max_post_edit_steps, tokens_per_step, batch_size, dtype, device, as_json):
+                 edit_threshold, max_post_edit_steps, tokens_per_step, batch_size, dtype, device,
+                 tensor_parallel_size, as_json):
     """Evaluate MODEL (preset, checkpoint dir or engine dir) on the held-out dlc-tiny tasks."""
     import torch
 
     from dlc.models.loading import resolve_checkpoint_dir
+    from dlc.runtime.distributed import RankFailure
 
     from .evaluate import evaluate, generation_defaults, make_config
 
@@ -89,7 +96,8 @@ def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bo
         block_length = block_length or gd["block_length"]
         steps = steps or (gd["steps"] if gen_length == gd["gen_length"] else gen_length)
         with tempfile.TemporaryDirectory(prefix="dlc-eval-") as workdir:
-            session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache, workdir)
+            session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache, workdir,
+                                    tensor_parallel_size)
             if decoder.startswith("llada2"):
                 fields = block_fields(session.config, decoder, threshold, steps_per_block, eos_early_stop,
                                       edit_threshold, max_post_edit_steps, tokens_per_step)
@@ -100,7 +108,7 @@ def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bo
                                   refresh_every, gen_length, block_length, steps, low_threshold=low_threshold,
                                   entropy_bound=entropy_bound)
             res = evaluate(session, cfg, n=n, batch_size=batch_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RankFailure) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{session.source} ({session.kind}): decoder {decoder}, kv {kv_cache}, n {res.n}")
     click.echo(f"accuracy {res.accuracy:.4f}  tpf {res.tpf:.3f}  seconds {res.seconds:.2f}  "

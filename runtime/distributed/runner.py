@@ -1,0 +1,198 @@
+"""Rank 0's runner (the ``PhaseRunner`` the engine and ``generate`` drive) and the workers' loop.
+
+``TensorParallelRunner.full/refresh/reuse(batch)`` broadcasts the batch to the workers (channel.py), runs its
+own shard on it and returns (x0, conf) (every rank computes them; rank 0's are the answer). Decoding rules
+stay on rank 0: workers only run forwards. A rank that dies makes the runner fail fast: the process watchdog
+(spawned workers), a failed or timed-out collective, or a failed idle ping marks it dead with one line naming
+the rank; every later call raises ``RankFailure`` at once, and the failure callbacks (``dlc serve``'s: end
+every request, stop the server) run once."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch.distributed as dist
+
+from dlc.runtime.decoding import FieldError
+
+from .channel import PING, STEP, STOP, Channel, pack_batch, unpack_batch
+
+log = logging.getLogger("dlc.tp")
+
+
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank died or stopped answering: the whole group is unusable."""
+
+
+class TensorParallelRunner:
+    sparse_retention = None
+    max_batch_size = None
+
+    def __init__(self, shard, channel: Channel, procs: list | None = None, ping_s: float = 2.0):
+        self.shard, self.channel, self.procs = shard, channel, procs or []
+        self.world = shard.world
+        self._lock = threading.Lock()                  # one message + forward at a time (steps, pings)
+        self._fail_lock = threading.Lock()             # the failure is recorded (and announced) once
+        self._dead: str | None = None
+        self._callbacks: list = []
+        self._closed = False
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._ping_loop, args=(ping_s,), name="dlc-tp-ping", daemon=True)]
+        if self.procs:
+            self._threads.append(threading.Thread(target=self._watch_procs, name="dlc-tp-watch", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    config = property(lambda self: self.shard.config)
+    device = property(lambda self: self.shard.device)
+    dtype = property(lambda self: self.shard.dtype)
+    max_seq_len = property(lambda self: self.shard.max_seq_len)
+
+    def check_generation(self, gen) -> None:
+        """What the vocab-parallel decoding does not combine across ranks yet: refused, naming the field."""
+        for name, on in (("credit", gen.credit), ("smoothing", gen.smoothing)):
+            if on:
+                raise FieldError(name, f"{name} decoding is not supported with tensor_parallel_size > 1 yet")
+        if gen.filters() is not None:
+            field = "top_k" if gen.top_k else "top_p" if gen.top_p < 1 else "min_p"
+            raise FieldError(field, f"{field} at temperature > 0 is not supported with tensor_parallel_size > 1 "
+                                    f"yet")
+
+    def full(self, batch):
+        return self._run(batch)
+
+    def refresh(self, batch):
+        return self._run(batch)
+
+    def reuse(self, batch):
+        return self._run(batch)
+
+    def _run(self, batch):
+        with self._lock:
+            self._check()
+            try:
+                self.channel.send(STEP, pack_batch(batch))
+                return getattr(self.shard, batch.phase)(batch)
+            except dist.DistError as e:
+                raise self._fail(f"a tensor-parallel collective failed ({_first_line(e)})") from None
+            except RuntimeError as e:          # gloo reports a closed peer as a plain RuntimeError
+                if self._dead is None and not _is_comm_error(e):
+                    raise
+                raise self._fail(f"a tensor-parallel collective failed ({_first_line(e)})") from None
+
+    # -- liveness ---------------------------------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        return self._dead
+
+    def add_failure_callback(self, fn) -> None:
+        """``fn(message)`` once, when a rank is found dead (now, if it already is)."""
+        self._callbacks.append(fn)
+        if self._dead is not None:
+            fn(self._dead)
+
+    def _check(self) -> None:
+        if self._dead is not None:
+            raise RankFailure(self._dead)
+
+    def _fail(self, why: str) -> RankFailure:
+        with self._fail_lock:
+            first = self._dead is None
+            if first:
+                self._dead = self._describe(why)
+        if first:
+            log.error("%s", self._dead)
+            for fn in self._callbacks:
+                try:
+                    fn(self._dead)
+                except Exception:           # noqa: BLE001 - a callback must not hide the failure
+                    log.exception("tensor-parallel failure callback")
+        return RankFailure(self._dead)
+
+    def _describe(self, why: str) -> str:
+        """One line: the dead ranks by pid and exit code where the watchdog sees them, else ``why``."""
+        for p in self.procs:                               # a killed peer's exit code lands a moment later
+            if p.exitcode is None:
+                p.join(0.3)
+        dead = [f"rank {r} (pid {p.pid}) died (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1)
+                if p.exitcode is not None]
+        return (f"tensor-parallel {'; '.join(dead)}; the group of {self.world} ranks is down" if dead
+                else f"tensor-parallel group of {self.world} ranks is down: {why}")
+
+    def _ping_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            if self._dead is not None or not self._lock.acquire(blocking=False):
+                continue                                   # busy: the step's own collectives are the ping
+            try:
+                if self._dead is None and not self._closed:
+                    self.channel.send(PING)
+            except Exception as e:                         # noqa: BLE001
+                self._fail(f"rank 0 could not reach the workers ({_first_line(e)})")
+            finally:
+                self._lock.release()
+
+    def _watch_procs(self) -> None:
+        while not self._stop.wait(0.2):
+            if self._dead is None and not self._closed and any(p.exitcode is not None for p in self.procs):
+                self._fail("a worker exited")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers (a STOP message, then join; terminate what is left) and leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with self._lock:
+            if self._dead is None:
+                try:
+                    self.channel.send(STOP)
+                except Exception:                          # noqa: BLE001
+                    pass
+        deadline = time.monotonic() + (timeout if self._dead is None else 0.5)   # dead group: no STOP sent
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.terminate()
+                p.join(2)
+            if p.exitcode is None:                         # a stopped (SIGSTOP) rank ignores SIGTERM
+                p.kill()
+                p.join(2)
+        if self._dead is None:
+            try:
+                dist.destroy_process_group()
+            except Exception:                              # noqa: BLE001
+                pass
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _is_comm_error(e: Exception) -> bool:
+    s = str(e).lower()
+    return any(w in s for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket"))
+
+
+def worker_loop(shard, channel: Channel, make_pool) -> None:
+    """A worker: run every STEP's forward on its shard until STOP (or until rank 0 is gone: the receive
+    fails or times out, and the caller exits). A step that raises a plain error raises on rank 0 too (same
+    batch, same code): the worker goes on."""
+    pools: dict = {}
+    while True:
+        kind, msg = channel.recv()
+        if kind == STOP:
+            return
+        if kind != STEP:
+            continue
+        batch = unpack_batch(msg, shard.device, pools, make_pool)
+        try:
+            getattr(shard, batch.phase)(batch)
+        except dist.DistError:
+            raise
+        except RuntimeError as e:
+            if _is_comm_error(e):
+                raise
+            log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))
+        except Exception as e:                             # noqa: BLE001
+            log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))

@@ -1,0 +1,44 @@
+"""One rank's runner: the eager runner's forwards over the rank's shard, decoding through the vocab-parallel
+head (``vocab.py``). Every rank runs it on the same StepBatch; the collectives inside the model (row-parallel
+all-reduces) and in decoding keep them in lockstep, and every rank ends with the same (x0, conf)."""
+from __future__ import annotations
+
+import torch
+
+from dlc.models.tensor_parallel import head_shard
+
+from ..runners.eager import EagerRunner
+from ..step import StepBatch
+from ..step_output import StepOutput
+from .vocab import combine, shard_stats
+
+
+class ShardRunner(EagerRunner):
+    def __init__(self, model, config, rank: int, world: int, group):
+        super().__init__(model)
+        self.config = config                   # the shard's config: its heads (sizes its KV pool)
+        self.rank, self.world, self.group = rank, world, group
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    def decode(self, rows: torch.Tensor, batch: StepBatch):
+        """rows [fed, N, d] -> (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy."""
+        w, v0 = head_shard(self.model, self.rank, self.world)
+        temperature = batch.temperature
+        if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
+            rows, temperature = rows / temperature, 1.0           # as EagerRunner.decode: softmax(l / T)
+        k = batch.logprobs or 0
+        st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), temperature,
+                         batch.seeds, self.config.vocab_size, topk=k, entropy=batch.entropy)
+        out = combine(st, self.group, topk=k)
+        if not batch.wants_extras():
+            return out["tokens"], out["confidence"]
+        res = StepOutput(out["tokens"], out["confidence"])
+        if batch.logprobs is not None:
+            res.logprob, res.topk_ids, res.topk_logprobs = out["logprob"], out.get("topk_ids"), \
+                out.get("topk_logprobs")
+        if batch.entropy:
+            res.entropy = out["entropy"]
+        return res

@@ -1,0 +1,92 @@
+"""Vocab-parallel decoding of the selected rows: each rank reduces its slice of the LM head, small collectives
+combine the slices. Never gathers [rows, vocab].
+
+Rank r holds head rows [v0, v1). Per decoded row it streams its slice in chunks, exactly like
+``dlc.kernels.logits.decode_rows`` (guided logits in float64, Gumbel-max with the counter-hash noise of the
+*global* vocab id, so the draw is the one a single process makes) and keeps: best score, its global id and
+logit, the running max ``m`` and ``s = sum exp(l - m)`` (plus ``a = sum exp(l - m) l`` for entropy and a
+top-k for logprobs). One ``all_gather`` of these [C, N] statistics (a few floats per row and rank) combines:
+``M = max m``, ``S = sum s exp(m - M)``, the token is the best score over ranks (ties: the lowest rank, i.e.
+the lowest id, as the single-process chunk loop), confidence ``exp(l_tok - M) / S``, logprob
+``l_tok - (M + log S)``, entropy ``M + log S - A / S``; top-k merges the ranks' k candidates."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dlc.kernels.logits import uniform_noise
+
+CHUNK = 32768                  # head rows per chunk (the eager runner's VOCAB_CHUNK)
+
+
+def shard_stats(h, w, v0: int, cond_rows, un_rows, cfg_w, temp, seeds, vocab: int, topk: int = 0,
+                entropy: bool = False, chunk: int = CHUNK) -> dict:
+    """This rank's statistics over head rows w [Vr, d] (global ids v0 .. v0 + Vr) for rows h [B, N, d]."""
+    sampling = not (isinstance(temp, (int, float)) and temp == 0)
+    N, st = h.size(1), {}
+    for c0 in range(0, w.shape[0], chunk):
+        c1 = min(w.shape[0], c0 + chunk)
+        lc = F.linear(h, w[c0:c1])                                                # [B, N, Vc]
+        cond, un = lc.index_select(0, cond_rows), lc.index_select(0, un_rows)     # [C, N, Vc]
+        l64 = (un + cfg_w * (cond - un)).to(torch.float64)
+        score = l64
+        if sampling:
+            g = torch.log(-torch.log(uniform_noise(seeds, N, v0 + c0, v0 + c1, vocab, h.device)))
+            score = l64 - temp * g
+        ci = score.argmax(-1, keepdim=True)                                       # [C, N, 1]
+        cs, cl, cm = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], l64.amax(-1)
+        e = torch.exp(l64 - cm[..., None])
+        cur = {"best": cs, "tok": (ci[..., 0] + v0 + c0).to(torch.float64), "bl": cl, "m": cm, "s": e.sum(-1),
+               "a": (e * l64).sum(-1) if entropy else torch.zeros_like(cm)}
+        st = cur if not st else _merge_chunk(st, cur)
+        if topk:
+            tv, ti = l64.topk(min(topk, c1 - c0), dim=-1)
+            tv, ti = (tv, ti + v0 + c0) if "tv" not in st else (torch.cat([st["tv"], tv], -1),
+                                                                 torch.cat([st["ti"], ti + v0 + c0], -1))
+            st["tv"], j = tv.topk(min(topk, tv.shape[-1]), dim=-1)
+            st["ti"] = ti.gather(-1, j)
+    return st
+
+
+def _merge_chunk(st: dict, cur: dict) -> dict:
+    take = cur["best"] > st["best"]                                               # ties keep the earlier id
+    out = {k: torch.where(take, cur[k], st[k]) for k in ("best", "tok", "bl")}
+    m = torch.maximum(st["m"], cur["m"])
+    fo, fn = torch.exp(st["m"] - m), torch.exp(cur["m"] - m)
+    out.update(m=m, s=st["s"] * fo + cur["s"] * fn, a=st["a"] * fo + cur["a"] * fn)
+    for k in ("tv", "ti"):
+        if k in st:
+            out[k] = st[k]
+    return out
+
+
+def combine(st: dict, group, topk: int = 0) -> dict:
+    """All ranks' statistics -> {"tokens", "confidence", "lse", "logit", "entropy_terms", top-k}: one
+    all_gather of [6, C, N] float64 (and one of the top-k candidates when asked)."""
+    world = dist.get_world_size(group)
+    mine = torch.stack([st[k] for k in ("best", "tok", "bl", "m", "s", "a")])     # [6, C, N]
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    best, tok, bl, m, s, a = torch.stack(parts).unbind(1)                         # each [R, C, N]
+    M = m.amax(0)
+    f = torch.exp(m - M)
+    S, A = (s * f).sum(0), (a * f).sum(0)
+    j = best.argmax(0, keepdim=True)                                              # first max: lowest rank
+    l_tok = bl.gather(0, j)[0]
+    lse = M + torch.log(S)
+    out = {"tokens": tok.gather(0, j)[0].to(torch.int64), "confidence": torch.exp(l_tok - M) / S,
+           "logprob": l_tok - lse, "entropy": lse - A / S}
+    if topk:
+        tv, ti = _gather_topk(st["tv"], st["ti"], group, world)
+        v, jj = tv.topk(min(topk, tv.shape[-1]), dim=-1)
+        out["topk_ids"], out["topk_logprobs"] = ti.gather(-1, jj), v - lse[..., None]
+    return out
+
+
+def _gather_topk(tv, ti, group, world):
+    pv = [torch.empty_like(tv) for _ in range(world)]
+    pi = [torch.empty_like(ti) for _ in range(world)]
+    dist.all_gather(pv, tv.contiguous(), group=group)
+    dist.all_gather(pi, ti.contiguous(), group=group)
+    return torch.cat(pv, -1), torch.cat(pi, -1)                                   # [C, N, R * k]
