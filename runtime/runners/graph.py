@@ -27,7 +27,8 @@ reads. Each row's keys are a prefix of its cache row (the runtime's layout):
 ``StepBatch.lengths`` on the host.
 
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
-layers) before capture; ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
+layers; a string names another torch.compile backend) before capture (``_compile_blocks`` says how every
+batch bucket shares it); ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
 same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class _Graph:
 class GraphRunner(EagerRunner):
     graphed = True                           # step.GraphedRunner: binds a scratch pool slot, warms up
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
-                 compile: bool = False, fuse: bool | None = None, max_width: int = 128,
+                 compile: bool | str = False, fuse: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None):
         super().__init__(model)
         cuda = self.device.type == "cuda"
@@ -90,12 +91,36 @@ class GraphRunner(EagerRunner):
         self.max_width = max_width
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
-        self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0}
+        self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
+                      "warm_s": 0.0}    # warm_s: first runs of each captured shape (compilation, with compile)
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
+        self.compiled = bool(compile)
         if compile:
-            for b in model.blocks:
-                b.compile(fullgraph=True)
+            self._compile_blocks("inductor" if compile is True else compile)
+
+    def _compile_blocks(self, backend: str) -> None:
+        """Compile each transformer block once for every batch bucket: the batch dimension is dynamic.
+
+        Dynamo compiles the first bucket with static shapes; the next bucket's guard fails on the batch size
+        only, so it recompiles once with that dimension symbolic (automatic dynamic shapes), and every larger
+        bucket reuses that code: two compilations per fed width, whatever the bucket list. Per-bucket static
+        compiles would cost one compilation per bucket (``len(BUCKETS)`` = 11 > Dynamo's default limit of
+        8 with ``fullgraph=True``: the ``FailOnRecompileLimitHit`` that stopped ``--compile`` at
+        ``--max-batch-size 64``) for kernels that matter little here (GEMMs are cuBLAS calls either way).
+        CUDA-graph capture stays valid: a symbolic size is a host-side integer that each capture records as
+        the bucket's concrete launch sizes, and the compiled code allocates from the capture's pool.
+        Python inside the blocks must therefore never pin the batch size (``kernels/pool_attn.validate``
+        formats sizes only on failure). The recompile limit is still raised from the bucket count, so if
+        some change pins it again each bucket compiles once (slower warm-up) instead of failing at startup
+        (tests/runtime/test_compile_buckets.py counts the compilations, so such a change fails there)."""
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        need = 2 * len(self.buckets) + 8          # per bucket at most once, plus full / refresh variants
+        if getattr(cfg, "recompile_limit", need) < need:
+            cfg.recompile_limit = need
+        for b in self.model.blocks:
+            b.compile(fullgraph=True, backend=backend)
 
     # -- the pool --------------------------------------------------------------------------------------------
     def bind_pool(self, kv) -> None:
@@ -148,12 +173,17 @@ class GraphRunner(EagerRunner):
                 for _ in range(2):                                   # warm-up (compile, cuBLAS handles)
                     self._step(g)
             torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            self.stats["warm_s"] += time.perf_counter() - t0
             g.graph = torch.cuda.CUDAGraph()
             if self._mempool is None:                                # one memory pool for every graph: they
                 self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time,
                                                                      # outputs copied out
             with torch.cuda.graph(g.graph, pool=self._mempool):
                 g.tok, g.conf = self._step(g)
+        else:                                 # no capture (CPU): one run, so warm-up still compiles every bucket
+            self._step(g)                     # (padding rows: the scratch slot only)
+            self.stats["warm_s"] += time.perf_counter() - t0
         self.graphs[key] = g
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - t0

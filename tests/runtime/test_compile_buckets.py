@@ -1,0 +1,43 @@
+"""--compile at every batch bucket: the graph runner's warm-up over the GPU default bucket list on CPU.
+
+``capture=False`` runs the same static-buffer step as the GPU without capture, so warm-up compiles exactly
+what it would before capturing. The Dynamo frontend (backend "eager") decides the recompilations; Inductor
+is checked by the slow test."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from dlc.runtime.kv_cache import KVCacheManager
+from dlc.runtime.runners.graph import BUCKETS, GraphRunner
+from dlc.runtime.session import open_model
+
+MAX_BATCH = 64            # ServeConfig.max_batch_size's default: buckets 1 .. 64 (9 of them)
+
+
+def _warm(compile, fed=(8, 8)):
+    torch._dynamo.reset()
+    counters.clear()
+    model = open_model("tiny-llada", progress=False).runner.model
+    kv = KVCacheManager(model.config, 48, 1 << 40, torch.float32, "cpu", max_slots=2 * MAX_BATCH + 1)
+    gr = GraphRunner(model, decode="exact", compile=compile, pool_attention=True, fuse=True, buckets=BUCKETS)
+    gr.bind_pool(kv)
+    gr.warmup([fed], MAX_BATCH)
+    return gr, counters["stats"]["unique_graphs"]
+
+
+def test_warmup_compiles_once_for_every_bucket():
+    """The GPU default path (pool attention, fused projections, exact decode) at buckets 1 .. 64: warm-up
+    runs each bucket, and the blocks compile twice (static first bucket, then a dynamic batch dimension),
+    not once per bucket (9 here, over Dynamo's limit of 8 with fullgraph: FailOnRecompileLimitHit)."""
+    gr, compiles = _warm("eager")
+    buckets = [b for b in BUCKETS if b <= MAX_BATCH]
+    assert len(buckets) > 8
+    assert sorted(k[0] for k in gr.graphs) == buckets
+    assert 1 <= compiles <= 2, compiles
+
+
+@pytest.mark.slow
+def test_warmup_with_inductor():
+    """Inductor itself (``--compile``'s backend): every bucket warms with at most two compiled graphs."""
+    gr, compiles = _warm(True)
+    assert 1 <= compiles <= 2, compiles
