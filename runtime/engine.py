@@ -68,9 +68,10 @@ class ServerShutdown(RuntimeError):
 
 def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | None = None,
                      decode: str | None = None):
-    """The runner serving (and ``dlc generate``) uses: a GraphRunner over an eager model when cuda_graphs is on
-    (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph runner on a
-    CUDA device, where they pay; off on CPU); compiled engines and explicit --no-cuda-graphs keep theirs."""
+    """The runner serving (and ``dlc generate``) uses: a GraphRunner over an eager model when cuda_graphs is
+    on (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph runner
+    on a CUDA device, where they pay; off on CPU); compiled engines and explicit --no-cuda-graphs keep
+    theirs."""
     if isinstance(runner, GraphRunner):
         return runner
     on = cuda_graphs
@@ -95,8 +96,8 @@ class Engine:
         t_init = time.perf_counter()
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
-        self.runner, self.mc = (graph_runner_for(session.runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode),
-                                session.config)
+        self.runner = graph_runner_for(session.runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode)
+        self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
         self.gen_defaults = {**model_generation_defaults(session.source, self.mc),   # the resolved directory

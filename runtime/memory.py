@@ -3,11 +3,11 @@
 Three sources, in this order:
 
 * ``kv_cache_mb`` (``--kv-cache-mb``): an explicit budget on any device;
-* on CUDA, ``gpu_memory_utilization`` (default 0.9, as vLLM's): the server may fill that fraction of the device's
-  total memory (``torch.cuda.mem_get_info``). Everything already on the device once the model is loaded counts
-  against it (the weights, the CUDA context, other processes: ``total - free``), then the activation peak of the
-  largest iteration (``activation_bytes``: estimated from the model's shape and the serving limits, no profile
-  run), and the pool takes the rest in whole slots of ``max_seq_len`` tokens;
+* on CUDA, ``gpu_memory_utilization`` (default 0.9, as vLLM's): the server may fill that fraction of the
+  device's total memory (``torch.cuda.mem_get_info``). Everything already on the device once the model is
+  loaded counts against it (the weights, the CUDA context, other processes: ``total - free``), then the
+  activation peak of the largest iteration (``activation_bytes``: estimated from the model's shape and the
+  serving limits, no profile run), and the pool takes the rest in whole slots of ``max_seq_len`` tokens;
 * on CPU, ``CPU_DEFAULT_MB`` (512 MiB): host memory is shared with everything else on the machine, so the
   pool never grows on its own; ``--kv-cache-mb`` raises it.
 
@@ -45,14 +45,15 @@ class KVBudget:
                 f"{_gib(self.in_use)} in use, weights {_gib(self.weights)}, minus {_gib(self.activations)} "
                 f"of activations); {need}: lower --max-seq-len, raise --gpu-memory-utilization, "
                 f"lower --max-num-tokens, or use a smaller --dtype")
-        flag = "--kv-cache-mb" + ("" if self.source == "kv-cache-mb" else f" (default {CPU_DEFAULT_MB:g} on CPU)")
+        flag = "--kv-cache-mb" + ("" if self.source == "kv-cache-mb"
+                                  else f" (default {CPU_DEFAULT_MB:g} on CPU)")
         raise ValueError(f"{flag} {self.bytes / 2**20:.3g} MiB holds no KV slot: {need}; raise --kv-cache-mb "
                          f"or lower --max-seq-len")
 
     def describe(self) -> str:
         if self.source == "gpu-memory-utilization":
-            return (f"gpu-memory-utilization {self.utilization:g} of {_gib(self.total)}: {_gib(self.in_use)} in use "
-                    f"(weights {_gib(self.weights)}), {_gib(self.activations)} activations")
+            return (f"gpu-memory-utilization {self.utilization:g} of {_gib(self.total)}: {_gib(self.in_use)} "
+                    f"in use (weights {_gib(self.weights)}), {_gib(self.activations)} activations")
         return f"--kv-cache-mb {self.bytes / 2**20:.4g}" if self.source == "kv-cache-mb" else "CPU default"
 
 

@@ -30,10 +30,10 @@ def _options(f):
         click.option("--dtype", default=None, type=click.Choice(["auto", "fp32", "bf16", "fp16"])),
         click.option("--max-seq-len", default=None, type=int, help="longest prompt + generation [the model's]"),
         click.option("--kv-cache-mb", default=None, type=float,
-                     help="memory budget of the KV slot pool [CUDA: from --gpu-memory-utilization; CPU: 512]"),
+                     help="KV slot pool budget [CUDA: from --gpu-memory-utilization; CPU: 512]"),
         click.option("--gpu-memory-utilization", default=None, type=float,
-                     help="CUDA: share of the device's memory the server fills (weights, activations, and the "
-                          "KV pool takes the rest) [0.9]"),
+                     help="CUDA: share of the device's memory the server fills (weights, activations, "
+                          "and the KV pool takes the rest) [0.9]"),
         click.option("--policy", default=None, type=click.Choice(POLICIES), help="scheduler [phase]"),
         click.option("--granularity", default=None, type=click.Choice(GRANULARITY), help="block size [fixed]"),
         click.option("--refresh-share", default=None, type=float, help="Refresh share of the budget [0.5]"),

@@ -1,5 +1,5 @@
-"""The startup report of ``dlc serve``: two console lines, as vLLM prints its load / compile / capture times and
-its KV cache size before it listens.
+"""The startup report of ``dlc serve``: two console lines, as vLLM prints its load / compile / capture times
+and its KV cache size before it listens.
 
     dlc serve: ready in 61.2 s: load 4.1 s, compile 48.0 s, capture 9.1 s (27 CUDA graphs)
     dlc serve: KV cache 97 slots x 1024 tokens = 99328 tokens, 48.50 GiB (gpu-memory-utilization 0.9 of ...)
@@ -31,8 +31,12 @@ def startup_lines(engine) -> list[str]:
     compiled = getattr(engine.runner, "compiled", False)
     parts = [f"load {load:.1f} s" if load is not None else "load -"]
     parts.append(f"compile {max(0.0, warm - (capture or 0.0)):.1f} s" if compiled else "compile off")
-    parts.append(f"capture {capture:.1f} s ({stats['captures']} CUDA graphs)" if stats is not None
-                 else "capture off")
+    if stats is None:
+        parts.append("capture off")
+    elif getattr(engine.runner, "capture", True):
+        parts.append(f"capture {capture:.1f} s ({stats['captures']} CUDA graphs)")
+    else:                                   # GraphRunner without CUDA: the same steps, run uncaptured
+        parts.append(f"capture off ({stats['captures']} shapes warmed uncaptured)")
     total = (load or 0.0) + t.get("init_s", 0.0) + warm
     kv = engine.kv
     usable = kv.n_slots - is_graphed(engine.runner)            # the graphs' padding rows own one slot

@@ -92,7 +92,7 @@ class GraphRunner(EagerRunner):
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
-                      "warm_s": 0.0}    # warm_s: first runs of each captured shape (compilation, with compile)
+                      "warm_s": 0.0}    # first runs of each captured shape (compilation, with compile)
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
         self.compiled = bool(compile)
@@ -181,8 +181,8 @@ class GraphRunner(EagerRunner):
                                                                      # outputs copied out
             with torch.cuda.graph(g.graph, pool=self._mempool):
                 g.tok, g.conf = self._step(g)
-        else:                                 # no capture (CPU): one run, so warm-up still compiles every bucket
-            self._step(g)                     # (padding rows: the scratch slot only)
+        else:                       # no capture (CPU): one run, so warm-up still compiles every bucket
+            self._step(g)           # (padding rows: the scratch slot only)
             self.stats["warm_s"] += time.perf_counter() - t0
         self.graphs[key] = g
         self.stats["captures"] += 1
