@@ -38,13 +38,13 @@ class KVBudget:
         """One slot of ``max_seq`` tokens must fit, else one line saying what to change."""
         if self.bytes >= slot_bytes:
             return
-        need = f"one KV slot of {max_seq} tokens needs {_gib(slot_bytes)}"
+        need = f"one KV slot of {max_seq} tokens needs {fmt_bytes(slot_bytes)}"
         if self.source == "gpu-memory-utilization":
             raise ValueError(
-                f"the KV cache gets {_gib(self.bytes)} ({self.utilization:g} of {_gib(self.total)} minus "
-                f"{_gib(self.in_use)} in use, weights {_gib(self.weights)}, minus {_gib(self.activations)} "
-                f"of activations); {need}: lower --max-seq-len, raise --gpu-memory-utilization, "
-                f"lower --max-num-tokens, or use a smaller --dtype")
+                f"the KV cache gets {fmt_bytes(self.bytes)} ({self.utilization:g} of {fmt_bytes(self.total)} "
+                f"minus {fmt_bytes(self.in_use)} in use, weights {fmt_bytes(self.weights)}, minus "
+                f"{fmt_bytes(self.activations)} of activations); {need}: lower --max-seq-len, raise "
+                f"--gpu-memory-utilization, lower --max-num-tokens, or use a smaller --dtype")
         flag = "--kv-cache-mb" + ("" if self.source == "kv-cache-mb"
                                   else f" (default {CPU_DEFAULT_MB:g} on CPU)")
         raise ValueError(f"{flag} {self.bytes / 2**20:.3g} MiB holds no KV slot: {need}; raise --kv-cache-mb "
@@ -52,12 +52,13 @@ class KVBudget:
 
     def describe(self) -> str:
         if self.source == "gpu-memory-utilization":
-            return (f"gpu-memory-utilization {self.utilization:g} of {_gib(self.total)}: {_gib(self.in_use)} "
-                    f"in use (weights {_gib(self.weights)}), {_gib(self.activations)} activations")
+            return (f"gpu-memory-utilization {self.utilization:g} of {fmt_bytes(self.total)}: "
+                    f"{fmt_bytes(self.in_use)} in use (weights {fmt_bytes(self.weights)}), "
+                    f"{fmt_bytes(self.activations)} activations")
         return f"--kv-cache-mb {self.bytes / 2**20:.4g}" if self.source == "kv-cache-mb" else "CPU default"
 
 
-def _gib(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.3g} MiB"
 
 
@@ -108,8 +109,9 @@ def plan_kv_budget(cfg, runner, mc, max_seq: int, block: int) -> KVBudget:
     left = int(util * total) - in_use - act
     if left <= 0:
         raise ValueError(
-            f"no memory left for the KV cache on {dev}: {_gib(in_use)} in use (weights {_gib(weights)}, CUDA "
-            f"context, other processes) plus {_gib(act)} of activations exceed --gpu-memory-utilization "
-            f"{util:g} of {_gib(total)}; raise --gpu-memory-utilization, lower --max-num-tokens or "
-            f"--max-batch-size, use a smaller --dtype, or free the device")
+            f"no memory left for the KV cache on {dev}: {fmt_bytes(in_use)} in use (weights "
+            f"{fmt_bytes(weights)}, CUDA context, other processes) plus {fmt_bytes(act)} of activations "
+            f"exceed --gpu-memory-utilization {util:g} of {fmt_bytes(total)}; raise "
+            f"--gpu-memory-utilization, lower --max-num-tokens or --max-batch-size, use a smaller --dtype, "
+            f"or free the device")
     return KVBudget(left, "gpu-memory-utilization", total, in_use, weights, act, util)

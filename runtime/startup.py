@@ -8,10 +8,8 @@ and its KV cache size before it listens.
 "off" when nothing is compiled; ``capture`` is the CUDA-graph capture itself, or "off" without graphs."""
 from __future__ import annotations
 
+from .memory import fmt_bytes
 from .step import is_graphed
-
-GIB = 2 ** 30
-
 
 def graph_stats(runner) -> dict | None:
     """Capture statistics of a graphed runner (GraphRunner's own, an engine's ProgramGraphs'), else None."""
@@ -42,4 +40,4 @@ def startup_lines(engine) -> list[str]:
     usable = kv.n_slots - is_graphed(engine.runner)            # the graphs' padding rows own one slot
     return [f"dlc serve: ready in {total:.1f} s: " + ", ".join(parts),
             f"dlc serve: KV cache {usable} slots x {kv.s_max} tokens = {usable * kv.s_max} tokens, "
-            f"{kv.n_slots * kv.slot_bytes / GIB:.2f} GiB ({engine.kv_budget.describe()})"]
+            f"{fmt_bytes(kv.n_slots * kv.slot_bytes)} ({engine.kv_budget.describe()})"]

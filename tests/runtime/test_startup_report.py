@@ -12,7 +12,8 @@ from dlc.runtime.startup import startup_lines
 
 TIMES = re.compile(r"^dlc serve: ready in (\d+\.\d) s: load (?:(\d+\.\d) s|-), compile (off|\d+\.\d s), "
                    r"capture (off|\d+\.\d s \((\d+) CUDA graphs\)|off \((\d+) shapes warmed uncaptured\))$")
-KV = re.compile(r"^dlc serve: KV cache (\d+) slots x (\d+) tokens = (\d+) tokens, (\d+\.\d\d) GiB \((.+)\)$")
+KV = re.compile(r"^dlc serve: KV cache (\d+) slots x (\d+) tokens = (\d+) tokens, "
+                r"(\d+\.\d\d GiB|\d+(?:\.\d+)? MiB) \((.+)\)$")
 
 
 def test_eager_engine_on_cpu():
