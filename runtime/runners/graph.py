@@ -111,12 +111,17 @@ class GraphRunner(EagerRunner):
         CUDA-graph capture stays valid: a symbolic size is a host-side integer that each capture records as
         the bucket's concrete launch sizes, and the compiled code allocates from the capture's pool.
         Python inside the blocks must therefore never pin the batch size (``kernels/pool_attn.validate``
-        formats sizes only on failure). The recompile limit is still raised from the bucket count, so if
-        some change pins it again each bucket compiles once (slower warm-up) instead of failing at startup
+        formats sizes only on failure).
+
+        The blocks also run every eager forward (Refresh, full, Reuse fallbacks, guidance), each kind with its
+        own guards and a static, a dynamic and a batch-1 entry: mixed traffic needs more than Dynamo's
+        default 8 entries (a request would fail with ``FailOnRecompileLimitHit``). So the recompile limit is
+        raised: 32 for those kinds, plus two per bucket, so that if some change pins the batch size again
+        each bucket compiles once (slower warm-up) instead of failing at startup
         (tests/runtime/test_compile_buckets.py counts the compilations, so such a change fails there)."""
         import torch._dynamo
         cfg = torch._dynamo.config
-        need = 2 * len(self.buckets) + 8          # per bucket at most once, plus full / refresh variants
+        need = 2 * len(self.buckets) + 32
         if getattr(cfg, "recompile_limit", need) < need:
             cfg.recompile_limit = need
         for b in self.model.blocks:

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from dlc.runtime.config import ServeConfig
+from dlc.runtime.engine import Engine
 from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.runners.graph import BUCKETS, GraphRunner
-from dlc.runtime.session import open_model
+from dlc.runtime.session import Session, open_model
 
 MAX_BATCH = 64            # ServeConfig.max_batch_size's default: buckets 1 .. 64 (9 of them)
 
@@ -41,3 +43,28 @@ def test_warmup_with_inductor():
     """Inductor itself (``--compile``'s backend): every bucket warms with at most two compiled graphs."""
     gr, compiles = _warm(True)
     assert 1 <= compiles <= 2, compiles
+
+
+def test_mixed_traffic_through_compiled_blocks_never_fails():
+    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0) at many shapes:
+    more guard variants than Dynamo's default limit of 8 holds; no request may fail on it."""
+    torch._dynamo.reset()
+    counters.clear()
+    sess = open_model("tiny-llada", progress=False)
+    gr = GraphRunner(sess.runner.model, decode="exact", compile="eager", pool_attention=True, fuse=True)
+    eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
+                 ServeConfig(max_seq_len=96, max_batch_size=8, gen_length=16, block_length=8, steps=16))
+    g = torch.Generator().manual_seed(0)
+    reqs = []
+    mix = [(3, "dual", 0.0, 16), (17, "prefix", 0.0, 32), (40, "none", 0.0, 8), (9, "dual", 0.7, 24),
+           (1, "none", 0.7, 16), (25, "dual", 0.0, 8), (60, "prefix", 0.7, 16), (5, "prefix", 0.0, 8),
+           (30, "dual", 0.0, 32)]                   # (prompt length, cache, temperature, gen_length)
+    for i, (n, kv, temp, gen) in enumerate(mix):
+        prompt = torch.randint(3, 200, (n,), generator=g).tolist()
+        reqs.append(eng.make_request(prompt, {"kv_cache": kv, "temperature": temp, "seed": i,
+                                              "gen_length": gen, "steps": gen}))
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert [r.error for r in reqs] == [None] * len(reqs)
+    assert gr.stats["replays"] > 0 and gr.stats["eager_reuse"] > 0
