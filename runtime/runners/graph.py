@@ -264,3 +264,22 @@ class GraphRunner(EagerRunner):
                 self._graph(bb, T, N)
                 if bb >= max_batch:
                     break
+        if self.compiled and widths:
+            self._warm_eager(widths[0][1])
+
+    @torch.no_grad()
+    def _warm_eager(self, blk: int) -> None:
+        """With compiled blocks, the eager forwards (full, Refresh, Reuse fallbacks) compile on their first
+        shapes: a static entry, one with the changed dimensions dynamic, one for batch 1 at a new width.
+        Run each kind at those three shapes here, over the scratch slot, so serving does not stall on them."""
+        from ..step import build_batch
+        mc, S = self.config, self.pool.s_max
+        blocks = mc.block_diffusion
+        for B, W in ((1, blk + 8), (2, 2 * blk + 8), (1, 3 * blk + 8)):
+            W = min(W, S)
+            p = W - blk
+            seqs = [torch.full((W,), mc.mask_id, dtype=torch.long)] * B
+            for phase in ("full", "refresh", "reuse"):
+                batch = build_batch(self, phase, seqs, [p] * B, [p] * B, blk, [(p, W)] * B,
+                                    [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
+                getattr(EagerRunner, phase)(self, batch)

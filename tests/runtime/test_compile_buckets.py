@@ -23,6 +23,7 @@ def _warm(compile, fed=(8, 8)):
     kv = KVCacheManager(model.config, 48, 1 << 40, torch.float32, "cpu", max_slots=2 * MAX_BATCH + 1)
     gr = GraphRunner(model, decode="exact", compile=compile, pool_attention=True, fuse=True, buckets=BUCKETS)
     gr.bind_pool(kv)
+    gr._warm_eager = lambda blk: None            # count the bucketed Reuse step's compilations alone
     gr.warmup([fed], MAX_BATCH)
     return gr, counters["stats"]["unique_graphs"]
 
@@ -68,3 +69,29 @@ def test_mixed_traffic_through_compiled_blocks_never_fails():
     eng.run_until_done()
     assert [r.error for r in reqs] == [None] * len(reqs)
     assert gr.stats["replays"] > 0 and gr.stats["eager_reuse"] > 0
+
+
+def test_warmup_compiles_what_serving_runs():
+    """After the engine's warm-up, greedy traffic (Refresh and full forwards at new widths and batch sizes,
+    Reuse replays) compiles nothing more: no request stalls on a compilation."""
+    torch._dynamo.reset()
+    counters.clear()
+    sess = open_model("tiny-llada", progress=False)
+    gr = GraphRunner(sess.runner.model, decode="exact", compile="eager", pool_attention=True, fuse=True)
+    eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
+                 ServeConfig(max_seq_len=96, max_batch_size=8, gen_length=16, block_length=8, steps=16))
+    eng.warmup()
+    warm = counters["stats"]["unique_graphs"]
+    assert warm > 2                                   # the graphs' step and the eager kinds
+    g = torch.Generator().manual_seed(1)
+    waves = ([(5, "dual"), (31, "none"), (12, "dual"), (47, "none"), (2, "dual")],   # (prompt length, cache)
+             [(20, "none")], [(9, "dual")])
+    for wave in waves:
+        reqs = [eng.make_request(torch.randint(3, 200, (n,), generator=g).tolist(), {"kv_cache": kv})
+                for n, kv in wave]
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        assert [r.error for r in reqs] == [None] * len(reqs)
+    assert gr.stats["replays"] > 0
+    assert counters["stats"]["unique_graphs"] == warm

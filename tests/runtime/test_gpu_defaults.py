@@ -8,7 +8,6 @@ import pytest
 
 from dlc.runtime.engine import graph_runner_for
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.runners.graph import GraphRunner
 from dlc.runtime.session import open_model
 
