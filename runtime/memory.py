@@ -99,6 +99,7 @@ def plan_kv_budget(cfg, runner, mc, max_seq: int, block: int) -> KVBudget:
     dev = torch.device(runner.device)
     if dev.type != "cuda":
         return KVBudget(int(CPU_DEFAULT_MB * 2 ** 20), "cpu-default")
+    torch.cuda.empty_cache()              # blocks the loader freed are free memory, not "in use"
     free, total = torch.cuda.mem_get_info(dev)
     elem = torch.empty((), dtype=runner.dtype).element_size()
     rows = cfg.max_batch_size

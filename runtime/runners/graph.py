@@ -277,9 +277,12 @@ class GraphRunner(EagerRunner):
         blocks = mc.block_diffusion
         for B, W in ((1, blk + 8), (2, 2 * blk + 8), (1, 3 * blk + 8)):
             W = min(W, S)
-            p = W - blk
+            n = min(blk, W - 1 - mc.logit_shift)               # decoded columns after a prompt of >= 1
+            if n < 1:
+                continue
+            p = W - n
             seqs = [torch.full((W,), mc.mask_id, dtype=torch.long)] * B
             for phase in ("full", "refresh", "reuse"):
-                batch = build_batch(self, phase, seqs, [p] * B, [p] * B, blk, [(p, W)] * B,
+                batch = build_batch(self, phase, seqs, [p] * B, [p] * B, n, [(p, W)] * B,
                                     [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
                 getattr(EagerRunner, phase)(self, batch)
