@@ -758,7 +758,8 @@ def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
     mib = slot_bytes(cfg, seq, next(model.parameters()).dtype) * (batch + 1) / 2**20 + 1
     sc = ServeConfig(model="bench", policy=policy, device=str(dev), max_batch_size=batch, max_num_tokens=tokens,
                      max_seq_len=seq, kv_cache_mb=mib, max_queue=4096, gen_length=64, block_length=32,
-                     steps=64, kv_cache="dual", cuda_graphs=graphs and dev.type == "cuda")
+                     steps=64, kv_cache="dual", cuda_graphs=graphs and dev.type == "cuda",
+                     compile=False)      # the blocks are compiled (or not) by optimized(): --no-compile holds
     eng = Engine(Session(runner or EagerRunner(model), None, cfg, False, "bench"), sc)
     return eng
 

@@ -52,6 +52,10 @@ def _fail(msg: str):
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="Reuse steps as CUDA graphs (as dlc serve) [on with CUDA and an eager model]")
+@click.option("--compile/--no-compile", "compile_blocks", default=None,
+              help="torch.compile each block of the CUDA-graph runner [on with CUDA graphs on CUDA]")
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True, type=int,
               help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
@@ -59,11 +63,13 @@ def _fail(msg: str):
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold, max_post_edit_steps,
-             tokens_per_step, weights, dtype, device, seed, chat, tensor_parallel_size, as_json):
+             tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks, chat, tensor_parallel_size,
+             as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
     from dlc.runtime.distributed import RankFailure
+    from dlc.runtime.engine import graph_runner_for
     from dlc.runtime.generate import GenerationConfig
     from dlc.runtime.generate import generate as run_generate
     from dlc.runtime.session import decode_tokens, encode_prompt, open_model
@@ -88,7 +94,8 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
         use_chat = session.chat if chat is None else chat
         cfg.stop_at_eos = use_chat
         ids = encode_prompt(session, prompt, use_chat)
-        res = run_generate(session.runner, [ids], cfg)
+        runner = graph_runner_for(session.runner, cuda_graphs, compile_blocks)     # dlc serve's defaults
+        res = run_generate(runner, [ids], cfg)
     except (ValueError, FileNotFoundError, RankFailure) as e:
         _fail(str(e))
     text = decode_tokens(session, res.token_ids[0])

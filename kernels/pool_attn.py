@@ -156,7 +156,10 @@ def validate(q, k_pool, v_pool, rows, kv_len) -> None:
     check(k_pool.shape[3] == D, f"head dim: q has {D}, the pool {k_pool.shape[3]}")
     check(H % k_pool.shape[1] == 0, f"query heads {H} not divisible by kv heads {k_pool.shape[1]}")
     for name, t in (("rows", rows), ("kv_len", kv_len)):
-        check(t.dim() == 1 and t.shape[0] == B, f"{name} must be [B={B}], got {tuple(t.shape)}")
+        # the message is formatted only on failure: under torch.compile, formatting the traced batch size
+        # pins it (compiled blocks then recompiled once per batch bucket)
+        if t.dim() != 1 or t.shape[0] != B:
+            raise ValueError(f"{name} must be [B={B}], got {tuple(t.shape)}")
         check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}")
 
 

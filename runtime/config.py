@@ -32,7 +32,8 @@ class ServeConfig:
     device: str | None = None
     dtype: str = "auto"
     max_seq_len: int | None = None      # default: the model's
-    kv_cache_mb: float = 512.0          # memory budget of the KV slot pool
+    kv_cache_mb: float | None = None    # KV slot pool budget [CUDA: from gpu_memory_utilization; CPU: 512]
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device the server fills (runtime/memory.py)
     policy: str = "phase"
     granularity: str = "fixed"
     chunk_sizes: tuple = (4, 8, 16, 32, 64)   # elastic mode: the chunk sizes the controller picks from
@@ -44,7 +45,7 @@ class ServeConfig:
     log_interval_s: float = 5.0         # a throughput / queue console line this often while busy (0: none)
     cuda_graphs: bool | None = None     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
-    compile: bool = False               # torch.compile each transformer block (graph runner only)
+    compile: bool | None = None         # torch.compile each transformer block [on with CUDA graphs on CUDA]
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (eager runner)
@@ -68,8 +69,12 @@ class ServeConfig:
             raise ValueError(f"serve config: port must be <= 65535, got {self.port}")
         if self.drain_timeout_s < 0 or self.log_interval_s < 0:
             raise ValueError("serve config: drain_timeout_s and log_interval_s must be >= 0")
-        if self.kv_cache_mb <= 0:
+        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
             raise ValueError(f"serve config: kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"serve config: gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
         if self.policy not in POLICIES:
             raise ValueError(f"serve config: policy must be one of {POLICIES}, got {self.policy!r}")
         if self.granularity not in GRANULARITY:

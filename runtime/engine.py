@@ -42,7 +42,8 @@ from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defa
 from .decoding import DecodeState, FieldError, GenerationConfig
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
-from .kv_cache import KVCacheManager
+from .kv_cache import KVCacheManager, slot_bytes
+from .memory import plan_kv_budget
 from .metrics import Metrics
 from .request import CANCELLED, FINISHED, Request
 from .runners.compiled import CompiledRunner
@@ -69,22 +70,29 @@ class ServerShutdown(RuntimeError):
     """Ends the requests still running when the server stops (drain limit, or a forced stop)."""
 
 
-def graph_runner_for(runner, cfg: ServeConfig):
-    """The runner the engine uses: a GraphRunner over an eager model when cuda_graphs is on (default: on a CUDA
-    device); compiled engines and explicit --no-cuda-graphs keep theirs."""
+def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | None = None,
+                     decode: str | None = None):
+    """The runner serving (and ``dlc generate``) uses: a GraphRunner over an eager model when cuda_graphs is
+    on (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph runner
+    on a CUDA device, where they pay; off on CPU); compiled engines and explicit --no-cuda-graphs keep
+    theirs."""
     if isinstance(runner, GraphRunner):
         return runner
-    on = cfg.cuda_graphs
+    on = cuda_graphs
     if isinstance(runner, CompiledRunner):           # an engine: graphs of its own Reuse program
         runner.enable_graphs(runner.device.type == "cuda" and runner.kv_inplace if on is None else on)
         return runner
     if on is None:
         on = type(runner) is EagerRunner and runner.device.type == "cuda"
     if not on:
+        if compile:
+            raise ValueError("compile: --compile compiles the CUDA-graph runner's blocks; add --cuda-graphs "
+                             "(or leave --compile out)")
         return runner
     if type(runner) is not EagerRunner:
         raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
-    return GraphRunner(runner.model, decode=cfg.graph_decode, compile=cfg.compile)
+    compile = runner.device.type == "cuda" if compile is None else compile
+    return GraphRunner(runner.model, decode=decode, compile=compile)
 
 
 @dataclass
@@ -97,23 +105,30 @@ class _AheadRow:
 
 class Engine:
     def __init__(self, session, cfg: ServeConfig):
+        t_init = time.perf_counter()
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
-        self.runner, self.mc = graph_runner_for(session.runner, cfg), session.config
+        self.runner = graph_runner_for(session.runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode)
+        self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
         self.gen_defaults = {**model_generation_defaults(session.source, self.mc),   # the resolved directory
                              **{k: getattr(cfg, k) for k in GEN_KEYS if getattr(cfg, k) is not None}}
         GenerationConfig(**self.gen_defaults)   # the defaults must be valid themselves
+        self.kv_budget = plan_kv_budget(cfg, self.runner, self.mc, self.max_seq,
+                                        self.gen_defaults["block_length"])
+        self.kv_budget.check_slot(slot_bytes(self.mc, self.max_seq, self.runner.dtype,
+                                             self.runner.sparse_retention is not None), self.max_seq)
         try:
-            self.kv = KVCacheManager(self.mc, self.max_seq, int(cfg.kv_cache_mb * 2**20), self.runner.dtype,
+            self.kv = KVCacheManager(self.mc, self.max_seq, self.kv_budget.bytes, self.runner.dtype,
                                      self.runner.device,
                                      max_slots=2 * cfg.max_batch_size + is_graphed(self.runner),
                                      head_scores=self.runner.sparse_retention is not None)
         except (RuntimeError, MemoryError) as e:      # the allocator's out-of-memory: one line, what to change
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise ValueError(f"cannot allocate the KV slot pool (kv_cache_mb {cfg.kv_cache_mb:g} on "
-                             f"{self.runner.device}): {first}; lower --kv-cache-mb or --max-batch-size") from None
+            raise ValueError(f"cannot allocate the KV slot pool ({self.kv_budget.bytes / 2**20:.0f} MiB on "
+                             f"{self.runner.device}): {first}; lower --kv-cache-mb, --gpu-memory-utilization "
+                             f"or --max-batch-size") from None
         if is_graphed(self.runner):
             self.runner.bind_pool(self.kv)             # one slot for the graphs' padding rows
         self.gran = Granularity(cfg.granularity, cfg.chunk_sizes)
@@ -128,13 +143,20 @@ class Engine:
         self._tps_count, self._tps_t0 = 0, time.monotonic()
         self._fail_msg: str | None = None             # fail_all(): every request ends with this error
         self._log_t0, self._log_tokens, self._log_done = time.monotonic(), 0, 0
+        # startup seconds (runtime/startup.py): load_s (from_config), init_s (runner, pool), warmup_s
+        self.timings = {"init_s": time.perf_counter() - t_init}
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "Engine":
         from .session import open_model
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False,
-                              tensor_parallel_size=cfg.tensor_parallel_size), cfg)
+        t0 = time.perf_counter()
+        session = open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False,
+                             tensor_parallel_size=cfg.tensor_parallel_size)
+        load_s = time.perf_counter() - t0
+        engine = cls(session, cfg)
+        engine.timings["load_s"] = load_s
+        return engine
 
     # -- requests -------------------------------------------------------------------------------------------
     def make_request(self, prompt: list[int], params: dict | None = None, max_tokens: int | None = None,
@@ -441,7 +463,9 @@ class Engine:
 
     # -- warm-up and the loop ---------------------------------------------------------------------------------
     def warmup(self) -> None:
-        """One tiny forward (first-call costs), and in elastic mode the saturation measurement."""
+        """One tiny forward (first-call costs), the graphs' capture (and compilation), and in elastic mode the
+        saturation measurement; ``timings["warmup_s"]`` records how long it took."""
+        t0 = time.perf_counter()
         sizes = [8]
         if self.cfg.granularity == "elastic":
             sizes = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if n <= self.max_seq]
@@ -452,6 +476,7 @@ class Engine:
         if self.cfg.granularity == "elastic":
             self.gran.calibrate(timings)
         self._update_gauges()
+        self.timings["warmup_s"] = time.perf_counter() - t0
 
     def run_until_done(self) -> None:
         while self.has_work():

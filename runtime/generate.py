@@ -20,7 +20,7 @@ import torch
 from .decoding import DecodeState, FieldError, GenerationConfig
 from .kv_cache import KVCacheManager
 from .runners.eager import EagerRunner
-from .step import check_runner, group_states, make_batch, run_batch
+from .step import check_runner, group_states, is_graphed, make_batch, run_batch
 
 __all__ = ["GenerationConfig", "GenerationResult", "generate", "as_runner", "check_prompts"]
 
@@ -84,8 +84,12 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
     pool, slots = None, [()] * len(states)
     if cfg.kv_cache != "none":
         per = states[0].cache_rows()
+        graphed = is_graphed(runner)          # CUDA-graph runners take one more slot for their padding rows
         pool = KVCacheManager(mc, max(s.L for s in states), 1 << 62, runner.dtype, runner.device,
-                              max_slots=per * len(states), head_scores=runner.sparse_retention is not None)
+                              max_slots=per * len(states) + graphed,
+                              head_scores=runner.sparse_retention is not None)
+        if graphed:
+            runner.bind_pool(pool)
         slots = [pool.allocate_n(per) for _ in states]
     outputs = [s.advance(cfg.block_length) for s in states]
     nfe = 0

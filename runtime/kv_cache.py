@@ -18,16 +18,17 @@ import torch
 from dlc.models.common import KVCache
 
 
-def slot_bytes(config, s_max: int, dtype: torch.dtype) -> int:
+def slot_bytes(config, s_max: int, dtype: torch.dtype, head_scores: bool = False) -> int:
+    """Bytes of one slot: K and V of every layer, plus the float32 key scores of head-sparse runners."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.n_layers * config.n_kv_heads * s_max * config.head_dim * elem
+    scores = head_scores * config.n_layers * config.n_kv_heads * s_max * 4
+    return 2 * config.n_layers * config.n_kv_heads * s_max * config.head_dim * elem + scores
 
 
 class KVCacheManager:
     def __init__(self, config, s_max: int, budget_bytes: int, dtype, device, max_slots: int | None = None,
                  head_scores: bool = False):
-        per = slot_bytes(config, s_max, dtype) + (head_scores * config.n_layers * config.n_kv_heads
-                                                  * s_max * 4)
+        per = slot_bytes(config, s_max, dtype, head_scores)
         n = int(budget_bytes // per)
         if max_slots is not None:
             n = min(n, max_slots)

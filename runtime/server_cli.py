@@ -10,6 +10,7 @@ import time
 import click
 
 from .config import GRANULARITY, POLICIES, ServeConfig
+from .startup import startup_lines
 
 log = logging.getLogger("dlc.serve")
 
@@ -28,7 +29,11 @@ def _options(f):
         click.option("--device", default=None, help="cpu or cuda [cuda when available]"),
         click.option("--dtype", default=None, type=click.Choice(["auto", "fp32", "bf16", "fp16"])),
         click.option("--max-seq-len", default=None, type=int, help="longest prompt + generation [the model's]"),
-        click.option("--kv-cache-mb", default=None, type=float, help="memory budget of the KV slot pool [512]"),
+        click.option("--kv-cache-mb", default=None, type=float,
+                     help="KV slot pool budget [CUDA: from --gpu-memory-utilization; CPU: 512]"),
+        click.option("--gpu-memory-utilization", default=None, type=float,
+                     help="CUDA: share of the device's memory the server fills (weights, activations, "
+                          "and the KV pool takes the rest) [0.9]"),
         click.option("--policy", default=None, type=click.Choice(POLICIES), help="scheduler [phase]"),
         click.option("--granularity", default=None, type=click.Choice(GRANULARITY), help="block size [fixed]"),
         click.option("--refresh-share", default=None, type=float, help="Refresh share of the budget [0.5]"),
@@ -48,7 +53,8 @@ def _options(f):
                      help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an eager model]"),
         click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
                      help="decoding inside the graphs [fused on GPU: Triton selected-row logits]"),
-        click.option("--compile/--no-compile", default=None, help="torch.compile each block (graph runner)"),
+        click.option("--compile/--no-compile", default=None,
+                     help="torch.compile each block of the CUDA-graph runner [on with CUDA graphs on CUDA]"),
         click.option("--lookahead-steps", default=None, type=int,
                      help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
                           "1: off [16]"),
@@ -93,8 +99,10 @@ def serve_command(model, config_path, **options):
     server = DrainingServer(uvicorn.Config(app, log_level="warning",
                                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s))),
                             app.state.server, engine, cfg.drain_timeout_s)
-    click.echo(f"dlc serve: {name} on http://{host}:{port} ({engine.kv.n_slots} KV slots of "
-               f"{engine.max_seq} tokens, policy {cfg.policy}, granularity {cfg.granularity})", err=True)
+    for line in startup_lines(engine):
+        click.echo(line, err=True)
+    click.echo(f"dlc serve: {name} on http://{host}:{port} (policy {cfg.policy}, granularity "
+               f"{cfg.granularity})", err=True)
     # uvicorn re-raises the signals it caught once it has stopped: make that a clean exit (no KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)

@@ -27,7 +27,8 @@ reads. Each row's keys are a prefix of its cache row (the runtime's layout):
 ``StepBatch.lengths`` on the host.
 
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
-layers) before capture; ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
+layers; a string names another torch.compile backend) before capture (``_compile_blocks`` says how every
+batch bucket shares it); ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
 same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class _Graph:
 class GraphRunner(EagerRunner):
     graphed = True                           # step.GraphedRunner: binds a scratch pool slot, warms up
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
-                 compile: bool = False, fuse: bool | None = None, max_width: int = 128,
+                 compile: bool | str = False, fuse: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None):
         super().__init__(model)
         cuda = self.device.type == "cuda"
@@ -92,12 +93,41 @@ class GraphRunner(EagerRunner):
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
-                      "ahead_calls": 0}
+                      "ahead_calls": 0,
+                      "warm_s": 0.0}    # first runs of each captured shape (compilation, with compile)
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
+        self.compiled = bool(compile)
         if compile:
-            for b in model.blocks:
-                b.compile(fullgraph=True)
+            self._compile_blocks("inductor" if compile is True else compile)
+
+    def _compile_blocks(self, backend: str) -> None:
+        """Compile each transformer block once for every batch bucket: the batch dimension is dynamic.
+
+        Dynamo compiles the first bucket with static shapes; the next bucket's guard fails on the batch size
+        only, so it recompiles once with that dimension symbolic (automatic dynamic shapes), and every larger
+        bucket reuses that code: two compilations per fed width, whatever the bucket list. Per-bucket static
+        compiles would cost one compilation per bucket (``len(BUCKETS)`` = 11 > Dynamo's default limit of
+        8 with ``fullgraph=True``: the ``FailOnRecompileLimitHit`` that stopped ``--compile`` at
+        ``--max-batch-size 64``) for kernels that matter little here (GEMMs are cuBLAS calls either way).
+        CUDA-graph capture stays valid: a symbolic size is a host-side integer that each capture records as
+        the bucket's concrete launch sizes, and the compiled code allocates from the capture's pool.
+        Python inside the blocks must therefore never pin the batch size (``kernels/pool_attn.validate``
+        formats sizes only on failure).
+
+        The blocks also run every eager forward (Refresh, full, Reuse fallbacks, guidance), each kind with its
+        own guards and a static, a dynamic and a batch-1 entry: mixed traffic needs more than Dynamo's
+        default 8 entries (a request would fail with ``FailOnRecompileLimitHit``). So the recompile limit is
+        raised: 32 for those kinds, plus two per bucket, so that if some change pins the batch size again
+        each bucket compiles once (slower warm-up) instead of failing at startup
+        (tests/runtime/test_compile_buckets.py counts the compilations, so such a change fails there)."""
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        need = 2 * len(self.buckets) + 32
+        if getattr(cfg, "recompile_limit", need) < need:
+            cfg.recompile_limit = need
+        for b in self.model.blocks:
+            b.compile(fullgraph=True, backend=backend)
 
     # -- the pool --------------------------------------------------------------------------------------------
     def bind_pool(self, kv) -> None:
@@ -150,12 +180,17 @@ class GraphRunner(EagerRunner):
                 for _ in range(2):                                   # warm-up (compile, cuBLAS handles)
                     self._step(g)
             torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            self.stats["warm_s"] += time.perf_counter() - t0
             g.graph = torch.cuda.CUDAGraph()
             if self._mempool is None:                                # one memory pool for every graph: they
                 self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time,
                                                                      # outputs copied out
             with torch.cuda.graph(g.graph, pool=self._mempool):
                 g.tok, g.conf = self._step(g)
+        else:                       # no capture (CPU): one run, so warm-up still compiles every bucket
+            self._step(g)           # (padding rows: the scratch slot only)
+            self.stats["warm_s"] += time.perf_counter() - t0
         self.graphs[key] = g
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - t0
@@ -288,3 +323,25 @@ class GraphRunner(EagerRunner):
                 self._graph(bb, T, N)
                 if bb >= max_batch:
                     break
+        if self.compiled and widths:
+            self._warm_eager(widths[0][1])
+
+    @torch.no_grad()
+    def _warm_eager(self, blk: int) -> None:
+        """With compiled blocks, the eager forwards (full, Refresh, Reuse fallbacks) compile on their first
+        shapes: a static entry, one with the changed dimensions dynamic, one for batch 1 at a new width.
+        Run each kind at those three shapes here, over the scratch slot, so serving does not stall on them."""
+        from ..step import build_batch
+        mc, S = self.config, self.pool.s_max
+        blocks = mc.block_diffusion
+        for B, W in ((1, blk + 8), (2, 2 * blk + 8), (1, 3 * blk + 8)):
+            W = min(W, S)
+            n = min(blk, W - 1 - mc.logit_shift)               # decoded columns after a prompt of >= 1
+            if n < 1:
+                continue
+            p = W - n
+            seqs = [torch.full((W,), mc.mask_id, dtype=torch.long)] * B
+            for phase in ("full", "refresh", "reuse"):
+                batch = build_batch(self, phase, seqs, [p] * B, [p] * B, n, [(p, W)] * B,
+                                    [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
+                getattr(EagerRunner, phase)(self, batch)
