@@ -345,3 +345,7 @@ class GraphRunner(EagerRunner):
                 batch = build_batch(self, phase, seqs, [p] * B, [p] * B, n, [(p, W)] * B,
                                     [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
                 getattr(EagerRunner, phase)(self, batch)
+            if B == 2:                    # rows of unequal length: a Refresh with a key mask (else none)
+                batch = build_batch(self, "refresh", [seqs[0], seqs[1][:-1]], [p] * B, [p] * B, n, None,
+                                    [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
+                EagerRunner.refresh(self, batch)
