@@ -44,6 +44,7 @@ class Metrics:
         "preemptions_total": "Requests preempted by recompute",
         "rejected_total": "Requests rejected because the queue was full",
         "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
+        "mixed_iterations_total": "Iterations whose Refresh and Reuse rows ran as one forward",
     }
 
     def __init__(self):

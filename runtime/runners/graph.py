@@ -96,6 +96,8 @@ class GraphRunner(EagerRunner):
         if compile:
             for b in model.blocks:
                 b.compile(fullgraph=True)
+        self.mixes = not compile     # mixed iterations: EagerRunner.mixed, one eager ragged forward (compiled
+                                     # blocks would recompile per ragged shape)
 
     # -- the pool --------------------------------------------------------------------------------------------
     def bind_pool(self, kv) -> None:
