@@ -144,10 +144,10 @@ def test_runners_that_do_not_mix_get_one_call_per_part(sessions):
 def _workload(seed=0):
     g = torch.Generator().manual_seed(seed)
     specs = []
-    for i in range(8):
+    for i in range(6):
         prompt = torch.randint(0, 250, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
         bl = (4, 8)[i % 2]
-        specs.append((prompt, dict(gen_length=bl * 3, block_length=bl, steps=bl * 3,
+        specs.append((prompt, dict(gen_length=bl * 2, block_length=bl, steps=bl * 2,
                                    kv_cache=("dual", "prefix", "dual", "none")[i % 4],
                                    temperature=0.8 if i % 3 == 1 else 0.0, seed=50 + i)))
     return specs
@@ -168,11 +168,25 @@ def _counting(monkeypatch, runner, calls: list):
 
 
 def _serve(session, specs):
-    """The specs arrive two per iteration (so blocks start at different iterations) -> engine, requests."""
+    """A phase-multiplexed engine and the specs' requests."""
     eng = Engine(session, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_num_tokens=160,
                                       refresh_share=0.4))
     reqs = [eng.make_request(p, params) for p, params in specs]
     return eng, reqs
+
+
+def _drive(eng, reqs, after_step=lambda: None, limit=300):
+    """Two requests arrive per iteration (so their blocks start at different iterations) until all finish."""
+    pending = list(reqs)
+    for _ in range(limit):
+        if not (pending or eng.has_work()):
+            return
+        for r in pending[:2]:
+            eng.add_request(r)
+        pending = pending[2:]
+        eng.step()
+        after_step()
+    raise AssertionError(f"the engine did not finish in {limit} iterations")
 
 
 def test_engine_runs_each_mixed_iteration_as_one_call(sessions, monkeypatch):
@@ -181,14 +195,7 @@ def test_engine_runs_each_mixed_iteration_as_one_call(sessions, monkeypatch):
     eng, reqs = _serve(session, specs)
     calls, per_iter = [], []
     _counting(monkeypatch, eng.runner, calls)
-    pending = list(reqs)
-    while pending or eng.has_work():
-        for r in pending[:2]:
-            eng.add_request(r)
-        pending = pending[2:]
-        calls.clear()
-        eng.step()
-        per_iter.append(list(calls))
+    _drive(eng, reqs, lambda: (per_iter.append(list(calls)), calls.clear()))
     mixed = [c for c in per_iter if any(x.startswith("mixed") for x in c)]
     assert len(mixed) >= 5                                            # the workload really mixes
     for c in per_iter:
@@ -206,18 +213,13 @@ def test_engine_runs_each_mixed_iteration_as_one_call(sessions, monkeypatch):
 
 def test_a_failing_mixed_call_is_retried_group_by_group(sessions, monkeypatch):
     session = session_of(sessions, "tiny-llada")
-    specs = _workload(1)[:6]
+    specs = _workload(1)[:4]
     eng, reqs = _serve(session, specs)
 
     def broken(batch):
         raise RuntimeError("mixed forward broke")
     monkeypatch.setattr(eng.runner, "mixed", broken)
-    pending = list(reqs)
-    while pending or eng.has_work():
-        for r in pending[:2]:
-            eng.add_request(r)
-        pending = pending[2:]
-        eng.step()
+    _drive(eng, reqs)
     assert eng.metrics.counter("isolated_batches_total") >= 3 and eng.metrics.counter("mixed_iterations_total") == 0
     for r, (p, params) in zip(reqs, specs):
         assert r.finish_reason in ("stop", "length") and r.output_ids == _reference(session, p, params)
