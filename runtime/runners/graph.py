@@ -32,14 +32,14 @@ same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
 
-from ..step import StepBatch, take_rows
+from ..step import MixedBatch, StepBatch, take_rows
 from .eager import VOCAB_CHUNK, EagerRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -221,6 +221,22 @@ class GraphRunner(EagerRunner):
         else:
             tok, conf = self._step(g)
         return tok[:B].clone(), conf[:B].to(torch.float64)
+
+    @torch.no_grad()
+    def mixed(self, batch: MixedBatch) -> list:
+        """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps only),
+        its Reuse rows attending inside the bound pool (``pool_attention``: keys [0, length), no gather)."""
+        self.stats["mixed"] = self.stats.get("mixed", 0) + 1
+        if self.pool_attention and self.pool is not None:
+            batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))
+        return super().mixed(batch)
+
+    def _in_pool(self, b: StepBatch) -> StepBatch:
+        c = b.cache
+        if b.phase != "reuse" or b.block_size or c is None or c.k[0] is not self.pool.k[0]:
+            return b
+        kv_len = b.lengths.to(self.device, non_blocking=True)                     # [fed] valid keys
+        return replace(b, cache=KVCache(c.k, c.v, c.rows, kv_len, c.scores, c.k_all, c.v_all))
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""

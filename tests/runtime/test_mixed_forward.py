@@ -122,6 +122,23 @@ def test_full_rows_and_extras_in_one_mixed_call(sessions):
     torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+def test_graph_runner_mixes_in_the_pool(sessions, name):
+    """The CUDA-graph runner's mixed iteration (one eager ragged forward, its Reuse rows attending inside the
+    bound pool through ``pool_attention``; CPU: the op's reference, no capture) equals the eager two calls."""
+    eager = session_of(sessions, name).runner
+    graph = GraphRunner(eager.model, capture=False, pool_attention=True)
+    pa, pb = _pools(eager)
+    graph.bind_pool(pb)                                  # its scratch slot is not used by a mixed forward
+    ref = [run_batch(eager, b) for b in _parts(eager, pa)]
+    got = run_mixed(graph, MixedBatch(tuple(_parts(graph, pb))))
+    assert graph.stats["mixed"] == 1 and graph.stats["replays"] == 0
+    for r, m in zip(ref, got):
+        assert torch.equal(m.x0, r.x0)
+        torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
+
+
 class _TwoCalls(EagerRunner):
     mixes = False
 
