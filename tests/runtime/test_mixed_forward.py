@@ -19,7 +19,7 @@ from dlc.runtime.step import MixedBatch, build_batch, run_batch, run_mixed, supp
 # rounding, not bit for bit; tokens must be identical (decisive tiny models).
 RTOL, ATOL = 1e-4, 1e-5
 S_MAX = 64
-FAMILIES = ["tiny-llada", "dlc-tiny", "tiny-dream", "tiny-llada-moe", "tiny-sdar"]
+FAMILIES = ["tiny-llada", "dlc-tiny", "tiny-dream", "tiny-llada-moe", "tiny-sdar", "tiny-llada2"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def _parts(runner, pool, temperature=0.0, cfg_scale=0.0, with_full=False) -> lis
 @pytest.mark.parametrize("name", FAMILIES)
 def test_mixed_forward_equals_two_calls(sessions, name, temperature, cfg_scale):
     runner = session_of(sessions, name).runner
-    if name == "tiny-sdar" and cfg_scale:
+    if name in ("tiny-sdar", "tiny-llada2") and cfg_scale:
         pytest.skip("block diffusion decodes without guidance")
     pa, pb = _pools(runner)
     before = pa.k_all.clone()
