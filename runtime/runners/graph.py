@@ -225,11 +225,24 @@ class GraphRunner(EagerRunner):
     @torch.no_grad()
     def mixed(self, batch: MixedBatch) -> list:
         """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps only),
-        its Reuse rows attending inside the bound pool (``pool_attention``: keys [0, length), no gather)."""
+        its Reuse rows attending inside the bound pool (``pool_attention``: keys [0, length), no gather), decoded
+        as the graphs decode (``decode_parts``)."""
         self.stats["mixed"] = self.stats.get("mixed", 0) + 1
         if self.pool_attention and self.pool is not None:
             batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))
         return super().mixed(batch)
+
+    def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
+        """``fused`` decoding (as the captured steps decode) when every part is a plain T = 0 step without
+        guidance; else the eager runner's."""
+        if self.decoding != "fused" or any(b.temperature > 0 or b.fed != b.n_seqs or b.wants_extras()
+                                           for b in parts):
+            return super().decode_parts(rows, parts)
+        from dlc.kernels import fused_select_logits
+        tok, conf = fused_select_logits(torch.cat([r.flatten(0, 1) for r in rows]), self.model.head_weight())
+        sizes = [r.shape[0] * r.shape[1] for r in rows]                      # [B_i * N_i] each
+        return [(t.view(r.shape[:2]), c.view(r.shape[:2]).to(torch.float64))
+                for t, c, r in zip(tok.split(sizes), conf.split(sizes), rows)]
 
     def _in_pool(self, b: StepBatch) -> StepBatch:
         c = b.cache

@@ -122,12 +122,14 @@ def test_full_rows_and_extras_in_one_mixed_call(sessions):
     torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
-def test_graph_runner_mixes_in_the_pool(sessions, name):
+@pytest.mark.parametrize("name,decode", [("tiny-llada", "exact"), ("tiny-dream", "exact"),
+                                         ("tiny-llada", "fused")])
+def test_graph_runner_mixes_in_the_pool(sessions, name, decode):
     """The CUDA-graph runner's mixed iteration (one eager ragged forward, its Reuse rows attending inside the
-    bound pool through ``pool_attention``; CPU: the op's reference, no capture) equals the eager two calls."""
+    bound pool through ``pool_attention``; CPU: the op's reference, no capture; decoded exactly or as its graphs
+    decode, ``fused``: float32 confidence) equals the eager two calls."""
     eager = session_of(sessions, name).runner
-    graph = GraphRunner(eager.model, capture=False, pool_attention=True)
+    graph = GraphRunner(eager.model, capture=False, pool_attention=True, decode=decode)
     pa, pb = _pools(eager)
     graph.bind_pool(pb)                                  # its scratch slot is not used by a mixed forward
     ref = [run_batch(eager, b) for b in _parts(eager, pa)]
@@ -136,6 +138,7 @@ def test_graph_runner_mixes_in_the_pool(sessions, name):
     for r, m in zip(ref, got):
         assert torch.equal(m.x0, r.x0)
         torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
+        assert len(set(r.x0.flatten().tolist())) > 3
     torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
 
 
