@@ -6,15 +6,16 @@ rows of one K-token block over cached K/V of the same length L (dual cache). Tim
 of one iteration (the runner's forward(s) + decoding to the host, device synchronised):
 
 * ``two``: ``runner.refresh`` then ``runner.reuse`` on the eager runner (two passes over the weights);
-* ``graph2`` (CUDA only): eager Refresh + the CUDA-graph runner's captured Reuse step, what a mixed iteration
-  cost in the Engine before one forward per mixed iteration;
-* ``mixed``: ``runner.mixed`` over a ``MixedBatch``, what the Engine now runs for a mixed iteration: on CUDA
-  ``GraphRunner.mixed`` (one eager ragged forward, its Reuse rows attending inside the pool), on CPU
-  ``EagerRunner.mixed``.
+* ``mixed``: ``EagerRunner.mixed`` over the ``MixedBatch`` of both (one ragged forward, the same decoding):
+  ``two/mixed`` isolates what one pass over the weights saves;
+* the Engine's GPU path before and now (on CPU the same code without capture, a smoke test): ``graph2`` =
+  eager Refresh + the CUDA-graph runner's captured Reuse step (two calls), ``graph_mixed`` =
+  ``GraphRunner.mixed`` (one eager ragged forward, Reuse rows attending inside the pool, fused decoding as
+  the graphs decode): ``graph2/graph_mixed``.
 
 Variants alternate order every repeat, every variant is warmed (and the graphs captured) before timing, and
-each figure is the median of ``--repeats`` (>= 5) with the spread (min-max). The table ends with the ratios
-two / mixed and graph2 / mixed (> 1: the mixed forward is faster).
+each figure is the median of ``--repeats`` (>= 5) with the spread (min-max); ``same`` is the share of equal
+tokens. The table ends with the ratios (> 1: the mixed forward is faster).
 
     python3 bench/mixed_iteration.py                     # GPU: llada-8b shape, bf16, mixes 2x768+30x32, ...
     python3 bench/mixed_iteration.py --tiny              # CPU smoke run: tiny-llada, fp32, small mixes
@@ -90,14 +91,13 @@ def run_mix(eager, graph, mix: str, args, dev) -> dict:
     from dlc.runtime.step import MixedBatch, run_batch, run_mixed
     R, L, U, K = parse_mix(mix)
     pool = KVCacheManager(eager.config, L, 1 << 62, eager.dtype, dev, max_slots=R + U + 1)
-    if graph is not None:
-        graph.bind_pool(pool)                                  # its scratch slot for padding rows
+    graph.bind_pool(pool)                                      # its scratch slot for padding rows
     ref, reu = batches(eager, pool, R, L, U, K, torch.Generator().manual_seed(R * 1000 + U))
     mixed_batch = MixedBatch((ref, reu))
     variants = {"two": lambda: [run_batch(eager, ref), run_batch(eager, reu)],
-                "mixed": lambda: run_mixed(graph or eager, mixed_batch)}     # what the Engine runs
-    if graph is not None:
-        variants["graph2"] = lambda: [run_batch(eager, ref), run_batch(graph, reu)]
+                "mixed": lambda: run_mixed(eager, mixed_batch)}
+    variants["graph2"] = lambda: [run_batch(eager, ref), run_batch(graph, reu)]   # the Engine's GPU path
+    variants["graph_mixed"] = lambda: run_mixed(graph, mixed_batch)               # before / now
     outs = {k: fn() for k, fn in variants.items()}                 # warm-up (graph capture) + the tokens
     for fn in variants.values():
         fn()
@@ -106,28 +106,39 @@ def run_mix(eager, graph, mix: str, args, dev) -> dict:
     for i in range(args.repeats):
         for k in names if i % 2 == 0 else names[::-1]:           # alternate the order
             times[k].append(timed(variants[k], dev))
-    same = [torch.equal(a.x0, b.x0) for a, b in zip(outs["two"], outs["mixed"])]
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"mix": mix, "tokens": R * L + U * K, **{f"{k}_ms": 1e3 * med[k] for k in names},
-           **{f"{k}_spread_ms": [1e3 * min(v), 1e3 * max(v)] for k, v in times.items()},
-           "same_tokens": all(same), "two_over_mixed": med["two"] / med["mixed"]}
-    if graph is not None:
-        row["graph2_over_mixed"] = med["graph2"] / med["mixed"]
+           **{f"{k}_spread_ms": [1e3 * min(v), 1e3 * max(v)] for k, v in times.items()}}
+    for a, b in RATIOS:
+        if a in med:
+            row[f"same_{a}_{b}"] = same_share(outs[a], outs[b])
+            row[f"{a}/{b}"] = med[a] / med[b]
     del pool
     return row
 
 
-def table(rows: list[dict], has_graph: bool) -> str:
-    cols = ["mix", "tokens", "two ms", *(["graph2 ms"] if has_graph else []), "mixed ms", "same tokens",
-            "two/mixed", *(["graph2/mixed"] if has_graph else [])]
+RATIOS = (("two", "mixed"), ("graph2", "graph_mixed"))     # (two calls, the mixed call that replaces them)
+
+
+def same_share(a, b) -> float:
+    """Share of equal tokens between two variants' outputs (bf16: larger GEMMs round differently)."""
+    eq = sum(int((x.x0 == y.x0).sum()) for x, y in zip(a, b))
+    return eq / sum(x.x0.numel() for x in a)
+
+
+def table(rows: list[dict]) -> str:
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and not k.endswith("_spread_ms")]
+    pairs = [(a, b) for a, b in RATIOS if f"{a}/{b}" in rows[0]]
+    cols = ["mix", "tokens", *[f"{n} ms (min-max)" for n in names], *[f"same {a}~{b}" for a, b in pairs],
+            *[f"{a}/{b}" for a, b in pairs]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        vals = [r["mix"], str(r["tokens"]), f"{r['two_ms']:.2f}"]
-        if has_graph:
-            vals.append(f"{r['graph2_ms']:.2f}")
-        vals += [f"{r['mixed_ms']:.2f}", "yes" if r["same_tokens"] else "no", f"{r['two_over_mixed']:.2f}x"]
-        if has_graph:
-            vals.append(f"{r['graph2_over_mixed']:.2f}x")
+        vals = [r["mix"], str(r["tokens"])]
+        for n in names:
+            lo, hi = r[n + "_spread_ms"]
+            vals.append(f"{r[n + '_ms']:.2f} ({lo:.2f}-{hi:.2f})")
+        vals += [f"{r[f'same_{a}_{b}']:.3f}" for a, b in pairs]
+        vals += [f"{r[f'{a}/{b}']:.2f}x" for a, b in pairs]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -151,7 +162,9 @@ def main() -> None:
     from dlc.runtime.runners.eager import EagerRunner
     from dlc.runtime.runners.graph import GraphRunner
     model = build(preset, str(dev), dtype)
-    graph = GraphRunner(model) if dev.type == "cuda" else None       # fuses q|k|v, gate|up in place
+    # CUDA: fuses q|k|v, gate|up in place, captures; CPU: the same code paths without capture (a smoke run)
+    graph = GraphRunner(model) if dev.type == "cuda" else GraphRunner(model, capture=False, decode="fused",
+                                                                      pool_attention=True)
     eager = EagerRunner(model)
     print(f"# {preset} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
@@ -162,7 +175,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print(table(rows, graph is not None))
+    print(table(rows))
 
 
 if __name__ == "__main__":

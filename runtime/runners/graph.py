@@ -224,9 +224,9 @@ class GraphRunner(EagerRunner):
 
     @torch.no_grad()
     def mixed(self, batch: MixedBatch) -> list:
-        """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps only),
-        its Reuse rows attending inside the bound pool (``pool_attention``: keys [0, length), no gather), decoded
-        as the graphs decode (``decode_parts``)."""
+        """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps
+        only), its Reuse rows attending inside the bound pool (``pool_attention``: keys [0, length), no
+        gather), decoded as the graphs decode (``decode_parts``)."""
         self.stats["mixed"] = self.stats.get("mixed", 0) + 1
         if self.pool_attention and self.pool is not None:
             batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))

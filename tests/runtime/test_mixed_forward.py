@@ -36,7 +36,8 @@ def session_of(sessions, name):
 def _pools(runner, n=12):
     """Two pools with the same random K/V (so Reuse rows read real cached values) for the two paths."""
     g = torch.Generator().manual_seed(1)
-    pools = [KVCacheManager(runner.config, S_MAX, 1 << 40, torch.float32, "cpu", max_slots=n) for _ in range(2)]
+    pools = [KVCacheManager(runner.config, S_MAX, 1 << 40, torch.float32, "cpu", max_slots=n)
+             for _ in range(2)]
     k, v = torch.randn(pools[0].k_all.shape, generator=g), torch.randn(pools[0].v_all.shape, generator=g)
     for p in pools:
         p.k_all.copy_(k)
@@ -126,8 +127,8 @@ def test_full_rows_and_extras_in_one_mixed_call(sessions):
                                          ("tiny-llada", "fused")])
 def test_graph_runner_mixes_in_the_pool(sessions, name, decode):
     """The CUDA-graph runner's mixed iteration (one eager ragged forward, its Reuse rows attending inside the
-    bound pool through ``pool_attention``; CPU: the op's reference, no capture; decoded exactly or as its graphs
-    decode, ``fused``: float32 confidence) equals the eager two calls."""
+    bound pool through ``pool_attention``; CPU: the op's reference, no capture; decoded exactly or as its
+    graphs decode, ``fused``: float32 confidence) equals the eager two calls."""
     eager = session_of(sessions, name).runner
     graph = GraphRunner(eager.model, capture=False, pool_attention=True, decode=decode)
     pa, pb = _pools(eager)
@@ -160,7 +161,7 @@ def test_runners_that_do_not_mix_get_one_call_per_part(sessions):
     assert not supports_mixed(compiled)                  # compiled blocks: two calls
 
 
-# -- the Engine --------------------------------------------------------------------------------------------------
+# -- the Engine ----------------------------------------------------------------------------------------------
 def _workload(seed=0):
     g = torch.Generator().manual_seed(seed)
     specs = []
@@ -240,6 +241,7 @@ def test_a_failing_mixed_call_is_retried_group_by_group(sessions, monkeypatch):
         raise RuntimeError("mixed forward broke")
     monkeypatch.setattr(eng.runner, "mixed", broken)
     _drive(eng, reqs)
-    assert eng.metrics.counter("isolated_batches_total") >= 3 and eng.metrics.counter("mixed_iterations_total") == 0
+    m = eng.metrics
+    assert m.counter("isolated_batches_total") >= 3 and m.counter("mixed_iterations_total") == 0
     for r, (p, params) in zip(reqs, specs):
         assert r.finish_reason in ("stop", "length") and r.output_ids == _reference(session, p, params)
