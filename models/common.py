@@ -287,15 +287,16 @@ def attend_ragged(q, k, v, plan: RaggedKV, n_heads: int, n_kv: int) -> torch.Ten
     own batch [rows, heads, cols, D]."""
     ys, t = [], 0
     for seg in plan.segments:
-        n = seg.rows * seg.cols
-
-        def unpack(x):                                               # [1, h, N, D] -> [rows, h, cols, D]
-            return x[0, :, t:t + n].unflatten(1, (seg.rows, seg.cols)).transpose(0, 1)
-
-        y = attend(unpack(q), unpack(k), unpack(v), seg.mask, seg.kv, seg.start, n_heads, n_kv)
-        ys.append(y.transpose(0, 1).flatten(1, 2))                    # [H, rows * cols, D]
-        t += n
+        qs, ks, vs = (_unpack(x, t, seg.rows, seg.cols) for x in (q, k, v))
+        y = attend(qs, ks, vs, seg.mask, seg.kv, seg.start, n_heads, n_kv)      # [rows, H, cols, D]
+        ys.append(y.transpose(0, 1).flatten(1, 2))                              # [H, rows * cols, D]
+        t += seg.rows * seg.cols
     return torch.cat(ys, dim=1)[None]
+
+
+def _unpack(x: torch.Tensor, t: int, rows: int, cols: int) -> torch.Tensor:
+    """Packed tokens t .. t + rows * cols of x [1, h, N, D] -> [rows, h, cols, D] (a view)."""
+    return x[0, :, t:t + rows * cols].unflatten(1, (rows, cols)).transpose(0, 1)
 
 
 class SwiGLU(nn.Module):
