@@ -105,13 +105,17 @@ def test_mixed_forward_equals_two_calls(sessions, name, temperature, cfg_scale):
 
 
 def test_full_rows_and_extras_in_one_mixed_call(sessions):
-    """Three parts (full, refresh, reuse), the Reuse part asking for entropy and logprobs: decoding falls back
-    to one pass per part, results still equal the separate calls (through run_batch / run_mixed)."""
+    """Three parts (full, refresh, reuse), the Reuse part asking for entropy and logprobs, the Refresh part
+    carrying an input-embedding delta: decoding falls back to one pass per part, results still equal the
+    separate calls (through run_batch / run_mixed)."""
     runner = session_of(sessions, "tiny-llada").runner
     pa, pb = _pools(runner)
     sep, mix = _parts(runner, pa, with_full=True), _parts(runner, pb, with_full=True)
+    delta = torch.randn(2, 8, runner.config.d_model, generator=torch.Generator().manual_seed(2))
     for b in (sep[2], mix[2]):
         b.entropy, b.logprobs = True, 2
+    for b in (sep[1], mix[1]):                       # smoothing's soft inputs on the Refresh part only
+        b.embed_delta = delta
     ref = [run_batch(runner, b) for b in sep]
     got = run_mixed(runner, MixedBatch(tuple(mix)))
     for r, m in zip(ref, got):
