@@ -96,8 +96,7 @@ class GraphRunner(EagerRunner):
         if compile:
             for b in model.blocks:
                 b.compile(fullgraph=True)
-        self.mixes = not compile     # mixed iterations: EagerRunner.mixed, one eager ragged forward (compiled
-                                     # blocks would recompile per ragged shape)
+        self.compiled = compile      # mixed iterations run the blocks eagerly (``mixed``)
 
     # -- the pool --------------------------------------------------------------------------------------------
     def bind_pool(self, kv) -> None:
@@ -225,12 +224,15 @@ class GraphRunner(EagerRunner):
     @torch.no_grad()
     def mixed(self, batch: MixedBatch) -> list:
         """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps
-        only), its Reuse rows attending inside the bound pool (``pool_attention``: keys [0, length), no
-        gather), decoded as the graphs decode (``decode_parts``)."""
+        only; with ``compile`` the blocks run eagerly here), its Reuse rows attending inside the bound pool
+        (``pool_attention``: keys [0, length), no gather), decoded as the graphs decode (``decode_parts``)."""
         self.stats["mixed"] = self.stats.get("mixed", 0) + 1
         if self.pool_attention and self.pool is not None:
             batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))
-        return super().mixed(batch)
+        if not self.compiled:
+            return super().mixed(batch)
+        with torch.compiler.set_stance("force_eager"):      # compiled blocks: no recompile per ragged shape
+            return super().mixed(batch)
 
     def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
         """``fused`` decoding (as the captured steps decode) when every part is a plain T = 0 step without

@@ -5,6 +5,7 @@ stays token-identical to ``generate`` (T = 0 and seeded T > 0); a mixed call tha
 group without hurting anyone."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from dlc.runtime.config import ServeConfig
 from dlc.runtime.engine import Engine
@@ -159,10 +160,23 @@ def test_runners_that_do_not_mix_get_one_call_per_part(sessions):
     ref = [run_batch(runner, b) for b in _parts(runner, pa)]
     got = run_mixed(runner, MixedBatch(tuple(_parts(runner, pb))))
     assert all(torch.equal(g.x0, r.x0) and torch.equal(g.conf, r.conf) for g, r in zip(got, ref))
-    graph = GraphRunner(open_model("tiny-llada", progress=False).runner.model, capture=False)
-    assert supports_mixed(graph)                         # GPU: mixed iterations run as one eager forward
-    compiled = GraphRunner(open_model("tiny-llada", progress=False).runner.model, capture=False, compile=True)
-    assert not supports_mixed(compiled)                  # compiled blocks: two calls
+
+
+
+def test_compiled_blocks_mix_eagerly(sessions):
+    """GraphRunner(compile=True): a mixed iteration runs its blocks eagerly (no compile, no recompile per
+    ragged shape) and equals the eager two calls."""
+    eager = session_of(sessions, "tiny-llada").runner
+    graph = GraphRunner(open_model("tiny-llada", progress=False).runner.model, capture=False, compile=True)
+    assert supports_mixed(graph)
+    pa, pb = _pools(eager)
+    ref = [run_batch(eager, b) for b in _parts(eager, pa)]
+    traced = counters["stats"]["calls_captured"]
+    got = run_mixed(graph, MixedBatch(tuple(_parts(graph, pb))))
+    assert graph.stats["mixed"] == 1 and counters["stats"]["calls_captured"] == traced   # nothing compiled
+    for r, m in zip(ref, got):
+        assert torch.equal(m.x0, r.x0)
+        torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
 
 
 # -- the Engine ----------------------------------------------------------------------------------------------
