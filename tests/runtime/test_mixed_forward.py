@@ -2,7 +2,8 @@
 ``EagerRunner.mixed`` gives the (x0, conf) and writes the K/V that the separate calls give, for every family;
 the Engine runs each iteration that holds both kinds as exactly one runner call, and every request's output
 stays token-identical to ``generate`` (T = 0 and seeded T > 0); a mixed call that raises is retried group by
-group without hurting anyone."""
+group without hurting anyone. The CUDA-graph runner's mixed path (pool attention, fused decoding, compiled
+blocks run eagerly) is checked on CPU without capture."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
