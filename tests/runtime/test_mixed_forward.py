@@ -38,7 +38,7 @@ def session_of(sessions, name):
 def _pools(runner, n=12):
     """Two pools with the same random K/V (so Reuse rows read real cached values) for the two paths."""
     g = torch.Generator().manual_seed(1)
-    pools = [KVCacheManager(runner.config, S_MAX, 1 << 40, torch.float32, "cpu", max_slots=n)
+    pools = [KVCacheManager(runner.config, S_MAX, 1 << 40, runner.dtype, runner.device, max_slots=n)
              for _ in range(2)]
     k, v = torch.randn(pools[0].k_all.shape, generator=g), torch.randn(pools[0].v_all.shape, generator=g)
     for p in pools:
@@ -264,3 +264,23 @@ def test_a_failing_mixed_call_is_retried_group_by_group(sessions, monkeypatch):
     assert m.counter("isolated_batches_total") >= 3 and m.counter("mixed_iterations_total") == 0
     for r, (p, params) in zip(reqs, specs):
         assert r.finish_reason in ("stop", "length") and r.output_ids == _reference(session, p, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_runner_mixed_on_cuda():
+    """On the GPU (fp32): GraphRunner.mixed (Triton pool attention for the Reuse rows, fused decoding) against
+    the eager two calls; tolerances for float32 confidence and the kernels' own rounding."""
+    sess = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
+    eager = EagerRunner(sess.runner.model)
+    graph = GraphRunner(sess.runner.model)                       # capture, fused decode, pool attention
+    pa, pb = _pools(eager)
+    graph.bind_pool(pb)
+    ref = [run_batch(eager, b) for b in _parts(eager, pa)]
+    got = run_mixed(graph, MixedBatch(tuple(_parts(graph, pb))))
+    assert graph.stats["mixed"] == 1
+    same = sum(int((m.x0 == r.x0).sum()) for r, m in zip(ref, got)) / sum(r.x0.numel() for r in ref)
+    assert same >= 0.95
+    for r, m in zip(ref, got):
+        torch.testing.assert_close(m.conf, r.conf, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(pb.k_all, pa.k_all, rtol=1e-3, atol=1e-3)
