@@ -222,12 +222,23 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     k = k.view(B, T, n_kv, hd).transpose(1, 2)                        # [B, Hkv, T, D]
     v = v.view(B, T, n_kv, hd).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_kv = (k, v)
+    y = attend(q, k, v, attn_mask, cache_kv, start, n_heads, n_kv)    # [B, H, T, D]
+    return o_proj(y.transpose(1, 2).reshape(B, T, n_heads * hd)), (k, v)
+
+
+def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torch.Tensor:
+    """The part of a layer that depends on the row kind: post-RoPE q [B, H, T, D] and the new k, v
+    [B, Hkv, T, D] -> y [B, H, T, D]. Without a cache the queries attend over their own keys; with a
+    ``LayerKV`` the new K/V are written at columns start .. start + T of the rows, in place, and the queries
+    attend over the whole cached rows; with a ``RaggedKV`` (a ragged forward) each segment of the packed
+    tokens does one of those (``attend_ragged``). Everything else in a layer is token-wise."""
+    if isinstance(cache_kv, RaggedKV):
+        return attend_ragged(q, k, v, cache_kv, n_heads, n_kv)
     if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place, keys
         write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)     # [0, kv_len)
         from dlc.kernels import pool_attention
-        y = pool_attention(q, cache_kv.k, cache_kv.v, cache_kv.rows, cache_kv.kv_len)   # [B, H, T, D]
-        return o_proj(y.transpose(1, 2).reshape(B, T, n_heads * hd)), new_kv
+        return pool_attention(q, cache_kv.k, cache_kv.v, cache_kv.rows, cache_kv.kv_len)
+    T = q.shape[2]
     if cache_kv is not None and isinstance(start, int) and start == 0 and cache_kv.k.shape[2] == T:
         write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, 0, gather=False)   # a Refresh over a cache
                                                   # narrowed to its width: its own keys are the whole cache
@@ -236,10 +247,68 @@ def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_hea
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
-    attend = _ATTENTION[-1] if _ATTENTION else F.scaled_dot_product_attention
-    y = attend(q, k, v, attn_mask=attn_mask)                          # [B, H, T, D]
-    y = y.transpose(1, 2).reshape(B, T, n_heads * hd)
-    return o_proj(y), new_kv
+    fn = _ATTENTION[-1] if _ATTENTION else F.scaled_dot_product_attention
+    return fn(q, k, v, attn_mask=attn_mask)                           # [B, H, T, D]
+
+
+# -- ragged forwards: several row kinds in one pass over the weights ------------------------------------------
+class RaggedPart(NamedTuple):
+    """One forward's inputs inside a ragged forward (``DiffusionLM.forward_ragged``): ids, pos [r, c]; key_mask
+    [r, S] or [r, c, S] as ``DiffusionLM.forward`` takes it; its cache (None: attend over its own tokens) and
+    start (int or [r]); embed_add [r, c, d] or None."""
+    ids: torch.Tensor
+    pos: torch.Tensor
+    key_mask: torch.Tensor | None
+    cache: "KVCache | None"
+    start: int | torch.Tensor = 0
+    embed_add: torch.Tensor | None = None
+
+
+class Segment(NamedTuple):
+    """One part's attention in one layer: ``rows`` x ``cols`` consecutive packed tokens, its SDPA mask
+    [rows, 1, 1 | cols, S], its ``LayerKV`` (or None) and start."""
+    rows: int
+    cols: int
+    mask: torch.Tensor | None
+    kv: LayerKV | None
+    start: int | torch.Tensor
+
+
+class RaggedKV(NamedTuple):
+    """One layer's view of a ``RaggedCache``: the segments in packing order."""
+    segments: tuple
+
+
+class RaggedCache:
+    """The ``cache`` of a ragged forward: the token-wise work of every layer (embedding, norms, projections,
+    MLP / MoE) runs once over all parts' tokens packed as one row [1, sum r * c]; ``attend`` unpacks each
+    part's tokens to its own [r, c] batch and attends exactly as that part's own forward would (Refresh rows
+    over their sequence, Reuse rows over their cached rows with the block written in place)."""
+
+    def __init__(self, parts: list[RaggedPart]):
+        self.parts = [(p.ids.shape[0], p.ids.shape[1], key_mask_to_attn_mask(p.key_mask), p.cache, p.start)
+                      for p in parts]
+
+    def layer(self, i: int) -> RaggedKV:
+        return RaggedKV(tuple(Segment(r, c, m, None if kv is None else kv.layer(i), s)
+                              for r, c, m, kv, s in self.parts))
+
+
+def attend_ragged(q, k, v, plan: RaggedKV, n_heads: int, n_kv: int) -> torch.Tensor:
+    """q [1, H, N, D], k, v [1, Hkv, N, D] of the packed tokens -> y [1, H, N, D], each segment attended as its
+    own batch [rows, heads, cols, D]."""
+    ys, t = [], 0
+    for seg in plan.segments:
+        qs, ks, vs = (_unpack(x, t, seg.rows, seg.cols) for x in (q, k, v))
+        y = attend(qs, ks, vs, seg.mask, seg.kv, seg.start, n_heads, n_kv)      # [rows, H, cols, D]
+        ys.append(y.transpose(0, 1).flatten(1, 2))                              # [H, rows * cols, D]
+        t += seg.rows * seg.cols
+    return torch.cat(ys, dim=1)[None]
+
+
+def _unpack(x: torch.Tensor, t: int, rows: int, cols: int) -> torch.Tensor:
+    """Packed tokens t .. t + rows * cols of x [1, h, N, D] -> [rows, h, cols, D] (a view)."""
+    return x[0, :, t:t + rows * cols].unflatten(1, (rows, cols)).transpose(0, 1)
 
 
 class SwiGLU(nn.Module):
@@ -350,6 +419,22 @@ class DiffusionLM(nn.Module):
             kvs.append(kv)
         h = self.norm(x)
         return (h, kvs) if return_kv else h
+
+    def forward_ragged(self, parts: list[RaggedPart]) -> list[torch.Tensor]:
+        """Several forwards as one pass over the weights: every part's tokens packed into one row, attention per
+        part (``RaggedCache``) -> each part's hidden states [r, c, d], as its own ``forward`` would return them
+        (up to the rounding of the larger GEMMs). The parts' cache rows must be disjoint."""
+        d = self.config.d_model
+        ids = torch.cat([p.ids.reshape(1, -1) for p in parts], dim=1)                # [1, N]
+        pos = torch.cat([p.pos.reshape(1, -1) for p in parts], dim=1)
+        adds = [p.embed_add for p in parts if p.embed_add is not None]
+        add = None
+        if adds:
+            add = torch.cat([(p.embed_add if p.embed_add is not None else adds[0].new_zeros(*p.ids.shape, d))
+                             .reshape(1, -1, d) for p in parts], dim=1)              # [1, N, d]
+        h = self(ids, pos, None, cache=RaggedCache(parts), embed_add=add)            # [1, N, d]
+        sizes = [p.ids.numel() for p in parts]
+        return [x.view(*p.ids.shape, d) for x, p in zip(h[0].split(sizes), parts)]
 
     def head_weight(self) -> torch.Tensor:
         """The LM head weight [vocab, d] (tied heads: the embedding's first vocab rows, a view)."""

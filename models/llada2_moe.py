@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import DiffusionLM, RMSNorm, SwiGLU, apply_rope, write_cache
+from .common import DiffusionLM, RMSNorm, SwiGLU, apply_rope, attend
 from .config import ModelConfig
 from .llada_moe import MOE_IMPLS
 
@@ -150,14 +150,8 @@ class FusedQKVAttention(nn.Module):
         k = self.key_layernorm(k).transpose(1, 2)                         # [B, Hkv, T, D]
         v = v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv = (k, v)
-        if cache_kv is not None:
-            k, v = write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start)   # [B, Hkv, S, D]
-        if self.n_kv != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)       # [B, H, T, D]
-        return self.dense(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), new_kv
+        y = attend(q, k, v, mask, cache_kv, start, self.n_heads, self.n_kv)   # [B, H, T, D]
+        return self.dense(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), (k, v)
 
 
 def route_sigmoid_group(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int,

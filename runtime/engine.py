@@ -3,7 +3,9 @@
 An iteration (``step``) is schedule, run, postprocess: the scheduler picks the requests (it only chooses and
 holds KV slots); the engine starts newly admitted requests' decoding states, groups the picked states
 (runtime/step.py), runs one runner call per group, applies each result to its state and advances it
-(runtime/decoding.py), then emits the tokens that became final.
+(runtime/decoding.py), then emits the tokens that became final. An iteration that holds Refresh (or full)
+rows beside Reuse rows runs all its groups as ONE forward when the runner mixes (``step.supports_mixed``:
+``MixedBatch``, one pass over the weights, attention per row kind); other runners get one call per group.
 
 Isolation: a runner call that raises is retried with each of its requests alone, so the request whose own
 data breaks the call fails alone (finish_reason "error", the error recorded) and the others continue with
@@ -50,8 +52,8 @@ from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import (AheadSteps, check_runner, draw_seeds, group_states, is_graphed, make_batch, run_batch,
-                   runs_ahead)
+from .step import (AheadSteps, MixedBatch, check_runner, draw_seeds, group_states, is_graphed,
+                   is_mixed_iteration, make_batch, run_batch, run_mixed, runs_ahead, supports_mixed)
 from .step_output import StepOutput
 from .stops import StopStrings
 
@@ -287,19 +289,42 @@ class Engine:
         self._emit(r, st.advance(self.gran.width(r, n_running)))
 
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
-        """One runner call per group -> {id(request): its row's StepOutput on the host, or the list of steps
-        run ahead} for those that ran."""
+        """One runner call per group; one ``mixed`` call for all groups of an iteration that holds Refresh (or
+        full) rows beside Reuse rows; or, for a lone Reuse group while nothing waits, several fixed-schedule
+        steps run ahead on the device -> {id(request): its row's StepOutput on the host, or its ``_AheadRow``}
+        for those that ran."""
         results: dict[int, tuple] = {}
-        groups = group_states([r.state for r in reqs], self.runner.max_batch_size,
-                              split_extras=isinstance(self.runner, GraphRunner))
+        split = isinstance(self.runner, GraphRunner)
+        groups = [[reqs[i] for i in idx]
+                  for idx in group_states([r.state for r in reqs], self.runner.max_batch_size, split_extras=split)]
+        if supports_mixed(self.runner) and is_mixed_iteration([g[0].phase for g in groups]):
+            self._run_mixed(groups, results)
+            return results
         with self.lock:                               # steps ahead only while nothing waits for admission
             idle = not self._incoming and not self.scheduler.num_waiting
         cap = self.cfg.lookahead_steps if idle and len(groups) == 1 and runs_ahead(self.runner) else 1
-        for idx in groups:
-            group = [reqs[i] for i in idx]
+        for group in groups:
             if not (cap > 1 and self._run_ahead(group, results, cap)):
                 self._run_group(group, results)
         return results
+
+    def _run_mixed(self, groups: list[list[Request]], results: dict) -> None:
+        """Every group in one forward (``run_mixed``); if it raises, each group runs on its own with the
+        step's seeds (``_run_group`` then isolates the request whose data breaks its call)."""
+        seeds = [draw_seeds([r.state for r in g]) for g in groups]
+        try:
+            batch = MixedBatch(tuple(make_batch(self.runner, [r.state for r in g], [r.slots for r in g],
+                                                self.kv, sd) for g, sd in zip(groups, seeds)))
+            outs = run_mixed(self.runner, batch)
+        except Exception:                  # noqa: BLE001 - retried group by group, then request by request
+            self.metrics.inc("isolated_batches_total")
+            for g, sd in zip(groups, seeds):
+                self._run_group(g, results, sd)
+            return
+        self.metrics.inc("mixed_iterations_total")
+        for g, out in zip(groups, outs):
+            for j, r in enumerate(g):
+                results[id(r)] = out.row(j)
 
     def _run_ahead(self, group: list[Request], results: dict, cap: int) -> bool:
         """Run the group's next fixed-schedule Reuse steps back to back on the device (``reuse_ahead``);

@@ -45,6 +45,7 @@ class Metrics:
         "rejected_total": "Requests rejected because the queue was full",
         "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
         "lookahead_dropped_steps_total": "Steps run ahead on the device that the decoding core dropped",
+        "mixed_iterations_total": "Iterations whose Refresh and Reuse rows ran as one forward",
     }
 
     def __init__(self):

@@ -158,6 +158,37 @@ def is_graphed(runner) -> bool:
     return isinstance(runner, GraphedRunner) and runner.graphed
 
 
+@dataclass
+class MixedBatch:
+    """The groups of one iteration run as ONE forward (``runner.mixed``): ``parts`` are ordinary StepBatches
+    (typically a Refresh group and a Reuse group; any phases) whose rows use disjoint KV pool rows. The
+    token-wise work reads the weights once for all parts' tokens; attention is per part."""
+    parts: tuple[StepBatch, ...]
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return tuple(b.phase for b in self.parts)
+
+
+@runtime_checkable
+class MixedRunner(Protocol):
+    """A runner that runs a ``MixedBatch`` as one forward while ``mixes`` is set: ``mixed(batch)`` returns one
+    result per part, each what the part's own phase call would return ((x0, conf) or a StepOutput)."""
+    mixes: bool
+
+    def mixed(self, batch: MixedBatch) -> list: ...
+
+
+def supports_mixed(runner) -> bool:
+    return isinstance(runner, MixedRunner) and runner.mixes
+
+
+def is_mixed_iteration(phases) -> bool:
+    """Whether groups of these phases gain from one forward: compute-bound rows (Refresh / full) beside
+    bandwidth-bound Reuse rows."""
+    return "reuse" in phases and any(p != "reuse" for p in phases)
+
+
 def check_runner(runner) -> None:
     if not isinstance(runner, PhaseRunner):
         raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, sparse_retention, "
@@ -332,20 +363,37 @@ def run_batch(runner, batch: StepBatch) -> StepOutput:
     """The runner's call for the batch's phase -> StepOutput on the host (x0 [B, N] int64, conf [B, N] float64
     and the extras the batch asked for). A runner answers a plain batch with (x0, conf) or a StepOutput, and a
     batch that ``wants_extras`` with a StepOutput holding them."""
-    res = getattr(runner, batch.phase)(batch)
+    return _checked(runner, batch.phase, batch, getattr(runner, batch.phase)(batch))
+
+
+def run_mixed(runner, batch: MixedBatch) -> list[StepOutput]:
+    """One forward for every part (``runner.mixed``) -> one StepOutput per part on the host; a runner that does
+    not mix (``supports_mixed``) gets one call per part instead."""
+    if not supports_mixed(runner):
+        return [run_batch(runner, b) for b in batch.parts]
+    res = runner.mixed(batch)
+    if len(res) != len(batch.parts):
+        raise RuntimeError(f"{type(runner).__name__}.mixed returned {len(res)} results for {len(batch.parts)} "
+                           f"parts")
+    return [_checked(runner, "mixed", b, r) for b, r in zip(batch.parts, res)]
+
+
+def _checked(runner, call: str, batch: StepBatch, res) -> StepOutput:
+    """A runner's result for ``batch`` as a StepOutput on the host, checked against what the batch asked."""
+    name = f"{type(runner).__name__}.{call}"
     if not isinstance(res, StepOutput):
         if batch.wants_extras():
-            raise RuntimeError(f"{type(runner).__name__}.{batch.phase} cannot compute the decoding extras this "
+            raise RuntimeError(f"{name} cannot compute the decoding extras this "
                                f"batch asks for (entropy / logprobs / filters / credit / smoothing)")
         res = StepOutput(*res)
     if res.x0.shape != (batch.n_seqs, batch.n_out):
-        raise RuntimeError(f"{type(runner).__name__}.{batch.phase} returned x0 {tuple(res.x0.shape)}, expected "
+        raise RuntimeError(f"{name} returned x0 {tuple(res.x0.shape)}, expected "
                            f"{(batch.n_seqs, batch.n_out)}")
     missing = [k for k, on in (("entropy", batch.entropy), ("logprob", batch.logprobs is not None),
                                ("top1_ids", batch.credit_ids is not None), ("soft", batch.soft_tau is not None))
                if on and getattr(res, k) is None]
     if missing:
-        raise RuntimeError(f"{type(runner).__name__}.{batch.phase} did not return {missing}")
+        raise RuntimeError(f"{name} did not return {missing}")
     return res.to_host()
 
 

@@ -4,7 +4,9 @@
 * ``full``: one forward over the whole sequence, no cache;
 * ``refresh``: the same forward writing every column's K/V into the batch's KV pool rows (Refresh phase);
 * ``reuse``: feeds only the fed span over the cached K/V, writing the span's new K/V in place (Reuse phase:
-  prefix = block and everything after; dual = the block).
+  prefix = block and everything after; dual = the block);
+* ``mixed``: the groups of one iteration (a ``MixedBatch``: Refresh rows beside Reuse rows) as ONE ragged
+  forward, each part's inputs and attention exactly its own call's, the weights read once.
 
 Decoding is ``dlc.kernels.logits.decode_rows``, the function the compiler's CPU lowering inlines into phase
 programs: guidance on the logits, Gumbel-max with the hash noise of each sequence's step seed, confidence =
@@ -15,9 +17,9 @@ import torch
 
 from dlc.kernels.logits import decode_rows
 from dlc.kernels.sampling import decode_rows_ext
-from dlc.models.common import DiffusionLM
+from dlc.models.common import DiffusionLM, RaggedPart
 
-from ..step import StepBatch, attention_keys, take_cols, take_rows
+from ..step import MixedBatch, StepBatch, attention_keys, take_cols, take_rows
 from ..step_output import StepOutput
 
 VOCAB_CHUNK = 32768          # head rows per decoding chunk (bounds the float64 transient at large batch)
@@ -36,6 +38,7 @@ def pad_keys(key_mask: torch.Tensor, S: int) -> torch.Tensor:
 class EagerRunner:
     sparse_retention = None
     max_batch_size = None
+    mixes = True               # step.MixedRunner: a mixed iteration runs as one ragged forward (``mixed``)
 
     def __init__(self, model: DiffusionLM):
         self.model = model
@@ -61,36 +64,79 @@ class EagerRunner:
         token, as LLaDA2's and SDAR's samplers report it (not applied to extras' batches)."""
         if batch.wants_extras():
             return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK))
-        temperature = batch.temperature
-        if batch.tempered_conf and temperature > 0:
+        return self._decode(rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
+                            batch.temperature, batch.tempered_conf, batch.seeds)
+
+    def _decode(self, rows, cond_rows, un_rows, cfg_w, temperature: float, tempered: bool, seeds):
+        if tempered and temperature > 0:
             rows, temperature = rows / temperature, 1.0
-        return decode_rows(rows, self.model.head_weight(), batch.cond_rows, batch.un_rows,
-                           batch.cfg_weight(rows.dtype), temperature, batch.seeds,
+        return decode_rows(rows, self.model.head_weight(), cond_rows, un_rows, cfg_w, temperature, seeds,
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
+
+    def inputs(self, batch: StepBatch) -> RaggedPart:
+        """The model inputs of the batch's forward: every column (full, refresh: start 0) or the fed span
+        (reuse: from q_start, its K/V written in place), keys padded to the cache's length. A Refresh attends
+        over its width only (``KVCache.narrow``), without a mask when no row is padded (SDPA's flash kernel)."""
+        c = batch.cache
+        if batch.phase == "refresh":                # keys [0, W): the sequences, not the whole slot
+            c = c.narrow(batch.width)
+        keys = batch.key_mask if c is None else pad_keys(batch.key_mask, c.seq_len)
+        if batch.phase != "reuse":
+            unpadded = (batch.phase == "refresh" and c.seq_len == batch.width and not batch.block_size
+                        and bool((batch.lengths == batch.width).all()))
+            return RaggedPart(batch.ids, batch.pos, None if unpadded else attention_keys(batch, keys, batch.pos),
+                              c, 0, embed_add(batch, batch.width, 0, self.dtype))   # no padding: no mask
+        qs, T = batch.q_start_dev, batch.n_fed
+        pos = take_cols(batch.pos, qs, T)                                          # [fed, T]
+        return RaggedPart(take_cols(batch.ids, qs, T), pos, attention_keys(batch, keys, pos), c, qs,
+                          embed_add(batch, T, qs, self.dtype))
+
+    @staticmethod
+    def decoded_rows(h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """The hidden rows [fed, N, d] of the decoded columns out of the forward's h [fed, T, d]."""
+        first = batch.hid_start - batch.q_start_dev if batch.phase == "reuse" else batch.hid_start
+        return take_rows(h, first, batch.n_out)
+
+    def _run(self, batch: StepBatch):
+        p = self.inputs(batch)
+        h = self.model(p.ids, p.pos, p.key_mask, cache=p.cache, start=p.start, embed_add=p.embed_add)
+        return self.decode(self.decoded_rows(h, batch), batch)
 
     @torch.no_grad()
     def full(self, batch: StepBatch):
-        h = self.model(batch.ids, batch.pos, attention_keys(batch, batch.key_mask, batch.pos),
-                       embed_add=embed_add(batch, batch.width, 0, self.dtype))   # [fed, W, d]
-        return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
+        return self._run(batch)
 
     @torch.no_grad()
     def refresh(self, batch: StepBatch):
-        c = batch.cache.narrow(batch.width)           # keys [0, W): the sequences, not the whole slot
-        full = c.seq_len == batch.width and not batch.block_size and bool((batch.lengths == batch.width).all())
-        keys = None if full else attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), batch.pos)
-        h = self.model(batch.ids, batch.pos, keys, cache=c, start=0,
-                       embed_add=embed_add(batch, batch.width, 0, self.dtype))
-        return self.decode(take_rows(h, batch.hid_start, batch.n_out), batch)
+        return self._run(batch)
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
-        c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
-        pos = take_cols(batch.pos, qs, T)
-        keys = attention_keys(batch, pad_keys(batch.key_mask, c.seq_len), pos)
-        h = self.model(take_cols(batch.ids, qs, T), pos, keys, cache=c, start=qs,
-                       embed_add=embed_add(batch, T, qs, self.dtype))                 # [fed, T, d]
-        return self.decode(take_rows(h, batch.hid_start - qs, batch.n_out), batch)
+        return self._run(batch)
+
+    @torch.no_grad()
+    def mixed(self, batch: MixedBatch) -> list:
+        """Every part of the batch in one ragged forward (``DiffusionLM.forward_ragged``: one pass over the
+        weights, attention per part), then the parts' decoding; parts that decode alike share one pass over
+        the LM head (``decode_parts``)."""
+        hs = self.model.forward_ragged([self.inputs(b) for b in batch.parts])
+        return self.decode_parts([self.decoded_rows(h, b) for h, b in zip(hs, batch.parts)], batch.parts)
+
+    def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
+        """Each part's decoding of its rows [fed_i, N_i, d]: one ``decode_rows`` over all of them when no part
+        wants extras and they share the decoded width, temperature and guidance, else one per part."""
+        b0 = parts[0]
+        key = [(b.n_out, b.temperature, b.tempered_conf, b.cfg_scale + 1.0 if b.fed != b.n_seqs else 1.0)
+               for b in parts]
+        if any(b.wants_extras() for b in parts) or len(set(key)) > 1:
+            return [self.decode(r, b) for r, b in zip(rows, parts)]
+        offs = torch.tensor([0] + [b.fed for b in parts[:-1]]).cumsum(0).tolist()
+        cond = torch.cat([b.cond_rows + o for b, o in zip(parts, offs)])
+        un = torch.cat([b.un_rows + o for b, o in zip(parts, offs)])
+        x0, conf = self._decode(torch.cat(rows), cond, un, b0.cfg_weight(rows[0].dtype), b0.temperature,
+                                b0.tempered_conf, torch.cat([b.seeds for b in parts]))
+        n = [b.n_seqs for b in parts]
+        return list(zip(x0.split(n), conf.split(n)))
 
 
 def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chunk: int) -> dict:

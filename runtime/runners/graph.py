@@ -33,7 +33,7 @@ same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,7 +41,7 @@ from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
 
 from ..decoding import commit_ahead
-from ..step import AheadSteps, StepBatch, take_rows
+from ..step import AheadSteps, MixedBatch, StepBatch, take_rows
 from .eager import VOCAB_CHUNK, EagerRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -216,17 +216,23 @@ class GraphRunner(EagerRunner):
         return decode_rows(rows, self.model.head_weight(), ar, ar, one, 0.0, torch.zeros_like(ar),
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
-    def decode(self, rows: torch.Tensor, batch: StepBatch):
-        """Eager steps (Refresh, full, Reuse fallbacks) decode as the graphs do: ``fused`` rows through the
-        Triton selected-row logits at T = 0 without guidance or extras (no [B, N, V] logits, no float64
-        softmax); anything else as the eager runner."""
-        if (self.decoding != "fused" or batch.temperature > 0 or batch.fed != batch.n_seqs
-                or batch.wants_extras()):
-            return super().decode(rows, batch)
+    def _fuses(self, b: StepBatch) -> bool:
+        """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, no extras."""
+        return self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs and not b.wants_extras()
+
+    def _fused(self, rows: list[torch.Tensor]) -> list:
+        """Rows [B_i, N_i, d] of one or more parts through the Triton selected-row logits in one pass over the
+        LM head (no [B, N, V] logits, no float64 softmax) -> [(x0 [B_i, N_i], conf float64)]."""
         from dlc.kernels import fused_select_logits
-        B, N, d = rows.shape
-        tok, conf = fused_select_logits(rows.reshape(-1, d), self.model.head_weight())
-        return tok.view(B, N), conf.view(B, N).to(torch.float64)
+        tok, conf = fused_select_logits(torch.cat([r.flatten(0, 1) for r in rows]), self.model.head_weight())
+        sizes = [r.shape[0] * r.shape[1] for r in rows]                      # [B_i * N_i] each
+        return [(t.view(r.shape[:2]), c.view(r.shape[:2]).to(torch.float64))
+                for t, c, r in zip(tok.split(sizes), conf.split(sizes), rows)]
+
+    def decode(self, rows: torch.Tensor, batch: StepBatch):
+        """Eager steps (Refresh, full, Reuse fallbacks) decode as the graphs do (``_fuses``), else as the
+        eager runner."""
+        return self._fused([rows])[0] if self._fuses(batch) else super().decode(rows, batch)
 
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @torch.no_grad()
@@ -313,6 +319,32 @@ class GraphRunner(EagerRunner):
         self.stats["ahead_calls"] += 1
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # launched
         return out
+
+    @torch.no_grad()
+    def mixed(self, batch: MixedBatch) -> list:
+        """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps
+        only; with ``compile`` the blocks run eagerly here), its Reuse rows attending inside the bound pool
+        (``pool_attention``: keys [0, length), no gather), decoded as the graphs decode (``decode_parts``)."""
+        self.stats["mixed"] = self.stats.get("mixed", 0) + 1
+        if self.pool_attention and self.pool is not None:
+            batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))
+        if not self.compiled:
+            return super().mixed(batch)
+        with torch.compiler.set_stance("force_eager"):      # compiled blocks: no recompile per ragged shape
+            return super().mixed(batch)
+
+    def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
+        """One fused pass when every part decodes as the graphs do (``_fuses``); else the eager runner's."""
+        if all(self._fuses(b) for b in parts):
+            return self._fused(rows)
+        return super().decode_parts(rows, parts)
+
+    def _in_pool(self, b: StepBatch) -> StepBatch:
+        c = b.cache
+        if b.phase != "reuse" or b.block_size or c is None or c.k[0] is not self.pool.k[0]:
+            return b
+        kv_len = b.lengths.to(self.device, non_blocking=True)                     # [fed] valid keys
+        return replace(b, cache=KVCache(c.k, c.v, c.rows, kv_len, c.scores, c.k_all, c.v_all))
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""

@@ -1,0 +1,182 @@
+"""One mixed iteration (Refresh rows beside Reuse rows) as ONE ragged forward vs the two runner calls it
+replaces (issue 15, item 2), on an LLaDA-8B-shaped model with random weights (engine_path.build).
+
+A mix ``RxL+UxK`` is R Refresh rows of L tokens (whole sequence, K/V written to their pool slots) and U Reuse
+rows of one K-token block over cached K/V of the same length L (dual cache). Timed per mix, each a wall time
+of one iteration (the runner's forward(s) + decoding to the host, device synchronised):
+
+* ``two``: ``runner.refresh`` then ``runner.reuse`` on the eager runner (two passes over the weights);
+* ``mixed``: ``EagerRunner.mixed`` over the ``MixedBatch`` of both (one ragged forward, the same decoding):
+  ``two/mixed`` isolates what one pass over the weights saves;
+* the Engine's GPU path before and now (on CPU the same code without capture, a smoke test): ``graph2`` =
+  eager Refresh + the CUDA-graph runner's captured Reuse step (two calls), ``graph_mixed`` =
+  ``GraphRunner.mixed`` (one eager ragged forward, Reuse rows attending inside the pool, fused decoding as
+  the graphs decode): ``graph2/graph_mixed``.
+
+Variants alternate order every repeat, every variant is warmed (and the graphs captured) before timing, and
+each figure is the median of ``--repeats`` (>= 5) with the spread (min-max); ``same`` is the share of equal
+tokens. The table ends with the ratios (> 1: the mixed forward is faster).
+
+    python3 bench/mixed_iteration.py                     # GPU: llada-8b shape, bf16, mixes 2x768+30x32, ...
+    python3 bench/mixed_iteration.py --tiny              # CPU smoke run: tiny-llada, fp32, small mixes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+from engine_path import build  # noqa: E402  (the random LLaDA-shaped model every bench times)
+
+GPU_MIXES = "2x768+30x32,1x768+7x32,4x768+60x32"
+TINY_MIXES = "2x64+30x8,1x64+7x8,4x64+60x8"
+
+
+def parse_mix(s: str) -> tuple[int, int, int, int]:
+    """'2x768+30x32' -> (R, L, U, K)."""
+    try:
+        ref, reu = s.split("+")
+        (R, L), (U, K) = (map(int, ref.split("x")), map(int, reu.split("x")))
+    except ValueError:
+        raise SystemExit(f"--mixes: {s!r} is not RxL+UxK (e.g. 2x768+30x32)") from None
+    if min(R, L, U, K) < 1 or K > L:
+        raise SystemExit(f"--mixes: {s!r} needs positive counts and a block K <= L")
+    return R, L, U, K
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batches(runner, pool, R: int, L: int, U: int, K: int, g: torch.Generator):
+    """The Refresh and Reuse StepBatches of one mix: prompts of L / 2 tokens, the rest masked but for a few
+    decoded columns; Refresh rows decode their first block, Reuse rows a block further on."""
+    from dlc.runtime.step import build_batch
+    mc = runner.config
+    P = L // 2
+
+    def seqs(n):
+        out = []
+        for _ in range(n):
+            x = torch.full((L,), mc.mask_id, dtype=torch.long)
+            x[:P + K // 2] = torch.randint(0, max(2, mc.vocab_size - 512), (P + K // 2,), generator=g)
+            out.append(x)
+        return out
+
+    slots = [(pool.allocate(),) for _ in range(R + U)]
+    start = min(P, L - K)
+    ref = build_batch(runner, "refresh", seqs(R), [P] * R, [start] * R, K, None, slots[:R], pool)
+    reu = build_batch(runner, "reuse", seqs(U), [P] * U, [start] * U, K, [(start, start + K)] * U,
+                      slots[R:], pool)
+    return ref, reu
+
+
+def timed(fn, dev) -> float:
+    sync(dev)
+    t = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def run_mix(eager, graph, mix: str, args, dev) -> dict:
+    from dlc.runtime.kv_cache import KVCacheManager
+    from dlc.runtime.step import MixedBatch, run_batch, run_mixed
+    R, L, U, K = parse_mix(mix)
+    pool = KVCacheManager(eager.config, L, 1 << 62, eager.dtype, dev, max_slots=R + U + 1)
+    graph.bind_pool(pool)                                      # its scratch slot for padding rows
+    ref, reu = batches(eager, pool, R, L, U, K, torch.Generator().manual_seed(R * 1000 + U))
+    mixed_batch = MixedBatch((ref, reu))
+    variants = {"two": lambda: [run_batch(eager, ref), run_batch(eager, reu)],
+                "mixed": lambda: run_mixed(eager, mixed_batch)}
+    variants["graph2"] = lambda: [run_batch(eager, ref), run_batch(graph, reu)]   # the Engine's GPU path
+    variants["graph_mixed"] = lambda: run_mixed(graph, mixed_batch)               # before / now
+    outs = {k: fn() for k, fn in variants.items()}                 # warm-up (graph capture) + the tokens
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for i in range(args.repeats):
+        for k in names if i % 2 == 0 else names[::-1]:           # alternate the order
+            times[k].append(timed(variants[k], dev))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"mix": mix, "tokens": R * L + U * K, **{f"{k}_ms": 1e3 * med[k] for k in names},
+           **{f"{k}_spread_ms": [1e3 * min(v), 1e3 * max(v)] for k, v in times.items()}}
+    for a, b in RATIOS:
+        if a in med:
+            row[f"same_{a}_{b}"] = same_share(outs[a], outs[b])
+            row[f"{a}/{b}"] = med[a] / med[b]
+    del pool
+    return row
+
+
+RATIOS = (("two", "mixed"), ("graph2", "graph_mixed"))     # (two calls, the mixed call that replaces them)
+
+
+def same_share(a, b) -> float:
+    """Share of equal tokens between two variants' outputs (bf16: larger GEMMs round differently)."""
+    eq = sum(int((x.x0 == y.x0).sum()) for x, y in zip(a, b))
+    return eq / sum(x.x0.numel() for x in a)
+
+
+def table(rows: list[dict]) -> str:
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and not k.endswith("_spread_ms")]
+    pairs = [(a, b) for a, b in RATIOS if f"{a}/{b}" in rows[0]]
+    cols = ["mix", "tokens", *[f"{n} ms (min-max)" for n in names], *[f"same {a}~{b}" for a, b in pairs],
+            *[f"{a}/{b}" for a, b in pairs]]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [r["mix"], str(r["tokens"])]
+        for n in names:
+            lo, hi = r[n + "_spread_ms"]
+            vals.append(f"{r[n + '_ms']:.2f} ({lo:.2f}-{hi:.2f})")
+        vals += [f"{r[f'same_{a}_{b}']:.3f}" for a, b in pairs]
+        vals += [f"{r[f'{a}/{b}']:.2f}x" for a, b in pairs]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny-llada, fp32, small mixes")
+    p.add_argument("--preset", default=None, help="model shape (default llada-8b; tiny-llada with --tiny)")
+    p.add_argument("--mixes", default=None, help=f"comma-separated RxL+UxK (default {GPU_MIXES})")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    if args.repeats < 5:
+        raise SystemExit("--repeats must be >= 5 (medians of at least five)")
+    dev = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny (CPU) or --device cpu")
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    preset = args.preset or ("tiny-llada" if args.tiny else "llada-8b")
+    mixes = (args.mixes or (TINY_MIXES if args.tiny else GPU_MIXES)).split(",")
+    from dlc.runtime.runners.eager import EagerRunner
+    from dlc.runtime.runners.graph import GraphRunner
+    model = build(preset, str(dev), dtype)
+    # CUDA: fuses q|k|v, gate|up in place, captures; CPU: the same code paths without capture (a smoke run)
+    graph = GraphRunner(model) if dev.type == "cuda" else GraphRunner(model, capture=False, decode="fused",
+                                                                      pool_attention=True)
+    eager = EagerRunner(model)
+    print(f"# {preset} {str(dtype).replace('torch.', '')} on "
+          f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"median of {args.repeats} (alternating order)", flush=True)
+    rows = []
+    for mix in mixes:
+        rows.append(run_mix(eager, graph, mix, args, dev))
+        print(json.dumps(rows[-1]), flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
