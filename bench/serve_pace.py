@@ -229,11 +229,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lookahead", type=int, default=16)
     p.add_argument("--no-http", action="store_true")
+    p.add_argument("--compile", action="store_true", help="GraphRunner with compiled blocks (the hand loop's too)")
     p.add_argument("--profile", action="store_true", help="only the B=1 wall-time breakdown of the Engine")
     args = p.parse_args(argv)
     from dlc.runtime.runners.graph import GraphRunner
     model = engine_path.build(args.preset, "cuda")
-    runner = GraphRunner(model)                                        # fuses q|k|v, gate|up (hand too)
+    runner = GraphRunner(model, compile=args.compile)                  # fuses q|k|v, gate|up (hand too)
     step_ms, refresh_ms = graph_step_ms(runner, args)
     print(json.dumps({"graph_step_ms_B1": step_ms, "refresh_ms_B1": refresh_ms}), flush=True)
     if args.profile:
