@@ -98,6 +98,9 @@ class GraphRunner(EagerRunner):
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
         self.compiled = bool(compile)
+        # a mixed iteration as one eager ragged forward did not beat eager Refresh + captured Reuse on an H100
+        # (bench/mixed_iteration.py, bench/RESULTS.md: 0.82x-1.01x): with capture, two calls
+        self.mixes = not self.capture
         if compile:
             self._compile_blocks("inductor" if compile is True else compile)
 

@@ -181,10 +181,10 @@ def test_cuda_graph_capture_matches_eager_steps():
     """On the GPU: captured Reuse steps (bucket padding included) give the eager runner's tokens, bf16."""
     sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
     items = specs(6, seed=3)
-    eng_g, outs_g = run_engine(sess, items, cuda_graphs=True, graph_decode="exact", device="cuda")
+    eng_g, outs_g = run_engine(sess, items, cuda_graphs=True, graph_decode="exact", device="cuda", compile=False)
     assert eng_g.runner.stats["replays"] > 0 and all(g.graph is not None for g in eng_g.runner.graphs.values())
     eng_e, outs_e = run_engine(sess, items, cuda_graphs=False, device="cuda")
     agree = sum(a == b for a, b in zip(outs_g, outs_e)) / len(items)
     assert agree >= 0.8, (outs_g, outs_e)
-    _, outs_f = run_engine(sess, items, cuda_graphs=True, graph_decode="fused", device="cuda")
+    _, outs_f = run_engine(sess, items, cuda_graphs=True, graph_decode="fused", device="cuda", compile=False)
     assert sum(a == b for a, b in zip(outs_f, outs_e)) / len(items) >= 0.6
