@@ -180,14 +180,6 @@ def weight_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
             for rel, sl in mod.weight_slices.items()}
 
 
-def _read(f, name: str, sl: tuple[int, int, int] | None) -> torch.Tensor:
-    if sl is None:
-        return f.get_tensor(name)
-    dim, a, b = sl
-    part = f.get_slice(name)
-    return part[a:b] if dim == 0 else part[:, a:b]
-
-
 def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, device="cpu",
                    progress: bool = True, rank: int = 0, world: int = 1, slices: dict | None = None) -> int:
     """Fill a sharded model (``shard_moe_model``, typically on the meta device) from the safetensors
@@ -199,6 +191,7 @@ def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, devic
     from tqdm import tqdm
 
     from .loading import CheckpointError, _open_safetensors, _set_tensor, checkpoint_files
+    from .tensor_parallel import Slice, read_slice
 
     path = Path(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -220,7 +213,8 @@ def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, devic
     for fname, names in sorted(by_file.items()):
         with _open_safetensors(path / fname) as f:
             for name in names:
-                t = _read(f, name, slices.get(name))
+                sl = slices.get(name)
+                t = read_slice(f, name, None if sl is None else Slice(*sl))
                 if tuple(t.shape) != expected[name]:
                     raise CheckpointError(f"tensor {name!r} in {path / fname} gives shape "
                                           f"{tuple(t.shape)} for rank {rank} of {world}, "
