@@ -23,6 +23,7 @@ from ..decoding import FieldError
 from ..step import StepBatch, take_cols
 from ..step_output import StepOutput
 from .eager import pad_keys
+from .ahead import decoded_cols
 from .program_graphs import ProgramGraphs
 
 
@@ -61,17 +62,19 @@ class CompiledRunner:
     def graphed(self) -> bool:
         return self.graphs is not None
 
-    def enable_graphs(self, on: bool) -> None:
+    def enable_graphs(self, on: bool, capture: bool = True) -> None:
         """Replay the Reuse program as CUDA graphs at bucketed batch sizes (CUDA, programs that write the pool
-        in place). Needs ``bind_pool`` before use."""
+        in place). Needs ``bind_pool`` before use. ``capture=False``: the same static-buffer path calling the
+        program directly, on any device (tests)."""
         if not on:
             self.graphs = None
             return
-        if self.device.type != "cuda" or not self.kv_inplace:
+        if (capture and self.device.type != "cuda") or not self.kv_inplace:
             raise ValueError("engine CUDA graphs need a CUDA device and a torch artifact (export / AOTI), "
                              "whose programs write the KV pool in place")
         names = [n for n in self.input_names["reuse"] if not is_weight_input(n)]
-        self.graphs = ProgramGraphs(lambda feed: self._call("reuse", feed), names, self.config.mask_id)
+        self.graphs = ProgramGraphs(lambda feed: self._call("reuse", feed), names, self.config.mask_id,
+                                    capture=capture)
 
     def bind_pool(self, kv) -> None:
         if self.graphs is not None:
@@ -182,16 +185,37 @@ class CompiledRunner:
             c.scores[:, rows, :, :W] = res[-1].to(c.scores.dtype)
         return self._decode_outputs(res, batch)
 
-    @torch.no_grad()
-    def reuse(self, batch: StepBatch):
+    def _reuse_feed(self, batch: StepBatch) -> dict:
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
         feed = {"q_ids": take_cols(batch.ids, qs, T), "q_pos": take_cols(batch.pos, qs, T), "q_start": qs,
                 "key_mask": pad_keys(batch.key_mask, c.seq_len), **self._pool_inputs(batch),
                 **self._decode_inputs(batch, batch.hid_start)}
         if self.sparse_retention is not None:
             feed["keep_idx"] = batch.keep_idx
-        if self.graphs is not None and self.graphs.eligible(feed, batch.fed, batch.fed != batch.n_seqs,
-                                                            self.sparse_retention is not None):
+        return feed
+
+    def _graphable(self, feed: dict, batch: StepBatch) -> bool:
+        return self.graphs is not None and self.graphs.eligible(feed, batch.fed, batch.fed != batch.n_seqs,
+                                                                self.sparse_retention is not None)
+
+    # --- steps run ahead of the host (step.LookaheadRunner, runners/ahead.py) ------------------------------
+    def can_run_ahead(self, batch: StepBatch) -> bool:
+        return (self.graphs is not None and batch.phase == "reuse" and batch.temperature == 0
+                and not batch.wants_extras() and self._graphable(self._reuse_feed(batch), batch))
+
+    @torch.no_grad()
+    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
+        feed = self._reuse_feed(batch)
+        if not (batch.phase == "reuse" and batch.temperature == 0 and self._graphable(feed, batch)):
+            raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
+        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out, decoded_cols(batch, self.device),
+                                     counts.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
+    def reuse(self, batch: StepBatch):
+        c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
+        feed = self._reuse_feed(batch)
+        if self._graphable(feed, batch):
             return self._decode_outputs(self.graphs.run(feed, batch.fed, T, batch.n_out), batch)
         res = self._call("reuse", feed)
         if not self.kv_inplace:                     # outputs: decoding ..., k_new, v_new [nl, fed, Hkv, T, D]

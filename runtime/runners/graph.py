@@ -40,8 +40,8 @@ import torch
 from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
 
-from ..decoding import commit_ahead
-from ..step import AheadSteps, MixedBatch, StepBatch, take_rows
+from ..step import MixedBatch, StepBatch, take_rows
+from .ahead import decoded_cols, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -298,26 +298,10 @@ class GraphRunner(EagerRunner):
         if not self.can_run_ahead(batch):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
-        B, N, n, dev = batch.n_seqs, batch.n_out, counts.shape[1], self.device
+        B, n = batch.n_seqs, counts.shape[1]
         g = self._stage(batch)
-        k = counts.to(dev, non_blocking=True)                                     # [B, n]
-        cols = (batch.out_start - batch.q_start[:B]).to(dev)[:, None] + torch.arange(N, device=dev)  # [B, N]
-        ids = g.ids[:B]                                                           # a view of the static ids
-        cuda = dev.type == "cuda"
-        host = dict(dtype=torch.long, pin_memory=cuda)
-        out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
-                         [] if cuda else None)
-        for s in range(n):
-            tok, conf = self._launch(g)
-            if out.conf is None:
-                out.conf = torch.empty(n, B, N, dtype=conf.dtype, pin_memory=cuda)
-            new = commit_ahead(ids.gather(1, cols), tok[:B], conf[:B], k[:, s], self.config.mask_id)
-            ids.scatter_(1, cols, new)
-            for dst, src in ((out.x0, tok), (out.conf, conf), (out.blocks, new)):
-                dst[s].copy_(src[:B], non_blocking=cuda)
-            if cuda:                                      # step s lands while the later steps run
-                out.events.append(torch.cuda.Event())
-                out.events[-1].record()
+        out = run_ahead(lambda: self._launch(g), g.ids[:B], decoded_cols(batch, self.device),
+                        counts.to(self.device, non_blocking=True), self.config.mask_id)
         self.stats["replays"] += n
         self.stats["ahead_calls"] += 1
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # launched

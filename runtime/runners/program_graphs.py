@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ahead import run_ahead
+
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
            "credit_ids", "credit_vals", "credit_alpha")           # (credit: neutral zeros in padding rows)
@@ -32,13 +34,16 @@ class _Captured:
 class ProgramGraphs:
     """Graphs of ``call(feed) -> outputs`` for one runner's Reuse program."""
 
-    def __init__(self, call, names: list[str], mask_id: int, buckets=BUCKETS):
+    def __init__(self, call, names: list[str], mask_id: int, buckets=BUCKETS, capture: bool = True):
         self.call, self.names, self.mask_id = call, names, mask_id
+        self.capture = capture              # False: the same static-buffer path, the program called directly
+                                            # (CPU tests of the staging and of steps run ahead)
         self.buckets = tuple(sorted(buckets))
         self.pool = self.scratch = None
         self.graphs: dict[tuple, _Captured] = {}
         self._mempool = None
-        self.stats = {"replays": 0, "direct": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0}
+        self.stats = {"replays": 0, "direct": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
+                      "ahead_calls": 0}
 
     def bind_pool(self, kv) -> None:
         if kv is self.pool:
@@ -108,6 +113,13 @@ class ProgramGraphs:
         """Replay (capturing first if needed) the graph of bucket(B) with this call's inputs
         -> outputs [B, ...]."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        outs = self.launch(self.stage(feed, B, T, N))
+        self.stats["replays"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # capture excluded
+        return [o[:B] for o in outs]
+
+    def stage(self, feed: dict, B: int, T: int, N: int) -> _Captured:
+        """Copy this call's inputs into the static buffers of bucket(B) (capturing it on first use)."""
         bb = self.bucket(B)
         key = (bb, T, N, feed["key_mask"].shape[1])
         cap = self.graphs.get(key)
@@ -119,13 +131,31 @@ class ProgramGraphs:
             src = feed[n]
             if src is not buf:                                        # the pool is its own static buffer
                 buf.copy_(self._pad(n, src, bb) if n in BATCHED else src, non_blocking=True)
+        return cap
+
+    def launch(self, cap: _Captured) -> list:
+        """One step over the static inputs -> the program's outputs [bb, ...] (static while captured)."""
+        if cap.graph is None:
+            return self.call(cap.static)
         cap.graph.replay()
-        self.stats["replays"] += 1
-        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # capture excluded
-        return [o[:B] for o in cap.outs]
+        return cap.outs
+
+    def run_ahead(self, feed: dict, B: int, T: int, N: int, cols: torch.Tensor, counts: torch.Tensor):
+        """``counts.shape[1]`` steps back to back (runners/ahead.py): the commits land in the static q_ids."""
+        t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        cap = self.stage(feed, B, T, N)
+        out = run_ahead(lambda: self.launch(cap)[:2], cap.static["q_ids"][:B], cols, counts, self.mask_id)
+        self.stats["replays"] += counts.shape[1]
+        self.stats["ahead_calls"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+        return out
 
     def _capture(self, key, static: dict) -> _Captured:
         t0 = time.perf_counter()
+        if not self.capture:
+            cap = self.graphs[key] = _Captured(static, [], None)
+            self.stats["captures"] += 1
+            return cap
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

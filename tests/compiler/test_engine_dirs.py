@@ -258,3 +258,28 @@ def test_unreadable_program_with_a_forged_sha_names_the_file(engine, tmp_path):
     res = run_cli(["generate", dst, "hi", "--device", "cpu"])
     assert res.exit_code != 0 and f"{f}: cannot load the reuse program (export)" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kv", ["dual", "prefix"])
+def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv):
+    """An engine's Reuse program runs fixed-schedule steps back to back over its graphs' static inputs
+    (ProgramGraphs.run_ahead; without capture on CPU), the commits landing in the static q_ids; the serving
+    engine applies them through the decoding core: tokens equal generate() on the eager checkpoint."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache=kv)
+    prompts = [[72, 101, 108, 108, 111], [87, 111, 114], [1, 2, 3, 4, 5, 6, 7]]
+    eager = open_model(str(tiny_ckpt), device="cpu").runner
+    refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
+    assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
+    eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
+                                                                    lookahead_steps=16, **params))
+    eng.runner.enable_graphs(True, capture=False)
+    eng.runner.bind_pool(eng.kv)
+    reqs = [eng.make_request(p, {}) for p in prompts]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert [r.output_ids for r in reqs] == refs
+    st = eng.runner.graphs.stats
+    assert st["ahead_calls"] > 0 and eng.metrics.counter("lookahead_dropped_steps_total") == 0
