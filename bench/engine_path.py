@@ -2,8 +2,8 @@
 in CUDA graphs over the slot pool) on an LLaDA-8B-shaped model with random bf16 weights.
 
 Schedule: prompt 512, gen 256, block 32, one token per step, dual cache, all B requests in one FCFS batch;
-a warm-up generation of the timed request captures the graphs and compiles first. It uses only the Engine's public API, so the same
-script times two checkouts of dlc in alternating processes (``--label`` names the one on PYTHONPATH):
+a warm-up generation of the timed request captures the graphs and compiles first. It uses only the
+Engine's public API, so the same script times two checkouts of dlc in alternating processes (``--label`` names the one on PYTHONPATH):
 
     python3 -P bench/engine_path.py --label new --batches 1,32
 """
