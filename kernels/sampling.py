@@ -79,16 +79,18 @@ def filter_mask(scaled: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 
 def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int = 0,
                     logprobs: bool = False, entropy: bool = False, credit=None, soft=None, filters=None,
-                    acc: torch.dtype = torch.float64) -> dict:
+                    filtered_conf: bool = False, acc: torch.dtype = torch.float64) -> dict:
     """h [B, N, d] rows, w [>=V, d] head -> {"tokens", "confidence", and the asked extras} (see the module).
 
     ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float); ``filters``:
-    (top_k [C], top_p [C], min_p [C]) or None. Without extras this is ``decode_rows`` itself."""
+    (top_k [C], top_p [C], min_p [C]) or None; ``filtered_conf``: with filters at T > 0 the confidence is the
+    token's probability under the filtered, tempered distribution (renormalised over the survivors: LLaDA2's
+    and SDAR's samplers) instead of the unfiltered one. Without extras this is ``decode_rows`` itself."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
     if filters is not None and sampling:
         out = _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                            logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
-                           acc=acc)
+                           filtered_conf=filtered_conf, acc=acc)
         return {k: v for k, v in out.items() if not k.startswith("_")}
     if credit is None and soft is None and not entropy and not logprobs:
         res = decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
@@ -224,7 +226,7 @@ def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
 
 
 def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy, credit,
-                 soft, filters, acc):
+                 soft, filters, filtered_conf, acc):
     """Sampling filters need a row's every logit: the chunked extras for all rows, then per sequence its
     [N, V] logits at once and the filtered Gumbel-max over its fused logits."""
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0, seeds, vocab=vocab, chunk=chunk, topk=topk,
@@ -244,7 +246,11 @@ def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, 
         keep = filter_mask(lb / temp, *(f[r] for f in filters))
         g = torch.log(-torch.log(uniform_noise(seeds[r], N, 0, vocab, vocab, h.device, acc)))
         tok = torch.where(keep, lb - temp * g, torch.full_like(lb, float("-inf"))).argmax(-1)   # [1, N]
-        toks.append(torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"][r]) / out["_den"][r])
+        if filtered_conf:                    # softmax over the survivors of lb / T
+            kept = torch.where(keep, lb / temp, torch.full_like(lb, float("-inf")))
+            toks.append(torch.exp(kept.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(kept, -1)))
+        else:
+            toks.append(torch.exp(lb.gather(-1, tok[..., None])[..., 0] - out["_bm"][r]) / out["_den"][r])
         lps.append(l.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(l, -1))
         toks[-1] = (tok, toks[-1])
     out["tokens"] = torch.cat([t for t, _ in toks])

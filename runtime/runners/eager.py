@@ -59,11 +59,16 @@ class EagerRunner:
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64), or a
         StepOutput with the extras the batch asks for.
-        ``tempered_conf``: the rows are scaled by 1 / T and decoded at temperature 1 (logits are linear in the
-        rows): the same Gumbel-max draw (tokens equal up to rounding), confidence = softmax(logits / T) of the
-        token, as LLaDA2's and SDAR's samplers report it (not applied to extras' batches)."""
+        ``tempered_conf`` (LLaDA2, SDAR) at T > 0: the rows are scaled by 1 / T and decoded at temperature 1
+        (logits are linear in the rows): the same Gumbel-max draw (tokens equal up to rounding), and every output
+        under softmax(logits / T): the confidence, as LLaDA2's and SDAR's samplers report it, and with sampling
+        filters the probability renormalised over the filters' survivors (their top-k / top-p samplers)."""
         if batch.wants_extras():
-            return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK))
+            temperature = batch.temperature
+            if batch.tempered_conf and temperature > 0:
+                rows, temperature = rows / temperature, 1.0
+            return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK, temperature,
+                                                        filtered_conf=batch.tempered_conf))
         return self._decode(rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
                             batch.temperature, batch.tempered_conf, batch.seeds)
 
@@ -139,18 +144,21 @@ class EagerRunner:
         return list(zip(x0.split(n), conf.split(n)))
 
 
-def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chunk: int) -> dict:
-    """``decode_rows_ext`` over a batch that wants extras (the eager runner's and the graph runner's)."""
+def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chunk: int,
+                  temperature: float | None = None, filtered_conf: bool = False) -> dict:
+    """``decode_rows_ext`` over a batch that wants extras (the eager runner's and the graph runner's);
+    ``temperature``: instead of the batch's (rows already scaled by 1 / T: 1.0)."""
     vocab = model.config.vocab_size
     credit = None
     if batch.credit_ids is not None:
         credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
     soft = None if batch.soft_tau is None else (model.embed.weight[:vocab], batch.soft_tau)
     filters = None if batch.top_k is None else (batch.top_k, batch.top_p, batch.min_p)
+    temp = batch.temperature if temperature is None else temperature
     return decode_rows_ext(rows, model.head_weight(), batch.cond_rows, batch.un_rows,
-                           batch.cfg_weight(rows.dtype), batch.temperature, batch.seeds, vocab=vocab, chunk=chunk,
+                           batch.cfg_weight(rows.dtype), temp, batch.seeds, vocab=vocab, chunk=chunk,
                            topk=batch.logprobs or 0, logprobs=batch.logprobs is not None, entropy=batch.entropy,
-                           credit=credit, soft=soft, filters=filters)
+                           credit=credit, soft=soft, filters=filters, filtered_conf=filtered_conf)
 
 
 def embed_add(batch: StepBatch, T: int, start, dtype) -> torch.Tensor | None:
