@@ -1,8 +1,8 @@
 """Serving benchmark: the phase-multiplexed batcher vs static FCFS and continuous (iteration-level) FCFS.
 
-Same as `dlc bench serve` (dlc/bench_cli.py; the method is dlc.runtime.benchmark, workloads and the HTTP client
-dlc.runtime.loadgen), plus ``--random-weights``: the preset built with random weights directly on the device by
-bench/engine_path.py's ``build`` (no checkpoint on disk), for the in-process engine driver:
+Same as `dlc bench serve` (dlc/bench_cli.py; the method is dlc.runtime.benchmark, workloads and the HTTP
+client dlc.runtime.loadgen), plus ``--random-weights``: the preset built with random weights directly on the
+device by bench/engine_path.py's ``build`` (no checkpoint on disk), for the in-process engine driver:
 
     python bench/serve_bench.py tiny-llada                                  # CPU, HTTP servers, every workload
     python bench/serve_bench.py llada-8b --driver engine --random-weights --device cuda \\
