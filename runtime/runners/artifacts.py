@@ -100,7 +100,8 @@ def load_tensorrt(path: Path, device="cuda"):
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
     if engine is None:
-        raise ValueError(f"{path}: TensorRT could not deserialize the engine (another TensorRT version or GPU?)")
+        raise ValueError(f"{path}: TensorRT could not deserialize the engine (another TensorRT "
+                         "version or GPU?)")
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
