@@ -16,7 +16,8 @@ from dlc.runtime.step import build_batch
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
 
-CONF_ATOL = 1e-5      # confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
+# confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
+CONF_ATOL = 1e-5
 KV_ATOL = 1e-5        # fp32 K/V
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,8 @@ def test_onnx_files_pass_the_checker(onnx_engine):
         assert spec["runtime"] == "onnx" and spec["file"] == f"{phase}.onnx"
         onnx.checker.check_model(str(onnx_engine / spec["file"]), full_check=True)
         model = onnx.load(str(onnx_engine / spec["file"]), load_external_data=False)
-        names = [i["name"] for i in spec["inputs"]] + spec["weight_inputs"]     # weights are inputs, stored once
+        # weights are inputs, stored once
+        names = [i["name"] for i in spec["inputs"]] + spec["weight_inputs"]
         assert [i.name for i in model.graph.input] == names and len(spec["weight_inputs"]) > 10
         data = sum(n for f, n in spec["bytes"].items() if f != spec["file"])   # external data: constants only
         assert data < m["weights"]["weight_bytes"] / 100
@@ -63,7 +65,8 @@ def test_onnxruntime_matches_pytorch_per_phase(onnx_engine, tiny_ckpt, tmp_path)
         assert m["build"]["kv_inplace"] is (path == pt)
         pool = KVCacheManager(runner.config, 24, 1 << 40, runner.dtype, "cpu", max_slots=4)
         x = [torch.tensor([72, 101, 108, 108] + [257] * 8), torch.tensor([87, 111] + [257] * 8)]
-        a = runner.refresh(build_batch(runner, "refresh", x, [4, 2], [4, 2], 8, slots=[(3,), (1,)], pool=pool))
+        a = runner.refresh(build_batch(runner, "refresh", x, [4, 2], [4, 2], 8, slots=[(3,), (1,)],
+                                       pool=pool))
         x[0][6], x[1][3] = 72, 101
         b = runner.reuse(build_batch(runner, "reuse", x, [4, 2], [4, 2], 8, [(4, 12), (2, 10)], [(3,), (1,)],
                                      pool))
@@ -93,7 +96,8 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     except ImportError:
         pass
     out = tmp_path / "trt"
-    res = compile_engine(tiny_ckpt, out, "tensorrt")          # the backend asked for cannot be built: fail first
+    # the backend asked for cannot be built: fail first
+    res = compile_engine(tiny_ckpt, out, "tensorrt")
     assert res.exit_code != 0
     assert "TensorRT is not installed" in res.output and "pip install tensorrt" in res.output
     assert "Nothing was written" in res.output and "--prepare-only" in res.output
@@ -123,7 +127,8 @@ def double_tensors(path) -> list[str]:
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
                 found.append(f"{where}value {vi.name}")
-        found.extend(f"{where}initializer {t.name}" for t in g.initializer if t.data_type == TensorProto.DOUBLE)
+        found.extend(f"{where}initializer {t.name}" for t in g.initializer
+                     if t.data_type == TensorProto.DOUBLE)
         for node in g.node:
             for a in node.attribute:
                 if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.DOUBLE:
@@ -163,7 +168,8 @@ def test_tensorrt_onnx_has_no_float64(tiny_ckpt, onnx_engine, tmp_path):
     assert generate(runner, prompts, cfg).token_ids == generate(ref, prompts, cfg).token_ids
     hot = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual", temperature=0.8, seed=3)
     sampled = generate(runner, prompts, hot).token_ids
-    assert sampled == generate(runner, prompts, hot).token_ids and sampled != generate(runner, prompts, cfg).token_ids
+    assert sampled == generate(runner, prompts, hot).token_ids and sampled != generate(runner, prompts,
+                                                                                       cfg).token_ids
 
 
 @pytest.mark.slow
@@ -217,9 +223,11 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("no C++ compiler")
     exe = tmp_path / "dlc_engine_demo"
-    build = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True, text=True)
+    build = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True,
+                           text=True)
     assert build.returncode == 0, build.stderr[-3000:]
-    res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4", "--block-length", "4"])
+    res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4",
+                   "--block-length", "4"])
     assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), res.output
     ids = [72, 101, 108, 108, 257, 257, 257, 257]
     run = subprocess.run([str(exe), str(aoti_engine), *res.output.split()], capture_output=True, text=True,
@@ -247,7 +255,8 @@ class _Kind:
 
 
 class _FakeEngine:
-    """The three calls of TensorRT's ICudaEngine that check_bindings reads (TensorRT cannot be installed here)."""
+    """The three calls of TensorRT's ICudaEngine that check_bindings reads (TensorRT cannot be installed
+    here)."""
     binds = {"q_ids": ("INT64", (-1, -1), ((1, 1), (2, 8), (4, 64))),
              "temperature": ("FLOAT", (1,), ((1,), (1,), (1,)))}
 
@@ -266,7 +275,8 @@ def test_tensorrt_bindings_are_checked_before_running():
     names, eng = ["q_ids", "temperature"], _FakeEngine()
     ok = [torch.zeros(2, 8, dtype=torch.long), torch.zeros(1)]
     check_bindings(eng, "reuse.engine", names, ok)
-    bad = [([torch.zeros(2, 8, dtype=torch.long), torch.zeros(1, dtype=torch.float64)], "input temperature is"),
+    bad = [([torch.zeros(2, 8, dtype=torch.long), torch.zeros(1, dtype=torch.float64)],
+            "input temperature is"),
            ([torch.zeros(2, 8, dtype=torch.int32), torch.zeros(1)], "input q_ids is torch.int32"),
            ([torch.zeros(2, 8, 1, dtype=torch.long), torch.zeros(1)], "input q_ids has shape"),
            ([torch.zeros(5, 8, dtype=torch.long), torch.zeros(1)], r"within \[\[1, 1\], \[4, 64\]\]"),

@@ -1,5 +1,5 @@
-"""Engine directories through the in-process export backend: dlc_engine.json, the HF files beside it, generate,
-inspect, refusals."""
+"""Engine directories through the in-process export backend: dlc_engine.json, the HF files beside it,
+generate, inspect, refusals."""
 import hashlib
 import json
 import os
@@ -78,8 +78,8 @@ def test_engine_runner_in_a_batch_with_cfg(engine, tiny_ckpt):
 def test_inspect_summarises(engine):
     res = run_cli(["inspect", engine])
     assert res.exit_code == 0, res.output
-    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_pool", "weights.safetensors",
-                 "status      ok"):
+    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_pool",
+                 "weights.safetensors", "status      ok"):
         assert word in res.output
 
 
@@ -196,25 +196,28 @@ def test_compile_refuses_a_foreign_non_empty_directory(tiny_ckpt, engine, tmp_pa
 
 def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
     out = tmp_path / "sparse"
-    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
-                   "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len",
+                   "64", "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "dlc_engine.json").read_text())
-    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits", "lift_weights"]
+    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits",
+                                                "lift_weights"]
     assert any(i["name"] == "keep_idx" for i in m["phases"]["reuse"]["inputs"])
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")
 
 
 def test_head_sparse_engine_serves_default_requests(tiny_ckpt, tmp_path):
-    """The engine keeps each row's Refresh head scores in its KV pool, so a head-sparse engine serves dual-cache
-    requests in a batch (it answered 500 to every one while the scores rode on the cache object)."""
+    """The engine keeps each row's Refresh head scores in its KV pool, so a head-sparse engine serves
+    dual-cache requests in a batch (it answered 500 to every one while the scores rode on the cache
+    object)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     out = tmp_path / "sparse-half"
-    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
-                   "--max-batch-size", "4", "--block-length", "8", "--sparse-retention", "0.5"])
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len",
+                   "64", "--max-batch-size", "4", "--block-length", "8", "--sparse-retention", "0.5"])
     assert res.exit_code == 0, res.output
-    eng = Engine(open_model(str(out), device="cpu"), ServeConfig(kv_cache_mb=16, kv_cache="dual", gen_length=16,
+    eng = Engine(open_model(str(out), device="cpu"),
+                 ServeConfig(kv_cache_mb=16, kv_cache="dual", gen_length=16,
                                                                block_length=8, steps=16))
     assert eng.kv.scores is not None
     reqs = [eng.make_request(p, {}) for p in ([72, 101, 108], [87, 111, 114, 108, 100], [1, 2, 3, 4, 5, 6])]

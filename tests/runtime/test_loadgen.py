@@ -20,12 +20,14 @@ def test_patterns():
 def test_requests_follow_the_distributions():
     w = Workload("burst", num_requests=200, prompt_len=(5, 9), gen_lens=(16, 32), block_length=8)
     reqs = w.requests()
-    assert {len(r["prompt"]) for r in reqs} <= set(range(5, 10)) and {r["gen_length"] for r in reqs} == {16, 32}
+    assert {len(r["prompt"]) for r in reqs} <= set(range(5, 10)) and {r["gen_length"] for r in reqs} == {16,
+                                                                                                         32}
     assert all(r["steps"] == r["gen_length"] // 2 and all(32 <= t <= 126 for t in r["prompt"]) for r in reqs)
 
 
 @pytest.mark.parametrize("kw,needle", [({"pattern": "wave"}, "pattern"), ({"rate": 0}, "rate"),
-                                       ({"amplitude": 2}, "amplitude"), ({"prompt_len": (9, 2)}, "prompt_len"),
+                                       ({"amplitude": 2}, "amplitude"),
+                                       ({"prompt_len": (9, 2)}, "prompt_len"),
                                        ({"gen_lens": (12,)}, "multiples")])
 def test_bad_workloads(kw, needle):
     with pytest.raises(ValueError, match=needle):
