@@ -450,7 +450,8 @@ def bench_kernels(model, args, dev, g):
                 fused / head_floor, "", None, "ms")
         if args.sweep and dev.type == "cuda":
             sweep_select_logits(h, W, dev, args)
-    B, H, T, S, D = args.batches[-1], model.config.n_heads, args.block, args.prompt + args.gen, model.config.head_dim
+    B, H, T, S, D = (args.batches[-1], model.config.n_heads, args.block, args.prompt + args.gen,
+                     model.config.head_dim)
     Hkv = model.config.n_kv_heads
     q = torch.randn(B, H, T, D, device=dev, generator=g, dtype=dt)
     k, v = (torch.randn(B, Hkv, S, D, device=dev, generator=g, dtype=dt) for _ in range(2))
@@ -562,7 +563,7 @@ def sweep_select_logits(h, W, dev, args):
                         ms = time_ms(lambda: L.select_logits_triton(h, W, BN=BN, BV=BV, BD=BD, num_warps=nw,
                                                                    num_stages=ns, programs_per_sm=pps), dev,
                                      10, 2)
-                    except Exception as e:                             # noqa: BLE001 - e.g. out of shared memory
+                    except Exception as e:                        # noqa: BLE001 - e.g. out of shared memory
                         log(f"  sweep N={h.shape[0]} BN={BN} BV={BV} BD={BD} w={nw} s={ns}: "
                             f"{type(e).__name__}")
                         continue

@@ -12,7 +12,8 @@ DECODER_CHOICES = ["llada", "llada2", "llada2.1", "llada2.1-speed", "llada2.1-qu
 def block_diffusion_options(f):
     for opt in reversed([
         click.option("--steps-per-block", default=None, type=int,
-                     help="block diffusion: denoising steps per block (LLaDA2's steps; default: the family's)"),
+                     help="block diffusion: denoising steps per block (LLaDA2's steps; default: the "
+                          "family's)"),
         click.option("--eos-early-stop/--no-eos-early-stop", default=False, show_default=True,
                      help="block diffusion: stop mid-block once an end token is committed with no "
                           "mask before it"),

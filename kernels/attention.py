@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
+                        use_triton)
 
 
 # ----------------------------------------------------------------------------------------------- reference

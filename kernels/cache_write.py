@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
+                        use_triton)
 
 
 def kv_write_reference(k_cache, v_cache, k_new, v_new, start, rows=None) -> None:

@@ -31,7 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
+                        use_triton)
 
 _MASK32 = 0xFFFFFFFF
 _HASH_M1, _HASH_M2, _ROW_M = 0x7FEB352D, 0x2C1B3C6D, 0x27D4EB2F   # odd multipliers < 2^31 (int64-safe)

@@ -35,8 +35,8 @@ def byte_tokenizer():
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"),
-                                                                                                ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -48,7 +48,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists() or (path / "vocab.json").exists()
+    return (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists() \
+        or (path / "vocab.json").exists()
 
 
 def load_tokenizer(path: str | Path):

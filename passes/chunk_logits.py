@@ -116,8 +116,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         set_outputs(gm, list(inline(gm, extras, args + ext)) + outs[1:])
         return -(-vocab // chunk)
     dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
-                                                                   chunk=chunk, topk=ctx.logprobs, acc=acc),
-                 args)
+                                                                   chunk=chunk, topk=ctx.logprobs,
+                                                                   acc=acc), args)
     set_outputs(gm, list(dec) + outs[1:])
     return -(-vocab // chunk)
 

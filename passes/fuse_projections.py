@@ -87,8 +87,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
         sizes = [_param(gm, n.args[1]).shape[0] for n in nodes]
         w_attr = _concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_w", lambda n: n.args[1])
-        b_attr = _concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_b",
-                         _bias) if _bias(nodes[0]) is not None else None
+        b_attr = (_concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_b", _bias) if _bias(nodes[0]) is not None
+                  else None)
         g = gm.graph
         with g.inserting_before(first):
             w = g.get_attr(w_attr)

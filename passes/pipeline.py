@@ -64,8 +64,8 @@ class PassContext:
                 "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
-                                 "decode_dtype": str(self.decode_dtype or "torch.float64").replace("torch.",
-                                                                                                   ""),
+                                 "decode_dtype":
+                                     str(self.decode_dtype or "torch.float64").replace("torch.", ""),
                                  "lowering": "fused_select_logits" if self.use_kernels else "chunked",
                                  "extras": bool(self.extras and not self.use_kernels)}}[name]
 

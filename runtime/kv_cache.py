@@ -34,7 +34,8 @@ class KVCacheManager:
             n = min(n, max_slots)
         if n < 1:
             raise ValueError(f"KV cache budget {budget_bytes / 2**20:.1f} MiB is too small for one slot of "
-                             f"{s_max} tokens ({per / 2**20:.2f} MiB); raise kv_cache_mb or lower max_seq_len")
+                             f"{s_max} tokens ({per / 2**20:.2f} MiB); raise kv_cache_mb or lower "
+                             "max_seq_len")
         self.n_slots, self.s_max, self.slot_bytes = n, s_max, per
         shape = (config.n_layers, n, config.n_kv_heads, s_max, config.head_dim)
         self.k_all = torch.zeros(shape, dtype=dtype, device=device)     # one tensor: compiled programs write

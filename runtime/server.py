@@ -161,11 +161,10 @@ def _message_text(m: Message) -> str:
 
 
 def _params(body: DiffusionFields) -> dict:
-    p = {k: getattr(body, k)
-         for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
-                                       "kv_cache", "temperature", "seed", "cfg_scale", "stop_token_ids",
-                                       "low_threshold", "entropy_bound", "credit", "smoothing", "top_p",
-                   "min_p")
+    p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor",
+                                       "remasking", "kv_cache", "temperature", "seed", "cfg_scale",
+                                       "stop_token_ids", "low_threshold", "entropy_bound", "credit",
+                                       "smoothing", "top_p", "min_p")
          + BLOCK_GEN_KEYS}
     if body.top_k is not None:
         p["top_k"] = max(0, body.top_k)                   # -1 (vLLM's "off") is 0 here
@@ -432,8 +431,8 @@ class Server:
             lps = self._logprobs(reqs[i], sent[i], sent[i] + len(ids), chat) if ids else None
             sent[i] += len(ids)
             if chat:
-                d = {"role": "assistant",
-                     "content": delta or ""} if first else ({"content": delta} if delta else {})
+                d = ({"role": "assistant", "content": delta or ""} if first
+                     else ({"content": delta} if delta else {}))
                 c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
                 c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": lps}
@@ -529,8 +528,9 @@ class BodyGuard:
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
-            return None, error_response(415, "the body must be JSON sent with 'Content-Type: "
-                                             f"application/json' (got {ctype or 'no Content-Type'})",
+            return None, error_response(415, "the body must be JSON sent with "
+                                             "'Content-Type: application/json' "
+                                             f"(got {ctype or 'no Content-Type'})",
                                         code="unsupported_media_type")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
@@ -559,8 +559,8 @@ def _parse_error(body: bytes):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        return error_response(400,
-                              f"the body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 1]!r})",
+        return error_response(400, "the body is not valid UTF-8 "
+                                   f"(byte {e.start}: {body[e.start:e.start + 1]!r})",
                               code="invalid_encoding")
     try:
         json.loads(text)

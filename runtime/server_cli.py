@@ -64,7 +64,8 @@ def _options(f):
                      help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
                           "1: off [16]"),
         click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
-                     help="shard the model over this many GPUs (CPU: processes); starts the ranks itself [1]"),
+                     help="shard the model over this many GPUs (CPU: processes); starts the ranks "
+                          "itself [1]"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -95,7 +96,8 @@ def serve_command(model, config_path, **options):
 
         from .server import build_app
     except ImportError as e:
-        raise click.ClickException(f"dlc serve needs the serve extras (pip install 'dlc[serve]'): {e}") from None
+        raise click.ClickException(f"dlc serve needs the serve extras (pip install 'dlc[serve]'): "
+                                   f"{e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     name = cfg.served_model_name or model
     app = build_app(engine, name, cfg.api_key)

@@ -73,4 +73,5 @@ def test_generate_with_the_parallel_decoders_and_logprobs():
     bad = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "dlc-tiny", "x", "--entropy-bound",
                           "-1"],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "entropy_bound must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "entropy_bound must be >= 0" in bad.stderr and \
+        "Traceback" not in bad.stderr

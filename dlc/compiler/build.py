@@ -144,9 +144,8 @@ def tp_engines_later(model: str, n: int, dry_run: bool = False) -> str:
     return (f"--tensor-parallel-size {n}: dlc compile builds single-GPU engines; tensor-parallel "
             "engines (one phase program set per rank) are a later step. Run the model tensor parallel on "
             f"the runtime path instead: `dlc serve {model} --tensor-parallel-size {n}` or "
-            f"`dlc generate {model} PROMPT --tensor-parallel-size {n}`" + ("" if dry_run
-                                                                           else " (add --dry-run to see the "
-                                                                           "per-GPU plan)"))
+            f"`dlc generate {model} PROMPT --tensor-parallel-size {n}`"
+            + ("" if dry_run else " (add --dry-run to see the per-GPU plan)"))
 
 
 def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti",

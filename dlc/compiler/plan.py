@@ -137,10 +137,10 @@ def moe_note(config, db: int) -> str:
         return ""
     n_moe = config.n_layers - min(config.first_dense_layers, config.n_layers)
     experts = n_moe * config.n_experts * 3 * config.d_model * config.expert_hidden * db
-    return (f"MoE            {config.n_experts} experts x {n_moe} layers = {experts / GIB:.2f} GiB of "
-            f"the weights; {config.num_active_parameters() / 1e9:.2f}B of "
-            f"{config.num_parameters() / 1e9:.2f}B parameters active per token "
-            f"(top-{config.n_experts_per_tok}{f' + {config.n_shared_experts} shared' if config.n_shared_experts else ''})")
+    return (f"MoE            {config.n_experts} experts x {n_moe} layers = {experts / GIB:.2f} GiB of the "
+            f"weights; {config.num_active_parameters() / 1e9:.2f}B of {config.num_parameters() / 1e9:.2f}B "
+            f"parameters active per token (top-{config.n_experts_per_tok}"
+            f"{f' + {config.n_shared_experts} shared' if config.n_shared_experts else ''})")
 
 
 def split_problem(config, n: int) -> str:

@@ -45,7 +45,8 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
         compile_model(model, "cpu" if device == "cpu" else "h200", out, backend="export", dtype=None,
                       block_length=block_length, sparse_retention=sparse_retention, echo=lambda *a, **k: None)
     except RuntimeError as e:            # e.g. BackendUnavailable: say which step failed
-        raise ValueError(f"compiling {model} with --sparse-retention {sparse_retention} failed: {e}") from None
+        raise ValueError(f"compiling {model} with --sparse-retention {sparse_retention} "
+                         f"failed: {e}") from None
     return reopen(out, device=device)
 
 

@@ -1,7 +1,7 @@
 """Print the dlc-tiny quality table (docs/QUALITY.md): accuracy and TPF across decoders, KV modes, backends.
 
-    python -m dlc.tiny.quality_table                          # eager rows (the gates in tests/tiny)
-    python -m dlc.tiny.quality_table --backends eager,onnx    # plus compiled engines (dlc compile --target cpu)
+    python -m dlc.tiny.quality_table                        # eager rows (the gates in tests/tiny)
+    python -m dlc.tiny.quality_table --backends eager,onnx  # plus compiled engines (dlc compile --target cpu)
     python -m dlc.tiny.quality_table --backends eager,onnx --sparse 1.0,0.5,0.25   # plus head-sparse rows
 
 Rows are plain dicts, so a new backend is one entry in ``BACKENDS`` (name -> how to open the model) and a new

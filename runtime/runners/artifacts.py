@@ -77,7 +77,8 @@ def check_bindings(engine, path, names: list[str], args) -> None:
     optimisation profile's [min, max] (TensorRT reads raw device pointers: a float64 or wrongly shaped tensor
     would be read as garbage). Raises ValueError naming the binding."""
     if len(args) != len(names):
-        raise ValueError(f"{path}: the engine takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        raise ValueError(f"{path}: the engine takes {len(names)} inputs ({', '.join(names)}), "
+                         f"got {len(args)}")
     for n, a in zip(names, args):
         kind = engine.get_tensor_dtype(n).name
         want = _TRT_DTYPES.get(kind)

@@ -109,7 +109,8 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     assert m["backend"] == "tensorrt" and m["runtime"] == "onnx" and "not built" in m["pending"]
     cmd = m["tensorrt"]["trtexec"]["reuse"]
     assert cmd.startswith("trtexec --onnx=reuse.onnx --saveEngine=reuse.engine")
-    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and "k_pool:2x16x4x64x16" in cmd
+    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and \
+        "k_pool:2x16x4x64x16" in cmd
     assert not list(out.glob("*.engine"))                                  # never claims it ran
     assert run_cli(["inspect", out]).exit_code == 0
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")   # the ONNX runs meanwhile
@@ -168,8 +169,8 @@ def test_tensorrt_onnx_has_no_float64(tiny_ckpt, onnx_engine, tmp_path):
     assert generate(runner, prompts, cfg).token_ids == generate(ref, prompts, cfg).token_ids
     hot = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual", temperature=0.8, seed=3)
     sampled = generate(runner, prompts, hot).token_ids
-    assert sampled == generate(runner, prompts, hot).token_ids and sampled != generate(runner, prompts,
-                                                                                       cfg).token_ids
+    assert sampled == generate(runner, prompts, hot).token_ids and \
+        sampled != generate(runner, prompts, cfg).token_ids
 
 
 @pytest.mark.slow
@@ -182,7 +183,8 @@ def test_aoti_for_a_gpu_not_here_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     args = ["compile", tiny_ckpt, "--target", "rtx4090", "--backend", "aoti", "--dtype", "fp32", "-o", out,
             "--max-seq-len", "64", "--max-batch-size", "2", "--block-length", "8"]
     res = run_cli(args)
-    assert res.exit_code != 0 and "must be built on a sm_89 GPU" in res.output and "--prepare-only" in res.output
+    assert res.exit_code != 0 and "must be built on a sm_89 GPU" in res.output and \
+        "--prepare-only" in res.output
     assert not out.exists() or not any(out.iterdir())
     res = run_cli(args + ["--prepare-only"])
     assert res.exit_code == 0, res.output
@@ -228,7 +230,8 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4",
                    "--block-length", "4"])
-    assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), res.output
+    assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), \
+        res.output
     ids = [72, 101, 108, 108, 257, 257, 257, 257]
     run = subprocess.run([str(exe), str(aoti_engine), *res.output.split()], capture_output=True, text=True,
                          timeout=120)

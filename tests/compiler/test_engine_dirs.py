@@ -30,7 +30,8 @@ def test_manifest_describes_the_engine(engine, tiny_ckpt):
     assert m["format"] == "dlc-engine" and m["dlc"] and m["torch"] == torch.__version__
     assert m["target"]["name"] == "cpu" and m["dtype"] == "fp32" and m["backend"] == m["runtime"] == "export"
     assert m["model"]["mask_id"] == 257 and m["model"]["eos_id"] == 256 and m["model"]["n_layers"] == 2
-    assert m["build"]["max_seq_len"] == 96 and m["build"]["max_batch_size"] == 4 and m["build"]["block_length"] == 8
+    assert m["build"]["max_seq_len"] == 96 and m["build"]["max_batch_size"] == 4 and \
+        m["build"]["block_length"] == 8
     assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "chunk_logits", "lift_weights"]
     assert m["passes"][1]["params"]["vocab_chunk"] == m["build"]["logit_chunk"]
     refresh, reuse = m["phases"]["refresh"], m["phases"]["reuse"]
@@ -53,7 +54,8 @@ def test_hf_tooling_reads_the_engine_directory_like_the_checkpoint(engine, tiny_
     """config.json is the model's HF config (the checkpoint's own keys), so transformers loads the engine's
     tokenizer from the directory; dlc's description stays in dlc_engine.json."""
     from transformers import AutoTokenizer
-    assert json.loads((engine / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
+    assert json.loads((engine / "config.json").read_text()) == \
+        json.loads((tiny_ckpt / "config.json").read_text())
     tok, ref = AutoTokenizer.from_pretrained(str(engine)), AutoTokenizer.from_pretrained(str(tiny_ckpt))
     text = "The cat sat"
     assert tok(text)["input_ids"] == ref(text)["input_ids"] and len(tok(text)["input_ids"]) == len(text)
@@ -185,7 +187,8 @@ def test_compile_refuses_a_foreign_non_empty_directory(tiny_ckpt, engine, tmp_pa
     args = ["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "--max-seq-len", "48",
             "--max-batch-size", "2", "--block-length", "8", "-o"]
     res = run_cli(args + [out])
-    assert res.exit_code != 0 and "not empty and is not a dlc engine" in res.output and "--force" in res.output
+    assert res.exit_code != 0 and "not empty and is not a dlc engine" in res.output and \
+        "--force" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     res = run_cli(args + [out, "--force"])
     assert res.exit_code == 0 and (out / "notes.txt").read_text() == "keep me"

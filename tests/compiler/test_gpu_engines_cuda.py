@@ -71,7 +71,8 @@ from dlc.compiler.build import compile_model
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
 out = {str(tmp_path / 'eng')!r}
-compile_model("tiny-llada", "h200", out, backend="aoti", dtype="fp32", block_length=8, echo=lambda *a, **k: None)
+compile_model("tiny-llada", "h200", out, backend="aoti", dtype="fp32", block_length=8,
+              echo=lambda *a, **k: None)
 eng = open_model(out, device="cuda", progress=False)
 ref = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
 cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual")
@@ -83,7 +84,8 @@ print("aoti-ok", json.dumps(dict(same=same, n=len(prompts))))
     # not the repo root: its dlc/ would shadow dlc.*
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
                        env=dict(os.environ), cwd=tmp_path)
-    assert r.returncode == 0 and "aoti-ok" in r.stdout, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    assert r.returncode == 0 and "aoti-ok" in r.stdout, \
+        f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     res = json.loads(r.stdout.split("aoti-ok", 1)[1])
     assert res["same"] >= res["n"] - 1
 

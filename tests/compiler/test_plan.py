@@ -140,6 +140,7 @@ def test_llada2_dry_run_cli():
     ok = run_cli(["compile", "llada2-mini", "--target", "h100", "--dry-run"])
     assert ok.exit_code == 0 and "256 experts" in ok.output and "plan only" in ok.output
     small = run_cli(["compile", "llada2-mini", "--target", "rtx4090", "--dry-run"])
-    assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and "expert parallel 2" in small.output
+    assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and \
+        "expert parallel 2" in small.output
     build = run_cli(["compile", "tiny-llada2", "--target", "cpu", "-o", "/tmp/dlc-never-written"])
     assert build.exit_code != 0 and "block diffusion" in build.output and "Traceback" not in build.output

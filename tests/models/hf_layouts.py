@@ -154,7 +154,8 @@ def llada2_names(d: dict) -> dict[str, tuple]:
     key_layernorm, dense mlp below first_k_dense_replace, then mlp.gate (+ expert_bias), experts,
     shared_experts."""
     D, V, hd = d["hidden_size"], d["vocab_size"], d["head_dim"]
-    H, Hkv, E, F = d["num_attention_heads"], d["num_key_value_heads"], d["num_experts"], d["moe_intermediate_size"]
+    H, Hkv, E, F = (d["num_attention_heads"], d["num_key_value_heads"], d["num_experts"],
+                    d["moe_intermediate_size"])
     names = {"model.word_embeddings.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
     for i in range(d["num_hidden_layers"]):
         p = f"model.layers.{i}."

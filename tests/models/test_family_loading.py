@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from hf_layouts import EOS, FAMILY_OF, HF_CONFIGS, HF_NAMES, MASK, direct_model, random_tensors, write_checkpoint
+from hf_layouts import (EOS, FAMILY_OF, HF_CONFIGS, HF_NAMES, MASK, direct_model, random_tensors,
+                        write_checkpoint)
 
 from dlc.models import config_from_hf
 from dlc.models.loading import CheckpointError, load_model
@@ -47,8 +48,8 @@ def test_bf16_load_casts_every_tensor(tmp_path, family):
 def test_config_fields_from_released_keys():
     dream = config_from_hf(HF_CONFIGS["dream"])
     assert (dream.family, dream.n_kv_heads, dream.qkv_bias, dream.logit_shift) == ("dream", 2, True, 1)
-    assert (dream.mask_id, dream.eos_id, dream.pad_id, dream.rope_theta, dream.rms_eps) == (MASK, EOS, EOS,
-                                                                                            1e6, 1e-6)
+    assert (dream.mask_id, dream.eos_id, dream.pad_id, dream.rope_theta, dream.rms_eps) == \
+        (MASK, EOS, EOS, 1e6, 1e-6)
     moe = config_from_hf(HF_CONFIGS["llada_moe"])        # model_type "llada", told apart by its MoE keys
     assert (moe.family, moe.n_experts, moe.n_experts_per_tok, moe.expert_hidden) == ("llada_moe", 6, 2, 16)
     assert (moe.qk_norm, moe.norm_topk_prob, moe.rope_theta, moe.logit_shift) == (True, False, 50000.0, 0)
@@ -264,8 +265,8 @@ def test_tied_embeddings_checkpoint_has_no_lm_head(tmp_path, family):
 
 def test_block_family_config_fields_from_released_keys():
     c = config_from_hf(HF_CONFIGS["llada2_moe"])
-    assert (c.family, c.block_diffusion, c.head_dim, c.rope_dim, c.n_kv_heads) == ("llada2_moe", True, 16, 8,
-                                                                                   2)
+    assert (c.family, c.block_diffusion, c.head_dim, c.rope_dim, c.n_kv_heads) == \
+        ("llada2_moe", True, 16, 8, 2)
     assert (c.n_experts, c.n_experts_per_tok, c.expert_hidden, c.n_shared_experts, c.first_dense_layers) == \
         (8, 2, 24, 1, 1)
     assert (c.router, c.n_expert_groups, c.topk_groups, c.routed_scaling, c.rope_theta) == \

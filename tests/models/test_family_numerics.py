@@ -80,8 +80,8 @@ def reference_logits(family, d, t, ids, pos, key_mask):
             return w + t[f"{p}self_attn.{n}_proj.bias"] if f"{p}self_attn.{n}_proj.bias" in t else w
         q, k, v = proj("q").view(B, T, H, hd), proj("k").view(B, T, Hkv, hd), proj("v").view(B, T, Hkv, hd)
         if family == "llada_moe":                                    # per-head QK RMSNorm before RoPE
-            q, k = _rms(q, t[p + "self_attn.q_norm.weight"], eps), _rms(k, t[p + "self_attn.k_norm.weight"],
-                                                                        eps)
+            q, k = (_rms(q, t[p + "self_attn.q_norm.weight"], eps),
+                    _rms(k, t[p + "self_attn.k_norm.weight"], eps))
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         q, k = _rope(q, pos, d["rope_theta"]), _rope(k, pos, d["rope_theta"])
         a = _attention(q, k, v, key_mask).transpose(1, 2).reshape(B, T, D)

@@ -73,8 +73,8 @@ def test_tokens_equal_unchunked_at_temperature_0(wide, chunk):
 def test_guidance_and_logprobs(wide):
     m, base = wide
     phases, _ = decode_phases(m, 128, logprobs=5, base=base)
-    (tok, conf, top_i, top_lp, _, _), _, _, (ref_tok, ref_conf), (ref_lp, ref_i) = guided_refresh(m,
-                                                                                                  phases["refresh"])
+    (tok, conf, top_i, top_lp, _, _), _, _, (ref_tok, ref_conf), (ref_lp, ref_i) = \
+        guided_refresh(m, phases["refresh"])
     assert torch.equal(tok, ref_tok)
     assert torch.allclose(conf, ref_conf, rtol=CONF_RTOL, atol=0)
     assert torch.equal(top_i, ref_i)

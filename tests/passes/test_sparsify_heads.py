@@ -68,10 +68,8 @@ def _loop_scores(q, k, v, km, out, group, pool):
 def test_head_scores_match_a_loop_reference(pool):
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, L, D = 2, 4, 2, 9, 8
-    q, k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), torch.randn(B,
-                                                                                                        Hkv,
-                                                                                                        L, D,
-                                                                                                        generator=g)
+    q, k, v = (torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g),
+               torch.randn(B, Hkv, L, D, generator=g))
     km = torch.ones(B, L, dtype=torch.bool)
     km[1, :2] = False
     out = torch.tensor([[4, 5, 6], [5, 6, 7]])

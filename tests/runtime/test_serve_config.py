@@ -19,8 +19,8 @@ def test_yaml_and_flags(tmp_path):
     y = tmp_path / "serve.yaml"
     y.write_text("max-batch-size: 4\nport: 9001\npolicy: fcfs\ngen_length: 64\n")
     cfg = build_config("tiny-llada", str(y), port=9002, max_queue=None)
-    assert (cfg.max_batch_size, cfg.port, cfg.policy, cfg.gen_length, cfg.model) == (4, 9002, "fcfs", 64,
-                                                                                     "tiny-llada")
+    assert (cfg.max_batch_size, cfg.port, cfg.policy, cfg.gen_length, cfg.model) == \
+        (4, 9002, "fcfs", 64, "tiny-llada")
     y.write_text("max_batch: 4\n")
     with pytest.raises(ValueError, match="unknown options"):
         build_config("tiny-llada", str(y))

@@ -84,5 +84,7 @@ def test_bench_serve_prints_the_first_error_of_each_kind(tmp_path):
                           "--rounds", "1", "--max-seq-len", "256"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 1
-    assert "first error of kind HTTP 400" in out.stdout and "exceeds the maximum sequence length" in out.stdout
-    assert "no request of the burst completed under any policy" in out.stderr and "Traceback" not in out.stderr
+    assert "first error of kind HTTP 400" in out.stdout and \
+        "exceeds the maximum sequence length" in out.stdout
+    assert "no request of the burst completed under any policy" in out.stderr and \
+        "Traceback" not in out.stderr

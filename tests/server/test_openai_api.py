@@ -20,8 +20,8 @@ def test_max_tokens_sets_the_generation_length(client, session):
     assert r.usage.completion_tokens == len(want[:37])
     assert r.choices[0].finish_reason == ("length" if len(want) >= 37 else "stop")
     small = client.completions.create(model=MODEL, prompt="long answer", max_tokens=3)   # one block of 8
-    assert small.choices[0].model_extra["token_ids"] == reference(session, "long answer", gen_length=8,
-                                                                  steps=4)[:3]
+    assert small.choices[0].model_extra["token_ids"] == \
+        reference(session, "long answer", gen_length=8, steps=4)[:3]
     assert small.usage.completion_tokens == 3
 
 

@@ -17,8 +17,8 @@ def test_filters_with_a_seed_reproduce_generate(client, session):
         extra = {k: v for k, v in kw.items() if k != "top_p"}
         r = client.completions.create(model=MODEL, prompt="Hello there", temperature=1.5, seed=7,
                                       top_p=kw.get("top_p", openai.NOT_GIVEN), extra_body=extra)
-        ids = r.choices[0].token_ids if hasattr(r.choices[0],
-                                                "token_ids") else r.choices[0].model_extra["token_ids"]
+        ids = (r.choices[0].token_ids if hasattr(r.choices[0], "token_ids")
+               else r.choices[0].model_extra["token_ids"])
         assert ids == reference(session, "Hello there", temperature=1.5, seed=7, **kw), kw
         outs.add(tuple(ids))
     assert len(outs) > 2                                            # the filters change the samples

@@ -104,7 +104,8 @@ def _wait_idle(server, timeout=15.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         m = server.metrics()
-        if m["dlc_running_requests"] == 0 and m["dlc_kv_cache_used_slots"] == 0 and m["dlc_queue_length"] == 0:
+        if m["dlc_running_requests"] == 0 and m["dlc_kv_cache_used_slots"] == 0 \
+                and m["dlc_queue_length"] == 0:
             return m
         time.sleep(0.2)
     raise AssertionError(f"server did not return to idle: {m}")

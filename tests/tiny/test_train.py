@@ -14,7 +14,8 @@ from dlc.tiny import tasks
 from dlc.tiny.tokenizer import EOS_ID, MASK_ID, encode_chat, encode_text
 from dlc.models.sparse_heads import gather_heads, head_scores, keep_columns
 from dlc.tiny import train as train_mod
-from dlc.tiny.train import diffusion_loss, make_batch, sparse_block, sparse_reuse_attention, tiny_config, train
+from dlc.tiny.train import (diffusion_loss, make_batch, sparse_block, sparse_reuse_attention, tiny_config,
+                            train)
 
 ATOL = 1e-5
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64)
