@@ -2,8 +2,8 @@
 process.
 
 Model: the ``llada2-mini`` preset's exact shape (16.3B parameters: 20 layers of 2048, 256 experts of 512
-top-8 + 1 shared, GQA 16 / 4, partial rotary, vocab 157184) with random bf16 weights on one GPU (~33 GB; H100
-/ H200).
+top-8 + 1 shared, GQA 16 / 4, partial rotary, vocab 157184) with random bf16 weights on one GPU (~33 GB;
+H100 / H200).
 Schedule: LLaDA2.0's ``generate`` (``decoder llada2``): prompt ``--prompt`` (all rows the same length, so the
 block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, threshold ``--threshold``, greedy.
 

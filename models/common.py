@@ -393,9 +393,9 @@ class PreNormLayer(nn.Module):
 class DiffusionLM(nn.Module):
     """Base class of the families: embedding -> blocks -> final norm; ``logits`` applies the head.
 
-    Subclasses build ``self.embed``, ``self.blocks`` (each block: ``forward(x, cos, sin, mask, cache_kv,
-    start)
-    -> (x, (k, v))``), ``self.norm`` and ``self.head`` under the checkpoint's parameter names."""
+    Subclasses build ``self.embed``, ``self.blocks`` (each block:
+    ``forward(x, cos, sin, mask, cache_kv, start) -> (x, (k, v))``), ``self.norm`` and ``self.head`` under
+    the checkpoint's parameter names."""
 
     config: ModelConfig
 

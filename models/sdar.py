@@ -23,8 +23,8 @@ MODEL_TYPES = ("sdar", "sdar_moe")
 MASK_ID, EOS_ID, IM_END_ID = 151669, 151643, 151645
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "rope_theta")
 MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-# The reference's defaults (JetAstra/SDAR generate.py and model cards): block 4, 4 steps, dynamic threshold
-# 0.9.
+# The reference's defaults (JetAstra/SDAR generate.py and model cards): block 4, 4 steps, dynamic
+# threshold 0.9.
 GENERATION_DEFAULTS = {"block_length": 4, "steps_per_block": 4, "threshold": 0.9, "decoder": "llada2"}
 
 

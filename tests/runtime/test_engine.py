@@ -323,8 +323,9 @@ def test_compiled_runner_through_the_engine(session):
 
 
 def test_a_block_that_cannot_progress_ends():
-    """tiny-dream predicts the mask id itself for some positions: threshold decoding would loop forever at T =
-    0 (generate() hangs); the engine ends such a block after 2 x its width steps and the server carries on."""
+    """tiny-dream predicts the mask id itself for some positions: threshold decoding would loop forever at
+    T = 0 (generate() hangs); the engine ends such a block after 2 x its width steps and the server carries
+    on."""
     s = open_model("tiny-dream", progress=False)
     eng = make_engine(s)
     p, params = random_specs(6, seed=1)[5]

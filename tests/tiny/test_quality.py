@@ -65,8 +65,8 @@ def test_refresh_every_step_caches_are_token_identical(session, decoder):
 
 
 def test_gates_can_fail_on_an_untrained_model():
-    """The checker is not trivially satisfied: random weights (byte tokenizer, same chat template) score
-    ~0."""
+    """The checker is not trivially satisfied: random weights (byte tokenizer, same chat template)
+    score ~0."""
     rnd = open_model("tiny-llada", device="cpu", progress=False)
     assert evaluate(rnd, make_config(gen_length=8, block_length=4), n=24).accuracy < 0.2
 
