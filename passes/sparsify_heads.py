@@ -107,7 +107,7 @@ def _reuse(gm: fx.GraphModule, ctx) -> int:
         kp_l, vp_l, rows, k_full, v_full = attn.meta["dlc_kv"]
         if kernels:
             (o,) = inline(gm, lambda q, k, v, km, keep, qs, layer=layer: (kernel_attention(q, k, v, km,
-                                                                                          keep[layer], qs),),
+                                                                                           keep[layer], qs),),
                           [attn.args[0], k_full, v_full, ph["key_mask"], keep_idx, ph["q_start"]],
                           before=attn)
             attn.replace_all_uses_with(o)

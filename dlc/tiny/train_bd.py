@@ -137,9 +137,9 @@ def train(out: str, seed: int = 0, steps: int = 2000, batch: int = 128, lr: floa
 
 
 def save(model, out: str) -> Path:
-    return save_tiny(model, out,
-                     {"gen_length": GEN_LENGTH, "block_length": BD_BLOCK, "steps_per_block": BD_BLOCK,
-                                  "threshold": BD_THRESHOLD, "decoder": "llada2", "kv_cache": "block"})
+    return save_tiny(model, out, {"gen_length": GEN_LENGTH, "block_length": BD_BLOCK,
+                                  "steps_per_block": BD_BLOCK, "threshold": BD_THRESHOLD, "decoder": "llada2",
+                                  "kv_cache": "block"})
 
 
 @click.command()
