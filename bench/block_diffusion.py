@@ -1,13 +1,15 @@
-"""GPU row for block diffusion: tokens/s of dlc's path vs a plain eager loop of the same schedule, one process.
+"""GPU row for block diffusion: tokens/s of dlc's path vs a plain eager loop of the same schedule, one
+process.
 
-Model: the ``llada2-mini`` preset's exact shape (16.3B parameters: 20 layers of 2048, 256 experts of 512 top-8 +
-1 shared, GQA 16 / 4, partial rotary, vocab 157184) with random bf16 weights on one GPU (~33 GB; H100 / H200).
+Model: the ``llada2-mini`` preset's exact shape (16.3B parameters: 20 layers of 2048, 256 experts of 512
+top-8 + 1 shared, GQA 16 / 4, partial rotary, vocab 157184) with random bf16 weights on one GPU (~33 GB;
+H100 / H200).
 Schedule: LLaDA2.0's ``generate`` (``decoder llada2``): prompt ``--prompt`` (all rows the same length, so the
 block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, threshold ``--threshold``, greedy.
 
 * dlc: ``dlc.runtime.generate.generate`` over the eager runner with the exact block KV cache (``kv_cache
-  block``: the prompt's complete blocks prefilled once, each step feeds the current block, the finished block's
-  K/V written in the next block's first forward);
+  block``: the prompt's complete blocks prefilled once, each step feeds the current block, the finished
+  block's K/V written in the next block's first forward);
 * eager: the reference loop written here (LLaDA2.0's ``generate`` batched): every step one forward over the
   whole window up to the current block end with the block-causal mask, no cache, logits of the block only.
 

@@ -3,7 +3,8 @@ in CUDA graphs over the slot pool) on an LLaDA-8B-shaped model with random bf16 
 
 Schedule: prompt 512, gen 256, block 32, one token per step, dual cache, all B requests in one FCFS batch;
 a warm-up generation of the timed request captures the graphs and compiles first. It uses only the
-Engine's public API, so the same script times two checkouts of dlc in alternating processes (``--label`` names the one on PYTHONPATH):
+Engine's public API, so the same script times two checkouts of dlc in alternating processes (``--label`` names
+the one on PYTHONPATH):
 
     python3 -P bench/engine_path.py --label new --batches 1,32
 """
@@ -26,8 +27,8 @@ def eager_runner(model):
 
 
 def build(preset: str, dev: str, dtype=torch.bfloat16):
-    """gpu_bench.build's model (random weights in ``dtype`` on ``dev``, head x4), written out here: this script
-    must also run against older checkouts, whose dlc lacks what gpu_bench imports. rule_cost.py and
+    """gpu_bench.build's model (random weights in ``dtype`` on ``dev``, head x4), written out here: this
+    script must also run against older checkouts, whose dlc lacks what gpu_bench imports. rule_cost.py and
     engine_bench.py build theirs here too."""
     from dlc.models import build_model
     from dlc.models.presets import preset_config
@@ -54,7 +55,8 @@ def run(model, B: int, args) -> dict:
 
 def run_session(session, B: int, args) -> dict:
     """One batch of B requests through dlc.runtime.Engine on ``session`` (an eager model or an engine
-    directory): median seconds of ``args.repeats`` generations after a capture run (bench/engine_bench.py too)."""
+    directory): median seconds of ``args.repeats`` generations after a capture run (bench/engine_bench.py
+    too)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes

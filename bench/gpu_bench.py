@@ -13,9 +13,9 @@ One invocation prints ONE table; every ratio compares numbers measured in this s
   logits -> float64 softmax: ``monolithic_decode`` below) vs the fused op, vs a budget;
 * end-to-end tokens/s at a fixed schedule (prompt 512, gen 256, block 32, one token per step, dual cache):
   optimized vs a plain eager Fast-dLLM dual-cache loop written below;
-* serving: phase-multiplexed vs static and continuous FCFS through one ``dlc.runtime.Engine``, with the serving
-  benchmark's method (``dlc.runtime.benchmark``: warmed, capacity measured, rotated rounds, medians); the
-  issue's target ratios (burst, Poisson at 80 % of capacity) as rows.
+* serving: phase-multiplexed vs static and continuous FCFS through one ``dlc.runtime.Engine``, with the
+  serving benchmark's method (``dlc.runtime.benchmark``: warmed, capacity measured, rotated rounds, medians);
+  the issue's target ratios (burst, Poisson at 80 % of capacity) as rows.
 
 Every section fits an 80 GB card at the default shapes (LLaDA-8B, bf16, prompt 512 + gen 256, B up to 32): the
 e2e eager baseline takes its float64 softmax over chunks of sequences (``--softmax-chunk-mib``) and the memory
@@ -48,7 +48,8 @@ from dlc.runtime.kv_cache import KVCacheManager, slot_bytes
 from dlc.runtime.step import build_batch
 
 GiB = 2**30
-ROWS: list[dict] = []          # the one table: section, case, eager, optimized, floor/budget, ratio, target, status
+# the one table: section, case, eager, optimized, floor/budget, ratio, target, status
+ROWS: list[dict] = []
 NOTES: list[str] = []
 
 
@@ -101,7 +102,8 @@ def matmul_rate(dev, n: int) -> float:
 
 # ----------------------------------------------------------------------------------------------- model
 def build(cfg, dev, dtype):
-    """dlc.models LLaDA with random weights created on ``dev`` in ``dtype`` (never materialised on the host)."""
+    """dlc.models LLaDA with random weights created on ``dev`` in ``dtype`` (never materialised on the
+    host)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -305,11 +307,11 @@ def bench_reuse(model, args, dev, g, floor_ms):
         del cache, kv, reuse_batch, step, sdpa_step, pool_step, pool
         free(dev)
         rt, host, wall = runtime_reuse(model, args, dev, B, ids)
-        add_row("Reuse step via dlc.runtime GraphRunner", f"B={B}", eager, rt, floor_ms, rt / floor_ms, "", None,
-                "ms")
-        NOTES.append(f"runtime Reuse B={B}: GraphRunner.reuse (slot pool, key mask, bucket padding, copy-out) "
-                     f"{rt:.2f} ms GPU-timed, {wall:.2f} ms wall per call with a sync; host work {host:.3f} ms "
-                     f"per call (prepare + launch, queued ahead of the GPU)")
+        add_row("Reuse step via dlc.runtime GraphRunner", f"B={B}", eager, rt, floor_ms, rt / floor_ms, "",
+                None, "ms")
+        NOTES.append(f"runtime Reuse B={B}: GraphRunner.reuse (slot pool, key mask, bucket "
+                     f"padding, copy-out) {rt:.2f} ms GPU-timed, {wall:.2f} ms wall per call with a sync; "
+                     f"host work {host:.3f} ms per call (prepare + launch, queued ahead of the GPU)")
         free(dev)
     return res
 
@@ -416,7 +418,8 @@ def bench_memory(model, args, dev, g):
         except torch.OutOfMemoryError:
             m_txt, x_mono = None, None
             NOTES.append(f"logits B={B}: the monolithic path does not fit (needs ~{need / GiB:.0f} GiB"
-                         + (f", {avail / GiB:.0f} GiB free)" if avail is not None else ")") + ": reported as OOM")
+                         + (f", {avail / GiB:.0f} GiB free)" if avail is not None
+                            else ")") + ": reported as OOM")
             free(dev)
         f_bytes, x_fused = transient(fused, dev)
         if x_mono is not None:
@@ -424,8 +427,8 @@ def bench_memory(model, args, dev, g):
                          f"{(x_mono == x_fused).float().mean().item():.4f}")
         f_gib = f_bytes / GiB if f_bytes is not None else None
         ok = None if f_bytes is None else f_bytes <= budget
-        add_row("Logit transient (all L rows)", f"B={B}", m_txt if m_txt is not None or dev.type != "cuda" else "OOM",
-                f_gib,
+        add_row("Logit transient (all L rows)", f"B={B}",
+                m_txt if m_txt is not None or dev.type != "cuda" else "OOM", f_gib,
                 budget / GiB, None, f"<= {args.logit_budget_mib} MiB", ok, "GiB")
         del h, x_mono, x_fused
         free(dev)
@@ -443,11 +446,12 @@ def bench_kernels(model, args, dev, g):
         h = torch.randn(N, d, device=dev, generator=g, dtype=dt)
         mono = graph_ms(lambda: monolithic_decode(model.logits(h[None])), dev, args.iters)
         fused = graph_ms(lambda: K.fused_select_logits(h, W), dev, args.iters)
-        add_row("Kernel: fused logits (lm-head read floor)", f"N={N}", mono, fused, head_floor, fused / head_floor,
-                "", None, "ms")
+        add_row("Kernel: fused logits (lm-head read floor)", f"N={N}", mono, fused, head_floor,
+                fused / head_floor, "", None, "ms")
         if args.sweep and dev.type == "cuda":
             sweep_select_logits(h, W, dev, args)
-    B, H, T, S, D = args.batches[-1], model.config.n_heads, args.block, args.prompt + args.gen, model.config.head_dim
+    B, H, T, S, D = (args.batches[-1], model.config.n_heads, args.block, args.prompt + args.gen,
+                     model.config.head_dim)
     Hkv = model.config.n_kv_heads
     q = torch.randn(B, H, T, D, device=dev, generator=g, dtype=dt)
     k, v = (torch.randn(B, Hkv, S, D, device=dev, generator=g, dtype=dt) for _ in range(2))
@@ -457,7 +461,8 @@ def bench_kernels(model, args, dev, g):
     sdpa = graph_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv), dev, args.iters)
     sparse = graph_ms(lambda: K.sparse_attention(q, k, v, kb, vb, idx), dev, args.iters)
     dense = graph_ms(lambda: K.sparse_attention(q, k, v, kb, vb), dev, args.iters)
-    add_row("Kernel: sparse attn 50% vs SDPA (one layer)", f"B={B}", sdpa, sparse, None, sparse / sdpa, "", None, "ms")
+    add_row("Kernel: sparse attn 50% vs SDPA (one layer)", f"B={B}", sdpa, sparse, None, sparse / sdpa, "",
+            None, "ms")
     add_row("Kernel: dense attn (Triton) vs SDPA", f"B={B}", sdpa, dense, None, dense / sdpa, "", None, "ms")
     start = torch.full((B,), args.prompt, device=dev, dtype=torch.long)
 
@@ -466,7 +471,8 @@ def bench_kernels(model, args, dev, g):
         v[:, :, args.prompt:args.prompt + T] = vb
     write = graph_ms(lambda: torch.ops.dlc.kv_write(k, v, kb, vb, start, None), dev, args.iters)
     sl = graph_ms(sliced, dev, args.iters)
-    add_row("Kernel: KV write (per-row start) vs slice", f"B={B}", sl, write, None, write / sl, "", None, "ms")
+    add_row("Kernel: KV write (per-row start) vs slice", f"B={B}", sl, write, None, write / sl, "", None,
+            "ms")
     del q, k, v, kb, vb, kk, vv
     free(dev)
     bench_pool_attention(model, args, dev, g)
@@ -475,30 +481,32 @@ def bench_kernels(model, args, dev, g):
 
 @torch.no_grad()
 def bench_pool_attention(model, args, dev, g):
-    """One layer's Reuse attention (32 queries over the 768 cached keys) as the runtime does it: SDPA over rows
-    gathered from the slot pool with a key mask (what GraphRunner did before) vs dlc.kernels.pool_attention
-    reading the pool in place; SDPA over a contiguous unmasked cache for reference."""
+    """One layer's Reuse attention (32 queries over the 768 cached keys) as the runtime does it: SDPA over
+    rows gathered from the slot pool with a key mask (what GraphRunner did before) vs
+    dlc.kernels.pool_attention reading the pool in place; SDPA over a contiguous unmasked cache for
+    reference."""
     c, T, S = model.config, args.block, args.prompt + args.gen
     dt = next(model.parameters()).dtype
     kv_floor = None
     for B in args.batches:
         N = B + 1
         q = torch.randn(B, c.n_heads, T, c.head_dim, device=dev, generator=g, dtype=dt)
-        kp, vp = (torch.randn(N, c.n_kv_heads, S, c.head_dim, device=dev, generator=g, dtype=dt) for _ in range(2))
+        kp, vp = (torch.randn(N, c.n_kv_heads, S, c.head_dim, device=dev, generator=g, dtype=dt)
+                  for _ in range(2))
         rows = torch.arange(1, N, device=dev)
         lens = torch.full((B,), S, device=dev, dtype=torch.long)
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=dev)
         F_ = torch.nn.functional
-        gathered = graph_ms(lambda: F_.scaled_dot_product_attention(q, kp[rows], vp[rows], attn_mask=mask), dev,
-                            args.iters)
+        gathered = graph_ms(lambda: F_.scaled_dot_product_attention(q, kp[rows], vp[rows], attn_mask=mask),
+                            dev, args.iters)
         plain = graph_ms(lambda: F_.scaled_dot_product_attention(q, kp[1:], vp[1:]), dev, args.iters)
         pool = graph_ms(lambda: K.pool_attention(q, kp, vp, rows, lens), dev, args.iters)
         kv_floor = 2 * B * c.n_kv_heads * S * c.head_dim * kp.element_size() / args.bw * 1e3
-        add_row("Kernel: pool attention vs gather + masked SDPA (one layer)", f"B={B}", gathered, pool, kv_floor,
-                pool / kv_floor, "", None, "ms")
-        NOTES.append(f"attention B={B}, one layer: gather + masked SDPA {gathered * 1e3:.1f} us, pool_attention "
-                     f"{pool * 1e3:.1f} us, SDPA on a contiguous cache without mask {plain * 1e3:.1f} us, "
-                     f"K/V read floor {kv_floor * 1e3:.1f} us")
+        add_row("Kernel: pool attention vs gather + masked SDPA (one layer)", f"B={B}", gathered, pool,
+                kv_floor, pool / kv_floor, "", None, "ms")
+        NOTES.append(f"attention B={B}, one layer: gather + masked SDPA {gathered * 1e3:.1f} us, "
+                     f"pool_attention {pool * 1e3:.1f} us, SDPA on a contiguous cache without mask "
+                     f"{plain * 1e3:.1f} us, K/V read floor {kv_floor * 1e3:.1f} us")
         del q, kp, vp
         free(dev)
 
@@ -506,7 +514,8 @@ def bench_pool_attention(model, args, dev, g):
 @torch.no_grad()
 def bench_gemms(model, args, dev, g):
     """The Reuse step's weight GEMMs alone (all layers, M = B x 32 rows), as the model runs them (q, k, v, o,
-    gate, up, down) and with q|k|v and gate|up concatenated: how close cuBLAS gets to the weight-read floor."""
+    gate, up, down) and with q|k|v and gate|up concatenated: how close cuBLAS gets to the weight-read
+    floor."""
     cfg, T = model.config, args.block
     dt = model.head_weight().dtype
     layers = list(model.blocks)
@@ -535,8 +544,9 @@ def bench_gemms(model, args, dev, g):
     fus = graph_ms(fused, dev, args.iters)
     add_row("Reuse GEMMs only, M=32 (7/layer vs qkv+gate|up fused)", "B=1", sep, fus, floor, fus / floor, "",
             None, "ms")
-    NOTES.append(f"Reuse B=1 weight GEMMs alone: {sep:.2f} ms as the model issues them, {fus:.2f} ms with q|k|v and "
-                 f"gate|up concatenated; floor {floor:.2f} ms ({nbytes / GiB:.1f} GiB of layer weights)")
+    NOTES.append(f"Reuse B=1 weight GEMMs alone: {sep:.2f} ms as the model issues them, {fus:.2f} ms "
+                 f"with q|k|v and gate|up concatenated; floor {floor:.2f} ms ({nbytes / GiB:.1f} GiB of "
+                 "layer weights)")
     del fused_w
     free(dev)
 
@@ -551,14 +561,17 @@ def sweep_select_logits(h, W, dev, args):
                 for pps in (2, 4, 8):                                  # runtime args: no recompile
                     try:
                         ms = time_ms(lambda: L.select_logits_triton(h, W, BN=BN, BV=BV, BD=BD, num_warps=nw,
-                                                                   num_stages=ns, programs_per_sm=pps), dev, 10, 2)
-                    except Exception as e:                             # noqa: BLE001 - e.g. out of shared memory
-                        log(f"  sweep N={h.shape[0]} BN={BN} BV={BV} BD={BD} w={nw} s={ns}: {type(e).__name__}")
+                                                                   num_stages=ns, programs_per_sm=pps), dev,
+                                     10, 2)
+                    except Exception as e:                        # noqa: BLE001 - e.g. out of shared memory
+                        log(f"  sweep N={h.shape[0]} BN={BN} BV={BV} BD={BD} w={nw} s={ns}: "
+                            f"{type(e).__name__}")
                         continue
                     if best is None or ms < best[0]:
                         best = (ms, BN, BV, BD, nw, ns, pps)
     log(f"  sweep N={h.shape[0]}: best {best}")
-    NOTES.append(f"fused-logits sweep N={h.shape[0]}: best (ms, BN, BV, BD, warps, stages, programs/SM) = {best}")
+    NOTES.append(f"fused-logits sweep N={h.shape[0]}: best (ms, BN, BV, BD, warps, stages, "
+                 f"programs/SM) = {best}")
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -606,7 +619,8 @@ class FastDual:
         self.model, self.x, self.args = model, x, args
         B, L = x.shape
         self.cache = KVCache.empty(cfg, B, L, next(model.parameters()).dtype, dev)
-        self.blks = {a: torch.full((B, blk), cfg.mask_id, dtype=torch.long, device=dev) for a in range(P, L, blk)}
+        self.blks = {a: torch.full((B, blk), cfg.mask_id, dtype=torch.long, device=dev)
+                     for a in range(P, L, blk)}
         self.steps = {a: Graphed(self._reuse_fn(a), dev, args.graphs) for a in self.blks}
         with torch.no_grad():
             self.model(x, None, None, self.cache, 0)                      # compile/warm the Refresh shape
@@ -661,7 +675,8 @@ def bench_e2e(model, args, dev, g):
         if rows < B:
             NOTES.append(f"e2e B={B}: the eager baseline's float64 softmax runs {rows} sequence(s) at a time "
                          f"(--softmax-chunk-mib {args.softmax_chunk_mib:g}; unchunked it needs "
-                         f"{B * (args.prompt + args.gen) * cfg.vocab_size * 16 / GiB:.0f} GiB at a block start)")
+                         f"{B * (args.prompt + args.gen) * cfg.vocab_size * 16 / GiB:.0f} GiB at a "
+                         "block start)")
         free(dev)
         optimized(model, True, args)
         fast = FastDual(model, x0.clone(), args, dev)                   # capture (warm-up runs excluded)
@@ -676,17 +691,17 @@ def bench_e2e(model, args, dev, g):
         agree = (x == base_x).float()[:, args.prompt:].mean().item()
         NOTES.append(f"e2e B={B}: generated-token agreement optimized vs eager baseline {agree:.3f}")
         ceil = ntok / e2e_floor_s(model, args, B)
-        NOTES.append(f"e2e B={B}: floor-bound ceiling {ceil:.0f} tok/s (Refresh at the matmul floor, Reuse at "
-                     f"max(weight+KV read, matmul) floor) = {ceil / (ntok / base_s):.2f}x the eager baseline; "
-                     f"optimized reaches {ntok / opt_s / ceil:.0%} of it")
+        NOTES.append(f"e2e B={B}: floor-bound ceiling {ceil:.0f} tok/s (Refresh at the matmul "
+                     f"floor, Reuse at max(weight+KV read, matmul) floor) = {ceil / (ntok / base_s):.2f}x "
+                     f"the eager baseline; optimized reaches {ntok / opt_s / ceil:.0%} of it")
         target = ">= 2x eager" if B == 32 else ""
         add_row("End-to-end tok/s (512+256, blk 32)", f"B={B}", ntok / base_s, ntok / opt_s, None,
                 base_s / opt_s, target, None if B != 32 else base_s / opt_s >= 2.0, "tok/s")
         del fast, x, base_x
         free(dev)
         eng_s, _ = engine_e2e(model, args, dev, x0)
-        add_row("End-to-end via dlc.runtime Engine (GraphRunner)", f"B={B}", ntok / base_s, ntok / eng_s, None,
-                base_s / eng_s, "", None, "tok/s")
+        add_row("End-to-end via dlc.runtime Engine (GraphRunner)", f"B={B}", ntok / base_s, ntok / eng_s,
+                None, base_s / eng_s, "", None, "tok/s")
         del x0
         free(dev)
 
@@ -694,7 +709,8 @@ def bench_e2e(model, args, dev, g):
 @torch.no_grad()
 def engine_e2e(model, args, dev, x0):
     """The same fixed schedule through the product: all B requests in one dlc.runtime.Engine (FCFS static
-    batch = the schedule above; Refresh by the eager runner, Reuse by GraphRunner). -> (seconds, agreement)."""
+    batch = the schedule above; Refresh by the eager runner, Reuse by GraphRunner). -> (seconds,
+    agreement)."""
     P, gen, blk = args.prompt, args.gen, args.block
     optimized(model, True, args)
     B, L = x0.shape
@@ -735,17 +751,20 @@ def bench_serving(model, args, dev, g):
             continue
         t = next(t for t in res["targets"] if t["name"] == name)
         a, b = res["results"][wl][pol][metric]["median"], res["results"][wl][ref][metric]["median"]
-        add_row(f"Serving {name}", f"{args.serve_requests} req", b, a, None, t["ratio"], f"{op} {bound:g}x {ref}",
-                t["status"] == "PASS", "s" if metric.startswith("ttft") else "tok/s")
+        add_row(f"Serving {name}", f"{args.serve_requests} req", b, a, None, t["ratio"],
+                f"{op} {bound:g}x {ref}", t["status"] == "PASS",
+                "s" if metric.startswith("ttft") else "tok/s")
     NOTES.append(f"serving: {res['mix']}; max batch {args.serve_batch}; capacity "
-                 f"{res['capacity']['requests_per_s']:.2f} req/s ({res['capacity']['source']}); {args.serve_rounds} "
-                 f"rounds, order rotated; graph captures / Dynamo compiles during timed rounds: "
-                 f"{res['timed_compiles']['graph_captures']} / {res['timed_compiles']['dynamo_graphs']}")
+                 f"{res['capacity']['requests_per_s']:.2f} req/s ({res['capacity']['source']}); "
+                 f"{args.serve_rounds} rounds, order rotated; graph captures / Dynamo compiles during "
+                 f"timed rounds: {res['timed_compiles']['graph_captures']} / "
+                 f"{res['timed_compiles']['dynamo_graphs']}")
     for wl, by in res["results"].items():
         for pol, m in by.items():
             NOTES.append(f"serving {wl} {pol}: " + ", ".join(
                 f"{k} {m[k]['median']:.3g} [{m[k]['min']:.3g}-{m[k]['max']:.3g}]"
-                for k in ("tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99", "latency_p50", "latency_p99")))
+                for k in ("tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99", "latency_p50",
+                          "latency_p99")))
     free(dev)
 
 
@@ -756,9 +775,9 @@ def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
     from dlc.runtime.session import Session
     cfg = model.config
     mib = slot_bytes(cfg, seq, next(model.parameters()).dtype) * (batch + 1) / 2**20 + 1
-    sc = ServeConfig(model="bench", policy=policy, device=str(dev), max_batch_size=batch, max_num_tokens=tokens,
-                     max_seq_len=seq, kv_cache_mb=mib, max_queue=4096, gen_length=64, block_length=32,
-                     steps=64, kv_cache="dual", cuda_graphs=graphs and dev.type == "cuda",
+    sc = ServeConfig(model="bench", policy=policy, device=str(dev), max_batch_size=batch,
+                     max_num_tokens=tokens, max_seq_len=seq, kv_cache_mb=mib, max_queue=4096, gen_length=64,
+                     block_length=32, steps=64, kv_cache="dual", cuda_graphs=graphs and dev.type == "cuda",
                      compile=False)      # the blocks are compiled (or not) by optimized(): --no-compile holds
     eng = Engine(Session(runner or EagerRunner(model), None, cfg, False, "bench"), sc)
     return eng
@@ -766,8 +785,8 @@ def make_engine(model, dev, policy, batch, seq, tokens, graphs, runner=None):
 
 # ----------------------------------------------------------------------------------------------- table
 def add_row(section, case, eager, opt, floor, ratio, target, ok, unit):
-    ROWS.append(dict(section=section, case=case, eager=eager, opt=opt, floor=floor, ratio=ratio, target=target,
-                     status="" if ok is None else ("PASS" if ok else "MISS"), unit=unit))
+    ROWS.append(dict(section=section, case=case, eager=eager, opt=opt, floor=floor, ratio=ratio,
+                     target=target, status="" if ok is None else ("PASS" if ok else "MISS"), unit=unit))
 
 
 def fmt(v, unit=""):
@@ -784,10 +803,10 @@ def table() -> str:
     for r in ROWS:
         u = f" {r['unit']}" if r["unit"] else ""
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['section']} | {r['case']} | {fmt(r['eager'])}{u if r['eager'] is not None else ''} | "
+        lines.append(f"| {r['section']} | {r['case']} | "
+                     f"{fmt(r['eager'])}{u if r['eager'] is not None else ''} | "
                      f"{fmt(r['opt'])}{u if r['opt'] is not None else ''} | "
-                     f"{fmt(r['floor'])}{u if r['floor'] is not None else ''} | "
-                     f"{ratio} | "
+                     f"{fmt(r['floor'])}{u if r['floor'] is not None else ''} | {ratio} | "
                      f"{r['target'] or '-'} | {r['status'] or '-'} |")
     return "\n".join(lines)
 
@@ -809,7 +828,8 @@ def parse_args(argv=None):
                    help="e2e eager baseline: float64 softmax over chunks of sequences of at most this size")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-graphs", dest="graphs", action="store_false")
-    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep q/k/v and gate/up as separate GEMMs")
     p.add_argument("--sections", default="kernels,reuse,refresh,memory,e2e,serving")
     p.add_argument("--serve-requests", type=int, default=48)
     p.add_argument("--serve-prompt", type=int, default=128)
@@ -819,9 +839,11 @@ def parse_args(argv=None):
     p.add_argument("--serve-timeout-s", type=float, default=300.0, help="per serving run")
     p.add_argument("--serve-rounds", type=int, default=3)
     p.add_argument("--serve-workloads", default="burst,poisson-80",
-                   help="of burst, poisson-50, poisson-80, poisson-95, osc (the targets need burst, poisson-80)")
+                   help="of burst, poisson-50, poisson-80, poisson-95, osc (the targets need "
+                        "burst, poisson-80)")
     p.add_argument("--kernel-rows", default="32,1024")
-    p.add_argument("--sweep", action="store_true", help="sweep fused-logits tile configs in the kernels section")
+    p.add_argument("--sweep", action="store_true",
+                   help="sweep fused-logits tile configs in the kernels section")
     p.add_argument("--json", default=None, help="write rows and notes here")
     p.add_argument("--md", default=None, help="write the results markdown (table + notes) here")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, small shapes (checks the script)")
@@ -902,11 +924,12 @@ def main(argv=None):
 
 
 def write_md(path, env, reuse_floor, refresh_floor) -> None:
-    """The results file: environment, exact command, the table, the notes (analysis is added by hand below)."""
+    """The results file: environment, exact command, the table, the notes (analysis is added by hand
+    below)."""
     text = (f"# GPU results (bench/gpu_bench.py)\n\n- date: {env['date']}\n- GPU: {env['gpu']}\n"
             f"- torch {env['torch']}, triton {env['triton']}, Python {env['python']}\n"
-            f"- command: `python {env['argv']}`\n- floors: Reuse {reuse_floor:.2f} ms (parameter bytes / copy "
-            f"bandwidth), Refresh {refresh_floor:.2f} ms (2 x params x L / bf16 matmul rate)\n\n"
+            f"- command: `python {env['argv']}`\n- floors: Reuse {reuse_floor:.2f} ms (parameter "
+            f"bytes / copy bandwidth), Refresh {refresh_floor:.2f} ms (2 x params x L / bf16 matmul rate)\n\n"
             + table() + "\n\n" + "".join(f"- {n}\n" for n in NOTES))
     with open(path, "w") as f:
         f.write(text)

@@ -80,12 +80,14 @@ def main():
     bw = copy_bw()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     d, f, H, D, S = 4096, 12288, 32, 128, 768
-    shapes = {"q": (d, d), "qkv": (3 * d, d), "o": (d, d), "gate": (f, d), "gateup": (2 * f, d), "down": (d, f)}
+    shapes = {"q": (d, d), "qkv": (3 * d, d), "o": (d, d), "gate": (f, d), "gateup": (2 * f, d),
+              "down": (d, f)}
     W = {k: torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for k, (n, kk) in shapes.items()}
     sk = triton_skinny()
     for M in [int(r) for r in a.rows.split(",")]:
         print(f"\n## GEMMs M={M}")
-        print("| weight | read floor us | cuBLAS us | ratio | best triton us | cfg | ratio | max-autotune us |")
+        print("| weight | read floor us | cuBLAS us | ratio | best triton us | cfg | ratio | "
+              "max-autotune us |")
         print("|---|---|---|---|---|---|---|---|")
         tot = {"cublas7": 0.0, "cublas4": 0.0, "best4": 0.0, "floor4": 0.0}
         for name, w in W.items():
@@ -112,23 +114,24 @@ def main():
             t_at = float("nan")
             if a.autotune and M <= 64:
                 torch._inductor.config.max_autotune_gemm_backends = "TRITON,ATEN"
-                fn = torch.compile(lambda xx, ww: F.linear(xx, ww), mode="max-autotune-no-cudagraphs", dynamic=False)
+                fn = torch.compile(lambda xx, ww: F.linear(xx, ww), mode="max-autotune-no-cudagraphs",
+                                   dynamic=False)
                 try:
                     t_at = ms(lambda: fn(x, w)) * 1e3
                 except Exception as e:                                   # noqa: BLE001
                     print(f"  max-autotune failed: {e!r}"[:200])
-            print(f"| {name} {tuple(w.shape)} | {floor:.1f} | {t_cb:.1f} | {t_cb / floor:.2f} | {best:.1f} | {cfg} | "
-                  f"{best / floor:.2f} | {t_at:.1f} |")
+            print(f"| {name} {tuple(w.shape)} | {floor:.1f} | {t_cb:.1f} | {t_cb / floor:.2f} | "
+                  f"{best:.1f} | {cfg} | {best / floor:.2f} | {t_at:.1f} |")
             if name in ("q", "o", "gate", "down"):
                 tot["cublas7"] += t_cb * (3 if name == "q" else 2 if name == "gate" else 1)
             if name in ("qkv", "o", "gateup", "down"):
                 tot["cublas4"] += t_cb
                 tot["best4"] += min(best, t_cb)
                 tot["floor4"] += floor
-        print(f"per layer: cuBLAS 7 products {tot['cublas7']:.0f} us, cuBLAS fused 4 {tot['cublas4']:.0f} us, "
-              f"best-of fused 4 {tot['best4']:.0f} us, floor {tot['floor4']:.0f} us (x32 layers: "
-              f"{tot['cublas7'] * 32e-3:.2f} / {tot['cublas4'] * 32e-3:.2f} / {tot['best4'] * 32e-3:.2f} / "
-              f"{tot['floor4'] * 32e-3:.2f} ms)")
+        print(f"per layer: cuBLAS 7 products {tot['cublas7']:.0f} us, cuBLAS fused 4 "
+              f"{tot['cublas4']:.0f} us, best-of fused 4 {tot['best4']:.0f} us, floor {tot['floor4']:.0f} us "
+              f"(x32 layers: {tot['cublas7'] * 32e-3:.2f} / {tot['cublas4'] * 32e-3:.2f} / "
+              f"{tot['best4'] * 32e-3:.2f} / {tot['floor4'] * 32e-3:.2f} ms)")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     print("\n## attention: 32 queries over S keys, 32 heads, D=128")
     print("| B | S | backend | us | KV read floor us |")

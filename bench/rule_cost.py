@@ -98,7 +98,8 @@ def time_rule(runner, B, params, args, dev) -> dict:
             t_run += t1 - t0
             t_apply += t2 - t1
     n = args.iters
-    return {"runner_ms": 1e3 * t_run / n, "apply_ms": 1e3 * t_apply / n, "total_ms": 1e3 * (t_run + t_apply) / n}
+    return {"runner_ms": 1e3 * t_run / n, "apply_ms": 1e3 * t_apply / n,
+            "total_ms": 1e3 * (t_run + t_apply) / n}
 
 
 def main():

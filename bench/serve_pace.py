@@ -149,7 +149,8 @@ def time_http(runner, B, args, lookahead):
 
 
 def graph_step_ms(runner, args):
-    """GPU time of one captured Reuse step at B=1 (CUDA events over replays): the floor of the engine's step."""
+    """GPU time of one captured Reuse step at B=1 (CUDA events over replays): the floor of the engine's
+    step."""
     eng = make_engine(runner, 1, args, policy="fcfs", lookahead_steps=1)
     eng.generate(prompts_for(runner.config, 1, args.prompt), dict(gen_length=args.block,
                                                                   block_length=args.block, steps=args.block))
@@ -229,7 +230,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lookahead", type=int, default=16)
     p.add_argument("--no-http", action="store_true")
-    p.add_argument("--compile", action="store_true", help="GraphRunner with compiled blocks (the hand loop's too)")
+    p.add_argument("--compile", action="store_true",
+                   help="GraphRunner with compiled blocks (the hand loop's too)")
     p.add_argument("--profile", action="store_true", help="only the B=1 wall-time breakdown of the Engine")
     args = p.parse_args(argv)
     from dlc.runtime.runners.graph import GraphRunner
@@ -255,8 +257,8 @@ def main(argv=None):
                 settle()
                 secs, host, n = variants[k]()
                 res[k].append((secs, host, n))
-                print(json.dumps({"B": B, "round": r, "variant": k, "seconds": secs, "host_ms_per_replay": host,
-                                  "replays": n}), flush=True)
+                print(json.dumps({"B": B, "round": r, "variant": k, "seconds": secs,
+                                  "host_ms_per_replay": host, "replays": n}), flush=True)
         hand = statistics.median(s for s, _, _ in res["hand"])
         for k, v in res.items():
             med = statistics.median(s for s, _, _ in v)
@@ -268,9 +270,10 @@ def main(argv=None):
                 idle = 1 - gpu_s / med                                       # wall not spent on the GPU
             rows.append((B, k, B * args.gen / med, hand / med, statistics.median(hosts) if hosts else None,
                          idle, min(s for s, _, _ in v), max(s for s, _, _ in v)))
-    print(f"\nLLaDA-8B shape bf16, prompt {args.prompt} gen {args.gen} block {args.block}, 1 token/step, dual "
-          f"cache; {torch.cuda.get_device_name()} torch {torch.__version__}; medians of {args.rounds} rounds; "
-          f"B=1 GPU: graph Reuse step {step_ms:.2f} ms, Refresh forward {refresh_ms:.2f} ms")
+    print(f"\nLLaDA-8B shape bf16, prompt {args.prompt} gen {args.gen} block {args.block}, 1 "
+          f"token/step, dual cache; {torch.cuda.get_device_name()} torch {torch.__version__}; medians of "
+          f"{args.rounds} rounds; B=1 GPU: graph Reuse step {step_ms:.2f} ms, Refresh forward "
+          f"{refresh_ms:.2f} ms")
     print(f"{'B':>3} {'variant':<14} {'tok/s':>8} {'x hand':>7} {'host ms/replay':>15} {'GPU idle':>16} "
           f"{'min s':>7} {'max s':>7}")
     for B, k, tps, ratio, host, idle, lo, hi in rows:

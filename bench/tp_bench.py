@@ -42,7 +42,8 @@ def reuse_latency(runner, P: int, G: int, block: int, reps: int) -> float:
     pool = KVCacheManager(mc, L, 1 << 62, runner.dtype, runner.device, max_slots=1)
     slots = [pool.allocate_n(1)]
     run_batch(runner, build_batch(runner, "refresh", [seq], [P], [P], block, slots=slots, pool=pool))
-    batch = build_batch(runner, "reuse", [seq], [P], [P], block, spans=[(P, P + block)], slots=slots, pool=pool)
+    batch = build_batch(runner, "reuse", [seq], [P], [P], block, spans=[(P, P + block)], slots=slots,
+                        pool=pool)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -54,9 +55,11 @@ def reuse_latency(runner, P: int, G: int, block: int, reps: int) -> float:
 def throughput(runner, B: int, P: int, G: int, block: int) -> tuple[float, list]:
     from dlc.runtime.generate import GenerationConfig, generate
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, min(runner.config.vocab_size, 256), (P,), generator=g).tolist() for _ in range(B)]
+    prompts = [torch.randint(0, min(runner.config.vocab_size, 256), (P,), generator=g).tolist()
+               for _ in range(B)]
     cfg = GenerationConfig(gen_length=G, block_length=block, steps=G, kv_cache="dual")
-    generate(runner, prompts[:1], GenerationConfig(gen_length=block, block_length=block, steps=2, kv_cache="dual"))
+    generate(runner, prompts[:1],
+             GenerationConfig(gen_length=block, block_length=block, steps=2, kv_cache="dual"))
     t0 = time.perf_counter()
     res = generate(runner, prompts, cfg)
     dt = time.perf_counter() - t0
@@ -108,9 +111,9 @@ def main() -> None:
     tp_session.runner.close()
     same = sum(a == b for a, b in zip(one.pop("tokens"), tp.pop("tokens")))
     res = {"preset": args.preset, "tp": args.tp, "device": str(args.device), "dtype": args.dtype,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "tp1": one, f"tp{args.tp}": tp, "tp_load_s": round(load_s, 2),
-           "reuse_b1_ratio": tp["reuse_b1_ms"] / one["reuse_b1_ms"],
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tp1": one, f"tp{args.tp}": tp,
+           "tp_load_s": round(load_s, 2), "reuse_b1_ratio": tp["reuse_b1_ms"] / one["reuse_b1_ms"],
            "tokens_per_s_ratio": tp["tokens_per_s"] / one["tokens_per_s"],
            "identical_sequences": f"{same}/{args.batch}"}
     print(json.dumps(res, indent=2))

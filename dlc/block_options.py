@@ -12,9 +12,11 @@ DECODER_CHOICES = ["llada", "llada2", "llada2.1", "llada2.1-speed", "llada2.1-qu
 def block_diffusion_options(f):
     for opt in reversed([
         click.option("--steps-per-block", default=None, type=int,
-                     help="block diffusion: denoising steps per block (LLaDA2's steps; default: the family's)"),
+                     help="block diffusion: denoising steps per block (LLaDA2's steps; default: the "
+                          "family's)"),
         click.option("--eos-early-stop/--no-eos-early-stop", default=False, show_default=True,
-                     help="block diffusion: stop mid-block once an end token is committed with no mask before it"),
+                     help="block diffusion: stop mid-block once an end token is committed with no "
+                          "mask before it"),
         click.option("--edit-threshold", default=None, type=float,
                      help="llada2.1: token-to-token edit threshold (default: the mode's; 1.0 = no edits)"),
         click.option("--max-post-edit-steps", default=16, show_default=True, type=int,

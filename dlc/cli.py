@@ -23,8 +23,10 @@ def _fail(msg: str):
 @main.command()
 @click.argument("model")
 @click.argument("prompt")
-@click.option("--gen-length", default=None, type=int, help="default: the model's generation_config.json, else 128")
-@click.option("--block-length", default=None, type=int, help="default: the model's generation_config.json, else 32")
+@click.option("--gen-length", default=None, type=int,
+              help="default: the model's generation_config.json, else 128")
+@click.option("--block-length", default=None, type=int,
+              help="default: the model's generation_config.json, else 32")
 @click.option("--steps", default=None, type=int, help="default: the model's generation_config.json, else 128")
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--remasking", default="low_confidence", show_default=True,
@@ -33,9 +35,11 @@ def _fail(msg: str):
 @click.option("--factor", default=None, type=float, help="Fast-dLLM parallel-factor decoding")
 @click.option("--low-threshold", default=None, type=float,
               help="hierarchical decoding (dInfer): each run's best above this, plus all above --threshold")
-@click.option("--entropy-bound", default=None, type=float, help="entropy-bounded decoding (EB-sampler's gamma)")
+@click.option("--entropy-bound", default=None, type=float,
+              help="entropy-bounded decoding (EB-sampler's gamma)")
 @click.option("--credit", is_flag=True, help="credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)")
-@click.option("--smoothing", is_flag=True, help="iteration smoothing (dInfer: soft embeddings of masked inputs)")
+@click.option("--smoothing", is_flag=True,
+              help="iteration smoothing (dInfer: soft embeddings of masked inputs)")
 @click.option("--top-k", default=0, show_default=True, type=int, help="sampling filter at T > 0 (0: off)")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="sampling filter at T > 0 (1: off)")
 @click.option("--min-p", default=0.0, show_default=True, type=float, help="sampling filter at T > 0 (0: off)")
@@ -45,11 +49,14 @@ def _fail(msg: str):
 @click.option("--kv-cache", default=None, type=click.Choice(["none", "prefix", "dual", "block"]),
               help="default: none (block-diffusion models: block, the exact block cache)")
 @click.option("--decoder", default=None, type=click.Choice(DECODER_CHOICES),
-              help="decoding rule: llada (full attention) or, for block-diffusion checkpoints, llada2 / llada2.1 "
-                   "(token editing; -speed / -quality pick its thresholds). Default: the model's")
+              help="decoding rule: llada (full attention) or, for block-diffusion checkpoints, "
+                   "llada2 / llada2.1 (token editing; -speed / -quality pick its thresholds). "
+                   "Default: the model's")
 @block_diffusion_options
-@click.option("--weights", default=None, help="local checkpoint directory (overrides the preset's HF cache lookup)")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--weights", default=None,
+              help="local checkpoint directory (overrides the preset's HF cache lookup)")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
@@ -57,14 +64,15 @@ def _fail(msg: str):
 @click.option("--compile/--no-compile", "compile_blocks", default=None,
               help="torch.compile each block of the CUDA-graph runner [on with CUDA graphs on CUDA]")
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
-@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True, type=int,
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
+              type=int,
               help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
-             cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold, max_post_edit_steps,
-             tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks, chat, tensor_parallel_size,
-             as_json):
+             cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold,
+             max_post_edit_steps, tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks,
+             chat, tensor_parallel_size, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
@@ -83,14 +91,14 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
         gen_length, block_length, steps = (gen_length or gd["gen_length"],
                                            block_length or block.get("block_length") or gd["block_length"],
                                            steps or gd["steps"])
-        fields = block_fields(session.config, decoder, threshold, steps_per_block, eos_early_stop, edit_threshold,
-                              max_post_edit_steps, tokens_per_step, _preset_decoder(model))
+        fields = block_fields(session.config, decoder, threshold, steps_per_block, eos_early_stop,
+                              edit_threshold, max_post_edit_steps, tokens_per_step, _preset_decoder(model))
         cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps,
                                temperature=temperature, remasking=remasking, factor=factor,
-                               cfg_scale=cfg_scale, kv_cache=kv_cache or block.get("kv_cache", "none"), seed=seed,
-                               low_threshold=low_threshold, entropy_bound=entropy_bound, credit=credit,
-                               smoothing=smoothing, top_k=top_k, top_p=top_p, min_p=min_p, logprobs=logprobs,
-                               stop_at_eos=chat is not False, **fields)
+                               cfg_scale=cfg_scale, kv_cache=kv_cache or block.get("kv_cache", "none"),
+                               seed=seed, low_threshold=low_threshold, entropy_bound=entropy_bound,
+                               credit=credit, smoothing=smoothing, top_k=top_k, top_p=top_p, min_p=min_p,
+                               logprobs=logprobs, stop_at_eos=chat is not False, **fields)
         use_chat = session.chat if chat is None else chat
         cfg.stop_at_eos = use_chat
         ids = encode_prompt(session, prompt, use_chat)
@@ -101,9 +109,11 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     text = decode_tokens(session, res.token_ids[0])
     if as_json:
         print(json.dumps({"text": text, "token_ids": res.token_ids[0], "nfe": res.nfe,
-                          "seconds": round(res.seconds, 4), "tokens_per_forward": round(res.tokens_per_forward, 3),
-                          "prompt_tokens": len(ids), "model": session.source, "engine": session.kind}
-                         | ({"logprobs": [None if e is None else {"logprob": e[0], "top": dict(zip(e[1], e[2]))}
+                          "seconds": round(res.seconds, 4),
+                          "tokens_per_forward": round(res.tokens_per_forward, 3), "prompt_tokens": len(ids),
+                          "model": session.source, "engine": session.kind}
+                         | ({"logprobs": [None if e is None
+                                          else {"logprob": e[0], "top": dict(zip(e[1], e[2]))}
                                           for e in res.logprobs[0][:len(res.token_ids[0])]]}
                             if res.logprobs else {})))
     else:
@@ -114,10 +124,11 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
-@click.option("--gen-length", default=None, type=int, help="with --cpp: masks appended (default: the model's)")
+@click.option("--gen-length", default=None, type=int,
+              help="with --cpp: masks appended (default: the model's)")
 @click.option("--block-length", default=None, type=int, help="with --cpp: the first block's width")
-@click.option("--cpp", is_flag=True, help="print `A B ID...`: the arguments of examples/cpp's demo (the prompt "
-                                          "+ gen-length mask ids, decoding the first block A..B)")
+@click.option("--cpp", is_flag=True, help="print `A B ID...`: the arguments of examples/cpp's demo "
+                                          "(the prompt + gen-length mask ids, decoding the first block A..B)")
 def tokenize(model, prompt, chat, gen_length, block_length, cpp):
     """Print PROMPT's token ids under MODEL's tokenizer (preset, checkpoint dir or engine dir): what the C++
     example and other non-Python callers take. An engine directory's programs are not loaded."""
@@ -147,7 +158,8 @@ def tokenize(model, prompt, chat, gen_length, block_length, cpp):
 
 
 def _block_defaults(model_config, model: str, weights: str | None) -> dict:
-    """Block-diffusion families' own block length and cache (unless generation_config.json sets the length)."""
+    """Block-diffusion families' own block length and cache (unless generation_config.json sets the
+    length)."""
     from dlc.runtime.config import family_generation_defaults, model_generation_defaults
     fam = family_generation_defaults(model_config)
     if not fam:
@@ -182,8 +194,9 @@ def _generation_defaults(model: str, weights: str | None) -> dict:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--target", default=None, help="also plan each preset on this GPU (rtx4090, l40s, a100-40g, a100-80g, "
-              "h100, h200): the smallest tensor / expert parallel layout that holds it (bf16, batch 1)")
+@click.option("--target", default=None, help="also plan each preset on this GPU (rtx4090, l40s, "
+              "a100-40g, a100-80g, h100, h200): the smallest tensor / expert parallel layout that holds it "
+              "(bf16, batch 1)")
 @click.option("--max-seq-len", default=4096, show_default=True, type=int,
               help="with --target: the sequence the layout must hold (capped at each model's maximum)")
 def models(as_json, target, max_seq_len):
@@ -193,7 +206,8 @@ def models(as_json, target, max_seq_len):
     rows = []
     for name in sorted(PRESETS):
         p = PRESETS[name]
-        rows.append({"name": name, "repo": p["repo"] or ("bundled" if p.get("path") else "random (in-process)"),
+        rows.append({"name": name,
+                     "repo": p["repo"] or ("bundled" if p.get("path") else "random (in-process)"),
                      "parameters": preset_config(name).num_parameters() if p.get("config") else None,
                      "description": p["description"]})
     if target:
@@ -228,11 +242,13 @@ def _add_layouts(rows: list[dict], target: str, max_seq_len: int) -> None:
         best = next((lay for lay in tried if lay.gpus == degree), None)
         r.update({"layout": best.name if best else None, "gpus": degree or None,
                   "gib_per_gpu": round(best.total / (1 << 30), 2) if best else None,
-                  "layout_text": f"{best.name} ({best.total / (1 << 30):.1f} GiB/GPU)" if best else "> 8 GPUs"})
+                  "layout_text": f"{best.name} ({best.total / (1 << 30):.1f} GiB/GPU)" if best
+                  else "> 8 GPUs"})
 
 
 def _add_optional_commands() -> None:
-    """Commands that live in other packages register here; a missing one is an install problem, not a crash."""
+    """Commands that live in other packages register here; a missing one is an install problem, not a
+    crash."""
     import importlib
 
     for module, attr, name in [("dlc.compiler.cli", "compile_command", "compile"),

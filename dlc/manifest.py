@@ -1,21 +1,22 @@
 """Engine manifests: ``OUT_DIR/dlc_engine.json`` of a ``dlc compile`` build, and its validation on open.
 
 An engine directory also holds the model's Hugging Face ``config.json`` and tokenizer files, so HF tooling
-(``AutoTokenizer.from_pretrained(OUT_DIR)``) reads it as it reads the checkpoint; dlc's own description lives in
-its own file, never under HF's keys (transformers would read ``dtype: "fp32"`` as a torch attribute).
+(``AutoTokenizer.from_pretrained(OUT_DIR)``) reads it as it reads the checkpoint; dlc's own description lives
+in its own file, never under HF's keys (transformers would read ``dtype: "fp32"`` as a torch attribute).
 
 The manifest records versions, target, dtype, model config (with mask/eos ids), build limits, the ordered
 passes with their parameters and rewrite counts, per-phase files with input/output names, shapes (symbolic
 dims named) and dtypes, the weights (``weights``: one ``weights.safetensors`` every phase program takes as
-inputs, named ``w__*`` after its runtime inputs, in ``weight_inputs`` order), tokenizer files, compile timings and artifact sizes, and ``settings_hash``: a sha256 of
-the engine-affecting settings. Every artifact file's sha256 is recorded under its phase (``sha256``: file ->
-hex digest) and so covered by the settings hash. ``load_manifest`` refuses a damaged or mismatched directory
-with the reason, naming the file: wrong versions, an edited manifest, a missing file, a file whose size or
-sha256 differs from the record (truncated, overwritten, from another build).
+inputs, named ``w__*`` after its runtime inputs, in ``weight_inputs`` order), tokenizer files, compile timings
+and artifact sizes, and ``settings_hash``: a sha256 of the engine-affecting settings. Every artifact file's
+sha256 is recorded under its phase (``sha256``: file -> hex digest) and so covered by the settings hash.
+``load_manifest`` refuses a damaged or mismatched directory with the reason, naming the file: wrong versions,
+an edited manifest, a missing file, a file whose size or sha256 differs from the record (truncated,
+overwritten, from another build).
 
 Hashing a 16 GB engine takes about a minute, so a verified file's (size, mtime, digest) is remembered in
-``$XDG_CACHE_HOME/dlc/verified.json`` (default ``~/.cache``): an unchanged file is hashed once. ``verify="full"``
-(``dlc inspect --verify``) hashes everything again."""
+``$XDG_CACHE_HOME/dlc/verified.json`` (default ``~/.cache``): an unchanged file is hashed once.
+``verify="full"`` (``dlc inspect --verify``) hashes everything again."""
 from __future__ import annotations
 
 import hashlib
@@ -136,7 +137,8 @@ def read_manifest(path) -> dict:
     except json.JSONDecodeError as e:
         raise EngineError(f"{p} is not valid JSON ({e}): the engine directory is damaged") from None
     if m.get("format") != FORMAT:
-        raise EngineError(f"{p} is not a dlc engine manifest (format {m.get('format')!r}, expected {FORMAT!r})")
+        raise EngineError(f"{p} is not a dlc engine manifest (format {m.get('format')!r}, "
+                          f"expected {FORMAT!r})")
     return m
 
 
@@ -164,17 +166,19 @@ def validate_manifest(path, m: dict, check_versions: bool = True, verify: str = 
         for f in [spec["file"]] + spec.get("extra_files", []):
             fp = path / f
             if not fp.exists():
-                raise EngineError(f"{path}: the {phase} artifact {f} is missing; the engine directory is damaged")
+                raise EngineError(f"{path}: the {phase} artifact {f} is missing; the engine "
+                                  "directory is damaged")
             size = spec.get("bytes", {}).get(f)
             if size is not None and fp.stat().st_size != size:
                 raise EngineError(f"{path}: {f} has {fp.stat().st_size} bytes, {MANIFEST} recorded {size}: "
                                   f"the artifact is damaged or from another build")
             want = spec.get("sha256", {}).get(f)
             if want is None:
-                raise EngineError(f"{path}: {MANIFEST} records no sha256 for {f}; recompile with `dlc compile`")
+                raise EngineError(f"{path}: {MANIFEST} records no sha256 for {f}; recompile with "
+                                  "`dlc compile`")
             if verify != "off" and artifact_sha256(fp, verify) != want:
-                raise EngineError(f"{path}: {f} does not match the sha256 in {MANIFEST}: the artifact is damaged "
-                                  f"or from another build; recompile with `dlc compile`")
+                raise EngineError(f"{path}: {f} does not match the sha256 in {MANIFEST}: the "
+                                  f"artifact is damaged or from another build; recompile with `dlc compile`")
     if not m.get("phases"):
         raise EngineError(f"{path}: {MANIFEST} lists no phase artifacts")
 
@@ -206,23 +210,25 @@ def check_program_shapes(path, m: dict, config=None) -> None:
                 shape = t.get("shape") or []
                 if len(shape) != 5 or any(w is not None and d != w for d, w in zip(shape, want)):
                     dims = ", ".join("*" if w is None else str(w) for w in want)
-                    raise EngineError(f"{path}: the {ph} program's {t['name']} {io[:-1]} has shape {shape}, but "
-                                      f"the model config in {MANIFEST} gives [{dims}] (n_layers, batch, n_kv_heads, "
-                                      f"columns, head_dim): the manifest does not describe these programs; "
-                                      f"recompile with `dlc compile`")
+                    raise EngineError(f"{path}: the {ph} program's {t['name']} {io[:-1]} has shape "
+                                      f"{shape}, but the model config in {MANIFEST} gives [{dims}] "
+                                      "(n_layers, batch, n_kv_heads, columns, head_dim): the manifest does "
+                                      f"not describe these programs; recompile with `dlc compile`")
 
 
 def summary_lines(m: dict) -> list[str]:
     """The `dlc inspect` summary."""
     mc = m.get("model", {})
     b = m.get("build", {})
-    lines = [f"engine      {m.get('backend')} (runtime {m.get('runtime')}), dlc {m.get('dlc')}, torch {m.get('torch')}",
-             f"target      {m.get('target', {}).get('name')} ({m.get('target', {}).get('arch')}), dtype {m.get('dtype')}",
-             f"model       {m.get('source')}: {mc.get('family')} d_model {mc.get('d_model')} layers {mc.get('n_layers')} "
-             f"heads {mc.get('n_heads')}/{mc.get('n_kv_heads')} vocab {mc.get('vocab_size')} "
-             f"mask {mc.get('mask_id')} eos {mc.get('eos_id')}",
-             f"limits      batch {b.get('max_batch_size')} seq {b.get('max_seq_len')} block {b.get('block_length')} "
-             f"logit chunk {b.get('logit_chunk')}",
+    lines = [f"engine      {m.get('backend')} (runtime {m.get('runtime')}), dlc {m.get('dlc')}, torch "
+             f"{m.get('torch')}",
+             f"target      {m.get('target', {}).get('name')} ({m.get('target', {}).get('arch')}), dtype "
+             f"{m.get('dtype')}",
+             f"model       {m.get('source')}: {mc.get('family')} d_model {mc.get('d_model')} layers "
+             f"{mc.get('n_layers')} heads {mc.get('n_heads')}/{mc.get('n_kv_heads')} vocab "
+             f"{mc.get('vocab_size')} mask {mc.get('mask_id')} eos {mc.get('eos_id')}",
+             f"limits      batch {b.get('max_batch_size')} seq {b.get('max_seq_len')} block "
+             f"{b.get('block_length')} logit chunk {b.get('logit_chunk')}",
              "passes      " + ", ".join(f"{p['name']}{p.get('params') or ''}" for p in m.get("passes", []))]
     w = m.get("weights") or {}
     if w:

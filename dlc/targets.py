@@ -36,7 +36,8 @@ TARGETS: dict[str, Target] = {
     "a100-80g": Target("a100-80g", "sm_80", "cuda", 80, 2039, 312, description="NVIDIA A100 80GB SXM"),
     "h100": Target("h100", "sm_90", "cuda", 80, 3350, 989, description="NVIDIA H100 SXM5 80GB"),
     "h200": Target("h200", "sm_90", "cuda", 141, 4800, 989, description="NVIDIA H200 SXM 141GB"),
-    "cpu": Target("cpu", "x86_64", "cpu", 16, 50, 1.0, utilisation=0.5, description="host CPU (memory from the host)"),
+    "cpu": Target("cpu", "x86_64", "cpu", 16, 50, 1.0, utilisation=0.5,
+                  description="host CPU (memory from the host)"),
 }
 
 

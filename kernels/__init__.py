@@ -1,17 +1,17 @@
 """GPU kernels (Triton) registered as torch custom ops, each with a pure-PyTorch reference.
 
-Every op lives under ``torch.ops.dlc`` so torch.export keeps it as one node and AOTInductor compiles the Triton
-kernel into the artifact. On CPU tensors each op runs its reference (the op's CPU implementation); on CUDA
-tensors it launches the Triton kernel. ``OPS`` maps name -> op for passes that look ops up by name.
+Every op lives under ``torch.ops.dlc`` so torch.export keeps it as one node and AOTInductor compiles the
+Triton kernel into the artifact. On CPU tensors each op runs its reference (the op's CPU implementation); on
+CUDA tensors it launches the Triton kernel. ``OPS`` maps name -> op for passes that look ops up by name.
 
 Python API (what compiler passes and runtimes call):
 
 * ``fused_select_logits(hidden [N, d], weight [V, d], temperature=0.0, seed=0, noise=None, temperature_t=None,
-  row_keys=None)`` -> (token [N] int64, confidence [N] float32). Logits of the selected rows in vocab tiles with
-  an online softmax; never an [N, V] tensor. T > 0 samples by Gumbel-max with noise ``u`` [N, V] when given,
-  else a counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen token.
-  Graph form (compiled phases): ``temperature_t`` [1] tensor instead of the float, ``row_keys`` [N] int64
-  per-row hash keys (``logits.row_key(seed, row)``) instead of the seed.
+  row_keys=None)`` -> (token [N] int64, confidence [N] float32). Logits of the selected rows in vocab tiles
+  with an online softmax; never an [N, V] tensor. T > 0 samples by Gumbel-max with noise ``u`` [N, V] when
+  given, else a counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen
+  token. Graph form (compiled phases): ``temperature_t`` [1] tensor instead of the float, ``row_keys`` [N]
+  int64 per-row hash keys (``logits.row_key(seed, row)``) instead of the seed.
 * ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
 * ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
@@ -52,11 +52,12 @@ def fused_select_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature:
                         row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token [N] int64, confidence [N] float32) for hidden [N, d] against the lm-head weight [V, d]."""
     _sl.validate(hidden, weight, temperature, noise, temperature_t, row_keys)
-    return torch.ops.dlc.fused_select_logits(hidden, weight, float(temperature), int(seed), noise, temperature_t,
-                                             row_keys)
+    return torch.ops.dlc.fused_select_logits(hidden, weight, float(temperature), int(seed), noise,
+                                             temperature_t, row_keys)
 
 
-def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k log-probabilities (logprobs [N, k] float32, ids [N, k] int64) without an [N, V] tensor."""
     _sl.validate(hidden, weight, 0.0, None)
     if not 0 < k <= weight.shape[0]:
@@ -64,8 +65,8 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> t
     return torch.ops.dlc.fused_topk_logprobs(hidden, weight, int(k))
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
-                     idx: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blk: torch.Tensor,
+                     v_blk: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
     """Block queries over per-head selected cached K/V plus the block's own K/V: [B, H, T, D]."""
     _sa.validate(q, k, v, k_blk, v_blk, idx)
     if idx is not None and concrete() and idx.numel() and int(idx.max()) >= k.shape[2]:
@@ -92,5 +93,5 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
     torch.ops.dlc.kv_write(k_cache, v_cache, k_new, v_new, start, rows)
 
 
-__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs", "sparse_attention",
-           "select_positions", "kv_write_", "pool_attention"]
+__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs",
+           "sparse_attention", "select_positions", "kv_write_", "pool_attention"]

@@ -1,11 +1,11 @@
 """How dlc's kernels become torch ops.
 
-Each kernel is one ``dlc::<name>`` op. With Triton importable the op is a ``torch.library.triton_op``: its body
-launches the Triton kernel through ``wrap_triton`` on CUDA tensors, so torch.export keeps one node and
-Inductor/AOTInductor compile the kernel itself into the artifact (no Python at run time). Without Triton (CPU-only
-installs) the same body is registered as a plain ``custom_op``. Either way the body dispatches CPU tensors to the
-pure-PyTorch reference, which is the op's CPU implementation and the numerics every Triton result is checked
-against."""
+Each kernel is one ``dlc::<name>`` op. With Triton importable the op is a ``torch.library.triton_op``: its
+body launches the Triton kernel through ``wrap_triton`` on CUDA tensors, so torch.export keeps one node and
+Inductor/AOTInductor compile the kernel itself into the artifact (no Python at run time). Without Triton
+(CPU-only installs) the same body is registered as a plain ``custom_op``. Either way the body dispatches CPU
+tensors to the pure-PyTorch reference, which is the op's CPU implementation and the numerics every Triton
+result is checked against."""
 from __future__ import annotations
 
 import os
@@ -26,8 +26,8 @@ OPS: dict[str, object] = {}                      # name -> torch op (torch.ops.d
 
 def define_op(name: str, mutates_args=(), opaque: bool = False):
     """Decorator: define ``dlc::name`` from a Python body (triton_op when Triton is there, else custom_op).
-    ``opaque``: always a custom_op, so torch.compile calls the body as an extern kernel instead of compiling the
-    Triton kernel into its own graph (runtime-only ops: nothing to lower into an exported artifact)."""
+    ``opaque``: always a custom_op, so torch.compile calls the body as an extern kernel instead of compiling
+    the Triton kernel into its own graph (runtime-only ops: nothing to lower into an exported artifact)."""
     def wrap(fn):
         if HAS_TRITON and not opaque:
             op = torch.library.triton_op(f"dlc::{name}", fn, mutates_args=mutates_args)
@@ -39,8 +39,8 @@ def define_op(name: str, mutates_args=(), opaque: bool = False):
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Run the Triton kernel for this tensor? CUDA tensors when Triton is there; CPU tensors never (reference),
-    except that callers may launch kernels directly under TRITON_INTERPRET=1 for checks."""
+    """Run the Triton kernel for this tensor? CUDA tensors when Triton is there; CPU tensors never
+    (reference), except that callers may launch kernels directly under TRITON_INTERPRET=1 for checks."""
     return t.device.type == "cuda"
 
 
@@ -51,7 +51,8 @@ def require_triton(what: str) -> None:
 
 
 def launch(kernel):
-    """``kernel[grid](...)`` through ``wrap_triton`` so tracing sees the kernel; plain launch in the interpreter."""
+    """``kernel[grid](...)`` through ``wrap_triton`` so tracing sees the kernel; plain launch in the
+    interpreter."""
     if INTERPRET:
         return kernel
     return torch.library.wrap_triton(kernel)

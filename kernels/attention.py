@@ -1,9 +1,9 @@
 """Head-sparse attention for the Reuse phase (Sparse-dLLM / dLLM-Serve's head-centric sparsity).
 
-At Refresh every KV head picks its own subset of cached positions (``select_positions``: the block's mean query
-scores the cache, or with ``v`` the block's attention probabilities times ||v|| as the ``sparsify_heads`` pass
-does; max over the query heads of the group, 1-D max-pool, top ``retention`` fraction).
-At Reuse the block's queries attend to those positions plus the block's own fresh K/V:
+At Refresh every KV head picks its own subset of cached positions (``select_positions``: the block's mean
+query scores the cache, or with ``v`` the block's attention probabilities times ||v|| as the
+``sparsify_heads`` pass does; max over the query heads of the group, 1-D max-pool, top ``retention``
+fraction). At Reuse the block's queries attend to those positions plus the block's own fresh K/V:
 
     out[b, h] = softmax(q[b, h] @ [K_sel[b, g]; K_blk[b, g]]^T / sqrt(D)) @ [V_sel[b, g]; V_blk[b, g]]
 
@@ -12,8 +12,8 @@ cache [B, Hkv, S, D] (entries < 0 are padding and are skipped), or already-compa
 (``idx=None``). Keeping every position (idx = arange(S), or the full cache with idx=None) is dense attention
 and equals SDPA over the concatenated keys.
 
-The Triton kernel runs one program per (batch, query head, query tile) with an online softmax over tiles of the
-gathered keys, then over the block's keys; it never materialises the gathered K/V.
+The Triton kernel runs one program per (batch, query head, query tile) with an online softmax over tiles of
+the gathered keys, then over the block's keys; it never materialises the gathered K/V.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
+                        use_triton)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -46,8 +47,9 @@ def sparse_attention_reference(q, k, v, k_blk, v_blk, idx=None):
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=keep[:, :, None, :])   # [B, H, T, D]
 
 
-def select_positions(q_blk: torch.Tensor, k: torch.Tensor, retention: float, key_mask: torch.Tensor | None = None,
-                     pool: int = 3, v: torch.Tensor | None = None) -> torch.Tensor:
+def select_positions(q_blk: torch.Tensor, k: torch.Tensor, retention: float,
+                     key_mask: torch.Tensor | None = None, pool: int = 3,
+                     v: torch.Tensor | None = None) -> torch.Tensor:
     """Per-KV-head positions to keep: q_blk [B, H, T, D], k [B, Hkv, S, D] -> idx [B, Hkv, n] (sorted, int64).
 
     Without ``v`` (Sparse-dLLM's score): mean query of the block . k / sqrt(D). With ``v`` [B, Hkv, S, D] (the
@@ -80,8 +82,10 @@ if HAS_TRITON:
     @triton.jit
     def _attend_tile(q, acc, m, l, Kp, Vp, pos, valid, stride_s, dk, dmask, scale, IEEE: tl.constexpr):
         """One online-softmax step over a tile of keys at positions ``pos`` [BK]."""
-        kt = tl.load(Kp + pos[:, None] * stride_s + dk[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(Vp + pos[:, None] * stride_s + dk[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+        kt = tl.load(Kp + pos[:, None] * stride_s + dk[None, :], mask=valid[:, None] & dmask[None, :],
+                     other=0.0)
+        vt = tl.load(Vp + pos[:, None] * stride_s + dk[None, :], mask=valid[:, None] & dmask[None, :],
+                     other=0.0)
         if IEEE:
             sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
@@ -101,8 +105,8 @@ if HAS_TRITON:
     @triton.jit
     def _sparse_attn_kernel(Q, K, V, KB, VB, IDX, O,
                             H, HKV, T, NSEL, D, scale,
-                            sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sb_b, sb_h, sb_t, si_b, si_h, so_b, so_h, so_t,
-                            HAS_IDX: tl.constexpr, IEEE: tl.constexpr,
+                            sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sb_b, sb_h, sb_t, si_b, si_h, so_b, so_h,
+                            so_t, HAS_IDX: tl.constexpr, IEEE: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
         pid_bh = tl.program_id(0)
         b = pid_bh // H
@@ -152,8 +156,8 @@ def sparse_attention_triton(q, k, v, k_blk, v_blk, idx=None, BT=None, BK=32, num
     launch(_sparse_attn_kernel)[grid](
         q, k, v, k_blk, v_blk, ix, o, H, Hkv, T, nsel, D, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        k_blk.stride(0), k_blk.stride(1), k_blk.stride(2), si[0], si[1], o.stride(0), o.stride(1), o.stride(2),
-        HAS_IDX=idx is not None, IEEE=q.dtype == torch.float32,
+        k_blk.stride(0), k_blk.stride(1), k_blk.stride(2), si[0], si[1], o.stride(0), o.stride(1),
+        o.stride(2), HAS_IDX=idx is not None, IEEE=q.dtype == torch.float32,
         BT=BT, BK=BK, BD=max(16, triton.next_power_of_2(D)), num_warps=num_warps, num_stages=num_stages)
     return o
 

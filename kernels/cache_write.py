@@ -1,20 +1,22 @@
 """In-place K/V write of a block into a static cache at per-row offsets.
 
-``cache[rows[b], :, start[b] + t] = new[b, :, t]`` for K and V in one launch. With per-row ``start`` a batch whose
-rows sit at different block offsets (or in scattered slots of a pool) writes without a Python loop, and since
-``start`` and ``rows`` are tensors, one CUDA graph serves every offset. Positions past the cache end are
-dropped by the kernel (no out-of-bounds write); the eager wrapper ``dlc.kernels.kv_write_`` checks ranges first
-and raises instead.
+``cache[rows[b], :, start[b] + t] = new[b, :, t]`` for K and V in one launch. With per-row ``start`` a batch
+whose rows sit at different block offsets (or in scattered slots of a pool) writes without a Python loop, and
+since ``start`` and ``rows`` are tensors, one CUDA graph serves every offset. Positions past the cache end are
+dropped by the kernel (no out-of-bounds write); the eager wrapper ``dlc.kernels.kv_write_`` checks ranges
+first and raises instead.
 """
 from __future__ import annotations
 
 import torch
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
+                        use_triton)
 
 
 def kv_write_reference(k_cache, v_cache, k_new, v_new, start, rows=None) -> None:
-    """k_cache/v_cache [N, Hkv, S, D] (N = B, or a slot pool with ``rows`` [B]); k_new/v_new [B, Hkv, T, D]."""
+    """k_cache/v_cache [N, Hkv, S, D] (N = B, or a slot pool with ``rows`` [B]); k_new/v_new
+    [B, Hkv, T, D]."""
     B, _, T, _ = k_new.shape
     S = k_cache.shape[2]
     r = torch.arange(B, device=k_new.device) if rows is None else rows.to(torch.int64)
@@ -55,8 +57,8 @@ def kv_write_triton(k_cache, v_cache, k_new, v_new, start, rows=None, BT=16) -> 
     grid = (B * Hkv, -(-T // BT))
     launch(_kv_write_kernel)[grid](
         k_cache, v_cache, k_new, v_new, start, rows if rows is not None else start, Hkv, T, S, D,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        HAS_ROWS=rows is not None, BT=BT, BD=triton.next_power_of_2(D), num_warps=4)
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_new.stride(0), k_new.stride(1),
+        k_new.stride(2), HAS_ROWS=rows is not None, BT=BT, BD=triton.next_power_of_2(D), num_warps=4)
 
 
 def validate(k_cache, v_cache, k_new, v_new, start, rows) -> None:

@@ -2,9 +2,9 @@
 
 A diffusion step decodes a few rows per sequence, but ``head(hidden)`` then ``softmax`` materialises [N, V]
 logits twice (V = 126464 for LLaDA: 12 GiB at B=32, L=768 in fp32). This kernel streams the lm-head weight in
-vocab tiles, keeps per row a running max ``m`` and sum ``s`` of exp (online softmax) and the best (Gumbel-)score
-with its id and logit, and reduces at once. Output: token id [N] int64 and confidence [N] float32 = softmax
-probability of the chosen token (LLaDA's ``low_confidence``).
+vocab tiles, keeps per row a running max ``m`` and sum ``s`` of exp (online softmax) and the best
+(Gumbel-)score with its id and logit, and reduces at once. Output: token id [N] int64 and confidence [N]
+float32 = softmax probability of the chosen token (LLaDA's ``low_confidence``).
 
 Sampling at temperature T > 0 is Gumbel-max: argmax(logit - T * log(-log u)), which is LLaDA's
 ``exp(logit) / (-log u)^T`` in log space (the same argmax without overflowing exp). ``u`` is either passed in
@@ -31,7 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
+                        use_triton)
 
 _MASK32 = 0xFFFFFFFF
 _HASH_M1, _HASH_M2, _ROW_M = 0x7FEB352D, 0x2C1B3C6D, 0x27D4EB2F   # odd multipliers < 2^31 (int64-safe)
@@ -69,8 +70,8 @@ def hash_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Ten
 
 
 def select_logits_reference(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0,
-                            seed: int = 0, noise: torch.Tensor | None = None, temperature_t=None, row_keys=None,
-                            chunk: int = REF_CHUNK):
+                            seed: int = 0, noise: torch.Tensor | None = None, temperature_t=None,
+                            row_keys=None, chunk: int = REF_CHUNK):
     """Pure-PyTorch reference: the same online reduction over vocab chunks of ``chunk`` columns, in float32.
 
     Never holds more than [N, chunk] logits. Returns (token [N] int64, confidence [N] float32)."""
@@ -207,8 +208,8 @@ def plan(N: int, V: int, sms: int, BN: int | None = None, BV: int = 128, program
     return BN, BV, -(-V // cols), cols
 
 
-def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, temperature_t=None, row_keys=None,
-                         BN=None, BV=128, BD=64, num_warps=4, num_stages=3, programs_per_sm=4):
+def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, temperature_t=None,
+                         row_keys=None, BN=None, BV=128, BD=64, num_warps=4, num_stages=3, programs_per_sm=4):
     """Launch the kernel (also on CPU tensors under TRITON_INTERPRET=1) and reduce the per-split partials."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -247,7 +248,8 @@ def validate(hidden, weight, temperature, noise, temperature_t=None, row_keys=No
           f"hidden has d={hidden.shape[1]} but weight has d={weight.shape[1]}")
     check(hidden.dtype == weight.dtype, f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
     check(hidden.device == weight.device, f"hidden on {hidden.device} but weight on {weight.device}")
-    check(temperature >= 0 and math.isfinite(temperature), f"temperature must be finite and >= 0, got {temperature}")
+    check(temperature >= 0 and math.isfinite(temperature),
+          f"temperature must be finite and >= 0, got {temperature}")
     check(hidden.stride(1) == 1 and weight.stride(1) == 1, "hidden and weight need a contiguous last dim")
     if noise is not None:
         check(tuple(noise.shape) == (hidden.shape[0], weight.shape[0]),
@@ -267,8 +269,9 @@ def validate(hidden, weight, temperature, noise, temperature_t=None, row_keys=No
 
 
 @define_op("fused_select_logits")
-def fused_select_logits_op(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0, seed: int = 0,
-                           noise: torch.Tensor | None = None, temperature_t: torch.Tensor | None = None,
+def fused_select_logits_op(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 0.0,
+                           seed: int = 0, noise: torch.Tensor | None = None,
+                           temperature_t: torch.Tensor | None = None,
                            row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(hidden):
         require_triton("fused_select_logits")
@@ -282,9 +285,10 @@ def _(hidden, weight, temperature=0.0, seed=0, noise=None, temperature_t=None, r
     return hidden.new_empty((N,), dtype=torch.int64), hidden.new_empty((N,), dtype=torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------- top-k logprobs
+# --------------------------------------------------------------------------------------------- top-k logprobs
 def topk_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int = REF_CHUNK):
-    """Top-k log-probabilities per row, chunked over the vocab (never [N, V]): (logprobs [N, k] f32, ids [N, k])."""
+    """Top-k log-probabilities per row, chunked over the vocab (never [N, V]): (logprobs [N, k] f32, ids
+    [N, k])."""
     N, V = hidden.shape[0], weight.shape[0]
     h = hidden.float()
     m = torch.full((N,), -math.inf, device=hidden.device)
@@ -302,8 +306,10 @@ def topk_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, k: int, 
     return vals - (m + torch.log(s))[:, None], ids
 
 
-@define_op("fused_topk_logprobs")              # a triton_op (with Triton) so Inductor/AOTI trace the torch body
-def fused_topk_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+# a triton_op (with Triton) so Inductor/AOTI trace the torch body
+@define_op("fused_topk_logprobs")
+def fused_topk_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor,
+                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return topk_logprobs_reference(hidden, weight, k)
 
 
@@ -320,8 +326,8 @@ _M32 = 4294967296
 def uniform_noise(seeds: torch.Tensor, n_rows: int, c0: int, c1: int, vocab: int, device,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Counter-based uniform(0, 1) noise [C, N, c1 - c0] for vocab ids c0..c1 (integer hash; the same
-    (seed, row, id) always gives the same draw, whatever the chunking). float64: 32 random bits; float32 (builds
-    for runtimes without doubles, TensorRT): the top 24 bits, exact in float32 and never 0 or 1."""
+    (seed, row, id) always gives the same draw, whatever the chunking). float64: 32 random bits; float32
+    (builds for runtimes without doubles, TensorRT): the top 24 bits, exact in float32 and never 0 or 1."""
     row = torch.arange(n_rows, device=device)[None, :, None]                    # [1, N, 1]
     col = torch.arange(c0, c1, device=device)[None, None, :]                    # [1, 1, Vc]
     return seeded_uniform(seeds, row, col, vocab, dtype)

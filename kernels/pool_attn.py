@@ -9,12 +9,13 @@ slow masked SDPA path either):
 
     out[b, h] = softmax(q[b, h] @ K[rows[b], g, :kv_len[b]]^T / sqrt(D)) @ V[rows[b], g, :kv_len[b]]
 
-with g = h // (H / Hkv). Split-KV (flash-decoding): with few (batch x head x query-tile) programs the key range
-is split over ``splits`` programs that write partial (sum, max, denominator), and a second kernel combines them,
-so a batch-1 step still fills the GPU.
+with g = h // (H / Hkv). Split-KV (flash-decoding): with few (batch x head x query-tile) programs the key
+range is split over ``splits`` programs that write partial (sum, max, denominator), and a second kernel
+combines them, so a batch-1 step still fills the GPU.
 
-The op is opaque to torch.compile (a plain custom op): compiled transformer blocks call it as an extern kernel,
-so capturing a block with it compiles nothing extra. It is a runtime op; exported engines do not use it."""
+The op is opaque to torch.compile (a plain custom op): compiled transformer blocks call it as an extern
+kernel, so capturing a block with it compiles nothing extra. It is a runtime op; exported engines do not use
+it."""
 from __future__ import annotations
 
 import math
@@ -104,7 +105,8 @@ if HAS_TRITON:
             base = (pid_bh * SPLIT + sp) * T
             w = tl.exp(tl.load(PM + base + t, mask=tmask, other=float("-inf")) - M)
             den += w * tl.load(PL + base + t, mask=tmask, other=0.0)
-            acc += w[:, None] * tl.load(PO + (base + t[:, None]) * BD + dk[None, :], mask=tmask[:, None], other=0.0)
+            acc += w[:, None] * tl.load(PO + (base + t[:, None]) * BD + dk[None, :], mask=tmask[:, None],
+                                        other=0.0)
         out = acc / den[:, None]
         tl.store(O + b * so_b + h * so_h + t[:, None] * so_t + dk[None, :], out.to(O.dtype.element_ty),
                  mask=tmask[:, None] & (dk[None, :] < D))
@@ -136,7 +138,8 @@ def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, BT=None, BK=64, num_w
         q, k_pool, v_pool, rows, kv_len, o, po, pm, pl, H, Hkv, T, chunk, D, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        SPLIT=split, IEEE=q.dtype == torch.float32, BT=BT, BK=BK, BD=BD, num_warps=num_warps, num_stages=num_stages)
+        SPLIT=split, IEEE=q.dtype == torch.float32, BT=BT, BK=BK, BD=BD, num_warps=num_warps,
+        num_stages=num_stages)
     if split > 1:
         _pool_attn_combine[(B * H, tiles)](o, po, pm, pl, H, T, D, o.stride(0), o.stride(1), o.stride(2),
                                                    SPLIT=split, BT=BT, BD=BD, num_warps=num_warps)

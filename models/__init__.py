@@ -16,7 +16,8 @@ FAMILIES = {
     "dream": {"module": dream, "cls": dream.DreamLM, "model_types": dream.MODEL_TYPES},
     "llada_moe": {"module": llada_moe, "cls": llada_moe.LLaDAMoEModel, "model_types": llada_moe.MODEL_TYPES,
                   "detect": llada_moe.detect},
-    "llada2_moe": {"module": llada2_moe, "cls": llada2_moe.LLaDA2MoeModel, "model_types": llada2_moe.MODEL_TYPES},
+    "llada2_moe": {"module": llada2_moe, "cls": llada2_moe.LLaDA2MoeModel,
+                   "model_types": llada2_moe.MODEL_TYPES},
     "sdar": {"module": sdar, "cls": sdar.SDARModel, "model_types": sdar.MODEL_TYPES},
 }
 
@@ -32,7 +33,8 @@ def family_for_model_type(model_type: str, hf_config: dict | None = None) -> str
     if not names:
         known = sorted({t for f in FAMILIES.values() for t in f["model_types"]})
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {known}")
-    detected = [n for n in names if hf_config is not None and FAMILIES[n].get("detect", lambda d: False)(hf_config)]
+    detected = [n for n in names if hf_config is not None
+                and FAMILIES[n].get("detect", lambda d: False)(hf_config)]
     plain = [n for n in names if "detect" not in FAMILIES[n]]
     return (detected or plain or names)[0]
 
@@ -51,5 +53,5 @@ def build_model(config: ModelConfig) -> DiffusionLM:
     return FAMILIES[config.family]["cls"](config)
 
 
-__all__ = ["FAMILIES", "ModelConfig", "DiffusionLM", "KVCache", "build_model", "config_from_hf", "config_to_hf",
-           "register_family", "family_for_model_type"]
+__all__ = ["FAMILIES", "ModelConfig", "DiffusionLM", "KVCache", "build_model", "config_from_hf",
+           "config_to_hf", "register_family", "family_for_model_type"]

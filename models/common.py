@@ -1,8 +1,8 @@
 """Building blocks shared by the dLLM families.
 
 Every family is a bidirectional pre-norm transformer. Forward passes take an optional ``KVCache``: a query
-slice ``[start, start + T)`` (``start`` an int or one per row) writes its new K/V into the cache in place and attends over the whole cached
-sequence. That one primitive gives the three schedules of the runtime:
+slice ``[start, start + T)`` (``start`` an int or one per row) writes its new K/V into the cache in place and
+attends over the whole cached sequence. That one primitive gives the three schedules of the runtime:
 
 * refresh: queries = the whole sequence, start = 0 (fills the cache);
 * prefix reuse: queries = block + everything after it;
@@ -39,7 +39,8 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
     """cos/sin tables for positions [B, T] in float32: two [B, 1, T, head_dim] tensors."""
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=position_ids.device, dtype=torch.float32) / half))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=position_ids.device,
+                                             dtype=torch.float32) / half))
     ang = position_ids.float()[..., None] * inv_freq                 # [B, T, half]
     ang = torch.cat([ang, ang], dim=-1)                                # [B, T, D]
     return ang.cos()[:, None], ang.sin()[:, None]
@@ -76,9 +77,9 @@ class KVCache:
     keys per row (a prefix of the row) for attention inside the pool.
     ``scores`` [n_layers, N, Hkv, S] float32:
     head-sparse engines' per-head key scores from the last Refresh of each row (models/sparse_heads.py), None
-    for dense runners. ``k_all``, ``v_all`` [n_layers, N, Hkv, S, D]: the storage ``k[l]`` / ``v[l]`` are views
-    of (the slot pool as one tensor), which compiled phase programs take as an input and write in place; None
-    when the layers are separate tensors."""
+    for dense runners. ``k_all``, ``v_all`` [n_layers, N, Hkv, S, D]: the storage ``k[l]`` / ``v[l]`` are
+    views of (the slot pool as one tensor), which compiled phase programs take as an input and write in place;
+    None when the layers are separate tensors."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None,
                  kv_len: torch.Tensor | None = None, scores: torch.Tensor | None = None,
@@ -194,14 +195,16 @@ def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     return key_mask[:, None] if key_mask.dim() == 3 else key_mask[:, None, None, :]
 
 
-_ATTENTION: list = []      # training-time replacements of the dense SDPA (attention_override); empty otherwise
+# training-time replacements of the dense SDPA (attention_override); empty otherwise
+_ATTENTION: list = []
 
 
 @contextmanager
 def attention_override(fn):
-    """Route the dense attention of ``self_attention`` through ``fn(q [B, H, T, D], k, v [B, H, S, D], attn_mask)``
-    (GQA already expanded) while the block runs. For training-time simulations such as ``dlc.tiny.train``'s
-    head-sparse Reuse attention; never active while tracing for export (passes look for SDPA nodes)."""
+    """Route the dense attention of ``self_attention`` through ``fn(q [B, H, T, D], k, v [B, H, S, D],
+    attn_mask)`` (GQA already expanded) while the block runs. For training-time simulations such as
+    ``dlc.tiny.train``'s head-sparse Reuse attention; never active while tracing for export (passes look for
+    SDPA nodes)."""
     _ATTENTION.append(fn)
     try:
         yield
@@ -251,11 +254,11 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
     return fn(q, k, v, attn_mask=attn_mask)                           # [B, H, T, D]
 
 
-# -- ragged forwards: several row kinds in one pass over the weights ------------------------------------------
+# -- ragged forwards: several row kinds in one pass over the weights -----------------------------------------
 class RaggedPart(NamedTuple):
-    """One forward's inputs inside a ragged forward (``DiffusionLM.forward_ragged``): ids, pos [r, c]; key_mask
-    [r, S] or [r, c, S] as ``DiffusionLM.forward`` takes it; its cache (None: attend over its own tokens) and
-    start (int or [r]); embed_add [r, c, d] or None."""
+    """One forward's inputs inside a ragged forward (``DiffusionLM.forward_ragged``): ids, pos [r, c];
+    key_mask [r, S] or [r, c, S] as ``DiffusionLM.forward`` takes it; its cache (None: attend over its own
+    tokens) and start (int or [r]); embed_add [r, c, d] or None."""
     ids: torch.Tensor
     pos: torch.Tensor
     key_mask: torch.Tensor | None
@@ -295,8 +298,8 @@ class RaggedCache:
 
 
 def attend_ragged(q, k, v, plan: RaggedKV, n_heads: int, n_kv: int) -> torch.Tensor:
-    """q [1, H, N, D], k, v [1, Hkv, N, D] of the packed tokens -> y [1, H, N, D], each segment attended as its
-    own batch [rows, heads, cols, D]."""
+    """q [1, H, N, D], k, v [1, Hkv, N, D] of the packed tokens -> y [1, H, N, D], each segment attended as
+    its own batch [rows, heads, cols, D]."""
     ys, t = [], 0
     for seg in plan.segments:
         qs, ks, vs = (_unpack(x, t, seg.rows, seg.cols) for x in (q, k, v))
@@ -329,8 +332,8 @@ class SwiGLU(nn.Module):
 
 
 class TiedHead(nn.Module):
-    """Output projection that reuses the input embedding; the embedding is held in a list so it stays out of the
-    module tree (one parameter name per tensor)."""
+    """Output projection that reuses the input embedding; the embedding is held in a list so it stays out of
+    the module tree (one parameter name per tensor)."""
 
     def __init__(self, embed: nn.Embedding, vocab: int):
         super().__init__()
@@ -366,12 +369,13 @@ class HFAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
         qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
-                              self.n_heads, self.n_kv, q_norm=qn, k_norm=kn, cache_kv=cache_kv, start=start, **kw)
+                              self.n_heads, self.n_kv, q_norm=qn, k_norm=kn, cache_kv=cache_kv, start=start,
+                              **kw)
 
 
 class PreNormLayer(nn.Module):
-    """A decoder layer under the HF Llama/Qwen names (input_layernorm, self_attn, post_attention_layernorm, mlp);
-    the family supplies its attention and MLP modules."""
+    """A decoder layer under the HF Llama/Qwen names (input_layernorm, self_attn, post_attention_layernorm,
+    mlp); the family supplies its attention and MLP modules."""
 
     def __init__(self, c: ModelConfig, attn: nn.Module, mlp: nn.Module):
         super().__init__()
@@ -389,8 +393,9 @@ class PreNormLayer(nn.Module):
 class DiffusionLM(nn.Module):
     """Base class of the families: embedding -> blocks -> final norm; ``logits`` applies the head.
 
-    Subclasses build ``self.embed``, ``self.blocks`` (each block: ``forward(x, cos, sin, mask, cache_kv, start)
-    -> (x, (k, v))``), ``self.norm`` and ``self.head`` under the checkpoint's parameter names."""
+    Subclasses build ``self.embed``, ``self.blocks`` (each block:
+    ``forward(x, cos, sin, mask, cache_kv, start) -> (x, (k, v))``), ``self.norm`` and ``self.head`` under
+    the checkpoint's parameter names."""
 
     config: ModelConfig
 
@@ -399,10 +404,10 @@ class DiffusionLM(nn.Module):
                 return_kv: bool = False, embed_add: torch.Tensor | None = None):
         """input_ids [B, T] -> final hidden states [B, T, d] (and per-layer post-RoPE (k, v) if asked).
 
-        ``start`` (int or LongTensor [B]) is the column of input_ids[:, 0] in the cache; position_ids default to
-        ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache length
-        with one), or [B, T, S] per query (block-causal families). ``embed_add`` [B, T, d] is added to the input
-        embeddings (iteration smoothing)."""
+        ``start`` (int or LongTensor [B]) is the column of input_ids[:, 0] in the cache; position_ids default
+        to ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache
+        length with one), or [B, T, S] per query (block-causal families). ``embed_add`` [B, T, d] is added to
+        the input embeddings (iteration smoothing)."""
         B, T = input_ids.shape
         if position_ids is None:
             st = start[:, None] if isinstance(start, torch.Tensor) else start
@@ -421,9 +426,9 @@ class DiffusionLM(nn.Module):
         return (h, kvs) if return_kv else h
 
     def forward_ragged(self, parts: list[RaggedPart]) -> list[torch.Tensor]:
-        """Several forwards as one pass over the weights: every part's tokens packed into one row, attention per
-        part (``RaggedCache``) -> each part's hidden states [r, c, d], as its own ``forward`` would return them
-        (up to the rounding of the larger GEMMs). The parts' cache rows must be disjoint."""
+        """Several forwards as one pass over the weights: every part's tokens packed into one row, attention
+        per part (``RaggedCache``) -> each part's hidden states [r, c, d], as its own ``forward`` would return
+        them (up to the rounding of the larger GEMMs). The parts' cache rows must be disjoint."""
         d = self.config.d_model
         ids = torch.cat([p.ids.reshape(1, -1) for p in parts], dim=1)                # [1, N]
         pos = torch.cat([p.pos.reshape(1, -1) for p in parts], dim=1)
@@ -465,8 +470,8 @@ class _HFBase(nn.Module):
 
 class HFLayoutLM(DiffusionLM):
     """Families stored in the HF Llama/Qwen layout (Dream, LLaDA-MoE): ``model.embed_tokens``,
-    ``model.layers.N``, ``model.norm``, ``lm_head`` (or the embedding when tied). ``make_layer(config)`` builds
-    one layer (usually a ``PreNormLayer``)."""
+    ``model.layers.N``, ``model.norm``, ``lm_head`` (or the embedding when tied). ``make_layer(config)``
+    builds one layer (usually a ``PreNormLayer``)."""
 
     def __init__(self, config: ModelConfig, make_layer):
         super().__init__()

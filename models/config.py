@@ -37,13 +37,18 @@ class ModelConfig:
     stop_ids: list[int] = field(default_factory=list)   # ids that end a generation (eos, end-of-turn)
     extra: dict = field(default_factory=dict)           # checkpoint keys we keep but do not interpret
     # Block diffusion and the LLaDA2 / SDAR layouts (defaults describe every earlier family).
-    attn_head_dim: int = 0           # explicit head_dim (Qwen3 / SDAR: != d_model / n_heads); 0: d_model / n_heads
-    rotary_dim: int = 0              # rotated dims per head (LLaDA2: partial_rotary_factor * head_dim); 0: all
+    # explicit head_dim (Qwen3 / SDAR: != d_model / n_heads); 0: d_model / n_heads
+    attn_head_dim: int = 0
+    # rotated dims per head (LLaDA2: partial_rotary_factor * head_dim); 0: all
+    rotary_dim: int = 0
     block_diffusion: bool = False    # block-causal attention: bidirectional inside a block, causal across
-    n_shared_experts: int = 0        # LLaDA2: shared expert(s) of hidden expert_hidden * n, added to every token
-    first_dense_layers: int = 0      # LLaDA2: layers [0, k) use a dense MLP of mlp_hidden (first_k_dense_replace)
+    # LLaDA2: shared expert(s) of hidden expert_hidden * n, added to every token
+    n_shared_experts: int = 0
+    # LLaDA2: layers [0, k) use a dense MLP of mlp_hidden (first_k_dense_replace)
+    first_dense_layers: int = 0
     router: str = "softmax"          # "softmax" (LLaDA-MoE, Qwen3-MoE) | "sigmoid_group" (LLaDA2)
-    n_expert_groups: int = 1         # sigmoid_group: experts in n groups, tokens route into topk_groups of them
+    # sigmoid_group: experts in n groups, tokens route into topk_groups of them
+    n_expert_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0      # sigmoid_group: routing weights scaled after renormalisation
 
@@ -64,17 +69,20 @@ class ModelConfig:
         return self.n_experts > 0
 
     def validate(self) -> None:
-        positive = ["d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "embedding_size", "max_seq_len"]
+        positive = ["d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "embedding_size",
+                    "max_seq_len"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be > 0, got {getattr(self, name)}")
         if not self.attn_head_dim and self.d_model % self.n_heads:
-            raise ValueError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            raise ValueError(f"model config: d_model {self.d_model} is not divisible by n_heads "
+                             f"{self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+            raise ValueError(f"model config: n_heads {self.n_heads} is not divisible by n_kv_heads "
+                             f"{self.n_kv_heads}")
         if self.head_dim % 2 or self.rope_dim % 2 or self.rope_dim > self.head_dim:
-            raise ValueError(f"model config: head_dim {self.head_dim} and rotary_dim {self.rope_dim} must be even "
-                             f"with rotary_dim <= head_dim")
+            raise ValueError(f"model config: head_dim {self.head_dim} and rotary_dim {self.rope_dim} "
+                             f"must be even with rotary_dim <= head_dim")
         if self.router not in ("softmax", "sigmoid_group"):
             raise ValueError(f"model config: router must be softmax or sigmoid_group, got {self.router!r}")
         if self.is_moe and self.n_experts % self.n_expert_groups:
@@ -87,7 +95,8 @@ class ModelConfig:
                 raise ValueError(f"model config: {name} {getattr(self, name)} is outside the embedding "
                                  f"(size {self.embedding_size})")
         if self.is_moe and not (0 < self.n_experts_per_tok <= self.n_experts and self.expert_hidden > 0):
-            raise ValueError("model config: MoE needs 0 < n_experts_per_tok <= n_experts and expert_hidden > 0")
+            raise ValueError("model config: MoE needs 0 < n_experts_per_tok <= n_experts and "
+                             "expert_hidden > 0")
         if self.logit_shift not in (0, 1):
             raise ValueError("model config: logit_shift must be 0 or 1")
         if not self.stop_ids:

@@ -1,12 +1,13 @@
-"""Dream-v0 7B (Dream-org/Dream-v0-Instruct-7B, Dream-org/Dream-v0-Base-7B): Qwen2.5-7B layout run bidirectionally.
+"""Dream-v0 7B (Dream-org/Dream-v0-Instruct-7B, Dream-org/Dream-v0-Base-7B): Qwen2.5-7B layout run
+bidirectionally.
 
-GQA (28 query heads over 4 KV heads), bias on q/k/v (not on o_proj), SwiGLU MLP, RMSNorm eps 1e-6, RoPE theta 1e6,
-untied head. Dream was adapted from an autoregressive model, so its output at position i predicts token i + 1:
-``logit_shift=1`` (the runners read hidden row i - 1 to decode position i).
+GQA (28 query heads over 4 KV heads), bias on q/k/v (not on o_proj), SwiGLU MLP, RMSNorm eps 1e-6, RoPE theta
+1e6, untied head. Dream was adapted from an autoregressive model, so its output at position i predicts token
+i + 1: ``logit_shift=1`` (the runners read hidden row i - 1 to decode position i).
 
 Config keys and parameter names follow the released checkpoint (``model_type: "Dream"``, ``DreamModel``,
-``model.layers.N.self_attn.q_proj.{weight,bias}``, ``model.layers.N.mlp.gate_proj.weight``, ``model.norm.weight``,
-``lm_head.weight``), so it loads without ``trust_remote_code``."""
+``model.layers.N.self_attn.q_proj.{weight,bias}``, ``model.layers.N.mlp.gate_proj.weight``,
+``model.norm.weight``, ``lm_head.weight``), so it loads without ``trust_remote_code``."""
 from __future__ import annotations
 
 
@@ -22,10 +23,12 @@ MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 def _check_supported(d: dict) -> None:
     if d.get("rope_scaling"):
-        raise ValueError(f"Dream config.json: rope_scaling {d['rope_scaling']!r} is not supported (only plain RoPE)")
+        raise ValueError(f"Dream config.json: rope_scaling {d['rope_scaling']!r} is not supported "
+                         "(only plain RoPE)")
     hd = d.get("head_dim")
     if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
-        raise ValueError(f"Dream config.json: head_dim {hd} != hidden_size / num_attention_heads is not supported")
+        raise ValueError(f"Dream config.json: head_dim {hd} != hidden_size / num_attention_heads is "
+                         "not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"Dream config.json: hidden_act {d['hidden_act']!r} is not supported (only silu)")
 
@@ -62,8 +65,8 @@ def to_hf(c: ModelConfig) -> dict:
         "tie_word_embeddings": c.tie_embeddings, "max_position_embeddings": c.max_seq_len,
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": c.n_layers,
         "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": False,
-        "mask_token_id": c.mask_id, "bos_token_id": c.eos_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id,
-        "dlc_stop_ids": c.stop_ids, "torch_dtype": "bfloat16",
+        "mask_token_id": c.mask_id, "bos_token_id": c.eos_id, "eos_token_id": c.eos_id,
+        "pad_token_id": c.pad_id, "dlc_stop_ids": c.stop_ids, "torch_dtype": "bfloat16",
     }
 
 

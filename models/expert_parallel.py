@@ -125,9 +125,9 @@ class ExpertParallelMoE(nn.Module):
             self.shared_experts = shared
 
     def shard_plan(self) -> dict:
-        """The tensor-parallel loader's hook (models/tensor_parallel.py): parameters to read as a slice of their
-        checkpoint tensor, names relative to this block -> (dim, start, stop); other ranks' experts are not
-        parameters here, so the loader skips them."""
+        """The tensor-parallel loader's hook (models/tensor_parallel.py): parameters to read as a slice of
+        their checkpoint tensor, names relative to this block -> (dim, start, stop); other ranks' experts are
+        not parameters here, so the loader skips them."""
         from .tensor_parallel import Slice
         return {name: Slice(*sl) for name, sl in self.weight_slices.items()}
 

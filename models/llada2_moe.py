@@ -1,29 +1,29 @@
 """LLaDA2.0 / LLaDA2.1 (inclusionAI/LLaDA2.0-mini, -flash, LLaDA2.1-mini, -flash): block-diffusion MoE.
 
-Checked against the public remote code ``modeling_llada2_moe.py`` (LLaDA2MoeModelLM; the copy read is the one in
-the public Megatron-Bridge repository, 2026-11) and the released LLaDA2.0-mini ``config.json`` keys (the Ling 2.0
-layout, ``model_type: "llada2_moe"``):
+Checked against the public remote code ``modeling_llada2_moe.py`` (LLaDA2MoeModelLM; the copy read is the one
+in the public Megatron-Bridge repository, 2026-11) and the released LLaDA2.0-mini ``config.json`` keys (the
+Ling 2.0 layout, ``model_type: "llada2_moe"``):
 
 * attention: one fused ``attention.query_key_value`` projection ([(H + 2 Hkv) * head_dim, d], bias when
-  ``use_qkv_bias``), split per head into q | k | v; per-head RMSNorm ``query_layernorm`` / ``key_layernorm`` (weight
-  [head_dim], over the whole head) *before* RoPE; partial rotary: only the first ``head_dim *
-  partial_rotary_factor`` dims rotate (rotate-half inside them, inv_freq over that width), the rest pass through;
-  GQA; output ``attention.dense`` (bias when ``use_bias``). The HF code always builds the QK-norms (``use_qk_norm``
-  is not read), so dlc always has them too.
-* MLP: layers ``< first_k_dense_replace`` are a dense SwiGLU of ``intermediate_size``; the others an MoE block:
-  router ``mlp.gate.weight`` [E, d] in fp32, ``scores = sigmoid(logits)``; routing picks experts on
-  ``scores + mlp.gate.expert_bias`` (a persistent buffer), group-limited: the E experts form ``n_group`` groups,
-  each group scored by the sum of its two best biased scores, the ``topk_group`` best groups kept, then the
-  top-k experts among them; the weights are the *unbiased* scores of those experts, renormalised (sum + 1e-20,
-  when k > 1) and times ``routed_scaling_factor``; experts ``mlp.experts.J.{gate,up,down}_proj`` (separate
-  tensors, as released) of ``moe_intermediate_size``; plus ``mlp.shared_experts.{gate,up,down}_proj`` of
-  ``moe_intermediate_size * num_shared_experts`` on every token.
+  ``use_qkv_bias``), split per head into q | k | v; per-head RMSNorm ``query_layernorm`` / ``key_layernorm``
+  (weight [head_dim], over the whole head) *before* RoPE; partial rotary: only the first ``head_dim *
+  partial_rotary_factor`` dims rotate (rotate-half inside them, inv_freq over that width), the rest pass
+  through; GQA; output ``attention.dense`` (bias when ``use_bias``). The HF code always builds the QK-norms
+  (``use_qk_norm`` is not read), so dlc always has them too.
+* MLP: layers ``< first_k_dense_replace`` are a dense SwiGLU of ``intermediate_size``; the others an MoE
+  block: router ``mlp.gate.weight`` [E, d] in fp32, ``scores = sigmoid(logits)``; routing picks experts on
+  ``scores + mlp.gate.expert_bias`` (a persistent buffer), group-limited: the E experts form ``n_group``
+  groups, each group scored by the sum of its two best biased scores, the ``topk_group`` best groups kept,
+  then the top-k experts among them; the weights are the *unbiased* scores of those experts, renormalised
+  (sum + 1e-20, when k > 1) and times ``routed_scaling_factor``; experts ``mlp.experts.J.{gate,up,down}_proj``
+  (separate tensors, as released) of ``moe_intermediate_size``; plus
+  ``mlp.shared_experts.{gate,up,down}_proj`` of ``moe_intermediate_size * num_shared_experts`` on every token.
 * names: ``model.word_embeddings.weight``, ``model.layers.N.{input,post_attention}_layernorm.weight``,
   ``model.norm.weight``, ``lm_head.weight`` (untied in the releases).
 
-Attention is block-causal (``ModelConfig.block_diffusion``): the runtime passes a per-query key mask, built from
-the request's block length (``dlc.runtime.step.block_key_mask``). LLaDA2.1 checkpoints share this architecture
-(its token editing is a decoding rule: ``--decoder llada2.1``).
+Attention is block-causal (``ModelConfig.block_diffusion``): the runtime passes a per-query key mask, built
+from the request's block length (``dlc.runtime.step.block_key_mask``). LLaDA2.1 checkpoints share this
+architecture (its token editing is a decoding rule: ``--decoder llada2.1``).
 
 Special ids (tokenizer of the releases): ``<|endoftext|>`` 156892 (eos and pad), ``<|mask|>`` 156895,
 ``<|role_end|>`` 156900 (end of a chat turn)."""
@@ -171,7 +171,8 @@ def route_sigmoid_group(logits: torch.Tensor, bias: torch.Tensor, k: int, n_grou
 
 
 class Gate(nn.Module):
-    """``mlp.gate``: router weight [E, d] and the expert bias buffer [E] (persistent: it is in the checkpoint)."""
+    """``mlp.gate``: router weight [E, d] and the expert bias buffer [E] (persistent: it is in the
+    checkpoint)."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -187,7 +188,8 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.c = c
         self.gate = Gate(c)
-        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES) for _ in range(c.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES)
+                                     for _ in range(c.n_experts))
         if c.n_shared_experts:
             self.shared_experts = SwiGLU(c.d_model, c.expert_hidden * c.n_shared_experts, MLP_NAMES)
 
@@ -236,7 +238,8 @@ class LLaDA2MoeModel(DiffusionLM):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not config.block_diffusion:
-            raise ValueError("LLaDA2 model config: block_diffusion must be set (its attention is block-causal)")
+            raise ValueError("LLaDA2 model config: block_diffusion must be set (its attention is "
+                             "block-causal)")
         self.config = config
         self.model = _Base(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)

@@ -1,16 +1,18 @@
 """LLaDA-MoE-7B-A1B (inclusionAI/LLaDA-MoE-7B-A1B-Instruct, -Base): OLMoE-style sparse MoE, bidirectional.
 
-16 layers of d_model 2048, 16 heads (MHA, head_dim 128) with per-head QK RMSNorm (``q_norm``/``k_norm`` weights of
-size head_dim, applied before RoPE), RoPE theta 50000, and in every layer a router over 64 SwiGLU experts
-(expert_intermediate_size 1024) of which the top 8 run per token. Routing follows the released modeling code:
-softmax over all experts in fp32, top-k, *no* renormalisation of the k weights (its MoE block hard-codes
-``norm_topk_prob = False`` whatever config.json says), weights cast to the activation dtype, weighted sum.
+16 layers of d_model 2048, 16 heads (MHA, head_dim 128) with per-head QK RMSNorm (``q_norm``/``k_norm``
+weights of size head_dim, applied before RoPE), RoPE theta 50000, and in every layer a router over 64 SwiGLU
+experts (expert_intermediate_size 1024) of which the top 8 run per token. Routing follows the released
+modeling code: softmax over all experts in fp32, top-k, *no* renormalisation of the k weights (its MoE block
+hard-codes ``norm_topk_prob = False`` whatever config.json says), weights cast to the activation dtype,
+weighted sum.
 
 The released config.json says ``model_type: "llada"`` (the same string as LLaDA-8B; architectures
-``["LLaDAMoEModelLM"]``), so ``dlc.models`` tells the two apart by ``detect`` (MoE keys present). Forks that renamed
-it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embed_tokens.weight``,
+``["LLaDAMoEModelLM"]``), so ``dlc.models`` tells the two apart by ``detect`` (MoE keys present). Forks that
+renamed it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embed_tokens.weight``,
 ``model.layers.N.self_attn.{q,k,v,o}_proj.weight``, ``model.layers.N.self_attn.{q,k}_norm.weight``,
-``model.layers.N.mlp.gate.weight`` (router, [E, d]), ``model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight``,
+``model.layers.N.mlp.gate.weight`` (router, [E, d]),
+``model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight``,
 ``model.layers.N.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``.
 
 The MoE forward has three implementations (``MOE_IMPLS``), all exact against the released per-token routing:
@@ -18,9 +20,10 @@ The MoE forward has three implementations (``MOE_IMPLS``), all exact against the
 * ``stacked`` (default): the E experts as one wide SwiGLU of hidden E * expert_hidden, its hidden scaled per
   expert by a dense [N, E] routing matrix that is zero off the top-k: three GEMMs, static shapes, no
   data-dependent control flow, so torch.export / ONNX trace it as is. It does E / k times the routed FLOPs
-  (Refresh) but reads each weight once (Reuse is bandwidth-bound: every expert is touched anyway). In eager mode
-  the experts' weights are re-pointed once into contiguous [E * H, d] tensors (``pack_experts``: same values, same
-  names in the state dict, no extra memory); while tracing, the concatenation is part of the graph.
+  (Refresh) but reads each weight once (Reuse is bandwidth-bound: every expert is touched anyway). In eager
+  mode the experts' weights are re-pointed once into contiguous [E * H, d] tensors (``pack_experts``: same
+  values, same names in the state dict, no extra memory); while tracing, the concatenation is part of the
+  graph.
 * ``dense``: a Python loop running each expert on every token (static; 3 * E small GEMMs per layer).
 * ``grouped``: each expert runs on its routed tokens only (data-dependent gathers: eager only)."""
 from __future__ import annotations
@@ -47,7 +50,8 @@ def detect(d: dict) -> bool:
 
 
 def _check_supported(d: dict) -> None:
-    """Options of the remote config class that the released checkpoints leave off; refuse rather than ignore."""
+    """Options of the remote config class that the released checkpoints leave off; refuse rather than
+    ignore."""
     unsupported = {
         "shared_expert_intermediate_size": d.get("shared_expert_intermediate_size") not in (None, 0),
         "moe_router_enable_expert_bias": bool(d.get("moe_router_enable_expert_bias")),
@@ -150,14 +154,16 @@ def _tracing() -> bool:
 
 
 def _weights_id(experts: nn.ModuleList):
-    """Storage identity of the first and last experts' weights: changes when loading or ``.to()`` replaces them."""
+    """Storage identity of the first and last experts' weights: changes when loading or ``.to()`` replaces
+    them."""
     return tuple((w.data_ptr(), w.dtype, w.device) for e in (experts[0], experts[-1])
                  for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight))
 
 
 def pack_experts(experts: nn.ModuleList) -> None:
-    """Re-point every expert's gate/up/down weight at a slice of three contiguous tensors (gate, up: [E * H, d];
-    down: [d, E * H]) so ``moe_stacked`` runs without copying. Values and parameter names are unchanged."""
+    """Re-point every expert's gate/up/down weight at a slice of three contiguous tensors (gate, up:
+    [E * H, d]; down: [d, E * H]) so ``moe_stacked`` runs without copying. Values and parameter names are
+    unchanged."""
     gate = torch.cat([e.gate_proj.weight.detach() for e in experts])             # [E * H, d]
     up = torch.cat([e.up_proj.weight.detach() for e in experts])                 # [E * H, d]
     down = torch.cat([e.down_proj.weight.detach() for e in experts], dim=1)      # [d, E * H]
@@ -171,10 +177,11 @@ def pack_experts(experts: nn.ModuleList) -> None:
 
 
 def _packed(experts: nn.ModuleList):
-    """(gate [E*H, d], up [E*H, d], down [d, E*H]): the packed tensors while the experts still point into them,
-    packing first in eager mode; inside a traced graph a plain concatenation of the parameters."""
+    """(gate [E*H, d], up [E*H, d], down [d, E*H]): the packed tensors while the experts still point into
+    them, packing first in eager mode; inside a traced graph a plain concatenation of the parameters."""
     if _tracing() or experts[0].gate_proj.weight.device.type == "meta":
-        return (torch.cat([e.gate_proj.weight for e in experts]), torch.cat([e.up_proj.weight for e in experts]),
+        return (torch.cat([e.gate_proj.weight for e in experts]),
+                torch.cat([e.up_proj.weight for e in experts]),
                 torch.cat([e.down_proj.weight for e in experts], dim=1))
     p = experts.__dict__.get("_packed")
     if p is None or p[0] != _weights_id(experts):
@@ -184,7 +191,8 @@ def _packed(experts: nn.ModuleList):
 
 
 def moe_stacked(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
-    """All experts as one wide SwiGLU whose hidden is scaled per expert by the routing weight (0 off the top-k)."""
+    """All experts as one wide SwiGLU whose hidden is scaled per expert by the routing weight (0 off the
+    top-k)."""
     gate, up, down = _packed(experts)
     N, E = x.shape[0], len(experts)
     dense = torch.zeros(N, E, dtype=w.dtype, device=x.device).scatter(1, idx, w).to(x.dtype)   # [N, E]
@@ -203,7 +211,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk = c.n_experts_per_tok, c.norm_topk_prob
         self.gate = nn.Linear(c.d_model, c.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES) for _ in range(c.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES)
+                                     for _ in range(c.n_experts))
 
     def route_tokens(self, flat: torch.Tensor):
         """[N, d] -> (weights [N, k] fp32, expert ids [N, k]); also what expert-parallel shards call."""

@@ -54,7 +54,8 @@ def resolve_checkpoint_dir(model: str, weights: str | None = None) -> Path | Non
     if weights:
         p = Path(weights).expanduser()
         if not (p / "config.json").exists():
-            raise CheckpointError(f"--weights {p}: no config.json there (expected a Hugging Face model directory)")
+            raise CheckpointError(f"--weights {p}: no config.json there (expected a Hugging Face "
+                                  "model directory)")
         return p
     p = Path(model).expanduser()
     if p.is_dir():
@@ -78,7 +79,8 @@ def _hf_cache_dir(name: str, repo: str) -> Path:
     except Exception:
         raise CheckpointError(
             f"preset {name!r} needs the checkpoint {repo}, which is not in the local Hugging Face cache. "
-            f"Download it (`hf download {repo}`, huggingface_hub's CLI) or pass --weights DIR pointing at a local copy."
+            f"Download it (`hf download {repo}`, huggingface_hub's CLI) or pass --weights DIR pointing at "
+            "a local copy."
         ) from None
 
 
@@ -125,8 +127,8 @@ def _open_safetensors(file: Path):
         raise
     except Exception as e:          # noqa: BLE001 - SafetensorError, OSError, ...: the file is unreadable
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{file} is not a readable safetensors file ({first}); the checkpoint is damaged "
-                              f"or incomplete: download it again") from None
+        raise CheckpointError(f"{file} is not a readable safetensors file ({first}); the "
+                              f"checkpoint is damaged or incomplete: download it again") from None
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -168,7 +170,8 @@ def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu
             present = set(f.keys())
             for name in names:
                 if name not in present:
-                    raise CheckpointError(f"tensor {name!r} is listed for {path / fname} but that file lacks it")
+                    raise CheckpointError(f"tensor {name!r} is listed for {path / fname} but that "
+                                          "file lacks it")
                 if name not in expected:
                     continue
                 t = read_slice(f, name, (plan or {}).get(name))
@@ -182,8 +185,9 @@ def load_weights(model: DiffusionLM, path: Path, dtype: torch.dtype, device="cpu
 
 def load_model(model: str, weights: str | None = None, dtype=None, device="cpu", progress: bool = True,
                seed: int = 0, shard=None, desc: str = "loading weights") -> LoadedModel:
-    """``shard(model, full) -> plan`` (tensor parallel): swaps the model's layers for this rank's shards before
-    the weights load (``full``: a tiny preset's real weights, sliced in place) and returns the loading plan."""
+    """``shard(model, full) -> plan`` (tensor parallel): swaps the model's layers for this rank's shards
+    before the weights load (``full``: a tiny preset's real weights, sliced in place) and returns the loading
+    plan."""
     dtype = resolve_dtype(dtype, device)
     path = resolve_checkpoint_dir(model, weights)
     if path is None:  # tiny random preset
@@ -220,7 +224,8 @@ def init_weights(model: DiffusionLM, seed: int = 0, std: float = 0.02) -> None:
     for name, p in model.named_parameters():
         with torch.no_grad():
             if p.ndim == 1:
-                p.copy_(torch.ones_like(p) if "norm" in name or name.endswith("ln_f.weight") else torch.zeros_like(p))
+                p.copy_(torch.ones_like(p) if "norm" in name or name.endswith("ln_f.weight")
+                        else torch.zeros_like(p))
             else:
                 out = name.endswith(("attn_out.weight", "o_proj.weight", "down_proj.weight"))
                 scale = std / math.sqrt(2 * model.config.n_layers) if out else std

@@ -1,13 +1,15 @@
-"""SDAR (JetLM/SDAR-1.7B-Chat, -4B-Chat, -8B-Chat, SDAR-30B-A3B-Chat / -Sci): Qwen3 run as a block-diffusion LM.
+"""SDAR (JetLM/SDAR-1.7B-Chat, -4B-Chat, -8B-Chat, SDAR-30B-A3B-Chat / -Sci): Qwen3 run as a block-diffusion
+LM.
 
-Checked against the public remote code (github JetAstra/SDAR, ``training/model/SDAR-4B-Chat/modeling_sdar.py``,
-generated from transformers' Qwen3 modular file): the Qwen3 layout unchanged, ``model.embed_tokens``,
-``model.layers.N.self_attn.{q,k,v,o}_proj`` (bias on all four when ``attention_bias``; the releases say false),
-``self_attn.{q,k}_norm.weight`` [head_dim] (RMSNorm over each head *before* RoPE), ``head_dim`` from the config
-(4B: 32 heads x 128 = 4096 != hidden 2560), full RoPE, ``mlp.{gate,up,down}_proj``, ``model.norm``, ``lm_head``
-(or the embedding when ``tie_word_embeddings``). The MoE variant (30B-A3B) differs only in the MLP: the Qwen3-MoE
-block, router ``mlp.gate.weight`` [E, d], softmax in fp32, top-k, renormalised when ``norm_topk_prob``,
-experts ``mlp.experts.J.{gate,up,down}_proj`` of ``moe_intermediate_size`` (dlc.models.llada_moe.SparseMoeBlock).
+Checked against the public remote code (github JetAstra/SDAR,
+``training/model/SDAR-4B-Chat/modeling_sdar.py``, generated from transformers' Qwen3 modular file): the Qwen3
+layout unchanged, ``model.embed_tokens``, ``model.layers.N.self_attn.{q,k,v,o}_proj`` (bias on all four when
+``attention_bias``; the releases say false), ``self_attn.{q,k}_norm.weight`` [head_dim] (RMSNorm over each
+head *before* RoPE), ``head_dim`` from the config (4B: 32 heads x 128 = 4096 != hidden 2560), full RoPE,
+``mlp.{gate,up,down}_proj``, ``model.norm``, ``lm_head`` (or the embedding when ``tie_word_embeddings``). The
+MoE variant (30B-A3B) differs only in the MLP: the Qwen3-MoE block, router ``mlp.gate.weight`` [E, d], softmax
+in fp32, top-k, renormalised when ``norm_topk_prob``, experts ``mlp.experts.J.{gate,up,down}_proj`` of
+``moe_intermediate_size`` (dlc.models.llada_moe.SparseMoeBlock).
 
 Attention is block-causal (the reference passes a keep-mask ``tril(n_blocks) x block``); blocks of 4 in the
 releases. Special ids: ``<|MASK|>`` 151669, ``<|endoftext|>`` 151643, ``<|im_end|>`` 151645."""
@@ -21,7 +23,8 @@ MODEL_TYPES = ("sdar", "sdar_moe")
 MASK_ID, EOS_ID, IM_END_ID = 151669, 151643, 151645
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "rope_theta")
 MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-# The reference's defaults (JetAstra/SDAR generate.py and model cards): block 4, 4 steps, dynamic threshold 0.9.
+# The reference's defaults (JetAstra/SDAR generate.py and model cards): block 4, 4 steps, dynamic
+# threshold 0.9.
 GENERATION_DEFAULTS = {"block_length": 4, "steps_per_block": 4, "threshold": 0.9, "decoder": "llada2"}
 
 

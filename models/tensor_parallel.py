@@ -43,7 +43,8 @@ class HeadLayout(NamedTuple):
 
 
 def head_layout(c: ModelConfig, rank: int, world: int) -> HeadLayout:
-    """Query / KV heads of ``rank``; refuses layouts that cannot split evenly (one line naming the numbers)."""
+    """Query / KV heads of ``rank``; refuses layouts that cannot split evenly (one line naming the
+    numbers)."""
     H, K = c.n_heads, c.n_kv_heads
     if H % world:
         raise ValueError(f"tensor_parallel_size {world}: the model's {H} attention heads do not split evenly")
@@ -83,7 +84,8 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_local: int, out: int, bias: bool, group, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out, in_local, device=device, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out, in_local, device=device, dtype=dtype),
+                                   requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out, device=device, dtype=dtype), requires_grad=False) if bias \
             else None
         self.group = group
@@ -149,8 +151,9 @@ def check_layout(model: nn.Module, world: int) -> None:
         _attention(block)
         found = _mlp(block)
         if found is None and _moe_sharder() is None:
-            raise ValueError(f"tensor_parallel_size {world}: {model.config.family} has MoE layers and this build "
-                             f"has no expert parallelism (dlc.models.expert_parallel); use tensor_parallel_size 1")
+            raise ValueError(f"tensor_parallel_size {world}: {model.config.family} has MoE layers "
+                             "and this build has no expert parallelism (dlc.models.expert_parallel); use "
+                             "tensor_parallel_size 1")
         if found is not None and getattr(found[1], found[2][0]).out_features % world:
             raise ValueError(f"tensor_parallel_size {world}: the MLP hidden size "
                              f"{getattr(found[1], found[2][0]).out_features} does not split evenly")

@@ -35,7 +35,8 @@ def byte_tokenizer():
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -47,13 +48,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists() or (path / "vocab.json").exists()
+    return (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists() \
+        or (path / "vocab.json").exists()
 
 
 def load_tokenizer(path: str | Path):
     """AutoTokenizer without remote code; checkpoints whose tokenizer class is remote code (Dream's
-    DreamTokenizer) fall back to their tokenizer.json, or to vocab.json + merges.txt as a Qwen2 byte-level BPE, with
-    the chat template from tokenizer_config.json."""
+    DreamTokenizer) fall back to their tokenizer.json, or to vocab.json + merges.txt as a Qwen2 byte-level
+    BPE, with the chat template from tokenizer_config.json."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
@@ -85,14 +87,15 @@ def load_tokenizer(path: str | Path):
 
 
 def _qwen2_bpe_tokenizer(path: Path, cfg: dict, special_kwargs: dict):
-    """Dream ships only vocab.json + merges.txt for its remote ``DreamTokenizer``, which is Qwen2's byte-level BPE
-    (same pre-tokenizer regex, NFC): build transformers' Qwen2Tokenizer from them, with the added tokens at the ids
-    tokenizer_config.json's ``added_tokens_decoder`` gives (<|endoftext|>, <|mask|>, <|im_end|>, ...)."""
+    """Dream ships only vocab.json + merges.txt for its remote ``DreamTokenizer``, which is Qwen2's byte-level
+    BPE (same pre-tokenizer regex, NFC): build transformers' Qwen2Tokenizer from them, with the added tokens
+    at the ids tokenizer_config.json's ``added_tokens_decoder`` gives (<|endoftext|>, <|mask|>, <|im_end|>,
+    ...)."""
     from transformers import AddedToken, Qwen2Tokenizer
 
-    added = {int(i): AddedToken(t["content"], special=t.get("special", True), normalized=t.get("normalized", False),
-                                lstrip=t.get("lstrip", False), rstrip=t.get("rstrip", False),
-                                single_word=t.get("single_word", False))
+    added = {int(i): AddedToken(t["content"], special=t.get("special", True),
+                                normalized=t.get("normalized", False), lstrip=t.get("lstrip", False),
+                                rstrip=t.get("rstrip", False), single_word=t.get("single_word", False))
              for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
     vocab = json.loads((path / "vocab.json").read_text())
     for i, t in added.items():      # pin each added token to its id (the BPE model then owns that id)

@@ -17,17 +17,18 @@ The largest vocab-sized tensor is [B, N, Vc]: the planner sizes Vc from the acti
 Rewrites counted: one per vocab chunk.
 
 GPU targets (``ctx.use_kernels``: a CUDA target whose artifact runs torch ops, i.e. export / AOTI) decode with
-one ``torch.ops.dlc.fused_select_logits`` node instead (``decode_rows_fused``; the Triton kernel streams the head
-in vocab tiles with an online softmax, so no vocab loop and no [C, N, V] tensor exist in the graph at all):
+one ``torch.ops.dlc.fused_select_logits`` node instead (``decode_rows_fused``; the Triton kernel streams the
+head in vocab tiles with an online softmax, so no vocab loop and no [C, N, V] tensor exist in the graph at
+all):
 
 * CFG is applied to the hidden rows before the op: the LM head is linear without bias, so
   ``head(un_h + w (cond_h - un_h)) = un + w (cond - un)``, exact up to rounding (the combination is done in
   float32 and cast to the head's dtype; without CFG both row lists are equal, ``cond - un`` is 0 and the rows
   pass through bit-exactly);
 * sampling uses the op's graph form: ``temperature [1]`` as a tensor and per-row hash keys
-  ``row_key(seeds[c], n)`` for decoded row n of request c, so each request draws what a call of the op with its
-  own seed draws, independent of its batch position (the noise is the kernel's hash, not ``uniform_noise``:
-  GPU and CPU builds sample differently for the same seed, both by Gumbel-max);
+  ``row_key(seeds[c], n)`` for decoded row n of request c, so each request draws what a call of the op with
+  its own seed draws, independent of its batch position (the noise is the kernel's hash, not
+  ``uniform_noise``: GPU and CPU builds sample differently for the same seed, both by Gumbel-max);
 * confidence comes back float32 (the kernel's online softmax) and is cast to float64 for the output spec;
 * top-k logprobs come from ``torch.ops.dlc.fused_topk_logprobs`` on the same guided rows (float32, cast).
 Rewrites counted: one per emitted op."""
@@ -55,13 +56,15 @@ EXTRA_OUTPUTS = ("entropy", "logprob", "top1_ids", "top1_prob")
 
 
 def guided_hidden(h, cond_rows, un_rows, cfg_w, dtype):
-    """h [B, N, d] -> guided rows [C, N, d] in ``dtype``: ``un + w * (cond - un)`` on hidden states (float32)."""
+    """h [B, N, d] -> guided rows [C, N, d] in ``dtype``: ``un + w * (cond - un)`` on hidden states
+    (float32)."""
     cond, un = h.index_select(0, cond_rows).float(), h.index_select(0, un_rows).float()
     return (un + cfg_w.float() * (cond - un)).to(dtype)
 
 
 def decode_rows_fused(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, topk: int):
-    """GPU lowering of decode_rows: one dlc.fused_select_logits over the guided rows (+ dlc.fused_topk_logprobs)."""
+    """GPU lowering of decode_rows: one dlc.fused_select_logits over the guided rows (+
+    dlc.fused_topk_logprobs)."""
     g = guided_hidden(h, cond_rows, un_rows, cfg_w, w.dtype)                  # [C, N, d]
     n = g.size(1)
     flat = g.reshape(-1, g.size(2)).contiguous()                               # [C * N, d]
@@ -113,7 +116,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         set_outputs(gm, list(inline(gm, extras, args + ext)) + outs[1:])
         return -(-vocab // chunk)
     dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
-                                                                   chunk=chunk, topk=ctx.logprobs, acc=acc), args)
+                                                                   chunk=chunk, topk=ctx.logprobs,
+                                                                   acc=acc), args)
     set_outputs(gm, list(dec) + outs[1:])
     return -(-vocab // chunk)
 
@@ -122,7 +126,8 @@ HEAD_ATTR = "lm_head_weight"
 
 
 def _head_weight_node(gm: fx.GraphModule, ctx) -> fx.Node:
-    """The LM head weight as a get_attr node (registered on gm under HEAD_ATTR, sharing the model's tensor)."""
+    """The LM head weight as a get_attr node (registered on gm under HEAD_ATTR, sharing the model's
+    tensor)."""
     if ctx.head_weight is None:
         raise ValueError("chunk_logits needs ctx.head_weight (the LM head weight tensor)")
     if not hasattr(gm, HEAD_ATTR):

@@ -1,16 +1,16 @@
 """Projection fusion (GPU targets): linear layers reading one input become one GEMM over concatenated weights.
 
-Every layer computes ``q, k, v = x Wq^T, x Wk^T, x Wv^T`` and ``gate, up = x Wg^T, x Wu^T`` from one normalised
-input. At the small token counts of a Reuse step (B x 32 rows) each GEMM is a short, launch- and
+Every layer computes ``q, k, v = x Wq^T, x Wk^T, x Wv^T`` and ``gate, up = x Wg^T, x Wu^T`` from one
+normalised input. At the small token counts of a Reuse step (B x 32 rows) each GEMM is a short, launch- and
 latency-bound kernel; one GEMM over ``W = [Wq; Wk; Wv]`` reads the same bytes in one launch with a wider N.
-The pass rewrites each group of ``aten.linear(x, W_i[, b_i])`` sharing ``x`` (weights as parameters, all with a
-bias or none) into ``linear(x, W_cat[, b_cat])`` followed by ``split`` along the last dim; the consumers read
-the slices.
+The pass rewrites each group of ``aten.linear(x, W_i[, b_i])`` sharing ``x`` (weights as parameters, all with
+a bias or none) into ``linear(x, W_cat[, b_cat])`` followed by ``split`` along the last dim; the consumers
+read the slices.
 
 Memory: the concatenated weight is built once per build (both phases share it) and the model's own parameters
-are re-pointed to views of it (``p.data = W_cat[rows]``), so the weights are not held twice and the eager model
-computes exactly what it did; the now unused per-projection attributes are dropped from the phase program (an
-exported artifact carries the concatenated weight only).
+are re-pointed to views of it (``p.data = W_cat[rows]``), so the weights are not held twice and the eager
+model computes exactly what it did; the now unused per-projection attributes are dropped from the phase
+program (an exported artifact carries the concatenated weight only).
 
 Numbers: the same products and sums per output element; a wider GEMM may block its reduction differently, so
 results agree to rounding (tests compare with a tolerance). Rewrites counted: one per fused group."""
@@ -87,7 +87,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
         sizes = [_param(gm, n.args[1]).shape[0] for n in nodes]
         w_attr = _concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_w", lambda n: n.args[1])
-        b_attr = _concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_b", _bias) if _bias(nodes[0]) is not None else None
+        b_attr = (_concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_b", _bias) if _bias(nodes[0]) is not None
+                  else None)
         g = gm.graph
         with g.inserting_before(first):
             w = g.get_attr(w_attr)

@@ -18,7 +18,8 @@ def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
 
 
 def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
-    """Append a placeholder after the last one (inputs keep their order); returns the existing one if present."""
+    """Append a placeholder after the last one (inputs keep their order); returns the existing one if
+    present."""
     ph = placeholders(gm)
     if name in ph:
         return ph[name]

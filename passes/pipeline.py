@@ -3,8 +3,8 @@
 Every pass has one signature, ``run(gm, ctx) -> int`` (the number of rewrites it made), and runs once on each
 phase program. The driver copies the traced full-sequence forward into one program per phase (``refresh``,
 ``reuse``), then runs ``PIPELINE`` in order on each; after every pass a shared clean-up removes dead code,
-lints and recompiles the graph, the rewrite count is logged, and ``dump_after`` names a pass whose output graph
-is printed (``--dump-graph-after``)."""
+lints and recompiles the graph, the rewrite count is logged, and ``dump_after`` names a pass whose output
+graph is printed (``--dump-graph-after``)."""
 from __future__ import annotations
 
 import logging
@@ -50,8 +50,9 @@ class PassContext:
 
     @property
     def use_kernels(self) -> bool:
-        """Emit ``torch.ops.dlc.*`` (Triton kernels on CUDA tensors, their references on CPU)? GPU targets whose
-        artifact runs torch ops (export, AOTI); never for ONNX / TensorRT, which cannot run the custom ops."""
+        """Emit ``torch.ops.dlc.*`` (Triton kernels on CUDA tensors, their references on CPU)? GPU targets
+        whose artifact runs torch ops (export, AOTI); never for ONNX / TensorRT, which cannot run the custom
+        ops."""
         return self.device == "cuda" if self.kernels is None else self.kernels
 
     def params(self, name: str) -> dict:
@@ -63,7 +64,8 @@ class PassContext:
                 "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
-                                 "decode_dtype": str(self.decode_dtype or "torch.float64").replace("torch.", ""),
+                                 "decode_dtype":
+                                     str(self.decode_dtype or "torch.float64").replace("torch.", ""),
                                  "lowering": "fused_select_logits" if self.use_kernels else "chunked",
                                  "extras": bool(self.extras and not self.use_kernels)}}[name]
 
@@ -79,7 +81,8 @@ def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: 
         raise ValueError(f"unknown pass(es) {unknown}; the pipeline is {list(PIPELINE)}")
     missing = [n for n, (_, req) in PIPELINE.items() if req and n not in names]
     if missing:
-        raise ValueError(f"--passes must include the required pass(es) {missing} (they define the phase programs)")
+        raise ValueError(f"--passes must include the required pass(es) {missing} (they define the "
+                         "phase programs)")
     if "sparsify_heads" in names and sparse_retention is None:
         raise ValueError("pass sparsify_heads needs --sparse-retention F (0 < F <= 1)")
     if sparse_retention is not None and not 0 < sparse_retention <= 1:

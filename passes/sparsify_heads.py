@@ -4,8 +4,8 @@
   attention outputs: ``mean_t softmax_j(q_t . k_j / sqrt(D)) * ||v_j||`` over the block's queries t (attention
   probability from the block's own queries, as SnapKV / H2O accumulate it, weighted by the value norm as in
   VATP, arXiv 2406.12335), max over the query heads of the group; optionally smoothed by a 1-D max-pool
-  (``POOL_KERNEL``; Sparse-dLLM uses 3); padding keys score -inf. New output ``head_scores [n_layers, B, Hkv, L]``
-  (float32).
+  (``POOL_KERNEL``; Sparse-dLLM uses 3); padding keys score -inf. New output ``head_scores
+  [n_layers, B, Hkv, L]`` (float32).
 * ``reuse``: new input ``keep_idx [n_layers, B, Hkv, K]`` (ascending cache columns per head, chosen by the
   runner: the top ``retention`` fraction of positions by score plus the fed columns). After the cache write
   each layer reads only those K columns of its pool rows (and of the key mask) per head, and attends over
@@ -15,13 +15,13 @@ Why not Sparse-dLLM's score (``mean_t q_t . k_j``, raw logits of the mean query,
 ``dlc-tiny`` (docs/QUALITY.md) it kept the wrong half of the context (low-confidence dual, retention 0.5:
 78.5% vs 100% dense). The mean of the queries is not the mean of their attention: queries that attend to
 different positions (each answer character copies a different prompt character) average out, and raw logits
-ignore the softmax's normalisation across keys. Per-query probabilities fix that (97.0%); weighting by ``||v_j||``
-ranks keys by how much they move the output rather than how much they are looked at (99.5%). Max-pooling
-blurs the choice onto neighbours and cost 1.5-3.5 points there, so it is off by default.
+ignore the softmax's normalisation across keys. Per-query probabilities fix that (97.0%); weighting by
+``||v_j||`` ranks keys by how much they move the output rather than how much they are looked at (99.5%).
+Max-pooling blurs the choice onto neighbours and cost 1.5-3.5 points there, so it is off by default.
 
 On GPU targets (``ctx.use_kernels``: export / AOTI artifacts for CUDA) each Reuse attention becomes one
-``torch.ops.dlc.sparse_attention`` node (``kernel_attention``: the Triton kernel reads the kept columns by index
-instead of gathering K/V, then attends over them plus the block's own K/V); elsewhere gather + SDPA.
+``torch.ops.dlc.sparse_attention`` node (``kernel_attention``: the Triton kernel reads the kept columns by
+index instead of gathering K/V, then attends over them plus the block's own K/V); elsewhere gather + SDPA.
 
 With retention 1.0 the runner keeps every column in order: the gather is the identity and attention equals
 the dense program exactly. Rewrites counted: one per attention layer."""
@@ -75,12 +75,13 @@ def _refresh(gm: fx.GraphModule, ctx) -> int:
 
 
 
-def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, keep: torch.Tensor,
-                     q_start: torch.Tensor) -> torch.Tensor:
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                     keep: torch.Tensor, q_start: torch.Tensor) -> torch.Tensor:
     """The same attention as ``gather_heads`` + SDPA through ``torch.ops.dlc.sparse_attention`` (GPU targets):
     q [B, H, T, D], k/v [B, Hkv, S, D] (cache with the fed block written), key_mask [B, S], keep [B, Hkv, K],
-    q_start [B] -> [B, H, T, D]. The op reads the kept cache columns by index (never materialising the gathered
-    K/V) plus the block's own K/V; kept entries that are fed columns or padding keys become -1 (skipped)."""
+    q_start [B] -> [B, H, T, D]. The op reads the kept cache columns by index (never materialising the
+    gathered K/V) plus the block's own K/V; kept entries that are fed columns or padding keys become -1
+    (skipped)."""
     T, D = q.size(2), k.size(3)
     cols = q_start[:, None] + torch.arange(T, device=q_start.device)             # [B, T]
     cidx = cols[:, None, :, None].expand(-1, k.size(1), -1, D)                    # [B, Hkv, T, D]
@@ -105,8 +106,10 @@ def _reuse(gm: fx.GraphModule, ctx) -> int:
             raise ValueError("sparsify_heads must run after cache_kv_reuse (no cached K/V found)")
         kp_l, vp_l, rows, k_full, v_full = attn.meta["dlc_kv"]
         if kernels:
-            (o,) = inline(gm, lambda q, k, v, km, keep, qs, layer=layer: (kernel_attention(q, k, v, km, keep[layer], qs),),
-                          [attn.args[0], k_full, v_full, ph["key_mask"], keep_idx, ph["q_start"]], before=attn)
+            (o,) = inline(gm, lambda q, k, v, km, keep, qs, layer=layer: (kernel_attention(q, k, v, km,
+                                                                                           keep[layer], qs),),
+                          [attn.args[0], k_full, v_full, ph["key_mask"], keep_idx, ph["q_start"]],
+                          before=attn)
             attn.replace_all_uses_with(o)
             gm.graph.erase_node(attn)
         else:

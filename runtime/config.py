@@ -25,7 +25,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 64            # most requests in one iteration (and running at once)
-    max_num_tokens: int = 8192          # token budget of one iteration (Refresh costs the sequence, Reuse the block)
+    # token budget of one iteration (Refresh costs the sequence, Reuse the block)
+    max_num_tokens: int = 8192
     max_queue: int = 256                # waiting requests beyond this get HTTP 429
     api_key: str | None = None
     served_model_name: str | None = None
@@ -39,11 +40,13 @@ class ServeConfig:
     chunk_sizes: tuple = (4, 8, 16, 32, 64)   # elastic mode: the chunk sizes the controller picks from
     refresh_share: float = 0.5          # at most this share of the token budget goes to Refresh per iteration
     age_iters: int = 16                 # a request waiting this many iterations goes first (no starvation)
-    seed: int | None = None             # default seed of requests that send none (None: a fresh random seed each)
+    # default seed of requests that send none (None: a fresh random seed each)
+    seed: int | None = None
     drain_timeout_s: float = 60.0       # SIGTERM: in-flight requests get this long, then end with an error
     max_request_bytes: int = 2 ** 21    # larger request bodies get HTTP 413
     log_interval_s: float = 5.0         # a throughput / queue console line this often while busy (0: none)
-    cuda_graphs: bool | None = None     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
+    # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
+    cuda_graphs: bool | None = None
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
     compile: bool | None = None         # torch.compile each transformer block [on with CUDA graphs on CUDA]
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
@@ -60,8 +63,8 @@ class ServeConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters", "max_request_bytes",
-                     "lookahead_steps"):
+        for name in ("port", "max_batch_size", "max_num_tokens", "max_queue", "age_iters",
+                     "max_request_bytes", "lookahead_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"serve config: {name} must be a positive integer, got {v!r}")
@@ -78,7 +81,8 @@ class ServeConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"serve config: policy must be one of {POLICIES}, got {self.policy!r}")
         if self.granularity not in GRANULARITY:
-            raise ValueError(f"serve config: granularity must be one of {GRANULARITY}, got {self.granularity!r}")
+            raise ValueError(f"serve config: granularity must be one of {GRANULARITY}, got "
+                             f"{self.granularity!r}")
         if not 0 < self.refresh_share <= 1:
             raise ValueError(f"serve config: refresh_share must be in (0, 1], got {self.refresh_share}")
         self.chunk_sizes = tuple(sorted(int(c) for c in self.chunk_sizes))
@@ -87,7 +91,8 @@ class ServeConfig:
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ValueError(f"serve config: max_seq_len must be > 0, got {self.max_seq_len}")
         if self.graph_decode not in (None, "fused", "exact"):
-            raise ValueError(f"serve config: graph_decode must be 'fused' or 'exact', got {self.graph_decode!r}")
+            raise ValueError("serve config: graph_decode must be 'fused' or 'exact', got "
+                             f"{self.graph_decode!r}")
         if self.compile and self.cuda_graphs is False:
             raise ValueError("serve config: compile applies to the graph runner; it needs cuda_graphs on")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
@@ -125,13 +130,15 @@ class ServeConfig:
         return cls(**d)
 
 
+# block-diffusion decoding's fields (requests, generation_config.json)
 BLOCK_GEN_KEYS = ("decoder", "steps_per_block", "eos_early_stop", "edit_threshold", "max_post_edit_steps",
-                  "tokens_per_step")      # block-diffusion decoding's fields (requests, generation_config.json)
+                  "tokens_per_step")
 
 
 def family_generation_defaults(model_config) -> dict:
     """The family's own defaults over GEN_DEFAULTS: block-diffusion families decode with their reference's
-    block length, steps per block, threshold and the exact block cache (models/llada2_moe.py, models/sdar.py)."""
+    block length, steps per block, threshold and the exact block cache (models/llada2_moe.py,
+    models/sdar.py)."""
     if model_config is None or not getattr(model_config, "block_diffusion", False):
         return {}
     from dlc.models import FAMILIES

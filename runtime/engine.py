@@ -126,7 +126,8 @@ class Engine:
                                      self.runner.device,
                                      max_slots=2 * cfg.max_batch_size + is_graphed(self.runner),
                                      head_scores=self.runner.sparse_retention is not None)
-        except (RuntimeError, MemoryError) as e:      # the allocator's out-of-memory: one line, what to change
+        # the allocator's out-of-memory: one line, what to change
+        except (RuntimeError, MemoryError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ValueError(f"cannot allocate the KV slot pool ({self.kv_budget.bytes / 2**20:.0f} MiB on "
                              f"{self.runner.device}): {first}; lower --kv-cache-mb, --gpu-memory-utilization "
@@ -296,7 +297,8 @@ class Engine:
         results: dict[int, tuple] = {}
         split = isinstance(self.runner, GraphRunner)
         groups = [[reqs[i] for i in idx]
-                  for idx in group_states([r.state for r in reqs], self.runner.max_batch_size, split_extras=split)]
+                  for idx in group_states([r.state for r in reqs], self.runner.max_batch_size,
+                                          split_extras=split)]
         if supports_mixed(self.runner) and is_mixed_iteration([g[0].phase for g in groups]):
             self._run_mixed(groups, results)
             return results
@@ -486,7 +488,7 @@ class Engine:
             self.cfg = cfg
             self.scheduler = SCHEDULERS[policy](cfg, self.mc, self.kv, self.gran, self.runner.device)
 
-    # -- warm-up and the loop ---------------------------------------------------------------------------------
+    # -- warm-up and the loop --------------------------------------------------------------------------------
     def warmup(self) -> None:
         """One tiny forward (first-call costs), the graphs' capture (and compilation), and in elastic mode the
         saturation measurement; ``timings["warmup_s"]`` records how long it took."""

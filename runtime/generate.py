@@ -76,7 +76,8 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
     runner = as_runner(model)
     mc = runner.config
     cfg = cfg.for_model(mc)
-    check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len, cfg.block_length if cfg.block_decoding else 0)
+    check_prompts(prompts, cfg.gen_length, mc, runner.max_seq_len,
+                  cfg.block_length if cfg.block_decoding else 0)
     if hasattr(runner, "check_generation"):              # what a runner cannot decode (compiled engines)
         runner.check_generation(cfg)
     t0 = time.perf_counter()

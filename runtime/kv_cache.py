@@ -1,12 +1,12 @@
 """KV cache manager: a slot pool sized from a memory budget.
 
 The pool holds K and V as ``[n_layers, n_slots, n_kv_heads, S_max, head_dim]`` (per-layer views ``k[l]``;
-S_max = the server's max sequence). A running request with a prefix or dual cache owns one slot (one pool row) from admission to
-finish or cancel; its sequence is laid out from column 0. Requests at any prompt length and block batch
-together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none) take no slot;
-requests with classifier-free guidance take two (their unconditional rows have K/V of their own).
-With ``head_scores`` (head-sparse runners) the pool also keeps ``[n_layers, n_slots, Hkv, S_max]`` float32 key
-scores per head, written by each row's Refresh and read when its Reuse steps choose their columns.
+S_max = the server's max sequence). A running request with a prefix or dual cache owns one slot (one pool row)
+from admission to finish or cancel; its sequence is laid out from column 0. Requests at any prompt length and
+block batch together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none)
+take no slot; requests with classifier-free guidance take two (their unconditional rows have K/V of their
+own). With ``head_scores`` (head-sparse runners) the pool also keeps ``[n_layers, n_slots, Hkv, S_max]``
+float32 key scores per head, written by each row's Refresh and read when its Reuse steps choose their columns.
 
 Policy: ``n_slots = budget // bytes_per_slot`` (capped by ``max_slots``); ``allocate`` hands out the lowest
 free slot or None when the pool is full (the scheduler then waits or preempts); ``free`` returns a slot and
@@ -34,7 +34,8 @@ class KVCacheManager:
             n = min(n, max_slots)
         if n < 1:
             raise ValueError(f"KV cache budget {budget_bytes / 2**20:.1f} MiB is too small for one slot of "
-                             f"{s_max} tokens ({per / 2**20:.2f} MiB); raise kv_cache_mb or lower max_seq_len")
+                             f"{s_max} tokens ({per / 2**20:.2f} MiB); raise kv_cache_mb or lower "
+                             "max_seq_len")
         self.n_slots, self.s_max, self.slot_bytes = n, s_max, per
         shape = (config.n_layers, n, config.n_kv_heads, s_max, config.head_dim)
         self.k_all = torch.zeros(shape, dtype=dtype, device=device)     # one tensor: compiled programs write

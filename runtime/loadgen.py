@@ -157,7 +157,8 @@ def start_server(model: str, port: int, args: list[str]) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, "-m", "dlc.cli", "serve", model, "--port", str(port), *args]
-    log = tempfile.TemporaryFile("w+")           # a pipe nobody reads would fill up and stall a long-lived server
+    # a pipe nobody reads would fill up and stall a long-lived server
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:

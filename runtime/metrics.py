@@ -84,7 +84,8 @@ class Metrics:
                     lab = ",".join(f'{a}="{b}"' for a, b in key)
                     lines.append(f"dlc_{k}{{{lab}}} {v:g}" if lab else f"dlc_{k} {v:g}")
             for name, hist, help_ in (("step_seconds", self.step_seconds, "Engine iteration time"),
-                                      ("time_to_first_token_seconds", self.ttft, "Arrival to first streamed block"),
+                                      ("time_to_first_token_seconds", self.ttft,
+                                       "Arrival to first streamed block"),
                                       ("request_latency_seconds", self.latency, "Arrival to finish")):
                 lines += [f"# HELP dlc_{name} {help_}", f"# TYPE dlc_{name} histogram"]
                 for b, c in zip(hist.buckets, hist.counts):

@@ -33,7 +33,8 @@ class Request:
     error: str | None = None                 # what failed, when finish_reason is "error"
     output_ids: list[int] = field(default_factory=list)
     on_output: object = None                 # callback(req, new_ids: list[int], finished: bool)
-    stop: object = None                      # StopStrings (runtime/stops.py) when the request has stop strings
+    # StopStrings (runtime/stops.py) when the request has stop strings
+    stop: object = None
     stop_text: str | None = None             # the output text before the stop string that ended the request
     on_step: object = None                   # opt-in callback(req, block_start, positions, tokens) per step
 

@@ -41,8 +41,8 @@ UNLIKELY = -9999.0           # OpenAI's logprob for "no probability" (a position
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
@@ -122,7 +122,7 @@ class ChatBody(DiffusionFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
-# -- helpers ----------------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 
 class TextStream:
     """Incremental detokenizer whose deltas always concatenate to the choice's final text: decode(all ids),
@@ -161,9 +161,10 @@ def _message_text(m: Message) -> str:
 
 
 def _params(body: DiffusionFields) -> dict:
-    p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor", "remasking",
-                                       "kv_cache", "temperature", "seed", "cfg_scale", "stop_token_ids",
-                                       "low_threshold", "entropy_bound", "credit", "smoothing", "top_p", "min_p")
+    p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor",
+                                       "remasking", "kv_cache", "temperature", "seed", "cfg_scale",
+                                       "stop_token_ids", "low_threshold", "entropy_bound", "credit",
+                                       "smoothing", "top_p", "min_p")
          + BLOCK_GEN_KEYS}
     if body.top_k is not None:
         p["top_k"] = max(0, body.top_k)                   # -1 (vLLM's "off") is 0 here
@@ -182,8 +183,9 @@ def _logprobs_k(body) -> int | None:
 
 def _check_unsupported(body: DiffusionFields) -> None:
     if getattr(body, "best_of", None) not in (None, 1):
-        raise APIError(400, "best_of > 1 is not supported: diffusion decoding has no sequence log-probability "
-                            "to rank candidates by; use n for several samples", param="best_of")
+        raise APIError(400, "best_of > 1 is not supported: diffusion decoding has no sequence "
+                            "log-probability to rank candidates by; use n for several samples",
+                       param="best_of")
     if body.provisional and not body.stream:
         raise APIError(400, "provisional tokens are streamed: set stream to true", param="provisional")
     if body.stream_options is not None and not body.stream:
@@ -197,7 +199,8 @@ def _check_unsupported(body: DiffusionFields) -> None:
 def _usage(subs: list["Choice"]) -> dict:
     """Prompt tokens once per prompt (OpenAI), completion tokens of every choice."""
     prompts = {c.prompt_index: c.req.P for c in subs}
-    u = {"prompt_tokens": sum(prompts.values()), "completion_tokens": sum(len(c.req.output_ids) for c in subs)}
+    u = {"prompt_tokens": sum(prompts.values()),
+         "completion_tokens": sum(len(c.req.output_ids) for c in subs)}
     u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
     return u
 
@@ -220,18 +223,19 @@ class Server:
             return r.stop_text
         return self.tok.decode(r.output_ids, skip_special_tokens=True) if self.tok is not None else ""
 
-    # -- request lifecycle --------------------------------------------------------------------------------------
+    # -- request lifecycle -----------------------------------------------------------------------------------
     def _submit(self, prompt_ids: list[int], body: DiffusionFields, chat: bool, index: int, sample: int,
                 q: asyncio.Queue) -> Request:
-        """Queue one choice; its events arrive on ``q`` as (index, kind, payload): ("out", (new_ids, done)) and,
-        with ``provisional``, ("step", (block_start, positions, token_ids))."""
+        """Queue one choice; its events arrive on ``q`` as (index, kind, payload): ("out", (new_ids, done))
+        and, with ``provisional``, ("step", (block_start, positions, token_ids))."""
         max_tokens = body.max_tokens or body.max_completion_tokens
         params = _params(body)
         base = body.seed if body.seed is not None else self.engine.cfg.seed
         if base is not None:                  # n > 1: samples seed, seed + 1, ... (unseeded: fresh draws)
             params["seed"] = (base + sample) % (MAX_SEED + 1) if sample and 0 <= base <= MAX_SEED else base
         try:
-            req = self.engine.make_request(prompt_ids, params, max_tokens=max_tokens, stop=check_stops(body.stop),
+            req = self.engine.make_request(prompt_ids, params, max_tokens=max_tokens,
+                                           stop=check_stops(body.stop),
                                            rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
         except ValueError as e:       # FieldError names the field
             raise APIError(400, str(e), param=getattr(e, "field", None)) from None
@@ -310,14 +314,15 @@ class Server:
         return list(ids)
 
     def _logprobs(self, r: Request, start: int, end: int, chat: bool) -> dict | None:
-        """OpenAI logprobs of output tokens [start, end): each token's log-probability and its top alternatives
-        at the step that unmasked it (None when the request did not ask)."""
+        """OpenAI logprobs of output tokens [start, end): each token's log-probability and its top
+        alternatives at the step that unmasked it (None when the request did not ask)."""
         rec = r.state.token_logprobs
         if rec is None:
             return None
         text = self._token_text
         ids = r.output_ids[start:end]
-        entries = [rec[j] or (UNLIKELY, [], []) for j in range(start, start + len(ids))]   # None: never unmasked
+        # None: never unmasked
+        entries = [rec[j] or (UNLIKELY, [], []) for j in range(start, start + len(ids))]
         if chat:
             def item(t, lp):
                 s = text(t)
@@ -334,14 +339,14 @@ class Server:
                 "text_offset": offsets}
 
     def _token_text(self, t: int) -> str:
-        """A token as text; a partial UTF-8 character (decodes to U+FFFD) as its vocabulary string, so distinct
-        alternatives keep distinct keys."""
+        """A token as text; a partial UTF-8 character (decodes to U+FFFD) as its vocabulary string, so
+        distinct alternatives keep distinct keys."""
         if self.tok is None:
             return str(t)
         s = self.tok.decode([t])
         return self.tok.convert_ids_to_tokens(t) if "\ufffd" in s else s
 
-    # -- endpoints ----------------------------------------------------------------------------------------------
+    # -- endpoints -------------------------------------------------------------------------------------------
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self._check_model(body)
         _check_unsupported(body)
@@ -414,7 +419,8 @@ class Server:
         rid, obj = subs[0].req.rid, "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list, usage=None, with_usage=include_usage) -> str:
-            data = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
+            data = {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                    "choices": choices}
             if with_usage:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
@@ -425,7 +431,8 @@ class Server:
             lps = self._logprobs(reqs[i], sent[i], sent[i] + len(ids), chat) if ids else None
             sent[i] += len(ids)
             if chat:
-                d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
+                d = ({"role": "assistant", "content": delta or ""} if first
+                     else ({"content": delta} if delta else {}))
                 c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
                 c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": lps}
@@ -491,9 +498,9 @@ class APIKeyMiddleware:
 
 
 class BodyGuard:
-    """Plain ASGI: a POST to /v1 must be JSON (Content-Type), at most ``limit`` bytes (413 otherwise, before the
-    rest is read), UTF-8, and parse without excessive nesting; each failure says which. The checked body is
-    replayed to the app; later receive() calls (disconnect polls) go to the client as before."""
+    """Plain ASGI: a POST to /v1 must be JSON (Content-Type), at most ``limit`` bytes (413 otherwise, before
+    the rest is read), UTF-8, and parse without excessive nesting; each failure says which. The checked body
+    is replayed to the app; later receive() calls (disconnect polls) go to the client as before."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -521,8 +528,10 @@ class BodyGuard:
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
-            return None, error_response(415, f"the body must be JSON sent with 'Content-Type: application/json' "
-                                             f"(got {ctype or 'no Content-Type'})", code="unsupported_media_type")
+            return None, error_response(415, "the body must be JSON sent with "
+                                             "'Content-Type: application/json' "
+                                             f"(got {ctype or 'no Content-Type'})",
+                                        code="unsupported_media_type")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
             return None, self._too_large(int(length))
@@ -541,8 +550,8 @@ class BodyGuard:
         return body, _parse_error(body)
 
     def _too_large(self, size: int):
-        return error_response(413, f"the request body ({size} bytes) exceeds the server's limit of {self.limit} "
-                                   f"bytes (max_request_bytes)", code="request_too_large")
+        return error_response(413, f"the request body ({size} bytes) exceeds the server's limit of "
+                                   f"{self.limit} bytes (max_request_bytes)", code="request_too_large")
 
 
 def _parse_error(body: bytes):
@@ -550,7 +559,8 @@ def _parse_error(body: bytes):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        return error_response(400, f"the body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 1]!r})",
+        return error_response(400, "the body is not valid UTF-8 "
+                                   f"(byte {e.start}: {body[e.start:e.start + 1]!r})",
                               code="invalid_encoding")
     try:
         json.loads(text)
@@ -562,7 +572,8 @@ def _parse_error(body: bytes):
     return None
 
 
-def build_app(engine: Engine, model_name: str, api_key: str | None = None, start_engine: bool = True) -> FastAPI:
+def build_app(engine: Engine, model_name: str, api_key: str | None = None,
+              start_engine: bool = True) -> FastAPI:
     srv = Server(engine, model_name, api_key)
 
     @asynccontextmanager
@@ -588,7 +599,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, start
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
-        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: "
+                        f"{er.get('msg')}"
                         for er in errs[:5])
         return error_response(400, f"invalid request: {msg}", param=".".join(loc) or None)
 
@@ -611,7 +623,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, start
     async def metrics():
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "dlc", "max_model_len": engine.max_seq}
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "dlc",
+            "max_model_len": engine.max_seq}
 
     @app.get("/v1/models")
     async def models():

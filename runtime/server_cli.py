@@ -1,4 +1,5 @@
-"""``dlc serve MODEL_OR_ENGINE_DIR``: every option is a ServeConfig field of the same name (and a YAML key)."""
+"""``dlc serve MODEL_OR_ENGINE_DIR``: every option is a ServeConfig field of the same name (and a YAML
+key)."""
 from __future__ import annotations
 
 import logging
@@ -28,14 +29,16 @@ def _options(f):
                      help="YAML file with any of these options (flags override it)"),
         click.option("--device", default=None, help="cpu or cuda [cuda when available]"),
         click.option("--dtype", default=None, type=click.Choice(["auto", "fp32", "bf16", "fp16"])),
-        click.option("--max-seq-len", default=None, type=int, help="longest prompt + generation [the model's]"),
+        click.option("--max-seq-len", default=None, type=int,
+                     help="longest prompt + generation [the model's]"),
         click.option("--kv-cache-mb", default=None, type=float,
                      help="KV slot pool budget [CUDA: from --gpu-memory-utilization; CPU: 512]"),
         click.option("--gpu-memory-utilization", default=None, type=float,
                      help="CUDA: share of the device's memory the server fills (weights, activations, "
                           "and the KV pool takes the rest) [0.9]"),
         click.option("--policy", default=None, type=click.Choice(POLICIES), help="scheduler [phase]"),
-        click.option("--granularity", default=None, type=click.Choice(GRANULARITY), help="block size [fixed]"),
+        click.option("--granularity", default=None, type=click.Choice(GRANULARITY),
+                     help="block size [fixed]"),
         click.option("--refresh-share", default=None, type=float, help="Refresh share of the budget [0.5]"),
         click.option("--gen-length", default=None, type=int, help="default gen_length [model dir, else 128]"),
         click.option("--block-length", default=None, type=int),
@@ -46,11 +49,13 @@ def _options(f):
         click.option("--seed", default=None, type=int),
         click.option("--drain-timeout-s", default=None, type=float,
                      help="SIGTERM: in-flight requests get this long, then end with an error [60]"),
-        click.option("--max-request-bytes", default=None, type=int, help="larger bodies get HTTP 413 [2 MiB]"),
+        click.option("--max-request-bytes", default=None, type=int,
+                     help="larger bodies get HTTP 413 [2 MiB]"),
         click.option("--log-interval-s", default=None, type=float,
                      help="throughput / queue console line period while busy; 0: off [5]"),
         click.option("--cuda-graphs/--no-cuda-graphs", default=None,
-                     help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an eager model]"),
+                     help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an "
+                          "eager model]"),
         click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
                      help="decoding inside the graphs [fused on GPU: Triton selected-row logits]"),
         click.option("--compile/--no-compile", default=None,
@@ -59,7 +64,8 @@ def _options(f):
                      help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
                           "1: off [16]"),
         click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
-                     help="shard the model over this many GPUs (CPU: processes); starts the ranks itself [1]"),
+                     help="shard the model over this many GPUs (CPU: processes); starts the ranks "
+                          "itself [1]"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -90,7 +96,8 @@ def serve_command(model, config_path, **options):
 
         from .server import build_app
     except ImportError as e:
-        raise click.ClickException(f"dlc serve needs the serve extras (pip install 'dlc[serve]'): {e}") from None
+        raise click.ClickException(f"dlc serve needs the serve extras (pip install 'dlc[serve]'): "
+                                   f"{e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     name = cfg.served_model_name or model
     app = build_app(engine, name, cfg.api_key)
@@ -103,10 +110,12 @@ def serve_command(model, config_path, **options):
         click.echo(line, err=True)
     click.echo(f"dlc serve: {name} on http://{host}:{port} (policy {cfg.policy}, granularity "
                f"{cfg.granularity})", err=True)
-    # uvicorn re-raises the signals it caught once it has stopped: make that a clean exit (no KeyboardInterrupt).
+    # uvicorn re-raises the signals it caught once it has stopped: make that a clean exit (no
+    # KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    if hasattr(engine.runner, "add_failure_callback"):          # tensor parallel: a dead rank stops the server
+    # tensor parallel: a dead rank stops the server
+    if hasattr(engine.runner, "add_failure_callback"):
         engine.runner.add_failure_callback(lambda msg: _stop_on_failure(server, engine, msg))
     server.run(sockets=[sock])
     failure = getattr(engine.runner, "failure", None)
@@ -161,7 +170,8 @@ def _draining_server():
                     self.force_exit = True
                 return
             self._draining = True
-            log.info("draining: finishing %s in-flight requests (at most %.0f s)", self._in_flight(), self.drain_s)
+            log.info("draining: finishing %s in-flight requests (at most %.0f s)", self._in_flight(),
+                     self.drain_s)
             threading.Thread(target=self._drain, daemon=True).start()
 
         def _in_flight(self) -> int:

@@ -56,7 +56,8 @@ def check_tensor_parallel(n) -> int:
 def check_device(device) -> None:
     """A CUDA device asked for where there is none: one line saying so (not torch's assertion)."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+        why = ("this torch is built without CUDA" if not torch.backends.cuda.is_built()
+               else "no GPU is visible")
         raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
 
 

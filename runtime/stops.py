@@ -4,7 +4,8 @@ token ids; a string can span tokens and blocks, so it is matched on text).
 ``StopStrings.find(ids)`` runs on the engine thread each time a request's output grows (once per finished
 block): it decodes the output and returns the cut (the smallest token prefix whose text holds a stop string,
 and the text before the first stop) or None. ``holdback(text)`` is what a stream must not send yet: the
-longest suffix of ``text`` that could start a stop string, so streamed deltas never include any part of one."""
+longest suffix of ``text`` that could start a stop string, so streamed deltas never include any part of
+one."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -48,7 +48,8 @@ def test_e2e_baseline_fits_an_80gb_card_at_b32():
 
 @pytest.mark.slow
 def test_gpu_bench_smoke_runs_every_section(tmp_path):
-    out = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--smoke", "--json", str(tmp_path / "r.json")],
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--smoke", "--json",
+                          str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "r.json").read_text())

@@ -66,9 +66,12 @@ def test_generate_with_the_parallel_decoders_and_logprobs():
     for flags in (["--threshold", "0.9", "--low-threshold", "0.3"], ["--entropy-bound", "0.5"],
                   ["--threshold", "0.9", "--credit", "--smoothing", "--kv-cache", "dual"]):
         assert dlc("generate", "dlc-tiny", "64+78", *flags).stdout == "142\n", flags
-    out = json.loads(dlc("generate", "dlc-tiny", "64+78", "--logprobs", "2", "--json").stdout.splitlines()[-1])
+    out = json.loads(dlc("generate", "dlc-tiny", "64+78", "--logprobs", "2",
+                         "--json").stdout.splitlines()[-1])
     assert len(out["logprobs"]) == len(out["token_ids"]) == 3
     assert all(len(e["top"]) == 2 and e["logprob"] <= 0 for e in out["logprobs"])
-    bad = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "dlc-tiny", "x", "--entropy-bound", "-1"],
+    bad = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "dlc-tiny", "x", "--entropy-bound",
+                          "-1"],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "entropy_bound must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "entropy_bound must be >= 0" in bad.stderr and \
+        "Traceback" not in bad.stderr

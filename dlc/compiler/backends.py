@@ -10,7 +10,8 @@ import torch
 
 from dlc.runtime.runners.artifacts import BackendUnavailable, trt_available
 
-LARGE_WEIGHTS = 1 << 30        # above this, AOTI keeps the weights out of the .so (binary blobs in the package)
+# above this, AOTI keeps the weights out of the .so (binary blobs in the package)
+LARGE_WEIGHTS = 1 << 30
 
 
 # --- export: the pass-transformed ExportedProgram, saved with torch.export.save ---------------------------
@@ -47,8 +48,10 @@ def emit_onnx(ep, phase: str, out: Path, ctx: dict) -> str:
 
 # --- tensorrt: from the ONNX, through the TensorRT Python API ---------------------------------------------
 def trtexec_command(onnx_name: str, engine_name: str, profiles: dict, dtype: str) -> str:
-    """The trtexec line that builds ``engine_name`` from ``onnx_name`` with the build limits as the profile."""
-    fmt = lambda which: ",".join(f"{n}:{'x'.join(str(d) for d in s[which])}" for n, s in profiles.items())  # noqa
+    """The trtexec line that builds ``engine_name`` from ``onnx_name`` with the build limits as the
+    profile."""
+    fmt = lambda which: ",".join(f"{n}:{'x'.join(str(d) for d in s[which])}"
+                                 for n, s in profiles.items())  # noqa
     prec = {"bf16": " --bf16", "fp16": " --fp16", "fp32": ""}[dtype]
     return (f"trtexec --onnx={onnx_name} --saveEngine={engine_name} --minShapes={fmt('min')} "
             f"--optShapes={fmt('opt')} --maxShapes={fmt('max')}{prec}")
@@ -107,4 +110,5 @@ def artifact_bytes(out: Path, name: str) -> int:
     return total
 
 
-__all__ = ["BACKENDS", "get_backend", "BackendUnavailable", "trtexec_command", "trt_available", "artifact_bytes"]
+__all__ = ["BACKENDS", "get_backend", "BackendUnavailable", "trtexec_command", "trt_available",
+           "artifact_bytes"]

@@ -82,32 +82,34 @@ def check_onnx_extras(backend: str) -> None:
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to write into a file, or a non-empty directory that is not a dlc engine (its files would be mixed
-    with or overwritten by the engine's)."""
+    """Refuse to write into a file, or a non-empty directory that is not a dlc engine (its files would be
+    mixed with or overwritten by the engine's)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out}: exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not is_engine_dir(out):
-        raise ValueError(f"-o {out}: the directory is not empty and is not a dlc engine; choose an empty or new "
-                         f"directory, or pass --force to write into it")
+        raise ValueError(f"-o {out}: the directory is not empty and is not a dlc engine; choose an "
+                         f"empty or new directory, or pass --force to write into it")
 
 
 def build_limits(plan) -> dict[str, int]:
     b, s = plan.max_batch_size, plan.max_seq_len
-    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s, "M": s}   # M: credited ids per position
+    # M: credited ids per position
+    return {"B": 2 * b, "C": b, "L": s, "S": s, "T": s, "N": s, "K": s, "M": s}
 
 
-TRT_POOL_SLOTS = 8      # a TensorRT engine binds KV pools of up to 8 x max_batch_size slots (P has a range there)
+# a TensorRT engine binds KV pools of up to 8 x max_batch_size slots (P has a range there)
+TRT_POOL_SLOTS = 8
 
 
 def profiles(specs: dict, plan) -> dict:
     """TensorRT optimisation profile per input: min (1 per dim), opt (batch, whole sequence, one block), max.
     torch artifacts take any pool size (P unbounded)."""
     mx = {**build_limits(plan), "P": TRT_POOL_SLOTS * plan.max_batch_size}
-    opt = {"P": plan.max_batch_size, "B": plan.max_batch_size, "C": plan.max_batch_size, "L": plan.max_seq_len,
-           "S": plan.max_seq_len, "T": plan.block_length, "N": plan.block_length, "K": plan.max_seq_len,
-           "M": plan.block_length}
+    opt = {"P": plan.max_batch_size, "B": plan.max_batch_size, "C": plan.max_batch_size,
+           "L": plan.max_seq_len, "S": plan.max_seq_len, "T": plan.block_length, "N": plan.block_length,
+           "K": plan.max_seq_len, "M": plan.block_length}
     res = {}
     for name, (shape, _) in specs.items():
         res[name] = {"min": [1 if isinstance(d, str) else d for d in shape],
@@ -117,14 +119,15 @@ def profiles(specs: dict, plan) -> dict:
 
 
 def _sig(specs: dict) -> list[dict]:
-    return [{"name": n, "shape": list(shape), "dtype": str(dt).replace("torch.", "")} for n, (shape, dt) in specs.items()]
+    return [{"name": n, "shape": list(shape), "dtype": str(dt).replace("torch.", "")}
+            for n, (shape, dt) in specs.items()]
 
 
 BLOCK_COMPILE_TODO = (
-    "phase programs for block diffusion (block-causal denoise over the cached prefix, prefill / commit of the "
-    "exact block cache) need the export of a per-query attention mask and the in-place KV passes, which are "
-    "being rewritten (dlc/compiler/export.py, passes/cache_kv_reuse.py); serve the checkpoint eagerly with "
-    "`dlc serve` (exact block KV cache) meanwhile")
+    "phase programs for block diffusion (block-causal denoise over the cached prefix, prefill / "
+    "commit of the exact block cache) need the export of a per-query attention mask and the in-place KV "
+    "passes, which are being rewritten (dlc/compiler/export.py, passes/cache_kv_reuse.py); serve the "
+    "checkpoint eagerly with `dlc serve` (exact block KV cache) meanwhile")
 
 
 def _block_diffusion_plan(model: str, cfg, plan, dry_run: bool, echo) -> dict:
@@ -138,25 +141,26 @@ def _block_diffusion_plan(model: str, cfg, plan, dry_run: bool, echo) -> dict:
 
 def tp_engines_later(model: str, n: int, dry_run: bool = False) -> str:
     """The one line ``dlc compile --tensor-parallel-size N`` (N > 1) answers: no per-rank engines yet."""
-    return (f"--tensor-parallel-size {n}: dlc compile builds single-GPU engines; tensor-parallel engines (one "
-            f"phase program set per rank) are a later step. Run the model tensor parallel on the runtime path "
-            f"instead: `dlc serve {model} --tensor-parallel-size {n}` or `dlc generate {model} PROMPT "
-            f"--tensor-parallel-size {n}`" + ("" if dry_run else " (add --dry-run to see the per-GPU plan)"))
+    return (f"--tensor-parallel-size {n}: dlc compile builds single-GPU engines; tensor-parallel "
+            "engines (one phase program set per rank) are a later step. Run the model tensor parallel on "
+            f"the runtime path instead: `dlc serve {model} --tensor-parallel-size {n}` or "
+            f"`dlc generate {model} PROMPT --tensor-parallel-size {n}`"
+            + ("" if dry_run else " (add --dry-run to see the per-GPU plan)"))
 
 
-def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti", weights: str | None = None,
-                  dtype: str | None = None, max_batch_size: int | None = None, max_seq_len: int | None = None,
-                  block_length: int = 32, passes: list[str] | None = None, sparse_retention: float | None = None,
-                  dump_graph_after: str | None = None, dry_run: bool = False, logprobs: int = 0, echo=print,
-                  force: bool = False, prepare_only: bool = False, decode_extras: bool = False,
-                  tensor_parallel: int = 1) -> dict:
+def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti",
+                  weights: str | None = None, dtype: str | None = None, max_batch_size: int | None = None,
+                  max_seq_len: int | None = None, block_length: int = 32, passes: list[str] | None = None,
+                  sparse_retention: float | None = None, dump_graph_after: str | None = None,
+                  dry_run: bool = False, logprobs: int = 0, echo=print, force: bool = False,
+                  prepare_only: bool = False, decode_extras: bool = False, tensor_parallel: int = 1) -> dict:
     """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
     empty, absent, or an engine directory (recompiled in place); anything else needs ``force``.
 
     The backend asked for is the backend built: when this machine cannot build it (AOTI / TensorRT for a GPU
-    that is not here, TensorRT not installed) the command fails before any work, unless ``prepare_only``: then it
-    writes the portable half (ONNX phases + the manifest with the exact commands that finish the build on the
-    target, ``pending``) and succeeds."""
+    that is not here, TensorRT not installed) the command fails before any work, unless ``prepare_only``: then
+    it writes the portable half (ONNX phases + the manifest with the exact commands that finish the build on
+    the target, ``pending``) and succeeds."""
     tgt = get_target(target)
     get_backend(backend)
     if tensor_parallel != 1 and not dry_run:
@@ -197,16 +201,18 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     pending = None
     if backend in ("aoti", "tensorrt") and not local:
         runtime = "onnx"
-        pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this machine has "
-                   f"{'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run `dlc compile {model} "
-                   f"--target {tgt.name} --backend {backend} -o OUT_DIR` there; {MANIFEST} carries the trtexec commands for the ONNX.")
+        pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this "
+                   f"machine has {'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run "
+                   f"`dlc compile {model} --target {tgt.name} --backend {backend} -o OUT_DIR` there; "
+                   f"{MANIFEST} carries the trtexec commands for the ONNX.")
     elif backend == "tensorrt":
         runtime = "onnx"                                  # until the engines are built
     blocker = pending or (trt_available() if backend == "tensorrt" else None)
     if blocker and not dry_run and not prepare_only:
-        raise BackendUnavailable(f"--backend {backend} cannot be built on this machine: {blocker.rstrip('.')}. Nothing was "
-                                 f"written; pass --prepare-only to write the portable ONNX half and {MANIFEST} "
-                                 f"with the commands that finish the build on the target.")
+        raise BackendUnavailable(f"--backend {backend} cannot be built on this machine: "
+                                 f"{blocker.rstrip('.')}. Nothing was written; pass --prepare-only to write "
+                                 f"the portable ONNX half and {MANIFEST} with the commands that finish the "
+                                 "build on the target.")
     # GPU targets lower to the dlc kernel ops when the artifact runs torch ops (export, AOTI); ONNX/TensorRT
     # cannot run them, so those keep the portable chunked lowering.
     kernels = tgt.device == "cuda" and runtime in ("aoti", "export")
@@ -214,8 +220,9 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
     # torch artifacts write K/V into the runtime's pool in place; ONNX has no input mutation: it returns K/V.
     kv_inplace = runtime in ("export", "aoti")
-    # the rules' decoding extras (entropy, logprobs, credit; --decode-extras) ride in the chunked lowering (not
-    # the GPU kernels', not TensorRT's float32 build). Off by default: they change the programs' signatures.
+    # the rules' decoding extras (entropy, logprobs, credit; --decode-extras) ride in the chunked lowering
+    # (not the GPU kernels', not TensorRT's float32 build). Off by default: they change the programs'
+    # signatures.
     extras = decode_extras and not kernels and backend != "tensorrt"
     if decode_extras and not extras:
         raise ValueError(f"--decode-extras needs the chunked lowering: a CPU target, or --backend onnx "
@@ -235,8 +242,9 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
              f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
 
     weights = ctx.shared["weights"]
+    # runtime inputs (weights follow them)
     specs = {ph: input_specs(ph, [n for n in input_names(g) if not is_weight_input(n)], cfg, DTYPES[dtype],
-                             decode_dtype) for ph, g in phases.items()}   # runtime inputs (weights follow them)
+                             decode_dtype) for ph, g in phases.items()}
     weight_inputs = {ph: [n for n in input_names(g) if is_weight_input(n)] for ph, g in phases.items()}
     outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype,
                              kv_inplace=kv_inplace, extras=ctx.params("chunk_logits")["extras"])
@@ -249,9 +257,9 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         echo(f"dry run: would write to {out_dir or 'OUT_DIR'}: {', '.join(files)}")
         if pending:
             echo(f"note: {pending}")
-        return {"plan": plan.to_dict(), "passes": names, "counts": {f"{k[0]}/{k[1]}": v for k, v in ctx.counts.items()},
-                "files": files, "times": times, "device": ctx.device,
-                "lowering": ctx.params("chunk_logits")["lowering"]}
+        return {"plan": plan.to_dict(), "passes": names,
+                "counts": {f"{k[0]}/{k[1]}": v for k, v in ctx.counts.items()}, "files": files,
+                "times": times, "device": ctx.device, "lowering": ctx.params("chunk_logits")["lowering"]}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,11 +270,12 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     phase_info, onnx_files, trt_cmds = {}, {}, {}
     for ph, g in phases.items():
         with stage(f"export {ph}"):
-            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device, decode_dtype=decode_dtype,
-                              weights=weights)
+            ep = export_phase(g, ph, cfg, DTYPES[dtype], limits=limits, device=device,
+                              decode_dtype=decode_dtype, weights=weights)
         ectx = {"input_names": list(specs[ph]) + weight_inputs[ph], "output_names": list(outs[ph]),
                 "weight_bytes": weight_bytes,
-                "dtype": dtype, "profiles": {p: profiles(specs[p], plan) for p in phases}, "onnx_files": onnx_files}
+                "dtype": dtype, "profiles": {p: profiles(specs[p], plan) for p in phases},
+                "onnx_files": onnx_files}
         with stage(f"emit {ph} ({runtime})"):
             f = get_backend(runtime)["emit"](ep, ph, out, ectx)
         if runtime == "onnx":
@@ -307,7 +316,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
             with stage(f"emit {ph} (tensorrt)"):
                 f = get_backend("tensorrt")["emit"](None, ph, out, ectx)
             phase_info[ph].update({"file": f, "extra_files": [], "runtime": "tensorrt",
-                                   "bytes": {f: (out / f).stat().st_size}, "sha256": {f: file_sha256(out / f)}})
+                                   "bytes": {f: (out / f).stat().st_size},
+                                   "sha256": {f: file_sha256(out / f)}})
         if not reason:
             manifest["runtime"] = "tensorrt"
     write_manifest(out, manifest)

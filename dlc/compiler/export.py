@@ -15,7 +15,8 @@ from dlc.models.common import DiffusionLM
 from dlc.passes.graph_utils import remove_guard_calls
 from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
 
-EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6, M=2)   # distinct: export must not unify unrelated dims
+# distinct: export must not unify unrelated dims
+EXAMPLE = dict(B=4, C=2, L=13, N=3, T=5, S=13, K=7, P=6, M=2)
 
 
 class _Forward(torch.nn.Module):
@@ -74,18 +75,19 @@ def head_weight(model: DiffusionLM) -> torch.Tensor:
     return model.head.weight if hasattr(model.head, "weight") else model.embed.weight
 
 
-def build_phases(model: DiffusionLM, *, passes: list[str] | None = None, sparse_retention: float | None = None,
-                 logit_chunk: int = 0, logprobs: int = 0, dump_after: str | None = None, dump=print,
-                 timings: dict | None = None, device: str = "cpu", kernels: bool | None = None,
-                 decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True, extras: bool = False):
+def build_phases(model: DiffusionLM, *, passes: list[str] | None = None,
+                 sparse_retention: float | None = None, logit_chunk: int = 0, logprobs: int = 0,
+                 dump_after: str | None = None, dump=print, timings: dict | None = None, device: str = "cpu",
+                 kernels: bool | None = None, decode_dtype: torch.dtype = torch.float64,
+                 kv_inplace: bool = True, extras: bool = False):
     """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names).
 
     ``device`` is the build target's device kind ("cpu" or "cuda"): GPU targets lower to the dlc kernel ops
-    (``kernels=None``; ``kernels=False`` keeps the portable lowering, e.g. for ONNX). The model itself may live
-    anywhere: ``device="cuda"`` on a CPU model gives the GPU graph, runnable on CPU through the ops' references.
-    GPU lowering also adds ``fuse_projections`` to the default pass list. ``kv_inplace``: the programs write
-    K/V into the pool inputs (torch artifacts); False returns it (ONNX / TensorRT). The weights the programs take
-    as inputs are ``ctx.shared["weights"]`` (name -> tensor)."""
+    (``kernels=None``; ``kernels=False`` keeps the portable lowering, e.g. for ONNX). The model itself may
+    live anywhere: ``device="cuda"`` on a CPU model gives the GPU graph, runnable on CPU through the ops'
+    references. GPU lowering also adds ``fuse_projections`` to the default pass list. ``kv_inplace``: the
+    programs write K/V into the pool inputs (torch artifacts); False returns it (ONNX / TensorRT). The weights
+    the programs take as inputs are ``ctx.shared["weights"]`` (name -> tensor)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels)
@@ -121,10 +123,10 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
         "k_pool": ((nl, "P", hkv, "S", hd), dtype), "v_pool": ((nl, "P", hkv, "S", hd), dtype),
         "rows": (("B",), torch.long),
         "keep_idx": ((nl, "B", hkv, "K"), torch.long),
-        "out_index": (("B", "N"), torch.long), "cond_rows": (("C",), torch.long), "un_rows": (("C",), torch.long),
-        "cfg_weight": ((1,), dtype), "temperature": ((1,), decode_dtype), "seeds": (("C",), torch.long),
-        "credit_ids": (("C", "N", "M"), torch.long), "credit_vals": (("C", "N", "M"), decode_dtype),
-        "credit_alpha": (("C",), decode_dtype),
+        "out_index": (("B", "N"), torch.long), "cond_rows": (("C",), torch.long),
+        "un_rows": (("C",), torch.long), "cfg_weight": ((1,), dtype), "temperature": ((1,), decode_dtype),
+        "seeds": (("C",), torch.long), "credit_ids": (("C", "N", "M"), torch.long),
+        "credit_vals": (("C", "N", "M"), decode_dtype), "credit_alpha": (("C",), decode_dtype),
     }
     table.update({n: (tuple(t.shape), t.dtype) for n, t in weights.items()})
     unknown = [n for n in names if n not in table]
@@ -160,9 +162,11 @@ def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None =
     B, C, N, T, S, K = e["B"], e["C"], e["N"], e["T"], e["S"], e["K"]
     q_start = torch.tensor([2, 3, 4, 5][:B])
     vals = {
-        "input_ids": torch.randint(0, 200, (B, e["L"])), "position_ids": torch.arange(e["L"])[None].repeat(B, 1),
-        "q_ids": torch.randint(0, 200, (B, T)), "q_pos": q_start[:, None] + torch.arange(T),
-        "q_start": q_start, "rows": torch.tensor([5, 1, 3, 0][:B]), "keep_idx": torch.sort(torch.randperm(S)[:K])[0].repeat(1, 1, 1, 1),
+        "input_ids": torch.randint(0, 200, (B, e["L"])),
+        "position_ids": torch.arange(e["L"])[None].repeat(B, 1), "q_ids": torch.randint(0, 200, (B, T)),
+        "q_pos": q_start[:, None] + torch.arange(T), "q_start": q_start,
+        "rows": torch.tensor([5, 1, 3, 0][:B]),
+        "keep_idx": torch.sort(torch.randperm(S)[:K])[0].repeat(1, 1, 1, 1),
         "out_index": (q_start[:, None] if phase == "reuse" else torch.full((B, 1), 4)) + torch.arange(N),
         "cond_rows": torch.arange(C), "un_rows": torch.arange(C) + C,
         "temperature": torch.zeros(1, dtype=torch.float64), "seeds": torch.arange(C),

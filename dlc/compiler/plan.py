@@ -111,7 +111,8 @@ class Plan:
                 f"  weights      {g(self.weights)}",
                 f"  KV cache     {g(self.kv_cache)} (batch {self.max_batch_size} x seq {self.max_seq_len})",
                 f"  activations  {g(self.activations)} (incl. logit chunk budget {g(self.logit_budget)})",
-                f"logit chunk    {self.logit_chunk} vocab rows x {self.max_batch_size * self.block_length} decoded rows",
+                f"logit chunk    {self.logit_chunk} vocab rows x {self.max_batch_size * self.block_length} "
+                "decoded rows",
                 f"max batch x sequence supported: {self.max_tokens} tokens "
                 f"(e.g. batch {self.max_tokens // self.max_seq_len} at seq {self.max_seq_len})"] \
             + ([self.moe_note] if self.moe_note else []) + self.layout_lines() \
@@ -136,9 +137,9 @@ def moe_note(config, db: int) -> str:
         return ""
     n_moe = config.n_layers - min(config.first_dense_layers, config.n_layers)
     experts = n_moe * config.n_experts * 3 * config.d_model * config.expert_hidden * db
-    return (f"MoE            {config.n_experts} experts x {n_moe} layers = {experts / GIB:.2f} GiB of the weights; "
-            f"{config.num_active_parameters() / 1e9:.2f}B of {config.num_parameters() / 1e9:.2f}B parameters "
-            f"active per token (top-{config.n_experts_per_tok}"
+    return (f"MoE            {config.n_experts} experts x {n_moe} layers = {experts / GIB:.2f} GiB of the "
+            f"weights; {config.num_active_parameters() / 1e9:.2f}B of {config.num_parameters() / 1e9:.2f}B "
+            f"parameters active per token (top-{config.n_experts_per_tok}"
             f"{f' + {config.n_shared_experts} shared' if config.n_shared_experts else ''})")
 
 
@@ -256,14 +257,15 @@ def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_l
     where = f"{target.name}" if tp == 1 else f"each of {tp} x {target.name} ({layout_name_for(config, tp)})"
     fits, reason = True, ""
     if free <= 0:
-        fits, reason = False, (f"the weights alone ({weights / GIB:.2f} GiB in {dtype}) exceed the memory budget "
-                               f"{budget / GIB:.2f} GiB of {where} ({target.memory_gib} GiB x "
+        fits, reason = False, (f"the weights alone ({weights / GIB:.2f} GiB in {dtype}) exceed the "
+                               f"memory budget {budget / GIB:.2f} GiB of {where} ({target.memory_gib} GiB x "
                                f"{target.utilisation}); use a smaller dtype or a larger target")
     elif weights + kv + acts > budget:
-        fits, reason = False, (f"batch {batch} x seq {seq} needs {(weights + kv + acts) / GIB:.2f} GiB (weights "
-                               f"{weights / GIB:.2f} + KV {kv / GIB:.2f} + activations {acts / GIB:.2f}) > budget "
-                               f"{budget / GIB:.2f} GiB on {where}; the target supports at most "
-                               f"{max_tokens} tokens (batch x seq): lower --max-batch-size or --max-seq-len")
+        fits, reason = False, (f"batch {batch} x seq {seq} needs {(weights + kv + acts) / GIB:.2f} "
+                               f"GiB (weights {weights / GIB:.2f} + KV {kv / GIB:.2f} + activations "
+                               f"{acts / GIB:.2f}) > budget {budget / GIB:.2f} GiB on {where}; the target "
+                               f"supports at most {max_tokens} tokens (batch x seq): lower --max-batch-size "
+                               "or --max-seq-len")
     degree, note, tried = parallel_degree(config, target, db, seq)
     if free <= 0 and degree > tp:
         reason = reason.replace("; use a smaller dtype or a larger target",

@@ -1,8 +1,8 @@
 """Score a model (eager checkpoint or compiled engine) on the held-out dlc-tiny tasks.
 
 ``evaluate`` runs the held-out set batched through the reference decoding loop (dlc.runtime.generate) with any
-decoder / KV mode, checks every completion and reports accuracy, tokens per forward (TPF: answer tokens over the
-forward passes each row took part in) and wall seconds. The quality gates (tests/tiny), ``dlc eval`` and
+decoder / KV mode, checks every completion and reports accuracy, tokens per forward (TPF: answer tokens over
+the forward passes each row took part in) and wall seconds. The quality gates (tests/tiny), ``dlc eval`` and
 ``python -m dlc.tiny.quality_table`` all go through it."""
 from __future__ import annotations
 
@@ -34,11 +34,13 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"accuracy": round(self.accuracy, 4), "tpf": round(self.tpf, 3), "n": self.n,
-                "seconds": round(self.seconds, 3), "per_task": {k: round(v, 4) for k, v in self.per_task.items()}}
+                "seconds": round(self.seconds, 3),
+                "per_task": {k: round(v, 4) for k, v in self.per_task.items()}}
 
 
 def generation_defaults(source: str | Path) -> dict:
-    """gen_length / block_length / steps from the model directory's generation_config.json, else dlc-tiny's."""
+    """gen_length / block_length / steps from the model directory's generation_config.json, else
+    dlc-tiny's."""
     d = {"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "steps": GEN_LENGTH}
     p = Path(source) / "generation_config.json"
     if p.is_file():
@@ -51,9 +53,10 @@ def generation_defaults(source: str | Path) -> dict:
 
 
 def make_config(decoder: str = "low_confidence", threshold: float = 0.9, factor: float = 1.0,
-                kv_cache: str = "none", vicinity: int = 0, refresh_every: int = 0, gen_length: int = GEN_LENGTH,
-                block_length: int = BLOCK_LENGTH, steps: int | None = None, low_threshold: float = LOW_THRESHOLD,
-                entropy_bound: float = ENTROPY_BOUND, block: dict | None = None) -> GenerationConfig:
+                kv_cache: str = "none", vicinity: int = 0, refresh_every: int = 0,
+                gen_length: int = GEN_LENGTH, block_length: int = BLOCK_LENGTH, steps: int | None = None,
+                low_threshold: float = LOW_THRESHOLD, entropy_bound: float = ENTROPY_BOUND,
+                block: dict | None = None) -> GenerationConfig:
     """Decoder name + its parameter -> GenerationConfig (stop at EOS, greedy). hierarchical, credit and
     smoothing use ``threshold`` as dInfer does (the high threshold; credit / smoothing on threshold decoding).
     ``decoder="block"``: a block-diffusion decoder whose fields (decoder, threshold, steps_per_block, ...) are

@@ -1,12 +1,12 @@
 """Print the dlc-tiny quality table (docs/QUALITY.md): accuracy and TPF across decoders, KV modes, backends.
 
-    python -m dlc.tiny.quality_table                          # eager rows (the gates in tests/tiny)
-    python -m dlc.tiny.quality_table --backends eager,onnx    # plus compiled engines (dlc compile --target cpu)
+    python -m dlc.tiny.quality_table                        # eager rows (the gates in tests/tiny)
+    python -m dlc.tiny.quality_table --backends eager,onnx  # plus compiled engines (dlc compile --target cpu)
     python -m dlc.tiny.quality_table --backends eager,onnx --sparse 1.0,0.5,0.25   # plus head-sparse rows
 
 Rows are plain dicts, so a new backend is one entry in ``BACKENDS`` (name -> how to open the model) and a new
-decoding setting one entry in ``SETTINGS``. Every row is compared with the exact reference: one token per step,
-low-confidence remasking, no KV cache, eager."""
+decoding setting one entry in ``SETTINGS``. Every row is compared with the exact reference: one token per
+step, low-confidence remasking, no KV cache, eager."""
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +54,8 @@ def open_eager(model: str, sparse: float | None = None):
     return open_model(model, device="cpu", progress=False)
 
 
-_WORKDIR: list = []          # one TemporaryDirectory, made on first use: compiled engines live there until exit
+# one TemporaryDirectory, made on first use: compiled engines live there until exit
+_WORKDIR: list = []
 
 
 def _workdir() -> str:
@@ -101,8 +102,8 @@ def run_rows(model: str, backends: list[str], sparse: list[float], n: int, setti
         for retention in [None] + (list(sparse) if backend in SPARSE_BACKENDS else []):
             session = BACKENDS[backend](model, retention)
             for name in (names if retention is None else [s for s in SPARSE_SETTINGS if s in names]):
-                cfg = make_config(**SETTINGS[name], gen_length=gd["gen_length"], block_length=gd["block_length"],
-                                  steps=gd["steps"])
+                cfg = make_config(**SETTINGS[name], gen_length=gd["gen_length"],
+                                  block_length=gd["block_length"], steps=gd["steps"])
                 try:
                     res: EvalResult = evaluate(session, cfg, n=n)
                 except FieldError as e:                 # a rule this backend cannot decode (e.g. smoothing)
@@ -121,8 +122,8 @@ def run_rows(model: str, backends: list[str], sparse: list[float], n: int, setti
 
 
 def best_rule(rows: list[dict], max_drop: float = 2.0) -> dict | None:
-    """Among the new rules' rows (``NEW_RULES``) within ``max_drop`` points of exact, the one with the most tokens
-    per forward (ties: the first in table order)."""
+    """Among the new rules' rows (``NEW_RULES``) within ``max_drop`` points of exact, the one with the most
+    tokens per forward (ties: the first in table order)."""
     ok = [r for r in rows if r["setting"].split()[0] in NEW_RULES and r["delta"] is not None
           and r["delta"] >= -max_drop]
     return max(ok, key=lambda r: r["tpf"], default=None)
@@ -146,7 +147,8 @@ def format_table(rows: list[dict]) -> str:
 @click.command()
 @click.option("--model", default="dlc-tiny", show_default=True)
 @click.option("--n", default=200, show_default=True, type=int)
-@click.option("--backends", default="eager", show_default=True, help=f"comma-separated: {', '.join(BACKENDS)}")
+@click.option("--backends", default="eager", show_default=True,
+              help=f"comma-separated: {', '.join(BACKENDS)}")
 @click.option("--sparse", default="", help="comma-separated sparse retentions (e.g. 1.0,0.5,0.25)")
 def main(model, n, backends, sparse):
     """Print the quality table as Markdown."""
@@ -166,8 +168,8 @@ def main(model, n, backends, sparse):
     if best is not None:
         ties = [r["setting"] for r in rows if r["setting"].split()[0] in NEW_RULES and r["tpf"] == best["tpf"]
                 and r["delta"] is not None and r["delta"] >= -2.0]
-        click.echo(f"\nmost tokens per forward within 2 points of exact among the new rules: {best['setting']} "
-                   f"({best['backend']}, TPF {best['tpf']:.2f}"
+        click.echo("\nmost tokens per forward within 2 points of exact among the new rules: "
+                   f"{best['setting']} ({best['backend']}, TPF {best['tpf']:.2f}"
                    + (f"; tied with {len(ties) - 1} other rows" if len(ties) > 1 else "") + ")")
 
 

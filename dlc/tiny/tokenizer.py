@@ -29,7 +29,8 @@ def build_tokenizer():
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS)} | char_ids()
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
-    tok.decoder = decoders.Fuse()          # concatenate characters (the default decoder would join with spaces)
+    # concatenate characters (the default decoder would join with spaces)
+    tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|eos|>",
                                    mask_token="<|mask|>", unk_token="<|unk|>",
@@ -52,6 +53,7 @@ def encode_text(text: str) -> list[int]:
 
 
 def decode_ids(ids: list[int]) -> str:
-    """Characters of ids, specials dropped (what ``tokenizer.decode(..., skip_special_tokens=True)`` gives)."""
+    """Characters of ids, specials dropped (what ``tokenizer.decode(..., skip_special_tokens=True)``
+    gives)."""
     n = len(SPECIALS)
     return "".join(ALPHABET[i - n] for i in ids if n <= i < VOCAB_SIZE)

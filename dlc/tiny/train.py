@@ -11,14 +11,15 @@ generation length (8), some to 16 (so longer generations still end in EOS).
 Batches are left-padded exactly like the decoding loop pads prompts (key mask + real-token positions), so the
 model sees at training time the layout it decodes with.
 
-Head-sparse-aware batches (``--sparse-aware P``, 0.5 for the bundled model): a fraction P of the batches trains
-the attention the ``sparsify_heads`` pass runs in Reuse steps. One block of the response (``BLOCK_LENGTH``
-positions, the decoded block) is picked per batch and a retention r ~ U(``SPARSE_RETENTION``); in every layer
-the block's queries attend only to the block plus, per head, the top ``ceil(r x (S - T))`` other positions as
-the pass chooses them (``sparsify_heads.head_scores`` of the block's own queries, ``keep_columns``); the other
-rows attend densely, as in the Refresh that produced the cache. A model trained only densely spreads its
-attention over the ~20 context positions of a prompt, and at retention 0.25 (5 kept positions per head) loses
-sorting (docs/QUALITY.md); trained this way it concentrates what each head needs into the kept positions.
+Head-sparse-aware batches (``--sparse-aware P``, 0.5 for the bundled model): a fraction P of the batches
+trains the attention the ``sparsify_heads`` pass runs in Reuse steps. One block of the response
+(``BLOCK_LENGTH`` positions, the decoded block) is picked per batch and a retention r ~
+U(``SPARSE_RETENTION``); in every layer the block's queries attend only to the block plus, per head, the top
+``ceil(r x (S - T))`` other positions as the pass chooses them (``sparsify_heads.head_scores`` of the block's
+own queries, ``keep_columns``); the other rows attend densely, as in the Refresh that produced the cache. A
+model trained only densely spreads its attention over the ~20 context positions of a prompt, and at retention
+0.25 (5 kept positions per head) loses sorting (docs/QUALITY.md); trained this way it concentrates what each
+head needs into the kept positions.
 
 Seeded end to end; 2 torch threads. Random draws (tasks, mask ratios, masks, sparse blocks and retentions) all
 happen on the CPU, so ``--device cuda`` sees the same data stream (its numerics differ, so its weights do not
@@ -50,14 +51,15 @@ PAD_LENGTHS = {GEN_LENGTH: 0.9, 16: 0.1}             # response lengths trained 
 T_MIN = 1e-3                                         # floor of the mask ratio (1/t stays finite)
 # Round-robin task order of training batches: addition learns slowest, so it comes twice as often.
 TRAIN_MIX = ["add", "sort", "add", "reverse"]
-SPARSE_RETENTION = (0.15, 0.5)                       # range of retentions head-sparse-aware batches train with
+# range of retentions head-sparse-aware batches train with
+SPARSE_RETENTION = (0.15, 0.5)
 
 
 def tiny_config(d_model=160, n_layers=4, n_heads=4, mlp_hidden=448) -> ModelConfig:
-    return ModelConfig(family="llada", d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
-                       mlp_hidden=mlp_hidden, vocab_size=VOCAB_SIZE, embedding_size=VOCAB_SIZE,
-                       rope_theta=10000.0, rms_eps=1e-5, max_seq_len=256, mask_id=MASK_ID, eos_id=EOS_ID,
-                       pad_id=EOS_ID, stop_ids=[EOS_ID, EOT_ID])
+    return ModelConfig(family="llada", d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_heads, mlp_hidden=mlp_hidden, vocab_size=VOCAB_SIZE,
+                       embedding_size=VOCAB_SIZE, rope_theta=10000.0, rms_eps=1e-5, max_seq_len=256,
+                       mask_id=MASK_ID, eos_id=EOS_ID, pad_id=EOS_ID, stop_ids=[EOS_ID, EOT_ID])
 
 
 def make_batch(pairs: list[tuple[str, str]], gen_len: int):
@@ -95,8 +97,9 @@ def diffusion_loss(model, ids, pos, key_mask, resp, gen: torch.Generator, device
 
 def sparse_reuse_attention(block: torch.Tensor, retention: float, n_kv: int):
     """SDPA replacement (``attention_override``) that gives the queries of ``block`` [B, T] (column indices)
-    the Reuse step's head-sparse view: the block's columns plus each KV head's top columns by the pass's score;
-    every other query attends densely. q [B, H, L, D], k/v [B, H, L, D] (GQA expanded), attn_mask [B, 1, 1, L]."""
+    the Reuse step's head-sparse view: the block's columns plus each KV head's top columns by the pass's
+    score; every other query attends densely. q [B, H, L, D], k/v [B, H, L, D] (GQA expanded), attn_mask
+    [B, 1, 1, L]."""
     def attend(q, k, v, attn_mask=None):
         B, H, L, D = q.shape
         group = H // n_kv
@@ -107,7 +110,8 @@ def sparse_reuse_attention(block: torch.Tensor, retention: float, n_kv: int):
             kept = torch.zeros(B, n_kv, L, dtype=torch.bool, device=q.device).scatter_(-1, keep, True)
             kept = kept.repeat_interleave(group, dim=1) & key_mask[:, None, :]      # [B, H, L]
             rows = torch.zeros(B, L, dtype=torch.bool, device=q.device).scatter_(1, block, True)
-            mask = torch.where(rows[:, None, :, None], kept[:, :, None, :], key_mask[:, None, None, :])  # [B, H, L, L]
+            # [B, H, L, L]
+            mask = torch.where(rows[:, None, :, None], kept[:, :, None, :], key_mask[:, None, None, :])
         logits = (q @ k.transpose(-1, -2)) / math.sqrt(D)                           # [B, H, L, L]
         return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v
     return attend
@@ -136,15 +140,16 @@ def quick_accuracy(model, n: int = 64) -> float:
 
     model.eval()
     pairs = tasks.eval_set(n)
-    cfg = GenerationConfig(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, steps=GEN_LENGTH, stop_at_eos=True)
+    cfg = GenerationConfig(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, steps=GEN_LENGTH,
+                           stop_at_eos=True)
     res = generate(model, [encode_chat(p) for p, _ in pairs], cfg)
     model.train()
     return tasks.score([p for p, _ in pairs], [decode_ids(t) for t in res.token_ids])
 
 
 def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 6e-4, warmup: int = 100,
-          eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu", sparse_aware: float = 0.5,
-          log=print, **model_kw) -> Path:
+          eval_every: int = 250, eval_n: int = 64, threads: int = 2, device: str = "cpu",
+          sparse_aware: float = 0.5, log=print, **model_kw) -> Path:
     for name, v in (("steps", steps), ("batch", batch), ("threads", threads)):
         if v <= 0:
             raise ValueError(f"{name} must be > 0, got {v}")
@@ -197,7 +202,8 @@ def save(model, out: str, decoding: dict | None = None) -> Path:
     """The checkpoint in HF layout with the tokenizer, chat template and generation_config.json; ``decoding``:
     its decoding defaults (default: dlc-tiny's LLaDA schedule; train_bd passes the block decoder's)."""
     path = save_checkpoint(model, out, tokenizer=build_tokenizer(), dtype=torch.float32)
-    tc = path / "tokenizer_config.json"        # keep the template in tokenizer_config.json too (older readers)
+    # keep the template in tokenizer_config.json too (older readers)
+    tc = path / "tokenizer_config.json"
     d = json.loads(tc.read_text())
     d["chat_template"] = build_tokenizer().chat_template
     tc.write_text(json.dumps(d, indent=2))
@@ -223,12 +229,13 @@ def save(model, out: str, decoding: dict | None = None) -> Path:
 @click.option("--device", default="cpu", show_default=True, help="cpu reproduces the bundled checkpoint")
 @click.option("--sparse-aware", default=0.5, show_default=True, type=float,
               help="fraction of batches trained with the head-sparse Reuse attention (0: dense only)")
-def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, eval_n, threads, device, sparse_aware):
+def main(out, seed, steps, batch, lr, d_model, layers, heads, mlp, eval_every, eval_n, threads, device,
+         sparse_aware):
     """Train dlc-tiny from scratch and save it to OUT."""
     try:
-        train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads, device=device,
-              sparse_aware=sparse_aware, log=lambda s: print(s, flush=True), d_model=d_model, n_layers=layers,
-              n_heads=heads, mlp_hidden=mlp)
+        train(out, seed, steps, batch, lr, eval_every=eval_every, eval_n=eval_n, threads=threads,
+              device=device, sparse_aware=sparse_aware, log=lambda s: print(s, flush=True), d_model=d_model,
+              n_layers=layers, n_heads=heads, mlp_hidden=mlp)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 

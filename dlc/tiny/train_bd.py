@@ -1,15 +1,15 @@
-"""Train dlc-tiny-bd: a tiny block-diffusion model (SDAR layout: Qwen3 with QK-norm, block-causal attention) on the
-dlc-tiny synthetic tasks, for the block decoders' quality gates.
+"""Train dlc-tiny-bd: a tiny block-diffusion model (SDAR layout: Qwen3 with QK-norm, block-causal attention)
+on the dlc-tiny synthetic tasks, for the block decoders' quality gates.
 
     python -m dlc.tiny.train_bd --out dlc/assets/dlc-tiny-bd --seed 0
 
-Layout (as block decoding sees it): each row is chat(prompt) + answer + EOS padding up to the generation length,
-laid out from column 0 (rows right-padded), positions ``arange``, blocks of ``BD_BLOCK`` aligned to column 0, the
-attention block-causal. Objective (block-diffusion SFT): per row one block overlapping the response is the
-target; its response positions are masked with probability t ~ U(0, 1) (stratified over the batch), every
-earlier block stays clean (what decoding has committed there), and the block-causal mask hides later blocks;
-the loss is the cross-entropy on the masked positions weighted 1/t, normalised by the target positions. So
-training sees exactly the context each denoising step of ``decoder llada2`` sees.
+Layout (as block decoding sees it): each row is chat(prompt) + answer + EOS padding up to the generation
+length, laid out from column 0 (rows right-padded), positions ``arange``, blocks of ``BD_BLOCK`` aligned to
+column 0, the attention block-causal. Objective (block-diffusion SFT): per row one block overlapping the
+response is the target; its response positions are masked with probability t ~ U(0, 1) (stratified over the
+batch), every earlier block stays clean (what decoding has committed there), and the block-causal mask hides
+later blocks; the loss is the cross-entropy on the masked positions weighted 1/t, normalised by the target
+positions. So training sees exactly the context each denoising step of ``decoder llada2`` sees.
 
 Seeded; 2 torch threads; shares the tasks, tokenizer and learning-rate schedule of ``dlc.tiny.train``."""
 from __future__ import annotations
@@ -38,10 +38,11 @@ BD_THRESHOLD = 0.9                              # the bundled threshold (SDAR's 
 
 
 def bd_config(d_model=160, n_layers=4, n_heads=4, mlp_hidden=448) -> ModelConfig:
-    return ModelConfig(family="sdar", d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads // 2,
-                       mlp_hidden=mlp_hidden, vocab_size=VOCAB_SIZE, embedding_size=VOCAB_SIZE,
-                       rope_theta=10000.0, rms_eps=1e-6, qk_norm=True, max_seq_len=256, mask_id=MASK_ID,
-                       eos_id=EOS_ID, pad_id=EOS_ID, stop_ids=[EOS_ID, EOT_ID], block_diffusion=True)
+    return ModelConfig(family="sdar", d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_heads // 2, mlp_hidden=mlp_hidden, vocab_size=VOCAB_SIZE,
+                       embedding_size=VOCAB_SIZE, rope_theta=10000.0, rms_eps=1e-6, qk_norm=True,
+                       max_seq_len=256, mask_id=MASK_ID, eos_id=EOS_ID, pad_id=EOS_ID,
+                       stop_ids=[EOS_ID, EOT_ID], block_diffusion=True)
 
 
 def make_bd_batch(pairs: list[tuple[str, str]], gen_len: int, pick: random.Random):
@@ -136,8 +137,9 @@ def train(out: str, seed: int = 0, steps: int = 2000, batch: int = 128, lr: floa
 
 
 def save(model, out: str) -> Path:
-    return save_tiny(model, out, {"gen_length": GEN_LENGTH, "block_length": BD_BLOCK, "steps_per_block": BD_BLOCK,
-                                  "threshold": BD_THRESHOLD, "decoder": "llada2", "kv_cache": "block"})
+    return save_tiny(model, out, {"gen_length": GEN_LENGTH, "block_length": BD_BLOCK,
+                                  "steps_per_block": BD_BLOCK, "threshold": BD_THRESHOLD, "decoder": "llada2",
+                                  "kv_cache": "block"})
 
 
 @click.command()

@@ -48,7 +48,8 @@ def pack_batch(batch: StepBatch) -> dict:
     """The batch as host tensors; the pool view becomes (n_slots, S, head scores?, pool id) + ``slots``."""
     d = {f.name: _host(getattr(batch, f.name)) for f in dataclasses.fields(batch) if f.name != "cache"}
     c = batch.cache
-    d["cache"] = None if c is None else (c.k_all.shape[1], c.seq_len, c.scores is not None, c.k_all.data_ptr())
+    d["cache"] = None if c is None else (c.k_all.shape[1], c.seq_len, c.scores is not None,
+                                         c.k_all.data_ptr())
     return d
 
 

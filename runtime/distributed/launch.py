@@ -89,7 +89,8 @@ def _make_pool(shard):
     return make
 
 
-def worker_main(rank: int, world: int, init_method: str | None, model: str, weights, dtype, device: str) -> None:
+def worker_main(rank: int, world: int, init_method: str | None, model: str, weights, dtype,
+                device: str) -> None:
     """A worker rank: join, load the shard, run forwards until rank 0 says stop (or is gone)."""
     from .channel import Channel
     from .runner import worker_loop
@@ -119,7 +120,8 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
         pass
 
 
-def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str = "cpu", progress: bool = True):
+def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str = "cpu",
+                  progress: bool = True):
     """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0)."""
     from ..session import Session
     from .channel import Channel
@@ -154,7 +156,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
         dist.barrier(group=startup)
     except Exception as e:
         if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _is_comm_error(e)):
-            time.sleep(0.5)                                    # a dead worker: the watchdog names it and exits
+            # a dead worker: the watchdog names it and exits
+            time.sleep(0.5)
             e = RankFailure(f"tensor-parallel startup failed: {_first_line(e)}")
         for p in procs:
             p.terminate()
@@ -175,7 +178,8 @@ def _watch_startup(procs, started: threading.Event) -> None:
         dead = [(r, p) for r, p in enumerate(procs, 1) if p.exitcode is not None]
         if dead and not started.is_set():
             r, p = dead[0]
-            print(f"dlc: tensor-parallel rank {r} (pid {p.pid}) exited during startup (exit code {p.exitcode})",
+            print(f"dlc: tensor-parallel rank {r} (pid {p.pid}) exited during startup (exit code "
+                  f"{p.exitcode})",
                   file=sys.stderr, flush=True)
             for q in procs:
                 q.terminate()

@@ -38,7 +38,8 @@ class TensorParallelRunner:
         self._callbacks: list = []
         self._closed = False
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._ping_loop, args=(ping_s,), name="dlc-tp-ping", daemon=True)]
+        self._threads = [threading.Thread(target=self._ping_loop, args=(ping_s,), name="dlc-tp-ping",
+                                          daemon=True)]
         if self.procs:
             self._threads.append(threading.Thread(target=self._watch_procs, name="dlc-tp-watch", daemon=True))
         for t in self._threads:
@@ -56,8 +57,8 @@ class TensorParallelRunner:
                 raise FieldError(name, f"{name} decoding is not supported with tensor_parallel_size > 1 yet")
         if gen.filters() is not None:
             field = "top_k" if gen.top_k else "top_p" if gen.top_p < 1 else "min_p"
-            raise FieldError(field, f"{field} at temperature > 0 is not supported with tensor_parallel_size > 1 "
-                                    f"yet")
+            raise FieldError(field, f"{field} at temperature > 0 is not supported with "
+                                    f"tensor_parallel_size > 1 yet")
 
     def full(self, batch):
         return self._run(batch)
@@ -81,7 +82,7 @@ class TensorParallelRunner:
                     raise
                 raise self._fail(f"a tensor-parallel collective failed ({_first_line(e)})") from None
 
-    # -- liveness ---------------------------------------------------------------------------------------------
+    # -- liveness --------------------------------------------------------------------------------------------
     @property
     def failure(self) -> str | None:
         return self._dead

@@ -30,8 +30,8 @@ class ShardRunner(EagerRunner):
         if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
             rows, temperature = rows / temperature, 1.0           # as EagerRunner.decode: softmax(l / T)
         k = batch.logprobs or 0
-        st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), temperature,
-                         batch.seeds, self.config.vocab_size, topk=k, entropy=batch.entropy)
+        st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
+                         temperature, batch.seeds, self.config.vocab_size, topk=k, entropy=batch.entropy)
         out = combine(st, self.group, topk=k)
         if not batch.wants_extras():
             return out["tokens"], out["confidence"]

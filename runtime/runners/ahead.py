@@ -14,10 +14,11 @@ from ..decoding import commit_ahead
 from ..step import AheadSteps
 
 
-def run_ahead(launch, ids: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor, mask_id: int) -> AheadSteps:
+def run_ahead(launch, ids: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+              mask_id: int) -> AheadSteps:
     """``launch() -> (tok [bb, N], conf [bb, N])`` one step over the static inputs; ``ids`` [B, T]: the static
-    fed ids of the batch's rows (a view, written in place); ``cols`` [B, N]: the decoded columns inside the fed
-    span; ``counts`` [B, n] (device): each row's schedule count per step."""
+    fed ids of the batch's rows (a view, written in place); ``cols`` [B, N]: the decoded columns inside the
+    fed span; ``counts`` [B, n] (device): each row's schedule count per step."""
     (B, N), n, dev = cols.shape, counts.shape[1], ids.device
     cuda = dev.type == "cuda"
     host = dict(dtype=torch.long, pin_memory=cuda)

@@ -77,7 +77,8 @@ def check_bindings(engine, path, names: list[str], args) -> None:
     optimisation profile's [min, max] (TensorRT reads raw device pointers: a float64 or wrongly shaped tensor
     would be read as garbage). Raises ValueError naming the binding."""
     if len(args) != len(names):
-        raise ValueError(f"{path}: the engine takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        raise ValueError(f"{path}: the engine takes {len(names)} inputs ({', '.join(names)}), "
+                         f"got {len(args)}")
     for n, a in zip(names, args):
         kind = engine.get_tensor_dtype(n).name
         want = _TRT_DTYPES.get(kind)
@@ -100,7 +101,8 @@ def load_tensorrt(path: Path, device="cuda"):
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
     if engine is None:
-        raise ValueError(f"{path}: TensorRT could not deserialize the engine (another TensorRT version or GPU?)")
+        raise ValueError(f"{path}: TensorRT could not deserialize the engine (another TensorRT "
+                         "version or GPU?)")
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

@@ -29,8 +29,9 @@ from .program_graphs import ProgramGraphs
 
 class CompiledRunner:
     """``input_names[phase]``: the program's inputs in order (runtime inputs, then lifted weights);
-    ``weights``: name -> tensor on the device, the one copy every phase reads. ``kv_inplace``: the programs write K/V into
-    the pool inputs (torch artifacts); else they return it and this runner writes it (ONNX / TensorRT)."""
+    ``weights``: name -> tensor on the device, the one copy every phase reads. ``kv_inplace``: the programs
+    write K/V into the pool inputs (torch artifacts); else they return it and this runner writes it (ONNX /
+    TensorRT)."""
 
     def __init__(self, config, phases: dict, input_names: dict[str, list[str]], *, device="cpu",
                  dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export",
@@ -120,22 +121,24 @@ class CompiledRunner:
         if k and ext == 2:
             raise ValueError("this engine was built without top-k logprobs (dlc compile --logprobs K)")
         if k > (res[2].shape[-1] if ext == 4 else 0):
-            raise ValueError(f"logprobs {k}: this engine was built for at most {res[2].shape[-1]} alternatives")
+            raise ValueError(f"logprobs {k}: this engine was built for at most {res[2].shape[-1]} "
+                             "alternatives")
         ent, lp, t1, p1 = res[ext:ext + 4]
         return StepOutput(res[0], res[1], entropy=ent, logprob=lp, top1_ids=t1, top1_prob=p1,
-                          topk_ids=res[2][..., :k] if k else None, topk_logprobs=res[3][..., :k] if k else None)
+                          topk_ids=res[2][..., :k] if k else None,
+                          topk_logprobs=res[3][..., :k] if k else None)
 
     def check_generation(self, gen) -> None:
         """Refuse, naming the field, what compiled programs cannot decode: iteration smoothing (its soft
         inputs enter the embedding, which phase programs do not take) and sampling filters at T > 0 (they
         need a row's every logit at once; programs decode in vocab chunks)."""
         if gen.smoothing:
-            raise FieldError("smoothing", "iteration smoothing needs an eager model (a checkpoint or preset); "
-                                          "compiled engines do not take soft input embeddings")
+            raise FieldError("smoothing", "iteration smoothing needs an eager model (a checkpoint "
+                                          "or preset); compiled engines do not take soft input embeddings")
         if gen.filters() is not None:
             field = "top_k" if gen.top_k else "top_p" if gen.top_p < 1 else "min_p"
-            raise FieldError(field, f"{field} at temperature > 0 needs an eager model; compiled engines sample "
-                                    f"over vocab chunks without filters")
+            raise FieldError(field, f"{field} at temperature > 0 needs an eager model; compiled "
+                                    f"engines sample over vocab chunks without filters")
         if not self.extras and (gen.logprobs is not None or gen.credit or gen.rule().needs_entropy):
             raise FieldError("logprobs" if gen.logprobs is not None else "credit" if gen.credit
                              else "entropy_bound", "this compiled engine decodes (token, confidence) only; "
@@ -208,7 +211,8 @@ class CompiledRunner:
         feed = self._reuse_feed(batch)
         if not (batch.phase == "reuse" and batch.temperature == 0 and self._graphable(feed, batch)):
             raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
-        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out, decoded_cols(batch, self.device),
+        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
+                                     decoded_cols(batch, self.device),
                                      counts.to(self.device, non_blocking=True))
 
     @torch.no_grad()

@@ -29,11 +29,13 @@ def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
         names[ph] = [i["name"] for i in spec["inputs"]] + spec.get("weight_inputs", [])
     sparse = next((p["params"]["retention"] for p in m["passes"] if p["name"] == "sparsify_heads"), None)
     build = m.get("build", {})
-    temp = next((i["dtype"] for i in m["phases"]["refresh"]["inputs"] if i["name"] == "temperature"), "float64")
+    temp = next((i["dtype"] for i in m["phases"]["refresh"]["inputs"] if i["name"] == "temperature"),
+                "float64")
     runner = CompiledRunner(cfg, phases, names, device=device, dtype=DTYPES[m["dtype"]],
                             sparse_retention=sparse, kind=m["runtime"], max_seq_len=build.get("max_seq_len"),
-                            max_batch_size=build.get("max_batch_size"), temperature_dtype=getattr(torch, temp),
-                            weights=load_weights(path, m, device), kv_inplace=build.get("kv_inplace", True))
+                            max_batch_size=build.get("max_batch_size"),
+                            temperature_dtype=getattr(torch, temp), weights=load_weights(path, m, device),
+                            kv_inplace=build.get("kv_inplace", True))
     return runner, m
 
 

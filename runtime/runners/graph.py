@@ -15,10 +15,11 @@ width) and replays it:
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance,
-  temperature > 0 (the fused kernel's noise is not the eager runner's hash, so sampled tokens would differ between the paths), fed widths over ``max_width``,
-  batches over the largest bucket, caches that are not the bound pool, and batches that want decoding extras
-  (``StepBatch.wants_extras``: entropy, logprobs, sampling filters, credit, smoothing).
-  ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a runner (the decoding core draws it).
+  temperature > 0 (the fused kernel's noise is not the eager runner's hash, so sampled tokens would differ
+  between the paths), fed widths over ``max_width``, batches over the largest bucket, caches that are not the
+  bound pool, and batches that want decoding extras (``StepBatch.wants_extras``: entropy, logprobs, sampling
+  filters, credit, smoothing). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing
+  from a runner (the decoding core draws it).
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of

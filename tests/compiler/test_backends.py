@@ -16,7 +16,8 @@ from dlc.runtime.step import build_batch
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
 
-CONF_ATOL = 1e-5      # confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
+# confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
+CONF_ATOL = 1e-5
 KV_ATOL = 1e-5        # fp32 K/V
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,8 @@ def test_onnx_files_pass_the_checker(onnx_engine):
         assert spec["runtime"] == "onnx" and spec["file"] == f"{phase}.onnx"
         onnx.checker.check_model(str(onnx_engine / spec["file"]), full_check=True)
         model = onnx.load(str(onnx_engine / spec["file"]), load_external_data=False)
-        names = [i["name"] for i in spec["inputs"]] + spec["weight_inputs"]     # weights are inputs, stored once
+        # weights are inputs, stored once
+        names = [i["name"] for i in spec["inputs"]] + spec["weight_inputs"]
         assert [i.name for i in model.graph.input] == names and len(spec["weight_inputs"]) > 10
         data = sum(n for f, n in spec["bytes"].items() if f != spec["file"])   # external data: constants only
         assert data < m["weights"]["weight_bytes"] / 100
@@ -63,7 +65,8 @@ def test_onnxruntime_matches_pytorch_per_phase(onnx_engine, tiny_ckpt, tmp_path)
         assert m["build"]["kv_inplace"] is (path == pt)
         pool = KVCacheManager(runner.config, 24, 1 << 40, runner.dtype, "cpu", max_slots=4)
         x = [torch.tensor([72, 101, 108, 108] + [257] * 8), torch.tensor([87, 111] + [257] * 8)]
-        a = runner.refresh(build_batch(runner, "refresh", x, [4, 2], [4, 2], 8, slots=[(3,), (1,)], pool=pool))
+        a = runner.refresh(build_batch(runner, "refresh", x, [4, 2], [4, 2], 8, slots=[(3,), (1,)],
+                                       pool=pool))
         x[0][6], x[1][3] = 72, 101
         b = runner.reuse(build_batch(runner, "reuse", x, [4, 2], [4, 2], 8, [(4, 12), (2, 10)], [(3,), (1,)],
                                      pool))
@@ -93,7 +96,8 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     except ImportError:
         pass
     out = tmp_path / "trt"
-    res = compile_engine(tiny_ckpt, out, "tensorrt")          # the backend asked for cannot be built: fail first
+    # the backend asked for cannot be built: fail first
+    res = compile_engine(tiny_ckpt, out, "tensorrt")
     assert res.exit_code != 0
     assert "TensorRT is not installed" in res.output and "pip install tensorrt" in res.output
     assert "Nothing was written" in res.output and "--prepare-only" in res.output
@@ -105,7 +109,8 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     assert m["backend"] == "tensorrt" and m["runtime"] == "onnx" and "not built" in m["pending"]
     cmd = m["tensorrt"]["trtexec"]["reuse"]
     assert cmd.startswith("trtexec --onnx=reuse.onnx --saveEngine=reuse.engine")
-    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and "k_pool:2x16x4x64x16" in cmd
+    assert "--minShapes=q_ids:1x1," in cmd and "--maxShapes=q_ids:4x64," in cmd and \
+        "k_pool:2x16x4x64x16" in cmd
     assert not list(out.glob("*.engine"))                                  # never claims it ran
     assert run_cli(["inspect", out]).exit_code == 0
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")   # the ONNX runs meanwhile
@@ -123,7 +128,8 @@ def double_tensors(path) -> list[str]:
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
                 found.append(f"{where}value {vi.name}")
-        found.extend(f"{where}initializer {t.name}" for t in g.initializer if t.data_type == TensorProto.DOUBLE)
+        found.extend(f"{where}initializer {t.name}" for t in g.initializer
+                     if t.data_type == TensorProto.DOUBLE)
         for node in g.node:
             for a in node.attribute:
                 if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.DOUBLE:
@@ -163,7 +169,8 @@ def test_tensorrt_onnx_has_no_float64(tiny_ckpt, onnx_engine, tmp_path):
     assert generate(runner, prompts, cfg).token_ids == generate(ref, prompts, cfg).token_ids
     hot = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual", temperature=0.8, seed=3)
     sampled = generate(runner, prompts, hot).token_ids
-    assert sampled == generate(runner, prompts, hot).token_ids and sampled != generate(runner, prompts, cfg).token_ids
+    assert sampled == generate(runner, prompts, hot).token_ids and \
+        sampled != generate(runner, prompts, cfg).token_ids
 
 
 @pytest.mark.slow
@@ -176,7 +183,8 @@ def test_aoti_for_a_gpu_not_here_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     args = ["compile", tiny_ckpt, "--target", "rtx4090", "--backend", "aoti", "--dtype", "fp32", "-o", out,
             "--max-seq-len", "64", "--max-batch-size", "2", "--block-length", "8"]
     res = run_cli(args)
-    assert res.exit_code != 0 and "must be built on a sm_89 GPU" in res.output and "--prepare-only" in res.output
+    assert res.exit_code != 0 and "must be built on a sm_89 GPU" in res.output and \
+        "--prepare-only" in res.output
     assert not out.exists() or not any(out.iterdir())
     res = run_cli(args + ["--prepare-only"])
     assert res.exit_code == 0, res.output
@@ -217,10 +225,13 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("no C++ compiler")
     exe = tmp_path / "dlc_engine_demo"
-    build = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True, text=True)
+    build = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True,
+                           text=True)
     assert build.returncode == 0, build.stderr[-3000:]
-    res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4", "--block-length", "4"])
-    assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), res.output
+    res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4",
+                   "--block-length", "4"])
+    assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), \
+        res.output
     ids = [72, 101, 108, 108, 257, 257, 257, 257]
     run = subprocess.run([str(exe), str(aoti_engine), *res.output.split()], capture_output=True, text=True,
                          timeout=120)
@@ -247,7 +258,8 @@ class _Kind:
 
 
 class _FakeEngine:
-    """The three calls of TensorRT's ICudaEngine that check_bindings reads (TensorRT cannot be installed here)."""
+    """The three calls of TensorRT's ICudaEngine that check_bindings reads (TensorRT cannot be installed
+    here)."""
     binds = {"q_ids": ("INT64", (-1, -1), ((1, 1), (2, 8), (4, 64))),
              "temperature": ("FLOAT", (1,), ((1,), (1,), (1,)))}
 
@@ -266,7 +278,8 @@ def test_tensorrt_bindings_are_checked_before_running():
     names, eng = ["q_ids", "temperature"], _FakeEngine()
     ok = [torch.zeros(2, 8, dtype=torch.long), torch.zeros(1)]
     check_bindings(eng, "reuse.engine", names, ok)
-    bad = [([torch.zeros(2, 8, dtype=torch.long), torch.zeros(1, dtype=torch.float64)], "input temperature is"),
+    bad = [([torch.zeros(2, 8, dtype=torch.long), torch.zeros(1, dtype=torch.float64)],
+            "input temperature is"),
            ([torch.zeros(2, 8, dtype=torch.int32), torch.zeros(1)], "input q_ids is torch.int32"),
            ([torch.zeros(2, 8, 1, dtype=torch.long), torch.zeros(1)], "input q_ids has shape"),
            ([torch.zeros(5, 8, dtype=torch.long), torch.zeros(1)], r"within \[\[1, 1\], \[4, 64\]\]"),

@@ -1,5 +1,5 @@
-"""Engine directories through the in-process export backend: dlc_engine.json, the HF files beside it, generate,
-inspect, refusals."""
+"""Engine directories through the in-process export backend: dlc_engine.json, the HF files beside it,
+generate, inspect, refusals."""
 import hashlib
 import json
 import os
@@ -30,7 +30,8 @@ def test_manifest_describes_the_engine(engine, tiny_ckpt):
     assert m["format"] == "dlc-engine" and m["dlc"] and m["torch"] == torch.__version__
     assert m["target"]["name"] == "cpu" and m["dtype"] == "fp32" and m["backend"] == m["runtime"] == "export"
     assert m["model"]["mask_id"] == 257 and m["model"]["eos_id"] == 256 and m["model"]["n_layers"] == 2
-    assert m["build"]["max_seq_len"] == 96 and m["build"]["max_batch_size"] == 4 and m["build"]["block_length"] == 8
+    assert m["build"]["max_seq_len"] == 96 and m["build"]["max_batch_size"] == 4 and \
+        m["build"]["block_length"] == 8
     assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "chunk_logits", "lift_weights"]
     assert m["passes"][1]["params"]["vocab_chunk"] == m["build"]["logit_chunk"]
     refresh, reuse = m["phases"]["refresh"], m["phases"]["reuse"]
@@ -53,7 +54,8 @@ def test_hf_tooling_reads_the_engine_directory_like_the_checkpoint(engine, tiny_
     """config.json is the model's HF config (the checkpoint's own keys), so transformers loads the engine's
     tokenizer from the directory; dlc's description stays in dlc_engine.json."""
     from transformers import AutoTokenizer
-    assert json.loads((engine / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
+    assert json.loads((engine / "config.json").read_text()) == \
+        json.loads((tiny_ckpt / "config.json").read_text())
     tok, ref = AutoTokenizer.from_pretrained(str(engine)), AutoTokenizer.from_pretrained(str(tiny_ckpt))
     text = "The cat sat"
     assert tok(text)["input_ids"] == ref(text)["input_ids"] and len(tok(text)["input_ids"]) == len(text)
@@ -78,8 +80,8 @@ def test_engine_runner_in_a_batch_with_cfg(engine, tiny_ckpt):
 def test_inspect_summarises(engine):
     res = run_cli(["inspect", engine])
     assert res.exit_code == 0, res.output
-    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_pool", "weights.safetensors",
-                 "status      ok"):
+    for word in ("export", "cpu", "fp32", "mask 257", "cache_kv_reuse", "refresh.pt2", "k_pool",
+                 "weights.safetensors", "status      ok"):
         assert word in res.output
 
 
@@ -185,7 +187,8 @@ def test_compile_refuses_a_foreign_non_empty_directory(tiny_ckpt, engine, tmp_pa
     args = ["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "--max-seq-len", "48",
             "--max-batch-size", "2", "--block-length", "8", "-o"]
     res = run_cli(args + [out])
-    assert res.exit_code != 0 and "not empty and is not a dlc engine" in res.output and "--force" in res.output
+    assert res.exit_code != 0 and "not empty and is not a dlc engine" in res.output and \
+        "--force" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     res = run_cli(args + [out, "--force"])
     assert res.exit_code == 0 and (out / "notes.txt").read_text() == "keep me"
@@ -196,25 +199,28 @@ def test_compile_refuses_a_foreign_non_empty_directory(tiny_ckpt, engine, tmp_pa
 
 def test_sparse_engine_with_full_retention_equals_eager(tiny_ckpt, tmp_path):
     out = tmp_path / "sparse"
-    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
-                   "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len",
+                   "64", "--max-batch-size", "2", "--block-length", "8", "--sparse-retention", "1.0"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "dlc_engine.json").read_text())
-    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits", "lift_weights"]
+    assert [p["name"] for p in m["passes"]] == ["cache_kv_reuse", "sparsify_heads", "chunk_logits",
+                                                "lift_weights"]
     assert any(i["name"] == "keep_idx" for i in m["phases"]["reuse"]["inputs"])
     assert gen_tokens(str(out), "dual") == gen_tokens(str(tiny_ckpt), "dual")
 
 
 def test_head_sparse_engine_serves_default_requests(tiny_ckpt, tmp_path):
-    """The engine keeps each row's Refresh head scores in its KV pool, so a head-sparse engine serves dual-cache
-    requests in a batch (it answered 500 to every one while the scores rode on the cache object)."""
+    """The engine keeps each row's Refresh head scores in its KV pool, so a head-sparse engine serves
+    dual-cache requests in a batch (it answered 500 to every one while the scores rode on the cache
+    object)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     out = tmp_path / "sparse-half"
-    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len", "64",
-                   "--max-batch-size", "4", "--block-length", "8", "--sparse-retention", "0.5"])
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out, "--max-seq-len",
+                   "64", "--max-batch-size", "4", "--block-length", "8", "--sparse-retention", "0.5"])
     assert res.exit_code == 0, res.output
-    eng = Engine(open_model(str(out), device="cpu"), ServeConfig(kv_cache_mb=16, kv_cache="dual", gen_length=16,
+    eng = Engine(open_model(str(out), device="cpu"),
+                 ServeConfig(kv_cache_mb=16, kv_cache="dual", gen_length=16,
                                                                block_length=8, steps=16))
     assert eng.kv.scores is not None
     reqs = [eng.make_request(p, {}) for p in ([72, 101, 108], [87, 111, 114, 108, 100], [1, 2, 3, 4, 5, 6])]

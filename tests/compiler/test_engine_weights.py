@@ -49,7 +49,8 @@ def test_engine_stores_the_weights_once(wide_ckpt, tmp_path, backend):
     assert weight_bytes > 25e6 and m["weights"]["weight_bytes"] == weight_bytes
     assert weight_bytes <= size <= OVERHEAD * weight_bytes, (size, weight_bytes)
     runner, _ = engine_runner(out)                      # one copy on the device, shared by both phases
-    assert sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in runner.weights.values()}.values()) \
+    assert sum(t.numel() * t.element_size()
+               for t in {t.data_ptr(): t for t in runner.weights.values()}.values()) \
         == weight_bytes
     assert gen_tokens(str(out), "dual") == gen_tokens(str(ckpt), "dual")
 

@@ -20,7 +20,8 @@ SAME_SEQ = 0.9        # fp32: sequences identical to eager (fp32 logits in both;
 
 def _prompts(n, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, min(vocab, 200), (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+    return [torch.randint(0, min(vocab, 200), (int(torch.randint(3, 20, (1,), generator=g)),),
+                          generator=g).tolist()
             for _ in range(n)]
 
 
@@ -53,8 +54,9 @@ print("probe-ok")
 
 
 def _aoti_loads_at_all(tmp_path) -> bool:
-    """Whether this torch build can load any CUDA AOTI package: on the H200 image (torch 2.11.0+cu130, 2026-11-21)
-    aoti_load_package segfaults even on a one-layer Linear, so a crash there is the platform's, not dlc's."""
+    """Whether this torch build can load any CUDA AOTI package: on the H200 image (torch 2.11.0+cu130,
+    2026-11-21) aoti_load_package segfaults even on a one-layer Linear, so a crash there is the platform's,
+    not dlc's."""
     code = PROBE.replace("PATH", repr(str(tmp_path / "probe.pt2")))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     return r.returncode == 0 and "probe-ok" in r.stdout
@@ -69,7 +71,8 @@ from dlc.compiler.build import compile_model
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
 out = {str(tmp_path / 'eng')!r}
-compile_model("tiny-llada", "h200", out, backend="aoti", dtype="fp32", block_length=8, echo=lambda *a, **k: None)
+compile_model("tiny-llada", "h200", out, backend="aoti", dtype="fp32", block_length=8,
+              echo=lambda *a, **k: None)
 eng = open_model(out, device="cuda", progress=False)
 ref = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
 cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual")
@@ -78,9 +81,11 @@ same = sum(generate(eng.runner, [p], cfg).token_ids[0] == generate(ref.runner, [
            for p in prompts)
 print("aoti-ok", json.dumps(dict(same=same, n=len(prompts))))
 """
+    # not the repo root: its dlc/ would shadow dlc.*
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ), cwd=tmp_path)     # not the repo root: its dlc/ would shadow dlc.*
-    assert r.returncode == 0 and "aoti-ok" in r.stdout, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+                       env=dict(os.environ), cwd=tmp_path)
+    assert r.returncode == 0 and "aoti-ok" in r.stdout, \
+        f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     res = json.loads(r.stdout.split("aoti-ok", 1)[1])
     assert res["same"] >= res["n"] - 1
 
@@ -90,9 +95,9 @@ def _local_target() -> str:
 
 
 def test_export_engine_on_the_gpu_replays_graphs_over_the_pool(tmp_path):
-    """An export engine built for this GPU (runtime kernels: pool attention, fused decoding; K/V written into the
-    serving pool in place) served by the Engine: its Reuse program replays as CUDA graphs at bucketed batch
-    sizes and gives the same tokens as the uncaptured program, and (fp32) eager's tokens."""
+    """An export engine built for this GPU (runtime kernels: pool attention, fused decoding; K/V written into
+    the serving pool in place) served by the Engine: its Reuse program replays as CUDA graphs at bucketed
+    batch sizes and gives the same tokens as the uncaptured program, and (fp32) eager's tokens."""
     from dlc.compiler.build import compile_model
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine

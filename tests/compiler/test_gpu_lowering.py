@@ -30,8 +30,8 @@ def test_dry_run_reports_the_lowering(target, backend, device, lowering):
 
 def test_gpu_target_export_engine_generates_eager_tokens(tiny_ckpt, tmp_path):
     out = tmp_path / "h200-export"
-    res = run_cli(["compile", tiny_ckpt, "--target", "h200", "--backend", "export", "--dtype", "fp32", "-o", out,
-                   "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8"])
+    res = run_cli(["compile", tiny_ckpt, "--target", "h200", "--backend", "export", "--dtype", "fp32", "-o",
+                   out, "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "dlc_engine.json").read_text())
     chunk = next(p for p in m["passes"] if p["name"] == "chunk_logits")

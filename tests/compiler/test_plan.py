@@ -30,7 +30,8 @@ def test_plan_fits_llada_8b_on_rtx4090_in_bf16():
     assert p.fits
     assert p.weights + p.kv_cache + p.activations <= p.memory_budget
     assert p.max_batch_size >= 1 and p.max_tokens >= p.max_batch_size * p.max_seq_len
-    assert p.logit_chunk <= LLADA.vocab_size and (p.logit_chunk % 128 == 0 or p.logit_chunk == LLADA.vocab_size)
+    assert p.logit_chunk <= LLADA.vocab_size and (p.logit_chunk % 128 == 0
+                                                  or p.logit_chunk == LLADA.vocab_size)
     big = plan_build(LLADA, get_target("h200"), "bf16", None, 1024, 32)
     assert big.max_tokens > 5 * p.max_tokens
 
@@ -53,11 +54,12 @@ def test_logit_chunk_shrinks_with_the_decoded_rows():
 
 
 def test_tiny_dry_run_prints_the_plan():
-    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--json", "--sparse-retention", "0.5"])
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--json", "--sparse-retention",
+                   "0.5"])
     assert res.exit_code == 0, res.output
     out = res.output
-    for word in ("plan for tiny-llada", "refresh", "reuse", "cache_kv_reuse", "sparsify_heads", "chunk_logits",
-                 "max batch x sequence", "would write"):
+    for word in ("plan for tiny-llada", "refresh", "reuse", "cache_kv_reuse", "sparsify_heads",
+                 "chunk_logits", "max batch x sequence", "would write"):
         assert word in out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["counts"]["cache_kv_reuse/refresh"] == 2 and summary["counts"]["sparsify_heads/reuse"] == 2
@@ -65,7 +67,8 @@ def test_tiny_dry_run_prints_the_plan():
 
 
 def test_bad_options_are_named():
-    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--passes", "chunk_logits,fuse_all"])
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--passes",
+                   "chunk_logits,fuse_all"])
     assert res.exit_code != 0 and "fuse_all" in res.output
     res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--passes", "chunk_logits"])
     assert res.exit_code != 0 and "cache_kv_reuse" in res.output
@@ -76,10 +79,12 @@ def test_bad_options_are_named():
 
 
 def test_dump_graph_after_a_pass():
-    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after", "cache_kv_reuse"])
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after",
+                   "cache_kv_reuse"])
     assert res.exit_code == 0, res.output
     assert "# graph after cache_kv_reuse [reuse]" in res.output and "k_pool" in res.output
-    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after", "sparsify_heads"])
+    res = run_cli(["compile", "tiny-llada", "--target", "cpu", "--dry-run", "--dump-graph-after",
+                   "sparsify_heads"])
     assert res.exit_code != 0 and "not a pass of this build" in res.output
 
 
@@ -92,7 +97,8 @@ def test_compile_without_weights_gives_the_loader_error(tmp_path):
 @pytest.mark.slow
 def test_llada_8b_dry_run_on_rtx4090():
     """The real 8B architecture on the meta device: no weights, the plan and rewrite counts of 32 layers."""
-    res = run_cli(["compile", "llada-8b", "--target", "rtx4090", "--dry-run", "--max-seq-len", "1024", "--json"])
+    res = run_cli(["compile", "llada-8b", "--target", "rtx4090", "--dry-run", "--max-seq-len", "1024",
+                   "--json"])
     assert res.exit_code == 0, res.output
     out = res.output
     assert "weights      14.93 GiB" in out and "rtx4090" in out
@@ -125,7 +131,8 @@ def test_llada2_plans_at_every_target(target):
         assert f"{p.parallel} x {target}" in p.reason and f"expert parallel {p.parallel}" in p.reason
     mini = plan_build(preset_config("llada2-mini"), get_target("rtx4090"), "bf16", None, 4096, 32)
     flash = plan_build(preset_config("llada2-flash"), get_target("h100"), "bf16", None, 4096, 32)
-    assert (mini.parallel, flash.parallel) == (2, 4)       # 15.1 GiB / GPU on 2 x 24 GiB; 47.9 GiB on 4 x 80 GiB
+    # 15.1 GiB / GPU on 2 x 24 GiB; 47.9 GiB on 4 x 80 GiB
+    assert (mini.parallel, flash.parallel) == (2, 4)
     assert plan_build(preset_config("llada2-mini"), get_target("h100"), "bf16", None, 4096, 32).fits
 
 
@@ -133,6 +140,7 @@ def test_llada2_dry_run_cli():
     ok = run_cli(["compile", "llada2-mini", "--target", "h100", "--dry-run"])
     assert ok.exit_code == 0 and "256 experts" in ok.output and "plan only" in ok.output
     small = run_cli(["compile", "llada2-mini", "--target", "rtx4090", "--dry-run"])
-    assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and "expert parallel 2" in small.output
+    assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and \
+        "expert parallel 2" in small.output
     build = run_cli(["compile", "tiny-llada2", "--target", "cpu", "-o", "/tmp/dlc-never-written"])
     assert build.exit_code != 0 and "block diffusion" in build.output and "Traceback" not in build.output

@@ -1,8 +1,8 @@
 """Tiny checkpoints in each family's released Hugging Face layout, written by hand (not by dlc's own saver).
 
-The config.json dicts below carry the keys of the released config.json files (scaled down); the tensor names are
-listed here from the released checkpoints' naming scheme, independently of dlc's modules, so a loader that drifts
-from the real names fails these tests."""
+The config.json dicts below carry the keys of the released config.json files (scaled down); the tensor names
+are listed here from the released checkpoints' naming scheme, independently of dlc's modules, so a loader that
+drifts from the real names fails these tests."""
 import json
 
 import torch
@@ -24,29 +24,30 @@ LLADA_HF = {
 DREAM_HF = {
     "architectures": ["DreamModel"], "model_type": "Dream",
     "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-    "attention_dropout": 0.0, "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": EOS, "mask_token_id": MASK,
-    "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 48, "initializer_range": 0.02,
-    "max_position_embeddings": 512, "max_window_layers": 2, "num_attention_heads": 4, "num_hidden_layers": 2,
-    "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0,
-    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.46.2",
-    "use_cache": False, "use_sliding_window": False, "vocab_size": VOCAB,
+    "attention_dropout": 0.0, "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": EOS,
+    "mask_token_id": MASK, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 48,
+    "initializer_range": 0.02, "max_position_embeddings": 512, "max_window_layers": 2,
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+    "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.46.2", "use_cache": False,
+    "use_sliding_window": False, "vocab_size": VOCAB,
 }
 
 LLADA_MOE_HF = {
-    "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "attention_bias": False, "attention_dropout": 0.0,
-    "clip_qkv": None, "dense_intermediate_size": 64, "expert_intermediate_size": 16, "eos_token_id": EOS,
-    "pad_token_id": EOS, "mask_token_id": MASK, "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02,
-    "max_position_embeddings": 512, "moe_layer_freq": [1, 1], "moe_router_enable_expert_bias": False,
-    "moe_router_score_function": "softmax", "norm_topk_prob": None, "num_attention_heads": 4, "num_experts": 6,
-    "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_key_value_heads": 4, "output_router_logits": False,
-    "partial_rotary_factor": 1, "qk_layernorm": True, "rms_norm_eps": 1e-5, "rope_scaling": None,
-    "rope_theta": 50000, "routed_scaling_factor": 1, "router_aux_loss_coef": 0.01,
-    "shared_expert_intermediate_size": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "use_cache": False, "vocab_size": VOCAB,
+    "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "attention_bias": False,
+    "attention_dropout": 0.0, "clip_qkv": None, "dense_intermediate_size": 64, "expert_intermediate_size": 16,
+    "eos_token_id": EOS, "pad_token_id": EOS, "mask_token_id": MASK, "hidden_act": "silu", "hidden_size": 32,
+    "initializer_range": 0.02, "max_position_embeddings": 512, "moe_layer_freq": [1, 1],
+    "moe_router_enable_expert_bias": False, "moe_router_score_function": "softmax", "norm_topk_prob": None,
+    "num_attention_heads": 4, "num_experts": 6, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+    "num_key_value_heads": 4, "output_router_logits": False, "partial_rotary_factor": 1, "qk_layernorm": True,
+    "rms_norm_eps": 1e-5, "rope_scaling": None, "rope_theta": 50000, "routed_scaling_factor": 1,
+    "router_aux_loss_coef": 0.01, "shared_expert_intermediate_size": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": False, "vocab_size": VOCAB,
 }
 
-# inclusionAI/LLaDA2.0-mini config.json keys (Ling 2.0 layout), scaled down: 3 layers, the first dense; 8 experts in
-# 4 groups (2 kept), top-2, one shared expert; GQA 4 over 2 heads of 16 with partial rotary 0.5.
+# inclusionAI/LLaDA2.0-mini config.json keys (Ling 2.0 layout), scaled down: 3 layers, the first dense; 8
+# experts in 4 groups (2 kept), top-2, one shared expert; GQA 4 over 2 heads of 16 with partial rotary 0.5.
 LLADA2_HF = {
     "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe",
     "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
@@ -54,19 +55,21 @@ LLADA2_HF = {
                  "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
     "attention_dropout": 0.0, "embedding_dropout": 0.0, "output_dropout": 0.0, "eos_token_id": EOS,
     "pad_token_id": EOS, "first_k_dense_replace": 1, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
-    "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 512, "max_window_layers": 3,
-    "moe_intermediate_size": 24, "moe_router_enable_expert_bias": True, "n_group": 4,
+    "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 512,
+    "max_window_layers": 3, "moe_intermediate_size": 24, "moe_router_enable_expert_bias": True, "n_group": 4,
     "norm_topk_prob": True, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
     "num_hidden_layers": 3, "num_key_value_heads": 2, "num_shared_experts": 1, "output_router_logits": False,
     "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 600000,
     "routed_scaling_factor": 2.5, "router_dtype": "fp32", "score_function": "sigmoid",
     "tie_word_embeddings": False, "topk_group": 2, "torch_dtype": "bfloat16", "use_bias": False,
-    "use_cache": False, "use_qk_norm": True, "use_qkv_bias": False, "using_split_qkv_in_self_attention": False,
-    "vocab_size": VOCAB,
-    "mask_token_id": MASK,    # not in the release (its generate() defaults mask_id to 156895): the tiny vocab needs it
+    "use_cache": False, "use_qk_norm": True, "use_qkv_bias": False,
+    "using_split_qkv_in_self_attention": False, "vocab_size": VOCAB,
+    # not in the release (its generate() defaults mask_id to 156895): the tiny vocab needs it
+    "mask_token_id": MASK,
 }
 
-# JetLM/SDAR-4B-Chat config.json keys (Qwen3 layout), scaled down: head_dim 24 != hidden / heads, tied embedding.
+# JetLM/SDAR-4B-Chat config.json keys (Qwen3 layout), scaled down: head_dim 24 != hidden / heads, tied
+# embedding.
 SDAR_HF = {
     "architectures": ["SDARForCausalLM"], "model_type": "sdar",
     "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
@@ -100,7 +103,8 @@ def llada_names(d: dict) -> dict[str, tuple]:
         p = f"model.transformer.blocks.{i}."
         names.update({p + "attn_norm.weight": (D,), p + "q_proj.weight": (D, D), p + "k_proj.weight": (D, D),
                       p + "v_proj.weight": (D, D), p + "attn_out.weight": (D, D), p + "ff_norm.weight": (D,),
-                      p + "ff_proj.weight": (F, D), p + "up_proj.weight": (F, D), p + "ff_out.weight": (D, F)})
+                      p + "ff_proj.weight": (F, D), p + "up_proj.weight": (F, D),
+                      p + "ff_out.weight": (D, F)})
     return names
 
 
@@ -117,7 +121,8 @@ def dream_names(d: dict) -> dict[str, tuple]:
             p + "self_attn.k_proj.weight": (KV, D), p + "self_attn.k_proj.bias": (KV,),
             p + "self_attn.v_proj.weight": (KV, D), p + "self_attn.v_proj.bias": (KV,),
             p + "self_attn.o_proj.weight": (D, D),
-            p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)})
+            p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F)})
     return names
 
 
@@ -135,7 +140,8 @@ def llada_moe_names(d: dict) -> dict[str, tuple]:
             p + "mlp.gate.weight": (E, D)})
         for j in range(E):
             q = f"{p}mlp.experts.{j}."
-            names.update({q + "gate_proj.weight": (F, D), q + "up_proj.weight": (F, D), q + "down_proj.weight": (D, F)})
+            names.update({q + "gate_proj.weight": (F, D), q + "up_proj.weight": (F, D),
+                          q + "down_proj.weight": (D, F)})
     return names
 
 
@@ -145,9 +151,11 @@ def _swiglu_names(p: str, F: int, D: int) -> dict[str, tuple]:
 
 def llada2_names(d: dict) -> dict[str, tuple]:
     """modeling_llada2_moe.py: word_embeddings, attention.query_key_value / dense / query_layernorm /
-    key_layernorm, dense mlp below first_k_dense_replace, then mlp.gate (+ expert_bias), experts, shared_experts."""
+    key_layernorm, dense mlp below first_k_dense_replace, then mlp.gate (+ expert_bias), experts,
+    shared_experts."""
     D, V, hd = d["hidden_size"], d["vocab_size"], d["head_dim"]
-    H, Hkv, E, F = d["num_attention_heads"], d["num_key_value_heads"], d["num_experts"], d["moe_intermediate_size"]
+    H, Hkv, E, F = (d["num_attention_heads"], d["num_key_value_heads"], d["num_experts"],
+                    d["moe_intermediate_size"])
     names = {"model.word_embeddings.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
     for i in range(d["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -189,8 +197,8 @@ def sdar_names(d: dict) -> dict[str, tuple]:
     return names
 
 
-HF_NAMES = {"llada": llada_names, "dream": dream_names, "llada_moe": llada_moe_names, "llada2_moe": llada2_names,
-            "sdar": sdar_names, "sdar_moe": sdar_names}
+HF_NAMES = {"llada": llada_names, "dream": dream_names, "llada_moe": llada_moe_names,
+            "llada2_moe": llada2_names, "sdar": sdar_names, "sdar_moe": sdar_names}
 
 
 def random_tensors(names: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:

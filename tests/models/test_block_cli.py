@@ -20,8 +20,8 @@ def _dlc(*args, ok=True):
 
 @pytest.mark.parametrize("preset,args,fields", [
     ("tiny-llada2", [], dict(block_length=32, steps_per_block=32, threshold=0.95, kv_cache="block")),
-    ("tiny-llada2", ["--block-length", "4", "--steps-per-block", "2", "--threshold", "0.1", "--kv-cache", "none",
-                     "--eos-early-stop"],
+    ("tiny-llada2", ["--block-length", "4", "--steps-per-block", "2", "--threshold", "0.1", "--kv-cache",
+                     "none", "--eos-early-stop"],
      dict(block_length=4, steps_per_block=2, threshold=0.1, kv_cache="none", eos_early_stop=True)),
     ("tiny-llada2", ["--decoder", "llada2.1-speed", "--block-length", "4", "--max-post-edit-steps", "2"],
      dict(block_length=4, decoder="llada2.1", threshold=0.5, edit_threshold=0.0, max_post_edit_steps=2,
@@ -45,8 +45,8 @@ def test_cli_refuses_block_flags_on_a_full_attention_model():
 
 
 def test_cli_eval_block_decoder():
-    p = _dlc("eval", "tiny-sdar", "--n", "4", "--decoder", "llada2", "--kv-cache", "block", "--block-length", "4",
-             "--gen-length", "8", "--json")
+    p = _dlc("eval", "tiny-sdar", "--n", "4", "--decoder", "llada2", "--kv-cache", "block", "--block-length",
+             "4", "--gen-length", "8", "--json")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["n"] == 4 and res["decoder"] == "llada2" and res["tpf"] > 0
 

@@ -1,7 +1,7 @@
-"""Numerics of the block-diffusion families (LLaDA2 MoE, SDAR dense and MoE) against reference forwards written here
-from the public modeling code (modeling_llada2_moe.py of the LLaDA2.0 release; modeling_sdar.py of JetAstra/SDAR,
-i.e. Qwen3), in fp64 straight from the checkpoint tensors by name, under the block-causal mask of the references'
-generate (``tril(n_blocks) `` expanded by the block size)."""
+"""Numerics of the block-diffusion families (LLaDA2 MoE, SDAR dense and MoE) against reference forwards
+written here from the public modeling code (modeling_llada2_moe.py of the LLaDA2.0 release; modeling_sdar.py
+of JetAstra/SDAR, i.e. Qwen3), in fp64 straight from the checkpoint tensors by name, under the block-causal
+mask of the references' generate (``tril(n_blocks) `` expanded by the block size)."""
 import functools
 
 import pytest
@@ -96,9 +96,10 @@ def reference_logits(name, d, t, ids, allowed):
                 _rms(k, t[p + "attention.key_layernorm.weight"], eps)
             rot = int(hd * d["partial_rotary_factor"])
         else:
-            q = _rms((h @ t[p + "self_attn.q_proj.weight"].T).view(B, T, H, hd), t[p + "self_attn.q_norm.weight"], eps)
-            k = _rms((h @ t[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, hd), t[p + "self_attn.k_norm.weight"],
-                     eps)
+            q = _rms((h @ t[p + "self_attn.q_proj.weight"].T).view(B, T, H, hd),
+                     t[p + "self_attn.q_norm.weight"], eps)
+            k = _rms((h @ t[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, hd),
+                     t[p + "self_attn.k_norm.weight"], eps)
             v = (h @ t[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, hd)
             rot = hd
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
@@ -153,7 +154,8 @@ def test_forward_matches_reference(block_family):
     allowed = reference_block_mask(ids.shape[1], BLOCK).expand(2, -1, -1)
     pos = torch.arange(ids.shape[1])[None].expand(2, -1)
     with torch.no_grad():
-        got = model.logits(model(ids, pos, block_key_mask(torch.ones_like(ids, dtype=torch.bool), pos, BLOCK)))
+        got = model.logits(model(ids, pos,
+                                 block_key_mask(torch.ones_like(ids, dtype=torch.bool), pos, BLOCK)))
     ref = reference_logits(name, d, t, ids, allowed)
     torch.testing.assert_close(got.double(), ref, **REF_TOL)
     # decisive: the mask matters, and logits vary over positions

@@ -129,8 +129,8 @@ def test_loading_refuses_a_missing_expert_naming_it(tmp_path):
 
 
 def test_extra_slices_load_a_tensor_parallel_plan_in_the_same_pass(tmp_path):
-    """The tensor-parallel plan of other parameters (here the LM head's vocabulary rows of rank 1 of 2) is read
-    with get_slice in the same pass as the rank's experts."""
+    """The tensor-parallel plan of other parameters (here the LM head's vocabulary rows of rank 1 of 2) is
+    read with get_slice in the same pass as the rank's experts."""
     from ep_helpers import _tiny
     from dlc.models import build_model
     from dlc.models.expert_parallel import load_moe_shard, shard_moe_model

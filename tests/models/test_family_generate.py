@@ -1,4 +1,5 @@
-"""The decoding loop on the tiny Dream and LLaDA-MoE presets: every KV mode, against a plain reference loop."""
+"""The decoding loop on the tiny Dream and LLaDA-MoE presets: every KV mode, against a plain reference
+loop."""
 import json
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_batch_equals_single(model):
 
 
 def test_threshold_decoding(model):
-    res = generate(model, PROMPTS[:1], GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=1e-9))
+    res = generate(model, PROMPTS[:1],
+                   GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=1e-9))
     assert res.nfe == 2 and model.config.mask_id not in res.token_ids[0]
 
 
@@ -87,11 +89,12 @@ def _dlc(*args):
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_cli_generate_matches_library(preset):
-    out = json.loads(_dlc("generate", preset, "hello", "--gen-length", "16", "--block-length", "8", "--steps", "16",
-                          "--no-chat", "--kv-cache", "dual", "--json").strip().splitlines()[-1])
+    out = json.loads(_dlc("generate", preset, "hello", "--gen-length", "16", "--block-length", "8", "--steps",
+                          "16", "--no-chat", "--kv-cache", "dual", "--json").strip().splitlines()[-1])
     lm = load_model(preset)
     ids = lm.tokenizer("hello", add_special_tokens=False)["input_ids"]
-    ref = generate(lm.model, [ids], GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual"))
+    ref = generate(lm.model, [ids],
+                   GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual"))
     assert out["token_ids"] == ref.token_ids[0] and out["nfe"] == 16
 
 

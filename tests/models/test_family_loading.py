@@ -1,4 +1,5 @@
-"""Every family loads from a checkpoint in its released HF layout, and every broken checkpoint gets a named error."""
+"""Every family loads from a checkpoint in its released HF layout, and every broken checkpoint gets a named
+error."""
 import json
 import os
 import subprocess
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from hf_layouts import EOS, FAMILY_OF, HF_CONFIGS, HF_NAMES, MASK, direct_model, random_tensors, write_checkpoint
+from hf_layouts import (EOS, FAMILY_OF, HF_CONFIGS, HF_NAMES, MASK, direct_model, random_tensors,
+                        write_checkpoint)
 
 from dlc.models import config_from_hf
 from dlc.models.loading import CheckpointError, load_model
@@ -46,7 +48,8 @@ def test_bf16_load_casts_every_tensor(tmp_path, family):
 def test_config_fields_from_released_keys():
     dream = config_from_hf(HF_CONFIGS["dream"])
     assert (dream.family, dream.n_kv_heads, dream.qkv_bias, dream.logit_shift) == ("dream", 2, True, 1)
-    assert (dream.mask_id, dream.eos_id, dream.pad_id, dream.rope_theta, dream.rms_eps) == (MASK, EOS, EOS, 1e6, 1e-6)
+    assert (dream.mask_id, dream.eos_id, dream.pad_id, dream.rope_theta, dream.rms_eps) == \
+        (MASK, EOS, EOS, 1e6, 1e-6)
     moe = config_from_hf(HF_CONFIGS["llada_moe"])        # model_type "llada", told apart by its MoE keys
     assert (moe.family, moe.n_experts, moe.n_experts_per_tok, moe.expert_hidden) == ("llada_moe", 6, 2, 16)
     assert (moe.qk_norm, moe.norm_topk_prob, moe.rope_theta, moe.logit_shift) == (True, False, 50000.0, 0)
@@ -57,10 +60,12 @@ def test_config_fields_from_released_keys():
 
 
 def test_released_defaults_for_missing_special_ids():
-    d = {k: v for k, v in HF_CONFIGS["dream"].items() if k not in ("mask_token_id", "eos_token_id", "pad_token_id")}
+    d = {k: v for k, v in HF_CONFIGS["dream"].items()
+         if k not in ("mask_token_id", "eos_token_id", "pad_token_id")}
     c = config_from_hf(dict(d, vocab_size=152064))
     assert (c.mask_id, c.eos_id, c.pad_id, c.stop_ids) == (151666, 151643, 151643, [151643, 151645])
-    d = {k: v for k, v in HF_CONFIGS["llada_moe"].items() if k not in ("mask_token_id", "eos_token_id", "pad_token_id")}
+    d = {k: v for k, v in HF_CONFIGS["llada_moe"].items()
+         if k not in ("mask_token_id", "eos_token_id", "pad_token_id")}
     c = config_from_hf(dict(d, vocab_size=157184))
     assert (c.mask_id, c.eos_id, c.pad_id) == (156895, 156892, 156892)
 
@@ -77,7 +82,7 @@ def test_roundtrip_through_dlc_saver(tmp_path, family):
     torch.testing.assert_close(_logits(m2, ids), _logits(m, ids), rtol=0, atol=0)
 
 
-# --- broken checkpoints -----------------------------------------------------------------------------------------
+# --- broken checkpoints -------------------------------------------------------------------------------------
 
 def test_missing_tensor(tmp_path, family):
     d = HF_CONFIGS[family]
@@ -113,7 +118,8 @@ def test_wrong_shape_names_tensor_and_file(tmp_path, family):
 def test_missing_shard_listed_in_index(tmp_path, family):
     path, _ = _ckpt(tmp_path, family, shards=3)
     (path / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="lists shard model-00002-of-00003.safetensors, which is missing"):
+    with pytest.raises(CheckpointError,
+                       match="lists shard model-00002-of-00003.safetensors, which is missing"):
         load_model(str(path), progress=False)
 
 
@@ -146,10 +152,12 @@ def test_only_pytorch_bin(tmp_path, family):
 
 
 @pytest.mark.parametrize("family,key", [("dream", "hidden_size"), ("dream", "intermediate_size"),
-                                        ("llada_moe", "num_experts_per_tok"), ("llada_moe", "expert_intermediate_size"),
+                                        ("llada_moe", "num_experts_per_tok"),
+                                        ("llada_moe", "expert_intermediate_size"),
                                         ("llada_moe", "rope_theta"), ("llada", "d_model"),
-                                        ("llada2_moe", "moe_intermediate_size"), ("llada2_moe", "intermediate_size"),
-                                        ("sdar", "intermediate_size"), ("sdar_moe", "num_experts_per_tok")])
+                                        ("llada2_moe", "moe_intermediate_size"),
+                                        ("llada2_moe", "intermediate_size"), ("sdar", "intermediate_size"),
+                                        ("sdar_moe", "num_experts_per_tok")])
 def test_missing_config_key(tmp_path, family, key):
     path, _ = _ckpt(tmp_path, family)
     d = {k: v for k, v in HF_CONFIGS[family].items() if k != key}
@@ -159,8 +167,9 @@ def test_missing_config_key(tmp_path, family, key):
 
 
 @pytest.mark.parametrize("family,key,value", [
-    ("llada_moe", "shared_expert_intermediate_size", 64), ("llada_moe", "moe_router_enable_expert_bias", True),
-    ("llada_moe", "moe_layer_freq", [0, 1]), ("llada_moe", "moe_router_score_function", "sigmoid"),
+    ("llada_moe", "shared_expert_intermediate_size", 64),
+    ("llada_moe", "moe_router_enable_expert_bias", True), ("llada_moe", "moe_layer_freq", [0, 1]),
+    ("llada_moe", "moe_router_score_function", "sigmoid"),
     ("dream", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
     ("llada2_moe", "score_function", "softmax"), ("llada2_moe", "tie_word_embeddings", True),
     ("llada2_moe", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}), ("sdar", "attention_bias", True),
@@ -192,12 +201,14 @@ def test_weights_option_overrides_preset(tmp_path):
     lm = load_model("dream-7b", weights=str(path), dtype="fp32", progress=False)
     assert lm.config.d_model == 32 and lm.chat is True       # preset's chat flag, checkpoint's architecture
     ids = torch.arange(3, 12)[None]
-    torch.testing.assert_close(_logits(lm.model, ids), _logits(direct_model("dream", tensors), ids), rtol=0, atol=ATOL)
+    torch.testing.assert_close(_logits(lm.model, ids), _logits(direct_model("dream", tensors), ids), rtol=0,
+                               atol=ATOL)
 
 
 def _dream_tokenizer_files(path):
-    """Dream's tokenizer as released: vocab.json + merges.txt for the remote DreamTokenizer (no tokenizer.json),
-    special tokens at fixed ids through added_tokens_decoder, chat template in tokenizer_config.json."""
+    """Dream's tokenizer as released: vocab.json + merges.txt for the remote DreamTokenizer (no
+    tokenizer.json), special tokens at fixed ids through added_tokens_decoder, chat template in
+    tokenizer_config.json."""
     from dlc.models.tokenizer import _bytes_to_unicode
     byte = _bytes_to_unicode()
     vocab = {byte[b]: b for b in range(256)}
@@ -209,7 +220,8 @@ def _dream_tokenizer_files(path):
     specials = {EOS: "<|endoftext|>", 281: "<|im_start|>", 282: "<|im_end|>", MASK: "<|mask|>"}
     cfg = {
         "added_tokens_decoder": {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for i, s in specials.items()},
+                                          "single_word": False, "special": True}
+                                 for i, s in specials.items()},
         "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
         "tokenizer_class": "DreamTokenizer", "bos_token": None, "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "unk_token": None, "errors": "replace",
@@ -229,7 +241,8 @@ def test_dream_tokenizer_without_remote_code(tmp_path):
     assert lm.chat is True
     assert (tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (EOS, EOS, MASK)
     ids = tok("the the<|mask|>", add_special_tokens=False)["input_ids"]
-    assert ids == [ord("t"), 257, 258, MASK]                  # "the", " the" by the merges, the mask as one token
+    # "the", " the" by the merges, the mask as one token
+    assert ids == [ord("t"), 257, 258, MASK]
     assert tok.decode(ids, skip_special_tokens=True) == "the the"
     session = open_model(str(path), dtype="fp32", progress=False)
     chat = encode_prompt(session, "the")
@@ -246,12 +259,14 @@ def test_tied_embeddings_checkpoint_has_no_lm_head(tmp_path, family):
     ids = torch.arange(4, 10)[None]
     with torch.no_grad():
         h = lm.model(ids)
-        torch.testing.assert_close(lm.model.logits(h), h @ tensors["model.embed_tokens.weight"].T, rtol=0, atol=ATOL)
+        torch.testing.assert_close(lm.model.logits(h), h @ tensors["model.embed_tokens.weight"].T, rtol=0,
+                                   atol=ATOL)
 
 
 def test_block_family_config_fields_from_released_keys():
     c = config_from_hf(HF_CONFIGS["llada2_moe"])
-    assert (c.family, c.block_diffusion, c.head_dim, c.rope_dim, c.n_kv_heads) == ("llada2_moe", True, 16, 8, 2)
+    assert (c.family, c.block_diffusion, c.head_dim, c.rope_dim, c.n_kv_heads) == \
+        ("llada2_moe", True, 16, 8, 2)
     assert (c.n_experts, c.n_experts_per_tok, c.expert_hidden, c.n_shared_experts, c.first_dense_layers) == \
         (8, 2, 24, 1, 1)
     assert (c.router, c.n_expert_groups, c.topk_groups, c.routed_scaling, c.rope_theta) == \
@@ -269,7 +284,8 @@ def test_block_family_config_fields_from_released_keys():
 
 
 def test_block_presets_parameter_counts():
-    """Totals of the released checkpoints (model cards: LLaDA2.0-mini 16B, flash 100B; SDAR = its Qwen3 base)."""
+    """Totals of the released checkpoints (model cards: LLaDA2.0-mini 16B, flash 100B; SDAR = its Qwen3
+    base)."""
     from dlc.models.presets import preset_config
     expect = {"llada2-mini": (16.0e9, 16.5e9), "llada2-flash": (100e9, 104e9), "sdar-1.7b": (1.7e9, 1.75e9),
               "sdar-4b": (4.0e9, 4.05e9), "sdar-8b": (8.1e9, 8.25e9), "sdar-30b-a3b": (30.4e9, 30.6e9)}

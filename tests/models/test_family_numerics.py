@@ -1,5 +1,6 @@
 """Model-level numerics of every family: against plain reference forwards written here from the released
-modeling code (fp64, straight from the checkpoint tensors by name), and cached forwards against full forwards."""
+modeling code (fp64, straight from the checkpoint tensors by name), and cached forwards against full
+forwards."""
 import functools
 
 import pytest
@@ -16,7 +17,7 @@ REF_TOL = dict(rtol=1e-4, atol=1e-4)     # fp32 model vs fp64 reference
 CACHE_TOL = dict(rtol=1e-5, atol=1e-5)   # fp32 cached vs fp32 full forward (same ops, other shapes)
 
 
-# --- plain references (fp64) -------------------------------------------------------------------------------------
+# --- plain references (fp64) --------------------------------------------------------------------------------
 
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -50,7 +51,8 @@ def _swiglu(x, t, p):
 
 
 def _moe_per_token(x, t, p, k, norm_topk=False):
-    """The released MoE block token by token: softmax over all experts, top-k, weighted sum of those experts."""
+    """The released MoE block token by token: softmax over all experts, top-k, weighted sum of those
+    experts."""
     out = torch.zeros_like(x)
     for n in range(x.shape[0]):
         probs = torch.softmax(x[n] @ t[p + "gate.weight"].T, -1)
@@ -78,7 +80,8 @@ def reference_logits(family, d, t, ids, pos, key_mask):
             return w + t[f"{p}self_attn.{n}_proj.bias"] if f"{p}self_attn.{n}_proj.bias" in t else w
         q, k, v = proj("q").view(B, T, H, hd), proj("k").view(B, T, Hkv, hd), proj("v").view(B, T, Hkv, hd)
         if family == "llada_moe":                                    # per-head QK RMSNorm before RoPE
-            q, k = _rms(q, t[p + "self_attn.q_norm.weight"], eps), _rms(k, t[p + "self_attn.k_norm.weight"], eps)
+            q, k = (_rms(q, t[p + "self_attn.q_norm.weight"], eps),
+                    _rms(k, t[p + "self_attn.k_norm.weight"], eps))
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         q, k = _rope(q, pos, d["rope_theta"]), _rope(k, pos, d["rope_theta"])
         a = _attention(q, k, v, key_mask).transpose(1, 2).reshape(B, T, D)
@@ -118,7 +121,8 @@ def test_forward_matches_reference(hf_family):
     with torch.no_grad():
         ours = model.logits(model(ids, pos, km))
     ref = reference_logits(family, d, t, ids, pos, km)
-    real = km[:, :, None].expand_as(ours)                            # padded rows attend to nothing meaningful
+    # padded rows attend to nothing meaningful
+    real = km[:, :, None].expand_as(ours)
     torch.testing.assert_close(ours.double()[real], ref[real], **REF_TOL)
 
 
@@ -132,7 +136,8 @@ def test_dream_gqa_reads_the_right_kv_head():
     t2 = dict(t)
     for n in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):     # swap KV heads 0 and 1
         key = f"model.layers.0.self_attn.{n}"
-        t2[key] = torch.cat([t[key][hd:2 * hd], t[key][:hd]] + ([t[key][2 * hd:]] if t[key].shape[0] > 2 * hd else []))
+        t2[key] = torch.cat([t[key][hd:2 * hd],
+                             t[key][:hd]] + ([t[key][2 * hd:]] if t[key].shape[0] > 2 * hd else []))
     assert not torch.allclose(reference_logits(family, d, t2, ids, pos, km), ref, **REF_TOL)
     with torch.no_grad():
         cache = KVCache.empty(model.config, 2, 13, torch.float32, "cpu")
@@ -151,7 +156,8 @@ def test_refresh_then_reuse_equals_full_rows(hf_family):
         for layer, (k, v) in enumerate(kvs):                          # the cache holds post-RoPE K/V
             torch.testing.assert_close(cache.k[layer], k, **CACHE_TOL)
             torch.testing.assert_close(cache.v[layer], v, **CACHE_TOL)
-        for a, b in [(5, 9), (9, 13), (5, 13)]:                      # dual (block) and prefix (block..end) reuse
+        # dual (block) and prefix (block..end) reuse
+        for a, b in [(5, 9), (9, 13), (5, 13)]:
             h = model(ids[:, a:b], pos[:, a:b], km, cache=cache, start=a)
             torch.testing.assert_close(h, full[:, a:b], **CACHE_TOL)
         starts = torch.tensor([4, 7])                                 # per-row start, same width
@@ -223,7 +229,8 @@ def test_dream_logits_are_shifted(hf_family):
     seqs, starts = [ids[0], ids[1, 3:]], [a, a - 3]
     x0, conf = r.full(build_batch(r, "full", seqs, [4, 4], starts, b - a))
     assert torch.equal(x0, shifted[:, a:b].argmax(-1))
-    torch.testing.assert_close(conf, torch.softmax(shifted[:, a:b].double(), -1).max(-1).values, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(conf, torch.softmax(shifted[:, a:b].double(), -1).max(-1).values, rtol=1e-6,
+                               atol=1e-6)
     pool = KVCacheManager(model.config, 13, 1 << 40, torch.float32, "cpu", max_slots=2)
     slots = [(1,), (0,)]
     r.refresh(build_batch(r, "refresh", seqs, [4, 4], starts, b - a, slots=slots, pool=pool))
@@ -233,7 +240,7 @@ def test_dream_logits_are_shifted(hf_family):
     torch.testing.assert_close(cr, conf, rtol=1e-5, atol=1e-6)
 
 
-# --- MoE routing ------------------------------------------------------------------------------------------------
+# --- MoE routing --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", sorted(MOE_IMPLS))
 @pytest.mark.parametrize("norm_topk", [False, True])
@@ -241,8 +248,8 @@ def test_moe_block_matches_per_token_loop(impl, norm_topk):
     family, d, t, model = _family("llada_moe")
     block = model.model.layers[1].mlp
     x = torch.randn(3, 5, d["hidden_size"], generator=torch.Generator().manual_seed(9))
-    ref = _moe_per_token(x.reshape(15, -1).double(), {k: v.double() for k, v in t.items()}, "model.layers.1.mlp.",
-                         d["num_experts_per_tok"], norm_topk).view(3, 5, -1)
+    ref = _moe_per_token(x.reshape(15, -1).double(), {k: v.double() for k, v in t.items()},
+                         "model.layers.1.mlp.", d["num_experts_per_tok"], norm_topk).view(3, 5, -1)
     block.impl, block.norm_topk = impl, norm_topk
     try:
         with torch.no_grad():
@@ -250,8 +257,8 @@ def test_moe_block_matches_per_token_loop(impl, norm_topk):
     finally:
         block.impl, block.norm_topk = "stacked", False
     torch.testing.assert_close(out.double(), ref, **REF_TOL)
-    other = _moe_per_token(x.reshape(15, -1).double(), {k: v.double() for k, v in t.items()}, "model.layers.1.mlp.",
-                           d["num_experts_per_tok"], not norm_topk).view(3, 5, -1)
+    other = _moe_per_token(x.reshape(15, -1).double(), {k: v.double() for k, v in t.items()},
+                           "model.layers.1.mlp.", d["num_experts_per_tok"], not norm_topk).view(3, 5, -1)
     assert not torch.allclose(out.double(), other, **REF_TOL)        # renormalising or not is visible
 
 
@@ -281,8 +288,8 @@ def test_config_rejects_moe_family_without_experts():
 
 
 def test_expert_packing_keeps_names_values_and_follows_dtype_changes():
-    """The stacked path re-points expert weights into shared tensors: same state dict, no copy per forward, and
-    a dtype change (new storage) is noticed and repacked."""
+    """The stacked path re-points expert weights into shared tensors: same state dict, no copy per forward,
+    and a dtype change (new storage) is noticed and repacked."""
     from dlc.models.llada_moe import _packed
     family, d, t, _ = _family("llada_moe")
     model = direct_model(family, t)

@@ -52,7 +52,8 @@ def kv_phases(name: str, inplace: bool = True):
 def token_state(config, B=3, L=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 250, (B, L), generator=g)
-    ids[:, L // 2:] = torch.where(torch.rand(B, L - L // 2, generator=g) < 0.6, config.mask_id, ids[:, L // 2:])
+    ids[:, L // 2:] = torch.where(torch.rand(B, L - L // 2, generator=g) < 0.6, config.mask_id,
+                                  ids[:, L // 2:])
     key_mask = torch.ones(B, L, dtype=torch.bool)
     key_mask[1, :3] = False                                        # a left-padded row
     pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -64,7 +65,8 @@ def wide_llada():
     """(model, traced forward): a tiny LLaDA with a 1000-token vocabulary (several logit chunks, recognisable
     vocab dims) and a sharpened head (confident, distinct tokens)."""
     cfg = ModelConfig(family="llada", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=96,
-                      vocab_size=1000, embedding_size=1000, mask_id=999, eos_id=998, pad_id=998, max_seq_len=256)
+                      vocab_size=1000, embedding_size=1000, mask_id=999, eos_id=998, pad_id=998,
+                      max_seq_len=256)
     torch.manual_seed(0)
     m = build_model(cfg)
     init_weights(m, 3)
@@ -99,7 +101,8 @@ def guided_refresh(m, refresh, B=2, L=20, N=5, a=12, cfg=1.5, k=5):
 
 
 def reuse_case(phases, m):
-    """Refresh 2 rows of 16 tokens, then a reuse step feeding columns [6, 12) / [8, 14) and decoding rows 8..11 /
+    """Refresh 2 rows of 16 tokens, then a reuse step feeding columns
+    [6, 12) / [8, 14) and decoding rows 8..11 /
     9..12 -> (reuse tokens, confidence, eager logits of those rows [2, 4, V])."""
     ids, pos, km = token_state(m.config, B=2, L=16)
     with torch.no_grad():
@@ -109,7 +112,8 @@ def reuse_case(phases, m):
         out = torch.tensor([[8, 9, 10, 11], [9, 10, 11, 12]])
         args = decode_args(2, 4, 0)
         args[0] = out
-        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), *args)
+        tok, conf, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v,
+                                          torch.arange(k.shape[1]), *args)
         h = m(ids, pos, km)
         lg = m.logits(h.gather(1, out[..., None].expand(-1, -1, h.shape[-1])))
     return tok, conf, lg

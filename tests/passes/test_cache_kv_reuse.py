@@ -70,7 +70,8 @@ def test_reuse_equals_full_forward_rows(family, layout, inplace):
         else:
             qs, T = torch.tensor([9, 11, 13]), 5
         cols = qs[:, None] + torch.arange(T)
-        for b in range(B):                            # the fed columns are rewritten by reuse: stale values vanish
+        # the fed columns are rewritten by reuse: stale values vanish
+        for b in range(B):
             kp[:, rows[b], :, cols[b]] = 0.0
         res = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, kp, vp, rows)
     hq = res[0]

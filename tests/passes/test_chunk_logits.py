@@ -13,8 +13,8 @@ CONF_RTOL = 1e-12     # float64 softmax probability: chunked logsumexp vs torch.
 
 
 def decode_phases(model, chunk, logprobs=0, base=None):
-    ctx = PassContext(config=model.config, head_weight=model.head.weight, logit_chunk=chunk, logprobs=logprobs,
-                      kv_inplace=False)
+    ctx = PassContext(config=model.config, head_weight=model.head.weight, logit_chunk=chunk,
+                      logprobs=logprobs, kv_inplace=False)
     return run_pipeline(base or trace_forward(model), ctx, ["cache_kv_reuse", "chunk_logits"]), ctx
 
 
@@ -42,10 +42,12 @@ def test_no_vocab_tensor_larger_than_budget(wide):
         numel = torch.Size(shape).numel()
         if shape and shape[-1] in vocab_dims and numel > budget:
             big.append((n.name, shape))
-        assert not (len(shape) == 3 and shape[1] == L and shape[2] >= chunk), (n.name, shape)   # no [B, L, V*]
+        # no [B, L, V*]
+        assert not (len(shape) == 3 and shape[1] == L and shape[2] >= chunk), (n.name, shape)
     assert not big, big
     linears = [n for n in gm.graph.nodes if "linear" in str(n.target) and n.args[1].op != "get_attr"]
-    assert len(linears) == ctx.counts[("chunk_logits", "refresh")] == -(-V // chunk)   # one head matmul per chunk
+    # one head matmul per chunk
+    assert len(linears) == ctx.counts[("chunk_logits", "refresh")] == -(-V // chunk)
     assert not any("softmax" in str(n.target) for n in gm.graph.nodes)
 
 
@@ -64,13 +66,15 @@ def test_tokens_equal_unchunked_at_temperature_0(wide, chunk):
         ref_tok, ref_conf = greedy(m.logits(m(ids, pos, km)[:, a:a + N]))
     assert torch.equal(tok, ref_tok)
     assert conf.dtype == torch.float64
-    assert torch.allclose(conf, ref_conf, rtol=CONF_RTOL if chunk % 128 == 0 or chunk >= 1000 else 1e-5, atol=0)
+    assert torch.allclose(conf, ref_conf, rtol=CONF_RTOL if chunk % 128 == 0 or chunk >= 1000 else 1e-5,
+                          atol=0)
 
 
 def test_guidance_and_logprobs(wide):
     m, base = wide
     phases, _ = decode_phases(m, 128, logprobs=5, base=base)
-    (tok, conf, top_i, top_lp, _, _), _, _, (ref_tok, ref_conf), (ref_lp, ref_i) = guided_refresh(m, phases["refresh"])
+    (tok, conf, top_i, top_lp, _, _), _, _, (ref_tok, ref_conf), (ref_lp, ref_i) = \
+        guided_refresh(m, phases["refresh"])
     assert torch.equal(tok, ref_tok)
     assert torch.allclose(conf, ref_conf, rtol=CONF_RTOL, atol=0)
     assert torch.equal(top_i, ref_i)
@@ -89,7 +93,8 @@ def test_sampling_at_temperature_is_chunking_invariant_and_seeded(wide):
             toks.append(phases["refresh"](ids, pos, km, *decode_args(B, N, a, temp=1.0, seeds=seeds))[0])
             other = phases["refresh"](ids, pos, km, *decode_args(B, N, a, temp=1.0, seeds=seeds + 7))[0]
             greedy = phases["refresh"](ids, pos, km, *decode_args(B, N, a))[0]
-    assert torch.equal(toks[0], toks[1])                  # the noise depends on (seed, row, id), not the chunking
+    # the noise depends on (seed, row, id), not the chunking
+    assert torch.equal(toks[0], toks[1])
     assert not torch.equal(toks[0], other)
     assert not torch.equal(toks[0], greedy)
 

@@ -27,8 +27,8 @@ PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
 
 
 def gpu_phases(model, base=None, logprobs=0, chunk=128):
-    ctx = PassContext(config=model.config, head_weight=head_weight(model), logit_chunk=chunk, logprobs=logprobs,
-                      device="cuda", kv_inplace=False)
+    ctx = PassContext(config=model.config, head_weight=head_weight(model), logit_chunk=chunk,
+                      logprobs=logprobs, device="cuda", kv_inplace=False)
     return run_pipeline(base or trace_forward(model), ctx, ["cache_kv_reuse", "chunk_logits"]), ctx
 
 
@@ -95,7 +95,8 @@ def test_guidance_on_hidden_rows_matches_guided_logits(wide):
     assert torch.allclose(conf[ok], ref_conf[ok], rtol=CFG_CONF_RTOL, atol=0)
     assert top_lp.dtype == torch.float64 and top_i.shape == (B, N, 5)
     assert torch.allclose(top_lp, ref_lp, atol=LOGPROB_ATOL)
-    gap = (ref_lp[..., :-1] - ref_lp[..., 1:]).min(-1).values > MARGIN                   # distinct top-5 order
+    # distinct top-5 order
+    gap = (ref_lp[..., :-1] - ref_lp[..., 1:]).min(-1).values > MARGIN
     assert torch.equal(top_i[gap], ref_i[gap])
 
 
@@ -117,7 +118,8 @@ def test_sampling_uses_per_request_seeds(wide, lowered):
                                     *decode_args(B, N, a, temp=T, seeds=seeds[perm]))[0]
         lg = m.logits(m(ids, pos, km)[:, a:a + N]).float()                               # [B, N, V]
     V = m.config.vocab_size
-    u = torch.stack([key_uniform(row_key(int(s), torch.arange(N))[:, None], torch.arange(V)[None]) for s in seeds])
+    u = torch.stack([key_uniform(row_key(int(s), torch.arange(N))[:, None], torch.arange(V)[None])
+                     for s in seeds])
     score = lg - T * torch.log(-torch.log(u))
     ok = clear(score)
     assert ok.float().mean() > 0.9
@@ -170,8 +172,8 @@ def test_lowered_phases_export_with_the_op(wide, lowered):
 
 @pytest.mark.slow
 def test_lowered_phase_builds_with_aotinductor(tmp_path):
-    """AOTInductor compiles a GPU-lowered refresh phase (fused projections, the fused op and top-k logprobs; on
-    CPU the ops' reference bodies) and the package computes what the FX graph computes."""
+    """AOTInductor compiles a GPU-lowered refresh phase (fused projections, the fused op and top-k logprobs;
+    on CPU the ops' reference bodies) and the package computes what the FX graph computes."""
     cfg = ModelConfig(family="llada", d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=48,
                       vocab_size=300, embedding_size=300, mask_id=299, eos_id=298, pad_id=298, max_seq_len=64)
     torch.manual_seed(0)
@@ -201,4 +203,5 @@ def test_lowered_phase_builds_with_aotinductor(tmp_path):
     assert torch.allclose(got[3], want[3], atol=LOGPROB_ATOL)                       # top-k logprobs
     gap = (want[3][..., :-1] - want[3][..., 1:]).min(-1).values > MARGIN             # distinct top-k order
     assert torch.equal(got[2][gap], want[2][gap])
-    assert pools[0].abs().amax() > 0 and torch.allclose(pools[1], pools[0], atol=1e-5)   # K/V written in place
+    # K/V written in place
+    assert pools[0].abs().amax() > 0 and torch.allclose(pools[1], pools[0], atol=1e-5)

@@ -1,4 +1,5 @@
-"""fuse_projections: linears sharing one input (q|k|v, gate|up) become one GEMM + split; same numbers as eager."""
+"""fuse_projections: linears sharing one input (q|k|v, gate|up) become one GEMM + split; same numbers as
+eager."""
 import pytest
 import torch
 
@@ -35,7 +36,8 @@ def test_fewer_linears_same_numbers(name):
     with torch.no_grad():
         ref = m(ids, pos, km)
         h, k, v = phases["refresh"](ids, pos, km)
-        hq, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]))
+        hq, _, _ = phases["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v,
+                                   torch.arange(k.shape[1]))
     assert torch.allclose(h, ref, atol=ATOL), (h - ref).abs().max()
     assert torch.allclose(hq, ref.gather(1, cols[..., None].expand(-1, -1, ref.shape[-1])), atol=ATOL)
 
@@ -47,12 +49,15 @@ def test_weights_are_not_held_twice():
     phases, ctx = fused("tiny-dream")
     gm = phases["reuse"]
     cats = {n: p for n, p in gm.named_parameters() if n.startswith(PREFIX)}
-    assert len(cats) == 3 * m.config.n_layers      # q|k|v weight + bias (Dream has q/k/v biases), gate|up weight
+    # q|k|v weight + bias (Dream has q/k/v biases), gate|up weight
+    assert len(cats) == 3 * m.config.n_layers
     storages = {p.untyped_storage().data_ptr() for p in cats.values()}
     fused_names = [n for n, p in m.named_parameters()
                    if p.ndim >= 1 and p.untyped_storage().data_ptr() in storages]
-    assert len(fused_names) == 5 * m.config.n_layers + 3 * m.config.n_layers     # 5 weights + 3 biases per layer
-    assert phases["refresh"].get_parameter(next(iter(cats))) is cats[next(iter(cats))]   # shared by the phases
+    # 5 weights + 3 biases per layer
+    assert len(fused_names) == 5 * m.config.n_layers + 3 * m.config.n_layers
+    # shared by the phases
+    assert phases["refresh"].get_parameter(next(iter(cats))) is cats[next(iter(cats))]
     ep = export_phase(gm, "reuse", m.config, torch.float32)
     lifted = set(ep.state_dict)
     assert not any(n.endswith(("q_proj.weight", "k_proj.weight", "up_proj.weight")) for n in lifted), lifted

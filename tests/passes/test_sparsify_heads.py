@@ -68,7 +68,8 @@ def _loop_scores(q, k, v, km, out, group, pool):
 def test_head_scores_match_a_loop_reference(pool):
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, L, D = 2, 4, 2, 9, 8
-    q, k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    q, k, v = (torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g),
+               torch.randn(B, Hkv, L, D, generator=g))
     km = torch.ones(B, L, dtype=torch.bool)
     km[1, :2] = False
     out = torch.tensor([[4, 5, 6], [5, 6, 7]])
@@ -91,7 +92,8 @@ def test_scores_follow_each_query_not_the_mean_query():
     e = torch.eye(D) * 8
     k = torch.stack([e[0], e[1], (e[0] + e[1]) * 0.6, e[3] * 0, e[2] * 0])[None, None]      # [1, 1, 5, D]
     q = torch.zeros(1, 1, 5, D)
-    q[0, 0, 3], q[0, 0, 4] = e[0], e[1]                                                     # block = rows 3, 4
+    # block = rows 3, 4
+    q[0, 0, 3], q[0, 0, 4] = e[0], e[1]
     v = torch.ones(1, 1, 5, D)
     km = torch.ones(1, 5, dtype=torch.bool)
     s = head_scores(q, k, v, km, torch.tensor([[3, 4]]), 1)[0, 0]
@@ -113,7 +115,8 @@ def test_retention_one_equals_dense_exactly(family):
     with torch.no_grad():
         _, k, v = dense["refresh"](ids, pos, km)
         a = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]))
-        b = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
+        b = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]),
+                            keep)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -135,8 +138,10 @@ def test_per_head_gather_drops_exactly_the_unkept_columns():
     km_dense[:, kept] = km[:, kept]
     with torch.no_grad():
         _, k, v = dense["refresh"](ids, pos, km)
-        ref = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km_dense, qs, k, v, torch.arange(k.shape[1]))
-        got = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
+        ref = dense["reuse"](ids.gather(1, cols), pos.gather(1, cols), km_dense, qs, k, v,
+                             torch.arange(k.shape[1]))
+        got = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v,
+                              torch.arange(k.shape[1]), keep)
     assert torch.allclose(got[0], ref[0], atol=ATOL)
 
 
@@ -179,7 +184,8 @@ def test_runner_keeps_top_fraction_per_head():
     k_rows = torch.stack([k[[2, 0]] for k in pool.k])                          # the refreshed K/V
     v_rows = torch.stack([v[[2, 0]] for v in pool.v])
     x0, conf = runner.reuse(batch)
-    q = (ids_b[:, 12:16], torch.arange(12, 16).expand(2, 4), km, torch.tensor([12, 12]), k_rows, v_rows, torch.arange(2))
+    q = (ids_b[:, 12:16], torch.arange(12, 16).expand(2, 4), km, torch.tensor([12, 12]), k_rows, v_rows,
+         torch.arange(2))
     with torch.no_grad():
         ref_tok, ref_conf = greedy(m.logits(sparse["reuse"](*q, keep)[0]))
         _, dense_conf = greedy(m.logits(phases(name, False)[0]["reuse"](*q)[0]))
@@ -211,7 +217,8 @@ def test_gpu_lowering_emits_the_sparse_attention_op_and_matches_gather(family):
     lowered = run_pipeline(traced(family), ctx, ["cache_kv_reuse", "sparsify_heads"])["reuse"]
     ops = [n for n in lowered.graph.nodes if n.op == "call_function" and "sparse_attention" in str(n.target)]
     assert len(ops) == c.n_layers
-    assert not any("scaled_dot_product" in str(n.target) for n in lowered.graph.nodes if n.op == "call_function")
+    assert not any("scaled_dot_product" in str(n.target) for n in lowered.graph.nodes
+                   if n.op == "call_function")
     ids, pos, km = token_state(c)
     B, L = ids.shape
     qs = torch.tensor([10, 11, 12])
@@ -226,7 +233,8 @@ def test_gpu_lowering_emits_the_sparse_attention_op_and_matches_gather(family):
                 keep[i, b, h] = torch.cat([cols[b], pick]).sort().values
     with torch.no_grad():
         _, k, v = dense["refresh"](ids, pos, km)
-        ref = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
+        ref = sparse["reuse"](ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v,
+                              torch.arange(k.shape[1]), keep)
         got = lowered(ids.gather(1, cols), pos.gather(1, cols), km, qs, k, v, torch.arange(k.shape[1]), keep)
     for x, y in zip(got, ref):
         assert torch.allclose(x, y, atol=ATOL)

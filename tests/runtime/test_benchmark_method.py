@@ -1,6 +1,7 @@
 """The serving benchmark's method (dlc.runtime.benchmark.run_suite) with a scripted driver: warm-up before any
 timed run, capacity measured first and setting the load rates, policies' order rotated per round, medians and
-spreads, the target ratios' PASS/MISS, compiles during timed rounds. (The real drivers: tests/server/test_bench.py.)"""
+spreads, the target ratios' PASS/MISS, compiles during timed rounds. (The real drivers:
+tests/server/test_bench.py.)"""
 import statistics
 
 import pytest
@@ -29,7 +30,8 @@ class ScriptedDriver:
         self.calls.append((policy, "burst" if burst else f"{len(reqs) / reqs[-1]['t']:.1f}"))
         if self.calls and len(self.calls) > 30:
             self.captures += self.extra_captures
-        tok = (self.burst_fcfs if policy == "fcfs" else 100.0) if burst else {"phase": 100.0}.get(policy, 90.0)
+        tok = ((self.burst_fcfs if policy == "fcfs" else 100.0) if burst
+               else {"phase": 100.0}.get(policy, 90.0))
         return {"tokens_per_s": tok * jitter, "requests_per_s": REQ_S[policy] * jitter if burst else 1.0,
                 "ttft_p50": 0.5, "ttft_p99": TTFT_P99[policy] * jitter, "latency_p50": 1.0,
                 "latency_p99": 2.0 * jitter, "errors": 0, "iterations": 10}

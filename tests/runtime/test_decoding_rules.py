@@ -1,7 +1,8 @@
-"""The field's parallel decoders and the sampling controls on the one decoding core, each against a small in-test
-transcription: hierarchical (dInfer's HierarchyDecoder), entropy-bounded (EB-sampler), credit (dInfer's
-CreditThresholdParallelDecoder, stepped through whole blocks), iteration smoothing (dInfer's IterationSmooth
-inside the block), and top-k / top-p / min-p sampling + logprobs (plain torch over full logits)."""
+"""The field's parallel decoders and the sampling controls on the one decoding core, each against a small
+in-test transcription: hierarchical (dInfer's HierarchyDecoder), entropy-bounded (EB-sampler), credit
+(dInfer's CreditThresholdParallelDecoder, stepped through whole blocks), iteration smoothing (dInfer's
+IterationSmooth inside the block), and top-k / top-p / min-p sampling + logprobs (plain torch over full
+logits)."""
 import math
 
 import pytest
@@ -166,8 +167,8 @@ def test_entropy_logprobs_and_soft_match_plain_torch(rows):
 
 @pytest.mark.parametrize("T", [0.0, 1.3])
 def test_rows_without_a_feature_decode_as_decode_rows_bit_for_bit(rows, T):
-    """Batch invariance: a row whose batch-mates ask for entropy / logprobs / credit / filters gets exactly the
-    tokens and confidences decode_rows gives it (same shapes, same chunking)."""
+    """Batch invariance: a row whose batch-mates ask for entropy / logprobs / credit / filters gets exactly
+    the tokens and confidences decode_rows gives it (same shapes, same chunking)."""
     h, w, we, V = rows
     cr, ur, cw, seeds = _args(h)
     tok, conf = decode_rows(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=7, topk=0)
@@ -178,8 +179,8 @@ def test_rows_without_a_feature_decode_as_decode_rows_bit_for_bit(rows, T):
     alpha = torch.tensor([0.0, 0.7, 0.0], dtype=torch.float64)         # rows 0 and 2 take no credit
     keep_all = (torch.tensor([0, 3, 0]), torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64),
                 torch.zeros(3, dtype=torch.float64))
-    for kw in (dict(entropy=True, logprobs=True, topk=2), dict(credit=(ids, vals, alpha)), dict(soft=(we, 1.0)),
-               dict(filters=keep_all, credit=(ids, vals, alpha))):
+    for kw in (dict(entropy=True, logprobs=True, topk=2), dict(credit=(ids, vals, alpha)),
+               dict(soft=(we, 1.0)), dict(filters=keep_all, credit=(ids, vals, alpha))):
         out = decode_rows_ext(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=7, **kw)
         for b in (0, 2):
             assert torch.equal(out["tokens"][b], tok[b]) and torch.equal(out["confidence"][b], conf[b]), kw
@@ -207,7 +208,8 @@ def test_credit_fusion_matches_dense_transcription(rows, T):
     l = _plain_logits(h, w)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, V, (3, 5, 4), generator=g)
-    ids[..., 0] = l.argmax(-1)                            # credit on the raw argmax, too (the correction path)
+    # credit on the raw argmax, too (the correction path)
+    ids[..., 0] = l.argmax(-1)
     ids[0, :, 0] = l[0].topk(2, -1).indices[:, 1]        # row 0: on the runner-up, so credit flips choices
     vals = torch.rand(3, 5, 4, generator=g, dtype=torch.float64) * 3
     vals[0, :, 0] = 40.0
@@ -318,7 +320,8 @@ def credit_generate_reference(model, prompt, gen_length, block_length, threshold
 
 def smoothing_generate_reference(model, prompt, gen_length, block_length, threshold, mask_id):
     """dInfer's IterationSmooth inside the block (no cache, T = 0): the still-masked block positions take
-    E[mask] + w * softmax(l / 1) @ W_e of the previous step, w = min(0.15 + 0.02 i, 0.3), i = forwards so far."""
+    E[mask] + w * softmax(l / 1) @ W_e of the previous step, w = min(0.15 + 0.02 i, 0.3), i = forwards so
+    far."""
     P = len(prompt)
     x = torch.tensor([prompt + [mask_id] * gen_length])
     we = model.embed.weight[:model.config.vocab_size].to(torch.float64)
@@ -395,9 +398,10 @@ def test_logprobs_recorded_for_every_generated_token(model):
 
 
 # ------------------------------------------------------------------------------ the engine, mixed batches
-RULES = [dict(), dict(threshold=0.6, low_threshold=0.3), dict(entropy_bound=1.0), dict(threshold=0.6, credit=True),
-         dict(threshold=0.6, smoothing=True), dict(temperature=1.2, top_k=4, top_p=0.9, min_p=0.05, logprobs=2),
-         dict(threshold=0.6, logprobs=0), dict(factor=1.0, credit=True, smoothing=True)]
+RULES = [dict(), dict(threshold=0.6, low_threshold=0.3), dict(entropy_bound=1.0),
+         dict(threshold=0.6, credit=True), dict(threshold=0.6, smoothing=True),
+         dict(temperature=1.2, top_k=4, top_p=0.9, min_p=0.05, logprobs=2), dict(threshold=0.6, logprobs=0),
+         dict(factor=1.0, credit=True, smoothing=True)]
 
 
 def mixed_specs(n, seed=0):
@@ -407,7 +411,8 @@ def mixed_specs(n, seed=0):
         prompt = torch.randint(0, 250, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
         bl = (4, 8)[i % 2]
         specs.append((prompt, dict(gen_length=2 * bl, block_length=bl, steps=2 * bl,
-                                   kv_cache=("none", "prefix", "dual")[i % 3], seed=100 + i, **RULES[i % len(RULES)])))
+                                   kv_cache=("none", "prefix", "dual")[i % 3], seed=100 + i,
+                                   **RULES[i % len(RULES)])))
     return specs
 
 

@@ -50,7 +50,8 @@ def test_single_request_matches_generate(session, kv):
 
 @pytest.mark.parametrize("policy", ["phase", "fcfs"])
 def test_mixed_batch_matches_generate(session, policy):
-    """Different prompt lengths, block sizes, kv modes, decoding rules and seeded sampling in one busy batch."""
+    """Different prompt lengths, block sizes, kv modes, decoding rules and seeded sampling in one busy
+    batch."""
     specs = random_specs(9)
     eng = make_engine(session, policy=policy, max_num_tokens=S_MAX * 2, refresh_share=0.4)
     reqs = [eng.make_request(p, params) for p, params in specs]
@@ -267,7 +268,8 @@ def test_engine_imports_without_web_stack():
     import subprocess
     import sys
     code = ("import sys\nfor m in ('fastapi', 'uvicorn', 'pydantic', 'starlette', 'prometheus_client'):\n"
-            "    sys.modules[m] = None\nimport dlc.runtime.engine, dlc.runtime.scheduler, dlc.runtime.kv_cache\n")
+            "    sys.modules[m] = None\nimport dlc.runtime.engine, dlc.runtime.scheduler, "
+            "dlc.runtime.kv_cache\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -321,8 +323,9 @@ def test_compiled_runner_through_the_engine(session):
 
 
 def test_a_block_that_cannot_progress_ends():
-    """tiny-dream predicts the mask id itself for some positions: threshold decoding would loop forever at T = 0
-    (generate() hangs); the engine ends such a block after 2 x its width steps and the server carries on."""
+    """tiny-dream predicts the mask id itself for some positions: threshold decoding would loop forever at
+    T = 0 (generate() hangs); the engine ends such a block after 2 x its width steps and the server carries
+    on."""
     s = open_model("tiny-dream", progress=False)
     eng = make_engine(s)
     p, params = random_specs(6, seed=1)[5]

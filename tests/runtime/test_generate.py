@@ -39,7 +39,8 @@ def reference_generate(model, prompt, steps, gen_length, block_length, cfg_scale
             if cfg_scale > 0:
                 un_x = x.clone()
                 un_x[prompt_index] = mask_id
-                logits = model.full_logits(torch.cat([x, un_x]), torch.cat([pos, pos]), torch.cat([key_mask] * 2))
+                logits = model.full_logits(torch.cat([x, un_x]), torch.cat([pos, pos]),
+                                           torch.cat([key_mask] * 2))
                 logits, un_logits = torch.chunk(logits, 2, dim=0)
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
@@ -113,7 +114,8 @@ def test_cache_modes_refresh_once_per_block(model, kv):
             calls["reuse"] += 1
             return super().reuse(*a, **k)
 
-    res = generate(Counting(model), PROMPTS, GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache=kv))
+    res = generate(Counting(model), PROMPTS,
+                   GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache=kv))
     assert calls == {"refresh": 2, "reuse": 14, "full": 0}
     assert res.nfe == 16
     assert all(len(t) == 16 for t in res.token_ids)
@@ -174,7 +176,8 @@ def test_stop_at_eos_finishes_rows_and_cuts(model):
 
         refresh = reuse = full
 
-    res = generate(EosRunner(), PROMPTS, GenerationConfig(gen_length=16, block_length=8, steps=16, stop_at_eos=True))
+    res = generate(EosRunner(), PROMPTS,
+                   GenerationConfig(gen_length=16, block_length=8, steps=16, stop_at_eos=True))
     assert res.token_ids == [[], [], []]
     assert res.nfe == 8                       # second block never ran
     assert all((seq[-16:] == eos).all() for seq in res.sequences)
@@ -232,6 +235,7 @@ class _MaskPredictingRunner:
 def test_threshold_rules_never_accept_the_mask_id_and_end_a_stuck_block(model, rule):
     res = generate(_MaskPredictingRunner(model.config), PROMPTS[:2],
                    GenerationConfig(gen_length=8, block_length=4, steps=8, **rule))
-    for t in res.token_ids:     # odd positions decoded, even ones left masked once only the mask id is predicted
+    # odd positions decoded, even ones left masked once only the mask id is predicted
+    for t in res.token_ids:
         assert t[1::2] == [65] * 4 and t[::2] == [257] * 4
     assert res.nfe <= 2 * 3     # per block: at most one step per decodable position, then one stuck step

@@ -1,5 +1,6 @@
 """dlc serve's runner defaults, shared by dlc generate: CUDA graphs and compiled blocks on with CUDA, off on
-CPU; flags turn them on or off; generate() drives a CUDA-graph runner over its own pool (scratch slot bound)."""
+CPU; flags turn them on or off; generate() drives a CUDA-graph runner over its own pool (scratch slot
+bound)."""
 import json
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_generate_replays_through_a_graph_runner(session):
 
 
 def _dlc(*args):
-    return subprocess.run([sys.executable, "-m", "dlc.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dlc.cli", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_generate_cli_flags():

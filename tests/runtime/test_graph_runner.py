@@ -1,7 +1,8 @@
 """GraphRunner: the static-buffer Reuse path (bucketed batches, scratch padding slot, in-graph decoding).
 
 On CPU the same code path runs without capture (``capture=False``); the CUDA capture itself is checked by the
-GPU test at the end (skipped without CUDA). Tokens must equal generate()'s exactly in ``exact`` decode mode."""
+GPU test at the end (skipped without CUDA). Tokens must equal generate()'s exactly in ``exact`` decode
+mode."""
 import pytest
 import torch
 
@@ -181,8 +182,10 @@ def test_cuda_graph_capture_matches_eager_steps():
     """On the GPU: captured Reuse steps (bucket padding included) give the eager runner's tokens, bf16."""
     sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
     items = specs(6, seed=3)
-    eng_g, outs_g = run_engine(sess, items, cuda_graphs=True, graph_decode="exact", device="cuda", compile=False)
-    assert eng_g.runner.stats["replays"] > 0 and all(g.graph is not None for g in eng_g.runner.graphs.values())
+    eng_g, outs_g = run_engine(sess, items, cuda_graphs=True, graph_decode="exact", device="cuda",
+                               compile=False)
+    assert eng_g.runner.stats["replays"] > 0 and all(g.graph is not None
+                                                     for g in eng_g.runner.graphs.values())
     eng_e, outs_e = run_engine(sess, items, cuda_graphs=False, device="cuda")
     agree = sum(a == b for a, b in zip(outs_g, outs_e)) / len(items)
     assert agree >= 0.8, (outs_g, outs_e)

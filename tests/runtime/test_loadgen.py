@@ -20,12 +20,14 @@ def test_patterns():
 def test_requests_follow_the_distributions():
     w = Workload("burst", num_requests=200, prompt_len=(5, 9), gen_lens=(16, 32), block_length=8)
     reqs = w.requests()
-    assert {len(r["prompt"]) for r in reqs} <= set(range(5, 10)) and {r["gen_length"] for r in reqs} == {16, 32}
+    assert {len(r["prompt"]) for r in reqs} <= set(range(5, 10)) and \
+        {r["gen_length"] for r in reqs} == {16, 32}
     assert all(r["steps"] == r["gen_length"] // 2 and all(32 <= t <= 126 for t in r["prompt"]) for r in reqs)
 
 
 @pytest.mark.parametrize("kw,needle", [({"pattern": "wave"}, "pattern"), ({"rate": 0}, "rate"),
-                                       ({"amplitude": 2}, "amplitude"), ({"prompt_len": (9, 2)}, "prompt_len"),
+                                       ({"amplitude": 2}, "amplitude"),
+                                       ({"prompt_len": (9, 2)}, "prompt_len"),
                                        ({"gen_lens": (12,)}, "multiples")])
 def test_bad_workloads(kw, needle):
     with pytest.raises(ValueError, match=needle):
@@ -45,7 +47,8 @@ def test_prompt_ids_stay_inside_the_vocabulary():
     from dlc.runtime.loadgen import model_config_of, prompt_token_ids
     mc = model_config_of("dlc-tiny")
     ids = prompt_token_ids(mc)
-    assert mc.vocab_size == 102 and max(ids) < 102 and mc.mask_id not in ids and not set(mc.stop_ids) & set(ids)
+    assert mc.vocab_size == 102 and max(ids) < 102 and mc.mask_id not in ids and \
+        not set(mc.stop_ids) & set(ids)
     reqs = Workload("burst", 50, token_ids=ids).requests()
     assert all(t in ids for r in reqs for t in r["prompt"])
 

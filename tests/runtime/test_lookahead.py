@@ -41,7 +41,8 @@ def test_steps_ahead_give_generate_tokens(session, kv_cache):
     params = dict(gen_length=16, block_length=8, steps=16, kv_cache=kv_cache)
     ps = prompts(5)
     eng, outs = run(session, ps, params, lookahead=16)
-    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in ps]
+    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+            for p in ps]
     assert outs == refs
     assert len({tuple(o) for o in outs}) > 1                     # a decisive model: outputs vary by prompt
     st = eng.runner.stats
@@ -64,7 +65,8 @@ def test_a_wrong_device_commit_is_dropped(session, monkeypatch):
     params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     ps = prompts(3, seed=1)
     eng, outs = run(session, ps, params, lookahead=16)
-    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in ps]
+    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+            for p in ps]
     assert outs == refs
     assert eng.metrics.counter("lookahead_dropped_steps_total") > 0
 

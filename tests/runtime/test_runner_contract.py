@@ -140,8 +140,9 @@ def test_a_poisoned_request_fails_alone(sessions, kind):
 
 @pytest.mark.parametrize("kind", KINDS[1:])
 def test_the_parallel_decoders_match_eager(sessions, kind):
-    """Hierarchical, entropy-bounded and credit decoding (T = 0 and seeded T > 0), and token logprobs: compiled
-    programs decode the extras (chunk_logits' EXTRA_OUTPUTS), the graph runner falls back to eager for them."""
+    """Hierarchical, entropy-bounded and credit decoding (T = 0 and seeded T > 0), and token logprobs:
+    compiled programs decode the extras (chunk_logits' EXTRA_OUTPUTS), the graph runner falls back to eager
+    for them."""
     prompts = [[72, 101, 108, 108], [87, 111, 114, 108, 100, 33, 32, 65, 66]]
     fewer = 0
     for params in [dict(kv_cache="dual", threshold=0.3, low_threshold=0.1),
@@ -180,8 +181,8 @@ def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions,
                             for k, v in sessions["export"].runner.input_names.items()},
                            weights=sessions["export"].runner.weights)
     assert not plain.extras and sessions["export"].runner.extras
-    for params, field in [(dict(entropy_bound=1.0), "entropy_bound"), (dict(threshold=0.5, credit=True), "credit"),
-                          (dict(logprobs=0), "logprobs")]:
+    for params, field in [(dict(entropy_bound=1.0), "entropy_bound"),
+                          (dict(threshold=0.5, credit=True), "credit"), (dict(logprobs=0), "logprobs")]:
         with pytest.raises(FieldError) as e:
             plain.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
         assert e.value.field == field and "--decode-extras" in str(e.value)

@@ -1,6 +1,6 @@
 """The three scheduler policies (runtime/scheduler.py): static FCFS, continuous (iteration-level) FCFS and the
-phase-multiplexed batcher. Admission order, no starvation, the continuous-vs-static difference, and tokens equal
-to generate() under each."""
+phase-multiplexed batcher. Admission order, no starvation, the continuous-vs-static difference, and tokens
+equal to generate() under each."""
 import pytest
 import torch
 
@@ -80,8 +80,8 @@ def test_continuous_admits_a_late_request_before_the_first_batch_finishes(sessio
 
 
 def test_continuous_admits_in_arrival_order_and_blocks_at_the_head(session):
-    """One running request at a time: requests start in arrival order. A long request at the head that does not
-    fit the budget beside the running one is not passed by a younger short one (phase would let it pass:
+    """One running request at a time: requests start in arrival order. A long request at the head that does
+    not fit the budget beside the running one is not passed by a younger short one (phase would let it pass:
     test_engine.py test_no_head_of_line_blocking_and_preemption)."""
     eng = make_engine(session, policy="fcfs-continuous", max_batch_size=1)
     reqs = [eng.make_request([i + 1] * (4 + i), P) for i in range(4)]

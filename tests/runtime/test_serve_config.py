@@ -6,9 +6,10 @@ from dlc.runtime.server_cli import build_config
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("max_batch_size", 0, "max_batch_size"), ("max_num_tokens", -5, "max_num_tokens"), ("port", 70000, "port"),
-    ("policy", "lifo", "policy"), ("granularity", "auto", "granularity"), ("refresh_share", 0.0, "refresh_share"),
-    ("kv_cache_mb", 0, "kv_cache_mb"), ("max_queue", 1.5, "max_queue"), ("api_key", "", "api_key")])
+    ("max_batch_size", 0, "max_batch_size"), ("max_num_tokens", -5, "max_num_tokens"),
+    ("port", 70000, "port"), ("policy", "lifo", "policy"), ("granularity", "auto", "granularity"),
+    ("refresh_share", 0.0, "refresh_share"), ("kv_cache_mb", 0, "kv_cache_mb"),
+    ("max_queue", 1.5, "max_queue"), ("api_key", "", "api_key")])
 def test_bad_values(field, value, needle):
     with pytest.raises(ValueError, match=needle):
         ServeConfig(**{field: value})
@@ -18,7 +19,8 @@ def test_yaml_and_flags(tmp_path):
     y = tmp_path / "serve.yaml"
     y.write_text("max-batch-size: 4\nport: 9001\npolicy: fcfs\ngen_length: 64\n")
     cfg = build_config("tiny-llada", str(y), port=9002, max_queue=None)
-    assert (cfg.max_batch_size, cfg.port, cfg.policy, cfg.gen_length, cfg.model) == (4, 9002, "fcfs", 64, "tiny-llada")
+    assert (cfg.max_batch_size, cfg.port, cfg.policy, cfg.gen_length, cfg.model) == \
+        (4, 9002, "fcfs", 64, "tiny-llada")
     y.write_text("max_batch: 4\n")
     with pytest.raises(ValueError, match="unknown options"):
         build_config("tiny-llada", str(y))

@@ -32,7 +32,8 @@ def test_holdback_is_the_longest_tail_that_could_start_a_stop():
     assert s.holdback("xyzq") == 0
 
 
-@pytest.mark.parametrize("stop,needle", [([""], "1 to 256"), (["a"] * 17, "at most 16"), (["x" * 257], "1 to 256")])
+@pytest.mark.parametrize("stop,needle",
+                         [([""], "1 to 256"), (["a"] * 17, "at most 16"), (["x" * 257], "1 to 256")])
 def test_check_stops(stop, needle):
     with pytest.raises(ValueError, match=needle):
         check_stops(stop)

@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU (2 processes, gloo): tokens identical to one process, checkpoints loaded by slice.
+"""Tensor parallelism on CPU (2 processes, gloo): tokens identical to one process, checkpoints loaded by
+slice.
 
 Models are tiny checkpoints written here (LLaDA MHA; Dream GQA with KV heads = ranks and with one KV head
 replicated over both ranks, tied head) at a std large enough that the outputs vary with the prompt and the
@@ -17,8 +18,8 @@ from dlc.runtime.decoding import FieldError
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
 
-TINY = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden=128, vocab_size=262, embedding_size=262, mask_id=257,
-            eos_id=256, pad_id=256, stop_ids=[256], max_seq_len=256)
+TINY = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden=128, vocab_size=262, embedding_size=262,
+            mask_id=257, eos_id=256, pad_id=256, stop_ids=[256], max_seq_len=256)
 MODELS = {
     "llada": dict(family="llada", n_kv_heads=4, rope_theta=10000.0, **TINY),
     "dream_gqa": dict(family="dream", n_kv_heads=2, qkv_bias=True, logit_shift=1, rope_theta=1e6, **TINY),
@@ -27,8 +28,8 @@ MODELS = {
     "sdar": dict(family="sdar", n_kv_heads=2, attn_head_dim=24, qk_norm=True, block_diffusion=True,
                  rope_theta=1e6, **TINY),       # block-causal, per-head QK-norm, head_dim != d_model / heads
 }
-# MoE checkpoints: attention tensor parallel, experts split over the ranks (models/expert_parallel.py; LLaDA2's
-# shared expert sliced), each rank reading only its tensors
+# MoE checkpoints: attention tensor parallel, experts split over the ranks (models/expert_parallel.py;
+# LLaDA2's shared expert sliced), each rank reading only its tensors
 MODELS.update({name: {**preset_config(preset).__dict__} for name, preset in
                (("llada_moe", "tiny-llada-moe"), ("llada2_moe", "tiny-llada2"))})
 PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 64]]
@@ -68,7 +69,8 @@ def test_tp2_tokens_equal_one_process(pair, kv, temperature):
         pytest.skip("block diffusion decodes with its exact block cache (test_tp2_block_diffusion)")
     if one.config.tie_embeddings and (kv, temperature) not in FEW:
         pytest.skip("covered on the other models")
-    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv, temperature=temperature, seed=11)
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache=kv, temperature=temperature,
+                           seed=11)
     want = generate(one.runner, PROMPTS, cfg).token_ids
     got = generate(tp.runner, PROMPTS, cfg).token_ids
     assert got == want
@@ -131,7 +133,7 @@ def test_tp_refuses_what_it_cannot_combine(pair):
     assert e.value.field == "top_k"
 
 
-# -- the layout and the loader, in one process (no collectives: group None) -----------------------------------
+# -- the layout and the loader, in one process (no collectives: group None) ----------------------------------
 def test_head_layout_splits_and_replicates():
     mqa = ModelConfig(**MODELS["dream_mqa_tied"])
     assert [head_layout(mqa, r, 2) for r in (0, 1)] == [((0, 2), (0, 1)), ((2, 4), (0, 1))]
@@ -169,9 +171,10 @@ def test_cli_generate_tp2_matches_one_process():
     import sys
 
     from dlc.runtime.session import encode_prompt
-    args = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--kv-cache", "prefix", "--dtype", "fp32",
-            "--temperature", "0.7", "--seed", "4", "--no-chat", "--json"]
-    r = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "tiny-dream", "split me", "--tp", "2", *args],
+    args = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--kv-cache", "prefix", "--dtype",
+            "fp32", "--temperature", "0.7", "--seed", "4", "--no-chat", "--json"]
+    r = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "tiny-dream", "split me", "--tp", "2",
+                        *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -192,8 +195,8 @@ def test_torchrun_launched_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "dlc.cli", "generate", "tiny-llada", "ranks", "--tp", "2", "--gen-length", "8", "--block-length",
-           "8", "--steps", "4", "--dtype", "fp32", "--no-chat", "--json"]
+           "-m", "dlc.cli", "generate", "tiny-llada", "ranks", "--tp", "2", "--gen-length", "8",
+           "--block-length", "8", "--steps", "4", "--dtype", "fp32", "--no-chat", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
@@ -214,9 +217,9 @@ def test_layouts_that_cannot_shard_are_refused_before_starting(model, size, matc
 @pytest.mark.parametrize("preset,world", [("tiny-llada", 2), ("tiny-dream", 2), ("tiny-dream", 4),
                                           ("tiny-llada2", 2), ("tiny-sdar", 2)])
 def test_attention_shards_sum_to_the_full_output(preset, world):
-    """Column-parallel q/k/v (separate, or LLaDA2's fused query_key_value) and the row-parallel output: without
-    the all-reduce (group None) each rank returns its partial sum; the partials add up to the full layer, and
-    each rank's K/V are its heads of the full K/V (replicated when KV heads < ranks)."""
+    """Column-parallel q/k/v (separate, or LLaDA2's fused query_key_value) and the row-parallel output:
+    without the all-reduce (group None) each rank returns its partial sum; the partials add up to the full
+    layer, and each rank's K/V are its heads of the full K/V (replicated when KV heads < ranks)."""
     import copy
 
     from dlc.models.common import rope_cos_sin, self_attention
@@ -232,7 +235,8 @@ def test_attention_shards_sum_to_the_full_output(preset, world):
 
     def run(a):                               # a LLaDA block owns its projections: its attention alone
         if hasattr(a, "attn_out"):
-            return self_attention(x, a.q_proj, a.k_proj, a.v_proj, a.attn_out, cos, sin, None, a.n_heads, a.n_kv)
+            return self_attention(x, a.q_proj, a.k_proj, a.v_proj, a.attn_out, cos, sin, None, a.n_heads,
+                                  a.n_kv)
         return a(x, cos, sin, None)
     with torch.no_grad():
         y, (k, v) = run(attn)

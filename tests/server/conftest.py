@@ -27,8 +27,10 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dlc.cli", "serve", model, "--port", str(self.port), *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        self.lines: list[str] = []            # the console, read as it comes (a full pipe would block the server)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                     text=True)
+        # the console, read as it comes (a full pipe would block the server)
+        self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
                                         daemon=True)
         self._reader.start()

@@ -10,4 +10,5 @@ GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")    # tiny_se
 def reference(session, prompt, chat=False, **params):
     """generate()'s tokens for ``prompt`` with the server's defaults overridden by ``params``."""
     ids = encode_prompt(session, prompt, chat)
-    return generate(session.runner, [ids], GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]
+    return generate(session.runner, [ids],
+                    GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]

@@ -1,5 +1,5 @@
-"""`dlc bench serve` end to end on dlc-tiny: the in-process engine driver and real `dlc serve` processes (HTTP).
-The method itself (warm-up, capacity, rotation, spreads, targets) is tested with a scripted driver in
+"""`dlc bench serve` end to end on dlc-tiny: the in-process engine driver and real `dlc serve` processes
+(HTTP). The method itself (warm-up, capacity, rotation, spreads, targets) is tested with a scripted driver in
 tests/runtime/test_benchmark_method.py."""
 import json
 import subprocess
@@ -21,11 +21,13 @@ def bench(tmp_path, *args, timeout=600):
 
 def check_result(stdout, res, workloads, n, prompt_len, gen_lens):
     sent = Workload("burst", n, prompt_len=prompt_len, gen_lens=gen_lens).requests()     # the bench's mix
-    max_tokens = sum(r["gen_length"] for r in sent)                       # a request streams <= its gen_length
+    # a request streams <= its gen_length
+    max_tokens = sum(r["gen_length"] for r in sent)
     assert list(res["results"]) == list(workloads)
     for w in workloads:
         for p in POLICIES:
-            for s in res["runs"][w][p]:                                   # every request of every run completed
+            # every request of every run completed
+            for s in res["runs"][w][p]:
                 assert s["requests"] == n and s["errors"] == 0, (w, p, s)
                 tokens = n * s["tokens_per_s"] / s["requests_per_s"]
                 assert 0 < round(tokens) <= max_tokens and tokens == pytest.approx(round(tokens), rel=1e-6)
@@ -77,9 +79,12 @@ def test_bench_serve_http_every_workload(tmp_path):
 def test_bench_serve_prints_the_first_error_of_each_kind(tmp_path):
     """Prompts past dlc-tiny's 256 columns: every request gets a 400; the bench says why and stops at the
     capacity step with one line, no traceback."""
-    out = subprocess.run([sys.executable, "-m", "dlc.cli", "bench", "serve", "dlc-tiny", "--num-requests", "3",
-                          "--gen-lens", "8", "--prompt-len", "300:300", "--policies", "phase", "--rounds", "1",
-                          "--max-seq-len", "256"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "dlc.cli", "bench", "serve", "dlc-tiny", "--num-requests",
+                          "3", "--gen-lens", "8", "--prompt-len", "300:300", "--policies", "phase",
+                          "--rounds", "1", "--max-seq-len", "256"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 1
-    assert "first error of kind HTTP 400" in out.stdout and "exceeds the maximum sequence length" in out.stdout
-    assert "no request of the burst completed under any policy" in out.stderr and "Traceback" not in out.stderr
+    assert "first error of kind HTTP 400" in out.stdout and \
+        "exceeds the maximum sequence length" in out.stdout
+    assert "no request of the burst completed under any policy" in out.stderr and \
+        "Traceback" not in out.stderr

@@ -1,5 +1,5 @@
-"""`dlc serve` of a block-diffusion model (tiny LLaDA2): OpenAI completions and chat through the official client,
-block-diffusion request fields, streaming, and a 400 naming a bad field; answers equal generate()."""
+"""`dlc serve` of a block-diffusion model (tiny LLaDA2): OpenAI completions and chat through the official
+client, block-diffusion request fields, streaming, and a 400 naming a bad field; answers equal generate()."""
 import openai
 import pytest
 
@@ -26,7 +26,8 @@ def _want(session, prompt, chat, **fields):
     ids = encode_prompt(session, prompt, chat)
     fields = resolve_decoder({"gen_length": 12, "block_length": 32, "steps_per_block": 32, "threshold": 0.95,
                               "kv_cache": "block", **fields})
-    return decode_tokens(session, generate(session.runner, [ids], GenerationConfig(**fields, stop_at_eos=True))
+    return decode_tokens(session,
+                         generate(session.runner, [ids], GenerationConfig(**fields, stop_at_eos=True))
                          .token_ids[0])
 
 
@@ -45,11 +46,13 @@ def test_completions_match_generate(server, session, extra):
 def test_chat_matches_generate(server, session):
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="x")
     extra = {"block_length": 4, "threshold": 0.2}
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body=extra)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body=extra)
     assert r.choices[0].message.content == _want(session, "hi", True, **extra)
 
 
-@pytest.mark.parametrize("extra,param", [({"kv_cache": "dual"}, "kv_cache"), ({"decoder": "llada"}, "decoder"),
+@pytest.mark.parametrize("extra,param",
+                         [({"kv_cache": "dual"}, "kv_cache"), ({"decoder": "llada"}, "decoder"),
                                          ({"steps_per_block": 0}, "steps_per_block")])
 def test_bad_block_fields_are_400_naming_the_field(server, extra, param):
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0)

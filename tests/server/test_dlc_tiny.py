@@ -30,7 +30,8 @@ def test_concurrent_chat_answers_equal_generate(client):
     kvs = [("none", "prefix", "dual")[i % 3] for i in range(N)]
 
     def ask(i):
-        r = client.chat.completions.create(model="dlc-tiny", messages=[{"role": "user", "content": pairs[i][0]}],
+        r = client.chat.completions.create(model="dlc-tiny",
+                                           messages=[{"role": "user", "content": pairs[i][0]}],
                                            extra_body={"kv_cache": kvs[i]})
         return r.choices[0].message.content
 
@@ -53,7 +54,8 @@ def test_stream_equals_non_stream(client):
 
 
 def test_stop_string_across_blocks_is_held_back(client):
-    """'cfgh' + 'hhj' (blocks of 4): stop 'hh' starts in the first block; the first delta must hold the 'h'."""
+    """'cfgh' + 'hhj' (blocks of 4): stop 'hh' starts in the first block; the first delta must hold the
+    'h'."""
     msgs = [{"role": "user", "content": "sort fjhhghc"}]
     chunks = list(client.chat.completions.create(model="dlc-tiny", messages=msgs, stream=True, stop="hh"))
     pieces = [c.choices[0].delta.content or "" for c in chunks]

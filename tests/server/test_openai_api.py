@@ -20,8 +20,8 @@ def test_max_tokens_sets_the_generation_length(client, session):
     assert r.usage.completion_tokens == len(want[:37])
     assert r.choices[0].finish_reason == ("length" if len(want) >= 37 else "stop")
     small = client.completions.create(model=MODEL, prompt="long answer", max_tokens=3)   # one block of 8
-    assert small.choices[0].model_extra["token_ids"] == reference(session, "long answer", gen_length=8,
-                                                                  steps=4)[:3]
+    assert small.choices[0].model_extra["token_ids"] == \
+        reference(session, "long answer", gen_length=8, steps=4)[:3]
     assert small.usage.completion_tokens == 3
 
 
@@ -49,7 +49,8 @@ def _fresh_substring(text: str, start: int) -> str:
 @pytest.mark.parametrize("chat", [False, True])
 def test_stop_strings_cut_the_text(client, chat):
     extra = {"gen_length": 32, "block_length": 8, "steps": 16}
-    ask = (lambda **kw: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "s"}],
+    ask = (lambda **kw: client.chat.completions.create(model=MODEL,
+                                                       messages=[{"role": "user", "content": "s"}],
                                                        extra_body=extra, **kw)) if chat else \
         (lambda **kw: client.completions.create(model=MODEL, prompt="stop here", extra_body=extra, **kw))
     get = (lambda c: c.message.content) if chat else (lambda c: c.text)
@@ -70,7 +71,8 @@ def test_stop_token_ids_end_the_request_at_the_block(client, session):
     extra = {"gen_length": 32, "block_length": 8, "steps": 16}
     full = client.completions.create(model=MODEL, prompt="ids", extra_body=extra)
     ids = full.choices[0].model_extra["token_ids"]
-    j = next(j for j in range(9, len(ids)) if ids[j] not in ids[:j])    # in the second block, first occurrence
+    # in the second block, first occurrence
+    j = next(j for j in range(9, len(ids)) if ids[j] not in ids[:j])
     r = client.completions.create(model=MODEL, prompt="ids", extra_body={**extra, "stop_token_ids": [ids[j]]})
     assert r.choices[0].model_extra["token_ids"] == ids[:j] and r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == decode_tokens(session, ids[:j])
@@ -120,12 +122,16 @@ def test_provisional_stream(client, chat):
     extra = {"gen_length": 24, "block_length": 8, "steps": 24, "provisional": True}
     if chat:
         msgs = [{"role": "user", "content": "watch"}]
-        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, stream=True, extra_body=extra))
-        full = client.chat.completions.create(model=MODEL, messages=msgs, extra_body={**extra, "provisional": False})
-        want, streamed = full.choices[0].message.content, "".join(c.choices[0].delta.content or "" for c in chunks)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, stream=True,
+                                                     extra_body=extra))
+        full = client.chat.completions.create(model=MODEL, messages=msgs,
+                                              extra_body={**extra, "provisional": False})
+        want, streamed = full.choices[0].message.content, "".join(c.choices[0].delta.content or ""
+                                                                  for c in chunks)
     else:
         chunks = list(client.completions.create(model=MODEL, prompt="watch", stream=True, extra_body=extra))
-        full = client.completions.create(model=MODEL, prompt="watch", extra_body={**extra, "provisional": False})
+        full = client.completions.create(model=MODEL, prompt="watch",
+                                         extra_body={**extra, "provisional": False})
         want, streamed = full.choices[0].text, "".join(c.choices[0].text for c in chunks)
     assert streamed == want                              # text deltas carry committed text only
     steps = [c.choices[0].model_extra["dlc"]["provisional"] for c in chunks
@@ -143,7 +149,8 @@ def test_provisional_stream(client, chat):
 
 
 def _post(server, body, **kw):
-    return httpx.post(server.base + "/v1/completions", timeout=30, **({"content": body} if isinstance(body, bytes)
+    return httpx.post(server.base + "/v1/completions", timeout=30,
+                      **({"content": body} if isinstance(body, bytes)
                                                                     else {"json": body}), **kw)
 
 
@@ -167,7 +174,8 @@ def test_malformed_bodies(tiny_server, name, body, headers, status, needle):
 
 
 def test_a_request_that_can_never_fit_the_queue_is_400(tiny_server):
-    r = httpx.post(tiny_server.base + "/v1/completions", json={"model": MODEL, "prompt": ["a"] * 300}, timeout=30)
+    r = httpx.post(tiny_server.base + "/v1/completions", json={"model": MODEL, "prompt": ["a"] * 300},
+                   timeout=30)
     assert r.status_code == 400 and "queues at most 256" in r.json()["error"]["message"]
     r = httpx.post(tiny_server.base + "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 100,
                                                                "stream": True, "max_tokens": 1}, timeout=60)
@@ -183,8 +191,8 @@ def test_tokenizing_a_large_prompt_does_not_block_the_server(tiny_server):
 
     def big():
         t0 = time.time()
-        r = httpx.post(tiny_server.base + "/v1/completions", json={"model": MODEL, "prompt": "ab c" * 475_000},
-                       timeout=120)
+        r = httpx.post(tiny_server.base + "/v1/completions",
+                       json={"model": MODEL, "prompt": "ab c" * 475_000}, timeout=120)
         result["status"], result["message"] = r.status_code, r.json()["error"]["message"]
         result["seconds"] = time.time() - t0
 

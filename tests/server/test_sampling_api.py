@@ -1,6 +1,6 @@
-"""Sampling controls and logprobs through `dlc serve` (the official openai client): top_k / top_p / min_p with a
-seed reproduce generate(), logprobs (completions: integer k; chat: logprobs + top_logprobs) streamed and not,
-the parallel decoders as request fields, and bad values answered 400 naming the field."""
+"""Sampling controls and logprobs through `dlc serve` (the official openai client): top_k / top_p / min_p with
+a seed reproduce generate(), logprobs (completions: integer k; chat: logprobs + top_logprobs) streamed and
+not, the parallel decoders as request fields, and bad values answered 400 naming the field."""
 import math
 
 import httpx
@@ -17,7 +17,8 @@ def test_filters_with_a_seed_reproduce_generate(client, session):
         extra = {k: v for k, v in kw.items() if k != "top_p"}
         r = client.completions.create(model=MODEL, prompt="Hello there", temperature=1.5, seed=7,
                                       top_p=kw.get("top_p", openai.NOT_GIVEN), extra_body=extra)
-        ids = r.choices[0].token_ids if hasattr(r.choices[0], "token_ids") else r.choices[0].model_extra["token_ids"]
+        ids = (r.choices[0].token_ids if hasattr(r.choices[0], "token_ids")
+               else r.choices[0].model_extra["token_ids"])
         assert ids == reference(session, "Hello there", temperature=1.5, seed=7, **kw), kw
         outs.add(tuple(ids))
     assert len(outs) > 2                                            # the filters change the samples
@@ -48,7 +49,8 @@ def test_chat_logprobs_streamed_and_not(client):
                                              stream=True):
         if ch.choices and ch.choices[0].logprobs is not None:
             streamed += ch.choices[0].logprobs.content
-    assert [(c.token, round(c.logprob, 9)) for c in streamed] == [(c.token, round(c.logprob, 9)) for c in content]
+    assert [(c.token, round(c.logprob, 9)) for c in streamed] == [(c.token, round(c.logprob, 9))
+                                                                  for c in content]
     nolp = client.chat.completions.create(model=MODEL, messages=msgs, logprobs=True)
     assert all(c.top_logprobs == [] for c in nolp.choices[0].logprobs.content)
 
@@ -60,9 +62,10 @@ def test_parallel_decoders_as_request_fields(client, session, extra):
     assert r.choices[0].model_extra["token_ids"] == reference(session, "abc", **extra)
 
 
-BAD = [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
-       ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"low_threshold": 1.5}, "low_threshold"),
-       ({"entropy_bound": -1}, "entropy_bound"), ({"low_threshold": 0.95, "threshold": 0.9}, "low_threshold"),
+BAD = [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
+       ({"min_p": 1.5}, "min_p"), ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"),
+       ({"low_threshold": 1.5}, "low_threshold"), ({"entropy_bound": -1}, "entropy_bound"),
+       ({"low_threshold": 0.95, "threshold": 0.9}, "low_threshold"),
        ({"entropy_bound": 1.0, "factor": 1.0}, "entropy_bound"), ({"credit": "yes"}, "credit")]
 
 

@@ -15,7 +15,8 @@ from dlc.runtime.generate import GenerationConfig, generate
 def expected_text(session, prompt: str, chat: bool = False, **params):
     from dlc.runtime.session import decode_tokens, encode_prompt
     ids = encode_prompt(session, prompt, chat)
-    out = generate(session.runner, [ids], GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]
+    out = generate(session.runner, [ids],
+                   GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]
     return decode_tokens(session, out), out
 
 
@@ -59,12 +60,14 @@ def test_stream_equals_non_stream(client, chat):
     if chat:
         msgs = [{"role": "user", "content": "stream me"}]
         full = client.chat.completions.create(model=MODEL, messages=msgs, extra_body=extra)
-        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, stream=True, extra_body=extra))
+        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, stream=True,
+                                                     extra_body=extra))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
         assert streamed == full.choices[0].message.content
     else:
         full = client.completions.create(model=MODEL, prompt="stream me", extra_body=extra)
-        chunks = list(client.completions.create(model=MODEL, prompt="stream me", stream=True, extra_body=extra))
+        chunks = list(client.completions.create(model=MODEL, prompt="stream me", stream=True,
+                                                extra_body=extra))
         streamed = "".join(c.choices[0].text for c in chunks)
         assert streamed == full.choices[0].text
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
@@ -101,7 +104,8 @@ def _wait_idle(server, timeout=15.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         m = server.metrics()
-        if m["dlc_running_requests"] == 0 and m["dlc_kv_cache_used_slots"] == 0 and m["dlc_queue_length"] == 0:
+        if m["dlc_running_requests"] == 0 and m["dlc_kv_cache_used_slots"] == 0 \
+                and m["dlc_queue_length"] == 0:
             return m
         time.sleep(0.2)
     raise AssertionError(f"server did not return to idle: {m}")
@@ -131,7 +135,8 @@ BAD = [
     ("negative max_tokens", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
     ("negative gen_length", {"prompt": "a", "gen_length": -8}, "gen_length"),
     ("zero steps", {"prompt": "a", "steps": 0}, "steps"),
-    ("oversize gen_length", {"prompt": "a", "gen_length": 4096, "block_length": 32, "steps": 4096}, "maximum"),
+    ("oversize gen_length", {"prompt": "a", "gen_length": 4096, "block_length": 32, "steps": 4096},
+     "maximum"),
     ("prompt past max sequence", {"prompt": "y" * 200}, "maximum"),
     ("block not dividing", {"prompt": "a", "gen_length": 20, "block_length": 8}, "multiple"),
     ("bad kv_cache", {"prompt": "a", "kv_cache": "paged"}, "kv_cache"),
@@ -185,9 +190,9 @@ def test_unknown_model(client):
 
 def test_metrics_names(tiny_server):
     m = tiny_server.metrics()
-    for name in ("dlc_queue_length", "dlc_running_requests", "dlc_phase_refresh_share", "dlc_tokens_per_second",
-                 "dlc_step_seconds_count", "dlc_time_to_first_token_seconds_count", "dlc_kv_cache_usage_ratio",
-                 "dlc_granularity_chunk"):
+    for name in ("dlc_queue_length", "dlc_running_requests", "dlc_phase_refresh_share",
+                 "dlc_tokens_per_second", "dlc_step_seconds_count", "dlc_time_to_first_token_seconds_count",
+                 "dlc_kv_cache_usage_ratio", "dlc_granularity_chunk"):
         assert name in m
     assert m["dlc_step_seconds_count"] > 0 and m["dlc_time_to_first_token_seconds_count"] > 0
     assert m['dlc_phase_tokens_total{phase="refresh"}'] > 0 and m['dlc_phase_tokens_total{phase="reuse"}'] > 0
@@ -198,7 +203,8 @@ def test_non_streaming_disconnect_cancels(tiny_server):
     body = {"model": MODEL, "prompt": "long long", "gen_length": 96, "block_length": 8,
             "steps": 96}   # no EOS
     # The generation takes ~0.5 s on a 2-core CPU; the server sees the hang-up at its next poll (every
-    # DISCONNECT_POLL_S = 0.2 s), so the client hangs up at 0.1 s to be seen well before the request could finish.
+    # DISCONNECT_POLL_S = 0.2 s), so the client hangs up at 0.1 s to be seen well before the request could
+    # finish.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tiny_server.base + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.1))
     m = _wait_idle(tiny_server)

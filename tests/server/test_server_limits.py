@@ -24,7 +24,8 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory, server_process):
     cfg = tmp_path_factory.mktemp("cfg") / "serve.yaml"
-    cfg.write_text(f"api_key: {KEY}\nmax_queue: 1\nmax_batch_size: 1\nmax_seq_len: 160\nserved_model_name: tiny\n")
+    cfg.write_text(f"api_key: {KEY}\nmax_queue: 1\nmax_batch_size: 1\nmax_seq_len: "
+                   "160\nserved_model_name: tiny\n")
     srv = server_process(str(ckpt), "--config", str(cfg))
     yield srv
     srv.stop()
@@ -34,7 +35,8 @@ def test_api_key_enforced(server):
     bad = openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    assert httpx.post(server.base + "/v1/completions", json={"model": "tiny", "prompt": "a"}).status_code == 401
+    assert httpx.post(server.base + "/v1/completions",
+                      json={"model": "tiny", "prompt": "a"}).status_code == 401
     good = openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in good.models.list().data] == ["tiny"]
     r = good.completions.create(model="tiny", prompt="a")

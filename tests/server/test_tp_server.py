@@ -1,6 +1,7 @@
 """`dlc serve --tensor-parallel-size 2` on CPU (gloo): the official openai client gets the tokens one process
 generates (tiny Dream: GQA, shifted logits; no cache, prefix and dual; T = 0 and seeded T > 0), and a killed
-worker makes the server fail the request and exit with a one-line error naming the rank, instead of hanging."""
+worker makes the server fail the request and exit with a one-line error naming the rank, instead of
+hanging."""
 import re
 import signal
 import subprocess
@@ -33,7 +34,8 @@ def tp_client(tp_server):
 
 def reference(session, prompt: str, **params) -> list[int]:
     ids = encode_prompt(session, prompt, False)
-    return generate(session.runner, [ids], GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]
+    return generate(session.runner, [ids],
+                    GenerationConfig(**{**GEN, **params}, stop_at_eos=True)).token_ids[0]
 
 
 @pytest.mark.parametrize("kv", ["none", "prefix", "dual"])
@@ -50,12 +52,13 @@ def test_tp_server_matches_one_process(tp_client, kv):
 
 
 def test_killed_worker_stops_the_server(server_process):
-    srv = server_process("tiny-llada", "--tensor-parallel-size", "2", "--max-seq-len", "64", "--gen-length", "8",
-                         "--block-length", "8", "--steps", "4")
+    srv = server_process("tiny-llada", "--tensor-parallel-size", "2", "--max-seq-len", "64", "--gen-length",
+                         "8", "--block-length", "8", "--steps", "4")
     try:
         pid = int(re.search(r"rank 1 pid (\d+)", srv.output()).group(1))
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=60)
-        assert client.completions.create(model="tiny-llada", prompt="alive").choices[0].model_extra["token_ids"]
+        assert client.completions.create(model="tiny-llada",
+                                         prompt="alive").choices[0].model_extra["token_ids"]
         subprocess.run(["kill", "-9", str(pid)], check=True)
         t0 = time.monotonic()
         with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):
@@ -74,8 +77,8 @@ def test_killed_worker_stops_the_server(server_process):
 def test_hung_worker_fails_the_group_after_the_timeout(server_process, monkeypatch):
     """A worker that stops answering (SIGSTOP: alive, silent) fails the collective at DLC_TP_TIMEOUT_S."""
     monkeypatch.setenv("DLC_TP_TIMEOUT_S", "5")
-    srv = server_process("tiny-llada", "--tensor-parallel-size", "2", "--max-seq-len", "64", "--gen-length", "8",
-                         "--block-length", "8", "--steps", "4")
+    srv = server_process("tiny-llada", "--tensor-parallel-size", "2", "--max-seq-len", "64", "--gen-length",
+                         "8", "--block-length", "8", "--steps", "4")
     pid = int(re.search(r"rank 1 pid (\d+)", srv.output()).group(1))
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -97,6 +100,6 @@ def test_tensor_parallel_size_is_validated():
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         ServeConfig(tensor_parallel_size=2, cuda_graphs=True)
     assert ServeConfig.from_dict({"model": "tiny-llada", "tensor_parallel_size": 2}).tensor_parallel_size == 2
-    r = subprocess.run([sys.executable, "-m", "dlc.cli", "serve", "tiny-llada", "--tp", "3"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "dlc.cli", "serve", "tiny-llada", "--tp", "3"],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "tensor_parallel_size 3" in r.stderr and "Traceback" not in r.stderr

@@ -1,6 +1,7 @@
-"""Quality gates across backends on dlc-tiny: compiled engines (export, onnx, aoti) decode the held-out set with
-completions identical to eager (the passes are exact), and head-sparse attention (the sparsify_heads pass,
-retention 0.5 and 0.25) stays within 2 points of exact decoding. Retention 1.0 vs dense: tests/tiny/test_eval_cli.py."""
+"""Quality gates across backends on dlc-tiny: compiled engines (export, onnx, aoti) decode the held-out set
+with completions identical to eager (the passes are exact), and head-sparse attention (the sparsify_heads
+pass, retention 0.5 and 0.25) stays within 2 points of exact decoding. Retention 1.0 vs dense:
+tests/tiny/test_eval_cli.py."""
 import dataclasses
 
 import pytest
@@ -21,7 +22,8 @@ SPARSE_GATES = {           # head-sparse gates: settings that run Reuse steps on
 @pytest.fixture(scope="module")
 def eager_results():
     session = BACKENDS["eager"]("dlc-tiny")
-    return {name: evaluate(session, make_config(**SETTINGS[name]), n=N, batch_size=N) for name in EXACT_SETTINGS}
+    return {name: evaluate(session, make_config(**SETTINGS[name]), n=N, batch_size=N)
+            for name in EXACT_SETTINGS}
 
 
 @pytest.fixture(scope="module")

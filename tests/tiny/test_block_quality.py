@@ -45,7 +45,8 @@ def test_exact_block_decoding_accuracy(results):
 
 
 def test_block_cache_equals_recomputation(results):
-    assert [c[1] for c in results("exact").completions] == [c[1] for c in results("exact, no cache").completions]
+    assert [c[1] for c in results("exact").completions] == [c[1]
+                                                            for c in results("exact, no cache").completions]
 
 
 def test_threshold_decoding_is_parallel_and_accurate(results):

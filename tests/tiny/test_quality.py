@@ -1,5 +1,5 @@
-"""Quality gates of dlc-tiny on the held-out set (docs/QUALITY.md): exact decoding, approximate decoders and KV
-caches against it, parallelism of threshold decoding, and exactness of refresh-every-step caches."""
+"""Quality gates of dlc-tiny on the held-out set (docs/QUALITY.md): exact decoding, approximate decoders and
+KV caches against it, parallelism of threshold decoding, and exactness of refresh-every-step caches."""
 import pytest
 import torch
 
@@ -57,14 +57,16 @@ def test_refresh_every_step_caches_are_token_identical(session, decoder):
     prompts = [encode_prompt(session, p) for p, _ in tasks.eval_set(48)]
     ref = generate(session.runner, prompts, make_config(decoder, kv_cache="none"))
     for kv, vic in [("prefix", 0), ("dual", 0), ("dual", 2)]:
-        res = generate(session.runner, prompts, make_config(decoder, kv_cache=kv, vicinity=vic, refresh_every=1))
+        res = generate(session.runner, prompts,
+                       make_config(decoder, kv_cache=kv, vicinity=vic, refresh_every=1))
         assert res.token_ids == ref.token_ids, (kv, vic)
         assert len(res.sequences) == len(ref.sequences)
         assert all(torch.equal(a, b) for a, b in zip(res.sequences, ref.sequences))
 
 
 def test_gates_can_fail_on_an_untrained_model():
-    """The checker is not trivially satisfied: random weights (byte tokenizer, same chat template) score ~0."""
+    """The checker is not trivially satisfied: random weights (byte tokenizer, same chat template)
+    score ~0."""
     rnd = open_model("tiny-llada", device="cpu", progress=False)
     assert evaluate(rnd, make_config(gen_length=8, block_length=4), n=24).accuracy < 0.2
 

@@ -1,4 +1,5 @@
-"""The bundled character tokenizer: a real HF tokenizer.json whose chat template works through encode_prompt."""
+"""The bundled character tokenizer: a real HF tokenizer.json whose chat template works through
+encode_prompt."""
 import json
 from pathlib import Path
 
@@ -8,8 +9,8 @@ from dlc.models.loading import read_config
 from dlc.models.presets import PRESETS
 from dlc.models.tokenizer import load_tokenizer
 from dlc.runtime.session import Session, decode_tokens, encode_prompt
-from dlc.tiny.tokenizer import (ALPHABET, EOS_ID, EOT_ID, MASK_ID, SPECIALS, UNK_ID, VOCAB_SIZE, build_tokenizer,
-                                decode_ids, encode_chat, encode_text)
+from dlc.tiny.tokenizer import (ALPHABET, EOS_ID, EOT_ID, MASK_ID, SPECIALS, UNK_ID, VOCAB_SIZE,
+                                build_tokenizer, decode_ids, encode_chat, encode_text)
 
 ASSET = Path(PRESETS["dlc-tiny"]["path"])
 
@@ -38,7 +39,8 @@ def test_one_token_per_character_round_trip(tok):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == encode_text(text) and len(ids) == len(text)
     assert tok.decode(ids) == text == decode_ids(ids)
-    assert tok("a\u00e9b", add_special_tokens=False)["input_ids"] == [encode_text("a")[0], UNK_ID, encode_text("b")[0]]
+    assert tok("a\u00e9b", add_special_tokens=False)["input_ids"] == [encode_text("a")[0], UNK_ID,
+                                                                      encode_text("b")[0]]
 
 
 def test_chat_template_through_encode_prompt(tok):

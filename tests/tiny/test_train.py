@@ -14,7 +14,8 @@ from dlc.tiny import tasks
 from dlc.tiny.tokenizer import EOS_ID, MASK_ID, encode_chat, encode_text
 from dlc.models.sparse_heads import gather_heads, head_scores, keep_columns
 from dlc.tiny import train as train_mod
-from dlc.tiny.train import diffusion_loss, make_batch, sparse_block, sparse_reuse_attention, tiny_config, train
+from dlc.tiny.train import (diffusion_loss, make_batch, sparse_block, sparse_reuse_attention, tiny_config,
+                            train)
 
 ATOL = 1e-5
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64)
@@ -28,7 +29,8 @@ def test_make_batch_left_pads_like_the_decoding_loop():
     for i, (p, a) in enumerate(PAIRS):
         prompt = encode_chat(p)
         assert ids[i, P - len(prompt):P].tolist() == prompt
-        assert ids[i, P:].tolist() == encode_text(a) + [EOS_ID] * (8 - len(a))    # answer, then EOS to the end
+        # answer, then EOS to the end
+        assert ids[i, P:].tolist() == encode_text(a) + [EOS_ID] * (8 - len(a))
         assert key_mask[i].tolist() == [False] * (P - len(prompt)) + [True] * (len(prompt) + 8)
         assert pos[i, P - len(prompt):].tolist() == list(range(len(prompt) + 8))
     assert resp[:, P:].all() and not resp[:, :P].any()
@@ -110,13 +112,15 @@ def _qkv_gqa(B=3, H=4, Hkv=2, L=14, D=8, seed=0):
 
 @pytest.mark.parametrize("retention", [0.25, 0.5])
 def test_sparse_training_attention_is_the_reuse_steps_attention(retention):
-    """Block rows see what the compiled Reuse step attends to (the pass's score, keep_columns, gather_heads + SDPA);
-    every other row attends densely."""
+    """Block rows see what the compiled Reuse step attends to (the pass's score, keep_columns, gather_heads +
+    SDPA); every other row attends densely."""
     q, k, v, key_mask, block = _qkv_gqa()
     group = q.shape[1] // k.shape[1]
-    ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)        # as self_attention passes them
+    # as self_attention passes them
+    ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     attn_mask = key_mask[:, None, None, :]
-    got = sparse_reuse_attention(block, retention, k.shape[1])(q, ke, ve, attn_mask=attn_mask)   # [B, H, L, D]
+    # [B, H, L, D]
+    got = sparse_reuse_attention(block, retention, k.shape[1])(q, ke, ve, attn_mask=attn_mask)
     keep = keep_columns(head_scores(q, k, v, key_mask, block, group), block, retention)
     assert keep.shape[-1] == 4 + math.ceil(retention * 10) < 14
     ks, vs, mask = gather_heads(k, v, key_mask, keep, group)
@@ -134,7 +138,8 @@ def test_sparse_training_attention_at_retention_one_is_dense():
     ke, ve = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     attn_mask = key_mask[:, None, None, :]
     got = sparse_reuse_attention(block, 1.0, 2)(q, ke, ve, attn_mask=attn_mask)
-    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, ke, ve, attn_mask=attn_mask), atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, ke, ve, attn_mask=attn_mask), atol=ATOL,
+                               rtol=0)
 
 
 def test_attention_override_routes_the_model_and_restores():
@@ -175,7 +180,8 @@ def test_sparse_aware_batches_train_through_the_sparse_attention(tmp_path, monke
     monkeypatch.setattr(train_mod, "sparse_reuse_attention", counting)
     kw = dict(steps=4, batch=8, eval_every=0, eval_n=4, log=lambda s: None, **SMALL)
     train(str(tmp_path / "s"), seed=3, sparse_aware=1.0, **kw)
-    assert len(seen) == 4 and all(train_mod.SPARSE_RETENTION[0] <= r <= train_mod.SPARSE_RETENTION[1] for r in seen)
+    assert len(seen) == 4 and all(train_mod.SPARSE_RETENTION[0] <= r <= train_mod.SPARSE_RETENTION[1]
+                                  for r in seen)
     seen.clear()
     train(str(tmp_path / "d"), seed=3, sparse_aware=0.0, **kw)
     assert seen == []
