@@ -156,7 +156,8 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             st["bl"], st["blb"] = torch.where(take, cl, st["bl"]), torch.where(take, clb, st["blb"])
             rl = l64.gather(-1, ri)[..., 0]
             rtake = rl > st["r1l"]
-            st["r1"], st["r1l"] = torch.where(rtake, ri[..., 0] + c0, st["r1"]), torch.where(rtake, rl, st["r1l"])
+            st["r1"] = torch.where(rtake, ri[..., 0] + c0, st["r1"])
+            st["r1l"] = torch.where(rtake, rl, st["r1l"])
             nm = torch.maximum(st["m"], cm)
             f_old, f_new = torch.exp(st["m"] - nm), torch.exp(cm - nm)
             st["s"], st["a"], st["m"] = st["s"] * f_old + csum * f_new, st["a"] * f_old + cdot * f_new, nm
@@ -225,8 +226,8 @@ def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
     return (un + cfg_w * (cond - un)).to(acc)
 
 
-def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy, credit,
-                 soft, filters, filtered_conf, acc):
+def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
+                 credit, soft, filters, filtered_conf, acc):
     """Sampling filters need a row's every logit: the chunked extras for all rows, then per sequence its
     [N, V] logits at once and the filtered Gumbel-max over its fused logits."""
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0, seeds, vocab=vocab, chunk=chunk, topk=topk,

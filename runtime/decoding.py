@@ -26,17 +26,18 @@ Rules (LLaDA's ``generate.py`` and Fast-dLLM; REFERENCE.md section 2):
   Threshold and factor
   never accept a prediction equal to the mask id (dInfer); a row whose every masked position predicts it is
   stuck and its block ends (at T = 0 it would repeat forever);
-* the field's parallel decoders (checked against dInfer's public ``parallel_strategy.py`` / ``generate_uniform.py``
-  at fce4e32 and the EB-sampler paper, arXiv 2505.24857): ``hierarchical`` (``low_threshold``: each contiguous
-  run's best above it, plus all above ``threshold``, at least one), ``entropy_bound`` (ascending entropy, the
-  largest prefix with sum H - max H <= gamma), ``credit`` (a per-block credit on each position's top-1 ids,
-  decayed 0.8 a step, fused into the logits as 0.7 log(1 + credit) before any rule selects; the runner applies
-  it, the state keeps it), ``smoothing`` (the still-masked block inputs take E[mask] + w softmax(l) @ W_e of the
-  previous step, w = min(0.15 + 0.02 i, 0.3), i = the sequence's forwards so far). Deviations from dInfer:
-  smoothing acts inside the current block only (dInfer's no-cache and Refresh forwards also smooth the masked
-  positions after it) and without IterSmooth's threshold decay; hierarchical runs are split by positions that
-  predict the mask id (no rule accepts it); credit selects with the request's own rule (dInfer pairs it with
-  its threshold decoder, which also accepts positions within 1e-5 of the best one) and in float64;
+* the field's parallel decoders (checked against dInfer's public ``parallel_strategy.py`` /
+  ``generate_uniform.py`` at fce4e32 and the EB-sampler paper, arXiv 2505.24857): ``hierarchical``
+  (``low_threshold``: each contiguous run's best above it, plus all above ``threshold``, at least one),
+  ``entropy_bound`` (ascending entropy, the largest prefix with sum H - max H <= gamma), ``credit`` (a
+  per-block credit on each position's top-1 ids, decayed 0.8 a step, fused into the logits as 0.7 log(1 +
+  credit) before any rule selects; the runner applies it, the state keeps it), ``smoothing`` (the still-masked
+  block inputs take E[mask] + w softmax(l) @ W_e of the previous step, w = min(0.15 + 0.02 i, 0.3), i = the
+  sequence's forwards so far). Deviations from dInfer: smoothing acts inside the current block only (dInfer's
+  no-cache and Refresh forwards also smooth the masked positions after it) and without IterSmooth's threshold
+  decay; hierarchical runs are split by positions that predict the mask id (no rule accepts it); credit
+  selects with the request's own rule (dInfer pairs it with its threshold decoder, which also accepts
+  positions within 1e-5 of the best one) and in float64;
 * sampling filters ``top_k`` / ``top_p`` / ``min_p`` at T > 0 (runner side: dlc.kernels.sampling) and
   ``logprobs`` (each token's logprob and top alternatives at the step that unmasked it: ``token_logprobs``);
 * ``remasking``: ``low_confidence`` scores a candidate by its softmax probability (from the runner),
@@ -56,11 +57,11 @@ LLaDA2.0's ``modeling_llada2_moe.generate``, JetAstra/SDAR ``generate.py`` and S
   gen_length is decoded and dropped; attention is block-causal (``attn_block``, the runner's ``block_size``);
 * ``llada2``: ``steps_per_block`` steps per block with the schedule ``num_transfer_tokens(block_length,
   min(steps_per_block, gen_length))`` (not rescaled for a first block that is part prompt; steps beyond
-  block_length are clamped to it, where the reference would spend forwards on steps of count 0); ``threshold``:
-  every mask whose confidence is strictly above it if at least the step's scheduled count pass, else the
-  scheduled count by confidence (``BlockThresholdRule``); no threshold: that count by confidence (the static
-  low-confidence schedule, ``ScheduleRule``). Predictions equal to the mask id are committed like any other
-  (the references do; the position stays masked);
+  block_length are clamped to it, where the reference would spend forwards on steps of count 0);
+  ``threshold``: every mask whose confidence is strictly above it if at least the step's scheduled count pass,
+  else the scheduled count by confidence (``BlockThresholdRule``); no threshold: that count by confidence (the
+  static low-confidence schedule, ``ScheduleRule``). Predictions equal to the mask id are committed like any
+  other (the references do; the position stays masked);
 * ``llada2.1``: ``JointThresholdRule``: masks above ``threshold`` (at least ``tokens_per_step`` by confidence)
   plus token-to-token edits of already-decoded, non-prompt positions of the block whose prediction differs
   with confidence above ``edit_threshold``; once the block has no mask, up to ``max_post_edit_steps`` more
@@ -166,10 +167,12 @@ class GenerationConfig:
     stop_at_eos: bool = False
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()     # the request's stop ids beside the model's (with stop_at_eos)
-    low_threshold: float | None = None       # hierarchical decoding (with ``threshold`` as the high threshold)
+    # hierarchical decoding (with ``threshold`` as the high threshold)
+    low_threshold: float | None = None
     entropy_bound: float | None = None       # entropy-bounded decoding (EB-sampler's gamma)
     credit: bool = False                     # credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)
-    smoothing: bool = False                  # iteration smoothing (dInfer: w 0.15 + 0.02 i, at most 0.3; tau 1)
+    # iteration smoothing (dInfer: w 0.15 + 0.02 i, at most 0.3; tau 1)
+    smoothing: bool = False
     top_k: int = 0                           # sampling filters at T > 0 (0 / 1.0 / 0.0: off)
     top_p: float = 1.0
     min_p: float = 0.0
@@ -194,8 +197,8 @@ class GenerationConfig:
         return self.decoder in BLOCK_DECODERS
 
     def for_model(self, model_config) -> "GenerationConfig":
-        """This config with ``decoder`` resolved for the model (block-diffusion models: llada2; others: llada),
-        validated again; refuses a decoder the model cannot run (FieldError on ``decoder``)."""
+        """This config with ``decoder`` resolved for the model (block-diffusion models: llada2; others:
+        llada), validated again; refuses a decoder the model cannot run (FieldError on ``decoder``)."""
         block = bool(getattr(model_config, "block_diffusion", False))
         dec = self.decoder or ("llada2" if block else "llada")
         if block != (dec in BLOCK_DECODERS):
@@ -257,13 +260,15 @@ class GenerationConfig:
                 raise FieldError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.smoothing and self.cfg_scale > 0:
             raise FieldError("smoothing", "iteration smoothing does not combine with cfg_scale > 0")
-        self.rule()                                # validates threshold / factor / low_threshold / entropy_bound
+        # validates threshold / factor / low_threshold / entropy_bound
+        self.rule()
 
     def rule(self):
         return make_rule(self.threshold, self.factor, self.low_threshold, self.entropy_bound, self)
 
     def filters(self) -> tuple[int, float, float] | None:
-        """(top_k, top_p, min_p), or None when every filter is off (or at T = 0, where none changes a token)."""
+        """(top_k, top_p, min_p), or None when every filter is off (or at T = 0, where none changes a
+        token)."""
         if self.temperature == 0 or (self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0):
             return None
         return self.top_k, self.top_p, self.min_p
@@ -320,10 +325,10 @@ class ScheduleRule:
         return sel & masked
 
     def select_batched(self, conf, masked, n_sched):
-        """``select`` without host syncs (``n_sched`` a device tensor): the commit a runner makes on the device
-        when it runs steps ahead of the host (``commit_ahead``). Ties may break unlike torch.topk; the host
-        checks every such commit against ``select`` (``DecodeState.apply``'s result) and drops what follows a
-        disagreement."""
+        """``select`` without host syncs (``n_sched`` a device tensor): the commit a runner makes on the
+        device when it runs steps ahead of the host (``commit_ahead``). Ties may break unlike torch.topk; the
+        host checks every such commit against ``select`` (``DecodeState.apply``'s result) and drops what
+        follows a disagreement."""
         return _topk_mask(conf, n_sched) & masked
 
 
@@ -481,8 +486,8 @@ DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold
 
 def make_rule(threshold: float | None = None, factor: float | None = None, low_threshold: float | None = None,
               entropy_bound: float | None = None, gen: "GenerationConfig | None" = None):
-    """The rule of a config: LLaDA's (schedule / threshold / factor / hierarchical / entropy-bounded) or, for a
-    block decoder in ``gen``, LLaDA2's (block threshold / schedule) or LLaDA2.1's (joint threshold)."""
+    """The rule of a config: LLaDA's (schedule / threshold / factor / hierarchical / entropy-bounded) or, for
+    a block decoder in ``gen``, LLaDA2's (block threshold / schedule) or LLaDA2.1's (joint threshold)."""
     if gen is not None and gen.decoder == "llada2.1":
         q_thr, q_edit = LLADA21_MODES["quality"]
         return JointThresholdRule(q_thr if gen.threshold is None else gen.threshold,
@@ -499,7 +504,8 @@ def make_rule(threshold: float | None = None, factor: float | None = None, low_t
         return EntropyBoundRule(entropy_bound)
     if low_threshold is not None:
         if factor is not None:
-            raise FieldError("low_threshold", "hierarchical decoding (low_threshold) does not combine with factor")
+            raise FieldError("low_threshold",
+                             "hierarchical decoding (low_threshold) does not combine with factor")
         return HierarchicalRule(low_threshold, threshold)
     if threshold is not None:
         return ThresholdRule(threshold)
@@ -561,14 +567,17 @@ class DecodeState:
     emitted: int = 0                         # generated columns already returned as final
     forwards: int = 0                        # forwards this sequence took part in
     credit: tuple | None = None              # credit decoding: (ids [K, M], vals [K, M]) of the block so far
-    soft: torch.Tensor | None = None         # smoothing: [K, d] soft embedding of the block from the last step
+    # smoothing: [K, d] soft embedding of the block from the last step
+    soft: torch.Tensor | None = None
     soft_w: float = 0.0                      # ... and its weight
     iters: int = 0                           # forwards applied, restored by restart_block (smoothing weight)
     iters0: int = 0                          # ... at the current block start
     token_logprobs: list | None = None       # logprobs: per generated column (logprob, ids, logprobs) or None
-    attn_block: int = 0                      # block-causal attention with blocks of this size (0: bidirectional)
+    # block-causal attention with blocks of this size (0: bidirectional)
+    attn_block: int = 0
     kv_upto: int = 0                         # block cache: K/V of columns [0, kv_upto) are exact in the slot
-    settled: bool = False                    # block decoders: the current block is finished (edits, early stop)
+    # block decoders: the current block is finished (edits, early stop)
+    settled: bool = False
     post_edits: int = 0                      # llada2.1: steps of the current block that found no mask
 
     @classmethod
@@ -711,9 +720,9 @@ class DecodeState:
     def lookahead(self, cap: int) -> list[int]:
         """The schedule's counts of the next forwards (this one first) while up to ``cap`` of them are Reuse
         steps whose only input from the host would be the previous step's commit: fixed schedule, T = 0,
-        low-confidence, no decoding extras, no guidance, no mid-block stop. A runner may run them back to back,
-        committing on the device (``commit_ahead``); the host then applies each step's outputs in order and
-        checks the device's block after each commit against its own. [] when the next step is not one."""
+        low-confidence, no decoding extras, no guidance, no mid-block stop. A runner may run them back to
+        back, committing on the device (``commit_ahead``); the host then applies each step's outputs in order
+        and checks the device's block after each commit against its own. [] when the next step is not one."""
         g = self.gen
         if (cap < 2 or self.phase != "reuse" or type(self.rule) is not ScheduleRule or g.temperature > 0
                 or g.remasking != "low_confidence" or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0
@@ -834,7 +843,8 @@ class DecodeState:
         self.be = min(self.L, self.bs + width)
         w = self.be - self.bs
         self.settled, self.post_edits = False, 0
-        if self.attn_block:                          # LLaDA2: the schedule of a whole block, whatever is masked
+        # LLaDA2: the schedule of a whole block, whatever is masked
+        if self.attn_block:
             n = min(g.steps_per_block or g.block_length, g.block_length, g.gen_length)
             self.sched = num_transfer_tokens(torch.tensor([g.block_length]), n)[0]
             self.step, self.stuck = 0, False
@@ -853,7 +863,8 @@ class DecodeState:
     def _end_block(self) -> list[int]:
         """Close the current block; returns the generated tokens it finalised
         (cut before the first stop id)."""
-        P, be, stop = self.P, self.be, self.gen.stop_at_eos or bool(self.attn_block)   # references always stop
+        # references always stop
+        P, be, stop = self.P, self.be, self.gen.stop_at_eos or bool(self.attn_block)
         if stop:
             hit = torch.isin(self.x[P:be], torch.tensor(self.stop_ids, dtype=torch.long)).nonzero()
             if hit.numel():

@@ -5,8 +5,8 @@ there is exactly this: ``make_batch`` turns the states of one group (same phase,
 temperature and guidance: ``DecodeState.group_key``) and their KV pool rows into a ``StepBatch``; a runner's
 ``full`` / ``refresh`` / ``reuse`` takes it and returns (x0 [B, N] int64, conf [B, N] float64) for the decoded
 columns, or a ``StepOutput`` (runtime/step_output.py) with the extras a batch declares it wants (entropy,
-logprobs, sampling filters, credit, smoothing: the fields after ``keep_idx``); ``run_batch`` copies them back to
-the host once. Every runner (eager, CUDA graph, compiled engine)
+logprobs, sampling filters, credit, smoothing: the fields after ``keep_idx``); ``run_batch`` copies them back
+to the host once. Every runner (eager, CUDA graph, compiled engine)
 implements the protocol over the same batch and nothing travels beside it.
 
 Layout (one for the whole runtime): row b's tokens sit at columns [0, L_b), right-padded with the mask id to
@@ -56,7 +56,7 @@ class StepBatch:
                                         # blocks of this many columns aligned to column 0 (``block_key_mask``)
     tempered_conf: bool = False         # confidence = probability under softmax(logits / T) (LLaDA2, SDAR)
                                         # instead of LLaDA's untempered softmax; tokens are the same
-    # -- decoding extras (declared; a runner honours them or raises). Defaults: a plain (x0, conf) step. -------
+    # -- decoding extras (declared; a runner honours them or raises). Defaults: a plain (x0, conf) step. -----
     entropy: bool = False                  # return StepOutput.entropy (entropy-bounded rule)
     logprobs: int | None = None            # return the token's logprob and k top alternatives (None: off)
     top_k: torch.Tensor | None = None      # [B] int64 sampling filters at T > 0 (0 / 1.0 / 0.0: off), device
@@ -191,8 +191,9 @@ def is_mixed_iteration(phases) -> bool:
 
 def check_runner(runner) -> None:
     if not isinstance(runner, PhaseRunner):
-        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, sparse_retention, "
-                        f"max_seq_len, max_batch_size, full/refresh/reuse over a StepBatch)")
+        raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, "
+                        "sparse_retention, max_seq_len, max_batch_size, "
+                        "full/refresh/reuse over a StepBatch)")
 
 
 def block_key_mask(key_mask: torch.Tensor, qpos: torch.Tensor, block: int) -> torch.Tensor:
@@ -241,9 +242,10 @@ def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] |
         raise ValueError("make_batch: the states must share one group key (phase, widths, sampling)")
     if seeds is None:
         seeds = draw_seeds(states)
-    batch = build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states], [s.bs for s in states],
-                        s0.be - s0.bs, [s.q_span() for s in states] if s0.phase == "reuse" else None,
-                        slots, pool, s0.gen.temperature, s0.gen.cfg_scale, seeds, block_size=s0.attn_block,
+    batch = build_batch(runner, s0.phase, [s.x for s in states], [s.P for s in states],
+                        [s.bs for s in states], s0.be - s0.bs,
+                        [s.q_span() for s in states] if s0.phase == "reuse" else None, slots, pool,
+                        s0.gen.temperature, s0.gen.cfg_scale, seeds, block_size=s0.attn_block,
                         tempered_conf=s0.gen.block_decoding)
     _add_extras(batch, states, runner.device)
     return batch
@@ -271,7 +273,8 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
             if n["credit"] is not None:
                 ci, cv, a = n["credit"]
                 ids[i, :, :ci.shape[1]], vals[i, :, :cv.shape[1]], alpha[i] = ci, cv, a
-        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (_to_device(ids, dev), _to_device(vals, dev),
+        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (_to_device(ids, dev),
+                                                                   _to_device(vals, dev),
                                                                    _to_device(alpha, dev))
     taus = [n["soft"][0] for n in needs if n["soft"] is not None]
     if taus:
@@ -292,7 +295,8 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
                 n_out: int, spans: list[tuple[int, int]] | None = None,
                 slots: list[tuple[int, ...]] | None = None,
                 pool=None, temperature: float = 0.0, cfg_scale: float = 0.0,
-                seeds: list[int] | None = None, block_size: int = 0, tempered_conf: bool = False) -> StepBatch:
+                seeds: list[int] | None = None, block_size: int = 0,
+                tempered_conf: bool = False) -> StepBatch:
     """The StepBatch of token states ``seqs`` (host [L_i] each):
     decode columns [out_start_i, + n_out); a Reuse
     step feeds ``spans`` (qa, qb) per row. ``make_batch`` calls this from decoding states; tests call it
@@ -367,14 +371,14 @@ def run_batch(runner, batch: StepBatch) -> StepOutput:
 
 
 def run_mixed(runner, batch: MixedBatch) -> list[StepOutput]:
-    """One forward for every part (``runner.mixed``) -> one StepOutput per part on the host; a runner that does
-    not mix (``supports_mixed``) gets one call per part instead."""
+    """One forward for every part (``runner.mixed``) -> one StepOutput per part on the host; a runner that
+    does not mix (``supports_mixed``) gets one call per part instead."""
     if not supports_mixed(runner):
         return [run_batch(runner, b) for b in batch.parts]
     res = runner.mixed(batch)
     if len(res) != len(batch.parts):
-        raise RuntimeError(f"{type(runner).__name__}.mixed returned {len(res)} results for {len(batch.parts)} "
-                           f"parts")
+        raise RuntimeError(f"{type(runner).__name__}.mixed returned {len(res)} results for "
+                           f"{len(batch.parts)} parts")
     return [_checked(runner, "mixed", b, r) for b, r in zip(batch.parts, res)]
 
 
@@ -390,7 +394,8 @@ def _checked(runner, call: str, batch: StepBatch, res) -> StepOutput:
         raise RuntimeError(f"{name} returned x0 {tuple(res.x0.shape)}, expected "
                            f"{(batch.n_seqs, batch.n_out)}")
     missing = [k for k, on in (("entropy", batch.entropy), ("logprob", batch.logprobs is not None),
-                               ("top1_ids", batch.credit_ids is not None), ("soft", batch.soft_tau is not None))
+                               ("top1_ids", batch.credit_ids is not None),
+                               ("soft", batch.soft_tau is not None))
                if on and getattr(res, k) is None]
     if missing:
         raise RuntimeError(f"{name} did not return {missing}")
@@ -400,8 +405,8 @@ def _checked(runner, call: str, batch: StepBatch, res) -> StepOutput:
 def group_states(states: list[DecodeState], max_batch: int | None = None,
                  split_extras: bool = False) -> list[list[int]]:
     """Indices of the states, grouped by their group key (one runner call each, at most ``max_batch`` states),
-    in first-seen order. ``split_extras``: states that need decoding extras form their own groups (the CUDA-graph
-    runner replays the others instead of running the whole group eagerly)."""
+    in first-seen order. ``split_extras``: states that need decoding extras form their own groups (the
+    CUDA-graph runner replays the others instead of running the whole group eagerly)."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(states):
         key = s.group_key() + ((_wants_extras(s),) if split_extras else ())
@@ -412,5 +417,6 @@ def group_states(states: list[DecodeState], max_batch: int | None = None,
 
 def _wants_extras(s: DecodeState) -> bool:
     n = s.needs()
-    return bool(n["entropy"] or n["logprobs"] is not None or n["filters"] is not None or n["credit"] is not None
+    return bool(n["entropy"] or n["logprobs"] is not None or n["filters"] is not None
+                or n["credit"] is not None
                 or n["soft"] is not None)

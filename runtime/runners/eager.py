@@ -60,9 +60,10 @@ class EagerRunner:
         """rows [fed, N, d] hidden rows of the decoded columns -> (x0 [B, N], conf [B, N] float64), or a
         StepOutput with the extras the batch asks for.
         ``tempered_conf`` (LLaDA2, SDAR) at T > 0: the rows are scaled by 1 / T and decoded at temperature 1
-        (logits are linear in the rows): the same Gumbel-max draw (tokens equal up to rounding), and every output
-        under softmax(logits / T): the confidence, as LLaDA2's and SDAR's samplers report it, and with sampling
-        filters the probability renormalised over the filters' survivors (their top-k / top-p samplers)."""
+        (logits are linear in the rows): the same Gumbel-max draw (tokens equal up to rounding), and every
+        output under softmax(logits / T): the confidence, as LLaDA2's and SDAR's samplers report it, and with
+        sampling filters the probability renormalised over the filters' survivors (their top-k / top-p
+        samplers)."""
         if batch.wants_extras():
             temperature = batch.temperature
             if batch.tempered_conf and temperature > 0:
@@ -81,7 +82,8 @@ class EagerRunner:
     def inputs(self, batch: StepBatch) -> RaggedPart:
         """The model inputs of the batch's forward: every column (full, refresh: start 0) or the fed span
         (reuse: from q_start, its K/V written in place), keys padded to the cache's length. A Refresh attends
-        over its width only (``KVCache.narrow``), without a mask when no row is padded (SDPA's flash kernel)."""
+        over its width only (``KVCache.narrow``), without a mask when no row is padded (SDPA's flash
+        kernel)."""
         c = batch.cache
         if batch.phase == "refresh":                # keys [0, W): the sequences, not the whole slot
             c = c.narrow(batch.width)
@@ -89,8 +91,10 @@ class EagerRunner:
         if batch.phase != "reuse":
             unpadded = (batch.phase == "refresh" and c.seq_len == batch.width and not batch.block_size
                         and bool((batch.lengths == batch.width).all()))
-            return RaggedPart(batch.ids, batch.pos, None if unpadded else attention_keys(batch, keys, batch.pos),
-                              c, 0, embed_add(batch, batch.width, 0, self.dtype))   # no padding: no mask
+            # no padding: no mask
+            return RaggedPart(batch.ids, batch.pos,
+                              None if unpadded else attention_keys(batch, keys, batch.pos), c, 0,
+                              embed_add(batch, batch.width, 0, self.dtype))
         qs, T = batch.q_start_dev, batch.n_fed
         pos = take_cols(batch.pos, qs, T)                                          # [fed, T]
         return RaggedPart(take_cols(batch.ids, qs, T), pos, attention_keys(batch, keys, pos), c, qs,
@@ -157,13 +161,14 @@ def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chun
     temp = batch.temperature if temperature is None else temperature
     return decode_rows_ext(rows, model.head_weight(), batch.cond_rows, batch.un_rows,
                            batch.cfg_weight(rows.dtype), temp, batch.seeds, vocab=vocab, chunk=chunk,
-                           topk=batch.logprobs or 0, logprobs=batch.logprobs is not None, entropy=batch.entropy,
-                           credit=credit, soft=soft, filters=filters, filtered_conf=filtered_conf)
+                           topk=batch.logprobs or 0, logprobs=batch.logprobs is not None,
+                           entropy=batch.entropy, credit=credit, soft=soft, filters=filters,
+                           filtered_conf=filtered_conf)
 
 
 def embed_add(batch: StepBatch, T: int, start, dtype) -> torch.Tensor | None:
-    """Smoothing's soft inputs as an embedding delta [fed, T, d] over the fed columns (fed from ``start``: 0 or
-    q_start [fed]): ``embed_delta`` lands on the decoded columns [out_start, + N), zeros elsewhere."""
+    """Smoothing's soft inputs as an embedding delta [fed, T, d] over the fed columns (fed from ``start``: 0
+    or q_start [fed]): ``embed_delta`` lands on the decoded columns [out_start, + N), zeros elsewhere."""
     d = batch.embed_delta
     if d is None:
         return None

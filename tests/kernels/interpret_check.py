@@ -28,7 +28,8 @@ def main():
             assert (tok == rt).float().mean() >= 0.9, (dt, T, tok, rt)
             same = tok == rt
             assert rel(conf[same], rc[same]) < REL[dt], (dt, T)
-        keys = L.row_key(torch.tensor([3, 9]).repeat_interleave(10), torch.arange(10).repeat(2))   # 2 requests
+        # 2 requests
+        keys = L.row_key(torch.tensor([3, 9]).repeat_interleave(10), torch.arange(10).repeat(2))
         for T in (0.0, 0.9):                                  # graph form: tensor temperature, per-row keys
             tt = torch.tensor([T], dtype=torch.float64)
             tok, conf = L.select_logits_triton(h, w, temperature_t=tt, row_keys=keys, BN=16, BV=32, BD=16)

@@ -52,7 +52,8 @@ def test_ops_survive_export_with_functional_decomposition():
 
 @pytest.mark.slow
 def test_exported_ops_lower_into_aotinductor(tmp_path):
-    """AOTInductor compiles the exported step (CPU: the ops' reference bodies) and the package runs like eager."""
+    """AOTInductor compiles the exported step (CPU: the ops' reference bodies) and the package runs like
+    eager."""
     m = _Step()
     args = _inputs()
     ep = torch.export.export(m, tuple(a.clone() for a in args))

@@ -1,7 +1,8 @@
-"""Triton kernels on a CUDA GPU against the references (bf16, LLaDA-like widths), fresh random inputs each run.
+"""Triton kernels on a CUDA GPU against the references (bf16, LLaDA-like widths), fresh random inputs each
+run.
 
-Outputs are poisoned first: the caching allocator's free blocks are filled with NaN, so a kernel that leaves an
-output element unwritten returns NaN and fails; cache writes land in NaN-filled caches."""
+Outputs are poisoned first: the caching allocator's free blocks are filled with NaN, so a kernel that leaves
+an output element unwritten returns NaN and fails; cache writes land in NaN-filled caches."""
 import math
 
 import pytest
@@ -21,7 +22,8 @@ TOKEN_AGREE = 0.99        # argmax may flip only on near-ties under a different 
 def _poison_allocator(nbytes=1 << 30):
     torch.cuda.synchronize()
     junk = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    del junk                                                          # NaN-filled block goes back to the cache
+    # NaN-filled block goes back to the cache
+    del junk
 
 
 def _rel(a, b):
@@ -84,7 +86,8 @@ def test_sparse_attention_triton_vs_reference(B, H, Hkv, T, S, n, D):
     dev = "cuda"
     q = torch.randn(B, H, T, D, device=dev).bfloat16()
     k, v = torch.randn(B, Hkv, S, D, device=dev).bfloat16(), torch.randn(B, Hkv, S, D, device=dev).bfloat16()
-    kb, vb = torch.randn(B, Hkv, T, D, device=dev).bfloat16(), torch.randn(B, Hkv, T, D, device=dev).bfloat16()
+    kb, vb = torch.randn(B, Hkv, T, D, device=dev).bfloat16(), torch.randn(B, Hkv, T, D,
+                                                                           device=dev).bfloat16()
     idx = torch.rand(B, Hkv, S, device=dev).argsort(-1)[..., :n].contiguous()
     idx[0, 0, :5] = -1
     f32 = [t.float() for t in (q, k, v, kb, vb)]
@@ -100,7 +103,8 @@ def test_kv_write_triton_per_row_into_poisoned_pool():
     dev = "cuda"
     pool_k = torch.full((6, 32, 768, 128), float("nan"), device=dev, dtype=torch.bfloat16)
     pool_v = torch.full_like(pool_k, float("nan"))
-    kn, vn = torch.randn(3, 32, 32, 128, device=dev).bfloat16(), torch.randn(3, 32, 32, 128, device=dev).bfloat16()
+    kn, vn = torch.randn(3, 32, 32, 128, device=dev).bfloat16(), torch.randn(3, 32, 32, 128,
+                                                                             device=dev).bfloat16()
     start = torch.randint(0, 768 - 32, (3,), device=dev)
     rows = torch.randperm(6, device=dev)[:3]
     K.kv_write_(pool_k, pool_v, kn, vn, start, rows)

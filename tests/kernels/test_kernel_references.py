@@ -24,7 +24,7 @@ def _gap_ok(logits64: torch.Tensor, margin: float = 1e-4) -> torch.Tensor:
     return (top[:, 0] - top[:, 1]) > margin
 
 
-# ------------------------------------------------------------------------------------------- fused select logits
+# ---------------------------------------------------------------------------------------- fused select logits
 @pytest.mark.parametrize("N,d,V,chunk", [(7, 24, 1000, 128), (1, 16, 77, 10), (33, 8, 300, 300)])
 def test_select_logits_argmax_and_confidence(N, d, V, chunk):
     h, w = _rand(N, d), _rand(V, d)
@@ -70,11 +70,13 @@ def test_hash_noise_is_seeded_uniform_and_samples_the_softmax():
 @pytest.mark.parametrize("T", [0.0, 0.8])
 def test_select_logits_graph_form_equals_one_call_per_request(T):
     """Tensor temperature + per-row keys (the compiled graphs' form) over a flattened batch of requests draws
-    exactly what one scalar-form call per request with that request's seed draws; T = 0 is the plain argmax."""
+    exactly what one scalar-form call per request with that request's seed draws; T = 0 is the plain
+    argmax."""
     h, w = _rand(3 * 6, 16), _rand(400, 16)
     seeds = torch.tensor([2 ** 40 + 7, 5, 123456789])
     keys = L.row_key(seeds.repeat_interleave(6), torch.arange(6).repeat(3))
-    tok, conf = K.fused_select_logits(h, w, temperature_t=torch.tensor([T], dtype=torch.float64), row_keys=keys)
+    tok, conf = K.fused_select_logits(h, w, temperature_t=torch.tensor([T], dtype=torch.float64),
+                                      row_keys=keys)
     per = [K.fused_select_logits(h[6 * i:6 * (i + 1)], w, T, int(seeds[i])) for i in range(3)]
     assert torch.equal(tok, torch.cat([p[0] for p in per]))
     # One [18, d] @ [d, V] GEMM vs three [6, d] ones: BLAS may block the d-sum differently per shape,
@@ -171,7 +173,8 @@ def _attn_math(q, k_all, v_all, keep):
 
 
 def _attn_inputs(B=2, H=4, Hkv=2, T=5, S=19, D=8):
-    return (_rand(B, H, T, D), _rand(B, Hkv, S, D), _rand(B, Hkv, S, D), _rand(B, Hkv, T, D), _rand(B, Hkv, T, D))
+    return (_rand(B, H, T, D), _rand(B, Hkv, S, D), _rand(B, Hkv, S, D), _rand(B, Hkv, T, D),
+            _rand(B, Hkv, T, D))
 
 
 def test_sparse_attention_per_head_indices_gqa():

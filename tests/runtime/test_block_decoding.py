@@ -1,14 +1,14 @@
-"""Block-diffusion decoding (LLaDA2.0 / LLaDA2.1 / SDAR) in the one decoding core, against in-test transcriptions of
-the public reference loops, token for token:
+"""Block-diffusion decoding (LLaDA2.0 / LLaDA2.1 / SDAR) in the one decoding core, against in-test
+transcriptions of the public reference loops, token for token:
 
 * LLaDA2.0: ``LLaDA2MoeModelLM.generate`` of the release's modeling_llada2_moe.py (canvas rounded up to whole
   blocks, blocks aligned to column 0, a forward over everything up to the current block end each step, the
   threshold rule with the schedule's minimum, eos early stop, stop after the block holding an eos);
-* SDAR: ``block_diffusion_generate`` of github JetAstra/SDAR generate.py (prefill of the prompt's complete blocks
-  into a KV cache, denoising forwards over the block against it, one extra forward storing the finished block),
-  greedy as argmax with the full-vocabulary probability as confidence;
-* LLaDA2.1: SGLang's ``JointThreshold`` (mask-to-token + token-to-token edits, post-edit steps) inside the same
-  block loop.
+* SDAR: ``block_diffusion_generate`` of github JetAstra/SDAR generate.py (prefill of the prompt's complete
+  blocks into a KV cache, denoising forwards over the block against it, one extra forward storing the finished
+  block), greedy as argmax with the full-vocabulary probability as confidence;
+* LLaDA2.1: SGLang's ``JointThreshold`` (mask-to-token + token-to-token edits, post-edit steps) inside the
+  same block loop.
 
 The transcriptions run the dlc model's own forward (its numerics against the modeling code are tested in
 tests/models/test_block_numerics.py) with the references' masks and caches; dlc runs through generate() / the
@@ -69,7 +69,7 @@ def _schedule(block_length, steps):
     return n
 
 
-# --------------------------------------------------------------------------------------- reference transcriptions
+# ----------------------------------------------------------------------------------- reference transcriptions
 def ref_llada2(model, prompt, gen_length, block_length, steps, threshold, eos_early_stop=False):
     """LLaDA2.0's generate (greedy). Returns (generated ids up to and including the first eos, forwards)."""
     EOS = model.config.eos_id
@@ -144,7 +144,8 @@ def ref_sdar(model, prompt, gen_length, block_length, steps, threshold):
         for step in range(steps + 1):
             mask_index = cur == mask_id
             if mask_index.sum() == 0 or step == steps:              # (masks left after every step: committed
-                run(cur, s)                                          # mask-id predictions; the reference would
+                # mask-id predictions; the reference would
+                run(cur, s)
                 fwd += 1                                             # index past its schedule; dlc moves on)
                 break
             with torch.no_grad():
@@ -154,7 +155,8 @@ def ref_sdar(model, prompt, gen_length, block_length, steps, threshold):
             conf = torch.where(mask_index, p, -torch.inf)
             transfer = torch.zeros_like(x0, dtype=torch.bool)
             n = int(sched[step])
-            high = conf[0] > threshold if threshold is not None else torch.zeros_like(conf[0], dtype=torch.bool)
+            high = conf[0] > threshold if threshold is not None else torch.zeros_like(conf[0],
+                                                                                      dtype=torch.bool)
             if threshold is not None and int(high.sum()) >= n:
                 transfer[0] = high
             else:
@@ -167,7 +169,8 @@ def ref_sdar(model, prompt, gen_length, block_length, steps, threshold):
     return (out[:out.index(EOS)] if EOS in out else out), fwd
 
 
-def ref_llada21(model, prompt, gen_length, block_length, threshold, edit_threshold, max_post, tokens_per_step=1):
+def ref_llada21(model, prompt, gen_length, block_length, threshold, edit_threshold, max_post,
+                tokens_per_step=1):
     """SGLang's JointThreshold in LLaDA2's block loop (no cache: a forward over the window each step)."""
     EOS = model.config.eos_id
     mask_id = model.config.mask_id
@@ -211,7 +214,7 @@ def _cut(ids, eos):
     return ids[:ids.index(eos)] if eos in ids else ids
 
 
-# ------------------------------------------------------------------------------------------------------- tests
+# ------------------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("kv,threshold,block,steps", [("none", None, 4, 4), ("block", None, 8, 3),
                                                      ("none", 0.15, 8, 3), ("block", 0.15, 4, 4)])
 def test_llada2_matches_reference(model, kv, threshold, block, steps):
@@ -273,8 +276,8 @@ def test_sdar_reference_with_its_extra_store_forward(model):
                                               ("block", 0.5, 1.0, 0)])
 def test_llada21_editing_matches_reference(model, kv, thr, edit, post):
     prompts = _prompts(4, seed=5)
-    cfg = GenerationConfig(gen_length=12, block_length=4, decoder="llada2.1", threshold=thr, edit_threshold=edit,
-                           max_post_edit_steps=post, kv_cache=kv)
+    cfg = GenerationConfig(gen_length=12, block_length=4, decoder="llada2.1", threshold=thr,
+                           edit_threshold=edit, max_post_edit_steps=post, kv_cache=kv)
     res = generate(model, prompts, cfg)
     for i, p in enumerate(prompts):
         ref, fwd = ref_llada21(model, p, 12, 4, thr, edit, post)
@@ -294,8 +297,8 @@ def test_llada21_edits_change_tokens(model):
 def test_block_alignment_prompt_tail_shares_the_first_block(model):
     """Blocks start at absolute multiples of block_length: a 6-token prompt with block 4 decodes columns 6, 7
     in the first block (with prompt columns 4, 5), and the canvas is rounded up past gen_length."""
-    st = DecodeState.new([1, 2, 3, 4, 5, 6], GenerationConfig(gen_length=5, block_length=4, steps_per_block=2),
-                         model.config)
+    st = DecodeState.new([1, 2, 3, 4, 5, 6],
+                         GenerationConfig(gen_length=5, block_length=4, steps_per_block=2), model.config)
     assert st.L == 12 and st.attn_block == 4
     st.advance(4)
     assert (st.bs, st.be) == (4, 8)
@@ -398,7 +401,8 @@ def test_block_decoders_report_the_tempered_probability(model):
 def test_filtered_tempered_confidence_of_block_decoders(model):
     """LLaDA2's / SDAR's top-k / top-p samplers: the token is drawn from softmax(filtered(logits / T)) and its
     confidence is its probability there (renormalised over the survivors). The eager runner scales the rows by
-    1 / T and decodes the filters with ``filtered_conf``; checked against that formula on the head's logits."""
+    1 / T and decodes the filters with ``filtered_conf``; checked against that formula on the head's
+    logits."""
     from dlc.kernels.sampling import filter_mask
     from dlc.runtime.runners.eager import EagerRunner
     from dlc.runtime.step import build_batch
