@@ -184,46 +184,23 @@ def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, devic
                    progress: bool = True, rank: int = 0, world: int = 1, slices: dict | None = None) -> int:
     """Fill a sharded model (``shard_moe_model``, typically on the meta device) from the safetensors
     checkpoint at ``path``: the replicated tensors whole, this rank's experts only, the shared expert's slice
-    through ``get_slice`` (never the whole tensor). Other ranks' experts are skipped unread; a missing,
-    unknown or mis-shaped tensor raises ``CheckpointError`` naming it and the file. ``slices`` adds the
+    through ``get_slice`` (never the whole tensor). Other ranks' experts are skipped unread; a missing
+    or mis-shaped tensor raises ``CheckpointError`` naming it, the file and the rank (the reader is
+    ``dlc.models.loading.load_weights`` with this rank's plan). ``slices`` adds the
     (dim, start, stop) slices of other sharded parameters (the tensor-parallel plan of the attention, dense
     MLPs and LM head), so one pass loads a TP + EP rank. Returns the bytes loaded."""
-    from tqdm import tqdm
+    from .loading import CheckpointError, load_weights
+    from .tensor_parallel import Slice
 
-    from .loading import CheckpointError, _open_safetensors, _set_tensor, checkpoint_files
-    from .tensor_parallel import Slice, read_slice
+    def as_slice(sl):                     # (dim, start, stop), a Slice, or a tuple of Slices (fused q|k|v)
+        return sl if isinstance(sl, Slice) or isinstance(sl[0], tuple) else Slice(*sl)
 
-    path = Path(path)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    slices = {**(slices or {}), **weight_slices(model)}
-    weight_map = checkpoint_files(path)
-    for name, fname in weight_map.items():
-        if name not in expected and not EXPERT_NAME.search(name) and not name.endswith("rotary_emb.inv_freq"):
-            raise CheckpointError(f"unexpected tensor {name!r} in {path / fname} "
-                                  f"(not a parameter of the {model.config.family} model)")
-    missing = [k for k in expected if k not in weight_map]
-    if missing:
-        raise CheckpointError(f"missing tensor {missing[0]!r}: not in {path} ({len(missing)} missing for "
-                              f"rank {rank} of {world}; the checkpoint is incomplete)")
-    by_file: dict[str, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(weight_map[name], []).append(name)
-    loaded = 0
-    bar = tqdm(total=len(expected), desc=f"loading rank {rank}/{world}", unit="tensor", disable=not progress)
-    for fname, names in sorted(by_file.items()):
-        with _open_safetensors(path / fname) as f:
-            for name in names:
-                sl = slices.get(name)
-                t = read_slice(f, name, None if sl is None else Slice(*sl))
-                if tuple(t.shape) != expected[name]:
-                    raise CheckpointError(f"tensor {name!r} in {path / fname} gives shape "
-                                          f"{tuple(t.shape)} for rank {rank} of {world}, "
-                                          f"expected {expected[name]}")
-                _set_tensor(model, name, t.to(device=device, dtype=dtype))
-                loaded += t.numel() * t.element_size()
-                bar.update(1)
-    bar.close()
-    return loaded
+    plan = {n: as_slice(sl) for n, sl in {**(slices or {}), **weight_slices(model)}.items()}
+    try:                                  # the one checkpoint reader, with this rank's plan
+        load_weights(model, Path(path), dtype, device, progress, plan=plan, desc=f"loading rank {rank}/{world}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (rank {rank} of {world})") from None
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def load_expert_parallel(model: str, rank: int, world: int, group=None, weights: str | None = None,
