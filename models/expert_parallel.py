@@ -26,7 +26,6 @@ meta device, shards it and loads the rank's weights: no rank materialises the ot
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 
 import torch
@@ -39,7 +38,6 @@ from .llada_moe import MOE_IMPLS, SparseMoeBlock
 
 MOE_BLOCKS = (SparseMoeBlock, MoEBlock)       # the families' MoE blocks (SDAR-MoE uses SparseMoeBlock)
 SHARED = "shared_experts"
-EXPERT_NAME = re.compile(r"\.experts\.\d+\.")
 
 
 def expert_range(n_experts: int, rank: int, world: int) -> tuple[int, int]:
