@@ -138,3 +138,25 @@ class ModelConfig:
         idle = (self.n_experts - self.n_experts_per_tok) * 3 * self.d_model * self.expert_hidden
         n_moe = self.n_layers - min(self.first_dense_layers, self.n_layers)
         return self.num_parameters() - n_moe * idle
+
+
+# -- reading a family's config.json (the families' ``from_hf``) ----------------------------------------------
+def require_keys(family: str, d: dict, keys) -> None:
+    """Refuse a config.json that lacks one of ``keys``, naming the first."""
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ValueError(f"{family} config.json is missing the key {missing[0]!r}")
+
+
+def refuse_unsupported(family: str, d: dict, unsupported: dict) -> None:
+    """Refuse the first key whose flag in ``unsupported`` (key -> bool) is set, naming it and its value."""
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{family} config.json: {bad[0]}={d.get(bad[0])!r} is not supported by dlc "
+                         f"(the released checkpoints use the default)")
+
+
+def hf_eos_id(d: dict, default: int) -> int:
+    """config.json's ``eos_token_id`` (the first of a list), else ``default``."""
+    eos = d.get("eos_token_id")
+    return default if eos is None else (eos[0] if isinstance(eos, list) else eos)

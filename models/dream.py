@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 from .common import HFAttention, HFLayoutLM, PreNormLayer, SwiGLU
-from .config import ModelConfig
+from .config import ModelConfig, hf_eos_id, require_keys
 
 HF_MODEL_TYPE = "Dream"
 MODEL_TYPES = ("Dream", "dream")
@@ -34,12 +34,9 @@ def _check_supported(d: dict) -> None:
 
 
 def from_hf(d: dict) -> ModelConfig:
-    missing = [k for k in REQUIRED if k not in d]
-    if missing:
-        raise ValueError(f"Dream config.json is missing the key {missing[0]!r}")
+    require_keys("Dream", d, REQUIRED)
     _check_supported(d)
-    eos = d.get("eos_token_id")
-    eos = EOS_ID if eos is None else (eos[0] if isinstance(eos, list) else eos)
+    eos = hf_eos_id(d, EOS_ID)
     pad = d.get("pad_token_id")
     vocab = d["vocab_size"]
     stops = d.get("dlc_stop_ids") or [eos] + ([IM_END_ID] if vocab > IM_END_ID and eos == EOS_ID else [])

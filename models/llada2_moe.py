@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import DiffusionLM, RMSNorm, SwiGLU, apply_rope, attend
-from .config import ModelConfig
+from .config import ModelConfig, hf_eos_id, refuse_unsupported, require_keys
 from .llada_moe import MOE_IMPLS
 
 HF_MODEL_TYPE = "llada2_moe"
@@ -63,22 +63,14 @@ def _check_supported(d: dict) -> None:
         "moe_shared_expert_intermediate_size": d.get("moe_shared_expert_intermediate_size") not in (
             None, d.get("moe_intermediate_size")),
     }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"LLaDA2 config.json: {bad[0]}={d.get(bad[0])!r} is not supported by dlc "
-                         f"(the released checkpoints use the default)")
+    refuse_unsupported("LLaDA2", d, unsupported)
 
 
 def from_hf(d: dict) -> ModelConfig:
-    missing = [k for k in REQUIRED if k not in d]
     moe = d.get("num_experts") is not None
-    if moe:
-        missing += [k for k in ("num_experts_per_tok", "moe_intermediate_size") if k not in d]
-    if missing:
-        raise ValueError(f"LLaDA2 config.json is missing the key {missing[0]!r}")
+    require_keys("LLaDA2", d, REQUIRED + (("num_experts_per_tok", "moe_intermediate_size") if moe else ()))
     _check_supported(d)
-    eos = d.get("eos_token_id")
-    eos = EOS_ID if eos is None else (eos[0] if isinstance(eos, list) else eos)
+    eos = hf_eos_id(d, EOS_ID)
     pad = d.get("pad_token_id")
     H = d["num_attention_heads"]
     hd = d.get("head_dim") or d["hidden_size"] // H

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import HFAttention, HFLayoutLM, PreNormLayer, RMSNorm, SwiGLU
-from .config import ModelConfig
+from .config import ModelConfig, hf_eos_id, refuse_unsupported, require_keys
 
 HF_MODEL_TYPE = "llada"                       # what the released config.json says
 MODEL_TYPES = ("llada", "lladamoe", "llada_moe")
@@ -63,19 +63,13 @@ def _check_supported(d: dict) -> None:
         "moe_layer_freq": any(f != 1 for f in (d.get("moe_layer_freq") or [])),
         "hidden_act": d.get("hidden_act", "silu") != "silu",
     }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"LLaDA-MoE config.json: {bad[0]}={d.get(bad[0])!r} is not supported by dlc "
-                         f"(released checkpoints use the default)")
+    refuse_unsupported("LLaDA-MoE", d, unsupported)
 
 
 def from_hf(d: dict) -> ModelConfig:
-    missing = [k for k in REQUIRED if k not in d]
-    if missing:
-        raise ValueError(f"LLaDA-MoE config.json is missing the key {missing[0]!r}")
+    require_keys("LLaDA-MoE", d, REQUIRED)
     _check_supported(d)
-    eos = d.get("eos_token_id")
-    eos = EOS_ID if eos is None else (eos[0] if isinstance(eos, list) else eos)
+    eos = hf_eos_id(d, EOS_ID)
     pad = d.get("pad_token_id")
     return ModelConfig(
         family="llada_moe",

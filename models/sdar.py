@@ -16,7 +16,7 @@ releases. Special ids: ``<|MASK|>`` 151669, ``<|endoftext|>`` 151643, ``<|im_end
 from __future__ import annotations
 
 from .common import HFAttention, HFLayoutLM, PreNormLayer, SwiGLU
-from .config import ModelConfig
+from .config import ModelConfig, hf_eos_id, refuse_unsupported, require_keys
 from .llada_moe import HeadRMSNorm, MOE_IMPLS, SparseMoeBlock
 
 MODEL_TYPES = ("sdar", "sdar_moe")
@@ -41,21 +41,15 @@ def _check_supported(d: dict) -> None:
         "mlp_only_layers": bool(d.get("mlp_only_layers")),
         "decoder_sparse_step": _is_moe(d) and d.get("decoder_sparse_step", 1) != 1,
     }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"SDAR config.json: {bad[0]}={d.get(bad[0])!r} is not supported by dlc "
-                         f"(the released checkpoints use the default)")
+    refuse_unsupported("SDAR", d, unsupported)
 
 
 def from_hf(d: dict) -> ModelConfig:
     req = REQUIRED + (("num_experts", "num_experts_per_tok", "moe_intermediate_size") if _is_moe(d)
                       else ("intermediate_size",))
-    missing = [k for k in req if k not in d]
-    if missing:
-        raise ValueError(f"SDAR config.json is missing the key {missing[0]!r}")
+    require_keys("SDAR", d, req)
     _check_supported(d)
-    eos = d.get("eos_token_id")
-    eos = EOS_ID if eos is None else (eos[0] if isinstance(eos, list) else eos)
+    eos = hf_eos_id(d, EOS_ID)
     pad = d.get("pad_token_id")
     H = d["num_attention_heads"]
     hd = d.get("head_dim") or d["hidden_size"] // H
