@@ -203,15 +203,15 @@ class CompiledRunner:
 
     # --- steps run ahead of the host (step.LookaheadRunner, runners/ahead.py) ------------------------------
     def can_run_ahead(self, batch: StepBatch) -> bool:
-        return (self.graphs is not None and batch.phase == "reuse" and batch.temperature == 0
-                and not batch.wants_extras() and self._graphable(self._reuse_feed(batch), batch))
+        """A plain T = 0 Reuse batch the graphs take (no extras: the pool is the only input that decides)."""
+        return (batch.phase == "reuse" and batch.temperature == 0 and not batch.wants_extras()
+                and self._graphable({"k_pool": batch.cache.k_all}, batch))
 
     @torch.no_grad()
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
-        feed = self._reuse_feed(batch)
-        if not (batch.phase == "reuse" and batch.temperature == 0 and self._graphable(feed, batch)):
+        if not self.can_run_ahead(batch):
             raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
-        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
+        return self.graphs.run_ahead(self._reuse_feed(batch), batch.fed, batch.n_fed, batch.n_out,
                                      decoded_cols(batch, self.device),
                                      counts.to(self.device, non_blocking=True))
 

@@ -65,17 +65,14 @@ class EagerRunner:
         sampling filters the probability renormalised over the filters' survivors (their top-k / top-p
         samplers)."""
         if batch.wants_extras():
-            temperature = batch.temperature
-            if batch.tempered_conf and temperature > 0:
-                rows, temperature = rows / temperature, 1.0
+            rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
             return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK, temperature,
                                                         filtered_conf=batch.tempered_conf))
         return self._decode(rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
                             batch.temperature, batch.tempered_conf, batch.seeds)
 
     def _decode(self, rows, cond_rows, un_rows, cfg_w, temperature: float, tempered: bool, seeds):
-        if tempered and temperature > 0:
-            rows, temperature = rows / temperature, 1.0
+        rows, temperature = _tempered(rows, temperature, tempered)
         return decode_rows(rows, self.model.head_weight(), cond_rows, un_rows, cfg_w, temperature, seeds,
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
@@ -146,6 +143,13 @@ class EagerRunner:
                                 b0.tempered_conf, torch.cat([b.seeds for b in parts]))
         n = [b.n_seqs for b in parts]
         return list(zip(x0.split(n), conf.split(n)))
+
+
+def _tempered(rows: torch.Tensor, temperature: float, tempered: bool):
+    """(rows, temperature) to decode: with ``tempered_conf`` at T > 0, rows / T at temperature 1."""
+    if tempered and temperature > 0:
+        return rows / temperature, 1.0
+    return rows, temperature
 
 
 def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chunk: int,
