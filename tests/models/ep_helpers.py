@@ -70,17 +70,24 @@ def _generate(model, case: dict) -> list[list[int]]:
     return generate(model, PROMPTS, cfg).token_ids
 
 
-def model_case(work: Path, rank: int) -> dict:
-    """A whole tiny LLaDA-MoE checkpoint (several safetensors files) loaded whole and as this rank's shard."""
+def _full_and_shard(work: Path, preset: str, rank: int, shard_bytes: int):
+    """Rank 0 writes the tiny preset as a multi-file checkpoint; every rank loads it whole and as its
+    shard."""
     from dlc.models.expert_parallel import load_expert_parallel
     from dlc.models.loading import load_model, save_checkpoint
 
-    ckpt = work / "tiny-llada-moe"
+    ckpt = work / preset
     if rank == 0:
-        save_checkpoint(_tiny("tiny-llada-moe"), ckpt, max_shard_bytes=200_000)
+        save_checkpoint(_tiny(preset), ckpt, max_shard_bytes=shard_bytes)
     dist.barrier()
     full = load_model(str(ckpt), dtype="fp32", progress=False).model
     ep = load_expert_parallel(str(ckpt), rank, WORLD, None, dtype="fp32", progress=False).model
+    return full, ep
+
+
+def model_case(work: Path, rank: int) -> dict:
+    """A whole tiny LLaDA-MoE checkpoint (several safetensors files) loaded whole and as this rank's shard."""
+    full, ep = _full_and_shard(work, "tiny-llada-moe", rank, 200_000)
     names = set(ep.state_dict())
     out = {"expert_names": sorted(n for n in names if ".experts." in n),
            "n_params_full": sum(p.numel() for p in full.parameters()),
@@ -103,15 +110,7 @@ BLOCK_CASES = [("bd_greedy", dict(kv_cache="block", threshold=0.95)),
 def llada2_model_case(work: Path, rank: int) -> dict:
     """A tiny LLaDA2 checkpoint (dense first layer, shared expert sliced on load): hidden states and block
     decoding (the exact block cache) unsharded vs this rank's shard."""
-    from dlc.models.expert_parallel import load_expert_parallel
-    from dlc.models.loading import load_model, save_checkpoint
-
-    ckpt = work / "tiny-llada2"
-    if rank == 0:
-        save_checkpoint(_tiny("tiny-llada2"), ckpt, max_shard_bytes=100_000)
-    dist.barrier()
-    full = load_model(str(ckpt), dtype="fp32", progress=False).model
-    ep = load_expert_parallel(str(ckpt), rank, WORLD, None, dtype="fp32", progress=False).model
+    full, ep = _full_and_shard(work, "tiny-llada2", rank, 100_000)
     ids = torch.tensor([PROMPTS[2][:8]])
     with torch.no_grad():
         ref, got = full(ids), ep(ids)                                     # [1, 8, d]

@@ -46,15 +46,22 @@ def test_warmup_with_inductor():
     assert 1 <= compiles <= 2, compiles
 
 
-def test_mixed_traffic_through_compiled_blocks_never_fails():
-    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0) at many shapes:
-    more guard variants than Dynamo's default limit of 8 holds; no request may fail on it."""
+def _compiled_engine():
+    """A fresh Dynamo state and an engine over tiny-llada whose graph runner compiles its blocks (eager
+    backend: Dynamo's guards and recompiles without Inductor's cost)."""
     torch._dynamo.reset()
     counters.clear()
     sess = open_model("tiny-llada", progress=False)
     gr = GraphRunner(sess.runner.model, decode="exact", compile="eager", pool_attention=True, fuse=True)
     eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
                  ServeConfig(max_seq_len=96, max_batch_size=8, gen_length=16, block_length=8, steps=16))
+    return gr, eng
+
+
+def test_mixed_traffic_through_compiled_blocks_never_fails():
+    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0) at many shapes:
+    more guard variants than Dynamo's default limit of 8 holds; no request may fail on it."""
+    gr, eng = _compiled_engine()
     g = torch.Generator().manual_seed(0)
     reqs = []
     mix = [(3, "dual", 0.0, 16), (17, "prefix", 0.0, 32), (40, "none", 0.0, 8), (9, "dual", 0.7, 24),
@@ -74,12 +81,7 @@ def test_mixed_traffic_through_compiled_blocks_never_fails():
 def test_warmup_compiles_what_serving_runs():
     """After the engine's warm-up, greedy traffic (Refresh and full forwards at new widths and batch sizes,
     Reuse replays) compiles nothing more: no request stalls on a compilation."""
-    torch._dynamo.reset()
-    counters.clear()
-    sess = open_model("tiny-llada", progress=False)
-    gr = GraphRunner(sess.runner.model, decode="exact", compile="eager", pool_attention=True, fuse=True)
-    eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
-                 ServeConfig(max_seq_len=96, max_batch_size=8, gen_length=16, block_length=8, steps=16))
+    gr, eng = _compiled_engine()
     eng.warmup()
     warm = counters["stats"]["unique_graphs"]
     assert warm > 2                                   # the graphs' step and the eager kinds
