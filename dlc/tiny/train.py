@@ -131,6 +131,19 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
+def optimizer_step(opt, model, loss, step: int, steps: int, lr: float, warmup: int,
+                   avg: float | None) -> float:
+    """One AdamW step at the schedule's learning rate, gradients clipped to norm 1; returns the loss's running
+    average (``avg`` None: the first step)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, steps, lr, warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+
+
 @torch.no_grad()
 def quick_accuracy(model, n: int = 64) -> float:
     """Exact decoding (one token per step, no cache) on the first n held-out prompts."""
@@ -180,13 +193,7 @@ def train(out: str, seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
                 sparse_reuse_attention(block, sparse_pick.uniform(*SPARSE_RETENTION), cfg.n_kv_heads))
         with attention:
             loss = diffusion_loss(model, ids, pos, key_mask, resp, gen, device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = optimizer_step(opt, model, loss, step, steps, lr, warmup, avg)
         if (step + 1) % 50 == 0:
             log(f"step {step + 1} loss {avg:.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
                 f"{time.perf_counter() - t0:.0f}s")

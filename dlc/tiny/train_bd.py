@@ -30,7 +30,7 @@ from dlc.runtime.step import block_key_mask
 from . import tasks
 from .evaluate import GEN_LENGTH
 from .tokenizer import EOS_ID, EOT_ID, MASK_ID, VOCAB_SIZE, decode_ids, encode_chat, encode_text
-from .train import PAD_LENGTHS, T_MIN, TRAIN_MIX, lr_at
+from .train import PAD_LENGTHS, T_MIN, TRAIN_MIX, optimizer_step
 from .train import save as save_tiny
 
 BD_BLOCK = 4                                    # SDAR's block length
@@ -118,13 +118,7 @@ def train(out: str, seed: int = 0, steps: int = 2000, batch: int = 128, lr: floa
         gen_len = pick.choices(lens, probs)[0]
         pairs = tasks.sample("train", batch, seed=seed * 1_000_003 + step, tasks=TRAIN_MIX)
         loss = bd_loss(model, *make_bd_batch(pairs, gen_len, pick), gen)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = optimizer_step(opt, model, loss, step, steps, lr, warmup, avg)
         if (step + 1) % 50 == 0:
             log(f"step {step + 1} loss {avg:.4f} {time.perf_counter() - t0:.0f}s")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
