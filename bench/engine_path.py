@@ -53,22 +53,25 @@ def run(model, B: int, args) -> dict:
     return {"label": args.label, **res}
 
 
-def run_session(session, B: int, args) -> dict:
+def run_session(session, B: int, args, compile: bool | None = None) -> dict:
     """One batch of B requests through dlc.runtime.Engine on ``session`` (an eager model or an engine
-    directory): median seconds of ``args.repeats`` generations after a capture run (bench/engine_bench.py
-    too)."""
+    directory; ``compile``: ServeConfig.compile, None = the serving default): median seconds of
+    ``args.repeats`` generations after a capture run (bench/engine_bench.py too)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes
     cfg, L = session.config, args.prompt + args.gen
     mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", policy="fcfs", device="cuda", max_batch_size=B, max_num_tokens=2 * B * L,
-                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual")
+                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", compile=compile)
     eng = Engine(session, sc)
     g = torch.Generator().manual_seed(B)
     prompts = [torch.randint(0, cfg.vocab_size - 512, (args.prompt,), generator=g).tolist() for _ in range(B)]
     params = dict(gen_length=args.gen, block_length=args.block, steps=args.gen)
+    t = time.perf_counter()
     eng.generate(prompts, params)          # warm-up at the timed shapes: captures, compiles (sequence length)
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t
     secs = []
     for _ in range(args.repeats):
         torch.cuda.synchronize()
@@ -83,7 +86,7 @@ def run_session(session, B: int, args) -> dict:
     return {"B": B, "seconds": med, "all_seconds": secs, "tokens": toks, "tok_s": toks / med,
             "replays": stats.get("replays"),
             "host_ms_per_replay": 1e3 * stats.get("host_s", 0) / max(1, stats.get("replays") or 1),
-            "first_tokens": outs[0][:8]}
+            "first_tokens": outs[0][:8], "warmup_s": warm}
 
 
 def main() -> None:

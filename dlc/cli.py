@@ -62,7 +62,8 @@ def _fail(msg: str):
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Reuse steps as CUDA graphs (as dlc serve) [on with CUDA and an eager model]")
 @click.option("--compile/--no-compile", "compile_blocks", default=None,
-              help="torch.compile each block of the CUDA-graph runner [on with CUDA graphs on CUDA]")
+              help="torch.compile each block of the CUDA-graph runner, or an export engine's phase programs "
+                   "(Inductor at load) [on on CUDA]")
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int,

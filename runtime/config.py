@@ -48,7 +48,8 @@ class ServeConfig:
     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
     cuda_graphs: bool | None = None
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
-    compile: bool | None = None         # torch.compile each transformer block [on with CUDA graphs on CUDA]
+    compile: bool | None = None         # torch.compile the graph runner's blocks (needs cuda_graphs) or an
+                                        # export engine's programs [on on CUDA]
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (eager runner)
@@ -93,8 +94,6 @@ class ServeConfig:
         if self.graph_decode not in (None, "fused", "exact"):
             raise ValueError("serve config: graph_decode must be 'fused' or 'exact', got "
                              f"{self.graph_decode!r}")
-        if self.compile and self.cuda_graphs is False:
-            raise ValueError("serve config: compile applies to the graph runner; it needs cuda_graphs on")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed <= 2 ** 63 - 1):
             raise ValueError(f"serve config: seed must be an integer in [0, 2^63 - 1], got {self.seed!r}")

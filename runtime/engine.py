@@ -76,13 +76,16 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
                      decode: str | None = None):
     """The runner serving (and ``dlc generate``) uses: a GraphRunner over an eager model when cuda_graphs is
     on (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph runner
-    on a CUDA device, where they pay; off on CPU); compiled engines and explicit --no-cuda-graphs keep
-    theirs."""
+    on a CUDA device, where they pay; off on CPU). An engine keeps its runner: graphs of its Reuse program
+    (default: on CUDA) and its export programs compiled by Inductor at load (``compile``, default: on CUDA);
+    explicit --no-cuda-graphs keeps the runner as it is."""
     if isinstance(runner, GraphRunner):
         return runner
     on = cuda_graphs
-    if isinstance(runner, CompiledRunner):           # an engine: graphs of its own Reuse program
-        runner.enable_graphs(runner.device.type == "cuda" and runner.kv_inplace if on is None else on)
+    if isinstance(runner, CompiledRunner):           # an engine: its programs compiled, graphs of its Reuse
+        cuda = runner.device.type == "cuda"
+        runner.enable_compile(cuda and runner.kind == "export" if compile is None else compile)
+        runner.enable_graphs(cuda and runner.kv_inplace if on is None else on)
         return runner
     if on is None:
         on = type(runner) is EagerRunner and runner.device.type == "cuda"

@@ -59,7 +59,8 @@ def _options(f):
         click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
                      help="decoding inside the graphs [fused on GPU: Triton selected-row logits]"),
         click.option("--compile/--no-compile", default=None,
-                     help="torch.compile each block of the CUDA-graph runner [on with CUDA graphs on CUDA]"),
+                     help="torch.compile each block of the CUDA-graph runner, or an export engine's "
+                          "phase programs (Inductor at load) [on on CUDA]"),
         click.option("--lookahead-steps", default=None, type=int,
                      help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
                           "1: off [16]"),

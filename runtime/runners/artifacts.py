@@ -32,8 +32,9 @@ def trt_available() -> str | None:
 
 
 def load_export(path: Path, device="cpu"):
-    mod = torch.export.load(str(path)).module()
-    return lambda *args: mod(*args)
+    """The unlifted program as a GraphModule (callable positionally; ``torch.compile`` can take it whole:
+    ``CompiledRunner.enable_compile``)."""
+    return torch.export.load(str(path)).module()
 
 
 def load_aoti(path: Path, device="cpu"):

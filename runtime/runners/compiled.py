@@ -37,7 +37,7 @@ class CompiledRunner:
                  dtype=torch.float32, sparse_retention: float | None = None, kind: str = "export",
                  max_seq_len: int | None = None, max_batch_size: int | None = None,
                  temperature_dtype: torch.dtype = torch.float64, weights: dict | None = None,
-                 kv_inplace: bool = True, cuda_graphs: bool = False):
+                 kv_inplace: bool = True, cuda_graphs: bool = False, compile: bool = False):
         missing = {"refresh", "reuse"} - set(phases)
         if missing:
             raise ValueError(f"compiled runner: missing phase program(s) {sorted(missing)}")
@@ -56,7 +56,33 @@ class CompiledRunner:
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
         self.extras = all("credit_ids" in names for names in input_names.values())   # chunk_logits' extras
         self.graphs = None
+        self.compiled = False
+        self.enable_compile(compile)
         self.enable_graphs(cuda_graphs)
+
+    # --- Inductor code generation at load (export engines) ------------------------------------------------
+    def enable_compile(self, on: bool) -> None:
+        """Compile each phase program with Inductor (``torch.compile``) on first use: the code generation
+        AOTI runs ahead of time (fused pointwise chains, one kernel per norm / RoPE / gate), done at load for
+        export engines, whose interpreted programs otherwise launch every aten op separately.
+
+        The whole program is one graph (fullgraph); every size is symbolic from the first compile
+        (``dynamic=True``): batch buckets, fed and decoded widths and Refresh lengths reuse one compilation
+        per phase (size-1 dimensions specialise: a batch of one compiles once more). The pool inputs stay
+        mutated in place (Inductor re-inplaces the programs' ``index_put_``; tests check data pointers and
+        contents). AOTI packages are Inductor code already, ONNX / TensorRT run their own compilers: for
+        them ``on`` is refused."""
+        if not on or self.compiled:
+            return
+        if self.kind != "export":
+            raise ValueError(f"compile: the {self.kind} engine's programs are compiled code already; "
+                             "--compile applies to export engines (leave it out)")
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        if getattr(cfg, "recompile_limit", 32) < 32:          # a few size-1 specialisations per phase
+            cfg.recompile_limit = 32
+        self.phases = {ph: torch.compile(fn, dynamic=True, fullgraph=True) for ph, fn in self.phases.items()}
+        self.compiled = True
 
     # --- CUDA graphs of the Reuse program (runtime/runners/program_graphs.py) ------------------------------
     @property

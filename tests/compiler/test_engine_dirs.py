@@ -289,3 +289,42 @@ def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv):
     assert [r.output_ids for r in reqs] == refs
     st = eng.runner.graphs.stats
     assert st["ahead_calls"] > 0 and eng.metrics.counter("lookahead_dropped_steps_total") == 0
+
+
+@pytest.mark.slow
+def test_export_engine_compiled_at_load_serves_eager_tokens_and_writes_the_pool_in_place(engine, tiny_ckpt):
+    """``--compile`` on an export engine: Inductor compiles both phase programs at load (CompiledRunner.
+    enable_compile; the GPU default). Through the serving Engine, requests of different lengths in one batch
+    (Refresh and Reuse rows, static-buffer graphs without capture) give eager generate()'s tokens, and the
+    compiled Reuse program writes its K/V into the pool tensors themselves (no copy of the pool)."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    prompts = [[72, 101, 108, 108, 111], [87, 111, 114], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    eager = open_model(str(tiny_ckpt), device="cpu").runner
+    refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
+    assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
+    eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
+                                                                    compile=True, **params))
+    runner = eng.runner
+    assert runner.compiled and all(type(p).__name__ == "OptimizedModule" for p in runner.phases.values())
+    runner.enable_graphs(True, capture=False)
+    runner.bind_pool(eng.kv)
+    k_all, ptr = eng.kv.k_all, eng.kv.k_all.data_ptr()
+    before = k_all.clone()
+    reqs = [eng.make_request(p, {}) for p in prompts]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert [r.output_ids for r in reqs] == refs
+    assert eng.kv.k_all is k_all and k_all.data_ptr() == ptr and not torch.equal(k_all, before)
+    assert runner.graphs.stats["captures"] > 0                   # Reuse steps went through the static path
+
+
+def test_compile_at_load_is_for_export_engines(engine):
+    """AOTI packages are Inductor code already; ONNX / TensorRT compile themselves: --compile is refused."""
+    runner, _ = engine_runner(engine)
+    runner.kind = "aoti"
+    with pytest.raises(ValueError, match="compile: the aoti engine's programs are compiled code already"):
+        runner.enable_compile(True)
+    assert not runner.compiled
