@@ -54,6 +54,28 @@ def build_checkpoint(ckpt: Path, preset: str) -> tuple[int, float]:
     return weight_bytes, secs
 
 
+def build_engine(ckpt: Path, eng_dir: Path, target: str, res: dict, args) -> None:
+    """The checkpoint, then ``dlc compile`` of it: the build half of the table (res gets its numbers)."""
+    from dlc.compiler.build import compile_model
+    shutil.rmtree(ckpt.parent, ignore_errors=True)
+    ckpt.mkdir(parents=True)
+    log(f"building {args.preset} (random bf16) -> {ckpt}")
+    res["weight_bytes"], res["save_s"] = build_checkpoint(ckpt, args.preset)
+    log(f"weights {res['weight_bytes'] / 1e9:.2f} GB written in {res['save_s']:.1f}s")
+
+    L = args.prompt + args.gen
+    t = time.perf_counter()
+    compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype="bf16", max_batch_size=max(
+        int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log)
+    res["compile_s"] = time.perf_counter() - t
+    gc.collect()
+    torch.cuda.empty_cache()
+    res["engine_bytes"] = dir_bytes(eng_dir)
+    res["engine_over_weights"] = res["engine_bytes"] / res["weight_bytes"]
+    log(f"compile {res['compile_s']:.1f}s, engine {res['engine_bytes'] / 1e9:.2f} GB "
+        f"({res['engine_over_weights']:.3f}x weights)")
+
+
 def run(session, B: int, args, compile: bool | None = None) -> dict:
     """engine_path.run_session (the same Engine timing loop), then free the engine's KV pool."""
     res = run_session(session, B, args, compile)
@@ -74,34 +96,23 @@ def main() -> None:
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the checkpoint and engine a previous run left in --work")
     p.add_argument("--uncompiled", action="store_true",
                    help="also time the engine's programs interpreted (no Inductor at load), first")
     args = p.parse_args()
-    from dlc.compiler.build import compile_model
     from dlc.runtime.session import open_model
 
     work = Path(args.work)
     ckpt, eng_dir = work / "ckpt", work / "engine"
-    shutil.rmtree(work, ignore_errors=True)
-    ckpt.mkdir(parents=True)
     target = args.target or ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "target": target}
-    log(f"building {args.preset} (random bf16) -> {ckpt}")
-    res["weight_bytes"], res["save_s"] = build_checkpoint(ckpt, args.preset)
-    log(f"weights {res['weight_bytes'] / 1e9:.2f} GB written in {res['save_s']:.1f}s")
-
-    L = args.prompt + args.gen
-    t = time.perf_counter()
-    compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype="bf16", max_batch_size=max(
-        int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log)
-    res["compile_s"] = time.perf_counter() - t
-    gc.collect()
-    torch.cuda.empty_cache()
-    res["engine_bytes"] = dir_bytes(eng_dir)
-    res["engine_over_weights"] = res["engine_bytes"] / res["weight_bytes"]
-    log(f"compile {res['compile_s']:.1f}s, engine {res['engine_bytes'] / 1e9:.2f} GB "
-        f"({res['engine_over_weights']:.3f}x weights)")
-
+    if args.reuse and (eng_dir / "dlc_engine.json").exists():
+        log(f"reusing {ckpt} and {eng_dir} (--reuse: no build or compile timed)")
+        res["weight_bytes"] = dir_bytes(eng_dir, skip=("refresh.pt2", "reuse.pt2")) or 1
+        res["compile_s"], res["engine_bytes"], res["engine_over_weights"] = 0.0, dir_bytes(eng_dir), 1.0
+    else:
+        build_engine(ckpt, eng_dir, target, res, args)
     base = torch.cuda.memory_allocated()
     t = time.perf_counter()
     engine = open_model(str(eng_dir), device="cuda", progress=False)
