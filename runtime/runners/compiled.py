@@ -68,9 +68,8 @@ class CompiledRunner:
 
         The whole program is one graph (fullgraph); every size is symbolic from the first compile
         (``dynamic=True``): batch buckets, fed and decoded widths and Refresh lengths reuse one compilation
-        per phase (size-1 dimensions specialise: a batch of one compiles once more). The pool inputs stay
-        mutated in place (Inductor re-inplaces the programs' ``index_put_``; tests check data pointers and
-        contents). AOTI packages are Inductor code already, ONNX / TensorRT run their own compilers: for
+        per phase (size-1 dimensions specialise: a batch of one compiles once more). The pool is fed as one
+        input per layer so that Inductor writes it in place (runners/inductor.py says why). AOTI packages are Inductor code already, ONNX / TensorRT run their own compilers: for
         them ``on`` is refused."""
         if not on or self.compiled:
             return
@@ -78,10 +77,13 @@ class CompiledRunner:
             raise ValueError(f"compile: the {self.kind} engine's programs are compiled code already; "
                              "--compile applies to export engines (leave it out)")
         import torch._dynamo
+
+        from .inductor import compile_program
         cfg = torch._dynamo.config
         if getattr(cfg, "recompile_limit", 32) < 32:          # a few size-1 specialisations per phase
             cfg.recompile_limit = 32
-        self.phases = {ph: torch.compile(fn, dynamic=True, fullgraph=True) for ph, fn in self.phases.items()}
+        self.phases = {ph: compile_program(fn, self.input_names[ph], self.config.n_layers)
+                       for ph, fn in self.phases.items()}
         self.compiled = True
 
     # --- CUDA graphs of the Reuse program (runtime/runners/program_graphs.py) ------------------------------

@@ -96,8 +96,9 @@ def _local_target() -> str:
 
 def test_export_engine_on_the_gpu_replays_graphs_over_the_pool(tmp_path):
     """An export engine built for this GPU (runtime kernels: pool attention, fused decoding; K/V written into
-    the serving pool in place) served by the Engine: its Reuse program replays as CUDA graphs at bucketed
-    batch sizes and gives the same tokens as the uncaptured program, and (fp32) eager's tokens."""
+    the serving pool in place) served by the Engine with the CUDA defaults: its programs compiled by Inductor
+    at load and its Reuse program replayed as CUDA graphs at bucketed batch sizes give the same tokens as the
+    programs as loaded and uncaptured, at a batch of 6 and of 1, and (fp32) eager's tokens."""
     from dlc.compiler.build import compile_model
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
@@ -110,16 +111,20 @@ def test_export_engine_on_the_gpu_replays_graphs_over_the_pool(tmp_path):
     prompts = _prompts(6, 200, seed=3)
     params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     outs = {}
-    for graphs in (True, False):
+    for graphs in (True, False):           # serving's CUDA defaults (Inductor at load + graphs) vs as loaded
         sess = open_model(str(out), device="cuda", progress=False)
-        eng = Engine(sess, ServeConfig(kv_cache_mb=64, cuda_graphs=graphs, max_batch_size=8, **params))
+        eng = Engine(sess, ServeConfig(kv_cache_mb=64, cuda_graphs=graphs, compile=graphs, max_batch_size=8,
+                                       **params))
         eng.warmup()
         outs[graphs] = eng.generate(prompts, params)
+        outs[graphs, 1] = eng.generate(prompts[:1], params)                    # batch bucket 1 too
+        assert eng.runner.compiled == graphs
         if graphs:
             assert eng.runner.graphs.stats["replays"] > 0 and eng.runner.graphs.stats["captures"] > 0
         else:
             assert eng.runner.graphs is None
     assert outs[True] == outs[False] and len({t for o in outs[True] for t in o}) > 3
+    assert outs[True, 1] == outs[False, 1] == outs[True][:1]
     ref = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
     eager = Engine(ref, ServeConfig(kv_cache_mb=64, cuda_graphs=False, max_batch_size=8, **params))
     same = sum(a == b for a, b in zip(outs[True], eager.generate(prompts, params)))
