@@ -79,6 +79,7 @@ def build_engine(ckpt: Path, eng_dir: Path, target: str, res: dict, args) -> Non
 def run(session, B: int, args, compile: bool | None = None) -> dict:
     """engine_path.run_session (the same Engine timing loop), then free the engine's KV pool."""
     res = run_session(session, B, args, compile)
+    getattr(session.runner, "bind_pool", lambda kv: None)(None)   # an engine runner outlives its pool
     gc.collect()
     torch.cuda.empty_cache()
     return res

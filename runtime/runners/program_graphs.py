@@ -46,11 +46,12 @@ class ProgramGraphs:
                       "ahead_calls": 0}
 
     def bind_pool(self, kv) -> None:
+        """Capture over ``kv`` (a KVCacheManager) from now on; None lets the graphs and the pool go."""
         if kv is self.pool:
             return
         self.graphs.clear()
         self.pool = self.scratch = self._mempool = None       # graphs and their memory pool go together
-        if kv.n_slots < 2:
+        if kv is None or kv.n_slots < 2:
             return
         self.pool, self.scratch = kv, kv.allocate()
         if self.scratch is None:
