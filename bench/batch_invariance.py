@@ -202,7 +202,7 @@ def run_mode(eng, cfg, name: str, mode: dict, args, scale) -> dict:
     alone = solo(eng, probes)
     t_solo = time.perf_counter() - t
     distinct = len({tuple(o) for o in alone})
-    assert distinct >= 0.9 * len(alone), f"{name}: {distinct} distinct outputs only: the model is not decisive"
+    assert distinct >= 0.9 * len(alone), f"{name}: {distinct} distinct outputs only (not decisive)"
     t = time.perf_counter()
     together, seen = mixed(eng, probes, others, g)
     t_mixed = time.perf_counter() - t
@@ -231,7 +231,8 @@ def table(rows: list[dict]) -> str:
             "batch sizes seen | Reuse graph buckets |\n|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['mode']} | {r['requests']} | {r['differing']} | "
-        f"{'-' if r['first_diff'] is None else r['first_diff']} | {r['max_batch']} | {r['mixed_iterations']} of {r['iterations']} | {len(r['batch_sizes'])} | "
+        f"{'-' if r['first_diff'] is None else r['first_diff']} | {r['max_batch']} | "
+        f"{r['mixed_iterations']} of {r['iterations']} | {len(r['batch_sizes'])} | "
         f"{','.join(map(str, r['reuse_buckets']))} |\n"
         for r in rows)
 
@@ -266,8 +267,8 @@ def main(argv=None) -> list[dict]:
     eng = make_engine(model, dev, max_seq, args.max_batch_size)
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     log(f"# batch invariance: {cfg.num_parameters() / 1e9:.2f} B params (d {cfg.d_model}, {cfg.n_layers} "
-        f"layers, vocab {cfg.vocab_size}), {dtype}, {gpu}, torch {torch.__version__}; runner {runner_name(eng)}; "
-        f"policy {eng.cfg.policy}, lookahead {eng.cfg.lookahead_steps}, max batch {args.max_batch_size}; "
+        f"layers, vocab {cfg.vocab_size}), {dtype}, {gpu}, torch {torch.__version__}; "
+        f"runner {runner_name(eng)}; policy {eng.cfg.policy}, lookahead {eng.cfg.lookahead_steps}, max batch {args.max_batch_size}; "
         f"ready in {time.perf_counter() - t:.1f} s")
     rows = [run_mode(eng, cfg, m, MODES[m], args, scale) for m in args.modes]
     log("\n" + table(rows))
