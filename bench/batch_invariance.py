@@ -268,7 +268,8 @@ def main(argv=None) -> list[dict]:
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     log(f"# batch invariance: {cfg.num_parameters() / 1e9:.2f} B params (d {cfg.d_model}, {cfg.n_layers} "
         f"layers, vocab {cfg.vocab_size}), {dtype}, {gpu}, torch {torch.__version__}; "
-        f"runner {runner_name(eng)}; policy {eng.cfg.policy}, lookahead {eng.cfg.lookahead_steps}, max batch {args.max_batch_size}; "
+        f"runner {runner_name(eng)}; policy {eng.cfg.policy}, lookahead {eng.cfg.lookahead_steps}, "
+        f"max batch {args.max_batch_size}; "
         f"ready in {time.perf_counter() - t:.1f} s")
     rows = [run_mode(eng, cfg, m, MODES[m], args, scale) for m in args.modes]
     log("\n" + table(rows))
