@@ -11,7 +11,8 @@ dlc's LLaDA HF layout, this script:
    block 32, one token per step, dual cache) for two paths in this process, alternating their order per batch:
    ``engine`` = the compiled engine (phase programs with the runtime's kernels; Reuse replayed as CUDA graphs
    over the serving pool, K/V written in place) and ``runtime`` = the eager model + GraphRunner (CUDA graphs),
-   the previous fast path. Target: engine >= 1.0x runtime at B=1 and B=32.
+   the previous fast path. Target: engine >= 1.0x runtime at B=1 and B=32. Each B also gets its floor-bound
+   ceiling (bench/floors.py at this GPU's measured copy bandwidth and matmul rate) and each path its share.
 
     python3 -P bench/engine_bench.py --out $OUT/engine_bench.json
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+import floors  # noqa: E402
 from engine_path import build, run_session  # noqa: E402
 
 
@@ -82,6 +84,9 @@ def main() -> None:
     ckpt.mkdir(parents=True)
     target = args.target or ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "target": target}
+    res["copy_bw"], res["matmul_rate"] = floors.measure("cuda")
+    log(f"copy bandwidth {res['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul {res['matmul_rate'] / 1e12:.0f} "
+        f"TFLOP/s")
     log(f"building {args.preset} (random bf16) -> {ckpt}")
     res["weight_bytes"], res["save_s"] = build_checkpoint(ckpt, args.preset)
     log(f"weights {res['weight_bytes'] / 1e9:.2f} GB written in {res['save_s']:.1f}s")
@@ -125,17 +130,20 @@ def main() -> None:
             log(f"e2e {name} B={B}")
             r = run(sess, B, args)
             r["path"] = name
+            r["ceiling_tok_s"] = floors.e2e_ceiling_tok_s(sess.config, B, args.prompt, args.gen, args.block,
+                                                          args.block, res["copy_bw"], res["matmul_rate"])
             res["e2e"].append(r)
             log(json.dumps(r))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
-    print("\n| path | B | tok/s | s (median of %d) | host ms/replay | ratio engine/runtime |" % args.repeats)
-    print("|---|---|---|---|---|---|")
+    print("\n| path | B | tok/s | s (median of %d) | host ms/replay | ratio engine/runtime | "
+          "floor-bound ceiling tok/s | of ceiling |" % args.repeats)
+    print("|---|---|---|---|---|---|---|---|")
     by = {(r["path"], r["B"]): r for r in res["e2e"]}
     for (name, B), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ratio = r["tok_s"] / by[("runtime", B)]["tok_s"] if name == "engine" else 1.0
         print(f"| {name} | {B} | {r['tok_s']:.1f} | {r['seconds']:.2f} | {r['host_ms_per_replay']:.2f} | "
-              f"{ratio:.2f} |")
+              f"{ratio:.2f} | {r['ceiling_tok_s']:.0f} | {r['tok_s'] / r['ceiling_tok_s']:.0%} |")
     print(f"\ncompile {res['compile_s']:.0f}s; engine {res['engine_bytes'] / 1e9:.2f} GB = "
           f"{res['engine_over_weights']:.3f}x weights; device after load {res['device_over_weights']:.3f}x "
           f"weights; load {res['load_s']:.1f}s verified / {res['load_cached_s']:.1f}s cached; "
