@@ -41,7 +41,7 @@ def test_reuse_reads_layers_head_and_cached_kv_not_the_embedding_table(fl):
     cfg = preset_config("tiny-llada")
     c = fl.reuse_cost(cfg, B=1, T=32, S=768)                          # bf16
     weights = (TINY_LAYERS + TINY_HEAD) * 2
-    kv = 2 * 2 * 1 * 4 * 768 * 16 * 2                                  # K and V, layers, rows, heads, cols, dim
+    kv = 2 * 2 * 1 * 4 * 768 * 16 * 2                          # K and V, layers, rows, heads, cols, dim
     assert c.bytes == weights + kv + 32 * 64 * 2                      # + the 32 gathered embedding rows
     attn = 4 * 2 * 1 * 32 * 768 * 4 * 16                              # q.k and p.v, 32 queries over 768 keys
     assert c.flops == 2 * (TINY_LAYERS + TINY_HEAD) * 32 + attn
