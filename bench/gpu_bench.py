@@ -2,13 +2,16 @@
 
 One invocation prints ONE table; every ratio compares numbers measured in this same process:
 
-* floors: device-copy bandwidth (bytes read + written) and a bf16 8192^3 matmul rate, measured first;
+* floors (bench/floors.py, the one home of what a step must move and compute): device-copy bandwidth (bytes
+  read + written) and a bf16 8192^3 matmul rate, measured first;
 * Reuse step (a 32-token block over a cached 768-token K/V) at B = 1, 8, 32: the eager runner
   (``dlc.runtime.runners.eager.EagerRunner``: dlc.models forward + [B, 32, V] logits + float64 softmax) vs the
   optimized step (the same dlc.models forward with its blocks under torch.compile, ``dlc.kernels``'s fused
   selected-row logits, the static in-place KVCache, the whole step captured as one CUDA graph per batch size),
-  against the weight-read floor (parameter bytes / copy bandwidth);
-* Refresh step at B = 1 (L = 768) vs the matmul floor (2 x params x L / matmul rate);
+  against the Reuse floor (layer weights + the whole LM head + the rows' cached K/V read, no embedding
+  table; or its FLOPs if those bind);
+* Refresh step at B = 1 (L = 768) vs the Refresh floor (layer weights over L tokens, the LM head over the
+  decoded block only, attention; or the bytes if those bind);
 * peak transient memory of decoding every row of [B, L] hidden states: monolithic (``head`` -> [B, L, V]
   logits -> float64 softmax: ``monolithic_decode`` below) vs the fused op, vs a budget;
 * end-to-end tokens/s at a fixed schedule (prompt 512, gen 256, block 32, one token per step, dual cache):
@@ -37,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,6 +50,9 @@ from dlc.models.presets import preset_config
 from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.kv_cache import KVCacheManager, slot_bytes
 from dlc.runtime.step import build_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+import floors  # noqa: E402  (the step floors every bench counts with)
 
 GiB = 2**30
 # the one table: section, case, eager, optimized, floor/budget, ratio, target, status
@@ -63,41 +70,7 @@ def sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, dev, iters: int = 20, warmup: int = 3) -> float:
-    """Median wall time of fn() in ms: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    out = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
-
-
-def copy_bandwidth(dev, nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randn(nbytes // 2, device=dev, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), dev, iters=10)
-    return 2 * nbytes / (ms / 1e3)
-
-
-def matmul_rate(dev, n: int) -> float:
-    """FLOP/s of an n^3 bf16 matmul on random data."""
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, dev, iters=10)
-    return 2 * n**3 / (ms / 1e3)
+time_ms = floors.time_ms
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -271,11 +244,12 @@ def unmask_one(blk, tok, conf, mask_id):
 
 
 @torch.no_grad()
-def bench_reuse(model, args, dev, g, floor_ms):
+def bench_reuse(model, args, dev, g):
     cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
     runner = EagerRunner(model)
     res = {}
     for B in args.batches:
+        floor_ms = floors.reuse_cost(cfg, B, T, L).seconds(args.bw, args.rate) * 1e3
         ids, pos, km = eager_inputs(cfg, B, L, dev, g)
         kv = make_pool(cfg, B, L, next(model.parameters()).dtype, dev)
         slots = list(range(B))
@@ -353,8 +327,9 @@ def runtime_reuse(model, args, dev, B, ids):
 
 
 @torch.no_grad()
-def bench_refresh(model, args, dev, g, floor_ms):
+def bench_refresh(model, args, dev, g):
     cfg, L, T, a = model.config, args.prompt + args.gen, args.block, args.prompt
+    floor_ms = floors.refresh_cost(cfg, 1, L, T).seconds(args.bw, args.rate) * 1e3
     runner = EagerRunner(model)
     ids, pos, km = eager_inputs(cfg, 1, L, dev, g)
     kv = make_pool(cfg, 1, L, next(model.parameters()).dtype, dev)
@@ -648,16 +623,6 @@ class FastDual:
         return x
 
 
-def e2e_floor_s(model, args, B) -> float:
-    """Seconds the fixed schedule needs at the floors measured in this run (no implementation can beat it)."""
-    cfg, L, blk = model.config, args.prompt + args.gen, args.block
-    n, nblocks = cfg.num_parameters(), args.gen // blk
-    kv = 2 * cfg.n_layers * B * cfg.n_kv_heads * L * cfg.head_dim * 2
-    refresh = 2 * n * B * L / args.rate
-    reuse = max((param_bytes(model) + kv) / args.bw, 2 * n * B * blk / args.rate)
-    return nblocks * (refresh + (blk - 1) * reuse)
-
-
 @torch.no_grad()
 def bench_e2e(model, args, dev, g):
     cfg = model.config
@@ -690,9 +655,10 @@ def bench_e2e(model, args, dev, g):
         assert (x[:, args.prompt:] != cfg.mask_id).all(), "optimized loop left masks"
         agree = (x == base_x).float()[:, args.prompt:].mean().item()
         NOTES.append(f"e2e B={B}: generated-token agreement optimized vs eager baseline {agree:.3f}")
-        ceil = ntok / e2e_floor_s(model, args, B)
-        NOTES.append(f"e2e B={B}: floor-bound ceiling {ceil:.0f} tok/s (Refresh at the matmul "
-                     f"floor, Reuse at max(weight+KV read, matmul) floor) = {ceil / (ntok / base_s):.2f}x "
+        ceil = floors.e2e_ceiling_tok_s(cfg, B, args.prompt, args.gen, args.block, args.block, args.bw,
+                                        args.rate)
+        NOTES.append(f"e2e B={B}: floor-bound ceiling {ceil:.0f} tok/s (bench/floors.py: each Refresh and "
+                     f"Reuse step at its floor) = {ceil / (ntok / base_s):.2f}x "
                      f"the eager baseline; optimized reaches {ntok / opt_s / ceil:.0%} of it")
         target = ">= 2x eager" if B == 32 else ""
         add_row("End-to-end tok/s (512+256, blk 32)", f"B={B}", ntok / base_s, ntok / opt_s, None,
@@ -874,9 +840,7 @@ def main(argv=None):
                triton=_triton_version(), python=platform.python_version(),
                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", argv=" ".join(sys.argv))
     log(f"# dlc gpu_bench  {env}")
-    big = dev.type == "cuda"
-    bw = copy_bandwidth(dev, 4 * GiB if big else 64 * 2**20)
-    rate = matmul_rate(dev, 8192 if big else 512)
+    bw, rate = floors.measure(dev)
     args.bw, args.rate = bw, rate
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     t = time.perf_counter()
@@ -885,8 +849,9 @@ def main(argv=None):
     pbytes, nparams = param_bytes(model), cfg.num_parameters()
     log(f"model {args.preset}: {nparams / 1e9:.2f} B params, {pbytes / GiB:.1f} GiB, built in "
         f"{time.perf_counter() - t:.1f}s")
-    reuse_floor = pbytes / bw * 1e3
-    refresh_floor = 2 * nparams * (args.prompt + args.gen) / rate * 1e3
+    L = args.prompt + args.gen
+    reuse_floor = floors.reuse_cost(cfg, 1, args.block, L).seconds(bw, rate) * 1e3            # B = 1
+    refresh_floor = floors.refresh_cost(cfg, 1, L, args.block).seconds(bw, rate) * 1e3
     add_row("Floors", "copy BW / bf16 matmul", None, None, None, None,
             f"{bw / 1e12:.2f} TB/s, {rate / 1e12:.0f} TFLOP/s", None, "")
     if args.fuse:
@@ -895,8 +860,8 @@ def main(argv=None):
     if args.compile:
         compile_blocks(model)
     sections = [("kernels", lambda: bench_kernels(model, args, dev, g)),
-                ("reuse", lambda: bench_reuse(model, args, dev, g, reuse_floor)),
-                ("refresh", lambda: bench_refresh(model, args, dev, g, refresh_floor)),
+                ("reuse", lambda: bench_reuse(model, args, dev, g)),
+                ("refresh", lambda: bench_refresh(model, args, dev, g)),
                 ("memory", lambda: bench_memory(model, args, dev, g)),
                 ("e2e", lambda: bench_e2e(model, args, dev, g)),
                 ("serving", lambda: bench_serving(model, args, dev, g))]
@@ -928,8 +893,10 @@ def write_md(path, env, reuse_floor, refresh_floor) -> None:
     below)."""
     text = (f"# GPU results (bench/gpu_bench.py)\n\n- date: {env['date']}\n- GPU: {env['gpu']}\n"
             f"- torch {env['torch']}, triton {env['triton']}, Python {env['python']}\n"
-            f"- command: `python {env['argv']}`\n- floors: Reuse {reuse_floor:.2f} ms (parameter "
-            f"bytes / copy bandwidth), Refresh {refresh_floor:.2f} ms (2 x params x L / bf16 matmul rate)\n\n"
+            f"- command: `python {env['argv']}`\n- floors (bench/floors.py) at B = 1: Reuse "
+            f"{reuse_floor:.2f} ms (layer weights + LM head + cached K/V read), Refresh "
+            f"{refresh_floor:.2f} ms (layers over L tokens + LM head over the decoded block, at the bf16 "
+            f"matmul rate)\n\n"
             + table() + "\n\n" + "".join(f"- {n}\n" for n in NOTES))
     with open(path, "w") as f:
         f.write(text)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+import floors  # noqa: E402
 
 
 def ms(fn, iters=50):
@@ -38,10 +43,7 @@ def ms(fn, iters=50):
 
 
 def copy_bw():
-    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = ms(lambda: y.copy_(x), 20)
-    return 2 * x.numel() / (t * 1e-3)
+    return floors.copy_bandwidth("cuda", 2**31)              # the benches' one measurement (bench/floors.py)
 
 
 def triton_skinny():

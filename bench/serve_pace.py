@@ -11,7 +11,8 @@ timed in alternating order over ``--rounds`` rounds (medians reported), every sh
   openai client: one request at B=1, B concurrent requests otherwise (token-id prompts; the model has no
   tokenizer, so detokenizing costs nothing here).
 
-Prints JSON lines and a table last: tok/s per variant and its ratio to ``hand``; GraphRunner host ms per
+Prints JSON lines and a table last: tok/s per variant and its ratio to ``hand`` and to the floor-bound
+ceiling (bench/floors.py at this GPU's measured copy bandwidth and matmul rate); GraphRunner host ms per
 replay; the GPU idle share at B=1 estimated as 1 - (GPU-timed Reuse step x replays + Refresh x blocks) / wall.
 
     python3 -P bench/serve_pace.py --batches 1,32 --rounds 3 | tee serve_pace.log
@@ -34,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine_path  # noqa: E402
+import floors  # noqa: E402
 import gpu_bench  # noqa: E402
 
 
@@ -238,6 +240,7 @@ def main(argv=None):
     model = engine_path.build(args.preset, "cuda")
     runner = GraphRunner(model, compile=args.compile)                  # fuses q|k|v, gate|up (hand too)
     step_ms, refresh_ms = graph_step_ms(runner, args)
+    bw, rate = floors.measure("cuda")
     print(json.dumps({"graph_step_ms_B1": step_ms, "refresh_ms_B1": refresh_ms}), flush=True)
     if args.profile:
         for la in (1, args.lookahead, 1, args.lookahead):
@@ -268,16 +271,20 @@ def main(argv=None):
             if B == 1 and reps:
                 gpu_s = (step_ms * statistics.median(reps) + refresh_ms * args.gen // args.block) * 1e-3
                 idle = 1 - gpu_s / med                                       # wall not spent on the GPU
-            rows.append((B, k, B * args.gen / med, hand / med, statistics.median(hosts) if hosts else None,
-                         idle, min(s for s, _, _ in v), max(s for s, _, _ in v)))
+            ceil = floors.e2e_ceiling_tok_s(model.config, B, args.prompt, args.gen, args.block, args.block,
+                                            bw, rate)
+            rows.append((B, k, B * args.gen / med, hand / med, B * args.gen / med / ceil,
+                         statistics.median(hosts) if hosts else None, idle, min(s for s, _, _ in v),
+                         max(s for s, _, _ in v)))
     print(f"\nLLaDA-8B shape bf16, prompt {args.prompt} gen {args.gen} block {args.block}, 1 "
           f"token/step, dual cache; {torch.cuda.get_device_name()} torch {torch.__version__}; medians of "
           f"{args.rounds} rounds; B=1 GPU: graph Reuse step {step_ms:.2f} ms, Refresh forward "
-          f"{refresh_ms:.2f} ms")
-    print(f"{'B':>3} {'variant':<14} {'tok/s':>8} {'x hand':>7} {'host ms/replay':>15} {'GPU idle':>16} "
-          f"{'min s':>7} {'max s':>7}")
-    for B, k, tps, ratio, host, idle, lo, hi in rows:
-        print(f"{B:>3} {k:<14} {tps:>8.1f} {ratio:>7.3f} {'' if host is None else f'{host:.3f}':>15} "
+          f"{refresh_ms:.2f} ms; floors (bench/floors.py) at {bw / 1e12:.2f} TB/s, {rate / 1e12:.0f} TFLOP/s")
+    print(f"{'B':>3} {'variant':<14} {'tok/s':>8} {'x hand':>7} {'x ceiling':>9} {'host ms/replay':>15} "
+          f"{'GPU idle':>16} {'min s':>7} {'max s':>7}")
+    for B, k, tps, ratio, of_ceil, host, idle, lo, hi in rows:
+        host = '' if host is None else f'{host:.3f}'
+        print(f"{B:>3} {k:<14} {tps:>8.1f} {ratio:>7.3f} {of_ceil:>9.3f} {host:>15} "
               f"{'' if idle is None else f'{idle:.1%}':>16} {lo:>7.2f} {hi:>7.2f}")
 
 

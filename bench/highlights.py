@@ -1,0 +1,243 @@
+"""Regenerate README's highlights rows from the latest bench/RESULTS.md entries (issue 13, item 9).
+
+RESULTS.md is a log: one ``## <what>: <GPU>, <date> (bench/<script>.py, ...)`` section per run (the oldest,
+gpu_bench's, names its date in a ``- date:`` line), newer runs of a script added as new sections. For every
+bench script this takes its latest section (by the date and ``HH:MM`` of its heading or ``- date:`` line; on a
+tie, the later section in the file), reads the section's first table and turns the figures a reader needs
+into rows, each saying which path was timed (compiled engine, runtime graph path, hand-built loop, ...) and on
+which GPU. ``EXTRACTORS`` (script -> function) is the one place that knows each table's columns; a section
+whose table lacks a row an extractor needs is reported and skipped, never guessed.
+
+README holds the rows between ``<!-- highlights:begin -->`` and ``<!-- highlights:end -->``:
+
+    python3 bench/highlights.py            # rewrite README.md's rows from bench/RESULTS.md
+    python3 bench/highlights.py --check    # exit 1 when README's rows are not what RESULTS.md gives
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- highlights:begin -->", "<!-- highlights:end -->"
+HEAD = "| result | path timed | GPU | date | source |\n|---|---|---|---|---|\n"
+
+
+@dataclass
+class Section:
+    title: str
+    script: str                     # "gpu_bench" for "(bench/gpu_bench.py, ...)"
+    gpu: str
+    date: str                       # "2026-11-27"
+    time: str                       # "17:05" or "" when the section gives none
+    order: int                      # position in the file
+    tables: list[list[dict]] = field(default_factory=list)   # each: rows as {lower-cased header: cell}
+
+
+@dataclass
+class Row:
+    result: str
+    path: str
+    section: Section
+
+    def markdown(self) -> str:
+        s = self.section
+        return f"| {self.result} | {self.path} | {s.gpu} | {s.date} | `bench/{s.script}.py` |"
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def parse_table(lines: list[str]) -> list[dict]:
+    """A markdown table (header, separator, rows) -> rows keyed by the lower-cased header cells (a repeated
+    header keeps its first column); ``**`` emphasis dropped."""
+    def cells(line):
+        return [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+
+    def row(line):
+        d = {}
+        for k, v in zip(head, cells(line)):
+            d.setdefault(k, v)
+        return d
+    head = [c.lower() for c in cells(lines[0])]
+    return [row(line) for line in lines[2:]]
+
+
+def parse_sections(text: str) -> list[Section]:
+    out, cur, table = [], None, []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table and cur is not None and len(table) > 2:
+            cur.tables.append(parse_table(table))
+        table = []
+        if line.startswith("## "):
+            cur = new_section(line[3:], len(out))
+            if cur is not None:
+                out.append(cur)
+        elif line.startswith("- date:") and cur is not None:
+            m = re.search(r"(\d{4}-\d{2}-\d{2})(?:\D{1,3}(\d{1,2}:\d{2}))?", line)
+            if m:
+                cur.date, cur.time = m.group(1), m.group(2) or cur.time
+    return out
+
+
+def new_section(heading: str, order: int) -> Section | None:
+    """``What: GPU, 2026-11-27 (bench/x.py, issue 13)`` or ``What: GPU (bench/x.py)``; None without a
+    bench script."""
+    m = re.search(r"\(bench/(\w+)\.py", heading)
+    if not m:
+        return None
+    head = heading[:m.start()].strip()
+    title, _, rest = head.partition(":")
+    gpu, _, date = rest.rpartition(",") if re.search(r",\s*\d{4}-", rest) else (rest, "", "")
+    return Section(title.strip(), m.group(1), gpu.strip() or "-", date.strip(), "", order)
+
+
+def latest(sections: list[Section]) -> dict[str, Section]:
+    best: dict[str, Section] = {}
+    for s in sections:
+        key = (s.date, s.time.zfill(5), s.order)
+        b = best.get(s.script)
+        if b is None or key >= (b.date, b.time.zfill(5), b.order):
+            best[s.script] = s
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ extractors
+def find(table: list[dict], **match) -> dict:
+    """The one row whose columns start with the given values (KeyError naming them otherwise)."""
+    for r in table:
+        if all(str(r.get(k, "")).startswith(v) for k, v in match.items()):
+            return r
+    raise KeyError(f"no row with {match}")
+
+
+def gpu_bench(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    reuse = find(t, section="Reuse step via dlc.runtime GraphRunner", case="B=1")
+    refresh = find(t, section="Refresh step", case="B=1")
+    e1 = find(t, section="End-to-end via dlc.runtime Engine", case="B=1")
+    e32 = find(t, section="End-to-end via dlc.runtime Engine", case="B=32")
+    hand1 = find(t, section="End-to-end tok/s", case="B=1")
+    hand32 = find(t, section="End-to-end tok/s", case="B=32")
+    memo = [find(t, section="Logit transient", case=f"B={b}") for b in (1, 64)]
+    return [
+        (f"Reuse step, batch 1: {reuse['optimized']} (eager {reuse['eager / baseline']}; floor "
+         f"{reuse['floor / budget']})", "runtime graph path (GraphRunner)"),
+        (f"Refresh step, batch 1: {refresh['optimized']} (eager {refresh['eager / baseline']}; floor "
+         f"{refresh['floor / budget']})", "hand-built loop (gpu_bench, compiled, one CUDA graph)"),
+        (f"end to end vs an eager Fast-dLLM dual-cache loop: {e1['ratio']} (batch 1), {e32['ratio']} "
+         f"(batch 32)", "runtime graph path (Engine + GraphRunner)"),
+        (f"end to end vs the same eager loop: {hand1['ratio']} (batch 1), {hand32['ratio']} (batch 32)",
+         "hand-built loop (gpu_bench FastDual)"),
+        (f"logit transient of decoding every row: {memo[0]['optimized']} / {memo[1]['optimized']} vs "
+         f"{memo[0]['eager / baseline']} / {memo[1]['eager / baseline']} monolithic (batch 1 / 64)",
+         "fused logits kernel (dlc.kernels)"),
+    ]
+
+
+def engine_bench(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    parts = []
+    for b in ("1", "32"):
+        e, r = find(t, path="engine", b=b), find(t, path="runtime", b=b)
+        ratio = e.get("engine / runtime") or e.get("ratio engine/runtime")
+        parts.append(f"{e['tok/s']} vs {r['tok/s']} tok/s = {ratio} (batch {b})")
+    return [("end to end, engine vs runtime graph path: " + ", ".join(parts),
+             "compiled engine (export programs, Reuse in CUDA graphs)")]
+
+
+def serve_pace(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    runs = sorted({r["path"] for r in t if r["path"].startswith("engine-la") and r["path"] != "engine-la1"})
+    la = runs[-1] if runs else "engine-la1"
+    eng = [find(t, b=b, path=la) for b in ("1", "32")]
+    http = [find(t, b=b, path="http") for b in ("1", "32")]
+    return [(f"in process: {eng[0]['x hand']}x (batch 1), {eng[1]['x hand']}x (batch 32) the hand-built loop",
+             f"runtime graph path (Engine, {la[7:]} run-ahead)"),
+            (f"through HTTP (openai client): {http[0]['x hand']}x (batch 1), {http[1]['x hand']}x (batch 32) "
+             f"the hand-built loop", "dlc serve (runtime graph path)")]
+
+
+def tp_bench(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    step, e2e = find(t, metric="Reuse step, B=1"), find(t, metric="e2e tok/s, B=32")
+    return [(f"TP=2 vs one GPU: Reuse step {step['ratio']} the time (batch 1), e2e {e2e['ratio']} the "
+             f"throughput (batch 32)", "eager runner, tensor parallel (no CUDA graphs)")]
+
+
+def serve_bench(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[1] if len(s.tables) > 1 else s.tables[0]
+    ttft = find(t, target="phase vs fcfs-continuous, poisson-80: TTFT p99")
+    tput = find(t, target="phase vs fcfs, burst: throughput")
+    return [(f"phase-multiplexed scheduler: TTFT p99 {ttft['ratio (medians)']} continuous FCFS's (Poisson at "
+             f"80%), burst throughput {tput['ratio (medians)']} static FCFS's",
+             "runtime graph path (Engine)")]
+
+
+def batch_invariance(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    n = sum(int(r["requests"]) for r in t)
+    diff = sum(int(r["differing"]) for r in t)
+    modes = ", ".join(r["mode"] for r in t)
+    return [(f"batch invariance: {diff} of {n} requests differ solo vs under a mixed load ({modes})",
+             "serving Engine, default GPU runner (CUDA graphs + compiled blocks)")]
+
+
+EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,
+              "tp_bench": tp_bench, "serve_bench": serve_bench, "batch_invariance": batch_invariance}
+
+
+def highlight_rows(text: str, notes: list[str] | None = None) -> list[Row]:
+    """Rows of every script with an extractor, from its latest section, in EXTRACTORS order."""
+    best, rows = latest(parse_sections(text)), []
+    for script, fn in EXTRACTORS.items():
+        s = best.get(script)
+        if s is None:
+            continue
+        try:
+            rows += [Row(res, path, s) for res, path in fn(s)] if s.tables else []
+        except (KeyError, IndexError, ValueError) as e:
+            if notes is not None:
+                notes.append(f"bench/{script}.py ({s.title}, {s.date}): skipped: {e}")
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    return HEAD + "\n".join(r.markdown() for r in rows) + "\n"
+
+
+def update_readme(readme: str, block: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README has no {BEGIN} ... {END} block")
+    a, b = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:a] + "\n" + block + readme[b:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="regenerate README's highlights rows from bench/RESULTS.md")
+    p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--check", action="store_true", help="exit 1 when README is out of date; write nothing")
+    a = p.parse_args(argv)
+    notes: list[str] = []
+    block = render(highlight_rows(Path(a.results).read_text(), notes))
+    for n in notes:
+        print(n, file=sys.stderr)
+    readme = Path(a.readme).read_text()
+    new = update_readme(readme, block)
+    if a.check:
+        if new != readme:
+            print(f"{a.readme}: highlights out of date; run python3 bench/highlights.py", file=sys.stderr)
+            return 1
+        return 0
+    Path(a.readme).write_text(new)
+    print(block, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""bench/highlights.py: README's highlights rows come from the latest bench/RESULTS.md section of each bench,
+each naming the path timed and the GPU."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+RESULTS = """# Benchmark results
+
+## Served path vs the hand-built loop: H200, 2026-11-27 (bench/serve_pace.py, issue 15)
+
+- date: 2026-11-27 ~16:40 UTC; GPU: NVIDIA H200
+
+| B | path | tok/s | x hand | host ms / replay |
+|---|---|---|---|---|
+| 1 | hand | 116.0 | 1.000 | - |
+| 1 | engine-la16 | 108.4 | 0.935 | 0.20 |
+| 1 | http (la16) | 105.2 | 0.908 | - |
+| 32 | engine-la16 | 484.5 | 0.926 | - |
+| 32 | http (la16) | 468.7 | 0.896 | - |
+
+## Batch invariance: H100, 2026-11-28 (bench/batch_invariance.py, issue 17)
+
+| mode | requests | differing | first diff pos |
+|---|---|---|---|
+| greedy-1 | 100 | 0 | - |
+| sampled | 100 | **2** | 17 |
+
+## Served path with compiled blocks: H100, 2026-11-27 (bench/serve_pace.py, issue 15)
+
+- date: 2026-11-27 ~17:05 UTC
+
+| B | path | tok/s | x hand | host ms / replay |
+|---|---|---|---|---|
+| 1 | engine-la16 | 135.1 | 0.984 | 0.25 |
+| 1 | http (la16) | 129.5 | 0.943 | - |
+| 32 | engine-la16 | 678.4 | 0.991 | - |
+| 32 | http (la16) | 643.4 | 0.940 | - |
+
+## Engine vs runtime: H100, 2026-11-27 (bench/engine_bench.py, issue 13)
+
+| path | B | tok/s | s |
+|---|---|---|---|
+| engine | 1 | 85.3 | 3.00 |
+"""
+
+
+@pytest.fixture(scope="module")
+def hl():
+    spec = importlib.util.spec_from_file_location("highlights_under_test", BENCH / "highlights.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_come_from_each_bench_latest_section(hl):
+    notes = []
+    rows = [r.markdown() for r in hl.highlight_rows(RESULTS, notes)]
+    assert rows[:2] == [
+        "| in process: 0.984x (batch 1), 0.991x (batch 32) the hand-built loop | runtime graph path (Engine, "
+        "la16 run-ahead) | H100 | 2026-11-27 | `bench/serve_pace.py` |",
+        "| through HTTP (openai client): 0.943x (batch 1), 0.940x (batch 32) the hand-built loop | dlc serve "
+        "(runtime graph path) | H100 | 2026-11-27 | `bench/serve_pace.py` |"]        # 17:05, not 16:40
+    assert "2 of 200 requests differ" in rows[2] and "| H100 | 2026-11-28 |" in rows[2]
+    assert len(rows) == 3                                     # engine_bench's table lacks the runtime rows:
+    assert notes and "bench/engine_bench.py" in notes[0] and "runtime" in notes[0]      # skipped, said so
+
+
+def test_readme_block_is_replaced_in_place(hl):
+    readme = f"intro\n{hl.BEGIN}\nold rows\n{hl.END}\nafter\n"
+    new = hl.update_readme(readme, hl.render(hl.highlight_rows(RESULTS)))
+    assert new.startswith(f"intro\n{hl.BEGIN}\n| result | path timed | GPU | date | source |")
+    assert "old rows" not in new and new.endswith(f"{hl.END}\nafter\n")
+
+
+def test_readme_highlights_match_results_md(hl):
+    """README's rows are what bench/RESULTS.md gives today (run `python3 bench/highlights.py` after adding
+    results)."""
+    assert hl.main(["--check"]) == 0
