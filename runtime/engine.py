@@ -94,7 +94,7 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     if type(runner) is not EagerRunner:
         raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
     compile = runner.device.type == "cuda" if compile is None else compile
-    return GraphRunner(runner.model, decode=decode, compile=compile)
+    return GraphRunner(runner.model, decode=decode, compile=compile, sparse_retention=runner.sparse_retention)
 
 
 @dataclass
