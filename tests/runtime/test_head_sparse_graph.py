@@ -186,3 +186,29 @@ def test_captured_sparse_steps_match_eager_sparse_on_gpu():
             assert all(g.graph is not None and g.keep is not None for g in eng.runner.graphs.values())
         outs[graphs] = [r.output_ids for r in reqs]
     assert sum(a == b for a, b in zip(outs[True], outs[False])) / len(items) >= 0.8
+
+
+def test_engine_program_graphs_replay_sparse_steps():
+    """A head-sparse engine (compiled programs, in memory) replays its Reuse program from ProgramGraphs' static
+    buffers (no capture on CPU): keep_idx padded to a kept-width bucket with a masked column, padding rows
+    keeping [0, K); tokens equal the uncaptured program's through generate()."""
+    from dlc.compiler import in_memory_runner
+    s = open_model("tiny-llada", progress=False)
+    cr = in_memory_runner(s.runner.model, sparse_retention=0.25, block_length=8)
+    items = _specs(6, seed=4)
+    eng = Engine(Session(cr, s.tokenizer, s.config, s.chat, s.source),
+                 ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8))
+    eng.runner.enable_graphs(True, capture=False)
+    eng.runner.bind_pool(eng.kv)
+    reqs = [eng.make_request(p, params) for p, params in items]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    st, keys = eng.runner.graphs.stats, list(eng.runner.graphs.graphs)
+    assert st["replays"] > 0 and {k[-1] for k in keys} == {64}                   # kept bucket 64 > K
+    differ = 0
+    for (p, params), r in zip(items, reqs):
+        cfg = GenerationConfig(**params, stop_at_eos=True)
+        assert r.output_ids == generate(cr, [p], cfg).token_ids[0]
+        differ += r.output_ids != generate(s.runner, [p], cfg).token_ids[0]
+    assert differ >= 2
