@@ -52,8 +52,8 @@ class EagerRunner:
             if not 0 < sparse_retention <= 1:
                 raise ValueError(f"sparse_retention must be in (0, 1], got {sparse_retention}")
             if model.config.block_diffusion:
-                raise ValueError("head-sparse attention needs a bidirectional model (block diffusion "
-                                 "models attend block-causally)")
+                raise ValueError("sparse_retention: head-sparse attention needs a bidirectional model "
+                                 "(block diffusion models attend block-causally)")
             self.sparse_retention = float(sparse_retention)
 
     @property

@@ -126,9 +126,8 @@ def test_engine_replays_sparse_steps_with_eager_sparse_tokens(session):
     runner; they differ from dense decoding."""
     items = _specs(6, seed=4)
     er = EagerRunner(session.runner.model, sparse_retention=0.25)
-    sess = Session(er, session.tokenizer, session.config, session.chat, session.source)
-    eng = Engine(sess, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8, cuda_graphs=True,
-                                   graph_decode="exact"))
+    eng = Engine(session, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8, cuda_graphs=True,
+                                      graph_decode="exact", sparse_retention=0.25))     # --sparse-retention
     reqs = [eng.make_request(p, params) for p, params in items]
     for r in reqs:
         eng.add_request(r)
@@ -161,6 +160,20 @@ def test_bad_retention_is_named(session):
         EagerRunner(session.runner.model, sparse_retention=0.0)
     with pytest.raises(ValueError, match="sparse_retention"):
         GraphRunner(session.runner.model, sparse_retention=1.5)
+    with pytest.raises(ValueError, match="sparse_retention must be in"):
+        ServeConfig(sparse_retention=2.0)
+    gr = GraphRunner(session.runner.model, sparse_retention=0.5)              # a runner fixed at another one
+    sess = Session(gr, session.tokenizer, session.config, session.chat, session.source)
+    with pytest.raises(ValueError, match="sparse_retention: this GraphRunner runs head-sparse at retention 0.5"):
+        Engine(sess, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, sparse_retention=0.25))
+
+
+def test_serve_cli_refuses_a_bad_retention_in_one_line():
+    from click.testing import CliRunner
+    from dlc.runtime.server_cli import serve_command
+    res = CliRunner().invoke(serve_command, ["tiny-llada", "--sparse-retention", "0", "--device", "cpu"])
+    assert res.exit_code != 0 and "sparse_retention must be in (0, 1]" in res.output
+    assert "Traceback" not in res.output
 
 
 @pytest.mark.gpu
