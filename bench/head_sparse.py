@@ -1,11 +1,11 @@
 """Head-sparse vs dense: one Reuse step through the runtime's GraphRunner path (issue 13, item 4).
 
 LLaDA-8B-shaped model (engine_path.build: random bf16 weights on the GPU, no network), one Reuse step of a
-32-token block over S = 2048 and 4096 cached tokens per row, B = 1 and 32, dense vs head-sparse at retention
-0.25 and 0.5. Every variant is the same ``GraphRunner`` (``dlc.runtime.runners.graph``: CUDA graph of the whole
-Reuse step per batch bucket, in-place K/V write into the serving slot pool, pool attention, fused selected-row
-logits), the sparse ones with ``sparse_retention``: each KV head attends over its own kept columns, read from
-the pool by index (``dlc.kernels.pool_attention`` with ``cols``). Columns:
+32-token block over S = 2048 and 4096 cached tokens per row, B = 1 and 32, dense vs head-sparse at
+retention 0.25 and 0.5. Every variant is the same ``GraphRunner`` (``dlc.runtime.runners.graph``: CUDA graph
+of the whole Reuse step per batch bucket, in-place K/V write into the serving slot pool, pool attention,
+fused selected-row logits), the sparse ones with ``sparse_retention``: each KV head attends over its own kept
+columns, read from the pool by index (``dlc.kernels.pool_attention`` with ``cols``). Columns:
 
 * ``step``: ``runner.reuse(batch)``, what the engine calls per Reuse step: staging the batch into the graph's
   static buffers (the kept-column list included), the replay, tokens and confidences out. CUDA events, median
@@ -111,7 +111,8 @@ def first_layers(model, n: int):
 
 
 def weight_bytes(model, n_layers: int) -> int:
-    """Bytes a Reuse step reads of the weights: n_layers blocks + final norm + LM head (not the embedding)."""
+    """Bytes a Reuse step reads of the weights: n_layers blocks + final norm + LM head (not the
+    embedding)."""
     per_layer = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
     head = model.head_weight()
     norm = sum(p.numel() * p.element_size() for p in model.norm.parameters())
@@ -119,7 +120,8 @@ def weight_bytes(model, n_layers: int) -> int:
 
 
 def kv_bytes(cfg, B: int, kept: int, elem: int, sparse: bool) -> int:
-    """K and V of the kept columns (every column for dense) per step; sparse steps also read the int64 lists."""
+    """K and V of the kept columns (every column for dense) per step; sparse steps also read the int64
+    lists."""
     cols = cfg.n_layers * B * cfg.n_kv_heads * kept
     return 2 * cols * cfg.head_dim * elem + (8 * cols if sparse else 0)
 
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None, help="time this many layers (default: all that fit)")
     ap.add_argument("--margin-gib", type=float, default=6.0, help="free memory left for activations etc.")
-    ap.add_argument("--compile", action="store_true", help="GraphRunner's torch.compile'd blocks (slow warm)")
+    ap.add_argument("--compile", action="store_true",
+                    help="GraphRunner's torch.compile'd blocks (slow warm-up)")
     args = ap.parse_args(argv)
     tiny = args.tiny
     dev = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
@@ -244,10 +247,11 @@ def main(argv=None) -> int:
     except Exception:                                                # noqa: BLE001 - no git on the machine
         commit = "?"
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    log(f"# head-sparse Reuse step, {preset} ({L} layers), {str(dtype)[6:]}, {gpu}, torch {torch.__version__}, "
-        f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    log(f"# path: runtime GraphRunner (CUDA graph per bucket, pool attention, fused logits"
-        f"{', compiled blocks' if args.compile else ''}){'' if dev.type == 'cuda' else ' WITHOUT capture (CPU)'}")
+    log(f"# head-sparse Reuse step, {preset} ({L} layers), {str(dtype)[6:]}, {gpu}, "
+        f"torch {torch.__version__}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    extra = ", compiled blocks" if args.compile else ""
+    capture = "" if dev.type == "cuda" else " WITHOUT capture (CPU)"
+    log(f"# path: runtime GraphRunner (CUDA graph per bucket, pool attention, fused logits{extra}){capture}")
     bw = copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 24))
     log(f"# copy bandwidth {bw / 1e12:.2f} TB/s (read + write); weights read per step "
         f"{weight_bytes(model, L) / 1e9:.2f} GB (layers + LM head, no embedding)")
@@ -268,7 +272,8 @@ def main(argv=None) -> int:
                 t = got[n][r] if n == L else extrapolate(got[n][r], got[depths[1]][r], n, depths[1], L)
                 kept = t["K"]
                 floor_b = weight_bytes(model, L) + kv_bytes(cfg0, B, kept, elem, r is not None)
-                rows.append(dict(B=B, S=S, retention=r, kept=kept, layers=(f"{n}->{L}" if n != L else str(L)),
+                depth = f"{n}->{L}" if n != L else str(L)
+                rows.append(dict(B=B, S=S, retention=r, kept=kept, layers=depth,
                                  step_ms=t["step"], replay_ms=t["replay"], select_ms=t["select"],
                                  floor_ms=floor_b / bw * 1e3, floor_gb=floor_b / 1e9,
                                  eager_fallbacks=t["eager_reuse"]))
@@ -278,8 +283,8 @@ def main(argv=None) -> int:
         sel = row["select_ms"] if row["retention"] is not None else 0.0
         row["vs_dense_with_select"] = dense["step_ms"] / (row["step_ms"] + sel)
     log()
-    log("| B | S cached | attention | kept cols/row | layers | step ms (GraphRunner) | replay ms | select ms "
-        "| floor ms (GB read) | dense/sparse step | dense/(step+select) |")
+    log("| B | S cached | attention | kept cols/row | layers | step ms (GraphRunner) | replay ms "
+        "| select ms | floor ms (GB read) | dense/sparse step | dense/(step+select) |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     for x in rows:
         att = "dense" if x["retention"] is None else f"head-sparse r={x['retention']}"

@@ -22,8 +22,8 @@ Python API (what compiler passes and runtimes call):
   ||v|| (the score of the sparsify_heads pass; docs/QUALITY.md says why).
 * ``pool_attention(q [B, H, T, D], k_pool, v_pool [N, Hkv, S, D], rows [B], kv_len [B], cols=None,
   n_cols=None)`` -> [B, H, T, D]: attention over the serving slot pool's rows read in place, keys
-  [0, kv_len[b]) (split-KV for small batches); head-sparse with ``cols`` [B, Hkv, K] / ``n_cols`` [B]: each KV
-  head reads only its kept columns ``cols[b, g, :n_cols[b]]``.
+  [0, kv_len[b]) (split-KV for small batches); head-sparse with ``cols`` [B, Hkv, K] / ``n_cols`` [B]: each
+  KV head reads only its kept columns ``cols[b, g, :n_cols[b]]``.
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
   ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
 """

@@ -206,7 +206,8 @@ def validate(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None) -> None:
         check_shape("cols", cols, 3, "[B, Hkv, K]")
         if cols.shape[0] != B or cols.shape[1] != k_pool.shape[1]:
             raise ValueError(f"cols must be [B={B}, Hkv={k_pool.shape[1]}, K], got {tuple(cols.shape)}")
-        check(cols.dtype == torch.int64 and cols.stride(2) == 1, "cols must be int64 with a contiguous last dim")
+        check(cols.dtype == torch.int64 and cols.stride(2) == 1,
+              "cols must be int64 with a contiguous last dim")
         if n_cols.dim() != 1 or n_cols.shape[0] != B:
             raise ValueError(f"n_cols must be [B={B}], got {tuple(n_cols.shape)}")
         check(n_cols.dtype == torch.int64, f"n_cols must be int64, got {n_cols.dtype}")

@@ -268,7 +268,8 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
         write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)
         from dlc.kernels import pool_attention
         rows = cache_kv.rows if cache_kv.rows is not None else torch.arange(q.shape[0], device=q.device)
-        return pool_attention(q, cache_kv.k, cache_kv.v, rows, cache_kv.kv_len, cache_kv.keep, cache_kv.n_keep)
+        return pool_attention(q, cache_kv.k, cache_kv.v, rows, cache_kv.kv_len, cache_kv.keep,
+                              cache_kv.n_keep)
     if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place, keys
         write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)     # [0, kv_len)
         from dlc.kernels import pool_attention

@@ -52,8 +52,9 @@ class ServeConfig:
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (eager runner)
-    sparse_retention: float | None = None   # head-sparse Reuse of an eager model: each KV head attends over the
-                                            # fed block + this share of the other cached keys (engines: built in)
+    # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
+    # other cached keys (engines: built in)
+    sparse_retention: float | None = None
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None

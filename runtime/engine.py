@@ -94,13 +94,14 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     if type(runner) is not EagerRunner:
         raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
     compile = runner.device.type == "cuda" if compile is None else compile
-    return GraphRunner(runner.model, decode=decode, compile=compile, sparse_retention=runner.sparse_retention)
+    return GraphRunner(runner.model, decode=decode, compile=compile,
+                       sparse_retention=runner.sparse_retention)
 
 
 def sparse_runner_for(runner, retention: float | None):
-    """The runner with head-sparse Reuse at ``retention`` (None: the runner as it is): an eager model's runner
-    gets it (``EagerRunner(sparse_retention=...)``; graph runners inherit it); an engine must have been
-    compiled with it."""
+    """The runner with head-sparse Reuse at ``retention`` (None: the runner as it is): an eager model's
+    runner gets it (``EagerRunner(sparse_retention=...)``; graph runners inherit it); an engine must have
+    been compiled with it."""
     if retention is None or runner.sparse_retention == retention:
         return runner
     if type(runner) is EagerRunner:
@@ -125,8 +126,8 @@ class Engine:
         t_init = time.perf_counter()
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
-        self.runner = graph_runner_for(sparse_runner_for(session.runner, cfg.sparse_retention), cfg.cuda_graphs,
-                                       cfg.compile, cfg.graph_decode)
+        runner = sparse_runner_for(session.runner, cfg.sparse_retention)
+        self.runner = graph_runner_for(runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode)
         self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)

@@ -355,9 +355,10 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
 
 def _keep_idx(cache: KVCache, q_start: torch.Tensor, n_fed: int, lengths: torch.Tensor, retention: float,
               dev) -> torch.Tensor:
-    """Per-head kept columns [n_layers, fed, Hkv, K]: the fed columns plus the top ``retention`` of each row's
-    other cached keys (its length L, not the pool's width) by the head scores its Refresh stored in the pool
-    (``keep_columns_rows``: K = the largest row's count, shorter rows padded with a masked column)."""
+    """Per-head kept columns [n_layers, fed, Hkv, K]: the fed columns plus the top ``retention`` of each
+    row's other cached keys (its length L, not the pool's width) by the head scores its Refresh stored in
+    the pool (``keep_columns_rows``: K = the largest row's count, shorter rows padded with a masked
+    column)."""
     if cache.scores is None:
         raise ValueError("head-sparse reuse needs the KV pool's head scores (a pool made for this runner)")
     W = int(lengths.max())                                          # keys past the longest row: all padding

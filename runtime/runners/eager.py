@@ -110,8 +110,8 @@ class EagerRunner:
                           embed_add(batch, T, qs, self.dtype))
 
     def _sparse_view(self, batch: StepBatch):
-        """The batch's cache, for head-sparse steps with what the model needs: a Refresh the hidden rows whose
-        queries score the keys; a Reuse its kept columns, their count and the rows' key lengths."""
+        """The batch's cache, for head-sparse steps with what the model needs: a Refresh the hidden rows
+        whose queries score the keys; a Reuse its kept columns, their count and the rows' key lengths."""
         c = batch.cache
         if self.sparse_retention is None or c is None:
             return c

@@ -27,13 +27,14 @@ gathering the batch's rows out of the pool for SDPA, which at batch 32 copied mo
 reads. Each row's keys are a prefix of its cache row (the runtime's layout):
 ``StepBatch.lengths`` on the host.
 
-Head-sparse Reuse (``sparse_retention``; ``EagerRunner`` says what it computes): the captured step attends per
-KV head over the batch's kept columns ``keep_idx`` through ``pool_attention(..., cols, n_cols)``, which reads
-only those K/V rows of the pool. The kept count varies with the rows' lengths, so each graph holds a kept-column
-buffer [n_layers, bb, Hkv, K_max] for the longest row the pool allows (K_max = T + ceil(retention x (S_max - T)))
-and the step's count per row (``meta`` row 4): the kernel's loops stop at the count, so a replay reads the
-kept K/V only and one graph per (bucket, fed width, decoded width) serves every cache length. The buffers cost
-8 bytes x n_layers x bb x Hkv x K_max per graph (LLaDA-8B, bucket 32, S_max 4096, retention 0.5: 0.5 GiB).
+Head-sparse Reuse (``sparse_retention``; ``EagerRunner`` says what it computes): the captured step attends
+per KV head over the batch's kept columns ``keep_idx`` through ``pool_attention(..., cols, n_cols)``, which
+reads only those K/V rows of the pool. The kept count varies with the rows' lengths, so each graph holds a
+kept-column buffer [n_layers, bb, Hkv, K_max] for the longest row the pool allows
+(K_max = T + ceil(retention x (S_max - T))) and the step's count per row (``meta`` row 4): the kernel's loops
+stop at the count, so a replay reads the kept K/V only and one graph per (bucket, fed width, decoded width)
+serves every cache length. The buffers cost 8 bytes x n_layers x bb x Hkv x K_max per graph (LLaDA-8B,
+bucket 32, S_max 4096, retention 0.5: 0.5 GiB).
 
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
 layers; a string names another torch.compile backend) before capture (``_compile_blocks`` says how every
@@ -288,7 +289,7 @@ class GraphRunner(EagerRunner):
         m[1, :B] = batch.q_start
         m[2, :B] = batch.out_start - self.config.logit_shift - batch.q_start
         m[3, :B] = batch.lengths
-        m[0, B:], m[1:3, B:], m[3:5, B:] = self.scratch, 0, T                     # padding rows: scratch slot
+        m[0, B:], m[1:3, B:], m[3:5, B:] = self.scratch, 0, T                 # padding rows: scratch slot
         if g.keep is not None:
             m[4, :B] = batch.keep_idx.shape[-1]
             self._stage_keep(g, batch.keep_idx, B, T)

@@ -11,12 +11,13 @@ that are not graphable run the program directly: classifier-free guidance, batch
 another pool, and head-sparse steps with a row as long as the pool (see below).
 
 Head-sparse engines (``keep_idx`` [n_layers, B, Hkv, K] input): the program's kept width K is a shape, so
-graphs are also keyed by a kept-width bucket (``keep_bucket``: 64, 96, 128, 192, ... up to the pool width) and
-the list is padded to it with column S - 1, a padding key of every row shorter than the pool (masked by the
-key mask; ``keep_columns_rows`` pads shorter rows the same way): a batch with a row as long as the pool runs
-uncaptured. Padding rows keep columns [0, K). Graphs of a kept bucket are captured on first use (``warmup``
-takes the smallest); the program reads what its lowering reads (GPU lowering: the kept columns by index). ``stats`` counts replays, captures,
-host time per replay and the fallbacks."""
+graphs are also keyed by a kept-width bucket (``keep_bucket``: 64, 96, 128, 192, ... up to the pool width)
+and the list is padded to it with column S - 1, a padding key of every row shorter than the pool (masked by
+the key mask; ``keep_columns_rows`` pads shorter rows the same way): a batch with a row as long as the pool
+runs uncaptured. Padding rows keep columns [0, K). Graphs of a kept bucket are captured on first use
+(``warmup`` takes the smallest); the program reads what its lowering reads (GPU lowering: the kept columns
+by index).
+``stats`` counts replays, captures, host time per replay and the fallbacks."""
 from __future__ import annotations
 
 import time
@@ -73,7 +74,8 @@ class ProgramGraphs:
             raise ValueError("engine graphs: bind_pool needs a free KV slot for padding rows")
 
     def eligible(self, feed: dict, B: int, guided: bool, sparse: bool, full_row: bool = False) -> bool:
-        """``full_row``: some row is as long as the pool (head-sparse: no padding key to pad the list with)."""
+        """``full_row``: some row is as long as the pool (head-sparse: no padding key to pad the list
+        with)."""
         credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] != 1      # its width varies per step
         return (self.pool is not None and not guided and not (sparse and full_row) and not credit
                 and B <= self.buckets[-1] and feed["k_pool"] is self.pool.k_all)

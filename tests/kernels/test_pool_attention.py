@@ -100,7 +100,7 @@ def test_triton_vs_reference_on_gpu(B, T, S, splits):
     assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < REL_BF16
 
 
-# -- head-sparse: each KV head attends over its own kept columns cols[b, g, :n_cols[b]] -------------------------
+# -- head-sparse: each KV head attends over its own kept columns cols[b, g, :n_cols[b]] --------------------
 def _cols_case(B=3, Hkv=2, S=37, K=15, T=5, seed=0, device="cpu"):
     """Kept columns per (row, kv head): ascending, distinct, one past the row's kv_len (masked), counts
     between T and K."""
@@ -157,7 +157,8 @@ import sys, torch
 from dlc.kernels import pool_attn as P
 torch.manual_seed(int(sys.argv[1]))
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
-    for (B, H, Hkv, T, S, K, splits) in ((2, 4, 2, 5, 40, 20, 1), (3, 2, 2, 7, 70, 33, 3), (1, 2, 1, 16, 33, 30, 2)):
+    for (B, H, Hkv, T, S, K, splits) in ((2, 4, 2, 5, 40, 20, 1), (3, 2, 2, 7, 70, 33, 3),
+                                         (1, 2, 1, 16, 33, 30, 2)):
         q = torch.randn(B, H, T, 16).to(dt)
         kp, vp = torch.randn(5, Hkv, S, 16).to(dt), torch.randn(5, Hkv, S, 16).to(dt)
         rows, lens = torch.randperm(5)[:B], torch.randint(K, S + 1, (B,))

@@ -1,10 +1,11 @@
 """Head-sparse Reuse on the eager model and on GraphRunner's static-buffer (CUDA-graph) path.
 
-The eager runner with ``sparse_retention`` scores keys at Refresh and attends per head over the kept columns
-at Reuse, as head-sparse engines do (its tokens equal the compiled head-sparse program's); GraphRunner runs the
-same steps from its static buffers (one kept-column buffer per graph, the count per row in ``meta``), so its
-tokens equal the eager sparse runner's. On CPU the static path runs without capture (``capture=False``, like
-tests/runtime/test_graph_runner.py); the GPU test at the end captures (skipped without CUDA)."""
+The eager runner with ``sparse_retention`` scores keys at Refresh and attends per head over the kept
+columns at Reuse, as head-sparse engines do (its tokens equal the compiled head-sparse program's);
+GraphRunner runs the same steps from its static buffers (one kept-column buffer per graph, the count per row
+in ``meta``), so its tokens equal the eager sparse runner's. On CPU the static path runs without capture
+(``capture=False``, like tests/runtime/test_graph_runner.py); the GPU test at the end captures (skipped
+without CUDA)."""
 import math
 
 import pytest
@@ -48,7 +49,8 @@ def test_kept_count_follows_each_rows_length():
         assert torch.equal(keep[:, b, :, :n[b]], alone[:, 0])
         assert bool((keep[:, b, :, n[b]:] == W - 1).all())                       # a padding key of row b
         assert bool((keep[:, b, :, :n[b]] < L).all())
-        assert all(set(cols[b].tolist()) <= set(keep[i, b, h].tolist()) for i in range(nl) for h in range(Hkv))
+        assert all(set(cols[b].tolist()) <= set(keep[i, b, h].tolist())
+                   for i in range(nl) for h in range(Hkv))
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])                         # heads keep different keys
     full = keep_columns_rows(scores, cols, lengths, 1.0)                         # 1.0: every real key
     assert all(full[0, b, 0, :L].tolist() == list(range(L)) for b, L in enumerate(lengths))
@@ -151,7 +153,8 @@ def test_eager_sparse_equals_the_compiled_sparse_program():
     prompts = [[5, 17, 99, 3, 44, 12, 9, 100, 101, 7, 8, 9, 10], [42, 8], [11, 12, 13, 14, 15, 16, 17]]
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     eager = generate(EagerRunner(m, sparse_retention=0.5), prompts, cfg).token_ids
-    assert eager == generate(in_memory_runner(m, sparse_retention=0.5, block_length=8), prompts, cfg).token_ids
+    compiled = in_memory_runner(m, sparse_retention=0.5, block_length=8)
+    assert eager == generate(compiled, prompts, cfg).token_ids
     assert eager != generate(EagerRunner(m), prompts, cfg).token_ids
 
 
@@ -164,7 +167,7 @@ def test_bad_retention_is_named(session):
         ServeConfig(sparse_retention=2.0)
     gr = GraphRunner(session.runner.model, sparse_retention=0.5)              # a runner fixed at another one
     sess = Session(gr, session.tokenizer, session.config, session.chat, session.source)
-    with pytest.raises(ValueError, match="sparse_retention: this GraphRunner runs head-sparse at retention 0.5"):
+    with pytest.raises(ValueError, match="this GraphRunner runs head-sparse at retention 0.5"):
         Engine(sess, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, sparse_retention=0.25))
 
 
@@ -202,9 +205,9 @@ def test_captured_sparse_steps_match_eager_sparse_on_gpu():
 
 
 def test_engine_program_graphs_replay_sparse_steps():
-    """A head-sparse engine (compiled programs, in memory) replays its Reuse program from ProgramGraphs' static
-    buffers (no capture on CPU): keep_idx padded to a kept-width bucket with a masked column, padding rows
-    keeping [0, K); tokens equal the uncaptured program's through generate()."""
+    """A head-sparse engine (compiled programs, in memory) replays its Reuse program from ProgramGraphs'
+    static buffers (no capture on CPU): keep_idx padded to a kept-width bucket with a masked column,
+    padding rows keeping [0, K); tokens equal the uncaptured program's through generate()."""
     from dlc.compiler import in_memory_runner
     s = open_model("tiny-llada", progress=False)
     cr = in_memory_runner(s.runner.model, sparse_retention=0.25, block_length=8)

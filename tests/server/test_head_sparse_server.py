@@ -12,8 +12,8 @@ from dlc.runtime.session import encode_prompt
 
 @pytest.fixture(scope="module")
 def sparse_server(server_process):
-    srv = server_process(MODEL, "--max-seq-len", "128", "--gen-length", "16", "--block-length", "8", "--steps",
-                         "8", "--kv-cache", "dual", "--max-num-tokens", "1024", "--cuda-graphs",
+    srv = server_process(MODEL, "--max-seq-len", "128", "--gen-length", "16", "--block-length", "8",
+                         "--steps", "8", "--kv-cache", "dual", "--max-num-tokens", "1024", "--cuda-graphs",
                          "--graph-decode", "exact", "--sparse-retention", "0.25", "--device", "cpu")
     yield srv
     srv.stop()
