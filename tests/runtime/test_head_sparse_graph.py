@@ -112,6 +112,31 @@ def test_graph_steps_equal_eager_sparse_steps(session, retention):
     assert list(gr.graphs) == [(4, blk + mc.logit_shift, blk)]                    # one graph, both calls
 
 
+def test_kept_columns_are_chosen_once_per_slot_and_block(session):
+    """A Reuse batch chooses each row's columns from its slot's scores once; the block's later steps reuse the
+    choice (equal to a fresh top-k) until the slot's next Refresh or its release; another fed span or length
+    chooses again."""
+    mc, model = session.config, session.runner.model
+    kv = KVCacheManager(mc, S_MAX, 1 << 40, torch.float32, "cpu", max_slots=4, head_scores=True)
+    eager = EagerRunner(model, sparse_retention=0.25)
+    slots = [kv.allocate() for _ in range(3)]
+    P, blk, lengths = 20, 8, [60, 44, 52]
+    seqs = _seqs(mc, lengths, P, 7)
+    eager.refresh(_batch(eager, "refresh", seqs, P, blk, slots, kv))
+    first = _batch(eager, "reuse", seqs, P, blk, slots, kv).keep_idx
+    assert kv.kept_stats == {"chosen": 3, "reused": 0}
+    T = blk + mc.logit_shift
+    cols = torch.arange(P - mc.logit_shift, P - mc.logit_shift + T).expand(3, T)
+    fresh = keep_columns_rows(kv.scores[:, slots, :, :max(lengths)], cols, lengths, 0.25)
+    assert torch.equal(first, fresh)
+    again = _batch(eager, "reuse", seqs[:2], P, blk, slots[:2], kv).keep_idx    # next step, two rows left
+    assert kv.kept_stats == {"chosen": 3, "reused": 2} and torch.equal(again, fresh[:, :2, :, :again.shape[-1]])
+    eager.refresh(_batch(eager, "refresh", seqs[:1], P, blk, slots[:1], kv))     # row 0's next block
+    kv.free(slots[2])
+    _batch(eager, "reuse", seqs, P, blk, [slots[0], slots[1], kv.allocate()], kv)
+    assert kv.kept_stats == {"chosen": 5, "reused": 3}                          # rows 0 and 2 chose again
+
+
 def _specs(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
