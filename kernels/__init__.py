@@ -20,8 +20,10 @@ Python API (what compiler passes and runtimes call):
 * ``select_positions(q_blk, k, retention, key_mask=None, pool=3, v=None)`` -> idx [B, Hkv, n]: per-head choice
   of cached positions: Sparse-dLLM's mean-query score, or with ``v`` the block's attention probabilities times
   ||v|| (the score of the sparsify_heads pass; docs/QUALITY.md says why).
-* ``pool_attention(q [B, H, T, D], k_pool, v_pool [N, Hkv, S, D], rows [B], kv_len [B])`` -> [B, H, T, D]:
-  attention over the serving slot pool's rows read in place, keys [0, kv_len[b]) (split-KV for small batches).
+* ``pool_attention(q [B, H, T, D], k_pool, v_pool [N, Hkv, S, D], rows [B], kv_len [B], cols=None,
+  n_cols=None)`` -> [B, H, T, D]: attention over the serving slot pool's rows read in place, keys
+  [0, kv_len[b]) (split-KV for small batches); head-sparse with ``cols`` [B, Hkv, K] / ``n_cols`` [B]: each
+  KV head reads only its kept columns ``cols[b, g, :n_cols[b]]``.
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
   ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
 """
@@ -75,11 +77,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blk: t
 
 
 def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
-                   kv_len: torch.Tensor) -> torch.Tensor:
+                   kv_len: torch.Tensor, cols: torch.Tensor | None = None,
+                   n_cols: torch.Tensor | None = None) -> torch.Tensor:
     """Block queries [B, H, T, D] over slot-pool rows ``rows`` [B] of K/V [N, Hkv, S, D], keys [0, kv_len[b]):
-    [B, H, T, D], reading the pool in place (no gather)."""
-    _pa.validate(q, k_pool, v_pool, rows, kv_len)
-    return torch.ops.dlc.pool_attention(q, k_pool, v_pool, rows, kv_len)
+    [B, H, T, D], reading the pool in place (no gather). Head-sparse: only the kept columns
+    ``cols[b, g, :n_cols[b]]`` of each KV head ([B, Hkv, K], [B] int64; columns >= kv_len masked)."""
+    _pa.validate(q, k_pool, v_pool, rows, kv_len, cols, n_cols)
+    return torch.ops.dlc.pool_attention(q, k_pool, v_pool, rows, kv_len, cols, n_cols)
 
 
 def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

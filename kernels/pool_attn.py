@@ -13,6 +13,11 @@ with g = h // (H / Hkv). Split-KV (flash-decoding): with few (batch x head x que
 range is split over ``splits`` programs that write partial (sum, max, denominator), and a second kernel
 combines them, so a batch-1 step still fills the GPU.
 
+Head-sparse Reuse (``cols`` [B, Hkv, K] int64 with ``n_cols`` [B]): each KV head g of row b attends over its
+own kept columns ``cols[b, g, :n_cols[b]]`` only (entries < 0 or >= kv_len[b] are masked), read from the pool
+by index: the kernel loads just those K/V rows (bytes proportional to the kept count, never a gathered
+[B, Hkv, K, D] copy); the split-KV runs over the kept list. The reference gathers (the CPU path).
+
 The op is opaque to torch.compile (a plain custom op): compiled transformer blocks call it as an extern
 kernel, so capturing a block with it compiles nothing extra. It is a runtime op; exported engines do not use
 it."""
@@ -26,15 +31,32 @@ import torch.nn.functional as F
 from ._registry import HAS_TRITON, check, check_shape, define_op, require_triton, tl, triton, use_triton
 
 
-def pool_attention_reference(q, k_pool, v_pool, rows, kv_len):
-    """q [B, H, T, D]; k_pool/v_pool [N, Hkv, S, D]; rows, kv_len [B] int64 -> [B, H, T, D]."""
+def pool_attention_reference(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None):
+    """q [B, H, T, D]; k_pool/v_pool [N, Hkv, S, D]; rows, kv_len [B] int64; optional kept columns cols
+    [B, Hkv, K] with n_cols [B] -> [B, H, T, D]."""
     B, H, T, D = q.shape
+    if cols is not None:
+        return _cols_reference(q, k_pool, v_pool, rows, kv_len, cols, n_cols)
     k, v = k_pool[rows], v_pool[rows]                                   # [B, Hkv, S, D]
     rep = H // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     keep = torch.arange(k.shape[2], device=q.device)[None] < kv_len[:, None]    # [B, S]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+
+def _cols_reference(q, k_pool, v_pool, rows, kv_len, cols, n_cols):
+    """Head-sparse: gather each head's kept columns (the CPU implementation) and attend over them."""
+    H, Hkv, S = q.shape[1], k_pool.shape[1], k_pool.shape[2]
+    heads = torch.arange(Hkv, device=q.device)[None, :, None]                     # [1, Hkv, 1]
+    c = cols.clamp(0, S - 1)
+    k, v = k_pool[rows[:, None, None], heads, c], v_pool[rows[:, None, None], heads, c]   # [B, Hkv, K, D]
+    used = torch.arange(cols.shape[2], device=q.device)[None, None, :] < n_cols[:, None, None]
+    keep = used & (cols >= 0) & (cols < kv_len[:, None, None])                    # [B, Hkv, K]
+    rep = H // Hkv
+    if rep > 1:
+        k, v, keep = (t.repeat_interleave(rep, dim=1) for t in (k, v, keep))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, :, None, :])
 
 
 def n_splits(B: int, H: int, t_tiles: int, S: int, sms: int, BK: int) -> int:
@@ -47,10 +69,10 @@ if HAS_TRITON:
     from .attention import _attend_tile          # one online-softmax step over a key tile (shared)
 
     @triton.jit
-    def _pool_attn_kernel(Q, K, V, ROWS, LENS, O, PO, PM, PL,
+    def _pool_attn_kernel(Q, K, V, ROWS, LENS, COLS, NCOLS, O, PO, PM, PL,
                           H, HKV, T, CHUNK, D, scale,
-                          sq_b, sq_h, sq_t, sk_n, sk_h, sk_s, so_b, so_h, so_t,
-                          SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                          sq_b, sq_h, sq_t, sk_n, sk_h, sk_s, sc_b, sc_h, so_b, so_h, so_t,
+                          SPLIT: tl.constexpr, IEEE: tl.constexpr, HAS_COLS: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
         pid_bh = tl.program_id(0)
         b = pid_bh // H
@@ -72,10 +94,20 @@ if HAS_TRITON:
         m = tl.full([BT], float("-inf"), tl.float32)
         l = tl.zeros([BT], tl.float32)
         s0 = sp * CHUNK
-        s1 = tl.minimum(s0 + CHUNK, n)
-        for j0 in range(s0, s1, BK):
-            j = j0 + tl.arange(0, BK)
-            acc, m, l = _attend_tile(q, acc, m, l, Kp, Vp, j, j < s1, sk_s, dk, dmask, scale, IEEE)
+        if HAS_COLS:                      # this split's share of the head's kept-column list
+            s1 = tl.minimum(s0 + CHUNK, tl.load(NCOLS + b))
+            for j0 in range(s0, s1, BK):
+                j = j0 + tl.arange(0, BK)
+                jm = j < s1
+                pos = tl.load(COLS + b * sc_b + g * sc_h + j, mask=jm, other=0)
+                valid = jm & (pos >= 0) & (pos < n)
+                pos = tl.where(valid, pos, 0)
+                acc, m, l = _attend_tile(q, acc, m, l, Kp, Vp, pos, valid, sk_s, dk, dmask, scale, IEEE)
+        else:
+            s1 = tl.minimum(s0 + CHUNK, n)
+            for j0 in range(s0, s1, BK):
+                j = j0 + tl.arange(0, BK)
+                acc, m, l = _attend_tile(q, acc, m, l, Kp, Vp, j, j < s1, sk_s, dk, dmask, scale, IEEE)
         if SPLIT == 1:
             out = acc / l[:, None]
             tl.store(O + b * so_b + h * so_h + t[:, None] * so_t + dk[None, :], out.to(O.dtype.element_ty),
@@ -116,10 +148,11 @@ def _sm_count(dev) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
 
 
-def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, BT=None, BK=64, num_warps=4, num_stages=2,
-                          splits=None):
+def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None, BT=None, BK=64,
+                          num_warps=4, num_stages=2, splits=None):
     B, H, T, D = q.shape
-    Hkv, S = k_pool.shape[1], k_pool.shape[2]
+    Hkv = k_pool.shape[1]
+    S = k_pool.shape[2] if cols is None else cols.shape[2]               # the key range the splits share
     o = torch.empty_like(q)
     BT = BT or max(16, min(64, triton.next_power_of_2(T)))
     BD = max(16, triton.next_power_of_2(D))
@@ -134,19 +167,22 @@ def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, BT=None, BK=64, num_w
         pl = torch.empty_like(pm)
     else:
         po = pm = pl = o
+    has_cols = cols is not None
+    cs = (cols.stride(0), cols.stride(1)) if has_cols else (0, 0)
     _pool_attn_kernel[(B * H, tiles, split)](
-        q, k_pool, v_pool, rows, kv_len, o, po, pm, pl, H, Hkv, T, chunk, D, 1.0 / math.sqrt(D),
+        q, k_pool, v_pool, rows, kv_len, cols if has_cols else rows, n_cols if has_cols else rows,
+        o, po, pm, pl, H, Hkv, T, chunk, D, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        SPLIT=split, IEEE=q.dtype == torch.float32, BT=BT, BK=BK, BD=BD, num_warps=num_warps,
-        num_stages=num_stages)
+        cs[0], cs[1], o.stride(0), o.stride(1), o.stride(2),
+        SPLIT=split, IEEE=q.dtype == torch.float32, HAS_COLS=has_cols, BT=BT, BK=BK, BD=BD,
+        num_warps=num_warps, num_stages=num_stages)
     if split > 1:
         _pool_attn_combine[(B * H, tiles)](o, po, pm, pl, H, T, D, o.stride(0), o.stride(1), o.stride(2),
                                                    SPLIT=split, BT=BT, BD=BD, num_warps=num_warps)
     return o
 
 
-def validate(q, k_pool, v_pool, rows, kv_len) -> None:
+def validate(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None) -> None:
     check_shape("q", q, 4, "[B, H, T, D]")
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
         check_shape(name, t, 4, "[n_slots, Hkv, S, D]")
@@ -164,17 +200,29 @@ def validate(q, k_pool, v_pool, rows, kv_len) -> None:
         if t.dim() != 1 or t.shape[0] != B:
             raise ValueError(f"{name} must be [B={B}], got {tuple(t.shape)}")
         check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}")
+    if (cols is None) != (n_cols is None):
+        raise ValueError("cols and n_cols go together (head-sparse: kept columns and their count per row)")
+    if cols is not None:
+        check_shape("cols", cols, 3, "[B, Hkv, K]")
+        if cols.shape[0] != B or cols.shape[1] != k_pool.shape[1]:
+            raise ValueError(f"cols must be [B={B}, Hkv={k_pool.shape[1]}, K], got {tuple(cols.shape)}")
+        check(cols.dtype == torch.int64 and cols.stride(2) == 1,
+              "cols must be int64 with a contiguous last dim")
+        if n_cols.dim() != 1 or n_cols.shape[0] != B:
+            raise ValueError(f"n_cols must be [B={B}], got {tuple(n_cols.shape)}")
+        check(n_cols.dtype == torch.int64, f"n_cols must be int64, got {n_cols.dtype}")
 
 
 @define_op("pool_attention", opaque=True)
 def pool_attention_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
-                      kv_len: torch.Tensor) -> torch.Tensor:
+                      kv_len: torch.Tensor, cols: torch.Tensor | None = None,
+                      n_cols: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton(q):
         require_triton("pool_attention")
-        return pool_attention_triton(q, k_pool, v_pool, rows, kv_len)
-    return pool_attention_reference(q, k_pool, v_pool, rows, kv_len)
+        return pool_attention_triton(q, k_pool, v_pool, rows, kv_len, cols, n_cols)
+    return pool_attention_reference(q, k_pool, v_pool, rows, kv_len, cols, n_cols)
 
 
 @pool_attention_op.register_fake
-def _(q, k_pool, v_pool, rows, kv_len):
+def _(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None):
     return torch.empty_like(q)

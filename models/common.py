@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .sparse_heads import head_scores
 
 
 class RMSNorm(nn.Module):
@@ -61,11 +62,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LayerKV(NamedTuple):
     """One layer's view of a KVCache: k, v [N, Hkv, S, D]; ``rows`` [B] pool rows (None: row b is cache
     row b); ``kv_len`` [B] valid keys per row (a prefix) when the layer may attend inside the pool
-    without a gather."""
+    without a gather. Head-sparse (``KVCache.keep`` / ``score_index``): ``keep`` [B, Hkv, K] this layer's
+    kept columns with ``n_keep`` [B] entries used per row; ``scores`` [N, Hkv, S] this layer's key scores,
+    written from the queries of hidden rows ``score_index`` [B, n]."""
     k: torch.Tensor
     v: torch.Tensor
     rows: torch.Tensor | None = None
     kv_len: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    n_keep: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    score_index: torch.Tensor | None = None
 
 
 class KVCache:
@@ -79,15 +86,30 @@ class KVCache:
     head-sparse engines' per-head key scores from the last Refresh of each row (models/sparse_heads.py), None
     for dense runners. ``k_all``, ``v_all`` [n_layers, N, Hkv, S, D]: the storage ``k[l]`` / ``v[l]`` are
     views of (the slot pool as one tensor), which compiled phase programs take as an input and write in place;
-    None when the layers are separate tensors."""
+    None when the layers are separate tensors.
+
+    Head-sparse steps of the eager model (``EagerRunner(sparse_retention=...)``): ``keep`` [n_layers, B, Hkv,
+    K] kept columns per head (a Reuse step attends over those of its pool rows only, ``n_keep`` [B] entries
+    per row, columns >= ``kv_len`` masked: ``dlc.kernels.pool_attention`` with ``cols``); ``score_index``
+    [B, n] (a Refresh writes each layer's per-head key scores of those hidden rows' queries into ``scores``,
+    ``models/sparse_heads.head_scores``)."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor | None = None,
                  kv_len: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-                 k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None):
+                 k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None, n_keep: torch.Tensor | None = None,
+                 score_index: torch.Tensor | None = None):
         self.k, self.v, self.rows = k, v, rows
         self.kv_len = kv_len
         self.scores = scores
         self.k_all, self.v_all = k_all, v_all
+        self.keep, self.n_keep, self.score_index = keep, n_keep, score_index
+
+    def with_(self, **kw) -> "KVCache":
+        """The same pool view with some fields replaced (kv_len, keep, n_keep, score_index)."""
+        f = dict(rows=self.rows, kv_len=self.kv_len, scores=self.scores, k_all=self.k_all, v_all=self.v_all,
+                 keep=self.keep, n_keep=self.n_keep, score_index=self.score_index)
+        return KVCache(self.k, self.v, **{**f, **kw})
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, seq_len: int, dtype, device) -> "KVCache":
@@ -117,7 +139,10 @@ class KVCache:
         return KVCache([k[:, :, :width] for k in self.k], [v[:, :, :width] for v in self.v], self.rows)
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.k[i], self.v[i], self.rows, self.kv_len)
+        scoring = self.score_index is not None
+        return LayerKV(self.k[i], self.v[i], self.rows, self.kv_len,
+                       None if self.keep is None else self.keep[i], self.n_keep,
+                       self.scores[i] if scoring else None, self.score_index if scoring else None)
 
     def row_index(self, batch: int, device) -> torch.Tensor:
         """Pool rows of batch rows 0..batch-1 ([batch] int64)."""
@@ -237,6 +262,14 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
     tokens does one of those (``attend_ragged``). Everything else in a layer is token-wise."""
     if isinstance(cache_kv, RaggedKV):
         return attend_ragged(q, k, v, cache_kv, n_heads, n_kv)
+    if cache_kv is not None and cache_kv.score_index is not None:     # head-sparse Refresh: key scores
+        store_head_scores(q, k, v, attn_mask, cache_kv, n_heads // n_kv)
+    if cache_kv is not None and cache_kv.keep is not None:           # head-sparse Reuse: kept columns only
+        write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)
+        from dlc.kernels import pool_attention
+        rows = cache_kv.rows if cache_kv.rows is not None else torch.arange(q.shape[0], device=q.device)
+        return pool_attention(q, cache_kv.k, cache_kv.v, rows, cache_kv.kv_len, cache_kv.keep,
+                              cache_kv.n_keep)
     if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place, keys
         write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)     # [0, kv_len)
         from dlc.kernels import pool_attention
@@ -252,6 +285,23 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
     fn = _ATTENTION[-1] if _ATTENTION else F.scaled_dot_product_attention
     return fn(q, k, v, attn_mask=attn_mask)                           # [B, H, T, D]
+
+
+def store_head_scores(q, k, v, attn_mask, kv: LayerKV, group: int) -> None:
+    """A head-sparse Refresh's key scores of one layer (q [B, H, L, D], its new k, v [B, Hkv, L, D]) into
+    the pool rows' ``kv.scores`` [N, Hkv, S]: columns [0, L) scored, the rest -inf (what a compiled
+    Refresh returns and ``CompiledRunner.refresh`` stores)."""
+    B, L = q.shape[0], k.shape[2]
+    if attn_mask is None:
+        key_mask = torch.ones(B, L, dtype=torch.bool, device=q.device)
+    elif attn_mask.shape[2] != 1:
+        raise ValueError("head-sparse scores need bidirectional attention (no block-causal mask)")
+    else:
+        key_mask = attn_mask[:, 0, 0, :L]                                          # [B, L]
+    s = head_scores(q, k, v, key_mask, kv.score_index, group)                     # [B, Hkv, L]
+    r = torch.arange(B, device=q.device) if kv.rows is None else kv.rows
+    kv.scores[r] = float("-inf")
+    kv.scores[r, :, :L] = s.to(kv.scores.dtype)
 
 
 # -- ragged forwards: several row kinds in one pass over the weights -----------------------------------------

@@ -50,6 +50,30 @@ def keep_columns(scores: torch.Tensor, cols: torch.Tensor, retention: float) -> 
     return sc.topk(k, dim=-1).indices.sort(-1).values.contiguous()
 
 
+def kept_counts(lengths: list[int], T: int, retention: float) -> list[int]:
+    """Columns each row keeps: the T fed ones plus ``ceil(retention x (L - T))`` of its L - T other cached
+    keys (so 1.0 keeps every real key, and a row's choice never depends on the rows batched with it)."""
+    return [min(L, T + math.ceil(retention * (L - T))) for L in lengths]
+
+
+def keep_columns_rows(scores: torch.Tensor, cols: torch.Tensor, lengths: list[int],
+                      retention: float) -> torch.Tensor:
+    """``keep_columns`` with each row's own count: scores [..., B, Hkv, S] (padding -inf), fed columns cols
+    [B, T], real keys per row ``lengths`` -> [..., B, Hkv, K] with K = the largest ``kept_counts``: row b's
+    first n_b entries are its kept columns (ascending), the rest repeat column S - 1, a padding key of that
+    row (its L < S whenever n_b < K), so a key mask or ``kv_len`` masks them."""
+    S = scores.shape[-1]
+    n = kept_counts(lengths, cols.shape[1], retention)
+    K = max(n)
+    forced = torch.zeros(cols.shape[0], S, dtype=torch.bool, device=cols.device)
+    forced.scatter_(1, cols, True)
+    sc = scores.masked_fill(forced[:, None, :], float("inf"))                    # [..., B, Hkv, S]
+    idx = sc.topk(K, dim=-1).indices                                              # best first
+    drop = torch.arange(K, device=cols.device)[None, :] >= torch.tensor(n, device=cols.device)[:, None]
+    idx = idx.masked_fill(drop[:, None, :], S - 1)                                # [B, 1, K] broadcast
+    return idx.sort(-1).values.contiguous()
+
+
 def max_pool(s: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     """1-D max-pool over the last dim, odd ``kernel``, stride 1, -inf padding (= F.max_pool1d(s, kernel, 1,
     kernel // 2)); written with slices so export keeps the length symbolic and ONNX needs no pooling op."""

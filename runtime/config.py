@@ -53,6 +53,9 @@ class ServeConfig:
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (eager runner)
+    # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
+    # other cached keys (engines: built in)
+    sparse_retention: float | None = None
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None
@@ -104,6 +107,9 @@ class ServeConfig:
         if self.tensor_parallel_size > 1 and (self.cuda_graphs or self.compile):
             raise ValueError("serve config: tensor_parallel_size > 1 runs the eager runner (no cuda_graphs / "
                              "compile yet); leave those off")
+        r = self.sparse_retention
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
+            raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")
         if self.api_key == "":
             raise ValueError("serve config: api_key must not be empty (leave it out to disable auth)")
 

@@ -97,7 +97,23 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     if type(runner) is not EagerRunner:
         raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
     compile = runner.device.type == "cuda" if compile is None else compile
-    return GraphRunner(runner.model, decode=decode, compile=compile)
+    return GraphRunner(runner.model, decode=decode, compile=compile,
+                       sparse_retention=runner.sparse_retention)
+
+
+def sparse_runner_for(runner, retention: float | None):
+    """The runner with head-sparse Reuse at ``retention`` (None: the runner as it is): an eager model's
+    runner gets it (``EagerRunner(sparse_retention=...)``; graph runners inherit it); an engine must have
+    been compiled with it."""
+    if retention is None or runner.sparse_retention == retention:
+        return runner
+    if type(runner) is EagerRunner:
+        return EagerRunner(runner.model, sparse_retention=retention)
+    have = runner.sparse_retention
+    raise ValueError(f"sparse_retention: this {type(runner).__name__} runs "
+                     f"{'dense' if have is None else f'head-sparse at retention {have}'}; "
+                     + ("recompile the engine with --sparse-retention" if isinstance(runner, CompiledRunner)
+                        else "head-sparse needs an eager model or a head-sparse engine"))
 
 
 @dataclass
@@ -113,7 +129,8 @@ class Engine:
         t_init = time.perf_counter()
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
-        self.runner = graph_runner_for(session.runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode)
+        runner = sparse_runner_for(session.runner, cfg.sparse_retention)
+        self.runner = graph_runner_for(runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode)
         self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)

@@ -6,7 +6,8 @@ from admission to finish or cancel; its sequence is laid out from column 0. Requ
 block batch together through ``KVCache(k, v, rows=slots)`` views. Requests without a cache (kv_cache none)
 take no slot; requests with classifier-free guidance take two (their unconditional rows have K/V of their
 own). With ``head_scores`` (head-sparse runners) the pool also keeps ``[n_layers, n_slots, Hkv, S_max]``
-float32 key scores per head, written by each row's Refresh and read when its Reuse steps choose their columns.
+float32 key scores per head, written by each row's Refresh and read when its Reuse steps choose their columns
+(``kept_columns``: chosen once per slot and block, then reused until the slot's next Refresh).
 
 Policy: ``n_slots = budget // bytes_per_slot`` (capped by ``max_slots``); ``allocate`` hands out the lowest
 free slot or None when the pool is full (the scheduler then waits or preempts); ``free`` returns a slot and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from dlc.models.common import KVCache
+from dlc.models.sparse_heads import keep_columns_rows, kept_counts
 
 
 def slot_bytes(config, s_max: int, dtype: torch.dtype, head_scores: bool = False) -> int:
@@ -48,6 +50,8 @@ class KVCacheManager:
                                      device=device)
         self._free = list(range(n))          # kept sorted: lowest slot first
         self.device = device
+        self._kept: dict[int, tuple] = {}    # slot -> ((q_start, n_fed, length, retention), [nl, Hkv, n] cols)
+        self.kept_stats = {"chosen": 0, "reused": 0}
 
     @property
     def num_free(self) -> int:
@@ -74,6 +78,41 @@ class KVCacheManager:
             raise ValueError(f"KV slot {slot} is not allocated")
         self._free.append(slot)
         self._free.sort()
+        self._kept.pop(slot, None)
+
+    def scores_written(self, slots) -> None:
+        """A Refresh of these slots is about to write their head scores: forget their kept columns."""
+        for s in slots:
+            self._kept.pop(int(s), None)
+
+    def kept_columns(self, slots: list[int], q_start: list[int], n_fed: int, lengths: list[int],
+                     retention: float) -> torch.Tensor:
+        """The kept columns [n_layers, B, Hkv, K] of a head-sparse Reuse step over pool rows ``slots``
+        (``keep_columns_rows`` of their scores: K = the largest row's count, shorter rows padded with column
+        W - 1, W = the longest row). The choice depends only on the slot's scores (written by its last
+        Refresh), its fed columns and its length, so it is made once per slot and block: later steps of the
+        block copy it instead of a top-k over [n_layers, Hkv, S] scores per row."""
+        keys = [(q, n_fed, L, retention) for q, L in zip(q_start, lengths)]
+        miss = [b for b, (s, k) in enumerate(zip(slots, keys)) if self._kept.get(s, (None,))[0] != k]
+        if miss:
+            W = max(lengths[b] for b in miss)
+            rows = torch.tensor([slots[b] for b in miss], device=self.scores.device)
+            cols = torch.tensor([q_start[b] for b in miss], device=self.scores.device)[:, None] \
+                + torch.arange(n_fed, device=self.scores.device)                       # [m, T]
+            lens = [lengths[b] for b in miss]
+            keep = keep_columns_rows(self.scores[:, rows, :, :W], cols, lens, retention)  # [nl, m, Hkv, K']
+            n = kept_counts(lens, n_fed, retention)
+            for i, b in enumerate(miss):
+                self._kept[slots[b]] = (keys[b], keep[:, i, :, :n[i]])
+        self.kept_stats["chosen"] += len(miss)
+        self.kept_stats["reused"] += len(slots) - len(miss)
+        rows = [self._kept[s][1] for s in slots]                                     # [nl, Hkv, n_b] each
+        K, W = max(r.shape[-1] for r in rows), max(lengths)
+        out = torch.full((rows[0].shape[0], len(slots), rows[0].shape[1], K), W - 1, dtype=torch.long,
+                         device=self.scores.device)
+        for b, r in enumerate(rows):
+            out[:, b, :, :r.shape[-1]] = r
+        return out
 
     def view(self, slots) -> KVCache:
         """A batch view on pool rows ``slots`` (a host list or LongTensor [B]; writes land in the pool)."""

@@ -64,6 +64,9 @@ def _options(f):
         click.option("--lookahead-steps", default=None, type=int,
                      help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
                           "1: off [16]"),
+        click.option("--sparse-retention", default=None, type=float,
+                     help="head-sparse Reuse (eager models): each KV head attends over the block and this "
+                          "share of the other cached keys, chosen at Refresh [off: dense]"),
         click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
                      help="shard the model over this many GPUs (CPU: processes); starts the ranks "
                           "itself [1]"),

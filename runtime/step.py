@@ -23,7 +23,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from dlc.models.common import KVCache
-from dlc.models.sparse_heads import keep_columns
 
 from .decoding import PHASES, DecodeState
 from .step_output import StepOutput
@@ -340,8 +339,10 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
         slot_rows = torch.tensor([sl[0] for sl in slots] + ([sl[1] for sl in slots] if cfg else []),
                                  dtype=torch.long)
         cache = pool.view(slot_rows)
+        if phase == "refresh" and pool.scores is not None:
+            pool.scores_written(slot_rows.tolist())
         if phase == "reuse" and runner.sparse_retention is not None:
-            keep = _keep_idx(cache, q_start, n_fed, runner.sparse_retention, dev)
+            keep = _keep_idx(pool, slot_rows, q_start, n_fed, lengths, runner.sparse_retention)
     arange_b = torch.arange(B, device=dev)
     return StepBatch(
         phase=phase, n_seqs=B, ids=_to_device(ids, dev), pos=ar.expand(fed, W).contiguous(),
@@ -353,14 +354,15 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
         block_size=block_size, tempered_conf=tempered_conf)
 
 
-def _keep_idx(cache: KVCache, q_start: torch.Tensor, n_fed: int, retention: float, dev) -> torch.Tensor:
-    """Per-head kept columns [n_layers, fed, Hkv, K]: the fed columns plus the top ``retention`` of the others
-    by the head scores the rows' Refresh stored in the pool."""
-    if cache.scores is None:
+def _keep_idx(pool, slots: torch.Tensor, q_start: torch.Tensor, n_fed: int, lengths: torch.Tensor,
+              retention: float) -> torch.Tensor:
+    """Per-head kept columns [n_layers, fed, Hkv, K]: the fed columns plus the top ``retention`` of each
+    row's other cached keys (its length L, not the pool's width) by the head scores its Refresh stored in
+    the pool (``KVCacheManager.kept_columns``: K = the largest row's count, shorter rows padded with a
+    masked column; chosen once per slot and block)."""
+    if pool.scores is None:
         raise ValueError("head-sparse reuse needs the KV pool's head scores (a pool made for this runner)")
-    scores = cache.scores[:, cache.rows]                                          # [nl, fed, Hkv, S]
-    cols = q_start.to(dev)[:, None] + torch.arange(n_fed, device=dev)              # [fed, T]
-    return keep_columns(scores, cols, retention)
+    return pool.kept_columns(slots.tolist(), q_start.tolist(), n_fed, lengths.tolist(), retention)
 
 
 def run_batch(runner, batch: StepBatch) -> StepOutput:

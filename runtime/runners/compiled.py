@@ -226,8 +226,9 @@ class CompiledRunner:
         return feed
 
     def _graphable(self, feed: dict, batch: StepBatch) -> bool:
+        full = batch.cache is not None and int(batch.lengths.max()) >= batch.cache.seq_len   # host lengths
         return self.graphs is not None and self.graphs.eligible(feed, batch.fed, batch.fed != batch.n_seqs,
-                                                                self.sparse_retention is not None)
+                                                                self.sparse_retention is not None, full)
 
     # --- steps run ahead of the host (step.LookaheadRunner, runners/ahead.py) ------------------------------
     def can_run_ahead(self, batch: StepBatch) -> bool:

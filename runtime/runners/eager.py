@@ -8,6 +8,11 @@
 * ``mixed``: the groups of one iteration (a ``MixedBatch``: Refresh rows beside Reuse rows) as ONE ragged
   forward, each part's inputs and attention exactly its own call's, the weights read once.
 
+Head-sparse (``sparse_retention``, Sparse-dLLM's head-centric attention, as head-sparse engines run it):
+a Refresh also writes every layer's per-head key scores of the decoded block into the pool
+(``KVCache.score_index``), and a Reuse step attends per head over the kept columns ``batch.keep_idx`` only
+(``KVCache.keep``: ``dlc.kernels.pool_attention`` with ``cols``, reading just those K/V from the pool).
+
 Decoding is ``dlc.kernels.logits.decode_rows``, the function the compiler's CPU lowering inlines into phase
 programs: guidance on the logits, Gumbel-max with the hash noise of each sequence's step seed, confidence =
 softmax probability of the chosen token in float64, vocab in chunks so no [B, N, V] float64 tensor exists."""
@@ -40,9 +45,16 @@ class EagerRunner:
     max_batch_size = None
     mixes = True               # step.MixedRunner: a mixed iteration runs as one ragged forward (``mixed``)
 
-    def __init__(self, model: DiffusionLM):
+    def __init__(self, model: DiffusionLM, sparse_retention: float | None = None):
         self.model = model
         self.config = model.config
+        if sparse_retention is not None:
+            if not 0 < sparse_retention <= 1:
+                raise ValueError(f"sparse_retention must be in (0, 1], got {sparse_retention}")
+            if model.config.block_diffusion:
+                raise ValueError("sparse_retention: head-sparse attention needs a bidirectional model "
+                                 "(block diffusion models attend block-causally)")
+            self.sparse_retention = float(sparse_retention)
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +93,7 @@ class EagerRunner:
         (reuse: from q_start, its K/V written in place), keys padded to the cache's length. A Refresh attends
         over its width only (``KVCache.narrow``), without a mask when no row is padded (SDPA's flash
         kernel)."""
-        c = batch.cache
+        c = self._sparse_view(batch)
         if batch.phase == "refresh":                # keys [0, W): the sequences, not the whole slot
             c = c.narrow(batch.width)
         keys = batch.key_mask if c is None else pad_keys(batch.key_mask, c.seq_len)
@@ -96,6 +108,24 @@ class EagerRunner:
         pos = take_cols(batch.pos, qs, T)                                          # [fed, T]
         return RaggedPart(take_cols(batch.ids, qs, T), pos, attention_keys(batch, keys, pos), c, qs,
                           embed_add(batch, T, qs, self.dtype))
+
+    def _sparse_view(self, batch: StepBatch):
+        """The batch's cache, for head-sparse steps with what the model needs: a Refresh the hidden rows
+        whose queries score the keys; a Reuse its kept columns, their count and the rows' key lengths."""
+        c = batch.cache
+        if self.sparse_retention is None or c is None:
+            return c
+        if batch.phase == "refresh":
+            if c.scores is None:
+                raise ValueError("head-sparse refresh needs a KV pool with head scores "
+                                 "(KVCacheManager(head_scores=True))")
+            idx = batch.hid_start[:, None] + torch.arange(batch.n_out, device=batch.hid_start.device)
+            return c.with_(score_index=idx)                                           # [fed, N]
+        if batch.phase == "reuse" and batch.keep_idx is not None:
+            keep = batch.keep_idx                                                     # [nl, fed, Hkv, K]
+            n = torch.full((batch.fed,), keep.shape[-1], dtype=torch.long, device=keep.device)
+            return c.with_(keep=keep, n_keep=n, kv_len=batch.lengths.to(keep.device, non_blocking=True))
+        return c
 
     @staticmethod
     def decoded_rows(h: torch.Tensor, batch: StepBatch) -> torch.Tensor:

@@ -27,6 +27,15 @@ gathering the batch's rows out of the pool for SDPA, which at batch 32 copied mo
 reads. Each row's keys are a prefix of its cache row (the runtime's layout):
 ``StepBatch.lengths`` on the host.
 
+Head-sparse Reuse (``sparse_retention``; ``EagerRunner`` says what it computes): the captured step attends
+per KV head over the batch's kept columns ``keep_idx`` through ``pool_attention(..., cols, n_cols)``, which
+reads only those K/V rows of the pool. The kept count varies with the rows' lengths, so each graph holds a
+kept-column buffer [n_layers, bb, Hkv, K_max] for the longest row the pool allows
+(K_max = T + ceil(retention x (S_max - T))) and the step's count per row (``meta`` row 4): the kernel's loops
+stop at the count, so a replay reads the kept K/V only and one graph per (bucket, fed width, decoded width)
+serves every cache length. The buffers cost 8 bytes x n_layers x bb x Hkv x K_max per graph (LLaDA-8B,
+bucket 32, S_max 4096, retention 0.5: 0.5 GiB).
+
 ``compile=True`` additionally runs each transformer block under ``torch.compile`` (one code object for all
 layers; a string names another torch.compile backend) before capture (``_compile_blocks`` says how every
 batch bucket shares it); ``fuse=True`` concatenates q|k|v and gate|up weights in place (``fuse_projections_``:
@@ -40,6 +49,8 @@ import torch
 
 from dlc.kernels.logits import decode_rows
 from dlc.models.common import KVCache, fuse_projections_
+
+from dlc.models.sparse_heads import kept_counts
 
 from ..step import MixedBatch, StepBatch, take_rows
 from .ahead import decoded_cols, run_ahead
@@ -58,10 +69,11 @@ class _Graph:
     ids: torch.Tensor           # [bb, T] fed tokens
     pos: torch.Tensor           # [bb, T] their positions
     key_mask: torch.Tensor      # [bb, S] attended cache columns
-    # meta [4, bb]: pool slot, cache column of ids[:, 0], first decoded row in the slice, valid keys;
-    # meta_host: its staging copy on the host (pinned on CUDA)
+    # meta [5, bb]: pool slot, cache column of ids[:, 0], first decoded row in the slice, valid keys,
+    # kept columns used (head-sparse); meta_host: its staging copy on the host (pinned on CUDA)
     meta: torch.Tensor
     meta_host: torch.Tensor
+    keep: torch.Tensor | None = None   # head-sparse: [n_layers, bb, Hkv, K_max] kept columns per head
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
     graph: object = None
@@ -71,14 +83,15 @@ class _Graph:
     start = property(lambda self: self.meta[1])
     off = property(lambda self: self.meta[2])
     kv_len = property(lambda self: self.meta[3])
+    n_keep = property(lambda self: self.meta[4])
 
 
 class GraphRunner(EagerRunner):
     graphed = True                           # step.GraphedRunner: binds a scratch pool slot, warms up
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
                  compile: bool | str = False, fuse: bool | None = None, max_width: int = 128,
-                 pool_attention: bool | None = None):
-        super().__init__(model)
+                 pool_attention: bool | None = None, sparse_retention: float | None = None):
+        super().__init__(model, sparse_retention)
         cuda = self.device.type == "cuda"
         self.pool_attention = cuda if pool_attention is None else pool_attention
         self.decoding = decode or ("fused" if cuda else "exact")
@@ -157,7 +170,12 @@ class GraphRunner(EagerRunner):
                 and batch.temperature == 0 and not batch.wants_extras()
                 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
                 and not batch.block_size                                     # block-causal: eager path
-                and batch.width <= self.pool.s_max)
+                and batch.width <= self.pool.s_max
+                and (batch.keep_idx is not None) == (self.sparse_retention is not None))
+
+    def kept_max(self, T: int) -> int:
+        """Head-sparse: the most columns a row of fed width T keeps (its cache as long as the pool's)."""
+        return kept_counts([self.pool.s_max], T, self.sparse_retention)[0]
 
     def bucket(self, B: int) -> int:
         return next(b for b in self.buckets if b >= B)
@@ -169,14 +187,17 @@ class GraphRunner(EagerRunner):
             return self.graphs[key]
         t0 = time.perf_counter()
         dev, S = self.device, self.pool.s_max
-        meta = torch.zeros(4, bb, dtype=torch.long, device=dev)
-        meta[0], meta[3] = self.scratch, T
+        meta = torch.zeros(5, bb, dtype=torch.long, device=dev)
+        meta[0], meta[3], meta[4] = self.scratch, T, T
         g = _Graph(bb, T, N,
                    ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
                    meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone())
         g.key_mask[:, :T] = True
+        if self.sparse_retention is not None:          # padding rows keep columns [0, T): their own block
+            mc = self.config
+            g.keep = torch.arange(self.kept_max(T), device=dev).repeat(mc.n_layers, bb, mc.n_kv_heads, 1)
         if self.capture:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -203,7 +224,10 @@ class GraphRunner(EagerRunner):
     @torch.no_grad()
     def _step(self, g: _Graph):
         """The captured computation: static inputs -> (tok [bb, N], conf [bb, N])."""
-        cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
+        if g.keep is not None:                         # head-sparse: the kept columns, read in the pool
+            cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len, keep=g.keep, n_keep=g.n_keep)
+        else:
+            cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
         h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
         rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
         if self.decoding == "exact":
@@ -265,7 +289,10 @@ class GraphRunner(EagerRunner):
         m[1, :B] = batch.q_start
         m[2, :B] = batch.out_start - self.config.logit_shift - batch.q_start
         m[3, :B] = batch.lengths
-        m[0, B:], m[1:3, B:], m[3, B:] = self.scratch, 0, T                       # padding rows: scratch slot
+        m[0, B:], m[1:3, B:], m[3:5, B:] = self.scratch, 0, T                 # padding rows: scratch slot
+        if g.keep is not None:
+            m[4, :B] = batch.keep_idx.shape[-1]
+            self._stage_keep(g, batch.keep_idx, B, T)
         g.meta.copy_(m, non_blocking=True)
         cols = g.start[:B, None] + torch.arange(T, device=batch.ids.device)       # [B, T]
         torch.gather(batch.ids, 1, cols, out=g.ids[:B])
@@ -279,6 +306,16 @@ class GraphRunner(EagerRunner):
             g.key_mask[B:g.rows_used, :T] = True
         g.rows_used = B
         return g
+
+    @staticmethod
+    def _stage_keep(g: _Graph, keep: torch.Tensor, B: int, T: int) -> None:
+        """keep [n_layers, B, Hkv, K] into the graph's kept-column buffer; rows that were real last call and
+        are padding now go back to columns [0, T) (their scratch-slot block)."""
+        if keep.shape[-1] > g.keep.shape[-1]:
+            raise ValueError(f"graph runner: {keep.shape[-1]} kept columns > the graph's {g.keep.shape[-1]}")
+        g.keep[:, :B, :, :keep.shape[-1]].copy_(keep)
+        if g.rows_used > B:
+            g.keep[:, B:g.rows_used, :, :T] = torch.arange(T, device=g.keep.device)
 
     def _launch(self, g: _Graph):
         """Replay (or, without capture, run) the step over the static inputs -> its static (tok, conf)."""
@@ -332,7 +369,7 @@ class GraphRunner(EagerRunner):
         if b.phase != "reuse" or b.block_size or c is None or c.k[0] is not self.pool.k[0]:
             return b
         kv_len = b.lengths.to(self.device, non_blocking=True)                     # [fed] valid keys
-        return replace(b, cache=KVCache(c.k, c.v, c.rows, kv_len, c.scores, c.k_all, c.v_all))
+        return replace(b, cache=c.with_(kv_len=kv_len))
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""

@@ -7,9 +7,17 @@ slot pool in place (the pool tensors are the static inputs themselves) and decod
 rows, the step seeds' hash noise: sampled tokens equal the uncaptured program's).
 
 Padding rows of a bucket read and write a scratch pool slot no request owns (``bind_pool`` takes it). Calls
-that are not graphable run the program directly: classifier-free guidance, head-sparse Reuse (its kept-column
-count varies per step), batches over the largest bucket, another pool. ``stats`` counts replays, captures,
-host time per replay and the fallbacks."""
+that are not graphable run the program directly: classifier-free guidance, batches over the largest bucket,
+another pool, and head-sparse steps with a row as long as the pool (see below).
+
+Head-sparse engines (``keep_idx`` [n_layers, B, Hkv, K] input): the program's kept width K is a shape, so
+graphs are also keyed by a kept-width bucket (``keep_bucket``: 64, 96, 128, 192, ... up to the pool width)
+and the list is padded to it with column S - 1, a padding key of every row shorter than the pool (masked by
+the key mask; ``keep_columns_rows`` pads shorter rows the same way): a batch with a row as long as the pool
+runs uncaptured. Padding rows keep columns [0, K). Graphs of a kept bucket are captured on first use
+(``warmup`` takes the smallest); the program reads what its lowering reads (GPU lowering: the kept columns
+by index).
+``stats`` counts replays, captures, host time per replay and the fallbacks."""
 from __future__ import annotations
 
 import time
@@ -22,6 +30,15 @@ from .ahead import run_ahead
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
            "credit_ids", "credit_vals", "credit_alpha")           # (credit: neutral zeros in padding rows)
+KEEP = "keep_idx"             # head-sparse: [n_layers, B, Hkv, K] (batch on dim 1), padded to keep_bucket
+
+
+def keep_bucket(K: int, S: int) -> int:
+    """The kept width a graph is captured for: the smallest of 64, 96, 128, 192, 256, ... >= K, at most S."""
+    b = 64
+    while b < K:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3          # 64 -> 96 -> 128 -> 192 -> 256 ...
+    return min(b, S)
 
 
 @dataclass
@@ -57,10 +74,12 @@ class ProgramGraphs:
         if self.scratch is None:
             raise ValueError("engine graphs: bind_pool needs a free KV slot for padding rows")
 
-    def eligible(self, feed: dict, B: int, guided: bool, sparse: bool) -> bool:
+    def eligible(self, feed: dict, B: int, guided: bool, sparse: bool, full_row: bool = False) -> bool:
+        """``full_row``: some row is as long as the pool (head-sparse: no padding key to pad the list
+        with)."""
         credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] != 1      # its width varies per step
-        return (self.pool is not None and not guided and not sparse and not credit and B <= self.buckets[-1]
-                and feed["k_pool"] is self.pool.k_all)
+        return (self.pool is not None and not guided and not (sparse and full_row) and not credit
+                and B <= self.buckets[-1] and feed["k_pool"] is self.pool.k_all)
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int, extra: dict) -> None:
         """Capture every bucket up to ``max_batch`` for each (fed width T, decoded width N) over inert rows in
@@ -79,6 +98,9 @@ class ProgramGraphs:
                         "rows": torch.full_like(ar, self.scratch), "out_index": torch.arange(N, device=dev)
                         .expand(bb, -1), "cond_rows": ar, "un_rows": ar, "seeds": torch.zeros_like(ar),
                         "k_pool": self.pool.k_all, "v_pool": self.pool.v_all, **extra}
+                if KEEP in self.names:                               # head-sparse: the smallest kept bucket
+                    nl, hkv = self.pool.k_all.shape[0], self.pool.k_all.shape[2]
+                    feed[KEEP] = torch.arange(keep_bucket(T, S), device=dev).repeat(nl, bb, hkv, 1)
                 if "credit_ids" in self.names:                       # engines built with --decode-extras
                     dt = extra["temperature"].dtype
                     feed.update(credit_ids=torch.zeros(bb, N, 1, dtype=torch.long, device=dev),
@@ -122,17 +144,39 @@ class ProgramGraphs:
     def stage(self, feed: dict, B: int, T: int, N: int) -> _Captured:
         """Copy this call's inputs into the static buffers of bucket(B) (capturing it on first use)."""
         bb = self.bucket(B)
-        key = (bb, T, N, feed["key_mask"].shape[1])
+        S = feed["key_mask"].shape[1]
+        kb = keep_bucket(feed[KEEP].shape[-1], S) if KEEP in feed else 0
+        key = (bb, T, N, S, kb)
         cap = self.graphs.get(key)
         if cap is None:
             cap = self._capture(key, {n: feed[n] if n in ("k_pool", "v_pool") else
-                                      (self._pad(n, feed[n], bb) if n in BATCHED else feed[n]).clone()
+                                      (self._pad_keep(feed[n], bb, kb, S) if n == KEEP else
+                                       self._pad(n, feed[n], bb) if n in BATCHED else feed[n]).clone()
                                       for n in self.names})
         for n, buf in cap.static.items():
             src = feed[n]
-            if src is not buf:                                        # the pool is its own static buffer
+            if n == KEEP:
+                self._stage_keep(buf, src, S)
+            elif src is not buf:                                      # the pool is its own static buffer
                 buf.copy_(self._pad(n, src, bb) if n in BATCHED else src, non_blocking=True)
         return cap
+
+    @staticmethod
+    def _pad_keep(keep: torch.Tensor, bb: int, kb: int, S: int) -> torch.Tensor:
+        """keep [nl, B, Hkv, K] -> [nl, bb, Hkv, kb]: real rows padded with column S - 1 (masked), padding
+        rows keeping columns [0, kb)."""
+        nl, B, hkv, K = keep.shape
+        out = torch.arange(kb, device=keep.device).repeat(nl, bb, hkv, 1)
+        out[:, :B, :, :K] = keep
+        out[:, :B, :, K:] = S - 1
+        return out
+
+    @staticmethod
+    def _stage_keep(buf: torch.Tensor, keep: torch.Tensor, S: int) -> None:
+        B, K = keep.shape[1], keep.shape[-1]
+        buf[:, :B, :, :K].copy_(keep, non_blocking=True)
+        buf[:, :B, :, K:] = S - 1
+        buf[:, B:] = torch.arange(buf.shape[-1], device=buf.device)
 
     def launch(self, cap: _Captured) -> list:
         """One step over the static inputs -> the program's outputs [bb, ...] (static while captured)."""

@@ -171,15 +171,16 @@ def test_runner_keeps_top_fraction_per_head():
     assert torch.allclose(sc, ref_scores, atol=ATOL)
     batch = build_batch(runner, "reuse", seqs, P, [12, 12], 4, [(12, 16), (12, 16)], slots, pool)
     keep = batch.keep_idx
-    K = 4 + math.ceil(0.5 * (S - 4))
-    assert keep.shape == (c.n_layers, 2, c.n_kv_heads, K)
+    n = [4 + math.ceil(0.5 * (L - 4)) for L in (24, 21)]       # each row's count from its own length: 14, 13
+    assert keep.shape == (c.n_layers, 2, c.n_kv_heads, n[0])
     fed = list(range(12, 16))
     for i in range(c.n_layers):
         for b in range(2):
             for h in range(c.n_kv_heads):          # fed columns + the top others by this row's scores
                 others = [j for j in range(S) if j not in fed]
-                top = sorted(others, key=lambda j: -float(sc[i, b, h, j]))[:K - 4]
-                assert keep[i, b, h].tolist() == sorted(fed + top), (i, b, h)
+                top = sorted(others, key=lambda j: -float(sc[i, b, h, j]))[:n[b] - 4]
+                pad = [S - 1] * (n[0] - n[b])      # row 1's last entry: its padding key 23 (masked)
+                assert keep[i, b, h].tolist() == sorted(fed + top) + pad, (i, b, h)
     assert any(not torch.equal(keep[0, 0, 0], keep[0, 0, h]) for h in range(1, c.n_kv_heads))  # heads differ
     k_rows = torch.stack([k[[2, 0]] for k in pool.k])                          # the refreshed K/V
     v_rows = torch.stack([v[[2, 0]] for v in pool.v])
