@@ -85,7 +85,7 @@ def build(cfg, dev: str, dtype):
     return model
 
 
-def make_engine(model, dev: str, max_seq: int, max_batch: int):
+def make_engine(model, dev: str, max_seq: int, max_batch: int, graphs: bool | None = None):
     """The serving Engine over an eager model, every runner choice left to ServeConfig's defaults."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
@@ -95,7 +95,8 @@ def make_engine(model, dev: str, max_seq: int, max_batch: int):
     cfg = model.config
     mib = slot_bytes(cfg, max_seq, next(model.parameters()).dtype) * (2 * max_batch + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq,
-                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0)
+                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, cuda_graphs=graphs,
+                     compile=graphs)
     eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
     eng.warmup()
     return eng
@@ -246,6 +247,7 @@ def parse_args(argv=None):
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager", action="store_true", help="the eager runner (no CUDA graphs, no compile)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the log [$OUT]")
     a = p.parse_args(argv)
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -264,7 +266,7 @@ def main(argv=None) -> list[dict]:
     t = time.perf_counter()
     model = build(cfg, dev, dtype)
     max_seq = 2 * scale[1] + max(scale[4])
-    eng = make_engine(model, dev, max_seq, args.max_batch_size)
+    eng = make_engine(model, dev, max_seq, args.max_batch_size, False if args.eager else None)
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     log(f"# batch invariance: {cfg.num_parameters() / 1e9:.2f} B params (d {cfg.d_model}, {cfg.n_layers} "
         f"layers, vocab {cfg.vocab_size}), {dtype}, {gpu}, torch {torch.__version__}; "
