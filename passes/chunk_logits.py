@@ -13,8 +13,8 @@ Replaces the hidden-state output with (tokens [C, N], confidence [C, N] float64)
    giving confidence = softmax probability of the chosen token (``low_confidence``); optional running top-k
    logprobs (``ctx.logprobs``).
 
-Block-diffusion models (LLaDA2, SDAR) report the confidence under softmax(logits / T): their rows are scaled by
-1 / T and decoded at temperature 1 when T > 0 (``tempered``, the eager runner's rule), before any lowering.
+Block-diffusion models (LLaDA2, SDAR) report the confidence under softmax(logits / T): their rows are scaled
+by 1 / T and decoded at temperature 1 when T > 0 (``tempered``, the eager runner's rule), before any lowering.
 
 The largest vocab-sized tensor is [B, N, Vc]: the planner sizes Vc from the activation budget.
 Rewrites counted: one per vocab chunk.

@@ -10,7 +10,8 @@ engine serves any) and gives every layer's SDPA the mask ``block_key_mask(key_ma
 the eager model; no [B, T, S] tensor crosses the program boundary.
 
 Runs first (before ``cache_kv_reuse``, which keeps each SDPA's mask argument while it rewires the keys to the
-KV pool). Only block-diffusion builds run it (``select_passes``). Rewrites counted: one per attention layer."""
+KV pool). Only block-diffusion builds run it (``select_passes``). Rewrites counted: one per attention
+layer."""
 from __future__ import annotations
 
 import torch.fx as fx

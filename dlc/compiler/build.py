@@ -141,9 +141,9 @@ def phases_line(block: bool, kv_inplace: bool) -> str:
     """What the phase programs compute (the compile log's line)."""
     kv_io = "written into the KV pool in place" if kv_inplace else "returned for the runner to write"
     if block:
-        return (f"phases (block-causal attention, the block size a runtime input): reuse = the exact block "
-                f"cache's step (fed columns over the pool rows -> tokens, confidence; the first step prefills "
-                f"the prompt's complete blocks with the first block, a block's first step also writes the "
+        return ("phases (block-causal attention, the block size a runtime input): reuse = the exact block "
+                "cache's step (fed columns over the pool rows -> tokens, confidence; the first step prefills "
+                "the prompt's complete blocks with the first block, a block's first step also writes the "
                 f"finished block's clean K/V; K/V {kv_io}), refresh = the whole canvas without a cache "
                 f"(kv_cache none); weights are inputs, stored once ({WEIGHTS_FILE})")
     return (f"phases: refresh (whole sequence -> tokens, confidence; every layer's K/V {kv_io}), "

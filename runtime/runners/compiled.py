@@ -121,8 +121,9 @@ class CompiledRunner:
         other engines attend bidirectionally."""
         if not self.block:
             if batch.block_size:
-                raise ValueError(f"this engine ({self.config.family}) attends bidirectionally; a block-causal "
-                                 f"batch (block_size {batch.block_size}) needs a block-diffusion engine")
+                raise ValueError(f"this engine ({self.config.family}) attends bidirectionally; a "
+                                 f"block-causal batch (block_size {batch.block_size}) needs a "
+                                 "block-diffusion engine")
             return {}
         if not batch.block_size or not batch.tempered_conf:
             raise ValueError(f"this engine's model ({self.config.family}) is block diffusion: its batches "

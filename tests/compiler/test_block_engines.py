@@ -26,8 +26,9 @@ from dlc.runtime.config import ServeConfig
 from dlc.runtime.decoding import FieldError
 from dlc.runtime.engine import Engine
 from dlc.runtime.generate import GenerationConfig, generate
-from dlc.runtime.session import open_model
+from dlc.runtime.session import encode_prompt, open_model
 from dlc.tiny.evaluate import evaluate
+from dlc.tiny.tasks import eval_set
 from dlc.tiny.train_bd import BD_THRESHOLD, gen_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -76,11 +77,11 @@ def _prompts(n, vocab, seed=0, lo=2, hi=14):
                           generator=g).tolist() for _ in range(n)]
 
 
-def _mixed_specs(vocab: int, temperature: float = 0.0):
+def _mixed_specs(prompts: list[list[int]], temperature: float = 0.0):
     """Eight requests that differ in everything a block engine must honour per request (threshold 1.0: the
     schedule alone, one token per step; a request's None would take the family's default)."""
     specs = []
-    for i, p in enumerate(_prompts(8, vocab, seed=21)):
+    for i, p in enumerate(prompts):
         params = dict(gen_length=(10, 16)[i % 2], block_length=(4, 8)[i % 2] if i % 3 else 4,
                       kv_cache=("block", "none")[i % 4 == 3], threshold=(1.0, 0.2, 0.1)[i % 3],
                       temperature=temperature, seed=i)
@@ -93,14 +94,15 @@ def _mixed_specs(vocab: int, temperature: float = 0.0):
     return specs
 
 
-def check_engine_mixed_batch(engine_dir, ckpt, temperature=0.0):
-    """The engine's Engine answers every mixed request with eager generate's tokens for it alone."""
+def check_engine_mixed_batch(engine_dir, ckpt, temperature=0.0, prompts=None):
+    """The engine's Engine answers every mixed request with eager generate's tokens for it alone. ``prompts``
+    (8): default random ids (a trained model needs its tasks' prompts to say something)."""
     eager = open_model(str(ckpt), dtype="fp32", progress=False)
     session = open_model(str(engine_dir), progress=False)
     assert session.kind != "eager" and session.config.block_diffusion
     eng = Engine(session, ServeConfig(max_seq_len=64, kv_cache_mb=8, max_num_tokens=400))
     assert eng.gen_defaults["kv_cache"] == "block" and eng.gen_defaults["decoder"] == "llada2"
-    specs = _mixed_specs(session.config.vocab_size, temperature)
+    specs = _mixed_specs(prompts or _prompts(8, session.config.vocab_size, seed=21), temperature)
     reqs = [eng.make_request(p, params) for p, params in specs]
     for r in reqs:
         eng.add_request(r)
@@ -197,7 +199,9 @@ def test_tiny_bd_export_engine_gives_eager_completions(bd_eager, tmp_path_factor
 def test_tiny_bd_onnx_and_aoti_engines_give_eager_completions(backend, bd_eager, tmp_path_factory):
     out = build("dlc-tiny-bd", backend, tmp_path_factory)
     _gate(out, bd_eager)
-    check_engine_mixed_batch(out, "dlc-tiny-bd")
+    eager = open_model("dlc-tiny-bd", progress=False)
+    prompts = [encode_prompt(eager, p, True) for p, _ in eval_set(8)]
+    check_engine_mixed_batch(out, "dlc-tiny-bd", prompts=prompts)
 
 
 # ------------------------------------------------------------------------------------- the dry-run plan
