@@ -194,6 +194,20 @@ def test_tiny_bd_export_engine_gives_eager_completions(bd_eager, tmp_path_factor
     _gate(build("dlc-tiny-bd", "export", tmp_path_factory), bd_eager)
 
 
+def test_generate_and_eval_cli_on_the_engine(tmp_path_factory):
+    """`dlc generate ENGINE` and `dlc eval ENGINE` take the engine's generation defaults (block 4, llada2
+    threshold 0.9, the block cache) and answer as the checkpoint."""
+    out = build("dlc-tiny-bd", "export", tmp_path_factory)
+    gen = [json.loads(run_cli(["generate", m, "12+34", "--device", "cpu", "--json"]).output.strip()
+                      .splitlines()[-1]) for m in ("dlc-tiny-bd", out)]
+    assert gen[1]["engine"] == "export" and gen[1]["token_ids"] == gen[0]["token_ids"]
+    assert gen[1]["nfe"] == gen[0]["nfe"] and gen[0]["text"].strip() == "46"
+    args = ["--n", "16", "--decoder", "llada2", "--kv-cache", "block", "--json"]
+    ev = [json.loads(run_cli(["eval", m, *args]).output.strip().splitlines()[-1]) for m in ("dlc-tiny-bd", out)]
+    assert ev[1]["engine"] == "export" and ev[0]["accuracy"] > 0.8
+    assert (ev[1]["accuracy"], ev[1]["tpf"]) == (ev[0]["accuracy"], ev[0]["tpf"])
+
+
 @SLOW
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
 def test_tiny_bd_onnx_and_aoti_engines_give_eager_completions(backend, bd_eager, tmp_path_factory):
