@@ -203,7 +203,8 @@ def test_generate_and_eval_cli_on_the_engine(tmp_path_factory):
     assert gen[1]["engine"] == "export" and gen[1]["token_ids"] == gen[0]["token_ids"]
     assert gen[1]["nfe"] == gen[0]["nfe"] and gen[0]["text"].strip() == "46"
     args = ["--n", "16", "--decoder", "llada2", "--kv-cache", "block", "--json"]
-    ev = [json.loads(run_cli(["eval", m, *args]).output.strip().splitlines()[-1]) for m in ("dlc-tiny-bd", out)]
+    ev = [json.loads(run_cli(["eval", m, *args]).output.strip().splitlines()[-1])
+          for m in ("dlc-tiny-bd", out)]
     assert ev[1]["engine"] == "export" and ev[0]["accuracy"] > 0.8
     assert (ev[1]["accuracy"], ev[1]["tpf"]) == (ev[0]["accuracy"], ev[0]["tpf"])
 
