@@ -60,8 +60,8 @@ class PassContext:
         """The parameters of one pass, as recorded in config.json."""
         return {"mask_blocks": {"mask": "block-causal (blocks aligned to column 0)",
                                 "block_size": "runtime input (the request's block length)"},
-                "cache_kv_reuse": {"layouts": ["block"] if getattr(self.config, "block_diffusion", False)
-                                   else ["prefix", "dual"], "vicinity": "runtime",
+                "cache_kv_reuse": {**({"layouts": ["block"]} if getattr(self.config, "block_diffusion", False)
+                                      else {"layouts": ["prefix", "dual"], "vicinity": "runtime"}),
                                    "kv": "in place" if self.kv_inplace else "returned"},
                 "lift_weights": {"weights": len(self.shared.get("weights", {}))},
                 "sparsify_heads": sparsify_heads.params(self),
