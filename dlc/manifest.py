@@ -199,7 +199,8 @@ def check_program_shapes(path, m: dict, config=None) -> None:
     at the first request."""
     c = config.__dict__ if config is not None else (m.get("model") or {})
     try:
-        want = [c["n_layers"], None, c["n_kv_heads"], None, c["d_model"] // c["n_heads"]]
+        want = [c["n_layers"], None, c["n_kv_heads"], None,
+                c.get("attn_head_dim") or c["d_model"] // c["n_heads"]]      # explicit head_dim (Qwen3, SDAR)
     except (KeyError, TypeError, ZeroDivisionError) as e:
         raise EngineError(f"{path}: {MANIFEST} has no usable model config ({e!r})") from None
     for ph, spec in (m.get("phases") or {}).items():

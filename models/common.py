@@ -214,10 +214,21 @@ def fuse_projections_(model: nn.Module) -> int:
 
 def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     """[B, S] bool (True = attend) -> [B, 1, 1, S] for SDPA; a per-query mask [B, T, S] (block-causal
-    attention, ``dlc.runtime.step.block_key_mask``) -> [B, 1, T, S]."""
+    attention, ``block_key_mask``) -> [B, 1, T, S]."""
     if key_mask is None:
         return None
     return key_mask[:, None] if key_mask.dim() == 3 else key_mask[:, None, None, :]
+
+
+def block_key_mask(key_mask: torch.Tensor, qpos: torch.Tensor, block) -> torch.Tensor:
+    """Block-causal keys per query: key_mask [B, S] (real keys) and query positions qpos [B, T] -> [B, T, S],
+    True where the key's column is below the end of the query's block (bidirectional inside a block, causal
+    across blocks aligned to column 0: the mask of LLaDA2's and SDAR's reference generate). ``block``: an int,
+    or a one-element int64 tensor (compiled phase programs take the block size as an input: passes/
+    mask_blocks.py)."""
+    ends = (qpos // block + 1) * block                                         # [B, T]
+    cols = torch.arange(key_mask.shape[1], device=key_mask.device)
+    return key_mask[:, None, :] & (cols[None, None, :] < ends[..., None])
 
 
 # training-time replacements of the dense SDPA (attention_override); empty otherwise

@@ -102,7 +102,9 @@ def _reuse(gm: fx.GraphModule, ctx) -> int:
             n += 1
     rep = ctx.config.n_heads // ctx.config.n_kv_heads
     inplace = ctx.kv_inplace
-    pool_kernel = inplace and ctx.use_kernels and ctx.sparse_retention is None
+    # the pool kernel attends to keys [0, kv_len) of each row: not block-causal (passes/mask_blocks.py)
+    pool_kernel = (inplace and ctx.use_kernels and ctx.sparse_retention is None
+                   and not getattr(ctx.config, "block_diffusion", False))
     if pool_kernel:
         import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.pool_attention)
         (kv_len,) = inline(gm, lambda km: (km.sum(1),), [key_mask], before=attention_nodes(gm)[0])   # [B]

@@ -13,6 +13,9 @@ Replaces the hidden-state output with (tokens [C, N], confidence [C, N] float64)
    giving confidence = softmax probability of the chosen token (``low_confidence``); optional running top-k
    logprobs (``ctx.logprobs``).
 
+Block-diffusion models (LLaDA2, SDAR) report the confidence under softmax(logits / T): their rows are scaled
+by 1 / T and decoded at temperature 1 when T > 0 (``tempered``, the eager runner's rule), before any lowering.
+
 The largest vocab-sized tensor is [B, N, Vc]: the planner sizes Vc from the activation budget.
 Rewrites counted: one per vocab chunk.
 
@@ -52,9 +55,6 @@ EXTRA_OUTPUTS = ("entropy", "logprob", "top1_ids", "top1_prob")
 
 
 
-
-
-
 def guided_hidden(h, cond_rows, un_rows, cfg_w, dtype):
     """h [B, N, d] -> guided rows [C, N, d] in ``dtype``: ``un + w * (cond - un)`` on hidden states
     (float32)."""
@@ -77,6 +77,15 @@ def decode_rows_fused(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, topk: int
     return tok, conf
 
 
+def tempered(h: torch.Tensor, temp: torch.Tensor):
+    """Block decoders (LLaDA2, SDAR) report the confidence under softmax(logits / T): at T > 0 decode the rows
+    h [B, N, d] scaled by 1 / T at temperature 1 (logits are linear in the rows: the same Gumbel-max draw),
+    as the eager runner does (``runners/eager.py``: ``_tempered``); T = 0 passes the rows through.
+    temp [1] -> (rows, the temperature to decode at [1])."""
+    on = temp > 0                                                                # [1]
+    return torch.where(on, (h.float() / temp.float()).to(h.dtype), h), on.to(temp.dtype)
+
+
 def select_rows(hidden: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
     """hidden [B, T, d], out_index [B, N] (row positions in hidden) -> [B, N, d]."""
     return torch.gather(hidden, 1, out_index[..., None].expand(-1, -1, hidden.size(-1)))
@@ -96,7 +105,10 @@ def run(gm: fx.GraphModule, ctx) -> int:
                          [hidden, ins["out_index"], ph["q_start"]])
     else:
         (rows,) = inline(gm, lambda h, oi: (select_rows(h, oi),), [hidden, ins["out_index"]])
-    args = [rows, w, ins["cond_rows"], ins["un_rows"], ins["cfg_weight"], ins["temperature"], ins["seeds"]]
+    temp = ins["temperature"]
+    if getattr(c, "block_diffusion", False):              # LLaDA2 / SDAR: confidence under softmax(l / T)
+        rows, temp = inline(gm, tempered, [rows, temp])
+    args = [rows, w, ins["cond_rows"], ins["un_rows"], ins["cfg_weight"], temp, ins["seeds"]]
     if ctx.use_kernels:
         def fused(h, ww, cr, ur, cw, t, sd):
             head = ww if ctx.head_weight.shape[0] == vocab else ww[:vocab]       # [V, d] (contiguous rows)

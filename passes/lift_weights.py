@@ -46,13 +46,19 @@ def run(gm: fx.GraphModule, ctx) -> int:
     for node in gm.graph.nodes:
         if node.op == "get_attr" and isinstance(_fetch(gm, node.target), torch.Tensor):
             uses.setdefault(node.target, []).append(node)
-    for target in sorted(uses):
+    last = None                       # the inputs go after the last placeholder, in order (one scan: MoE
+    for target in sorted(uses):       # programs lift ~15k weights)
         tensor = _fetch(gm, target).detach()
         name = weight_input_name(target)
         if name in store and not _same(store[name], tensor):
             raise ValueError(f"lift_weights: two different tensors named {target} in the phase programs")
         store[name] = tensor
-        ph = add_input(gm, name)
+        if last is None:
+            last = add_input(gm, name)
+        else:
+            with gm.graph.inserting_after(last):
+                last = gm.graph.placeholder(name)
+        ph = last
         ph.meta["val"] = tensor
         for node in uses[target]:
             node.replace_all_uses_with(ph)

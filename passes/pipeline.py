@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from . import cache_kv_reuse, chunk_logits, fuse_projections, lift_weights, sparsify_heads
+from . import cache_kv_reuse, chunk_logits, fuse_projections, lift_weights, mask_blocks, sparsify_heads
 
 log = logging.getLogger("dlc.passes")
 
@@ -20,6 +20,7 @@ PHASES = ("refresh", "reuse")
 
 # name -> (module, required). Order is the pipeline order.
 PIPELINE: dict[str, tuple] = {
+    "mask_blocks": (mask_blocks, False),                # block-diffusion models only (and there required)
     "cache_kv_reuse": (cache_kv_reuse, True),
     "sparsify_heads": (sparsify_heads, False),
     "fuse_projections": (fuse_projections, False),      # default on when lowering to the GPU kernels
@@ -57,7 +58,10 @@ class PassContext:
 
     def params(self, name: str) -> dict:
         """The parameters of one pass, as recorded in config.json."""
-        return {"cache_kv_reuse": {"layouts": ["prefix", "dual"], "vicinity": "runtime",
+        return {"mask_blocks": {"mask": "block-causal (blocks aligned to column 0)",
+                                "block_size": "runtime input (the request's block length)"},
+                "cache_kv_reuse": {**({"layouts": ["block"]} if getattr(self.config, "block_diffusion", False)
+                                      else {"layouts": ["prefix", "dual"], "vicinity": "runtime"}),
                                    "kv": "in place" if self.kv_inplace else "returned"},
                 "lift_weights": {"weights": len(self.shared.get("weights", {}))},
                 "sparsify_heads": sparsify_heads.params(self),
@@ -70,19 +74,27 @@ class PassContext:
                                  "extras": bool(self.extras and not self.use_kernels)}}[name]
 
 
-def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False) -> list[str]:
-    """Validate a --passes list; default: the required passes, plus sparsify_heads when a retention is set and
-    fuse_projections when the build lowers to the GPU kernels (``gpu``)."""
+def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False,
+                  block: bool = False) -> list[str]:
+    """Validate a --passes list; default: the required passes, plus mask_blocks for a block-diffusion model
+    (``block``; required there), sparsify_heads when a retention is set and fuse_projections when the build
+    lowers to the GPU kernels (``gpu``)."""
     if names is None:
         names = [n for n, (_, req) in PIPELINE.items() if req or (n == "sparsify_heads" and sparse_retention)
-                 or (n == "fuse_projections" and gpu)]
+                 or (n == "fuse_projections" and gpu) or (n == "mask_blocks" and block)]
     unknown = [n for n in names if n not in PIPELINE]
     if unknown:
         raise ValueError(f"unknown pass(es) {unknown}; the pipeline is {list(PIPELINE)}")
-    missing = [n for n, (_, req) in PIPELINE.items() if req and n not in names]
+    missing = [n for n, (_, req) in PIPELINE.items() if (req or (n == "mask_blocks" and block))
+               and n not in names]
     if missing:
         raise ValueError(f"--passes must include the required pass(es) {missing} (they define the "
                          "phase programs)")
+    if "mask_blocks" in names and not block:
+        raise ValueError("pass mask_blocks applies to block-diffusion models (LLaDA2, SDAR) only")
+    if block and sparse_retention is not None:
+        raise ValueError("--sparse-retention: head-sparse attention selects keys at Refresh steps; "
+                         "block-diffusion models keep an exact block cache (no Refresh): leave it out")
     if "sparsify_heads" in names and sparse_retention is None:
         raise ValueError("pass sparsify_heads needs --sparse-retention F (0 < F <= 1)")
     if sparse_retention is not None and not 0 < sparse_retention <= 1:

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from dlc.models.common import KVCache
+from dlc.models.common import KVCache, block_key_mask  # noqa: F401 (block_key_mask: re-exported)
 
 from .decoding import PHASES, DecodeState
 from .step_output import StepOutput
@@ -193,15 +193,6 @@ def check_runner(runner) -> None:
         raise TypeError(f"{type(runner).__name__} is not a phase runner (config, device, dtype, "
                         "sparse_retention, max_seq_len, max_batch_size, "
                         "full/refresh/reuse over a StepBatch)")
-
-
-def block_key_mask(key_mask: torch.Tensor, qpos: torch.Tensor, block: int) -> torch.Tensor:
-    """Block-causal keys per query: key_mask [B, S] (real keys) and query positions qpos [B, T] -> [B, T, S],
-    True where the key's column is below the end of the query's block (bidirectional inside a block, causal
-    across blocks aligned to column 0: the mask of LLaDA2's and SDAR's reference generate)."""
-    ends = (qpos // block + 1) * block                                         # [B, T]
-    cols = torch.arange(key_mask.shape[1], device=key_mask.device)
-    return key_mask[:, None, :] & (cols[None, None, :] < ends[..., None])
 
 
 def attention_keys(batch: "StepBatch", key_mask: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:

@@ -123,20 +123,32 @@ def _sig(specs: dict) -> list[dict]:
             for n, (shape, dt) in specs.items()]
 
 
-BLOCK_COMPILE_TODO = (
-    "phase programs for block diffusion (block-causal denoise over the cached prefix, prefill / "
-    "commit of the exact block cache) need the export of a per-query attention mask and the in-place KV "
-    "passes, which are being rewritten (dlc/compiler/export.py, passes/cache_kv_reuse.py); serve the "
-    "checkpoint eagerly with `dlc serve` (exact block KV cache) meanwhile")
+def block_generation(lm, model: str, cfg, block_length: int | None) -> dict:
+    """A block-diffusion engine's generation defaults (the manifest's ``generation`` section, read by
+    ``dlc.runtime.config.model_generation_defaults``): the checkpoint's generation_config.json over the
+    family's (decoder, block length, steps per block, threshold, the exact block cache); ``--block-length``
+    given to dlc compile replaces the block length."""
+    from dlc.runtime.config import BLOCK_GEN_KEYS, GEN_KEYS, model_generation_defaults
+
+    d = model_generation_defaults(str(lm.source) if lm is not None else model, cfg)
+    out = {k: d[k] for k in GEN_KEYS + BLOCK_GEN_KEYS if k in d}
+    if block_length is not None:
+        out["block_length"] = block_length
+    return out
 
 
-def _block_diffusion_plan(model: str, cfg, plan, dry_run: bool, echo) -> dict:
-    """Block-diffusion models: the memory plan only; building is refused until their phase programs exist."""
-    if not dry_run:
-        raise ValueError(f"dlc compile cannot build {model} ({cfg.family}, block diffusion) yet: "
-                         f"{BLOCK_COMPILE_TODO}")
-    echo(f"dry run: {model} is a block-diffusion model ({cfg.family}); plan only: {BLOCK_COMPILE_TODO}")
-    return {"plan": plan.to_dict(), "passes": [], "files": [], "block_diffusion": True}
+def phases_line(block: bool, kv_inplace: bool) -> str:
+    """What the phase programs compute (the compile log's line)."""
+    kv_io = "written into the KV pool in place" if kv_inplace else "returned for the runner to write"
+    if block:
+        return ("phases (block-causal attention, the block size a runtime input): reuse = the exact block "
+                "cache's step (fed columns over the pool rows -> tokens, confidence; the first step prefills "
+                "the prompt's complete blocks with the first block, a block's first step also writes the "
+                f"finished block's clean K/V; K/V {kv_io}), refresh = the whole canvas without a cache "
+                f"(kv_cache none); weights are inputs, stored once ({WEIGHTS_FILE})")
+    return (f"phases: refresh (whole sequence -> tokens, confidence; every layer's K/V {kv_io}), "
+            f"reuse (fed slice over the pool rows -> tokens, confidence; the slice's new K/V {kv_io}); "
+            f"weights are inputs, stored once ({WEIGHTS_FILE})")
 
 
 def tp_engines_later(model: str, n: int, dry_run: bool = False) -> str:
@@ -150,7 +162,8 @@ def tp_engines_later(model: str, n: int, dry_run: bool = False) -> str:
 
 def compile_model(model: str, target: str, out_dir: str | None, backend: str = "aoti",
                   weights: str | None = None, dtype: str | None = None, max_batch_size: int | None = None,
-                  max_seq_len: int | None = None, block_length: int = 32, passes: list[str] | None = None,
+                  max_seq_len: int | None = None, block_length: int | None = None,
+                  passes: list[str] | None = None,
                   sparse_retention: float | None = None, dump_graph_after: str | None = None,
                   dry_run: bool = False, logprobs: int = 0, echo=print, force: bool = False,
                   prepare_only: bool = False, decode_extras: bool = False, tensor_parallel: int = 1) -> dict:
@@ -183,6 +196,10 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     with stage("load"):
         m, lm = model_for_build(model, weights, DTYPES[dtype], device, dry_run)
     cfg = m.config
+    block = bool(getattr(cfg, "block_diffusion", False))
+    gen_defaults = block_generation(lm, model, cfg, block_length) if block else None
+    if block_length is None:
+        block_length = gen_defaults["block_length"] if block else 32
     plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length, tensor_parallel)
     on = f"{tensor_parallel} x {tgt.name}" if tensor_parallel > 1 else tgt.name
     echo(f"plan for {model} on {on} ({tgt.description}; {tgt.memory_gib} GiB, {tgt.bandwidth_gbs} GB/s, "
@@ -194,8 +211,6 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     if tensor_parallel > 1:
         echo(f"dry run, plan only: {tp_engines_later(model, tensor_parallel, dry_run=True)}")
         return {"plan": plan.to_dict(), "passes": [], "files": [], "tensor_parallel": tensor_parallel}
-    if getattr(cfg, "block_diffusion", False):
-        return _block_diffusion_plan(model, cfg, plan, dry_run, echo)
 
     runtime = backend
     pending = None
@@ -233,10 +248,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                                           dump_after=dump_graph_after, dump=echo, device=tgt.device,
                                           kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace,
                                           extras=extras)
-    kv_io = "written into the KV pool in place" if kv_inplace else "returned for the runner to write"
-    echo(f"phases: refresh (whole sequence -> tokens, confidence; every layer's K/V {kv_io}), "
-         f"reuse (fed slice over the pool rows -> tokens, confidence; the slice's new K/V {kv_io}); "
-         f"weights are inputs, stored once ({WEIGHTS_FILE})")
+    echo(phases_line(block, kv_inplace))
     for name in names:
         echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
              f"reuse {ctx.counts[(name, 'reuse')]}  params {ctx.params(name)}")
@@ -295,7 +307,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         "model": cfg.to_dict(),
         "build": {**{k: v for k, v in plan.to_dict().items() if k in ("max_batch_size", "max_seq_len",
                                                                         "block_length", "logit_chunk")},
-                  "dims": limits, "plan": plan.to_dict(), "kv_inplace": kv_inplace},
+                  "dims": limits, "plan": plan.to_dict(), "kv_inplace": kv_inplace,
+                  **({"block_diffusion": True} if block else {})},
         "weights": weights_info,
         "passes": [{"name": n, "params": ctx.params(n),
                     "rewrites": {ph: ctx.counts[(n, ph)] for ph in phases}} for n in names],
@@ -304,6 +317,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         "compile_seconds": times,
         "artifact_bytes": {ph: artifact_bytes(out, i["file"]) for ph, i in phase_info.items()},
     }
+    if block:
+        manifest["generation"] = gen_defaults
     if trt_cmds and backend in ("tensorrt", "onnx", "aoti"):
         manifest["tensorrt"] = {"trtexec": trt_cmds}
     if pending:

@@ -18,7 +18,9 @@ import click
               help="default: fp32 for cpu, bf16 for GPU targets")
 @click.option("--max-batch-size", default=None, type=int, help="default: the most that fits the target")
 @click.option("--max-seq-len", default=None, type=int, help="default: the model's maximum")
-@click.option("--block-length", default=32, show_default=True, type=int)
+@click.option("--block-length", default=None, type=int,
+              help="the block the plan sizes the logit chunk for (default 32; block-diffusion models: their "
+                   "own, and given, the engine's default block length)")
 @click.option("--passes", default=None, help="comma-separated pass list (default: the required passes, plus "
                                               "sparsify_heads with --sparse-retention)")
 @click.option("--sparse-retention", default=None, type=float,

@@ -90,7 +90,8 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None,
     the programs take as inputs are ``ctx.shared["weights"]`` (name -> tensor)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels)
+    names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels,
+                          block=bool(getattr(model.config, "block_diffusion", False)))
     t0 = time.perf_counter()
     base = trace_forward(model)
     t1 = time.perf_counter()
@@ -127,6 +128,7 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
         "un_rows": (("C",), torch.long), "cfg_weight": ((1,), dtype), "temperature": ((1,), decode_dtype),
         "seeds": (("C",), torch.long), "credit_ids": (("C", "N", "M"), torch.long),
         "credit_vals": (("C", "N", "M"), decode_dtype), "credit_alpha": (("C",), decode_dtype),
+        "block_size": ((1,), torch.long),                  # block diffusion (passes/mask_blocks.py)
     }
     table.update({n: (tuple(t.shape), t.dtype) for n, t in weights.items()})
     unknown = [n for n in names if n not in table]
@@ -172,6 +174,7 @@ def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None =
         "temperature": torch.zeros(1, dtype=torch.float64), "seeds": torch.arange(C),
         "credit_ids": torch.arange(C * N * e["M"]).reshape(C, N, e["M"]) % 7,
         "credit_vals": torch.rand(C, N, e["M"], dtype=torch.float64), "credit_alpha": torch.zeros(C) + 0.5,
+        "block_size": torch.tensor([4]),
     }
     out = []
     for name, (shape, dt) in specs.items():

@@ -55,6 +55,7 @@ class CompiledRunner:
         self.max_batch_size = max_batch_size
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
         self.extras = all("credit_ids" in names for names in input_names.values())   # chunk_logits' extras
+        self.block = all("block_size" in names for names in input_names.values())     # block diffusion
         self.graphs = None
         self.compiled = False
         self.enable_compile(compile)
@@ -113,8 +114,11 @@ class CompiledRunner:
         if self.graphs is not None:
             one = torch.ones(1, dtype=self.dtype, device=self.device)
             temp = torch.zeros(1, dtype=self.temperature_dtype, device=self.device)
+            extra = {"cfg_weight": one, "temperature": temp}
+            if self.block:                       # any block size: the graphs' key is the shapes
+                extra["block_size"] = torch.ones(1, dtype=torch.long, device=self.device)
             with torch.no_grad():
-                self.graphs.warmup(widths, max_batch, {"cfg_weight": one, "temperature": temp})
+                self.graphs.warmup(widths, max_batch, extra)
 
     def _decode_inputs(self, batch: StepBatch, hid_start: torch.Tensor) -> dict:
         """hid_start [fed]: the decoded rows' first index into the program's hidden states."""
@@ -138,6 +142,22 @@ class CompiledRunner:
             raise ValueError("this compiled engine decodes (token, confidence) only: rebuild it with "
                              "`dlc compile --decode-extras` for entropy, logprobs and credit decoding")
         return feed
+
+    def _attention_inputs(self, batch: StepBatch) -> dict:
+        """Block-diffusion engines take the batch's block size (their programs build the block-causal mask
+        from it and the positions: passes/mask_blocks.py) and decode its confidence tempered (chunk_logits);
+        other engines attend bidirectionally."""
+        if not self.block:
+            if batch.block_size:
+                raise ValueError(f"this engine ({self.config.family}) attends bidirectionally; a "
+                                 f"block-causal batch (block_size {batch.block_size}) needs a "
+                                 "block-diffusion engine")
+            return {}
+        if not batch.block_size or not batch.tempered_conf:
+            raise ValueError(f"this engine's model ({self.config.family}) is block diffusion: its batches "
+                             "need the block decoders' block size and tempered confidence (decoder llada2 / "
+                             "llada2.1)")
+        return {"block_size": torch.full((1,), batch.block_size, dtype=torch.long, device=self.device)}
 
     def _decode_outputs(self, res: list, batch: StepBatch):
         """(tokens, confidence), or a StepOutput with the extras the batch asked for (chunk_logits'
@@ -201,7 +221,8 @@ class CompiledRunner:
         if c.seq_len < W:
             raise ValueError(f"refresh: the cache holds {c.seq_len} columns, the batch needs {W}")
         feed = {"input_ids": batch.ids, "position_ids": batch.pos, "key_mask": batch.key_mask,
-                **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start)}
+                **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start),
+                **self._attention_inputs(batch)}
         res = self._call("refresh", feed)
         rows = feed["rows"]
         if not self.kv_inplace:             # outputs: decoding ..., k, v [nl, fed, Hkv, W, D] (, scores)
@@ -220,7 +241,7 @@ class CompiledRunner:
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
         feed = {"q_ids": take_cols(batch.ids, qs, T), "q_pos": take_cols(batch.pos, qs, T), "q_start": qs,
                 "key_mask": pad_keys(batch.key_mask, c.seq_len), **self._pool_inputs(batch),
-                **self._decode_inputs(batch, batch.hid_start)}
+                **self._decode_inputs(batch, batch.hid_start), **self._attention_inputs(batch)}
         if self.sparse_retention is not None:
             feed["keep_idx"] = batch.keep_idx
         return feed

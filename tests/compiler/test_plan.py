@@ -137,10 +137,8 @@ def test_llada2_plans_at_every_target(target):
 
 
 def test_llada2_dry_run_cli():
-    ok = run_cli(["compile", "llada2-mini", "--target", "h100", "--dry-run"])
-    assert ok.exit_code == 0 and "256 experts" in ok.output and "plan only" in ok.output
+    """rtx4090: refused at the plan (before tracing). The h100 dry run traces the 16B MoE (passes, files):
+    tests/compiler/test_block_engines.py (slow)."""
     small = run_cli(["compile", "llada2-mini", "--target", "rtx4090", "--dry-run"])
     assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and \
-        "expert parallel 2" in small.output
-    build = run_cli(["compile", "tiny-llada2", "--target", "cpu", "-o", "/tmp/dlc-never-written"])
-    assert build.exit_code != 0 and "block diffusion" in build.output and "Traceback" not in build.output
+        "expert parallel 2" in small.output and "Traceback" not in small.output
