@@ -220,7 +220,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
     # torch artifacts write K/V into the runtime's pool in place; ONNX has no input mutation: it returns K/V.
     kv_inplace = runtime in ("export", "aoti")
-    # the rules' decoding extras (entropy, logprobs, credit; --decode-extras) ride in the chunked lowering
+    # the rules' decoding extras (entropy, logprobs, credit, smoothing's inputs, the hidden rows smoothing and
+    # filters decode from; --decode-extras) ride in the chunked lowering
     # (not the GPU kernels', not TensorRT's float32 build). Off by default: they change the programs'
     # signatures.
     extras = decode_extras and not kernels and backend != "tensorrt"
