@@ -55,15 +55,17 @@ import torch.fx as fx
 
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*, emitted for GPU targets)
 from dlc.kernels.logits import decode_rows, row_key
-from dlc.manifest import EMBED_WEIGHT, HEAD_WEIGHT, WEIGHT_PREFIX
 from dlc.kernels.sampling import decode_rows_ext
+from dlc.manifest import EMBED_WEIGHT, HEAD_WEIGHT, WEIGHT_PREFIX
 
 from .graph_utils import add_input, inline, outputs, placeholders, set_outputs
 
 DECODE_INPUTS = ("out_index", "cond_rows", "un_rows", "cfg_weight", "temperature", "seeds")
-# With ``ctx.extras`` (chunked lowering): credit decoding's inputs and every rule's extra outputs, after
-# (tokens, confidence[, topk_ids, topk_logprobs]) and before the K/V outputs. Credit rows with alpha 0 decode
-# exactly as without credit, so one program serves every request (dlc.kernels.sampling.decode_rows_ext).
+# With ``ctx.extras`` (chunked lowering): credit decoding's and smoothing's inputs and every rule's extra
+# outputs, after (tokens, confidence[, topk_ids, topk_logprobs]) and before the K/V outputs. Credit rows with
+# alpha 0 and rows whose embed_delta is zero decode exactly as without the inputs, so one program serves every
+# request (dlc.kernels.sampling.decode_rows_ext); hidden_rows [B, N, d] is what the runner decodes smoothing's
+# soft embedding and T > 0 filters from (the module docstring says why).
 EXTRA_INPUTS = ("credit_ids", "credit_vals", "credit_alpha", "embed_delta")
 EXTRA_OUTPUTS = ("entropy", "logprob", "top1_ids", "top1_prob", "hidden_rows")
 EMBEDDING = torch.ops.aten.embedding.default
