@@ -31,7 +31,8 @@ all):
   ``uniform_noise``: GPU and CPU builds sample differently for the same seed, both by Gumbel-max);
 * confidence comes back float32 (the kernel's online softmax) and is cast to float64 for the output spec;
 * top-k logprobs come from ``torch.ops.dlc.fused_topk_logprobs`` on the same guided rows (float32, cast).
-Rewrites counted: one per emitted op.
+Rewrites counted: one per emitted op. With ``ctx.extras`` the GPU lowering adds only ``embed_delta`` and
+``hidden_rows`` (below): the runner decodes every batch that wants extras from the rows.
 
 With ``ctx.extras`` (``dlc compile --decode-extras``, chunked lowering) the programs also serve the rules that
 need more than the chunked reductions (``EXTRA_INPUTS`` / ``EXTRA_OUTPUTS``):
@@ -121,7 +122,11 @@ def run(gm: fx.GraphModule, ctx) -> int:
         def fused(h, ww, cr, ur, cw, t, sd):
             head = ww if ctx.head_weight.shape[0] == vocab else ww[:vocab]       # [V, d] (contiguous rows)
             return decode_rows_fused(h, head, cr, ur, cw, t, sd, topk=ctx.logprobs)
-        set_outputs(gm, list(inline(gm, fused, args)) + outs[1:])
+        dec = list(inline(gm, fused, args))
+        if ctx.extras:               # no chunked reductions here: the runner decodes every extra from the rows
+            add_embed_delta(gm, ctx, ins["out_index"], ph.get("q_start"))
+            dec.append(rows)
+        set_outputs(gm, dec + outs[1:])
         return 1 + bool(ctx.logprobs)
     acc = ctx.decode_dtype or torch.float64
     if ctx.extras:

@@ -139,7 +139,9 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
 
 def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int,
                  decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True,
-                 extras: bool = False) -> dict:
+                 extras: bool = False, rows: bool | None = None) -> dict:
+    """Output specs; ``extras``: chunk_logits' chunked extras; ``rows``: its ``hidden_rows`` (default: with
+    the extras; GPU-lowered --decode-extras builds have the rows only)."""
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     seq = "L" if phase == "refresh" else "T"
     out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), decode_dtype)}
@@ -148,8 +150,9 @@ def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs:
         out["topk_logprobs"] = (("C", "N", logprobs), decode_dtype)
     if extras:                                            # chunk_logits.EXTRA_OUTPUTS
         out.update(entropy=(("C", "N"), decode_dtype), logprob=(("C", "N"), decode_dtype),
-                   top1_ids=(("C", "N"), torch.long), top1_prob=(("C", "N"), decode_dtype),
-                   hidden_rows=(("B", "N", config.d_model), dtype))
+                   top1_ids=(("C", "N"), torch.long), top1_prob=(("C", "N"), decode_dtype))
+    if extras if rows is None else rows:
+        out["hidden_rows"] = (("B", "N", config.d_model), dtype)
     if not kv_inplace:                                   # functional programs return the new K/V
         out["k" if phase == "refresh" else "k_new"] = ((nl, "B", hkv, seq, hd), dtype)
         out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)

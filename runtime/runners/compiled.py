@@ -62,8 +62,9 @@ class CompiledRunner:
         self.max_batch_size = max_batch_size
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
         self.extras = all("credit_ids" in names for names in input_names.values())   # chunk_logits' extras
-        # ... with smoothing's input and the hidden rows the runner decodes smoothing and filters from
-        self.row_decoding = self.extras and all("embed_delta" in names for names in input_names.values())
+        # smoothing's input and the hidden rows the runner decodes smoothing and filters from (GPU-lowered
+        # --decode-extras engines: every extra, their programs have only these)
+        self.row_decoding = all("embed_delta" in names for names in input_names.values())
         if self.row_decoding and not {HEAD_WEIGHT, EMBED_WEIGHT} <= set(self.weights):
             raise ValueError(f"compiled runner: no tensor for {HEAD_WEIGHT} / {EMBED_WEIGHT} (the head and "
                              "embedding the runner decodes smoothing and filters with)")
@@ -118,7 +119,7 @@ class CompiledRunner:
             else:
                 feed.update(credit_ids=batch.credit_ids, credit_vals=batch.credit_vals.to(dt),
                             credit_alpha=batch.credit_alpha.to(dt))
-        elif batch.wants_extras():
+        elif batch.wants_extras() and not self.row_decoding:
             raise ValueError("this compiled engine decodes (token, confidence) only: rebuild it with "
                              "`dlc compile --decode-extras` for entropy, logprobs and credit decoding")
         if self.row_decoding:            # smoothing's soft inputs; zeros: the plain embedding, bit for bit
@@ -140,16 +141,19 @@ class CompiledRunner:
         EXTRA_OUTPUTS after the optional top-k pair)."""
         if not batch.wants_extras():
             return res[0], res[1]
-        k = batch.logprobs or 0
         ext = 4 if res[2].dtype == torch.long and res[2].dim() == 3 else 2          # past the top-k pair
+        if self.row_decoding and (self._decodes_rows(batch) or not self.extras):
+            # the eager runner's decoding of the same rows: smoothing, T > 0 filters, and every extra of a
+            # GPU-lowered engine (its programs have no chunked extras, only the rows)
+            rows = res[ext + 4] if self.extras else res[ext]
+            return decode_step_extras(rows, self.weights[HEAD_WEIGHT], self.weights[EMBED_WEIGHT],
+                                      self.config.vocab_size, batch)
+        k = batch.logprobs or 0
         if k and ext == 2:
             raise ValueError("this engine was built without top-k logprobs (dlc compile --logprobs K)")
         if k > (res[2].shape[-1] if ext == 4 else 0):
             raise ValueError(f"logprobs {k}: this engine was built for at most {res[2].shape[-1]} "
                              "alternatives")
-        if self._decodes_rows(batch):                       # the eager runner's decoding of the same rows
-            return decode_step_extras(res[ext + 4], self.weights[HEAD_WEIGHT], self.weights[EMBED_WEIGHT],
-                                      self.config.vocab_size, batch)
         ent, lp, t1, p1 = res[ext:ext + 4]
         return StepOutput(res[0], res[1], entropy=ent, logprob=lp, top1_ids=t1, top1_prob=p1,
                           topk_ids=res[2][..., :k] if k else None,
@@ -166,7 +170,8 @@ class CompiledRunner:
             raise FieldError(field, f"this compiled engine cannot decode {what} (its programs take no soft "
                                     "inputs and return no hidden rows); rebuild it with "
                                     "`dlc compile --decode-extras`")
-        if not self.extras and (gen.logprobs is not None or gen.credit or gen.rule().needs_entropy):
+        if not (self.extras or self.row_decoding) and (gen.logprobs is not None or gen.credit
+                                                       or gen.rule().needs_entropy):
             raise FieldError("logprobs" if gen.logprobs is not None else "credit" if gen.credit
                              else "entropy_bound", "this compiled engine decodes (token, confidence) only; "
                                                    "rebuild it with `dlc compile --decode-extras`")

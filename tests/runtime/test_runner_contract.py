@@ -281,3 +281,28 @@ def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions,
     older.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, credit=True))
     model = sessions["eager"].runner.model
     assert not in_memory_runner(model, block_length=8, device="cuda").extras     # GPU kernel lowering: none
+
+
+def test_gpu_lowered_engines_decode_every_rule_from_the_hidden_rows(sessions, eager_refs):
+    """A --decode-extras build of the GPU kernel lowering (dlc.fused_select_logits; run here through the ops'
+    CPU references) has no chunked extras, only smoothing's input and the hidden rows: the runner decodes
+    every batch that wants extras from them with the eager runner's function, so smoothing, each filter,
+    credit, entropy-bounded and logprobs give eager's tokens; without the flag it refuses them, naming it."""
+    from dlc.compiler import in_memory_runner
+    from dlc.runtime.decoding import FieldError
+    model = sessions["eager"].runner.model
+    gpu = in_memory_runner(model, block_length=8, device="cuda", decode_extras=True)
+    assert gpu.row_decoding and not gpu.extras
+    prompts, runs = eager_refs
+    for params in [SMOOTH[0], {**HOT, **FILTERS[1]}]:
+        assert _gen(gpu, prompts, params) == runs[str(params)][0], params
+    for params in [dict(kv_cache="dual", threshold=0.3, credit=True), dict(kv_cache="none", entropy_bound=8.0),
+                   dict(kv_cache="dual", threshold=0.3, logprobs=2)]:
+        ref = generate(sessions["eager"].runner, prompts, GenerationConfig(gen_length=16, block_length=8,
+                                                                          steps=16, **params))
+        got = generate(gpu, prompts, GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
+        assert got.token_ids == ref.token_ids, params
+    plain = in_memory_runner(model, block_length=8, device="cuda")
+    with pytest.raises(FieldError) as e:
+        plain.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, smoothing=True))
+    assert e.value.field == "smoothing" and "--decode-extras" in str(e.value)
