@@ -43,6 +43,10 @@ _CHUNK = 16 << 20
 
 WEIGHTS_FILE = "weights.safetensors"    # the engine's one copy of the weights, read by every phase program
 WEIGHT_PREFIX = "w__"                   # phase program inputs named so are weights (dlc.passes.lift_weights)
+# the weight inputs a compiled runner decodes with itself (dlc.passes.chunk_logits names them): the LM head
+# [>= V, d] of every engine, and the input embedding [>= V, d] of engines built with --decode-extras
+HEAD_WEIGHT = WEIGHT_PREFIX + "lm_head_weight"
+EMBED_WEIGHT = WEIGHT_PREFIX + "embed_weight"
 
 
 def is_weight_input(name: str) -> bool:

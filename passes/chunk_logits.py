@@ -34,7 +34,24 @@ all):
   ``uniform_noise``: GPU and CPU builds sample differently for the same seed, both by Gumbel-max);
 * confidence comes back float32 (the kernel's online softmax) and is cast to float64 for the output spec;
 * top-k logprobs come from ``torch.ops.dlc.fused_topk_logprobs`` on the same guided rows (float32, cast).
-Rewrites counted: one per emitted op."""
+Rewrites counted: one per emitted op. With ``ctx.extras`` the GPU lowering adds only ``embed_delta`` and
+``hidden_rows`` (below): the runner decodes every batch that wants extras from the rows.
+
+With ``ctx.extras`` (``dlc compile --decode-extras``, chunked lowering) the programs also serve the rules that
+need more than the chunked reductions (``EXTRA_INPUTS`` / ``EXTRA_OUTPUTS``):
+
+* credit decoding's inputs, and entropy / logprob / raw top-1 outputs, reduced per chunk as above;
+* ``embed_delta [B, N, d]`` (iteration smoothing's soft inputs): added to the input embedding of the decoded
+  columns (``out_index`` + the logit shift, in the fed slice), zeros for rows without smoothing, exactly as
+  the eager runner's ``embed_add``; the embedding's weight is renamed ``EMBED_ATTR`` (the lifted input
+  ``dlc.manifest.EMBED_WEIGHT``), the table the soft embedding is built from;
+* ``hidden_rows [B, N, d]``: the decoded rows' final hidden states. Smoothing's next soft input
+  ``softmax(l / tau) @ W_e`` and T > 0 sampling filters (top-k / top-p / min-p need a row's every logit at
+  once: a sort over the vocabulary) are decoded from them by the runner with ``decode_rows_ext``, the eager
+  runner's own function over the same rows and weights, so the sampling rule keeps one home and the tokens
+  are eager's. Why not in the graph: a program cannot skip work per call, so an in-graph soft embedding would
+  add a second head-sized GEMM to every step of every request, and in-graph filters a [C, N, V] sort; the
+  hidden rows cost N x d per row, and the extra head pass is paid only by batches that smooth or filter."""
 from __future__ import annotations
 
 import torch
@@ -43,15 +60,19 @@ import torch.fx as fx
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*, emitted for GPU targets)
 from dlc.kernels.logits import decode_rows, row_key
 from dlc.kernels.sampling import decode_rows_ext
+from dlc.manifest import EMBED_WEIGHT, HEAD_WEIGHT, WEIGHT_PREFIX
 
 from .graph_utils import add_input, inline, outputs, placeholders, set_outputs
 
 DECODE_INPUTS = ("out_index", "cond_rows", "un_rows", "cfg_weight", "temperature", "seeds")
-# With ``ctx.extras`` (chunked lowering): credit decoding's inputs and every rule's extra outputs, after
-# (tokens, confidence[, topk_ids, topk_logprobs]) and before the K/V outputs. Credit rows with alpha 0 decode
-# exactly as without credit, so one program serves every request (dlc.kernels.sampling.decode_rows_ext).
-EXTRA_INPUTS = ("credit_ids", "credit_vals", "credit_alpha")
-EXTRA_OUTPUTS = ("entropy", "logprob", "top1_ids", "top1_prob")
+# With ``ctx.extras`` (chunked lowering): credit decoding's and smoothing's inputs and every rule's extra
+# outputs, after (tokens, confidence[, topk_ids, topk_logprobs]) and before the K/V outputs. Credit rows with
+# alpha 0 and rows whose embed_delta is zero decode exactly as without the inputs, so one program serves every
+# request (dlc.kernels.sampling.decode_rows_ext); hidden_rows [B, N, d] is what the runner decodes smoothing's
+# soft embedding and T > 0 filters from (the module docstring says why).
+EXTRA_INPUTS = ("credit_ids", "credit_vals", "credit_alpha", "embed_delta")
+EXTRA_OUTPUTS = ("entropy", "logprob", "top1_ids", "top1_prob", "hidden_rows")
+EMBEDDING = torch.ops.aten.embedding.default
 
 
 
@@ -113,19 +134,24 @@ def run(gm: fx.GraphModule, ctx) -> int:
         def fused(h, ww, cr, ur, cw, t, sd):
             head = ww if ctx.head_weight.shape[0] == vocab else ww[:vocab]       # [V, d] (contiguous rows)
             return decode_rows_fused(h, head, cr, ur, cw, t, sd, topk=ctx.logprobs)
-        set_outputs(gm, list(inline(gm, fused, args)) + outs[1:])
+        dec = list(inline(gm, fused, args))
+        if ctx.extras:               # no chunked reductions here: the runner decodes every extra from the rows
+            add_embed_delta(gm, ctx, ins["out_index"], ph.get("q_start"))
+            dec.append(rows)
+        set_outputs(gm, dec + outs[1:])
         return 1 + bool(ctx.logprobs)
     acc = ctx.decode_dtype or torch.float64
     if ctx.extras:
-        ext = [add_input(gm, name) for name in EXTRA_INPUTS]
+        ext = [add_input(gm, name) for name in EXTRA_INPUTS[:3]]
+        add_embed_delta(gm, ctx, ins["out_index"], ph.get("q_start"))
         k = ctx.logprobs
 
         def extras(h, ww, cr, ur, cw, t, sd, ci, cv, ca):
             r = decode_rows_ext(h, ww, cr, ur, cw, t, sd, vocab=vocab, chunk=chunk, topk=k, logprobs=True,
                                 entropy=True, credit=(ci, cv, ca), acc=acc)
             return tuple(r[n] for n in ("tokens", "confidence") + (("topk_ids", "topk_logprobs") if k else ())
-                         + EXTRA_OUTPUTS)
-        set_outputs(gm, list(inline(gm, extras, args + ext)) + outs[1:])
+                         + EXTRA_OUTPUTS[:-1])
+        set_outputs(gm, list(inline(gm, extras, args + ext)) + [rows] + outs[1:])
         return -(-vocab // chunk)
     dec = inline(gm, lambda h, ww, cr, ur, cw, t, sd: decode_rows(h, ww, cr, ur, cw, t, sd, vocab=vocab,
                                                                    chunk=chunk, topk=ctx.logprobs,
@@ -134,7 +160,42 @@ def run(gm: fx.GraphModule, ctx) -> int:
     return -(-vocab // chunk)
 
 
-HEAD_ATTR = "lm_head_weight"
+HEAD_ATTR = HEAD_WEIGHT.removeprefix(WEIGHT_PREFIX)      # lift_weights names them back as the manifest's
+EMBED_ATTR = EMBED_WEIGHT.removeprefix(WEIGHT_PREFIX)
+
+
+def add_embed_delta(gm: fx.GraphModule, ctx, out_index: fx.Node, q_start: fx.Node | None) -> None:
+    """Input ``embed_delta [B, N, d]`` added to the input embedding [B, T, d] at the decoded columns (Refresh:
+    ``out_index`` + shift; Reuse: minus ``q_start``, the fed slice's first column), the embedding's weight read
+    through ``EMBED_ATTR``. ``scatter_add`` gives x + delta there and x elsewhere: the eager runner's
+    ``x + embed_add`` bit for bit. The columns are in the fed slice by construction (its span covers the
+    decoded columns; graph padding rows decode columns [0, N) of a slice at least that wide)."""
+    emb = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == EMBEDDING]
+    if len(emb) != 1:
+        raise ValueError(f"chunk_logits: smoothing's embed_delta needs the one input embedding of the "
+                         f"program, found {len(emb)} embedding lookups")
+    (e,) = emb
+    w = e.args[0]
+    if not hasattr(gm, EMBED_ATTR):
+        t = gm.get_parameter(w.target) if w.op == "get_attr" else None
+        if t is None:
+            raise ValueError(f"chunk_logits: the input embedding's weight is not a module attribute ({w})")
+        gm.register_parameter(EMBED_ATTR, t if isinstance(t, torch.nn.Parameter)
+                              else torch.nn.Parameter(t, requires_grad=False))
+    with gm.graph.inserting_before(e):
+        e.args = (gm.graph.get_attr(EMBED_ATTR),) + tuple(e.args[1:])
+    delta = add_input(gm, "embed_delta")
+    shift = ctx.config.logit_shift
+    users = list(e.users)
+
+    def add(x, dl, oi, *qs):
+        cols = oi + shift - qs[0][:, None] if qs else oi + shift                   # [B, N] in the fed slice
+        idx = cols[..., None].expand(-1, -1, x.size(-1))                           # [B, N, d]
+        return (x.scatter_add(1, idx, dl.to(x.dtype)),)
+    (x2,) = inline(gm, add, [e, delta, out_index] + ([q_start] if q_start is not None else []),
+                   before=e.next)
+    for u in users:
+        u.replace_input_with(e, x2)
 
 
 def _head_weight_node(gm: fx.GraphModule, ctx) -> fx.Node:

@@ -71,7 +71,8 @@ class PassContext:
                                  "decode_dtype":
                                      str(self.decode_dtype or "torch.float64").replace("torch.", ""),
                                  "lowering": "fused_select_logits" if self.use_kernels else "chunked",
-                                 "extras": bool(self.extras and not self.use_kernels)}}[name]
+                                 "extras": bool(self.extras and not self.use_kernels),
+                                 "hidden_rows": bool(self.extras)}}[name]
 
 
 def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False,

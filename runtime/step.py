@@ -271,7 +271,7 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         if batch.fed != B:
             raise ValueError("iteration smoothing does not combine with classifier-free guidance")
         batch.soft_tau = taus[0]
-        deltas = [n["soft"][1] for n in needs if n["soft"][1] is not None]
+        deltas = [n["soft"][1] for n in needs if n["soft"] is not None and n["soft"][1] is not None]
         if deltas:
             d = deltas[0].shape[-1]
             delta = torch.zeros(B, N, d, dtype=deltas[0].dtype)

@@ -235,13 +235,13 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
     # torch artifacts write K/V into the runtime's pool in place; ONNX has no input mutation: it returns K/V.
     kv_inplace = runtime in ("export", "aoti")
-    # the rules' decoding extras (entropy, logprobs, credit; --decode-extras) ride in the chunked lowering
-    # (not the GPU kernels', not TensorRT's float32 build). Off by default: they change the programs'
-    # signatures.
-    extras = decode_extras and not kernels and backend != "tensorrt"
+    # the rules' decoding extras (--decode-extras): in the chunked lowering entropy, logprobs and credit, and in
+    # every lowering smoothing's inputs and the hidden rows the runner decodes the rest from (passes/
+    # chunk_logits.py); not TensorRT's float32 build. Off by default: they change the programs' signatures.
+    extras = decode_extras and backend != "tensorrt"
     if decode_extras and not extras:
-        raise ValueError(f"--decode-extras needs the chunked lowering: a CPU target, or --backend onnx "
-                         f"(not {backend} for {tgt.name})")
+        raise ValueError("--decode-extras is not available for --backend tensorrt (its float32 build); use "
+                         "--backend onnx, export or aoti")
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,
@@ -259,7 +259,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                              decode_dtype) for ph, g in phases.items()}
     weight_inputs = {ph: [n for n in input_names(g) if is_weight_input(n)] for ph, g in phases.items()}
     outs = {ph: output_specs(ph, cfg, DTYPES[dtype], sparse_retention is not None, logprobs, decode_dtype,
-                             kv_inplace=kv_inplace, extras=ctx.params("chunk_logits")["extras"])
+                             kv_inplace=kv_inplace, extras=ctx.params("chunk_logits")["extras"],
+                             rows=ctx.params("chunk_logits")["hidden_rows"])
             for ph in phases}
     ext = {"export": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "tensorrt": ".onnx"}[runtime]
     files = [WEIGHTS_FILE] + [f"{ph}{ext}" for ph in phases] + (["refresh.engine", "reuse.engine"]

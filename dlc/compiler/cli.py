@@ -27,9 +27,10 @@ import click
               help="head-sparse attention: fraction kept per head")
 @click.option("--logprobs", default=0, show_default=True, type=int, help="top-k logprobs per decoded row")
 @click.option("--decode-extras", is_flag=True, help="the phase programs also decode what the "
-              "parallel rules and logprobs need (entropy, token logprob, credit decoding); CPU chunked "
-              "lowering (not TensorRT / the GPU kernel lowering); adds three inputs and four outputs to "
-              "each program")
+              "parallel rules and logprobs need (entropy, token logprob, credit decoding), take iteration "
+              "smoothing's soft inputs and return the decoded hidden rows (smoothing, T > 0 top-k / top-p / "
+              "min-p; the GPU kernel lowering: only these two, the runner decodes the rest from the rows); "
+              "not TensorRT")
 @click.option("--dump-graph-after", default=None, help="print the graph after this pass")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel", default=1, show_default=True,
               type=click.IntRange(min=1), help="plan one GPU of a tensor (+ expert) parallel layout "

@@ -117,6 +117,7 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     weights = weights or {}
     seq = "L" if phase == "refresh" else "S"
+    d = config.d_model
     table = {
         "input_ids": (("B", "L"), torch.long), "position_ids": (("B", "L"), torch.long),
         "q_ids": (("B", "T"), torch.long), "q_pos": (("B", "T"), torch.long),
@@ -129,6 +130,7 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
         "seeds": (("C",), torch.long), "credit_ids": (("C", "N", "M"), torch.long),
         "credit_vals": (("C", "N", "M"), decode_dtype), "credit_alpha": (("C",), decode_dtype),
         "block_size": ((1,), torch.long),                  # block diffusion (passes/mask_blocks.py)
+        "embed_delta": (("B", "N", d), dtype),
     }
     table.update({n: (tuple(t.shape), t.dtype) for n, t in weights.items()})
     unknown = [n for n in names if n not in table]
@@ -139,7 +141,9 @@ def input_specs(phase: str, names: list[str], config, dtype: torch.dtype,
 
 def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs: int,
                  decode_dtype: torch.dtype = torch.float64, kv_inplace: bool = True,
-                 extras: bool = False) -> dict:
+                 extras: bool = False, rows: bool | None = None) -> dict:
+    """Output specs; ``extras``: chunk_logits' chunked extras; ``rows``: its ``hidden_rows`` (default: with
+    the extras; GPU-lowered --decode-extras builds have the rows only)."""
     nl, hkv, hd = config.n_layers, config.n_kv_heads, config.head_dim
     seq = "L" if phase == "refresh" else "T"
     out = {"tokens": (("C", "N"), torch.long), "confidence": (("C", "N"), decode_dtype)}
@@ -149,6 +153,8 @@ def output_specs(phase: str, config, dtype: torch.dtype, sparse: bool, logprobs:
     if extras:                                            # chunk_logits.EXTRA_OUTPUTS
         out.update(entropy=(("C", "N"), decode_dtype), logprob=(("C", "N"), decode_dtype),
                    top1_ids=(("C", "N"), torch.long), top1_prob=(("C", "N"), decode_dtype))
+    if extras if rows is None else rows:
+        out["hidden_rows"] = (("B", "N", config.d_model), dtype)
     if not kv_inplace:                                   # functional programs return the new K/V
         out["k" if phase == "refresh" else "k_new"] = ((nl, "B", hkv, seq, hd), dtype)
         out["v" if phase == "refresh" else "v_new"] = ((nl, "B", hkv, seq, hd), dtype)
@@ -176,6 +182,8 @@ def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None =
         "credit_vals": torch.rand(C, N, e["M"], dtype=torch.float64), "credit_alpha": torch.zeros(C) + 0.5,
         "block_size": torch.tensor([4]),
     }
+    if "embed_delta" in specs:
+        vals["embed_delta"] = 0.01 * torch.randn(B, N, specs["embed_delta"][0][2])
     out = []
     for name, (shape, dt) in specs.items():
         if name in weights:
@@ -189,7 +197,7 @@ def example_inputs(phase: str, specs: dict, device="cpu", weights: dict | None =
             out.append(torch.ones(1, dtype=dt))
         elif name == "keep_idx":
             out.append(vals[name].expand(_concrete(shape)).contiguous())
-        elif name in ("temperature", "credit_vals", "credit_alpha"):
+        elif name in ("temperature", "credit_vals", "credit_alpha", "embed_delta"):
             out.append(vals[name].to(dt))
         else:
             out.append(vals[name])

@@ -7,7 +7,14 @@ or an onnxruntime session wrapper. The programs decode inside the graph
 with the per-sequence step seeds, confidence); this class feeds them from the StepBatch: the runtime's KV slot
 pool itself with the batch's rows (the programs write K/V into it in place; ONNX / TensorRT programs return
 it and this runner writes it) and the engine's weights, one copy shared by the phases. A head-sparse Refresh
-also returns per-head key scores, kept in the pool for the rows' Reuse steps."""
+also returns per-head key scores, kept in the pool for the rows' Reuse steps.
+
+Engines built with ``--decode-extras`` decode every rule of the core: the programs reduce entropy, logprobs and
+credit per vocab chunk, take iteration smoothing's soft inputs (``embed_delta``, added to the decoded columns'
+input embeddings in the graph) and return the decoded rows' hidden states (``hidden_rows``), from which this
+runner decodes, with the eager runner's own ``decode_step_extras`` over the engine's head and embedding
+weights, the batches that smooth (the next soft embedding) or filter at T > 0 (passes/chunk_logits.py says
+why those two are not decoded in the graph)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -16,13 +23,13 @@ import torch
 
 import dlc.kernels  # noqa: F401  (registers torch.ops.dlc.*: GPU-lowered phase programs call them)
 
-from dlc.manifest import is_weight_input
+from dlc.manifest import EMBED_WEIGHT, HEAD_WEIGHT, is_weight_input
 from dlc.models.common import KVCache
 
 from ..decoding import FieldError
 from ..step import StepBatch, take_cols
 from ..step_output import StepOutput
-from .eager import pad_keys
+from .eager import decode_step_extras, pad_keys
 from .ahead import decoded_cols
 from .program_graphs import ProgramGraphs
 
@@ -56,6 +63,12 @@ class CompiledRunner:
         self.temperature_dtype = temperature_dtype      # float32 in engines for runtimes without doubles
         self.extras = all("credit_ids" in names for names in input_names.values())   # chunk_logits' extras
         self.block = all("block_size" in names for names in input_names.values())     # block diffusion
+        # smoothing's input and the hidden rows the runner decodes smoothing and filters from (GPU-lowered
+        # --decode-extras engines: every extra, their programs have only these)
+        self.row_decoding = all("embed_delta" in names for names in input_names.values())
+        if self.row_decoding and not {HEAD_WEIGHT, EMBED_WEIGHT} <= set(self.weights):
+            raise ValueError(f"compiled runner: no tensor for {HEAD_WEIGHT} / {EMBED_WEIGHT} (the head and "
+                             "embedding the runner decodes smoothing and filters with)")
         self.graphs = None
         self.compiled = False
         self.enable_compile(compile)
@@ -104,7 +117,7 @@ class CompiledRunner:
                              "whose programs write the KV pool in place")
         names = [n for n in self.input_names["reuse"] if not is_weight_input(n)]
         self.graphs = ProgramGraphs(lambda feed: self._call("reuse", feed), names, self.config.mask_id,
-                                    capture=capture)
+                                    capture=capture, embed=(self.config.d_model, self.dtype))
 
     def bind_pool(self, kv) -> None:
         if self.graphs is not None:
@@ -138,9 +151,16 @@ class CompiledRunner:
             else:
                 feed.update(credit_ids=batch.credit_ids, credit_vals=batch.credit_vals.to(dt),
                             credit_alpha=batch.credit_alpha.to(dt))
-        elif batch.wants_extras():
+        elif batch.wants_extras() and not self.row_decoding:
             raise ValueError("this compiled engine decodes (token, confidence) only: rebuild it with "
                              "`dlc compile --decode-extras` for entropy, logprobs and credit decoding")
+        if self.row_decoding:            # smoothing's soft inputs; zeros: the plain embedding, bit for bit
+            d = batch.embed_delta
+            feed["embed_delta"] = (torch.zeros(batch.fed, n, self.config.d_model, dtype=self.dtype,
+                                               device=self.device) if d is None else d.to(self.dtype))
+        elif self._decodes_rows(batch):
+            raise ValueError("this compiled engine takes no soft inputs and returns no hidden rows: rebuild "
+                             "it with `dlc compile --decode-extras` for smoothing and T > 0 filters")
         return feed
 
     def _attention_inputs(self, batch: StepBatch) -> dict:
@@ -159,13 +179,24 @@ class CompiledRunner:
                              "llada2.1)")
         return {"block_size": torch.full((1,), batch.block_size, dtype=torch.long, device=self.device)}
 
+    @staticmethod
+    def _decodes_rows(batch: StepBatch) -> bool:
+        """Smoothing and T > 0 filters: decoded by this runner from the programs' hidden rows."""
+        return batch.soft_tau is not None or batch.embed_delta is not None or batch.top_k is not None
+
     def _decode_outputs(self, res: list, batch: StepBatch):
         """(tokens, confidence), or a StepOutput with the extras the batch asked for (chunk_logits'
         EXTRA_OUTPUTS after the optional top-k pair)."""
         if not batch.wants_extras():
             return res[0], res[1]
-        k = batch.logprobs or 0
         ext = 4 if res[2].dtype == torch.long and res[2].dim() == 3 else 2          # past the top-k pair
+        if self.row_decoding and (self._decodes_rows(batch) or not self.extras):
+            # the eager runner's decoding of the same rows: smoothing, T > 0 filters, and every extra of a
+            # GPU-lowered engine (its programs have no chunked extras, only the rows)
+            rows = res[ext + 4] if self.extras else res[ext]
+            return decode_step_extras(rows, self.weights[HEAD_WEIGHT], self.weights[EMBED_WEIGHT],
+                                      self.config.vocab_size, batch)
+        k = batch.logprobs or 0
         if k and ext == 2:
             raise ValueError("this engine was built without top-k logprobs (dlc compile --logprobs K)")
         if k > (res[2].shape[-1] if ext == 4 else 0):
@@ -177,17 +208,18 @@ class CompiledRunner:
                           topk_logprobs=res[3][..., :k] if k else None)
 
     def check_generation(self, gen) -> None:
-        """Refuse, naming the field, what compiled programs cannot decode: iteration smoothing (its soft
-        inputs enter the embedding, which phase programs do not take) and sampling filters at T > 0 (they
-        need a row's every logit at once; programs decode in vocab chunks)."""
-        if gen.smoothing:
-            raise FieldError("smoothing", "iteration smoothing needs an eager model (a checkpoint "
-                                          "or preset); compiled engines do not take soft input embeddings")
-        if gen.filters() is not None:
-            field = "top_k" if gen.top_k else "top_p" if gen.top_p < 1 else "min_p"
-            raise FieldError(field, f"{field} at temperature > 0 needs an eager model; compiled "
-                                    f"engines sample over vocab chunks without filters")
-        if not self.extras and (gen.logprobs is not None or gen.credit or gen.rule().needs_entropy):
+        """Refuse, naming the field, what this engine's programs cannot decode: every rule beyond (token,
+        confidence) needs an engine built with ``--decode-extras`` (smoothing and T > 0 filters one built
+        since its programs take ``embed_delta`` and return ``hidden_rows``)."""
+        if not self.row_decoding and (gen.smoothing or gen.filters() is not None):
+            field = ("smoothing" if gen.smoothing else "top_k" if gen.top_k else "top_p" if gen.top_p < 1
+                     else "min_p")
+            what = "iteration smoothing" if gen.smoothing else f"{field} at temperature > 0"
+            raise FieldError(field, f"this compiled engine cannot decode {what} (its programs take no soft "
+                                    "inputs and return no hidden rows); rebuild it with "
+                                    "`dlc compile --decode-extras`")
+        if not (self.extras or self.row_decoding) and (gen.logprobs is not None or gen.credit
+                                                       or gen.rule().needs_entropy):
             raise FieldError("logprobs" if gen.logprobs is not None else "credit" if gen.credit
                              else "entropy_bound", "this compiled engine decodes (token, confidence) only; "
                                                    "rebuild it with `dlc compile --decode-extras`")

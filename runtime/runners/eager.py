@@ -77,9 +77,8 @@ class EagerRunner:
         sampling filters the probability renormalised over the filters' survivors (their top-k / top-p
         samplers)."""
         if batch.wants_extras():
-            rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
-            return StepOutput.from_decode(decode_extras(rows, self.model, batch, VOCAB_CHUNK, temperature,
-                                                        filtered_conf=batch.tempered_conf))
+            return decode_step_extras(rows, self.model.head_weight(), self.model.embed.weight,
+                                      self.config.vocab_size, batch)
         return self._decode(rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
                             batch.temperature, batch.tempered_conf, batch.seeds)
 
@@ -182,18 +181,28 @@ def _tempered(rows: torch.Tensor, temperature: float, tempered: bool):
     return rows, temperature
 
 
-def decode_extras(rows: torch.Tensor, model: DiffusionLM, batch: StepBatch, chunk: int,
-                  temperature: float | None = None, filtered_conf: bool = False) -> dict:
-    """``decode_rows_ext`` over a batch that wants extras (the eager runner's and the graph runner's);
-    ``temperature``: instead of the batch's (rows already scaled by 1 / T: 1.0)."""
-    vocab = model.config.vocab_size
+def decode_step_extras(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, vocab: int,
+                       batch: StepBatch) -> StepOutput:
+    """A batch that wants extras, decoded from its rows [fed, N, d] with the LM head and the input embedding
+    (both [>= vocab, d]): the eager runner's decoding (the graph runner's eager fallback's too), and a compiled
+    engine's for what its programs leave to the runner (smoothing's soft embedding, T > 0 sampling filters:
+    runners/compiled.py), so those rules have this one home."""
+    rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
+    return StepOutput.from_decode(decode_extras(rows, head, embed, vocab, batch, VOCAB_CHUNK, temperature,
+                                                filtered_conf=batch.tempered_conf))
+
+
+def decode_extras(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, vocab: int, batch: StepBatch,
+                  chunk: int, temperature: float | None = None, filtered_conf: bool = False) -> dict:
+    """``decode_rows_ext`` over a batch that wants extras; ``temperature``: instead of the batch's (rows
+    already scaled by 1 / T: 1.0)."""
     credit = None
     if batch.credit_ids is not None:
         credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
-    soft = None if batch.soft_tau is None else (model.embed.weight[:vocab], batch.soft_tau)
+    soft = None if batch.soft_tau is None else (embed[:vocab], batch.soft_tau)
     filters = None if batch.top_k is None else (batch.top_k, batch.top_p, batch.min_p)
     temp = batch.temperature if temperature is None else temperature
-    return decode_rows_ext(rows, model.head_weight(), batch.cond_rows, batch.un_rows,
+    return decode_rows_ext(rows, head, batch.cond_rows, batch.un_rows,
                            batch.cfg_weight(rows.dtype), temp, batch.seeds, vocab=vocab, chunk=chunk,
                            topk=batch.logprobs or 0, logprobs=batch.logprobs is not None,
                            entropy=batch.entropy, credit=credit, soft=soft, filters=filters,

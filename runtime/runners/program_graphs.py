@@ -29,7 +29,8 @@ from .ahead import run_ahead
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
-           "credit_ids", "credit_vals", "credit_alpha")           # (credit: neutral zeros in padding rows)
+           "credit_ids", "credit_vals", "credit_alpha", "embed_delta")
+# (credit, smoothing's embed_delta: neutral zeros in padding rows)
 KEEP = "keep_idx"             # head-sparse: [n_layers, B, Hkv, K] (batch on dim 1), padded to keep_bucket
 
 
@@ -51,8 +52,10 @@ class _Captured:
 class ProgramGraphs:
     """Graphs of ``call(feed) -> outputs`` for one runner's Reuse program."""
 
-    def __init__(self, call, names: list[str], mask_id: int, buckets=BUCKETS, capture: bool = True):
+    def __init__(self, call, names: list[str], mask_id: int, buckets=BUCKETS, capture: bool = True,
+                 embed: tuple[int, torch.dtype] = (0, torch.float32)):
         self.call, self.names, self.mask_id = call, names, mask_id
+        self.embed = embed                  # (d_model, dtype) of the embed_delta input (--decode-extras)
         self.capture = capture              # False: the same static-buffer path, the program called directly
                                             # (CPU tests of the staging and of steps run ahead)
         self.buckets = tuple(sorted(buckets))
@@ -106,6 +109,8 @@ class ProgramGraphs:
                     feed.update(credit_ids=torch.zeros(bb, N, 1, dtype=torch.long, device=dev),
                                 credit_vals=torch.zeros(bb, N, 1, dtype=dt, device=dev),
                                 credit_alpha=torch.zeros(bb, dtype=dt, device=dev))
+                if "embed_delta" in self.names:
+                    feed["embed_delta"] = torch.zeros(bb, N, self.embed[0], dtype=self.embed[1], device=dev)
                 self.run(feed, bb, T, N)
                 if bb >= max_batch:
                     break

@@ -42,3 +42,23 @@ def test_gpu_target_export_engine_generates_eager_tokens(tiny_ckpt, tmp_path):
         eager = gen_tokens(str(tiny_ckpt), kv)
         assert len(set(eager)) > 1
         assert gen_tokens(str(out), kv) == eager
+
+
+def test_gpu_target_export_engine_with_decode_extras_samples_filters_as_eager(tiny_ckpt, tmp_path):
+    """--decode-extras on the GPU lowering: the programs take smoothing's embed_delta and return hidden_rows
+    (no chunked extras); `dlc generate` on the engine then samples top-p at T > 0 and smooths exactly as the
+    eager checkpoint (the runner decodes those batches from the rows with the eager runner's function)."""
+    out = tmp_path / "h200-export-extras"
+    res = run_cli(["compile", tiny_ckpt, "--target", "h200", "--backend", "export", "--dtype", "fp32", "-o",
+                   out, "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8", "--decode-extras"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "dlc_engine.json").read_text())
+    ins = [i["name"] for i in m["phases"]["reuse"]["inputs"]]
+    assert "embed_delta" in ins and "credit_ids" not in ins
+    assert [o["name"] for o in m["phases"]["reuse"]["outputs"]] == ["tokens", "confidence", "hidden_rows"]
+    hot = ["--temperature", "1.5", "--seed", "3"]
+    for extra in (hot + ["--top-p", "0.5"], ["--smoothing", "--threshold", "0.3"]):
+        eager = gen_tokens(str(tiny_ckpt), extra=extra)
+        assert gen_tokens(str(out), extra=extra) == eager, extra
+        assert eager != gen_tokens(str(tiny_ckpt), extra=extra[:-2] if extra[0] == "--temperature"
+                                   else extra[1:]), extra            # the filter / smoothing really acted

@@ -157,17 +157,101 @@ def test_the_parallel_decoders_match_eager(sessions, kind):
     assert fewer >= 3                                          # the rules really decode several tokens a step
 
 
+SMOOTH = [dict(kv_cache="dual", threshold=0.3, smoothing=True), dict(kv_cache="prefix", smoothing=True),
+          dict(kv_cache="none", temperature=0.8, seed=2, smoothing=True)]
+FILTERS = [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.3)]
+HOT = dict(kv_cache="dual", temperature=1.5, seed=2)                # seeded T > 0, where filters act
+
+
+def _gen(runner, prompts, params):
+    return generate(runner, prompts, GenerationConfig(gen_length=16, block_length=8, steps=16,
+                                                      **params)).token_ids
+
+
+@pytest.fixture(scope="module")
+def eager_refs(sessions):
+    """Eager generate() of every smoothing / filter setting (and the same without the feature), once."""
+    prompts = [[72, 101, 108, 108], [87, 111, 114, 108, 100, 33, 32, 65, 66]]
+    runs = {}
+    for params in SMOOTH + [{**HOT, **f} for f in FILTERS]:
+        without = {k: v for k, v in params.items() if k not in ("smoothing", "top_k", "top_p", "min_p")}
+        runs[str(params)] = (_gen(sessions["eager"].runner, prompts, params),
+                             _gen(sessions["eager"].runner, prompts, without))
+    return prompts, runs
+
+
+def test_smoothing_and_filters_change_the_tokens(eager_refs):
+    """Decisive: each setting's eager tokens differ from the same request without the feature (so compiled ==
+    eager below means the programs really took the soft inputs / the runner really filtered)."""
+    _, runs = eager_refs
+    for key, (with_f, without) in runs.items():
+        assert with_f != without, key
+        assert len({t for row in with_f for t in row}) > 4, key          # and the outputs vary
+
+
 @pytest.mark.parametrize("kind", ["export", "onnx"])
-def test_compiled_engines_refuse_what_they_cannot_decode(sessions, kind):
-    from dlc.runtime.decoding import FieldError
-    eng = Engine(sessions[kind], ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8))
-    base = dict(gen_length=16, block_length=8, steps=16)
-    for params, field in [(dict(smoothing=True), "smoothing"), (dict(temperature=0.8, top_p=0.5), "top_p"),
-                          (dict(temperature=0.8, top_k=3), "top_k")]:
-        with pytest.raises(FieldError) as e:
-            eng.make_request([5, 6, 7], {**base, **params})
-        assert e.value.field == field
-    eng.make_request([5, 6, 7], {**base, "top_p": 0.5})        # T = 0: filters change nothing, accepted
+def test_compiled_engines_decode_smoothing_and_filters_as_eager(sessions, eager_refs, kind):
+    """Engines built with --decode-extras take smoothing's soft inputs (embed_delta) and return the decoded
+    hidden rows, from which the runner decodes the soft embedding and T > 0 filters with the eager runner's
+    function: generate() tokens equal eager's for smoothing (dual / prefix / no cache, T = 0 and seeded T > 0)
+    and for each filter at seeded T > 0 (fp32)."""
+    prompts, runs = eager_refs
+    runner = sessions[kind].runner
+    assert runner.row_decoding
+    for params in SMOOTH + [{**HOT, **f} for f in FILTERS]:
+        runner.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
+        assert _gen(runner, prompts, params) == runs[str(params)][0], params
+
+
+def _export_copy(sessions):
+    """The export engine's programs in a new runner (its Reuse steps will go through ProgramGraphs)."""
+    from dlc.runtime.runners.compiled import CompiledRunner
+    r = sessions["export"].runner
+    g = CompiledRunner(r.config, r.phases, r.input_names, weights=r.weights, max_batch_size=8,
+                       max_seq_len=S_MAX)
+    return Session(g, None, r.config, False, "graphed-export")
+
+
+@pytest.mark.parametrize("kind", ["eager", "export", "onnx", "export-graphs"])
+def test_engine_mixes_smoothing_and_filter_rows_with_plain_ones(sessions, kind, monkeypatch):
+    """Through the serving Engine: smoothing rows share Reuse batches with plain rows (T = 0), filtered rows
+    (each filter) with an unfiltered one (seeded T > 0), no batch failing and split into single requests;
+    every request gets exactly its solo eager output. With graphs, the soft inputs travel through the
+    bucket's padded static buffers."""
+    sess = _export_copy(sessions) if kind == "export-graphs" else sessions[kind]
+    runner = sess.runner
+    eng = Engine(sess, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8))
+    if kind == "export-graphs":          # no capture on CPU: the static, padded buffers called directly
+        runner.enable_graphs(True, capture=False)
+        runner.bind_pool(eng.kv)
+    seen, graphed = [], []
+    for phase in ("refresh", "reuse"):
+        call = getattr(runner, phase)
+
+        def spy(batch, call=call):
+            seen.append((batch.n_seqs, batch.soft_tau is not None, batch.top_k is not None))
+            return call(batch)
+        monkeypatch.setattr(runner, phase, spy)
+    if getattr(runner, "graphs", None) is not None:
+        run = runner.graphs.run
+        monkeypatch.setattr(runner.graphs, "run", lambda feed, *a: graphed.append(
+            bool(feed["embed_delta"].abs().sum() > 0)) or run(feed, *a))
+    base = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    cold = [([5, 17, 99, 3], dict(smoothing=True)), ([42, 8, 9], {}),
+            ([7, 7, 100, 31, 2], dict(threshold=0.3, smoothing=True)), ([60, 61], dict(threshold=0.3))]
+    hot = [(p, dict(temperature=1.5, seed=s, **f)) for (p, _), s, f in zip(cold, (4, 5, 6, 7), FILTERS + [{}])]
+    jobs = [(p, {**base, **params}) for p, params in cold + hot]
+    reqs = [eng.make_request(p, params) for p, params in jobs]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    for r, (p, params) in zip(reqs, jobs):
+        assert r.finish_reason in ("stop", "length") and r.output_ids == _solo(sessions["eager"], p, params)
+    assert eng.metrics.counter("isolated_batches_total") == 0          # no batch failed and was split
+    assert any(n == 4 and soft for n, soft, _ in seen)        # 2 smoothing + 2 plain rows in one batch
+    assert any(n == 4 and filt for n, _, filt in seen)        # 3 filtered + 1 unfiltered
+    if kind == "export-graphs":
+        assert any(graphed) and runner.graphs.stats["replays"] > 0
 
 
 def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions, tmp_path):
@@ -176,15 +260,50 @@ def test_engines_without_decode_extras_refuse_the_rules_that_need_them(sessions,
     from dlc.compiler import in_memory_runner
     from dlc.runtime.decoding import FieldError
     from dlc.runtime.runners.compiled import CompiledRunner
-    plain = CompiledRunner(sessions["export"].runner.config, sessions["export"].runner.phases,
-                           {k: [n for n in v if not n.startswith("credit_")]
-                            for k, v in sessions["export"].runner.input_names.items()},
-                           weights=sessions["export"].runner.weights)
-    assert not plain.extras and sessions["export"].runner.extras
-    for params, field in [(dict(entropy_bound=1.0), "entropy_bound"),
-                          (dict(threshold=0.5, credit=True), "credit"), (dict(logprobs=0), "logprobs")]:
-        with pytest.raises(FieldError) as e:
-            plain.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
-        assert e.value.field == field and "--decode-extras" in str(e.value)
+    r = sessions["export"].runner
+
+    def without(*names):            # the runner of an engine whose programs lack these inputs
+        return CompiledRunner(r.config, r.phases, {k: [n for n in v if n not in names]
+                                                   for k, v in r.input_names.items()}, weights=r.weights)
+    plain = without("credit_ids", "credit_vals", "credit_alpha", "embed_delta")
+    older = without("embed_delta")            # built with --decode-extras before smoothing's inputs existed
+    assert not plain.extras and r.extras and r.row_decoding and older.extras and not older.row_decoding
+    cold = [(dict(entropy_bound=1.0), "entropy_bound"), (dict(threshold=0.5, credit=True), "credit"),
+            (dict(logprobs=0), "logprobs")]
+    rows = [(dict(smoothing=True), "smoothing"), (dict(temperature=0.8, top_p=0.5), "top_p"),
+            (dict(temperature=0.8, top_k=3), "top_k"), (dict(temperature=0.8, min_p=0.2), "min_p")]
+    for runner, cases in ((plain, cold + rows), (older, rows)):
+        for params, field in cases:
+            with pytest.raises(FieldError) as e:
+                runner.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
+            assert e.value.field == field and "--decode-extras" in str(e.value)
+    for runner in (plain, older):                                     # T = 0: filters change nothing
+        runner.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, top_p=0.5))
+    older.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, credit=True))
     model = sessions["eager"].runner.model
     assert not in_memory_runner(model, block_length=8, device="cuda").extras     # GPU kernel lowering: none
+
+
+def test_gpu_lowered_engines_decode_every_rule_from_the_hidden_rows(sessions, eager_refs):
+    """A --decode-extras build of the GPU kernel lowering (dlc.fused_select_logits; run here through the ops'
+    CPU references) has no chunked extras, only smoothing's input and the hidden rows: the runner decodes
+    every batch that wants extras from them with the eager runner's function, so smoothing, each filter,
+    credit, entropy-bounded and logprobs give eager's tokens; without the flag it refuses them, naming it."""
+    from dlc.compiler import in_memory_runner
+    from dlc.runtime.decoding import FieldError
+    model = sessions["eager"].runner.model
+    gpu = in_memory_runner(model, block_length=8, device="cuda", decode_extras=True)
+    assert gpu.row_decoding and not gpu.extras
+    prompts, runs = eager_refs
+    for params in [SMOOTH[0], {**HOT, **FILTERS[1]}]:
+        assert _gen(gpu, prompts, params) == runs[str(params)][0], params
+    for params in [dict(kv_cache="dual", threshold=0.3, credit=True), dict(kv_cache="none", entropy_bound=8.0),
+                   dict(kv_cache="dual", threshold=0.3, logprobs=2)]:
+        ref = generate(sessions["eager"].runner, prompts, GenerationConfig(gen_length=16, block_length=8,
+                                                                          steps=16, **params))
+        got = generate(gpu, prompts, GenerationConfig(gen_length=16, block_length=8, steps=16, **params))
+        assert got.token_ids == ref.token_ids, params
+    plain = in_memory_runner(model, block_length=8, device="cuda")
+    with pytest.raises(FieldError) as e:
+        plain.check_generation(GenerationConfig(gen_length=16, block_length=8, steps=16, smoothing=True))
+    assert e.value.field == "smoothing" and "--decode-extras" in str(e.value)
