@@ -147,7 +147,7 @@ def engine_bench(s: Section) -> list[tuple[str, str]]:
         ratio = e.get("engine / runtime") or e.get("ratio engine/runtime")
         parts.append(f"{e['tok/s']} vs {r['tok/s']} tok/s = {ratio} (batch {b})")
     return [("end to end, engine vs runtime graph path: " + ", ".join(parts),
-             "compiled engine (export programs, Reuse in CUDA graphs)")]
+             "compiled engine (export programs compiled by Inductor at load, Reuse in CUDA graphs)")]
 
 
 def serve_pace(s: Section) -> list[tuple[str, str]]:
@@ -182,13 +182,30 @@ def batch_invariance(s: Section) -> list[tuple[str, str]]:
     t = s.tables[0]
     n = sum(int(r["requests"]) for r in t)
     diff = sum(int(r["differing"]) for r in t)
-    modes = ", ".join(r["mode"] for r in t)
+    modes = ", ".join(f"{r['runner']} {r['mode']}" if "runner" in r else r["mode"] for r in t)
     return [(f"batch invariance: {diff} of {n} requests differ solo vs under a mixed load ({modes})",
-             "serving Engine, default GPU runner (CUDA graphs + compiled blocks)")]
+             "serving Engine (default GPU runner: CUDA graphs + compiled blocks; eager where named)")]
+
+
+def head_sparse(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    parts = []
+    for b, cached in (("1", "4096"), ("32", "4096")):
+        r = find(t, b=b, **{"s cached": cached}, attention="head-sparse r=0.25")
+        parts.append(f"{r['dense/sparse step']} (batch {b})")
+    return [("head-sparse Reuse step (retention 0.25, 4096 cached tokens) vs dense: " + ", ".join(parts),
+             "runtime graph path (GraphRunner, kept-column pool attention)")]
+
+
+def block_diffusion(s: Section) -> list[tuple[str, str]]:
+    r = find(s.tables[0], b="1")
+    return [(f"LLaDA2-mini shape, batch 1: dlc {r['dlc tok/s']} vs plain eager loop {r['eager tok/s']} tok/s "
+             f"({r['dlc / eager']})", "runtime eager path with the exact block cache")]
 
 
 EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,
-              "tp_bench": tp_bench, "serve_bench": serve_bench, "batch_invariance": batch_invariance}
+              "tp_bench": tp_bench, "serve_bench": serve_bench, "batch_invariance": batch_invariance,
+              "head_sparse": head_sparse, "block_diffusion": block_diffusion}
 
 
 def highlight_rows(text: str, notes: list[str] | None = None) -> list[Row]:
