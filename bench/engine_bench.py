@@ -175,9 +175,9 @@ def main() -> None:
         print(f"| {name} | {B} | {r['tok_s']:.1f} | {r['seconds']:.2f} | {r['host_ms_per_replay']:.2f} | "
               f"{r['warmup_s']:.1f} | {ratio:.3f} | {r['ceiling_tok_s']:.0f} | "
               f"{r['tok_s'] / r['ceiling_tok_s']:.0%} |")
-    print("engine = export engine, programs compiled by Inductor at load (the AOTI code generation; CUDA AOTI "
-          "loading crashes on this image), Reuse as CUDA graphs; runtime = eager model + compiled blocks + "
-          "CUDA graphs; engine-interpreted = the exported programs as loaded")
+    print("engine = export engine, programs compiled by Inductor at load (the AOTI code generation; "
+          "CUDA AOTI loading crashes on this image), Reuse as CUDA graphs; runtime = eager model + compiled "
+          "blocks + CUDA graphs; engine-interpreted = the exported programs as loaded")
     print(f"\ncompile {res['compile_s']:.0f}s; engine {res['engine_bytes'] / 1e9:.2f} GB = "
           f"{res['engine_over_weights']:.3f}x weights; device after load {res['device_over_weights']:.3f}x "
           f"weights; load {res['load_s']:.1f}s verified / {res['load_cached_s']:.1f}s cached; "

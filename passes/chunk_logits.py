@@ -135,7 +135,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             head = ww if ctx.head_weight.shape[0] == vocab else ww[:vocab]       # [V, d] (contiguous rows)
             return decode_rows_fused(h, head, cr, ur, cw, t, sd, topk=ctx.logprobs)
         dec = list(inline(gm, fused, args))
-        if ctx.extras:               # no chunked reductions here: the runner decodes every extra from the rows
+        if ctx.extras:               # no chunked reductions: the runner decodes every extra from the rows
             add_embed_delta(gm, ctx, ins["out_index"], ph.get("q_start"))
             dec.append(rows)
         set_outputs(gm, dec + outs[1:])
@@ -166,8 +166,8 @@ EMBED_ATTR = EMBED_WEIGHT.removeprefix(WEIGHT_PREFIX)
 
 def add_embed_delta(gm: fx.GraphModule, ctx, out_index: fx.Node, q_start: fx.Node | None) -> None:
     """Input ``embed_delta [B, N, d]`` added to the input embedding [B, T, d] at the decoded columns (Refresh:
-    ``out_index`` + shift; Reuse: minus ``q_start``, the fed slice's first column), the embedding's weight read
-    through ``EMBED_ATTR``. ``scatter_add`` gives x + delta there and x elsewhere: the eager runner's
+    ``out_index`` + shift; Reuse: minus ``q_start``, the fed slice's first column), the embedding's weight
+    read through ``EMBED_ATTR``. ``scatter_add`` gives x + delta there and x elsewhere: the eager runner's
     ``x + embed_add`` bit for bit. The columns are in the fed slice by construction (its span covers the
     decoded columns; graph padding rows decode columns [0, N) of a slice at least that wide)."""
     emb = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == EMBEDDING]

@@ -50,7 +50,8 @@ class KVCacheManager:
                                      device=device)
         self._free = list(range(n))          # kept sorted: lowest slot first
         self.device = device
-        self._kept: dict[int, tuple] = {}    # slot -> ((q_start, n_fed, length, retention), [nl, Hkv, n] cols)
+        # slot -> ((q_start, n_fed, length, retention), [nl, Hkv, n] cols)
+        self._kept: dict[int, tuple] = {}
         self.kept_stats = {"chosen": 0, "reused": 0}
 
     @property

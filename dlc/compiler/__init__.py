@@ -23,7 +23,8 @@ def in_memory_runner(model, *, sparse_retention: float | None = None, block_leng
     chunk = logit_chunk if logit_chunk is not None else default_logit_chunk(model.config, block_length)
     kind = device or ("cuda" if p.device.type == "cuda" else "cpu")
     phases, ctx, _ = build_phases(model, passes=passes, sparse_retention=sparse_retention, logit_chunk=chunk,
-                                  device=kind, extras=kind == "cpu" if decode_extras is None else decode_extras)
+                                  device=kind,
+                                  extras=kind == "cpu" if decode_extras is None else decode_extras)
     names = {k: input_names(g) for k, g in phases.items()}
     with torch.no_grad():
         return CompiledRunner(model.config, phases, names, device=p.device, dtype=p.dtype,

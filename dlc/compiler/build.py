@@ -235,8 +235,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     decode_dtype = torch.float32 if backend == "tensorrt" else torch.float64
     # torch artifacts write K/V into the runtime's pool in place; ONNX has no input mutation: it returns K/V.
     kv_inplace = runtime in ("export", "aoti")
-    # the rules' decoding extras (--decode-extras): in the chunked lowering entropy, logprobs and credit, and in
-    # every lowering smoothing's inputs and the hidden rows the runner decodes the rest from (passes/
+    # the rules' decoding extras (--decode-extras): in the chunked lowering entropy, logprobs and credit, and
+    # in every lowering smoothing's inputs and the hidden rows the runner decodes the rest from (passes/
     # chunk_logits.py); not TensorRT's float32 build. Off by default: they change the programs' signatures.
     extras = decode_extras and backend != "tensorrt"
     if decode_extras and not extras:

@@ -9,12 +9,12 @@ pool itself with the batch's rows (the programs write K/V into it in place; ONNX
 it and this runner writes it) and the engine's weights, one copy shared by the phases. A head-sparse Refresh
 also returns per-head key scores, kept in the pool for the rows' Reuse steps.
 
-Engines built with ``--decode-extras`` decode every rule of the core: the programs reduce entropy, logprobs and
-credit per vocab chunk, take iteration smoothing's soft inputs (``embed_delta``, added to the decoded columns'
-input embeddings in the graph) and return the decoded rows' hidden states (``hidden_rows``), from which this
-runner decodes, with the eager runner's own ``decode_step_extras`` over the engine's head and embedding
-weights, the batches that smooth (the next soft embedding) or filter at T > 0 (passes/chunk_logits.py says
-why those two are not decoded in the graph)."""
+Engines built with ``--decode-extras`` decode every rule of the core: the programs reduce entropy, logprobs
+and credit per vocab chunk, take iteration smoothing's soft inputs (``embed_delta``, added to the decoded
+columns' input embeddings in the graph) and return the decoded rows' hidden states (``hidden_rows``), from
+which this runner decodes, with the eager runner's own ``decode_step_extras`` over the engine's head and
+embedding weights, the batches that smooth (the next soft embedding) or filter at T > 0
+(passes/chunk_logits.py says why those two are not decoded in the graph)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -83,8 +83,8 @@ class CompiledRunner:
         The whole program is one graph (fullgraph); every size is symbolic from the first compile
         (``dynamic=True``): batch buckets, fed and decoded widths and Refresh lengths reuse one compilation
         per phase (size-1 dimensions specialise: a batch of one compiles once more). The pool is fed as one
-        input per layer so that Inductor writes it in place (runners/inductor.py says why). AOTI packages are Inductor code already, ONNX / TensorRT run their own compilers: for
-        them ``on`` is refused."""
+        input per layer so that Inductor writes it in place (runners/inductor.py says why). AOTI packages
+        are Inductor code already, ONNX / TensorRT run their own compilers: for them ``on`` is refused."""
         if not on or self.compiled:
             return
         if self.kind != "export":

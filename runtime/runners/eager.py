@@ -184,9 +184,9 @@ def _tempered(rows: torch.Tensor, temperature: float, tempered: bool):
 def decode_step_extras(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, vocab: int,
                        batch: StepBatch) -> StepOutput:
     """A batch that wants extras, decoded from its rows [fed, N, d] with the LM head and the input embedding
-    (both [>= vocab, d]): the eager runner's decoding (the graph runner's eager fallback's too), and a compiled
-    engine's for what its programs leave to the runner (smoothing's soft embedding, T > 0 sampling filters:
-    runners/compiled.py), so those rules have this one home."""
+    (both [>= vocab, d]): the eager runner's decoding (the graph runner's eager fallback's too), and a
+    compiled engine's for what its programs leave to the runner (smoothing's soft embedding, T > 0 sampling
+    filters: runners/compiled.py), so those rules have this one home."""
     rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
     return StepOutput.from_decode(decode_extras(rows, head, embed, vocab, batch, VOCAB_CHUNK, temperature,
                                                 filtered_conf=batch.tempered_conf))

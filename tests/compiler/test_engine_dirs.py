@@ -307,7 +307,8 @@ def test_export_engine_compiled_at_load_serves_eager_tokens_and_writes_the_pool_
     eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
                                                                     compile=True, **params))
     runner = eng.runner
-    assert runner.compiled and all(type(p.module).__name__ == "OptimizedModule" for p in runner.phases.values())
+    assert runner.compiled
+    assert all(type(p.module).__name__ == "OptimizedModule" for p in runner.phases.values())
     runner.enable_graphs(True, capture=False)
     runner.bind_pool(eng.kv)
     k_all, ptr = eng.kv.k_all, eng.kv.k_all.data_ptr()

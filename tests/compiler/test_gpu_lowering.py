@@ -50,7 +50,8 @@ def test_gpu_target_export_engine_with_decode_extras_samples_filters_as_eager(ti
     eager checkpoint (the runner decodes those batches from the rows with the eager runner's function)."""
     out = tmp_path / "h200-export-extras"
     res = run_cli(["compile", tiny_ckpt, "--target", "h200", "--backend", "export", "--dtype", "fp32", "-o",
-                   out, "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8", "--decode-extras"])
+                   out, "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8",
+                   "--decode-extras"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "dlc_engine.json").read_text())
     ins = [i["name"] for i in m["phases"]["reuse"]["inputs"]]

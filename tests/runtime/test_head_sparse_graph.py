@@ -130,7 +130,8 @@ def test_kept_columns_are_chosen_once_per_slot_and_block(session):
     fresh = keep_columns_rows(kv.scores[:, slots, :, :max(lengths)], cols, lengths, 0.25)
     assert torch.equal(first, fresh)
     again = _batch(eager, "reuse", seqs[:2], P, blk, slots[:2], kv).keep_idx    # next step, two rows left
-    assert kv.kept_stats == {"chosen": 3, "reused": 2} and torch.equal(again, fresh[:, :2, :, :again.shape[-1]])
+    assert kv.kept_stats == {"chosen": 3, "reused": 2}
+    assert torch.equal(again, fresh[:, :2, :, :again.shape[-1]])
     eager.refresh(_batch(eager, "refresh", seqs[:1], P, blk, slots[:1], kv))     # row 0's next block
     kv.free(slots[2])
     _batch(eager, "reuse", seqs, P, blk, [slots[0], slots[1], kv.allocate()], kv)

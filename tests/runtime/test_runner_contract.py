@@ -239,7 +239,8 @@ def test_engine_mixes_smoothing_and_filter_rows_with_plain_ones(sessions, kind, 
     base = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     cold = [([5, 17, 99, 3], dict(smoothing=True)), ([42, 8, 9], {}),
             ([7, 7, 100, 31, 2], dict(threshold=0.3, smoothing=True)), ([60, 61], dict(threshold=0.3))]
-    hot = [(p, dict(temperature=1.5, seed=s, **f)) for (p, _), s, f in zip(cold, (4, 5, 6, 7), FILTERS + [{}])]
+    hot = [(p, dict(temperature=1.5, seed=s, **f))
+           for (p, _), s, f in zip(cold, (4, 5, 6, 7), FILTERS + [{}])]
     jobs = [(p, {**base, **params}) for p, params in cold + hot]
     reqs = [eng.make_request(p, params) for p, params in jobs]
     for r in reqs:
@@ -297,7 +298,8 @@ def test_gpu_lowered_engines_decode_every_rule_from_the_hidden_rows(sessions, ea
     prompts, runs = eager_refs
     for params in [SMOOTH[0], {**HOT, **FILTERS[1]}]:
         assert _gen(gpu, prompts, params) == runs[str(params)][0], params
-    for params in [dict(kv_cache="dual", threshold=0.3, credit=True), dict(kv_cache="none", entropy_bound=8.0),
+    for params in [dict(kv_cache="dual", threshold=0.3, credit=True),
+                   dict(kv_cache="none", entropy_bound=8.0),
                    dict(kv_cache="dual", threshold=0.3, logprobs=2)]:
         ref = generate(sessions["eager"].runner, prompts, GenerationConfig(gen_length=16, block_length=8,
                                                                           steps=16, **params))
