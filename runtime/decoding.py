@@ -489,11 +489,22 @@ def make_rule(threshold: float | None = None, factor: float | None = None, low_t
     """The rule of a config: LLaDA's (schedule / threshold / factor / hierarchical / entropy-bounded) or, for
     a block decoder in ``gen``, LLaDA2's (block threshold / schedule) or LLaDA2.1's (joint threshold)."""
     if gen is not None and gen.decoder == "llada2.1":
+        for name in ("low_threshold", "entropy_bound"):
+            if getattr(gen, name) is not None:
+                raise FieldError(name, f"{name} does not combine with decoder llada2.1 (token editing decodes "
+                                       f"with its own joint threshold); use decoder llada2")
         q_thr, q_edit = LLADA21_MODES["quality"]
         return JointThresholdRule(q_thr if gen.threshold is None else gen.threshold,
                                   q_edit if gen.edit_threshold is None else gen.edit_threshold,
                                   gen.tokens_per_step)
     if gen is not None and gen.decoder == "llada2":
+        # the field's parallel decoders run over LLaDA2's blocks too (dInfer decodes LLaDA2 with them): an
+        # entropy bound replaces the threshold rule (the family's default threshold is not used with it), a
+        # low threshold makes the threshold hierarchical decoding's high cut
+        if entropy_bound is not None:
+            return EntropyBoundRule(entropy_bound)
+        if low_threshold is not None:
+            return HierarchicalRule(low_threshold, threshold)
         return ScheduleRule() if gen.threshold is None else BlockThresholdRule(gen.threshold)
     if threshold is not None and factor is not None:
         raise FieldError("factor", "choose either threshold or factor decoding, not both")

@@ -435,3 +435,101 @@ def test_block_decoders_sample_with_filters(model):
     b = generate(model, prompts, GenerationConfig(**base, top_k=3, top_p=0.8)).token_ids
     c = generate(model, prompts, GenerationConfig(**base)).token_ids
     assert a == b and a != c and any(a)
+
+
+def ref_llada2_parallel(model, prompt, gen_length, block_length, select):
+    """LLaDA2.0's block loop (greedy, no cache) with another rule's selection: ``select(p [K], entropy [K],
+    candidates [K]) -> [K] bool``, applied until the block has no mask (the field's parallel decoders fix no
+    step count). Returns (generated ids up to and including the first eos, forwards)."""
+    EOS, mask_id = model.config.eos_id, model.config.mask_id
+    P = len(prompt)
+    nb = (P + gen_length + block_length - 1) // block_length
+    x = torch.full((1, nb * block_length), mask_id, dtype=torch.long)
+    x[0, :P] = torch.tensor(prompt)
+    fwd = 0
+    for b in range(P // block_length, nb):
+        end = (b + 1) * block_length
+        cur = x[:, :end]
+        while bool((cur[0, -block_length:] == mask_id).any()):
+            logits = _forward_logits(model, cur, block_length)[0, -block_length:].double()
+            fwd += 1
+            x0, p = _greedy(logits)
+            logp = torch.log_softmax(logits, -1)
+            ent = -(logp.exp() * logp).sum(-1)                             # [K]
+            cand = (cur[0, -block_length:] == mask_id) & (x0 != mask_id)
+            assert cand.any()
+            sel = select(p, ent, cand) & cand
+            cur[0, -block_length:][sel] = x0[sel]
+        x[:, :end] = cur
+        if (x[0, P:end] == EOS).any():
+            break
+    out = x[0, P:P + gen_length]
+    e = (out == EOS).nonzero()
+    return out[: int(e[0]) + 1 if len(e) else gen_length].tolist(), fwd
+
+
+def _eb_select(gamma):
+    """EB-sampler: ascending entropy, the largest prefix with sum - max <= gamma, at least one."""
+    def select(p, ent, cand):
+        idx = [int(i) for i in cand.nonzero()[:, 0]]
+        idx.sort(key=lambda i: float(ent[i]))
+        take, total = [], 0.0
+        for i in idx:
+            if take and total > gamma:            # sum - max of the prefix with i (i: its max)
+                break
+            total += float(ent[i])
+            take.append(i)
+        sel = torch.zeros_like(cand)
+        sel[take] = True
+        return sel
+    return select
+
+
+def _hier_select(low, high):
+    """dInfer's hierarchical decoding: per contiguous run of candidates its best above ``low``, every
+    candidate above ``high``, the block's best."""
+    def select(p, ent, cand):
+        sel = cand & (p > high)
+        j = 0
+        while j < len(cand):
+            if cand[j]:
+                k = j
+                while k < len(cand) and cand[k]:
+                    k += 1
+                best = j + int(p[j:k].argmax())
+                sel[best] |= bool(p[best] > low)
+                j = k
+            else:
+                j += 1
+        best = int(torch.where(cand, p, torch.full_like(p, -1.0)).argmax())
+        sel[best] = True
+        return sel
+    return select
+
+
+@pytest.mark.parametrize("kv", ["none", "block"])
+def test_parallel_decoders_run_over_llada2_blocks(model, kv):
+    """entropy_bound and low_threshold (hierarchical) decode LLaDA2's blocks with their own selection (dInfer
+    runs its parallel decoders on LLaDA2), token for token as a transcription of the rule inside LLaDA2's
+    block loop, and in fewer forwards than one token per step."""
+    prompts = _prompts(5, seed=21)
+    base = dict(gen_length=16, block_length=8, kv_cache=kv, decoder="llada2")
+    one = generate(model, prompts, GenerationConfig(**base, steps_per_block=8))
+    for fields, select in [(dict(entropy_bound=2.0), _eb_select(2.0)),
+                           (dict(low_threshold=0.05, threshold=0.5), _hier_select(0.05, 0.5))]:
+        res = generate(model, prompts, GenerationConfig(**base, **fields))
+        outs = []
+        for i, p in enumerate(prompts):
+            ref, fwd = ref_llada2_parallel(model, p, 16, 8, select)
+            assert res.token_ids[i] == _cut(ref, model.config.eos_id), (fields, i)
+            assert res.steps_per_row[i] == fwd, (fields, i)
+            outs.append(tuple(res.token_ids[i]))
+        assert len(set(outs)) > 1                                    # decisive: outputs vary with the prompt
+        assert sum(res.steps_per_row) < sum(one.steps_per_row), fields
+
+
+def test_token_editing_refuses_the_parallel_decoders():
+    for name, value in (("entropy_bound", 1.0), ("low_threshold", 0.3)):
+        with pytest.raises(FieldError) as e:
+            GenerationConfig(gen_length=8, block_length=4, decoder="llada2.1", **{name: value}).rule()
+        assert e.value.field == name
