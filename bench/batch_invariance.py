@@ -34,6 +34,9 @@ import torch
 
 from dlc.runtime.runners.graph import BUCKETS
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # bench/ (python3 -P does not add it)
+from engine_path import construct  # noqa: E402  (every bench's random model starts there)
+
 MODES = {   # name -> the probes' own generation fields (gen_length / block_length come from the scale)
     "greedy-1": dict(temperature=0.0, tokens_per_step=1),                 # T = 0, 1 token per step
     "greedy-4": dict(temperature=0.0, tokens_per_step=4),                 # T = 0, 4 tokens per step
@@ -62,16 +65,7 @@ def build(cfg, dev: str, dtype):
     """Random weights made on ``dev`` in ``dtype``: normal with std 2 / sqrt(d) (attention logits of order 4
     at any width: the prompt steers every masked position; loading.TINY_INIT_STD at d 64), output projections
     std / sqrt(2 n_layers), norms at 1, then the LM head x4 (engine_path.build's decisive head)."""
-    from dlc.models import build_model
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = build_model(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.eval().requires_grad_(False)
+    model = construct(cfg, dev, dtype)
     g = torch.Generator(device=dev).manual_seed(0)
     std = 2 / math.sqrt(cfg.d_model)
     with torch.no_grad():

@@ -26,13 +26,10 @@ def eager_runner(model):
     return EagerRunner(model)
 
 
-def build(preset: str, dev: str, dtype=torch.bfloat16):
-    """gpu_bench.build's model (random weights in ``dtype`` on ``dev``, head x4), written out here: this
-    script must also run against older checkouts, whose dlc lacks what gpu_bench imports. rule_cost.py and
-    engine_bench.py build theirs here too."""
+def construct(cfg, dev: str, dtype=torch.bfloat16):
+    """dlc.models' model of ``cfg`` created on ``dev`` in ``dtype`` (never materialised on the host), its
+    default random init, in eval mode without grads: every bench's model starts here."""
     from dlc.models import build_model
-    from dlc.models.presets import preset_config
-    cfg = preset_config(preset)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -41,8 +38,16 @@ def build(preset: str, dev: str, dtype=torch.bfloat16):
             model = build_model(cfg)
     finally:
         torch.set_default_dtype(old)
-    model.eval().requires_grad_(False)
-    with torch.no_grad():                       # random init as in gpu_bench: logits peaked, argmax stable
+    return model.eval().requires_grad_(False)
+
+
+def build(preset: str, dev: str, dtype=torch.bfloat16):
+    """The preset's model with random weights, head x4 (logits peaked, argmax stable), as gpu_bench's;
+    rule_cost.py and engine_bench.py build theirs here too. Needs only dlc.models: the script must also run
+    against older checkouts, whose dlc lacks what gpu_bench imports."""
+    from dlc.models.presets import preset_config
+    model = construct(preset_config(preset), dev, dtype)
+    with torch.no_grad():
         model.head_weight().mul_(4.0)
     return model
 

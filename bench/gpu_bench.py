@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import dlc.kernels as K
-from dlc.models import KVCache, build_model
+from dlc.models import KVCache
 from dlc.models.presets import preset_config
 from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.kv_cache import KVCacheManager, slot_bytes
@@ -53,6 +53,7 @@ from dlc.runtime.step import build_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
 import floors  # noqa: E402  (the step floors every bench counts with)
+from engine_path import construct  # noqa: E402  (every bench's random model starts there)
 
 GiB = 2**30
 # the one table: section, case, eager, optimized, floor/budget, ratio, target, status
@@ -77,14 +78,7 @@ time_ms = floors.time_ms
 def build(cfg, dev, dtype):
     """dlc.models LLaDA with random weights created on ``dev`` in ``dtype`` (never materialised on the
     host)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = build_model(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.eval().requires_grad_(False)
+    model = construct(cfg, dev, dtype)
     with torch.no_grad():                      # random-model logits peaked enough to make argmax stable
         model.head_weight().mul_(4.0)
     return model
