@@ -299,6 +299,11 @@ class GenerationConfig:
         _int_field("seed", self.seed, 0, MAX_SEED)
         if self.decoder != "llada2.1" and self.edit_threshold is not None:
             raise FieldError("edit_threshold", "edit_threshold applies to decoder llada2.1 (token editing)")
+        for name in ("credit", "smoothing"):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.decoder is not None:         # the rule's own fields (low_threshold, entropy_bound)
+            self.rule()
 
 
 # ------------------------------------------------------------------------------------------------ the rules

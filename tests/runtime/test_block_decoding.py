@@ -533,3 +533,11 @@ def test_token_editing_refuses_the_parallel_decoders():
         with pytest.raises(FieldError) as e:
             GenerationConfig(gen_length=8, block_length=4, decoder="llada2.1", **{name: value}).rule()
         assert e.value.field == name
+
+
+def test_block_decoders_validate_the_rule_fields():
+    for kw, field in [(dict(entropy_bound=-1.0), "entropy_bound"), (dict(low_threshold=1.5), "low_threshold"),
+                      (dict(credit="yes"), "credit")]:
+        with pytest.raises(FieldError) as e:
+            GenerationConfig(gen_length=8, block_length=4, decoder="llada2", **kw)
+        assert e.value.field == field, kw
