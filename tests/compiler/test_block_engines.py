@@ -130,10 +130,11 @@ def test_export_engine_sampled_mixed_batches_equal_eager(checkpoints, tmp_path_f
 
 
 @SLOW
-@pytest.mark.parametrize("backend", ["onnx", "aoti"])
-def test_llada2_onnx_and_aoti_engines_mixed_batches_equal_eager(backend, checkpoints, tmp_path_factory):
+def test_llada2_onnx_engine_mixed_batches_equal_eager(checkpoints, tmp_path_factory):
+    """ONNX here; AOTI's block-diffusion engine is checked on dlc-tiny-bd (the issue's gate, below): one AOTI
+    build of a block model is 80-100 s of the suite's 20 minutes."""
     ckpt = checkpoints["llada2_moe"]
-    check_engine_mixed_batch(build(ckpt, backend, tmp_path_factory), ckpt)
+    check_engine_mixed_batch(build(ckpt, "onnx", tmp_path_factory), ckpt)
 
 
 def test_manifest_records_what_the_runtime_needs(checkpoints, tmp_path_factory):
