@@ -59,14 +59,14 @@ class _ReuseCounter:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["export", "onnx"])
-@pytest.mark.parametrize("retention", [0.5, 0.25])
+@pytest.mark.parametrize("backend,retention", [("export", 0.5), ("export", 0.25), ("onnx", 0.25)])
 def test_head_sparse_within_two_points_of_exact(backend, retention, exact_accuracy):
     """Retention 0.5 / 0.25: every KV head attends to that fraction of the cached positions in Reuse steps (at
     0.25, 5 of ~20 context positions). Low-confidence decoding runs three Reuse steps per 4-token block.
     Threshold 0.9 finishes every dlc-tiny block in its Refresh step (no Reuse step: nothing sparse), so the
     threshold gate uses 0.999, which leaves positions to Reuse steps (eager: 2.1 tokens per forward vs 2.9 at
-    0.9). The counter makes sure Reuse steps ran, so the sparse attention decided some tokens."""
+    0.9). The counter makes sure Reuse steps ran, so the sparse attention decided some tokens. ONNX runs the
+    harder retention only (each ONNX gate is ~30 s of the suite's 20 minutes)."""
     session = BACKENDS[backend]("dlc-tiny", retention)
     for name, setting in SPARSE_GATES.items():
         counter = _ReuseCounter(session.runner)
