@@ -18,13 +18,13 @@ REL_FP32 = 1e-5
 REL_BF16 = 1e-2            # bf16 P@V, fp32 accumulation vs float32 reference on the same values
 
 
-
 def _run_interpreted(code: str) -> None:
     """Run ``code`` (which prints interpret-ok) in a subprocess under TRITON_INTERPRET=1 with a random seed."""
     seed = str(int.from_bytes(os.urandom(2), "little"))
     r = subprocess.run([sys.executable, "-c", code, seed], env=dict(os.environ, TRITON_INTERPRET="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "interpret-ok" in r.stdout, f"seed {seed}\n{r.stdout}\n{r.stderr[-3000:]}"
+
 
 def _loop(q, kp, vp, rows, lens):
     B, H, T, D = q.shape
