@@ -275,16 +275,12 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
         return attend_ragged(q, k, v, cache_kv, n_heads, n_kv)
     if cache_kv is not None and cache_kv.score_index is not None:     # head-sparse Refresh: key scores
         store_head_scores(q, k, v, attn_mask, cache_kv, n_heads // n_kv)
-    if cache_kv is not None and cache_kv.keep is not None:           # head-sparse Reuse: kept columns only
-        write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)
-        from dlc.kernels import pool_attention
+    if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place: keys
+        write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)     # [0, kv_len),
+        from dlc.kernels import pool_attention                        # head-sparse: the kept columns only
         rows = cache_kv.rows if cache_kv.rows is not None else torch.arange(q.shape[0], device=q.device)
         return pool_attention(q, cache_kv.k, cache_kv.v, rows, cache_kv.kv_len, cache_kv.keep,
                               cache_kv.n_keep)
-    if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place, keys
-        write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, start, gather=False)     # [0, kv_len)
-        from dlc.kernels import pool_attention
-        return pool_attention(q, cache_kv.k, cache_kv.v, cache_kv.rows, cache_kv.kv_len)
     T = q.shape[2]
     if cache_kv is not None and isinstance(start, int) and start == 0 and cache_kv.k.shape[2] == T:
         write_cache(cache_kv.k, cache_kv.v, cache_kv.rows, k, v, 0, gather=False)   # a Refresh over a cache

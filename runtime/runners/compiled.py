@@ -279,7 +279,8 @@ class CompiledRunner:
         return feed
 
     def _graphable(self, feed: dict, batch: StepBatch) -> bool:
-        full = batch.cache is not None and int(batch.lengths.max()) >= batch.cache.seq_len   # host lengths
+        full = (self.sparse_retention is not None and batch.cache is not None      # host lengths; only a
+                and int(batch.lengths.max()) >= batch.cache.seq_len)            # head-sparse step asks
         return self.graphs is not None and self.graphs.eligible(feed, batch.fed, batch.fed != batch.n_seqs,
                                                                 self.sparse_retention is not None, full)
 

@@ -168,16 +168,16 @@ class ProgramGraphs:
 
     @staticmethod
     def _pad_keep(keep: torch.Tensor, bb: int, kb: int, S: int) -> torch.Tensor:
-        """keep [nl, B, Hkv, K] -> [nl, bb, Hkv, kb]: real rows padded with column S - 1 (masked), padding
-        rows keeping columns [0, kb)."""
-        nl, B, hkv, K = keep.shape
-        out = torch.arange(kb, device=keep.device).repeat(nl, bb, hkv, 1)
-        out[:, :B, :, :K] = keep
-        out[:, :B, :, K:] = S - 1
+        """keep [nl, B, Hkv, K] -> a new [nl, bb, Hkv, kb] buffer staged by ``_stage_keep``."""
+        nl, _, hkv, _ = keep.shape
+        out = torch.empty(nl, bb, hkv, kb, dtype=keep.dtype, device=keep.device)
+        ProgramGraphs._stage_keep(out, keep, S)
         return out
 
     @staticmethod
     def _stage_keep(buf: torch.Tensor, keep: torch.Tensor, S: int) -> None:
+        """keep [nl, B, Hkv, K] into buf [nl, bb, Hkv, kb]: real rows padded with column S - 1 (masked),
+        padding rows keeping columns [0, kb)."""
         B, K = keep.shape[1], keep.shape[-1]
         buf[:, :B, :, :K].copy_(keep, non_blocking=True)
         buf[:, :B, :, K:] = S - 1
