@@ -92,11 +92,11 @@ class CompiledRunner:
                              "--compile applies to export engines (leave it out)")
         import torch._dynamo
 
-        from .inductor import compile_program
+        from .inductor import CompiledProgram
         cfg = torch._dynamo.config
         if getattr(cfg, "recompile_limit", 32) < 32:          # a few size-1 specialisations per phase
             cfg.recompile_limit = 32
-        self.phases = {ph: compile_program(fn, self.input_names[ph], self.config.n_layers)
+        self.phases = {ph: CompiledProgram(fn, self.input_names[ph], self.config.n_layers)
                        for ph, fn in self.phases.items()}
         self.compiled = True
 

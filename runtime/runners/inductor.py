@@ -7,7 +7,7 @@ layer materialises a copy of its whole [P, Hkv, S, D] pool slice and scatters it
 8B: a B=1 Reuse step went from 8 ms to 29 ms). Mutations of graph inputs themselves are re-inplaced by
 Inductor, so ``split_pool_inputs`` rewrites the graph to take one input per layer (``k_pool__<l>``,
 ``v_pool__<l>``, the views ``k_all[l]`` the runner already holds) in place of the selects, and
-``compile_program`` feeds them from the pool on each call. Same values, same engine files."""
+``CompiledProgram`` feeds them from the pool on each call. Same values, same engine files."""
 from __future__ import annotations
 
 import torch
@@ -34,7 +34,7 @@ def split_pool_inputs(gm: fx.GraphModule, n_layers: int) -> tuple[fx.GraphModule
                 last.meta = {}
                 layers.append(last)
         for user in list(pool.users):
-            if user.target is not torch.ops.aten.select.int or user.args[1:] != (0, user.args[2]) \
+            if user.target is not torch.ops.aten.select.int or user.args[1] != 0 \
                     or not isinstance(user.args[2], int):
                 raise ValueError(f"compile: {name} is read by {user.target}, not a per-layer select")
             user.replace_all_uses_with(layers[user.args[2]])
@@ -46,17 +46,17 @@ def split_pool_inputs(gm: fx.GraphModule, n_layers: int) -> tuple[fx.GraphModule
     return out, [n.name for n in g.nodes if n.op == "placeholder"]
 
 
-def compile_program(gm: fx.GraphModule, names: list[str], n_layers: int):
-    """``names``: the program's inputs in call order -> a callable with the same signature running
-    Inductor's code (compiled on first call; every size symbolic, fullgraph)."""
-    split, order = split_pool_inputs(gm, n_layers)
-    compiled = torch.compile(split, dynamic=True, fullgraph=True)
-    at = {n: i for i, n in enumerate(names)}
-    base = [at[n] for n in order if n in at]                          # every input but the pools
-    pools = [at[p] for p in POOLS if p in at]
+class CompiledProgram:
+    """A phase program with the same positional signature (``names``: its inputs in call order) running
+    Inductor's code (``module``: compiled on first call; every size symbolic, fullgraph)."""
 
-    def call(*args):
-        layers = [v for i in pools for v in args[i].unbind(0)]       # [P, Hkv, S, D] views, no copy
-        return compiled(*[args[i] for i in base], *layers)
-    call.module = compiled
-    return call
+    def __init__(self, gm: fx.GraphModule, names: list[str], n_layers: int):
+        split, order = split_pool_inputs(gm, n_layers)
+        self.module = torch.compile(split, dynamic=True, fullgraph=True)
+        at = {n: i for i, n in enumerate(names)}
+        self.base = [at[n] for n in order if n in at]                 # every input but the pools
+        self.pools = [at[p] for p in POOLS if p in at]
+
+    def __call__(self, *args):
+        layers = [v for i in self.pools for v in args[i].unbind(0)]   # [P, Hkv, S, D] views, no copy
+        return self.module(*[args[i] for i in self.base], *layers)
