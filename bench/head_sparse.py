@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
+import floors  # noqa: E402  (the byte counts and the copy bandwidth every bench uses)
 from engine_path import build  # noqa: E402  (the random LLaDA-shaped model every bench times)
 
 from dlc.models.sparse_heads import kept_counts  # noqa: E402
@@ -89,16 +90,6 @@ def once(fn, dev) -> float:
     return stop()
 
 
-def copy_bandwidth(dev, nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (gpu_bench's floor)."""
-    src = torch.randn(nbytes // 2, device=dev, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    ms = statistics.median(once(lambda: dst.copy_(src), dev) for _ in range(10))
-    return 2 * nbytes / (ms / 1e3)
-
-
 @contextlib.contextmanager
 def first_layers(model, n: int):
     """The model with its first n blocks only (the same weights; nothing copied)."""
@@ -112,20 +103,16 @@ def first_layers(model, n: int):
         t.blocks, model.config = blocks, cfg
 
 
-def weight_bytes(model, n_layers: int) -> int:
-    """Bytes a Reuse step reads of the weights: n_layers blocks + final norm + LM head (not the
-    embedding)."""
-    per_layer = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
-    head = model.head_weight()
-    norm = sum(p.numel() * p.element_size() for p in model.norm.parameters())
-    return n_layers * per_layer + head.numel() * head.element_size() + norm
+def weight_bytes(cfg, elem: int) -> int:
+    """Bytes a Reuse step reads of the weights: every layer + final norm + LM head (not the embedding)."""
+    return (floors.layer_params(cfg) + floors.head_params(cfg)) * elem
 
 
 def kv_bytes(cfg, B: int, kept: int, elem: int, sparse: bool) -> int:
     """K and V of the kept columns (every column for dense) per step; sparse steps also read the int64
     lists."""
-    cols = cfg.n_layers * B * cfg.n_kv_heads * kept
-    return 2 * cols * cfg.head_dim * elem + (8 * cols if sparse else 0)
+    index = 8 * cfg.n_layers * B * cfg.n_kv_heads * kept if sparse else 0               # int64 lists
+    return floors.kv_bytes(cfg, B, kept, elem) + index
 
 
 def layers_that_fit(cfg, B: int, S: int, variants: list, dtype, dev, margin: float) -> int:
@@ -257,10 +244,10 @@ def main(argv=None) -> int:
     extra = ", compiled blocks" if args.compile else ""
     capture = "" if dev.type == "cuda" else " WITHOUT capture (CPU)"
     log(f"# path: runtime GraphRunner (CUDA graph per bucket, pool attention, fused logits{extra}){capture}")
-    bw = copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 24))
-    log(f"# copy bandwidth {bw / 1e12:.2f} TB/s (read + write); weights read per step "
-        f"{weight_bytes(model, L) / 1e9:.2f} GB (layers + LM head, no embedding)")
     elem = torch.empty((), dtype=dtype).element_size()
+    bw = floors.copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 24))
+    log(f"# copy bandwidth {bw / 1e12:.2f} TB/s (read + write); weights read per step "
+        f"{weight_bytes(cfg0, elem) / 1e9:.2f} GB (layers + LM head, no embedding)")
     rows = []
     for S in cached:
         for B in batches:
@@ -276,7 +263,7 @@ def main(argv=None) -> int:
             for r in variants:
                 t = got[n][r] if n == L else extrapolate(got[n][r], got[depths[1]][r], n, depths[1], L)
                 kept = t["K"]
-                floor_b = weight_bytes(model, L) + kv_bytes(cfg0, B, kept, elem, r is not None)
+                floor_b = weight_bytes(cfg0, elem) + kv_bytes(cfg0, B, kept, elem, r is not None)
                 depth = f"{n}->{L}" if n != L else str(L)
                 rows.append(dict(B=B, S=S, retention=r, kept=kept, layers=depth,
                                  step_ms=t["step"], replay_ms=t["replay"], select_ms=t["select"],
