@@ -80,9 +80,10 @@ class CompiledRunner:
         AOTI runs ahead of time (fused pointwise chains, one kernel per norm / RoPE / gate), done at load for
         export engines, whose interpreted programs otherwise launch every aten op separately.
 
-        The whole program is one graph (fullgraph); every size is symbolic from the first compile
-        (``dynamic=True``): batch buckets, fed and decoded widths and Refresh lengths reuse one compilation
-        per phase (size-1 dimensions specialise: a batch of one compiles once more). The pool is fed as one
+        Each program splits at its layer boundaries and every layer runs one shared compiled function (as
+        the runtime's compiled blocks): warm-up compiles a prelude, one layer and an epilogue per phase, each
+        static first and once more with the sizes that changed (batch buckets, widths, Refresh lengths)
+        symbolic; the weights' sizes stay static (runners/inductor.py). The pool is fed as one
         input per layer so that Inductor writes it in place (runners/inductor.py says why). AOTI packages
         are Inductor code already, ONNX / TensorRT run their own compilers: for them ``on`` is refused."""
         if not on or self.compiled:
