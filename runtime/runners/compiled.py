@@ -83,9 +83,11 @@ class CompiledRunner:
         Each program splits at its layer boundaries and every layer runs one shared compiled function (as
         the runtime's compiled blocks): warm-up compiles a prelude, one layer and an epilogue per phase, each
         static first and once more with the sizes that changed (batch buckets, widths, Refresh lengths)
-        symbolic; the weights' sizes stay static (runners/inductor.py). The pool is fed as one
-        input per layer so that Inductor writes it in place (runners/inductor.py says why). AOTI packages
-        are Inductor code already, ONNX / TensorRT run their own compilers: for them ``on`` is refused."""
+        symbolic; the weights' sizes stay static (runners/inductor.py). Refresh batches with no padded row run
+        ``refresh_unpadded``, the program without its key-padding mask (flash attention, as eager). The
+        pool is fed as one input per layer so that Inductor writes it in place (runners/inductor.py says
+        why). AOTI packages are Inductor code already, ONNX / TensorRT run their own compilers: for them
+        ``on`` is refused."""
         if not on or self.compiled:
             return
         if self.kind != "export":
@@ -93,10 +95,14 @@ class CompiledRunner:
                              "--compile applies to export engines (leave it out)")
         import torch._dynamo
 
-        from .inductor import CompiledProgram
+        from .inductor import CompiledProgram, without_padding_mask
         cfg = torch._dynamo.config
         if getattr(cfg, "recompile_limit", 32) < 32:          # a few size-1 specialisations per phase
             cfg.recompile_limit = 32
+        bare = without_padding_mask(self.phases["refresh"]) if "refresh" in self.phases else None
+        if bare is not None:                  # Refresh batches with no padded row: no mask, flash attention
+            self.phases["refresh_unpadded"] = bare
+            self.input_names["refresh_unpadded"] = self.input_names["refresh"]
         self.phases = {ph: CompiledProgram(fn, self.input_names[ph], self.config.n_layers)
                        for ph, fn in self.phases.items()}
         self.compiled = True
@@ -256,7 +262,8 @@ class CompiledRunner:
         feed = {"input_ids": batch.ids, "position_ids": batch.pos, "key_mask": batch.key_mask,
                 **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start),
                 **self._attention_inputs(batch)}
-        res = self._call("refresh", feed)
+        unpadded = "refresh_unpadded" in self.phases and bool((batch.lengths == W).all())
+        res = self._call("refresh_unpadded" if unpadded else "refresh", feed)
         rows = feed["rows"]
         if not self.kv_inplace:             # outputs: decoding ..., k, v [nl, fed, Hkv, W, D] (, scores)
             k, v = res[-3:-1] if self.sparse_retention is not None else res[-2:]

@@ -323,7 +323,8 @@ def test_export_engine_compiled_at_load_serves_eager_tokens_and_writes_the_pool_
     assert runner.graphs.stats["captures"] > 0                   # Reuse steps went through the static path
 
 
-def test_compile_at_load_splits_programs_by_layer_and_shares_one_layer_function(engine, tiny_ckpt, monkeypatch):
+def test_compile_at_load_splits_programs_by_layer_and_shares_one_layer_function(engine, tiny_ckpt,
+                                                                               monkeypatch):
     """Compile at load splits each phase program at its layer boundaries (runners/inductor.py): a prelude,
     one piece per layer and an epilogue, the layers' pieces one shared function. Run uncompiled (the compile
     step replaced by the identity, so the test checks the split itself, fast), the split programs serve
@@ -346,11 +347,47 @@ def test_compile_at_load_splits_programs_by_layer_and_shares_one_layer_function(
         layer_fn = getattr(program.module, "submod_1")
         assert program.n_compiled == 3 == len(pieces)
         assert all(getattr(program.module, f"submod_{i + 1}") is layer_fn for i in range(n_layers))
+    calls = {"refresh": 0, "refresh_unpadded": 0}
+    for phase in calls:                                   # count the Refresh programs' calls
+        program = eng.runner.phases[phase]
+        eng.runner.phases[phase] = lambda *a, _p=program, _n=phase: calls.__setitem__(_n, calls[_n] + 1) \
+            or _p(*a)
     reqs = [eng.make_request(p, {}) for p in prompts]
-    for r in reqs:
+    for r in reqs:                                        # one batch of three lengths: padded rows
         eng.add_request(r)
     eng.run_until_done()
-    assert [r.output_ids for r in reqs] == refs
+    solo = eng.make_request(prompts[0], {})               # alone: no padded row, the unmasked program
+    eng.add_request(solo)
+    eng.run_until_done()
+    assert [r.output_ids for r in reqs] + [solo.output_ids] == refs + refs[:1]
+    assert calls["refresh"] > 0 and calls["refresh_unpadded"] > 0, calls
+
+
+def test_padding_mask_is_dropped_only_where_it_is_one():
+    """``without_padding_mask``: a program whose attention mask is the key-padding input seen through views
+    gets a copy without the mask (same values on an unpadded batch); any other mask (block-causal, combined)
+    keeps its program (None)."""
+    import torch.nn.functional as F
+    from dlc.runtime.runners.inductor import SDPA, without_padding_mask
+
+    class Attn(torch.nn.Module):
+        def __init__(self, causal: bool):
+            super().__init__()
+            self.causal = causal
+
+        def forward(self, q, key_mask):
+            mask = key_mask[:, None, None, :]                                    # [B, 1, 1, T]
+            if self.causal:
+                mask = mask & torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    q, km = torch.randn(2, 2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
+    padded = torch.export.export(Attn(False), (q, km)).module()
+    bare = without_padding_mask(padded)
+    assert bare is not None
+    assert [n.args[3:4] for n in bare.graph.nodes if n.target is SDPA] == [(None,)]
+    torch.testing.assert_close(bare(q, km), padded(q, km), rtol=1e-5, atol=1e-6)
+    assert without_padding_mask(torch.export.export(Attn(True), (q, km)).module()) is None
 
 
 def test_compile_at_load_is_for_export_engines(engine):
