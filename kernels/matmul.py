@@ -68,7 +68,7 @@ if HAS_TRITON:
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         m_tiles = tl.cdiv(M, BM)
-        pid_m = pid % m_tiles                                         # row tile: fast axis (weight tile in L2)
+        pid_m = pid % m_tiles                                # row tile: fast axis (a weight tile stays in L2)
         pid_n = pid // m_tiles
         sp = tl.program_id(1)
         z = tl.program_id(2).to(tl.int64)
@@ -116,12 +116,12 @@ if HAS_TRITON:
 
 
 def matmul_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                  cfg: dict | None = None) -> torch.Tensor:
-    """a [Z, M, K] @ b [Z, K, N] (+ bias [N]) -> [Z, M, N] in a's dtype; ``cfg`` overrides ``plan`` (tests).
-    Also runs on CPU tensors under TRITON_INTERPRET=1."""
+                  cfg: dict | None = None, sms: int | None = None) -> torch.Tensor:
+    """a [Z, M, K] @ b [Z, K, N] (+ bias [N]) -> [Z, M, N] in a's dtype; ``cfg`` overrides ``plan``, ``sms``
+    the SM count it plans for (tests). Also runs on CPU tensors under TRITON_INTERPRET=1."""
     Z, M, K = a.shape
     N = b.shape[2]
-    p = cfg or plan(N, K, a.dtype, _sm_count(a.device))
+    p = cfg or plan(N, K, a.dtype, sms or _sm_count(a.device))
     c = torch.empty((Z, M, N), dtype=a.dtype, device=a.device)
     if M == 0 or N == 0:
         return c
