@@ -62,8 +62,7 @@ def launch(kernel):
 
 def invariant() -> bool:
     """Is the batch-invariant mode on? Kernels then choose tile sizes and splits that never depend on the
-    number of rows (``logits.plan``, ``pool_attn``); read at launch time (and so baked into a graph at capture).
-    """
+    number of rows (``logits.plan``, ``pool_attn``); read at launch time (baked into a graph at capture)."""
     return _INVARIANT[0]
 
 

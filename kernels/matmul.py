@@ -165,12 +165,18 @@ def validate(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> Non
               f"bias must be [N={b.shape[2]}] on {a.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
-@define_op("invariant_matmul", opaque=True)
-def invariant_matmul_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if use_triton(a) or INTERPRET:                  # interpreter: the kernel on CPU (checks)
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's body (a [Z, M, K], b [Z, K, N], validated): Triton on CUDA (and on CPU in the interpreter),
+    else the reference. The mode's aten overrides call it directly (no second trip through the dispatcher)."""
+    if use_triton(a) or INTERPRET:
         require_triton("invariant_matmul")
         return matmul_triton(a, b, bias)
     return matmul_reference(a, b, bias)
+
+
+@define_op("invariant_matmul", opaque=True)
+def invariant_matmul_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return matmul(a, b, bias)
 
 
 @invariant_matmul_op.register_fake

@@ -67,12 +67,17 @@ def row_sum_triton(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return out
 
 
-@define_op("invariant_row_sum", opaque=True)
-def invariant_row_sum_op(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    if use_triton(x) or INTERPRET:                  # interpreter: the kernel on CPU (checks)
+def row_sum(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The op's body: Triton on CUDA (and on CPU in the interpreter), else the reference."""
+    if use_triton(x) or INTERPRET:
         require_triton("invariant_row_sum")
         return row_sum_triton(x, scale)
     return row_sum_reference(x, scale)
+
+
+@define_op("invariant_row_sum", opaque=True)
+def invariant_row_sum_op(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return row_sum(x, scale)
 
 
 @invariant_row_sum_op.register_fake
@@ -85,7 +90,10 @@ def sum_dims(x: torch.Tensor, dim=None, keepdim: bool = False, dtype: torch.dtyp
     """``x.sum(dim, keepdim, dtype=dtype)`` (``mean``: ``x.mean(...)``) with a batch-invariant order: the
     reduced dims moved last and flattened, one row per output. ``dim`` None or empty: every dim."""
     nd = x.dim()
-    dims = sorted({d % max(nd, 1) for d in dim}) if dim else list(range(nd))
+    if nd == 0:                                      # a scalar: its own sum
+        out = x.to(dtype) if dtype is not None else x.to(acc_dtype(x.dtype)) if not x.is_floating_point() else x
+        return out.clone() if not mean else out / 1
+    dims = sorted({d % nd for d in dim}) if dim else list(range(nd))
     keep = [d for d in range(nd) if d not in dims]
     if dtype is not None:
         x = x.to(dtype)
@@ -96,7 +104,7 @@ def sum_dims(x: torch.Tensor, dim=None, keepdim: bool = False, dtype: torch.dtyp
     rows = x.permute(*keep, *dims).reshape(-1, C)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    res = torch.ops.dlc.invariant_row_sum(rows, 1.0 / C if mean and C else 1.0)
+    res = row_sum(rows, 1.0 / C if mean and C else 1.0)
     if mean and C == 0:
         res = torch.full_like(res, float("nan"))
     if dtype is not None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dlc.kernels._registry import HAS_TRITON, INTERPRET, invariant, set_invariant
-from dlc.kernels.matmul import DTYPES, invariant_matmul
+from dlc.kernels.matmul import DTYPES, matmul
 from dlc.kernels.reduce import sum_dims
 from dlc.models.common import attention_override
 
@@ -46,13 +46,13 @@ def _matmul_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not _matmul_ok(a, b):                       # float64 / integer GEMMs: products summed in order
         return sum_dims(a[:, :, None] * b[None], [1])
-    return invariant_matmul(a, b)
+    return matmul(a[None], b[None])[0]
 
 
 def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
     if beta == 1 and alpha == 1 and bias.dim() == 1 and bias.shape[0] == b.shape[1] and _matmul_ok(a, b) \
             and bias.dtype == a.dtype:
-        return invariant_matmul(a, b, bias)        # the bias added in float32 before rounding, as cuBLAS
+        return matmul(a[None], b[None], bias)[0]   # the bias added in float32 before rounding, as cuBLAS
     out = _mm(a, b)
     return out * alpha + bias * beta if beta != 0 else out * alpha
 
@@ -60,7 +60,7 @@ def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alph
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not _matmul_ok(a, b):
         return sum_dims(a[:, :, :, None] * b[:, None], [2])
-    return invariant_matmul(a, b)
+    return matmul(a, b)
 
 
 def _sum(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype=None) -> torch.Tensor:

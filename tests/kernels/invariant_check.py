@@ -110,11 +110,26 @@ def check_pool_attention():
         set_invariant(prev)
 
 
+def _aten_calls(x: torch.Tensor) -> list:
+    return [x.sum(-1), x.sum((0, 2)), x.mean(1, keepdim=True), x.sum(1, dtype=torch.float64), (x > 0).sum(-1),
+            torch.tensor(3.0).sum(0), x.sum((-1, -2), keepdim=True), torch.mm(x[0], x[1].t()),
+            torch.addmm(x[0, 0, :5], x[0], x[1].t()), torch.addmm(x[0, :, :5], x[0], x[1].t(), beta=0.5),
+            torch.mm(x[0].double(), x[1].t().double()), torch.bmm(x, x.transpose(1, 2)),
+            torch.nn.functional.linear(x, x[0], x[0, :, 0])]
+
+
 def check_mode():
-    """The whole mode on a tiny model (aten overrides registered for CPU here, kernels interpreted): a padded
-    row's hidden states inside a batch of 3 equal (bitwise) those of the row alone, and the mode's forward is
-    close to the default one (float32)."""
+    """The whole mode on a tiny model (aten overrides registered for CPU here, kernels interpreted): the
+    overridden ops keep torch's results (dtype, shape, values at float32 tolerance); a padded row's hidden
+    states inside a batch of 3 equal (bitwise) those of the row alone, and the mode's forward is close to the
+    default one (float32)."""
     from dlc.runtime.batch_invariant import batch_invariant_mode
+    x = torch.randn(4, 5, 6)
+    with batch_invariant_mode(keys=("CPU",)):
+        got = _aten_calls(x)
+    for i, (a, b) in enumerate(zip(got, _aten_calls(x))):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        torch.testing.assert_close(a, b, msg=f"call {i}")
     from dlc.runtime.session import open_model
     m = open_model("tiny-llada", progress=False).runner.model
     g = torch.Generator().manual_seed(0)
