@@ -96,6 +96,22 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
 
 
 # ------------------------------------------------------------------------------------- the mode
+def check_runner(runner) -> None:
+    """Refuse what the mode cannot make invariant: a compiled engine directory (its programs hold their own
+    kernels) and a model whose blocks are already compiled (``torch.compile`` in place, e.g. by an earlier
+    GraphRunner with compile on): Inductor's GEMMs and fused reductions bypass the overrides."""
+    from .runners.compiled import CompiledRunner
+    if isinstance(runner, CompiledRunner):
+        raise ValueError("batch_invariant: compiled engine directories run their own kernels; serve the "
+                         "checkpoint (or preset) the engine was built from")
+    model = getattr(runner, "model", None)
+    blocks = getattr(model, "blocks", ()) if model is not None else ()
+    if any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks):
+        raise ValueError("batch_invariant: this model's blocks are compiled (torch.compile); the mode needs "
+                         "them uncompiled (load the model again, or leave compile off)")
+
+
+
 @contextmanager
 def batch_invariant_mode(on: bool = True, keys: tuple[str, ...] = ("CUDA",)):
     """While inside: the overrides above on the dispatch ``keys`` (CUDA; tests pass CPU under the Triton

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch_invariant import batch_invariant_mode
+from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
 from .decoding import DecodeState, FieldError, GenerationConfig
 from .generate import check_prompts
@@ -133,6 +134,8 @@ class Engine:
         runner = sparse_runner_for(session.runner, cfg.sparse_retention)
         self.runner = graph_runner_for(runner, cfg.cuda_graphs, False if cfg.batch_invariant else cfg.compile,
                                        cfg.graph_decode)
+        if cfg.batch_invariant:
+            check_invariant_runner(self.runner)
         self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
