@@ -26,7 +26,7 @@ def check_matmul():
     """Rows of a [37, K] batch equal (bitwise) the same rows computed in batches of 1 and 5, with split-K 2
     (partials combined in split order) and without; close to float64 torch."""
     for dt in (torch.float32, torch.float16):
-        w = torch.randn(48, 96).to(dt)                       # an nn.Linear weight [N, K]; the GEMM reads w.t()
+        w = torch.randn(48, 96).to(dt)                       # nn.Linear weight [N, K]; the GEMM reads w.t()
         bias = torch.randn(48).to(dt)
         x = torch.randn(37, 96).to(dt)
         ref = (x.double() @ w.double().t() + bias.double())
