@@ -10,8 +10,9 @@ tokens change with its neighbours (bench/RESULTS.md, "Batch invariance"). While 
   dtype only, split partials summed in order): every nn.Linear, fused projection, LM-head chunk of the eager
   model, whatever module calls it, also inside CUDA-graph capture (the override is a dispatcher entry, so a
   captured graph holds these kernels);
-* ``aten::sum.dim_IntList`` / ``aten::mean.dim`` on CUDA run ``kernels/reduce.py`` (one program per output,
-  order from the reduced length only): RMSNorm's mean, decoding's softmax sums;
+* ``aten::sum.dim_IntList`` / ``aten::mean.dim`` / ``aten::logsumexp`` on CUDA run ``kernels/reduce.py`` (one
+  program per output, order from the reduced length only): RMSNorm's mean, decoding's softmax sums, the
+  extras' logprobs;
 * dense attention (Refresh, full forwards, gathered Reuse) goes through ``invariant_attention``: the
   pool-attention Triton kernel with one split and one query tile shape, each row masked by its own key count
   (the runtime's key masks are prefixes: ``StepBatch.key_mask``), instead of SDPA (flash without a mask,
@@ -71,7 +72,16 @@ def _mean(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype=None) -> to
     return sum_dims(x, dim, keepdim, dtype, mean=True)
 
 
-OVERRIDES = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "sum.dim_IntList": _sum, "mean.dim": _mean}
+def _logsumexp(x: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
+    """max + log(sum(exp(x - max))) with the sum in the invariant order (decoding extras' logprobs)."""
+    m = x.amax(dim, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    out = torch.log(sum_dims(torch.exp(x - m), dim, True)) + m
+    return out if keepdim else out.squeeze(tuple(d % x.dim() for d in dim) if dim else None)
+
+
+OVERRIDES = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "sum.dim_IntList": _sum, "mean.dim": _mean,
+             "logsumexp": _logsumexp}
 
 
 # ------------------------------------------------------------------------------------- attention

@@ -115,7 +115,8 @@ def _aten_calls(x: torch.Tensor) -> list:
             torch.tensor(3.0).sum(0), x.sum((-1, -2), keepdim=True), torch.mm(x[0], x[1].t()),
             torch.addmm(x[0, 0, :5], x[0], x[1].t()), torch.addmm(x[0, :, :5], x[0], x[1].t(), beta=0.5),
             torch.mm(x[0].double(), x[1].t().double()), torch.bmm(x, x.transpose(1, 2)),
-            torch.nn.functional.linear(x, x[0], x[0, :, 0])]
+            torch.nn.functional.linear(x, x[0], x[0, :, 0]), torch.logsumexp(x, -1),
+            torch.logsumexp(x, (0, 2), keepdim=True)]
 
 
 def check_mode():
