@@ -117,7 +117,7 @@ if HAS_TRITON:
         x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    @triton.jit(do_not_specialize=["seed", "temperature"])
+    @triton.jit(do_not_specialize=["seed", "temperature", "N"])      # one compiled kernel for every N
     def _select_logits_kernel(H, W, U, TP, KP, PM, PS, PB, PI, PL,
                               N, V, D, n_split, cols_per_split, stride_h, stride_w, stride_u,
                               temperature, seed,

@@ -61,7 +61,9 @@ def matmul_reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
 
 # ----------------------------------------------------------------------------------------------- Triton
 if HAS_TRITON:
-    @triton.jit
+    # M and the batch strides (M * K, M * N) are never specialised on (Triton compiles a variant per value 1
+    # or multiple of 16): one compiled kernel serves every batch size
+    @triton.jit(do_not_specialize=["M", "s_az", "s_cz"])
     def _mm_kernel(A, B, C, P, BIAS, M, N, K, k_per,
                    s_az, s_am, s_ak, s_bz, s_bk, s_bn, s_cz, s_cm, s_cn,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -99,7 +101,7 @@ if HAS_TRITON:
             base = (z * SPLIT + sp) * M
             tl.store(P + (base + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "s_cz"])
     def _mm_combine(P, C, BIAS, M, N, s_cz, s_cm, s_cn,
                     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         z = tl.program_id(1).to(tl.int64)
