@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -294,6 +295,7 @@ def main(argv=None) -> list[dict]:
             f"ready in {time.perf_counter() - t:.1f} s")
         rows += [run_mode(eng, cfg, m, MODES[m], args, scale) for m in args.modes]
         del eng                                          # its KV pool and graphs go before the next engine
+        gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
         t = time.perf_counter()

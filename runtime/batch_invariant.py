@@ -21,7 +21,8 @@ tokens change with its neighbours (bench/RESULTS.md, "Batch invariance"). While 
   tile whatever N is (``logits.plan``) and pool attention the split count of one row (``pool_attn``).
 
 What stays outside: compiled blocks (Inductor picks its own GEMM and reduction configs per shape: the mode
-keeps ``compile`` off), block-causal masks (LLaDA2 / SDAR: SDPA's memory-efficient kernel, not proven
+keeps ``compile`` off), compiled engine directories and tensor parallelism (refused: ``check_runner``,
+``ServeConfig``), block-causal masks (LLaDA2 / SDAR: SDPA, always masked, not proven
 invariant), CPU (torch's CPU kernels; the CPU check in tests/runtime/test_batch_invariance.py holds with the
 mode off and on, but nothing forces it). Sampling state is per row already (hash noise of (seed, row,
 column)). The cost is measured by ``bench/batch_invariance.py --batch-invariant both``."""
