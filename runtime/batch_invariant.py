@@ -108,10 +108,13 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
 
 # ------------------------------------------------------------------------------------- the mode
 def check_runner(runner) -> None:
-    """Refuse what the mode cannot make invariant: a compiled engine directory (its programs hold their own
-    kernels) and a model whose blocks are already compiled (``torch.compile`` in place, e.g. by an earlier
-    GraphRunner with compile on): Inductor's GEMMs and fused reductions bypass the overrides."""
+    """Refuse what the mode cannot make invariant: CUDA without Triton, a compiled engine directory (its
+    programs hold their own kernels) and a model whose blocks are already compiled (``torch.compile`` in
+    place, e.g. by an earlier GraphRunner with compile on): Inductor's GEMMs and fused reductions bypass the
+    overrides."""
     from .runners.compiled import CompiledRunner
+    if runner.device.type == "cuda" and not HAS_TRITON:
+        raise ValueError("batch_invariant on CUDA runs Triton kernels; install triton (or leave it off)")
     if isinstance(runner, CompiledRunner):
         raise ValueError("batch_invariant: compiled engine directories run their own kernels; serve the "
                          "checkpoint (or preset) the engine was built from")

@@ -60,3 +60,14 @@ def test_outputs_do_not_depend_on_the_batch(session, alone, max_batch_size, refr
     mixed = run(session, mix, max_batch_size=max_batch_size, refresh_share=refresh_share,
                 max_num_tokens=384, batch_invariant=batch_invariant)[7:15]
     assert mixed == alone
+
+
+def test_batch_invariant_engine_refuses_compiled_blocks():
+    """Blocks already compiled in place (an earlier GraphRunner with compile on) would bypass the mode's
+    kernels: the Engine refuses them with a one-line error instead of serving variant outputs."""
+    s = open_model("tiny-llada", progress=False)
+    for b in s.runner.model.blocks:
+        b.compile()                                  # lazy: nothing compiles until a call
+    with pytest.raises(ValueError, match="batch_invariant: this model's blocks are compiled"):
+        Engine(s, ServeConfig(max_seq_len=96, kv_cache_mb=16, batch_invariant=True))
+    Engine(s, ServeConfig(max_seq_len=96, kv_cache_mb=16))                 # the default mode takes them
