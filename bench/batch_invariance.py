@@ -18,8 +18,9 @@ asserts the model is decisive enough to matter (the solo outputs vary across pro
 
 ``--batch-invariant`` runs the engine in the batch-invariant mode (``ServeConfig.batch_invariant``:
 runtime/batch_invariant.py), ``--batch-invariant both`` the invariant engine then the default one over the
-same model and probes (that order: the default engine compiles the model's blocks in place); each row carries the solo runs' tokens/s, and with both a line compares them (the
-mode's cost). ``--modes`` / ``--probes`` / ``--background`` shrink a run to fit a time limit.
+same model and probes (that order: the default engine compiles the model's blocks in place); each row
+carries the solo runs' tokens/s, and with both a line compares them (the mode's cost). ``--modes`` /
+``--probes`` / ``--background`` shrink a run to fit a time limit.
 
     python3 -P bench/batch_invariance.py                 # GPU, ~1.3 B bf16 (about 4 minutes on one H100)
     python3 -P bench/batch_invariance.py --batch-invariant both --modes greedy-1,sampled --probes 40

@@ -91,7 +91,7 @@ def sum_dims(x: torch.Tensor, dim=None, keepdim: bool = False, dtype: torch.dtyp
     reduced dims moved last and flattened, one row per output. ``dim`` None or empty: every dim."""
     nd = x.dim()
     if nd == 0:                                      # a scalar: its own sum
-        out = x.to(dtype) if dtype is not None else x.to(acc_dtype(x.dtype)) if not x.is_floating_point() else x
+        out = x.to(dtype or (x.dtype if x.is_floating_point() else acc_dtype(x.dtype)))
         return out.clone() if not mean else out / 1
     dims = sorted({d % nd for d in dim}) if dim else list(range(nd))
     keep = [d for d in range(nd) if d not in dims]

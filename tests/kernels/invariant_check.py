@@ -71,8 +71,8 @@ def check_row_sum():
 
 def check_logits():
     """The fused selected-row logits in the invariant mode: a row's (token, confidence) identical inside
-    N = 1 and N = 150 rows (3 row tiles by default), at T = 0 and seeded T > 0 (per-row keys). The default plan
-    splits the vocab by N (a batch-1 call uses more splits), so without the mode the same row may round
+    N = 1 and N = 150 rows (3 row tiles by default), at T = 0 and seeded T > 0 (per-row keys). The default
+    plan splits the vocab by N (a batch-1 call uses more splits), so without the mode the same row may round
     differently."""
     n = 150
     h, w = torch.randn(n, 32), torch.randn(600, 32) * 2     # wide logits: split sums round apart by default

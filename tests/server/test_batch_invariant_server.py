@@ -1,7 +1,7 @@
-"""`dlc serve --batch-invariant` through the official openai client: each probe completion alone, then the same
-probes sent at once among background requests of other lengths and temperatures: the same tokens, at T = 0
-and at seeded T = 0.8. (On CPU the mode's kernels are CUDA-only, so this checks the served path with the flag
-on; the GPU tests check the kernels.)"""
+"""`dlc serve --batch-invariant` through the official openai client: each probe completion alone, then the
+same probes sent at once among background requests of other lengths and temperatures: the same tokens, at
+T = 0 and at seeded T = 0.8. (On CPU the mode's kernels are CUDA-only, so this checks the served path with
+the flag on; the GPU tests check the kernels.)"""
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
