@@ -16,7 +16,14 @@ be identical in both runs; the table counts probes whose tokens differ and the f
 (minimum over them), the largest batch and the mixed (Refresh + Reuse) iterations the mixed run saw. It
 asserts the model is decisive enough to matter (the solo outputs vary across prompts).
 
+``--batch-invariant`` runs the engine in the batch-invariant mode (``ServeConfig.batch_invariant``:
+runtime/batch_invariant.py), ``--batch-invariant both`` the invariant engine then the default one over the
+same model and probes (that order: the default engine compiles the model's blocks in place); each row
+carries the solo runs' tokens/s, and with both a line compares them (the mode's cost). ``--modes`` /
+``--probes`` / ``--background`` shrink a run to fit a time limit.
+
     python3 -P bench/batch_invariance.py                 # GPU, ~1.3 B bf16 (about 4 minutes on one H100)
+    python3 -P bench/batch_invariance.py --batch-invariant both --modes greedy-1,sampled --probes 40
     python3 -P bench/batch_invariance.py --tiny          # CPU smoke run: tiny-llada shape, fp32
 
 A log (text and JSON) goes to ``$OUT`` when it is set (``--out`` otherwise)."""
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -79,8 +87,10 @@ def build(cfg, dev: str, dtype):
     return model
 
 
-def make_engine(model, dev: str, max_seq: int, max_batch: int, graphs: bool | None = None):
-    """The serving Engine over an eager model, every runner choice left to ServeConfig's defaults."""
+def make_engine(model, dev: str, max_seq: int, max_batch: int, graphs: bool | None = None,
+                batch_invariant: bool = False):
+    """The serving Engine over an eager model, every runner choice left to ServeConfig's defaults (the
+    batch-invariant mode keeps compile off itself)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes
@@ -90,7 +100,7 @@ def make_engine(model, dev: str, max_seq: int, max_batch: int, graphs: bool | No
     mib = slot_bytes(cfg, max_seq, next(model.parameters()).dtype) * (2 * max_batch + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq,
                      kv_cache_mb=mib, max_queue=4096, log_interval_s=0, cuda_graphs=graphs,
-                     compile=graphs)
+                     compile=graphs, batch_invariant=batch_invariant)
     eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
     eng.warmup()
     return eng
@@ -202,7 +212,9 @@ def run_mode(eng, cfg, name: str, mode: dict, args, scale) -> dict:
     together, seen = mixed(eng, probes, others, g)
     t_mixed = time.perf_counter() - t
     n_diff, first, diffs = compare(alone, together)
-    res = dict(mode=name, requests=len(probes), differing=n_diff, first_diff=first, distinct_solo=distinct,
+    res = dict(mode=name, batch_invariant=eng.cfg.batch_invariant, requests=len(probes), differing=n_diff,
+               first_diff=first, distinct_solo=distinct,
+               solo_tokens_per_s=round(sum(map(len, alone)) / t_solo, 1),
                max_batch=seen["max_batch"], mixed_iterations=seen["mixed_iterations"],
                iterations=seen["iterations"], batch_sizes=sorted(seen["batch_sizes"]),
                reuse_buckets=sorted(seen["buckets"]), background=len(others),
@@ -223,13 +235,23 @@ def runner_name(eng) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| mode | requests | differing | first diff pos | max batch seen | mixed iterations seen | "
-            "batch sizes seen | Reuse graph buckets |\n|---|---|---|---|---|---|---|---|\n")
+            "batch sizes seen | Reuse graph buckets | batch-invariant | solo tok/s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['mode']} | {r['requests']} | {r['differing']} | "
         f"{'-' if r['first_diff'] is None else r['first_diff']} | {r['max_batch']} | "
         f"{r['mixed_iterations']} of {r['iterations']} | {len(r['batch_sizes'])} | "
-        f"{','.join(map(str, r['reuse_buckets']))} |\n"
+        f"{','.join(map(str, r['reuse_buckets'])) or '-'} | {'on' if r['batch_invariant'] else 'off'} | "
+        f"{r['solo_tokens_per_s']} |\n"
         for r in rows)
+
+
+def cost_lines(rows: list[dict]) -> list[str]:
+    """Per mode run both ways: the solo runs' tokens/s with the batch-invariant mode off and on."""
+    by = {(r["mode"], r["batch_invariant"]): r["solo_tokens_per_s"] for r in rows}
+    return [f"cost of --batch-invariant, {m}: solo {by[(m, False)]} -> {by[(m, True)]} tokens/s "
+            f"({by[(m, True)] / by[(m, False)]:.2f}x)"
+            for m in dict.fromkeys(r["mode"] for r in rows) if (m, False) in by and (m, True) in by]
 
 
 def parse_args(argv=None):
@@ -242,6 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="the eager runner (no CUDA graphs, no compile)")
+    p.add_argument("--batch-invariant", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="the engine's batch-invariant mode: on, off, or both (invariant engine first) [off]")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the log [$OUT]")
     a = p.parse_args(argv)
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -260,15 +284,25 @@ def main(argv=None) -> list[dict]:
     t = time.perf_counter()
     model = build(cfg, dev, dtype)
     max_seq = 2 * scale[1] + max(scale[4])
-    eng = make_engine(model, dev, max_seq, args.max_batch_size, False if args.eager else None)
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    log(f"# batch invariance: {cfg.num_parameters() / 1e9:.2f} B params (d {cfg.d_model}, {cfg.n_layers} "
-        f"layers, vocab {cfg.vocab_size}), {dtype}, {gpu}, torch {torch.__version__}; "
-        f"runner {runner_name(eng)}; policy {eng.cfg.policy}, lookahead {eng.cfg.lookahead_steps}, "
-        f"max batch {args.max_batch_size}; "
-        f"ready in {time.perf_counter() - t:.1f} s")
-    rows = [run_mode(eng, cfg, m, MODES[m], args, scale) for m in args.modes]
+    rows = []
+    # both: the invariant engine first (the default one compiles the model's blocks in place)
+    for bi in {"off": (False,), "on": (True,), "both": (True, False)}[args.batch_invariant]:
+        eng = make_engine(model, dev, max_seq, args.max_batch_size, False if args.eager else None, bi)
+        log(f"# batch invariance: {cfg.num_parameters() / 1e9:.2f} B params (d {cfg.d_model}, {cfg.n_layers} "
+            f"layers, vocab {cfg.vocab_size}), {dtype}, {gpu}, torch {torch.__version__}; "
+            f"runner {runner_name(eng)}; batch-invariant {'on' if bi else 'off'}; policy {eng.cfg.policy}, "
+            f"lookahead {eng.cfg.lookahead_steps}, max batch {args.max_batch_size}; "
+            f"ready in {time.perf_counter() - t:.1f} s")
+        rows += [run_mode(eng, cfg, m, MODES[m], args, scale) for m in args.modes]
+        del eng                                          # its KV pool and graphs go before the next engine
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
     log("\n" + table(rows))
+    for line in cost_lines(rows):
+        log(line)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "batch_invariance.log"), "w") as f:

@@ -64,6 +64,9 @@ def _fail(msg: str):
 @click.option("--compile/--no-compile", "compile_blocks", default=None,
               help="torch.compile each block of the CUDA-graph runner, or an export engine's phase programs "
                    "(Inductor at load) [on on CUDA]")
+@click.option("--batch-invariant/--no-batch-invariant", default=False,
+              help="the kernels dlc serve --batch-invariant runs (fixed GEMM, attention and logits splits on "
+                   "CUDA; no --compile), so outputs match a server in that mode [off]")
 @click.option("--chat/--no-chat", default=None, help="apply the chat template (default: the model's)")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int,
@@ -73,10 +76,11 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
              low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold,
              max_post_edit_steps, tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks,
-             chat, tensor_parallel_size, as_json):
+             batch_invariant, chat, tensor_parallel_size, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
+    from dlc.runtime.batch_invariant import batch_invariant_mode
     from dlc.runtime.distributed import RankFailure
     from dlc.runtime.engine import graph_runner_for
     from dlc.runtime.generate import GenerationConfig
@@ -103,8 +107,12 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
         use_chat = session.chat if chat is None else chat
         cfg.stop_at_eos = use_chat
         ids = encode_prompt(session, prompt, use_chat)
-        runner = graph_runner_for(session.runner, cuda_graphs, compile_blocks)     # dlc serve's defaults
-        res = run_generate(runner, [ids], cfg)
+        if batch_invariant and compile_blocks:
+            raise ValueError("--batch-invariant keeps --compile off (Inductor picks its own GEMM configs)")
+        runner = graph_runner_for(session.runner, cuda_graphs,                    # dlc serve's defaults
+                                  False if batch_invariant else compile_blocks)
+        with batch_invariant_mode(batch_invariant):
+            res = run_generate(runner, [ids], cfg)
     except (ValueError, FileNotFoundError, RankFailure) as e:
         _fail(str(e))
     text = decode_tokens(session, res.token_ids[0])

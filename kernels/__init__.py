@@ -26,6 +26,11 @@ Python API (what compiler passes and runtimes call):
   KV head reads only its kept columns ``cols[b, g, :n_cols[b]]``.
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
   ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
+* ``invariant_matmul(a [M, K] | [Z, M, K], b [K, N] | [Z, K, N], bias=None)`` -> [(Z,) M, N]: a GEMM whose
+  tiles and split-K come from (N, K, dtype) only, so a row's output is bitwise the same in any batch
+  (``matmul.py``; the batch-invariant mode routes aten mm / addmm / bmm here on CUDA).
+* ``invariant_row_sum(x [R, C], scale=1.0)`` -> [R]: one program per row, order from C only (``reduce.py``;
+  the mode's aten sum / mean over dims).
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ from . import cache_write as _kv
 from . import logits as _sl
 from . import attention as _sa
 from . import pool_attn as _pa
+from . import matmul as _mm
+from . import reduce as _rd
+from .matmul import invariant_matmul
 from .attention import select_positions
 
 OPS["fused_topk_logprobs"] = torch.ops.dlc.fused_topk_logprobs
@@ -46,6 +54,8 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
     "sparse_attention": _sa.sparse_attention_reference,
     "kv_write": _kv.kv_write_reference,
     "pool_attention": _pa.pool_attention_reference,
+    "invariant_matmul": _mm.matmul_reference,
+    "invariant_row_sum": _rd.row_sum_reference,
 }
 
 
@@ -98,4 +108,4 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
 
 
 __all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs",
-           "sparse_attention", "select_positions", "kv_write_", "pool_attention"]
+           "sparse_attention", "select_positions", "kv_write_", "pool_attention", "invariant_matmul"]

@@ -22,6 +22,8 @@ except Exception:                                # noqa: BLE001 - any import fai
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 OPS: dict[str, object] = {}                      # name -> torch op (torch.ops.dlc.<name>)
+# batch-invariant mode (runtime/batch_invariant.py): kernels pick their splits from a row's own shape only
+_INVARIANT: list[bool] = [False]
 
 
 def define_op(name: str, mutates_args=(), opaque: bool = False):
@@ -56,6 +58,18 @@ def launch(kernel):
     if INTERPRET:
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+def invariant() -> bool:
+    """Is the batch-invariant mode on? Kernels then choose tile sizes and splits that never depend on the
+    number of rows (``logits.plan``, ``pool_attn``); read at launch time (baked into a graph at capture)."""
+    return _INVARIANT[0]
+
+
+def set_invariant(on: bool) -> bool:
+    """Switch the mode; returns the previous value (runtime/batch_invariant.py is the one caller)."""
+    prev, _INVARIANT[0] = _INVARIANT[0], bool(on)
+    return prev
 
 
 def check(cond: bool, msg: str) -> None:

@@ -22,7 +22,9 @@ time when the loaded temperature is 0) and ``logit - 0 * g == logit``: T = 0 is 
 GPU parallelism: rows are tiled by BN and the vocab is split so that about four programs per SM run; each
 program writes its partial (m, s, best score, id, logit); a tiny torch reduction over the splits finishes.
 Programs sharing a vocab split run side by side (row tile is the fast grid axis), so each weight tile is read
-from HBM once and served from L2 to the other row tiles.
+from HBM once and served from L2 to the other row tiles. In the batch-invariant mode (``_registry.invariant``)
+the split is the one of a single row tile whatever N is and the splits are combined in split order
+(``plan(..., invariant=True)``, ``_combine``), so a row's (token, confidence) does not depend on N.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import (HAS_TRITON, check, check_shape, define_op, launch, require_triton, tl, triton,
-                        use_triton)
+from ._registry import (HAS_TRITON, check, check_shape, define_op, invariant, launch, require_triton, tl,
+                        triton, use_triton)
+from .reduce import row_sum_triton
 
 _MASK32 = 0xFFFFFFFF
 _HASH_M1, _HASH_M2, _ROW_M = 0x7FEB352D, 0x2C1B3C6D, 0x27D4EB2F   # odd multipliers < 2^31 (int64-safe)
@@ -114,7 +117,7 @@ if HAS_TRITON:
         x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    @triton.jit(do_not_specialize=["seed", "temperature"])
+    @triton.jit(do_not_specialize=["seed", "temperature", "N"])      # one compiled kernel for every N
     def _select_logits_kernel(H, W, U, TP, KP, PM, PS, PB, PI, PL,
                               N, V, D, n_split, cols_per_split, stride_h, stride_w, stride_u,
                               temperature, seed,
@@ -192,17 +195,19 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def plan(N: int, V: int, sms: int, BN: int | None = None, BV: int = 128, programs_per_sm: int = 4):
+def plan(N: int, V: int, sms: int, BN: int | None = None, BV: int = 128, programs_per_sm: int = 4,
+         invariant: bool = False):
     """Tile sizes and vocab split: (BN, BV, n_split, cols_per_split).
 
     A symbolic N (the op traced inside a compiled graph: AOTInductor, torch.compile, where the row count is a
     dynamic dim) must not be branched on (each comparison would become a shape guard, specialising the
     artifact to the example's row count): then BN = 64 and the split is sized for one row tile, so only the
-    grid depends on N."""
+    grid depends on N. ``invariant`` (the batch-invariant mode): BN = 32 and the split sized for one row tile
+    whatever N is, so a row's online softmax runs over the same vocab chunks alone or in any batch."""
     symbolic = not isinstance(N, int)
     if BN is None:
-        BN = 64 if symbolic else 16 if N <= 16 else 32 if N <= 32 else 64
-    n_tiles = 1 if symbolic else -(-N // BN)
+        BN = 32 if invariant else 64 if symbolic else 16 if N <= 16 else 32 if N <= 32 else 64
+    n_tiles = 1 if symbolic or invariant else -(-N // BN)
     n_split = max(1, min(-(-programs_per_sm * sms // n_tiles), -(-V // BV)))
     cols = -(-(-(-V // n_split)) // BV) * BV
     return BN, BV, -(-V // cols), cols
@@ -213,7 +218,8 @@ def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, te
     """Launch the kernel (also on CPU tensors under TRITON_INTERPRET=1) and reduce the per-split partials."""
     N, D = hidden.shape
     V = weight.shape[0]
-    BN, BV, n_split, cols = plan(N, V, _sm_count(hidden.device), BN, BV, programs_per_sm)
+    inv = invariant()
+    BN, BV, n_split, cols = plan(N, V, _sm_count(hidden.device), BN, BV, programs_per_sm, inv)
     part = [torch.empty((N, n_split), dtype=dt, device=hidden.device)
             for dt in (torch.float32, torch.float32, torch.float32, torch.int32, torch.float32)]
     pm, ps, pb, pi, pl = part
@@ -228,13 +234,15 @@ def select_logits_triton(hidden, weight, temperature=0.0, seed=0, noise=None, te
         SAMPLE=sample, HAS_NOISE=noise is not None, TEMP_PTR=temperature_t is not None,
         HAS_KEYS=row_keys is not None, IEEE=hidden.dtype == torch.float32,
         BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages)
-    return _combine(pm, ps, pb, pi, pl)
+    return _combine(pm, ps, pb, pi, pl, inv)
 
 
-def _combine(pm, ps, pb, pi, pl):
-    """Partials [N, n_split] -> (token [N] int64, confidence [N] float32)."""
+def _combine(pm, ps, pb, pi, pl, invariant: bool = False):
+    """Partials [N, n_split] -> (token [N] int64, confidence [N] float32). ``invariant``: the softmax sum over
+    the splits by ``reduce.row_sum_triton`` (split order; torch's sum picks its order from the batch)."""
     M = pm.amax(1)                                                     # [N]
-    S = (ps * torch.exp(pm - M[:, None])).sum(1)
+    terms = ps * torch.exp(pm - M[:, None])                            # [N, n_split]
+    S = row_sum_triton(terms) if invariant else terms.sum(1)
     j = pb.argmax(1, keepdim=True)                                     # first max: lowest vocab split
     tok = pi.gather(1, j)[:, 0].to(torch.int64)
     return tok, torch.exp(pl.gather(1, j)[:, 0] - M) / S

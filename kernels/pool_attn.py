@@ -11,7 +11,9 @@ slow masked SDPA path either):
 
 with g = h // (H / Hkv). Split-KV (flash-decoding): with few (batch x head x query-tile) programs the key
 range is split over ``splits`` programs that write partial (sum, max, denominator), and a second kernel
-combines them, so a batch-1 step still fills the GPU.
+combines them, so a batch-1 step still fills the GPU. In the batch-invariant mode the split count and the
+query tile are those of a batch of one whatever B is (``n_splits(..., invariant=True)``), so a row's result
+does not depend on its neighbours.
 
 Head-sparse Reuse (``cols`` [B, Hkv, K] int64 with ``n_cols`` [B]): each KV head g of row b attends over its
 own kept columns ``cols[b, g, :n_cols[b]]`` only (entries < 0 or >= kv_len[b] are masked), read from the pool
@@ -28,7 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import HAS_TRITON, check, check_shape, define_op, require_triton, tl, triton, use_triton
+from ._registry import (HAS_TRITON, check, check_shape, define_op, invariant, require_triton, tl, triton,
+                        use_triton)
 
 
 def pool_attention_reference(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None):
@@ -59,9 +62,11 @@ def _cols_reference(q, k_pool, v_pool, rows, kv_len, cols, n_cols):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, :, None, :])
 
 
-def n_splits(B: int, H: int, t_tiles: int, S: int, sms: int, BK: int) -> int:
-    """Key-range splits so that about two programs per SM run, each with at least 2 key tiles."""
-    programs = B * H * t_tiles
+def n_splits(B: int, H: int, t_tiles: int, S: int, sms: int, BK: int, invariant: bool = False) -> int:
+    """Key-range splits so that about two programs per SM run, each with at least 2 key tiles.
+    ``invariant`` (the batch-invariant mode): sized as for one row (B = 1), so a row's key chunks, and the
+    order the combine sums them in, do not depend on the batch (S is the pool's width, fixed per server)."""
+    programs = (1 if invariant else B) * H * t_tiles
     return max(1, min(-(-2 * sms // programs), max(1, S // (2 * BK)), 16))
 
 
@@ -154,10 +159,11 @@ def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=Non
     Hkv = k_pool.shape[1]
     S = k_pool.shape[2] if cols is None else cols.shape[2]               # the key range the splits share
     o = torch.empty_like(q)
-    BT = BT or max(16, min(64, triton.next_power_of_2(T)))
+    inv = invariant()
+    BT = BT or (32 if inv else max(16, min(64, triton.next_power_of_2(T))))      # invariant: one tile shape
     BD = max(16, triton.next_power_of_2(D))
     tiles = -(-T // BT)
-    split = splits or n_splits(B, H, tiles, S, _sm_count(q.device), BK)
+    split = splits or n_splits(B, H, tiles, S, _sm_count(q.device), BK, inv)
     chunk = -(-S // split)
     chunk = -(-chunk // BK) * BK                                         # whole key tiles per split
     split = -(-S // chunk)

@@ -56,6 +56,9 @@ class ServeConfig:
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
     # other cached keys (engines: built in)
     sparse_retention: float | None = None
+    # a request's output does not depend on what else runs (fixed GEMM / reduction / attention / logits
+    # splits on CUDA: runtime/batch_invariant.py); costs speed, keeps compile off
+    batch_invariant: bool = False
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None
@@ -110,6 +113,14 @@ class ServeConfig:
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"serve config: batch_invariant must be true or false, got "
+                             f"{self.batch_invariant!r}")
+        if self.batch_invariant and self.compile:
+            raise ValueError("serve config: batch_invariant keeps compile off (Inductor picks its GEMM and "
+                             "reduction configs per shape); leave compile out")
+        if self.batch_invariant and self.tensor_parallel_size > 1:
+            raise ValueError("serve config: batch_invariant runs on one device (tensor_parallel_size 1)")
         if self.api_key == "":
             raise ValueError("serve config: api_key must not be empty (leave it out to disable auth)")
 

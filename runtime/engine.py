@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch_invariant import batch_invariant_mode
+from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
 from .decoding import DecodeState, FieldError, GenerationConfig
 from .generate import check_prompts
@@ -130,7 +132,10 @@ class Engine:
         self.session, self.cfg = session, cfg
         check_runner(session.runner)
         runner = sparse_runner_for(session.runner, cfg.sparse_retention)
-        self.runner = graph_runner_for(runner, cfg.cuda_graphs, cfg.compile, cfg.graph_decode)
+        self.runner = graph_runner_for(runner, cfg.cuda_graphs, False if cfg.batch_invariant else cfg.compile,
+                                       cfg.graph_decode)
+        if cfg.batch_invariant:
+            check_invariant_runner(self.runner)
         self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
@@ -289,7 +294,8 @@ class Engine:
         batch = [r for r in picked if not r.finished and r.phase is not None]
         if batch:
             t0 = time.perf_counter()
-            results = self._run(batch)
+            with batch_invariant_mode(self.cfg.batch_invariant):
+                results = self._run(batch)
             self._record(batch, time.perf_counter() - t0)
             for r in batch:
                 if id(r) in results and not isinstance(results[id(r)], _AheadRow):
@@ -512,6 +518,10 @@ class Engine:
     def warmup(self) -> None:
         """One tiny forward (first-call costs), the graphs' capture (and compilation), and in elastic mode the
         saturation measurement; ``timings["warmup_s"]`` records how long it took."""
+        with batch_invariant_mode(self.cfg.batch_invariant):   # graphs capture the mode's kernels
+            self._warmup()
+
+    def _warmup(self) -> None:
         t0 = time.perf_counter()
         sizes = [8]
         if self.cfg.granularity == "elastic":

@@ -67,6 +67,9 @@ def _options(f):
         click.option("--sparse-retention", default=None, type=float,
                      help="head-sparse Reuse (eager models): each KV head attends over the block and this "
                           "share of the other cached keys, chosen at Refresh [off: dense]"),
+        click.option("--batch-invariant/--no-batch-invariant", default=None,
+                     help="a request's output does not depend on what else runs (fixed GEMM, attention and "
+                          "logits splits on CUDA; slower, no --compile) [off]"),
         click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
                      help="shard the model over this many GPUs (CPU: processes); starts the ranks "
                           "itself [1]"),

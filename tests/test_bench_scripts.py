@@ -74,14 +74,17 @@ def test_batch_invariance_smoke_finds_no_difference(tmp_path):
     torch.set_num_threads(1)                    # a d-64 model: threads only add contention on a busy host
     try:
         rows = bi.main(["--tiny", "--probes", "6", "--background", "6", "--modes", "greedy-4,sampled",
-                        "--out", str(tmp_path)])
+                        "--batch-invariant", "both", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    assert [r["mode"] for r in rows] == ["greedy-4", "sampled"]
+    assert [(r["mode"], r["batch_invariant"]) for r in rows] == \
+        [("greedy-4", True), ("sampled", True), ("greedy-4", False), ("sampled", False)]
     for r in rows:
         assert r["distinct_solo"] == 6                                  # outputs vary across prompts
         assert r["max_batch"] > 2 and r["mixed_iterations"] > 0
         assert r["differing"] == 0, r["diffs"]
+        assert r["solo_tokens_per_s"] > 0
     log = json.loads((tmp_path / "batch_invariance.json").read_text())
     assert log["rows"][0]["requests"] == 6
-    assert "| greedy-4 | 6 | 0 |" in (tmp_path / "batch_invariance.log").read_text()
+    text = (tmp_path / "batch_invariance.log").read_text()
+    assert "| greedy-4 | 6 | 0 |" in text and "cost of --batch-invariant, sampled: solo" in text

@@ -75,3 +75,13 @@ def test_generate_with_the_parallel_decoders_and_logprobs():
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "entropy_bound must be >= 0" in bad.stderr and \
         "Traceback" not in bad.stderr
+
+
+def test_generate_batch_invariant_flag():
+    """``--batch-invariant`` runs generation inside the mode (on CPU its overrides are CUDA-only: the same
+    tokens as without it) and refuses ``--compile`` in one line naming the flag."""
+    args = ("generate", "dlc-tiny", "64+78", "--threshold", "0.9", "--kv-cache", "dual")
+    assert dlc(*args, "--batch-invariant").stdout == "142\n"      # test_generate_threshold_dual_plain_text
+    p = dlc(*args, "--batch-invariant", "--cuda-graphs", "--compile", check=False)
+    assert p.returncode != 0 and "--batch-invariant keeps --compile off" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -2,7 +2,10 @@
 
 Each probe request runs alone through the engine, then again inside a busy mix (other prompts, lengths, block
 sizes, KV modes, decoding rules, temperatures), at two batch limits so the probes meet different batch
-compositions, Refresh/Reuse mixes and group sizes. Outputs must be identical token for token."""
+compositions, Refresh/Reuse mixes and group sizes. Outputs must be identical token for token, in the default
+mode and with ``batch_invariant`` on (on CPU the mode's overrides are CUDA-only, so it must change nothing
+here: the solo outputs of the default mode stay the reference; tests/kernels/test_batch_invariant_kernels.py
+checks the mode's kernels bit for bit on CPU through the Triton interpreter)."""
 import pytest
 import torch
 
@@ -50,9 +53,21 @@ def alone(session):
     return out
 
 
-@pytest.mark.parametrize("max_batch_size,refresh_share", [(4, 0.3), (32, 1.0)])
-def test_outputs_do_not_depend_on_the_batch(session, alone, max_batch_size, refresh_share):
+@pytest.mark.parametrize("max_batch_size,refresh_share,batch_invariant",
+                         [(4, 0.3, False), (32, 1.0, False), (32, 1.0, True)])
+def test_outputs_do_not_depend_on_the_batch(session, alone, max_batch_size, refresh_share, batch_invariant):
     mix = OTHERS[:7] + PROBES + OTHERS[7:]                              # probes in the middle of the load
     mixed = run(session, mix, max_batch_size=max_batch_size, refresh_share=refresh_share,
-                max_num_tokens=384)[7:15]
+                max_num_tokens=384, batch_invariant=batch_invariant)[7:15]
     assert mixed == alone
+
+
+def test_batch_invariant_engine_refuses_compiled_blocks():
+    """Blocks already compiled in place (an earlier GraphRunner with compile on) would bypass the mode's
+    kernels: the Engine refuses them with a one-line error instead of serving variant outputs."""
+    s = open_model("tiny-llada", progress=False)
+    for b in s.runner.model.blocks:
+        b.compile()                                  # lazy: nothing compiles until a call
+    with pytest.raises(ValueError, match="batch_invariant: this model's blocks are compiled"):
+        Engine(s, ServeConfig(max_seq_len=96, kv_cache_mb=16, batch_invariant=True))
+    Engine(s, ServeConfig(max_seq_len=96, kv_cache_mb=16))                 # the default mode takes them

@@ -9,7 +9,8 @@ from dlc.runtime.server_cli import build_config
     ("max_batch_size", 0, "max_batch_size"), ("max_num_tokens", -5, "max_num_tokens"),
     ("port", 70000, "port"), ("policy", "lifo", "policy"), ("granularity", "auto", "granularity"),
     ("refresh_share", 0.0, "refresh_share"), ("kv_cache_mb", 0, "kv_cache_mb"),
-    ("max_queue", 1.5, "max_queue"), ("api_key", "", "api_key")])
+    ("max_queue", 1.5, "max_queue"), ("api_key", "", "api_key"),
+    ("batch_invariant", "yes", "batch_invariant")])
 def test_bad_values(field, value, needle):
     with pytest.raises(ValueError, match=needle):
         ServeConfig(**{field: value})
@@ -27,6 +28,24 @@ def test_yaml_and_flags(tmp_path):
     y.write_text("- 1\n")
     with pytest.raises(ValueError, match="mapping"):
         build_config("tiny-llada", str(y))
+
+
+def test_batch_invariant_flag_yaml_and_conflicts(tmp_path):
+    """``batch_invariant`` is a YAML key and a ``dlc serve`` flag; the mode keeps compile off and runs on one
+    device, and says so (400-style one-liners naming the field)."""
+    import click
+    from dlc.runtime.server_cli import serve_command
+    y = tmp_path / "serve.yaml"
+    y.write_text("batch-invariant: true\n")
+    assert build_config("tiny-llada", str(y)).batch_invariant is True
+    assert build_config("tiny-llada", str(y), batch_invariant=False).batch_invariant is False
+    assert ServeConfig().batch_invariant is False                               # off by default
+    names = {o for p in serve_command.params if isinstance(p, click.Option)
+             for o in p.opts + p.secondary_opts}
+    assert {"--batch-invariant", "--no-batch-invariant"} <= names
+    for kw, needle in ((dict(compile=True), "compile"), (dict(tensor_parallel_size=2), "one device")):
+        with pytest.raises(ValueError, match=f"batch_invariant.*{needle}"):
+            ServeConfig(batch_invariant=True, **kw)
 
 
 def test_generation_defaults_from_model_dir(tmp_path):
