@@ -214,13 +214,16 @@ def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` runs this MoE on x's device without a host sync. Its rules (ATen
     ``GroupedMMUtils.h`` / ``cuda/GroupedBlas.cpp``): fp32 / bf16 / fp16; row strides multiples of 16 bytes
     (d and H here); on CUDA only bf16 on sm90 / sm100 takes the CUTLASS kernel (offsets read on the device,
-    fewer than 1024 groups): every other CUDA case is ATen's fallback, which copies the offsets to the host."""
+    fewer than 1024 groups): every other CUDA case is ATen's fallback, which copies the offsets to the host.
+    Traced (torch.export / torch.compile), its meta kernel takes bf16 only."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     E, H, d = w_down.shape
     align = 16 // x.element_size()
     if d % align or H % align:
         return False
+    if _tracing() and x.dtype != torch.bfloat16:
+        return False                              # its fake-tensor (meta) kernel takes bf16 only
     if x.device.type == "cuda":
         return (x.dtype == torch.bfloat16 and E < 1024
                 and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
@@ -244,10 +247,11 @@ def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.M
     batched [1, k] x [k, d] product with the routing weights per token (fixed order: deterministic, no
     atomics). Where ``grouped_mm_fits`` says no (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it
     runs ``moe_grouped`` instead (a Python loop over experts with data-dependent gathers, so a host sync
-    each), or ``moe_stacked`` while a CUDA graph is being captured."""
+    each), or ``moe_stacked`` while a CUDA graph is being captured or the program traced (static shapes).
+    In bf16 it traces as is (torch.export: sort, searchsorted, _grouped_mm; no data-dependent shapes)."""
     w_gu, w_down = _packed(experts)
     if not grouped_mm_fits(x, w_down):
-        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if _tracing() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return moe_stacked(x, w, idx, experts)
         return moe_grouped(x, w, idx, experts)
     (N, k), (E, H, d) = idx.shape, w_down.shape

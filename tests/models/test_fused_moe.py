@@ -128,6 +128,23 @@ def test_packed_weights_are_the_named_parameters(ckpt, tmp_path):
         assert len(_storages(block.experts)) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_traces_with_torch_export(dtype):
+    """bf16: torch.export keeps the grouped GEMMs (sort, searchsorted, _grouped_mm: no data-dependent op);
+    fp32 (refused by _grouped_mm's meta kernel): the traced program takes the static ``stacked`` path."""
+    model = load_model("tiny-llada-moe", seed=2).model.to(dtype)
+    model.set_moe_impl("fused")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    ep = torch.export.export(model, (ids,), strict=False)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not ops & {"aten.nonzero.default", "aten.item.default", "aten._local_scalar_dense.default"}
+    assert ("aten._grouped_mm.default" in ops) == (dtype == torch.bfloat16)
+    with torch.no_grad():
+        out, ref = ep.module()(ids), model(ids)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else TOL
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
 # --- generation ---------------------------------------------------------------------------------------------
 
 PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17], [60, 61, 62]]
