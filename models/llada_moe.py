@@ -163,11 +163,13 @@ def _weights_id(experts: nn.ModuleList):
 
 
 def _stack_experts(experts: nn.ModuleList):
-    """(w_gu [E, 2H, d], w_down [E, H, d]) built from the experts' weights (a copy): expert e's gate rows,
-    then its up rows; its down weight transposed to [in, out]."""
-    w_gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])   # [E, 2H, d]
-    w_down = torch.stack([e.down_proj.weight.t() for e in experts])                            # [E, H, d]
-    return w_gu, w_down
+    """(w_gu [E, 2H, d], w_down [E, H, d]) built from the experts' weights (a copy; four ops, so a traced graph
+    stays small): expert e's gate rows, then its up rows; its down weight read transposed ([in, out], a
+    strided view)."""
+    gate = torch.stack([e.gate_proj.weight for e in experts])                  # [E, H, d]
+    up = torch.stack([e.up_proj.weight for e in experts])                      # [E, H, d]
+    down = torch.stack([e.down_proj.weight for e in experts])                  # [E, d, H]
+    return torch.cat([gate, up], dim=1), down.transpose(1, 2)                  # [E, 2H, d], [E, H, d]
 
 
 def pack_experts(experts: nn.ModuleList) -> None:
@@ -176,7 +178,8 @@ def pack_experts(experts: nn.ModuleList) -> None:
     ``w_gu[e, :H]``, its ``up_proj.weight`` ``w_gu[e, H:]``, both [out, in] as in the checkpoint) and
     ``w_down`` [E, H, d] (its ``down_proj.weight`` is the transposed view ``w_down[e].t()``, [d, H]).
     Values and parameter names are unchanged; one copy of the weights stays in memory."""
-    w_gu, w_down = _stack_experts([e for e in experts])
+    w_gu, w_down = _stack_experts(experts)
+    w_down = w_down.contiguous()                                               # [E, H, d] row-major
     H = w_down.shape[1]
     for i, e in enumerate(experts):
         rg = e.gate_proj.weight.requires_grad
