@@ -228,7 +228,8 @@ def table(rows: list[dict]) -> str:
             cells = [g("dlc_tok_s"), g("eager_tok_s"), f"**{g('speedup')}x**", g("dlc_s"), g("eager_s"),
                      f"{g('dlc_forwards')}, {g('eager_forwards')}"]
         else:
-            cells = ["-"] * 5 + [f"stopped ({g('stopped')}) after dlc {g('dlc_stopped_after_forwards', 'all')}, "
+            done = g("dlc_stopped_after_forwards", "all")
+            cells = ["-"] * 5 + [f"stopped ({g('stopped')}) after dlc {done}, "
                                  f"eager {g('eager_stopped_after_forwards', '-')}"]
         cells += [f"{g('dlc_mean_forward_ms', '-')}, {g('eager_mean_forward_ms', '-')}",
                   {True: "yes", False: "no"}.get(g("tokens_equal"), "-"), g("peak_gib", "-")]

@@ -163,9 +163,9 @@ def _weights_id(experts: nn.ModuleList):
 
 
 def _stack_experts(experts: nn.ModuleList):
-    """(w_gu [E, 2H, d], w_down [E, H, d]) built from the experts' weights (a copy; four ops, so a traced graph
-    stays small): expert e's gate rows, then its up rows; its down weight read transposed ([in, out], a
-    strided view)."""
+    """(w_gu [E, 2H, d], w_down [E, H, d]) built from the experts' weights (a copy; four ops, so a traced
+    graph stays small): expert e's gate rows, then its up rows; its down weight read transposed ([in, out],
+    a strided view)."""
     gate = torch.stack([e.gate_proj.weight for e in experts])                  # [E, H, d]
     up = torch.stack([e.up_proj.weight for e in experts])                      # [E, H, d]
     down = torch.stack([e.down_proj.weight for e in experts])                  # [E, d, H]

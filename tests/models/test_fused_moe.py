@@ -191,7 +191,7 @@ def test_engine_with_fused_gives_dense_tokens():
 # --- GPU ----------------------------------------------------------------------------------------------------
 
 def _gpu_block():
-    """A LLaDA2-shaped MoE block (group-limited sigmoid routing, 64 experts of 256, top 8) in bf16 on the GPU."""
+    """A LLaDA2-shaped MoE block (group-limited sigmoid routing, 64 experts of 256, top 8) on the GPU."""
     cfg = preset_config("tiny-llada2")
     cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers = 512, 4, 2, 2
     cfg.n_experts, cfg.n_experts_per_tok, cfg.expert_hidden = 64, 8, 256
