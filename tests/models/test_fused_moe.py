@@ -202,13 +202,14 @@ def _gpu_block():
 
 @pytest.mark.gpu
 def test_fused_bf16_on_gpu_matches_dense_and_replays_in_a_cuda_graph():
-    block32, cfg = _gpu_block()
+    import copy
+    block, cfg = _gpu_block()
     if torch.cuda.get_device_capability()[0] not in (9, 10):
         pytest.skip("torch._grouped_mm's bf16 kernel needs sm90 / sm100")
-    x = torch.randn(4, 32, cfg.d_model, device="cuda")                    # [B, T, d]
-    ref = _block_out(block32, "dense", x)                                  # fp32 reference
-    block = block32.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)
+    block = block.to(torch.bfloat16)
+    xb = torch.randn(4, 32, cfg.d_model, device="cuda").to(torch.bfloat16)            # [B, T, d]
+    # fp32 reference on the same (bf16-valued) weights and input: the fp32 router picks the same experts
+    ref = _block_out(copy.deepcopy(block).float(), "dense", xb.float())
     assert grouped_mm_fits(xb[0], _packed(block.experts)[1])
     out = _block_out(block, "fused", xb)
     assert (out.float() - ref).abs().max() <= BF16_TOL * ref.abs().max()
@@ -224,8 +225,8 @@ def test_fused_bf16_on_gpu_matches_dense_and_replays_in_a_cuda_graph():
     with torch.cuda.graph(graph), torch.no_grad():
         static_out = block(static_x)
     for seed in (1, 2):
-        x2 = torch.randn(xb.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        x2 = x2.to(torch.bfloat16)
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x2 = torch.randn(xb.shape, device="cuda", generator=g).to(torch.bfloat16)
         static_x.copy_(x2)
         graph.replay()
         with torch.no_grad():
