@@ -236,7 +236,8 @@ def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
 def expert_offsets(idx: torch.Tensor, n_experts: int):
     """Tokens sorted by expert, on the device (no host sync): (order [N * k]: the flat (token, slot) of each
     sorted row, stable, so rows of one expert keep token order; offs [E] int32: cumulative row ends per
-    expert, as ``torch._grouped_mm`` takes them; an expert without tokens repeats its predecessor's end)."""
+    expert, as ``torch._grouped_mm`` takes them; an expert without tokens repeats its predecessor's end).
+    Not ``torch.bincount``: on CUDA it reads the ids' min and max back to the host."""
     ids, order = idx.reshape(-1).sort(stable=True)                                   # [N * k], [N * k]
     ends = torch.arange(1, n_experts + 1, device=idx.device, dtype=ids.dtype)       # [E]
     return order, torch.searchsorted(ids, ends, out_int32=True)                      # [N * k], [E]

@@ -211,7 +211,13 @@ def test_fused_bf16_on_gpu_matches_dense_and_replays_in_a_cuda_graph():
     # fp32 reference on the same (bf16-valued) weights and input: the fp32 router picks the same experts
     ref = _block_out(copy.deepcopy(block).float(), "dense", xb.float())
     assert grouped_mm_fits(xb[0], _packed(block.experts)[1])
-    out = _block_out(block, "fused", xb)
+    _block_out(block, "fused", xb)                                        # packs the experts (once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")                               # a host sync would raise here
+    try:
+        out = _block_out(block, "fused", xb)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert (out.float() - ref).abs().max() <= BF16_TOL * ref.abs().max()
     # capture one fused forward, then replay it on new inputs: same as running them eagerly
     block.impl = "fused"
