@@ -14,8 +14,8 @@ block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, thre
   whole window up to the current block end with the block-causal mask, no cache, logits of the block only.
 
 Both use the same module and MoE implementation (``--moe-impl``; default ``auto``, dlc's default: ``fused``
-on CUDA, the grouped-GEMM MoE; ``grouped`` runs each expert on its tokens from a Python loop, ``stacked``
-every expert on every token). First one line per MoE implementation timing one MoE layer's forward at
+on H100 / H200 in bf16, the grouped-GEMM MoE; ``grouped`` runs each expert on its tokens from a Python loop,
+``stacked`` every expert on every token). First one line per MoE implementation timing one MoE layer's forward at
 ``--layer-tokens`` tokens (a Reuse step of B=1 and of B=32 by default), so the log shows where a forward's
 time goes; then per batch size one JSON line per forward as it runs (path, forward, ms; flushed), and one JSON
 row with both tokens/s, the ratio and whether the tokens agree (random weights: confidences are low, so the
@@ -247,7 +247,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--moe-impl", default="auto", choices=sorted(MOE_IMPLS),
-                    help="MoE implementation of both paths (auto: fused on CUDA)")
+                    help="MoE implementation of both paths (auto: fused on H100 / H200 in bf16)")
     ap.add_argument("--layer-tokens", default=LAYER_TOKENS,
                     help="token counts of the one-MoE-layer timing lines ('' skips them)")
     ap.add_argument("--layer-impls", default="fused,grouped,stacked")

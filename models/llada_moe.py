@@ -16,8 +16,9 @@ renamed it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embe
 ``model.layers.N.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``.
 
 The MoE forward has four implementations (``MOE_IMPLS``), all exact against the released per-token routing,
-and ``auto`` (the default) picks one: ``fused`` on CUDA in eager mode, ``stacked`` on the CPU and in traced
-programs (torch.export / ONNX engines, torch.compile).
+and ``auto`` (the default) picks one: ``fused`` on CUDA in eager mode where ``torch._grouped_mm`` has its
+device kernel (bf16 on sm90 / sm100), ``stacked`` elsewhere (CPU, other GPUs or dtypes, and traced programs:
+torch.export / ONNX engines, torch.compile).
 
 * ``fused``: each expert on its routed tokens only, as two grouped GEMMs over all experts
   (``torch._grouped_mm``): tokens sorted by expert on the device, per-expert offsets without a host sync, so
@@ -269,10 +270,11 @@ def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.M
 
 
 def moe_auto(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
-    """The default: ``fused`` on CUDA in eager mode (and so inside the graph runner's CUDA graphs);
-    ``stacked`` on the CPU and wherever the program is traced (torch.export / ONNX engines, torch.compile),
-    whose graphs keep static, data-independent ops."""
-    if x.device.type == "cuda" and not _tracing():
+    """The default: ``fused`` on CUDA in eager mode (and so inside the graph runner's CUDA graphs) where
+    ``torch._grouped_mm`` has its device kernel (bf16 on sm90 / sm100); ``stacked`` elsewhere: on the CPU,
+    on other GPUs and dtypes (where fused would fall back to a loop over experts), and wherever the program
+    is traced (torch.export / ONNX engines, torch.compile), whose graphs keep static, data-independent ops."""
+    if x.device.type == "cuda" and not _tracing() and grouped_mm_fits(x, _packed(experts)[1]):
         return moe_fused(x, w, idx, experts)
     return moe_stacked(x, w, idx, experts)
 
