@@ -19,9 +19,9 @@ on H100 / H200 in bf16, the grouped-GEMM MoE; ``grouped`` runs each expert on it
 forward at ``--layer-tokens`` tokens (a Reuse step of B=1 and of B=32 by default), so the log shows where a
 forward's time goes; then per batch size one JSON line per forward as it runs (path, forward, ms; flushed),
 and one JSON row with both tokens/s, the ratio and whether the tokens agree (random weights: confidences are
-low, so the threshold rarely fires and both follow the schedule). ``--time-limit`` stops a run cleanly between forwards
-(the row says how far it got, with the mean forward time) and the closing markdown table is printed either
-way. ``--smoke`` runs the whole script on the CPU on the ``tiny-llada2`` preset (tests).
+low, so the threshold rarely fires and both follow the schedule). ``--time-limit`` stops a run cleanly
+between forwards (the row says how far it got, with the mean forward time) and the closing markdown table is
+printed either way. ``--smoke`` runs the whole script on the CPU on the ``tiny-llada2`` preset (tests).
 
     python3 bench/block_diffusion.py --batches 1,32 --gen 128     # ~ one 600 s GPU call; rows -> RESULTS.md
 """
