@@ -166,6 +166,20 @@ def test_generation_with_fused_gives_dense_tokens(preset):
     assert len({tuple(t) for t in out["dense"]}) == len(PROMPTS)       # a decisive model: outputs vary
 
 
+def test_graph_runner_steps_with_fused_give_dense_tokens():
+    """The graph runner's static-shape Reuse steps (run without capture on the CPU) over the fused MoE."""
+    from dlc.runtime.generate import GenerationConfig, generate
+    from dlc.runtime.runners.graph import GraphRunner
+    model = load_model("tiny-llada-moe", seed=4).model
+    cfg = GenerationConfig(**GEN["tiny-llada-moe"])
+    model.set_moe_impl("dense")
+    ref = generate(model, PROMPTS, cfg).token_ids
+    model.set_moe_impl("fused")
+    runner = GraphRunner(model, decode="exact", capture=False)
+    assert generate(runner, PROMPTS, cfg).token_ids == ref
+    assert runner.stats["replays"] > 0
+
+
 def test_engine_with_fused_gives_dense_tokens():
     """Requests batched by the serving Engine (Refresh and Reuse of several rows per forward) over the fused
     MoE decode what each decodes alone over the dense one."""
