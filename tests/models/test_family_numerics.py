@@ -289,8 +289,8 @@ def test_config_rejects_moe_family_without_experts():
 
 
 def test_expert_packing_keeps_names_values_and_follows_dtype_changes():
-    """The stacked / fused paths re-point expert weights into shared tensors: same state dict, no copy per forward,
-    and a dtype change (new storage) is noticed and repacked."""
+    """The stacked / fused paths re-point expert weights into shared tensors: same state dict, no copy per
+    forward, and a dtype change (new storage) is noticed and repacked."""
     from dlc.models.llada_moe import _packed
     family, d, t, _ = _family("llada_moe")
     model = direct_model(family, t)
