@@ -22,10 +22,11 @@ torch.export / ONNX engines, torch.compile).
 
 * ``fused``: each expert on its routed tokens only, as two grouped GEMMs over all experts
   (``torch._grouped_mm``): tokens sorted by expert on the device, per-expert offsets without a host sync, so
-  CUDA graphs capture it; the routed FLOPs only, two launches per layer whatever E. Falls back to ``grouped``
-  where ``torch._grouped_mm`` would sync (``grouped_mm_fits``).
+  CUDA graphs capture it; the routed FLOPs only, two grouped GEMMs per layer whatever E. Falls back to
+  ``grouped`` where ``torch._grouped_mm`` would sync or refuse (``grouped_mm_fits``), to ``stacked`` there
+  while a CUDA graph is captured or the program traced.
 * ``stacked``: the E experts as one wide SwiGLU of hidden E * expert_hidden, its hidden scaled per expert by
-  a dense [N, E] routing matrix that is zero off the top-k: three GEMMs, static shapes, no data-dependent
+  a dense [N, E] routing matrix that is zero off the top-k: two GEMMs, static shapes, no data-dependent
   ops, so torch.export / ONNX trace it as is. It does E / k times the routed FLOPs (Refresh) but reads each
   weight once (Reuse is bandwidth-bound: every expert is touched anyway).
 * ``dense``: a Python loop running each expert on every token (static; 3 * E small GEMMs per layer).
