@@ -13,11 +13,17 @@ block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, thre
 * eager: the reference loop written here (LLaDA2.0's ``generate`` batched): every step one forward over the
   whole window up to the current block end with the block-causal mask, no cache, logits of the block only.
 
-Both use the same module and MoE implementation (``--moe-impl``; ``grouped`` runs each expert on its tokens).
-The script prints one JSON row per batch size with both tokens/s, the ratio and whether the tokens agree
-(random weights: confidences are low, so the threshold rarely fires and both follow the schedule).
+Both use the same module and MoE implementation (``--moe-impl``; default ``auto``, dlc's default: ``fused``
+on H100 / H200 in bf16, the grouped-GEMM MoE; ``grouped`` runs each expert on its tokens from a Python loop,
+``stacked`` every expert on every token). First one line per MoE implementation timing one MoE layer's
+forward at ``--layer-tokens`` tokens (a Reuse step of B=1 and of B=32 by default), so the log shows where a
+forward's time goes; then per batch size one JSON line per forward as it runs (path, forward, ms; flushed),
+and one JSON row with both tokens/s, the ratio and whether the tokens agree (random weights: confidences are
+low, so the threshold rarely fires and both follow the schedule). ``--time-limit`` stops a run cleanly
+between forwards (the row says how far it got, with the mean forward time) and the closing markdown table is
+printed either way. ``--smoke`` runs the whole script on the CPU on the ``tiny-llada2`` preset (tests).
 
-    python3 bench/block_diffusion.py --batches 1,32          # then copy the rows into bench/RESULTS.md
+    python3 bench/block_diffusion.py --batches 1,32 --gen 128     # ~ one 600 s GPU call; rows -> RESULTS.md
 """
 from __future__ import annotations
 
@@ -29,23 +35,23 @@ import time
 import torch
 
 
-def build(dev: str, moe_impl: str):
+def build(dev: str, moe_impl: str, preset: str = "llada2-mini", dtype=torch.bfloat16):
     from dlc.models import build_model
     from dlc.models.presets import preset_config
-    cfg = preset_config("llada2-mini")
+    cfg = preset_config(preset)
     # an eos outside the sampled prompt range: random weights rarely predict it, so both paths run every block
     cfg = dataclasses.replace(cfg, stop_ids=[cfg.eos_id])
     torch.manual_seed(0)
     with torch.device("meta"):
         model = build_model(cfg)
-    model = model.to_empty(device=dev).to(torch.bfloat16)
+    model = model.to_empty(device=dev).to(dtype)
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, 0.02 if preset == "llada2-mini" else 0.25, generator=g)
         for name, b in model.named_buffers():
             if name.endswith("expert_bias"):
                 b.normal_(0.0, 0.01, generator=g)
@@ -53,6 +59,43 @@ def build(dev: str, moe_impl: str):
     model.eval().requires_grad_(False)
     model.set_moe_impl(moe_impl)
     return model
+
+
+LAYER_TOKENS = "32,1024"      # one MoE layer timed at a Reuse step's tokens of B=1 and B=32 (block 32)
+
+
+class TimeUp(Exception):
+    """Raised between forwards once the run's time limit is reached."""
+
+
+class ForwardClock:
+    """Times every forward of the model (forward hooks, device synchronised) and prints one JSON line per
+    forward; raises ``TimeUp`` before a forward that starts past the deadline."""
+
+    def __init__(self, model, deadline: float):
+        self.deadline, self.label, self.ms, self.t0 = deadline, None, [], 0.0
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+
+    def start(self, label: dict | None) -> None:
+        self.label, self.ms = label, []
+
+    def _pre(self, module, args):
+        if time.perf_counter() > self.deadline:
+            raise TimeUp()
+        sync()
+        self.t0 = time.perf_counter()
+
+    def _post(self, module, args, out):
+        sync()
+        self.ms.append((time.perf_counter() - self.t0) * 1e3)
+        if self.label is not None:
+            print(json.dumps({**self.label, "fwd": len(self.ms), "ms": round(self.ms[-1], 2)}), flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def schedule(block: int, steps: int) -> list[int]:
@@ -112,46 +155,135 @@ def dlc_path(model, prompts: torch.Tensor, gen: int, block: int, steps: int, thr
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - t0
 
 
+@torch.no_grad()
+def moe_layer_times(model, n_tokens: list[int], impls: list[str], reps: int) -> None:
+    """One line per (tokens, impl): one MoE layer's forward (router included), median of ``reps``."""
+    from dlc.models.llada2_moe import MoEBlock
+    block = next(m for m in model.modules() if isinstance(m, MoEBlock))
+    p = next(block.parameters())
+    for n in n_tokens:
+        x = torch.randn(1, n, model.config.d_model, device=p.device, dtype=p.dtype)
+        for impl in impls:
+            block.impl = impl
+            block(x)                                                             # warm-up
+            ms = []
+            for _ in range(reps):
+                _, s = timed(lambda: block(x))
+                ms.append(s * 1e3)
+            print(json.dumps({"moe_layer": impl, "tokens": n, "experts": len(block.experts),
+                              "top_k": block.c.n_experts_per_tok, "ms": round(sorted(ms)[len(ms) // 2], 3)}),
+                  flush=True)
+    del block.impl
+
+
+def run_batch(model, clock, B: int, args, dev: str) -> dict:
+    g = torch.Generator().manual_seed(B)
+    cfg = model.config
+    hi = min(cfg.vocab_size - 1024 if cfg.vocab_size > 4096 else cfg.vocab_size, cfg.mask_id, cfg.eos_id)
+    prompts = torch.randint(0, hi, (B, args.prompt), generator=g).to(dev)
+    small = min(args.gen, args.block)
+    row = {"B": B}
+    clock.start(None)
+    dlc_path(model, prompts, small, args.block, args.steps, args.threshold)          # warm-up
+    eager_loop(model, prompts, small, args.block, args.steps, args.threshold)
+    done = {}
+    for name, fn in (("dlc", dlc_path), ("eager", eager_loop)):
+        clock.start({"path": name, "B": B})
+        try:
+            done[name] = timed(lambda: fn(model, prompts, args.gen, args.block, args.steps, args.threshold))
+        except TimeUp:
+            row.update({f"{name}_stopped_after_forwards": len(clock.ms),
+                        f"{name}_mean_forward_ms": round(sum(clock.ms) / max(1, len(clock.ms)), 2),
+                        "stopped": f"--time-limit {args.time_limit:g} s"})
+            break
+        row[f"{name}_mean_forward_ms"] = round(sum(clock.ms) / max(1, len(clock.ms)), 2)
+    if len(done) == 2:
+        (d_tok, d_fwd), d_s = done["dlc"]
+        (e_tok, e_fwd), e_s = done["eager"]
+        e_list = e_tok.cpu().tolist()
+        n_tok = sum(len(t) for t in d_tok)
+        row.update({"dlc_tok_s": round(n_tok / d_s, 1), "eager_tok_s": round(B * args.gen / e_s, 1),
+                    "speedup": round(e_s / d_s, 2), "dlc_s": round(d_s, 3), "eager_s": round(e_s, 3),
+                    "dlc_forwards": d_fwd, "eager_forwards": e_fwd,
+                    "tokens_equal": all(d == e[:len(d)] for d, e in zip(d_tok, e_list))})
+    if torch.cuda.is_available():
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The RESULTS.md table of the rows (a stopped row shows how far it got)."""
+    out = ["| B | dlc tok/s | eager tok/s | dlc / eager | dlc s | eager s | forwards (each) | ms / forward "
+           "(dlc, eager) | tokens equal | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r.get
+        if "dlc_tok_s" in r:
+            cells = [g("dlc_tok_s"), g("eager_tok_s"), f"**{g('speedup')}x**", g("dlc_s"), g("eager_s"),
+                     f"{g('dlc_forwards')}, {g('eager_forwards')}"]
+        else:
+            done = g("dlc_stopped_after_forwards", "all")
+            cells = ["-"] * 5 + [f"stopped ({g('stopped')}) after dlc {done}, "
+                                 f"eager {g('eager_stopped_after_forwards', '-')}"]
+        cells += [f"{g('dlc_mean_forward_ms', '-')}, {g('eager_mean_forward_ms', '-')}",
+                  {True: "yes", False: "no"}.get(g("tokens_equal"), "-"), g("peak_gib", "-")]
+        out.append("| " + " | ".join(str(c) for c in [r["B"]] + cells) + " |")
+    return "\n".join(out)
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,32")
+    from dlc.models.llada_moe import MOE_IMPLS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default=None, help="batch sizes (default 1,32; --smoke: 1,2)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=0.95)
-    ap.add_argument("--moe-impl", default="grouped", choices=["grouped", "stacked", "dense"])
+    ap.add_argument("--moe-impl", default="auto", choices=sorted(MOE_IMPLS),
+                    help="MoE implementation of both paths (auto: fused on H100 / H200 in bf16)")
+    ap.add_argument("--layer-tokens", default=LAYER_TOKENS,
+                    help="token counts of the one-MoE-layer timing lines ('' skips them)")
+    ap.add_argument("--layer-impls", default="fused,grouped,stacked")
+    ap.add_argument("--time-limit", type=float, default=540.0,
+                    help="seconds after start: no forward starts later; the table is printed anyway")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny-llada2 preset, small shapes (tests)")
     args = ap.parse_args()
-    dev = "cuda"
-    model = build(dev, args.moe_impl)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "params": model.config.num_parameters(),
+    t_start = time.perf_counter()
+    if args.smoke:
+        dev, preset, dtype = "cpu", "tiny-llada2", torch.float32
+        args.prompt, args.gen, args.block, args.steps = min(args.prompt, 12), min(args.gen, 16), 8, 4
+        args.batches = args.batches or "1,2"
+        args.layer_tokens = "8,64" if args.layer_tokens == LAYER_TOKENS else args.layer_tokens
+        torch.set_num_threads(1)                # tiny shapes: threads only wait on each other
+    else:
+        dev, preset, dtype = "cuda", "llada2-mini", torch.bfloat16
+        args.batches = args.batches or "1,32"
+    model = build(dev, args.moe_impl, preset, dtype)
+    clock = ForwardClock(model, t_start + args.time_limit)
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(json.dumps({"device": device, "model": preset, "params": model.config.num_parameters(),
                       "moe_impl": args.moe_impl, "prompt": args.prompt, "gen": args.gen, "block": args.block,
-                      "steps": args.steps, "threshold": args.threshold}))
+                      "steps": args.steps, "threshold": args.threshold, "build_s":
+                      round(time.perf_counter() - t_start, 1)}), flush=True)
+    if args.layer_tokens:
+        moe_layer_times(model, [int(n) for n in args.layer_tokens.split(",")], args.layer_impls.split(","),
+                        reps=3 if args.smoke else 10)
+    rows = []
     for B in [int(b) for b in args.batches.split(",")]:
-        g = torch.Generator().manual_seed(B)
-        prompts = torch.randint(0, model.config.vocab_size - 1024, (B, args.prompt), generator=g).to(dev)
-        small = min(args.gen, args.block)
-        dlc_path(model, prompts, small, args.block, args.steps, args.threshold)          # warm-up
-        eager_loop(model, prompts, small, args.block, args.steps, args.threshold)
-        (d_tok, d_fwd), d_s = timed(lambda: dlc_path(model, prompts, args.gen, args.block, args.steps,
-                                                     args.threshold))
-        (e_tok, e_fwd), e_s = timed(lambda: eager_loop(model, prompts, args.gen, args.block, args.steps,
-                                                       args.threshold))
-        e_list = e_tok.cpu().tolist()
-        n_tok = sum(len(t) for t in d_tok)
-        row = {"B": B, "dlc_tok_s": round(n_tok / d_s, 1), "eager_tok_s": round(B * args.gen / e_s, 1),
-               "speedup": round(e_s / d_s, 2), "dlc_s": round(d_s, 3), "eager_s": round(e_s, 3),
-               "dlc_forwards": d_fwd, "eager_forwards": e_fwd,
-               "tokens_equal": all(d == e[:len(d)] for d, e in zip(d_tok, e_list)),
-               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
-        print(json.dumps(row), flush=True)
+        try:
+            rows.append(run_batch(model, clock, B, args, dev))
+        except TimeUp:                                  # before or during the warm-up
+            rows.append({"B": B, "stopped": f"--time-limit {args.time_limit:g} s",
+                         "dlc_stopped_after_forwards": 0})
+        print(json.dumps(rows[-1]), flush=True)
+    print(table(rows), flush=True)
 
 
 if __name__ == "__main__":

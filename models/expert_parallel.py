@@ -87,7 +87,7 @@ def _shard_swiglu(mlp: SwiGLU, rank: int, world: int) -> tuple[SwiGLU, dict]:
 
 
 def _own_storage(module: nn.Module) -> None:
-    """Give each parameter that views a larger tensor (experts packed by ``pack_experts`` into one [E * H, d])
+    """Give each parameter that views a larger tensor (experts packed by ``pack_experts`` into [E, 2H, d])
     its own copy, so this rank does not keep the other ranks' experts alive through the shared storage."""
     for mod in module.modules():
         for name, p in list(mod.named_parameters(recurse=False)):

@@ -174,7 +174,7 @@ class Gate(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    impl = "stacked"    # key of dlc.models.llada_moe.MOE_IMPLS (all exact against per-token routing)
+    impl = "auto"       # key of dlc.models.llada_moe.MOE_IMPLS (all exact against per-token routing)
 
     def __init__(self, c: ModelConfig):
         super().__init__()

@@ -15,17 +15,27 @@ renamed it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embe
 ``model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight``,
 ``model.layers.N.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``.
 
-The MoE forward has three implementations (``MOE_IMPLS``), all exact against the released per-token routing:
+The MoE forward has four implementations (``MOE_IMPLS``), all exact against the released per-token routing,
+and ``auto`` (the default) picks one: ``fused`` on CUDA in eager mode where ``torch._grouped_mm`` has its
+device kernel (bf16 on sm90 / sm100), ``stacked`` elsewhere (CPU, other GPUs or dtypes, and traced programs:
+torch.export / ONNX engines, torch.compile).
 
-* ``stacked`` (default): the E experts as one wide SwiGLU of hidden E * expert_hidden, its hidden scaled per
-  expert by a dense [N, E] routing matrix that is zero off the top-k: three GEMMs, static shapes, no
-  data-dependent control flow, so torch.export / ONNX trace it as is. It does E / k times the routed FLOPs
-  (Refresh) but reads each weight once (Reuse is bandwidth-bound: every expert is touched anyway). In eager
-  mode the experts' weights are re-pointed once into contiguous [E * H, d] tensors (``pack_experts``: same
-  values, same names in the state dict, no extra memory); while tracing, the concatenation is part of the
-  graph.
+* ``fused``: each expert on its routed tokens only, as two grouped GEMMs over all experts
+  (``torch._grouped_mm``): tokens sorted by expert on the device, per-expert offsets without a host sync, so
+  CUDA graphs capture it; the routed FLOPs only, two grouped GEMMs per layer whatever E. Falls back to
+  ``grouped`` where ``torch._grouped_mm`` would sync or refuse (``grouped_mm_fits``), to ``stacked`` there
+  while a CUDA graph is captured or the program traced.
+* ``stacked``: the E experts as one wide SwiGLU of hidden E * expert_hidden, its hidden scaled per expert by
+  a dense [N, E] routing matrix that is zero off the top-k: two GEMMs, static shapes, no data-dependent
+  ops, so torch.export / ONNX trace it as is. It does E / k times the routed FLOPs (Refresh) but reads each
+  weight once (Reuse is bandwidth-bound: every expert is touched anyway).
 * ``dense``: a Python loop running each expert on every token (static; 3 * E small GEMMs per layer).
-* ``grouped``: each expert runs on its routed tokens only (data-dependent gathers: eager only)."""
+* ``grouped``: each expert runs on its routed tokens only (data-dependent gathers: eager only, a Python loop
+  of 2 GEMMs per routed expert: launch-bound on GPUs).
+
+``stacked`` and ``fused`` share one copy of the expert weights: in eager mode the experts' parameters are
+re-pointed once into two packed tensors (``pack_experts``: gate+up [E, 2H, d], down [E, H, d]; same values,
+same names in the state dict, no extra memory); while tracing, the stacking is part of the graph."""
 from __future__ import annotations
 
 import torch
@@ -154,29 +164,39 @@ def _weights_id(experts: nn.ModuleList):
                  for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight))
 
 
+def _stack_experts(experts: nn.ModuleList):
+    """(w_gu [E, 2H, d], w_down [E, H, d]) built from the experts' weights (a copy; four ops, so a traced
+    graph stays small): expert e's gate rows, then its up rows; its down weight read transposed ([in, out],
+    a strided view)."""
+    gate = torch.stack([e.gate_proj.weight for e in experts])                  # [E, H, d]
+    up = torch.stack([e.up_proj.weight for e in experts])                      # [E, H, d]
+    down = torch.stack([e.down_proj.weight for e in experts])                  # [E, d, H]
+    return torch.cat([gate, up], dim=1), down.transpose(1, 2)                  # [E, 2H, d], [E, H, d]
+
+
 def pack_experts(experts: nn.ModuleList) -> None:
-    """Re-point every expert's gate/up/down weight at a slice of three contiguous tensors (gate, up:
-    [E * H, d]; down: [d, E * H]) so ``moe_stacked`` runs without copying. Values and parameter names are
-    unchanged."""
-    gate = torch.cat([e.gate_proj.weight.detach() for e in experts])             # [E * H, d]
-    up = torch.cat([e.up_proj.weight.detach() for e in experts])                 # [E * H, d]
-    down = torch.cat([e.down_proj.weight.detach() for e in experts], dim=1)      # [d, E * H]
-    H = experts[0].gate_proj.weight.shape[0]
+    """Re-point every expert's gate/up/down weight at a slice of two packed tensors, so ``moe_stacked`` and
+    ``moe_fused`` run without copying: ``w_gu`` [E, 2H, d] (expert e's ``gate_proj.weight`` is
+    ``w_gu[e, :H]``, its ``up_proj.weight`` ``w_gu[e, H:]``, both [out, in] as in the checkpoint) and
+    ``w_down`` [E, H, d] (its ``down_proj.weight`` is the transposed view ``w_down[e].t()``, [d, H]).
+    Values and parameter names are unchanged; one copy of the weights stays in memory."""
+    w_gu, w_down = _stack_experts(experts)
+    w_down = w_down.contiguous()                                               # [E, H, d] row-major
+    H = w_down.shape[1]
     for i, e in enumerate(experts):
         rg = e.gate_proj.weight.requires_grad
-        e.gate_proj.weight = nn.Parameter(gate[i * H:(i + 1) * H], requires_grad=rg)
-        e.up_proj.weight = nn.Parameter(up[i * H:(i + 1) * H], requires_grad=rg)
-        e.down_proj.weight = nn.Parameter(down[:, i * H:(i + 1) * H], requires_grad=rg)
-    experts.__dict__["_packed"] = (_weights_id(experts), (gate, up, down))
+        e.gate_proj.weight = nn.Parameter(w_gu[i, :H], requires_grad=rg)
+        e.up_proj.weight = nn.Parameter(w_gu[i, H:], requires_grad=rg)
+        e.down_proj.weight = nn.Parameter(w_down[i].t(), requires_grad=rg)
+    experts.__dict__["_packed"] = (_weights_id(experts), (w_gu, w_down))
 
 
 def _packed(experts: nn.ModuleList):
-    """(gate [E*H, d], up [E*H, d], down [d, E*H]): the packed tensors while the experts still point into
-    them, packing first in eager mode; inside a traced graph a plain concatenation of the parameters."""
+    """(w_gu [E, 2H, d], w_down [E, H, d]): the packed tensors while the experts still point into them,
+    packing first in eager mode; inside a traced graph (or on the meta device) a plain stack of the
+    parameters."""
     if _tracing() or experts[0].gate_proj.weight.device.type == "meta":
-        return (torch.cat([e.gate_proj.weight for e in experts]),
-                torch.cat([e.up_proj.weight for e in experts]),
-                torch.cat([e.down_proj.weight for e in experts], dim=1))
+        return _stack_experts(experts)
     p = experts.__dict__.get("_packed")
     if p is None or p[0] != _weights_id(experts):
         with torch.no_grad():
@@ -187,19 +207,85 @@ def _packed(experts: nn.ModuleList):
 def moe_stacked(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """All experts as one wide SwiGLU whose hidden is scaled per expert by the routing weight (0 off the
     top-k)."""
-    gate, up, down = _packed(experts)
-    N, E = x.shape[0], len(experts)
+    w_gu, w_down = _packed(experts)
+    N, (E, H, d) = x.shape[0], w_down.shape
     dense = torch.zeros(N, E, dtype=w.dtype, device=x.device).scatter(1, idx, w).to(x.dtype)   # [N, E]
-    h = F.silu(F.linear(x, gate)) * F.linear(x, up)                                             # [N, E * H]
-    h = (h.view(N, E, -1) * dense[:, :, None]).view(N, -1)
-    return F.linear(h, down)                                                                    # [N, d]
+    gu = F.linear(x, w_gu.reshape(E * 2 * H, d)).view(N, E, 2 * H)                             # [N, E, 2H]
+    h = F.silu(gu[..., :H]) * gu[..., H:] * dense[:, :, None]                                   # [N, E, H]
+    return h.reshape(N, E * H) @ w_down.reshape(E * H, d)                                       # [N, d]
 
 
-MOE_IMPLS = {"stacked": moe_stacked, "dense": moe_dense, "grouped": moe_grouped}
+def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs this MoE on x's device without a host sync. Its rules (ATen
+    ``GroupedMMUtils.h`` / ``cuda/GroupedBlas.cpp``): fp32 / bf16 / fp16; row strides multiples of 16 bytes
+    (d and H here); on CUDA only bf16 on sm90 / sm100 takes the CUTLASS kernel (offsets read on the device,
+    fewer than 1024 groups): every other CUDA case is ATen's fallback, which copies the offsets to the host.
+    Traced (torch.export / torch.compile), its meta kernel takes bf16 only."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    E, H, d = w_down.shape
+    align = 16 // x.element_size()
+    if d % align or H % align:
+        return False
+    if _tracing() and x.dtype != torch.bfloat16:
+        return False                              # its fake-tensor (meta) kernel takes bf16 only
+    if x.device.type == "cuda":
+        return (x.dtype == torch.bfloat16 and E < 1024
+                and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+    return x.device.type == "cpu"
+
+
+def expert_offsets(idx: torch.Tensor, n_experts: int):
+    """Tokens sorted by expert, on the device (no host sync): (order [N * k]: the flat (token, slot) of each
+    sorted row, stable, so rows of one expert keep token order; offs [E] int32: cumulative row ends per
+    expert, as ``torch._grouped_mm`` takes them; an expert without tokens repeats its predecessor's end).
+    Not ``torch.bincount``: on CUDA it reads the ids' min and max back to the host."""
+    ids, order = idx.reshape(-1).sort(stable=True)                                   # [N * k], [N * k]
+    ends = torch.arange(1, n_experts + 1, device=idx.device, dtype=ids.dtype)       # [E]
+    return order, torch.searchsorted(ids, ends, out_int32=True)                      # [N * k], [E]
+
+
+def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """Each expert on its routed tokens only, as two grouped GEMMs over all experts (static shapes, no host
+    sync, so CUDA graphs capture it): rows sorted by expert (``expert_offsets``), gathered once [N * k, d];
+    gate+up in one ``torch._grouped_mm`` over ``w_gu`` [E, 2H, d] (read transposed, no copy); SiLU(gate) *
+    up; down in a second over ``w_down`` [E, H, d]; rows put back in (token, slot) order and combined by one
+    batched [1, k] x [k, d] product with the routing weights per token (fixed order: deterministic, no
+    atomics). Where ``grouped_mm_fits`` says no (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it
+    runs ``moe_grouped`` instead (a Python loop over experts with data-dependent gathers, so a host sync
+    each), or ``moe_stacked`` while a CUDA graph is being captured or the program traced (static shapes).
+    In bf16 it traces as is (torch.export: sort, searchsorted, _grouped_mm; no data-dependent shapes)."""
+    w_gu, w_down = _packed(experts)
+    if not grouped_mm_fits(x, w_down):
+        if _tracing() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return moe_stacked(x, w, idx, experts)
+        return moe_grouped(x, w, idx, experts)
+    (N, k), (E, H, d) = idx.shape, w_down.shape
+    order, offs = expert_offsets(idx, E)                                             # [N * k], [E]
+    xs = x[order // k]                                                               # [N * k, d]
+    gu = torch._grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs)                    # [N * k, 2H]
+    h = F.silu(gu[:, :H]) * gu[:, H:]                                                # [N * k, H]
+    ys = torch._grouped_mm(h, w_down, offs=offs)                                     # [N * k, d]
+    y = ys[order.argsort()].view(N, k, d)                                            # [N, k, d] (token, slot)
+    return torch.bmm(w.to(x.dtype)[:, None, :], y)[:, 0]                             # [N, d]
+
+
+def moe_auto(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """The default: ``fused`` on CUDA in eager mode (and so inside the graph runner's CUDA graphs) where
+    ``torch._grouped_mm`` has its device kernel (bf16 on sm90 / sm100); ``stacked`` elsewhere: on the CPU,
+    on other GPUs and dtypes (where fused would fall back to a loop over experts), and wherever the program
+    is traced (torch.export / ONNX engines, torch.compile), whose graphs keep static, data-independent ops."""
+    if x.device.type == "cuda" and not _tracing() and grouped_mm_fits(x, _packed(experts)[1]):
+        return moe_fused(x, w, idx, experts)
+    return moe_stacked(x, w, idx, experts)
+
+
+MOE_IMPLS = {"auto": moe_auto, "fused": moe_fused, "stacked": moe_stacked, "dense": moe_dense,
+             "grouped": moe_grouped}
 
 
 class SparseMoeBlock(nn.Module):
-    impl = "stacked"    # key of MOE_IMPLS; set per instance or on the class
+    impl = "auto"       # key of MOE_IMPLS; set per instance or on the class
 
     def __init__(self, c: ModelConfig):
         super().__init__()

@@ -88,3 +88,37 @@ def test_batch_invariance_smoke_finds_no_difference(tmp_path):
     assert log["rows"][0]["requests"] == 6
     text = (tmp_path / "batch_invariance.log").read_text()
     assert "| greedy-4 | 6 | 0 |" in text and "cost of --batch-invariant, sampled: solo" in text
+
+
+def _block_diffusion(monkeypatch, capsys, *args: str):
+    """Runs bench/block_diffusion.py's main() in this process (no second torch import)."""
+    spec = importlib.util.spec_from_file_location("block_diffusion_under_test", BENCH / "block_diffusion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["block_diffusion.py", *args])
+    threads = torch.get_num_threads()
+    try:
+        mod.main()
+    finally:
+        torch.set_num_threads(threads)                                  # --smoke runs on one thread
+    text = capsys.readouterr().out
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")], text
+
+
+def test_block_diffusion_smoke_prints_moe_layers_forwards_and_the_table(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _block_diffusion(monkeypatch, capsys, "--help")
+    assert "--time-limit" in capsys.readouterr().out
+    lines, text = _block_diffusion(monkeypatch, capsys, "--smoke", "--batches", "2", "--layer-tokens", "8")
+    assert {r["moe_layer"] for r in lines if "moe_layer" in r} == {"fused", "grouped", "stacked"}
+    fwd = [r for r in lines if "fwd" in r]
+    assert {r["path"] for r in fwd} == {"dlc", "eager"} and all(r["ms"] > 0 for r in fwd)
+    row = next(r for r in lines if "dlc_tok_s" in r)
+    assert row["B"] == 2 and row["tokens_equal"] and row["dlc_forwards"] == len([r for r in fwd
+                                                                                 if r["path"] == "dlc"])
+    assert "| B | dlc tok/s |" in text and "\n| 2 | " in text
+    # a time limit already spent: no forward runs, the table still closes the log
+    lines, text = _block_diffusion(monkeypatch, capsys, "--smoke", "--batches", "1,2", "--layer-tokens", "",
+                                   "--time-limit", "0")
+    assert not [r for r in lines if "fwd" in r]
+    assert [r["B"] for r in lines if "stopped" in r] == [1, 2] and "| 2 | - |" in text

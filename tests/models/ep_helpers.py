@@ -125,6 +125,8 @@ LAYER_CASES = {
     "llada_moe": ("tiny-llada-moe", "stacked", {}),
     "llada_moe_grouped": ("tiny-llada-moe", "grouped", {}),
     "llada_moe_dense": ("tiny-llada-moe", "dense", {}),
+    "llada_moe_fused": ("tiny-llada-moe", "fused", {}),
+    "llada2_fused": ("tiny-llada2", "fused", {}),
     "llada2": ("tiny-llada2", "stacked", {}),
     "llada2_shared_replicated": ("tiny-llada2", "stacked", {"expert_hidden": 33}),
     "sdar_moe": ("tiny-sdar", "stacked", dict(n_experts=8, n_experts_per_tok=2, expert_hidden=32,

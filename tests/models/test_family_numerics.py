@@ -255,7 +255,8 @@ def test_moe_block_matches_per_token_loop(impl, norm_topk):
         with torch.no_grad():
             out = block(x)
     finally:
-        block.impl, block.norm_topk = "stacked", False
+        del block.impl                                               # back to the class default
+        block.norm_topk = False
     torch.testing.assert_close(out.double(), ref, **REF_TOL)
     other = _moe_per_token(x.reshape(15, -1).double(), {k: v.double() for k, v in t.items()},
                            "model.layers.1.mlp.", d["num_experts_per_tok"], not norm_topk).view(3, 5, -1)
@@ -288,8 +289,8 @@ def test_config_rejects_moe_family_without_experts():
 
 
 def test_expert_packing_keeps_names_values_and_follows_dtype_changes():
-    """The stacked path re-points expert weights into shared tensors: same state dict, no copy per forward,
-    and a dtype change (new storage) is noticed and repacked."""
+    """The stacked / fused paths re-point expert weights into shared tensors: same state dict, no copy per
+    forward, and a dtype change (new storage) is noticed and repacked."""
     from dlc.models.llada_moe import _packed
     family, d, t, _ = _family("llada_moe")
     model = direct_model(family, t)
@@ -297,10 +298,11 @@ def test_expert_packing_keeps_names_values_and_follows_dtype_changes():
     with torch.no_grad():
         before = model(ids, pos, km)
         experts = model.model.layers[0].mlp.experts
-        gate, up, down = _packed(experts)
+        w_gu, w_down = _packed(experts)
         H = d["expert_intermediate_size"]
-        assert experts[3].gate_proj.weight.data_ptr() == gate[3 * H].data_ptr()
-        assert experts[3].down_proj.weight.data_ptr() == down[:, 3 * H].data_ptr()
+        assert experts[3].gate_proj.weight.data_ptr() == w_gu[3].data_ptr()
+        assert experts[3].up_proj.weight.data_ptr() == w_gu[3, H].data_ptr()
+        assert experts[3].down_proj.weight.data_ptr() == w_down[3].data_ptr()
         sd = model.state_dict()
         assert set(sd) == set(t) and all(torch.equal(sd[k], t[k]) for k in t)
         torch.testing.assert_close(model(ids, pos, km), before, rtol=0, atol=0)
