@@ -12,6 +12,9 @@ Python API (what compiler passes and runtimes call):
   given, else a counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen
   token. Graph form (compiled phases): ``temperature_t`` [1] tensor instead of the float, ``row_keys`` [N]
   int64 per-row hash keys (``logits.row_key(seed, row)``) instead of the seed.
+* ``fused_select_extras(hidden [R, d], weight [V, d], entropy=False, topk=0, credit_ids=None, credit_vals=None,
+  credit_alpha=None)`` -> dict: ``fused_select_logits``' decoding at T = 0 plus the decoding extras of the
+  entropy-bounded, credit and logprobs rules from the same vocab sweep (kernels/select_extras.py).
 * ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
 * ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
@@ -36,7 +39,9 @@ from . import cache_write as _kv
 from . import logits as _sl
 from . import attention as _sa
 from . import pool_attn as _pa
+from . import select_extras as _se
 from .attention import select_positions
+from .select_extras import fused_select_extras
 
 OPS["fused_topk_logprobs"] = torch.ops.dlc.fused_topk_logprobs
 
@@ -46,6 +51,7 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
     "sparse_attention": _sa.sparse_attention_reference,
     "kv_write": _kv.kv_write_reference,
     "pool_attention": _pa.pool_attention_reference,
+    "fused_select_extras": _se.select_extras_reference,
 }
 
 
@@ -97,5 +103,6 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
     torch.ops.dlc.kv_write(k_cache, v_cache, k_new, v_new, start, rows)
 
 
-__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs",
+__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_select_extras",
+           "fused_topk_logprobs",
            "sparse_attention", "select_positions", "kv_write_", "pool_attention"]

@@ -114,13 +114,43 @@ if HAS_TRITON:
         x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    @triton.jit(do_not_specialize=["seed", "temperature"])
+    @triton.jit
+    def _entropy_step(ent, s, m, m_new, e, raw, cmask):
+        """Online S = sum e^(l - m) (l - m) moved to the new max m_new and grown by the tile (e = e^(l - m_new))
+        -> the entropy H = log s - S / s at the end. A row's first tile: s = 0, m = -inf (no 0 * inf)."""
+        el = tl.where(cmask[None, :], e * (raw - m_new[:, None]), 0.0)
+        shift = tl.where(s > 0, (m - m_new) * s, 0.0)
+        return tl.exp(m - m_new) * (ent + shift) + tl.sum(el, 1)
+
+    @triton.jit
+    def _topk_step(tv, ti, raw, v0, TOPK: tl.constexpr, KPAD: tl.constexpr, BV: tl.constexpr):
+        """Merge the tile's TOPK largest raw logits into the running top list tv / ti [BN, KPAD] (each
+        replaces the list's smallest when larger)."""
+        work = raw
+        slot = tl.arange(0, KPAD)[None, :]
+        col = tl.arange(0, BV)[None, :]
+        for _ in tl.static_range(TOPK):
+            x = tl.max(work, 1)
+            xi = tl.argmax(work, 1)
+            low = tl.min(tv, 1)
+            put = (slot == tl.argmin(tv, 1)[:, None]) & (x > low)[:, None]
+            tv = tl.where(put, x[:, None], tv)
+            ti = tl.where(put, (xi + v0)[:, None], ti)
+            work = tl.where(col == xi[:, None], float("-inf"), work)
+        return tv, ti
+
+    @triton.jit(do_not_specialize=["seed", "temperature", "M"])
     def _select_logits_kernel(H, W, U, TP, KP, PM, PS, PB, PI, PL,
                               N, V, D, n_split, cols_per_split, stride_h, stride_w, stride_u,
                               temperature, seed,
                               SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, TEMP_PTR: tl.constexpr,
                               HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
-                              BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+                              BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+                              # decoding extras (kernels/select_extras.py), off by default: no code then
+                              PE=None, PRM=None, PRS=None, PR1=None, PR1L=None, PBR=None, PTV=None, PTI=None,
+                              CI=None, CV=None, CA=None, M=0, stride_c=0,
+                              ENTROPY: tl.constexpr = False, CREDIT: tl.constexpr = False,
+                              TOPK: tl.constexpr = 0, KPAD: tl.constexpr = 1):
         pid = tl.program_id(0)
         n_tiles = tl.cdiv(N, BN)
         pid_n = pid % n_tiles                                          # row tile: fast axis (L2 reuse of W)
@@ -134,6 +164,16 @@ if HAS_TRITON:
         best = tl.full([BN], float("-inf"), tl.float32)
         bidx = tl.zeros([BN], tl.int32)
         blog = tl.zeros([BN], tl.float32)
+        ent = tl.zeros([BN], tl.float32)                               # sum e^(l - m_raw) (l - m_raw)
+        rm = tl.full([BN], float("-inf"), tl.float32)                  # credit: raw logits' max, sum,
+        rs = tl.zeros([BN], tl.float32)
+        r1 = tl.zeros([BN], tl.int32)                                  # raw argmax and its logit,
+        r1l = tl.full([BN], float("-inf"), tl.float32)
+        braw = tl.zeros([BN], tl.float32)                              # raw logit of the chosen token
+        tv = tl.full([BN, KPAD], float("-inf"), tl.float32)            # running top-k of the raw logits
+        ti = tl.zeros([BN, KPAD], tl.int32)
+        if CREDIT:
+            alpha = tl.load(CA + rows, mask=rmask, other=0.0).to(tl.float32)
         if TEMP_PTR:                                                   # graph form: T from a [1] tensor
             temperature = tl.load(TP).to(tl.float32)
         if SAMPLE:
@@ -157,10 +197,33 @@ if HAS_TRITON:
                     acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(h, tl.trans(w), acc)
-            logit = tl.where(cmask[None, :], acc, float("-inf"))       # [BN, BV]
+            raw = tl.where(cmask[None, :], acc, float("-inf"))         # [BN, BV]
+            logit = raw                                                # the selection's logits
+            if CREDIT:                                                 # + alpha log(1 + prior credit)
+                cred = tl.zeros([BN, BV], tl.float32)
+                for j in range(0, M):
+                    cid = tl.load(CI + rows * stride_c + j, mask=rmask, other=-1)
+                    cvl = tl.load(CV + rows * stride_c + j, mask=rmask, other=0.0).to(tl.float32)
+                    cred += tl.where(cols[None, :] == cid[:, None], cvl[:, None], 0.0)
+                logit = raw + alpha[:, None] * tl.log(1.0 + cred)
+                rm_new = tl.maximum(rm, tl.max(raw, 1))
+                e_raw = tl.exp(raw - rm_new[:, None])
+                if ENTROPY:
+                    ent = _entropy_step(ent, rs, rm, rm_new, e_raw, raw, cmask)
+                rs = rs * tl.exp(rm - rm_new) + tl.sum(e_raw, 1)
+                rm = rm_new
+                rb = tl.max(raw, 1)
+                rup = rb > r1l                                         # strict: earlier tiles win ties
+                r1 = tl.where(rup, tl.argmax(raw, 1) + v0, r1)
+                r1l = tl.where(rup, rb, r1l)
             m_new = tl.maximum(m, tl.max(logit, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
+            e = tl.exp(logit - m_new[:, None])
+            if ENTROPY and not CREDIT:
+                ent = _entropy_step(ent, s, m, m_new, e, raw, cmask)
+            s = s * tl.exp(m - m_new) + tl.sum(e, 1)
             m = m_new
+            if TOPK > 0:
+                tv, ti = _topk_step(tv, ti, raw, v0, TOPK, KPAD, BV)
             score = logit
             if SAMPLE:
                 if temperature > 0:                                    # run time: skipped when T == 0
@@ -178,7 +241,22 @@ if HAS_TRITON:
             best = tl.where(upd, cbest, best)
             bidx = tl.where(upd, cidx + v0, bidx)
             blog = tl.where(upd, clog, blog)
+            if CREDIT:
+                craw = tl.sum(tl.where(tl.arange(0, BV)[None, :] == cidx[:, None], raw, 0.0), 1)
+                braw = tl.where(upd, craw, braw)
         out = rows * n_split + pid_s
+        if ENTROPY:
+            tl.store(PE + out, ent, mask=rmask)
+        if CREDIT:
+            tl.store(PRM + out, rm, mask=rmask)
+            tl.store(PRS + out, rs, mask=rmask)
+            tl.store(PR1 + out, r1, mask=rmask)
+            tl.store(PR1L + out, r1l, mask=rmask)
+            tl.store(PBR + out, braw, mask=rmask)
+        if TOPK > 0:
+            kk = tl.arange(0, KPAD)
+            tl.store(PTV + out[:, None] * KPAD + kk[None, :], tv, mask=rmask[:, None])
+            tl.store(PTI + out[:, None] * KPAD + kk[None, :], ti, mask=rmask[:, None])
         tl.store(PM + out, m, mask=rmask)
         tl.store(PS + out, s, mask=rmask)
         tl.store(PB + out, best, mask=rmask)
