@@ -188,7 +188,9 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
     out["tokens"], out["confidence"] = tok, torch.exp(l_tok - st["bm"]) / den
     out["_bm"], out["_den"] = st["bm"], den
     if logprobs:
-        l_raw = st["bl"] if credit is None else _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc)
+        # the chosen token's raw logit: the sweep's (credit's own-step bonus may switch it to the raw top-1),
+        # so a row's logprob is the same whether or not its batch carries credit
+        l_raw = st["bl"] if credit is None else torch.where(tok == st["r1"], st["r1l"], st["bl"])
         out["logprob"] = l_raw - lse
     if entropy:
         out["entropy"] = lse - st["a"] / st["s"]
@@ -216,14 +218,6 @@ def _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc):
     l_tok = torch.where(take, lt + b_new, st["blb"])
     den = st["bs"] + torch.exp(lt - st["bm"]) * (torch.exp(b_new) - torch.exp(b_old))   # alpha 0: + 0.0
     return tok, l_tok, den
-
-
-def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
-    """Guided raw logit of tok [C, N] (one row of the head per token)."""
-    rows = w[tok]                                                                # [C, N, d]
-    cond = (h.index_select(0, cond_rows) * rows).sum(-1)
-    un = (h.index_select(0, un_rows) * rows).sum(-1)
-    return (un + cfg_w * (cond - un)).to(acc)
 
 
 def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,

@@ -48,11 +48,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from dlc.kernels.logits import decode_rows
+from dlc.kernels.sampling import decode_rows_ext
 from dlc.models.common import KVCache, fuse_projections_
 
 from dlc.models.sparse_heads import kept_counts
 
 from ..step import MixedBatch, StepBatch, take_rows
+from ..step_output import StepOutput
 from .ahead import decoded_cols, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner
 
@@ -74,8 +76,12 @@ class _Graph:
     meta: torch.Tensor
     meta_host: torch.Tensor
     keep: torch.Tensor | None = None   # head-sparse: [n_layers, bb, Hkv, K_max] kept columns per head
+    # decoding extras variant (``_extras_key``): () plain; else (entropy, logprobs k or -1, credit width M)
+    ex: tuple = ()
+    credit: tuple | None = None         # (ids [bb, N, M] int64, vals [bb, N, M] float64, alpha [bb] float64)
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
+    extras: dict | None = None          # the variant's static extras outputs ([bb, N] / [bb, N, k])
     graph: object = None
     rows_used: int = 0          # real rows of the last call (padding rows past it are already reset)
 
@@ -162,12 +168,28 @@ class GraphRunner(EagerRunner):
         if self.scratch is None:
             raise ValueError("graph runner: bind_pool needs a free KV slot for padding rows")
 
+    @staticmethod
+    def _extras_key(batch: StepBatch) -> tuple | None:
+        """The captured variant a batch's decoding extras replay: () for none; (entropy, logprobs k or -1,
+        credit width M) for the extras the fused sweep computes (entropy, logprobs, credit: one variant per
+        combination, captured on first use); None where the step stays eager (smoothing's soft embedding and
+        input delta, sampling filters: T > 0 is eager anyway)."""
+        if not batch.wants_extras():
+            return ()
+        if batch.soft_tau is not None or batch.embed_delta is not None or batch.top_k is not None:
+            return None
+        M = 0
+        if batch.credit_ids is not None:
+            M = batch.n_out                          # a block's credit grows by one id a step: <= N steps
+            if batch.credit_ids.shape[-1] > M:
+                return None
+        return (bool(batch.entropy), -1 if batch.logprobs is None else int(batch.logprobs), M)
+
     def _eligible(self, batch: StepBatch) -> bool:
         c = batch.cache
-        # decoding extras (entropy, logprobs, filters, credit, smoothing) run eagerly, as T > 0 does: the
-        # captured step decodes (token, confidence) only
+        # sampled steps (T > 0) and the extras the captured variants lack (``_extras_key``) run eagerly
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
-                and batch.temperature == 0 and not batch.wants_extras()
+                and batch.temperature == 0 and self._extras_key(batch) is not None
                 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
                 and not batch.block_size                                     # block-causal: eager path
                 and batch.width <= self.pool.s_max
@@ -181,8 +203,8 @@ class GraphRunner(EagerRunner):
         return next(b for b in self.buckets if b >= B)
 
     # -- capture ---------------------------------------------------------------------------------------------
-    def _graph(self, bb: int, T: int, N: int) -> _Graph:
-        key = (bb, T, N)
+    def _graph(self, bb: int, T: int, N: int, ex: tuple = ()) -> _Graph:
+        key = (bb, T, N) + ((ex,) if ex else ())
         if key in self.graphs:
             return self.graphs[key]
         t0 = time.perf_counter()
@@ -193,8 +215,13 @@ class GraphRunner(EagerRunner):
                    ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
-                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone())
+                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(), ex=ex)
         g.key_mask[:, :T] = True
+        if ex and ex[2]:                               # credit inputs: neutral (alpha 0) until staged
+            M = ex[2]
+            g.credit = (torch.zeros(bb, N, M, dtype=torch.long, device=dev),
+                        torch.zeros(bb, N, M, dtype=torch.float64, device=dev),
+                        torch.zeros(bb, dtype=torch.float64, device=dev))
         if self.sparse_retention is not None:          # padding rows keep columns [0, T): their own block
             mc = self.config
             g.keep = torch.arange(self.kept_max(T), device=dev).repeat(mc.n_layers, bb, mc.n_kv_heads, 1)
@@ -212,7 +239,7 @@ class GraphRunner(EagerRunner):
                 self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time,
                                                                      # outputs copied out
             with torch.cuda.graph(g.graph, pool=self._mempool):
-                g.tok, g.conf = self._step(g)
+                g.tok, g.conf, g.extras = self._split(self._step(g))
         else:                       # no capture (CPU): one run, so warm-up still compiles every bucket
             self._step(g)           # (padding rows: the scratch slot only)
             self.stats["warm_s"] += time.perf_counter() - t0
@@ -221,20 +248,51 @@ class GraphRunner(EagerRunner):
         self.stats["capture_s"] += time.perf_counter() - t0
         return g
 
+    @staticmethod
+    def _split(res):
+        """A step's result -> (tok, conf, extras dict or None)."""
+        if isinstance(res, dict):
+            return res["tokens"], res["confidence"], {k: v for k, v in res.items()
+                                                      if k not in ("tokens", "confidence")}
+        return res[0], res[1], None
+
     @torch.no_grad()
     def _step(self, g: _Graph):
-        """The captured computation: static inputs -> (tok [bb, N], conf [bb, N])."""
+        """The captured computation: static inputs -> (tok [bb, N], conf [bb, N]), or with extras (``g.ex``)
+        ``_decode_extras``' dict."""
         if g.keep is not None:                         # head-sparse: the kept columns, read in the pool
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len, keep=g.keep, n_keep=g.n_keep)
         else:
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
         h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
         rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
+        if g.ex:
+            return self._decode_extras(rows, g.ex, g.credit)
         if self.decoding == "exact":
             return self._exact(rows)
         from dlc.kernels import fused_select_logits
         tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self.model.head_weight())
         return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
+
+    def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None) -> dict:
+        """Rows [B, N, d] at T = 0 with the extras ``ex`` (``_extras_key``) -> decode_rows_ext's dict:
+        ``exact``: the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's); ``fused``: the
+        selected-row logits kernel with the extras in its one vocab sweep (``fused_select_extras``)."""
+        entropy, k, M = ex
+        topk = max(k, 0)
+        B, N = rows.shape[:2]
+        head = self.model.head_weight()[:self.config.vocab_size]
+        if self.decoding == "exact":
+            ar = torch.arange(B, device=rows.device)
+            one = torch.ones(1, dtype=rows.dtype, device=rows.device)
+            return decode_rows_ext(rows, head, ar, ar, one, 0.0, torch.zeros_like(ar),
+                                   vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=topk,
+                                   logprobs=k >= 0, entropy=entropy, credit=credit)
+        from dlc.kernels import fused_select_extras
+        cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
+                                           credit[2].repeat_interleave(N))
+        out = fused_select_extras(rows.flatten(0, 1), head, entropy, topk, *cargs)
+        return {key: v.view(B, N, *v.shape[1:]) for key, v in out.items()}
 
     def _exact(self, rows: torch.Tensor):
         """The eager runner's decoding of rows [bb, N, d] at T = 0 (tokens equal EagerRunner's)."""
@@ -245,8 +303,10 @@ class GraphRunner(EagerRunner):
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
     def _fuses(self, b: StepBatch) -> bool:
-        """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, no extras."""
-        return self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs and not b.wants_extras()
+        """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, extras (if any) that the
+        fused sweep computes."""
+        return (self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs
+                and self._extras_key(b) is not None)
 
     def _fused(self, rows: list[torch.Tensor]) -> list:
         """Rows [B_i, N_i, d] of one or more parts through the Triton selected-row logits in one pass over the
@@ -260,7 +320,15 @@ class GraphRunner(EagerRunner):
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, Reuse fallbacks) decode as the graphs do (``_fuses``), else as the
         eager runner."""
-        return self._fused([rows])[0] if self._fuses(batch) else super().decode(rows, batch)
+        if not self._fuses(batch):
+            return super().decode(rows, batch)
+        ex = self._extras_key(batch)
+        if not ex:
+            return self._fused([rows])[0]
+        credit = None
+        if batch.credit_ids is not None:
+            credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+        return StepOutput.from_decode(self._decode_extras(rows, ex, credit))
 
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @torch.no_grad()
@@ -277,13 +345,17 @@ class GraphRunner(EagerRunner):
 
     def _replay(self, batch: StepBatch):
         B = batch.n_seqs
-        tok, conf = self._launch(self._stage(batch))
-        return tok[:B].clone(), conf[:B].to(torch.float64)
+        g = self._stage(batch)
+        tok, conf = self._launch(g)
+        if not g.ex:
+            return tok[:B].clone(), conf[:B].to(torch.float64)
+        return StepOutput(tok[:B].clone(), conf[:B].to(torch.float64),
+                          **{k: v[:B].clone() for k, v in g.extras.items()})
 
     def _stage(self, batch: StepBatch) -> _Graph:
         """Copy the batch's rows into its bucket's static inputs (capturing the bucket on first use)."""
         B, T, N, W, S = batch.n_seqs, batch.n_fed, batch.n_out, batch.width, self.pool.s_max
-        g = self._graph(self.bucket(B), T, N)
+        g = self._graph(self.bucket(B), T, N, self._extras_key(batch))
         m = g.meta_host                                                           # [4, bb] on the host
         m[0, :B] = batch.slots
         m[1, :B] = batch.q_start
@@ -294,6 +366,8 @@ class GraphRunner(EagerRunner):
             m[4, :B] = batch.keep_idx.shape[-1]
             self._stage_keep(g, batch.keep_idx, B, T)
         g.meta.copy_(m, non_blocking=True)
+        if g.credit is not None:
+            self._stage_credit(g, batch, B)
         cols = g.start[:B, None] + torch.arange(T, device=batch.ids.device)       # [B, T]
         torch.gather(batch.ids, 1, cols, out=g.ids[:B])
         torch.gather(batch.pos, 1, cols, out=g.pos[:B])
@@ -306,6 +380,19 @@ class GraphRunner(EagerRunner):
             g.key_mask[B:g.rows_used, :T] = True
         g.rows_used = B
         return g
+
+    @staticmethod
+    def _stage_credit(g: _Graph, batch: StepBatch, B: int) -> None:
+        """The rows' credit [B, N, M_b] into the graph's [bb, N, M] buffers (ids / values past M_b: zero, no
+        credit); padding rows get alpha 0."""
+        ids, vals, alpha = g.credit
+        Mb = batch.credit_ids.shape[-1]
+        ids[:B, :, :Mb].copy_(batch.credit_ids)
+        vals[:B, :, :Mb].copy_(batch.credit_vals)
+        ids[:B, :, Mb:] = 0
+        vals[:B, :, Mb:] = 0
+        alpha[:B].copy_(batch.credit_alpha)
+        alpha[B:] = 0
 
     @staticmethod
     def _stage_keep(g: _Graph, keep: torch.Tensor, B: int, T: int) -> None:
@@ -322,11 +409,12 @@ class GraphRunner(EagerRunner):
         if g.graph is not None:
             g.graph.replay()
             return g.tok, g.conf
-        return self._step(g)
+        g.tok, g.conf, g.extras = self._split(self._step(g))
+        return g.tok, g.conf
 
     # -- steps ahead of the host (step.LookaheadRunner) --------------------------------------------------
     def can_run_ahead(self, batch: StepBatch) -> bool:
-        return batch.phase == "reuse" and self._eligible(batch)
+        return batch.phase == "reuse" and not batch.wants_extras() and self._eligible(batch)
 
     @torch.no_grad()
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
@@ -360,7 +448,7 @@ class GraphRunner(EagerRunner):
 
     def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
         """One fused pass when every part decodes as the graphs do (``_fuses``); else the eager runner's."""
-        if all(self._fuses(b) for b in parts):
+        if all(self._fuses(b) and not b.wants_extras() for b in parts):
             return self._fused(rows)
         return super().decode_parts(rows, parts)
 
