@@ -56,7 +56,7 @@ from dlc.models.sparse_heads import kept_counts
 from ..step import MixedBatch, StepBatch, take_rows
 from ..step_output import StepOutput
 from .ahead import decoded_cols, run_ahead
-from .eager import VOCAB_CHUNK, EagerRunner
+from .eager import VOCAB_CHUNK, EagerRunner, embed_add
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 DECODE = ("fused", "exact")
@@ -76,9 +76,11 @@ class _Graph:
     meta: torch.Tensor
     meta_host: torch.Tensor
     keep: torch.Tensor | None = None   # head-sparse: [n_layers, bb, Hkv, K_max] kept columns per head
-    # decoding extras variant (``_extras_key``): () plain; else (entropy, logprobs k or -1, credit width M)
+    # decoding extras variant (``_extras_key``): () plain; else (entropy, logprobs k or -1, credit width M,
+    # smoothing tau or 0.0)
     ex: tuple = ()
     credit: tuple | None = None         # (ids [bb, N, M] int64, vals [bb, N, M] float64, alpha [bb] float64)
+    embed: torch.Tensor | None = None   # smoothing: [bb, T, d] added to the fed columns' input embedding
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
     extras: dict | None = None          # the variant's static extras outputs ([bb, N] / [bb, N, k])
@@ -170,20 +172,20 @@ class GraphRunner(EagerRunner):
 
     @staticmethod
     def _extras_key(batch: StepBatch) -> tuple | None:
-        """The captured variant a batch's decoding extras replay: () for none; (entropy, logprobs k or -1,
-        credit width M) for the extras the fused sweep computes (entropy, logprobs, credit: one variant per
-        combination, captured on first use); None where the step stays eager (smoothing's soft embedding and
-        input delta, sampling filters: T > 0 is eager anyway)."""
+        """The captured variant a batch's decoding extras replay: () for none; else (entropy, logprobs k or -1,
+        credit width M, smoothing tau or 0.0), one variant per combination, captured on first use. None where
+        the step stays eager: sampling filters (T > 0 is eager anyway), a soft input without a soft output."""
         if not batch.wants_extras():
             return ()
-        if batch.soft_tau is not None or batch.embed_delta is not None or batch.top_k is not None:
+        if batch.top_k is not None or (batch.embed_delta is not None and batch.soft_tau is None):
             return None
         M = 0
         if batch.credit_ids is not None:
             M = batch.n_out                          # a block's credit grows by one id a step: <= N steps
             if batch.credit_ids.shape[-1] > M:
                 return None
-        return (bool(batch.entropy), -1 if batch.logprobs is None else int(batch.logprobs), M)
+        return (bool(batch.entropy), -1 if batch.logprobs is None else int(batch.logprobs), M,
+                float(batch.soft_tau or 0.0))
 
     def _eligible(self, batch: StepBatch) -> bool:
         c = batch.cache
@@ -217,6 +219,8 @@ class GraphRunner(EagerRunner):
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
                    meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(), ex=ex)
         g.key_mask[:, :T] = True
+        if ex and ex[3]:                               # smoothing's soft inputs: none until staged
+            g.embed = torch.zeros(bb, T, self.config.d_model, dtype=self.dtype, device=dev)
         if ex and ex[2]:                               # credit inputs: neutral (alpha 0) until staged
             M = ex[2]
             g.credit = (torch.zeros(bb, N, M, dtype=torch.long, device=dev),
@@ -264,7 +268,7 @@ class GraphRunner(EagerRunner):
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len, keep=g.keep, n_keep=g.n_keep)
         else:
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
-        h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
+        h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start, embed_add=g.embed)  # [bb, T, d]
         rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
         if g.ex:
             return self._decode_extras(rows, g.ex, g.credit)
@@ -277,17 +281,22 @@ class GraphRunner(EagerRunner):
     def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None) -> dict:
         """Rows [B, N, d] at T = 0 with the extras ``ex`` (``_extras_key``) -> decode_rows_ext's dict:
         ``exact``: the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's); ``fused``: the
-        selected-row logits kernel with the extras in its one vocab sweep (``fused_select_extras``)."""
-        entropy, k, M = ex
+        selected-row logits kernel with the extras in its one vocab sweep (``fused_select_extras``), or with
+        smoothing (its soft embedding is a second GEMM over the vocabulary, which the kernel does not hold)
+        ``decode_rows_ext`` in float32."""
+        entropy, k, M, tau = ex
         topk = max(k, 0)
         B, N = rows.shape[:2]
-        head = self.model.head_weight()[:self.config.vocab_size]
-        if self.decoding == "exact":
+        V = self.config.vocab_size
+        head = self.model.head_weight()[:V]
+        if self.decoding == "exact" or tau:
             ar = torch.arange(B, device=rows.device)
             one = torch.ones(1, dtype=rows.dtype, device=rows.device)
-            return decode_rows_ext(rows, head, ar, ar, one, 0.0, torch.zeros_like(ar),
-                                   vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=topk,
-                                   logprobs=k >= 0, entropy=entropy, credit=credit)
+            soft = (self.model.embed.weight[:V], tau) if tau else None
+            return decode_rows_ext(rows, head, ar, ar, one, 0.0, torch.zeros_like(ar), vocab=V,
+                                   chunk=VOCAB_CHUNK, topk=topk, logprobs=k >= 0, entropy=entropy,
+                                   credit=credit, soft=soft,
+                                   acc=torch.float64 if self.decoding == "exact" else torch.float32)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
                                            credit[2].repeat_interleave(N))
@@ -368,6 +377,13 @@ class GraphRunner(EagerRunner):
         g.meta.copy_(m, non_blocking=True)
         if g.credit is not None:
             self._stage_credit(g, batch, B)
+        if g.embed is not None:                        # smoothing: the fed span's input delta, padding none
+            add = embed_add(batch, T, batch.q_start_dev, g.embed.dtype)
+            if add is None:
+                g.embed[:B] = 0
+            else:
+                g.embed[:B].copy_(add)
+            g.embed[B:] = 0
         cols = g.start[:B, None] + torch.arange(T, device=batch.ids.device)       # [B, T]
         torch.gather(batch.ids, 1, cols, out=g.ids[:B])
         torch.gather(batch.pos, 1, cols, out=g.pos[:B])

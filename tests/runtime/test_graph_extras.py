@@ -1,5 +1,5 @@
-"""GraphRunner's captured Reuse variants with decoding extras (issue 18): entropy-bounded, credit and logprobs
-batches replay their own graph variant (``stats["eager_reuse"]`` stays 0) instead of falling back to the eager
+"""GraphRunner's captured Reuse variants with decoding extras (issue 18): entropy-bounded, credit, logprobs and
+iteration-smoothing batches replay their own graph variant (``stats["eager_reuse"]`` stays 0) instead of falling back to the eager
 runner, and decode exactly as the eager runner does (``exact``) or within the fused kernel's float32 (``fused``).
 
 On CPU the graph path runs without capture (the static buffers, bucket padding and staging are the same code);
@@ -20,7 +20,8 @@ BATCH_ATOL = 5e-5         # a row batched (other widths: other fp32 GEMM roundin
 
 # every rule whose extras the captured variants compute, with threshold rules and the fixed schedule beside
 EXTRAS_RULES = [dict(entropy_bound=1.0), dict(threshold=0.6, credit=True), dict(credit=True),
-                dict(threshold=0.6, logprobs=2), dict(logprobs=0), dict(entropy_bound=0.5, credit=True, logprobs=3)]
+                dict(threshold=0.6, logprobs=2), dict(logprobs=0), dict(entropy_bound=0.5, credit=True, logprobs=3),
+                dict(threshold=0.6, smoothing=True), dict(factor=1.0, credit=True, smoothing=True)]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_extras_rules_replay_graphs_and_equal_generate(model):
     st = eng.runner.stats
     assert st["eager_reuse"] == 0 and st["replays"] > 0
     variants = {k[3] for k in eng.runner.graphs if len(k) == 4}
-    # (entropy, logprobs k, credit width): rows of a group share one variant (the union of their extras)
-    assert any(ex[0] for ex in variants) and any(ex[1] >= 0 for ex in variants) and any(ex[2] for ex in variants)
+    # (entropy, logprobs k, credit width, smoothing tau): a group's rows share one variant (their extras' union)
+    assert all(any(ex[i] not in (False, -1, 0) for ex in variants) for i in range(4)), variants
     outs = set()
     for r, (p, params) in zip(reqs, items):
         ref = generate(model, [p], GenerationConfig(**params, stop_at_eos=True))
@@ -98,9 +99,9 @@ def test_fused_extras_decode_matches_exact(model):
             assert close_logprobs(f.state.token_logprobs[:n], e.state.token_logprobs[:n], LOGPROB_ATOL), params
 
 
-def test_smoothing_and_filters_still_fall_back(model):
-    """The extras no captured variant computes (smoothing's soft inputs, T > 0 filters) run eagerly, counted."""
-    items = specs([dict(threshold=0.6, smoothing=True), dict(temperature=0.8, top_k=3)], 2, seed=5)
+def test_sampled_steps_still_fall_back(model):
+    """Sampled steps (T > 0, with or without filters) are not captured: they run eagerly, counted."""
+    items = specs([dict(temperature=0.8, top_k=3, top_p=0.9), dict(temperature=0.5, logprobs=1)], 2, seed=5)
     eng, reqs = run(model, items, "exact")
     assert eng.runner.stats["eager_reuse"] > 0
     for r, (p, params) in zip(reqs, items):
