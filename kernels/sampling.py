@@ -22,9 +22,14 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
   as vLLM / HF apply them: on the tempered distribution ``softmax(l / T)``, top-k first, top-p on the
   renormalised survivors (smallest prefix of the sorted probabilities reaching ``top_p``), min-p relative to
   the most likely token; the token is Gumbel-max over the survivors with the same hash noise, so a filter
-  that keeps everything changes nothing. At T = 0 filters are skipped (each always keeps the argmax). Filtered
-  rows need every logit of a row at once: only then is [C, N, V] formed (float64; a batch at T > 0 where some
-  row filters, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of exact filters, paid only then).
+  that keeps everything changes nothing. At T = 0 filters are skipped (each always keeps the argmax).
+  Candidates (vLLM's and SGLang's top-k-first sampling): when every filtering row has a top-k of at most
+  ``FILTER_CANDIDATES`` (and no credit), the survivors are among the row's top-k logits, so the one chunked
+  sweep keeps each row's ``FILTER_CANDIDATES`` largest logits beside its logsumexp, and top-k / top-p / min-p
+  and the Gumbel-max (the same hash noise, drawn at the candidates' ids) run over those: the same tokens and
+  confidences as the full path, no [N, V] tensor, no vocabulary sort. Otherwise (top-p or min-p without a
+  top-k, a larger top-k, or credit) filtered rows need every logit of a row at once: only then is [C, N, V]
+  formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then).
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
+FILTER_CANDIDATES = 64       # top-k filters up to this k sample over the sweep's top candidates
 
 
 def hash_noise(seeds: torch.Tensor, cols: torch.Tensor, vocab: int, dtype=torch.float64) -> torch.Tensor:
@@ -79,14 +85,23 @@ def filter_mask(scaled: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 
 def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int = 0,
                     logprobs: bool = False, entropy: bool = False, credit=None, soft=None, filters=None,
-                    filtered_conf: bool = False, acc: torch.dtype = torch.float64) -> dict:
+                    filtered_conf: bool = False, acc: torch.dtype = torch.float64,
+                    candidates: bool | None = None) -> dict:
     """h [B, N, d] rows, w [>=V, d] head -> {"tokens", "confidence", and the asked extras} (see the module).
 
     ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float); ``filters``:
     (top_k [C], top_p [C], min_p [C]) or None; ``filtered_conf``: with filters at T > 0 the confidence is the
     token's probability under the filtered, tempered distribution (renormalised over the survivors: LLaDA2's
-    and SDAR's samplers) instead of the unfiltered one. Without extras this is ``decode_rows`` itself."""
+    and SDAR's samplers) instead of the unfiltered one. ``candidates``: filter over the sweep's top candidates
+    (True; the caller checked ``candidates_cover``), the full logits (False), or decide here (None: reads the
+    filters on the host). Without extras this is ``decode_rows`` itself."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
+    if filters is not None and sampling and credit is None and (candidates if candidates is not None
+                                                                 else candidates_cover(*filters, filtered_conf)):
+        out = _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                                 topk=topk, logprobs=logprobs, entropy=entropy, soft=soft, filters=filters,
+                                 filtered_conf=filtered_conf, acc=acc)
+        return {k: v for k, v in out.items() if not k.startswith("_")}
     if filters is not None and sampling:
         out = _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                            logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
@@ -186,7 +201,7 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
     # exp(l - m) / s as decode_rows computes it: a row without credit (alpha 0 adds exactly 0.0) gets
     # decode_rows' confidence bit for bit, whatever else its batch asks for
     out["tokens"], out["confidence"] = tok, torch.exp(l_tok - st["bm"]) / den
-    out["_bm"], out["_den"] = st["bm"], den
+    out["_bm"], out["_den"], out["_lse"] = st["bm"], den, lse
     if logprobs:
         # the chosen token's raw logit: the sweep's (credit's own-step bonus may switch it to the raw top-1),
         # so a row's logprob is the same whether or not its batch carries credit
@@ -195,7 +210,7 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
     if entropy:
         out["entropy"] = lse - st["a"] / st["s"]
     if topk:
-        out["topk_ids"], out["topk_logprobs"] = top_i, top_v - lse[..., None]
+        out["topk_ids"], out["topk_logprobs"], out["_topv"] = top_i, top_v - lse[..., None], top_v
     if soft is not None:
         out["soft"] = st["sa"] / st["ss"][..., None]
     return out
@@ -218,6 +233,57 @@ def _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc):
     l_tok = torch.where(take, lt + b_new, st["blb"])
     den = st["bs"] + torch.exp(lt - st["bm"]) * (torch.exp(b_new) - torch.exp(b_old))   # alpha 0: + 0.0
     return tok, l_tok, den
+
+
+def candidates_cover(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                     filtered_conf: bool = False) -> bool:
+    """Whether every row's filters keep only ids among its ``FILTER_CANDIDATES`` largest logits: a top-k of at
+    most that many, or no filter at all (plain Gumbel-max over the sweep; not with ``filtered_conf``, whose
+    confidence is then over the whole tempered vocabulary). Reads the [C] filters on the host."""
+    k, p, m = top_k.cpu(), top_p.cpu(), min_p.cpu()
+    off = (k == 0) & (p >= 1.0) & (m <= 0.0) & (not filtered_conf)
+    return bool((((k > 0) & (k <= FILTER_CANDIDATES)) | off).all())
+
+
+def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
+                       soft, filters, filtered_conf, acc):
+    """Filters over each row's top ``FILTER_CANDIDATES`` logits (``candidates_cover`` holds): one chunked
+    sweep (Gumbel-max over the whole vocabulary for rows without a filter), then per filtering row top-k,
+    top-p over the renormalised survivors, min-p, and the Gumbel-max over the survivors (noise at their ids)."""
+    kc = min(FILTER_CANDIDATES, vocab)
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                          topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None, soft=soft, acc=acc)
+    lv, ci = out["_topv"][..., :kc], out["topk_ids"][..., :kc]                  # [C, N, kc] logits (sorted)
+    lse = out["_lse"]                                                            # [C, N]
+    top_k, top_p, min_p = filters
+    on = ~((top_k == 0) & (top_p >= 1.0) & (min_p <= 0.0))                       # [C] rows that filter
+    scaled = lv / temp
+    rank = torch.arange(kc, device=lv.device)
+    keep = (rank < torch.where(top_k > 0, top_k, torch.full_like(top_k, kc))[:, None, None]).expand_as(lv).clone()
+    p = torch.softmax(torch.where(keep, scaled, torch.full_like(scaled, float("-inf"))), -1)
+    keep &= (p.cumsum(-1) - p) < top_p.to(p.dtype)[:, None, None]               # mass strictly before
+    keep[..., 0] = True
+    keep &= p >= min_p.to(p.dtype)[:, None, None] * p[..., :1]
+    g = torch.log(-torch.log(hash_noise(seeds, ci, vocab, acc)))
+    j = torch.where(keep, lv - temp * g, torch.full_like(lv, float("-inf"))).argmax(-1, keepdim=True)
+    tok, lt = ci.gather(-1, j)[..., 0], lv.gather(-1, j)[..., 0]                # [C, N]
+    if filtered_conf:
+        kept = torch.where(keep, scaled, torch.full_like(scaled, float("-inf")))
+        conf = torch.exp(scaled.gather(-1, j)[..., 0] - torch.logsumexp(kept, -1))
+    else:
+        conf = torch.exp(lt - out["_bm"]) / out["_den"]
+    sel = on[:, None]
+    out["tokens"] = torch.where(sel, tok, out["tokens"])
+    out["confidence"] = torch.where(sel, conf, out["confidence"])
+    if logprobs:
+        out["logprob"] = torch.where(sel, lt - lse, out["logprob"])
+    else:
+        del out["logprob"]
+    if topk:
+        out["topk_ids"], out["topk_logprobs"] = out["topk_ids"][..., :topk], out["topk_logprobs"][..., :topk]
+    else:
+        del out["topk_ids"], out["topk_logprobs"]
+    return out
 
 
 def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,

@@ -274,6 +274,43 @@ def test_top_k_top_p_min_p_match_plain_torch_at_fixed_seeds(rows):
     assert torch.equal(outs[0][2], l[2].argmax(-1))          # top_k = 1 is greedy
 
 
+@pytest.mark.parametrize("filtered_conf", [False, True])
+def test_top_k_filters_over_candidates_match_plain_torch(monkeypatch, filtered_conf):
+    """Top-k filters (k <= FILTER_CANDIDATES, with top-p / min-p on top) sample over the sweep's candidates,
+    never forming [N, V] logits: tokens equal the full-vocabulary transcription, confidences and logprobs too;
+    a row without filters is the plain Gumbel-max (not with filtered_conf: every row then filters)."""
+    from dlc.kernels import sampling as S
+    g = torch.Generator().manual_seed(4)
+    V, d = 3000, 16
+    h, w = torch.randn(4, 6, d, generator=g), torch.randn(V, d, generator=g) * 0.5
+    cr, ur, cw, _ = _args(h)
+    cr = ur = torch.arange(4)
+    seeds = torch.tensor([11, 22, 33, 44])
+    l, T = _plain_logits(h, w), 1.3
+    f = (torch.tensor([S.FILTER_CANDIDATES, 5, 1, 0 if not filtered_conf else 40]),
+         torch.tensor([0.6, 1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.1, 0.0, 0.0],
+                                                                                dtype=torch.float64))
+    assert S.candidates_cover(*f, filtered_conf)
+    monkeypatch.setattr(S, "_decode_full", lambda *a, **k: pytest.fail("formed [N, V] logits"))
+    out = decode_rows_ext(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=700, filters=f, logprobs=True, topk=2,
+                          filtered_conf=filtered_conf)
+    tok = filter_reference(l, T, *f, seeds, V)
+    assert torch.equal(out["tokens"], tok)
+    lsm = torch.log_softmax(l, -1)
+    torch.testing.assert_close(out["logprob"], lsm.gather(-1, tok[..., None])[..., 0], rtol=0, atol=1e-12)
+    if filtered_conf:                       # probability under the filtered, tempered distribution
+        keep = S.filter_mask(l / T, *f)
+        kept = torch.where(keep, l / T, torch.full_like(l, NEG))
+        conf = torch.exp((l / T).gather(-1, tok[..., None])[..., 0] - torch.logsumexp(kept, -1))
+    else:
+        conf = lsm.exp().gather(-1, tok[..., None])[..., 0]
+    torch.testing.assert_close(out["confidence"], conf, rtol=0, atol=1e-12)
+    plain = decode_rows(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=V, topk=0)[0]
+    assert not torch.equal(tok[:3], plain[:3])                  # the filters decide
+    assert filtered_conf or torch.equal(tok[3], plain[3])
+    assert not S.candidates_cover(torch.tensor([0]), torch.tensor([0.9]), torch.tensor([0.0]))   # top-p alone
+
+
 # ------------------------------------------------------------------------------ whole generations
 @pytest.fixture(scope="module")
 def model():
