@@ -13,13 +13,20 @@ width) and replays it:
 * decoding inside the graph: ``fused`` (``dlc.kernels.fused_select_logits``: no [B, N, V] logits, float32
   confidence; the GPU default) or ``exact`` (the eager runner's float64 ``decode_rows``, so tokens equal
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
+* decoding extras (issue 18): a batch that wants them replays a variant of its bucket's step captured for
+  that combination (``_extras_key``: entropy, logprobs k, credit, smoothing, sampling, filters; captured on
+  first use, the plain step untouched). At T = 0 ``fused`` computes entropy, logprobs and the credit-fused
+  selection in the selected-row logits kernel's one vocab sweep (``dlc.kernels.fused_select_extras``);
+  smoothing's soft embedding and ``exact`` decode with ``decode_rows_ext``. Credit and smoothing inputs,
+  temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
+  float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
+  filters over the sweep's candidates (``sampling.candidates_cover``);
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
-  Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance,
-  temperature > 0 (the fused kernel's noise is not the eager runner's hash, so sampled tokens would differ
-  between the paths), fed widths over ``max_width``, batches over the largest bucket, caches that are not the
-  bound pool, and batches that want decoding extras (``StepBatch.wants_extras``: entropy, logprobs, sampling
-  filters, credit, smoothing). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing
-  from a runner (the decoding core draws it).
+  Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
+  widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
+  decoding no variant holds (top-p / min-p without a top-k, filters with credit, tempered confidences of
+  block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
+  runner (the decoding core draws it).
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
@@ -48,7 +55,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from dlc.kernels.logits import decode_rows
-from dlc.kernels.sampling import decode_rows_ext
+from dlc.kernels.sampling import candidates_cover, decode_rows_ext
 from dlc.models.common import KVCache, fuse_projections_
 
 from dlc.models.sparse_heads import kept_counts
@@ -81,6 +88,8 @@ class _Graph:
     ex: tuple = ()
     credit: tuple | None = None         # (ids [bb, N, M] int64, vals [bb, N, M] float64, alpha [bb] float64)
     embed: torch.Tensor | None = None   # smoothing: [bb, T, d] added to the fed columns' input embedding
+    sampling: tuple | None = None       # T > 0: (temperature [1] float64, seeds [bb] int64)
+    filters: tuple | None = None        # (top_k [bb] int64, top_p [bb] float64, min_p [bb] float64)
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
     extras: dict | None = None          # the variant's static extras outputs ([bb, N] / [bb, N, k])
@@ -172,12 +181,20 @@ class GraphRunner(EagerRunner):
 
     @staticmethod
     def _extras_key(batch: StepBatch) -> tuple | None:
-        """The captured variant a batch's decoding extras replay: () for none; else (entropy, logprobs k or -1,
-        credit width M, smoothing tau or 0.0), one variant per combination, captured on first use. None where
-        the step stays eager: sampling filters (T > 0 is eager anyway), a soft input without a soft output."""
-        if not batch.wants_extras():
+        """The captured variant a batch replays: () for a plain T = 0 step; else (entropy, logprobs k or -1,
+        credit width M, smoothing tau or 0.0, sampled, filtered), one variant per combination, captured on
+        first use. None where the step stays eager: sampling filters the candidates do not cover
+        (``sampling.candidates_cover``: top-p / min-p without a top-k, a top-k over 64, filters with credit;
+        reads the [B] filters on the host), tempered confidences (block decoders), a soft input without a soft
+        output."""
+        sampled = batch.temperature > 0
+        if not batch.wants_extras() and not sampled:
             return ()
-        if batch.top_k is not None or (batch.embed_delta is not None and batch.soft_tau is None):
+        if (batch.embed_delta is not None and batch.soft_tau is None) or (sampled and batch.tempered_conf):
+            return None
+        filtered = batch.top_k is not None
+        if filtered and (batch.credit_ids is not None or not candidates_cover(batch.top_k, batch.top_p,
+                                                                              batch.min_p)):
             return None
         M = 0
         if batch.credit_ids is not None:
@@ -185,13 +202,13 @@ class GraphRunner(EagerRunner):
             if batch.credit_ids.shape[-1] > M:
                 return None
         return (bool(batch.entropy), -1 if batch.logprobs is None else int(batch.logprobs), M,
-                float(batch.soft_tau or 0.0))
+                float(batch.soft_tau or 0.0), sampled, filtered)
 
-    def _eligible(self, batch: StepBatch) -> bool:
+    def _eligible(self, batch: StepBatch, ex: tuple | None) -> bool:
         c = batch.cache
-        # sampled steps (T > 0) and the extras the captured variants lack (``_extras_key``) run eagerly
+        # ``ex``: the batch's ``_extras_key`` (None: decoding the captured variants lack, eager)
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
-                and batch.temperature == 0 and self._extras_key(batch) is not None
+                and ex is not None
                 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
                 and not batch.block_size                                     # block-causal: eager path
                 and batch.width <= self.pool.s_max
@@ -219,6 +236,13 @@ class GraphRunner(EagerRunner):
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
                    meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(), ex=ex)
         g.key_mask[:, :T] = True
+        if ex and ex[4]:                               # sampled: temperature, seeds, filters (padding: off)
+            g.sampling = (torch.ones(1, dtype=torch.float64, device=dev), torch.zeros(bb, dtype=torch.long,
+                                                                                      device=dev))
+            if ex[5]:
+                g.filters = (torch.zeros(bb, dtype=torch.long, device=dev),
+                             torch.ones(bb, dtype=torch.float64, device=dev),
+                             torch.zeros(bb, dtype=torch.float64, device=dev))
         if ex and ex[3]:                               # smoothing's soft inputs: none until staged
             g.embed = torch.zeros(bb, T, self.config.d_model, dtype=self.dtype, device=dev)
         if ex and ex[2]:                               # credit inputs: neutral (alpha 0) until staged
@@ -271,32 +295,35 @@ class GraphRunner(EagerRunner):
         h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start, embed_add=g.embed)  # [bb, T, d]
         rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
         if g.ex:
-            return self._decode_extras(rows, g.ex, g.credit)
+            return self._decode_extras(rows, g.ex, g.credit, g.sampling, g.filters)
         if self.decoding == "exact":
             return self._exact(rows)
         from dlc.kernels import fused_select_logits
         tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self.model.head_weight())
         return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
 
-    def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None) -> dict:
-        """Rows [B, N, d] at T = 0 with the extras ``ex`` (``_extras_key``) -> decode_rows_ext's dict:
-        ``exact``: the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's); ``fused``: the
-        selected-row logits kernel with the extras in its one vocab sweep (``fused_select_extras``), or with
-        smoothing (its soft embedding is a second GEMM over the vocabulary, which the kernel does not hold)
-        ``decode_rows_ext`` in float32."""
-        entropy, k, M, tau = ex
+    def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None, sampling: tuple | None = None,
+                       filters: tuple | None = None) -> dict:
+        """Rows [B, N, d] with the extras ``ex`` (``_extras_key``) -> decode_rows_ext's dict. ``exact``, and
+        every sampled step (T > 0: ``sampling`` = (temperature [1], seeds [B]); ``filters`` over the sweep's
+        candidates): the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's: the same hash
+        noise); ``fused`` at T = 0: the selected-row logits kernel with the extras in its one vocab sweep
+        (``fused_select_extras``), or with smoothing (its soft embedding is a second GEMM over the vocabulary,
+        which the kernel does not hold) ``decode_rows_ext`` in float32."""
+        entropy, k, M, tau, sampled, _ = ex
         topk = max(k, 0)
         B, N = rows.shape[:2]
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]
-        if self.decoding == "exact" or tau:
+        if self.decoding == "exact" or tau or sampled:
             ar = torch.arange(B, device=rows.device)
             one = torch.ones(1, dtype=rows.dtype, device=rows.device)
             soft = (self.model.embed.weight[:V], tau) if tau else None
-            return decode_rows_ext(rows, head, ar, ar, one, 0.0, torch.zeros_like(ar), vocab=V,
-                                   chunk=VOCAB_CHUNK, topk=topk, logprobs=k >= 0, entropy=entropy,
-                                   credit=credit, soft=soft,
-                                   acc=torch.float64 if self.decoding == "exact" else torch.float32)
+            temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
+            exact = self.decoding == "exact" or sampled
+            return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK, topk=topk,
+                                   logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft, filters=filters,
+                                   acc=torch.float64 if exact else torch.float32, candidates=True)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
                                            credit[2].repeat_interleave(N))
@@ -315,7 +342,7 @@ class GraphRunner(EagerRunner):
         """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, extras (if any) that the
         fused sweep computes."""
         return (self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs
-                and self._extras_key(b) is not None)
+                and self._extras_key(b) is not None)                   # T = 0: no host reads
 
     def _fused(self, rows: list[torch.Tensor]) -> list:
         """Rows [B_i, N_i, d] of one or more parts through the Triton selected-row logits in one pass over the
@@ -342,9 +369,10 @@ class GraphRunner(EagerRunner):
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
-        if self._eligible(batch):
+        ex = self._extras_key(batch)
+        if self._eligible(batch, ex):
             t0, c0 = time.perf_counter(), self.stats["capture_s"]
-            res = self._replay(batch)
+            res = self._replay(batch, ex)
             # host time, a first call's capture excluded
             self.stats["replays"] += 1
             self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
@@ -352,19 +380,20 @@ class GraphRunner(EagerRunner):
         self.stats["eager_reuse"] += 1
         return super().reuse(batch)
 
-    def _replay(self, batch: StepBatch):
+    def _replay(self, batch: StepBatch, ex: tuple):
         B = batch.n_seqs
-        g = self._stage(batch)
+        g = self._stage(batch, ex)
         tok, conf = self._launch(g)
         if not g.ex:
             return tok[:B].clone(), conf[:B].to(torch.float64)
         return StepOutput(tok[:B].clone(), conf[:B].to(torch.float64),
                           **{k: v[:B].clone() for k, v in g.extras.items()})
 
-    def _stage(self, batch: StepBatch) -> _Graph:
-        """Copy the batch's rows into its bucket's static inputs (capturing the bucket on first use)."""
+    def _stage(self, batch: StepBatch, ex: tuple = ()) -> _Graph:
+        """Copy the batch's rows into its bucket's static inputs (capturing the bucket's variant ``ex`` on
+        first use)."""
         B, T, N, W, S = batch.n_seqs, batch.n_fed, batch.n_out, batch.width, self.pool.s_max
-        g = self._graph(self.bucket(B), T, N, self._extras_key(batch))
+        g = self._graph(self.bucket(B), T, N, ex)
         m = g.meta_host                                                           # [4, bb] on the host
         m[0, :B] = batch.slots
         m[1, :B] = batch.q_start
@@ -377,6 +406,8 @@ class GraphRunner(EagerRunner):
         g.meta.copy_(m, non_blocking=True)
         if g.credit is not None:
             self._stage_credit(g, batch, B)
+        if g.sampling is not None:
+            self._stage_sampling(g, batch, B)
         if g.embed is not None:                        # smoothing: the fed span's input delta, padding none
             add = embed_add(batch, T, batch.q_start_dev, g.embed.dtype)
             if add is None:
@@ -396,6 +427,18 @@ class GraphRunner(EagerRunner):
             g.key_mask[B:g.rows_used, :T] = True
         g.rows_used = B
         return g
+
+    @staticmethod
+    def _stage_sampling(g: _Graph, batch: StepBatch, B: int) -> None:
+        """T > 0: the temperature, the rows' seeds and filters; padding rows seed 0, no filter."""
+        temp, seeds = g.sampling
+        temp.fill_(batch.temperature)
+        seeds[:B].copy_(batch.seeds)
+        seeds[B:] = 0
+        if g.filters is not None:
+            for buf, src, off in zip(g.filters, (batch.top_k, batch.top_p, batch.min_p), (0, 1.0, 0.0)):
+                buf[:B].copy_(src)
+                buf[B:] = off
 
     @staticmethod
     def _stage_credit(g: _Graph, batch: StepBatch, B: int) -> None:
@@ -430,7 +473,8 @@ class GraphRunner(EagerRunner):
 
     # -- steps ahead of the host (step.LookaheadRunner) --------------------------------------------------
     def can_run_ahead(self, batch: StepBatch) -> bool:
-        return batch.phase == "reuse" and not batch.wants_extras() and self._eligible(batch)
+        return (batch.phase == "reuse" and batch.temperature == 0 and not batch.wants_extras()
+                and self._eligible(batch, ()))
 
     @torch.no_grad()
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):

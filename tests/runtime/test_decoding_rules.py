@@ -475,8 +475,8 @@ def test_engine_equals_generate_with_every_rule_in_mixed_batches(model, graphs):
         assert r.finish_reason in ("stop", "length") and r.output_ids == ref, params
         outs.add(tuple(r.output_ids))
     assert len(outs) > 6
-    if graphs:       # plain rows replay graphs in their own groups; rows with extras run eagerly
-        assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] > 0
+    if graphs:       # every rule's Reuse steps replay captured variants (tests/runtime/test_graph_extras.py)
+        assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] == 0
 
 
 @pytest.mark.parametrize("rule", [dict(threshold=0.99, credit=True, smoothing=True, logprobs=1),
@@ -540,9 +540,10 @@ def test_restart_block_rewinds_the_rule_state():
 
 
 def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
-    """One sampled request with filters among plain ones (T > 0: not captured): the engine gives it its own
-    group (eager), the others still replay their captured Reuse steps; every output equals generate() alone.
-    (Entropy, credit, logprobs, smoothing replay variants of their own: tests/runtime/test_graph_extras.py.)"""
+    """One request whose decoding no captured variant holds (top-p sampling without a top-k) among plain ones:
+    the engine gives it its own group (eager), the others still replay their captured Reuse steps; every
+    output equals generate() alone. (Entropy, credit, logprobs, smoothing and top-k sampling replay variants of
+    their own: tests/runtime/test_graph_extras.py.)"""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.runners.eager import EagerRunner
@@ -551,7 +552,7 @@ def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
     eng = Engine(sess, ServeConfig(model="tiny-llada", max_seq_len=64, kv_cache_mb=16, max_num_tokens=512,
                                    cuda_graphs=True, graph_decode="exact"))
     base = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
-    specs = [([5, 6, 7, i], {**base, **({"temperature": 0.7, "top_k": 5} if i == 0 else {})}) for i in range(4)]
+    specs = [([5, 6, 7, i], {**base, **({"temperature": 0.7, "top_p": 0.8} if i == 0 else {})}) for i in range(4)]
     reqs = [eng.make_request(p, params) for p, params in specs]
     for r in reqs:
         eng.add_request(r)

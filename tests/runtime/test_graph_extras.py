@@ -1,6 +1,7 @@
 """GraphRunner's captured Reuse variants with decoding extras (issue 18): entropy-bounded, credit, logprobs and
 iteration-smoothing batches replay their own graph variant (``stats["eager_reuse"]`` stays 0) instead of falling back to the eager
-runner, and decode exactly as the eager runner does (``exact``) or within the fused kernel's float32 (``fused``).
+runner, and decode exactly as the eager runner does (``exact``, and every sampled step) or within the fused
+kernel's float32 (``fused`` at T = 0).
 
 On CPU the graph path runs without capture (the static buffers, bucket padding and staging are the same code);
 the GPU test at the end captures. A decisive tiny model (head scaled) makes the rules' choices vary."""
@@ -99,12 +100,25 @@ def test_fused_extras_decode_matches_exact(model):
             assert close_logprobs(f.state.token_logprobs[:n], e.state.token_logprobs[:n], LOGPROB_ATOL), params
 
 
-def test_sampled_steps_still_fall_back(model):
-    """Sampled steps (T > 0, with or without filters) are not captured: they run eagerly, counted."""
-    items = specs([dict(temperature=0.8, top_k=3, top_p=0.9), dict(temperature=0.5, logprobs=1)], 2, seed=5)
-    eng, reqs = run(model, items, "exact")
-    assert eng.runner.stats["eager_reuse"] > 0
+def test_sampled_steps_replay_and_equal_generate(model):
+    """T > 0 (plain sampling, top-k filters with top-p / min-p on top, with extras) replays captured variants
+    decoding as the eager runner (float64, the same hash noise): tokens equal generate(); filters the top-k
+    candidates do not cover (top-p alone) still run eagerly, counted."""
+    rules = [dict(temperature=0.8), dict(temperature=4.0, top_k=2, top_p=0.9),
+             dict(temperature=1.2, top_k=4, min_p=0.05, logprobs=2, entropy_bound=1.0),
+             dict(temperature=0.6, threshold=0.6, credit=True, smoothing=True)]
+    items = specs(rules, 8, seed=5)
+    eng, reqs = run(model, items, "fused")
+    assert eng.runner.stats["eager_reuse"] == 0 and any(len(k) == 4 and k[3][4] for k in eng.runner.graphs)
+    outs = set()
     for r, (p, params) in zip(reqs, items):
+        assert r.output_ids == generate(model, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+        outs.add(tuple(r.output_ids))
+    assert len(outs) > 5
+    top_p = specs([dict(temperature=0.8, top_p=0.7)], 2, seed=6)
+    eng, reqs = run(model, top_p, "exact")
+    assert eng.runner.stats["eager_reuse"] > 0
+    for r, (p, params) in zip(reqs, top_p):
         assert r.output_ids == generate(model, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
 
 
