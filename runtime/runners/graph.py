@@ -384,7 +384,7 @@ class GraphRunner(EagerRunner):
         B = batch.n_seqs
         g = self._stage(batch, ex)
         tok, conf = self._launch(g)
-        if not g.ex:
+        if not batch.wants_extras():                   # plain (x0, conf), sampled steps too
             return tok[:B].clone(), conf[:B].to(torch.float64)
         return StepOutput(tok[:B].clone(), conf[:B].to(torch.float64),
                           **{k: v[:B].clone() for k, v in g.extras.items()})
