@@ -10,7 +10,8 @@ extras), apply ms (host selection + state update), total and the ratio to low-co
 Rows:
 
 * ``graph`` (default): every rule through the CUDA-graph runner, the serving default (``--graph-decode``:
-  ``fused``, the serving default on a GPU; ``exact``: float64 decoding, tokens equal the eager runner's). Rules
+  ``fused``, the serving default on a GPU; ``exact``: float64 decoding, tokens equal the eager runner's).
+  Rules
   with decoding extras (entropy_bound, credit, logprobs, smoothing) replay their own captured variant
   (issue 18); ``eager_reuse`` counts the steps that still fell back to the eager runner (sampled steps, T > 0:
   the filters row), and such a row says so;
@@ -104,7 +105,8 @@ def time_rule(runner, B, params, args, dev) -> dict:
             t_run += t1 - t0
             t_apply += t2 - t1
     n = args.iters
-    out = {"runner_ms": 1e3 * t_run / n, "apply_ms": 1e3 * t_apply / n, "total_ms": 1e3 * (t_run + t_apply) / n}
+    out = {"runner_ms": 1e3 * t_run / n, "apply_ms": 1e3 * t_apply / n,
+           "total_ms": 1e3 * (t_run + t_apply) / n}
     if "eager_reuse" in stats:                 # graph runner: Reuse steps of this rule that ran eagerly
         out["eager_reuse"] = stats["eager_reuse"] - eager0
     return out
@@ -152,8 +154,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         note = f" ({r['eager_reuse']} eager steps)" if r.get("eager_reuse") else ""
-        print(f"| {r['runner']} | {r['B']} | {r['rule']}{note} | {r['runner_ms']:.2f} | {r['apply_ms']:.2f} | "
-              f"{r['total_ms']:.2f} | {100 * (r['vs_low_confidence'] - 1):+.1f}% | {r['target']} |", flush=True)
+        print(f"| {r['runner']} | {r['B']} | {r['rule']}{note} | {r['runner_ms']:.2f} | "
+              f"{r['apply_ms']:.2f} | {r['total_ms']:.2f} | {100 * (r['vs_low_confidence'] - 1):+.1f}% | "
+              f"{r['target']} |", flush=True)
 
 
 def make_runners(model, args) -> dict:

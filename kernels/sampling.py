@@ -96,8 +96,9 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     (True; the caller checked ``candidates_cover``), the full logits (False), or decide here (None: reads the
     filters on the host). Without extras this is ``decode_rows`` itself."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
-    if filters is not None and sampling and credit is None and (candidates if candidates is not None
-                                                                 else candidates_cover(*filters, filtered_conf)):
+    if candidates is None and filters is not None and sampling and credit is None:
+        candidates = candidates_cover(*filters, filtered_conf)
+    if filters is not None and sampling and credit is None and candidates:
         out = _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
                                  topk=topk, logprobs=logprobs, entropy=entropy, soft=soft, filters=filters,
                                  filtered_conf=filtered_conf, acc=acc)
@@ -249,7 +250,8 @@ def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, c
                        soft, filters, filtered_conf, acc):
     """Filters over each row's top ``FILTER_CANDIDATES`` logits (``candidates_cover`` holds): one chunked
     sweep (Gumbel-max over the whole vocabulary for rows without a filter), then per filtering row top-k,
-    top-p over the renormalised survivors, min-p, and the Gumbel-max over the survivors (noise at their ids)."""
+    top-p over the renormalised survivors, min-p, and the Gumbel-max over the survivors (noise at their
+    ids)."""
     kc = min(FILTER_CANDIDATES, vocab)
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
                           topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None, soft=soft, acc=acc)
@@ -259,7 +261,8 @@ def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, c
     on = ~((top_k == 0) & (top_p >= 1.0) & (min_p <= 0.0))                       # [C] rows that filter
     scaled = lv / temp
     rank = torch.arange(kc, device=lv.device)
-    keep = (rank < torch.where(top_k > 0, top_k, torch.full_like(top_k, kc))[:, None, None]).expand_as(lv).clone()
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, kc))[:, None, None]            # [C, 1, 1]
+    keep = (rank < k).expand_as(lv).clone()                                      # [C, N, kc]
     p = torch.softmax(torch.where(keep, scaled, torch.full_like(scaled, float("-inf"))), -1)
     keep &= (p.cumsum(-1) - p) < top_p.to(p.dtype)[:, None, None]               # mass strictly before
     keep[..., 0] = True

@@ -3,7 +3,8 @@ credit and logprobs rules need, without a second pass over the LM head and witho
 
 ``fused_select_extras(hidden [R, d], weight [V, d], entropy, topk, credit)`` decodes R rows at T = 0 as
 ``fused_select_logits`` does (token = argmax, confidence = its softmax probability, float32) and returns
-besides, from the same tiles of logits (``logits._select_logits_kernel`` with its extras switched on):
+besides, from the same tiles of logits (``logits._select_extras_kernel``: the plain kernel's sweep with these
+outputs; a kernel of its own so that the plain one, which compiled programs trace, keeps its signature):
 
 * ``entropy`` [R]: the Shannon entropy (nats) of softmax(l), online: per row a running max m, Z = sum
   e^(l - m) and S = sum e^(l - m) (l - m), each moved to a new max as the sweep finds one; H = log Z - S / Z;
@@ -39,15 +40,16 @@ def select_extras_reference(hidden, weight, entropy: bool, topk: int, credit_ids
     if credit_ids is not None:
         credit = (credit_ids[:, None], credit_vals[:, None], credit_alpha)
     one = torch.ones(1, dtype=hidden.dtype, device=hidden.device)
-    out = decode_rows_ext(hidden[:, None], weight, ar, ar, one, 0.0, torch.zeros_like(ar), vocab=weight.shape[0],
-                          chunk=L.REF_CHUNK, topk=topk, logprobs=True, entropy=entropy, credit=credit, acc=acc)
+    out = decode_rows_ext(hidden[:, None], weight, ar, ar, one, 0.0, torch.zeros_like(ar),
+                          vocab=weight.shape[0], chunk=L.REF_CHUNK, topk=topk, logprobs=True, entropy=entropy,
+                          credit=credit, acc=acc)
     return {k: v[:, 0] for k, v in out.items()}
 
 
 def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=None, credit_vals=None,
                          credit_alpha=None, BN=None, BV=128, BD=64, num_warps=4, num_stages=3,
                          programs_per_sm=4) -> dict:
-    """One launch of the selected-row logits kernel with the extras on, then the splits' reduction."""
+    """One launch of ``logits._select_extras_kernel``, then the splits' reduction."""
     N, D = hidden.shape
     V = weight.shape[0]
     BN, BV, n_split, cols = L.plan(N, V, L._sm_count(hidden.device), BN, BV, programs_per_sm)
@@ -55,7 +57,7 @@ def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=No
 
     def part(dt=torch.float32, *extra):
         return torch.empty((N, n_split, *extra), dtype=dt, device=dev)
-    pm, ps, pb, pl = part(), part(), part(), part()
+    pm, ps, pb = part(), part(), part()
     pi = part(torch.int32)
     credit = credit_ids is not None
     kpad = 1 << max(0, (topk - 1).bit_length()) if topk else 1
@@ -64,16 +66,15 @@ def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=No
     pr1 = part(torch.int32) if credit else None
     ptv, pti = (part(torch.float32, kpad), part(torch.int32, kpad)) if topk else (None, None)
     grid = (-(-N // BN) * n_split,)
-    launch(L._select_logits_kernel)[grid](
-        hidden, weight, hidden, hidden, hidden, pm, ps, pb, pi, pl, N, V, D, n_split, cols,
-        hidden.stride(0), weight.stride(0), hidden.stride(0), 0.0, 0,
-        SAMPLE=False, HAS_NOISE=False, TEMP_PTR=False, HAS_KEYS=False, IEEE=hidden.dtype == torch.float32,
-        BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages,
-        PE=pe, PRM=prm, PRS=prs, PR1=pr1, PR1L=pr1l, PBR=pbr, PTV=ptv, PTI=pti,
-        CI=credit_ids, CV=credit_vals, CA=credit_alpha, M=credit_ids.shape[1] if credit else 0,
-        stride_c=credit_ids.stride(0) if credit else 0,
-        ENTROPY=entropy, CREDIT=credit, TOPK=topk, KPAD=kpad)
-    return _combine_extras(pm, ps, pb, pi, pl, pe, prm, prs, pr1, pr1l, pbr, ptv, pti, topk,
+    opt = [pm if t is None else t for t in (pe, prm, prs, pr1, pr1l, pbr, ptv, pti, credit_ids, credit_vals,
+                                            credit_alpha)]          # pointers not asked for: any tensor
+    launch(L._select_extras_kernel)[grid](
+        hidden, weight, pm, ps, pb, pi, *opt, N, V, D, n_split, cols,
+        hidden.stride(0), weight.stride(0), credit_ids.shape[1] if credit else 0,
+        credit_ids.stride(0) if credit else 0,
+        IEEE=hidden.dtype == torch.float32, ENTROPY=entropy, CREDIT=credit, TOPK=topk, KPAD=kpad,
+        BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages)
+    return _combine_extras(pm, ps, pb, pi, pe, prm, prs, pr1, pr1l, pbr, ptv, pti, topk,
                            (credit_ids, credit_vals, credit_alpha) if credit else None)
 
 
@@ -84,11 +85,12 @@ def _lse_parts(pm, ps):
     return M, (ps * w).sum(1), w
 
 
-def _combine_extras(pm, ps, pb, pi, pl, pe, prm, prs, pr1, pr1l, pbr, ptv, pti, topk, credit) -> dict:
+def _combine_extras(pm, ps, pb, pi, pe, prm, prs, pr1, pr1l, pbr, ptv, pti, topk, credit) -> dict:
+    """The splits' partials [N, n_split] (top lists [N, n_split, KPAD]) -> the op's dict."""
     bm, bs, _ = _lse_parts(pm, ps)                                  # the selection's logits (credit-fused)
     j = pb.argmax(1, keepdim=True)                                  # first max: lowest vocab split
     tok = pi.gather(1, j)[:, 0].to(torch.int64)
-    blb = pl.gather(1, j)[:, 0]
+    blb = pb.gather(1, j)[:, 0]
     if credit is not None:
         rm_p, rs_p = prm, prs
         braw = pbr.gather(1, j)[:, 0]
@@ -163,7 +165,8 @@ def _(hidden, weight, entropy, topk, credit_ids=None, credit_vals=None, credit_a
     c = credit_ids is not None
     return [hidden.new_empty(R, dtype=i), hidden.new_empty(R, dtype=f),
             hidden.new_empty(R, dtype=f) if entropy else e, hidden.new_empty(R, dtype=f),
-            hidden.new_empty(R, topk, dtype=i) if topk else e, hidden.new_empty(R, topk, dtype=f) if topk else e,
+            hidden.new_empty(R, topk, dtype=i) if topk else e,
+            hidden.new_empty(R, topk, dtype=f) if topk else e,
             hidden.new_empty(R, dtype=i) if c else e, hidden.new_empty(R, dtype=f) if c else e]
 
 

@@ -234,7 +234,8 @@ class GraphRunner(EagerRunner):
                    ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
-                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(), ex=ex)
+                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(),
+                   ex=ex)
         g.key_mask[:, :T] = True
         if ex and ex[4]:                               # sampled: temperature, seeds, filters (padding: off)
             g.sampling = (torch.ones(1, dtype=torch.float64, device=dev), torch.zeros(bb, dtype=torch.long,
@@ -302,8 +303,8 @@ class GraphRunner(EagerRunner):
         tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self.model.head_weight())
         return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
 
-    def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None, sampling: tuple | None = None,
-                       filters: tuple | None = None) -> dict:
+    def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None,
+                       sampling: tuple | None = None, filters: tuple | None = None) -> dict:
         """Rows [B, N, d] with the extras ``ex`` (``_extras_key``) -> decode_rows_ext's dict. ``exact``, and
         every sampled step (T > 0: ``sampling`` = (temperature [1], seeds [B]); ``filters`` over the sweep's
         candidates): the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's: the same hash
@@ -321,9 +322,10 @@ class GraphRunner(EagerRunner):
             soft = (self.model.embed.weight[:V], tau) if tau else None
             temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
             exact = self.decoding == "exact" or sampled
-            return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK, topk=topk,
-                                   logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft, filters=filters,
-                                   acc=torch.float64 if exact else torch.float32, candidates=True)
+            return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
+                                   topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
+                                   filters=filters, acc=torch.float64 if exact else torch.float32,
+                                   candidates=True)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
                                            credit[2].repeat_interleave(N))

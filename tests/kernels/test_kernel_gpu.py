@@ -130,7 +130,8 @@ def test_ops_compile_with_inductor_on_gpu():
 EXTRAS_ATOL = 2e-3        # bf16 operands, fp32 sweep, vs the float64 sweep on the same bf16 values
 
 
-@pytest.mark.parametrize("N,V,k,credit", [(32, 126464, 5, True), (1024, 50000, 0, False), (17, 4099, 20, True)])
+@pytest.mark.parametrize("N,V,k,credit", [(32, 126464, 5, True), (1024, 50000, 0, False),
+                                         (17, 4099, 20, True)])
 def test_fused_select_extras_triton_vs_float64(N, V, k, credit):
     """The kernel with its extras on (entropy, top-k logprobs, credit-fused selection) against the float64
     sweep (``select_extras_reference`` in float64) on the same bf16 values."""
@@ -145,7 +146,8 @@ def test_fused_select_extras_triton_vs_float64(N, V, k, credit):
         vals = torch.rand(N, 8, device="cuda", dtype=torch.float64) * 3
         alpha = torch.where(torch.arange(N, device="cuda") % 3 == 0, 0.0, 0.7).double()
         c = (ids, vals, alpha)
-    out = K.fused_select_extras(h, w, entropy=True, topk=k, credit_ids=c[0], credit_vals=c[1], credit_alpha=c[2])
+    out = K.fused_select_extras(h, w, entropy=True, topk=k, credit_ids=c[0], credit_vals=c[1],
+                                credit_alpha=c[2])
     ref = X.select_extras_reference(h.double(), w.double(), True, k, *c, acc=torch.float64)
     assert set(out) == set(ref)
     same = out["tokens"] == ref["tokens"]

@@ -288,7 +288,8 @@ def test_select_extras_reference_against_float64_math():
     fused = l64 + alpha[:, None] * torch.log1p(cred)
     tok_ref = fused.argmax(-1)
     conf_ref = fused.softmax(-1).gather(1, tok_ref[:, None])[:, 0]
-    out = K.fused_select_extras(h, w, entropy=True, topk=k, credit_ids=ids, credit_vals=vals, credit_alpha=alpha)
+    out = K.fused_select_extras(h, w, entropy=True, topk=k, credit_ids=ids, credit_vals=vals,
+                                credit_alpha=alpha)
     ok = _gap_ok(fused)
     assert ok.float().mean() > 0.9 and torch.equal(out["tokens"][ok], tok_ref[ok])
     assert (tok_ref != l64.argmax(-1)).sum() >= 5                    # credit decides: many tokens flip

@@ -1,7 +1,7 @@
-"""GraphRunner's captured Reuse variants with decoding extras (issue 18): entropy-bounded, credit, logprobs and
-iteration-smoothing batches replay their own graph variant (``stats["eager_reuse"]`` stays 0) instead of falling back to the eager
-runner, and decode exactly as the eager runner does (``exact``, and every sampled step) or within the fused
-kernel's float32 (``fused`` at T = 0).
+"""GraphRunner's captured Reuse variants with decoding extras (issue 18): entropy-bounded, credit, logprobs,
+iteration-smoothing and sampled batches replay their own graph variant (``stats["eager_reuse"]`` stays 0)
+instead of falling back to the eager runner, and decode exactly as the eager runner does (``exact``, and
+every sampled step) or within the fused kernel's float32 (``fused`` at T = 0).
 
 On CPU the graph path runs without capture (the static buffers, bucket padding and staging are the same code);
 the GPU test at the end captures. A decisive tiny model (head scaled) makes the rules' choices vary."""
@@ -21,7 +21,8 @@ BATCH_ATOL = 5e-5         # a row batched (other widths: other fp32 GEMM roundin
 
 # every rule whose extras the captured variants compute, with threshold rules and the fixed schedule beside
 EXTRAS_RULES = [dict(entropy_bound=1.0), dict(threshold=0.6, credit=True), dict(credit=True),
-                dict(threshold=0.6, logprobs=2), dict(logprobs=0), dict(entropy_bound=0.5, credit=True, logprobs=3),
+                dict(threshold=0.6, logprobs=2), dict(logprobs=0),
+                dict(entropy_bound=0.5, credit=True, logprobs=3),
                 dict(threshold=0.6, smoothing=True), dict(factor=1.0, credit=True, smoothing=True)]
 
 
@@ -42,6 +43,10 @@ def specs(rules, n, seed=0):
         out.append((prompt, dict(gen_length=2 * bl, block_length=bl, steps=2 * bl,
                                  kv_cache=("dual", "prefix")[i % 2], seed=100 + i, **rules[i % len(rules)])))
     return out
+
+
+def reference(model, prompt, params) -> list[int]:
+    return generate(model, [prompt], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
 
 
 def close_logprobs(got, want, atol) -> bool:
@@ -73,7 +78,7 @@ def test_extras_rules_replay_graphs_and_equal_generate(model):
     st = eng.runner.stats
     assert st["eager_reuse"] == 0 and st["replays"] > 0
     variants = {k[3] for k in eng.runner.graphs if len(k) == 4}
-    # (entropy, logprobs k, credit width, smoothing tau): a group's rows share one variant (their extras' union)
+    # (entropy, logprobs k, credit width, smoothing tau, ...): a group's rows share one variant (their union)
     assert all(any(ex[i] not in (False, -1, 0) for ex in variants) for i in range(4)), variants
     outs = set()
     for r, (p, params) in zip(reqs, items):
@@ -87,8 +92,8 @@ def test_extras_rules_replay_graphs_and_equal_generate(model):
 
 
 def test_fused_extras_decode_matches_exact(model):
-    """``fused`` (the GPU default: fused_select_extras, float32) vs ``exact`` (float64): the same tokens on this
-    decisive model, logprobs within LOGPROB_ATOL, still no eager Reuse step."""
+    """``fused`` (the GPU default: fused_select_extras, float32) vs ``exact`` (float64): the same tokens on
+    this decisive model, logprobs within LOGPROB_ATOL, still no eager Reuse step."""
     items = specs(EXTRAS_RULES, 6, seed=3)
     eng_f, fused = run(model, items, "fused")
     _, exact = run(model, items, "exact")
@@ -97,7 +102,8 @@ def test_fused_extras_decode_matches_exact(model):
         assert f.output_ids == e.output_ids, params
         if params.get("logprobs") is not None:
             n = len(f.output_ids)
-            assert close_logprobs(f.state.token_logprobs[:n], e.state.token_logprobs[:n], LOGPROB_ATOL), params
+            got, want = f.state.token_logprobs[:n], e.state.token_logprobs[:n]
+            assert close_logprobs(got, want, LOGPROB_ATOL), params
 
 
 def test_sampled_steps_replay_and_equal_generate(model):
@@ -112,22 +118,22 @@ def test_sampled_steps_replay_and_equal_generate(model):
     assert eng.runner.stats["eager_reuse"] == 0 and any(len(k) == 4 and k[3][4] for k in eng.runner.graphs)
     outs = set()
     for r, (p, params) in zip(reqs, items):
-        assert r.output_ids == generate(model, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+        assert r.output_ids == reference(model, p, params)
         outs.add(tuple(r.output_ids))
     assert len(outs) > 5
     top_p = specs([dict(temperature=0.8, top_p=0.7)], 2, seed=6)
     eng, reqs = run(model, top_p, "exact")
     assert eng.runner.stats["eager_reuse"] > 0
     for r, (p, params) in zip(reqs, top_p):
-        assert r.output_ids == generate(model, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+        assert r.output_ids == reference(model, p, params)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("decode", ["exact", "fused"])
 def test_captured_extras_variants_match_eager_runner(decode):
-    """On the GPU: captured Reuse variants with extras give the eager runner's tokens at T = 0 (bf16; ``fused``
-    decodes in float32, so a near-tie may flip: most requests agree)."""
+    """On the GPU: captured Reuse variants with extras give the eager runner's tokens at T = 0 (bf16;
+    ``fused`` decodes in float32, so a near-tie may flip: most requests agree)."""
     from dlc.runtime.session import open_model
     sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
     with torch.no_grad():
