@@ -86,22 +86,23 @@ def filter_mask(scaled: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int = 0,
                     logprobs: bool = False, entropy: bool = False, credit=None, soft=None, filters=None,
                     filtered_conf: bool = False, acc: torch.dtype = torch.float64,
-                    candidates: bool | None = None) -> dict:
+                    candidates: str | bool | None = None) -> dict:
     """h [B, N, d] rows, w [>=V, d] head -> {"tokens", "confidence", and the asked extras} (see the module).
 
     ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float); ``filters``:
     (top_k [C], top_p [C], min_p [C]) or None; ``filtered_conf``: with filters at T > 0 the confidence is the
     token's probability under the filtered, tempered distribution (renormalised over the survivors: LLaDA2's
     and SDAR's samplers) instead of the unfiltered one. ``candidates``: filter over the sweep's top candidates
-    (True; the caller checked ``candidates_cover``), the full logits (False), or decide here (None: reads the
-    filters on the host). Without extras this is ``decode_rows`` itself."""
+    (``candidates_cover``'s answer, which the caller read: "filtered" / "mixed"; True: "mixed"), over the full
+    logits (False), or decide here (None: reads the filters on the host). Without extras this is
+    ``decode_rows`` itself."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
     if candidates is None and filters is not None and sampling and credit is None:
         candidates = candidates_cover(*filters, filtered_conf)
     if filters is not None and sampling and credit is None and candidates:
         out = _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
                                  topk=topk, logprobs=logprobs, entropy=entropy, soft=soft, filters=filters,
-                                 filtered_conf=filtered_conf, acc=acc)
+                                 filtered_conf=filtered_conf, acc=acc, every_row=candidates == "filtered")
         return {k: v for k, v in out.items() if not k.startswith("_")}
     if filters is not None and sampling:
         out = _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
@@ -138,9 +139,10 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
         l64 = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc)              # [C, N, Vc]
         cm = l64.amax(-1)
         e = torch.exp(l64 - cm[..., None])
-        csum, cdot = e.sum(-1), (e * l64).sum(-1)
-        ri = l64.argmax(-1, keepdim=True)                                        # raw top-1 in the chunk
+        csum = e.sum(-1)
+        cdot = (e * l64).sum(-1) if entropy else csum                           # (a placeholder without)
         if credit is not None:
+            ri = l64.argmax(-1, keepdim=True)                                    # raw top-1 in the chunk
             ids, vals, alpha = credit
             lb = l64 + alpha.to(acc)[:, None, None] * torch.log1p(_credit_chunk(ids, vals, c0, c1, l64))
         else:
@@ -149,8 +151,11 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             if sampling else lb
         ci = score.argmax(-1, keepdim=True)
         cs, cl, clb = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], lb.gather(-1, ci)[..., 0]
-        bm = lb.amax(-1)
-        bsum = torch.exp(lb - bm[..., None]).sum(-1)
+        if credit is None:               # lb is l64: its max and sum are the raw ones (no more passes)
+            ri, bm, bsum = ci, cm, csum                                          # (ri: unused without credit)
+        else:
+            bm = lb.amax(-1)
+            bsum = torch.exp(lb - bm[..., None]).sum(-1)
         if soft is not None:
             we, tau = soft
             ls = l64 / tau
@@ -237,24 +242,31 @@ def _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc):
 
 
 def candidates_cover(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                     filtered_conf: bool = False) -> bool:
+                     filtered_conf: bool = False) -> str | None:
     """Whether every row's filters keep only ids among its ``FILTER_CANDIDATES`` largest logits: a top-k of at
     most that many, or no filter at all (plain Gumbel-max over the sweep; not with ``filtered_conf``, whose
-    confidence is then over the whole tempered vocabulary). Reads the [C] filters on the host."""
+    confidence is then over the whole tempered vocabulary). "filtered": every row has such a top-k (the sweep
+    draws no noise: only the candidates do); "mixed": some rows sample the whole vocabulary; None: not
+    covered. Reads the [C] filters on the host."""
     k, p, m = top_k.cpu(), top_p.cpu(), min_p.cpu()
     off = (k == 0) & (p >= 1.0) & (m <= 0.0) & (not filtered_conf)
-    return bool((((k > 0) & (k <= FILTER_CANDIDATES)) | off).all())
+    top = (k > 0) & (k <= FILTER_CANDIDATES)
+    if not bool((top | off).all()):
+        return None
+    return "filtered" if bool(top.all()) else "mixed"
 
 
 def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
-                       soft, filters, filtered_conf, acc):
+                       soft, filters, filtered_conf, acc, every_row: bool = False):
     """Filters over each row's top ``FILTER_CANDIDATES`` logits (``candidates_cover`` holds): one chunked
-    sweep (Gumbel-max over the whole vocabulary for rows without a filter), then per filtering row top-k,
+    sweep (Gumbel-max over the whole vocabulary for rows without a filter; ``every_row``: none, so the sweep
+    draws no noise), then per filtering row top-k,
     top-p over the renormalised survivors, min-p, and the Gumbel-max over the survivors (noise at their
     ids)."""
     kc = min(FILTER_CANDIDATES, vocab)
-    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
-                          topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None, soft=soft, acc=acc)
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0 if every_row else temp, seeds, vocab=vocab,
+                          chunk=chunk, topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None, soft=soft,
+                          acc=acc)
     lv, ci = out["_topv"][..., :kc], out["topk_ids"][..., :kc]                  # [C, N, kc] logits (sorted)
     lse = out["_lse"]                                                            # [C, N]
     top_k, top_p, min_p = filters

@@ -192,10 +192,13 @@ class GraphRunner(EagerRunner):
             return ()
         if (batch.embed_delta is not None and batch.soft_tau is None) or (sampled and batch.tempered_conf):
             return None
-        filtered = batch.top_k is not None
-        if filtered and (batch.credit_ids is not None or not candidates_cover(batch.top_k, batch.top_p,
-                                                                              batch.min_p)):
-            return None
+        filtered = False
+        if batch.top_k is not None:                  # "filtered" / "mixed" (sampling.candidates_cover)
+            if batch.credit_ids is not None:
+                return None
+            filtered = candidates_cover(batch.top_k, batch.top_p, batch.min_p)
+            if filtered is None:
+                return None
         M = 0
         if batch.credit_ids is not None:
             M = batch.n_out                          # a block's credit grows by one id a step: <= N steps
@@ -311,7 +314,7 @@ class GraphRunner(EagerRunner):
         noise); ``fused`` at T = 0: the selected-row logits kernel with the extras in its one vocab sweep
         (``fused_select_extras``), or with smoothing (its soft embedding is a second GEMM over the vocabulary,
         which the kernel does not hold) ``decode_rows_ext`` in float32."""
-        entropy, k, M, tau, sampled, _ = ex
+        entropy, k, M, tau, sampled, filtered = ex
         topk = max(k, 0)
         B, N = rows.shape[:2]
         V = self.config.vocab_size
@@ -325,7 +328,7 @@ class GraphRunner(EagerRunner):
             return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
                                    topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
                                    filters=filters, acc=torch.float64 if exact else torch.float32,
-                                   candidates=True)
+                                   candidates=filtered or None)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
                                            credit[2].repeat_interleave(N))

@@ -290,7 +290,7 @@ def test_top_k_filters_over_candidates_match_plain_torch(monkeypatch, filtered_c
     f = (torch.tensor([S.FILTER_CANDIDATES, 5, 1, 0 if not filtered_conf else 40]),
          torch.tensor([0.6, 1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.1, 0.0, 0.0],
                                                                                 dtype=torch.float64))
-    assert S.candidates_cover(*f, filtered_conf)
+    assert S.candidates_cover(*f, filtered_conf) == ("filtered" if filtered_conf else "mixed")
     monkeypatch.setattr(S, "_decode_full", lambda *a, **k: pytest.fail("formed [N, V] logits"))
     out = decode_rows_ext(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=700, filters=f, logprobs=True, topk=2,
                           filtered_conf=filtered_conf)
