@@ -331,7 +331,7 @@ class GraphRunner(EagerRunner):
                                    candidates=filtered or None)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
-                                           credit[2].repeat_interleave(N))
+                                           credit[2][:, None].expand(B, N).reshape(-1))      # [B * N] each
         out = fused_select_extras(rows.flatten(0, 1), head, entropy, topk, *cargs)
         return {key: v.view(B, N, *v.shape[1:]) for key, v in out.items()}
 
