@@ -60,12 +60,14 @@ from dlc.models.common import KVCache, fuse_projections_
 
 from dlc.models.sparse_heads import kept_counts
 
+from ..decoding import MAX_LOGPROBS
 from ..step import MixedBatch, StepBatch, take_rows
 from ..step_output import StepOutput
 from .ahead import decoded_cols, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner, embed_add
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+LOGPROB_BUCKETS = (0, 1, 2, 5, 10, MAX_LOGPROBS)   # top alternatives a variant returns (rows take their k)
 DECODE = ("fused", "exact")
 
 
@@ -84,7 +86,7 @@ class _Graph:
     meta_host: torch.Tensor
     keep: torch.Tensor | None = None   # head-sparse: [n_layers, bb, Hkv, K_max] kept columns per head
     # decoding extras variant (``_extras_key``): () plain; else (entropy, logprobs k or -1, credit width M,
-    # smoothing tau or 0.0)
+    # smoothing tau or 0.0, sampled, filtered)
     ex: tuple = ()
     credit: tuple | None = None         # (ids [bb, N, M] int64, vals [bb, N, M] float64, alpha [bb] float64)
     embed: torch.Tensor | None = None   # smoothing: [bb, T, d] added to the fed columns' input embedding
@@ -204,8 +206,8 @@ class GraphRunner(EagerRunner):
             M = batch.n_out                          # a block's credit grows by one id a step: <= N steps
             if batch.credit_ids.shape[-1] > M:
                 return None
-        return (bool(batch.entropy), -1 if batch.logprobs is None else int(batch.logprobs), M,
-                float(batch.soft_tau or 0.0), sampled, filtered)
+        k = -1 if batch.logprobs is None else next(b for b in LOGPROB_BUCKETS if b >= batch.logprobs)
+        return (bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered)
 
     def _eligible(self, batch: StepBatch, ex: tuple | None) -> bool:
         c = batch.cache
