@@ -155,3 +155,26 @@ def test_captured_extras_variants_match_eager_runner(decode):
             assert any(len(k) == 4 and g.graph is not None for k, g in gr.graphs.items())
     agree = sum(a == b for a, b in zip(*outs)) / len(items)
     assert agree >= (0.9 if decode == "exact" else 0.75), outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_sampled_variants_run_on_the_gpu():
+    """On the GPU: sampled steps with top-k filters, logprobs and credit capture and replay (no eager Reuse
+    step, every request finishes; sampled tokens are not compared: bf16 rounding of the graph's and the eager
+    forward's logits differs, which moves near-tied Gumbel draws)."""
+    from dlc.runtime.session import open_model
+    sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
+    rules = [dict(temperature=0.8), dict(temperature=1.5, top_k=5, top_p=0.9, logprobs=2),
+             dict(temperature=0.7, threshold=0.6, credit=True, smoothing=True, entropy_bound=None)]
+    items = specs([{k: v for k, v in r.items() if v is not None} for r in rules], 6, seed=9)
+    eng = Engine(sess, ServeConfig(max_seq_len=64, kv_cache_mb=16, max_batch_size=8, device="cuda",
+                                   cuda_graphs=True, compile=False))
+    reqs = [eng.make_request(p, params) for p, params in items]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    gr = eng.runner
+    assert [r.error for r in reqs] == [None] * len(reqs) and all(r.output_ids for r in reqs)
+    assert gr.stats["eager_reuse"] == 0 and any(len(k) == 4 and k[3][4] and g.graph is not None
+                                                for k, g in gr.graphs.items())
