@@ -265,8 +265,8 @@ def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, c
     ids)."""
     kc = min(FILTER_CANDIDATES, vocab)
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0 if every_row else temp, seeds, vocab=vocab,
-                          chunk=chunk, topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None, soft=soft,
-                          acc=acc)
+                          chunk=chunk, topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None,
+                          soft=soft, acc=acc)
     lv, ci = out["_topv"][..., :kc], out["topk_ids"][..., :kc]                  # [C, N, kc] logits (sorted)
     lse = out["_lse"]                                                            # [C, N]
     top_k, top_p, min_p = filters
