@@ -248,8 +248,8 @@ def candidates_cover(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tens
     confidence is then over the whole tempered vocabulary). "filtered": every row has such a top-k (the sweep
     draws no noise: only the candidates do); "mixed": some rows sample the whole vocabulary; None: not
     covered. Reads the [C] filters on the host."""
-    k, p, m = top_k.cpu(), top_p.cpu(), min_p.cpu()
-    off = (k == 0) & (p >= 1.0) & (m <= 0.0) & (not filtered_conf)
+    k, p, m = torch.stack([top_k.to(torch.float64), top_p.to(torch.float64), min_p.to(torch.float64)]).cpu()
+    off = (k == 0) & (p >= 1.0) & (m <= 0.0) & (not filtered_conf)                 # (one copy to the host)
     top = (k > 0) & (k <= FILTER_CANDIDATES)
     if not bool((top | off).all()):
         return None
