@@ -12,6 +12,10 @@ Python API (what compiler passes and runtimes call):
   given, else a counter-based hash of (seed, row, column). Confidence = softmax probability of the chosen
   token. Graph form (compiled phases): ``temperature_t`` [1] tensor instead of the float, ``row_keys`` [N]
   int64 per-row hash keys (``logits.row_key(seed, row)``) instead of the seed.
+* ``fused_select_extras(hidden [R, d], weight [V, d], entropy=False, topk=0, credit_ids=None,
+  credit_vals=None, credit_alpha=None)`` -> dict: ``fused_select_logits``' decoding at T = 0 plus the
+  decoding extras of the entropy-bounded, credit and logprobs rules from the same vocab sweep
+  (kernels/select_extras.py).
 * ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
 * ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
@@ -44,7 +48,9 @@ from . import pool_attn as _pa
 from . import matmul as _mm
 from . import reduce as _rd
 from .matmul import invariant_matmul
+from . import select_extras as _se
 from .attention import select_positions
+from .select_extras import fused_select_extras
 
 OPS["fused_topk_logprobs"] = torch.ops.dlc.fused_topk_logprobs
 
@@ -56,6 +62,7 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
     "pool_attention": _pa.pool_attention_reference,
     "invariant_matmul": _mm.matmul_reference,
     "invariant_row_sum": _rd.row_sum_reference,
+    "fused_select_extras": _se.select_extras_reference,
 }
 
 
@@ -107,5 +114,6 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
     torch.ops.dlc.kv_write(k_cache, v_cache, k_new, v_new, start, rows)
 
 
-__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_topk_logprobs",
-           "sparse_attention", "select_positions", "kv_write_", "pool_attention", "invariant_matmul"]
+__all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_select_extras",
+           "fused_topk_logprobs", "sparse_attention", "select_positions", "kv_write_", "pool_attention",
+           "invariant_matmul"]

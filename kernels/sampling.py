@@ -22,9 +22,14 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
   as vLLM / HF apply them: on the tempered distribution ``softmax(l / T)``, top-k first, top-p on the
   renormalised survivors (smallest prefix of the sorted probabilities reaching ``top_p``), min-p relative to
   the most likely token; the token is Gumbel-max over the survivors with the same hash noise, so a filter
-  that keeps everything changes nothing. At T = 0 filters are skipped (each always keeps the argmax). Filtered
-  rows need every logit of a row at once: only then is [C, N, V] formed (float64; a batch at T > 0 where some
-  row filters, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of exact filters, paid only then).
+  that keeps everything changes nothing. At T = 0 filters are skipped (each always keeps the argmax).
+  Candidates (vLLM's and SGLang's top-k-first sampling): when every filtering row has a top-k of at most
+  ``FILTER_CANDIDATES`` (and no credit), the survivors are among the row's top-k logits, so the one chunked
+  sweep keeps each row's ``FILTER_CANDIDATES`` largest logits beside its logsumexp, and top-k / top-p / min-p
+  and the Gumbel-max (the same hash noise, drawn at the candidates' ids) run over those: the same tokens and
+  confidences as the full path, no [N, V] tensor, no vocabulary sort. Otherwise (top-p or min-p without a
+  top-k, a larger top-k, or credit) filtered rows need every logit of a row at once: only then is [C, N, V]
+  formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then).
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
+FILTER_CANDIDATES = 64       # top-k filters up to this k sample over the sweep's top candidates
 
 
 def hash_noise(seeds: torch.Tensor, cols: torch.Tensor, vocab: int, dtype=torch.float64) -> torch.Tensor:
@@ -79,14 +85,25 @@ def filter_mask(scaled: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 
 def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int, topk: int = 0,
                     logprobs: bool = False, entropy: bool = False, credit=None, soft=None, filters=None,
-                    filtered_conf: bool = False, acc: torch.dtype = torch.float64) -> dict:
+                    filtered_conf: bool = False, acc: torch.dtype = torch.float64,
+                    candidates: str | bool | None = None) -> dict:
     """h [B, N, d] rows, w [>=V, d] head -> {"tokens", "confidence", and the asked extras} (see the module).
 
     ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float); ``filters``:
     (top_k [C], top_p [C], min_p [C]) or None; ``filtered_conf``: with filters at T > 0 the confidence is the
     token's probability under the filtered, tempered distribution (renormalised over the survivors: LLaDA2's
-    and SDAR's samplers) instead of the unfiltered one. Without extras this is ``decode_rows`` itself."""
+    and SDAR's samplers) instead of the unfiltered one. ``candidates``: filter over the sweep's top candidates
+    (``candidates_cover``'s answer, which the caller read: "filtered" / "mixed"; True: "mixed"), over the full
+    logits (False), or decide here (None: reads the filters on the host). Without extras this is
+    ``decode_rows`` itself."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
+    if candidates is None and filters is not None and sampling and credit is None:
+        candidates = candidates_cover(*filters, filtered_conf)
+    if filters is not None and sampling and credit is None and candidates:
+        out = _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                                 topk=topk, logprobs=logprobs, entropy=entropy, soft=soft, filters=filters,
+                                 filtered_conf=filtered_conf, acc=acc, every_row=candidates == "filtered")
+        return {k: v for k, v in out.items() if not k.startswith("_")}
     if filters is not None and sampling:
         out = _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                            logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
@@ -122,9 +139,10 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
         l64 = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc)              # [C, N, Vc]
         cm = l64.amax(-1)
         e = torch.exp(l64 - cm[..., None])
-        csum, cdot = e.sum(-1), (e * l64).sum(-1)
-        ri = l64.argmax(-1, keepdim=True)                                        # raw top-1 in the chunk
+        csum = e.sum(-1)
+        cdot = (e * l64).sum(-1) if entropy else csum                           # (a placeholder without)
         if credit is not None:
+            ri = l64.argmax(-1, keepdim=True)                                    # raw top-1 in the chunk
             ids, vals, alpha = credit
             lb = l64 + alpha.to(acc)[:, None, None] * torch.log1p(_credit_chunk(ids, vals, c0, c1, l64))
         else:
@@ -133,8 +151,11 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             if sampling else lb
         ci = score.argmax(-1, keepdim=True)
         cs, cl, clb = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], lb.gather(-1, ci)[..., 0]
-        bm = lb.amax(-1)
-        bsum = torch.exp(lb - bm[..., None]).sum(-1)
+        if credit is None:               # lb is l64: its max and sum are the raw ones (no more passes)
+            ri, bm, bsum = ci, cm, csum                                          # (ri: unused without credit)
+        else:
+            bm = lb.amax(-1)
+            bsum = torch.exp(lb - bm[..., None]).sum(-1)
         if soft is not None:
             we, tau = soft
             ls = l64 / tau
@@ -186,14 +207,16 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
     # exp(l - m) / s as decode_rows computes it: a row without credit (alpha 0 adds exactly 0.0) gets
     # decode_rows' confidence bit for bit, whatever else its batch asks for
     out["tokens"], out["confidence"] = tok, torch.exp(l_tok - st["bm"]) / den
-    out["_bm"], out["_den"] = st["bm"], den
+    out["_bm"], out["_den"], out["_lse"] = st["bm"], den, lse
     if logprobs:
-        l_raw = st["bl"] if credit is None else _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc)
+        # the chosen token's raw logit: the sweep's (credit's own-step bonus may switch it to the raw top-1),
+        # so a row's logprob is the same whether or not its batch carries credit
+        l_raw = st["bl"] if credit is None else torch.where(tok == st["r1"], st["r1l"], st["bl"])
         out["logprob"] = l_raw - lse
     if entropy:
         out["entropy"] = lse - st["a"] / st["s"]
     if topk:
-        out["topk_ids"], out["topk_logprobs"] = top_i, top_v - lse[..., None]
+        out["topk_ids"], out["topk_logprobs"], out["_topv"] = top_i, top_v - lse[..., None], top_v
     if soft is not None:
         out["soft"] = st["sa"] / st["ss"][..., None]
     return out
@@ -218,12 +241,64 @@ def _credit_correction(st, credit, p1, temp, seeds, vocab, sampling, acc):
     return tok, l_tok, den
 
 
-def _raw_logit(h, w, cond_rows, un_rows, cfg_w, tok, acc):
-    """Guided raw logit of tok [C, N] (one row of the head per token)."""
-    rows = w[tok]                                                                # [C, N, d]
-    cond = (h.index_select(0, cond_rows) * rows).sum(-1)
-    un = (h.index_select(0, un_rows) * rows).sum(-1)
-    return (un + cfg_w * (cond - un)).to(acc)
+def candidates_cover(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                     filtered_conf: bool = False) -> str | None:
+    """Whether every row's filters keep only ids among its ``FILTER_CANDIDATES`` largest logits: a top-k of at
+    most that many, or no filter at all (plain Gumbel-max over the sweep; not with ``filtered_conf``, whose
+    confidence is then over the whole tempered vocabulary). "filtered": every row has such a top-k (the sweep
+    draws no noise: only the candidates do); "mixed": some rows sample the whole vocabulary; None: not
+    covered. Reads the [C] filters on the host."""
+    k, p, m = torch.stack([top_k.to(torch.float64), top_p.to(torch.float64), min_p.to(torch.float64)]).cpu()
+    off = (k == 0) & (p >= 1.0) & (m <= 0.0) & (not filtered_conf)                 # (one copy to the host)
+    top = (k > 0) & (k <= FILTER_CANDIDATES)
+    if not bool((top | off).all()):
+        return None
+    return "filtered" if bool(top.all()) else "mixed"
+
+
+def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
+                       soft, filters, filtered_conf, acc, every_row: bool = False):
+    """Filters over each row's top ``FILTER_CANDIDATES`` logits (``candidates_cover`` holds): one chunked
+    sweep (Gumbel-max over the whole vocabulary for rows without a filter; ``every_row``: none, so the sweep
+    draws no noise), then per filtering row top-k,
+    top-p over the renormalised survivors, min-p, and the Gumbel-max over the survivors (noise at their
+    ids)."""
+    kc = min(FILTER_CANDIDATES, vocab)
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0 if every_row else temp, seeds, vocab=vocab,
+                          chunk=chunk, topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None,
+                          soft=soft, acc=acc)
+    lv, ci = out["_topv"][..., :kc], out["topk_ids"][..., :kc]                  # [C, N, kc] logits (sorted)
+    lse = out["_lse"]                                                            # [C, N]
+    top_k, top_p, min_p = filters
+    on = ~((top_k == 0) & (top_p >= 1.0) & (min_p <= 0.0))                       # [C] rows that filter
+    scaled = lv / temp
+    rank = torch.arange(kc, device=lv.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, kc))[:, None, None]            # [C, 1, 1]
+    keep = (rank < k).expand_as(lv).clone()                                      # [C, N, kc]
+    p = torch.softmax(torch.where(keep, scaled, torch.full_like(scaled, float("-inf"))), -1)
+    keep &= (p.cumsum(-1) - p) < top_p.to(p.dtype)[:, None, None]               # mass strictly before
+    keep[..., 0] = True
+    keep &= p >= min_p.to(p.dtype)[:, None, None] * p[..., :1]
+    g = torch.log(-torch.log(hash_noise(seeds, ci, vocab, acc)))
+    j = torch.where(keep, lv - temp * g, torch.full_like(lv, float("-inf"))).argmax(-1, keepdim=True)
+    tok, lt = ci.gather(-1, j)[..., 0], lv.gather(-1, j)[..., 0]                # [C, N]
+    if filtered_conf:
+        kept = torch.where(keep, scaled, torch.full_like(scaled, float("-inf")))
+        conf = torch.exp(scaled.gather(-1, j)[..., 0] - torch.logsumexp(kept, -1))
+    else:
+        conf = torch.exp(lt - out["_bm"]) / out["_den"]
+    sel = on[:, None]
+    out["tokens"] = torch.where(sel, tok, out["tokens"])
+    out["confidence"] = torch.where(sel, conf, out["confidence"])
+    if logprobs:
+        out["logprob"] = torch.where(sel, lt - lse, out["logprob"])
+    else:
+        del out["logprob"]
+    if topk:
+        out["topk_ids"], out["topk_logprobs"] = out["topk_ids"][..., :topk], out["topk_logprobs"][..., :topk]
+    else:
+        del out["topk_ids"], out["topk_logprobs"]
+    return out
 
 
 def _decode_full(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,

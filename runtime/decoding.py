@@ -87,6 +87,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 KV_MODES = ("none", "prefix", "dual", "block")
 DECODERS_BY_NAME = ("llada", "llada2", "llada2.1")      # GenerationConfig.decoder (None: the model's own)
@@ -315,6 +316,13 @@ def _topk_mask(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return ranks < k[:, None]
 
 
+def _best_one(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Each row's most confident position (the first of equal ones, as ``_topk_mask(conf, 1)``) where the row
+    has a masked position: [B, K] bool, one argmax and one scatter (the rules' "at least one")."""
+    best = torch.zeros_like(masked)
+    return best.scatter_(1, conf.argmax(-1, keepdim=True), masked.any(-1, keepdim=True))
+
+
 class ScheduleRule:
     """LLaDA's reference: the top ``n_sched`` masked positions by confidence (torch.topk, as the reference, so
     ties break the same way)."""
@@ -356,8 +364,7 @@ class ThresholdRule:
         self.threshold = threshold
 
     def select(self, conf, masked, n_sched):
-        best = _topk_mask(conf, masked.any(-1).long())
-        return ((conf >= self.threshold) | best) & masked
+        return ((conf >= self.threshold) | _best_one(conf, masked)) & masked
 
 
 class FactorRule:
@@ -447,15 +454,15 @@ class HierarchicalRule:
         self.low, self.high = low_threshold, threshold
 
     def select(self, conf, masked, n_sched):
-        prev = torch.cat([torch.zeros_like(masked[:, :1]), masked[:, :-1]], 1)
-        run = (masked & ~prev).long().cumsum(-1)                            # [B, K] run id (1-based)
-        run = torch.where(masked, run, torch.zeros_like(run))
-        neg = torch.full_like(conf, float("-inf"))
-        run_max = neg.scatter_reduce(1, run, conf, reduce="amax", include_self=True)   # [B, K] by run id
-        sel = masked & (conf == run_max.gather(1, run)) & (conf > self.low)
+        """All rows at once (tensor ops over [B, K], no loop per row or per run): run ids by a cumulative sum
+        of run starts, each run's max by one scatter, the block's best by one argmax."""
+        prev = F.pad(masked[:, :-1], (1, 0))                               # [B, K] previous column masked
+        run = torch.where(masked, (masked & ~prev).cumsum(-1), 0)          # [B, K] run id (1-based; 0 off)
+        run_max = torch.full_like(conf, float("-inf")).scatter_reduce_(1, run, conf, reduce="amax")
+        sel = (conf == run_max.gather(1, run)) & (conf > self.low)
         if self.high is not None:
             sel |= conf > self.high
-        return (sel | _topk_mask(conf, masked.any(-1).long())) & masked
+        return (sel | _best_one(conf, masked)) & masked
 
 
 class EntropyBoundRule:

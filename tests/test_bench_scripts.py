@@ -122,3 +122,19 @@ def test_block_diffusion_smoke_prints_moe_layers_forwards_and_the_table(monkeypa
                                    "--time-limit", "0")
     assert not [r for r in lines if "fwd" in r]
     assert [r["B"] for r in lines if "stopped" in r] == [1, 2] and "| 2 | - |" in text
+
+
+def test_rule_cost_smoke_times_every_rule_on_the_graph_runner():
+    """bench/rule_cost.py on CPU (tiny-llada): one row per rule and batch through the graph runner, none of
+    whose Reuse steps fell back to the eager runner (issue 18), and the PASS / MISS table."""
+    args = ["--preset", "tiny-llada", "--device", "cpu", "--dtype", "fp32", "--batches", "1,2",
+            "--prompt", "8", "--gen", "16", "--block", "8", "--iters", "1", "--warmup", "1"]
+    out = subprocess.run([sys.executable, str(BENCH / "rule_cost.py"), *args], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"runner"')]
+    rule_cost = bench_module("rule_cost")
+    assert [(r["B"], r["rule"]) for r in rows] == [(b, n) for b in (1, 2) for n in rule_cost.RULES]
+    assert all(r["runner"] == "graph" and r["eager_reuse"] == 0 for r in rows)
+    assert {r["target"] for r in rows} <= {"PASS", "MISS"}
+    assert "| runner | B | rule |" in out.stdout

@@ -13,13 +13,20 @@ width) and replays it:
 * decoding inside the graph: ``fused`` (``dlc.kernels.fused_select_logits``: no [B, N, V] logits, float32
   confidence; the GPU default) or ``exact`` (the eager runner's float64 ``decode_rows``, so tokens equal
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
+* decoding extras (issue 18): a batch that wants them replays a variant of its bucket's step captured for
+  that combination (``_extras_key``: entropy, logprobs k, credit, smoothing, sampling, filters; captured on
+  first use, the plain step untouched). At T = 0 ``fused`` computes entropy, logprobs and the credit-fused
+  selection in the selected-row logits kernel's one vocab sweep (``dlc.kernels.fused_select_extras``);
+  smoothing's soft embedding and ``exact`` decode with ``decode_rows_ext``. Credit and smoothing inputs,
+  temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
+  float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
+  filters over the sweep's candidates (``sampling.candidates_cover``);
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
-  Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance,
-  temperature > 0 (the fused kernel's noise is not the eager runner's hash, so sampled tokens would differ
-  between the paths), fed widths over ``max_width``, batches over the largest bucket, caches that are not the
-  bound pool, and batches that want decoding extras (``StepBatch.wants_extras``: entropy, logprobs, sampling
-  filters, credit, smoothing). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing
-  from a runner (the decoding core draws it).
+  Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
+  widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
+  decoding no variant holds (top-p / min-p without a top-k, filters with credit, tempered confidences of
+  block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
+  runner (the decoding core draws it).
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
@@ -48,15 +55,19 @@ from dataclasses import dataclass, replace
 import torch
 
 from dlc.kernels.logits import decode_rows
+from dlc.kernels.sampling import candidates_cover, decode_rows_ext
 from dlc.models.common import KVCache, fuse_projections_
 
 from dlc.models.sparse_heads import kept_counts
 
+from ..decoding import MAX_LOGPROBS
 from ..step import MixedBatch, StepBatch, take_rows
+from ..step_output import StepOutput
 from .ahead import decoded_cols, run_ahead
-from .eager import VOCAB_CHUNK, EagerRunner
+from .eager import VOCAB_CHUNK, EagerRunner, embed_add
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+LOGPROB_BUCKETS = (0, 1, 2, 5, 10, MAX_LOGPROBS)   # top alternatives a variant returns (rows take their k)
 DECODE = ("fused", "exact")
 
 
@@ -74,8 +85,16 @@ class _Graph:
     meta: torch.Tensor
     meta_host: torch.Tensor
     keep: torch.Tensor | None = None   # head-sparse: [n_layers, bb, Hkv, K_max] kept columns per head
+    # decoding extras variant (``_extras_key``): () plain; else (entropy, logprobs k or -1, credit width M,
+    # smoothing tau or 0.0, sampled, filtered)
+    ex: tuple = ()
+    credit: tuple | None = None         # (ids [bb, N, M] int64, vals [bb, N, M] float64, alpha [bb] float64)
+    embed: torch.Tensor | None = None   # smoothing: [bb, T, d] added to the fed columns' input embedding
+    sampling: tuple | None = None       # T > 0: (temperature [1] float64, seeds [bb] int64)
+    filters: tuple | None = None        # (top_k [bb] int64, top_p [bb] float64, min_p [bb] float64)
     tok: torch.Tensor | None = None
     conf: torch.Tensor | None = None
+    extras: dict | None = None          # the variant's static extras outputs ([bb, N] / [bb, N, k])
     graph: object = None
     rows_used: int = 0          # real rows of the last call (padding rows past it are already reset)
 
@@ -162,12 +181,39 @@ class GraphRunner(EagerRunner):
         if self.scratch is None:
             raise ValueError("graph runner: bind_pool needs a free KV slot for padding rows")
 
-    def _eligible(self, batch: StepBatch) -> bool:
+    @staticmethod
+    def _extras_key(batch: StepBatch) -> tuple | None:
+        """The captured variant a batch replays: () for a plain T = 0 step; else (entropy, logprobs k or -1,
+        credit width M, smoothing tau or 0.0, sampled, filtered), one variant per combination, captured on
+        first use. None where the step stays eager: sampling filters the candidates do not cover
+        (``sampling.candidates_cover``: top-p / min-p without a top-k, a top-k over 64, filters with credit;
+        reads the [B] filters on the host), tempered confidences (block decoders), a soft input without a soft
+        output."""
+        sampled = batch.temperature > 0
+        if not batch.wants_extras() and not sampled:
+            return ()
+        if (batch.embed_delta is not None and batch.soft_tau is None) or (sampled and batch.tempered_conf):
+            return None
+        filtered = False
+        if batch.top_k is not None:                  # "filtered" / "mixed" (sampling.candidates_cover)
+            if batch.credit_ids is not None:
+                return None
+            filtered = candidates_cover(batch.top_k, batch.top_p, batch.min_p)
+            if filtered is None:
+                return None
+        M = 0
+        if batch.credit_ids is not None:
+            M = batch.n_out                          # a block's credit grows by one id a step: <= N steps
+            if batch.credit_ids.shape[-1] > M:
+                return None
+        k = -1 if batch.logprobs is None else next(b for b in LOGPROB_BUCKETS if b >= batch.logprobs)
+        return (bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered)
+
+    def _eligible(self, batch: StepBatch, ex: tuple | None) -> bool:
         c = batch.cache
-        # decoding extras (entropy, logprobs, filters, credit, smoothing) run eagerly, as T > 0 does: the
-        # captured step decodes (token, confidence) only
+        # ``ex``: the batch's ``_extras_key`` (None: decoding the captured variants lack, eager)
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
-                and batch.temperature == 0 and not batch.wants_extras()
+                and ex is not None
                 and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
                 and not batch.block_size                                     # block-causal: eager path
                 and batch.width <= self.pool.s_max
@@ -181,8 +227,8 @@ class GraphRunner(EagerRunner):
         return next(b for b in self.buckets if b >= B)
 
     # -- capture ---------------------------------------------------------------------------------------------
-    def _graph(self, bb: int, T: int, N: int) -> _Graph:
-        key = (bb, T, N)
+    def _graph(self, bb: int, T: int, N: int, ex: tuple = ()) -> _Graph:
+        key = (bb, T, N) + ((ex,) if ex else ())
         if key in self.graphs:
             return self.graphs[key]
         t0 = time.perf_counter()
@@ -193,8 +239,23 @@ class GraphRunner(EagerRunner):
                    ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
-                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone())
+                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(),
+                   ex=ex)
         g.key_mask[:, :T] = True
+        if ex and ex[4]:                               # sampled: temperature, seeds, filters (padding: off)
+            g.sampling = (torch.ones(1, dtype=torch.float64, device=dev), torch.zeros(bb, dtype=torch.long,
+                                                                                      device=dev))
+            if ex[5]:
+                g.filters = (torch.zeros(bb, dtype=torch.long, device=dev),
+                             torch.ones(bb, dtype=torch.float64, device=dev),
+                             torch.zeros(bb, dtype=torch.float64, device=dev))
+        if ex and ex[3]:                               # smoothing's soft inputs: none until staged
+            g.embed = torch.zeros(bb, T, self.config.d_model, dtype=self.dtype, device=dev)
+        if ex and ex[2]:                               # credit inputs: neutral (alpha 0) until staged
+            M = ex[2]
+            g.credit = (torch.zeros(bb, N, M, dtype=torch.long, device=dev),
+                        torch.zeros(bb, N, M, dtype=torch.float64, device=dev),
+                        torch.zeros(bb, dtype=torch.float64, device=dev))
         if self.sparse_retention is not None:          # padding rows keep columns [0, T): their own block
             mc = self.config
             g.keep = torch.arange(self.kept_max(T), device=dev).repeat(mc.n_layers, bb, mc.n_kv_heads, 1)
@@ -212,7 +273,7 @@ class GraphRunner(EagerRunner):
                 self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time,
                                                                      # outputs copied out
             with torch.cuda.graph(g.graph, pool=self._mempool):
-                g.tok, g.conf = self._step(g)
+                g.tok, g.conf, g.extras = self._split(self._step(g))
         else:                       # no capture (CPU): one run, so warm-up still compiles every bucket
             self._step(g)           # (padding rows: the scratch slot only)
             self.stats["warm_s"] += time.perf_counter() - t0
@@ -221,20 +282,60 @@ class GraphRunner(EagerRunner):
         self.stats["capture_s"] += time.perf_counter() - t0
         return g
 
+    @staticmethod
+    def _split(res):
+        """A step's result -> (tok, conf, extras dict or None)."""
+        if isinstance(res, dict):
+            return res["tokens"], res["confidence"], {k: v for k, v in res.items()
+                                                      if k not in ("tokens", "confidence")}
+        return res[0], res[1], None
+
     @torch.no_grad()
     def _step(self, g: _Graph):
-        """The captured computation: static inputs -> (tok [bb, N], conf [bb, N])."""
+        """The captured computation: static inputs -> (tok [bb, N], conf [bb, N]), or with extras (``g.ex``)
+        ``_decode_extras``' dict."""
         if g.keep is not None:                         # head-sparse: the kept columns, read in the pool
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len, keep=g.keep, n_keep=g.n_keep)
         else:
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
-        h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start)        # [bb, T, d]
+        h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start, embed_add=g.embed)  # [bb, T, d]
         rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
+        if g.ex:
+            return self._decode_extras(rows, g.ex, g.credit, g.sampling, g.filters)
         if self.decoding == "exact":
             return self._exact(rows)
         from dlc.kernels import fused_select_logits
         tok, conf = fused_select_logits(rows.reshape(-1, rows.shape[-1]), self.model.head_weight())
         return tok.view(g.bb, g.N), conf.view(g.bb, g.N)
+
+    def _decode_extras(self, rows: torch.Tensor, ex: tuple, credit: tuple | None,
+                       sampling: tuple | None = None, filters: tuple | None = None) -> dict:
+        """Rows [B, N, d] with the extras ``ex`` (``_extras_key``) -> decode_rows_ext's dict. ``exact``, and
+        every sampled step (T > 0: ``sampling`` = (temperature [1], seeds [B]); ``filters`` over the sweep's
+        candidates): the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's: the same hash
+        noise); ``fused`` at T = 0: the selected-row logits kernel with the extras in its one vocab sweep
+        (``fused_select_extras``), or with smoothing (its soft embedding is a second GEMM over the vocabulary,
+        which the kernel does not hold) ``decode_rows_ext`` in float32."""
+        entropy, k, M, tau, sampled, filtered = ex
+        topk = max(k, 0)
+        B, N = rows.shape[:2]
+        V = self.config.vocab_size
+        head = self.model.head_weight()[:V]
+        if self.decoding == "exact" or tau or sampled:
+            ar = torch.arange(B, device=rows.device)
+            one = torch.ones(1, dtype=rows.dtype, device=rows.device)
+            soft = (self.model.embed.weight[:V], tau) if tau else None
+            temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
+            exact = self.decoding == "exact" or sampled
+            return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
+                                   topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
+                                   filters=filters, acc=torch.float64 if exact else torch.float32,
+                                   candidates=filtered or None)
+        from dlc.kernels import fused_select_extras
+        cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
+                                           credit[2][:, None].expand(B, N).reshape(-1))      # [B * N] each
+        out = fused_select_extras(rows.flatten(0, 1), head, entropy, topk, *cargs)
+        return {key: v.view(B, N, *v.shape[1:]) for key, v in out.items()}
 
     def _exact(self, rows: torch.Tensor):
         """The eager runner's decoding of rows [bb, N, d] at T = 0 (tokens equal EagerRunner's)."""
@@ -245,8 +346,10 @@ class GraphRunner(EagerRunner):
                            vocab=self.config.vocab_size, chunk=VOCAB_CHUNK, topk=0)
 
     def _fuses(self, b: StepBatch) -> bool:
-        """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, no extras."""
-        return self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs and not b.wants_extras()
+        """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, extras (if any) that the
+        fused sweep computes."""
+        return (self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs
+                and self._extras_key(b) is not None)                   # T = 0: no host reads
 
     def _fused(self, rows: list[torch.Tensor]) -> list:
         """Rows [B_i, N_i, d] of one or more parts through the Triton selected-row logits in one pass over the
@@ -260,14 +363,23 @@ class GraphRunner(EagerRunner):
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, Reuse fallbacks) decode as the graphs do (``_fuses``), else as the
         eager runner."""
-        return self._fused([rows])[0] if self._fuses(batch) else super().decode(rows, batch)
+        if not self._fuses(batch):
+            return super().decode(rows, batch)
+        ex = self._extras_key(batch)
+        if not ex:
+            return self._fused([rows])[0]
+        credit = None
+        if batch.credit_ids is not None:
+            credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+        return StepOutput.from_decode(self._decode_extras(rows, ex, credit))
 
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
-        if self._eligible(batch):
+        ex = self._extras_key(batch)
+        if self._eligible(batch, ex):
             t0, c0 = time.perf_counter(), self.stats["capture_s"]
-            res = self._replay(batch)
+            res = self._replay(batch, ex)
             # host time, a first call's capture excluded
             self.stats["replays"] += 1
             self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
@@ -275,15 +387,20 @@ class GraphRunner(EagerRunner):
         self.stats["eager_reuse"] += 1
         return super().reuse(batch)
 
-    def _replay(self, batch: StepBatch):
+    def _replay(self, batch: StepBatch, ex: tuple):
         B = batch.n_seqs
-        tok, conf = self._launch(self._stage(batch))
-        return tok[:B].clone(), conf[:B].to(torch.float64)
+        g = self._stage(batch, ex)
+        tok, conf = self._launch(g)
+        if not batch.wants_extras():                   # plain (x0, conf), sampled steps too
+            return tok[:B].clone(), conf[:B].to(torch.float64)
+        return StepOutput(tok[:B].clone(), conf[:B].to(torch.float64),
+                          **{k: v[:B].clone() for k, v in g.extras.items()})
 
-    def _stage(self, batch: StepBatch) -> _Graph:
-        """Copy the batch's rows into its bucket's static inputs (capturing the bucket on first use)."""
+    def _stage(self, batch: StepBatch, ex: tuple = ()) -> _Graph:
+        """Copy the batch's rows into its bucket's static inputs (capturing the bucket's variant ``ex`` on
+        first use)."""
         B, T, N, W, S = batch.n_seqs, batch.n_fed, batch.n_out, batch.width, self.pool.s_max
-        g = self._graph(self.bucket(B), T, N)
+        g = self._graph(self.bucket(B), T, N, ex)
         m = g.meta_host                                                           # [4, bb] on the host
         m[0, :B] = batch.slots
         m[1, :B] = batch.q_start
@@ -294,6 +411,17 @@ class GraphRunner(EagerRunner):
             m[4, :B] = batch.keep_idx.shape[-1]
             self._stage_keep(g, batch.keep_idx, B, T)
         g.meta.copy_(m, non_blocking=True)
+        if g.credit is not None:
+            self._stage_credit(g, batch, B)
+        if g.sampling is not None:
+            self._stage_sampling(g, batch, B)
+        if g.embed is not None:                        # smoothing: the fed span's input delta, padding none
+            add = embed_add(batch, T, batch.q_start_dev, g.embed.dtype)
+            if add is None:
+                g.embed[:B] = 0
+            else:
+                g.embed[:B].copy_(add)
+            g.embed[B:] = 0
         cols = g.start[:B, None] + torch.arange(T, device=batch.ids.device)       # [B, T]
         torch.gather(batch.ids, 1, cols, out=g.ids[:B])
         torch.gather(batch.pos, 1, cols, out=g.pos[:B])
@@ -306,6 +434,31 @@ class GraphRunner(EagerRunner):
             g.key_mask[B:g.rows_used, :T] = True
         g.rows_used = B
         return g
+
+    @staticmethod
+    def _stage_sampling(g: _Graph, batch: StepBatch, B: int) -> None:
+        """T > 0: the temperature, the rows' seeds and filters; padding rows seed 0, no filter."""
+        temp, seeds = g.sampling
+        temp.fill_(batch.temperature)
+        seeds[:B].copy_(batch.seeds)
+        seeds[B:] = 0
+        if g.filters is not None:
+            for buf, src, off in zip(g.filters, (batch.top_k, batch.top_p, batch.min_p), (0, 1.0, 0.0)):
+                buf[:B].copy_(src)
+                buf[B:] = off
+
+    @staticmethod
+    def _stage_credit(g: _Graph, batch: StepBatch, B: int) -> None:
+        """The rows' credit [B, N, M_b] into the graph's [bb, N, M] buffers (ids / values past M_b: zero, no
+        credit); padding rows get alpha 0."""
+        ids, vals, alpha = g.credit
+        Mb = batch.credit_ids.shape[-1]
+        ids[:B, :, :Mb].copy_(batch.credit_ids)
+        vals[:B, :, :Mb].copy_(batch.credit_vals)
+        ids[:B, :, Mb:] = 0
+        vals[:B, :, Mb:] = 0
+        alpha[:B].copy_(batch.credit_alpha)
+        alpha[B:] = 0
 
     @staticmethod
     def _stage_keep(g: _Graph, keep: torch.Tensor, B: int, T: int) -> None:
@@ -322,11 +475,13 @@ class GraphRunner(EagerRunner):
         if g.graph is not None:
             g.graph.replay()
             return g.tok, g.conf
-        return self._step(g)
+        g.tok, g.conf, g.extras = self._split(self._step(g))
+        return g.tok, g.conf
 
     # -- steps ahead of the host (step.LookaheadRunner) --------------------------------------------------
     def can_run_ahead(self, batch: StepBatch) -> bool:
-        return batch.phase == "reuse" and self._eligible(batch)
+        return (batch.phase == "reuse" and batch.temperature == 0 and not batch.wants_extras()
+                and self._eligible(batch, ()))
 
     @torch.no_grad()
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
@@ -360,7 +515,7 @@ class GraphRunner(EagerRunner):
 
     def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
         """One fused pass when every part decodes as the graphs do (``_fuses``); else the eager runner's."""
-        if all(self._fuses(b) for b in parts):
+        if all(self._fuses(b) and not b.wants_extras() for b in parts):
             return self._fused(rows)
         return super().decode_parts(rows, parts)
 

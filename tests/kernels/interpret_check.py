@@ -10,12 +10,43 @@ import torch
 from dlc.kernels import attention as A
 from dlc.kernels import cache_write as C
 from dlc.kernels import logits as L
+from dlc.kernels import select_extras as X
 
 REL = {torch.float32: 1e-5, torch.float16: 2e-3}
+EXTRAS_ATOL = {torch.float32: 1e-4, torch.float16: 1e-4}   # vs the float64 sweep on the same (rounded) inputs
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_extras(dt):
+    """The selected-row logits kernel with its extras on (entropy, top-k, credit) vs the float64 reference;
+    tiles small enough that each row's sweep crosses several tiles and vocab splits."""
+    h, w = (torch.randn(20, 48) * 0.4).to(dt), torch.randn(700, 48).to(dt)
+    ids = torch.randint(0, 700, (20, 3))
+    ids[:, 0] = (h.double() @ w.double().T).topk(2, dim=-1).indices[:, 1]    # flips tokens
+    vals = torch.rand(20, 3) * 3
+    vals[:, 0] = 20.0
+    alpha = torch.where(torch.arange(20) % 3 == 0, 0.0, 0.7)
+    for ent, k, cr in ((True, 5, True), (True, 3, False), (False, 0, False), (False, 1, True)):
+        c = (ids, vals, alpha) if cr else (None, None, None)
+        out = X.select_extras_triton(h, w, ent, k, *c, BN=16, BV=32, BD=16)
+        ref = X.select_extras_reference(h.double(), w.double(), ent, k, ids if cr else None,
+                                        vals.double() if cr else None, alpha.double() if cr else None,
+                                        acc=torch.float64)
+        assert set(out) == set(ref), (sorted(out), sorted(ref))
+        same = out["tokens"] == ref["tokens"]
+        assert same.float().mean() >= 0.9, (dt, ent, k, cr)
+        for key in out:
+            a, b = out[key], ref[key]
+            if key in ("confidence", "logprob"):
+                a, b = a[same], b[same]
+            if a.is_floating_point():
+                err = (a.double() - b.double()).abs().max().item()
+                assert err < EXTRAS_ATOL[dt], (dt, ent, k, cr, key, err)
+            else:
+                assert (a == b).float().mean() >= 0.9, (dt, ent, k, cr, key)
 
 
 def main():
@@ -50,6 +81,7 @@ def main():
             out = A.sparse_attention_triton(q, k, v, kb, vb, ix, BK=16)
             ref = A.sparse_attention_reference(q.float(), k.float(), v.float(), kb.float(), vb.float(), ix)
             assert rel(out, ref) < REL[dt], (dt, ix is None, rel(out, ref))
+        check_extras(dt)
     kc, vc = torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
     kc2, vc2 = kc.clone(), vc.clone()
     kn, vn = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)

@@ -125,3 +125,36 @@ def test_ops_compile_with_inductor_on_gpu():
     et, ec = K.fused_select_logits(h * 2, w)
     assert torch.equal(tok, et)
     torch.testing.assert_close(conf, ec)
+
+
+EXTRAS_ATOL = 2e-3        # bf16 operands, fp32 sweep, vs the float64 sweep on the same bf16 values
+
+
+@pytest.mark.parametrize("N,V,k,credit", [(32, 126464, 5, True), (1024, 50000, 0, False),
+                                         (17, 4099, 20, True)])
+def test_fused_select_extras_triton_vs_float64(N, V, k, credit):
+    """The kernel with its extras on (entropy, top-k logprobs, credit-fused selection) against the float64
+    sweep (``select_extras_reference`` in float64) on the same bf16 values."""
+    from dlc.kernels import select_extras as X
+    _poison_allocator()
+    h = (torch.randn(N, 4096, device="cuda") * 0.05).bfloat16()
+    w = torch.randn(V, 4096, device="cuda").bfloat16()
+    c = (None, None, None)
+    if credit:
+        ids = torch.randint(0, V, (N, 8), device="cuda")
+        ids[:, 0] = (h.float() @ w.float().T).topk(2, dim=-1).indices[:, 1]
+        vals = torch.rand(N, 8, device="cuda", dtype=torch.float64) * 3
+        alpha = torch.where(torch.arange(N, device="cuda") % 3 == 0, 0.0, 0.7).double()
+        c = (ids, vals, alpha)
+    out = K.fused_select_extras(h, w, entropy=True, topk=k, credit_ids=c[0], credit_vals=c[1],
+                                credit_alpha=c[2])
+    ref = X.select_extras_reference(h.double(), w.double(), True, k, *c, acc=torch.float64)
+    assert set(out) == set(ref)
+    same = out["tokens"] == ref["tokens"]
+    assert same.float().mean() >= TOKEN_AGREE
+    for key in out:
+        a, b = (out[key][same], ref[key][same]) if key in ("confidence", "logprob") else (out[key], ref[key])
+        if a.is_floating_point():
+            assert not a.isnan().any() and (a.double() - b).abs().max().item() < EXTRAS_ATOL, key
+        else:
+            assert (a == b).float().mean() >= TOKEN_AGREE, key

@@ -254,3 +254,65 @@ def test_kv_write_bad_input():
         K.kv_write_(kc, vc, kn, vn, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="does not match"):
         K.kv_write_(kc, vc, kn[..., :4].contiguous(), vn[..., :4].contiguous(), 0)
+
+
+# ------------------------------------------------------------------------------ fused select logits + extras
+EXTRAS_ATOL = 1e-4        # float32 online sweep (entropy, logprobs, credit-fused confidence) vs float64 math
+
+
+def _credit_inputs(h, w, R, M=3):
+    """Credit on each row's runner-up (large, so it flips many tokens) and random ids; every third row off."""
+    l64 = h.double() @ w.double().T
+    ids = torch.randint(0, w.shape[0], (R, M))
+    ids[:, 0] = l64.topk(2, dim=-1).indices[:, 1]
+    vals = torch.rand(R, M, dtype=torch.float64) * 3
+    vals[:, 0] = 20.0
+    alpha = torch.where(torch.arange(R) % 3 == 0, 0.0, 0.7).double()
+    return ids, vals, alpha
+
+
+def test_select_extras_reference_against_float64_math():
+    """The op's CPU implementation (float32 sweep) vs full-vocabulary float64 math written here: entropy
+    -sum p log p, the token's logprob, top-k logprobs, and credit's selection over l + alpha log(1 + credit),
+    the step's own top-1 bonus p1 ** 0.2 included (dInfer's CreditThresholdParallelDecoder)."""
+    from dlc.kernels.sampling import CREDIT_GAMMA
+    torch.manual_seed(3)
+    R, d, V, k = 30, 16, 500, 4
+    h, w = _rand(R, d), _rand(V, d)
+    ids, vals, alpha = _credit_inputs(h, w, R)
+    l64 = h.double() @ w.double().T                                                      # [R, V]
+    lsm = l64.log_softmax(-1)
+    p1, r1 = lsm.exp().max(-1)
+    cred = torch.zeros(R, V, dtype=torch.float64).scatter_add(1, ids, vals)
+    cred[torch.arange(R), r1] += p1 ** CREDIT_GAMMA
+    fused = l64 + alpha[:, None] * torch.log1p(cred)
+    tok_ref = fused.argmax(-1)
+    conf_ref = fused.softmax(-1).gather(1, tok_ref[:, None])[:, 0]
+    out = K.fused_select_extras(h, w, entropy=True, topk=k, credit_ids=ids, credit_vals=vals,
+                                credit_alpha=alpha)
+    ok = _gap_ok(fused)
+    assert ok.float().mean() > 0.9 and torch.equal(out["tokens"][ok], tok_ref[ok])
+    assert (tok_ref != l64.argmax(-1)).sum() >= 5                    # credit decides: many tokens flip
+    torch.testing.assert_close(out["confidence"].double()[ok], conf_ref[ok], rtol=0, atol=EXTRAS_ATOL)
+    ent = -(lsm.exp() * lsm).sum(-1)
+    torch.testing.assert_close(out["entropy"].double(), ent, rtol=0, atol=EXTRAS_ATOL)
+    torch.testing.assert_close(out["logprob"].double()[ok], lsm.gather(1, tok_ref[:, None])[ok, 0], rtol=0,
+                               atol=EXTRAS_ATOL)
+    tv, ti = lsm.topk(k, dim=-1)
+    assert torch.equal(out["topk_ids"], ti)
+    torch.testing.assert_close(out["topk_logprobs"].double(), tv, rtol=0, atol=EXTRAS_ATOL)
+    assert torch.equal(out["top1_ids"], r1)
+    torch.testing.assert_close(out["top1_prob"].double(), p1, rtol=0, atol=EXTRAS_ATOL)
+    plain = K.fused_select_extras(h, w)                             # no extras asked: (token, conf, logprob)
+    assert set(plain) == {"tokens", "confidence", "logprob"}
+    ok = _gap_ok(l64)
+    assert torch.equal(plain["tokens"][ok], l64.argmax(-1)[ok])
+
+
+def test_select_extras_refuses_bad_inputs():
+    h, w = _rand(4, 8), _rand(20, 8)
+    with pytest.raises(ValueError, match="credit_ids"):
+        K.fused_select_extras(h, w, credit_ids=torch.zeros(3, 2, dtype=torch.long),
+                              credit_vals=torch.zeros(3, 2), credit_alpha=torch.zeros(3))
+    with pytest.raises(ValueError, match="topk"):
+        K.fused_select_extras(h, w, topk=21)

@@ -59,7 +59,8 @@ def _compiled_engine():
 
 
 def test_mixed_traffic_through_compiled_blocks_never_fails():
-    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0) at many shapes:
+    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0 with top-p, which
+    no captured variant holds) at many shapes:
     more guard variants than Dynamo's default limit of 8 holds; no request may fail on it."""
     gr, eng = _compiled_engine()
     g = torch.Generator().manual_seed(0)
@@ -69,8 +70,8 @@ def test_mixed_traffic_through_compiled_blocks_never_fails():
            (30, "dual", 0.0, 32)]                   # (prompt length, cache, temperature, gen_length)
     for i, (n, kv, temp, gen) in enumerate(mix):
         prompt = torch.randint(3, 200, (n,), generator=g).tolist()
-        reqs.append(eng.make_request(prompt, {"kv_cache": kv, "temperature": temp, "seed": i,
-                                              "gen_length": gen, "steps": gen}))
+        params = {"kv_cache": kv, "temperature": temp, "seed": i, "gen_length": gen, "steps": gen}
+        reqs.append(eng.make_request(prompt, {**params, "top_p": 0.9 if temp else 1.0}))
     for r in reqs:
         eng.add_request(r)
     eng.run_until_done()

@@ -274,6 +274,43 @@ def test_top_k_top_p_min_p_match_plain_torch_at_fixed_seeds(rows):
     assert torch.equal(outs[0][2], l[2].argmax(-1))          # top_k = 1 is greedy
 
 
+@pytest.mark.parametrize("filtered_conf", [False, True])
+def test_top_k_filters_over_candidates_match_plain_torch(monkeypatch, filtered_conf):
+    """Top-k filters (k <= FILTER_CANDIDATES, with top-p / min-p on top) sample over the sweep's candidates,
+    never forming [N, V] logits: tokens equal the full-vocabulary transcription, confidences and logprobs too;
+    a row without filters is the plain Gumbel-max (not with filtered_conf: every row then filters)."""
+    from dlc.kernels import sampling as S
+    g = torch.Generator().manual_seed(4)
+    V, d = 3000, 16
+    h, w = torch.randn(4, 6, d, generator=g), torch.randn(V, d, generator=g) * 0.5
+    cr, ur, cw, _ = _args(h)
+    cr = ur = torch.arange(4)
+    seeds = torch.tensor([11, 22, 33, 44])
+    l, T = _plain_logits(h, w), 1.3
+    f = (torch.tensor([S.FILTER_CANDIDATES, 5, 1, 0 if not filtered_conf else 40]),
+         torch.tensor([0.6, 1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.1, 0.0, 0.0],
+                                                                                dtype=torch.float64))
+    assert S.candidates_cover(*f, filtered_conf) == ("filtered" if filtered_conf else "mixed")
+    monkeypatch.setattr(S, "_decode_full", lambda *a, **k: pytest.fail("formed [N, V] logits"))
+    out = decode_rows_ext(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=700, filters=f, logprobs=True, topk=2,
+                          filtered_conf=filtered_conf)
+    tok = filter_reference(l, T, *f, seeds, V)
+    assert torch.equal(out["tokens"], tok)
+    lsm = torch.log_softmax(l, -1)
+    torch.testing.assert_close(out["logprob"], lsm.gather(-1, tok[..., None])[..., 0], rtol=0, atol=1e-12)
+    if filtered_conf:                       # probability under the filtered, tempered distribution
+        keep = S.filter_mask(l / T, *f)
+        kept = torch.where(keep, l / T, torch.full_like(l, NEG))
+        conf = torch.exp((l / T).gather(-1, tok[..., None])[..., 0] - torch.logsumexp(kept, -1))
+    else:
+        conf = lsm.exp().gather(-1, tok[..., None])[..., 0]
+    torch.testing.assert_close(out["confidence"], conf, rtol=0, atol=1e-12)
+    plain = decode_rows(h, w, cr, ur, cw, T, seeds, vocab=V, chunk=V, topk=0)[0]
+    assert not torch.equal(tok[:3], plain[:3])                  # the filters decide
+    assert filtered_conf or torch.equal(tok[3], plain[3])
+    assert not S.candidates_cover(torch.tensor([0]), torch.tensor([0.9]), torch.tensor([0.0]))   # top-p alone
+
+
 # ------------------------------------------------------------------------------ whole generations
 @pytest.fixture(scope="module")
 def model():
@@ -438,8 +475,8 @@ def test_engine_equals_generate_with_every_rule_in_mixed_batches(model, graphs):
         assert r.finish_reason in ("stop", "length") and r.output_ids == ref, params
         outs.add(tuple(r.output_ids))
     assert len(outs) > 6
-    if graphs:       # plain rows replay graphs in their own groups; rows with extras run eagerly
-        assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] > 0
+    if graphs:       # every rule's Reuse steps replay captured variants (tests/runtime/test_graph_extras.py)
+        assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] == 0
 
 
 @pytest.mark.parametrize("rule", [dict(threshold=0.99, credit=True, smoothing=True, logprobs=1),
@@ -503,8 +540,10 @@ def test_restart_block_rewinds_the_rule_state():
 
 
 def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
-    """One logprobs request among plain ones: the engine gives it its own group (eager), the others still
-    replay their captured Reuse steps; every output equals generate() alone."""
+    """One request whose decoding no captured variant holds (top-p sampling without a top-k) among plain ones:
+    the engine gives it its own group (eager), the others still replay their captured Reuse steps; every
+    output equals generate() alone. (Entropy, credit, logprobs, smoothing and top-k sampling replay variants
+    of their own: tests/runtime/test_graph_extras.py.)"""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.runners.eager import EagerRunner
@@ -513,7 +552,8 @@ def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
     eng = Engine(sess, ServeConfig(model="tiny-llada", max_seq_len=64, kv_cache_mb=16, max_num_tokens=512,
                                    cuda_graphs=True, graph_decode="exact"))
     base = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
-    specs = [([5, 6, 7, i], {**base, **({"logprobs": 1} if i == 0 else {})}) for i in range(4)]
+    top_p = {"temperature": 0.7, "top_p": 0.8}
+    specs = [([5, 6, 7, i], {**base, **(top_p if i == 0 else {})}) for i in range(4)]
     reqs = [eng.make_request(p, params) for p, params in specs]
     for r in reqs:
         eng.add_request(r)
