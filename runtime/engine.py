@@ -325,7 +325,10 @@ class Engine:
         groups = [[reqs[i] for i in idx]
                   for idx in group_states([r.state for r in reqs], self.runner.max_batch_size,
                                           split_extras=split)]
-        if supports_mixed(self.runner) and is_mixed_iteration([g[0].phase for g in groups]):
+        # one ragged forward attends through attend_ragged, not the mode's kernels: a row's numbers would
+        # depend on whether its iteration mixed (bench/probes/invariance_timeline.py found it on an H100)
+        if supports_mixed(self.runner) and not self.cfg.batch_invariant \
+                and is_mixed_iteration([g[0].phase for g in groups]):
             self._run_mixed(groups, results)
             return results
         with self.lock:                               # steps ahead only while nothing waits for admission

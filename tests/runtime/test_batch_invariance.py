@@ -71,3 +71,28 @@ def test_batch_invariant_engine_refuses_compiled_blocks():
     with pytest.raises(ValueError, match="batch_invariant: this model's blocks are compiled"):
         Engine(s, ServeConfig(max_seq_len=96, kv_cache_mb=16, batch_invariant=True))
     Engine(s, ServeConfig(max_seq_len=96, kv_cache_mb=16))                 # the default mode takes them
+
+
+def test_batch_invariant_engine_never_runs_a_ragged_mixed_forward(session, monkeypatch):
+    """A mixed iteration's one ragged forward attends through ``attend_ragged``, not the mode's kernels, so in
+    the mode the Engine runs a mixed iteration's Refresh and Reuse groups as separate calls (on an H100 the
+    eager runner's probes differed from their solo runs exactly at the first mixed iteration,
+    bench/probes/invariance_timeline.py). The same staggered traffic mixes in the default mode."""
+    from dlc.runtime.runners.eager import EagerRunner
+    calls = {"mixed": 0}
+    orig = EagerRunner.mixed
+
+    def counting(self, batch):
+        calls["mixed"] += 1
+        return orig(self, batch)
+    monkeypatch.setattr(EagerRunner, "mixed", counting)
+    for on in (False, True):
+        calls["mixed"] = 0
+        eng = Engine(session, ServeConfig(max_seq_len=96, kv_cache_mb=16, batch_invariant=on))
+        reqs = [eng.make_request(p, {**params, "kv_cache": "dual"}) for p, params in PROBES[:4]]
+        for r in reqs:                       # one request per iteration: each Refresh meets earlier Reuses
+            eng.add_request(r)
+            eng.step()
+        eng.run_until_done()
+        assert all(r.error is None for r in reqs)
+        assert (calls["mixed"] > 0) != on, (on, calls)
