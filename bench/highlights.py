@@ -183,6 +183,9 @@ def batch_invariance(s: Section) -> list[tuple[str, str]]:
     n = sum(int(r["requests"]) for r in t)
     diff = sum(int(r["differing"]) for r in t)
     modes = ", ".join(f"{r['runner']} {r['mode']}" if "runner" in r else r["mode"] for r in t)
+    if all(r.get("batch-invariant") == "on" for r in t):
+        return [(f"batch invariance with --batch-invariant: {diff} of {n} requests differ solo vs under a mixed "
+                 f"load ({', '.join(r['mode'] for r in t)})", "serving Engine (CUDA graphs, compile off)")]
     return [(f"batch invariance: {diff} of {n} requests differ solo vs under a mixed load ({modes})",
              "serving Engine (default GPU runner: CUDA graphs + compiled blocks; eager where named)")]
 
@@ -198,9 +201,13 @@ def head_sparse(s: Section) -> list[tuple[str, str]]:
 
 
 def block_diffusion(s: Section) -> list[tuple[str, str]]:
-    r = find(s.tables[0], b="1")
-    return [(f"LLaDA2-mini shape, batch 1: dlc {r['dlc tok/s']} vs plain eager loop {r['eager tok/s']} tok/s "
-             f"({r['dlc / eager']})", "runtime eager path with the exact block cache")]
+    parts = []
+    for b in ("1", "32"):
+        r = find(s.tables[0], b=b)
+        if r["dlc tok/s"] != "-":
+            parts.append(f"dlc {r['dlc tok/s']} vs plain eager loop {r['eager tok/s']} tok/s ({r['dlc / eager']}) "
+                         f"(batch {b})")
+    return [("LLaDA2-mini shape: " + ", ".join(parts), "runtime eager path with the exact block cache")]
 
 
 EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,
