@@ -2,7 +2,6 @@
 the same probe added first among 3 plain requests (dual cache, T = 0, same schedule, so its iterations line up):
 every leaf module's output on the probe's row in the first runner call (its Refresh) compared bit for bit,
 then the probe's (tokens, confidence) of each of the first runner calls. GPU diagnostic for issue 17 item 8."""
-import dataclasses
 import os
 import sys
 
@@ -10,8 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import batch_invariance as bi  # noqa: E402
-from invariance_variants import engine  # noqa: E402
+from invariance_variants import engine, small_model  # noqa: E402
 
 
 def run(eng, model, prompts, params, n_calls=6):
@@ -44,12 +42,7 @@ def run(eng, model, prompts, params, n_calls=6):
 
 
 def main():
-    tiny = "--tiny" in sys.argv
-    dev = "cpu" if tiny else "cuda"
-    from dlc.models.presets import preset_config
-    cfg = dataclasses.replace(preset_config("llada-8b"), d_model=512, n_layers=4, n_heads=8, n_kv_heads=8,
-                              mlp_hidden=1408, max_seq_len=512) if not tiny else bi.model_config(True)
-    model = bi.build(cfg, dev, torch.float32 if tiny else torch.bfloat16)
+    cfg, model, dev = small_model("--tiny" in sys.argv)
     g = torch.Generator().manual_seed(1)
     lens = [40, 70, 25, 55]
     top = min(cfg.vocab_size, cfg.mask_id, cfg.eos_id) - 1

@@ -2,7 +2,6 @@
 few iterations later (several kinds of other request). Per runner call the probe's row is found by its prompt
 (ids prefix) and its confidences are compared bit for bit with the solo run's call of the same index; the
 first differing call is printed with the batch it ran in. GPU diagnostic for issue 17 item 8."""
-import dataclasses
 import os
 import sys
 
@@ -11,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batch_invariance as bi  # noqa: E402
-from invariance_variants import engine  # noqa: E402
+from invariance_variants import engine, small_model  # noqa: E402
 
 
 TRACE = {}
@@ -52,10 +51,7 @@ def trace(eng, probe, params, others=()):
 
 
 def main():
-    from dlc.models.presets import preset_config
-    cfg = dataclasses.replace(preset_config("llada-8b"), d_model=512, n_layers=4, n_heads=8, n_kv_heads=8,
-                              mlp_hidden=1408, max_seq_len=512)
-    model = bi.build(cfg, "cuda", torch.bfloat16)
+    cfg, model, _ = small_model(False)
     g = torch.Generator().manual_seed(3)
     top = min(cfg.vocab_size, cfg.mask_id, cfg.eos_id) - 1
     probe = torch.randint(0, top, (40,), generator=g).tolist()

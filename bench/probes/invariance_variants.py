@@ -32,13 +32,18 @@ def engine(model, dev, max_seq, max_batch, **kw):
     return eng
 
 
-def main():
-    tiny = "--tiny" in sys.argv
+def small_model(tiny: bool):
+    """-> (config, model, device): the GPU test's small random LLaDA shape in bf16 (tiny-llada fp32 on CPU)."""
     dev = "cpu" if tiny else "cuda"
     from dlc.models.presets import preset_config
     cfg = dataclasses.replace(preset_config("llada-8b"), d_model=512, n_layers=4, n_heads=8, n_kv_heads=8,
                               mlp_hidden=1408, max_seq_len=512) if not tiny else bi.model_config(True)
-    model = bi.build(cfg, dev, torch.float32 if tiny else torch.bfloat16)
+    return cfg, bi.build(cfg, dev, torch.float32 if tiny else torch.bfloat16), dev
+
+
+def main():
+    tiny = "--tiny" in sys.argv
+    cfg, model, dev = small_model(tiny)
     scale = (8, 96, 32, 16, (16, 32, 64))
     plain = dict(bi.MODES)
     orig_bg = bi.background
