@@ -1,7 +1,8 @@
 """Where does the Engine path break batch invariance with --batch-invariant on? One probe request alone vs
-the same probe added first among 3 plain requests (dual cache, T = 0, same schedule, so its iterations line up):
-every leaf module's output on the probe's row in the first runner call (its Refresh) compared bit for bit,
-then the probe's (tokens, confidence) of each of the first runner calls. GPU diagnostic for issue 17 item 8."""
+the same probe added first among 3 plain requests (dual cache, T = 0, same schedule, so its iterations line
+up): every leaf module's output on the probe's row in the first runner call (its Refresh) compared bit for
+bit, then the probe's (tokens, confidence) of each of the first runner calls. GPU diagnostic for issue 17
+item 8."""
 import os
 import sys
 

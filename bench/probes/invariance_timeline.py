@@ -50,6 +50,11 @@ def trace(eng, probe, params, others=()):
     return TRACE["calls"], r.output_ids
 
 
+def first_difference(solo, calls):
+    return next((i for i, (a, b) in enumerate(zip(solo, calls))
+                 if a["conf"].shape != b["conf"].shape or not torch.equal(a["conf"], b["conf"])), None)
+
+
 def main():
     cfg, model, _ = small_model(False)
     g = torch.Generator().manual_seed(3)
@@ -76,8 +81,7 @@ def main():
             solo, out0 = trace(eng, probe, params)
             for start in (0, 2, 5, 9):
                 calls, out = trace(eng, probe, params, [(max(0, d - start), p, pr) for d, p, pr in crowd])
-                bad = next((i for i, (a, b) in enumerate(zip(solo, calls))
-                            if a["conf"].shape != b["conf"].shape or not torch.equal(a["conf"], b["conf"])), None)
+                bad = first_difference(solo, calls)
                 desc = "-" if bad is None else {k: v for k, v in calls[bad].items() if k != "conf"}
                 prev = "-" if not bad else {k: v for k, v in calls[bad - 1].items() if k != "conf"}
                 print(f"crowd start={start}: tokens equal {out == out0}, first differing call {bad}: {desc}; "
@@ -90,8 +94,7 @@ def main():
         for name, other in others.items():
             for delay in (0, 1, 3):
                 calls, out = trace(eng, probe, params, [(delay, *other)])
-                bad = next((i for i, (a, b) in enumerate(zip(solo, calls))
-                            if a["conf"].shape != b["conf"].shape or not torch.equal(a["conf"], b["conf"])), None)
+                bad = first_difference(solo, calls)
                 desc = "-" if bad is None else {k: v for k, v in calls[bad].items() if k != "conf"}
                 sdesc = "-" if bad is None else {k: v for k, v in solo[bad].items() if k != "conf"}
                 print(f"graphs={graphs} other={name} delay={delay}: tokens equal {out == out0}, calls "

@@ -25,15 +25,15 @@ VARIANTS = {"defaults": {}, "lookahead1": dict(lookahead_steps=1), "exact": dict
 def engine(model, dev, max_seq, max_batch, **kw):
     cfg = model.config
     mib = slot_bytes(cfg, max_seq, next(model.parameters()).dtype) * (2 * max_batch + 2) / 2**20 + 1
-    sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq, kv_cache_mb=mib,
-                     max_queue=4096, log_interval_s=0, compile=False, batch_invariant=True, **kw)
+    sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq,
+                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, compile=False, batch_invariant=True, **kw)
     eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
     eng.warmup()
     return eng
 
 
 def small_model(tiny: bool):
-    """-> (config, model, device): the GPU test's small random LLaDA shape in bf16 (tiny-llada fp32 on CPU)."""
+    """-> (config, model, device): the GPU test's small random LLaDA shape, bf16 (tiny-llada fp32 on CPU)."""
     dev = "cpu" if tiny else "cuda"
     from dlc.models.presets import preset_config
     cfg = dataclasses.replace(preset_config("llada-8b"), d_model=512, n_layers=4, n_heads=8, n_kv_heads=8,
@@ -55,9 +55,10 @@ def main():
             if tiny and kw.get("cuda_graphs") is None and name != "defaults":
                 continue
             eng = engine(model, dev, 2 * scale[1] + max(scale[4]), 16, **kw)
-            row = bi.run_mode(eng, cfg, "greedy-1", plain["greedy-1"], Namespace(probes=12, background=12, seed=0),
-                              scale)
-            print(f"RESULT bg={'plain' if only_plain else 'mixed'} variant={name} runner={bi.runner_name(eng)} "
+            args = Namespace(probes=12, background=12, seed=0)
+            row = bi.run_mode(eng, cfg, "greedy-1", plain["greedy-1"], args, scale)
+            print(f"RESULT bg={'plain' if only_plain else 'mixed'} variant={name} "
+                  f"runner={bi.runner_name(eng)} "
                   f"differing={row['differing']} first={row['first_diff']}", flush=True)
             del eng
             torch.cuda.empty_cache() if dev == "cuda" else None
