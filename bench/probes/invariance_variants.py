@@ -26,7 +26,8 @@ def engine(model, dev, max_seq, max_batch, **kw):
     cfg = model.config
     mib = slot_bytes(cfg, max_seq, next(model.parameters()).dtype) * (2 * max_batch + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq,
-                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, compile=False, batch_invariant=True, **kw)
+                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, compile=False, batch_invariant=True,
+                     **kw)
     eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
     eng.warmup()
     return eng
