@@ -70,22 +70,30 @@ def main():
               "prefix": (longer, {**params, "kv_cache": "prefix"}),
               "none": (longer, {**params, "kv_cache": "none"}),
               "T0.8": (longer, {**params, "temperature": 0.8, "seed": 5})}
-    if "--crowd" in sys.argv:           # the bench's plain background: many requests, staggered
-        bg = bi.background(cfg, g, 24, (8, 96, 32, 16, (16, 32, 64)))
-        bg = [(p, {**pr, "kv_cache": "dual", "temperature": 0.0}) for p, pr in bg]
-        gaps = torch.randint(0, 3, (len(bg),), generator=g).cumsum(0).tolist()
-        crowd = [(d, p, pr) for d, (p, pr) in zip(gaps, bg)]
-        for graphs in (True,):
-            eng = engine(model, "cuda", 256, 16, cuda_graphs=graphs, lookahead_steps=1)
-            wrap(eng.runner)
-            solo, out0 = trace(eng, probe, params)
-            for start in (0, 2, 5, 9):
+    if "--crowd" in sys.argv:           # the bench's background: many requests, staggered
+        raw = bi.background(cfg, g, 24, (8, 96, 32, 16, (16, 32, 64)))
+        kinds = {"plain": lambda pr: {**pr, "kv_cache": "dual", "temperature": 0.0},
+                 "full-mix": lambda pr: pr,
+                 "no-T": lambda pr: {**pr, "temperature": 0.0},
+                 "dual-only": lambda pr: {**pr, "kv_cache": "dual"},
+                 "no-none": lambda pr: {**pr, "kv_cache": "dual" if pr["kv_cache"] == "none"
+                                        else pr["kv_cache"]},
+                 "no-prefix": lambda pr: {**pr, "kv_cache": "dual" if pr["kv_cache"] == "prefix"
+                                          else pr["kv_cache"]}}
+        gaps = torch.randint(0, 3, (len(raw),), generator=g).cumsum(0).tolist()
+        eng = engine(model, "cuda", 256, 16, cuda_graphs=True, lookahead_steps=1)
+        wrap(eng.runner)
+        solo, out0 = trace(eng, probe, params)
+        for kind, edit in kinds.items():
+            crowd = [(d, p, edit(pr)) for d, (p, pr) in zip(gaps, raw)]
+            for start in (0, 3):
                 calls, out = trace(eng, probe, params, [(max(0, d - start), p, pr) for d, p, pr in crowd])
                 bad = first_difference(solo, calls)
                 desc = "-" if bad is None else {k: v for k, v in calls[bad].items() if k != "conf"}
                 prev = "-" if not bad else {k: v for k, v in calls[bad - 1].items() if k != "conf"}
-                print(f"crowd start={start}: tokens equal {out == out0}, first differing call {bad}: {desc}; "
-                      f"call before: {prev}; eager_reuse {eng.runner.stats.get('eager_reuse')}", flush=True)
+                print(f"crowd {kind} start={start}: tokens equal {out == out0}, first differing call {bad}: "
+                      f"{desc}; call before: {prev}; eager_reuse {eng.runner.stats.get('eager_reuse')}",
+                      flush=True)
         return
     for graphs in (False, True):
         eng = engine(model, "cuda", 256, 8, cuda_graphs=graphs, lookahead_steps=1)
