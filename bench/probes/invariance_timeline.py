@@ -23,21 +23,23 @@ def wrap(runner):
 
         def wrapped(batch, _fn=fn, _phase=phase, **kw):
             out = _fn(batch, **kw)
-            pt, calls = TRACE["probe"], TRACE["calls"]
-            n = len(pt)
             ids = batch.ids.cpu()
-            hit = [i for i in range(batch.n_seqs) if ids.shape[1] >= n and torch.equal(ids[i, :n], pt)]
-            if hit:
-                conf = (out.confidence if hasattr(out, "confidence") else out[1])[hit[0]].cpu()
-                calls.append(dict(phase=_phase, rows=batch.n_seqs, width=batch.ids.shape[1], fed=batch.n_fed,
-                                  row=hit[0], lengths=batch.lengths.tolist()[:6], conf=conf))
+            for pt, calls in TRACE["probes"]:
+                n = len(pt)
+                hit = [i for i in range(batch.n_seqs) if ids.shape[1] >= n and torch.equal(ids[i, :n], pt)]
+                if hit:
+                    conf = (out.confidence if hasattr(out, "confidence") else out[1])[hit[0]].cpu()
+                    calls.append(dict(phase=_phase, rows=batch.n_seqs, width=batch.ids.shape[1],
+                                      fed=batch.n_fed, row=hit[0], lengths=batch.lengths.tolist()[:6],
+                                      bucket=getattr(runner, "bucket", lambda b: b)(batch.n_seqs)
+                                      if _phase == "reuse" else None, conf=conf))
             return out
         setattr(runner, phase, wrapped)
 
 
 def trace(eng, probe, params, others=()):
     """others: [(delay, prompt, params)]."""
-    TRACE.update(probe=torch.tensor(probe), calls=[])
+    TRACE.update(probes=[(torch.tensor(probe), [])])
     r = eng.make_request(probe, params)
     eng.add_request(r)
     it, pending = 0, sorted(others, key=lambda o: o[0])
@@ -47,7 +49,7 @@ def trace(eng, probe, params, others=()):
             eng.add_request(eng.make_request(p, pr))
         eng.step()
         it += 1
-    return TRACE["calls"], r.output_ids
+    return TRACE["probes"][0][1], r.output_ids
 
 
 def first_difference(solo, calls):
@@ -70,6 +72,29 @@ def main():
               "prefix": (longer, {**params, "kv_cache": "prefix"}),
               "none": (longer, {**params, "kv_cache": "none"}),
               "T0.8": (longer, {**params, "temperature": 0.8, "seed": 5})}
+    if "--bench" in sys.argv:           # the GPU test's traffic (run_mode, greedy-1), every probe traced
+        scale = (8, 96, 32, 16, (16, 32, 64))
+        gb = torch.Generator().manual_seed(0)
+        probes = [(bi.prompt(cfg, gb, 8, 96), bi.probe_params(bi.MODES["greedy-1"], 32, 16, 1000 + i))
+                  for i in range(12)]
+        others = bi.background(cfg, gb, 12, scale)
+        eng = engine(model, "cuda", 2 * 96 + 64, 16, cuda_graphs=True, lookahead_steps=1)
+        wrap(eng.runner)
+        solo = [trace(eng, p, pr) for p, pr in probes]
+        TRACE.update(probes=[(torch.tensor(p), []) for p, _ in probes])
+        outs, seen = bi.mixed(eng, probes, others, gb)
+        for i, ((calls0, out0), (_, calls)) in enumerate(zip(solo, TRACE["probes"])):
+            bad = first_difference(calls0, calls)
+            if bad is None and outs[i] == out0:
+                continue
+            info = lambda c: {k: v for k, v in c.items() if k != "conf"}      # noqa: E731
+            at = (info(calls[bad]), info(calls0[bad])) if bad is not None else ("-", "-")
+            print(f"probe {i} (prompt {len(probes[i][0])}): tokens equal {outs[i] == out0}, calls "
+                  f"{len(calls)} vs {len(calls0)}, first differing call {bad}: mixed {at[0]} solo {at[1]}; "
+                  f"before: {info(calls[bad - 1]) if bad else '-'}", flush=True)
+        print(f"bench traffic done: {seen['iterations']} iterations, eager_reuse "
+              f"{eng.runner.stats['eager_reuse']}", flush=True)
+        return
     if "--crowd" in sys.argv:           # the bench's background: many requests, staggered
         raw = bi.background(cfg, g, 24, (8, 96, 32, 16, (16, 32, 64)))
         kinds = {"plain": lambda pr: {**pr, "kv_cache": "dual", "temperature": 0.0},
