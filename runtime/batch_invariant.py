@@ -103,7 +103,9 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     else:
         kv_len = attn_mask[:, 0, 0, :S].to(torch.int64).sum(-1)                  # [B]
     rows = torch.arange(B, device=q.device)
-    return pool_attention_triton(q, k, v, rows, kv_len, splits=1)
+    # the kernel reads k and v with one stride set: after RoPE k is a fresh tensor while v may still be a view
+    # of the fused q|k|v projection (found on an H100: a row's values then depended on its batch index)
+    return pool_attention_triton(q, k.contiguous(), v.contiguous(), rows, kv_len, splits=1)
 
 
 # ------------------------------------------------------------------------------------- the mode

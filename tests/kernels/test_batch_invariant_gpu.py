@@ -93,6 +93,27 @@ def test_pool_attention_rows_identical_alone_and_in_a_batch():
     assert _rel(full, PA.pool_attention_reference(q.float(), k.float(), v.float(), rows, lens)) < REL
 
 
+def test_invariant_attention_reads_v_views_of_a_fused_projection():
+    """Refresh attention in the mode takes k fresh from RoPE and v as a view of the fused q|k|v projection
+    (other strides): it equals SDPA, and the last row of a batch of 3 equals that row alone (the kernel reads
+    k and v with one stride set: v was read with k's strides, and a row's values depended on its index)."""
+    from dlc.runtime.batch_invariant import invariant_attention
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, T, D = 3, 8, 120, 64
+    qkv = torch.randn(B, T, 3 * H, D, device="cuda", generator=g).bfloat16()   # [B, T, 3H, D]
+    q, k, v = (x.transpose(1, 2) for x in qkv.split(H, dim=2))                # views [B, H, T, D]
+    k = k.contiguous()                                                         # as after RoPE
+    lens = torch.tensor([101, 42, 120], device="cuda")
+    mask = (torch.arange(T, device="cuda")[None] < lens[:, None])[:, None, None, :]
+    with batch_invariant_mode():
+        out = invariant_attention(q, k, v, attn_mask=mask)
+        alone = invariant_attention(q[2:], k[2:], v[2:], attn_mask=None)
+    assert torch.equal(out[2:], alone)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    for b in range(B):                                        # a row's queries past its length attend anyway
+        assert _rel(out[b, :, :lens[b]], ref[b, :, :lens[b]]) < REL, b
+
+
 def _bench():
     path = Path(__file__).resolve().parents[2] / "bench" / "batch_invariance.py"
     spec = importlib.util.spec_from_file_location("batch_invariance_gpu_test", path)

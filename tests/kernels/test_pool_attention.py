@@ -63,6 +63,9 @@ def test_bad_inputs_are_named():
         K.pool_attention(q, kp, vp, rows, lens.int())
     with pytest.raises(ValueError, match="head dim"):
         K.pool_attention(q[..., :8].contiguous(), kp, vp, rows, lens)
+    vt = vp.transpose(1, 2).contiguous().transpose(1, 2)           # same values and shape, other strides
+    with pytest.raises(ValueError, match="v_pool strides"):            # the kernel reads v with k's strides
+        K.pool_attention(q, kp, vt, rows, lens)
 
 
 @pytest.mark.slow
