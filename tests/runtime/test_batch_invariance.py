@@ -96,3 +96,30 @@ def test_batch_invariant_engine_never_runs_a_ragged_mixed_forward(session, monke
         eng.run_until_done()
         assert all(r.error is None for r in reqs)
         assert (calls["mixed"] > 0) != on, (on, calls)
+
+
+def test_invariant_attention_hands_the_kernel_k_and_v_with_one_stride_set(monkeypatch):
+    """The mode's Refresh attention runs the pool-attention kernel, which reads K and V with K's strides. In
+    the models, k is fresh from RoPE and v a transposed view of its projection (other strides): the kernel
+    must get both with the same layout, else it reads wrong values of v (on an H100 a row's outputs then
+    depended on its batch index). The kernel is emulated on CPU (Triton absent) by reading v with k's
+    strides, exactly as its pointer arithmetic does; the result must equal SDPA on the padded batch."""
+    from dlc.kernels import pool_attn
+    from dlc.runtime import batch_invariant as BI
+
+    def kernel(q, k_pool, v_pool, rows, kv_len, splits=None):
+        v_read = torch.as_strided(v_pool, v_pool.shape, k_pool.stride(), v_pool.storage_offset())
+        return pool_attn.pool_attention_reference(q, k_pool, v_read, rows, kv_len)
+    monkeypatch.setattr(BI, "HAS_TRITON", True)
+    monkeypatch.setattr(BI, "INTERPRET", True)
+    monkeypatch.setattr(pool_attn, "pool_attention_triton", kernel)
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 3, 4, 12, 8
+    qkv = torch.randn(B, T, 3 * H, D, generator=g)                           # a fused q|k|v projection
+    q, k, v = (x.transpose(1, 2) for x in qkv.split(H, dim=2))              # views [B, H, T, D]
+    k = k.contiguous()                                                       # as RoPE leaves it
+    lens = torch.tensor([10, 5, 12])
+    mask = (torch.arange(T)[None] < lens[:, None])[:, None, None, :]
+    out = BI.invariant_attention(q, k, v, attn_mask=mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
