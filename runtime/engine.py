@@ -441,8 +441,12 @@ class Engine:
         m.inc("iterations_total")
         m.observe("step_seconds", dt)
         m.set("phase_refresh_share", (tokens["refresh"] + tokens["full"]) / max(1, total))
-        m.set("iteration_refresh_rows", sum(r.phase != "reuse" for r in batch))
-        m.set("iteration_reuse_rows", sum(r.phase == "reuse" for r in batch))
+        reuse_rows = sum(r.phase == "reuse" for r in batch)
+        refresh_rows = len(batch) - reuse_rows
+        m.set("iteration_refresh_rows", refresh_rows)
+        m.set("iteration_reuse_rows", reuse_rows)
+        if refresh_rows and reuse_rows:
+            m.inc("phase_mixed_iterations_total")
         self.gran.observe(tokens["reuse"] or total, dt)
 
     def _emit(self, r: Request, new: list[int]) -> None:

@@ -46,6 +46,7 @@ class Metrics:
         "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
         "lookahead_dropped_steps_total": "Steps run ahead on the device that the decoding core dropped",
         "mixed_iterations_total": "Iterations whose Refresh and Reuse rows ran as one forward",
+        "phase_mixed_iterations_total": "Iterations with Refresh and Reuse rows (one forward or two calls)",
     }
 
     def __init__(self):

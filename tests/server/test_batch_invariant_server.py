@@ -47,4 +47,6 @@ def test_served_outputs_do_not_depend_on_concurrent_requests(invariant_client):
         for f in bg:
             f.result()
         assert [f.result() for f in together] == alone
-    assert srv.metrics()["dlc_mixed_iterations_total"] > 0                      # Refresh beside Reuse rows
+    m = srv.metrics()
+    assert m["dlc_phase_mixed_iterations_total"] > 0                         # Refresh beside Reuse rows,
+    assert m["dlc_mixed_iterations_total"] == 0                              # as separate calls in the mode
