@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -71,6 +72,17 @@ LOGPROB_BUCKETS = (0, 1, 2, 5, 10, MAX_LOGPROBS)   # top alternatives a variant 
 DECODE = ("fused", "exact")
 
 
+class ExtrasKey(NamedTuple):
+    """The decoding extras a captured Reuse variant holds (``GraphRunner._extras_key``, in its graph key)."""
+    entropy: bool
+    logprobs: int          # top alternatives returned (a LOGPROB_BUCKETS entry), -1: no logprobs
+    credit_width: int      # credit ids per position (0: no credit)
+    smooth_tau: float      # smoothing's temperature (0.0: no smoothing)
+    sampled: bool          # T > 0
+    filtered: str | bool   # over the sweep's candidates: "filtered" / "mixed" (sampling.candidates_cover),
+                           # False: no filters
+
+
 @dataclass
 class _Graph:
     """Static buffers of one captured Reuse step: inputs [bb, ...] and outputs tok/conf [bb, N]."""
@@ -85,9 +97,7 @@ class _Graph:
     meta: torch.Tensor
     meta_host: torch.Tensor
     keep: torch.Tensor | None = None   # head-sparse: [n_layers, bb, Hkv, K_max] kept columns per head
-    # decoding extras variant (``_extras_key``): () plain; else (entropy, logprobs k or -1, credit width M,
-    # smoothing tau or 0.0, sampled, filtered)
-    ex: tuple = ()
+    ex: tuple = ()                     # decoding extras variant: () plain, else an ExtrasKey
     credit: tuple | None = None         # (ids [bb, N, M] int64, vals [bb, N, M] float64, alpha [bb] float64)
     embed: torch.Tensor | None = None   # smoothing: [bb, T, d] added to the fed columns' input embedding
     sampling: tuple | None = None       # T > 0: (temperature [1] float64, seeds [bb] int64)
@@ -207,7 +217,7 @@ class GraphRunner(EagerRunner):
             if batch.credit_ids.shape[-1] > M:
                 return None
         k = -1 if batch.logprobs is None else next(b for b in LOGPROB_BUCKETS if b >= batch.logprobs)
-        return (bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered)
+        return ExtrasKey(bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered)
 
     def _eligible(self, batch: StepBatch, ex: tuple | None) -> bool:
         c = batch.cache
@@ -242,17 +252,17 @@ class GraphRunner(EagerRunner):
                    meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(),
                    ex=ex)
         g.key_mask[:, :T] = True
-        if ex and ex[4]:                               # sampled: temperature, seeds, filters (padding: off)
+        if ex and ex.sampled:                          # temperature, seeds, filters (padding rows: off)
             g.sampling = (torch.ones(1, dtype=torch.float64, device=dev), torch.zeros(bb, dtype=torch.long,
                                                                                       device=dev))
-            if ex[5]:
+            if ex.filtered:
                 g.filters = (torch.zeros(bb, dtype=torch.long, device=dev),
                              torch.ones(bb, dtype=torch.float64, device=dev),
                              torch.zeros(bb, dtype=torch.float64, device=dev))
-        if ex and ex[3]:                               # smoothing's soft inputs: none until staged
+        if ex and ex.smooth_tau:                       # smoothing's soft inputs: none until staged
             g.embed = torch.zeros(bb, T, self.config.d_model, dtype=self.dtype, device=dev)
-        if ex and ex[2]:                               # credit inputs: neutral (alpha 0) until staged
-            M = ex[2]
+        if ex and ex.credit_width:                     # credit inputs: neutral (alpha 0) until staged
+            M = ex.credit_width
             g.credit = (torch.zeros(bb, N, M, dtype=torch.long, device=dev),
                         torch.zeros(bb, N, M, dtype=torch.float64, device=dev),
                         torch.zeros(bb, dtype=torch.float64, device=dev))
