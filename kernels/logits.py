@@ -117,6 +117,24 @@ if HAS_TRITON:
         x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
+    @triton.jit
+    def _tile_logits(H, W, rows, rmask, cols, cmask, D, stride_h, stride_w, IEEE: tl.constexpr,
+                     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+        """Logits [BN, BV] of a row tile against a vocab tile (fp32 accumulation), -inf past its end."""
+        acc = tl.zeros([BN, BV], tl.float32)
+        for d0 in range(0, D, BD):
+            dk = d0 + tl.arange(0, BD)
+            dmask = dk < D
+            h = tl.load(H + rows[:, None] * stride_h + dk[None, :], mask=rmask[:, None] & dmask[None, :],
+                        other=0.0)
+            w = tl.load(W + cols[:, None] * stride_w + dk[None, :], mask=cmask[:, None] & dmask[None, :],
+                        other=0.0)
+            if IEEE:
+                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, tl.trans(w), acc)
+        return tl.where(cmask[None, :], acc, float("-inf"))
+
     @triton.jit(do_not_specialize=["seed", "temperature", "N"])      # one compiled kernel for every N
     def _select_logits_kernel(H, W, U, TP, KP, PM, PS, PB, PI, PL,
                               N, V, D, n_split, cols_per_split, stride_h, stride_w, stride_u,
@@ -148,19 +166,7 @@ if HAS_TRITON:
         for v0 in range(v_lo, v_hi, BV):
             cols = v0 + tl.arange(0, BV)
             cmask = cols < v_hi
-            acc = tl.zeros([BN, BV], tl.float32)
-            for d0 in range(0, D, BD):
-                dk = d0 + tl.arange(0, BD)
-                dmask = dk < D
-                h = tl.load(H + rows[:, None] * stride_h + dk[None, :], mask=rmask[:, None] & dmask[None, :],
-                            other=0.0)
-                w = tl.load(W + cols[:, None] * stride_w + dk[None, :], mask=cmask[:, None] & dmask[None, :],
-                            other=0.0)
-                if IEEE:
-                    acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(h, tl.trans(w), acc)
-            logit = tl.where(cmask[None, :], acc, float("-inf"))       # [BN, BV]
+            logit = _tile_logits(H, W, rows, rmask, cols, cmask, D, stride_h, stride_w, IEEE, BN, BV, BD)
             m_new = tl.maximum(m, tl.max(logit, 1))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
             m = m_new
@@ -187,24 +193,6 @@ if HAS_TRITON:
         tl.store(PB + out, best, mask=rmask)
         tl.store(PI + out, bidx, mask=rmask)
         tl.store(PL + out, blog, mask=rmask)
-
-    @triton.jit
-    def _tile_logits(H, W, rows, rmask, cols, cmask, D, stride_h, stride_w, IEEE: tl.constexpr,
-                     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-        """Logits [BN, BV] of a row tile against a vocab tile (fp32 accumulation), -inf past its end."""
-        acc = tl.zeros([BN, BV], tl.float32)
-        for d0 in range(0, D, BD):
-            dk = d0 + tl.arange(0, BD)
-            dmask = dk < D
-            h = tl.load(H + rows[:, None] * stride_h + dk[None, :], mask=rmask[:, None] & dmask[None, :],
-                        other=0.0)
-            w = tl.load(W + cols[:, None] * stride_w + dk[None, :], mask=cmask[:, None] & dmask[None, :],
-                        other=0.0)
-            if IEEE:
-                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, tl.trans(w), acc)
-        return tl.where(cmask[None, :], acc, float("-inf"))
 
     @triton.jit
     def _entropy_step(ent, s, m, m_new, e, raw, cmask):
