@@ -291,21 +291,28 @@ def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv):
     assert st["ahead_calls"] > 0 and eng.metrics.counter("lookahead_dropped_steps_total") == 0
 
 
+def _compile_at_load(engine, tiny_ckpt, prompts):
+    """-> (a serving Engine over the export engine with compile at load, eager generate()'s tokens of each
+    prompt alone); the prompts' outputs must vary (a decisive model)."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    eager = open_model(str(tiny_ckpt), device="cpu").runner
+    refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
+    assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
+    eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
+                                                                    compile=True, **params))
+    return eng, refs
+
+
 @pytest.mark.slow
 def test_export_engine_compiled_at_load_serves_eager_tokens_and_writes_the_pool_in_place(engine, tiny_ckpt):
     """``--compile`` on an export engine: Inductor compiles both phase programs at load (CompiledRunner.
     enable_compile; the GPU default). Through the serving Engine, requests of different lengths in one batch
     (Refresh and Reuse rows, static-buffer graphs without capture) give eager generate()'s tokens, and the
     compiled Reuse program writes its K/V into the pool tensors themselves (no copy of the pool)."""
-    from dlc.runtime.config import ServeConfig
-    from dlc.runtime.engine import Engine
-    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     prompts = [[72, 101, 108, 108, 111], [87, 111, 114], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
-    eager = open_model(str(tiny_ckpt), device="cpu").runner
-    refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
-    assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
-    eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
-                                                                    compile=True, **params))
+    eng, refs = _compile_at_load(engine, tiny_ckpt, prompts)
     runner = eng.runner
     assert runner.compiled
     assert all(type(piece).__name__ == "OptimizedModule"                   # Inductor runs every piece
@@ -329,17 +336,10 @@ def test_compile_at_load_splits_programs_by_layer_and_shares_one_layer_function(
     one piece per layer and an epilogue, the layers' pieces one shared function. Run uncompiled (the compile
     step replaced by the identity, so the test checks the split itself, fast), the split programs serve
     eager's tokens in mixed batches: pieces merged that are not the same computation would not."""
-    from dlc.runtime.config import ServeConfig
-    from dlc.runtime.engine import Engine
     from dlc.runtime.runners import inductor
     monkeypatch.setattr(inductor, "_compile", lambda fn: fn)
-    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     prompts = [[72, 101, 108, 108, 111], [87, 111, 114], [3, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
-    eager = open_model(str(tiny_ckpt), device="cpu").runner
-    refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
-    assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
-    eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
-                                                                    compile=True, **params))
+    eng, refs = _compile_at_load(engine, tiny_ckpt, prompts)
     n_layers = eng.runner.config.n_layers
     assert n_layers > 1
     for program in eng.runner.phases.values():
