@@ -70,15 +70,22 @@ def _schedule(block_length, steps):
 
 
 # ----------------------------------------------------------------------------------- reference transcriptions
+def _window(prompt, gen_length: int, block_length: int, mask_id: int):
+    """The references' token window: the prompt then masks up to whole blocks from column 0 -> (x [1, T],
+    prompt length P, number of blocks nb)."""
+    P = len(prompt)
+    nb = (P + gen_length + block_length - 1) // block_length
+    x = torch.full((1, nb * block_length), mask_id, dtype=torch.long)
+    x[0, :P] = torch.tensor(prompt)
+    return x, P, nb
+
+
 def ref_llada2(model, prompt, gen_length, block_length, steps, threshold, eos_early_stop=False):
     """LLaDA2.0's generate (greedy). Returns (generated ids up to and including the first eos, forwards)."""
     EOS = model.config.eos_id
     mask_id = model.config.mask_id
     steps = min(steps, gen_length)                                # minimal_topk = 1
-    P = len(prompt)
-    nb = (P + gen_length + block_length - 1) // block_length
-    x = torch.full((1, nb * block_length), mask_id, dtype=torch.long)
-    x[0, :P] = torch.tensor(prompt)
+    x, P, nb = _window(prompt, gen_length, block_length, mask_id)
     sched = _schedule(block_length, steps)
     fwd = 0
     for b in range(P // block_length, nb):
@@ -118,11 +125,8 @@ def ref_sdar(model, prompt, gen_length, block_length, steps, threshold):
     Returns (generated ids cut before the first stop id, forwards)."""
     EOS = model.config.eos_id
     mask_id = model.config.mask_id
-    P = len(prompt)
-    nb = (P + gen_length + block_length - 1) // block_length
-    T = nb * block_length
-    x = torch.full((1, T), mask_id, dtype=torch.long)
-    x[0, :P] = torch.tensor(prompt)
+    x, P, nb = _window(prompt, gen_length, block_length, mask_id)
+    T = x.shape[1]
     cache = KVCache.empty(model.config, 1, T, torch.float32, "cpu")
     ones = torch.ones(1, T, dtype=torch.bool)
     pos = torch.arange(T)[None]
@@ -174,10 +178,7 @@ def ref_llada21(model, prompt, gen_length, block_length, threshold, edit_thresho
     """SGLang's JointThreshold in LLaDA2's block loop (no cache: a forward over the window each step)."""
     EOS = model.config.eos_id
     mask_id = model.config.mask_id
-    P = len(prompt)
-    nb = (P + gen_length + block_length - 1) // block_length
-    x = torch.full((1, nb * block_length), mask_id, dtype=torch.long)
-    x[0, :P] = torch.tensor(prompt)
+    x, P, nb = _window(prompt, gen_length, block_length, mask_id)
     fwd = 0
     for b in range(P // block_length, nb):
         s, e = b * block_length, (b + 1) * block_length
@@ -442,10 +443,7 @@ def ref_llada2_parallel(model, prompt, gen_length, block_length, select):
     candidates [K]) -> [K] bool``, applied until the block has no mask (the field's parallel decoders fix no
     step count). Returns (generated ids up to and including the first eos, forwards)."""
     EOS, mask_id = model.config.eos_id, model.config.mask_id
-    P = len(prompt)
-    nb = (P + gen_length + block_length - 1) // block_length
-    x = torch.full((1, nb * block_length), mask_id, dtype=torch.long)
-    x[0, :P] = torch.tensor(prompt)
+    x, P, nb = _window(prompt, gen_length, block_length, mask_id)
     fwd = 0
     for b in range(P // block_length, nb):
         end = (b + 1) * block_length
