@@ -13,3 +13,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def decisive_tiny_llada():
+    """tiny-llada (seed 1) with its LM head x12: decisive, confidences spread over (0, 1). A fresh model per
+    test module (tests may change it)."""
+    from dlc.models.loading import load_model
+    m = load_model("tiny-llada", seed=1).model
+    with torch.no_grad():
+        m.head_weight().mul_(12.0)
+    return m

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from dlc.kernels.logits import decode_rows, uniform_noise
 from dlc.kernels.sampling import decode_rows_ext
-from dlc.models.loading import load_model
 from dlc.runtime.decoding import (EntropyBoundRule, FieldError, GenerationConfig, HierarchicalRule,
                                   unmask_step)
 from dlc.runtime.generate import generate
@@ -313,11 +312,8 @@ def test_top_k_filters_over_candidates_match_plain_torch(monkeypatch, filtered_c
 
 # ------------------------------------------------------------------------------ whole generations
 @pytest.fixture(scope="module")
-def model():
-    m = load_model("tiny-llada", seed=1).model
-    with torch.no_grad():                                   # a decisive head: confidences spread over (0, 1)
-        m.head_weight().mul_(12.0)
-    return m
+def model(decisive_tiny_llada):
+    return decisive_tiny_llada
 
 
 PROMPTS = [[5, 17, 99, 3], [42, 8], [11, 12, 13, 14, 15, 16, 17]]

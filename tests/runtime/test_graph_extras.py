@@ -8,7 +8,6 @@ the GPU test at the end captures. A decisive tiny model (head scaled) makes the 
 import pytest
 import torch
 
-from dlc.models.loading import load_model
 from dlc.runtime.config import ServeConfig
 from dlc.runtime.engine import Engine
 from dlc.runtime.generate import GenerationConfig, generate
@@ -27,11 +26,8 @@ EXTRAS_RULES = [dict(entropy_bound=1.0), dict(threshold=0.6, credit=True), dict(
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = load_model("tiny-llada", seed=1).model
-    with torch.no_grad():                                   # a decisive head: confidences spread over (0, 1)
-        m.head_weight().mul_(12.0)
-    return m
+def model(decisive_tiny_llada):
+    return decisive_tiny_llada
 
 
 def specs(rules, n, seed=0):
