@@ -156,8 +156,7 @@ def _sm_count(dev) -> int:
 def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None, BT=None, BK=64,
                           num_warps=4, num_stages=2, splits=None):
     B, H, T, D = q.shape
-    if v_pool.stride() != k_pool.stride():                               # one stride set for both (below)
-        raise ValueError(f"pool_attention: v_pool strides {v_pool.stride()} != k_pool {k_pool.stride()}")
+    check_same_strides(k_pool, v_pool)                                   # one stride set for both (below)
     Hkv = k_pool.shape[1]
     S = k_pool.shape[2] if cols is None else cols.shape[2]               # the key range the splits share
     o = torch.empty_like(q)
@@ -190,6 +189,12 @@ def pool_attention_triton(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=Non
     return o
 
 
+def check_same_strides(k_pool, v_pool) -> None:
+    """The kernel reads K and V with K's strides: both must share one layout (launcher and ``validate``)."""
+    check(v_pool.stride() == k_pool.stride(), f"v_pool strides {v_pool.stride()} != k_pool "
+                                              f"{k_pool.stride()} (the kernel reads both with k's)")
+
+
 def validate(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None) -> None:
     check_shape("q", q, 4, "[B, H, T, D]")
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
@@ -199,8 +204,7 @@ def validate(q, k_pool, v_pool, rows, kv_len, cols=None, n_cols=None) -> None:
     check(q.stride(3) == 1, "q needs a contiguous last dim")
     check(tuple(v_pool.shape) == tuple(k_pool.shape), f"v_pool shape {tuple(v_pool.shape)} != k_pool "
                                                       f"{tuple(k_pool.shape)}")
-    check(v_pool.stride() == k_pool.stride(), f"v_pool strides {v_pool.stride()} != k_pool "
-                                              f"{k_pool.stride()} (the kernel reads both with k's)")
+    check_same_strides(k_pool, v_pool)
     B, H, T, D = q.shape
     check(k_pool.shape[3] == D, f"head dim: q has {D}, the pool {k_pool.shape[3]}")
     check(H % k_pool.shape[1] == 0, f"query heads {H} not divisible by kv heads {k_pool.shape[1]}")
