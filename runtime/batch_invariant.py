@@ -127,7 +127,6 @@ def check_runner(runner) -> None:
                          "them uncompiled (load the model again, or leave compile off)")
 
 
-
 @contextmanager
 def batch_invariant_mode(on: bool = True, keys: tuple[str, ...] = ("CUDA",)):
     """While inside: the overrides above on the dispatch ``keys`` (CUDA; tests pass CPU under the Triton

@@ -80,6 +80,10 @@ class StepBatch:
     def width(self) -> int:
         return self.ids.shape[1]
 
+    def unpadded(self) -> bool:
+        """No row is padded: every row's keys fill the width (attention then needs no padding mask)."""
+        return bool((self.lengths == self.width).all())
+
     def cfg_weight(self, dtype) -> torch.Tensor:
         """[1]: the guidance weight cfg_scale + 1 (1.0 without guidance: the rows pass through)."""
         w = self.cfg_scale + 1.0 if self.fed != self.n_seqs else 1.0

@@ -262,7 +262,7 @@ class CompiledRunner:
         feed = {"input_ids": batch.ids, "position_ids": batch.pos, "key_mask": batch.key_mask,
                 **self._pool_inputs(batch), **self._decode_inputs(batch, batch.hid_start),
                 **self._attention_inputs(batch)}
-        unpadded = "refresh_unpadded" in self.phases and bool((batch.lengths == W).all())
+        unpadded = "refresh_unpadded" in self.phases and batch.unpadded()
         res = self._call("refresh_unpadded" if unpadded else "refresh", feed)
         rows = feed["rows"]
         if not self.kv_inplace:             # outputs: decoding ..., k, v [nl, fed, Hkv, W, D] (, scores)

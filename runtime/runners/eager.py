@@ -98,7 +98,7 @@ class EagerRunner:
         keys = batch.key_mask if c is None else pad_keys(batch.key_mask, c.seq_len)
         if batch.phase != "reuse":
             unpadded = (batch.phase == "refresh" and c.seq_len == batch.width and not batch.block_size
-                        and bool((batch.lengths == batch.width).all()))
+                        and batch.unpadded())
             # no padding: no mask
             return RaggedPart(batch.ids, batch.pos,
                               None if unpadded else attention_keys(batch, keys, batch.pos), c, 0,
