@@ -71,7 +71,7 @@ def layer_partitions(gm: fx.GraphModule, n_layers: int) -> dict[fx.Node, int] | 
     before it. None when the layers are not contiguous in program order (no split then)."""
     part, cur, seen = {}, 0, set()
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr"):
+        if n.op in ("placeholder", "output"):
             continue
         path = _module_path(n)
         m = LAYER_PATH.search(path)
@@ -105,8 +105,10 @@ def canonical_code(sub: fx.GraphModule) -> str:
 def split_layers(gm: fx.GraphModule, n_layers: int) -> tuple[fx.GraphModule, dict[str, list[str]]] | None:
     """The program as a chain of pieces (prelude, one per layer, epilogue) -> (top module calling them,
     {piece code: piece names}), or None when it cannot be split (then it compiles whole)."""
+    if any(n.op == "get_attr" for n in gm.graph.nodes):     # pieces reading other constants could look alike
+        return None
     part = layer_partitions(gm, n_layers)
-    if part is None or any(n.op == "get_attr" for n in gm.graph.nodes):
+    if part is None:
         return None
     top = split_module(gm, None, lambda n: part[n], keep_original_order=True)
     groups: dict[str, list[str]] = {}
