@@ -88,9 +88,9 @@ def build(cfg, dev: str, dtype):
 
 
 def make_engine(model, dev: str, max_seq: int, max_batch: int, graphs: bool | None = None,
-                batch_invariant: bool = False):
+                batch_invariant: bool = False, **serve):
     """The serving Engine over an eager model, every runner choice left to ServeConfig's defaults (the
-    batch-invariant mode keeps compile off itself)."""
+    batch-invariant mode keeps compile off itself) but those ``serve`` names (ServeConfig fields)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes
@@ -98,9 +98,9 @@ def make_engine(model, dev: str, max_seq: int, max_batch: int, graphs: bool | No
     from dlc.runtime.session import Session
     cfg = model.config
     mib = slot_bytes(cfg, max_seq, next(model.parameters()).dtype) * (2 * max_batch + 2) / 2**20 + 1
+    fields = {**dict(cuda_graphs=graphs, compile=graphs, batch_invariant=batch_invariant), **serve}
     sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq,
-                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, cuda_graphs=graphs,
-                     compile=graphs, batch_invariant=batch_invariant)
+                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, **fields)
     eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
     eng.warmup()
     return eng

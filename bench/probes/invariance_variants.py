@@ -12,25 +12,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batch_invariance as bi  # noqa: E402
 
-from dlc.runtime.config import ServeConfig  # noqa: E402
-from dlc.runtime.engine import Engine  # noqa: E402
-from dlc.runtime.kv_cache import slot_bytes  # noqa: E402
-from dlc.runtime.runners.eager import EagerRunner  # noqa: E402
-from dlc.runtime.session import Session  # noqa: E402
 
 VARIANTS = {"defaults": {}, "lookahead1": dict(lookahead_steps=1), "exact": dict(graph_decode="exact"),
             "eager": dict(cuda_graphs=False), "eager-la1": dict(cuda_graphs=False, lookahead_steps=1)}
 
 
 def engine(model, dev, max_seq, max_batch, **kw):
-    cfg = model.config
-    mib = slot_bytes(cfg, max_seq, next(model.parameters()).dtype) * (2 * max_batch + 2) / 2**20 + 1
-    sc = ServeConfig(model="bench", device=dev, max_batch_size=max_batch, max_seq_len=max_seq,
-                     kv_cache_mb=mib, max_queue=4096, log_interval_s=0, compile=False, batch_invariant=True,
-                     **kw)
-    eng = Engine(Session(EagerRunner(model), None, cfg, False, "bench"), sc)
-    eng.warmup()
-    return eng
+    """The bench's serving Engine with the batch-invariant mode on, compile off, and ``kw`` ServeConfig
+    fields (the variant)."""
+    return bi.make_engine(model, dev, max_seq, max_batch, batch_invariant=True, compile=False, **kw)
 
 
 def small_model(tiny: bool):
