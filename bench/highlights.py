@@ -179,15 +179,27 @@ def serve_bench(s: Section) -> list[tuple[str, str]]:
 
 
 def batch_invariance(s: Section) -> list[tuple[str, str]]:
+    """Rows with the mode on and rows without it are reported apart; when both have a greedy-1 row with solo
+    tokens/s, the mode's cost is their ratio."""
     t = s.tables[0]
-    n = sum(int(r["requests"]) for r in t)
-    diff = sum(int(r["differing"]) for r in t)
-    modes = ", ".join(f"{r['runner']} {r['mode']}" if "runner" in r else r["mode"] for r in t)
-    if all(r.get("batch-invariant") == "on" for r in t):
-        return [(f"batch invariance with --batch-invariant: {diff} of {n} requests differ solo vs under a mixed "
-                 f"load ({', '.join(r['mode'] for r in t)})", "serving Engine (CUDA graphs, compile off)")]
-    return [(f"batch invariance: {diff} of {n} requests differ solo vs under a mixed load ({modes})",
-             "serving Engine (default GPU runner: CUDA graphs + compiled blocks; eager where named)")]
+    on = [r for r in t if r.get("batch-invariant") == "on"]
+    off = [r for r in t if r.get("batch-invariant") != "on"]
+    out = []
+    if on:
+        n, diff = sum(int(r["requests"]) for r in on), sum(int(r["differing"]) for r in on)
+        cost = ""
+        solo = [next((r.get("solo tok/s") for r in rs if r["mode"] == "greedy-1"), None) for rs in (on, off)]
+        if all(solo):
+            cost = f"; solo {solo[0]} vs {solo[1]} tok/s without the mode (greedy-1)"
+        out.append((f"batch invariance with --batch-invariant: {diff} of {n} requests differ solo vs under a "
+                    f"mixed load ({', '.join(r['mode'] for r in on)}){cost}",
+                    "serving Engine (CUDA graphs, compile off)"))
+    if off and not on:
+        n, diff = sum(int(r["requests"]) for r in off), sum(int(r["differing"]) for r in off)
+        modes = ", ".join(f"{r['runner']} {r['mode']}" if "runner" in r else r["mode"] for r in off)
+        out.append((f"batch invariance: {diff} of {n} requests differ solo vs under a mixed load ({modes})",
+                    "serving Engine (default GPU runner: CUDA graphs + compiled blocks; eager where named)"))
+    return out
 
 
 def head_sparse(s: Section) -> list[tuple[str, str]]:
