@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from dlc.runtime.decoding import FieldError
 
-from .channel import PING, STEP, STOP, Channel, pack_batch, unpack_batch
+from .channel import AHEAD, BIND, GRAPHS, PING, STEP, STOP, WARMUP, Channel, pool_for, read_batch
+from .shard_graph import ShardGraphRunner, with_graphs
 
 log = logging.getLogger("dlc.tp")
 
@@ -70,11 +71,59 @@ class TensorParallelRunner:
         return self._run(batch)
 
     def _run(self, batch):
+        return self._call(lambda: self.channel.send_batch(STEP, batch),
+                          lambda: getattr(self.shard, batch.phase)(batch))
+
+    # -- CUDA graphs on every rank (shard_graph.py) ---------------------------------------------------------
+    @property
+    def graphed(self) -> bool:
+        """step.GraphedRunner: every rank replays its captured Reuse steps (``enable_graphs``)."""
+        return isinstance(self.shard, ShardGraphRunner)
+
+    @property
+    def stats(self) -> dict | None:
+        """Rank 0's graph statistics (replays, captures, eager fallbacks; every rank does the same)."""
+        return self.shard.stats if self.graphed else None
+
+    capture = property(lambda self: self.graphed and self.shard.capture)
+
+    def enable_graphs(self, on: bool = True, capture: bool | None = None) -> None:
+        """Every rank's runner becomes a ``ShardGraphRunner`` (``on``; captured on CUDA, ``capture=False``
+        runs the same static-buffer steps uncaptured) or the eager ``ShardRunner`` again."""
+        self._call(lambda: self.channel.send(GRAPHS, (on, capture)),
+                   lambda: setattr(self, "shard", with_graphs(self.shard, on, capture)))
+
+    def bind_pool(self, kv) -> None:
+        """Rank 0 binds its pool (taking the padding rows' scratch slot), then each worker its own pool of the
+        same shape, with the same scratch slot."""
+        if not self.graphed:
+            return
+        self.shard.bind_pool(kv)
+        key = (kv.n_slots, kv.s_max, kv.scores is not None, kv.k_all.data_ptr())     # channel.pool_key's
+        self._call(lambda: self.channel.send(BIND, (key, self.shard.scratch)), lambda: None)
+
+    def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
+        """Every rank captures the same buckets, in the same order."""
+        if self.graphed:
+            self._call(lambda: self.channel.send(WARMUP, (widths, max_batch)),
+                       lambda: self.shard.warmup(widths, max_batch))
+
+    def can_run_ahead(self, batch) -> bool:
+        return self.graphed and self.shard.can_run_ahead(batch)
+
+    def reuse_ahead(self, batch, counts):
+        """step.LookaheadRunner: the workers run the same steps ahead (the same commits on the device: every
+        rank's combine ends with the same tokens), so their fed ids stay equal to rank 0's."""
+        return self._call(lambda: self.channel.send_batch(AHEAD, batch, counts),
+                          lambda: self.shard.reuse_ahead(batch, counts))
+
+    def _call(self, send, run):
+        """Send the workers their message, then run rank 0's share; a failed collective fails the group."""
         with self._lock:
             self._check()
             try:
-                self.channel.send(STEP, pack_batch(batch))
-                return getattr(self.shard, batch.phase)(batch)
+                send()
+                return run()
             except dist.DistError as e:
                 raise self._fail(f"a tensor-parallel collective failed ({_first_line(e)})") from None
             except RuntimeError as e:          # gloo reports a closed peer as a plain RuntimeError
@@ -176,19 +225,18 @@ def _is_comm_error(e: Exception) -> bool:
 
 
 def worker_loop(shard, channel: Channel, make_pool) -> None:
-    """A worker: run every STEP's forward on its shard until STOP (or until rank 0 is gone: the receive
-    fails or times out, and the caller exits). A step that raises a plain error raises on rank 0 too (same
+    """A worker: run every message's work on its shard until STOP (or until rank 0 is gone: the receive
+    fails or times out, and the caller exits). Work that raises a plain error raises on rank 0 too (same
     batch, same code): the worker goes on."""
     pools: dict = {}
     while True:
         kind, msg = channel.recv()
         if kind == STOP:
             return
-        if kind != STEP:
+        if kind == PING:
             continue
-        batch = unpack_batch(msg, shard.device, pools, make_pool)
         try:
-            getattr(shard, batch.phase)(batch)
+            shard = _work(shard, kind, msg, pools, make_pool)
         except dist.DistError:
             raise
         except RuntimeError as e:
@@ -197,3 +245,21 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
             log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))
         except Exception as e:                             # noqa: BLE001
             log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))
+
+
+def _work(shard, kind: int, msg, pools: dict, make_pool):
+    """One message's work on this rank -> its runner (GRAPHS replaces it)."""
+    if kind == GRAPHS:
+        return with_graphs(shard, *msg)
+    if kind == BIND:
+        key, scratch = msg
+        shard.bind_pool(pool_for(pools, key, make_pool), scratch)
+    elif kind == WARMUP:
+        shard.warmup(*msg)
+    elif kind in (STEP, AHEAD):
+        batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool)
+        if kind == AHEAD:
+            shard.reuse_ahead(batch, counts)
+        else:
+            getattr(shard, batch.phase)(batch)
+    return shard
