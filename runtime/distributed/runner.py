@@ -96,9 +96,9 @@ class TensorParallelRunner:
     def bind_pool(self, kv) -> None:
         """Rank 0 binds its pool (taking the padding rows' scratch slot), then each worker its own pool of the
         same shape, with the same scratch slot."""
-        if not self.graphed:
+        if not self.graphed or kv is self.shard.pool:      # bound already: GraphRunner keeps its graphs
             return
-        self.shard.bind_pool(kv)
+        self.shard.bind_pool(kv)                            # graphs cleared: every rank recaptures alike
         key = (kv.n_slots, kv.s_max, kv.scores is not None, kv.k_all.data_ptr())     # channel.pool_key's
         self._call(lambda: self.channel.send(BIND, (key, self.shard.scratch)), lambda: None)
 
@@ -252,7 +252,8 @@ def _work(shard, kind: int, msg, pools: dict, make_pool):
     if kind == GRAPHS:
         return with_graphs(shard, *msg)
     if kind == BIND:
-        key, scratch = msg
+        key, scratch = msg                                 # always a fresh pool (and graphs), as rank 0
+        pools.clear()
         shard.bind_pool(pool_for(pools, key, make_pool), scratch)
     elif kind == WARMUP:
         shard.warmup(*msg)
