@@ -1,4 +1,4 @@
-"""Tensor parallelism (issue 16): TP=N against TP=1 in one run, both on CUDA graphs, LLaDA-8B-shaped checkpoint.
+"""Tensor parallelism (issue 16): TP=N against TP=1 in one run, both on CUDA graphs, LLaDA-8B shape.
 
 TP=1 is the one-GPU serving runner (``GraphRunner`` over the eager model: captured Reuse steps; blocks not
 torch.compiled unless ``--compile``) and TP=N the tensor-parallel group with a ``ShardGraphRunner`` per rank
@@ -23,8 +23,8 @@ Fits one 600 s call on a 2-GPU host; ``--quick`` halves the generation and the r
 ``--no-cuda-graphs`` runs both sides eager (the numbers of bench/RESULTS.md before graphs).
 
     python3 -P bench/tp_bench.py --tp 2 --out $OUT/tp_bench.json          # 2 GPUs
-    python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 --gen 32 \\
-        --agree-preset none                                                 # CPU smoke (graphs uncaptured)
+    python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 \\
+        --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
 
 Expert parallelism (an LLaDA-MoE-shaped layer, EP=2 vs EP=1) is timed by bench/ep_bench.py.
 """
@@ -103,7 +103,8 @@ def agreement(args, graphs: bool) -> dict:
     """fp32 tiny model, T = 0, dual cache: ``dlc generate --tp N`` (subprocess) vs TP=1 here."""
     from dlc.runtime.generate import GenerationConfig, generate
     from dlc.runtime.session import encode_prompt, open_model
-    prompt, gen = "tensor parallel graphs agree", ["--gen-length", "32", "--block-length", "8", "--steps", "32"]
+    prompt = "tensor parallel graphs agree"
+    gen = ["--gen-length", "32", "--block-length", "8", "--steps", "32"]
     cmd = [sys.executable, "-m", "dlc.cli", "generate", args.agree_preset, prompt, "--tp", str(args.tp),
            "--dtype", "fp32", "--device", args.device, "--kv-cache", "dual", "--no-chat", "--json", *gen,
            "--cuda-graphs" if graphs else "--no-cuda-graphs"]

@@ -85,7 +85,7 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     if isinstance(runner, GraphRunner):
         return runner
     on = cuda_graphs
-    if isinstance(runner, TensorParallelRunner):     # graphs on every rank (runtime/distributed/shard_graph.py)
+    if isinstance(runner, TensorParallelRunner):     # graphs on every rank (distributed/shard_graph.py)
         if compile:
             raise ValueError("compile: tensor_parallel_size > 1 captures CUDA graphs without torch.compile; "
                              "leave --compile out")

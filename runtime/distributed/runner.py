@@ -9,14 +9,18 @@ every request, stop the server) run once."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 
+import torch
 import torch.distributed as dist
 
 from dlc.runtime.decoding import FieldError
 
 from .channel import AHEAD, BIND, GRAPHS, PING, STEP, STOP, WARMUP, Channel, pool_for, read_batch
+from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, with_graphs
 
 log = logging.getLogger("dlc.tp")
@@ -36,6 +40,8 @@ class TensorParallelRunner:
         self._lock = threading.Lock()                  # one message + forward at a time (steps, pings)
         self._fail_lock = threading.Lock()             # the failure is recorded (and announced) once
         self._dead: str | None = None
+        self._bound = None                             # weakref to the pool the graphs are bound to
+        self.timeout_s = float(os.environ.get("DLC_TP_TIMEOUT_S", TIMEOUT_S))
         self._callbacks: list = []
         self._closed = False
         self._stop = threading.Event()
@@ -72,7 +78,24 @@ class TensorParallelRunner:
 
     def _run(self, batch):
         return self._call(lambda: self.channel.send_batch(STEP, batch),
-                          lambda: getattr(self.shard, batch.phase)(batch))
+                          lambda: self._settled(getattr(self.shard, batch.phase)(batch)))
+
+    def _settled(self, res):
+        """Captured steps on CUDA: wait for rank 0's device work with a bound. A collective inside a CUDA
+        graph has no NCCL timeout and the host sync that follows would wait forever for a dead peer: poll
+        instead, ending at once when a rank is found dead (watchdog) or after DLC_TP_TIMEOUT_S."""
+        if not self.capture:
+            return res
+        done, deadline = torch.cuda.Event(), time.monotonic() + self.timeout_s
+        done.record()
+        while not done.query():
+            if self._dead is not None:
+                raise RankFailure(self._dead)
+            if time.monotonic() > deadline:
+                raise self._fail(f"a captured step did not finish within {self.timeout_s:.0f} s "
+                                 f"(DLC_TP_TIMEOUT_S)")
+            time.sleep(0)                              # let other threads (HTTP, watchdog) run
+        return res
 
     # -- CUDA graphs on every rank (shard_graph.py) ---------------------------------------------------------
     @property
@@ -90,15 +113,19 @@ class TensorParallelRunner:
     def enable_graphs(self, on: bool = True, capture: bool | None = None) -> None:
         """Every rank's runner becomes a ``ShardGraphRunner`` (``on``; captured on CUDA, ``capture=False``
         runs the same static-buffer steps uncaptured) or the eager ``ShardRunner`` again."""
-        self._call(lambda: self.channel.send(GRAPHS, (on, capture)),
-                   lambda: setattr(self, "shard", with_graphs(self.shard, on, capture)))
+        def swap():
+            new = with_graphs(self.shard, on, capture)
+            if new is not self.shard:
+                self.shard, self._bound = new, None
+        self._call(lambda: self.channel.send(GRAPHS, (on, capture)), swap)
 
     def bind_pool(self, kv) -> None:
         """Rank 0 binds its pool (taking the padding rows' scratch slot), then each worker its own pool of the
         same shape, with the same scratch slot."""
-        if not self.graphed or kv is self.shard.pool:      # bound already: GraphRunner keeps its graphs
-            return
+        if not self.graphed or (self._bound is not None and self._bound() is kv):
+            return                                          # bound already: every rank keeps its graphs
         self.shard.bind_pool(kv)                            # graphs cleared: every rank recaptures alike
+        self._bound = weakref.ref(kv)
         key = (kv.n_slots, kv.s_max, kv.scores is not None, kv.k_all.data_ptr())     # channel.pool_key's
         self._call(lambda: self.channel.send(BIND, (key, self.shard.scratch)), lambda: None)
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
+from dlc.models.tensor_parallel import head_shard
+
 from ..runners.graph import BUCKETS, GraphRunner
 from ..step import StepBatch
 from .shard_runner import ShardRunner, extras_of, vocab_decode
 from .vocab import combine, shard_stats
-
-from dlc.models.tensor_parallel import head_shard
 
 
 class ShardGraphRunner(GraphRunner):

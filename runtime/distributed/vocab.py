@@ -9,8 +9,8 @@ top-k for logprobs). One ``all_gather`` of these [C, N] statistics (a few floats
 ``M = max m``, ``S = sum s exp(m - M)``, the token is the best score over ranks (ties: the lowest rank, i.e.
 the lowest id, as the single-process chunk loop), confidence ``exp(l_tok - M) / S``, logprob
 ``l_tok - (M + log S)``, entropy ``M + log S - A / S``; top-k merges the ranks' k candidates. The collectives
-are ``all_gather_into_tensor`` (``all_gather_single``) and nothing reads a value on the host, so the combine runs inside a captured
-Reuse step (``shard_graph.ShardGraphRunner``)."""
+are ``all_gather_into_tensor`` (``all_gather_single``) and nothing reads a value on the host, so the combine
+runs inside a captured Reuse step (``shard_graph.ShardGraphRunner``)."""
 from __future__ import annotations
 
 import torch
