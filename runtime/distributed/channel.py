@@ -8,9 +8,9 @@ Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values
   scalars (phase, sizes, flags, temperature and guidance as float bits, the pool's key) and the payload,
   int64, only what a worker cannot derive: the fed ids (a Reuse step's fed span only: the model reads nothing
   else), the seeds, lengths, out_start, q_start, slots (and run-ahead counts). Positions, key mask, hidden-row
-  starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1 Reuse
-  step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the frame
-  follows in a second broadcast.
+  starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1
+  Reuse step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the
+  frame follows in a second broadcast.
 * ``PICKLED``: the header, then the pickled payload as uint8 (control messages: GRAPHS, BIND, WARMUP; a
   batch carrying tensors the compact form does not hold: ``pack_batch``, everything but the KV pool view,
   replaced by the pool's shape and the batch's slots, so each worker indexes its own pool of its heads).
