@@ -40,10 +40,6 @@ class ShardGraphRunner(GraphRunner):
         self.rank, self.world, self.group = shard.rank, shard.world, shard.group
         self.mixes = False
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.max_seq_len
-
     def eager(self) -> ShardRunner:
         """The eager shard runner over the same (shard) model."""
         return ShardRunner(self.model, self.config, self.rank, self.world, self.group)

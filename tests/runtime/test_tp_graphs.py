@@ -68,6 +68,8 @@ def _engine_outputs(session, params: dict, lookahead: int) -> tuple[Engine, list
     """Requests that arrive while others run (Refresh beside Reuse in one iteration), to the end."""
     eng = Engine(session, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=4, cuda_graphs=True,
                                       lookahead_steps=lookahead))
+    eng.warmup()                                             # every rank: buckets 1, 2, 4 of the block
+    assert sorted(k[0] for k in session.runner.shard.graphs) == [1, 2, 4]
     reqs = [eng.make_request(p, {**params, "seed": 3 + i}) for i, p in enumerate(PROMPTS + [[11, 12]])]
     for r in reqs[:2]:
         eng.add_request(r)
