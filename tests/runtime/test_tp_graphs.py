@@ -135,3 +135,40 @@ def test_tp2_cuda_graphs_on_two_gpus(tmp_path):
         assert runner.stats["eager_reuse"] == 0
     finally:
         tp.runner.close()
+
+
+@pytest.mark.parametrize("phase,cfg_scale", [("reuse", 0.0), ("reuse", 1.5), ("refresh", 1.5), ("full", 0.0)])
+def test_compact_message_rebuilds_the_batch(phase, cfg_scale):
+    """channel.encode / decode (no processes): what a worker rebuilds from the compact frame is the batch
+    rank 0 built (Dream's shift, guidance twins, unequal lengths); a Reuse step's ids only on its fed span."""
+    from types import SimpleNamespace
+
+    from dlc.models.presets import preset_config
+    from dlc.runtime.distributed.channel import Compact, decode, encode
+    from dlc.runtime.kv_cache import KVCacheManager
+    from dlc.runtime.step import build_batch
+    mc = preset_config("tiny-dream")
+    runner = SimpleNamespace(device=torch.device("cpu"), config=mc, sparse_retention=None)
+    pool = KVCacheManager(mc, 40, 1 << 62, torch.float32, "cpu", max_slots=8)
+    seqs = [torch.arange(10, 40), torch.arange(50, 74)]                    # lengths 30 and 24
+    slots = [pool.allocate_n(2 if cfg_scale else 1) for _ in seqs] if phase != "full" else None
+    spans = [(16, 24), (12, 20)] if phase == "reuse" else None
+    b = build_batch(runner, phase, seqs, [12, 8], [16, 12], 8, spans, slots, pool if slots else None,
+                    temperature=0.7, cfg_scale=cfg_scale, seeds=[5, 9])
+    b.entropy, b.logprobs = True, 3
+    head, payload = encode(b, torch.tensor([[2, 1], [1, 1]]) if phase == "reuse" else None)
+    got, key, counts = decode(Compact(head, payload), mc, torch.device("cpu"))
+    assert (key is None) == (phase == "full") and (counts is None) == (phase != "reuse")
+    for f in ("phase", "n_seqs", "n_out", "n_fed", "temperature", "cfg_scale", "block_size", "entropy",
+              "logprobs"):
+        assert getattr(got, f) == getattr(b, f), f
+    for f in ("pos", "key_mask", "lengths", "out_start", "hid_start", "seeds", "cond_rows", "un_rows",
+              "slots", "q_start", "q_start_dev"):
+        x, y = getattr(got, f), getattr(b, f)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), f
+    if phase == "reuse":                                                   # the fed span, masks elsewhere
+        cols = b.q_start[:, None] + torch.arange(b.n_fed)
+        assert torch.equal(got.ids.gather(1, cols), b.ids.gather(1, cols))
+        assert torch.equal(counts, torch.tensor([[2, 1], [1, 1]]))
+    else:
+        assert torch.equal(got.ids, b.ids)
