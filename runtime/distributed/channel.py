@@ -106,12 +106,12 @@ def _float(b: int) -> float:
     return struct.unpack("<d", struct.pack("<q", int(b)))[0]
 
 
-def pool_key(cache) -> tuple | None:
-    """What names a pool across ranks: (n_slots, S, head scores?, rank 0's storage id) (the runner's
-    ``bind_pool`` builds the same from the pool itself)."""
-    if cache is None:
+def pool_key(pool) -> tuple | None:
+    """What names a pool across ranks: (n_slots, S, head scores?, rank 0's storage id), of a
+    ``KVCacheManager`` or a batch's ``KVCache`` view of it (k_all [n_layers, n_slots, Hkv, S, D])."""
+    if pool is None:
         return None
-    return (cache.k_all.shape[1], cache.seq_len, cache.scores is not None, cache.k_all.data_ptr())
+    return (pool.k_all.shape[1], pool.k_all.shape[3], pool.scores is not None, pool.k_all.data_ptr())
 
 
 def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -13,13 +13,16 @@ import os
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from dlc.runtime.decoding import FieldError
+from dlc.runtime.step import AheadSteps
 
-from .channel import AHEAD, BIND, GRAPHS, PING, STEP, STOP, WARMUP, Channel, pool_for, read_batch
+from .channel import (AHEAD, BIND, GRAPHS, PING, STEP, STOP, WARMUP, Channel, pool_for, pool_key,
+                      read_batch)
 from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, with_graphs
 
@@ -86,8 +89,14 @@ class TensorParallelRunner:
         instead, ending at once when a rank is found dead (watchdog) or after DLC_TP_TIMEOUT_S."""
         if not self.capture:
             return res
-        done, deadline = torch.cuda.Event(), time.monotonic() + self.timeout_s
+        done = torch.cuda.Event()
         done.record()
+        self._poll(done)
+        return res
+
+    def _poll(self, done) -> None:
+        """Wait for a CUDA event: RankFailure once a rank is dead or after DLC_TP_TIMEOUT_S."""
+        deadline = time.monotonic() + self.timeout_s
         while not done.query():
             if self._dead is not None:
                 raise RankFailure(self._dead)
@@ -95,7 +104,6 @@ class TensorParallelRunner:
                 raise self._fail(f"a captured step did not finish within {self.timeout_s:.0f} s "
                                  f"(DLC_TP_TIMEOUT_S)")
             time.sleep(0)                              # let other threads (HTTP, watchdog) run
-        return res
 
     # -- CUDA graphs on every rank (shard_graph.py) ---------------------------------------------------------
     @property
@@ -126,8 +134,7 @@ class TensorParallelRunner:
             return                                          # bound already: every rank keeps its graphs
         self.shard.bind_pool(kv)                            # graphs cleared: every rank recaptures alike
         self._bound = weakref.ref(kv)
-        key = (kv.n_slots, kv.s_max, kv.scores is not None, kv.k_all.data_ptr())     # channel.pool_key's
-        self._call(lambda: self.channel.send(BIND, (key, self.shard.scratch)), lambda: None)
+        self._call(lambda: self.channel.send(BIND, (pool_key(kv), self.shard.scratch)), lambda: None)
 
     def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
         """Every rank captures the same buckets, in the same order."""
@@ -141,8 +148,11 @@ class TensorParallelRunner:
     def reuse_ahead(self, batch, counts):
         """step.LookaheadRunner: the workers run the same steps ahead (the same commits on the device: every
         rank's combine ends with the same tokens), so their fed ids stay equal to rank 0's."""
-        return self._call(lambda: self.channel.send_batch(AHEAD, batch, counts),
-                          lambda: self.shard.reuse_ahead(batch, counts))
+        steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts),
+                           lambda: self.shard.reuse_ahead(batch, counts))
+        if steps.events is None:
+            return steps
+        return _BoundedSteps(steps.x0, steps.conf, steps.blocks, steps.events, self._poll)
 
     def _call(self, send, run):
         """Send the workers their message, then run rank 0's share; a failed collective fails the group."""
@@ -240,6 +250,15 @@ class TensorParallelRunner:
                 dist.destroy_process_group()
             except Exception:                              # noqa: BLE001
                 pass
+
+
+@dataclass
+class _BoundedSteps(AheadSteps):
+    """Steps run ahead whose ``wait`` is bounded like a captured step (``TensorParallelRunner._poll``)."""
+    poll: object = None
+
+    def wait(self, s: int) -> None:
+        self.poll(self.events[s])
 
 
 def _first_line(e: Exception) -> str:
