@@ -189,7 +189,9 @@ def main() -> None:
     from dlc.models.loading import DTYPES
     from dlc.runtime.session import open_model
     res = {"preset": args.preset, "tp": args.tp, "device": str(args.device), "dtype": args.dtype,
-           "batch": args.batch, "runner": "CUDA graphs" if args.graphs else "eager",
+           "batch": args.batch,
+           "runner": ("eager" if not args.graphs else
+                      "CUDA graphs, TP=1 blocks compiled" if args.compile else "CUDA graphs, no compile"),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.agree_preset != "none":
