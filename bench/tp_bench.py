@@ -26,7 +26,9 @@ Fits one 600 s call on a 2-GPU host; ``--quick`` halves the generation and the r
     python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 \\
         --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
 
-Expert parallelism (an LLaDA-MoE-shaped layer, EP=2 vs EP=1) is timed by bench/ep_bench.py.
+An LLaDA-MoE-shaped model (attention TP=2, experts EP=2: dlc.models.expert_parallel) is the same script in a
+second call: ``--preset llada-moe-7b --agree-preset tiny-llada-moe --quick``; the MoE layer alone, EP=2 vs
+EP=1, is bench/ep_bench.py.
 """
 from __future__ import annotations
 
