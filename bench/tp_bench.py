@@ -1,26 +1,41 @@
-"""Tensor parallelism (issue 16): TP=N against TP=1 in one run, on an LLaDA-8B-shaped random checkpoint.
+"""Tensor parallelism (issue 16): TP=N against TP=1 in one run, both on CUDA graphs, LLaDA-8B shape.
 
-Writes the model (random weights in the bench dtype, head x4 as engine_path.build) to disk in dlc's LLaDA HF
-layout, then for TP=1 (eager runner) and TP=N (``open_model(..., tensor_parallel_size=N)``, the ranks load
-their slices of that checkpoint) measures, in this order:
+TP=1 is the one-GPU serving runner (``GraphRunner`` over the eager model: captured Reuse steps; blocks not
+torch.compiled unless ``--compile``) and TP=N the tensor-parallel group with a ``ShardGraphRunner`` per rank
+(captured Reuse steps with the row-parallel all-reduces and the vocab-parallel combine inside). Both live in
+this process at once (TP=1 on GPU 0; TP=N's rank 0 on GPU 0 too, its workers on GPUs 1 .. N-1), so the
+latency rounds alternate. In this order:
 
-1. Reuse step latency at B=1 (prompt 512 + gen 256, a 32-token block over a dual cache; median of ``--reps``
-   ``run_batch`` calls after a Refresh; run_batch copies the result to the host, so each call is synchronous);
-2. end-to-end tokens/s of ``generate`` at B=32 (gen 256, block 32, one token per step, dual cache);
-3. token agreement of TP=N with TP=1 on the same prompts (B=32 run; identical is expected on fp32 tiny
-   models, see tests/runtime/test_tensor_parallel.py; bf16 8B may differ where logits tie within rounding).
+1. token agreement on an fp32 tiny model (``--agree-preset``, default tiny-dream: GQA, shifted logits):
+   ``dlc generate --tp N --cuda-graphs`` in a subprocess (a process joins one TP group only) against TP=1's
+   graph runner here, at T = 0 on a dual cache: identical is the expectation;
+2. the random-weight checkpoint (``--preset``, bf16, head x4 as engine_path.build) written to disk once
+   (``--ckpt`` reuses it), then both sessions opened (TP=N ranks load their slices);
+3. Reuse step latency at B=1 (prompt 512 + gen 256, a 32-token block over a dual cache, captured): per round
+   the median of ``--reps`` synchronous ``run_batch`` calls for TP=1 then TP=N, ``--rounds`` rounds
+   alternating which goes first; reported: the median over rounds;
+4. end-to-end tokens/s of ``generate`` at B=``--batch`` (gen 256, block 32, one token per step, dual cache),
+   each side warmed by one small run first, then the TP=N / TP=1 agreement of those bf16 sequences
+   (rounding-order differences may flip near-ties on random weights).
 
-Targets (issue 16): Reuse latency TP=2 <= 0.6x TP=1 at B=1, tokens/s >= 1.7x at B=32. TP=1 runs first
-(the TP group cannot be left and re-joined in one process).
+Prints progress (flush) and one table with ratios and the issue's targets (Reuse <= 0.6x, tokens/s >= 1.7x).
+Fits one 600 s call on a 2-GPU host; ``--quick`` halves the generation and the rounds.
+``--no-cuda-graphs`` runs both sides eager (the numbers of bench/RESULTS.md before graphs).
 
-    python3 -P bench/tp_bench.py --tp 2 --out $OUT/tp_bench.json          # GPUs
-    python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --batch 4 --prompt 32 --gen 32   # CPU smoke
+    python3 -P bench/tp_bench.py --tp 2 --out $OUT/tp_bench.json          # 2 GPUs
+    python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 \\
+        --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
+
+An LLaDA-MoE-shaped model (attention TP=2, experts EP=2: dlc.models.expert_parallel) is the same script in a
+second call: ``--preset llada-moe-7b --agree-preset tiny-llada-moe --quick``; the MoE layer alone, EP=2 vs
+EP=1, is bench/ep_bench.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,46 +45,125 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
 
+T0 = time.perf_counter()
 
-def reuse_latency(runner, P: int, G: int, block: int, reps: int) -> float:
-    """Median seconds of a B=1 Reuse step (dual cache: the block fed, the rest read from the pool)."""
-    from dlc.runtime.kv_cache import KVCacheManager
-    from dlc.runtime.step import build_batch, run_batch
-    mc = runner.config
-    L = P + G
-    seq = torch.randint(0, min(mc.vocab_size, 256), (L,))
-    seq[P:] = mc.mask_id
-    pool = KVCacheManager(mc, L, 1 << 62, runner.dtype, runner.device, max_slots=1)
-    slots = [pool.allocate_n(1)]
-    run_batch(runner, build_batch(runner, "refresh", [seq], [P], [P], block, slots=slots, pool=pool))
-    batch = build_batch(runner, "reuse", [seq], [P], [P], block, spans=[(P, P + block)], slots=slots,
-                        pool=pool)
-    times = []
-    for _ in range(reps):
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
+
+
+def runner_of(session, graphs: bool, compile: bool = False):
+    from dlc.runtime.engine import graph_runner_for
+    return graph_runner_for(session.runner, graphs, compile if graphs else False)
+
+
+class ReuseProbe:
+    """One B=1 Reuse step over a dual cache (its Refresh done), ready to time: ``run()`` is synchronous
+    (run_batch copies the result to the host)."""
+
+    def __init__(self, runner, P: int, G: int, block: int):
+        from dlc.runtime.kv_cache import KVCacheManager
+        from dlc.runtime.step import build_batch, is_graphed, run_batch
+        mc, L = runner.config, P + G
+        seq = torch.randint(0, min(mc.vocab_size, 256), (L,), generator=torch.Generator().manual_seed(0))
+        seq[P:] = mc.mask_id
+        pool = KVCacheManager(mc, L, 1 << 62, runner.dtype, runner.device, max_slots=2)
+        if is_graphed(runner):
+            runner.bind_pool(pool)                 # the other slot: the graphs' padding rows
+        slots = [pool.allocate_n(1)]
+        run_batch(runner, build_batch(runner, "refresh", [seq], [P], [P], block, slots=slots, pool=pool))
+        self.batch = build_batch(runner, "reuse", [seq], [P], [P], block, spans=[(P, P + block)], slots=slots,
+                                 pool=pool)
+        self.runner, self.pool, self._run = runner, pool, run_batch
+        for _ in range(3):                         # capture + warm
+            self.run()
+
+    def run(self) -> float:
         t0 = time.perf_counter()
-        run_batch(runner, batch)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[max(1, reps // 5):] or times)
+        self._run(self.runner, self.batch)
+        return time.perf_counter() - t0
+
+    def median_ms(self, reps: int) -> float:
+        return statistics.median(self.run() for _ in range(reps)) * 1e3
 
 
-def throughput(runner, B: int, P: int, G: int, block: int) -> tuple[float, list]:
+def throughput(runner, B: int, P: int, G: int, block: int) -> tuple[float, list, float]:
+    """(tokens/s of one ``generate`` at B, its tokens, the seconds of it spent capturing: generate binds a
+    fresh pool per call, so its bucket's graph is captured again inside the timed run, on both sides)."""
     from dlc.runtime.generate import GenerationConfig, generate
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, min(runner.config.vocab_size, 256), (P,), generator=g).tolist()
                for _ in range(B)]
     cfg = GenerationConfig(gen_length=G, block_length=block, steps=G, kv_cache="dual")
-    generate(runner, prompts[:1],
-             GenerationConfig(gen_length=block, block_length=block, steps=2, kv_cache="dual"))
-    t0 = time.perf_counter()
+    generate(runner, prompts, GenerationConfig(gen_length=block, block_length=block, steps=2,
+                                               kv_cache="dual"))                   # warm: the batch's buckets
+    stats = getattr(runner, "stats", None) or {}
+    c0, t0 = stats.get("capture_s", 0.0), time.perf_counter()
     res = generate(runner, prompts, cfg)
     dt = time.perf_counter() - t0
-    return sum(len(t) for t in res.token_ids) / dt, res.token_ids
+    return sum(len(t) for t in res.token_ids) / dt, res.token_ids, stats.get("capture_s", 0.0) - c0
 
 
-def measure(session, args) -> dict:
-    lat = reuse_latency(session.runner, args.prompt, args.gen, args.block, args.reps)
-    tps, tokens = throughput(session.runner, args.batch, args.prompt, args.gen, args.block)
-    return {"reuse_b1_ms": lat * 1e3, "tokens_per_s": tps, "tokens": tokens}
+def agreement(args, graphs: bool) -> dict:
+    """fp32 tiny model, T = 0, dual cache: ``dlc generate --tp N`` (subprocess) vs TP=1 here."""
+    from dlc.runtime.generate import GenerationConfig, generate
+    from dlc.runtime.session import encode_prompt, open_model
+    prompt = "tensor parallel graphs agree"
+    gen = ["--gen-length", "32", "--block-length", "8", "--steps", "32"]
+    cmd = [sys.executable, "-m", "dlc.cli", "generate", args.agree_preset, prompt, "--tp", str(args.tp),
+           "--dtype", "fp32", "--device", args.device, "--kv-cache", "dual", "--no-chat", "--json", *gen,
+           "--cuda-graphs" if graphs else "--no-cuda-graphs"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    if r.returncode != 0:
+        raise SystemExit(f"tp_bench: the TP={args.tp} agreement run failed: {r.stderr.strip()[-800:]}")
+    tp = json.loads(r.stdout.strip().splitlines()[-1])
+    one = open_model(args.agree_preset, dtype="fp32", device=args.device, progress=False)
+    cfg = GenerationConfig(gen_length=32, block_length=8, steps=32, kv_cache="dual", stop_at_eos=False)
+    want = generate(runner_of(one, graphs), [encode_prompt(one, prompt, False)], cfg).token_ids[0]
+    same = sum(a == b for a, b in zip(tp["token_ids"], want))
+    return {"preset": args.agree_preset, "identical": tp["token_ids"] == want,
+            "tokens_equal": f"{same}/{len(want)}", "tp_engine": tp["engine"]}
+
+
+def write_checkpoint(args, dtype) -> Path:
+    from dlc.models.loading import save_checkpoint
+    from engine_path import build
+    ckpt = Path(args.ckpt or tempfile.mkdtemp(prefix="dlc-tp-bench-"))
+    if not (ckpt / "config.json").exists():
+        model = build(args.preset, args.device if args.device != "cpu" else "cpu", dtype)
+        save_checkpoint(model, ckpt, max_shard_bytes=2 << 30)
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        say(f"checkpoint {ckpt} written")
+    return ckpt
+
+
+def latency_rounds(probes: dict, rounds: int, reps: int) -> dict:
+    """Median over ``rounds`` of each side's median step (ms); the sides alternate which goes first."""
+    per = {k: [] for k in probes}
+    for r in range(rounds):
+        for k in (list(probes) if r % 2 == 0 else list(probes)[::-1]):
+            per[k].append(probes[k].median_ms(reps))
+        say(f"latency round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in per.items()))
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def table(res: dict, tp: int) -> str:
+    a, b = res["tp1"], res[f"tp{tp}"]
+    rows = [("Reuse step, B=1 (ms)", a["reuse_b1_ms"], b["reuse_b1_ms"], res["reuse_b1_ratio"], "<= 0.6x",
+             res["reuse_b1_ratio"] <= 0.6),
+            (f"e2e tok/s, B={res['batch']}", a["tokens_per_s"], b["tokens_per_s"], res["tokens_per_s_ratio"],
+             ">= 1.7x", res["tokens_per_s_ratio"] >= 1.7)]
+    out = [f"| metric ({res['runner']}) | TP=1 | TP={tp} | ratio | target |", "|---|---|---|---|---|"]
+    out += [f"| {m} | {x:.2f} | {y:.2f} | {r:.2f}x | {t}: {'met' if ok else '**missed**'} |"
+            for m, x, y, r, t, ok in rows]
+    out.append(f"| identical sequences vs TP=1 ({res['dtype']}) | - | {res['identical_sequences']} | - | - |")
+    ag = res.get("agreement")
+    if ag:
+        out.append(f"| fp32 {ag['preset']} tokens vs TP=1 | - | {ag['tokens_equal']} | - | identical: "
+                   f"{'met' if ag['identical'] else '**missed**'} |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -82,41 +176,62 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=30, help="Reuse steps per latency round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating latency rounds")
+    ap.add_argument("--quick", action="store_true", help="gen 128, 3 rounds of 20 steps")
+    ap.add_argument("--cuda-graphs", dest="graphs", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action="store_true", help="torch.compile TP=1's blocks (TP=N has none)")
+    ap.add_argument("--agree-preset", default="tiny-dream", help="fp32 agreement model ('none': skip)")
     ap.add_argument("--ckpt", default=None, help="reuse a checkpoint directory written by an earlier run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.gen, args.rounds, args.reps = min(args.gen, 128), 3, 20
 
-    from dlc.models.loading import DTYPES, save_checkpoint
+    from dlc.models.loading import DTYPES
     from dlc.runtime.session import open_model
-    from engine_path import build
-    dtype = DTYPES[args.dtype]
-    ckpt = Path(args.ckpt or tempfile.mkdtemp(prefix="dlc-tp-bench-"))
-    if not (ckpt / "config.json").exists():
-        t0 = time.perf_counter()
-        model = build(args.preset, args.device if args.device != "cpu" else "cpu", dtype)
-        save_checkpoint(model, ckpt, max_shard_bytes=2 << 30)
-        del model
-        print(f"checkpoint {ckpt} written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    one = measure(open_model(str(ckpt), dtype=args.dtype, device=args.device, progress=False), args)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    res = {"preset": args.preset, "tp": args.tp, "device": str(args.device), "dtype": args.dtype,
+           "batch": args.batch,
+           "runner": ("eager" if not args.graphs else
+                      "CUDA graphs, TP=1 blocks compiled" if args.compile else "CUDA graphs, no compile"),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.agree_preset != "none":
+        res["agreement"] = agreement(args, args.graphs)
+        say(f"fp32 agreement: {res['agreement']}")
+    ckpt = write_checkpoint(args, DTYPES[args.dtype])
+    one = runner_of(open_model(str(ckpt), dtype=args.dtype, device=args.device, progress=False), args.graphs,
+                    args.compile)
+    say(f"TP=1 loaded ({type(one).__name__})")
     t0 = time.perf_counter()
     tp_session = open_model(str(ckpt), dtype=args.dtype, device=args.device, progress=False,
                             tensor_parallel_size=args.tp)
-    load_s = time.perf_counter() - t0
-    tp = measure(tp_session, args)
-    tp_session.runner.close()
-    same = sum(a == b for a, b in zip(one.pop("tokens"), tp.pop("tokens")))
-    res = {"preset": args.preset, "tp": args.tp, "device": str(args.device), "dtype": args.dtype,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tp1": one, f"tp{args.tp}": tp,
-           "tp_load_s": round(load_s, 2), "reuse_b1_ratio": tp["reuse_b1_ms"] / one["reuse_b1_ms"],
-           "tokens_per_s_ratio": tp["tokens_per_s"] / one["tokens_per_s"],
-           "identical_sequences": f"{same}/{args.batch}"}
+    tp = runner_of(tp_session, args.graphs)
+    res["tp_load_s"] = round(time.perf_counter() - t0, 2)
+    say(f"TP={args.tp} loaded in {res['tp_load_s']} s (graphs {'on' if args.graphs else 'off'})")
+    try:
+        probes = {"tp1": ReuseProbe(one, args.prompt, args.gen, args.block),
+                  f"tp{args.tp}": ReuseProbe(tp, args.prompt, args.gen, args.block)}
+        lat = latency_rounds(probes, args.rounds, args.reps)
+        del probes
+        sides = {}
+        for name, runner in (("tp1", one), (f"tp{args.tp}", tp)):
+            tps, tokens, cap = throughput(runner, args.batch, args.prompt, args.gen, args.block)
+            sides[name] = {"reuse_b1_ms": lat[name], "tokens_per_s": tps, "tokens": tokens,
+                           "capture_s_in_run": round(cap, 3)}
+            say(f"{name}: {tps:.1f} tok/s at B={args.batch} ({cap:.2f} s of it capturing)")
+        if getattr(tp, "stats", None):
+            res["tp_graph_stats"] = {k: v for k, v in tp.stats.items() if k in ("replays", "eager_reuse",
+                                                                             "captures")}
+    finally:
+        tp_session.runner.close()
+    a, b = sides["tp1"].pop("tokens"), sides[f"tp{args.tp}"].pop("tokens")
+    res.update(sides)
+    res["identical_sequences"] = f"{sum(x == y for x, y in zip(a, b))}/{args.batch}"
+    res["reuse_b1_ratio"] = sides[f"tp{args.tp}"]["reuse_b1_ms"] / sides["tp1"]["reuse_b1_ms"]
+    res["tokens_per_s_ratio"] = sides[f"tp{args.tp}"]["tokens_per_s"] / sides["tp1"]["tokens_per_s"]
     print(json.dumps(res, indent=2))
+    print(table(res, args.tp), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
 

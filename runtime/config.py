@@ -52,7 +52,8 @@ class ServeConfig:
                                         # export engine's programs [on on CUDA]
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
-    tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (eager runner)
+    tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (CUDA graphs
+                                    # per rank as on one GPU)
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
     # other cached keys (engines: built in)
     sparse_retention: float | None = None
@@ -107,9 +108,9 @@ class ServeConfig:
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"serve config: tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
-        if self.tensor_parallel_size > 1 and (self.cuda_graphs or self.compile):
-            raise ValueError("serve config: tensor_parallel_size > 1 runs the eager runner (no cuda_graphs / "
-                             "compile yet); leave those off")
+        if self.tensor_parallel_size > 1 and self.compile:
+            raise ValueError("serve config: tensor_parallel_size > 1 captures CUDA graphs without "
+                             "torch.compile; leave compile off")
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")

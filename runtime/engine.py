@@ -44,6 +44,7 @@ from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
 from .decoding import DecodeState, FieldError, GenerationConfig
+from .distributed.runner import TensorParallelRunner
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
 from .kv_cache import KVCacheManager, slot_bytes
@@ -84,6 +85,12 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     if isinstance(runner, GraphRunner):
         return runner
     on = cuda_graphs
+    if isinstance(runner, TensorParallelRunner):     # graphs on every rank (distributed/shard_graph.py)
+        if compile:
+            raise ValueError("compile: tensor_parallel_size > 1 captures CUDA graphs without torch.compile; "
+                             "leave --compile out")
+        runner.enable_graphs(runner.device.type == "cuda" if on is None else on)
+        return runner
     if isinstance(runner, CompiledRunner):           # an engine: its programs compiled, graphs of its Reuse
         cuda = runner.device.type == "cuda"
         runner.enable_compile(cuda and runner.kind == "export" if compile is None else compile)

@@ -1,43 +1,179 @@
 """Rank 0 -> workers: one message per runner call over a gloo group (CPU tensors, even when the model's own
 collectives run on NCCL), with bounded timeouts.
 
-A message is a header [kind, n_bytes] then the pickled payload as a uint8 tensor, both broadcast from rank 0:
-``STEP`` carries a ``StepBatch`` as host tensors (``pack_batch``: everything but the KV pool view, replaced by
-the pool's shape and the batch's slots, so each worker indexes its own pool of its heads), ``PING`` keeps an
-idle group alive (rank 0 pings while idle, so a worker waiting longer than the timeout knows rank 0 is gone),
-``STOP`` ends the workers."""
+Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values, 8 KiB): a header
+(``HEAD`` values: kind, form, sizes) and, for a step small enough, its whole payload. Two forms:
+
+* ``COMPACT`` (``STEP`` and ``AHEAD`` of the batches tensor parallelism serves): the header holds the batch's
+  scalars (phase, sizes, flags, temperature and guidance as float bits, the pool's key) and the payload,
+  int64, only what a worker cannot derive: the fed ids (a Reuse step's fed span only: the model reads nothing
+  else), the seeds, lengths, out_start, q_start, slots (and run-ahead counts). Positions, key mask, hidden-row
+  starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1
+  Reuse step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the
+  frame follows in a second broadcast.
+* ``PICKLED``: the header, then the pickled payload as uint8 (control messages: GRAPHS, BIND, WARMUP; a
+  batch carrying tensors the compact form does not hold: ``pack_batch``, everything but the KV pool view,
+  replaced by the pool's shape and the batch's slots, so each worker indexes its own pool of its heads).
+
+``PING`` keeps an idle group alive (rank 0 pings while idle, so a worker waiting longer than the timeout knows
+rank 0 is gone), ``STOP`` ends the workers."""
 from __future__ import annotations
 
 import dataclasses
 import pickle
+import struct
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..step import StepBatch
 
-PING, STEP, STOP = 0, 1, 2
+PING, STEP, STOP, GRAPHS, BIND, WARMUP, AHEAD = range(7)
+NONE, COMPACT, PICKLED = range(3)                       # message forms
+HEAD, FRAME = 24, 1024                                  # header values; frame = header + inline payload
+PHASES = ("full", "refresh", "reuse")
+# header slots
+(_KIND, _FORM, _SIZE, _PHASE, _B, _FED, _W, _NOUT, _NFED, _BLOCK, _FLAGS, _LOGPROBS, _TEMP, _CFG,
+ _N_AHEAD, _POOL) = range(16)                           # _POOL .. _POOL + 3: n_slots, S, head scores, id
+_TEMPERED, _ENTROPY, _CACHE, _REUSE = 1, 2, 4, 8
+# batch fields the compact form does not carry (a batch with any of them set goes pickled)
+_PICKLED_ONLY = ("keep_idx", "top_k", "top_p", "min_p", "credit_ids", "credit_vals", "credit_alpha",
+                 "soft_tau", "embed_delta")
+
+
+class Compact(NamedTuple):
+    """A received compact step: the header and the payload (host int64)."""
+    head: torch.Tensor
+    payload: torch.Tensor
 
 
 class Channel:
     def __init__(self, group):
         self.group = group
+        self._frame = torch.zeros(FRAME, dtype=torch.int64)
 
     def send(self, kind: int, payload: object = None) -> None:
+        """A control message (payload pickled; None: the header alone)."""
         data = b"" if payload is None else pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        dist.broadcast(torch.tensor([kind, len(data)], dtype=torch.int64), 0, group=self.group)
+        f = self._frame
+        f[:HEAD] = 0
+        f[_KIND], f[_FORM], f[_SIZE] = kind, PICKLED if data else NONE, len(data)
+        dist.broadcast(f, 0, group=self.group)
         if data:
             dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.group)
 
+    def send_batch(self, kind: int, batch: StepBatch, counts: torch.Tensor | None = None) -> None:
+        """A STEP (or AHEAD, with the run-ahead ``counts`` [B, n]) of ``batch``: compact when it can be."""
+        msg = encode(batch, counts)
+        if msg is None:
+            self.send(kind, (pack_batch(batch), counts))
+            return
+        head, payload = msg
+        f, n = self._frame, payload.numel()
+        f[:HEAD] = head
+        f[_KIND], f[_FORM], f[_SIZE] = kind, COMPACT, n
+        inline = n <= FRAME - HEAD
+        if inline:
+            f[HEAD:HEAD + n] = payload
+        dist.broadcast(f, 0, group=self.group)
+        if not inline:
+            dist.broadcast(payload, 0, group=self.group)
+
     def recv(self) -> tuple[int, object]:
-        head = torch.empty(2, dtype=torch.int64)
-        dist.broadcast(head, 0, group=self.group)
-        kind, n = int(head[0]), int(head[1])
-        if not n:
+        """(kind, payload): the unpickled object, a ``Compact`` step, or None."""
+        f = torch.empty(FRAME, dtype=torch.int64)
+        dist.broadcast(f, 0, group=self.group)
+        kind, form, n = int(f[_KIND]), int(f[_FORM]), int(f[_SIZE])
+        if form == NONE:
             return kind, None
+        if form == COMPACT:
+            if n <= FRAME - HEAD:
+                return kind, Compact(f[:HEAD], f[HEAD:HEAD + n])
+            payload = torch.empty(n, dtype=torch.int64)
+            dist.broadcast(payload, 0, group=self.group)
+            return kind, Compact(f[:HEAD], payload)
         buf = torch.empty(n, dtype=torch.uint8)
         dist.broadcast(buf, 0, group=self.group)
         return kind, pickle.loads(buf.numpy().tobytes())
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(b)))[0]
+
+
+def pool_key(pool) -> tuple | None:
+    """What names a pool across ranks: (n_slots, S, head scores?, rank 0's storage id), of a
+    ``KVCacheManager`` or a batch's ``KVCache`` view of it (k_all [n_layers, n_slots, Hkv, S, D])."""
+    if pool is None:
+        return None
+    return (pool.k_all.shape[1], pool.k_all.shape[3], pool.scores is not None, pool.k_all.data_ptr())
+
+
+def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(header [HEAD], payload) int64 of a batch, or None when it carries what the compact form does not."""
+    if any(getattr(batch, f) is not None for f in _PICKLED_ONLY):
+        return None
+    B, fed, W = batch.n_seqs, batch.fed, batch.width
+    reuse = batch.phase == "reuse"
+    ids = batch.ids
+    if reuse:                                                   # the model reads the fed span only
+        cols = batch.q_start_dev[:, None] + torch.arange(batch.n_fed, device=ids.device)   # [fed, T]
+        ids = ids.gather(1, cols)
+    dev = torch.cat([ids.flatten(), batch.seeds.to(torch.int64)]).cpu()   # one device->host copy
+    host = [dev, batch.lengths, batch.out_start]
+    if reuse:
+        host.append(batch.q_start)
+    if batch.cache is not None:
+        host.append(batch.slots)
+    if counts is not None:
+        host.append(counts.flatten())
+    head = torch.zeros(HEAD, dtype=torch.int64)
+    key = pool_key(batch.cache) or (0, 0, 0, 0)
+    flags = (_TEMPERED * batch.tempered_conf | _ENTROPY * bool(batch.entropy)
+             | _CACHE * (batch.cache is not None) | _REUSE * reuse)
+    head[_PHASE:_POOL + 4] = torch.tensor(
+        [PHASES.index(batch.phase), B, fed, W, batch.n_out, batch.n_fed, batch.block_size, flags,
+         -1 if batch.logprobs is None else batch.logprobs, _bits(batch.temperature), _bits(batch.cfg_scale),
+         0 if counts is None else counts.shape[1], *(int(v) for v in key)])
+    return head, torch.cat([t.to(torch.int64).flatten() for t in host])
+
+
+def decode(msg: Compact, config, device) -> tuple[StepBatch, tuple | None, torch.Tensor | None]:
+    """A compact step -> (StepBatch without its cache, pool key or None, run-ahead counts [B, n] or None).
+    The fields it does not carry are derived as ``step.build_batch`` makes them: positions ``arange(W)``, key
+    mask ``arange(W) < length``, hidden-row starts ``out_start - logit_shift`` (twice with guidance), guidance
+    rows [0, B) / [B, fed); a Reuse step's ids are its fed span in [fed, W] rows of mask ids."""
+    h = msg.head.tolist()
+    B, fed, W, N, T, flags = h[_B], h[_FED], h[_W], h[_NOUT], h[_NFED], h[_FLAGS]
+    reuse, cached = bool(flags & _REUSE), bool(flags & _CACHE)
+    sizes = [fed * (T if reuse else W), B, fed, B, fed if reuse else 0, fed if cached else 0,
+             B * h[_N_AHEAD]]
+    ids, seeds, lengths, out_start, q_start, slots, counts = msg.payload.split(sizes)
+    hid = out_start - config.logit_shift
+    hid = torch.cat([hid, hid]) if fed != B else hid                                  # [fed]
+    ids, seeds_d, len_d, qs_d, hid_d = torch.cat([ids, seeds, lengths, q_start, hid]).to(device).split(
+        [sizes[0], B, fed, sizes[4], fed])                                            # one host->device copy
+    ar = torch.arange(W, device=device)
+    if reuse:
+        cols = qs_d[:, None] + torch.arange(T, device=device)                         # [fed, T]
+        ids = torch.full((fed, W), config.mask_id, dtype=torch.long, device=device).scatter_(
+            1, cols, ids.view(fed, T))
+    arange_b = torch.arange(B, device=device)
+    batch = StepBatch(
+        phase=PHASES[h[_PHASE]], n_seqs=B, ids=ids.view(fed, W), pos=ar.expand(fed, W).contiguous(),
+        key_mask=ar[None] < len_d[:, None], lengths=lengths, out_start=out_start, n_out=N, hid_start=hid_d,
+        q_start=q_start if reuse else None, q_start_dev=qs_d if reuse else None, n_fed=T, cache=None,
+        slots=slots if cached else None, temperature=_float(h[_TEMP]), cfg_scale=_float(h[_CFG]),
+        seeds=seeds_d, cond_rows=arange_b, un_rows=arange_b + (fed - B), block_size=h[_BLOCK],
+        tempered_conf=bool(flags & _TEMPERED), entropy=bool(flags & _ENTROPY),
+        logprobs=None if h[_LOGPROBS] < 0 else h[_LOGPROBS])
+    key = (h[_POOL], h[_POOL + 1], bool(h[_POOL + 2]), h[_POOL + 3]) if cached else None
+    return batch, key, counts.view(B, -1) if h[_N_AHEAD] else None
 
 
 def _host(v):
@@ -47,23 +183,36 @@ def _host(v):
 def pack_batch(batch: StepBatch) -> dict:
     """The batch as host tensors; the pool view becomes (n_slots, S, head scores?, pool id) + ``slots``."""
     d = {f.name: _host(getattr(batch, f.name)) for f in dataclasses.fields(batch) if f.name != "cache"}
-    c = batch.cache
-    d["cache"] = None if c is None else (c.k_all.shape[1], c.seq_len, c.scores is not None,
-                                         c.k_all.data_ptr())
+    d["cache"] = pool_key(batch.cache)
     return d
 
 
-def unpack_batch(d: dict, device, pools: dict, make_pool) -> StepBatch:
-    """A worker's StepBatch: tensors on its device, the cache a view of its own pool of the same slots
-    (``make_pool(n_slots, S, head_scores)`` makes one when rank 0's pool changed)."""
+def unpack_batch(d: dict, device) -> tuple[StepBatch, tuple | None]:
+    """A pickled batch -> (StepBatch on ``device`` without its cache, pool key or None)."""
     d = dict(d)
-    pool_key = d.pop("cache")
+    key = d.pop("cache")
     host = {"lengths", "out_start", "q_start", "slots"}
     kw = {k: v.to(device) if isinstance(v, torch.Tensor) and k not in host else v for k, v in d.items()}
-    cache = None
-    if pool_key is not None:
-        if pools.get("key") != pool_key:
-            pools.clear()
-            pools["key"], pools["pool"] = pool_key, make_pool(*pool_key[:3])
-        cache = pools["pool"].view(kw["slots"])
-    return StepBatch(cache=cache, **kw)
+    return StepBatch(cache=None, **kw), key
+
+
+def pool_for(pools: dict, key: tuple, make_pool):
+    """The worker's pool for rank 0's pool ``key`` (``make_pool(n_slots, S, head_scores)`` makes one when
+    rank 0's pool changed)."""
+    if pools.get("key") != key:
+        pools.clear()
+        pools["key"], pools["pool"] = key, make_pool(*key[:3])
+    return pools["pool"]
+
+
+def read_batch(kind_msg, config, device, pools: dict, make_pool) -> tuple[StepBatch, torch.Tensor | None]:
+    """A worker's StepBatch of a STEP / AHEAD message (either form; the cache a view of its own pool of the
+    same slots) and the run-ahead counts (None for STEP)."""
+    if isinstance(kind_msg, Compact):
+        batch, key, counts = decode(kind_msg, config, device)
+    else:
+        packed, counts = kind_msg
+        batch, key = unpack_batch(packed, device)
+    if key is not None:
+        batch.cache = pool_for(pools, key, make_pool).view(batch.slots)
+    return batch, counts

@@ -9,14 +9,22 @@ every request, stop the server) run once."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from dlc.runtime.decoding import FieldError
+from dlc.runtime.step import AheadSteps
 
-from .channel import PING, STEP, STOP, Channel, pack_batch, unpack_batch
+from .channel import (AHEAD, BIND, GRAPHS, PING, STEP, STOP, WARMUP, Channel, pool_for, pool_key,
+                      read_batch)
+from .launch import TIMEOUT_S
+from .shard_graph import ShardGraphRunner, with_graphs
 
 log = logging.getLogger("dlc.tp")
 
@@ -35,6 +43,8 @@ class TensorParallelRunner:
         self._lock = threading.Lock()                  # one message + forward at a time (steps, pings)
         self._fail_lock = threading.Lock()             # the failure is recorded (and announced) once
         self._dead: str | None = None
+        self._bound = None                             # weakref to the pool the graphs are bound to
+        self.timeout_s = float(os.environ.get("DLC_TP_TIMEOUT_S", TIMEOUT_S))
         self._callbacks: list = []
         self._closed = False
         self._stop = threading.Event()
@@ -70,11 +80,87 @@ class TensorParallelRunner:
         return self._run(batch)
 
     def _run(self, batch):
+        return self._call(lambda: self.channel.send_batch(STEP, batch),
+                          lambda: self._settled(getattr(self.shard, batch.phase)(batch)))
+
+    def _settled(self, res):
+        """Captured steps on CUDA: wait for rank 0's device work with a bound. A collective inside a CUDA
+        graph has no NCCL timeout and the host sync that follows would wait forever for a dead peer: poll
+        instead, ending at once when a rank is found dead (watchdog) or after DLC_TP_TIMEOUT_S."""
+        if not self.capture:
+            return res
+        done = torch.cuda.Event()
+        done.record()
+        self._poll(done)
+        return res
+
+    def _poll(self, done) -> None:
+        """Wait for a CUDA event: RankFailure once a rank is dead or after DLC_TP_TIMEOUT_S."""
+        deadline = time.monotonic() + self.timeout_s
+        while not done.query():
+            if self._dead is not None:
+                raise RankFailure(self._dead)
+            if time.monotonic() > deadline:
+                raise self._fail(f"a captured step did not finish within {self.timeout_s:.0f} s "
+                                 f"(DLC_TP_TIMEOUT_S)")
+            time.sleep(0)                              # let other threads (HTTP, watchdog) run
+
+    # -- CUDA graphs on every rank (shard_graph.py) ---------------------------------------------------------
+    @property
+    def graphed(self) -> bool:
+        """step.GraphedRunner: every rank replays its captured Reuse steps (``enable_graphs``)."""
+        return isinstance(self.shard, ShardGraphRunner)
+
+    @property
+    def stats(self) -> dict | None:
+        """Rank 0's graph statistics (replays, captures, eager fallbacks; every rank does the same)."""
+        return self.shard.stats if self.graphed else None
+
+    capture = property(lambda self: self.graphed and self.shard.capture)
+
+    def enable_graphs(self, on: bool = True, capture: bool | None = None) -> None:
+        """Every rank's runner becomes a ``ShardGraphRunner`` (``on``; captured on CUDA, ``capture=False``
+        runs the same static-buffer steps uncaptured) or the eager ``ShardRunner`` again."""
+        def swap():
+            new = with_graphs(self.shard, on, capture)
+            if new is not self.shard:
+                self.shard, self._bound = new, None
+        self._call(lambda: self.channel.send(GRAPHS, (on, capture)), swap)
+
+    def bind_pool(self, kv) -> None:
+        """Rank 0 binds its pool (taking the padding rows' scratch slot), then each worker its own pool of the
+        same shape, with the same scratch slot."""
+        if not self.graphed or (self._bound is not None and self._bound() is kv):
+            return                                          # bound already: every rank keeps its graphs
+        self.shard.bind_pool(kv)                            # graphs cleared: every rank recaptures alike
+        self._bound = weakref.ref(kv)
+        self._call(lambda: self.channel.send(BIND, (pool_key(kv), self.shard.scratch)), lambda: None)
+
+    def warmup(self, widths: list[tuple[int, int]], max_batch: int) -> None:
+        """Every rank captures the same buckets, in the same order."""
+        if self.graphed:
+            self._call(lambda: self.channel.send(WARMUP, (widths, max_batch)),
+                       lambda: self.shard.warmup(widths, max_batch))
+
+    def can_run_ahead(self, batch) -> bool:
+        return self.graphed and self.shard.can_run_ahead(batch)
+
+    def reuse_ahead(self, batch, counts):
+        """step.LookaheadRunner: the workers run the same steps ahead (the same commits on the device: every
+        rank's combine ends with the same tokens), so their fed ids stay equal to rank 0's."""
+        steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts),
+                           lambda: self.shard.reuse_ahead(batch, counts))
+        if steps.events is None:
+            return steps
+        return _BoundedSteps(steps.x0, steps.conf, steps.blocks, steps.events, self._poll)
+
+    def _call(self, send, run):
+        """Send the workers their message, then run rank 0's share; a failed collective fails the group."""
         with self._lock:
             self._check()
             try:
-                self.channel.send(STEP, pack_batch(batch))
-                return getattr(self.shard, batch.phase)(batch)
+                send()
+                return run()
             except dist.DistError as e:
                 raise self._fail(f"a tensor-parallel collective failed ({_first_line(e)})") from None
             except RuntimeError as e:          # gloo reports a closed peer as a plain RuntimeError
@@ -166,6 +252,15 @@ class TensorParallelRunner:
                 pass
 
 
+@dataclass
+class _BoundedSteps(AheadSteps):
+    """Steps run ahead whose ``wait`` is bounded like a captured step (``TensorParallelRunner._poll``)."""
+    poll: object = None
+
+    def wait(self, s: int) -> None:
+        self.poll(self.events[s])
+
+
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
@@ -176,19 +271,18 @@ def _is_comm_error(e: Exception) -> bool:
 
 
 def worker_loop(shard, channel: Channel, make_pool) -> None:
-    """A worker: run every STEP's forward on its shard until STOP (or until rank 0 is gone: the receive
-    fails or times out, and the caller exits). A step that raises a plain error raises on rank 0 too (same
+    """A worker: run every message's work on its shard until STOP (or until rank 0 is gone: the receive
+    fails or times out, and the caller exits). Work that raises a plain error raises on rank 0 too (same
     batch, same code): the worker goes on."""
     pools: dict = {}
     while True:
         kind, msg = channel.recv()
         if kind == STOP:
             return
-        if kind != STEP:
+        if kind == PING:
             continue
-        batch = unpack_batch(msg, shard.device, pools, make_pool)
         try:
-            getattr(shard, batch.phase)(batch)
+            shard = _work(shard, kind, msg, pools, make_pool)
         except dist.DistError:
             raise
         except RuntimeError as e:
@@ -197,3 +291,22 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
             log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))
         except Exception as e:                             # noqa: BLE001
             log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))
+
+
+def _work(shard, kind: int, msg, pools: dict, make_pool):
+    """One message's work on this rank -> its runner (GRAPHS replaces it)."""
+    if kind == GRAPHS:
+        return with_graphs(shard, *msg)
+    if kind == BIND:
+        key, scratch = msg                                 # always a fresh pool (and graphs), as rank 0
+        pools.clear()
+        shard.bind_pool(pool_for(pools, key, make_pool), scratch)
+    elif kind == WARMUP:
+        shard.warmup(*msg)
+    elif kind in (STEP, AHEAD):
+        batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool)
+        if kind == AHEAD:
+            shard.reuse_ahead(batch, counts)
+        else:
+            getattr(shard, batch.phase)(batch)
+    return shard

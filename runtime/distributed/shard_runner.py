@@ -24,21 +24,31 @@ class ShardRunner(EagerRunner):
         return self.config.max_seq_len
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
-        """rows [fed, N, d] -> (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy."""
-        w, v0 = head_shard(self.model, self.rank, self.world)
-        temperature = batch.temperature
-        if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
-            rows, temperature = rows / temperature, 1.0           # as EagerRunner.decode: softmax(l / T)
-        k = batch.logprobs or 0
-        st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
-                         temperature, batch.seeds, self.config.vocab_size, topk=k, entropy=batch.entropy)
-        out = combine(st, self.group, topk=k)
-        if not batch.wants_extras():
-            return out["tokens"], out["confidence"]
-        res = StepOutput(out["tokens"], out["confidence"])
-        if batch.logprobs is not None:
-            res.logprob, res.topk_ids, res.topk_logprobs = out["logprob"], out.get("topk_ids"), \
-                out.get("topk_logprobs")
-        if batch.entropy:
-            res.entropy = out["entropy"]
-        return res
+        return vocab_decode(self, rows, batch)
+
+
+def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch):
+    """A shard's decoding (``ShardRunner``, and ``ShardGraphRunner``'s uncaptured steps): rows [fed, N, d] ->
+    (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy, combined over the ranks."""
+    w, v0 = head_shard(shard.model, shard.rank, shard.world)
+    temperature = batch.temperature
+    if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
+        rows, temperature = rows / temperature, 1.0               # as EagerRunner.decode: softmax(l / T)
+    k = batch.logprobs or 0
+    st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
+                     temperature, batch.seeds, shard.config.vocab_size, topk=k, entropy=batch.entropy)
+    out = combine(st, shard.group, topk=k)
+    if not batch.wants_extras():
+        return out["tokens"], out["confidence"]
+    return StepOutput.from_decode(extras_of(out, batch.logprobs is not None, batch.entropy))
+
+
+def extras_of(out: dict, logprobs: bool, entropy: bool) -> dict:
+    """``combine``'s dict -> the keys ``StepOutput`` takes (tokens, confidence and the extras asked for)."""
+    res = {"tokens": out["tokens"], "confidence": out["confidence"]}
+    if logprobs:
+        res.update(logprob=out["logprob"], topk_ids=out.get("topk_ids"),
+                   topk_logprobs=out.get("topk_logprobs"))
+    if entropy:
+        res["entropy"] = out["entropy"]
+    return res

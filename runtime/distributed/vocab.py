@@ -8,7 +8,9 @@ logit, the running max ``m`` and ``s = sum exp(l - m)`` (plus ``a = sum exp(l - 
 top-k for logprobs). One ``all_gather`` of these [C, N] statistics (a few floats per row and rank) combines:
 ``M = max m``, ``S = sum s exp(m - M)``, the token is the best score over ranks (ties: the lowest rank, i.e.
 the lowest id, as the single-process chunk loop), confidence ``exp(l_tok - M) / S``, logprob
-``l_tok - (M + log S)``, entropy ``M + log S - A / S``; top-k merges the ranks' k candidates."""
+``l_tok - (M + log S)``, entropy ``M + log S - A / S``; top-k merges the ranks' k candidates. The collectives
+are ``all_gather_into_tensor`` (``all_gather_single``) and nothing reads a value on the host, so the combine
+runs inside a captured Reuse step (``shard_graph.ShardGraphRunner``)."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from dlc.kernels.logits import uniform_noise
 
 CHUNK = 32768                  # head rows per chunk (the eager runner's VOCAB_CHUNK)
+# torch 2.13 renamed all_gather_into_tensor (a deprecation warning per call) to all_gather_single
+_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def shard_stats(h, w, v0: int, cond_rows, un_rows, cfg_w, temp, seeds, vocab: int, topk: int = 0,
@@ -66,9 +70,7 @@ def combine(st: dict, group, topk: int = 0) -> dict:
     all_gather of [6, C, N] float64 (and one of the top-k candidates when asked)."""
     world = dist.get_world_size(group)
     mine = torch.stack([st[k] for k in ("best", "tok", "bl", "m", "s", "a")])     # [6, C, N]
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    best, tok, bl, m, s, a = torch.stack(parts).unbind(1)                         # each [R, C, N]
+    best, tok, bl, m, s, a = _all_gather(mine, group, world).unbind(1)            # each [R, C, N]
     M = m.amax(0)
     f = torch.exp(m - M)
     S, A = (s * f).sum(0), (a * f).sum(0)
@@ -85,8 +87,14 @@ def combine(st: dict, group, topk: int = 0) -> dict:
 
 
 def _gather_topk(tv, ti, group, world):
-    pv = [torch.empty_like(tv) for _ in range(world)]
-    pi = [torch.empty_like(ti) for _ in range(world)]
-    dist.all_gather(pv, tv.contiguous(), group=group)
-    dist.all_gather(pi, ti.contiguous(), group=group)
-    return torch.cat(pv, -1), torch.cat(pi, -1)                                   # [C, N, R * k]
+    pv, pi = _all_gather(tv, group, world), _all_gather(ti, group, world)          # [R, C, N, k]
+    return torch.cat(pv.unbind(0), -1), torch.cat(pi.unbind(0), -1)               # [C, N, R * k]
+
+
+def _all_gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """[...] on every rank -> [R, ...]: one ``all_gather_into_tensor`` into a single output (no list of
+    outputs, no host sync: it captures inside a CUDA graph with NCCL and runs on gloo)."""
+    x = x.contiguous()
+    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    _GATHER(out, x, group=group)
+    return out.view((world,) + tuple(x.shape))

@@ -309,7 +309,11 @@ class GraphRunner(EagerRunner):
         else:
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
         h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start, embed_add=g.embed)  # [bb, T, d]
-        rows = take_rows(h, g.off, g.N)                                           # [bb, N, d]
+        return self._graph_decode(take_rows(h, g.off, g.N), g)                   # rows [bb, N, d]
+
+    def _graph_decode(self, rows: torch.Tensor, g: _Graph):
+        """The captured step's decoding of rows [bb, N, d] (a tensor-parallel shard overrides it with the
+        vocab-parallel combine: runtime/distributed/shard_graph.py)."""
         if g.ex:
             return self._decode_extras(rows, g.ex, g.credit, g.sampling, g.filters)
         if self.decoding == "exact":

@@ -1,0 +1,174 @@
+"""Tensor parallelism with the graph runner on every rank (runtime/distributed/shard_graph.py, issue 16).
+
+On CPU (2 processes, gloo) the ``ShardGraphRunner`` runs its static-buffer Reuse steps uncaptured
+(``capture=False``): the same bucket, staging, scratch-slot padding and vocab-parallel combine that a CUDA
+graph replays. Tokens must equal one process's (fp32, decisive tiny checkpoints written as
+test_tensor_parallel.py writes them): three prompts pad the Reuse batch to bucket 4, so every rank's padding
+row reads and writes its own pool's scratch slot. A rank whose calls left lockstep (another bucket, an eager
+step where rank 0 replays) would pass collectives of other sizes and fail the step, so equal tokens also say
+every rank replayed the same steps. The GPU test captures on 2 GPUs (NCCL collectives inside the graphs)."""
+import pytest
+import torch
+
+from dlc.runtime.config import ServeConfig
+from dlc.runtime.engine import Engine, graph_runner_for
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.session import open_model
+from test_tensor_parallel import LOGIT_TOL, MODELS, write_tiny
+
+PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 64], [9, 8, 7, 6, 5]]      # B=3: Reuse pads to bucket 4
+GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")
+
+
+@pytest.fixture(scope="module", params=["llada", "dream_gqa"])
+def pair(request, tmp_path_factory):
+    """(one-process session, TP=2 session with graph runners on both ranks) of one tiny checkpoint."""
+    path = write_tiny(tmp_path_factory.mktemp(request.param), MODELS[request.param])
+    one = open_model(str(path), dtype="fp32", progress=False)
+    tp = open_model(str(path), dtype="fp32", progress=False, tensor_parallel_size=2)
+    assert graph_runner_for(tp.runner, cuda_graphs=True) is tp.runner and tp.runner.graphed
+    yield one, tp
+    tp.runner.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_tp2_graph_runner_tokens_equal_one_process(pair, temperature):
+    one, tp = pair
+    cfg = GenerationConfig(**GEN, temperature=temperature, seed=11)
+    before = dict(tp.runner.stats)
+    got = generate(tp.runner, PROMPTS, cfg).token_ids
+    want = generate(one.runner, PROMPTS, cfg).token_ids
+    assert got == want
+    assert len({tuple(t) for t in want}) == 3 and len(set(want[0])) > 2       # decisive: prompts matter
+    st = tp.runner.stats
+    assert st["replays"] - before["replays"] == 2 * 3         # 2 blocks of 4 steps: 1 Refresh + 3 Reuse
+    assert st["eager_reuse"] == before["eager_reuse"]
+    assert any(k[0] == 4 for k in tp.runner.shard.graphs)     # B=3 padded to bucket 4 (scratch slot)
+
+
+def test_tp2_graph_logprobs_and_entropy_variants(pair):
+    """Captured variants with extras: top-k logprobs and entropy through the vocab-parallel combine."""
+    one, tp = pair
+    cfg = GenerationConfig(**GEN, threshold=0.3, logprobs=3)
+    n_graphs = len(tp.runner.shard.graphs)
+    a, b = generate(one.runner, PROMPTS, cfg), generate(tp.runner, PROMPTS, cfg)
+    assert b.token_ids == a.token_ids and b.nfe == a.nfe
+    for ra, rb in zip(a.logprobs, b.logprobs):
+        for ea, eb in zip(ra, rb):
+            assert (ea is None) == (eb is None)
+            if ea is not None:
+                assert abs(ea[0] - eb[0]) < LOGIT_TOL and list(ea[1]) == list(eb[1])
+    assert len(tp.runner.shard.graphs) > n_graphs            # a logprobs variant was built on every rank
+    eb_cfg = GenerationConfig(**GEN, entropy_bound=2.0)
+    a, b = generate(one.runner, PROMPTS, eb_cfg), generate(tp.runner, PROMPTS, eb_cfg)
+    assert b.token_ids == a.token_ids and b.nfe == a.nfe
+
+
+def _engine_outputs(session, params: dict, lookahead: int) -> tuple[Engine, list[list[int]]]:
+    """Requests that arrive while others run (Refresh beside Reuse in one iteration), to the end."""
+    eng = Engine(session, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=4, cuda_graphs=True,
+                                      lookahead_steps=lookahead))
+    eng.warmup()                                             # every rank: buckets 1, 2, 4 of the block
+    assert sorted(k[0] for k in session.runner.shard.graphs) == [1, 2, 4]
+    reqs = [eng.make_request(p, {**params, "seed": 3 + i}) for i, p in enumerate(PROMPTS + [[11, 12]])]
+    for r in reqs[:2]:
+        eng.add_request(r)
+    eng.step()                                               # their Refresh; next iteration: Reuse beside
+    for r in reqs[2:]:                                       # the newcomers' Refresh
+        eng.add_request(r)
+    eng.run_until_done()
+    assert all(r.error is None for r in reqs)
+    return eng, [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("temperature,lookahead", [(0.0, 16), (0.8, 1)])
+def test_tp2_engine_with_graphs_equals_generate(pair, temperature, lookahead):
+    """The serving engine over the TP graph runner: mixed Refresh / Reuse iterations, Reuse steps run ahead on
+    every rank (T = 0, lookahead 16) or one step per call (sampled); each request's tokens equal one-process
+    generate with its seed."""
+    one, tp = pair
+    params = dict(GEN, temperature=temperature)
+    eng, outs = _engine_outputs(tp, params, lookahead)
+    assert eng.runner is tp.runner and eng.runner.graphed
+    refs = [generate(one.runner, [p], GenerationConfig(**params, seed=3 + i, stop_at_eos=True)).token_ids[0]
+            for i, p in enumerate(PROMPTS + [[11, 12]])]
+    assert outs == refs
+    assert eng.metrics.counter("phase_mixed_iterations_total") > 0
+    if lookahead > 1:
+        assert tp.runner.stats["ahead_calls"] > 0
+
+
+def test_graphs_toggle_back_to_eager_on_every_rank(pair):
+    one, tp = pair
+    tp.runner.enable_graphs(False)
+    try:
+        assert not tp.runner.graphed and tp.runner.stats is None
+        cfg = GenerationConfig(**GEN)
+        assert generate(tp.runner, PROMPTS, cfg).token_ids == generate(one.runner, PROMPTS, cfg).token_ids
+    finally:
+        tp.runner.enable_graphs(True)
+    assert tp.runner.graphed
+
+
+def test_serve_config_allows_tp_graphs_refuses_compile():
+    assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True).cuda_graphs
+    with pytest.raises(ValueError, match="compile"):
+        ServeConfig(tensor_parallel_size=2, compile=True)
+
+
+@pytest.mark.gpu
+def test_tp2_cuda_graphs_on_two_gpus(tmp_path):
+    """2 GPUs, NCCL: every rank captures its Reuse steps with the all-reduces and the vocab combine inside;
+    tokens equal TP=2 eager at T = 0 in fp32, and the steps replayed."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    path = write_tiny(tmp_path, MODELS["dream_gqa"])
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2)
+    try:
+        cfg = GenerationConfig(**GEN)
+        eager = generate(tp.runner, PROMPTS, cfg).token_ids
+        runner = graph_runner_for(tp.runner)                  # the CUDA default: graphs on
+        assert runner.graphed and runner.capture
+        got = generate(runner, PROMPTS, cfg).token_ids
+        assert got == eager and len({tuple(t) for t in eager}) == 3
+        assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0
+        assert runner.stats["eager_reuse"] == 0
+    finally:
+        tp.runner.close()
+
+
+@pytest.mark.parametrize("phase,cfg_scale", [("reuse", 0.0), ("reuse", 1.5), ("refresh", 1.5), ("full", 0.0)])
+def test_compact_message_rebuilds_the_batch(phase, cfg_scale):
+    """channel.encode / decode (no processes): what a worker rebuilds from the compact frame is the batch
+    rank 0 built (Dream's shift, guidance twins, unequal lengths); a Reuse step's ids only on its fed span."""
+    from types import SimpleNamespace
+
+    from dlc.models.presets import preset_config
+    from dlc.runtime.distributed.channel import Compact, decode, encode
+    from dlc.runtime.kv_cache import KVCacheManager
+    from dlc.runtime.step import build_batch
+    mc = preset_config("tiny-dream")
+    runner = SimpleNamespace(device=torch.device("cpu"), config=mc, sparse_retention=None)
+    pool = KVCacheManager(mc, 40, 1 << 62, torch.float32, "cpu", max_slots=8)
+    seqs = [torch.arange(10, 40), torch.arange(50, 74)]                    # lengths 30 and 24
+    slots = [pool.allocate_n(2 if cfg_scale else 1) for _ in seqs] if phase != "full" else None
+    spans = [(16, 24), (12, 20)] if phase == "reuse" else None
+    b = build_batch(runner, phase, seqs, [12, 8], [16, 12], 8, spans, slots, pool if slots else None,
+                    temperature=0.7, cfg_scale=cfg_scale, seeds=[5, 9])
+    b.entropy, b.logprobs = True, 3
+    head, payload = encode(b, torch.tensor([[2, 1], [1, 1]]) if phase == "reuse" else None)
+    got, key, counts = decode(Compact(head, payload), mc, torch.device("cpu"))
+    assert (key is None) == (phase == "full") and (counts is None) == (phase != "reuse")
+    for f in ("phase", "n_seqs", "n_out", "n_fed", "temperature", "cfg_scale", "block_size", "entropy",
+              "logprobs"):
+        assert getattr(got, f) == getattr(b, f), f
+    for f in ("pos", "key_mask", "lengths", "out_start", "hid_start", "seeds", "cond_rows", "un_rows",
+              "slots", "q_start", "q_start_dev"):
+        x, y = getattr(got, f), getattr(b, f)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), f
+    if phase == "reuse":                                                   # the fed span, masks elsewhere
+        cols = b.q_start[:, None] + torch.arange(b.n_fed)
+        assert torch.equal(got.ids.gather(1, cols), b.ids.gather(1, cols))
+        assert torch.equal(counts, torch.tensor([[2, 1], [1, 1]]))
+    else:
+        assert torch.equal(got.ids, b.ids)
