@@ -110,7 +110,7 @@ def agreement(args, graphs: bool) -> dict:
     from dlc.runtime.session import encode_prompt, open_model
     prompt = "tensor parallel graphs agree"
     gen = ["--gen-length", "32", "--block-length", "8", "--steps", "32"]
-    cmd = [sys.executable, "-m", "dlc.cli", "generate", args.agree_preset, prompt, "--tp", str(args.tp),
+    cmd = [sys.executable, "-P", "-m", "dlc.cli", "generate", args.agree_preset, prompt, "--tp", str(args.tp),
            "--dtype", "fp32", "--device", args.device, "--kv-cache", "dual", "--no-chat", "--json", *gen,
            "--cuda-graphs" if graphs else "--no-cuda-graphs"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
