@@ -237,6 +237,10 @@ class TensorParallelRunner:
                 except Exception:                          # noqa: BLE001
                     pass
         deadline = time.monotonic() + (timeout if self._dead is None else 0.5)   # dead group: no STOP sent
+        if self._dead is None:
+            # NCCL's destroy is collective: every rank must enter it, so rank 0 leaves the group while the
+            # workers leave it after STOP, before joining them (destroying after a worker has gone hangs)
+            _leave_group(timeout)
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.exitcode is None:
@@ -245,11 +249,21 @@ class TensorParallelRunner:
             if p.exitcode is None:                         # a stopped (SIGSTOP) rank ignores SIGTERM
                 p.kill()
                 p.join(2)
-        if self._dead is None:
-            try:
-                dist.destroy_process_group()
-            except Exception:                              # noqa: BLE001
-                pass
+
+
+def _leave_group(timeout: float) -> None:
+    """``destroy_process_group`` bounded by ``timeout``: a peer that never enters it (NCCL waits for every
+    rank) leaves this process in the group rather than hung."""
+    def destroy():
+        try:
+            dist.destroy_process_group()
+        except Exception:                                  # noqa: BLE001
+            pass
+    t = threading.Thread(target=destroy, name="dlc-tp-leave", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        log.warning("tensor parallel: leaving the process group timed out after %.0f s", timeout)
 
 
 @dataclass
