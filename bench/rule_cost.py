@@ -86,6 +86,7 @@ def reuse_states(runner, B, params, args, dev):
 
 
 def time_rule(runner, B, params, args, dev) -> dict:
+    from dlc.runtime.decoding import apply_batch
     from dlc.runtime.step import make_batch, run_batch
     states, slots, pool = reuse_states(runner, B, params, args, dev)
     stats = getattr(runner, "stats", {})
@@ -98,8 +99,7 @@ def time_rule(runner, B, params, args, dev) -> dict:
         out = run_batch(runner, make_batch(runner, st, slots, pool))
         sync(dev)
         t1 = time.perf_counter()
-        for i, s in enumerate(st):
-            s.apply(out.x0[i], out.conf[i], out.row(i))
+        apply_batch(st, out.x0, out.conf, out)              # the engine's one call per runner output
         t2 = time.perf_counter()
         if it >= args.warmup:
             t_run += t1 - t0

@@ -43,3 +43,9 @@ class StepOutput:
     def row(self, i: int) -> "StepOutput":
         return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i]
                              for f in fields(self)})
+
+    def take(self, idx: list[int]) -> "StepOutput":
+        """Rows ``idx`` (a list of row numbers) as a StepOutput of ``len(idx)`` rows."""
+        ix = torch.tensor(idx, dtype=torch.long)
+        return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[ix]
+                             for f in fields(self)})
