@@ -785,16 +785,15 @@ class DecodeState:
             return torch.zeros(K, 0, dtype=torch.long), torch.zeros(K, 0, dtype=torch.float64)
         return self.credit[0], self.credit[1] * CREDIT_DECAY
 
-    def _record_extras(self, j: int, out, sel_rows: dict, credit_add) -> None:
-        """Credit / smoothing state for the next step (row ``j`` of ``out``), logprobs of the tokens unmasked
-        now (``sel_rows``: this row's selected columns with their logprob / alternatives)."""
+    def _record_extras(self, j: int, out, sel_rows: dict, credit: dict) -> None:
+        """Credit / smoothing state for the next step (row ``j`` of ``out``; ``credit``: the rows' new credit,
+        ``_extras_rows``), logprobs of the tokens unmasked now (``sel_rows``: this row's selected columns with
+        their logprob / alternatives)."""
         g = self.gen
-        if g.credit and out.top1_ids is not None:
-            ids, vals = self._credit_prior(self.be - self.bs)          # the prior as sent (decayed)
-            self.credit = (torch.cat([ids, out.top1_ids[j][:, None]], 1),
-                           torch.cat([vals, credit_add[j][:, None]], 1))
+        if j in credit:
+            self.credit = credit[j]
         if g.smoothing and out.soft is not None:
-            self.soft = out.soft[j].clone()
+            self.soft = out.soft[j]                  # a view of the step's host output (never written)
             self.soft_w = min(SMOOTH_W0 + SMOOTH_DW * self.iters, SMOOTH_W)
         if self.token_logprobs is not None:
             k = g.logprobs
@@ -951,14 +950,14 @@ def apply_batch(states: list, x0: torch.Tensor, conf: torch.Tensor, out=None) ->
     masked = blk == S[0].mask_id
     sel, stuck = _select_rows(S, x0, conf, masked, None if out is None else out.entropy)
     new = torch.where(sel, x0, blk)                                              # [b, K]
-    credit_add = sel_rows = None
+    credit = sel_rows = None
     if out is not None:
-        credit_add, sel_rows = _extras_rows(S, out, masked, sel)
+        credit, sel_rows = _extras_rows(S, out, masked, sel)
     stuck_l = stuck.tolist()
     for j, s in enumerate(S):
         def commit(j=j, s=s):
             if out is not None:
-                s._record_extras(j, out, sel_rows, credit_add)
+                s._record_extras(j, out, sel_rows, credit)
             s._commit(new[j], stuck_l[j], sel[j], x0[j])
         errors[idx[j]] = _guarded(commit)
     return errors
@@ -990,13 +989,9 @@ def _select_rows(S: list, x0, conf, masked, entropy) -> tuple[torch.Tensor, torc
 
 
 def _extras_rows(S: list, out, masked: torch.Tensor, sel: torch.Tensor):
-    """Batched parts of the extras' bookkeeping: credit's addition [b, K] (p1 ** gamma where still masked)
-    and, per row, the selected columns with their logprob and alternatives (one host read for all)."""
-    credit_add = None
-    if out.top1_ids is not None and any(s.gen.credit for s in S):
-        from dlc.kernels.sampling import CREDIT_GAMMA
-        p = out.top1_prob.to(torch.float64)
-        credit_add = torch.where(masked, p ** CREDIT_GAMMA, torch.zeros_like(p))
+    """Batched parts of the extras' bookkeeping: each credit row's new credit (``_credit_rows``) and, per
+    row, the selected columns with their logprob and alternatives (one host read for all)."""
+    credit = _credit_rows(S, out, masked)
     sel_rows: dict[int, list] = {}
     if out.logprob is not None and any(s.token_logprobs is not None for s in S):
         pos = sel.nonzero().tolist()                                             # [n, 2] (row, column)
@@ -1005,4 +1000,33 @@ def _extras_rows(S: list, out, masked: torch.Tensor, sel: torch.Tensor):
         lps = out.topk_logprobs[sel].tolist() if out.topk_logprobs is not None else [[]] * len(pos)
         for (j, col), a, b, c in zip(pos, lp, ids, lps):
             sel_rows.setdefault(j, []).append((col, a, b, c))
-    return credit_add, sel_rows
+    return credit, sel_rows
+
+
+def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
+    """Credit decoding's update for the rows whose state has it: {row: (ids [K, M + 1], vals [K, M + 1])},
+    the prior as the step sent it (decayed once more) plus this step's raw top-1 id with p1 ** gamma where
+    still masked (0 elsewhere). States with equal M update as one stacked tensor."""
+    rows = [j for j, s in enumerate(S) if s.gen.credit]
+    if out.top1_ids is None or not rows:
+        return {}
+    from dlc.kernels.sampling import CREDIT_GAMMA
+    p = out.top1_prob.to(torch.float64)
+    add = torch.where(masked, p ** CREDIT_GAMMA, torch.zeros_like(p))                 # [b, K]
+    by_m: dict[int, list[int]] = {}
+    for j in rows:
+        by_m.setdefault(0 if S[j].credit is None else S[j].credit[0].shape[1], []).append(j)
+    new = {}
+    for m, js in by_m.items():
+        K = masked.shape[1]
+        ix = torch.tensor(js, dtype=torch.long)
+        if m:
+            ids = torch.stack([S[j].credit[0] for j in js])                           # [n, K, M]
+            vals = torch.stack([S[j].credit[1] for j in js]) * CREDIT_DECAY
+        else:
+            ids, vals = torch.zeros(len(js), K, 0, dtype=torch.long), torch.zeros(len(js), K, 0,
+                                                                                  dtype=torch.float64)
+        ids = torch.cat([ids, out.top1_ids[ix][..., None]], -1)                       # [n, K, M + 1]
+        vals = torch.cat([vals, add[ix][..., None]], -1)
+        new.update({j: (ids[n], vals[n]) for n, j in enumerate(js)})
+    return new
