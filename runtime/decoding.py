@@ -635,8 +635,8 @@ class DecodeState:
         soft = None
         if g.smoothing:
             delta = None
-            if self.soft is not None:
-                still = (self.x[self.bs:self.be] == self.mask_id)[:, None]
+            if self.soft is not None:                # on the runner's device (StepOutput.to_host keeps it)
+                still = (self.x[self.bs:self.be] == self.mask_id)[:, None].to(self.soft.device)
                 delta = torch.where(still, self.soft_w * self.soft, torch.zeros_like(self.soft))
             soft = (SMOOTH_TAU, delta)
         return {"entropy": self.rule.needs_entropy, "logprobs": g.logprobs, "filters": g.filters(),

@@ -278,11 +278,11 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         deltas = [n["soft"][1] for n in needs if n["soft"] is not None and n["soft"][1] is not None]
         if deltas:
             d = deltas[0].shape[-1]
-            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype)
+            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype, device=deltas[0].device)   # (the runner's)
             for i, n in enumerate(needs):
                 if n["soft"] is not None and n["soft"][1] is not None:
                     delta[i] = n["soft"][1]
-            batch.embed_delta = _to_device(delta, dev)
+            batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],

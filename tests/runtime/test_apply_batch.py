@@ -1,7 +1,8 @@
 """The decoding core's batched apply (``decoding.apply_batch``: one selection per rule over a runner call's
 [B, K] rows, issue 18's host cost) against an in-test transcription of each rule (positions accepted per step
 on fixed confidence / entropy inputs) and against one ``apply`` per state: rules mixed in one batch, random
-remasking, mask-id predictions, the extras' state (credit, smoothing, logprobs), and a bad row failing alone."""
+remasking, mask-id predictions, the extras' state (credit, smoothing, logprobs), a bad row failing alone;
+and StepOutput.to_host's packed copies."""
 import copy
 from types import SimpleNamespace
 
@@ -172,3 +173,20 @@ def test_apply_batch_fails_a_bad_row_alone():
     assert isinstance(errs[1], ValueError) and "block columns" in str(errs[1])
     assert torch.equal(states[1].x, before[1]) and states[1].step == 0
     assert not torch.equal(states[0].x, before[0]) and not torch.equal(states[2].x, before[2])
+
+
+def test_step_output_to_host_packs_the_copies_losslessly():
+    """``to_host(pack=True)`` (the GPU default: one copy for the integer fields, one for the float ones) gives
+    the fields ``pack=False`` gives, bit for bit, in their shapes and dtypes; ``soft`` stays where it is."""
+    g = torch.Generator().manual_seed(1)
+    out = StepOutput(torch.randint(0, 2 ** 40, (3, 4), generator=g), torch.rand(3, 4, generator=g),
+                     entropy=torch.rand(3, 4, generator=g, dtype=torch.float64),
+                     logprob=-torch.rand(3, 4, generator=g),
+                     topk_ids=torch.randint(0, 9, (3, 4, 2), generator=g),
+                     topk_logprobs=-torch.rand(3, 4, 2, generator=g), top1_ids=torch.randint(0, 9, (3, 4)),
+                     soft=torch.randn(3, 4, 5, generator=g))
+    a, b = out.to_host(pack=True), out.to_host(pack=False)
+    for f in ("x0", "conf", "entropy", "logprob", "topk_ids", "topk_logprobs", "top1_ids"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
+    assert a.conf.dtype == torch.float64 and a.top1_prob is None and a.soft is out.soft
