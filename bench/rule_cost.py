@@ -6,7 +6,8 @@ what a rule adds to a step, target < 3%).
 Per batch size: B prompts of ``--prompt`` tokens, gen ``--gen``, block ``--block``; one Refresh step fills the
 dual cache, then the same Reuse step is timed ``--iters`` times from a copy of the states (so every rule times
 the same step: same fed tokens, same cache). Reported per rule: runner ms (model + decoding with the rule's
-extras), apply ms (host selection + state update), total and the ratio to low-confidence on the same runner.
+extras), apply ms (host selection + state update: ``decoding.apply_batch`` over the call's rows, as the
+engine applies them), total and the ratio to low-confidence on the same runner.
 Rows:
 
 * ``graph`` (default): every rule through the CUDA-graph runner, the serving default (``--graph-decode``:
