@@ -20,8 +20,11 @@ outputs; a kernel of its own so that the plain one, which compiled programs trac
   a per-(row, token) term in every tile (register spill at 32 x 32 rows on an H100, +73% per Reuse step).
   ``top1_ids`` / ``top1_prob`` (raw: the sweep's own token and confidence) come back for the state's update.
 
-The reference (CPU tensors, and the numerics the kernel is checked against) is ``decode_rows_ext`` itself in
-float32; the float64 ``decode_rows_ext`` is the exact decoding every runner's tokens are compared with
+The reference (the numerics the kernel is checked against) is ``decode_rows_ext`` itself in float32 (credit
+added in every vocab chunk); the op's CPU implementation is that reference, with credit the kernel's own path
+in torch (``select_extras_sparse``: the plain sweep, then the correction), so CPU runs of the graph runner's
+``fused`` variants exercise the correction; the float64 ``decode_rows_ext`` is the exact decoding every
+runner's tokens are compared with
 (tests/kernels, tests/runtime/test_graph_extras.py). Only T = 0: sampled steps (T > 0) decode eagerly."""
 from __future__ import annotations
 
@@ -148,7 +151,7 @@ def credit_correction(out: dict, lg: torch.Tensor, ids, vals, alpha) -> dict:
     lx = torch.where(cid == t[:, None], l1[:, None], lx)                     # t's logit: the sweep's
     same = cid[:, :, None] == cid[:, None, :]                                 # [R, M + 1, M + 1]
     cred = (same * vext[:, None, :]).sum(-1)                                  # each entry's id's total credit
-    first = ~torch.tril(same, -1).any(-1)                                  # the id's first entry
+    first = ~torch.tril(same, -1).any(-1)                                     # the id's first entry
     b = alpha.to(f)[:, None] * torch.log1p(cred)                              # [R, M + 1] fused bonus
     fused = torch.where(cred > 0, lx + b, torch.full_like(lx, float("-inf")))
     best = fused.amax(1, keepdim=True)                                        # [R, 1]
@@ -209,8 +212,11 @@ def fused_select_extras_op(hidden: torch.Tensor, weight: torch.Tensor, entropy: 
     if use_triton(hidden):
         require_triton("fused_select_extras")
         out = select_extras_triton(hidden, weight, entropy, topk, credit_ids, credit_vals, credit_alpha)
+    elif credit_ids is not None:         # the kernel's path in torch: plain sweep, then the sparse correction
+        out = select_extras_sparse(hidden, weight, entropy, topk, credit_ids, credit_vals, credit_alpha,
+                                   acc=torch.float32)
     else:
-        out = select_extras_reference(hidden, weight, entropy, topk, credit_ids, credit_vals, credit_alpha)
+        out = select_extras_reference(hidden, weight, entropy, topk)
     return [_or_empty(out.get(k), hidden) for k in EXTRAS]
 
 
