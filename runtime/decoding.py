@@ -10,7 +10,9 @@ the only implementation of the rules; ``generate()`` (offline batches) and the s
   ``refresh`` at a block start or every ``refresh_every`` steps, ``reuse`` otherwise; None once done).
   It returns
   the generated tokens finalised on the way (a block's tokens are final once it closes).
-* ``apply(x0, conf)`` takes the forward's candidates for the block and unmasks what the rule selects.
+* ``apply(x0, conf)`` takes the forward's candidates for the block and unmasks what the rule selects;
+  ``apply_batch(states, x0, conf, out)`` does it for every state of one runner call at once (the rules
+  select over [B, K] rows, so a step's host cost does not grow by a rule's selection per state).
 
 Layout: the token state is [L] on the host, laid out from column 0 (prompt at [0, P), then gen_length masks);
 positions are ``arange(L)``. Batches right-pad rows to the longest and mask the padding keys, so a row decodes
