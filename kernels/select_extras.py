@@ -151,7 +151,8 @@ def credit_correction(out: dict, lg: torch.Tensor, ids, vals, alpha) -> dict:
     lx = torch.where(cid == t[:, None], l1[:, None], lx)                     # t's logit: the sweep's
     same = cid[:, :, None] == cid[:, None, :]                                 # [R, M + 1, M + 1]
     cred = (same * vext[:, None, :]).sum(-1)                                  # each entry's id's total credit
-    first = ~torch.tril(same, -1).any(-1)                                     # the id's first entry
+    k = torch.arange(cid.shape[1], device=cid.device)
+    first = ~(same & (k[None, :] < k[:, None])).any(-1)                       # the id's first entry
     b = alpha.to(f)[:, None] * torch.log1p(cred)                              # [R, M + 1] fused bonus
     fused = torch.where(cred > 0, lx + b, torch.full_like(lx, float("-inf")))
     best = fused.amax(1, keepdim=True)                                        # [R, 1]
