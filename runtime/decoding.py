@@ -334,9 +334,14 @@ class ScheduleRule:
     def select(self, conf, masked, n_sched):
         """One torch.topk per distinct count over the rows that have it (a batch's rows mostly share one)."""
         sel = torch.zeros_like(masked)
-        for k in n_sched.unique().tolist():
-            if k > 0:
-                rows = (n_sched == k).nonzero()[:, 0]                        # [b_k]
+        ns = n_sched.tolist()
+        for k in set(ns):
+            if k <= 0:
+                continue
+            if len(set(ns)) == 1:                                            # the usual case: every row
+                sel.scatter_(1, torch.topk(conf, k=k, dim=-1).indices, True)
+            else:
+                rows = torch.tensor([j for j, n in enumerate(ns) if n == k], dtype=torch.long)   # [b_k]
                 sel[rows[:, None], torch.topk(conf[rows], k=k, dim=-1).indices] = True
         return sel & masked
 
