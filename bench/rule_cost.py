@@ -6,7 +6,8 @@ what a rule adds to a step, target < 3%).
 Per batch size: B prompts of ``--prompt`` tokens, gen ``--gen``, block ``--block``; one Refresh step fills the
 dual cache, then the same Reuse step is timed ``--iters`` times from a copy of the states (so every rule times
 the same step: same fed tokens, same cache). Reported per rule: runner ms (model + decoding with the rule's
-extras), apply ms (host selection + state update), total and the ratio to low-confidence on the same runner.
+extras), apply ms (host selection + state update: ``decoding.apply_batch`` over the call's rows, as the
+engine applies them), total and the ratio to low-confidence on the same runner.
 Rows:
 
 * ``graph`` (default): every rule through the CUDA-graph runner, the serving default (``--graph-decode``:
@@ -86,6 +87,7 @@ def reuse_states(runner, B, params, args, dev):
 
 
 def time_rule(runner, B, params, args, dev) -> dict:
+    from dlc.runtime.decoding import apply_batch
     from dlc.runtime.step import make_batch, run_batch
     states, slots, pool = reuse_states(runner, B, params, args, dev)
     stats = getattr(runner, "stats", {})
@@ -98,8 +100,7 @@ def time_rule(runner, B, params, args, dev) -> dict:
         out = run_batch(runner, make_batch(runner, st, slots, pool))
         sync(dev)
         t1 = time.perf_counter()
-        for i, s in enumerate(st):
-            s.apply(out.x0[i], out.conf[i], out.row(i))
+        apply_batch(st, out.x0, out.conf, out)              # the engine's one call per runner output
         t2 = time.perf_counter()
         if it >= args.warmup:
             t_run += t1 - t0

@@ -14,8 +14,8 @@ Python API (what compiler passes and runtimes call):
   int64 per-row hash keys (``logits.row_key(seed, row)``) instead of the seed.
 * ``fused_select_extras(hidden [R, d], weight [V, d], entropy=False, topk=0, credit_ids=None,
   credit_vals=None, credit_alpha=None)`` -> dict: ``fused_select_logits``' decoding at T = 0 plus the
-  decoding extras of the entropy-bounded, credit and logprobs rules from the same vocab sweep
-  (kernels/select_extras.py).
+  decoding extras of the entropy-bounded and logprobs rules from the same vocab sweep, credit as a sparse
+  correction of it over the credited ids' logits (kernels/select_extras.py).
 * ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
 * ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:

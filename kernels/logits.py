@@ -220,17 +220,17 @@ if HAS_TRITON:
             work = tl.where(col == xi[:, None], float("-inf"), work)
         return tv, ti
 
-    @triton.jit(do_not_specialize=["M"])
-    def _select_extras_kernel(H, W, PM, PS, PB, PI, PE, PRM, PRS, PR1, PR1L, PBR, PTV, PTI, CI, CV, CA,
-                              N, V, D, n_split, cols_per_split, stride_h, stride_w, M, stride_c,
-                              IEEE: tl.constexpr, ENTROPY: tl.constexpr, CREDIT: tl.constexpr,
+    @triton.jit
+    def _select_extras_kernel(H, W, PM, PS, PB, PI, PE, PTV, PTI,
+                              N, V, D, n_split, cols_per_split, stride_h, stride_w,
+                              IEEE: tl.constexpr, ENTROPY: tl.constexpr,
                               TOPK: tl.constexpr, KPAD: tl.constexpr,
                               BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
         """``_select_logits_kernel`` at T = 0 with the decoding extras of kernels/select_extras.py in the same
         sweep (its own kernel: the plain one, which compiled programs trace, keeps its signature). Per row and
-        vocab split: the selection's (credit-fused) max / sum / best id / logit; with ENTROPY the running S of
-        the raw logits; with CREDIT the raw max / sum / argmax and the chosen token's raw logit; with TOPK the
-        running top list of the raw logits."""
+        vocab split: max / sum / best id / its logit; with ENTROPY the running S; with TOPK the running top
+        list. Credit is no term of this sweep: ``select_extras.credit_correction`` corrects its result with
+        the few credited logits afterwards."""
         pid = tl.program_id(0)
         n_tiles = tl.cdiv(N, BN)
         pid_n = pid % n_tiles                                          # row tile: fast axis (L2 reuse of W)
@@ -239,59 +239,30 @@ if HAS_TRITON:
         rmask = rows < N
         v_lo = pid_s * cols_per_split
         v_hi = tl.minimum(v_lo + cols_per_split, V)
-        m = tl.full([BN], float("-inf"), tl.float32)                   # the selection's logits: max, sum,
+        m = tl.full([BN], float("-inf"), tl.float32)                   # running max, sum,
         s = tl.zeros([BN], tl.float32)
         bidx = tl.zeros([BN], tl.int32)                                # best id and its logit
         blog = tl.full([BN], float("-inf"), tl.float32)
-        ent = tl.zeros([BN], tl.float32)                               # sum e^(l - m_raw) (l - m_raw)
-        rm = tl.full([BN], float("-inf"), tl.float32)                  # credit: raw logits' max, sum,
-        rs = tl.zeros([BN], tl.float32)
-        r1 = tl.zeros([BN], tl.int32)                                  # raw argmax and its logit,
-        r1l = tl.full([BN], float("-inf"), tl.float32)
-        braw = tl.zeros([BN], tl.float32)                              # raw logit of the chosen token
-        tv = tl.full([BN, KPAD], float("-inf"), tl.float32)            # running top-k of the raw logits
+        ent = tl.zeros([BN], tl.float32)                               # sum e^(l - m) (l - m)
+        tv = tl.full([BN, KPAD], float("-inf"), tl.float32)            # running top-k of the logits
         ti = tl.zeros([BN, KPAD], tl.int32)
-        if CREDIT:
-            alpha = tl.load(CA + rows, mask=rmask, other=0.0).to(tl.float32)
-        lane = tl.arange(0, BV)[None, :]
         for v0 in range(v_lo, v_hi, BV):
             cols = v0 + tl.arange(0, BV)
             cmask = cols < v_hi
-            raw = _tile_logits(H, W, rows, rmask, cols, cmask, D, stride_h, stride_w, IEEE, BN, BV, BD)
-            logit = raw                                                # the selection's logits
-            if CREDIT:                                                 # + alpha log(1 + prior credit)
-                cred = tl.zeros([BN, BV], tl.float32)
-                for j in range(0, M):
-                    cid = tl.load(CI + rows * stride_c + j, mask=rmask, other=-1)
-                    cvl = tl.load(CV + rows * stride_c + j, mask=rmask, other=0.0).to(tl.float32)
-                    cred += tl.where(cols[None, :] == cid[:, None], cvl[:, None], 0.0)
-                logit = raw + alpha[:, None] * tl.log(1.0 + cred)
-                rm_new = tl.maximum(rm, tl.max(raw, 1))
-                e_raw = tl.exp(raw - rm_new[:, None])
-                if ENTROPY:
-                    ent = _entropy_step(ent, rs, rm, rm_new, e_raw, raw, cmask)
-                rs = rs * tl.exp(rm - rm_new) + tl.sum(e_raw, 1)
-                rm = rm_new
-                rb = tl.max(raw, 1)
-                rup = rb > r1l                                         # strict: earlier tiles win ties
-                r1 = tl.where(rup, tl.argmax(raw, 1) + v0, r1)
-                r1l = tl.where(rup, rb, r1l)
+            logit = _tile_logits(H, W, rows, rmask, cols, cmask, D, stride_h, stride_w, IEEE, BN, BV, BD)
             m_new = tl.maximum(m, tl.max(logit, 1))
             e = tl.exp(logit - m_new[:, None])
-            if ENTROPY and not CREDIT:
-                ent = _entropy_step(ent, s, m, m_new, e, raw, cmask)
+            if ENTROPY:
+                ent = _entropy_step(ent, s, m, m_new, e, logit, cmask)
             s = s * tl.exp(m - m_new) + tl.sum(e, 1)
             m = m_new
             if TOPK > 0:
-                tv, ti = _topk_step(tv, ti, raw, v0, TOPK, KPAD, BV)
+                tv, ti = _topk_step(tv, ti, logit, v0, TOPK, KPAD, BV)
             cbest = tl.max(logit, 1)
             cidx = tl.argmax(logit, 1)
             upd = cbest > blog                                         # strict: earlier tiles win ties
             bidx = tl.where(upd, cidx + v0, bidx)
             blog = tl.where(upd, cbest, blog)
-            if CREDIT:
-                craw = tl.sum(tl.where(lane == cidx[:, None], raw, 0.0), 1)
-                braw = tl.where(upd, craw, braw)
         out = rows * n_split + pid_s
         tl.store(PM + out, m, mask=rmask)
         tl.store(PS + out, s, mask=rmask)
@@ -299,16 +270,28 @@ if HAS_TRITON:
         tl.store(PI + out, bidx, mask=rmask)
         if ENTROPY:
             tl.store(PE + out, ent, mask=rmask)
-        if CREDIT:
-            tl.store(PRM + out, rm, mask=rmask)
-            tl.store(PRS + out, rs, mask=rmask)
-            tl.store(PR1 + out, r1, mask=rmask)
-            tl.store(PR1L + out, r1l, mask=rmask)
-            tl.store(PBR + out, braw, mask=rmask)
         if TOPK > 0:
             kk = tl.arange(0, KPAD)
             tl.store(PTV + out[:, None] * KPAD + kk[None, :], tv, mask=rmask[:, None])
             tl.store(PTI + out[:, None] * KPAD + kk[None, :], ti, mask=rmask[:, None])
+
+    @triton.jit(do_not_specialize=["P", "M"])
+    def _gather_logits_kernel(H, W, IDS, OUT, P, M, D, stride_h, stride_w,
+                              BP: tl.constexpr, BD: tl.constexpr):
+        """OUT[p] = H[p // M] . W[IDS[p]] (fp32 accumulation) for P = R x M (row, id) pairs: the logits of a
+        few ids per row without a sweep (credit's correction)."""
+        pairs = tl.program_id(0) * BP + tl.arange(0, BP)
+        pmask = pairs < P
+        rows = (pairs // M).to(tl.int64)
+        ids = tl.load(IDS + pairs, mask=pmask, other=0).to(tl.int64)
+        acc = tl.zeros([BP], tl.float32)
+        for d0 in range(0, D, BD):
+            dk = d0 + tl.arange(0, BD)
+            msk = pmask[:, None] & (dk < D)[None, :]
+            h = tl.load(H + rows[:, None] * stride_h + dk[None, :], mask=msk, other=0.0).to(tl.float32)
+            w = tl.load(W + ids[:, None] * stride_w + dk[None, :], mask=msk, other=0.0).to(tl.float32)
+            acc += tl.sum(h * w, 1)
+        tl.store(OUT + pairs, acc, mask=pmask)
 
 
 def _sm_count(device: torch.device) -> int:

@@ -122,7 +122,12 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
 
 
 def _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc):
+    """Logits of head rows [c0, c1) for the C decoded sequences: ``un + cfg_w (cond - un)``; without guidance
+    (one index tensor for both, as the graph runner passes) that is ``cond`` bit for bit, so no arithmetic
+    passes over [C, N, Vc]."""
     lc = F.linear(h, w[c0:c1])                                                     # [B, N, Vc]
+    if cond_rows is un_rows:
+        return lc.index_select(0, cond_rows).to(acc)
     cond, un = lc.index_select(0, cond_rows), lc.index_select(0, un_rows)          # [C, N, Vc]
     return (un + cfg_w * (cond - un)).to(acc)
 
@@ -137,7 +142,15 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
     for c0 in range(0, vocab, chunk):
         c1 = min(vocab, c0 + chunk)
         l64 = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc)              # [C, N, Vc]
-        cm = l64.amax(-1)
+        ci = None
+        if topk:                             # the chunk's top values: its max is the first (no amax pass)
+            tv, ti = l64.topk(min(topk, c1 - c0), dim=-1)
+            cm = tv[..., 0]
+        elif sampling or credit is not None:
+            cm = l64.amax(-1)
+        else:                                # the score is l64: its max and first argmax in one pass
+            cm, ci = l64.max(-1, keepdim=True)
+            cm = cm[..., 0]
         e = torch.exp(l64 - cm[..., None])
         csum = e.sum(-1)
         cdot = (e * l64).sum(-1) if entropy else csum                           # (a placeholder without)
@@ -149,7 +162,7 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             lb = l64
         score = lb - temp * torch.log(-torch.log(uniform_noise(seeds, N, c0, c1, vocab, h.device, acc))) \
             if sampling else lb
-        ci = score.argmax(-1, keepdim=True)
+        ci = score.argmax(-1, keepdim=True) if ci is None else ci
         cs, cl, clb = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], lb.gather(-1, ci)[..., 0]
         if credit is None:               # lb is l64: its max and sum are the raw ones (no more passes)
             ri, bm, bsum = ci, cm, csum                                          # (ri: unused without credit)
@@ -158,12 +171,14 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             bsum = torch.exp(lb - bm[..., None]).sum(-1)
         if soft is not None:
             we, tau = soft
-            ls = l64 / tau
-            sm = ls.amax(-1)
-            es = torch.exp(ls - sm[..., None])                                   # [C, N, Vc]
+            if tau == 1.0:                   # softmax(l / 1) is the selection's own: e, max and sum reused
+                sm, es, ssum = cm, e, csum
+            else:                            # max(l / tau) = max(l) / tau (the same element, bit for bit)
+                sm = cm / tau
+                es = torch.exp(l64 / tau - sm[..., None])                        # [C, N, Vc]
+                ssum = es.sum(-1)                                                # [C, N]
             # the [C, N, Vc] x [Vc, d] product in the embedding's dtype (dInfer's too): a second head-sized
             # GEMM, in float64 it would dominate a GPU step
-            ssum = es.sum(-1)                                                    # [C, N]
             sacc = torch.matmul(es.to(we.dtype), we[c0:c1]).to(acc)             # [C, N, d]
         if not st:
             st = {"best": cs, "tok": ci[..., 0] + c0, "bl": cl, "blb": clb, "m": cm, "s": csum, "a": cdot,
@@ -190,7 +205,6 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
                 st["ss"], st["sa"], st["sm"] = st["ss"] * fo + ssum * fn, st["sa"] * fo[..., None] + \
                     sacc * fn[..., None], ns
         if topk:
-            tv, ti = l64.topk(min(topk, c1 - c0), dim=-1)
             ti = ti + c0
             if top_v is not None:
                 tv, ti = torch.cat([top_v, tv], -1), torch.cat([top_i, ti], -1)

@@ -12,13 +12,19 @@ outputs; a kernel of its own so that the plain one, which compiled programs trac
   distribution: each program keeps a running top-k list (every tile's k largest logits merged in), the
   splits' lists are merged on the host side of the kernel (a [R, splits x k] topk);
 * credit (``credit_ids`` / ``credit_vals`` [R, M], ``credit_alpha`` [R]; the decoding core's credit rule,
-  kernels/sampling.py): the kernel adds alpha log(1 + prior credit) to each tile's logits before selecting
-  (its softmax is then over those), and tracks the raw logits' max / sum / argmax beside; this step's own
-  credit (p1 ** gamma on the raw top-1, known only at the end) is ``sampling._credit_correction``, the same
-  closed form the float64 path applies. ``top1_ids`` / ``top1_prob`` (raw) come back for the state's update.
+  kernels/sampling.py) is no term of the sweep: the kernel runs as without it, and ``credit_correction``
+  then recombines the selection exactly from the M credited ids' logits (``gather_logits_triton``: R x M
+  dots of d, no [R, M, d] copy): the fused argmax is among the credited ids (credit only raises logits,
+  and the raw top-1 always earns this step's own credit), the fused logsumexp is the plain one plus
+  log1p(sum_j p_j expm1(b_j)) in float64. So a credit step costs the plain sweep + O(R x M x d), instead of
+  a per-(row, token) term in every tile (register spill at 32 x 32 rows on an H100, +73% per Reuse step).
+  ``top1_ids`` / ``top1_prob`` (raw: the sweep's own token and confidence) come back for the state's update.
 
-The reference (CPU tensors, and the numerics the kernel is checked against) is ``decode_rows_ext`` itself in
-float32; the float64 ``decode_rows_ext`` is the exact decoding every runner's tokens are compared with
+The reference (the numerics the kernel is checked against) is ``decode_rows_ext`` itself in float32 (credit
+added in every vocab chunk); the op's CPU implementation is that reference, with credit the kernel's own path
+in torch (``select_extras_sparse``: the plain sweep, then the correction), so CPU runs of the graph runner's
+``fused`` variants exercise the correction; the float64 ``decode_rows_ext`` is the exact decoding every
+runner's tokens are compared with
 (tests/kernels, tests/runtime/test_graph_extras.py). Only T = 0: sampled steps (T > 0) decode eagerly."""
 from __future__ import annotations
 
@@ -49,7 +55,8 @@ def select_extras_reference(hidden, weight, entropy: bool, topk: int, credit_ids
 def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=None, credit_vals=None,
                          credit_alpha=None, BN=None, BV=128, BD=64, num_warps=4, num_stages=3,
                          programs_per_sm=4) -> dict:
-    """One launch of ``logits._select_extras_kernel``, then the splits' reduction."""
+    """One launch of ``logits._select_extras_kernel`` (the plain sweep: credit adds nothing to it), the
+    splits' reduction, then credit's sparse correction (``credit_correction``)."""
     N, D = hidden.shape
     V = weight.shape[0]
     BN, BV, n_split, cols = L.plan(N, V, L._sm_count(hidden.device), BN, BV, programs_per_sm)
@@ -59,23 +66,20 @@ def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=No
         return torch.empty((N, n_split, *extra), dtype=dt, device=dev)
     pm, ps, pb = part(), part(), part()
     pi = part(torch.int32)
-    credit = credit_ids is not None
     kpad = 1 << max(0, (topk - 1).bit_length()) if topk else 1
     pe = part() if entropy else None
-    prm, prs, pr1l, pbr = (part(), part(), part(), part()) if credit else (None,) * 4
-    pr1 = part(torch.int32) if credit else None
     ptv, pti = (part(torch.float32, kpad), part(torch.int32, kpad)) if topk else (None, None)
     grid = (-(-N // BN) * n_split,)
-    opt = [pm if t is None else t for t in (pe, prm, prs, pr1, pr1l, pbr, ptv, pti, credit_ids, credit_vals,
-                                            credit_alpha)]          # pointers not asked for: any tensor
+    opt = [pm if t is None else t for t in (pe, ptv, pti)]           # pointers not asked for: any tensor
     launch(L._select_extras_kernel)[grid](
-        hidden, weight, pm, ps, pb, pi, *opt, N, V, D, n_split, cols,
-        hidden.stride(0), weight.stride(0), credit_ids.shape[1] if credit else 0,
-        credit_ids.stride(0) if credit else 0,
-        IEEE=hidden.dtype == torch.float32, ENTROPY=entropy, CREDIT=credit, TOPK=topk, KPAD=kpad,
+        hidden, weight, pm, ps, pb, pi, *opt, N, V, D, n_split, cols, hidden.stride(0), weight.stride(0),
+        IEEE=hidden.dtype == torch.float32, ENTROPY=entropy, TOPK=topk, KPAD=kpad,
         BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages)
-    return _combine_extras(pm, ps, pb, pi, pe, prm, prs, pr1, pr1l, pbr, ptv, pti, topk,
-                           (credit_ids, credit_vals, credit_alpha) if credit else None)
+    out = _combine_extras(pm, ps, pb, pi, pe, ptv, pti, topk)
+    if credit_ids is not None:
+        lg = gather_logits_triton(hidden, weight, credit_ids)
+        out = credit_correction(out, lg, credit_ids, credit_vals, credit_alpha)
+    return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
 def _lse_parts(pm, ps):
@@ -85,44 +89,104 @@ def _lse_parts(pm, ps):
     return M, (ps * w).sum(1), w
 
 
-def _combine_extras(pm, ps, pb, pi, pe, prm, prs, pr1, pr1l, pbr, ptv, pti, topk, credit) -> dict:
-    """The splits' partials [N, n_split] (top lists [N, n_split, KPAD]) -> the op's dict."""
-    bm, bs, _ = _lse_parts(pm, ps)                                  # the selection's logits (credit-fused)
+def _combine_extras(pm, ps, pb, pi, pe, ptv, pti, topk) -> dict:
+    """The splits' partials [N, n_split] (top lists [N, n_split, KPAD]) -> the op's dict, plus ``_lse`` and
+    ``_best`` (the logsumexp and the token's logit, [N]) for ``credit_correction``."""
     j = pb.argmax(1, keepdim=True)                                  # first max: lowest vocab split
     tok = pi.gather(1, j)[:, 0].to(torch.int64)
     blb = pb.gather(1, j)[:, 0]
-    if credit is not None:
-        rm_p, rs_p = prm, prs
-        braw = pbr.gather(1, j)[:, 0]
-    else:
-        rm_p, rs_p, braw = pm, ps, blb
-    rm, rs, w = _lse_parts(rm_p, rs_p)                              # the raw distribution
-    lse = rm + torch.log(rs)                                        # [N]
-    out = {}
+    bm, bs, w = _lse_parts(pm, ps)
+    lse = bm + torch.log(bs)                                        # [N]
+    out = {"tokens": tok, "confidence": torch.exp(blb - bm) / bs, "logprob": blb - lse, "_lse": lse,
+           "_best": blb}
     if pe is not None:
-        S = (w * (pe + (rm_p - rm[:, None]) * rs_p)).sum(1)        # S moved to the global max
-        out["entropy"] = torch.log(rs) - S / rs
-    if credit is not None:
-        from .sampling import _credit_correction
-        jr = pr1l.argmax(1, keepdim=True)
-        r1, r1l = pr1.gather(1, jr)[:, 0].to(torch.int64), pr1l.gather(1, jr)[:, 0]
-        p1 = torch.exp(r1l - lse)
-        st = {"r1": r1[:, None], "r1l": r1l[:, None], "best": blb[:, None], "tok": tok[:, None],
-              "blb": blb[:, None], "bs": bs[:, None], "bm": bm[:, None]}
-        ids, vals, alpha = credit
-        t2, l2, den = _credit_correction(st, (ids[:, None], vals[:, None], alpha), p1[:, None], 0.0, None,
-                                         0, False, torch.float32)
-        tok, conf = t2[:, 0], (torch.exp(l2 - st["bm"]) / den)[:, 0]
-        braw = torch.where(tok == r1, r1l, braw)
-        out["top1_ids"], out["top1_prob"] = r1, p1
-    else:
-        conf = torch.exp(blb - bm) / bs
-    out["tokens"], out["confidence"], out["logprob"] = tok, conf, braw - lse
+        S = (w * (pe + (pm - bm[:, None]) * ps)).sum(1)             # S moved to the global max
+        out["entropy"] = torch.log(bs) - S / bs
     if topk:
         v, i = ptv.flatten(1).topk(topk, dim=1)                    # [N, k] of [N, n_split x KPAD]
         out["topk_ids"] = pti.flatten(1).gather(1, i).to(torch.int64)
         out["topk_logprobs"] = v - lse[:, None]
     return out
+
+
+# ----------------------------------------------------------------------------- credit: a sparse correction
+def gather_logits_reference(hidden, weight, ids, acc: torch.dtype = torch.float32) -> torch.Tensor:
+    """hidden [R, d], ids [R, M] -> logits [R, M] of those ids (``acc`` arithmetic)."""
+    return torch.einsum("rmd,rd->rm", weight[ids].to(acc), hidden.to(acc))
+
+
+def gather_logits_triton(hidden, weight, ids, BP=32, BD=128) -> torch.Tensor:
+    """``gather_logits_reference`` in one launch of ``logits._gather_logits_kernel`` (fp32 [R, M]): reads
+    the M head rows of each row, no sweep, no [R, M, d] copy."""
+    R, M = ids.shape
+    out = torch.empty(R, M, dtype=torch.float32, device=hidden.device)
+    if R * M:
+        flat = ids.contiguous()
+        launch(L._gather_logits_kernel)[(-(-(R * M) // BP),)](
+            hidden, weight, flat, out, R * M, M, hidden.shape[1], hidden.stride(0), weight.stride(0),
+            BP=BP, BD=BD)
+    return out
+
+
+def credit_correction(out: dict, lg: torch.Tensor, ids, vals, alpha) -> dict:
+    """Credit decoding (kernels/sampling.py: fused logits l + alpha log(1 + credit)) from the plain sweep's
+    result and the logits ``lg`` [R, M] of the credited ids ``ids`` / ``vals`` [R, M] (duplicates add),
+    ``alpha`` [R] (0: the row is left as the sweep decoded it).
+
+    The credit of an id is the prior (``vals``) plus this step's own p1 ** gamma on the raw top-1 t (the
+    sweep's token). Only credited ids change, and each only upwards, so: the fused argmax is among them (t
+    itself has credit and the raw maximum, so no uncredited id beats it; equal scores: the lowest id, as the
+    sweep), and the fused logsumexp is lse' = lse + log1p(sum_j e^(l_j - lse) expm1(b_j)) over the distinct
+    credited ids (b_j = alpha log(1 + credit_j)): exact, and stable in float64 over these M + 1 terms. The
+    sweep's ``tokens`` / ``confidence`` / ``logprob`` become the credit-fused token, its fused confidence and
+    its raw logprob; ``top1_ids`` / ``top1_prob`` (raw) are added for the state's update. Static shapes, no
+    host read: capturable."""
+    from .sampling import CREDIT_GAMMA
+    f = torch.float64
+    t, lse, l1 = out["tokens"], out["_lse"].to(f), out["_best"].to(f)      # raw top-1, logsumexp, its logit
+    p1 = torch.exp(l1 - lse)                                                  # [R]
+    cid = torch.cat([ids, t[:, None]], 1)                                     # [R, M + 1]
+    vext = torch.cat([vals.to(f), (p1 ** CREDIT_GAMMA)[:, None]], 1)          # t's entry: this step's credit
+    lx = torch.cat([lg.to(f), l1[:, None]], 1)
+    lx = torch.where(cid == t[:, None], l1[:, None], lx)                     # t's logit: the sweep's
+    same = cid[:, :, None] == cid[:, None, :]                                 # [R, M + 1, M + 1]
+    cred = (same * vext[:, None, :]).sum(-1)                                  # each entry's id's total credit
+    k = torch.arange(cid.shape[1], device=cid.device)
+    first = ~(same & (k[None, :] < k[:, None])).any(-1)                       # the id's first entry
+    b = alpha.to(f)[:, None] * torch.log1p(cred)                              # [R, M + 1] fused bonus
+    fused = torch.where(cred > 0, lx + b, torch.full_like(lx, float("-inf")))
+    best = fused.amax(1, keepdim=True)                                        # [R, 1]
+    big = torch.iinfo(torch.int64).max
+    tok = torch.where(fused == best, cid, torch.full_like(cid, big)).amin(1)  # lowest id among equals
+    j = (cid == tok[:, None]).to(torch.int8).argmax(1, keepdim=True)         # its first entry
+    add = (first & (cred > 0)) * torch.exp(lx - lse[:, None]) * torch.expm1(b)
+    lse2 = lse + torch.log1p(add.sum(1))                                      # the fused logsumexp
+    on = alpha > 0
+    cdt = out["confidence"].dtype
+    res = dict(out)
+    res["tokens"] = torch.where(on, tok, t)
+    res["confidence"] = torch.where(on, torch.exp(best[:, 0] - lse2).to(cdt), out["confidence"])
+    res["logprob"] = torch.where(on, (lx.gather(1, j)[:, 0] - lse).to(cdt), out["logprob"])
+    res["top1_ids"], res["top1_prob"] = t, p1.to(cdt)
+    return res
+
+
+def select_extras_sparse(hidden, weight, entropy: bool, topk: int, credit_ids, credit_vals, credit_alpha,
+                         acc: torch.dtype = torch.float64) -> dict:
+    """The sparse credit path in plain torch (``acc`` arithmetic; CPU tests): the reference sweep without
+    credit, then ``credit_correction`` with ``gather_logits_reference``."""
+    from .sampling import _decode_chunked
+    R = hidden.shape[0]
+    ar = torch.arange(R, device=hidden.device)
+    one = torch.ones(1, dtype=hidden.dtype, device=hidden.device)
+    out = _decode_chunked(hidden[:, None], weight, ar, ar, one, 0.0, torch.zeros_like(ar),
+                          vocab=weight.shape[0], chunk=L.REF_CHUNK, topk=topk, logprobs=True, entropy=entropy,
+                          credit=None, soft=None, acc=acc)
+    out = {k: v[:, 0] for k, v in out.items()}
+    out["_best"] = out["logprob"] + out["_lse"]
+    lg = gather_logits_reference(hidden, weight, credit_ids, acc)
+    res = credit_correction(out, lg, credit_ids, credit_vals, credit_alpha)
+    return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
 def validate(hidden, weight, topk: int, credit_ids, credit_vals, credit_alpha) -> None:
@@ -149,8 +213,11 @@ def fused_select_extras_op(hidden: torch.Tensor, weight: torch.Tensor, entropy: 
     if use_triton(hidden):
         require_triton("fused_select_extras")
         out = select_extras_triton(hidden, weight, entropy, topk, credit_ids, credit_vals, credit_alpha)
+    elif credit_ids is not None:         # the kernel's path in torch: plain sweep, then the sparse correction
+        out = select_extras_sparse(hidden, weight, entropy, topk, credit_ids, credit_vals, credit_alpha,
+                                   acc=torch.float32)
     else:
-        out = select_extras_reference(hidden, weight, entropy, topk, credit_ids, credit_vals, credit_alpha)
+        out = select_extras_reference(hidden, weight, entropy, topk)
     return [_or_empty(out.get(k), hidden) for k in EXTRAS]
 
 

@@ -10,7 +10,9 @@ the only implementation of the rules; ``generate()`` (offline batches) and the s
   ``refresh`` at a block start or every ``refresh_every`` steps, ``reuse`` otherwise; None once done).
   It returns
   the generated tokens finalised on the way (a block's tokens are final once it closes).
-* ``apply(x0, conf)`` takes the forward's candidates for the block and unmasks what the rule selects.
+* ``apply(x0, conf)`` takes the forward's candidates for the block and unmasks what the rule selects;
+  ``apply_batch(states, x0, conf, out)`` does it for every state of one runner call at once (the rules
+  select over [B, K] rows, so a step's host cost does not grow by a rule's selection per state).
 
 Layout: the token state is [L] on the host, laid out from column 0 (prompt at [0, P), then gen_length masks);
 positions are ``arange(L)``. Batches right-pad rows to the longest and mask the padding keys, so a row decodes
@@ -330,11 +332,17 @@ class ScheduleRule:
     fixed_steps = True
 
     def select(self, conf, masked, n_sched):
+        """One torch.topk per distinct count over the rows that have it (a batch's rows mostly share one)."""
         sel = torch.zeros_like(masked)
-        for j in range(conf.shape[0]):
-            k = int(n_sched[j])
-            if k > 0:
-                sel[j, torch.topk(conf[j], k=k).indices] = True
+        ns = n_sched.tolist()
+        for k in set(ns):
+            if k <= 0:
+                continue
+            if len(set(ns)) == 1:                                            # the usual case: every row
+                sel.scatter_(1, torch.topk(conf, k=k, dim=-1).indices, True)
+            else:
+                rows = torch.tensor([j for j, n in enumerate(ns) if n == k], dtype=torch.long)   # [b_k]
+                sel[rows[:, None], torch.topk(conf[rows], k=k, dim=-1).indices] = True
         return sel & masked
 
     def select_batched(self, conf, masked, n_sched):
@@ -630,16 +638,12 @@ class DecodeState:
         g, K = self.gen, self.be - self.bs
         credit = None
         if g.credit:
-            if self.credit is None:
-                credit = (torch.zeros(K, 0, dtype=torch.long), torch.zeros(K, 0, dtype=torch.float64),
-                          CREDIT_ALPHA)
-            else:
-                credit = (self.credit[0], self.credit[1] * CREDIT_DECAY, CREDIT_ALPHA)
+            credit = (*self._credit_prior(K), CREDIT_ALPHA)
         soft = None
         if g.smoothing:
             delta = None
-            if self.soft is not None:
-                still = (self.x[self.bs:self.be] == self.mask_id)[:, None]
+            if self.soft is not None:                # on the runner's device (StepOutput.to_host keeps it)
+                still = (self.x[self.bs:self.be] == self.mask_id)[:, None].to(self.soft.device)
                 delta = torch.where(still, self.soft_w * self.soft, torch.zeros_like(self.soft))
             soft = (SMOOTH_TAU, delta)
         return {"entropy": self.rule.needs_entropy, "logprobs": g.logprobs, "filters": g.filters(),
@@ -761,53 +765,47 @@ class DecodeState:
 
     def apply(self, x0: torch.Tensor, conf: torch.Tensor, out=None) -> None:
         """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):
-        unmask the rule's selection. ``out``: the row's ``StepOutput`` with the extras ``needs`` asked for."""
-        K = self.be - self.bs
-        if x0.shape != (K,) or conf.shape != (K,):
-            raise ValueError(f"apply: expected candidates for the {K} block columns, "
-                             f"got x0 {tuple(x0.shape)} "
-                             f"conf {tuple(conf.shape)}")
+        unmask the rule's selection. ``out``: the row's ``StepOutput`` with the extras ``needs`` asked for.
+        ``apply_batch`` of this one state (raises its error)."""
+        row = None if out is None else _stack_rows(out)
+        err = apply_batch([self], x0[None], conf[None], row)[0]
+        if err is not None:
+            raise err
+
+    def _commit(self, new: torch.Tensor, stuck: bool, sel: torch.Tensor, x0: torch.Tensor) -> None:
+        """The state's part of ``apply_batch``: its block's new tokens [K], its counters, early stop."""
         if self.gen.kv_cache == "block":
             self.kv_upto = self.bs                   # the fed columns before the block were final: exact K/V
-        if getattr(self.rule, "edits", False):
-            self._apply_edits(x0, conf)
-            return
-        if self.gen.remasking == "random":
-            conf = torch.rand(K, dtype=torch.float64, generator=self.generator)
-        blk = self.x[self.bs:self.be]
-        masked = blk == self.mask_id                                          # [K]
-        n = torch.tensor([self.n_now], dtype=torch.long)
-        ent = None if out is None or out.entropy is None else out.entropy[None]
-        sel, stuck = unmask_step(self.rule, x0[None], conf[None], masked[None], n, self.mask_id, ent)
-        if out is not None:
-            self._record_extras(out, masked, sel[0])
-        self.x[self.bs:self.be] = torch.where(sel[0], x0, blk)
-        self.stuck = bool(stuck[0])
+        self.x[self.bs:self.be] = new
+        self.stuck = stuck
         if self.phase == "refresh":
             self.has_cache = True
         self.step += 1
         self.forwards += 1
         self.iters += 1
-        if self.gen.eos_early_stop and bool(torch.isin(x0[sel[0]], self._stops()).any()):
+        if self.gen.eos_early_stop and bool(torch.isin(x0[sel], self._stops()).any()):
             self._check_early_stop()
 
-    def _record_extras(self, out, masked: torch.Tensor, sel: torch.Tensor) -> None:
-        """Credit / smoothing state for the next step, logprobs of the tokens unmasked now."""
+    def _credit_prior(self, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's credit as this step sends it: (ids [K, M], vals [K, M] decayed once more)."""
+        if self.credit is None:
+            return torch.zeros(K, 0, dtype=torch.long), torch.zeros(K, 0, dtype=torch.float64)
+        return self.credit[0], self.credit[1] * CREDIT_DECAY
+
+    def _record_extras(self, j: int, out, sel_rows: dict, credit: dict) -> None:
+        """Credit / smoothing state for the next step (row ``j`` of ``out``; ``credit``: the rows' new credit,
+        ``_extras_rows``), logprobs of the tokens unmasked now (``sel_rows``: this row's selected columns with
+        their logprob / alternatives)."""
         g = self.gen
-        if g.credit and out.top1_ids is not None:
-            from dlc.kernels.sampling import CREDIT_GAMMA
-            add = torch.where(masked, out.top1_prob.to(torch.float64) ** CREDIT_GAMMA,
-                              torch.zeros_like(out.top1_prob, dtype=torch.float64))
-            ids, vals, _ = self.needs()["credit"]         # the prior as sent (decayed)
-            self.credit = (torch.cat([ids, out.top1_ids[:, None]], 1), torch.cat([vals, add[:, None]], 1))
+        if j in credit:
+            self.credit = credit[j]
         if g.smoothing and out.soft is not None:
-            self.soft = out.soft.clone()
+            self.soft = out.soft[j]                  # a view of the step's host output (never written)
             self.soft_w = min(SMOOTH_W0 + SMOOTH_DW * self.iters, SMOOTH_W)
-        if self.token_logprobs is not None and out.logprob is not None:
+        if self.token_logprobs is not None:
             k = g.logprobs
-            for j in sel.nonzero()[:, 0].tolist():
-                alt = ([], []) if not k else (out.topk_ids[j, :k].tolist(), out.topk_logprobs[j, :k].tolist())
-                self.token_logprobs[self.bs - self.P + j] = (float(out.logprob[j]), *alt)
+            for col, lp, ids, lps in sel_rows.get(j, ()):
+                self.token_logprobs[self.bs - self.P + col] = (lp, ids[:k], lps[:k]) if k else (lp, [], [])
 
     def _stops(self) -> torch.Tensor:
         return torch.tensor(self.stop_ids, dtype=torch.long)
@@ -818,6 +816,12 @@ class DecodeState:
         hit = torch.isin(self.x[self.P:], self._stops()).nonzero()
         if hit.numel() and not bool((self.x[self.P:self.P + int(hit[0])] == self.mask_id).any()):
             self.settled = True
+
+    def _edit_step(self, x0: torch.Tensor, conf: torch.Tensor) -> None:
+        """``apply`` for LLaDA2.1's token editing."""
+        if self.gen.kv_cache == "block":
+            self.kv_upto = self.bs                   # the fed columns before the block were final: exact K/V
+        self._apply_edits(x0, conf)
 
     def _apply_edits(self, x0: torch.Tensor, conf: torch.Tensor) -> None:
         """LLaDA2.1's step (SGLang's JointThreshold): commit masks, edit decoded non-prompt tokens; the block
@@ -904,3 +908,132 @@ class DecodeState:
                     return new[:j]
         return new
 
+
+
+# ------------------------------------------------------------------------------------ many states at once
+def _stack_rows(out):
+    """One row's StepOutput (fields [K, ...]) as a batch of one ([1, K, ...])."""
+    return type(out)(**{f.name: None if getattr(out, f.name) is None else getattr(out, f.name)[None]
+                        for f in dataclasses.fields(out)})
+
+
+def _rule_key(rule) -> tuple:
+    """States whose rules have equal keys select in one call of the rule over their stacked rows."""
+    return (type(rule), tuple(sorted(vars(rule).items())))
+
+
+def apply_batch(states: list, x0: torch.Tensor, conf: torch.Tensor, out=None) -> list:
+    """``DecodeState.apply`` for the B states of one runner call at once: x0 / conf [B, K] (host), ``out`` the
+    call's host ``StepOutput`` (row b is state b's). The rules' selection runs once per distinct rule over the
+    stacked [b, K] blocks (every rule's ``select`` is batched: sorts, cumsums, masks over rows), the extras'
+    bookkeeping (credit's update, logprobs) over [B, K] too, so the host cost of a step grows by a few tensor
+    ops per state, not by a rule's whole selection. Same result as one ``apply`` per state. Returns one entry
+    per state: None, or the exception that state raised (its bad data fails it alone; nothing of the other
+    states depends on it). LLaDA2.1's token editing (``edits``) applies state by state."""
+    B = len(states)
+    errors: list = [None] * B
+    idx = []
+    for i, s in enumerate(states):
+        K = s.be - s.bs if s.bs is not None else -1
+        if tuple(x0.shape[1:]) != (K,) or tuple(conf.shape[1:]) != (K,):
+            errors[i] = ValueError(f"apply: expected candidates for the {K} block columns, got x0 "
+                                   f"{tuple(x0.shape[1:])} conf {tuple(conf.shape[1:])}")
+        elif getattr(s.rule, "edits", False):
+            errors[i] = _guarded(lambda s=s, i=i: s._edit_step(x0[i], conf[i]))
+        else:
+            idx.append(i)
+    if not idx:
+        return errors
+    S = [states[i] for i in idx]
+    if len(idx) < B:
+        x0, conf = x0[idx], conf[idx]
+        out = None if out is None else out.take(idx)
+    rand = [j for j, s in enumerate(S) if s.gen.remasking == "random"]
+    if rand:                                   # random remasking: each state's own generator draws
+        conf = conf.clone()
+        for j in rand:
+            conf[j] = torch.rand(conf.shape[1], dtype=torch.float64, generator=S[j].generator)
+    blk = torch.stack([s.x[s.bs:s.be] for s in S])                               # [b, K]
+    masked = blk == S[0].mask_id
+    sel, stuck = _select_rows(S, x0, conf, masked, None if out is None else out.entropy)
+    new = torch.where(sel, x0, blk)                                              # [b, K]
+    credit = sel_rows = None
+    if out is not None:
+        credit, sel_rows = _extras_rows(S, out, masked, sel)
+    stuck_l = stuck.tolist()
+    for j, s in enumerate(S):
+        def commit(j=j, s=s):
+            if out is not None:
+                s._record_extras(j, out, sel_rows, credit)
+            s._commit(new[j], stuck_l[j], sel[j], x0[j])
+        errors[idx[j]] = _guarded(commit)
+    return errors
+
+
+def _guarded(fn):
+    """Run one state's part; its exception (returned) fails that state only."""
+    try:
+        fn()
+    except Exception as e:             # noqa: BLE001 - reported per state
+        return e
+    return None
+
+
+def _select_rows(S: list, x0, conf, masked, entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each distinct rule's ``unmask_step`` over its states' rows -> (select [b, K], stuck [b])."""
+    n = torch.tensor([s.n_now for s in S], dtype=torch.long)
+    groups: dict[tuple, list[int]] = {}
+    for j, s in enumerate(S):
+        groups.setdefault(_rule_key(s.rule), []).append(j)
+    if len(groups) == 1:
+        return unmask_step(S[0].rule, x0, conf, masked, n, S[0].mask_id, entropy)
+    sel, stuck = torch.zeros_like(masked), torch.zeros(len(S), dtype=torch.bool)
+    for rows in groups.values():
+        r = torch.tensor(rows, dtype=torch.long)
+        sel[r], stuck[r] = unmask_step(S[rows[0]].rule, x0[r], conf[r], masked[r], n[r], S[rows[0]].mask_id,
+                                       None if entropy is None else entropy[r])
+    return sel, stuck
+
+
+def _extras_rows(S: list, out, masked: torch.Tensor, sel: torch.Tensor):
+    """Batched parts of the extras' bookkeeping: each credit row's new credit (``_credit_rows``) and, per
+    row, the selected columns with their logprob and alternatives (one host read for all)."""
+    credit = _credit_rows(S, out, masked)
+    sel_rows: dict[int, list] = {}
+    if out.logprob is not None and any(s.token_logprobs is not None for s in S):
+        pos = sel.nonzero().tolist()                                             # [n, 2] (row, column)
+        lp = out.logprob[sel].tolist()
+        ids = out.topk_ids[sel].tolist() if out.topk_ids is not None else [[]] * len(pos)
+        lps = out.topk_logprobs[sel].tolist() if out.topk_logprobs is not None else [[]] * len(pos)
+        for (j, col), a, b, c in zip(pos, lp, ids, lps):
+            sel_rows.setdefault(j, []).append((col, a, b, c))
+    return credit, sel_rows
+
+
+def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
+    """Credit decoding's update for the rows whose state has it: {row: (ids [K, M + 1], vals [K, M + 1])},
+    the prior as the step sent it (decayed once more) plus this step's raw top-1 id with p1 ** gamma where
+    still masked (0 elsewhere). States with equal M update as one stacked tensor."""
+    rows = [j for j, s in enumerate(S) if s.gen.credit]
+    if out.top1_ids is None or not rows:
+        return {}
+    from dlc.kernels.sampling import CREDIT_GAMMA
+    p = out.top1_prob.to(torch.float64)
+    add = torch.where(masked, p ** CREDIT_GAMMA, torch.zeros_like(p))                 # [b, K]
+    by_m: dict[int, list[int]] = {}
+    for j in rows:
+        by_m.setdefault(0 if S[j].credit is None else S[j].credit[0].shape[1], []).append(j)
+    new = {}
+    for m, js in by_m.items():
+        K = masked.shape[1]
+        ix = torch.tensor(js, dtype=torch.long)
+        if m:
+            ids = torch.stack([S[j].credit[0] for j in js])                           # [n, K, M]
+            vals = torch.stack([S[j].credit[1] for j in js]) * CREDIT_DECAY
+        else:
+            ids, vals = torch.zeros(len(js), K, 0, dtype=torch.long), torch.zeros(len(js), K, 0,
+                                                                                  dtype=torch.float64)
+        ids = torch.cat([ids, out.top1_ids[ix][..., None]], -1)                       # [n, K, M + 1]
+        vals = torch.cat([vals, add[ix][..., None]], -1)
+        new.update({j: (ids[n], vals[n]) for n, j in enumerate(js)})
+    return new

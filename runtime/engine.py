@@ -43,7 +43,7 @@ import torch
 from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
-from .decoding import DecodeState, FieldError, GenerationConfig
+from .decoding import DecodeState, FieldError, GenerationConfig, apply_batch
 from .distributed.runner import TensorParallelRunner
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
@@ -123,6 +123,13 @@ def sparse_runner_for(runner, retention: float | None):
                      f"{'dense' if have is None else f'head-sparse at retention {have}'}; "
                      + ("recompile the engine with --sparse-retention" if isinstance(runner, CompiledRunner)
                         else "head-sparse needs an eager model or a head-sparse engine"))
+
+
+@dataclass
+class _OutRow:
+    """One request's row ``j`` of a runner call's host ``StepOutput`` (the call's rows apply at once)."""
+    out: StepOutput
+    j: int
 
 
 @dataclass
@@ -304,19 +311,46 @@ class Engine:
             with batch_invariant_mode(self.cfg.batch_invariant):
                 results = self._run(batch)
             self._record(batch, time.perf_counter() - t0)
-            for r in batch:
-                if id(r) in results and not isinstance(results[id(r)], _AheadRow):
-                    self._guard(r, lambda r=r: self._postprocess(r, results[id(r)], n_running))
+            self._postprocess_rows([r for r in batch if isinstance(results.get(id(r)), _OutRow)], results,
+                                   n_running)
             ahead = [r for r in batch if isinstance(results.get(id(r)), _AheadRow)]
             if ahead:
                 self._apply_ahead(ahead, results, n_running)
         self._update_gauges()
         return len(batch)
 
+    def _postprocess_rows(self, rows: list[Request], results: dict, n_running: int) -> None:
+        """Each runner call's rows through the decoding core at once (``apply_batch``: one selection per
+        rule over the call's [B, K]), then each request's own bookkeeping. A state whose apply fails fails
+        alone; if the batched selection itself raises, every request of that call applies on its own."""
+        calls: dict[int, list[Request]] = {}
+        for r in rows:
+            calls.setdefault(id(results[id(r)].out), []).append(r)
+        for group in calls.values():
+            out = results[id(group[0])].out
+            js = [results[id(r)].j for r in group]
+            before = {id(r): r.state.x[r.state.bs:r.state.be].clone() for r in group if r.on_step is not None}
+            try:
+                sub = out if js == list(range(out.x0.shape[0])) else out.take(js)
+                errs = apply_batch([r.state for r in group], sub.x0, sub.conf, sub)
+            except Exception:              # noqa: BLE001 - nothing applied yet: request by request
+                for r, j in zip(group, js):
+                    self._guard(r, lambda r=r, j=j: self._postprocess(r, out.row(j), n_running))
+                continue
+            for r, err in zip(group, errs):
+                self._guard(r, lambda r=r, err=err: self._after_apply(r, err, before.get(id(r)), n_running))
+
     def _postprocess(self, r: Request, out, n_running: int) -> None:
         st = r.state
         before = st.x[st.bs:st.be].clone() if r.on_step is not None else None     # [K]
         st.apply(out.x0, out.conf, out)
+        self._after_apply(r, None, before, n_running)
+
+    def _after_apply(self, r: Request, err: Exception | None, before, n_running: int) -> None:
+        """A request's bookkeeping after its state applied a step (``err``: its apply failed)."""
+        if err is not None:
+            raise err
+        st = r.state
         if before is not None:               # provisional tokens: what this step unmasked in the block
             pos = (st.x[st.bs:st.be] != before).nonzero()[:, 0]
             r.on_step(r, st.bs - st.P, pos.tolist(), st.x[st.bs + pos].tolist())
@@ -362,7 +396,7 @@ class Engine:
         self.metrics.inc("mixed_iterations_total")
         for g, out in zip(groups, outs):
             for j, r in enumerate(g):
-                results[id(r)] = out.row(j)
+                results[id(r)] = _OutRow(out, j)
 
     def _run_ahead(self, group: list[Request], results: dict, cap: int) -> bool:
         """Run the group's next fixed-schedule Reuse steps back to back on the device (``reuse_ahead``);
@@ -416,7 +450,7 @@ class Engine:
                 self._run_group([r], results, [seed])
             return
         for j, r in enumerate(group):
-            results[id(r)] = out.row(j)
+            results[id(r)] = _OutRow(out, j)
 
     def _guard(self, r: Request, fn) -> None:
         """Run one request's own bookkeeping; an error there fails that request only."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodeState, FieldError, GenerationConfig
+from .decoding import DecodeState, FieldError, GenerationConfig, apply_batch
 from .kv_cache import KVCacheManager
 from .runners.eager import EagerRunner
 from .step import check_runner, group_states, is_graphed, make_batch, run_batch
@@ -103,8 +103,9 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig) -> Generati
             batch = make_batch(runner, [states[i] for i in rows], [slots[i] for i in rows], pool)
             out = run_batch(runner, batch)
             nfe += 1
-            for r, i in enumerate(rows):
-                states[i].apply(out.x0[r], out.conf[r], out.row(r))
+            err = next((e for e in apply_batch([states[i] for i in rows], out.x0, out.conf, out) if e), None)
+            if err is not None:
+                raise err
         for i in active:
             outputs[i] += states[i].advance(cfg.block_length)
     return GenerationResult(outputs, [s.x for s in states], nfe, time.perf_counter() - t0,

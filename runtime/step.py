@@ -49,7 +49,7 @@ class StepBatch:
     seeds: torch.Tensor                 # [B] int64 sampling seeds (device; zeros at T = 0)
     cond_rows: torch.Tensor             # [B] int64 fed rows of the sequences (device)
     un_rows: torch.Tensor               # [B] int64 fed rows of their unconditional twins
-                                        # (= cond_rows without CFG)
+                                        # (cond_rows itself without CFG)
     keep_idx: torch.Tensor | None = None   # head-sparse Reuse: [n_layers, fed, Hkv, K] kept columns per head
     block_size: int = 0                 # attention: 0 bidirectional; > 0 block-causal (block diffusion) with
                                         # blocks of this many columns aligned to column 0 (``block_key_mask``)
@@ -278,11 +278,11 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         deltas = [n["soft"][1] for n in needs if n["soft"] is not None and n["soft"][1] is not None]
         if deltas:
             d = deltas[0].shape[-1]
-            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype)
+            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype, device=deltas[0].device)   # (the runner's)
             for i, n in enumerate(needs):
                 if n["soft"] is not None and n["soft"][1] is not None:
                     delta[i] = n["soft"][1]
-            batch.embed_delta = _to_device(delta, dev)
+            batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],
@@ -345,7 +345,8 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
         hid_start=_to_device(hid, dev), q_start=q_start,
         q_start_dev=None if q_start is None else _to_device(q_start, dev), n_fed=n_fed, cache=cache,
         slots=slot_rows, temperature=float(temperature), cfg_scale=float(cfg_scale),
-        seeds=_to_device(seeds_t, dev), cond_rows=arange_b, un_rows=arange_b + (fed - B), keep_idx=keep,
+        seeds=_to_device(seeds_t, dev), cond_rows=arange_b,
+        un_rows=arange_b if fed == B else arange_b + (fed - B), keep_idx=keep,
         block_size=block_size, tempered_conf=tempered_conf)
 
 

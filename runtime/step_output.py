@@ -5,7 +5,8 @@ float64), all a plain ``StepBatch`` needs, or a ``StepOutput`` carrying the extr
 (``StepBatch.wants_extras``): entropy (entropy-bounded rule), the chosen token's logprob and top-k
 alternatives (OpenAI ``logprobs``), the raw top-1 id / probability (credit decoding's update) and the soft
 embedding ``softmax(l / tau) @ W_e`` (iteration smoothing). ``run_batch`` normalises both forms to a host
-``StepOutput``; the decoding core reads one row with ``row(i)``. This module imports nothing from the runtime
+``StepOutput`` (the soft embedding excepted: it is the next step's input, so it stays on the runner's
+device); the decoding core reads one row with ``row(i)``. This module imports nothing from the runtime
 (decoding.py and step.py both use it)."""
 from __future__ import annotations
 
@@ -33,13 +34,32 @@ class StepOutput:
         """From ``dlc.kernels.sampling.decode_rows_ext``'s dict."""
         return cls(res["tokens"], res["confidence"], **{k: res.get(k) for k in EXTRA_KEYS})
 
-    def to_host(self) -> "StepOutput":
-        def host(t, f):
-            if t is None:
-                return None
-            return t.to(torch.float64).cpu() if t.is_floating_point() and f != "soft" else t.cpu()
-        return StepOutput(**{f.name: host(getattr(self, f.name), f.name) for f in fields(self)})
+    def to_host(self, pack: bool | None = None) -> "StepOutput":
+        """Every field on the host, floats as float64, except ``soft`` (smoothing's next input: it stays on
+        the runner's device, no round trip). ``pack`` (default: off the CPU) copies the integer fields as one
+        tensor and the float fields as another, however many extras there are (each copy from a GPU waits
+        for the device)."""
+        pack = self.x0.device.type != "cpu" if pack is None else pack
+        out = {"soft": self.soft}
+        names = [f.name for f in fields(self) if f.name != "soft" and getattr(self, f.name) is not None]
+        for floats in (False, True):
+            group = [n for n in names if getattr(self, n).is_floating_point() == floats]
+            dt = torch.float64 if floats else torch.int64
+            ts = [getattr(self, n) for n in group]
+            if not pack or len(ts) < 2:
+                out.update({n: t.to(dt).cpu() for n, t in zip(group, ts)})
+                continue
+            flat = torch.cat([t.reshape(-1).to(dt) for t in ts]).cpu()                   # one copy
+            out.update({n: part.view(t.shape) for n, t, part in zip(group, ts,
+                                                                    flat.split([t.numel() for t in ts]))})
+        return StepOutput(**out)
 
     def row(self, i: int) -> "StepOutput":
         return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i]
+                             for f in fields(self)})
+
+    def take(self, idx: list[int]) -> "StepOutput":
+        """Rows ``idx`` (a list of row numbers) as a StepOutput of ``len(idx)`` rows."""
+        ix = torch.tensor(idx, dtype=torch.long)
+        return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[ix]
                              for f in fields(self)})

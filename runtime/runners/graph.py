@@ -15,8 +15,9 @@ width) and replays it:
   ``EagerRunner``'s; the CPU default, which the CPU tests run without capture);
 * decoding extras (issue 18): a batch that wants them replays a variant of its bucket's step captured for
   that combination (``_extras_key``: entropy, logprobs k, credit, smoothing, sampling, filters; captured on
-  first use, the plain step untouched). At T = 0 ``fused`` computes entropy, logprobs and the credit-fused
-  selection in the selected-row logits kernel's one vocab sweep (``dlc.kernels.fused_select_extras``);
+  first use, the plain step untouched). At T = 0 ``fused`` computes entropy and logprobs in the
+  selected-row logits kernel's one vocab sweep, credit as a sparse correction of it
+  (``dlc.kernels.fused_select_extras``);
   smoothing's soft embedding and ``exact`` decode with ``decode_rows_ext``. Credit and smoothing inputs,
   temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
   float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k

@@ -21,13 +21,18 @@ def rel(a, b):
 
 
 def check_extras(dt):
-    """The selected-row logits kernel with its extras on (entropy, top-k, credit) vs the float64 reference;
-    tiles small enough that each row's sweep crosses several tiles and vocab splits."""
+    """The selected-row logits kernel with its extras on (entropy, top-k, credit: the plain sweep plus the
+    sparse correction over the credited ids' gathered logits, duplicates and padding entries included) vs the
+    float64 reference (credit as a term of every vocab tile); tiles small enough that each row's sweep
+    crosses several tiles and vocab splits. Tolerance: EXTRAS_ATOL on every float output."""
     h, w = (torch.randn(20, 48) * 0.4).to(dt), torch.randn(700, 48).to(dt)
-    ids = torch.randint(0, 700, (20, 3))
-    ids[:, 0] = (h.double() @ w.double().T).topk(2, dim=-1).indices[:, 1]    # flips tokens
-    vals = torch.rand(20, 3) * 3
+    ids = torch.randint(0, 700, (20, 5))
+    top2 = (h.double() @ w.double().T).topk(2, dim=-1).indices                # [20, 2]
+    ids[:, 0] = top2[:, 1]                                                    # flips tokens
+    ids[:, 3], ids[:, 4] = ids[:, 0], top2[:, 0]                              # a duplicate, the raw top-1
+    vals = torch.rand(20, 5) * 3
     vals[:, 0] = 20.0
+    vals[12:16] = 0.0                                                         # padding entries: no credit
     alpha = torch.where(torch.arange(20) % 3 == 0, 0.0, 0.7)
     for ent, k, cr in ((True, 5, True), (True, 3, False), (False, 0, False), (False, 1, True)):
         c = (ids, vals, alpha) if cr else (None, None, None)
@@ -36,6 +41,8 @@ def check_extras(dt):
                                         vals.double() if cr else None, alpha.double() if cr else None,
                                         acc=torch.float64)
         assert set(out) == set(ref), (sorted(out), sorted(ref))
+        if cr:                             # the credit flips tokens (else the check would be vacuous)
+            assert (ref["tokens"] != ref["top1_ids"]).sum() >= 3, (dt, ent, k)
         same = out["tokens"] == ref["tokens"]
         assert same.float().mean() >= 0.9, (dt, ent, k, cr)
         for key in out:

@@ -133,8 +133,8 @@ EXTRAS_ATOL = 2e-3        # bf16 operands, fp32 sweep, vs the float64 sweep on t
 @pytest.mark.parametrize("N,V,k,credit", [(32, 126464, 5, True), (1024, 50000, 0, False),
                                          (17, 4099, 20, True)])
 def test_fused_select_extras_triton_vs_float64(N, V, k, credit):
-    """The kernel with its extras on (entropy, top-k logprobs, credit-fused selection) against the float64
-    sweep (``select_extras_reference`` in float64) on the same bf16 values."""
+    """The kernel with its extras on (entropy, top-k logprobs; credit: its sparse correction) against the
+    float64 sweep (``select_extras_reference`` in float64, credit in every chunk) on the same bf16 values."""
     from dlc.kernels import select_extras as X
     _poison_allocator()
     h = (torch.randn(N, 4096, device="cuda") * 0.05).bfloat16()
@@ -142,7 +142,8 @@ def test_fused_select_extras_triton_vs_float64(N, V, k, credit):
     c = (None, None, None)
     if credit:
         ids = torch.randint(0, V, (N, 8), device="cuda")
-        ids[:, 0] = (h.float() @ w.float().T).topk(2, dim=-1).indices[:, 1]
+        top2 = (h.float() @ w.float().T).topk(2, dim=-1).indices
+        ids[:, 0], ids[:, 1], ids[:, 2] = top2[:, 1], top2[:, 1], top2[:, 0]   # a duplicate, the raw top-1
         vals = torch.rand(N, 8, device="cuda", dtype=torch.float64) * 3
         alpha = torch.where(torch.arange(N, device="cuda") % 3 == 0, 0.0, 0.7).double()
         c = (ids, vals, alpha)

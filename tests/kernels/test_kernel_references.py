@@ -309,6 +309,35 @@ def test_select_extras_reference_against_float64_math():
     assert torch.equal(plain["tokens"][ok], l64.argmax(-1)[ok])
 
 
+SPARSE_ATOL = 1e-12       # float64 sparse credit correction vs float64 credit in every vocab chunk
+
+
+def test_credit_sparse_correction_equals_dense_credit():
+    """Credit as a correction of the plain sweep (``credit_correction`` over the credited ids' gathered
+    logits: what the fused op does after its kernel) == credit added to every vocab chunk (the float64 path
+    of decode_rows_ext), with duplicate ids (they add), the raw top-1 among the prior ids, padding entries
+    (value 0) and rows with alpha 0: tokens identical, floats within SPARSE_ATOL."""
+    from dlc.kernels import select_extras as X
+    torch.manual_seed(5)
+    R, d, V, k = 30, 16, 500, 3
+    h, w = _rand(R, d, dtype=torch.float64), _rand(V, d, dtype=torch.float64)
+    ids, vals, alpha = _credit_inputs(h, w, R, M=6)
+    ids[:, 3] = ids[:, 0]                                           # a duplicate of the runner-up
+    ids[:, 4] = (h @ w.T).argmax(-1)                                # the raw top-1 with prior credit
+    vals[20:25, 1:] = 0.0                                           # padding entries (id, 0)
+    dense = X.select_extras_reference(h, w, True, k, ids, vals, alpha, acc=torch.float64)
+    sparse = X.select_extras_sparse(h, w, True, k, ids, vals, alpha)
+    assert set(dense) == set(sparse)
+    assert (dense["tokens"] != dense["top1_ids"]).sum() >= 5        # credit decides: tokens flip
+    for key in dense:
+        if dense[key].is_floating_point():
+            torch.testing.assert_close(sparse[key], dense[key], rtol=0, atol=SPARSE_ATOL, msg=key)
+        else:
+            assert torch.equal(sparse[key], dense[key]), key
+    off = alpha == 0                                                # neutral rows: the plain sweep's token
+    assert torch.equal(sparse["tokens"][off], sparse["top1_ids"][off])
+
+
 def test_select_extras_refuses_bad_inputs():
     h, w = _rand(4, 8), _rand(20, 8)
     with pytest.raises(ValueError, match="credit_ids"):

@@ -148,9 +148,9 @@ def test_entropy_logprobs_and_soft_match_plain_torch(rows):
     h, w, we, V = rows
     cr, ur, cw, seeds = _args(h)
     l = _plain_logits(h, w)
-    for chunk in (7, V):
+    for chunk, tau in ((7, 0.7), (V, 0.7), (7, 1.0)):     # tau 1: the soft part reuses the selection's exp
         out = decode_rows_ext(h, w, cr, ur, cw, 0.0, seeds, vocab=V, chunk=chunk, topk=3, logprobs=True,
-                              entropy=True, soft=(we, 0.7))
+                              entropy=True, soft=(we, tau))
         lp = torch.log_softmax(l, -1)
         assert torch.equal(out["tokens"], l.argmax(-1))
         torch.testing.assert_close(out["confidence"], lp.exp().amax(-1), rtol=1e-5, atol=1e-6)
@@ -159,7 +159,7 @@ def test_entropy_logprobs_and_soft_match_plain_torch(rows):
         tv, ti = lp.topk(3, -1)
         assert torch.equal(out["topk_ids"], ti)
         torch.testing.assert_close(out["topk_logprobs"], tv, rtol=1e-5, atol=1e-6)
-        soft = torch.softmax(l / 0.7, -1) @ we.to(torch.float64)
+        soft = torch.softmax(l / tau, -1) @ we.to(torch.float64)
         torch.testing.assert_close(out["soft"].to(torch.float64), soft, rtol=1e-6, atol=1e-6)
     assert out["entropy"].std() > 0.05                                          # rows differ
 

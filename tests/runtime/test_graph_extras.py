@@ -174,3 +174,21 @@ def test_captured_sampled_variants_run_on_the_gpu():
     assert [r.error for r in reqs] == [None] * len(reqs) and all(r.output_ids for r in reqs)
     assert gr.stats["eager_reuse"] == 0 and any(len(k) == 4 and k[3][4] and g.graph is not None
                                                 for k, g in gr.graphs.items())
+
+
+def test_fused_credit_correction_equals_exact_credit_where_credit_decides():
+    """Credit in the graph runner's ``fused`` variants (the plain sweep + the sparse correction over the
+    credited ids, float32) vs ``exact`` (credit in every vocab chunk, float64), on tiny-llada with its head x2
+    (less decisive, so credit changes the outputs): identical tokens; without credit they differ."""
+    from dlc.models.loading import load_model
+    m = load_model("tiny-llada", seed=1).model
+    with torch.no_grad():
+        m.head_weight().mul_(2.0)
+    items = specs([dict(threshold=0.3, credit=True), dict(credit=True), dict(factor=2.0, credit=True)], 9,
+                  seed=3)
+    eng, fused = run(m, items, "fused")
+    _, exact = run(m, items, "exact")
+    _, plain = run(m, [(p, {k: v for k, v in q.items() if k != "credit"}) for p, q in items], "exact")
+    assert eng.runner.stats["eager_reuse"] == 0 and any(len(k) == 4 and k[3][2] for k in eng.runner.graphs)
+    assert [r.output_ids for r in fused] == [r.output_ids for r in exact]
+    assert sum(e.output_ids != p.output_ids for e, p in zip(exact, plain)) >= 3       # credit decides

@@ -1,0 +1,192 @@
+"""The decoding core's batched apply (``decoding.apply_batch``: one selection per rule over a runner call's
+[B, K] rows, issue 18's host cost) against an in-test transcription of each rule (positions accepted per step
+on fixed confidence / entropy inputs) and against one ``apply`` per state: rules mixed in one batch, random
+remasking, mask-id predictions, the extras' state (credit, smoothing, logprobs), a bad row failing alone;
+and StepOutput.to_host's packed copies."""
+import copy
+from types import SimpleNamespace
+
+import torch
+
+from dlc.runtime.decoding import CREDIT_DECAY, DecodeState, GenerationConfig, apply_batch
+from dlc.runtime.step_output import StepOutput
+
+MC = SimpleNamespace(mask_id=99, eos_id=0, stop_ids=[0])
+K = 16
+SPECS = [dict(), dict(threshold=0.9), dict(threshold=0.6), dict(factor=1.0),
+         dict(low_threshold=0.3, threshold=0.9), dict(low_threshold=0.5), dict(entropy_bound=0.1),
+         dict(entropy_bound=1.5), dict(threshold=0.8), dict(), dict(entropy_bound=0.1), dict(factor=0.5),
+         dict(entropy_bound=0.5)]                      # its row's entropies: 0.25 each, a bound met exactly
+
+
+# ------------------------------------------------------------------------ the rules, transcribed for one row
+def _best(conf, cand):
+    return max(cand, key=lambda i: (conf[i], -i))
+
+
+def reference(spec, conf, ent, cand, n):
+    """Columns the rule of ``spec`` accepts among ``cand`` (masked, not predicting the mask id)."""
+    if not cand:
+        return set()
+    if "entropy_bound" in spec:
+        take, total = [], 0.0
+        for i in sorted(cand, key=lambda i: (ent[i], i)):
+            if take and total > spec["entropy_bound"]:        # sum of the prefix without its newest (max)
+                break
+            take.append(i)
+            total += ent[i]
+        return set(take)
+    if "low_threshold" in spec:
+        out, high = set(), spec.get("threshold")
+        runs, cur = [], []
+        for i in range(len(conf)):
+            if i in cand:
+                cur.append(i)
+            elif cur:
+                runs, cur = runs + [cur], []
+        runs += [cur] if cur else []
+        for r in runs:
+            m = max(conf[i] for i in r)
+            out |= {i for i in r if conf[i] == m and conf[i] > spec["low_threshold"]}
+        out |= {i for i in cand if high is not None and conf[i] > high}
+        return out | {_best(conf, cand)}
+    if "threshold" in spec:
+        return {i for i in cand if conf[i] >= spec["threshold"]} | {_best(conf, cand)}
+    if "factor" in spec:
+        order = sorted(cand, key=lambda i: (-conf[i], i))
+        take = [i for n_, i in enumerate(order) if all(conf[j] >= 1 - spec["factor"] / (m + 2)
+                                                        for m, j in enumerate(order[:n_ + 1]) if m)]
+        return set(take) | {order[0]}
+    return set(sorted(cand, key=lambda i: (-conf[i], i))[:n])         # the schedule: top n
+
+
+def _states(specs, seed=0, **common):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, spec in enumerate(specs):
+        gen = GenerationConfig(gen_length=2 * K, block_length=K, steps=2 * K, seed=i, **{**common, **spec})
+        st = DecodeState.new(torch.randint(1, 50, (3 + i,), generator=g).tolist(), gen, MC)
+        st.advance(K)
+        st.x[st.bs + torch.randperm(K, generator=g)[:i % 4]] = 7          # some columns already decoded
+        out.append(st)
+    return out
+
+
+def _inputs(B, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(1, 50, (B, K), generator=g)
+    x0[torch.rand(B, K, generator=g) < 0.1] = MC.mask_id                # predictions of the mask id
+    conf = torch.rand(B, K, generator=g, dtype=torch.float64)
+    conf[:, :4] = 0.95 + 0.04 * torch.rand(B, 4, generator=g, dtype=torch.float64)     # some above 0.9
+    ent = torch.rand(B, K, generator=g, dtype=torch.float64) * 0.3
+    return x0, conf, ent
+
+
+def test_apply_batch_matches_each_rules_transcription():
+    """Fixed confidences / entropies, twelve states of eight rule kinds in one call: each row unmasks exactly
+    the columns its rule's transcription accepts (schedule n, thresholds, factor, hierarchical runs, the
+    entropy bound), never a mask-id prediction; the rules accept different counts."""
+    counts = set()
+    for seed in range(4):
+        states = _states(SPECS, seed)
+        x0, conf, ent = _inputs(len(states), seed)
+        ent[-1] = 0.25                                                # sum - max of 3 is 0.5 <= 0.5: 3 pass
+        blocks = [st.x[st.bs:st.be].clone() for st in states]
+        ns = [st.n_now for st in states]
+        errs = apply_batch(states, x0, conf, StepOutput(x0, conf, entropy=ent))
+        assert errs == [None] * len(states)
+        for b, (st, spec) in enumerate(zip(states, SPECS)):
+            masked = [i for i in range(K) if blocks[b][i] == MC.mask_id]
+            cand = [i for i in masked if x0[b, i] != MC.mask_id] if spec else masked
+            want = reference(spec, conf[b].tolist(), ent[b].tolist(), cand, ns[b])
+            got = {i for i in range(K) if st.x[st.bs + i] != blocks[b][i]}
+            want = {i for i in want if x0[b, i] != MC.mask_id}           # (the schedule may pick one: no-op)
+            assert got == want, (spec, sorted(got), sorted(want))
+            assert st.step == 1 and st.forwards == 1
+            counts.add(len(want))
+    assert len(counts) >= 5                                           # decisive inputs: the rules differ
+
+
+def test_apply_batch_equals_one_apply_per_state():
+    """The same states applied one by one (``apply``) and in one batch: identical tokens, stuck flags, and
+    random remasking draws from each state's own generator either way."""
+    specs = SPECS + [dict(remasking="random"), dict(threshold=0.5, remasking="random")]
+    for seed in range(3):
+        states = _states(specs, seed)
+        solo = copy.deepcopy(states)
+        x0, conf, ent = _inputs(len(states), 10 + seed)
+        x0[3] = MC.mask_id                                            # a row that can only predict the mask
+        out = StepOutput(x0, conf, entropy=ent)
+        assert apply_batch(states, x0, conf, out) == [None] * len(states)
+        for b, st in enumerate(solo):
+            st.apply(x0[b], conf[b], out.row(b))
+        for a, s in zip(states, solo):
+            assert torch.equal(a.x, s.x) and a.stuck == s.stuck
+        assert states[3].stuck                                        # threshold rules skip mask-id rows
+
+
+def test_apply_batch_keeps_the_extras_state_as_apply():
+    """Credit (the prior decayed once, this step's p1 ** 0.2 where still masked), smoothing's soft inputs and
+    weight, and each unmasked token's logprob with its alternatives: batch == one apply per state."""
+    specs = [dict(threshold=0.9, credit=True), dict(credit=True, smoothing=True, logprobs=2),
+             dict(entropy_bound=0.2, logprobs=3), dict(threshold=0.7, smoothing=True), dict(logprobs=0)]
+    states = _states(specs, 3)
+    g = torch.Generator().manual_seed(7)
+    for step in range(2):
+        B = len(states)
+        x0, conf, ent = _inputs(B, 20 + step)
+        out = StepOutput(x0, conf, entropy=ent, logprob=-torch.rand(B, K, generator=g, dtype=torch.float64),
+                         topk_ids=torch.randint(0, 50, (B, K, 5), generator=g),
+                         topk_logprobs=-torch.rand(B, K, 5, generator=g, dtype=torch.float64),
+                         top1_ids=torch.randint(0, 50, (B, K), generator=g),
+                         top1_prob=torch.rand(B, K, generator=g, dtype=torch.float64),
+                         soft=torch.randn(B, K, 6, generator=g))
+        solo = copy.deepcopy(states)
+        prior = [None if s.credit is None else s.credit[1].clone() for s in states]
+        assert apply_batch(states, x0, conf, out) == [None] * B
+        for b, st in enumerate(solo):
+            st.apply(x0[b], conf[b], out.row(b))
+        for b, (a, s) in enumerate(zip(states, solo)):
+            assert torch.equal(a.x, s.x)
+            assert (a.credit is None) == (s.credit is None) and (a.soft is None) == (s.soft is None)
+            if a.credit is not None:
+                assert all(torch.equal(u, v) for u, v in zip(a.credit, s.credit))
+                if prior[b] is not None:                              # the prior, decayed once
+                    assert torch.allclose(a.credit[1][:, :-1], prior[b] * CREDIT_DECAY)
+            if a.soft is not None:
+                assert torch.equal(a.soft, s.soft) and a.soft_w == s.soft_w
+            assert a.token_logprobs == s.token_logprobs
+        assert sum(t is not None for t in states[2].token_logprobs) > 0
+        lp = next(t for t in states[1].token_logprobs if t is not None)
+        assert len(lp[1]) == 2 and len(lp[2]) == 2                    # the request's k alternatives
+        assert all(t is None or t[1] == [] for t in states[4].token_logprobs)
+
+
+def test_apply_batch_fails_a_bad_row_alone():
+    """A state whose block does not match the call's width gets its own error; the others apply."""
+    states = _states([dict(), dict(threshold=0.9), dict()], 1)
+    states[1].be -= 1                                                 # its block is K - 1 wide now
+    x0, conf, _ = _inputs(3, 5)
+    before = [st.x.clone() for st in states]
+    errs = apply_batch(states, x0, conf)
+    assert errs[0] is None and errs[2] is None
+    assert isinstance(errs[1], ValueError) and "block columns" in str(errs[1])
+    assert torch.equal(states[1].x, before[1]) and states[1].step == 0
+    assert not torch.equal(states[0].x, before[0]) and not torch.equal(states[2].x, before[2])
+
+
+def test_step_output_to_host_packs_the_copies_losslessly():
+    """``to_host(pack=True)`` (the GPU default: one copy for the integer fields, one for the float ones) gives
+    the fields ``pack=False`` gives, bit for bit, in their shapes and dtypes; ``soft`` stays where it is."""
+    g = torch.Generator().manual_seed(1)
+    out = StepOutput(torch.randint(0, 2 ** 40, (3, 4), generator=g), torch.rand(3, 4, generator=g),
+                     entropy=torch.rand(3, 4, generator=g, dtype=torch.float64),
+                     logprob=-torch.rand(3, 4, generator=g),
+                     topk_ids=torch.randint(0, 9, (3, 4, 2), generator=g),
+                     topk_logprobs=-torch.rand(3, 4, 2, generator=g), top1_ids=torch.randint(0, 9, (3, 4)),
+                     soft=torch.randn(3, 4, 5, generator=g))
+    a, b = out.to_host(pack=True), out.to_host(pack=False)
+    for f in ("x0", "conf", "entropy", "logprob", "topk_ids", "topk_logprobs", "top1_ids"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
+    assert a.conf.dtype == torch.float64 and a.top1_prob is None and a.soft is out.soft
