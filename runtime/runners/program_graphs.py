@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .ahead import run_ahead
-
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+from .graph import BUCKETS                  # the batch buckets every captured runner shares
 BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
            "credit_ids", "credit_vals", "credit_alpha", "embed_delta")
 # (credit, smoothing's embed_delta: neutral zeros in padding rows)
