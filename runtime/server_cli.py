@@ -11,7 +11,7 @@ import time
 import click
 
 from .config import GRANULARITY, POLICIES, ServeConfig
-from .startup import startup_lines
+from .startup import freeze_heap, startup_lines
 
 log = logging.getLogger("dlc.serve")
 
@@ -96,6 +96,7 @@ def serve_command(model, config_path, **options):
         from .engine import Engine
         engine = Engine.from_config(cfg)
         engine.warmup()
+        freeze_heap()                    # serving's collections never walk the startup heap
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     try:
