@@ -40,6 +40,9 @@ def _options(f):
         click.option("--granularity", default=None, type=click.Choice(GRANULARITY),
                      help="block size [fixed]"),
         click.option("--refresh-share", default=None, type=float, help="Refresh share of the budget [0.5]"),
+        click.option("--ttft-defer-iters", default=None, type=int,
+                     help="phase: later blocks' Refresh waits up to N iterations while a first block "
+                          "runs [0]"),
         click.option("--gen-length", default=None, type=int, help="default gen_length [model dir, else 128]"),
         click.option("--block-length", default=None, type=int),
         click.option("--steps", default=None, type=int),
