@@ -1,7 +1,8 @@
 """A CPU stand-in for a GPU's pacing: the eager runner whose calls also take *device* time, spent with the
 GIL released, and whose Reuse steps can run ahead like the CUDA-graph runner's (``step.LookaheadRunner``:
 each step of a run lands one step's device time after the one before, counted from the launch, and the host
-waits for it as it would on a CUDA event). The model's own (tiny) CPU time is host time, as a GPU runner's launches are.
+waits for it as it would on a CUDA event). The model's own (tiny) CPU time is host time, as a GPU runner's
+launches are.
 
 Device time per call: a Reuse step ``step_s + row_s * rows`` (bandwidth-bound: the weights once, a little per
 row), a Refresh / full forward ``max(refresh_s, token_s * tokens)`` (compute-bound: proportional to the
