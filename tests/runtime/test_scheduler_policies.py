@@ -212,3 +212,24 @@ def test_phase_ageing_bounds_the_wait_of_a_later_blocks_refresh(session):
         it += 1
     assert 0 < worst <= 4                                   # it did wait, never past age_iters
     assert old.output_ids == reference(session, [1] * 20, dict(P, gen_length=32, steps=32))
+
+
+@pytest.mark.parametrize("defer", [0, 3])
+def test_ttft_defer_iters_holds_later_blocks_back_while_a_first_block_runs(session, defer):
+    """With ``ttft_defer_iters`` N, a running request's later-block Refresh waits up to N iterations while
+    another request's first block runs (the budget does not bind here); with 0 it never waits. Tokens are
+    generate()'s either way."""
+    eng = make_engine(session, max_num_tokens=1000, refresh_share=1.0, ttft_defer_iters=defer)
+    params = dict(P, gen_length=32, steps=32)                        # 8 steps per block: starts at 0, 8, ...
+    old, new = eng.make_request([1] * 20, params), eng.make_request([2] * 30, params)
+    eng.add_request(old)
+    waits, it = [], 0
+    while eng.has_work() or it < 7:
+        if it == 6:
+            eng.add_request(new)                                     # its first block: iterations 6..13
+        eng.step()
+        waits.append(old.waited)
+        it += 1
+    assert max(waits) == defer, waits
+    assert old.output_ids == reference(session, [1] * 20, params)
+    assert new.output_ids == reference(session, [2] * 30, params) != old.output_ids
