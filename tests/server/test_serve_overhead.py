@@ -14,11 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+from engine_path import build  # noqa: E402
 from paced_device import PacedRunner  # noqa: E402
 from served import Probe, Served, run_threaded  # noqa: E402
 
-from dlc.models import build_model  # noqa: E402
-from dlc.models.presets import preset_config  # noqa: E402
 from dlc.runtime.config import ServeConfig  # noqa: E402
 from dlc.runtime.engine import Engine  # noqa: E402
 from dlc.runtime.session import Session  # noqa: E402
@@ -33,8 +32,8 @@ MAX_SERVED_RATIO = 1.2
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_model(preset_config("tiny-llada")).eval().requires_grad_(False)
+    """tiny-llada, random, its head x4 (bench/engine_path.py): peaked logits, outputs that vary."""
+    return build("tiny-llada", "cpu", torch.float32)
 
 
 def engine(model, **over) -> Engine:
@@ -140,3 +139,38 @@ def test_idle_engine_sleeps_until_a_request_comes(model):
     finally:
         eng.shutdown()
     assert not eng._thread.is_alive()                      # shutdown's notify woke the sleeping loop
+
+
+def test_paced_runner_decodes_as_the_eager_runner():
+    """The emulated device changes when outputs land, never what they are: two requests of different lengths
+    (dlc-tiny, trained: outputs differ) through the engine over the PacedRunner (Refresh, Reuse steps run
+    ahead and landed step by step) give the eager runner's tokens; device time per call follows the H200
+    cost model (Refresh per token, Reuse per step and row)."""
+    from paced_device import H200_8B
+
+    from dlc.runtime.runners.eager import EagerRunner
+    from dlc.runtime.session import open_model
+    from dlc.runtime.step import build_batch
+    sess = open_model("dlc-tiny", progress=False)
+    m = sess.runner.model
+    prompts = [sess.tokenizer(q)["input_ids"] for q in ("12+34=", "sort: 9 3 7 1 =")]
+    outs = []
+    for runner in (EagerRunner(m), PacedRunner(m, 0.002, 0.004)):
+        sc = ServeConfig(model="t", device="cpu", max_batch_size=2, max_num_tokens=1024, max_seq_len=128,
+                         kv_cache_mb=16, kv_cache="dual")
+        eng = Engine(Session(runner, None, m.config, False, "t"), sc)
+        reqs = [eng.make_request(p, dict(gen_length=32, block_length=16, steps=32)) for p in prompts]
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        outs.append([r.output_ids for r in reqs])
+    assert outs[1] == outs[0] and outs[0][0] != outs[0][1] and all(outs[0])
+    assert runner.stats["ahead_calls"] > 0
+    cost = PacedRunner(m, **H200_8B)
+    ids = [torch.tensor(prompts[0] + [m.config.mask_id] * 32)]
+    L = ids[0].shape[0]
+    refresh = build_batch(cost, "refresh", ids, [L - 32], [L - 32], 16, slots=[(0,)], pool=eng.kv)
+    assert cost._forward_s(refresh) == pytest.approx(max(H200_8B["refresh_s"], H200_8B["token_s"] * L))
+    reuse = build_batch(cost, "reuse", ids * 2, [L - 32] * 2, [L - 32] * 2, 16, [(L - 32, L - 16)] * 2,
+                        [(0,), (1,)], eng.kv)
+    assert cost._step_s(reuse) == pytest.approx(H200_8B["step_s"] + 2 * H200_8B["row_s"])
