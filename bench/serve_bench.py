@@ -9,6 +9,14 @@ device by bench/engine_path.py's ``build`` (no checkpoint on disk), for the in-p
         --prompt-len 256:512 --gen-lens 64,128 --block-length 32 --tokens-per-step 2 --max-batch-size 32 \\
         --max-num-tokens 8192 --num-requests 24 --workloads burst,poisson-80 \\
         --json serve.json  # docs/SERVING.md
+
+``--paced SCALE`` (CPU, with ``--driver engine --random-weights``): the runner is bench/paced_device.py's
+PacedRunner with LLaDA-8B-on-H200 device times x SCALE (Refresh rows cost their tokens, a Reuse step the
+weights plus a little per row), so the policies meet a GPU's cost structure on a tiny model:
+
+    python bench/serve_bench.py tiny-llada --driver engine --random-weights --paced 1 --device cpu \
+        --prompt-len 256:512 --gen-lens 64,128 --block-length 32 --tokens-per-step 2 --max-batch-size 32 \
+        --max-num-tokens 8192 --num-requests 24 --workloads poisson-80
 """
 import sys
 from pathlib import Path
@@ -19,5 +27,21 @@ from engine_path import build  # noqa: E402
 
 from dlc.bench_cli import serve_bench  # noqa: E402
 
+
+
+def obj_for(argv: list[str]) -> tuple[list[str], dict]:
+    """Takes ``--paced SCALE`` out of argv -> (the rest, the click obj: the model builder, and the paced
+    runner's factory when asked)."""
+    obj = {"build": build}
+    if "--paced" in argv:
+        i = argv.index("--paced")
+        scale = float(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+        from paced_device import H200_8B, PacedRunner
+        obj["runner"] = lambda m: PacedRunner(m, **H200_8B, scale=scale)
+    return argv, obj
+
+
 if __name__ == "__main__":
-    sys.exit(serve_bench.main(args=sys.argv[1:], prog_name="serve_bench.py", obj={"build": build}))
+    args, obj = obj_for(sys.argv[1:])
+    sys.exit(serve_bench.main(args=args, prog_name="serve_bench.py", obj=obj))

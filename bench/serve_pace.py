@@ -7,9 +7,16 @@ timed in alternating order over ``--rounds`` rounds (medians reported), every sh
   each Reuse step one CUDA graph that unmasks its token in place; no host sync until the end);
 * ``engine-la1``: ``dlc.runtime.Engine`` + GraphRunner, one host round trip per step (``lookahead_steps=1``);
 * ``engine-la<N>``: the same with fixed-schedule Reuse steps run ahead on the device (``lookahead_steps=N``);
-* ``http``: ``dlc serve``'s app (uvicorn on 127.0.0.1, phase policy, server defaults) driven by the official
-  openai client: one request at B=1, B concurrent requests otherwise (token-id prompts; the model has no
-  tokenizer, so detokenizing costs nothing here).
+* ``thread``: the same engine on its own loop thread (``Engine.start``, as the server runs it), the requests
+  added from the main thread: what the thread costs apart from HTTP;
+* ``http``: ``dlc serve``'s app (uvicorn on 127.0.0.1, server defaults, the startup heap frozen as `dlc serve`
+  does) driven by the official openai client: one request at B=1, B concurrent requests otherwise (token-id
+  prompts; the model has no tokenizer, so detokenizing costs nothing here).
+
+Every engine variant uses one ServeConfig (the server's defaults, policy ``--policy``, warmed by
+``Engine.warmup`` as ``dlc serve`` does) and differs only in ``lookahead_steps`` and how requests reach it.
+After the table, each http request's time is broken down (bench/served.py): client send -> arrival, arrival
+-> admitted, admitted -> last block, last block -> client, the event loop's wake-ups, the collector's pauses.
 
 Prints JSON lines and a table last: tok/s per variant and its ratio to ``hand`` and to the floor-bound
 ceiling (bench/floors.py at this GPU's measured copy bandwidth and matmul rate); GraphRunner host ms per
@@ -22,10 +29,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_path  # noqa: E402
 import floors  # noqa: E402
 import gpu_bench  # noqa: E402
+from served import Probe, Served, print_breakdown, run_threaded  # noqa: E402
 
 
 def sync():
@@ -58,8 +64,10 @@ def make_engine(runner, B, args, **over):
     mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", device=str(runner.device), max_batch_size=B, max_num_tokens=2 * B * L,
                      max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", gen_length=args.gen,
-                     block_length=args.block, steps=args.gen, **over)
-    return Engine(Session(runner, None, cfg, False, "bench"), sc)
+                     block_length=args.block, steps=args.gen, policy=args.policy, **over)
+    eng = Engine(Session(runner, None, cfg, False, "bench"), sc)
+    eng.warmup()                                                       # as `dlc serve` does
+    return eng
 
 
 def settle():
@@ -89,7 +97,7 @@ def time_hand(model, B, args):
 
 
 def time_engine(runner, B, args, lookahead):
-    eng = make_engine(runner, B, args, policy="fcfs", lookahead_steps=lookahead)
+    eng = make_engine(runner, B, args, lookahead_steps=lookahead)
     prompts = prompts_for(runner.config, B, args.prompt)
     eng.generate(prompts, dict(gen_length=2 * args.block, block_length=args.block, steps=2 * args.block))
     st0 = dict(runner.stats)
@@ -106,54 +114,65 @@ def time_engine(runner, B, args, lookahead):
     return secs, host, n
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def time_http(runner, B, args, lookahead):
-    import openai
-    import uvicorn
-
-    from dlc.runtime.server import build_app
+def time_thread(runner, B, args, lookahead):
     eng = make_engine(runner, B, args, lookahead_steps=lookahead)
-    eng.warmup()
-    app = build_app(eng, "bench")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+    prompts = prompts_for(runner.config, B, args.prompt)
+    eng.start()
+    try:
+        run_threaded(eng, prompts, dict(gen_length=2 * args.block, block_length=args.block,
+                                        steps=2 * args.block))
+        sync()
+        t = time.perf_counter()
+        reqs = run_threaded(eng, prompts, dict(gen_length=args.gen, block_length=args.block, steps=args.gen))
+        secs = time.perf_counter() - t
+    finally:
+        eng.shutdown()
+    assert all(len(r.output_ids) == args.gen for r in reqs)
+    del eng
+    torch.cuda.empty_cache()
+    return secs
+
+
+def time_http(runner, B, args, lookahead, rows: list):
+    import openai
+    eng = make_engine(runner, B, args, lookahead_steps=lookahead)
+    probe = Probe(eng)
+    srv = Served(eng)
+    client = openai.OpenAI(base_url=srv.base, api_key="x", max_retries=0, timeout=600)
     prompts = prompts_for(runner.config, B, args.prompt)
 
     def one(p, gen):
+        sent = time.monotonic()
         r = client.completions.create(model="bench", prompt=p, max_tokens=gen, temperature=0.0,
                                       extra_body=dict(gen_length=gen, block_length=args.block, steps=gen))
-        return r.usage.completion_tokens
+        return r.usage.completion_tokens, sent, time.monotonic()
 
-    with ThreadPoolExecutor(B) as ex:                                  # warm: the timed shapes
-        list(ex.map(lambda p: one(p, 2 * args.block), prompts))
-        sync()
-        t = time.perf_counter()
-        toks = sum(ex.map(lambda p: one(p, args.gen), prompts))
-        secs = time.perf_counter() - t
-    server.should_exit = True
-    th.join(60)
-    del eng
-    torch.cuda.empty_cache()
+    try:
+        with ThreadPoolExecutor(B) as ex:                              # warm: the timed shapes
+            list(ex.map(lambda p: one(p, 2 * args.block), prompts))
+            sync()
+            n0, w0 = len(probe.added), srv.wakeups
+            t = time.perf_counter()
+            got = list(ex.map(lambda p: one(p, args.gen), prompts))
+            secs = time.perf_counter() - t
+            woke = srv.wakeups - w0
+    finally:
+        srv.stop()
+        probe.close()
+    toks = sum(g[0] for g in got)
     assert toks == B * args.gen, toks
+    for r in probe.added[n0:]:
+        _, sent, received = got[prompts.index(r.prompt)]
+        rows.append({"B": B, **probe.breakdown(r, sent, received, woke)})
+    del eng, probe
+    torch.cuda.empty_cache()
     return secs
 
 
 def graph_step_ms(runner, args):
     """GPU time of one captured Reuse step at B=1 (CUDA events over replays): the floor of the engine's
     step."""
-    eng = make_engine(runner, 1, args, policy="fcfs", lookahead_steps=1)
+    eng = make_engine(runner, 1, args, lookahead_steps=1)
     eng.generate(prompts_for(runner.config, 1, args.prompt), dict(gen_length=args.block,
                                                                   block_length=args.block, steps=args.block))
     g = next(g for g in runner.graphs.values() if g.graph is not None)
@@ -199,7 +218,7 @@ def profile_engine(runner, args, lookahead):
         setattr(obj, name, timed)
         return fn
 
-    eng = make_engine(runner, 1, args, policy="fcfs", lookahead_steps=lookahead)
+    eng = make_engine(runner, 1, args, lookahead_steps=lookahead)
     prompts = prompts_for(runner.config, 1, args.prompt)
     eng.generate(prompts, dict(gen_length=2 * args.block, block_length=args.block, steps=2 * args.block))
     saved = [(engine_mod, "run_batch", wrap(engine_mod, "run_batch", "one-step calls (run_batch, synced)")),
@@ -232,6 +251,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lookahead", type=int, default=16)
     p.add_argument("--no-http", action="store_true")
+    p.add_argument("--policy", default="phase", help="every engine variant's scheduler policy (the server's "
+                                                     "default: phase)")
     p.add_argument("--compile", action="store_true",
                    help="GraphRunner with compiled blocks (the hand loop's too)")
     p.add_argument("--profile", action="store_true", help="only the B=1 wall-time breakdown of the Engine")
@@ -246,13 +267,14 @@ def main(argv=None):
         for la in (1, args.lookahead, 1, args.lookahead):
             profile_engine(runner, args, la)
         return
-    rows = []
+    rows, http_rows = [], []
     for B in (int(b) for b in args.batches.split(",")):
         variants = {"hand": lambda: (time_hand(model, B, args), None, None),
                     "engine-la1": lambda: time_engine(runner, B, args, 1),
                     f"engine-la{args.lookahead}": lambda: time_engine(runner, B, args, args.lookahead)}
         if not args.no_http:
-            variants["http"] = lambda: (time_http(runner, B, args, args.lookahead), None, None)
+            variants["thread"] = lambda: (time_thread(runner, B, args, args.lookahead), None, None)
+            variants["http"] = lambda: (time_http(runner, B, args, args.lookahead, http_rows), None, None)
         res = {k: [] for k in variants}
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -286,6 +308,9 @@ def main(argv=None):
         host = '' if host is None else f'{host:.3f}'
         print(f"{B:>3} {k:<14} {tps:>8.1f} {ratio:>7.3f} {of_ceil:>9.3f} {host:>15} "
               f"{'' if idle is None else f'{idle:.1%}':>16} {lo:>7.2f} {hi:>7.2f}")
+    for B in sorted({r["B"] for r in http_rows}):
+        print_breakdown([{k: v for k, v in r.items() if k != "B"} for r in http_rows if r["B"] == B],
+                        f"B={B} http: each request's time (loop_wakeups: the event loop's, per round)")
 
 
 if __name__ == "__main__":

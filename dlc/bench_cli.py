@@ -57,6 +57,9 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--kv-cache-mb", default=None, type=float, help="[max batch + 2 slots of --max-seq-len]")
 @click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
 @click.option("--refresh-share", default=None, type=float, help="phase's Refresh share [the server's]")
+@click.option("--lookahead-steps", default=None, type=int, help="Reuse steps run ahead [the server's]")
+@click.option("--ttft-defer-iters", default=None, type=int,
+              help="phase: later blocks' Refresh waits up to N iterations for first blocks [the server's]")
 @click.option("--device", default=None, help="cpu or cuda [cuda when available]")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
@@ -69,8 +72,8 @@ def _pair(s: str) -> tuple[int, int]:
               help="write the whole result (every run, medians, spreads, targets) here")
 def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, gen_lens, block_length,
                 tokens_per_step, rounds, warmup, capacity, osc_load, period, amplitude, max_batch_size,
-                max_num_tokens, max_seq_len, kv_cache_mb, granularity, refresh_share, device, dtype,
-                compile_, random_weights, port, seed, json_path):
+                max_num_tokens, max_seq_len, kv_cache_mb, granularity, refresh_share, lookahead_steps,
+                ttft_defer_iters, device, dtype, compile_, random_weights, port, seed, json_path):
     """Serve MODEL under each scheduler policy with the same seeded workloads (burst; Poisson at 50/80/95 %
     of the measured capacity; oscillating load), warmed and repeated over rounds in rotated policy order;
     print throughput, TTFT and latency (median [min-max]) and the target ratios (PASS/MISS), table last."""
@@ -97,6 +100,9 @@ def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, ge
                         prompt_token_ids(mc))
         settings = _settings(base, mc, max_batch_size, max_num_tokens, max_seq_len, kv_cache_mb, dtype,
                              device, granularity, refresh_share, compile_, num_requests)
+        for k, v in (("lookahead_steps", lookahead_steps), ("ttft_defer_iters", ttft_defer_iters)):
+            if v is not None:
+                settings[k] = v
         drv = _driver(driver, model, settings, port, random_weights)
         res = run_suite(drv, base, pols, names, rounds, capacity, osc_load, warmup, log=click.echo)
     except ValueError as e:
@@ -146,9 +152,9 @@ def _driver(kind, model, settings, port, random_weights):
     if random_weights:
         from dlc.models.loading import resolve_dtype
         from dlc.runtime.runners.eager import EagerRunner
-        build = click.get_current_context().obj["build"]
-        m = build(model, settings["device"], resolve_dtype(settings["dtype"], settings["device"]))
-        session = Session(EagerRunner(m), None, m.config, False, model)
+        obj = click.get_current_context().obj
+        m = obj["build"](model, settings["device"], resolve_dtype(settings["dtype"], settings["device"]))
+        session = Session(obj.get("runner", EagerRunner)(m), None, m.config, False, model)
     else:
         session = open_model(model, dtype=settings["dtype"], device=settings["device"], progress=False)
     return EngineDriver(Engine(session, cfg))

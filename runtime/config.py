@@ -40,6 +40,9 @@ class ServeConfig:
     chunk_sizes: tuple = (4, 8, 16, 32, 64)   # elastic mode: the chunk sizes the controller picks from
     refresh_share: float = 0.5          # at most this share of the token budget goes to Refresh per iteration
     age_iters: int = 16                 # a request waiting this many iterations goes first (no starvation)
+    # phase: while a request's first block runs, later blocks' Refresh rows wait up to this many iterations
+    # (time to first token before the running requests' later blocks; 0: they never wait for it)
+    ttft_defer_iters: int = 0
     # default seed of requests that send none (None: a fresh random seed each)
     seed: int | None = None
     drain_timeout_s: float = 60.0       # SIGTERM: in-flight requests get this long, then end with an error
@@ -76,6 +79,9 @@ class ServeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"serve config: {name} must be a positive integer, got {v!r}")
+        d = self.ttft_defer_iters
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise ValueError(f"serve config: ttft_defer_iters must be an integer >= 0, got {d!r}")
         if self.port > 65535:
             raise ValueError(f"serve config: port must be <= 65535, got {self.port}")
         if self.drain_timeout_s < 0 or self.log_interval_s < 0:

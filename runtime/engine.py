@@ -183,6 +183,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tps_count, self._tps_t0 = 0, time.monotonic()
+        self.idle_wakeups = 0                         # the loop's waits while idle (none while it sleeps)
         self._fail_msg: str | None = None             # fail_all(): every request ends with this error
         self._log_t0, self._log_tokens, self._log_done = time.monotonic(), 0, 0
         # startup seconds (runtime/startup.py): load_s (from_config), init_s (runner, pool), warmup_s
@@ -604,7 +605,8 @@ class Engine:
             with self.lock:
                 while not (self._incoming or self._aborts or self.scheduler.has_work()
                            or self._fail_msg) and not self._stop:
-                    self.lock.wait(0.5)
+                    self.idle_wakeups += 1
+                    self.lock.wait(self._idle_timeout())
                     self._update_gauges()      # idle: tokens/s decays to 0
                 if self._stop and not (self._incoming or self._aborts or self.scheduler.has_work()):
                     return
@@ -613,6 +615,14 @@ class Engine:
             except Exception as e:   # noqa: BLE001 - a bug outside any one request's work:
                                      # the server stays up
                 self._fail_all(e)
+
+    def _idle_timeout(self) -> float | None:
+        """How long the idle loop sleeps: 0.5 s while the tokens/s gauge or the load line still owe the last
+        work's figures (they decay to 0), then until a request, an abort or a stop notifies it: an idle
+        engine never polls, and ``add_request``'s notify wakes it at once."""
+        owed = (self._tps_count or self.metrics.gauges["tokens_per_second"]
+                or (self.cfg.log_interval_s and self._log_tokens))
+        return 0.5 if owed else None
 
     def _fail_all(self, err: Exception) -> None:
         """Last resort (an error in scheduling itself, not in a request's call or bookkeeping)."""

@@ -8,18 +8,26 @@ the engine runs them (grouped into runner calls) and feeds the results back.
 ``PhaseScheduler`` (policy ``phase``, the default) builds each iteration under a token budget
 (``max_num_tokens``; Refresh costs the sequence, Reuse the query slice) and at most ``max_batch_size`` rows:
 
-1. Reuse steps of running requests go first (cheap, they keep the bandwidth-bound work flowing);
-2. Refresh steps (running requests at a block start, then new admissions) fill at most ``refresh_share`` of
-   the budget, so a burst of block starts is spread over several iterations and later block boundaries stay
-   staggered: iterations mix both phases instead of swinging between all-compute and all-bandwidth;
-3. admission needs a free KV slot (prefix/dual caches) and room in the budget; a request that does not fit
+1. ageing first: a request left ready-but-unscheduled for ``age_iters`` iterations goes first, whatever its
+   phase (an aged block start is never crowded out by Reuse rows when the budget binds); while an aged request
+   waits for admission nothing younger is admitted, and if the slot pool is the obstacle the youngest running
+   request is preempted by recompute (its slot is freed; it restarts its current block later with identical
+   output);
+2. Reuse steps of running requests (cheap, they keep the bandwidth-bound work flowing), those on the TTFT
+   path first (``on_ttft_path``: no block committed yet);
+3. Refresh steps fill at most ``refresh_share`` of the budget, so a burst of block starts is spread over
+   several iterations and later block boundaries stay staggered; within the share the TTFT path goes first:
+   first-block Refreshes, then admissions, then the running requests' later blocks. While some request's first
+   block runs, a later block's Refresh also waits up to ``ttft_defer_iters`` iterations (default 0: it does
+   not), which keeps the first blocks' iterations short at the cost of the later blocks' latency;
+4. admission needs a free KV slot (prefix/dual caches) and room in the budget; a request that does not fit
    is skipped, not waited on, so it does not stall smaller ones (no head-of-line blocking);
-4. ageing: a request left ready-but-unscheduled for ``age_iters`` iterations goes first in every list above;
-   while an aged request waits for admission nothing younger is admitted, and if the slot pool is the
-   obstacle the youngest running request is preempted by recompute (its slot is freed; it restarts its
-   current block later with identical output);
 5. the first Refresh of an iteration (highest priority first) is always allowed, even past the share, so
    a sequence longer than the share is never starved and an iteration is never empty while work is ready.
+
+A request's time to first token is its admission wait plus its first block's iterations, and an iteration is
+as long as what shares it: under a binding budget the TTFT-path order admits and steps a new request before
+older requests' later blocks (continuous FCFS steps the older ones first and admits with what is left).
 
 ``FCFSScheduler`` (policy ``fcfs``) is the static-batching baseline: when nothing runs it admits waiting
 requests in arrival order up to the batch and token limits, stopping at the first that does not fit; that
@@ -53,6 +61,12 @@ from __future__ import annotations
 from collections import deque
 
 from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request
+
+
+def on_ttft_path(req: Request) -> bool:
+    """Whether the request's first block is still to come (waiting, or running before its first output):
+    its time to first token is still running."""
+    return req.first_token_time is None
 
 
 class BaseScheduler:
@@ -143,7 +157,7 @@ class PhaseScheduler(BaseScheduler):
     def schedule(self) -> list[Request]:
         cfg = self.cfg
         budget, cap = cfg.max_num_tokens, cfg.refresh_share * cfg.max_num_tokens
-        prio = lambda r: (not self._aged(r), r.seq)                                 # noqa: E731
+        prio = lambda r: (not self._aged(r), not on_ttft_path(r), r.seq)             # noqa: E731
         chosen: list[Request] = []
         used = {"all": 0, "refresh": 0}
 
@@ -176,15 +190,23 @@ class PhaseScheduler(BaseScheduler):
                 blocked = True                                    # it reserves the next free capacity
                 break
         ready = sorted((r for r in self.running if not r.state.finished and r not in chosen), key=prio)
-        for r in ready:                                           # 1. Reuse first
-            if r.phase == "reuse":
+        for r in ready:                                           # 1. aged rows, whatever their phase
+            if self._aged(r):
+                take(r, r.phase != "reuse")
+        for r in ready:                                           # 2. Reuse
+            if r.phase == "reuse" and r not in chosen:
                 take(r, False)
-        for r in ready:                                           # 2. Refresh under the share
-            if r.phase != "reuse":
+        later = [r for r in ready if r.phase != "reuse" and r not in chosen]
+        for r in later:                                           # 3. Refresh on the TTFT path
+            if on_ttft_path(r):
                 take(r, True)
-        if not blocked:                                           # 3. admission, no head-of-line blocking
+        if not blocked:                                           # 4. admission, no head-of-line blocking
             for r in sorted(self.waiting, key=prio):
                 admit(r)
+        ttft_live = any(on_ttft_path(r) for r in chosen)
+        for r in later:                                           # 5. later blocks' Refresh
+            if not on_ttft_path(r) and (not ttft_live or r.waited >= cfg.ttft_defer_iters):
+                take(r, True)
         self._age(ready + list(self.waiting), chosen)            # waiting requests age as well
         return chosen
 

@@ -34,7 +34,6 @@ from .engine import Engine, QueueFull
 from .request import Request
 from .stops import check_stops
 
-DISCONNECT_POLL_S = 0.2
 MAX_N = 128                        # choices per prompt (OpenAI's limit)
 RETRY_AFTER_S = 1
 UNLIKELY = -9999.0           # OpenAI's logprob for "no probability" (a position the rule never unmasked)
@@ -247,7 +246,10 @@ class Server:
             except RuntimeError:     # the event loop is gone (shutdown): nothing to deliver to
                 pass
 
-        req.on_output = lambda r, new, done: put((index, "out", (new, done)))
+        if body.stream:                       # a stream sends each block as it finalizes
+            req.on_output = lambda r, new, done: put((index, "out", (new, done)))
+        else:                                 # the response needs only the end: one event loop wake-up
+            req.on_output = lambda r, new, done: done and put((index, "out", (new, done)))
         if body.provisional:
             req.on_step = lambda r, start, pos, ids: put((index, "step", (start, pos, ids)))
         try:
@@ -260,21 +262,23 @@ class Server:
         return req
 
     async def _collect(self, subs: list[Choice], q: asyncio.Queue, http: HTTPRequest) -> None:
-        """Wait for every choice to finish; cancel them if the client goes away (checked every poll interval,
-        whether or not blocks keep arriving)."""
+        """Wait for every choice to finish; cancel them if the client goes away. Nothing polls: the loop
+        wakes when a choice ends or when the server reads the client's disconnect (``_disconnected``)."""
         left = {c.index for c in subs}
-        while left:
-            try:
-                i, kind, payload = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            while left:
+                get = asyncio.ensure_future(q.get())
+                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    self._abort(subs)
+                    raise APIError(499, "client closed the request", code="client_closed")
+                i, kind, payload = get.result()
                 if kind == "out" and payload[1]:
                     left.discard(i)
-                    if not left:
-                        return
-            except asyncio.TimeoutError:
-                pass
-            if await http.is_disconnected():
-                self._abort(subs)
-                raise APIError(499, "client closed the request", code="client_closed")
+        finally:
+            gone.cancel()
 
     def _abort(self, subs: list[Choice]) -> None:
         for c in subs:
@@ -479,6 +483,13 @@ class Server:
 
     def _piece(self, t: int) -> str:
         return self.tok.decode([t]) if self.tok is not None else ""
+
+
+async def _disconnected(http: HTTPRequest) -> None:
+    """Returns when the client disconnects: the request's body is read, so the server's next message on the
+    connection is ``http.disconnect`` (vLLM's listen_for_disconnect); no timer, no polling."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 class APIKeyMiddleware:

@@ -11,7 +11,7 @@ import time
 import click
 
 from .config import GRANULARITY, POLICIES, ServeConfig
-from .startup import startup_lines
+from .startup import freeze_heap, startup_lines
 
 log = logging.getLogger("dlc.serve")
 
@@ -40,6 +40,9 @@ def _options(f):
         click.option("--granularity", default=None, type=click.Choice(GRANULARITY),
                      help="block size [fixed]"),
         click.option("--refresh-share", default=None, type=float, help="Refresh share of the budget [0.5]"),
+        click.option("--ttft-defer-iters", default=None, type=int,
+                     help="phase: later blocks' Refresh waits up to N iterations while a first block "
+                          "runs [0]"),
         click.option("--gen-length", default=None, type=int, help="default gen_length [model dir, else 128]"),
         click.option("--block-length", default=None, type=int),
         click.option("--steps", default=None, type=int),
@@ -96,6 +99,7 @@ def serve_command(model, config_path, **options):
         from .engine import Engine
         engine = Engine.from_config(cfg)
         engine.warmup()
+        freeze_heap()                    # serving's collections never walk the startup heap
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     try:

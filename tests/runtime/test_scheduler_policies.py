@@ -155,3 +155,81 @@ def test_set_policy_switches_an_idle_engine_only(session):
     eng.add_request(r2)
     eng.run_until_done()
     assert r2.output_ids == r.output_ids == reference(session, [1, 2, 3], P) and eng.kv.num_used == 0
+
+
+def first_block_delays(session, policy, arrive_at=8):
+    """Three running requests (L = 76, 68, 60: a block start every 8 iterations each, staggered) and a new one
+    arriving at iteration ``arrive_at`` when the older ones' block starts fill the budget (100 tokens, no
+    Refresh share). -> (iterations from the new request's arrival to its first block, the whole run's
+    iterations, the requests' outputs and their references)."""
+    eng = make_engine(session, policy=policy, max_num_tokens=100, max_batch_size=4, refresh_share=1.0)
+    specs = [(0, [1] * 44, 32), (0, [2] * 36, 32), (1, [3] * 28, 32), (arrive_at, [4] * 40, 8)]
+    reqs = [eng.make_request(p, dict(P, gen_length=g, steps=g)) for _, p, g in specs]
+    arrivals: dict[int, list] = {}
+    for (t, _, _), r in zip(specs, reqs):
+        arrivals.setdefault(t, []).append(r)
+    first, it = None, 0
+    while it <= arrive_at or eng.has_work():
+        for r in arrivals.get(it, []):
+            eng.add_request(r)
+        eng.step()
+        if first is None and reqs[-1].output_ids:
+            first = it
+        it += 1
+    refs = [reference(session, p, dict(P, gen_length=g, steps=g)) for _, p, g in specs]
+    return first - arrive_at, it, [r.output_ids for r in reqs], refs
+
+
+def test_phase_puts_a_new_requests_first_block_before_later_blocks(session):
+    """Budget binds at the new request's arrival: continuous FCFS steps the older requests first, their block
+    starts' Refresh rows included, so the new request's admission and first-block steps wait for budget left
+    over; the phase batcher admits it (its first block is on the TTFT path) and steps its first block before
+    the older requests' later-block Refreshes, which wait an iteration: its first block takes its 8 steps,
+    no more, and the run as a whole about as many iterations."""
+    ttft_fcfs, its_fcfs, outs, refs = first_block_delays(session, "fcfs-continuous")
+    assert outs == refs
+    ttft_phase, its_phase, outs, refs = first_block_delays(session, "phase")
+    assert outs == refs and len({tuple(o) for o in outs}) == 4
+    assert ttft_phase == 7                                  # admitted at arrival; 8 steps (1 token each)
+    assert ttft_fcfs >= ttft_phase + 3, (ttft_fcfs, ttft_phase)
+    assert its_phase <= its_fcfs + 1                        # the older requests' blocks only moved
+
+
+def test_phase_ageing_bounds_the_wait_of_a_later_blocks_refresh(session):
+    """New requests arrive every iteration and each takes the Refresh budget first (TTFT path), so a running
+    request at a later block start waits; after ``age_iters`` iterations it goes first: it never waits
+    longer, and it finishes with generate()'s tokens."""
+    eng = make_engine(session, max_num_tokens=70, max_batch_size=4, refresh_share=1.0, age_iters=4)
+    old = eng.make_request([1] * 20, dict(P, gen_length=32, steps=32))                  # L = 52
+    news = [eng.make_request([i + 2] * 52, dict(P, gen_length=8, steps=4)) for i in range(24)]   # L = 60
+    eng.add_request(old)
+    worst, it = 0, 0
+    while eng.has_work() or it < len(news):
+        if it < len(news) and it >= 2:
+            eng.add_request(news[it])
+        eng.step()
+        worst = max(worst, old.waited)
+        it += 1
+    assert 0 < worst <= 4                                   # it did wait, never past age_iters
+    assert old.output_ids == reference(session, [1] * 20, dict(P, gen_length=32, steps=32))
+
+
+@pytest.mark.parametrize("defer", [0, 3])
+def test_ttft_defer_iters_holds_later_blocks_back_while_a_first_block_runs(session, defer):
+    """With ``ttft_defer_iters`` N, a running request's later-block Refresh waits up to N iterations while
+    another request's first block runs (the budget does not bind here); with 0 it never waits. Tokens are
+    generate()'s either way."""
+    eng = make_engine(session, max_num_tokens=1000, refresh_share=1.0, ttft_defer_iters=defer)
+    params = dict(P, gen_length=32, steps=32)                        # 8 steps per block: starts at 0, 8, ...
+    old, new = eng.make_request([1] * 20, params), eng.make_request([2] * 30, params)
+    eng.add_request(old)
+    waits, it = [], 0
+    while eng.has_work() or it < 7:
+        if it == 6:
+            eng.add_request(new)                                     # its first block: iterations 6..13
+        eng.step()
+        waits.append(old.waited)
+        it += 1
+    assert max(waits) == defer, waits
+    assert old.output_ids == reference(session, [1] * 20, params)
+    assert new.output_ids == reference(session, [2] * 30, params) != old.output_ids

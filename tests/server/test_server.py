@@ -202,9 +202,8 @@ def test_non_streaming_disconnect_cancels(tiny_server):
     before = _wait_idle(tiny_server).get('dlc_requests_total{status="cancelled"}', 0)
     body = {"model": MODEL, "prompt": "long long", "gen_length": 96, "block_length": 8,
             "steps": 96}   # no EOS
-    # The generation takes ~0.5 s on a 2-core CPU; the server sees the hang-up at its next poll (every
-    # DISCONNECT_POLL_S = 0.2 s), so the client hangs up at 0.1 s to be seen well before the request could
-    # finish.
+    # The generation takes ~0.5 s on a 2-core CPU; the server reads the hang-up as it happens (no poll), so
+    # the client hangs up at 0.1 s, well before the request could finish.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tiny_server.base + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.1))
     m = _wait_idle(tiny_server)

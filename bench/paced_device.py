@@ -1,0 +1,97 @@
+"""A CPU stand-in for a GPU's pacing: the eager runner whose calls also take *device* time, spent with the
+GIL released, and whose Reuse steps can run ahead like the CUDA-graph runner's (``step.LookaheadRunner``:
+each step of a run lands one step's device time after the one before, counted from the launch, and the host
+waits for it as it would on a CUDA event). The model's own (tiny) CPU time is host time, as a GPU runner's
+launches are.
+
+Device time per call: a Reuse step ``step_s + row_s * rows`` (bandwidth-bound: the weights once, a little per
+row), a Refresh / full forward ``max(refresh_s, token_s * tokens)`` (compute-bound: proportional to the
+tokens fed). ``H200_8B`` is that model fitted to LLaDA-8B on an H200 (../shared/REFERENCE.md section 8 and
+bench/RESULTS.md: Refresh 19.9 ms at 768 tokens and 653 ms at 32 x 768; captured Reuse step 6.4 ms at batch 1,
+~30 ms at 32), so a serving run on CPU meets the GPU's cost structure: Refresh rows cost their sequence,
+Reuse rows a fraction of a step.
+
+What it is for: timing the served path against the in-process engine where the device, not the host, sets
+the pace (bench/serve_overhead.py, tests/server/test_serve_overhead.py), and scheduling policies under the
+GPU's costs (bench/serve_bench.py --paced). Tokens are the eager runner's, exactly."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dlc.runtime.runners.ahead import run_ahead
+from dlc.runtime.runners.eager import EagerRunner
+
+H200_8B = dict(step_s=5.6e-3, row_s=0.76e-3, refresh_s=3.7e-3, token_s=0.0266e-3)
+
+
+class Landing:
+    """A device event that completes at a fixed time (``synchronize`` sleeps until then: GIL released)."""
+
+    def __init__(self, at: float):
+        self.at = at
+
+    def synchronize(self) -> None:
+        left = self.at - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+
+class PacedRunner(EagerRunner):
+    """EagerRunner + device time (module docstring); ``scale`` multiplies every device time. A call returns
+    when its device time has passed since it began, or when the host's work (the eager compute) ends if that
+    takes longer: the host is hidden behind the device while it is faster."""
+    mixes = False               # a mixed iteration runs as one call per group (the graph runner's GPU path)
+
+    def __init__(self, model, step_s: float = 0.004, refresh_s: float = 0.012, row_s: float = 0.0,
+                 token_s: float = 0.0, scale: float = 1.0):
+        super().__init__(model)
+        self.step_s, self.refresh_s, self.row_s, self.token_s = (scale * step_s, scale * refresh_s,
+                                                                  scale * row_s, scale * token_s)
+        self.stats = {"calls": 0, "ahead_calls": 0, "replays": 0, "device_s": 0.0}
+
+    def _step_s(self, batch) -> float:
+        return self.step_s + self.row_s * batch.fed
+
+    def _device(self, secs: float, call, batch):
+        """The call's outputs once its device time has passed since it began (the eager compute is the host's
+        launch work, overlapped with the device's)."""
+        t0 = time.perf_counter()
+        out = call(self, batch)
+        self.stats["calls"] += 1
+        self.stats["device_s"] += secs
+        left = t0 + secs - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        return out
+
+    def _forward_s(self, batch) -> float:
+        return max(self.refresh_s, self.token_s * int(batch.lengths.sum()))
+
+    def full(self, batch):
+        return self._device(self._forward_s(batch), EagerRunner.full, batch)
+
+    def refresh(self, batch):
+        return self._device(self._forward_s(batch), EagerRunner.refresh, batch)
+
+    def reuse(self, batch):
+        self.stats["replays"] += 1
+        return self._device(self._step_s(batch), EagerRunner.reuse, batch)
+
+    def can_run_ahead(self, batch) -> bool:
+        return (batch.phase == "reuse" and batch.temperature == 0 and batch.cfg_scale == 0
+                and not batch.wants_extras())
+
+    @torch.no_grad()
+    def reuse_ahead(self, batch, counts: torch.Tensor):
+        B, t0 = batch.n_seqs, time.perf_counter()          # the device starts as the host launches
+        cols = batch.out_start[:, None] + torch.arange(batch.n_out)           # [B, N] in the whole row
+        out = run_ahead(lambda: EagerRunner.reuse(self, batch), batch.ids[:B], cols, counts,
+                        self.config.mask_id)
+        n, dt = counts.shape[1], self._step_s(batch)
+        out.events = [Landing(t0 + (s + 1) * dt) for s in range(n)]
+        self.stats["ahead_calls"] += 1
+        self.stats["replays"] += n
+        self.stats["device_s"] += n * dt
+        return out
