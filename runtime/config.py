@@ -55,6 +55,9 @@ class ServeConfig:
                                         # export engine's programs [on on CUDA]
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
+    lookahead_max_ms: float = 100.0     # a run of steps ahead lasts about this long at most (its length
+                                        # from the measured step time of its batch size): a request that
+                                        # arrives meanwhile waits one run at most (0: no bound)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (CUDA graphs
                                     # per rank as on one GPU)
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
@@ -84,6 +87,9 @@ class ServeConfig:
             raise ValueError(f"serve config: ttft_defer_iters must be an integer >= 0, got {d!r}")
         if self.port > 65535:
             raise ValueError(f"serve config: port must be <= 65535, got {self.port}")
+        m = self.lookahead_max_ms
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0:
+            raise ValueError(f"serve config: lookahead_max_ms must be a number >= 0, got {m!r}")
         if self.drain_timeout_s < 0 or self.log_interval_s < 0:
             raise ValueError("serve config: drain_timeout_s and log_interval_s must be >= 0")
         if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:

@@ -138,6 +138,7 @@ class _AheadRow:
     steps: AheadSteps
     j: int
     counts: list[int]
+    launched: float = 0.0          # perf_counter at the launch (the run's measured step time)
 
 
 class Engine:
@@ -184,6 +185,7 @@ class Engine:
         self._stop = False
         self._tps_count, self._tps_t0 = 0, time.monotonic()
         self.idle_wakeups = 0                         # the loop's waits while idle (none while it sleeps)
+        self._ahead_step_s: dict[int, float] = {}    # rows -> seconds per step run ahead (moving average)
         self._fail_msg: str | None = None             # fail_all(): every request ends with this error
         self._log_t0, self._log_tokens, self._log_done = time.monotonic(), 0, 0
         # startup seconds (runtime/startup.py): load_s (from_config), init_s (runner, pool), warmup_s
@@ -375,11 +377,20 @@ class Engine:
             return results
         with self.lock:                               # steps ahead only while nothing waits for admission
             idle = not self._incoming and not self.scheduler.num_waiting
-        cap = self.cfg.lookahead_steps if idle and len(groups) == 1 and runs_ahead(self.runner) else 1
+        cap = self._ahead_cap(len(groups[0])) if idle and len(groups) == 1 and runs_ahead(self.runner) else 1
         for group in groups:
             if not (cap > 1 and self._run_ahead(group, results, cap)):
                 self._run_group(group, results)
         return results
+
+    def _ahead_cap(self, rows: int) -> int:
+        """Steps a run ahead may hold: ``lookahead_steps``, fewer where the measured step time of this many
+        rows would make the run last over ``lookahead_max_ms`` (a request arriving meanwhile waits for the
+        run: at B=32 on an H100 16 steps last ~0.65 s of TTFT for a 1% gain; bench/RESULTS.md)."""
+        cap, step_s = self.cfg.lookahead_steps, self._ahead_step_s.get(rows)
+        if self.cfg.lookahead_max_ms and step_s:
+            cap = min(cap, max(2, int(self.cfg.lookahead_max_ms / 1000 / step_s)))
+        return cap
 
     def _run_mixed(self, groups: list[list[Request]], results: dict) -> None:
         """Every group in one forward (``run_mixed``); if it raises, each group runs on its own with the
@@ -415,8 +426,9 @@ class Engine:
         except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
             log.debug("steps ahead failed, one step instead: %s", e)
             return False
+        t0 = time.perf_counter()
         for j, r in enumerate(group):
-            results[id(r)] = _AheadRow(steps, j, counts[j][:n])
+            results[id(r)] = _AheadRow(steps, j, counts[j][:n], t0)
         return True
 
     def _apply_ahead(self, rows: list[Request], results: dict, n_running: int) -> None:
@@ -435,6 +447,9 @@ class Engine:
                     continue
                 out = StepOutput(steps.x0[s, a.j], steps.conf[s, a.j].to(torch.float64))
                 self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
+        per_step = (time.perf_counter() - results[id(rows[0])].launched) / len(steps)
+        old = self._ahead_step_s.get(len(rows))
+        self._ahead_step_s[len(rows)] = per_step if old is None else 0.7 * old + 0.3 * per_step
 
     def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
         states = [r.state for r in group]

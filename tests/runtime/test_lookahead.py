@@ -26,9 +26,11 @@ def prompts(n, seed=0):
             for _ in range(n)]
 
 
-def run(session, ps, params, lookahead):
+def run(session, ps, params, lookahead, max_ms=0.0):
+    """max_ms 0: runs as long as ``lookahead`` whatever this machine's step time (counts are asserted)."""
     eng = Engine(session, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, cuda_graphs=True,
-                                      graph_decode="exact", lookahead_steps=lookahead))
+                                      graph_decode="exact", lookahead_steps=lookahead,
+                                      lookahead_max_ms=max_ms))
     reqs = [eng.make_request(p, params) for p in ps]
     for r in reqs:
         eng.add_request(r)
@@ -52,6 +54,21 @@ def test_steps_ahead_give_generate_tokens(session, kv_cache):
     assert st["ahead_calls"] == 2 and st["replays"] == 14
     off, outs_off = run(session, ps, params, lookahead=1)
     assert outs_off == refs and off.runner.stats["ahead_calls"] == 0
+
+
+def test_runs_ahead_are_bounded_by_their_measured_step_time(session):
+    """``lookahead_max_ms``: once a run of this batch size has been timed, the next runs hold only the steps
+    that fit the bound (at least 2), so an arrival waits one short run; tokens are generate()'s."""
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    ps = prompts(5)
+    eng, outs = run(session, ps, params, lookahead=16, max_ms=1e-6)
+    refs = [generate(session.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+            for p in ps]
+    assert outs == refs
+    st = eng.runner.stats
+    # block 1: one untimed run of 7 steps; block 2: runs of 2, 2, 2 (timed: each over the bound), 1 step alone
+    assert st["ahead_calls"] == 4 and st["replays"] == 14
+    assert eng._ahead_step_s[5] > 0
 
 
 def test_a_wrong_device_commit_is_dropped(session, monkeypatch):
