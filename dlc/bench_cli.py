@@ -58,6 +58,8 @@ def _pair(s: str) -> tuple[int, int]:
 @click.option("--granularity", default="fixed", show_default=True, type=click.Choice(["fixed", "elastic"]))
 @click.option("--refresh-share", default=None, type=float, help="phase's Refresh share [the server's]")
 @click.option("--lookahead-steps", default=None, type=int, help="Reuse steps run ahead [the server's]")
+@click.option("--lookahead-max-ms", default=None, type=float,
+              help="a run of Reuse steps ahead lasts at most about this long [the server's]")
 @click.option("--ttft-defer-iters", default=None, type=int,
               help="phase: later blocks' Refresh waits up to N iterations for first blocks [the server's]")
 @click.option("--device", default=None, help="cpu or cuda [cuda when available]")
@@ -73,7 +75,7 @@ def _pair(s: str) -> tuple[int, int]:
 def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, gen_lens, block_length,
                 tokens_per_step, rounds, warmup, capacity, osc_load, period, amplitude, max_batch_size,
                 max_num_tokens, max_seq_len, kv_cache_mb, granularity, refresh_share, lookahead_steps,
-                ttft_defer_iters, device, dtype, compile_, random_weights, port, seed, json_path):
+                lookahead_max_ms, ttft_defer_iters, device, dtype, compile_, random_weights, port, seed, json_path):
     """Serve MODEL under each scheduler policy with the same seeded workloads (burst; Poisson at 50/80/95 %
     of the measured capacity; oscillating load), warmed and repeated over rounds in rotated policy order;
     print throughput, TTFT and latency (median [min-max]) and the target ratios (PASS/MISS), table last."""
@@ -100,7 +102,8 @@ def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, ge
                         prompt_token_ids(mc))
         settings = _settings(base, mc, max_batch_size, max_num_tokens, max_seq_len, kv_cache_mb, dtype,
                              device, granularity, refresh_share, compile_, num_requests)
-        for k, v in (("lookahead_steps", lookahead_steps), ("ttft_defer_iters", ttft_defer_iters)):
+        for k, v in (("lookahead_steps", lookahead_steps), ("lookahead_max_ms", lookahead_max_ms),
+                     ("ttft_defer_iters", ttft_defer_iters)):
             if v is not None:
                 settings[k] = v
         drv = _driver(driver, model, settings, port, random_weights)
