@@ -13,7 +13,9 @@ checkpoint written once, ``--ckpt`` reuses one):
   workers staging from the frame (``reuse_frame``, the default) and with the batch path
   (``frames=False``, the path before), each with its per-rank phase table;
 * the same steps run ahead (``reuse_ahead``, ``--ahead`` steps back to back, one token committed per row and
-  step on the device): ms per step for TP=1 and TP=2.
+  step on the device): ms per step for TP=1 and TP=2;
+* in one process (TP=1's graph runner: a rank's ops without its peer), host us per call of rank 0's encode
+  (host ids / device ids), the worker's batch rebuild, and graph staging from the batch / from the frame.
 
 Prints one summary table (ms per step, ratios TP=2 / TP=1) and the phase tables (us per step).
 
@@ -107,6 +109,38 @@ class Steps:
         return statistics.median(per[1:]) * 1e3
 
 
+def host_costs(steps: Steps, reps: int) -> dict:
+    """In one process, on the TP=1 graph runner (the same ops a rank runs, without the other rank): host us per
+    call of rank 0's encode (from the host ids, and from the device ids as before ``StepBatch.ids_host``), the
+    worker's StepBatch rebuild (``read_batch``), and staging a graph from the batch (``GraphRunner._stage``) and
+    from the frame (``shard_graph.stage_frame``)."""
+    from dlc.runtime.distributed.channel import Compact, encode, pool_key, read_batch
+    from dlc.runtime.distributed.shard_graph import stage_frame
+    r, batch = steps.runner, steps.batch
+    dev_batch = dataclasses.replace(batch, ids_host=None)
+    head, payload = encode(batch)
+    msg, h = Compact(head, payload), head.tolist()
+    pools = {"key": pool_key(batch.cache), "pool": steps.pool}
+    g = r._graph(r.bucket(batch.n_seqs), batch.n_fed, batch.n_out, ())
+    aranges = {n: torch.arange(n, device=r.device) for n in (batch.n_fed, g.key_mask.shape[1])}
+    calls = {"encode (host ids)": lambda: encode(batch), "encode (device ids)": lambda: encode(dev_batch),
+             "rebuild (read_batch)": lambda: read_batch(msg, r.config, r.device, pools, None),
+             "stage (batch)": lambda: r._stage(batch, ()),
+             "stage (frame)": lambda: stage_frame(g, h, payload, r.scratch, r.config.logit_shift, aranges.get)}
+    out = {}
+    for name, fn in calls.items():
+        best = float("inf")
+        for _ in range(5):
+            if r.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        out[name] = best * 1e6
+    return out
+
+
 def tp_phases(tp, steps: Steps, reps: int, frames: bool) -> tuple[float, list[dict]]:
     """(median ms, per-rank phase means) of ``reps`` synchronous TP steps, frame staging on or off."""
     gpu = tp.device.type == "cuda"
@@ -131,7 +165,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         preset, dev, dtype, (P, G, blk) = "tiny-llada", "cpu", "fp32", (32, 32, 16)
-        args.reps = min(args.reps, 20)
         torch.set_num_threads(1)
     else:
         preset, dev, dtype, (P, G, blk) = "llada-8b", "cuda", "bf16", (512, 256, 32)
@@ -151,7 +184,7 @@ def main() -> None:
     try:
         for B in (int(b) for b in args.batches.split(",")):
             a, b = Steps(one, B, P, G, blk), Steps(tp, B, P, G, blk)
-            row = {"B": B, "tp1_ms": a.sync_ms(args.reps)}
+            row = {"B": B, "tp1_ms": a.sync_ms(args.reps), "host_us": host_costs(a, 4 * args.reps)}
             for frames in (False, True):
                 ms, ranks = tp_phases(tp, b, args.reps, frames)
                 name = "frame" if frames else "batch"
@@ -174,6 +207,11 @@ def main() -> None:
         print(f"| {r['B']} | {r['tp1_ms']:.2f} | {r['tp_frame_ms']:.2f} | {r['tp_batch_ms']:.2f} | "
               f"{r['tp_frame_ms'] / r['tp1_ms']:.2f}x | {r['tp1_ahead_ms']:.2f} | {r['tp_ahead_ms']:.2f} | "
               f"{r['tp_ahead_ms'] / r['tp1_ahead_ms']:.2f}x |")
+    names = list(res["rows"][0]["host_us"])
+    print("\nHost us per call in one process (TP=1 graph runner; host_costs):\n")
+    print("| B | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for r in res["rows"]:
+        print(f"| {r['B']} | " + " | ".join(f"{r['host_us'][k]:.1f}" for k in names) + " |")
     print("\nPer-rank phases, us per step (step_times.py):\n")
     print("\n\n".join(tables), flush=True)
     if args.out:

@@ -105,6 +105,7 @@ class TensorParallelRunner:
         lp["steps"] += 1
         lp["wait_s"] += (step_times.now_ns() - t1) / 1e9
         if launched >= t0:                                 # a replay (or captured-path launch) this step
+            lp["launches"] += 1
             lp["to_launch_s"] += (launched - t0) / 1e9
 
     def step_times(self, reset: bool = False, frames: bool | None = None,
@@ -390,6 +391,7 @@ def _step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, make_p
     loop["latency_s"] += (arrived - sent) / 1e9
     loop["rebuild_s"] += ((rebuilt[0] if rebuilt else stage0[0]) - arrived) / 1e9
     if launched >= arrived:
+        loop["launches"] += 1
         loop["to_launch_s"] += (launched - sent) / 1e9
 
 

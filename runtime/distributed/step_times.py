@@ -16,6 +16,7 @@ per-step means in microseconds:
 | ``launch_us`` | the replay call (without capture: the whole CPU forward) | same |
 | ``wait_us`` | after the launch until rank 0 holds (x0, conf) (``_settled`` and the copies) | - |
 | ``to_launch_us`` | ``_run`` entered -> the replay launched | rank 0's broadcast -> the replay launched |
+|  | (means over the steps that replayed) |  |
 | ``gpu_us`` | device time of the replay (CUDA events, ``gpu_timing``) | same |
 
 A step's critical path before the GPUs overlap is the later of rank 0's and the worker's ``to_launch_us``
@@ -24,12 +25,12 @@ from __future__ import annotations
 
 import time
 
-LOOP_KEYS = ("steps", "latency_s", "rebuild_s", "to_launch_s", "wait_s")
+LOOP_KEYS = ("steps", "launches", "latency_s", "rebuild_s", "to_launch_s", "wait_s")   # launches: replays
 SHARD_KEYS = ("stage_s", "launch_s", "frame_replays")
 
 
 def new_loop() -> dict:
-    return {k: 0 if k == "steps" else 0.0 for k in LOOP_KEYS}
+    return {k: 0.0 if k.endswith("_s") else 0 for k in LOOP_KEYS}
 
 
 def now_ns() -> int:
@@ -50,6 +51,7 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
         gpu, k = shard.gpu_s(reset)
         out["gpu_us"] = gpu / max(k, 1) * 1e6
     out.update({k[:-2] + "_us": v / n * 1e6 for k, v in sums.items()})
+    out["to_launch_us"] = loop["to_launch_s"] / max(loop["launches"], 1) * 1e6     # per replayed step
     if reset:
         loop.update(new_loop())
         for k in SHARD_KEYS:
