@@ -345,7 +345,7 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
             continue
         try:
             if kind == STEP and isinstance(msg, Compact):
-                _step(shard, msg, channel, loop, pools, make_pool)
+                _run_step(shard, msg, channel, loop, pools, make_pool)
                 continue
             shard = _work(shard, kind, msg, pools, make_pool)
         except dist.DistError:
@@ -368,7 +368,7 @@ def _tune(shard, opts: dict) -> None:
             shard._events = []
 
 
-def _step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, make_pool) -> None:
+def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, make_pool) -> None:
     """A worker's compact STEP: a graph runner's Reuse replays from the frame (``reuse_frame``), anything else
     rebuilds the StepBatch and runs the phase; the step's timings go to ``loop`` (``step_times``)."""
     h = msg.head.tolist()
@@ -379,17 +379,17 @@ def _step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, make_p
         b = read_batch(msg, shard.config, shard.device, pools, make_pool)[0]
         rebuilt.append(step_times.now_ns())
         return b
-    stage0 = [0]
     if isinstance(shard, ShardGraphRunner) and frame_reuses(h):
-        stage0[0] = step_times.now_ns()
+        start = step_times.now_ns()
         shard.reuse_frame(msg, batch, answer=False)
     else:
         b = batch()
+        start = rebuilt[0]
         getattr(shard, b.phase)(b)
     launched = getattr(shard, "launched_ns", 0)
     loop["steps"] += 1
     loop["latency_s"] += (arrived - sent) / 1e9
-    loop["rebuild_s"] += ((rebuilt[0] if rebuilt else stage0[0]) - arrived) / 1e9
+    loop["rebuild_s"] += ((rebuilt[0] if rebuilt else start) - arrived) / 1e9     # frame path: parsing only
     if launched >= arrived:
         loop["launches"] += 1
         loop["to_launch_s"] += (launched - sent) / 1e9
