@@ -248,9 +248,12 @@ def unpack_batch(d: dict, device) -> tuple[StepBatch, tuple | None]:
 
 def pool_for(pools: dict, key: tuple, make_pool):
     """The worker's pool for rank 0's pool ``key`` (``make_pool(n_slots, S, head_scores)`` makes one when
-    rank 0's pool changed)."""
+    rank 0's pool changed). The pool bound for the graphs (``pools["bound"]``: (key, pool), set at BIND) is
+    kept beside the latest other one, so a step over another pool does not drop the bound pool's K/V."""
+    bound = pools.get("bound")
+    if bound is not None and bound[0] == key:
+        return bound[1]
     if pools.get("key") != key:
-        pools.clear()
         pools["key"], pools["pool"] = key, make_pool(*key[:3])
     return pools["pool"]
 

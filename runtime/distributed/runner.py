@@ -116,8 +116,8 @@ class TensorParallelRunner:
         opts = {"reset": reset, "frames": frames, "gpu_timing": gpu_timing}
 
         def gather():
-            _tune(self.shard, opts)
             own = step_times.report(0, self.loop, self.shard, self.channel, reset)
+            _tune(self.shard, opts)                        # after the report: it reads the timings so far
             out = [None] * self.world
             dist.gather_object(own, out, dst=0, group=self.channel.group)
             return out
@@ -339,9 +339,9 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
         if kind == PING:
             continue
         if kind == STATS:
+            own = step_times.report(shard.rank, loop, shard, reset=msg["reset"])
             _tune(shard, msg)
-            dist.gather_object(step_times.report(shard.rank, loop, shard, reset=msg["reset"]), None, dst=0,
-                               group=channel.group)
+            dist.gather_object(own, None, dst=0, group=channel.group)
             continue
         try:
             if kind == STEP and isinstance(msg, Compact):
@@ -402,7 +402,8 @@ def _work(shard, kind: int, msg, pools: dict, make_pool):
     if kind == BIND:
         key, scratch = msg                                 # always a fresh pool (and graphs), as rank 0
         pools.clear()
-        shard.bind_pool(pool_for(pools, key, make_pool), scratch)
+        pools["bound"] = (key, pool_for(pools, key, make_pool))
+        shard.bind_pool(pools["bound"][1], scratch)
     elif kind == WARMUP:
         shard.warmup(*msg)
     elif kind in (STEP, AHEAD):
