@@ -55,6 +55,8 @@ class StepBatch:
                                         # blocks of this many columns aligned to column 0 (``block_key_mask``)
     tempered_conf: bool = False         # confidence = probability under softmax(logits / T) (LLaDA2, SDAR)
                                         # instead of LLaDA's untempered softmax; tokens are the same
+    ids_host: torch.Tensor | None = None   # [fed, W] ``ids`` on the host where the builder had them (the
+                                           # tensor-parallel frame reads the fed ids without a device copy)
     # -- decoding extras (declared; a runner honours them or raises). Defaults: a plain (x0, conf) step. -----
     entropy: bool = False                  # return StepOutput.entropy (entropy-bounded rule)
     logprobs: int | None = None            # return the token's logprob and k top alternatives (None: off)
@@ -347,7 +349,7 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
         slots=slot_rows, temperature=float(temperature), cfg_scale=float(cfg_scale),
         seeds=_to_device(seeds_t, dev), cond_rows=arange_b,
         un_rows=arange_b if fed == B else arange_b + (fed - B), keep_idx=keep,
-        block_size=block_size, tempered_conf=tempered_conf)
+        block_size=block_size, tempered_conf=tempered_conf, ids_host=ids)
 
 
 def _keep_idx(pool, slots: torch.Tensor, q_start: torch.Tensor, n_fed: int, lengths: torch.Tensor,

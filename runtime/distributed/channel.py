@@ -7,7 +7,9 @@ Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values
 * ``COMPACT`` (``STEP`` and ``AHEAD`` of the batches tensor parallelism serves): the header holds the batch's
   scalars (phase, sizes, flags, temperature and guidance as float bits, the pool's key) and the payload,
   int64, only what a worker cannot derive: the fed ids (a Reuse step's fed span only: the model reads nothing
-  else), the seeds, lengths, out_start, q_start, slots (and run-ahead counts). Positions, key mask, hidden-row
+  else; read from ``StepBatch.ids_host`` when the builder kept them, so no device->host copy), the seeds (at
+  T > 0 only: zeros otherwise), lengths, out_start, q_start, slots (and run-ahead counts).
+  Positions, key mask, hidden-row
   starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1
   Reuse step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the
   frame follows in a second broadcast.
@@ -16,12 +18,17 @@ Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values
   replaced by the pool's shape and the batch's slots, so each worker indexes its own pool of its heads).
 
 ``PING`` keeps an idle group alive (rank 0 pings while idle, so a worker waiting longer than the timeout knows
-rank 0 is gone), ``STOP`` ends the workers."""
+rank 0 is gone), ``STOP`` ends the workers, ``STATS`` gathers the workers' step timings (``step_times.py``).
+
+Timing: header slot ``_SENT`` carries rank 0's ``time.monotonic_ns()`` at the broadcast of a step (one clock
+on one host: a worker subtracts it from its own clock); ``Channel.stats`` sums rank 0's encode and broadcast
+seconds per step, ``Channel.sent_ns`` / ``arrived_ns`` are the last step frame's send and arrival times."""
 from __future__ import annotations
 
 import dataclasses
 import pickle
 import struct
+import time
 from typing import NamedTuple
 
 import torch
@@ -29,13 +36,14 @@ import torch.distributed as dist
 
 from ..step import StepBatch
 
-PING, STEP, STOP, GRAPHS, BIND, WARMUP, AHEAD = range(7)
+PING, STEP, STOP, GRAPHS, BIND, WARMUP, AHEAD, STATS = range(8)
 NONE, COMPACT, PICKLED = range(3)                       # message forms
 HEAD, FRAME = 24, 1024                                  # header values; frame = header + inline payload
 PHASES = ("full", "refresh", "reuse")
 # header slots
 (_KIND, _FORM, _SIZE, _PHASE, _B, _FED, _W, _NOUT, _NFED, _BLOCK, _FLAGS, _LOGPROBS, _TEMP, _CFG,
  _N_AHEAD, _POOL) = range(16)                           # _POOL .. _POOL + 3: n_slots, S, head scores, id
+_SENT = HEAD - 1                                        # rank 0's monotonic clock (ns) at the broadcast
 _TEMPERED, _ENTROPY, _CACHE, _REUSE = 1, 2, 4, 8
 # batch fields the compact form does not carry (a batch with any of them set goes pickled)
 _PICKLED_ONLY = ("keep_idx", "top_k", "top_p", "min_p", "credit_ids", "credit_vals", "credit_alpha",
@@ -52,6 +60,8 @@ class Channel:
     def __init__(self, group):
         self.group = group
         self._frame = torch.zeros(FRAME, dtype=torch.int64)
+        self.stats = {"encode_s": 0.0, "send_s": 0.0, "frames": 0}     # rank 0, step frames (compact form)
+        self.sent_ns = self.arrived_ns = 0                             # the last step frame's clocks
 
     def send(self, kind: int, payload: object = None) -> None:
         """A control message (payload pickled; None: the header alone)."""
@@ -63,12 +73,14 @@ class Channel:
         if data:
             dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.group)
 
-    def send_batch(self, kind: int, batch: StepBatch, counts: torch.Tensor | None = None) -> None:
-        """A STEP (or AHEAD, with the run-ahead ``counts`` [B, n]) of ``batch``: compact when it can be."""
+    def send_batch(self, kind: int, batch: StepBatch, counts: torch.Tensor | None = None) -> Compact | None:
+        """A STEP (or AHEAD, with the run-ahead ``counts`` [B, n]) of ``batch``: compact when it can be.
+        Returns the compact step sent (what the workers receive), None when it went pickled."""
+        t0 = time.perf_counter()
         msg = encode(batch, counts)
         if msg is None:
             self.send(kind, (pack_batch(batch), counts))
-            return
+            return None
         head, payload = msg
         f, n = self._frame, payload.numel()
         f[:HEAD] = head
@@ -76,9 +88,16 @@ class Channel:
         inline = n <= FRAME - HEAD
         if inline:
             f[HEAD:HEAD + n] = payload
+        t1 = time.perf_counter()
+        self.sent_ns = f[_SENT] = time.monotonic_ns()
         dist.broadcast(f, 0, group=self.group)
         if not inline:
             dist.broadcast(payload, 0, group=self.group)
+        st = self.stats
+        st["encode_s"] += t1 - t0
+        st["send_s"] += time.perf_counter() - t1
+        st["frames"] += 1
+        return Compact(head, payload)
 
     def recv(self) -> tuple[int, object]:
         """(kind, payload): the unpickled object, a ``Compact`` step, or None."""
@@ -88,6 +107,7 @@ class Channel:
         if form == NONE:
             return kind, None
         if form == COMPACT:
+            self.arrived_ns, self.sent_ns = time.monotonic_ns(), int(f[_SENT])
             if n <= FRAME - HEAD:
                 return kind, Compact(f[:HEAD], f[HEAD:HEAD + n])
             payload = torch.empty(n, dtype=torch.int64)
@@ -103,6 +123,7 @@ def _bits(x: float) -> int:
 
 
 def _float(b: int) -> float:
+    """The float of header bits (``_bits``): temperature ``h[_TEMP]``, guidance ``h[_CFG]``."""
     return struct.unpack("<d", struct.pack("<q", int(b)))[0]
 
 
@@ -120,12 +141,15 @@ def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.
         return None
     B, fed, W = batch.n_seqs, batch.fed, batch.width
     reuse = batch.phase == "reuse"
-    ids = batch.ids
+    on_host = batch.ids_host is not None                        # the builder's host ids: no device copy
+    ids = batch.ids_host if on_host else batch.ids
     if reuse:                                                   # the model reads the fed span only
-        cols = batch.q_start_dev[:, None] + torch.arange(batch.n_fed, device=ids.device)   # [fed, T]
-        ids = ids.gather(1, cols)
-    dev = torch.cat([ids.flatten(), batch.seeds.to(torch.int64)]).cpu()   # one device->host copy
-    host = [dev, batch.lengths, batch.out_start]
+        q = batch.q_start if on_host else batch.q_start_dev
+        ids = ids.gather(1, q[:, None] + torch.arange(batch.n_fed, device=ids.device))   # [fed, T]
+    parts = [ids.flatten()]
+    if batch.temperature > 0:                                   # seeds are read at T > 0 only
+        parts.append(batch.seeds.to(torch.int64))
+    host = [(torch.cat(parts) if len(parts) > 1 else parts[0]).cpu(), batch.lengths, batch.out_start]
     if reuse:
         host.append(batch.q_start)
     if batch.cache is not None:
@@ -136,10 +160,10 @@ def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.
     key = pool_key(batch.cache) or (0, 0, 0, 0)
     flags = (_TEMPERED * batch.tempered_conf | _ENTROPY * bool(batch.entropy)
              | _CACHE * (batch.cache is not None) | _REUSE * reuse)
-    head[_PHASE:_POOL + 4] = torch.tensor(
-        [PHASES.index(batch.phase), B, fed, W, batch.n_out, batch.n_fed, batch.block_size, flags,
-         -1 if batch.logprobs is None else batch.logprobs, _bits(batch.temperature), _bits(batch.cfg_scale),
-         0 if counts is None else counts.shape[1], *(int(v) for v in key)])
+    head.numpy()[_PHASE:_POOL + 4] = (                          # numpy: no tensor built from a list
+        PHASES.index(batch.phase), B, fed, W, batch.n_out, batch.n_fed, batch.block_size, flags,
+        -1 if batch.logprobs is None else batch.logprobs, _bits(batch.temperature), _bits(batch.cfg_scale),
+        0 if counts is None else counts.shape[1], *(int(v) for v in key))
     return head, torch.cat([t.to(torch.int64).flatten() for t in host])
 
 
@@ -151,13 +175,11 @@ def decode(msg: Compact, config, device) -> tuple[StepBatch, tuple | None, torch
     h = msg.head.tolist()
     B, fed, W, N, T, flags = h[_B], h[_FED], h[_W], h[_NOUT], h[_NFED], h[_FLAGS]
     reuse, cached = bool(flags & _REUSE), bool(flags & _CACHE)
-    sizes = [fed * (T if reuse else W), B, fed, B, fed if reuse else 0, fed if cached else 0,
-             B * h[_N_AHEAD]]
-    ids, seeds, lengths, out_start, q_start, slots, counts = msg.payload.split(sizes)
+    ids, seeds, lengths, out_start, q_start, slots, counts = split_payload(h, msg.payload)
     hid = out_start - config.logit_shift
     hid = torch.cat([hid, hid]) if fed != B else hid                                  # [fed]
     ids, seeds_d, len_d, qs_d, hid_d = torch.cat([ids, seeds, lengths, q_start, hid]).to(device).split(
-        [sizes[0], B, fed, sizes[4], fed])                                            # one host->device copy
+        [ids.numel(), B, fed, q_start.numel(), fed])                                  # one host->device copy
     ar = torch.arange(W, device=device)
     if reuse:
         cols = qs_d[:, None] + torch.arange(T, device=device)                         # [fed, T]
@@ -176,6 +198,34 @@ def decode(msg: Compact, config, device) -> tuple[StepBatch, tuple | None, torch
     return batch, key, counts.view(B, -1) if h[_N_AHEAD] else None
 
 
+def split_payload(h: list, payload: torch.Tensor) -> list[torch.Tensor]:
+    """A compact step's payload (header ``h`` as a list) -> [ids, seeds, lengths, out_start, q_start, slots,
+    counts] host int64 views (q_start, slots, counts empty when the step has none)."""
+    B, fed, W, T, flags = h[_B], h[_FED], h[_W], h[_NFED], h[_FLAGS]
+    reuse, cached, sampled = bool(flags & _REUSE), bool(flags & _CACHE), _float(h[_TEMP]) > 0
+    parts = list(payload.split([fed * (T if reuse else W), B if sampled else 0, fed, B, fed if reuse else 0,
+                                fed if cached else 0, B * h[_N_AHEAD]]))
+    if not sampled:                                             # T = 0: the seeds are zeros (not sent)
+        parts[1] = torch.zeros(B, dtype=torch.int64)
+    return parts
+
+
+def frame_key(h: list) -> tuple:
+    """What a compact step's header says about its shape and decoding (phase, sizes, flags, logprobs,
+    temperature, guidance, run-ahead steps, pool key): steps with equal keys take the same path through a
+    rank's graph runner (``ShardGraphRunner.reuse_frame``)."""
+    return tuple(h[_PHASE:_POOL + 4])
+
+
+def frame_reuses(h: list) -> bool:
+    """A compact step of the Reuse phase over a cache, one step (not run ahead)."""
+    return h[_PHASE] == PHASES.index("reuse") and bool(h[_FLAGS] & _CACHE) and not h[_N_AHEAD]
+
+
+def frame_wants_extras(h: list) -> bool:
+    return bool(h[_FLAGS] & _ENTROPY) or h[_LOGPROBS] >= 0
+
+
 def _host(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
@@ -191,16 +241,19 @@ def unpack_batch(d: dict, device) -> tuple[StepBatch, tuple | None]:
     """A pickled batch -> (StepBatch on ``device`` without its cache, pool key or None)."""
     d = dict(d)
     key = d.pop("cache")
-    host = {"lengths", "out_start", "q_start", "slots"}
+    host = {"lengths", "out_start", "q_start", "slots", "ids_host"}
     kw = {k: v.to(device) if isinstance(v, torch.Tensor) and k not in host else v for k, v in d.items()}
     return StepBatch(cache=None, **kw), key
 
 
 def pool_for(pools: dict, key: tuple, make_pool):
     """The worker's pool for rank 0's pool ``key`` (``make_pool(n_slots, S, head_scores)`` makes one when
-    rank 0's pool changed)."""
+    rank 0's pool changed). The pool bound for the graphs (``pools["bound"]``: (key, pool), set at BIND) is
+    kept beside the latest other one, so a step over another pool does not drop the bound pool's K/V."""
+    bound = pools.get("bound")
+    if bound is not None and bound[0] == key:
+        return bound[1]
     if pools.get("key") != key:
-        pools.clear()
         pools["key"], pools["pool"] = key, make_pool(*key[:3])
     return pools["pool"]
 

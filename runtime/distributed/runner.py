@@ -21,8 +21,9 @@ import torch.distributed as dist
 from dlc.runtime.decoding import FieldError
 from dlc.runtime.step import AheadSteps
 
-from .channel import (AHEAD, BIND, GRAPHS, PING, STEP, STOP, WARMUP, Channel, pool_for, pool_key,
-                      read_batch)
+from . import step_times
+from .channel import (AHEAD, BIND, GRAPHS, PING, STATS, STEP, STOP, WARMUP, Channel, Compact, frame_reuses,
+                      pool_for, pool_key, read_batch)
 from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, release_graphs, with_graphs
 
@@ -47,6 +48,7 @@ class TensorParallelRunner:
         self.timeout_s = float(os.environ.get("DLC_TP_TIMEOUT_S", TIMEOUT_S))
         self._callbacks: list = []
         self._closed = False
+        self.loop = step_times.new_loop()              # rank 0's step timings (step_times.py)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._ping_loop, args=(ping_s,), name="dlc-tp-ping",
                                           daemon=True)]
@@ -80,8 +82,46 @@ class TensorParallelRunner:
         return self._run(batch)
 
     def _run(self, batch):
-        return self._call(lambda: self.channel.send_batch(STEP, batch),
-                          lambda: self._settled(getattr(self.shard, batch.phase)(batch)))
+        """Send first (the workers' path to their launch is the longer one), then run rank 0's share: a
+        compact Reuse step on graph runners replays from the frame sent (``ShardGraphRunner.reuse_frame``)."""
+        t0 = step_times.now_ns()
+        sent = []
+
+        def run():
+            msg = sent[0]
+            if msg is not None and self.graphed and frame_reuses(msg.head.tolist()):
+                res = self.shard.reuse_frame(msg, lambda: batch)
+            else:
+                res = getattr(self.shard, batch.phase)(batch)
+            t1 = step_times.now_ns()
+            res = self._settled(res)
+            self._timed(t0, t1)
+            return res
+        return self._call(lambda: sent.append(self.channel.send_batch(STEP, batch)), run)
+
+    def _timed(self, t0: int, t1: int) -> None:
+        """Rank 0's step timings: entry -> launch, launch call returned -> result ready (``step_times``)."""
+        lp, launched = self.loop, getattr(self.shard, "launched_ns", 0)
+        lp["steps"] += 1
+        lp["wait_s"] += (step_times.now_ns() - t1) / 1e9
+        if launched >= t0:                                 # a replay (or captured-path launch) this step
+            lp["launches"] += 1
+            lp["to_launch_s"] += (launched - t0) / 1e9
+
+    def step_times(self, reset: bool = False, frames: bool | None = None,
+                   gpu_timing: bool | None = None) -> list[dict]:
+        """Every rank's per-step host timings (``step_times.report``: means in microseconds since the last
+        reset), rank 0 first. ``frames`` / ``gpu_timing``: switch every rank's frame staging
+        (``ShardGraphRunner.frames``) and CUDA-event timing of the replays from now on (None: unchanged)."""
+        opts = {"reset": reset, "frames": frames, "gpu_timing": gpu_timing}
+
+        def gather():
+            own = step_times.report(0, self.loop, self.shard, self.channel, reset)
+            _tune(self.shard, opts)                        # after the report: it reads the timings so far
+            out = [None] * self.world
+            dist.gather_object(own, out, dst=0, group=self.channel.group)
+            return out
+        return self._call(lambda: self.channel.send(STATS, opts), gather)
 
     def _settled(self, res):
         """Captured steps on CUDA: wait for rank 0's device work with a bound. A collective inside a CUDA
@@ -290,6 +330,7 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
     fails or times out, and the caller exits). Work that raises a plain error raises on rank 0 too (same
     batch, same code): the worker goes on."""
     pools: dict = {}
+    loop = step_times.new_loop()
     while True:
         kind, msg = channel.recv()
         if kind == STOP:
@@ -297,7 +338,15 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
             return
         if kind == PING:
             continue
+        if kind == STATS:
+            own = step_times.report(shard.rank, loop, shard, reset=msg["reset"])
+            _tune(shard, msg)
+            dist.gather_object(own, None, dst=0, group=channel.group)
+            continue
         try:
+            if kind == STEP and isinstance(msg, Compact):
+                _run_step(shard, msg, channel, loop, pools, make_pool)
+                continue
             shard = _work(shard, kind, msg, pools, make_pool)
         except dist.DistError:
             raise
@@ -309,6 +358,43 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
             log.warning("rank %d: step failed as on rank 0: %s", shard.rank, _first_line(e))
 
 
+def _tune(shard, opts: dict) -> None:
+    """A STATS message's switches on this rank's graph runner."""
+    if isinstance(shard, ShardGraphRunner):
+        if opts.get("frames") is not None:
+            shard.frames = bool(opts["frames"])
+        if opts.get("gpu_timing") is not None:
+            shard.gpu_timing = bool(opts["gpu_timing"]) and shard.capture
+            shard._events = []
+
+
+def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, make_pool) -> None:
+    """A worker's compact STEP: a graph runner's Reuse replays from the frame (``reuse_frame``), anything else
+    rebuilds the StepBatch and runs the phase; the step's timings go to ``loop`` (``step_times``)."""
+    h = msg.head.tolist()
+    sent, arrived = channel.sent_ns, channel.arrived_ns
+    rebuilt = []
+
+    def batch():
+        b = read_batch(msg, shard.config, shard.device, pools, make_pool)[0]
+        rebuilt.append(step_times.now_ns())
+        return b
+    if isinstance(shard, ShardGraphRunner) and frame_reuses(h):
+        start = step_times.now_ns()
+        shard.reuse_frame(msg, batch, answer=False)
+    else:
+        b = batch()
+        start = rebuilt[0]
+        getattr(shard, b.phase)(b)
+    launched = getattr(shard, "launched_ns", 0)
+    loop["steps"] += 1
+    loop["latency_s"] += (arrived - sent) / 1e9
+    loop["rebuild_s"] += ((rebuilt[0] if rebuilt else start) - arrived) / 1e9     # frame path: parsing only
+    if launched >= arrived:
+        loop["launches"] += 1
+        loop["to_launch_s"] += (launched - sent) / 1e9
+
+
 def _work(shard, kind: int, msg, pools: dict, make_pool):
     """One message's work on this rank -> its runner (GRAPHS replaces it)."""
     if kind == GRAPHS:
@@ -316,7 +402,8 @@ def _work(shard, kind: int, msg, pools: dict, make_pool):
     if kind == BIND:
         key, scratch = msg                                 # always a fresh pool (and graphs), as rank 0
         pools.clear()
-        shard.bind_pool(pool_for(pools, key, make_pool), scratch)
+        pools["bound"] = (key, pool_for(pools, key, make_pool))
+        shard.bind_pool(pools["bound"][1], scratch)
     elif kind == WARMUP:
         shard.warmup(*msg)
     elif kind in (STEP, AHEAD):

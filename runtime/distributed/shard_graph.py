@@ -16,19 +16,38 @@ tokens equal ``ShardRunner``'s, which equal one process's on decisive fp32 model
 what the combine computes (T > 0 sampling, logprobs, entropy); credit, smoothing and sampling filters are
 refused for tensor parallelism (``TensorParallelRunner.check_generation``). Refresh, full forwards, guidance
 and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same combine. Blocks are not
-torch.compiled here (collectives inside compiled blocks are a later step)."""
+torch.compiled here (collectives inside compiled blocks are a later step).
+
+Reuse steps from the frame (``reuse_frame``): every rank, rank 0 included, stages a compact Reuse step
+straight from the control frame instead of rebuilding a StepBatch and gathering it into the static buffers:
+the rows' pool slots, cache columns, decoded-row offsets and lengths go into the graph's host ``meta`` and the
+fed ids beside them (one pinned host buffer, ``_Graph.inputs_host``), one host->device copy lands both, and
+two kernels derive the positions (``start + arange(T)``) and key mask (``arange(S) < kv_len``) that the batch
+path gathers (equal buffers: positions are ``arange(W)``, keys ``arange(W) < length``). Which steps may: the
+first step of each ``frame_key`` (shape, flags, sampling, pool) takes the batch path and records whether it
+replayed and with which captured variant; later steps of that key replay from the frame. Binding a pool (and a
+new runner) forgets the record. ``DLC_TP_FRAME_STAGING=0`` (or ``frames = False``) keeps the batch path.
+``stats`` adds the host seconds of staging (``stage_s``) and launching (``launch_s``: the replay call; without
+capture the whole CPU forward) and ``frame_replays``; ``gpu_timing`` records CUDA events around each launch
+(``gpu_s()``: the replays' device time, the all-reduce waits for the peer inside it)."""
 from __future__ import annotations
 
 import gc
+import os
+import time
 
 import torch
 
 from dlc.models.tensor_parallel import head_shard
 
-from ..runners.graph import BUCKETS, GraphRunner
+from ..runners.graph import BUCKETS, GraphRunner, _Graph
 from ..step import StepBatch
+from ..step_output import StepOutput
+from .channel import _B, _NFED, _NOUT, _TEMP, Compact, _float, frame_key, frame_wants_extras, split_payload
 from .shard_runner import ShardRunner, extras_of, vocab_decode
 from .vocab import combine, shard_stats
+
+_UNSEEN = object()
 
 
 class ShardGraphRunner(GraphRunner):
@@ -41,6 +60,12 @@ class ShardGraphRunner(GraphRunner):
         self.config = shard.config       # the shard's heads (its KV pool) and the full vocabulary
         self.rank, self.world, self.group = shard.rank, shard.world, shard.group
         self.mixes = False
+        self.frames = os.environ.get("DLC_TP_FRAME_STAGING", "1") != "0"
+        self._frames: dict = {}              # frame_key -> captured variant it replays, None: batch path
+        self._aranges: dict = {}             # n -> arange(n) on the device (positions, key mask)
+        self.stats.update(stage_s=0.0, launch_s=0.0, frame_replays=0)
+        self.launched_ns = 0                 # monotonic clock at the last launch (rank timings)
+        self.gpu_timing, self._events = False, []
 
     def eager(self) -> ShardRunner:
         """The eager shard runner over the same (shard) model."""
@@ -48,10 +73,87 @@ class ShardGraphRunner(GraphRunner):
 
     def bind_pool(self, kv, scratch: int | None = None) -> None:
         """GraphRunner's binding; ``scratch``: rank 0's padding slot, which a worker's pool uses too."""
+        self._frames.clear()                 # which steps replay depends on the bound pool
         super().bind_pool(kv)
         if scratch is not None and self.pool is not None and self.scratch != scratch:
             self.pool.free(self.scratch)
             self.scratch = scratch
+
+    # -- Reuse steps staged from the control frame -----------------------------------------------------------
+    @torch.no_grad()
+    def reuse_frame(self, msg: Compact, make_batch, answer: bool = True):
+        """A compact Reuse step (``channel.frame_reuses``): replayed from the frame when an earlier step of
+        its ``frame_key`` replayed, else ``reuse(make_batch())`` (recording whether it replays). ``answer``:
+        return (x0, conf) or a StepOutput as ``reuse`` does; a worker passes False (its outputs are not
+        read)."""
+        h = msg.head.tolist()
+        key = frame_key(h)
+        ex = self._frames.get(key, _UNSEEN) if self.frames else None
+        if ex is _UNSEEN:
+            batch = make_batch()
+            ex = self._extras_key(batch)
+            self._frames[key] = ex if self._eligible(batch, ex) else None
+            return self.reuse(batch)
+        if ex is None:
+            return self.reuse(make_batch())
+        t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        B = h[_B]
+        g = self._stage_frame(h, msg.payload, ex)
+        tok, conf = self._launch(g)
+        st = self.stats
+        st["replays"] += 1
+        st["frame_replays"] += 1
+        st["host_s"] += time.perf_counter() - t0 - (st["capture_s"] - c0)
+        if not answer:
+            return None
+        if not frame_wants_extras(h):
+            return tok[:B].clone(), conf[:B].to(torch.float64)
+        return StepOutput(tok[:B].clone(), conf[:B].to(torch.float64),
+                          **{k: v[:B].clone() for k, v in g.extras.items()})
+
+    def _stage_frame(self, h: list, payload: torch.Tensor, ex) -> _Graph:
+        t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        g = self._graph(self.bucket(h[_B]), h[_NFED], h[_NOUT], ex)
+        stage_frame(g, h, payload, self.scratch, self.config.logit_shift, self._arange)
+        self.stats["stage_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+        return g
+
+    def _arange(self, n: int) -> torch.Tensor:
+        a = self._aranges.get(n)
+        if a is None:
+            a = self._aranges[n] = torch.arange(n, device=self.device)
+        return a
+
+    # -- timings of the batch path and the launches ---------------------------------------------------------
+    def _stage(self, batch: StepBatch, ex: tuple = ()) -> _Graph:
+        t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        g = super()._stage(batch, ex)
+        self.stats["stage_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+        return g
+
+    def _launch(self, g: _Graph):
+        t0 = time.perf_counter()
+        self.launched_ns = time.monotonic_ns()
+        if self.gpu_timing and g.graph is not None:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+            out = super()._launch(g)
+            ev[1].record()
+            self._events.append(ev)
+        else:
+            out = super()._launch(g)
+        self.stats["launch_s"] += time.perf_counter() - t0
+        return out
+
+    def gpu_s(self, reset: bool = False) -> tuple[float, int]:
+        """(device seconds of the timed replays, their count): waits for them."""
+        if self._events:
+            self._events[-1][1].synchronize()
+        total = sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+        n = len(self._events)
+        if reset:
+            self._events = []
+        return total, n
 
     @staticmethod
     def _extras_key(batch: StepBatch):
@@ -80,6 +182,32 @@ class ShardGraphRunner(GraphRunner):
         if not ex:
             return out["tokens"], out["confidence"]
         return extras_of(out, ex.logprobs >= 0, ex.entropy)
+
+
+def stage_frame(g: _Graph, h: list, payload: torch.Tensor, scratch: int, shift: int, arange) -> None:
+    """A compact Reuse step's rows (header ``h`` as a list, ``payload``) into graph ``g``'s static inputs, as
+    ``GraphRunner._stage`` leaves them: meta and the fed ids through one host buffer and one copy, positions
+    ``start + arange(T)`` and key mask ``arange(S) < kv_len`` on the device; padding rows [B, bb) read and
+    write the ``scratch`` slot. ``arange(n)``: a device ``arange`` (cached by the caller)."""
+    B, T = h[_B], h[_NFED]
+    ids, seeds, lengths, out_start, q_start, slots, _ = split_payload(h, payload)
+    m = g.meta_host                                                               # [5, bb] host
+    m[0, :B] = slots
+    m[1, :B] = q_start
+    m[2, :B] = out_start - (q_start + shift)
+    m[3, :B] = lengths
+    if B < g.bb:                                                                  # padding: scratch slot
+        m[0, B:], m[1:3, B:], m[3:5, B:] = scratch, 0, T
+    g.inputs_host[5 * g.bb:5 * g.bb + B * T] = ids                                # ids [B, T] after meta
+    g.inputs.copy_(g.inputs_host, non_blocking=True)                              # one host->device copy
+    torch.add(g.start[:, None], arange(T), out=g.pos)                             # [bb, T]
+    torch.lt(arange(g.key_mask.shape[1]), g.kv_len[:, None], out=g.key_mask)      # [bb, S]
+    if g.sampling is not None:
+        temp, sd = g.sampling
+        temp.fill_(_float(h[_TEMP]))
+        sd[:B].copy_(seeds, non_blocking=True)                                   # the frame: host
+        sd[B:] = 0
+    g.rows_used = B
 
 
 def with_graphs(shard, on: bool, capture: bool | None = None):

@@ -108,6 +108,8 @@ class _Graph:
     extras: dict | None = None          # the variant's static extras outputs ([bb, N] / [bb, N, k])
     graph: object = None
     rows_used: int = 0          # real rows of the last call (padding rows past it are already reset)
+    inputs: torch.Tensor | None = None       # [5 * bb + bb * T] int64: meta | ids, one buffer (the TP worker
+    inputs_host: torch.Tensor | None = None  # stages both with one copy; its host twin holds meta_host)
 
     rows = property(lambda self: self.meta[0])
     start = property(lambda self: self.meta[1])
@@ -244,14 +246,15 @@ class GraphRunner(EagerRunner):
             return self.graphs[key]
         t0 = time.perf_counter()
         dev, S = self.device, self.pool.s_max
-        meta = torch.zeros(5, bb, dtype=torch.long, device=dev)
+        inputs = torch.full((5 * bb + bb * T,), self.config.mask_id, dtype=torch.long, device=dev)
+        meta, ids = inputs[:5 * bb].view(5, bb), inputs[5 * bb:].view(bb, T)        # [5, bb], [bb, T]
+        meta.zero_()
         meta[0], meta[3], meta[4] = self.scratch, T, T
-        g = _Graph(bb, T, N,
-                   ids=torch.full((bb, T), self.config.mask_id, dtype=torch.long, device=dev),
+        host = inputs.cpu().pin_memory() if dev.type == "cuda" else inputs.clone()
+        g = _Graph(bb, T, N, ids=ids,
                    pos=torch.arange(T, device=dev).repeat(bb, 1),
                    key_mask=torch.zeros(bb, S, dtype=torch.bool, device=dev),
-                   meta=meta, meta_host=meta.cpu().pin_memory() if dev.type == "cuda" else meta.clone(),
-                   ex=ex)
+                   meta=meta, meta_host=host[:5 * bb].view(5, bb), ex=ex, inputs=inputs, inputs_host=host)
         g.key_mask[:, :T] = True
         if ex and ex.sampled:                          # temperature, seeds, filters (padding rows: off)
             g.sampling = (torch.ones(1, dtype=torch.float64, device=dev), torch.zeros(bb, dtype=torch.long,

@@ -64,6 +64,32 @@ def test_tp2_graph_logprobs_and_entropy_variants(pair):
     assert b.token_ids == a.token_ids and b.nfe == a.nfe
 
 
+def test_tp2_reuse_steps_replay_from_the_frame_on_every_rank(pair):
+    """Every rank stages compact Reuse steps straight from the control frame
+    (``ShardGraphRunner.reuse_frame``) once a step of the same frame key (bucket, widths, sampling, pool) has
+    replayed: batches of 3, 1 and 2 rows, greedy and sampled, give one process's tokens; both ranks replay the
+    same steps from the frame, and ``step_times`` reports each rank's phases. With frame staging off every
+    step takes the batch path and the tokens are the same."""
+    one, tp = pair
+    tp.runner.step_times(reset=True)
+    runs = [(PROMPTS, 0.0), (PROMPTS[1:2], 0.9), (PROMPTS[:2], 0.0)]
+    for prompts, temperature in runs:
+        cfg = GenerationConfig(**GEN, temperature=temperature, seed=5)
+        assert generate(tp.runner, prompts, cfg).token_ids == generate(one.runner, prompts, cfg).token_ids
+    ranks = tp.runner.step_times(reset=True, frames=False)
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["steps"] == ranks[1]["steps"] >= 18
+    assert ranks[0]["frame_replays"] == ranks[1]["frame_replays"] >= 3 * 4   # a run: 6 Reuse, 1 batch path
+    assert all(r["stage_us"] > 0 and r["launch_us"] > 0 for r in ranks)
+    assert ranks[0]["encode_us"] > 0 and ranks[0]["send_us"] > 0 and ranks[1]["latency_us"] > 0
+    try:
+        prompts, temperature = runs[1]
+        cfg = GenerationConfig(**GEN, temperature=temperature, seed=5)
+        assert generate(tp.runner, prompts, cfg).token_ids == generate(one.runner, prompts, cfg).token_ids
+        assert all(r["frame_replays"] == 0 for r in tp.runner.step_times(reset=True))
+    finally:
+        tp.runner.step_times(reset=True, frames=True)
+
+
 def _engine_outputs(session, params: dict, lookahead: int) -> tuple[Engine, list[list[int]]]:
     """Requests that arrive while others run (Refresh beside Reuse in one iteration), to the end."""
     eng = Engine(session, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=4, cuda_graphs=True,
