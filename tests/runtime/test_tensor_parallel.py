@@ -36,6 +36,18 @@ PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 64]]
 LOGIT_TOL = 1e-5          # logprobs of the chosen tokens, TP vs one process (fp32 model, float64 decoding)
 
 
+def assert_same_logprobs(a, b, alternatives: bool = True) -> None:
+    """Two generate() results' logprobs: same positions, chosen logprob and top ids within LOGIT_TOL (and the
+    alternatives' logprobs)."""
+    for ra, rb in zip(a.logprobs, b.logprobs):
+        for ea, eb in zip(ra, rb):
+            assert (ea is None) == (eb is None)
+            if ea is not None:
+                assert abs(ea[0] - eb[0]) < LOGIT_TOL and list(ea[1]) == list(eb[1])
+                if alternatives:
+                    assert max(abs(x - y) for x, y in zip(ea[2], eb[2])) < LOGIT_TOL
+
+
 def write_tiny(path, spec: dict, seed: int = 0):
     m = build_model(ModelConfig(**spec))
     init_weights(m, seed, std=0.25)
@@ -95,12 +107,7 @@ def test_tp2_logprobs_threshold_and_entropy_rules(pair):
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="dual", threshold=0.3, logprobs=3)
     a, b = generate(one.runner, PROMPTS, cfg), generate(tp.runner, PROMPTS, cfg)
     assert a.token_ids == b.token_ids and a.nfe == b.nfe
-    for ra, rb in zip(a.logprobs, b.logprobs):
-        for ea, eb in zip(ra, rb):
-            assert (ea is None) == (eb is None)
-            if ea is not None:
-                assert abs(ea[0] - eb[0]) < LOGIT_TOL and list(ea[1]) == list(eb[1])
-                assert max(abs(x - y) for x, y in zip(ea[2], eb[2])) < LOGIT_TOL
+    assert_same_logprobs(a, b)
     eb_cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, kv_cache="prefix", entropy_bound=2.0)
     a, b = generate(one.runner, PROMPTS, eb_cfg), generate(tp.runner, PROMPTS, eb_cfg)   # entropy, combined
     assert a.token_ids == b.token_ids and a.nfe == b.nfe

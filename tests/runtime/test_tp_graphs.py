@@ -14,7 +14,7 @@ from dlc.runtime.config import ServeConfig
 from dlc.runtime.engine import Engine, graph_runner_for
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
-from test_tensor_parallel import LOGIT_TOL, MODELS, write_tiny
+from test_tensor_parallel import MODELS, assert_same_logprobs, write_tiny
 
 PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 64], [9, 8, 7, 6, 5]]      # B=3: Reuse pads to bucket 4
 GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")
@@ -53,11 +53,7 @@ def test_tp2_graph_logprobs_and_entropy_variants(pair):
     n_graphs = len(tp.runner.shard.graphs)
     a, b = generate(one.runner, PROMPTS, cfg), generate(tp.runner, PROMPTS, cfg)
     assert b.token_ids == a.token_ids and b.nfe == a.nfe
-    for ra, rb in zip(a.logprobs, b.logprobs):
-        for ea, eb in zip(ra, rb):
-            assert (ea is None) == (eb is None)
-            if ea is not None:
-                assert abs(ea[0] - eb[0]) < LOGIT_TOL and list(ea[1]) == list(eb[1])
+    assert_same_logprobs(a, b, alternatives=False)
     assert len(tp.runner.shard.graphs) > n_graphs            # a logprobs variant was built on every rank
     eb_cfg = GenerationConfig(**GEN, entropy_bound=2.0)
     a, b = generate(one.runner, PROMPTS, eb_cfg), generate(tp.runner, PROMPTS, eb_cfg)
