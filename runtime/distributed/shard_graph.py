@@ -224,8 +224,7 @@ def release_graphs(runner) -> None:
     enter it (measured on 2 x H100: bench/probes/nccl_graph_destroy.py); with the graphs freed it takes 0.5 s."""
     if not isinstance(runner, ShardGraphRunner):
         return
-    runner.graphs.clear()
-    runner._mempool = None
+    runner.release_graphs()
     gc.collect()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)

@@ -179,15 +179,19 @@ class GraphRunner(EagerRunner):
             b.compile(fullgraph=True, backend=backend)
 
     # -- the pool --------------------------------------------------------------------------------------------
+    def release_graphs(self) -> None:
+        """Drop every captured graph and their memory pool (a fresh pool next time: reusing one whose graphs
+        died trips the caching allocator's use_count assert, torch 2.11)."""
+        self.graphs.clear()
+        self._mempool = None
+
     def bind_pool(self, kv) -> None:
         """Take one slot of the serving KV pool (``KVCacheManager``) for the padding rows; a pool of one slot
         leaves graphs off (every Reuse step runs eagerly)."""
         if kv is self.pool:
             return
         self.pool = self.scratch = None
-        self.graphs.clear()                  # captured over another pool's tensors
-        self._mempool = None                 # a fresh graph pool (reusing one whose graphs died trips the
-                                             # caching allocator's use_count assert, torch 2.11)
+        self.release_graphs()                # captured over another pool's tensors
         if kv.n_slots < 2:
             return
         self.pool, self.scratch = kv, kv.allocate()
