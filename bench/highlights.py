@@ -221,8 +221,8 @@ def block_diffusion(s: Section) -> list[tuple[str, str]]:
     for b in ("1", "32"):
         r = find(s.tables[0], b=b)
         if r["dlc tok/s"] != "-":
-            parts.append(f"dlc {r['dlc tok/s']} vs plain eager loop {r['eager tok/s']} tok/s ({r['dlc / eager']}) "
-                         f"(batch {b})")
+            parts.append(f"dlc {r['dlc tok/s']} vs plain eager loop {r['eager tok/s']} tok/s "
+                         f"({r['dlc / eager']}) (batch {b})")
     return [("LLaDA2-mini shape: " + ", ".join(parts), "runtime eager path with the exact block cache")]
 
 

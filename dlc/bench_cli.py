@@ -75,7 +75,8 @@ def _pair(s: str) -> tuple[int, int]:
 def serve_bench(model, driver, workloads, policies, num_requests, prompt_len, gen_lens, block_length,
                 tokens_per_step, rounds, warmup, capacity, osc_load, period, amplitude, max_batch_size,
                 max_num_tokens, max_seq_len, kv_cache_mb, granularity, refresh_share, lookahead_steps,
-                lookahead_max_ms, ttft_defer_iters, device, dtype, compile_, random_weights, port, seed, json_path):
+                lookahead_max_ms, ttft_defer_iters, device, dtype, compile_, random_weights, port, seed,
+                json_path):
     """Serve MODEL under each scheduler policy with the same seeded workloads (burst; Poisson at 50/80/95 %
     of the measured capacity; oscillating load), warmed and repeated over rounds in rotated policy order;
     print throughput, TTFT and latency (median [min-max]) and the target ratios (PASS/MISS), table last."""

@@ -511,8 +511,8 @@ def make_rule(threshold: float | None = None, factor: float | None = None, low_t
     if gen is not None and gen.decoder == "llada2.1":
         for name in ("low_threshold", "entropy_bound"):
             if getattr(gen, name) is not None:
-                raise FieldError(name, f"{name} does not combine with decoder llada2.1 (token editing decodes "
-                                       f"with its own joint threshold); use decoder llada2")
+                raise FieldError(name, f"{name} does not combine with decoder llada2.1 (token editing "
+                                       f"decodes with its own joint threshold); use decoder llada2")
         q_thr, q_edit = LLADA21_MODES["quality"]
         return JointThresholdRule(q_thr if gen.threshold is None else gen.threshold,
                                   q_edit if gen.edit_threshold is None else gen.edit_threshold,

@@ -16,7 +16,8 @@ def test_tp_bench_cpu_smoke(tmp_path):
     out = tmp_path / "tp.json"
     r = subprocess.run([sys.executable, "-P", str(BENCH), "--preset", "tiny-llada", "--device", "cpu",
                         "--dtype", "fp32", "--batch", "3", "--prompt", "16", "--gen", "16", "--block", "8",
-                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)],
+                        "--rounds", "1", "--reps", "2", "--agree-preset", "none",
+                        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())

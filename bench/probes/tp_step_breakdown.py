@@ -110,10 +110,10 @@ class Steps:
 
 
 def host_costs(steps: Steps, reps: int) -> dict:
-    """In one process, on the TP=1 graph runner (the same ops a rank runs, without the other rank): host us per
-    call of rank 0's encode (from the host ids, and from the device ids as before ``StepBatch.ids_host``), the
-    worker's StepBatch rebuild (``read_batch``), and staging a graph from the batch (``GraphRunner._stage``) and
-    from the frame (``shard_graph.stage_frame``)."""
+    """In one process, on the TP=1 graph runner (the same ops a rank runs, without the other rank): host us
+    per call of rank 0's encode (from the host ids, and from the device ids as before
+    ``StepBatch.ids_host``), the worker's StepBatch rebuild (``read_batch``), and staging a graph from the
+    batch (``GraphRunner._stage``) and from the frame (``shard_graph.stage_frame``)."""
     from dlc.runtime.distributed.channel import Compact, encode, pool_key, read_batch
     from dlc.runtime.distributed.shard_graph import stage_frame
     r, batch = steps.runner, steps.batch
@@ -126,7 +126,8 @@ def host_costs(steps: Steps, reps: int) -> dict:
     calls = {"encode (host ids)": lambda: encode(batch), "encode (device ids)": lambda: encode(dev_batch),
              "rebuild (read_batch)": lambda: read_batch(msg, r.config, r.device, pools, None),
              "stage (batch)": lambda: r._stage(batch, ()),
-             "stage (frame)": lambda: stage_frame(g, h, payload, r.scratch, r.config.logit_shift, aranges.get)}
+             "stage (frame)": lambda: stage_frame(g, h, payload, r.scratch, r.config.logit_shift,
+                                                  aranges.get)}
     out = {}
     for name, fn in calls.items():
         best = float("inf")

@@ -221,7 +221,8 @@ def with_graphs(shard, on: bool, capture: bool | None = None):
 def release_graphs(runner) -> None:
     """Free the rank's captured graphs (and their memory pool) before it leaves the process group: while a
     CUDA graph holding NCCL collectives is alive, ``destroy_process_group`` hangs on every rank, even when all
-    enter it (measured on 2 x H100: bench/probes/nccl_graph_destroy.py); with the graphs freed it takes 0.5 s."""
+    enter it (measured on 2 x H100: bench/probes/nccl_graph_destroy.py); with the graphs freed it takes
+    0.5 s."""
     if not isinstance(runner, ShardGraphRunner):
         return
     runner.release_graphs()
