@@ -51,15 +51,13 @@ _UNSEEN = object()
 
 
 class ShardGraphRunner(GraphRunner):
-    mixes = False                        # the TP runner sends phase calls only (no mixed iterations)
-
     def __init__(self, shard: ShardRunner, buckets=BUCKETS, capture: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None):
         super().__init__(shard.model, decode="exact", buckets=buckets, capture=capture, compile=False,
                          max_width=max_width, pool_attention=pool_attention)
         self.config = shard.config       # the shard's heads (its KV pool) and the full vocabulary
         self.rank, self.world, self.group = shard.rank, shard.world, shard.group
-        self.mixes = False
+        self.mixes = False                   # the TP runner sends phase calls only (no mixed iterations)
         self.frames = os.environ.get("DLC_TP_FRAME_STAGING", "1") != "0"
         self._frames: dict = {}              # frame_key -> captured variant it replays, None: batch path
         self._aranges: dict = {}             # n -> arange(n) on the device (positions, key mask)
@@ -96,14 +94,12 @@ class ShardGraphRunner(GraphRunner):
             return self.reuse(batch)
         if ex is None:
             return self.reuse(make_batch())
-        t0, c0 = time.perf_counter(), self.stats["capture_s"]
         B = h[_B]
-        g = self._stage_frame(h, msg.payload, ex)
-        tok, conf = self._launch(g)
-        st = self.stats
-        st["replays"] += 1
-        st["frame_replays"] += 1
-        st["host_s"] += time.perf_counter() - t0 - (st["capture_s"] - c0)
+        with self._host_seconds("host_s"):
+            g = self._stage_frame(h, msg.payload, ex)
+            tok, conf = self._launch(g)
+            self.stats["replays"] += 1
+            self.stats["frame_replays"] += 1
         if not answer:
             return None
         if not frame_wants_extras(h):
@@ -112,10 +108,9 @@ class ShardGraphRunner(GraphRunner):
                           **{k: v[:B].clone() for k, v in g.extras.items()})
 
     def _stage_frame(self, h: list, payload: torch.Tensor, ex) -> _Graph:
-        t0, c0 = time.perf_counter(), self.stats["capture_s"]
-        g = self._graph(self.bucket(h[_B]), h[_NFED], h[_NOUT], ex)
-        stage_frame(g, h, payload, self.scratch, self.config.logit_shift, self._arange)
-        self.stats["stage_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+        with self._host_seconds("stage_s"):
+            g = self._graph(self.bucket(h[_B]), h[_NFED], h[_NOUT], ex)
+            stage_frame(g, h, payload, self.scratch, self.config.logit_shift, self._arange)
         return g
 
     def _arange(self, n: int) -> torch.Tensor:
@@ -126,9 +121,8 @@ class ShardGraphRunner(GraphRunner):
 
     # -- timings of the batch path and the launches ---------------------------------------------------------
     def _stage(self, batch: StepBatch, ex: tuple = ()) -> _Graph:
-        t0, c0 = time.perf_counter(), self.stats["capture_s"]
-        g = super()._stage(batch, ex)
-        self.stats["stage_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+        with self._host_seconds("stage_s"):
+            g = super()._stage(batch, ex)
         return g
 
     def _launch(self, g: _Graph):

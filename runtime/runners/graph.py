@@ -51,6 +51,7 @@ same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -396,15 +397,21 @@ class GraphRunner(EagerRunner):
         return StepOutput.from_decode(self._decode_extras(rows, ex, credit))
 
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
+    @contextmanager
+    def _host_seconds(self, key: str):
+        """Adds the host seconds of the block to ``stats[key]``, less a capture run inside it (a first call's
+        capture counts in ``capture_s``, not as host time per call)."""
+        t0, c0 = time.perf_counter(), self.stats["capture_s"]
+        yield
+        self.stats[key] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
         ex = self._extras_key(batch)
         if self._eligible(batch, ex):
-            t0, c0 = time.perf_counter(), self.stats["capture_s"]
-            res = self._replay(batch, ex)
-            # host time, a first call's capture excluded
-            self.stats["replays"] += 1
-            self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+            with self._host_seconds("host_s"):
+                res = self._replay(batch, ex)
+                self.stats["replays"] += 1
             return res
         self.stats["eager_reuse"] += 1
         return super().reuse(batch)
@@ -512,14 +519,13 @@ class GraphRunner(EagerRunner):
         launches them all at once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
         if not self.can_run_ahead(batch):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
-        t0, c0 = time.perf_counter(), self.stats["capture_s"]
         B, n = batch.n_seqs, counts.shape[1]
-        g = self._stage(batch)
-        out = run_ahead(lambda: self._launch(g), g.ids[:B], decoded_cols(batch, self.device),
-                        counts.to(self.device, non_blocking=True), self.config.mask_id)
-        self.stats["replays"] += n
-        self.stats["ahead_calls"] += 1
-        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # launched
+        with self._host_seconds("host_s"):                                      # until launched
+            g = self._stage(batch)
+            out = run_ahead(lambda: self._launch(g), g.ids[:B], decoded_cols(batch, self.device),
+                            counts.to(self.device, non_blocking=True), self.config.mask_id)
+            self.stats["replays"] += n
+            self.stats["ahead_calls"] += 1
         return out
 
     @torch.no_grad()
