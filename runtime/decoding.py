@@ -335,10 +335,11 @@ class ScheduleRule:
         """One torch.topk per distinct count over the rows that have it (a batch's rows mostly share one)."""
         sel = torch.zeros_like(masked)
         ns = n_sched.tolist()
-        for k in set(ns):
+        counts = set(ns)
+        for k in counts:
             if k <= 0:
                 continue
-            if len(set(ns)) == 1:                                            # the usual case: every row
+            if len(counts) == 1:                                             # the usual case: every row
                 sel.scatter_(1, torch.topk(conf, k=k, dim=-1).indices, True)
             else:
                 rows = torch.tensor([j for j, n in enumerate(ns) if n == k], dtype=torch.long)   # [b_k]
@@ -767,7 +768,7 @@ class DecodeState:
         """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):
         unmask the rule's selection. ``out``: the row's ``StepOutput`` with the extras ``needs`` asked for.
         ``apply_batch`` of this one state (raises its error)."""
-        row = None if out is None else _stack_rows(out)
+        row = None if out is None else out.map(lambda t: t[None])              # a batch of one row
         err = apply_batch([self], x0[None], conf[None], row)[0]
         if err is not None:
             raise err
@@ -911,12 +912,6 @@ class DecodeState:
 
 
 # ------------------------------------------------------------------------------------ many states at once
-def _stack_rows(out):
-    """One row's StepOutput (fields [K, ...]) as a batch of one ([1, K, ...])."""
-    return type(out)(**{f.name: None if getattr(out, f.name) is None else getattr(out, f.name)[None]
-                        for f in dataclasses.fields(out)})
-
-
 def _rule_key(rule) -> tuple:
     """States whose rules have equal keys select in one call of the rule over their stacked rows."""
     return (type(rule), tuple(sorted(vars(rule).items())))
@@ -1023,16 +1018,12 @@ def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
     by_m: dict[int, list[int]] = {}
     for j in rows:
         by_m.setdefault(0 if S[j].credit is None else S[j].credit[0].shape[1], []).append(j)
-    new = {}
-    for m, js in by_m.items():
-        K = masked.shape[1]
+    new, K = {}, masked.shape[1]
+    for js in by_m.values():
         ix = torch.tensor(js, dtype=torch.long)
-        if m:
-            ids = torch.stack([S[j].credit[0] for j in js])                           # [n, K, M]
-            vals = torch.stack([S[j].credit[1] for j in js]) * CREDIT_DECAY
-        else:
-            ids, vals = torch.zeros(len(js), K, 0, dtype=torch.long), torch.zeros(len(js), K, 0,
-                                                                                  dtype=torch.float64)
+        prior = [S[j]._credit_prior(K) for j in js]                                   # as the step sent it
+        ids = torch.stack([p[0] for p in prior])                                      # [n, K, M]
+        vals = torch.stack([p[1] for p in prior])
         ids = torch.cat([ids, out.top1_ids[ix][..., None]], -1)                       # [n, K, M + 1]
         vals = torch.cat([vals, add[ix][..., None]], -1)
         new.update({j: (ids[n], vals[n]) for n, j in enumerate(js)})

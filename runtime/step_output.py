@@ -54,12 +54,15 @@ class StepOutput:
                                                                     flat.split([t.numel() for t in ts]))})
         return StepOutput(**out)
 
-    def row(self, i: int) -> "StepOutput":
-        return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i]
+    def map(self, fn) -> "StepOutput":
+        """``fn`` applied to every field that is set (None stays None)."""
+        return StepOutput(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                              for f in fields(self)})
+
+    def row(self, i: int) -> "StepOutput":
+        return self.map(lambda t: t[i])
 
     def take(self, idx: list[int]) -> "StepOutput":
         """Rows ``idx`` (a list of row numbers) as a StepOutput of ``len(idx)`` rows."""
         ix = torch.tensor(idx, dtype=torch.long)
-        return StepOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[ix]
-                             for f in fields(self)})
+        return self.map(lambda t: t[ix])
