@@ -14,6 +14,7 @@ import time
 from .memory import fmt_bytes
 from .step import is_graphed
 
+
 def freeze_heap() -> tuple[int, float]:
     """After warm-up, before serving: one full collection, then everything still alive (the model, graphs,
     compiled code, imported modules) moves to the collector's permanent generation (``gc.freeze``, as vLLM
