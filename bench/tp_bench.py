@@ -58,23 +58,27 @@ def runner_of(session, graphs: bool, compile: bool = False):
 
 
 class ReuseProbe:
-    """One B=1 Reuse step over a dual cache (its Refresh done), ready to time: ``run()`` is synchronous
-    (run_batch copies the result to the host)."""
+    """B rows' Reuse step over a dual cache (their Refresh done), ready to time: ``run()`` is synchronous
+    (run_batch copies the result to the host). Also bench/probes/tp_step_breakdown.py's steps."""
 
-    def __init__(self, runner, P: int, G: int, block: int):
+    def __init__(self, runner, P: int, G: int, block: int, B: int = 1, seed: int = 0):
         from dlc.runtime.kv_cache import KVCacheManager
         from dlc.runtime.step import build_batch, is_graphed, run_batch
         mc, L = runner.config, P + G
-        seq = torch.randint(0, min(mc.vocab_size, 256), (L,), generator=torch.Generator().manual_seed(0))
-        seq[P:] = mc.mask_id
-        pool = KVCacheManager(mc, L, 1 << 62, runner.dtype, runner.device, max_slots=2)
+        g = torch.Generator().manual_seed(seed)
+        seqs = []
+        for _ in range(B):
+            s = torch.randint(0, min(mc.vocab_size, 256), (L,), generator=g)
+            s[P:] = mc.mask_id
+            seqs.append(s)
+        pool = KVCacheManager(mc, L, 1 << 62, runner.dtype, runner.device, max_slots=B + 1)
         if is_graphed(runner):
-            runner.bind_pool(pool)                 # the other slot: the graphs' padding rows
-        slots = [pool.allocate_n(1)]
-        run_batch(runner, build_batch(runner, "refresh", [seq], [P], [P], block, slots=slots, pool=pool))
-        self.batch = build_batch(runner, "reuse", [seq], [P], [P], block, spans=[(P, P + block)], slots=slots,
-                                 pool=pool)
-        self.runner, self.pool, self._run = runner, pool, run_batch
+            runner.bind_pool(pool)                 # the spare slot: the graphs' padding rows
+        kw = dict(slots=[pool.allocate_n(1) for _ in range(B)], pool=pool)
+        run_batch(runner, build_batch(runner, "refresh", seqs, [P] * B, [P] * B, block, **kw))
+        self.batch = build_batch(runner, "reuse", seqs, [P] * B, [P] * B, block, spans=[(P, P + block)] * B,
+                                 **kw)
+        self.runner, self.pool, self.B, self._run = runner, pool, B, run_batch
         for _ in range(3):                         # capture + warm
             self.run()
 
@@ -85,6 +89,17 @@ class ReuseProbe:
 
     def median_ms(self, reps: int) -> float:
         return statistics.median(self.run() for _ in range(reps)) * 1e3
+
+    def ahead_ms(self, n: int, reps: int) -> float:
+        """ms per step of ``n`` steps run ahead (one token per row and step), median over ``reps`` calls."""
+        counts = torch.ones(self.B, n, dtype=torch.long)
+        per = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            out = self.runner.reuse_ahead(self.batch, counts)
+            out.wait(len(out) - 1)
+            per.append((time.perf_counter() - t0) / n)
+        return statistics.median(per[1:]) * 1e3
 
 
 def throughput(runner, B: int, P: int, G: int, block: int) -> tuple[float, list, float]:

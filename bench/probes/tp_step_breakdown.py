@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -35,16 +34,12 @@ from pathlib import Path
 
 import torch
 
-T0 = time.perf_counter()
-
-
-def say(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))              # bench/ (engine_path, tp_bench)
+from tp_bench import ReuseProbe, say  # noqa: E402
 
 
 def write_checkpoint(preset: str, layers: int | None, dev: str, dtype, ckpt: str | None) -> Path:
     """The preset's shape with random weights, head x4 (bench/engine_path.build), written once."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # bench/ (engine_path)
     from engine_path import construct
 
     from dlc.models.loading import save_checkpoint
@@ -66,50 +61,7 @@ def write_checkpoint(preset: str, layers: int | None, dev: str, dtype, ckpt: str
     return path
 
 
-class Steps:
-    """B rows' Reuse step over a dual cache (their Refresh done) on one runner, ready to time."""
-
-    def __init__(self, runner, B: int, P: int, G: int, block: int):
-        from dlc.runtime.kv_cache import KVCacheManager
-        from dlc.runtime.step import build_batch, run_batch
-        mc, L = runner.config, P + G
-        g = torch.Generator().manual_seed(B)
-        seqs = []
-        for _ in range(B):
-            s = torch.randint(0, min(mc.vocab_size, 256), (L,), generator=g)
-            s[P:] = mc.mask_id
-            seqs.append(s)
-        self.pool = KVCacheManager(mc, L, 1 << 62, runner.dtype, runner.device, max_slots=B + 1)
-        runner.bind_pool(self.pool)                        # the spare slot: the graphs' padding rows
-        slots = [self.pool.allocate_n(1) for _ in range(B)]
-        kw = dict(slots=slots, pool=self.pool)
-        run_batch(runner, build_batch(runner, "refresh", seqs, [P] * B, [P] * B, block, **kw))
-        self.batch = build_batch(runner, "reuse", seqs, [P] * B, [P] * B, block, [(P, P + block)] * B, **kw)
-        self.runner, self.B, self._run = runner, B, run_batch
-        for _ in range(3):                                 # capture + warm
-            self.step()
-
-    def step(self) -> float:
-        t0 = time.perf_counter()
-        self._run(self.runner, self.batch)
-        return time.perf_counter() - t0
-
-    def sync_ms(self, reps: int) -> float:
-        return statistics.median(self.step() for _ in range(reps)) * 1e3
-
-    def ahead_ms(self, n: int, reps: int) -> float:
-        """ms per step of ``n`` steps run ahead (one token per row and step), median over ``reps`` calls."""
-        counts = torch.ones(self.B, n, dtype=torch.long)
-        per = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            out = self.runner.reuse_ahead(self.batch, counts)
-            out.wait(len(out) - 1)
-            per.append((time.perf_counter() - t0) / n)
-        return statistics.median(per[1:]) * 1e3
-
-
-def host_costs(steps: Steps, reps: int) -> dict:
+def host_costs(steps: ReuseProbe, reps: int) -> dict:
     """In one process, on the TP=1 graph runner (the same ops a rank runs, without the other rank): host us
     per call of rank 0's encode (from the host ids, and from the device ids as before
     ``StepBatch.ids_host``), the worker's StepBatch rebuild (``read_batch``), and staging a graph from the
@@ -142,14 +94,14 @@ def host_costs(steps: Steps, reps: int) -> dict:
     return out
 
 
-def tp_phases(tp, steps: Steps, reps: int, frames: bool) -> tuple[float, list[dict]]:
+def tp_phases(tp, steps: ReuseProbe, reps: int, frames: bool) -> tuple[float, list[dict]]:
     """(median ms, per-rank phase means) of ``reps`` synchronous TP steps, frame staging on or off."""
     gpu = tp.device.type == "cuda"
     tp.step_times(reset=True, frames=frames, gpu_timing=False)
     for _ in range(3):
-        steps.step()                                        # the first step of a key takes the batch path
+        steps.run()                                         # the first step of a key takes the batch path
     tp.step_times(reset=True, gpu_timing=gpu)
-    ms = steps.sync_ms(reps)
+    ms = steps.median_ms(reps)
     return ms, tp.step_times(reset=True, gpu_timing=False)
 
 
@@ -184,8 +136,8 @@ def main() -> None:
     tables = []
     try:
         for B in (int(b) for b in args.batches.split(",")):
-            a, b = Steps(one, B, P, G, blk), Steps(tp, B, P, G, blk)
-            row = {"B": B, "tp1_ms": a.sync_ms(args.reps), "host_us": host_costs(a, 4 * args.reps)}
+            a, b = ReuseProbe(one, P, G, blk, B, seed=B), ReuseProbe(tp, P, G, blk, B, seed=B)
+            row = {"B": B, "tp1_ms": a.median_ms(args.reps), "host_us": host_costs(a, 4 * args.reps)}
             for frames in (False, True):
                 ms, ranks = tp_phases(tp, b, args.reps, frames)
                 name = "frame" if frames else "batch"
