@@ -120,9 +120,6 @@ class ServeConfig:
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"serve config: tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
-        if self.tensor_parallel_size > 1 and self.compile:
-            raise ValueError("serve config: tensor_parallel_size > 1 captures CUDA graphs without "
-                             "torch.compile; leave compile off")
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")

@@ -132,10 +132,23 @@ def test_graphs_toggle_back_to_eager_on_every_rank(pair):
     assert tp.runner.graphed
 
 
-def test_serve_config_allows_tp_graphs_refuses_compile():
+def test_serve_config_allows_tp_graphs_and_compile():
     assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True).cuda_graphs
-    with pytest.raises(ValueError, match="compile"):
-        ServeConfig(tensor_parallel_size=2, compile=True)
+    assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True, compile=True).compile   # test_tp_compile.py
+
+
+def test_tp_graph_and_compile_defaults_are_one_gpus(pair):
+    """graph_runner_for over a TP runner takes TP=1's defaults: on CPU graphs and compiled blocks stay off
+    (on CUDA both on: the GPU tests); --compile without the graph runner is refused before any message."""
+    _, tp = pair
+    with pytest.raises(ValueError, match="compile: .*--cuda-graphs"):
+        graph_runner_for(tp.runner, cuda_graphs=False, compile=True)
+    assert tp.runner.graphed                                 # refused: nothing changed on any rank
+    try:
+        assert graph_runner_for(tp.runner) is tp.runner
+        assert not tp.runner.graphed and not tp.runner.compiled
+    finally:
+        tp.runner.enable_graphs(True)
 
 
 @pytest.mark.gpu
