@@ -48,6 +48,15 @@ def test_tp2_compiled_blocks_on_every_rank_equal_one_process(tmp_path):
         tp.runner.close()
 
 
+def test_compile_without_graphs_is_refused_by_the_clis():
+    """--compile compiles the graph runner's blocks: without it (CPU default: graphs off) a one-line error."""
+    from click.testing import CliRunner
+
+    from dlc.tiny.cli import eval_command
+    r = CliRunner().invoke(eval_command, ["dlc-tiny", "--n", "4", "--compile"])
+    assert r.exit_code != 0 and "add --cuda-graphs" in r.output, r.output
+
+
 @pytest.mark.gpu
 def test_tp2_compiled_blocks_on_two_gpus(tmp_path):
     """2 GPUs, NCCL: every rank's captured Reuse steps replay compiled blocks with the all-reduces inside;
