@@ -159,7 +159,8 @@ class TensorParallelRunner:
     capture = property(lambda self: self.graphed and self.shard.capture)
     compiled = property(lambda self: self.graphed and self.shard.compiled)    # every rank's blocks compiled
 
-    def enable_graphs(self, on: bool = True, capture: bool | None = None, compile: bool | str = False) -> None:
+    def enable_graphs(self, on: bool = True, capture: bool | None = None,
+                      compile: bool | str = False) -> None:
         """Every rank's runner becomes a ``ShardGraphRunner`` (``on``; captured on CUDA, ``capture=False``
         runs the same static-buffer steps uncaptured; ``compile``: its blocks under torch.compile, Inductor
         or the backend named) or the eager ``ShardRunner`` again."""
