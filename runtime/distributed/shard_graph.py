@@ -21,9 +21,11 @@ Compiled blocks (``compile``, on by default on CUDA as for one GPU: ``engine.gra
 runs ``GraphRunner._compile_blocks`` on its shard, so its transformer blocks run under ``torch.compile``
 (Inductor, ``fullgraph``) with the row-parallel all-reduces inside (Dynamo traces ``dist.all_reduce`` into
 the functional ``_c10d_functional.all_reduce_`` + ``wait_tensor``, which Inductor schedules among the fused
-kernels), and the captured graphs replay that code. Compilation itself runs collectives (the first calls of
-each new shape), so every rank compiles the same code in the same order: the same messages (GRAPHS, WARMUP,
-steps) reach every rank in the same order, and each rank's Dynamo makes the same static / dynamic choices.
+kernels), and the captured graphs replay that code. A call that compiles goes on to run the compiled code's
+collectives, so every rank compiles in the same calls: the same messages (GRAPHS, WARMUP, steps) reach every
+rank in the same order, and ranks that start from the same Dynamo state (a worker's process; rank 0's when
+it holds no other compiled model) make the same static / dynamic choices. Where they differ (a bench's rank 0
+beside a compiled TP=1 model), the kernels differ but the collectives, which follow the model code, do not.
 ``torch.compile`` wraps the model's blocks in place: once compiled they stay compiled (a runner built over
 them later, after graphs were switched off and on, is ``compiled`` too).
 
@@ -75,6 +77,16 @@ class ShardGraphRunner(GraphRunner):
         self.stats.update(stage_s=0.0, launch_s=0.0, frame_replays=0)
         self.launched_ns = 0                 # monotonic clock at the last launch (rank timings)
         self.gpu_timing, self._events = False, []
+
+    def compile_blocks(self, compile: bool | str = True) -> None:
+        """Compile the blocks of this (running) graph runner: graphs captured over the uncompiled blocks are
+        dropped and captured again on first use (every rank does the same: the GRAPHS message)."""
+        if self.compiled:
+            return
+        self.release_graphs()
+        self._frames.clear()
+        self._compile_blocks("inductor" if compile is True else compile)
+        self.compiled = True
 
     def eager(self) -> ShardRunner:
         """The eager shard runner over the same (shard) model."""
@@ -223,11 +235,8 @@ def with_graphs(shard, on: bool, capture: bool | None = None, compile: bool | st
         return shard.eager() if isinstance(shard, ShardGraphRunner) else shard
     if not isinstance(shard, ShardGraphRunner):
         return ShardGraphRunner(shard, capture=capture, compile=compile)
-    if compile and not shard.compiled:
-        shard.release_graphs()                        # captured over uncompiled blocks
-        shard._frames.clear()
-        shard._compile_blocks("inductor" if compile is True else compile)
-        shard.compiled = True
+    if compile:
+        shard.compile_blocks(compile)
     return shard
 
 
