@@ -1,14 +1,16 @@
 """Tensor parallelism (issue 16): TP=N against TP=1 in one run, both on CUDA graphs, LLaDA-8B shape.
 
-TP=1 is the one-GPU serving runner (``GraphRunner`` over the eager model: captured Reuse steps; blocks not
-torch.compiled unless ``--compile``) and TP=N the tensor-parallel group with a ``ShardGraphRunner`` per rank
-(captured Reuse steps with the row-parallel all-reduces and the vocab-parallel combine inside). Both live in
-this process at once (TP=1 on GPU 0; TP=N's rank 0 on GPU 0 too, its workers on GPUs 1 .. N-1), so the
-latency rounds alternate. In this order:
+TP=1 is the one-GPU serving runner (``GraphRunner`` over the eager model: captured Reuse steps) and TP=N the
+tensor-parallel group with a ``ShardGraphRunner`` per rank (captured Reuse steps with the row-parallel
+all-reduces and the vocab-parallel combine inside). ``--compile`` compiles both sides' blocks (TP=1's and
+every rank's, the all-reduces inside the compiled code): the ratio is then compiled vs compiled, and the
+table says so; without it neither side compiles. Both live in this process at once (TP=1 on GPU 0; TP=N's
+rank 0 on GPU 0 too, its workers on GPUs 1 .. N-1), so the latency rounds alternate. In this order:
 
 1. token agreement on an fp32 tiny model (``--agree-preset``, default tiny-dream: GQA, shifted logits):
-   ``dlc generate --tp N --cuda-graphs`` in a subprocess (a process joins one TP group only) against TP=1's
-   graph runner here, at T = 0 on a dual cache: identical is the expectation;
+   ``dlc generate --tp N --cuda-graphs [--compile]`` in a subprocess (a process joins one TP group only)
+   against TP=1's graph runner here (compiled alike), at T = 0 on a dual cache: identical is the
+   expectation;
 2. the random-weight checkpoint (``--preset``, bf16, head x4 as engine_path.build) written to disk once
    (``--ckpt`` reuses it), then both sessions opened (TP=N ranks load their slices);
 3. Reuse step latency at B=1 (prompt 512 + gen 256, a 32-token block over a dual cache, captured): per round
@@ -23,6 +25,7 @@ Fits one 600 s call on a 2-GPU host; ``--quick`` halves the generation and the r
 ``--no-cuda-graphs`` runs both sides eager (the numbers of bench/RESULTS.md before graphs).
 
     python3 -P bench/tp_bench.py --tp 2 --out $OUT/tp_bench.json          # 2 GPUs
+    python3 -P bench/tp_bench.py --tp 2 --compile --quick                   # compiled vs compiled
     python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 \\
         --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
 
@@ -120,21 +123,24 @@ def throughput(runner, B: int, P: int, G: int, block: int) -> tuple[float, list,
 
 
 def agreement(args, graphs: bool) -> dict:
-    """fp32 tiny model, T = 0, dual cache: ``dlc generate --tp N`` (subprocess) vs TP=1 here."""
+    """fp32 tiny model, T = 0, dual cache: ``dlc generate --tp N`` (subprocess) vs TP=1 here, both sides
+    compiled with ``--compile`` (explicitly off otherwise: compile is dlc generate's default on CUDA)."""
     from dlc.runtime.generate import GenerationConfig, generate
     from dlc.runtime.session import encode_prompt, open_model
     prompt = "tensor parallel graphs agree"
     gen = ["--gen-length", "32", "--block-length", "8", "--steps", "32"]
     cmd = [sys.executable, "-P", "-m", "dlc.cli", "generate", args.agree_preset, prompt, "--tp", str(args.tp),
            "--dtype", "fp32", "--device", args.device, "--kv-cache", "dual", "--no-chat", "--json", *gen,
-           "--cuda-graphs" if graphs else "--no-cuda-graphs"]
+           "--cuda-graphs" if graphs else "--no-cuda-graphs",
+           "--compile" if graphs and args.compile else "--no-compile"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if r.returncode != 0:
         raise SystemExit(f"tp_bench: the TP={args.tp} agreement run failed: {r.stderr.strip()[-800:]}")
     tp = json.loads(r.stdout.strip().splitlines()[-1])
     one = open_model(args.agree_preset, dtype="fp32", device=args.device, progress=False)
     cfg = GenerationConfig(gen_length=32, block_length=8, steps=32, kv_cache="dual", stop_at_eos=False)
-    want = generate(runner_of(one, graphs), [encode_prompt(one, prompt, False)], cfg).token_ids[0]
+    want = generate(runner_of(one, graphs, args.compile), [encode_prompt(one, prompt, False)],
+                    cfg).token_ids[0]
     same = sum(a == b for a, b in zip(tp["token_ids"], want))
     return {"preset": args.agree_preset, "identical": tp["token_ids"] == want,
             "tokens_equal": f"{same}/{len(want)}", "tp_engine": tp["engine"]}
@@ -195,7 +201,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternating latency rounds")
     ap.add_argument("--quick", action="store_true", help="gen 128, 3 rounds of 20 steps")
     ap.add_argument("--cuda-graphs", dest="graphs", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--compile", action="store_true", help="torch.compile TP=1's blocks (TP=N has none)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the blocks of both sides (TP=1 and every TP rank)")
     ap.add_argument("--agree-preset", default="tiny-dream", help="fp32 agreement model ('none': skip)")
     ap.add_argument("--ckpt", default=None, help="reuse a checkpoint directory written by an earlier run")
     ap.add_argument("--out", default=None)
@@ -206,9 +213,10 @@ def main() -> None:
     from dlc.models.loading import DTYPES
     from dlc.runtime.session import open_model
     res = {"preset": args.preset, "tp": args.tp, "device": str(args.device), "dtype": args.dtype,
-           "batch": args.batch,
+           "batch": args.batch, "compiled": bool(args.graphs and args.compile),
            "runner": ("eager" if not args.graphs else
-                      "CUDA graphs, TP=1 blocks compiled" if args.compile else "CUDA graphs, no compile"),
+                      "CUDA graphs, blocks compiled on both sides" if args.compile
+                      else "CUDA graphs, no compile"),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.agree_preset != "none":
@@ -221,9 +229,10 @@ def main() -> None:
     t0 = time.perf_counter()
     tp_session = open_model(str(ckpt), dtype=args.dtype, device=args.device, progress=False,
                             tensor_parallel_size=args.tp)
-    tp = runner_of(tp_session, args.graphs)
+    tp = runner_of(tp_session, args.graphs, args.compile)
     res["tp_load_s"] = round(time.perf_counter() - t0, 2)
-    say(f"TP={args.tp} loaded in {res['tp_load_s']} s (graphs {'on' if args.graphs else 'off'})")
+    say(f"TP={args.tp} loaded in {res['tp_load_s']} s (graphs {'on' if args.graphs else 'off'}, "
+        f"compiled {'on every rank' if getattr(tp, 'compiled', False) else 'off'})")
     try:
         probes = {"tp1": ReuseProbe(one, args.prompt, args.gen, args.block),
                   f"tp{args.tp}": ReuseProbe(tp, args.prompt, args.gen, args.block)}

@@ -51,8 +51,8 @@ class ServeConfig:
     # Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA + eager]
     cuda_graphs: bool | None = None
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
-    compile: bool | None = None         # torch.compile the graph runner's blocks (needs cuda_graphs) or an
-                                        # export engine's programs [on on CUDA]
+    compile: bool | None = None         # torch.compile the graph runner's blocks (needs cuda_graphs; every
+                                        # rank's with TP) or an export engine's programs [on on CUDA]
     lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
                                         # nothing waits (one host round trip per run; 1: every step alone)
     lookahead_max_ms: float = 100.0     # a run of steps ahead lasts about this long at most (its length
@@ -120,9 +120,6 @@ class ServeConfig:
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"serve config: tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
-        if self.tensor_parallel_size > 1 and self.compile:
-            raise ValueError("serve config: tensor_parallel_size > 1 captures CUDA graphs without "
-                             "torch.compile; leave compile off")
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")

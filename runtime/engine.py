@@ -81,15 +81,18 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     on (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph runner
     on a CUDA device, where they pay; off on CPU). An engine keeps its runner: graphs of its Reuse program
     (default: on CUDA) and its export programs compiled by Inductor at load (``compile``, default: on CUDA);
-    explicit --no-cuda-graphs keeps the runner as it is."""
+    explicit --no-cuda-graphs keeps the runner as it is. Tensor parallel: the same defaults on every rank
+    (graphs and compiled blocks on CUDA; distributed/shard_graph.py)."""
     if isinstance(runner, GraphRunner):
         return runner
     on = cuda_graphs
-    if isinstance(runner, TensorParallelRunner):     # graphs on every rank (distributed/shard_graph.py)
-        if compile:
-            raise ValueError("compile: tensor_parallel_size > 1 captures CUDA graphs without torch.compile; "
-                             "leave --compile out")
-        runner.enable_graphs(runner.device.type == "cuda" if on is None else on)
+    if isinstance(runner, TensorParallelRunner):     # graphs (and compiled blocks) on every rank
+        cuda = runner.device.type == "cuda"
+        on = cuda if on is None else on
+        if not on and compile:
+            raise ValueError("compile: --compile compiles the CUDA-graph runner's blocks; add --cuda-graphs "
+                             "(or leave --compile out)")
+        runner.enable_graphs(on, compile=on and (cuda if compile is None else compile))
         return runner
     if isinstance(runner, CompiledRunner):           # an engine: its programs compiled, graphs of its Reuse
         cuda = runner.device.type == "cuda"

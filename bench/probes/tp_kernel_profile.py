@@ -8,7 +8,12 @@ rank 0's steps (``torch.profiler``, CUDA activity; the worker runs the same kern
 device time) and captured, and prints per (TP, B) the kernels by
 device time per step.
 
+``--compile`` (the serving default on CUDA) runs both sides' blocks under torch.compile, every TP rank's with
+its all-reduces inside (runtime/distributed/shard_graph.py); ``--no-compile`` neither side (the TP=2 numbers
+measured before compiled ranks existed had TP=1 compiled and TP=2 not).
+
     python3 -P bench/probes/tp_kernel_profile.py --ckpt /tmp/tpck | tee tp_kernels.log
+    python3 -P bench/probes/tp_kernel_profile.py --ckpt /tmp/tpck --no-compile --batches 1
 """
 from __future__ import annotations
 
@@ -59,15 +64,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="compiled blocks on both sides (TP=1 and every TP rank)")
     args = ap.parse_args()
     from dlc.runtime.engine import graph_runner_for
     from dlc.runtime.session import open_model
     P, G, blk = 512, 256, 32
     ckpt = write_checkpoint("llada-8b", None, "cuda", torch.bfloat16, args.ckpt)
-    one = graph_runner_for(open_model(str(ckpt), dtype="bf16", device="cuda", progress=False).runner, True)
+    one = graph_runner_for(open_model(str(ckpt), dtype="bf16", device="cuda", progress=False).runner, True,
+                           args.compile)
     session = open_model(str(ckpt), dtype="bf16", device="cuda", progress=False, tensor_parallel_size=args.tp)
-    tp = graph_runner_for(session.runner, True)
-    say("loaded")
+    tp = graph_runner_for(session.runner, True, args.compile)
+    say(f"loaded (blocks {'compiled on both sides' if args.compile else 'not compiled'})")
     try:
         for B in (int(b) for b in args.batches.split(",")):
             for name, runner in (("TP=1", one), (f"TP={args.tp} rank 0", tp)):
@@ -75,10 +83,11 @@ def main() -> None:
                     if runner is one:              # TP=1: the graph runner's static-buffer step, uncaptured
                         one.capture = captured
                     else:                          # TP: the eager ShardRunner, or the ShardGraphRunner
-                        tp.enable_graphs(captured, True if captured else None)
+                        tp.enable_graphs(captured, True if captured else None, args.compile)
                     probe = ReuseProbe(runner, P, G, blk, B, seed=B)
                     rows, total = kernel_table(probe, args.steps)
-                    show(f"{name}, B={B}, {'captured' if captured else 'uncaptured'}", rows, total, args.top)
+                    how = ("captured" if captured else "uncaptured") + (", compiled" if args.compile else "")
+                    show(f"{name}, B={B}, {how}", rows, total, args.top)
                     del probe
     finally:
         session.runner.close()

@@ -1,6 +1,7 @@
 """``dlc eval``: accuracy / tokens-per-forward / seconds of a model on the held-out dlc-tiny tasks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 
@@ -84,11 +85,17 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int, help="shard the model over this many GPUs (CPU: processes)")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="run the model as dlc generate / serve do: Reuse steps as CUDA graphs [off: the eager "
+                   "runner, unless this or --compile is given; then dlc generate's defaults]")
+@click.option("--compile/--no-compile", "compile_blocks", default=None,
+              help="torch.compile each block of the CUDA-graph runner (every rank with "
+                   "--tensor-parallel-size) [with the graphs: on on CUDA]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bound, kv_cache, vicinity,
                  refresh_every, sparse_retention, gen_length, block_length, steps, steps_per_block,
                  eos_early_stop, edit_threshold, max_post_edit_steps, tokens_per_step, batch_size, dtype,
-                 device, tensor_parallel_size, as_json):
+                 device, tensor_parallel_size, cuda_graphs, compile_blocks, as_json):
     """Evaluate MODEL (preset, checkpoint dir or engine dir) on the held-out dlc-tiny tasks."""
     import torch
 
@@ -107,6 +114,10 @@ def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bo
         with tempfile.TemporaryDirectory(prefix="dlc-eval-") as workdir:
             session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache, workdir,
                                     tensor_parallel_size)
+            if cuda_graphs is not None or compile_blocks is not None:
+                from dlc.runtime.engine import graph_runner_for
+                session = dataclasses.replace(session, runner=graph_runner_for(session.runner, cuda_graphs,
+                                                                               compile_blocks))
             if decoder.startswith("llada2"):
                 fields = block_fields(session.config, decoder, threshold, steps_per_block, eos_early_stop,
                                       edit_threshold, max_post_edit_steps, tokens_per_step)
@@ -125,7 +136,9 @@ def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bo
     if as_json:
         click.echo(json.dumps(res.summary() | {"model": model, "source": session.source,
                                                "engine": session.kind, "decoder": decoder,
-                                               "kv_cache": kv_cache, "sparse_retention": sparse_retention}))
+                                               "kv_cache": kv_cache, "sparse_retention": sparse_retention,
+                                               "cuda_graphs": bool(getattr(session.runner, "graphed", False)),
+                                               "compiled": bool(getattr(session.runner, "compiled", False))}))
 
 
 def _is_dir(model: str) -> bool:

@@ -15,8 +15,19 @@ Decoding is always the shard's float64 combine (there is no fused selected-row k
 tokens equal ``ShardRunner``'s, which equal one process's on decisive fp32 models. Captured variants exist for
 what the combine computes (T > 0 sampling, logprobs, entropy); credit, smoothing and sampling filters are
 refused for tensor parallelism (``TensorParallelRunner.check_generation``). Refresh, full forwards, guidance
-and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same combine. Blocks are not
-torch.compiled here (collectives inside compiled blocks are a later step).
+and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same combine.
+
+Compiled blocks (``compile``, on by default on CUDA as for one GPU: ``engine.graph_runner_for``): each rank
+runs ``GraphRunner._compile_blocks`` on its shard, so its transformer blocks run under ``torch.compile``
+(Inductor, ``fullgraph``) with the row-parallel all-reduces inside (Dynamo traces ``dist.all_reduce`` into
+the functional ``_c10d_functional.all_reduce_`` + ``wait_tensor``, which Inductor schedules among the fused
+kernels), and the captured graphs replay that code. A call that compiles goes on to run the compiled code's
+collectives, so every rank compiles in the same calls: the same messages (GRAPHS, WARMUP, steps) reach every
+rank in the same order, and ranks that start from the same Dynamo state (a worker's process; rank 0's when
+it holds no other compiled model) make the same static / dynamic choices. Where they differ (a bench's rank 0
+beside a compiled TP=1 model), the kernels differ but the collectives, which follow the model code, do not.
+``torch.compile`` wraps the model's blocks in place: once compiled they stay compiled (a runner built over
+them later, after graphs were switched off and on, is ``compiled`` too).
 
 Reuse steps from the frame (``reuse_frame``): every rank, rank 0 included, stages a compact Reuse step
 straight from the control frame instead of rebuilding a StepBatch and gathering it into the static buffers:
@@ -52,9 +63,11 @@ _UNSEEN = object()
 
 class ShardGraphRunner(GraphRunner):
     def __init__(self, shard: ShardRunner, buckets=BUCKETS, capture: bool | None = None, max_width: int = 128,
-                 pool_attention: bool | None = None):
-        super().__init__(shard.model, decode="exact", buckets=buckets, capture=capture, compile=False,
-                         max_width=max_width, pool_attention=pool_attention)
+                 pool_attention: bool | None = None, compile: bool | str = False):
+        done = blocks_compiled(shard.model)           # compiled earlier (graphs off and on again): kept
+        super().__init__(shard.model, decode="exact", buckets=buckets, capture=capture,
+                         compile=not done and compile, max_width=max_width, pool_attention=pool_attention)
+        self.compiled = self.compiled or done
         self.config = shard.config       # the shard's heads (its KV pool) and the full vocabulary
         self.rank, self.world, self.group = shard.rank, shard.world, shard.group
         self.mixes = False                   # the TP runner sends phase calls only (no mixed iterations)
@@ -64,6 +77,16 @@ class ShardGraphRunner(GraphRunner):
         self.stats.update(stage_s=0.0, launch_s=0.0, frame_replays=0)
         self.launched_ns = 0                 # monotonic clock at the last launch (rank timings)
         self.gpu_timing, self._events = False, []
+
+    def compile_blocks(self, compile: bool | str = True) -> None:
+        """Compile the blocks of this (running) graph runner: graphs captured over the uncompiled blocks are
+        dropped and captured again on first use (every rank does the same: the GRAPHS message)."""
+        if self.compiled:
+            return
+        self.release_graphs()
+        self._frames.clear()
+        self._compile_blocks("inductor" if compile is True else compile)
+        self.compiled = True
 
     def eager(self) -> ShardRunner:
         """The eager shard runner over the same (shard) model."""
@@ -204,12 +227,23 @@ def stage_frame(g: _Graph, h: list, payload: torch.Tensor, scratch: int, shift: 
     g.rows_used = B
 
 
-def with_graphs(shard, on: bool, capture: bool | None = None):
-    """The rank's runner with CUDA graphs on (a ``ShardGraphRunner`` over the shard's model) or off (the eager
-    ``ShardRunner``); unchanged if it already is."""
-    if on:
-        return shard if isinstance(shard, ShardGraphRunner) else ShardGraphRunner(shard, capture=capture)
-    return shard.eager() if isinstance(shard, ShardGraphRunner) else shard
+def with_graphs(shard, on: bool, capture: bool | None = None, compile: bool | str = False):
+    """The rank's runner with CUDA graphs on (a ``ShardGraphRunner`` over the shard's model, its blocks
+    compiled when ``compile``) or off (the eager ``ShardRunner``); unchanged if it already is (a graph runner
+    asked to compile compiles its blocks now and recaptures its graphs over them)."""
+    if not on:
+        return shard.eager() if isinstance(shard, ShardGraphRunner) else shard
+    if not isinstance(shard, ShardGraphRunner):
+        return ShardGraphRunner(shard, capture=capture, compile=compile)
+    if compile:
+        shard.compile_blocks(compile)
+    return shard
+
+
+def blocks_compiled(model) -> bool:
+    """Whether ``torch.compile`` already wraps the model's blocks (``nn.Module.compile`` sets
+    ``_compiled_call_impl``; batch_invariant.py reads it the same way)."""
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)
 
 
 def release_graphs(runner) -> None:

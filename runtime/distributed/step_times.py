@@ -19,6 +19,9 @@ per-step means in microseconds:
 |  | (means over the steps that replayed) |  |
 | ``gpu_us`` | device time of the replay (CUDA events, ``gpu_timing``) | same |
 
+Not per step: ``compiled`` (the rank's blocks run under torch.compile) and ``compiled_graphs`` (Dynamo's
+count of graphs compiled in the rank's process).
+
 A step's critical path before the GPUs overlap is the later of rank 0's and the worker's ``to_launch_us``
 (the worker's counts from rank 0's broadcast, rank 0's from before its encode: add rank 0's ``encode_us``)."""
 from __future__ import annotations
@@ -45,6 +48,8 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
     stats = getattr(shard, "stats", None) or {}
     sums.update({k: stats.get(k, 0.0) for k in SHARD_KEYS if k.endswith("_s")})
     out["frame_replays"] = stats.get("frame_replays", 0)
+    out["compiled"] = bool(getattr(shard, "compiled", False))
+    out["compiled_graphs"] = compiled_graphs() if out["compiled"] else 0
     if channel is not None:
         sums.update(encode_s=channel.stats["encode_s"], send_s=channel.stats["send_s"])
     if getattr(shard, "gpu_timing", False):
@@ -60,6 +65,13 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
         if channel is not None:
             channel.stats.update(encode_s=0.0, send_s=0.0, frames=0)
     return out
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo compiled in this process so far (the rank's compiled blocks: every static / dynamic
+    entry of each kind of forward)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 COLUMNS = ("encode_us", "send_us", "latency_us", "rebuild_us", "stage_us", "launch_us", "wait_us",

@@ -132,10 +132,23 @@ def test_graphs_toggle_back_to_eager_on_every_rank(pair):
     assert tp.runner.graphed
 
 
-def test_serve_config_allows_tp_graphs_refuses_compile():
+def test_serve_config_allows_tp_graphs_and_compile():
     assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True).cuda_graphs
-    with pytest.raises(ValueError, match="compile"):
-        ServeConfig(tensor_parallel_size=2, compile=True)
+    assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True, compile=True).compile   # test_tp_compile.py
+
+
+def test_tp_graph_and_compile_defaults_are_one_gpus(pair):
+    """graph_runner_for over a TP runner takes TP=1's defaults: on CPU graphs and compiled blocks stay off
+    (on CUDA both on: the GPU tests); --compile without the graph runner is refused before any message."""
+    _, tp = pair
+    with pytest.raises(ValueError, match="compile: .*--cuda-graphs"):
+        graph_runner_for(tp.runner, cuda_graphs=False, compile=True)
+    assert tp.runner.graphed                                 # refused: nothing changed on any rank
+    try:
+        assert graph_runner_for(tp.runner) is tp.runner
+        assert not tp.runner.graphed and not tp.runner.compiled
+    finally:
+        tp.runner.enable_graphs(True)
 
 
 @pytest.mark.gpu
@@ -149,8 +162,8 @@ def test_tp2_cuda_graphs_on_two_gpus(tmp_path):
     try:
         cfg = GenerationConfig(**GEN)
         eager = generate(tp.runner, PROMPTS, cfg).token_ids
-        runner = graph_runner_for(tp.runner)                  # the CUDA default: graphs on
-        assert runner.graphed and runner.capture
+        runner = graph_runner_for(tp.runner, compile=False)   # the CUDA default: graphs on (compiled
+        assert runner.graphed and runner.capture and not runner.compiled   # blocks: test_tp_compile.py)
         got = generate(runner, PROMPTS, cfg).token_ids
         assert got == eager and len({tuple(t) for t in eager}) == 3
         assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0

@@ -97,8 +97,7 @@ def test_tensor_parallel_size_is_validated():
     from dlc.runtime.config import ServeConfig
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         ServeConfig(tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        ServeConfig(tensor_parallel_size=2, compile=True)   # graphs yes (test_tp_graphs.py), compile no
+    assert ServeConfig(tensor_parallel_size=2, compile=True).compile     # compiled ranks: test_tp_compile.py
     assert ServeConfig.from_dict({"model": "tiny-llada", "tensor_parallel_size": 2}).tensor_parallel_size == 2
     r = subprocess.run([sys.executable, "-m", "dlc.cli", "serve", "tiny-llada", "--tp", "3"],
                        capture_output=True, text=True, timeout=60)
