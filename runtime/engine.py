@@ -89,7 +89,7 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
         if compile:
             raise ValueError("compile: tensor_parallel_size > 1 captures CUDA graphs without torch.compile; "
                              "leave --compile out")
-        runner.enable_graphs(runner.device.type == "cuda" if on is None else on)
+        runner.enable_graphs(runner.device.type == "cuda" if on is None else on, decode=decode)
         return runner
     if isinstance(runner, CompiledRunner):           # an engine: its programs compiled, graphs of its Reuse
         cuda = runner.device.type == "cuda"

@@ -158,14 +158,15 @@ class TensorParallelRunner:
 
     capture = property(lambda self: self.graphed and self.shard.capture)
 
-    def enable_graphs(self, on: bool = True, capture: bool | None = None) -> None:
+    def enable_graphs(self, on: bool = True, capture: bool | None = None, decode: str | None = None) -> None:
         """Every rank's runner becomes a ``ShardGraphRunner`` (``on``; captured on CUDA, ``capture=False``
-        runs the same static-buffer steps uncaptured) or the eager ``ShardRunner`` again."""
+        runs the same static-buffer steps uncaptured; ``decode``: "fused" / "exact", None: the device's
+        default) or the eager ``ShardRunner`` again."""
         def swap():
-            new = with_graphs(self.shard, on, capture)
+            new = with_graphs(self.shard, on, capture, decode)
             if new is not self.shard:
                 self.shard, self._bound = new, None
-        self._call(lambda: self.channel.send(GRAPHS, (on, capture)), swap)
+        self._call(lambda: self.channel.send(GRAPHS, (on, capture, decode)), swap)
 
     def bind_pool(self, kv) -> None:
         """Rank 0 binds its pool (taking the padding rows' scratch slot), then each worker its own pool of the
