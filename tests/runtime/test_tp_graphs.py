@@ -124,9 +124,9 @@ def test_tp2_fused_decode_equals_one_process_fused(pair, monkeypatch):
     """``decode="fused"`` on every rank (the CUDA default; on CPU the op's float32 reference; set as
     ``--graph-decode`` sets it): each rank reduces its vocab shard by ``fused_shard_stats`` at T = 0, in the
     replayed Reuse steps and the eager Refresh steps alike, and the combine decodes what one process's
-    ``fused`` graph runner decodes: same tokens and forward counts, with logprobs and entropy variants. Sampled steps keep the float64 shard path (tokens equal one
-    process's). Rank 0's calls of the fused path are counted (the workers make the same ones: the combine's
-    collectives would not match otherwise)."""
+    ``fused`` graph runner decodes: same tokens and forward counts, with logprobs and entropy variants.
+    Sampled steps keep the float64 shard path (tokens equal one process's). Rank 0's calls of the fused path
+    are counted (the workers make the same ones: the combine's collectives would not match otherwise)."""
     from dlc.runtime.distributed import shard_graph, shard_runner
     from dlc.runtime.runners.graph import GraphRunner
     one, tp = pair
