@@ -14,8 +14,9 @@ float64 [R] each (the names ``vocab.shard_stats`` uses):
   ``entropy``), so the shard's logsumexp is ``m + log s`` and its mean logit ``a / s``;
 * with ``topk``: ``tv`` [R, k] float64 / ``ti`` [R, k] int64, the shard's k largest logits and global ids.
 
-The kernels write per-(row, vocab split) partials; ``_stats`` reduces the splits in float64 (the float32
-partials of a split are exact inputs, the sums over splits and later over ranks are float64).
+The kernels write per-(row, vocab split) partials; ``_shard_finish_kernel`` reduces a row's splits in one
+launch (float64 sums of the float32 partials; the sums over ranks are float64 too), so the op is two launches
+(three torch ops more for a top-k).
 
 Why tokens equal TP=1's ``fused`` decode on the same rows: a logit is the same float32 dot in both (the same
 ``_tile_logits`` with the same BN / BV / BD: ``plan`` picks BN from the row count alone, and a shard boundary
@@ -34,9 +35,38 @@ from __future__ import annotations
 import torch
 
 from . import logits as L
-from ._registry import check, define_op, invariant, launch, require_triton, use_triton
+from ._registry import HAS_TRITON, check, define_op, invariant, launch, require_triton, tl, triton, use_triton
 
 STATS = ("best", "tok", "bl", "m", "s", "a")
+
+if HAS_TRITON:
+    @triton.jit(do_not_specialize=["v0"])
+    def _shard_finish_kernel(PM, PS, PB, PI, PL, PE, OUT, N, n_split, v0,
+                             ENTROPY: tl.constexpr, BS: tl.constexpr):
+        """One row per program: its ``n_split`` partials (float32; local int32 ids) -> OUT[:, row] =
+        (best, global id, its logit, m, s, a) in float64, in one launch (the splits' reduction, otherwise a
+        dozen small torch ops per step). Ties: the first split holding the best (the lowest id)."""
+        row = tl.program_id(0)
+        j = tl.arange(0, BS)
+        msk = j < n_split
+        base = row * n_split
+        pm32 = tl.load(PM + base + j, mask=msk, other=float("-inf"))
+        m32 = tl.max(pm32, 0)
+        w = tl.where(msk, tl.exp(pm32 - m32), 0.0).to(tl.float64)     # e^(m_j - m), exactly as TP=1's
+        pm = tl.where(msk, pm32, 0.0).to(tl.float64)
+        ps = tl.load(PS + base + j, mask=msk, other=0.0).to(tl.float64)
+        s = tl.sum(ps * w, 0)
+        jb = tl.argmax(tl.load(PB + base + j, mask=msk, other=float("-inf")), 0)     # first max
+        tl.store(OUT + row, tl.load(PB + base + jb).to(tl.float64))
+        tl.store(OUT + N + row, (tl.load(PI + base + jb) + v0).to(tl.float64))
+        tl.store(OUT + 2 * N + row, tl.load(PL + base + jb).to(tl.float64))
+        tl.store(OUT + 3 * N + row, m32.to(tl.float64))
+        tl.store(OUT + 4 * N + row, s)
+        if ENTROPY:                     # a split's e^(l - m_j) l sum: its entropy partial plus m_j s_j
+            pe = tl.load(PE + base + j, mask=msk, other=0.0).to(tl.float64)
+            tl.store(OUT + 5 * N + row, tl.sum((pe + pm * ps) * w, 0))
+        else:
+            tl.store(OUT + 5 * N + row, 0.0)
 
 
 def shard_stats_reference(hidden, weight, v0: int, entropy: bool, topk: int,
@@ -52,17 +82,27 @@ def shard_stats_reference(hidden, weight, v0: int, entropy: bool, topk: int,
     out = {k: v[:, 0] for k, v in out.items()}
     lse, s = out["_lse"].to(f), out["_den"].to(f)
     bl = out["logprob"].to(f) + lse
-    st = {"best": bl.clone(), "tok": (out["tokens"] + v0).to(f), "bl": bl, "m": out["_bm"].to(f), "s": s,
+    st = {"best": bl, "tok": (out["tokens"] + v0).to(f), "bl": bl, "m": out["_bm"].to(f), "s": s,
           "a": (lse - out["entropy"].to(f)) * s if entropy else torch.zeros_like(s)}
     if topk:
         st["tv"], st["ti"] = out["_topv"].to(f), out["topk_ids"] + v0
     return st
 
 
-def shard_stats_triton(hidden, weight, v0: int, entropy: bool, topk: int, BN=None, BV=128, BD=64,
-                       num_warps=4, num_stages=3, programs_per_sm=4) -> dict:
+def shard_stats_triton(hidden, weight, v0: int, entropy: bool, topk: int, **tiles) -> dict:
+    """The op's statistics by the Triton kernels (``_shard_stats_packed``) as a dict."""
+    packed, tv, ti = _shard_stats_packed(hidden, weight, v0, entropy, topk, **tiles)
+    st = dict(zip(STATS, packed.unbind(0)))
+    if topk:
+        st["tv"], st["ti"] = tv, ti
+    return st
+
+
+def _shard_stats_packed(hidden, weight, v0: int, entropy: bool, topk: int, BN=None, BV=128, BD=64,
+                        num_warps=4, num_stages=3, programs_per_sm=4):
     """One launch of the plain (or, with extras, the extras) selected-row logits kernel over the shard's head
-    ``weight`` [Vr, d], then the splits' float64 reduction (``_stats``). Tiles and splits as TP=1's
+    ``weight`` [Vr, d], then one of ``_shard_finish_kernel`` -> (statistics [6, N] float64 in ``STATS``
+    order, top-k values [N, k] float64, ids [N, k] int64; None without ``topk``). Tiles and splits as TP=1's
     ``select_logits_triton`` / ``select_extras_triton`` pick them for the same rows."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -91,26 +131,13 @@ def shard_stats_triton(hidden, weight, v0: int, entropy: bool, topk: int, BN=Non
             IEEE=ieee, ENTROPY=entropy, TOPK=topk, KPAD=kpad,
             BN=BN, BV=BV, BD=BD, num_warps=num_warps, num_stages=num_stages)
         pl = pb                                                       # the extras kernel's best is a logit
-    return _stats(pm, ps, pb, pi, pl, pe, ptv, pti, v0, topk)
-
-
-def _stats(pm, ps, pb, pi, pl, pe, ptv, pti, v0: int, topk: int) -> dict:
-    """Partials [N, n_split] (float32; ids int32 local to the shard; top lists [N, n_split, KPAD]) -> the
-    op's float64 statistics [N] (``tv`` / ``ti`` [N, k])."""
-    f = torch.float64
-    pm64, ps64 = pm.to(f), ps.to(f)
-    m = pm64.amax(1)                                                  # [N]
-    w = torch.exp(pm64 - m[:, None])                                  # [N, n_split]
-    s = (ps64 * w).sum(1)
-    j = pb.argmax(1, keepdim=True)                                    # first max: the lowest split (id)
-    st = {"best": pb.gather(1, j)[:, 0].to(f), "tok": (pi.gather(1, j)[:, 0] + v0).to(f),
-          "bl": pl.gather(1, j)[:, 0].to(f), "m": m, "s": s}
-    # a split's sum e^(l - m_j) l is its entropy partial sum e^(l - m_j) (l - m_j) plus m_j s_j
-    st["a"] = ((pe.to(f) + pm64 * ps64) * w).sum(1) if pe is not None else torch.zeros_like(s)
-    if topk:
-        v, i = ptv.flatten(1).topk(topk, dim=1)                       # [N, k] of [N, n_split x KPAD]
-        st["tv"], st["ti"] = v.to(f), pti.flatten(1).gather(1, i).to(torch.int64) + v0
-    return st
+    out = torch.empty(len(STATS), N, dtype=torch.float64, device=hidden.device)          # [6, N]
+    launch(_shard_finish_kernel)[(N,)](pm, ps, pb, pi, pl, pm if pe is None else pe, out, N, n_split, v0,
+                                       ENTROPY=pe is not None, BS=triton.next_power_of_2(n_split))
+    if not topk:
+        return out, None, None
+    v, i = ptv.flatten(1).topk(topk, dim=1)                           # [N, k] of [N, n_split x KPAD]
+    return out, v.to(torch.float64), pti.flatten(1).gather(1, i).to(torch.int64) + v0
 
 
 def validate(hidden, weight, v0: int, topk: int) -> None:
@@ -122,22 +149,24 @@ def validate(hidden, weight, v0: int, topk: int) -> None:
 @define_op("fused_shard_stats", opaque=True)
 def fused_shard_stats_op(hidden: torch.Tensor, weight: torch.Tensor, v0: int, entropy: bool,
                          topk: int) -> list[torch.Tensor]:
+    """-> [statistics [6, R] float64 (``STATS`` order), top-k values [R, k], ids [R, k] (empty without)]."""
     if use_triton(hidden):
         require_triton("fused_shard_stats")
-        st = shard_stats_triton(hidden, weight, v0, entropy, topk)
+        packed, tv, ti = _shard_stats_packed(hidden, weight, v0, entropy, topk)
     else:
         st = shard_stats_reference(hidden, weight, v0, entropy, topk)
-    e = [hidden.new_empty(0), hidden.new_empty(0)]                     # outputs may not alias each other
-    tops = [st["tv"].contiguous(), st["ti"].contiguous()] if topk else e
-    return [st[k].contiguous() for k in STATS] + tops
+        packed, tv, ti = torch.stack([st[k] for k in STATS]), st.get("tv"), st.get("ti")
+    if not topk:                                                       # outputs may not alias each other
+        return [packed, hidden.new_empty(0), hidden.new_empty(0)]
+    return [packed, tv.contiguous(), ti.contiguous()]
 
 
 @fused_shard_stats_op.register_fake
 def _(hidden, weight, v0, entropy, topk):
     R, e = hidden.shape[0], hidden.new_empty(0)
-    return [hidden.new_empty(R, dtype=torch.float64) for _ in STATS] + [
-        hidden.new_empty(R, topk, dtype=torch.float64) if topk else e,
-        hidden.new_empty(R, topk, dtype=torch.int64) if topk else e]
+    return [hidden.new_empty(len(STATS), R, dtype=torch.float64),
+            hidden.new_empty(R, topk, dtype=torch.float64) if topk else e,
+            hidden.new_empty(R, topk, dtype=torch.int64) if topk else hidden.new_empty(0)]
 
 
 def fused_shard_stats(hidden: torch.Tensor, weight: torch.Tensor, v0: int = 0, entropy: bool = False,
@@ -145,8 +174,8 @@ def fused_shard_stats(hidden: torch.Tensor, weight: torch.Tensor, v0: int = 0, e
     """hidden [R, d] rows, weight [Vr, d] the head rows of global ids v0 .. v0 + Vr -> {"best", "tok", "bl",
     "m", "s", "a"} float64 [R] (+ "tv" float64 / "ti" int64 [R, k] with ``topk``) at T = 0 (the module)."""
     validate(hidden, weight, v0, topk)
-    res = torch.ops.dlc.fused_shard_stats(hidden, weight, int(v0), bool(entropy), int(topk))
-    st = dict(zip(STATS, res[:len(STATS)]))
+    packed, tv, ti = torch.ops.dlc.fused_shard_stats(hidden, weight, int(v0), bool(entropy), int(topk))
+    st = dict(zip(STATS, packed.unbind(0)))
     if topk:
-        st["tv"], st["ti"] = res[len(STATS):]
+        st["tv"], st["ti"] = tv, ti
     return st

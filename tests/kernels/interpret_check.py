@@ -67,6 +67,8 @@ def check_shard_stats(dt):
     confidence vs TP=1's kernel."""
     from dlc.runtime.distributed.vocab import STATS, merge, shard_stats
     h, w = (torch.randn(4, 5, 48) * 0.5).to(dt), torch.randn(700, 48).to(dt)
+    h[0, 0] = torch.randn(48).sign()                  # row 0's best logit, 96 exactly, tied at ids 100, 200
+    w[100] = w[200] = w[500] = 2 * h[0, 0]            # (another split of shard 0) and 500 (shard 1): id 100
     rows, ar, one, z = h.reshape(20, 48), torch.arange(4), torch.ones(1, dtype=torch.float64), torch.zeros(4)
     shards = ((0, 352), (352, 700))
     for ent, k in ((False, 0), (False, 3), (True, 5)):                          # plain kernel, extras
@@ -97,6 +99,7 @@ def check_shard_stats(dt):
         if k:
             tops = (torch.cat([p["tv"] for p in parts], -1), torch.cat([p["ti"] for p in parts], -1))
         out = merge(ranks, k, tops)
+        assert out["tokens"][0, 0] == 100 and parts[1]["tok"][0, 0] == 500, (dt, ent, k, "ties: lowest id")
         full = X.select_extras_reference(rows.double(), w.double(), True, k, acc=torch.float64)
         same = out["tokens"].reshape(-1) == full["tokens"]
         assert same.float().mean() >= 0.9, (dt, ent, k, "merged")
