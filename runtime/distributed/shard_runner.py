@@ -8,6 +8,7 @@ import torch
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.eager import EagerRunner
+from ..runners.graph import LOGPROB_BUCKETS
 from ..step import StepBatch
 from ..step_output import StepOutput
 from .vocab import combine, fused_stats, shard_stats
@@ -37,7 +38,8 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
     if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
         rows, temperature = rows / temperature, 1.0               # as EagerRunner.decode: softmax(l / T)
     k = batch.logprobs or 0
-    if fused:
+    if fused:                   # k as the graphs' variants round it: one compiled kernel per bucket, not per k
+        k = next(b for b in LOGPROB_BUCKETS if b >= k)
         st = fused_stats(rows, w, v0, topk=k, entropy=batch.entropy)
     else:
         st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
