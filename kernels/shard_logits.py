@@ -52,7 +52,7 @@ if HAS_TRITON:
         base = row * n_split
         pm32 = tl.load(PM + base + j, mask=msk, other=float("-inf"))
         m32 = tl.max(pm32, 0)
-        w = tl.where(msk, tl.exp(pm32 - m32), 0.0).to(tl.float64)     # e^(m_j - m), exactly as TP=1's
+        w = tl.where(msk, tl.exp(pm32 - m32), 0.0).to(tl.float64)     # e^(m_j - m) in float32, as TP=1
         pm = tl.where(msk, pm32, 0.0).to(tl.float64)
         ps = tl.load(PS + base + j, mask=msk, other=0.0).to(tl.float64)
         s = tl.sum(ps * w, 0)
