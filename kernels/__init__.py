@@ -16,6 +16,10 @@ Python API (what compiler passes and runtimes call):
   credit_vals=None, credit_alpha=None)`` -> dict: ``fused_select_logits``' decoding at T = 0 plus the
   decoding extras of the entropy-bounded and logprobs rules from the same vocab sweep, credit as a sparse
   correction of it over the credited ids' logits (kernels/select_extras.py).
+* ``fused_shard_stats(hidden [R, d], weight [Vr, d], v0=0, entropy=False, topk=0)`` -> dict: the same sweep
+  over one vocab shard (head rows of global ids v0 ..), reduced to the raw statistics a vocab-parallel combine
+  needs instead of (token, confidence): best logit, its global id, max, sum of exp, entropy terms, top-k
+  (kernels/shard_logits.py; tensor parallelism's ``fused`` decoding).
 * ``fused_topk_logprobs(hidden, weight, k)`` -> (logprobs [N, k] float32, ids [N, k] int64), vocab-chunked.
 * ``sparse_attention(q [B, H, T, D], k, v, k_blk, v_blk [B, Hkv, T, D], idx=None)`` -> [B, H, T, D].
   Attention of the block's queries over per-head selected cached positions plus the block's own K/V (GQA:
@@ -51,6 +55,8 @@ from .matmul import invariant_matmul
 from . import select_extras as _se
 from .attention import select_positions
 from .select_extras import fused_select_extras
+from . import shard_logits as _sh
+from .shard_logits import fused_shard_stats
 
 OPS["fused_topk_logprobs"] = torch.ops.dlc.fused_topk_logprobs
 
@@ -63,6 +69,7 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
     "invariant_matmul": _mm.matmul_reference,
     "invariant_row_sum": _rd.row_sum_reference,
     "fused_select_extras": _se.select_extras_reference,
+    "fused_shard_stats": _sh.shard_stats_reference,
 }
 
 
@@ -115,5 +122,5 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
 
 
 __all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_select_extras",
-           "fused_topk_logprobs", "sparse_attention", "select_positions", "kv_write_", "pool_attention",
-           "invariant_matmul"]
+           "fused_shard_stats", "fused_topk_logprobs", "sparse_attention", "select_positions", "kv_write_",
+           "pool_attention", "invariant_matmul"]

@@ -92,7 +92,7 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
         if not on and compile:
             raise ValueError("compile: --compile compiles the CUDA-graph runner's blocks; add --cuda-graphs "
                              "(or leave --compile out)")
-        runner.enable_graphs(on, compile=on and (cuda if compile is None else compile))
+        runner.enable_graphs(on, compile=on and (cuda if compile is None else compile), decode=decode)
         return runner
     if isinstance(runner, CompiledRunner):           # an engine: its programs compiled, graphs of its Reuse
         cuda = runner.device.type == "cuda"

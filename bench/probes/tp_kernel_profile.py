@@ -6,7 +6,8 @@ step's projections and all-reduces alone take 2.9 ms on a TP=2 rank (3.9 ms at T
 rank 0's steps (``torch.profiler``, CUDA activity; the worker runs the same kernels) and TP=1's, uncaptured
 (TP=1: the graph runner's step uncaptured; TP: the eager shard runner; every kernel visible with its own
 device time) and captured, and prints per (TP, B) the kernels by
-device time per step.
+device time per step. ``--tp-decode exact`` profiles the ranks' float64 vocab-shard decoding instead of the
+default fused per-shard sweep (kernels/shard_logits.py).
 
 ``--compile`` (the serving default on CUDA) runs both sides' blocks under torch.compile, every TP rank's with
 its all-reduces inside (runtime/distributed/shard_graph.py); ``--no-compile`` neither side (the TP=2 numbers
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="compiled blocks on both sides (TP=1 and every TP rank)")
+    ap.add_argument("--tp-decode", default=None, choices=["fused", "exact"],
+                    help="the TP ranks' captured decoding [fused: kernels/shard_logits.py; exact: float64]")
     args = ap.parse_args()
     from dlc.runtime.engine import graph_runner_for
     from dlc.runtime.session import open_model
@@ -83,7 +86,8 @@ def main() -> None:
                     if runner is one:              # TP=1: the graph runner's static-buffer step, uncaptured
                         one.capture = captured
                     else:                          # TP: the eager ShardRunner, or the ShardGraphRunner
-                        tp.enable_graphs(captured, True if captured else None, args.compile)
+                        tp.enable_graphs(captured, True if captured else None, compile=args.compile,
+                                         decode=args.tp_decode)
                     probe = ReuseProbe(runner, P, G, blk, B, seed=B)
                     rows, total = kernel_table(probe, args.steps)
                     how = ("captured" if captured else "uncaptured") + (", compiled" if args.compile else "")

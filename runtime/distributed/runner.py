@@ -159,16 +159,17 @@ class TensorParallelRunner:
     capture = property(lambda self: self.graphed and self.shard.capture)
     compiled = property(lambda self: self.graphed and self.shard.compiled)    # every rank's blocks compiled
 
-    def enable_graphs(self, on: bool = True, capture: bool | None = None,
-                      compile: bool | str = False) -> None:
+    def enable_graphs(self, on: bool = True, capture: bool | None = None, compile: bool | str = False,
+                      decode: str | None = None) -> None:
         """Every rank's runner becomes a ``ShardGraphRunner`` (``on``; captured on CUDA, ``capture=False``
         runs the same static-buffer steps uncaptured; ``compile``: its blocks under torch.compile, Inductor
-        or the backend named) or the eager ``ShardRunner`` again."""
+        or the backend named; ``decode``: "fused" / "exact", None: the device's default) or the eager
+        ``ShardRunner`` again."""
         def swap():
-            new = with_graphs(self.shard, on, capture, compile)
+            new = with_graphs(self.shard, on, capture, compile, decode)
             if new is not self.shard:
                 self.shard, self._bound = new, None
-        self._call(lambda: self.channel.send(GRAPHS, (on, capture, compile)), swap)
+        self._call(lambda: self.channel.send(GRAPHS, (on, capture, compile, decode)), swap)
 
     def bind_pool(self, kv) -> None:
         """Rank 0 binds its pool (taking the padding rows' scratch slot), then each worker its own pool of the

@@ -11,9 +11,12 @@ no host sync, never [rows, vocab]), so the collectives stay in lockstep and ever
 (x0, conf). NCCL communicators exist before any capture: ``GraphRunner._graph`` runs each step twice on a
 side stream before capturing it, and those runs execute the collectives.
 
-Decoding is always the shard's float64 combine (there is no fused selected-row kernel over a vocab slice):
-tokens equal ``ShardRunner``'s, which equal one process's on decisive fp32 models. Captured variants exist for
-what the combine computes (T > 0 sampling, logprobs, entropy); credit, smoothing and sampling filters are
+Decoding (``decode``, as ``GraphRunner``'s: ``fused`` on CUDA, ``exact`` on CPU): ``fused`` reduces the rank's
+vocab shard at T = 0 by the fused selected-row logits sweep (``vocab.fused_stats``, kernels/shard_logits.py:
+float32 logits as TP=1's ``fused`` graph runner, so tokens equal its on decisive models), ``exact`` and every
+sampled or guided step by the shard's float64 chunks (``vocab.shard_stats``: tokens equal ``ShardRunner``'s,
+which equal one process's on decisive fp32 models); the same small combine follows. Captured variants exist
+for what the combine computes (T > 0 sampling, logprobs, entropy); credit, smoothing and sampling filters are
 refused for tensor parallelism (``TensorParallelRunner.check_generation``). Refresh, full forwards, guidance
 and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same combine.
 
@@ -56,16 +59,16 @@ from ..step import StepBatch
 from ..step_output import StepOutput
 from .channel import _B, _NFED, _NOUT, _TEMP, Compact, _float, frame_key, frame_wants_extras, split_payload
 from .shard_runner import ShardRunner, extras_of, vocab_decode
-from .vocab import combine, shard_stats
+from .vocab import combine, fused_stats, shard_stats
 
 _UNSEEN = object()
 
 
 class ShardGraphRunner(GraphRunner):
     def __init__(self, shard: ShardRunner, buckets=BUCKETS, capture: bool | None = None, max_width: int = 128,
-                 pool_attention: bool | None = None, compile: bool | str = False):
+                 pool_attention: bool | None = None, compile: bool | str = False, decode: str | None = None):
         done = blocks_compiled(shard.model)           # compiled earlier (graphs off and on again): kept
-        super().__init__(shard.model, decode="exact", buckets=buckets, capture=capture,
+        super().__init__(shard.model, decode=decode, buckets=buckets, capture=capture,
                          compile=not done and compile, max_width=max_width, pool_attention=pool_attention)
         self.compiled = self.compiled or done
         self.config = shard.config       # the shard's heads (its KV pool) and the full vocabulary
@@ -181,8 +184,9 @@ class ShardGraphRunner(GraphRunner):
         return ex
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
-        """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine."""
-        return vocab_decode(self, rows, batch)
+        """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine (the fused sweep where the
+        graphs would fuse: ``fused`` mode, T = 0, no guidance)."""
+        return vocab_decode(self, rows, batch, fused=self._fuses(batch))
 
     def _graph_decode(self, rows: torch.Tensor, g):
         """The captured step's decoding: rows [bb, N, d] -> this shard's statistics, combined over the ranks
@@ -193,8 +197,11 @@ class ShardGraphRunner(GraphRunner):
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
         k = max(ex.logprobs, 0) if ex else 0
-        st = shard_stats(rows, w, v0, ar, ar, one, temp, seeds, self.config.vocab_size, topk=k,
-                         entropy=bool(ex and ex.entropy))
+        if self.decoding == "fused" and not (ex and ex.sampled):
+            st = fused_stats(rows, w, v0, topk=k, entropy=bool(ex and ex.entropy))
+        else:
+            st = shard_stats(rows, w, v0, ar, ar, one, temp, seeds, self.config.vocab_size, topk=k,
+                             entropy=bool(ex and ex.entropy))
         out = combine(st, self.group, topk=k)
         if not ex:
             return out["tokens"], out["confidence"]
@@ -227,14 +234,16 @@ def stage_frame(g: _Graph, h: list, payload: torch.Tensor, scratch: int, shift: 
     g.rows_used = B
 
 
-def with_graphs(shard, on: bool, capture: bool | None = None, compile: bool | str = False):
+def with_graphs(shard, on: bool, capture: bool | None = None, compile: bool | str = False,
+                decode: str | None = None):
     """The rank's runner with CUDA graphs on (a ``ShardGraphRunner`` over the shard's model, its blocks
-    compiled when ``compile``) or off (the eager ``ShardRunner``); unchanged if it already is (a graph runner
-    asked to compile compiles its blocks now and recaptures its graphs over them)."""
+    compiled when ``compile``, decoding as ``decode`` says; None: the device's default) or off (the eager
+    ``ShardRunner``); unchanged if it already is (a graph runner asked to compile compiles its blocks now and
+    recaptures its graphs over them; another decoding mode makes a new graph runner over the same model)."""
     if not on:
         return shard.eager() if isinstance(shard, ShardGraphRunner) else shard
-    if not isinstance(shard, ShardGraphRunner):
-        return ShardGraphRunner(shard, capture=capture, compile=compile)
+    if not isinstance(shard, ShardGraphRunner) or decode not in (None, shard.decoding):
+        return ShardGraphRunner(shard, capture=capture, compile=compile, decode=decode)
     if compile:
         shard.compile_blocks(compile)
     return shard

@@ -8,9 +8,10 @@ import torch
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.eager import EagerRunner
+from ..runners.graph import LOGPROB_BUCKETS
 from ..step import StepBatch
 from ..step_output import StepOutput
-from .vocab import combine, shard_stats
+from .vocab import combine, fused_stats, shard_stats
 
 
 class ShardRunner(EagerRunner):
@@ -27,16 +28,22 @@ class ShardRunner(EagerRunner):
         return vocab_decode(self, rows, batch)
 
 
-def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch):
+def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = False):
     """A shard's decoding (``ShardRunner``, and ``ShardGraphRunner``'s uncaptured steps): rows [fed, N, d] ->
-    (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy, combined over the ranks."""
+    (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy, combined over the ranks.
+    ``fused``: a T = 0 step without guidance (the caller checked) through the fused sweep
+    (``fused_stats``)."""
     w, v0 = head_shard(shard.model, shard.rank, shard.world)
     temperature = batch.temperature
     if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
         rows, temperature = rows / temperature, 1.0               # as EagerRunner.decode: softmax(l / T)
     k = batch.logprobs or 0
-    st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
-                     temperature, batch.seeds, shard.config.vocab_size, topk=k, entropy=batch.entropy)
+    if fused:                   # k as the graphs' variants round it: one compiled kernel per bucket, not per k
+        k = next(b for b in LOGPROB_BUCKETS if b >= k)
+        st = fused_stats(rows, w, v0, topk=k, entropy=batch.entropy)
+    else:
+        st = shard_stats(rows, w, v0, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype),
+                         temperature, batch.seeds, shard.config.vocab_size, topk=k, entropy=batch.entropy)
     out = combine(st, shard.group, topk=k)
     if not batch.wants_extras():
         return out["tokens"], out["confidence"]

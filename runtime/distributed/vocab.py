@@ -10,7 +10,12 @@ top-k for logprobs). One ``all_gather`` of these [C, N] statistics (a few floats
 the lowest id, as the single-process chunk loop), confidence ``exp(l_tok - M) / S``, logprob
 ``l_tok - (M + log S)``, entropy ``M + log S - A / S``; top-k merges the ranks' k candidates. The collectives
 are ``all_gather_into_tensor`` (``all_gather_single``) and nothing reads a value on the host, so the combine
-runs inside a captured Reuse step (``shard_graph.ShardGraphRunner``)."""
+runs inside a captured Reuse step (``shard_graph.ShardGraphRunner``).
+
+``fused_stats`` is the same statistics at T = 0 without guidance from the fused selected-row logits sweep
+(``dlc.kernels.fused_shard_stats``, kernels/shard_logits.py: one pass over the shard's head, float32 logits
+as TP=1's ``fused`` graph runner decodes): what a ``fused`` graph runner's rank computes (the CUDA default);
+sampled and guided steps keep ``shard_stats``. ``merge`` is the combine without its collective."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from dlc.kernels.logits import uniform_noise
 
+STATS = ("best", "tok", "bl", "m", "s", "a")   # one rank's per-row statistics, in the all_gather's order
 CHUNK = 32768                  # head rows per chunk (the eager runner's VOCAB_CHUNK)
 # torch 2.13 renamed all_gather_into_tensor (a deprecation warning per call) to all_gather_single
 _GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -65,12 +71,30 @@ def _merge_chunk(st: dict, cur: dict) -> dict:
     return out
 
 
+def fused_stats(h, w, v0: int, topk: int = 0, entropy: bool = False) -> dict:
+    """``shard_stats`` at T = 0 without guidance (rows h [B, N, d] decoded as they are) through the fused
+    selected-row logits sweep over this rank's head rows (``dlc.kernels.fused_shard_stats``: float32 logits
+    as TP=1's ``fused`` graph runner computes them, no [B, N, Vr] tensor; on CPU its float32 reference)."""
+    from dlc.kernels import fused_shard_stats
+    B, N = h.shape[:2]
+    st = fused_shard_stats(h.reshape(B * N, h.shape[-1]), w, v0, entropy, topk)
+    return {k: v.view(B, N, *v.shape[1:]) for k, v in st.items()}
+
+
 def combine(st: dict, group, topk: int = 0) -> dict:
     """All ranks' statistics -> {"tokens", "confidence", "lse", "logit", "entropy_terms", top-k}: one
     all_gather of [6, C, N] float64 (and one of the top-k candidates when asked)."""
     world = dist.get_world_size(group)
-    mine = torch.stack([st[k] for k in ("best", "tok", "bl", "m", "s", "a")])     # [6, C, N]
-    best, tok, bl, m, s, a = _all_gather(mine, group, world).unbind(1)            # each [R, C, N]
+    mine = torch.stack([st[k] for k in STATS])                                     # [6, C, N]
+    ranks = _all_gather(mine, group, world)                                       # [R, 6, C, N]
+    tops = _gather_topk(st["tv"], st["ti"], group, world) if topk else None
+    return merge(ranks, topk, tops)
+
+
+def merge(ranks: torch.Tensor, topk: int = 0, tops: tuple | None = None) -> dict:
+    """The combine itself, no collective: every rank's statistics ``ranks`` [R, 6, C, N] (``STATS`` order)
+    and top-k candidates ``tops`` ([C, N, R * k] values, ids) -> the decoded rows."""
+    best, tok, bl, m, s, a = ranks.unbind(1)                                      # each [R, C, N]
     M = m.amax(0)
     f = torch.exp(m - M)
     S, A = (s * f).sum(0), (a * f).sum(0)
@@ -80,7 +104,7 @@ def combine(st: dict, group, topk: int = 0) -> dict:
     out = {"tokens": tok.gather(0, j)[0].to(torch.int64), "confidence": torch.exp(l_tok - M) / S,
            "logprob": l_tok - lse, "entropy": lse - A / S}
     if topk:
-        tv, ti = _gather_topk(st["tv"], st["ti"], group, world)
+        tv, ti = tops
         v, jj = tv.topk(min(topk, tv.shape[-1]), dim=-1)
         out["topk_ids"], out["topk_logprobs"] = ti.gather(-1, jj), v - lse[..., None]
     return out

@@ -11,6 +11,7 @@ from dlc.kernels import attention as A
 from dlc.kernels import cache_write as C
 from dlc.kernels import logits as L
 from dlc.kernels import select_extras as X
+from dlc.kernels import shard_logits as S
 
 REL = {torch.float32: 1e-5, torch.float16: 2e-3}
 EXTRAS_ATOL = {torch.float32: 1e-4, torch.float16: 1e-4}   # vs the float64 sweep on the same (rounded) inputs
@@ -56,6 +57,62 @@ def check_extras(dt):
                 assert (a == b).float().mean() >= 0.9, (dt, ent, k, cr, key)
 
 
+def check_shard_stats(dt):
+    """The per-shard statistics of the fused sweep (kernels/shard_logits.py; both kernels: plain, and extras
+    for entropy / top-k) over two vocab shards vs the float64 ``vocab.shard_stats`` of each shard on the same
+    (rounded) values, and the two shards merged (``vocab.merge``, the combine without its collective) vs the
+    full-vocabulary float64 decode and vs TP=1's fused kernel over the whole head (same tiles: tokens equal).
+    Tiles small enough that each shard's sweep crosses several tiles and vocab splits; the second shard starts
+    at 352 = 11 x BV. Tolerance: EXTRAS_ATOL on logits, logsumexps, a / s and the merged floats; REL on the
+    confidence vs TP=1's kernel."""
+    from dlc.runtime.distributed.vocab import STATS, merge, shard_stats
+    h, w = (torch.randn(4, 5, 48) * 0.5).to(dt), torch.randn(700, 48).to(dt)
+    h[0, 0] = torch.randn(48).sign()                  # row 0's best logit, 96 exactly, tied at ids 100, 200
+    w[100] = w[200] = w[500] = 2 * h[0, 0]            # (another split of shard 0) and 500 (shard 1): id 100
+    rows, ar, one, z = h.reshape(20, 48), torch.arange(4), torch.ones(1, dtype=torch.float64), torch.zeros(4)
+    shards = ((0, 352), (352, 700))
+    for ent, k in ((False, 0), (False, 3), (True, 5)):                          # plain kernel, extras
+        parts = []
+        for v0, v1 in shards:
+            st = S.shard_stats_triton(rows, w[v0:v1], v0, ent, k, BN=16, BV=32, BD=16)
+            st = {key: v.view(4, 5, *v.shape[1:]) for key, v in st.items()}
+            ref = shard_stats(h.double(), w[v0:v1].double(), v0, ar, ar, one, 0.0, z.long(), 700, topk=k,
+                              entropy=ent)
+            assert set(st) == set(ref), (sorted(st), sorted(ref))
+            assert st["tok"].min() >= v0 and st["tok"].max() < v1                 # global ids of the shard
+            same = st["tok"] == ref["tok"]
+            assert same.float().mean() >= 0.9, (dt, ent, k, v0)
+            lse, rlse = st["m"] + st["s"].log(), ref["m"] + ref["s"].log()
+            errs = {"best": st["best"] - ref["best"], "bl": st["bl"] - ref["bl"], "m": st["m"] - ref["m"],
+                    "lse": lse - rlse}
+            if ent:
+                errs["a/s"] = st["a"] / st["s"] - ref["a"] / ref["s"]
+            if k:
+                errs["tv"] = st["tv"] - ref["tv"]
+                assert (st["ti"] == ref["ti"]).float().mean() >= 0.9, (dt, ent, k, v0, "ti")
+            for key, e in errs.items():
+                e = e[same] if key in ("best", "bl") else e
+                assert e.abs().max().item() < EXTRAS_ATOL[dt], (dt, ent, k, v0, key, e.abs().max().item())
+            parts.append(st)
+        ranks = torch.stack([torch.stack([p[key] for key in STATS]) for p in parts])     # [2, 6, 4, 5]
+        tops = None
+        if k:
+            tops = (torch.cat([p["tv"] for p in parts], -1), torch.cat([p["ti"] for p in parts], -1))
+        out = merge(ranks, k, tops)
+        assert out["tokens"][0, 0] == 100 and parts[1]["tok"][0, 0] == 500, (dt, ent, k, "ties: lowest id")
+        full = X.select_extras_reference(rows.double(), w.double(), True, k, acc=torch.float64)
+        same = out["tokens"].reshape(-1) == full["tokens"]
+        assert same.float().mean() >= 0.9, (dt, ent, k, "merged")
+        assert len(set(full["tokens"].tolist())) > 5                              # rows decode differently
+        keys = ("confidence", "logprob") + (("entropy",) if ent else ()) + (("topk_logprobs",) if k else ())
+        for key in keys:
+            e = (out[key].reshape(20, -1)[same] - full[key].reshape(20, -1)[same]).abs().max().item()
+            assert e < EXTRAS_ATOL[dt], (dt, ent, k, key, e)
+        tok1, conf1 = L.select_logits_triton(rows, w, BN=16, BV=32, BD=16)       # TP=1's fused decode
+        assert torch.equal(out["tokens"].reshape(-1), tok1), (dt, ent, k, "vs TP=1 fused")
+        assert rel(out["confidence"].reshape(-1), conf1) < REL[dt], (dt, ent, k, "confidence vs TP=1")
+
+
 def main():
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     for dt in (torch.float32, torch.float16):
@@ -89,6 +146,7 @@ def main():
             ref = A.sparse_attention_reference(q.float(), k.float(), v.float(), kb.float(), vb.float(), ix)
             assert rel(out, ref) < REL[dt], (dt, ix is None, rel(out, ref))
         check_extras(dt)
+        check_shard_stats(dt)
     kc, vc = torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
     kc2, vc2 = kc.clone(), vc.clone()
     kn, vn = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)

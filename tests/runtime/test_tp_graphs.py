@@ -120,6 +120,46 @@ def test_tp2_engine_with_graphs_equals_generate(pair, temperature, lookahead):
         assert tp.runner.stats["ahead_calls"] > 0
 
 
+def test_tp2_fused_decode_equals_one_process_fused(pair, monkeypatch):
+    """``decode="fused"`` on every rank (the CUDA default; on CPU the op's float32 reference; set as
+    ``--graph-decode`` sets it): each rank reduces its vocab shard by ``fused_shard_stats`` at T = 0, in the
+    replayed Reuse steps and the eager Refresh steps alike, and the combine decodes what one process's
+    ``fused`` graph runner decodes: same tokens and forward counts, with logprobs and entropy variants.
+    Sampled steps keep the float64 shard path (tokens equal one process's). Rank 0's calls of the fused path
+    are counted (the workers make the same ones: the combine's collectives would not match otherwise)."""
+    from dlc.runtime.distributed import shard_graph, shard_runner
+    from dlc.runtime.runners.graph import GraphRunner
+    one, tp = pair
+    calls = {"graph": 0, "eager": 0}
+
+    def counted(key, fn):
+        def wrapped(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(shard_graph, "fused_stats", counted("graph", shard_graph.fused_stats))
+    monkeypatch.setattr(shard_runner, "fused_stats", counted("eager", shard_runner.fused_stats))
+    fused_one = GraphRunner(one.runner.model, decode="fused", capture=False)
+    assert graph_runner_for(tp.runner, cuda_graphs=True, decode="fused") is tp.runner     # --graph-decode
+    try:
+        assert tp.runner.shard.decoding == "fused"
+        for extra in ({}, dict(threshold=0.3, logprobs=3), dict(entropy_bound=2.0)):
+            cfg = GenerationConfig(**GEN, **extra)
+            a, b = generate(fused_one, PROMPTS, cfg), generate(tp.runner, PROMPTS, cfg)
+            assert b.token_ids == a.token_ids and b.nfe == a.nfe, extra
+            if "logprobs" in extra:
+                assert_same_logprobs(a, b, alternatives=True)
+        assert len({tuple(t) for t in a.token_ids}) == 3 and len(set(a.token_ids[0])) > 2      # decisive
+        assert calls["graph"] >= 3 * 3 and calls["eager"] >= 3 * 2      # per run: 2 Refresh, 6 Reuse steps
+        fused = dict(calls)
+        cfg = GenerationConfig(**GEN, temperature=0.9, seed=11)
+        assert generate(tp.runner, PROMPTS, cfg).token_ids == generate(one.runner, PROMPTS, cfg).token_ids
+        assert calls == fused                                           # sampled: the float64 path
+    finally:
+        tp.runner.enable_graphs(True, decode="exact")
+    assert tp.runner.shard.decoding == "exact"
+
+
 def test_graphs_toggle_back_to_eager_on_every_rank(pair):
     one, tp = pair
     tp.runner.enable_graphs(False)
@@ -130,6 +170,36 @@ def test_graphs_toggle_back_to_eager_on_every_rank(pair):
     finally:
         tp.runner.enable_graphs(True)
     assert tp.runner.graphed
+
+
+@pytest.mark.gpu
+def test_tp2_fused_decode_on_two_gpus_equals_tp1_fused(tmp_path):
+    """2 GPUs, NCCL: the CUDA default decodes ``fused`` on every rank (the per-shard Triton sweep and the
+    combine inside the captured steps; vocab 262 splits at 131, inside a vocab tile of TP=1's). In fp32 on a
+    decisive tiny model the tokens equal one GPU's ``fused`` graph runner's (plain and logprobs variants) and
+    TP=2's ``exact`` mode's."""
+    from dlc.runtime.runners.graph import GraphRunner
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    path = write_tiny(tmp_path, MODELS["llada"])
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2)
+    try:
+        ref = GraphRunner(one.runner.model)                   # captured, fused (the CUDA default)
+        runner = graph_runner_for(tp.runner)
+        assert ref.decoding == "fused" and runner.shard.decoding == "fused" and runner.capture
+        for extra in ({}, dict(threshold=0.3, logprobs=3)):
+            cfg = GenerationConfig(**GEN, **extra)
+            a, b = generate(ref, PROMPTS, cfg), generate(runner, PROMPTS, cfg)
+            assert b.token_ids == a.token_ids and b.nfe == a.nfe, extra
+        assert len({tuple(t) for t in a.token_ids}) == 3 and len(set(a.token_ids[0])) > 2
+        assert_same_logprobs(a, b, alternatives=True)
+        assert runner.stats["replays"] > 0 and runner.stats["eager_reuse"] == 0
+        runner.enable_graphs(True, decode="exact")
+        assert runner.shard.decoding == "exact"
+        assert generate(runner, PROMPTS, cfg).token_ids == a.token_ids
+    finally:
+        tp.runner.close()
 
 
 def test_serve_config_allows_tp_graphs_and_compile():
