@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .ahead_window import AheadWindow
 from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
@@ -55,7 +56,7 @@ from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import (AheadSteps, MixedBatch, check_runner, draw_seeds, group_states, is_graphed,
+from .step import (MixedBatch, check_runner, draw_seeds, group_states, is_graphed,
                    is_mixed_iteration, make_batch, run_batch, run_mixed, runs_ahead, supports_mixed)
 from .step_output import StepOutput
 from .stops import StopStrings
@@ -63,6 +64,7 @@ from .stops import StopStrings
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids", "low_threshold",
                              "entropy_bound", "credit", "smoothing", "top_k", "top_p", "min_p",
                              "logprobs") + BLOCK_GEN_KEYS
+RUN_MAX = 1 << 16                                   # a run ahead: the rest of its block's fixed schedule
 log = logging.getLogger("dlc.engine")
 stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line
 
@@ -134,10 +136,9 @@ class _OutRow:
 
 @dataclass
 class _AheadRow:
-    """One request's share of a run of steps ahead: row ``j`` of ``steps``, its schedule ``counts``."""
-    steps: AheadSteps
+    """One request's share of a run of steps ahead: row ``j`` of ``window`` (its counts: that row)."""
+    window: AheadWindow
     j: int
-    counts: list[int]
     launched: float = 0.0          # perf_counter at the launch (the run's measured step time)
 
 
@@ -384,9 +385,9 @@ class Engine:
         return results
 
     def _ahead_cap(self, rows: int) -> int:
-        """Steps a run ahead may hold: ``lookahead_steps``, fewer where the measured step time of this many
-        rows would make the run last over ``lookahead_max_ms`` (a request arriving meanwhile waits for the
-        run: at B=32 on an H100 16 steps last ~0.65 s of TTFT for a 1% gain; bench/RESULTS.md)."""
+        """Steps a run ahead keeps in flight (its window): ``lookahead_steps``, fewer where the measured step
+        time of this many rows would make them last over ``lookahead_max_ms`` (a request arriving meanwhile
+        waits for the steps in flight: at B=32 on an H100 16 steps last ~0.65 s of TTFT; bench/RESULTS.md)."""
         cap, step_s = self.cfg.lookahead_steps, self._ahead_step_s.get(rows)
         if self.cfg.lookahead_max_ms and step_s:
             cap = min(cap, max(2, int(self.cfg.lookahead_max_ms / 1000 / step_s)))
@@ -411,9 +412,10 @@ class Engine:
                 results[id(r)] = _OutRow(out, j)
 
     def _run_ahead(self, group: list[Request], results: dict, cap: int) -> bool:
-        """Run the group's next fixed-schedule Reuse steps back to back on the device (``reuse_ahead``);
-        False where it cannot (the one-step path runs it, and isolates a request whose data fails)."""
-        counts = [r.state.lookahead(cap) for r in group]
+        """Start a window of ``cap`` steps in flight over the group's remaining fixed-schedule Reuse steps of
+        the block (``AheadWindow``; ``_apply_ahead`` keeps it full); False where it cannot (the one-step path
+        runs it, and isolates a request whose data fails)."""
+        counts = [r.state.lookahead(RUN_MAX) for r in group]
         n = min(len(c) for c in counts)
         if n < 2:
             return False
@@ -422,34 +424,45 @@ class Engine:
             batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
             if not self.runner.can_run_ahead(batch):
                 return False
-            steps = self.runner.reuse_ahead(batch, torch.tensor([c[:n] for c in counts]))
+            win = AheadWindow(self.runner, batch, torch.tensor([c[:n] for c in counts]), cap)
         except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
             log.debug("steps ahead failed, one step instead: %s", e)
             return False
         t0 = time.perf_counter()
         for j, r in enumerate(group):
-            results[id(r)] = _AheadRow(steps, j, counts[j][:n], t0)
+            results[id(r)] = _AheadRow(win, j, t0)
         return True
 
+    def _arrivals(self) -> bool:
+        """Whether a request (or an abort, a failure) waits for the loop: the window stops launching."""
+        with self.lock:
+            return bool(self._incoming or self._aborts or self._fail_msg or self.scheduler.num_waiting)
+
     def _apply_ahead(self, rows: list[Request], results: dict, n_running: int) -> None:
-        """Apply steps run ahead, step by step as each lands (the device runs the later ones meanwhile), each
-        through the decoding core; a row stops where the core's own commit or schedule differs from what the
-        device assumed for its next step (those steps are dropped and run again)."""
-        steps, live = results[id(rows[0])].steps, list(rows)
-        for s in range(len(steps)):
-            steps.wait(s)
+        """Apply steps run ahead as each lands, each through the decoding core; after each landing the window
+        launches the next step (``AheadWindow.refill``) unless a request waits or a row was dropped, so the
+        device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs from
+        what the device assumed for its next step (those steps are dropped and run again)."""
+        win, live = results[id(rows[0])].window, list(rows)
+        s = 0
+        while s < win.launched:
+            win.wait(s)
+            if len(live) == len(rows) and win.launched < win.n and not self._arrivals():
+                win.refill()
             for r in list(live):
                 a, st = results[id(r)], r.state
-                if r.finished or st.phase != "reuse" or st.n_now != a.counts[s] or (
-                        s and not torch.equal(st.x[st.bs:st.be], steps.blocks[s - 1, a.j])):
-                    self.metrics.inc("lookahead_dropped_steps_total", len(steps) - s)
+                if r.finished or st.phase != "reuse" or st.n_now != int(win.counts[a.j, s]) or (
+                        s and not torch.equal(st.x[st.bs:st.be], win.fed_block(s, a.j))):
+                    self.metrics.inc("lookahead_dropped_steps_total", win.launched - s)
                     live.remove(r)
                     continue
-                out = StepOutput(steps.x0[s, a.j], steps.conf[s, a.j].to(torch.float64))
-                self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
-        per_step = (time.perf_counter() - results[id(rows[0])].launched) / len(steps)
+                x0, conf = win.outputs(s, a.j)
+                self._guard(r, lambda r=r, out=StepOutput(x0, conf): self._postprocess(r, out, n_running))
+            s += 1
+        per_step = (time.perf_counter() - results[id(rows[0])].launched) / win.launched
         old = self._ahead_step_s.get(len(rows))
         self._ahead_step_s[len(rows)] = per_step if old is None else 0.7 * old + 0.3 * per_step
+        self.metrics.set("lookahead_in_flight_max", win.max_in_flight)
 
     def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
         states = [r.state for r in group]

@@ -35,6 +35,7 @@ class Metrics:
         "kv_cache_usage_ratio": "Share of KV cache slots in use",
         "granularity_chunk": "Block/chunk width chosen for the last started block",
         "saturation_tokens": "Measured saturation point (tokens per iteration) of the elastic controller",
+        "lookahead_in_flight_max": "Most steps run ahead in flight at once in the last run (its window)",
     }
     COUNTERS = {
         "requests_total": "Requests finished, by status",
