@@ -55,6 +55,10 @@ class AheadWindow:
         steps, i = self._at(s)
         return steps.x0[i, j], steps.conf[i, j].to(torch.float64)
 
+    def last_block(self) -> torch.Tensor:
+        """[B, N] on the device: each row's block after the last launched step's commit."""
+        return self.chunks[-1][1].last_block
+
     def fed_block(self, s: int, j: int) -> torch.Tensor:
         """[N] the block row j's step s was fed: the device's commit of step s - 1 (s >= 1)."""
         steps, i = self._at(s - 1)

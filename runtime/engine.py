@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import boundary
 from .ahead_window import AheadWindow
 from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
@@ -444,25 +445,68 @@ class Engine:
         device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs from
         what the device assumed for its next step (those steps are dropped and run again)."""
         win, live = results[id(rows[0])].window, list(rows)
-        s = 0
+        s, pre = 0, False
         while s < win.launched:
             win.wait(s)
             if len(live) == len(rows) and win.launched < win.n and not self._arrivals():
                 win.refill()
             for r in list(live):
-                a, st = results[id(r)], r.state
-                if r.finished or st.phase != "reuse" or st.n_now != int(win.counts[a.j, s]) or (
-                        s and not torch.equal(st.x[st.bs:st.be], win.fed_block(s, a.j))):
+                if not self._fed_as_core(r, win, results[id(r)].j, s):
                     self.metrics.inc("lookahead_dropped_steps_total", win.launched - s)
                     live.remove(r)
                     continue
-                x0, conf = win.outputs(s, a.j)
+                x0, conf = win.outputs(s, results[id(r)].j)
                 self._guard(r, lambda r=r, out=StepOutput(x0, conf): self._postprocess(r, out, n_running))
+            if s == win.n - 2 and len(live) == len(rows) and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
+                    and all(self._fed_as_core(r, win, results[id(r)].j, s + 1) for r in rows):
+                pre = self._prelaunch(rows, win, s + 1, n_running)         # see _prelaunch: why only now
             s += 1
         per_step = (time.perf_counter() - results[id(rows[0])].launched) / win.launched
         old = self._ahead_step_s.get(len(rows))
         self._ahead_step_s[len(rows)] = per_step if old is None else 0.7 * old + 0.3 * per_step
         self.metrics.set("lookahead_in_flight_max", win.max_in_flight)
+        if pre:
+            self._take_prelaunched(pre, win, n_running)
+
+    @staticmethod
+    def _fed_as_core(r: Request, win: AheadWindow, j: int, s: int) -> bool:
+        """Whether the device fed row j's step s what the core would: the core's state is at that step of
+        the schedule and its block equals the device's commit of step s - 1 (landed with step s - 1)."""
+        st = r.state
+        return not r.finished and st.phase == "reuse" and st.n_now == int(win.counts[j, s]) and (
+            s == 0 or torch.equal(st.x[st.bs:st.be], win.fed_block(s, j)))
+
+    def _prelaunch(self, rows: list[Request], win: AheadWindow, s: int, n_running: int):
+        """The next block's Refresh launched behind the run's last step ``s`` (runtime/boundary.py) while
+        nothing waits; False where it does not apply or fails (the Refresh then runs the normal way). Only
+        once every earlier step is applied and the last one is known to be fed what the core would feed it:
+        the Refresh rewrites every column's K/V, which a row whose Reuse steps were dropped (run again in this
+        block) would still read; after the last step a row either refreshes or finishes, so a dropped
+        prelaunch is harmless."""
+        if self._arrivals():
+            return False
+        try:
+            with batch_invariant_mode(self.cfg.batch_invariant):
+                return boundary.prelaunch(self.runner, rows, win.n - s, win.last_block(), self.kv,
+                                          lambda r: self.gran.width(r, n_running)) or False
+        except Exception as e:             # noqa: BLE001 - nothing of the states changed
+            log.debug("refresh prelaunch failed: %s", e)
+            return False
+
+    def _take_prelaunched(self, pre: boundary.Prelaunched, win: AheadWindow, n_running: int) -> None:
+        """Apply the launched Refresh where the core's states are the predicted ones; else drop it."""
+        t0 = time.perf_counter()
+        try:
+            with batch_invariant_mode(self.cfg.batch_invariant):
+                out = boundary.take(pre, self.runner, [win.fed_block(win.n, j) for j in range(len(pre.rows))])
+        except Exception as e:             # noqa: BLE001 - the normal Refresh runs next iteration
+            log.debug("prelaunched refresh failed: %s", e)
+            out = None
+        self.metrics.inc("lookahead_refresh_prelaunched_total", status="dropped" if out is None else "used")
+        if out is None:
+            return
+        self._record(pre.rows, time.perf_counter() - t0)
+        self._postprocess_rows(pre.rows, {id(r): _OutRow(out, j) for j, r in enumerate(pre.rows)}, n_running)
 
     def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
         states = [r.state for r in group]

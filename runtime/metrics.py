@@ -46,6 +46,8 @@ class Metrics:
         "rejected_total": "Requests rejected because the queue was full",
         "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
         "lookahead_dropped_steps_total": "Steps run ahead on the device that the decoding core dropped",
+        "lookahead_refresh_prelaunched_total": "Refreshes launched behind a run's last steps, by status "
+                                               "(used, or dropped: the core's state differed)",
         "mixed_iterations_total": "Iterations whose Refresh and Reuse rows ran as one forward",
         "phase_mixed_iterations_total": "Iterations with Refresh and Reuse rows (one forward or two calls)",
     }

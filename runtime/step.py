@@ -134,6 +134,7 @@ class AheadSteps:
     blocks: torch.Tensor                # [n, B, N] int64 the block after step s's device-side commit
     events: list | None = None          # per step: a device event recorded after its copies (None: ready)
     run: object = None                  # the runner's handle of the run (``continue_ahead`` goes on from it)
+    last_block: torch.Tensor | None = None   # [B, N] on the device: the block after the last step's commit
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -377,6 +378,12 @@ def run_batch(runner, batch: StepBatch) -> StepOutput:
     and the extras the batch asked for). A runner answers a plain batch with (x0, conf) or a StepOutput, and a
     batch that ``wants_extras`` with a StepOutput holding them."""
     return _checked(runner, batch.phase, batch, getattr(runner, batch.phase)(batch))
+
+
+def run_batch_result(runner, batch: StepBatch, res) -> StepOutput:
+    """``run_batch`` of a call already made: the runner's result ``res`` for ``batch`` as a StepOutput on the
+    host (the engine launches a Refresh early and reads it later: runtime/boundary.py)."""
+    return _checked(runner, batch.phase, batch, res)
 
 
 def run_mixed(runner, batch: MixedBatch) -> list[StepOutput]:

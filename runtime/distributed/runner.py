@@ -202,7 +202,7 @@ class TensorParallelRunner:
     def _bounded(self, steps: AheadSteps) -> AheadSteps:
         if steps.events is None:
             return steps
-        return _BoundedSteps(steps.x0, steps.conf, steps.blocks, steps.events, steps.run, self._poll)
+        return _BoundedSteps(**vars(steps), poll=self._poll)
 
     def _call(self, send, run):
         """Send the workers their message, then run rank 0's share; a failed collective fails the group."""

@@ -44,6 +44,7 @@ class AheadRun:
             if cuda:                                      # step s lands while the later steps run
                 out.events.append(torch.cuda.Event())
                 out.events[-1].record()
+        out.last_block = new
         self.launched += n
         return out
 

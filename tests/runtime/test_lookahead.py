@@ -157,3 +157,38 @@ def test_lookahead_counts_follow_the_schedule():
         s.advance(8)
         got = s.lookahead(16)
         assert got == ([2] if "refresh_every" in bad else []), bad
+
+
+def test_the_next_refresh_launches_behind_the_last_step(session):
+    """One request, 4 blocks: each block's Refresh after the first is launched behind the run's last step
+    (runtime/boundary.py), from the device's final block, and used once the core's state matches; tokens are
+    generate()'s."""
+    params = dict(gen_length=32, block_length=8, steps=32, kv_cache="dual")
+    ps = prompts(1, seed=4)
+    eng, outs = run(session, ps, params, lookahead=3)
+    assert outs == refs_of(session, ps, params)
+    m = eng.metrics
+    assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 3        # blocks 2, 3, 4
+    assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 0
+    assert eng.runner.stats["ahead_calls"] == 4
+
+
+def test_a_refresh_launched_on_a_wrong_block_is_dropped(session, monkeypatch):
+    """A device commit that gets a block's last step wrong: the Refresh launched behind it read that block;
+    the core's state differs, so it is dropped and the Refresh runs again over the core's tokens (tokens are
+    generate()'s)."""
+    from dlc.runtime.runners import ahead
+    real = ahead.commit_ahead
+
+    def wrong_last(blk, x0, conf, n_now, mask_id):
+        new = real(blk, x0, conf, n_now, mask_id)
+        done = (new != mask_id).all(dim=1, keepdim=True)                  # [B, 1] the block's last step
+        return torch.where(done & (blk == mask_id), (new + 1) % 200, new)
+    monkeypatch.setattr(ahead, "commit_ahead", wrong_last)
+    params = dict(gen_length=32, block_length=8, steps=32, kv_cache="dual")
+    ps = prompts(1, seed=4)
+    eng, outs = run(session, ps, params, lookahead=3)
+    assert outs == refs_of(session, ps, params)
+    m = eng.metrics
+    assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 3
+    assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 0
