@@ -280,7 +280,8 @@ def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv, wind
     refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
     assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
     eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
-                                                                    lookahead_steps=window, **params))
+                                                                    lookahead_steps=window,
+                                                                    lookahead_max_ms=0, **params))
     eng.runner.enable_graphs(True, capture=False)
     eng.runner.bind_pool(eng.kv)
     reqs = [eng.make_request(p, {}) for p in prompts]
