@@ -160,9 +160,11 @@ def main(argv=None):
     cost = (f"{args.step_ms} ms / Reuse step, {args.refresh_ms} ms / Refresh" if args.cost == "fixed" else
             f"the H200 LLaDA-8B cost model x {args.scale}")
     print(f"\n{args.preset} on CPU, device paced at {cost}; B={args.batch}, prompt {args.prompt}, gen "
-          f"{args.gen}, block {args.block}, 1 token/step, lookahead {args.lookahead}; medians of {args.rounds} "
-          f"rounds; device s: the emulated device's busy time in the timed generation, idle: 1 - device / wall")
-    print(f"{'variant':<8} {'seconds':>8} {'x engine':>9} {'device s':>9} {'idle':>7} {'min s':>7} {'max s':>7}")
+          f"{args.gen}, block {args.block}, 1 token/step, lookahead {args.lookahead}; medians of "
+          f"{args.rounds} rounds; device s: the emulated device's busy time in the timed generation, idle: "
+          f"1 - device / wall")
+    print(f"{'variant':<8} {'seconds':>8} {'x engine':>9} {'device s':>9} {'idle':>7} {'min s':>7} "
+          f"{'max s':>7}")
     for k, v in res.items():
         med, d = statistics.median(v), statistics.median(dev[k])
         print(f"{k:<8} {med:>8.3f} {base / med:>9.3f} {d:>9.3f} {1 - d / med:>7.1%} {min(v):>7.3f} "

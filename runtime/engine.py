@@ -442,8 +442,8 @@ class Engine:
     def _apply_ahead(self, rows: list[Request], results: dict, n_running: int) -> None:
         """Apply steps run ahead as each lands, each through the decoding core; after each landing the window
         launches the next step (``AheadWindow.refill``) unless a request waits or a row was dropped, so the
-        device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs from
-        what the device assumed for its next step (those steps are dropped and run again)."""
+        device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs
+        from what the device assumed for its next step (those steps are dropped and run again)."""
         win, live = results[id(rows[0])].window, list(rows)
         s, pre = 0, False
         while s < win.launched:

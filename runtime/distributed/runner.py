@@ -22,8 +22,8 @@ from dlc.runtime.decoding import FieldError
 from dlc.runtime.step import AheadSteps
 
 from . import step_times
-from .channel import (AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP, Channel, Compact, frame_reuses,
-                      pool_for, pool_key, read_batch)
+from .channel import (AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP, Channel, Compact,
+                      frame_reuses, pool_for, pool_key, read_batch)
 from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, release_graphs, with_graphs
 

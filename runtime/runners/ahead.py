@@ -30,8 +30,8 @@ class AheadRun:
         (B, N), n = self.cols.shape, counts.shape[1]
         cuda = self.ids.device.type == "cuda"
         host = dict(dtype=torch.long, pin_memory=cuda)
-        out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host), [] if cuda else None,
-                         run=self)
+        out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
+                         [] if cuda else None, run=self)
         for s in range(n):
             tok, conf = self.launch()
             if out.conf is None:

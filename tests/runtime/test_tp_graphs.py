@@ -110,7 +110,7 @@ def test_tp2_engine_with_graphs_equals_generate(pair, temperature, lookahead):
     goes on with) or one step per call (sampled); each request's tokens equal one-process generate with its
     seed."""
     one, tp = pair
-    params = dict(GEN, temperature=temperature, steps=16 if lookahead == 2 else 8)   # 2: 7 Reuse steps a block
+    params = dict(GEN, temperature=temperature, steps=16 if lookahead == 2 else 8)   # 2: 7 Reuse steps/block
     eng, outs = _engine_outputs(tp, params, lookahead)
     assert eng.runner is tp.runner and eng.runner.graphed
     refs = [generate(one.runner, [p], GenerationConfig(**params, seed=3 + i, stop_at_eos=True)).token_ids[0]
