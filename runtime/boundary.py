@@ -33,10 +33,11 @@ PRELAUNCH_MAX_ROWS = 4          # a dropped B=32 Refresh would cost ~0.65 s of a
 
 @dataclass
 class Prelaunched:
-    """A Refresh launched ahead for ``rows`` (requests): each row's predicted state after its block
-    (``states``, the old block's columns still the host's), the old blocks' bounds, the batch, the runner's
-    (device) result."""
+    """A Refresh launched ahead for ``rows`` (requests; ``index``: theirs in the run): each row's predicted
+    state after its block (``states``, the old block's columns still the host's), the old blocks' bounds, the
+    batch, the runner's (device) result."""
     rows: list
+    index: list[int]              # each row's index in the run's rows (its row of the run's outputs)
     states: list[DecodeState]
     blocks: list[tuple[int, int]]
     batch: StepBatch
@@ -44,24 +45,27 @@ class Prelaunched:
 
 
 def prelaunch(runner, rows: list, left: int, device_blocks: torch.Tensor, kv, width) -> Prelaunched | None:
-    """Launch the Refresh that follows a run ahead ending its block. ``left``: the run's steps the host has
-    not applied yet (all launched); ``device_blocks`` [B, N]: each row's block after the run's last commit,
-    on the device; ``width(request)``: the width a block started now gets. None where the rows do not all
-    start a new block with a Refresh after the run."""
-    states, blocks = [], []
-    for r in rows:
+    """Launch the Refresh that follows a run ahead ending its block, for the rows (requests) whose next step
+    is a new block's Refresh. ``left``: the run's steps the host has not applied yet (all launched);
+    ``device_blocks`` [B, N]: each row's block after the run's last commit, on the device;
+    ``width(request)``: the width a block started now gets. None where no row starts a new block."""
+    keep, states, blocks = [], [], []
+    for j, r in enumerate(rows):
         st = copy.deepcopy(r.state)
-        blocks.append((st.bs, st.be))
+        bs, be = st.bs, st.be
         st.step += left                                   # the run's steps, their tokens on the device only
         st.advance(width(r))
-        if st.phase != "refresh" or st.bs == blocks[-1][0]:
-            return None                                   # the last block, an early stop, a mid-block refresh
-        states.append(st)
-    batch = make_batch(runner, states, [r.slots for r in rows], kv, [0] * len(rows))
-    for j, (bs, be) in enumerate(blocks):                 # the device's final block in the fed ids
-        batch.ids[j, bs:be] = device_blocks[j]
+        if st.phase == "refresh" and st.bs != bs:         # not: the last block, a stop, a mid-block refresh
+            keep.append(j)
+            states.append(st)
+            blocks.append((bs, be))
+    if not keep:
+        return None
+    batch = make_batch(runner, states, [rows[j].slots for j in keep], kv, [0] * len(keep))
+    for i, (j, (bs, be)) in enumerate(zip(keep, blocks)):    # the device's final block in the fed ids
+        batch.ids[i, bs:be] = device_blocks[j]
     batch = replace(batch, ids_host=None)                 # its host copy holds the old block
-    return Prelaunched(rows, states, blocks, batch, runner.refresh(batch))
+    return Prelaunched([rows[j] for j in keep], keep, states, blocks, batch, runner.refresh(batch))
 
 
 def take(p: Prelaunched, runner, landed_blocks: list[torch.Tensor]) -> StepOutput | None:

@@ -444,6 +444,7 @@ class Engine:
         launches the next step (``AheadWindow.refill``) unless a request waits or a row was dropped, so the
         device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs
         from what the device assumed for its next step (those steps are dropped and run again)."""
+        rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
         win, live = results[id(rows[0])].window, list(rows)
         s, pre = 0, False
         while s < win.launched:
@@ -498,7 +499,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             with batch_invariant_mode(self.cfg.batch_invariant):
-                out = boundary.take(pre, self.runner, [win.fed_block(win.n, j) for j in range(len(pre.rows))])
+                out = boundary.take(pre, self.runner, [win.fed_block(win.n, j) for j in pre.index])
         except Exception as e:             # noqa: BLE001 - the normal Refresh runs next iteration
             log.debug("prelaunched refresh failed: %s", e)
             out = None

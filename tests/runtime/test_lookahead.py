@@ -192,3 +192,19 @@ def test_a_refresh_launched_on_a_wrong_block_is_dropped(session, monkeypatch):
     m = eng.metrics
     assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 3
     assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 0
+
+
+def test_the_refresh_goes_ahead_for_the_rows_that_go_on(session):
+    """Two requests in one run, one in its last block: the Refresh launched behind the run's last step holds
+    only the row that starts a new block; tokens are generate()'s for both."""
+    short, long_ = (dict(gen_length=n, block_length=8, steps=n, kv_cache="dual") for n in (16, 32))
+    pa, pb = prompts(2, seed=5)
+    eng = engine(session, 3)
+    a, b = eng.make_request(pa, short), eng.make_request(pb, long_)
+    for r in (a, b):
+        eng.add_request(r)
+    eng.run_until_done()
+    assert a.output_ids == refs_of(session, [pa], short)[0] and b.output_ids == refs_of(session, [pb], long_)[0]
+    m = eng.metrics                     # after block 1: both rows; after block 2: b alone; after block 3: b
+    assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 3
+    assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 0

@@ -119,8 +119,9 @@ def test_tp2_engine_with_graphs_equals_generate(pair, temperature, lookahead):
     assert eng.metrics.counter("phase_mixed_iterations_total") > 0
     if lookahead > 1:
         assert tp.runner.stats["ahead_calls"] > 0
-    if lookahead == 2:
+    if lookahead == 2:                 # later steps: MORE messages; Refreshes launched behind a last step
         assert tp.runner.stats["ahead_continued"] > 0
+        assert eng.metrics.counter("lookahead_refresh_prelaunched_total", status="used") > 0
 
 
 def test_graphs_toggle_back_to_eager_on_every_rank(pair):
