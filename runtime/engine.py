@@ -446,9 +446,11 @@ class Engine:
         from what the device assumed for its next step (those steps are dropped and run again)."""
         rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
         win, live = results[id(rows[0])].window, list(rows)
-        s, pre = 0, False
+        s, pre, landed = 0, False, (0.0, 0)
         while s < win.launched:
             win.wait(s)
+            if not pre:                                # a Refresh launched ahead would count as steps
+                landed = (time.perf_counter(), s + 1)
             if len(live) == len(rows) and win.launched < win.n and not self._arrivals():
                 win.refill()
             for r in list(live):
@@ -462,12 +464,15 @@ class Engine:
                     and all(self._fed_as_core(r, win, results[id(r)].j, s + 1) for r in rows):
                 pre = self._prelaunch(rows, win, s + 1, n_running)         # see _prelaunch: why only now
             s += 1
-        per_step = (time.perf_counter() - results[id(rows[0])].launched) / win.launched
-        old = self._ahead_step_s.get(len(rows))
-        self._ahead_step_s[len(rows)] = per_step if old is None else 0.7 * old + 0.3 * per_step
+        self._time_steps(len(rows), (landed[0] - results[id(rows[0])].launched) / landed[1])
         self.metrics.set("lookahead_in_flight_max", win.max_in_flight)
         if pre:
             self._take_prelaunched(pre, win, n_running)
+
+    def _time_steps(self, rows: int, per_step: float) -> None:
+        """The measured seconds per step run ahead at this many rows (a moving average): the window's bound."""
+        old = self._ahead_step_s.get(rows)
+        self._ahead_step_s[rows] = per_step if old is None else 0.7 * old + 0.3 * per_step
 
     @staticmethod
     def _fed_as_core(r: Request, win: AheadWindow, j: int, s: int) -> bool:
