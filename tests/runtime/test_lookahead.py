@@ -208,3 +208,27 @@ def test_the_refresh_goes_ahead_for_the_rows_that_go_on(session):
     m = eng.metrics                     # after block 1: both rows; after block 2: b alone; after block 3: b
     assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 3
     assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 0
+
+
+def test_continue_ahead_goes_on_from_the_device_state(session):
+    """``continue_ahead`` (step.LookaheadRunner): 2 steps then 2 more of one run give the 4 steps of a single
+    launch, token for token; after another call of the runner restaged its static inputs, it refuses."""
+    from dlc.runtime.step import draw_seeds, make_batch
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    eng = engine(session, 16)
+    r = eng.make_request(prompts(1, seed=6)[0], params)
+    eng.add_request(r)
+    eng.step()                                                       # the Refresh
+    st, runner = r.state, eng.runner
+    assert st.phase == "reuse"
+    batch = make_batch(runner, [st], [r.slots], eng.kv, draw_seeds([st]))
+    counts = torch.tensor([st.lookahead(4)])                         # [1, 4]
+    whole = runner.reuse_ahead(batch, counts)
+    first = runner.reuse_ahead(batch, counts[:, :2])
+    more = runner.continue_ahead(first, counts[:, 2:])
+    assert torch.equal(torch.cat([first.x0, more.x0]), whole.x0)
+    assert torch.equal(torch.cat([first.blocks, more.blocks]), whole.blocks)
+    assert len({tuple(b.tolist()) for b in whole.blocks[:, 0]}) == 4    # each step committed a token
+    runner.reuse(batch)                                              # restages the static inputs
+    with pytest.raises(ValueError, match="latest run"):
+        runner.continue_ahead(more, counts[:, :1])
