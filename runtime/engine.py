@@ -446,13 +446,13 @@ class Engine:
         from what the device assumed for its next step (those steps are dropped and run again)."""
         rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
         win, live = results[id(rows[0])].window, list(rows)
-        s, pre, landed = 0, False, (0.0, 0)
+        s, pre, landed, launching = 0, False, (0.0, 0), True
         while s < win.launched:
             win.wait(s)
             if not pre:                                # a Refresh launched ahead would count as steps
                 landed = (time.perf_counter(), s + 1)
-            if len(live) == len(rows) and win.launched < win.n and not self._arrivals():
-                win.refill()
+            if launching and len(live) == len(rows) and win.launched < win.n and not self._arrivals():
+                launching = self._refill(win)
             for r in list(live):
                 if not self._fed_as_core(r, win, results[id(r)].j, s):
                     self.metrics.inc("lookahead_dropped_steps_total", win.launched - s)
@@ -460,7 +460,8 @@ class Engine:
                     continue
                 x0, conf = win.outputs(s, results[id(r)].j)
                 self._guard(r, lambda r=r, out=StepOutput(x0, conf): self._postprocess(r, out, n_running))
-            if s == win.n - 2 and len(live) == len(rows) and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
+            if s == win.n - 2 == win.launched - 2 and len(live) == len(rows) \
+                    and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
                     and all(self._fed_as_core(r, win, results[id(r)].j, s + 1) for r in rows):
                 pre = self._prelaunch(rows, win, s + 1, n_running)         # see _prelaunch: why only now
             s += 1
@@ -468,6 +469,17 @@ class Engine:
         self.metrics.set("lookahead_in_flight_max", win.max_in_flight)
         if pre:
             self._take_prelaunched(pre, win, n_running)
+
+    def _refill(self, win: AheadWindow) -> bool:
+        """Launch the window's next step; False (launch no more: the steps in flight still land and apply,
+        the rest run the normal way) if the runner refuses."""
+        try:
+            win.refill()
+            return True
+        except Exception as e:             # noqa: BLE001 - nothing of the states changed
+            log.warning("run ahead: launching the next step failed, the rest of the block runs one step at "
+                        "a time: %s", e)
+            return False
 
     def _time_steps(self, rows: int, per_step: float) -> None:
         """The measured seconds per step run ahead at this many rows (a moving average): the window's bound."""

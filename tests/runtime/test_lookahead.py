@@ -232,3 +232,18 @@ def test_continue_ahead_goes_on_from_the_device_state(session):
     runner.reuse(batch)                                              # restages the static inputs
     with pytest.raises(ValueError, match="latest run"):
         runner.continue_ahead(more, counts[:, :1])
+
+
+def test_a_refused_launch_ends_the_window_only(session, monkeypatch):
+    """A runner that refuses to go on with a run (``continue_ahead`` raises): the steps in flight apply, the
+    rest of the block runs one step at a time, and no request fails; tokens are generate()'s."""
+    from dlc.runtime.runners.graph import GraphRunner
+
+    def refuse(self, steps, counts):
+        raise ValueError("no more")
+    monkeypatch.setattr(GraphRunner, "continue_ahead", refuse)
+    params = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    ps = prompts(2, seed=7)
+    eng, outs = run(session, ps, params, lookahead=3)
+    assert outs == refs_of(session, ps, params)
+    assert eng.runner.stats["ahead_calls"] >= 2 and eng.metrics.counter("requests_total", status="error") == 0
