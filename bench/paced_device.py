@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from dlc.runtime.runners.ahead import run_ahead
+from dlc.runtime.runners.ahead import AheadRun, resume
 from dlc.runtime.runners.eager import EagerRunner
 
 H200_8B = dict(step_s=5.6e-3, row_s=0.76e-3, refresh_s=3.7e-3, token_s=0.0266e-3)
@@ -49,22 +49,38 @@ class PacedRunner(EagerRunner):
         super().__init__(model)
         self.step_s, self.refresh_s, self.row_s, self.token_s = (scale * step_s, scale * refresh_s,
                                                                   scale * row_s, scale * token_s)
-        self.stats = {"calls": 0, "ahead_calls": 0, "replays": 0, "device_s": 0.0}
+        self.stats = {"calls": 0, "ahead_calls": 0, "ahead_continued": 0, "replays": 0, "device_s": 0.0,
+                      "idle_s": {}}    # device idle before a launch, by what the launch was
+        self._free_at = 0.0                 # perf_counter when the device's queued work ends
+        self._ahead: AheadRun | None = None
+        self._ahead_dt = 0.0                # device seconds per step of the latest run
 
     def _step_s(self, batch) -> float:
         return self.step_s + self.row_s * batch.fed
 
     def _device(self, secs: float, call, batch):
-        """The call's outputs once its device time has passed since it began (the eager compute is the host's
-        launch work, overlapped with the device's)."""
-        t0 = time.perf_counter()
+        """The call's outputs once its device time has passed since it began, after the work queued before it
+        (the eager compute is the host's launch work, overlapped with the device's)."""
+        self._ahead = None                                  # a run ahead's inputs are not kept over a call
+        end = self._start(batch.phase) + secs
         out = call(self, batch)
+        self._free_at = end
         self.stats["calls"] += 1
         self.stats["device_s"] += secs
-        left = t0 + secs - time.perf_counter()
+        left = end - time.perf_counter()
         if left > 0:
             time.sleep(left)
         return out
+
+    def _start(self, kind: str) -> float:
+        """When the device starts a launch made now: now, or when its queued work ends; the idle time before
+        it (the gap since the queued work ended; the first launch after a long pause counts up to 50 ms)
+        is added to ``stats["idle_s"][kind]``."""
+        now = time.perf_counter()
+        if self._free_at and now > self._free_at:
+            idle = self.stats["idle_s"]
+            idle[kind] = idle.get(kind, 0.0) + min(now - self._free_at, 0.05)
+        return max(now, self._free_at)
 
     def _forward_s(self, batch) -> float:
         return max(self.refresh_s, self.token_s * int(batch.lengths.sum()))
@@ -85,13 +101,27 @@ class PacedRunner(EagerRunner):
 
     @torch.no_grad()
     def reuse_ahead(self, batch, counts: torch.Tensor):
-        B, t0 = batch.n_seqs, time.perf_counter()          # the device starts as the host launches
+        B = batch.n_seqs
         cols = batch.out_start[:, None] + torch.arange(batch.n_out)           # [B, N] in the whole row
-        out = run_ahead(lambda: EagerRunner.reuse(self, batch), batch.ids[:B], cols, counts,
-                        self.config.mask_id)
-        n, dt = counts.shape[1], self._step_s(batch)
-        out.events = [Landing(t0 + (s + 1) * dt) for s in range(n)]
+        self._ahead = AheadRun(lambda: EagerRunner.reuse(self, batch), batch.ids[:B], cols,
+                               self.config.mask_id)
+        self._ahead_dt = self._step_s(batch)
         self.stats["ahead_calls"] += 1
+        return self._paced(self._ahead, counts)
+
+    @torch.no_grad()
+    def continue_ahead(self, steps, counts: torch.Tensor):
+        self.stats["ahead_continued"] += 1
+        return self._paced(resume(self._ahead, steps, "paced runner"), counts)
+
+    def _paced(self, run: AheadRun, counts: torch.Tensor):
+        """The run's next steps; step s lands one step's device time after the one before it, the first
+        after the device's queued work (or the launch, if the device is idle)."""
+        t0, dt = self._start("ahead" if run.launched == 0 else "ahead_more"), self._ahead_dt
+        out = run.steps(counts)
+        n = counts.shape[1]
+        out.events = [Landing(t0 + (s + 1) * dt) for s in range(n)]
+        self._free_at = t0 + n * dt
         self.stats["replays"] += n
         self.stats["device_s"] += n * dt
         return out

@@ -200,8 +200,10 @@ def graph_step_ms(runner, args):
 
 def profile_engine(runner, args, lookahead):
     """Where an Engine generation's wall time goes at B=1 (wrappers around the engine's and runner's calls;
-    wall ms summed over the timed generation): Refresh calls (to the host copy), run-ahead launches, waits for
-    steps to land, the core's applies, the rest of the engine step."""
+    wall ms summed over the timed generation): Refresh calls (to the host copy), run-ahead launches (the
+    window's first steps, then one per landed step), waits for steps to land, Refreshes launched behind a
+    block's last step and the reads of their outputs, the core's applies, the rest of the engine step."""
+    from dlc.runtime import boundary
     from dlc.runtime import engine as engine_mod
     from dlc.runtime.step import AheadSteps
     acc = {}
@@ -225,6 +227,9 @@ def profile_engine(runner, args, lookahead):
              (eng, "_postprocess", wrap(eng, "_postprocess", "core apply+advance+emit")),
              (AheadSteps, "wait", wrap(AheadSteps, "wait", "waits for landed steps")),
              (runner, "reuse_ahead", wrap(runner, "reuse_ahead", "run-ahead launches")),
+             (runner, "continue_ahead", wrap(runner, "continue_ahead", "window launches (continue_ahead)")),
+             (boundary, "prelaunch", wrap(boundary, "prelaunch", "Refresh launched behind a last step")),
+             (boundary, "take", wrap(boundary, "take", "its outputs read (waits for the Refresh)")),
              (engine_mod, "make_batch", wrap(engine_mod, "make_batch", "make_batch"))]
     sync()
     t = time.perf_counter()
@@ -236,8 +241,11 @@ def profile_engine(runner, args, lookahead):
             delattr(obj, name) if name in vars(obj) else None
         else:
             setattr(obj, name, fn)
+    pre = {st: eng.metrics.counter("lookahead_refresh_prelaunched_total", status=st)
+           for st in ("used", "dropped")}
     print(json.dumps({"profile_lookahead": lookahead, "wall_s": wall,
-                      **{k: round(v * 1e3, 2) for k, v in acc.items()}}), flush=True)
+                      **{k: round(v * 1e3, 2) for k, v in acc.items()}, "refresh_prelaunched": pre}),
+          flush=True)
     del eng
 
 

@@ -53,11 +53,12 @@ class ServeConfig:
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
     compile: bool | None = None         # torch.compile the graph runner's blocks (needs cuda_graphs; every
                                         # rank's with TP) or an export engine's programs [on on CUDA]
-    lookahead_steps: int = 16           # fixed-schedule Reuse steps run back to back on the device while
-                                        # nothing waits (one host round trip per run; 1: every step alone)
-    lookahead_max_ms: float = 100.0     # a run of steps ahead lasts about this long at most (its length
-                                        # from the measured step time of its batch size): a request that
-                                        # arrives meanwhile waits one run at most (0: no bound)
+    lookahead_steps: int = 16           # fixed-schedule Reuse steps kept in flight on the device while
+                                        # nothing waits: a window sliding over the block's schedule, the
+                                        # next step launched as one lands (1: every step alone)
+    lookahead_max_ms: float = 100.0     # the steps in flight last about this long at most (the window from
+                                        # the measured step time of its batch size): a request that
+                                        # arrives meanwhile waits that long at most (0: no bound)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (CUDA graphs
                                     # per rank as on one GPU)
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the

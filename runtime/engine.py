@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import boundary
+from .ahead_window import AheadWindow
 from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
@@ -55,7 +57,7 @@ from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import (AheadSteps, MixedBatch, check_runner, draw_seeds, group_states, is_graphed,
+from .step import (MixedBatch, check_runner, draw_seeds, group_states, is_graphed,
                    is_mixed_iteration, make_batch, run_batch, run_mixed, runs_ahead, supports_mixed)
 from .step_output import StepOutput
 from .stops import StopStrings
@@ -63,6 +65,7 @@ from .stops import StopStrings
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids", "low_threshold",
                              "entropy_bound", "credit", "smoothing", "top_k", "top_p", "min_p",
                              "logprobs") + BLOCK_GEN_KEYS
+RUN_MAX = 1 << 16                                   # a run ahead: the rest of its block's fixed schedule
 log = logging.getLogger("dlc.engine")
 stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line
 
@@ -137,10 +140,9 @@ class _OutRow:
 
 @dataclass
 class _AheadRow:
-    """One request's share of a run of steps ahead: row ``j`` of ``steps``, its schedule ``counts``."""
-    steps: AheadSteps
+    """One request's share of a run of steps ahead: row ``j`` of ``window`` (its counts: that row)."""
+    window: AheadWindow
     j: int
-    counts: list[int]
     launched: float = 0.0          # perf_counter at the launch (the run's measured step time)
 
 
@@ -387,9 +389,9 @@ class Engine:
         return results
 
     def _ahead_cap(self, rows: int) -> int:
-        """Steps a run ahead may hold: ``lookahead_steps``, fewer where the measured step time of this many
-        rows would make the run last over ``lookahead_max_ms`` (a request arriving meanwhile waits for the
-        run: at B=32 on an H100 16 steps last ~0.65 s of TTFT for a 1% gain; bench/RESULTS.md)."""
+        """Steps a run ahead keeps in flight (its window): ``lookahead_steps``, fewer where the measured step
+        time of this many rows would make them last over ``lookahead_max_ms`` (a request arriving meanwhile
+        waits for the steps in flight: at B=32 on an H100 16 steps last ~0.65 s of TTFT; bench/RESULTS.md)."""
         cap, step_s = self.cfg.lookahead_steps, self._ahead_step_s.get(rows)
         if self.cfg.lookahead_max_ms and step_s:
             cap = min(cap, max(2, int(self.cfg.lookahead_max_ms / 1000 / step_s)))
@@ -414,9 +416,10 @@ class Engine:
                 results[id(r)] = _OutRow(out, j)
 
     def _run_ahead(self, group: list[Request], results: dict, cap: int) -> bool:
-        """Run the group's next fixed-schedule Reuse steps back to back on the device (``reuse_ahead``);
-        False where it cannot (the one-step path runs it, and isolates a request whose data fails)."""
-        counts = [r.state.lookahead(cap) for r in group]
+        """Start a window of ``cap`` steps in flight over the group's remaining fixed-schedule Reuse steps of
+        the block (``AheadWindow``; ``_apply_ahead`` keeps it full); False where it cannot (the one-step path
+        runs it, and isolates a request whose data fails)."""
+        counts = [r.state.lookahead(RUN_MAX) for r in group]
         n = min(len(c) for c in counts)
         if n < 2:
             return False
@@ -425,34 +428,106 @@ class Engine:
             batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
             if not self.runner.can_run_ahead(batch):
                 return False
-            steps = self.runner.reuse_ahead(batch, torch.tensor([c[:n] for c in counts]))
+            win = AheadWindow(self.runner, batch, torch.tensor([c[:n] for c in counts]), cap)
         except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
             log.debug("steps ahead failed, one step instead: %s", e)
             return False
         t0 = time.perf_counter()
         for j, r in enumerate(group):
-            results[id(r)] = _AheadRow(steps, j, counts[j][:n], t0)
+            results[id(r)] = _AheadRow(win, j, t0)
         return True
 
+    def _arrivals(self) -> bool:
+        """Whether a request (or an abort, a failure) waits for the loop: the window stops launching."""
+        with self.lock:
+            return bool(self._incoming or self._aborts or self._fail_msg or self.scheduler.num_waiting)
+
     def _apply_ahead(self, rows: list[Request], results: dict, n_running: int) -> None:
-        """Apply steps run ahead, step by step as each lands (the device runs the later ones meanwhile), each
-        through the decoding core; a row stops where the core's own commit or schedule differs from what the
-        device assumed for its next step (those steps are dropped and run again)."""
-        steps, live = results[id(rows[0])].steps, list(rows)
-        for s in range(len(steps)):
-            steps.wait(s)
+        """Apply steps run ahead as each lands, each through the decoding core; after each landing the window
+        launches the next step (``AheadWindow.refill``) unless a request waits or a row was dropped, so the
+        device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs
+        from what the device assumed for its next step (those steps are dropped and run again)."""
+        rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
+        win, live = results[id(rows[0])].window, list(rows)
+        s, pre, landed, launching = 0, False, (0.0, 0), True
+        while s < win.launched:
+            win.wait(s)
+            if not pre:                                # a Refresh launched ahead would count as steps
+                landed = (time.perf_counter(), s + 1)
+            if launching and len(live) == len(rows) and win.launched < win.n and not self._arrivals():
+                launching = self._refill(win)
             for r in list(live):
-                a, st = results[id(r)], r.state
-                if r.finished or st.phase != "reuse" or st.n_now != a.counts[s] or (
-                        s and not torch.equal(st.x[st.bs:st.be], steps.blocks[s - 1, a.j])):
-                    self.metrics.inc("lookahead_dropped_steps_total", len(steps) - s)
+                if not self._fed_as_core(r, win, results[id(r)].j, s):
+                    self.metrics.inc("lookahead_dropped_steps_total", win.launched - s)
                     live.remove(r)
                     continue
-                out = StepOutput(steps.x0[s, a.j], steps.conf[s, a.j].to(torch.float64))
-                self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
-        per_step = (time.perf_counter() - results[id(rows[0])].launched) / len(steps)
-        old = self._ahead_step_s.get(len(rows))
-        self._ahead_step_s[len(rows)] = per_step if old is None else 0.7 * old + 0.3 * per_step
+                x0, conf = win.outputs(s, results[id(r)].j)
+                self._guard(r, lambda r=r, out=StepOutput(x0, conf): self._postprocess(r, out, n_running))
+            if s == win.n - 2 == win.launched - 2 and len(live) == len(rows) \
+                    and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
+                    and all(self._fed_as_core(r, win, results[id(r)].j, s + 1) for r in rows):
+                pre = self._prelaunch(rows, win, s + 1, n_running)         # see _prelaunch: why only now
+            s += 1
+        self._time_steps(len(rows), (landed[0] - results[id(rows[0])].launched) / landed[1])
+        self.metrics.set("lookahead_in_flight_max", win.max_in_flight)
+        if pre:
+            self._take_prelaunched(pre, win, n_running)
+
+    def _refill(self, win: AheadWindow) -> bool:
+        """Launch the window's next step; False (launch no more: the steps in flight still land and apply,
+        the rest run the normal way) if the runner refuses."""
+        try:
+            win.refill()
+            return True
+        except Exception as e:             # noqa: BLE001 - nothing of the states changed
+            log.warning("run ahead: launching the next step failed, the rest of the block runs one step at "
+                        "a time: %s", e)
+            return False
+
+    def _time_steps(self, rows: int, per_step: float) -> None:
+        """The measured seconds per step run ahead at this many rows (a moving average): the window's bound."""
+        old = self._ahead_step_s.get(rows)
+        self._ahead_step_s[rows] = per_step if old is None else 0.7 * old + 0.3 * per_step
+
+    @staticmethod
+    def _fed_as_core(r: Request, win: AheadWindow, j: int, s: int) -> bool:
+        """Whether the device fed row j's step s what the core would: the core's state is at that step of
+        the schedule and its block equals the device's commit of step s - 1 (landed with step s - 1)."""
+        st = r.state
+        return not r.finished and st.phase == "reuse" and st.n_now == int(win.counts[j, s]) and (
+            s == 0 or torch.equal(st.x[st.bs:st.be], win.fed_block(s, j)))
+
+    def _prelaunch(self, rows: list[Request], win: AheadWindow, s: int, n_running: int):
+        """The next block's Refresh launched behind the run's last step ``s`` (runtime/boundary.py) while
+        nothing waits; False where it does not apply or fails (the Refresh then runs the normal way). Only
+        once every earlier step is applied and the last one is known to be fed what the core would feed it:
+        the Refresh rewrites every column's K/V, which a row whose Reuse steps were dropped (run again in this
+        block) would still read; after the last step a row either refreshes or finishes, so a dropped
+        prelaunch is harmless."""
+        if self._arrivals():
+            return False
+        try:
+            with batch_invariant_mode(self.cfg.batch_invariant):
+                return boundary.prelaunch(self.runner, rows, win.n - s, win.last_block(), self.kv,
+                                          lambda r: self.gran.width(r, n_running)) or False
+        except Exception as e:             # noqa: BLE001 - nothing of the states changed
+            log.debug("refresh prelaunch failed: %s", e)
+            return False
+
+    def _take_prelaunched(self, pre: boundary.Prelaunched, win: AheadWindow, n_running: int) -> None:
+        """Apply the launched Refresh where the core's states are the predicted ones; else drop it."""
+        t0 = time.perf_counter()
+        try:
+            with batch_invariant_mode(self.cfg.batch_invariant):
+                out = boundary.take(pre, self.runner, [win.fed_block(win.n, j) for j in pre.index])
+        except Exception as e:             # noqa: BLE001 - the normal Refresh runs next iteration
+            log.debug("prelaunched refresh failed: %s", e)
+            out = None
+        self.metrics.inc("lookahead_refresh_prelaunched_total", status="dropped" if out is None else "used")
+        if out is None:
+            return
+        self._record(pre.rows, time.perf_counter() - t0)
+        self._postprocess_rows(pre.rows, {id(r): _OutRow(out, j) for j, r in enumerate(pre.rows)}, n_running)
 
     def _run_group(self, group: list[Request], results: dict, seeds: list[int] | None = None) -> None:
         states = [r.state for r in group]

@@ -35,6 +35,7 @@ class Metrics:
         "kv_cache_usage_ratio": "Share of KV cache slots in use",
         "granularity_chunk": "Block/chunk width chosen for the last started block",
         "saturation_tokens": "Measured saturation point (tokens per iteration) of the elastic controller",
+        "lookahead_in_flight_max": "Most steps run ahead in flight at once in the last run (its window)",
     }
     COUNTERS = {
         "requests_total": "Requests finished, by status",
@@ -45,6 +46,8 @@ class Metrics:
         "rejected_total": "Requests rejected because the queue was full",
         "isolated_batches_total": "Runner calls that failed and were retried one request at a time",
         "lookahead_dropped_steps_total": "Steps run ahead on the device that the decoding core dropped",
+        "lookahead_refresh_prelaunched_total": "Refreshes launched behind a run's last steps, by status "
+                                               "(used, or dropped: the core's state differed)",
         "mixed_iterations_total": "Iterations whose Refresh and Reuse rows ran as one forward",
         "phase_mixed_iterations_total": "Iterations with Refresh and Reuse rows (one forward or two calls)",
     }

@@ -65,11 +65,11 @@ def _options(f):
                      help="torch.compile each block of the CUDA-graph runner, or an export engine's "
                           "phase programs (Inductor at load) [on on CUDA]"),
         click.option("--lookahead-steps", default=None, type=int,
-                     help="fixed-schedule Reuse steps run back to back on the device while nothing waits; "
-                          "1: off [16]"),
+                     help="fixed-schedule Reuse steps kept in flight on the device (a sliding window over "
+                          "the block) while nothing waits; 1: off [16]"),
         click.option("--lookahead-max-ms", default=None, type=float,
-                     help="a run of steps ahead lasts at most about this long (from the measured step time "
-                          "of its batch size), so an arrival waits one run at most; 0: no bound [100]"),
+                     help="the steps in flight last at most about this long (from the measured step time "
+                          "of its batch size), so an arrival waits that long at most; 0: no bound [100]"),
         click.option("--sparse-retention", default=None, type=float,
                      help="head-sparse Reuse (eager models): each KV head attends over the block and this "
                           "share of the other cached keys, chosen at Refresh [off: dense]"),

@@ -133,6 +133,8 @@ class AheadSteps:
     conf: torch.Tensor                  # [n, B, N] float confidences
     blocks: torch.Tensor                # [n, B, N] int64 the block after step s's device-side commit
     events: list | None = None          # per step: a device event recorded after its copies (None: ready)
+    run: object = None                  # the runner's handle of the run (``continue_ahead`` goes on from it)
+    last_block: torch.Tensor | None = None   # [B, N] on the device: the block after the last step's commit
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -148,11 +150,19 @@ class LookaheadRunner(Protocol):
     tokens there (``decoding.commit_ahead``) so that the host neither waits nor stages inputs between them:
     ``reuse_ahead(batch, counts [B, n] host int64, the rows' schedule counts from DecodeState.lookahead)`` ->
     ``AheadSteps`` (the host applies step s while the device runs the later ones). ``can_run_ahead(batch)``
-    says whether this batch can."""
+    says whether this batch can.
+
+    ``continue_ahead(steps, counts [B, n])`` launches n more steps of the same run from the device state its
+    last launch left (the static fed ids hold its commits; nothing is staged again), so a caller keeps a
+    window of steps in flight, launching one as each lands, instead of waiting for a whole run. ``steps`` must
+    be the runner's latest run (``AheadSteps.run``): any other call of the runner in between may restage the
+    static inputs, and ``continue_ahead`` then raises ValueError."""
 
     def can_run_ahead(self, batch: "StepBatch") -> bool: ...
 
     def reuse_ahead(self, batch: "StepBatch", counts: torch.Tensor) -> AheadSteps: ...
+
+    def continue_ahead(self, steps: AheadSteps, counts: torch.Tensor) -> AheadSteps: ...
 
 
 def runs_ahead(runner) -> bool:
@@ -368,6 +378,12 @@ def run_batch(runner, batch: StepBatch) -> StepOutput:
     and the extras the batch asked for). A runner answers a plain batch with (x0, conf) or a StepOutput, and a
     batch that ``wants_extras`` with a StepOutput holding them."""
     return _checked(runner, batch.phase, batch, getattr(runner, batch.phase)(batch))
+
+
+def run_batch_result(runner, batch: StepBatch, res) -> StepOutput:
+    """``run_batch`` of a call already made: the runner's result ``res`` for ``batch`` as a StepOutput on the
+    host (the engine launches a Refresh early and reads it later: runtime/boundary.py)."""
+    return _checked(runner, batch.phase, batch, res)
 
 
 def run_mixed(runner, batch: MixedBatch) -> list[StepOutput]:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ..step import StepBatch
 
-PING, STEP, STOP, GRAPHS, BIND, WARMUP, AHEAD, STATS = range(8)
+PING, STEP, STOP, GRAPHS, BIND, WARMUP, AHEAD, STATS, MORE = range(9)   # MORE: steps of the last AHEAD run
 NONE, COMPACT, PICKLED = range(3)                       # message forms
 HEAD, FRAME = 24, 1024                                  # header values; frame = header + inline payload
 PHASES = ("full", "refresh", "reuse")

@@ -22,8 +22,8 @@ from dlc.runtime.decoding import FieldError
 from dlc.runtime.step import AheadSteps
 
 from . import step_times
-from .channel import (AHEAD, BIND, GRAPHS, PING, STATS, STEP, STOP, WARMUP, Channel, Compact, frame_reuses,
-                      pool_for, pool_key, read_batch)
+from .channel import (AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP, Channel, Compact,
+                      frame_reuses, pool_for, pool_key, read_batch)
 from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, release_graphs, with_graphs
 
@@ -194,9 +194,19 @@ class TensorParallelRunner:
         rank's combine ends with the same tokens), so their fed ids stay equal to rank 0's."""
         steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts),
                            lambda: self.shard.reuse_ahead(batch, counts))
+        return self._bounded(steps)
+
+    def continue_ahead(self, steps, counts):
+        """step.LookaheadRunner: every rank launches ``counts.shape[1]`` more steps of its latest run (a MORE
+        message: the counts only; each worker goes on from its own last run, in the same order)."""
+        steps = self._call(lambda: self.channel.send(MORE, counts),
+                           lambda: self.shard.continue_ahead(steps, counts))
+        return self._bounded(steps)
+
+    def _bounded(self, steps: AheadSteps) -> AheadSteps:
         if steps.events is None:
             return steps
-        return _BoundedSteps(steps.x0, steps.conf, steps.blocks, steps.events, self._poll)
+        return _BoundedSteps(**vars(steps), poll=self._poll)
 
     def _call(self, send, run):
         """Send the workers their message, then run rank 0's share; a failed collective fails the group."""
@@ -400,7 +410,8 @@ def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, ma
 
 
 def _work(shard, kind: int, msg, pools: dict, make_pool):
-    """One message's work on this rank -> its runner (GRAPHS replaces it)."""
+    """One message's work on this rank -> its runner (GRAPHS replaces it). ``pools`` also keeps the rank's
+    latest run ahead (``"ahead"``), which a MORE message goes on with."""
     if kind == GRAPHS:
         return with_graphs(shard, *msg)
     if kind == BIND:
@@ -410,10 +421,14 @@ def _work(shard, kind: int, msg, pools: dict, make_pool):
         shard.bind_pool(pools["bound"][1], scratch)
     elif kind == WARMUP:
         shard.warmup(*msg)
+    elif kind == MORE:                                     # the latest run goes on (rank 0's order)
+        if "ahead" not in pools:
+            raise ValueError("tensor parallel: MORE steps without a run ahead on this rank")
+        pools["ahead"] = shard.continue_ahead(pools["ahead"], msg)
     elif kind in (STEP, AHEAD):
         batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool)
         if kind == AHEAD:
-            shard.reuse_ahead(batch, counts)
+            pools["ahead"] = shard.reuse_ahead(batch, counts)
         else:
             getattr(shard, batch.phase)(batch)
     return shard

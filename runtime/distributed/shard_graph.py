@@ -135,6 +135,7 @@ class ShardGraphRunner(GraphRunner):
 
     def _stage_frame(self, h: list, payload: torch.Tensor, ex) -> _Graph:
         with self._host_seconds("stage_s"):
+            self._ahead = None                         # restaged: a run ahead cannot go on
             g = self._graph(self.bucket(h[_B]), h[_NFED], h[_NOUT], ex)
             stage_frame(g, h, payload, self.scratch, self.config.logit_shift, self._arange)
         return g

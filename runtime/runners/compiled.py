@@ -307,6 +307,13 @@ class CompiledRunner:
                                      counts.to(self.device, non_blocking=True))
 
     @torch.no_grad()
+    def continue_ahead(self, steps, counts: torch.Tensor):
+        """step.LookaheadRunner: more steps of the latest run (``ProgramGraphs.continue_ahead``)."""
+        if self.graphs is None:
+            raise ValueError("compiled runner: continue_ahead needs the Reuse program's graphs")
+        return self.graphs.continue_ahead(steps, counts.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
     def reuse(self, batch: StepBatch):
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
         feed = self._reuse_feed(batch)

@@ -66,7 +66,7 @@ from dlc.models.sparse_heads import kept_counts
 from ..decoding import MAX_LOGPROBS
 from ..step import MixedBatch, StepBatch, take_rows
 from ..step_output import StepOutput
-from .ahead import decoded_cols, run_ahead
+from .ahead import AheadRun, decoded_cols, resume, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner, embed_add
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -139,8 +139,9 @@ class GraphRunner(EagerRunner):
         self.max_width = max_width
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._ahead: AheadRun | None = None     # the latest run of steps ahead (continue_ahead goes on)
         self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
-                      "ahead_calls": 0,
+                      "ahead_calls": 0, "ahead_continued": 0,
                       "warm_s": 0.0}    # first runs of each captured shape (compilation, with compile)
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
@@ -185,6 +186,7 @@ class GraphRunner(EagerRunner):
         died trips the caching allocator's use_count assert, torch 2.11)."""
         self.graphs.clear()
         self._mempool = None
+        self._ahead = None
 
     def bind_pool(self, kv) -> None:
         """Take one slot of the serving KV pool (``KVCacheManager``) for the padding rows; a pool of one slot
@@ -429,6 +431,7 @@ class GraphRunner(EagerRunner):
         """Copy the batch's rows into its bucket's static inputs (capturing the bucket's variant ``ex`` on
         first use)."""
         B, T, N, W, S = batch.n_seqs, batch.n_fed, batch.n_out, batch.width, self.pool.s_max
+        self._ahead = None                             # a run ahead cannot go on over restaged inputs
         g = self._graph(self.bucket(B), T, N, ex)
         m = g.meta_host                                                           # [4, bb] on the host
         m[0, :B] = batch.slots
@@ -524,8 +527,20 @@ class GraphRunner(EagerRunner):
             g = self._stage(batch)
             out = run_ahead(lambda: self._launch(g), g.ids[:B], decoded_cols(batch, self.device),
                             counts.to(self.device, non_blocking=True), self.config.mask_id)
+            self._ahead = out.run
             self.stats["replays"] += n
             self.stats["ahead_calls"] += 1
+        return out
+
+    @torch.no_grad()
+    def continue_ahead(self, steps, counts: torch.Tensor):
+        """``counts.shape[1]`` more steps of the latest run, from the commits its last launch left in the
+        graph's static ids (step.LookaheadRunner)."""
+        run = resume(self._ahead, steps, type(self).__name__)
+        with self._host_seconds("host_s"):
+            out = run.steps(counts.to(self.device, non_blocking=True))
+            self.stats["replays"] += counts.shape[1]
+            self.stats["ahead_continued"] += 1
         return out
 
     @torch.no_grad()

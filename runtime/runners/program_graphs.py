@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ahead import run_ahead
+from .ahead import AheadRun, resume, run_ahead
 from .graph import BUCKETS                  # the batch buckets every captured runner shares
 BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
            "credit_ids", "credit_vals", "credit_alpha", "embed_delta")
@@ -61,14 +61,16 @@ class ProgramGraphs:
         self.pool = self.scratch = None
         self.graphs: dict[tuple, _Captured] = {}
         self._mempool = None
+        self._ahead: AheadRun | None = None     # the latest run of steps ahead (continue_ahead goes on)
         self.stats = {"replays": 0, "direct": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
-                      "ahead_calls": 0}
+                      "ahead_calls": 0, "ahead_continued": 0}
 
     def bind_pool(self, kv) -> None:
         """Capture over ``kv`` (a KVCacheManager) from now on; None lets the graphs and the pool go."""
         if kv is self.pool:
             return
         self.graphs.clear()
+        self._ahead = None
         self.pool = self.scratch = self._mempool = None       # graphs and their memory pool go together
         if kv is None or kv.n_slots < 2:
             return
@@ -147,6 +149,7 @@ class ProgramGraphs:
 
     def stage(self, feed: dict, B: int, T: int, N: int) -> _Captured:
         """Copy this call's inputs into the static buffers of bucket(B) (capturing it on first use)."""
+        self._ahead = None                             # a run ahead cannot go on over restaged inputs
         bb = self.bucket(B)
         S = feed["key_mask"].shape[1]
         kb = keep_bucket(feed[KEEP].shape[-1], S) if KEEP in feed else 0
@@ -194,9 +197,20 @@ class ProgramGraphs:
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
         cap = self.stage(feed, B, T, N)
         out = run_ahead(lambda: self.launch(cap)[:2], cap.static["q_ids"][:B], cols, counts, self.mask_id)
+        self._ahead = out.run
         self.stats["replays"] += counts.shape[1]
         self.stats["ahead_calls"] += 1
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
+        return out
+
+    def continue_ahead(self, steps, counts: torch.Tensor):
+        """More steps of the latest run, from the commits its last launch left in the static q_ids."""
+        run = resume(self._ahead, steps, "engine graphs")
+        t0 = time.perf_counter()
+        out = run.steps(counts)
+        self.stats["replays"] += counts.shape[1]
+        self.stats["ahead_continued"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0
         return out
 
     def _capture(self, key, static: dict) -> _Captured:

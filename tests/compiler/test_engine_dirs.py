@@ -266,11 +266,12 @@ def test_unreadable_program_with_a_forged_sha_names_the_file(engine, tmp_path):
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("kv", ["dual", "prefix"])
-def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv):
+@pytest.mark.parametrize("kv,window", [("dual", 16), ("prefix", 3)])
+def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv, window):
     """An engine's Reuse program runs fixed-schedule steps back to back over its graphs' static inputs
-    (ProgramGraphs.run_ahead; without capture on CPU), the commits landing in the static q_ids; the serving
-    engine applies them through the decoding core: tokens equal generate() on the eager checkpoint."""
+    (ProgramGraphs.run_ahead; without capture on CPU), the commits landing in the static q_ids; a window of 3
+    launches the block's later steps as earlier ones land (continue_ahead, no restaging); the serving engine
+    applies them through the decoding core: tokens equal generate() on the eager checkpoint."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     params = dict(gen_length=16, block_length=8, steps=16, kv_cache=kv)
@@ -279,7 +280,8 @@ def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv):
     refs = [generate(eager, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0] for p in prompts]
     assert len({tuple(r) for r in refs}) > 1                       # decisive: outputs vary by prompt
     eng = Engine(open_model(str(engine), device="cpu"), ServeConfig(kv_cache_mb=16, max_batch_size=4,
-                                                                    lookahead_steps=16, **params))
+                                                                    lookahead_steps=window,
+                                                                    lookahead_max_ms=0, **params))
     eng.runner.enable_graphs(True, capture=False)
     eng.runner.bind_pool(eng.kv)
     reqs = [eng.make_request(p, {}) for p in prompts]
@@ -289,6 +291,7 @@ def test_engine_steps_run_ahead_give_generate_tokens(engine, tiny_ckpt, kv):
     assert [r.output_ids for r in reqs] == refs
     st = eng.runner.graphs.stats
     assert st["ahead_calls"] > 0 and eng.metrics.counter("lookahead_dropped_steps_total") == 0
+    assert (st["ahead_continued"] > 0) == (window < 7)                 # 7 Reuse steps per block
 
 
 def _compile_at_load(engine, tiny_ckpt, prompts):

@@ -103,13 +103,14 @@ def _engine_outputs(session, params: dict, lookahead: int) -> tuple[Engine, list
     return eng, [r.output_ids for r in reqs]
 
 
-@pytest.mark.parametrize("temperature,lookahead", [(0.0, 16), (0.8, 1)])
+@pytest.mark.parametrize("temperature,lookahead", [(0.0, 16), (0.0, 2), (0.8, 1)])
 def test_tp2_engine_with_graphs_equals_generate(pair, temperature, lookahead):
     """The serving engine over the TP graph runner: mixed Refresh / Reuse iterations, Reuse steps run ahead on
-    every rank (T = 0, lookahead 16) or one step per call (sampled); each request's tokens equal one-process
-    generate with its seed."""
+    every rank (T = 0, lookahead 16; or a window of 2 in flight, each later step a MORE message every rank
+    goes on with) or one step per call (sampled); each request's tokens equal one-process generate with its
+    seed."""
     one, tp = pair
-    params = dict(GEN, temperature=temperature)
+    params = dict(GEN, temperature=temperature, steps=16 if lookahead == 2 else 8)   # 2: 7 Reuse steps/block
     eng, outs = _engine_outputs(tp, params, lookahead)
     assert eng.runner is tp.runner and eng.runner.graphed
     refs = [generate(one.runner, [p], GenerationConfig(**params, seed=3 + i, stop_at_eos=True)).token_ids[0]
@@ -118,6 +119,9 @@ def test_tp2_engine_with_graphs_equals_generate(pair, temperature, lookahead):
     assert eng.metrics.counter("phase_mixed_iterations_total") > 0
     if lookahead > 1:
         assert tp.runner.stats["ahead_calls"] > 0
+    if lookahead == 2:                 # later steps: MORE messages; Refreshes launched behind a last step
+        assert tp.runner.stats["ahead_continued"] > 0
+        assert eng.metrics.counter("lookahead_refresh_prelaunched_total", status="used") > 0
 
 
 def test_tp2_fused_decode_equals_one_process_fused(pair, monkeypatch):

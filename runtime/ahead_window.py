@@ -1,0 +1,65 @@
+"""A sliding window of fixed-schedule Reuse steps in flight on the device (the engine's run ahead).
+
+A run covers a lone Reuse group's remaining fixed-schedule steps of its block (``DecodeState.lookahead``). The
+first ``window`` steps launch at once (``LookaheadRunner.reuse_ahead``); as each step lands, the engine
+launches the next one from the device state the previous launch left (``continue_ahead``: no restaging), then
+applies the landed step through the decoding core. So the device never waits for a host round trip inside a
+block, and a request that arrives meanwhile waits for the steps in flight only (``window`` x step time: the
+engine stops launching while a request waits), not for the run's length."""
+from __future__ import annotations
+
+import torch
+
+from .step import AheadSteps
+
+
+class AheadWindow:
+    """Steps ``0 .. n`` of one run ahead over a batch of B rows; ``counts`` [B, n] host int64: each row's
+    schedule count per step. At most ``window`` steps are launched and not yet landed (``wait``)."""
+
+    def __init__(self, runner, batch, counts: torch.Tensor, window: int):
+        self.runner, self.counts, self.window = runner, counts, max(1, window)
+        self.n = counts.shape[1]
+        self.chunks: list[tuple[int, AheadSteps]] = []      # (first step, its launch's steps)
+        self.launched = self.landed = 0
+        self.max_in_flight = 0
+        self._launch(runner.reuse_ahead, batch, min(self.window, self.n))
+
+    def _launch(self, call, first, k: int) -> None:
+        steps = call(first, self.counts[:, self.launched:self.launched + k])
+        self.chunks.append((self.launched, steps))
+        self.launched += k
+        self.max_in_flight = max(self.max_in_flight, self.launched - self.landed)
+
+    def refill(self) -> int:
+        """Launch steps until ``window`` are in flight (none past the run's end) -> how many it launched."""
+        k = min(self.window - (self.launched - self.landed), self.n - self.launched)
+        if k > 0:
+            self._launch(self.runner.continue_ahead, self.chunks[-1][1], k)
+        return max(k, 0)
+
+    def _at(self, s: int) -> tuple[AheadSteps, int]:
+        for first, steps in reversed(self.chunks):
+            if s >= first:
+                return steps, s - first
+        raise IndexError(s)
+
+    def wait(self, s: int) -> None:
+        """Until step s (launched) has landed on the host."""
+        steps, i = self._at(s)
+        steps.wait(i)
+        self.landed = max(self.landed, s + 1)
+
+    def outputs(self, s: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row j's landed step s: (x0 [N] int64, conf [N] float64)."""
+        steps, i = self._at(s)
+        return steps.x0[i, j], steps.conf[i, j].to(torch.float64)
+
+    def last_block(self) -> torch.Tensor:
+        """[B, N] on the device: each row's block after the last launched step's commit."""
+        return self.chunks[-1][1].last_block
+
+    def fed_block(self, s: int, j: int) -> torch.Tensor:
+        """[N] the block row j's step s was fed: the device's commit of step s - 1 (s >= 1)."""
+        steps, i = self._at(s - 1)
+        return steps.blocks[i, j]
