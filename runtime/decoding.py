@@ -488,15 +488,16 @@ class EntropyBoundRule:
         self.gamma = gamma
 
     def select(self, conf, masked, n_sched, entropy):
+        """All rows at once: one stable sort of the candidates' entropies, the accepted prefix of each sorted
+        row scattered back through the sort's own order (no second sort, no rank tensor: a step's host cost
+        is a dozen [B, K] ops, like the threshold rules')."""
         ent = torch.where(masked, entropy, torch.full_like(entropy, float("inf")))
-        srt = ent.sort(dim=-1, stable=True).values                          # [B, K] ascending
-        fin = torch.where(torch.isfinite(srt), srt, torch.zeros_like(srt))
-        excess = fin.cumsum(-1) - fin                                       # sum - max of each prefix
-        ok = (excess <= self.gamma) & torch.isfinite(srt)
-        count = ok.long().cumprod(-1).sum(-1).clamp(min=1)
-        count = torch.minimum(count, masked.sum(-1))
-        return _topk_mask(-ent, count) & masked
-
+        srt, order = ent.sort(dim=-1, stable=True)                          # [B, K] ascending, ties by column
+        live = srt < float("inf")                                           # [B, K] the sorted candidates
+        fin = torch.where(live, srt, torch.zeros_like(srt))
+        ok = (fin.cumsum(-1) - fin <= self.gamma) & live                    # sum - max of each prefix
+        keep = ok.cumprod(-1).bool()                                        # the largest such prefix
+        return torch.zeros_like(masked).scatter_(1, order, keep)
 
 for _r in (ScheduleRule, ThresholdRule, FactorRule, BlockThresholdRule, JointThresholdRule):
     _r.needs_entropy = False

@@ -97,6 +97,22 @@ def test_entropy_bound_matches_transcription(seed):
     assert len(counts) > 2                                             # gamma decides how many
 
 
+def test_entropy_bound_ties_and_empty_rows_as_the_transcription():
+    """Equal entropies take the lower column first (the transcription's order); a row without masks takes
+    nothing; a row whose candidates all exceed the bound still takes its best one."""
+    g = torch.Generator().manual_seed(7)
+    ent = (torch.rand(4, 16, generator=g, dtype=torch.float64) * 4).round() / 4      # many ties
+    masked = torch.rand(4, 16, generator=g) < 0.7
+    masked[1] = False
+    ent[2] = 5.0
+    conf = torch.zeros(4, 16, dtype=torch.float64)
+    for gamma in (0.0, 0.25, 0.5, 2.0):
+        sel = EntropyBoundRule(gamma).select(conf, masked, None, ent)
+        for b in range(4):
+            assert sel[b].tolist() == entropy_reference(ent[b].tolist(), masked[b].tolist(), gamma)
+        assert not sel[1].any() and int(sel[2].sum()) == 1
+
+
 def test_rules_never_accept_the_mask_id():
     mask_id = 9
     x0 = torch.tensor([[9, 4, 9, 5]])
