@@ -102,6 +102,32 @@ def test_fused_extras_decode_matches_exact(model):
             assert close_logprobs(got, want, LOGPROB_ATOL), params
 
 
+def test_fused_smoothing_steps_select_in_one_pass(model, monkeypatch):
+    """``fused`` smoothing steps (nothing else in their variant) run ``kernels.smoothing.smooth_select`` (one
+    pass of logits: selection + soft embedding) and generate the tokens of the float32 ``decode_rows_ext``
+    path it replaces; the threshold rows also those of ``exact`` (float64). (The fixed-schedule rows of
+    ``fused`` and ``exact`` differ on this model with either path: near-equal confidences.)"""
+    import dlc.kernels.smoothing as sm
+    from dlc.kernels.sampling import decode_rows_ext
+    calls = []
+    real = sm.smooth_select
+
+    def old(h, w, we, *, vocab, chunk):                     # the path before smooth_select, float32
+        ar = torch.arange(h.shape[0])
+        return decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=h.dtype), 0.0, torch.zeros_like(ar),
+                               vocab=vocab, chunk=chunk, soft=(we, 1.0), acc=torch.float32)
+    items = specs([dict(threshold=0.6, smoothing=True), dict(smoothing=True)], 6, seed=5)
+    monkeypatch.setattr(sm, "smooth_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    eng_f, fused = run(model, items, "fused")
+    assert calls and eng_f.runner.stats["eager_reuse"] == 0
+    monkeypatch.setattr(sm, "smooth_select", old)
+    _, before = run(model, items, "fused")
+    _, exact = run(model, items, "exact")
+    assert [r.output_ids for r in fused] == [r.output_ids for r in before]
+    assert [r.output_ids for r in fused[::2]] == [r.output_ids for r in exact[::2]]
+    assert len({tuple(r.output_ids) for r in fused}) > 3
+
+
 def test_sampled_steps_replay_and_equal_generate(model):
     """T > 0 (plain sampling, top-k filters with top-p / min-p on top, with extras) replays captured variants
     decoding as the eager runner (float64, the same hash noise): tokens equal generate(); filters the top-k

@@ -1,0 +1,53 @@
+"""Iteration smoothing's one-pass decoding (``dlc.kernels.smoothing.smooth_select``, the CUDA-graph runner's
+``fused`` smoothing step) against ``decode_rows_ext`` in float64 over the same model-dtype logits."""
+import pytest
+import torch
+
+from dlc.kernels.sampling import decode_rows_ext
+from dlc.kernels.smoothing import smooth_select
+
+CONF_RTOL = 4e-3       # probabilities in bf16 (relative rounding 2^-9 each), summed in float32
+SOFT_ATOL = 2e-3       # the soft embedding: a convex combination of W_e rows (|W_e| ~ 1) with those weights
+
+
+def _case(B, N, d, V, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(B, N, d, generator=g) * scale).to(torch.bfloat16)
+    w = torch.randn(V + 3, d, generator=g).to(torch.bfloat16)                  # head rows past V: padding
+    we = torch.randn(V + 3, d, generator=g).to(torch.bfloat16)
+    return h, w, we
+
+
+@pytest.mark.parametrize("B,N,scale", [(1, 8, 0.4), (3, 4, 0.6), (2, 5, 0.5)])
+def test_smooth_select_matches_decode_rows_ext_float64(B, N, scale):
+    d, V, chunk = 64, 1000, 256                                                # 4 chunks, the last short
+    h, w, we = _case(B, N, d, V, B * 10 + N, scale)
+    ar = torch.arange(B)
+    ref = decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=h.dtype), 0.0, torch.zeros_like(ar), vocab=V,
+                          chunk=chunk, soft=(we, 1.0), acc=torch.float64)
+    out = smooth_select(h, w, we, vocab=V, chunk=chunk)
+    assert torch.equal(out["tokens"], ref["tokens"])                       # the same bf16 logits' argmax
+    assert out["tokens"].unique().numel() > B * N // 2                     # decisive: rows pick differently
+    conf = ref["confidence"]
+    assert conf.max() - conf.min() > 0.2                                   # confidences vary
+    torch.testing.assert_close(out["confidence"].double(), conf, rtol=CONF_RTOL, atol=0)
+    soft = ref["soft"]
+    assert soft.std(dim=(0, 1)).mean() > 0.05                              # rows' soft embeddings differ
+    torch.testing.assert_close(out["soft"].double(), soft, rtol=0, atol=SOFT_ATOL)
+    assert out["soft"].dtype == torch.float32 and out["soft"].shape == (B, N, d)
+
+
+def test_smooth_select_ties_take_the_first_id_across_chunks():
+    """Equal best logits in two chunks: the earlier id, as decode_rows."""
+    d, V, chunk = 16, 40, 16
+    h = torch.zeros(1, 1, d, dtype=torch.bfloat16)
+    h[..., 0] = 1
+    w = torch.zeros(V, d, dtype=torch.bfloat16)
+    w[[5, 21, 37], 0] = 2.0                                                    # one in each chunk
+    we = torch.randn(V, d).to(torch.bfloat16)
+    out = smooth_select(h, w, we, vocab=V, chunk=chunk)
+    assert out["tokens"].item() == 5
+    ar = torch.arange(1)
+    ref = decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=h.dtype), 0.0, torch.zeros_like(ar), vocab=V,
+                          chunk=chunk, soft=(we, 1.0), acc=torch.float64)
+    torch.testing.assert_close(out["confidence"].double(), ref["confidence"], rtol=CONF_RTOL, atol=0)
