@@ -599,7 +599,8 @@ class DecodeState:
     snapshot: tuple | None = None            # (x, generator state) at the current block start
     emitted: int = 0                         # generated columns already returned as final
     forwards: int = 0                        # forwards this sequence took part in
-    credit: tuple | None = None              # credit decoding: (ids [K, M], vals [K, M]) of the block so far
+    # credit decoding: (ids [K, M], vals [K, M]) of the block so far, as the next step sends it (decayed)
+    credit: tuple | None = None
     # smoothing: [K, d] soft embedding of the block from the last step
     soft: torch.Tensor | None = None
     soft_w: float = 0.0                      # ... and its weight
@@ -789,10 +790,11 @@ class DecodeState:
             self._check_early_stop()
 
     def _credit_prior(self, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's credit as this step sends it: (ids [K, M], vals [K, M] decayed once more)."""
+        """The block's credit as this step sends it: (ids [K, M], vals [K, M], decayed once since the step
+        that added them: ``_credit_rows`` stores it so, batched, and this returns it without an op)."""
         if self.credit is None:
             return torch.zeros(K, 0, dtype=torch.long), torch.zeros(K, 0, dtype=torch.float64)
-        return self.credit[0], self.credit[1] * CREDIT_DECAY
+        return self.credit
 
     def _record_extras(self, j: int, out, sel_rows: dict, credit: dict) -> None:
         """Credit / smoothing state for the next step (row ``j`` of ``out``; ``credit``: the rows' new credit,
@@ -1008,8 +1010,9 @@ def _extras_rows(S: list, out, masked: torch.Tensor, sel: torch.Tensor):
 
 def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
     """Credit decoding's update for the rows whose state has it: {row: (ids [K, M + 1], vals [K, M + 1])},
-    the prior as the step sent it (decayed once more) plus this step's raw top-1 id with p1 ** gamma where
-    still masked (0 elsewhere). States with equal M update as one stacked tensor."""
+    the prior as the step sent it plus this step's raw top-1 id with p1 ** gamma where still masked (0
+    elsewhere), all decayed once for the next step (as it will send them). States with equal M update as
+    one stacked tensor: a few ops per group, none per state."""
     rows = [j for j, s in enumerate(S) if s.gen.credit]
     if out.top1_ids is None or not rows:
         return {}
@@ -1026,6 +1029,6 @@ def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
         ids = torch.stack([p[0] for p in prior])                                      # [n, K, M]
         vals = torch.stack([p[1] for p in prior])
         ids = torch.cat([ids, out.top1_ids[ix][..., None]], -1)                       # [n, K, M + 1]
-        vals = torch.cat([vals, add[ix][..., None]], -1)
-        new.update({j: (ids[n], vals[n]) for n, j in enumerate(js)})
+        vals = torch.cat([vals, add[ix][..., None]], -1) * CREDIT_DECAY
+        new.update(zip(js, zip(ids.unbind(0), vals.unbind(0))))
     return new

@@ -261,17 +261,8 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         batch.top_p = torch.tensor([x[1] for x in f], dtype=torch.float64, device=dev)
         batch.min_p = torch.tensor([x[2] for x in f], dtype=torch.float64, device=dev)
     if any(n["credit"] is not None for n in needs):
-        M = max(1, max(n["credit"][0].shape[1] for n in needs if n["credit"] is not None))
-        ids = torch.zeros(B, N, M, dtype=torch.long)
-        vals = torch.zeros(B, N, M, dtype=torch.float64)
-        alpha = torch.zeros(B, dtype=torch.float64)
-        for i, n in enumerate(needs):
-            if n["credit"] is not None:
-                ci, cv, a = n["credit"]
-                ids[i, :, :ci.shape[1]], vals[i, :, :cv.shape[1]], alpha[i] = ci, cv, a
-        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (_to_device(ids, dev),
-                                                                   _to_device(vals, dev),
-                                                                   _to_device(alpha, dev))
+        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (
+            _to_device(t, dev) for t in _credit_rows([n["credit"] for n in needs], N))
     taus = [n["soft"][0] for n in needs if n["soft"] is not None]
     if taus:
         if batch.fed != B:
@@ -285,6 +276,23 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
                 if n["soft"] is not None and n["soft"][1] is not None:
                     delta[i] = n["soft"][1]
             batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
+
+
+def _credit_rows(credit: list, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' credit (``needs()["credit"]``: (ids [N, M_i], vals [N, M_i], alpha) or None) -> ids, vals
+    [B, N, M] and alpha [B] on the host; a row without credit gets alpha 0 (neutral). Rows of one width (the
+    usual batch: one step of its blocks) stack at once, else each row goes into a zero-padded tensor."""
+    alpha = torch.tensor([0.0 if c is None else c[2] for c in credit], dtype=torch.float64)        # [B]
+    widths = {None if c is None else c[0].shape[1] for c in credit}
+    if len(widths) == 1 and None not in widths and widths != {0}:
+        return torch.stack([c[0] for c in credit]), torch.stack([c[1] for c in credit]), alpha
+    B, M = len(credit), max(1, max(w for w in widths if w is not None))
+    ids = torch.zeros(B, N, M, dtype=torch.long)
+    vals = torch.zeros(B, N, M, dtype=torch.float64)
+    for i, c in enumerate(credit):
+        if c is not None:
+            ids[i, :, :c[0].shape[1]], vals[i, :, :c[1].shape[1]] = c[0], c[1]
+    return ids, vals, alpha
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],
