@@ -642,15 +642,10 @@ class DecodeState:
         credit = None
         if g.credit:
             credit = (*self._credit_prior(K), CREDIT_ALPHA)
-        soft = None
-        if g.smoothing:
-            delta = None
-            if self.soft is not None:                # on the runner's device (StepOutput.to_host keeps it)
-                still = (self.x[self.bs:self.be] == self.mask_id)[:, None].to(self.soft.device)
-                delta = torch.where(still, self.soft_w * self.soft, torch.zeros_like(self.soft))
-            soft = (SMOOTH_TAU, delta)
+        # smoothing: the temperature of the soft output the step returns; its soft inputs for the call's rows
+        # at once: ``smoothing_delta``
         return {"entropy": self.rule.needs_entropy, "logprobs": g.logprobs, "filters": g.filters(),
-                "credit": credit, "soft": soft}
+                "credit": credit, "soft": SMOOTH_TAU if g.smoothing else None}
 
     # -- geometry --------------------------------------------------------------------------------------------
     @property
@@ -915,6 +910,26 @@ class DecodeState:
 
 
 # ------------------------------------------------------------------------------------ many states at once
+def smoothing_delta(states: list, device) -> torch.Tensor | None:
+    """Iteration smoothing's input for one runner call (``StepBatch.embed_delta``): [B, K, d], per row
+    ``w * soft`` (the state's soft embedding of its last step and its weight) on the block columns still
+    masked, 0 elsewhere and on rows without a soft embedding; None when no row has one. Batched: the soft
+    embeddings (on the runner's device: ``StepOutput.to_host`` keeps them there) stack once and one [B, K]
+    host scale (w where still masked) crosses to the device, so a step's cost does not grow by a few device
+    ops and a host-to-device copy per state."""
+    have = [s.soft is not None and s.gen.smoothing for s in states]
+    if not any(have):
+        return None
+    soft0 = next(s.soft for s, h in zip(states, have) if h)                      # [K, d]
+    zero = torch.zeros_like(soft0)
+    scale = torch.zeros(len(states), soft0.shape[0], dtype=soft0.dtype)          # [B, K] on the host
+    for i, (s, h) in enumerate(zip(states, have)):
+        if h:
+            scale[i] = (s.x[s.bs:s.be] == s.mask_id) * s.soft_w
+    soft = torch.stack([s.soft if h else zero for s, h in zip(states, have)])      # [B, K, d]
+    return soft * scale.to(soft.device)[..., None]
+
+
 def _rule_key(rule) -> tuple:
     """States whose rules have equal keys select in one call of the rule over their stacked rows."""
     return (type(rule), tuple(sorted(vars(rule).items())))

@@ -24,7 +24,7 @@ import torch
 
 from dlc.models.common import KVCache, block_key_mask  # noqa: F401 (block_key_mask: re-exported)
 
-from .decoding import PHASES, DecodeState
+from .decoding import PHASES, DecodeState, smoothing_delta
 from .step_output import StepOutput
 
 
@@ -263,18 +263,13 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
     if any(n["credit"] is not None for n in needs):
         batch.credit_ids, batch.credit_vals, batch.credit_alpha = (
             _to_device(t, dev) for t in _credit_rows([n["credit"] for n in needs], N))
-    taus = [n["soft"][0] for n in needs if n["soft"] is not None]
+    taus = [n["soft"] for n in needs if n["soft"] is not None]
     if taus:
         if batch.fed != B:
             raise ValueError("iteration smoothing does not combine with classifier-free guidance")
         batch.soft_tau = taus[0]
-        deltas = [n["soft"][1] for n in needs if n["soft"] is not None and n["soft"][1] is not None]
-        if deltas:
-            d = deltas[0].shape[-1]
-            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype, device=deltas[0].device)   # (the runner's)
-            for i, n in enumerate(needs):
-                if n["soft"] is not None and n["soft"][1] is not None:
-                    delta[i] = n["soft"][1]
+        delta = smoothing_delta(states, dev)                                    # [B, N, d] or None
+        if delta is not None:
             batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
 
 

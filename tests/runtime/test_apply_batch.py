@@ -214,3 +214,22 @@ def test_make_batch_credit_rows_stack_equal_widths_and_pad_the_others():
     assert not ids[1].any() and not vals[1].any() and not vals[2, :, 1:].any()
     ids, vals, alpha = _credit_rows([cred(0), cred(0)], N)
     assert ids.shape == (2, N, 1) and not vals.any()
+
+
+def test_smoothing_delta_is_each_states_weighted_soft_on_its_still_masked_columns():
+    """``decoding.smoothing_delta`` (one call's [B, K, d] at once) row by row: w * soft where the state's
+    block is still masked, 0 elsewhere, 0 for a row without a soft embedding yet; None when no row has one."""
+    from dlc.runtime.decoding import smoothing_delta
+    states = _states([dict(smoothing=True), dict(threshold=0.7, smoothing=True), dict(smoothing=True)], 0)
+    assert smoothing_delta(states, "cpu") is None                    # a block's first step: nothing yet
+    g = torch.Generator().manual_seed(5)
+    for j, s in enumerate(states[:2]):
+        s.x[s.bs + 2 * j:s.bs + 2 * j + 3] = 7                          # some columns decoded already
+        s.soft, s.soft_w = torch.randn(K, 6, generator=g), 0.15 + 0.1 * j
+    delta = smoothing_delta(states, "cpu")
+    assert delta.shape == (3, K, 6)
+    for s, d in zip(states[:2], delta):
+        still = (s.x[s.bs:s.be] == MC.mask_id)[:, None]
+        assert 0 < int(still.sum()) < K
+        assert torch.equal(d, torch.where(still, s.soft_w * s.soft, torch.zeros_like(s.soft)))
+    assert not delta[2].any()

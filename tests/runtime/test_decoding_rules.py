@@ -527,7 +527,7 @@ def test_restart_block_rewinds_the_rule_state():
     them with the tokens, so the restarted block sends exactly what its first run sent."""
     from types import SimpleNamespace
 
-    from dlc.runtime.decoding import DecodeState
+    from dlc.runtime.decoding import DecodeState, smoothing_delta
     from dlc.runtime.step_output import StepOutput
     mc = SimpleNamespace(mask_id=9, eos_id=0, stop_ids=[0])
     gen = GenerationConfig(gen_length=8, block_length=4, steps=8, threshold=0.99, credit=True, smoothing=True)
@@ -543,12 +543,14 @@ def test_restart_block_rewinds_the_rule_state():
         st.advance(4)
     step(4)
     step(5)
-    assert st.credit[0].shape == (4, 2) and st.soft is not None and st.needs()["soft"][1].abs().sum() > 0
+    assert st.credit[0].shape == (4, 2) and st.soft is not None
+    assert smoothing_delta([st], "cpu").abs().sum() > 0
     st.restart_block()
     st.advance(4)
     again = st.needs()
     assert st.step == 0 and st.iters == 0
     assert again["credit"][0].shape == first["credit"][0].shape == (4, 0) and again["soft"] == first["soft"]
+    assert smoothing_delta([st], "cpu") is None                        # as at the block's first run
 
 
 def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
