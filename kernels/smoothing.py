@@ -28,6 +28,16 @@ import torch
 import torch.nn.functional as F
 
 
+CHUNK_ELEMS = 1 << 25        # logits per vocab chunk: 64 MB in bf16 (B = 32 x N = 32 rows: 32768 columns)
+
+
+def chunk_columns(rows: int, vocab: int, least: int) -> int:
+    """Vocab columns per chunk for ``rows`` rows: as many as keep a chunk's logits under ``CHUNK_ELEMS`` (at
+    least ``least``), so a small batch runs the whole vocabulary as one chunk (~9 kernels instead of ~9 per
+    chunk: launches are what a B = 1 step pays besides reading W and W_e)."""
+    return min(vocab, max(least, CHUNK_ELEMS // max(rows, 1)))
+
+
 def smooth_select(h: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: int, chunk: int) -> dict:
     """h [B, N, d] rows, w [>=V, d] LM head, we [>=V, d] input embedding -> {"tokens" [B, N] int64,
     "confidence" [B, N] float32, "soft" [B, N, d] float32} at T = 0 and smoothing temperature 1 (dInfer's

@@ -348,8 +348,9 @@ class GraphRunner(EagerRunner):
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]
         if self.decoding == "fused" and tau == 1.0 and not (sampled or entropy or k >= 0 or M):
-            from dlc.kernels.smoothing import smooth_select    # one pass of bf16 logits, W_e GEMM per chunk
-            return smooth_select(rows, head, self.model.embed.weight[:V], vocab=V, chunk=VOCAB_CHUNK)
+            from dlc.kernels.smoothing import chunk_columns, smooth_select    # one pass of bf16 logits
+            return smooth_select(rows, head, self.model.embed.weight[:V], vocab=V,
+                                 chunk=chunk_columns(B * N, V, VOCAB_CHUNK))
         if self.decoding == "exact" or tau or sampled:
             ar = torch.arange(B, device=rows.device)
             one = torch.ones(1, dtype=rows.dtype, device=rows.device)

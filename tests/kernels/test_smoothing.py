@@ -51,3 +51,12 @@ def test_smooth_select_ties_take_the_first_id_across_chunks():
     ref = decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=h.dtype), 0.0, torch.zeros_like(ar), vocab=V,
                           chunk=chunk, soft=(we, 1.0), acc=torch.float64)
     torch.testing.assert_close(out["confidence"].double(), ref["confidence"], rtol=CONF_RTOL, atol=0)
+
+
+def test_chunk_columns_whole_vocab_for_small_batches():
+    from dlc.kernels.smoothing import CHUNK_ELEMS, chunk_columns
+    V = 126464
+    assert chunk_columns(32, V, 32768) == V                                   # B = 1, N = 32: one chunk
+    assert chunk_columns(1024, V, 32768) == 32768                             # B = 32: the transient cap
+    assert chunk_columns(1024, V, 32768) * 1024 <= CHUNK_ELEMS
+    assert chunk_columns(4096, V, 32768) == 32768                             # never below the runner's
