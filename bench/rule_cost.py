@@ -57,6 +57,7 @@ RULES = {
     "entropy_bound 0.1": dict(entropy_bound=0.1),
     "credit 0.9": dict(threshold=0.9, credit=True),
     "smoothing 0.9": dict(threshold=0.9, smoothing=True),
+    "smoothing_top_k 8 (opt-in)": dict(threshold=0.9, smoothing=True, smoothing_top_k=8),
     "logprobs 5": dict(logprobs=5),
     "top_k 50 top_p 0.9 (T 0.8)": dict(temperature=0.8, top_k=50, top_p=0.9),
 }

@@ -38,20 +38,33 @@ def chunk_columns(rows: int, vocab: int, least: int) -> int:
     return min(vocab, max(least, CHUNK_ELEMS // max(rows, 1)))
 
 
-def smooth_select(h: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: int, chunk: int) -> dict:
+def smooth_select(h: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: int, chunk: int,
+                  top_k: int = 0) -> dict:
     """h [B, N, d] rows, w [>=V, d] LM head, we [>=V, d] input embedding -> {"tokens" [B, N] int64,
     "confidence" [B, N] float32, "soft" [B, N, d] float32} at T = 0 and smoothing temperature 1 (dInfer's
-    and the decoding core's ``SMOOTH_TAU``: the selection's softmax is the smoothing softmax itself)."""
+    and the decoding core's ``SMOOTH_TAU``: the selection's softmax is the smoothing softmax itself).
+    ``top_k`` > 0: truncated smoothing (``GenerationConfig.smoothing_top_k``): the soft embedding over each
+    row's k largest logits, renormalised (``sampling.top_soft``): a top-k per chunk, no W_e GEMM."""
+    from .sampling import top_soft
     B, N, d = h.shape
     x = h.reshape(B * N, d)                                                      # [R, d]
-    m = s = tok = acc = None
+    m = s = tok = acc = tv = ti = None
     for c0 in range(0, vocab, chunk):
         c1 = min(vocab, c0 + chunk)
         l = F.linear(x, w[c0:c1])                                                # [R, Vc] model dtype
         cm, ci = l.max(-1)                                                       # [R] the selection
+        if top_k:                                        # the chunk's top k, merged into the running list
+            cv, cj = l.topk(min(top_k, c1 - c0), dim=-1)
+            cv, cj = cv.float(), cj + c0
+            if tv is not None:
+                cv, cj = torch.cat([tv, cv], -1), torch.cat([ti, cj], -1)
+                tv, j = cv.topk(min(top_k, cv.shape[-1]), dim=-1)
+                ti = cj.gather(-1, j)
+            else:
+                tv, ti = cv, cj
         e = l.sub_(cm[:, None]).exp_()                                           # [R, Vc] in place
         cs = e.sum(-1, dtype=torch.float32)                                      # [R]
-        ca = (e @ we[c0:c1]).float()                                             # [R, d] the second GEMM
+        ca = None if top_k else (e @ we[c0:c1]).float()                          # [R, d] the second GEMM
         cm = cm.float()
         if m is None:
             m, s, tok, acc = cm, cs, ci + c0, ca
@@ -59,7 +72,9 @@ def smooth_select(h: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: 
         tok = torch.where(cm > m, ci + c0, tok)                                  # ties keep the earlier id
         nm = torch.maximum(m, cm)
         fo, fn = torch.exp(m - nm), torch.exp(cm - nm)
-        s, acc, m = s * fo + cs * fn, acc * fo[:, None] + ca * fn[:, None], nm
+        s, m = s * fo + cs * fn, nm
+        if not top_k:
+            acc = acc * fo[:, None] + ca * fn[:, None]
     # the chosen token is the max: its probability is e^0 / sum
-    return {"tokens": tok.view(B, N), "confidence": (1.0 / s).view(B, N),
-            "soft": (acc / s[:, None]).view(B, N, d)}
+    soft = top_soft(ti, tv, we, 1.0) if top_k else acc / s[:, None]
+    return {"tokens": tok.view(B, N), "confidence": (1.0 / s).view(B, N), "soft": soft.view(B, N, d)}

@@ -119,6 +119,7 @@ MAX_SEED = 2 ** 63 - 1
 MAX_LOGPROBS = 20                       # top alternatives per token (OpenAI's top_logprobs limit)
 CREDIT_ALPHA, CREDIT_DECAY = 0.7, 0.8   # dInfer's credit_alpha, decay_beta (gamma: kernels/sampling.py)
 SMOOTH_W0, SMOOTH_DW, SMOOTH_W, SMOOTH_TAU = 0.15, 0.02, 0.3, 1.0   # dInfer's IterationSmooth / H2Embed
+SMOOTH_TOP_K_MAX = 64         # smoothing_top_k: at most this many tokens per position (truncated smoothing)
 SEED_RANGE = 2 ** 62                    # sampling seeds drawn per step are in [0, SEED_RANGE)
 
 
@@ -176,6 +177,8 @@ class GenerationConfig:
     credit: bool = False                     # credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)
     # iteration smoothing (dInfer: w 0.15 + 0.02 i, at most 0.3; tau 1)
     smoothing: bool = False
+    # opt-in truncated smoothing: the soft embedding over each position's k most likely tokens (renormalised)
+    smoothing_top_k: int | None = None
     top_k: int = 0                           # sampling filters at T > 0 (0 / 1.0 / 0.0: off)
     top_p: float = 1.0
     min_p: float = 0.0
@@ -263,6 +266,11 @@ class GenerationConfig:
                 raise FieldError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.smoothing and self.cfg_scale > 0:
             raise FieldError("smoothing", "iteration smoothing does not combine with cfg_scale > 0")
+        if self.smoothing_top_k is not None:
+            _int_field("smoothing_top_k", self.smoothing_top_k, 1, SMOOTH_TOP_K_MAX)
+            if not self.smoothing:
+                raise FieldError("smoothing_top_k", "smoothing_top_k applies to iteration smoothing: set "
+                                                    "smoothing true")
         # validates threshold / factor / low_threshold / entropy_bound
         self.rule()
 
@@ -642,10 +650,10 @@ class DecodeState:
         credit = None
         if g.credit:
             credit = (*self._credit_prior(K), CREDIT_ALPHA)
-        # smoothing: the temperature of the soft output the step returns; its soft inputs for the call's rows
-        # at once: ``smoothing_delta``
+        # smoothing: (temperature, top k or 0: the whole vocabulary) of the soft output the step returns; its
+        # soft inputs for the call's rows at once: ``smoothing_delta``
         return {"entropy": self.rule.needs_entropy, "logprobs": g.logprobs, "filters": g.filters(),
-                "credit": credit, "soft": SMOOTH_TAU if g.smoothing else None}
+                "credit": credit, "soft": (SMOOTH_TAU, g.smoothing_top_k or 0) if g.smoothing else None}
 
     # -- geometry --------------------------------------------------------------------------------------------
     @property
@@ -682,7 +690,8 @@ class DecodeState:
         if self.phase == "reuse":
             qa, qb = self.q_span()
             fed = qb - qa
-        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale, self.attn_block)
+        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale, self.attn_block,
+                self.gen.smoothing_top_k)
 
     def cache_rows(self) -> int:
         """KV pool rows the sequence needs: none without a cache,

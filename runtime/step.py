@@ -67,6 +67,7 @@ class StepBatch:
     credit_vals: torch.Tensor | None = None    # [B, N, M] float64 their credit, decayed for this step
     credit_alpha: torch.Tensor | None = None   # [B] float64 (0: the row takes no credit)
     soft_tau: float | None = None          # return StepOutput.soft = softmax(l / tau) @ W_e (smoothing)
+    soft_top_k: int = 0                    # > 0: that softmax over each row's top-k logits only (truncated)
     embed_delta: torch.Tensor | None = None    # [fed, N, d] added to the input embedding of the decoded
                                                # columns [out_start, + N) (smoothing's soft inputs)
 
@@ -267,7 +268,7 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
     if taus:
         if batch.fed != B:
             raise ValueError("iteration smoothing does not combine with classifier-free guidance")
-        batch.soft_tau = taus[0]
+        batch.soft_tau, batch.soft_top_k = taus[0]                # (group_key: one top k per call)
         delta = smoothing_delta(states, dev)                                    # [B, N, d] or None
         if delta is not None:
             batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)

@@ -60,3 +60,44 @@ def test_chunk_columns_whole_vocab_for_small_batches():
     assert chunk_columns(1024, V, 32768) == 32768                             # B = 32: the transient cap
     assert chunk_columns(1024, V, 32768) * 1024 <= CHUNK_ELEMS
     assert chunk_columns(4096, V, 32768) == 32768                             # never below the runner's
+
+
+def _ref(h, w, we, V, chunk, k=0):
+    ar = torch.arange(h.shape[0])
+    return decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=h.dtype), 0.0, torch.zeros_like(ar), vocab=V,
+                           chunk=chunk, soft=(we, 1.0, k), acc=torch.float64)
+
+
+def test_truncated_smoothing_is_the_top_k_softmax_of_the_logits():
+    """``smoothing_top_k``: decode_rows_ext's soft embedding over each row's k largest logits, renormalised,
+    against a transcription in float64 over the model-dtype logits; tokens and confidences as exact
+    smoothing's; k = the whole vocabulary gives exact smoothing's soft embedding."""
+    d, V, chunk, k = 64, 1000, 256, 5
+    h, w, we = _case(2, 6, d, V, 21, 0.5)
+    out = _ref(h, w, we, V, chunk, k)
+    exact = _ref(h, w, we, V, chunk)
+    l = torch.nn.functional.linear(h, w[:V]).double()                            # [B, N, V]
+    tv, ti = l.topk(k, dim=-1)
+    want = (torch.softmax(tv, -1)[..., None] * we[ti].double()).sum(-2)
+    torch.testing.assert_close(out["soft"], want, rtol=0, atol=1e-9)
+    assert torch.equal(out["tokens"], exact["tokens"]) and torch.equal(out["confidence"], exact["confidence"])
+    assert (out["soft"] - exact["soft"]).abs().max() > 0.05                  # a different quantity
+    assert "topk_ids" not in out                                               # the caller asked for none
+    small_V = 40
+    full = _ref(h, w, we, small_V, 16, small_V)
+    # (exact smoothing multiplies W_e by its probabilities rounded to W_e's dtype, bf16 here: 2^-9 relative)
+    torch.testing.assert_close(full["soft"], _ref(h, w, we, small_V, 16)["soft"], rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_smooth_select_truncated_matches_decode_rows_ext(k):
+    d, V, chunk = 64, 1000, 256
+    # float32 rows: bf16 logits often tie at the k-th place, where torch.topk may keep either token
+    h, w, we = (t.float() for t in _case(3, 4, d, V, 5 + k, 0.6))
+    ref = _ref(h, w, we, V, chunk, k)
+    out = smooth_select(h, w, we, vocab=V, chunk=chunk, top_k=k)
+    assert torch.equal(out["tokens"], ref["tokens"])
+    torch.testing.assert_close(out["confidence"].double(), ref["confidence"], rtol=CONF_RTOL, atol=0)
+    torch.testing.assert_close(out["soft"].double(), ref["soft"], rtol=0, atol=1e-5)   # float32 softmax of k
+    if k == 1:                                                               # the chosen token's embedding
+        assert torch.equal(out["soft"], we[out["tokens"]])

@@ -133,7 +133,11 @@ def test_rules_never_accept_the_mask_id():
                                       (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
                                       (dict(top_p=1.5), "top_p"), (dict(min_p=2.0), "min_p"),
                                       (dict(logprobs=21), "logprobs"), (dict(credit=1), "credit"),
-                                      (dict(smoothing=True, cfg_scale=1.0), "smoothing")])
+                                      (dict(smoothing=True, cfg_scale=1.0), "smoothing"),
+                                      (dict(smoothing_top_k=4), "smoothing_top_k"),
+                                      (dict(smoothing=True, smoothing_top_k=0), "smoothing_top_k"),
+                                      (dict(smoothing=True, smoothing_top_k=65), "smoothing_top_k"),
+                                      (dict(smoothing=True, smoothing_top_k=2.5), "smoothing_top_k")])
 def test_bad_rule_parameters_name_the_field(kw, field):
     with pytest.raises(FieldError) as e:
         GenerationConfig(gen_length=8, block_length=4, steps=8, **kw)
