@@ -264,11 +264,11 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
     if any(n["credit"] is not None for n in needs):
         batch.credit_ids, batch.credit_vals, batch.credit_alpha = (
             _to_device(t, dev) for t in _credit_rows([n["credit"] for n in needs], N))
-    taus = [n["soft"] for n in needs if n["soft"] is not None]
-    if taus:
+    softs = [n["soft"] for n in needs if n["soft"] is not None]              # (tau, top k) each
+    if softs:
         if batch.fed != B:
             raise ValueError("iteration smoothing does not combine with classifier-free guidance")
-        batch.soft_tau, batch.soft_top_k = taus[0]                # (group_key: one top k per call)
+        batch.soft_tau, batch.soft_top_k = softs[0]               # (group_key: one top k per call)
         delta = smoothing_delta(states, dev)                                    # [B, N, d] or None
         if delta is not None:
             batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
