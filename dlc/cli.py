@@ -40,6 +40,8 @@ def _fail(msg: str):
 @click.option("--credit", is_flag=True, help="credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)")
 @click.option("--smoothing", is_flag=True,
               help="iteration smoothing (dInfer: soft embeddings of masked inputs)")
+@click.option("--smoothing-top-k", default=None, type=int,
+              help="opt-in truncated smoothing: the soft embedding over each position's top k tokens (1-64)")
 @click.option("--top-k", default=0, show_default=True, type=int, help="sampling filter at T > 0 (0: off)")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="sampling filter at T > 0 (1: off)")
 @click.option("--min-p", default=0.0, show_default=True, type=float, help="sampling filter at T > 0 (0: off)")
@@ -73,7 +75,7 @@ def _fail(msg: str):
               help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
-             low_threshold, entropy_bound, credit, smoothing, top_k, top_p, min_p, logprobs,
+             low_threshold, entropy_bound, credit, smoothing, smoothing_top_k, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold,
              max_post_edit_steps, tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks,
              batch_invariant, chat, tensor_parallel_size, as_json):
@@ -102,7 +104,8 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
                                temperature=temperature, remasking=remasking, factor=factor,
                                cfg_scale=cfg_scale, kv_cache=kv_cache or block.get("kv_cache", "none"),
                                seed=seed, low_threshold=low_threshold, entropy_bound=entropy_bound,
-                               credit=credit, smoothing=smoothing, top_k=top_k, top_p=top_p, min_p=min_p,
+                               credit=credit, smoothing=smoothing, smoothing_top_k=smoothing_top_k,
+                               top_k=top_k, top_p=top_p, min_p=min_p,
                                logprobs=logprobs, stop_at_eos=chat is not False, **fields)
         use_chat = session.chat if chat is None else chat
         cfg.stop_at_eos = use_chat

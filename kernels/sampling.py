@@ -89,13 +89,23 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
                     candidates: str | bool | None = None) -> dict:
     """h [B, N, d] rows, w [>=V, d] head -> {"tokens", "confidence", and the asked extras} (see the module).
 
-    ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float); ``filters``:
-    (top_k [C], top_p [C], min_p [C]) or None; ``filtered_conf``: with filters at T > 0 the confidence is the
-    token's probability under the filtered, tempered distribution (renormalised over the survivors: LLaDA2's
-    and SDAR's samplers) instead of the unfiltered one. ``candidates``: filter over the sweep's top candidates
-    (``candidates_cover``'s answer, which the caller read: "filtered" / "mixed"; True: "mixed"), over the full
-    logits (False), or decide here (None: reads the filters on the host). Without extras this is
-    ``decode_rows`` itself."""
+    ``credit``: (ids [C, N, M], vals [C, N, M], alpha [C]); ``soft``: (W_e [>=V, d], tau float) or (W_e, tau,
+    k): truncated smoothing over each row's top k (``_decode_top_soft``; k = 0: the whole vocabulary);
+    ``filters``: (top_k [C], top_p [C], min_p [C]) or None; ``filtered_conf``: with filters at T > 0 the
+    confidence is the token's probability under the filtered, tempered distribution (renormalised over the
+    survivors: LLaDA2's and SDAR's samplers) instead of the unfiltered one. ``candidates``: filter over the
+    sweep's top candidates (``candidates_cover``'s answer, which the caller read: "filtered" / "mixed"; True:
+    "mixed"), over the full logits (False), or decide here (None: reads the filters on the host). Without
+    extras this is ``decode_rows`` itself."""
+    if soft is not None and len(soft) > 2:
+        if not soft[2]:
+            soft = soft[:2]                          # k = 0: the whole vocabulary
+        else:
+            return _decode_top_soft(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab,
+                                    chunk=chunk,
+                                    topk=topk, logprobs=logprobs, entropy=entropy, credit=credit, soft=soft,
+                                    filters=filters, filtered_conf=filtered_conf, acc=acc,
+                                    candidates=candidates)
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
     if candidates is None and filters is not None and sampling and credit is None:
         candidates = candidates_cover(*filters, filtered_conf)
@@ -119,6 +129,27 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                           logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, acc=acc)
     return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def _decode_top_soft(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, soft, **kw) -> dict:
+    """Truncated smoothing (``soft`` = (W_e, tau, k), ``GenerationConfig.smoothing_top_k``): the soft
+    embedding over each row's k largest raw logits, renormalised (``top_soft``), from the sweep's top list
+    (asked for max(topk, k) entries, then cut back to the caller's topk): no second vocabulary GEMM."""
+    we, tau, k = soft
+    out = decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                          topk=max(topk, k), **kw)
+    ids, lps = out.pop("topk_ids"), out.pop("topk_logprobs")                     # [C, N, >= k]
+    out["soft"] = top_soft(ids[..., :k], lps[..., :k], we, tau)
+    if topk:
+        out["topk_ids"], out["topk_logprobs"] = ids[..., :topk], lps[..., :topk]
+    return out
+
+
+def top_soft(ids: torch.Tensor, scores: torch.Tensor, we: torch.Tensor, tau: float) -> torch.Tensor:
+    """ids [..., k] of each row's most likely tokens with their logits or logprobs ``scores`` [..., k] ->
+    softmax(scores / tau) @ W_e[ids] [..., d] (the weights renormalised over the k; ``scores``' dtype)."""
+    p = torch.softmax(scores / tau, -1)                                          # [..., k]
+    return (p[..., None] * we[ids].to(p.dtype)).sum(-2)
 
 
 def _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc):

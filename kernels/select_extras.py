@@ -244,10 +244,10 @@ def fused_select_extras(hidden: torch.Tensor, weight: torch.Tensor, entropy: boo
     and "entropy" [R] / "topk_ids", "topk_logprobs" [R, k] / "top1_ids", "top1_prob" [R] as asked} at T = 0.
     Credit: ``credit_ids`` / ``credit_vals`` [R, M] (vals already decayed), ``credit_alpha`` [R] (0: off)."""
     validate(hidden, weight, topk, credit_ids, credit_vals, credit_alpha)
-    if credit_ids is not None:                       # the kernel reads them as float32 / one layout
-        credit_ids = credit_ids.contiguous()
-        credit_vals = credit_vals.to(torch.float32).contiguous()
-        credit_alpha = credit_alpha.to(torch.float32).contiguous()
+    if credit_ids is not None:       # one layout; dtypes kept (the correction reads them in float64: no
+        credit_ids = credit_ids.contiguous()                 # float32 round trip, no cast kernels per step)
+        credit_vals = credit_vals.contiguous()
+        credit_alpha = credit_alpha.contiguous()
     res = torch.ops.dlc.fused_select_extras(hidden, weight, bool(entropy), int(topk), credit_ids, credit_vals,
                                             credit_alpha)
     return {k: v for k, v in zip(EXTRAS, res) if v.numel() or k in ("tokens", "confidence", "logprob")}

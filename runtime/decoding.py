@@ -119,6 +119,7 @@ MAX_SEED = 2 ** 63 - 1
 MAX_LOGPROBS = 20                       # top alternatives per token (OpenAI's top_logprobs limit)
 CREDIT_ALPHA, CREDIT_DECAY = 0.7, 0.8   # dInfer's credit_alpha, decay_beta (gamma: kernels/sampling.py)
 SMOOTH_W0, SMOOTH_DW, SMOOTH_W, SMOOTH_TAU = 0.15, 0.02, 0.3, 1.0   # dInfer's IterationSmooth / H2Embed
+SMOOTH_TOP_K_MAX = 64         # smoothing_top_k: at most this many tokens per position (truncated smoothing)
 SEED_RANGE = 2 ** 62                    # sampling seeds drawn per step are in [0, SEED_RANGE)
 
 
@@ -176,6 +177,8 @@ class GenerationConfig:
     credit: bool = False                     # credit decoding (dInfer: alpha 0.7, gamma 0.2, decay 0.8)
     # iteration smoothing (dInfer: w 0.15 + 0.02 i, at most 0.3; tau 1)
     smoothing: bool = False
+    # opt-in truncated smoothing: the soft embedding over each position's k most likely tokens (renormalised)
+    smoothing_top_k: int | None = None
     top_k: int = 0                           # sampling filters at T > 0 (0 / 1.0 / 0.0: off)
     top_p: float = 1.0
     min_p: float = 0.0
@@ -263,6 +266,11 @@ class GenerationConfig:
                 raise FieldError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.smoothing and self.cfg_scale > 0:
             raise FieldError("smoothing", "iteration smoothing does not combine with cfg_scale > 0")
+        if self.smoothing_top_k is not None:
+            _int_field("smoothing_top_k", self.smoothing_top_k, 1, SMOOTH_TOP_K_MAX)
+            if not self.smoothing:
+                raise FieldError("smoothing_top_k", "smoothing_top_k applies to iteration smoothing: set "
+                                                    "smoothing true")
         # validates threshold / factor / low_threshold / entropy_bound
         self.rule()
 
@@ -488,15 +496,16 @@ class EntropyBoundRule:
         self.gamma = gamma
 
     def select(self, conf, masked, n_sched, entropy):
+        """All rows at once: one stable sort of the candidates' entropies, the accepted prefix of each sorted
+        row scattered back through the sort's own order (no second sort, no rank tensor: a step's host cost
+        is a dozen [B, K] ops, like the threshold rules')."""
         ent = torch.where(masked, entropy, torch.full_like(entropy, float("inf")))
-        srt = ent.sort(dim=-1, stable=True).values                          # [B, K] ascending
-        fin = torch.where(torch.isfinite(srt), srt, torch.zeros_like(srt))
-        excess = fin.cumsum(-1) - fin                                       # sum - max of each prefix
-        ok = (excess <= self.gamma) & torch.isfinite(srt)
-        count = ok.long().cumprod(-1).sum(-1).clamp(min=1)
-        count = torch.minimum(count, masked.sum(-1))
-        return _topk_mask(-ent, count) & masked
-
+        srt, order = ent.sort(dim=-1, stable=True)                          # [B, K] ascending, ties by column
+        live = srt < float("inf")                                           # [B, K] the sorted candidates
+        fin = torch.where(live, srt, torch.zeros_like(srt))
+        ok = (fin.cumsum(-1) - fin <= self.gamma) & live                    # sum - max of each prefix
+        keep = ok.cumprod(-1).bool()                                        # the largest such prefix
+        return torch.zeros_like(masked).scatter_(1, order, keep)
 
 for _r in (ScheduleRule, ThresholdRule, FactorRule, BlockThresholdRule, JointThresholdRule):
     _r.needs_entropy = False
@@ -598,7 +607,8 @@ class DecodeState:
     snapshot: tuple | None = None            # (x, generator state) at the current block start
     emitted: int = 0                         # generated columns already returned as final
     forwards: int = 0                        # forwards this sequence took part in
-    credit: tuple | None = None              # credit decoding: (ids [K, M], vals [K, M]) of the block so far
+    # credit decoding: (ids [K, M], vals [K, M]) of the block so far, as the next step sends it (decayed)
+    credit: tuple | None = None
     # smoothing: [K, d] soft embedding of the block from the last step
     soft: torch.Tensor | None = None
     soft_w: float = 0.0                      # ... and its weight
@@ -640,15 +650,10 @@ class DecodeState:
         credit = None
         if g.credit:
             credit = (*self._credit_prior(K), CREDIT_ALPHA)
-        soft = None
-        if g.smoothing:
-            delta = None
-            if self.soft is not None:                # on the runner's device (StepOutput.to_host keeps it)
-                still = (self.x[self.bs:self.be] == self.mask_id)[:, None].to(self.soft.device)
-                delta = torch.where(still, self.soft_w * self.soft, torch.zeros_like(self.soft))
-            soft = (SMOOTH_TAU, delta)
+        # smoothing: (temperature, top k or 0: the whole vocabulary) of the soft output the step returns; its
+        # soft inputs for the call's rows at once: ``smoothing_delta``
         return {"entropy": self.rule.needs_entropy, "logprobs": g.logprobs, "filters": g.filters(),
-                "credit": credit, "soft": soft}
+                "credit": credit, "soft": (SMOOTH_TAU, g.smoothing_top_k or 0) if g.smoothing else None}
 
     # -- geometry --------------------------------------------------------------------------------------------
     @property
@@ -685,7 +690,8 @@ class DecodeState:
         if self.phase == "reuse":
             qa, qb = self.q_span()
             fed = qb - qa
-        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale, self.attn_block)
+        return (self.phase, self.be - self.bs, fed, self.gen.temperature, self.gen.cfg_scale, self.attn_block,
+                self.gen.smoothing_top_k)
 
     def cache_rows(self) -> int:
         """KV pool rows the sequence needs: none without a cache,
@@ -788,10 +794,11 @@ class DecodeState:
             self._check_early_stop()
 
     def _credit_prior(self, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's credit as this step sends it: (ids [K, M], vals [K, M] decayed once more)."""
+        """The block's credit as this step sends it: (ids [K, M], vals [K, M], decayed once since the step
+        that added them: ``_credit_rows`` stores it so, batched, and this returns it without an op)."""
         if self.credit is None:
             return torch.zeros(K, 0, dtype=torch.long), torch.zeros(K, 0, dtype=torch.float64)
-        return self.credit[0], self.credit[1] * CREDIT_DECAY
+        return self.credit
 
     def _record_extras(self, j: int, out, sel_rows: dict, credit: dict) -> None:
         """Credit / smoothing state for the next step (row ``j`` of ``out``; ``credit``: the rows' new credit,
@@ -912,6 +919,26 @@ class DecodeState:
 
 
 # ------------------------------------------------------------------------------------ many states at once
+def smoothing_delta(states: list, device) -> torch.Tensor | None:
+    """Iteration smoothing's input for one runner call (``StepBatch.embed_delta``): [B, K, d], per row
+    ``w * soft`` (the state's soft embedding of its last step and its weight) on the block columns still
+    masked, 0 elsewhere and on rows without a soft embedding; None when no row has one. Batched: the soft
+    embeddings (on the runner's device: ``StepOutput.to_host`` keeps them there) stack once and one [B, K]
+    host scale (w where still masked) crosses to the device, so a step's cost does not grow by a few device
+    ops and a host-to-device copy per state."""
+    have = [s.soft is not None and s.gen.smoothing for s in states]
+    if not any(have):
+        return None
+    soft0 = next(s.soft for s, h in zip(states, have) if h)                      # [K, d]
+    zero = torch.zeros_like(soft0)
+    scale = torch.zeros(len(states), soft0.shape[0], dtype=soft0.dtype)          # [B, K] on the host
+    for i, (s, h) in enumerate(zip(states, have)):
+        if h:
+            scale[i] = (s.x[s.bs:s.be] == s.mask_id) * s.soft_w
+    soft = torch.stack([s.soft if h else zero for s, h in zip(states, have)])      # [B, K, d]
+    return soft * scale.to(soft.device)[..., None]
+
+
 def _rule_key(rule) -> tuple:
     """States whose rules have equal keys select in one call of the rule over their stacked rows."""
     return (type(rule), tuple(sorted(vars(rule).items())))
@@ -1007,8 +1034,9 @@ def _extras_rows(S: list, out, masked: torch.Tensor, sel: torch.Tensor):
 
 def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
     """Credit decoding's update for the rows whose state has it: {row: (ids [K, M + 1], vals [K, M + 1])},
-    the prior as the step sent it (decayed once more) plus this step's raw top-1 id with p1 ** gamma where
-    still masked (0 elsewhere). States with equal M update as one stacked tensor."""
+    the prior as the step sent it plus this step's raw top-1 id with p1 ** gamma where still masked (0
+    elsewhere), all decayed once for the next step (as it will send them). States with equal M update as
+    one stacked tensor: a few ops per group, none per state."""
     rows = [j for j, s in enumerate(S) if s.gen.credit]
     if out.top1_ids is None or not rows:
         return {}
@@ -1025,6 +1053,6 @@ def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
         ids = torch.stack([p[0] for p in prior])                                      # [n, K, M]
         vals = torch.stack([p[1] for p in prior])
         ids = torch.cat([ids, out.top1_ids[ix][..., None]], -1)                       # [n, K, M + 1]
-        vals = torch.cat([vals, add[ix][..., None]], -1)
-        new.update({j: (ids[n], vals[n]) for n, j in enumerate(js)})
+        vals = torch.cat([vals, add[ix][..., None]], -1) * CREDIT_DECAY
+        new.update(zip(js, zip(ids.unbind(0), vals.unbind(0))))
     return new

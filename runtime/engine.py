@@ -63,8 +63,8 @@ from .step_output import StepOutput
 from .stops import StopStrings
 
 REQUEST_FIELDS = GEN_KEYS + ("factor", "temperature", "seed", "cfg_scale", "stop_token_ids", "low_threshold",
-                             "entropy_bound", "credit", "smoothing", "top_k", "top_p", "min_p",
-                             "logprobs") + BLOCK_GEN_KEYS
+                             "entropy_bound", "credit", "smoothing", "smoothing_top_k", "top_k", "top_p",
+                             "min_p", "logprobs") + BLOCK_GEN_KEYS
 RUN_MAX = 1 << 16                                   # a run ahead: the rest of its block's fixed schedule
 log = logging.getLogger("dlc.engine")
 stats_log = logging.getLogger("dlc.stats")          # the periodic throughput / queue line

@@ -93,6 +93,7 @@ class DiffusionFields(BaseModel):
     entropy_bound: float | None = Field(default=None, ge=0)          # entropy-bounded decoding
     credit: bool | None = None                                       # credit decoding
     smoothing: bool | None = None                                    # iteration smoothing
+    smoothing_top_k: int | None = None                               # ... over the top k tokens (opt-in)
     # block diffusion (LLaDA2.0 / 2.1, SDAR): decoding/DECODER_ALIASES spell LLaDA2.1's speed / quality modes
     decoder: Literal["llada", "llada2", "llada2.1", "llada2.1-speed", "llada2.1-quality"] | None = None
     steps_per_block: int | None = Field(default=None, gt=0)
@@ -163,7 +164,7 @@ def _params(body: DiffusionFields) -> dict:
     p = {k: getattr(body, k) for k in ("gen_length", "block_length", "steps", "threshold", "factor",
                                        "remasking", "kv_cache", "temperature", "seed", "cfg_scale",
                                        "stop_token_ids", "low_threshold", "entropy_bound", "credit",
-                                       "smoothing", "top_p", "min_p")
+                                       "smoothing", "smoothing_top_k", "top_p", "min_p")
          + BLOCK_GEN_KEYS}
     if body.top_k is not None:
         p["top_k"] = max(0, body.top_k)                   # -1 (vLLM's "off") is 0 here

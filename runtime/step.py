@@ -24,7 +24,7 @@ import torch
 
 from dlc.models.common import KVCache, block_key_mask  # noqa: F401 (block_key_mask: re-exported)
 
-from .decoding import PHASES, DecodeState
+from .decoding import PHASES, DecodeState, smoothing_delta
 from .step_output import StepOutput
 
 
@@ -67,6 +67,7 @@ class StepBatch:
     credit_vals: torch.Tensor | None = None    # [B, N, M] float64 their credit, decayed for this step
     credit_alpha: torch.Tensor | None = None   # [B] float64 (0: the row takes no credit)
     soft_tau: float | None = None          # return StepOutput.soft = softmax(l / tau) @ W_e (smoothing)
+    soft_top_k: int = 0                    # > 0: that softmax over each row's top-k logits only (truncated)
     embed_delta: torch.Tensor | None = None    # [fed, N, d] added to the input embedding of the decoded
                                                # columns [out_start, + N) (smoothing's soft inputs)
 
@@ -271,30 +272,33 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         batch.top_p = torch.tensor([x[1] for x in f], dtype=torch.float64, device=dev)
         batch.min_p = torch.tensor([x[2] for x in f], dtype=torch.float64, device=dev)
     if any(n["credit"] is not None for n in needs):
-        M = max(1, max(n["credit"][0].shape[1] for n in needs if n["credit"] is not None))
-        ids = torch.zeros(B, N, M, dtype=torch.long)
-        vals = torch.zeros(B, N, M, dtype=torch.float64)
-        alpha = torch.zeros(B, dtype=torch.float64)
-        for i, n in enumerate(needs):
-            if n["credit"] is not None:
-                ci, cv, a = n["credit"]
-                ids[i, :, :ci.shape[1]], vals[i, :, :cv.shape[1]], alpha[i] = ci, cv, a
-        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (_to_device(ids, dev),
-                                                                   _to_device(vals, dev),
-                                                                   _to_device(alpha, dev))
-    taus = [n["soft"][0] for n in needs if n["soft"] is not None]
-    if taus:
+        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (
+            _to_device(t, dev) for t in _credit_rows([n["credit"] for n in needs], N))
+    softs = [n["soft"] for n in needs if n["soft"] is not None]              # (tau, top k) each
+    if softs:
         if batch.fed != B:
             raise ValueError("iteration smoothing does not combine with classifier-free guidance")
-        batch.soft_tau = taus[0]
-        deltas = [n["soft"][1] for n in needs if n["soft"] is not None and n["soft"][1] is not None]
-        if deltas:
-            d = deltas[0].shape[-1]
-            delta = torch.zeros(B, N, d, dtype=deltas[0].dtype, device=deltas[0].device)   # (the runner's)
-            for i, n in enumerate(needs):
-                if n["soft"] is not None and n["soft"][1] is not None:
-                    delta[i] = n["soft"][1]
+        batch.soft_tau, batch.soft_top_k = softs[0]               # (group_key: one top k per call)
+        delta = smoothing_delta(states, dev)                                    # [B, N, d] or None
+        if delta is not None:
             batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
+
+
+def _credit_rows(credit: list, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' credit (``needs()["credit"]``: (ids [N, M_i], vals [N, M_i], alpha) or None) -> ids, vals
+    [B, N, M] and alpha [B] on the host; a row without credit gets alpha 0 (neutral). Rows of one width (the
+    usual batch: one step of its blocks) stack at once, else each row goes into a zero-padded tensor."""
+    alpha = torch.tensor([0.0 if c is None else c[2] for c in credit], dtype=torch.float64)        # [B]
+    widths = {None if c is None else c[0].shape[1] for c in credit}
+    if len(widths) == 1 and None not in widths and widths != {0}:
+        return torch.stack([c[0] for c in credit]), torch.stack([c[1] for c in credit]), alpha
+    B, M = len(credit), max(1, max(w for w in widths if w is not None))
+    ids = torch.zeros(B, N, M, dtype=torch.long)
+    vals = torch.zeros(B, N, M, dtype=torch.float64)
+    for i, c in enumerate(credit):
+        if c is not None:
+            ids[i, :, :c[0].shape[1]], vals[i, :, :c[1].shape[1]] = c[0], c[1]
+    return ids, vals, alpha
 
 
 def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[int], out_start: list[int],

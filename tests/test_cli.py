@@ -64,7 +64,8 @@ def test_preset_without_weights_names_repo_and_option(tmp_path):
 
 def test_generate_with_the_parallel_decoders_and_logprobs():
     for flags in (["--threshold", "0.9", "--low-threshold", "0.3"], ["--entropy-bound", "0.5"],
-                  ["--threshold", "0.9", "--credit", "--smoothing", "--kv-cache", "dual"]):
+                  ["--threshold", "0.9", "--credit", "--smoothing", "--kv-cache", "dual"],
+                  ["--threshold", "0.9", "--smoothing", "--smoothing-top-k", "4", "--kv-cache", "dual"]):
         assert dlc("generate", "dlc-tiny", "64+78", *flags).stdout == "142\n", flags
     out = json.loads(dlc("generate", "dlc-tiny", "64+78", "--logprobs", "2",
                          "--json").stdout.splitlines()[-1])

@@ -199,7 +199,7 @@ def decode_extras(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, v
     credit = None
     if batch.credit_ids is not None:
         credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
-    soft = None if batch.soft_tau is None else (embed[:vocab], batch.soft_tau)
+    soft = None if batch.soft_tau is None else (embed[:vocab], batch.soft_tau, batch.soft_top_k)
     filters = None if batch.top_k is None else (batch.top_k, batch.top_p, batch.min_p)
     temp = batch.temperature if temperature is None else temperature
     return decode_rows_ext(rows, head, batch.cond_rows, batch.un_rows,

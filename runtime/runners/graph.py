@@ -18,7 +18,9 @@ width) and replays it:
   first use, the plain step untouched). At T = 0 ``fused`` computes entropy and logprobs in the
   selected-row logits kernel's one vocab sweep, credit as a sparse correction of it
   (``dlc.kernels.fused_select_extras``);
-  smoothing's soft embedding and ``exact`` decode with ``decode_rows_ext``. Credit and smoothing inputs,
+  a smoothing step selects and builds its soft embedding from one pass of model-dtype logits
+  (``dlc.kernels.smoothing``), smoothing beside other extras and ``exact`` decode with ``decode_rows_ext``.
+  Credit and smoothing inputs,
   temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
   float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
   filters over the sweep's candidates (``sampling.candidates_cover``);
@@ -83,6 +85,7 @@ class ExtrasKey(NamedTuple):
     sampled: bool          # T > 0
     filtered: str | bool   # over the sweep's candidates: "filtered" / "mixed" (sampling.candidates_cover),
                            # False: no filters
+    smooth_k: int = 0      # truncated smoothing: the soft embedding over each row's top k (0: all tokens)
 
 
 @dataclass
@@ -227,7 +230,8 @@ class GraphRunner(EagerRunner):
             if batch.credit_ids.shape[-1] > M:
                 return None
         k = -1 if batch.logprobs is None else next(b for b in LOGPROB_BUCKETS if b >= batch.logprobs)
-        return ExtrasKey(bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered)
+        return ExtrasKey(bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered,
+                         batch.soft_top_k if batch.soft_tau is not None else 0)
 
     def _eligible(self, batch: StepBatch, ex: tuple | None) -> bool:
         c = batch.cache
@@ -339,17 +343,22 @@ class GraphRunner(EagerRunner):
         every sampled step (T > 0: ``sampling`` = (temperature [1], seeds [B]); ``filters`` over the sweep's
         candidates): the eager runner's float64 ``decode_rows_ext`` (tokens equal EagerRunner's: the same hash
         noise); ``fused`` at T = 0: the selected-row logits kernel with the extras in its one vocab sweep
-        (``fused_select_extras``), or with smoothing (its soft embedding is a second GEMM over the vocabulary,
-        which the kernel does not hold) ``decode_rows_ext`` in float32."""
-        entropy, k, M, tau, sampled, filtered = ex
+        (``fused_select_extras``); a smoothing step (its soft embedding is a second GEMM over the vocabulary,
+        which the kernel does not hold) ``dlc.kernels.smoothing.smooth_select`` (selection and soft embedding
+        from one pass of model-dtype logits), with other extras beside it ``decode_rows_ext`` in float32."""
+        entropy, k, M, tau, sampled, filtered, smooth_k = ex
         topk = max(k, 0)
         B, N = rows.shape[:2]
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]
+        if self.decoding == "fused" and tau == 1.0 and not (sampled or entropy or k >= 0 or M):
+            from dlc.kernels.smoothing import chunk_columns, smooth_select    # one pass of bf16 logits
+            return smooth_select(rows, head, self.model.embed.weight[:V], vocab=V,
+                                 chunk=chunk_columns(B * N, V, VOCAB_CHUNK), top_k=smooth_k)
         if self.decoding == "exact" or tau or sampled:
             ar = torch.arange(B, device=rows.device)
             one = torch.ones(1, dtype=rows.dtype, device=rows.device)
-            soft = (self.model.embed.weight[:V], tau) if tau else None
+            soft = (self.model.embed.weight[:V], tau, smooth_k) if tau else None
             temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
             exact = self.decoding == "exact" or sampled
             return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,

@@ -190,3 +190,46 @@ def test_step_output_to_host_packs_the_copies_losslessly():
         x, y = getattr(a, f), getattr(b, f)
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
     assert a.conf.dtype == torch.float64 and a.top1_prob is None and a.soft is out.soft
+
+
+def test_make_batch_credit_rows_stack_equal_widths_and_pad_the_others():
+    """``step._credit_rows``: rows of one credit width stack as they are; rows of other widths or without
+    credit go into a zero-padded [B, N, M] with alpha 0 for the latter (neutral rows); a block's first step
+    (width 0) sends one zero column."""
+    from dlc.runtime.step import _credit_rows
+    g = torch.Generator().manual_seed(3)
+    N = 4
+
+    def cred(m, alpha=0.7):
+        return (torch.randint(1, 50, (N, m), generator=g), torch.rand(N, m, generator=g, dtype=torch.float64),
+                alpha)
+    a, b = cred(3), cred(3)
+    ids, vals, alpha = _credit_rows([a, b], N)
+    assert torch.equal(ids, torch.stack([a[0], b[0]])) and torch.equal(vals, torch.stack([a[1], b[1]]))
+    assert alpha.tolist() == [0.7, 0.7]
+    c = cred(1)
+    ids, vals, alpha = _credit_rows([a, None, c], N)
+    assert ids.shape == vals.shape == (3, N, 3) and alpha.tolist() == [0.7, 0.0, 0.7]
+    assert torch.equal(ids[0], a[0]) and torch.equal(vals[2, :, :1], c[1])
+    assert not ids[1].any() and not vals[1].any() and not vals[2, :, 1:].any()
+    ids, vals, alpha = _credit_rows([cred(0), cred(0)], N)
+    assert ids.shape == (2, N, 1) and not vals.any()
+
+
+def test_smoothing_delta_is_each_states_weighted_soft_on_its_still_masked_columns():
+    """``decoding.smoothing_delta`` (one call's [B, K, d] at once) row by row: w * soft where the state's
+    block is still masked, 0 elsewhere, 0 for a row without a soft embedding yet; None when no row has one."""
+    from dlc.runtime.decoding import smoothing_delta
+    states = _states([dict(smoothing=True), dict(threshold=0.7, smoothing=True), dict(smoothing=True)], 0)
+    assert smoothing_delta(states, "cpu") is None                    # a block's first step: nothing yet
+    g = torch.Generator().manual_seed(5)
+    for j, s in enumerate(states[:2]):
+        s.x[s.bs + 2 * j:s.bs + 2 * j + 3] = 7                          # some columns decoded already
+        s.soft, s.soft_w = torch.randn(K, 6, generator=g), 0.15 + 0.1 * j
+    delta = smoothing_delta(states, "cpu")
+    assert delta.shape == (3, K, 6)
+    for s, d in zip(states[:2], delta):
+        still = (s.x[s.bs:s.be] == MC.mask_id)[:, None]
+        assert 0 < int(still.sum()) < K
+        assert torch.equal(d, torch.where(still, s.soft_w * s.soft, torch.zeros_like(s.soft)))
+    assert not delta[2].any()

@@ -97,6 +97,22 @@ def test_entropy_bound_matches_transcription(seed):
     assert len(counts) > 2                                             # gamma decides how many
 
 
+def test_entropy_bound_ties_and_empty_rows_as_the_transcription():
+    """Equal entropies take the lower column first (the transcription's order); a row without masks takes
+    nothing; a row whose candidates all exceed the bound still takes its best one."""
+    g = torch.Generator().manual_seed(7)
+    ent = (torch.rand(4, 16, generator=g, dtype=torch.float64) * 4).round() / 4      # many ties
+    masked = torch.rand(4, 16, generator=g) < 0.7
+    masked[1] = False
+    ent[2] = 5.0
+    conf = torch.zeros(4, 16, dtype=torch.float64)
+    for gamma in (0.0, 0.25, 0.5, 2.0):
+        sel = EntropyBoundRule(gamma).select(conf, masked, None, ent)
+        for b in range(4):
+            assert sel[b].tolist() == entropy_reference(ent[b].tolist(), masked[b].tolist(), gamma)
+        assert not sel[1].any() and int(sel[2].sum()) == 1
+
+
 def test_rules_never_accept_the_mask_id():
     mask_id = 9
     x0 = torch.tensor([[9, 4, 9, 5]])
@@ -117,7 +133,11 @@ def test_rules_never_accept_the_mask_id():
                                       (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
                                       (dict(top_p=1.5), "top_p"), (dict(min_p=2.0), "min_p"),
                                       (dict(logprobs=21), "logprobs"), (dict(credit=1), "credit"),
-                                      (dict(smoothing=True, cfg_scale=1.0), "smoothing")])
+                                      (dict(smoothing=True, cfg_scale=1.0), "smoothing"),
+                                      (dict(smoothing_top_k=4), "smoothing_top_k"),
+                                      (dict(smoothing=True, smoothing_top_k=0), "smoothing_top_k"),
+                                      (dict(smoothing=True, smoothing_top_k=65), "smoothing_top_k"),
+                                      (dict(smoothing=True, smoothing_top_k=2.5), "smoothing_top_k")])
 def test_bad_rule_parameters_name_the_field(kw, field):
     with pytest.raises(FieldError) as e:
         GenerationConfig(gen_length=8, block_length=4, steps=8, **kw)
@@ -511,7 +531,7 @@ def test_restart_block_rewinds_the_rule_state():
     them with the tokens, so the restarted block sends exactly what its first run sent."""
     from types import SimpleNamespace
 
-    from dlc.runtime.decoding import DecodeState
+    from dlc.runtime.decoding import DecodeState, smoothing_delta
     from dlc.runtime.step_output import StepOutput
     mc = SimpleNamespace(mask_id=9, eos_id=0, stop_ids=[0])
     gen = GenerationConfig(gen_length=8, block_length=4, steps=8, threshold=0.99, credit=True, smoothing=True)
@@ -527,12 +547,14 @@ def test_restart_block_rewinds_the_rule_state():
         st.advance(4)
     step(4)
     step(5)
-    assert st.credit[0].shape == (4, 2) and st.soft is not None and st.needs()["soft"][1].abs().sum() > 0
+    assert st.credit[0].shape == (4, 2) and st.soft is not None
+    assert smoothing_delta([st], "cpu").abs().sum() > 0
     st.restart_block()
     st.advance(4)
     again = st.needs()
     assert st.step == 0 and st.iters == 0
     assert again["credit"][0].shape == first["credit"][0].shape == (4, 0) and again["soft"] == first["soft"]
+    assert smoothing_delta([st], "cpu") is None                        # as at the block's first run
 
 
 def test_graph_runner_keeps_replaying_the_rows_without_extras(model):

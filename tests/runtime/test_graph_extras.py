@@ -102,6 +102,51 @@ def test_fused_extras_decode_matches_exact(model):
             assert close_logprobs(got, want, LOGPROB_ATOL), params
 
 
+def test_fused_smoothing_steps_select_in_one_pass(model, monkeypatch):
+    """``fused`` smoothing steps (nothing else in their variant) run ``kernels.smoothing.smooth_select`` (one
+    pass of logits: selection + soft embedding) and generate the tokens of the float32 ``decode_rows_ext``
+    path it replaces; the threshold rows also those of ``exact`` (float64). (The fixed-schedule rows of
+    ``fused`` and ``exact`` differ on this model with either path: near-equal confidences.)"""
+    import dlc.kernels.smoothing as sm
+    from dlc.kernels.sampling import decode_rows_ext
+    calls = []
+    real = sm.smooth_select
+
+    def old(h, w, we, *, vocab, chunk, top_k):              # the path before smooth_select, float32
+        ar = torch.arange(h.shape[0])
+        return decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=h.dtype), 0.0, torch.zeros_like(ar),
+                               vocab=vocab, chunk=chunk, soft=(we, 1.0), acc=torch.float32)
+    items = specs([dict(threshold=0.6, smoothing=True), dict(smoothing=True)], 6, seed=5)
+    monkeypatch.setattr(sm, "smooth_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    eng_f, fused = run(model, items, "fused")
+    assert calls and eng_f.runner.stats["eager_reuse"] == 0
+    monkeypatch.setattr(sm, "smooth_select", old)
+    _, before = run(model, items, "fused")
+    _, exact = run(model, items, "exact")
+    assert [r.output_ids for r in fused] == [r.output_ids for r in before]
+    assert [r.output_ids for r in fused[::2]] == [r.output_ids for r in exact[::2]]
+    assert len({tuple(r.output_ids) for r in fused}) > 3
+
+
+def test_truncated_smoothing_replays_and_equals_generate(model, monkeypatch):
+    """``smoothing_top_k`` (the soft embedding over each position's top k): ``exact`` replays give
+    generate()'s tokens on the eager runner; ``fused`` (``smooth_select`` with a top-k per chunk) the same."""
+    items = specs([dict(threshold=0.6, smoothing=True, smoothing_top_k=4),
+                   dict(smoothing=True, smoothing_top_k=1), dict(threshold=0.6, smoothing=True)], 6, seed=9)
+    eng, exact = run(model, items, "exact")
+    assert eng.runner.stats["eager_reuse"] == 0 and eng.runner.stats["replays"] > 0
+    assert {k[3].smooth_k for k in eng.runner.graphs if len(k) == 4} >= {0, 1}     # apart from exact
+    for r, (p, params) in zip(exact, items):
+        assert r.output_ids == reference(model, p, params), params
+    import dlc.kernels.smoothing as sm
+    seen, real = set(), sm.smooth_select
+    monkeypatch.setattr(sm, "smooth_select", lambda *a, **k: seen.add(k["top_k"]) or real(*a, **k))
+    _, fused = run(model, items, "fused")
+    assert seen >= {0, 1}                                       # each variant's k reaches the one-pass path
+    assert [r.output_ids for r in fused[::3]] == [r.output_ids for r in exact[::3]]
+    assert len({tuple(r.output_ids) for r in exact}) > 3
+
+
 def test_sampled_steps_replay_and_equal_generate(model):
     """T > 0 (plain sampling, top-k filters with top-p / min-p on top, with extras) replays captured variants
     decoding as the eager runner (float64, the same hash noise): tokens equal generate(); filters the top-k

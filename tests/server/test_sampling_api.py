@@ -56,7 +56,8 @@ def test_chat_logprobs_streamed_and_not(client):
 
 
 @pytest.mark.parametrize("extra", [dict(threshold=0.9, low_threshold=0.3), dict(entropy_bound=1.0),
-                                   dict(threshold=0.9, credit=True), dict(threshold=0.9, smoothing=True)])
+                                   dict(threshold=0.9, credit=True), dict(threshold=0.9, smoothing=True),
+                                   dict(threshold=0.9, smoothing=True, smoothing_top_k=4)])
 def test_parallel_decoders_as_request_fields(client, session, extra):
     r = client.completions.create(model=MODEL, prompt="abc", extra_body=extra)
     assert r.choices[0].model_extra["token_ids"] == reference(session, "abc", **extra)
@@ -66,7 +67,9 @@ BAD = [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_
        ({"min_p": 1.5}, "min_p"), ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"),
        ({"low_threshold": 1.5}, "low_threshold"), ({"entropy_bound": -1}, "entropy_bound"),
        ({"low_threshold": 0.95, "threshold": 0.9}, "low_threshold"),
-       ({"entropy_bound": 1.0, "factor": 1.0}, "entropy_bound"), ({"credit": "yes"}, "credit")]
+       ({"entropy_bound": 1.0, "factor": 1.0}, "entropy_bound"), ({"credit": "yes"}, "credit"),
+       ({"smoothing_top_k": 4}, "smoothing_top_k"),
+       ({"smoothing": True, "smoothing_top_k": 0}, "smoothing_top_k")]
 
 
 @pytest.mark.parametrize("body,field", BAD, ids=[str(b) for b, _ in BAD])
