@@ -166,9 +166,10 @@ def tp_bench(s: Section) -> list[tuple[str, str]]:
     # the first column is "metric" or "metric (<what ran>)"
     t = [{("metric" if k.startswith("metric") else k): v for k, v in r.items()} for r in s.tables[0]]
     step, e2e = find(t, metric="Reuse step, B=1"), find(t, metric="e2e tok/s, B=32")
-    graphs = any("cuda graphs" in k for k in s.tables[0][0])
-    path = ("CUDA graphs per rank, tensor parallel (no compiled blocks)" if graphs
-            else "eager runner, tensor parallel (no CUDA graphs)")
+    head = next(iter(s.tables[0][0])).lower()
+    path = ("CUDA graphs and compiled blocks per rank, tensor parallel (fused shard decode)"
+            if "compiled on both" in head else "CUDA graphs per rank, tensor parallel (no compiled blocks)"
+            if "cuda graphs" in head else "eager runner, tensor parallel (no CUDA graphs)")
     return [(f"TP=2 vs one GPU: Reuse step {step['ratio']} the time (batch 1), e2e {e2e['ratio']} the "
              f"throughput (batch 32)", path)]
 
