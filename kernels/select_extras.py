@@ -52,6 +52,19 @@ def select_extras_reference(hidden, weight, entropy: bool, topk: int, credit_ids
     return {k: v[:, 0] for k, v in out.items()}
 
 
+def reference_sweep(hidden, weight, entropy: bool, topk: int, acc: torch.dtype) -> dict:
+    """The decoding core's chunked sweep (``sampling._decode_chunked``, no credit, T = 0) of rows
+    ``hidden`` [R, d] over head rows ``weight`` -> its dict, each value [R, ...]: the plain sweep the Triton
+    kernels are checked against (select_extras' credit path, shard_logits' per-shard statistics)."""
+    from .sampling import _decode_chunked
+    ar = torch.arange(hidden.shape[0], device=hidden.device)
+    one = torch.ones(1, dtype=hidden.dtype, device=hidden.device)
+    out = _decode_chunked(hidden[:, None], weight, ar, ar, one, 0.0, torch.zeros_like(ar),
+                          vocab=weight.shape[0], chunk=L.REF_CHUNK, topk=topk, logprobs=True, entropy=entropy,
+                          credit=None, soft=None, acc=acc)
+    return {k: v[:, 0] for k, v in out.items()}
+
+
 def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=None, credit_vals=None,
                          credit_alpha=None, BN=None, BV=128, BD=64, num_warps=4, num_stages=3,
                          programs_per_sm=4) -> dict:
@@ -175,14 +188,7 @@ def select_extras_sparse(hidden, weight, entropy: bool, topk: int, credit_ids, c
                          acc: torch.dtype = torch.float64) -> dict:
     """The sparse credit path in plain torch (``acc`` arithmetic; CPU tests): the reference sweep without
     credit, then ``credit_correction`` with ``gather_logits_reference``."""
-    from .sampling import _decode_chunked
-    R = hidden.shape[0]
-    ar = torch.arange(R, device=hidden.device)
-    one = torch.ones(1, dtype=hidden.dtype, device=hidden.device)
-    out = _decode_chunked(hidden[:, None], weight, ar, ar, one, 0.0, torch.zeros_like(ar),
-                          vocab=weight.shape[0], chunk=L.REF_CHUNK, topk=topk, logprobs=True, entropy=entropy,
-                          credit=None, soft=None, acc=acc)
-    out = {k: v[:, 0] for k, v in out.items()}
+    out = reference_sweep(hidden, weight, entropy, topk, acc)
     out["_best"] = out["logprob"] + out["_lse"]
     lg = gather_logits_reference(hidden, weight, credit_ids, acc)
     res = credit_correction(out, lg, credit_ids, credit_vals, credit_alpha)

@@ -72,14 +72,9 @@ if HAS_TRITON:
 def shard_stats_reference(hidden, weight, v0: int, entropy: bool, topk: int,
                           acc: torch.dtype = torch.float32) -> dict:
     """The op's statistics from the chunked decoding of ``kernels.sampling`` (``acc`` arithmetic)."""
-    from .sampling import _decode_chunked
-    R, f = hidden.shape[0], torch.float64
-    ar = torch.arange(R, device=hidden.device)
-    one = torch.ones(1, dtype=hidden.dtype, device=hidden.device)
-    out = _decode_chunked(hidden[:, None], weight, ar, ar, one, 0.0, torch.zeros_like(ar),
-                          vocab=weight.shape[0], chunk=L.REF_CHUNK, topk=topk, logprobs=True, entropy=entropy,
-                          credit=None, soft=None, acc=acc)
-    out = {k: v[:, 0] for k, v in out.items()}
+    from .select_extras import reference_sweep
+    f = torch.float64
+    out = reference_sweep(hidden, weight, entropy, topk, acc)
     lse, s = out["_lse"].to(f), out["_den"].to(f)
     bl = out["logprob"].to(f) + lse
     st = {"best": bl, "tok": (out["tokens"] + v0).to(f), "bl": bl, "m": out["_bm"].to(f), "s": s,
