@@ -176,7 +176,7 @@ def test_apply_batch_fails_a_bad_row_alone():
 
 
 def test_step_output_to_host_packs_the_copies_losslessly():
-    """``to_host(pack=True)`` (the GPU default: one copy for the integer fields, one for the float ones) gives
+    """``to_host(pack=True)`` (the GPU default: every field in ONE copy, floats as their float64 bits) gives
     the fields ``pack=False`` gives, bit for bit, in their shapes and dtypes; ``soft`` stays where it is."""
     g = torch.Generator().manual_seed(1)
     out = StepOutput(torch.randint(0, 2 ** 40, (3, 4), generator=g), torch.rand(3, 4, generator=g),
@@ -190,6 +190,24 @@ def test_step_output_to_host_packs_the_copies_losslessly():
         x, y = getattr(a, f), getattr(b, f)
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
     assert a.conf.dtype == torch.float64 and a.top1_prob is None and a.soft is out.soft
+    ptrs = {getattr(a, f).untyped_storage().data_ptr() for f in ("x0", "conf", "entropy", "topk_ids")}
+    assert len(ptrs) == 1                                   # one host buffer: the fields came in one copy
+    assert a.conf.unique().numel() > 1                      # varied values (the comparison can fail)
+
+
+def test_to_device_many_packs_ints_and_floats_in_one_copy_exactly():
+    """``step._to_device_many(pack=True)`` (the GPU path: one pinned int64 copy, floats as their bits) returns
+    each tensor bit for bit, in its shape, as int64 / float64 (a float32 widened exactly)."""
+    from dlc.runtime.step import _to_device_many
+    g = torch.Generator().manual_seed(2)
+    ts = [torch.randint(-2 ** 60, 2 ** 60, (2, 3, 4), generator=g),
+          torch.randn(2, 3, 4, generator=g, dtype=torch.float64) * 1e-300,
+          torch.randn(5, generator=g, dtype=torch.float64), torch.randn(3, generator=g)]
+    got = _to_device_many(ts, torch.device("cpu"), pack=True)
+    want = [ts[0], ts[1], ts[2], ts[3].double()]
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    assert got[1].abs().max() > 0 and len({t.untyped_storage().data_ptr() for t in got}) == 1
 
 
 def test_make_batch_credit_rows_stack_equal_widths_and_pad_the_others():
