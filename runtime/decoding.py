@@ -939,6 +939,8 @@ def smoothing_delta(states: list, device) -> torch.Tensor | None:
     blk = torch.stack([s.x[s.bs:s.be] for s in states])                          # [B, K] host tokens
     scale = (blk == states[0].mask_id) * w[:, None]                              # [B, K] on the host
     soft = torch.stack([s.soft if h else zero for s, h in zip(states, have)])      # [B, K, d]
+    if soft.device.type == "cuda":                  # pinned, asynchronous: the host does not wait for it
+        scale = scale.pin_memory().to(soft.device, non_blocking=True)
     return soft * scale.to(soft.device)[..., None]
 
 

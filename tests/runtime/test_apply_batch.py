@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from dlc.runtime.decoding import CREDIT_DECAY, DecodeState, GenerationConfig, apply_batch
+from dlc.kernels.sampling import CREDIT_GAMMA
 from dlc.runtime.step_output import StepOutput
 
 MC = SimpleNamespace(mask_id=99, eos_id=0, stop_ids=[0])
@@ -143,6 +144,7 @@ def test_apply_batch_keeps_the_extras_state_as_apply():
                          soft=torch.randn(B, K, 6, generator=g))
         solo = copy.deepcopy(states)
         prior = [None if s.credit is None else s.credit[1].clone() for s in states]
+        was_masked = [s.x[s.bs:s.be] == MC.mask_id for s in states]                  # [K] before the step
         assert apply_batch(states, x0, conf, out) == [None] * B
         for b, st in enumerate(solo):
             st.apply(x0[b], conf[b], out.row(b))
@@ -153,6 +155,11 @@ def test_apply_batch_keeps_the_extras_state_as_apply():
                 assert all(torch.equal(u, v) for u, v in zip(a.credit, s.credit))
                 if prior[b] is not None:                              # the prior, decayed once
                     assert torch.allclose(a.credit[1][:, :-1], prior[b] * CREDIT_DECAY)
+                # this step's column: the raw top-1 id, p1 ** gamma where still masked (0 elsewhere), decayed
+                want = torch.where(was_masked[b], out.top1_prob[b] ** CREDIT_GAMMA, 0.0) * CREDIT_DECAY
+                assert torch.equal(a.credit[0][:, -1], out.top1_ids[b])
+                assert torch.allclose(a.credit[1][:, -1], want, rtol=1e-15, atol=0)
+                assert a.credit[0].shape[1] == step + 1 and bool((want > 0).any())
             if a.soft is not None:
                 assert torch.equal(a.soft, s.soft) and a.soft_w == s.soft_w
             assert a.token_logprobs == s.token_logprobs
