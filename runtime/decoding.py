@@ -471,15 +471,18 @@ class HierarchicalRule:
         self.low, self.high = low_threshold, threshold
 
     def select(self, conf, masked, n_sched):
-        """All rows at once (tensor ops over [B, K], no loop per row or per run): run ids by a cumulative sum
-        of run starts, each run's max by one scatter, the block's best by one argmax."""
-        prev = F.pad(masked[:, :-1], (1, 0))                               # [B, K] previous column masked
-        run = torch.where(masked, (masked & ~prev).cumsum(-1), 0)          # [B, K] run id (1-based; 0 off)
-        run_max = torch.full_like(conf, float("-inf")).scatter_reduce_(1, run, conf, reduce="amax")
+        """All rows at once (tensor ops over [B, K], no loop per row or per run). A run's id is the count of
+        non-candidates up to it (one cumsum: a run's columns share it, runs differ); a non-candidate shares
+        the id of the run after it, harmlessly: its confidence is -inf (``unmask_step``), below the run's max
+        and never above a threshold. Each run's max by one scatter, the block's best by one argmax; every
+        selected column is a candidate already (no final mask)."""
+        run = (~masked).cumsum(-1)                                         # [B, K] run id in [0, K]
+        run_max = conf.new_full((conf.shape[0], conf.shape[1] + 1), float("-inf"))            # [B, K + 1]
+        run_max.scatter_reduce_(1, run, conf, reduce="amax")
         sel = (conf == run_max.gather(1, run)) & (conf > self.low)
         if self.high is not None:
             sel |= conf > self.high
-        return (sel | _best_one(conf, masked)) & masked
+        return sel | _best_one(conf, masked)
 
 
 class EntropyBoundRule:
@@ -924,18 +927,20 @@ def smoothing_delta(states: list, device) -> torch.Tensor | None:
     ``w * soft`` (the state's soft embedding of its last step and its weight) on the block columns still
     masked, 0 elsewhere and on rows without a soft embedding; None when no row has one. Batched: the soft
     embeddings (on the runner's device: ``StepOutput.to_host`` keeps them there) stack once and one [B, K]
-    host scale (w where still masked) crosses to the device, so a step's cost does not grow by a few device
-    ops and a host-to-device copy per state."""
+    host scale (w where still masked, from one stack of the blocks: no op per state) crosses to the device,
+    so a step's cost does not grow by a few device ops and a host-to-device copy per state."""
     have = [s.soft is not None and s.gen.smoothing for s in states]
     if not any(have):
         return None
     soft0 = next(s.soft for s, h in zip(states, have) if h)                      # [K, d]
     zero = torch.zeros_like(soft0)
-    scale = torch.zeros(len(states), soft0.shape[0], dtype=soft0.dtype)          # [B, K] on the host
-    for i, (s, h) in enumerate(zip(states, have)):
-        if h:
-            scale[i] = (s.x[s.bs:s.be] == s.mask_id) * s.soft_w
+    # w as float32 first (as ``bool * w`` computes it), then the soft dtype: the same rounding as per row
+    w = torch.tensor([s.soft_w if h else 0.0 for s, h in zip(states, have)]).to(soft0.dtype)      # [B]
+    blk = torch.stack([s.x[s.bs:s.be] for s in states])                          # [B, K] host tokens
+    scale = (blk == states[0].mask_id) * w[:, None]                              # [B, K] on the host
     soft = torch.stack([s.soft if h else zero for s, h in zip(states, have)])      # [B, K, d]
+    if soft.device.type == "cuda":                  # pinned, asynchronous: the host does not wait for it
+        scale = scale.pin_memory().to(soft.device, non_blocking=True)
     return soft * scale.to(soft.device)[..., None]
 
 
@@ -1023,10 +1028,12 @@ def _extras_rows(S: list, out, masked: torch.Tensor, sel: torch.Tensor):
     credit = _credit_rows(S, out, masked)
     sel_rows: dict[int, list] = {}
     if out.logprob is not None and any(s.token_logprobs is not None for s in S):
-        pos = sel.nonzero().tolist()                                             # [n, 2] (row, column)
-        lp = out.logprob[sel].tolist()
-        ids = out.topk_ids[sel].tolist() if out.topk_ids is not None else [[]] * len(pos)
-        lps = out.topk_logprobs[sel].tolist() if out.topk_logprobs is not None else [[]] * len(pos)
+        at = sel.nonzero()                                                       # [n, 2] (row, column)
+        r, c = at.unbind(1)                                     # one nonzero for every field's gather
+        pos = at.tolist()
+        lp = out.logprob[r, c].tolist()
+        ids = out.topk_ids[r, c].tolist() if out.topk_ids is not None else [[]] * len(pos)
+        lps = out.topk_logprobs[r, c].tolist() if out.topk_logprobs is not None else [[]] * len(pos)
         for (j, col), a, b, c in zip(pos, lp, ids, lps):
             sel_rows.setdefault(j, []).append((col, a, b, c))
     return credit, sel_rows
@@ -1042,17 +1049,21 @@ def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
         return {}
     from dlc.kernels.sampling import CREDIT_GAMMA
     p = out.top1_prob.to(torch.float64)
-    add = torch.where(masked, p ** CREDIT_GAMMA, torch.zeros_like(p))                 # [b, K]
+    add = p.pow(CREDIT_GAMMA).mul_(masked)                        # [b, K] p1 ** gamma where masked, else 0
     by_m: dict[int, list[int]] = {}
     for j in rows:
         by_m.setdefault(0 if S[j].credit is None else S[j].credit[0].shape[1], []).append(j)
-    new, K = {}, masked.shape[1]
+    new = {}
     for js in by_m.values():
-        ix = torch.tensor(js, dtype=torch.long)
-        prior = [S[j]._credit_prior(K) for j in js]                                   # as the step sent it
-        ids = torch.stack([p[0] for p in prior])                                      # [n, K, M]
-        vals = torch.stack([p[1] for p in prior])
-        ids = torch.cat([ids, out.top1_ids[ix][..., None]], -1)                       # [n, K, M + 1]
-        vals = torch.cat([vals, add[ix][..., None]], -1) * CREDIT_DECAY
+        top1, a = out.top1_ids, add
+        if len(js) < len(S):                          # the usual call (every row, one width) takes no index
+            ix = torch.tensor(js, dtype=torch.long)
+            top1, a = top1[ix], a[ix]
+        if S[js[0]].credit is not None and S[js[0]].credit[0].shape[1]:          # the prior as it was sent
+            ids = torch.cat([torch.stack([S[j].credit[0] for j in js]), top1[..., None]], -1)   # [n, K, M + 1]
+            vals = torch.cat([torch.stack([S[j].credit[1] for j in js]), a[..., None]], -1)
+        else:                                         # a block's first credit: just this step's column
+            ids, vals = top1[..., None].clone(), a[..., None].clone()
+        vals.mul_(CREDIT_DECAY)
         new.update(zip(js, zip(ids.unbind(0), vals.unbind(0))))
     return new

@@ -234,6 +234,18 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev, non_blocking=True)
 
 
+def _to_device_many(ts: list[torch.Tensor], dev: torch.device, pack: bool | None = None) -> list[torch.Tensor]:
+    """Host tensors on ``dev`` as int64 / float64, with ``pack`` (default: to a GPU) in ONE host-to-device
+    copy: their words as one pinned int64 tensor (floats as the bits of their float64 values: ``view``,
+    exact), split on the device. Unpacked: one copy each (on the CPU: the tensors themselves)."""
+    if not (dev.type == "cuda" if pack is None else pack):
+        return [_to_device(t, dev) for t in ts]
+    dts = [torch.float64 if t.is_floating_point() else torch.int64 for t in ts]
+    words = [t.reshape(-1).to(dt).view(torch.int64) for t, dt in zip(ts, dts)]
+    flat = _to_device(torch.cat(words), dev)                                          # the one copy
+    return [part.view(t.shape).view(dt) for t, dt, part in zip(ts, dts, flat.split([t.numel() for t in ts]))]
+
+
 def draw_seeds(states: list[DecodeState]) -> list[int]:
     """This step's sampling seed of each state (0 at T = 0); draws advance the states' generators."""
     return [s.draw_seed() if s.gen.temperature > 0 else 0 for s in states]
@@ -272,8 +284,8 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         batch.top_p = torch.tensor([x[1] for x in f], dtype=torch.float64, device=dev)
         batch.min_p = torch.tensor([x[2] for x in f], dtype=torch.float64, device=dev)
     if any(n["credit"] is not None for n in needs):
-        batch.credit_ids, batch.credit_vals, batch.credit_alpha = (
-            _to_device(t, dev) for t in _credit_rows([n["credit"] for n in needs], N))
+        batch.credit_ids, batch.credit_vals, batch.credit_alpha = _to_device_many(
+            _credit_rows([n["credit"] for n in needs], N), dev)                  # one copy, three tensors
     softs = [n["soft"] for n in needs if n["soft"] is not None]              # (tau, top k) each
     if softs:
         if batch.fed != B:

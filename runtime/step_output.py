@@ -36,22 +36,22 @@ class StepOutput:
 
     def to_host(self, pack: bool | None = None) -> "StepOutput":
         """Every field on the host, floats as float64, except ``soft`` (smoothing's next input: it stays on
-        the runner's device, no round trip). ``pack`` (default: off the CPU) copies the integer fields as one
-        tensor and the float fields as another, however many extras there are (each copy from a GPU waits
-        for the device)."""
+        the runner's device, no round trip). ``pack`` (default: off the CPU) copies every field as ONE int64
+        tensor, the floats as the bits of their float64 values (``view``, exact), however many extras there
+        are: one device-to-host copy, so one wait for the device per step, plain or with extras."""
         pack = self.x0.device.type != "cpu" if pack is None else pack
         out = {"soft": self.soft}
         names = [f.name for f in fields(self) if f.name != "soft" and getattr(self, f.name) is not None]
-        for floats in (False, True):
-            group = [n for n in names if getattr(self, n).is_floating_point() == floats]
-            dt = torch.float64 if floats else torch.int64
-            ts = [getattr(self, n) for n in group]
-            if not pack or len(ts) < 2:
-                out.update({n: t.to(dt).cpu() for n, t in zip(group, ts)})
-                continue
-            flat = torch.cat([t.reshape(-1).to(dt) for t in ts]).cpu()                   # one copy
-            out.update({n: part.view(t.shape) for n, t, part in zip(group, ts,
-                                                                    flat.split([t.numel() for t in ts]))})
+        ts = [getattr(self, n) for n in names]
+        if not pack or len(ts) < 2:
+            out.update({n: t.to(_host_dtype(t)).cpu() for n, t in zip(names, ts)})
+            return StepOutput(**out)
+        words = [t.reshape(-1).to(torch.float64).view(torch.int64) if t.is_floating_point()
+                 else t.reshape(-1).to(torch.int64) for t in ts]
+        flat = torch.cat(words).cpu()                                                   # the one copy
+        for n, t, part in zip(names, ts, flat.split([t.numel() for t in ts])):
+            part = part.view(t.shape)
+            out[n] = part.view(torch.float64) if t.is_floating_point() else part
         return StepOutput(**out)
 
     def map(self, fn) -> "StepOutput":
@@ -66,3 +66,7 @@ class StepOutput:
         """Rows ``idx`` (a list of row numbers) as a StepOutput of ``len(idx)`` rows."""
         ix = torch.tensor(idx, dtype=torch.long)
         return self.map(lambda t: t[ix])
+
+
+def _host_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.is_floating_point() else torch.int64

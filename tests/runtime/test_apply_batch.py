@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from dlc.runtime.decoding import CREDIT_DECAY, DecodeState, GenerationConfig, apply_batch
+from dlc.kernels.sampling import CREDIT_GAMMA
 from dlc.runtime.step_output import StepOutput
 
 MC = SimpleNamespace(mask_id=99, eos_id=0, stop_ids=[0])
@@ -143,6 +144,7 @@ def test_apply_batch_keeps_the_extras_state_as_apply():
                          soft=torch.randn(B, K, 6, generator=g))
         solo = copy.deepcopy(states)
         prior = [None if s.credit is None else s.credit[1].clone() for s in states]
+        was_masked = [s.x[s.bs:s.be] == MC.mask_id for s in states]                  # [K] before the step
         assert apply_batch(states, x0, conf, out) == [None] * B
         for b, st in enumerate(solo):
             st.apply(x0[b], conf[b], out.row(b))
@@ -153,6 +155,11 @@ def test_apply_batch_keeps_the_extras_state_as_apply():
                 assert all(torch.equal(u, v) for u, v in zip(a.credit, s.credit))
                 if prior[b] is not None:                              # the prior, decayed once
                     assert torch.allclose(a.credit[1][:, :-1], prior[b] * CREDIT_DECAY)
+                # this step's column: the raw top-1 id, p1 ** gamma where still masked (0 elsewhere), decayed
+                want = torch.where(was_masked[b], out.top1_prob[b] ** CREDIT_GAMMA, 0.0) * CREDIT_DECAY
+                assert torch.equal(a.credit[0][:, -1], out.top1_ids[b])
+                assert torch.allclose(a.credit[1][:, -1], want, rtol=1e-15, atol=0)
+                assert a.credit[0].shape[1] == step + 1 and bool((want > 0).any())
             if a.soft is not None:
                 assert torch.equal(a.soft, s.soft) and a.soft_w == s.soft_w
             assert a.token_logprobs == s.token_logprobs
@@ -176,7 +183,7 @@ def test_apply_batch_fails_a_bad_row_alone():
 
 
 def test_step_output_to_host_packs_the_copies_losslessly():
-    """``to_host(pack=True)`` (the GPU default: one copy for the integer fields, one for the float ones) gives
+    """``to_host(pack=True)`` (the GPU default: every field in ONE copy, floats as their float64 bits) gives
     the fields ``pack=False`` gives, bit for bit, in their shapes and dtypes; ``soft`` stays where it is."""
     g = torch.Generator().manual_seed(1)
     out = StepOutput(torch.randint(0, 2 ** 40, (3, 4), generator=g), torch.rand(3, 4, generator=g),
@@ -190,6 +197,24 @@ def test_step_output_to_host_packs_the_copies_losslessly():
         x, y = getattr(a, f), getattr(b, f)
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
     assert a.conf.dtype == torch.float64 and a.top1_prob is None and a.soft is out.soft
+    ptrs = {getattr(a, f).untyped_storage().data_ptr() for f in ("x0", "conf", "entropy", "topk_ids")}
+    assert len(ptrs) == 1                                   # one host buffer: the fields came in one copy
+    assert a.conf.unique().numel() > 1                      # varied values (the comparison can fail)
+
+
+def test_to_device_many_packs_ints_and_floats_in_one_copy_exactly():
+    """``step._to_device_many(pack=True)`` (the GPU path: one pinned int64 copy, floats as their bits) returns
+    each tensor bit for bit, in its shape, as int64 / float64 (a float32 widened exactly)."""
+    from dlc.runtime.step import _to_device_many
+    g = torch.Generator().manual_seed(2)
+    ts = [torch.randint(-2 ** 60, 2 ** 60, (2, 3, 4), generator=g),
+          torch.randn(2, 3, 4, generator=g, dtype=torch.float64) * 1e-300,
+          torch.randn(5, generator=g, dtype=torch.float64), torch.randn(3, generator=g)]
+    got = _to_device_many(ts, torch.device("cpu"), pack=True)
+    want = [ts[0], ts[1], ts[2], ts[3].double()]
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    assert got[1].abs().max() > 0 and len({t.untyped_storage().data_ptr() for t in got}) == 1
 
 
 def test_make_batch_credit_rows_stack_equal_widths_and_pad_the_others():
