@@ -25,7 +25,7 @@ import torch
 from dlc.models.common import KVCache, block_key_mask  # noqa: F401 (block_key_mask: re-exported)
 
 from .decoding import PHASES, DecodeState, smoothing_delta
-from .step_output import StepOutput
+from .step_output import StepOutput, pack_words, unpack_words
 
 
 @dataclass
@@ -240,10 +240,7 @@ def _to_device_many(ts: list[torch.Tensor], dev: torch.device, pack: bool | None
     exact), split on the device. Unpacked: one copy each (on the CPU: the tensors themselves)."""
     if not (dev.type == "cuda" if pack is None else pack):
         return [_to_device(t, dev) for t in ts]
-    dts = [torch.float64 if t.is_floating_point() else torch.int64 for t in ts]
-    words = [t.reshape(-1).to(dt).view(torch.int64) for t, dt in zip(ts, dts)]
-    flat = _to_device(torch.cat(words), dev)                                          # the one copy
-    return [part.view(t.shape).view(dt) for t, dt, part in zip(ts, dts, flat.split([t.numel() for t in ts]))]
+    return unpack_words(_to_device(pack_words(ts), dev), ts)                          # the one copy
 
 
 def draw_seeds(states: list[DecodeState]) -> list[int]:

@@ -46,12 +46,7 @@ class StepOutput:
         if not pack or len(ts) < 2:
             out.update({n: t.to(_host_dtype(t)).cpu() for n, t in zip(names, ts)})
             return StepOutput(**out)
-        words = [t.reshape(-1).to(torch.float64).view(torch.int64) if t.is_floating_point()
-                 else t.reshape(-1).to(torch.int64) for t in ts]
-        flat = torch.cat(words).cpu()                                                   # the one copy
-        for n, t, part in zip(names, ts, flat.split([t.numel() for t in ts])):
-            part = part.view(t.shape)
-            out[n] = part.view(torch.float64) if t.is_floating_point() else part
+        out.update(zip(names, unpack_words(pack_words(ts).cpu(), ts)))                 # the one copy
         return StepOutput(**out)
 
     def map(self, fn) -> "StepOutput":
@@ -70,3 +65,16 @@ class StepOutput:
 
 def _host_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.is_floating_point() else torch.int64
+
+
+def pack_words(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors as ONE flat int64 tensor (one copy moves them all): integers as int64, floats as the bits of
+    their float64 values (``view``, exact). ``unpack_words`` undoes it."""
+    return torch.cat([t.reshape(-1).to(torch.float64).view(torch.int64) if t.is_floating_point()
+                      else t.reshape(-1).to(torch.int64) for t in ts])
+
+
+def unpack_words(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``pack_words(like)`` (wherever it was copied) -> the tensors, shaped as ``like``: int64 / float64."""
+    return [part.view(t.shape).view(torch.float64) if t.is_floating_point() else part.view(t.shape)
+            for t, part in zip(like, flat.split([t.numel() for t in like]))]
