@@ -1060,7 +1060,8 @@ def _credit_rows(S: list, out, masked: torch.Tensor) -> dict:
             ix = torch.tensor(js, dtype=torch.long)
             top1, a = top1[ix], a[ix]
         if S[js[0]].credit is not None and S[js[0]].credit[0].shape[1]:          # the prior as it was sent
-            ids = torch.cat([torch.stack([S[j].credit[0] for j in js]), top1[..., None]], -1)   # [n, K, M + 1]
+            # [n, K, M + 1]
+            ids = torch.cat([torch.stack([S[j].credit[0] for j in js]), top1[..., None]], -1)
             vals = torch.cat([torch.stack([S[j].credit[1] for j in js]), a[..., None]], -1)
         else:                                         # a block's first credit: just this step's column
             ids, vals = top1[..., None].clone(), a[..., None].clone()

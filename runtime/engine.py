@@ -485,7 +485,7 @@ class Engine:
             return False
 
     def _time_steps(self, rows: int, per_step: float) -> None:
-        """The measured seconds per step run ahead at this many rows (a moving average): the window's bound."""
+        """Measured seconds per step run ahead at this many rows (a moving average): the window's bound."""
         old = self._ahead_step_s.get(rows)
         self._ahead_step_s[rows] = per_step if old is None else 0.7 * old + 0.3 * per_step
 

@@ -234,7 +234,8 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev, non_blocking=True)
 
 
-def _to_device_many(ts: list[torch.Tensor], dev: torch.device, pack: bool | None = None) -> list[torch.Tensor]:
+def _to_device_many(ts: list[torch.Tensor], dev: torch.device,
+                    pack: bool | None = None) -> list[torch.Tensor]:
     """Host tensors on ``dev`` as int64 / float64, with ``pack`` (default: to a GPU) in ONE host-to-device
     copy: their words as one pinned int64 tensor (floats as the bits of their float64 values: ``view``,
     exact), split on the device. Unpacked: one copy each (on the CPU: the tensors themselves)."""

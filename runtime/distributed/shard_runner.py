@@ -38,7 +38,7 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
     if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
         rows, temperature = rows / temperature, 1.0               # as EagerRunner.decode: softmax(l / T)
     k = batch.logprobs or 0
-    if fused:                   # k as the graphs' variants round it: one compiled kernel per bucket, not per k
+    if fused:                   # k as the graphs' variants round it: one kernel per bucket, not per k
         k = next(b for b in LOGPROB_BUCKETS if b >= k)
         st = fused_stats(rows, w, v0, topk=k, entropy=batch.entropy)
     else:

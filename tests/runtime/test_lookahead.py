@@ -204,7 +204,8 @@ def test_the_refresh_goes_ahead_for_the_rows_that_go_on(session):
     for r in (a, b):
         eng.add_request(r)
     eng.run_until_done()
-    assert a.output_ids == refs_of(session, [pa], short)[0] and b.output_ids == refs_of(session, [pb], long_)[0]
+    assert a.output_ids == refs_of(session, [pa], short)[0]
+    assert b.output_ids == refs_of(session, [pb], long_)[0]
     m = eng.metrics                     # after block 1: both rows; after block 2: b alone; after block 3: b
     assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 3
     assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 0

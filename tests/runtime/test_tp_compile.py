@@ -31,7 +31,7 @@ def test_tp2_compiled_blocks_on_every_rank_equal_one_process(tmp_path):
     tp = open_model(str(path), dtype="fp32", progress=False, tensor_parallel_size=2)
     try:
         cfg = GenerationConfig(**GEN)
-        runner = graph_runner_for(tp.runner, cuda_graphs=True)       # CPU default: graphs, blocks not compiled
+        runner = graph_runner_for(tp.runner, cuda_graphs=True)     # CPU default: blocks not compiled
         assert runner.graphed and not runner.compiled
         plain = generate(runner, PROMPTS, cfg).token_ids
         runner = graph_runner_for(tp.runner, cuda_graphs=True, compile=True)   # every rank compiles now
