@@ -91,6 +91,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .step_output import to_device
+
 KV_MODES = ("none", "prefix", "dual", "block")
 DECODERS_BY_NAME = ("llada", "llada2", "llada2.1")      # GenerationConfig.decoder (None: the model's own)
 BLOCK_DECODERS = ("llada2", "llada2.1")
@@ -939,9 +941,7 @@ def smoothing_delta(states: list, device) -> torch.Tensor | None:
     blk = torch.stack([s.x[s.bs:s.be] for s in states])                          # [B, K] host tokens
     scale = (blk == states[0].mask_id) * w[:, None]                              # [B, K] on the host
     soft = torch.stack([s.soft if h else zero for s, h in zip(states, have)])      # [B, K, d]
-    if soft.device.type == "cuda":                  # pinned, asynchronous: the host does not wait for it
-        scale = scale.pin_memory().to(soft.device, non_blocking=True)
-    return soft * scale.to(soft.device)[..., None]
+    return soft * to_device(scale, soft.device)[..., None]            # pinned, asynchronous on a GPU
 
 
 def _rule_key(rule) -> tuple:

@@ -25,7 +25,7 @@ import torch
 from dlc.models.common import KVCache, block_key_mask  # noqa: F401 (block_key_mask: re-exported)
 
 from .decoding import PHASES, DecodeState, smoothing_delta
-from .step_output import StepOutput, pack_words, unpack_words
+from .step_output import StepOutput, pack_words, to_device, unpack_words
 
 
 @dataclass
@@ -228,20 +228,14 @@ def take_cols(x: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     return x.gather(1, start[:, None] + torch.arange(n, device=x.device))
 
 
-def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if dev.type == "cuda":
-        t = t.pin_memory()
-    return t.to(dev, non_blocking=True)
-
-
 def _to_device_many(ts: list[torch.Tensor], dev: torch.device,
                     pack: bool | None = None) -> list[torch.Tensor]:
     """Host tensors on ``dev`` as int64 / float64, with ``pack`` (default: to a GPU) in ONE host-to-device
     copy: their words as one pinned int64 tensor (floats as the bits of their float64 values: ``view``,
     exact), split on the device. Unpacked: one copy each (on the CPU: the tensors themselves)."""
     if not (dev.type == "cuda" if pack is None else pack):
-        return [_to_device(t, dev) for t in ts]
-    return unpack_words(_to_device(pack_words(ts), dev), ts)                          # the one copy
+        return [to_device(t, dev) for t in ts]
+    return unpack_words(to_device(pack_words(ts), dev), ts)                          # the one copy
 
 
 def draw_seeds(states: list[DecodeState]) -> list[int]:
@@ -291,7 +285,7 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         batch.soft_tau, batch.soft_top_k = softs[0]               # (group_key: one top k per call)
         delta = smoothing_delta(states, dev)                                    # [B, N, d] or None
         if delta is not None:
-            batch.embed_delta = delta if delta.device == dev else _to_device(delta, dev)
+            batch.embed_delta = delta if delta.device == dev else to_device(delta, dev)
 
 
 def _credit_rows(credit: list, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -366,12 +360,12 @@ def build_batch(runner, phase: str, seqs: list[torch.Tensor], prompt_lens: list[
             keep = _keep_idx(pool, slot_rows, q_start, n_fed, lengths, runner.sparse_retention)
     arange_b = torch.arange(B, device=dev)
     return StepBatch(
-        phase=phase, n_seqs=B, ids=_to_device(ids, dev), pos=ar.expand(fed, W).contiguous(),
-        key_mask=ar < _to_device(lengths, dev)[:, None], lengths=lengths, out_start=out_t, n_out=n_out,
-        hid_start=_to_device(hid, dev), q_start=q_start,
-        q_start_dev=None if q_start is None else _to_device(q_start, dev), n_fed=n_fed, cache=cache,
+        phase=phase, n_seqs=B, ids=to_device(ids, dev), pos=ar.expand(fed, W).contiguous(),
+        key_mask=ar < to_device(lengths, dev)[:, None], lengths=lengths, out_start=out_t, n_out=n_out,
+        hid_start=to_device(hid, dev), q_start=q_start,
+        q_start_dev=None if q_start is None else to_device(q_start, dev), n_fed=n_fed, cache=cache,
         slots=slot_rows, temperature=float(temperature), cfg_scale=float(cfg_scale),
-        seeds=_to_device(seeds_t, dev), cond_rows=arange_b,
+        seeds=to_device(seeds_t, dev), cond_rows=arange_b,
         un_rows=arange_b if fed == B else arange_b + (fed - B), keep_idx=keep,
         block_size=block_size, tempered_conf=tempered_conf, ids_host=ids)
 

@@ -78,3 +78,10 @@ def unpack_words(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Ten
     """``pack_words(like)`` (wherever it was copied) -> the tensors, shaped as ``like``: int64 / float64."""
     return [part.view(t.shape).view(torch.float64) if t.is_floating_point() else part.view(t.shape)
             for t, part in zip(like, flat.split([t.numel() for t in like]))]
+
+
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on ``dev`` without the host waiting: pinned first for a GPU, then a non-blocking copy."""
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    return t.to(dev, non_blocking=True)
