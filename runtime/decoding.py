@@ -89,7 +89,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .step_output import to_device
 
