@@ -145,7 +145,7 @@ def _stop_on_failure(server, engine, message: str) -> None:
     server.srv.draining = True
     server.forced = True
     engine.fail_all(message)
-    threading.Thread(target=server._stop_when_idle, args=(2.0,), daemon=True).start()
+    threading.Thread(target=server._stop_when_idle, args=(2.0, True), daemon=True).start()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -198,9 +198,16 @@ def _draining_server():
                 self.engine.fail_all("the server is shutting down (drain limit reached)")
             self._stop_when_idle(2.0)
 
-        def _stop_when_idle(self, timeout: float):
-            self._wait_idle(timeout)
+        def _stop_when_idle(self, timeout: float, force: bool = False):
+            """Stop once the engine is idle or after ``timeout``; ``force``: a request still running then is
+            not waited for (its connection closes): a failed tensor-parallel group's step may sit in a
+            collective until DLC_TP_TIMEOUT_S, and the server must exit now, not after it."""
+            idle = self._wait_idle(timeout)
             time.sleep(0.1)                     # let the last events reach their clients
+            if force and not idle:
+                log.error("%d requests still running after %.0f s: closing their connections",
+                          self._in_flight(), timeout)
+                self.force_exit = True
             self.should_exit = True
 
         def _wait_idle(self, timeout: float) -> bool:

@@ -87,3 +87,40 @@ def test_busy_port_fails_before_the_banner():
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "dlc serve: tiny-llada on" not in out.stderr
     assert "Traceback" not in out.stderr
+
+
+class _BusyEngine:
+    """An engine whose step never returns (a failed tensor-parallel group's collective that waits for its
+    timeout): it always has work."""
+    class scheduler:
+        num_running, num_waiting = 1, 0
+
+    def has_work(self) -> bool:
+        return True
+
+    def fail_all(self, message: str) -> None:
+        self.failed = message
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_failed_group_stops_without_waiting_for_a_stuck_request(force):
+    """`_stop_on_failure` (a dead rank) must not leave uvicorn waiting for the in-flight request's response
+    until the graceful-shutdown timeout (drain_timeout_s, 60 s): after its 2 s it forces the exit."""
+    import uvicorn
+
+    from dlc.runtime.server_cli import DrainingServer, _stop_on_failure
+
+    class Srv:
+        draining = False
+    engine = _BusyEngine()
+    server = DrainingServer(uvicorn.Config(lambda *a: None), Srv(), engine, 60.0)
+    if force:
+        _stop_on_failure(server, engine, "rank 1 died")
+        assert server.srv.draining and engine.failed == "rank 1 died"
+    else:                                   # the drain path (SIGTERM's limit) keeps uvicorn's graceful wait
+        threading.Thread(target=server._stop_when_idle, args=(0.3,), daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not server.should_exit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.should_exit
+    assert server.force_exit is force
