@@ -79,6 +79,10 @@ def _options(f):
         click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
                      help="shard the model over this many GPUs (CPU: processes); starts the ranks "
                           "itself [1]"),
+        click.option("--tp-all-reduce", "tp_all_reduce", default=None,
+                     type=click.Choice(["auto", "nccl", "symm"]),
+                     help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; "
+                          "auto: one-shot for small messages on CUDA, else NCCL / gloo [auto]"),
     ]
     for o in reversed(opts):
         f = o(f)
