@@ -19,7 +19,9 @@ Why those thresholds: one-shot costs one kernel and one barrier, but each rank r
 message from its peers, where NCCL's ring moves 2 (world - 1) / world x in more steps. At world 2 the volumes
 are equal and one-shot stays ahead: bench/probes/nccl_allreduce.py measured 8 us vs NCCL's 14 us per call in
 a CUDA graph at 256 KiB and 53 vs 57 us at 8 MiB on 2 x H200
-(bench/logs/nccl_allreduce_h200x2_2026-11-28.log), so world 2 takes one-shot up to 8 MiB (a B=64 x 32-token Reuse step of LLaDA-8B in bf16 is 16 MiB: NCCL).
+(bench/logs/nccl_allreduce_h200x2_2026-11-28.log), so world 2 takes one-shot up to 8 MiB (the largest
+size measured; vLLM's custom all-reduce also runs one-shot at world 2 up to its 8 MiB cap): a B=32 x 32-token
+Reuse step of LLaDA-8B in bf16 is exactly 8 MiB, a B=64 one 16 MiB (NCCL).
 At world 4 / 8 the read volume grows 3x / 7x: 512 KiB / 256 KiB, the crossovers vLLM's custom all-reduce
 uses for its one-stage kernel. Other world sizes: NCCL.
 
@@ -224,21 +226,20 @@ def check_switch(model: nn.Module, backend: str) -> AllReduce | None:
     r = of(model)
     if r is None or r.group is None:
         return None
-    if backend != "nccl" and r.buffer is None:
-        raise ValueError(f"{FIELD} {backend}: this group started with {r.backend} (no symmetric buffer); "
-                         f"start it with {FIELD} {backend}")
+    if backend == "symm" and r.buffer is None:          # auto without a buffer: NCCL / gloo, as at setup
+        raise ValueError(f"{FIELD} symm: this group started with {r.backend} (no symmetric buffer); "
+                         f"start it with {FIELD} symm")
     return r
 
 
 def switch(model: nn.Module, backend: str) -> None:
     """Change the backend of a running rank (benches: each backend over the same group and weights): within
     what ``setup`` allocated (``nccl`` sends every message through NCCL, inside the op where a buffer exists;
-    ``symm`` / ``auto`` need the buffer). Captured graphs keep the path they captured: recapture after."""
+    ``symm`` needs the buffer, ``auto`` without one is NCCL / gloo). Captured graphs keep the path they
+    captured: recapture after."""
     r = check_switch(model, backend)
     if r is None:
         return
-    world = r.group.size()
-    r.backend = backend
-    r.limit = {"nccl": 0, "symm": r.buffer.numel() if r.buffer is not None else 0,
-               "auto": min(ONE_SHOT_MAX_BYTES.get(world, 0), r.buffer.numel() if r.buffer is not None else 0)
-               }[backend]
+    cap = 0 if r.buffer is None else r.buffer.numel()
+    r.backend, r.calls = backend, {"one_shot": 0, "nccl": 0}
+    r.limit = {"nccl": 0, "symm": cap, "auto": min(ONE_SHOT_MAX_BYTES.get(r.group.size(), 0), cap)}[backend]
