@@ -34,6 +34,8 @@ collectively and in the same order on every rank; captured graphs read it at a f
 multicast (``multimem_*``) is never used."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -45,7 +47,9 @@ SYMM_ROWS = 64 * 128          # symm's buffer: tokens of the largest captured Re
 SYMM_DTYPES = (torch.bfloat16, torch.float32)                    # the one-shot kernel's dtypes
 ALIGN = 16                    # the kernel's 16-byte vectors: offsets and sizes must keep them
 
-_REDUCERS: dict[str, "AllReduce"] = {}   # group name -> its AllReduce (the custom op's real impl finds it)
+# group name -> its AllReduce (the custom op's real impl finds it there); weak: it lives as long as the model
+# whose layers hold it, so a closed group's buffer is freed with its model
+_REDUCERS: "weakref.WeakValueDictionary[str, AllReduce]" = weakref.WeakValueDictionary()
 
 
 def check_backend(backend) -> str:
@@ -127,13 +131,14 @@ class AllReduce:
 
     def __init__(self, group=None, backend: str = "nccl", limit: int = 0, buffer: torch.Tensor | None = None):
         self.group, self.backend, self.limit, self.buffer = group, backend, limit, buffer
-        self.group_name = group.group_name if group is not None and buffer is not None else ""
+        self.op = group is not None and buffer is not None      # a plain flag: Dynamo guards on it, no tensor
+        self.group_name = group.group_name if self.op else ""
         self.calls = {"one_shot": 0, "nccl": 0}
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return y
-        if self.buffer is None:
+        if not self.op:
             import torch.distributed as dist
             dist.all_reduce(y, group=self.group)
             return y
@@ -197,6 +202,9 @@ def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype
         nbytes = buffer_bytes(limit, model.config.d_model, dtype.itemsize)
         dev_ = torch.device("cuda", torch.cuda.current_device())
         buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=dev_)
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)        # needed before torch 2.9,
+        if enable is not None and not hasattr(enable, "__deprecated__"):     # a deprecated no-op since
+            enable(group.group_name)
         symm_mem.rendezvous(buf, group.group_name)                            # collective, once
         limit = min(limit, nbytes)
     reduce = AllReduce(group, backend, limit, buf)
