@@ -156,7 +156,12 @@ class AllReduce:
             self.calls["one_shot"] += 1
             return
         import torch.distributed as dist
-        dist.all_reduce(x, group=self.group)
+        if x.is_contiguous():
+            dist.all_reduce(x, group=self.group)
+        else:                                               # a strided view from compiled code
+            c = x.contiguous()
+            dist.all_reduce(c, group=self.group)
+            x.copy_(c)
         self.calls["nccl"] += 1
 
     def max_bytes(self) -> int:

@@ -187,18 +187,18 @@ def test_auto_on_cpu_is_gloo_and_tokens_equal_one_process(tmp_path):
 @pytest.mark.gpu
 def test_tp2_symm_compiled_captured_tokens_equal_nccl_and_one_process(tmp_path):
     """2 GPUs: every rank's captured Reuse steps replay compiled blocks whose all-reduces are symmetric
-    memory's one-shot (the custom op inside Inductor's code, inside the CUDA graph); tokens equal TP=2 over
-    NCCL (world 2 sums a + b in either order: the same bits) and one process, fp32, T = 0 and seeded T > 0."""
+    memory's one-shot (the custom op inside Inductor's code, inside the CUDA graph). Tokens equal TP=2 over
+    NCCL (world 2 sums a + b in either order: the same bits), at T = 0 and seeded T > 0, and one GPU's
+    graph runner (CUDA defaults: compiled, captured, fused decode) at T = 0, fp32, decisive tiny LLaDA.
+    ``auto`` on the same group (switched on every rank, recaptured) takes one-shot too, capped at 8 MiB."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
     from dlc.runtime.engine import graph_runner_for
     path = write_tiny(tmp_path, MODELS["llada"])
     cfgs = [GenerationConfig(**GEN), GenerationConfig(**GEN, temperature=0.9, seed=11)]
-    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
-    want = [generate(one.runner, PROMPTS, c).token_ids for c in cfgs]
-    assert len({tuple(t) for t in want[0]}) == 3 and want[0] != want[1]     # decisive, temperature matters
-    got = {}
+    got, reports = {}, {}
     for backend in ("symm", "nccl"):            # symm first: a fresh process state for symmetric memory
+        torch._dynamo.reset()                   # rank 0 compiles from the state its worker starts from
         tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2,
                         tp_all_reduce=backend)
         try:
@@ -206,14 +206,27 @@ def test_tp2_symm_compiled_captured_tokens_equal_nccl_and_one_process(tmp_path):
             assert runner.graphed and runner.capture and runner.compiled
             got[backend] = [generate(runner, PROMPTS, c).token_ids for c in cfgs]
             assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0
+            assert runner.stats["eager_reuse"] == 0
             ranks = runner.step_times()
             assert all(r["compiled"] for r in ranks), ranks
-            red = [r["all_reduce"] for r in ranks]
-            if backend == "symm":                   # every message of this tiny model fits the buffer
-                assert all(r["backend"] == "symm" and r["one_shot"] > 0 and r["nccl"] == 0 for r in red), red
-                assert red[0]["one_shot"] == red[1]["one_shot"]            # lockstep: the same calls
-            else:
-                assert all(r["one_shot_max_bytes"] == 0 and r["one_shot"] == 0 for r in red), red
+            reports[backend] = [r["all_reduce"] for r in ranks]
+            if backend == "symm":
+                runner.step_times(all_reduce="auto")
+                assert generate(runner, PROMPTS, cfgs[0]).token_ids == got["symm"][0]
+                reports["auto"] = [r["all_reduce"] for r in runner.step_times()]
         finally:
             tp.runner.close()
-    assert got["symm"] == got["nccl"] == want
+    torch._dynamo.reset()
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    ref = graph_runner_for(one.runner)
+    assert ref.capture and ref.compiled and ref.decoding == "fused"
+    want = generate(ref, PROMPTS, cfgs[0]).token_ids
+    assert len({tuple(t) for t in want}) == 3 and len(set(want[0])) > 2       # decisive: prompts matter
+    assert got["symm"] == got["nccl"] and got["symm"][0] == want
+    assert got["symm"][0] != got["symm"][1]                                   # the temperature matters
+    sy, nc, au = reports["symm"], reports["nccl"], reports["auto"]
+    assert all(r["backend"] == "symm" and r["one_shot"] > 0 for r in sy), sy  # one-shot on every rank,
+    assert sy[0]["one_shot"] == sy[1]["one_shot"]                             # the same calls (lockstep)
+    assert all(r["one_shot_max_bytes"] == 0 and r["one_shot"] == 0 for r in nc), nc
+    assert all(r["backend"] == "auto" and r["one_shot"] > 0 for r in au), au
+    assert au[0]["one_shot_max_bytes"] == min(8 << 20, sy[0]["one_shot_max_bytes"])
