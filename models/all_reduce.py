@@ -34,6 +34,7 @@ collectively and in the same order on every rank; captured graphs read it at a f
 multicast (``multimem_*``) is never used."""
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -195,7 +196,7 @@ def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype
     """This rank's all-reduce for ``group``, installed in every parallel layer of ``model`` (those holding a
     ``reduce``). Collective when it allocates the symmetric buffer (every rank calls it at the same point,
     after loading, before any capture or compile); ``symm`` where it cannot run raises ValueError naming the
-    field, on every rank alike."""
+    field, on every rank alike; ``auto`` whose buffer cannot be set up falls back to NCCL with a warning."""
     import torch.distributed as dist
     world = dist.get_world_size(group)
     dev = torch.device(device).type
@@ -203,20 +204,32 @@ def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype
     limit = one_shot_limit(backend, dev, world, dtype, p2p)
     buf = None
     if limit:
-        import torch.distributed._symmetric_memory as symm_mem
         nbytes = buffer_bytes(limit, model.config.d_model, dtype.itemsize)
-        dev_ = torch.device("cuda", torch.cuda.current_device())
-        buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=dev_)
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)        # needed before torch 2.9,
-        if enable is not None and not hasattr(enable, "__deprecated__"):     # a deprecated no-op since
-            enable(group.group_name)
-        symm_mem.rendezvous(buf, group.group_name)                            # collective, once
-        limit = min(limit, nbytes)
+        try:
+            buf = symmetric_buffer(nbytes, group)
+        except Exception as e:                          # noqa: BLE001 - the same failure on every rank
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if backend == "symm":
+                raise ValueError(f"{FIELD} symm: the symmetric buffer failed: {why}; use {FIELD} nccl") \
+                    from None
+            warnings.warn(f"{FIELD} auto: symmetric memory unavailable ({why}); using NCCL", stacklevel=2)
+        limit = min(limit, nbytes) if buf is not None else 0
     reduce = AllReduce(group, backend, limit, buf)
     if buf is not None:
         _REDUCERS[reduce.group_name] = reduce
     install(model, reduce)
     return reduce
+
+
+def symmetric_buffer(nbytes: int, group) -> torch.Tensor:
+    """``nbytes`` of symmetric memory on this rank's GPU, rendezvoused over ``group`` (collective)."""
+    import torch.distributed._symmetric_memory as symm_mem
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)        # needed before torch 2.9,
+    if enable is not None and not hasattr(enable, "__deprecated__"):     # a deprecated no-op since
+        enable(group.group_name)
+    symm_mem.rendezvous(buf, group.group_name)
+    return buf
 
 
 def install(model: nn.Module, reduce: AllReduce) -> None:

@@ -80,6 +80,44 @@ def test_takes_one_shot(nbytes, offset, contiguous, dtype, want):
     assert ar.takes_one_shot(nbytes, offset, contiguous, dtype, 0) is False   # limit 0: never
 
 
+def test_setup_installs_one_reduce_per_group_and_auto_falls_back(cuda_symm, monkeypatch):
+    """``setup`` as on a 2-GPU rank (the buffer faked on the host): one AllReduce with the buffer sized for
+    the largest message that uses it, in every parallel layer; a buffer that cannot be set up makes ``auto``
+    NCCL (a warning) and ``symm`` a one-line error naming the field."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from dlc.models.tensor_parallel import RowParallelLinear, VocabParallelEmbedding
+    group = SimpleNamespace(group_name="fake-tp")
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(d_model=64)
+    model.o, model.down = RowParallelLinear(32, 64, False, group), RowParallelLinear(64, 64, False, group)
+    model.embed = VocabParallelEmbedding(0, 10, 64, group)
+    monkeypatch.setattr(dist, "get_world_size", lambda g: 2)
+    monkeypatch.setattr(ar, "p2p_ok", lambda world: True)
+    sizes = []
+
+    def buffer(nbytes, g):
+        sizes.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+    monkeypatch.setattr(ar, "symmetric_buffer", buffer)
+    for backend in ("auto", "symm"):
+        r = ar.setup(model, group, backend, "cuda", torch.float32)
+        assert sizes[-1] == 2 * MiB and r.max_bytes() == 2 * MiB     # 8192 tokens x 64 x fp32 < 8 MiB
+        assert r.op and ar._REDUCERS["fake-tp"] is r
+        assert model.o.reduce is model.down.reduce is model.embed.reduce is r
+
+    def broken(nbytes, g):
+        raise RuntimeError("CUDASymmetricMemory: no peer access\nmore")
+    monkeypatch.setattr(ar, "symmetric_buffer", broken)
+    with pytest.warns(UserWarning, match="tp_all_reduce auto: symmetric memory unavailable"):
+        r = ar.setup(model, group, "auto", "cuda", torch.float32)
+    assert not r.op and r.max_bytes() == 0 and model.o.reduce is r
+    with pytest.raises(ValueError, match="^tp_all_reduce symm: the symmetric buffer failed: CUDASymm.*access;"):
+        ar.setup(model, group, "symm", "cuda", torch.float32)
+
+
 # -- refusals ------------------------------------------------------------------------------------------------
 def test_symm_on_cpu_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValueError) as e:
