@@ -114,7 +114,7 @@ def test_setup_installs_one_reduce_per_group_and_auto_falls_back(cuda_symm, monk
     with pytest.warns(UserWarning, match="tp_all_reduce auto: symmetric memory unavailable"):
         r = ar.setup(model, group, "auto", "cuda", torch.float32)
     assert not r.op and r.max_bytes() == 0 and model.o.reduce is r
-    with pytest.raises(ValueError, match="^tp_all_reduce symm: the symmetric buffer failed: CUDASymm.*access;"):
+    with pytest.raises(ValueError, match="^tp_all_reduce symm: the symmetric buffer failed: CUDASymm"):
         ar.setup(model, group, "symm", "cuda", torch.float32)
 
 
