@@ -4,7 +4,9 @@ By default the command itself starts ranks 1 .. N-1 (``torch.multiprocessing``, 
 TCP on 127.0.0.1; under ``torchrun`` (RANK / WORLD_SIZE / MASTER_ADDR set) the ranks already exist: rank 0
 continues as the command and the others become workers at once. Backends: NCCL on CUDA for the model's
 collectives, gloo on CPU; the control messages always use a gloo group. Every rank loads only its shard
-straight from the safetensors files (``dlc.models.tensor_parallel``)."""
+straight from the safetensors files (``dlc.models.tensor_parallel``), then sets up its all-reduce backend
+(``tp_all_reduce``, carried to every rank: ``dlc.models.all_reduce.setup``, which allocates and rendezvouses the
+symmetric buffer at the same point on every rank, before any capture or compile)."""
 from __future__ import annotations
 
 import atexit
@@ -179,8 +181,9 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     runner = TensorParallelRunner(shard, Channel(control), procs)
     atexit.register(runner.close)
     pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
-    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}, "
-          f"{ar_of(shard.model).describe()}; {pids})", file=sys.stderr)
+    reduce = ar_of(shard.model)
+    how = f", {reduce.describe()}" if reduce is not None else ""
+    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}{how}; {pids})", file=sys.stderr)
     return Session(runner, lm.tokenizer, shard.config, lm.chat, lm.source, kind=f"eager-tp{world}")
 
 
