@@ -5,8 +5,8 @@ TCP on 127.0.0.1; under ``torchrun`` (RANK / WORLD_SIZE / MASTER_ADDR set) the r
 continues as the command and the others become workers at once. Backends: NCCL on CUDA for the model's
 collectives, gloo on CPU; the control messages always use a gloo group. Every rank loads only its shard
 straight from the safetensors files (``dlc.models.tensor_parallel``), then sets up its all-reduce backend
-(``tp_all_reduce``, carried to every rank: ``dlc.models.all_reduce.setup``, which allocates and rendezvouses the
-symmetric buffer at the same point on every rank, before any capture or compile)."""
+(``tp_all_reduce``, carried to every rank: ``dlc.models.all_reduce.setup``, which allocates and rendezvouses
+the symmetric buffer at the same point on every rank, before any capture or compile)."""
 from __future__ import annotations
 
 import atexit
@@ -183,7 +183,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
     reduce = ar_of(shard.model)
     how = f", {reduce.describe()}" if reduce is not None else ""
-    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}{how}; {pids})", file=sys.stderr)
+    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}{how}; {pids})",
+          file=sys.stderr)
     return Session(runner, lm.tokenizer, shard.config, lm.chat, lm.source, kind=f"eager-tp{world}")
 
 
