@@ -268,3 +268,26 @@ def test_tp2_symm_compiled_captured_tokens_equal_nccl_and_one_process(tmp_path):
     assert all(r["one_shot_max_bytes"] == 0 and r["one_shot"] == 0 for r in nc), nc
     assert all(r["backend"] == "auto" and r["one_shot"] > 0 for r in au), au
     assert au[0]["one_shot_max_bytes"] == min(8 << 20, sy[0]["one_shot_max_bytes"])
+
+
+@pytest.mark.slow                            # ~30 s: a TP group of 2 processes, each backend's rounds
+def test_tp_bench_times_each_backend_beside_tp1(tmp_path):
+    """bench/tp_bench.py --all-reduce on CPU: one TP group switched between backends on every rank (gloo
+    either way here), every side's tokens equal TP=1's, and the table carries each backend's ratios."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[2] / "bench" / "tp_bench.py"
+    out = tmp_path / "tp.json"
+    r = subprocess.run([sys.executable, "-P", str(bench), "--preset", "tiny-llada", "--device", "cpu",
+                        "--dtype", "fp32", "--batch", "3", "--prompt", "16", "--gen", "16", "--block", "8",
+                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--all-reduce", "nccl,auto",
+                        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for side in ("tp2-nccl", "tp2-auto"):
+        assert res[side]["identical_sequences"] == "3/3" and res[side]["tokens_per_s"] > 0
+        assert [a["backend"] for a in res[side]["all_reduce"]] == [side[4:]] * 2      # every rank switched
+    assert "| tp2-nccl |" in r.stdout and "| tp2-auto |" in r.stdout and "sync vs nccl" in r.stdout
