@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from dlc.block_options import DECODER_CHOICES, block_diffusion_options, block_fields
+from dlc.runtime.config import TP_ALL_REDUCE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +75,7 @@ def _fail(msg: str):
               type=int,
               help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
 @click.option("--tp-all-reduce", "tp_all_reduce", default="auto", show_default=True,
-              type=click.Choice(["auto", "nccl", "symm"]),
+              type=click.Choice(TP_ALL_REDUCE),
               help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
                    "one-shot for small messages on CUDA, else NCCL / gloo")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")

@@ -40,8 +40,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-BACKENDS = ("auto", "nccl", "symm")
-DEFAULT = "auto"
+BACKENDS = ("auto", "nccl", "symm")      # runtime.config.TP_ALL_REDUCE: the CLI's choices (auto: default)
 FIELD = "tp_all_reduce"
 ONE_SHOT_MAX_BYTES = {2: 8 << 20, 4: 512 << 10, 8: 256 << 10}   # auto: one-shot up to this (module doc)
 SYMM_ROWS = 64 * 128          # symm's buffer: tokens of the largest captured Reuse step (B 64 x 128 fed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 POLICIES = ("phase", "fcfs", "fcfs-continuous")   # phase-multiplexed batcher; FCFS static batching and
                                                   # iteration-level (continuous) FCFS, the baselines
-TP_ALL_REDUCE = ("auto", "nccl", "symm")   # dlc.models.all_reduce.BACKENDS
+TP_ALL_REDUCE = ("auto", "nccl", "symm")  # tensor parallelism's all-reduce (dlc.models.all_reduce.BACKENDS)
 GRANULARITY = ("fixed", "elastic")      # fixed block size, or Optimus-style load-driven chunk size
 GEN_DEFAULTS = dict(gen_length=128, block_length=32, steps=128, threshold=None, remasking="low_confidence",
                     kv_cache="dual")

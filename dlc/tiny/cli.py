@@ -8,6 +8,7 @@ import tempfile
 import click
 
 from dlc.block_options import block_diffusion_options, block_fields
+from dlc.runtime.config import TP_ALL_REDUCE
 
 
 def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float | None, block_length: int,
@@ -87,7 +88,7 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int, help="shard the model over this many GPUs (CPU: processes)")
 @click.option("--tp-all-reduce", "tp_all_reduce", default="auto", show_default=True,
-              type=click.Choice(["auto", "nccl", "symm"]),
+              type=click.Choice(TP_ALL_REDUCE),
               help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
                    "one-shot for small messages on CUDA, else NCCL / gloo")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,

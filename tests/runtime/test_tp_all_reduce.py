@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dlc.models import all_reduce as ar
-from dlc.runtime.config import ServeConfig
+from dlc.runtime.config import TP_ALL_REDUCE, ServeConfig
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
 from test_tensor_parallel import MODELS, write_tiny
@@ -130,7 +130,7 @@ def test_symm_on_cpu_is_refused_naming_the_field(tmp_path):
         open_model("tiny-llada", progress=False, tp_all_reduce="mpi")
     with pytest.raises(ValueError, match="serve config: tp_all_reduce must be one of"):
         ServeConfig(tp_all_reduce="mpi")
-    assert ServeConfig().tp_all_reduce == "auto"
+    assert ServeConfig().tp_all_reduce == "auto" and TP_ALL_REDUCE == ar.BACKENDS
 
 
 def test_cli_flag_maps_to_the_field():
