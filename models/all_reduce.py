@@ -68,8 +68,8 @@ def symm_missing(device_type: str) -> str | None:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:
         return f"this PyTorch ({torch.__version__}) has no torch.distributed._symmetric_memory"
-    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
-        return f"this PyTorch ({torch.__version__}) has no symm_mem.one_shot_all_reduce_copy_out"
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
+        return f"this PyTorch ({torch.__version__}) has no symm_mem.one_shot_all_reduce_out"
     return None
 
 
@@ -150,9 +150,14 @@ class AllReduce:
         n = x.numel() * x.element_size()
         if takes_one_shot(n, x.storage_offset() * x.element_size(), x.is_contiguous(), x.dtype, self.limit):
             view = self.buffer[:n].view(x.dtype).view(x.shape)               # this rank's symmetric slot
-            # copy in, barrier, read and sum every peer's slot into x (each thread reads its elements of x
-            # before the barrier and writes the same ones after it, so out may be the local input)
-            torch.ops.symm_mem.one_shot_all_reduce_copy_out(view, x, "sum", self.group_name, x)
+            ops = torch.ops.symm_mem
+            if hasattr(ops, "one_shot_all_reduce_copy_out"):
+                # copy in, barrier, read and sum every peer's slot into x, one kernel (each thread reads its
+                # elements of x before the barrier and writes the same ones after it: out may be the input)
+                ops.one_shot_all_reduce_copy_out(view, x, "sum", self.group_name, x)
+            else:                                           # torch before the fused copy: one more kernel
+                view.copy_(x)
+                ops.one_shot_all_reduce_out(view, "sum", self.group_name, x)
             self.calls["one_shot"] += 1
             return
         import torch.distributed as dist
