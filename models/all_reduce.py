@@ -31,9 +31,11 @@ call whatever the shapes (the choice one-shot / NCCL is made inside, from the me
 guards on the symbolic batch size), and a CUDA graph captures the kernel it launches. The buffer is
 allocated and rendezvoused once per rank (``setup``) right after loading, before any capture or compile,
 collectively and in the same order on every rank; captured graphs read it at a fixed address. NVLink
-multicast (``multimem_*``) is never used."""
+multicast (``multimem_*``) is never used, and the buffer is allocated without multicast objects
+(``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` unless set otherwise)."""
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 
@@ -226,7 +228,10 @@ def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype
 
 
 def symmetric_buffer(nbytes: int, group) -> torch.Tensor:
-    """``nbytes`` of symmetric memory on this rank's GPU, rendezvoused over ``group`` (collective)."""
+    """``nbytes`` of symmetric memory on this rank's GPU, rendezvoused over ``group`` (collective). The one-shot
+    kernel reads peers by P2P pointers only, so PyTorch is told not to create NVLink multicast objects for
+    the allocation (``TORCH_SYMM_MEM_DISABLE_MULTICAST``, unless the environment already says otherwise)."""
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     import torch.distributed._symmetric_memory as symm_mem
     buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
     enable = getattr(symm_mem, "enable_symm_mem_for_group", None)        # needed before torch 2.9,
