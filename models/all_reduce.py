@@ -228,9 +228,10 @@ def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype
 
 
 def symmetric_buffer(nbytes: int, group) -> torch.Tensor:
-    """``nbytes`` of symmetric memory on this rank's GPU, rendezvoused over ``group`` (collective). The one-shot
-    kernel reads peers by P2P pointers only, so PyTorch is told not to create NVLink multicast objects for
-    the allocation (``TORCH_SYMM_MEM_DISABLE_MULTICAST``, unless the environment already says otherwise)."""
+    """``nbytes`` of symmetric memory on this rank's GPU, rendezvoused over ``group`` (collective). The
+    one-shot kernel reads peers by P2P pointers only, so PyTorch is told not to create NVLink multicast
+    objects for the allocation (``TORCH_SYMM_MEM_DISABLE_MULTICAST``, unless the environment says
+    otherwise)."""
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     import torch.distributed._symmetric_memory as symm_mem
     buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
