@@ -9,8 +9,14 @@
 set -u
 OUT=${OUT:-/tmp/tp_all_reduce}
 mkdir -p "$OUT"
+if ! python3 -c "import dlc.runtime" 2>/dev/null; then       # offline machine: dlc on the path by a shim
+  mkdir -p /tmp/shim/dlc && ln -sf "$PWD"/dlc/* /tmp/shim/dlc/
+  for p in models kernels runtime passes; do ln -sfn "$PWD/$p" "/tmp/shim/dlc/$p"; done
+  export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
+fi
+env | grep -E "MULTICAST|NVLS" | tee "$OUT/env_multicast.txt"    # stays off (KINDS.md)
 nvidia-smi -L | tee "$OUT/gpus.txt"
-timeout 230 python -m pytest -q -m gpu tests/runtime/test_tp_all_reduce.py tests/runtime/test_tp_compile.py \
+timeout 230 python3 -m pytest -q -m gpu tests/runtime/test_tp_all_reduce.py tests/runtime/test_tp_compile.py \
     tests/runtime/test_tp_graphs.py 2>&1 | tee "$OUT/tp_all_reduce_gpu_tests.log" | tail -15
 timeout 60 python3 -P bench/probes/nccl_allreduce.py --rows 32,1024 2>&1 | tee "$OUT/nccl_allreduce.log" | tail -5
 timeout 290 python3 -P bench/tp_bench.py --tp 2 --compile --quick --all-reduce nccl,symm,auto \
