@@ -24,8 +24,18 @@ Prints progress (flush) and one table with ratios and the issue's targets (Reuse
 Fits one 600 s call on a 2-GPU host; ``--quick`` halves the generation and the rounds.
 ``--no-cuda-graphs`` runs both sides eager (the numbers of bench/RESULTS.md before graphs).
 
+``--all-reduce nccl,symm[,auto]`` times TP=N once per all-reduce backend (``tp_all_reduce``,
+dlc.models.all_reduce) in the same process as TP=1: one TP group, started with ``symm`` when the list names it
+(its symmetric buffer allocated at startup), switched between backends on every rank
+(``step_times(all_reduce=...)``: the graphs are captured again); the ``nccl`` side then calls NCCL from the
+all-reduce op (the same NCCL kernel as a group started with ``nccl``). Per backend: the B=1 Reuse step
+synchronous (the latency rounds alternate TP=1 and every backend) and run ahead (``--ahead`` steps per call,
+where the runner can), the B=``--batch`` tokens/s, each rank's one-shot / NCCL call counts, and the ratios
+to TP=1 and to the ``nccl`` side. Without it, one TP side with the default backend (``auto``).
+
     python3 -P bench/tp_bench.py --tp 2 --out $OUT/tp_bench.json          # 2 GPUs
     python3 -P bench/tp_bench.py --tp 2 --compile --quick                   # compiled vs compiled
+    python3 -P bench/tp_bench.py --tp 2 --compile --quick --all-reduce nccl,symm,auto --agree-preset none
     python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 \\
         --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
 
@@ -160,14 +170,41 @@ def write_checkpoint(args, dtype) -> Path:
     return ckpt
 
 
-def latency_rounds(probes: dict, rounds: int, reps: int) -> dict:
-    """Median over ``rounds`` of each side's median step (ms); the sides alternate which goes first."""
+def latency_rounds(probes: dict, rounds: int, reps: int, before=None) -> dict:
+    """Median over ``rounds`` of each side's median step (ms); the sides alternate which goes first.
+    ``before(side)``: called before a side's round (switches the TP group's all-reduce, then warms)."""
     per = {k: [] for k in probes}
     for r in range(rounds):
         for k in (list(probes) if r % 2 == 0 else list(probes)[::-1]):
+            if before is not None:
+                before(k)
             per[k].append(probes[k].median_ms(reps))
         say(f"latency round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in per.items()))
     return {k: statistics.median(v) for k, v in per.items()}
+
+
+def backend_table(res: dict, sides: list[str]) -> str:
+    """One row per all-reduce backend of the TP side: its times and the ratios to TP=1 and to ``nccl``."""
+    a = res["tp1"]
+    out = ["| TP side | Reuse B=1 sync ms | vs TP=1 | run ahead ms/step | vs TP=1 | "
+           f"tok/s B={res['batch']} | vs TP=1 | sync vs nccl | tok/s vs nccl | "
+           "one-shot / NCCL calls (rank 0) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((res[k] for k in sides if k.endswith("-nccl")), None)
+    f = lambda v: "-" if v is None else f"{v:.2f}"                                    # noqa: E731
+    div = lambda x, y: None if x is None or not y else x / y                            # noqa: E731
+    out.append(f"| TP=1 | {f(a['reuse_b1_ms'])} | - | {f(a.get('ahead_ms'))} | - | "
+               f"{f(a['tokens_per_s'])} | - | - | - | - |")
+    for k in sides:
+        b = res[k]
+        calls = b.get("all_reduce", [{}])[0]
+        out.append(f"| {k} | {f(b['reuse_b1_ms'])} | {f(div(b['reuse_b1_ms'], a['reuse_b1_ms']))}x | "
+                   f"{f(b.get('ahead_ms'))} | {f(div(b.get('ahead_ms'), a.get('ahead_ms')))}x | "
+                   f"{f(b['tokens_per_s'])} | {f(div(b['tokens_per_s'], a['tokens_per_s']))}x | "
+                   f"{f(div(b['reuse_b1_ms'], base and base['reuse_b1_ms']))}x | "
+                   f"{f(div(b['tokens_per_s'], base and base['tokens_per_s']))}x | "
+                   f"{calls.get('one_shot', '-')} / {calls.get('nccl', '-')} |")
+    return "\n".join(out)
 
 
 def table(res: dict, tp: int) -> str:
@@ -185,6 +222,51 @@ def table(res: dict, tp: int) -> str:
         out.append(f"| fp32 {ag['preset']} tokens vs TP=1 | - | {ag['tokens_equal']} | - | identical: "
                    f"{'met' if ag['identical'] else '**missed**'} |")
     return "\n".join(out)
+
+
+def by_backend(args, res: dict, one, tp, backends: list[str]) -> list[str]:
+    """TP=1 and the TP group under each all-reduce backend in turn (``--all-reduce``): B=1 Reuse latency
+    (synchronous rounds alternating every side; then run ahead), B=``--batch`` tokens/s and identical
+    sequences vs TP=1, each backend's one-shot / NCCL calls per rank. Fills ``res``; returns the TP sides."""
+    names = {f"tp{args.tp}-{b}": b for b in backends}
+    current = [None]
+
+    def use(side: str, probe=None) -> None:
+        b = names.get(side)
+        if b is None or current[0] == b:
+            return
+        tp.step_times(all_reduce=b)                        # every rank switches; graphs recaptured on use
+        current[0] = b
+        for _ in range(3 if probe is not None else 0):
+            probe.run()
+    p1, pt = (ReuseProbe(one, args.prompt, args.gen, args.block),
+              ReuseProbe(tp, args.prompt, args.gen, args.block))
+    probes = {"tp1": p1, **{k: pt for k in names}}
+    lat = latency_rounds(probes, args.rounds, args.reps, before=lambda k: use(k, probes[k]))
+    sides = {k: {"reuse_b1_ms": v} for k, v in lat.items()}
+    for k, probe in probes.items():
+        use(k, probe)
+        runner = one if k == "tp1" else tp
+        if getattr(runner, "can_run_ahead", None) and runner.can_run_ahead(probe.batch):
+            sides[k]["ahead_ms"] = probe.ahead_ms(args.ahead, 5)
+            say(f"{k}: {sides[k]['ahead_ms']:.2f} ms per step run ahead ({args.ahead} per call)")
+    del probes, p1, pt
+    tokens = {}
+    for k in sides:
+        use(k)
+        runner = one if k == "tp1" else tp
+        tps, tokens[k], cap = throughput(runner, args.batch, args.prompt, args.gen, args.block)
+        sides[k].update(tokens_per_s=tps, capture_s_in_run=round(cap, 3))
+        if k != "tp1":
+            sides[k]["all_reduce"] = [r["all_reduce"] for r in tp.step_times()]
+            sides[k]["identical_sequences"] = f"{sum(x == y for x, y in zip(tokens[k], tokens['tp1']))}/" \
+                                              f"{args.batch}"
+        say(f"{k}: {tps:.1f} tok/s at B={args.batch} ({cap:.2f} s of it capturing)")
+    for k in names:
+        sides[k]["reuse_b1_ratio"] = sides[k]["reuse_b1_ms"] / sides["tp1"]["reuse_b1_ms"]
+        sides[k]["tokens_per_s_ratio"] = sides[k]["tokens_per_s"] / sides["tp1"]["tokens_per_s"]
+    res.update(sides)
+    return list(names)
 
 
 def main() -> None:
@@ -205,6 +287,9 @@ def main() -> None:
                     help="torch.compile the blocks of both sides (TP=1 and every TP rank)")
     ap.add_argument("--agree-preset", default="tiny-dream", help="fp32 agreement model ('none': skip)")
     ap.add_argument("--ckpt", default=None, help="reuse a checkpoint directory written by an earlier run")
+    ap.add_argument("--all-reduce", default=None,
+                    help="comma list of TP all-reduce backends to time in turn (nccl, symm, auto)")
+    ap.add_argument("--ahead", type=int, default=8, help="steps per run-ahead call (--all-reduce)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -227,12 +312,24 @@ def main() -> None:
                     args.compile)
     say(f"TP=1 loaded ({type(one).__name__})")
     t0 = time.perf_counter()
+    backends = args.all_reduce.split(",") if args.all_reduce else []
+    first = "symm" if "symm" in backends else "auto" if "auto" in backends or not backends else "nccl"
     tp_session = open_model(str(ckpt), dtype=args.dtype, device=args.device, progress=False,
-                            tensor_parallel_size=args.tp)
+                            tensor_parallel_size=args.tp, tp_all_reduce=first)
     tp = runner_of(tp_session, args.graphs, args.compile)
     res["tp_load_s"] = round(time.perf_counter() - t0, 2)
     say(f"TP={args.tp} loaded in {res['tp_load_s']} s (graphs {'on' if args.graphs else 'off'}, "
         f"compiled {'on every rank' if getattr(tp, 'compiled', False) else 'off'})")
+    if backends:
+        try:
+            names = by_backend(args, res, one, tp, backends)
+        finally:
+            tp_session.runner.close()
+        print(json.dumps(res, indent=2))
+        print(backend_table(res, names), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     try:
         probes = {"tp1": ReuseProbe(one, args.prompt, args.gen, args.block),
                   f"tp{args.tp}": ReuseProbe(tp, args.prompt, args.gen, args.block)}

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from dlc.block_options import DECODER_CHOICES, block_diffusion_options, block_fields
+from dlc.runtime.config import TP_ALL_REDUCE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,12 +74,16 @@ def _fail(msg: str):
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int,
               help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
+@click.option("--tp-all-reduce", "tp_all_reduce", default="auto", show_default=True,
+              type=click.Choice(TP_ALL_REDUCE),
+              help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
+                   "one-shot for small messages on CUDA, else NCCL / gloo")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, smoothing_top_k, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold,
              max_post_edit_steps, tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks,
-             batch_invariant, chat, tensor_parallel_size, as_json):
+             batch_invariant, chat, tensor_parallel_size, tp_all_reduce, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
@@ -93,7 +98,7 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     gd = _generation_defaults(model, weights)
     try:
         session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json,
-                             tensor_parallel_size=tensor_parallel_size)
+                             tensor_parallel_size=tensor_parallel_size, tp_all_reduce=tp_all_reduce)
         block = _block_defaults(session.config, model, weights)
         gen_length, block_length, steps = (gen_length or gd["gen_length"],
                                            block_length or block.get("block_length") or gd["block_length"],

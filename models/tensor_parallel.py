@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .all_reduce import AllReduce
 from .config import ModelConfig
 
 ATTN_OUT = ("attn_out", "o_proj", "dense")             # row-parallel attention output (LLaDA, HF, LLaDA2)
@@ -89,12 +90,10 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out, device=device, dtype=dtype), requires_grad=False) if bias \
             else None
         self.group = group
+        self.reduce = AllReduce(group)            # the rank's backend once loaded (models/all_reduce.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        y = F.linear(x, self.weight)                                      # [B, T, out] partial sum
-        if self.group is not None:
-            dist.all_reduce(y, group=self.group)
+        y = self.reduce(F.linear(x, self.weight))                         # [B, T, out] summed over ranks
         return y if self.bias is None else y + self.bias
 
 
@@ -240,16 +239,14 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype), requires_grad=False)
         self.start, self.group = start, group
+        self.reduce = AllReduce(group)            # the rank's backend once loaded (models/all_reduce.py)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
         local = ids - self.start
         inside = (local >= 0) & (local < self.weight.shape[0])                 # [B, T]
         x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # [B, T, d]
         x = x * inside[..., None].to(x.dtype)
-        if self.group is not None:
-            dist.all_reduce(x, group=self.group)
-        return x
+        return self.reduce(x)
 
 
 def embedding_range(c: ModelConfig, rank: int, world: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 POLICIES = ("phase", "fcfs", "fcfs-continuous")   # phase-multiplexed batcher; FCFS static batching and
                                                   # iteration-level (continuous) FCFS, the baselines
+TP_ALL_REDUCE = ("auto", "nccl", "symm")  # tensor parallelism's all-reduce (dlc.models.all_reduce.BACKENDS)
 GRANULARITY = ("fixed", "elastic")      # fixed block size, or Optimus-style load-driven chunk size
 GEN_DEFAULTS = dict(gen_length=128, block_length=32, steps=128, threshold=None, remasking="low_confidence",
                     kv_cache="dual")
@@ -61,6 +62,9 @@ class ServeConfig:
                                         # arrives meanwhile waits that long at most (0: no bound)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (CUDA graphs
                                     # per rank as on one GPU)
+    # the ranks' all-reduce: auto (symmetric memory's one-shot for small messages on CUDA, else NCCL / gloo),
+    # nccl, or symm (one-shot up to its buffer; CUDA only): dlc.models.all_reduce
+    tp_all_reduce: str = "auto"
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
     # other cached keys (engines: built in)
     sparse_retention: float | None = None
@@ -121,6 +125,9 @@ class ServeConfig:
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"serve config: tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
+        if self.tp_all_reduce not in TP_ALL_REDUCE:
+            raise ValueError(f"serve config: tp_all_reduce must be one of {TP_ALL_REDUCE}, got "
+                             f"{self.tp_all_reduce!r}")
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")

@@ -202,7 +202,8 @@ class Engine:
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         t0 = time.perf_counter()
         session = open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False,
-                             tensor_parallel_size=cfg.tensor_parallel_size)
+                             tensor_parallel_size=cfg.tensor_parallel_size,
+                             tp_all_reduce=cfg.tp_all_reduce)
         load_s = time.perf_counter() - t0
         engine = cls(session, cfg)
         engine.timings["load_s"] = load_s

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .config import GRANULARITY, POLICIES, ServeConfig
+from .config import GRANULARITY, POLICIES, TP_ALL_REDUCE, ServeConfig
 from .startup import freeze_heap, startup_lines
 
 log = logging.getLogger("dlc.serve")
@@ -79,6 +79,10 @@ def _options(f):
         click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=None, type=int,
                      help="shard the model over this many GPUs (CPU: processes); starts the ranks "
                           "itself [1]"),
+        click.option("--tp-all-reduce", "tp_all_reduce", default=None,
+                     type=click.Choice(TP_ALL_REDUCE),
+                     help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; "
+                          "auto: one-shot for small messages on CUDA, else NCCL / gloo [auto]"),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -27,14 +27,17 @@ class Session:
 
 
 def open_model(model: str, weights: str | None = None, dtype=None, device: str = "cpu",
-               progress: bool = True, tensor_parallel_size: int = 1) -> Session:
+               progress: bool = True, tensor_parallel_size: int = 1, tp_all_reduce: str = "auto") -> Session:
     """``tensor_parallel_size`` > 1: this process becomes rank 0 of a tensor-parallel group it starts
-    (``dlc.runtime.distributed``; eager checkpoints and presets only)."""
+    (``dlc.runtime.distributed``; eager checkpoints and presets only), its all-reduces as ``tp_all_reduce``
+    says (``dlc.models.all_reduce``: auto, nccl, symm; symm is refused where it cannot run)."""
+    from dlc.models.all_reduce import check_backend, refuse_symm
     from .runners.engine_dir import is_engine_dir, open_engine
 
     check_device(device)
     p = Path(model).expanduser()
     tp = check_tensor_parallel(tensor_parallel_size)
+    refuse_symm(check_backend(tp_all_reduce), torch.device(device).type)
     if p.is_dir() and weights is None and is_engine_dir(p):
         if tp > 1:
             raise ValueError(f"tensor_parallel_size {tp}: compiled engine directories run on one device; "
@@ -42,7 +45,8 @@ def open_model(model: str, weights: str | None = None, dtype=None, device: str =
         return open_engine(p, device=device, dtype=dtype)
     if tp > 1:
         from .distributed import open_tp_model
-        return open_tp_model(model, tp, weights=weights, dtype=dtype, device=device, progress=progress)
+        return open_tp_model(model, tp, weights=weights, dtype=dtype, device=device, progress=progress,
+                             all_reduce=tp_all_reduce)
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress)
     return Session(EagerRunner(lm.model), lm.tokenizer, lm.config, lm.chat, lm.source)
 

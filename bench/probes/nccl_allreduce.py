@@ -7,7 +7,8 @@ bf16. This probe times, per rank, with CUDA events:
   through NCCL and, where PyTorch has it, through symmetric memory's one-shot all-reduce (P2P loads, no
   multicast);
 * the step's projections alone as one graph of 32 layers: TP=1 (full width) vs one TP=2 rank (half width)
-  without and with the all-reduces, i.e. the compute a rank must do and what the collectives add to it.
+  without and with the all-reduces, i.e. the compute a rank must do and what the collectives add to it
+  (symm: copy in, one-shot, copy out; and dlc's path, ``one_shot_all_reduce_copy_out`` summing in place).
 
     python3 -P bench/probes/nccl_allreduce.py --rows 32,1024 | tee nccl.log
 """
@@ -126,6 +127,14 @@ def rank_main(rank: int, world: int, port: int, rows_list: list[int], q):
                 row["tp2_layers_symm_ms"] = timed(captured(layer_stack(rows, world, reduce_symm)))
             except Exception as e:                  # noqa: BLE001
                 row["tp2_layers_symm_error"] = repr(e)[:200]
+
+            def reduce_fused(y):                    # dlc's path (models/all_reduce.py): the copy in fused
+                view = buf.view(-1)[: y.numel()].view(y.shape)          # into the kernel, y summed in place
+                torch.ops.symm_mem.one_shot_all_reduce_copy_out(view, y, "sum", group.group_name, y)
+            try:
+                row["tp2_layers_symm_fused_ms"] = timed(captured(layer_stack(rows, world, reduce_fused)))
+            except Exception as e:                  # noqa: BLE001
+                row["tp2_layers_symm_fused_error"] = repr(e)[:200]
         res.append(row)
         dist.barrier()
     if rank == 0:
@@ -152,14 +161,15 @@ def main():
     print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tp": args.tp,
                       "results": res}), flush=True)
     print("\n| rows | MB | NCCL eager ms | NCCL in graph ms/op | symm eager ms | symm in graph ms/op | "
-          "32 layers TP=1 ms | TP=2 rank, no comm ms | + NCCL ms | + symm ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "32 layers TP=1 ms | TP=2 rank, no comm ms | + NCCL ms | + symm ms | "
+          "+ symm fused copy, in place ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"                  # noqa: E731
     for r in res:
         print(f"| {r['rows']} | {r['MB']:.2f} | {f(r['nccl_eager_ms'])} | {f(r['nccl_graph_ms_each'])} | "
               f"{f(r.get('symm_eager_ms'))} | {f(r.get('symm_graph_ms_each'))} | {f(r['tp1_layers_ms'])} | "
               f"{f(r['tp2_layers_no_comm_ms'])} | {f(r['tp2_layers_nccl_ms'])} | "
-              f"{f(r.get('tp2_layers_symm_ms'))} |")
+              f"{f(r.get('tp2_layers_symm_ms'))} | {f(r.get('tp2_layers_symm_fused_ms'))} |")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ import tempfile
 import click
 
 from dlc.block_options import block_diffusion_options, block_fields
+from dlc.runtime.config import TP_ALL_REDUCE
 
 
 def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float | None, block_length: int,
-                  kv_cache: str = "dual", workdir: str | None = None, tensor_parallel_size: int = 1):
+                  kv_cache: str = "dual", workdir: str | None = None, tensor_parallel_size: int = 1,
+                  tp_all_reduce: str = "auto"):
     """open_model, plus head-sparse attention when asked: that only exists in compiled engines, so an eager
     model is compiled (``export`` backend, into ``workdir``) with ``--sparse-retention``; an engine must
     already have been compiled with that retention."""
@@ -19,7 +21,7 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 
     if sparse_retention is None:
         return open_model(model, dtype=dtype, device=device, progress=False,
-                          tensor_parallel_size=tensor_parallel_size)
+                          tensor_parallel_size=tensor_parallel_size, tp_all_reduce=tp_all_reduce)
     if tensor_parallel_size != 1:
         raise ValueError("--sparse-retention runs a compiled engine on one device; use "
                          "--tensor-parallel-size 1")
@@ -85,6 +87,10 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int, help="shard the model over this many GPUs (CPU: processes)")
+@click.option("--tp-all-reduce", "tp_all_reduce", default="auto", show_default=True,
+              type=click.Choice(TP_ALL_REDUCE),
+              help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
+                   "one-shot for small messages on CUDA, else NCCL / gloo")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="run the model as dlc generate / serve do: Reuse steps as CUDA graphs [off: the eager "
                    "runner, unless this or --compile is given; then dlc generate's defaults]")
@@ -95,7 +101,7 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bound, kv_cache, vicinity,
                  refresh_every, sparse_retention, gen_length, block_length, steps, steps_per_block,
                  eos_early_stop, edit_threshold, max_post_edit_steps, tokens_per_step, batch_size, dtype,
-                 device, tensor_parallel_size, cuda_graphs, compile_blocks, as_json):
+                 device, tensor_parallel_size, tp_all_reduce, cuda_graphs, compile_blocks, as_json):
     """Evaluate MODEL (preset, checkpoint dir or engine dir) on the held-out dlc-tiny tasks."""
     import torch
 
@@ -113,7 +119,7 @@ def eval_command(model, n, decoder, threshold, factor, low_threshold, entropy_bo
         steps = steps or (gd["steps"] if gen_length == gd["gen_length"] else gen_length)
         with tempfile.TemporaryDirectory(prefix="dlc-eval-") as workdir:
             session = open_for_eval(model, dtype, device, sparse_retention, block_length, kv_cache, workdir,
-                                    tensor_parallel_size)
+                                    tensor_parallel_size, tp_all_reduce)
             if cuda_graphs is not None or compile_blocks is not None:
                 from dlc.runtime.engine import graph_runner_for
                 session = dataclasses.replace(session, runner=graph_runner_for(session.runner, cuda_graphs,

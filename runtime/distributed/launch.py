@@ -4,7 +4,9 @@ By default the command itself starts ranks 1 .. N-1 (``torch.multiprocessing``, 
 TCP on 127.0.0.1; under ``torchrun`` (RANK / WORLD_SIZE / MASTER_ADDR set) the ranks already exist: rank 0
 continues as the command and the others become workers at once. Backends: NCCL on CUDA for the model's
 collectives, gloo on CPU; the control messages always use a gloo group. Every rank loads only its shard
-straight from the safetensors files (``dlc.models.tensor_parallel``)."""
+straight from the safetensors files (``dlc.models.tensor_parallel``), then sets up its all-reduce backend
+(``tp_all_reduce``, carried to every rank: ``dlc.models.all_reduce.setup``, which allocates and rendezvouses
+the symmetric buffer at the same point on every rank, before any capture or compile)."""
 from __future__ import annotations
 
 import atexit
@@ -67,8 +69,12 @@ def _init(rank: int, world: int, device: str, init_method: str | None):
     return model, control, startup
 
 
-def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, group, progress: bool):
-    """(ShardRunner, LoadedModel) of this rank: its slices only, read from the checkpoint files."""
+def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, group, progress: bool,
+               all_reduce: str = "nccl"):
+    """(ShardRunner, LoadedModel) of this rank: its slices only, read from the checkpoint files; then its
+    all-reduce backend (``all_reduce``: dlc.models.all_reduce, collective when it allocates the symmetric
+    buffer: every rank does it here, after loading, before any capture or compile)."""
+    from dlc.models import all_reduce as ar
     from dlc.models.loading import load_model
     from dlc.models.tensor_parallel import shard_config, shard_modules_
 
@@ -77,6 +83,7 @@ def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, g
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress and rank == 0,
                     shard=lambda m, full: shard_modules_(m, rank, world, group, full),
                     desc=f"loading weights (rank 0 of {world})")
+    ar.setup(lm.model, group, all_reduce, device, next(lm.model.parameters()).dtype)
     return ShardRunner(lm.model, shard_config(lm.config, world), rank, world, group), lm
 
 
@@ -90,7 +97,7 @@ def _make_pool(shard):
 
 
 def worker_main(rank: int, world: int, init_method: str | None, model: str, weights, dtype,
-                device: str) -> None:
+                device: str, all_reduce: str = "nccl") -> None:
     """A worker rank: join, load the shard, run forwards until rank 0 says stop (or is gone)."""
     from .channel import Channel
     from .runner import worker_loop
@@ -107,7 +114,8 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
         if dev == "cpu":                                       # ranks share the host's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         group, control, startup = _init(rank, world, dev, init_method)
-        shard, _ = load_shard(model, weights, dtype, dev, rank, world, group, progress=False)
+        shard, _ = load_shard(model, weights, dtype, dev, rank, world, group, progress=False,
+                              all_reduce=all_reduce)
         dist.barrier(group=startup)                            # every rank loaded: serving timeouts from now
         worker_loop(shard, Channel(control), _make_pool(shard))
     except Exception as e:                                     # noqa: BLE001 - rank 0 reports the group down
@@ -121,13 +129,18 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
 
 
 def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str = "cpu",
-                  progress: bool = True):
-    """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0)."""
+                  progress: bool = True, all_reduce: str = "auto"):
+    """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0);
+    ``all_reduce``: the ranks' all-reduce backend (``tp_all_reduce``: auto, nccl, symm)."""
+    from dlc.models.all_reduce import of as ar_of
+    from dlc.models.all_reduce import refuse_symm
+
     from ..session import Session
     from .channel import Channel
     from .runner import RankFailure, TensorParallelRunner, _first_line, _is_comm_error
 
     _check_layout(model, weights, world)
+    refuse_symm(all_reduce, torch.device(device).type)      # before any process starts
     if dist.is_initialized():
         raise ValueError("tensor_parallel_size: this process already belongs to a torch.distributed group")
     procs, init_method = [], None
@@ -137,13 +150,14 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
         if n != world:
             raise ValueError(f"tensor_parallel_size {world} but torchrun started {n} ranks (WORLD_SIZE)")
         if rank != 0:                                          # a torchrun worker never returns
-            worker_main(rank, world, None, model, weights, dtype, device)
+            worker_main(rank, world, None, model, weights, dtype, device, all_reduce)
             sys.exit(0)
     else:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = torch.multiprocessing.get_context("spawn")
         for r in range(1, world):
-            p = ctx.Process(target=worker_main, args=(r, world, init_method, model, weights, dtype, device),
+            args = (r, world, init_method, model, weights, dtype, device, all_reduce)
+            p = ctx.Process(target=worker_main, args=args,
                             name=f"dlc-tp-rank{r}", daemon=True)
             p.start()
             procs.append(p)
@@ -152,7 +166,7 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     try:
         dev = _device(device, 0)
         group, control, startup = _init(0, world, dev, init_method)
-        shard, lm = load_shard(model, weights, dtype, dev, 0, world, group, progress)
+        shard, lm = load_shard(model, weights, dtype, dev, 0, world, group, progress, all_reduce)
         dist.barrier(group=startup)
     except Exception as e:
         if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _is_comm_error(e)):
@@ -167,7 +181,10 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     runner = TensorParallelRunner(shard, Channel(control), procs)
     atexit.register(runner.close)
     pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
-    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}; {pids})", file=sys.stderr)
+    reduce = ar_of(shard.model)
+    how = f", {reduce.describe()}" if reduce is not None else ""
+    print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}{how}; {pids})",
+          file=sys.stderr)
     return Session(runner, lm.tokenizer, shard.config, lm.chat, lm.source, kind=f"eager-tp{world}")
 
 

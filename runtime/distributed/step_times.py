@@ -19,8 +19,9 @@ per-step means in microseconds:
 |  | (means over the steps that replayed) |  |
 | ``gpu_us`` | device time of the replay (CUDA events, ``gpu_timing``) | same |
 
-Not per step: ``compiled`` (the rank's blocks run under torch.compile) and ``compiled_graphs`` (Dynamo's
-count of graphs compiled in the rank's process).
+Not per step: ``compiled`` (the rank's blocks run under torch.compile), ``compiled_graphs`` (Dynamo's
+count of graphs compiled in the rank's process) and ``all_reduce`` (the rank's backend, its one-shot cap in
+bytes and the op's one-shot / NCCL choices so far: ``dlc.models.all_reduce.AllReduce.report``).
 
 A step's critical path before the GPUs overlap is the later of rank 0's and the worker's ``to_launch_us``
 (the worker's counts from rank 0's broadcast, rank 0's from before its encode: add rank 0's ``encode_us``)."""
@@ -50,6 +51,7 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
     out["frame_replays"] = stats.get("frame_replays", 0)
     out["compiled"] = bool(getattr(shard, "compiled", False))
     out["compiled_graphs"] = compiled_graphs() if out["compiled"] else 0
+    out["all_reduce"] = all_reduce_report(shard)
     if channel is not None:
         sums.update(encode_s=channel.stats["encode_s"], send_s=channel.stats["send_s"])
     if getattr(shard, "gpu_timing", False):
@@ -65,6 +67,12 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
         if channel is not None:
             channel.stats.update(encode_s=0.0, send_s=0.0, frames=0)
     return out
+
+
+def all_reduce_report(shard) -> dict | None:
+    from dlc.models.all_reduce import of
+    r = of(shard.model) if getattr(shard, "model", None) is not None else None
+    return None if r is None else r.report()
 
 
 def compiled_graphs() -> int:

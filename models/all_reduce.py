@@ -1,0 +1,281 @@
+"""The all-reduce of tensor parallelism: how one rank's partial sums become the group's sum (issue 16).
+
+The row-parallel linears and the vocab-parallel embedding (``dlc.models.tensor_parallel``) call their
+``AllReduce`` (``layer.reduce``); one object per process group, shared by every layer of the rank. Backends
+(``tp_all_reduce``, ``--tp-all-reduce``):
+
+* ``nccl``: ``dist.all_reduce`` (NCCL on CUDA, gloo on CPU); Dynamo traces it into the functional
+  ``_c10d_functional.all_reduce_`` inside compiled blocks.
+* ``symm``: symmetric memory's one-shot all-reduce (``torch.ops.symm_mem.one_shot_all_reduce_copy_out``: each
+  rank copies its partial sums into its persistent symmetric buffer, the ranks meet at a signal-pad barrier,
+  and each rank reads every peer's buffer over NVLink P2P and sums; no multicast, no NCCL kernel). Every
+  message up to the buffer goes one-shot, larger ones (long Refresh batches) through NCCL. The buffer is sized
+  for the largest captured Reuse step at the serving defaults (``SYMM_ROWS`` tokens x d_model).
+* ``auto`` (default): one-shot where it beats NCCL, i.e. on CUDA where this PyTorch has the op, the GPUs
+  reach each other P2P and the dtype is bf16 / fp32, for messages of at most ``ONE_SHOT_MAX_BYTES[world]``;
+  everything else (CPU: gloo) as ``nccl``.
+
+Why those thresholds: one-shot costs one kernel and one barrier, but each rank reads (world - 1) x the
+message from its peers, where NCCL's ring moves 2 (world - 1) / world x in more steps. At world 2 the volumes
+are equal and one-shot stays ahead: bench/probes/nccl_allreduce.py measured 8 us vs NCCL's 14 us per call in
+a CUDA graph at 256 KiB and 53 vs 57 us at 8 MiB on 2 x H200
+(bench/logs/nccl_allreduce_h200x2_2026-11-28.log), so world 2 takes one-shot up to 8 MiB (the largest
+size measured; vLLM's custom all-reduce also runs one-shot at world 2 up to its 8 MiB cap): a B=32 x 32-token
+Reuse step of LLaDA-8B in bf16 is exactly 8 MiB, a B=64 one 16 MiB (NCCL).
+At world 4 / 8 the read volume grows 3x / 7x: 512 KiB / 256 KiB, the crossovers vLLM's custom all-reduce
+uses for its one-stage kernel. Other world sizes: NCCL.
+
+Compiled blocks and CUDA graphs: the symmetric path is one ``torch.library.custom_op``
+(``dlc::tp_all_reduce_``, mutating its input, with a fake impl), so Dynamo / Inductor keep it as one extern
+call whatever the shapes (the choice one-shot / NCCL is made inside, from the message's bytes, without
+guards on the symbolic batch size), and a CUDA graph captures the kernel it launches. The buffer is
+allocated and rendezvoused once per rank (``setup``) right after loading, before any capture or compile,
+collectively and in the same order on every rank; captured graphs read it at a fixed address. NVLink
+multicast (``multimem_*``) is never used, and the buffer is allocated without multicast objects
+(``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` unless set otherwise)."""
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+
+BACKENDS = ("auto", "nccl", "symm")      # runtime.config.TP_ALL_REDUCE: the CLI's choices (auto: default)
+FIELD = "tp_all_reduce"
+ONE_SHOT_MAX_BYTES = {2: 8 << 20, 4: 512 << 10, 8: 256 << 10}   # auto: one-shot up to this (module doc)
+SYMM_ROWS = 64 * 128          # symm's buffer: tokens of the largest captured Reuse step (B 64 x 128 fed)
+SYMM_DTYPES = (torch.bfloat16, torch.float32)                    # the one-shot kernel's dtypes
+ALIGN = 16                    # the kernel's 16-byte vectors: offsets and sizes must keep them
+
+# group name -> its AllReduce (the custom op's real impl finds it there); weak: it lives as long as the model
+# whose layers hold it, so a closed group's buffer is freed with its model
+_REDUCERS: "weakref.WeakValueDictionary[str, AllReduce]" = weakref.WeakValueDictionary()
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{FIELD} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def symm_missing(device_type: str) -> str | None:
+    """Why symmetric memory's one-shot all-reduce cannot run here (None: it can)."""
+    if device_type != "cuda":
+        return f"it needs CUDA GPUs and this run is on {device_type} (gloo)"
+    if not torch.cuda.is_available():
+        return "CUDA is not available here"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError:
+        return f"this PyTorch ({torch.__version__}) has no torch.distributed._symmetric_memory"
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
+        return f"this PyTorch ({torch.__version__}) has no symm_mem.one_shot_all_reduce_out"
+    return None
+
+
+def refuse_symm(backend: str, device_type: str) -> None:
+    """``symm`` where it cannot run: one line naming the field (before any process starts)."""
+    why = symm_missing(device_type) if check_backend(backend) == "symm" else None
+    if why:
+        raise ValueError(f"{FIELD} symm: {why}; use {FIELD} auto or nccl")
+
+
+def p2p_ok(world: int) -> bool:
+    """Every pair of the group's GPUs (devices 0 .. world-1 of this host, one per rank) reaches the other
+    P2P: the same answer on every rank, so every rank takes the same backend."""
+    n = min(world, torch.cuda.device_count())
+    return n == world and all(torch.cuda.can_device_access_peer(a, b)
+                              for a in range(n) for b in range(n) if a != b)
+
+
+def one_shot_limit(backend: str, device_type: str, world: int, dtype: torch.dtype, p2p: bool = True) -> int:
+    """Largest message (bytes) that goes one-shot; 0: every all-reduce through NCCL / gloo. ``symm`` where it
+    cannot run is refused (ValueError naming the field)."""
+    check_backend(backend)
+    if backend == "nccl" or world < 2:
+        return 0
+    if backend == "auto":
+        if symm_missing(device_type) or dtype not in SYMM_DTYPES or not p2p:
+            return 0
+        return ONE_SHOT_MAX_BYTES.get(world, 0)
+    refuse_symm(backend, device_type)
+    if dtype not in SYMM_DTYPES:
+        raise ValueError(f"{FIELD} symm: the one-shot kernel sums bf16 or fp32, the model is {dtype}; "
+                         f"use {FIELD} auto or nccl")
+    if not p2p:
+        raise ValueError(f"{FIELD} symm: the GPUs of the group cannot reach each other peer to peer; "
+                         f"use {FIELD} nccl")
+    return 1 << 62                                # up to the buffer (``buffer_bytes``)
+
+
+def buffer_bytes(limit: int, d_model: int, itemsize: int) -> int:
+    """The symmetric buffer: the largest message that uses it (a captured step of ``SYMM_ROWS`` tokens),
+    capped by ``limit``; a multiple of ``ALIGN``."""
+    n = min(limit, SYMM_ROWS * d_model * itemsize)
+    return n - n % ALIGN
+
+
+def takes_one_shot(nbytes: int, offset_bytes: int, contiguous: bool, dtype: torch.dtype, limit: int) -> bool:
+    """One message's path: one-shot when it fits ``limit`` (the byte threshold, already capped by the buffer)
+    and the kernel's layout rules hold (contiguous, 16-byte aligned start and size, bf16 / fp32); else
+    NCCL."""
+    return (0 < nbytes <= limit and contiguous and dtype in SYMM_DTYPES
+            and nbytes % ALIGN == 0 and offset_bytes % ALIGN == 0)
+
+
+class AllReduce:
+    """Sums a tensor over ``group`` in place and returns it. ``limit`` 0 and no buffer: ``dist.all_reduce``
+    (traced by Dynamo as a functional collective); else the custom op, which sends each message one-shot
+    through the symmetric ``buffer`` or through NCCL (``takes_one_shot``). ``calls`` counts the op's
+    choices (host side: eager calls and captures, not graph replays)."""
+
+    def __init__(self, group=None, backend: str = "nccl", limit: int = 0, buffer: torch.Tensor | None = None):
+        self.group, self.backend, self.limit, self.buffer = group, backend, limit, buffer
+        self.op = group is not None and buffer is not None      # a plain flag: Dynamo guards on it, no tensor
+        self.group_name = group.group_name if self.op else ""
+        self.calls = {"one_shot": 0, "nccl": 0}
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return y
+        if not self.op:
+            import torch.distributed as dist
+            dist.all_reduce(y, group=self.group)
+            return y
+        torch.ops.dlc.tp_all_reduce_(y, self.group_name)
+        return y
+
+    def run(self, x: torch.Tensor) -> None:
+        """The op's real work on one message (outside any trace)."""
+        n = x.numel() * x.element_size()
+        if takes_one_shot(n, x.storage_offset() * x.element_size(), x.is_contiguous(), x.dtype, self.limit):
+            view = self.buffer[:n].view(x.dtype).view(x.shape)               # this rank's symmetric slot
+            ops = torch.ops.symm_mem
+            if hasattr(ops, "one_shot_all_reduce_copy_out"):
+                # copy in, barrier, read and sum every peer's slot into x, one kernel (each thread reads its
+                # elements of x before the barrier and writes the same ones after it: out may be the input)
+                ops.one_shot_all_reduce_copy_out(view, x, "sum", self.group_name, x)
+            else:                                           # torch before the fused copy: one more kernel
+                view.copy_(x)
+                ops.one_shot_all_reduce_out(view, "sum", self.group_name, x)
+            self.calls["one_shot"] += 1
+            return
+        import torch.distributed as dist
+        if x.is_contiguous():
+            dist.all_reduce(x, group=self.group)
+        else:                                               # a strided view from compiled code
+            c = x.contiguous()
+            dist.all_reduce(c, group=self.group)
+            x.copy_(c)
+        self.calls["nccl"] += 1
+
+    def max_bytes(self) -> int:
+        """Largest message that goes one-shot now (0: none)."""
+        return 0 if self.buffer is None else min(self.limit, self.buffer.numel())
+
+    def describe(self) -> str:
+        """One line: the backend asked for and what it does on this rank."""
+        import torch.distributed as dist
+        plain = dist.get_backend(self.group) if self.group is not None else "none"
+        if not self.max_bytes():
+            return f"all-reduce {self.backend}: {plain}"
+        return f"all-reduce {self.backend}: one-shot <= {self.max_bytes() / 2**20:g} MiB, {plain} above"
+
+    def report(self) -> dict:
+        """What ``step_times`` reports per rank: the backend, the one-shot cap, the op's choices so far."""
+        return {"backend": self.backend, "one_shot_max_bytes": self.max_bytes(), **self.calls}
+
+
+@torch.library.custom_op("dlc::tp_all_reduce_", mutates_args=("x",))
+def _tp_all_reduce_(x: torch.Tensor, group_name: str) -> None:
+    _REDUCERS[group_name].run(x)
+
+
+@_tp_all_reduce_.register_fake
+def _(x, group_name):
+    return None
+
+
+def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype) -> AllReduce:
+    """This rank's all-reduce for ``group``, installed in every parallel layer of ``model`` (those holding a
+    ``reduce``). Collective when it allocates the symmetric buffer (every rank calls it at the same point,
+    after loading, before any capture or compile); ``symm`` where it cannot run raises ValueError naming the
+    field, on every rank alike; ``auto`` whose buffer cannot be set up falls back to NCCL with a warning."""
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    dev = torch.device(device).type
+    p2p = dev == "cuda" and backend != "nccl" and p2p_ok(world)
+    limit = one_shot_limit(backend, dev, world, dtype, p2p)
+    buf = None
+    if limit:
+        nbytes = buffer_bytes(limit, model.config.d_model, dtype.itemsize)
+        try:
+            buf = symmetric_buffer(nbytes, group)
+        except Exception as e:                          # noqa: BLE001 - the same failure on every rank
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if backend == "symm":
+                raise ValueError(f"{FIELD} symm: the symmetric buffer failed: {why}; use {FIELD} nccl") \
+                    from None
+            warnings.warn(f"{FIELD} auto: symmetric memory unavailable ({why}); using NCCL", stacklevel=2)
+        limit = min(limit, nbytes) if buf is not None else 0
+    reduce = AllReduce(group, backend, limit, buf)
+    if buf is not None:
+        _REDUCERS[reduce.group_name] = reduce
+    install(model, reduce)
+    return reduce
+
+
+def symmetric_buffer(nbytes: int, group) -> torch.Tensor:
+    """``nbytes`` of symmetric memory on this rank's GPU, rendezvoused over ``group`` (collective). The
+    one-shot kernel reads peers by P2P pointers only, so PyTorch is told not to create NVLink multicast
+    objects for the allocation (``TORCH_SYMM_MEM_DISABLE_MULTICAST``, unless the environment says
+    otherwise)."""
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    import torch.distributed._symmetric_memory as symm_mem
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)        # needed before torch 2.9,
+    if enable is not None and not hasattr(enable, "__deprecated__"):     # a deprecated no-op since
+        enable(group.group_name)
+    symm_mem.rendezvous(buf, group.group_name)
+    return buf
+
+
+def install(model: nn.Module, reduce: AllReduce) -> None:
+    """``reduce`` becomes the all-reduce of every layer of ``model`` that has one."""
+    for m in model.modules():
+        if isinstance(getattr(m, "reduce", None), AllReduce):
+            m.reduce = reduce
+
+
+def of(model: nn.Module) -> AllReduce | None:
+    """The model's all-reduce (the first parallel layer's), None on one device."""
+    return next((m.reduce for m in model.modules() if isinstance(getattr(m, "reduce", None), AllReduce)),
+                None)
+
+
+def check_switch(model: nn.Module, backend: str) -> AllReduce | None:
+    """The model's all-reduce if ``switch`` can take it to ``backend`` (None: nothing to switch); else
+    ValueError naming the field (rank 0 asks before any rank switches)."""
+    check_backend(backend)
+    r = of(model)
+    if r is None or r.group is None:
+        return None
+    if backend == "symm" and r.buffer is None:          # auto without a buffer: NCCL / gloo, as at setup
+        raise ValueError(f"{FIELD} symm: this group started with {r.backend} (no symmetric buffer); "
+                         f"start it with {FIELD} symm")
+    return r
+
+
+def switch(model: nn.Module, backend: str) -> None:
+    """Change the backend of a running rank (benches: each backend over the same group and weights): within
+    what ``setup`` allocated (``nccl`` sends every message through NCCL, inside the op where a buffer exists;
+    ``symm`` needs the buffer, ``auto`` without one is NCCL / gloo). Captured graphs keep the path they
+    captured: recapture after."""
+    r = check_switch(model, backend)
+    if r is None:
+        return
+    cap = 0 if r.buffer is None else r.buffer.numel()
+    r.backend, r.calls = backend, {"one_shot": 0, "nccl": 0}
+    r.limit = {"nccl": 0, "symm": cap, "auto": min(ONE_SHOT_MAX_BYTES.get(r.group.size(), 0), cap)}[backend]

@@ -1,0 +1,293 @@
+"""The all-reduce backend of tensor parallelism (``tp_all_reduce``: auto, nccl, symm; dlc.models.all_reduce).
+
+CPU: the byte-threshold selection (which messages go one-shot, per world size, dtype and layout), ``symm``
+refused where it cannot run (one line naming the field, before any process starts), ``auto`` resolving to
+gloo on a 2-process CPU group with tokens equal to one process's, and the custom op that carries the
+symmetric path through ``torch.compile`` (one extern call in the traced graph, run by the compiled code; on
+CPU through its gloo fallback, a 1-process group). GPU (2 devices): TP=2 with ``symm``, blocks compiled and
+Reuse steps captured, gives the tokens of TP=2 over NCCL and of one process on a decisive fp32 tiny
+checkpoint, and every rank sent its all-reduces one-shot.
+
+    python -m pytest -q tests/runtime/test_tp_all_reduce.py            # CPU part
+    python -m pytest -q -m gpu tests/runtime/test_tp_all_reduce.py     # 2 GPUs (the lead)
+"""
+import socket
+
+import pytest
+import torch
+
+from dlc.models import all_reduce as ar
+from dlc.runtime.config import TP_ALL_REDUCE, ServeConfig
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.session import open_model
+from test_tensor_parallel import MODELS, write_tiny
+
+PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 64], [9, 8, 7, 6, 5]]
+GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")
+MiB, KiB = 1 << 20, 1 << 10
+
+
+# -- selection -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def cuda_symm(monkeypatch):
+    """Selection as on a CUDA host whose PyTorch has the one-shot op (the decision itself is host logic)."""
+    monkeypatch.setattr(ar, "symm_missing", lambda device_type: None)
+
+
+def test_auto_thresholds_per_world_size(cuda_symm):
+    bf16 = torch.bfloat16
+    assert ar.one_shot_limit("auto", "cuda", 2, bf16) == 8 * MiB
+    assert ar.one_shot_limit("auto", "cuda", 4, bf16) == 512 * KiB
+    assert ar.one_shot_limit("auto", "cuda", 8, bf16) == 256 * KiB
+    assert ar.one_shot_limit("auto", "cuda", 3, bf16) == 0                # no measured crossover: NCCL
+    assert ar.one_shot_limit("auto", "cuda", 2, torch.float32) == 8 * MiB
+    assert ar.one_shot_limit("auto", "cuda", 2, torch.float16) == 0       # the kernel sums bf16 / fp32 only
+    assert ar.one_shot_limit("auto", "cuda", 2, bf16, p2p=False) == 0     # GPUs without peer access
+    assert ar.one_shot_limit("nccl", "cuda", 2, bf16) == 0
+    assert ar.one_shot_limit("symm", "cuda", 2, bf16) > 8 * MiB           # symm: up to its buffer
+    with pytest.raises(ValueError, match="tp_all_reduce symm: .*fp16|tp_all_reduce symm: .*float16"):
+        ar.one_shot_limit("symm", "cuda", 2, torch.float16)
+    with pytest.raises(ValueError, match="tp_all_reduce symm: .*peer to peer"):
+        ar.one_shot_limit("symm", "cuda", 2, bf16, p2p=False)
+
+
+def test_auto_is_plain_on_cpu():
+    assert ar.one_shot_limit("auto", "cpu", 2, torch.float32) == 0
+    with pytest.raises(ValueError, match="^tp_all_reduce symm: it needs CUDA GPUs"):
+        ar.one_shot_limit("symm", "cpu", 2, torch.float32)
+
+
+def test_buffer_is_sized_for_the_largest_message_that_uses_it(cuda_symm):
+    # LLaDA-8B bf16: auto's buffer is its 8 MiB threshold; symm's the largest captured step, 8192 x 4096 x 2
+    assert ar.buffer_bytes(ar.one_shot_limit("auto", "cuda", 2, torch.bfloat16), 4096, 2) == 8 * MiB
+    assert ar.buffer_bytes(ar.one_shot_limit("symm", "cuda", 2, torch.bfloat16), 4096, 2) == 64 * MiB
+    assert ar.buffer_bytes(ar.one_shot_limit("auto", "cuda", 2, torch.float32), 64, 4) == 2 * MiB
+
+
+@pytest.mark.parametrize("nbytes,offset,contiguous,dtype,want", [
+    (32 * 4096 * 2, 0, True, torch.bfloat16, True),          # a B=1 Reuse step's message of LLaDA-8B
+    (8 * MiB, 0, True, torch.bfloat16, True),                # at the threshold
+    (8 * MiB + 16, 0, True, torch.bfloat16, False),          # past it: NCCL
+    (0, 0, True, torch.bfloat16, False),                     # empty
+    (4096, 8, True, torch.bfloat16, False),                  # start not 16-byte aligned
+    (4096 + 4, 0, True, torch.float32, False),               # size not a multiple of 16 bytes
+    (4096, 0, False, torch.bfloat16, False),                 # strided
+    (4096, 0, True, torch.float16, False),                   # dtype the kernel does not sum
+    (4096, 0, True, torch.float32, True),
+])
+def test_takes_one_shot(nbytes, offset, contiguous, dtype, want):
+    assert ar.takes_one_shot(nbytes, offset, contiguous, dtype, 8 * MiB) is want
+    assert ar.takes_one_shot(nbytes, offset, contiguous, dtype, 0) is False   # limit 0: never
+
+
+def test_setup_installs_one_reduce_per_group_and_auto_falls_back(cuda_symm, monkeypatch):
+    """``setup`` as on a 2-GPU rank (the buffer faked on the host): one AllReduce with the buffer sized for
+    the largest message that uses it, in every parallel layer; a buffer that cannot be set up makes ``auto``
+    NCCL (a warning) and ``symm`` a one-line error naming the field."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from dlc.models.tensor_parallel import RowParallelLinear, VocabParallelEmbedding
+    group = SimpleNamespace(group_name="fake-tp")
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(d_model=64)
+    model.o, model.down = RowParallelLinear(32, 64, False, group), RowParallelLinear(64, 64, False, group)
+    model.embed = VocabParallelEmbedding(0, 10, 64, group)
+    monkeypatch.setattr(dist, "get_world_size", lambda g: 2)
+    monkeypatch.setattr(ar, "p2p_ok", lambda world: True)
+    sizes = []
+
+    def buffer(nbytes, g):
+        sizes.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+    monkeypatch.setattr(ar, "symmetric_buffer", buffer)
+    for backend in ("auto", "symm"):
+        r = ar.setup(model, group, backend, "cuda", torch.float32)
+        assert sizes[-1] == 2 * MiB and r.max_bytes() == 2 * MiB     # 8192 tokens x 64 x fp32 < 8 MiB
+        assert r.op and ar._REDUCERS["fake-tp"] is r
+        assert model.o.reduce is model.down.reduce is model.embed.reduce is r
+
+    def broken(nbytes, g):
+        raise RuntimeError("CUDASymmetricMemory: no peer access\nmore")
+    monkeypatch.setattr(ar, "symmetric_buffer", broken)
+    with pytest.warns(UserWarning, match="tp_all_reduce auto: symmetric memory unavailable"):
+        r = ar.setup(model, group, "auto", "cuda", torch.float32)
+    assert not r.op and r.max_bytes() == 0 and model.o.reduce is r
+    with pytest.raises(ValueError, match="^tp_all_reduce symm: the symmetric buffer failed: CUDASymm"):
+        ar.setup(model, group, "symm", "cuda", torch.float32)
+
+
+# -- refusals ------------------------------------------------------------------------------------------------
+def test_symm_on_cpu_is_refused_naming_the_field(tmp_path):
+    with pytest.raises(ValueError) as e:
+        open_model("tiny-llada", dtype="fp32", progress=False, tensor_parallel_size=2, tp_all_reduce="symm")
+    msg = str(e.value)
+    assert msg.startswith("tp_all_reduce symm:") and "cpu" in msg and "\n" not in msg
+    import torch.distributed as dist
+    assert not dist.is_initialized()                          # refused before any group formed
+    with pytest.raises(ValueError, match="tp_all_reduce must be one of"):
+        open_model("tiny-llada", progress=False, tp_all_reduce="mpi")
+    with pytest.raises(ValueError, match="serve config: tp_all_reduce must be one of"):
+        ServeConfig(tp_all_reduce="mpi")
+    assert ServeConfig().tp_all_reduce == "auto" and TP_ALL_REDUCE == ar.BACKENDS
+
+
+def test_cli_flag_maps_to_the_field():
+    from click.testing import CliRunner
+
+    from dlc.cli import generate as generate_cmd
+    from dlc.runtime.server_cli import build_config
+    assert build_config("tiny-llada", None, tp_all_reduce="nccl").tp_all_reduce == "nccl"
+    r = CliRunner().invoke(generate_cmd, ["tiny-llada", "hi", "--device", "cpu", "--tp", "2",
+                                          "--tp-all-reduce", "symm"])
+    assert r.exit_code != 0 and "tp_all_reduce symm:" in r.output and "Traceback" not in r.output, r.output
+
+
+# -- the custom op through torch.compile (CPU: a 1-process gloo group, the op's gloo fallback) ---------------
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("this process already belongs to a group")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_op_is_one_extern_call_in_compiled_code(one_rank_group):
+    """A RowParallelLinear whose AllReduce takes the op path (a buffer; limit 0: every message to the
+    fallback): Dynamo traces the op as one node without a graph break, Inductor's code calls the real impl,
+    and the output equals the eager layer's."""
+    from dlc.models.tensor_parallel import RowParallelLinear
+    torch.manual_seed(0)
+    layer = RowParallelLinear(16, 8, bias=True, group=one_rank_group)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    red = ar.AllReduce(one_rank_group, "symm", 0, torch.empty(0, dtype=torch.uint8))
+    ar._REDUCERS[red.group_name] = red
+    try:
+        ar.install(layer, red)
+        assert ar.of(layer) is red
+        x = torch.randn(2, 3, 16)
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)        # the 1-rank sum: itself
+        graphs = []
+
+        def record(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+        eager = layer(x)
+        assert red.calls["nccl"] == 1
+        torch._dynamo.reset()
+        got = torch.compile(layer, backend=record, fullgraph=True)(x)
+        ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        op = (torch.ops.dlc.tp_all_reduce_, torch.ops.dlc.tp_all_reduce_.default)
+        assert sum(t in op for t in ops) == 1 and len(ops) == 3, ops       # linear, the op, + bias
+        torch._dynamo.reset()
+        before = red.calls["nccl"]
+        ind = torch.compile(layer, backend="inductor", fullgraph=True)(x)
+        assert red.calls["nccl"] > before                     # Inductor's code ran the op's real impl
+        for out in (eager, got, ind):
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    finally:
+        ar._REDUCERS.pop(red.group_name, None)
+        torch._dynamo.reset()
+
+
+# -- a 2-process CPU group -----------------------------------------------------------------------------------
+def test_auto_on_cpu_is_gloo_and_tokens_equal_one_process(tmp_path):
+    path = write_tiny(tmp_path, MODELS["llada"])
+    one = open_model(str(path), dtype="fp32", progress=False)
+    tp = open_model(str(path), dtype="fp32", progress=False, tensor_parallel_size=2, tp_all_reduce="auto")
+    try:
+        cfg = GenerationConfig(**GEN)
+        got = generate(tp.runner, PROMPTS, cfg).token_ids
+        want = generate(one.runner, PROMPTS, cfg).token_ids
+        assert got == want
+        assert len({tuple(t) for t in want}) == 3 and len(set(want[0])) > 2    # decisive: prompts matter
+        ranks = tp.runner.step_times()
+        assert [r["all_reduce"] for r in ranks] == [{"backend": "auto", "one_shot_max_bytes": 0,
+                                                     "one_shot": 0, "nccl": 0}] * 2   # gloo, traced
+        with pytest.raises(ValueError, match="tp_all_reduce symm: this group started with auto"):
+            tp.runner.step_times(all_reduce="symm")                # no buffer: refused before any rank moves
+        assert generate(tp.runner, PROMPTS[:1], cfg).token_ids == want[:1]    # the group still serves
+    finally:
+        tp.runner.close()
+
+
+# -- 2 GPUs --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_tp2_symm_compiled_captured_tokens_equal_nccl_and_one_process(tmp_path):
+    """2 GPUs: every rank's captured Reuse steps replay compiled blocks whose all-reduces are symmetric
+    memory's one-shot (the custom op inside Inductor's code, inside the CUDA graph). Tokens equal TP=2 over
+    NCCL (world 2 sums a + b in either order: the same bits), at T = 0 and seeded T > 0, and one GPU's
+    graph runner (CUDA defaults: compiled, captured, fused decode) at T = 0, fp32, decisive tiny LLaDA.
+    ``auto`` on the same group (switched on every rank, recaptured) takes one-shot too, capped at 8 MiB."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    from dlc.runtime.engine import graph_runner_for
+    path = write_tiny(tmp_path, MODELS["llada"])
+    cfgs = [GenerationConfig(**GEN), GenerationConfig(**GEN, temperature=0.9, seed=11)]
+    got, reports = {}, {}
+    for backend in ("symm", "nccl"):            # symm first: a fresh process state for symmetric memory
+        torch._dynamo.reset()                   # rank 0 compiles from the state its worker starts from
+        tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2,
+                        tp_all_reduce=backend)
+        try:
+            runner = graph_runner_for(tp.runner)                   # CUDA defaults: graphs and compile on
+            assert runner.graphed and runner.capture and runner.compiled
+            got[backend] = [generate(runner, PROMPTS, c).token_ids for c in cfgs]
+            assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0
+            assert runner.stats["eager_reuse"] == 0
+            ranks = runner.step_times()
+            assert all(r["compiled"] for r in ranks), ranks
+            reports[backend] = [r["all_reduce"] for r in ranks]
+            if backend == "symm":
+                runner.step_times(all_reduce="auto")
+                assert generate(runner, PROMPTS, cfgs[0]).token_ids == got["symm"][0]
+                reports["auto"] = [r["all_reduce"] for r in runner.step_times()]
+        finally:
+            tp.runner.close()
+    torch._dynamo.reset()
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    ref = graph_runner_for(one.runner)
+    assert ref.capture and ref.compiled and ref.decoding == "fused"
+    want = generate(ref, PROMPTS, cfgs[0]).token_ids
+    assert len({tuple(t) for t in want}) == 3 and len(set(want[0])) > 2       # decisive: prompts matter
+    assert got["symm"] == got["nccl"] and got["symm"][0] == want
+    assert got["symm"][0] != got["symm"][1]                                   # the temperature matters
+    sy, nc, au = reports["symm"], reports["nccl"], reports["auto"]
+    assert all(r["backend"] == "symm" and r["one_shot"] > 0 for r in sy), sy  # one-shot on every rank,
+    assert sy[0]["one_shot"] == sy[1]["one_shot"]                             # the same calls (lockstep)
+    assert all(r["one_shot_max_bytes"] == 0 and r["one_shot"] == 0 for r in nc), nc
+    assert all(r["backend"] == "auto" and r["one_shot"] > 0 for r in au), au
+    assert au[0]["one_shot_max_bytes"] == min(8 << 20, sy[0]["one_shot_max_bytes"])
+
+
+@pytest.mark.slow                            # ~30 s: a TP group of 2 processes, each backend's rounds
+def test_tp_bench_times_each_backend_beside_tp1(tmp_path):
+    """bench/tp_bench.py --all-reduce on CPU: one TP group switched between backends on every rank (gloo
+    either way here), every side's tokens equal TP=1's, and the table carries each backend's ratios."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[2] / "bench" / "tp_bench.py"
+    out = tmp_path / "tp.json"
+    r = subprocess.run([sys.executable, "-P", str(bench), "--preset", "tiny-llada", "--device", "cpu",
+                        "--dtype", "fp32", "--batch", "3", "--prompt", "16", "--gen", "16", "--block", "8",
+                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--all-reduce", "nccl,auto",
+                        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for side in ("tp2-nccl", "tp2-auto"):
+        assert res[side]["identical_sequences"] == "3/3" and res[side]["tokens_per_s"] > 0
+        assert [a["backend"] for a in res[side]["all_reduce"]] == [side[4:]] * 2      # every rank switched
+    assert "| tp2-nccl |" in r.stdout and "| tp2-auto |" in r.stdout and "sync vs nccl" in r.stdout
