@@ -184,3 +184,34 @@ def test_lookahead_of_a_variable_count_rule_is_bounded_by_its_masks():
     for kw in (dict(threshold=0.7, smoothing=True), dict(threshold=0.7, logprobs=2),
                dict(threshold=0.7, temperature=0.5), dict(threshold=0.7, remasking="random")):
         assert state(**kw).lookahead(16) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_rule_runs_ahead_on_captured_graphs():
+    """On the GPU (captured graphs, fused decoding, bf16): each rule and a mixed batch of them run ahead with
+    the synchronous path's tokens (the same captured variants; the host's credit is computed on the CPU, the
+    device's on the GPU: equal to the last bit or a token would differ here); no device commit differs from
+    the core's except an entropy-bound prefix a GPU cumsum rounds the other way (dropped, run again)."""
+    sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
+
+    def served(items, la):
+        eng = Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, device="cuda",
+                                       cuda_graphs=True, compile=False, lookahead_steps=la,
+                                       lookahead_max_ms=0.0))
+        reqs = [eng.make_request(p, params) for p, params in items]
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        return eng, [r.output_ids for r in reqs]
+    ps = prompts(6, seed=8)
+    sets = [[(p, dict(BASE, **RULES[k])) for p in ps] for k in RULES]
+    sets.append([(p, dict(BASE, **list(RULES.values())[i % 4])) for i, p in enumerate(ps)])
+    for items in sets:
+        _, want = served(items, 1)
+        eng, got = served(items, 16)
+        assert got == want
+        st = eng.runner.stats
+        assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0
+        assert counter(eng, "lookahead_runs_total", rule="rules") > 0
+        assert any(g.graph is not None for g in eng.runner.graphs.values())
