@@ -215,3 +215,36 @@ def test_every_rule_runs_ahead_on_captured_graphs():
         assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0
         assert counter(eng, "lookahead_runs_total", rule="rules") > 0
         assert any(g.graph is not None for g in eng.runner.graphs.values())
+
+
+def test_the_emulated_device_runs_every_rule_ahead(session):
+    """bench/paced_device.py's emulated GPU (the eager runner whose Reuse steps run ahead, landing one device
+    step apart) takes the core's commit too, credit in static inputs of its own: every rule's tokens are the
+    synchronous path's over the same runner, and every rule ran ahead."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from paced_device import PacedRunner
+
+    from dlc.runtime.session import Session
+    m = session.runner.model
+
+    def served(items, la):
+        runner = PacedRunner(m, 0.0005, 0.001)
+        eng = Engine(Session(runner, None, m.config, False, "t"),
+                     ServeConfig(model="t", device="cpu", max_batch_size=8, max_num_tokens=1024, max_seq_len=96,
+                                 kv_cache_mb=16, lookahead_steps=la, lookahead_max_ms=0.0))
+        reqs = [eng.make_request(p, params) for p, params in items]
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        return eng, [r.output_ids for r in reqs]
+    ps = prompts(6, seed=9)
+    for k in RULES:
+        items = [(p, dict(BASE, **RULES[k])) for p in ps[:3]]
+        _, want = served(items, 1)
+        eng, got = served(items, 16)
+        assert got == want, k
+        assert counter(eng, "lookahead_runs_total", rule="rules") > 0, k
+    mixed = [(p, dict(BASE, **list(RULES.values())[i % 4])) for i, p in enumerate(ps)]
+    assert served(mixed, 16)[1] == served(mixed, 1)[1]
