@@ -317,7 +317,7 @@ def counter(metrics, name: str) -> float:
 
 
 def ahead_replays(stats: dict) -> int:
-    """Reuse steps launched by runs ahead so far (``count_ahead``; the runners count them in ``replays`` too)."""
+    """Reuse steps launched by runs ahead so far (``count_ahead``; runners count them in ``replays`` too)."""
     return stats.get("bench_ahead_steps", 0)
 
 
@@ -365,7 +365,8 @@ def engine_rules(model, B: int, names: list, args) -> dict:
 
 def engine_main(model, names: list, args) -> None:
     dev = torch.device(args.device)
-    print(json.dumps({"path": "engine", "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(json.dumps({"path": "engine", "device": name,
                       "paced": args.paced, "lookahead": args.lookahead, "graph_decode": args.graph_decode,
                       "iters": args.iters, "torch": torch.__version__}), flush=True)
     rows = []

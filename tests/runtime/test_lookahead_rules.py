@@ -65,8 +65,8 @@ def check_ahead(session, items):
     assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0
     runs = counter(eng, "lookahead_runs_total", rule="rules")
     assert runs > 0 and runs + counter(eng, "lookahead_runs_total", rule="schedule") == st["ahead_calls"]
-    mismatched = counter(eng, "lookahead_dropped_steps_total") - counter(eng, "lookahead_past_block_steps_total")
-    assert mismatched == 0
+    dropped = counter(eng, "lookahead_dropped_steps_total")
+    assert dropped - counter(eng, "lookahead_past_block_steps_total") == 0     # no commit differed
     return eng, got
 
 
@@ -232,8 +232,8 @@ def test_the_emulated_device_runs_every_rule_ahead(session):
     def served(items, la):
         runner = PacedRunner(m, 0.0005, 0.001)
         eng = Engine(Session(runner, None, m.config, False, "t"),
-                     ServeConfig(model="t", device="cpu", max_batch_size=8, max_num_tokens=1024, max_seq_len=96,
-                                 kv_cache_mb=16, lookahead_steps=la, lookahead_max_ms=0.0))
+                     ServeConfig(model="t", device="cpu", max_batch_size=8, max_num_tokens=1024,
+                                 max_seq_len=96, kv_cache_mb=16, lookahead_steps=la, lookahead_max_ms=0.0))
         reqs = [eng.make_request(p, params) for p, params in items]
         for r in reqs:
             eng.add_request(r)
