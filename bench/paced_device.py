@@ -17,6 +17,7 @@ GPU's costs (bench/serve_bench.py --paced). Tokens are the eager runner's, exact
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -95,16 +96,29 @@ class PacedRunner(EagerRunner):
         self.stats["replays"] += 1
         return self._device(self._step_s(batch), EagerRunner.reuse, batch)
 
-    def can_run_ahead(self, batch) -> bool:
+    ahead_rules = True          # the decoding core's commit of any rule (step.LookaheadRunner)
+
+    def can_run_ahead(self, batch, commit=None) -> bool:
+        """T = 0 Reuse steps; with the core's ``commit`` also the entropy and credit extras its rules read."""
+        ruled = (commit is not None and batch.logprobs is None and batch.top_k is None
+                 and batch.soft_tau is None and batch.embed_delta is None)
         return (batch.phase == "reuse" and batch.temperature == 0 and batch.cfg_scale == 0
-                and not batch.wants_extras())
+                and (not batch.wants_extras() or ruled))
 
     @torch.no_grad()
-    def reuse_ahead(self, batch, counts: torch.Tensor):
+    def reuse_ahead(self, batch, counts: torch.Tensor, commit=None):
         B = batch.n_seqs
         cols = batch.out_start[:, None] + torch.arange(batch.n_out)           # [B, N] in the whole row
+        credit = None
+        if batch.credit_ids is not None:          # static credit inputs with a column per step to come
+            N, M = batch.n_out, batch.credit_ids.shape[-1]
+            ids = torch.zeros(B, N, max(N, M), dtype=torch.long)
+            vals = torch.zeros(B, N, max(N, M), dtype=torch.float64)
+            ids[..., :M], vals[..., :M] = batch.credit_ids, batch.credit_vals
+            batch = replace(batch, credit_ids=ids, credit_vals=vals)
+            credit = (ids, vals, batch.credit_alpha)
         self._ahead = AheadRun(lambda: EagerRunner.reuse(self, batch), batch.ids[:B], cols,
-                               self.config.mask_id)
+                               self.config.mask_id, commit, credit)
         self._ahead_dt = self._step_s(batch)
         self.stats["ahead_calls"] += 1
         return self._paced(self._ahead, counts)

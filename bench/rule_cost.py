@@ -30,10 +30,23 @@ the total against the 3% target. Rows:
   the filters row), and such a row says so;
 * ``eager`` (``--runners eager,graph``): every rule on the eager runner.
 
+``--path engine`` measures the served cost instead (issues 15 / 18): one request set of B requests per rule
+through ``dlc.runtime.Engine`` with the graph runner and ``--lookahead`` steps run ahead (the serving default,
+16), every rule's set run once per iteration, interleaved, the order reversed every other iteration; per rule
+the median seconds per forward (the set's wall time / its mean forwards per request), its ratio to
+low-confidence, tokens per forward, steps run ahead (``ahead`` replays / all Reuse replays) and the steps the
+core dropped (of those: launched after the row's block had completed). On random weights a threshold rule
+accepts about one token per step, so seconds per forward compare. ``--paced h200`` serves through
+bench/paced_device.py's emulated H200 (LLaDA-8B costs; its eager runner, no graphs) instead of the graph
+runner, so a CPU run meets the GPU's pacing.
+
 Each row prints (JSON) as it is measured; the table comes last.
 
     python3 -P bench/rule_cost.py --batches 1,32              # on the GPU (LLaDA-8B shape), graph runner
     python3 bench/rule_cost.py --preset tiny-llada --device cpu --batches 1,4 --prompt 16 --gen 32 --block 8
+    python3 -P bench/rule_cost.py --path engine --batches 1,32 --iters 5      # served cost, on the GPU
+    python3 bench/rule_cost.py --path engine --preset tiny-llada --device cpu --dtype fp32 --batches 1,4 \
+        --prompt 16 --gen 32 --block 8 --iters 3 [--paced h200]
 """
 from __future__ import annotations
 
@@ -179,7 +192,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rules", default=",".join(RULES), help="comma-separated names of RULES")
     ap.add_argument("--runners", default="graph", help="comma-separated: graph, eager")
-    ap.add_argument("--graph-decode", default="fused", choices=["fused", "exact"])
+    ap.add_argument("--graph-decode", default=None, choices=["fused", "exact"],
+                    help="graph runner decoding [step path: fused; engine path: the runner's default]")
+    ap.add_argument("--path", default="step", choices=["step", "engine"],
+                    help="step: one Reuse step per rule; engine: whole requests served (Engine, run ahead)")
+    ap.add_argument("--lookahead", type=int, default=16, help="--path engine: steps run ahead in flight")
+    ap.add_argument("--paced", default=None, choices=["h200"],
+                    help="--path engine: serve through bench/paced_device.py's emulated device")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     names = [n.strip() for n in args.rules.split(",") if n.strip()]
@@ -187,10 +206,12 @@ def main():
     if bad:
         ap.error(f"--rules: unknown {bad}; choose from {list(RULES)}")
     model = build(args.preset, args.device, dtype)
+    if args.path == "engine":
+        return engine_main(model, names, args)
     runners = make_runners(model, args)
     print(json.dumps({"device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
                       else "cpu", "torch": torch.__version__, "runners": list(runners),
-                      "graph_decode": args.graph_decode, "iters": args.iters}), flush=True)
+                      "graph_decode": args.graph_decode or "fused", "iters": args.iters}), flush=True)
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
         for kind, runner in runners.items():
@@ -234,10 +255,139 @@ def make_runners(model, args) -> dict:
         if k == "eager":
             runners[k] = EagerRunner(model)
         elif k == "graph":
-            runners[k] = GraphRunner(model, decode=args.graph_decode)
+            runners[k] = GraphRunner(model, decode=args.graph_decode or "fused")
         else:
             raise SystemExit(f"--runners: unknown {k!r} (graph, eager)")
     return runners
+
+
+# ------------------------------------------------------------------------------------ --path engine
+def make_engine(model, B: int, args):
+    """An Engine as ``dlc serve`` builds one (graph runner, warmed), dual cache, ``--lookahead`` steps ahead;
+    ``--paced``: the emulated device's runner instead."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    from dlc.runtime.session import Session
+    cfg, L = model.config, args.prompt + args.gen
+    runner = None
+    if args.paced:
+        from paced_device import H200_8B, PacedRunner
+        runner = PacedRunner(model, **H200_8B)
+    else:
+        from dlc.runtime.runners.graph import GraphRunner
+        runner = GraphRunner(model, decode=args.graph_decode)
+    mib = slot_bytes(cfg, L, runner.dtype) * (B + 2) / 2**20 + 1
+    sc = ServeConfig(model="bench", device=str(runner.device), max_batch_size=B, max_num_tokens=2 * B * L,
+                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", gen_length=args.gen,
+                     block_length=args.block, steps=args.gen, lookahead_steps=args.lookahead,
+                     policy="fcfs")
+    eng = Engine(Session(runner, None, cfg, False, "bench"), sc)
+    eng.warmup()
+    count_ahead(eng.runner)
+    return eng
+
+
+def serve_set(eng, prompts, params, clock) -> dict:
+    """One request set through the engine: wall seconds, mean forwards and tokens per request, the runner's
+    Reuse replays run ahead / in all, the core's dropped steps (and of those past a block's end)."""
+    st, m = getattr(eng.runner, "stats", {}), eng.metrics
+    before = (st.get("replays", 0), ahead_replays(st), counter(m, "lookahead_dropped_steps_total"),
+              counter(m, "lookahead_past_block_steps_total"))
+    reqs = [eng.make_request(p, params) for p in prompts]
+    clock.wait()
+    t0 = time.perf_counter()
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    clock.wait()
+    secs = time.perf_counter() - t0
+    fwd = statistics.mean(r.state.forwards for r in reqs)
+    toks = statistics.mean(len(r.output_ids) for r in reqs)
+    after = (st.get("replays", 0), ahead_replays(st), counter(m, "lookahead_dropped_steps_total"),
+             counter(m, "lookahead_past_block_steps_total"))
+    rep, ahead, dropped, past = (a - b for a, b in zip(after, before))
+    return {"s": secs, "forwards": fwd, "tokens": toks, "replays": rep, "ahead": ahead, "dropped": dropped,
+            "past_block": past}
+
+
+def counter(metrics, name: str) -> float:
+    """An engine counter, 0 where this checkout does not have it."""
+    return metrics.counters.get(name, {}).get((), 0.0)
+
+
+def ahead_replays(stats: dict) -> int:
+    """Reuse steps launched by runs ahead so far (``count_ahead``; runners count them in ``replays`` too)."""
+    return stats.get("bench_ahead_steps", 0)
+
+
+def count_ahead(runner) -> None:
+    """Counts the steps each run ahead launches into ``runner.stats["bench_ahead_steps"]`` (the bench's own
+    wrapper: older checkouts' runners count no such thing)."""
+    for name in ("reuse_ahead", "continue_ahead"):
+        fn = getattr(runner, name, None)
+        if fn is None:
+            continue
+
+        def counted(first, counts, *a, fn=fn, **kw):
+            runner.stats["bench_ahead_steps"] = runner.stats.get("bench_ahead_steps", 0) + counts.shape[1]
+            return fn(first, counts, *a, **kw)
+        setattr(runner, name, counted)
+
+
+def engine_rules(model, B: int, names: list, args) -> dict:
+    """{rule: medians} of the rules' request sets, interleaved (warmed each first)."""
+    eng = make_engine(model, B, args)
+    cfg, clock = model.config, Clock(args.device)
+    g = torch.Generator().manual_seed(B)
+    hi = min(cfg.vocab_size, cfg.mask_id) - 1
+    prompts = [torch.randint(0, hi, (args.prompt,), generator=g).tolist() for _ in range(B)]
+    params = {n: dict(gen_length=args.gen, block_length=args.block, steps=args.gen, kv_cache="dual", seed=1,
+                      **RULES[n]) for n in names}
+    for n in names:
+        for _ in range(max(1, args.warmup)):
+            serve_set(eng, prompts, params[n], clock)
+    samples = {n: [] for n in names}
+    for it in range(args.iters):
+        for n in (names if it % 2 == 0 else names[::-1]):
+            samples[n].append(serve_set(eng, prompts, params[n], clock))
+    res = {}
+    for n in names:
+        sm = samples[n]
+        res[n] = {"s_per_forward": statistics.median(x["s"] / x["forwards"] for x in sm),
+                  "tokens_per_forward": statistics.median(x["tokens"] / x["forwards"] for x in sm),
+                  "forwards": statistics.median(x["forwards"] for x in sm),
+                  "ahead_share": sum(x["ahead"] for x in sm) / max(1, sum(x["replays"] for x in sm)),
+                  "dropped": sum(x["dropped"] for x in sm) / len(sm),
+                  "past_block": sum(x["past_block"] for x in sm) / len(sm)}
+    return res
+
+
+def engine_main(model, names: list, args) -> None:
+    dev = torch.device(args.device)
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(json.dumps({"path": "engine", "device": name,
+                      "paced": args.paced, "lookahead": args.lookahead, "graph_decode": args.graph_decode,
+                      "iters": args.iters, "torch": torch.__version__}), flush=True)
+    rows = []
+    for B in [int(b) for b in args.batches.split(",")]:
+        res = engine_rules(model, B, names, args)
+        base = res[names[0]]["s_per_forward"]
+        for n in names:
+            row = {"B": B, "rule": n, **{k: round(v, 6 if k == "s_per_forward" else 3)
+                                         for k, v in res[n].items()},
+                   "vs": round(res[n]["s_per_forward"] / base - 1, 4)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\nserved cost per forward (Engine, lookahead {args.lookahead}"
+          f"{', paced ' + args.paced if args.paced else ''}); medians over {args.iters} interleaved sets; "
+          f"ahead = share of Reuse steps run ahead; dropped (past block) = steps the core dropped per set")
+    print("\n| B | rule | ms / forward | vs low-conf | tokens / forward | ahead | dropped (past block) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['rule']} | {1e3 * r['s_per_forward']:.3f} | {100 * r['vs']:+.1f}% | "
+              f"{r['tokens_per_forward']:.2f} | {100 * r['ahead_share']:.0f}% | {r['dropped']:.1f} "
+              f"({r['past_block']:.1f}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ first ``window`` steps launch at once (``LookaheadRunner.reuse_ahead``); as each
 launches the next one from the device state the previous launch left (``continue_ahead``: no restaging), then
 applies the landed step through the decoding core. So the device never waits for a host round trip inside a
 block, and a request that arrives meanwhile waits for the steps in flight only (``window`` x step time: the
-engine stops launching while a request waits), not for the run's length."""
+engine stops launching while a request waits), not for the run's length.
+
+Variable-count rules (threshold, factor, hierarchical, entropy-bound, credit) do not know their steps in
+advance: their run is the block's masks left long (an upper bound), and the engine passes each launch a
+horizon (``DecodeState.ahead_horizon``: the steps the masks last at the block's tokens per step so far), so
+few steps launch after the block completes; those commit nothing on the device and the host drops them."""
 from __future__ import annotations
 
 import torch
@@ -17,13 +22,20 @@ class AheadWindow:
     """Steps ``0 .. n`` of one run ahead over a batch of B rows; ``counts`` [B, n] host int64: each row's
     schedule count per step. At most ``window`` steps are launched and not yet landed (``wait``)."""
 
-    def __init__(self, runner, batch, counts: torch.Tensor, window: int):
+    def __init__(self, runner, batch, counts: torch.Tensor, window: int, commit=None,
+                 horizon: int | None = None):
+        """``commit``: the core's ``decoding.AheadCommit`` (None: the low-confidence schedule); ``horizon``:
+        launch no more than this many steps at first (``DecodeState.ahead_horizon``)."""
         self.runner, self.counts, self.window = runner, counts, max(1, window)
         self.n = counts.shape[1]
         self.chunks: list[tuple[int, AheadSteps]] = []      # (first step, its launch's steps)
         self.launched = self.landed = 0
         self.max_in_flight = 0
-        self._launch(runner.reuse_ahead, batch, min(self.window, self.n))
+        first = min(self.window, self.n, max(1, horizon or self.n))
+        if commit is None:
+            self._launch(runner.reuse_ahead, batch, first)
+        else:
+            self._launch(lambda b, c: runner.reuse_ahead(b, c, commit=commit), batch, first)
 
     def _launch(self, call, first, k: int) -> None:
         steps = call(first, self.counts[:, self.launched:self.launched + k])
@@ -31,9 +43,11 @@ class AheadWindow:
         self.launched += k
         self.max_in_flight = max(self.max_in_flight, self.launched - self.landed)
 
-    def refill(self) -> int:
-        """Launch steps until ``window`` are in flight (none past the run's end) -> how many it launched."""
-        k = min(self.window - (self.launched - self.landed), self.n - self.launched)
+    def refill(self, upto: int | None = None) -> int:
+        """Launch steps until ``window`` are in flight (none past the run's end, nor from step ``upto`` on)
+        -> how many it launched."""
+        k = min(self.window - (self.launched - self.landed), (self.n if upto is None else min(self.n, upto))
+                - self.launched)
         if k > 0:
             self._launch(self.runner.continue_ahead, self.chunks[-1][1], k)
         return max(k, 0)
@@ -54,6 +68,11 @@ class AheadWindow:
         """Row j's landed step s: (x0 [N] int64, conf [N] float64)."""
         steps, i = self._at(s)
         return steps.x0[i, j], steps.conf[i, j].to(torch.float64)
+
+    def output(self, s: int, j: int):
+        """Row j's landed step s as a ``StepOutput`` (with the extras the core's apply reads)."""
+        steps, i = self._at(s)
+        return steps.output(i, j)
 
     def last_block(self) -> torch.Tensor:
         """[B, N] on the device: each row's block after the last launched step's commit."""

@@ -362,6 +362,10 @@ class ScheduleRule:
         follows a disagreement."""
         return _topk_mask(conf, n_sched) & masked
 
+    def select_ahead(self, conf, masked, n_sched):
+        """The device's selection of a step run ahead (``AheadCommit``): ``select_batched``."""
+        return self.select_batched(conf, masked, n_sched)
+
 
 def commit_ahead(blk: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, n_now: torch.Tensor,
                  mask_id: int) -> torch.Tensor:
@@ -384,6 +388,12 @@ class ThresholdRule:
     def select(self, conf, masked, n_sched):
         return ((conf >= self.threshold) | _best_one(conf, masked)) & masked
 
+    def select_ahead(self, conf, masked, n_sched):
+        """The device's selection of a step run ahead (``AheadCommit``): ``select`` itself, which reads
+        nothing back to the host (a compare, an argmax, a scatter), so the device selects with the host's
+        float values and ties (argmax: the first of equal ones on either device)."""
+        return self.select(conf, masked, n_sched)
+
 
 class FactorRule:
     """Fast-dLLM's parallel factor: sort descending, accept the longest prefix whose n-th confidence (n >= 2)
@@ -403,6 +413,11 @@ class FactorRule:
         count = ok.long().cumprod(-1).sum(-1)                               # longest accepted prefix
         count = torch.minimum(count, masked.sum(-1))
         return _topk_mask(conf, count) & masked
+
+    def select_ahead(self, conf, masked, n_sched):
+        """The device's selection of a step run ahead: ``select`` itself (sorts, a cumprod, a stable argsort:
+        no host read, the same ties on either device)."""
+        return self.select(conf, masked, n_sched)
 
 
 class BlockThresholdRule:
@@ -485,6 +500,11 @@ class HierarchicalRule:
             sel |= conf > self.high
         return sel | _best_one(conf, masked)
 
+    def select_ahead(self, conf, masked, n_sched):
+        """The device's selection of a step run ahead: ``select`` itself (a cumsum of booleans, a max per
+        run, compares: no host read; exact on either device)."""
+        return self.select(conf, masked, n_sched)
+
 
 class EntropyBoundRule:
     """EB-sampler (Ben-Hamu et al. 2025, arXiv 2505.24857, "Accelerated Sampling from Masked Diffusion Models
@@ -511,8 +531,21 @@ class EntropyBoundRule:
         keep = ok.cumprod(-1).bool()                                        # the largest such prefix
         return torch.zeros_like(masked).scatter_(1, order, keep)
 
+    def select_ahead(self, conf, masked, n_sched, entropy):
+        """The device's selection of a step run ahead, over the step's entropy on the device: ``select``
+        itself (no host read). A GPU's cumsum may round a prefix sum unlike the host's sequential one in the
+        last bit; where that flips a prefix at the bound, the host's check of the device's block drops the
+        steps after it (they run again)."""
+        return self.select(conf, masked, n_sched, entropy)
+
 for _r in (ScheduleRule, ThresholdRule, FactorRule, BlockThresholdRule, JointThresholdRule):
     _r.needs_entropy = False
+# rules whose selection the device runs ahead of the host (``select_ahead``, ``AheadCommit``); the block
+# decoders' rules read counts on the host per row (and block decoding does not run ahead)
+for _r in (ScheduleRule, ThresholdRule, FactorRule, HierarchicalRule, EntropyBoundRule):
+    _r.runs_ahead = True
+for _r in (BlockThresholdRule, JointThresholdRule):
+    _r.runs_ahead = False
 
 DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold": ThresholdRule,
             "factor": FactorRule, "hierarchical": HierarchicalRule, "entropy_bound": EntropyBoundRule}
@@ -560,19 +593,21 @@ def make_rule(threshold: float | None = None, factor: float | None = None, low_t
 
 
 def unmask_step(rule, x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, n_now, mask_id: int,
-                entropy: torch.Tensor | None = None):
+                entropy: torch.Tensor | None = None, ahead: bool = False):
     """One step on blocks: which positions to unmask, and which rows cannot progress.
 
     x0 [B, K] candidates, conf [B, K] float64 confidences, masked [B, K], n_now [B] the schedule's count,
-    entropy [B, K] (rules with ``needs_entropy``). Returns (select [B, K], stuck [B])."""
+    entropy [B, K] (rules with ``needs_entropy``). Returns (select [B, K], stuck [B]). ``ahead``: the rule's
+    ``select_ahead`` (on the device, no host read: ``AheadCommit``) instead of its ``select``."""
     cand = masked if rule.fixed_steps else masked & (x0 != mask_id)
     conf = torch.where(cand, conf, torch.full_like(conf, float("-inf")))
     stuck = masked.any(-1) & ~cand.any(-1)
+    select = rule.select_ahead if ahead else rule.select
     if rule.needs_entropy:
         if entropy is None:
             raise ValueError(f"the {rule.name} rule needs the entropy of each position")
-        return rule.select(conf, cand, n_now, entropy), stuck
-    return rule.select(conf, cand, n_now), stuck
+        return select(conf, cand, n_now, entropy), stuck
+    return select(conf, cand, n_now), stuck
 
 
 def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -756,23 +791,56 @@ class DecodeState:
             return out
 
     def lookahead(self, cap: int) -> list[int]:
-        """The schedule's counts of the next forwards (this one first) while up to ``cap`` of them are Reuse
-        steps whose only input from the host would be the previous step's commit: fixed schedule, T = 0,
-        low-confidence, no decoding extras, no guidance, no mid-block stop. A runner may run them back to
-        back, committing on the device (``commit_ahead``); the host then applies each step's outputs in order
-        and checks the device's block after each commit against its own. [] when the next step is not one."""
+        """The counts of the next forwards (this one first) while up to ``cap`` of them are Reuse steps whose
+        only input from the host would be the previous step's commit: T = 0, a rule the device selects with
+        (``runs_ahead``: low-confidence, threshold, factor, hierarchical, entropy-bound; credit too, which
+        the device carries across the steps: ``AheadCommit``), no guidance, no mid-block stop. A runner may
+        run them back to back, committing on the device (``AheadCommit`` / ``commit_ahead``); the host then
+        applies each step's outputs in order and checks the device's block after each commit against its
+        own (``fed_ahead``). [] when the next step is not one.
+
+        Fixed schedule: the schedule's counts. A variable-count rule does not know its steps in advance: its
+        entries are 0 (no count) and there are as many as the block has masks left (an exact upper bound:
+        every step unmasks one at least, or the block ends stuck); ``ahead_horizon`` bounds the steps in
+        flight. Stay synchronous: iteration smoothing (its next input is the previous step's soft embedding,
+        built on the host's schedule of weights), ``logprobs`` (an output per step that the host records as it
+        applies; nothing to run ahead for), sampling (T > 0: a seed per step from the host's generator),
+        random remasking (the host's draws), block decoders."""
         g = self.gen
-        if (cap < 2 or self.phase != "reuse" or type(self.rule) is not ScheduleRule or g.temperature > 0
-                or g.remasking != "low_confidence" or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0
-                or g.eos_early_stop or self.attn_block or g.logprobs is not None or g.credit or g.smoothing):
+        if (cap < 2 or self.phase != "reuse" or not getattr(self.rule, "runs_ahead", False)
+                or g.temperature > 0 or g.remasking != "low_confidence"
+                or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0 or g.eos_early_stop
+                or self.attn_block or g.logprobs is not None or g.smoothing):
             return []
+        fixed = self.rule.fixed_steps
+        left = 0 if fixed else int((self.x[self.bs:self.be] == self.mask_id).sum())
         counts, s = [], self.step
-        while len(counts) < cap and s < self.sched.shape[0] and int(self.sched[s]) > 0:
+        while len(counts) < cap and (len(counts) < left if not fixed else
+                                     s < self.sched.shape[0] and int(self.sched[s]) > 0):
             if s != self.step and g.refresh_every and s % g.refresh_every == 0:
                 break                                # that step refreshes the cache
-            counts.append(int(self.sched[s]))
+            counts.append(int(self.sched[s]) if fixed else 0)
             s += 1
         return counts
+
+    def fed_ahead(self, count: int) -> bool:
+        """Whether the state's next step is a Reuse step that ``lookahead`` gave ``count`` (the engine also
+        checks the block the device fed it)."""
+        return self.phase == "reuse" and (self.n_now == count if self.rule.fixed_steps else count == 0)
+
+    def ahead_horizon(self) -> int:
+        """The most steps from this one on worth launching ahead: unbounded for the fixed schedule (its
+        ``lookahead`` counts are exact); for a variable-count rule, the steps the block's masks last at its
+        tokens per step so far (ceil(masks left x steps / tokens unmasked), at least 1; the masks left when
+        nothing is known yet), so that few steps launch after the block completes (those commit nothing on
+        the device and the host drops them)."""
+        if self.rule.fixed_steps or self.bs is None:
+            return 1 << 30
+        left = int((self.x[self.bs:self.be] == self.mask_id).sum())
+        done = int(self.sched.sum()) - left              # the schedule splits the block's masks at its start
+        if self.step == 0 or done <= 0:
+            return max(1, left)
+        return max(1, -(-left * self.step // done))
 
     def apply(self, x0: torch.Tensor, conf: torch.Tensor, out=None) -> None:
         """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):
@@ -994,6 +1062,78 @@ def apply_batch(states: list, x0: torch.Tensor, conf: torch.Tensor, out=None) ->
             s._commit(new[j], stuck_l[j], sel[j], x0[j])
         errors[idx[j]] = _guarded(commit)
     return errors
+
+
+class AheadCommit:
+    """The decoding core's commit of a step run ahead, on the device: what ``apply_batch`` would select for
+    the run's rows, with no host read, so that the runner's next launch reads it (runners/ahead.py). Built on
+    the host from the run's states (``ahead_commit``): the rows grouped by rule as ``_select_rows`` groups
+    them (each group's rows an index on the device), selecting with each rule's ``select_ahead`` over the
+    step's float64 confidences (and entropy), the same values and ties as the host's ``select``. The host
+    still checks the device's block after each commit (``fed_ahead`` and the engine's block check).
+
+    Credit: ``carry_credit`` moves each credit row's credit to the next step in the runner's static credit
+    inputs, in place, with ``_credit_rows``' float64 ops in its order (the prior decayed, this step's raw
+    top-1 id with p1 ** gamma where still masked, decayed, written in the row's next column: the layout the
+    graph runner stages from the host's credit), so the host keeps its own and they agree. ``reads``: the
+    step's extras the commit and the host's apply need (copied back with each step)."""
+
+    def __init__(self, groups: list, mask_id: int, entropy: bool, credit_at: torch.Tensor | None,
+                 credit_on: torch.Tensor | None):
+        self.groups, self.mask_id, self.entropy = groups, mask_id, entropy
+        self.credit_at, self.credit_on = credit_at, credit_on        # [B] next column, [B] bool (device)
+        self.reads = (("entropy",) if entropy else ()) + (("top1_ids", "top1_prob") if credit_on is not None
+                                                          else ())
+
+    def step(self, blk: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, n_now: torch.Tensor,
+             extras: dict | None = None) -> torch.Tensor:
+        """blk / x0 / conf [B, K], n_now [B] (the schedule's counts; 0 for variable-count rules), ``extras``
+        the step's (entropy [B, K]) -> the block after the step's commit [B, K]."""
+        masked = blk == self.mask_id
+        conf = conf.to(torch.float64)
+        ent = extras["entropy"].to(torch.float64) if self.entropy else None
+        if len(self.groups) == 1:
+            sel = unmask_step(self.groups[0][0], x0, conf, masked, n_now, self.mask_id, ent, ahead=True)[0]
+        else:
+            sel = torch.zeros_like(masked)
+            for rule, rows in self.groups:                              # rows: [b] on the device
+                sel[rows] = unmask_step(rule, x0[rows], conf[rows], masked[rows], n_now[rows], self.mask_id,
+                                        None if ent is None else ent[rows], ahead=True)[0]
+        return torch.where(sel, x0, blk)
+
+    def carry_credit(self, credit: tuple, blk: torch.Tensor, extras: dict) -> None:
+        """After the step fed ``blk`` [B, K]: credit (ids, vals [bb, K, M], alpha [bb]: the runner's static
+        inputs) for the next step, in place. Rows without credit keep zeros (the host sends them none)."""
+        if self.credit_on is None:
+            return
+        from dlc.kernels.sampling import CREDIT_GAMMA
+        ids, vals = credit[0], credit[1]
+        B, K = blk.shape
+        add = extras["top1_prob"][:B].to(torch.float64).pow(CREDIT_GAMMA).mul_(blk == self.mask_id)   # [B, K]
+        vals[:B].mul_(CREDIT_DECAY)                                     # the prior, decayed once more
+        on = self.credit_on[:, None]
+        at = self.credit_at.clamp(max=ids.shape[-1] - 1)[:, None, None].expand(B, K, 1)   # [B, K, 1]
+        ids[:B].scatter_(2, at, torch.where(on, extras["top1_ids"][:B], 0)[..., None])
+        vals[:B].scatter_(2, at, torch.where(on, add.mul_(CREDIT_DECAY), 0.0)[..., None])
+        self.credit_at += 1
+
+
+def ahead_commit(states: list, device) -> AheadCommit | None:
+    """The device's commit of a run ahead over these states (their ``lookahead`` is not empty); None where
+    every row is the plain low-confidence schedule (the runners' own ``commit_ahead`` does that)."""
+    plain = all(type(s.rule) is ScheduleRule and not s.gen.credit for s in states)
+    if plain:
+        return None
+    by_rule: dict[tuple, list[int]] = {}
+    for j, s in enumerate(states):
+        by_rule.setdefault(_rule_key(s.rule), []).append(j)
+    groups = [(states[js[0]].rule, None if len(by_rule) == 1 else torch.tensor(js, device=device))
+              for js in by_rule.values()]
+    at = on = None
+    if any(s.gen.credit for s in states):
+        at = torch.tensor([0 if s.credit is None else s.credit[0].shape[1] for s in states], device=device)
+        on = torch.tensor([bool(s.gen.credit) for s in states], device=device)
+    return AheadCommit(groups, states[0].mask_id, any(s.rule.needs_entropy for s in states), at, on)
 
 
 def _guarded(fn):

@@ -45,7 +45,7 @@ from .ahead_window import AheadWindow
 from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
-from .decoding import DecodeState, FieldError, GenerationConfig, apply_batch
+from .decoding import DecodeState, FieldError, GenerationConfig, ahead_commit, apply_batch
 from .distributed.runner import TensorParallelRunner
 from .generate import check_prompts
 from .granularity import Granularity, measure_step_times
@@ -144,6 +144,7 @@ class _AheadRow:
     window: AheadWindow
     j: int
     launched: float = 0.0          # perf_counter at the launch (the run's measured step time)
+    bounded: bool = False          # variable-count rules in the run: each launch within the rows' horizon
 
 
 class Engine:
@@ -426,17 +427,33 @@ class Engine:
             return False
         states = [r.state for r in group]
         try:
-            batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
-            if not self.runner.can_run_ahead(batch):
+            commit = ahead_commit(states, self.runner.device)      # None: the low-confidence schedule
+            if commit is not None and not getattr(self.runner, "ahead_rules", False):
                 return False
-            win = AheadWindow(self.runner, batch, torch.tensor([c[:n] for c in counts]), cap)
+            batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
+            if not (self.runner.can_run_ahead(batch) if commit is None
+                    else self.runner.can_run_ahead(batch, commit=commit)):
+                return False
+            bounded = not all(s.rule.fixed_steps for s in states)
+            # variable-count rules: 2 steps at first (the next launches see step 0 applied: ``_apply_ahead``)
+            win = AheadWindow(self.runner, batch, torch.tensor([c[:n] for c in counts]), cap, commit,
+                              min(2, self._horizon(states)) if bounded else None)
         except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
             log.debug("steps ahead failed, one step instead: %s", e)
             return False
         t0 = time.perf_counter()
         for j, r in enumerate(group):
-            results[id(r)] = _AheadRow(win, j, t0)
+            results[id(r)] = _AheadRow(win, j, t0, bounded)
+        self.metrics.inc("lookahead_runs_total", rule="schedule" if commit is None else "rules")
         return True
+
+    @staticmethod
+    def _horizon(states: list) -> int:
+        """Steps from the next one on worth launching for a run of these rows: the first row whose block ends
+        ends the run (``DecodeState.ahead_horizon``); 0 once a row's is over."""
+        if any(s.phase != "reuse" for s in states):
+            return 0
+        return min(s.ahead_horizon() for s in states)
 
     def _arrivals(self) -> bool:
         """Whether a request (or an abort, a failure) waits for the loop: the window stops launching."""
@@ -447,23 +464,32 @@ class Engine:
         """Apply steps run ahead as each lands, each through the decoding core; after each landing the window
         launches the next step (``AheadWindow.refill``) unless a request waits or a row was dropped, so the
         device runs the later steps meanwhile. A row stops where the core's own commit or schedule differs
-        from what the device assumed for its next step (those steps are dropped and run again)."""
+        from what the device assumed for its next step (those steps are dropped and run again). A run of
+        variable-count rules (``bounded``) launches after applying each landed step instead, within the rows'
+        horizon as that step left them (``_horizon``), so that few steps launch past a block's end."""
         rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
         win, live = results[id(rows[0])].window, list(rows)
+        bounded = results[id(rows[0])].bounded
         s, pre, landed, launching = 0, False, (0.0, 0), True
         while s < win.launched:
             win.wait(s)
             if not pre:                                # a Refresh launched ahead would count as steps
                 landed = (time.perf_counter(), s + 1)
-            if launching and len(live) == len(rows) and win.launched < win.n and not self._arrivals():
+            if not bounded and launching and len(live) == len(rows) and win.launched < win.n \
+                    and not self._arrivals():
                 launching = self._refill(win)
             for r in list(live):
                 if not self._fed_as_core(r, win, results[id(r)].j, s):
                     self.metrics.inc("lookahead_dropped_steps_total", win.launched - s)
+                    if r.finished or r.state.phase != "reuse":     # its block completed before these steps
+                        self.metrics.inc("lookahead_past_block_steps_total", win.launched - s)
                     live.remove(r)
                     continue
-                x0, conf = win.outputs(s, results[id(r)].j)
-                self._guard(r, lambda r=r, out=StepOutput(x0, conf): self._postprocess(r, out, n_running))
+                out = win.output(s, results[id(r)].j)
+                self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
+            if bounded and launching and len(live) == len(rows) and win.launched < win.n \
+                    and not self._arrivals():
+                launching = self._refill(win, s + 1 + self._horizon([r.state for r in live]))
             if s == win.n - 2 == win.launched - 2 and len(live) == len(rows) \
                     and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
                     and all(self._fed_as_core(r, win, results[id(r)].j, s + 1) for r in rows):
@@ -474,11 +500,11 @@ class Engine:
         if pre:
             self._take_prelaunched(pre, win, n_running)
 
-    def _refill(self, win: AheadWindow) -> bool:
-        """Launch the window's next step; False (launch no more: the steps in flight still land and apply,
-        the rest run the normal way) if the runner refuses."""
+    def _refill(self, win: AheadWindow, upto: int | None = None) -> bool:
+        """Launch the window's next step (none from step ``upto`` on: the rows' horizon); False (launch no
+        more: the steps in flight still land and apply, the rest run the normal way) if the runner refuses."""
         try:
-            win.refill()
+            win.refill(upto)
             return True
         except Exception as e:             # noqa: BLE001 - nothing of the states changed
             log.warning("run ahead: launching the next step failed, the rest of the block runs one step at "
@@ -495,7 +521,7 @@ class Engine:
         """Whether the device fed row j's step s what the core would: the core's state is at that step of
         the schedule and its block equals the device's commit of step s - 1 (landed with step s - 1)."""
         st = r.state
-        return not r.finished and st.phase == "reuse" and st.n_now == int(win.counts[j, s]) and (
+        return not r.finished and st.fed_ahead(int(win.counts[j, s])) and (
             s == 0 or torch.equal(st.x[st.bs:st.be], win.fed_block(s, j)))
 
     def _prelaunch(self, rows: list[Request], win: AheadWindow, s: int, n_running: int):

@@ -136,6 +136,8 @@ class AheadSteps:
     events: list | None = None          # per step: a device event recorded after its copies (None: ready)
     run: object = None                  # the runner's handle of the run (``continue_ahead`` goes on from it)
     last_block: torch.Tensor | None = None   # [B, N] on the device: the block after the last step's commit
+    extras: dict | None = None          # {name: [n, B, N] host}: the step extras the core's apply reads
+                                        # (entropy, credit's top-1 ids / probs), landed with each step
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -143,6 +145,12 @@ class AheadSteps:
     def wait(self, s: int) -> None:
         if self.events is not None:
             self.events[s].synchronize()
+
+    def output(self, s: int, j: int) -> StepOutput:
+        """Row j of landed step s as the core's apply takes it (x0 [N], conf [N] float64, the extras)."""
+        ex = {k: v[s, j].to(torch.float64) if v.is_floating_point() else v[s, j]
+              for k, v in (self.extras or {}).items()}
+        return StepOutput(self.x0[s, j], self.conf[s, j].to(torch.float64), **ex)
 
 
 @runtime_checkable
@@ -157,7 +165,13 @@ class LookaheadRunner(Protocol):
     last launch left (the static fed ids hold its commits; nothing is staged again), so a caller keeps a
     window of steps in flight, launching one as each lands, instead of waiting for a whole run. ``steps`` must
     be the runner's latest run (``AheadSteps.run``): any other call of the runner in between may restage the
-    static inputs, and ``continue_ahead`` then raises ValueError."""
+    static inputs, and ``continue_ahead`` then raises ValueError.
+
+    Rules beyond low-confidence (issue 18): a runner that sets ``ahead_rules`` also takes the decoding core's
+    commit, ``can_run_ahead(batch, commit=)`` and ``reuse_ahead(batch, counts, commit=)`` with
+    ``decoding.AheadCommit`` (``decoding.ahead_commit(states)``; None: the low-confidence schedule), and runs
+    its rows' rules ahead (with the entropy / credit extras the commit reads where it computes them). Others
+    run only the low-confidence schedule ahead."""
 
     def can_run_ahead(self, batch: "StepBatch") -> bool: ...
 

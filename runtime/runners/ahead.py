@@ -6,23 +6,36 @@ are committed on the device into the static fed ids (``decoding.commit_ahead``),
 and the step's candidates, confidences and committed block are copied back to the host as the step ends
 (``AheadSteps``: one event per step on CUDA), so the host applies step s while the device runs the later
 ones. A run goes on from where its last launch left the device (``AheadRun.steps``: no restaging), which the
-engine uses to keep a window of steps in flight (``step.LookaheadRunner.continue_ahead``)."""
+engine uses to keep a window of steps in flight (``step.LookaheadRunner.continue_ahead``).
+
+Rules beyond low-confidence: the run takes the decoding core's ``AheadCommit`` (``commit``), which selects
+with the rows' own rules, reads the step's extras (entropy) and carries credit in the runner's static credit
+inputs (``credit``); the extras the host's apply needs land with each step (``AheadSteps.extras``). Nothing of
+a rule is decided here."""
 from __future__ import annotations
 
 import torch
 
-from ..decoding import commit_ahead
+from ..decoding import AheadCommit, commit_ahead
 from ..step import AheadSteps
+from ..step_output import EXTRA_KEYS, StepOutput
 
 
 class AheadRun:
-    """One run of steps ahead over a runner's static inputs: ``launch() -> (tok [bb, N], conf [bb, N])`` one
-    step; ``ids`` [B, T]: the static fed ids of the batch's rows (a view, written in place); ``cols`` [B, N]:
-    the decoded columns inside the fed span. ``steps(counts)`` launches more steps from the device state the
-    last launch left (``step.LookaheadRunner.continue_ahead``)."""
+    """One run of steps ahead over a runner's static inputs: ``launch()`` one step -> (tok [bb, N], conf
+    [bb, N]), (tok, conf, extras dict of [bb, N] tensors) or a ``StepOutput``; ``ids`` [B, T]: the static fed
+    ids of the batch's rows (a view, written in place); ``cols`` [B, N]: the decoded columns inside the fed
+    span; ``commit``: the core's ``AheadCommit`` (None: the low-confidence schedule, ``commit_ahead``);
+    ``credit``: the static credit inputs the launch reads (ids, vals [bb, N, M], alpha [bb]), which the commit
+    carries to the next step. ``steps(counts)`` launches more steps from the device state the last launch left
+    (``step.LookaheadRunner.continue_ahead``)."""
 
-    def __init__(self, launch, ids: torch.Tensor, cols: torch.Tensor, mask_id: int):
+    def __init__(self, launch, ids: torch.Tensor, cols: torch.Tensor, mask_id: int,
+                 commit: AheadCommit | None = None, credit: tuple | None = None):
         self.launch, self.ids, self.cols, self.mask_id = launch, ids, cols, mask_id
+        self.commit, self.credit = commit, credit
+        if commit is not None and commit.credit_on is not None and credit is None:
+            raise ValueError("run ahead: credit rows need the runner's static credit inputs")
         self.launched = 0                                 # steps launched so far
 
     def steps(self, counts: torch.Tensor) -> AheadSteps:
@@ -32,14 +45,22 @@ class AheadRun:
         host = dict(dtype=torch.long, pin_memory=cuda)
         out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
                          [] if cuda else None, run=self)
+        reads = () if self.commit is None else self.commit.reads
         for s in range(n):
-            tok, conf = self.launch()
+            tok, conf, ex = _split(self.launch())
             if out.conf is None:
                 out.conf = torch.empty(n, B, N, dtype=conf.dtype, pin_memory=cuda)
-            new = commit_ahead(self.ids.gather(1, self.cols), tok[:B], conf[:B], counts[:, s],
-                               self.mask_id)                                                      # [B, N]
+                out.extras = {k: torch.empty(n, B, N, dtype=ex[k].dtype, pin_memory=cuda) for k in reads}
+            blk = self.ids.gather(1, self.cols)                                                   # [B, N]
+            if self.commit is None:
+                new = commit_ahead(blk, tok[:B], conf[:B], counts[:, s], self.mask_id)
+            else:
+                new = self.commit.step(blk, tok[:B], conf[:B], counts[:, s], _rows(ex, B))
+                if self.credit is not None:
+                    self.commit.carry_credit(self.credit, blk, ex)
             self.ids.scatter_(1, self.cols, new)
-            for dst, src in ((out.x0, tok), (out.conf, conf), (out.blocks, new)):
+            pairs = [(out.x0, tok), (out.conf, conf), (out.blocks, new)]
+            for dst, src in pairs + [(out.extras[k], ex[k]) for k in reads]:
                 dst[s].copy_(src[:B], non_blocking=cuda)
             if cuda:                                      # step s lands while the later steps run
                 out.events.append(torch.cuda.Event())
@@ -49,10 +70,21 @@ class AheadRun:
         return out
 
 
+def _split(res) -> tuple:
+    """A launch's result -> (tok, conf, extras dict or None)."""
+    if isinstance(res, StepOutput):
+        return res.x0, res.conf, {k: getattr(res, k) for k in EXTRA_KEYS if getattr(res, k) is not None}
+    return res[0], res[1], res[2] if len(res) > 2 else None
+
+
+def _rows(ex: dict | None, B: int) -> dict | None:
+    return None if ex is None else {k: v[:B] for k, v in ex.items()}
+
+
 def run_ahead(launch, ids: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
-              mask_id: int) -> AheadSteps:
+              mask_id: int, commit: AheadCommit | None = None, credit: tuple | None = None) -> AheadSteps:
     """A new run (``AheadRun``) and its first ``counts.shape[1]`` steps."""
-    return AheadRun(launch, ids, cols, mask_id).steps(counts)
+    return AheadRun(launch, ids, cols, mask_id, commit, credit).steps(counts)
 
 
 def resume(latest: AheadRun | None, steps: AheadSteps, who: str) -> AheadRun:

@@ -293,18 +293,21 @@ class CompiledRunner:
                                                                 self.sparse_retention is not None, full)
 
     # --- steps run ahead of the host (step.LookaheadRunner, runners/ahead.py) ------------------------------
-    def can_run_ahead(self, batch: StepBatch) -> bool:
-        """A plain T = 0 Reuse batch the graphs take (no extras: the pool is the only input that decides)."""
+    ahead_rules = True          # the core's commit of rules without extras (threshold, factor, hierarchical)
+
+    def can_run_ahead(self, batch: StepBatch, commit=None) -> bool:
+        """A plain T = 0 Reuse batch the graphs take (no extras: the pool is the only input that decides);
+        ``commit``: the decoding core's ``AheadCommit`` of its rows' rules (those that need no extras)."""
         return (batch.phase == "reuse" and batch.temperature == 0 and not batch.wants_extras()
                 and self._graphable({"k_pool": batch.cache.k_all}, batch))
 
     @torch.no_grad()
-    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
-        if not self.can_run_ahead(batch):
+    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
+        if not self.can_run_ahead(batch, commit):
             raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
         return self.graphs.run_ahead(self._reuse_feed(batch), batch.fed, batch.n_fed, batch.n_out,
                                      decoded_cols(batch, self.device),
-                                     counts.to(self.device, non_blocking=True))
+                                     counts.to(self.device, non_blocking=True), commit)
 
     @torch.no_grad()
     def continue_ahead(self, steps, counts: torch.Tensor):

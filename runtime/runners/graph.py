@@ -520,22 +520,31 @@ class GraphRunner(EagerRunner):
         return g.tok, g.conf
 
     # -- steps ahead of the host (step.LookaheadRunner) --------------------------------------------------
-    def can_run_ahead(self, batch: StepBatch) -> bool:
-        return (batch.phase == "reuse" and batch.temperature == 0 and not batch.wants_extras()
-                and self._eligible(batch, ()))
+    ahead_rules = True              # takes the decoding core's commit of any rule it runs ahead (AheadCommit)
+
+    def can_run_ahead(self, batch: StepBatch, commit=None) -> bool:
+        """A T = 0 Reuse batch the graphs take; with the core's ``commit`` (rules beyond low-confidence) also
+        the entropy and credit extras its rules read (their captured variant; the commit carries credit in
+        its static inputs), no other extra."""
+        plain = not batch.wants_extras()
+        ruled = (commit is not None and batch.logprobs is None and batch.top_k is None
+                 and batch.soft_tau is None and batch.embed_delta is None)
+        return (batch.phase == "reuse" and batch.temperature == 0 and (plain or ruled)
+                and self._eligible(batch, self._extras_key(batch)))
 
     @torch.no_grad()
-    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor):
-        """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``)
-        writes the block's new tokens into the graph's static ids, which the next replay reads; the host
+    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
+        """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``, or
+        the core's ``commit``: ``decoding.AheadCommit``) writes the block's new tokens into the graph's static
+        ids, which the next replay reads (and carries credit in the variant's static credit inputs); the host
         launches them all at once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
-        if not self.can_run_ahead(batch):
+        if not self.can_run_ahead(batch, commit):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
         B, n = batch.n_seqs, counts.shape[1]
         with self._host_seconds("host_s"):                                      # until launched
-            g = self._stage(batch)
-            out = run_ahead(lambda: self._launch(g), g.ids[:B], decoded_cols(batch, self.device),
-                            counts.to(self.device, non_blocking=True), self.config.mask_id)
+            g = self._stage(batch, self._extras_key(batch))
+            out = run_ahead(lambda: (*self._launch(g), g.extras), g.ids[:B], decoded_cols(batch, self.device),
+                            counts.to(self.device, non_blocking=True), self.config.mask_id, commit, g.credit)
             self._ahead = out.run
             self.stats["replays"] += n
             self.stats["ahead_calls"] += 1

@@ -192,11 +192,14 @@ class ProgramGraphs:
         cap.graph.replay()
         return cap.outs
 
-    def run_ahead(self, feed: dict, B: int, T: int, N: int, cols: torch.Tensor, counts: torch.Tensor):
-        """``counts.shape[1]`` steps back to back (runners/ahead.py): the commits land in the static q_ids."""
+    def run_ahead(self, feed: dict, B: int, T: int, N: int, cols: torch.Tensor, counts: torch.Tensor,
+                  commit=None):
+        """``counts.shape[1]`` steps back to back (runners/ahead.py): the commits (``commit``: the decoding
+        core's ``AheadCommit``, None: the low-confidence schedule) land in the static q_ids."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
         cap = self.stage(feed, B, T, N)
-        out = run_ahead(lambda: self.launch(cap)[:2], cap.static["q_ids"][:B], cols, counts, self.mask_id)
+        out = run_ahead(lambda: self.launch(cap)[:2], cap.static["q_ids"][:B], cols, counts, self.mask_id,
+                        commit)
         self._ahead = out.run
         self.stats["replays"] += counts.shape[1]
         self.stats["ahead_calls"] += 1
