@@ -35,6 +35,7 @@ multicast (``multimem_*``) is never used, and the buffer is allocated without mu
 (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` unless set otherwise)."""
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 import weakref
@@ -66,8 +67,8 @@ def symm_missing(device_type: str) -> str | None:
         return f"it needs CUDA GPUs and this run is on {device_type} (gloo)"
     if not torch.cuda.is_available():
         return "CUDA is not available here"
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+    try:                              # not `import torch.distributed...`: that would make torch a local name
+        importlib.import_module("torch.distributed._symmetric_memory")
     except ImportError:
         return f"this PyTorch ({torch.__version__}) has no torch.distributed._symmetric_memory"
     if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):

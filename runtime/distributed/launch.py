@@ -175,6 +175,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
             e = RankFailure(f"tensor-parallel startup failed: {_first_line(e)}")
         for p in procs:
             p.terminate()
+        if dist.is_initialized():                          # this process can open a group again
+            dist.destroy_process_group()
         raise e from None
     finally:
         started.set()
