@@ -74,7 +74,7 @@ def _fail(msg: str):
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int,
               help="shard the model over this many GPUs (CPU: processes); starts the other ranks itself")
-@click.option("--tp-all-reduce", "tp_all_reduce", default="auto", show_default=True,
+@click.option("--tp-all-reduce", "tp_all_reduce", default="nccl", show_default=True,
               type=click.Choice(TP_ALL_REDUCE),
               help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
                    "one-shot for small messages on CUDA, else NCCL / gloo")

@@ -62,9 +62,10 @@ class ServeConfig:
                                         # arrives meanwhile waits that long at most (0: no bound)
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (CUDA graphs
                                     # per rank as on one GPU)
-    # the ranks' all-reduce: auto (symmetric memory's one-shot for small messages on CUDA, else NCCL / gloo),
-    # nccl, or symm (one-shot up to its buffer; CUDA only): dlc.models.all_reduce
-    tp_all_reduce: str = "auto"
+    # the ranks' all-reduce: nccl (default), auto (symmetric memory's one-shot for small messages on CUDA,
+    # else NCCL / gloo) or symm (one-shot up to its buffer; CUDA only): dlc.models.all_reduce. auto is
+    # opt-in: on 2 x H200 a process's second TP group hung after a first one (bench/RESULTS.md)
+    tp_all_reduce: str = "nccl"
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
     # other cached keys (engines: built in)
     sparse_retention: float | None = None

@@ -27,7 +27,7 @@ class Session:
 
 
 def open_model(model: str, weights: str | None = None, dtype=None, device: str = "cpu",
-               progress: bool = True, tensor_parallel_size: int = 1, tp_all_reduce: str = "auto") -> Session:
+               progress: bool = True, tensor_parallel_size: int = 1, tp_all_reduce: str = "nccl") -> Session:
     """``tensor_parallel_size`` > 1: this process becomes rank 0 of a tensor-parallel group it starts
     (``dlc.runtime.distributed``; eager checkpoints and presets only), its all-reduces as ``tp_all_reduce``
     says (``dlc.models.all_reduce``: auto, nccl, symm; symm is refused where it cannot run)."""

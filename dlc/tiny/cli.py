@@ -13,7 +13,7 @@ from dlc.runtime.config import TP_ALL_REDUCE
 
 def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float | None, block_length: int,
                   kv_cache: str = "dual", workdir: str | None = None, tensor_parallel_size: int = 1,
-                  tp_all_reduce: str = "auto"):
+                  tp_all_reduce: str = "nccl"):
     """open_model, plus head-sparse attention when asked: that only exists in compiled engines, so an eager
     model is compiled (``export`` backend, into ``workdir``) with ``--sparse-retention``; an engine must
     already have been compiled with that retention."""
@@ -87,7 +87,7 @@ def open_for_eval(model: str, dtype: str, device: str, sparse_retention: float |
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", default=1, show_default=True,
               type=int, help="shard the model over this many GPUs (CPU: processes)")
-@click.option("--tp-all-reduce", "tp_all_reduce", default="auto", show_default=True,
+@click.option("--tp-all-reduce", "tp_all_reduce", default="nccl", show_default=True,
               type=click.Choice(TP_ALL_REDUCE),
               help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
                    "one-shot for small messages on CUDA, else NCCL / gloo")

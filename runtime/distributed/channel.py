@@ -148,7 +148,7 @@ def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.
         ids = ids.gather(1, q[:, None] + torch.arange(batch.n_fed, device=ids.device))   # [fed, T]
     parts = [ids.flatten()]
     if batch.temperature > 0:                                   # seeds are read at T > 0 only
-        parts.append(batch.seeds.to(torch.int64))
+        parts.append(batch.seeds.to(ids.device, torch.int64))
     host = [(torch.cat(parts) if len(parts) > 1 else parts[0]).cpu(), batch.lengths, batch.out_start]
     if reuse:
         host.append(batch.q_start)

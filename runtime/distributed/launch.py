@@ -129,7 +129,7 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
 
 
 def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str = "cpu",
-                  progress: bool = True, all_reduce: str = "auto"):
+                  progress: bool = True, all_reduce: str = "nccl"):
     """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0);
     ``all_reduce``: the ranks' all-reduce backend (``tp_all_reduce``: auto, nccl, symm)."""
     from dlc.models.all_reduce import of as ar_of

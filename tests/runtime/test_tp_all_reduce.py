@@ -130,7 +130,7 @@ def test_symm_on_cpu_is_refused_naming_the_field(tmp_path):
         open_model("tiny-llada", progress=False, tp_all_reduce="mpi")
     with pytest.raises(ValueError, match="serve config: tp_all_reduce must be one of"):
         ServeConfig(tp_all_reduce="mpi")
-    assert ServeConfig().tp_all_reduce == "auto" and TP_ALL_REDUCE == ar.BACKENDS
+    assert ServeConfig().tp_all_reduce == "nccl" and TP_ALL_REDUCE == ar.BACKENDS
 
 
 def test_cli_flag_maps_to_the_field():
@@ -138,7 +138,7 @@ def test_cli_flag_maps_to_the_field():
 
     from dlc.cli import generate as generate_cmd
     from dlc.runtime.server_cli import build_config
-    assert build_config("tiny-llada", None, tp_all_reduce="nccl").tp_all_reduce == "nccl"
+    assert build_config("tiny-llada", None, tp_all_reduce="auto").tp_all_reduce == "auto"
     r = CliRunner().invoke(generate_cmd, ["tiny-llada", "hi", "--device", "cpu", "--tp", "2",
                                           "--tp-all-reduce", "symm"])
     assert r.exit_code != 0 and "tp_all_reduce symm:" in r.output and "Traceback" not in r.output, r.output
