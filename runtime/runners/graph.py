@@ -535,7 +535,8 @@ class GraphRunner(EagerRunner):
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
         """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``, or
         the core's ``commit``: ``decoding.AheadCommit``) writes the block's new tokens into the graph's static
-        ids, which the next replay reads (and carries credit in the variant's static credit inputs); the host
+        ids, which the next replay reads (and carries credit in the variant's static credit inputs, writes
+        smoothing's next soft input into its static ``embed`` at the decoded columns); the host
         launches them all at once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
         if not self.can_run_ahead(batch, commit):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
