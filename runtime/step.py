@@ -172,8 +172,9 @@ class LookaheadRunner(Protocol):
     Rules beyond low-confidence (issue 18): a runner that sets ``ahead_rules`` also takes the decoding core's
     commit, ``can_run_ahead(batch, commit=)`` and ``reuse_ahead(batch, counts, commit=)`` with
     ``decoding.AheadCommit`` (``decoding.ahead_commit(states)``; None: the low-confidence schedule), and runs
-    its rows' rules ahead (with the entropy / credit extras the commit reads where it computes them). Others
-    run only the low-confidence schedule ahead."""
+    its rows' rules ahead (with the entropy / credit extras the commit reads where it computes them; logprobs
+    land with each step; smoothing's next soft input is written by the commit into the runner's static
+    embedding delta). Others run only the low-confidence schedule ahead."""
 
     def can_run_ahead(self, batch: "StepBatch") -> bool: ...
 
