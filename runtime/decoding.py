@@ -1134,7 +1134,8 @@ class AheadCommit:
         embedding delta ``embed`` = (buf [bb, T, d], cols [B, K]: the decoded columns' index in buf), from
         the step's soft embedding ``soft`` [>= B, K, d]. The host's ops (``_record_extras``' weight, then
         ``smoothing_delta`` and the runner's ``embed_add``): w = min(W0 + DW x forwards, W) in float64, as
-        float32, in soft's dtype; x (still masked); x soft; in the model's dtype. Rows without smoothing: 0."""
+        float32, in soft's dtype; x (still masked); x soft; in the model's dtype. Rows without smoothing:
+        0."""
         if self.smooth_on is None:
             return
         buf, cols = embed

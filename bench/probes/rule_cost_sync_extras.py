@@ -1,6 +1,6 @@
-"""bench/rule_cost.py with logprobs and iteration smoothing kept synchronous (``DecodeState.lookahead`` returns []
-for them, as before they ran ahead: commit 04b4add), everything else as checked out: the "before" rows of
-bench/RESULTS.md's section on those two running ahead, measured beside the "after" run on the same box.
+"""bench/rule_cost.py with logprobs and iteration smoothing kept synchronous (``DecodeState.lookahead``
+returns [] for them, as before they ran ahead: commit 04b4add), everything else as checked out: the "before"
+rows of bench/RESULTS.md's section on those two running ahead, measured beside the "after" run on one box.
 
     python bench/probes/rule_cost_sync_extras.py --path engine --paced h200 --preset tiny-llada --device cpu \
         --dtype fp32 --batches 1 --prompt 16 --gen 32 --block 8 --iters 3 --warmup 1 \

@@ -39,9 +39,9 @@ def prompts(n, seed=0):
 
 def engine(session, lookahead, runner=None):
     if runner is None:
-        return Engine(session, ServeConfig(model="tiny-llada", max_seq_len=96, kv_cache_mb=16, max_batch_size=8,
-                                           cuda_graphs=True, graph_decode="exact", lookahead_steps=lookahead,
-                                           lookahead_max_ms=0.0))
+        return Engine(session, ServeConfig(model="tiny-llada", max_seq_len=96, kv_cache_mb=16,
+                                           max_batch_size=8, cuda_graphs=True, graph_decode="exact",
+                                           lookahead_steps=lookahead, lookahead_max_ms=0.0))
     return Engine(Session(runner, None, runner.config, False, "t"),
                   ServeConfig(model="t", device="cpu", max_batch_size=8, max_num_tokens=1024, max_seq_len=96,
                               kv_cache_mb=16, lookahead_steps=lookahead, lookahead_max_ms=0.0))
