@@ -99,9 +99,9 @@ class PacedRunner(EagerRunner):
     ahead_rules = True          # the decoding core's commit of any rule (step.LookaheadRunner)
 
     def can_run_ahead(self, batch, commit=None) -> bool:
-        """T = 0 Reuse steps; with the core's ``commit`` also the entropy and credit extras its rules read."""
-        ruled = (commit is not None and batch.logprobs is None and batch.top_k is None
-                 and batch.soft_tau is None and batch.embed_delta is None)
+        """T = 0 Reuse steps; with the core's ``commit`` also the extras (entropy, credit, logprobs,
+        smoothing)."""
+        ruled = commit is not None and batch.top_k is None
         return (batch.phase == "reuse" and batch.temperature == 0 and batch.cfg_scale == 0
                 and (not batch.wants_extras() or ruled))
 
@@ -117,8 +117,15 @@ class PacedRunner(EagerRunner):
             ids[..., :M], vals[..., :M] = batch.credit_ids, batch.credit_vals
             batch = replace(batch, credit_ids=ids, credit_vals=vals)
             credit = (ids, vals, batch.credit_alpha)
+        embed = None
+        if batch.soft_tau is not None:            # smoothing: a static soft input [B, N, d] the commit writes
+            buf = torch.zeros(B, batch.n_out, self.config.d_model, dtype=self.dtype)
+            if batch.embed_delta is not None:
+                buf.copy_(batch.embed_delta)      # the model's dtype, as the eager runner's embed_add
+            batch = replace(batch, embed_delta=buf)
+            embed = (buf, torch.arange(batch.n_out).expand(B, -1))
         self._ahead = AheadRun(lambda: EagerRunner.reuse(self, batch), batch.ids[:B], cols,
-                               self.config.mask_id, commit, credit)
+                               self.config.mask_id, commit, credit, embed)
         self._ahead_dt = self._step_s(batch)
         self.stats["ahead_calls"] += 1
         return self._paced(self._ahead, counts)

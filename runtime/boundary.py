@@ -51,7 +51,8 @@ def prelaunch(runner, rows: list, left: int, device_blocks: torch.Tensor, kv, wi
     ``width(request)``: the width a block started now gets. None where no row starts a new block."""
     keep, states, blocks = [], [], []
     for j, r in enumerate(rows):
-        st = copy.deepcopy(r.state)
+        # smoothing's soft embedding (a view of a run's device buffer) is not copied: a new block drops it
+        st = copy.deepcopy(r.state, {} if r.state.soft is None else {id(r.state.soft): None})
         bs, be = st.bs, st.be
         st.step += left                                   # the run's steps, their tokens on the device only
         st.advance(width(r))

@@ -802,15 +802,15 @@ class DecodeState:
         Fixed schedule: the schedule's counts. A variable-count rule does not know its steps in advance: its
         entries are 0 (no count) and there are as many as the block has masks left (an exact upper bound:
         every step unmasks one at least, or the block ends stuck); ``ahead_horizon`` bounds the steps in
-        flight. Stay synchronous: iteration smoothing (its next input is the previous step's soft embedding,
-        built on the host's schedule of weights), ``logprobs`` (an output per step that the host records as it
-        applies; nothing to run ahead for), sampling (T > 0: a seed per step from the host's generator),
-        random remasking (the host's draws), block decoders."""
+        flight. ``logprobs`` (per-step outputs, landed with each step and recorded as the host applies it)
+        and iteration smoothing (the device builds the next step's soft input from this step's soft
+        embedding: ``AheadCommit.carry_smoothing``) run ahead too. Stay synchronous: sampling (T > 0: a seed
+        per step from the host's generator), random remasking (the host's draws), block decoders."""
         g = self.gen
         if (cap < 2 or self.phase != "reuse" or not getattr(self.rule, "runs_ahead", False)
                 or g.temperature > 0 or g.remasking != "low_confidence"
                 or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0 or g.eos_early_stop
-                or self.attn_block or g.logprobs is not None or g.smoothing):
+                or self.attn_block):
             return []
         fixed = self.rule.fixed_steps
         left = 0 if fixed else int((self.x[self.bs:self.be] == self.mask_id).sum())
@@ -1076,14 +1076,26 @@ class AheadCommit:
     inputs, in place, with ``_credit_rows``' float64 ops in its order (the prior decayed, this step's raw
     top-1 id with p1 ** gamma where still masked, decayed, written in the row's next column: the layout the
     graph runner stages from the host's credit), so the host keeps its own and they agree. ``reads``: the
-    step's extras the commit and the host's apply need (copied back with each step)."""
+    step's extras the commit and the host's apply need (copied back with each step; logprobs: the token's
+    logprob and alternatives, which the host records as it applies the step).
+
+    Smoothing: ``carry_smoothing`` writes the next step's soft input (``smoothing_delta``'s values: w x the
+    step's soft embedding where still masked after the commit, w from the row's forwards so far as
+    ``_record_extras`` computes it) into the runner's static embedding delta, with the host's ops in its
+    order and dtypes, so a run's steps are fed what the synchronous path feeds them. ``keeps``: extras that
+    stay on the device with each step (the soft embedding: the host's state keeps it, as ``to_host`` does,
+    for the step that follows the run)."""
 
     def __init__(self, groups: list, mask_id: int, entropy: bool, credit_at: torch.Tensor | None,
-                 credit_on: torch.Tensor | None):
+                 credit_on: torch.Tensor | None, logprobs: bool = False,
+                 smooth_on: torch.Tensor | None = None, smooth_it: torch.Tensor | None = None):
         self.groups, self.mask_id, self.entropy = groups, mask_id, entropy
         self.credit_at, self.credit_on = credit_at, credit_on        # [B] next column, [B] bool (device)
-        self.reads = (("entropy",) if entropy else ()) + (("top1_ids", "top1_prob") if credit_on is not None
-                                                          else ())
+        self.smooth_on, self.smooth_it = smooth_on, smooth_it        # [B] bool, [B] forwards applied (device)
+        self.reads = ((("entropy",) if entropy else ())
+                      + (("top1_ids", "top1_prob") if credit_on is not None else ())
+                      + (("logprob", "topk_ids", "topk_logprobs") if logprobs else ()))
+        self.keeps = ("soft",) if smooth_on is not None else ()
 
     def step(self, blk: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, n_now: torch.Tensor,
              extras: dict | None = None) -> torch.Tensor:
@@ -1117,11 +1129,30 @@ class AheadCommit:
         vals[:B].scatter_(2, at, torch.where(on, add.mul_(CREDIT_DECAY), 0.0)[..., None])
         self.credit_at += 1
 
+    def carry_smoothing(self, embed: tuple, new: torch.Tensor, soft: torch.Tensor) -> None:
+        """After the step's commit ``new`` [B, K]: the next step's soft input, in place in the runner's static
+        embedding delta ``embed`` = (buf [bb, T, d], cols [B, K]: the decoded columns' index in buf), from
+        the step's soft embedding ``soft`` [>= B, K, d]. The host's ops (``_record_extras``' weight, then
+        ``smoothing_delta`` and the runner's ``embed_add``): w = min(W0 + DW x forwards, W) in float64, as
+        float32, in soft's dtype; x (still masked); x soft; in the model's dtype. Rows without smoothing:
+        0."""
+        if self.smooth_on is None:
+            return
+        buf, cols = embed
+        B = new.shape[0]
+        w = self.smooth_it.to(torch.float64).mul(SMOOTH_DW).add(SMOOTH_W0).clamp(max=SMOOTH_W)    # [B]
+        w = w.to(torch.float32).to(soft.dtype)
+        scale = (new == self.mask_id) * w[:, None]                                                # [B, K]
+        delta = torch.where(self.smooth_on[:, None, None], soft[:B] * scale[..., None], 0.0)      # [B, K, d]
+        buf[:B].scatter_(1, cols[..., None].expand(-1, -1, buf.shape[-1]), delta.to(buf.dtype))
+        self.smooth_it += 1
+
 
 def ahead_commit(states: list, device) -> AheadCommit | None:
     """The device's commit of a run ahead over these states (their ``lookahead`` is not empty); None where
-    every row is the plain low-confidence schedule (the runners' own ``commit_ahead`` does that)."""
-    plain = all(type(s.rule) is ScheduleRule and not s.gen.credit for s in states)
+    every row is the plain low-confidence schedule with no extras (the runners' own ``commit_ahead``)."""
+    plain = all(type(s.rule) is ScheduleRule and not s.gen.credit and s.gen.logprobs is None
+                and not s.gen.smoothing for s in states)
     if plain:
         return None
     by_rule: dict[tuple, list[int]] = {}
@@ -1133,7 +1164,12 @@ def ahead_commit(states: list, device) -> AheadCommit | None:
     if any(s.gen.credit for s in states):
         at = torch.tensor([0 if s.credit is None else s.credit[0].shape[1] for s in states], device=device)
         on = torch.tensor([bool(s.gen.credit) for s in states], device=device)
-    return AheadCommit(groups, states[0].mask_id, any(s.rule.needs_entropy for s in states), at, on)
+    s_on = s_it = None
+    if any(s.gen.smoothing for s in states):
+        s_on = torch.tensor([bool(s.gen.smoothing) for s in states], device=device)
+        s_it = torch.tensor([s.iters for s in states], device=device)
+    return AheadCommit(groups, states[0].mask_id, any(s.rule.needs_entropy for s in states), at, on,
+                       any(s.gen.logprobs is not None for s in states), s_on, s_it)
 
 
 def _guarded(fn):

@@ -49,7 +49,8 @@ class Metrics:
         "lookahead_past_block_steps_total": "Of those, steps launched after the row's block had completed "
                                             "(variable-count rules: their step count is not known ahead)",
         "lookahead_runs_total": "Runs of steps ahead, by rule (schedule: low-confidence; rules: the core's "
-                                "commit of threshold, factor, hierarchical, entropy-bound, credit)",
+                                "commit of threshold, factor, hierarchical, entropy-bound, credit, or of "
+                                "rows with logprobs / smoothing)",
         "lookahead_refresh_prelaunched_total": "Refreshes launched behind a run's last steps, by status "
                                                "(used, or dropped: the core's state differed)",
         "mixed_iterations_total": "Iterations whose Refresh and Reuse rows ran as one forward",

@@ -136,8 +136,9 @@ class AheadSteps:
     events: list | None = None          # per step: a device event recorded after its copies (None: ready)
     run: object = None                  # the runner's handle of the run (``continue_ahead`` goes on from it)
     last_block: torch.Tensor | None = None   # [B, N] on the device: the block after the last step's commit
-    extras: dict | None = None          # {name: [n, B, N] host}: the step extras the core's apply reads
-                                        # (entropy, credit's top-1 ids / probs), landed with each step
+    extras: dict | None = None          # {name: [n, B, N, ...] host}: the step extras the core's apply
+                                        # reads (entropy, credit's top-1 ids / probs, logprobs), landed with
+                                        # each step; "soft" [n, B, N, d] stays on the device (smoothing)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -147,8 +148,9 @@ class AheadSteps:
             self.events[s].synchronize()
 
     def output(self, s: int, j: int) -> StepOutput:
-        """Row j of landed step s as the core's apply takes it (x0 [N], conf [N] float64, the extras)."""
-        ex = {k: v[s, j].to(torch.float64) if v.is_floating_point() else v[s, j]
+        """Row j of landed step s as the core's apply takes it (x0 [N], conf [N] float64, the extras; as
+        ``StepOutput.to_host``: floats as float64, the soft embedding as it is, on the device)."""
+        ex = {k: v[s, j].to(torch.float64) if v.is_floating_point() and k != "soft" else v[s, j]
               for k, v in (self.extras or {}).items()}
         return StepOutput(self.x0[s, j], self.conf[s, j].to(torch.float64), **ex)
 
@@ -170,8 +172,9 @@ class LookaheadRunner(Protocol):
     Rules beyond low-confidence (issue 18): a runner that sets ``ahead_rules`` also takes the decoding core's
     commit, ``can_run_ahead(batch, commit=)`` and ``reuse_ahead(batch, counts, commit=)`` with
     ``decoding.AheadCommit`` (``decoding.ahead_commit(states)``; None: the low-confidence schedule), and runs
-    its rows' rules ahead (with the entropy / credit extras the commit reads where it computes them). Others
-    run only the low-confidence schedule ahead."""
+    its rows' rules ahead (with the entropy / credit extras the commit reads where it computes them; logprobs
+    land with each step; smoothing's next soft input is written by the commit into the runner's static
+    embedding delta). Others run only the low-confidence schedule ahead."""
 
     def can_run_ahead(self, batch: "StepBatch") -> bool: ...
 

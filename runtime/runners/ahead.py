@@ -10,8 +10,9 @@ engine uses to keep a window of steps in flight (``step.LookaheadRunner.continue
 
 Rules beyond low-confidence: the run takes the decoding core's ``AheadCommit`` (``commit``), which selects
 with the rows' own rules, reads the step's extras (entropy) and carries credit in the runner's static credit
-inputs (``credit``); the extras the host's apply needs land with each step (``AheadSteps.extras``). Nothing of
-a rule is decided here."""
+inputs (``credit``), writes smoothing's next soft input into the runner's static embedding delta
+(``embed``); the extras the host's apply needs land with each step (``AheadSteps.extras``: logprobs too; the
+soft embedding stays on the device). Nothing of a rule is decided here."""
 from __future__ import annotations
 
 import torch
@@ -27,15 +28,19 @@ class AheadRun:
     ids of the batch's rows (a view, written in place); ``cols`` [B, N]: the decoded columns inside the fed
     span; ``commit``: the core's ``AheadCommit`` (None: the low-confidence schedule, ``commit_ahead``);
     ``credit``: the static credit inputs the launch reads (ids, vals [bb, N, M], alpha [bb]), which the commit
-    carries to the next step. ``steps(counts)`` launches more steps from the device state the last launch left
+    carries to the next step; ``embed``: (the static embedding delta [bb, T, d] the launch adds to its fed
+    columns, the decoded columns' index in it [B, N]), where the commit writes smoothing's next soft input.
+    ``steps(counts)`` launches more steps from the device state the last launch left
     (``step.LookaheadRunner.continue_ahead``)."""
 
     def __init__(self, launch, ids: torch.Tensor, cols: torch.Tensor, mask_id: int,
-                 commit: AheadCommit | None = None, credit: tuple | None = None):
+                 commit: AheadCommit | None = None, credit: tuple | None = None, embed: tuple | None = None):
         self.launch, self.ids, self.cols, self.mask_id = launch, ids, cols, mask_id
-        self.commit, self.credit = commit, credit
+        self.commit, self.credit, self.embed = commit, credit, embed
         if commit is not None and commit.credit_on is not None and credit is None:
             raise ValueError("run ahead: credit rows need the runner's static credit inputs")
+        if commit is not None and commit.smooth_on is not None and embed is None:
+            raise ValueError("run ahead: smoothing rows need the runner's static embedding delta")
         self.launched = 0                                 # steps launched so far
 
     def steps(self, counts: torch.Tensor) -> AheadSteps:
@@ -45,12 +50,18 @@ class AheadRun:
         host = dict(dtype=torch.long, pin_memory=cuda)
         out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
                          [] if cuda else None, run=self)
-        reads = () if self.commit is None else self.commit.reads
+        reads = keeps = ()
         for s in range(n):
             tok, conf, ex = _split(self.launch())
             if out.conf is None:
                 out.conf = torch.empty(n, B, N, dtype=conf.dtype, pin_memory=cuda)
-                out.extras = {k: torch.empty(n, B, N, dtype=ex[k].dtype, pin_memory=cuda) for k in reads}
+                if self.commit is not None:           # logprobs: [B, N, k] alternatives (k: the variant's)
+                    reads = tuple(k for k in self.commit.reads if k in ex)
+                    keeps = tuple(k for k in self.commit.keeps if k in ex)
+                    out.extras = {k: torch.empty((n, *ex[k][:B].shape), dtype=ex[k].dtype, pin_memory=cuda)
+                                  for k in reads}
+                    out.extras.update({k: torch.empty((n, *ex[k][:B].shape), dtype=ex[k].dtype,
+                                                      device=ex[k].device) for k in keeps})   # on the device
             blk = self.ids.gather(1, self.cols)                                                   # [B, N]
             if self.commit is None:
                 new = commit_ahead(blk, tok[:B], conf[:B], counts[:, s], self.mask_id)
@@ -58,9 +69,11 @@ class AheadRun:
                 new = self.commit.step(blk, tok[:B], conf[:B], counts[:, s], _rows(ex, B))
                 if self.credit is not None:
                     self.commit.carry_credit(self.credit, blk, ex)
+                if self.embed is not None:
+                    self.commit.carry_smoothing(self.embed, new, ex["soft"])
             self.ids.scatter_(1, self.cols, new)
             pairs = [(out.x0, tok), (out.conf, conf), (out.blocks, new)]
-            for dst, src in pairs + [(out.extras[k], ex[k]) for k in reads]:
+            for dst, src in pairs + [(out.extras[k], ex[k]) for k in reads + keeps]:
                 dst[s].copy_(src[:B], non_blocking=cuda)
             if cuda:                                      # step s lands while the later steps run
                 out.events.append(torch.cuda.Event())
@@ -82,9 +95,10 @@ def _rows(ex: dict | None, B: int) -> dict | None:
 
 
 def run_ahead(launch, ids: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
-              mask_id: int, commit: AheadCommit | None = None, credit: tuple | None = None) -> AheadSteps:
+              mask_id: int, commit: AheadCommit | None = None, credit: tuple | None = None,
+              embed: tuple | None = None) -> AheadSteps:
     """A new run (``AheadRun``) and its first ``counts.shape[1]`` steps."""
-    return AheadRun(launch, ids, cols, mask_id, commit, credit).steps(counts)
+    return AheadRun(launch, ids, cols, mask_id, commit, credit, embed).steps(counts)
 
 
 def resume(latest: AheadRun | None, steps: AheadSteps, who: str) -> AheadRun:

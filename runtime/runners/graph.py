@@ -523,12 +523,11 @@ class GraphRunner(EagerRunner):
     ahead_rules = True              # takes the decoding core's commit of any rule it runs ahead (AheadCommit)
 
     def can_run_ahead(self, batch: StepBatch, commit=None) -> bool:
-        """A T = 0 Reuse batch the graphs take; with the core's ``commit`` (rules beyond low-confidence) also
-        the entropy and credit extras its rules read (their captured variant; the commit carries credit in
-        its static inputs), no other extra."""
+        """A T = 0 Reuse batch the graphs take; with the core's ``commit`` (rules beyond low-confidence, or
+        extras) also the entropy, credit, logprobs and smoothing extras (their captured variant; the commit
+        carries credit and smoothing's soft input in the variant's static inputs)."""
         plain = not batch.wants_extras()
-        ruled = (commit is not None and batch.logprobs is None and batch.top_k is None
-                 and batch.soft_tau is None and batch.embed_delta is None)
+        ruled = commit is not None and batch.top_k is None
         return (batch.phase == "reuse" and batch.temperature == 0 and (plain or ruled)
                 and self._eligible(batch, self._extras_key(batch)))
 
@@ -536,15 +535,18 @@ class GraphRunner(EagerRunner):
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
         """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``, or
         the core's ``commit``: ``decoding.AheadCommit``) writes the block's new tokens into the graph's static
-        ids, which the next replay reads (and carries credit in the variant's static credit inputs); the host
+        ids, which the next replay reads (and carries credit in the variant's static credit inputs, writes
+        smoothing's next soft input into its static ``embed`` at the decoded columns); the host
         launches them all at once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
         if not self.can_run_ahead(batch, commit):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
         B, n = batch.n_seqs, counts.shape[1]
         with self._host_seconds("host_s"):                                      # until launched
             g = self._stage(batch, self._extras_key(batch))
-            out = run_ahead(lambda: (*self._launch(g), g.extras), g.ids[:B], decoded_cols(batch, self.device),
-                            counts.to(self.device, non_blocking=True), self.config.mask_id, commit, g.credit)
+            cols = decoded_cols(batch, self.device)                                 # [B, N] in the fed span
+            out = run_ahead(lambda: (*self._launch(g), g.extras), g.ids[:B], cols,
+                            counts.to(self.device, non_blocking=True), self.config.mask_id, commit, g.credit,
+                            None if g.embed is None else (g.embed, cols))
             self._ahead = out.run
             self.stats["replays"] += n
             self.stats["ahead_calls"] += 1

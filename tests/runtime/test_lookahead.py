@@ -149,8 +149,9 @@ def test_lookahead_counts_follow_the_schedule():
     st.advance(8)
     assert st.phase == "reuse" and st.lookahead(16) == [2, 2, 2] and st.lookahead(2) == [2, 2]
     assert st.lookahead(1) == []
-    # threshold rules run ahead too (test_lookahead_rules.py); with smoothing they stay synchronous
-    for bad in (dict(threshold=0.9, smoothing=True), dict(temperature=0.5), dict(refresh_every=2),
+    # threshold rules, smoothing and logprobs run ahead too (test_lookahead_rules.py,
+    # test_lookahead_extras.py); random remasking and sampling stay synchronous
+    for bad in (dict(threshold=0.9, remasking="random"), dict(temperature=0.5), dict(refresh_every=2),
                 dict(kv_cache="none")):
         gen = GenerationConfig(**{**dict(gen_length=16, block_length=8, steps=8, kv_cache="dual"), **bad})
         s = DecodeState.new([1, 2, 3], gen, mc)

@@ -163,7 +163,8 @@ def test_credit_carried_on_the_device_is_the_hosts(session):
 def test_lookahead_of_a_variable_count_rule_is_bounded_by_its_masks():
     """``lookahead`` of a variable-count rule: one entry (0: no count) per mask left in the block, the exact
     upper bound of its steps; ``ahead_horizon``: the masks left at the block's tokens per step so far;
-    smoothing, logprobs and sampling stay synchronous."""
+    smoothing and logprobs run ahead too (tests/runtime/test_lookahead_extras.py), sampling and random
+    remasking stay synchronous."""
     from dlc.models.presets import preset_config
     mc = preset_config("tiny-llada")
 
@@ -181,8 +182,9 @@ def test_lookahead_of_a_variable_count_rule_is_bounded_by_its_masks():
     sched = state()
     assert sched.lookahead(16) == sched.sched[sched.step:].tolist()
     assert sched.ahead_horizon() > 100
-    for kw in (dict(threshold=0.7, smoothing=True), dict(threshold=0.7, logprobs=2),
-               dict(threshold=0.7, temperature=0.5), dict(threshold=0.7, remasking="random")):
+    for kw in (dict(threshold=0.7, smoothing=True), dict(threshold=0.7, logprobs=2)):
+        assert state(**kw).lookahead(16) == [0] * 8
+    for kw in (dict(threshold=0.7, temperature=0.5), dict(threshold=0.7, remasking="random")):
         assert state(**kw).lookahead(16) == []
 
 
@@ -214,6 +216,42 @@ def test_every_rule_runs_ahead_on_captured_graphs():
         st = eng.runner.stats
         assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0
         assert counter(eng, "lookahead_runs_total", rule="rules") > 0
+        assert any(g.graph is not None for g in eng.runner.graphs.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_logprobs_and_smoothing_run_ahead_on_captured_graphs():
+    """On the GPU (captured graphs, fused decoding, bf16): logprobs (the fused sweep's), smoothing (the
+    one-pass bf16 smoothing kernel; the device writes the next soft input), truncated smoothing, and a batch
+    mixing them with other rules run ahead; tokens and logprobs (floats exactly: the same kernels and
+    shapes) are the synchronous path's, and no device commit differs from the core's."""
+    sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
+
+    def served(items, la):
+        eng = Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, device="cuda",
+                                       cuda_graphs=True, compile=False, lookahead_steps=la,
+                                       lookahead_max_ms=0.0))
+        reqs = [eng.make_request(p, params) for p, params in items]
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
+    ps = prompts(6, seed=10)
+    kinds = [dict(logprobs=5), dict(threshold=0.3, logprobs=1), dict(smoothing=True),
+             dict(threshold=0.3, smoothing=True), dict(threshold=0.3, smoothing=True, smoothing_top_k=8)]
+    sets = [[(p, dict(BASE, **kw)) for p in ps] for kw in kinds]
+    mix = kinds + [dict(smoothing=True, logprobs=2)]           # one group: every row has extras
+    sets.append([(p, dict(BASE, **mix[i % len(mix)])) for i, p in enumerate(ps)])
+    for items in sets:
+        _, want = served(items, 1)
+        eng, got = served(items, 16)
+        assert got == want
+        st = eng.runner.stats
+        assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0
+        assert counter(eng, "lookahead_runs_total", rule="rules") > 0
+        dropped = counter(eng, "lookahead_dropped_steps_total")
+        assert dropped == counter(eng, "lookahead_past_block_steps_total")
         assert any(g.graph is not None for g in eng.runner.graphs.values())
 
 
