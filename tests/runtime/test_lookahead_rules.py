@@ -46,6 +46,13 @@ def run_requests(eng, items) -> list:
     return reqs
 
 
+def cuda_engine(sess, lookahead: int) -> Engine:
+    """The GPU tests' engine: captured graphs, no compile, ``lookahead`` steps ahead without a time bound."""
+    return Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, device="cuda",
+                                    cuda_graphs=True, compile=False, lookahead_steps=lookahead,
+                                    lookahead_max_ms=0.0))
+
+
 def serve(session, items, lookahead):
     """items: (prompt, params) -> (engine, outputs, forwards per request)."""
     eng = Engine(session, ServeConfig(model="tiny-llada", max_seq_len=96, kv_cache_mb=16, max_batch_size=8,
@@ -204,9 +211,7 @@ def test_every_rule_runs_ahead_on_captured_graphs():
     sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
 
     def served(items, la):
-        eng = Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, device="cuda",
-                                       cuda_graphs=True, compile=False, lookahead_steps=la,
-                                       lookahead_max_ms=0.0))
+        eng = cuda_engine(sess, la)
         reqs = run_requests(eng, items)
         return eng, [r.output_ids for r in reqs]
     ps = prompts(6, seed=8)
@@ -232,9 +237,7 @@ def test_logprobs_and_smoothing_run_ahead_on_captured_graphs():
     sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
 
     def served(items, la):
-        eng = Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, device="cuda",
-                                       cuda_graphs=True, compile=False, lookahead_steps=la,
-                                       lookahead_max_ms=0.0))
+        eng = cuda_engine(sess, la)
         reqs = run_requests(eng, items)
         return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
     ps = prompts(6, seed=10)
