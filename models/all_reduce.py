@@ -11,9 +11,9 @@ The row-parallel linears and the vocab-parallel embedding (``dlc.models.tensor_p
   and each rank reads every peer's buffer over NVLink P2P and sums; no multicast, no NCCL kernel). Every
   message up to the buffer goes one-shot, larger ones (long Refresh batches) through NCCL. The buffer is sized
   for the largest captured Reuse step at the serving defaults (``SYMM_ROWS`` tokens x d_model).
-* ``auto`` (default): one-shot where it beats NCCL, i.e. on CUDA where this PyTorch has the op, the GPUs
-  reach each other P2P and the dtype is bf16 / fp32, for messages of at most ``ONE_SHOT_MAX_BYTES[world]``;
-  everything else (CPU: gloo) as ``nccl``.
+* ``auto`` (opt-in; ``nccl`` is the default, see runtime.config): one-shot where it beats NCCL, i.e. on CUDA
+  where this PyTorch has the op, the GPUs reach each other P2P and the dtype is bf16 / fp32, for messages of at
+  most ``ONE_SHOT_MAX_BYTES[world]``; everything else (CPU: gloo) as ``nccl``.
 
 Why those thresholds: one-shot costs one kernel and one barrier, but each rank reads (world - 1) x the
 message from its peers, where NCCL's ring moves 2 (world - 1) / world x in more steps. At world 2 the volumes
@@ -43,7 +43,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-BACKENDS = ("auto", "nccl", "symm")      # runtime.config.TP_ALL_REDUCE: the CLI's choices (auto: default)
+BACKENDS = ("auto", "nccl", "symm")      # runtime.config.TP_ALL_REDUCE: the CLI's choices (nccl: default)
 FIELD = "tp_all_reduce"
 ONE_SHOT_MAX_BYTES = {2: 8 << 20, 4: 512 << 10, 8: 256 << 10}   # auto: one-shot up to this (module doc)
 SYMM_ROWS = 64 * 128          # symm's buffer: tokens of the largest captured Reuse step (B 64 x 128 fed)
