@@ -12,8 +12,8 @@ The row-parallel linears and the vocab-parallel embedding (``dlc.models.tensor_p
   message up to the buffer goes one-shot, larger ones (long Refresh batches) through NCCL. The buffer is sized
   for the largest captured Reuse step at the serving defaults (``SYMM_ROWS`` tokens x d_model).
 * ``auto`` (opt-in; ``nccl`` is the default, see runtime.config): one-shot where it beats NCCL, i.e. on CUDA
-  where this PyTorch has the op, the GPUs reach each other P2P and the dtype is bf16 / fp32, for messages of at
-  most ``ONE_SHOT_MAX_BYTES[world]``; everything else (CPU: gloo) as ``nccl``.
+  where this PyTorch has the op, the GPUs reach each other P2P and the dtype is bf16 / fp32, for messages
+  of at most ``ONE_SHOT_MAX_BYTES[world]``; everything else (CPU: gloo) as ``nccl``.
 
 Why those thresholds: one-shot costs one kernel and one barrier, but each rank reads (world - 1) x the
 message from its peers, where NCCL's ring moves 2 (world - 1) / world x in more steps. At world 2 the volumes
