@@ -388,12 +388,6 @@ class ThresholdRule:
     def select(self, conf, masked, n_sched):
         return ((conf >= self.threshold) | _best_one(conf, masked)) & masked
 
-    def select_ahead(self, conf, masked, n_sched):
-        """The device's selection of a step run ahead (``AheadCommit``): ``select`` itself, which reads
-        nothing back to the host (a compare, an argmax, a scatter), so the device selects with the host's
-        float values and ties (argmax: the first of equal ones on either device)."""
-        return self.select(conf, masked, n_sched)
-
 
 class FactorRule:
     """Fast-dLLM's parallel factor: sort descending, accept the longest prefix whose n-th confidence (n >= 2)
@@ -413,11 +407,6 @@ class FactorRule:
         count = ok.long().cumprod(-1).sum(-1)                               # longest accepted prefix
         count = torch.minimum(count, masked.sum(-1))
         return _topk_mask(conf, count) & masked
-
-    def select_ahead(self, conf, masked, n_sched):
-        """The device's selection of a step run ahead: ``select`` itself (sorts, a cumprod, a stable argsort:
-        no host read, the same ties on either device)."""
-        return self.select(conf, masked, n_sched)
 
 
 class BlockThresholdRule:
@@ -500,11 +489,6 @@ class HierarchicalRule:
             sel |= conf > self.high
         return sel | _best_one(conf, masked)
 
-    def select_ahead(self, conf, masked, n_sched):
-        """The device's selection of a step run ahead: ``select`` itself (a cumsum of booleans, a max per
-        run, compares: no host read; exact on either device)."""
-        return self.select(conf, masked, n_sched)
-
 
 class EntropyBoundRule:
     """EB-sampler (Ben-Hamu et al. 2025, arXiv 2505.24857, "Accelerated Sampling from Masked Diffusion Models
@@ -531,17 +515,14 @@ class EntropyBoundRule:
         keep = ok.cumprod(-1).bool()                                        # the largest such prefix
         return torch.zeros_like(masked).scatter_(1, order, keep)
 
-    def select_ahead(self, conf, masked, n_sched, entropy):
-        """The device's selection of a step run ahead, over the step's entropy on the device: ``select``
-        itself (no host read). A GPU's cumsum may round a prefix sum unlike the host's sequential one in the
-        last bit; where that flips a prefix at the bound, the host's check of the device's block drops the
-        steps after it (they run again)."""
-        return self.select(conf, masked, n_sched, entropy)
-
 for _r in (ScheduleRule, ThresholdRule, FactorRule, BlockThresholdRule, JointThresholdRule):
     _r.needs_entropy = False
-# rules whose selection the device runs ahead of the host (``select_ahead``, ``AheadCommit``); the block
-# decoders' rules read counts on the host per row (and block decoding does not run ahead)
+# rules whose selection the device runs ahead of the host (``AheadCommit``): their ``select`` reads nothing
+# back to the host (compares, argmax, sorts, a cumsum / cumprod, scatters), so the device selects with the
+# host's float values and ties; the schedule's device selection is its ``select_batched`` (``select_ahead``).
+# A GPU's cumsum may round entropy-bound's prefix sum unlike the host's in the last bit; where that flips a
+# prefix at the bound, the host's check of the device's block drops the steps after it (they run again). The
+# block decoders' rules read counts on the host per row (and block decoding does not run ahead)
 for _r in (ScheduleRule, ThresholdRule, FactorRule, HierarchicalRule, EntropyBoundRule):
     _r.runs_ahead = True
 for _r in (BlockThresholdRule, JointThresholdRule):
@@ -598,11 +579,12 @@ def unmask_step(rule, x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor
 
     x0 [B, K] candidates, conf [B, K] float64 confidences, masked [B, K], n_now [B] the schedule's count,
     entropy [B, K] (rules with ``needs_entropy``). Returns (select [B, K], stuck [B]). ``ahead``: the rule's
-    ``select_ahead`` (on the device, no host read: ``AheadCommit``) instead of its ``select``."""
+    ``select_ahead`` where it has one (the schedule's), else its ``select`` (on the device, no host read:
+    ``AheadCommit``)."""
     cand = masked if rule.fixed_steps else masked & (x0 != mask_id)
     conf = torch.where(cand, conf, torch.full_like(conf, float("-inf")))
     stuck = masked.any(-1) & ~cand.any(-1)
-    select = rule.select_ahead if ahead else rule.select
+    select = getattr(rule, "select_ahead", rule.select) if ahead else rule.select
     if rule.needs_entropy:
         if entropy is None:
             raise ValueError(f"the {rule.name} rule needs the entropy of each position")
