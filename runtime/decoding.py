@@ -741,7 +741,7 @@ class DecodeState:
                     self.phase = None
                     return out
                 self._start_block(g.block_length if self.attn_block else width)
-            masked = self.x[self.bs:self.be] == self.mask_id
+            masked = self._masked()
             if self.settled or (not bool(masked.any()) and not getattr(self.rule, "edits", False)):
                 out += self._end_block()
                 continue
@@ -795,7 +795,7 @@ class DecodeState:
                 or self.attn_block):
             return []
         fixed = self.rule.fixed_steps
-        left = 0 if fixed else int((self.x[self.bs:self.be] == self.mask_id).sum())
+        left = 0 if fixed else int(self._masked().sum())
         counts, s = [], self.step
         while len(counts) < cap and (len(counts) < left if not fixed else
                                      s < self.sched.shape[0] and int(self.sched[s]) > 0):
@@ -818,7 +818,7 @@ class DecodeState:
         the device and the host drops them)."""
         if self.rule.fixed_steps or self.bs is None:
             return 1 << 30
-        left = int((self.x[self.bs:self.be] == self.mask_id).sum())
+        left = int(self._masked().sum())
         done = int(self.sched.sum()) - left              # the schedule splits the block's masks at its start
         if self.step == 0 or done <= 0:
             return max(1, left)
@@ -868,6 +868,10 @@ class DecodeState:
             k = g.logprobs
             for col, lp, ids, lps in sel_rows.get(j, ()):
                 self.token_logprobs[self.bs - self.P + col] = (lp, ids[:k], lps[:k]) if k else (lp, [], [])
+
+    def _masked(self) -> torch.Tensor:
+        """[K] bool: the current block's positions still masked."""
+        return self.x[self.bs:self.be] == self.mask_id
 
     def _stops(self) -> torch.Tensor:
         return torch.tensor(self.stop_ids, dtype=torch.long)
@@ -943,7 +947,7 @@ class DecodeState:
             n_steps = g.steps // g.num_blocks
         else:                                        # elastic chunk: steps in proportion to its width
             n_steps = max(1, round(w * g.steps / g.gen_length))
-        masked = (self.x[self.bs:self.be] == self.mask_id).sum()[None]
+        masked = self._masked().sum()[None]
         self.sched = num_transfer_tokens(masked, n_steps)[0]
         self.step, self.has_cache, self.stuck = 0, False, False
         self.credit, self.soft, self.iters0 = None, None, self.iters
