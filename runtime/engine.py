@@ -471,12 +471,14 @@ class Engine:
         win, live = results[id(rows[0])].window, list(rows)
         bounded = results[id(rows[0])].bounded
         s, pre, landed, launching = 0, False, (0.0, 0), True
+
+        def may_launch() -> bool:      # every row still fed as the core, steps left, no request waiting
+            return launching and len(live) == len(rows) and win.launched < win.n and not self._arrivals()
         while s < win.launched:
             win.wait(s)
             if not pre:                                # a Refresh launched ahead would count as steps
                 landed = (time.perf_counter(), s + 1)
-            if not bounded and launching and len(live) == len(rows) and win.launched < win.n \
-                    and not self._arrivals():
+            if not bounded and may_launch():
                 launching = self._refill(win)
             for r in list(live):
                 if not self._fed_as_core(r, win, results[id(r)].j, s):
@@ -487,8 +489,7 @@ class Engine:
                     continue
                 out = win.output(s, results[id(r)].j)
                 self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
-            if bounded and launching and len(live) == len(rows) and win.launched < win.n \
-                    and not self._arrivals():
+            if bounded and may_launch():
                 launching = self._refill(win, s + 1 + self._horizon([r.state for r in live]))
             if s == win.n - 2 == win.launched - 2 and len(live) == len(rows) \
                     and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
