@@ -384,7 +384,6 @@ def _tune(shard, opts: dict) -> None:
         switch(shard.model, opts["all_reduce"])
         if isinstance(shard, ShardGraphRunner):
             shard.release_graphs()                         # captured with the old path: every rank recaptures
-            shard._frames.clear()
     if isinstance(shard, ShardGraphRunner):
         if opts.get("frames") is not None:
             shard.frames = bool(opts["frames"])

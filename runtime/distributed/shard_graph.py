@@ -87,9 +87,13 @@ class ShardGraphRunner(GraphRunner):
         if self.compiled:
             return
         self.release_graphs()
-        self._frames.clear()
         self._compile_blocks("inductor" if compile is True else compile)
         self.compiled = True
+
+    def release_graphs(self) -> None:
+        """GraphRunner's, and the frames' map of captured variants (rebuilt on the next steps)."""
+        super().release_graphs()
+        self._frames.clear()
 
     def eager(self) -> ShardRunner:
         """The eager shard runner over the same (shard) model."""
