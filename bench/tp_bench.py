@@ -18,7 +18,10 @@ rank 0 on GPU 0 too, its workers on GPUs 1 .. N-1), so the latency rounds altern
    alternating which goes first; reported: the median over rounds;
 4. end-to-end tokens/s of ``generate`` at B=``--batch`` (gen 256, block 32, one token per step, dual cache),
    each side warmed by one small run first, then the TP=N / TP=1 agreement of those bf16 sequences
-   (rounding-order differences may flip near-ties on random weights).
+   (rounding-order differences may flip near-ties on random weights);
+5. ``--served`` (default on): the same B requests served by ``dlc.runtime.Engine`` with ``--lookahead`` Reuse
+   steps run ahead of the host (the product's path: ``generate`` above waits for every step), warmed, then
+   timed; its tokens are checked against ``generate``'s (T = 0: identical).
 
 Prints progress (flush) and one table with ratios and the issue's targets (Reuse <= 0.6x, tokens/s >= 1.7x).
 Fits one 600 s call on a 2-GPU host; ``--quick`` halves the generation and the rounds.
@@ -132,6 +135,49 @@ def throughput(runner, B: int, P: int, G: int, block: int) -> tuple[float, list,
     return sum(len(t) for t in res.token_ids) / dt, res.token_ids, stats.get("capture_s", 0.0) - c0
 
 
+def served_throughput(runner, B: int, P: int, G: int, block: int, lookahead: int, graphs: bool,
+                      compiled: bool) -> tuple[float, list]:
+    """(tokens/s, tokens) of B requests served by ``dlc.runtime.Engine`` over ``runner`` as ``dlc serve``
+    runs them: warmed, continuous batching, ``lookahead`` Reuse steps run ahead of the host (the product's
+    path; ``throughput``'s ``generate`` waits for every step's tokens). A warm set of the same requests first
+    (captures and compiles), then the timed set. ``graphs`` / ``compiled``: the bench's settings, passed on
+    so the Engine keeps the runner as the other measurements ran it (its defaults would compile a TP side's
+    blocks on CUDA and turn its graphs off on CPU)."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.kv_cache import slot_bytes
+    from dlc.runtime.session import Session
+    cfg, L = runner.config, P + G
+    mib = slot_bytes(cfg, L, runner.dtype) * (B + 2) / 2**20 + 1
+    sc = ServeConfig(model="bench", device=str(getattr(runner, "device", "cuda")), max_batch_size=B,
+                     max_num_tokens=2 * B * L, max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual",
+                     gen_length=G, block_length=block, steps=G, lookahead_steps=lookahead, policy="fcfs",
+                     cuda_graphs=graphs, compile=graphs and compiled)
+    eng = Engine(Session(runner, None, cfg, False, "bench"), sc)
+    eng.warmup()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, min(cfg.vocab_size, 256), (P,), generator=g).tolist() for _ in range(B)]
+    params = dict(gen_length=G, block_length=block, steps=G, kv_cache="dual", temperature=0.0)
+    for _ in ("warm", "timed"):
+        reqs = [eng.make_request(p, params) for p in prompts]
+        t0 = time.perf_counter()
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        dt = time.perf_counter() - t0
+    return sum(len(r.output_ids) for r in reqs) / dt, [list(r.output_ids) for r in reqs]
+
+
+def served(args, runner, side: dict, name: str) -> None:
+    """``--served``: the side's B=``--batch`` tokens/s through the Engine (``served_throughput``)."""
+    if not args.served:
+        return
+    tps, side["served_tokens"] = served_throughput(runner, args.batch, args.prompt, args.gen, args.block,
+                                                   args.lookahead, args.graphs, args.compile)
+    side["served_tokens_per_s"] = tps
+    say(f"{name}: {tps:.1f} tok/s at B={args.batch} served (Engine, lookahead {args.lookahead})")
+
+
 def agreement(args, graphs: bool) -> dict:
     """fp32 tiny model, T = 0, dual cache: ``dlc generate --tp N`` (subprocess) vs TP=1 here, both sides
     compiled with ``--compile`` (explicitly off otherwise: compile is dlc generate's default on CUDA)."""
@@ -187,20 +233,22 @@ def backend_table(res: dict, sides: list[str]) -> str:
     """One row per all-reduce backend of the TP side: its times and the ratios to TP=1 and to ``nccl``."""
     a = res["tp1"]
     out = ["| TP side | Reuse B=1 sync ms | vs TP=1 | run ahead ms/step | vs TP=1 | "
-           f"tok/s B={res['batch']} | vs TP=1 | sync vs nccl | tok/s vs nccl | "
+           f"tok/s B={res['batch']} | vs TP=1 | served tok/s | vs TP=1 | sync vs nccl | tok/s vs nccl | "
            "one-shot / NCCL calls (rank 0) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = next((res[k] for k in sides if k.endswith("-nccl")), None)
     f = lambda v: "-" if v is None else f"{v:.2f}"                                    # noqa: E731
     div = lambda x, y: None if x is None or not y else x / y                            # noqa: E731
     out.append(f"| TP=1 | {f(a['reuse_b1_ms'])} | - | {f(a.get('ahead_ms'))} | - | "
-               f"{f(a['tokens_per_s'])} | - | - | - | - |")
+               f"{f(a['tokens_per_s'])} | - | {f(a.get('served_tokens_per_s'))} | - | - | - | - |")
     for k in sides:
         b = res[k]
         calls = b.get("all_reduce", [{}])[0]
         out.append(f"| {k} | {f(b['reuse_b1_ms'])} | {f(div(b['reuse_b1_ms'], a['reuse_b1_ms']))}x | "
                    f"{f(b.get('ahead_ms'))} | {f(div(b.get('ahead_ms'), a.get('ahead_ms')))}x | "
                    f"{f(b['tokens_per_s'])} | {f(div(b['tokens_per_s'], a['tokens_per_s']))}x | "
+                   f"{f(b.get('served_tokens_per_s'))} | "
+                   f"{f(div(b.get('served_tokens_per_s'), a.get('served_tokens_per_s')))}x | "
                    f"{f(div(b['reuse_b1_ms'], base and base['reuse_b1_ms']))}x | "
                    f"{f(div(b['tokens_per_s'], base and base['tokens_per_s']))}x | "
                    f"{calls.get('one_shot', '-')} / {calls.get('nccl', '-')} |")
@@ -213,6 +261,9 @@ def table(res: dict, tp: int) -> str:
              res["reuse_b1_ratio"] <= 0.6),
             (f"e2e tok/s, B={res['batch']}", a["tokens_per_s"], b["tokens_per_s"], res["tokens_per_s_ratio"],
              ">= 1.7x", res["tokens_per_s_ratio"] >= 1.7)]
+    if "served_ratio" in res:
+        rows.append((f"served tok/s, B={res['batch']} (Engine, run ahead)", a["served_tokens_per_s"],
+                     b["served_tokens_per_s"], res["served_ratio"], ">= 1.7x", res["served_ratio"] >= 1.7))
     out = [f"| metric ({res['runner']}) | TP=1 | TP={tp} | ratio | target |", "|---|---|---|---|---|"]
     out += [f"| {m} | {x:.2f} | {y:.2f} | {r:.2f}x | {t}: {'met' if ok else '**missed**'} |"
             for m, x, y, r, t, ok in rows]
@@ -262,6 +313,8 @@ def by_backend(args, res: dict, one, tp, backends: list[str]) -> list[str]:
             sides[k]["identical_sequences"] = f"{sum(x == y for x, y in zip(tokens[k], tokens['tp1']))}/" \
                                               f"{args.batch}"
         say(f"{k}: {tps:.1f} tok/s at B={args.batch} ({cap:.2f} s of it capturing)")
+        served(args, runner, sides[k], k)
+        sides[k].pop("served_tokens", None)
     for k in names:
         sides[k]["reuse_b1_ratio"] = sides[k]["reuse_b1_ms"] / sides["tp1"]["reuse_b1_ms"]
         sides[k]["tokens_per_s_ratio"] = sides[k]["tokens_per_s"] / sides["tp1"]["tokens_per_s"]
@@ -290,6 +343,9 @@ def main() -> None:
     ap.add_argument("--all-reduce", default=None,
                     help="comma list of TP all-reduce backends to time in turn (nccl, symm, auto)")
     ap.add_argument("--ahead", type=int, default=8, help="steps per run-ahead call (--all-reduce)")
+    ap.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
+                    help="also B=--batch tokens/s served by the Engine, steps run ahead (served_throughput)")
+    ap.add_argument("--lookahead", type=int, default=16, help="--served: Reuse steps run ahead in flight")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -341,16 +397,23 @@ def main() -> None:
             sides[name] = {"reuse_b1_ms": lat[name], "tokens_per_s": tps, "tokens": tokens,
                            "capture_s_in_run": round(cap, 3)}
             say(f"{name}: {tps:.1f} tok/s at B={args.batch} ({cap:.2f} s of it capturing)")
+            served(args, runner, sides[name], name)
         if getattr(tp, "stats", None):
             res["tp_graph_stats"] = {k: v for k, v in tp.stats.items() if k in ("replays", "eager_reuse",
                                                                              "captures")}
     finally:
         tp_session.runner.close()
     a, b = sides["tp1"].pop("tokens"), sides[f"tp{args.tp}"].pop("tokens")
+    if args.served:
+        sa, sb = sides["tp1"].pop("served_tokens"), sides[f"tp{args.tp}"].pop("served_tokens")
+        res["served_identical_to_generate"] = f"{sum(x == y for x, y in zip(sa, a))}/{args.batch} (TP=1), " \
+                                              f"{sum(x == y for x, y in zip(sb, b))}/{args.batch} (TP={args.tp})"
     res.update(sides)
     res["identical_sequences"] = f"{sum(x == y for x, y in zip(a, b))}/{args.batch}"
     res["reuse_b1_ratio"] = sides[f"tp{args.tp}"]["reuse_b1_ms"] / sides["tp1"]["reuse_b1_ms"]
     res["tokens_per_s_ratio"] = sides[f"tp{args.tp}"]["tokens_per_s"] / sides["tp1"]["tokens_per_s"]
+    if args.served:
+        res["served_ratio"] = sides[f"tp{args.tp}"]["served_tokens_per_s"] / sides["tp1"]["served_tokens_per_s"]
     print(json.dumps(res, indent=2))
     print(table(res, args.tp), flush=True)
     if args.out:

@@ -172,6 +172,18 @@ class AllReduce:
             x.copy_(c)
         self.calls["nccl"] += 1
 
+    def release(self) -> None:
+        """Free the symmetric buffer now and send every later message through NCCL (a closing rank, before
+        it leaves the group: ``shard_graph.release_before_leaving``). Left to garbage collection (the
+        ``_REDUCERS`` entry is weak), the buffer went whenever its model did, possibly after the group was
+        destroyed and while the next group of the process set up."""
+        if self.buffer is None:
+            return
+        if self.buffer.is_cuda:
+            torch.cuda.synchronize(self.buffer.device)       # no replay or kernel still reads a peer's slot
+        _REDUCERS.pop(self.group_name, None)
+        self.buffer, self.limit, self.op, self.group_name = None, 0, False, ""
+
     def max_bytes(self) -> int:
         """Largest message that goes one-shot now (0: none)."""
         return 0 if self.buffer is None else min(self.limit, self.buffer.numel())
@@ -254,6 +266,13 @@ def of(model: nn.Module) -> AllReduce | None:
     """The model's all-reduce (the first parallel layer's), None on one device."""
     return next((m.reduce for m in model.modules() if isinstance(getattr(m, "reduce", None), AllReduce)),
                 None)
+
+
+def release(model: nn.Module) -> None:
+    """Free the symmetric buffer of the model's all-reduce, if any (``AllReduce.release``)."""
+    r = of(model)
+    if r is not None:
+        r.release()
 
 
 def check_switch(model: nn.Module, backend: str) -> AllReduce | None:

@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "tp_bench.py"
 
 
-@pytest.mark.slow                            # ~20 s: a checkpoint, a TP group of 2 processes, two generates
+@pytest.mark.slow                            # ~25 s: a checkpoint, a TP group of 2 processes, generate and serve
 def test_tp_bench_cpu_smoke(tmp_path):
     out = tmp_path / "tp.json"
     r = subprocess.run([sys.executable, "-P", str(BENCH), "--preset", "tiny-llada", "--device", "cpu",
@@ -25,3 +25,7 @@ def test_tp_bench_cpu_smoke(tmp_path):
     assert res["tp_graph_stats"]["replays"] > 0 and res["tp_graph_stats"]["eager_reuse"] == 0
     assert res["tp1"]["reuse_b1_ms"] > 0 and res["tp2"]["tokens_per_s"] > 0
     assert "<= 0.6x" in r.stdout and ">= 1.7x" in r.stdout
+    # the served side (Engine, steps run ahead): the same T = 0 tokens as generate on both sides
+    assert res["served_identical_to_generate"] == "3/3 (TP=1), 3/3 (TP=2)"
+    assert res["tp1"]["served_tokens_per_s"] > 0 and res["served_ratio"] > 0
+    assert "served tok/s, B=3 (Engine, run ahead)" in r.stdout

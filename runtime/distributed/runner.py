@@ -25,7 +25,7 @@ from . import step_times
 from .channel import (AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP, Channel, Compact,
                       frame_reuses, pool_for, pool_key, read_batch)
 from .launch import TIMEOUT_S
-from .shard_graph import ShardGraphRunner, release_graphs, with_graphs
+from .shard_graph import ShardGraphRunner, release_before_leaving, with_graphs
 
 log = logging.getLogger("dlc.tp")
 
@@ -296,7 +296,7 @@ class TensorParallelRunner:
                 except Exception:                          # noqa: BLE001
                     pass
         deadline = time.monotonic() + (timeout if self._dead is None else 0.5)   # dead group: no STOP sent
-        release_graphs(self.shard)                         # NCCL's destroy hangs while graphs hold it
+        release_before_leaving(self.shard)                 # NCCL's destroy hangs while graphs hold it
         if self._dead is None:
             # NCCL's destroy is collective: every rank must enter it, so rank 0 leaves the group while the
             # workers leave it after STOP, before joining them (destroying after a worker has gone hangs)
@@ -353,7 +353,7 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
     while True:
         kind, msg = channel.recv()
         if kind == STOP:
-            release_graphs(shard)                          # before the caller leaves the group
+            release_before_leaving(shard)                  # before the caller leaves the group
             return
         if kind == PING:
             continue

@@ -52,6 +52,7 @@ import time
 
 import torch
 
+from dlc.models.all_reduce import release as release_all_reduce
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.graph import BUCKETS, GraphRunner, _Graph
@@ -260,14 +261,16 @@ def blocks_compiled(model) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)
 
 
-def release_graphs(runner) -> None:
-    """Free the rank's captured graphs (and their memory pool) before it leaves the process group: while a
-    CUDA graph holding NCCL collectives is alive, ``destroy_process_group`` hangs on every rank, even when all
-    enter it (measured on 2 x H100: bench/probes/nccl_graph_destroy.py); with the graphs freed it takes
-    0.5 s."""
-    if not isinstance(runner, ShardGraphRunner):
-        return
-    runner.release_graphs()
+def release_before_leaving(runner) -> None:
+    """Free what a rank holds on its process group before it leaves the group: its captured graphs (and
+    their memory pool) and its symmetric all-reduce buffer. While a CUDA graph holding NCCL collectives is
+    alive, ``destroy_process_group`` hangs on every rank, even when all enter it (measured on 2 x H100:
+    bench/probes/nccl_graph_destroy.py); with the graphs freed it takes 0.5 s. The symmetric buffer is
+    rendezvoused over the group: freed at garbage collection instead, it went at an arbitrary later point,
+    after the group and its peers were gone (``all_reduce.release``)."""
+    if isinstance(runner, ShardGraphRunner):
+        runner.release_graphs()
+    release_all_reduce(runner.model)
     gc.collect()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)

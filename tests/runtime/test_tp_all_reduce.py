@@ -118,6 +118,31 @@ def test_setup_installs_one_reduce_per_group_and_auto_falls_back(cuda_symm, monk
         ar.setup(model, group, "symm", "cuda", torch.float32)
 
 
+def test_a_closing_rank_frees_its_symmetric_buffer_before_leaving_the_group(cuda_symm, monkeypatch):
+    """``release_before_leaving`` (what a closing rank runs before ``destroy_process_group``) frees the
+    all-reduce's symmetric buffer and drops the op's registry entry at once, instead of whenever the model is
+    garbage collected (after the group is gone); later messages would take the plain path."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from dlc.models.tensor_parallel import RowParallelLinear
+    from dlc.runtime.distributed.shard_graph import release_before_leaving
+    group = SimpleNamespace(group_name="fake-tp-close")
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(d_model=64)
+    model.o = RowParallelLinear(32, 64, False, group)
+    monkeypatch.setattr(dist, "get_world_size", lambda g: 2)
+    monkeypatch.setattr(ar, "p2p_ok", lambda world: True)
+    monkeypatch.setattr(ar, "symmetric_buffer", lambda nbytes, g: torch.empty(nbytes, dtype=torch.uint8))
+    r = ar.setup(model, group, "symm", "cuda", torch.float32)
+    keep = model                          # the model stays alive: only an explicit release frees the buffer
+    assert r.buffer is not None and ar._REDUCERS["fake-tp-close"] is r
+    release_before_leaving(SimpleNamespace(model=keep, device=torch.device("cpu")))
+    assert r.buffer is None and not r.op and r.max_bytes() == 0
+    assert "fake-tp-close" not in ar._REDUCERS and model.o.reduce is r
+
+
 # -- refusals ------------------------------------------------------------------------------------------------
 def test_symm_on_cpu_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValueError) as e:
@@ -282,7 +307,7 @@ def test_tp_bench_times_each_backend_beside_tp1(tmp_path):
     out = tmp_path / "tp.json"
     r = subprocess.run([sys.executable, "-P", str(bench), "--preset", "tiny-llada", "--device", "cpu",
                         "--dtype", "fp32", "--batch", "3", "--prompt", "16", "--gen", "16", "--block", "8",
-                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--all-reduce", "nccl,auto",
+                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--all-reduce", "nccl,auto", "--no-served",
                         "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
