@@ -170,8 +170,10 @@ def tp_bench(s: Section) -> list[tuple[str, str]]:
     path = ("CUDA graphs and compiled blocks per rank, tensor parallel (fused shard decode)"
             if "compiled on both" in head else "CUDA graphs per rank, tensor parallel (no compiled blocks)"
             if "cuda graphs" in head else "eager runner, tensor parallel (no CUDA graphs)")
+    served = next((r for r in t if r["metric"].startswith("served tok/s, B=32")), None)
+    also = f", served by the Engine {served['ratio']}" if served else ""
     return [(f"TP=2 vs one GPU: Reuse step {step['ratio']} the time (batch 1), e2e {e2e['ratio']} the "
-             f"throughput (batch 32)", path)]
+             f"throughput (batch 32){also}", path)]
 
 
 def serve_bench(s: Section) -> list[tuple[str, str]]:
