@@ -63,14 +63,16 @@ def mix(runner, pool, refresh_lens, n_reuse, cache="dual", seed=0, blk=8):
             P.append(n)
         return seqs, P
 
+    bs = blk if mc.block_diffusion else 0                   # block-causal attention (block diffusion)
     seqs, P = rows(refresh_lens, 0)
     R = len(seqs)
-    ref = build_batch(runner, "refresh", seqs, P, P, blk, None, [(i,) for i in range(R)], pool)
+    ref = build_batch(runner, "refresh", seqs, P, P, blk, None, [(i,) for i in range(R)], pool, block_size=bs)
     lens = [int(x) for x in torch.randint(3, 20, (n_reuse,), generator=g)]
     seqs, P = rows(lens, blk)
     st = [p + blk for p in P]
     spans = [(a, a + blk) for a in st] if cache == "dual" else [(a, len(s)) for a, s in zip(st, seqs)]
-    reu = build_batch(runner, "reuse", seqs, P, st, blk, spans, [(R + i,) for i in range(n_reuse)], pool)
+    reu = build_batch(runner, "reuse", seqs, P, st, blk, spans, [(R + i,) for i in range(n_reuse)], pool,
+                      block_size=bs)
     return [ref, reu]
 
 
@@ -84,10 +86,11 @@ MIXES = [((9,), 3, "dual"), ((9, 4), 5, "dual"), ((13, 4, 21), 4, "dual"), ((6, 
          ((11,), 6, "prefix")]
 
 
-@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream", "tiny-llada-moe", "tiny-sdar"])
 def test_packed_mixed_equals_two_calls(runners, name):
     """1-3 Refresh rows of different lengths beside several Reuse rows, dual and prefix caches: one packed
-    compiled forward per iteration gives the two calls' tokens, confidences and pool K/V."""
+    compiled forward per iteration gives the two calls' tokens, confidences and pool K/V (dense, Dream's
+    shifted logits with GQA and q/k/v bias, MoE, block-causal SDAR)."""
     graph = runner_of(runners, name)
     assert supports_mixed(graph)
     for i, (lens, n_reuse, cache) in enumerate(MIXES):
@@ -101,7 +104,7 @@ def test_packed_mixed_equals_two_calls(runners, name):
         for r, m in zip(ref, got):
             assert torch.equal(m.x0, r.x0), (lens, n_reuse, cache)
             torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
-            assert len(set(r.x0.flatten().tolist())) > 3                      # a decisive model: tokens vary
+        assert len(set(torch.cat([r.x0.flatten() for r in ref]).tolist())) > 3   # decisive: tokens vary
         torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(pb.v_all, pa.v_all, rtol=RTOL, atol=ATOL)
         written = (pa.k_all - before).abs().amax(dim=(0, 2, 4)) > 0            # [slots, S]
@@ -146,7 +149,19 @@ def test_unpackable_parts_run_the_eager_ragged_forward(runners):
 
 
 def test_mix_iterations_is_one_declared_decision():
-    model = open_model("tiny-llada", progress=False).runner.model
+    """A GraphRunner option that the serve config and CLI pass 1:1; refused where it cannot apply."""
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.server_cli import build_config
+    sess = open_model("tiny-llada", progress=False)
+    model = sess.runner.model
+    cfg = build_config("tiny-llada", None, mix_iterations="compiled", cuda_graphs=True, compile=True)
+    assert Engine(sess, cfg).runner.mix_iterations == "compiled"
+    with pytest.raises(ValueError, match="mix_iterations"):
+        Engine(sess, ServeConfig(mix_iterations="eager", cuda_graphs=False))
+    for bad in (dict(mix_iterations="one"), dict(mix_iterations="compiled", compile=False)):
+        with pytest.raises(ValueError, match="mix_iterations"):
+            ServeConfig(**bad)
     assert GraphRunner(model, capture=False).mix_iterations == "eager"
     assert not GraphRunner(model, capture=False, mix_iterations="two").mixes
     with pytest.raises(ValueError, match="needs compile"):
@@ -169,3 +184,24 @@ def test_packed_mixed_with_inductor(runners):
             torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
     assert graph.stats["mixed_packed"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_mixed_on_cuda():
+    """On the GPU (fp32, the served build: Inductor blocks, capture, fused decoding, Triton pool attention):
+    the packed compiled mixed iteration against the eager two calls; tolerances for float32 confidence and the
+    kernels' own rounding."""
+    model = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False).runner.model
+    graph = GraphRunner(model, compile=True, mix_iterations="compiled")
+    for i, (lens, n_reuse, cache) in enumerate(MIXES):
+        pa, pb = pools(graph)
+        ref = two_calls(graph, mix(graph, pa, lens, n_reuse, cache, seed=i))
+        graph.bind_pool(pb)
+        got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, lens, n_reuse, cache, seed=i))))
+        same = sum(int((m.x0 == r.x0).sum()) for r, m in zip(ref, got)) / sum(r.x0.numel() for r in ref)
+        assert same >= 0.95
+        for r, m in zip(ref, got):
+            torch.testing.assert_close(m.conf, r.conf, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(pb.k_all, pa.k_all, rtol=1e-3, atol=1e-3)
+    assert graph.stats["mixed_packed"] == len(MIXES)
