@@ -138,7 +138,8 @@ def forward_packed(model, parts: list[RaggedPart], pool: KVCache, n_pad: int) ->
     pad = n_pad - plan.n_real
     ids = torch.cat([p.ids.reshape(-1) for p in parts]
                     + [torch.full((pad,), model.config.mask_id, dtype=torch.long, device=dev)])[None]
-    pos = torch.cat([p.pos.reshape(-1) for p in parts] + [torch.zeros(pad, dtype=torch.long, device=dev)])[None]
+    pos = torch.cat([p.pos.reshape(-1) for p in parts]
+                    + [torch.zeros(pad, dtype=torch.long, device=dev)])[None]
     add = None
     if any(p.embed_add is not None for p in parts):
         dt = next(p.embed_add for p in parts if p.embed_add is not None).dtype

@@ -167,7 +167,8 @@ class GraphRunner(EagerRunner):
         if mode not in MIX_ITERATIONS:
             raise ValueError(f"graph runner: mix_iterations must be one of {MIX_ITERATIONS}, got {mode!r}")
         if mode == "compiled" and not self.compiled:
-            raise ValueError("graph runner: mix_iterations='compiled' runs the compiled blocks; needs compile")
+            raise ValueError("graph runner: mix_iterations='compiled' runs the compiled blocks; "
+                             "needs compile")
         return mode
 
     def _compile_blocks(self, backend: str) -> None:

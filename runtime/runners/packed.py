@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from dlc.models.packed import forward_packed, packable
 
-from ..config import MIX_ITERATIONS  # noqa: F401 (re-exported: the modes' home is the serve config's list)
+from ..config import MIX_ITERATIONS
 from ..step import MixedBatch
 
+__all__ = ["MIX_ITERATIONS", "TOKEN_BUCKETS", "run_packed", "token_bucket"]   # the modes: config.py's list
 TOKEN_BUCKETS = (64, 128, 256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192,
                  10240, 12288, 16384)
 

@@ -27,7 +27,8 @@ def runners():
 
 
 def runner_of(runners, name, backend=BACKEND):
-    """A GraphRunner over a fresh model whose blocks compile in place (its own model: compiling changes it)."""
+    """A GraphRunner over a fresh model whose blocks compile in place (its own model: compiling changes
+    it)."""
     if (name, backend) not in runners:
         model = open_model(name, progress=False).runner.model
         runners[name, backend] = GraphRunner(model, capture=False, decode="exact", pool_attention=True,
@@ -114,7 +115,8 @@ def test_packed_mixed_equals_two_calls(runners, name):
 
 def test_padding_changes_no_result(runners):
     """The same parts at two token buckets (14 and 600 padding tokens): every real row's hidden states agree
-    within tolerance, and the padding writes no K/V (the pool's unused slots and columns stay as they were)."""
+    within tolerance, and the padding writes no K/V (the pool's unused slots and columns stay as they
+    were)."""
     graph = runner_of(runners, "tiny-llada")
     pa, pb = pools(graph)
     before = pa.k_all.clone()
