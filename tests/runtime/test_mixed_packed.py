@@ -207,3 +207,31 @@ def test_packed_mixed_on_cuda():
             torch.testing.assert_close(m.conf, r.conf, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(pb.k_all, pa.k_all, rtol=1e-3, atol=1e-3)
     assert graph.stats["mixed_packed"] == len(MIXES)
+
+
+
+@pytest.mark.slow
+def test_engine_outputs_through_packed_mixed_iterations():
+    """The Engine over a GraphRunner with ``mix_iterations="compiled"`` (Dynamo's eager backend: the packed
+    forward's numerics are the eager kernels'): its mixed iterations run packed, and every request (dual,
+    prefix and no cache; T = 0 and seeded T > 0; different arrival iterations) gets ``generate``'s tokens on
+    an uncompiled model. Slow (~60 s on 2 shared cores): Dynamo traces every shape the engine runs."""
+    from test_mixed_forward import _drive, _reference, _workload
+
+    from dlc.runtime.config import ServeConfig
+    from dlc.runtime.engine import Engine
+    from dlc.runtime.session import Session
+    sess = open_model("tiny-llada", progress=False)
+    gr = GraphRunner(sess.runner.model, capture=False, decode="exact", pool_attention=True, compile="eager",
+                     mix_iterations="compiled")
+    eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
+                 ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_num_tokens=160, refresh_share=0.4))
+    specs = _workload()
+    reqs = [eng.make_request(p, params) for p, params in specs]
+    _drive(eng, reqs)
+    assert gr.stats["mixed_packed"] >= 5 and eng.metrics.counter("mixed_iterations_total") >= 5
+    outs = [r.output_ids for r in reqs]
+    assert len({tuple(o) for o in outs}) == len(outs)                              # outputs vary
+    ref = open_model("tiny-llada", progress=False)
+    for r, (p, params) in zip(reqs, specs):
+        assert r.output_ids == _reference(ref, p, params), params
