@@ -30,6 +30,9 @@ width) and replays it:
   decoding no variant holds (top-p / min-p without a top-k, filters with credit, tempered confidences of
   block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
   runner (the decoding core draws it).
+* a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
+  two calls (the default with capture), one eager ragged forward, or one packed forward through the
+  compiled blocks.
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
