@@ -7,17 +7,21 @@ of one iteration (the runner's forward(s) + decoding to the host, device synchro
 
 * ``two``: ``runner.refresh`` then ``runner.reuse`` on the eager runner (two passes over the weights);
 * ``mixed``: ``EagerRunner.mixed`` over the ``MixedBatch`` of both (one ragged forward, the same decoding):
-  ``two/mixed`` isolates what one pass over the weights saves;
-* the Engine's GPU path before and now (on CPU the same code without capture, a smoke test): ``graph2`` =
-  eager Refresh + the CUDA-graph runner's captured Reuse step (two calls), ``graph_mixed`` =
-  ``GraphRunner.mixed`` (one eager ragged forward, Reuse rows attending inside the pool, fused decoding as
-  the graphs decode): ``graph2/graph_mixed``.
+  ``two/mixed`` isolates what one pass over the weights saves (both with the blocks run eagerly:
+  ``set_stance("force_eager")``, as the blocks are compiled in place for the graph variants);
+* the served GPU path (``GraphRunner`` with its blocks compiled by Inductor, as ``dlc serve`` builds it;
+  on CPU the same code without capture and with the "eager" Dynamo backend, a smoke run): ``graph2`` =
+  the runner's compiled Refresh + its captured Reuse step (two calls, ``mix_iterations="two"``, the served
+  default), ``graph_mixed`` = ``GraphRunner.mixed`` as one eager ragged forward (``"eager"``), and
+  ``graph_packed`` = one packed forward through the compiled blocks, tokens padded to a token bucket
+  (``"compiled"``, runners/packed.py): ``graph2/graph_mixed`` and ``graph2/graph_packed``.
 
 Variants alternate order every repeat, every variant is warmed (and the graphs captured) before timing, and
 each figure is the median of ``--repeats`` (>= 5) with the spread (min-max); ``same`` is the share of equal
 tokens. The table ends with the ratios (> 1: the mixed forward is faster).
 
     python3 bench/mixed_iteration.py                     # GPU: llada-8b shape, bf16, mixes 2x768+30x32, ...
+                                                         # (Inductor compiles ~2 min of it on an H200)
     python3 bench/mixed_iteration.py --tiny              # CPU smoke run: tiny-llada, fp32, small mixes
 """
 from __future__ import annotations
@@ -86,6 +90,22 @@ def timed(fn, dev) -> float:
     return time.perf_counter() - t
 
 
+def eagerly(fn):
+    """``fn`` with the (in-place compiled) blocks run eagerly: the eager runner's variants."""
+    def run():
+        with torch.compiler.set_stance("force_eager"):
+            return fn()
+    return run
+
+
+def in_mode(graph, mode: str, fn):
+    """``fn`` with the graph runner's mixed iterations run as ``mode`` (``mix_iterations``)."""
+    def run():
+        graph.mix_iterations, graph.mixes = mode, mode != "two"
+        return fn()
+    return run
+
+
 def run_mix(eager, graph, mix: str, args, dev) -> dict:
     from dlc.runtime.kv_cache import KVCacheManager
     from dlc.runtime.step import MixedBatch, run_batch, run_mixed
@@ -94,11 +114,13 @@ def run_mix(eager, graph, mix: str, args, dev) -> dict:
     graph.bind_pool(pool)                                      # its scratch slot for padding rows
     ref, reu = batches(eager, pool, R, L, U, K, torch.Generator().manual_seed(R * 1000 + U))
     mixed_batch = MixedBatch((ref, reu))
-    variants = {"two": lambda: [run_batch(eager, ref), run_batch(eager, reu)],
-                "mixed": lambda: run_mixed(eager, mixed_batch)}
-    variants["graph2"] = lambda: [run_batch(eager, ref), run_batch(graph, reu)]   # the Engine's GPU path
-    variants["graph_mixed"] = lambda: run_mixed(graph, mixed_batch)               # before / now
-    outs = {k: fn() for k, fn in variants.items()}                 # warm-up (graph capture) + the tokens
+    variants = {"two": eagerly(lambda: [run_batch(eager, ref), run_batch(eager, reu)]),
+                "mixed": eagerly(lambda: run_mixed(eager, mixed_batch)),
+                # the served GPU path: compiled Refresh + captured Reuse (two calls)
+                "graph2": in_mode(graph, "two", lambda: run_mixed(graph, mixed_batch)),
+                "graph_mixed": in_mode(graph, "eager", lambda: run_mixed(graph, mixed_batch)),
+                "graph_packed": in_mode(graph, "compiled", lambda: run_mixed(graph, mixed_batch))}
+    outs = {k: fn() for k, fn in variants.items()}      # warm-up (compiles, graph capture) + the tokens
     for fn in variants.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -113,11 +135,14 @@ def run_mix(eager, graph, mix: str, args, dev) -> dict:
         if a in med:
             row[f"same_{a}_{b}"] = same_share(outs[a], outs[b])
             row[f"{a}/{b}"] = med[a] / med[b]
+    if "graph_packed" in outs:
+        row["packed_calls"] = graph.stats.get("mixed_packed", 0)
     del pool
     return row
 
 
-RATIOS = (("two", "mixed"), ("graph2", "graph_mixed"))     # (two calls, the mixed call that replaces them)
+RATIOS = (("two", "mixed"), ("graph2", "graph_mixed"),    # (two calls, the mixed call that replaces them)
+          ("graph2", "graph_packed"))
 
 
 def same_share(a, b) -> float:
@@ -150,6 +175,8 @@ def main() -> None:
     p.add_argument("--mixes", default=None, help=f"comma-separated RxL+UxK (default {GPU_MIXES})")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default=None)
+    p.add_argument("--cpu-backend", default="eager",
+                   help="torch.compile backend of the blocks on CPU (inductor: slow to compile) [eager]")
     args = p.parse_args()
     if args.repeats < 5:
         raise SystemExit("--repeats must be >= 5 (medians of at least five)")
@@ -163,8 +190,10 @@ def main() -> None:
     from dlc.runtime.runners.graph import GraphRunner
     model = build(preset, str(dev), dtype)
     # CUDA: fuses q|k|v, gate|up in place, captures; CPU: the same code paths without capture (a smoke run)
-    graph = GraphRunner(model) if dev.type == "cuda" else GraphRunner(model, capture=False, decode="fused",
-                                                                      pool_attention=True)
+    # "compiled" so the packed variant can run; each variant sets its mode
+    graph = (GraphRunner(model, compile=True, mix_iterations="compiled") if dev.type == "cuda" else
+             GraphRunner(model, capture=False, decode="fused", pool_attention=True, compile=args.cpu_backend,
+                         mix_iterations="compiled"))
     eager = EagerRunner(model)
     print(f"# {preset} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "

@@ -273,6 +273,9 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
     tokens does one of those (``attend_ragged``). Everything else in a layer is token-wise."""
     if isinstance(cache_kv, RaggedKV):
         return attend_ragged(q, k, v, cache_kv, n_heads, n_kv)
+    if isinstance(cache_kv, PackedKV):                  # a packed ragged forward: one opaque op per layer
+        from .packed import packed_attention
+        return packed_attention(q, k, v, cache_kv.k, cache_kv.v)
     if cache_kv is not None and cache_kv.score_index is not None:     # head-sparse Refresh: key scores
         store_head_scores(q, k, v, attn_mask, cache_kv, n_heads // n_kv)
     if cache_kv is not None and cache_kv.kv_len is not None:         # the pool is read in place: keys
@@ -352,6 +355,13 @@ class RaggedCache:
     def layer(self, i: int) -> RaggedKV:
         return RaggedKV(tuple(Segment(r, c, m, None if kv is None else kv.layer(i), s)
                               for r, c, m, kv, s in self.parts))
+
+
+class PackedKV(NamedTuple):
+    """One layer's view of a packed ragged forward (models/packed.py): the pool's K/V [N, Hkv, S, D] of the
+    layer; the part structure travels beside the compiled graph (``packed.PackedPlan``)."""
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 def attend_ragged(q, k, v, plan: RaggedKV, n_heads: int, n_kv: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 POLICIES = ("phase", "fcfs", "fcfs-continuous")   # phase-multiplexed batcher; FCFS static batching and
                                                   # iteration-level (continuous) FCFS, the baselines
 TP_ALL_REDUCE = ("auto", "nccl", "symm")  # tensor parallelism's all-reduce (dlc.models.all_reduce.BACKENDS)
+MIX_ITERATIONS = ("two", "eager", "compiled")   # a mixed iteration on the graph runner (runners/packed.py)
 GRANULARITY = ("fixed", "elastic")      # fixed block size, or Optimus-style load-driven chunk size
 GEN_DEFAULTS = dict(gen_length=128, block_length=32, steps=128, threshold=None, remasking="low_confidence",
                     kv_cache="dual")
@@ -54,6 +55,9 @@ class ServeConfig:
     graph_decode: str | None = None     # "fused" (Triton logits, GPU default) or "exact" (float64 softmax)
     compile: bool | None = None         # torch.compile the graph runner's blocks (needs cuda_graphs; every
                                         # rank's with TP) or an export engine's programs [on on CUDA]
+    # a mixed iteration (Refresh rows beside Reuse rows) on the CUDA-graph runner: "two" calls, one "eager"
+    # ragged forward, or one packed forward through the "compiled" blocks (needs compile) [two with capture]
+    mix_iterations: str | None = None
     lookahead_steps: int = 16           # fixed-schedule Reuse steps kept in flight on the device while
                                         # nothing waits: a window sliding over the block's schedule, the
                                         # next step launched as one lands (1: every step alone)
@@ -119,6 +123,12 @@ class ServeConfig:
         if self.graph_decode not in (None, "fused", "exact"):
             raise ValueError("serve config: graph_decode must be 'fused' or 'exact', got "
                              f"{self.graph_decode!r}")
+        if self.mix_iterations not in (None, *MIX_ITERATIONS):
+            raise ValueError(f"serve config: mix_iterations must be one of {MIX_ITERATIONS}, got "
+                             f"{self.mix_iterations!r}")
+        if self.mix_iterations == "compiled" and (self.compile is False or self.batch_invariant):
+            raise ValueError("serve config: mix_iterations 'compiled' runs the compiled blocks; it needs "
+                             "compile (and no batch_invariant)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed <= 2 ** 63 - 1):
             raise ValueError(f"serve config: seed must be an integer in [0, 2^63 - 1], got {self.seed!r}")

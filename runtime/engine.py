@@ -79,15 +79,19 @@ class ServerShutdown(RuntimeError):
 
 
 def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | None = None,
-                     decode: str | None = None):
+                     decode: str | None = None, mix_iterations: str | None = None):
     """The runner serving (and ``dlc generate``) uses: a GraphRunner over an eager model when cuda_graphs is
     on (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph runner
     on a CUDA device, where they pay; off on CPU). An engine keeps its runner: graphs of its Reuse program
     (default: on CUDA) and its export programs compiled by Inductor at load (``compile``, default: on CUDA);
     explicit --no-cuda-graphs keeps the runner as it is. Tensor parallel: the same defaults on every rank
-    (graphs and compiled blocks on CUDA; distributed/shard_graph.py)."""
+    (graphs and compiled blocks on CUDA; distributed/shard_graph.py). ``mix_iterations``: how the graph runner
+    runs a mixed iteration (runners/packed.py; others refuse a value)."""
     if isinstance(runner, GraphRunner):
         return runner
+    if mix_iterations is not None and not _builds_graph_runner(runner, cuda_graphs):
+        raise ValueError("mix_iterations: applies to the CUDA-graph runner of an eager model "
+                         "(--cuda-graphs); leave it out")
     on = cuda_graphs
     if isinstance(runner, TensorParallelRunner):     # graphs (and compiled blocks) on every rank
         cuda = runner.device.type == "cuda"
@@ -113,7 +117,14 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
         raise ValueError("cuda_graphs needs an eager model (a checkpoint or preset) or an engine")
     compile = runner.device.type == "cuda" if compile is None else compile
     return GraphRunner(runner.model, decode=decode, compile=compile,
-                       sparse_retention=runner.sparse_retention)
+                       sparse_retention=runner.sparse_retention, mix_iterations=mix_iterations)
+
+
+def _builds_graph_runner(runner, cuda_graphs: bool | None) -> bool:
+    """Whether ``graph_runner_for`` builds a GraphRunner over this runner."""
+    if type(runner) is not EagerRunner:
+        return False
+    return runner.device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
 
 def sparse_runner_for(runner, retention: float | None):
@@ -154,7 +165,7 @@ class Engine:
         check_runner(session.runner)
         runner = sparse_runner_for(session.runner, cfg.sparse_retention)
         self.runner = graph_runner_for(runner, cfg.cuda_graphs, False if cfg.batch_invariant else cfg.compile,
-                                       cfg.graph_decode)
+                                       cfg.graph_decode, cfg.mix_iterations)
         if cfg.batch_invariant:
             check_invariant_runner(self.runner)
         self.mc = session.config

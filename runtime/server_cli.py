@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .config import GRANULARITY, POLICIES, TP_ALL_REDUCE, ServeConfig
+from .config import GRANULARITY, MIX_ITERATIONS, POLICIES, TP_ALL_REDUCE, ServeConfig
 from .startup import freeze_heap, startup_lines
 
 log = logging.getLogger("dlc.serve")
@@ -64,6 +64,10 @@ def _options(f):
         click.option("--compile/--no-compile", default=None,
                      help="torch.compile each block of the CUDA-graph runner, or an export engine's "
                           "phase programs (Inductor at load) [on on CUDA]"),
+        click.option("--mix-iterations", default=None, type=click.Choice(MIX_ITERATIONS),
+                     help="a mixed iteration (Refresh beside Reuse rows) on the CUDA-graph runner: two calls, "
+                          "one eager ragged forward, or one packed forward through the compiled blocks "
+                          "[two with CUDA graphs, else eager]"),
         click.option("--lookahead-steps", default=None, type=int,
                      help="fixed-schedule Reuse steps kept in flight on the device (a sliding window over "
                           "the block) while nothing waits; 1: off [16]"),

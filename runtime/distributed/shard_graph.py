@@ -74,7 +74,8 @@ class ShardGraphRunner(GraphRunner):
         self.compiled = self.compiled or done
         self.config = shard.config       # the shard's heads (its KV pool) and the full vocabulary
         self.rank, self.world, self.group = shard.rank, shard.world, shard.group
-        self.mixes = False                   # the TP runner sends phase calls only (no mixed iterations)
+        self.mix_iterations, self.mixes = "two", False   # the TP runner sends phase calls only (no mixed
+                                                         # iterations)
         self.frames = os.environ.get("DLC_TP_FRAME_STAGING", "1") != "0"
         self._frames: dict = {}              # frame_key -> captured variant it replays, None: batch path
         self._aranges: dict = {}             # n -> arange(n) on the device (positions, key mask)

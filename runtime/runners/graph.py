@@ -30,6 +30,9 @@ width) and replays it:
   decoding no variant holds (top-p / min-p without a top-k, filters with credit, tempered confidences of
   block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
   runner (the decoding core draws it).
+* a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
+  two calls (the default with capture), one eager ragged forward, or one packed forward through the
+  compiled blocks.
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
@@ -70,6 +73,7 @@ from ..step import MixedBatch, StepBatch, take_rows
 from ..step_output import StepOutput
 from .ahead import AheadRun, decoded_cols, resume, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner, embed_add
+from .packed import MIX_ITERATIONS, TOKEN_BUCKETS, run_packed, token_bucket
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 LOGPROB_BUCKETS = (0, 1, 2, 5, 10, MAX_LOGPROBS)   # top alternatives a variant returns (rows take their k)
@@ -126,7 +130,8 @@ class GraphRunner(EagerRunner):
     graphed = True                           # step.GraphedRunner: binds a scratch pool slot, warms up
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
                  compile: bool | str = False, fuse: bool | None = None, max_width: int = 128,
-                 pool_attention: bool | None = None, sparse_retention: float | None = None):
+                 pool_attention: bool | None = None, sparse_retention: float | None = None,
+                 mix_iterations: str | None = None, token_buckets=TOKEN_BUCKETS):
         super().__init__(model, sparse_retention)
         cuda = self.device.type == "cuda"
         self.pool_attention = cuda if pool_attention is None else pool_attention
@@ -149,11 +154,25 @@ class GraphRunner(EagerRunner):
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
         self.compiled = bool(compile)
-        # a mixed iteration as one eager ragged forward did not beat eager Refresh + captured Reuse on an H100
-        # (bench/mixed_iteration.py, bench/RESULTS.md: 0.82x-1.01x): with capture, two calls
-        self.mixes = not self.capture
+        self.mix_iterations = self._mix_iterations(mix_iterations)
+        self.mixes = self.mix_iterations != "two"              # step.MixedRunner
+        self.token_buckets = tuple(sorted(int(b) for b in token_buckets))
         if compile:
             self._compile_blocks("inductor" if compile is True else compile)
+
+    def _mix_iterations(self, mode: str | None) -> str:
+        """How a mixed iteration runs (runners/packed.py ``MIX_ITERATIONS``). Default: with capture ``two``
+        (an eager ragged forward lost to compiled Refresh + captured Reuse on an H100, 0.82x-1.01x:
+        bench/RESULTS.md), else ``eager``. ``compiled`` (one packed forward through the compiled blocks)
+        stays opt-in until a GPU measurement (bench/mixed_iteration.py ``graph_packed`` vs ``graph2``)
+        shows it wins."""
+        mode = mode or ("two" if self.capture else "eager")
+        if mode not in MIX_ITERATIONS:
+            raise ValueError(f"graph runner: mix_iterations must be one of {MIX_ITERATIONS}, got {mode!r}")
+        if mode == "compiled" and not self.compiled:
+            raise ValueError("graph runner: mix_iterations='compiled' runs the compiled blocks; "
+                             "needs compile")
+        return mode
 
     def _compile_blocks(self, backend: str) -> None:
         """Compile each transformer block once for every batch bucket: the batch dimension is dynamic.
@@ -177,7 +196,7 @@ class GraphRunner(EagerRunner):
         (tests/runtime/test_compile_buckets.py counts the compilations, so such a change fails there)."""
         import torch._dynamo
         cfg = torch._dynamo.config
-        need = 2 * len(self.buckets) + 32
+        need = 2 * len(self.buckets) + len(self.token_buckets) + 32
         if getattr(cfg, "recompile_limit", need) < need:
             cfg.recompile_limit = need
         for b in self.model.blocks:
@@ -565,12 +584,19 @@ class GraphRunner(EagerRunner):
 
     @torch.no_grad()
     def mixed(self, batch: MixedBatch) -> list:
-        """A mixed iteration: one eager ragged forward (``EagerRunner.mixed``; the graphs hold Reuse steps
-        only; with ``compile`` the blocks run eagerly here), its Reuse rows attending inside the bound pool
-        (``pool_attention``: keys [0, length), no gather), decoded as the graphs decode (``decode_parts``)."""
+        """A mixed iteration as one forward, its Reuse rows attending inside the bound pool
+        (``pool_attention``: keys [0, length), no gather), decoded as the graphs decode (``decode_parts``):
+        ``mix_iterations`` ``compiled``: one packed forward through the compiled blocks (``run_packed``;
+        ``stats["mixed_packed"]``), else (or for parts it cannot pack) one eager ragged forward
+        (``EagerRunner.mixed``; compiled blocks run eagerly there)."""
         self.stats["mixed"] = self.stats.get("mixed", 0) + 1
         if self.pool_attention and self.pool is not None:
             batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))
+        if self.mix_iterations == "compiled":
+            out = run_packed(self, batch, self.token_buckets)
+            if out is not None:
+                self.stats["mixed_packed"] = self.stats.get("mixed_packed", 0) + 1
+                return out
         if not self.compiled:
             return super().mixed(batch)
         with torch.compiler.set_stance("force_eager"):      # compiled blocks: no recompile per ragged shape
@@ -624,3 +650,26 @@ class GraphRunner(EagerRunner):
                 batch = build_batch(self, "refresh", [seqs[0], seqs[1][:-1]], [p] * B, [p] * B, n, None,
                                     [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
                 EagerRunner.refresh(self, batch)
+        if self.mix_iterations == "compiled":
+            self._warm_packed(blk)
+
+    @torch.no_grad()
+    def _warm_packed(self, blk: int) -> None:
+        """The packed mixed forward compiles at its first two token buckets (static shapes, then the token
+        dimension symbolic): run a full part beside a Reuse row over the scratch slot at two buckets."""
+        from ..step import MixedBatch, build_batch
+        mc = self.config
+        W = min(2 * blk + 8, self.pool.s_max)
+        n = min(blk, W - 1 - mc.logit_shift)
+        if n < 1:
+            return
+        p, bs = W - n, blk if mc.block_diffusion else 0
+        seq = torch.full((W,), mc.mask_id, dtype=torch.long)
+        first = token_bucket(W + n, self.token_buckets)
+        for rows in (1, -(-(first + 1 - n) // W)):                   # the second total in a larger bucket
+            full = build_batch(self, "full", [seq] * rows, [p] * rows, [p] * rows, n, block_size=bs)
+            reuse = build_batch(self, "reuse", [seq], [p], [p], n, [(p, W)], [(self.scratch,)], self.pool,
+                                block_size=bs)
+            if self.pool_attention:
+                reuse = self._in_pool(reuse)
+            run_packed(self, MixedBatch((full, reuse)), self.token_buckets)

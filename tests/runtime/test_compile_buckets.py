@@ -12,6 +12,8 @@ from dlc.runtime.engine import Engine
 from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.runners.graph import BUCKETS, GraphRunner
 from dlc.runtime.session import Session, open_model
+from dlc.runtime.step import MixedBatch, run_mixed
+from test_mixed_packed import mix  # noqa: E402 (tests/runtime is on sys.path under pytest's rootdir)
 
 MAX_BATCH = 64            # ServeConfig.max_batch_size's default: buckets 1 .. 64 (9 of them)
 
@@ -46,13 +48,36 @@ def test_warmup_with_inductor():
     assert 1 <= compiles <= 2, compiles
 
 
-def _compiled_engine():
+def test_packed_mixed_iterations_compile_twice_over_many_mixes():
+    """``mix_iterations="compiled"``: twelve different mixed iterations (1-3 Refresh rows of various lengths,
+    2-9 Reuse rows, dual and prefix caches; 70 to 240 packed tokens over four token buckets) compile the
+    packed kind at most twice (static, then the token dimension symbolic), never once per mix."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = open_model("tiny-llada", progress=False).runner.model
+    kv = KVCacheManager(model.config, 64, 1 << 40, torch.float32, "cpu", max_slots=16)
+    gr = GraphRunner(model, decode="exact", compile="eager", pool_attention=True, fuse=True,
+                     mix_iterations="compiled")
+    gr.bind_pool(kv)
+    g = torch.Generator().manual_seed(3)
+    sizes = set()
+    for i in range(12):
+        lens = [int(x) for x in torch.randint(2, 30, (1 + i % 3,), generator=g)]
+        parts = mix(gr, kv, lens, 2 + (7 * i) % 8, ("dual", "prefix")[i % 2], seed=i)
+        sizes.add(sum(b.n_seqs * (b.n_fed if b.phase == "reuse" else b.width) for b in parts))
+        run_mixed(gr, MixedBatch(tuple(parts)))
+    assert gr.stats["mixed_packed"] == 12 and len(sizes) >= 10
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, counters["stats"]["unique_graphs"]
+
+
+def _compiled_engine(mix_iterations=None):
     """A fresh Dynamo state and an engine over tiny-llada whose graph runner compiles its blocks (eager
     backend: Dynamo's guards and recompiles without Inductor's cost)."""
     torch._dynamo.reset()
     counters.clear()
     sess = open_model("tiny-llada", progress=False)
-    gr = GraphRunner(sess.runner.model, decode="exact", compile="eager", pool_attention=True, fuse=True)
+    gr = GraphRunner(sess.runner.model, decode="exact", compile="eager", pool_attention=True, fuse=True,
+                     mix_iterations=mix_iterations)
     eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
                  ServeConfig(max_seq_len=96, max_batch_size=8, gen_length=16, block_length=8, steps=16))
     return gr, eng
@@ -79,10 +104,12 @@ def test_mixed_traffic_through_compiled_blocks_never_fails():
     assert gr.stats["replays"] > 0 and gr.stats["eager_reuse"] > 0
 
 
-def test_warmup_compiles_what_serving_runs():
+@pytest.mark.parametrize("mix_iterations", [None, "compiled"])
+def test_warmup_compiles_what_serving_runs(mix_iterations):
     """After the engine's warm-up, greedy traffic (Refresh and full forwards at new widths and batch sizes,
-    Reuse replays) compiles nothing more: no request stalls on a compilation."""
-    gr, eng = _compiled_engine()
+    Reuse replays; with ``compiled`` mixed iterations, packed forwards at new token buckets) compiles nothing
+    more: no request stalls on a compilation."""
+    gr, eng = _compiled_engine(mix_iterations)
     eng.warmup()
     warm = counters["stats"]["unique_graphs"]
     assert warm > 2                                   # the graphs' step and the eager kinds
@@ -97,4 +124,6 @@ def test_warmup_compiles_what_serving_runs():
         eng.run_until_done()
         assert [r.error for r in reqs] == [None] * len(reqs)
     assert gr.stats["replays"] > 0
+    if mix_iterations:
+        assert gr.stats["mixed_packed"] > 0
     assert counters["stats"]["unique_graphs"] == warm

@@ -273,7 +273,7 @@ def test_graph_runner_mixed_on_cuda():
     the eager two calls; tolerances for float32 confidence and the kernels' own rounding."""
     sess = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
     eager = EagerRunner(sess.runner.model)
-    graph = GraphRunner(sess.runner.model)                       # capture, fused decode, pool attention
+    graph = GraphRunner(sess.runner.model, mix_iterations="eager")   # capture, fused decode, pool attention
     pa, pb = _pools(eager)
     graph.bind_pool(pb)
     ref = [run_batch(eager, b) for b in _parts(eager, pa)]
