@@ -9,7 +9,8 @@ Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values
   int64, only what a worker cannot derive: the fed ids (a Reuse step's fed span only: the model reads nothing
   else; read from ``StepBatch.ids_host`` when the builder kept them, so no device->host copy), the seeds (at
   T > 0 only: zeros otherwise), lengths, out_start, q_start, slots (and run-ahead counts, then the decoding
-  core's commit of the run's rules as ``ahead_rules.encode_commit`` words: header slot ``_RULES`` counts them).
+  core's commit of the run's rules as ``ahead_rules.encode_commit`` words: header slot ``_RULES``
+  counts them).
   Positions, key mask, hidden-row
   starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1
   Reuse step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the
@@ -213,7 +214,7 @@ def split_payload(h: list, payload: torch.Tensor) -> list[torch.Tensor]:
     B, fed, W, T, flags = h[_B], h[_FED], h[_W], h[_NFED], h[_FLAGS]
     reuse, cached, sampled = bool(flags & _REUSE), bool(flags & _CACHE), _float(h[_TEMP]) > 0
     parts = list(payload.split([fed * (T if reuse else W), B if sampled else 0, fed, B, fed if reuse else 0,
-                                fed if cached else 0, B * h[_N_AHEAD], h[_RULES]]))[:7]   # rules: commit_words
+                                fed if cached else 0, B * h[_N_AHEAD], h[_RULES]]))[:7]   # + commit_words
     if not sampled:                                             # T = 0: the seeds are zeros (not sent)
         parts[1] = torch.zeros(B, dtype=torch.int64)
     return parts

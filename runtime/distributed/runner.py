@@ -2,7 +2,8 @@
 
 ``TensorParallelRunner.full/refresh/reuse(batch)`` broadcasts the batch to the workers (channel.py), runs its
 own shard on it and returns (x0, conf) (every rank computes them; rank 0's are the answer). Decoding rules
-stay on rank 0: workers only run forwards. A rank that dies makes the runner fail fast: the process watchdog
+stay on rank 0: workers run forwards, and the device-side commits of steps run ahead that rank 0's decoding
+core sends them (ahead_rules.py). A rank that dies makes the runner fail fast: the process watchdog
 (spawned workers), a failed or timed-out collective, or a failed idle ping marks it dead with one line naming
 the rank; every later call raises ``RankFailure`` at once, and the failure callbacks (``dlc serve``'s: end
 every request, stop the server) run once."""
@@ -207,7 +208,8 @@ class TensorParallelRunner:
         ``commit`` from the rules the AHEAD frame carries), so their fed ids stay equal to rank 0's."""
         words = encode_commit(commit)
         if commit is not None and words is None:
-            raise ValueError("tensor parallel: this commit cannot run ahead on every rank (see can_run_ahead)")
+            raise ValueError("tensor parallel: this commit cannot run ahead on every rank "
+                             "(see can_run_ahead)")
         steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts, words),
                            lambda: self.shard.reuse_ahead(batch, counts, commit=commit))
         return self._bounded(steps)

@@ -326,9 +326,12 @@ class CompiledRunner:
             raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
         feed, batch = self._credit_n(self._reuse_feed(batch), batch)
         decode = self._ahead_decode(batch) if batch.wants_extras() else None
-        credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
-        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out, decoded_cols(batch, self.device),
-                                     counts.to(self.device, non_blocking=True), commit, decode, credit)
+        credit = None                    # programs without credit inputs: the run's buffers (the batch's)
+        if batch.credit_ids is not None:
+            credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+        counts = counts.to(self.device, non_blocking=True)
+        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
+                                     decoded_cols(batch, self.device), counts, commit, decode, credit)
 
     def _ahead_decode(self, batch: StepBatch):
         """``(outputs [bb, ...], credit) -> StepOutput`` of a step run ahead: ``_decode_outputs`` (no host

@@ -209,7 +209,12 @@ class ProgramGraphs:
         embed = None
         if "embed_delta" in st and commit is not None and commit.smooth_on is not None:
             embed = (st["embed_delta"], torch.arange(N, device=cols.device).expand(B, N))
-        launch = (lambda: self.launch(cap)[:2]) if decode is None else (lambda: decode(self.launch(cap), credit))
+        if decode is None:
+            def launch():
+                return self.launch(cap)[:2]
+        else:
+            def launch():
+                return decode(self.launch(cap), credit)
         out = run_ahead(launch, st["q_ids"][:B], cols, counts, self.mask_id, commit, credit, embed)
         self._ahead = out.run
         self.stats["replays"] += counts.shape[1]
