@@ -94,6 +94,7 @@ def test_each_rule_runs_ahead_on_every_rank(pair, rule):
         assert min(fw) < GEN["gen_length"]
 
 
+@pytest.mark.slow                 # ~60 s on 2 cores: two mixed runs, each served twice and by one process
 def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
     """Rows of different rules in one run (one group: the frame carries each row's rule), and rows of
     different logprobs / entropy needs: each row selects with its own rule on every rank."""
