@@ -1074,8 +1074,10 @@ class AheadCommit:
 
     def __init__(self, groups: list, mask_id: int, entropy: bool, credit_at: torch.Tensor | None,
                  credit_on: torch.Tensor | None, logprobs: bool = False,
-                 smooth_on: torch.Tensor | None = None, smooth_it: torch.Tensor | None = None):
+                 smooth_on: torch.Tensor | None = None, smooth_it: torch.Tensor | None = None,
+                 rules: list | None = None):
         self.groups, self.mask_id, self.entropy = groups, mask_id, entropy
+        self.rules, self.logprobs = rules, logprobs                  # per row (host): what a peer rebuilds
         self.credit_at, self.credit_on = credit_at, credit_on        # [B] next column, [B] bool (device)
         self.smooth_on, self.smooth_it = smooth_on, smooth_it        # [B] bool, [B] forwards applied (device)
         self.reads = ((("entropy",) if entropy else ())
@@ -1141,11 +1143,6 @@ def ahead_commit(states: list, device) -> AheadCommit | None:
                 and not s.gen.smoothing for s in states)
     if plain:
         return None
-    by_rule: dict[tuple, list[int]] = {}
-    for j, s in enumerate(states):
-        by_rule.setdefault(_rule_key(s.rule), []).append(j)
-    groups = [(states[js[0]].rule, None if len(by_rule) == 1 else torch.tensor(js, device=device))
-              for js in by_rule.values()]
     at = on = None
     if any(s.gen.credit for s in states):
         at = torch.tensor([0 if s.credit is None else s.credit[0].shape[1] for s in states], device=device)
@@ -1154,8 +1151,23 @@ def ahead_commit(states: list, device) -> AheadCommit | None:
     if any(s.gen.smoothing for s in states):
         s_on = torch.tensor([bool(s.gen.smoothing) for s in states], device=device)
         s_it = torch.tensor([s.iters for s in states], device=device)
-    return AheadCommit(groups, states[0].mask_id, any(s.rule.needs_entropy for s in states), at, on,
-                       any(s.gen.logprobs is not None for s in states), s_on, s_it)
+    return rules_commit([s.rule for s in states], states[0].mask_id, device,
+                        any(s.gen.logprobs is not None for s in states), (at, on), (s_on, s_it))
+
+
+def rules_commit(rules: list, mask_id: int, device, logprobs: bool = False, credit: tuple = (None, None),
+                 smoothing: tuple = (None, None)) -> AheadCommit:
+    """The ``AheadCommit`` of rows selecting with ``rules`` (row j: rules[j]), grouped as ``_select_rows``
+    groups them; ``credit`` (next column, on) and ``smoothing`` (on, forwards) [B] device tensors or Nones.
+    ``ahead_commit`` builds it from states; a tensor-parallel worker from the rules rank 0 sends
+    (runtime/distributed/ahead_rules.py), so every rank commits alike."""
+    by_rule: dict[tuple, list[int]] = {}
+    for j, r in enumerate(rules):
+        by_rule.setdefault(_rule_key(r), []).append(j)
+    groups = [(rules[js[0]], None if len(by_rule) == 1 else torch.tensor(js, device=device))
+              for js in by_rule.values()]
+    return AheadCommit(groups, mask_id, any(r.needs_entropy for r in rules), *credit, logprobs, *smoothing,
+                       rules=list(rules))
 
 
 def _guarded(fn):

@@ -8,7 +8,9 @@ Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values
   scalars (phase, sizes, flags, temperature and guidance as float bits, the pool's key) and the payload,
   int64, only what a worker cannot derive: the fed ids (a Reuse step's fed span only: the model reads nothing
   else; read from ``StepBatch.ids_host`` when the builder kept them, so no device->host copy), the seeds (at
-  T > 0 only: zeros otherwise), lengths, out_start, q_start, slots (and run-ahead counts).
+  T > 0 only: zeros otherwise), lengths, out_start, q_start, slots (and run-ahead counts, then the decoding
+  core's commit of the run's rules as ``ahead_rules.encode_commit`` words: header slot ``_RULES``
+  counts them).
   Positions, key mask, hidden-row
   starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1
   Reuse step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the
@@ -43,6 +45,7 @@ PHASES = ("full", "refresh", "reuse")
 # header slots
 (_KIND, _FORM, _SIZE, _PHASE, _B, _FED, _W, _NOUT, _NFED, _BLOCK, _FLAGS, _LOGPROBS, _TEMP, _CFG,
  _N_AHEAD, _POOL) = range(16)                           # _POOL .. _POOL + 3: n_slots, S, head scores, id
+_RULES = _POOL + 4                                      # run ahead: words of the rules' commit (0: none)
 _SENT = HEAD - 1                                        # rank 0's monotonic clock (ns) at the broadcast
 _TEMPERED, _ENTROPY, _CACHE, _REUSE = 1, 2, 4, 8
 # batch fields the compact form does not carry (a batch with any of them set goes pickled)
@@ -73,13 +76,15 @@ class Channel:
         if data:
             dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.group)
 
-    def send_batch(self, kind: int, batch: StepBatch, counts: torch.Tensor | None = None) -> Compact | None:
-        """A STEP (or AHEAD, with the run-ahead ``counts`` [B, n]) of ``batch``: compact when it can be.
-        Returns the compact step sent (what the workers receive), None when it went pickled."""
+    def send_batch(self, kind: int, batch: StepBatch, counts: torch.Tensor | None = None,
+                   rules: torch.Tensor | None = None) -> Compact | None:
+        """A STEP (or AHEAD, with the run-ahead ``counts`` [B, n] and the ``rules`` words of its commit, if
+        any) of ``batch``: compact when it can be. Returns the compact step sent (what the workers receive),
+        None when it went pickled."""
         t0 = time.perf_counter()
-        msg = encode(batch, counts)
+        msg = encode(batch, counts, rules)
         if msg is None:
-            self.send(kind, (pack_batch(batch), counts))
+            self.send(kind, (pack_batch(batch), counts, rules))
             return None
         head, payload = msg
         f, n = self._frame, payload.numel()
@@ -135,8 +140,10 @@ def pool_key(pool) -> tuple | None:
     return (pool.k_all.shape[1], pool.k_all.shape[3], pool.scores is not None, pool.k_all.data_ptr())
 
 
-def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(header [HEAD], payload) int64 of a batch, or None when it carries what the compact form does not."""
+def encode(batch: StepBatch, counts: torch.Tensor | None = None,
+           rules: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(header [HEAD], payload) int64 of a batch, or None when it carries what the compact form does not.
+    ``rules``: the words of a run ahead's commit (``ahead_rules.encode_commit``), last in the payload."""
     if any(getattr(batch, f) is not None for f in _PICKLED_ONLY):
         return None
     B, fed, W = batch.n_seqs, batch.fed, batch.width
@@ -156,6 +163,8 @@ def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.
         host.append(batch.slots)
     if counts is not None:
         host.append(counts.flatten())
+    if rules is not None:
+        host.append(rules)
     head = torch.zeros(HEAD, dtype=torch.int64)
     key = pool_key(batch.cache) or (0, 0, 0, 0)
     flags = (_TEMPERED * batch.tempered_conf | _ENTROPY * bool(batch.entropy)
@@ -164,6 +173,7 @@ def encode(batch: StepBatch, counts: torch.Tensor | None = None) -> tuple[torch.
         PHASES.index(batch.phase), B, fed, W, batch.n_out, batch.n_fed, batch.block_size, flags,
         -1 if batch.logprobs is None else batch.logprobs, _bits(batch.temperature), _bits(batch.cfg_scale),
         0 if counts is None else counts.shape[1], *(int(v) for v in key))
+    head[_RULES] = 0 if rules is None else rules.numel()
     return head, torch.cat([t.to(torch.int64).flatten() for t in host])
 
 
@@ -204,10 +214,19 @@ def split_payload(h: list, payload: torch.Tensor) -> list[torch.Tensor]:
     B, fed, W, T, flags = h[_B], h[_FED], h[_W], h[_NFED], h[_FLAGS]
     reuse, cached, sampled = bool(flags & _REUSE), bool(flags & _CACHE), _float(h[_TEMP]) > 0
     parts = list(payload.split([fed * (T if reuse else W), B if sampled else 0, fed, B, fed if reuse else 0,
-                                fed if cached else 0, B * h[_N_AHEAD]]))
+                                fed if cached else 0, B * h[_N_AHEAD], h[_RULES]]))[:7]   # + commit_words
     if not sampled:                                             # T = 0: the seeds are zeros (not sent)
         parts[1] = torch.zeros(B, dtype=torch.int64)
     return parts
+
+
+def commit_words(kind_msg) -> torch.Tensor | None:
+    """The words of the commit a STEP / AHEAD message carries (either form; ``ahead_rules.decode_commit``
+    reads them), None without one."""
+    if isinstance(kind_msg, Compact):
+        n = int(kind_msg.head[_RULES])
+        return kind_msg.payload[kind_msg.payload.numel() - n:] if n else None
+    return kind_msg[2] if len(kind_msg) > 2 else None
 
 
 def frame_key(h: list) -> tuple:
@@ -264,7 +283,7 @@ def read_batch(kind_msg, config, device, pools: dict, make_pool) -> tuple[StepBa
     if isinstance(kind_msg, Compact):
         batch, key, counts = decode(kind_msg, config, device)
     else:
-        packed, counts = kind_msg
+        packed, counts = kind_msg[:2]
         batch, key = unpack_batch(packed, device)
     if key is not None:
         batch.cache = pool_for(pools, key, make_pool).view(batch.slots)

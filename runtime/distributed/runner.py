@@ -2,7 +2,8 @@
 
 ``TensorParallelRunner.full/refresh/reuse(batch)`` broadcasts the batch to the workers (channel.py), runs its
 own shard on it and returns (x0, conf) (every rank computes them; rank 0's are the answer). Decoding rules
-stay on rank 0: workers only run forwards. A rank that dies makes the runner fail fast: the process watchdog
+stay on rank 0: workers run forwards, and the device-side commits of steps run ahead that rank 0's decoding
+core sends them (ahead_rules.py). A rank that dies makes the runner fail fast: the process watchdog
 (spawned workers), a failed or timed-out collective, or a failed idle ping marks it dead with one line naming
 the rank; every later call raises ``RankFailure`` at once, and the failure callbacks (``dlc serve``'s: end
 every request, stop the server) run once."""
@@ -22,8 +23,9 @@ from dlc.runtime.decoding import FieldError
 from dlc.runtime.step import AheadSteps
 
 from . import step_times
+from .ahead_rules import decode_commit, encode_commit
 from .channel import (AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP, Channel, Compact,
-                      frame_reuses, pool_for, pool_key, read_batch)
+                      commit_words, frame_reuses, pool_for, pool_key, read_batch)
 from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, release_before_leaving, with_graphs
 
@@ -191,14 +193,25 @@ class TensorParallelRunner:
             self._call(lambda: self.channel.send(WARMUP, (widths, max_batch)),
                        lambda: self.shard.warmup(widths, max_batch))
 
-    def can_run_ahead(self, batch) -> bool:
-        return self.graphed and self.shard.can_run_ahead(batch)
+    ahead_rules = True     # every rank runs the core's commit of the rows' rules (ahead_rules.py: the frame)
 
-    def reuse_ahead(self, batch, counts):
+    def can_run_ahead(self, batch, commit=None) -> bool:
+        """A batch the rank's graph runner runs ahead; with the core's ``commit``, one whose rules the AHEAD
+        frame carries (``encode_commit``: not credit or smoothing, which tensor parallelism refuses)."""
+        if commit is not None and encode_commit(commit) is None:
+            return False
+        return self.graphed and self.shard.can_run_ahead(batch, commit)
+
+    def reuse_ahead(self, batch, counts, commit=None):
         """step.LookaheadRunner: the workers run the same steps ahead (the same commits on the device: every
-        rank's combine ends with the same tokens), so their fed ids stay equal to rank 0's."""
-        steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts),
-                           lambda: self.shard.reuse_ahead(batch, counts))
+        rank's combine ends with the same tokens, entropy and logprobs, and each rank rebuilds the core's
+        ``commit`` from the rules the AHEAD frame carries), so their fed ids stay equal to rank 0's."""
+        words = encode_commit(commit)
+        if commit is not None and words is None:
+            raise ValueError("tensor parallel: this commit cannot run ahead on every rank "
+                             "(see can_run_ahead)")
+        steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts, words),
+                           lambda: self.shard.reuse_ahead(batch, counts, commit=commit))
         return self._bounded(steps)
 
     def continue_ahead(self, steps, counts):
@@ -438,7 +451,10 @@ def _work(shard, kind: int, msg, pools: dict, make_pool):
     elif kind in (STEP, AHEAD):
         batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool)
         if kind == AHEAD:
-            pools["ahead"] = shard.reuse_ahead(batch, counts)
+            words = commit_words(msg)              # rank 0's rules: the same commit on this rank's device
+            commit = None if words is None else decode_commit(words, batch.n_seqs, shard.config.mask_id,
+                                                              shard.device)
+            pools["ahead"] = shard.reuse_ahead(batch, counts, commit=commit)
         else:
             getattr(shard, batch.phase)(batch)
     return shard

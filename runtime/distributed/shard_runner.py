@@ -53,9 +53,8 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
 def extras_of(out: dict, logprobs: bool, entropy: bool) -> dict:
     """``combine``'s dict -> the keys ``StepOutput`` takes (tokens, confidence and the extras asked for)."""
     res = {"tokens": out["tokens"], "confidence": out["confidence"]}
-    if logprobs:
-        res.update(logprob=out["logprob"], topk_ids=out.get("topk_ids"),
-                   topk_logprobs=out.get("topk_logprobs"))
+    if logprobs:                 # logprobs 0: no alternatives (no None values: graph variants copy each key)
+        res.update({k: out[k] for k in ("logprob", "topk_ids", "topk_logprobs") if k in out})
     if entropy:
         res["entropy"] = out["entropy"]
     return res

@@ -293,21 +293,73 @@ class CompiledRunner:
                                                                 self.sparse_retention is not None, full)
 
     # --- steps run ahead of the host (step.LookaheadRunner, runners/ahead.py) ------------------------------
-    ahead_rules = True          # the core's commit of rules without extras (threshold, factor, hierarchical)
+    ahead_rules = True          # the core's commit of every T = 0 rule the programs decode (can_run_ahead)
 
     def can_run_ahead(self, batch: StepBatch, commit=None) -> bool:
-        """A plain T = 0 Reuse batch the graphs take (no extras: the pool is the only input that decides);
-        ``commit``: the decoding core's ``AheadCommit`` of its rows' rules (those that need no extras)."""
-        return (batch.phase == "reuse" and batch.temperature == 0 and not batch.wants_extras()
-                and self._graphable({"k_pool": batch.cache.k_all}, batch))
+        """A T = 0 Reuse batch the graphs take (the pool is the only input that decides). Without extras, any
+        rule (``commit``: the decoding core's ``AheadCommit``; None: low-confidence). With extras, the core's
+        commit and what it reads from programs that provide it (``_ahead_extras``)."""
+        if batch.phase != "reuse" or batch.temperature != 0 or batch.top_k is not None:
+            return False
+        if batch.wants_extras() and (commit is None or not self._ahead_extras(batch)):
+            return False
+        return self._graphable({"k_pool": batch.cache.k_all}, batch)
+
+    def _ahead_extras(self, batch: StepBatch) -> bool:
+        """The extras of a run ahead, each step's on the device: entropy and logprobs (the programs' chunked
+        outputs of ``--decode-extras`` engines, or decoded from their hidden rows), credit (carried N columns
+        wide: in the programs' static credit inputs, float64 as the host keeps it; GPU-lowered engines, whose
+        programs take none, in the run's own buffers their rows decode with) and smoothing (programs that
+        take ``embed_delta`` and return the hidden rows the soft embedding is decoded from; the commit writes
+        the next soft input into the static ``embed_delta``). Engines without ``--decode-extras`` refuse
+        these rules (``check_generation``)."""
+        if not (self.extras or self.row_decoding):
+            return False
+        if batch.credit_ids is not None and (batch.credit_ids.shape[-1] > batch.n_out or (
+                self.extras and self.temperature_dtype != torch.float64)):
+            return False
+        return self.row_decoding or (batch.soft_tau is None and batch.embed_delta is None)
 
     @torch.no_grad()
     def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
         if not self.can_run_ahead(batch, commit):
             raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
-        return self.graphs.run_ahead(self._reuse_feed(batch), batch.fed, batch.n_fed, batch.n_out,
-                                     decoded_cols(batch, self.device),
-                                     counts.to(self.device, non_blocking=True), commit)
+        feed, batch = self._credit_n(self._reuse_feed(batch), batch)
+        decode = self._ahead_decode(batch) if batch.wants_extras() else None
+        credit = None                    # programs without credit inputs: the run's buffers (the batch's)
+        if batch.credit_ids is not None:
+            credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+        counts = counts.to(self.device, non_blocking=True)
+        return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
+                                     decoded_cols(batch, self.device), counts, commit, decode, credit)
+
+    def _ahead_decode(self, batch: StepBatch):
+        """``(outputs [bb, ...], credit) -> StepOutput`` of a step run ahead: ``_decode_outputs`` (no host
+        reads at T = 0) over the batch's rows, its credit the run's carried credit (rows decoded here)."""
+        B = batch.n_seqs
+
+        def decode(outs: list, credit: tuple | None):
+            b = batch if credit is None else replace(batch, credit_ids=credit[0][:B],
+                                                     credit_vals=credit[1][:B].to(torch.float64),
+                                                     credit_alpha=credit[2][:B].to(torch.float64))
+            return self._decode_outputs([o[:B] for o in outs], b)
+        return decode
+
+    def _credit_n(self, feed: dict, batch: StepBatch) -> tuple[dict, StepBatch]:
+        """Credit rows in the graphs: N columns wide, the rows' own first and zeros after (no credit), as the
+        graph runner stages it, so one captured variant serves a block's every step and a run ahead carries
+        it in place (a block's credit grows one id a step: at most N). The batch's credit padded alike (the
+        rows a runner decodes read it)."""
+        if batch.credit_ids is None or batch.credit_ids.shape[-1] == batch.n_out:
+            return feed, batch
+        B, N, M = batch.credit_ids.shape
+        ids = batch.credit_ids.new_zeros(B, N, N)
+        vals = batch.credit_vals.new_zeros(B, N, N)
+        ids[..., :M], vals[..., :M] = batch.credit_ids, batch.credit_vals
+        batch = replace(batch, credit_ids=ids, credit_vals=vals)
+        if "credit_ids" in feed:
+            feed = dict(feed, credit_ids=ids, credit_vals=vals.to(self.temperature_dtype))
+        return feed, batch
 
     @torch.no_grad()
     def continue_ahead(self, steps, counts: torch.Tensor):
@@ -321,6 +373,7 @@ class CompiledRunner:
         c, qs, T = batch.cache, batch.q_start_dev, batch.n_fed
         feed = self._reuse_feed(batch)
         if self._graphable(feed, batch):
+            feed, batch = self._credit_n(feed, batch)
             return self._decode_outputs(self.graphs.run(feed, batch.fed, T, batch.n_out), batch)
         res = self._call("reuse", feed)
         if not self.kv_inplace:                     # outputs: decoding ..., k_new, v_new [nl, fed, Hkv, T, D]

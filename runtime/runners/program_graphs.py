@@ -81,7 +81,8 @@ class ProgramGraphs:
     def eligible(self, feed: dict, B: int, guided: bool, sparse: bool, full_row: bool = False) -> bool:
         """``full_row``: some row is as long as the pool (head-sparse: no padding key to pad the list
         with)."""
-        credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] != 1      # its width varies per step
+        # credit: staged N columns wide (CompiledRunner._credit_n); wider cannot be
+        credit = "credit_ids" in feed and feed["credit_ids"].shape[-1] > feed["out_index"].shape[1]
         return (self.pool is not None and not guided and not (sparse and full_row) and not credit
                 and B <= self.buckets[-1] and feed["k_pool"] is self.pool.k_all)
 
@@ -153,7 +154,7 @@ class ProgramGraphs:
         bb = self.bucket(B)
         S = feed["key_mask"].shape[1]
         kb = keep_bucket(feed[KEEP].shape[-1], S) if KEEP in feed else 0
-        key = (bb, T, N, S, kb)
+        key = (bb, T, N, S, kb, feed["credit_ids"].shape[-1] if "credit_ids" in feed else 0)   # credit: 1 / N
         cap = self.graphs.get(key)
         if cap is None:
             cap = self._capture(key, {n: feed[n] if n in ("k_pool", "v_pool") else
@@ -193,13 +194,28 @@ class ProgramGraphs:
         return cap.outs
 
     def run_ahead(self, feed: dict, B: int, T: int, N: int, cols: torch.Tensor, counts: torch.Tensor,
-                  commit=None):
+                  commit=None, decode=None, credit: tuple | None = None):
         """``counts.shape[1]`` steps back to back (runners/ahead.py): the commits (``commit``: the decoding
-        core's ``AheadCommit``, None: the low-confidence schedule) land in the static q_ids."""
+        core's ``AheadCommit``, None: the low-confidence schedule) land in the static q_ids. ``decode(outputs,
+        credit)``: the step's (tok, conf) or StepOutput with the extras the commit reads (None: the first two
+        outputs). The commit carries credit in the static credit inputs (programs without them: ``credit``,
+        the run's own [B, N, N] buffers ``decode`` reads) and writes smoothing's next soft input into the
+        static ``embed_delta`` [bb, N, d] (its columns: the decoded ones)."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
         cap = self.stage(feed, B, T, N)
-        out = run_ahead(lambda: self.launch(cap)[:2], cap.static["q_ids"][:B], cols, counts, self.mask_id,
-                        commit)
+        st = cap.static
+        if "credit_ids" in st and credit is not None:
+            credit = (st["credit_ids"], st["credit_vals"], st["credit_alpha"])
+        embed = None
+        if "embed_delta" in st and commit is not None and commit.smooth_on is not None:
+            embed = (st["embed_delta"], torch.arange(N, device=cols.device).expand(B, N))
+        if decode is None:
+            def launch():
+                return self.launch(cap)[:2]
+        else:
+            def launch():
+                return decode(self.launch(cap), credit)
+        out = run_ahead(launch, st["q_ids"][:B], cols, counts, self.mask_id, commit, credit, embed)
         self._ahead = out.run
         self.stats["replays"] += counts.shape[1]
         self.stats["ahead_calls"] += 1

@@ -1,0 +1,148 @@
+"""Every T = 0 decoding rule runs its Reuse steps ahead over an engine's phase programs (issues 18 / 15):
+``CompiledRunner.reuse_ahead`` with the decoding core's ``AheadCommit`` over ``ProgramGraphs``' static
+inputs (no capture on CPU: the same staging, commits and static buffers a CUDA graph replays).
+
+An export engine directory built with ``--decode-extras --logprobs 2`` returns entropy, logprobs and credit's
+top-1 per chunk and takes credit's and smoothing's inputs: threshold, factor, hierarchical, entropy-bound,
+credit (carried in the static credit inputs, staged N columns wide), logprobs and smoothing (the device
+writes the next soft input into the static ``embed_delta``; the soft embedding decoded from the programs'
+hidden rows) all run ahead. A GPU-lowered ``--decode-extras`` build (its programs only return the hidden
+rows; run here through the ops' CPU references) decodes every extra from the rows on the device, credit from
+the run's own buffers. Through the serving Engine, lookahead 16 must give the tokens and logprobs of lookahead
+1 exactly (the same programs over the same shapes) and the eager checkpoint's tokens; the steps ran ahead and
+no device commit differed from the core's."""
+import pytest
+import torch
+
+from compiler_helpers import run_cli
+from dlc.runtime.config import ServeConfig
+from dlc.runtime.engine import Engine
+from dlc.runtime.generate import GenerationConfig, generate
+from dlc.runtime.session import Session, open_model
+
+GEN = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+PROMPTS = [[72, 101, 108, 108, 111], [87, 111, 114], [1, 2, 3, 4, 5, 6, 7]]
+RULES = {"threshold": dict(threshold=0.3), "factor": dict(factor=2.0),
+         "hierarchical": dict(threshold=0.5, low_threshold=0.1), "entropy_bound": dict(entropy_bound=3.0),
+         "credit": dict(threshold=0.3, credit=True), "credit_schedule": dict(credit=True),
+         "logprobs": dict(threshold=0.3, logprobs=2), "smoothing": dict(threshold=0.3, smoothing=True),
+         "smoothing_schedule": dict(smoothing=True, logprobs=0)}
+EXTRAS = ("entropy_bound", "credit", "logprobs", "smoothing")
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine-ahead") / "export"
+    res = run_cli(["compile", tiny_ckpt, "--target", "cpu", "--backend", "export", "-o", out,
+                   "--max-seq-len", "96", "--max-batch-size", "4", "--block-length", "8", "--decode-extras",
+                   "--logprobs", "2"])
+    assert res.exit_code == 0, res.output
+    return open_model(str(out), device="cpu"), open_model(str(tiny_ckpt), device="cpu")
+
+
+def serve(session, items, lookahead):
+    """(prompt, params) items through one Engine over the session's runner, its Reuse steps on fresh
+    uncaptured graphs -> (engine, [(output ids, token logprobs)])."""
+    runner = session.runner
+    eng = Engine(session, ServeConfig(kv_cache_mb=16, max_batch_size=4, max_seq_len=96,
+                                      lookahead_steps=lookahead, lookahead_max_ms=0))
+    runner.enable_graphs(True, capture=False)                 # fresh graphs (and stats) per engine
+    runner.bind_pool(eng.kv)
+    reqs = [eng.make_request(p, params) for p, params in items]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert all(r.error is None for r in reqs)
+    return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
+
+
+def check(session, eager, items):
+    """lookahead 16 == lookahead 1 (tokens and logprobs exactly) == eager generate's tokens; the rules ran
+    ahead, no device commit differed. -> the outputs."""
+    _, want = serve(session, items, 1)
+    assert session.runner.graphs.stats["ahead_calls"] == 0
+    eng, got = serve(session, items, 16)
+    assert got == want
+    st = session.runner.graphs.stats
+    assert st["ahead_calls"] > 0 and st["direct"] == 0
+    assert eng.metrics.counter("lookahead_runs_total", rule="rules") > 0
+    dropped = eng.metrics.counter("lookahead_dropped_steps_total")
+    assert dropped == eng.metrics.counter("lookahead_past_block_steps_total")      # no commit differed
+    for (p, params), (ids, _) in zip(items, got):
+        ref = generate(eager.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+        assert ids == ref
+    return [ids for ids, _ in got]
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_rule_runs_ahead_over_the_engines_programs(sessions, rule):
+    engine, eager = sessions
+    outs = check(engine, eager, [(p, dict(GEN, **RULES[rule])) for p in PROMPTS])
+    assert len({tuple(o) for o in outs}) == len(PROMPTS)                  # decisive: prompts matter
+
+
+def test_the_rules_change_the_tokens(sessions):
+    """Decisive: credit, smoothing and the variable-count rules each give other tokens than the plain
+    schedule on these prompts (so equal tokens above mean the device carried them)."""
+    _, eager = sessions
+    plain = generate(eager.runner, PROMPTS, GenerationConfig(**GEN)).token_ids
+    for rule in ("threshold", "entropy_bound", "credit_schedule", "smoothing_schedule"):
+        cfg = GenerationConfig(**GEN, **{k: v for k, v in RULES[rule].items() if k != "logprobs"})
+        assert generate(eager.runner, PROMPTS, cfg).token_ids != plain, rule
+
+
+def test_a_mixed_batch_with_extras_runs_ahead_row_by_row(sessions):
+    """Rows of entropy-bound, credit, logprobs and smoothing in one run (one group: every row has extras):
+    each row's own rule and extras on the device."""
+    engine, eager = sessions
+    items = [(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS + [[9, 9, 40]])]
+    assert len({tuple(o) for o in check(engine, eager, items)}) > 1
+
+
+def test_gpu_lowered_engines_run_every_rule_ahead_from_the_hidden_rows(sessions):
+    """A GPU-lowered --decode-extras build (hidden rows only; the ops' CPU references here): credit (carried
+    in the run's own buffers) and a batch mixing every rule with extras run ahead, decoded from the rows on
+    the device per step."""
+    from dlc.compiler import in_memory_runner
+    _, eager = sessions
+    model = eager.runner.model
+    runner = in_memory_runner(model, block_length=8, device="cuda", decode_extras=True)
+    assert runner.row_decoding and not runner.extras
+    sess = Session(runner, None, model.config, False, "gpu-lowered")
+    check(sess, eager, [(p, dict(GEN, **RULES["credit"])) for p in PROMPTS])
+    check(sess, eager, [(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_rule_runs_ahead_on_captured_engine_graphs(tmp_path):
+    """On the GPU: an export engine built for this GPU (fused decoding, --decode-extras: hidden rows), its
+    Reuse program replayed as CUDA graphs: each rule and a mixed batch run ahead with the synchronous path's
+    tokens and logprobs (the same graphs and row decoding)."""
+    from dlc.compiler.build import compile_model
+    out = tmp_path / "gpu-export"
+    target = "h200" if "H200" in torch.cuda.get_device_name() else "h100"
+    compile_model("tiny-llada", target, str(out), backend="export", dtype="fp32", block_length=8,
+                  decode_extras=True, echo=lambda *a, **k: None)
+    sess = open_model(str(out), device="cuda", progress=False)
+
+    def served(items, la):
+        eng = Engine(sess, ServeConfig(kv_cache_mb=64, max_batch_size=4, max_seq_len=96, cuda_graphs=True,
+                                       compile=False, lookahead_steps=la, lookahead_max_ms=0))
+        reqs = [eng.make_request(p, params) for p, params in items]
+        for r in reqs:
+            eng.add_request(r)
+        eng.run_until_done()
+        assert all(r.error is None for r in reqs)
+        return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
+    sets = [[(p, dict(GEN, **kw)) for p in PROMPTS] for kw in RULES.values()]
+    sets.append([(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS)])
+    for items in sets:
+        sync, want = served(items, 1)
+        calls = sync.runner.graphs.stats["ahead_calls"]
+        eng, got = served(items, 16)
+        assert got == want
+        assert eng.runner.graphs.stats["ahead_calls"] > calls and eng.runner.graphs.stats["captures"] > 0
+        assert eng.metrics.counter("lookahead_runs_total", rule="rules") > 0
+        dropped = eng.metrics.counter("lookahead_dropped_steps_total")
+        assert dropped == eng.metrics.counter("lookahead_past_block_steps_total")
