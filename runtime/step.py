@@ -302,7 +302,7 @@ def _add_extras(batch: StepBatch, states: list[DecodeState], dev) -> None:
         batch.soft_tau, batch.soft_top_k = softs[0]               # (group_key: one top k per call)
         delta = smoothing_delta(states, dev)                                    # [B, N, d] or None
         if delta is not None:
-            batch.embed_delta = delta if delta.device == dev else to_device(delta, dev)
+            batch.embed_delta = to_device(delta, dev)                # on the device already: as it is
 
 
 def _credit_rows(credit: list, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -81,7 +81,9 @@ def unpack_words(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Ten
 
 
 def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """A host tensor on ``dev`` without the host waiting: pinned first for a GPU, then a non-blocking copy."""
-    if dev.type == "cuda":
+    """A tensor on ``dev`` without the host waiting: a host tensor is pinned first for a GPU, then copied
+    non-blocking; a tensor already on a device moves as it is (only host memory can be pinned; ``dev`` may
+    name no index, ``cuda``, while the tensor says ``cuda:0``: the two compare unequal)."""
+    if dev.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory()
     return t.to(dev, non_blocking=True)

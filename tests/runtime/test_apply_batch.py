@@ -258,3 +258,27 @@ def test_smoothing_delta_is_each_states_weighted_soft_on_its_still_masked_column
         assert 0 < int(still.sum()) < K
         assert torch.equal(d, torch.where(still, s.soft_w * s.soft, torch.zeros_like(s.soft)))
     assert not delta[2].any()
+
+
+def test_to_device_pins_host_tensors_only(monkeypatch):
+    """``step_output.to_device`` pins a host tensor before its copy to a GPU, and moves a tensor that is on a
+    device already as it is: a compiled engine's runner names its device ``cuda`` while its tensors say
+    ``cuda:0``, and pinning such a tensor (smoothing's soft input) failed every smoothing request over a
+    compiled engine on a GPU ("cannot pin 'torch.cuda.DoubleTensor'"). The copy itself is stubbed here (no
+    GPU on this machine): the test checks which tensors get pinned."""
+    from dlc.runtime.step_output import to_device
+    pinned, moved = [], []
+
+    def pin(t):
+        if t.device.type != "cpu":
+            raise RuntimeError(f"cannot pin a tensor on {t.device}")
+        pinned.append(t)
+        return t
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, dev, non_blocking=False: moved.append(dev) or t)
+    host = torch.ones(3, dtype=torch.float64)
+    on_device = torch.empty(3, dtype=torch.float64, device="meta")     # stands in for a GPU tensor
+    assert to_device(host, torch.device("cuda")) is host and pinned == [host]
+    assert to_device(on_device, torch.device("cuda")) is on_device and pinned == [host]
+    assert to_device(host, torch.device("cpu")) is host and len(pinned) == 1
+    assert moved == [torch.device("cuda")] * 2 + [torch.device("cpu")]
