@@ -1,18 +1,47 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+def _threads() -> int:
+    """Intra-op threads of a test process: 2, or the cores each xdist worker has (1 under .ci/run's two
+    workers on 2 cores). Two workers of two OpenMP threads each on 2 cores ran a dlc-tiny eval ~10x slower
+    than with one thread each (a parallel region waits for its thread that the other worker's threads keep
+    off a core), so a worker and the processes its tests start (OMP_NUM_THREADS: CLI runs, bench scripts)
+    keep to their share."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+torch.set_num_threads(_threads())
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads()))
+
+# each test file's seconds on 2 cores (refresh it with .ci/file_seconds.py): xdist hands out the longest first
+FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
 
 
 def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):      # an xdist worker: its order is the order files are handed out in
+        _longest_files_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _longest_files_first(items):
+    """Longest-processing-time-first scheduling: with ``--dist loadfile --no-loadscope-reorder`` (.ci/run) a
+    worker takes the next file in collection order, so sorting the files by their measured seconds (a file
+    not in the table counts 0: it runs last; tests keep their order inside a file) stops a long file from
+    starting last while the other worker idles."""
+    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))
 
 
 @pytest.fixture(scope="module")

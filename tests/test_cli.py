@@ -1,9 +1,14 @@
-"""The dlc command line as a user runs it: a real subprocess, output parsed."""
+"""The dlc command line as a user runs it: a real subprocess, output parsed. Checks of many flag
+combinations on one command run ``main`` in process (``dlc_in_process``: click's runner, stdout and stderr
+apart, each ~4 s of torch import less); every command keeps real subprocess tests here."""
 import json
 import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
+
+from dlc.cli import main
 
 
 def dlc(*args, check=True):
@@ -11,6 +16,13 @@ def dlc(*args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"dlc {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def dlc_in_process(*args):
+    """``dlc ARGS`` in this process -> its stdout (exit code 0 asserted)."""
+    r = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert r.exit_code == 0, f"dlc {' '.join(args)} failed ({r.exit_code}):\n{r.output}"
+    return r.stdout
 
 
 def test_generate_json_matches_library():
@@ -66,9 +78,9 @@ def test_generate_with_the_parallel_decoders_and_logprobs():
     for flags in (["--threshold", "0.9", "--low-threshold", "0.3"], ["--entropy-bound", "0.5"],
                   ["--threshold", "0.9", "--credit", "--smoothing", "--kv-cache", "dual"],
                   ["--threshold", "0.9", "--smoothing", "--smoothing-top-k", "4", "--kv-cache", "dual"]):
-        assert dlc("generate", "dlc-tiny", "64+78", *flags).stdout == "142\n", flags
-    out = json.loads(dlc("generate", "dlc-tiny", "64+78", "--logprobs", "2",
-                         "--json").stdout.splitlines()[-1])
+        assert dlc_in_process("generate", "dlc-tiny", "64+78", *flags) == "142\n", flags
+    out = json.loads(dlc_in_process("generate", "dlc-tiny", "64+78", "--logprobs", "2",
+                                    "--json").splitlines()[-1])
     assert len(out["logprobs"]) == len(out["token_ids"]) == 3
     assert all(len(e["top"]) == 2 and e["logprob"] <= 0 for e in out["logprobs"])
     bad = subprocess.run([sys.executable, "-m", "dlc.cli", "generate", "dlc-tiny", "x", "--entropy-bound",
@@ -82,7 +94,7 @@ def test_generate_batch_invariant_flag():
     """``--batch-invariant`` runs generation inside the mode (on CPU its overrides are CUDA-only: the same
     tokens as without it) and refuses ``--compile`` in one line naming the flag."""
     args = ("generate", "dlc-tiny", "64+78", "--threshold", "0.9", "--kv-cache", "dual")
-    assert dlc(*args, "--batch-invariant").stdout == "142\n"      # test_generate_threshold_dual_plain_text
+    assert dlc_in_process(*args, "--batch-invariant") == "142\n"     # test_generate_threshold_dual_plain_text
     p = dlc(*args, "--batch-invariant", "--cuda-graphs", "--compile", check=False)
     assert p.returncode != 0 and "--batch-invariant keeps --compile off" in p.stderr
     assert "Traceback" not in p.stderr

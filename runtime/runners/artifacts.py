@@ -59,9 +59,14 @@ def load_onnx(path: Path, device="cpu"):
     except ImportError:
         raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime "
                                  "(or dlc[onnx])") from None
-    sess = ort.InferenceSession(str(path), providers=_ort_providers(device))
-    names = [i.name for i in sess.get_inputs()]
     dev = torch.device(device)
+    opts = ort.SessionOptions()
+    if dev.type == "cpu":
+        # the process's thread budget (torch.set_num_threads / OMP_NUM_THREADS), as the torch backends: ORT's
+        # own default (one spinning thread per core, per session) made two processes on 2 cores 3x slower
+        opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=_ort_providers(device))
+    names = [i.name for i in sess.get_inputs()]
 
     def run(*args):
         feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}

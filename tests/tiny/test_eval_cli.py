@@ -71,8 +71,12 @@ def test_unknown_model_is_a_clear_error():
 
 @pytest.mark.slow
 def test_sparse_retention_one_equals_dense_dual():
-    """--sparse-retention compiles the model with the head-sparse pass; retention 1.0 keeps every column."""
-    line = dlc("eval", "dlc-tiny", "--n", "48", "--kv-cache", "dual", "--sparse-retention", "1.0", "--json")
+    """--sparse-retention compiles the model with the head-sparse pass; retention 1.0 keeps every column. In
+    process (the subprocess of `dlc eval`: test_eval_json_matches_the_library)."""
+    r = CliRunner().invoke(eval_command, ["dlc-tiny", "--n", "48", "--kv-cache", "dual", "--sparse-retention",
+                                          "1.0", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    line = r.stdout
     out = json.loads(line.strip().splitlines()[-1])
     ref = evaluate(open_model("dlc-tiny", progress=False), make_config(kv_cache="dual"), n=48)
     assert out["sparse_retention"] == 1.0 and out["engine"] != "eager"
