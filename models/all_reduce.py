@@ -53,6 +53,10 @@ ALIGN = 16                    # the kernel's 16-byte vectors: offsets and sizes 
 # group name -> its AllReduce (the custom op's real impl finds it there); weak: it lives as long as the model
 # whose layers hold it, so a closed group's buffer is freed with its model
 _REDUCERS: "weakref.WeakValueDictionary[str, AllReduce]" = weakref.WeakValueDictionary()
+# whether this process has rendezvoused a symmetric buffer (``symmetric_buffer``): a second TP group of the
+# same process hung in PyTorch's ``rendezvous`` on 2 x H200 (torch 2.11; bench/RESULTS.md), so a later group
+# of this process takes NCCL (``for_new_group``)
+_RENDEZVOUSED = False
 
 
 def check_backend(backend) -> str:
@@ -81,6 +85,25 @@ def refuse_symm(backend: str, device_type: str) -> None:
     why = symm_missing(device_type) if check_backend(backend) == "symm" else None
     if why:
         raise ValueError(f"{FIELD} symm: {why}; use {FIELD} auto or nccl")
+
+
+def for_new_group(backend: str) -> str:
+    """The backend a new TP group started by this process takes (rank 0 decides before any worker starts
+    and hands it to every rank): as asked, except in a process that already rendezvoused symmetric memory
+    for an earlier group. There ``symm_mem.rendezvous`` of the second group hung on 2 x H200 (torch 2.11: a
+    faulthandler dump of rank 0 stopped in it, the fresh worker waiting), even with the first group's buffer
+    freed before it left; so ``auto`` takes NCCL (a warning) and ``symm`` is refused, naming the field.
+    ``dlc serve`` / ``generate`` start one group per process and never meet this; tests and benches that
+    open several groups in one process do."""
+    check_backend(backend)
+    if not _RENDEZVOUSED or backend == "nccl":
+        return backend
+    why = "this process already set up symmetric memory for an earlier tensor-parallel group"
+    if backend == "symm":
+        raise ValueError(f"{FIELD} symm: {why} (a second rendezvous in one process hangs); start the group "
+                         f"in a new process or use {FIELD} nccl")
+    warnings.warn(f"{FIELD} auto: {why}; this group uses NCCL", stacklevel=2)
+    return "nccl"
 
 
 def p2p_ok(world: int) -> bool:
@@ -251,6 +274,8 @@ def symmetric_buffer(nbytes: int, group) -> torch.Tensor:
     enable = getattr(symm_mem, "enable_symm_mem_for_group", None)        # needed before torch 2.9,
     if enable is not None and not hasattr(enable, "__deprecated__"):     # a deprecated no-op since
         enable(group.group_name)
+    global _RENDEZVOUSED
+    _RENDEZVOUSED = True                       # set before: a failed rendezvous has touched the state too
     symm_mem.rendezvous(buf, group.group_name)
     return buf
 

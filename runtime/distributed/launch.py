@@ -132,8 +132,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
                   progress: bool = True, all_reduce: str = "nccl"):
     """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0);
     ``all_reduce``: the ranks' all-reduce backend (``tp_all_reduce``: auto, nccl, symm)."""
+    from dlc.models.all_reduce import for_new_group, refuse_symm
     from dlc.models.all_reduce import of as ar_of
-    from dlc.models.all_reduce import refuse_symm
 
     from ..session import Session
     from .channel import Channel
@@ -141,6 +141,7 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
 
     _check_layout(model, weights, world)
     refuse_symm(all_reduce, torch.device(device).type)      # before any process starts
+    all_reduce = for_new_group(all_reduce)                  # every rank takes rank 0's choice
     if dist.is_initialized():
         raise ValueError("tensor_parallel_size: this process already belongs to a torch.distributed group")
     procs, init_method = [], None

@@ -143,6 +143,19 @@ def test_a_closing_rank_frees_its_symmetric_buffer_before_leaving_the_group(cuda
     assert "fake-tp-close" not in ar._REDUCERS and model.o.reduce is r
 
 
+def test_a_second_group_of_one_process_takes_nccl(monkeypatch):
+    """After this process rendezvoused symmetric memory once (an earlier TP group), a new group's ``auto``
+    takes NCCL with a warning and ``symm`` is refused naming the field: the second rendezvous hung on
+    2 x H200. A fresh process asks for what it likes; ``nccl`` is never changed."""
+    assert ar.for_new_group("auto") == "auto" and ar.for_new_group("symm") == "symm"
+    monkeypatch.setattr(ar, "_RENDEZVOUSED", True)
+    assert ar.for_new_group("nccl") == "nccl"
+    with pytest.warns(UserWarning, match="^tp_all_reduce auto: this process already set up symmetric"):
+        assert ar.for_new_group("auto") == "nccl"
+    with pytest.raises(ValueError, match="^tp_all_reduce symm: this process already set up symmetric"):
+        ar.for_new_group("symm")
+
+
 # -- refusals ------------------------------------------------------------------------------------------------
 def test_symm_on_cpu_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValueError) as e:
