@@ -150,7 +150,8 @@ def served_throughput(runner, B: int, P: int, G: int, block: int, lookahead: int
     cfg, L = runner.config, P + G
     mib = slot_bytes(cfg, L, runner.dtype) * (B + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", device=str(getattr(runner, "device", "cuda")), max_batch_size=B,
-                     max_num_tokens=2 * B * L, max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual",
+                     max_num_tokens=2 * B * L, max_seq_len=L, kv_cache_mb=mib, max_queue=4096,
+                     kv_cache="dual",
                      gen_length=G, block_length=block, steps=G, lookahead_steps=lookahead, policy="fcfs",
                      cuda_graphs=graphs, compile=graphs and compiled)
     eng = Engine(Session(runner, None, cfg, False, "bench"), sc)
@@ -406,14 +407,16 @@ def main() -> None:
     a, b = sides["tp1"].pop("tokens"), sides[f"tp{args.tp}"].pop("tokens")
     if args.served:
         sa, sb = sides["tp1"].pop("served_tokens"), sides[f"tp{args.tp}"].pop("served_tokens")
-        res["served_identical_to_generate"] = f"{sum(x == y for x, y in zip(sa, a))}/{args.batch} (TP=1), " \
-                                              f"{sum(x == y for x, y in zip(sb, b))}/{args.batch} (TP={args.tp})"
+        same = lambda x, y: sum(u == v for u, v in zip(x, y))                         # noqa: E731
+        res["served_identical_to_generate"] = f"{same(sa, a)}/{args.batch} (TP=1), " \
+                                              f"{same(sb, b)}/{args.batch} (TP={args.tp})"
     res.update(sides)
     res["identical_sequences"] = f"{sum(x == y for x, y in zip(a, b))}/{args.batch}"
     res["reuse_b1_ratio"] = sides[f"tp{args.tp}"]["reuse_b1_ms"] / sides["tp1"]["reuse_b1_ms"]
     res["tokens_per_s_ratio"] = sides[f"tp{args.tp}"]["tokens_per_s"] / sides["tp1"]["tokens_per_s"]
     if args.served:
-        res["served_ratio"] = sides[f"tp{args.tp}"]["served_tokens_per_s"] / sides["tp1"]["served_tokens_per_s"]
+        res["served_ratio"] = (sides[f"tp{args.tp}"]["served_tokens_per_s"]
+                               / sides["tp1"]["served_tokens_per_s"])
     print(json.dumps(res, indent=2))
     print(table(res, args.tp), flush=True)
     if args.out:

@@ -35,10 +35,11 @@ def session_of(sessions, name):
     return sessions[name]
 
 
-def _pools(runner, n=12):
-    """Two pools with the same random K/V (so Reuse rows read real cached values) for the two paths."""
+def _pools(runner, n=12, s_max=S_MAX):
+    """Two pools with the same random K/V (so Reuse rows read real cached values) for the two paths
+    (test_mixed_packed.py takes them too)."""
     g = torch.Generator().manual_seed(1)
-    pools = [KVCacheManager(runner.config, S_MAX, 1 << 40, runner.dtype, runner.device, max_slots=n)
+    pools = [KVCacheManager(runner.config, s_max, 1 << 40, runner.dtype, runner.device, max_slots=n)
              for _ in range(2)]
     k, v = torch.randn(pools[0].k_all.shape, generator=g), torch.randn(pools[0].v_all.shape, generator=g)
     for p in pools:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dlc.models.packed import forward_packed, packable
-from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.runners.graph import GraphRunner
 from dlc.runtime.runners.packed import token_bucket
 from dlc.runtime.session import open_model
 from dlc.runtime.step import MixedBatch, build_batch, run_batch, run_mixed, supports_mixed
+from test_mixed_forward import _pools       # noqa: E402  (the sibling test module: pytest's rootdir import)
 
 RTOL, ATOL = 1e-4, 1e-5          # fp32: packed GEMMs / compiled kernels vs eager per-part forwards
 S_MAX, SLOTS = 64, 16
@@ -38,14 +38,7 @@ def runner_of(runners, name, backend=BACKEND):
 
 def pools(runner):
     """Two pools with the same random K/V (the Reuse rows read real cached values), one per path."""
-    g = torch.Generator().manual_seed(1)
-    out = [KVCacheManager(runner.config, S_MAX, 1 << 40, runner.dtype, runner.device, max_slots=SLOTS)
-           for _ in range(2)]
-    k, v = torch.randn(out[0].k_all.shape, generator=g), torch.randn(out[0].v_all.shape, generator=g)
-    for p in out:
-        p.k_all.copy_(k)
-        p.v_all.copy_(v)
-    return out
+    return _pools(runner, SLOTS, S_MAX)
 
 
 def mix(runner, pool, refresh_lens, n_reuse, cache="dual", seed=0, blk=8):
