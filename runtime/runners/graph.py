@@ -164,8 +164,9 @@ class GraphRunner(EagerRunner):
         """How a mixed iteration runs (runners/packed.py ``MIX_ITERATIONS``). Default: with capture ``two``
         (an eager ragged forward lost to compiled Refresh + captured Reuse on an H100, 0.82x-1.01x:
         bench/RESULTS.md), else ``eager``. ``compiled`` (one packed forward through the compiled blocks)
-        stays opt-in until a GPU measurement (bench/mixed_iteration.py ``graph_packed`` vs ``graph2``)
-        shows it wins."""
+        is opt-in: on an H200 it was 0.92x / 0.48x / 0.92x the two calls at 2x768+30x32 / 1x768+7x32 /
+        4x768+60x32 (bench/mixed_iteration.py ``graph2/graph_packed``, bench/RESULTS.md: each part's
+        attention launched per layer outside any graph)."""
         mode = mode or ("two" if self.capture else "eager")
         if mode not in MIX_ITERATIONS:
             raise ValueError(f"graph runner: mix_iterations must be one of {MIX_ITERATIONS}, got {mode!r}")
