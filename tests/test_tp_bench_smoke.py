@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "tp_bench.py"
 
 
-@pytest.mark.slow                            # ~25 s: a checkpoint, a TP group of 2 processes, generate and serve
+@pytest.mark.slow                      # ~25 s: a checkpoint, a TP group of 2 processes, generate and serve
 def test_tp_bench_cpu_smoke(tmp_path):
     out = tmp_path / "tp.json"
     r = subprocess.run([sys.executable, "-P", str(BENCH), "--preset", "tiny-llada", "--device", "cpu",

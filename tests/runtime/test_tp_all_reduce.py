@@ -320,7 +320,8 @@ def test_tp_bench_times_each_backend_beside_tp1(tmp_path):
     out = tmp_path / "tp.json"
     r = subprocess.run([sys.executable, "-P", str(bench), "--preset", "tiny-llada", "--device", "cpu",
                         "--dtype", "fp32", "--batch", "3", "--prompt", "16", "--gen", "16", "--block", "8",
-                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--all-reduce", "nccl,auto", "--no-served",
+                        "--rounds", "1", "--reps", "2", "--agree-preset", "none", "--all-reduce", "nccl,auto",
+                        "--no-served",
                         "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
