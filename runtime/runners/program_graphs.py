@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,18 @@ def keep_bucket(K: int, S: int) -> int:
     while b < K:
         b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3          # 64 -> 96 -> 128 -> 192 -> 256 ...
     return min(b, S)
+
+
+class GraphKey(NamedTuple):
+    """What one captured Reuse graph is for: batch bucket, fed width, decoded width, pool length, head-sparse
+    kept-column bucket (0: dense) and credit width (0: no credit inputs; 1 or N: ``CompiledRunner._credit_n``).
+    Named so readers (tests, stats) never depend on the fields' order."""
+    batch: int
+    fed: int
+    decoded: int
+    pool: int
+    kept: int
+    credit: int
 
 
 @dataclass
@@ -154,7 +167,7 @@ class ProgramGraphs:
         bb = self.bucket(B)
         S = feed["key_mask"].shape[1]
         kb = keep_bucket(feed[KEEP].shape[-1], S) if KEEP in feed else 0
-        key = (bb, T, N, S, kb, feed["credit_ids"].shape[-1] if "credit_ids" in feed else 0)   # credit: 1 / N
+        key = GraphKey(bb, T, N, S, kb, feed["credit_ids"].shape[-1] if "credit_ids" in feed else 0)
         cap = self.graphs.get(key)
         if cap is None:
             cap = self._capture(key, {n: feed[n] if n in ("k_pool", "v_pool") else
