@@ -89,7 +89,10 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     runs a mixed iteration (runners/packed.py; others refuse a value)."""
     if isinstance(runner, GraphRunner):
         return runner
-    if mix_iterations is not None and not _builds_graph_runner(runner, cuda_graphs):
+    # an eager model gets a GraphRunner where graphs are on (default: on a CUDA device)
+    builds = type(runner) is EagerRunner and (runner.device.type == "cuda" if cuda_graphs is None
+                                              else bool(cuda_graphs))
+    if mix_iterations is not None and not builds:      # refused before any runner changes
         raise ValueError("mix_iterations: applies to the CUDA-graph runner of an eager model "
                          "(--cuda-graphs); leave it out")
     on = cuda_graphs
@@ -107,7 +110,7 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
         runner.enable_graphs(cuda and runner.kv_inplace if on is None else on)
         return runner
     if on is None:
-        on = type(runner) is EagerRunner and runner.device.type == "cuda"
+        on = builds
     if not on:
         if compile:
             raise ValueError("compile: --compile compiles the CUDA-graph runner's blocks; add --cuda-graphs "
@@ -118,13 +121,6 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
     compile = runner.device.type == "cuda" if compile is None else compile
     return GraphRunner(runner.model, decode=decode, compile=compile,
                        sparse_retention=runner.sparse_retention, mix_iterations=mix_iterations)
-
-
-def _builds_graph_runner(runner, cuda_graphs: bool | None) -> bool:
-    """Whether ``graph_runner_for`` builds a GraphRunner over this runner."""
-    if type(runner) is not EagerRunner:
-        return False
-    return runner.device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
 
 def sparse_runner_for(runner, retention: float | None):
