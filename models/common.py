@@ -357,6 +357,30 @@ class RaggedCache:
                               for r, c, m, kv, s in self.parts))
 
 
+def pack_parts(parts: list[RaggedPart], d: int, pad: int = 0, pad_id: int = 0) -> tuple:
+    """Every part's tokens in one row, then ``pad`` padding tokens (``pad_id`` at position 0, nothing
+    added) -> ids [1, N + pad], positions [1, N + pad], embed_add [1, N + pad, d] or None (no part adds)."""
+    dev = parts[0].ids.device
+    ids = torch.cat([p.ids.reshape(-1) for p in parts]
+                    + [torch.full((pad,), pad_id, dtype=torch.long, device=dev)])[None]
+    pos = torch.cat([p.pos.reshape(-1) for p in parts]
+                    + [torch.zeros(pad, dtype=torch.long, device=dev)])[None]
+    adds = [p.embed_add for p in parts if p.embed_add is not None]
+    if not adds:
+        return ids, pos, None
+    zero = lambda n: adds[0].new_zeros(n, d)                                          # noqa: E731
+    add = torch.cat([p.embed_add.reshape(-1, d) if p.embed_add is not None else zero(p.ids.numel())
+                     for p in parts] + [zero(pad)])[None]
+    return ids, pos, add
+
+
+def unpack_parts(h: torch.Tensor, parts: list[RaggedPart]) -> list[torch.Tensor]:
+    """The packed row's hidden states [>= N, d] (padding after the parts' N tokens) -> each part's
+    [r, c, d]."""
+    sizes = [p.ids.numel() for p in parts]
+    return [x.view(*p.ids.shape, h.shape[-1]) for x, p in zip(h[:sum(sizes)].split(sizes), parts)]
+
+
 class PackedKV(NamedTuple):
     """One layer's view of a packed ragged forward (models/packed.py): the pool's K/V [N, Hkv, S, D] of the
     layer; the part structure travels beside the compiled graph (``packed.PackedPlan``)."""
@@ -496,17 +520,9 @@ class DiffusionLM(nn.Module):
         """Several forwards as one pass over the weights: every part's tokens packed into one row, attention
         per part (``RaggedCache``) -> each part's hidden states [r, c, d], as its own ``forward`` would return
         them (up to the rounding of the larger GEMMs). The parts' cache rows must be disjoint."""
-        d = self.config.d_model
-        ids = torch.cat([p.ids.reshape(1, -1) for p in parts], dim=1)                # [1, N]
-        pos = torch.cat([p.pos.reshape(1, -1) for p in parts], dim=1)
-        adds = [p.embed_add for p in parts if p.embed_add is not None]
-        add = None
-        if adds:
-            add = torch.cat([(p.embed_add if p.embed_add is not None else adds[0].new_zeros(*p.ids.shape, d))
-                             .reshape(1, -1, d) for p in parts], dim=1)              # [1, N, d]
+        ids, pos, add = pack_parts(parts, self.config.d_model)                      # [1, N], [1, N, d]
         h = self(ids, pos, None, cache=RaggedCache(parts), embed_add=add)            # [1, N, d]
-        sizes = [p.ids.numel() for p in parts]
-        return [x.view(*p.ids.shape, d) for x, p in zip(h[0].split(sizes), parts)]
+        return unpack_parts(h[0], parts)
 
     def head_weight(self) -> torch.Tensor:
         """The LM head weight [vocab, d] (tied heads: the embedding's first vocab rows, a view)."""

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .common import KVCache, LayerKV, PackedKV, RaggedKV, RaggedPart, Segment, attend_ragged, \
-    key_mask_to_attn_mask
+    key_mask_to_attn_mask, pack_parts, unpack_parts
 
 
 class PlanPart(NamedTuple):
@@ -133,20 +133,8 @@ def forward_packed(model, parts: list[RaggedPart], pool: KVCache, n_pad: int) ->
     """``model.forward_ragged(parts)`` with every part's tokens packed into one row of ``n_pad`` tokens
     (padding: the mask id at position 0) and each layer's attention through ``dlc::packed_attention`` over
     ``pool`` (``packable(parts)``) -> each part's hidden states [r, c, d]."""
-    d, dev = model.config.d_model, parts[0].ids.device
     plan = plan_of(parts, n_pad)
-    pad = n_pad - plan.n_real
-    ids = torch.cat([p.ids.reshape(-1) for p in parts]
-                    + [torch.full((pad,), model.config.mask_id, dtype=torch.long, device=dev)])[None]
-    pos = torch.cat([p.pos.reshape(-1) for p in parts]
-                    + [torch.zeros(pad, dtype=torch.long, device=dev)])[None]
-    add = None
-    if any(p.embed_add is not None for p in parts):
-        dt = next(p.embed_add for p in parts if p.embed_add is not None).dtype
-        add = torch.cat([(p.embed_add.reshape(-1, d) if p.embed_add is not None
-                          else torch.zeros(p.ids.numel(), d, dtype=dt, device=dev)) for p in parts]
-                        + [torch.zeros(pad, d, dtype=dt, device=dev)])[None]          # [1, n_pad, d]
+    ids, pos, add = pack_parts(parts, model.config.d_model, n_pad - plan.n_real, model.config.mask_id)
     with packed_plan(plan):
         h = model(ids, pos, None, cache=PackedCache(pool), embed_add=add)              # [1, n_pad, d]
-    sizes = [p.ids.numel() for p in parts]
-    return [x.view(*p.ids.shape, d) for x, p in zip(h[0, :plan.n_real].split(sizes), parts)]
+    return unpack_parts(h[0], parts)
