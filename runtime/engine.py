@@ -716,13 +716,18 @@ class Engine:
         while self.has_work():
             self.step()
 
-    def generate(self, prompts: list[list[int]], params: dict | None = None) -> list[list[int]]:
-        """Offline helper: all prompts through the scheduler, outputs in order."""
-        reqs = [self.make_request(p, params) for p in prompts]
+    def run_requests(self, items: list[tuple[list[int], dict | None]]) -> list[Request]:
+        """Offline: ``items`` [(prompt ids, request params)] through the scheduler to completion -> the
+        finished requests, in order (each with its output or its error)."""
+        reqs = [self.make_request(p, params) for p, params in items]
         for r in reqs:
             self.add_request(r)
         self.run_until_done()
-        return [r.output_ids for r in reqs]
+        return reqs
+
+    def generate(self, prompts: list[list[int]], params: dict | None = None) -> list[list[int]]:
+        """Offline helper: all prompts through the scheduler, outputs in order."""
+        return [r.output_ids for r in self.run_requests([(p, params) for p in prompts])]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dlc-engine", daemon=True)

@@ -48,10 +48,7 @@ def serve(session, items, lookahead):
                                       lookahead_steps=lookahead, lookahead_max_ms=0))
     runner.enable_graphs(True, capture=False)                 # fresh graphs (and stats) per engine
     runner.bind_pool(eng.kv)
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     assert all(r.error is None for r in reqs)
     return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
 
@@ -129,10 +126,7 @@ def test_every_rule_runs_ahead_on_captured_engine_graphs(tmp_path):
     def served(items, la):
         eng = Engine(sess, ServeConfig(kv_cache_mb=64, max_batch_size=4, max_seq_len=96, cuda_graphs=True,
                                        compile=False, lookahead_steps=la, lookahead_max_ms=0))
-        reqs = [eng.make_request(p, params) for p, params in items]
-        for r in reqs:
-            eng.add_request(r)
-        eng.run_until_done()
+        reqs = eng.run_requests(items)
         assert all(r.error is None for r in reqs)
         return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
     sets = [[(p, dict(GEN, **kw)) for p in PROMPTS] for kw in RULES.values()]

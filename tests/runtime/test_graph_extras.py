@@ -59,10 +59,7 @@ def run(model, items, decode):
     eng = Engine(sess, ServeConfig(model="tiny-llada", max_seq_len=64, kv_cache_mb=16, max_num_tokens=512,
                                    cuda_graphs=True, graph_decode=decode))
     eng.runner.mixes = False       # as with capture on a GPU: one call per group, Reuse groups replay
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     return eng, reqs
 
 
@@ -185,10 +182,7 @@ def test_captured_extras_variants_match_eager_runner(decode):
         eng = Engine(sess, ServeConfig(max_seq_len=64, kv_cache_mb=16, max_batch_size=8, device="cuda",
                                        cuda_graphs=graphs, graph_decode=decode if graphs else None,
                                        compile=False))
-        reqs = [eng.make_request(p, params) for p, params in items]
-        for r in reqs:
-            eng.add_request(r)
-        eng.run_until_done()
+        reqs = eng.run_requests(items)
         outs.append([r.output_ids for r in reqs])
         if graphs:
             gr = eng.runner
@@ -211,10 +205,7 @@ def test_captured_sampled_variants_run_on_the_gpu():
     items = specs(rules, 6, seed=9)
     eng = Engine(sess, ServeConfig(max_seq_len=64, kv_cache_mb=16, max_batch_size=8, device="cuda",
                                    cuda_graphs=True, compile=False))
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     gr = eng.runner
     assert [r.error for r in reqs] == [None] * len(reqs) and all(r.output_ids for r in reqs)
     assert gr.stats["eager_reuse"] == 0 and any(len(k) == 4 and k[3][4] and g.graph is not None

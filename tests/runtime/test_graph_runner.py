@@ -37,10 +37,7 @@ def specs(n, seed=0):
 
 def run_engine(session, items, **kw):
     eng = Engine(session, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8, **kw))
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     return eng, [r.output_ids for r in reqs]
 
 

@@ -156,10 +156,7 @@ def test_engine_replays_sparse_steps_with_eager_sparse_tokens(session):
     er = EagerRunner(session.runner.model, sparse_retention=0.25)
     eng = Engine(session, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8, cuda_graphs=True,
                                       graph_decode="exact", sparse_retention=0.25))     # --sparse-retention
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     assert isinstance(eng.runner, GraphRunner) and eng.runner.sparse_retention == 0.25
     assert eng.runner.stats["replays"] > 0 and eng.runner.stats["eager_reuse"] == 0
     assert eng.kv.scores is not None
@@ -218,10 +215,7 @@ def test_captured_sparse_steps_match_eager_sparse_on_gpu():
         s = Session(er, sess.tokenizer, sess.config, sess.chat, sess.source)
         eng = Engine(s, ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8, cuda_graphs=graphs,
                                     graph_decode="exact", compile=False, device="cuda"))
-        reqs = [eng.make_request(p, params) for p, params in items]
-        for r in reqs:
-            eng.add_request(r)
-        eng.run_until_done()
+        reqs = eng.run_requests(items)
         if graphs:
             st = eng.runner.stats
             assert st["replays"] > 0 and st["eager_reuse"] == 0
@@ -242,10 +236,7 @@ def test_engine_program_graphs_replay_sparse_steps():
                  ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_batch_size=8))
     eng.runner.enable_graphs(True, capture=False)
     eng.runner.bind_pool(eng.kv)
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     st, keys = eng.runner.graphs.stats, list(eng.runner.graphs.graphs)
     assert st["replays"] > 0 and {k.kept for k in keys} == {64}                  # kept bucket 64 > K
     differ = 0

@@ -50,10 +50,7 @@ def engine(session, lookahead, runner=None):
 def serve(session, items, lookahead, runner=None):
     """items: (prompt, params) -> (engine, [(output ids, token logprobs)])."""
     eng = engine(session, lookahead, runner)
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
 
 

@@ -37,15 +37,6 @@ def prompts(n, seed=0):
             for _ in range(n)]
 
 
-def run_requests(eng, items) -> list:
-    """``items`` [(prompt ids, request params)] through ``eng`` to completion; the finished requests."""
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
-    return reqs
-
-
 def cuda_engine(sess, lookahead: int) -> Engine:
     """The GPU tests' engine: captured graphs, no compile, ``lookahead`` steps ahead without a time bound."""
     return Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=16, max_batch_size=8, device="cuda",
@@ -58,7 +49,7 @@ def serve(session, items, lookahead):
     eng = Engine(session, ServeConfig(model="tiny-llada", max_seq_len=96, kv_cache_mb=16, max_batch_size=8,
                                       cuda_graphs=True, graph_decode="exact", lookahead_steps=lookahead,
                                       lookahead_max_ms=0.0))
-    reqs = run_requests(eng, items)
+    reqs = eng.run_requests(items)
     return eng, [r.output_ids for r in reqs], [r.state.forwards for r in reqs]
 
 
@@ -212,7 +203,7 @@ def test_every_rule_runs_ahead_on_captured_graphs():
 
     def served(items, la):
         eng = cuda_engine(sess, la)
-        reqs = run_requests(eng, items)
+        reqs = eng.run_requests(items)
         return eng, [r.output_ids for r in reqs]
     ps = prompts(6, seed=8)
     sets = [[(p, dict(BASE, **RULES[k])) for p in ps] for k in RULES]
@@ -238,7 +229,7 @@ def test_logprobs_and_smoothing_run_ahead_on_captured_graphs():
 
     def served(items, la):
         eng = cuda_engine(sess, la)
-        reqs = run_requests(eng, items)
+        reqs = eng.run_requests(items)
         return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
     ps = prompts(6, seed=10)
     kinds = [dict(logprobs=5), dict(threshold=0.3, logprobs=1), dict(smoothing=True),
@@ -275,7 +266,7 @@ def test_the_emulated_device_runs_every_rule_ahead(session):
         eng = Engine(Session(runner, None, m.config, False, "t"),
                      ServeConfig(model="t", device="cpu", max_batch_size=8, max_num_tokens=1024,
                                  max_seq_len=96, kv_cache_mb=16, lookahead_steps=la, lookahead_max_ms=0.0))
-        reqs = run_requests(eng, items)
+        reqs = eng.run_requests(items)
         return eng, [r.output_ids for r in reqs]
     ps = prompts(6, seed=9)
     for k in RULES:

@@ -44,10 +44,7 @@ def serve(session, items, lookahead):
     """(prompt, params) items through one Engine -> (engine, [(output ids, token logprobs)], forwards)."""
     eng = Engine(session, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=4, cuda_graphs=True,
                                       compile=False, lookahead_steps=lookahead, lookahead_max_ms=0.0))
-    reqs = [eng.make_request(p, params) for p, params in items]
-    for r in reqs:
-        eng.add_request(r)
-    eng.run_until_done()
+    reqs = eng.run_requests(items)
     assert all(r.error is None for r in reqs)
     return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs], [r.state.forwards for r in reqs]
 
