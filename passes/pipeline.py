@@ -2,9 +2,11 @@
 
 Every pass has one signature, ``run(gm, ctx) -> int`` (the number of rewrites it made), and runs once on each
 phase program. The driver copies the traced full-sequence forward into one program per phase (``refresh``,
-``reuse``), then runs ``PIPELINE`` in order on each; after every pass a shared clean-up removes dead code,
-lints and recompiles the graph, the rewrite count is logged, and ``dump_after`` names a pass whose output
-graph is printed (``--dump-graph-after``)."""
+``reuse``), then runs ``PIPELINE`` in order on each; after every pass a shared clean-up removes dead code and
+lints the graph, the rewrite count is logged, and ``dump_after`` names a pass whose output graph is printed
+(``--dump-graph-after``). Each phase's module is recompiled once, after its last pass: regenerating the
+Python code of a graph of thousands of nodes after every pass took a fifth of the pipeline's time (llada2-mini:
+44.5 -> 34.6 s on the 2-core CI box)."""
 from __future__ import annotations
 
 import logging
@@ -104,10 +106,10 @@ def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: 
 
 
 def cleanup(gm: fx.GraphModule) -> None:
-    """Shared clean-up after every pass."""
+    """Shared clean-up after every pass: dead code removed, the graph linted. Passes edit ``gm.graph`` only
+    (none calls the module), so the module's code is regenerated once per phase, by ``run_pipeline``."""
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    gm.recompile()
 
 
 def run_pipeline(base: fx.GraphModule, ctx: PassContext, names: list[str], dump_after: str | None = None,
@@ -126,6 +128,7 @@ def run_pipeline(base: fx.GraphModule, ctx: PassContext, names: list[str], dump_
             log.info("pass %s [%s]: %d rewrites", name, phase, n)
             if name == dump_after:
                 dump(f"# graph after {name} [{phase}]\n{gm.graph}")
+        gm.recompile()
         phases[phase] = gm
     return phases
 
