@@ -53,6 +53,7 @@ import time
 import torch
 
 from dlc.models.all_reduce import release as release_all_reduce
+from dlc.models.overlap import of as overlap_of
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.graph import BUCKETS, GraphRunner, _Graph
@@ -91,6 +92,13 @@ class ShardGraphRunner(GraphRunner):
         self.release_graphs()
         self._compile_blocks("inductor" if compile is True else compile)
         self.compiled = True
+
+    def _compile_blocks(self, backend: str) -> None:
+        """GraphRunner's, and the two-micro-batch forward's layer over both halves (models/overlap.py)."""
+        super()._compile_blocks(backend)
+        ov = overlap_of(self.model)
+        if ov is not None:
+            ov.compile(backend)
 
     def release_graphs(self) -> None:
         """GraphRunner's, and the frames' map of captured variants (rebuilt on the next steps)."""
