@@ -3,25 +3,26 @@
 A TP rank's layer sums its row-parallel outputs over the group twice (attention output, MLP down projection):
 at B = 32 x 32 fed tokens of LLaDA-8B each all-reduce is [1024, 4096] bf16, ~57 us on 2 x H200, 65 per Reuse
 step, serialized with the compute. Rows are independent in every op of a forward (attention is per row, the
-rest token-wise), so a big step splits its rows into halves A and B and runs each layer's sublayers
-interleaved, so that one half's sum is in flight while the other half computes:
+rest token-wise), so a big step splits its rows into halves A and B and runs the sublayers interleaved,
+A's attention, B's attention, A's MLP, B's MLP, each issuing its output's sum and waiting for the sum before
+it only where it is used (the residual add at the start of the half's next sublayer): one half's sum is in
+flight while the other half computes.
 
-    issue B's MLP sum of the layer before | A: attention, issue its sum | wait B's, B: attention, issue
-    | wait A's, A: MLP, issue | wait B's, B: MLP (its sum issued at the start of the next layer)
-
-Every sum is a functional all-reduce (``AllReduce.issue`` / ``wait``: NCCL on its own stream, the compute
-stream waits only where the sum is used); the row-parallel layers return their partial sums while the
-forward runs (``AllReduce.deferred``). A's embedding sum and B's last MLP sum are the only exposed ones.
+Sums are functional all-reduces (``AllReduce.issue`` / ``wait``: NCCL on its own stream, the compute stream
+waits only where the sum is used, in eager code, in Inductor's and in captured CUDA graphs); the row-parallel
+layers and the vocab-parallel embedding return their partial sums while the split forward runs
+(``AllReduce.deferred``). Only B's last MLP sum is exposed (and A's embedding sum, behind B's embedding).
 Each row's arithmetic is the unsplit forward's (x + sum, in the same order), so in fp32 on CPU tokens are
 identical with the split on and off.
 
-Compiled blocks (``compile``): one layer of both halves (``overlap_layer``) is compiled as one function, so
-the captured step replays Inductor's code in which each sum's wait sits at its first use:
-``reorder_for_compute_comm_overlap`` with only the ``sink_waits`` pass, because Inductor otherwise moves a
-wait right after its collective (checked with ``TORCH_LOGS=output_code`` on gloo), which would serialize
-again. Which steps split: ``splits`` (at least ``min_tokens`` fed tokens and two rows; blocks that have
-``attention`` / ``feed_forward`` sublayers and row-parallel outputs without bias: the dense families).
-``min_tokens`` 0 turns it off. ``stats``: forwards split (host calls: captures and eager runs, not replays).
+Compiled blocks (``compile``): each half's sublayer step (``attention_step``, ``feed_forward_step``: wait for
+the previous sum, residual add, sublayer, issue its sum) is one compiled function, so a captured step
+replays Inductor's code in the interleaved order. One function per layer over both halves did not keep it:
+Inductor fused the two halves' RMSNorms into one kernel, which put B's wait before A's compute (checked
+with ``TORCH_LOGS=output_code`` on gloo). Which steps split: ``splits`` (at least ``min_tokens`` fed tokens
+and two rows; blocks with ``attention`` / ``feed_forward`` sublayers and row-parallel outputs without bias:
+the dense families). ``min_tokens`` 0 turns it off. ``stats``: forwards split (host calls: captures and
+eager forwards, not replays).
 """
 from __future__ import annotations
 
@@ -43,14 +44,13 @@ class TwoBatchOverlap:
     def __init__(self, reduce: AllReduce, min_tokens: int = MIN_TOKENS):
         self.reduce = reduce
         self.min_tokens = check_min_tokens(min_tokens)
-        self.layer = overlap_layer                    # compiled by ``compile``
+        self.attention, self.feed_forward = attention_step, feed_forward_step     # compiled by ``compile``
         self.stats = {"split_forwards": 0}
 
     def compile(self, backend: str = "inductor") -> None:
-        """Run each layer of both halves as one compiled function (waits sunk to their first use)."""
-        opts = ({"reorder_for_compute_comm_overlap": True,
-                 "reorder_for_compute_comm_overlap_passes": ["sink_waits"]} if backend == "inductor" else None)
-        self.layer = torch.compile(overlap_layer, fullgraph=True, backend=backend, options=opts)
+        """Run each half's sublayer step as compiled code (one code object per step kind for every layer)."""
+        self.attention = torch.compile(attention_step, fullgraph=True, backend=backend)
+        self.feed_forward = torch.compile(feed_forward_step, fullgraph=True, backend=backend)
 
     def splits(self, ids: torch.Tensor, cache, return_kv: bool) -> bool:
         B, T = ids.shape
@@ -59,44 +59,50 @@ class TwoBatchOverlap:
 
     def forward(self, model, ids, cos, sin, mask, cache, start, embed_add):
         """``DiffusionLM.forward``'s embedding, layers and final norm over halves [0, h) and [h, B):
-        ids [B, T] -> h [B, T, d]."""
+        ids [B, T] -> h [B, T, d]. Each half is (x without its last sum, that sum in flight)."""
         B, h = ids.shape[0], (ids.shape[0] + 1) // 2
-        ar = self.reduce
+        ar, att, ff = self.reduce, self.attention, self.feed_forward
         self.stats["split_forwards"] += 1
+        halves = (slice(0, h), slice(h, B))
         with ar.deferred():
-            xa = ar.wait(ar.issue(model.embed(ids[:h])))                       # [h, T, d]
-            if embed_add is not None:
-                xa = xa + embed_add[:h].to(xa.dtype)
-            pb = model.embed(ids[h:])                                           # partial sum [B - h, T, d]
-            xb = torch.zeros_like(pb) if embed_add is None else embed_add[h:].to(pb.dtype)
+            xa, sa = _embedded(model, ar, ids[:h], None if embed_add is None else embed_add[:h])
+            xb, sb = _embedded(model, ar, ids[h:], None if embed_add is None else embed_add[h:])
             rows = None if cache is None else (cache.rows if cache.rows is not None
                                                else torch.arange(B, device=ids.device))
             for i, block in enumerate(model.blocks):
                 ckv = None if cache is None else cache.layer(i)._replace(rows=rows)
-                a = _half(slice(0, h), cos, sin, mask, ckv, start)
-                b = _half(slice(h, B), cos, sin, mask, ckv, start)
-                xa, xb, pb = self.layer(ar, block, xa, xb, pb, a, b)
-            xb = xb + ar.wait(ar.issue(pb))
+                a, b = (_half(r, cos, sin, mask, ckv, start) for r in halves)
+                xa, sa = att(ar, block, xa, sa, a)           # A's sums fly while B computes, and back
+                xb, sb = att(ar, block, xb, sb, b)
+                xa, sa = ff(ar, block, xa, sa)
+                xb, sb = ff(ar, block, xb, sb)
+            xa, xb = xa + ar.wait(sa), xb + ar.wait(sb)
         return model.norm(torch.cat([xa, xb]))                                  # [B, T, d]
 
 
-def overlap_layer(ar: AllReduce, block: nn.Module, xa, xb, pb, a: tuple, b: tuple):
-    """One layer over both halves: xa [hA, T, d] complete, xb [hB, T, d] without its last sublayer's sum,
-    pb that sublayer's partial sum -> the same three after this layer. Each sum is issued before the other
-    half's next sublayer computes and waited for where it is used. ``a`` / ``b``: each half's (cos, sin,
-    mask, layer cache, start)."""
-    rb = ar.issue(pb)                                    # B's previous MLP sum, while A's attention runs
-    att, _ = block.attention(xa, *a)
-    ra = ar.issue(att)
-    xb = xb + ar.wait(rb)
-    att, _ = block.attention(xb, *b)                     # ... while A's attention sum is in flight
-    rb = ar.issue(att)
-    xa = xa + ar.wait(ra)
-    ra = ar.issue(block.feed_forward(xa))                # A's MLP while B's attention sum is in flight
-    xb = xb + ar.wait(rb)
-    pb = block.feed_forward(xb)                          # B's MLP while A's MLP sum is in flight
-    xa = xa + ar.wait(ra)
-    return xa, xb, pb
+def _embedded(model, ar: AllReduce, ids: torch.Tensor, embed_add) -> tuple:
+    """One half's input embedding as (x, sum in flight): x the smoothing add (zeros without), the
+    vocab-parallel embedding's partial rows summing (x + sum = embed(ids) + embed_add, as unsplit)."""
+    part = model.embed(ids)                                                      # [h, T, d] partial
+    x = torch.zeros_like(part) if embed_add is None else embed_add.to(part.dtype)
+    return x, ar.issue(part)
+
+
+def attention_step(ar: AllReduce, block: nn.Module, x, pending, args: tuple):
+    """One half's attention sublayer: x [h, T, d] plus its previous sublayer's sum ``pending`` (waited for
+    here, at its use) -> (x, the attention output's sum, issued). ``args``: (cos, sin, mask, layer cache,
+    start) of the half. A compiled unit of its own: Inductor cannot fuse it with the other half's ops (it
+    fused the two halves' RMSNorms into one kernel when a layer of both halves was one function, moving
+    B's wait before A's compute)."""
+    x = x + ar.wait(pending)
+    out, _ = block.attention(x, *args)
+    return x, ar.issue(out)
+
+
+def feed_forward_step(ar: AllReduce, block: nn.Module, x, pending):
+    """One half's MLP sublayer, as ``attention_step``: -> (x, the MLP output's sum, issued)."""
+    x = x + ar.wait(pending)
+    return x, ar.issue(block.feed_forward(x))
 
 
 def _half(rows: slice, cos, sin, mask, ckv, start) -> tuple:
