@@ -126,7 +126,7 @@ def unsupported(model: nn.Module) -> str | None:
     """Why ``model`` (a TP shard) cannot run the split forward (None: it can)."""
     from .tensor_parallel import RowParallelLinear
     for block in model.blocks:
-        if not (callable(getattr(block, "attention", None)) and callable(getattr(block, "feed_forward", None))):
+        if not all(callable(getattr(block, n, None)) for n in ("attention", "feed_forward")):
             return f"{type(block).__name__} has no attention / feed_forward sublayers"
     rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
     if len(rows) != 2 * len(model.blocks):

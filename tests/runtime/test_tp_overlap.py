@@ -109,3 +109,33 @@ def test_threshold_is_validated():
     with pytest.raises(ValueError, match="tp_overlap_tokens"):
         ServeConfig(tp_overlap_tokens=True)
     assert ServeConfig().tp_overlap_tokens == 1024
+
+
+@pytest.mark.gpu
+def test_tp2_split_steps_captured_on_two_gpus(tmp_path):
+    """2 GPUs, NCCL: every rank captures its split steps (the halves' functional all-reduces on NCCL's
+    stream, waited for in the graph where used), uncompiled and then with compiled blocks (the CUDA default:
+    each half's sublayer step compiled); in fp32 on a decisive tiny model the tokens equal the unsplit
+    captured steps' (threshold 0) and TP=2 eager's, and every rank split the steps it captured."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    path = write_tiny(tmp_path, MODELS["llada"])
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2,
+                    tp_overlap_tokens=SPLIT)
+    try:
+        cfg = GenerationConfig(**GEN)
+        want = generate(tp.runner, PROMPTS, cfg).token_ids                     # eager, split
+        assert len({tuple(t) for t in want}) == len(PROMPTS) and len(set(want[0])) > 2
+        for compile in (False, True):
+            runner = graph_runner_for(tp.runner, cuda_graphs=True, compile=compile)
+            assert runner.capture and runner.compiled == compile
+            _splits(tp, SPLIT)
+            on = generate(runner, PROMPTS, cfg).token_ids
+            split_on = _splits(tp, 0)
+            off = generate(runner, PROMPTS, cfg).token_ids
+            split_off = _splits(tp, SPLIT)
+            assert on == off == want, compile
+            assert split_on[0] == split_on[1] > 0 and split_off == [0, 0], (compile, split_on, split_off)
+            assert runner.stats["replays"] > 0 and runner.stats["eager_reuse"] == 0
+    finally:
+        tp.runner.close()
