@@ -30,7 +30,10 @@ rank in the same order, and ranks that start from the same Dynamo state (a worke
 it holds no other compiled model) make the same static / dynamic choices. Where they differ (a bench's rank 0
 beside a compiled TP=1 model), the kernels differ but the collectives, which follow the model code, do not.
 ``torch.compile`` wraps the model's blocks in place: once compiled they stay compiled (a runner built over
-them later, after graphs were switched off and on, is ``compiled`` too).
+them later, after graphs were switched off and on, is ``compiled`` too). Steps big enough for the
+two-micro-batch overlap (dlc.models.overlap, ``tp_overlap_tokens``) run each half's sublayer step as its own
+compiled function instead of the blocks (compiled beside them here), and the captured step replays the
+interleaved halves.
 
 Reuse steps from the frame (``reuse_frame``): every rank, rank 0 included, stages a compact Reuse step
 straight from the control frame instead of rebuilding a StepBatch and gathering it into the static buffers:

@@ -101,14 +101,20 @@ def test_big_steps_split_with_one_process_tokens_compiled(pair):
     assert ranks[0]["compiled_graphs"] == ranks[1]["compiled_graphs"] > 0
 
 
-def test_threshold_is_validated():
-    from dlc.models.overlap import check_min_tokens
+def test_threshold_is_validated_and_a_serve_flag():
+    import click
+
+    from dlc.models.overlap import MIN_TOKENS, check_min_tokens
     from dlc.runtime.config import ServeConfig
+    from dlc.runtime.server_cli import build_config, serve_command
     with pytest.raises(ValueError, match="tp_overlap_tokens"):
         check_min_tokens(-1)
     with pytest.raises(ValueError, match="tp_overlap_tokens"):
         ServeConfig(tp_overlap_tokens=True)
-    assert ServeConfig().tp_overlap_tokens == 1024
+    assert ServeConfig().tp_overlap_tokens == MIN_TOKENS == 1024
+    assert build_config("tiny-llada", None, tp_overlap_tokens=0).tp_overlap_tokens == 0
+    opts = {o: p.name for p in serve_command.params if isinstance(p, click.Option) for o in p.opts}
+    assert opts["--tp-overlap-tokens"] == "tp_overlap_tokens"
 
 
 @pytest.mark.gpu
