@@ -469,6 +469,7 @@ def main() -> None:
                            "capture_s_in_run": round(cap, 3)}
             say(f"{name}: {tps:.1f} tok/s at B={args.batch} ({cap:.2f} s of it capturing)")
             served(args, runner, sides[name], name)
+        res["tp_overlap"] = [r["overlap"] for r in tp.step_times()]     # threshold, forwards split per rank
         if getattr(tp, "stats", None):
             res["tp_graph_stats"] = {k: v for k, v in tp.stats.items() if k in ("replays", "eager_reuse",
                                                                              "captures")}

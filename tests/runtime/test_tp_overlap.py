@@ -101,6 +101,23 @@ def test_big_steps_split_with_one_process_tokens_compiled(pair):
     assert ranks[0]["compiled_graphs"] == ranks[1]["compiled_graphs"] > 0
 
 
+@pytest.mark.parametrize("name,why", [("llada", None), ("dream_gqa", None), ("llada_moe", "MoE")])
+def test_which_shards_can_split(name, why):
+    """Dense shards (LLaDA's block, the HF-layout PreNormLayer with q/k/v biases) split; a shard whose MLP
+    sums through the expert-parallel combine does not (its layers stay unsplit: no overlap installed)."""
+    from dlc.models import build_model
+    from dlc.models.all_reduce import AllReduce
+    from dlc.models.config import ModelConfig
+    from dlc.models.overlap import install, unsupported
+    from dlc.models.tensor_parallel import shard_modules_
+    with torch.device("meta"):
+        m = build_model(ModelConfig(**MODELS[name]))
+        shard_modules_(m, 0, 2, None)
+    got = unsupported(m)
+    assert got is None if why is None else why in got
+    assert install(m, AllReduce(None)) is None                     # one device: nothing to overlap
+
+
 def test_threshold_is_validated_and_a_serve_flag():
     import click
 
