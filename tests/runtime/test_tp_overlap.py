@@ -63,6 +63,8 @@ def test_big_steps_split_with_one_process_tokens_eager(pair):
     split_on, split_off = _run_on_and_off(one, tp, PROMPTS)
     nfe = generate(one.runner, PROMPTS, GenerationConfig(**GEN)).nfe
     assert split_on == [nfe, nfe] and split_off == [0, 0], (split_on, nfe)    # every forward, on both ranks
+    split_on, _ = _run_on_and_off(one, tp, PROMPTS[:3])                     # odd: halves of 2 and 1 rows
+    assert split_on[0] == split_on[1] > 0
     split_on, split_off = _run_on_and_off(one, tp, PROMPTS[:1])             # one row: never split
     assert split_on == split_off == [0, 0]
 
