@@ -476,16 +476,16 @@ class PreNormLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
-        a, kv = self.attention(x, cos, sin, mask, cache_kv, start, **kw)
+        a, kv = self.attention_branch(x, cos, sin, mask, cache_kv, start, **kw)
         x = x + a                                                         # [B, T, d]
-        return x + self.feed_forward(x), kv
+        return x + self.mlp_branch(x), kv
 
-    def attention(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+    def attention_branch(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
         """The attention sublayer before its residual add: (output [B, T, d], (k, v)) (the sublayers run
         apart in a tensor-parallel shard's two-micro-batch forward, models/overlap.py)."""
         return self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
 
-    def feed_forward(self, x):
+    def mlp_branch(self, x):
         """The MLP sublayer before its residual add: [B, T, d] -> [B, T, d]."""
         return self.mlp(self.post_attention_layernorm(x))
 

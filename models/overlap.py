@@ -15,13 +15,13 @@ layers and the vocab-parallel embedding return their partial sums while the spli
 Each row's arithmetic is the unsplit forward's (x + sum, in the same order), so in fp32 on CPU tokens are
 identical with the split on and off.
 
-Compiled blocks (``compile``): each half's sublayer step (``attention_step``, ``feed_forward_step``: wait for
+Compiled blocks (``compile``): each half's sublayer step (``attention_step``, ``mlp_step``: wait for
 the previous sum, residual add, sublayer, issue its sum) is one compiled function, so a captured step
 replays Inductor's code in the interleaved order. One function per layer over both halves did not keep it:
 Inductor fused the two halves' RMSNorms into one kernel, which put B's wait before A's compute (checked
 with ``TORCH_LOGS=output_code`` on gloo). Which steps split: ``splits`` (at least ``min_tokens`` fed tokens
-and two rows; blocks with ``attention`` / ``feed_forward`` sublayers and row-parallel outputs without bias:
-the dense families). ``min_tokens`` 0 turns it off. ``stats``: forwards split (host calls: captures and
+and two rows; blocks with ``attention_branch`` / ``mlp_branch`` sublayers and row-parallel outputs without
+bias: the dense families). ``min_tokens`` 0 turns it off. ``stats``: forwards split (host calls: captures and
 eager forwards, not replays).
 """
 from __future__ import annotations
@@ -44,13 +44,13 @@ class TwoBatchOverlap:
     def __init__(self, reduce: AllReduce, min_tokens: int = MIN_TOKENS):
         self.reduce = reduce
         self.min_tokens = check_min_tokens(min_tokens)
-        self.attention, self.feed_forward = attention_step, feed_forward_step     # compiled by ``compile``
+        self.attention, self.mlp = attention_step, mlp_step             # compiled by ``compile``
         self.stats = {"split_forwards": 0}
 
     def compile(self, backend: str = "inductor") -> None:
         """Run each half's sublayer step as compiled code (one code object per step kind for every layer)."""
         self.attention = torch.compile(attention_step, fullgraph=True, backend=backend)
-        self.feed_forward = torch.compile(feed_forward_step, fullgraph=True, backend=backend)
+        self.mlp = torch.compile(mlp_step, fullgraph=True, backend=backend)
 
     def splits(self, ids: torch.Tensor, cache, return_kv: bool) -> bool:
         B, T = ids.shape
@@ -61,7 +61,7 @@ class TwoBatchOverlap:
         """``DiffusionLM.forward``'s embedding, layers and final norm over halves [0, h) and [h, B):
         ids [B, T] -> h [B, T, d]. Each half is (x without its last sum, that sum in flight)."""
         B, h = ids.shape[0], (ids.shape[0] + 1) // 2
-        ar, att, ff = self.reduce, self.attention, self.feed_forward
+        ar, att, ff = self.reduce, self.attention, self.mlp
         self.stats["split_forwards"] += 1
         halves = (slice(0, h), slice(h, B))
         with ar.deferred():
@@ -95,14 +95,14 @@ def attention_step(ar: AllReduce, block: nn.Module, x, pending, args: tuple):
     fused the two halves' RMSNorms into one kernel when a layer of both halves was one function, moving
     B's wait before A's compute)."""
     x = x + ar.wait(pending)
-    out, _ = block.attention(x, *args)
+    out, _ = block.attention_branch(x, *args)
     return x, ar.issue(out)
 
 
-def feed_forward_step(ar: AllReduce, block: nn.Module, x, pending):
+def mlp_step(ar: AllReduce, block: nn.Module, x, pending):
     """One half's MLP sublayer, as ``attention_step``: -> (x, the MLP output's sum, issued)."""
     x = x + ar.wait(pending)
-    return x, ar.issue(block.feed_forward(x))
+    return x, ar.issue(block.mlp_branch(x))
 
 
 def _half(rows: slice, cos, sin, mask, ckv, start) -> tuple:
@@ -126,8 +126,8 @@ def unsupported(model: nn.Module) -> str | None:
     """Why ``model`` (a TP shard) cannot run the split forward (None: it can)."""
     from .tensor_parallel import RowParallelLinear
     for block in model.blocks:
-        if not all(callable(getattr(block, n, None)) for n in ("attention", "feed_forward")):
-            return f"{type(block).__name__} has no attention / feed_forward sublayers"
+        if not all(callable(getattr(block, n, None)) for n in ("attention_branch", "mlp_branch")):
+            return f"{type(block).__name__} has no attention_branch / mlp_branch sublayers"
     rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
     if len(rows) != 2 * len(model.blocks):
         return "a layer sums its output other than by two row-parallel linears (MoE)"
