@@ -80,7 +80,8 @@ def _fail(msg: str):
                    "one-shot for small messages on CUDA, else NCCL / gloo")
 @click.option("--tp-overlap-tokens", "tp_overlap_tokens", default=None, type=int,
               help="tensor parallel: a step feeding at least this many tokens runs as two halves whose "
-                   "all-reduces overlap the other half's compute (0: off) [1024]")
+                   "all-reduces overlap the other half's compute (0: off) [dlc.models.overlap.MIN_TOKENS: "
+                   "1024]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, smoothing_top_k, top_k, top_p, min_p, logprobs,

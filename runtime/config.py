@@ -71,8 +71,9 @@ class ServeConfig:
     # opt-in: on 2 x H200 a process's second TP group hung after a first one (bench/RESULTS.md)
     tp_all_reduce: str = "nccl"
     # two-micro-batch overlap of each TP rank's forward (models/overlap.py): a step feeding at least this many
-    # tokens runs as two halves whose all-reduces overlap the other half's compute (0: off)
-    tp_overlap_tokens: int = 1024
+    # tokens runs as two halves whose all-reduces overlap the other half's compute (0: off; None: the
+    # library's default, dlc.models.overlap.MIN_TOKENS, the one place to flip it)
+    tp_overlap_tokens: int | None = None
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
     # other cached keys (engines: built in)
     sparse_retention: float | None = None
@@ -143,7 +144,7 @@ class ServeConfig:
             raise ValueError(f"serve config: tp_all_reduce must be one of {TP_ALL_REDUCE}, got "
                              f"{self.tp_all_reduce!r}")
         n = self.tp_overlap_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"serve config: tp_overlap_tokens must be an integer >= 0 (0: off), got {n!r}")
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):

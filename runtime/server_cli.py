@@ -89,7 +89,8 @@ def _options(f):
                           "auto: one-shot for small messages on CUDA, else NCCL / gloo [auto]"),
         click.option("--tp-overlap-tokens", "tp_overlap_tokens", default=None, type=int,
                      help="tensor parallel: a step feeding at least this many tokens runs as two halves "
-                          "whose all-reduces overlap the other half's compute (0: off) [1024]"),
+                          "whose all-reduces overlap the other half's compute (0: off) "
+                          "[dlc.models.overlap.MIN_TOKENS: 1024]"),
     ]
     for o in reversed(opts):
         f = o(f)
