@@ -42,6 +42,17 @@ to TP=1 and to the ``nccl`` side. Without it, one TP side with the default backe
     python3 -P bench/tp_bench.py --preset tiny-llada --device cpu --dtype fp32 --batch 4 --prompt 32 \\
         --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
 
+``--overlap-ab N`` times only the served path at B=``--batch`` (the issue's target metric), TP=1 and the TP
+group with its two-micro-batch overlap on (``--overlap-tokens``, default dlc.models.overlap.MIN_TOKENS) and
+off
+(threshold 0, switched on every rank by ``step_times(overlap_tokens=...)``: graphs captured again, then warmed
+by ``served_throughput``'s warm set), N rounds alternating the order of the three sides; prints the medians,
+the ratios to TP=1 and overlap on / off, and how many sequences the two TP sides agree on (bf16: the halves'
+GEMM shapes round differently; fp32 tokens are identical, tests/runtime/test_tp_overlap.py). Without it the
+TP side runs with the default threshold (B=32 x 32-token Reuse steps split).
+
+    python3 -P bench/tp_bench.py --tp 2 --compile --quick --agree-preset none --overlap-ab 3   # < 4 min
+
 An LLaDA-MoE-shaped model (attention TP=2, experts EP=2: dlc.models.expert_parallel) is the same script in a
 second call: ``--preset llada-moe-7b --agree-preset tiny-llada-moe --quick``; the MoE layer alone, EP=2 vs
 EP=1, is bench/ep_bench.py.
@@ -323,6 +334,46 @@ def by_backend(args, res: dict, one, tp, backends: list[str]) -> list[str]:
     return list(names)
 
 
+def overlap_ab(args, res: dict, one, tp) -> str:
+    """``--overlap-ab``: served tok/s of TP=1, TP=N overlap on and off, ``args.overlap_ab`` rounds with the
+    order alternating; medians into ``res``; returns the table."""
+    sides = {"tp1": (one, None), "overlap on": (tp, args.overlap_tokens), "overlap off": (tp, 0)}
+    per, toks = {k: [] for k in sides}, {}
+    for r in range(args.overlap_ab):
+        for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            runner, n = sides[k]
+            if n is not None:
+                tp.step_times(reset=True, overlap_tokens=n)          # every rank; graphs captured again
+            tps, toks[k] = served_throughput(runner, args.batch, args.prompt, args.gen, args.block,
+                                             args.lookahead, args.graphs, args.compile)
+            per[k].append(tps)
+            if n is not None:
+                splits = [x["overlap"] and x["overlap"]["split_forwards"] for x in tp.step_times()]
+                res.setdefault("split_forwards", {})[k] = splits
+        say(f"overlap round {r + 1}/{args.overlap_ab}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s"
+                                                                   for k, v in per.items()))
+    med = {k: statistics.median(v) for k, v in per.items()}
+    same = sum(x == y for x, y in zip(toks["overlap on"], toks["overlap off"]))
+    res["overlap_ab"] = {"rounds": args.overlap_ab, "min_tokens": args.overlap_tokens,
+                         "served_tokens_per_s": med, "per_round": per,
+                         "on_vs_off": med["overlap on"] / med["overlap off"],
+                         "on_vs_tp1": med["overlap on"] / med["tp1"],
+                         "off_vs_tp1": med["overlap off"] / med["tp1"],
+                         "identical_on_off": f"{same}/{args.batch}"}
+    o = res["overlap_ab"]
+    return "\n".join([
+        f"| served tok/s B={args.batch} ({res['runner']}, medians of {args.overlap_ab}) | tok/s | vs TP=1 | "
+        "target |",
+        "|---|---|---|---|",
+        f"| TP=1 | {med['tp1']:.1f} | - | - |",
+        f"| TP={args.tp} overlap off | {med['overlap off']:.1f} | {o['off_vs_tp1']:.2f}x | >= 1.7x: "
+        f"{'met' if o['off_vs_tp1'] >= 1.7 else '**missed**'} |",
+        f"| TP={args.tp} overlap on (>= {args.overlap_tokens} tokens) | {med['overlap on']:.1f} | "
+        f"{o['on_vs_tp1']:.2f}x | >= 1.7x: {'met' if o['on_vs_tp1'] >= 1.7 else '**missed**'} |",
+        f"| overlap on / off | - | {o['on_vs_off']:.3f}x | sequences identical on vs off ({res['dtype']}): "
+        f"{o['identical_on_off']} |"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llada-8b", help="the shape (a preset's config; weights are random)")
@@ -347,8 +398,16 @@ def main() -> None:
     ap.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
                     help="also B=--batch tokens/s served by the Engine, steps run ahead (served_throughput)")
     ap.add_argument("--lookahead", type=int, default=16, help="--served: Reuse steps run ahead in flight")
+    ap.add_argument("--overlap-ab", type=int, default=0, metavar="N",
+                    help="only the served B=--batch path: TP=1, TP=N overlap on / off, N alternating rounds")
+    ap.add_argument("--overlap-tokens", type=int, default=None,
+                    help="the TP group's two-micro-batch threshold (tp_overlap_tokens; default: the "
+                         "library's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.overlap_tokens is None:
+        from dlc.models.overlap import MIN_TOKENS
+        args.overlap_tokens = MIN_TOKENS
     if args.quick:
         args.gen, args.rounds, args.reps = min(args.gen, 128), 3, 20
 
@@ -372,11 +431,22 @@ def main() -> None:
     backends = args.all_reduce.split(",") if args.all_reduce else []
     first = "symm" if "symm" in backends else "auto" if "auto" in backends or not backends else "nccl"
     tp_session = open_model(str(ckpt), dtype=args.dtype, device=args.device, progress=False,
-                            tensor_parallel_size=args.tp, tp_all_reduce=first)
+                            tensor_parallel_size=args.tp, tp_all_reduce=first,
+                            tp_overlap_tokens=args.overlap_tokens)
     tp = runner_of(tp_session, args.graphs, args.compile)
     res["tp_load_s"] = round(time.perf_counter() - t0, 2)
     say(f"TP={args.tp} loaded in {res['tp_load_s']} s (graphs {'on' if args.graphs else 'off'}, "
         f"compiled {'on every rank' if getattr(tp, 'compiled', False) else 'off'})")
+    if args.overlap_ab:
+        try:
+            tab = overlap_ab(args, res, one, tp)
+        finally:
+            tp_session.runner.close()
+        print(json.dumps(res, indent=2))
+        print(tab, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     if backends:
         try:
             names = by_backend(args, res, one, tp, backends)
@@ -399,6 +469,7 @@ def main() -> None:
                            "capture_s_in_run": round(cap, 3)}
             say(f"{name}: {tps:.1f} tok/s at B={args.batch} ({cap:.2f} s of it capturing)")
             served(args, runner, sides[name], name)
+        res["tp_overlap"] = [r["overlap"] for r in tp.step_times()]     # threshold, forwards split per rank
         if getattr(tp, "stats", None):
             res["tp_graph_stats"] = {k: v for k, v in tp.stats.items() if k in ("replays", "eager_reuse",
                                                                              "captures")}

@@ -78,12 +78,16 @@ def _fail(msg: str):
               type=click.Choice(TP_ALL_REDUCE),
               help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; auto: "
                    "one-shot for small messages on CUDA, else NCCL / gloo")
+@click.option("--tp-overlap-tokens", "tp_overlap_tokens", default=None, type=int,
+              help="tensor parallel: a step feeding at least this many tokens runs as two halves whose "
+                   "all-reduces overlap the other half's compute (0: off) [dlc.models.overlap.MIN_TOKENS: "
+                   "1024]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, smoothing_top_k, top_k, top_p, min_p, logprobs,
              cfg_scale, kv_cache, decoder, steps_per_block, eos_early_stop, edit_threshold,
              max_post_edit_steps, tokens_per_step, weights, dtype, device, seed, cuda_graphs, compile_blocks,
-             batch_invariant, chat, tensor_parallel_size, tp_all_reduce, as_json):
+             batch_invariant, chat, tensor_parallel_size, tp_all_reduce, tp_overlap_tokens, as_json):
     """Generate a completion for PROMPT with MODEL (preset, checkpoint dir or engine dir)."""
     import torch
 
@@ -98,7 +102,8 @@ def generate(model, prompt, gen_length, block_length, steps, temperature, remask
     gd = _generation_defaults(model, weights)
     try:
         session = open_model(model, weights=weights, dtype=dtype, device=device, progress=not as_json,
-                             tensor_parallel_size=tensor_parallel_size, tp_all_reduce=tp_all_reduce)
+                             tensor_parallel_size=tensor_parallel_size, tp_all_reduce=tp_all_reduce,
+                             tp_overlap_tokens=tp_overlap_tokens)
         block = _block_defaults(session.config, model, weights)
         gen_length, block_length, steps = (gen_length or gd["gen_length"],
                                            block_length or block.get("block_length") or gd["block_length"],

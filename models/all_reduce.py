@@ -39,6 +39,7 @@ import importlib
 import os
 import warnings
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -159,10 +160,12 @@ class AllReduce:
         self.group, self.backend, self.limit, self.buffer = group, backend, limit, buffer
         self.op = group is not None and buffer is not None      # a plain flag: Dynamo guards on it, no tensor
         self.group_name = group.group_name if self.op else ""
+        self.pg_name = group.group_name if group is not None else ""     # the functional collectives' name
         self.calls = {"one_shot": 0, "nccl": 0}
+        self.defer = False            # the caller sums (``deferred``): layers return their partial sums
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        if self.group is None:
+        if self.group is None or self.defer:
             return y
         if not self.op:
             import torch.distributed as dist
@@ -170,6 +173,31 @@ class AllReduce:
             return y
         torch.ops.dlc.tp_all_reduce_(y, self.group_name)
         return y
+
+    @contextmanager
+    def deferred(self):
+        """While inside, every layer holding this all-reduce returns its rank's partial sum unsummed: the
+        caller issues the sums itself (``issue`` / ``wait``: the two-micro-batch forward, models/overlap.py,
+        which overlaps one half's sums with the other half's compute). A plain flag that Dynamo guards on."""
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
+
+    def issue(self, y: torch.Tensor) -> torch.Tensor:
+        """Start summing ``y`` over the group and return the tensor the sum lands in, valid after ``wait``.
+        NCCL / gloo: the functional all-reduce (on its own stream; ``wait`` makes the compute stream wait
+        for it where the sum is used, in eager code and in Inductor's, captured graphs included). The
+        one-shot op (``symm``) runs on the compute stream: summed at once, ``wait`` is a no-op."""
+        if self.op:
+            torch.ops.dlc.tp_all_reduce_(y, self.group_name)
+            return y
+        return torch.ops._c10d_functional.all_reduce(y, "sum", self.pg_name)
+
+    def wait(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum ``issue`` started, ready to use."""
+        return t if self.op else torch.ops._c10d_functional.wait_tensor(t)
 
     def run(self, x: torch.Tensor) -> None:
         """The op's real work on one message (outside any trace)."""

@@ -476,9 +476,18 @@ class PreNormLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
+        a, kv = self.attention_branch(x, cos, sin, mask, cache_kv, start, **kw)
         x = x + a                                                         # [B, T, d]
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp_branch(x), kv
+
+    def attention_branch(self, x, cos, sin, mask, cache_kv=None, start=0, **kw):
+        """The attention sublayer before its residual add: (output [B, T, d], (k, v)) (the sublayers run
+        apart in a tensor-parallel shard's two-micro-batch forward, models/overlap.py)."""
+        return self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, start, **kw)
+
+    def mlp_branch(self, x):
+        """The MLP sublayer before its residual add: [B, T, d] -> [B, T, d]."""
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class DiffusionLM(nn.Module):
@@ -505,6 +514,9 @@ class DiffusionLM(nn.Module):
             position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_theta)
         mask = key_mask_to_attn_mask(key_mask)
+        overlap = self.__dict__.get("_overlap")          # a TP shard's two-micro-batch forward (overlap.py)
+        if overlap is not None and overlap.splits(input_ids, cache, return_kv):
+            return overlap.forward(self, input_ids, cos, sin, mask, cache, start, embed_add)
         x = self.embed(input_ids)                                         # [B, T, d]
         if embed_add is not None:
             x = x + embed_add.to(x.dtype)

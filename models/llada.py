@@ -66,12 +66,20 @@ class LLaDABlock(nn.Module):
         return [(self.q_proj, self.k_proj, self.v_proj), (self.ff_proj, self.up_proj)]
 
     def forward(self, x, cos, sin, mask, cache_kv=None, start: int = 0):
-        a, kv = self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               cos, sin, mask, self.n_heads, self.n_kv, cache_kv=cache_kv, start=start)
+        a, kv = self.attention_branch(x, cos, sin, mask, cache_kv, start)
         x = x + a
-        h = self.ff_norm(x)
-        gate, up = project(h, (self.ff_proj, self.up_proj))
-        return x + self.ff_out(F.silu(gate) * up), kv
+        return x + self.mlp_branch(x), kv
+
+    def attention_branch(self, x, cos, sin, mask, cache_kv=None, start: int = 0):
+        """The attention sublayer before its residual add: (output [B, T, d], (k, v)). A tensor-parallel
+        shard's two-micro-batch forward (models/overlap.py) runs the sublayers apart."""
+        return self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+                              cos, sin, mask, self.n_heads, self.n_kv, cache_kv=cache_kv, start=start)
+
+    def mlp_branch(self, x):
+        """The MLP sublayer before its residual add: [B, T, d] -> [B, T, d]."""
+        gate, up = project(self.ff_norm(x), (self.ff_proj, self.up_proj))
+        return self.ff_out(F.silu(gate) * up)
 
 
 class _Transformer(nn.Module):

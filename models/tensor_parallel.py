@@ -6,7 +6,9 @@ row-parallel (each rank multiplies its slice and the partial sums are all-reduce
 ranks; with fewer KV heads than ranks each rank keeps the one KV head its query heads read (replicated, the
 GQA rule of vLLM). The LM head is vocab-parallel: rank r holds rows [v0, v1) of the head and decodes its
 slice (``dlc.runtime.distributed.vocab``); the input embedding too (the same rows; the last rank also the
-padding rows past the vocab), combined by one all-reduce. Norms are replicated.
+padding rows past the vocab), combined by one all-reduce. Norms are replicated. Under
+``AllReduce.deferred`` the row-parallel layers and the embedding return their partial sums and the caller
+sums them (the two-micro-batch forward, ``dlc.models.overlap``).
 
 ``shard_modules_`` swaps the model's linears for shard-sized ones (on the meta device before loading, or on a
 full model, copying the slices, for the in-process tiny presets) and returns the plan: per parameter name, the

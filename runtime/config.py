@@ -70,6 +70,10 @@ class ServeConfig:
     # else NCCL / gloo) or symm (one-shot up to its buffer; CUDA only): dlc.models.all_reduce. auto is
     # opt-in: on 2 x H200 a process's second TP group hung after a first one (bench/RESULTS.md)
     tp_all_reduce: str = "nccl"
+    # two-micro-batch overlap of each TP rank's forward (models/overlap.py): a step feeding at least this many
+    # tokens runs as two halves whose all-reduces overlap the other half's compute (0: off; None: the
+    # library's default, dlc.models.overlap.MIN_TOKENS, the one place to flip it)
+    tp_overlap_tokens: int | None = None
     # head-sparse Reuse of an eager model: each KV head attends over the fed block + this share of the
     # other cached keys (engines: built in)
     sparse_retention: float | None = None
@@ -139,6 +143,9 @@ class ServeConfig:
         if self.tp_all_reduce not in TP_ALL_REDUCE:
             raise ValueError(f"serve config: tp_all_reduce must be one of {TP_ALL_REDUCE}, got "
                              f"{self.tp_all_reduce!r}")
+        n = self.tp_overlap_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"serve config: tp_overlap_tokens must be an integer >= 0 (0: off), got {n!r}")
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")

@@ -211,7 +211,7 @@ class Engine:
         t0 = time.perf_counter()
         session = open_model(cfg.model, dtype=cfg.dtype, device=device, progress=False,
                              tensor_parallel_size=cfg.tensor_parallel_size,
-                             tp_all_reduce=cfg.tp_all_reduce)
+                             tp_all_reduce=cfg.tp_all_reduce, tp_overlap_tokens=cfg.tp_overlap_tokens)
         load_s = time.perf_counter() - t0
         engine = cls(session, cfg)
         engine.timings["load_s"] = load_s

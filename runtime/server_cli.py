@@ -87,6 +87,10 @@ def _options(f):
                      type=click.Choice(TP_ALL_REDUCE),
                      help="the ranks' all-reduce: symmetric memory's one-shot (symm: CUDA only) or NCCL; "
                           "auto: one-shot for small messages on CUDA, else NCCL / gloo [auto]"),
+        click.option("--tp-overlap-tokens", "tp_overlap_tokens", default=None, type=int,
+                     help="tensor parallel: a step feeding at least this many tokens runs as two halves "
+                          "whose all-reduces overlap the other half's compute (0: off) "
+                          "[dlc.models.overlap.MIN_TOKENS: 1024]"),
     ]
     for o in reversed(opts):
         f = o(f)

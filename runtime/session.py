@@ -27,10 +27,13 @@ class Session:
 
 
 def open_model(model: str, weights: str | None = None, dtype=None, device: str = "cpu",
-               progress: bool = True, tensor_parallel_size: int = 1, tp_all_reduce: str = "nccl") -> Session:
+               progress: bool = True, tensor_parallel_size: int = 1, tp_all_reduce: str = "nccl",
+               tp_overlap_tokens: int | None = None) -> Session:
     """``tensor_parallel_size`` > 1: this process becomes rank 0 of a tensor-parallel group it starts
     (``dlc.runtime.distributed``; eager checkpoints and presets only), its all-reduces as ``tp_all_reduce``
-    says (``dlc.models.all_reduce``: auto, nccl, symm; symm is refused where it cannot run)."""
+    says (``dlc.models.all_reduce``: auto, nccl, symm; symm is refused where it cannot run), its big steps
+    split in two halves from ``tp_overlap_tokens`` fed tokens (``dlc.models.overlap``; None: its default, 0:
+    off)."""
     from dlc.models.all_reduce import check_backend, refuse_symm
     from .runners.engine_dir import is_engine_dir, open_engine
 
@@ -46,7 +49,7 @@ def open_model(model: str, weights: str | None = None, dtype=None, device: str =
     if tp > 1:
         from .distributed import open_tp_model
         return open_tp_model(model, tp, weights=weights, dtype=dtype, device=device, progress=progress,
-                             all_reduce=tp_all_reduce)
+                             all_reduce=tp_all_reduce, overlap_tokens=tp_overlap_tokens)
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress)
     return Session(EagerRunner(lm.model), lm.tokenizer, lm.config, lm.chat, lm.source)
 

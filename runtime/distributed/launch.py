@@ -70,11 +70,13 @@ def _init(rank: int, world: int, device: str, init_method: str | None):
 
 
 def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, group, progress: bool,
-               all_reduce: str = "nccl"):
+               all_reduce: str = "nccl", overlap_tokens: int | None = None):
     """(ShardRunner, LoadedModel) of this rank: its slices only, read from the checkpoint files; then its
     all-reduce backend (``all_reduce``: dlc.models.all_reduce, collective when it allocates the symmetric
-    buffer: every rank does it here, after loading, before any capture or compile)."""
+    buffer: every rank does it here, after loading, before any capture or compile) and its two-micro-batch
+    forward (``overlap_tokens``: dlc.models.overlap's threshold, None its default, 0 off)."""
     from dlc.models import all_reduce as ar
+    from dlc.models import overlap
     from dlc.models.loading import load_model
     from dlc.models.tensor_parallel import shard_config, shard_modules_
 
@@ -83,7 +85,8 @@ def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, g
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress and rank == 0,
                     shard=lambda m, full: shard_modules_(m, rank, world, group, full),
                     desc=f"loading weights (rank 0 of {world})")
-    ar.setup(lm.model, group, all_reduce, device, next(lm.model.parameters()).dtype)
+    reduce = ar.setup(lm.model, group, all_reduce, device, next(lm.model.parameters()).dtype)
+    overlap.install(lm.model, reduce, overlap.MIN_TOKENS if overlap_tokens is None else overlap_tokens)
     return ShardRunner(lm.model, shard_config(lm.config, world), rank, world, group), lm
 
 
@@ -97,7 +100,7 @@ def _make_pool(shard):
 
 
 def worker_main(rank: int, world: int, init_method: str | None, model: str, weights, dtype,
-                device: str, all_reduce: str = "nccl") -> None:
+                device: str, all_reduce: str = "nccl", overlap_tokens: int | None = None) -> None:
     """A worker rank: join, load the shard, run forwards until rank 0 says stop (or is gone)."""
     from .channel import Channel
     from .runner import worker_loop
@@ -115,7 +118,7 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         group, control, startup = _init(rank, world, dev, init_method)
         shard, _ = load_shard(model, weights, dtype, dev, rank, world, group, progress=False,
-                              all_reduce=all_reduce)
+                              all_reduce=all_reduce, overlap_tokens=overlap_tokens)
         dist.barrier(group=startup)                            # every rank loaded: serving timeouts from now
         worker_loop(shard, Channel(control), _make_pool(shard))
     except Exception as e:                                     # noqa: BLE001 - rank 0 reports the group down
@@ -129,10 +132,12 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
 
 
 def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str = "cpu",
-                  progress: bool = True, all_reduce: str = "nccl"):
+                  progress: bool = True, all_reduce: str = "nccl", overlap_tokens: int | None = None):
     """A Session whose runner drives a tensor-parallel group of ``world`` ranks (this process is rank 0);
-    ``all_reduce``: the ranks' all-reduce backend (``tp_all_reduce``: auto, nccl, symm)."""
+    ``all_reduce``: the ranks' all-reduce backend (``tp_all_reduce``: auto, nccl, symm); ``overlap_tokens``:
+    the ranks' two-micro-batch threshold (``tp_overlap_tokens``, dlc.models.overlap; None: its default)."""
     from dlc.models.all_reduce import for_new_group, refuse_symm
+    from dlc.models.overlap import check_min_tokens
     from dlc.models.all_reduce import of as ar_of
 
     from ..session import Session
@@ -141,6 +146,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
 
     _check_layout(model, weights, world)
     refuse_symm(all_reduce, torch.device(device).type)      # before any process starts
+    if overlap_tokens is not None:
+        check_min_tokens(overlap_tokens)
     all_reduce = for_new_group(all_reduce)                  # every rank takes rank 0's choice
     if dist.is_initialized():
         raise ValueError("tensor_parallel_size: this process already belongs to a torch.distributed group")
@@ -151,13 +158,13 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
         if n != world:
             raise ValueError(f"tensor_parallel_size {world} but torchrun started {n} ranks (WORLD_SIZE)")
         if rank != 0:                                          # a torchrun worker never returns
-            worker_main(rank, world, None, model, weights, dtype, device, all_reduce)
+            worker_main(rank, world, None, model, weights, dtype, device, all_reduce, overlap_tokens)
             sys.exit(0)
     else:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = torch.multiprocessing.get_context("spawn")
         for r in range(1, world):
-            args = (r, world, init_method, model, weights, dtype, device, all_reduce)
+            args = (r, world, init_method, model, weights, dtype, device, all_reduce, overlap_tokens)
             p = ctx.Process(target=worker_main, args=args,
                             name=f"dlc-tp-rank{r}", daemon=True)
             p.start()
@@ -167,7 +174,8 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     try:
         dev = _device(device, 0)
         group, control, startup = _init(0, world, dev, init_method)
-        shard, lm = load_shard(model, weights, dtype, dev, 0, world, group, progress, all_reduce)
+        shard, lm = load_shard(model, weights, dtype, dev, 0, world, group, progress, all_reduce,
+                               overlap_tokens)
         dist.barrier(group=startup)
     except Exception as e:
         if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _is_comm_error(e)):

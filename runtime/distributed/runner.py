@@ -111,16 +111,22 @@ class TensorParallelRunner:
             lp["to_launch_s"] += (launched - t0) / 1e9
 
     def step_times(self, reset: bool = False, frames: bool | None = None,
-                   gpu_timing: bool | None = None, all_reduce: str | None = None) -> list[dict]:
+                   gpu_timing: bool | None = None, all_reduce: str | None = None,
+                   overlap_tokens: int | None = None) -> list[dict]:
         """Every rank's per-step host timings (``step_times.report``: means in microseconds since the last
         reset), rank 0 first. ``frames`` / ``gpu_timing``: switch every rank's frame staging
         (``ShardGraphRunner.frames``) and CUDA-event timing of the replays from now on (None: unchanged);
         ``all_reduce``: every rank's all-reduce backend (``dlc.models.all_reduce.switch``, benches; the
-        graphs are captured again on their next use)."""
+        graphs are captured again on their next use); ``overlap_tokens``: every rank's two-micro-batch
+        threshold (``tp_overlap_tokens``, models/overlap.py; 0: off; graphs captured again)."""
         if all_reduce is not None:                          # refused here, before any rank switches
             from dlc.models.all_reduce import check_switch
             check_switch(self.shard.model, all_reduce)
-        opts = {"reset": reset, "frames": frames, "gpu_timing": gpu_timing, "all_reduce": all_reduce}
+        if overlap_tokens is not None:
+            from dlc.models.overlap import check_min_tokens
+            check_min_tokens(overlap_tokens)
+        opts = {"reset": reset, "frames": frames, "gpu_timing": gpu_timing, "all_reduce": all_reduce,
+                "overlap_tokens": overlap_tokens}
 
         def gather():
             own = step_times.report(0, self.loop, self.shard, self.channel, reset)
@@ -391,12 +397,20 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
 
 
 def _tune(shard, opts: dict) -> None:
-    """A STATS message's switches on this rank's graph runner (and its all-reduce)."""
+    """A STATS message's switches on this rank's graph runner (its all-reduce, its two-micro-batch
+    threshold)."""
     if opts.get("all_reduce") is not None:
         from dlc.models.all_reduce import switch
         switch(shard.model, opts["all_reduce"])
         if isinstance(shard, ShardGraphRunner):
             shard.release_graphs()                         # captured with the old path: every rank recaptures
+    if opts.get("overlap_tokens") is not None:
+        from dlc.models.overlap import of
+        ov = of(shard.model)
+        if ov is not None and ov.min_tokens != opts["overlap_tokens"]:
+            ov.min_tokens = opts["overlap_tokens"]
+            if isinstance(shard, ShardGraphRunner):
+                shard.release_graphs()                     # split or not is captured: every rank recaptures
     if isinstance(shard, ShardGraphRunner):
         if opts.get("frames") is not None:
             shard.frames = bool(opts["frames"])

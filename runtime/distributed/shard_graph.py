@@ -30,7 +30,10 @@ rank in the same order, and ranks that start from the same Dynamo state (a worke
 it holds no other compiled model) make the same static / dynamic choices. Where they differ (a bench's rank 0
 beside a compiled TP=1 model), the kernels differ but the collectives, which follow the model code, do not.
 ``torch.compile`` wraps the model's blocks in place: once compiled they stay compiled (a runner built over
-them later, after graphs were switched off and on, is ``compiled`` too).
+them later, after graphs were switched off and on, is ``compiled`` too). Steps big enough for the
+two-micro-batch overlap (dlc.models.overlap, ``tp_overlap_tokens``) run each half's sublayer step as its own
+compiled function instead of the blocks (compiled beside them here), and the captured step replays the
+interleaved halves.
 
 Reuse steps from the frame (``reuse_frame``): every rank, rank 0 included, stages a compact Reuse step
 straight from the control frame instead of rebuilding a StepBatch and gathering it into the static buffers:
@@ -53,6 +56,7 @@ import time
 import torch
 
 from dlc.models.all_reduce import release as release_all_reduce
+from dlc.models.overlap import of as overlap_of
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.graph import BUCKETS, GraphRunner, _Graph
@@ -91,6 +95,13 @@ class ShardGraphRunner(GraphRunner):
         self.release_graphs()
         self._compile_blocks("inductor" if compile is True else compile)
         self.compiled = True
+
+    def _compile_blocks(self, backend: str) -> None:
+        """GraphRunner's, and the two-micro-batch forward's layer over both halves (models/overlap.py)."""
+        super()._compile_blocks(backend)
+        ov = overlap_of(self.model)
+        if ov is not None:
+            ov.compile(backend)
 
     def release_graphs(self) -> None:
         """GraphRunner's, and the frames' map of captured variants (rebuilt on the next steps)."""

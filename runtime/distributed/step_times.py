@@ -52,6 +52,7 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
     out["compiled"] = bool(getattr(shard, "compiled", False))
     out["compiled_graphs"] = compiled_graphs() if out["compiled"] else 0
     out["all_reduce"] = all_reduce_report(shard)
+    out["overlap"] = overlap_report(shard, reset)
     if channel is not None:
         sums.update(encode_s=channel.stats["encode_s"], send_s=channel.stats["send_s"])
     if getattr(shard, "gpu_timing", False):
@@ -73,6 +74,19 @@ def all_reduce_report(shard) -> dict | None:
     from dlc.models.all_reduce import of
     r = of(shard.model) if getattr(shard, "model", None) is not None else None
     return None if r is None else r.report()
+
+
+def overlap_report(shard, reset: bool = False) -> dict | None:
+    """The rank's two-micro-batch forward (models/overlap.py): its threshold and forwards split since the last
+    reset (host calls: captures and eager forwards, not replays); None where the shard cannot split."""
+    from dlc.models.overlap import of
+    ov = of(shard.model) if getattr(shard, "model", None) is not None else None
+    if ov is None:
+        return None
+    out = {"min_tokens": ov.min_tokens, **ov.stats}
+    if reset:
+        ov.stats["split_forwards"] = 0
+    return out
 
 
 def compiled_graphs() -> int:
