@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from dlc.kernels.sampling import (FILTER_CANDIDATES, candidates_cover, filter_candidates, finish_stats,
+                                  sweep_stats)
 from dlc.models.tensor_parallel import head_shard
 
-from ..runners.eager import EagerRunner
+from ..runners.eager import EagerRunner, _tempered
 from ..runners.graph import LOGPROB_BUCKETS
 from ..step import StepBatch
 from ..step_output import StepOutput
-from .vocab import combine, fused_stats, shard_stats
+from .vocab import CHUNK, combine, combine_sweep, fused_stats, shard_stats, shard_top_soft
 
 
 class ShardRunner(EagerRunner):
@@ -33,6 +35,8 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
     (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy, combined over the ranks.
     ``fused``: a T = 0 step without guidance (the caller checked) through the fused sweep
     (``fused_stats``)."""
+    if has_rules(batch):
+        return vocab_decode_rules(shard, rows, batch)
     w, v0 = head_shard(shard.model, shard.rank, shard.world)
     temperature = batch.temperature
     if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
@@ -48,6 +52,72 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
     if not batch.wants_extras():
         return out["tokens"], out["confidence"]
     return StepOutput.from_decode(extras_of(out, batch.logprobs is not None, batch.entropy))
+
+
+def has_rules(batch: StepBatch) -> bool:
+    """A batch carrying credit, smoothing's soft output or sampling filters (``vocab_decode_rules``)."""
+    return batch.credit_ids is not None or batch.soft_tau is not None or batch.top_k is not None
+
+
+def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch) -> StepOutput:
+    """Credit, iteration smoothing and sampling filters at T > 0 decoded vocab-parallel, as one process's
+    ``eager.decode_step_extras`` decodes them: rows [fed, N, d] (tempered as there) -> each rank sweeps its
+    shard with the core's chunk loop (``sweep_stats``: the credit of the ids in its shard added before its
+    statistics), ``combine_sweep`` merges the ranks' statistics, then every rank finishes as one process does
+    (``finish_stats``: credit's own-step correction on the global raw top-1; ``filter_candidates``: top-k,
+    top-p on the renormalised survivors, min-p and the Gumbel-max over the merged top
+    ``FILTER_CANDIDATES``, exact for the filters the candidates cover: ``filters_covered``). Smoothing's soft
+    embedding: each rank's share of exp(l / tau - max) @ W_e[shard], one all_reduce (the truncated form:
+    ``shard_top_soft`` over the merged top-k)."""
+    w, v0 = head_shard(shard.model, shard.rank, shard.world)
+    vocab = shard.config.vocab_size
+    we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
+    rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
+    credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+    soft_k = batch.soft_top_k if batch.soft_tau is not None else 0
+    soft = None if batch.soft_tau is None or soft_k else (we, batch.soft_tau)
+    filters = None if batch.top_k is None or temperature == 0 else (batch.top_k, batch.top_p, batch.min_p)
+    cover = None if filters is None else filters_covered(*filters)
+    kc = min(FILTER_CANDIDATES, vocab) if filters is not None else 0
+    topk = max(batch.logprobs or 0, soft_k)                    # what the caller reads of the top list
+    k_sweep = max(topk, kc)
+    t_sweep = 0.0 if cover == "filtered" else temperature     # every row filters: only candidates draw
+    acc = torch.float64
+    st = sweep_stats(rows, w, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), t_sweep,
+                     batch.seeds, vocab=vocab, chunk=CHUNK, topk=k_sweep, entropy=batch.entropy,
+                     credit=credit, soft=soft, acc=acc, v0=v0, rows=w.shape[0])
+    st = combine_sweep(st, shard.group, topk=k_sweep)
+    out = finish_stats(st, t_sweep, batch.seeds, vocab=vocab, topk=k_sweep,
+                       logprobs=filters is not None or batch.logprobs is not None, entropy=batch.entropy,
+                       credit=credit, soft=soft is not None, acc=acc)
+    if filters is not None:
+        out = filter_candidates(out, filters, temperature, batch.seeds, vocab=vocab, topk=topk,
+                                logprobs=batch.logprobs is not None, filtered_conf=batch.tempered_conf,
+                                acc=acc)
+    if soft_k:
+        out["soft"] = shard_top_soft(out["topk_ids"][..., :soft_k], out["topk_logprobs"][..., :soft_k], we,
+                                     v0, batch.soft_tau, shard.group)
+    k = batch.logprobs or 0
+    if k:
+        out["topk_ids"], out["topk_logprobs"] = out["topk_ids"][..., :k], out["topk_logprobs"][..., :k]
+    else:
+        out.pop("topk_ids", None), out.pop("topk_logprobs", None)
+    if batch.logprobs is None:
+        out.pop("logprob", None)
+    return StepOutput.from_decode({k: v for k, v in out.items() if not k.startswith("_")})
+
+
+def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> str:
+    """``sampling.candidates_cover`` of the rows' filters ("filtered" / "mixed"): the filters tensor
+    parallelism decodes exactly from the merged top candidates (every filtering row has a top-k of at most
+    ``FILTER_CANDIDATES``; ``TensorParallelRunner.check_generation`` refuses the others, naming the field).
+    Read as if without tempered confidences: a row without filters keeps the tempered sweep's token and
+    confidence, which is its confidence over the whole tempered vocabulary."""
+    cover = candidates_cover(top_k, top_p, min_p)
+    if cover is None:
+        raise ValueError("tensor parallel: sampling filters need a top_k of at most "
+                         f"{FILTER_CANDIDATES} (top_p / min_p filter its candidates)")
+    return cover
 
 
 def extras_of(out: dict, logprobs: bool, entropy: bool) -> dict:
