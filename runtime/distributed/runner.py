@@ -207,7 +207,7 @@ class TensorParallelRunner:
 
     def can_run_ahead(self, batch, commit=None) -> bool:
         """A batch the rank's graph runner runs ahead; with the core's ``commit``, one whose rules the AHEAD
-        frame carries (``encode_commit``: not credit or smoothing, which tensor parallelism refuses)."""
+        frame carries (``encode_commit``: every rule of the registry, with credit and smoothing)."""
         if commit is not None and encode_commit(commit) is None:
             return False
         return self.graphed and self.shard.can_run_ahead(batch, commit)

@@ -59,7 +59,7 @@ from ..runners.graph import BUCKETS, GraphRunner, _Graph
 from ..step import StepBatch
 from ..step_output import StepOutput
 from .channel import _B, _NFED, _NOUT, _TEMP, Compact, _float, frame_key, frame_wants_extras, split_payload
-from .shard_runner import ShardRunner, extras_of, vocab_decode
+from .shard_runner import ShardRunner, extras_of, rules_decode, vocab_decode
 from .vocab import combine, fused_stats, shard_stats
 
 _UNSEEN = object()
@@ -184,11 +184,10 @@ class ShardGraphRunner(GraphRunner):
 
     @staticmethod
     def _extras_key(batch: StepBatch):
-        """GraphRunner's variants, minus what the vocab-parallel combine does not compute (eager)."""
-        ex = GraphRunner._extras_key(batch)
-        if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
-            return None
-        return ex
+        """GraphRunner's variants: credit, smoothing and top-k-bounded filters decode through
+        ``rules_decode`` inside the captured step (its collectives, ``all_gather_into_tensor`` and
+        ``all_reduce``, capture)."""
+        return GraphRunner._extras_key(batch)
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine (the fused sweep where the
@@ -203,6 +202,11 @@ class ShardGraphRunner(GraphRunner):
         ar = torch.arange(rows.shape[0], device=rows.device)
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
+        if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
+            return rules_decode(self, rows, ar, ar, one, temp, seeds, credit=g.credit,
+                                soft_tau=ex.smooth_tau or None, soft_k=ex.smooth_k, filters=g.filters,
+                                cover=ex.filtered or None, entropy=ex.entropy,
+                                logprobs=None if ex.logprobs < 0 else ex.logprobs)
         k = max(ex.logprobs, 0) if ex else 0
         if self.decoding == "fused" and not (ex and ex.sampled):
             st = fused_stats(rows, w, v0, topk=k, entropy=bool(ex and ex.entropy))

@@ -61,50 +61,60 @@ def has_rules(batch: StepBatch) -> bool:
 
 def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch) -> StepOutput:
     """Credit, iteration smoothing and sampling filters at T > 0 decoded vocab-parallel, as one process's
-    ``eager.decode_step_extras`` decodes them: rows [fed, N, d] (tempered as there) -> each rank sweeps its
-    shard with the core's chunk loop (``sweep_stats``: the credit of the ids in its shard added before its
-    statistics), ``combine_sweep`` merges the ranks' statistics, then every rank finishes as one process does
-    (``finish_stats``: credit's own-step correction on the global raw top-1; ``filter_candidates``: top-k,
-    top-p on the renormalised survivors, min-p and the Gumbel-max over the merged top
-    ``FILTER_CANDIDATES``, exact for the filters the candidates cover: ``filters_covered``). Smoothing's soft
-    embedding: each rank's share of exp(l / tau - max) @ W_e[shard], one all_reduce (the truncated form:
-    ``shard_top_soft`` over the merged top-k)."""
+    ``eager.decode_step_extras`` decodes them (rows [fed, N, d], tempered as there): ``rules_decode`` with
+    the batch's fields (the filters' cover read here, on the host)."""
+    rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
+    credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+    filters = None if batch.top_k is None or temperature == 0 else (batch.top_k, batch.top_p, batch.min_p)
+    out = rules_decode(shard, rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), temperature,
+                       batch.seeds, credit=credit, soft_tau=batch.soft_tau, soft_k=batch.soft_top_k,
+                       filters=filters, cover=None if filters is None else filters_covered(*filters),
+                       entropy=batch.entropy, logprobs=batch.logprobs, filtered_conf=batch.tempered_conf)
+    return StepOutput.from_decode(out)
+
+
+def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, credit=None, soft_tau=None,
+                 soft_k: int = 0, filters=None, cover=None, entropy: bool = False, logprobs: int | None = None,
+                 filtered_conf: bool = False) -> dict:
+    """The rules' vocab-parallel decoding of rows [fed, N, d] -> ``decode_rows_ext``'s dict (the eager steps'
+    ``vocab_decode_rules`` and the captured steps' ``ShardGraphRunner._graph_decode``, whose temperature is a
+    static [1] tensor). Each rank sweeps its shard with the core's chunk loop (``sweep_stats``: the credit
+    of the ids in its shard added before its statistics), ``combine_sweep`` merges the ranks' statistics,
+    then every rank finishes as one process does (``finish_stats``: credit's own-step correction on the
+    global raw top-1; ``filter_candidates``: top-k, top-p on the renormalised survivors, min-p and the
+    Gumbel-max over the merged top ``FILTER_CANDIDATES``, exact for the filters they cover: ``cover``, from
+    ``filters_covered``). Smoothing's soft embedding: each rank's share of exp(l / tau - max) @ W_e[shard],
+    one all_reduce (truncated, ``soft_k`` > 0: ``shard_top_soft`` over the merged top-k)."""
     w, v0 = head_shard(shard.model, shard.rank, shard.world)
     vocab = shard.config.vocab_size
     we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
-    rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
-    credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
-    soft_k = batch.soft_top_k if batch.soft_tau is not None else 0
-    soft = None if batch.soft_tau is None or soft_k else (we, batch.soft_tau)
-    filters = None if batch.top_k is None or temperature == 0 else (batch.top_k, batch.top_p, batch.min_p)
-    cover = None if filters is None else filters_covered(*filters)
+    soft_k = soft_k if soft_tau else 0
+    soft = (we, soft_tau) if soft_tau and not soft_k else None
     kc = min(FILTER_CANDIDATES, vocab) if filters is not None else 0
-    topk = max(batch.logprobs or 0, soft_k)                    # what the caller reads of the top list
+    topk = max(logprobs or 0, soft_k)                          # what the caller reads of the top list
     k_sweep = max(topk, kc)
     t_sweep = 0.0 if cover == "filtered" else temperature     # every row filters: only candidates draw
     acc = torch.float64
-    st = sweep_stats(rows, w, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), t_sweep,
-                     batch.seeds, vocab=vocab, chunk=CHUNK, topk=k_sweep, entropy=batch.entropy,
-                     credit=credit, soft=soft, acc=acc, v0=v0, rows=w.shape[0])
+    st = sweep_stats(rows, w, cond_rows, un_rows, cfg_w, t_sweep, seeds, vocab=vocab, chunk=CHUNK,
+                     topk=k_sweep, entropy=entropy, credit=credit, soft=soft, acc=acc, v0=v0, rows=w.shape[0])
     st = combine_sweep(st, shard.group, topk=k_sweep)
-    out = finish_stats(st, t_sweep, batch.seeds, vocab=vocab, topk=k_sweep,
-                       logprobs=filters is not None or batch.logprobs is not None, entropy=batch.entropy,
-                       credit=credit, soft=soft is not None, acc=acc)
+    out = finish_stats(st, t_sweep, seeds, vocab=vocab, topk=k_sweep,
+                       logprobs=filters is not None or logprobs is not None, entropy=entropy, credit=credit,
+                       soft=soft is not None, acc=acc)
     if filters is not None:
-        out = filter_candidates(out, filters, temperature, batch.seeds, vocab=vocab, topk=topk,
-                                logprobs=batch.logprobs is not None, filtered_conf=batch.tempered_conf,
-                                acc=acc)
+        out = filter_candidates(out, filters, temperature, seeds, vocab=vocab, topk=topk,
+                                logprobs=logprobs is not None, filtered_conf=filtered_conf, acc=acc)
     if soft_k:
         out["soft"] = shard_top_soft(out["topk_ids"][..., :soft_k], out["topk_logprobs"][..., :soft_k], we,
-                                     v0, batch.soft_tau, shard.group)
-    k = batch.logprobs or 0
+                                     v0, soft_tau, shard.group)
+    k = logprobs or 0
     if k:
         out["topk_ids"], out["topk_logprobs"] = out["topk_ids"][..., :k], out["topk_logprobs"][..., :k]
     else:
         out.pop("topk_ids", None), out.pop("topk_logprobs", None)
-    if batch.logprobs is None:
+    if logprobs is None:
         out.pop("logprob", None)
-    return StepOutput.from_decode({k: v for k, v in out.items() if not k.startswith("_")})
+    return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
 def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> str:
