@@ -93,6 +93,20 @@ def test_each_rule_runs_ahead_on_every_rank(pair, rule):
         assert min(fw) < GEN["gen_length"]
 
 
+def test_credit_and_smoothing_run_ahead_on_every_rank(pair):
+    """Credit and smoothing rows beside a plain threshold row: every rank carries the credit and the soft
+    input in its static inputs (the frame: each row's credit column and smoothing state), so the tokens and
+    forwards equal synchronous TP's and one process's; the rules change the tokens (decisive)."""
+    items = [(PROMPTS[0], dict(GEN, threshold=0.3, credit=True)), (PROMPTS[1], dict(GEN, smoothing=True)),
+             (PROMPTS[2], dict(GEN, threshold=0.3))]
+    outs, _ = check(pair, items)
+    one, _ = pair
+    plain = [generate(one.runner, [p], GenerationConfig(**dict(GEN, threshold=0.3) if i != 1 else GEN,
+                                                        stop_at_eos=True)).token_ids[0]
+             for i, (p, _) in enumerate(items[:2])]
+    assert outs[0] != plain[0] and outs[1] != plain[1]
+
+
 @pytest.mark.slow                 # ~60 s on 2 cores: two mixed runs, each served twice and by one process
 def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
     """Rows of different rules in one run (one group: the frame carries each row's rule), and rows of
