@@ -33,7 +33,12 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
-float32 there, float64 here)."""
+float32 there, float64 here).
+
+Tensor parallelism runs the same code per vocab shard: ``sweep_stats`` (the chunk loop, at a global id
+offset) and ``finish_stats`` (outputs from the statistics) are ``_decode_chunked``'s two halves, and
+``filter_candidates`` is the candidates path's tail; runtime/distributed/vocab.py merges the ranks' statistics
+between them."""
 from __future__ import annotations
 
 import torch

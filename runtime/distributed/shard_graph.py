@@ -16,9 +16,12 @@ vocab shard at T = 0 by the fused selected-row logits sweep (``vocab.fused_stats
 float32 logits as TP=1's ``fused`` graph runner, so tokens equal its on decisive models), ``exact`` and every
 sampled or guided step by the shard's float64 chunks (``vocab.shard_stats``: tokens equal ``ShardRunner``'s,
 which equal one process's on decisive fp32 models); the same small combine follows. Captured variants exist
-for what the combine computes (T > 0 sampling, logprobs, entropy); credit, smoothing and sampling filters are
-refused for tensor parallelism (``TensorParallelRunner.check_generation``). Refresh, full forwards, guidance
-and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same combine.
+for every extra ``GraphRunner`` captures (T > 0 sampling, logprobs, entropy; credit, smoothing and top-k
+filters through ``shard_runner.rules_decode``: the core's chunk sweep per shard, ``vocab.combine_sweep``'s
+all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers);
+filters the merged candidates do not bound are refused (``TensorParallelRunner.check_generation``). Refresh,
+full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same
+combine.
 
 Compiled blocks (``compile``, on by default on CUDA as for one GPU: ``engine.graph_runner_for``): each rank
 runs ``GraphRunner._compile_blocks`` on its shard, so its transformer blocks run under ``torch.compile``

@@ -134,3 +134,35 @@ def test_tp_refuses_filters_it_cannot_combine_exactly(pair):
                                                           **params))
         assert e.value.field == field and "tensor_parallel_size" in str(e.value)
     tp.runner.check_generation(GenerationConfig(gen_length=8, block_length=8, steps=8, top_p=0.5))   # T = 0
+
+
+@pytest.mark.gpu
+def test_tp2_rules_captured_on_two_gpus(tmp_path):
+    """2 GPUs, NCCL: every rank captures the rules' Reuse variants (the shard sweep, the statistics'
+    all-gather and smoothing's all-reduce inside the graph); in fp32 the tokens equal one GPU's eager runner
+    for credit, smoothing (whole and truncated) and seeded top-k / top-p filters, every Reuse step replayed;
+    through the Engine with lookahead 16, credit and smoothing rows run ahead with one GPU's tokens."""
+    import torch
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    path = write_tiny(tmp_path, MODELS["llada"])
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2)
+    try:
+        runner = graph_runner_for(tp.runner, compile=False)
+        assert runner.graphed and runner.capture
+        for params in [*RULES.values(), *FILTERS.values()]:
+            assert _tokens(runner, params) == _tokens(one.runner, params), params
+        assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0
+        assert runner.stats["eager_reuse"] == 0
+        items = [(p, {**params, "stop_at_eos": True}) for p, params in _engine_items()[:4]]
+        eng = Engine(tp, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=8, cuda_graphs=True,
+                                     compile=False, lookahead_steps=16, lookahead_max_ms=0.0))
+        calls = runner.stats["ahead_calls"]
+        reqs = eng.run_requests(items)
+        for r, (p, params) in zip(reqs, items):
+            want = generate(one.runner, [p], GenerationConfig(**params)).token_ids[0]
+            assert r.error is None and r.output_ids == want, params
+        assert runner.stats["ahead_calls"] > calls
+    finally:
+        tp.runner.close()
