@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dlc.kernels.sampling import FILTER_CANDIDATES
-from dlc.runtime.decoding import FieldError
 from dlc.runtime.step import AheadSteps
 
 from . import step_times
@@ -64,25 +62,6 @@ class TensorParallelRunner:
     device = property(lambda self: self.shard.device)
     dtype = property(lambda self: self.shard.dtype)
     max_seq_len = property(lambda self: self.shard.max_seq_len)
-
-    def check_generation(self, gen) -> None:
-        """What the vocab-parallel decoding does not combine exactly, refused naming the field: sampling
-        filters whose survivors the merged top candidates do not hold (a top_k of at most
-        ``FILTER_CANDIDATES`` must bound them: ``shard_runner.filters_covered``), and credit together with
-        filters at T > 0 (one process filters the credit-fused logits of the whole vocabulary). Credit,
-        smoothing and the other filters decode through ``shard_runner.vocab_decode_rules``."""
-        f = gen.filters()
-        if f is None:
-            return
-        top_k, top_p, _ = f
-        if gen.credit:
-            raise FieldError("credit", "credit decoding with sampling filters (top_k / top_p / min_p at "
-                                       "temperature > 0) is not supported with tensor_parallel_size > 1")
-        if not 0 < top_k <= FILTER_CANDIDATES:
-            field = "top_k" if top_k else "top_p" if top_p < 1 else "min_p"
-            raise FieldError(field, f"{field} at temperature > 0 with tensor_parallel_size > 1 needs a top_k "
-                                    f"of at most {FILTER_CANDIDATES} (the filters run over the ranks' merged "
-                                    f"top candidates)")
 
     def full(self, batch):
         return self._run(batch)

@@ -14,6 +14,7 @@ from ..runners.graph import LOGPROB_BUCKETS
 from ..step import StepBatch
 from ..step_output import StepOutput
 from .vocab import CHUNK, combine, combine_sweep, fused_stats, shard_stats, shard_top_soft
+from .vocab_filters import exact_filters
 
 
 class ShardRunner(EagerRunner):
@@ -68,7 +69,7 @@ def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch) -> StepOutpu
     filters = None if batch.top_k is None or temperature == 0 else (batch.top_k, batch.top_p, batch.min_p)
     out = rules_decode(shard, rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), temperature,
                        batch.seeds, credit=credit, soft_tau=batch.soft_tau, soft_k=batch.soft_top_k,
-                       filters=filters, cover=None if filters is None else filters_covered(*filters),
+                       filters=filters, cover=None if filters is None else filters_covered(*filters, credit),
                        entropy=batch.entropy, logprobs=batch.logprobs, filtered_conf=batch.tempered_conf)
     return StepOutput.from_decode(out)
 
@@ -90,10 +91,11 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
     soft_k = soft_k if soft_tau else 0
     soft = (we, soft_tau) if soft_tau and not soft_k else None
-    kc = min(FILTER_CANDIDATES, vocab) if filters is not None else 0
+    kc = min(FILTER_CANDIDATES, vocab) if cover else 0
     topk = max(logprobs or 0, soft_k)                          # what the caller reads of the top list
     k_sweep = max(topk, kc)
-    t_sweep = 0.0 if cover == "filtered" else temperature     # every row filters: only candidates draw
+    # every row filters over the candidates, or the bisection draws: the sweep draws nothing (T = 0)
+    t_sweep = 0.0 if cover == "filtered" or (filters is not None and not cover) else temperature
     acc = torch.float64
     st = sweep_stats(rows, w, cond_rows, un_rows, cfg_w, t_sweep, seeds, vocab=vocab, chunk=CHUNK,
                      topk=k_sweep, entropy=entropy, credit=credit, soft=soft, acc=acc, v0=v0, rows=w.shape[0])
@@ -101,9 +103,12 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     out = finish_stats(st, t_sweep, seeds, vocab=vocab, topk=k_sweep,
                        logprobs=filters is not None or logprobs is not None, entropy=entropy, credit=credit,
                        soft=soft is not None, acc=acc)
-    if filters is not None:
+    if filters is not None and cover:
         out = filter_candidates(out, filters, temperature, seeds, vocab=vocab, topk=topk,
                                 logprobs=logprobs is not None, filtered_conf=filtered_conf, acc=acc)
+    elif filters is not None:                  # survivors the candidates need not hold: the exact bisection
+        out = exact_filters(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, filters, out,
+                            credit=credit, filtered_conf=filtered_conf)
     if soft_k:
         out["soft"] = shard_top_soft(out["topk_ids"][..., :soft_k], out["topk_logprobs"][..., :soft_k], we,
                                      v0, soft_tau, shard.group)
@@ -117,17 +122,13 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
-def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> str:
-    """``sampling.candidates_cover`` of the rows' filters ("filtered" / "mixed"): the filters tensor
-    parallelism decodes exactly from the merged top candidates (every filtering row has a top-k of at most
-    ``FILTER_CANDIDATES``; ``TensorParallelRunner.check_generation`` refuses the others, naming the field).
-    Read as if without tempered confidences: a row without filters keeps the tempered sweep's token and
-    confidence, which is its confidence over the whole tempered vocabulary."""
-    cover = candidates_cover(top_k, top_p, min_p)
-    if cover is None:
-        raise ValueError("tensor parallel: sampling filters need a top_k of at most "
-                         f"{FILTER_CANDIDATES} (top_p / min_p filter its candidates)")
-    return cover
+def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, credit=None) -> str | None:
+    """``sampling.candidates_cover`` of the rows' filters ("filtered" / "mixed": every filtering row has a
+    top-k of at most ``FILTER_CANDIDATES``, so the merged top candidates hold its survivors), or None: the
+    exact bisection (``vocab_filters.exact_filters``), also for a batch with credit (one process filters the
+    credit-fused logits). Read as if without tempered confidences: a row without filters keeps the tempered
+    sweep's token and confidence, which is its confidence over the whole tempered vocabulary."""
+    return None if credit is not None else candidates_cover(top_k, top_p, min_p)
 
 
 def extras_of(out: dict, logprobs: bool, entropy: bool) -> dict:

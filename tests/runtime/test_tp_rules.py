@@ -1,5 +1,6 @@
 """Tensor parallelism decodes the rules one process decodes (issues 16, 18): credit, iteration smoothing (whole
-vocabulary and truncated) and the sampling filters at T > 0 whose survivors a top_k of at most 64 bounds.
+vocabulary and truncated) and the sampling filters at T > 0 (over the merged top 64 candidates when a top_k
+bounds them, else by an exact bisection on the survivors' threshold: vocab_filters.py).
 
 Each rank sweeps its vocab shard with the decoding core's chunk loop (``sampling.sweep_stats``: credit of the
 ids in its shard, the hash noise of the global id), ``vocab.combine_sweep`` merges the statistics (smoothing's
@@ -12,7 +13,6 @@ same request without the rule, so equality means the rule was decoded, not skipp
 import pytest
 
 from dlc.runtime.config import ServeConfig
-from dlc.runtime.decoding import FieldError
 from dlc.runtime.engine import Engine, graph_runner_for
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
@@ -86,12 +86,12 @@ def test_tp2_graph_runner_replays_the_rules(pair):
 
 
 def _engine_items():
-    """A mixed batch at T = 0 (credit, smoothing, plain rows) and one at T > 0 (each filter beside an
-    unfiltered row and a credit row)."""
+    """A mixed batch at T = 0 (credit, smoothing, plain rows) and one at T > 0 (top-k filters, a top-p row
+    the candidates do not bound, a credit row: the bisection for the whole batch)."""
     p = [[5, 17, 99, 3], [42, 8, 9], [7, 7, 100, 31, 2], [60, 61]]
     base = dict(BASE, kv_cache="dual")
     cold = [dict(threshold=0.3, credit=True), dict(smoothing=True), {}, dict(threshold=0.3, smoothing=True)]
-    hot = [dict(top_k=5), dict(top_k=20, top_p=0.6), dict(top_k=30, min_p=0.2), dict(credit=True)]
+    hot = [dict(top_k=5), dict(top_k=20, top_p=0.6), dict(top_p=0.7), dict(credit=True)]
     return ([(q, {**base, **kw}) for q, kw in zip(p, cold)]
             + [(q, {**base, **HOT, "seed": 4 + i, **kw}) for i, (q, kw) in enumerate(zip(p, hot))])
 
@@ -122,18 +122,17 @@ def test_tp2_engine_mixed_batches_equal_solo_one_process(pair, monkeypatch):
     assert any(n == 4 and credit and filt for n, credit, _, filt in seen)     # 3 filters + credit at T > 0
 
 
-def test_tp_refuses_filters_it_cannot_combine_exactly(pair):
-    """Refused before any work, naming the field: top_p / min_p without a top_k of at most 64 (their
-    survivors need not be among the merged candidates), a top_k over 64, credit with filters at T > 0."""
-    _, tp = pair
-    cases = [(dict(top_p=0.5), "top_p"), (dict(min_p=0.1), "min_p"), (dict(top_k=65), "top_k"),
-             (dict(top_k=5, credit=True), "credit")]
-    for params, field in cases:
-        with pytest.raises(FieldError) as e:
-            generate(tp.runner, PROMPTS, GenerationConfig(gen_length=8, block_length=8, steps=8, temperature=0.5,
-                                                          **params))
-        assert e.value.field == field and "tensor_parallel_size" in str(e.value)
-    tp.runner.check_generation(GenerationConfig(gen_length=8, block_length=8, steps=8, top_p=0.5))   # T = 0
+def test_tp2_filters_beyond_the_candidates_equal_one_process(pair):
+    """top_p / min_p without a top_k, a top_k over 64, filters with credit: the survivors' threshold found by
+    the bisection over the ranks' counts and masses (vocab_filters.py), the Gumbel-max over each rank's
+    survivors merged: one process's tokens (seeded T > 0)."""
+    one, tp = pair
+    if one.config.tie_embeddings:
+        pytest.skip("one model is enough")
+    _check(one, tp, {"top_p": dict(kv_cache="dual", top_p=0.6, **HOT),
+                     "min_p": dict(kv_cache="prefix", min_p=0.2, **HOT),
+                     "top_k_100_top_p": dict(kv_cache="dual", top_k=100, top_p=0.7, **HOT),
+                     "credit_top_p": dict(kv_cache="dual", threshold=0.3, credit=True, top_p=0.8, **HOT)})
 
 
 @pytest.mark.gpu
