@@ -19,9 +19,9 @@ which equal one process's on decisive fp32 models); the same small combine follo
 for every extra ``GraphRunner`` captures (T > 0 sampling, logprobs, entropy; credit, smoothing and top-k
 filters through ``shard_runner.rules_decode``: the core's chunk sweep per shard, ``vocab.combine_sweep``'s
 all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers);
-filters the merged candidates do not bound are refused (``TensorParallelRunner.check_generation``). Refresh,
-full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same
-combine.
+filters the merged candidates do not bound run eager, as on one GPU (``vocab_filters.exact_filters``).
+Refresh, full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the
+same combine.
 
 Compiled blocks (``compile``, on by default on CUDA as for one GPU: ``engine.graph_runner_for``): each rank
 runs ``GraphRunner._compile_blocks`` on its shard, so its transformer blocks run under ``torch.compile``

@@ -83,8 +83,8 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     of the ids in its shard added before its statistics), ``combine_sweep`` merges the ranks' statistics,
     then every rank finishes as one process does (``finish_stats``: credit's own-step correction on the
     global raw top-1; ``filter_candidates``: top-k, top-p on the renormalised survivors, min-p and the
-    Gumbel-max over the merged top ``FILTER_CANDIDATES``, exact for the filters they cover: ``cover``, from
-    ``filters_covered``). Smoothing's soft embedding: each rank's share of exp(l / tau - max) @ W_e[shard],
+    Gumbel-max over the merged top ``FILTER_CANDIDATES`` where they hold the survivors: ``cover``, from
+    ``filters_covered``; else ``vocab_filters.exact_filters``' bisection). Smoothing's soft embedding: each rank's share of exp(l / tau - max) @ W_e[shard],
     one all_reduce (truncated, ``soft_k`` > 0: ``shard_top_soft`` over the merged top-k)."""
     w, v0 = head_shard(shard.model, shard.rank, shard.world)
     vocab = shard.config.vocab_size
