@@ -109,7 +109,8 @@ def main() -> None:
             probes = {k: RuleProbe(r, RULES[name], args.prompt, args.gen, args.block, args.batch)
                       for k, r in sides.items()}
             lat = latency_rounds(probes, args.rounds, args.reps)
-            path = {k: "eager" if r.stats["eager_reuse"] > eager0[k] else "captured" for k, r in sides.items()}
+            path = {k: "eager" if r.stats["eager_reuse"] > eager0[k] else "captured"
+                    for k, r in sides.items()}
             res["rules"][name] = {"ms": lat, "path": path}
             say(f"{name}: {lat} ({path})")
             del probes
@@ -128,7 +129,8 @@ def table(res: dict, n: str) -> str:
     for name, r in res["rules"].items():
         a, b = r["ms"]["tp1"], r["ms"][n]
         rel = (f"{a / plain['tp1']:.2f}x | {b / plain[n]:.2f}x" if plain else "- | -")
-        rows.append(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {rel} | {r['path']['tp1']}, {r['path'][n]} |")
+        path = f"{r['path']['tp1']}, {r['path'][n]}"
+        rows.append(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {rel} | {path} |")
     return "\n".join(rows) + f"\n(B={res['batch']} Reuse step, synchronous run_batch, medians of rounds; " \
                              f"{res['gpu']}, {res['dtype']})"
 

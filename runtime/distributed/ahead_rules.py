@@ -7,9 +7,9 @@ rules selects what rank 0's selects and writes the same block into its static fe
 committed ids, a run ahead costs no collective beyond the steps' own. The AHEAD frame carries the rules
 (``encode_commit``, after the run-ahead counts): ``[flags, G, G x (kind, p0, p1), B row -> rule (G > 1
 only)]``: 5 words for a batch of one rule whatever B, float parameters as their bits (None: NaN bits); with
-credit (flag) ``B x next credit column, B x credit on``, with smoothing (flag) ``B x smoothing on, B x forwards
-applied`` after them. A worker rebuilds the commit with ``decoding.rules_commit`` (``decode_commit``), the
-function rank 0's ``ahead_commit`` calls: each rank carries credit and smoothing's soft input in its graph's
+credit (flag) ``B x next credit column, B x credit on``, with smoothing (flag) ``B x smoothing on,
+B x forwards applied`` after them. A worker rebuilds the commit with ``decoding.rules_commit``
+(``decode_commit``), the function rank 0's ``ahead_commit`` calls: each rank carries credit and smoothing's soft input in its graph's
 static inputs from its step's extras, which the vocab-parallel decoding (``shard_runner.rules_decode``) makes
 equal on every rank. What the words cannot say (a rule with fields this registry does not know) is None:
 that batch runs one step at a time."""

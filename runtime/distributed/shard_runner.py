@@ -75,7 +75,8 @@ def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch) -> StepOutpu
 
 
 def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, credit=None, soft_tau=None,
-                 soft_k: int = 0, filters=None, cover=None, entropy: bool = False, logprobs: int | None = None,
+                 soft_k: int = 0, filters=None, cover=None, entropy: bool = False,
+                 logprobs: int | None = None,
                  filtered_conf: bool = False) -> dict:
     """The rules' vocab-parallel decoding of rows [fed, N, d] -> ``decode_rows_ext``'s dict (the eager steps'
     ``vocab_decode_rules`` and the captured steps' ``ShardGraphRunner._graph_decode``, whose temperature is a
@@ -84,8 +85,9 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     then every rank finishes as one process does (``finish_stats``: credit's own-step correction on the
     global raw top-1; ``filter_candidates``: top-k, top-p on the renormalised survivors, min-p and the
     Gumbel-max over the merged top ``FILTER_CANDIDATES`` where they hold the survivors: ``cover``, from
-    ``filters_covered``; else ``vocab_filters.exact_filters``' bisection). Smoothing's soft embedding: each rank's share of exp(l / tau - max) @ W_e[shard],
-    one all_reduce (truncated, ``soft_k`` > 0: ``shard_top_soft`` over the merged top-k)."""
+    ``filters_covered``; else ``vocab_filters.exact_filters``' bisection). Smoothing's soft embedding: each
+    rank's share of exp(l / tau - max) @ W_e[shard], one all_reduce (truncated, ``soft_k`` > 0:
+    ``shard_top_soft`` over the merged top-k)."""
     w, v0 = head_shard(shard.model, shard.rank, shard.world)
     vocab = shard.config.vocab_size
     we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids

@@ -1,6 +1,6 @@
-"""Tensor parallelism decodes the rules one process decodes (issues 16, 18): credit, iteration smoothing (whole
-vocabulary and truncated) and the sampling filters at T > 0 (over the merged top 64 candidates when a top_k
-bounds them, else by an exact bisection on the survivors' threshold: vocab_filters.py).
+"""Tensor parallelism decodes the rules one process decodes (issues 16, 18): credit, iteration smoothing
+(whole vocabulary and truncated) and the sampling filters at T > 0 (over the merged top 64 candidates when a
+top_k bounds them, else by an exact bisection on the survivors' threshold: vocab_filters.py).
 
 Each rank sweeps its vocab shard with the decoding core's chunk loop (``sampling.sweep_stats``: credit of the
 ids in its shard, the hash noise of the global id), ``vocab.combine_sweep`` merges the statistics (smoothing's
