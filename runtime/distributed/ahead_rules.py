@@ -9,9 +9,9 @@ committed ids, a run ahead costs no collective beyond the steps' own. The AHEAD 
 only)]``: 5 words for a batch of one rule whatever B, float parameters as their bits (None: NaN bits); with
 credit (flag) ``B x next credit column, B x credit on``, with smoothing (flag) ``B x smoothing on,
 B x forwards applied`` after them. A worker rebuilds the commit with ``decoding.rules_commit``
-(``decode_commit``), the function rank 0's ``ahead_commit`` calls: each rank carries credit and smoothing's soft input in its graph's
-static inputs from its step's extras, which the vocab-parallel decoding (``shard_runner.rules_decode``) makes
-equal on every rank. What the words cannot say (a rule with fields this registry does not know) is None:
+(``decode_commit``), the function rank 0's ``ahead_commit`` calls: each rank carries credit and smoothing's
+soft input in its graph's static inputs from its step's extras, which the vocab-parallel decoding
+(``shard_runner.rules_decode``) makes equal on every rank. What the words cannot say (a rule with fields this registry does not know) is None:
 that batch runs one step at a time."""
 from __future__ import annotations
 
