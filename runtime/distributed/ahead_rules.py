@@ -11,8 +11,8 @@ credit (flag) ``B x next credit column, B x credit on``, with smoothing (flag) `
 B x forwards applied`` after them. A worker rebuilds the commit with ``decoding.rules_commit``
 (``decode_commit``), the function rank 0's ``ahead_commit`` calls: each rank carries credit and smoothing's
 soft input in its graph's static inputs from its step's extras, which the vocab-parallel decoding
-(``shard_runner.rules_decode``) makes equal on every rank. What the words cannot say (a rule with fields this registry does not know) is None:
-that batch runs one step at a time."""
+(``shard_runner.rules_decode``) makes equal on every rank. What the words cannot say (a rule with fields
+this registry does not know) is None: that batch runs one step at a time."""
 from __future__ import annotations
 
 import math
