@@ -154,6 +154,8 @@ def test_tp2_rules_captured_on_two_gpus(tmp_path):
             assert _tokens(runner, params) == _tokens(one.runner, params), params
         assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0
         assert runner.stats["eager_reuse"] == 0
+        top_p = dict(kv_cache="dual", top_p=0.6, **HOT)              # the bisection (eager, as one GPU's)
+        assert _tokens(runner, top_p) == _tokens(one.runner, top_p)
         items = _engine_items()[:4]                                    # the T = 0 rows: they run ahead
         eng = Engine(tp, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=8, cuda_graphs=True,
                                      compile=False, graph_decode="exact", lookahead_steps=16,
