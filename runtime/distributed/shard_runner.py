@@ -1,6 +1,9 @@
 """One rank's runner: the eager runner's forwards over the rank's shard, decoding through the vocab-parallel
-head (``vocab.py``). Every rank runs it on the same StepBatch; the collectives inside the model (row-parallel
-all-reduces) and in decoding keep them in lockstep, and every rank ends with the same (x0, conf)."""
+head (``vocab.py``; credit, smoothing and sampling filters through ``rules_decode``: the decoding core's
+chunk sweep per shard, merged by ``vocab.combine_sweep``; ``vocab_filters.py`` for filters the merged
+candidates do not bound). Every rank runs it on the same StepBatch; the collectives inside the model
+(row-parallel all-reduces) and in decoding keep them in lockstep, and every rank ends with the same
+(x0, conf)."""
 from __future__ import annotations
 
 import torch
@@ -114,6 +117,12 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     if soft_k:
         out["soft"] = shard_top_soft(out["topk_ids"][..., :soft_k], out["topk_logprobs"][..., :soft_k], we,
                                      v0, soft_tau, shard.group)
+    return _asked(out, logprobs)
+
+
+def _asked(out: dict, logprobs: int | None) -> dict:
+    """The outputs the caller asked for: top-k cut to ``logprobs`` (the sweep kept more for the filters or
+    truncated smoothing), no logprob without logprobs, no internals."""
     k = logprobs or 0
     if k:
         out["topk_ids"], out["topk_logprobs"] = out["topk_ids"][..., :k], out["topk_logprobs"][..., :k]
@@ -121,7 +130,7 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
         out.pop("topk_ids", None), out.pop("topk_logprobs", None)
     if logprobs is None:
         out.pop("logprob", None)
-    return {k: v for k, v in out.items() if not k.startswith("_")}
+    return {key: v for key, v in out.items() if not key.startswith("_")}
 
 
 def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, credit=None) -> str | None:
