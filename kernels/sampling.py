@@ -33,7 +33,12 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
-float32 there, float64 here)."""
+float32 there, float64 here).
+
+Tensor parallelism runs the same code per vocab shard: ``sweep_stats`` (the chunk loop, at a global id
+offset) and ``finish_stats`` (outputs from the statistics) are ``_decode_chunked``'s two halves, and
+``filter_candidates`` is the candidates path's tail; runtime/distributed/vocab.py merges the ranks' statistics
+between them."""
 from __future__ import annotations
 
 import torch
@@ -165,13 +170,28 @@ def _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc):
 
 def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
                     credit, soft, acc):
+    st = sweep_stats(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                     entropy=entropy, credit=credit, soft=soft, acc=acc)
+    return finish_stats(st, temp, seeds, vocab=vocab, topk=topk, logprobs=logprobs, entropy=entropy,
+                        credit=credit, soft=soft is not None, acc=acc)
+
+
+def sweep_stats(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, entropy, credit, soft,
+                acc, v0: int = 0, rows: int | None = None) -> dict:
+    """The chunked sweep's running statistics over head rows w[:rows] (global ids v0 .. v0 + rows; default
+    the whole vocabulary): all [C, N] (``soft``'s ``sa`` [C, N, d], top-k ``tv`` / ``ti`` [C, N, k]). Ids,
+    hash noise and credit use the global id, so a vocab-parallel rank (runtime/distributed/vocab.py) sweeps
+    its shard with the same code and the ranks' statistics merge into what one sweep of the whole vocabulary
+    keeps; ``finish_stats`` turns them into the outputs. ``soft``: (W_e rows of the same ids, tau)."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
     N = h.size(1)
+    n = vocab if rows is None else rows
     st = {}                          # running reductions, all [C, N] (soft: [C, N, d])
     top_v = top_i = None
     have = 0
-    for c0 in range(0, vocab, chunk):
-        c1 = min(vocab, c0 + chunk)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        g0, g1 = v0 + c0, v0 + c1                                                # global ids of the chunk
         l64 = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, acc)              # [C, N, Vc]
         ci = None
         if topk:                             # the chunk's top values: its max is the first (no amax pass)
@@ -188,10 +208,10 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
         if credit is not None:
             ri = l64.argmax(-1, keepdim=True)                                    # raw top-1 in the chunk
             ids, vals, alpha = credit
-            lb = l64 + alpha.to(acc)[:, None, None] * torch.log1p(_credit_chunk(ids, vals, c0, c1, l64))
+            lb = l64 + alpha.to(acc)[:, None, None] * torch.log1p(_credit_chunk(ids, vals, g0, g1, l64))
         else:
             lb = l64
-        score = lb - temp * torch.log(-torch.log(uniform_noise(seeds, N, c0, c1, vocab, h.device, acc))) \
+        score = lb - temp * torch.log(-torch.log(uniform_noise(seeds, N, g0, g1, vocab, h.device, acc))) \
             if sampling else lb
         ci = score.argmax(-1, keepdim=True) if ci is None else ci
         cs, cl, clb = score.gather(-1, ci)[..., 0], l64.gather(-1, ci)[..., 0], lb.gather(-1, ci)[..., 0]
@@ -212,18 +232,18 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
             # GEMM, in float64 it would dominate a GPU step
             sacc = torch.matmul(es.to(we.dtype), we[c0:c1]).to(acc)             # [C, N, d]
         if not st:
-            st = {"best": cs, "tok": ci[..., 0] + c0, "bl": cl, "blb": clb, "m": cm, "s": csum, "a": cdot,
-                  "r1": ri[..., 0] + c0, "r1l": l64.gather(-1, ri)[..., 0], "bm": bm, "bs": bsum}
+            st = {"best": cs, "tok": ci[..., 0] + g0, "bl": cl, "blb": clb, "m": cm, "s": csum, "a": cdot,
+                  "r1": ri[..., 0] + g0, "r1l": l64.gather(-1, ri)[..., 0], "bm": bm, "bs": bsum}
             if soft is not None:
                 st.update(sm=sm, ss=ssum, sa=sacc)
         else:
             take = cs > st["best"]                                               # ties keep the earlier id
             st["best"] = torch.where(take, cs, st["best"])
-            st["tok"] = torch.where(take, ci[..., 0] + c0, st["tok"])
+            st["tok"] = torch.where(take, ci[..., 0] + g0, st["tok"])
             st["bl"], st["blb"] = torch.where(take, cl, st["bl"]), torch.where(take, clb, st["blb"])
             rl = l64.gather(-1, ri)[..., 0]
             rtake = rl > st["r1l"]
-            st["r1"] = torch.where(rtake, ri[..., 0] + c0, st["r1"])
+            st["r1"] = torch.where(rtake, ri[..., 0] + g0, st["r1"])
             st["r1l"] = torch.where(rtake, rl, st["r1l"])
             nm = torch.maximum(st["m"], cm)
             f_old, f_new = torch.exp(st["m"] - nm), torch.exp(cm - nm)
@@ -236,12 +256,22 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
                 st["ss"], st["sa"], st["sm"] = st["ss"] * fo + ssum * fn, st["sa"] * fo[..., None] + \
                     sacc * fn[..., None], ns
         if topk:
-            ti = ti + c0
+            ti = ti + g0
             if top_v is not None:
                 tv, ti = torch.cat([top_v, tv], -1), torch.cat([top_i, ti], -1)
             have = min(topk, have + min(topk, c1 - c0))
             top_v, j = tv.topk(have, dim=-1)
             top_i = ti.gather(-1, j)
+    if topk:
+        st["tv"], st["ti"] = top_v, top_i
+    return st
+
+
+def finish_stats(st: dict, temp, seeds, *, vocab, topk, logprobs, entropy, credit, soft: bool, acc) -> dict:
+    """``sweep_stats``' statistics (one sweep's, or the vocab-parallel ranks' merged) -> the outputs: the
+    token and confidence (with credit: this step's own credit added, ``_credit_correction``), the asked
+    extras, and the internals ``_bm`` / ``_den`` / ``_lse`` / ``_topv`` the filters read."""
+    sampling = not (isinstance(temp, (int, float)) and temp == 0)
     lse = st["m"] + torch.log(st["s"])                                           # raw logsumexp [C, N]
     p1 = torch.exp(st["r1l"] - lse)                                              # raw top-1 probability
     tok, l_tok, den = st["tok"], st["blb"], st["bs"]
@@ -261,8 +291,8 @@ def _decode_chunked(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chun
     if entropy:
         out["entropy"] = lse - st["a"] / st["s"]
     if topk:
-        out["topk_ids"], out["topk_logprobs"], out["_topv"] = top_i, top_v - lse[..., None], top_v
-    if soft is not None:
+        out["topk_ids"], out["topk_logprobs"], out["_topv"] = st["ti"], st["tv"] - lse[..., None], st["tv"]
+    if soft:
         out["soft"] = st["sa"] / st["ss"][..., None]
     return out
 
@@ -312,6 +342,16 @@ def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, c
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0 if every_row else temp, seeds, vocab=vocab,
                           chunk=chunk, topk=max(topk, kc), logprobs=True, entropy=entropy, credit=None,
                           soft=soft, acc=acc)
+    return filter_candidates(out, filters, temp, seeds, vocab=vocab, topk=topk, logprobs=logprobs,
+                             filtered_conf=filtered_conf, acc=acc)
+
+
+def filter_candidates(out: dict, filters, temp, seeds, *, vocab, topk, logprobs, filtered_conf, acc) -> dict:
+    """The filters over each row's top ``FILTER_CANDIDATES`` logits of a finished sweep ``out``
+    (``finish_stats`` of a sweep asked for at least that many top entries and logprobs; one process's, or the
+    vocab-parallel ranks' merged): top-k, top-p on the renormalised survivors, min-p, and the Gumbel-max over
+    the survivors with the hash noise at their ids, for the rows that filter; the others keep the sweep's."""
+    kc = min(FILTER_CANDIDATES, vocab)
     lv, ci = out["_topv"][..., :kc], out["topk_ids"][..., :kc]                  # [C, N, kc] logits (sorted)
     lse = out["_lse"]                                                            # [C, N]
     top_k, top_p, min_p = filters

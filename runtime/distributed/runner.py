@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dlc.runtime.decoding import FieldError
 from dlc.runtime.step import AheadSteps
 
 from . import step_times
@@ -63,16 +62,6 @@ class TensorParallelRunner:
     device = property(lambda self: self.shard.device)
     dtype = property(lambda self: self.shard.dtype)
     max_seq_len = property(lambda self: self.shard.max_seq_len)
-
-    def check_generation(self, gen) -> None:
-        """What the vocab-parallel decoding does not combine across ranks yet: refused, naming the field."""
-        for name, on in (("credit", gen.credit), ("smoothing", gen.smoothing)):
-            if on:
-                raise FieldError(name, f"{name} decoding is not supported with tensor_parallel_size > 1 yet")
-        if gen.filters() is not None:
-            field = "top_k" if gen.top_k else "top_p" if gen.top_p < 1 else "min_p"
-            raise FieldError(field, f"{field} at temperature > 0 is not supported with "
-                                    f"tensor_parallel_size > 1 yet")
 
     def full(self, batch):
         return self._run(batch)
@@ -203,7 +192,7 @@ class TensorParallelRunner:
 
     def can_run_ahead(self, batch, commit=None) -> bool:
         """A batch the rank's graph runner runs ahead; with the core's ``commit``, one whose rules the AHEAD
-        frame carries (``encode_commit``: not credit or smoothing, which tensor parallelism refuses)."""
+        frame carries (``encode_commit``: every rule of the registry, with credit and smoothing)."""
         if commit is not None and encode_commit(commit) is None:
             return False
         return self.graphed and self.shard.can_run_ahead(batch, commit)

@@ -16,9 +16,12 @@ vocab shard at T = 0 by the fused selected-row logits sweep (``vocab.fused_stats
 float32 logits as TP=1's ``fused`` graph runner, so tokens equal its on decisive models), ``exact`` and every
 sampled or guided step by the shard's float64 chunks (``vocab.shard_stats``: tokens equal ``ShardRunner``'s,
 which equal one process's on decisive fp32 models); the same small combine follows. Captured variants exist
-for what the combine computes (T > 0 sampling, logprobs, entropy); credit, smoothing and sampling filters are
-refused for tensor parallelism (``TensorParallelRunner.check_generation``). Refresh, full forwards, guidance
-and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the same combine.
+for every extra ``GraphRunner`` captures (T > 0 sampling, logprobs, entropy; credit, smoothing and top-k
+filters through ``shard_runner.rules_decode``: the core's chunk sweep per shard, ``vocab.combine_sweep``'s
+all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers);
+filters the merged candidates do not bound run eager, as on one GPU (``vocab_filters.exact_filters``).
+Refresh, full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the
+same combine.
 
 Compiled blocks (``compile``, on by default on CUDA as for one GPU: ``engine.graph_runner_for``): each rank
 runs ``GraphRunner._compile_blocks`` on its shard, so its transformer blocks run under ``torch.compile``
@@ -63,7 +66,7 @@ from ..runners.graph import BUCKETS, GraphRunner, _Graph
 from ..step import StepBatch
 from ..step_output import StepOutput
 from .channel import _B, _NFED, _NOUT, _TEMP, Compact, _float, frame_key, frame_wants_extras, split_payload
-from .shard_runner import ShardRunner, extras_of, vocab_decode
+from .shard_runner import ShardRunner, extras_of, rules_decode, vocab_decode
 from .vocab import combine, fused_stats, shard_stats
 
 _UNSEEN = object()
@@ -195,11 +198,10 @@ class ShardGraphRunner(GraphRunner):
 
     @staticmethod
     def _extras_key(batch: StepBatch):
-        """GraphRunner's variants, minus what the vocab-parallel combine does not compute (eager)."""
-        ex = GraphRunner._extras_key(batch)
-        if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
-            return None
-        return ex
+        """GraphRunner's variants: credit, smoothing and top-k-bounded filters decode through
+        ``rules_decode`` inside the captured step (its collectives, ``all_gather_into_tensor`` and
+        ``all_reduce``, capture)."""
+        return GraphRunner._extras_key(batch)
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine (the fused sweep where the
@@ -214,6 +216,11 @@ class ShardGraphRunner(GraphRunner):
         ar = torch.arange(rows.shape[0], device=rows.device)
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
+        if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
+            return rules_decode(self, rows, ar, ar, one, temp, seeds, credit=g.credit,
+                                soft_tau=ex.smooth_tau or None, soft_k=ex.smooth_k, filters=g.filters,
+                                cover=ex.filtered or None, entropy=ex.entropy,
+                                logprobs=None if ex.logprobs < 0 else ex.logprobs)
         k = max(ex.logprobs, 0) if ex else 0
         if self.decoding == "fused" and not (ex and ex.sampled):
             st = fused_stats(rows, w, v0, topk=k, entropy=bool(ex and ex.entropy))

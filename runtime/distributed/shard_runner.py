@@ -1,17 +1,23 @@
 """One rank's runner: the eager runner's forwards over the rank's shard, decoding through the vocab-parallel
-head (``vocab.py``). Every rank runs it on the same StepBatch; the collectives inside the model (row-parallel
-all-reduces) and in decoding keep them in lockstep, and every rank ends with the same (x0, conf)."""
+head (``vocab.py``; credit, smoothing and sampling filters through ``rules_decode``: the decoding core's
+chunk sweep per shard, merged by ``vocab.combine_sweep``; ``vocab_filters.py`` for filters the merged
+candidates do not bound). Every rank runs it on the same StepBatch; the collectives inside the model
+(row-parallel all-reduces) and in decoding keep them in lockstep, and every rank ends with the same
+(x0, conf)."""
 from __future__ import annotations
 
 import torch
 
+from dlc.kernels.sampling import (FILTER_CANDIDATES, candidates_cover, filter_candidates, finish_stats,
+                                  sweep_stats)
 from dlc.models.tensor_parallel import head_shard
 
-from ..runners.eager import EagerRunner
+from ..runners.eager import EagerRunner, _tempered
 from ..runners.graph import LOGPROB_BUCKETS
 from ..step import StepBatch
 from ..step_output import StepOutput
-from .vocab import combine, fused_stats, shard_stats
+from .vocab import CHUNK, combine, combine_sweep, fused_stats, shard_stats, shard_top_soft
+from .vocab_filters import exact_filters
 
 
 class ShardRunner(EagerRunner):
@@ -33,6 +39,8 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
     (x0 [B, N], conf [B, N] float64), or a StepOutput with logprobs / entropy, combined over the ranks.
     ``fused``: a T = 0 step without guidance (the caller checked) through the fused sweep
     (``fused_stats``)."""
+    if has_rules(batch):
+        return vocab_decode_rules(shard, rows, batch)
     w, v0 = head_shard(shard.model, shard.rank, shard.world)
     temperature = batch.temperature
     if batch.tempered_conf and temperature > 0 and not batch.wants_extras():
@@ -48,6 +56,90 @@ def vocab_decode(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = Fals
     if not batch.wants_extras():
         return out["tokens"], out["confidence"]
     return StepOutput.from_decode(extras_of(out, batch.logprobs is not None, batch.entropy))
+
+
+def has_rules(batch: StepBatch) -> bool:
+    """A batch carrying credit, smoothing's soft output or sampling filters (``vocab_decode_rules``)."""
+    return batch.credit_ids is not None or batch.soft_tau is not None or batch.top_k is not None
+
+
+def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch) -> StepOutput:
+    """Credit, iteration smoothing and sampling filters at T > 0 decoded vocab-parallel, as one process's
+    ``eager.decode_step_extras`` decodes them (rows [fed, N, d], tempered as there): ``rules_decode`` with
+    the batch's fields (the filters' cover read here, on the host)."""
+    rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
+    credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+    filters = None if batch.top_k is None or temperature == 0 else (batch.top_k, batch.top_p, batch.min_p)
+    out = rules_decode(shard, rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), temperature,
+                       batch.seeds, credit=credit, soft_tau=batch.soft_tau, soft_k=batch.soft_top_k,
+                       filters=filters, cover=None if filters is None else filters_covered(*filters, credit),
+                       entropy=batch.entropy, logprobs=batch.logprobs, filtered_conf=batch.tempered_conf)
+    return StepOutput.from_decode(out)
+
+
+def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, credit=None, soft_tau=None,
+                 soft_k: int = 0, filters=None, cover=None, entropy: bool = False,
+                 logprobs: int | None = None,
+                 filtered_conf: bool = False) -> dict:
+    """The rules' vocab-parallel decoding of rows [fed, N, d] -> ``decode_rows_ext``'s dict (the eager steps'
+    ``vocab_decode_rules`` and the captured steps' ``ShardGraphRunner._graph_decode``, whose temperature is a
+    static [1] tensor). Each rank sweeps its shard with the core's chunk loop (``sweep_stats``: the credit
+    of the ids in its shard added before its statistics), ``combine_sweep`` merges the ranks' statistics,
+    then every rank finishes as one process does (``finish_stats``: credit's own-step correction on the
+    global raw top-1; ``filter_candidates``: top-k, top-p on the renormalised survivors, min-p and the
+    Gumbel-max over the merged top ``FILTER_CANDIDATES`` where they hold the survivors: ``cover``, from
+    ``filters_covered``; else ``vocab_filters.exact_filters``' bisection). Smoothing's soft embedding: each
+    rank's share of exp(l / tau - max) @ W_e[shard], one all_reduce (truncated, ``soft_k`` > 0:
+    ``shard_top_soft`` over the merged top-k)."""
+    w, v0 = head_shard(shard.model, shard.rank, shard.world)
+    vocab = shard.config.vocab_size
+    we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
+    soft_k = soft_k if soft_tau else 0
+    soft = (we, soft_tau) if soft_tau and not soft_k else None
+    kc = min(FILTER_CANDIDATES, vocab) if cover else 0
+    topk = max(logprobs or 0, soft_k)                          # what the caller reads of the top list
+    k_sweep = max(topk, kc)
+    # every row filters over the candidates, or the bisection draws: the sweep draws nothing (T = 0)
+    t_sweep = 0.0 if cover == "filtered" or (filters is not None and not cover) else temperature
+    acc = torch.float64
+    st = sweep_stats(rows, w, cond_rows, un_rows, cfg_w, t_sweep, seeds, vocab=vocab, chunk=CHUNK,
+                     topk=k_sweep, entropy=entropy, credit=credit, soft=soft, acc=acc, v0=v0, rows=w.shape[0])
+    st = combine_sweep(st, shard.group, topk=k_sweep)
+    out = finish_stats(st, t_sweep, seeds, vocab=vocab, topk=k_sweep,
+                       logprobs=filters is not None or logprobs is not None, entropy=entropy, credit=credit,
+                       soft=soft is not None, acc=acc)
+    if filters is not None and cover:
+        out = filter_candidates(out, filters, temperature, seeds, vocab=vocab, topk=topk,
+                                logprobs=logprobs is not None, filtered_conf=filtered_conf, acc=acc)
+    elif filters is not None:                  # survivors the candidates need not hold: the exact bisection
+        out = exact_filters(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, filters, out,
+                            credit=credit, filtered_conf=filtered_conf)
+    if soft_k:
+        out["soft"] = shard_top_soft(out["topk_ids"][..., :soft_k], out["topk_logprobs"][..., :soft_k], we,
+                                     v0, soft_tau, shard.group)
+    return _asked(out, logprobs)
+
+
+def _asked(out: dict, logprobs: int | None) -> dict:
+    """The outputs the caller asked for: top-k cut to ``logprobs`` (the sweep kept more for the filters or
+    truncated smoothing), no logprob without logprobs, no internals."""
+    k = logprobs or 0
+    if k:
+        out["topk_ids"], out["topk_logprobs"] = out["topk_ids"][..., :k], out["topk_logprobs"][..., :k]
+    else:
+        out.pop("topk_ids", None), out.pop("topk_logprobs", None)
+    if logprobs is None:
+        out.pop("logprob", None)
+    return {key: v for key, v in out.items() if not key.startswith("_")}
+
+
+def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, credit=None) -> str | None:
+    """``sampling.candidates_cover`` of the rows' filters ("filtered" / "mixed": every filtering row has a
+    top-k of at most ``FILTER_CANDIDATES``, so the merged top candidates hold its survivors), or None: the
+    exact bisection (``vocab_filters.exact_filters``), also for a batch with credit (one process filters the
+    credit-fused logits). Read as if without tempered confidences: a row without filters keeps the tempered
+    sweep's token and confidence, which is its confidence over the whole tempered vocabulary."""
+    return None if credit is not None else candidates_cover(top_k, top_p, min_p)
 
 
 def extras_of(out: dict, logprobs: bool, entropy: bool) -> dict:

@@ -15,7 +15,17 @@ runs inside a captured Reuse step (``shard_graph.ShardGraphRunner``).
 ``fused_stats`` is the same statistics at T = 0 without guidance from the fused selected-row logits sweep
 (``dlc.kernels.fused_shard_stats``, kernels/shard_logits.py: one pass over the shard's head, float32 logits
 as TP=1's ``fused`` graph runner decodes): what a ``fused`` graph runner's rank computes (the CUDA default);
-sampled and guided steps keep ``shard_stats``. ``merge`` is the combine without its collective."""
+sampled and guided steps keep ``shard_stats``. ``merge`` is the combine without its collective.
+
+The rules with more state than these statistics (credit, iteration smoothing, sampling filters at T > 0) sweep
+the shard with the decoding core's own chunk loop (``dlc.kernels.sampling.sweep_stats`` at the shard's global
+id offset: credit added to the ids of the shard before its statistics, hash noise of the global id) and
+``combine_sweep`` merges the ranks' statistics into what one sweep of the whole vocabulary keeps (one
+all_gather of [13, C, N] float64, one of the top-k candidates; smoothing's soft embedding, each rank's
+exp(l / tau - M) @ W_e[shard] rescaled to the global max, by one all_reduce of [C, N, d]); the core's
+``finish_stats`` / ``filter_candidates`` then run on every rank as on one process
+(``shard_runner.vocab_decode_rules``). ``shard_top_soft`` is truncated smoothing's soft embedding over the
+merged top-k ids, each rank adding the rows of its embedding shard (one all_reduce of [C, N, d])."""
 from __future__ import annotations
 
 import torch
@@ -122,3 +132,59 @@ def _all_gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
     _GATHER(out, x, group=group)
     return out.view((world,) + tuple(x.shape))
+
+
+# sweep_stats' [C, N] statistics merged over the ranks: (max key, summed keys) pairs, argmax groups
+_SWEEP_SUMS = (("m", ("s", "a")), ("bm", ("bs",)), ("sm", ("ss",)))
+_SWEEP_ARGMAX = (("best", ("tok", "bl", "blb")), ("r1l", ("r1",)))
+_SWEEP_INT = ("tok", "r1")
+
+
+def combine_sweep(st: dict, group, topk: int = 0) -> dict:
+    """Every rank's ``sampling.sweep_stats`` of its shard -> the statistics one sweep of the whole vocabulary
+    keeps (to within float64 rounding of the sums): the best score's group from the first rank holding the
+    max (the lowest id, as the chunk loop's ties), the raw top-1 likewise, logsumexp pairs rescaled to the
+    global max, the top-k merged, the soft embedding's partial sums (``sa``, present with smoothing)
+    rescaled and all-reduced. Every rank ends with the same statistics."""
+    world = dist.get_world_size(group)
+    soft = "sa" in st
+    keys = [k for k, _ in _SWEEP_ARGMAX] + [k for _, ks in _SWEEP_ARGMAX for k in ks] + \
+        [k for m, ks in _SWEEP_SUMS if m in st for k in (m, *ks)]
+    mine = torch.stack([st[k].to(torch.float64) for k in keys])                   # [K, C, N]
+    r = dict(zip(keys, _all_gather(mine, group, world).unbind(1)))               # each [R, C, N]
+    out = {}
+    for lead, group_keys in _SWEEP_ARGMAX:
+        j = r[lead].argmax(0, keepdim=True)                                      # first max: lowest rank
+        for k in (lead, *group_keys):
+            out[k] = r[k].gather(0, j)[0]
+    for k in _SWEEP_INT:
+        out[k] = out[k].to(torch.int64)
+    for mk, sums in _SWEEP_SUMS:
+        if mk in r:
+            M = r[mk].amax(0)
+            f = torch.exp(r[mk] - M)                                              # [R, C, N]
+            out[mk] = M
+            out.update({k: (r[k] * f).sum(0) for k in sums})
+    if soft:                                                                      # [C, N, d] on every rank
+        sa = st["sa"] * torch.exp(st["sm"] - out["sm"])[..., None]
+        dist.all_reduce(sa, group=group)
+        out["sa"] = sa
+    if topk:
+        tv, ti = _gather_topk(st["tv"], st["ti"], group, world)                   # [C, N, R * k]
+        out["tv"], j = tv.topk(min(topk, tv.shape[-1]), dim=-1)
+        out["ti"] = ti.gather(-1, j)
+    return out
+
+
+def shard_top_soft(ids: torch.Tensor, scores: torch.Tensor, we: torch.Tensor, v0: int, tau: float,
+                   group) -> torch.Tensor:
+    """``sampling.top_soft`` with the embedding sharded: ids [..., k] (global) and their ``scores``, this
+    rank's embedding rows ``we`` (ids v0 ..) -> softmax(scores / tau) @ W_e[ids] [..., d]: each rank adds the
+    rows it holds, one all_reduce sums them (each id lives on one rank)."""
+    p = torch.softmax(scores / tau, -1)                                          # [..., k]
+    local = ids - v0
+    inside = (local >= 0) & (local < we.shape[0])
+    rows = we[local.clamp(0, we.shape[0] - 1)].to(p.dtype)                       # [..., k, d]
+    out = (torch.where(inside, p, torch.zeros_like(p))[..., None] * rows).sum(-2)
+    dist.all_reduce(out, group=group)
+    return out

@@ -3,7 +3,9 @@
 the decoding core's ``AheadCommit``, which each worker rebuilds from the rules the AHEAD frame carries
 (runtime/distributed/ahead_rules.py); the vocab-parallel combine gives every rank the same tokens,
 confidences, entropies and logprobs, so every rank commits the same block and the ranks stay in lockstep
-with no collective of their own. (Credit and smoothing are refused under tensor parallelism.)
+with no collective of their own. Credit and smoothing run ahead too: the frame carries each row's credit
+column and smoothing state, and each rank carries credit and the soft input in its static inputs from the
+step's extras, equal on every rank (``shard_runner.rules_decode``).
 
 On CPU (2 processes, gloo, fp32) the ``ShardGraphRunner`` runs its static-buffer steps uncaptured. Through
 the serving Engine, lookahead 16 must give the tokens and logprobs of lookahead 1 (each step a host round
@@ -91,6 +93,20 @@ def test_each_rule_runs_ahead_on_every_rank(pair, rule):
         assert min(fw) < GEN["gen_length"]
 
 
+def test_credit_and_smoothing_run_ahead_on_every_rank(pair):
+    """Credit and smoothing rows beside a plain threshold row: every rank carries the credit and the soft
+    input in its static inputs (the frame: each row's credit column and smoothing state), so the tokens and
+    forwards equal synchronous TP's and one process's; the rules change the tokens (decisive)."""
+    items = [(PROMPTS[0], dict(GEN, threshold=0.3, credit=True)), (PROMPTS[1], dict(GEN, smoothing=True)),
+             (PROMPTS[2], dict(GEN, threshold=0.3))]
+    outs, _ = check(pair, items)
+    one, _ = pair
+    plain = [generate(one.runner, [p], GenerationConfig(**dict(GEN, threshold=0.3) if i != 1 else GEN,
+                                                        stop_at_eos=True)).token_ids[0]
+             for i, (p, _) in enumerate(items[:2])]
+    assert outs[0] != plain[0] and outs[1] != plain[1]
+
+
 @pytest.mark.slow                 # ~60 s on 2 cores: two mixed runs, each served twice and by one process
 def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
     """Rows of different rules in one run (one group: the frame carries each row's rule), and rows of
@@ -105,7 +121,7 @@ def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
 
 def test_the_frame_carries_what_the_commit_needs():
     """ahead_rules: the words rebuild each row's rule (parameters bit for bit, hierarchical's None high),
-    logprobs; one word group for a batch of one rule; credit / smoothing commits are not sent (None)."""
+    logprobs; one word group for a batch of one rule; credit's and smoothing's per-row state."""
     from dlc.models.presets import preset_config
     from dlc.runtime.decoding import DecodeState
     from dlc.runtime.distributed.ahead_rules import decode_commit, encode_commit
@@ -128,8 +144,16 @@ def test_the_frame_carries_what_the_commit_needs():
     assert [r.high for r in back.rules if hasattr(r, "high")] == [None]
     one = encode_commit(ahead_commit(states(*[dict(threshold=0.3)] * 8), "cpu"))
     assert one.numel() == 5
-    for kw in (dict(threshold=0.3, credit=True), dict(smoothing=True)):
-        assert encode_commit(ahead_commit(states(kw), "cpu")) is None
+    # credit and smoothing: each row's state (next credit column, on; smoothing on, forwards) travels too
+    mixed = states(dict(threshold=0.3, credit=True), dict(threshold=0.3), dict(smoothing=True))
+    mixed[0].credit = (torch.zeros(16, 3, dtype=torch.long), torch.zeros(16, 3, dtype=torch.float64))
+    mixed[2].iters = 5
+    commit = ahead_commit(mixed, "cpu")
+    back = decode_commit(encode_commit(commit), 3, mc.mask_id, "cpu")
+    assert back.credit_at.tolist() == commit.credit_at.tolist() == [3, 0, 0]
+    assert back.credit_on.tolist() == [True, False, False] and back.smooth_on.tolist() == [False, False, True]
+    assert back.smooth_it.tolist() == commit.smooth_it.tolist() and commit.smooth_it.tolist()[2] == 5
+    assert back.reads == commit.reads and back.keeps == ("soft",)
 
 
 @pytest.mark.gpu
