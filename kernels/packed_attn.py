@@ -1,0 +1,209 @@
+"""Varlen attention of a packed mixed forward over the serving slot pool: ONE launch per layer for every part.
+
+A packed mixed iteration (models/packed.py) runs Refresh rows and Reuse rows as one row of ``n_pad`` tokens
+(a token bucket; padding at the end). Each *sequence* (one row of one part) owns a contiguous run of packed
+tokens ``[q_off, q_off + q_len)``, a pool slot, the first pool column its tokens are written at (``col0``:
+0 for a Refresh, the block's column for a Reuse) and its valid keys ``[0, n_keys)`` of the slot (a prefix:
+the runtime's layout, ``StepBatch.lengths``). Per layer:
+
+1. ``_packed_kv_write``: every real token's new K/V into ``pool[slot, :, col0 + i]`` (``dst`` [n_pad, 2] =
+   (slot, column) per token; slot -1: padding, nothing written). A Refresh row's keys are then its own tokens'
+   K/V in its slot, a Reuse row's its slot's cache with the block written first: exactly what each part's own
+   forward attends over (``common.attend``: Refresh bidirectional over keys [0, length) of its sequence, the
+   key mask of rows of different lengths being that prefix; Reuse over [0, kv_len)).
+2. ``_packed_attn_kernel``: every query tile attends over its sequence's keys read in place from the pool:
+
+       out[t, h] = softmax(q[t, h] @ K[slot, g, :n_keys]^T / sqrt(D)) @ V[slot, g, :n_keys],  g = h // (H/Hkv)
+
+The work is a flattened tile table ``tiles`` [n_tiles, 4] int64 of (first token, end token, slot, n_keys):
+each entry is at most ``BT`` query tokens of one sequence (the (sequence, q-tile) pairs flattened on the
+host, with the sequence's slot and key count copied in so a program needs one load). ``n_tiles`` is fixed per
+token bucket (``max_tiles``: every sequence's tiles fit whatever the mix), unused entries are empty
+(end == first: the program stores nothing), so the grid ``(n_tiles, H)`` never changes for a bucket and the
+launch can be captured in a CUDA graph. Padding tokens are in no tile: their output is zero (the output is
+zero-filled first).
+
+Not covered (callers keep the per-part path, ``common.attend_ragged``): block-causal masks (block diffusion),
+head-sparse kept columns, parts without a cache (they attend over packed keys, not the pool). No split-KV:
+a mixed iteration has (Refresh tiles + Reuse rows) x heads programs, enough to fill the GPU.
+
+The op is opaque to torch.compile (a plain custom op, like ``pool_attention``): compiled blocks call it as an
+extern kernel. It is a runtime op; exported engines do not use it."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._registry import (HAS_TRITON, INTERPRET, check, check_shape, define_op, require_triton, tl, triton,
+                        use_triton)
+
+BT_DEFAULT = 64            # query tokens per tile (a Reuse block of 32 fills half a tile: its cost is keys)
+
+
+class PackedSeq(tuple):
+    """One sequence of a packed forward: (q_off, q_len, slot, col0, n_keys) as host ints."""
+    __slots__ = ()
+
+    def __new__(cls, q_off: int, q_len: int, slot: int, col0: int, n_keys: int):
+        return super().__new__(cls, (int(q_off), int(q_len), int(slot), int(col0), int(n_keys)))
+
+
+def max_tiles(n_pad: int, max_seqs: int, BT: int = BT_DEFAULT) -> int:
+    """The tile-table size of a token bucket: the tiles of any <= ``max_seqs`` sequences of <= ``n_pad``
+    tokens in all (each sequence's last tile may be partial: one extra tile per sequence at most)."""
+    return -(-n_pad // BT) + min(max_seqs, n_pad)
+
+
+def tile_table(seqs: list, n_tiles: int, BT: int = BT_DEFAULT) -> torch.Tensor:
+    """Sequences (``PackedSeq``) -> tiles [n_tiles, 4] int64 (first token, end token, slot, n_keys); the
+    entries past the used ones are empty (0, 0, 0, 0)."""
+    rows = [(q0, min(q0 + BT, off + n), slot, keys)
+            for off, n, slot, _, keys in seqs for q0 in range(off, off + n, BT)]
+    if len(rows) > n_tiles:
+        raise ValueError(f"packed attention: {len(rows)} query tiles do not fit a table of {n_tiles}")
+    out = torch.zeros(n_tiles, 4, dtype=torch.int64)
+    if rows:
+        out[:len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    return out
+
+
+def write_table(seqs: list, n_pad: int) -> torch.Tensor:
+    """Sequences -> dst [n_pad, 2] int64: (pool slot, pool column) each packed token's K/V goes to; -1 for
+    padding tokens (written nowhere)."""
+    dst = torch.full((n_pad, 2), -1, dtype=torch.int64)
+    for off, n, slot, col0, _ in seqs:
+        dst[off:off + n, 0] = slot
+        dst[off:off + n, 1] = torch.arange(col0, col0 + n)
+    return dst
+
+
+def packed_attention_reference(q, k, v, k_pool, v_pool, tiles, dst):
+    """q [1, H, n_pad, D], k, v [1, Hkv, n_pad, D], pool [N, Hkv, S, D] (written in place), tiles [n, 4],
+    dst [n_pad, 2] -> y [1, H, n_pad, D] (the CPU implementation: SDPA per tile)."""
+    real = dst[:, 0] >= 0                                                         # [n_pad]
+    slot, col = dst[real, 0], dst[real, 1]
+    k_pool[slot, :, col] = k[0, :, real].transpose(0, 1)                          # [n_real, Hkv, D]
+    v_pool[slot, :, col] = v[0, :, real].transpose(0, 1)
+    H, Hkv = q.shape[1], k_pool.shape[1]
+    y = torch.zeros_like(q)
+    for q0, q1, s, n in tiles.tolist():
+        if q1 <= q0:
+            continue
+        ks, vs = k_pool[s, :, :n], v_pool[s, :, :n]                               # [Hkv, n, D]
+        if H != Hkv:
+            ks, vs = ks.repeat_interleave(H // Hkv, 0), vs.repeat_interleave(H // Hkv, 0)
+        y[0, :, q0:q1] = F.scaled_dot_product_attention(q[0, :, q0:q1], ks, vs)  # [H, q1 - q0, D]
+    return y
+
+
+if HAS_TRITON:
+    from .attention import _attend_tile          # one online-softmax step over a key tile (shared)
+
+    @triton.jit
+    def _packed_kv_write(K, V, KP, VP, DST, D, sk_h, sk_t, sv_h, sv_t, sp_n, sp_h, sp_s,
+                         BD: tl.constexpr):
+        t = tl.program_id(0)
+        g = tl.program_id(1)
+        slot = tl.load(DST + 2 * t)
+        col = tl.load(DST + 2 * t + 1)
+        if slot >= 0:
+            d = tl.arange(0, BD)
+            dm = d < D
+            dst = slot * sp_n + g * sp_h + col * sp_s + d
+            tl.store(KP + dst, tl.load(K + g * sk_h + t * sk_t + d, mask=dm), mask=dm)
+            tl.store(VP + dst, tl.load(V + g * sv_h + t * sv_t + d, mask=dm), mask=dm)
+
+    @triton.jit
+    def _packed_attn_kernel(Q, K, V, TILES, O, H, HKV, D, scale,
+                            sq_h, sq_t, sk_n, sk_h, sk_s, so_h, so_t,
+                            IEEE: tl.constexpr, BOUNDED: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        g = h // (H // HKV)
+        q0 = tl.load(TILES + 4 * tile)
+        q1 = tl.load(TILES + 4 * tile + 1)
+        slot = tl.load(TILES + 4 * tile + 2)
+        n = tl.load(TILES + 4 * tile + 3)
+        t = q0 + tl.arange(0, BT)
+        tmask = t < q1                                    # an empty entry (q1 == q0) stores nothing
+        dk = tl.arange(0, BD)
+        dmask = dk < D
+        q = tl.load(Q + h * sq_h + t[:, None] * sq_t + dk[None, :], mask=tmask[:, None] & dmask[None, :],
+                    other=0.0)
+        Kp = K + slot * sk_n + g * sk_h
+        Vp = V + slot * sk_n + g * sk_h
+        acc = tl.zeros([BT, BD], tl.float32)
+        m = tl.full([BT], float("-inf"), tl.float32)
+        l = tl.zeros([BT], tl.float32)
+        if BOUNDED:      # triton 3.6's interpreter: loop bounds must be constants (S: the pool's width)
+            for j0 in range(0, S, BK):
+                j = j0 + tl.arange(0, BK)
+                acc, m, l = _attend_tile(q, acc, m, l, Kp, Vp, j, j < n, sk_s, dk, dmask, scale, IEEE)
+        else:
+            for j0 in range(0, n, BK):
+                j = j0 + tl.arange(0, BK)
+                acc, m, l = _attend_tile(q, acc, m, l, Kp, Vp, j, j < n, sk_s, dk, dmask, scale, IEEE)
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(O + h * so_h + t[:, None] * so_t + dk[None, :], out.to(O.dtype.element_ty),
+                 mask=tmask[:, None] & dmask[None, :])
+
+
+def packed_attention_triton(q, k, v, k_pool, v_pool, tiles, dst, BT=BT_DEFAULT, BK=64, num_warps=4,
+                            num_stages=2):
+    """The two launches (K/V write, attention); ``BT`` must be the tile size ``tiles`` was built with."""
+    H, n_pad, D = q.shape[1], q.shape[2], q.shape[3]
+    Hkv = k_pool.shape[1]
+    BD = max(16, triton.next_power_of_2(D))
+    _packed_kv_write[(n_pad, Hkv)](k, v, k_pool, v_pool, dst, D, k.stride(1), k.stride(2), v.stride(1),
+                                   v.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), BD=BD)
+    o = torch.zeros_like(q, memory_format=torch.contiguous_format)                 # padding rows: zero
+    _packed_attn_kernel[(tiles.shape[0], H)](
+        q, k_pool, v_pool, tiles, o, H, Hkv, D, 1.0 / math.sqrt(D),
+        q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), o.stride(1),
+        o.stride(2), IEEE=q.dtype == torch.float32, BOUNDED=INTERPRET,
+        S=k_pool.shape[2] if INTERPRET else 0, BT=BT, BK=BK, BD=BD,
+        num_warps=num_warps, num_stages=num_stages)
+    return o
+
+
+def validate(q, k, v, k_pool, v_pool, tiles, dst) -> None:
+    check_shape("q", q, 4, "[1, H, n_pad, D]")
+    for name, t in (("k", k), ("v", v)):
+        check_shape(name, t, 4, "[1, Hkv, n_pad, D]")
+        check(t.stride(3) == 1, f"{name} needs a contiguous last dim")
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
+        check_shape(name, t, 4, "[n_slots, Hkv, S, D]")
+        check(t.dtype == q.dtype, f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+        check(t.stride(3) == 1, f"{name} needs a contiguous last dim")
+    check(q.shape[0] == 1 and q.stride(3) == 1, "q must be [1, H, n_pad, D] with a contiguous last dim")
+    check(v_pool.stride() == k_pool.stride(), "v_pool strides != k_pool strides (the kernel reads both "
+                                              "with k_pool's)")
+    if k.shape[1:] != v.shape[1:] or k.shape[1] != k_pool.shape[1] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} must be [1, Hkv={k_pool.shape[1]}, "
+                         f"n_pad={q.shape[2]}, D]")
+    check(q.shape[1] % k_pool.shape[1] == 0, f"query heads {q.shape[1]} not divisible by kv heads "
+                                             f"{k_pool.shape[1]}")
+    check(k_pool.shape[3] == q.shape[3], f"head dim: q has {q.shape[3]}, the pool {k_pool.shape[3]}")
+    if tiles.dim() != 2 or tiles.shape[1] != 4 or tiles.dtype != torch.int64 or not tiles.is_contiguous():
+        raise ValueError(f"tiles must be a contiguous int64 [n_tiles, 4], got {tuple(tiles.shape)} "
+                         f"{tiles.dtype}")
+    if dst.dim() != 2 or dst.shape[1] != 2 or dst.shape[0] != q.shape[2] or dst.dtype != torch.int64 \
+            or not dst.is_contiguous():
+        raise ValueError(f"dst must be a contiguous int64 [n_pad={q.shape[2]}, 2], got {tuple(dst.shape)} "
+                         f"{dst.dtype}")
+
+
+@define_op("packed_pool_attention", mutates_args=("k_pool", "v_pool"), opaque=True)
+def packed_pool_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                             v_pool: torch.Tensor, tiles: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    if use_triton(q):
+        require_triton("packed_pool_attention")
+        return packed_attention_triton(q, k, v, k_pool, v_pool, tiles, dst)
+    return packed_attention_reference(q, k, v, k_pool, v_pool, tiles, dst)
+
+
+@packed_pool_attention_op.register_fake
+def _(q, k, v, k_pool, v_pool, tiles, dst):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
