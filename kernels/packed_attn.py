@@ -87,7 +87,7 @@ def packed_attention_reference(q, k, v, k_pool, v_pool, tiles, dst):
     k_pool[slot, :, col] = k[0, :, real].transpose(0, 1)                          # [n_real, Hkv, D]
     v_pool[slot, :, col] = v[0, :, real].transpose(0, 1)
     H, Hkv = q.shape[1], k_pool.shape[1]
-    y = torch.zeros_like(q)
+    y = torch.zeros_like(q, memory_format=torch.contiguous_format)           # as the fake declares
     for q0, q1, s, n in tiles.tolist():
         if q1 <= q0:
             continue
