@@ -758,9 +758,10 @@ class GraphRunner(EagerRunner):
     @torch.no_grad()
     def _warm_packed(self, blk: int) -> None:
         """The packed mixed forward compiles at its first two token buckets (static shapes, then the token
-        dimension symbolic): run a Refresh part beside a Reuse row over the scratch slot at two buckets (the
-        varlen kernel's forward; block diffusion models, whose parts attend block-causally: a full part, the
-        per-part op's forward); ``captured`` captures those buckets."""
+        dimension symbolic): run a full part beside a Reuse row (the per-part op's forward: parts without a
+        cache) and a Refresh part beside it (the varlen kernel's forward; not for block diffusion models,
+        whose parts attend block-causally) over the scratch slot at two buckets; ``captured`` captures the
+        varlen forward's buckets."""
         from ..step import MixedBatch, build_batch
         mc = self.config
         W = min(2 * blk + 8, self.pool.s_max)
@@ -771,13 +772,13 @@ class GraphRunner(EagerRunner):
         seq = torch.full((W,), mc.mask_id, dtype=torch.long)
         first = token_bucket(W + n, self.token_buckets)
         for rows in (1, -(-(first + 1 - n) // W)):                   # the second total in a larger bucket
-            if bs:
-                full = build_batch(self, "full", [seq] * rows, [p] * rows, [p] * rows, n, block_size=bs)
-            else:
-                full = build_batch(self, "refresh", [seq] * rows, [p] * rows, [p] * rows, n, None,
-                                   [(self.scratch,)] * rows, self.pool)
+            firsts = [build_batch(self, "full", [seq] * rows, [p] * rows, [p] * rows, n, block_size=bs)]
+            if not bs:
+                firsts.append(build_batch(self, "refresh", [seq] * rows, [p] * rows, [p] * rows, n, None,
+                                          [(self.scratch,)] * rows, self.pool))
             reuse = build_batch(self, "reuse", [seq], [p], [p], n, [(p, W)], [(self.scratch,)], self.pool,
                                 block_size=bs)
             if self.pool_attention:
                 reuse = self._in_pool(reuse)
-            self._packed(MixedBatch((full, reuse)))
+            for first in firsts:
+                self._packed(MixedBatch((first, reuse)))
