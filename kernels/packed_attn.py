@@ -118,7 +118,8 @@ if HAS_TRITON:
     @triton.jit
     def _packed_attn_kernel(Q, K, V, TILES, O, H, HKV, D, scale,
                             sq_h, sq_t, sk_n, sk_h, sk_s, so_h, so_t,
-                            IEEE: tl.constexpr, BOUNDED: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                            IEEE: tl.constexpr, BOUNDED: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr, BD: tl.constexpr):
         tile = tl.program_id(0)
         h = tl.program_id(1)
         g = h // (H // HKV)

@@ -185,8 +185,9 @@ class GraphRunner(EagerRunner):
         bench/RESULTS.md), else ``eager``. ``compiled`` (one packed forward through the compiled blocks)
         is opt-in: on an H200 it was 0.92x / 0.48x / 0.92x the two calls at 2x768+30x32 / 1x768+7x32 /
         4x768+60x32 (bench/mixed_iteration.py ``graph2/graph_packed``, bench/RESULTS.md: each part's
-        attention launched per layer outside any graph)."""
-        mode = mode or ("two" if self.capture else "eager")        # ``captured``: compiled blocks or not
+        attention launched per layer outside any graph). ``captured`` (compiled blocks or not): the packed
+        forward with the varlen attention kernel, captured per token bucket (not measured yet)."""
+        mode = mode or ("two" if self.capture else "eager")
         if mode not in MIX_ITERATIONS:
             raise ValueError(f"graph runner: mix_iterations must be one of {MIX_ITERATIONS}, got {mode!r}")
         if mode == "compiled" and not self.compiled:
@@ -608,7 +609,8 @@ class GraphRunner(EagerRunner):
         """A mixed iteration as one forward, its Reuse rows attending inside the bound pool
         (``pool_attention``: keys [0, length), no gather), decoded as the graphs decode (``decode_parts``):
         ``mix_iterations`` ``compiled``: one packed forward through the compiled blocks (``run_packed``;
-        ``stats["mixed_packed"]``), ``captured``: that forward replayed as a CUDA graph (``_packed``), else (or for parts it cannot pack) one eager ragged forward
+        ``stats["mixed_packed"]``), ``captured``: that forward replayed as a CUDA graph (``_packed``), else
+        (or for parts it cannot pack) one eager ragged forward
         (``EagerRunner.mixed``; compiled blocks run eagerly there)."""
         self.stats["mixed"] = self.stats.get("mixed", 0) + 1
         if self.pool_attention and self.pool is not None:
@@ -629,9 +631,10 @@ class GraphRunner(EagerRunner):
         return 2 * self.buckets[-1]
 
     def _packed(self, batch: MixedBatch) -> list | None:
-        """A packed mixed iteration: ``captured``, the bucket's captured forward (``_packed_graph``) when every
-        part reads the bound pool through the varlen kernel (``packed_seqs``) and the rows fit its tables,
-        else (and for ``compiled``) the uncaptured packed forward (``run_packed``); None: not packable."""
+        """A packed mixed iteration: ``captured``, the bucket's captured forward (``_packed_graph``) when
+        every part reads the bound pool through the varlen kernel (``packed_seqs``) and the rows fit its
+        tables, else (and for ``compiled``) the uncaptured packed forward (``run_packed``); None: not
+        packable."""
         if self.mix_iterations != "captured" or self.pool is None:
             return run_packed(self, batch, self.token_buckets, self.max_packed_rows)
         parts = [self.inputs(b) for b in batch.parts]

@@ -173,8 +173,8 @@ def test_mix_iterations_is_one_declared_decision():
 
 
 def captured_runner(runners, name):
-    """A GraphRunner with ``mix_iterations="captured"`` and eager blocks (on CPU: the captured forward's static
-    buffers, run without a graph)."""
+    """A GraphRunner with ``mix_iterations="captured"`` and eager blocks (on CPU: the captured forward's
+    static buffers, run without a graph)."""
     if (name, "captured") not in runners:
         model = open_model(name, progress=False).runner.model
         runners[name, "captured"] = GraphRunner(model, capture=False, decode="exact", pool_attention=True,
