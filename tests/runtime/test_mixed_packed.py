@@ -283,25 +283,29 @@ def test_captured_mixed_on_cuda(compile):
 
 
 @pytest.mark.slow
-def test_engine_outputs_through_packed_mixed_iterations():
+@pytest.mark.parametrize("mode", ["compiled", "captured"])
+def test_engine_outputs_through_packed_mixed_iterations(mode):
     """The Engine over a GraphRunner with ``mix_iterations="compiled"`` (Dynamo's eager backend: the packed
-    forward's numerics are the eager kernels'): its mixed iterations run packed, and every request (dual,
-    prefix and no cache; T = 0 and seeded T > 0; different arrival iterations) gets ``generate``'s tokens on
-    an uncompiled model. Slow (~60 s on 2 shared cores): Dynamo traces every shape the engine runs."""
+    forward's numerics are the eager kernels') or ``"captured"`` (eager blocks, the static-buffer forward):
+    its mixed iterations run packed, and every request (dual, prefix and no cache; T = 0 and seeded T > 0;
+    different arrival iterations) gets ``generate``'s tokens on an uncompiled model. Slow (~60 s on 2 shared
+    cores): Dynamo traces every shape the engine runs."""
     from test_mixed_forward import _drive, _reference, _workload
 
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.session import Session
     sess = open_model("tiny-llada", progress=False)
-    gr = GraphRunner(sess.runner.model, capture=False, decode="exact", pool_attention=True, compile="eager",
-                     mix_iterations="compiled")
+    gr = GraphRunner(sess.runner.model, capture=False, decode="exact", pool_attention=True,
+                     compile="eager" if mode == "compiled" else False, mix_iterations=mode)
     eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
                  ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_num_tokens=160, refresh_share=0.4))
     specs = _workload()
     reqs = [eng.make_request(p, params) for p, params in specs]
     _drive(eng, reqs)
     assert gr.stats["mixed_packed"] >= 5 and eng.metrics.counter("mixed_iterations_total") >= 5
+    if mode == "captured":        # every mix the varlen tables could take was replayed (the rest: no-cache
+        assert gr.stats["mixed_captured"] >= 1 and "mixed_varlen" not in gr.stats      # parts, per-part op)
     outs = [r.output_ids for r in reqs]
     assert len({tuple(o) for o in outs}) == len(outs)                              # outputs vary
     ref = open_model("tiny-llada", progress=False)
