@@ -731,6 +731,8 @@ class GraphRunner(EagerRunner):
                     break
         if self.compiled and widths:
             self._warm_eager(widths[0][1])
+        elif self.mix_iterations == "captured" and widths:       # capture the first token buckets' forwards
+            self._warm_packed(widths[0][1])
 
     @torch.no_grad()
     def _warm_eager(self, blk: int) -> None:

@@ -210,6 +210,20 @@ def test_captured_mixed_equals_two_calls(runners, name):
     assert len(graph.packed_graphs) == 1 and graph.stats["mixed_captured"] == len(MIXES) + 2
 
 
+def test_captured_warmup_prepares_token_buckets(runners):
+    """The runner's warm-up (no compiled blocks) prepares the first token buckets' packed forwards (captured
+    on CUDA) and leaves the pool's unused slots untouched but for the scratch slot."""
+    graph = captured_runner(runners, "tiny-llada")
+    pa, pb = pools(graph)
+    graph.bind_pool(pb)
+    before = pb.k_all.clone()
+    graph.warmup([(8, 8)], 2)
+    assert len(graph.packed_graphs) == 2
+    others = torch.ones(pb.k_all.shape[1], dtype=torch.bool)
+    others[graph.scratch] = False
+    assert torch.equal(pb.k_all[:, others], before[:, others])
+
+
 def test_captured_falls_back_where_it_cannot_take_the_mix(runners):
     """Block-causal parts (SDAR) cannot use the varlen tables: the uncaptured packed forward runs them."""
     graph = captured_runner(runners, "tiny-sdar")
