@@ -102,18 +102,19 @@ if HAS_TRITON:
     from .attention import _attend_tile          # one online-softmax step over a key tile (shared)
 
     @triton.jit
-    def _packed_kv_write(K, V, KP, VP, DST, D, sk_h, sk_t, sv_h, sv_t, sp_n, sp_h, sp_s,
-                         BD: tl.constexpr):
+    def _packed_kv_write(K, V, KP, VP, DST, HKV, D, sk_h, sk_t, sv_h, sv_t, sp_n, sp_h, sp_s,
+                         BH: tl.constexpr, BD: tl.constexpr):
+        """One program per packed token: its K/V of every KV head [Hkv, D] into (slot, column)."""
         t = tl.program_id(0)
-        g = tl.program_id(1)
         slot = tl.load(DST + 2 * t)
         col = tl.load(DST + 2 * t + 1)
         if slot >= 0:
+            g = tl.arange(0, BH)
             d = tl.arange(0, BD)
-            dm = d < D
-            dst = slot * sp_n + g * sp_h + col * sp_s + d
-            tl.store(KP + dst, tl.load(K + g * sk_h + t * sk_t + d, mask=dm), mask=dm)
-            tl.store(VP + dst, tl.load(V + g * sv_h + t * sv_t + d, mask=dm), mask=dm)
+            m = (g[:, None] < HKV) & (d[None, :] < D)
+            dst = slot * sp_n + g[:, None] * sp_h + col * sp_s + d[None, :]
+            tl.store(KP + dst, tl.load(K + g[:, None] * sk_h + t * sk_t + d[None, :], mask=m), mask=m)
+            tl.store(VP + dst, tl.load(V + g[:, None] * sv_h + t * sv_t + d[None, :], mask=m), mask=m)
 
     @triton.jit
     def _packed_attn_kernel(Q, K, V, TILES, O, H, HKV, D, scale,
@@ -157,8 +158,9 @@ def packed_attention_triton(q, k, v, k_pool, v_pool, tiles, dst, BT=BT_DEFAULT, 
     H, n_pad, D = q.shape[1], q.shape[2], q.shape[3]
     Hkv = k_pool.shape[1]
     BD = max(16, triton.next_power_of_2(D))
-    _packed_kv_write[(n_pad, Hkv)](k, v, k_pool, v_pool, dst, D, k.stride(1), k.stride(2), v.stride(1),
-                                   v.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), BD=BD)
+    _packed_kv_write[(n_pad,)](k, v, k_pool, v_pool, dst, Hkv, D, k.stride(1), k.stride(2), v.stride(1),
+                               v.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+                               BH=triton.next_power_of_2(Hkv), BD=BD)
     o = torch.zeros_like(q, memory_format=torch.contiguous_format)                 # padding rows: zero
     _packed_attn_kernel[(tiles.shape[0], H)](
         q, k_pool, v_pool, tiles, o, H, Hkv, D, 1.0 / math.sqrt(D),

@@ -111,7 +111,7 @@ sys.path.insert(0, sys.argv[2])
 from test_packed_attention import _mix
 seed = int(sys.argv[1])
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
-    for H, Hkv in ((4, 2), (2, 2)):
+    for H, Hkv in ((4, 2), (2, 2), (6, 3)):                 # 3 KV heads: a masked head block
         q, k, v, kp, vp, seqs, tiles, dst = _mix(H=H, Hkv=Hkv, dtype=dt, seed=seed)
         kr, vr = kp.float().clone(), vp.float().clone()
         ref = P.packed_attention_reference(q.float(), k.float(), v.float(), kr, vr, tiles, dst)
