@@ -15,13 +15,13 @@ the runtime's layout, ``StepBatch.lengths``). Per layer:
 
        out[t, h] = softmax(q[t, h] @ K[slot, g, :n_keys]^T / sqrt(D)) @ V[slot, g, :n_keys],  g = h // (H/Hkv)
 
-The work is a flattened tile table ``tiles`` [n_tiles, 4] int64 of (first token, end token, slot, n_keys):
-each entry is at most ``BT`` query tokens of one sequence (the (sequence, q-tile) pairs flattened on the
-host, with the sequence's slot and key count copied in so a program needs one load). ``n_tiles`` is fixed per
-token bucket (``max_tiles``: every sequence's tiles fit whatever the mix), unused entries are empty
-(end == first: the program stores nothing), so the grid ``(n_tiles, H)`` never changes for a bucket and the
-launch can be captured in a CUDA graph. Padding tokens are in no tile: their output is zero (the output is
-zero-filled first).
+The work is a flattened tile table ``tiles`` [n_rows, 4] int64: a header row (entries used, 0, 0, 0), then one
+entry per query tile (first token, end token, slot, n_keys), at most ``BT`` query tokens of one sequence (the
+(sequence, q-tile) pairs flattened on the host, with the sequence's slot and key count copied in so a program
+needs one load). ``n_rows`` is fixed per token bucket (``table_rows``: every sequence's tiles fit whatever the
+mix) and so is the grid ``(2 x ceil(n_pad / BT), H)``: program p takes the used entries p, p + grid, ... (the
+count read from the header), so the launch can be captured in a CUDA graph and no program is spent on the
+unused rows. Padding tokens are in no tile: their output is zero (the output is zero-filled first).
 
 Not covered (callers keep the per-part path, ``common.attend_ragged``): block-causal masks (block diffusion),
 head-sparse kept columns, parts without a cache (they attend over packed keys, not the pool). No split-KV:
@@ -50,22 +50,25 @@ class PackedSeq(tuple):
         return super().__new__(cls, (int(q_off), int(q_len), int(slot), int(col0), int(n_keys)))
 
 
-def max_tiles(n_pad: int, max_seqs: int, BT: int = BT_DEFAULT) -> int:
-    """The tile-table size of a token bucket: the tiles of any <= ``max_seqs`` sequences of <= ``n_pad``
-    tokens in all (each sequence's last tile may be partial: one extra tile per sequence at most)."""
-    return -(-n_pad // BT) + min(max_seqs, n_pad)
+def table_rows(n_pad: int, max_seqs: int, BT: int = BT_DEFAULT) -> int:
+    """The tile table's rows for a token bucket: a header row, then room for the tiles of any <= ``max_seqs``
+    sequences of <= ``n_pad`` tokens in all (each sequence's last tile may be partial: one extra tile per
+    sequence at most)."""
+    return 1 + -(-n_pad // BT) + min(max_seqs, n_pad)
 
 
-def tile_table(seqs: list, n_tiles: int, BT: int = BT_DEFAULT) -> torch.Tensor:
-    """Sequences (``PackedSeq``) -> tiles [n_tiles, 4] int64 (first token, end token, slot, n_keys); the
-    entries past the used ones are empty (0, 0, 0, 0)."""
+def tile_table(seqs: list, n_rows: int, BT: int = BT_DEFAULT) -> torch.Tensor:
+    """Sequences (``PackedSeq``) -> tiles [n_rows, 4] int64: row 0 the header (entries used, 0, 0, 0), then
+    one row per query tile (first token, end token, slot, n_keys); the rows past the used ones are empty
+    (0, 0, 0, 0)."""
     rows = [(q0, min(q0 + BT, off + n), slot, keys)
             for off, n, slot, _, keys in seqs for q0 in range(off, off + n, BT)]
-    if len(rows) > n_tiles:
-        raise ValueError(f"packed attention: {len(rows)} query tiles do not fit a table of {n_tiles}")
-    out = torch.zeros(n_tiles, 4, dtype=torch.int64)
+    if len(rows) > n_rows - 1:
+        raise ValueError(f"packed attention: {len(rows)} query tiles do not fit a table of {n_rows - 1}")
+    out = torch.zeros(n_rows, 4, dtype=torch.int64)
+    out[0, 0] = len(rows)
     if rows:
-        out[:len(rows)] = torch.tensor(rows, dtype=torch.int64)
+        out[1:len(rows) + 1] = torch.tensor(rows, dtype=torch.int64)
     return out
 
 
@@ -88,7 +91,8 @@ def packed_attention_reference(q, k, v, k_pool, v_pool, tiles, dst):
     v_pool[slot, :, col] = v[0, :, real].transpose(0, 1)
     H, Hkv = q.shape[1], k_pool.shape[1]
     y = torch.zeros_like(q, memory_format=torch.contiguous_format)           # as the fake declares
-    for q0, q1, s, n in tiles.tolist():
+    used = tiles[1:int(tiles[0, 0]) + 1]                                          # [n_used, 4]
+    for q0, q1, s, n in used.tolist():
         if q1 <= q0:
             continue
         ks, vs = k_pool[s, :, :n], v_pool[s, :, :n]                               # [Hkv, n, D]
@@ -117,17 +121,15 @@ if HAS_TRITON:
             tl.store(VP + dst, tl.load(V + g[:, None] * sv_h + t * sv_t + d[None, :], mask=m), mask=m)
 
     @triton.jit
-    def _packed_attn_kernel(Q, K, V, TILES, O, H, HKV, D, scale,
-                            sq_h, sq_t, sk_n, sk_h, sk_s, so_h, so_t,
-                            IEEE: tl.constexpr, BOUNDED: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BD: tl.constexpr):
-        tile = tl.program_id(0)
-        h = tl.program_id(1)
-        g = h // (H // HKV)
-        q0 = tl.load(TILES + 4 * tile)
-        q1 = tl.load(TILES + 4 * tile + 1)
-        slot = tl.load(TILES + 4 * tile + 2)
-        n = tl.load(TILES + 4 * tile + 3)
+    def _attend_entry(Q, K, V, TILES, O, e, h, g, D, scale, sq_h, sq_t, sk_n, sk_h, sk_s, so_h, so_t,
+                      IEEE: tl.constexpr, BOUNDED: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BD: tl.constexpr):
+        """Head h of table entry e (row e + 1): its query tokens over keys [0, n_keys) of its slot."""
+        row = TILES + 4 * (e + 1)
+        q0 = tl.load(row)
+        q1 = tl.load(row + 1)
+        slot = tl.load(row + 2)
+        n = tl.load(row + 3)
         t = q0 + tl.arange(0, BT)
         tmask = t < q1                                    # an empty entry (q1 == q0) stores nothing
         dk = tl.arange(0, BD)
@@ -151,10 +153,31 @@ if HAS_TRITON:
         tl.store(O + h * so_h + t[:, None] * so_t + dk[None, :], out.to(O.dtype.element_ty),
                  mask=tmask[:, None] & dmask[None, :])
 
+    @triton.jit
+    def _packed_attn_kernel(Q, K, V, TILES, O, H, HKV, D, GRID, scale,
+                            sq_h, sq_t, sk_n, sk_h, sk_s, so_h, so_t,
+                            IEEE: tl.constexpr, BOUNDED: tl.constexpr, S: tl.constexpr, NT: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+        """Program (p, h) takes the table's used entries p, p + GRID, ... (the count: the header row), so
+        the grid is fixed per bucket and no program is spent on the unused rest of the table."""
+        p = tl.program_id(0)
+        h = tl.program_id(1)
+        g = h // (H // HKV)
+        if BOUNDED:                                      # the interpreter: every row, constant bounds
+            for e in range(0, NT):
+                if e % GRID == p:
+                    _attend_entry(Q, K, V, TILES, O, e, h, g, D, scale, sq_h, sq_t, sk_n, sk_h, sk_s, so_h,
+                                  so_t, IEEE, BOUNDED, S, BT, BK, BD)
+        else:
+            for e in range(p, tl.load(TILES), GRID):
+                _attend_entry(Q, K, V, TILES, O, e, h, g, D, scale, sq_h, sq_t, sk_n, sk_h, sk_s, so_h,
+                              so_t, IEEE, BOUNDED, S, BT, BK, BD)
+
 
 def packed_attention_triton(q, k, v, k_pool, v_pool, tiles, dst, BT=BT_DEFAULT, BK=64, num_warps=4,
-                            num_stages=2):
-    """The two launches (K/V write, attention); ``BT`` must be the tile size ``tiles`` was built with."""
+                            num_stages=2, programs=None):
+    """The two launches (K/V write, attention); ``BT`` must be the tile size ``tiles`` was built with;
+    ``programs``: along the table (default 2 x ceil(n_pad / BT): fixed per bucket, each loops if more)."""
     H, n_pad, D = q.shape[1], q.shape[2], q.shape[3]
     Hkv = k_pool.shape[1]
     BD = max(16, triton.next_power_of_2(D))
@@ -162,12 +185,13 @@ def packed_attention_triton(q, k, v, k_pool, v_pool, tiles, dst, BT=BT_DEFAULT, 
                                v.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
                                BH=triton.next_power_of_2(Hkv), BD=BD)
     o = torch.zeros_like(q, memory_format=torch.contiguous_format)                 # padding rows: zero
-    _packed_attn_kernel[(tiles.shape[0], H)](
-        q, k_pool, v_pool, tiles, o, H, Hkv, D, 1.0 / math.sqrt(D),
+    grid = max(1, min(tiles.shape[0] - 1, programs or 2 * -(-n_pad // BT)))
+    _packed_attn_kernel[(grid, H)](
+        q, k_pool, v_pool, tiles, o, H, Hkv, D, grid, 1.0 / math.sqrt(D),
         q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), o.stride(1),
         o.stride(2), IEEE=q.dtype == torch.float32, BOUNDED=INTERPRET,
-        S=k_pool.shape[2] if INTERPRET else 0, BT=BT, BK=BK, BD=BD,
-        num_warps=num_warps, num_stages=num_stages)
+        S=k_pool.shape[2] if INTERPRET else 0, NT=tiles.shape[0] - 1 if INTERPRET else 0, BT=BT, BK=BK,
+        BD=BD, num_warps=num_warps, num_stages=num_stages)
     return o
 
 
@@ -190,8 +214,8 @@ def validate(q, k, v, k_pool, v_pool, tiles, dst) -> None:
                                              f"{k_pool.shape[1]}")
     check(k_pool.shape[3] == q.shape[3], f"head dim: q has {q.shape[3]}, the pool {k_pool.shape[3]}")
     if tiles.dim() != 2 or tiles.shape[1] != 4 or tiles.dtype != torch.int64 or not tiles.is_contiguous():
-        raise ValueError(f"tiles must be a contiguous int64 [n_tiles, 4], got {tuple(tiles.shape)} "
-                         f"{tiles.dtype}")
+        raise ValueError(f"tiles must be a contiguous int64 [n_rows, 4] (header + entries), got "
+                         f"{tuple(tiles.shape)} {tiles.dtype}")
     if dst.dim() != 2 or dst.shape[1] != 2 or dst.shape[0] != q.shape[2] or dst.dtype != torch.int64 \
             or not dst.is_contiguous():
         raise ValueError(f"dst must be a contiguous int64 [n_pad={q.shape[2]}, 2], got {tuple(dst.shape)} "

@@ -82,10 +82,10 @@ class PackedCache:
         return PackedKV(self.pool.k[i], self.pool.v[i], *self.meta)
 
 
-def packed_meta(seqs: list, n_pad: int, n_tiles: int, device, BT: int = BT_DEFAULT) -> tuple:
+def packed_meta(seqs: list, n_pad: int, n_rows: int, device, BT: int = BT_DEFAULT) -> tuple:
     """The sequences (``packed_attn.PackedSeq``: one per row of a part) as the varlen kernel's tables on
-    ``device``: (tiles [n_tiles, 4], dst [n_pad, 2]) int64."""
-    return (tile_table(seqs, n_tiles, BT).to(device, non_blocking=True),
+    ``device``: (tiles [n_rows, 4] (``table_rows``), dst [n_pad, 2]) int64."""
+    return (tile_table(seqs, n_rows, BT).to(device, non_blocking=True),
             write_table(seqs, n_pad).to(device, non_blocking=True))
 
 

@@ -66,7 +66,7 @@ import torch
 
 from dlc.kernels.logits import decode_rows
 from dlc.kernels.sampling import candidates_cover, decode_rows_ext
-from dlc.kernels.packed_attn import max_tiles, tile_table, write_table
+from dlc.kernels.packed_attn import table_rows, tile_table, write_table
 from dlc.models.common import KVCache, fuse_projections_, pack_parts, unpack_parts
 from dlc.models.packed import PackedCache, packable
 
@@ -103,7 +103,7 @@ class _PackedGraph:
     ids: torch.Tensor           # [1, n_pad] packed tokens (padding: the mask id)
     pos: torch.Tensor           # [1, n_pad] their positions
     add: torch.Tensor           # [1, n_pad, d] embedding adds (zero where a part adds none)
-    tiles: torch.Tensor         # [n_tiles, 4] int64 (first token, end token, slot, n_keys)
+    tiles: torch.Tensor         # [n_rows, 4] int64: header (entries used), then (first, end, slot, keys)
     dst: torch.Tensor           # [n_pad, 2] int64 (slot, column) each token's K/V goes to; -1 padding
     h: torch.Tensor | None = None
     graph: object = None
@@ -686,7 +686,7 @@ class GraphRunner(EagerRunner):
         g = _PackedGraph(ids=torch.full((1, n_pad), self.config.mask_id, dtype=torch.long, device=dev),
                          pos=torch.zeros(1, n_pad, dtype=torch.long, device=dev),
                          add=torch.zeros(1, n_pad, self.config.d_model, dtype=self.dtype, device=dev),
-                         tiles=torch.zeros(max_tiles(n_pad, self.max_packed_rows), 4, dtype=torch.long,
+                         tiles=torch.zeros(table_rows(n_pad, self.max_packed_rows), 4, dtype=torch.long,
                                            device=dev),
                          dst=torch.full((n_pad, 2), -1, dtype=torch.long, device=dev))
         if self.capture:

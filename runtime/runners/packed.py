@@ -11,7 +11,7 @@
   write tables built here on the host), else one opaque op per layer attending part by part in Python;
 * ``captured``: the ``compiled`` forward (compiled blocks or eager ones) with the varlen kernel, captured as a
   CUDA graph per token bucket over static buffers (ids, positions, embedding adds, the tables: the number of
-  tiles is fixed per bucket, ``packed_attn.max_tiles`` with at most ``2 x`` the largest batch bucket rows),
+  table rows are fixed per bucket, ``packed_attn.table_rows`` for ``2 x`` the largest batch bucket rows),
   so a mixed iteration costs one replay plus its decoding (``GraphRunner._packed``). Mixes it cannot take
   (block-causal parts, parts without a cache, more rows than the tile table holds) run ``compiled``'s
   uncaptured forward. Without capture (CPU) the same static-buffer forward runs directly.
@@ -20,7 +20,7 @@ The padding costs token-wise compute on at most the gap to the next bucket: buck
 from 1024 on) so the waste stays small at the realistic sizes (2 x 768 + 30 x 32 = 2496 tokens -> 2560)."""
 from __future__ import annotations
 
-from dlc.kernels.packed_attn import PackedSeq, max_tiles
+from dlc.kernels.packed_attn import PackedSeq, table_rows
 from dlc.models.packed import forward_packed, packable, packed_meta
 
 from ..config import MIX_ITERATIONS
@@ -71,7 +71,7 @@ def run_packed(runner, batch: MixedBatch, buckets=TOKEN_BUCKETS, max_seqs: int =
     n = sum(p.ids.numel() for p in parts)
     n_pad = token_bucket(n, buckets)
     seqs = packed_seqs(batch.parts, parts)
-    meta = None if seqs is None else packed_meta(seqs, n_pad, max_tiles(n_pad, max(max_seqs, len(seqs))),
+    meta = None if seqs is None else packed_meta(seqs, n_pad, table_rows(n_pad, max(max_seqs, len(seqs))),
                                                  pool.k[0].device)
     if meta is not None:
         runner.stats["mixed_varlen"] = runner.stats.get("mixed_varlen", 0) + 1

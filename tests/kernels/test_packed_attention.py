@@ -35,7 +35,7 @@ def _mix(H=4, Hkv=2, D=16, N=7, S=48, BT=8, pad=11, dtype=torch.float32, device=
     r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)          # noqa: E731
     q, k, v = r(1, H, n_pad, D), r(1, Hkv, n_pad, D), r(1, Hkv, n_pad, D)
     kp, vp = r(N, Hkv, S, D), r(N, Hkv, S, D)
-    tiles = P.tile_table(seqs, P.max_tiles(n_pad, 8, BT), BT).to(device)
+    tiles = P.tile_table(seqs, P.table_rows(n_pad, 8, BT), BT).to(device)
     dst = P.write_table(seqs, n_pad).to(device)
     return q, k, v, kp, vp, seqs, tiles, dst
 
@@ -73,7 +73,8 @@ def test_key_ranges_decide_the_output():
     wider = list(seqs)
     wider[1] = P.PackedSeq(*seqs[1][:4], 13)                           # length 9 -> 13
     wider[3] = P.PackedSeq(*seqs[3][:4], 44)                           # kv_len 40 -> 44
-    y2 = K.packed_pool_attention(q, k, v, kp.clone(), vp.clone(), P.tile_table(wider, tiles.shape[0], 8), dst)
+    tiles2 = P.tile_table(wider, tiles.shape[0], 8)
+    y2 = K.packed_pool_attention(q, k, v, kp.clone(), vp.clone(), tiles2, dst)
     for off, n, *_ in (seqs[1], seqs[3]):
         assert (y[0, :, off:off + n] - y2[0, :, off:off + n]).abs().max() > 1e-3
     for off, n, *_ in (seqs[0], seqs[2], seqs[4]):
@@ -82,14 +83,15 @@ def test_key_ranges_decide_the_output():
 
 def test_tables():
     seqs = [P.PackedSeq(0, 20, 3, 0, 20), P.PackedSeq(20, 5, 1, 7, 12)]
-    t = P.tile_table(seqs, P.max_tiles(32, 4, 8), 8)
-    assert t[:4].tolist() == [[0, 8, 3, 20], [8, 16, 3, 20], [16, 20, 3, 20], [20, 25, 1, 12]]
-    assert (t[4:] == 0).all() and t.shape[0] == 4 + 4
+    t = P.tile_table(seqs, P.table_rows(32, 4, 8), 8)
+    assert t[:5].tolist() == [[4, 0, 0, 0],                                          # header: 4 used
+                              [0, 8, 3, 20], [8, 16, 3, 20], [16, 20, 3, 20], [20, 25, 1, 12]]
+    assert (t[5:] == 0).all() and t.shape[0] == 1 + 4 + 4
     d = P.write_table(seqs, 32)
     assert d[19].tolist() == [3, 19] and d[20].tolist() == [1, 7] and d[24].tolist() == [1, 11]
     assert (d[25:] == -1).all()
     with pytest.raises(ValueError, match="query tiles"):
-        P.tile_table(seqs, 3, 8)
+        P.tile_table(seqs, 4, 8)
 
 
 def test_bad_inputs_are_named():
@@ -115,7 +117,8 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
         q, k, v, kp, vp, seqs, tiles, dst = _mix(H=H, Hkv=Hkv, dtype=dt, seed=seed)
         kr, vr = kp.float().clone(), vp.float().clone()
         ref = P.packed_attention_reference(q.float(), k.float(), v.float(), kr, vr, tiles, dst)
-        out = P.packed_attention_triton(q, k, v, kp, vp, tiles, dst, BT=8, BK=16)
+        out = P.packed_attention_triton(q, k, v, kp, vp, tiles, dst, BT=8, BK=16,
+                                        programs=3 if Hkv == 3 else None)   # 3: each program loops
         rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
         assert rel < tol, (dt, H, rel)
         assert (out[0, :, -11:] == 0).all()
@@ -131,8 +134,8 @@ print("interpret-ok")
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("H,Hkv,BT", [(32, 32, 64), (28, 4, 64), (32, 32, 32)])
-def test_triton_vs_reference_on_gpu(H, Hkv, BT):
+@pytest.mark.parametrize("H,Hkv,BT,programs", [(32, 32, 64, None), (28, 4, 64, None), (32, 32, 32, 5)])
+def test_triton_vs_reference_on_gpu(H, Hkv, BT, programs):
     """bf16, head dim 128, a realistic mix: 2 Refresh rows of 300 (lengths 300, 260), 9 Reuse rows of 32."""
     g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
     seqs, off = [], 0
@@ -148,14 +151,14 @@ def test_triton_vs_reference_on_gpu(H, Hkv, BT):
     r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).cuda()       # noqa: E731
     q, k, v = r(1, H, n_pad, 128), r(1, Hkv, n_pad, 128), r(1, Hkv, n_pad, 128)
     kp, vp = r(12, Hkv, 800, 128), r(12, Hkv, 800, 128)
-    tiles = P.tile_table(seqs, P.max_tiles(n_pad, 32, BT), BT).cuda()
+    tiles = P.tile_table(seqs, P.table_rows(n_pad, 32, BT), BT).cuda()
     dst = P.write_table(seqs, n_pad).cuda()
     kr, vr = kp.float().clone(), vp.float().clone()
     ref = P.packed_attention_reference(q.float(), k.float(), v.float(), kr, vr, tiles, dst)
     torch.cuda.synchronize()
     junk = torch.empty(1 << 28, device="cuda").fill_(float("nan"))                 # poison freed blocks
     del junk
-    out = P.packed_attention_triton(q, k, v, kp, vp, tiles, dst, BT=BT)
+    out = P.packed_attention_triton(q, k, v, kp, vp, tiles, dst, BT=BT, programs=programs)
     assert torch.isfinite(out).all() and (out[0, :, off:] == 0).all()
     assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < REL_BF16
     assert torch.equal(kp.float(), kr) and torch.equal(vp.float(), vr)
