@@ -76,9 +76,13 @@ def write_table(seqs: list, n_pad: int) -> torch.Tensor:
     """Sequences -> dst [n_pad, 2] int64: (pool slot, pool column) each packed token's K/V goes to; -1 for
     padding tokens (written nowhere)."""
     dst = torch.full((n_pad, 2), -1, dtype=torch.int64)
-    for off, n, slot, col0, _ in seqs:
-        dst[off:off + n, 0] = slot
-        dst[off:off + n, 1] = torch.arange(col0, col0 + n)
+    if not seqs:
+        return dst
+    off, n, slot, col0, _ = torch.tensor(seqs, dtype=torch.int64).T                # [n_seqs] each
+    seq = torch.repeat_interleave(torch.arange(len(seqs)), n)                       # [n_real] token -> seq
+    tok = off[seq] + torch.arange(seq.shape[0]) - (n.cumsum(0) - n)[seq]            # packed token index
+    dst[tok, 0] = slot[seq]
+    dst[tok, 1] = col0[seq] + tok - off[seq]
     return dst
 
 
