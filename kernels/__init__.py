@@ -33,9 +33,10 @@ Python API (what compiler passes and runtimes call):
   [0, kv_len[b]) (split-KV for small batches); head-sparse with ``cols`` [B, Hkv, K] / ``n_cols`` [B]: each
   KV head reads only its kept columns ``cols[b, g, :n_cols[b]]``.
 * ``packed_pool_attention(q [1, H, n_pad, D], k, v [1, Hkv, n_pad, D], k_pool, v_pool [N, Hkv, S, D],
-  tiles [n_tiles, 4], dst [n_pad, 2])`` -> [1, H, n_pad, D]: a packed mixed forward's attention in one launch
+  tiles [n_rows, 4], dst [n_pad, 2])`` -> [1, H, n_pad, D]: a packed mixed forward's attention in one launch
   per layer: every token's K/V written to its (slot, column) of ``dst``, then every query tile of ``tiles``
-  (first token, end token, slot, n_keys) over its slot's keys [0, n_keys) (kernels/packed_attn.py).
+  (a header row with the count, then (first token, end token, slot, n_keys) per tile) over its slot's keys
+  [0, n_keys) (kernels/packed_attn.py).
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
   ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
 * ``invariant_matmul(a [M, K] | [Z, M, K], b [K, N] | [Z, K, N], bias=None)`` -> [(Z,) M, N]: a GEMM whose
@@ -120,8 +121,9 @@ def packed_pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_p
                           v_pool: torch.Tensor, tiles: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """A packed forward's attention over the slot pool (one launch per layer for every part): the packed
     tokens' K/V written at ``dst`` [n_pad, 2] (slot, column; slot -1 = padding), then each query tile of
-    ``tiles`` [n_tiles, 4] (first token, end token, slot, n_keys) over keys [0, n_keys) of its slot ->
-    [1, H, n_pad, D], padding tokens zero (``packed_attn.tile_table`` / ``write_table`` build the tables)."""
+    ``tiles`` [n_rows, 4] (header (count, 0, 0, 0), then first token, end token, slot, n_keys per tile) over
+    keys [0, n_keys) of its slot -> [1, H, n_pad, D], padding tokens zero (``packed_attn.tile_table`` /
+    ``write_table`` build the tables)."""
     _pk.validate(q, k, v, k_pool, v_pool, tiles, dst)
     return torch.ops.dlc.packed_pool_attention(q, k, v, k_pool, v_pool, tiles, dst)
 
