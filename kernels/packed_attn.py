@@ -167,9 +167,10 @@ if HAS_TRITON:
         p = tl.program_id(0)
         h = tl.program_id(1)
         g = h // (H // HKV)
-        if BOUNDED:                                      # the interpreter: every row, constant bounds
+        if BOUNDED:                       # the interpreter: constant bounds, the used entries by the header
+            n_used = tl.load(TILES)
             for e in range(0, NT):
-                if e % GRID == p:
+                if (e % GRID == p) & (e < n_used):
                     _attend_entry(Q, K, V, TILES, O, e, h, g, D, scale, sq_h, sq_t, sk_n, sk_h, sk_s, so_h,
                                   so_t, IEEE, BOUNDED, S, BT, BK, BD)
         else:
