@@ -14,7 +14,11 @@ of one iteration (the runner's forward(s) + decoding to the host, device synchro
   the runner's compiled Refresh + its captured Reuse step (two calls, ``mix_iterations="two"``, the served
   default), ``graph_mixed`` = ``GraphRunner.mixed`` as one eager ragged forward (``"eager"``), and
   ``graph_packed`` = one packed forward through the compiled blocks, tokens padded to a token bucket
-  (``"compiled"``, runners/packed.py): ``graph2/graph_mixed`` and ``graph2/graph_packed``.
+  (``"compiled"``, runners/packed.py), its attention one varlen kernel launch per layer
+  (``dlc.kernels.packed_pool_attention``); ``graph_packed_ops`` = the same forward with the attention part by
+  part in the opaque op (the packed path before the varlen kernel: ``packed_seqs`` switched off for it);
+  ``graph_captured`` = the varlen packed forward captured as a CUDA graph per token bucket and replayed
+  (``"captured"``): ``graph2/graph_*`` and ``graph_packed_ops/graph_captured``.
 
 Variants alternate order every repeat, every variant is warmed (and the graphs captured) before timing, and
 each figure is the median of ``--repeats`` (>= 5) with the spread (min-max); ``same`` is the share of equal
@@ -23,6 +27,8 @@ tokens. The table ends with the ratios (> 1: the mixed forward is faster).
     python3 bench/mixed_iteration.py                     # GPU: llada-8b shape, bf16, mixes 2x768+30x32, ...
                                                          # (Inductor compiles ~2 min of it on an H200)
     python3 bench/mixed_iteration.py --tiny              # CPU smoke run: tiny-llada, fp32, small mixes
+    python3 -P bench/mixed_iteration.py --variants graph2,graph_packed_ops,graph_packed,graph_captured
+                                                         # issue 15 item 2: the captured packed forward
 """
 from __future__ import annotations
 
@@ -106,6 +112,23 @@ def in_mode(graph, mode: str, fn):
     return run
 
 
+def per_part_ops(fn):
+    """``fn`` with the packed forward's attention part by part (``dlc::packed_attention``): the varlen
+    kernel's tables switched off (``runners.packed.packed_seqs`` answers None), as before the kernel."""
+    from dlc.runtime.runners import packed
+
+    def run():
+        keep, packed.packed_seqs = packed.packed_seqs, lambda *a: None
+        try:
+            return fn()
+        finally:
+            packed.packed_seqs = keep
+    return run
+
+
+VARIANTS = ("two", "mixed", "graph2", "graph_mixed", "graph_packed_ops", "graph_packed", "graph_captured")
+
+
 def run_mix(eager, graph, mix: str, args, dev) -> dict:
     from dlc.runtime.kv_cache import KVCacheManager
     from dlc.runtime.step import MixedBatch, run_batch, run_mixed
@@ -119,7 +142,11 @@ def run_mix(eager, graph, mix: str, args, dev) -> dict:
                 # the served GPU path: compiled Refresh + captured Reuse (two calls)
                 "graph2": in_mode(graph, "two", lambda: run_mixed(graph, mixed_batch)),
                 "graph_mixed": in_mode(graph, "eager", lambda: run_mixed(graph, mixed_batch)),
-                "graph_packed": in_mode(graph, "compiled", lambda: run_mixed(graph, mixed_batch))}
+                "graph_packed_ops": per_part_ops(in_mode(graph, "compiled",
+                                                         lambda: run_mixed(graph, mixed_batch))),
+                "graph_packed": in_mode(graph, "compiled", lambda: run_mixed(graph, mixed_batch)),
+                "graph_captured": in_mode(graph, "captured", lambda: run_mixed(graph, mixed_batch))}
+    variants = {k: v for k, v in variants.items() if k in args.variants}
     outs = {k: fn() for k, fn in variants.items()}      # warm-up (compiles, graph capture) + the tokens
     for fn in variants.values():
         fn()
@@ -132,17 +159,18 @@ def run_mix(eager, graph, mix: str, args, dev) -> dict:
     row = {"mix": mix, "tokens": R * L + U * K, **{f"{k}_ms": 1e3 * med[k] for k in names},
            **{f"{k}_spread_ms": [1e3 * min(v), 1e3 * max(v)] for k, v in times.items()}}
     for a, b in RATIOS:
-        if a in med:
+        if a in med and b in med:
             row[f"same_{a}_{b}"] = same_share(outs[a], outs[b])
             row[f"{a}/{b}"] = med[a] / med[b]
-    if "graph_packed" in outs:
-        row["packed_calls"] = graph.stats.get("mixed_packed", 0)
+    row["packed_calls"] = graph.stats.get("mixed_packed", 0)
+    row["captured_calls"] = graph.stats.get("mixed_captured", 0)
     del pool
     return row
 
 
 RATIOS = (("two", "mixed"), ("graph2", "graph_mixed"),    # (two calls, the mixed call that replaces them)
-          ("graph2", "graph_packed"))
+          ("graph2", "graph_packed_ops"), ("graph2", "graph_packed"), ("graph2", "graph_captured"),
+          ("graph_packed_ops", "graph_captured"))
 
 
 def same_share(a, b) -> float:
@@ -174,10 +202,16 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="model shape (default llada-8b; tiny-llada with --tiny)")
     p.add_argument("--mixes", default=None, help=f"comma-separated RxL+UxK (default {GPU_MIXES})")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} [all]")
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-backend", default="eager",
                    help="torch.compile backend of the blocks on CPU (inductor: slow to compile) [eager]")
     args = p.parse_args()
+    args.variants = args.variants.split(",")
+    if set(args.variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; "
+                         f"choose from {','.join(VARIANTS)}")
     if args.repeats < 5:
         raise SystemExit("--repeats must be >= 5 (medians of at least five)")
     dev = torch.device(args.device or ("cpu" if args.tiny else "cuda"))

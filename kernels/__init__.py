@@ -32,6 +32,11 @@ Python API (what compiler passes and runtimes call):
   n_cols=None)`` -> [B, H, T, D]: attention over the serving slot pool's rows read in place, keys
   [0, kv_len[b]) (split-KV for small batches); head-sparse with ``cols`` [B, Hkv, K] / ``n_cols`` [B]: each
   KV head reads only its kept columns ``cols[b, g, :n_cols[b]]``.
+* ``packed_pool_attention(q [1, H, n_pad, D], k, v [1, Hkv, n_pad, D], k_pool, v_pool [N, Hkv, S, D],
+  tiles [n_rows, 4], dst [n_pad, 2])`` -> [1, H, n_pad, D]: a packed mixed forward's attention in one launch
+  per layer: every token's K/V written to its (slot, column) of ``dst``, then every query tile of ``tiles``
+  (a header row with the count, then (first token, end token, slot, n_keys) per tile) over its slot's keys
+  [0, n_keys) (kernels/packed_attn.py).
 * ``kv_write_(k_cache, v_cache, k_new, v_new, start [B], rows=None)``: in place,
   ``cache[rows[b], :, start[b]:start[b]+T] = new[b]`` for K and V (rows=None: row b).
 * ``invariant_matmul(a [M, K] | [Z, M, K], b [K, N] | [Z, K, N], bias=None)`` -> [(Z,) M, N]: a GEMM whose
@@ -49,6 +54,7 @@ from . import cache_write as _kv
 from . import logits as _sl
 from . import attention as _sa
 from . import pool_attn as _pa
+from . import packed_attn as _pk
 from . import matmul as _mm
 from . import reduce as _rd
 from .matmul import invariant_matmul
@@ -66,6 +72,7 @@ REFERENCES = {                     # name -> pure-PyTorch reference (the CPU imp
     "sparse_attention": _sa.sparse_attention_reference,
     "kv_write": _kv.kv_write_reference,
     "pool_attention": _pa.pool_attention_reference,
+    "packed_pool_attention": _pk.packed_attention_reference,
     "invariant_matmul": _mm.matmul_reference,
     "invariant_row_sum": _rd.row_sum_reference,
     "fused_select_extras": _se.select_extras_reference,
@@ -110,6 +117,17 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     return torch.ops.dlc.pool_attention(q, k_pool, v_pool, rows, kv_len, cols, n_cols)
 
 
+def packed_pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor, tiles: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """A packed forward's attention over the slot pool (one launch per layer for every part): the packed
+    tokens' K/V written at ``dst`` [n_pad, 2] (slot, column; slot -1 = padding), then each query tile of
+    ``tiles`` [n_rows, 4] (header (count, 0, 0, 0), then first token, end token, slot, n_keys per tile) over
+    keys [0, n_keys) of its slot -> [1, H, n_pad, D], padding tokens zero (``packed_attn.tile_table`` /
+    ``write_table`` build the tables)."""
+    _pk.validate(q, k, v, k_pool, v_pool, tiles, dst)
+    return torch.ops.dlc.packed_pool_attention(q, k, v, k_pool, v_pool, tiles, dst)
+
+
 def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
               start: torch.Tensor | int, rows: torch.Tensor | None = None) -> None:
     """Write the block's K/V [B, Hkv, T, D] into the caches [N, Hkv, S, D] in place at per-row ``start``."""
@@ -123,4 +141,4 @@ def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
 
 __all__ = ["OPS", "REFERENCES", "HAS_TRITON", "fused_select_logits", "fused_select_extras",
            "fused_shard_stats", "fused_topk_logprobs", "sparse_attention", "select_positions", "kv_write_",
-           "pool_attention", "invariant_matmul"]
+           "pool_attention", "packed_pool_attention", "invariant_matmul"]

@@ -274,6 +274,9 @@ def attend(q, k, v, attn_mask, cache_kv, start, n_heads: int, n_kv: int) -> torc
     if isinstance(cache_kv, RaggedKV):
         return attend_ragged(q, k, v, cache_kv, n_heads, n_kv)
     if isinstance(cache_kv, PackedKV):                  # a packed ragged forward: one opaque op per layer
+        if cache_kv.tiles is not None:                  # the varlen kernel: metadata as tensors
+            from dlc.kernels import packed_pool_attention
+            return packed_pool_attention(q, k, v, cache_kv.k, cache_kv.v, cache_kv.tiles, cache_kv.dst)
         from .packed import packed_attention
         return packed_attention(q, k, v, cache_kv.k, cache_kv.v)
     if cache_kv is not None and cache_kv.score_index is not None:     # head-sparse Refresh: key scores
@@ -383,9 +386,13 @@ def unpack_parts(h: torch.Tensor, parts: list[RaggedPart]) -> list[torch.Tensor]
 
 class PackedKV(NamedTuple):
     """One layer's view of a packed ragged forward (models/packed.py): the pool's K/V [N, Hkv, S, D] of the
-    layer; the part structure travels beside the compiled graph (``packed.PackedPlan``)."""
+    layer; the part structure travels beside the compiled graph (``packed.PackedPlan``), or as tensors: the
+    varlen kernel's tile table [n_tiles, 4] and write table [n_pad, 2] (``dlc.kernels.packed_pool_attention``:
+    one launch per layer, capturable)."""
     k: torch.Tensor
     v: torch.Tensor
+    tiles: torch.Tensor | None = None
+    dst: torch.Tensor | None = None
 
 
 def attend_ragged(q, k, v, plan: RaggedKV, n_heads: int, n_kv: int) -> torch.Tensor:

@@ -22,13 +22,23 @@ compiled blocks switched off (``set_stance("force_eager")``). Here the structure
 
 Dynamo then compiles the packed kind once with static shapes and once more with the token dimension
 symbolic (automatic dynamic shapes), whatever the mixes: tests/runtime/test_compile_buckets.py counts it.
-Head-sparse parts (per-layer kept columns and score rows) are not packed (``packable``)."""
+Head-sparse parts (per-layer kept columns and score rows) are not packed (``packable``).
+
+With ``meta`` (``packed_meta``: the parts' sequences as a tile table and a write table, tensors) the op is
+``dlc::packed_pool_attention`` instead (kernels/packed_attn.py): every token's K/V written into its slot, then
+one varlen launch for every part's queries over their slots' keys. Nothing of the part structure is Python
+then: the forward over static buffers of a token bucket is the same launches for every mix, so the graph
+runner captures it as a CUDA graph per bucket (``mix_iterations="captured"``). The sequences must read
+prefixes of their slots (Refresh keys [0, length), Reuse keys [0, kv_len)): block-causal parts and parts
+without a cache keep the per-part path (the runner decides: runtime/runners/packed.py ``packed_seqs``)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+
+from dlc.kernels.packed_attn import BT_DEFAULT, tile_table, write_table
 
 from .common import KVCache, LayerKV, PackedKV, RaggedKV, RaggedPart, Segment, attend_ragged, \
     key_mask_to_attn_mask, pack_parts, unpack_parts
@@ -61,13 +71,22 @@ class PackedPlan(NamedTuple):
 
 
 class PackedCache:
-    """The ``cache`` of a packed forward: layer i is the pool's layer-i K/V (``PackedKV``)."""
+    """The ``cache`` of a packed forward: layer i is the pool's layer-i K/V (``PackedKV``), with the varlen
+    kernel's tables when ``meta`` = (tiles [n_tiles, 4], dst [n_pad, 2]) is given."""
 
-    def __init__(self, pool: KVCache):
+    def __init__(self, pool: KVCache, meta: tuple | None = None):
         self.pool = pool
+        self.meta = meta or (None, None)
 
     def layer(self, i: int) -> PackedKV:
-        return PackedKV(self.pool.k[i], self.pool.v[i])
+        return PackedKV(self.pool.k[i], self.pool.v[i], *self.meta)
+
+
+def packed_meta(seqs: list, n_pad: int, n_rows: int, device, BT: int = BT_DEFAULT) -> tuple:
+    """The sequences (``packed_attn.PackedSeq``: one per row of a part) as the varlen kernel's tables on
+    ``device``: (tiles [n_rows, 4] (``table_rows``), dst [n_pad, 2]) int64."""
+    return (tile_table(seqs, n_rows, BT).to(device, non_blocking=True),
+            write_table(seqs, n_pad).to(device, non_blocking=True))
 
 
 _PLANS: list[PackedPlan] = []        # the packed forward in flight (its op reads the top)
@@ -129,12 +148,14 @@ def plan_of(parts: list[RaggedPart], n_pad: int) -> PackedPlan:
     return PackedPlan(tuple(out), n)
 
 
-def forward_packed(model, parts: list[RaggedPart], pool: KVCache, n_pad: int) -> list[torch.Tensor]:
+def forward_packed(model, parts: list[RaggedPart], pool: KVCache, n_pad: int,
+                   meta: tuple | None = None) -> list[torch.Tensor]:
     """``model.forward_ragged(parts)`` with every part's tokens packed into one row of ``n_pad`` tokens
     (padding: the mask id at position 0) and each layer's attention through ``dlc::packed_attention`` over
-    ``pool`` (``packable(parts)``) -> each part's hidden states [r, c, d]."""
+    ``pool`` (``packable(parts)``), or with ``meta`` (``packed_meta``) ``dlc::packed_pool_attention`` -> each
+    part's hidden states [r, c, d]."""
     plan = plan_of(parts, n_pad)
     ids, pos, add = pack_parts(parts, model.config.d_model, n_pad - plan.n_real, model.config.mask_id)
     with packed_plan(plan):
-        h = model(ids, pos, None, cache=PackedCache(pool), embed_add=add)              # [1, n_pad, d]
+        h = model(ids, pos, None, cache=PackedCache(pool, meta), embed_add=add)        # [1, n_pad, d]
     return unpack_parts(h[0], parts)

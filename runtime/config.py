@@ -14,7 +14,8 @@ from pathlib import Path
 POLICIES = ("phase", "fcfs", "fcfs-continuous")   # phase-multiplexed batcher; FCFS static batching and
                                                   # iteration-level (continuous) FCFS, the baselines
 TP_ALL_REDUCE = ("auto", "nccl", "symm")  # tensor parallelism's all-reduce (dlc.models.all_reduce.BACKENDS)
-MIX_ITERATIONS = ("two", "eager", "compiled")   # a mixed iteration on the graph runner (runners/packed.py)
+# a mixed iteration on the graph runner (runners/packed.py)
+MIX_ITERATIONS = ("two", "eager", "compiled", "captured")
 GRANULARITY = ("fixed", "elastic")      # fixed block size, or Optimus-style load-driven chunk size
 GEN_DEFAULTS = dict(gen_length=128, block_length=32, steps=128, threshold=None, remasking="low_confidence",
                     kv_cache="dual")
@@ -133,6 +134,9 @@ class ServeConfig:
         if self.mix_iterations == "compiled" and (self.compile is False or self.batch_invariant):
             raise ValueError("serve config: mix_iterations 'compiled' runs the compiled blocks; it needs "
                              "compile (and no batch_invariant)")
+        if self.mix_iterations == "captured" and self.batch_invariant:
+            raise ValueError("serve config: mix_iterations 'captured' packs rows of different requests into "
+                             "one forward; it cannot run with batch_invariant")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed <= 2 ** 63 - 1):
             raise ValueError(f"serve config: seed must be an integer in [0, 2^63 - 1], got {self.seed!r}")

@@ -66,8 +66,9 @@ def _options(f):
                           "phase programs (Inductor at load) [on on CUDA]"),
         click.option("--mix-iterations", default=None, type=click.Choice(MIX_ITERATIONS),
                      help="a mixed iteration (Refresh beside Reuse rows) on the CUDA-graph runner: two "
-                          "calls, one eager ragged forward, or one packed forward through the compiled "
-                          "blocks [two with CUDA graphs, else eager]"),
+                          "calls, one eager ragged forward, one packed forward through the compiled "
+                          "blocks, or that forward captured as a CUDA graph per token bucket (varlen "
+                          "attention) [two with CUDA graphs, else eager]"),
         click.option("--lookahead-steps", default=None, type=int,
                      help="fixed-schedule Reuse steps kept in flight on the device (a sliding window over "
                           "the block) while nothing waits; 1: off [16]"),

@@ -31,8 +31,10 @@ width) and replays it:
   block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
   runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
-  two calls (the default with capture), one eager ragged forward, or one packed forward through the
-  compiled blocks.
+  two calls (the default with capture), one eager ragged forward, one packed forward through the
+  compiled blocks, or (``captured``) that packed forward with the varlen pool attention kernel captured as a
+  CUDA graph per token bucket (``_packed_graph``: static ids, positions, embedding adds and the kernel's
+  tile / write tables; the decoding runs after the replay, as the eager steps decode).
 
 Attention: with ``pool_attention`` (the CUDA default) each layer attends inside the slot pool through
 ``dlc.kernels.pool_attention`` (pool rows by index, keys ``[0, kv_len)``; split-KV at small batch) instead of
@@ -64,7 +66,9 @@ import torch
 
 from dlc.kernels.logits import decode_rows
 from dlc.kernels.sampling import candidates_cover, decode_rows_ext
-from dlc.models.common import KVCache, fuse_projections_
+from dlc.kernels.packed_attn import table_rows, tile_table, write_table
+from dlc.models.common import KVCache, fuse_projections_, pack_parts, unpack_parts
+from dlc.models.packed import PackedCache, packable
 
 from dlc.models.sparse_heads import kept_counts
 
@@ -73,7 +77,7 @@ from ..step import MixedBatch, StepBatch, take_rows
 from ..step_output import StepOutput
 from .ahead import AheadRun, decoded_cols, resume, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner, embed_add
-from .packed import MIX_ITERATIONS, TOKEN_BUCKETS, run_packed, token_bucket
+from .packed import MIX_ITERATIONS, TOKEN_BUCKETS, packed_seqs, run_packed, token_bucket
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 LOGPROB_BUCKETS = (0, 1, 2, 5, 10, MAX_LOGPROBS)   # top alternatives a variant returns (rows take their k)
@@ -90,6 +94,20 @@ class ExtrasKey(NamedTuple):
     filtered: str | bool   # over the sweep's candidates: "filtered" / "mixed" (sampling.candidates_cover),
                            # False: no filters
     smooth_k: int = 0      # truncated smoothing: the soft embedding over each row's top k (0: all tokens)
+
+
+@dataclass
+class _PackedGraph:
+    """Static buffers of one captured packed mixed forward (a token bucket of ``n_pad`` tokens): inputs and
+    the varlen kernel's tables (``packed_attn.tile_table`` / ``write_table``), output h [1, n_pad, d]."""
+    ids: torch.Tensor           # [1, n_pad] packed tokens (padding: the mask id)
+    pos: torch.Tensor           # [1, n_pad] their positions
+    add: torch.Tensor           # [1, n_pad, d] embedding adds (zero where a part adds none)
+    tiles: torch.Tensor         # [n_rows, 4] int64: header (entries used), then (first, end, slot, keys)
+    dst: torch.Tensor           # [n_pad, 2] int64 (slot, column) each token's K/V goes to; -1 padding
+    h: torch.Tensor | None = None
+    graph: object = None
+    adds: bool = False          # ``add`` holds a part's adds (zeroed before a call without)
 
 
 @dataclass
@@ -147,6 +165,7 @@ class GraphRunner(EagerRunner):
         self.max_width = max_width
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.packed_graphs: dict[int, _PackedGraph] = {}       # token bucket -> captured packed forward
         self._ahead: AheadRun | None = None     # the latest run of steps ahead (continue_ahead goes on)
         self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
                       "ahead_calls": 0, "ahead_continued": 0,
@@ -166,7 +185,8 @@ class GraphRunner(EagerRunner):
         bench/RESULTS.md), else ``eager``. ``compiled`` (one packed forward through the compiled blocks)
         is opt-in: on an H200 it was 0.92x / 0.48x / 0.92x the two calls at 2x768+30x32 / 1x768+7x32 /
         4x768+60x32 (bench/mixed_iteration.py ``graph2/graph_packed``, bench/RESULTS.md: each part's
-        attention launched per layer outside any graph)."""
+        attention launched per layer outside any graph). ``captured`` (compiled blocks or not): the packed
+        forward with the varlen attention kernel, captured per token bucket (not measured yet)."""
         mode = mode or ("two" if self.capture else "eager")
         if mode not in MIX_ITERATIONS:
             raise ValueError(f"graph runner: mix_iterations must be one of {MIX_ITERATIONS}, got {mode!r}")
@@ -208,6 +228,7 @@ class GraphRunner(EagerRunner):
         """Drop every captured graph and their memory pool (a fresh pool next time: reusing one whose graphs
         died trips the caching allocator's use_count assert, torch 2.11)."""
         self.graphs.clear()
+        self.packed_graphs.clear()
         self._mempool = None
         self._ahead = None
 
@@ -588,13 +609,14 @@ class GraphRunner(EagerRunner):
         """A mixed iteration as one forward, its Reuse rows attending inside the bound pool
         (``pool_attention``: keys [0, length), no gather), decoded as the graphs decode (``decode_parts``):
         ``mix_iterations`` ``compiled``: one packed forward through the compiled blocks (``run_packed``;
-        ``stats["mixed_packed"]``), else (or for parts it cannot pack) one eager ragged forward
+        ``stats["mixed_packed"]``), ``captured``: that forward replayed as a CUDA graph (``_packed``), else
+        (or for parts it cannot pack) one eager ragged forward
         (``EagerRunner.mixed``; compiled blocks run eagerly there)."""
         self.stats["mixed"] = self.stats.get("mixed", 0) + 1
         if self.pool_attention and self.pool is not None:
             batch = MixedBatch(tuple(self._in_pool(b) for b in batch.parts))
-        if self.mix_iterations == "compiled":
-            out = run_packed(self, batch, self.token_buckets)
+        if self.mix_iterations in ("compiled", "captured"):
+            out = self._packed(batch)
             if out is not None:
                 self.stats["mixed_packed"] = self.stats.get("mixed_packed", 0) + 1
                 return out
@@ -602,6 +624,88 @@ class GraphRunner(EagerRunner):
             return super().mixed(batch)
         with torch.compiler.set_stance("force_eager"):      # compiled blocks: no recompile per ragged shape
             return super().mixed(batch)
+
+    @property
+    def max_packed_rows(self) -> int:
+        """Rows (sequences) a captured packed forward's tile table holds: guidance doubles a batch's rows."""
+        return 2 * self.buckets[-1]
+
+    def _packed(self, batch: MixedBatch) -> list | None:
+        """A packed mixed iteration: ``captured``, the bucket's captured forward (``_packed_graph``) when
+        every part reads the bound pool through the varlen kernel (``packed_seqs``) and the rows fit its
+        tables, else (and for ``compiled``) the uncaptured packed forward (``run_packed``); None: not
+        packable."""
+        if self.mix_iterations != "captured" or self.pool is None:
+            return run_packed(self, batch, self.token_buckets, self.max_packed_rows)
+        parts = [self.inputs(b) for b in batch.parts]
+        pool = packable(parts)
+        seqs = None if pool is None else packed_seqs(batch.parts, parts)
+        if seqs is None or len(seqs) > self.max_packed_rows \
+                or pool.k[0].untyped_storage().data_ptr() != self.pool.k[0].untyped_storage().data_ptr():
+            return run_packed(self, batch, self.token_buckets, self.max_packed_rows)
+        n = sum(p.ids.numel() for p in parts)
+        g = self._packed_graph(token_bucket(n, self.token_buckets))
+        with self._host_seconds("host_s"):
+            self._stage_packed(g, parts, seqs, n)
+            if g.graph is not None:
+                g.graph.replay()
+                h = g.h
+            else:                                                   # no capture (CPU): the same forward
+                h = self._packed_step(g)
+        self.stats["mixed_captured"] = self.stats.get("mixed_captured", 0) + 1
+        hs = unpack_parts(h[0], parts)                                             # [r_i, c_i, d]
+        return self.decode_parts([self.decoded_rows(x, b) for x, b in zip(hs, batch.parts)], batch.parts)
+
+    def _stage_packed(self, g: _PackedGraph, parts, seqs, n: int) -> None:
+        """The mix's packed inputs and tables into the bucket's static buffers."""
+        n_pad = g.ids.shape[1]
+        ids, pos, add = pack_parts(parts, self.config.d_model, n_pad - n, self.config.mask_id)
+        g.ids.copy_(ids)
+        g.pos.copy_(pos)
+        if add is not None:
+            g.add.copy_(add)
+        elif g.adds:
+            g.add.zero_()
+        g.adds = add is not None
+        g.tiles.copy_(tile_table(seqs, g.tiles.shape[0]))
+        g.dst.copy_(write_table(seqs, n_pad))
+
+    @torch.no_grad()
+    def _packed_step(self, g: _PackedGraph) -> torch.Tensor:
+        """The captured computation: static packed inputs -> h [1, n_pad, d] (K/V written into the pool)."""
+        cache = PackedCache(self.pool, (g.tiles, g.dst))
+        return self.model(g.ids, g.pos, None, cache=cache, embed_add=g.add)
+
+    def _packed_graph(self, n_pad: int) -> _PackedGraph:
+        """The token bucket's static buffers, captured on first use (warm-up runs have empty tables: they
+        write no K/V and attend nowhere)."""
+        if n_pad in self.packed_graphs:
+            return self.packed_graphs[n_pad]
+        t0 = time.perf_counter()
+        dev = self.device
+        g = _PackedGraph(ids=torch.full((1, n_pad), self.config.mask_id, dtype=torch.long, device=dev),
+                         pos=torch.zeros(1, n_pad, dtype=torch.long, device=dev),
+                         add=torch.zeros(1, n_pad, self.config.d_model, dtype=self.dtype, device=dev),
+                         tiles=torch.zeros(table_rows(n_pad, self.max_packed_rows), 4, dtype=torch.long,
+                                           device=dev),
+                         dst=torch.full((n_pad, 2), -1, dtype=torch.long, device=dev))
+        if self.capture:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):                                   # warm-up (compile, cuBLAS handles)
+                    self._packed_step(g)
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            g.graph = torch.cuda.CUDAGraph()
+            if self._mempool is None:
+                self._mempool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(g.graph, pool=self._mempool):
+                g.h = self._packed_step(g)
+            self.stats["captures"] += 1
+        self.packed_graphs[n_pad] = g
+        self.stats["capture_s"] += time.perf_counter() - t0
+        return g
 
     def decode_parts(self, rows: list[torch.Tensor], parts) -> list:
         """One fused pass when every part decodes as the graphs do (``_fuses``); else the eager runner's."""
@@ -627,6 +731,8 @@ class GraphRunner(EagerRunner):
                     break
         if self.compiled and widths:
             self._warm_eager(widths[0][1])
+        elif self.mix_iterations == "captured" and widths:       # capture the first token buckets' forwards
+            self._warm_packed(widths[0][1])
 
     @torch.no_grad()
     def _warm_eager(self, blk: int) -> None:
@@ -651,13 +757,16 @@ class GraphRunner(EagerRunner):
                 batch = build_batch(self, "refresh", [seqs[0], seqs[1][:-1]], [p] * B, [p] * B, n, None,
                                     [(self.scratch,)] * B, self.pool, block_size=blk if blocks else 0)
                 EagerRunner.refresh(self, batch)
-        if self.mix_iterations == "compiled":
+        if self.mix_iterations in ("compiled", "captured"):
             self._warm_packed(blk)
 
     @torch.no_grad()
     def _warm_packed(self, blk: int) -> None:
         """The packed mixed forward compiles at its first two token buckets (static shapes, then the token
-        dimension symbolic): run a full part beside a Reuse row over the scratch slot at two buckets."""
+        dimension symbolic): run a full part beside a Reuse row (the per-part op's forward: parts without a
+        cache) and a Refresh part beside it (the varlen kernel's forward; not for block diffusion models,
+        whose parts attend block-causally) over the scratch slot at two buckets; ``captured`` captures the
+        varlen forward's buckets."""
         from ..step import MixedBatch, build_batch
         mc = self.config
         W = min(2 * blk + 8, self.pool.s_max)
@@ -668,9 +777,13 @@ class GraphRunner(EagerRunner):
         seq = torch.full((W,), mc.mask_id, dtype=torch.long)
         first = token_bucket(W + n, self.token_buckets)
         for rows in (1, -(-(first + 1 - n) // W)):                   # the second total in a larger bucket
-            full = build_batch(self, "full", [seq] * rows, [p] * rows, [p] * rows, n, block_size=bs)
+            firsts = [build_batch(self, "full", [seq] * rows, [p] * rows, [p] * rows, n, block_size=bs)]
+            if not bs:
+                firsts.append(build_batch(self, "refresh", [seq] * rows, [p] * rows, [p] * rows, n, None,
+                                          [(self.scratch,)] * rows, self.pool))
             reuse = build_batch(self, "reuse", [seq], [p], [p], n, [(p, W)], [(self.scratch,)], self.pool,
                                 block_size=bs)
             if self.pool_attention:
                 reuse = self._in_pool(reuse)
-            run_packed(self, MixedBatch((full, reuse)), self.token_buckets)
+            for first in firsts:
+                self._packed(MixedBatch((first, reuse)))

@@ -104,11 +104,12 @@ def test_mixed_traffic_through_compiled_blocks_never_fails():
     assert gr.stats["replays"] > 0 and gr.stats["eager_reuse"] > 0
 
 
-@pytest.mark.parametrize("mix_iterations", [None, "compiled"])
+@pytest.mark.parametrize("mix_iterations", [None, "compiled", "captured"])
 def test_warmup_compiles_what_serving_runs(mix_iterations):
     """After the engine's warm-up, greedy traffic (Refresh and full forwards at new widths and batch sizes,
-    Reuse replays; with ``compiled`` mixed iterations, packed forwards at new token buckets) compiles nothing
-    more: no request stalls on a compilation."""
+    Reuse replays; with ``compiled`` / ``captured`` mixed iterations, packed forwards at new token buckets,
+    through the per-part op and the varlen kernel's tables) compiles nothing more: no request stalls on a
+    compilation."""
     gr, eng = _compiled_engine(mix_iterations)
     eng.warmup()
     warm = counters["stats"]["unique_graphs"]

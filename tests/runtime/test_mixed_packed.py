@@ -1,6 +1,8 @@
 """The CUDA-graph runner's compiled mixed iteration (``mix_iterations="compiled"``, runners/packed.py,
 models/packed.py): Refresh rows and Reuse rows packed into one row padded to a token bucket, run through the
-compiled blocks with one opaque attention op per layer. On CPU without capture, fp32, against the eager two
+compiled blocks with one attention op per layer (the varlen pool kernel's reference on CPU, the per-part op
+for block-causal SDAR); ``captured``: the same forward over a token bucket's static buffers (a CUDA graph on
+the GPU; run directly on CPU). On CPU without capture, fp32, against the eager two
 calls (the compiled blocks switched off: ``set_stance("force_eager")``): tokens identical, confidences and
 the pool's K/V within RTOL / ATOL (Inductor and larger GEMMs round differently, not bit for bit).
 
@@ -92,9 +94,11 @@ def test_packed_mixed_equals_two_calls(runners, name):
         before = pa.k_all.clone()
         ref = two_calls(graph, mix(graph, pa, lens, n_reuse, cache, seed=i))
         graph.bind_pool(pb)
-        n0 = graph.stats.get("mixed_packed", 0)
+        n0, v0 = graph.stats.get("mixed_packed", 0), graph.stats.get("mixed_varlen", 0)
         got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, lens, n_reuse, cache, seed=i))))
         assert graph.stats["mixed_packed"] == n0 + 1                            # the packed path ran
+        varlen = not graph.config.block_diffusion            # block-causal parts: the per-part op
+        assert graph.stats.get("mixed_varlen", 0) == v0 + varlen                # the varlen kernel's tables
         for r, m in zip(ref, got):
             assert torch.equal(m.x0, r.x0), (lens, n_reuse, cache)
             torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
@@ -154,7 +158,10 @@ def test_mix_iterations_is_one_declared_decision():
     assert Engine(sess, cfg).runner.mix_iterations == "compiled"
     with pytest.raises(ValueError, match="mix_iterations"):
         Engine(sess, ServeConfig(mix_iterations="eager", cuda_graphs=False))
-    for bad in (dict(mix_iterations="one"), dict(mix_iterations="compiled", compile=False)):
+    cfg = build_config("tiny-llada", None, mix_iterations="captured", cuda_graphs=True)
+    assert Engine(sess, cfg).runner.mix_iterations == "captured"
+    for bad in (dict(mix_iterations="one"), dict(mix_iterations="compiled", compile=False),
+                dict(mix_iterations="captured", batch_invariant=True)):
         with pytest.raises(ValueError, match="mix_iterations"):
             ServeConfig(**bad)
     assert GraphRunner(model, capture=False).mix_iterations == "eager"
@@ -163,6 +170,70 @@ def test_mix_iterations_is_one_declared_decision():
         GraphRunner(model, capture=False, mix_iterations="compiled")
     with pytest.raises(ValueError, match="mix_iterations"):
         GraphRunner(model, capture=False, mix_iterations="one")
+
+
+def captured_runner(runners, name):
+    """A GraphRunner with ``mix_iterations="captured"`` and eager blocks (on CPU: the captured forward's
+    static buffers, run without a graph)."""
+    if (name, "captured") not in runners:
+        model = open_model(name, progress=False).runner.model
+        runners[name, "captured"] = GraphRunner(model, capture=False, decode="exact", pool_attention=True,
+                                                mix_iterations="captured")
+    return runners[name, "captured"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+def test_captured_mixed_equals_two_calls(runners, name):
+    """Every mix (1-3 Refresh rows of different lengths, Reuse rows at different columns and key counts, dual
+    and prefix caches) through a token bucket's static buffers and the varlen kernel's tables: the two
+    calls' tokens, confidences and pool K/V; mixes of one bucket reuse its buffers (stale tables of a
+    previous mix would attend the wrong keys)."""
+    graph = captured_runner(runners, name)
+    for i, (lens, n_reuse, cache) in enumerate(MIXES):
+        pa, pb = pools(graph)
+        ref = two_calls(graph, mix(graph, pa, lens, n_reuse, cache, seed=i))
+        graph.bind_pool(pb)
+        got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, lens, n_reuse, cache, seed=i))))
+        for r, m in zip(ref, got):
+            assert torch.equal(m.x0, r.x0), (lens, n_reuse, cache)
+            torch.testing.assert_close(m.conf, r.conf, rtol=RTOL, atol=ATOL)
+        assert len(set(torch.cat([r.x0.flatten() for r in ref]).tolist())) > 3   # decisive: tokens vary
+        torch.testing.assert_close(pb.k_all, pa.k_all, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(pb.v_all, pa.v_all, rtol=RTOL, atol=ATOL)
+        assert graph.stats["mixed_captured"] == i + 1                            # the captured path ran
+    pa, pb = pools(graph)                              # two mixes in one bucket, one pool: buffers reused
+    graph.bind_pool(pb)                                # (bind_pool drops a previous pool's buffers)
+    for i, (lens, n_reuse) in enumerate((((9, 4), 5), ((21,), 5))):             # 106, 85 -> 128
+        ref = two_calls(graph, mix(graph, pa, lens, n_reuse, "dual", seed=10 + i))
+        got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, lens, n_reuse, "dual", seed=10 + i))))
+        assert all(torch.equal(m.x0, r.x0) for r, m in zip(ref, got))
+    assert len(graph.packed_graphs) == 1 and graph.stats["mixed_captured"] == len(MIXES) + 2
+
+
+def test_captured_warmup_prepares_token_buckets(runners):
+    """The runner's warm-up (no compiled blocks) prepares the first token buckets' packed forwards (captured
+    on CUDA) and leaves the pool's unused slots untouched but for the scratch slot."""
+    graph = captured_runner(runners, "tiny-llada")
+    pa, pb = pools(graph)
+    graph.bind_pool(pb)
+    before = pb.k_all.clone()
+    graph.warmup([(8, 8)], 2)
+    assert len(graph.packed_graphs) == 2
+    others = torch.ones(pb.k_all.shape[1], dtype=torch.bool)
+    others[graph.scratch] = False
+    assert torch.equal(pb.k_all[:, others], before[:, others])
+
+
+def test_captured_falls_back_where_it_cannot_take_the_mix(runners):
+    """Block-causal parts (SDAR) cannot use the varlen tables: the uncaptured packed forward runs them."""
+    graph = captured_runner(runners, "tiny-sdar")
+    pa, pb = pools(graph)
+    ref = two_calls(graph, mix(graph, pa, (9, 4), 3))
+    graph.bind_pool(pb)
+    got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, (9, 4), 3))))
+    assert graph.stats["mixed_packed"] == 1 and "mixed_captured" not in graph.stats
+    for r, m in zip(ref, got):
+        assert torch.equal(m.x0, r.x0)
 
 
 @pytest.mark.slow
@@ -203,26 +274,52 @@ def test_packed_mixed_on_cuda():
 
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_mixed_on_cuda(compile):
+    """On the GPU (fp32, Triton varlen kernel, fused decoding): the packed mixed forward captured per token
+    bucket and replayed, against the eager two calls, with and without Inductor blocks."""
+    model = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False).runner.model
+    graph = GraphRunner(model, compile=compile, mix_iterations="captured")
+    for i, (lens, n_reuse, cache) in enumerate(MIXES):
+        pa, pb = pools(graph)
+        ref = two_calls(graph, mix(graph, pa, lens, n_reuse, cache, seed=i))
+        graph.bind_pool(pb)
+        got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, lens, n_reuse, cache, seed=i))))
+        same = sum(int((m.x0 == r.x0).sum()) for r, m in zip(ref, got)) / sum(r.x0.numel() for r in ref)
+        assert same >= 0.95
+        for r, m in zip(ref, got):
+            torch.testing.assert_close(m.conf, r.conf, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(pb.k_all, pa.k_all, rtol=1e-3, atol=1e-3)
+        assert all(g.graph is not None for g in graph.packed_graphs.values())     # replayed graphs
+    assert graph.stats["mixed_captured"] == len(MIXES)
+
+
 @pytest.mark.slow
-def test_engine_outputs_through_packed_mixed_iterations():
+@pytest.mark.parametrize("mode", ["compiled", "captured"])
+def test_engine_outputs_through_packed_mixed_iterations(mode):
     """The Engine over a GraphRunner with ``mix_iterations="compiled"`` (Dynamo's eager backend: the packed
-    forward's numerics are the eager kernels'): its mixed iterations run packed, and every request (dual,
-    prefix and no cache; T = 0 and seeded T > 0; different arrival iterations) gets ``generate``'s tokens on
-    an uncompiled model. Slow (~60 s on 2 shared cores): Dynamo traces every shape the engine runs."""
+    forward's numerics are the eager kernels') or ``"captured"`` (eager blocks, the static-buffer forward):
+    its mixed iterations run packed, and every request (dual, prefix and no cache; T = 0 and seeded T > 0;
+    different arrival iterations) gets ``generate``'s tokens on an uncompiled model. Slow (~60 s on 2 shared
+    cores): Dynamo traces every shape the engine runs."""
     from test_mixed_forward import _drive, _reference, _workload
 
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.session import Session
     sess = open_model("tiny-llada", progress=False)
-    gr = GraphRunner(sess.runner.model, capture=False, decode="exact", pool_attention=True, compile="eager",
-                     mix_iterations="compiled")
+    gr = GraphRunner(sess.runner.model, capture=False, decode="exact", pool_attention=True,
+                     compile="eager" if mode == "compiled" else False, mix_iterations=mode)
     eng = Engine(Session(gr, sess.tokenizer, sess.config, sess.chat, sess.source),
                  ServeConfig(max_seq_len=S_MAX, kv_cache_mb=16, max_num_tokens=160, refresh_share=0.4))
     specs = _workload()
     reqs = [eng.make_request(p, params) for p, params in specs]
     _drive(eng, reqs)
     assert gr.stats["mixed_packed"] >= 5 and eng.metrics.counter("mixed_iterations_total") >= 5
+    if mode == "captured":        # every mix the varlen tables could take was replayed (the rest: no-cache
+        assert gr.stats["mixed_captured"] >= 1 and "mixed_varlen" not in gr.stats      # parts, per-part op)
     outs = [r.output_ids for r in reqs]
     assert len({tuple(o) for o in outs}) == len(outs)                              # outputs vary
     ref = open_model("tiny-llada", progress=False)
