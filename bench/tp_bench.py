@@ -43,7 +43,7 @@ to TP=1 and to the ``nccl`` side. Without it, one TP side with the default backe
         --gen 32 --agree-preset none                                        # CPU smoke (graphs uncaptured)
 
 ``--overlap-ab N`` times only the served path at B=``--batch`` (the issue's target metric), TP=1 and the TP
-group with its two-micro-batch overlap on (``--overlap-tokens``, default dlc.models.overlap.MIN_TOKENS) and
+group with its two-micro-batch overlap on (``--overlap-tokens``, default dlc.models.overlap.TRY_TOKENS) and
 off
 (threshold 0, switched on every rank by ``step_times(overlap_tokens=...)``: graphs captured again, then warmed
 by ``served_throughput``'s warm set), N rounds alternating the order of the three sides; prints the medians,
@@ -402,12 +402,12 @@ def main() -> None:
                     help="only the served B=--batch path: TP=1, TP=N overlap on / off, N alternating rounds")
     ap.add_argument("--overlap-tokens", type=int, default=None,
                     help="the TP group's two-micro-batch threshold (tp_overlap_tokens; default: the "
-                         "library's)")
+                         "library's, or TRY_TOKENS where the library's is off)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.overlap_tokens is None:
-        from dlc.models.overlap import MIN_TOKENS
-        args.overlap_tokens = MIN_TOKENS
+        from dlc.models.overlap import MIN_TOKENS, TRY_TOKENS
+        args.overlap_tokens = MIN_TOKENS or TRY_TOKENS
     if args.quick:
         args.gen, args.rounds, args.reps = min(args.gen, 128), 3, 20
 

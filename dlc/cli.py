@@ -81,7 +81,7 @@ def _fail(msg: str):
 @click.option("--tp-overlap-tokens", "tp_overlap_tokens", default=None, type=int,
               help="tensor parallel: a step feeding at least this many tokens runs as two halves whose "
                    "all-reduces overlap the other half's compute (0: off) [dlc.models.overlap.MIN_TOKENS: "
-                   "1024]")
+                   "0, off: 0.96x on 2 x H200]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def generate(model, prompt, gen_length, block_length, steps, temperature, remasking, threshold, factor,
              low_threshold, entropy_bound, credit, smoothing, smoothing_top_k, top_k, top_p, min_p, logprobs,

@@ -32,10 +32,12 @@ import torch.nn as nn
 from .all_reduce import AllReduce
 from .common import KVCache
 
-# Default of ``tp_overlap_tokens``: split when the step feeds at least this many tokens. Each half must stay
-# compute-bound, or splitting doubles the weight reads for nothing: a bf16 GEMM on an H200 turns compute-bound
-# above ~200 rows (989 TFLOP/s over 4.8 TB/s); 1024 tokens (B = 32 x block 32) gives halves of 512.
-MIN_TOKENS = 1024
+# Default of ``tp_overlap_tokens``: split when the step feeds at least this many tokens; 0: off. Off, because
+# it lost where measured: on 2 x H200 (LLaDA-8B shape, bf16, compiled + captured ranks, served B = 32) the
+# split at 1024 tokens (halves of 512 rows, each compute-bound) ran 0.96x the unsplit step (bench/RESULTS.md,
+# `bench/tp_bench.py --overlap-ab`). TRY_TOKENS is the threshold the bench tries.
+MIN_TOKENS = 0
+TRY_TOKENS = 1024
 
 
 class TwoBatchOverlap:

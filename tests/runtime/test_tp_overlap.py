@@ -130,7 +130,7 @@ def test_threshold_is_validated_and_a_serve_flag():
         check_min_tokens(-1)
     with pytest.raises(ValueError, match="tp_overlap_tokens"):
         ServeConfig(tp_overlap_tokens=True)
-    assert ServeConfig().tp_overlap_tokens is None and MIN_TOKENS == 1024     # None: the library's default
+    assert ServeConfig().tp_overlap_tokens is None and MIN_TOKENS == 0     # None: the library's default
     assert build_config("tiny-llada", None, tp_overlap_tokens=0).tp_overlap_tokens == 0
     opts = {o: p.name for p in serve_command.params if isinstance(p, click.Option) for o in p.opts}
     assert opts["--tp-overlap-tokens"] == "tp_overlap_tokens"
