@@ -865,9 +865,11 @@ class DecodeState:
             self.soft = out.soft[j]                  # a view of the step's host output (never written)
             self.soft_w = min(SMOOTH_W0 + SMOOTH_DW * self.iters, SMOOTH_W)
         if self.token_logprobs is not None:
-            k = g.logprobs
+            k, n = g.logprobs, len(self.token_logprobs)
             for col, lp, ids, lps in sel_rows.get(j, ()):
-                self.token_logprobs[self.bs - self.P + col] = (lp, ids[:k], lps[:k]) if k else (lp, [], [])
+                i = self.bs - self.P + col
+                if i < n:                            # block canvases: the overhang past gen_length is dropped
+                    self.token_logprobs[i] = (lp, ids[:k], lps[:k]) if k else (lp, [], [])
 
     def _masked(self) -> torch.Tensor:
         """[K] bool: the current block's positions still masked."""

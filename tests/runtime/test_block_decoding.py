@@ -306,6 +306,24 @@ def test_block_alignment_prompt_tail_shares_the_first_block(model):
     assert st.sched.tolist() == [2, 2]                          # whole-block schedule, not rescaled
 
 
+def test_logprobs_over_a_canvas_rounded_past_gen_length(model):
+    """Block decoders with logprobs where the canvas overhangs gen_length (prompts of 5 and 7 tokens, block 4,
+    gen 10: canvases of 16 and 20 columns): the same tokens as without logprobs, and every generated token
+    has the logprob of the step that unmasked it, equal to its own top-1 alternative at T = 0. (The overhang's
+    columns, decoded and dropped, used to raise IndexError.)"""
+    from dlc.runtime.runners.eager import EagerRunner
+    runner = EagerRunner(model)
+    prompts = [[5, 9, 14, 3, 8], [7, 1, 2, 60, 33, 21, 4]]
+    cfg = GenerationConfig(gen_length=10, block_length=4, steps_per_block=2)
+    plain = generate(runner, prompts, cfg)
+    got = generate(runner, prompts, dataclasses.replace(cfg, logprobs=2))
+    assert got.token_ids == plain.token_ids
+    for toks, rec in zip(got.token_ids, got.logprobs):
+        assert len(rec) == 10 and toks
+        for t, (lp, ids, lps) in zip(toks, rec):
+            assert lp <= 0 and ids[0] == t and abs(lp - lps[0]) < 1e-6
+
+
 def test_block_cache_restart_equals_uninterrupted(model):
     """Preemption rewinds the block and forgets the slot's K/V (kv_upto 0): same output."""
     from dlc.runtime.kv_cache import KVCacheManager
