@@ -186,7 +186,8 @@ class GraphRunner(EagerRunner):
         is opt-in: on an H200 it was 0.92x / 0.48x / 0.92x the two calls at 2x768+30x32 / 1x768+7x32 /
         4x768+60x32 (bench/mixed_iteration.py ``graph2/graph_packed``, bench/RESULTS.md: each part's
         attention launched per layer outside any graph). ``captured`` (compiled blocks or not): the packed
-        forward with the varlen attention kernel, captured per token bucket (not measured yet)."""
+        forward with the varlen attention kernel, captured per token bucket: 1.00x / 1.03x / 0.96x the two
+        calls at the same mixes (H200, bench/RESULTS.md: parity, so two calls stay the default)."""
         mode = mode or ("two" if self.capture else "eager")
         if mode not in MIX_ITERATIONS:
             raise ValueError(f"graph runner: mix_iterations must be one of {MIX_ITERATIONS}, got {mode!r}")
