@@ -96,6 +96,26 @@ class ExtrasKey(NamedTuple):
     smooth_k: int = 0      # truncated smoothing: the soft embedding over each row's top k (0: all tokens)
 
 
+def capture_graph(step, mempool) -> tuple:
+    """``step()`` run twice on a side stream (warm-up: compiles, lazy inits, cuBLAS workspaces), then captured
+    as a CUDA graph into ``mempool`` (created when None: a runner's graphs share one pool, as they replay one
+    at a time with their outputs copied out) -> (graph, the captured call's outputs, the pool, the
+    perf_counter when the warm-up ended)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    warmed = time.perf_counter()
+    graph = torch.cuda.CUDAGraph()
+    mempool = torch.cuda.graph_pool_handle() if mempool is None else mempool
+    with torch.cuda.graph(graph, pool=mempool):
+        out = step()
+    return graph, out, mempool, warmed
+
+
 @dataclass
 class _PackedGraph:
     """Static buffers of one captured packed mixed forward (a token bucket of ``n_pad`` tokens): inputs and
@@ -327,20 +347,8 @@ class GraphRunner(EagerRunner):
             mc = self.config
             g.keep = torch.arange(self.kept_max(T), device=dev).repeat(mc.n_layers, bb, mc.n_kv_heads, 1)
         if self.capture:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):                                   # warm-up (compile, cuBLAS handles)
-                    self._step(g)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            self.stats["warm_s"] += time.perf_counter() - t0
-            g.graph = torch.cuda.CUDAGraph()
-            if self._mempool is None:                                # one memory pool for every graph: they
-                self._mempool = torch.cuda.graph_pool_handle()       # replay one at a time,
-                                                                     # outputs copied out
-            with torch.cuda.graph(g.graph, pool=self._mempool):
-                g.tok, g.conf, g.extras = self._split(self._step(g))
+            g.graph, res = self._capture(lambda: self._step(g), t0)
+            g.tok, g.conf, g.extras = self._split(res)
         else:                       # no capture (CPU): one run, so warm-up still compiles every bucket
             self._step(g)           # (padding rows: the scratch slot only)
             self.stats["warm_s"] += time.perf_counter() - t0
@@ -348,6 +356,13 @@ class GraphRunner(EagerRunner):
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - t0
         return g
+
+    def _capture(self, step, t0: float) -> tuple:
+        """``capture_graph`` into the runner's one memory pool; the warm-up's seconds since ``t0`` go to
+        ``stats["warm_s"]`` -> (the CUDA graph, the captured call's outputs)."""
+        graph, out, self._mempool, warmed = capture_graph(step, self._mempool)
+        self.stats["warm_s"] += warmed - t0
+        return graph, out
 
     @staticmethod
     def _split(res):
@@ -691,18 +706,7 @@ class GraphRunner(EagerRunner):
                                            device=dev),
                          dst=torch.full((n_pad, 2), -1, dtype=torch.long, device=dev))
         if self.capture:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):                                   # warm-up (compile, cuBLAS handles)
-                    self._packed_step(g)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            g.graph = torch.cuda.CUDAGraph()
-            if self._mempool is None:
-                self._mempool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(g.graph, pool=self._mempool):
-                g.h = self._packed_step(g)
+            g.graph, g.h = self._capture(lambda: self._packed_step(g), t0)
             self.stats["captures"] += 1
         self.packed_graphs[n_pad] = g
         self.stats["capture_s"] += time.perf_counter() - t0

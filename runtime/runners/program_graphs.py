@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .ahead import AheadRun, resume, run_ahead
-from .graph import BUCKETS                  # the batch buckets every captured runner shares
+from .graph import BUCKETS, capture_graph   # the batch buckets every captured runner shares
 BATCHED = ("q_ids", "q_pos", "q_start", "key_mask", "rows", "out_index", "cond_rows", "un_rows", "seeds",
            "credit_ids", "credit_vals", "credit_alpha", "embed_delta")
 # (credit, smoothing's embed_delta: neutral zeros in padding rows)
@@ -251,17 +251,7 @@ class ProgramGraphs:
             cap = self.graphs[key] = _Captured(static, [], None)
             self.stats["captures"] += 1
             return cap
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):                                   # warm-up: lazy inits, cuBLAS workspaces
-                self.call(static)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            outs = self.call(static)
+        graph, outs, self._mempool, _ = capture_graph(lambda: self.call(static), self._mempool)
         cap = _Captured(static, outs, graph)
         self.graphs[key] = cap
         self.stats["captures"] += 1
