@@ -1,4 +1,4 @@
-"""Triton kernels under TRITON_INTERPRET=1 on CPU (skipped where Triton does not import)."""
+"""Triton kernels under TRITON_INTERPRET=1 on CPU (skipped where Triton is missing or older than 3.9)."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# triton 3.6's interpreter (a CUDA torch 2.11's pin) fails these kernels' loops over loaded bounds ("only
+# 0-dimensional arrays can be converted"); 3.9's runs them (the GPU tests run the compiled kernels on 3.6)
+pytest.importorskip("triton", minversion="3.9")
 
 
 @pytest.mark.slow
