@@ -217,7 +217,7 @@ class ShardGraphRunner(GraphRunner):
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
         if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
-            if self.decoding == "fused" and not ex.sampled:                 # one GPU's fused route, per shard
+            if self.decoding == "fused" and not ex.sampled:        # one GPU's fused route, per shard
                 return fused_rules_decode(self, rows, ex, g.credit)
             return rules_decode(self, rows, ar, ar, one, temp, seeds, credit=g.credit,
                                 soft_tau=ex.smooth_tau or None, soft_k=ex.smooth_k, filters=g.filters,

@@ -72,7 +72,8 @@ def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch, fused: bool 
     steps."""
     credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
     if fused:
-        return StepOutput.from_decode(fused_rules_decode(shard, rows, GraphRunner._extras_key(batch), credit))
+        ex = GraphRunner._extras_key(batch)
+        return StepOutput.from_decode(fused_rules_decode(shard, rows, ex, credit))
     rows, temperature = _tempered(rows, batch.temperature, batch.tempered_conf)
     filters = None if batch.top_k is None or temperature == 0 else (batch.top_k, batch.top_p, batch.min_p)
     out = rules_decode(shard, rows, batch.cond_rows, batch.un_rows, batch.cfg_weight(rows.dtype), temperature,
