@@ -21,7 +21,9 @@ to the first id); the confidence is ``1 / sum e`` relative to the row's max, wit
 dtype (relative error ~ 2^-9 worst case, far less on average); the soft embedding is a convex combination of
 W_e rows with those rounded weights normalised by their own sum. T = 0, smoothing temperature 1 (the core's
 ``SMOOTH_TAU``), no guidance, no other extras: the graph runner uses it for a smoothing step whose variant
-has nothing else (else ``decode_rows_ext``)."""
+has nothing else (else ``decode_rows_ext``). ``smooth_stats`` is its sweep without the finish: a
+tensor-parallel rank runs it over its vocab shard and the ranks merge (runtime/distributed/shard_runner.py,
+``_fused_smooth``)."""
 from __future__ import annotations
 
 import torch

@@ -18,8 +18,10 @@ sampled or guided step by the shard's float64 chunks (``vocab.shard_stats``: tok
 which equal one process's on decisive fp32 models); the same small combine follows. Captured variants exist
 for every extra ``GraphRunner`` captures (T > 0 sampling, logprobs, entropy; credit, smoothing and top-k
 filters through ``shard_runner.rules_decode``: the core's chunk sweep per shard, ``vocab.combine_sweep``'s
-all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers);
-filters the merged candidates do not bound run eager, as on one GPU (``vocab_filters.exact_filters``).
+all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers;
+``fused`` at T = 0: credit and smoothing through ``shard_runner.fused_rules_decode``, one GPU's fused routes
+per shard in float32, no float64 sweep); filters the merged candidates do not bound run eager, as on one GPU
+(``vocab_filters.exact_filters``).
 Refresh, full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the
 same combine.
 

@@ -1,7 +1,9 @@
 """One rank's runner: the eager runner's forwards over the rank's shard, decoding through the vocab-parallel
 head (``vocab.py``; credit, smoothing and sampling filters through ``rules_decode``: the decoding core's
 chunk sweep per shard, merged by ``vocab.combine_sweep``; ``vocab_filters.py`` for filters the merged
-candidates do not bound). Every rank runs it on the same StepBatch; the collectives inside the model
+candidates do not bound; a ``fused`` graph runner's T = 0 credit and smoothing steps through
+``fused_rules_decode``: one GPU's fused routes per shard, float32, then the small combine). Every rank runs
+it on the same StepBatch; the collectives inside the model
 (row-parallel all-reduces) and in decoding keep them in lockstep, and every rank ends with the same
 (x0, conf)."""
 from __future__ import annotations

@@ -24,7 +24,10 @@ id offset: credit added to the ids of the shard before its statistics, hash nois
 all_gather of [13, C, N] float64, one of the top-k candidates; smoothing's soft embedding, each rank's
 exp(l / tau - M) @ W_e[shard] rescaled to the global max, by one all_reduce of [C, N, d]); the core's
 ``finish_stats`` / ``filter_candidates`` then run on every rank as on one process
-(``shard_runner.vocab_decode_rules``). ``shard_top_soft`` is truncated smoothing's soft embedding over the
+(``shard_runner.vocab_decode_rules``); a ``fused`` graph runner's T = 0 credit and smoothing steps skip that
+float64 sweep: ``fused_stats`` plus credit's sparse correction (the credited logits summed by ``combine``'s
+``sums``), or smoothing's model-dtype pass per shard (``shard_runner.fused_rules_decode``).
+``shard_top_soft`` is truncated smoothing's soft embedding over the
 merged top-k ids, each rank adding the rows of its embedding shard (one all_reduce of [C, N, d])."""
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ soft embedding by one all-reduce of [rows, d]) and every rank finishes as one pr
 tied head and one replicated KV head: the embedding shard is the head shard), the tokens must equal one
 process's, through ``generate`` (eager and graph runners; the graph runner's static-buffer variants run
 uncaptured on CPU) and through the serving Engine in mixed batches. Each setting's tokens must differ from the
-same request without the rule, so equality means the rule was decoded, not skipped."""
+same request without the rule, so equality means the rule was decoded, not skipped. The GPU test of the
+``fused`` routes (credit and smoothing at T = 0 per shard in float32, as one GPU's fused graph runner)
+compares with one GPU's fused runner; their CPU test is tests/runtime/test_tp_graphs.py's."""
 import pytest
 
 from dlc.runtime.config import ServeConfig
