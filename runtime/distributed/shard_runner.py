@@ -135,7 +135,7 @@ def fused_rules_decode(shard, rows: torch.Tensor, ex, credit) -> dict:
     and its ``credit`` (ids, vals [B, N, M], alpha [B]) -> ``decode_rows_ext``'s dict, computed as one GPU's
     ``fused`` graph runner computes it (the same ``runners.graph.fused_route``), over this rank's vocab
     shard in float32, then the small combine: "extras", the fused per-shard sweep (``vocab.fused_stats``)
-    with credit's sparse correction (``_fused_credit``); "smooth", smoothing's one pass of model-dtype logits
+    with credit's sparse correction (``credit_finish``); "smooth", smoothing's one pass of model-dtype logits
     per shard (``_fused_smooth``); "sweep", ``rules_decode`` in float32. No float64 chunk loop over
     [rows, Vr]: what credit and smoothing cost a TP step beyond the plain one is the single GPU's."""
     route = fused_route(ex)
@@ -154,7 +154,7 @@ def fused_rules_decode(shard, rows: torch.Tensor, ex, credit) -> dict:
     sums = None if credit is None else credit_logits(rows, w, v0, credit[0])
     out = combine(st, shard.group, topk=k, sums=sums)
     if credit is not None:
-        out = _fused_credit(out, credit)
+        out = credit_finish(out, credit)
     if not ex.entropy:
         out.pop("entropy")
     return _asked(out, None if ex.logprobs < 0 else ex.logprobs)
@@ -173,7 +173,7 @@ def credit_logits(rows: torch.Tensor, w: torch.Tensor, v0: int, ids: torch.Tenso
     return lg.t().reshape(M, B, N)
 
 
-def _fused_credit(out: dict, credit) -> dict:
+def credit_finish(out: dict, credit) -> dict:
     """``combine``'s output (the raw sweep merged, the credited ids' logits in ``_sums``) -> credit decoding
     by ``select_extras.credit_correction``, the sparse correction one GPU's fused kernel path applies."""
     from dlc.kernels.select_extras import credit_correction
@@ -188,13 +188,29 @@ def _fused_credit(out: dict, credit) -> dict:
 
 
 def _fused_smooth(shard, rows: torch.Tensor, w: torch.Tensor, v0: int, soft_k: int) -> dict:
-    """Smoothing alone at tau 1 (``kernels.smoothing``): this rank's ``smooth_stats`` over its shard (model
-    dtype logits, float32 sums) merged by ``combine`` (the selection: the max logit is the token's), then
-    the soft embedding: each rank's sum e^(l - m_r) W_e[shard] rescaled to the global max, one all_reduce
-    of [B, N, d] (truncated, ``soft_k``: ``shard_top_soft`` over the merged top k)."""
+    """Smoothing alone at tau 1 (``kernels.smoothing``): this rank's ``smooth_shard_stats`` merged by
+    ``combine`` (the selection: the max logit is the token's), then the soft embedding: each rank's share
+    rescaled to the global max (``soft_share``), one all_reduce of [B, N, d] (truncated, ``soft_k``:
+    ``shard_top_soft`` over the merged top k)."""
+    we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
+    st, sa = smooth_shard_stats(rows, w, we, v0, soft_k)
+    out = combine(st, shard.group, topk=soft_k)
+    if soft_k:
+        soft = shard_top_soft(out["topk_ids"], out["topk_logprobs"], we, v0, 1.0, shard.group)
+    else:
+        sa = soft_share(sa, st["m"], out["_m"])
+        dist.all_reduce(sa, group=shard.group)
+        soft = sa / out["_s"].to(sa.dtype)[..., None]
+    return {"tokens": out["tokens"], "confidence": out["confidence"], "soft": soft}
+
+
+def smooth_shard_stats(rows: torch.Tensor, w: torch.Tensor, we: torch.Tensor, v0: int, soft_k: int):
+    """A rank's part of fused smoothing: ``kernels.smoothing.smooth_stats`` over its head rows ``w`` and
+    embedding rows ``we`` (ids v0 ..) for rows [B, N, d] -> (``combine``'s statistics [B, N] float64, the top
+    ``soft_k`` with it; the unnormalised soft sum [B, N, d] float32 relative to this rank's max, None with
+    ``soft_k``)."""
     from dlc.kernels.smoothing import chunk_columns, smooth_stats
     B, N, d = rows.shape
-    we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
     sm = smooth_stats(rows.reshape(B * N, d), w, we, vocab=w.shape[0],
                       chunk=chunk_columns(B * N, w.shape[0], CHUNK), top_k=soft_k)
     f = torch.float64
@@ -203,14 +219,14 @@ def _fused_smooth(shard, rows: torch.Tensor, w: torch.Tensor, v0: int, soft_k: i
           "s": sm["s"].to(f).view(B, N), "a": torch.zeros_like(m)}
     if soft_k:
         st["tv"], st["ti"] = sm["tv"].to(f).view(B, N, -1), (sm["ti"] + v0).view(B, N, -1)
-    out = combine(st, shard.group, topk=soft_k)
-    if soft_k:
-        soft = shard_top_soft(out["topk_ids"], out["topk_logprobs"], we, v0, 1.0, shard.group)
-    else:
-        sa = sm["sa"].view(B, N, d) * torch.exp(m - out["_m"]).to(sm["sa"].dtype)[..., None]   # [B, N, d]
-        dist.all_reduce(sa, group=shard.group)
-        soft = sa / out["_s"].to(sa.dtype)[..., None]
-    return {"tokens": out["tokens"], "confidence": out["confidence"], "soft": soft}
+        return st, None
+    return st, sm["sa"].view(B, N, d)
+
+
+def soft_share(sa: torch.Tensor, m: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """A rank's soft sum sa [B, N, d] = sum e^(l - m) W_e over its shard, moved to the global max M [B, N]
+    (the ranks' shares then add up to sum e^(l - M) W_e over the vocabulary)."""
+    return sa * torch.exp(m - M).to(sa.dtype)[..., None]
 
 
 def _asked(out: dict, logprobs: int | None) -> dict:
