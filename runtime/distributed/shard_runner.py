@@ -137,7 +137,11 @@ def fused_rules_decode(shard, rows: torch.Tensor, ex, credit) -> dict:
     shard in float32, then the small combine: "extras", the fused per-shard sweep (``vocab.fused_stats``)
     with credit's sparse correction (``credit_finish``); "smooth", smoothing's one pass of model-dtype logits
     per shard (``_fused_smooth``); "sweep", ``rules_decode`` in float32. No float64 chunk loop over
-    [rows, Vr]: what credit and smoothing cost a TP step beyond the plain one is the single GPU's."""
+    [rows, Vr]: what credit and smoothing cost a TP step beyond the plain one is the single GPU's. Numerics
+    as for plain fused decoding (kernels/shard_logits.py): the same float32 logits and ties, so tokens equal
+    one GPU's fused decode on the same rows; sums differ in order (~1e-7 relative), and smoothing's
+    model-dtype probabilities round relative to each shard's max (bf16: ~2^-9, as one GPU's chunks round
+    relative to theirs; tests/kernels/test_shard_logits.py)."""
     route = fused_route(ex)
     if route == "sweep":
         ar = torch.arange(rows.shape[0], device=rows.device)
