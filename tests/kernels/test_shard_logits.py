@@ -97,8 +97,8 @@ SMOOTH_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (4e-3, 1e-2)}        
 def test_fused_smoothing_two_shards_equal_one_process_fused(soft_k, dtype):
     """A TP rank's fused smoothing route (``shard_runner.smooth_shard_stats``: ``smooth_stats`` over its
     shard in the model dtype; the ranks' soft shares moved to the global max, ``soft_share``, and summed;
-    here merged without collectives) decodes what one process's ``smooth_select`` decodes: the same tokens (the
-    argmax of the same model-dtype logits), confidences and soft embeddings within ``SMOOTH_TOL``."""
+    here merged without collectives) decodes what one process's ``smooth_select`` decodes: the same tokens
+    (the argmax of the same model-dtype logits), confidences and soft embeddings within ``SMOOTH_TOL``."""
     from dlc.kernels.sampling import top_soft
     from dlc.kernels.smoothing import smooth_select
     from dlc.runtime.distributed.shard_runner import smooth_shard_stats, soft_share
