@@ -141,6 +141,16 @@ def gather_logits_triton(hidden, weight, ids, BP=32, BD=128) -> torch.Tensor:
     return out
 
 
+def gather_logits(hidden, weight, ids) -> torch.Tensor:
+    """The credited ids' logits [R, M] as the op computes them: ``gather_logits_triton`` on CUDA, the float32
+    reference elsewhere (what ``fused_select_extras``' CPU path reads). Also a tensor-parallel rank's part
+    (runtime/distributed/shard_runner.py: the ids inside its shard, at local ids)."""
+    if use_triton(hidden):
+        require_triton("gather_logits")
+        return gather_logits_triton(hidden, weight, ids)
+    return gather_logits_reference(hidden, weight, ids, torch.float32)
+
+
 def credit_correction(out: dict, lg: torch.Tensor, ids, vals, alpha) -> dict:
     """Credit decoding (kernels/sampling.py: fused logits l + alpha log(1 + credit)) from the plain sweep's
     result and the logits ``lg`` [R, M] of the credited ids ``ids`` / ``vals`` [R, M] (duplicates add),

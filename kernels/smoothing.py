@@ -21,7 +21,9 @@ to the first id); the confidence is ``1 / sum e`` relative to the row's max, wit
 dtype (relative error ~ 2^-9 worst case, far less on average); the soft embedding is a convex combination of
 W_e rows with those rounded weights normalised by their own sum. T = 0, smoothing temperature 1 (the core's
 ``SMOOTH_TAU``), no guidance, no other extras: the graph runner uses it for a smoothing step whose variant
-has nothing else (else ``decode_rows_ext``)."""
+has nothing else (else ``decode_rows_ext``). ``smooth_stats`` is its sweep without the finish: a
+tensor-parallel rank runs it over its vocab shard and the ranks merge (runtime/distributed/shard_runner.py,
+``_fused_smooth``)."""
 from __future__ import annotations
 
 import torch
@@ -47,7 +49,21 @@ def smooth_select(h: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: 
     row's k largest logits, renormalised (``sampling.top_soft``): a top-k per chunk, no W_e GEMM."""
     from .sampling import top_soft
     B, N, d = h.shape
-    x = h.reshape(B * N, d)                                                      # [R, d]
+    st = smooth_stats(h.reshape(B * N, d), w, we, vocab=vocab, chunk=chunk, top_k=top_k)
+    # the chosen token is the max: its probability is e^0 / sum
+    soft = top_soft(st["ti"], st["tv"], we, 1.0) if top_k else st["sa"] / st["s"][:, None]
+    return {"tokens": st["tok"].view(B, N), "confidence": (1.0 / st["s"]).view(B, N),
+            "soft": soft.view(B, N, d)}
+
+
+def smooth_stats(x: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: int, chunk: int,
+                 top_k: int = 0) -> dict:
+    """``smooth_select``'s sweep over head rows w[:vocab] (ids 0 .. vocab: the whole head, or a
+    tensor-parallel rank's vocab shard, whose ranks merge these statistics: runtime/distributed/vocab.py)
+    for rows x [R, d] -> its running statistics, each [R]: ``m`` the largest logit (float32), ``tok`` its
+    first id, ``s`` = sum e^(l - m) (float32, e rounded to the model dtype), and ``sa`` [R, d] float32 =
+    sum e^(l - m) W_e (unnormalised; absent with ``top_k``) or ``tv`` / ``ti`` [R, k] the k largest logits
+    (float32) and their ids."""
     m = s = tok = acc = tv = ti = None
     for c0 in range(0, vocab, chunk):
         c1 = min(vocab, c0 + chunk)
@@ -75,6 +91,6 @@ def smooth_select(h: torch.Tensor, w: torch.Tensor, we: torch.Tensor, *, vocab: 
         s, m = s * fo + cs * fn, nm
         if not top_k:
             acc = acc * fo[:, None] + ca * fn[:, None]
-    # the chosen token is the max: its probability is e^0 / sum
-    soft = top_soft(ti, tv, we, 1.0) if top_k else acc / s[:, None]
-    return {"tokens": tok.view(B, N), "confidence": (1.0 / s).view(B, N), "soft": soft.view(B, N, d)}
+    st = {"m": m, "tok": tok, "s": s}
+    st.update({"tv": tv, "ti": ti} if top_k else {"sa": acc})
+    return st

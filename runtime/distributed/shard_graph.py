@@ -18,8 +18,10 @@ sampled or guided step by the shard's float64 chunks (``vocab.shard_stats``: tok
 which equal one process's on decisive fp32 models); the same small combine follows. Captured variants exist
 for every extra ``GraphRunner`` captures (T > 0 sampling, logprobs, entropy; credit, smoothing and top-k
 filters through ``shard_runner.rules_decode``: the core's chunk sweep per shard, ``vocab.combine_sweep``'s
-all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers);
-filters the merged candidates do not bound run eager, as on one GPU (``vocab_filters.exact_filters``).
+all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers;
+``fused`` at T = 0: credit and smoothing through ``shard_runner.fused_rules_decode``, one GPU's fused routes
+per shard in float32, no float64 sweep); filters the merged candidates do not bound run eager, as on one GPU
+(``vocab_filters.exact_filters``).
 Refresh, full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the
 same combine.
 
@@ -66,7 +68,7 @@ from ..runners.graph import BUCKETS, GraphRunner, _Graph
 from ..step import StepBatch
 from ..step_output import StepOutput
 from .channel import _B, _NFED, _NOUT, _TEMP, Compact, _float, frame_key, frame_wants_extras, split_payload
-from .shard_runner import ShardRunner, extras_of, rules_decode, vocab_decode
+from .shard_runner import ShardRunner, extras_of, fused_rules_decode, rules_decode, vocab_decode
 from .vocab import combine, fused_stats, shard_stats
 
 _UNSEEN = object()
@@ -217,6 +219,8 @@ class ShardGraphRunner(GraphRunner):
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
         if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
+            if self.decoding == "fused" and not ex.sampled:        # one GPU's fused route, per shard
+                return fused_rules_decode(self, rows, ex, g.credit)
             return rules_decode(self, rows, ar, ar, one, temp, seeds, credit=g.credit,
                                 soft_tau=ex.smooth_tau or None, soft_k=ex.smooth_k, filters=g.filters,
                                 cover=ex.filtered or None, entropy=ex.entropy,

@@ -24,7 +24,10 @@ id offset: credit added to the ids of the shard before its statistics, hash nois
 all_gather of [13, C, N] float64, one of the top-k candidates; smoothing's soft embedding, each rank's
 exp(l / tau - M) @ W_e[shard] rescaled to the global max, by one all_reduce of [C, N, d]); the core's
 ``finish_stats`` / ``filter_candidates`` then run on every rank as on one process
-(``shard_runner.vocab_decode_rules``). ``shard_top_soft`` is truncated smoothing's soft embedding over the
+(``shard_runner.vocab_decode_rules``); a ``fused`` graph runner's T = 0 credit and smoothing steps skip that
+float64 sweep: ``fused_stats`` plus credit's sparse correction (the credited logits summed by ``combine``'s
+``sums``), or smoothing's model-dtype pass per shard (``shard_runner.fused_rules_decode``).
+``shard_top_soft`` is truncated smoothing's soft embedding over the
 merged top-k ids, each rank adding the rows of its embedding shard (one all_reduce of [C, N, d])."""
 from __future__ import annotations
 
@@ -91,19 +94,28 @@ def fused_stats(h, w, v0: int, topk: int = 0, entropy: bool = False) -> dict:
     return {k: v.view(B, N, *v.shape[1:]) for k, v in st.items()}
 
 
-def combine(st: dict, group, topk: int = 0) -> dict:
-    """All ranks' statistics -> {"tokens", "confidence", "lse", "logit", "entropy_terms", top-k}: one
-    all_gather of [6, C, N] float64 (and one of the top-k candidates when asked)."""
+def combine(st: dict, group, topk: int = 0, sums: torch.Tensor | None = None) -> dict:
+    """All ranks' statistics -> {"tokens", "confidence", "logprob", "entropy", top-k, and ``merge``'s
+    internals}: one all_gather of [6, C, N] float64 (and one of the top-k candidates when asked). ``sums``
+    [K, C, N]: values summed over the ranks in the same all_gather (``_sums``; e.g. credited ids' logits,
+    each held by one rank, the others adding exact zeros)."""
     world = dist.get_world_size(group)
     mine = torch.stack([st[k] for k in STATS])                                     # [6, C, N]
-    ranks = _all_gather(mine, group, world)                                       # [R, 6, C, N]
+    if sums is not None:
+        mine = torch.cat([mine, sums.to(mine.dtype)])                             # [6 + K, C, N]
+    ranks = _all_gather(mine, group, world)                                       # [R, 6 (+ K), C, N]
     tops = _gather_topk(st["tv"], st["ti"], group, world) if topk else None
-    return merge(ranks, topk, tops)
+    out = merge(ranks[:, :len(STATS)], topk, tops)
+    if sums is not None:
+        out["_sums"] = ranks[:, len(STATS):].sum(0)                               # [K, C, N]
+    return out
 
 
 def merge(ranks: torch.Tensor, topk: int = 0, tops: tuple | None = None) -> dict:
     """The combine itself, no collective: every rank's statistics ``ranks`` [R, 6, C, N] (``STATS`` order)
-    and top-k candidates ``tops`` ([C, N, R * k] values, ids) -> the decoded rows."""
+    and top-k candidates ``tops`` ([C, N, R * k] values, ids) -> the decoded rows, and the internals the
+    fused rules finish with (``shard_runner.fused_rules_decode``): ``_lse``, ``_best`` (the token's logit),
+    ``_m`` / ``_s`` (the global max logit and sum e^(l - _m))."""
     best, tok, bl, m, s, a = ranks.unbind(1)                                      # each [R, C, N]
     M = m.amax(0)
     f = torch.exp(m - M)
@@ -112,7 +124,7 @@ def merge(ranks: torch.Tensor, topk: int = 0, tops: tuple | None = None) -> dict
     l_tok = bl.gather(0, j)[0]
     lse = M + torch.log(S)
     out = {"tokens": tok.gather(0, j)[0].to(torch.int64), "confidence": torch.exp(l_tok - M) / S,
-           "logprob": l_tok - lse, "entropy": lse - A / S}
+           "logprob": l_tok - lse, "entropy": lse - A / S, "_lse": lse, "_best": l_tok, "_m": M, "_s": S}
     if topk:
         tv, ti = tops
         v, jj = tv.topk(min(topk, tv.shape[-1]), dim=-1)
@@ -166,7 +178,7 @@ def combine_sweep(st: dict, group, topk: int = 0) -> dict:
             out[mk] = M
             out.update({k: (r[k] * f).sum(0) for k in sums})
     if soft:                                                                      # [C, N, d] on every rank
-        sa = st["sa"] * torch.exp(st["sm"] - out["sm"])[..., None]
+        sa = st["sa"] * torch.exp(st["sm"] - out["sm"]).to(st["sa"].dtype)[..., None]
         dist.all_reduce(sa, group=group)
         out["sa"] = sa
     if topk:

@@ -116,6 +116,19 @@ def capture_graph(step, mempool) -> tuple:
     return graph, out, mempool, warmed
 
 
+def fused_route(ex: ExtrasKey) -> str:
+    """How ``fused`` decoding computes a T = 0 variant ``ex`` (one home for the choice: one GPU's
+    ``GraphRunner._decode_extras`` and a tensor-parallel rank's ``shard_runner.fused_rules_decode``, which
+    takes the same route over its vocab shard): "smooth", smoothing alone at tau 1 (selection and soft
+    embedding from one pass of model-dtype logits, ``dlc.kernels.smoothing``); "sweep", smoothing beside
+    other extras or at another tau (the decoding core's chunk sweep in float32: the soft embedding is a
+    second vocabulary GEMM no kernel holds with them); "extras", everything else (entropy, logprobs, credit:
+    the selected-row logits sweep, credit as its sparse correction, ``dlc.kernels.fused_select_extras``)."""
+    if ex.smooth_tau == 1.0 and not (ex.entropy or ex.logprobs >= 0 or ex.credit_width):
+        return "smooth"
+    return "sweep" if ex.smooth_tau else "extras"
+
+
 @dataclass
 class _PackedGraph:
     """Static buffers of one captured packed mixed forward (a token bucket of ``n_pad`` tokens): inputs and
@@ -408,19 +421,19 @@ class GraphRunner(EagerRunner):
         B, N = rows.shape[:2]
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]
-        if self.decoding == "fused" and tau == 1.0 and not (sampled or entropy or k >= 0 or M):
+        route = "exact" if self.decoding == "exact" or sampled else fused_route(ex)
+        if route == "smooth":
             from dlc.kernels.smoothing import chunk_columns, smooth_select    # one pass of bf16 logits
             return smooth_select(rows, head, self.model.embed.weight[:V], vocab=V,
                                  chunk=chunk_columns(B * N, V, VOCAB_CHUNK), top_k=smooth_k)
-        if self.decoding == "exact" or tau or sampled:
+        if route in ("exact", "sweep"):
             ar = torch.arange(B, device=rows.device)
             one = torch.ones(1, dtype=rows.dtype, device=rows.device)
             soft = (self.model.embed.weight[:V], tau, smooth_k) if tau else None
             temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
-            exact = self.decoding == "exact" or sampled
             return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
                                    topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
-                                   filters=filters, acc=torch.float64 if exact else torch.float32,
+                                   filters=filters, acc=torch.float64 if route == "exact" else torch.float32,
                                    candidates=filtered or None)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),

@@ -164,6 +164,63 @@ def test_tp2_fused_decode_equals_one_process_fused(pair, monkeypatch):
     assert tp.runner.shard.decoding == "exact"
 
 
+FUSED_RULES = {                    # T = 0 rules -> one GPU's fused route (runners.graph.fused_route)
+    "credit_logprobs": (dict(threshold=0.3, credit=True, logprobs=3), "extras"),
+    "smoothing": (dict(kv_cache="none", smoothing=True), "smooth"),
+    "smoothing_top_k": (dict(threshold=0.3, smoothing=True, smoothing_top_k=5), "smooth"),
+    "smoothing_logprobs": (dict(smoothing=True, logprobs=2), "sweep"),
+}
+RULE_FIELDS = ("credit", "smoothing", "smoothing_top_k")
+
+
+def test_tp2_fused_rules_equal_one_process_fused(pair, monkeypatch):
+    """Credit and smoothing at T = 0 under ``decode="fused"`` (the CUDA default) take one GPU's fused routes
+    per shard (``shard_runner.fused_rules_decode``: the fused sweep + credit's sparse correction over the
+    ranks' gathered credited logits; smoothing's model-dtype pass with the soft embedding all-reduced; the
+    float32 sweep beside other extras), in the replayed Reuse steps and the eager Refresh steps alike, never
+    the float64 shard sweep: tokens, forward counts and logprobs equal one process's ``fused`` graph runner
+    (on CPU the ops' float32 references), and each rule changes the tokens (it was decoded, not skipped).
+    Rank 0's calls are counted per route (the workers make the same ones, or the collectives would not
+    match)."""
+    from collections import Counter
+
+    from dlc.runtime.distributed import shard_graph, shard_runner
+    from dlc.runtime.runners.graph import GraphRunner, fused_route
+    one, tp = pair
+    if one.config.logit_shift:
+        pytest.skip("one model is enough")
+    routes, sweeps = Counter(), []
+    fused_rules, rules = shard_runner.fused_rules_decode, shard_runner.rules_decode
+
+    def counted(shard, rows, ex, credit):
+        routes[fused_route(ex)] += 1
+        return fused_rules(shard, rows, ex, credit)
+
+    def sweep(*a, **kw):
+        sweeps.append(kw.get("acc", torch.float64))
+        return rules(*a, **kw)
+    for mod in (shard_graph, shard_runner):
+        monkeypatch.setattr(mod, "fused_rules_decode", counted)
+        monkeypatch.setattr(mod, "rules_decode", sweep)
+    fused_one = GraphRunner(one.runner.model, decode="fused", capture=False)
+    assert graph_runner_for(tp.runner, cuda_graphs=True, decode="fused") is tp.runner
+    try:
+        for name, (extra, route) in FUSED_RULES.items():
+            before = dict(routes)
+            cfg = GenerationConfig(**{**GEN, **extra})
+            a, b = generate(fused_one, PROMPTS, cfg), generate(tp.runner, PROMPTS, cfg)
+            assert b.token_ids == a.token_ids and b.nfe == a.nfe, name
+            if "logprobs" in extra:
+                assert_same_logprobs(a, b, alternatives=True)
+            assert routes[route] - before.get(route, 0) >= 2 * 2, name     # 2 blocks: Refresh + Reuse
+            plain = GenerationConfig(**{**GEN, **{k: v for k, v in extra.items() if k not in RULE_FIELDS}})
+            assert generate(fused_one, PROMPTS, plain).token_ids != a.token_ids, name
+        assert len({tuple(t) for t in a.token_ids}) == 3 and len(set(a.token_ids[0])) > 2      # decisive
+        assert sweeps == [torch.float32] * routes["sweep"]                   # no float64 shard sweep
+    finally:
+        tp.runner.enable_graphs(True, decode="exact")
+
+
 def test_graphs_toggle_back_to_eager_on_every_rank(pair):
     one, tp = pair
     tp.runner.enable_graphs(False)

@@ -9,7 +9,9 @@ soft embedding by one all-reduce of [rows, d]) and every rank finishes as one pr
 tied head and one replicated KV head: the embedding shard is the head shard), the tokens must equal one
 process's, through ``generate`` (eager and graph runners; the graph runner's static-buffer variants run
 uncaptured on CPU) and through the serving Engine in mixed batches. Each setting's tokens must differ from the
-same request without the rule, so equality means the rule was decoded, not skipped."""
+same request without the rule, so equality means the rule was decoded, not skipped. The GPU test of the
+``fused`` routes (credit and smoothing at T = 0 per shard in float32, as one GPU's fused graph runner)
+compares with one GPU's fused runner; their CPU test is tests/runtime/test_tp_graphs.py's."""
 import pytest
 
 from dlc.runtime.config import ServeConfig
@@ -166,5 +168,61 @@ def test_tp2_rules_captured_on_two_gpus(tmp_path):
             want = generate(one.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
             assert r.error is None and r.output_ids == want, params
         assert runner.stats["ahead_calls"] > calls
+    finally:
+        tp.runner.close()
+
+
+FUSED = {                                   # T = 0 rules on each route of runners.graph.fused_route
+    "credit_logprobs": dict(kv_cache="dual", threshold=0.3, credit=True, logprobs=3),       # extras
+    "smoothing": dict(kv_cache="dual", smoothing=True),                                     # smooth
+    "smoothing_top_k": dict(kv_cache="prefix", threshold=0.3, smoothing=True, smoothing_top_k=5),
+    "smoothing_logprobs": RULES["smoothing"],                                               # sweep
+}
+
+
+@pytest.mark.gpu
+def test_tp2_fused_rules_captured_equal_one_gpu_fused(tmp_path, monkeypatch):
+    """2 GPUs, NCCL, ``decode="fused"`` on both sides (the CUDA default): credit and smoothing at T = 0 take
+    one GPU's fused routes per shard inside the captured steps (``shard_runner.fused_rules_decode``: the
+    per-shard Triton sweep with credit's sparse correction, the credited logits summed in the combine's
+    all-gather; smoothing's model-dtype pass with the soft embedding all-reduced; the float32 sweep beside
+    logprobs), never the float64 shard sweep. In fp32 on a decisive tiny model the tokens, forward counts and
+    logprobs equal one GPU's captured ``fused`` graph runner's, every Reuse step replayed."""
+    import torch
+    from dlc.runtime.distributed import shard_graph, shard_runner
+    from dlc.runtime.runners.graph import GraphRunner
+    from test_tensor_parallel import assert_same_logprobs
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    calls, accs = [], []
+    fused_rules, rules = shard_runner.fused_rules_decode, shard_runner.rules_decode
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return fused_rules(*a, **kw)
+
+    def sweep(*a, **kw):
+        accs.append(kw.get("acc", torch.float64))
+        return rules(*a, **kw)
+    for mod in (shard_graph, shard_runner):                    # rank 0's calls (captures and eager steps)
+        monkeypatch.setattr(mod, "fused_rules_decode", counted)
+        monkeypatch.setattr(mod, "rules_decode", sweep)
+    path = write_tiny(tmp_path, MODELS["llada"])
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2)
+    try:
+        ref = GraphRunner(one.runner.model)                    # captured, fused (the CUDA default)
+        runner = graph_runner_for(tp.runner, compile=False)
+        assert ref.decoding == "fused" and runner.shard.decoding == "fused" and runner.capture
+        for name, params in FUSED.items():
+            cfg = GenerationConfig(**BASE, **params)
+            a, b = generate(ref, PROMPTS, cfg), generate(runner, PROMPTS, cfg)
+            assert b.token_ids == a.token_ids and b.nfe == a.nfe, name
+            if "logprobs" in params:
+                assert_same_logprobs(a, b, alternatives=True)
+            without = {k: v for k, v in params.items() if k not in FEATURES}
+            assert generate(ref, PROMPTS, GenerationConfig(**BASE, **without)).token_ids != a.token_ids, name
+        assert runner.stats["replays"] > 0 and runner.stats["eager_reuse"] == 0
+        assert len(calls) >= 2 * len(FUSED) and accs and set(accs) == {torch.float32}
     finally:
         tp.runner.close()
