@@ -252,14 +252,10 @@ def test_packed_mixed_with_inductor(runners):
     assert graph.stats["mixed_packed"] == 3
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_packed_mixed_on_cuda():
-    """On the GPU (fp32, the served build: Inductor blocks, capture, fused decoding, Triton pool attention):
-    the packed compiled mixed iteration against the eager two calls; tolerances for float32 confidence and the
-    kernels' own rounding."""
-    model = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False).runner.model
-    graph = GraphRunner(model, compile=True, mix_iterations="compiled")
+def assert_cuda_mixes_match_two_calls(graph, after_each=lambda: None) -> None:
+    """Every mix of MIXES through ``graph``'s mixed path against its eager two calls on a second pool: >= 95%
+    of tokens equal, confidences and the written pool K/V within 1e-3 (float32 and the kernels' rounding);
+    ``after_each`` checks the runner after each mix."""
     for i, (lens, n_reuse, cache) in enumerate(MIXES):
         pa, pb = pools(graph)
         ref = two_calls(graph, mix(graph, pa, lens, n_reuse, cache, seed=i))
@@ -270,8 +266,19 @@ def test_packed_mixed_on_cuda():
         for r, m in zip(ref, got):
             torch.testing.assert_close(m.conf, r.conf, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(pb.k_all, pa.k_all, rtol=1e-3, atol=1e-3)
-    assert graph.stats["mixed_packed"] == len(MIXES)
+        after_each()
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_mixed_on_cuda():
+    """On the GPU (fp32, the served build: Inductor blocks, capture, fused decoding, Triton pool attention):
+    the packed compiled mixed iteration against the eager two calls; tolerances for float32 confidence and the
+    kernels' own rounding."""
+    model = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False).runner.model
+    graph = GraphRunner(model, compile=True, mix_iterations="compiled")
+    assert_cuda_mixes_match_two_calls(graph)
+    assert graph.stats["mixed_packed"] == len(MIXES)
 
 
 @pytest.mark.gpu
@@ -282,17 +289,10 @@ def test_captured_mixed_on_cuda(compile):
     bucket and replayed, against the eager two calls, with and without Inductor blocks."""
     model = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False).runner.model
     graph = GraphRunner(model, compile=compile, mix_iterations="captured")
-    for i, (lens, n_reuse, cache) in enumerate(MIXES):
-        pa, pb = pools(graph)
-        ref = two_calls(graph, mix(graph, pa, lens, n_reuse, cache, seed=i))
-        graph.bind_pool(pb)
-        got = run_mixed(graph, MixedBatch(tuple(mix(graph, pb, lens, n_reuse, cache, seed=i))))
-        same = sum(int((m.x0 == r.x0).sum()) for r, m in zip(ref, got)) / sum(r.x0.numel() for r in ref)
-        assert same >= 0.95
-        for r, m in zip(ref, got):
-            torch.testing.assert_close(m.conf, r.conf, rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(pb.k_all, pa.k_all, rtol=1e-3, atol=1e-3)
+
+    def replayed():
         assert all(g.graph is not None for g in graph.packed_graphs.values())     # replayed graphs
+    assert_cuda_mixes_match_two_calls(graph, replayed)
     assert graph.stats["mixed_captured"] == len(MIXES)
 
 
