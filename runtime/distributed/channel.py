@@ -14,7 +14,10 @@ Every message starts with one broadcast of a fixed int64 frame (``FRAME`` values
   Positions, key mask, hidden-row
   starts and guidance rows are derived on the worker as ``step.build_batch`` makes them (``decode``). A B=1
   Reuse step is one broadcast, no pickling, one host->device copy on the worker; a payload larger than the
-  frame follows in a second broadcast.
+  frame follows in a second broadcast. The decoding rules' per-row tensors (sampling filters, credit,
+  smoothing's soft inputs ``embed_delta``) stay on the device: the header flags them and rank 0 broadcasts
+  their bytes, one message over the model's group (NCCL on GPUs: device to device), right after the frame
+  (``send_rule_tensors`` / ``recv_rule_tensors``); a channel without that group sends such batches pickled.
 * ``PICKLED``: the header, then the pickled payload as uint8 (control messages: GRAPHS, BIND, WARMUP; a
   batch carrying tensors the compact form does not hold: ``pack_batch``, everything but the KV pool view,
   replaced by the pool's shape and the batch's slots, so each worker indexes its own pool of its heads).
@@ -28,6 +31,7 @@ seconds per step, ``Channel.sent_ns`` / ``arrived_ns`` are the last step frame's
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 import struct
 import time
@@ -46,11 +50,18 @@ PHASES = ("full", "refresh", "reuse")
 (_KIND, _FORM, _SIZE, _PHASE, _B, _FED, _W, _NOUT, _NFED, _BLOCK, _FLAGS, _LOGPROBS, _TEMP, _CFG,
  _N_AHEAD, _POOL) = range(16)                           # _POOL .. _POOL + 3: n_slots, S, head scores, id
 _RULES = _POOL + 4                                      # run ahead: words of the rules' commit (0: none)
+_SOFT_TAU, _SOFT_K, _CREDIT_M = _RULES + 1, _RULES + 2, _RULES + 3   # smoothing's tau bits (NaN: off), top k;
+                                                        # credit's ids per column (0: no credit)
 _SENT = HEAD - 1                                        # rank 0's monotonic clock (ns) at the broadcast
-_TEMPERED, _ENTROPY, _CACHE, _REUSE = 1, 2, 4, 8
+_TEMPERED, _ENTROPY, _CACHE, _REUSE, _FILTERS, _CREDIT, _DELTA, _SOFT = 1, 2, 4, 8, 16, 32, 64, 128
+_RULE_FLAGS = _FILTERS | _CREDIT | _DELTA               # rule tensors follow the frame on the model's group
+_DELTA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)   # flags >> 8: embed_delta's
+_NAN_BITS = struct.unpack("<q", struct.pack("<d", float("nan")))[0]
 # batch fields the compact form does not carry (a batch with any of them set goes pickled)
-_PICKLED_ONLY = ("keep_idx", "top_k", "top_p", "min_p", "credit_ids", "credit_vals", "credit_alpha",
-                 "soft_tau", "embed_delta")
+_PICKLED_ONLY = ("keep_idx",)
+# the rules' device tensors, in their broadcast order (``_rule_specs``)
+_RULE_FIELDS = {_FILTERS: ("top_k", "top_p", "min_p"), _CREDIT: ("credit_ids", "credit_vals", "credit_alpha"),
+                _DELTA: ("embed_delta",)}
 
 
 class Compact(NamedTuple):
@@ -60,8 +71,11 @@ class Compact(NamedTuple):
 
 
 class Channel:
-    def __init__(self, group):
-        self.group = group
+    """``group``: the gloo group of the frames; ``device_group``: the model's group (None: the rules' tensors
+    go pickled)."""
+
+    def __init__(self, group, device_group=None):
+        self.group, self.device_group = group, device_group
         self._frame = torch.zeros(FRAME, dtype=torch.int64)
         self.stats = {"encode_s": 0.0, "send_s": 0.0, "frames": 0}     # rank 0, step frames (compact form)
         self.sent_ns = self.arrived_ns = 0                             # the last step frame's clocks
@@ -82,7 +96,7 @@ class Channel:
         any) of ``batch``: compact when it can be. Returns the compact step sent (what the workers receive),
         None when it went pickled."""
         t0 = time.perf_counter()
-        msg = encode(batch, counts, rules)
+        msg = encode(batch, counts, rules, self.device_group is not None)
         if msg is None:
             self.send(kind, (pack_batch(batch), counts, rules))
             return None
@@ -98,6 +112,8 @@ class Channel:
         dist.broadcast(f, 0, group=self.group)
         if not inline:
             dist.broadcast(payload, 0, group=self.group)
+        if int(head[_FLAGS]) & _RULE_FLAGS:
+            send_rule_tensors(batch, self.device_group)
         st = self.stats
         st["encode_s"] += t1 - t0
         st["send_s"] += time.perf_counter() - t1
@@ -140,11 +156,13 @@ def pool_key(pool) -> tuple | None:
     return (pool.k_all.shape[1], pool.k_all.shape[3], pool.scores is not None, pool.k_all.data_ptr())
 
 
-def encode(batch: StepBatch, counts: torch.Tensor | None = None,
-           rules: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def encode(batch: StepBatch, counts: torch.Tensor | None = None, rules: torch.Tensor | None = None,
+           rule_tensors: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(header [HEAD], payload) int64 of a batch, or None when it carries what the compact form does not.
-    ``rules``: the words of a run ahead's commit (``ahead_rules.encode_commit``), last in the payload."""
-    if any(getattr(batch, f) is not None for f in _PICKLED_ONLY):
+    ``rules``: the words of a run ahead's commit (``ahead_rules.encode_commit``), last in the payload.
+    ``rule_tensors``: the decoding rules' tensors may follow the frame (else such a batch goes pickled)."""
+    ruled = _rule_flags(batch)
+    if any(getattr(batch, f) is not None for f in _PICKLED_ONLY) or (ruled and not rule_tensors):
         return None
     B, fed, W = batch.n_seqs, batch.fed, batch.width
     reuse = batch.phase == "reuse"
@@ -168,22 +186,64 @@ def encode(batch: StepBatch, counts: torch.Tensor | None = None,
     head = torch.zeros(HEAD, dtype=torch.int64)
     key = pool_key(batch.cache) or (0, 0, 0, 0)
     flags = (_TEMPERED * batch.tempered_conf | _ENTROPY * bool(batch.entropy)
-             | _CACHE * (batch.cache is not None) | _REUSE * reuse)
+             | _CACHE * (batch.cache is not None) | _REUSE * reuse | ruled)
     head.numpy()[_PHASE:_POOL + 4] = (                          # numpy: no tensor built from a list
         PHASES.index(batch.phase), B, fed, W, batch.n_out, batch.n_fed, batch.block_size, flags,
         -1 if batch.logprobs is None else batch.logprobs, _bits(batch.temperature), _bits(batch.cfg_scale),
         0 if counts is None else counts.shape[1], *(int(v) for v in key))
     head[_RULES] = 0 if rules is None else rules.numel()
+    head[_SOFT_TAU] = _NAN_BITS if batch.soft_tau is None else _bits(batch.soft_tau)
+    head[_SOFT_K] = batch.soft_top_k
+    head[_CREDIT_M] = 0 if batch.credit_ids is None else batch.credit_ids.shape[2]
     return head, torch.cat([t.to(torch.int64).flatten() for t in host])
 
 
-def decode(msg: Compact, config, device) -> tuple[StepBatch, tuple | None, torch.Tensor | None]:
+def _rule_flags(batch: StepBatch) -> int:
+    """The header flags of the rules' tensors the batch carries (``_SOFT``: smoothing asked, no tensor)."""
+    d = batch.embed_delta
+    return ((_FILTERS if batch.top_k is not None else 0) | (_CREDIT if batch.credit_ids is not None else 0)
+            | (_DELTA | _DELTA_DTYPES.index(d.dtype) << 8 if d is not None else 0)
+            | (_SOFT if batch.soft_tau is not None else 0))
+
+
+def _rule_specs(h: list, d_model: int) -> list[tuple[str, tuple, torch.dtype]]:
+    """(field, shape, dtype) of the rule tensors a compact step's header ``h`` says follow its frame."""
+    B, fed, N, M = h[_B], h[_FED], h[_NOUT], h[_CREDIT_M]
+    dtype = _DELTA_DTYPES[h[_FLAGS] >> 8 & 15]
+    shapes = {"top_k": ((B,), torch.int64), "top_p": ((B,), torch.float64), "min_p": ((B,), torch.float64),
+              "credit_ids": ((B, N, M), torch.int64), "credit_vals": ((B, N, M), torch.float64),
+              "credit_alpha": ((B,), torch.float64), "embed_delta": ((fed, N, d_model), dtype)}
+    return [(f, *shapes[f]) for flag, fields in _RULE_FIELDS.items() if h[_FLAGS] & flag for f in fields]
+
+
+def send_rule_tensors(batch: StepBatch, group) -> None:
+    """Rank 0: the batch's rule tensors as one byte broadcast over the model's group (no host copy; the
+    8-byte fields first, so every view of the receiver's buffer is aligned)."""
+    fields = [f for flag, names in _RULE_FIELDS.items() if _rule_flags(batch) & flag for f in names]
+    data = [getattr(batch, f).contiguous().view(-1).view(torch.uint8) for f in fields]
+    dist.broadcast(torch.cat(data) if len(data) > 1 else data[0], 0, group=group)
+
+
+def recv_rule_tensors(h: list, group, d_model: int, device) -> dict[str, torch.Tensor]:
+    """A worker: the rule tensors rank 0's ``send_rule_tensors`` broadcast after the frame of header ``h``,
+    as views of one received buffer on ``device``."""
+    specs = _rule_specs(h, d_model)
+    sizes = [math.prod(shape) * dt.itemsize for _, shape, dt in specs]
+    buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, 0, group=group)
+    return {f: part.view(dt).view(shape) for (f, shape, dt), part in zip(specs, buf.split(sizes))}
+
+
+def decode(msg: Compact, config, device, group=None) -> tuple[StepBatch, tuple | None, torch.Tensor | None]:
     """A compact step -> (StepBatch without its cache, pool key or None, run-ahead counts [B, n] or None).
+    A step with rule tensors receives them over ``group`` (the model's).
     The fields it does not carry are derived as ``step.build_batch`` makes them: positions ``arange(W)``, key
     mask ``arange(W) < length``, hidden-row starts ``out_start - logit_shift`` (twice with guidance), guidance
     rows [0, B) / [B, fed); a Reuse step's ids are its fed span in [fed, W] rows of mask ids."""
     h = msg.head.tolist()
     B, fed, W, N, T, flags = h[_B], h[_FED], h[_W], h[_NOUT], h[_NFED], h[_FLAGS]
+    # first: rank 0 broadcast them right after the frame, whatever fails below on this rank
+    rules = recv_rule_tensors(h, group, config.d_model, device) if flags & _RULE_FLAGS else {}
     reuse, cached = bool(flags & _REUSE), bool(flags & _CACHE)
     ids, seeds, lengths, out_start, q_start, slots, counts = split_payload(h, msg.payload)
     hid = out_start - config.logit_shift
@@ -204,6 +264,10 @@ def decode(msg: Compact, config, device) -> tuple[StepBatch, tuple | None, torch
         seeds=seeds_d, cond_rows=arange_b, un_rows=arange_b + (fed - B), block_size=h[_BLOCK],
         tempered_conf=bool(flags & _TEMPERED), entropy=bool(flags & _ENTROPY),
         logprobs=None if h[_LOGPROBS] < 0 else h[_LOGPROBS])
+    if flags & _SOFT:
+        batch.soft_tau, batch.soft_top_k = _float(h[_SOFT_TAU]), h[_SOFT_K]
+    for f, t in rules.items():
+        setattr(batch, f, t)
     key = (h[_POOL], h[_POOL + 1], bool(h[_POOL + 2]), h[_POOL + 3]) if cached else None
     return batch, key, counts.view(B, -1) if h[_N_AHEAD] else None
 
@@ -237,8 +301,10 @@ def frame_key(h: list) -> tuple:
 
 
 def frame_reuses(h: list) -> bool:
-    """A compact step of the Reuse phase over a cache, one step (not run ahead)."""
-    return h[_PHASE] == PHASES.index("reuse") and bool(h[_FLAGS] & _CACHE) and not h[_N_AHEAD]
+    """A compact step of the Reuse phase over a cache, one step (not run ahead), without rule tensors or
+    smoothing (those take the batch path)."""
+    return (h[_PHASE] == PHASES.index("reuse") and bool(h[_FLAGS] & _CACHE) and not h[_N_AHEAD]
+            and not h[_FLAGS] & (_RULE_FLAGS | _SOFT))
 
 
 def frame_wants_extras(h: list) -> bool:
@@ -277,11 +343,12 @@ def pool_for(pools: dict, key: tuple, make_pool):
     return pools["pool"]
 
 
-def read_batch(kind_msg, config, device, pools: dict, make_pool) -> tuple[StepBatch, torch.Tensor | None]:
+def read_batch(kind_msg, config, device, pools: dict, make_pool,
+               group=None) -> tuple[StepBatch, torch.Tensor | None]:
     """A worker's StepBatch of a STEP / AHEAD message (either form; the cache a view of its own pool of the
-    same slots) and the run-ahead counts (None for STEP)."""
+    same slots) and the run-ahead counts (None for STEP). ``group``: ``decode``'s."""
     if isinstance(kind_msg, Compact):
-        batch, key, counts = decode(kind_msg, config, device)
+        batch, key, counts = decode(kind_msg, config, device, group)
     else:
         packed, counts = kind_msg[:2]
         batch, key = unpack_batch(packed, device)

@@ -120,7 +120,7 @@ def worker_main(rank: int, world: int, init_method: str | None, model: str, weig
         shard, _ = load_shard(model, weights, dtype, dev, rank, world, group, progress=False,
                               all_reduce=all_reduce, overlap_tokens=overlap_tokens)
         dist.barrier(group=startup)                            # every rank loaded: serving timeouts from now
-        worker_loop(shard, Channel(control), _make_pool(shard))
+        worker_loop(shard, Channel(control, group), _make_pool(shard))
     except Exception as e:                                     # noqa: BLE001 - rank 0 reports the group down
         print(f"dlc tensor-parallel rank {rank}: stopping: {str(e).splitlines()[0] if str(e) else e!r}",
               file=sys.stderr)
@@ -189,7 +189,7 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
         raise e from None
     finally:
         started.set()
-    runner = TensorParallelRunner(shard, Channel(control), procs)
+    runner = TensorParallelRunner(shard, Channel(control, group), procs)
     atexit.register(runner.close)
     pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
     reduce = ar_of(shard.model)

@@ -374,7 +374,7 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
             if kind == STEP and isinstance(msg, Compact):
                 _run_step(shard, msg, channel, loop, pools, make_pool)
                 continue
-            shard = _work(shard, kind, msg, pools, make_pool)
+            shard = _work(shard, kind, msg, pools, make_pool, channel.device_group)
         except dist.DistError:
             raise
         except RuntimeError as e:
@@ -416,7 +416,7 @@ def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, ma
     rebuilt = []
 
     def batch():
-        b = read_batch(msg, shard.config, shard.device, pools, make_pool)[0]
+        b = read_batch(msg, shard.config, shard.device, pools, make_pool, channel.device_group)[0]
         rebuilt.append(step_times.now_ns())
         return b
     if isinstance(shard, ShardGraphRunner) and frame_reuses(h):
@@ -435,9 +435,10 @@ def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, ma
         loop["to_launch_s"] += (launched - sent) / 1e9
 
 
-def _work(shard, kind: int, msg, pools: dict, make_pool):
+def _work(shard, kind: int, msg, pools: dict, make_pool, group=None):
     """One message's work on this rank -> its runner (GRAPHS replaces it). ``pools`` also keeps the rank's
-    latest run ahead (``"ahead"``), which a MORE message goes on with."""
+    latest run ahead (``"ahead"``), which a MORE message goes on with; ``group``: the model's (a compact
+    step's rule tensors)."""
     if kind == GRAPHS:
         return with_graphs(shard, *msg)
     if kind == BIND:
@@ -452,7 +453,7 @@ def _work(shard, kind: int, msg, pools: dict, make_pool):
             raise ValueError("tensor parallel: MORE steps without a run ahead on this rank")
         pools["ahead"] = shard.continue_ahead(pools["ahead"], msg)
     elif kind in (STEP, AHEAD):
-        batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool)
+        batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool, group)
         if kind == AHEAD:
             words = commit_words(msg)              # rank 0's rules: the same commit on this rank's device
             commit = None if words is None else decode_commit(words, batch.n_seqs, shard.config.mask_id,

@@ -15,6 +15,7 @@ compares with one GPU's fused runner; their CPU test is tests/runtime/test_tp_gr
 import pytest
 
 from dlc.runtime.config import ServeConfig
+from dlc.runtime.distributed import channel
 from dlc.runtime.engine import Engine, graph_runner_for
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
@@ -58,16 +59,33 @@ def _check(one, tp, cases):
         assert want[0] != want[1] and len(set(want[0])) > 2, name
 
 
-def test_tp2_credit_and_smoothing_equal_one_process(pair):
+def _no_pickled_steps(monkeypatch) -> list:
+    """Record the batches rank 0 sends pickled: the rules' tensors follow a compact frame instead, over the
+    model's group (channel.send_rule_tensors), so a rule's step costs no host copy and no pickling."""
+    pickled = []
+    real = channel.pack_batch
+
+    def spy(batch):
+        pickled.append(batch.phase)
+        return real(batch)
+    monkeypatch.setattr(channel, "pack_batch", spy)
+    return pickled
+
+
+def test_tp2_credit_and_smoothing_equal_one_process(pair, monkeypatch):
     one, tp = pair
+    pickled = _no_pickled_steps(monkeypatch)
     _check(one, tp, RULES)
+    assert pickled == []
 
 
-def test_tp2_sampling_filters_equal_one_process(pair):
+def test_tp2_sampling_filters_equal_one_process(pair, monkeypatch):
     one, tp = pair
     if one.config.tie_embeddings:
         pytest.skip("one model is enough (the tied head matters to smoothing's embedding shard)")
+    pickled = _no_pickled_steps(monkeypatch)
     _check(one, tp, FILTERS)
+    assert pickled == []
 
 
 def test_tp2_graph_runner_replays_the_rules(pair):
