@@ -6,9 +6,13 @@ returning its outputs in order. The compiler writes these artifacts (dlc/compile
 alone loads them, so serving an engine never imports the compiler."""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("dlc.engine")
 
 
 class BackendUnavailable(RuntimeError):
@@ -41,8 +45,32 @@ def load_aoti(path: Path, device="cpu"):
     dev = torch.device(device)
     index = dev.index if dev.index is not None else (torch.cuda.current_device()
                                                      if dev.type == "cuda" else -1)
+    if dev.type == "cuda":
+        hint = aoti_cuda_preload_hint()
+        if hint:
+            log.warning(hint)
     model = torch._inductor.aoti_load_package(str(path), device_index=index)
     return lambda *args: model(*args)
+
+
+def aoti_cuda_preload_hint(maps: str = "/proc/self/maps", env: dict | None = None) -> str | None:
+    """The fix to print before loading a CUDA AOTI package, or None. On the H200 image of torch
+    2.11.0+cu130 the package's wrapper .so segfaults in its device-string parser (std::regex reaching another
+    C++ runtime's locale symbols, docs/COMPILER.md); starting the process with the C++ runtime it maps first in
+    the lookup order (LD_PRELOAD) fixes it, and a CUDA AOTI engine then gives eager's tokens (the GPU test
+    passed that way). A process cannot change its lookup order once started, so this only says how."""
+    env = os.environ if env is None else env
+    if "libstdc++" in env.get("LD_PRELOAD", ""):
+        return None
+    try:
+        lib = next((line.split()[-1] for line in Path(maps).read_text().splitlines()
+                    if "/libstdc++.so" in line), None)
+    except OSError:
+        return None
+    if lib is None:
+        return None
+    return (f"loading a CUDA AOTI package: if this process crashes here (a segfault in the package's "
+            f"parse_device_str), start it with LD_PRELOAD={lib}")
 
 
 def _ort_providers(device) -> list[str]:
