@@ -515,15 +515,7 @@ class DiffusionLM(nn.Module):
         to ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache
         length with one), or [B, T, S] per query (block-causal families). ``embed_add`` [B, T, d] is added to
         the input embeddings (iteration smoothing)."""
-        B, T = input_ids.shape
-        if position_ids is None:
-            st = start[:, None] if isinstance(start, torch.Tensor) else start
-            position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_theta)
-        mask = key_mask_to_attn_mask(key_mask)
-        overlap = self.__dict__.get("_overlap")          # a TP shard's two-micro-batch forward (overlap.py)
-        if overlap is not None and overlap.splits(input_ids, cache, return_kv):
-            return overlap.forward(self, input_ids, cos, sin, mask, cache, start, embed_add)
+        cos, sin, mask = self.layer_inputs(input_ids, position_ids, key_mask, start)
         x = self.embed(input_ids)                                         # [B, T, d]
         if embed_add is not None:
             x = x + embed_add.to(x.dtype)
@@ -534,6 +526,18 @@ class DiffusionLM(nn.Module):
             kvs.append(kv)
         h = self.norm(x)
         return (h, kvs) if return_kv else h
+
+    def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                     key_mask: torch.Tensor | None, start=0) -> tuple:
+        """What every layer of ``forward`` reads beside x: (cos, sin [B, T, rope_dim], the attention mask or
+        None). Its own method so that a tensor-parallel shard's two-micro-batch forward (models/overlap.py,
+        which runs the layers over two halves of the rows) starts from the same inputs."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            st = start[:, None] if isinstance(start, torch.Tensor) else start
+            position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_theta)
+        return cos, sin, key_mask_to_attn_mask(key_mask)
 
     def forward_ragged(self, parts: list[RaggedPart]) -> list[torch.Tensor]:
         """Several forwards as one pass over the weights: every part's tokens packed into one row, attention
