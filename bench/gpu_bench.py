@@ -88,6 +88,9 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+_COMPILED: dict[int, object] = {}        # id(block) -> its torch.compile wrapper (``set_compiled`` toggles it)
+
+
 def compile_blocks(model) -> None:
     """torch.compile each transformer block (one compiled code object shared by all layers: same class)."""
     import torch._dynamo as dynamo
@@ -96,13 +99,13 @@ def compile_blocks(model) -> None:
             setattr(dynamo.config, name, 64)
     for b in model.blocks:
         b.compile(fullgraph=True)
-        b._dlc_compiled = b._compiled_call_impl
+        _COMPILED[id(b)] = b._compiled_call_impl
 
 
 def set_compiled(model, on: bool) -> None:
     for b in model.blocks:
-        if hasattr(b, "_dlc_compiled"):
-            b._compiled_call_impl = b._dlc_compiled if on else None
+        if id(b) in _COMPILED:
+            b._compiled_call_impl = _COMPILED[id(b)] if on else None
 
 
 _FUSED_OFF: dict[int, tuple] = {}        # id(module) -> its Fusable.fused while the bench runs unfused

@@ -467,6 +467,10 @@ class TiedHead(nn.Module):
         self._embed = [embed]
         self.vocab = vocab
 
+    def tie(self, embed: nn.Module) -> None:
+        """Read ``embed``'s weight from now on (a tensor-parallel shard replaces the embedding it ties to)."""
+        self._embed[0] = embed
+
     def forward(self, h):
         return F.linear(h, self._embed[0].weight[: self.vocab])
 

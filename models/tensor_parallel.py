@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .all_reduce import AllReduce
+from .common import TiedHead
 from .config import ModelConfig
 
 ATTN_OUT = ("attn_out", "o_proj", "dense")             # row-parallel attention output (LLaDA, HF, LLaDA2)
@@ -289,9 +290,8 @@ def _shard_embedding(model, rank, world, reduce, full, plan) -> None:
         with torch.no_grad():
             new.weight.copy_(old.weight[e0:e1])
     plan[_replace(model, old, new) + ".weight"] = Slice(0, e0, e1)
-    tied = model.__dict__.get("_tied_head")
-    if tied is not None:                          # the tied head reads the new (sharded) embedding
-        tied._embed[0] = new
+    if isinstance(model.head, TiedHead):          # the tied head reads the new (sharded) embedding
+        model.head.tie(new)
 
 
 def head_shard(model, rank: int, world: int) -> tuple[torch.Tensor, int]:
