@@ -88,6 +88,9 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+_COMPILED: dict[int, object] = {}        # id(block) -> its torch.compile wrapper (``set_compiled`` toggles it)
+
+
 def compile_blocks(model) -> None:
     """torch.compile each transformer block (one compiled code object shared by all layers: same class)."""
     import torch._dynamo as dynamo
@@ -96,23 +99,29 @@ def compile_blocks(model) -> None:
             setattr(dynamo.config, name, 64)
     for b in model.blocks:
         b.compile(fullgraph=True)
-        b._dlc_compiled = b._compiled_call_impl
+        _COMPILED[id(b)] = b._compiled_call_impl
 
 
 def set_compiled(model, on: bool) -> None:
     for b in model.blocks:
-        if hasattr(b, "_dlc_compiled"):
-            b._compiled_call_impl = b._dlc_compiled if on else None
+        if id(b) in _COMPILED:
+            b._compiled_call_impl = _COMPILED[id(b)] if on else None
+
+
+_FUSED_OFF: dict[int, tuple] = {}        # id(module) -> its Fusable.fused while the bench runs unfused
 
 
 def set_fused(model, on: bool) -> None:
     """q|k|v and gate|up as one GEMM each (dlc.models.common.fuse_projections_) on or off; the eager baselines
     run unfused, as the model issues its products."""
+    from dlc.models.common import Fusable
     for m in model.modules():
-        if on and hasattr(m, "_dlc_fused_off"):
-            m._dlc_fused = m.__dict__.pop("_dlc_fused_off")
-        elif not on and getattr(m, "_dlc_fused", None) is not None:
-            m._dlc_fused_off, m._dlc_fused = m._dlc_fused, None
+        if not isinstance(m, Fusable):
+            continue
+        if on and id(m) in _FUSED_OFF:
+            m.fused = _FUSED_OFF.pop(id(m))
+        elif not on and m.fused:
+            _FUSED_OFF[id(m)], m.fused = m.fused, ()
 
 
 def optimized(model, on: bool, args) -> None:

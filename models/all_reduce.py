@@ -1,8 +1,10 @@
 """The all-reduce of tensor parallelism: how one rank's partial sums become the group's sum (issue 16).
 
 The row-parallel linears and the vocab-parallel embedding (``dlc.models.tensor_parallel``) call their
-``AllReduce`` (``layer.reduce``); one object per process group, shared by every layer of the rank. Backends
-(``tp_all_reduce``, ``--tp-all-reduce``):
+``AllReduce`` (``layer.reduce``); one object per process group, made before loading and given to every layer
+of the rank as it is built (``shard_modules_``), configured once loaded (``setup``) and owned by the rank's
+``ShardCollectives`` (runtime/distributed/collectives.py: switches, reports and releases go through it,
+never by searching the model). Backends (``tp_all_reduce``, ``--tp-all-reduce``):
 
 * ``nccl``: ``dist.all_reduce`` (NCCL on CUDA, gloo on CPU); Dynamo traces it into the functional
   ``_c10d_functional.all_reduce_`` inside compiled blocks.
@@ -42,7 +44,6 @@ import weakref
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 
 BACKENDS = ("auto", "nccl", "symm")      # runtime.config.TP_ALL_REDUCE: the CLI's choices (nccl: default)
 FIELD = "tp_all_reduce"
@@ -51,8 +52,8 @@ SYMM_ROWS = 64 * 128          # symm's buffer: tokens of the largest captured Re
 SYMM_DTYPES = (torch.bfloat16, torch.float32)                    # the one-shot kernel's dtypes
 ALIGN = 16                    # the kernel's 16-byte vectors: offsets and sizes must keep them
 
-# group name -> its AllReduce (the custom op's real impl finds it there); weak: it lives as long as the model
-# whose layers hold it, so a closed group's buffer is freed with its model
+# group name -> its AllReduce (the custom op's real impl finds it there: an op takes strings, not objects);
+# weak: it lives as long as the shard whose layers and collectives hold it
 _REDUCERS: "weakref.WeakValueDictionary[str, AllReduce]" = weakref.WeakValueDictionary()
 # whether this process has rendezvoused a symmetric buffer (``symmetric_buffer``): a second TP group of the
 # same process hung in PyTorch's ``rendezvous`` on 2 x H200 (torch 2.11; bench/RESULTS.md), so a later group
@@ -164,6 +165,14 @@ class AllReduce:
         self.calls = {"one_shot": 0, "nccl": 0}
         self.defer = False            # the caller sums (``deferred``): layers return their partial sums
 
+    def configure(self, backend: str, limit: int, buffer: torch.Tensor | None) -> None:
+        """Take the backend ``setup`` chose, in place: the layers built with this object (``shard_modules_``)
+        sum with it from now on. Once, after loading, before any compile or capture (Dynamo guards on
+        ``op``)."""
+        self.backend, self.limit, self.buffer = check_backend(backend), limit, buffer
+        self.op = self.group is not None and buffer is not None
+        self.group_name = self.group.group_name if self.op else ""
+
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         if self.group is None or self.defer:
             return y
@@ -235,6 +244,29 @@ class AllReduce:
         _REDUCERS.pop(self.group_name, None)
         self.buffer, self.limit, self.op, self.group_name = None, 0, False, ""
 
+    def check_switch(self, backend: str) -> bool:
+        """Whether ``switch`` can take this all-reduce to ``backend`` (False: nothing to switch, one device);
+        else ValueError naming the field (rank 0 asks before any rank switches)."""
+        check_backend(backend)
+        if self.group is None:
+            return False
+        if backend == "symm" and self.buffer is None:      # auto without a buffer: NCCL / gloo, as at setup
+            raise ValueError(f"{FIELD} symm: this group started with {self.backend} (no symmetric buffer); "
+                             f"start it with {FIELD} symm")
+        return True
+
+    def switch(self, backend: str) -> None:
+        """Change the backend of a running rank (benches: each backend over the same group and weights):
+        within what ``setup`` allocated (``nccl`` sends every message through NCCL, inside the op where a
+        buffer exists; ``symm`` needs the buffer, ``auto`` without one is NCCL / gloo). Captured graphs keep
+        the path they captured: recapture after."""
+        if not self.check_switch(backend):
+            return
+        cap = 0 if self.buffer is None else self.buffer.numel()
+        self.backend, self.calls = backend, {"one_shot": 0, "nccl": 0}
+        auto = min(ONE_SHOT_MAX_BYTES.get(self.group.size(), 0), cap)
+        self.limit = {"nccl": 0, "symm": cap, "auto": auto}[backend]
+
     def max_bytes(self) -> int:
         """Largest message that goes one-shot now (0: none)."""
         return 0 if self.buffer is None else min(self.limit, self.buffer.numel())
@@ -262,19 +294,21 @@ def _(x, group_name):
     return None
 
 
-def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype) -> AllReduce:
-    """This rank's all-reduce for ``group``, installed in every parallel layer of ``model`` (those holding a
-    ``reduce``). Collective when it allocates the symmetric buffer (every rank calls it at the same point,
-    after loading, before any capture or compile); ``symm`` where it cannot run raises ValueError naming the
-    field, on every rank alike; ``auto`` whose buffer cannot be set up falls back to NCCL with a warning."""
+def setup(reduce: AllReduce, backend: str, device: str, dtype: torch.dtype, d_model: int) -> AllReduce:
+    """Configure this rank's all-reduce ``reduce`` (over its group; the one object every parallel layer of
+    the shard was built with, ``tensor_parallel.shard_modules_``) for ``backend``, in place, and return it.
+    Collective when it allocates the symmetric buffer (every rank calls it at the same point, after loading,
+    before any capture or compile); ``symm`` where it cannot run raises ValueError naming the field, on
+    every rank alike; ``auto`` whose buffer cannot be set up falls back to NCCL with a warning."""
     import torch.distributed as dist
+    group = reduce.group
     world = dist.get_world_size(group)
     dev = torch.device(device).type
     p2p = dev == "cuda" and backend != "nccl" and p2p_ok(world)
     limit = one_shot_limit(backend, dev, world, dtype, p2p)
     buf = None
     if limit:
-        nbytes = buffer_bytes(limit, model.config.d_model, dtype.itemsize)
+        nbytes = buffer_bytes(limit, d_model, dtype.itemsize)
         try:
             buf = symmetric_buffer(nbytes, group)
         except Exception as e:                          # noqa: BLE001 - the same failure on every rank
@@ -284,10 +318,9 @@ def setup(model: nn.Module, group, backend: str, device: str, dtype: torch.dtype
                     from None
             warnings.warn(f"{FIELD} auto: symmetric memory unavailable ({why}); using NCCL", stacklevel=2)
         limit = min(limit, nbytes) if buf is not None else 0
-    reduce = AllReduce(group, backend, limit, buf)
+    reduce.configure(backend, limit, buf)
     if buf is not None:
         _REDUCERS[reduce.group_name] = reduce
-    install(model, reduce)
     return reduce
 
 
@@ -306,49 +339,3 @@ def symmetric_buffer(nbytes: int, group) -> torch.Tensor:
     _RENDEZVOUSED = True                       # set before: a failed rendezvous has touched the state too
     symm_mem.rendezvous(buf, group.group_name)
     return buf
-
-
-def install(model: nn.Module, reduce: AllReduce) -> None:
-    """``reduce`` becomes the all-reduce of every layer of ``model`` that has one."""
-    for m in model.modules():
-        if isinstance(getattr(m, "reduce", None), AllReduce):
-            m.reduce = reduce
-
-
-def of(model: nn.Module) -> AllReduce | None:
-    """The model's all-reduce (the first parallel layer's), None on one device."""
-    return next((m.reduce for m in model.modules() if isinstance(getattr(m, "reduce", None), AllReduce)),
-                None)
-
-
-def release(model: nn.Module) -> None:
-    """Free the symmetric buffer of the model's all-reduce, if any (``AllReduce.release``)."""
-    r = of(model)
-    if r is not None:
-        r.release()
-
-
-def check_switch(model: nn.Module, backend: str) -> AllReduce | None:
-    """The model's all-reduce if ``switch`` can take it to ``backend`` (None: nothing to switch); else
-    ValueError naming the field (rank 0 asks before any rank switches)."""
-    check_backend(backend)
-    r = of(model)
-    if r is None or r.group is None:
-        return None
-    if backend == "symm" and r.buffer is None:          # auto without a buffer: NCCL / gloo, as at setup
-        raise ValueError(f"{FIELD} symm: this group started with {r.backend} (no symmetric buffer); "
-                         f"start it with {FIELD} symm")
-    return r
-
-
-def switch(model: nn.Module, backend: str) -> None:
-    """Change the backend of a running rank (benches: each backend over the same group and weights): within
-    what ``setup`` allocated (``nccl`` sends every message through NCCL, inside the op where a buffer exists;
-    ``symm`` needs the buffer, ``auto`` without one is NCCL / gloo). Captured graphs keep the path they
-    captured: recapture after."""
-    r = check_switch(model, backend)
-    if r is None:
-        return
-    cap = 0 if r.buffer is None else r.buffer.numel()
-    r.backend, r.calls = backend, {"one_shot": 0, "nccl": 0}
-    r.limit = {"nccl": 0, "symm": cap, "auto": min(ONE_SHOT_MAX_BYTES.get(r.group.size(), 0), cap)}[backend]

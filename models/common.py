@@ -169,14 +169,35 @@ def write_cache(ck, cv, rows, k, v, start, gather: bool = True):
     return (ck, cv) if rows is None else (ck[r], cv[r])
 
 
-def project(x: torch.Tensor, linears: tuple) -> tuple:
+class FusedWeight(NamedTuple):
+    """One group's concatenated projection weight (``fuse_projections_``): its linears' parameters are
+    row-slice views of ``weight`` / ``bias``, ``sizes`` their output widths in order."""
+    weight: torch.Tensor                  # [sum(sizes), d_in]
+    bias: torch.Tensor | None
+    sizes: list[int]
+
+
+class Fusable:
+    """Mixin of the modules whose linears read one input (q|k|v; the MLP's gate|up): ``fusable()`` lists the
+    groups; ``fused`` (declared here, empty until ``fuse_projections_``) holds each group's ``FusedWeight`` in
+    that order (None: the group stays unfused), so the fused state lives with the module that owns the
+    linears and calls ``project``, not on torch's ``nn.Linear`` objects."""
+    fused: tuple = ()
+
+    def fusable(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def fused_group(self, i: int) -> FusedWeight | None:
+        return self.fused[i] if self.fused else None
+
+
+def project(x: torch.Tensor, linears: tuple, fused: FusedWeight | None = None) -> tuple:
     """``x`` through several linears that share it: one GEMM over their concatenated weight when
-    ``fuse_projections_`` fused them, else one GEMM each. Returns one output per linear."""
-    fused = getattr(linears[0], "_dlc_fused", None)
+    ``fuse_projections_`` fused them (``fused``: the owner's ``Fusable.fused_group``), else one GEMM each.
+    Returns one output per linear."""
     if fused is None:
         return tuple(lin(x) for lin in linears)
-    w, b, sizes = fused
-    return F.linear(x, w, b).split(sizes, dim=-1)
+    return F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
 
 
 def fuse_projections_(model: nn.Module) -> int:
@@ -184,32 +205,38 @@ def fuse_projections_(model: nn.Module) -> int:
     in place: each parameter becomes a row-slice view of it, so names, state_dict and memory are unchanged and
     ``project`` runs one GEMM instead of three / two (at small batch a Reuse step is weight-read bound and
     skinny GEMMs stream faster when wide). Call it after the model is on its final device and dtype (moving it
-    afterwards breaks the sharing). Returns the number of fused groups."""
+    afterwards breaks the sharing). The fused weights go to each owner's ``Fusable.fused``. Returns the number
+    of groups fused now (0 on a model already fused)."""
     n = 0
     for mod in model.modules():
-        for group in getattr(mod, "fusable", lambda: [])():
-            if getattr(group[0], "_dlc_fused", None) is not None:
-                continue
-            ws = [lin.weight for lin in group]
-            if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
-                continue
-            has_b = [lin.bias is not None for lin in group]
-            if any(has_b) and not all(has_b):
-                continue
-            with torch.no_grad():
-                w = torch.cat([x.detach() for x in ws])
-                b = torch.cat([lin.bias.detach() for lin in group]) if all(has_b) else None
-                sizes, r = [], 0
-                for lin in group:
-                    m = lin.weight.shape[0]
-                    lin.weight.data = w[r:r + m]
-                    if b is not None:
-                        lin.bias.data = b[r:r + m]
-                    sizes.append(m)
-                    r += m
-            group[0]._dlc_fused = (w, b, sizes)
-            n += 1
+        if not isinstance(mod, Fusable) or mod.fused:
+            continue
+        mod.fused = tuple(_fuse_group(group) for group in mod.fusable())
+        n += sum(f is not None for f in mod.fused)
     return n
+
+
+def _fuse_group(group: tuple) -> FusedWeight | None:
+    """One group's linears -> their concatenated weight, each parameter becoming a row slice of it (None: the
+    linears differ in input width, dtype, device or bias and stay apart)."""
+    ws = [lin.weight for lin in group]
+    if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
+        return None
+    has_b = [lin.bias is not None for lin in group]
+    if any(has_b) and not all(has_b):
+        return None
+    with torch.no_grad():
+        w = torch.cat([x.detach() for x in ws])                             # [sum(out), d_in]
+        b = torch.cat([lin.bias.detach() for lin in group]) if all(has_b) else None
+        sizes, r = [], 0
+        for lin in group:
+            m = lin.weight.shape[0]
+            lin.weight.data = w[r:r + m]
+            if b is not None:
+                lin.bias.data = b[r:r + m]
+            sizes.append(m)
+            r += m
+    return FusedWeight(w, b, sizes)
 
 
 def key_mask_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -249,11 +276,13 @@ def attention_override(fn):
 
 
 def self_attention(x, q_proj, k_proj, v_proj, o_proj, cos, sin, attn_mask, n_heads: int, n_kv: int,
-                   q_norm=None, k_norm=None, cache_kv=None, start: int = 0):
+                   q_norm=None, k_norm=None, cache_kv=None, start: int = 0,
+                   qkv_fused: FusedWeight | None = None):
     """Bidirectional attention with GQA and optional QK-norm; projections are the caller's modules so each
-    family keeps its checkpoint's parameter names. Returns (output [B, T, d], (k, v) [B, Hkv, T, D])."""
+    family keeps its checkpoint's parameter names (``qkv_fused``: their fused weight, the caller's
+    ``Fusable.fused_group``). Returns (output [B, T, d], (k, v) [B, Hkv, T, D])."""
     B, T, _ = x.shape
-    q, k, v = project(x, (q_proj, k_proj, v_proj))
+    q, k, v = project(x, (q_proj, k_proj, v_proj), qkv_fused)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     hd = q.shape[-1] // n_heads
@@ -412,7 +441,7 @@ def _unpack(x: torch.Tensor, t: int, rows: int, cols: int) -> torch.Tensor:
     return x[0, :, t:t + rows * cols].unflatten(1, (rows, cols)).transpose(0, 1)
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(Fusable, nn.Module):
     def __init__(self, d_model: int, hidden: int, names: dict[str, str]):
         super().__init__()
         self.names = names
@@ -422,7 +451,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         n = self.names
-        gate, up = project(x, (getattr(self, n["gate"]), getattr(self, n["up"])))
+        gate, up = project(x, (getattr(self, n["gate"]), getattr(self, n["up"])), self.fused_group(0))
         return getattr(self, n["down"])(F.silu(gate) * up)
 
     def fusable(self):
@@ -438,11 +467,15 @@ class TiedHead(nn.Module):
         self._embed = [embed]
         self.vocab = vocab
 
+    def tie(self, embed: nn.Module) -> None:
+        """Read ``embed``'s weight from now on (a tensor-parallel shard replaces the embedding it ties to)."""
+        self._embed[0] = embed
+
     def forward(self, h):
         return F.linear(h, self._embed[0].weight[: self.vocab])
 
 
-class HFAttention(nn.Module):
+class HFAttention(Fusable, nn.Module):
     """Attention under the HF Llama/Qwen names (q_proj, k_proj, v_proj, o_proj); q/k/v bias from the config,
     and with ``config.qk_norm`` the family's ``head_norm`` class (built as ``head_norm(head_dim, eps)``) as
     q_norm and k_norm."""
@@ -468,7 +501,7 @@ class HFAttention(nn.Module):
         qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, cos, sin, mask,
                               self.n_heads, self.n_kv, q_norm=qn, k_norm=kn, cache_kv=cache_kv, start=start,
-                              **kw)
+                              qkv_fused=self.fused_group(0), **kw)
 
 
 class PreNormLayer(nn.Module):
@@ -515,15 +548,7 @@ class DiffusionLM(nn.Module):
         to ``start + arange(T)``; key_mask [B, S] marks the keys to attend (S = T without a cache, the cache
         length with one), or [B, T, S] per query (block-causal families). ``embed_add`` [B, T, d] is added to
         the input embeddings (iteration smoothing)."""
-        B, T = input_ids.shape
-        if position_ids is None:
-            st = start[:, None] if isinstance(start, torch.Tensor) else start
-            position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_theta)
-        mask = key_mask_to_attn_mask(key_mask)
-        overlap = self.__dict__.get("_overlap")          # a TP shard's two-micro-batch forward (overlap.py)
-        if overlap is not None and overlap.splits(input_ids, cache, return_kv):
-            return overlap.forward(self, input_ids, cos, sin, mask, cache, start, embed_add)
+        cos, sin, mask = self.layer_inputs(input_ids, position_ids, key_mask, start)
         x = self.embed(input_ids)                                         # [B, T, d]
         if embed_add is not None:
             x = x + embed_add.to(x.dtype)
@@ -534,6 +559,18 @@ class DiffusionLM(nn.Module):
             kvs.append(kv)
         h = self.norm(x)
         return (h, kvs) if return_kv else h
+
+    def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                     key_mask: torch.Tensor | None, start=0) -> tuple:
+        """What every layer of ``forward`` reads beside x: (cos, sin [B, T, rope_dim], the attention mask or
+        None). Its own method so that a tensor-parallel shard's two-micro-batch forward (models/overlap.py,
+        which runs the layers over two halves of the rows) starts from the same inputs."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            st = start[:, None] if isinstance(start, torch.Tensor) else start
+            position_ids = (torch.arange(T, device=input_ids.device)[None] + st).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_theta)
+        return cos, sin, key_mask_to_attn_mask(key_mask)
 
     def forward_ragged(self, parts: list[RaggedPart]) -> list[torch.Tensor]:
         """Several forwards as one pass over the weights: every part's tokens packed into one row, attention

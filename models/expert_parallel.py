@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .common import SwiGLU
 from .llada2_moe import MoEBlock
-from .llada_moe import MOE_IMPLS, SparseMoeBlock
+from .llada_moe import MOE_IMPLS, Experts, SparseMoeBlock
 
 MOE_BLOCKS = (SparseMoeBlock, MoEBlock)       # the families' MoE blocks (SDAR-MoE uses SparseMoeBlock)
 SHARED = "shared_experts"
@@ -111,7 +111,7 @@ class ExpertParallelMoE(nn.Module):
         router = copy.copy(moe)                                           # routes through the family's own
         router._modules = {"gate": self.gate}                             # route_tokens, without its experts
         self.__dict__["_router"] = router
-        self.__dict__["_local"] = nn.ModuleList(self.experts.values())   # compute view: no second names
+        self.__dict__["_local"] = Experts(self.experts.values())         # compute view: no second names
         self.weight_slices: dict[str, tuple[int, int, int]] = {}
         self.shared_tp = False
         shared = getattr(moe, SHARED, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import DiffusionLM, RMSNorm, TiedHead, project, self_attention
+from .common import DiffusionLM, Fusable, RMSNorm, TiedHead, project, self_attention
 from .config import ModelConfig
 
 HF_MODEL_TYPE = "llada"
@@ -47,7 +47,7 @@ def to_hf(c: ModelConfig) -> dict:
     }
 
 
-class LLaDABlock(nn.Module):
+class LLaDABlock(Fusable, nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         hd = c.head_dim
@@ -74,11 +74,12 @@ class LLaDABlock(nn.Module):
         """The attention sublayer before its residual add: (output [B, T, d], (k, v)). A tensor-parallel
         shard's two-micro-batch forward (models/overlap.py) runs the sublayers apart."""
         return self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                              cos, sin, mask, self.n_heads, self.n_kv, cache_kv=cache_kv, start=start)
+                              cos, sin, mask, self.n_heads, self.n_kv, cache_kv=cache_kv, start=start,
+                              qkv_fused=self.fused_group(0))
 
     def mlp_branch(self, x):
         """The MLP sublayer before its residual add: [B, T, d] -> [B, T, d]."""
-        gate, up = project(self.ff_norm(x), (self.ff_proj, self.up_proj))
+        gate, up = project(self.ff_norm(x), (self.ff_proj, self.up_proj), self.fused_group(1))
         return self.ff_out(F.silu(gate) * up)
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .common import DiffusionLM, RMSNorm, SwiGLU, apply_rope, attend
 from .config import ModelConfig, hf_eos_id, refuse_unsupported, require_keys
-from .llada_moe import MOE_IMPLS
+from .llada_moe import MOE_IMPLS, Experts
 
 HF_MODEL_TYPE = "llada2_moe"
 MODEL_TYPES = ("llada2_moe",)
@@ -180,8 +180,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.c = c
         self.gate = Gate(c)
-        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES)
-                                     for _ in range(c.n_experts))
+        self.experts = Experts(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES) for _ in range(c.n_experts))
         if c.n_shared_experts:
             self.shared_experts = SwiGLU(c.d_model, c.expert_hidden * c.n_shared_experts, MLP_NAMES)
 

@@ -164,6 +164,14 @@ def _weights_id(experts: nn.ModuleList):
                  for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight))
 
 
+class Experts(nn.ModuleList):
+    """A MoE block's experts (``experts.J.{gate,up,down}_proj``: the checkpoint's names, as a ModuleList's)
+    and the one home of their packed weights: ``packed`` (declared here, set by ``pack_experts``) is
+    (``_weights_id`` when packed, (w_gu [E, 2H, d], w_down [E, H, d])), the tensors the experts' parameters
+    view. A cache of the list it describes, not an attribute stuck onto torch's ``nn.ModuleList``."""
+    packed: tuple | None = None
+
+
 def _stack_experts(experts: nn.ModuleList):
     """(w_gu [E, 2H, d], w_down [E, H, d]) built from the experts' weights (a copy; four ops, so a traced
     graph stays small): expert e's gate rows, then its up rows; its down weight read transposed ([in, out],
@@ -174,7 +182,7 @@ def _stack_experts(experts: nn.ModuleList):
     return torch.cat([gate, up], dim=1), down.transpose(1, 2)                  # [E, 2H, d], [E, H, d]
 
 
-def pack_experts(experts: nn.ModuleList) -> None:
+def pack_experts(experts: Experts) -> None:
     """Re-point every expert's gate/up/down weight at a slice of two packed tensors, so ``moe_stacked`` and
     ``moe_fused`` run without copying: ``w_gu`` [E, 2H, d] (expert e's ``gate_proj.weight`` is
     ``w_gu[e, :H]``, its ``up_proj.weight`` ``w_gu[e, H:]``, both [out, in] as in the checkpoint) and
@@ -188,20 +196,19 @@ def pack_experts(experts: nn.ModuleList) -> None:
         e.gate_proj.weight = nn.Parameter(w_gu[i, :H], requires_grad=rg)
         e.up_proj.weight = nn.Parameter(w_gu[i, H:], requires_grad=rg)
         e.down_proj.weight = nn.Parameter(w_down[i].t(), requires_grad=rg)
-    experts.__dict__["_packed"] = (_weights_id(experts), (w_gu, w_down))
+    experts.packed = (_weights_id(experts), (w_gu, w_down))
 
 
-def _packed(experts: nn.ModuleList):
+def _packed(experts: Experts):
     """(w_gu [E, 2H, d], w_down [E, H, d]): the packed tensors while the experts still point into them,
     packing first in eager mode; inside a traced graph (or on the meta device) a plain stack of the
     parameters."""
     if _tracing() or experts[0].gate_proj.weight.device.type == "meta":
         return _stack_experts(experts)
-    p = experts.__dict__.get("_packed")
-    if p is None or p[0] != _weights_id(experts):
+    if experts.packed is None or experts.packed[0] != _weights_id(experts):
         with torch.no_grad():
             pack_experts(experts)
-    return experts.__dict__["_packed"][1]
+    return experts.packed[1]
 
 
 def moe_stacked(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
@@ -291,8 +298,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk = c.n_experts_per_tok, c.norm_topk_prob
         self.gate = nn.Linear(c.d_model, c.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES)
-                                     for _ in range(c.n_experts))
+        self.experts = Experts(SwiGLU(c.d_model, c.expert_hidden, MLP_NAMES) for _ in range(c.n_experts))
 
     def route_tokens(self, flat: torch.Tensor):
         """[N, d] -> (weights [N, k] fp32, expert ids [N, k]); also what expert-parallel shards call."""

@@ -23,6 +23,11 @@ with ``TORCH_LOGS=output_code`` on gloo). Which steps split: ``splits`` (at leas
 and two rows; blocks with ``attention_branch`` / ``mlp_branch`` sublayers and row-parallel outputs without
 bias: the dense families). ``min_tokens`` 0 turns it off. ``stats``: forwards split (host calls: captures and
 eager forwards, not replays).
+
+Where it lives: ``for_shard`` builds a shard's ``TwoBatchOverlap`` (``launch.load_shard``); the rank's
+``ShardCollectives`` (runtime/distributed/collectives.py) holds it beside the all-reduce and calls its
+``forward`` in place of ``DiffusionLM.forward`` for the steps it splits (``DiffusionLM.layer_inputs`` gives
+both the same RoPE tables and mask). Nothing is stored on the model.
 """
 from __future__ import annotations
 
@@ -59,10 +64,12 @@ class TwoBatchOverlap:
         return (self.min_tokens > 0 and B >= 2 and B * T >= self.min_tokens and not return_kv
                 and (cache is None or (isinstance(cache, KVCache) and cache.score_index is None)))
 
-    def forward(self, model, ids, cos, sin, mask, cache, start, embed_add):
-        """``DiffusionLM.forward``'s embedding, layers and final norm over halves [0, h) and [h, B):
-        ids [B, T] -> h [B, T, d]. Each half is (x without its last sum, that sum in flight)."""
+    def forward(self, model, ids, position_ids, key_mask, cache, start, embed_add):
+        """``DiffusionLM.forward`` (its arguments, without ``return_kv``) as embedding, layers and final norm
+        over halves [0, h) and [h, B): ids [B, T] -> h [B, T, d]. Each half is (x without its last sum, that
+        sum in flight)."""
         B, h = ids.shape[0], (ids.shape[0] + 1) // 2
+        cos, sin, mask = model.layer_inputs(ids, position_ids, key_mask, start)
         ar, att, ff = self.reduce, self.attention, self.mlp
         self.stats["split_forwards"] += 1
         halves = (slice(0, h), slice(h, B))
@@ -138,18 +145,11 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def install(model: nn.Module, reduce: AllReduce, min_tokens: int = MIN_TOKENS) -> TwoBatchOverlap | None:
-    """The shard's two-micro-batch forward (``DiffusionLM.forward`` takes it for big steps); None where the
-    model cannot split (MoE layers, biased row-parallel outputs) or one device."""
+def for_shard(model: nn.Module, reduce: AllReduce, min_tokens: int = MIN_TOKENS) -> TwoBatchOverlap | None:
+    """The shard's two-micro-batch forward (held by its ``ShardCollectives``, runtime/distributed/
+    collectives.py, which runs it instead of ``model.forward`` for the steps it ``splits``); None where the
+    model cannot split (MoE layers, biased row-parallel outputs) or on one device."""
     check_min_tokens(min_tokens)
     if reduce is None or reduce.group is None or unsupported(model):
-        model.__dict__.pop("_overlap", None)
         return None
-    ov = TwoBatchOverlap(reduce, min_tokens)
-    model.__dict__["_overlap"] = ov
-    return ov
-
-
-def of(model: nn.Module) -> TwoBatchOverlap | None:
-    """The model's two-micro-batch forward, None when it has none."""
-    return model.__dict__.get("_overlap")
+    return TwoBatchOverlap(reduce, min_tokens)

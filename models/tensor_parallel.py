@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .all_reduce import AllReduce
+from .common import TiedHead
 from .config import ModelConfig
 
 ATTN_OUT = ("attn_out", "o_proj", "dense")             # row-parallel attention output (LLaDA, HF, LLaDA2)
@@ -82,17 +83,17 @@ def shard_config(c: ModelConfig, world: int) -> ModelConfig:
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_r @ W_r^T) + b: the rank's input slice times its column slice of W, summed over ranks.
-    ``weight`` [out, in / world] keeps the checkpoint's parameter name."""
+    """y = all_reduce(x_r @ W_r^T) + b: the rank's input slice times its column slice of W, summed over ranks
+    by ``reduce`` (the rank's all-reduce, shared by every parallel layer). ``weight`` [out, in / world] keeps
+    the checkpoint's parameter name."""
 
-    def __init__(self, in_local: int, out: int, bias: bool, group, device=None, dtype=None):
+    def __init__(self, in_local: int, out: int, bias: bool, reduce: AllReduce, device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out, in_local, device=device, dtype=dtype),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out, device=device, dtype=dtype), requires_grad=False) if bias \
             else None
-        self.group = group
-        self.reduce = AllReduce(group)            # the rank's backend once loaded (models/all_reduce.py)
+        self.reduce = reduce              # the rank's one all-reduce over its group (models/all_reduce.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.reduce(F.linear(x, self.weight))                         # [B, T, out] summed over ranks
@@ -113,8 +114,8 @@ def _column(lin: nn.Linear, a: int, b: int, full: bool, ranges: list | None = No
     return new
 
 
-def _row(lin: nn.Linear, a: int, b: int, group, full: bool) -> RowParallelLinear:
-    new = RowParallelLinear(b - a, lin.out_features, lin.bias is not None, group, lin.weight.device,
+def _row(lin: nn.Linear, a: int, b: int, reduce: AllReduce, full: bool) -> RowParallelLinear:
+    new = RowParallelLinear(b - a, lin.out_features, lin.bias is not None, reduce, lin.weight.device,
                             lin.weight.dtype)
     if full:
         with torch.no_grad():
@@ -168,10 +169,13 @@ def _moe_sharder():
     return shard_moe_layer
 
 
-def shard_modules_(model: nn.Module, rank: int, world: int, group, full: bool = False) -> dict[str, Slice]:
+def shard_modules_(model: nn.Module, rank: int, world: int, reduce: AllReduce,
+                   full: bool = False) -> dict[str, Slice]:
     """Replace the model's linears by this rank's shards, in place; returns the plan (parameter name ->
-    ``Slice`` of the checkpoint tensor; replicated parameters are absent). ``full``: the model holds real
-    full weights (tiny presets) and the slices are copied; else it is on the meta device, to be loaded."""
+    ``Slice`` of the checkpoint tensor; replicated parameters are absent). ``reduce``: the rank's all-reduce
+    over its group (``reduce.group``), given to every row-parallel layer and the embedding (one object,
+    configured once loaded: ``all_reduce.setup``). ``full``: the model holds real full weights (tiny
+    presets) and the slices are copied; else it is on the meta device, to be loaded."""
     c: ModelConfig = model.config
     lay = head_layout(c, rank, world)
     plan: dict[str, Slice] = {}
@@ -179,15 +183,15 @@ def shard_modules_(model: nn.Module, rank: int, world: int, group, full: bool = 
     for i, block in enumerate(model.blocks):
         pre = f"{blocks_prefix}.{i}."
         ap, attn = _attention(block)
-        shard_attention_(attn, pre + ap, lay, c, group, full, plan)
-        _shard_mlp(block, pre, rank, world, group, full, plan, c)
+        shard_attention_(attn, pre + ap, lay, c, reduce, full, plan)
+        _shard_mlp(block, pre, rank, world, reduce, full, plan, c)
     _shard_head(model, rank, world, full, plan)
-    _shard_embedding(model, rank, world, group, full, plan)
+    _shard_embedding(model, rank, world, reduce, full, plan)
     return plan
 
 
-def shard_attention_(attn: nn.Module, pre: str, lay: HeadLayout, c: ModelConfig, group, full: bool,
-                     plan: dict) -> None:
+def shard_attention_(attn: nn.Module, pre: str, lay: HeadLayout, c: ModelConfig, reduce: AllReduce,
+                     full: bool, plan: dict) -> None:
     """One attention module -> its shard (heads ``lay``), in place; records the slices under ``pre``."""
     hd = c.head_dim
     q, kv = (lay.q[0] * hd, lay.q[1] * hd), (lay.kv[0] * hd, lay.kv[1] * hd)
@@ -205,18 +209,18 @@ def shard_attention_(attn: nn.Module, pre: str, lay: HeadLayout, c: ModelConfig,
             setattr(attn, name, _column(getattr(attn, name), a, b, full))
     out_name = next(n for n in ATTN_OUT if hasattr(attn, n))
     plan[pre + out_name + ".weight"] = Slice(1, *q)
-    setattr(attn, out_name, _row(getattr(attn, out_name), *q, group, full))
+    setattr(attn, out_name, _row(getattr(attn, out_name), *q, reduce, full))
     attn.n_heads, attn.n_kv = lay.q[1] - lay.q[0], lay.kv[1] - lay.kv[0]
 
 
-def _shard_mlp(block, pre, rank, world, group, full, plan, c) -> None:
+def _shard_mlp(block, pre, rank, world, reduce, full, plan, c) -> None:
     found = _mlp(block)
     if found is None:
         sharder = _moe_sharder()
         if sharder is None:
             raise ValueError(f"tensor_parallel_size {world}: {c.family} has MoE layers and this build has no "
                              f"expert parallelism (dlc.models.expert_parallel); use tensor_parallel_size 1")
-        block.mlp = sharder(block.mlp, rank, world, group)       # on the meta device when loading
+        block.mlp = sharder(block.mlp, rank, world, reduce.group)  # on the meta device when loading
         sub = getattr(block.mlp, "shard_plan", None)             # slices it needs read (e.g. a TP shared
         if callable(sub):                                        # expert), names relative to the MoE block
             plan.update({f"{pre}mlp.{k}": v for k, v in sub().items()})
@@ -230,18 +234,18 @@ def _shard_mlp(block, pre, rank, world, group, full, plan, c) -> None:
         _record(plan, pre + mp + name, getattr(mlp, name), 0, a, b)
         setattr(mlp, name, _column(getattr(mlp, name), a, b, full))
     plan[pre + mp + d + ".weight"] = Slice(1, a, b)
-    setattr(mlp, d, _row(getattr(mlp, d), a, b, group, full))
+    setattr(mlp, d, _row(getattr(mlp, d), a, b, reduce, full))
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + n) of the input embedding: ids outside give zeros, one all-reduce sums the ranks
     (exactly one rank contributes each row, so the sum is the row itself, bit for bit)."""
 
-    def __init__(self, start: int, n: int, d: int, group, device=None, dtype=None):
+    def __init__(self, start: int, n: int, d: int, reduce: AllReduce, device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype), requires_grad=False)
-        self.start, self.group = start, group
-        self.reduce = AllReduce(group)            # the rank's backend once loaded (models/all_reduce.py)
+        self.start = start
+        self.reduce = reduce              # the rank's one all-reduce over its group (models/all_reduce.py)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
@@ -277,17 +281,17 @@ def _shard_head(model, rank, world, full, plan) -> None:
     _record(plan, name, head, 0, v0, v1)
 
 
-def _shard_embedding(model, rank, world, group, full, plan) -> None:
+def _shard_embedding(model, rank, world, reduce, full, plan) -> None:
     old = model.embed
     e0, e1 = embedding_range(model.config, rank, world)
-    new = VocabParallelEmbedding(e0, e1 - e0, old.weight.shape[1], group, old.weight.device, old.weight.dtype)
+    w = old.weight
+    new = VocabParallelEmbedding(e0, e1 - e0, w.shape[1], reduce, w.device, w.dtype)
     if full:
         with torch.no_grad():
             new.weight.copy_(old.weight[e0:e1])
     plan[_replace(model, old, new) + ".weight"] = Slice(0, e0, e1)
-    tied = model.__dict__.get("_tied_head")
-    if tied is not None:                          # the tied head reads the new (sharded) embedding
-        tied._embed[0] = new
+    if isinstance(model.head, TiedHead):          # the tied head reads the new (sharded) embedding
+        model.head.tie(new)
 
 
 def head_shard(model, rank: int, world: int) -> tuple[torch.Tensor, int]:

@@ -6,7 +6,8 @@ continues as the command and the others become workers at once. Backends: NCCL o
 collectives, gloo on CPU; the control messages always use a gloo group. Every rank loads only its shard
 straight from the safetensors files (``dlc.models.tensor_parallel``), then sets up its all-reduce backend
 (``tp_all_reduce``, carried to every rank: ``dlc.models.all_reduce.setup``, which allocates and rendezvouses
-the symmetric buffer at the same point on every rank, before any capture or compile)."""
+the symmetric buffer at the same point on every rank, before any capture or compile); the rank's runner holds
+its all-reduce and two-micro-batch forward (``collectives.ShardCollectives``)."""
 from __future__ import annotations
 
 import atexit
@@ -71,23 +72,28 @@ def _init(rank: int, world: int, device: str, init_method: str | None):
 
 def load_shard(model: str, weights, dtype, device: str, rank: int, world: int, group, progress: bool,
                all_reduce: str = "nccl", overlap_tokens: int | None = None):
-    """(ShardRunner, LoadedModel) of this rank: its slices only, read from the checkpoint files; then its
-    all-reduce backend (``all_reduce``: dlc.models.all_reduce, collective when it allocates the symmetric
-    buffer: every rank does it here, after loading, before any capture or compile) and its two-micro-batch
-    forward (``overlap_tokens``: dlc.models.overlap's threshold, None its default, 0 off)."""
+    """(ShardRunner, LoadedModel) of this rank: its slices only, read from the checkpoint files, every
+    parallel layer built holding the rank's one all-reduce; then that all-reduce's backend (``all_reduce``:
+    dlc.models.all_reduce.setup, collective when it allocates the symmetric buffer: every rank does it here,
+    after loading, before any capture or compile) and the two-micro-batch forward (``overlap_tokens``:
+    dlc.models.overlap's threshold, None its default, 0 off), both held by the runner's ``ShardCollectives``
+    (collectives.py), not by the model."""
     from dlc.models import all_reduce as ar
     from dlc.models import overlap
     from dlc.models.loading import load_model
     from dlc.models.tensor_parallel import shard_config, shard_modules_
 
+    from .collectives import ShardCollectives
     from .shard_runner import ShardRunner
 
+    reduce = ar.AllReduce(group)
     lm = load_model(model, weights=weights, dtype=dtype, device=device, progress=progress and rank == 0,
-                    shard=lambda m, full: shard_modules_(m, rank, world, group, full),
+                    shard=lambda m, full: shard_modules_(m, rank, world, reduce, full),
                     desc=f"loading weights (rank 0 of {world})")
-    reduce = ar.setup(lm.model, group, all_reduce, device, next(lm.model.parameters()).dtype)
-    overlap.install(lm.model, reduce, overlap.MIN_TOKENS if overlap_tokens is None else overlap_tokens)
-    return ShardRunner(lm.model, shard_config(lm.config, world), rank, world, group), lm
+    ar.setup(reduce, all_reduce, device, next(lm.model.parameters()).dtype, lm.config.d_model)
+    tokens = overlap.MIN_TOKENS if overlap_tokens is None else overlap_tokens
+    col = ShardCollectives(reduce, overlap.for_shard(lm.model, reduce, tokens))
+    return ShardRunner(lm.model, shard_config(lm.config, world), rank, world, group, col), lm
 
 
 def _make_pool(shard):
@@ -138,7 +144,6 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     the ranks' two-micro-batch threshold (``tp_overlap_tokens``, dlc.models.overlap; None: its default)."""
     from dlc.models.all_reduce import for_new_group, refuse_symm
     from dlc.models.overlap import check_min_tokens
-    from dlc.models.all_reduce import of as ar_of
 
     from ..session import Session
     from .channel import Channel
@@ -192,8 +197,7 @@ def open_tp_model(model: str, world: int, weights=None, dtype=None, device: str 
     runner = TensorParallelRunner(shard, Channel(control, group), procs)
     atexit.register(runner.close)
     pids = ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs, 1)) or "launched by torchrun"
-    reduce = ar_of(shard.model)
-    how = f", {reduce.describe()}" if reduce is not None else ""
+    how = f", {shard.collectives.reduce.describe()}"
     print(f"dlc: tensor parallel over {world} ranks ({dist.get_backend(group)}{how}; {pids})",
           file=sys.stderr)
     return Session(runner, lm.tokenizer, shard.config, lm.chat, lm.source, kind=f"eager-tp{world}")

@@ -105,15 +105,10 @@ class TensorParallelRunner:
         """Every rank's per-step host timings (``step_times.report``: means in microseconds since the last
         reset), rank 0 first. ``frames`` / ``gpu_timing``: switch every rank's frame staging
         (``ShardGraphRunner.frames``) and CUDA-event timing of the replays from now on (None: unchanged);
-        ``all_reduce``: every rank's all-reduce backend (``dlc.models.all_reduce.switch``, benches; the
-        graphs are captured again on their next use); ``overlap_tokens``: every rank's two-micro-batch
-        threshold (``tp_overlap_tokens``, models/overlap.py; 0: off; graphs captured again)."""
-        if all_reduce is not None:                          # refused here, before any rank switches
-            from dlc.models.all_reduce import check_switch
-            check_switch(self.shard.model, all_reduce)
-        if overlap_tokens is not None:
-            from dlc.models.overlap import check_min_tokens
-            check_min_tokens(overlap_tokens)
+        ``all_reduce``: every rank's all-reduce backend and ``overlap_tokens``: every rank's two-micro-batch
+        threshold (``tp_overlap_tokens``, 0: off): each rank's ``ShardCollectives.tune`` (benches; the graphs
+        are captured again on their next use)."""
+        self.shard.collectives.check(all_reduce, overlap_tokens)   # refused here, before any rank switches
         opts = {"reset": reset, "frames": frames, "gpu_timing": gpu_timing, "all_reduce": all_reduce,
                 "overlap_tokens": overlap_tokens}
 
@@ -386,26 +381,17 @@ def worker_loop(shard, channel: Channel, make_pool) -> None:
 
 
 def _tune(shard, opts: dict) -> None:
-    """A STATS message's switches on this rank's graph runner (its all-reduce, its two-micro-batch
-    threshold)."""
-    if opts.get("all_reduce") is not None:
-        from dlc.models.all_reduce import switch
-        switch(shard.model, opts["all_reduce"])
-        if isinstance(shard, ShardGraphRunner):
-            shard.release_graphs()                         # captured with the old path: every rank recaptures
-    if opts.get("overlap_tokens") is not None:
-        from dlc.models.overlap import of
-        ov = of(shard.model)
-        if ov is not None and ov.min_tokens != opts["overlap_tokens"]:
-            ov.min_tokens = opts["overlap_tokens"]
-            if isinstance(shard, ShardGraphRunner):
-                shard.release_graphs()                     # split or not is captured: every rank recaptures
+    """A STATS message's switches on this rank: its collectives' (all-reduce backend, two-micro-batch
+    threshold: ``ShardCollectives.tune``; captured graphs that hold the old choice are dropped, every rank
+    recaptures) and its graph runner's frame staging and GPU timing."""
+    stale = shard.collectives.tune(opts.get("all_reduce"), opts.get("overlap_tokens"))
     if isinstance(shard, ShardGraphRunner):
+        if stale:
+            shard.release_graphs()
         if opts.get("frames") is not None:
             shard.frames = bool(opts["frames"])
         if opts.get("gpu_timing") is not None:
-            shard.gpu_timing = bool(opts["gpu_timing"]) and shard.capture
-            shard._events = []
+            shard.time_gpu(opts["gpu_timing"])
 
 
 def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, make_pool) -> None:

@@ -36,9 +36,9 @@ it holds no other compiled model) make the same static / dynamic choices. Where 
 beside a compiled TP=1 model), the kernels differ but the collectives, which follow the model code, do not.
 ``torch.compile`` wraps the model's blocks in place: once compiled they stay compiled (a runner built over
 them later, after graphs were switched off and on, is ``compiled`` too). Steps big enough for the
-two-micro-batch overlap (dlc.models.overlap, ``tp_overlap_tokens``) run each half's sublayer step as its own
-compiled function instead of the blocks (compiled beside them here), and the captured step replays the
-interleaved halves.
+two-micro-batch overlap (dlc.models.overlap, ``tp_overlap_tokens``; ``model_forward`` through the shard's
+``ShardCollectives``) run each half's sublayer step as its own compiled function instead of the blocks
+(compiled beside them here), and the captured step replays the interleaved halves.
 
 Reuse steps from the frame (``reuse_frame``): every rank, rank 0 included, stages a compact Reuse step
 straight from the control frame instead of rebuilding a StepBatch and gathering it into the static buffers:
@@ -60,8 +60,6 @@ import time
 
 import torch
 
-from dlc.models.all_reduce import release as release_all_reduce
-from dlc.models.overlap import of as overlap_of
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.graph import BUCKETS, GraphRunner, _Graph
@@ -78,6 +76,7 @@ class ShardGraphRunner(GraphRunner):
     def __init__(self, shard: ShardRunner, buckets=BUCKETS, capture: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None, compile: bool | str = False, decode: str | None = None):
         done = blocks_compiled(shard.model)           # compiled earlier (graphs off and on again): kept
+        self.collectives = shard.collectives          # the shard's (its layers' all-reduce, split forward)
         super().__init__(shard.model, decode=decode, buckets=buckets, capture=capture,
                          compile=not done and compile, max_width=max_width, pool_attention=pool_attention)
         self.compiled = self.compiled or done
@@ -102,11 +101,13 @@ class ShardGraphRunner(GraphRunner):
         self.compiled = True
 
     def _compile_blocks(self, backend: str) -> None:
-        """GraphRunner's, and the two-micro-batch forward's layer over both halves (models/overlap.py)."""
+        """GraphRunner's, and the two-micro-batch forward's half-steps (models/overlap.py)."""
         super()._compile_blocks(backend)
-        ov = overlap_of(self.model)
-        if ov is not None:
-            ov.compile(backend)
+        self.collectives.compile(backend)
+
+    def model_forward(self, ids, pos, key_mask, cache=None, start=0, embed_add=None) -> torch.Tensor:
+        """The shard's forward (``ShardCollectives.forward``): captured steps record the split or not."""
+        return self.collectives.forward(self.model, ids, pos, key_mask, cache, start, embed_add)
 
     def release_graphs(self) -> None:
         """GraphRunner's, and the frames' map of captured variants (rebuilt on the next steps)."""
@@ -115,7 +116,7 @@ class ShardGraphRunner(GraphRunner):
 
     def eager(self) -> ShardRunner:
         """The eager shard runner over the same (shard) model."""
-        return ShardRunner(self.model, self.config, self.rank, self.world, self.group)
+        return ShardRunner(self.model, self.config, self.rank, self.world, self.group, self.collectives)
 
     def bind_pool(self, kv, scratch: int | None = None) -> None:
         """GraphRunner's binding; ``scratch``: rank 0's padding slot, which a worker's pool uses too."""
@@ -187,6 +188,11 @@ class ShardGraphRunner(GraphRunner):
             out = super()._launch(g)
         self.stats["launch_s"] += time.perf_counter() - t0
         return out
+
+    def time_gpu(self, on: bool) -> None:
+        """Record CUDA events around each replay from now on (``on``, where steps are captured), or not; the
+        events so far are dropped."""
+        self.gpu_timing, self._events = bool(on) and self.capture, []
 
     def gpu_s(self, reset: bool = False) -> tuple[float, int]:
         """(device seconds of the timed replays, their count): waits for them."""
@@ -290,10 +296,10 @@ def release_before_leaving(runner) -> None:
     alive, ``destroy_process_group`` hangs on every rank, even when all enter it (measured on 2 x H100:
     bench/probes/nccl_graph_destroy.py); with the graphs freed it takes 0.5 s. The symmetric buffer is
     rendezvoused over the group: freed at garbage collection instead, it went at an arbitrary later point,
-    after the group and its peers were gone (``all_reduce.release``)."""
+    after the group and its peers were gone (``ShardCollectives.release``)."""
     if isinstance(runner, ShardGraphRunner):
         runner.release_graphs()
-    release_all_reduce(runner.model)
+    runner.collectives.release()
     gc.collect()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)

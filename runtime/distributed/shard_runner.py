@@ -5,7 +5,9 @@ candidates do not bound; a ``fused`` graph runner's T = 0 credit and smoothing s
 ``fused_rules_decode``: one GPU's fused routes per shard, float32, then the small combine). Every rank runs
 it on the same StepBatch; the collectives inside the model
 (row-parallel all-reduces) and in decoding keep them in lockstep, and every rank ends with the same
-(x0, conf)."""
+(x0, conf). The rank's forwards go through its ``ShardCollectives`` (collectives.py: the all-reduce its layers
+hold, the two-micro-batch forward for big steps), which the runner owns and hands to the graph runner made
+from it."""
 from __future__ import annotations
 
 import torch
@@ -19,15 +21,20 @@ from ..runners.eager import EagerRunner, _tempered
 from ..runners.graph import LOGPROB_BUCKETS, GraphRunner, fused_route
 from ..step import StepBatch
 from ..step_output import StepOutput
+from .collectives import ShardCollectives
 from .vocab import CHUNK, combine, combine_sweep, fused_stats, shard_stats, shard_top_soft
 from .vocab_filters import exact_filters
 
 
 class ShardRunner(EagerRunner):
-    def __init__(self, model, config, rank: int, world: int, group):
+    def __init__(self, model, config, rank: int, world: int, group, collectives: ShardCollectives):
         super().__init__(model)
         self.config = config                   # the shard's config: its heads (sizes its KV pool)
         self.rank, self.world, self.group = rank, world, group
+        self.collectives = collectives         # the rank's all-reduce and split forward (collectives.py)
+
+    def model_forward(self, ids, pos, key_mask, cache=None, start=0, embed_add=None) -> torch.Tensor:
+        return self.collectives.forward(self.model, ids, pos, key_mask, cache, start, embed_add)
 
     @property
     def max_seq_len(self) -> int:

@@ -20,8 +20,9 @@ per-step means in microseconds:
 | ``gpu_us`` | device time of the replay (CUDA events, ``gpu_timing``) | same |
 
 Not per step: ``compiled`` (the rank's blocks run under torch.compile), ``compiled_graphs`` (Dynamo's
-count of graphs compiled in the rank's process) and ``all_reduce`` (the rank's backend, its one-shot cap in
-bytes and the op's one-shot / NCCL choices so far: ``dlc.models.all_reduce.AllReduce.report``).
+count of graphs compiled in the rank's process), ``all_reduce`` (the rank's backend, its one-shot cap in
+bytes and the op's one-shot / NCCL choices so far: ``dlc.models.all_reduce.AllReduce.report``) and
+``overlap`` (the two-micro-batch threshold and forwards split), both from the rank's ``ShardCollectives``.
 
 A step's critical path before the GPUs overlap is the later of rank 0's and the worker's ``to_launch_us``
 (the worker's counts from rank 0's broadcast, rank 0's from before its encode: add rank 0's ``encode_us``)."""
@@ -51,8 +52,7 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
     out["frame_replays"] = stats.get("frame_replays", 0)
     out["compiled"] = bool(getattr(shard, "compiled", False))
     out["compiled_graphs"] = compiled_graphs() if out["compiled"] else 0
-    out["all_reduce"] = all_reduce_report(shard)
-    out["overlap"] = overlap_report(shard, reset)
+    out.update(shard.collectives.report(reset))               # all_reduce, overlap (collectives.py)
     if channel is not None:
         sums.update(encode_s=channel.stats["encode_s"], send_s=channel.stats["send_s"])
     if getattr(shard, "gpu_timing", False):
@@ -67,25 +67,6 @@ def report(rank: int, loop: dict, shard, channel=None, reset: bool = False) -> d
                 stats[k] = type(stats[k])(0)
         if channel is not None:
             channel.stats.update(encode_s=0.0, send_s=0.0, frames=0)
-    return out
-
-
-def all_reduce_report(shard) -> dict | None:
-    from dlc.models.all_reduce import of
-    r = of(shard.model) if getattr(shard, "model", None) is not None else None
-    return None if r is None else r.report()
-
-
-def overlap_report(shard, reset: bool = False) -> dict | None:
-    """The rank's two-micro-batch forward (models/overlap.py): its threshold and forwards split since the last
-    reset (host calls: captures and eager forwards, not replays); None where the shard cannot split."""
-    from dlc.models.overlap import of
-    ov = of(shard.model) if getattr(shard, "model", None) is not None else None
-    if ov is None:
-        return None
-    out = {"min_tokens": ov.min_tokens, **ov.stats}
-    if reset:
-        ov.stats["split_forwards"] = 0
     return out
 
 

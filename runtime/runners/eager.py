@@ -132,9 +132,14 @@ class EagerRunner:
         first = batch.hid_start - batch.q_start_dev if batch.phase == "reuse" else batch.hid_start
         return take_rows(h, first, batch.n_out)
 
+    def model_forward(self, ids, pos, key_mask, cache=None, start=0, embed_add=None) -> torch.Tensor:
+        """One step's forward: ids [B, T] -> h [B, T, d]. The model's own; a tensor-parallel shard's runners
+        run it through their ``ShardCollectives`` (the two-micro-batch forward for big steps)."""
+        return self.model(ids, pos, key_mask, cache=cache, start=start, embed_add=embed_add)
+
     def _run(self, batch: StepBatch):
         p = self.inputs(batch)
-        h = self.model(p.ids, p.pos, p.key_mask, cache=p.cache, start=p.start, embed_add=p.embed_add)
+        h = self.model_forward(p.ids, p.pos, p.key_mask, cache=p.cache, start=p.start, embed_add=p.embed_add)
         return self.decode(self.decoded_rows(h, batch), batch)
 
     @torch.no_grad()

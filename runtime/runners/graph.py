@@ -393,7 +393,7 @@ class GraphRunner(EagerRunner):
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len, keep=g.keep, n_keep=g.n_keep)
         else:
             cache = KVCache(self.pool.k, self.pool.v, g.rows, g.kv_len if self.pool_attention else None)
-        h = self.model(g.ids, g.pos, g.key_mask, cache=cache, start=g.start, embed_add=g.embed)  # [bb, T, d]
+        h = self.model_forward(g.ids, g.pos, g.key_mask, cache, g.start, g.embed)               # [bb, T, d]
         return self._graph_decode(take_rows(h, g.off, g.N), g)                   # rows [bb, N, d]
 
     def _graph_decode(self, rows: torch.Tensor, g: _Graph):

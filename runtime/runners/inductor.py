@@ -53,7 +53,7 @@ def split_pool_inputs(gm: fx.GraphModule, n_layers: int) -> tuple[fx.GraphModule
             user.replace_all_uses_with(layers[user.args[2]])
             g.erase_node(user)
         g.erase_node(pool)
-    g._codegen = fx.graph.CodeGen()                    # plain positional inputs, outputs as returned
+    g.set_codegen(fx.graph.CodeGen())                  # plain positional inputs, outputs as returned
     g.lint()
     out = fx.GraphModule(gm, g)
     return out, [n.name for n in g.nodes if n.op == "placeholder"]

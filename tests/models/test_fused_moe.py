@@ -8,7 +8,7 @@ import torch
 from hf_layouts import HF_CONFIGS, HF_NAMES, random_tensors, write_checkpoint
 
 from dlc.models import build_model
-from dlc.models.llada_moe import _packed, expert_offsets, grouped_mm_fits
+from dlc.models.llada_moe import Experts, _packed, expert_offsets, grouped_mm_fits
 from dlc.models.loading import load_model, load_weights
 from dlc.models.presets import preset_config
 
@@ -93,8 +93,9 @@ def _storages(module):
 def test_packed_weights_are_the_named_parameters(ckpt, tmp_path):
     """After loading, the first forward packs each layer's experts into w_gu [E, 2H, d] / w_down [E, H, d]
     and re-points the checkpoint-named parameters into them: two storages per layer, the checkpoint's values
-    under the checkpoint's names. Loading another checkpoint into the packed model replaces the parameters;
-    the next forward packs those (the new weights' output, one copy again)."""
+    under the checkpoint's names, the packed tensors held in the experts list's own declared field
+    (``Experts.packed``; nothing else added to it). Loading another checkpoint into the packed model replaces
+    the parameters; the next forward packs those (the new weights' output, one copy again)."""
     family, path, t = ckpt
     model = _load(path)
     model.set_moe_impl("fused")
@@ -108,6 +109,8 @@ def test_packed_weights_are_the_named_parameters(ckpt, tmp_path):
         held = sum(s.nbytes() for s in {id(p.untyped_storage()): p.untyped_storage()
                                         for p in block.experts.parameters()}.values())
         assert held == sum(p.numel() * p.element_size() for p in block.experts.parameters())   # one copy
+        assert isinstance(block.experts, Experts) and block.experts.packed[1][0] is w_gu
+        assert set(vars(block.experts)) - set(vars(torch.nn.ModuleList())) == {"packed"}
         H = w_down.shape[1]
         assert torch.equal(block.experts[2].gate_proj.weight, w_gu[2, :H])
         assert torch.equal(block.experts[2].down_proj.weight, w_down[2].t())

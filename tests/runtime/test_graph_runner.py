@@ -158,20 +158,50 @@ def test_bad_settings_are_named(session):
     assert gr.pool is None and one.num_free == 1
 
 
+def _gemms(model, ids) -> int:
+    """Matrix products one forward issues (aten mm / addmm / bmm at the dispatcher)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    kinds = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in kinds
+            return func(*args, **(kwargs or {}))
+    with Count(), torch.no_grad():
+        model(ids)
+    return Count.n
+
+
 def test_fuse_projections_keeps_parameters_and_numbers():
+    """q|k|v and gate|up fused: the same parameters (names, values: row views of the fused weight) and
+    outputs, one GEMM per group (3 fewer per layer), and the fused weights held by the modules that own the
+    linears (``Fusable.fused``): the linears carry no attribute a fresh ``nn.Linear`` lacks."""
     from dlc.models import build_model
+    from dlc.models.common import Fusable
     from dlc.models.presets import preset_config
+    plain = set(vars(torch.nn.Linear(2, 2)))
     for name, groups in (("tiny-llada", 2), ("tiny-dream", 2)):
         torch.manual_seed(0)
         m = build_model(preset_config(name)).eval()
         ids = torch.randint(0, 100, (2, 11))
-        ref = m(ids)
+        ref, gemms = m(ids), _gemms(m, ids)
         sd = {k: v.clone() for k, v in m.state_dict().items()}
         assert fuse_projections_(m) == groups * m.config.n_layers
         assert fuse_projections_(m) == 0                       # idempotent
         assert sd.keys() == m.state_dict().keys()
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
         torch.testing.assert_close(m(ids), ref, rtol=1e-5, atol=1e-5)
+        assert _gemms(m, ids) == gemms - 3 * m.config.n_layers
+        owners = [o for o in m.modules() if isinstance(o, Fusable)]
+        assert owners and all(o.fused and all(f is not None for f in o.fused) for o in owners)
+        lins = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+        assert all(set(vars(x)) == plain for x in lins), [set(vars(x)) - plain for x in lins]
+        q = m.blocks[0].q_proj if name == "tiny-llada" else m.blocks[0].self_attn.q_proj
+        fw = (m.blocks[0] if name == "tiny-llada" else m.blocks[0].self_attn).fused[0].weight
+        assert q.weight.data_ptr() == fw.data_ptr()                 # q's rows are the fused weight's first
 
 
 @pytest.mark.gpu

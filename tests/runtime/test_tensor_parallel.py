@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dlc.models import build_model
+from dlc.models.all_reduce import AllReduce
 from dlc.models.config import ModelConfig
 from dlc.models.loading import init_weights, load_model, save_checkpoint
 from dlc.models.presets import preset_config
@@ -145,9 +146,9 @@ def test_each_rank_loads_its_slices(tmp_path, name):
     path = write_tiny(tmp_path, MODELS[name])
     full = dict(load_model(str(path), dtype="fp32", progress=False).model.state_dict())
     for rank in (0, 1):
-        plans = {}
+        plans, red = {}, AllReduce(None)                    # no group: each layer returns its partial sum
         lm = load_model(str(path), dtype="fp32", progress=False,
-                        shard=lambda m, f: plans.setdefault("p", shard_modules_(m, rank, 2, None, f)))
+                        shard=lambda m, f: plans.setdefault("p", shard_modules_(m, rank, 2, red, f)))
         plan, sd = plans["p"], lm.model.state_dict()
         assert len(plan) > 0 and sd.keys() == full.keys()
         for k, t in sd.items():
@@ -213,7 +214,7 @@ def test_layouts_that_cannot_shard_are_refused_before_starting(model, size, matc
                                           ("tiny-llada2", 2), ("tiny-sdar", 2)])
 def test_attention_shards_sum_to_the_full_output(preset, world):
     """Column-parallel q/k/v (separate, or LLaDA2's fused query_key_value) and the row-parallel output:
-    without the all-reduce (group None) each rank returns its partial sum; the partials add up to the full
+    without a group (``AllReduce(None)``) each rank returns its partial sum; the partials add up to the full
     layer, and each rank's K/V are its heads of the full K/V (replicated when KV heads < ranks)."""
     import copy
 
@@ -239,7 +240,7 @@ def test_attention_shards_sum_to_the_full_output(preset, world):
         for r in range(world):
             part = copy.deepcopy(attn)
             lay = head_layout(c, r, world)
-            shard_attention_(part, "", lay, c, None, True, {})
+            shard_attention_(part, "", lay, c, AllReduce(None), True, {})
             yr, (kr, vr) = run(part)
             total += yr
             assert torch.allclose(kr, k[:, lay.kv[0]:lay.kv[1]], atol=1e-5)

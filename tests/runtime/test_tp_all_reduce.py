@@ -80,20 +80,19 @@ def test_takes_one_shot(nbytes, offset, contiguous, dtype, want):
     assert ar.takes_one_shot(nbytes, offset, contiguous, dtype, 0) is False   # limit 0: never
 
 
-def test_setup_installs_one_reduce_per_group_and_auto_falls_back(cuda_symm, monkeypatch):
-    """``setup`` as on a 2-GPU rank (the buffer faked on the host): one AllReduce with the buffer sized for
-    the largest message that uses it, in every parallel layer; a buffer that cannot be set up makes ``auto``
-    NCCL (a warning) and ``symm`` a one-line error naming the field."""
+def test_setup_configures_the_one_reduce_of_the_layers_and_auto_falls_back(cuda_symm, monkeypatch):
+    """``setup`` as on a 2-GPU rank (the buffer faked on the host): the one AllReduce every parallel layer was
+    built with gets the buffer sized for the largest message that uses it; a buffer that cannot be set up
+    makes ``auto`` NCCL (a warning) and ``symm`` a one-line error naming the field."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
 
     from dlc.models.tensor_parallel import RowParallelLinear, VocabParallelEmbedding
     group = SimpleNamespace(group_name="fake-tp")
-    model = torch.nn.Module()
-    model.config = SimpleNamespace(d_model=64)
-    model.o, model.down = RowParallelLinear(32, 64, False, group), RowParallelLinear(64, 64, False, group)
-    model.embed = VocabParallelEmbedding(0, 10, 64, group)
+    red = ar.AllReduce(group)
+    o, down = RowParallelLinear(32, 64, False, red), RowParallelLinear(64, 64, False, red)
+    embed = VocabParallelEmbedding(0, 10, 64, red)
     monkeypatch.setattr(dist, "get_world_size", lambda g: 2)
     monkeypatch.setattr(ar, "p2p_ok", lambda world: True)
     sizes = []
@@ -103,19 +102,19 @@ def test_setup_installs_one_reduce_per_group_and_auto_falls_back(cuda_symm, monk
         return torch.empty(nbytes, dtype=torch.uint8)
     monkeypatch.setattr(ar, "symmetric_buffer", buffer)
     for backend in ("auto", "symm"):
-        r = ar.setup(model, group, backend, "cuda", torch.float32)
+        r = ar.setup(red, backend, "cuda", torch.float32, 64)
         assert sizes[-1] == 2 * MiB and r.max_bytes() == 2 * MiB     # 8192 tokens x 64 x fp32 < 8 MiB
-        assert r.op and ar._REDUCERS["fake-tp"] is r
-        assert model.o.reduce is model.down.reduce is model.embed.reduce is r
+        assert r.op and r.backend == backend and ar._REDUCERS["fake-tp"] is r
+        assert o.reduce is down.reduce is embed.reduce is r is red
 
     def broken(nbytes, g):
         raise RuntimeError("CUDASymmetricMemory: no peer access\nmore")
     monkeypatch.setattr(ar, "symmetric_buffer", broken)
     with pytest.warns(UserWarning, match="tp_all_reduce auto: symmetric memory unavailable"):
-        r = ar.setup(model, group, "auto", "cuda", torch.float32)
-    assert not r.op and r.max_bytes() == 0 and model.o.reduce is r
+        r = ar.setup(ar.AllReduce(group), "auto", "cuda", torch.float32, 64)
+    assert not r.op and r.max_bytes() == 0
     with pytest.raises(ValueError, match="^tp_all_reduce symm: the symmetric buffer failed: CUDASymm"):
-        ar.setup(model, group, "symm", "cuda", torch.float32)
+        ar.setup(ar.AllReduce(group), "symm", "cuda", torch.float32, 64)
 
 
 def test_a_closing_rank_frees_its_symmetric_buffer_before_leaving_the_group(cuda_symm, monkeypatch):
@@ -127,20 +126,19 @@ def test_a_closing_rank_frees_its_symmetric_buffer_before_leaving_the_group(cuda
     import torch.distributed as dist
 
     from dlc.models.tensor_parallel import RowParallelLinear
+    from dlc.runtime.distributed.collectives import ShardCollectives
     from dlc.runtime.distributed.shard_graph import release_before_leaving
     group = SimpleNamespace(group_name="fake-tp-close")
-    model = torch.nn.Module()
-    model.config = SimpleNamespace(d_model=64)
-    model.o = RowParallelLinear(32, 64, False, group)
+    layer = RowParallelLinear(32, 64, False, ar.AllReduce(group))
     monkeypatch.setattr(dist, "get_world_size", lambda g: 2)
     monkeypatch.setattr(ar, "p2p_ok", lambda world: True)
     monkeypatch.setattr(ar, "symmetric_buffer", lambda nbytes, g: torch.empty(nbytes, dtype=torch.uint8))
-    r = ar.setup(model, group, "symm", "cuda", torch.float32)
-    keep = model                          # the model stays alive: only an explicit release frees the buffer
+    r = ar.setup(layer.reduce, "symm", "cuda", torch.float32, 64)
     assert r.buffer is not None and ar._REDUCERS["fake-tp-close"] is r
-    release_before_leaving(SimpleNamespace(model=keep, device=torch.device("cpu")))
+    # the layer stays alive: only an explicit release frees the buffer
+    release_before_leaving(SimpleNamespace(collectives=ShardCollectives(r), device=torch.device("cpu")))
     assert r.buffer is None and not r.op and r.max_bytes() == 0
-    assert "fake-tp-close" not in ar._REDUCERS and model.o.reduce is r
+    assert "fake-tp-close" not in ar._REDUCERS and layer.reduce is r
 
 
 def test_a_second_group_of_one_process_takes_nccl(monkeypatch):
@@ -204,15 +202,13 @@ def test_the_op_is_one_extern_call_in_compiled_code(one_rank_group):
     and the output equals the eager layer's."""
     from dlc.models.tensor_parallel import RowParallelLinear
     torch.manual_seed(0)
-    layer = RowParallelLinear(16, 8, bias=True, group=one_rank_group)
+    red = ar.AllReduce(one_rank_group, "symm", 0, torch.empty(0, dtype=torch.uint8))
+    layer = RowParallelLinear(16, 8, bias=True, reduce=red)
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
-    red = ar.AllReduce(one_rank_group, "symm", 0, torch.empty(0, dtype=torch.uint8))
     ar._REDUCERS[red.group_name] = red
     try:
-        ar.install(layer, red)
-        assert ar.of(layer) is red
         x = torch.randn(2, 3, 16)
         want = torch.nn.functional.linear(x, layer.weight, layer.bias)        # the 1-rank sum: itself
         graphs = []

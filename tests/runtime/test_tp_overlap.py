@@ -110,14 +110,14 @@ def test_which_shards_can_split(name, why):
     from dlc.models import build_model
     from dlc.models.all_reduce import AllReduce
     from dlc.models.config import ModelConfig
-    from dlc.models.overlap import install, unsupported
+    from dlc.models.overlap import for_shard, unsupported
     from dlc.models.tensor_parallel import shard_modules_
     with torch.device("meta"):
         m = build_model(ModelConfig(**MODELS[name]))
-        shard_modules_(m, 0, 2, None)
+        shard_modules_(m, 0, 2, AllReduce(None))
     got = unsupported(m)
     assert got is None if why is None else why in got
-    assert install(m, AllReduce(None)) is None                     # one device: nothing to overlap
+    assert for_shard(m, AllReduce(None)) is None                   # one device: nothing to overlap
 
 
 def test_threshold_is_validated_and_a_serve_flag():
@@ -164,3 +164,24 @@ def test_tp2_split_steps_captured_on_two_gpus(tmp_path):
             assert runner.stats["replays"] > 0 and runner.stats["eager_reuse"] == 0
     finally:
         tp.runner.close()
+
+
+def test_the_collectives_live_in_the_shard_not_on_the_model(pair):
+    """The rank's collectives (its all-reduce, its two-micro-batch forward) have one typed home, the shard's
+    ``ShardCollectives``, passed to the code that needs them: a TP load sticks nothing onto the model (its
+    attributes are the one-process model's), every parallel layer sums with the shard's one all-reduce (given
+    at construction), and the split forward is the shard's."""
+    from dlc.models.overlap import TwoBatchOverlap
+    from dlc.models.tensor_parallel import RowParallelLinear, VocabParallelEmbedding
+    one, tp = pair
+    shard, ref = tp.runner.shard, one.runner.model
+    assert type(shard.model) is type(ref)
+    assert set(vars(shard.model)) == set(vars(ref)), set(vars(shard.model)) ^ set(vars(ref))
+    col = shard.collectives
+    layers = [m for m in shard.model.modules() if isinstance(m, (RowParallelLinear, VocabParallelEmbedding))]
+    assert len(layers) == 2 * len(shard.model.blocks) + 1
+    assert all(m.reduce is col.reduce for m in layers) and col.reduce.group is shard.group
+    assert isinstance(col.overlap, TwoBatchOverlap) and col.overlap.reduce is col.reduce
+    from dlc.runtime.distributed.shard_graph import ShardGraphRunner
+    graphs = ShardGraphRunner(shard, capture=False)                 # CPU: no capture, no fused weights
+    assert graphs.collectives is col and graphs.eager().collectives is col
