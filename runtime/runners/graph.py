@@ -65,7 +65,7 @@ from typing import NamedTuple
 import torch
 
 from dlc.kernels.logits import decode_rows
-from dlc.kernels.sampling import candidates_cover, decode_rows_ext
+from dlc.kernels.sampling import decode_rows_ext, filter_route
 from dlc.kernels.packed_attn import table_rows, tile_table, write_table
 from dlc.models.common import KVCache, fuse_projections_, pack_parts, unpack_parts
 from dlc.models.packed import PackedCache, packable
@@ -91,8 +91,8 @@ class ExtrasKey(NamedTuple):
     credit_width: int      # credit ids per position (0: no credit)
     smooth_tau: float      # smoothing's temperature (0.0: no smoothing)
     sampled: bool          # T > 0
-    filtered: str | bool   # over the sweep's candidates: "filtered" / "mixed" (sampling.candidates_cover),
-                           # False: no filters
+    filtered: str | bool   # sampling.filter_route: over the sweep's candidates ("filtered" / "mixed"), or
+                           # the exact bisection ("bisect..." plan); False: no filters
     smooth_k: int = 0      # truncated smoothing: the soft embedding over each row's top k (0: all tokens)
 
 
@@ -283,22 +283,19 @@ class GraphRunner(EagerRunner):
     def _extras_key(batch: StepBatch) -> tuple | None:
         """The captured variant a batch replays: () for a plain T = 0 step; else (entropy, logprobs k or -1,
         credit width M, smoothing tau or 0.0, sampled, filtered), one variant per combination, captured on
-        first use. None where the step stays eager: sampling filters the candidates do not cover
-        (``sampling.candidates_cover``: top-p / min-p without a top-k, a top-k over 64, filters with credit;
-        reads the [B] filters on the host), tempered confidences (block decoders), a soft input without a soft
-        output."""
+        first use; ``filtered`` is ``sampling.filter_route``'s answer (reads the [B] filters on the host):
+        over the sweep's top candidates, or the exact bisection on the survivors' threshold (a
+        ``filter_bisect.bisect_plan`` route: top-p / min-p without a top-k, a top-k over 64, filters with
+        credit). None where the step stays eager: tempered confidences (block decoders), a soft input without
+        a soft output."""
         sampled = batch.temperature > 0
         if not batch.wants_extras() and not sampled:
             return ()
         if (batch.embed_delta is not None and batch.soft_tau is None) or (sampled and batch.tempered_conf):
             return None
         filtered = False
-        if batch.top_k is not None:                  # "filtered" / "mixed" (sampling.candidates_cover)
-            if batch.credit_ids is not None:
-                return None
-            filtered = candidates_cover(batch.top_k, batch.top_p, batch.min_p)
-            if filtered is None:
-                return None
+        if batch.top_k is not None and sampled:      # the candidates or the bisection (sampling.filter_route)
+            filtered = filter_route(batch.top_k, batch.top_p, batch.min_p, credit=batch.credit_ids is not None)
         M = 0
         if batch.credit_ids is not None:
             M = batch.n_out                          # a block's credit grows by one id a step: <= N steps
