@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._registry import HAS_TRITON, INTERPRET, tl, triton, use_triton
 from .logits import uniform_noise
 
 CHUNK_ELEMENTS = 1 << 25          # logits per sequence chunk (256 MiB per float64 [c, N, V] tensor)
@@ -181,14 +182,16 @@ def _survivors(keyed, e, M, kmax, kmin, temp, filters, vocab: int, plan: str, gr
     p_top, p_min = top_p.to(acc)[:, None], min_p.to(acc)[:, None]
     hi, lo = key_of(kmax.to(dt)), key_of(kmin.to(dt)) - 1                          # lo: below every value
     need_k, need_z, need_p = (c in plan[len(PLAN):] for c in "kzp")
+    keys = key_of(keyed) if (use_triton(keyed) or INTERPRET) and HAS_TRITON else None   # the kernel's
 
     def s_of(u):                                   # a key value's tempered logit, as the elements' s
         return u.to(acc) / temp if raw else u
 
     def above(u, mass: bool, count: bool):         # [mass(> u)] + [cnt(> u)], summed over the ranks
-        gt = keyed > u[..., None]                                                  # [c, N, Vr]
-        sums = ([torch.where(gt, e, 0.0).sum(-1)] if mass else []) + ([gt.sum(-1, dtype=acc)] if count else [])
-        return _sum(torch.stack(sums), group) if sums else None
+        if not (mass or count):
+            return None
+        sums = above_sums(keyed, e, u, mass, count, keys)                          # [2, c, N]
+        return _sum(sums if mass and count else sums[:1] if mass else sums[1:], group)
     z = _sum(e.sum(-1)[None], group)[0] if need_p else None                        # the row's whole mass
     if need_z:                                     # top-p renormalises over the first k: Z_k
         vk = value_of(bisect(lambda m: above(value_of(m, dt), False, True)[0] < k, lo, hi), dt)   # k-th value
@@ -218,6 +221,60 @@ def _survivors(keyed, e, M, kmax, kmin, temp, filters, vocab: int, plan: str, gr
     if need_k:
         first &= sums[-1][..., None] + j < k[..., None]
     return keep | (tie & (first | (j == 0)))
+
+
+def above_sums(keyed: torch.Tensor, e: torch.Tensor, u: torch.Tensor, mass: bool = True,
+               count: bool = True, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """[mass, cnt] [2, c, N] float64 of the elements above u [c, N]: sum of e over keyed > u, and their
+    count (a sum left out: zeros), for keyed [c, N, V] and e [c, N, V] float64. A halving's whole work: on
+    CUDA one Triton pass reading the keys and e once (``_above_kernel``; ``keys``: ``key_of(keyed)``, the
+    integers compare as the values do, whatever the float type), the torch reference elsewhere."""
+    if (use_triton(keyed) or INTERPRET) and HAS_TRITON:
+        return above_sums_triton(key_of(keyed) if keys is None else keys, e, key_of(u), mass, count)
+    gt = keyed > u[..., None]                                                      # [c, N, V]
+    zero = torch.zeros(u.shape, dtype=torch.float64, device=u.device)
+    return torch.stack([torch.where(gt, e, 0.0).sum(-1) if mass else zero,
+                        gt.sum(-1).to(torch.float64) if count else zero])
+
+
+SPLIT = 8192                        # vocab columns per program (deterministic partials, summed in order)
+
+
+def above_sums_triton(keys, e, u, mass: bool = True, count: bool = True, block: int = 1024) -> torch.Tensor:
+    """``above_sums`` over integer keys [c, N, V] (``key_of``) and u's key [c, N] by ``_above_kernel``:
+    programs (row, vocab split), each summing its split's tiles in order into float64 partials [R, S, 2],
+    then the splits summed in order (no atomics: deterministic)."""
+    keyed = keys
+    c, N, V = keyed.shape
+    R, S = c * N, triton.cdiv(V, SPLIT)
+    k2, e2 = keyed.reshape(R, V), e.reshape(R, V)
+    if k2.stride(-1) != 1 or e2.stride(-1) != 1:
+        k2, e2 = k2.contiguous(), e2.contiguous()
+    part = torch.empty(R, S, 2, dtype=torch.float64, device=keyed.device)
+    _above_kernel[(R, S)](k2, e2, u.reshape(R).contiguous(), part, V, k2.stride(0), e2.stride(0),
+                          SPLIT=SPLIT, MASS=mass, COUNT=count, BLOCK=min(block, SPLIT), num_warps=4)
+    return part.sum(1).t().reshape(2, c, N)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _above_kernel(K, E, U, P, V, s_k, s_e, SPLIT: tl.constexpr, MASS: tl.constexpr, COUNT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        r, sp = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        u = tl.load(U + r)
+        m_acc = tl.zeros([BLOCK], tl.float64)
+        n_acc = tl.zeros([BLOCK], tl.float64)
+        for c0 in range(0, SPLIT, BLOCK):                             # the split's tiles in order
+            c = sp * SPLIT + c0 + tl.arange(0, BLOCK)
+            inside = c < V
+            gt = (tl.load(K + r * s_k + c, mask=inside, other=0) > u) & inside
+            if MASS:
+                m_acc += tl.where(gt, tl.load(E + r * s_e + c, mask=gt, other=0.0), 0.0)
+            if COUNT:
+                n_acc += gt.to(tl.float64)
+        S = tl.num_programs(1)
+        tl.store(P + (r * S + sp) * 2, tl.sum(m_acc, 0))
+        tl.store(P + (r * S + sp) * 2 + 1, tl.sum(n_acc, 0))
 
 
 def _tie_rank(tie: torch.Tensor, group) -> torch.Tensor:
