@@ -1,5 +1,5 @@
-"""Sampling filters at T > 0 that a row's top candidates do not bound (top-p / min-p without a top-k of at most
-``sampling.FILTER_CANDIDATES``, a larger top-k, filters with credit), exact, without sorting [rows, vocab]:
+"""Sampling filters at T > 0 that a row's top candidates do not bound (top-p / min-p without a top-k of at
+most ``sampling.FILTER_CANDIDATES``, a larger top-k, filters with credit), exact, without sorting [rows, V]:
 a bisection on the survivors' threshold. One home for one process (the CUDA-graph runner's captured variant,
 ``sampling.decode_rows_ext`` with a ``bisect_plan`` route) and for vocab parallelism
 (runtime/distributed/vocab_filters.py: each rank its head shard, ``group`` its ranks; ``group`` None: one
@@ -47,10 +47,11 @@ _GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tenso
 PLAN = "bisect"                   # bisect_plan's prefix: a decode_rows_ext route beside the candidates'
 
 
-def bisect_plan(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> str:
+def bisect_plan(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> str:
     """What the batch's filters need of the bisection, read once on the host (one copy), as a route string:
     "bisect" + "k" (some row has a top-k: count the survivors), "z" (some row has a top-k and a top-p: the
-    top k's mass, a first bisection), "p" (some row has a top-p: the mass above the threshold). The captured
+    top k's mass, a first bisection), "p" (some row has a top-p: the mass above the threshold); min-p needs
+    no sum (a closed form of the threshold value). The captured
     variant holds the plan (``runners.graph.ExtrasKey.filtered``), so a replay reads nothing on the host."""
     k, p = torch.stack([top_k.to(torch.float64), top_p.to(torch.float64)]).cpu()
     has_k, has_p = k > 0, p < 1.0
@@ -92,7 +93,7 @@ def bisect_filters(h, w, v0: int, vocab: int, cond_rows, un_rows, cfg_w, temp, s
     ``_bm``, ``_den``, ``_lse``, credit's ``top1_ids`` / ``top1_prob``), updated in place. h [B, N, d]
     rows, w [Vr, d] this process's head rows (global ids v0 ..), ``chunk`` head rows per GEMM; ``plan``:
     ``bisect_plan`` of the filters (None: read here, on the host)."""
-    plan = bisect_plan(*filters[:2], filters[2]) if plan is None else plan
+    plan = bisect_plan(*filters) if plan is None else plan
     C, N = cond_rows.shape[0], h.shape[1]
     per = max(1, CHUNK_ELEMENTS // (N * vocab))                  # sequences per chunk (the same on each rank)
     parts = []
@@ -110,13 +111,14 @@ def bisect_filters(h, w, v0: int, vocab: int, cond_rows, un_rows, cfg_w, temp, s
 
 def _filter_chunk(h, w, v0, vocab, cond, un, cfg_w, temp, seeds, filters, out, chunk, credit, filtered_conf,
                   plan, group) -> dict:
+    """``bisect_filters`` for one chunk of c sequences (their slices of the filters, credit and ``out``)."""
     acc = torch.float64
     lraw = _logits(h, w, cond, un, cfg_w, chunk)                                   # [c, N, Vr] model dtype
     l64 = lraw.to(acc)
     lb = l64 if credit is None else _credit_fused(l64, credit, out, v0)
     s = lb / temp                                                                  # [c, N, Vr] tempered
     keyed = s if credit is not None else lraw                                      # what the keys order
-    ext = _gather(torch.stack([s.amax(-1), keyed.to(acc).amax(-1), -keyed.to(acc).amin(-1)]), group)
+    ext = _gather(torch.stack([s.amax(-1), keyed.amax(-1).to(acc), -keyed.amin(-1).to(acc)]), group)
     M, kmax, kmin = ext[:, 0].amax(0), ext[:, 1].amax(0), -ext[:, 2].amax(0)      # [c, N] each
     e = torch.exp(s - M[..., None])
     keep = _survivors(keyed, e, M, kmax, kmin, temp, filters, vocab, plan, group, credit is None)  # [c,N,Vr]

@@ -29,7 +29,11 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
   and the Gumbel-max (the same hash noise, drawn at the candidates' ids) run over those: the same tokens and
   confidences as the full path, no [N, V] tensor, no vocabulary sort. Otherwise (top-p or min-p without a
   top-k, a larger top-k, or credit) filtered rows need every logit of a row at once: only then is [C, N, V]
-  formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then).
+  formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then), and
+  either sorted per sequence (``_decode_full``: the eager path, the reference) or, on the graph runner's
+  route (``filter_route``'s ``bisect_plan``), searched by ``filter_bisect``'s exact bisection on the
+  survivors' threshold (fixed halvings, no host read, so it captures; chunks of sequences; the same
+  tokens).
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
@@ -118,9 +122,9 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     if candidates is None and filters is not None and sampling and credit is None:
         candidates = candidates_cover(*filters, filtered_conf)
     if filters is not None and sampling and is_plan(candidates):
-        out = _decode_bisect(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
-                             logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, filters=filters,
-                             filtered_conf=filtered_conf, acc=acc, plan=candidates)
+        out = _decode_bisect(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                             topk=topk, logprobs=logprobs, entropy=entropy, credit=credit, soft=soft,
+                             filters=filters, filtered_conf=filtered_conf, acc=acc, plan=candidates)
         return {k: v for k, v in out.items() if not k.startswith("_")}
     if filters is not None and sampling and credit is None and candidates:
         out = _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,

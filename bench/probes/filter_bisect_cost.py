@@ -58,8 +58,8 @@ def main() -> None:
     ar, one = torch.arange(B, device=dev), torch.ones(1, device=dev, dtype=torch.bfloat16)
     seeds = torch.arange(B, device=dev) * 7 + 1
     temp = torch.full((1,), 0.8, dtype=torch.float64, device=dev)
-    credit = (torch.randint(0, V, (B, N, 8), device=dev), torch.rand(B, N, 8, dtype=torch.float64, device=dev),
-              torch.full((B,), 0.7, dtype=torch.float64, device=dev))
+    credit = (torch.randint(0, V, (B, N, 8), device=dev),
+              torch.rand(B, N, 8, dtype=torch.float64, device=dev), torch.full((B,), 0.7, dtype=torch.float64, device=dev))
 
     def filt(k, p, m):
         return (torch.full((B,), k, device=dev), torch.full((B,), p, dtype=torch.float64, device=dev),

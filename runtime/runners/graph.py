@@ -23,12 +23,15 @@ width) and replays it:
   Credit and smoothing inputs,
   temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
   float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
-  filters over the sweep's candidates (``sampling.candidates_cover``);
+  filters over the sweep's candidates (``sampling.candidates_cover``), the filters those do not bound (top-p /
+  min-p without a top-k, a top-k over 64, filters with credit) by the exact bisection on the survivors'
+  threshold (``kernels/filter_bisect.py``: fixed halvings, no host read; the eager sort's tokens), the
+  variant's key holding its ``bisect_plan`` (``sampling.filter_route`` reads the filters once);
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
   widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
-  decoding no variant holds (top-p / min-p without a top-k, filters with credit, tempered confidences of
-  block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
+  decoding no variant holds (tempered confidences of block decoders, a soft input without a soft output).
+  ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
   runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the
@@ -295,7 +298,8 @@ class GraphRunner(EagerRunner):
             return None
         filtered = False
         if batch.top_k is not None and sampled:      # the candidates or the bisection (sampling.filter_route)
-            filtered = filter_route(batch.top_k, batch.top_p, batch.min_p, credit=batch.credit_ids is not None)
+            filtered = filter_route(batch.top_k, batch.top_p, batch.min_p,
+                                    credit=batch.credit_ids is not None)
         M = 0
         if batch.credit_ids is not None:
             M = batch.n_out                          # a block's credit grows by one id a step: <= N steps

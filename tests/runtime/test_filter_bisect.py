@@ -1,8 +1,8 @@
-"""Sampling filters the top-64 candidates do not bound (top-p / min-p without a top-k, a top-k over 64, filters
-with credit) decode without the vocabulary sort by ``kernels/filter_bisect.py``'s exact bisection on the
-survivors' threshold: the same tokens as the eager sort (``sampling._decode_full``), ties in bf16 logits split
-as the stable sort splits them, and the graph runner replays such steps from a captured variant instead of
-falling back to the eager runner (tensor parallel: tests/runtime/test_tp_rules.py).
+"""Sampling filters the top-64 candidates do not bound (top-p / min-p without a top-k, a top-k over 64,
+filters with credit) decode without the vocabulary sort by ``kernels/filter_bisect.py``'s exact bisection on
+the survivors' threshold: the same tokens as the eager sort (``sampling._decode_full``), ties in bf16 logits
+split as the stable sort splits them, and the graph runner replays such steps from a captured variant
+instead of falling back to the eager runner (tensor parallel: tests/runtime/test_tp_rules.py).
 
 Decisive: every filter setting must change some tokens against the unfiltered draw, so equality means the
 filter was applied, not skipped."""
