@@ -125,3 +125,49 @@ def test_captured_bisection_equals_eager_on_the_gpu():
     assert gr.stats["eager_reuse"] == 0 and gr.stats["replays"] > 0
     assert any(g.graph is not None and str(g.ex.filtered).startswith("bisect")
                for g in gr.graphs.values() if g.ex)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_halving_kernel_and_bf16_bisection_on_the_gpu():
+    """On the GPU the halvings' sums run in ``filter_bisect._above_kernel`` (compiled Triton): equal counts
+    and masses to the CPU reference for bf16 / fp32 / float64 keys; then bf16 rows of an LLaDA-sized
+    vocabulary (many exact ties), the captured bisection's tokens equal the eager sort's on the same
+    device."""
+    from dlc.kernels import filter_bisect as FB
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
+        keyed = (torch.randn(2, 3, 3 * FB.SPLIT + 77) * 3).to(dt)
+        e = torch.rand(keyed.shape, dtype=torch.float64)
+        u = keyed[..., 5].clone()
+        want = FB.above_sums(keyed, e, u)
+        got = FB.above_sums(keyed.cuda(), e.cuda(), u.cuda()).cpu()
+        assert torch.equal(got[1], want[1]), dt
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    dev, B, N, V = "cuda", 4, 8, 126464
+    torch.manual_seed(0)
+    h = torch.randn(B, N, 256, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(V, 256, device=dev, dtype=torch.bfloat16) * 0.2
+    ar, one = torch.arange(B, device=dev), torch.ones(1, device=dev, dtype=torch.bfloat16)
+    temp = torch.full((1,), 0.8, dtype=torch.float64, device=dev)
+    f = (torch.tensor([0, 0, 100, 0], device=dev), torch.tensor([0.9, 1.0, 0.8, 0.5], device=dev,
+                                                                dtype=torch.float64),
+         torch.tensor([0.0, 0.05, 0.0, 0.01], device=dev, dtype=torch.float64))
+    route = filter_route(*f)
+
+    def bisected():
+        return decode_rows_ext(h, w, ar, ar, one, temp, ar + 3, vocab=V, chunk=32768, filters=f,
+                               candidates=route)["tokens"]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        bisected()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tok = bisected()
+    g.replay()
+    want = decode_rows_ext(h, w, ar, ar, one, temp, ar + 3, vocab=V, chunk=32768, filters=f,
+                           candidates=False)["tokens"]
+    assert torch.equal(tok, want)
+    plain = decode_rows_ext(h, w, ar, ar, one, temp, ar + 3, vocab=V, chunk=32768)["tokens"]
+    assert not torch.equal(plain, want)                                 # decisive
