@@ -9,7 +9,8 @@ of ``--reps`` calls for TP=1 then TP=N, ``--rounds`` rounds alternating which si
 median over rounds, the TP=N / TP=1 ratio, and each side's ratio to its own plain step (what the rule adds).
 Timed path: the graph runner of each side (one GPU's ``GraphRunner``; a ``ShardGraphRunner`` per rank),
 captured variants where they exist, the eager fallback otherwise (the table's ``path`` column, from the
-runners' ``eager_reuse`` counts: top-p without a top-k is eager on both sides).
+runners' ``eager_reuse`` counts: top-p without a top-k replays the bisection's variant on both sides,
+``kernels/filter_bisect.py``).
 
     python3 -P bench/tp_rule_cost.py --tp 2 --batch 8 --out $OUT/tp_rule_cost.json          # 2 GPUs
     python3 -P bench/tp_rule_cost.py --preset tiny-llada --device cpu --dtype fp32 --batch 2 --prompt 32 \\

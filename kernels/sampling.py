@@ -29,7 +29,11 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
   and the Gumbel-max (the same hash noise, drawn at the candidates' ids) run over those: the same tokens and
   confidences as the full path, no [N, V] tensor, no vocabulary sort. Otherwise (top-p or min-p without a
   top-k, a larger top-k, or credit) filtered rows need every logit of a row at once: only then is [C, N, V]
-  formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then).
+  formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then), and
+  either sorted per sequence (``_decode_full``: the eager path, the reference) or, on the graph runner's
+  route (``filter_route``'s ``bisect_plan``), searched by ``filter_bisect``'s exact bisection on the
+  survivors' threshold (fixed halvings, no host read, so it captures; chunks of sequences; the same
+  tokens).
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):
 ``CreditThresholdParallelDecoder`` (alpha 0.7, gamma 0.2, beta 0.8; fused = logits + alpha log(1 + credit);
@@ -44,6 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .filter_bisect import bisect_filters, bisect_plan, is_plan
 from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
@@ -100,8 +105,10 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     confidence is the token's probability under the filtered, tempered distribution (renormalised over the
     survivors: LLaDA2's and SDAR's samplers) instead of the unfiltered one. ``candidates``: filter over the
     sweep's top candidates (``candidates_cover``'s answer, which the caller read: "filtered" / "mixed"; True:
-    "mixed"), over the full logits (False), or decide here (None: reads the filters on the host). Without
-    extras this is ``decode_rows`` itself."""
+    "mixed"), over the full logits (False: the sort of ``_decode_full``, the eager path), by the bisection
+    on the survivors' threshold (a ``filter_bisect.bisect_plan`` string: ``filter_route``'s answer for the
+    filters the candidates do not bound; no host read, so it captures), or decide here (None: reads the
+    filters on the host; candidates or the sort). Without extras this is ``decode_rows`` itself."""
     if soft is not None and len(soft) > 2:
         if not soft[2]:
             soft = soft[:2]                          # k = 0: the whole vocabulary
@@ -114,6 +121,11 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
     if candidates is None and filters is not None and sampling and credit is None:
         candidates = candidates_cover(*filters, filtered_conf)
+    if filters is not None and sampling and is_plan(candidates):
+        out = _decode_bisect(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                             topk=topk, logprobs=logprobs, entropy=entropy, credit=credit, soft=soft,
+                             filters=filters, filtered_conf=filtered_conf, acc=acc, plan=candidates)
+        return {k: v for k, v in out.items() if not k.startswith("_")}
     if filters is not None and sampling and credit is None and candidates:
         out = _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
                                  topk=topk, logprobs=logprobs, entropy=entropy, soft=soft, filters=filters,
@@ -329,6 +341,28 @@ def candidates_cover(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tens
     if not bool((top | off).all()):
         return None
     return "filtered" if bool(top.all()) else "mixed"
+
+
+def filter_route(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, filtered_conf: bool = False,
+                 credit: bool = False) -> str:
+    """How a batch's filters at T > 0 decode without sorting the vocabulary (one host read): over the sweep's
+    candidates (``candidates_cover``'s "filtered" / "mixed"), else by the bisection on the survivors'
+    threshold (``filter_bisect.bisect_plan``'s route: top-p / min-p without a top-k, a top-k over
+    ``FILTER_CANDIDATES``, filters with credit, whose fused logits the candidates do not hold)."""
+    cover = None if credit else candidates_cover(top_k, top_p, min_p, filtered_conf)
+    return cover or bisect_plan(top_k, top_p, min_p)
+
+
+def _decode_bisect(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,
+                   credit, soft, filters, filtered_conf, acc, plan: str) -> dict:
+    """Filters the candidates do not bound, without the sort: the chunked extras for all rows (credit's
+    statistics, the confidence's denominator, the logsumexp; no draw), then ``filter_bisect``'s exact
+    threshold and the Gumbel-max over the survivors (one process: no group), the same tokens as
+    ``_decode_full``'s."""
+    out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0, seeds, vocab=vocab, chunk=chunk, topk=topk,
+                          logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, acc=acc)
+    return bisect_filters(h, w[:vocab], 0, vocab, cond_rows, un_rows, cfg_w, temp, seeds, filters, out,
+                          chunk=chunk, credit=credit, filtered_conf=filtered_conf, plan=plan)
 
 
 def _decode_candidates(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk, topk, logprobs, entropy,

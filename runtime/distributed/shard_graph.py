@@ -20,8 +20,9 @@ for every extra ``GraphRunner`` captures (T > 0 sampling, logprobs, entropy; cre
 filters through ``shard_runner.rules_decode``: the core's chunk sweep per shard, ``vocab.combine_sweep``'s
 all-gather and smoothing's all-reduce inside the captured step, its inputs in the variant's static buffers;
 ``fused`` at T = 0: credit and smoothing through ``shard_runner.fused_rules_decode``, one GPU's fused routes
-per shard in float32, no float64 sweep); filters the merged candidates do not bound run eager, as on one GPU
-(``vocab_filters.exact_filters``).
+per shard in float32, no float64 sweep); filters the merged candidates do not bound replay too, by the exact
+bisection (``vocab_filters.exact_filters`` over ``kernels/filter_bisect.py``, its plan in the variant's key,
+each halving's all_reduce captured like the model's), as on one GPU.
 Refresh, full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the
 same combine.
 

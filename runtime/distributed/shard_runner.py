@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dlc.kernels.sampling import (FILTER_CANDIDATES, candidates_cover, filter_candidates, finish_stats,
-                                  sweep_stats)
+from dlc.kernels.filter_bisect import is_plan
+from dlc.kernels.sampling import FILTER_CANDIDATES, filter_candidates, filter_route, finish_stats, sweep_stats
 from dlc.models.tensor_parallel import head_shard
 
 from ..runners.eager import EagerRunner, _tempered
@@ -76,7 +76,7 @@ def has_rules(batch: StepBatch) -> bool:
 def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch, fused: bool = False) -> StepOutput:
     """Credit, iteration smoothing and sampling filters at T > 0 decoded vocab-parallel, as one process's
     ``eager.decode_step_extras`` decodes them (rows [fed, N, d], tempered as there): ``rules_decode`` with
-    the batch's fields (the filters' cover read here, on the host). ``fused`` (a ``fused`` graph runner's
+    the batch's fields (the filters' route read here, on the host). ``fused`` (a ``fused`` graph runner's
     eager step at T = 0 without guidance, the caller checked): ``fused_rules_decode``, as its captured
     steps."""
     credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
@@ -103,7 +103,8 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     then every rank finishes as one process does (``finish_stats``: credit's own-step correction on the
     global raw top-1; ``filter_candidates``: top-k, top-p on the renormalised survivors, min-p and the
     Gumbel-max over the merged top ``FILTER_CANDIDATES`` where they hold the survivors: ``cover``, from
-    ``filters_covered``; else ``vocab_filters.exact_filters``' bisection). Smoothing's soft embedding: each
+    ``filters_covered``; else ``vocab_filters.exact_filters``' bisection, ``cover`` its ``bisect_plan``:
+    fixed halvings, each one all_reduce, no host read, so it captures). Smoothing's soft embedding: each
     rank's share of exp(l / tau - max) @ W_e[shard], one all_reduce (truncated, ``soft_k`` > 0:
     ``shard_top_soft`` over the merged top-k). ``acc``: the sweep's arithmetic (float64, the eager runner's
     and ``exact`` decoding's; float32 where one GPU's ``fused`` graph runner sweeps in float32:
@@ -113,23 +114,24 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     we = shard.model.embed.weight[:w.shape[0]]                 # this rank's embedding rows: the same ids
     soft_k = soft_k if soft_tau else 0
     soft = (we, soft_tau) if soft_tau and not soft_k else None
-    kc = min(FILTER_CANDIDATES, vocab) if cover else 0
+    candidates = bool(cover) and not is_plan(cover)           # the filters over the merged top candidates
+    kc = min(FILTER_CANDIDATES, vocab) if candidates else 0
     topk = max(logprobs or 0, soft_k)                          # what the caller reads of the top list
     k_sweep = max(topk, kc)
     # every row filters over the candidates, or the bisection draws: the sweep draws nothing (T = 0)
-    t_sweep = 0.0 if cover == "filtered" or (filters is not None and not cover) else temperature
+    t_sweep = 0.0 if cover == "filtered" or (filters is not None and not candidates) else temperature
     st = sweep_stats(rows, w, cond_rows, un_rows, cfg_w, t_sweep, seeds, vocab=vocab, chunk=CHUNK,
                      topk=k_sweep, entropy=entropy, credit=credit, soft=soft, acc=acc, v0=v0, rows=w.shape[0])
     st = combine_sweep(st, shard.group, topk=k_sweep)
     out = finish_stats(st, t_sweep, seeds, vocab=vocab, topk=k_sweep,
                        logprobs=filters is not None or logprobs is not None, entropy=entropy, credit=credit,
                        soft=soft is not None, acc=acc)
-    if filters is not None and cover:
+    if filters is not None and candidates:
         out = filter_candidates(out, filters, temperature, seeds, vocab=vocab, topk=topk,
                                 logprobs=logprobs is not None, filtered_conf=filtered_conf, acc=acc)
     elif filters is not None:                  # survivors the candidates need not hold: the exact bisection
         out = exact_filters(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, filters, out,
-                            credit=credit, filtered_conf=filtered_conf)
+                            credit=credit, filtered_conf=filtered_conf, plan=cover or None)
     if soft_k:
         out["soft"] = shard_top_soft(out["topk_ids"][..., :soft_k], out["topk_logprobs"][..., :soft_k], we,
                                      v0, soft_tau, shard.group)
@@ -253,13 +255,13 @@ def _asked(out: dict, logprobs: int | None) -> dict:
     return {key: v for key, v in out.items() if not key.startswith("_")}
 
 
-def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, credit=None) -> str | None:
-    """``sampling.candidates_cover`` of the rows' filters ("filtered" / "mixed": every filtering row has a
-    top-k of at most ``FILTER_CANDIDATES``, so the merged top candidates hold its survivors), or None: the
-    exact bisection (``vocab_filters.exact_filters``), also for a batch with credit (one process filters the
-    credit-fused logits). Read as if without tempered confidences: a row without filters keeps the tempered
-    sweep's token and confidence, which is its confidence over the whole tempered vocabulary."""
-    return None if credit is not None else candidates_cover(top_k, top_p, min_p)
+def filters_covered(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, credit=None) -> str:
+    """``sampling.filter_route`` of the rows' filters ("filtered" / "mixed": every filtering row has a top-k
+    of at most ``FILTER_CANDIDATES``, so the merged top candidates hold its survivors), or the exact
+    bisection's ``bisect_plan`` (``vocab_filters.exact_filters``), also for a batch with credit (one process
+    filters the credit-fused logits). Read as if without tempered confidences: a row without filters keeps
+    the tempered sweep's token and confidence, which is its confidence over the whole tempered vocabulary."""
+    return filter_route(top_k, top_p, min_p, credit=credit is not None)
 
 
 def extras_of(out: dict, logprobs: bool, entropy: bool) -> dict:

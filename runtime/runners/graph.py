@@ -23,12 +23,15 @@ width) and replays it:
   Credit and smoothing inputs,
   temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
   float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
-  filters over the sweep's candidates (``sampling.candidates_cover``);
+  filters over the sweep's candidates (``sampling.candidates_cover``), the filters those do not bound (top-p /
+  min-p without a top-k, a top-k over 64, filters with credit) by the exact bisection on the survivors'
+  threshold (``kernels/filter_bisect.py``: fixed halvings, no host read; the eager sort's tokens), the
+  variant's key holding its ``bisect_plan`` (``sampling.filter_route`` reads the filters once);
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
   widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
-  decoding no variant holds (top-p / min-p without a top-k, filters with credit, tempered confidences of
-  block decoders). ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
+  decoding no variant holds (tempered confidences of block decoders, a soft input without a soft output).
+  ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
   runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the
@@ -65,7 +68,7 @@ from typing import NamedTuple
 import torch
 
 from dlc.kernels.logits import decode_rows
-from dlc.kernels.sampling import candidates_cover, decode_rows_ext
+from dlc.kernels.sampling import decode_rows_ext, filter_route
 from dlc.kernels.packed_attn import table_rows, tile_table, write_table
 from dlc.models.common import KVCache, fuse_projections_, pack_parts, unpack_parts
 from dlc.models.packed import PackedCache, packable
@@ -91,8 +94,8 @@ class ExtrasKey(NamedTuple):
     credit_width: int      # credit ids per position (0: no credit)
     smooth_tau: float      # smoothing's temperature (0.0: no smoothing)
     sampled: bool          # T > 0
-    filtered: str | bool   # over the sweep's candidates: "filtered" / "mixed" (sampling.candidates_cover),
-                           # False: no filters
+    filtered: str | bool   # sampling.filter_route: over the sweep's candidates ("filtered" / "mixed"), or
+                           # the exact bisection ("bisect..." plan); False: no filters
     smooth_k: int = 0      # truncated smoothing: the soft embedding over each row's top k (0: all tokens)
 
 
@@ -283,22 +286,20 @@ class GraphRunner(EagerRunner):
     def _extras_key(batch: StepBatch) -> tuple | None:
         """The captured variant a batch replays: () for a plain T = 0 step; else (entropy, logprobs k or -1,
         credit width M, smoothing tau or 0.0, sampled, filtered), one variant per combination, captured on
-        first use. None where the step stays eager: sampling filters the candidates do not cover
-        (``sampling.candidates_cover``: top-p / min-p without a top-k, a top-k over 64, filters with credit;
-        reads the [B] filters on the host), tempered confidences (block decoders), a soft input without a soft
-        output."""
+        first use; ``filtered`` is ``sampling.filter_route``'s answer (reads the [B] filters on the host):
+        over the sweep's top candidates, or the exact bisection on the survivors' threshold (a
+        ``filter_bisect.bisect_plan`` route: top-p / min-p without a top-k, a top-k over 64, filters with
+        credit). None where the step stays eager: tempered confidences (block decoders), a soft input without
+        a soft output."""
         sampled = batch.temperature > 0
         if not batch.wants_extras() and not sampled:
             return ()
         if (batch.embed_delta is not None and batch.soft_tau is None) or (sampled and batch.tempered_conf):
             return None
         filtered = False
-        if batch.top_k is not None:                  # "filtered" / "mixed" (sampling.candidates_cover)
-            if batch.credit_ids is not None:
-                return None
-            filtered = candidates_cover(batch.top_k, batch.top_p, batch.min_p)
-            if filtered is None:
-                return None
+        if batch.top_k is not None and sampled:      # the candidates or the bisection (sampling.filter_route)
+            filtered = filter_route(batch.top_k, batch.top_p, batch.min_p,
+                                    credit=batch.credit_ids is not None)
         M = 0
         if batch.credit_ids is not None:
             M = batch.n_out                          # a block's credit grows by one id a step: <= N steps

@@ -9,6 +9,7 @@ import torch
 
 from dlc.kernels import attention as A
 from dlc.kernels import cache_write as C
+from dlc.kernels import filter_bisect as FB
 from dlc.kernels import logits as L
 from dlc.kernels import select_extras as X
 from dlc.kernels import shard_logits as S
@@ -113,6 +114,30 @@ def check_shard_stats(dt):
         assert rel(out["confidence"].reshape(-1), conf1) < REL[dt], (dt, ent, k, "confidence vs TP=1")
 
 
+def check_filter_bisect():
+    """The bisection's halving kernel (``filter_bisect._above_kernel``: mass and count above a threshold over
+    order-preserving integer keys, vocab splits summed in order) vs the torch reference, for the key widths
+    the bisection uses (bf16 16-bit, fp32, credit's float64; several splits and a ragged tail), then one
+    sampled top-p + min-p decode through it: the eager sort's tokens."""
+    from dlc.kernels.sampling import decode_rows_ext, filter_route
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
+        keyed = (torch.randn(2, 3, 2 * FB.SPLIT + 77) * 3).to(dt)
+        e = torch.rand(keyed.shape, dtype=torch.float64)
+        u = keyed[..., 5].clone()
+        got = FB.above_sums_triton(FB.key_of(keyed), e, FB.key_of(u), block=512)
+        gt = keyed > u[..., None]
+        assert torch.equal(got[1], gt.sum(-1).double()), dt
+        want = torch.where(gt, e, 0.0).sum(-1)
+        assert ((got[0] - want).abs() / want).max() < 1e-12, dt
+    h, w = torch.randn(2, 3, 16).to(torch.bfloat16), (torch.randn(300, 16) * 2).to(torch.bfloat16)
+    ar, one = torch.arange(2), torch.ones(1, dtype=torch.bfloat16)
+    f = (torch.tensor([0, 100]), torch.tensor([0.7, 0.8], dtype=torch.float64),
+         torch.tensor([0.02, 0.0], dtype=torch.float64))
+    out = [decode_rows_ext(h, w, ar, ar, one, 0.9, ar + 5, vocab=300, chunk=128, filters=f, candidates=c)
+           for c in (False, filter_route(*f))]
+    assert torch.equal(out[0]["tokens"], out[1]["tokens"])
+
+
 def main():
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     for dt in (torch.float32, torch.float16):
@@ -154,6 +179,7 @@ def main():
     C.kv_write_triton(kc, vc, kn, vn, start, rows)
     C.kv_write_reference(kc2, vc2, kn, vn, start, rows)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    check_filter_bisect()
     print("interpret-ok")
 
 

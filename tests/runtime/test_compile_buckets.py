@@ -84,8 +84,8 @@ def _compiled_engine(mix_iterations=None):
 
 
 def test_mixed_traffic_through_compiled_blocks_never_fails():
-    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0 with top-p, which
-    no captured variant holds) at many shapes:
+    """Compiled blocks also run Refresh, full forwards and the eager Reuse fallbacks (T > 0 with guidance,
+    which no captured variant holds) at many shapes:
     more guard variants than Dynamo's default limit of 8 holds; no request may fail on it."""
     gr, eng = _compiled_engine()
     g = torch.Generator().manual_seed(0)
@@ -96,7 +96,8 @@ def test_mixed_traffic_through_compiled_blocks_never_fails():
     for i, (n, kv, temp, gen) in enumerate(mix):
         prompt = torch.randint(3, 200, (n,), generator=g).tolist()
         params = {"kv_cache": kv, "temperature": temp, "seed": i, "gen_length": gen, "steps": gen}
-        reqs.append(eng.make_request(prompt, {**params, "top_p": 0.9 if temp else 1.0}))
+        reqs.append(eng.make_request(prompt, {**params, "top_p": 0.9 if temp else 1.0,
+                                              "cfg_scale": 1.0 if temp else 0.0}))
     for r in reqs:
         eng.add_request(r)
     eng.run_until_done()

@@ -558,7 +558,7 @@ def test_restart_block_rewinds_the_rule_state():
 
 
 def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
-    """One request whose decoding no captured variant holds (top-p sampling without a top-k) among plain ones:
+    """One request whose decoding no captured variant holds (classifier-free guidance) among plain ones:
     the engine gives it its own group (eager), the others still replay their captured Reuse steps; every
     output equals generate() alone. (Entropy, credit, logprobs, smoothing and top-k sampling replay variants
     of their own: tests/runtime/test_graph_extras.py.)"""
@@ -570,8 +570,8 @@ def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
     eng = Engine(sess, ServeConfig(model="tiny-llada", max_seq_len=64, kv_cache_mb=16, max_num_tokens=512,
                                    cuda_graphs=True, graph_decode="exact"))
     base = dict(gen_length=16, block_length=8, steps=16, kv_cache="dual")
-    top_p = {"temperature": 0.7, "top_p": 0.8}
-    specs = [([5, 6, 7, i], {**base, **(top_p if i == 0 else {})}) for i in range(4)]
+    guided = {"temperature": 0.7, "top_p": 0.8, "cfg_scale": 1.0}
+    specs = [([5, 6, 7, i], {**base, **(guided if i == 0 else {})}) for i in range(4)]
     reqs = [eng.make_request(p, params) for p, params in specs]
     for r in reqs:
         eng.add_request(r)

@@ -33,6 +33,13 @@ FILTERS = {                                 # seeded T > 0: the filters, and cre
     "top_k_min_p": dict(kv_cache="none", top_k=30, min_p=0.2, **HOT),
     "credit_sampled": dict(kv_cache="dual", credit=True, **HOT),
 }
+BEYOND = {                                  # filters the top-64 candidates do not bound: the bisection
+    "top_p": dict(kv_cache="dual", top_p=0.6, **HOT),
+    "min_p": dict(kv_cache="prefix", min_p=0.2, **HOT),
+    "top_p_min_p": dict(kv_cache="dual", top_p=0.8, min_p=0.05, **HOT),
+    "top_k_100_top_p": dict(kv_cache="dual", top_k=100, top_p=0.7, **HOT),
+    "credit_top_p": dict(kv_cache="dual", threshold=0.3, credit=True, top_p=0.8, **HOT),
+}
 FEATURES = ("credit", "smoothing", "smoothing_top_k", "top_k", "top_p", "min_p")
 
 
@@ -90,14 +97,15 @@ def test_tp2_sampling_filters_equal_one_process(pair, monkeypatch):
 
 def test_tp2_graph_runner_replays_the_rules(pair):
     """The rank's graph runner holds the rules' variants (credit and smoothing inputs, filters in static
-    buffers; on CPU uncaptured): the same tokens, every Reuse step replayed, none eager."""
+    buffers; on CPU uncaptured): the same tokens, every Reuse step replayed, none eager; filters the
+    candidates do not bound too (the bisection with its all_reduces inside the variant's step)."""
     one, tp = pair
     if one.config.tie_embeddings:
         pytest.skip("one model is enough")
     assert graph_runner_for(tp.runner, cuda_graphs=True) is tp.runner and tp.runner.graphed
     try:
         before = dict(tp.runner.stats)
-        for params in (RULES["credit"], RULES["smoothing_top_k"], FILTERS["top_k_top_p"]):
+        for params in (RULES["credit"], RULES["smoothing_top_k"], FILTERS["top_k_top_p"], *BEYOND.values()):
             assert _tokens(tp.runner, params) == _tokens(one.runner, params), params
         assert tp.runner.stats["replays"] > before["replays"]
         assert tp.runner.stats["eager_reuse"] == before["eager_reuse"]
@@ -149,17 +157,15 @@ def test_tp2_filters_beyond_the_candidates_equal_one_process(pair):
     one, tp = pair
     if one.config.tie_embeddings:
         pytest.skip("one model is enough")
-    _check(one, tp, {"top_p": dict(kv_cache="dual", top_p=0.6, **HOT),
-                     "min_p": dict(kv_cache="prefix", min_p=0.2, **HOT),
-                     "top_k_100_top_p": dict(kv_cache="dual", top_k=100, top_p=0.7, **HOT),
-                     "credit_top_p": dict(kv_cache="dual", threshold=0.3, credit=True, top_p=0.8, **HOT)})
+    _check(one, tp, BEYOND)
 
 
 @pytest.mark.gpu
 def test_tp2_rules_captured_on_two_gpus(tmp_path):
     """2 GPUs, NCCL: every rank captures the rules' Reuse variants (the shard sweep, the statistics'
     all-gather and smoothing's all-reduce inside the graph); in fp32 the tokens equal one GPU's eager runner
-    for credit, smoothing (whole and truncated) and seeded top-k / top-p filters, every Reuse step replayed;
+    for credit, smoothing (whole and truncated) and seeded filters (over the top-k candidates, and the
+    bisection's top-p / min-p alone, top-k over 64, credit with top-p), every Reuse step replayed;
     through the Engine with lookahead 16, credit and smoothing rows run ahead with one GPU's tokens."""
     import torch
     if torch.cuda.device_count() < 2:
@@ -170,12 +176,10 @@ def test_tp2_rules_captured_on_two_gpus(tmp_path):
     try:
         runner = graph_runner_for(tp.runner, compile=False, decode="exact")   # plain steps: eager's float64
         assert runner.graphed and runner.capture and runner.shard.decoding == "exact"
-        for params in [*RULES.values(), *FILTERS.values()]:
+        for params in [*RULES.values(), *FILTERS.values(), *BEYOND.values()]:    # BEYOND: the bisection
             assert _tokens(runner, params) == _tokens(one.runner, params), params
         assert runner.stats["replays"] > 0 and runner.stats["captures"] > 0
         assert runner.stats["eager_reuse"] == 0
-        top_p = dict(kv_cache="dual", top_p=0.6, **HOT)              # the bisection (eager, as one GPU's)
-        assert _tokens(runner, top_p) == _tokens(one.runner, top_p)
         items = _engine_items()[:4]                                    # the T = 0 rows: they run ahead
         eng = Engine(tp, ServeConfig(max_seq_len=64, kv_cache_mb=4, max_batch_size=8, cuda_graphs=True,
                                      compile=False, graph_decode="exact", lookahead_steps=16,
