@@ -104,17 +104,40 @@ def test_graph_runner_replays_filters_beyond_the_candidates(model):
     assert changed >= 3
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_bisection_equals_eager_on_the_gpu():
-    """On the GPU, fp32: top-p alone, min-p alone, a top-k over 64 with top-p and credit with top-p capture
-    (the bisection inside the CUDA graph: no host read) and give the eager runner's tokens; no eager Reuse."""
-    from dlc.runtime.runners.graph import GraphRunner
+def _scaled_tiny_on_cuda():
     from dlc.runtime.session import open_model
     sess = open_model("tiny-llada", device="cuda", dtype=torch.float32, progress=False)
     with torch.no_grad():
         sess.runner.model.head_weight().mul_(12.0)
+    return sess
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_gpu_keeps_bisection_steps_eager_by_default():
+    """The default on CUDA (GraphRunner.bisect_on_cuda off, see its comment): a top-p step goes eager and gives
+    the eager runner's tokens."""
+    from dlc.runtime.runners.graph import GraphRunner
+    sess = _scaled_tiny_on_cuda()
     gr = GraphRunner(sess.runner.model, decode="exact")
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, kv_cache="dual", temperature=0.9, seed=3,
+                           top_p=0.7)
+    prompts = [[5, 17, 99, 3], [42, 8, 9, 1]]
+    assert generate(gr, prompts, cfg).token_ids == generate(sess.runner, prompts, cfg).token_ids
+    assert gr.stats["eager_reuse"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(reason="2026-11-28 H200: one GPU's bisection gave other tokens than the eager sort (cause not "
+                          "found; GraphRunner.bisect_on_cuda keeps it off)", strict=False)
+def test_captured_bisection_equals_eager_on_the_gpu():
+    """On the GPU, fp32: top-p alone, min-p alone, a top-k over 64 with top-p and credit with top-p capture
+    (the bisection inside the CUDA graph: no host read) and give the eager runner's tokens; no eager Reuse."""
+    from dlc.runtime.runners.graph import GraphRunner
+    sess = _scaled_tiny_on_cuda()
+    gr = GraphRunner(sess.runner.model, decode="exact")
+    gr.bisect_on_cuda = True
     assert gr.capture
     prompts = [[5, 17, 99, 3], [42, 8, 9, 1]]
     for params in (dict(top_p=0.7), dict(min_p=0.1), dict(top_k=100, top_p=0.6),
