@@ -16,18 +16,12 @@ import statistics
 import torch
 
 from dlc.kernels.sampling import decode_rows_ext, filter_route
+from dlc.runtime.runners.graph import capture_graph
 
 
 def graph_fn(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    """fn captured as the runtime captures its steps (``runners.graph.capture_graph``) -> (replay, outputs)."""
+    g, out, _, _ = capture_graph(fn, None)
     return g.replay, out
 
 
