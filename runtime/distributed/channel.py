@@ -220,8 +220,16 @@ def send_rule_tensors(batch: StepBatch, group) -> None:
     """Rank 0: the batch's rule tensors as one byte broadcast over the model's group (no host copy; the
     8-byte fields first, so every view of the receiver's buffer is aligned)."""
     fields = [f for flag, names in _RULE_FIELDS.items() if _rule_flags(batch) & flag for f in names]
-    data = [getattr(batch, f).contiguous().view(-1).view(torch.uint8) for f in fields]
+    want = {"top_k": torch.int64, "credit_ids": torch.int64}          # the rest float64, embed_delta as is
+    data = [_as(getattr(batch, f), want.get(f, torch.float64) if f != "embed_delta" else None)
+            for f in fields]
     dist.broadcast(torch.cat(data) if len(data) > 1 else data[0], 0, group=group)
+
+
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    """A rule tensor's bytes in the dtype the receiver reads (``_rule_specs``): a no-op for the batches the
+    decoding core builds."""
+    return (t if dtype is None else t.to(dtype)).contiguous().view(-1).view(torch.uint8)
 
 
 def recv_rule_tensors(h: list, group, d_model: int, device) -> dict[str, torch.Tensor]:
