@@ -88,7 +88,7 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-_COMPILED: dict[int, object] = {}        # id(block) -> its torch.compile wrapper (``set_compiled`` toggles it)
+_COMPILED: dict[int, object] = {}   # id(block) -> its torch.compile wrapper (``set_compiled`` toggles it)
 
 
 def compile_blocks(model) -> None:

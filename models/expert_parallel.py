@@ -195,7 +195,8 @@ def load_moe_shard(model: nn.Module, path: str | Path, dtype: torch.dtype, devic
 
     plan = {n: as_slice(sl) for n, sl in {**(slices or {}), **weight_slices(model)}.items()}
     try:                                  # the one checkpoint reader, with this rank's plan
-        load_weights(model, Path(path), dtype, device, progress, plan=plan, desc=f"loading rank {rank}/{world}")
+        load_weights(model, Path(path), dtype, device, progress, plan=plan,
+                     desc=f"loading rank {rank}/{world}")
     except CheckpointError as e:
         raise CheckpointError(f"{e} (rank {rank} of {world})") from None
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())

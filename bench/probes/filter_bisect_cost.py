@@ -20,7 +20,7 @@ from dlc.runtime.runners.graph import capture_graph
 
 
 def graph_fn(fn):
-    """fn captured as the runtime captures its steps (``runners.graph.capture_graph``) -> (replay, outputs)."""
+    """fn captured as the runtime captures its steps (``runners.graph.capture_graph``) -> (replay, out)."""
     g, out, _, _ = capture_graph(fn, None)
     return g.replay, out
 
@@ -53,7 +53,8 @@ def main() -> None:
     seeds = torch.arange(B, device=dev) * 7 + 1
     temp = torch.full((1,), 0.8, dtype=torch.float64, device=dev)
     credit = (torch.randint(0, V, (B, N, 8), device=dev),
-              torch.rand(B, N, 8, dtype=torch.float64, device=dev), torch.full((B,), 0.7, dtype=torch.float64, device=dev))
+              torch.rand(B, N, 8, dtype=torch.float64, device=dev),
+              torch.full((B,), 0.7, dtype=torch.float64, device=dev))
 
     def filt(k, p, m):
         return (torch.full((B,), k, device=dev), torch.full((B,), p, dtype=torch.float64, device=dev),

@@ -56,9 +56,10 @@ def load_aoti(path: Path, device="cpu"):
 def aoti_cuda_preload_hint(maps: str = "/proc/self/maps", env: dict | None = None) -> str | None:
     """The fix to print before loading a CUDA AOTI package, or None. On the H200 image of torch
     2.11.0+cu130 the package's wrapper .so segfaults in its device-string parser (std::regex reaching another
-    C++ runtime's locale symbols, docs/COMPILER.md); starting the process with the C++ runtime it maps first in
-    the lookup order (LD_PRELOAD) fixes it, and a CUDA AOTI engine then gives eager's tokens (the GPU test
-    passed that way). A process cannot change its lookup order once started, so this only says how."""
+    C++ runtime's locale symbols, docs/COMPILER.md); starting the process with the C++ runtime it maps
+    first in the lookup order (LD_PRELOAD) fixes it, and a CUDA AOTI engine then gives eager's tokens (the
+    GPU test passed that way). A process cannot change its lookup order once started, so this only says
+    how."""
     env = os.environ if env is None else env
     if "libstdc++" in env.get("LD_PRELOAD", ""):
         return None

@@ -115,8 +115,8 @@ def _scaled_tiny_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_gpu_keeps_bisection_steps_eager_by_default():
-    """The default on CUDA (GraphRunner.bisect_on_cuda off, see its comment): a top-p step goes eager and gives
-    the eager runner's tokens."""
+    """The default on CUDA (GraphRunner.bisect_on_cuda off, see its comment): a top-p step goes eager and
+    gives the eager runner's tokens."""
     from dlc.runtime.runners.graph import GraphRunner
     sess = _scaled_tiny_on_cuda()
     gr = GraphRunner(sess.runner.model, decode="exact")
@@ -129,8 +129,8 @@ def test_one_gpu_keeps_bisection_steps_eager_by_default():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(reason="2026-11-28 H200: one GPU's bisection gave other tokens than the eager sort (cause not "
-                          "found; GraphRunner.bisect_on_cuda keeps it off)", strict=False)
+@pytest.mark.xfail(reason="2026-11-28 H200: one GPU's bisection gave other tokens than the eager sort "
+                          "(cause not found; GraphRunner.bisect_on_cuda keeps it off)", strict=False)
 def test_captured_bisection_equals_eager_on_the_gpu():
     """On the GPU, fp32: top-p alone, min-p alone, a top-k over 64 with top-p and credit with top-p capture
     (the bisection inside the CUDA graph: no host read) and give the eager runner's tokens; no eager Reuse."""
