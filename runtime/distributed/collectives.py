@@ -8,9 +8,9 @@ builds it once per rank: the all-reduce before loading (every parallel layer is 
 overlap from the loaded shard. The rank's runners own it (``ShardRunner.collectives``; a
 ``ShardGraphRunner`` made from a shard takes the same object, and so does the eager runner it falls back to)
 and pass it explicitly where it is needed: the runners' model call (``forward``: the split forward for the
-steps it splits, else the model's own), compiling (``compile``), the STATS message's switches (``check`` / ``tune``), the per-rank report
-(``report``) and leaving the group (``release``). Nothing is stored on the model or its modules beyond the
-layers' own ``reduce``, given at construction."""
+steps it splits, else the model's own), compiling (``compile``), the STATS message's switches (``check`` /
+``tune``), the per-rank report (``report``) and leaving the group (``release``). Nothing is stored on the
+model or its modules beyond the layers' own ``reduce``, given at construction."""
 from __future__ import annotations
 
 from dataclasses import dataclass
