@@ -90,7 +90,9 @@ def check_shard_stats(dt):
                 errs["a/s"] = st["a"] / st["s"] - ref["a"] / ref["s"]
             if k:
                 errs["tv"] = st["tv"] - ref["tv"]
-                assert (st["ti"] == ref["ti"]).float().mean() >= 0.9, (dt, ent, k, v0, "ti")
+                # the same ids per row (sorted: w's duplicated rows 100 / 200 tie exactly, in either order)
+                same_ids = st["ti"].sort(-1).values == ref["ti"].sort(-1).values
+                assert same_ids.float().mean() >= 0.9, (dt, ent, k, v0, "ti")
             for key, e in errs.items():
                 e = e[same] if key in ("best", "bl") else e
                 assert e.abs().max().item() < EXTRAS_ATOL[dt], (dt, ent, k, v0, key, e.abs().max().item())
