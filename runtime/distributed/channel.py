@@ -113,7 +113,7 @@ class Channel:
         if not inline:
             dist.broadcast(payload, 0, group=self.group)
         if int(head[_FLAGS]) & _RULE_FLAGS:
-            send_rule_tensors(batch, self.device_group)
+            send_rule_tensors(batch, head.tolist(), self.device_group)
         st = self.stats
         st["encode_s"] += t1 - t0
         st["send_s"] += time.perf_counter() - t1
@@ -207,7 +207,8 @@ def _rule_flags(batch: StepBatch) -> int:
 
 
 def _rule_specs(h: list, d_model: int) -> list[tuple[str, tuple, torch.dtype]]:
-    """(field, shape, dtype) of the rule tensors a compact step's header ``h`` says follow its frame."""
+    """(field, shape, dtype) of the rule tensors a compact step's header ``h`` says follow its frame, in
+    their broadcast order (``d_model``: embed_delta's width, which only the receiver needs)."""
     B, fed, N, M = h[_B], h[_FED], h[_NOUT], h[_CREDIT_M]
     dtype = _DELTA_DTYPES[h[_FLAGS] >> 8 & 15]
     shapes = {"top_k": ((B,), torch.int64), "top_p": ((B,), torch.float64), "min_p": ((B,), torch.float64),
@@ -216,20 +217,13 @@ def _rule_specs(h: list, d_model: int) -> list[tuple[str, tuple, torch.dtype]]:
     return [(f, *shapes[f]) for flag, fields in _RULE_FIELDS.items() if h[_FLAGS] & flag for f in fields]
 
 
-def send_rule_tensors(batch: StepBatch, group) -> None:
-    """Rank 0: the batch's rule tensors as one byte broadcast over the model's group (no host copy; the
-    8-byte fields first, so every view of the receiver's buffer is aligned)."""
-    fields = [f for flag, names in _RULE_FIELDS.items() if _rule_flags(batch) & flag for f in names]
-    want = {"top_k": torch.int64, "credit_ids": torch.int64}          # the rest float64, embed_delta as is
-    data = [_as(getattr(batch, f), want.get(f, torch.float64) if f != "embed_delta" else None)
-            for f in fields]
+def send_rule_tensors(batch: StepBatch, h: list, group) -> None:
+    """Rank 0: the rule tensors the frame's header ``h`` flags, as one byte broadcast over the model's group
+    (no host copy; the 8-byte fields first, so every view of the receiver's buffer is aligned), each in the
+    dtype the receiver reads (``_rule_specs``: a no-op for the batches the decoding core builds)."""
+    data = [getattr(batch, f).to(dt).contiguous().view(-1).view(torch.uint8)
+            for f, _, dt in _rule_specs(h, 0)]
     dist.broadcast(torch.cat(data) if len(data) > 1 else data[0], 0, group=group)
-
-
-def _as(t: torch.Tensor, dtype) -> torch.Tensor:
-    """A rule tensor's bytes in the dtype the receiver reads (``_rule_specs``): a no-op for the batches the
-    decoding core builds."""
-    return (t if dtype is None else t.to(dtype)).contiguous().view(-1).view(torch.uint8)
 
 
 def recv_rule_tensors(h: list, group, d_model: int, device) -> dict[str, torch.Tensor]:
