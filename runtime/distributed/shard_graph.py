@@ -74,8 +74,6 @@ _UNSEEN = object()
 
 
 class ShardGraphRunner(GraphRunner):
-    bisect_on_cuda = True                    # verified on 2 x H200 (GraphRunner.bisect_on_cuda says why)
-
     def __init__(self, shard: ShardRunner, buckets=BUCKETS, capture: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None, compile: bool | str = False, decode: str | None = None):
         done = blocks_compiled(shard.model)           # compiled earlier (graphs off and on again): kept

@@ -68,7 +68,6 @@ from typing import NamedTuple
 import torch
 
 from dlc.kernels.logits import decode_rows
-from dlc.kernels.filter_bisect import is_plan
 from dlc.kernels.sampling import decode_rows_ext, filter_route
 from dlc.kernels.packed_attn import table_rows, tile_table, write_table
 from dlc.models.common import KVCache, fuse_projections_, pack_parts, unpack_parts
@@ -183,12 +182,7 @@ class _Graph:
 
 class GraphRunner(EagerRunner):
     graphed = True                           # step.GraphedRunner: binds a scratch pool slot, warms up
-    # One GPU's filter-bisection variant (top-p / min-p without a top-k, ...: kernels/filter_bisect.py) gave
-    # tokens other than the eager sort's on an H200 (2026-11-28, tests/runtime/test_filter_bisect.py's GPU
-    # test: captured and uncaptured, Triton or torch halvings), while the same code equals the sort on CPU and
-    # inside the TP ranks' captured graphs on 2 x H200 (ShardGraphRunner: on). Until the cause is found, one
-    # GPU keeps those steps eager on CUDA (the sort).
-    bisect_on_cuda = False
+
     def __init__(self, model, *, decode: str | None = None, buckets=BUCKETS, capture: bool | None = None,
                  compile: bool | str = False, fuse: bool | None = None, max_width: int = 128,
                  pool_attention: bool | None = None, sparse_retention: float | None = None,
@@ -320,16 +314,10 @@ class GraphRunner(EagerRunner):
         c = batch.cache
         # ``ex``: the batch's ``_extras_key`` (None: decoding the captured variants lack, eager)
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
-                and ex is not None and not self._bisect_held_back(ex)
-                and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
+                and ex is not None and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
                 and not batch.block_size                                     # block-causal: eager path
                 and batch.width <= self.pool.s_max
                 and (batch.keep_idx is not None) == (self.sparse_retention is not None))
-
-    def _bisect_held_back(self, ex: tuple) -> bool:
-        """A filter bisection on CUDA where ``bisect_on_cuda`` is off: eager (the sort), see its comment."""
-        return (isinstance(ex, ExtrasKey) and is_plan(ex.filtered) and self.device.type == "cuda"
-                and not self.bisect_on_cuda)
 
     def kept_max(self, T: int) -> int:
         """Head-sparse: the most columns a row of fed width T keeps (its cache as long as the pool's)."""
