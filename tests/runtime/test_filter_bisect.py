@@ -128,8 +128,10 @@ def _gpu_cfg(**params):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bisection_equals_the_sort_on_the_same_rows_on_the_gpu(monkeypatch):
-    """Exact on one GPU: every bisection decode of an (uncaptured) graph runner gives the sort's tokens and
-    confidences on the same rows, seeds and filters (the decoding alone, whatever the forward's rounding)."""
+    """On one GPU: every bisection decode of an (uncaptured) graph runner gives the sort's tokens on the same
+    rows, seeds and filters (the decoding alone, whatever the forward's rounding), and its confidences within
+    1e-6: the bisection's head GEMM runs over a chunk's rows, the sort's over all rows, and cuBLAS may pick
+    another kernel per row count (fp32 logits an ulp apart; on CPU they are equal)."""
     import dlc.runtime.runners.graph as graph_mod
     from dlc.kernels.filter_bisect import is_plan
     from dlc.runtime.runners.graph import GraphRunner
@@ -149,7 +151,7 @@ def test_bisection_equals_the_sort_on_the_same_rows_on_the_gpu(monkeypatch):
         generate(gr, [[5, 17, 99, 3], [42, 8, 9, 1]], _gpu_cfg(**params))
     assert len(calls) >= 40                            # every config, ~14 Reuse steps each
     assert all(same for same, _ in calls)
-    assert max(err for _, err in calls) < 1e-12
+    assert max(err for _, err in calls) < 1e-6
 
 
 @pytest.mark.gpu
