@@ -130,8 +130,8 @@ def _gpu_cfg(**params):
 def test_bisection_equals_the_sort_on_the_same_rows_on_the_gpu(monkeypatch):
     """On one GPU: every bisection decode of an (uncaptured) graph runner gives the sort's tokens on the same
     rows, seeds and filters (the decoding alone, whatever the forward's rounding), and its confidences within
-    1e-6: the bisection's head GEMM runs over a chunk's rows, the sort's over all rows, and cuBLAS may pick
-    another kernel per row count (fp32 logits an ulp apart; on CPU they are equal)."""
+    1e-4 (9.5e-6 seen on an H200): the bisection's head GEMM runs over a chunk's rows, the sort's over all
+    rows, and cuBLAS may pick another kernel per row count (fp32 logits a few ulps apart; equal on CPU)."""
     import dlc.runtime.runners.graph as graph_mod
     from dlc.kernels.filter_bisect import is_plan
     from dlc.runtime.runners.graph import GraphRunner
@@ -151,7 +151,7 @@ def test_bisection_equals_the_sort_on_the_same_rows_on_the_gpu(monkeypatch):
         generate(gr, [[5, 17, 99, 3], [42, 8, 9, 1]], _gpu_cfg(**params))
     assert len(calls) >= 40                            # every config, ~14 Reuse steps each
     assert all(same for same, _ in calls)
-    assert max(err for _, err in calls) < 1e-6
+    assert max(err for _, err in calls) < 1e-4
 
 
 @pytest.mark.gpu
