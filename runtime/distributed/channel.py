@@ -236,16 +236,18 @@ def recv_rule_tensors(h: list, group, d_model: int, device) -> dict[str, torch.T
     return {f: part.view(dt).view(shape) for (f, shape, dt), part in zip(specs, buf.split(sizes))}
 
 
-def decode(msg: Compact, config, device, group=None) -> tuple[StepBatch, tuple | None, torch.Tensor | None]:
+def decode(msg: Compact, config, device, group=None,
+           rules: dict | None = None) -> tuple[StepBatch, tuple | None, torch.Tensor | None]:
     """A compact step -> (StepBatch without its cache, pool key or None, run-ahead counts [B, n] or None).
-    A step with rule tensors receives them over ``group`` (the model's).
+    A step with rule tensors receives them over ``group`` (the model's) unless the caller did (``rules``).
     The fields it does not carry are derived as ``step.build_batch`` makes them: positions ``arange(W)``, key
     mask ``arange(W) < length``, hidden-row starts ``out_start - logit_shift`` (twice with guidance), guidance
     rows [0, B) / [B, fed); a Reuse step's ids are its fed span in [fed, W] rows of mask ids."""
     h = msg.head.tolist()
     B, fed, W, N, T, flags = h[_B], h[_FED], h[_W], h[_NOUT], h[_NFED], h[_FLAGS]
     # first: rank 0 broadcast them right after the frame, whatever fails below on this rank
-    rules = recv_rule_tensors(h, group, config.d_model, device) if flags & _RULE_FLAGS else {}
+    if rules is None:
+        rules = recv_rule_tensors(h, group, config.d_model, device) if flags & _RULE_FLAGS else {}
     reuse, cached = bool(flags & _REUSE), bool(flags & _CACHE)
     ids, seeds, lengths, out_start, q_start, slots, counts = split_payload(h, msg.payload)
     hid = out_start - config.logit_shift
@@ -296,21 +298,32 @@ def commit_words(kind_msg) -> torch.Tensor | None:
 
 
 def frame_key(h: list) -> tuple:
-    """What a compact step's header says about its shape and decoding (phase, sizes, flags, logprobs,
-    temperature, guidance, run-ahead steps, pool key): steps with equal keys take the same path through a
-    rank's graph runner (``ShardGraphRunner.reuse_frame``)."""
-    return tuple(h[_PHASE:_POOL + 4])
+    """What a compact step's header says about its shape and decoding (phase, sizes, flags with the rules'
+    tensors and embed_delta's dtype, logprobs, temperature, guidance, run-ahead steps, pool key, smoothing's
+    tau and top k): steps with equal keys take the same path through a rank's graph runner
+    (``ShardGraphRunner.reuse_frame``; credit's variant is keyed by the decoded width, ``_NOUT``)."""
+    return tuple(h[_PHASE:_POOL + 4]) + (h[_SOFT_TAU], h[_SOFT_K])
 
 
 def frame_reuses(h: list) -> bool:
-    """A compact step of the Reuse phase over a cache, one step (not run ahead), without rule tensors or
-    smoothing (those take the batch path)."""
+    """A compact step of the Reuse phase over a cache, one step (not run ahead), that a rank may stage from
+    the frame: plain, or with credit (at most ``_NOUT`` ids per column: the variant's width) and smoothing's
+    inputs (the rule tensors received beside the frame go into the variant's static buffers). Sampling
+    filters take the batch path: which variant decodes them (the top candidates or the bisection) depends on
+    their values, which the header does not say."""
     return (h[_PHASE] == PHASES.index("reuse") and bool(h[_FLAGS] & _CACHE) and not h[_N_AHEAD]
-            and not h[_FLAGS] & (_RULE_FLAGS | _SOFT))
+            and not h[_FLAGS] & _FILTERS and h[_CREDIT_M] <= h[_NOUT])
 
 
 def frame_wants_extras(h: list) -> bool:
-    return bool(h[_FLAGS] & _ENTROPY) or h[_LOGPROBS] >= 0
+    """Whether a compact step's result carries extras (a StepOutput, as ``StepBatch.wants_extras``)."""
+    return bool(h[_FLAGS] & (_ENTROPY | _RULE_FLAGS | _SOFT)) or h[_LOGPROBS] >= 0
+
+
+def frame_rules(h: list, batch: StepBatch) -> dict[str, torch.Tensor]:
+    """The rule tensors the header ``h`` flags, read off rank 0's ``batch`` (a worker receives them:
+    ``recv_rule_tensors``)."""
+    return {f: getattr(batch, f) for f, _, _ in _rule_specs(h, 0)}
 
 
 def _host(v):
@@ -345,12 +358,12 @@ def pool_for(pools: dict, key: tuple, make_pool):
     return pools["pool"]
 
 
-def read_batch(kind_msg, config, device, pools: dict, make_pool,
-               group=None) -> tuple[StepBatch, torch.Tensor | None]:
+def read_batch(kind_msg, config, device, pools: dict, make_pool, group=None,
+               rules: dict | None = None) -> tuple[StepBatch, torch.Tensor | None]:
     """A worker's StepBatch of a STEP / AHEAD message (either form; the cache a view of its own pool of the
-    same slots) and the run-ahead counts (None for STEP). ``group``: ``decode``'s."""
+    same slots) and the run-ahead counts (None for STEP). ``group``, ``rules``: ``decode``'s."""
     if isinstance(kind_msg, Compact):
-        batch, key, counts = decode(kind_msg, config, device, group)
+        batch, key, counts = decode(kind_msg, config, device, group, rules)
     else:
         packed, counts = kind_msg[:2]
         batch, key = unpack_batch(packed, device)

@@ -23,8 +23,9 @@ from dlc.runtime.step import AheadSteps
 
 from . import step_times
 from .ahead_rules import decode_commit, encode_commit
-from .channel import (AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP, Channel, Compact,
-                      commit_words, frame_reuses, pool_for, pool_key, read_batch)
+from .channel import (_FLAGS, _RULE_FLAGS, AHEAD, BIND, GRAPHS, MORE, PING, STATS, STEP, STOP, WARMUP,
+                      Channel, Compact, commit_words, frame_reuses, pool_for, pool_key, read_batch,
+                      recv_rule_tensors)
 from .launch import TIMEOUT_S
 from .shard_graph import ShardGraphRunner, release_before_leaving, with_graphs
 
@@ -400,14 +401,17 @@ def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, ma
     h = msg.head.tolist()
     sent, arrived = channel.sent_ns, channel.arrived_ns
     rebuilt = []
+    # first: rank 0 broadcast the rule tensors right after the frame, whatever fails below on this rank
+    rules = (recv_rule_tensors(h, channel.device_group, shard.config.d_model, shard.device)
+             if h[_FLAGS] & _RULE_FLAGS and channel.device_group is not None else None)
 
     def batch():
-        b = read_batch(msg, shard.config, shard.device, pools, make_pool, channel.device_group)[0]
+        b = read_batch(msg, shard.config, shard.device, pools, make_pool, channel.device_group, rules)[0]
         rebuilt.append(step_times.now_ns())
         return b
     if isinstance(shard, ShardGraphRunner) and frame_reuses(h):
         start = step_times.now_ns()
-        shard.reuse_frame(msg, batch, answer=False)
+        shard.reuse_frame(msg, batch, answer=False, rules=rules or {})
     else:
         b = batch()
         start = rebuilt[0]

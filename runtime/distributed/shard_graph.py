@@ -46,7 +46,9 @@ straight from the control frame instead of rebuilding a StepBatch and gathering 
 the rows' pool slots, cache columns, decoded-row offsets and lengths go into the graph's host ``meta`` and the
 fed ids beside them (one pinned host buffer, ``_Graph.inputs_host``), one host->device copy lands both, and
 two kernels derive the positions (``start + arange(T)``) and key mask (``arange(S) < kv_len``) that the batch
-path gathers (equal buffers: positions are ``arange(W)``, keys ``arange(W) < length``). Which steps may: the
+path gathers (equal buffers: positions are ``arange(W)``, keys ``arange(W) < length``), and a step with credit
+or smoothing its received rule tensors into the variant's static buffers (``GraphRunner._stage_credit`` /
+``_stage_embed``; sampling filters keep the batch path: ``channel.frame_reuses``). Which steps may: the
 first step of each ``frame_key`` (shape, flags, sampling, pool) takes the batch path and records whether it
 replayed and with which captured variant; later steps of that key replay from the frame. Binding a pool (and a
 new runner) forgets the record. ``DLC_TP_FRAME_STAGING=0`` (or ``frames = False``) keeps the batch path.
@@ -66,7 +68,8 @@ from dlc.models.tensor_parallel import head_shard
 from ..runners.graph import BUCKETS, GraphRunner, _Graph
 from ..step import StepBatch
 from ..step_output import StepOutput
-from .channel import _B, _NFED, _NOUT, _TEMP, Compact, _float, frame_key, frame_wants_extras, split_payload
+from .channel import (_B, _FLAGS, _NFED, _NOUT, _RULE_FLAGS, _TEMP, Compact, _float, frame_key, frame_rules,
+                      frame_wants_extras, split_payload)
 from .shard_runner import ShardRunner, extras_of, fused_rules_decode, rules_decode, vocab_decode
 from .vocab import combine, fused_stats, shard_stats
 
@@ -129,11 +132,12 @@ class ShardGraphRunner(GraphRunner):
 
     # -- Reuse steps staged from the control frame -----------------------------------------------------------
     @torch.no_grad()
-    def reuse_frame(self, msg: Compact, make_batch, answer: bool = True):
+    def reuse_frame(self, msg: Compact, make_batch, answer: bool = True, rules: dict | None = None):
         """A compact Reuse step (``channel.frame_reuses``): replayed from the frame when an earlier step of
         its ``frame_key`` replayed, else ``reuse(make_batch())`` (recording whether it replays). ``answer``:
         return (x0, conf) or a StepOutput as ``reuse`` does; a worker passes False (its outputs are not
-        read)."""
+        read). ``rules``: the rule tensors the header flags (credit, smoothing's soft input), which a worker
+        received beside the frame; None: read off ``make_batch()`` (rank 0's own batch)."""
         h = msg.head.tolist()
         key = frame_key(h)
         ex = self._frames.get(key, _UNSEEN) if self.frames else None
@@ -145,8 +149,10 @@ class ShardGraphRunner(GraphRunner):
         if ex is None:
             return self.reuse(make_batch())
         B = h[_B]
+        if rules is None and h[_FLAGS] & _RULE_FLAGS:
+            rules = frame_rules(h, make_batch())
         with self._host_seconds("host_s"):
-            g = self._stage_frame(h, msg.payload, ex)
+            g = self._stage_frame(h, msg.payload, ex, rules or {})
             tok, conf = self._launch(g)
             self.stats["replays"] += 1
             self.stats["frame_replays"] += 1
@@ -157,11 +163,17 @@ class ShardGraphRunner(GraphRunner):
         return StepOutput(tok[:B].clone(), conf[:B].to(torch.float64),
                           **{k: v[:B].clone() for k, v in g.extras.items()})
 
-    def _stage_frame(self, h: list, payload: torch.Tensor, ex) -> _Graph:
+    def _stage_frame(self, h: list, payload: torch.Tensor, ex, rules: dict) -> _Graph:
         with self._host_seconds("stage_s"):
             self._ahead = None                         # restaged: a run ahead cannot go on
             g = self._graph(self.bucket(h[_B]), h[_NFED], h[_NOUT], ex)
             stage_frame(g, h, payload, self.scratch, self.config.logit_shift, self._arange)
+            B = h[_B]
+            if g.credit is not None:                   # credit: the received ids / values / alpha
+                self._stage_credit(g, rules["credit_ids"], rules["credit_vals"], rules["credit_alpha"], B)
+            if g.embed is not None:                    # smoothing: its delta on the decoded columns
+                first = g.meta[2, :B] + self.config.logit_shift                    # out_start - q_start [B]
+                self._stage_embed(g, rules.get("embed_delta"), first, B)
         return g
 
     def _arange(self, n: int) -> torch.Tensor:

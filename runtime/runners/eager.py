@@ -220,7 +220,17 @@ def embed_add(batch: StepBatch, T: int, start, dtype) -> torch.Tensor | None:
     d = batch.embed_delta
     if d is None:
         return None
-    out = torch.zeros(batch.fed, T, d.shape[-1], dtype=dtype, device=d.device)
     first = batch.out_start.to(d.device) - start                                  # [fed] column in the slice
-    cols = first[:, None] + torch.arange(batch.n_out, device=d.device)            # [fed, N]
-    return out.scatter(1, cols[..., None].expand(-1, -1, d.shape[-1]), d.to(dtype))
+    out = torch.empty(batch.fed, T, d.shape[-1], dtype=dtype, device=d.device)
+    return scatter_delta(out, d, first)
+
+
+def scatter_delta(out: torch.Tensor, delta: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``out`` [fed, T, d] <- zeros with ``delta`` [fed, N, d] on columns [first, first + N) of each row
+    (``first`` [fed] on the device), in place: smoothing's delta over a fed span (``embed_add``; a TP rank's
+    step staged from the control frame writes its graph's static input with it)."""
+    cols = first[:, None] + torch.arange(delta.shape[1], device=delta.device)       # [fed, N]
+    out.zero_()
+    return out.scatter_(1, cols[..., None].expand(-1, -1, delta.shape[-1]), delta.to(out.dtype))
+
+

@@ -79,7 +79,7 @@ from ..decoding import MAX_LOGPROBS
 from ..step import MixedBatch, StepBatch, take_rows
 from ..step_output import StepOutput
 from .ahead import AheadRun, decoded_cols, resume, run_ahead
-from .eager import VOCAB_CHUNK, EagerRunner, embed_add
+from .eager import VOCAB_CHUNK, EagerRunner, scatter_delta
 from .packed import MIX_ITERATIONS, TOKEN_BUCKETS, packed_seqs, run_packed, token_bucket
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -524,16 +524,13 @@ class GraphRunner(EagerRunner):
             self._stage_keep(g, batch.keep_idx, B, T)
         g.meta.copy_(m, non_blocking=True)
         if g.credit is not None:
-            self._stage_credit(g, batch, B)
+            self._stage_credit(g, batch.credit_ids, batch.credit_vals, batch.credit_alpha, B)
         if g.sampling is not None:
             self._stage_sampling(g, batch, B)
         if g.embed is not None:                        # smoothing: the fed span's input delta, padding none
-            add = embed_add(batch, T, batch.q_start_dev, g.embed.dtype)
-            if add is None:
-                g.embed[:B] = 0
-            else:
-                g.embed[:B].copy_(add)
-            g.embed[B:] = 0
+            d = batch.embed_delta
+            first = None if d is None else batch.out_start.to(d.device) - batch.q_start_dev      # [B]
+            self._stage_embed(g, d, first, B)
         cols = g.start[:B, None] + torch.arange(T, device=batch.ids.device)       # [B, T]
         torch.gather(batch.ids, 1, cols, out=g.ids[:B])
         torch.gather(batch.pos, 1, cols, out=g.pos[:B])
@@ -560,17 +557,28 @@ class GraphRunner(EagerRunner):
                 buf[B:] = off
 
     @staticmethod
-    def _stage_credit(g: _Graph, batch: StepBatch, B: int) -> None:
-        """The rows' credit [B, N, M_b] into the graph's [bb, N, M] buffers (ids / values past M_b: zero, no
-        credit); padding rows get alpha 0."""
+    def _stage_credit(g: _Graph, credit_ids, credit_vals, credit_alpha, B: int) -> None:
+        """The rows' credit (ids / values [B, N, M_b], alpha [B]) into the graph's [bb, N, M] buffers (ids /
+        values past M_b: zero, no credit); padding rows get alpha 0."""
         ids, vals, alpha = g.credit
-        Mb = batch.credit_ids.shape[-1]
-        ids[:B, :, :Mb].copy_(batch.credit_ids)
-        vals[:B, :, :Mb].copy_(batch.credit_vals)
+        Mb = credit_ids.shape[-1]
+        ids[:B, :, :Mb].copy_(credit_ids)
+        vals[:B, :, :Mb].copy_(credit_vals)
         ids[:B, :, Mb:] = 0
         vals[:B, :, Mb:] = 0
-        alpha[:B].copy_(batch.credit_alpha)
+        alpha[:B].copy_(credit_alpha)
         alpha[B:] = 0
+
+    @staticmethod
+    def _stage_embed(g: _Graph, delta: torch.Tensor | None, first: torch.Tensor | None, B: int) -> None:
+        """Smoothing's soft inputs: ``delta`` [B, N, d] on the fed columns [first, first + N) ([B] on the
+        device) of the graph's static embedding input [bb, T, d], zeros elsewhere; None (the block's first
+        step: no soft input yet) and padding rows: zeros."""
+        if delta is None:
+            g.embed[:B] = 0
+        else:
+            scatter_delta(g.embed[:B], delta, first)
+        g.embed[B:] = 0
 
     @staticmethod
     def _stage_keep(g: _Graph, keep: torch.Tensor, B: int, T: int) -> None:

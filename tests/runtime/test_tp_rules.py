@@ -105,7 +105,11 @@ def test_tp2_graph_runner_replays_the_rules(pair):
     assert graph_runner_for(tp.runner, cuda_graphs=True) is tp.runner and tp.runner.graphed
     try:
         before = dict(tp.runner.stats)
-        for params in (RULES["credit"], RULES["smoothing_top_k"], FILTERS["top_k_top_p"], *BEYOND.values()):
+        for params in (RULES["credit"], RULES["smoothing_top_k"]):   # staged from the control frame
+            assert _tokens(tp.runner, params) == _tokens(one.runner, params), params
+        framed = tp.runner.stats["frame_replays"] - before["frame_replays"]
+        assert framed >= 2 * (BASE["steps"] - 2), framed          # all but each key's first Reuse step
+        for params in (FILTERS["top_k_top_p"], *BEYOND.values()):
             assert _tokens(tp.runner, params) == _tokens(one.runner, params), params
         assert tp.runner.stats["replays"] > before["replays"]
         assert tp.runner.stats["eager_reuse"] == before["eager_reuse"]
