@@ -120,8 +120,8 @@ def _filter_chunk(h, w, v0, vocab, cond, un, cfg_w, temp, seeds, filters, out, c
     if credit is None and fused_ok(lraw):
         best, M, kept = fused_draw(lraw, temp, seeds, filters, v0, vocab, plan, group, filtered_conf)
     else:
-        best, M, kept = _draw_torch(lraw, h.shape[1], w.shape[0], temp, seeds, filters, v0, vocab, credit, out,
-                                    plan, group, filtered_conf)
+        best, M, kept = _draw_torch(lraw, h.shape[1], w.shape[0], temp, seeds, filters, v0, vocab, credit,
+                                    out, plan, group, filtered_conf)
     ranks = _gather(best, group)                                                   # [R, 5, c, N]
     r = ranks[:, 0].argmax(0, keepdim=True)                                        # first max: lowest rank
     best = ranks.gather(0, r[:, None].expand(1, 5, *r.shape[1:]))[0]               # [5, c, N]
@@ -366,7 +366,8 @@ def _tempering(temp, device) -> tuple:
     """(the operand [1] float64 or float, whether to multiply) that reproduces torch's ``l64 / temp`` on
     ``device``: a CUDA tensor divides; a Python number on CUDA multiplies by its reciprocal (torch's CUDA
     division by a CPU scalar does), on CPU divides."""
-    if torch.is_tensor(temp) and not (temp.device.type == "cpu" and temp.dim() == 0 and device.type == "cuda"):
+    host_scalar = temp.device.type == "cpu" and temp.dim() == 0 if torch.is_tensor(temp) else True
+    if torch.is_tensor(temp) and not (host_scalar and device.type == "cuda"):
         return temp.to(device=device, dtype=torch.float64).reshape(1), False
     t = float(temp)
     return (1.0 / t, True) if device.type == "cuda" else (t, False)
@@ -379,7 +380,7 @@ def _row_params(lraw, temp, filters, vocab, M) -> torch.Tensor:
     top_k, top_p, min_p = (f.to(dev) for f in filters)
     tdiv, _ = _tempering(temp, dev)
     row = torch.zeros(c, N, _ROW, dtype=acc, device=dev)
-    row[..., _M] = M
+    row[..., _M] = M.reshape(c, N)
     row[..., _K] = torch.where(top_k > 0, top_k, vocab).to(acc)[:, None]
     row[..., _P] = top_p.to(acc)[:, None]
     row[..., _MINP] = min_p.to(acc)[:, None]
@@ -419,8 +420,8 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
         tie0 = tie0 + _gather(ties.sum(1), group)[:dist.get_rank(group)].sum(0)[:, None]
     above = _sum(part[:, :, 1].sum(1), group)                                      # [R, 2] mass, cnt > t*
     base = ((seeds.to(dev)[:, None] % 4294967296) * 1000003 + torch.arange(N, device=dev)) * vocab
-    best, bid, kept, keep = _draw(geo, row, st, above, tie0, base.reshape(R), v0, need_p, need_k, filtered_conf,
-                                  keep_out)
+    best, bid, kept, keep = _draw(geo, row, st, above, tie0, base.reshape(R), v0, need_p, need_k,
+                                  filtered_conf, keep_out)
     j = best.argmax(1, keepdim=True)                                               # first max: lowest split
     idx = bid.gather(1, j)                                                         # [R, 1] local id
     l64 = x.view(dt).gather(1, idx).to(acc)[:, 0]
@@ -480,7 +481,7 @@ def _draw(geo, row, st, above, tie0, base, v0, need_p, need_k, filtered_conf, ke
     kept = torch.empty(geo.R, geo.S, dtype=torch.float64, device=dev) if filtered_conf else best
     keep = torch.empty(geo.R, geo.V, dtype=torch.int8, device=dev) if keep_out else best
     geo.launch(_draw_kernel, row, st, above.contiguous(), tie0.contiguous(), base.contiguous(), best, bid,
-               kept, keep, v0, NEED_P=need_p, NEED_K=need_k, KEPT=filtered_conf, KEEP_OUT=keep_out)
+               kept, keep, v0, NEED_P=need_p, NEED_K=need_k, WITH_KEPT=filtered_conf, KEEP_OUT=keep_out)
     return best, bid, kept if filtered_conf else None, keep if keep_out else None
 
 
@@ -645,7 +646,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _draw_kernel(X, ROW, ST, ABOVE, TIE0, BASE, BEST, BID, KEPT, KEEP, v0, V, stride,
-                     NEED_P: tl.constexpr, NEED_K: tl.constexpr, KEPT: tl.constexpr, KEEP_OUT: tl.constexpr,
+                     NEED_P: tl.constexpr, NEED_K: tl.constexpr, WITH_KEPT: tl.constexpr,
+                     KEEP_OUT: tl.constexpr,
                      SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
                      RECIP: tl.constexpr):
         """(row, split): the survivors (keys above t*; of the keys at t*, those whose rank j among the row's
@@ -700,13 +702,13 @@ if HAS_TRITON:
             upd = cb > best                                        # strict: earlier tiles win ties
             best = tl.where(upd, cb, best)
             bid = tl.where(upd, (sp * SPLIT + c0 + ci).to(tl.int64), bid)
-            if KEPT:
+            if WITH_KEPT:
                 kept += tl.where(keep, _weight(l, tdiv, M, RECIP), 0.0)
             if KEEP_OUT:
                 tl.store(KEEP + r * V + c, keep.to(tl.int8), mask=inside)
         tl.store(BEST + r * S + sp, best)
         tl.store(BID + r * S + sp, bid)
-        if KEPT:
+        if WITH_KEPT:
             tl.store(KEPT + r * S + sp, tl.sum(kept, 0))
 
     @triton.jit

@@ -1,0 +1,104 @@
+"""The fused bisection kernels (``filter_bisect.fused_draw``) against the torch path, in Triton's interpreter
+on CPU (run by test_bisect_interpret.py with TRITON_INTERPRET=1) or compiled on CUDA (test_bisect_fused_gpu.py
+imports ``check``): for the same raw logits, filters and seeds, the same survivors (exactly), the same draw
+(token, score), the survivors' mass within 1e-12 relative, and the kernels' recomputed weights e = exp(s - M)
+equal to torch's (bit for bit on CUDA; within 2 ulp in the interpreter, whose exp is numpy's).
+
+Cases: bf16 logits on a coarse grid (many exact ties at every threshold), fp32 logits; a row whose top-p keeps
+one token, rows whose top-p keeps thousands, min-p alone, a top-k over 64 with top-p (Z_k), a top-k alone,
+unfiltered rows beside filtered ones. Decisive: each plan's survivors differ from the unfiltered row's."""
+import sys
+
+import torch
+
+from dlc.kernels import filter_bisect as FB
+
+ACC = torch.float64
+
+
+def _logits(dt, c, N, V, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(c, N, V, generator=g) * 2.0
+    if dt == torch.bfloat16:
+        x = (x * 4).round() / 4                                   # a coarse grid: ties everywhere
+    x[0, 0, 7] = 40.0                                             # one dominant token: top-p keeps it alone
+    if N > 1:
+        x[-1, 1] = torch.randn(V, generator=g) * 0.05             # nearly flat: top-p keeps thousands
+    return x.to(dt).to(device)
+
+
+def _reference(lraw, temp, filters, vocab, plan):
+    """The torch path's survivors, draw and survivors' mass (``_draw_torch``'s own steps)."""
+    l64 = lraw.to(ACC)
+    s = l64 / temp
+    M = s.amax(-1)
+    e = torch.exp(s - M[..., None])
+    keep = FB._survivors(lraw, e, M, lraw.amax(-1).to(ACC), lraw.amin(-1).to(ACC), temp, filters, vocab, plan,
+                         None, True)
+    return keep, M, e
+
+
+PLANS = {                                   # per sequence (top_k, top_p, min_p)
+    "bisectkzp": [(0, 0.5, 0.0), (100, 0.7, 0.0), (0, 0.9, 0.01)],
+    "bisectp": [(0, 0.3, 0.0), (0, 1.0, 0.0), (0, 0.95, 0.0)],
+    "bisect": [(0, 1.0, 0.05), (0, 1.0, 0.3), (0, 1.0, 0.0)],
+    "bisectk": [(200, 1.0, 0.0), (0, 1.0, 0.0), (1000, 1.0, 0.0)],
+}
+
+
+def check_case(lraw, temp, plan, seeds):
+    """One plan's fused draw vs the torch path on the same logits: survivors, draw, mass, M."""
+    device, (c, N, V) = lraw.device, lraw.shape
+    k, p, m = zip(*PLANS[plan])
+    filters = (torch.tensor(k, device=device), torch.tensor(p, dtype=ACC, device=device),
+               torch.tensor(m, dtype=ACC, device=device))
+    assert FB.bisect_plan(*filters) == plan
+    keep, M, e = _reference(lraw, temp, filters, V, plan)
+    best, Mf, kept, kf = FB.fused_draw(lraw, temp, seeds, filters, 0, V, plan, None, True, keep_out=True)
+    what = (lraw.dtype, plan)
+    assert torch.equal(kf, keep), (what, (kf != keep).sum().item())
+    assert torch.equal(Mf, M), what
+    want_kept = torch.where(keep, e, 0.0).sum(-1)
+    assert ((kept - want_kept).abs() / want_kept).max() < 1e-12, what
+    g = torch.log(-torch.log(FB.uniform_noise(seeds, N, 0, V, V, device, ACC)))
+    score = torch.where(keep, lraw.to(ACC) - temp * g, -float("inf"))
+    j = score.argmax(-1)
+    assert torch.equal(best[1].long(), j), what
+    assert torch.equal(best[0], score.gather(-1, j[..., None])[..., 0]), what
+    n = keep.sum(-1)
+    assert (n < V).any() and (n > 1).any(), (what, n)                  # decisive: the filter bites
+    if plan == "bisectp":
+        assert n[0, 0] == 1 and n[-1, 1] > 1000, n                      # one token; thousands
+    return M
+
+
+def check_weights(lraw, M, temp):
+    w = FB.element_weights(lraw, M, temp)
+    want = torch.exp(lraw.to(ACC) / temp - M[..., None])
+    if lraw.device.type == "cpu":                # numpy's exp vs torch's: an ulp
+        assert ((w - want).abs() <= 4.5e-16 * want).all(), lraw.dtype
+    else:                                        # CUDA: the same function, the same bits
+        assert torch.equal(w, want), lraw.dtype
+
+
+def check(device="cpu", seed=0, V=3000, split=2048, block=1024, plans=tuple(PLANS),
+          fp32_plans=("bisectkzp",)):
+    """bf16 (a [1] tensor temperature: division) over ``plans``, fp32 (a Python temperature: on CUDA the
+    reciprocal multiply) over ``fp32_plans``; several splits, several tiles a split, a ragged tail."""
+    saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
+    try:
+        seeds = torch.tensor([5, 11, 2**40 + 3], device=device)
+        for dt, temp, names in ((torch.bfloat16, torch.tensor([1.3], dtype=ACC, device=device), plans),
+                                (torch.float32, 0.7, fp32_plans)):
+            lraw = _logits(dt, 3, 2, V, seed, device)
+            for plan in names:
+                M = check_case(lraw, temp, plan, seeds)
+            check_weights(lraw, M, temp)
+    finally:
+        FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
+    return True
+
+
+if __name__ == "__main__":
+    check(seed=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    print("bisect-ok")
