@@ -103,7 +103,9 @@ def bisect_filters(h, w, v0: int, vocab: int, cond_rows, un_rows, cfg_w, temp, s
         sl = slice(c0, min(C, c0 + per))
         sub = {k: v[sl] for k, v in out.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == C}
         cred = None if credit is None else tuple(x[sl] for x in credit)
-        parts.append(_filter_chunk(h, w, v0, vocab, cond_rows[sl], un_rows[sl], cfg_w, temp, seeds[sl],
+        cond = cond_rows[sl]                                     # one index tensor: no guidance, one GEMM
+        un = cond if un_rows is cond_rows else un_rows[sl]
+        parts.append(_filter_chunk(h, w, v0, vocab, cond, un, cfg_w, temp, seeds[sl],
                                    tuple(f[sl] for f in filters), sub, chunk, cred, filtered_conf, plan,
                                    group))
     for key in parts[0]:

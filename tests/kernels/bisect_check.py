@@ -99,6 +99,54 @@ def check(device="cpu", seed=0, V=3000, split=2048, block=1024, plans=tuple(PLAN
     return True
 
 
+def _group_inputs(seed, V=3000):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-1, 2, (3, 2, 16), generator=g).to(torch.bfloat16)         # logits on a 0.5 grid:
+    w = (torch.randint(-2, 3, (V, 16), generator=g) * 0.5).to(torch.bfloat16)    # tie groups span ranks
+    k, p, m = zip(*PLANS["bisectkzp"])
+    filters = (torch.tensor(k), torch.tensor(p, dtype=ACC), torch.tensor(m, dtype=ACC))
+    return h, w, filters, torch.arange(3), torch.tensor([3, 8, 1])
+
+
+def _decode_group(h, w, filters, rows, seeds, v0, V, group):
+    return FB.bisect_filters(h, w, v0, V, rows, rows, torch.ones(1, dtype=h.dtype), 0.9, seeds, filters, {}, chunk=512,
+                             filtered_conf=True, plan="bisectkzp", group=group)
+
+
+def _rank(rank, world, init, seed, split, block):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    FB.FUSED_SPLIT, FB.FUSED_BLOCK = split, block
+    h, w, filters, rows, seeds = _group_inputs(seed)
+    V, shard = w.shape[0], w.shape[0] // world
+    FB.FUSED = True
+    got = _decode_group(h, w[rank * shard:(rank + 1) * shard], filters, rows, seeds, rank * shard, V,
+                        dist.group.WORLD)
+    FB.FUSED = False                             # one process, the torch path: the reference
+    want = _decode_group(h, w, filters, rows, seeds, 0, V, None)
+    assert torch.equal(got["tokens"], want["tokens"]), (rank, got["tokens"], want["tokens"])
+    torch.testing.assert_close(got["confidence"], want["confidence"], rtol=1e-12, atol=0)
+    ids = got["tokens"]
+    assert ((ids >= shard) & (ids < V)).any() and (ids < shard).any()   # both ranks' draws win somewhere
+    dist.destroy_process_group()
+
+
+def check_group(seed=0, world=2, split=1024, block=512):
+    """Vocab parallelism (gloo, ``world`` processes, each its head shard, ``group`` = the ranks): the fused
+    kernels' extent gather, all_reduced search sums, tie offsets of the lower ranks and merged draws give one
+    process's tokens and survivors' confidences (its torch path)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(world, f"file://{tmp}/init", seed, split, block), nprocs=world)
+    return True
+
+
 if __name__ == "__main__":
-    check(seed=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    if len(sys.argv) > 2 and sys.argv[2] == "group":
+        check_group(seed)
+    else:
+        check(seed=seed)
     print("bisect-ok")
