@@ -89,12 +89,14 @@ def bisect(passes, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def bisect_filters(h, w, v0: int, vocab: int, cond_rows, un_rows, cfg_w, temp, seeds, filters, out: dict, *,
                    chunk: int, credit=None, filtered_conf: bool = False, plan: str | None = None,
-                   group=None) -> dict:
+                   group=None, stats: bool = False, logprobs: bool = False) -> dict:
     """Tokens, confidences and logprobs of the filtered Gumbel-max for every sequence (those without a filter
     keep every id: the plain draw) from ``out`` (``sampling.finish_stats`` of the sweep, the ranks' merged:
     ``_bm``, ``_den``, ``_lse``, credit's ``top1_ids`` / ``top1_prob``), updated in place. h [B, N, d]
     rows, w [Vr, d] this process's head rows (global ids v0 ..), ``chunk`` head rows per GEMM; ``plan``:
-    ``bisect_plan`` of the filters (None: read here, on the host)."""
+    ``bisect_plan`` of the filters (None: read here, on the host). ``stats`` (no credit): no sweep ran, so
+    the raw max, softmax sum and logsumexp come from these logits (the fused kernels' first search pass)
+    and ``logprobs`` says whether to return the logprob."""
     plan = bisect_plan(*filters) if plan is None else plan
     C, N = cond_rows.shape[0], h.shape[1]
     per = max(1, CHUNK_ELEMENTS // (N * vocab))                  # sequences per chunk (the same on each rank)
@@ -107,23 +109,27 @@ def bisect_filters(h, w, v0: int, vocab: int, cond_rows, un_rows, cfg_w, temp, s
         un = cond if un_rows is cond_rows else un_rows[sl]
         parts.append(_filter_chunk(h, w, v0, vocab, cond, un, cfg_w, temp, seeds[sl],
                                    tuple(f[sl] for f in filters), sub, chunk, cred, filtered_conf, plan,
-                                   group))
+                                   group, stats, logprobs or "logprob" in out))
     for key in parts[0]:
         out[key] = torch.cat([p[key] for p in parts])
     return out
 
 
 def _filter_chunk(h, w, v0, vocab, cond, un, cfg_w, temp, seeds, filters, out, chunk, credit, filtered_conf,
-                  plan, group) -> dict:
+                  plan, group, stats, logprobs) -> dict:
     """``bisect_filters`` for one chunk of c sequences (their slices of the filters, credit and ``out``):
     the fused kernels (``fused_draw``) where they run (CUDA, the interpreter's checks; not credit's float64
     keys), else the torch path (``_draw_torch``); then the ranks' best draws merged."""
     lraw = _logits(h, w, cond, un, cfg_w, chunk)                                   # [c, N, Vr] model dtype
     if credit is None and fused_ok(lraw):
-        best, M, kept = fused_draw(lraw, temp, seeds, filters, v0, vocab, plan, group, filtered_conf)
+        best, M, kept, raw = fused_draw(lraw, temp, seeds, filters, v0, vocab, plan, group, filtered_conf,
+                                        stats)
     else:
         best, M, kept = _draw_torch(lraw, h.shape[1], w.shape[0], temp, seeds, filters, v0, vocab, credit,
                                     out, plan, group, filtered_conf)
+        raw = _raw_stats(lraw, group) if stats else None
+    if stats:                                     # the sweep's statistics, from these logits
+        out = {"_bm": raw[0], "_den": raw[1], "_lse": raw[0] + torch.log(raw[1])}
     ranks = _gather(best, group)                                                   # [R, 5, c, N]
     r = ranks[:, 0].argmax(0, keepdim=True)                                        # first max: lowest rank
     best = ranks.gather(0, r[:, None].expand(1, 5, *r.shape[1:]))[0]               # [5, c, N]
@@ -132,9 +138,17 @@ def _filter_chunk(h, w, v0, vocab, cond, un, cfg_w, temp, seeds, filters, out, c
         res["confidence"] = torch.exp(best[4] - M) / _sum(kept[None], group)[0]
     else:
         res["confidence"] = torch.exp(best[2] - out["_bm"]) / out["_den"]
-    if "logprob" in out:
+    if logprobs:
         res["logprob"] = best[3] - out["_lse"]
     return res
+
+
+def _raw_stats(lraw, group):
+    """The raw logits' max and softmax sum exp(l - max) [c, N] float64 over the ranks (``stats`` on the
+    torch path)."""
+    l64 = lraw.to(torch.float64)
+    bm = _gather(l64.amax(-1), group).amax(0)
+    return bm, _sum(torch.exp(l64 - bm[..., None]).sum(-1)[None], group)[0]
 
 
 def _draw_torch(lraw, N, Vr, temp, seeds, filters, v0, vocab, credit, out, plan, group, filtered_conf):
@@ -351,9 +365,10 @@ _M, _Z, _K, _P, _MINP, _TDIV, _ZK, _HASK, _T = range(9)
 _ROW = 9
 
 
-def fused_ok(lraw: torch.Tensor) -> bool:
-    """Can the fused kernels take these raw logits (CUDA with Triton, or the interpreter's checks)?"""
-    return FUSED and HAS_TRITON and lraw.dtype in _DT and (use_triton(lraw) or INTERPRET)
+def fused_ok(x: torch.Tensor) -> bool:
+    """Can the fused kernels take raw logits of x's dtype and device (CUDA with Triton, or the interpreter's
+    checks)?"""
+    return FUSED and HAS_TRITON and x.dtype in _DT and (use_triton(x) or INTERPRET)
 
 
 def search_passes(bits: int, k: int = K_ARY) -> int:
@@ -393,10 +408,11 @@ def _row_params(lraw, temp, filters, vocab, M) -> torch.Tensor:
 
 
 def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group, filtered_conf: bool,
-               keep_out: bool = False):
+               stats: bool = False, keep_out: bool = False):
     """``_draw_torch`` by the fused kernels for raw logits ``lraw`` [c, N, Vr] (bf16 / fp16 / fp32, global
-    ids v0 ..): the same (best [5, c, N], M [c, N], survivors' mass or None); ``keep_out``: also the
-    survivors [c, N, Vr] bool (the tests' check)."""
+    ids v0 ..): the same (best [5, c, N], M [c, N], survivors' mass or None, ``stats``: the raw max and
+    softmax sum [c, N] over the ranks, else None); ``keep_out``: also the survivors [c, N, Vr] bool (the
+    tests' check)."""
     c, N, Vr = lraw.shape
     R, dev, acc = c * N, lraw.device, torch.float64
     dt, wide = lraw.dtype, lraw.element_size()
@@ -414,8 +430,9 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
         vk = value_of(st[:, 1].to(_INT[wide]), dt).to(acc)
         mk, ck = _sum(part[:, :, 1].sum(1), group).unbind(-1)                      # [R] each
         row[:, _ZK] = mk + (row[:, _K] - ck) * torch.exp(vk / temp - M.reshape(R))
+    den = torch.empty(R, geo.S, dtype=acc, device=dev) if stats else None
     st, part = _search(geo, row, state, group, count_only=False, mass=need_p, count=need_k, set_z=need_p,
-                       final_mass=need_p)
+                       final_mass=need_p, den=den)
     ties = part[:, :, 0, 1] - part[:, :, 1, 1]                                     # [R, S] == t* per split
     tie0 = ties.cumsum(1) - ties                                                   # ties before each split
     if group is not None:                                                          # and on the lower ranks
@@ -428,7 +445,11 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
     idx = bid.gather(1, j)                                                         # [R, 1] local id
     l64 = x.view(dt).gather(1, idx).to(acc)[:, 0]
     mine = torch.stack([best.gather(1, j)[:, 0], (idx[:, 0] + v0).to(acc), l64, l64, l64 / temp])
-    out = mine.reshape(5, c, N), M.reshape(c, N), None if kept is None else kept.sum(1).reshape(c, N)
+    raw = None
+    if stats:                                      # the raw max and softmax sum (the sweep's _bm, _den)
+        raw = (value_of(kmax.to(_INT[wide]), dt).to(acc).reshape(c, N), _sum(den.sum(1)[None], group)[0])
+        raw = raw[0], raw[1].reshape(c, N)
+    out = (mine.reshape(5, c, N), M.reshape(c, N), None if kept is None else kept.sum(1).reshape(c, N), raw)
     return out + (keep.reshape(c, N, Vr).bool(),) if keep_out else out
 
 
@@ -455,9 +476,10 @@ def _extent(geo: _Geometry, group):
     return -ext[0], ext[1]
 
 
-def _search(geo, row, state, group, *, count_only, mass, count, set_z, final_mass):
+def _search(geo, row, state, group, *, count_only, mass, count, set_z, final_mass, den=None):
     """A K-ary search of the smallest key that ``passes`` in (a, b] of ``state`` [R, 2], then the sums at
-    t* - 1 and t* (slots 0 and 1). Returns (state [R, 2]: b = t*, partials [R, S, K, 2] of that last pass)."""
+    t* - 1 and t* (slots 0 and 1). Returns (state [R, 2]: b = t*, partials [R, S, K, 2] of that last pass).
+    ``den`` [R, S]: the first pass also writes the raw softmax sums there (b is then each row's max key)."""
     dev, passes = geo.x.device, search_passes(geo.bits)
     sums = torch.zeros(1, dtype=torch.float64, device=dev)                         # no prologue: unused
     st_in = state.contiguous()
@@ -466,9 +488,11 @@ def _search(geo, row, state, group, *, count_only, mass, count, set_z, final_mas
         part = torch.empty(geo.R, geo.S, K_ARY, 2, dtype=torch.float64, device=dev)
         final = i == passes
         s_in = sums.shape[1] if i else 1
-        geo.launch(_pass_kernel, row, st_in, st_out, sums, s_in, part, K=K_ARY, PROLOGUE=i > 0,
-                   COUNT_ONLY=count_only, EVAL_MASS=mass, EVAL_COUNT=count, SET_Z=set_z and i == 1,
-                   FINAL=final, BODY_MASS=final_mass if final else mass)
+        with_den = den is not None and i == 0
+        geo.launch(_pass_kernel, row, st_in, st_out, sums, s_in, part, den if with_den else sums, K=K_ARY,
+                   PROLOGUE=i > 0, COUNT_ONLY=count_only, EVAL_MASS=mass, EVAL_COUNT=count,
+                   SET_Z=set_z and i == 1, FINAL=final, BODY_MASS=final_mass if final else mass,
+                   WITH_DEN=with_den)
         sums = part if group is None else _sum(part.sum(1, keepdim=True), group)
         st_in = st_out
     return st_in, part
@@ -582,15 +606,16 @@ if HAS_TRITON:
             return a + ((b - a) * j) // K
 
     @triton.jit
-    def _pass_kernel(X, ROW, ST_IN, ST_OUT, SUMS, S_IN, PART, V, stride, K: tl.constexpr,
+    def _pass_kernel(X, ROW, ST_IN, ST_OUT, SUMS, S_IN, PART, DEN, V, stride, K: tl.constexpr,
                      PROLOGUE: tl.constexpr, COUNT_ONLY: tl.constexpr, EVAL_MASS: tl.constexpr,
                      EVAL_COUNT: tl.constexpr, SET_Z: tl.constexpr, FINAL: tl.constexpr,
-                     BODY_MASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
-                     DT: tl.constexpr, RECIP: tl.constexpr):
+                     BODY_MASS: tl.constexpr, WITH_DEN: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, RECIP: tl.constexpr):
         """One search pass for (row, split): PROLOGUE: sum the previous pass's partials SUMS [R, S_IN, K, 2]
         in split order, evaluate ``passes`` at its K keys and narrow (a, b] (every program of the row alike;
         split 0 stores it); then the mass and count above each of this pass's K keys over the split's
-        columns, tiles in order (PART [R, S, K, 2])."""
+        columns, tiles in order (PART [R, S, K, 2]). WITH_DEN (a first pass: b is the row's largest key):
+        also the raw softmax's sum exp(l - max l) over the split (DEN [R, S]), the sweep's ``_den``."""
         r, sp = tl.program_id(0).to(tl.int64), tl.program_id(1)
         a = tl.load(ST_IN + r * 2)
         b = tl.load(ST_IN + r * 2 + 1)
@@ -632,6 +657,8 @@ if HAS_TRITON:
         m32 = tl.minimum(tl.maximum(m, -2147483647 - 1), 2147483647).to(tl.int32)
         acc_m = tl.zeros([K, BLOCK], tl.float64)
         acc_c = tl.zeros([K, BLOCK], tl.int32)
+        acc_d = tl.zeros([BLOCK], tl.float64)
+        bm = _float64(_key32(b.to(tl.int32), BITS), DT)           # WITH_DEN: the raw max
         for c0 in range(0, SPLIT, BLOCK):                          # the split's tiles in order
             c = sp * SPLIT + c0 + tl.arange(0, BLOCK)
             inside = c < V
@@ -641,10 +668,14 @@ if HAS_TRITON:
             if BODY_MASS:
                 e = _weight(_float64(bits, DT), tdiv, M, RECIP)
                 acc_m += tl.where(gt, e[None, :], 0.0)
+            if WITH_DEN:
+                acc_d += tl.where(inside, _exp64(_float64(bits, DT) - bm), 0.0)
         S = tl.num_programs(1)
         out = PART + ((r * S + sp) * K + jj) * 2
         tl.store(out, tl.sum(acc_m, 1))
         tl.store(out + 1, tl.sum(acc_c, 1).to(tl.float64))
+        if WITH_DEN:
+            tl.store(DEN + r * S + sp, tl.sum(acc_d, 0))
 
     @triton.jit
     def _draw_kernel(X, ROW, ST, ABOVE, TIE0, BASE, BEST, BID, KEPT, KEEP, v0, V, stride,

@@ -54,10 +54,14 @@ def check_case(lraw, temp, plan, seeds):
                torch.tensor(m, dtype=ACC, device=device))
     assert FB.bisect_plan(*filters) == plan
     keep, M, e = _reference(lraw, temp, filters, V, plan)
-    best, Mf, kept, kf = FB.fused_draw(lraw, temp, seeds, filters, 0, V, plan, None, True, keep_out=True)
+    best, Mf, kept, raw, kf = FB.fused_draw(lraw, temp, seeds, filters, 0, V, plan, None, True, stats=True,
+                                            keep_out=True)
     what = (lraw.dtype, plan)
     assert torch.equal(kf, keep), (what, (kf != keep).sum().item())
     assert torch.equal(Mf, M), what
+    bm, den = FB._raw_stats(lraw, None)                                 # the raw softmax's max and sum
+    assert torch.equal(raw[0], bm), what
+    assert ((raw[1] - den).abs() / den).max() < 1e-12, what
     want_kept = torch.where(keep, e, 0.0).sum(-1)
     assert ((kept - want_kept).abs() / want_kept).max() < 1e-12, what
     g = torch.log(-torch.log(FB.uniform_noise(seeds, N, 0, V, V, device, ACC)))
