@@ -23,6 +23,13 @@ model-dtype u* with passes(fl64(u* / T)): the same survivors, the same sums (cnt
 elements in the same order), with 1/4 (bf16) or 1/2 (fp32) of the halvings each reading 2 or 4 bytes instead
 of 8. Credit's fused logits are float64 sums: those batches bisect the float64 s (64 halvings).
 
+On CUDA (and in the interpreter's checks) the search and the draw run as fused Triton kernels over the
+model-dtype logits (``fused_draw``, the section at the end): a K-ary search (16 thresholds a pass, so 4 passes
+for bf16 keys instead of 16 halvings), each element's float64 weight exp(s - M) recomputed from its 2- or
+4-byte value where a sum needs it (no [c, N, V] float64 tensor), and one draw kernel; the torch code below is
+their reference, the CPU path and credit's (float64 keys). ``FUSED = False`` (or ``DLC_BISECT_TORCH=1``)
+keeps the torch path everywhere.
+
 Fixed halvings, no host read (the ``bisect_plan``, what the batch's rows need, is read by the caller once,
 with the variant it picks), shapes fixed by the batch: the whole decoding captures in a CUDA graph, the
 ranks' all_reduces inside it. The sequences go through in chunks of at most ``CHUNK_ELEMENTS`` logits
@@ -352,7 +359,10 @@ def _sum(x: torch.Tensor, group) -> torch.Tensor:
 # above), one draw (survivors, the hash noise, the Gumbel score, a per-split argmax). A pass's prologue
 # evaluates the previous pass's sums (``passes``, per row, as ``_survivors`` does) and narrows the bracket, so
 # a search is one launch a pass (one process; with ``group`` the splits' partials are summed and
-# all_reduced between launches). Credit (float64 fused logits) keeps the torch path.
+# all_reduced between launches). Credit (float64 fused logits) keeps the torch path. The kernels compare keys
+# (-0.0 below +0.0), the torch path's final keep compares values: they differ only for a row whose t* is a
+# signed zero holding both zeros. Masses: the splits' partials summed in order (deterministic, no atomics),
+# within float64 summation order of the torch path's sums (which differ from the sort's cumsum as much).
 FUSED = os.environ.get("DLC_BISECT_TORCH") != "1"     # False: the torch path everywhere (bench's baseline)
 K_ARY = 16                          # thresholds per search pass
 FUSED_SPLIT = 8192                  # vocab columns per program of the fused kernels

@@ -113,8 +113,8 @@ def _group_inputs(seed, V=3000):
 
 
 def _decode_group(h, w, filters, rows, seeds, v0, V, group):
-    return FB.bisect_filters(h, w, v0, V, rows, rows, torch.ones(1, dtype=h.dtype), 0.9, seeds, filters, {}, chunk=512,
-                             filtered_conf=True, plan="bisectkzp", group=group)
+    return FB.bisect_filters(h, w, v0, V, rows, rows, torch.ones(1, dtype=h.dtype), 0.9, seeds, filters, {},
+                             chunk=512, filtered_conf=True, plan="bisectkzp", group=group)
 
 
 def _rank(rank, world, init, seed, split, block):
