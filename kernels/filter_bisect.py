@@ -546,7 +546,10 @@ if HAS_TRITON:
         def _log64(x):
             return tl.log(x)
     else:                                          # CUDA's exp / log of doubles: the functions torch's
-        from triton.language.extra import libdevice    # float64 exp / log kernels call
+        try:                                       # float64 exp / log kernels call
+            from triton.language.extra import libdevice
+        except ImportError:                        # older layout
+            from triton.language.extra.cuda import libdevice
 
         @triton.jit
         def _exp64(x):
@@ -669,15 +672,18 @@ if HAS_TRITON:
         acc_c = tl.zeros([K, BLOCK], tl.int32)
         acc_d = tl.zeros([BLOCK], tl.float64)
         bm = _float64(_key32(b.to(tl.int32), BITS), DT)           # WITH_DEN: the raw max
+        m_lo = tl.min(m32, 0)                                      # the pass's lowest key
         for c0 in range(0, SPLIT, BLOCK):                          # the split's tiles in order
             c = sp * SPLIT + c0 + tl.arange(0, BLOCK)
             inside = c < V
             bits = tl.load(X + r * stride + c, mask=inside, other=0)
-            gt = (_key32(bits, BITS)[None, :] > m32[:, None]) & inside[None, :]      # [K, BLOCK]
+            key = _key32(bits, BITS)
+            gt = (key[None, :] > m32[:, None]) & inside[None, :]   # [K, BLOCK]
             acc_c += gt.to(tl.int32)
-            if BODY_MASS:
-                e = _weight(_float64(bits, DT), tdiv, M, RECIP)
-                acc_m += tl.where(gt, e[None, :], 0.0)
+            if BODY_MASS:                                          # a tile with no key above every
+                if tl.max(tl.where(inside, key, m_lo), 0) > m_lo:  # threshold adds only zeros: skipped
+                    e = _weight(_float64(bits, DT), tdiv, M, RECIP)
+                    acc_m += tl.where(gt, e[None, :], 0.0)
             if WITH_DEN:
                 acc_d += tl.where(inside, _exp64(_float64(bits, DT) - bm), 0.0)
         S = tl.num_programs(1)
@@ -733,20 +739,21 @@ if HAS_TRITON:
                 run += tl.sum(ti, 0).to(tl.float64)
             else:                                                  # min-p alone keeps the whole tie group
                 keep = keep | tie
-            l = _float64(bits, DT)
-            x = ((base + v0 + c.to(tl.int64)) * 2654435761) & 0xFFFFFFFF
-            x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
-            x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
-            x = x ^ (x >> 16)
-            u = (x.to(tl.float64) + 0.5) * (1.0 / 4294967296.0)
-            score = tl.where(keep, l - T * _log64(-_log64(u)), -float("inf"))
-            cb = tl.max(score, 0)
-            ci = tl.argmax(score, 0)
-            upd = cb > best                                        # strict: earlier tiles win ties
-            best = tl.where(upd, cb, best)
-            bid = tl.where(upd, (sp * SPLIT + c0 + ci).to(tl.int64), bid)
-            if WITH_KEPT:
-                kept += tl.where(keep, _weight(l, tdiv, M, RECIP), 0.0)
+            if tl.max(keep.to(tl.int32), 0) > 0:                  # a tile without survivors: nothing to draw
+                l = _float64(bits, DT)
+                x = ((base + v0 + c.to(tl.int64)) * 2654435761) & 0xFFFFFFFF
+                x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
+                x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
+                x = x ^ (x >> 16)
+                u = (x.to(tl.float64) + 0.5) * (1.0 / 4294967296.0)
+                score = tl.where(keep, l - T * _log64(-_log64(u)), -float("inf"))
+                cb = tl.max(score, 0)
+                ci = tl.argmax(score, 0)
+                upd = cb > best                                    # strict: earlier tiles win ties
+                best = tl.where(upd, cb, best)
+                bid = tl.where(upd, (sp * SPLIT + c0 + ci).to(tl.int64), bid)
+                if WITH_KEPT:
+                    kept += tl.where(keep, _weight(l, tdiv, M, RECIP), 0.0)
             if KEEP_OUT:
                 tl.store(KEEP + r * V + c, keep.to(tl.int8), mask=inside)
         tl.store(BEST + r * S + sp, best)

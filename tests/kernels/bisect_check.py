@@ -85,10 +85,11 @@ def check_weights(lraw, M, temp):
         assert torch.equal(w, want), lraw.dtype
 
 
-def check(device="cpu", seed=0, V=3000, split=2048, block=1024, plans=tuple(PLANS),
-          fp32_plans=("bisectkzp",)):
+def check(device="cpu", seed=0, V=3000, split=2048, block=2048, plans=tuple(PLANS),
+          fp32_plans=("bisectp",)):
     """bf16 (a [1] tensor temperature: division) over ``plans``, fp32 (a Python temperature: on CUDA the
-    reciprocal multiply) over ``fp32_plans``; several splits, several tiles a split, a ragged tail."""
+    reciprocal multiply) over ``fp32_plans``; several splits and a ragged tail (several tiles a split:
+    ``check_group``'s shards, and the GPU test's default geometry)."""
     saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
     try:
         seeds = torch.tensor([5, 11, 2**40 + 3], device=device)
