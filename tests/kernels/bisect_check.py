@@ -104,6 +104,38 @@ def check(device="cpu", seed=0, V=3000, split=2048, block=2048, plans=tuple(PLAN
     return True
 
 
+def check_pass(device="cpu", R=4, V=1000):
+    """One search pass (``_pass_kernel``, no prologue) at 16 consecutive keys vs torch's sums above each.
+    Inputs: bf16 logits on 16 consecutive values (every 64-column tile's largest key just above the lowest threshold:
+    no tile may skip its exp) and whole tiles below every threshold (those may skip: zeros)."""
+    saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (256, 64)
+    try:
+        one = int(FB.key_of(torch.tensor(1.0, dtype=torch.bfloat16)))
+        keys = one + torch.randint(0, 16, (R, V))
+        keys[:, 64:192] = int(FB.key_of(torch.tensor(0.5, dtype=torch.bfloat16)))
+        lraw = FB.value_of(keys.to(torch.int16), torch.bfloat16).to(device)               # [R, V]
+        geo = FB._Geometry(lraw.view(torch.int16), 2, torch.bfloat16, 1.0)
+        M = lraw.to(ACC).amax(-1) / 1.0
+        row = torch.zeros(R, FB._ROW, dtype=ACC, device=device)
+        row[:, FB._M], row[:, FB._TDIV] = M, FB._tempering(1.0, lraw.device)[0]
+        a = one - 1
+        state = torch.tensor([[a, a + 16]] * R, device=device)
+        part = torch.empty(R, geo.S, FB.K_ARY, 2, dtype=ACC, device=device)
+        geo.launch(FB._pass_kernel, row, state, torch.empty_like(state), part, 1, part, part, K=FB.K_ARY,
+                   PROLOGUE=False, COUNT_ONLY=False, EVAL_MASS=True, EVAL_COUNT=True, SET_Z=False,
+                   FINAL=False, BODY_MASS=True, WITH_DEN=False)
+    finally:
+        FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
+    got = part.sum(1)                                                      # [R, K, 2]
+    e = torch.exp(lraw.to(ACC) / 1.0 - M[:, None])
+    for j in range(FB.K_ARY):                                              # thresholds a + j
+        gt = keys.to(device) > a + j
+        assert torch.equal(got[:, j, 1], gt.sum(-1).to(ACC)), j
+        want = torch.where(gt, e, 0.0).sum(-1)
+        assert ((got[:, j, 0] - want).abs() <= 1e-12 * want).all(), j
+    assert (got[:, 0, 1] > 0).all() and (got[:, -1, 1] < V - 128).all()   # the keys split the rows
+
+
 def _group_inputs(seed, V=3000):
     g = torch.Generator().manual_seed(seed)
     h = torch.randint(-1, 2, (3, 2, 16), generator=g).to(torch.bfloat16)         # logits on a 0.5 grid:
@@ -154,5 +186,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "group":
         check_group(seed)
     else:
+        check_pass()
         check(seed=seed)
     print("bisect-ok")
