@@ -48,7 +48,7 @@ PLANS = {                                   # per sequence (top_k, top_p, min_p)
 
 def check_case(lraw, temp, plan, seeds):
     """One plan's fused draw vs the torch path on the same logits: survivors, draw, mass, M."""
-    device, (c, N, V) = lraw.device, lraw.shape
+    device, (_, N, V) = lraw.device, lraw.shape
     k, p, m = zip(*PLANS[plan])
     filters = (torch.tensor(k, device=device), torch.tensor(p, dtype=ACC, device=device),
                torch.tensor(m, dtype=ACC, device=device))
