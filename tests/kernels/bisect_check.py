@@ -82,11 +82,12 @@ def check_weights(lraw, M, temp):
     if lraw.device.type == "cpu":                # numpy's exp vs torch's: an ulp
         assert ((w - want).abs() <= 4.5e-16 * want).all(), lraw.dtype
     else:                                        # CUDA: the same function, the same bits
-        assert torch.equal(w, want), lraw.dtype
+        ulps = ((w - want).abs() / (want * 2.0**-52)).max().item()
+        assert torch.equal(w, want), (lraw.dtype, f"{ulps:.2f} ulp apart")
 
 
 def check(device="cpu", seed=0, V=3000, split=2048, block=2048, plans=tuple(PLANS),
-          fp32_plans=("bisectp",)):
+          fp32_plans=("bisectp",), weights=True):
     """bf16 (a [1] tensor temperature: division) over ``plans``, fp32 (a Python temperature: on CUDA the
     reciprocal multiply) over ``fp32_plans``; several splits and a ragged tail (several tiles a split:
     ``check_group``'s shards, and the GPU test's default geometry)."""
@@ -98,7 +99,8 @@ def check(device="cpu", seed=0, V=3000, split=2048, block=2048, plans=tuple(PLAN
             lraw = _logits(dt, 3, 2, V, seed, device)
             for plan in names:
                 M = check_case(lraw, temp, plan, seeds)
-            check_weights(lraw, M, temp)
+            if weights:
+                check_weights(lraw, M, temp)
     finally:
         FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
     return True
@@ -106,8 +108,8 @@ def check(device="cpu", seed=0, V=3000, split=2048, block=2048, plans=tuple(PLAN
 
 def check_pass(device="cpu", R=4, V=1000):
     """One search pass (``_pass_kernel``, no prologue) at 16 consecutive keys vs torch's sums above each.
-    Inputs: bf16 logits on 16 consecutive values (every 64-column tile's largest key just above the lowest threshold:
-    no tile may skip its exp) and whole tiles below every threshold (those may skip: zeros)."""
+    Inputs: bf16 logits on 16 consecutive values (every 64-column tile's largest key just above the lowest
+    threshold: no tile may skip its exp) and whole tiles below every threshold (those may skip: zeros)."""
     saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (256, 64)
     try:
         one = int(FB.key_of(torch.tensor(1.0, dtype=torch.bfloat16)))

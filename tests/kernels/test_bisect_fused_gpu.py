@@ -17,7 +17,18 @@ def test_fused_kernels_equal_the_torch_path_on_llada_sized_rows():
     check_pass(device="cuda")
     for seed in range(2):
         assert check(device="cuda", seed=seed, V=126464, split=FB.FUSED_SPLIT, block=FB.FUSED_BLOCK,
-                     fp32_plans=tuple(PLANS))
+                     fp32_plans=tuple(PLANS), weights=False)
+
+
+def test_recomputed_weights_are_torchs_bits():
+    """The kernels' e = exp(s - M) from the model-dtype value (division or torch's reciprocal multiply,
+    subtraction, libdevice's exp, no FMA contraction) equals torch's float64 ``exp(l64 / temp - M)`` bit for
+    bit: the same survivors' sums as the torch path up to summation order."""
+    from bisect_check import _logits, check_weights
+    for dt, temp in ((torch.bfloat16, torch.tensor([1.3], dtype=torch.float64, device="cuda")),
+                     (torch.float32, 0.7)):
+        lraw = _logits(dt, 3, 2, 126464, 0, "cuda")
+        check_weights(lraw, lraw.to(torch.float64).amax(-1) / temp, temp)
 
 
 def _decode(route, fused, h, w, f, temp, filtered_conf=False):
