@@ -87,15 +87,17 @@ def check_weights(lraw, M, temp):
 
 
 def check(device="cpu", seed=0, V=3000, split=2048, block=2048, plans=tuple(PLANS),
-          fp32_plans=("bisectp",), weights=True):
+          fp32_plans=("bisectp",), fp16_plans=(), weights=True):
     """bf16 (a [1] tensor temperature: division) over ``plans``, fp32 (a Python temperature: on CUDA the
-    reciprocal multiply) over ``fp32_plans``; several splits and a ragged tail (several tiles a split:
-    ``check_group``'s shards, and the GPU test's default geometry)."""
+    reciprocal multiply) over ``fp32_plans``, fp16 over ``fp16_plans``; several splits and a ragged tail
+    (several tiles a split: ``check_group``'s shards, and the GPU test's default geometry)."""
     saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
     try:
         seeds = torch.tensor([5, 11, 2**40 + 3], device=device)
         for dt, temp, names in ((torch.bfloat16, torch.tensor([1.3], dtype=ACC, device=device), plans),
-                                (torch.float32, 0.7, fp32_plans)):
+                                (torch.float32, 0.7, fp32_plans), (torch.float16, 0.9, fp16_plans)):
+            if not names:
+                continue
             lraw = _logits(dt, 3, 2, V, seed, device)
             for plan in names:
                 M = check_case(lraw, temp, plan, seeds)

@@ -17,7 +17,7 @@ def test_fused_kernels_equal_the_torch_path_on_llada_sized_rows():
     check_pass(device="cuda")
     for seed in range(2):
         assert check(device="cuda", seed=seed, V=126464, split=FB.FUSED_SPLIT, block=FB.FUSED_BLOCK,
-                     fp32_plans=tuple(PLANS), weights=False)
+                     fp32_plans=tuple(PLANS), fp16_plans=("bisectkzp", "bisectp"), weights=False)
 
 
 def test_recomputed_weights_are_torchs_bits():
