@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .filter_bisect import bisect_filters, bisect_plan, is_plan
+from .filter_bisect import bisect_filters, bisect_plan, fused_ok, is_plan
 from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
@@ -358,7 +358,13 @@ def _decode_bisect(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab, chunk
     """Filters the candidates do not bound, without the sort: the chunked extras for all rows (credit's
     statistics, the confidence's denominator, the logsumexp; no draw), then ``filter_bisect``'s exact
     threshold and the Gumbel-max over the survivors (one process: no group), the same tokens as
-    ``_decode_full``'s."""
+    ``_decode_full``'s. Without other extras on the fused kernels' route (``filter_bisect.fused_ok``) no
+    sweep runs: the bisection's first pass gives the raw max and softmax sum (``stats``) from its own logits
+    (one head GEMM instead of two, no float64 sweep; the confidences within float64 summation order)."""
+    if credit is None and not (topk or entropy) and soft is None and fused_ok(h):
+        return bisect_filters(h, w[:vocab], 0, vocab, cond_rows, un_rows, cfg_w, temp, seeds, filters, {},
+                              chunk=chunk, filtered_conf=filtered_conf, plan=plan, stats=True,
+                              logprobs=logprobs)
     out = _decode_chunked(h, w, cond_rows, un_rows, cfg_w, 0.0, seeds, vocab=vocab, chunk=chunk, topk=topk,
                           logprobs=logprobs, entropy=entropy, credit=credit, soft=soft, acc=acc)
     return bisect_filters(h, w[:vocab], 0, vocab, cond_rows, un_rows, cfg_w, temp, seeds, filters, out,

@@ -1,6 +1,11 @@
 """Where one GPU's filter-bisection decode spends its device time (top-p alone at T > 0, LLaDA-8B head shape):
-torch.profiler's kernel table for one ``decode_rows_ext`` call with the bisection plan, and CUDA-event times of
-that call against the sort (``candidates=False``) and the top-64 candidates' route (top-k 50 + top-p).
+torch.profiler's kernel table for one ``decode_rows_ext`` call with the bisection plan, and CUDA-event times
+of that call against the sort (``candidates=False``) and the top-64 candidates' route (top-k 50 + top-p).
+
+The bisection runs two ways in the same process: the fused Triton kernels (``filter_bisect.FUSED``, the
+default) and the torch path (``FUSED = False``, the baseline; ``DLC_BISECT_TORCH=1`` makes it the default),
+their calls alternated; each also replayed from a CUDA graph (the served Reuse step captures the decode), and
+each one's device time (the profiler's sum of its kernels) printed with the ratio old / new.
 
     python3 -P bench/probes/bisect_profile.py --batch 8
 """
@@ -9,6 +14,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dlc.kernels import filter_bisect as FB
 from dlc.kernels.filter_bisect import bisect_plan
 from dlc.kernels.sampling import decode_rows_ext
 
@@ -27,11 +33,48 @@ def timed(fn, reps=10):
     return sorted(ts)[len(ts) // 2]
 
 
+def with_fused(fn, fused: bool):
+    def run():
+        saved, FB.FUSED = FB.FUSED, fused
+        try:
+            return fn()
+        finally:
+            FB.FUSED = saved
+    return run
+
+
+def captured(fn):
+    """fn captured in a CUDA graph (warmed on a side stream first): its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def device_ms(fn, table: bool = False) -> float:
+    """The sum of one call's kernel times (ms), from torch.profiler; ``table``: print its kernel table."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    if table:
+        print(ka.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    return sum(e.self_device_time_total for e in ka) / 1000.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=126464)
+    ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args()
     dev, B, N, V, d = "cuda", a.batch, a.n, a.vocab, 4096
     torch.manual_seed(0)
@@ -44,27 +87,49 @@ def main() -> None:
     def filt(k, p):
         return (torch.full((B,), k, device=dev), torch.full((B,), p, dtype=torch.float64, device=dev),
                 torch.zeros(B, dtype=torch.float64, device=dev))
-    fp, fkp = filt(0, 0.9), filt(50, 0.9)
-    plan = bisect_plan(*fp)
+    fp, fkp, fk100 = filt(0, 0.9), filt(50, 0.9), filt(100, 0.9)
     kw = dict(vocab=V, chunk=32768)
+
+    def bisection(f):
+        plan = bisect_plan(*f)
+        return lambda: decode_rows_ext(h, w, ar, ar, one, temp, seeds, filters=f, candidates=plan, **kw)
     runs = {
         "plain T=0": lambda: decode_rows_ext(h, w, ar, ar, one, 0.0, seeds, **kw),
         "T=0.8 no filter": lambda: decode_rows_ext(h, w, ar, ar, one, temp, seeds, **kw),
-        "top_k 50 top_p 0.9 (candidates)": lambda: decode_rows_ext(h, w, ar, ar, one, temp, seeds, filters=fkp,
-                                                                   candidates="filtered", **kw),
-        "top_p 0.9 (bisection)": lambda: decode_rows_ext(h, w, ar, ar, one, temp, seeds, filters=fp,
-                                                         candidates=plan, **kw),
+        "top_k 50 top_p 0.9 (candidates)": lambda: decode_rows_ext(h, w, ar, ar, one, temp, seeds,
+                                                                   filters=fkp, candidates="filtered", **kw),
         "top_p 0.9 (sort)": lambda: decode_rows_ext(h, w, ar, ar, one, temp, seeds, filters=fp,
                                                     candidates=False, **kw),
     }
-    res = {k: timed(f) for k, f in runs.items()}
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        runs["top_p 0.9 (bisection)"]()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    print(f"\nB={B} N={N} V={V}: ms per decode call (CUDA events, median of 10)")
+    pairs = {"top_p 0.9 (bisection)": bisection(fp), "top_k 100 top_p 0.9 (bisection)": bisection(fk100)}
+    same = {k: torch.equal(with_fused(f, True)()["tokens"], with_fused(f, False)()["tokens"])
+            for k, f in pairs.items()}
+    sort_tok = runs["top_p 0.9 (sort)"]()["tokens"]
+    same_sort = torch.equal(with_fused(pairs["top_p 0.9 (bisection)"], True)()["tokens"], sort_tok)
+    res = {k: timed(f, a.reps) for k, f in runs.items()}
+    rows = []
+    for name, f in pairs.items():
+        new, old = with_fused(f, True), with_fused(f, False)
+        replays = {"new": captured(new), "old": captured(old)}
+        t = {"new": [], "old": [], "gnew": [], "gold": []}
+        for i in range(4):                              # alternate the order of the compared variants
+            for tag in (("new", "old") if i % 2 == 0 else ("old", "new")):
+                t[tag].append(timed(new if tag == "new" else old, a.reps))
+                t["g" + tag].append(timed(replays[tag], a.reps))
+        dv = {tag: device_ms(fn) for tag, fn in (("new", new), ("old", old))}
+        med = {tag: sorted(v)[len(v) // 2] for tag, v in t.items()}
+        rows.append((name, med, {"new": med["gnew"], "old": med["gold"]}, dv))
+    print("fused bisection's kernels (top_p 0.9):")
+    device_ms(with_fused(pairs["top_p 0.9 (bisection)"], True), table=True)
+    print(f"\nB={B} N={N} V={V}: ms per decode call (CUDA events, median of {a.reps}; eager unless 'graph')")
     for k, v in res.items():
         print(f"| {k} | {v:.3f} |")
+    print("\n| bisection | fused eager | torch eager | fused graph | torch graph | fused device "
+          "| torch device | device old/new |")
+    for name, med, g, dv in rows:
+        print(f"| {name} | {med['new']:.3f} | {med['old']:.3f} | {g['new']:.3f} | {g['old']:.3f} | "
+              f"{dv['new']:.3f} | {dv['old']:.3f} | {dv['old'] / dv['new']:.2f}x |")
+    print(f"\ntokens: fused == torch path {same}; fused == sort (top_p) {same_sort}")
 
 
 if __name__ == "__main__":

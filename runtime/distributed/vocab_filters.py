@@ -1,8 +1,9 @@
 """Sampling filters at T > 0 that the merged top candidates do not bound (top-p / min-p without a top-k of at
 most ``FILTER_CANDIDATES``, a larger top-k, filters with credit), exact under vocab parallelism, never
 gathering [rows, vocab]: ``dlc.kernels.filter_bisect``'s bisection on the survivors' threshold (its one
-home, which one GPU's graph runner runs with no group) over each rank's head shard, each halving one
-all_reduce of the ranks' counts and masses, the ranks' best draws merged by one all_gather. Eager steps read
+home, which one GPU's graph runner runs with no group) over each rank's head shard, each search pass (on
+CUDA the fused kernels' 16-threshold passes; the torch path's halvings) one all_reduce of the ranks' counts
+and masses, the ranks' best draws merged by one all_gather. Eager steps read
 the ``bisect_plan`` on the host; a rank's captured variant holds it (``shard_graph.ShardGraphRunner``: the
 halvings' all_reduces inside the graph, as the model's)."""
 from __future__ import annotations

@@ -135,9 +135,11 @@ def check_filter_bisect():
     ar, one = torch.arange(2), torch.ones(1, dtype=torch.bfloat16)
     f = (torch.tensor([0, 100]), torch.tensor([0.7, 0.8], dtype=torch.float64),
          torch.tensor([0.02, 0.0], dtype=torch.float64))
-    out = [decode_rows_ext(h, w, ar, ar, one, 0.9, ar + 5, vocab=300, chunk=128, filters=f, candidates=c)
-           for c in (False, filter_route(*f))]
-    assert torch.equal(out[0]["tokens"], out[1]["tokens"])
+    out = [decode_rows_ext(h, w, ar, ar, one, 0.9, ar + 5, vocab=300, chunk=128, filters=f, candidates=c,
+                           logprobs=True) for c in (False, filter_route(*f))]
+    assert torch.equal(out[0]["tokens"], out[1]["tokens"])     # the fused kernels (no sweep) vs the sort
+    for key in ("confidence", "logprob"):
+        assert (out[0][key] - out[1][key]).abs().max() < 1e-12, key
 
 
 def main():
