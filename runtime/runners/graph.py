@@ -60,6 +60,8 @@ batch bucket shares it); ``fuse=True`` concatenates q|k|v and gate|up weights in
 same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
+import gc
+
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -114,8 +116,18 @@ def capture_graph(step, mempool) -> tuple:
     warmed = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
     mempool = torch.cuda.graph_pool_handle() if mempool is None else mempool
-    with torch.cuda.graph(graph, pool=mempool):
-        out = step()
+    # No cyclic collection while capturing: a dead runner's CUDAGraph freed by the collector mid-capture
+    # resets itself, which CUDA refuses during a capture and which invalidates this one (seen on an H200:
+    # "operation not permitted when stream is capturing (function reset)", then every later capture of the
+    # pool failed); torch no longer collects before a capture (``force_cudagraph_gc``).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=mempool):
+            out = step()
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out, mempool, warmed
 
 
