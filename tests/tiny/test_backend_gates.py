@@ -88,3 +88,17 @@ def test_head_sparse_within_two_points_of_exact(backend, retention, exact_accura
         assert counter.reuse_calls > 0, f"{backend} {name}: no Reuse step ran (nothing sparse)"
         assert res.accuracy >= exact_accuracy - MAX_DROP, (
             f"{backend} {name} retention {retention}: {res.accuracy:.3f} vs exact {exact_accuracy:.3f}")
+
+
+def test_the_table_compiles_what_the_gates_check(monkeypatch):
+    """``BACKENDS[backend]`` (the quality table) compiles with ``compiled_options``, the options the gates'
+    shared engines are built with: the gates check the table's engines (no build here: a fake compile)."""
+    seen = {}
+    monkeypatch.setattr("dlc.compiler.build.compile_model",
+                        lambda model, target, out, backend, echo, **options: seen.update(
+                            model=model, target=target, backend=backend, **options))
+    monkeypatch.setattr("dlc.runtime.session.open_model", lambda path, **kw: path)
+    BACKENDS["onnx"]("dlc-tiny", 0.25)
+    assert compiled_options("dlc-tiny", 0.25) == {"block_length": 4, "sparse_retention": 0.25,
+                                                  "decode_extras": True}
+    assert seen == dict(model="dlc-tiny", target="cpu", backend="onnx", **compiled_options("dlc-tiny", 0.25))
