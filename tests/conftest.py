@@ -53,3 +53,13 @@ def decisive_tiny_llada():
     with torch.no_grad():
         m.head_weight().mul_(12.0)
     return m
+
+
+@pytest.fixture(scope="session")
+def shared_engine(tmp_path_factory):
+    """``shared_engine(model, backend, target="cpu", **compile_model options) -> engine dir``: built once per
+    run across files and xdist workers (tests/shared_engines.py). Read-only: a test that changes its engine
+    directory builds its own."""
+    from shared_engines import cache_root, shared_engine as build
+    root = cache_root(tmp_path_factory)
+    return lambda model, backend, **options: build(root, model, backend, **options)

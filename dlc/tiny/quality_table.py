@@ -70,10 +70,17 @@ def _open_compiled(model: str, backend: str, sparse: float | None = None):
 
     out = tempfile.mkdtemp(prefix=f"{backend}-", dir=_workdir())
     with contextlib.redirect_stdout(sys.stderr):        # torch.onnx prints progress: keep stdout the table
-        compile_model(model, "cpu", out, backend=backend,
-                      block_length=generation_defaults(_dir(model))["block_length"], sparse_retention=sparse,
-                      echo=lambda *a, **k: None, decode_extras=True)
+        compile_model(model, "cpu", out, backend=backend, echo=lambda *a, **k: None,
+                      **compiled_options(model, sparse))
     return open_model(out, device="cpu", progress=False)
+
+
+def compiled_options(model: str, sparse: float | None = None) -> dict:
+    """``compile_model`` options of a compiled row (target cpu): the model's block length, the head-sparse
+    retention, the rules' decoding extras. tests/tiny/test_backend_gates.py builds its engines with these
+    (once per test run, shared with other tests), so the gates test what the table runs."""
+    return dict(block_length=generation_defaults(_dir(model))["block_length"], sparse_retention=sparse,
+                decode_extras=True)
 
 
 def _dir(model: str) -> str:

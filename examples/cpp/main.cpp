@@ -7,7 +7,8 @@
 // most confident prediction, and Reuse feeds the block over the pool. Both steps print their tokens and
 // confidences. Inputs follow the phase signatures recorded in ENGINE_DIR/dlc_engine.json (dense engine; see
 // docs/COMPILER.md): the runtime inputs, then the weights, read once from ENGINE_DIR/weights.safetensors and
-// passed to both phases in their "weight_inputs" order.
+// passed to both phases in their "weight_inputs" order. Engines compiled with --decode-extras get neutral
+// extras (no credit, no smoothing).
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
@@ -171,11 +172,22 @@ int main(int argc, char** argv) {
   auto cfg_weight = at::ones({1}, at::TensorOptions().dtype(dtype));
   auto temperature = at::zeros({1}, at::kDouble);                          // greedy
   auto seeds = at::zeros({1}, i64);
+  // An engine compiled with --decode-extras (the quality table's engines) takes the extras after seeds:
+  // credit_ids / credit_vals [C, N, M], credit_alpha [C] (0: no credit) and embed_delta [B, N, d] (zeros: no
+  // smoothing), so plain decoding runs unchanged (passes/chunk_logits.py, EXTRA_INPUTS).
+  std::vector<at::Tensor> extras;
+  if (config.find("\"name\": \"credit_ids\"") != std::string::npos) {
+    auto f64 = at::TensorOptions().dtype(at::kDouble);
+    extras = {at::zeros({1, N, 1}, i64), at::zeros({1, N, 1}, f64), at::zeros({1}, f64),
+              at::zeros({1, N, json_int(config, "d_model")}, at::TensorOptions().dtype(dtype))};
+  }
 
   // refresh(input_ids, position_ids, key_mask, k_pool, v_pool, rows, out_index, cond_rows, un_rows,
-  //         cfg_weight, temperature, seeds, weights...) -> tokens [1, N], confidence [1, N]; K/V in the pool
+  //         cfg_weight, temperature, seeds[, extras], weights...) -> tokens [1, N], confidence [1, N];
+  //         K/V in the pool
   std::vector<at::Tensor> r_in = {ids, pos, key_mask, k_pool, v_pool, rows, out_index, rows, rows,
                                   cfg_weight, temperature, seeds};
+  r_in.insert(r_in.end(), extras.begin(), extras.end());
   for (auto& w : weight_args(0)) r_in.push_back(w);
   auto r = refresh.run(r_in);
   print_row("refresh", r[0], r[1]);
@@ -189,12 +201,14 @@ int main(int argc, char** argv) {
   ids[0][a + best] = r[0][0][best];
 
   // reuse(q_ids, q_pos, key_mask, q_start, k_pool, v_pool, rows, out_index, cond_rows, un_rows,
-  //       cfg_weight, temperature, seeds, weights...) -> tokens, confidence; the block's new K/V in the pool
+  //       cfg_weight, temperature, seeds[, extras], weights...) -> tokens, confidence; the block's new K/V
+  //       in the pool
   auto q_ids = ids.slice(1, a, b).contiguous();                                  // [1, N]
   auto q_pos = pos.slice(1, a, b).contiguous();
   auto q_start = at::full({1}, a, i64);
   std::vector<at::Tensor> u_in = {q_ids, q_pos, key_mask, q_start, k_pool, v_pool, rows, out_index, rows,
                                   rows, cfg_weight, temperature, seeds};
+  u_in.insert(u_in.end(), extras.begin(), extras.end());
   for (auto& w : weight_args(1)) u_in.push_back(w);
   auto u = reuse.run(u_in);
   print_row("reuse", u[0], u[1]);

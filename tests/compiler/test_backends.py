@@ -1,5 +1,9 @@
 """End-to-end compile -> generate through the ONNX and AOTI backends (and TensorRT's clear refusal), plus
-the C++ example running an AOTI engine."""
+the C++ example running an AOTI engine.
+
+The ONNX engines compile the tiny-llada checkpoint (tiny_ckpt) through the CLI. The AOTI checks run on
+dlc-tiny's AOTI engine as tests/tiny/test_backend_gates.py builds it (the ``shared_engine`` fixture: a CPU
+AOTInductor build is ~1.5 min on 2 cores, so one build per run serves both files)."""
 import json
 import shutil
 import subprocess
@@ -15,6 +19,7 @@ from dlc.runtime.kv_cache import KVCacheManager
 from dlc.runtime.step import build_batch
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.session import open_model
+from dlc.tiny.quality_table import compiled_options
 
 # confidences: onnxruntime's fp32 GEMMs round differently from PyTorch's (logits to fp32 eps)
 CONF_ATOL = 1e-5
@@ -87,8 +92,18 @@ def test_onnx_engine_generates_eager_tokens(onnx_engine, tiny_ckpt, kv):
     assert gen_tokens(str(onnx_engine), kv) == eager
 
 
+@pytest.fixture(scope="module")
+def trt_prepared(tiny_ckpt, tmp_path_factory):
+    """``dlc compile --backend tensorrt --prepare-only`` without TensorRT: the ONNX half and the manifest
+    (the CLI's exit code and output with them). Two tests read it; neither writes into it."""
+    pytest.importorskip("onnx")
+    out = tmp_path_factory.mktemp("engines") / "trt"
+    res = compile_engine(tiny_ckpt, out, "tensorrt", ["--prepare-only"])
+    return out, res
+
+
 @pytest.mark.slow
-def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
+def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, trt_prepared, tmp_path):
     pytest.importorskip("onnx")
     try:
         import tensorrt  # noqa: F401
@@ -102,7 +117,7 @@ def test_tensorrt_missing_fails_unless_prepare_only(tiny_ckpt, tmp_path):
     assert "TensorRT is not installed" in res.output and "pip install tensorrt" in res.output
     assert "Nothing was written" in res.output and "--prepare-only" in res.output
     assert not out.exists() or not any(out.iterdir())
-    res = compile_engine(tiny_ckpt, out, "tensorrt", ["--prepare-only"])     # the portable half, on purpose
+    out, res = trt_prepared                                                # the portable half, on purpose
     assert res.exit_code == 0, res.output
     assert "TensorRT engines not built" in res.output
     m = json.loads((out / "dlc_engine.json").read_text())
@@ -148,13 +163,11 @@ def double_tensors(path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tensorrt_onnx_has_no_float64(tiny_ckpt, onnx_engine, tmp_path):
+def test_tensorrt_onnx_has_no_float64(tiny_ckpt, onnx_engine, trt_prepared):
     """TensorRT has no double type: the ONNX written for --backend tensorrt decodes in float32 (temperature,
     confidence, the sampling noise) and holds no float64 anywhere; the plain ONNX backend keeps LLaDA's
     float64 decoding (so the check finds something where there is something to find)."""
-    pytest.importorskip("onnx")
-    out = tmp_path / "trt"
-    res = compile_engine(tiny_ckpt, out, "tensorrt", ["--prepare-only"])
+    out, res = trt_prepared
     assert res.exit_code == 0, res.output
     for ph in ("refresh", "reuse"):
         assert double_tensors(out / f"{ph}.onnx") == [], ph
@@ -194,21 +207,22 @@ def test_aoti_for_a_gpu_not_here_fails_unless_prepare_only(tiny_ckpt, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def aoti_engine(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "aoti"
-    res = compile_engine(tiny_ckpt, out, "aoti")
-    assert res.exit_code == 0, res.output
-    return out
+def aoti_engine(shared_engine):
+    """dlc-tiny (LLaDA layout, 4 layers, trained) compiled for the CPU with AOTInductor, once per run."""
+    return shared_engine("dlc-tiny", "aoti", **compiled_options("dlc-tiny"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", ["prefix", "dual"])
-def test_aoti_engine_generates_eager_tokens(aoti_engine, tiny_ckpt, kv):
+def test_aoti_engine_generates_eager_tokens(aoti_engine, kv):
+    """16 tokens in 8 steps (two per step) past the answer of a dlc-tiny task without its chat template:
+    low-confidence predictions (7 and 10 different tokens, prefix / dual), so the compiled numerics decide
+    more tokens than the held-out gate does (tests/tiny/test_backend_gates.py)."""
     m = json.loads((aoti_engine / "dlc_engine.json").read_text())
     assert m["runtime"] == "aoti" and m["phases"]["refresh"]["file"] == "refresh.aoti.pt2"
-    eager = gen_tokens(str(tiny_ckpt), kv)
-    assert len(set(eager)) > 1
-    assert gen_tokens(str(aoti_engine), kv) == eager
+    eager = gen_tokens("dlc-tiny", kv, prompt="6+32")
+    assert len(set(eager)) > 4
+    assert gen_tokens(str(aoti_engine), kv, prompt="6+32") == eager
 
 
 @pytest.mark.slow
@@ -230,9 +244,9 @@ def test_cpp_example_runs_refresh_and_reuse(aoti_engine, tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     res = run_cli(["tokenize", aoti_engine, "Hell", "--no-chat", "--cpp", "--gen-length", "4",
                    "--block-length", "4"])
-    assert res.exit_code == 0 and res.output.split() == "4 8 72 101 108 108 257 257 257 257".split(), \
-        res.output
-    ids = [72, 101, 108, 108, 257, 257, 257, 257]
+    # dlc-tiny's ids of "Hell", then 4 x its mask id (1)
+    assert res.exit_code == 0 and res.output.split() == "4 8 47 76 83 83 1 1 1 1".split(), res.output
+    ids = [47, 76, 83, 83, 1, 1, 1, 1]
     run = subprocess.run([str(exe), str(aoti_engine), *res.output.split()], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from compiler_helpers import run_cli
-from dlc.compiler.build import compile_model
 from dlc.runtime.config import ServeConfig
 from dlc.runtime.decoding import FieldError
 from dlc.runtime.engine import Engine
@@ -38,10 +37,6 @@ N_GATE = 48                   # dlc-tiny-bd held-out prompts of the engine gate 
 SLOW = pytest.mark.slow
 
 
-def _quiet(*a, **k):
-    pass
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> a tiny checkpoint in the released HF layout (config.json + sharded safetensors)."""
@@ -55,18 +50,11 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-_ENGINES: dict = {}
-
-
-def build(model, backend: str, tmp_path_factory, **kw):
-    """One engine per (model, backend) for the module (builds are the slow part)."""
-    key = (str(model), backend)
-    if key not in _ENGINES:
-        out = tmp_path_factory.mktemp("block-engines") / backend
-        compile_model(str(model), "cpu", str(out), backend=backend, max_seq_len=64, max_batch_size=8,
-                      echo=_quiet, **kw)
-        _ENGINES[key] = out
-    return _ENGINES[key]
+def build(shared_engine, model, backend: str):
+    """One engine per (model, backend) for the run (builds are the slow part): the ``shared_engine`` fixture,
+    so tests/server/test_block_engine_server.py serves this dlc-tiny-bd export engine without a second
+    build."""
+    return shared_engine(str(model), backend, max_seq_len=64, max_batch_size=8)
 
 
 def _prompts(n, vocab, seed=0, lo=2, hi=14):
@@ -118,19 +106,19 @@ def check_engine_mixed_batch(engine_dir, ckpt, temperature=0.0, prompts=None):
 
 # ---------------------------------------------------------------------------- HF-layout LLaDA2 (MoE), SDAR
 @pytest.mark.parametrize("family", ["llada2_moe", "sdar"])
-def test_export_engine_mixed_batches_equal_eager(family, checkpoints, tmp_path_factory):
-    check_engine_mixed_batch(build(checkpoints[family], "export", tmp_path_factory), checkpoints[family])
+def test_export_engine_mixed_batches_equal_eager(family, checkpoints, shared_engine):
+    check_engine_mixed_batch(build(shared_engine, checkpoints[family], "export"), checkpoints[family])
 
 
-def test_export_engine_sampled_mixed_batches_equal_eager(checkpoints, tmp_path_factory):
+def test_export_engine_sampled_mixed_batches_equal_eager(checkpoints, shared_engine):
     """T > 0: the same Gumbel draws (step seeds from each request's generator) and the block decoders'
     tempered confidence (softmax(logits / T), decided by the thresholds) in the programs."""
     ckpt = checkpoints["llada2_moe"]
-    check_engine_mixed_batch(build(ckpt, "export", tmp_path_factory), ckpt, temperature=0.3)
+    check_engine_mixed_batch(build(shared_engine, ckpt, "export"), ckpt, temperature=0.3)
 
 
-def test_manifest_records_what_the_runtime_needs(checkpoints, tmp_path_factory):
-    out = build(checkpoints["llada2_moe"], "export", tmp_path_factory)
+def test_manifest_records_what_the_runtime_needs(checkpoints, shared_engine):
+    out = build(shared_engine, checkpoints["llada2_moe"], "export")
     m = json.loads((out / "dlc_engine.json").read_text())
     assert m["model"]["block_diffusion"] and m["build"]["block_diffusion"] and m["build"]["kv_inplace"]
     assert m["generation"]["decoder"] == "llada2" and m["generation"]["kv_cache"] == "block"
@@ -145,8 +133,8 @@ def test_manifest_records_what_the_runtime_needs(checkpoints, tmp_path_factory):
                                                                                      "reuse": 3}
 
 
-def test_engines_refuse_what_they_cannot_decode(checkpoints, tmp_path_factory):
-    session = open_model(str(build(checkpoints["sdar"], "export", tmp_path_factory)), progress=False)
+def test_engines_refuse_what_they_cannot_decode(checkpoints, shared_engine):
+    session = open_model(str(build(shared_engine, checkpoints["sdar"], "export")), progress=False)
     with pytest.raises(FieldError) as e:
         generate(session.runner, [[5, 6]], GenerationConfig(gen_length=8, block_length=4, decoder="llada2",
                                                              temperature=0.5, top_k=3))
@@ -183,14 +171,14 @@ def _gate(engine_dir, bd_eager):
     assert bd_eager["exact"].accuracy >= 0.9 and bd_eager["threshold"].tpf > 1.5     # a trained model
 
 
-def test_tiny_bd_export_engine_gives_eager_completions(bd_eager, tmp_path_factory):
-    _gate(build("dlc-tiny-bd", "export", tmp_path_factory), bd_eager)
+def test_tiny_bd_export_engine_gives_eager_completions(bd_eager, shared_engine):
+    _gate(build(shared_engine, "dlc-tiny-bd", "export"), bd_eager)
 
 
-def test_generate_and_eval_cli_on_the_engine(tmp_path_factory):
+def test_generate_and_eval_cli_on_the_engine(shared_engine):
     """`dlc generate ENGINE` and `dlc eval ENGINE` take the engine's generation defaults (block 4, llada2
     threshold 0.9, the block cache) and answer as the checkpoint."""
-    out = build("dlc-tiny-bd", "export", tmp_path_factory)
+    out = build(shared_engine, "dlc-tiny-bd", "export")
     gen = [json.loads(run_cli(["generate", m, "12+34", "--device", "cpu", "--json"]).output.strip()
                       .splitlines()[-1]) for m in ("dlc-tiny-bd", out)]
     assert gen[1]["engine"] == "export" and gen[1]["token_ids"] == gen[0]["token_ids"]
@@ -204,8 +192,8 @@ def test_generate_and_eval_cli_on_the_engine(tmp_path_factory):
 
 @SLOW
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
-def test_tiny_bd_onnx_and_aoti_engines_give_eager_completions(backend, bd_eager, tmp_path_factory):
-    out = build("dlc-tiny-bd", backend, tmp_path_factory)
+def test_tiny_bd_onnx_and_aoti_engines_give_eager_completions(backend, bd_eager, shared_engine):
+    out = build(shared_engine, "dlc-tiny-bd", backend)
     _gate(out, bd_eager)
     eager = open_model("dlc-tiny-bd", progress=False)
     prompts = [encode_prompt(eager, p, True) for p, _ in eval_set(8)]

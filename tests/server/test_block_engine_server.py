@@ -21,12 +21,9 @@ EXTRAS = [{}, {"threshold": 1.0}, {"decoder": "llada2.1", "edit_threshold": 0.5}
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    from dlc.compiler.build import compile_model
-    out = tmp_path_factory.mktemp("served-bd") / "export"
-    compile_model("dlc-tiny-bd", "cpu", str(out), backend="export", max_seq_len=64, max_batch_size=8,
-                  echo=lambda *a, **k: None)
-    return out
+def engine_dir(shared_engine):
+    """The export engine tests/compiler/test_block_engines.py checks against eager: one build per run."""
+    return shared_engine("dlc-tiny-bd", "export", max_seq_len=64, max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
