@@ -1,10 +1,7 @@
 """Triton kernels under TRITON_INTERPRET=1 on CPU (skipped where Triton is missing or older than 3.9)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from interpreted import run_interpreted
 
 # triton 3.6's interpreter (a CUDA torch 2.11's pin) fails these kernels' loops over loaded bounds ("only
 # 0-dimensional arrays can be converted"); 3.9's runs them (the GPU tests run the compiled kernels on 3.6)
@@ -13,9 +10,4 @@ pytest.importorskip("triton", minversion="3.9")
 
 @pytest.mark.slow
 def test_triton_kernels_in_interpreter_match_references():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONHASHSEED="0")
-    seed = str(int.from_bytes(os.urandom(2), "little"))               # fresh inputs each run
-    script = Path(__file__).with_name("interpret_check.py")
-    r = subprocess.run([sys.executable, str(script), seed], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "interpret-ok" in r.stdout, f"seed {seed}\n{r.stdout}\n{r.stderr[-3000:]}"
+    run_interpreted("interpret_check.py", "interpret-ok")
