@@ -430,7 +430,8 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
     x = (x if x.stride(-1) == 1 else x.contiguous()).view(_INT[wide])              # [R, Vr] the bits
     geo = _Geometry(x, wide, dt, temp)
     kmin, kmax = _extent(geo, group)                                               # [R] int64 keys
-    M = value_of(kmax.to(_INT[wide]), dt).to(acc) / temp                           # as s.amax
+    top = value_of(kmax.to(_INT[wide]), dt).to(acc)                                # [R] the raw max
+    M = top / temp                                                                 # as s.amax
     row = _row_params(lraw, temp, filters, vocab, M)
     need_k, need_z, need_p = (ch in plan[len(PLAN):] for ch in "kzp")
     state = torch.stack([kmin - 1, kmax], -1)                                      # [R, 2] (a, b]
@@ -457,8 +458,7 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
     mine = torch.stack([best.gather(1, j)[:, 0], (idx[:, 0] + v0).to(acc), l64, l64, l64 / temp])
     raw = None
     if stats:                                      # the raw max and softmax sum (the sweep's _bm, _den)
-        raw = (value_of(kmax.to(_INT[wide]), dt).to(acc).reshape(c, N), _sum(den.sum(1)[None], group)[0])
-        raw = raw[0], raw[1].reshape(c, N)
+        raw = top.reshape(c, N), _sum(den.sum(1)[None], group)[0].reshape(c, N)
     out = (mine.reshape(5, c, N), M.reshape(c, N), None if kept is None else kept.sum(1).reshape(c, N), raw)
     return out + (keep.reshape(c, N, Vr).bool(),) if keep_out else out
 

@@ -32,7 +32,7 @@ Per decoded row, on top of ``decode_rows``' token (Gumbel-max) and confidence (s
   formed (float64, e.g. 1 GiB at C = N = 32 for LLaDA-8B: the cost of such filters, paid only then), and
   either sorted per sequence (``_decode_full``: the eager path, the reference) or, on the graph runner's
   route (``filter_route``'s ``bisect_plan``), searched by ``filter_bisect``'s exact bisection on the
-  survivors' threshold (fixed halvings, no host read, so it captures; chunks of sequences; the same
+  survivors' threshold (fixed search passes, no host read, so it captures; chunks of sequences; the same
   tokens).
 
 Checked against dInfer's public ``python/dinfer/decoding/parallel_strategy.py`` (commit fce4e32):

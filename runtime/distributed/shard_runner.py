@@ -104,7 +104,7 @@ def rules_decode(shard, rows, cond_rows, un_rows, cfg_w, temperature, seeds, *, 
     global raw top-1; ``filter_candidates``: top-k, top-p on the renormalised survivors, min-p and the
     Gumbel-max over the merged top ``FILTER_CANDIDATES`` where they hold the survivors: ``cover``, from
     ``filters_covered``; else ``vocab_filters.exact_filters``' bisection, ``cover`` its ``bisect_plan``:
-    fixed halvings, each one all_reduce, no host read, so it captures). Smoothing's soft embedding: each
+    fixed search passes, each one all_reduce, no host read, so it captures). Smoothing's soft embedding: each
     rank's share of exp(l / tau - max) @ W_e[shard], one all_reduce (truncated, ``soft_k`` > 0:
     ``shard_top_soft`` over the merged top-k). ``acc``: the sweep's arithmetic (float64, the eager runner's
     and ``exact`` decoding's; float32 where one GPU's ``fused`` graph runner sweeps in float32:

@@ -232,5 +232,3 @@ def scatter_delta(out: torch.Tensor, delta: torch.Tensor, first: torch.Tensor) -
     cols = first[:, None] + torch.arange(delta.shape[1], device=delta.device)       # [fed, N]
     out.zero_()
     return out.scatter_(1, cols[..., None].expand(-1, -1, delta.shape[-1]), delta.to(out.dtype))
-
-

@@ -25,7 +25,7 @@ width) and replays it:
   float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
   filters over the sweep's candidates (``sampling.candidates_cover``), the filters those do not bound (top-p /
   min-p without a top-k, a top-k over 64, filters with credit) by the exact bisection on the survivors'
-  threshold (``kernels/filter_bisect.py``: fixed halvings, no host read; the eager sort's tokens), the
+  threshold (``kernels/filter_bisect.py``: fixed passes, no host read; the eager sort's tokens), the
   variant's key holding its ``bisect_plan`` (``sampling.filter_route`` reads the filters once);
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
@@ -61,7 +61,6 @@ same parameters, one GEMM instead of three / two)."""
 from __future__ import annotations
 
 import gc
-
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
