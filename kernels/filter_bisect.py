@@ -182,14 +182,21 @@ def _draw_torch(lraw, N, Vr, temp, seeds, filters, v0, vocab, credit, out, plan,
 
 def _logits(h, w, cond, un, cfg_w, chunk: int) -> torch.Tensor:
     """The guided logits [c, N, Vr] of the chunk's sequences in the model's dtype (``sampling._guided``'s
-    values before its cast), head rows ``chunk`` at a time."""
+    values before its cast), head rows ``chunk`` at a time. A chunk that reads every row of ``h`` takes
+    ``_guided``'s own ops (each GEMM over ``h`` itself, then the rows picked), so the sort's route and this
+    one round alike: a GEMM over a copy of the rows may take another kernel (CPU BLAS picks by alignment)."""
+    V = w.shape[0]
+    if (1 if cond is un else 2) * cond.shape[0] == h.shape[0]:
+        from .sampling import _guided
+        return torch.cat([_guided(h, w, cond, un, cfg_w, c0, min(V, c0 + chunk), h.dtype)
+                          for c0 in range(0, V, chunk)], -1)
     if cond is un:
         hc = h.index_select(0, cond)                                               # [c, N, d]
-        return torch.cat([F.linear(hc, w[c0:c0 + chunk]) for c0 in range(0, w.shape[0], chunk)], -1)
+        return torch.cat([F.linear(hc, w[c0:c0 + chunk]) for c0 in range(0, V, chunk)], -1)
     c = cond.shape[0]
     hc = h.index_select(0, torch.cat([cond, un]))                                  # [2c, N, d]
     parts = []
-    for c0 in range(0, w.shape[0], chunk):
+    for c0 in range(0, V, chunk):
         lc = F.linear(hc, w[c0:c0 + chunk])
         parts.append(lc[c:] + cfg_w * (lc[:c] - lc[c:]))
     return torch.cat(parts, -1)
