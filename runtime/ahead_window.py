@@ -10,7 +10,11 @@ engine stops launching while a request waits), not for the run's length.
 Variable-count rules (threshold, factor, hierarchical, entropy-bound, credit) do not know their steps in
 advance: their run is the block's masks left long (an upper bound), and the engine passes each launch a
 horizon (``DecodeState.ahead_horizon``: the steps the masks last at the block's tokens per step so far), so
-few steps launch after the block completes; those commit nothing on the device and the host drops them."""
+few steps launch after the block completes; those commit nothing on the device and the host drops them.
+
+Sampled rows (T > 0) run ahead with each step's seed known in advance (``seeds``: the next draws of each
+row's generator, ``step.ahead_seeds``); the engine draws a row's seed from its real generator as it applies
+that step, so a step dropped and run again samples with the seed it had."""
 from __future__ import annotations
 
 import torch
@@ -23,22 +27,24 @@ class AheadWindow:
     schedule count per step. At most ``window`` steps are launched and not yet landed (``wait``)."""
 
     def __init__(self, runner, batch, counts: torch.Tensor, window: int, commit=None,
-                 horizon: int | None = None):
+                 horizon: int | None = None, seeds: torch.Tensor | None = None):
         """``commit``: the core's ``decoding.AheadCommit`` (None: the low-confidence schedule); ``horizon``:
-        launch no more than this many steps at first (``DecodeState.ahead_horizon``)."""
+        launch no more than this many steps at first (``DecodeState.ahead_horizon``); ``seeds`` [B, n] host
+        int64: each row's sampling seed per step (None: no row samples)."""
         self.runner, self.counts, self.window = runner, counts, max(1, window)
+        self.seeds = seeds
         self.n = counts.shape[1]
         self.chunks: list[tuple[int, AheadSteps]] = []      # (first step, its launch's steps)
         self.launched = self.landed = 0
         self.max_in_flight = 0
         first = min(self.window, self.n, max(1, horizon or self.n))
-        if commit is None:
-            self._launch(runner.reuse_ahead, batch, first)
-        else:
-            self._launch(lambda b, c: runner.reuse_ahead(b, c, commit=commit), batch, first)
+        kw = {} if commit is None else {"commit": commit}
+        self._launch(lambda b, c, **sd: runner.reuse_ahead(b, c, **kw, **sd), batch, first)
 
     def _launch(self, call, first, k: int) -> None:
-        steps = call(first, self.counts[:, self.launched:self.launched + k])
+        cols = slice(self.launched, self.launched + k)
+        sd = {} if self.seeds is None else {"seeds": self.seeds[:, cols]}    # T = 0: runners see no seeds
+        steps = call(first, self.counts[:, cols], **sd)
         self.chunks.append((self.launched, steps))
         self.launched += k
         self.max_in_flight = max(self.max_in_flight, self.launched - self.landed)

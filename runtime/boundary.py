@@ -5,7 +5,8 @@ closes the block, the next iteration builds the Refresh's batch and launches its
 its launches are host work too), and only then does the device start it. But the fixed schedule knows when a
 run ends its block, and the block's final tokens are already on the device (the run's static fed ids hold the
 last commit). So once the run's last step is launched, ``prelaunch`` builds the next block's Refresh from a
-copy of each row's decoding state moved past the block (``DecodeState.advance`` on the copy), writes the
+copy of each row's decoding state moved past the block (``DecodeState.advance`` on the copy; a sampled row's
+seed: its generator's draw after the run's steps, which the engine draws as it takes the Refresh), writes the
 device's final block into its fed ids, and launches the Refresh behind the steps in flight: the device goes
 from the last Reuse step to the Refresh with no host round trip, and the host's launch work hides behind the
 steps in flight.
@@ -49,20 +50,22 @@ def prelaunch(runner, rows: list, left: int, device_blocks: torch.Tensor, kv, wi
     is a new block's Refresh. ``left``: the run's steps the host has not applied yet (all launched);
     ``device_blocks`` [B, N]: each row's block after the run's last commit, on the device;
     ``width(request)``: the width a block started now gets. None where no row starts a new block."""
-    keep, states, blocks = [], [], []
+    keep, states, blocks, seeds = [], [], [], []
     for j, r in enumerate(rows):
         # smoothing's soft embedding (a view of a run's device buffer) is not copied: a new block drops it
         st = copy.deepcopy(r.state, {} if r.state.soft is None else {id(r.state.soft): None})
         bs, be = st.bs, st.be
+        seed = st.peek_seeds(left + 1)[-1]                # sampled: the draw after the run's last steps
         st.step += left                                   # the run's steps, their tokens on the device only
         st.advance(width(r))
         if st.phase == "refresh" and st.bs != bs:         # not: the last block, a stop, a mid-block refresh
             keep.append(j)
             states.append(st)
             blocks.append((bs, be))
+            seeds.append(seed)
     if not keep:
         return None
-    batch = make_batch(runner, states, [rows[j].slots for j in keep], kv, [0] * len(keep))
+    batch = make_batch(runner, states, [rows[j].slots for j in keep], kv, seeds)
     for i, (j, (bs, be)) in enumerate(zip(keep, blocks)):    # the device's final block in the fed ids
         batch.ids[i, bs:be] = device_blocks[j]
     batch = replace(batch, ids_host=None)                 # its host copy holds the old block

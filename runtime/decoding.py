@@ -728,6 +728,16 @@ class DecodeState:
             return 0
         return int(torch.randint(0, SEED_RANGE, (1,), generator=self.generator))
 
+    def peek_seeds(self, n: int) -> list[int]:
+        """The seeds of this state's next ``n`` sampled steps (T > 0), drawn from a copy of its generator: the
+        state's own is untouched. Steps run ahead on the device sample with them; the host draws each
+        (``draw_seed``) as it applies that step, so a dropped step that runs again draws its own seed again
+        and every path samples a step with the same seed."""
+        if self.generator is None or self.gen.temperature == 0:
+            return [0] * n
+        g = torch.Generator().set_state(self.generator.get_state())
+        return [int(torch.randint(0, SEED_RANGE, (1,), generator=g)) for _ in range(n)]
+
     # -- the two moves ---------------------------------------------------------------------------------------
     def advance(self, width: int) -> list[int]:
         """Move to the next step that needs a forward; returns the tokens finalised on the way. ``width``: the
@@ -774,7 +784,7 @@ class DecodeState:
 
     def lookahead(self, cap: int) -> list[int]:
         """The counts of the next forwards (this one first) while up to ``cap`` of them are Reuse steps whose
-        only input from the host would be the previous step's commit: T = 0, a rule the device selects with
+        only input from the host would be the previous step's commit: a rule the device selects with
         (``runs_ahead``: low-confidence, threshold, factor, hierarchical, entropy-bound; credit too, which
         the device carries across the steps: ``AheadCommit``), no guidance, no mid-block stop. A runner may
         run them back to back, committing on the device (``AheadCommit`` / ``commit_ahead``); the host then
@@ -786,11 +796,12 @@ class DecodeState:
         every step unmasks one at least, or the block ends stuck); ``ahead_horizon`` bounds the steps in
         flight. ``logprobs`` (per-step outputs, landed with each step and recorded as the host applies it)
         and iteration smoothing (the device builds the next step's soft input from this step's soft
-        embedding: ``AheadCommit.carry_smoothing``) run ahead too. Stay synchronous: sampling (T > 0: a seed
-        per step from the host's generator), random remasking (the host's draws), block decoders."""
+        embedding: ``AheadCommit.carry_smoothing``) run ahead too, and sampling (T > 0: each step's seed is
+        the generator's next draw, known in advance: ``peek_seeds``; the filters stay the request's). Stay
+        synchronous: random remasking (the host's draws select), block decoders."""
         g = self.gen
         if (cap < 2 or self.phase != "reuse" or not getattr(self.rule, "runs_ahead", False)
-                or g.temperature > 0 or g.remasking != "low_confidence"
+                or g.remasking != "low_confidence"
                 or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0 or g.eos_early_stop
                 or self.attn_block):
             return []

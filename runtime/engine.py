@@ -57,7 +57,7 @@ from .runners.compiled import CompiledRunner
 from .runners.eager import EagerRunner
 from .runners.graph import GraphRunner
 from .scheduler import SCHEDULERS
-from .step import (MixedBatch, check_runner, draw_seeds, group_states, is_graphed,
+from .step import (MixedBatch, ahead_seeds, check_runner, draw_seeds, group_states, is_graphed,
                    is_mixed_iteration, make_batch, run_batch, run_mixed, runs_ahead, supports_mixed)
 from .step_output import StepOutput
 from .stops import StopStrings
@@ -437,14 +437,16 @@ class Engine:
             commit = ahead_commit(states, self.runner.device)      # None: the low-confidence schedule
             if commit is not None and not getattr(self.runner, "ahead_rules", False):
                 return False
-            batch = make_batch(self.runner, states, [r.slots for r in group], self.kv, draw_seeds(states))
+            seeds = ahead_seeds(states, n)            # sampled rows: each step's seed, drawn as it applies
+            batch = make_batch(self.runner, states, [r.slots for r in group], self.kv,
+                               [0] * len(states) if seeds is None else seeds[:, 0].tolist())
             if not (self.runner.can_run_ahead(batch) if commit is None
                     else self.runner.can_run_ahead(batch, commit=commit)):
                 return False
             bounded = not all(s.rule.fixed_steps for s in states)
             # variable-count rules: 2 steps at first (the next launches see step 0 applied: ``_apply_ahead``)
             win = AheadWindow(self.runner, batch, torch.tensor([c[:n] for c in counts]), cap, commit,
-                              min(2, self._horizon(states)) if bounded else None)
+                              min(2, self._horizon(states)) if bounded else None, seeds)
         except Exception as e:             # noqa: BLE001 - state untouched: run it one step at a time
             log.debug("steps ahead failed, one step instead: %s", e)
             return False
@@ -495,6 +497,7 @@ class Engine:
                     live.remove(r)
                     continue
                 out = win.output(s, results[id(r)].j)
+                draw_seeds([r.state])                  # the seed step s ran with: the generator moves past it
                 self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
             if bounded and may_launch():
                 launching = self._refill(win, s + 1 + self._horizon([r.state for r in live]))
@@ -561,6 +564,7 @@ class Engine:
         self.metrics.inc("lookahead_refresh_prelaunched_total", status="dropped" if out is None else "used")
         if out is None:
             return
+        draw_seeds([r.state for r in pre.rows])        # the Refresh's seeds (boundary.prelaunch drew alike)
         self._record(pre.rows, time.perf_counter() - t0)
         self._postprocess_rows(pre.rows, {id(r): _OutRow(out, j) for j, r in enumerate(pre.rows)}, n_running)
 

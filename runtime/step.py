@@ -71,8 +71,10 @@ class StepBatch:
     embed_delta: torch.Tensor | None = None    # [fed, N, d] added to the input embedding of the decoded
                                                # columns [out_start, + N) (smoothing's soft inputs)
 
-    def wants_extras(self) -> bool:
-        return (self.entropy or self.logprobs is not None or self.top_k is not None
+    def wants_extras(self, filters: bool = True) -> bool:
+        """Whether the step needs more of its runner than (tokens, confidence) at T = 0: extra outputs,
+        rule inputs, or (``filters``) sampling filters."""
+        return (self.entropy or self.logprobs is not None or (filters and self.top_k is not None)
                 or self.credit_ids is not None or self.soft_tau is not None or self.embed_delta is not None)
 
     @property
@@ -174,13 +176,20 @@ class LookaheadRunner(Protocol):
     ``decoding.AheadCommit`` (``decoding.ahead_commit(states)``; None: the low-confidence schedule), and runs
     its rows' rules ahead (with the entropy / credit extras the commit reads where it computes them; logprobs
     land with each step; smoothing's next soft input is written by the commit into the runner's static
-    embedding delta). Others run only the low-confidence schedule ahead."""
+    embedding delta). Others run only the low-confidence schedule ahead.
+
+    Sampled batches (T > 0): a runner whose ``can_run_ahead`` takes them also takes ``seeds`` [B, n] host
+    int64 (``ahead_seeds``: each row's seed of each step, from its generator; column 0 equals
+    ``batch.seeds``) in ``reuse_ahead`` and ``continue_ahead``, and stages column s into its static seeds
+    before launching step s; the batch's temperature and filters hold for the whole run."""
 
     def can_run_ahead(self, batch: "StepBatch") -> bool: ...
 
-    def reuse_ahead(self, batch: "StepBatch", counts: torch.Tensor) -> AheadSteps: ...
+    def reuse_ahead(self, batch: "StepBatch", counts: torch.Tensor, commit=None,
+                    seeds: torch.Tensor | None = None) -> AheadSteps: ...
 
-    def continue_ahead(self, steps: AheadSteps, counts: torch.Tensor) -> AheadSteps: ...
+    def continue_ahead(self, steps: AheadSteps, counts: torch.Tensor, seeds: torch.Tensor | None = None
+                       ) -> AheadSteps: ...
 
 
 def runs_ahead(runner) -> bool:
@@ -258,6 +267,14 @@ def _to_device_many(ts: list[torch.Tensor], dev: torch.device,
 def draw_seeds(states: list[DecodeState]) -> list[int]:
     """This step's sampling seed of each state (0 at T = 0); draws advance the states' generators."""
     return [s.draw_seed() if s.gen.temperature > 0 else 0 for s in states]
+
+
+def ahead_seeds(states: list[DecodeState], n: int) -> torch.Tensor | None:
+    """[B, n] host int64: each state's seeds of its next n steps (``DecodeState.peek_seeds``; 0 at T = 0),
+    for a run ahead; None where no state samples (the runners stage no seed per step)."""
+    if all(s.gen.temperature == 0 for s in states):
+        return None
+    return torch.tensor([s.peek_seeds(n) for s in states], dtype=torch.long)
 
 
 def make_batch(runner, states: list[DecodeState], slots: list[tuple[int, ...]] | None = None,

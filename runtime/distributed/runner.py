@@ -193,23 +193,25 @@ class TensorParallelRunner:
             return False
         return self.graphed and self.shard.can_run_ahead(batch, commit)
 
-    def reuse_ahead(self, batch, counts, commit=None):
+    def reuse_ahead(self, batch, counts, commit=None, seeds=None):
         """step.LookaheadRunner: the workers run the same steps ahead (the same commits on the device: every
         rank's combine ends with the same tokens, entropy and logprobs, and each rank rebuilds the core's
-        ``commit`` from the rules the AHEAD frame carries), so their fed ids stay equal to rank 0's."""
+        ``commit`` from the rules the AHEAD frame carries), so their fed ids stay equal to rank 0's. A
+        sampled run's per-step ``seeds`` travel as the frame's columns after the counts (``ahead_columns``)."""
         words = encode_commit(commit)
         if commit is not None and words is None:
             raise ValueError("tensor parallel: this commit cannot run ahead on every rank "
                              "(see can_run_ahead)")
-        steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, counts, words),
-                           lambda: self.shard.reuse_ahead(batch, counts, commit=commit))
+        steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, ahead_columns(counts, seeds), words),
+                           lambda: self.shard.reuse_ahead(batch, counts, commit=commit, **_kw(seeds)))
         return self._bounded(steps)
 
-    def continue_ahead(self, steps, counts):
+    def continue_ahead(self, steps, counts, seeds=None):
         """step.LookaheadRunner: every rank launches ``counts.shape[1]`` more steps of its latest run (a MORE
-        message: the counts only; each worker goes on from its own last run, in the same order)."""
-        steps = self._call(lambda: self.channel.send(MORE, counts),
-                           lambda: self.shard.continue_ahead(steps, counts))
+        message: the counts, and a sampled run's seeds; each worker goes on from its own last run, in the
+        same order)."""
+        steps = self._call(lambda: self.channel.send(MORE, ahead_columns(counts, seeds)),
+                           lambda: self.shard.continue_ahead(steps, counts, **_kw(seeds)))
         return self._bounded(steps)
 
     def _bounded(self, steps: AheadSteps) -> AheadSteps:
@@ -425,6 +427,24 @@ def _run_step(shard, msg: Compact, channel: Channel, loop: dict, pools: dict, ma
         loop["to_launch_s"] += (launched - sent) / 1e9
 
 
+def ahead_columns(counts: torch.Tensor, seeds: torch.Tensor | None) -> torch.Tensor:
+    """A run ahead's per-step columns as one [B, n] int64 tensor for the AHEAD / MORE messages: the counts,
+    then (a sampled run: [B, 2n]) each step's seeds; ``split_columns`` on the worker."""
+    return counts if seeds is None else torch.cat([counts, seeds], 1)
+
+
+def split_columns(cols: torch.Tensor, sampled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ahead_columns``' (counts, seeds or None)."""
+    if not sampled:
+        return cols, None
+    n = cols.shape[1] // 2
+    return cols[:, :n], cols[:, n:]
+
+
+def _kw(seeds) -> dict:
+    return {} if seeds is None else {"seeds": seeds}
+
+
 def _work(shard, kind: int, msg, pools: dict, make_pool, group=None):
     """One message's work on this rank -> its runner (GRAPHS replaces it). ``pools`` also keeps the rank's
     latest run ahead (``"ahead"``), which a MORE message goes on with; ``group``: the model's (a compact
@@ -441,14 +461,16 @@ def _work(shard, kind: int, msg, pools: dict, make_pool, group=None):
     elif kind == MORE:                                     # the latest run goes on (rank 0's order)
         if "ahead" not in pools:
             raise ValueError("tensor parallel: MORE steps without a run ahead on this rank")
-        pools["ahead"] = shard.continue_ahead(pools["ahead"], msg)
+        counts, seeds = split_columns(msg, pools["ahead"].run.seed_buf is not None)
+        pools["ahead"] = shard.continue_ahead(pools["ahead"], counts, **_kw(seeds))
     elif kind in (STEP, AHEAD):
         batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool, group)
         if kind == AHEAD:
             words = commit_words(msg)              # rank 0's rules: the same commit on this rank's device
             commit = None if words is None else decode_commit(words, batch.n_seqs, shard.config.mask_id,
                                                               shard.device)
-            pools["ahead"] = shard.reuse_ahead(batch, counts, commit=commit)
+            counts, seeds = split_columns(counts, batch.temperature > 0)
+            pools["ahead"] = shard.reuse_ahead(batch, counts, commit=commit, **_kw(seeds))
         else:
             getattr(shard, batch.phase)(batch)
     return shard

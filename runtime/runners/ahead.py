@@ -5,7 +5,8 @@ Both stage one batch into static inputs, then call ``launch()`` n times; after e
 are committed on the device into the static fed ids (``decoding.commit_ahead``), which the next launch reads,
 and the step's candidates, confidences and committed block are copied back to the host as the step ends
 (``AheadSteps``: one event per step on CUDA), so the host applies step s while the device runs the later
-ones. A run goes on from where its last launch left the device (``AheadRun.steps``: no restaging), which the
+ones. Sampled runs (T > 0) copy each step's seeds (``step.ahead_seeds``, on the device) into the runner's
+static seeds before its launch. A run goes on from where its last launch left the device (``AheadRun.steps``: no restaging), which the
 engine uses to keep a window of steps in flight (``step.LookaheadRunner.continue_ahead``).
 
 Rules beyond low-confidence: the run takes the decoding core's ``AheadCommit`` (``commit``), which selects
@@ -29,29 +30,37 @@ class AheadRun:
     span; ``commit``: the core's ``AheadCommit`` (None: the low-confidence schedule, ``commit_ahead``);
     ``credit``: the static credit inputs the launch reads (ids, vals [bb, N, M], alpha [bb]), which the commit
     carries to the next step; ``embed``: (the static embedding delta [bb, T, d] the launch adds to its fed
-    columns, the decoded columns' index in it [B, N]), where the commit writes smoothing's next soft input.
-    ``steps(counts)`` launches more steps from the device state the last launch left
+    columns, the decoded columns' index in it [B, N]), where the commit writes smoothing's next soft input;
+    ``seeds``: the static sampling seeds [>= B] the launch reads (sampled runs stage each step's).
+    ``steps(counts, seeds)`` launches more steps from the device state the last launch left
     (``step.LookaheadRunner.continue_ahead``)."""
 
     def __init__(self, launch, ids: torch.Tensor, cols: torch.Tensor, mask_id: int,
-                 commit: AheadCommit | None = None, credit: tuple | None = None, embed: tuple | None = None):
+                 commit: AheadCommit | None = None, credit: tuple | None = None, embed: tuple | None = None,
+                 seeds: torch.Tensor | None = None):
         self.launch, self.ids, self.cols, self.mask_id = launch, ids, cols, mask_id
-        self.commit, self.credit, self.embed = commit, credit, embed
+        self.commit, self.credit, self.embed, self.seed_buf = commit, credit, embed, seeds
         if commit is not None and commit.credit_on is not None and credit is None:
             raise ValueError("run ahead: credit rows need the runner's static credit inputs")
         if commit is not None and commit.smooth_on is not None and embed is None:
             raise ValueError("run ahead: smoothing rows need the runner's static embedding delta")
         self.launched = 0                                 # steps launched so far
 
-    def steps(self, counts: torch.Tensor) -> AheadSteps:
-        """``counts`` [B, n] (device): each row's schedule count per step -> the n steps' ``AheadSteps``."""
+    def steps(self, counts: torch.Tensor, seeds: torch.Tensor | None = None) -> AheadSteps:
+        """``counts`` [B, n] (device): each row's schedule count per step; ``seeds`` [B, n] (device) each
+        row's sampling seed per step (None: the static seeds as staged, T = 0) -> the n steps'
+        ``AheadSteps``."""
         (B, N), n = self.cols.shape, counts.shape[1]
+        if seeds is not None and self.seed_buf is None:
+            raise ValueError("run ahead: per-step seeds need the runner's static sampling seeds")
         cuda = self.ids.device.type == "cuda"
         host = dict(dtype=torch.long, pin_memory=cuda)
         out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
                          [] if cuda else None, run=self)
         reads = keeps = ()
         for s in range(n):
+            if seeds is not None:
+                self.seed_buf[:B].copy_(seeds[:, s])
             tok, conf, ex = _split(self.launch())
             if out.conf is None:
                 out.conf = torch.empty(n, B, N, dtype=conf.dtype, pin_memory=cuda)
@@ -96,9 +105,11 @@ def _rows(ex: dict | None, B: int) -> dict | None:
 
 def run_ahead(launch, ids: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
               mask_id: int, commit: AheadCommit | None = None, credit: tuple | None = None,
-              embed: tuple | None = None) -> AheadSteps:
-    """A new run (``AheadRun``) and its first ``counts.shape[1]`` steps."""
-    return AheadRun(launch, ids, cols, mask_id, commit, credit, embed).steps(counts)
+              embed: tuple | None = None, seeds: tuple | None = None) -> AheadSteps:
+    """A new run (``AheadRun``) and its first ``counts.shape[1]`` steps; ``seeds``: (the static seeds, the
+    steps' seeds [B, n] on the device) of a sampled run, else None."""
+    buf, per_step = seeds if seeds is not None else (None, None)
+    return AheadRun(launch, ids, cols, mask_id, commit, credit, embed, buf).steps(counts, per_step)
 
 
 def resume(latest: AheadRun | None, steps: AheadSteps, who: str) -> AheadRun:

@@ -296,12 +296,15 @@ class CompiledRunner:
     ahead_rules = True          # the core's commit of every T = 0 rule the programs decode (can_run_ahead)
 
     def can_run_ahead(self, batch: StepBatch, commit=None) -> bool:
-        """A T = 0 Reuse batch the graphs take (the pool is the only input that decides). Without extras, any
-        rule (``commit``: the decoding core's ``AheadCommit``; None: low-confidence). With extras, the core's
-        commit and what it reads from programs that provide it (``_ahead_extras``)."""
-        if batch.phase != "reuse" or batch.temperature != 0 or batch.top_k is not None:
+        """A Reuse batch the graphs take (the pool is the only input that decides). Without extras, any rule
+        (``commit``: the decoding core's ``AheadCommit``; None: low-confidence), sampled too (the programs
+        draw with the static seeds, which ``reuse_ahead`` stages step by step). With extras, at T = 0, the
+        core's commit and what it reads from programs that provide it (``_ahead_extras``); sampled extras and
+        filters are decoded here from the batch's own seeds (one step's), so they stay synchronous."""
+        if batch.phase != "reuse" or batch.top_k is not None:
             return False
-        if batch.wants_extras() and (commit is None or not self._ahead_extras(batch)):
+        if batch.wants_extras() and (commit is None or batch.temperature != 0
+                                     or not self._ahead_extras(batch)):
             return False
         return self._graphable({"k_pool": batch.cache.k_all}, batch)
 
@@ -321,9 +324,12 @@ class CompiledRunner:
         return self.row_decoding or (batch.soft_tau is None and batch.embed_delta is None)
 
     @torch.no_grad()
-    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
+    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None, seeds=None):
         if not self.can_run_ahead(batch, commit):
             raise ValueError("compiled runner: this batch cannot run steps ahead (see can_run_ahead)")
+        if (seeds is None) != (batch.temperature == 0):
+            raise ValueError("compiled runner: a sampled run ahead takes each step's seeds (seeds [B, n]); "
+                             "a T = 0 run none")
         feed, batch = self._credit_n(self._reuse_feed(batch), batch)
         decode = self._ahead_decode(batch) if batch.wants_extras() else None
         credit = None                    # programs without credit inputs: the run's buffers (the batch's)
@@ -331,7 +337,8 @@ class CompiledRunner:
             credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
         counts = counts.to(self.device, non_blocking=True)
         return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
-                                     decoded_cols(batch, self.device), counts, commit, decode, credit)
+                                     decoded_cols(batch, self.device), counts, commit, decode, credit,
+                                     None if seeds is None else seeds.to(self.device, non_blocking=True))
 
     def _ahead_decode(self, batch: StepBatch):
         """``(outputs [bb, ...], credit) -> StepOutput`` of a step run ahead: ``_decode_outputs`` (no host
@@ -362,11 +369,12 @@ class CompiledRunner:
         return feed, batch
 
     @torch.no_grad()
-    def continue_ahead(self, steps, counts: torch.Tensor):
+    def continue_ahead(self, steps, counts: torch.Tensor, seeds=None):
         """step.LookaheadRunner: more steps of the latest run (``ProgramGraphs.continue_ahead``)."""
         if self.graphs is None:
             raise ValueError("compiled runner: continue_ahead needs the Reuse program's graphs")
-        return self.graphs.continue_ahead(steps, counts.to(self.device, non_blocking=True))
+        return self.graphs.continue_ahead(steps, counts.to(self.device, non_blocking=True),
+                                          None if seeds is None else seeds.to(self.device, non_blocking=True))
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):

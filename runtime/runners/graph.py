@@ -613,42 +613,51 @@ class GraphRunner(EagerRunner):
     ahead_rules = True              # takes the decoding core's commit of any rule it runs ahead (AheadCommit)
 
     def can_run_ahead(self, batch: StepBatch, commit=None) -> bool:
-        """A T = 0 Reuse batch the graphs take; with the core's ``commit`` (rules beyond low-confidence, or
-        extras) also the entropy, credit, logprobs and smoothing extras (their captured variant; the commit
-        carries credit and smoothing's soft input in the variant's static inputs)."""
-        plain = not batch.wants_extras()
-        ruled = commit is not None and batch.top_k is None
-        return (batch.phase == "reuse" and batch.temperature == 0 and (plain or ruled)
+        """A Reuse batch the graphs take; with the core's ``commit`` (rules beyond low-confidence, or extras)
+        also the entropy, credit, logprobs and smoothing extras (their captured variant; the commit carries
+        credit and smoothing's soft input in the variant's static inputs). Sampled batches too (their
+        variant's static temperature and filters hold for the run; ``reuse_ahead`` stages each step's
+        seeds)."""
+        return (batch.phase == "reuse" and (commit is not None or not batch.wants_extras(filters=False))
                 and self._eligible(batch, self._extras_key(batch)))
 
     @torch.no_grad()
-    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None):
+    def reuse_ahead(self, batch: StepBatch, counts: torch.Tensor, commit=None, seeds=None):
         """``counts.shape[1]`` Reuse steps back to back: after each, the step's commit (``commit_ahead``, or
         the core's ``commit``: ``decoding.AheadCommit``) writes the block's new tokens into the graph's static
         ids, which the next replay reads (and carries credit in the variant's static credit inputs, writes
-        smoothing's next soft input into its static ``embed`` at the decoded columns); the host
-        launches them all at once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
+        smoothing's next soft input into its static ``embed`` at the decoded columns); a sampled batch's
+        ``seeds`` [B, n] go into the variant's static seeds step by step. The host launches them all at
+        once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
         if not self.can_run_ahead(batch, commit):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
+        if (seeds is None) != (batch.temperature == 0):
+            raise ValueError("graph runner: a sampled run ahead takes each step's seeds (seeds [B, n]); a "
+                             "T = 0 run none")
         B, n = batch.n_seqs, counts.shape[1]
         with self._host_seconds("host_s"):                                      # until launched
             g = self._stage(batch, self._extras_key(batch))
             cols = decoded_cols(batch, self.device)                                 # [B, N] in the fed span
             out = run_ahead(lambda: (*self._launch(g), g.extras), g.ids[:B], cols,
                             counts.to(self.device, non_blocking=True), self.config.mask_id, commit, g.credit,
-                            None if g.embed is None else (g.embed, cols))
+                            None if g.embed is None else (g.embed, cols),
+                            None if seeds is None else (g.sampling[1], seeds.to(self.device,
+                                                                                non_blocking=True)))
             self._ahead = out.run
             self.stats["replays"] += n
             self.stats["ahead_calls"] += 1
         return out
 
     @torch.no_grad()
-    def continue_ahead(self, steps, counts: torch.Tensor):
+    def continue_ahead(self, steps, counts: torch.Tensor, seeds=None):
         """``counts.shape[1]`` more steps of the latest run, from the commits its last launch left in the
-        graph's static ids (step.LookaheadRunner)."""
+        graph's static ids (step.LookaheadRunner); a sampled run's ``seeds`` [B, n] likewise."""
         run = resume(self._ahead, steps, type(self).__name__)
+        if (seeds is None) != (run.seed_buf is None):
+            raise ValueError("graph runner: a sampled run ahead takes each step's seeds, a T = 0 run none")
         with self._host_seconds("host_s"):
-            out = run.steps(counts.to(self.device, non_blocking=True))
+            out = run.steps(counts.to(self.device, non_blocking=True),
+                            None if seeds is None else seeds.to(self.device, non_blocking=True))
             self.stats["replays"] += counts.shape[1]
             self.stats["ahead_continued"] += 1
         return out

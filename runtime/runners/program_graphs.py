@@ -207,13 +207,14 @@ class ProgramGraphs:
         return cap.outs
 
     def run_ahead(self, feed: dict, B: int, T: int, N: int, cols: torch.Tensor, counts: torch.Tensor,
-                  commit=None, decode=None, credit: tuple | None = None):
+                  commit=None, decode=None, credit: tuple | None = None, seeds: torch.Tensor | None = None):
         """``counts.shape[1]`` steps back to back (runners/ahead.py): the commits (``commit``: the decoding
         core's ``AheadCommit``, None: the low-confidence schedule) land in the static q_ids. ``decode(outputs,
         credit)``: the step's (tok, conf) or StepOutput with the extras the commit reads (None: the first two
         outputs). The commit carries credit in the static credit inputs (programs without them: ``credit``,
         the run's own [B, N, N] buffers ``decode`` reads) and writes smoothing's next soft input into the
-        static ``embed_delta`` [bb, N, d] (its columns: the decoded ones)."""
+        static ``embed_delta`` [bb, N, d] (its columns: the decoded ones). A sampled run's ``seeds`` [B, n]
+        (device) go into the static seeds step by step."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
         cap = self.stage(feed, B, T, N)
         st = cap.static
@@ -228,18 +229,22 @@ class ProgramGraphs:
         else:
             def launch():
                 return decode(self.launch(cap), credit)
-        out = run_ahead(launch, st["q_ids"][:B], cols, counts, self.mask_id, commit, credit, embed)
+        out = run_ahead(launch, st["q_ids"][:B], cols, counts, self.mask_id, commit, credit, embed,
+                        None if seeds is None else (st["seeds"], seeds))
         self._ahead = out.run
         self.stats["replays"] += counts.shape[1]
         self.stats["ahead_calls"] += 1
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)
         return out
 
-    def continue_ahead(self, steps, counts: torch.Tensor):
-        """More steps of the latest run, from the commits its last launch left in the static q_ids."""
+    def continue_ahead(self, steps, counts: torch.Tensor, seeds: torch.Tensor | None = None):
+        """More steps of the latest run, from the commits its last launch left in the static q_ids (a sampled
+        run's ``seeds`` [B, n] on the device likewise)."""
         run = resume(self._ahead, steps, "engine graphs")
+        if (seeds is None) != (run.seed_buf is None):
+            raise ValueError("engine graphs: a sampled run ahead takes each step's seeds, a T = 0 run none")
         t0 = time.perf_counter()
-        out = run.steps(counts)
+        out = run.steps(counts, seeds)
         self.stats["replays"] += counts.shape[1]
         self.stats["ahead_continued"] += 1
         self.stats["host_s"] += time.perf_counter() - t0

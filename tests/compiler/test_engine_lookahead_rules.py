@@ -1,4 +1,4 @@
-"""Every T = 0 decoding rule runs its Reuse steps ahead over an engine's phase programs (issues 18 / 15):
+"""Every decoding rule runs its Reuse steps ahead over an engine's phase programs (issues 18 / 15):
 ``CompiledRunner.reuse_ahead`` with the decoding core's ``AheadCommit`` over ``ProgramGraphs``' static
 inputs (no capture on CPU: the same staging, commits and static buffers a CUDA graph replays).
 
@@ -10,7 +10,8 @@ hidden rows) all run ahead. A GPU-lowered ``--decode-extras`` build (its program
 rows; run here through the ops' CPU references) decodes every extra from the rows on the device, credit from
 the run's own buffers. Through the serving Engine, lookahead 16 must give the tokens and logprobs of lookahead
 1 exactly (the same programs over the same shapes) and the eager checkpoint's tokens; the steps ran ahead and
-no device commit differed from the core's."""
+no device commit differed from the core's. Sampled steps (T > 0, no filters or extras: the programs draw)
+run ahead too, each step with its row's seed staged in the static seeds."""
 import pytest
 import torch
 
@@ -110,6 +111,26 @@ def test_gpu_lowered_engines_run_every_rule_ahead_from_the_hidden_rows(sessions)
     check(sess, eager, [(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS)])
 
 
+@pytest.mark.parametrize("rule", ["schedule", "threshold"])
+def test_sampled_steps_run_ahead_over_the_engines_programs(sessions, rule):
+    """T > 0: the programs draw with the static seeds, which the run stages step by step (each row its own
+    generator's next draws): lookahead 16 == lookahead 1 == the eager checkpoint's tokens, every Reuse step
+    run ahead; other seeds give other tokens (decisive)."""
+    engine, eager = sessions
+    params = dict(GEN, temperature=1.5, **({} if rule == "schedule" else RULES[rule]))
+    items = [(p, dict(params, seed=7 + i)) for i, p in enumerate(PROMPTS)]
+    _, want = serve(engine, items, 1)
+    eng, got = serve(engine, items, 16)
+    assert got == want
+    assert engine.runner.graphs.stats["ahead_calls"] > 0 and engine.runner.graphs.stats["direct"] == 0
+    assert eng.metrics.counter("lookahead_dropped_steps_total") == \
+        eng.metrics.counter("lookahead_past_block_steps_total")
+    for (p, params), (ids, _) in zip(items, got):
+        assert ids == generate(eager.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+    _, other = serve(engine, [(p, dict(params, seed=70 + i)) for i, (p, _) in enumerate(items)], 16)
+    assert [o for o, _ in other] != [o for o, _ in got]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_every_rule_runs_ahead_on_captured_engine_graphs(tmp_path):
@@ -131,12 +152,13 @@ def test_every_rule_runs_ahead_on_captured_engine_graphs(tmp_path):
         return eng, [(r.output_ids, r.state.token_logprobs) for r in reqs]
     sets = [[(p, dict(GEN, **kw)) for p in PROMPTS] for kw in RULES.values()]
     sets.append([(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS)])
+    sets.append([(p, dict(GEN, temperature=1.5, seed=7 + i)) for i, p in enumerate(PROMPTS)])   # sampled
     for items in sets:
         sync, want = served(items, 1)
         calls = sync.runner.graphs.stats["ahead_calls"]
         eng, got = served(items, 16)
         assert got == want
         assert eng.runner.graphs.stats["ahead_calls"] > calls and eng.runner.graphs.stats["captures"] > 0
-        assert eng.metrics.counter("lookahead_runs_total", rule="rules") > 0
+        assert sum(eng.metrics.counters["lookahead_runs_total"].values()) > 0
         dropped = eng.metrics.counter("lookahead_dropped_steps_total")
         assert dropped == eng.metrics.counter("lookahead_past_block_steps_total")

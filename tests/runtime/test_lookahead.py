@@ -150,9 +150,8 @@ def test_lookahead_counts_follow_the_schedule():
     assert st.phase == "reuse" and st.lookahead(16) == [2, 2, 2] and st.lookahead(2) == [2, 2]
     assert st.lookahead(1) == []
     # threshold rules, smoothing and logprobs run ahead too (test_lookahead_rules.py,
-    # test_lookahead_extras.py); random remasking and sampling stay synchronous
-    for bad in (dict(threshold=0.9, remasking="random"), dict(temperature=0.5), dict(refresh_every=2),
-                dict(kv_cache="none")):
+    # test_lookahead_extras.py), sampling too (test_lookahead_sampled.py); random remasking stays synchronous
+    for bad in (dict(threshold=0.9, remasking="random"), dict(refresh_every=2), dict(kv_cache="none")):
         gen = GenerationConfig(**{**dict(gen_length=16, block_length=8, steps=8, kv_cache="dual"), **bad})
         s = DecodeState.new([1, 2, 3], gen, mc)
         s.advance(8)

@@ -167,8 +167,8 @@ def test_credit_carried_on_the_device_is_the_hosts(session):
 def test_lookahead_of_a_variable_count_rule_is_bounded_by_its_masks():
     """``lookahead`` of a variable-count rule: one entry (0: no count) per mask left in the block, the exact
     upper bound of its steps; ``ahead_horizon``: the masks left at the block's tokens per step so far;
-    smoothing and logprobs run ahead too (tests/runtime/test_lookahead_extras.py), sampling and random
-    remasking stay synchronous."""
+    smoothing, logprobs and sampling run ahead too (tests/runtime/test_lookahead_extras.py,
+    test_lookahead_sampled.py), random remasking stays synchronous."""
     from dlc.models.presets import preset_config
     mc = preset_config("tiny-llada")
 
@@ -186,10 +186,10 @@ def test_lookahead_of_a_variable_count_rule_is_bounded_by_its_masks():
     sched = state()
     assert sched.lookahead(16) == sched.sched[sched.step:].tolist()
     assert sched.ahead_horizon() > 100
-    for kw in (dict(threshold=0.7, smoothing=True), dict(threshold=0.7, logprobs=2)):
+    for kw in (dict(threshold=0.7, smoothing=True), dict(threshold=0.7, logprobs=2),
+               dict(threshold=0.7, temperature=0.5)):
         assert state(**kw).lookahead(16) == [0] * 8
-    for kw in (dict(threshold=0.7, temperature=0.5), dict(threshold=0.7, remasking="random")):
-        assert state(**kw).lookahead(16) == []
+    assert state(threshold=0.7, remasking="random").lookahead(16) == []
 
 
 @pytest.mark.gpu

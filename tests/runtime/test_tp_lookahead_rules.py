@@ -1,5 +1,5 @@
-"""Every T = 0 decoding rule tensor parallelism serves runs its Reuse steps ahead on every rank (issues 18,
-15, 16): threshold, factor, hierarchical, entropy-bound and logprobs rows commit on each rank's device with
+"""Every decoding rule tensor parallelism serves runs its Reuse steps ahead on every rank (issues 18,
+15, 16), sampled steps too (each step's seeds travel with the frames): threshold, factor, hierarchical, entropy-bound and logprobs rows commit on each rank's device with
 the decoding core's ``AheadCommit``, which each worker rebuilds from the rules the AHEAD frame carries
 (runtime/distributed/ahead_rules.py); the vocab-parallel combine gives every rank the same tokens,
 confidences, entropies and logprobs, so every rank commits the same block and the ranks stay in lockstep
@@ -61,9 +61,10 @@ def same_logprobs(a, b, tol):
                 assert all(abs(x - y) < tol for x, y in zip(ea[2], eb[2]))
 
 
-def check(pair, items):
+def check(pair, items, runs="rules"):
     """TP lookahead 16 == TP lookahead 1 == one process (tokens; logprobs within the tolerances); the rules
-    ran ahead on every rank and no device commit differed from the core's. -> outputs, forwards."""
+    (``runs``: the engine's run label) ran ahead on every rank and no device commit differed from the
+    core's. -> outputs, forwards."""
     one, tp = pair
     calls = tp.runner.stats["ahead_calls"]
     _, sync, fw_sync = serve(tp, items, 1)
@@ -72,7 +73,7 @@ def check(pair, items):
     assert [o for o, _ in got] == [o for o, _ in sync] and fw == fw_sync
     same_logprobs([lp for _, lp in got], [lp for _, lp in sync], LOGPROB_TOL)
     assert tp.runner.stats["ahead_calls"] > calls
-    assert eng.metrics.counter("lookahead_runs_total", rule="rules") > 0
+    assert eng.metrics.counter("lookahead_runs_total", rule=runs) > 0
     dropped = eng.metrics.counter("lookahead_dropped_steps_total")
     assert dropped == eng.metrics.counter("lookahead_past_block_steps_total")     # no commit differed
     for (p, params), (ids, lps) in zip(items, got):
@@ -105,6 +106,20 @@ def test_credit_and_smoothing_run_ahead_on_every_rank(pair):
                                                         stop_at_eos=True)).token_ids[0]
              for i, (p, _) in enumerate(items[:2])]
     assert outs[0] != plain[0] and outs[1] != plain[1]
+
+
+@pytest.mark.parametrize("rule", ["schedule", "threshold_top_p"])
+def test_sampled_steps_run_ahead_on_every_rank(pair, rule):
+    """T > 0: each step's seeds travel with the AHEAD / MORE frames (after the counts), so every rank stages
+    the same seeds and draws the same tokens (the vocab-parallel draw); tokens equal synchronous TP's and one
+    process's, and other seeds give other tokens (decisive)."""
+    params = dict(GEN, temperature=1.5, **({} if rule == "schedule" else dict(threshold=0.3, top_p=0.8)))
+    items = [(p, dict(params, seed=5 + i)) for i, p in enumerate(PROMPTS)]
+    outs, _ = check(pair, items, runs="schedule" if rule == "schedule" else "rules")
+    one, _ = pair
+    other = [generate(one.runner, [p], GenerationConfig(**dict(params, seed=50 + i), stop_at_eos=True))
+             .token_ids[0] for i, (p, _) in enumerate(items)]
+    assert other != outs
 
 
 @pytest.mark.slow                 # ~60 s on 2 cores: two mixed runs, each served twice and by one process
