@@ -72,6 +72,7 @@ RULES = {
     "smoothing 0.9": dict(threshold=0.9, smoothing=True),
     "smoothing_top_k 8 (opt-in)": dict(threshold=0.9, smoothing=True, smoothing_top_k=8),
     "logprobs 5": dict(logprobs=5),
+    "sampled (T 0.8)": dict(temperature=0.8),                    # no filter: the plain Gumbel draw
     "top_k 50 top_p 0.9 (T 0.8)": dict(temperature=0.8, top_k=50, top_p=0.9),
     "top_p 0.9 (T 0.8)": dict(temperature=0.8, top_p=0.9),      # no top-k: the exact bisection's variant
     "min_p 0.05 (T 0.8)": dict(temperature=0.8, min_p=0.05),

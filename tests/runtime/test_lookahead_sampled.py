@@ -101,3 +101,29 @@ def test_the_refresh_behind_a_sampled_run_draws_the_next_seed(session):
     m = eng.metrics
     assert m.counter("lookahead_refresh_prelaunched_total", status="used") == 3
     assert m.counter("lookahead_refresh_prelaunched_total", status="dropped") == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampled_steps_run_ahead_on_captured_graphs():
+    """On the GPU (captured graphs, bf16): plain sampling, top-p alone (the fused bisection), a top-k with
+    top-p (the candidates) and sampled threshold rows run ahead, each step's seeds copied into the captured
+    variant's static seeds before its replay: the synchronous path's tokens (the same captured variants)."""
+    sess = open_model("tiny-llada", device="cuda", dtype=torch.bfloat16, progress=False)
+
+    def served(items, la):
+        eng = Engine(sess, ServeConfig(max_seq_len=96, kv_cache_mb=64, max_batch_size=8, device="cuda",
+                                       cuda_graphs=True, compile=False, lookahead_steps=la,
+                                       lookahead_max_ms=0.0))
+        return eng, [r.output_ids for r in eng.run_requests(items)]
+    ps = prompts(6, seed=8)
+    kinds = [dict(temperature=1.5), dict(temperature=1.5, top_p=0.8),
+             dict(temperature=1.5, top_k=20, top_p=0.9), dict(temperature=1.5, threshold=0.3)]
+    for kw in kinds:
+        items = [(p, dict(BASE, **kw, seed=40 + i)) for i, p in enumerate(ps)]
+        _, want = served(items, 1)
+        eng, got = served(items, 16)
+        assert got == want, kw
+        st = eng.runner.stats
+        assert st["ahead_calls"] > 0 and st["eager_reuse"] == 0, kw
+        assert any(g.graph is not None for g in eng.runner.graphs.values())
