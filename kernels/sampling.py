@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .filter_bisect import bisect_filters, bisect_plan, fused_ok, is_plan
+from .filter_bisect import bisect_filters, bisect_plan, fused_ok, is_plan, plain_draw, plain_ok
 from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
@@ -137,6 +137,8 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
                            filtered_conf=filtered_conf, acc=acc)
         return {k: v for k, v in out.items() if not k.startswith("_")}
     if credit is None and soft is None and not entropy and not logprobs:
+        if filters is None and not topk and plain_ok(h, temp, acc):    # T > 0 unfiltered: the fused draw
+            return plain_draw(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk)
         res = decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                           acc=acc)
         out = {"tokens": res[0], "confidence": res[1]}
