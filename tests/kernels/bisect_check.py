@@ -241,8 +241,10 @@ def check_plain(device="cpu", seed=0, V=2000, chunk=768, split=512, block=256, B
             for temp in (0.3, torch.tensor([1.0], dtype=ACC, device=device), 2.5):
                 toks = []
                 for s in (seed, seed + 1):
-                    seeds = torch.tensor([s, 2**40 + 3 * s], device=device)
-                    cases = [(rows, rows)] + [(rows[:1], rows[1:])] * (s == seed and temp == 2.5)
+                    seeds = torch.tensor([s, 2**40 + 3 * s] + [11 * s + j for j in range(B - 2)])
+                    seeds = seeds.to(device)
+                    half = (rows[:B // 2], rows[B // 2:2 * (B // 2)])
+                    cases = [(rows, rows)] + [half] * (s == seed and temp == 2.5)
                     for cond, un in cases:                        # guided: un + 1.5 (cond - un)
                         sd, what = seeds[:len(cond)], (dt, float(temp), s, len(cond))
                         got = _plain_decode(True, h, w, cond, un, temp, sd, chunk)
