@@ -27,8 +27,12 @@ On CUDA (and in the interpreter's checks) the search and the draw run as fused T
 model-dtype logits (``fused_draw``, the section at the end): a K-ary search (16 thresholds a pass, so 4 passes
 for bf16 keys instead of 16 halvings), each element's float64 weight exp(s - M) recomputed from its 2- or
 4-byte value where a sum needs it (no [c, N, V] float64 tensor), and one draw kernel; the torch code below is
-their reference, the CPU path and credit's (float64 keys). ``FUSED = False`` (or ``DLC_BISECT_TORCH=1``)
-keeps the torch path everywhere.
+their reference, the CPU path and credit's (float64 keys). A sampled step whose rows ask no filter at all
+(and no other extra) is the draw with every id kept: ``plain_draw`` (the last section), one kernel per vocab
+chunk of the sweep's own head GEMM (split max, exp sum, Gumbel-max), replaces ``logits.decode_rows``' float64
+sweep there (``sampling.decode_rows_ext`` routes it: ``plain_ok``): the same tokens, the confidence (the raw
+softmax probability of the drawn token) within float64 summation order. ``FUSED = False`` (or
+``DLC_BISECT_TORCH=1``) keeps the torch path everywhere, the unfiltered draw's too.
 
 Fixed halvings, no host read (the ``bisect_plan``, what the batch's rows need, is read by the caller once,
 with the variant it picks), shapes fixed by the batch: the whole decoding captures in a CUDA graph, the
@@ -370,7 +374,8 @@ def _sum(x: torch.Tensor, group) -> torch.Tensor:
 # (-0.0 below +0.0), the torch path's final keep compares values: they differ only for a row whose t* is a
 # signed zero holding both zeros. Masses: the splits' partials summed in order (deterministic, no atomics),
 # within float64 summation order of the torch path's sums (which differ from the sort's cumsum as much).
-FUSED = os.environ.get("DLC_BISECT_TORCH") != "1"     # False: the torch path everywhere (bench's baseline)
+FUSED = os.environ.get("DLC_BISECT_TORCH") != "1"     # False: the torch path everywhere (bench's baseline),
+#                                                       the unfiltered draw (plain_draw) included
 K_ARY = 16                          # thresholds per search pass
 FUSED_SPLIT = 8192                  # vocab columns per program of the fused kernels
 FUSED_BLOCK = 128                   # columns per tile

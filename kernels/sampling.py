@@ -108,7 +108,9 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     "mixed"), over the full logits (False: the sort of ``_decode_full``, the eager path), by the bisection
     on the survivors' threshold (a ``filter_bisect.bisect_plan`` string: ``filter_route``'s answer for the
     filters the candidates do not bound; no host read, so it captures), or decide here (None: reads the
-    filters on the host; candidates or the sort). Without extras this is ``decode_rows`` itself."""
+    filters on the host; candidates or the sort). Without extras this is ``decode_rows`` itself; at T > 0
+    on CUDA (``filter_bisect.plain_ok``) its fused twin ``filter_bisect.plain_draw`` (the same tokens, the
+    confidence within float64 summation order, no [C, N, chunk] float64 tensor)."""
     if soft is not None and len(soft) > 2:
         if not soft[2]:
             soft = soft[:2]                          # k = 0: the whole vocabulary
