@@ -574,17 +574,29 @@ def plain_ok(h: torch.Tensor, temp, acc: torch.dtype) -> bool:
 
 
 def plain_draw(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int) -> dict:
-    """``logits.decode_rows``' sampled decode (the sweep's Gumbel-max with the hash noise, the confidence the
-    raw softmax probability exp(l_tok - max l) / sum exp(l - max l)) by ``_plain_kernel``: per vocab chunk
-    the guided logits in the model's dtype (``sampling._guided``: the sweep's own GEMM over ``h``, so the
-    same values), then one launch over (row, split) writing the split's max, exp sum, best score, its id and
-    logit; the splits merged in id order (first max: the lowest id, as the sweep's argmax). The same tokens;
-    confidences within float64 summation order (exp sums per split, rescaled to the row max). Fixed shapes,
-    no host read: it captures. h [B, N, d], w [>= vocab, d] -> {"tokens" [C, N], "confidence" [C, N]}."""
+    """``logits.decode_rows``' sampled decode (the sweep's Gumbel-max with the hash noise; the confidence is
+    the raw softmax probability of the drawn token, exp(l_tok - max l) / sum exp(l - max l), as
+    ``sampling.finish_stats`` computes it) from ``plain_stats``: the same tokens, confidences within float64
+    summation order. Fixed shapes, no host read: it captures. h [B, N, d], w [>= vocab, d] ->
+    {"tokens" [C, N], "confidence" [C, N]}."""
+    st = plain_stats(h, w, 0, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk)
+    return {"tokens": st["tok"], "confidence": torch.exp(st["bl"] - st["m"]) / st["s"]}
+
+
+def plain_stats(h, w, v0: int, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int,
+                rows: int | None = None) -> dict:
+    """The unfiltered sweep's statistics over head rows w[:rows] (global ids v0 .., default the whole
+    vocabulary) by ``_plain_kernel``, all [C, N]: the best Gumbel score ``best``, its global id ``tok``
+    (int64) and logit ``bl``, the max logit ``m`` and ``s`` = sum exp(l - m) (float64) -- what
+    ``logits.decode_rows`` keeps, and a vocab-parallel rank's ``vocab.shard_stats``. Per vocab chunk the
+    guided logits in the model's dtype (``sampling._guided``: the sweep's own GEMM over ``h``, so the same
+    values), then one launch over (row, split) writing the split's max, exp sum, best score, its id and logit;
+    the splits merged in id order (first max: the lowest id, as the sweep's argmax)."""
     from .sampling import _guided
     C, N, dev = cond_rows.shape[0], h.shape[1], h.device
     R, wide = C * N, h.element_size()
-    spans = [(c0, min(vocab, c0 + chunk)) for c0 in range(0, vocab, chunk)]
+    n = vocab if rows is None else rows
+    spans = [(c0, min(n, c0 + chunk)) for c0 in range(0, n, chunk)]
     split = _plain_split(R, chunk)
     offs = [0]
     for c0, c1 in spans:
@@ -600,16 +612,15 @@ def plain_draw(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chun
         lc = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, h.dtype)                 # [C, N, Vc]
         x = lc.reshape(R, c1 - c0)
         x = (x if x.stride(-1) == 1 else x.contiguous()).view(_INT[wide])              # [R, Vc] the bits
-        _plain_kernel[(R, s1 - s0)](x, t64, base, part, pid, c0, s0, offs[-1], c1 - c0, x.stride(0),
+        _plain_kernel[(R, s1 - s0)](x, t64, base, part, pid, v0 + c0, s0, offs[-1], c1 - c0, x.stride(0),
                                     SPLIT=split, BLOCK=min(FUSED_BLOCK, split), BITS=8 * wide,
                                     DT=_DT[h.dtype], SPAN=GUMBEL_SPAN, enable_fp_fusion=False, num_warps=4)
     pm, ps, pb, pl = part.unbind(0)                                                     # [R, S] each
     M = pm.amax(1)                                                                      # the raw max
-    den = (ps * torch.exp(pm - M[:, None])).sum(1)
     j = pb.argmax(1, keepdim=True)                                     # first max: the lowest split's id
-    tok = pid.gather(1, j)[:, 0]
-    conf = torch.exp(pl.gather(1, j)[:, 0] - M) / den
-    return {"tokens": tok.view(C, N), "confidence": conf.view(C, N)}
+    st = {"best": pb.gather(1, j)[:, 0], "tok": pid.gather(1, j)[:, 0], "bl": pl.gather(1, j)[:, 0], "m": M,
+          "s": (ps * torch.exp(pm - M[:, None])).sum(1)}
+    return {k: v.view(C, N) for k, v in st.items()}
 
 
 def _plain_split(R: int, cols: int) -> int:
@@ -619,6 +630,7 @@ def _plain_split(R: int, cols: int) -> int:
     while split > min(1024, FUSED_SPLIT) and R * triton.cdiv(cols, split) < 1024:
         split //= 2
     return max(split, FUSED_BLOCK)
+
 
 if HAS_TRITON:
     if INTERPRET:                                  # numpy's exp / log: the interpreter runs no libdevice

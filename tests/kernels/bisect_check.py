@@ -263,12 +263,51 @@ def check_plain(device="cpu", seed=0, V=2000, chunk=768, split=512, block=256, B
     return True
 
 
+def check_plain_shards(device="cpu", seed=0, V=2000, cut=1100, chunk=768, split=512, block=256, B=2, N=4,
+                       d=12):
+    """Vocab parallelism's sampled statistics (``vocab.shard_stats`` of two uneven head shards, global ids
+    and noise; on the fused route ``plain_stats``) merged as the ranks' all_gather merges them
+    (``vocab.merge``): the torch path's tokens (one process's ``decode_rows`` too), confidences within 1e-12;
+    bf16 ties, T 1.0 ([1] tensor) and 2.5."""
+    from dlc.runtime.distributed import vocab as VP
+    saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
+    real, calls = VP.plain_stats, []
+    VP.plain_stats = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        h, w = _plain_inputs(torch.bfloat16, seed, device, B, N, d, V, block)
+        rows, one = torch.arange(B, device=device), torch.ones(1, dtype=h.dtype, device=device)
+        seeds = (torch.arange(B) * 977 + seed + 2**40 * (torch.arange(B) % 2)).to(device)
+        drawn = []
+        for temp in (torch.tensor([1.0], dtype=ACC, device=device), 2.5):
+            outs = []
+            for fused in (True, False):
+                FB.FUSED = fused
+                st = [VP.shard_stats(h, w[a:b], a, rows, rows, one, temp, seeds, V, chunk=chunk)
+                      for a, b in ((0, cut), (cut, V))]
+                outs.append(VP.merge(torch.stack([torch.stack([x[k] for k in VP.STATS]) for x in st])))
+                FB.FUSED = True
+            one_gpu = _plain_decode(False, h, w, rows, rows, temp, seeds, chunk)
+            for ref in (outs[1], one_gpu):
+                assert torch.equal(outs[0]["tokens"], ref["tokens"]), (float(temp), outs[0], ref)
+                err = ((outs[0]["confidence"] - ref["confidence"]).abs() / ref["confidence"]).max()
+                assert err < 1e-12, (float(temp), err.item())
+            drawn.append(outs[0]["tokens"])
+        drawn = torch.cat(drawn)
+        assert (drawn >= cut).any() and (drawn < cut).any()                # decisive: both shards' draws win
+    finally:
+        FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
+        VP.plain_stats = real
+    assert len(calls) == 4                                                  # 2 temperatures x 2 shards
+    return True
+
+
 if __name__ == "__main__":
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     if len(sys.argv) > 2 and sys.argv[2] == "group":
         check_group(seed)
     elif len(sys.argv) > 2 and sys.argv[2] == "plain":
         check_plain(seed=seed)
+        check_plain_shards(seed=seed)
         print("plain-ok")
         sys.exit(0)
     else:

@@ -81,11 +81,13 @@ def test_fused_unfiltered_draw_equals_the_sweep_on_llada_sized_rows():
     """A sampled step without filters (``plain_draw``, compiled) on LLaDA's vocabulary: the tokens of the
     torch path (``decode_rows``) and of ``_decode_chunked``, confidences within 1e-12 relative (bisect_check's
     ``check_plain``: fp32 and bf16 ties, T 0.3 / 1 / 2.5, guidance, tiles whose noise is skipped; 32 rows:
-    the split halved to 1024 columns)."""
-    from bisect_check import check_plain
+    the split halved to 1024 columns), and two vocab shards' statistics merged (``check_plain_shards``)."""
+    from bisect_check import check_plain, check_plain_shards
     for seed in range(2):
         assert check_plain(device="cuda", seed=seed, V=126464, chunk=32768, split=FB.FUSED_SPLIT,
                            block=FB.FUSED_BLOCK, B=4, N=8, d=64)
+    assert check_plain_shards(device="cuda", V=126464, cut=63300, chunk=32768, split=FB.FUSED_SPLIT,
+                              block=FB.FUSED_BLOCK, B=4, N=8, d=64)
 
 
 def test_captured_unfiltered_draw_equals_the_torch_path():
