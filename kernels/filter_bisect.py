@@ -876,7 +876,7 @@ if HAS_TRITON:
             bits = tl.load(X + r * stride + c, mask=inside, other=0)
             tl.store(OUT + r * V + c, _weight(_float64(bits, DT), tdiv, M, RECIP), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["v0", "S0"])                 # one compile for every chunk and shard
     def _plain_kernel(X, TP, BASE, PART, PID, v0, S0, S_TOT, V, stride, SPLIT: tl.constexpr,
                       BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, SPAN: tl.constexpr):
         """(row, split) of one vocab chunk's logits X [R, V] (bits; global ids v0 ..): the split's largest
