@@ -85,7 +85,8 @@ def plain(batches, N: int, V: int, reps: int) -> None:
     w = torch.randn(V, d, device=dev, dtype=torch.bfloat16) * 0.05
     temp = torch.full((1,), 0.8, dtype=torch.float64, device=dev)
     print(f"N={N} V={V} d={d} bf16, T=0.8 without filters: one decode call (device ms: the profiler's sum of "
-          f"its kernels; eager / graph: CUDA events; medians of 4 alternated rounds x {reps})")
+          f"its kernels; graph: a CUDA-graph replay's CUDA-event ms; medians of 4 alternated rounds, graph "
+          f"x {reps}); the fused route on (filter_bisect.plain_ok): {FB.plain_ok(w, temp, torch.float64)}")
     print("| B | T>0 fused draw | T>0 torch sweep | T=0 fused select | torch/fused | fused/T=0 "
           "| fused graph | torch graph | same tokens |")
     for B in batches:
