@@ -187,17 +187,20 @@ def check_group(seed=0, world=2, split=1024, block=512):
 
 def _plain_inputs(dt, seed, device, B, N, d, V, block):
     """Rows and a head whose logits are an id offset plus a small product: most ids near 0 (the draw varies),
-    a few ids at +6 (the T = 0 argmax, which a hot draw leaves), whole tiles at -40 and -120 (below the split
-    max by more than ``GUMBEL_SPAN`` T at low temperatures: their noise is skipped); bf16 on a 0.25 grid, so
-    logits tie everywhere."""
+    a few ids at +6 (the T = 0 argmax, which a hot draw leaves), each with a twin half the vocabulary away
+    (the same head row: the row max ties across chunks), whole tiles at -40 and -120 (below the split max by
+    more than ``GUMBEL_SPAN`` T at low temperatures: their noise is skipped); bf16 on a 0.25 grid, so logits
+    tie everywhere."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(B, N, d, generator=g) * 0.5
     w = torch.randn(V, d, generator=g) * 0.5
     h[..., 0] = 1.0                                               # w[:, 0] is each id's offset
     w[:, 0] = 0.0
-    w[torch.randint(0, V, (5,), generator=g), 0] = 6.0
+    top = torch.randint(0, V, (5,), generator=g)
+    w[top, 0] = 6.0
     for t in range(1, V // block, 3):                             # every third tile far below
         w[t * block:(t + 1) * block, 0] = -40.0 if t % 2 else -120.0
+    w[(top + V // 2) % V] = w[top]                                # twins: exact ties at the max
     if dt == torch.bfloat16:
         h, w = (h * 4).round() / 4, (w * 4).round() / 4          # a coarse grid: exact ties
     return h.to(dt).to(device), w.to(dt).to(device)
@@ -229,9 +232,10 @@ def check_plain(device="cpu", seed=0, V=2000, chunk=768, split=512, block=256, B
     ``plain_draw`` vs the torch path (``decode_rows``, ``FUSED = False``) and ``sampling._decode_chunked``:
     the same tokens, confidences within 1e-12 relative; fp32 and bf16 (ties) logits, T 0.3 / 1.0 / 2.5 (a
     Python number and a [1] tensor), two seeds, chunks with a ragged tail over several splits of several
-    tiles, with guidance once per dtype. Decisive: tokens differ across seeds and from the T = 0 argmax."""
+    tiles, with guidance once per dtype; at T = 1e-20 tied maxima resolve to the lowest id, as the T = 0
+    argmax. Decisive: tokens differ across seeds and from the T = 0 argmax; some rows' maxima tie."""
     saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
-    moved = {"seed": 0, "greedy": 0}
+    moved = {"seed": 0, "greedy": 0, "tied": 0}
     try:
         for dt in (torch.float32, torch.bfloat16):
             h, w = _plain_inputs(dt, seed, device, B, N, d, V, block)
@@ -257,10 +261,25 @@ def check_plain(device="cpu", seed=0, V=2000, chunk=768, split=512, block=256, B
                             toks.append(got["tokens"])
                 moved["seed"] += int((toks[0] != toks[1]).sum())
                 moved["greedy"] += int((toks[0] != greedy).sum())
+            # T = 1e-20: every score rounds to its logit, so tied maxima tie in score: the first (lowest id)
+            tiny = _plain_decode(True, h, w, rows, rows, 1e-20, rows, chunk)["tokens"]
+            assert torch.equal(tiny, greedy), (dt, tiny, greedy)
+            assert torch.equal(tiny, _plain_decode(False, h, w, rows, rows, 1e-20, rows, chunk)["tokens"])
+            moved["tied"] += _tied_rows(h, w, rows, chunk)
     finally:
         FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
-    assert moved["seed"] >= 4 and moved["greedy"] >= 4, moved              # decisive: the noise draws
+    assert moved["seed"] >= 4 and moved["greedy"] >= 4, moved              # decisive: the noise draws,
+    assert moved["tied"] >= 2, moved                                        # and rows whose max ties
     return True
+
+
+def _tied_rows(h, w, rows, chunk) -> int:
+    """How many decoded rows' largest logit (the decode's chunks, guidance 1.5) is held by several ids."""
+    from dlc.kernels.sampling import _guided
+    cfg_w, V = torch.full((1,), 1.5, dtype=h.dtype, device=h.device), w.shape[0]
+    l = torch.cat([_guided(h, w, rows, rows, cfg_w, c0, min(V, c0 + chunk), h.dtype)
+                   for c0 in range(0, V, chunk)], -1)                                     # [B, N, V]
+    return int(((l == l.amax(-1, keepdim=True)).sum(-1) > 1).sum())
 
 
 def check_plain_shards(device="cpu", seed=0, V=2000, cut=1100, chunk=768, split=512, block=256, B=2, N=4,
