@@ -85,9 +85,9 @@ def test_fused_unfiltered_draw_equals_the_sweep_on_llada_sized_rows():
     from bisect_check import check_plain, check_plain_shards
     for seed in range(2):
         assert check_plain(device="cuda", seed=seed, V=126464, chunk=32768, split=FB.FUSED_SPLIT,
-                           block=FB.FUSED_BLOCK, B=4, N=8, d=64)
+                           block=FB.FUSED_BLOCK, B=4, N=8)
     assert check_plain_shards(device="cuda", V=126464, cut=63300, chunk=32768, split=FB.FUSED_SPLIT,
-                              block=FB.FUSED_BLOCK, B=4, N=8, d=64)
+                              block=FB.FUSED_BLOCK, B=4, N=8)
 
 
 def test_captured_unfiltered_draw_equals_the_torch_path():
