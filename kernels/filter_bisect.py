@@ -27,8 +27,12 @@ On CUDA (and in the interpreter's checks) the search and the draw run as fused T
 model-dtype logits (``fused_draw``, the section at the end): a K-ary search (16 thresholds a pass, so 4 passes
 for bf16 keys instead of 16 halvings), each element's float64 weight exp(s - M) recomputed from its 2- or
 4-byte value where a sum needs it (no [c, N, V] float64 tensor), and one draw kernel; the torch code below is
-their reference, the CPU path and credit's (float64 keys). ``FUSED = False`` (or ``DLC_BISECT_TORCH=1``)
-keeps the torch path everywhere.
+their reference, the CPU path and credit's (float64 keys). A sampled step whose rows ask no filter at all
+(and no other extra) is the draw with every id kept: ``plain_draw`` (the last section), one kernel per vocab
+chunk of the sweep's own head GEMM (split max, exp sum, Gumbel-max), replaces ``logits.decode_rows``' float64
+sweep there (``sampling.decode_rows_ext`` routes it: ``plain_ok``): the same tokens, the confidence (the raw
+softmax probability of the drawn token) within float64 summation order. ``FUSED = False`` (or
+``DLC_BISECT_TORCH=1``) keeps the torch path everywhere, the unfiltered draw's too.
 
 Fixed halvings, no host read (the ``bisect_plan``, what the batch's rows need, is read by the caller once,
 with the variant it picks), shapes fixed by the batch: the whole decoding captures in a CUDA graph, the
@@ -370,7 +374,8 @@ def _sum(x: torch.Tensor, group) -> torch.Tensor:
 # (-0.0 below +0.0), the torch path's final keep compares values: they differ only for a row whose t* is a
 # signed zero holding both zeros. Masses: the splits' partials summed in order (deterministic, no atomics),
 # within float64 summation order of the torch path's sums (which differ from the sort's cumsum as much).
-FUSED = os.environ.get("DLC_BISECT_TORCH") != "1"     # False: the torch path everywhere (bench's baseline)
+FUSED = os.environ.get("DLC_BISECT_TORCH") != "1"     # False: the torch path everywhere (bench's baseline),
+#                                                       the unfiltered draw (plain_draw) included
 K_ARY = 16                          # thresholds per search pass
 FUSED_SPLIT = 8192                  # vocab columns per program of the fused kernels
 FUSED_BLOCK = 128                   # columns per tile
@@ -456,9 +461,8 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
     if group is not None:                                                          # and on the lower ranks
         tie0 = tie0 + _gather(ties.sum(1), group)[:dist.get_rank(group)].sum(0)[:, None]
     above = _sum(part[:, :, 1].sum(1), group)                                      # [R, 2] mass, cnt > t*
-    base = ((seeds.to(dev)[:, None] % 4294967296) * 1000003 + torch.arange(N, device=dev)) * vocab
-    best, bid, kept, keep = _draw(geo, row, st, above, tie0, base.reshape(R), v0, need_p, need_k,
-                                  filtered_conf, keep_out)
+    best, bid, kept, keep = _draw(geo, row, st, above, tie0, _noise_base(seeds, N, vocab, dev), v0, need_p,
+                                  need_k, filtered_conf, keep_out)
     j = best.argmax(1, keepdim=True)                                               # first max: lowest split
     idx = bid.gather(1, j)                                                         # [R, 1] local id
     l64 = x.view(dt).gather(1, idx).to(acc)[:, 0]
@@ -468,6 +472,13 @@ def fused_draw(lraw, temp, seeds, filters, v0: int, vocab: int, plan: str, group
         raw = top.reshape(c, N), _sum(den.sum(1)[None], group)[0].reshape(c, N)
     out = (mine.reshape(5, c, N), M.reshape(c, N), None if kept is None else kept.sum(1).reshape(c, N), raw)
     return out + (keep.reshape(c, N, Vr).bool(),) if keep_out else out
+
+
+def _noise_base(seeds: torch.Tensor, N: int, vocab: int, dev) -> torch.Tensor:
+    """The hash's per-row offset [C N] int64 of ``seeded_uniform`` ((seed mod 2^32) 1000003 + row) vocab: a
+    kernel adds the global id and hashes (``_gumbel``)."""
+    rows = torch.arange(N, device=dev)
+    return (((seeds.to(dev)[:, None] % 4294967296) * 1000003 + rows) * vocab).reshape(-1)
 
 
 class _Geometry:
@@ -541,6 +552,84 @@ def element_weights(lraw: torch.Tensor, M: torch.Tensor, temp) -> torch.Tensor:
     out = torch.empty(c * N, Vr, dtype=torch.float64, device=lraw.device)
     geo.launch(_weights_kernel, row, out)
     return out.reshape(c, N, Vr)
+
+
+
+# ------------------------------------------------------------------------------- the unfiltered draw (Triton)
+# A sampled step whose rows ask no filter (and no other extra) is the draw above with every id kept: no
+# threshold to search, so one kernel per vocab chunk of the head GEMM (``plain_draw``) reads the chunk's
+# model-dtype logits twice (the split's max, then the sums and the draw) instead of the sweep's float64 passes
+# over [C, N, chunk] (cast, exp, the noise, the log-logs, the score, argmax, max, sum: each a float64 tensor).
+# The noise of a tile whose largest logit is more than GUMBEL_SPAN T below the split's largest cannot win
+# (-T log(-log u) lies in [-3.131 T, 22.874 T] for every u the hash draws, so such a tile's best score is
+# below the split max's own score by at least T): only its exp sum runs.
+GUMBEL_SPAN = 27.0                  # > 22.874 + 3.131 (the Gumbel term's range over the hash's u), 1 T margin
+
+
+def plain_ok(h: torch.Tensor, temp, acc: torch.dtype) -> bool:
+    """Does a sampled step over rows ``h`` with no filter and no other extra take ``plain_draw`` (the fused
+    kernels' route, ``fused_ok``, with the float64 arithmetic it reproduces)?"""
+    sampled = not (isinstance(temp, (int, float)) and temp == 0)
+    return sampled and acc == torch.float64 and fused_ok(h)
+
+
+def plain_draw(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int) -> dict:
+    """``logits.decode_rows``' sampled decode (the sweep's Gumbel-max with the hash noise; the confidence is
+    the raw softmax probability of the drawn token, exp(l_tok - max l) / sum exp(l - max l), as
+    ``sampling.finish_stats`` computes it) from ``plain_stats``: the same tokens, confidences within float64
+    summation order. Fixed shapes, no host read: it captures. h [B, N, d], w [>= vocab, d] ->
+    {"tokens" [C, N], "confidence" [C, N]}."""
+    st = plain_stats(h, w, 0, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk)
+    return {"tokens": st["tok"], "confidence": torch.exp(st["bl"] - st["m"]) / st["s"]}
+
+
+def plain_stats(h, w, v0: int, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int, chunk: int,
+                rows: int | None = None) -> dict:
+    """The unfiltered sweep's statistics over head rows w[:rows] (global ids v0 .., default the whole
+    vocabulary) by ``_plain_kernel``, all [C, N]: the best Gumbel score ``best``, its global id ``tok``
+    (int64) and logit ``bl``, the max logit ``m`` and ``s`` = sum exp(l - m) (float64) -- what
+    ``logits.decode_rows`` keeps, and a vocab-parallel rank's ``vocab.shard_stats``. Per vocab chunk the
+    guided logits in the model's dtype (``sampling._guided``: the sweep's own GEMM over ``h``, so the same
+    values), then one launch over (row, split) writing the split's max, exp sum, best score, its id and logit;
+    the splits merged in id order (first max: the lowest id, as the sweep's argmax)."""
+    from .sampling import _guided
+    C, N, dev = cond_rows.shape[0], h.shape[1], h.device
+    R, wide = C * N, h.element_size()
+    n = vocab if rows is None else rows
+    spans = [(c0, min(n, c0 + chunk)) for c0 in range(0, n, chunk)]
+    split = _plain_split(R, chunk)
+    offs = [0]
+    for c0, c1 in spans:
+        offs.append(offs[-1] + triton.cdiv(c1 - c0, split))
+    part = torch.empty(4, R, offs[-1], dtype=torch.float64, device=dev)          # max, sum, best, its logit
+    pid = torch.empty(R, offs[-1], dtype=torch.int64, device=dev)               # the best's global id
+    if torch.is_tensor(temp):
+        t64 = temp.to(device=dev, dtype=torch.float64).reshape(1)
+    else:
+        t64 = torch.full((1,), float(temp), dtype=torch.float64, device=dev)
+    base = _noise_base(seeds, N, vocab, dev)                                           # [R]
+    for (c0, c1), s0, s1 in zip(spans, offs, offs[1:]):
+        lc = _guided(h, w, cond_rows, un_rows, cfg_w, c0, c1, h.dtype)                 # [C, N, Vc]
+        x = lc.reshape(R, c1 - c0)
+        x = (x if x.stride(-1) == 1 else x.contiguous()).view(_INT[wide])              # [R, Vc] the bits
+        _plain_kernel[(R, s1 - s0)](x, t64, base, part, pid, v0 + c0, s0, offs[-1], c1 - c0, x.stride(0),
+                                    SPLIT=split, BLOCK=min(FUSED_BLOCK, split), BITS=8 * wide,
+                                    DT=_DT[h.dtype], SPAN=GUMBEL_SPAN, enable_fp_fusion=False, num_warps=4)
+    pm, ps, pb, pl = part.unbind(0)                                                     # [R, S] each
+    M = pm.amax(1)                                                                      # the raw max
+    j = pb.argmax(1, keepdim=True)                                     # first max: the lowest split's id
+    st = {"best": pb.gather(1, j)[:, 0], "tok": pid.gather(1, j)[:, 0], "bl": pl.gather(1, j)[:, 0], "m": M,
+          "s": (ps * torch.exp(pm - M[:, None])).sum(1)}
+    return {k: v.view(C, N) for k, v in st.items()}
+
+
+def _plain_split(R: int, cols: int) -> int:
+    """Columns per program of ``_plain_kernel``: ``FUSED_SPLIT``, halved (to 1024 at least) while a chunk's
+    launch has under 1024 programs (B = 1: 32 rows would fill a quarter of an H200's SMs)."""
+    split = FUSED_SPLIT
+    while split > min(1024, FUSED_SPLIT) and R * triton.cdiv(cols, split) < 1024:
+        split //= 2
+    return max(split, FUSED_BLOCK)
 
 
 if HAS_TRITON:
@@ -701,15 +790,27 @@ if HAS_TRITON:
             tl.store(DEN + r * S + sp, tl.sum(acc_d, 0))
 
     @triton.jit
+    def _gumbel(l, T, ids):
+        """The Gumbel score l - T log(-log u) of float64 logits l with ``seeded_uniform``'s hash noise u of
+        ``ids`` = ((seed mod 2^32) 1000003 + row) vocab + global id (int64), as the torch sweep computes it
+        (the hash bit for bit, then CUDA's log of doubles: the same bits on CUDA)."""
+        x = (ids * 2654435761) & 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
+        x = x ^ (x >> 16)
+        u = (x.to(tl.float64) + 0.5) * (1.0 / 4294967296.0)
+        return l - T * _log64(-_log64(u))
+
+    @triton.jit
     def _draw_kernel(X, ROW, ST, ABOVE, TIE0, BASE, BEST, BID, KEPT, KEEP, v0, V, stride,
                      NEED_P: tl.constexpr, NEED_K: tl.constexpr, WITH_KEPT: tl.constexpr,
                      KEEP_OUT: tl.constexpr,
                      SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
                      RECIP: tl.constexpr):
         """(row, split): the survivors (keys above t*; of the keys at t*, those whose rank j among the row's
-        ties in id order passes ``_survivors``' prefix rule, and j = 0), the hash noise of ``seeded_uniform``
-        (BASE [R] = ((seed mod 2^32) 1000003 + row) vocab; the global id added), the Gumbel score
-        l - T log(-log u) and its first max (lowest id) over the split's tiles in order."""
+        ties in id order passes ``_survivors``' prefix rule, and j = 0), the Gumbel score ``_gumbel`` (BASE
+        [R] = ((seed mod 2^32) 1000003 + row) vocab; the global id added) and its first max (lowest id) over
+        the split's tiles in order."""
         r, sp = tl.program_id(0).to(tl.int64), tl.program_id(1)
         t = tl.load(ST + r * 2 + 1).to(tl.int32)
         M = tl.load(ROW + r * 9 + 0)
@@ -748,12 +849,7 @@ if HAS_TRITON:
                 keep = keep | tie
             if tl.max(keep.to(tl.int32), 0) > 0:                  # a tile without survivors: nothing to draw
                 l = _float64(bits, DT)
-                x = ((base + v0 + c.to(tl.int64)) * 2654435761) & 0xFFFFFFFF
-                x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
-                x = ((x ^ (x >> 16)) * 73244475) & 0xFFFFFFFF
-                x = x ^ (x >> 16)
-                u = (x.to(tl.float64) + 0.5) * (1.0 / 4294967296.0)
-                score = tl.where(keep, l - T * _log64(-_log64(u)), -float("inf"))
+                score = tl.where(keep, _gumbel(l, T, base + v0 + c.to(tl.int64)), -float("inf"))
                 cb = tl.max(score, 0)
                 ci = tl.argmax(score, 0)
                 upd = cb > best                                    # strict: earlier tiles win ties
@@ -779,3 +875,49 @@ if HAS_TRITON:
             inside = c < V
             bits = tl.load(X + r * stride + c, mask=inside, other=0)
             tl.store(OUT + r * V + c, _weight(_float64(bits, DT), tdiv, M, RECIP), mask=inside)
+
+    @triton.jit(do_not_specialize=["v0", "S0"])                 # one compile for every chunk and shard
+    def _plain_kernel(X, TP, BASE, PART, PID, v0, S0, S_TOT, V, stride, SPLIT: tl.constexpr,
+                      BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, SPAN: tl.constexpr):
+        """(row, split) of one vocab chunk's logits X [R, V] (bits; global ids v0 ..): the split's largest
+        logit m (a first loop over its keys), then over its tiles in order sum exp(l - m) and the first max
+        of the Gumbel score (``_gumbel``; a tile whose largest logit lies SPAN T below m cannot hold it: its
+        noise is skipped). Writes PART [4, R, S_TOT] (m, sum, best score, its logit) and PID [R, S_TOT] (its
+        global id) at column S0 + split."""
+        r, sp = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        hi = tl.full([BLOCK], -2147483647 - 1, tl.int32)
+        for c0 in range(0, SPLIT, BLOCK):
+            c = sp * SPLIT + c0 + tl.arange(0, BLOCK)
+            inside = c < V
+            key = _key32(tl.load(X + r * stride + c, mask=inside, other=0), BITS)
+            hi = tl.maximum(hi, tl.where(inside, key, -2147483647 - 1))
+        m = _float64(_key32(tl.max(hi, 0), BITS), DT)                # the split's largest logit
+        T = tl.load(TP)
+        base = tl.load(BASE + r)
+        best = tl.full([], float("-inf"), tl.float64)
+        bid = tl.full([], 0, tl.int64)
+        blog = tl.full([], 0.0, tl.float64)
+        acc = tl.zeros([BLOCK], tl.float64)
+        for c0 in range(0, SPLIT, BLOCK):                          # the split's tiles in order
+            c = sp * SPLIT + c0 + tl.arange(0, BLOCK)
+            inside = c < V
+            bits = tl.load(X + r * stride + c, mask=inside, other=0)
+            l = _float64(bits, DT)
+            acc += tl.where(inside, _exp64(l - m), 0.0)
+            kt = tl.max(tl.where(inside, _key32(bits, BITS), -2147483647 - 1), 0)
+            top = _float64(_key32(kt, BITS), DT)                   # the tile's largest logit
+            if top + SPAN * T >= m:                                # the tile may hold the split's best draw
+                score = tl.where(inside, _gumbel(l, T, base + v0 + c.to(tl.int64)), -float("inf"))
+                cb = tl.max(score, 0)
+                ci = tl.argmax(score, 0)                           # first max: the lowest id
+                upd = cb > best                                    # strict: earlier tiles win ties
+                best = tl.where(upd, cb, best)
+                bid = tl.where(upd, (sp * SPLIT + c0 + ci).to(tl.int64) + v0, bid)
+                blog = tl.where(upd, tl.sum(tl.where(tl.arange(0, BLOCK) == ci, l, 0.0), 0), blog)
+        out = r * S_TOT + S0 + sp
+        n = tl.num_programs(0).to(tl.int64) * S_TOT                   # one [R, S_TOT] plane of PART
+        tl.store(PART + out, m)
+        tl.store(PART + n + out, tl.sum(acc, 0))
+        tl.store(PART + 2 * n + out, best)
+        tl.store(PART + 3 * n + out, blog)
+        tl.store(PID + out, bid)

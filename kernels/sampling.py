@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .filter_bisect import bisect_filters, bisect_plan, fused_ok, is_plan
+from .filter_bisect import bisect_filters, bisect_plan, fused_ok, is_plan, plain_draw, plain_ok
 from .logits import decode_rows, seeded_uniform, uniform_noise
 
 CREDIT_GAMMA = 0.2           # dInfer's boost_gamma: a step adds p1 ** gamma to its top-1 id's credit
@@ -108,7 +108,9 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
     "mixed"), over the full logits (False: the sort of ``_decode_full``, the eager path), by the bisection
     on the survivors' threshold (a ``filter_bisect.bisect_plan`` string: ``filter_route``'s answer for the
     filters the candidates do not bound; no host read, so it captures), or decide here (None: reads the
-    filters on the host; candidates or the sort). Without extras this is ``decode_rows`` itself."""
+    filters on the host; candidates or the sort). Without extras this is ``decode_rows`` itself; at T > 0
+    on CUDA (``filter_bisect.plain_ok``) its fused twin ``filter_bisect.plain_draw`` (the same tokens, the
+    confidence within float64 summation order, no [C, N, chunk] float64 tensor)."""
     if soft is not None and len(soft) > 2:
         if not soft[2]:
             soft = soft[:2]                          # k = 0: the whole vocabulary
@@ -137,6 +139,8 @@ def decode_rows_ext(h, w, cond_rows, un_rows, cfg_w, temp, seeds, *, vocab: int,
                            filtered_conf=filtered_conf, acc=acc)
         return {k: v for k, v in out.items() if not k.startswith("_")}
     if credit is None and soft is None and not entropy and not logprobs:
+        if filters is None and not topk and plain_ok(h, temp, acc):    # T > 0 unfiltered: the fused draw
+            return plain_draw(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk)
         res = decode_rows(h, w, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk, topk=topk,
                           acc=acc)
         out = {"tokens": res[0], "confidence": res[1]}

@@ -8,6 +8,14 @@ their calls alternated; each also replayed from a CUDA graph (the served Reuse s
 each one's device time (the profiler's sum of its kernels) printed with the ratio old / new.
 
     python3 -P bench/probes/bisect_profile.py --batch 8
+
+``--plain``: a sampled step without filters (T = 0.8, no extras) instead, at B = 1 and B = 8: the device time
+of one ``decode_rows_ext`` call on the fused unfiltered draw (``filter_bisect.plain_draw``, the default on
+CUDA) vs the torch path's float64 sweep (``FUSED = False``: ``decode_rows``), and of the plain T = 0 decode
+the captured step runs (``fused_select_logits``: the selected-row logits kernel), same process, the variants
+alternated; the fused draw's kernel table at B = 8; whether the two paths' tokens are equal.
+
+    python3 -P bench/probes/bisect_profile.py --plain
 """
 import argparse
 
@@ -69,13 +77,59 @@ def device_ms(fn, table: bool = False) -> float:
     return sum(e.self_device_time_total for e in ka) / 1000.0
 
 
+def plain(batches, N: int, V: int, reps: int) -> None:
+    """``--plain``: the unfiltered sampled decode, fused draw vs torch sweep vs the T = 0 decode (ms)."""
+    from dlc.kernels import fused_select_logits
+    dev, d = "cuda", 4096
+    torch.manual_seed(0)
+    w = torch.randn(V, d, device=dev, dtype=torch.bfloat16) * 0.05
+    temp = torch.full((1,), 0.8, dtype=torch.float64, device=dev)
+    print(f"N={N} V={V} d={d} bf16, T=0.8 without filters: one decode call (device ms: the profiler's sum of "
+          f"its kernels; graph: a CUDA-graph replay's CUDA-event ms; medians of 4 alternated rounds, graph "
+          f"x {reps}); the fused route on (filter_bisect.plain_ok): {FB.plain_ok(w, temp, torch.float64)}")
+    print("| B | T>0 fused draw | T>0 torch sweep | T=0 fused select | torch/fused | fused/T=0 "
+          "| fused graph | torch graph | same tokens |")
+    for B in batches:
+        h = torch.randn(B, N, d, device=dev, dtype=torch.bfloat16)
+        ar, one = torch.arange(B, device=dev), torch.ones(1, device=dev, dtype=torch.bfloat16)
+        seeds = ar + 11
+
+        def draw(h=h, ar=ar, one=one, seeds=seeds):
+            return decode_rows_ext(h, w, ar, ar, one, temp, seeds, vocab=V, chunk=32768)
+
+        def t0(h=h):                                     # the captured plain step's decode
+            return fused_select_logits(h.reshape(-1, d), w)
+        fns = {"fused": with_fused(draw, True), "torch": with_fused(draw, False), "t0": t0}
+        same = torch.equal(fns["fused"]()["tokens"], fns["torch"]()["tokens"])
+        replays = {k: captured(fns[k]) for k in ("fused", "torch")}
+        dv, gr = {k: [] for k in fns}, {k: [] for k in replays}
+        for i in range(4):                              # alternate the order of the compared variants
+            order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+            for k in order:
+                dv[k].append(device_ms(fns[k]))
+                if k in replays:
+                    gr[k].append(timed(replays[k], reps))
+        med = {k: sorted(v)[len(v) // 2] for k, v in dv.items()}
+        g = {k: sorted(v)[len(v) // 2] for k, v in gr.items()}
+        print(f"| {B} | {med['fused']:.3f} | {med['torch']:.3f} | {med['t0']:.3f} | "
+              f"{med['torch'] / med['fused']:.2f}x | {med['fused'] / med['t0']:.2f}x | {g['fused']:.3f} | "
+              f"{g['torch']:.3f} | {same} |")
+        if B == max(batches):
+            print(f"\nfused unfiltered draw's kernels (B={B}):")
+            device_ms(fns["fused"], table=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=126464)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--plain", action="store_true", help="the unfiltered sampled decode at B = 1 and 8")
     a = ap.parse_args()
+    if a.plain:
+        plain((1, 8), a.n, a.vocab, a.reps)
+        return
     dev, B, N, V, d = "cuda", a.batch, a.n, a.vocab, 4096
     torch.manual_seed(0)
     h = torch.randn(B, N, d, device=dev, dtype=torch.bfloat16)

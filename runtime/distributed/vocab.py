@@ -15,7 +15,8 @@ runs inside a captured Reuse step (``shard_graph.ShardGraphRunner``).
 ``fused_stats`` is the same statistics at T = 0 without guidance from the fused selected-row logits sweep
 (``dlc.kernels.fused_shard_stats``, kernels/shard_logits.py: one pass over the shard's head, float32 logits
 as TP=1's ``fused`` graph runner decodes): what a ``fused`` graph runner's rank computes (the CUDA default);
-sampled and guided steps keep ``shard_stats``. ``merge`` is the combine without its collective.
+sampled and guided steps keep ``shard_stats`` (on CUDA a sampled one without top-k or entropy by one GPU's
+fused unfiltered draw, ``filter_bisect.plain_stats``). ``merge`` is the combine without its collective.
 
 The rules with more state than these statistics (credit, iteration smoothing, sampling filters at T > 0) sweep
 the shard with the decoding core's own chunk loop (``dlc.kernels.sampling.sweep_stats`` at the shard's global
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dlc.kernels.filter_bisect import plain_ok, plain_stats
 from dlc.kernels.logits import uniform_noise
 
 STATS = ("best", "tok", "bl", "m", "s", "a")   # one rank's per-row statistics, in the all_gather's order
@@ -45,8 +47,14 @@ _GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tenso
 
 def shard_stats(h, w, v0: int, cond_rows, un_rows, cfg_w, temp, seeds, vocab: int, topk: int = 0,
                 entropy: bool = False, chunk: int = CHUNK) -> dict:
-    """This rank's statistics over head rows w [Vr, d] (global ids v0 .. v0 + Vr) for rows h [B, N, d]."""
+    """This rank's statistics over head rows w [Vr, d] (global ids v0 .. v0 + Vr) for rows h [B, N, d]. A
+    sampled step without top-k or entropy on CUDA: ``filter_bisect.plain_stats`` (one Triton kernel per chunk
+    of the same GEMM instead of the float64 passes; the same statistics up to float64 summation order)."""
     sampling = not (isinstance(temp, (int, float)) and temp == 0)
+    if not (topk or entropy) and plain_ok(h, temp, torch.float64):
+        st = plain_stats(h, w, v0, cond_rows, un_rows, cfg_w, temp, seeds, vocab=vocab, chunk=chunk,
+                         rows=w.shape[0])
+        return dict(st, tok=st["tok"].to(torch.float64), a=torch.zeros_like(st["m"]))
     N, st = h.size(1), {}
     for c0 in range(0, w.shape[0], chunk):
         c1 = min(w.shape[0], c0 + chunk)

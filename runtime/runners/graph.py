@@ -22,7 +22,9 @@ width) and replays it:
   (``dlc.kernels.smoothing``), smoothing beside other extras and ``exact`` decode with ``decode_rows_ext``.
   Credit and smoothing inputs,
   temperature, seeds and filters live in static buffers of the variant. Sampled steps (T > 0) decode in
-  float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash), top-k
+  float64 with the eager runner's hash noise in every mode (the fused kernel's noise is another hash); on
+  CUDA one without filters or other extras by ``filter_bisect.plain_draw`` (a Triton kernel per vocab chunk
+  over the model-dtype logits instead of the float64 sweep: the same tokens), top-k
   filters over the sweep's candidates (``sampling.candidates_cover``), the filters those do not bound (top-p /
   min-p without a top-k, a top-k over 64, filters with credit) by the exact bisection on the survivors'
   threshold (``kernels/filter_bisect.py``: fixed passes, no host read; the eager sort's tokens), the

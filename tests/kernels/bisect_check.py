@@ -20,7 +20,10 @@ def _logits(dt, c, N, V, seed, device):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(c, N, V, generator=g) * 2.0
     if dt == torch.bfloat16:
-        x = (x * 4).round() / 4                                   # a coarse grid: ties everywhere
+        # a coarse grid: ties everywhere; + 0.0 turns the grid's -0.0 into +0.0: the kernels' keys order -0.0
+        # below +0.0 where the torch path's values tie them, a divergence filter_bisect documents (a row whose
+        # t* is a signed zero holding both zeros: seed 44619 kept 93 more ids)
+        x = (x * 4).round() / 4 + 0.0
     x[0, 0, 7] = 40.0                                             # one dominant token: top-p keeps it alone
     if N > 1:
         x[-1, 1] = torch.randn(V, generator=g) * 0.05             # nearly flat: top-p keeps thousands
@@ -185,10 +188,150 @@ def check_group(seed=0, world=2, split=1024, block=512):
     return True
 
 
+def _plain_inputs(dt, seed, device, B, N, d, V, block):
+    """Rows and a head whose logits are an id offset plus a small product: most ids near 0 (the draw varies),
+    a few ids at +6 (the T = 0 argmax, which a hot draw leaves), each with a twin half the vocabulary away
+    (the same head row: the row max ties across chunks), whole tiles at -40 and -120 (below the split max by
+    more than ``GUMBEL_SPAN`` T at low temperatures: their noise is skipped); bf16 on a 0.25 grid, so logits
+    tie everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, N, d, generator=g) * 0.5
+    w = torch.randn(V, d, generator=g) * 0.5
+    h[..., 0] = 1.0                                               # w[:, 0] is each id's offset
+    w[:, 0] = 0.0
+    top = torch.randint(0, V, (5,), generator=g)
+    w[top, 0] = 6.0
+    for t in range(1, V // block, 3):                             # every third tile far below
+        w[t * block:(t + 1) * block, 0] = -40.0 if t % 2 else -120.0
+    w[(top + V // 2) % V] = w[top]                                # twins: exact ties at the max
+    if dt == torch.bfloat16:
+        h, w = (h * 4).round() / 4, (w * 4).round() / 4          # a coarse grid: exact ties
+    return h.to(dt).to(device), w.to(dt).to(device)
+
+
+def _plain_decode(fused, h, w, cond, un, temp, seeds, chunk, torch_sweep=False):
+    """decode_rows_ext's unfiltered decode (guidance weight 1.5) on the fused route or the torch path
+    (``FUSED = False``: ``decode_rows``); ``torch_sweep``: ``sampling._decode_chunked`` instead."""
+    from dlc.kernels.sampling import _decode_chunked, decode_rows_ext
+    cfg_w, V = torch.full((1,), 1.5, dtype=h.dtype, device=h.device), w.shape[0]
+    if torch_sweep:
+        return _decode_chunked(h, w, cond, un, cfg_w, temp, seeds, vocab=V, chunk=chunk, topk=0,
+                               logprobs=False, entropy=False, credit=None, soft=None, acc=ACC)
+    from dlc.kernels import sampling
+    saved, FB.FUSED = FB.FUSED, fused
+    real, calls = sampling.plain_draw, []
+    sampling.plain_draw = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        out = decode_rows_ext(h, w, cond, un, cfg_w, temp, seeds, vocab=V, chunk=chunk)
+    finally:
+        FB.FUSED, sampling.plain_draw = saved, real
+    sampled = not (isinstance(temp, float) and temp == 0)
+    assert len(calls) == (fused and sampled), (fused, temp, calls)         # the route taken (or not)
+    return out
+
+
+def check_plain(device="cpu", seed=0, V=2000, chunk=768, split=512, block=256, B=2, N=3, d=12):
+    """The unfiltered sampled decode (``decode_rows_ext`` at T > 0 without filters or extras) by the fused
+    ``plain_draw`` vs the torch path (``decode_rows``, ``FUSED = False``) and ``sampling._decode_chunked``:
+    the same tokens, confidences within 1e-12 relative; fp32 and bf16 (ties) logits, T 0.3 / 1.0 / 2.5 (a
+    Python number and a [1] tensor), two seeds, chunks with a ragged tail over several splits of several
+    tiles, with guidance once per dtype; at T = 1e-20 tied maxima resolve to the lowest id, as the T = 0
+    argmax. Decisive: tokens differ across seeds and from the T = 0 argmax; some rows' maxima tie."""
+    saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
+    moved = {"seed": 0, "greedy": 0, "tied": 0}
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            h, w = _plain_inputs(dt, seed, device, B, N, d, V, block)
+            assert FB.plain_ok(h, 1.0, ACC) == FB.fused_ok(h) and not FB.plain_ok(h, 0.0, ACC)
+            rows = torch.arange(B, device=device)
+            greedy = _plain_decode(False, h, w, rows, rows, 0.0, rows, chunk)["tokens"]
+            for temp in (0.3, torch.tensor([1.0], dtype=ACC, device=device), 2.5):
+                toks = []
+                for s in (seed, seed + 1):
+                    seeds = torch.tensor([s, 2**40 + 3 * s] + [11 * s + j for j in range(B - 2)])
+                    seeds = seeds.to(device)
+                    half = (rows[:B // 2], rows[B // 2:2 * (B // 2)])
+                    cases = [(rows, rows)] + [half] * (s == seed and temp == 2.5)
+                    for cond, un in cases:                        # guided: un + 1.5 (cond - un)
+                        sd, what = seeds[:len(cond)], (dt, float(temp), s, len(cond))
+                        got = _plain_decode(True, h, w, cond, un, temp, sd, chunk)
+                        for sweep in (False, True):
+                            ref = _plain_decode(False, h, w, cond, un, temp, sd, chunk, sweep)
+                            assert torch.equal(got["tokens"], ref["tokens"]), (what, got, ref)
+                            err = ((got["confidence"] - ref["confidence"]).abs() / ref["confidence"]).max()
+                            assert err < 1e-12, (what, sweep, err.item())
+                        if cond is rows:
+                            toks.append(got["tokens"])
+                moved["seed"] += int((toks[0] != toks[1]).sum())
+                moved["greedy"] += int((toks[0] != greedy).sum())
+            # T = 1e-20: every score rounds to its logit, so tied maxima tie in score: the first (lowest id)
+            tiny = _plain_decode(True, h, w, rows, rows, 1e-20, rows, chunk)["tokens"]
+            assert torch.equal(tiny, greedy), (dt, tiny, greedy)
+            assert torch.equal(tiny, _plain_decode(False, h, w, rows, rows, 1e-20, rows, chunk)["tokens"])
+            moved["tied"] += _tied_rows(h, w, rows, chunk)
+    finally:
+        FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
+    assert moved["seed"] >= 4 and moved["greedy"] >= 4, moved              # decisive: the noise draws,
+    assert moved["tied"] >= 2, moved                                        # and rows whose max ties
+    return True
+
+
+def _tied_rows(h, w, rows, chunk) -> int:
+    """How many decoded rows' largest logit (the decode's chunks, guidance 1.5) is held by several ids."""
+    from dlc.kernels.sampling import _guided
+    cfg_w, V = torch.full((1,), 1.5, dtype=h.dtype, device=h.device), w.shape[0]
+    l = torch.cat([_guided(h, w, rows, rows, cfg_w, c0, min(V, c0 + chunk), h.dtype)
+                   for c0 in range(0, V, chunk)], -1)                                     # [B, N, V]
+    return int(((l == l.amax(-1, keepdim=True)).sum(-1) > 1).sum())
+
+
+def check_plain_shards(device="cpu", seed=0, V=2000, cut=1100, chunk=768, split=512, block=256, B=2, N=4,
+                       d=12):
+    """Vocab parallelism's sampled statistics (``vocab.shard_stats`` of two uneven head shards, global ids
+    and noise; on the fused route ``plain_stats``) merged as the ranks' all_gather merges them
+    (``vocab.merge``): the torch path's tokens (one process's ``decode_rows`` too), confidences within 1e-12;
+    bf16 ties, T 1.0 ([1] tensor) and 2.5."""
+    from dlc.runtime.distributed import vocab as VP
+    saved, (FB.FUSED_SPLIT, FB.FUSED_BLOCK) = (FB.FUSED_SPLIT, FB.FUSED_BLOCK), (split, block)
+    real, calls = VP.plain_stats, []
+    VP.plain_stats = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        h, w = _plain_inputs(torch.bfloat16, seed, device, B, N, d, V, block)
+        rows, one = torch.arange(B, device=device), torch.ones(1, dtype=h.dtype, device=device)
+        seeds = (torch.arange(B) * 977 + seed + 2**40 * (torch.arange(B) % 2)).to(device)
+        drawn = []
+        for temp in (torch.tensor([1.0], dtype=ACC, device=device), 2.5):
+            outs = []
+            for fused in (True, False):
+                FB.FUSED = fused
+                st = [VP.shard_stats(h, w[a:b], a, rows, rows, one, temp, seeds, V, chunk=chunk)
+                      for a, b in ((0, cut), (cut, V))]
+                outs.append(VP.merge(torch.stack([torch.stack([x[k] for k in VP.STATS]) for x in st])))
+                FB.FUSED = True
+            one_gpu = _plain_decode(False, h, w, rows, rows, temp, seeds, chunk)
+            for ref in (outs[1], one_gpu):
+                assert torch.equal(outs[0]["tokens"], ref["tokens"]), (float(temp), outs[0], ref)
+                err = ((outs[0]["confidence"] - ref["confidence"]).abs() / ref["confidence"]).max()
+                assert err < 1e-12, (float(temp), err.item())
+            drawn.append(outs[0]["tokens"])
+        drawn = torch.cat(drawn)
+        assert (drawn >= cut).any() and (drawn < cut).any()                # decisive: both shards' draws win
+    finally:
+        FB.FUSED_SPLIT, FB.FUSED_BLOCK = saved
+        VP.plain_stats = real
+    assert len(calls) == 4                                                  # 2 temperatures x 2 shards
+    return True
+
+
 if __name__ == "__main__":
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     if len(sys.argv) > 2 and sys.argv[2] == "group":
         check_group(seed)
+    elif len(sys.argv) > 2 and sys.argv[2] == "plain":
+        check_plain(seed=seed)
+        check_plain_shards(seed=seed)
+        print("plain-ok")
+        sys.exit(0)
     else:
         check_pass()
         check(seed=seed)

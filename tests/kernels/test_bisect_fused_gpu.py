@@ -2,7 +2,7 @@
 survivors and draws on LLaDA-sized rows (bisect_check.py's cases: bf16 ties, top-p keeping one token and
 thousands, min-p, top-k over 64 with top-p, top-k alone, fp32), the recomputed weights bit for bit equal to
 torch's float64 exp, and decode_rows_ext's fused bisection == its torch path == the sort, captured in a CUDA
-graph (no host read)."""
+graph (no host read); the unfiltered sampled draw (``plain_draw``) == the torch sweep, captured too."""
 import pytest
 import torch
 
@@ -75,3 +75,60 @@ def test_captured_fused_bisection_equals_torch_path_and_sort():
     assert torch.equal(tok, fused["tokens"])
     plain = _decode(None, True, h, w, None, temp)["tokens"]
     assert not torch.equal(plain[:3], tok[:3])                           # decisive: the filters bite
+
+
+def test_fused_unfiltered_draw_equals_the_sweep_on_llada_sized_rows():
+    """A sampled step without filters (``plain_draw``, compiled) on LLaDA's vocabulary: the tokens of the
+    torch path (``decode_rows``) and of ``_decode_chunked``, confidences within 1e-12 relative (bisect_check's
+    ``check_plain``: fp32 and bf16 ties, T 0.3 / 1 / 2.5, guidance, tiles whose noise is skipped; 32 rows:
+    the split halved to 1024 columns), and two vocab shards' statistics merged (``check_plain_shards``)."""
+    from bisect_check import check_plain, check_plain_shards
+    for seed in range(2):
+        assert check_plain(device="cuda", seed=seed, V=126464, chunk=32768, split=FB.FUSED_SPLIT,
+                           block=FB.FUSED_BLOCK, B=4, N=8)
+    assert check_plain_shards(device="cuda", V=126464, cut=63300, chunk=32768, split=FB.FUSED_SPLIT,
+                              block=FB.FUSED_BLOCK, B=4, N=8)
+
+
+def test_captured_unfiltered_draw_equals_the_torch_path():
+    """bf16 rows of LLaDA's width and vocabulary at B = 8, N = 32 (the bench's shape): decode_rows_ext at
+    T = 0.8 without filters takes the fused draw (captured in a CUDA graph: no host read) and gives the
+    torch path's tokens, confidences within 1e-12; the draw moves tokens off the T = 0 argmax (decisive)."""
+    from dlc.kernels import sampling
+    dev, B, N, V, d = "cuda", 8, 32, 126464, 4096
+    torch.manual_seed(2)
+    h = torch.randn(B, N, d, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(V, d, device=dev, dtype=torch.bfloat16) * 0.05
+    ar, one = torch.arange(B, device=dev), torch.ones(1, device=dev, dtype=torch.bfloat16)
+    temp = torch.full((1,), 0.8, dtype=torch.float64, device=dev)
+    seeds = ar * 7 + 3
+
+    def decode(fused, t=temp):
+        saved, FB.FUSED = FB.FUSED, fused
+        try:
+            return decode_rows_ext(h, w, ar, ar, one, t, seeds, vocab=V, chunk=32768)
+        finally:
+            FB.FUSED = saved
+    real, calls = sampling.plain_draw, []
+    sampling.plain_draw = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        fused, ref = decode(True), decode(False)
+        assert len(calls) == 1                                            # the fused route, then torch's
+        assert torch.equal(fused["tokens"], ref["tokens"])
+        torch.testing.assert_close(fused["confidence"], ref["confidence"], rtol=1e-12, atol=0)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            decode(True)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = decode(True)
+    finally:
+        sampling.plain_draw = real
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out["tokens"], ref["tokens"])
+    torch.testing.assert_close(out["confidence"], ref["confidence"], rtol=1e-12, atol=0)
+    greedy = decode(False, 0.0)["tokens"]
+    assert (greedy != ref["tokens"]).float().mean() > 0.1                 # decisive: the noise draws

@@ -183,6 +183,35 @@ def test_captured_bisection_equals_eager_on_the_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_unfiltered_sampling_equals_eager_on_the_gpu(monkeypatch):
+    """On the GPU, fp32, head x3: sampled steps without filters (T 0.9 and 2.0) replay a captured variant
+    whose decode is the fused unfiltered draw (``filter_bisect.plain_draw``, run at the variant's warm-up and
+    capture) in the default ``fused`` mode, and give the eager runner's tokens (torch's float64 sweep,
+    ``decode_rows``); no eager Reuse; the draw moves tokens off the T = 0 ones (decisive)."""
+    from dataclasses import replace
+
+    from dlc.kernels import sampling
+    from dlc.runtime.runners.graph import GraphRunner
+    real, calls = sampling.plain_draw, []
+    monkeypatch.setattr(sampling, "plain_draw", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sess = _scaled_tiny_on_cuda()
+    gr = GraphRunner(sess.runner.model)
+    assert gr.capture and gr.decoding == "fused"
+    prompts = [[5, 17, 99, 3], [42, 8, 9, 1]]
+    changed = 0
+    for t in (0.9, 2.0):
+        cfg = replace(_gpu_cfg(), temperature=t)
+        got = generate(gr, prompts, cfg).token_ids
+        assert got == generate(sess.runner, prompts, cfg).token_ids, t
+        changed += got != generate(sess.runner, prompts, replace(cfg, temperature=0.0)).token_ids
+    assert changed >= 1
+    assert calls and gr.stats["eager_reuse"] == 0 and gr.stats["replays"] > 0
+    variants = [g.ex for g in gr.graphs.values() if g.ex and g.graph is not None]
+    assert any(ex.sampled and not ex.filtered for ex in variants), variants
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_halving_kernel_and_bf16_bisection_on_the_gpu():
     """On the GPU the halvings' sums run in ``filter_bisect._above_kernel`` (compiled Triton): equal counts
     and masses to the CPU reference for bf16 / fp32 / float64 keys; then bf16 rows of an LLaDA-sized

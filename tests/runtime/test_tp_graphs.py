@@ -263,6 +263,34 @@ def test_tp2_fused_decode_on_two_gpus_equals_tp1_fused(tmp_path):
         tp.runner.close()
 
 
+@pytest.mark.gpu
+def test_tp2_sampled_steps_on_two_gpus_take_the_fused_draw(tmp_path, monkeypatch):
+    """2 GPUs, NCCL, fp32: sampled steps without filters (T = 0.9) decode every rank's shard by one GPU's
+    fused unfiltered draw (``filter_bisect.plain_stats`` in ``vocab.shard_stats``; rank 0's calls counted),
+    captured with the combine; the tokens of one GPU's captured graph runner (``plain_draw``) and of its
+    eager runner (the torch sweep); the draw moves tokens off the T = 0 ones (decisive)."""
+    from dlc.runtime.distributed import vocab
+    from dlc.runtime.runners.graph import GraphRunner
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    real, calls = vocab.plain_stats, []
+    monkeypatch.setattr(vocab, "plain_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = write_tiny(tmp_path, MODELS["llada"])
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2)
+    try:
+        runner = graph_runner_for(tp.runner)
+        assert runner.capture
+        cfg = GenerationConfig(**GEN, temperature=0.9, seed=11)
+        want = generate(GraphRunner(one.runner.model), PROMPTS, cfg).token_ids
+        assert generate(one.runner, PROMPTS, cfg).token_ids == want
+        assert generate(runner, PROMPTS, cfg).token_ids == want
+        assert want != generate(one.runner, PROMPTS, GenerationConfig(**GEN, seed=11)).token_ids
+        assert calls and runner.stats["replays"] > 0 and runner.stats["eager_reuse"] == 0
+    finally:
+        tp.runner.close()
+
+
 def test_serve_config_allows_tp_graphs_and_compile():
     assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True).cuda_graphs
     assert ServeConfig(tensor_parallel_size=2, cuda_graphs=True, compile=True).compile   # test_tp_compile.py
