@@ -198,3 +198,37 @@ def test_every_rule_runs_ahead_on_two_gpus(tmp_path):
             assert [o for o, _ in got] == [o for o, _ in ref]
     finally:
         tp.runner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampled_steps_run_ahead_on_two_gpus(tmp_path):
+    """2 GPUs, NCCL, fp32, captured steps on both ranks: sampled runs (plain, and threshold with top-p) with
+    each step's seeds in the frames give the synchronous TP engine's tokens and one GPU's generate()'s."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    path = write_tiny(tmp_path, MODELS["llada"])
+    one = open_model(str(path), dtype="fp32", device="cuda", progress=False)
+    tp = open_model(str(path), dtype="fp32", device="cuda", progress=False, tensor_parallel_size=2)
+
+    def served(items, la):
+        eng = Engine(tp, ServeConfig(max_seq_len=64, kv_cache_mb=16, max_batch_size=4, device="cuda",
+                                     cuda_graphs=True, compile=False, lookahead_steps=la,
+                                     lookahead_max_ms=0.0))
+        reqs = eng.run_requests(items)
+        assert all(r.error is None for r in reqs)
+        return eng, [r.output_ids for r in reqs]
+    try:
+        for kw in (dict(temperature=1.5), dict(temperature=1.5, threshold=0.3, top_p=0.8)):
+            items = [(p, dict(GEN, **kw, seed=5 + i)) for i, p in enumerate(PROMPTS)]
+            calls = tp.runner.stats["ahead_calls"]
+            _, want = served(items, 1)
+            assert tp.runner.stats["ahead_calls"] == calls
+            eng, got = served(items, 16)
+            assert got == want, kw
+            assert tp.runner.stats["ahead_calls"] > calls and tp.runner.graphed
+            for (p, params), ids in zip(items, got):
+                ref = generate(one.runner, [p], GenerationConfig(**params, stop_at_eos=True)).token_ids[0]
+                assert ids == ref, kw
+    finally:
+        tp.runner.close()
