@@ -219,6 +219,7 @@ def test_sampled_steps_run_ahead_on_two_gpus(tmp_path):
         assert all(r.error is None for r in reqs)
         return eng, [r.output_ids for r in reqs]
     try:
+        assert graph_runner_for(tp.runner, cuda_graphs=True) is tp.runner and tp.runner.capture
         for kw in (dict(temperature=1.5), dict(temperature=1.5, threshold=0.3, top_p=0.8)):
             items = [(p, dict(GEN, **kw, seed=5 + i)) for i, p in enumerate(PROMPTS)]
             calls = tp.runner.stats["ahead_calls"]
