@@ -16,22 +16,12 @@ from dlc.runtime.decoding import DecodeState, GenerationConfig
 from dlc.runtime.engine import Engine
 from dlc.runtime.generate import generate
 from dlc.runtime.session import open_model
+from test_lookahead_extras import prompts, session  # noqa: F401 - the tiny-llada session fixture
 
 BASE = dict(gen_length=24, block_length=8, steps=24, kv_cache="dual")          # 3 blocks, a token a step
 SAMPLED = {"plain": dict(temperature=1.5), "top_p": dict(temperature=1.5, top_p=0.8),
            "min_p": dict(temperature=1.5, min_p=0.05), "top_k": dict(temperature=1.5, top_k=5),
            "threshold": dict(temperature=1.5, threshold=0.3)}
-
-
-@pytest.fixture(scope="module")
-def session():
-    return open_model("tiny-llada", progress=False)
-
-
-def prompts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 200, (int(torch.randint(3, 25, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 def run(session, items, lookahead):
