@@ -152,7 +152,7 @@ class _AheadRow:
     j: int
     launched: float = 0.0          # perf_counter at the launch (the run's measured step time)
     bounded: bool = False          # rules whose block may end early: each launch within the rows' horizon
-    bs: int | None = None          # the row's block start when the run began (a step after the block: dropped)
+    bs: int | None = None          # the row's block start when the run began (steps after it: dropped)
 
 
 class Engine:

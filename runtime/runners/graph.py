@@ -41,8 +41,8 @@ width) and replays it:
   runs ahead like any Reuse step. A block's first step (the finished block and the new one, truly
   block-causal; the prefill too) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
   softmax probability (``EagerRunner._tempered`` scales nothing at T = 0), which every variant computes;
-  sampled block steps (their confidence under softmax(logits / T)) stay eager. Random remasking needs nothing from a
-  runner (the decoding core draws it).
+  sampled block steps (their confidence under softmax(logits / T)) stay eager. Random remasking needs
+  nothing from a runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the
   compiled blocks, or (``captured``) that packed forward with the varlen pool attention kernel captured as a
