@@ -8,9 +8,11 @@ block, and a request that arrives meanwhile waits for the steps in flight only (
 engine stops launching while a request waits), not for the run's length.
 
 Variable-count rules (threshold, factor, hierarchical, entropy-bound, credit) do not know their steps in
-advance: their run is the block's masks left long (an upper bound), and the engine passes each launch a
-horizon (``DecodeState.ahead_horizon``: the steps the masks last at the block's tokens per step so far), so
-few steps launch after the block completes; those commit nothing on the device and the host drops them.
+advance: their run is the block's masks left long (an upper bound); LLaDA2.0's / SDAR's block threshold runs
+its schedule, which the threshold may cut short (``DecodeState.ahead_bounded``). For both the engine passes
+each launch a horizon (``DecodeState.ahead_horizon``: the steps the masks last at the block's tokens per step
+so far), so few steps launch after the block completes; those commit nothing on the device and the host drops
+them.
 
 Sampled rows (T > 0) run ahead with each step's seed known in advance (``seeds``: the next draws of each
 row's generator, ``step.ahead_seeds``); the engine draws a row's seed from its real generator as it applies

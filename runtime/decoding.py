@@ -75,7 +75,8 @@ LLaDA2.0's ``modeling_llada2_moe.generate``, JetAstra/SDAR ``generate.py`` and S
   the block end and writes their K/V. The first step feeds [0, block end) (prefill of the prompt's complete
   blocks + the first block), the next ones feed the block; the first step of the next block feeds the
   finished block too, which writes its clean K/V in the same forward (the references spend an extra forward
-  on it; block-causal attention makes the two equal) and moves ``kv_upto`` to the block start.
+  on it; block-causal attention makes the two equal) and moves ``kv_upto`` to the block start. The steps that
+  feed the block alone run ahead of the host like any Reuse step (``lookahead``; not LLaDA2.1's editing).
 
 Randomness: each sequence owns a host ``torch.Generator`` seeded with its ``seed``. A step at T > 0 draws one
 sampling seed (``draw_seed``; the runner's Gumbel noise is a counter-based hash of it, the same in every
@@ -431,6 +432,16 @@ class BlockThresholdRule:
                 sel[j, torch.topk(conf[j], k=k).indices] = True
         return sel & masked
 
+    def select_ahead(self, conf, masked, n_sched):
+        """``select`` with no host read (``n_sched`` [B] on the device: the device's commit of a step run
+        ahead, ``AheadCommit``): every row at once, the threshold's passes where at least the scheduled count
+        pass, else the scheduled count (at most the masks left) by a stable descending sort (``_topk_mask``).
+        Equal confidences may break unlike the host's torch.topk; the core checks every device commit and
+        drops the steps after one that differs, so a rare tie costs time, not tokens."""
+        high = (conf > self.threshold) & masked                                     # [B, K]
+        top = _topk_mask(conf, torch.minimum(n_sched, masked.sum(-1)))              # [B, K]
+        return torch.where((high.sum(-1) >= n_sched)[:, None], high, top) & masked
+
 
 class JointThresholdRule:
     """LLaDA2.1's joint threshold (mask-to-token + token-to-token editing); applied by ``DecodeState`` with
@@ -519,14 +530,19 @@ for _r in (ScheduleRule, ThresholdRule, FactorRule, BlockThresholdRule, JointThr
     _r.needs_entropy = False
 # rules whose selection the device runs ahead of the host (``AheadCommit``): their ``select`` reads nothing
 # back to the host (compares, argmax, sorts, a cumsum / cumprod, scatters), so the device selects with the
-# host's float values and ties; the schedule's device selection is its ``select_batched`` (``select_ahead``).
+# host's float values and ties; the schedule's device selection is its ``select_batched`` (``select_ahead``),
+# the block threshold's its batched ``select_ahead`` (its ``select`` reads counts per row on the host).
 # A GPU's cumsum may round entropy-bound's prefix sum unlike the host's in the last bit; where that flips a
-# prefix at the bound, the host's check of the device's block drops the steps after it (they run again). The
-# block decoders' rules read counts on the host per row (and block decoding does not run ahead)
-for _r in (ScheduleRule, ThresholdRule, FactorRule, HierarchicalRule, EntropyBoundRule):
+# prefix at the bound, the host's check of the device's block drops the steps after it (they run again).
+# LLaDA2.1's token editing (JointThresholdRule) applies state by state on the host: synchronous
+for _r in (ScheduleRule, ThresholdRule, FactorRule, HierarchicalRule, EntropyBoundRule, BlockThresholdRule):
     _r.runs_ahead = True
-for _r in (BlockThresholdRule, JointThresholdRule):
-    _r.runs_ahead = False
+JointThresholdRule.runs_ahead = False
+# fixed-schedule rules whose block may empty before the schedule ends (the block threshold commits every pass
+# above it): a run ahead of them launches within ``DecodeState.ahead_horizon``, as variable-count rules do
+for _r in (ScheduleRule, ThresholdRule, FactorRule, HierarchicalRule, EntropyBoundRule, JointThresholdRule):
+    _r.ends_early = False
+BlockThresholdRule.ends_early = True
 
 DECODERS = {"schedule": ScheduleRule, "low_confidence": ScheduleRule, "threshold": ThresholdRule,
             "factor": FactorRule, "hierarchical": HierarchicalRule, "entropy_bound": EntropyBoundRule}
@@ -786,7 +802,7 @@ class DecodeState:
         """The counts of the next forwards (this one first) while up to ``cap`` of them are Reuse steps whose
         only input from the host would be the previous step's commit: a rule the device selects with
         (``runs_ahead``: low-confidence, threshold, factor, hierarchical, entropy-bound; credit too, which
-        the device carries across the steps: ``AheadCommit``), no guidance, no mid-block stop. A runner may
+        the device carries across the steps: ``AheadCommit``), no guidance. A runner may
         run them back to back, committing on the device (``AheadCommit`` / ``commit_ahead``); the host then
         applies each step's outputs in order and checks the device's block after each commit against its
         own (``fed_ahead``). [] when the next step is not one.
@@ -797,13 +813,20 @@ class DecodeState:
         flight. ``logprobs`` (per-step outputs, landed with each step and recorded as the host applies it)
         and iteration smoothing (the device builds the next step's soft input from this step's soft
         embedding: ``AheadCommit.carry_smoothing``) run ahead too, and sampling (T > 0: each step's seed is
-        the generator's next draw, known in advance: ``peek_seeds``; the filters stay the request's). Stay
-        synchronous: random remasking (the host's draws select), block decoders."""
+        the generator's next draw, known in advance: ``peek_seeds``; the filters stay the request's).
+
+        Block decoders (LLaDA2.0, SDAR: the block threshold, the schedule, the field's parallel rules) with
+        the exact block cache, once a step feeds the block alone (``kv_upto`` == bs: every step of a block
+        after its first): the schedule's counts, though the threshold may empty the block before they run out
+        (``ahead_horizon`` bounds the steps in flight); with ``eos_early_stop`` a stop committed mid-run
+        settles the block, and the core drops the later steps (they no longer match its state). Stay
+        synchronous: random remasking (the host's draws select), LLaDA2.1's token editing, a block's first
+        step (two blocks fed)."""
         g = self.gen
+        one_block = g.kv_cache == "block" and self.kv_upto == self.bs          # fed: the block alone
         if (cap < 2 or self.phase != "reuse" or not getattr(self.rule, "runs_ahead", False)
                 or g.remasking != "low_confidence"
-                or g.kv_cache not in ("dual", "prefix") or g.cfg_scale > 0 or g.eos_early_stop
-                or self.attn_block):
+                or not (g.kv_cache in ("dual", "prefix") or one_block) or g.cfg_scale > 0):
             return []
         fixed = self.rule.fixed_steps
         left = 0 if fixed else int(self._masked().sum())
@@ -821,19 +844,32 @@ class DecodeState:
         checks the block the device fed it)."""
         return self.phase == "reuse" and (self.n_now == count if self.rule.fixed_steps else count == 0)
 
+    def ahead_bounded(self) -> bool:
+        """Whether the block may end before this state's ``lookahead`` counts run out: variable-count rules,
+        and the block threshold (it commits every pass above it, so the block may empty before its schedule
+        ends). A run ahead over such rows launches within ``ahead_horizon`` (the engine's ``bounded``)."""
+        return not self.rule.fixed_steps or self.rule.ends_early
+
     def ahead_horizon(self) -> int:
-        """The most steps from this one on worth launching ahead: unbounded for the fixed schedule (its
-        ``lookahead`` counts are exact); for a variable-count rule, the steps the block's masks last at its
-        tokens per step so far (ceil(masks left x steps / tokens unmasked), at least 1; the masks left when
-        nothing is known yet), so that few steps launch after the block completes (those commit nothing on
-        the device and the host drops them)."""
-        if self.rule.fixed_steps or self.bs is None:
+        """The most steps from this one on worth launching ahead: unbounded for the plain fixed schedule (its
+        ``lookahead`` counts are exact); for a rule whose block may end early (``ahead_bounded``), the steps
+        the block's masks last at its tokens per step so far (ceil(masks left x steps / tokens unmasked), at
+        least 1; the masks left when nothing is known yet), so that few steps launch after the block
+        completes (those commit nothing on the device and the host drops them)."""
+        if not self.ahead_bounded() or self.bs is None:
             return 1 << 30
         left = int(self._masked().sum())
-        done = int(self.sched.sum()) - left              # the schedule splits the block's masks at its start
+        done = self._masks_at_block_start() - left
         if self.step == 0 or done <= 0:
             return max(1, left)
         return max(1, -(-left * self.step // done))
+
+    def _masks_at_block_start(self) -> int:
+        """The current block's masks when it started: LLaDA's schedule splits exactly those; a block
+        decoder's schedule splits the whole block (part prompt in a first block), so its snapshot counts."""
+        if self.attn_block:
+            return int((self.snapshot[0][self.bs:self.be] == self.mask_id).sum())
+        return int(self.sched.sum())
 
     def apply(self, x0: torch.Tensor, conf: torch.Tensor, out=None) -> None:
         """x0 [K] candidate tokens and conf [K] float64 confidences of the current block (host tensors):

@@ -151,7 +151,8 @@ class _AheadRow:
     window: AheadWindow
     j: int
     launched: float = 0.0          # perf_counter at the launch (the run's measured step time)
-    bounded: bool = False          # variable-count rules in the run: each launch within the rows' horizon
+    bounded: bool = False          # rules whose block may end early: each launch within the rows' horizon
+    bs: int | None = None          # the row's block start when the run began (steps after it: dropped)
 
 
 class Engine:
@@ -443,7 +444,7 @@ class Engine:
             if not (self.runner.can_run_ahead(batch) if commit is None
                     else self.runner.can_run_ahead(batch, commit=commit)):
                 return False
-            bounded = not all(s.rule.fixed_steps for s in states)
+            bounded = any(s.ahead_bounded() for s in states)
             # variable-count rules: 2 steps at first (the next launches see step 0 applied: ``_apply_ahead``)
             win = AheadWindow(self.runner, batch, torch.tensor([c[:n] for c in counts]), cap, commit,
                               min(2, self._horizon(states)) if bounded else None, seeds)
@@ -452,15 +453,17 @@ class Engine:
             return False
         t0 = time.perf_counter()
         for j, r in enumerate(group):
-            results[id(r)] = _AheadRow(win, j, t0, bounded)
+            results[id(r)] = _AheadRow(win, j, t0, bounded, r.state.bs)
         self.metrics.inc("lookahead_runs_total", rule="schedule" if commit is None else "rules")
         return True
 
     @staticmethod
-    def _horizon(states: list) -> int:
+    def _horizon(states: list, blocks: list | None = None) -> int:
         """Steps from the next one on worth launching for a run of these rows: the first row whose block ends
-        ends the run (``DecodeState.ahead_horizon``); 0 once a row's is over."""
-        if any(s.phase != "reuse" for s in states):
+        ends the run (``DecodeState.ahead_horizon``); 0 once a row's is over (``blocks``: each row's block
+        start in the run; a block decoder's next block is a Reuse step too)."""
+        if any(s.phase != "reuse" for s in states) or (
+                blocks is not None and any(s.bs != b for s, b in zip(states, blocks))):
             return 0
         return min(s.ahead_horizon() for s in states)
 
@@ -490,9 +493,10 @@ class Engine:
             if not bounded and may_launch():
                 launching = self._refill(win)
             for r in list(live):
-                if not self._fed_as_core(r, win, results[id(r)].j, s):
+                if not self._fed_as_core(r, win, results[id(r)].j, s, results[id(r)].bs):
                     self.metrics.inc("lookahead_dropped_steps_total", win.launched - s)
-                    if r.finished or r.state.phase != "reuse":     # its block completed before these steps
+                    # its block completed before these steps
+                    if r.finished or r.state.phase != "reuse" or r.state.bs != results[id(r)].bs:
                         self.metrics.inc("lookahead_past_block_steps_total", win.launched - s)
                     live.remove(r)
                     continue
@@ -500,10 +504,12 @@ class Engine:
                 draw_seeds([r.state])                  # the seed step s ran with: the generator moves past it
                 self._guard(r, lambda r=r, out=out: self._postprocess(r, out, n_running))
             if bounded and may_launch():
-                launching = self._refill(win, s + 1 + self._horizon([r.state for r in live]))
+                launching = self._refill(win, s + 1 + self._horizon([r.state for r in live],
+                                                                    [results[id(r)].bs for r in live]))
             if s == win.n - 2 == win.launched - 2 and len(live) == len(rows) \
                     and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
-                    and all(self._fed_as_core(r, win, results[id(r)].j, s + 1) for r in rows):
+                    and all(self._fed_as_core(r, win, results[id(r)].j, s + 1, results[id(r)].bs)
+                            for r in rows):
                 pre = self._prelaunch(rows, win, s + 1, n_running)         # see _prelaunch: why only now
             s += 1
         self._time_steps(len(rows), (landed[0] - results[id(rows[0])].launched) / landed[1])
@@ -528,11 +534,12 @@ class Engine:
         self._ahead_step_s[rows] = per_step if old is None else 0.7 * old + 0.3 * per_step
 
     @staticmethod
-    def _fed_as_core(r: Request, win: AheadWindow, j: int, s: int) -> bool:
+    def _fed_as_core(r: Request, win: AheadWindow, j: int, s: int, bs: int | None = None) -> bool:
         """Whether the device fed row j's step s what the core would: the core's state is at that step of
-        the schedule and its block equals the device's commit of step s - 1 (landed with step s - 1)."""
+        the schedule, in the run's block (``bs``: its start when the run began), and its block equals the
+        device's commit of step s - 1 (landed with step s - 1)."""
         st = r.state
-        return not r.finished and st.fed_ahead(int(win.counts[j, s])) and (
+        return not r.finished and (bs is None or st.bs == bs) and st.fed_ahead(int(win.counts[j, s])) and (
             s == 0 or torch.equal(st.x[st.bs:st.be], win.fed_block(s, j)))
 
     def _prelaunch(self, rows: list[Request], win: AheadWindow, s: int, n_running: int):

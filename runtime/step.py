@@ -17,7 +17,7 @@ guidance the batch is fed twice: rows [0, B) are the sequences, rows [B, 2B) the
 first hidden row to decode and the fed span of a Reuse step is widened to cover it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -241,6 +241,29 @@ def check_runner(runner) -> None:
 def attention_keys(batch: "StepBatch", key_mask: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
     """What a runner passes the model as ``key_mask``: [fed, S] as is, or [fed, T, S] block-causal."""
     return block_key_mask(key_mask, qpos, batch.block_size) if batch.block_size else key_mask
+
+
+def block_as_prefix(batch: "StepBatch") -> "StepBatch | None":
+    """A block-causal Reuse batch whose every row feeds columns of ONE block (the exact block cache's steps
+    of a block after its first: ``DecodeState.q_span`` = [bs, be) once ``kv_upto`` == bs; also a first
+    block's prefill when the prompt is shorter than a block) as the ordinary Reuse step over the prefix
+    [0, be): under the block-causal mask (``block_key_mask``) each of those queries sees keys [0, be), its
+    own block bidirectionally and every finished block before it, which is what a bidirectional Reuse step
+    attends with ``lengths`` be and the key mask cut there. The keys at or past be (the canvas's later
+    blocks: masks, and whatever stale K/V their slot columns hold) are excluded. So a runner replays its
+    ordinary captured Reuse step for it (runners/graph.py). None where some row's fed span crosses a block
+    boundary (a block's first step feeds the finished block too, a prefill of complete blocks: truly
+    block-causal, the eager path) or the batch is no block-causal Reuse step."""
+    if batch.phase != "reuse" or not batch.block_size or batch.q_start is None:
+        return None
+    bsz = batch.block_size
+    first = batch.q_start // bsz                                                 # [fed] host
+    if bool(((batch.q_start + batch.n_fed - 1) // bsz != first).any()):
+        return None
+    ends = (batch.q_start_dev // bsz + 1) * bsz                                  # [fed] device, no copy
+    keys = batch.key_mask & (torch.arange(batch.width, device=ends.device)[None] < ends[:, None])
+    return replace(batch, lengths=torch.minimum((first + 1) * bsz, batch.lengths), key_mask=keys,
+                   block_size=0)
 
 
 def take_rows(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:

@@ -20,12 +20,13 @@ import struct
 
 import torch
 
-from ..decoding import (AheadCommit, EntropyBoundRule, FactorRule, HierarchicalRule, ScheduleRule,
-                        ThresholdRule, rules_commit)
+from ..decoding import (AheadCommit, BlockThresholdRule, EntropyBoundRule, FactorRule, HierarchicalRule,
+                        ScheduleRule, ThresholdRule, rules_commit)
 
 # kind -> (rule class, its fields as ``vars(rule)`` names them, in word order); at most two fields
 RULES = {0: (ScheduleRule, ()), 1: (ThresholdRule, ("threshold",)), 2: (FactorRule, ("factor",)),
-         3: (HierarchicalRule, ("low", "high")), 4: (EntropyBoundRule, ("gamma",))}
+         3: (HierarchicalRule, ("low", "high")), 4: (EntropyBoundRule, ("gamma",)),
+         5: (BlockThresholdRule, ("threshold",))}             # LLaDA2.0's / SDAR's (block decoders)
 _KIND = {cls: (kind, fields) for kind, (cls, fields) in RULES.items()}
 _LOGPROBS, _CREDIT, _SMOOTH = 1, 2, 4                  # flags word
 _NONE = struct.unpack("<q", struct.pack("<d", math.nan))[0]

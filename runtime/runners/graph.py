@@ -32,9 +32,17 @@ width) and replays it:
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
   widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
-  decoding no variant holds (tempered confidences of block decoders, a soft input without a soft output).
-  ``stats["eager_reuse"]`` counts those fallbacks. Random remasking needs nothing from a
-  runner (the decoding core draws it).
+  decoding no variant holds (tempered confidences of block decoders at T > 0, a soft input without a soft
+  output), and a block-causal step over two blocks (below). ``stats["eager_reuse"]`` counts those fallbacks.
+* block diffusion (LLaDA2.x, SDAR: ``StepBatch.block_size``): with the exact block cache every step of a
+  block after its first feeds exactly the block [bs, be), whose queries see keys [0, be) under the
+  block-causal mask: the ordinary Reuse step's attention over the prefix up to be. Such a batch replays the
+  ordinary captured step (``step.block_as_prefix``: lengths be, keys past be masked; ``_graphed_view``) and
+  runs ahead like any Reuse step. A block's first step (the finished block and the new one, truly
+  block-causal; the prefill too) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
+  softmax probability (``EagerRunner._tempered`` scales nothing at T = 0), which every variant computes;
+  sampled block steps (their confidence under softmax(logits / T)) stay eager. Random remasking needs
+  nothing from a runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the
   compiled blocks, or (``captured``) that packed forward with the varlen pool attention kernel captured as a
@@ -79,7 +87,7 @@ from dlc.models.packed import PackedCache, packable
 from dlc.models.sparse_heads import kept_counts
 
 from ..decoding import MAX_LOGPROBS
-from ..step import MixedBatch, StepBatch, take_rows
+from ..step import MixedBatch, StepBatch, block_as_prefix, take_rows
 from ..step_output import StepOutput
 from .ahead import AheadRun, decoded_cols, resume, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner, scatter_delta
@@ -328,7 +336,7 @@ class GraphRunner(EagerRunner):
         # ``ex``: the batch's ``_extras_key`` (None: decoding the captured variants lack, eager)
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
                 and ex is not None and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
-                and not batch.block_size                                     # block-causal: eager path
+                and not batch.block_size          # block-causal over two blocks (a block's first step): eager
                 and batch.width <= self.pool.s_max
                 and (batch.keep_idx is not None) == (self.sparse_retention is not None))
 
@@ -502,14 +510,23 @@ class GraphRunner(EagerRunner):
 
     @torch.no_grad()
     def reuse(self, batch: StepBatch):
-        ex = self._extras_key(batch)
-        if self._eligible(batch, ex):
+        graphed = self._graphed_view(batch)
+        ex = self._extras_key(graphed)
+        if self._eligible(graphed, ex):
             with self._host_seconds("host_s"):
-                res = self._replay(batch, ex)
+                res = self._replay(graphed, ex)
                 self.stats["replays"] += 1
             return res
         self.stats["eager_reuse"] += 1
         return super().reuse(batch)
+
+    @staticmethod
+    def _graphed_view(batch: StepBatch) -> StepBatch:
+        """The batch as the captured steps run it: a block-causal Reuse step over one block as the ordinary
+        Reuse step over the prefix up to the block's end (``step.block_as_prefix``: the same attention);
+        every other batch as it is (a block's first step, which feeds the finished block too, stays
+        block-causal: ``_eligible`` sends it to the eager path)."""
+        return (block_as_prefix(batch) or batch) if batch.block_size else batch
 
     def _replay(self, batch: StepBatch, ex: tuple):
         B = batch.n_seqs
@@ -620,6 +637,7 @@ class GraphRunner(EagerRunner):
         credit and smoothing's soft input in the variant's static inputs). Sampled batches too (their
         variant's static temperature and filters hold for the run; ``reuse_ahead`` stages each step's
         seeds)."""
+        batch = self._graphed_view(batch)
         return (batch.phase == "reuse" and (commit is not None or not batch.wants_extras(filters=False))
                 and self._eligible(batch, self._extras_key(batch)))
 
@@ -637,6 +655,7 @@ class GraphRunner(EagerRunner):
             raise ValueError("graph runner: a sampled run ahead takes each step's seeds (seeds [B, n]); a "
                              "T = 0 run none")
         B, n = batch.n_seqs, counts.shape[1]
+        batch = self._graphed_view(batch)                   # block-causal over one block: the prefix step
         with self._host_seconds("host_s"):                                      # until launched
             g = self._stage(batch, self._extras_key(batch))
             cols = decoded_cols(batch, self.device)                                 # [B, N] in the fed span

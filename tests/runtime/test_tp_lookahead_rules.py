@@ -32,9 +32,11 @@ RULES = {"threshold": dict(threshold=0.3), "factor": dict(factor=2.0),
 LOGPROB_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    path = write_tiny(tmp_path_factory.mktemp("tp-ahead"), MODELS["llada"])
+@pytest.fixture(scope="module", params=["llada"])
+def pair(request, tmp_path_factory):
+    """(one process, TP=2) of a tiny checkpoint (``MODELS[param]``; one TP group per process at a time: a test
+    of another layout parametrizes this fixture indirectly, which tears the previous pair down first)."""
+    path = write_tiny(tmp_path_factory.mktemp("tp-ahead"), MODELS[request.param])
     one = open_model(str(path), dtype="fp32", progress=False)
     tp = open_model(str(path), dtype="fp32", progress=False, tensor_parallel_size=2)
     assert graph_runner_for(tp.runner, cuda_graphs=True) is tp.runner and tp.runner.graphed
@@ -132,6 +134,23 @@ def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
     assert len({tuple(o) for o in outs}) > 1
     items = [(p, dict(GEN, **rules[3 + i % 3])) for i, p in enumerate(PROMPTS)]
     check(pair, items)
+
+
+@pytest.mark.parametrize("pair", ["sdar"], indirect=True)
+def test_block_threshold_runs_ahead_on_every_rank(pair):
+    """LLaDA2.0's / SDAR's block threshold (``BlockThresholdRule``, kind 5 of the AHEAD frame) runs the later
+    steps of each block ahead on both ranks (each replays the ordinary captured step over the prefix up to
+    the block's end): tokens as synchronous TP and as one process, no device commit differed."""
+    from dlc.runtime.decoding import DecodeState
+    from dlc.runtime.distributed.ahead_rules import decode_commit, encode_commit
+    one, _ = pair
+    params = dict(gen_length=24, block_length=8, steps_per_block=8, threshold=0.9, kv_cache="block")
+    st = DecodeState.new([1, 2, 3], GenerationConfig(**params), one.config)
+    commit = ahead_commit([st, st], "cpu")
+    back = decode_commit(encode_commit(commit), 2, one.config.mask_id, "cpu")
+    assert [(type(r), vars(r)) for r in back.rules] == [(type(r), vars(r)) for r in commit.rules]
+    outs, _ = check(pair, [(p, params) for p in PROMPTS])
+    assert len({tuple(o) for o in outs}) > 1
 
 
 def test_the_frame_carries_what_the_commit_needs():
