@@ -232,9 +232,16 @@ def block_diffusion(s: Section) -> list[tuple[str, str]]:
     return [("LLaDA2-mini shape: " + ", ".join(parts), "runtime eager path with the exact block cache")]
 
 
+def block_cost(s: Section) -> list[tuple[str, str]]:
+    t = s.tables[0]
+    parts = [f"{find(t, b=b, variant='graphs la16')['vs eager']} (batch {b})" for b in ("1", "8")]
+    return [("block diffusion (SDAR-8B shape) served, graphs + run ahead vs the eager runner: "
+             + ", ".join(parts), "runtime graph path (Engine + GraphRunner, lookahead 16)")]
+
+
 EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,
               "tp_bench": tp_bench, "serve_bench": serve_bench, "batch_invariance": batch_invariance,
-              "head_sparse": head_sparse, "block_diffusion": block_diffusion}
+              "head_sparse": head_sparse, "block_diffusion": block_diffusion, "block_cost": block_cost}
 
 
 def highlight_rows(text: str, notes: list[str] | None = None) -> list[Row]:
