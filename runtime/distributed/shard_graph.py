@@ -221,8 +221,10 @@ class ShardGraphRunner(GraphRunner):
     def _extras_key(batch: StepBatch):
         """GraphRunner's variants: credit, smoothing and top-k-bounded filters decode through
         ``rules_decode`` inside the captured step (its collectives, ``all_gather_into_tensor`` and
-        ``all_reduce``, capture)."""
-        return GraphRunner._extras_key(batch)
+        ``all_reduce``, capture). Block decoders' tempered sampled steps stay eager (the combine does not
+        take the tempered rows yet)."""
+        key = GraphRunner._extras_key(batch)
+        return None if key and key.tempered else key
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine (the fused sweep where the

@@ -108,6 +108,7 @@ class ExtrasKey(NamedTuple):
     filtered: str | bool   # sampling.filter_route: over the sweep's candidates ("filtered" / "mixed"), or
                            # the exact bisection ("bisect..." plan); False: no filters
     smooth_k: int = 0      # truncated smoothing: the soft embedding over each row's top k (0: all tokens)
+    tempered: bool = False  # block decoders at T > 0: rows / T decoded at temperature 1 (eager ``_tempered``)
 
 
 def capture_graph(step, mempool) -> tuple:
@@ -316,7 +317,8 @@ class GraphRunner(EagerRunner):
         sampled = batch.temperature > 0
         if not batch.wants_extras() and not sampled:
             return ()
-        if (batch.embed_delta is not None and batch.soft_tau is None) or (sampled and batch.tempered_conf):
+        tempered = sampled and batch.tempered_conf   # block decoders: only the plain draw holds it
+        if (batch.embed_delta is not None and batch.soft_tau is None) or (tempered and batch.wants_extras()):
             return None
         filtered = False
         if batch.top_k is not None and sampled:      # the candidates or the bisection (sampling.filter_route)
@@ -329,7 +331,7 @@ class GraphRunner(EagerRunner):
                 return None
         k = -1 if batch.logprobs is None else next(b for b in LOGPROB_BUCKETS if b >= batch.logprobs)
         return ExtrasKey(bool(batch.entropy), k, M, float(batch.soft_tau or 0.0), sampled, filtered,
-                         batch.soft_top_k if batch.soft_tau is not None else 0)
+                         batch.soft_top_k if batch.soft_tau is not None else 0, tempered)
 
     def _eligible(self, batch: StepBatch, ex: tuple | None) -> bool:
         c = batch.cache
@@ -438,8 +440,12 @@ class GraphRunner(EagerRunner):
         (``fused_select_extras``); a smoothing step (its soft embedding is a second GEMM over the vocabulary,
         which the kernel does not hold) ``dlc.kernels.smoothing.smooth_select`` (selection and soft embedding
         from one pass of model-dtype logits), with other extras beside it ``decode_rows_ext`` in float32."""
-        entropy, k, M, tau, sampled, filtered, smooth_k = ex
+        entropy, k, M, tau, sampled, filtered, smooth_k, tempered = ex
         topk = max(k, 0)
+        if tempered:                 # the eager runner's ``_tempered``: rows / T (a float32 0-dim divisor, as
+            temp, seeds = sampling   # its Python float: the rows' dtype, opmath float32), then T = 1
+            rows = rows / temp.to(torch.float32)[0]
+            sampling = (torch.ones_like(temp), seeds)
         B, N = rows.shape[:2]
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]

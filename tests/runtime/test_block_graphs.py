@@ -5,6 +5,8 @@
   a block's first step (the finished block and the new one: truly block-causal) stays eager.
 * LLaDA2.0's / SDAR's block-threshold rule (``BlockThresholdRule``) runs its steps ahead of the host
   (``select_ahead``, ``DecodeState.lookahead`` for block decoders, bounded by ``ahead_horizon``).
+* Sampled block steps (T > 0: confidence from tempered rows) replay a sampled variant that divides the rows
+  by T as the eager runner does (``ExtrasKey.tempered``), and run ahead too.
 
 On CPU the graph runner runs uncaptured over the same static buffers (``graph_decode="exact"``): tokens must
 equal generate() on the eager runner exactly. The GPU tests capture (fp32, skipped without CUDA)."""
@@ -233,3 +235,34 @@ def test_captured_block_threshold_runs_ahead(name):
     eng = out[16][1]
     assert out[16][0] == out[1][0] and eng.runner.stats["ahead_calls"] > 0
     assert counter(eng, "lookahead_dropped_steps_total") == counter(eng, "lookahead_past_block_steps_total")
+
+
+def test_sampled_block_steps_replay_tempered(model):
+    """Block decoders at T > 0 decode tempered (confidence from rows / T, drawn at temperature 1: the eager
+    runner's ``_tempered``): their later steps replay a sampled variant that divides the rows the same way,
+    and run ahead; tokens are generate()'s on the eager runner for each seed, and the seeds matter."""
+    ps = prompts(3, seed=5)
+    params = dict(PARAMS, temperature=0.8)
+    items = [(p, dict(params, seed=7 + i)) for i, p in enumerate(ps)]
+    eng = engine(model, lookahead=16)
+    outs = [r.output_ids for r in eng.run_requests(items)]
+    assert outs == [eager_tokens(model, [p], prm)[0] for p, prm in items]
+    st = eng.runner.stats
+    assert st["replays"] > 0 and st["ahead_calls"] > 0
+    other = [eager_tokens(model, [p], dict(params, seed=70 + i))[0] for i, p in enumerate(ps)]
+    assert other != outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(EOS_OF))
+def test_captured_sampled_block_steps_give_the_eager_tokens(name):
+    """On the GPU (captured graphs, fp32): sampled block requests (tempered) replay and run ahead with the
+    eager runner's tokens."""
+    m = tiny(name, "cuda")
+    items = [(p, dict(PARAMS, temperature=0.8, seed=3 + i)) for i, p in enumerate(prompts(5, seed=3))]
+    eng = engine(m, 16, device="cuda", compile=False)
+    got = [r.output_ids for r in eng.run_requests(items)]
+    assert got == [eager_tokens(m, [p], prm)[0] for p, prm in items]
+    assert eng.runner.stats["replays"] > 0 and eng.runner.stats["ahead_calls"] > 0
+    assert any(g.graph is not None for g in eng.runner.graphs.values())
