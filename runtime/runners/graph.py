@@ -32,8 +32,8 @@ width) and replays it:
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
   widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
-  decoding no variant holds (tempered confidences of block decoders at T > 0, a soft input without a soft
-  output), and a block-causal step over two blocks (below). ``stats["eager_reuse"]`` counts those fallbacks.
+  decoding no variant holds (tempered confidences of block decoders at T > 0 with filters or extras, a soft
+  input without a soft output), and a block-causal step over two blocks (below). ``stats["eager_reuse"]`` counts those fallbacks.
 * block diffusion (LLaDA2.x, SDAR: ``StepBatch.block_size``): with the exact block cache every step of a
   block after its first feeds exactly the block [bs, be), whose queries see keys [0, be) under the
   block-causal mask: the ordinary Reuse step's attention over the prefix up to be. Such a batch replays the
@@ -41,7 +41,9 @@ width) and replays it:
   runs ahead like any Reuse step. A block's first step (the finished block and the new one, truly
   block-causal; the prefill too) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
   softmax probability (``EagerRunner._tempered`` scales nothing at T = 0), which every variant computes;
-  sampled block steps (their confidence under softmax(logits / T)) stay eager. Random remasking needs
+  sampled block steps (confidence under softmax(logits / T)) replay a sampled variant that divides the rows
+  by T as ``_tempered`` does and draws at temperature 1 (``ExtrasKey.tempered``; with filters or other
+  extras, and on TP shards, they stay eager). Random remasking needs
   nothing from a runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the
@@ -312,7 +314,8 @@ class GraphRunner(EagerRunner):
         first use; ``filtered`` is ``sampling.filter_route``'s answer (reads the [B] filters on the host):
         over the sweep's top candidates, or the exact bisection on the survivors' threshold (a
         ``filter_bisect.bisect_plan`` route: top-p / min-p without a top-k, a top-k over 64, filters with
-        credit). None where the step stays eager: tempered confidences (block decoders), a soft input without
+        credit). None where the step stays eager: tempered confidences with filters or extras (block
+        decoders at T > 0; alone they are ``tempered``), a soft input without
         a soft output."""
         sampled = batch.temperature > 0
         if not batch.wants_extras() and not sampled:
