@@ -617,6 +617,11 @@ def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     return sched
 
 
+def _next_seed(generator: torch.Generator) -> int:
+    """One step's sampling seed: the generator's next draw in [0, SEED_RANGE)."""
+    return int(torch.randint(0, SEED_RANGE, (1,), generator=generator))
+
+
 # ------------------------------------------------------------------------------------------------ the state
 @dataclass(eq=False)          # identity: states hold tensors
 class DecodeState:
@@ -742,7 +747,7 @@ class DecodeState:
         """This step's sampling seed (T > 0): the runner's Gumbel noise is a hash of it."""
         if self.generator is None:
             return 0
-        return int(torch.randint(0, SEED_RANGE, (1,), generator=self.generator))
+        return _next_seed(self.generator)
 
     def peek_seeds(self, n: int) -> list[int]:
         """The seeds of this state's next ``n`` sampled steps (T > 0), drawn from a copy of its generator: the
@@ -752,7 +757,7 @@ class DecodeState:
         if self.generator is None or self.gen.temperature == 0:
             return [0] * n
         g = torch.Generator().set_state(self.generator.get_state())
-        return [int(torch.randint(0, SEED_RANGE, (1,), generator=g)) for _ in range(n)]
+        return [_next_seed(g) for _ in range(n)]
 
     # -- the two moves ---------------------------------------------------------------------------------------
     def advance(self, width: int) -> list[int]:

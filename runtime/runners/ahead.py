@@ -51,8 +51,9 @@ class AheadRun:
         row's sampling seed per step (None: the static seeds as staged, T = 0) -> the n steps'
         ``AheadSteps``."""
         (B, N), n = self.cols.shape, counts.shape[1]
-        if seeds is not None and self.seed_buf is None:
-            raise ValueError("run ahead: per-step seeds need the runner's static sampling seeds")
+        if (seeds is None) != (self.seed_buf is None):
+            raise ValueError("run ahead: a sampled run takes each step's seeds (seeds [B, n]), a T = 0 run "
+                             "none")
         cuda = self.ids.device.type == "cuda"
         host = dict(dtype=torch.long, pin_memory=cuda)
         out = AheadSteps(torch.empty(n, B, N, **host), None, torch.empty(n, B, N, **host),
@@ -106,8 +107,9 @@ def _rows(ex: dict | None, B: int) -> dict | None:
 def run_ahead(launch, ids: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
               mask_id: int, commit: AheadCommit | None = None, credit: tuple | None = None,
               embed: tuple | None = None, seeds: tuple | None = None) -> AheadSteps:
-    """A new run (``AheadRun``) and its first ``counts.shape[1]`` steps; ``seeds``: (the static seeds, the
-    steps' seeds [B, n] on the device) of a sampled run, else None."""
+    """A new run (``AheadRun``) and its first ``counts.shape[1]`` steps; ``seeds``: (the static seeds of a
+    sampled run or None, the steps' seeds [B, n] on the device or None; ``AheadRun.steps`` checks that both
+    or neither are given), else None."""
     buf, per_step = seeds if seeds is not None else (None, None)
     return AheadRun(launch, ids, cols, mask_id, commit, credit, embed, buf).steps(counts, per_step)
 

@@ -660,9 +660,6 @@ class GraphRunner(EagerRunner):
         once, and each step's outputs are copied back as it ends (``AheadSteps``)."""
         if not self.can_run_ahead(batch, commit):
             raise ValueError("graph runner: this batch cannot run steps ahead (see can_run_ahead)")
-        if (seeds is None) != (batch.temperature == 0):
-            raise ValueError("graph runner: a sampled run ahead takes each step's seeds (seeds [B, n]); a "
-                             "T = 0 run none")
         B, n = batch.n_seqs, counts.shape[1]
         batch = self._graphed_view(batch)                   # block-causal over one block: the prefix step
         with self._host_seconds("host_s"):                                      # until launched
@@ -671,8 +668,8 @@ class GraphRunner(EagerRunner):
             out = run_ahead(lambda: (*self._launch(g), g.extras), g.ids[:B], cols,
                             counts.to(self.device, non_blocking=True), self.config.mask_id, commit, g.credit,
                             None if g.embed is None else (g.embed, cols),
-                            None if seeds is None else (g.sampling[1], seeds.to(self.device,
-                                                                                non_blocking=True)))
+                            (None if g.sampling is None else g.sampling[1],       # sampled: static seeds
+                             None if seeds is None else seeds.to(self.device, non_blocking=True)))
             self._ahead = out.run
             self.stats["replays"] += n
             self.stats["ahead_calls"] += 1
@@ -683,8 +680,6 @@ class GraphRunner(EagerRunner):
         """``counts.shape[1]`` more steps of the latest run, from the commits its last launch left in the
         graph's static ids (step.LookaheadRunner); a sampled run's ``seeds`` [B, n] likewise."""
         run = resume(self._ahead, steps, type(self).__name__)
-        if (seeds is None) != (run.seed_buf is None):
-            raise ValueError("graph runner: a sampled run ahead takes each step's seeds, a T = 0 run none")
         with self._host_seconds("host_s"):
             out = run.steps(counts.to(self.device, non_blocking=True),
                             None if seeds is None else seeds.to(self.device, non_blocking=True))
