@@ -203,7 +203,7 @@ class TensorParallelRunner:
             raise ValueError("tensor parallel: this commit cannot run ahead on every rank "
                              "(see can_run_ahead)")
         steps = self._call(lambda: self.channel.send_batch(AHEAD, batch, ahead_columns(counts, seeds), words),
-                           lambda: self.shard.reuse_ahead(batch, counts, commit=commit, **_kw(seeds)))
+                           lambda: self.shard.reuse_ahead(batch, counts, commit=commit, seeds=seeds))
         return self._bounded(steps)
 
     def continue_ahead(self, steps, counts, seeds=None):
@@ -211,7 +211,7 @@ class TensorParallelRunner:
         message: the counts, and a sampled run's seeds; each worker goes on from its own last run, in the
         same order)."""
         steps = self._call(lambda: self.channel.send(MORE, ahead_columns(counts, seeds)),
-                           lambda: self.shard.continue_ahead(steps, counts, **_kw(seeds)))
+                           lambda: self.shard.continue_ahead(steps, counts, seeds=seeds))
         return self._bounded(steps)
 
     def _bounded(self, steps: AheadSteps) -> AheadSteps:
@@ -441,10 +441,6 @@ def split_columns(cols: torch.Tensor, sampled: bool) -> tuple[torch.Tensor, torc
     return cols[:, :n], cols[:, n:]
 
 
-def _kw(seeds) -> dict:
-    return {} if seeds is None else {"seeds": seeds}
-
-
 def _work(shard, kind: int, msg, pools: dict, make_pool, group=None):
     """One message's work on this rank -> its runner (GRAPHS replaces it). ``pools`` also keeps the rank's
     latest run ahead (``"ahead"``), which a MORE message goes on with; ``group``: the model's (a compact
@@ -462,7 +458,7 @@ def _work(shard, kind: int, msg, pools: dict, make_pool, group=None):
         if "ahead" not in pools:
             raise ValueError("tensor parallel: MORE steps without a run ahead on this rank")
         counts, seeds = split_columns(msg, pools["ahead"].run.seed_buf is not None)
-        pools["ahead"] = shard.continue_ahead(pools["ahead"], counts, **_kw(seeds))
+        pools["ahead"] = shard.continue_ahead(pools["ahead"], counts, seeds=seeds)
     elif kind in (STEP, AHEAD):
         batch, counts = read_batch(msg, shard.config, shard.device, pools, make_pool, group)
         if kind == AHEAD:
@@ -470,7 +466,7 @@ def _work(shard, kind: int, msg, pools: dict, make_pool, group=None):
             commit = None if words is None else decode_commit(words, batch.n_seqs, shard.config.mask_id,
                                                               shard.device)
             counts, seeds = split_columns(counts, batch.temperature > 0)
-            pools["ahead"] = shard.reuse_ahead(batch, counts, commit=commit, **_kw(seeds))
+            pools["ahead"] = shard.reuse_ahead(batch, counts, commit=commit, seeds=seeds)
         else:
             getattr(shard, batch.phase)(batch)
     return shard
