@@ -266,6 +266,52 @@ def block_as_prefix(batch: "StepBatch") -> "StepBatch | None":
                    block_size=0)
 
 
+def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "list[StepBatch] | None":
+    """A block-causal Reuse batch whose every row feeds k >= 2 whole blocks [q_start, q_start + k * bsz) (the
+    exact block cache's first step of a block: the finished block and the new one; a prefill of the prompt's
+    complete blocks and the first block) as ordinary Reuse steps over prefixes: one fed row per (sequence,
+    block), block j's row attending keys [0, its block end) like ``block_as_prefix``'s, the rows of one
+    sequence sharing its KV slot. Equal to the block-causal step: in every layer each row writes its block's
+    K/V into the slot before any row attends, and block j's queries see blocks <= j (block-causal) through
+    the slot. Views of at most ``max_rows`` rows run in order (every row of a view's blocks comes after the
+    blocks it reads); the last view's first ``n_seqs`` rows are the sequences' decoded (last) blocks, each
+    view decodes ``n_out`` columns of every row (those of finished blocks are discarded). ``shift``: the
+    model's logit shift. None where the batch is not such a step, carries extras or guidance, or its decoded
+    columns leave the last block."""
+    bsz = batch.block_size
+    if (batch.phase != "reuse" or not bsz or batch.q_start is None or batch.fed != batch.n_seqs
+            or batch.keep_idx is not None or batch.wants_extras() or batch.n_fed % bsz
+            or batch.n_fed < 2 * bsz or bool((batch.q_start % bsz).any())):
+        return None
+    B, k = batch.n_seqs, batch.n_fed // bsz
+    last = batch.q_start + (k - 1) * bsz                                          # [B] host
+    hid = batch.out_start - shift
+    if bool(((hid < last) | (hid + batch.n_out > last + bsz) | (batch.lengths <= last)).any()):
+        return None
+    per_view = max_rows // B
+    if per_view < 1:
+        return None
+    views, dev = [], batch.ids.device
+    chunks = [list(range(i, min(k, i + per_view))) for i in range(0, k, per_view)]
+    chunks[-1] = [k - 1] + chunks[-1][:-1]                       # the decoded blocks: the last view's first rows
+    for blocks in chunks:
+        j = torch.tensor(blocks, dtype=torch.long).repeat_interleave(B)             # [R] block of each row
+        src = torch.arange(B).repeat(len(blocks))                                   # [R] sequence of each row
+        qs = batch.q_start[src] + j * bsz
+        ends = torch.minimum(qs + bsz, batch.lengths[src])                          # keys [0, end)
+        out = torch.where(j == k - 1, batch.out_start[src], qs + shift)     # finished: own columns
+        src_d, ends_d = to_device(src, dev), to_device(ends, dev)
+        keys = batch.key_mask[src_d] & (torch.arange(batch.width, device=dev)[None] < ends_d[:, None])
+        ar = torch.arange(len(src), device=dev)
+        views.append(replace(
+            batch, n_seqs=len(src), ids=batch.ids[src_d], pos=batch.pos[src_d], key_mask=keys, lengths=ends,
+            out_start=out, hid_start=to_device(out - shift, dev), q_start=qs,
+            q_start_dev=to_device(qs, dev), n_fed=bsz, cache=batch.cache.with_(rows=batch.cache.rows[src_d]),
+            slots=batch.slots[src], seeds=batch.seeds[src_d], cond_rows=ar, un_rows=ar, block_size=0,
+            ids_host=None if batch.ids_host is None else batch.ids_host[src]))
+    return views
+
+
 def take_rows(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     """Rows start[b] .. start[b] + n of h [B, T, d] (start [B] on h's device) -> [B, n, d]."""
     cols = start[:, None] + torch.arange(n, device=h.device)                    # [B, n]

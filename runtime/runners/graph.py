@@ -89,13 +89,14 @@ from dlc.models.packed import PackedCache, packable
 from dlc.models.sparse_heads import kept_counts
 
 from ..decoding import MAX_LOGPROBS
-from ..step import MixedBatch, StepBatch, block_as_prefix, take_rows
+from ..step import MixedBatch, StepBatch, block_as_prefix, block_rows_as_prefix, take_rows
 from ..step_output import StepOutput
 from .ahead import AheadRun, decoded_cols, resume, run_ahead
 from .eager import VOCAB_CHUNK, EagerRunner, scatter_delta
 from .packed import MIX_ITERATIONS, TOKEN_BUCKETS, packed_seqs, run_packed, token_bucket
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+MAX_BLOCK_VIEWS = 2      # replays of a block decoder's step over several blocks, at most (``_block_rows``)
 LOGPROB_BUCKETS = (0, 1, 2, 5, 10, MAX_LOGPROBS)   # top alternatives a variant returns (rows take their k)
 DECODE = ("fused", "exact")
 
@@ -224,12 +225,15 @@ class GraphRunner(EagerRunner):
         if not self.buckets or self.buckets[0] < 1:
             raise ValueError(f"graph runner: buckets must be positive integers, got {buckets}")
         self.max_width = max_width
+        self.warm_rows = self.buckets[-1]        # rows per view of a step over several blocks: the largest
+                                                 # bucket warm-up captured (``_block_rows``)
         self.pool = self.scratch = self._mempool = None
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.packed_graphs: dict[int, _PackedGraph] = {}       # token bucket -> captured packed forward
         self._ahead: AheadRun | None = None     # the latest run of steps ahead (continue_ahead goes on)
         self.stats = {"replays": 0, "eager_reuse": 0, "captures": 0, "host_s": 0.0, "capture_s": 0.0,
                       "ahead_calls": 0, "ahead_continued": 0,
+                      "block_rows": 0,  # block decoders' steps over several blocks, replayed row per block
                       "warm_s": 0.0}    # first runs of each captured shape (compilation, with compile)
         if fuse if fuse is not None else cuda:
             fuse_projections_(model)
@@ -526,8 +530,32 @@ class GraphRunner(EagerRunner):
                 res = self._replay(graphed, ex)
                 self.stats["replays"] += 1
             return res
+        views = self._block_rows(batch)
+        if views is not None:
+            with self._host_seconds("host_s"):
+                for view, ex in views[:-1]:            # finished blocks the last view's rows read
+                    self._launch(self._stage(view, ex))
+                tok, conf = self._replay(*views[-1])  # the views carry no extras: (x0, conf)
+                self.stats["replays"] += 1
+                self.stats["block_rows"] += 1
+            return tok[:batch.n_seqs], conf[:batch.n_seqs]
         self.stats["eager_reuse"] += 1
         return super().reuse(batch)
+
+    def _block_rows(self, batch: StepBatch) -> list | None:
+        """A block decoder's step over several whole blocks (a block's first step feeds the finished block
+        too; a prefill feeds the prompt's complete blocks) as one captured Reuse row per (sequence, block)
+        (``step.block_rows_as_prefix``), in views of at most the largest warmed bucket's rows -> [(view, its
+        variant)], or None: not such a step, a view the captured steps cannot run, or more than
+        ``MAX_BLOCK_VIEWS`` views (a long prefill of many rows: compute-bound, where the eager forward's one
+        pass over the weights beats many replays that each read them)."""
+        if not batch.block_size or self.pool is None:
+            return None
+        views = block_rows_as_prefix(batch, self.warm_rows, self.config.logit_shift)
+        if views is None or len(views) > MAX_BLOCK_VIEWS:
+            return None
+        out = [(v, self._extras_key(v)) for v in views]
+        return out if all(self._eligible(v, ex) for v, ex in out) else None
 
     @staticmethod
     def _graphed_view(batch: StepBatch) -> StepBatch:
@@ -796,11 +824,13 @@ class GraphRunner(EagerRunner):
         """Capture every bucket up to ``max_batch`` for each (fed width, decoded width) before serving."""
         if self.pool is None:
             return
-        for T, N in widths:
+        top = 2 * max_batch if self.config.block_diffusion else max_batch   # a block's first step: 2 rows
+        for T, N in widths:                                                 # per sequence (``_block_rows``)
             for bb in self.buckets:
                 self._graph(bb, T, N)
-                if bb >= max_batch:
+                if bb >= top:
                     break
+            self.warm_rows = bb
         if self.compiled and widths:
             self._warm_eager(widths[0][1])
         elif self.mix_iterations == "captured" and widths:       # capture the first token buckets' forwards

@@ -23,6 +23,7 @@ from dlc.runtime.engine import Engine
 from dlc.runtime.generate import GenerationConfig, generate
 from dlc.runtime.runners.eager import EagerRunner
 from dlc.runtime.session import Session
+from dlc.runtime.step import block_rows_as_prefix
 
 # per model, a token it predicts now and then (test_block_decoding.py): stops happen on some prompts only
 EOS_OF = {"tiny-llada2": 72, "tiny-sdar": 25}
@@ -61,10 +62,11 @@ def eager_tokens(model, ps, params):
 
 
 def test_later_steps_of_a_block_replay_the_ordinary_graph(model):
-    """One request at a time: each block's first step (the finished block + the new one, or the prefill of
-    the prompt's complete blocks + the first block) runs eagerly, every later step of the block replays the
-    captured Reuse step, and so does a first block's first step that feeds that block alone (a prompt
-    shorter than a block: keys [0, be) again); tokens are the eager runner's."""
+    """One request at a time: every later step of a block replays the captured Reuse step, and so does a
+    first block's first step that feeds that block alone (a prompt shorter than a block: keys [0, be)
+    again); each block's first step (the finished block + the new one, or the prefill of the prompt's
+    complete blocks + the first block) replays it too, one row per fed block in the request's slot
+    (``step.block_rows_as_prefix``); nothing runs eagerly and tokens are the eager runner's."""
     ps = prompts(3, seed=1) + [list(range(20, 31))]               # an 11-token prompt: a prefill + a block
     eng = engine(model)
     outs, forwards, blocks = [], 0, 0
@@ -82,13 +84,49 @@ def test_later_steps_of_a_block_replay_the_ordinary_graph(model):
     assert blocks >= 2 * len(ps) and forwards > blocks           # several blocks, several steps each
     one_block_prefill = sum(len(p) < PARAMS["block_length"] for p in ps)
     assert 0 < one_block_prefill < len(ps)
-    assert st["eager_reuse"] == blocks - one_block_prefill
-    assert st["replays"] == forwards - blocks + one_block_prefill
+    assert st["eager_reuse"] == 0
+    assert st["block_rows"] == blocks - one_block_prefill
+    assert st["replays"] == forwards
+
+
+def test_steps_over_several_blocks_replay_in_views_of_the_warmed_rows(model, monkeypatch):
+    """Two requests with 30-token prompts (a prefill of four blocks: three complete ones and the first) and
+    the views capped at four rows (two blocks of both sequences per view): the prefill replays as two views,
+    in block order but the decoded block first in the last view; tokens equal generate()'s. With views of
+    two rows the prefill would take four views, over ``MAX_BLOCK_VIEWS``: it runs eagerly."""
+    from dlc.runtime.runners import graph
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(0, 250, (30,), generator=g).tolist() for _ in range(2)]
+    eng = engine(model)
+    eng.runner.warm_rows = 4
+    made = []
+
+    def views(batch, *a):
+        out = block_rows_as_prefix(batch, *a)
+        made.append([(v.n_seqs, v.q_start.tolist()) for v in out or []])
+        return out
+    monkeypatch.setattr(graph, "block_rows_as_prefix", views)
+    reqs = [eng.make_request(p, PARAMS) for p in ps]
+    for r in reqs:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert [r.output_ids for r in reqs] == eager_tokens(model, ps, PARAMS)
+    assert reqs[0].output_ids != reqs[1].output_ids
+    assert made[0] == [(4, [0, 0, 8, 8]), (4, [24, 24, 16, 16])]                   # the prefill
+    st = eng.runner.stats
+    assert st["eager_reuse"] == 0 and st["block_rows"] == len(made) >= 2
+    eng.runner.warm_rows, made[:] = 2, []                        # four views of two rows: eager
+    again = [eng.make_request(p, PARAMS) for p in ps]
+    for r in again:
+        eng.add_request(r)
+    eng.run_until_done()
+    assert [r.output_ids for r in again] == [r.output_ids for r in reqs]
+    assert len(made[0]) == 4 and st["eager_reuse"] == 1          # the prefill only
 
 
 def test_a_batch_of_block_requests_replays_with_generate_tokens(model):
     """Several requests in one group (thresholds, the static schedule, an early stop), batched: tokens are
-    generate()'s on the eager runner and the later steps replay."""
+    generate()'s on the eager runner and every step replays (first steps of blocks as rows per block)."""
     ps = prompts(6, seed=2)
     kinds = [PARAMS, dict(PARAMS, threshold=None), dict(PARAMS, eos_early_stop=True)]
     eng = engine(model)
@@ -96,7 +134,8 @@ def test_a_batch_of_block_requests_replays_with_generate_tokens(model):
     got = [r.output_ids for r in eng.run_requests(items)]
     assert got == [eager_tokens(model, [p], kw)[0] for p, kw in items]
     assert len({tuple(o) for o in got}) > 1
-    assert eng.runner.stats["replays"] > eng.runner.stats["eager_reuse"] > 0
+    st = eng.runner.stats
+    assert st["replays"] > st["block_rows"] > 0 and st["eager_reuse"] == 0
 
 
 @pytest.mark.gpu
