@@ -93,7 +93,9 @@ def new_section(heading: str, order: int) -> Section | None:
     head = heading[:m.start()].strip()
     title, _, rest = head.partition(":")
     gpu, _, date = rest.rpartition(",") if re.search(r",\s*\d{4}-", rest) else (rest, "", "")
-    return Section(title.strip(), m.group(1), gpu.strip() or "-", date.strip(), "", order)
+    d = re.match(r"(\d{4}-\d{2}-\d{2})\s+(\d{1,2}:\d{2})", date.strip())      # "2026-11-28 22:20": split
+    day, time = (d.group(1), d.group(2)) if d else (date.strip(), "")
+    return Section(title.strip(), m.group(1), gpu.strip() or "-", day, time, order)
 
 
 def latest(sections: list[Section]) -> dict[str, Section]:
@@ -235,8 +237,18 @@ def block_diffusion(s: Section) -> list[tuple[str, str]]:
 def block_cost(s: Section) -> list[tuple[str, str]]:
     t = s.tables[0]
     parts = [f"{find(t, b=b, variant='graphs la16')['vs eager']} (batch {b})" for b in ("1", "8")]
-    return [("block diffusion (SDAR-8B shape) served, graphs + run ahead vs the eager runner: "
+    rows = [("block diffusion (SDAR-8B shape) served, graphs + run ahead vs the eager runner: "
              + ", ".join(parts), "runtime graph path (Engine + GraphRunner, lookahead 16)")]
+    firsts = [t for t in s.tables if any(r.get("variant") == "la16 first eager" for r in t)]
+    if firsts:                                  # the table with the most tokens a forward
+        t = max(firsts, key=lambda t: float(find(t, b="1", variant="graphs la16")["tokens / forward"]))
+        ms = [(b, float(find(t, b=b, variant="la16 first eager")["ms / forward"]),
+               float(find(t, b=b, variant="graphs la16")["ms / forward"])) for b in ("1", "8")]
+        tpf = find(t, b="1", variant="graphs la16")["tokens / forward"]
+        rows.append((f"block diffusion at {tpf} tokens a forward: blocks' first steps replayed vs eager: "
+                     + ", ".join(f"{a / g:.2f}x (batch {b})" for b, a, g in ms),
+                     "runtime graph path (Engine + GraphRunner, lookahead 16)"))
+    return rows
 
 
 EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,

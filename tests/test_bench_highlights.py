@@ -81,3 +81,13 @@ def test_readme_highlights_match_results_md(hl):
     """README's rows are what bench/RESULTS.md gives today (run `python3 bench/highlights.py` after adding
     results)."""
     assert hl.main(["--check"]) == 0
+
+
+def test_a_heading_time_orders_as_a_date_line_time(hl):
+    """A heading's ``2026-11-28 22:20`` is a day and a time: a later section whose ``- date:`` line says
+    23:58 of that day is the latest (compared as one string, the heading's day + time sorted after it)."""
+    text = ("## Old: H200, 2026-11-28 22:20 (bench/block_cost.py)\n\n"
+            "## New: H200, 2026-11-29 00:00 (bench/block_cost.py)\n\n- date: 2026-11-28 23:58-00:03 UTC\n")
+    secs = hl.parse_sections(text)
+    assert [(s.date, s.time) for s in secs] == [("2026-11-28", "22:20"), ("2026-11-28", "23:58")]
+    assert hl.latest(secs)["block_cost"].title == "New"

@@ -33,13 +33,18 @@ width) and replays it:
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
   widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
   decoding no variant holds (tempered confidences of block decoders at T > 0 with filters or extras, a soft
-  input without a soft output), and a block-causal step over two blocks (below). ``stats["eager_reuse"]`` counts those fallbacks.
+  input without a soft output), and a block decoder's step over several blocks that does not fit two
+  views (below). ``stats["eager_reuse"]`` counts those fallbacks.
 * block diffusion (LLaDA2.x, SDAR: ``StepBatch.block_size``): with the exact block cache every step of a
   block after its first feeds exactly the block [bs, be), whose queries see keys [0, be) under the
   block-causal mask: the ordinary Reuse step's attention over the prefix up to be. Such a batch replays the
   ordinary captured step (``step.block_as_prefix``: lengths be, keys past be masked; ``_graphed_view``) and
   runs ahead like any Reuse step. A block's first step (the finished block and the new one, truly
-  block-causal; the prefill too) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
+  block-causal; a prefill of the prompt's complete blocks too) replays the same captured step with one fed
+  row per block, the rows of a sequence sharing its KV slot (``step.block_rows_as_prefix``, ``_block_rows``:
+  each row writes its block's K/V before any row attends, so block j's queries see the blocks before it);
+  warm-up captures buckets up to twice the batch for these models, and a step needing more than
+  ``MAX_BLOCK_VIEWS`` replays (a long prefill of a large batch) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
   softmax probability (``EagerRunner._tempered`` scales nothing at T = 0), which every variant computes;
   sampled block steps (confidence under softmax(logits / T)) replay a sampled variant that divides the rows
   by T as ``_tempered`` does and draws at temperature 1 (``ExtrasKey.tempered``; with filters or other
@@ -345,7 +350,7 @@ class GraphRunner(EagerRunner):
         # ``ex``: the batch's ``_extras_key`` (None: decoding the captured variants lack, eager)
         return (self.pool is not None and c is not None and c.k[0] is self.pool.k[0] and batch.cfg_scale <= 0
                 and ex is not None and batch.n_seqs <= self.buckets[-1] and batch.n_fed <= self.max_width
-                and not batch.block_size          # block-causal over two blocks (a block's first step): eager
+                and not batch.block_size          # block-causal over several blocks: ``_block_rows``
                 and batch.width <= self.pool.s_max
                 and (batch.keep_idx is not None) == (self.sparse_retention is not None))
 
@@ -562,7 +567,7 @@ class GraphRunner(EagerRunner):
         """The batch as the captured steps run it: a block-causal Reuse step over one block as the ordinary
         Reuse step over the prefix up to the block's end (``step.block_as_prefix``: the same attention);
         every other batch as it is (a block's first step, which feeds the finished block too, stays
-        block-causal: ``_eligible`` sends it to the eager path)."""
+        block-causal: ``_eligible`` refuses it and ``reuse`` replays it as rows per block, ``_block_rows``)."""
         return (block_as_prefix(batch) or batch) if batch.block_size else batch
 
     def _replay(self, batch: StepBatch, ex: tuple):
