@@ -80,6 +80,62 @@ def test_takes_one_shot(nbytes, offset, contiguous, dtype, want):
     assert ar.takes_one_shot(nbytes, offset, contiguous, dtype, 0) is False   # limit 0: never
 
 
+def test_copy_engine_range(monkeypatch):
+    """World 2 sums messages of 4 MiB and more with the copy engines (the probe's crossover with one-shot),
+    up to the receive buffer; other world sizes never; ``DLC_TP_CE_MIN_BYTES`` moves the threshold."""
+    monkeypatch.delenv(ar.CE_MIN_ENV, raising=False)
+    assert ar.ce_min_bytes(2) == 4 * MiB and ar.ce_min_bytes(4) == 0 and ar.ce_min_bytes(8) == 0
+    monkeypatch.setenv(ar.CE_MIN_ENV, "1024")
+    assert ar.ce_min_bytes(2) == 1024 and ar.ce_min_bytes(4) == 0
+    take = ar.takes_copy_engine
+    assert take(8 * MiB, 0, True, 4 * MiB, 64 * MiB) and take(4 * MiB, 0, True, 4 * MiB, 64 * MiB)
+    assert not take(4 * MiB - 16, 0, True, 4 * MiB, 64 * MiB)            # below: one-shot / NCCL
+    assert not take(64 * MiB + 16, 0, True, 4 * MiB, 64 * MiB)           # past the receive buffer
+    assert not take(8 * MiB, 8, True, 4 * MiB, 64 * MiB)                 # start not 16-byte aligned
+    assert not take(8 * MiB, 0, False, 4 * MiB, 64 * MiB)                # strided
+    assert not take(8 * MiB, 0, True, 0, 64 * MiB)                       # least 0: never
+
+
+def test_the_op_sends_copy_engine_messages_there_and_issue_runs_them_aside(monkeypatch):
+    """``run`` gives a message the copy engines take to them (at once; ``issue``: on the side stream,
+    joined by ``wait``), every other message to one-shot / NCCL as before, and never under ``nccl``."""
+    from types import SimpleNamespace
+
+    class Engines:
+        def __init__(self):
+            self.log = []
+
+        def takes(self, x):
+            return x.numel() >= 8
+
+        def run(self, x):
+            self.log.append(("run", x.numel()))
+
+        def issue(self, x):
+            self.log.append(("issue", x.numel()))
+
+        def wait(self, x):
+            self.log.append(("wait", x.numel()))
+    red = ar.AllReduce(SimpleNamespace(group_name="fake-ce", size=lambda: 2), "auto", 0,
+                       torch.empty(0, dtype=torch.uint8))
+    red.ce = Engines()
+    plain = []
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: plain.append(x.numel()))
+    ar._REDUCERS[red.group_name] = red
+    try:
+        red(torch.ones(8))
+        red(torch.ones(4))                                            # small: the plain path
+        t = red.issue(torch.ones(16))
+        red.wait(t)
+        red.switch("nccl")
+        red(torch.ones(8))                                            # nccl: never the copy engines
+    finally:
+        ar._REDUCERS.pop(red.group_name, None)
+    assert red.ce.log == [("run", 8), ("issue", 16), ("wait", 16)]
+    assert plain == [4, 8] and red.calls == {"one_shot": 0, "nccl": 1, "copy_engine": 0}   # since switch
+
+
 def test_setup_configures_the_one_reduce_of_the_layers_and_auto_falls_back(cuda_symm, monkeypatch):
     """``setup`` as on a 2-GPU rank (the buffer faked on the host): the one AllReduce every parallel layer was
     built with gets the buffer sized for the largest message that uses it; a buffer that cannot be set up
@@ -101,18 +157,21 @@ def test_setup_configures_the_one_reduce_of_the_layers_and_auto_falls_back(cuda_
         sizes.append(nbytes)
         return torch.empty(nbytes, dtype=torch.uint8)
     monkeypatch.setattr(ar, "symmetric_buffer", buffer)
+    engines = []
+    monkeypatch.setattr(ar, "copy_engine_sum", lambda *a: engines.append(a) or f"ce{len(engines)}")
     for backend in ("auto", "symm"):
         r = ar.setup(red, backend, "cuda", torch.float32, 64)
         assert sizes[-1] == 2 * MiB and r.max_bytes() == 2 * MiB     # 8192 tokens x 64 x fp32 < 8 MiB
         assert r.op and r.backend == backend and ar._REDUCERS["fake-tp"] is r
         assert o.reduce is down.reduce is embed.reduce is r is red
+        assert r.ce == f"ce{len(engines)}" and engines[-1] == (group, 2, 64, 4, backend)  # the receive buffer
 
     def broken(nbytes, g):
         raise RuntimeError("CUDASymmetricMemory: no peer access\nmore")
     monkeypatch.setattr(ar, "symmetric_buffer", broken)
     with pytest.warns(UserWarning, match="tp_all_reduce auto: symmetric memory unavailable"):
         r = ar.setup(ar.AllReduce(group), "auto", "cuda", torch.float32, 64)
-    assert not r.op and r.max_bytes() == 0
+    assert not r.op and r.max_bytes() == 0 and r.ce is None and len(engines) == 2
     with pytest.raises(ValueError, match="^tp_all_reduce symm: the symmetric buffer failed: CUDASymm"):
         ar.setup(ar.AllReduce(group), "symm", "cuda", torch.float32, 64)
 
@@ -247,7 +306,8 @@ def test_auto_on_cpu_is_gloo_and_tokens_equal_one_process(tmp_path):
         assert len({tuple(t) for t in want}) == 3 and len(set(want[0])) > 2    # decisive: prompts matter
         ranks = tp.runner.step_times()
         assert [r["all_reduce"] for r in ranks] == [{"backend": "auto", "one_shot_max_bytes": 0,
-                                                     "one_shot": 0, "nccl": 0}] * 2   # gloo, traced
+                                                     "copy_engine_min_bytes": 0, "one_shot": 0, "nccl": 0,
+                                                     "copy_engine": 0}] * 2   # gloo, traced
         with pytest.raises(ValueError, match="tp_all_reduce symm: this group started with auto"):
             tp.runner.step_times(all_reduce="symm")                # no buffer: refused before any rank moves
         assert generate(tp.runner, PROMPTS[:1], cfg).token_ids == want[:1]    # the group still serves
@@ -326,3 +386,77 @@ def test_tp_bench_times_each_backend_beside_tp1(tmp_path):
         assert res[side]["identical_sequences"] == "3/3" and res[side]["tokens_per_s"] > 0
         assert [a["backend"] for a in res[side]["all_reduce"]] == [side[4:]] * 2      # every rank switched
     assert "| tp2-nccl |" in r.stdout and "| tp2-auto |" in r.stdout and "sync vs nccl" in r.stdout
+
+
+def _copy_engine_rank(rank: int, port: int, q) -> None:
+    """One rank of ``test_copy_engine_sums_equal_nccl_on_two_gpus`` (a fresh process: its own rendezvous)."""
+    import os
+
+    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            device_id=torch.device("cuda", rank))
+    try:
+        os.environ[ar.CE_MIN_ENV] = "2048"                     # [1, 256] bf16 one-shot, [4+, 256] copy engines
+        red = ar.setup(ar.AllReduce(dist.group.WORLD), "symm", "cuda", torch.bfloat16, 256)
+        g = torch.Generator(device="cuda").manual_seed(rank)
+        xs = [torch.randn(n, 256, device="cuda", dtype=torch.bfloat16, generator=g) for n in (1, 4, 64)]
+
+        def nccl(x):
+            y = x.clone()
+            dist.all_reduce(y)
+            return y
+
+        def ours(x):                               # one sum each way: at once, and two issued in flight
+            a, b, c = x.clone(), x.clone(), (2 * x).clone()
+            red(a)
+            tb, tc = red.issue(b), red.issue(c)
+            return a, red.wait(tb), red.wait(tc)
+        eager = all(torch.equal(o, w) for x in xs for o, w in zip(ours(x), (nccl(x), nccl(x), nccl(2 * x))))
+        static = [torch.zeros_like(x) for x in xs]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            outs = [ours(x) for x in static]                   # warm outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [ours(x) for x in static]
+        captured = True
+        for it in range(3):                                    # new inputs, replayed in lockstep
+            for x, st in zip(xs, static):
+                st.copy_(x * (it + 1))
+            graph.replay()
+            torch.cuda.synchronize()
+            captured &= all(torch.equal(o, w) for x, out in zip(static, outs)
+                            for o, w in zip(out, (nccl(x), nccl(x), nccl(2 * x))))
+        q.put((rank, eager, captured, red.report()))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_copy_engine_sums_equal_nccl_on_two_gpus():
+    """2 GPUs, ``symm`` with the copy engines from 2 KiB: sums at once and issued on the side stream (two in
+    flight, joined by ``wait``), eagerly and captured in a CUDA graph replayed on new inputs, equal NCCL's bit
+    for bit on both ranks; small messages still go one-shot."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_copy_engine_rank, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = sorted(q.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(60)
+    for rank, eager, captured, report in res:
+        assert eager and captured, (rank, eager, captured)
+        assert report["copy_engine"] > 0 and report["one_shot"] > 0, report
+        assert report["copy_engine_min_bytes"] == 2048
+    assert res[0][3] == res[1][3]                              # the same choices on both ranks
