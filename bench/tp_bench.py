@@ -49,9 +49,12 @@ off
 by ``served_throughput``'s warm set), N rounds alternating the order of the three sides; prints the medians,
 the ratios to TP=1 and overlap on / off, and how many sequences the two TP sides agree on (bf16: the halves'
 GEMM shapes round differently; fp32 tokens are identical, tests/runtime/test_tp_overlap.py). Without it the
-TP side runs with the default threshold (B=32 x 32-token Reuse steps split).
+TP side runs with the default threshold (B=32 x 32-token Reuse steps split). With ``--all-reduce a,b`` too,
+the overlap sides use the last backend and each earlier one adds a side with overlap off (every side in
+the alternation: a served A/B of the backends).
 
     python3 -P bench/tp_bench.py --tp 2 --compile --quick --agree-preset none --overlap-ab 3   # < 4 min
+    python3 -P bench/tp_bench.py --tp 2 --compile --quick --agree-preset none --overlap-ab 3 --all-reduce nccl,auto
 
 An LLaDA-MoE-shaped model (attention TP=2, experts EP=2: dlc.models.expert_parallel) is the same script in a
 second call: ``--preset llada-moe-7b --agree-preset tiny-llada-moe --quick``; the MoE layer alone, EP=2 vs
@@ -334,16 +337,21 @@ def by_backend(args, res: dict, one, tp, backends: list[str]) -> list[str]:
     return list(names)
 
 
-def overlap_ab(args, res: dict, one, tp) -> str:
+def overlap_ab(args, res: dict, one, tp, backends: list[str] | None = None) -> str:
     """``--overlap-ab``: served tok/s of TP=1, TP=N overlap on and off, ``args.overlap_ab`` rounds with the
-    order alternating; medians into ``res``; returns the table."""
-    sides = {"tp1": (one, None), "overlap on": (tp, args.overlap_tokens), "overlap off": (tp, 0)}
+    order alternating; medians into ``res``; returns the table. With ``backends`` (``--all-reduce``), also
+    each backend's TP side with overlap off (``<backend> off``), the overlap sides on the last backend."""
+    last = backends[-1] if backends else None
+    sides = {"tp1": (one, None, None), "overlap on": (tp, args.overlap_tokens, last),
+             "overlap off": (tp, 0, last)}
+    for b in (backends or [])[:-1]:
+        sides[f"{b} off"] = (tp, 0, b)
     per, toks = {k: [] for k in sides}, {}
     for r in range(args.overlap_ab):
         for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            runner, n = sides[k]
-            if n is not None:
-                tp.step_times(reset=True, overlap_tokens=n)          # every rank; graphs captured again
+            runner, n, backend = sides[k]
+            if n is not None:                                        # every rank; graphs captured again
+                tp.step_times(reset=True, overlap_tokens=n, all_reduce=backend)
             tps, toks[k] = served_throughput(runner, args.batch, args.prompt, args.gen, args.block,
                                              args.lookahead, args.graphs, args.compile)
             per[k].append(tps)
@@ -361,14 +369,18 @@ def overlap_ab(args, res: dict, one, tp) -> str:
                          "off_vs_tp1": med["overlap off"] / med["tp1"],
                          "identical_on_off": f"{same}/{args.batch}"}
     o = res["overlap_ab"]
+    on = f" ({last} all-reduce)" if last else ""
+    more = [f"| TP={args.tp} {k[:-4]} all-reduce, overlap off | {med[k]:.1f} | {med[k] / med['tp1']:.2f}x | "
+            f"{last} off / this: {med['overlap off'] / med[k]:.3f}x |" for k in sides if k.endswith(" off")
+            and k != "overlap off"]
     return "\n".join([
         f"| served tok/s B={args.batch} ({res['runner']}, medians of {args.overlap_ab}) | tok/s | vs TP=1 | "
         "target |",
         "|---|---|---|---|",
-        f"| TP=1 | {med['tp1']:.1f} | - | - |",
-        f"| TP={args.tp} overlap off | {med['overlap off']:.1f} | {o['off_vs_tp1']:.2f}x | >= 1.7x: "
+        f"| TP=1 | {med['tp1']:.1f} | - | - |", *more,
+        f"| TP={args.tp} overlap off{on} | {med['overlap off']:.1f} | {o['off_vs_tp1']:.2f}x | >= 1.7x: "
         f"{'met' if o['off_vs_tp1'] >= 1.7 else '**missed**'} |",
-        f"| TP={args.tp} overlap on (>= {args.overlap_tokens} tokens) | {med['overlap on']:.1f} | "
+        f"| TP={args.tp} overlap on (>= {args.overlap_tokens} tokens){on} | {med['overlap on']:.1f} | "
         f"{o['on_vs_tp1']:.2f}x | >= 1.7x: {'met' if o['on_vs_tp1'] >= 1.7 else '**missed**'} |",
         f"| overlap on / off | - | {o['on_vs_off']:.3f}x | sequences identical on vs off ({res['dtype']}): "
         f"{o['identical_on_off']} |"])
@@ -439,7 +451,7 @@ def main() -> None:
         f"compiled {'on every rank' if getattr(tp, 'compiled', False) else 'off'})")
     if args.overlap_ab:
         try:
-            tab = overlap_ab(args, res, one, tp)
+            tab = overlap_ab(args, res, one, tp, backends)
         finally:
             tp_session.runner.close()
         print(json.dumps(res, indent=2))
