@@ -172,6 +172,8 @@ def tp_bench(s: Section) -> list[tuple[str, str]]:
     path = ("CUDA graphs and compiled blocks per rank, tensor parallel (fused shard decode)"
             if "compiled on both" in head else "CUDA graphs per rank, tensor parallel (no compiled blocks)"
             if "cuda graphs" in head else "eager runner, tensor parallel (no CUDA graphs)")
+    if "copy engines" in head:
+        path += ", copy-engine all-reduce (--tp-all-reduce auto)"
     served = next((r for r in t if r["metric"].startswith("served tok/s, B=32")), None)
     also = f", served by the Engine {served['ratio']}" if served else ""
     return [(f"TP=2 vs one GPU: Reuse step {step['ratio']} the time (batch 1), e2e {e2e['ratio']} the "

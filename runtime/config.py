@@ -68,8 +68,9 @@ class ServeConfig:
     tensor_parallel_size: int = 1       # shard the model over this many GPUs / processes (CUDA graphs
                                     # per rank as on one GPU)
     # the ranks' all-reduce: nccl (default), auto (symmetric memory's one-shot for small messages on CUDA,
-    # else NCCL / gloo) or symm (one-shot up to its buffer; CUDA only): dlc.models.all_reduce. auto is
-    # opt-in: on 2 x H200 a process's second TP group hung after a first one (bench/RESULTS.md)
+    # the copy engines for 4-64 MiB at TP=2, else NCCL / gloo) or symm (the same up to its buffers; CUDA
+    # only): dlc.models.all_reduce. auto is opt-in: on 2 x H200 a process's second TP group hung after a
+    # first one (bench/RESULTS.md)
     tp_all_reduce: str = "nccl"
     # two-micro-batch overlap of each TP rank's forward (models/overlap.py): a step feeding at least this many
     # tokens runs as two halves whose all-reduces overlap the other half's compute (0: off; None: the
