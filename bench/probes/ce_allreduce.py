@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nccl_allreduce import D, LAYERS, captured, layer_stack, timed  # noqa: E402
+from nccl_allreduce import D, LAYERS, captured, finish, layer_stack, run_ranks, timed  # noqa: E402
 
 VARIANTS = ("nccl", "one_shot", "ce_push", "ce_pull")
 
@@ -108,26 +107,14 @@ def rank_main(rank: int, world: int, port: int, rows_list: list[int], q):
         row["layers_no_comm_ms"] = timed(captured(layer_stack(rows, world, lambda y: None)))
         res.append(row)
         dist.barrier()
-    if rank == 0:
-        q.put(res)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(rank, res, q)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="32,1024", help="rows per step (B x block): 32 = B 1, 1024 = B 32")
     args = ap.parse_args()
-    rows_list = [int(r) for r in args.rows.split(",")]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=rank_main, args=(r, 2, port, rows_list, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = q.get(timeout=500)
-    for p in procs:
-        p.join(60)
+    res = run_ranks(rank_main, 2, [int(r) for r in args.rows.split(",")], timeout=500)
     print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": res}),
           flush=True)
     print("\n| rows | MB | variant | same sum as NCCL | us / op (graph) | 32 layers + sums ms | no sums ms |")

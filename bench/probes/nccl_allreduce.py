@@ -137,10 +137,29 @@ def rank_main(rank: int, world: int, port: int, rows_list: list[int], q):
                 row["tp2_layers_symm_fused_error"] = repr(e)[:200]
         res.append(row)
         dist.barrier()
+    finish(rank, res, q)
+
+
+def finish(rank: int, res, q) -> None:
+    """A rank's end: rank 0 hands the results over, every rank leaves the group."""
     if rank == 0:
         q.put(res)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_ranks(target, world: int, *args, timeout: float = 600):
+    """target(rank, world, port, *args, queue) in ``world`` spawned processes -> what rank 0 put."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = q.get(timeout=timeout)
+    for p in procs:
+        p.join(60)
+    return res
 
 
 def main():
@@ -148,16 +167,7 @@ def main():
     ap.add_argument("--rows", default="32,1024", help="rows per step (B x block): 32 = B 1, 1024 = B 32")
     ap.add_argument("--tp", type=int, default=2)
     args = ap.parse_args()
-    rows_list = [int(r) for r in args.rows.split(",")]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=rank_main, args=(r, args.tp, port, rows_list, q)) for r in range(args.tp)]
-    for p in procs:
-        p.start()
-    res = q.get(timeout=600)
-    for p in procs:
-        p.join(60)
+    res = run_ranks(rank_main, args.tp, [int(r) for r in args.rows.split(",")])
     print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tp": args.tp,
                       "results": res}), flush=True)
     print("\n| rows | MB | NCCL eager ms | NCCL in graph ms/op | symm eager ms | symm in graph ms/op | "
