@@ -66,26 +66,30 @@ def sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def make_engines(model, args, max_b: int) -> dict:
-    """{variant: (engine, lookahead)}: one eager engine, one graph engine shared by the graph variants."""
+def make_engine(model, args, max_b: int, graphs: bool, lookahead: int = 1):
+    """A warmed dlc.runtime.Engine over ``model`` for up to ``max_b`` requests of ``args.prompt`` +
+    ``args.gen`` tokens in blocks of ``args.block``: the eager runner, or (``graphs``) the CUDA-graph runner
+    with ``args.compile``'s blocks (bench/block_diffusion.py times it too)."""
     from dlc.runtime.config import ServeConfig
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes
     from dlc.runtime.session import Session
     cfg = model.config
     L = -(-(args.prompt + args.gen) // args.block) * args.block             # the canvas: whole blocks
-    engines = {}
-    for graphs in (False, True):
-        runner = eager_runner(model)
-        mib = slot_bytes(cfg, L, runner.dtype) * (max_b + 2) / 2**20 + 1
-        sc = ServeConfig(model="bench", device=args.device, max_batch_size=max_b,
-                         max_num_tokens=2 * max_b * L,
-                         max_seq_len=L, kv_cache_mb=mib, max_queue=4096, policy="fcfs", cuda_graphs=graphs,
-                         compile=args.compile if graphs else False, lookahead_max_ms=0.0,
-                         block_length=args.block, gen_length=args.gen)
-        eng = Engine(Session(runner, None, cfg, False, "bench"), sc)
-        eng.warmup()
-        engines[graphs] = eng
+    runner = eager_runner(model)
+    mib = slot_bytes(cfg, L, runner.dtype) * (max_b + 2) / 2**20 + 1
+    sc = ServeConfig(model="bench", device=args.device, max_batch_size=max_b, max_num_tokens=2 * max_b * L,
+                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, policy="fcfs", cuda_graphs=graphs,
+                     compile=args.compile if graphs else False, lookahead_steps=lookahead,
+                     lookahead_max_ms=0.0, block_length=args.block, gen_length=args.gen)
+    eng = Engine(Session(runner, None, cfg, False, "bench"), sc)
+    eng.warmup()
+    return eng
+
+
+def make_engines(model, args, max_b: int) -> dict:
+    """{variant: (engine, lookahead)}: one eager engine, one graph engine shared by the graph variants."""
+    engines = {graphs: make_engine(model, args, max_b, graphs) for graphs in (False, True)}
     rows = engines[True].runner.warm_rows
     return {"eager": (engines[False], 1, 0), "la16 first eager": (engines[True], 16, 0),
             "graphs la1": (engines[True], 1, rows), "graphs la16": (engines[True], 16, rows)}

@@ -7,9 +7,13 @@ H100 / H200).
 Schedule: LLaDA2.0's ``generate`` (``decoder llada2``): prompt ``--prompt`` (all rows the same length, so the
 block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, threshold ``--threshold``, greedy.
 
-* dlc: ``dlc.runtime.generate.generate`` over the eager runner with the exact block KV cache (``kv_cache
+* dlc (``--runner graphs``, the default on a GPU): the served path, ``dlc.runtime.Engine`` over the
+  CUDA-graph runner (``--compile``: its blocks compiled, as ``dlc serve`` does; off by default, minutes of
+  warm-up) and 16 Reuse steps run ahead (the exact block KV cache, ``kv_cache
   block``: the prompt's complete blocks prefilled once, each step feeds the current block, the finished
-  block's K/V written in the next block's first forward);
+  block's K/V written in the next block's first forward; every step replayed, bench/block_cost.py's
+  ``make_engine``); ``--runner eager`` (the default of ``--smoke``): ``dlc.runtime.generate.generate`` over
+  the eager runner, the same cache;
 * eager: the reference loop written here (LLaDA2.0's ``generate`` batched): every step one forward over the
   whole window up to the current block end with the block-causal mask, no cache, logits of the block only.
 
@@ -145,13 +149,30 @@ def eager_loop(model, prompts: torch.Tensor, gen: int, block: int, steps: int, t
     return x[:, P:P + gen], fwd
 
 
-def dlc_path(model, prompts: torch.Tensor, gen: int, block: int, steps: int, threshold: float):
+def dlc_path(model, prompts: torch.Tensor, gen: int, block: int, steps: int, threshold: float, engine=None):
+    """dlc's tokens and forwards: ``engine`` (the served graph path) or generate() over the eager runner."""
+    params = dict(gen_length=gen, block_length=block, steps_per_block=steps, threshold=threshold,
+                  kv_cache="block", decoder="llada2")
+    if engine is not None:
+        reqs = engine.run_requests([(p, params) for p in prompts.cpu().tolist()])
+        bad = [r.error for r in reqs if r.error]
+        if bad:
+            raise SystemExit(f"a request failed: {bad[0]}")
+        return [r.output_ids for r in reqs], sum(r.state.forwards for r in reqs) // len(reqs)
     from dlc.runtime.generate import GenerationConfig, generate
     from dlc.runtime.runners.eager import EagerRunner
-    cfg = GenerationConfig(gen_length=gen, block_length=block, steps_per_block=steps, threshold=threshold,
-                           kv_cache="block", decoder="llada2")
-    res = generate(EagerRunner(model), prompts.cpu().tolist(), cfg)
+    res = generate(EagerRunner(model), prompts.cpu().tolist(), GenerationConfig(**params))
     return res.token_ids, res.nfe
+
+
+def served_engine(model, args, B: int, dev: str):
+    """``--runner graphs``: a warmed Engine for B requests (bench/block_cost.py's ``make_engine``)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from block_cost import make_engine
+    ns = argparse.Namespace(prompt=args.prompt, gen=args.gen, block=args.block, device=dev, compile=args.compile)
+    return make_engine(model, ns, B, graphs=True, lookahead=16)
 
 
 def timed(fn):
@@ -189,12 +210,14 @@ def run_batch(model, clock, B: int, args, dev: str) -> dict:
     hi = min(cfg.vocab_size - 1024 if cfg.vocab_size > 4096 else cfg.vocab_size, cfg.mask_id, cfg.eos_id)
     prompts = torch.randint(0, hi, (B, args.prompt), generator=g).to(dev)
     small = min(args.gen, args.block)
-    row = {"B": B}
+    row = {"B": B, "runner": args.runner}
     clock.start(None)
-    dlc_path(model, prompts, small, args.block, args.steps, args.threshold)          # warm-up
+    eng = served_engine(model, args, B, dev) if args.runner == "graphs" else None
+    dlc = lambda m, *a: dlc_path(m, *a, engine=eng)                                        # noqa: E731
+    dlc(model, prompts, args.gen if eng else small, args.block, args.steps, args.threshold)  # warm-up
     eager_loop(model, prompts, small, args.block, args.steps, args.threshold)
     done = {}
-    for name, fn in (("dlc", dlc_path), ("eager", eager_loop)):
+    for name, fn in (("dlc", dlc), ("eager", eager_loop)):
         clock.start({"path": name, "B": B})
         try:
             done[name] = timed(lambda: fn(model, prompts, args.gen, args.block, args.steps, args.threshold))
@@ -203,7 +226,11 @@ def run_batch(model, clock, B: int, args, dev: str) -> dict:
                         f"{name}_mean_forward_ms": round(sum(clock.ms) / max(1, len(clock.ms)), 2),
                         "stopped": f"--time-limit {args.time_limit:g} s"})
             break
-        row[f"{name}_mean_forward_ms"] = round(sum(clock.ms) / max(1, len(clock.ms)), 2)
+        if clock.ms:                  # forward hooks: eager forwards (graph replays call no hook)
+            row[f"{name}_mean_forward_ms"] = round(sum(clock.ms) / len(clock.ms), 2)
+        else:
+            (_, fw), secs = done[name]
+            row[f"{name}_mean_forward_ms"] = round(1e3 * secs / max(1, fw), 2)
     if len(done) == 2:
         (d_tok, d_fwd), d_s = done["dlc"]
         (e_tok, e_fwd), e_s = done["eager"]
@@ -218,10 +245,13 @@ def run_batch(model, clock, B: int, args, dev: str) -> dict:
     return row
 
 
+PATHS = {"graphs": "served Engine, CUDA graphs, run ahead", "eager": "generate(), eager runner"}
+
+
 def table(rows: list[dict]) -> str:
     """The RESULTS.md table of the rows (a stopped row shows how far it got)."""
     out = ["| B | dlc tok/s | eager tok/s | dlc / eager | dlc s | eager s | forwards (each) | ms / forward "
-           "(dlc, eager) | tokens equal | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "(dlc, eager) | tokens equal | peak GiB | dlc path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = r.get
         if "dlc_tok_s" in r:
@@ -232,7 +262,8 @@ def table(rows: list[dict]) -> str:
             cells = ["-"] * 5 + [f"stopped ({g('stopped')}) after dlc {done}, "
                                  f"eager {g('eager_stopped_after_forwards', '-')}"]
         cells += [f"{g('dlc_mean_forward_ms', '-')}, {g('eager_mean_forward_ms', '-')}",
-                  {True: "yes", False: "no"}.get(g("tokens_equal"), "-"), g("peak_gib", "-")]
+                  {True: "yes", False: "no"}.get(g("tokens_equal"), "-"), g("peak_gib", "-"),
+                  PATHS.get(g("runner"), "-")]
         out.append("| " + " | ".join(str(c) for c in [r["B"]] + cells) + " |")
     return "\n".join(out)
 
@@ -254,7 +285,12 @@ def main():
     ap.add_argument("--time-limit", type=float, default=540.0,
                     help="seconds after start: no forward starts later; the table is printed anyway")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny-llada2 preset, small shapes (tests)")
+    ap.add_argument("--compile", action="store_true", help="--runner graphs: compile the graph runner's blocks")
+    ap.add_argument("--runner", choices=("graphs", "eager"), default=None,
+                    help="dlc's path: the served Engine on the CUDA-graph runner (default on a GPU) or "
+                         "generate() over the eager runner (default with --smoke)")
     args = ap.parse_args()
+    args.runner = args.runner or ("eager" if args.smoke else "graphs")
     t_start = time.perf_counter()
     if args.smoke:
         dev, preset, dtype = "cpu", "tiny-llada2", torch.float32
@@ -270,7 +306,7 @@ def main():
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(json.dumps({"device": device, "model": preset, "params": model.config.num_parameters(),
                       "moe_impl": args.moe_impl, "prompt": args.prompt, "gen": args.gen, "block": args.block,
-                      "steps": args.steps, "threshold": args.threshold, "build_s":
+                      "steps": args.steps, "threshold": args.threshold, "runner": args.runner, "build_s":
                       round(time.perf_counter() - t_start, 1)}), flush=True)
     if args.layer_tokens:
         moe_layer_times(model, [int(n) for n in args.layer_tokens.split(",")], args.layer_impls.split(","),

@@ -116,7 +116,13 @@ def test_block_diffusion_smoke_prints_moe_layers_forwards_and_the_table(monkeypa
     row = next(r for r in lines if "dlc_tok_s" in r)
     assert row["B"] == 2 and row["tokens_equal"] and row["dlc_forwards"] == len([r for r in fwd
                                                                                  if r["path"] == "dlc"])
-    assert "| B | dlc tok/s |" in text and "\n| 2 | " in text
+    assert "| B | dlc tok/s |" in text and "\n| 2 | " in text and "generate(), eager runner |" in text
+    # dlc's served path (the GPU default): an Engine on the CUDA-graph runner, the same tokens
+    lines, text = _block_diffusion(monkeypatch, capsys, "--smoke", "--batches", "2", "--layer-tokens", "",
+                                   "--runner", "graphs")
+    row = next(r for r in lines if "dlc_tok_s" in r)
+    assert row["runner"] == "graphs" and row["tokens_equal"] and row["dlc_mean_forward_ms"] > 0
+    assert "served Engine, CUDA graphs, run ahead |" in text
     # a time limit already spent: no forward runs, the table still closes the log
     lines, text = _block_diffusion(monkeypatch, capsys, "--smoke", "--batches", "1,2", "--layer-tokens", "",
                                    "--time-limit", "0")
