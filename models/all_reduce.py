@@ -195,7 +195,10 @@ class CopyEngineSum:
                                                self.least, self.recv.numel())
 
     def run(self, x: torch.Tensor) -> None:
-        """x summed over the pair in place, on the current stream."""
+        """x summed over the pair in place, on the current stream (after any sum still in flight on the side
+        stream: both use the one receive buffer and its signal pads)."""
+        if self.events:
+            torch.cuda.current_stream(x.device).wait_stream(self.stream)
         n = x.numel() * x.element_size()
         self.peer_recv[:n].view(x.dtype).view(x.shape).copy_(x)     # a peer memcpy: the copy engine
         self.handle.barrier(0)                                       # both partials have landed
