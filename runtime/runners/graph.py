@@ -47,8 +47,9 @@ width) and replays it:
   ``MAX_BLOCK_VIEWS`` replays (a long prefill of a large batch) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
   softmax probability (``EagerRunner._tempered`` scales nothing at T = 0), which every variant computes;
   sampled block steps (confidence under softmax(logits / T)) replay a sampled variant that divides the rows
-  by T as ``_tempered`` does and draws at temperature 1 (``ExtrasKey.tempered``; with filters or other
-  extras, and on TP shards, they stay eager). Random remasking needs
+  by T as ``_tempered`` does and draws at temperature 1 (``ExtrasKey.tempered``), top-k / top-p / min-p
+  filters too (the confidence renormalised over the survivors, the eager runner's ``filtered_conf``); with
+  other extras, and on TP shards, they stay eager. Random remasking needs
   nothing from a runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the
@@ -323,18 +324,19 @@ class GraphRunner(EagerRunner):
         first use; ``filtered`` is ``sampling.filter_route``'s answer (reads the [B] filters on the host):
         over the sweep's top candidates, or the exact bisection on the survivors' threshold (a
         ``filter_bisect.bisect_plan`` route: top-p / min-p without a top-k, a top-k over 64, filters with
-        credit). None where the step stays eager: tempered confidences with filters or extras (block
-        decoders at T > 0; alone they are ``tempered``), a soft input without
-        a soft output."""
+        credit). Block decoders at T > 0 (``tempered``: confidences from rows / T) replay the plain draw or
+        the filters, whose confidence is then renormalised over the survivors (``filtered_conf``, the eager
+        runner's); with other extras they stay eager, as does a soft input without a soft output (None)."""
         sampled = batch.temperature > 0
         if not batch.wants_extras() and not sampled:
             return ()
-        tempered = sampled and batch.tempered_conf   # block decoders: only the plain draw holds it
-        if (batch.embed_delta is not None and batch.soft_tau is None) or (tempered and batch.wants_extras()):
+        tempered = sampled and batch.tempered_conf   # block decoders: the draw, filtered or not
+        if ((batch.embed_delta is not None and batch.soft_tau is None)
+                or (tempered and batch.wants_extras(filters=False))):
             return None
         filtered = False
         if batch.top_k is not None and sampled:      # the candidates or the bisection (sampling.filter_route)
-            filtered = filter_route(batch.top_k, batch.top_p, batch.min_p,
+            filtered = filter_route(batch.top_k, batch.top_p, batch.min_p, filtered_conf=tempered,
                                     credit=batch.credit_ids is not None)
         M = 0
         if batch.credit_ids is not None:
@@ -474,7 +476,7 @@ class GraphRunner(EagerRunner):
             return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
                                    topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
                                    filters=filters, acc=torch.float64 if route == "exact" else torch.float32,
-                                   candidates=filtered or None)
+                                   candidates=filtered or None, filtered_conf=tempered)
         from dlc.kernels import fused_select_extras
         cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
                                            credit[2][:, None].expand(B, N).reshape(-1))      # [B * N] each
@@ -540,10 +542,11 @@ class GraphRunner(EagerRunner):
             with self._host_seconds("host_s"):
                 for view, ex in views[:-1]:            # finished blocks the last view's rows read
                     self._launch(self._stage(view, ex))
-                tok, conf = self._replay(*views[-1])  # the views carry no extras: (x0, conf)
+                res = self._replay(*views[-1])        # (x0, conf), or a StepOutput with sampling filters
                 self.stats["replays"] += 1
                 self.stats["block_rows"] += 1
-            return tok[:batch.n_seqs], conf[:batch.n_seqs]
+            B = batch.n_seqs
+            return res.map(lambda t: t[:B]) if isinstance(res, StepOutput) else (res[0][:B], res[1][:B])
         self.stats["eager_reuse"] += 1
         return super().reuse(batch)
 

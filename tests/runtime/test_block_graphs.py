@@ -292,16 +292,40 @@ def test_sampled_block_steps_replay_tempered(model):
     assert other != outs
 
 
+@pytest.mark.parametrize("filters", [dict(top_p=0.9), dict(top_k=20, top_p=0.8), dict(top_k=5, min_p=0.05)],
+                         ids=["top_p", "top_k_top_p", "top_k_min_p"])
+def test_filtered_block_steps_replay_with_the_survivors_confidence(model, filters):
+    """Block decoders at T > 0 with top-k / top-p / min-p: the steps replay a filtered tempered variant
+    (top-p alone through the bisection, small top-k over the candidates) whose confidence is renormalised
+    over the survivors as the eager runner's; nothing runs eagerly and tokens are generate()'s for each seed;
+    the filter matters."""
+    ps = prompts(3, seed=6)
+    params = dict(PARAMS, temperature=0.8, **filters)
+    items = [(p, dict(params, seed=11 + i)) for i, p in enumerate(ps)]
+    eng = engine(model, lookahead=16)
+    outs = [r.output_ids for r in eng.run_requests(items)]
+    assert outs == [eager_tokens(model, [p], prm)[0] for p, prm in items]
+    st = eng.runner.stats
+    assert st["replays"] > 0 and st["eager_reuse"] == 0
+    assert any(g.ex and g.ex.tempered and g.ex.filtered for g in eng.runner.graphs.values())
+    plain = [eager_tokens(model, [p], dict(PARAMS, temperature=0.8, seed=11 + i))[0] for i, p in enumerate(ps)]
+    assert plain != outs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(EOS_OF))
 def test_captured_sampled_block_steps_give_the_eager_tokens(name):
-    """On the GPU (captured graphs, fp32): sampled block requests (tempered) replay and run ahead with the
-    eager runner's tokens."""
+    """On the GPU (captured graphs, fp32): sampled block requests (tempered), plain and with top-p (the fused
+    bisection with the survivors' confidence) or top-k + min-p, replay and run ahead with the eager
+    runner's tokens; nothing falls back to the eager runner."""
     m = tiny(name, "cuda")
-    items = [(p, dict(PARAMS, temperature=0.8, seed=3 + i)) for i, p in enumerate(prompts(5, seed=3))]
-    eng = engine(m, 16, device="cuda", compile=False)
-    got = [r.output_ids for r in eng.run_requests(items)]
-    assert got == [eager_tokens(m, [p], prm)[0] for p, prm in items]
-    assert eng.runner.stats["replays"] > 0 and eng.runner.stats["ahead_calls"] > 0
-    assert any(g.graph is not None for g in eng.runner.graphs.values())
+    for filters in ({}, dict(top_p=0.9), dict(top_k=5, min_p=0.05)):
+        items = [(p, dict(PARAMS, temperature=0.8, seed=3 + i, **filters))
+                 for i, p in enumerate(prompts(5, seed=3))]
+        eng = engine(m, 16, device="cuda", compile=False)
+        got = [r.output_ids for r in eng.run_requests(items)]
+        assert got == [eager_tokens(m, [p], prm)[0] for p, prm in items], filters
+        st = eng.runner.stats
+        assert st["replays"] > 0 and st["ahead_calls"] > 0 and st["eager_reuse"] == 0, (filters, st)
+        assert any(g.graph is not None for g in eng.runner.graphs.values())
