@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nccl_allreduce import D, LAYERS, captured, finish, layer_stack, run_ranks, timed  # noqa: E402
+from nccl_allreduce import (D, LAYERS, captured, finish, join_group, layer_stack, run_ranks,  # noqa: E402
+                             timed)
 
 VARIANTS = ("nccl", "one_shot", "ce_push", "ce_pull")
 
@@ -77,10 +78,7 @@ def make_sums(rows: int, group) -> dict:
 
 
 def rank_main(rank: int, world: int, port: int, rows_list: list[int], q):
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
-    group = dist.group.WORLD
+    group = join_group(rank, world, port)
     res = []
     for rows in rows_list:
         row = {"rows": rows, "MB": rows * D * 2 / 2**20}

@@ -88,11 +88,16 @@ def layer_stack(rows: int, world: int, reduce):
     return body
 
 
-def rank_main(rank: int, world: int, port: int, rows_list: list[int], q):
+def join_group(rank: int, world: int, port: int):
+    """This rank's GPU and the NCCL group of ``world`` spawned ranks -> the group."""
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))
-    group = dist.group.WORLD
+    return dist.group.WORLD
+
+
+def rank_main(rank: int, world: int, port: int, rows_list: list[int], q):
+    group = join_group(rank, world, port)
     res = []
     for rows in rows_list:
         t = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
