@@ -221,10 +221,11 @@ class ShardGraphRunner(GraphRunner):
     def _extras_key(batch: StepBatch):
         """GraphRunner's variants: credit, smoothing and top-k-bounded filters decode through
         ``rules_decode`` inside the captured step (its collectives, ``all_gather_into_tensor`` and
-        ``all_reduce``, capture). Block decoders' tempered sampled steps stay eager (the combine does not
-        take the tempered rows yet)."""
+        ``all_reduce``, capture). Block decoders' tempered sampled steps replay the plain draw over the
+        tempered rows (``_graph_decode``); with filters they stay eager (the shards' filter route does not
+        take the survivors' confidence yet)."""
         key = GraphRunner._extras_key(batch)
-        return None if key and key.tempered else key
+        return None if key and key.tempered and key.filtered else key
 
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine (the fused sweep where the
@@ -239,6 +240,8 @@ class ShardGraphRunner(GraphRunner):
         ar = torch.arange(rows.shape[0], device=rows.device)
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
+        if ex and ex.tempered:       # the eager shard's rows / T (a float32 0-dim divisor), drawn at T = 1
+            rows, temp = rows / temp.to(torch.float32)[0], torch.ones_like(temp)
         if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
             if self.decoding == "fused" and not ex.sampled:        # one GPU's fused route, per shard
                 return fused_rules_decode(self, rows, ex, g.credit)

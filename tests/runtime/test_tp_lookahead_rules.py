@@ -124,6 +124,23 @@ def test_sampled_steps_run_ahead_on_every_rank(pair, rule):
     assert other != outs
 
 
+@pytest.mark.parametrize("pair", ["sdar"], indirect=True)
+def test_sampled_block_steps_replay_on_every_rank(pair):
+    """Block decoders at T > 0 (confidence from rows / T): every rank replays the tempered draw of its vocab
+    shard instead of the eager step, run ahead and one step at a time; tokens as one process's, and the
+    seeds matter."""
+    one, tp = pair
+    params = dict(gen_length=24, block_length=8, steps_per_block=8, threshold=0.5, kv_cache="block",
+                  temperature=0.5)
+    items = [(p, dict(params, seed=5 + i)) for i, p in enumerate(PROMPTS)]
+    eager = tp.runner.stats["eager_reuse"]
+    outs, _ = check(pair, items)
+    assert tp.runner.stats["eager_reuse"] == eager
+    other = [generate(one.runner, [p], GenerationConfig(**dict(params, seed=50 + i), stop_at_eos=True))
+             .token_ids[0] for i, (p, _) in enumerate(items)]
+    assert other != outs
+
+
 @pytest.mark.slow                 # ~60 s on 2 cores: two mixed runs, each served twice and by one process
 def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
     """Rows of different rules in one run (one group: the frame carries each row's rule), and rows of
