@@ -23,8 +23,9 @@ all-gather and smoothing's all-reduce inside the captured step, its inputs in th
 per shard in float32, no float64 sweep); filters the merged candidates do not bound replay too, by the exact
 bisection (``vocab_filters.exact_filters`` over ``kernels/filter_bisect.py``, its plan in the variant's key,
 each halving's all_reduce captured like the model's), as on one GPU.
-Refresh, full forwards, guidance and block-causal steps run ``GraphRunner``'s eager fallbacks, decoded by the
-same combine.
+Block decoders' steps replay as on one GPU (one block as the prefix step; a block's first step as rows per
+block; at T > 0 the rows divided by T before the shard's draw, filtered or not). Refresh, full forwards,
+guidance and a long prefill run ``GraphRunner``'s eager fallbacks, decoded by the same combine.
 
 Compiled blocks (``compile``, on by default on CUDA as for one GPU: ``engine.graph_runner_for``): each rank
 runs ``GraphRunner._compile_blocks`` on its shard, so its transformer blocks run under ``torch.compile``
@@ -217,16 +218,6 @@ class ShardGraphRunner(GraphRunner):
             self._events = []
         return total, n
 
-    @staticmethod
-    def _extras_key(batch: StepBatch):
-        """GraphRunner's variants: credit, smoothing and top-k-bounded filters decode through
-        ``rules_decode`` inside the captured step (its collectives, ``all_gather_into_tensor`` and
-        ``all_reduce``, capture). Block decoders' tempered sampled steps replay the plain draw over the
-        tempered rows (``_graph_decode``); with filters they stay eager (the shards' filter route does not
-        take the survivors' confidence yet)."""
-        key = GraphRunner._extras_key(batch)
-        return None if key and key.tempered and key.filtered else key
-
     def decode(self, rows: torch.Tensor, batch: StepBatch):
         """Eager steps (Refresh, full, fallbacks): the vocab-parallel combine (the fused sweep where the
         graphs would fuse: ``fused`` mode, T = 0, no guidance)."""
@@ -248,7 +239,7 @@ class ShardGraphRunner(GraphRunner):
             return rules_decode(self, rows, ar, ar, one, temp, seeds, credit=g.credit,
                                 soft_tau=ex.smooth_tau or None, soft_k=ex.smooth_k, filters=g.filters,
                                 cover=ex.filtered or None, entropy=ex.entropy,
-                                logprobs=None if ex.logprobs < 0 else ex.logprobs)
+                                logprobs=None if ex.logprobs < 0 else ex.logprobs, filtered_conf=ex.tempered)
         k = max(ex.logprobs, 0) if ex else 0
         if self.decoding == "fused" and not (ex and ex.sampled):
             st = fused_stats(rows, w, v0, topk=k, entropy=bool(ex and ex.entropy))

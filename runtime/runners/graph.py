@@ -49,7 +49,7 @@ width) and replays it:
   sampled block steps (confidence under softmax(logits / T)) replay a sampled variant that divides the rows
   by T as ``_tempered`` does and draws at temperature 1 (``ExtrasKey.tempered``), top-k / top-p / min-p
   filters too (the confidence renormalised over the survivors, the eager runner's ``filtered_conf``); with
-  other extras they stay eager (TP shards: the unfiltered draw replays, filters stay eager). Random remasking needs
+  other extras they stay eager (TP shards alike: ``ShardGraphRunner._graph_decode``). Random remasking needs
   nothing from a runner (the decoding core draws it).
 * a mixed iteration (Refresh rows beside Reuse rows): ``mix_iterations`` (runners/packed.py) says how:
   two calls (the default with capture), one eager ragged forward, one packed forward through the

@@ -125,13 +125,15 @@ def test_sampled_steps_run_ahead_on_every_rank(pair, rule):
 
 
 @pytest.mark.parametrize("pair", ["sdar"], indirect=True)
-def test_sampled_block_steps_replay_on_every_rank(pair):
-    """Block decoders at T > 0 (confidence from rows / T): every rank replays the tempered draw of its vocab
-    shard instead of the eager step, run ahead and one step at a time; tokens as one process's, and the
-    seeds matter."""
+@pytest.mark.parametrize("filters", [{}, dict(top_p=0.8), dict(top_k=5, min_p=0.05)],
+                         ids=["plain", "top_p", "top_k_min_p"])
+def test_sampled_block_steps_replay_on_every_rank(pair, filters):
+    """Block decoders at T > 0 (confidence from rows / T), unfiltered and filtered (the survivors'
+    confidence): every rank replays the tempered draw of its vocab shard instead of the eager step, run
+    ahead and one step at a time; tokens as one process's, and the seeds matter."""
     one, tp = pair
     params = dict(gen_length=24, block_length=8, steps_per_block=8, threshold=0.5, kv_cache="block",
-                  temperature=0.5)
+                  temperature=0.5, **filters)
     items = [(p, dict(params, seed=5 + i)) for i, p in enumerate(PROMPTS)]
     eager = tp.runner.stats["eager_reuse"]
     outs, _ = check(pair, items)
