@@ -13,7 +13,8 @@
 
 B requests of ``--prompt`` tokens (default 512), gen ``--gen`` (256), ``--block`` (32) with
 ``--steps-per-block`` steps (default: as many as the block's tokens; fewer commit block / steps tokens a step
-whatever the threshold, the regime of a trained model's parallel decoding), the block decoder's default threshold (the family's: SDAR 0.9), exact block cache, all in one FCFS
+whatever the threshold, the regime of a trained model's parallel decoding), the block decoder's default
+threshold (the family's: SDAR 0.9), exact block cache, all in one FCFS
 batch. Per variant and batch size: the median over ``--iters`` request sets of ms per forward (the set's wall
 time / its mean forwards per request) and tokens per forward (random weights commit about one token a step, so
 ms per forward is the comparable figure). Method: every variant warmed first at the timed shapes (graphs
@@ -157,8 +158,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--preset: {args.preset} is not a block-diffusion model")
     from dlc.runtime.config import family_generation_defaults
     thr = args.threshold if args.threshold is not None else family_generation_defaults(cfg).get("threshold")
-    params = dict(gen_length=args.gen, block_length=args.block, steps_per_block=args.steps_per_block or args.block,
-                  threshold=thr,
+    params = dict(gen_length=args.gen, block_length=args.block,
+                  steps_per_block=args.steps_per_block or args.block, threshold=thr,
                   kv_cache="block", decoder="llada2", seed=1)
     batches = [int(b) for b in args.batches.split(",")]
     dev = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"

@@ -179,7 +179,8 @@ def served_engine(model, args, B: int, dev: str):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from block_cost import make_engine
-    ns = argparse.Namespace(prompt=args.prompt, gen=args.gen, block=args.block, device=dev, compile=args.compile)
+    ns = argparse.Namespace(prompt=args.prompt, gen=args.gen, block=args.block, device=dev,
+                            compile=args.compile)
     return make_engine(model, ns, B, graphs=True, lookahead=16)
 
 
@@ -259,7 +260,7 @@ PATHS = {"graphs": "served Engine, CUDA graphs, run ahead", "eager": "generate()
 def table(rows: list[dict]) -> str:
     """The RESULTS.md table of the rows (a stopped row shows how far it got)."""
     out = ["| B | dlc tok/s | eager tok/s | dlc / eager | dlc s | eager s | forwards (each) | ms / forward "
-           "(dlc, eager) | tokens equal | peak GiB | dlc path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "(dlc, eager) | tokens equal | peak GiB | dlc path |", "|" + "---|" * 11]
     for r in rows:
         g = r.get
         if "dlc_tok_s" in r:
@@ -293,7 +294,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=540.0,
                     help="seconds after start: no forward starts later; the table is printed anyway")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny-llada2 preset, small shapes (tests)")
-    ap.add_argument("--compile", action="store_true", help="--runner graphs: compile the graph runner's blocks")
+    ap.add_argument("--compile", action="store_true",
+                    help="--runner graphs: compile the graph runner's blocks")
     ap.add_argument("--runner", choices=("graphs", "eager"), default=None,
                     help="dlc's path: the served Engine on the CUDA-graph runner (default on a GPU) or "
                          "generate() over the eager runner (default with --smoke)")

@@ -234,8 +234,9 @@ def block_diffusion(s: Section) -> list[tuple[str, str]]:
             parts.append(f"dlc {r['dlc tok/s']} vs plain eager loop {r['eager tok/s']} tok/s "
                          f"({r['dlc / eager']}) (batch {b})")
     path = s.tables[0][0].get("dlc path", "generate(), eager runner")
-    what = {"served Engine, CUDA graphs, run ahead": "runtime graph path (Engine + GraphRunner, lookahead 16) "
-            "with the exact block cache"}.get(path, "runtime eager path with the exact block cache")
+    served = "runtime graph path (Engine + GraphRunner, lookahead 16) with the exact block cache"
+    what = {"served Engine, CUDA graphs, run ahead": served}.get(path, "runtime eager path with the exact "
+                                                                       "block cache")
     return [("LLaDA2-mini shape: " + ", ".join(parts), what)]
 
 

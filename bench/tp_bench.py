@@ -54,7 +54,8 @@ the overlap sides use the last backend and each earlier one adds a side with ove
 the alternation: a served A/B of the backends).
 
     python3 -P bench/tp_bench.py --tp 2 --compile --quick --agree-preset none --overlap-ab 3   # < 4 min
-    python3 -P bench/tp_bench.py --tp 2 --compile --quick --agree-preset none --overlap-ab 3 --all-reduce nccl,auto
+    python3 -P bench/tp_bench.py --tp 2 --compile --quick --agree-preset none --overlap-ab 3 \\
+        --all-reduce nccl,auto
 
 An LLaDA-MoE-shaped model (attention TP=2, experts EP=2: dlc.models.expert_parallel) is the same script in a
 second call: ``--preset llada-moe-7b --agree-preset tiny-llada-moe --quick``; the MoE layer alone, EP=2 vs

@@ -77,7 +77,8 @@ def _fail(msg: str):
 @click.option("--tp-all-reduce", "tp_all_reduce", default="nccl", show_default=True,
               type=click.Choice(TP_ALL_REDUCE),
               help="the ranks' all-reduce: symmetric memory (symm: CUDA only; one-shot, the copy engines "
-                   "for 4-64 MiB at TP=2) or NCCL; auto: symmetric memory where it beats NCCL, else NCCL / gloo")
+                   "for 4-64 MiB at TP=2) or NCCL; auto: symmetric memory where it beats NCCL, else NCCL / "
+                   "gloo")
 @click.option("--tp-overlap-tokens", "tp_overlap_tokens", default=None, type=int,
               help="tensor parallel: a step feeding at least this many tokens runs as two halves whose "
                    "all-reduces overlap the other half's compute (0: off) [dlc.models.overlap.MIN_TOKENS: "

@@ -451,7 +451,8 @@ def copy_engine_sum(group, world: int, d_model: int, itemsize: int, backend: str
     nbytes = SYMM_ROWS * d_model * itemsize
     try:
         import torch.distributed._symmetric_memory as symm_mem
-        recv = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+        dev = torch.device("cuda", torch.cuda.current_device())
+        recv = symm_mem.empty(nbytes, dtype=torch.uint8, device=dev)
         return CopyEngineSum(recv, symm_mem.rendezvous(recv, group.group_name), least)
     except Exception as e:                              # noqa: BLE001 - the same failure on every rank
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -294,7 +294,7 @@ def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "
         return None
     views, dev = [], batch.ids.device
     chunks = [list(range(i, min(k, i + per_view))) for i in range(0, k, per_view)]
-    chunks[-1] = [k - 1] + chunks[-1][:-1]                       # the decoded blocks: the last view's first rows
+    chunks[-1] = [k - 1] + chunks[-1][:-1]             # the decoded blocks: the last view's first rows
     for blocks in chunks:
         j = torch.tensor(blocks, dtype=torch.long).repeat_interleave(B)             # [R] block of each row
         src = torch.arange(B).repeat(len(blocks))                                   # [R] sequence of each row
@@ -304,7 +304,8 @@ def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "
         src_d, ends_d = to_device(src, dev), to_device(ends, dev)
         keys = batch.key_mask[src_d] & (torch.arange(batch.width, device=dev)[None] < ends_d[:, None])
         ar = torch.arange(len(src), device=dev)
-        filters = {} if batch.top_k is None else {k: getattr(batch, k)[src_d] for k in ("top_k", "top_p", "min_p")}
+        filters = {} if batch.top_k is None else {f: getattr(batch, f)[src_d] for f in ("top_k", "top_p",
+                                                                                          "min_p")}
         views.append(replace(
             batch, n_seqs=len(src), ids=batch.ids[src_d], pos=batch.pos[src_d], key_mask=keys, lengths=ends,
             out_start=out, hid_start=to_device(out - shift, dev), q_start=qs,

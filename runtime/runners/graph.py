@@ -32,9 +32,9 @@ width) and replays it:
 * everything else runs through ``EagerRunner``'s forwards (decoded as the graphs decode, ``decode``):
   Refresh and full forwards (compute-bound: launch overhead is noise there), classifier-free guidance, fed
   widths over ``max_width``, batches over the largest bucket, caches that are not the bound pool, and
-  decoding no variant holds (tempered confidences of block decoders at T > 0 with filters or extras, a soft
-  input without a soft output), and a block decoder's step over several blocks that does not fit two
-  views (below). ``stats["eager_reuse"]`` counts those fallbacks.
+  decoding no variant holds (tempered confidences of block decoders at T > 0 with extras other than
+  sampling filters, a soft input without a soft output), and a block decoder's step over several blocks
+  that does not fit two views (below). ``stats["eager_reuse"]`` counts those fallbacks.
 * block diffusion (LLaDA2.x, SDAR: ``StepBatch.block_size``): with the exact block cache every step of a
   block after its first feeds exactly the block [bs, be), whose queries see keys [0, be) under the
   block-causal mask: the ordinary Reuse step's attention over the prefix up to be. Such a batch replays the
@@ -44,8 +44,9 @@ width) and replays it:
   row per block, the rows of a sequence sharing its KV slot (``step.block_rows_as_prefix``, ``_block_rows``:
   each row writes its block's K/V before any row attends, so block j's queries see the blocks before it);
   warm-up captures buckets up to twice the batch for these models, and a step needing more than
-  ``MAX_BLOCK_VIEWS`` replays (a long prefill of a large batch) runs eagerly. At T = 0 the block decoders' tempered confidence is the plain
-  softmax probability (``EagerRunner._tempered`` scales nothing at T = 0), which every variant computes;
+  ``MAX_BLOCK_VIEWS`` replays (a long prefill of a large batch) runs eagerly. At T = 0 the block decoders'
+  tempered confidence is the plain softmax probability (``EagerRunner._tempered`` scales nothing at T = 0),
+  which every variant computes;
   sampled block steps (confidence under softmax(logits / T)) replay a sampled variant that divides the rows
   by T as ``_tempered`` does and draws at temperature 1 (``ExtrasKey.tempered``), top-k / top-p / min-p
   filters too (the confidence renormalised over the survivors, the eager runner's ``filtered_conf``); with
@@ -570,7 +571,8 @@ class GraphRunner(EagerRunner):
         """The batch as the captured steps run it: a block-causal Reuse step over one block as the ordinary
         Reuse step over the prefix up to the block's end (``step.block_as_prefix``: the same attention);
         every other batch as it is (a block's first step, which feeds the finished block too, stays
-        block-causal: ``_eligible`` refuses it and ``reuse`` replays it as rows per block, ``_block_rows``)."""
+        block-causal: ``_eligible`` refuses it, and ``reuse`` replays it as rows per block:
+        ``_block_rows``)."""
         return (block_as_prefix(batch) or batch) if batch.block_size else batch
 
     def _replay(self, batch: StepBatch, ex: tuple):

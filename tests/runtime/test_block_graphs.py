@@ -308,7 +308,8 @@ def test_filtered_block_steps_replay_with_the_survivors_confidence(model, filter
     st = eng.runner.stats
     assert st["replays"] > 0 and st["eager_reuse"] == 0
     assert any(g.ex and g.ex.tempered and g.ex.filtered for g in eng.runner.graphs.values())
-    plain = [eager_tokens(model, [p], dict(PARAMS, temperature=0.8, seed=11 + i))[0] for i, p in enumerate(ps)]
+    plain = [eager_tokens(model, [p], dict(PARAMS, temperature=0.8, seed=11 + i))[0]
+             for i, p in enumerate(ps)]
     assert plain != outs
 
 

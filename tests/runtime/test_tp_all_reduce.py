@@ -397,7 +397,7 @@ def _copy_engine_rank(rank: int, port: int, q) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             device_id=torch.device("cuda", rank))
     try:
-        os.environ[ar.CE_MIN_ENV] = "2048"                     # [1, 256] bf16 one-shot, [4+, 256] copy engines
+        os.environ[ar.CE_MIN_ENV] = "2048"         # [1, 256] bf16 one-shot, [4+, 256] the copy engines
         red = ar.setup(ar.AllReduce(dist.group.WORLD), "symm", "cuda", torch.bfloat16, 256)
         g = torch.Generator(device="cuda").manual_seed(rank)
         xs = [torch.randn(n, 256, device="cuda", dtype=torch.bfloat16, generator=g) for n in (1, 4, 64)]

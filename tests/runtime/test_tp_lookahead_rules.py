@@ -1,6 +1,7 @@
 """Every decoding rule tensor parallelism serves runs its Reuse steps ahead on every rank (issues 18,
-15, 16), sampled steps too (each step's seeds travel with the frames): threshold, factor, hierarchical, entropy-bound and logprobs rows commit on each rank's device with
-the decoding core's ``AheadCommit``, which each worker rebuilds from the rules the AHEAD frame carries
+15, 16), sampled steps too (each step's seeds travel with the frames; block decoders' tempered draws,
+filtered or not): threshold, factor, hierarchical, entropy-bound and logprobs rows commit on each rank's
+device with the decoding core's ``AheadCommit``, which each worker rebuilds from the rules the AHEAD frame carries
 (runtime/distributed/ahead_rules.py); the vocab-parallel combine gives every rank the same tokens,
 confidences, entropies and logprobs, so every rank commits the same block and the ranks stay in lockstep
 with no collective of their own. Credit and smoothing run ahead too: the frame carries each row's credit
