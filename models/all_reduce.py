@@ -284,8 +284,12 @@ class AllReduce:
             return t
         return torch.ops._c10d_functional.wait_tensor(t)
 
+    def _ce_on(self) -> bool:
+        """Whether the copy engines sum this group's large messages now (set up, and not under ``nccl``)."""
+        return self.ce is not None and self.backend != "nccl"
+
     def _ce_takes(self, x: torch.Tensor) -> bool:
-        return self.ce is not None and self.backend != "nccl" and self.ce.takes(x)
+        return self._ce_on() and self.ce.takes(x)
 
     def run(self, x: torch.Tensor, issue: bool = False) -> None:
         """The op's real work on one message (outside any trace); ``issue``: a copy-engine sum goes on the
@@ -362,7 +366,7 @@ class AllReduce:
         if not self.max_bytes():
             return f"all-reduce {self.backend}: {plain}"
         ce = ""
-        if self.ce is not None and self.backend != "nccl":
+        if self._ce_on():
             ce = (f", copy engines {self.ce.least / 2**20:g}-{self.ce.recv.numel() / 2**20:g} MiB "
                   "(before one-shot)")
         return f"all-reduce {self.backend}: one-shot <= {self.max_bytes() / 2**20:g} MiB{ce}, {plain} above"
@@ -370,9 +374,8 @@ class AllReduce:
     def report(self) -> dict:
         """What ``step_times`` reports per rank: the backend, the one-shot cap, the copy engines' range
         (0: none), the op's choices so far."""
-        ce = self.ce is not None and self.backend != "nccl"
         return {"backend": self.backend, "one_shot_max_bytes": self.max_bytes(),
-                "copy_engine_min_bytes": self.ce.least if ce else 0, **self.calls}
+                "copy_engine_min_bytes": self.ce.least if self._ce_on() else 0, **self.calls}
 
 
 @torch.library.custom_op("dlc::tp_all_reduce_", mutates_args=("x",))
@@ -448,7 +451,7 @@ def copy_engine_sum(group, world: int, d_model: int, itemsize: int, backend: str
     least = ce_min_bytes(world)
     if not least:
         return None
-    nbytes = SYMM_ROWS * d_model * itemsize
+    nbytes = buffer_bytes(1 << 62, d_model, itemsize)                    # no cap: SYMM_ROWS tokens
     try:
         import torch.distributed._symmetric_memory as symm_mem
         dev = torch.device("cuda", torch.cuda.current_device())

@@ -301,15 +301,15 @@ def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "
         qs = batch.q_start[src] + j * bsz
         ends = torch.minimum(qs + bsz, batch.lengths[src])                          # keys [0, end)
         out = torch.where(j == k - 1, batch.out_start[src], qs + shift)     # finished: own columns
-        src_d, ends_d = to_device(src, dev), to_device(ends, dev)
+        src_d, ends_d, hid_d, qs_d = _to_device_many([src, ends, out - shift, qs], dev)   # one copy
         keys = batch.key_mask[src_d] & (torch.arange(batch.width, device=dev)[None] < ends_d[:, None])
         ar = torch.arange(len(src), device=dev)
         filters = {} if batch.top_k is None else {f: getattr(batch, f)[src_d] for f in ("top_k", "top_p",
                                                                                           "min_p")}
         views.append(replace(
             batch, n_seqs=len(src), ids=batch.ids[src_d], pos=batch.pos[src_d], key_mask=keys, lengths=ends,
-            out_start=out, hid_start=to_device(out - shift, dev), q_start=qs,
-            q_start_dev=to_device(qs, dev), n_fed=bsz, cache=batch.cache.with_(rows=batch.cache.rows[src_d]),
+            out_start=out, hid_start=hid_d, q_start=qs, q_start_dev=qs_d, n_fed=bsz,
+            cache=batch.cache.with_(rows=batch.cache.rows[src_d]),
             slots=batch.slots[src], seeds=batch.seeds[src_d], cond_rows=ar, un_rows=ar, block_size=0,
             ids_host=None if batch.ids_host is None else batch.ids_host[src], **filters))
     return views
