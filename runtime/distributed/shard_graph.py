@@ -66,7 +66,7 @@ import torch
 
 from dlc.models.tensor_parallel import head_shard
 
-from ..runners.graph import BUCKETS, GraphRunner, _Graph
+from ..runners.graph import BUCKETS, GraphRunner, _Graph, tempered_rows
 from ..step import StepBatch
 from ..step_output import StepOutput
 from .channel import (_B, _FLAGS, _NFED, _NOUT, _RULE_FLAGS, _TEMP, Compact, _float, frame_key, frame_rules,
@@ -231,8 +231,8 @@ class ShardGraphRunner(GraphRunner):
         ar = torch.arange(rows.shape[0], device=rows.device)
         one = torch.ones(1, dtype=rows.dtype, device=rows.device)
         temp, seeds = g.sampling if ex and ex.sampled else (0.0, torch.zeros_like(ar))
-        if ex and ex.tempered:       # the eager shard's rows / T (a float32 0-dim divisor), drawn at T = 1
-            rows, temp = rows / temp.to(torch.float32)[0], torch.ones_like(temp)
+        if ex and ex.tempered:       # the eager shard's rows / T, drawn at T = 1
+            rows, temp = tempered_rows(rows, temp)
         if ex and (ex.credit_width or ex.smooth_tau or ex.filtered):
             if self.decoding == "fused" and not ex.sampled:        # one GPU's fused route, per shard
                 return fused_rules_decode(self, rows, ex, g.credit)

@@ -121,6 +121,13 @@ class ExtrasKey(NamedTuple):
     tempered: bool = False  # block decoders at T > 0: rows / T decoded at temperature 1 (eager ``_tempered``)
 
 
+def tempered_rows(rows: torch.Tensor, temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A captured step's tempered decoding (block decoders at T > 0), as the eager runner's ``_tempered``:
+    rows / T (a float32 0-dim divisor, as its Python float: the rows' dtype, opmath float32) and the
+    temperature 1 to draw at -> (rows, ones like ``temp`` [1])."""
+    return rows / temp.to(torch.float32)[0], torch.ones_like(temp)
+
+
 def capture_graph(step, mempool) -> tuple:
     """``step()`` run twice on a side stream (warm-up: compiles, lazy inits, cuBLAS workspaces), then captured
     as a CUDA graph into ``mempool`` (created when None: a runner's graphs share one pool, as they replay one
@@ -457,10 +464,9 @@ class GraphRunner(EagerRunner):
         from one pass of model-dtype logits), with other extras beside it ``decode_rows_ext`` in float32."""
         entropy, k, M, tau, sampled, filtered, smooth_k, tempered = ex
         topk = max(k, 0)
-        if tempered:                 # the eager runner's ``_tempered``: rows / T (a float32 0-dim divisor, as
-            temp, seeds = sampling   # its Python float: the rows' dtype, opmath float32), then T = 1
-            rows = rows / temp.to(torch.float32)[0]
-            sampling = (torch.ones_like(temp), seeds)
+        if tempered:
+            rows, temp = tempered_rows(rows, sampling[0])
+            sampling = (temp, sampling[1])
         B, N = rows.shape[:2]
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]
@@ -563,8 +569,9 @@ class GraphRunner(EagerRunner):
         views = block_rows_as_prefix(batch, self.warm_rows, self.config.logit_shift)
         if views is None or len(views) > MAX_BLOCK_VIEWS:
             return None
-        out = [(v, self._extras_key(v)) for v in views]
-        return out if all(self._eligible(v, ex) for v, ex in out) else None
+        ex = self._extras_key(views[0])           # the views hold the same sequences: one variant (one read
+        out = [(v, ex) for v in views]            # of the filters on the host)
+        return out if all(self._eligible(v, ex) for v in views) else None
 
     @staticmethod
     def _graphed_view(batch: StepBatch) -> StepBatch:
