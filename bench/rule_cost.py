@@ -202,7 +202,13 @@ def main():
     ap.add_argument("--lookahead", type=int, default=16, help="--path engine: steps run ahead in flight")
     ap.add_argument("--paced", default=None, choices=["h200"],
                     help="--path engine: serve through bench/paced_device.py's emulated device")
+    ap.add_argument("--smooth-passes", default="triton", choices=["triton", "torch"],
+                    help="a smoothing step's per-chunk selection and exponentials: dlc.kernels.smoothing's "
+                         "split kernels (the default on CUDA) or torch's max / exp / sum (the form before)")
     args = ap.parse_args()
+    if args.smooth_passes == "torch":
+        from dlc.kernels import smoothing
+        smoothing.HAS_TRITON = False
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     names = [n.strip() for n in args.rules.split(",") if n.strip()]
     bad = [n for n in names if n not in RULES]
@@ -371,7 +377,8 @@ def engine_main(model, names: list, args) -> None:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(json.dumps({"path": "engine", "device": name,
                       "paced": args.paced, "lookahead": args.lookahead, "graph_decode": args.graph_decode,
-                      "iters": args.iters, "torch": torch.__version__}), flush=True)
+                      "iters": args.iters, "torch": torch.__version__, "smooth_passes": args.smooth_passes}),
+          flush=True)
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
         res = engine_rules(model, B, names, args)

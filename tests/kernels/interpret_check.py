@@ -142,6 +142,35 @@ def check_filter_bisect():
         assert (out[0][key] - out[1][key]).abs().max() < 1e-12, key
 
 
+def check_smoothing():
+    """``smoothing.split_stats`` (a smoothing step's selection and exponentials, two launches over (row, split))
+    inside ``smooth_select`` against ``decode_rows_ext`` in float64; ties across splits take the first id.
+    The interpreter truncates float32 -> bf16 (the GPU rounds to nearest): bf16 probabilities are within one
+    bf16 step (2^-8 relative) instead of half of one."""
+    from dlc.kernels import smoothing as SM
+    from dlc.kernels.sampling import decode_rows_ext
+    for dt, tol in ((torch.bfloat16, 8e-3), (torch.float32, 1e-5)):
+        d, V = 32, 3000
+        h = (torch.randn(2, 5, d) * 0.5).to(dt)
+        w, we = torch.randn(V + 3, d).to(dt), torch.randn(V + 3, d).to(dt)
+        ar = torch.arange(2)
+        for chunk in (V, 1100):                                         # one chunk; three, the last short
+            ref = decode_rows_ext(h, w, ar, ar, torch.ones(1, dtype=dt), 0.0, torch.zeros_like(ar), vocab=V,
+                                  chunk=chunk, soft=(we, 1.0), acc=torch.float64)
+            out = SM.smooth_select(h, w, we, vocab=V, chunk=chunk)
+            assert torch.equal(out["tokens"], ref["tokens"]), (dt, chunk)
+            assert rel(out["confidence"].double(), ref["confidence"]) < tol, (dt, chunk)
+            assert (out["soft"].double() - ref["soft"]).abs().max() < 2 * tol, (dt, chunk)
+        l = torch.randn(3, 2500).to(dt)
+        l[0, [5, 700]] = 9.0                                            # one split, two lanes
+        l[1, [100, 2400]] = 9.0                                         # two splits
+        l[2, [SM.SPLIT_MIN - 1, SM.SPLIT_MIN]] = 8.0
+        m, i, s, e = SM.split_stats(l.clone())
+        assert torch.equal(i, l.max(-1)[1]) and i.tolist() == [5, 100, SM.SPLIT_MIN - 1], i
+        assert torch.equal(m, l.float().max(-1)[0])
+        assert rel(s.double(), torch.exp(l.double() - m.double()[:, None]).sum(-1)) < tol
+
+
 def main():
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     for dt in (torch.float32, torch.float16):
@@ -184,6 +213,7 @@ def main():
     C.kv_write_reference(kc2, vc2, kn, vn, start, rows)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     check_filter_bisect()
+    check_smoothing()
     print("interpret-ok")
 
 

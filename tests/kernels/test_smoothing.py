@@ -101,3 +101,37 @@ def test_smooth_select_truncated_matches_decode_rows_ext(k):
     torch.testing.assert_close(out["soft"].double(), ref["soft"], rtol=0, atol=1e-5)   # float32 softmax of k
     if k == 1:                                                               # the chosen token's embedding
         assert torch.equal(out["soft"], we[out["tokens"]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_stats_on_the_gpu_equal_torch_passes():
+    """The two Triton launches of a chunk (``split_stats``: a B = 1 step's 32 rows x LLaDA's vocabulary)
+    against torch's max / exp over the same bf16 logits: the first max id (ties planted across splits), the
+    max itself, e = exp(l - max) rounded once (within one bf16 step of torch's float32 exp rounded), the sum;
+    then ``smooth_select`` on the GPU against ``decode_rows_ext`` in float64."""
+    from dlc.kernels.smoothing import split_columns, split_stats
+    g = torch.Generator(device="cuda").manual_seed(0)
+    R, C = 32, 126464
+    l = (torch.randn(R, C, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    split = split_columns(R, C)
+    l[1, [7, 5 * split + 3]] = 40.0                                       # a tie across two splits
+    l[2, [split - 1, split]] = 40.0                                       # a tie at a split's edge
+    l[3, [11, 900]] = 40.0                                                # two lanes of one split
+    ref_m, ref_i = l.float().max(-1)
+    ref_e = torch.exp(l.float() - ref_m[:, None]).to(torch.bfloat16)
+    m, i, s, e = split_stats(l.clone())
+    assert torch.equal(i, ref_i) and i[1:4].tolist() == [7, split - 1, 11]
+    assert torch.equal(m, ref_m)
+    step = torch.finfo(torch.bfloat16).eps * ref_e.float().abs()                 # one bf16 step
+    assert ((e.float() - ref_e.float()).abs() <= step).all()
+    assert (e != ref_e).float().mean() < 0.01
+    torch.testing.assert_close(s, ref_e.float().sum(-1), rtol=1e-5, atol=0)
+    d, V = 256, 5000
+    h, w, we = (t.cuda() for t in _case(2, 7, d, V, 3, 0.2))
+    for chunk in (V, 1800):
+        ref = _ref(h.cpu(), w.cpu(), we.cpu(), V, chunk)                          # float64 on the host
+        out = {k: v.cpu() for k, v in smooth_select(h, w, we, vocab=V, chunk=chunk).items()}
+        assert torch.equal(out["tokens"], ref["tokens"])
+        torch.testing.assert_close(out["confidence"].double(), ref["confidence"], rtol=CONF_RTOL, atol=0)
+        torch.testing.assert_close(out["soft"].double(), ref["soft"], rtol=0, atol=SOFT_ATOL)
