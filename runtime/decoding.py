@@ -990,6 +990,7 @@ class DecodeState:
         self.be = min(self.L, self.bs + width)
         w = self.be - self.bs
         self.settled, self.post_edits = False, 0
+        self.credit, self.soft, self.iters0 = None, None, self.iters   # the rules' state is per block
         # LLaDA2: the schedule of a whole block, whatever is masked
         if self.attn_block:
             n = min(g.steps_per_block or g.block_length, g.block_length, g.gen_length)
@@ -1004,7 +1005,6 @@ class DecodeState:
         masked = self._masked().sum()[None]
         self.sched = num_transfer_tokens(masked, n_steps)[0]
         self.step, self.has_cache, self.stuck = 0, False, False
-        self.credit, self.soft, self.iters0 = None, None, self.iters
         self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
 
     def _end_block(self) -> list[int]:

@@ -275,13 +275,14 @@ def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "
     K/V into the slot before any row attends, and block j's queries see blocks <= j (block-causal) through
     the slot. Views of at most ``max_rows`` rows run in order (every row of a view's blocks comes after the
     blocks it reads); the last view's first ``n_seqs`` rows are the sequences' decoded (last) blocks, each
-    view decodes ``n_out`` columns of every row (those of finished blocks are discarded; sampling filters
-    and seeds follow each row's sequence). ``shift``: the model's logit shift. None where the batch is not
-    such a step, carries extras other than sampling filters, guidance, or its decoded columns leave the last
-    block."""
+    view decodes ``n_out`` columns of every row (those of finished blocks are discarded; sampling filters,
+    seeds and credit follow each row's sequence; entropy, logprobs and smoothing's soft output are the
+    batch's own). ``shift``: the model's logit shift. None where the batch is not such a step, guidance,
+    smoothing's soft inputs (a block's first step has none: the rule's state is per block), or its decoded
+    columns leave the last block."""
     bsz = batch.block_size
     if (batch.phase != "reuse" or not bsz or batch.q_start is None or batch.fed != batch.n_seqs
-            or batch.keep_idx is not None or batch.wants_extras(filters=False) or batch.n_fed % bsz
+            or batch.keep_idx is not None or batch.embed_delta is not None or batch.n_fed % bsz
             or batch.n_fed < 2 * bsz or bool((batch.q_start % bsz).any())):
         return None
     B, k = batch.n_seqs, batch.n_fed // bsz
@@ -304,14 +305,15 @@ def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "
         src_d, ends_d, hid_d, qs_d = _to_device_many([src, ends, out - shift, qs], dev)   # one copy
         keys = batch.key_mask[src_d] & (torch.arange(batch.width, device=dev)[None] < ends_d[:, None])
         ar = torch.arange(len(src), device=dev)
-        filters = {} if batch.top_k is None else {f: getattr(batch, f)[src_d] for f in ("top_k", "top_p",
-                                                                                          "min_p")}
+        per_row = [f for f in ("top_k", "top_p", "min_p", "credit_ids", "credit_vals", "credit_alpha")
+                   if getattr(batch, f) is not None]
+        per_row = {f: getattr(batch, f)[src_d] for f in per_row}          # [R, ...] by each row's sequence
         views.append(replace(
             batch, n_seqs=len(src), ids=batch.ids[src_d], pos=batch.pos[src_d], key_mask=keys, lengths=ends,
             out_start=out, hid_start=hid_d, q_start=qs, q_start_dev=qs_d, n_fed=bsz,
             cache=batch.cache.with_(rows=batch.cache.rows[src_d]),
             slots=batch.slots[src], seeds=batch.seeds[src_d], cond_rows=ar, un_rows=ar, block_size=0,
-            ids_host=None if batch.ids_host is None else batch.ids_host[src], **filters))
+            ids_host=None if batch.ids_host is None else batch.ids_host[src], **per_row))
     return views
 
 

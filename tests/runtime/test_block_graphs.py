@@ -138,6 +138,39 @@ def test_a_batch_of_block_requests_replays_with_generate_tokens(model):
     assert st["replays"] > st["block_rows"] > 0 and st["eager_reuse"] == 0
 
 
+RULE_EXTRAS = {"entropy_bound": dict(threshold=None, entropy_bound=0.5),
+               "logprobs": dict(logprobs=3), "credit": dict(credit=True), "smoothing": dict(smoothing=True),
+               "all": dict(credit=True, smoothing=True, logprobs=1)}
+
+
+@pytest.mark.parametrize("kind", list(RULE_EXTRAS))
+def test_block_steps_with_rule_extras_replay_with_generate_tokens(model, kind):
+    """Block decoders with the rules' extras (entropy, logprobs, credit, smoothing): every step replays, a
+    block's first step as rows per block with the batch's extras (credit rows follow their sequence), and
+    the later steps run ahead; tokens and logprobs are generate()'s on the eager runner, and the rule
+    changes what is decoded."""
+    ps = prompts(4, seed=8)
+    params = dict(PARAMS, **RULE_EXTRAS[kind])
+    eng = engine(model, lookahead=16)
+    reqs = eng.run_requests([(p, params) for p in ps])
+    ref = [generate(model, [p], GenerationConfig(**params, stop_at_eos=True)) for p in ps]
+    assert [r.output_ids for r in reqs] == [g.token_ids[0] for g in ref]
+    if params.get("logprobs") is not None:
+        for r, g in zip(reqs, ref):
+            got, want = r.state.token_logprobs, g.logprobs[0]
+            assert [a is None for a in got] == [b is None for b in want]       # None: past a stop
+            pairs = [(a, b) for a, b in zip(got, want) if a is not None]
+            assert len(pairs) >= 4
+            for (lp, ids, lps), (lp2, ids2, lps2) in pairs:       # fp32 logits of other shapes: 1e-5
+                assert ids == ids2 and abs(lp - lp2) < 1e-5
+                torch.testing.assert_close(torch.tensor(lps), torch.tensor(lps2), rtol=0, atol=1e-5)
+            assert len({round(a[0], 3) for a, _ in pairs}) > 2                # logprobs vary
+    st = eng.runner.stats
+    assert st["block_rows"] > 0 and st["eager_reuse"] == 0 and st["ahead_calls"] > 0, st
+    if kind != "logprobs":
+        assert [r.output_ids for r in reqs] != eager_tokens(model, ps, PARAMS)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(EOS_OF))

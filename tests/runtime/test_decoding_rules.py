@@ -557,6 +557,41 @@ def test_restart_block_rewinds_the_rule_state():
     assert smoothing_delta([st], "cpu") is None                        # as at the block's first run
 
 
+def test_block_decoders_start_each_block_without_the_last_ones_credit_or_soft_input():
+    """Credit and smoothing's soft input are per block for block-diffusion decoders too (LLaDA2 / SDAR): a
+    block's first step sends no credit (ids [K, 0]) and no soft input, as the first block's did; the credit
+    of the finished block's positions must not land on the new block's positions."""
+    from types import SimpleNamespace
+
+    from dlc.runtime.decoding import DecodeState, smoothing_delta
+    from dlc.runtime.step_output import StepOutput
+    mc = SimpleNamespace(mask_id=9, eos_id=0, stop_ids=[0], block_diffusion=True, family="sdar")
+    gen = GenerationConfig(gen_length=8, block_length=4, steps_per_block=4, threshold=0.99, decoder="llada2",
+                           kv_cache="block", credit=True, smoothing=True)
+    st = DecodeState.new([5, 6, 7, 8], gen, mc)                     # a prompt of one whole block
+    assert st.attn_block == 4
+    st.advance(4)
+    first = st.needs()
+    assert first["credit"][0].shape == (4, 0) and first["soft"] is not None
+
+    def step(conf):                  # every masked position predicts 4; ``conf`` >= 0.99 accepts them all
+        K = st.be - st.bs
+        out = StepOutput(torch.full((K,), 4), torch.full((K,), conf, dtype=torch.float64),
+                         top1_ids=torch.full((K,), 4), top1_prob=torch.full((K,), conf, dtype=torch.float64),
+                         soft=torch.ones(K, 3))
+        st.apply(out.x0, out.conf, out)
+        st.advance(4)
+    step(0.5)
+    step(0.5)
+    assert st.credit[0].shape == (4, 2) and smoothing_delta([st], "cpu").abs().sum() > 0
+    start = st.bs
+    step(1.0)                                                        # the block completes
+    assert st.bs == start + 4                                        # the next block
+    again = st.needs()
+    assert again["credit"][0].shape == (4, 0)
+    assert smoothing_delta([st], "cpu") is None
+
+
 def test_graph_runner_keeps_replaying_the_rows_without_extras(model):
     """One request whose decoding no captured variant holds (classifier-free guidance) among plain ones:
     the engine gives it its own group (eager), the others still replay their captured Reuse steps; every
