@@ -144,6 +144,22 @@ def test_sampled_block_steps_replay_on_every_rank(pair, filters):
     assert other != outs
 
 
+@pytest.mark.parametrize("pair", ["sdar"], indirect=True)
+@pytest.mark.parametrize("extras", [dict(credit=True, smoothing=True, logprobs=1),
+                                    dict(threshold=None, entropy_bound=0.5)], ids=["credit_smooth_lp", "entropy"])
+def test_block_rule_extras_replay_on_every_rank(pair, extras):
+    """Block decoders with the rules' extras (credit, smoothing, logprobs; entropy-bound): every rank replays
+    every step, a block's first step as rows per block, run ahead and one step at a time; tokens and
+    logprobs as one process's."""
+    _, tp = pair
+    params = {**dict(gen_length=24, block_length=8, steps_per_block=8, threshold=0.5, kv_cache="block"),
+              **extras}
+    eager = tp.runner.stats["eager_reuse"]
+    rows = tp.runner.stats["block_rows"]
+    check(pair, [(p, params) for p in PROMPTS])
+    assert tp.runner.stats["eager_reuse"] == eager and tp.runner.stats["block_rows"] > rows
+
+
 @pytest.mark.slow                 # ~60 s on 2 cores: two mixed runs, each served twice and by one process
 def test_a_mixed_batch_runs_ahead_rule_by_rule_on_every_rank(pair):
     """Rows of different rules in one run (one group: the frame carries each row's rule), and rows of
