@@ -134,4 +134,5 @@ def test_split_stats_on_the_gpu_equal_torch_passes():
         out = {k: v.cpu() for k, v in smooth_select(h, w, we, vocab=V, chunk=chunk).items()}
         assert torch.equal(out["tokens"], ref["tokens"])
         torch.testing.assert_close(out["confidence"].double(), ref["confidence"], rtol=CONF_RTOL, atol=0)
-        torch.testing.assert_close(out["soft"].double(), ref["soft"], rtol=0, atol=SOFT_ATOL)
+        # the chunk GEMM's bf16 output adds a rounding of 2^-9 x |soft| (~1) to the CPU test's SOFT_ATOL
+        torch.testing.assert_close(out["soft"].double(), ref["soft"], rtol=0, atol=2 * SOFT_ATOL)
