@@ -108,6 +108,8 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
         cuda = runner.device.type == "cuda"
         runner.enable_compile(cuda and runner.kind == "export" if compile is None else compile)
         runner.enable_graphs(cuda and runner.kv_inplace if on is None else on)
+        if decode is not None:                       # how it decodes the programs' hidden rows at T = 0
+            runner.decoding = decode
         return runner
     if on is None:
         on = builds

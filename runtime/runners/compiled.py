@@ -30,6 +30,7 @@ from ..decoding import FieldError
 from ..step import StepBatch, take_cols
 from ..step_output import StepOutput
 from .eager import decode_step_extras, pad_keys
+from .graph import fused_extras_decode, t0_extras_key
 from .ahead import decoded_cols
 from .program_graphs import ProgramGraphs
 
@@ -69,6 +70,10 @@ class CompiledRunner:
         if self.row_decoding and not {HEAD_WEIGHT, EMBED_WEIGHT} <= set(self.weights):
             raise ValueError(f"compiled runner: no tensor for {HEAD_WEIGHT} / {EMBED_WEIGHT} (the head and "
                              "embedding the runner decodes smoothing and filters with)")
+        # rows this runner decodes at T = 0: "fused" (the graph runner's kernels: ``fused_extras_decode``, the
+        # default on CUDA) or "exact" (decode_rows_ext in float64: the eager runner's numbers)
+        self.decoding = "fused" if self.device.type == "cuda" else "exact"
+        self.stats_fused = 0               # calls decoded by ``fused_extras_decode`` (tests, benches)
         self.graphs = None
         self.compiled = False
         self.enable_compile(compile)
@@ -198,11 +203,9 @@ class CompiledRunner:
             return res[0], res[1]
         ext = 4 if res[2].dtype == torch.long and res[2].dim() == 3 else 2          # past the top-k pair
         if self.row_decoding and (self._decodes_rows(batch) or not self.extras):
-            # the eager runner's decoding of the same rows: smoothing, T > 0 filters, and every extra of a
-            # GPU-lowered engine (its programs have no chunked extras, only the rows)
-            rows = res[ext + 4] if self.extras else res[ext]
-            return decode_step_extras(rows, self.weights[HEAD_WEIGHT], self.weights[EMBED_WEIGHT],
-                                      self.config.vocab_size, batch)
+            # decoded from the rows: smoothing, T > 0 filters, and every extra of a GPU-lowered engine (its
+            # programs have no chunked extras, only the rows)
+            return self._decode_rows(res[ext + 4] if self.extras else res[ext], batch)
         k = batch.logprobs or 0
         if k and ext == 2:
             raise ValueError("this engine was built without top-k logprobs (dlc compile --logprobs K)")
@@ -213,6 +216,21 @@ class CompiledRunner:
         return StepOutput(res[0], res[1], entropy=ent, logprob=lp, top1_ids=t1, top1_prob=p1,
                           topk_ids=res[2][..., :k] if k else None,
                           topk_logprobs=res[3][..., :k] if k else None)
+
+    def _decode_rows(self, rows: torch.Tensor, batch: StepBatch) -> StepOutput:
+        """The programs' hidden rows [fed, N, d] decoded with the engine's head and embedding: at T = 0
+        without guidance or filters in ``fused`` mode by the graph runner's kernels (``fused_extras_decode``:
+        one home for both runners), else by the eager runner's ``decode_step_extras``."""
+        V = self.config.vocab_size
+        head, embed = self.weights[HEAD_WEIGHT][:V], self.weights[EMBED_WEIGHT][:V]
+        if (self.decoding == "fused" and batch.temperature == 0 and batch.fed == batch.n_seqs
+                and batch.top_k is None and not (batch.embed_delta is not None and batch.soft_tau is None)):
+            credit = None
+            if batch.credit_ids is not None:
+                credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+            self.stats_fused += 1
+            return StepOutput.from_decode(fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit))
+        return decode_step_extras(rows, head, embed, V, batch)
 
     def check_generation(self, gen) -> None:
         """Refuse, naming the field, what this engine's programs cannot decode: every rule beyond (token,

@@ -171,6 +171,42 @@ def fused_route(ex: ExtrasKey) -> str:
     return "sweep" if ex.smooth_tau else "extras"
 
 
+def t0_extras_key(batch: StepBatch) -> ExtrasKey:
+    """The T = 0 extras of ``batch`` (no filters, no guidance) as an ``ExtrasKey`` for
+    ``fused_extras_decode``, logprobs with exactly the batch's k (uncaptured decoding: no bucket)."""
+    return ExtrasKey(bool(batch.entropy), -1 if batch.logprobs is None else batch.logprobs,
+                     0 if batch.credit_ids is None else batch.credit_ids.shape[-1],
+                     float(batch.soft_tau or 0.0), False, False,
+                     batch.soft_top_k if batch.soft_tau is not None else 0)
+
+
+def fused_extras_decode(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, ex: ExtrasKey,
+                        credit: tuple | None) -> dict:
+    """``fused`` decoding at T = 0 of rows [B, N, d] with the extras ``ex`` over the LM head and input
+    embedding (both [vocab, d]) -> decode_rows_ext's dict (one home: the graph runner's captured and eager
+    steps, and a compiled engine's row decoding on CUDA, ``CompiledRunner._decode_outputs``). The route is
+    ``fused_route``'s: ``smooth`` (``dlc.kernels.smoothing.smooth_select``), ``sweep`` (``decode_rows_ext``
+    in float32), ``extras`` (``dlc.kernels.fused_select_extras``, credit as its sparse correction)."""
+    B, N = rows.shape[:2]
+    V = head.shape[0]
+    route = fused_route(ex)
+    if route == "smooth":
+        from dlc.kernels.smoothing import chunk_columns, smooth_select    # one pass of bf16 logits
+        return smooth_select(rows, head, embed, vocab=V, chunk=chunk_columns(B * N, V, VOCAB_CHUNK),
+                             top_k=ex.smooth_k)
+    if route == "sweep":
+        ar = torch.arange(B, device=rows.device)
+        one = torch.ones(1, dtype=rows.dtype, device=rows.device)
+        return decode_rows_ext(rows, head, ar, ar, one, 0.0, torch.zeros_like(ar), vocab=V, chunk=VOCAB_CHUNK,
+                               topk=max(ex.logprobs, 0), logprobs=ex.logprobs >= 0, entropy=ex.entropy,
+                               credit=credit, soft=(embed, ex.smooth_tau, ex.smooth_k), acc=torch.float32)
+    from dlc.kernels import fused_select_extras
+    cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
+                                       credit[2][:, None].expand(B, N).reshape(-1))          # [B * N] each
+    out = fused_select_extras(rows.flatten(0, 1), head, ex.entropy, max(ex.logprobs, 0), *cargs)
+    return {key: v.view(B, N, *v.shape[1:]) for key, v in out.items()}
+
+
 @dataclass
 class _PackedGraph:
     """Static buffers of one captured packed mixed forward (a token bucket of ``n_pad`` tokens): inputs and
@@ -470,25 +506,17 @@ class GraphRunner(EagerRunner):
         B, N = rows.shape[:2]
         V = self.config.vocab_size
         head = self.model.head_weight()[:V]
-        route = "exact" if self.decoding == "exact" or sampled else fused_route(ex)
-        if route == "smooth":
-            from dlc.kernels.smoothing import chunk_columns, smooth_select    # one pass of bf16 logits
-            return smooth_select(rows, head, self.model.embed.weight[:V], vocab=V,
-                                 chunk=chunk_columns(B * N, V, VOCAB_CHUNK), top_k=smooth_k)
-        if route in ("exact", "sweep"):
-            ar = torch.arange(B, device=rows.device)
-            one = torch.ones(1, dtype=rows.dtype, device=rows.device)
-            soft = (self.model.embed.weight[:V], tau, smooth_k) if tau else None
-            temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
-            return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
-                                   topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
-                                   filters=filters, acc=torch.float64 if route == "exact" else torch.float32,
-                                   candidates=filtered or None, filtered_conf=tempered)
-        from dlc.kernels import fused_select_extras
-        cargs = () if credit is None else (credit[0].flatten(0, 1), credit[1].flatten(0, 1),
-                                           credit[2][:, None].expand(B, N).reshape(-1))      # [B * N] each
-        out = fused_select_extras(rows.flatten(0, 1), head, entropy, topk, *cargs)
-        return {key: v.view(B, N, *v.shape[1:]) for key, v in out.items()}
+        embed = self.model.embed.weight[:V]
+        if self.decoding == "fused" and not sampled:
+            return fused_extras_decode(rows, head, embed, ex, credit)
+        ar = torch.arange(B, device=rows.device)
+        one = torch.ones(1, dtype=rows.dtype, device=rows.device)
+        soft = (embed, tau, smooth_k) if tau else None
+        temp, seeds = sampling if sampled else (0.0, torch.zeros_like(ar))
+        return decode_rows_ext(rows, head, ar, ar, one, temp, seeds, vocab=V, chunk=VOCAB_CHUNK,
+                               topk=topk, logprobs=k >= 0, entropy=entropy, credit=credit, soft=soft,
+                               filters=filters, acc=torch.float64, candidates=filtered or None,
+                               filtered_conf=tempered)
 
     def _exact(self, rows: torch.Tensor):
         """The eager runner's decoding of rows [bb, N, d] at T = 0 (tokens equal EagerRunner's)."""

@@ -111,6 +111,29 @@ def test_gpu_lowered_engines_run_every_rule_ahead_from_the_hidden_rows(sessions)
     check(sess, eager, [(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS)])
 
 
+def test_gpu_lowered_engines_decode_rows_with_the_graph_runners_kernels(sessions):
+    """``fused`` row decoding (the CUDA default of a compiled engine; here through the kernels' CPU
+    references): every rule with extras is decoded by ``graph.fused_extras_decode``, the graph runner's
+    T = 0 kernels, instead of the float64 sweep; run ahead and synchronous agree and tokens are the eager
+    checkpoint's; a batch with guidance (cfg_scale) keeps the float64 sweep."""
+    from dlc.compiler import in_memory_runner
+    _, eager = sessions
+    model = eager.runner.model
+    runner = in_memory_runner(model, block_length=8, device="cuda", decode_extras=True)
+    assert runner.decoding == "exact"                            # a CPU runner's default
+    runner.decoding = "fused"
+    sess = Session(runner, None, model.config, False, "gpu-lowered")
+    check(sess, eager, [(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS + [[9, 9, 40]])])
+    check(sess, eager, [(p, dict(GEN, **RULES["smoothing_schedule"])) for p in PROMPTS])
+    fused = runner.stats_fused
+    assert fused > 0
+    guided = dict(GEN, **RULES["logprobs"], cfg_scale=1.0)
+    _, got = serve(sess, [(p, guided) for p in PROMPTS[:2]], 1)
+    assert runner.stats_fused == fused
+    for p, (ids, _) in zip(PROMPTS, got):
+        assert ids == generate(eager.runner, [p], GenerationConfig(**guided, stop_at_eos=True)).token_ids[0]
+
+
 @pytest.mark.parametrize("rule", ["schedule", "threshold"])
 def test_sampled_steps_run_ahead_over_the_engines_programs(sessions, rule):
     """T > 0: the programs draw with the static seeds, which the run stages step by step (each row its own

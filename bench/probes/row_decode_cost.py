@@ -1,0 +1,102 @@
+"""What a compiled engine's row decoding costs a step, float64 sweep vs the graph runner's kernels (issues 18 /
+15, one GPU).
+
+A GPU-lowered ``--decode-extras`` engine (the serving build on CUDA) returns the decoded rows' hidden states
+and the runner decodes every extra from them (``CompiledRunner._decode_rows``). Until now that was the eager
+runner's ``decode_step_extras`` (``decode_rows_ext`` in float64), while the graph runner decoded the same
+extras with its fused kernels; now both use ``graph.fused_extras_decode`` on CUDA. This probe times the two on
+the LLaDA-8B head (V = 126464, d = 4096, bf16) for B x 32 decoded rows, per rule: entropy (entropy-bound),
+logprobs 5, credit (32 ids a position), smoothing, smoothing + logprobs. Uncaptured, as the runner calls them
+after the program's replay; CUDA events around each call, medians of ``--reps`` calls, the two paths
+alternated. Tokens are checked equal (the same bf16 logits' argmax).
+
+    python3 -P bench/probes/row_decode_cost.py --batches 1,32 | tee row_decode.log
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from dlc.runtime.runners.eager import decode_step_extras
+from dlc.runtime.runners.graph import fused_extras_decode, t0_extras_key
+from dlc.runtime.step import StepBatch
+
+V, D, N = 126464, 4096, 32
+RULES = {"entropy": dict(entropy=True), "logprobs 5": dict(logprobs=5), "credit": dict(credit=True),
+         "smoothing": dict(soft_tau=1.0), "smoothing + logprobs 1": dict(soft_tau=1.0, logprobs=1)}
+
+
+def batch_for(B: int, dev, entropy=False, logprobs=None, credit=False, soft_tau=None) -> StepBatch:
+    z = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    ar = torch.arange(B, device=dev)
+    kw = {}
+    if credit:
+        g = torch.Generator(device=dev).manual_seed(1)
+        kw = dict(credit_ids=torch.randint(0, V, (B, N, N), device=dev, generator=g),
+                  credit_vals=torch.rand(B, N, N, device=dev, dtype=torch.float64, generator=g),
+                  credit_alpha=torch.full((B,), 0.7, dtype=torch.float64, device=dev))
+    one = torch.ones(B, dtype=torch.long)
+    return StepBatch("reuse", B, z, z, z.bool(), one, one * 0, N, ar * 0, None, None, N, None, None, 0.0, 0.0,
+                     torch.zeros_like(ar), ar, ar, entropy=entropy, logprobs=logprobs, soft_tau=soft_tau, **kw)
+
+
+def timed(fn, reps: int) -> float:
+    if not torch.cuda.is_available():                   # --device cpu smoke run: wall ms
+        import time
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run at V = 1000, d = 64")
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    global V, D
+    if dev.type == "cpu":
+        V, D = 1000, 64
+    torch.manual_seed(0)
+    head = (torch.randn(V, D, device=dev) * 0.02).to(torch.bfloat16)
+    embed = (torch.randn(V, D, device=dev) * 0.02).to(torch.bfloat16)
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"# {name} torch {torch.__version__}; V {V}, d {D}, {N} rows a sequence")
+    rows_out = []
+    for B in (int(b) for b in a.batches.split(",")):
+        rows = (torch.randn(B, N, D, device=dev) * 2).to(torch.bfloat16)
+        for name, kw in RULES.items():
+            batch = batch_for(B, dev, **kw)
+            credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals,
+                                                            batch.credit_alpha)
+            exact = lambda: decode_step_extras(rows, head, embed, V, batch)          # noqa: E731
+            fused = lambda: fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit)  # noqa: E731
+            t_e, t_f = exact(), fused()
+            assert torch.equal(t_e.x0, t_f["tokens"]), name
+            times = {"exact": [], "fused": []}
+            for rnd in range(4):
+                for k, fn in ((("exact", exact), ("fused", fused)) if rnd % 2 == 0 else
+                              (("fused", fused), ("exact", exact))):
+                    times[k].append(timed(fn, a.reps))
+            e, f = statistics.median(times["exact"]), statistics.median(times["fused"])
+            rows_out.append((B, name, e, f))
+            print(f"B={B} {name}: float64 sweep {e:.3f} ms, fused {f:.3f} ms ({e / f:.1f}x)", flush=True)
+    print("\n| B | rule | float64 sweep (before) ms | fused kernels (now) ms | ratio |\n|---|---|---|---|---|")
+    for B, name, e, f in rows_out:
+        print(f"| {B} | {name} | {e:.3f} | {f:.3f} | {e / f:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
