@@ -8,7 +8,9 @@ extras with its fused kernels; now both use ``graph.fused_extras_decode`` on CUD
 the LLaDA-8B head (V = 126464, d = 4096, bf16) for B x 32 decoded rows, per rule: entropy (entropy-bound),
 logprobs 5, credit (32 ids a position), smoothing, smoothing + logprobs. Uncaptured, as the runner calls them
 after the program's replay; CUDA events around each call, medians of ``--reps`` calls, the two paths
-alternated. Tokens are checked equal (the same bf16 logits' argmax).
+alternated. ``agree``: the share of tokens the two give alike (the sweep takes the argmax of bf16-rounded
+logits, the kernels of their float32 accumulation: near-ties may order otherwise, as between the graph
+runner's ``fused`` and ``exact`` modes).
 
     python3 -P bench/probes/row_decode_cost.py --batches 1,32 | tee row_decode.log
 """
@@ -84,18 +86,20 @@ def main() -> None:
             exact = lambda: decode_step_extras(rows, head, embed, V, batch)          # noqa: E731
             fused = lambda: fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit)  # noqa: E731
             t_e, t_f = exact(), fused()
-            assert torch.equal(t_e.x0, t_f["tokens"]), name
+            agree = (t_e.x0 == t_f["tokens"]).float().mean().item()
             times = {"exact": [], "fused": []}
             for rnd in range(4):
                 for k, fn in ((("exact", exact), ("fused", fused)) if rnd % 2 == 0 else
                               (("fused", fused), ("exact", exact))):
                     times[k].append(timed(fn, a.reps))
             e, f = statistics.median(times["exact"]), statistics.median(times["fused"])
-            rows_out.append((B, name, e, f))
-            print(f"B={B} {name}: float64 sweep {e:.3f} ms, fused {f:.3f} ms ({e / f:.1f}x)", flush=True)
-    print("\n| B | rule | float64 sweep (before) ms | fused kernels (now) ms | ratio |\n|---|---|---|---|---|")
-    for B, name, e, f in rows_out:
-        print(f"| {B} | {name} | {e:.3f} | {f:.3f} | {e / f:.1f}x |")
+            rows_out.append((B, name, e, f, agree))
+            print(f"B={B} {name}: float64 sweep {e:.3f} ms, fused {f:.3f} ms ({e / f:.1f}x), tokens alike "
+                  f"{agree:.1%}", flush=True)
+    print("\n| B | rule | float64 sweep (before) ms | fused kernels (now) ms | ratio | tokens alike |\n"
+          "|---|---|---|---|---|---|")
+    for B, name, e, f, agree in rows_out:
+        print(f"| {B} | {name} | {e:.3f} | {f:.3f} | {e / f:.1f}x | {agree:.1%} |")
 
 
 if __name__ == "__main__":

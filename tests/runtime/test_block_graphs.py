@@ -363,3 +363,26 @@ def test_captured_sampled_block_steps_give_the_eager_tokens(name):
         st = eng.runner.stats
         assert st["replays"] > 0 and st["ahead_calls"] > 0 and st["eager_reuse"] == 0, (filters, st)
         assert any(g.graph is not None for g in eng.runner.graphs.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(EOS_OF))
+def test_captured_block_rule_extras_give_the_eager_tokens(name):
+    """On the GPU (captured graphs, fp32): block requests with entropy-bound, and with credit + smoothing +
+    logprobs, replay every step (first steps as rows per block) and run ahead with the eager runner's tokens;
+    logprobs within 1e-4 (fp32 GEMMs of other shapes)."""
+    m = tiny(name, "cuda")
+    ps = prompts(5, seed=9)
+    for kind in ("entropy_bound", "all"):
+        params = dict(PARAMS, **RULE_EXTRAS[kind])
+        eng = engine(m, 16, device="cuda", compile=False)
+        reqs = eng.run_requests([(p, params) for p in ps])
+        ref = [generate(m, [p], GenerationConfig(**params, stop_at_eos=True)) for p in ps]
+        assert [r.output_ids for r in reqs] == [g.token_ids[0] for g in ref], kind
+        for r, g in zip(reqs, ref):
+            for a, b in zip(r.state.token_logprobs or [], g.logprobs[0] if g.logprobs else []):
+                assert (a is None) == (b is None) and (a is None or abs(a[0] - b[0]) < 1e-4), kind
+        st = eng.runner.stats
+        assert st["block_rows"] > 0 and st["eager_reuse"] == 0 and st["ahead_calls"] > 0, (kind, st)
+        assert any(g.graph is not None for g in eng.runner.graphs.values())
