@@ -6,9 +6,10 @@ and the runner decodes every extra from them (``CompiledRunner._decode_rows``). 
 runner's ``decode_step_extras`` (``decode_rows_ext`` in float64), while the graph runner decoded the same
 extras with its fused kernels; now both use ``graph.fused_extras_decode`` on CUDA. This probe times the two on
 the LLaDA-8B head (V = 126464, d = 4096, bf16) for B x 32 decoded rows, per rule: entropy (entropy-bound),
-logprobs 5, credit (32 ids a position), smoothing, smoothing + logprobs. Uncaptured, as the runner calls them
-after the program's replay; CUDA events around each call, medians of ``--reps`` calls, the two paths
-alternated. ``agree``: the share of tokens the two give alike (the sweep takes the argmax of bf16-rounded
+logprobs 5, credit (32 ids a position), smoothing, smoothing + logprobs, two ways: ``device`` = the call
+captured in a CUDA graph (5 back to back) and replayed (the GPU's own time: what a step run ahead pays, its
+launches hidden behind earlier steps); ``uncaptured`` = CUDA events around one plain call (launch gaps
+included: what a synchronous step pays). Medians of ``--reps``, the two paths alternated. ``agree``: the share of tokens the two give alike (the sweep takes the argmax of bf16-rounded
 logits, the kernels of their float32 accumulation: near-ties may order otherwise, as between the graph
 runner's ``fused`` and ``exact`` modes).
 
@@ -42,6 +43,20 @@ def batch_for(B: int, dev, entropy=False, logprobs=None, credit=False, soft_tau=
     one = torch.ones(B, dtype=torch.long)
     return StepBatch("reuse", B, z, z, z.bool(), one, one * 0, N, ar * 0, None, None, N, None, None, 0.0, 0.0,
                      torch.zeros_like(ar), ar, ar, entropy=entropy, logprobs=logprobs, soft_tau=soft_tau, **kw)
+
+
+def captured(fn, n: int = 5):
+    """fn captured n times back to back in one CUDA graph -> a replay callable (ms per call: / n)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    return g.replay
 
 
 def timed(fn, reps: int) -> float:
@@ -87,19 +102,23 @@ def main() -> None:
             fused = lambda: fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit)  # noqa: E731
             t_e, t_f = exact(), fused()
             agree = (t_e.x0 == t_f["tokens"]).float().mean().item()
-            times = {"exact": [], "fused": []}
+            fns = {"exact": exact, "fused": fused}
+            if dev.type == "cuda":
+                fns.update({f"{k} device": (lambda r=captured(fn): r()) for k, fn in list(fns.items())})
+            times = {k: [] for k in fns}
             for rnd in range(4):
-                for k, fn in ((("exact", exact), ("fused", fused)) if rnd % 2 == 0 else
-                              (("fused", fused), ("exact", exact))):
-                    times[k].append(timed(fn, a.reps))
-            e, f = statistics.median(times["exact"]), statistics.median(times["fused"])
-            rows_out.append((B, name, e, f, agree))
-            print(f"B={B} {name}: float64 sweep {e:.3f} ms, fused {f:.3f} ms ({e / f:.1f}x), tokens alike "
-                  f"{agree:.1%}", flush=True)
-    print("\n| B | rule | float64 sweep (before) ms | fused kernels (now) ms | ratio | tokens alike |\n"
-          "|---|---|---|---|---|---|")
-    for B, name, e, f, agree in rows_out:
-        print(f"| {B} | {name} | {e:.3f} | {f:.3f} | {e / f:.1f}x | {agree:.1%} |")
+                for k in (list(fns) if rnd % 2 == 0 else list(reversed(fns))):
+                    times[k].append(timed(fns[k], a.reps) / (5 if k.endswith("device") else 1))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            dv = (med.get("exact device", 0.0), med.get("fused device", 0.0))
+            rows_out.append((B, name, *dv, med["exact"], med["fused"], agree))
+            print(f"B={B} {name}: device {dv[0]:.3f} -> {dv[1]:.3f} ms, uncaptured {med['exact']:.3f} -> "
+                  f"{med['fused']:.3f} ms, tokens alike {agree:.1%}", flush=True)
+    print("\n| B | rule | device ms: float64 sweep (before) | fused kernels (now) | ratio | uncaptured ms: "
+          "before | now | tokens alike |\n|---|---|---|---|---|---|---|---|")
+    for B, name, de, df, e, f, agree in rows_out:
+        ratio = f"{de / df:.1f}x" if df else "-"
+        print(f"| {B} | {name} | {de:.3f} | {df:.3f} | {ratio} | {e:.3f} | {f:.3f} | {agree:.1%} |")
 
 
 if __name__ == "__main__":
