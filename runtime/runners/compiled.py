@@ -12,9 +12,10 @@ also returns per-head key scores, kept in the pool for the rows' Reuse steps.
 Engines built with ``--decode-extras`` decode every rule of the core: the programs reduce entropy, logprobs
 and credit per vocab chunk, take iteration smoothing's soft inputs (``embed_delta``, added to the decoded
 columns' input embeddings in the graph) and return the decoded rows' hidden states (``hidden_rows``), from
-which this runner decodes, with the eager runner's own ``decode_step_extras`` over the engine's head and
-embedding weights, the batches that smooth (the next soft embedding) or filter at T > 0
-(passes/chunk_logits.py says why those two are not decoded in the graph)."""
+which this runner decodes, over the engine's head and embedding weights, the batches that smooth (the next
+soft embedding) or filter at T > 0 (passes/chunk_logits.py says why those two are not decoded in the graph),
+and every extra of a GPU-lowered engine: at T = 0 on CUDA with the graph runner's kernels
+(``graph.fused_extras_decode``, ``decoding`` "fused"), else with the eager runner's ``decode_step_extras``."""
 from __future__ import annotations
 
 from dataclasses import replace
