@@ -1,5 +1,4 @@
-"""What a compiled engine's row decoding costs a step, float64 sweep vs the graph runner's kernels (issues 18 /
-15, one GPU).
+"""A compiled engine's row decoding per step: float64 sweep vs the graph runner's kernels (issues 18 / 15).
 
 A GPU-lowered ``--decode-extras`` engine (the serving build on CUDA) returns the decoded rows' hidden states
 and the runner decodes every extra from them (``CompiledRunner._decode_rows``). Until now that was the eager
@@ -9,7 +8,8 @@ the LLaDA-8B head (V = 126464, d = 4096, bf16) for B x 32 decoded rows, per rule
 logprobs 5, credit (32 ids a position), smoothing, smoothing + logprobs, two ways: ``device`` = the call
 captured in a CUDA graph (5 back to back) and replayed (the GPU's own time: what a step run ahead pays, its
 launches hidden behind earlier steps); ``uncaptured`` = CUDA events around one plain call (launch gaps
-included: what a synchronous step pays). Medians of ``--reps``, the two paths alternated. ``agree``: the share of tokens the two give alike (the sweep takes the argmax of bf16-rounded
+included: what a synchronous step pays). Medians of ``--reps``, the two paths alternated. ``agree``: the
+share of tokens the two give alike (the sweep takes the argmax of bf16-rounded
 logits, the kernels of their float32 accumulation: near-ties may order otherwise, as between the graph
 runner's ``fused`` and ``exact`` modes).
 
@@ -42,7 +42,8 @@ def batch_for(B: int, dev, entropy=False, logprobs=None, credit=False, soft_tau=
                   credit_alpha=torch.full((B,), 0.7, dtype=torch.float64, device=dev))
     one = torch.ones(B, dtype=torch.long)
     return StepBatch("reuse", B, z, z, z.bool(), one, one * 0, N, ar * 0, None, None, N, None, None, 0.0, 0.0,
-                     torch.zeros_like(ar), ar, ar, entropy=entropy, logprobs=logprobs, soft_tau=soft_tau, **kw)
+                     torch.zeros_like(ar), ar, ar, entropy=entropy, logprobs=logprobs, soft_tau=soft_tau,
+                     **kw)
 
 
 def captured(fn, n: int = 5):

@@ -230,7 +230,8 @@ class CompiledRunner:
             if batch.credit_ids is not None:
                 credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
             self.stats_fused += 1
-            return StepOutput.from_decode(fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit))
+            out = fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit)
+            return StepOutput.from_decode(out)
         return decode_step_extras(rows, head, embed, V, batch)
 
     def check_generation(self, gen) -> None:

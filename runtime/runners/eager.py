@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from dlc.kernels.logits import decode_rows
-from dlc.kernels.sampling import decode_rows_ext
+from dlc.kernels.sampling import decode_rows_ext, filter_route
 from dlc.models.common import DiffusionLM, RaggedPart
 
 from ..step import MixedBatch, StepBatch, attention_keys, take_cols, take_rows
@@ -207,11 +207,14 @@ def decode_extras(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, v
     soft = None if batch.soft_tau is None else (embed[:vocab], batch.soft_tau, batch.soft_top_k)
     filters = None if batch.top_k is None else (batch.top_k, batch.top_p, batch.min_p)
     temp = batch.temperature if temperature is None else temperature
+    route = None                     # filters at T > 0: the candidates or the bisection, never the sort (one
+    if filters is not None and batch.temperature > 0:          # host read, as the graph runner's variants)
+        route = filter_route(*filters, filtered_conf=filtered_conf, credit=credit is not None)
     return decode_rows_ext(rows, head, batch.cond_rows, batch.un_rows,
                            batch.cfg_weight(rows.dtype), temp, batch.seeds, vocab=vocab, chunk=chunk,
                            topk=batch.logprobs or 0, logprobs=batch.logprobs is not None,
                            entropy=batch.entropy, credit=credit, soft=soft, filters=filters,
-                           filtered_conf=filtered_conf)
+                           filtered_conf=filtered_conf, candidates=route)
 
 
 def embed_add(batch: StepBatch, T: int, start, dtype) -> torch.Tensor | None:

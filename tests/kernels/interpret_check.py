@@ -143,7 +143,8 @@ def check_filter_bisect():
 
 
 def check_smoothing():
-    """``smoothing.split_stats`` (a smoothing step's selection and exponentials, two launches over (row, split))
+    """``smoothing.split_stats`` (a smoothing step's selection and exponentials: two launches over (row,
+    split))
     inside ``smooth_select`` against ``decode_rows_ext`` in float64; ties across splits take the first id.
     The interpreter truncates float32 -> bf16 (the GPU rounds to nearest): bf16 probabilities are within one
     bf16 step (2^-8 relative) instead of half of one."""

@@ -293,6 +293,39 @@ def test_top_k_top_p_min_p_match_plain_torch_at_fixed_seeds(rows):
     assert torch.equal(outs[0][2], l[2].argmax(-1))          # top_k = 1 is greedy
 
 
+def test_eager_runners_filters_take_the_bisection_not_the_sort(rows, monkeypatch):
+    """The eager runner's (and a compiled engine's) row decoding of filters at T > 0 routes them as the graph
+    runner's variants do (``filter_route``: the candidates, else the bisection), never the vocabulary sort:
+    top-p alone takes a bisection plan; tokens equal the full-vocabulary transcription."""
+    from dlc.kernels import sampling
+    from dlc.runtime.runners import eager
+    from dlc.runtime.step import StepBatch
+    h, w, _, V = rows
+    cr, ur, _, seeds = _args(h)
+    B, N = h.shape[:2]
+    routes = []
+    real = eager.decode_rows_ext
+
+    def spy(*a, **kw):
+        routes.append(kw.get("candidates"))
+        return real(*a, **kw)
+    monkeypatch.setattr(eager, "decode_rows_ext", spy)
+    monkeypatch.setattr(sampling, "_decode_full", None)                  # the sort must not run
+    z = torch.zeros(B, 1, dtype=torch.long)
+    T = 1.7
+    for top_k, top_p, min_p in (([0, 0, 0], [0.8, 0.5, 0.9], [0.0, 0.0, 0.0]),
+                                ([0, 0, 0], [1.0, 1.0, 1.0], [0.2, 0.05, 0.5]),
+                                ([3, 0, 40], [0.9, 0.7, 1.0], [0.0, 0.1, 0.0])):
+        f = (torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float64), torch.tensor(min_p,
+                                                                                      dtype=torch.float64))
+        one = torch.ones(B, dtype=torch.long)
+        batch = StepBatch("reuse", B, z, z, z.bool(), one, one * 0, N, cr * 0, None, None, N, None, None,
+                          T, 0.0, seeds, cr, ur, top_k=f[0], top_p=f[1], min_p=f[2])
+        out = eager.decode_step_extras(h, w, w, V, batch)
+        assert torch.equal(out.x0, filter_reference(_plain_logits(h, w), T, *f, seeds, V))
+    assert routes[0].startswith("bisect") and routes[1].startswith("bisect"), routes
+
+
 @pytest.mark.parametrize("filtered_conf", [False, True])
 def test_top_k_filters_over_candidates_match_plain_torch(monkeypatch, filtered_conf):
     """Top-k filters (k <= FILTER_CANDIDATES, with top-p / min-p on top) sample over the sweep's candidates,
