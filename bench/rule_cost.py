@@ -31,8 +31,8 @@ the total against the 3% target. Rows:
 * ``eager`` (``--runners eager,graph``): every rule on the eager runner.
 
 ``--path engine`` measures the served cost instead (issues 15 / 18): one request set of B requests per rule
-through ``dlc.runtime.Engine`` with the graph runner and ``--lookahead`` steps run ahead (the serving default,
-16), every rule's set run once per iteration, interleaved, the order reversed every other iteration; per rule
+through ``dlc.runtime.Engine`` with the graph runner (compiled blocks on CUDA, as ``dlc serve``; runs before
+2026-11-29 timed it without: ``--no-compile``) and ``--lookahead`` steps run ahead (the serving default, 16), every rule's set run once per iteration, interleaved, the order reversed every other iteration; per rule
 the median seconds per forward (the set's wall time / its mean forwards per request), its ratio to
 low-confidence, tokens per forward, steps run ahead (``ahead`` replays / all Reuse replays) and the steps the
 core dropped (of those: launched after the row's block had completed). On random weights a threshold rule
@@ -202,6 +202,8 @@ def main():
     ap.add_argument("--lookahead", type=int, default=16, help="--path engine: steps run ahead in flight")
     ap.add_argument("--paced", default=None, choices=["h200"],
                     help="--path engine: serve through bench/paced_device.py's emulated device")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="--path engine: compiled blocks (default: on CUDA, as dlc serve)")
     ap.add_argument("--smooth-passes", default="triton", choices=["triton", "torch"],
                     help="a smoothing step's per-chunk selection and exponentials: dlc.kernels.smoothing's "
                          "split kernels (the default on CUDA) or torch's max / exp / sum (the form before)")
@@ -271,6 +273,10 @@ def make_runners(model, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------ --path engine
+def model_on_cuda(model) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
 def make_engine(model, B: int, args):
     """An Engine as ``dlc serve`` builds one (graph runner, warmed), dual cache, ``--lookahead`` steps ahead;
     ``--paced``: the emulated device's runner instead."""
@@ -285,7 +291,10 @@ def make_engine(model, B: int, args):
         runner = PacedRunner(model, **H200_8B)
     else:
         from dlc.runtime.runners.graph import GraphRunner
-        runner = GraphRunner(model, decode=args.graph_decode)
+        # compiled blocks as ``dlc serve`` builds them on CUDA (``graph_runner_for``); --no-compile: without
+        # (the runs of this bench before 2026-11-29 timed that one)
+        runner = GraphRunner(model, decode=args.graph_decode,
+                             compile=args.compile if args.compile is not None else model_on_cuda(model))
     mib = slot_bytes(cfg, L, runner.dtype) * (B + 2) / 2**20 + 1
     sc = ServeConfig(model="bench", device=str(runner.device), max_batch_size=B, max_num_tokens=2 * B * L,
                      max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", gen_length=args.gen,
@@ -377,7 +386,8 @@ def engine_main(model, names: list, args) -> None:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(json.dumps({"path": "engine", "device": name,
                       "paced": args.paced, "lookahead": args.lookahead, "graph_decode": args.graph_decode,
-                      "iters": args.iters, "torch": torch.__version__, "smooth_passes": args.smooth_passes}),
+                      "iters": args.iters, "torch": torch.__version__, "smooth_passes": args.smooth_passes,
+                      "compiled_blocks": args.compile if args.compile is not None else dev.type == "cuda"}),
           flush=True)
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
