@@ -172,6 +172,41 @@ def check_smoothing():
         assert rel(s.double(), torch.exp(l.double() - m.double()[:, None]).sum(-1)) < tol
 
 
+def credit_case(R: int, M: int, V: int, dev="cpu"):
+    """A sweep's result and credit inputs for ``credit_correction``: duplicates, the raw top-1 among the prior
+    ids, padding entries (value 0), rows with alpha 0; credit large enough to flip tokens."""
+    l = torch.randn(R, V, dtype=torch.float64, device=dev) * 3
+    lse, (l1, t) = torch.logsumexp(l, -1), l.max(-1)
+    out = {"tokens": t, "confidence": torch.exp(l1 - lse).float(), "logprob": (l1 - lse).float(),
+           "_lse": lse.float(), "_best": l1.float()}
+    ids = torch.randint(0, V, (R, M), device=dev)
+    ids[:, 0] = l.topk(2, -1).indices[:, 1]                           # the runner-up, with a large credit
+    ids[:, 2] = ids[:, 0]                                             # a duplicate (they add)
+    ids[: R // 2, 3] = t[: R // 2]                                    # the raw top-1 with prior credit
+    vals = torch.rand(R, M, dtype=torch.float64, device=dev) * 3
+    vals[:, 0] = 20.0
+    vals[R // 3: R // 2, 1:] = 0.0                                    # padding entries
+    alpha = torch.where(torch.arange(R, device=dev) % 3 == 0, 0.0, 0.7).double()
+    return out, l.gather(1, ids).float(), ids, vals, alpha
+
+
+def check_credit_correction():
+    """``select_extras.credit_correction_triton`` (one program a row) == the torch reference: tokens and top-1
+    identical, floats within float64 summation order (the interpreter's log1p / expm1 are log(1 + x) /
+    exp(x) - 1: 1e-9)."""
+    from dlc.kernels import select_extras as X
+    for R, M in ((12, 5), (9, 7)):
+        args = credit_case(R, M, 300)
+        ref = X.credit_correction_reference(*args)
+        got = X.credit_correction_triton(*args)
+        assert (ref["tokens"] != ref["top1_ids"]).sum() >= 2                 # credit decides
+        for key in ("tokens", "top1_ids"):
+            assert torch.equal(got[key], ref[key]), key
+        for key in ("confidence", "logprob", "top1_prob"):
+            assert got[key].dtype == ref[key].dtype, key
+            assert (got[key].double() - ref[key].double()).abs().max() < 1e-6, key
+
+
 def main():
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     for dt in (torch.float32, torch.float16):
@@ -215,6 +250,7 @@ def main():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     check_filter_bisect()
     check_smoothing()
+    check_credit_correction()
     print("interpret-ok")
 
 
