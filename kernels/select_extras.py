@@ -277,7 +277,7 @@ if HAS_TRITON:
         vext = tl.load(VALS + r * M + k, mask=ink, other=0.0).to(tl.float64)
         vext = tl.where(ist, own, vext)
         lx = tl.load(LG + r * M + k, mask=ink, other=0.0).to(tl.float64)
-        lx = tl.where(cid == t, l1, lx)                                  # t's logit (and entry M): the sweep's
+        lx = tl.where(cid == t, l1, lx)                   # t's logit (and entry M): the sweep's
         same = (cid[:, None] == cid[None, :]) & valid[:, None] & valid[None, :]      # [BM, BM]
         cred = tl.sum(tl.where(same, vext[None, :], 0.0), 1)             # each entry's id's total credit
         earlier = tl.sum(tl.where(same & (k[None, :] < k[:, None]), 1, 0), 1)
