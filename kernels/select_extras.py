@@ -255,7 +255,7 @@ if HAS_TRITON:
 
         @triton.jit
         def _pow64(x, g):
-            return libdevice.pow(x, g)
+            return libdevice.pow(x, g.to(tl.float64))         # a float argument arrives as float32
 
     @triton.jit
     def _credit_kernel(IDS, VALS, LG, T, LSE, BEST, ALPHA, CONF_IN, LOGP_IN, TOK, CONF, LOGP, P1, M, gamma,
