@@ -50,7 +50,8 @@ class CompiledRunner:
         missing = {"refresh", "reuse"} - set(phases)
         if missing:
             raise ValueError(f"compiled runner: missing phase program(s) {sorted(missing)}")
-        self.config, self.phases, self.input_names = config, phases, input_names
+        self.config, self.phases = config, dict(phases)                  # the runner adds variants
+        self.input_names = {ph: list(names) for ph, names in input_names.items()}
         self.weights = weights or {}
         absent = sorted({n for names in input_names.values() for n in names if is_weight_input(n)}
                         - set(self.weights))
@@ -75,10 +76,33 @@ class CompiledRunner:
         # default on CUDA) or "exact" (decode_rows_ext in float64: the eager runner's numbers)
         self.decoding = "fused" if self.device.type == "cuda" else "exact"
         self.stats_fused = 0               # calls decoded by ``fused_extras_decode`` (tests, benches)
+        self._add_rows_program()
         self.graphs = None
         self.compiled = False
         self.enable_compile(compile)
         self.enable_graphs(cuda_graphs)
+
+    def _add_rows_program(self) -> None:
+        """``reuse_rows``: the Reuse program without its in-graph decode (``inductor.without_decode``), for
+        the batches this runner decodes from the hidden rows (``_rows_only``), which would otherwise read the
+        LM head twice a step (the program's decode, then the rows'). GPU-lowered ``--decode-extras`` programs
+        in FX form (export engines, in-memory builds); other engines keep the one program."""
+        import torch.fx as fx
+
+        from .inductor import without_decode
+        reuse = self.phases.get("reuse")
+        if not self.row_decoding or not isinstance(reuse, fx.GraphModule):
+            return
+        rows = without_decode(reuse)
+        if rows is not None:
+            self.phases["reuse_rows"] = rows
+            self.input_names["reuse_rows"] = self.input_names["reuse"]
+
+    def _rows_only(self, batch: StepBatch) -> bool:
+        """Does this Reuse batch run ``reuse_rows``? The batches whose every output the runner decodes from
+        the hidden rows (``_decode_outputs``): extras on a GPU-lowered engine, smoothing and T > 0 filters."""
+        return ("reuse_rows" in self.phases and batch.wants_extras()
+                and (self._decodes_rows(batch) or not self.extras))
 
     # --- Inductor code generation at load (export engines) ------------------------------------------------
     def enable_compile(self, on: bool) -> None:
@@ -129,7 +153,9 @@ class CompiledRunner:
             raise ValueError("engine CUDA graphs need a CUDA device and a torch artifact (export / AOTI), "
                              "whose programs write the KV pool in place")
         names = [n for n in self.input_names["reuse"] if not is_weight_input(n)]
-        self.graphs = ProgramGraphs(lambda feed: self._call("reuse", feed), names, self.config.mask_id,
+        self.graphs = ProgramGraphs(lambda feed, rows_only=False: self._call("reuse_rows" if rows_only
+                                                                             else "reuse", feed),
+                                    names, self.config.mask_id,
                                     capture=capture, embed=(self.config.d_model, self.dtype))
 
     def bind_pool(self, kv) -> None:
@@ -358,7 +384,8 @@ class CompiledRunner:
         counts = counts.to(self.device, non_blocking=True)
         return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
                                      decoded_cols(batch, self.device), counts, commit, decode, credit,
-                                     None if seeds is None else seeds.to(self.device, non_blocking=True))
+                                     None if seeds is None else seeds.to(self.device, non_blocking=True),
+                                     rows_only=self._rows_only(batch))
 
     def _ahead_decode(self, batch: StepBatch):
         """``(outputs [bb, ...], credit) -> StepOutput`` of a step run ahead: ``_decode_outputs`` (no host
@@ -402,8 +429,9 @@ class CompiledRunner:
         feed = self._reuse_feed(batch)
         if self._graphable(feed, batch):
             feed, batch = self._credit_n(feed, batch)
-            return self._decode_outputs(self.graphs.run(feed, batch.fed, T, batch.n_out), batch)
-        res = self._call("reuse", feed)
+            return self._decode_outputs(self.graphs.run(feed, batch.fed, T, batch.n_out,
+                                                        self._rows_only(batch)), batch)
+        res = self._call("reuse_rows" if self._rows_only(batch) else "reuse", feed)
         if not self.kv_inplace:                     # outputs: decoding ..., k_new, v_new [nl, fed, Hkv, T, D]
             rows = feed["rows"]
             cols = qs[:, None] + torch.arange(T, device=qs.device)                # [fed, T]

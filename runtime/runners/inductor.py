@@ -144,6 +144,32 @@ def without_padding_mask(gm: fx.GraphModule, key_mask: str = "key_mask") -> fx.G
     return fx.GraphModule(gm, g)
 
 
+def without_decode(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of a GPU-lowered Reuse program without its in-graph decode (its one ``dlc::fused_select_logits``
+    node: a pass over the LM head), or None where the program has not exactly one such node. Tokens and
+    confidence come back as zeros of their shapes and dtypes; every other output (the hidden rows) and the K/V
+    written into the pool stay as they were. ``CompiledRunner`` runs it (``reuse_rows``) for the batches it
+    decodes from the hidden rows, which otherwise read the head twice a step."""
+    import operator
+    g = copy.deepcopy(gm.graph)
+    op = torch.ops.dlc.fused_select_logits                 # the packet (FX builds) or its overload (exported)
+    sel = [n for n in g.nodes if n.op == "call_function" and n.target in (op, op.default)]
+    if len(sel) != 1 or not all(u.op == "call_function" and u.target is operator.getitem
+                                and u.args[1] in (0, 1) for u in sel[0].users):
+        return None
+    node = sel[0]
+    with g.inserting_after(node):
+        col = g.call_function(torch.ops.aten.select.int, (node.args[0], 1, 0))              # [R]
+    for u in list(node.users):
+        with g.inserting_after(col):
+            zero = g.call_function(torch.ops.aten.zeros_like.default, (col,),
+                                   {"dtype": torch.int64 if u.args[1] == 0 else torch.float32})
+        u.replace_all_uses_with(zero)
+        g.erase_node(u)
+    g.erase_node(node)
+    return fx.GraphModule(gm, g)
+
+
 def _compile(fn):
     return torch.compile(fn, dynamic=None, fullgraph=True)
 

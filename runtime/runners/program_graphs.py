@@ -44,14 +44,17 @@ def keep_bucket(K: int, S: int) -> int:
 
 class GraphKey(NamedTuple):
     """What one captured Reuse graph is for: batch bucket, fed width, decoded width, pool length, head-sparse
-    kept-column bucket (0: dense) and credit width (0: no credit inputs; 1 or N: ``CompiledRunner._credit_n``).
-    Named so readers (tests, stats) never depend on the fields' order."""
+    kept-column bucket (0: dense), credit width (0: no credit inputs; 1 or N: ``CompiledRunner._credit_n``)
+    and whether the graph replays the rows-only program (``CompiledRunner``'s ``reuse_rows``: no in-graph
+    decode, for batches the runner decodes from the hidden rows). Named so readers (tests, stats) never depend
+    on the fields' order."""
     batch: int
     fed: int
     decoded: int
     pool: int
     kept: int
     credit: int
+    rows_only: bool = False
 
 
 @dataclass
@@ -59,10 +62,12 @@ class _Captured:
     static: dict            # input name -> static device buffer [bb, ...] (pool, weights: the real tensors)
     outs: list              # the program's outputs in the graph's memory
     graph: object
+    rows_only: bool = False  # the call this graph holds: ``call(static, rows_only)``
 
 
 class ProgramGraphs:
-    """Graphs of ``call(feed) -> outputs`` for one runner's Reuse program."""
+    """Graphs of ``call(feed, rows_only) -> outputs`` for one runner's Reuse program (``rows_only``: its
+    rows-only variant, keyed apart)."""
 
     def __init__(self, call, names: list[str], mask_id: int, buckets=BUCKETS, capture: bool = True,
                  embed: tuple[int, torch.dtype] = (0, torch.float32)):
@@ -152,22 +157,23 @@ class ProgramGraphs:
             fill = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=t.device)
         return torch.cat([t, fill]) if pad else t
 
-    def run(self, feed: dict, B: int, T: int, N: int) -> list:
+    def run(self, feed: dict, B: int, T: int, N: int, rows_only: bool = False) -> list:
         """Replay (capturing first if needed) the graph of bucket(B) with this call's inputs
         -> outputs [B, ...]."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
-        outs = self.launch(self.stage(feed, B, T, N))
+        outs = self.launch(self.stage(feed, B, T, N, rows_only))
         self.stats["replays"] += 1
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["capture_s"] - c0)   # capture excluded
         return [o[:B] for o in outs]
 
-    def stage(self, feed: dict, B: int, T: int, N: int) -> _Captured:
+    def stage(self, feed: dict, B: int, T: int, N: int, rows_only: bool = False) -> _Captured:
         """Copy this call's inputs into the static buffers of bucket(B) (capturing it on first use)."""
         self._ahead = None                             # a run ahead cannot go on over restaged inputs
         bb = self.bucket(B)
         S = feed["key_mask"].shape[1]
         kb = keep_bucket(feed[KEEP].shape[-1], S) if KEEP in feed else 0
-        key = GraphKey(bb, T, N, S, kb, feed["credit_ids"].shape[-1] if "credit_ids" in feed else 0)
+        key = GraphKey(bb, T, N, S, kb, feed["credit_ids"].shape[-1] if "credit_ids" in feed else 0,
+                       bool(rows_only))
         cap = self.graphs.get(key)
         if cap is None:
             cap = self._capture(key, {n: feed[n] if n in ("k_pool", "v_pool") else
@@ -202,12 +208,13 @@ class ProgramGraphs:
     def launch(self, cap: _Captured) -> list:
         """One step over the static inputs -> the program's outputs [bb, ...] (static while captured)."""
         if cap.graph is None:
-            return self.call(cap.static)
+            return self.call(cap.static, cap.rows_only)
         cap.graph.replay()
         return cap.outs
 
     def run_ahead(self, feed: dict, B: int, T: int, N: int, cols: torch.Tensor, counts: torch.Tensor,
-                  commit=None, decode=None, credit: tuple | None = None, seeds: torch.Tensor | None = None):
+                  commit=None, decode=None, credit: tuple | None = None, seeds: torch.Tensor | None = None,
+                  rows_only: bool = False):
         """``counts.shape[1]`` steps back to back (runners/ahead.py): the commits (``commit``: the decoding
         core's ``AheadCommit``, None: the low-confidence schedule) land in the static q_ids. ``decode(outputs,
         credit)``: the step's (tok, conf) or StepOutput with the extras the commit reads (None: the first two
@@ -216,7 +223,7 @@ class ProgramGraphs:
         static ``embed_delta`` [bb, N, d] (its columns: the decoded ones). A sampled run's ``seeds`` [B, n]
         (device) go into the static seeds step by step."""
         t0, c0 = time.perf_counter(), self.stats["capture_s"]
-        cap = self.stage(feed, B, T, N)
+        cap = self.stage(feed, B, T, N, rows_only)
         st = cap.static
         if "credit_ids" in st and credit is not None:
             credit = (st["credit_ids"], st["credit_vals"], st["credit_alpha"])
@@ -251,11 +258,11 @@ class ProgramGraphs:
     def _capture(self, key, static: dict) -> _Captured:
         t0 = time.perf_counter()
         if not self.capture:
-            cap = self.graphs[key] = _Captured(static, [], None)
+            cap = self.graphs[key] = _Captured(static, [], None, key.rows_only)
             self.stats["captures"] += 1
             return cap
-        graph, outs, self._mempool, _ = capture_graph(lambda: self.call(static), self._mempool)
-        cap = _Captured(static, outs, graph)
+        graph, outs, self._mempool, _ = capture_graph(lambda: self.call(static, key.rows_only), self._mempool)
+        cap = _Captured(static, outs, graph, key.rows_only)
         self.graphs[key] = cap
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - t0

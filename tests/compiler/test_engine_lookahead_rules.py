@@ -134,6 +134,71 @@ def test_gpu_lowered_engines_decode_rows_with_the_graph_runners_kernels(sessions
         assert ids == generate(eager.runner, [p], GenerationConfig(**guided, stop_at_eos=True)).token_ids[0]
 
 
+def test_batches_decoded_from_the_rows_run_the_rows_only_program(sessions):
+    """A GPU-lowered --decode-extras engine gets ``reuse_rows``, its Reuse program without the in-graph decode
+    (one LM-head pass less a step): batches with extras run it, run ahead and synchronous, captured apart in
+    the graphs (``GraphKey.rows_only``), with the eager checkpoint's tokens; plain batches keep the program
+    that decodes; the variant returns the same hidden rows and writes the same K/V."""
+    from dlc.compiler import in_memory_runner
+    _, eager = sessions
+    model = eager.runner.model
+    runner = in_memory_runner(model, block_length=8, device="cuda", decode_extras=True)
+    assert "reuse_rows" in runner.phases
+    assert not any("fused_select_logits" in str(n.target) for n in runner.phases["reuse_rows"].graph.nodes)
+    calls = {"reuse": 0, "reuse_rows": 0}
+    for ph in calls:
+        fn = runner.phases[ph]
+
+        def counted(*a, fn=fn, ph=ph):
+            calls[ph] += 1
+            return fn(*a)
+        runner.phases[ph] = counted
+    sess = Session(runner, None, model.config, False, "gpu-lowered")
+    check(sess, eager, [(p, dict(GEN, **RULES[EXTRAS[i % 4]])) for i, p in enumerate(PROMPTS)])
+    assert calls["reuse_rows"] > 0
+    assert any(k.rows_only for k in runner.graphs.graphs)
+    before = dict(calls)
+    check(sess, eager, [(p, dict(GEN, threshold=0.3)) for p in PROMPTS])
+    assert calls["reuse_rows"] == before["reuse_rows"] and calls["reuse"] > before["reuse"]
+
+
+def test_the_rows_only_program_keeps_the_rows_and_the_kv():
+    """``inductor.without_decode`` on a GPU-lowered Reuse program (the ops' CPU references here): tokens and
+    confidence become zeros, the hidden rows and the K/V it writes into the pool are the program's own."""
+    from dlc.compiler import in_memory_runner
+    from dlc.models import build_model
+    from dlc.models.loading import TINY_INIT_STD, init_weights
+    from dlc.models.presets import preset_config
+    from dlc.runtime.runners.inductor import without_decode
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny-llada"))
+    init_weights(model, 0, TINY_INIT_STD)
+    runner = in_memory_runner(model.eval(), block_length=8, device="cuda", decode_extras=True)
+    names, full = runner.input_names["reuse"], runner.phases["reuse"]
+    rows = without_decode(full)
+    nl, hkv, S, D = model.config.n_layers, model.config.n_kv_heads, 32, model.config.head_dim
+    B, T = 2, 8
+    feed = {"q_ids": torch.randint(0, 200, (B, T)), "q_pos": torch.arange(8, 16).repeat(B, 1),
+            "key_mask": torch.ones(B, S, dtype=torch.bool), "q_start": torch.full((B,), 8),
+            "rows": torch.tensor([0, 2]), "out_index": torch.arange(8, 8 + T).repeat(B, 1),
+            "cond_rows": torch.arange(B), "un_rows": torch.arange(B), "cfg_weight": torch.ones(1),
+            "temperature": torch.zeros(1),
+            "seeds": torch.zeros(B, dtype=torch.long),
+            "embed_delta": torch.zeros(B, T, model.config.d_model)}
+    outs, pools = [], []
+    for prog in (full, rows):
+        k = torch.randn(nl, 3, hkv, S, D, generator=torch.Generator().manual_seed(1))
+        v = torch.zeros(nl, 3, hkv, S, D)
+        f = dict(feed, k_pool=k, v_pool=v)
+        outs.append(prog(*[runner.weights[n] if n in runner.weights else f[n] for n in names]))
+        pools.append((k, v))
+    assert outs[0][0].unique().numel() > 1 and not outs[1][0].any() and not outs[1][1].any()
+    assert outs[1][0].shape == outs[0][0].shape and outs[1][0].dtype == outs[0][0].dtype
+    torch.testing.assert_close(outs[1][2], outs[0][2], rtol=0, atol=0)           # the hidden rows
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    assert pools[0][1].abs().sum() > 0                                            # the step wrote K/V
+
+
 @pytest.mark.parametrize("rule", ["schedule", "threshold"])
 def test_sampled_steps_run_ahead_over_the_engines_programs(sessions, rule):
     """T > 0: the programs draw with the static seeds, which the run stages step by step (each row its own

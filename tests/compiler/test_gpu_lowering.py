@@ -57,6 +57,8 @@ def test_gpu_target_export_engine_with_decode_extras_samples_filters_as_eager(ti
     ins = [i["name"] for i in m["phases"]["reuse"]["inputs"]]
     assert "embed_delta" in ins and "credit_ids" not in ins
     assert [o["name"] for o in m["phases"]["reuse"]["outputs"]] == ["tokens", "confidence", "hidden_rows"]
+    from dlc.runtime.session import open_model
+    assert "reuse_rows" in open_model(str(out), device="cpu").runner.phases    # the loaded program's variant
     hot = ["--temperature", "1.5", "--seed", "3"]
     for extra in (hot + ["--top-p", "0.5"], ["--smoothing", "--threshold", "0.3"]):
         eager = gen_tokens(str(tiny_ckpt), extra=extra)
