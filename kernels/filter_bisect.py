@@ -633,27 +633,7 @@ def _plain_split(R: int, cols: int) -> int:
 
 
 if HAS_TRITON:
-    if INTERPRET:                                  # numpy's exp / log: the interpreter runs no libdevice
-        @triton.jit
-        def _exp64(x):
-            return tl.exp(x)
-
-        @triton.jit
-        def _log64(x):
-            return tl.log(x)
-    else:                                          # CUDA's exp / log of doubles: the functions torch's
-        try:                                       # float64 exp / log kernels call
-            from triton.language.extra import libdevice
-        except ImportError:                        # older layout
-            from triton.language.extra.cuda import libdevice
-
-        @triton.jit
-        def _exp64(x):
-            return libdevice.exp(x)
-
-        @triton.jit
-        def _log64(x):
-            return libdevice.log(x)
+    from .math64 import exp64 as _exp64, log64 as _log64      # CUDA's double exp / log (torch's own)
 
     @triton.jit
     def _key32(bits, BITS: tl.constexpr):

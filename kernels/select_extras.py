@@ -227,35 +227,7 @@ def credit_correction_triton(out: dict, lg: torch.Tensor, ids, vals, alpha) -> d
 
 
 if HAS_TRITON:
-    if INTERPRET:                                  # numpy's functions: the interpreter runs no libdevice
-        @triton.jit
-        def _log1p64(x):
-            return tl.log(1.0 + x)
-
-        @triton.jit
-        def _expm164(x):
-            return tl.exp(x) - 1.0
-
-        @triton.jit
-        def _pow64(x, g):
-            return tl.exp(g * tl.log(x))
-    else:                                          # CUDA's double functions (torch's float64 kernels' own)
-        try:
-            from triton.language.extra import libdevice
-        except ImportError:                        # older layout
-            from triton.language.extra.cuda import libdevice
-
-        @triton.jit
-        def _log1p64(x):
-            return libdevice.log1p(x)
-
-        @triton.jit
-        def _expm164(x):
-            return libdevice.expm1(x)
-
-        @triton.jit
-        def _pow64(x, g):
-            return libdevice.pow(x, g.to(tl.float64))         # a float argument arrives as float32
+    from .math64 import expm164 as _expm164, log1p64 as _log1p64, pow64 as _pow64
 
     @triton.jit
     def _credit_kernel(IDS, VALS, LG, T, LSE, BEST, ALPHA, CONF_IN, LOGP_IN, TOK, CONF, LOGP, P1, M, gamma,

@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from dlc.runtime.runners.eager import decode_step_extras
 from dlc.runtime.runners.graph import fused_extras_decode, t0_extras_key
 from dlc.runtime.step import StepBatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/probes (python3 -P adds no script dir)
+from smooth_gemm import graphed, time_ms  # noqa: E402
 
 V, D, N = 126464, 4096, 32
 RULES = {"entropy": dict(entropy=True), "logprobs 5": dict(logprobs=5), "credit": dict(credit=True),
@@ -46,35 +52,13 @@ def batch_for(B: int, dev, entropy=False, logprobs=None, credit=False, soft_tau=
                      **kw)
 
 
-def captured(fn, n: int = 5):
-    """fn captured n times back to back in one CUDA graph -> a replay callable (ms per call: / n)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    return g.replay
-
-
 def timed(fn, reps: int) -> float:
-    if not torch.cuda.is_available():                   # --device cpu smoke run: wall ms
-        import time
+    """ms of one call: CUDA events (``smooth_gemm.time_ms`` over a plain call), on the CPU wall time."""
+    if not torch.cuda.is_available():                   # --device cpu smoke run
         t0 = time.perf_counter()
         fn()
         return 1e3 * (time.perf_counter() - t0)
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return time_ms(fn, 1, reps)
 
 
 def main() -> None:
@@ -105,7 +89,7 @@ def main() -> None:
             agree = (t_e.x0 == t_f["tokens"]).float().mean().item()
             fns = {"exact": exact, "fused": fused}
             if dev.type == "cuda":
-                fns.update({f"{k} device": (lambda r=captured(fn): r()) for k, fn in list(fns.items())})
+                fns.update({f"{k} device": graphed(fn, 5) for k, fn in list(fns.items())})
             times = {k: [] for k in fns}
             for rnd in range(4):
                 for k in (list(fns) if rnd % 2 == 0 else list(reversed(fns))):
