@@ -133,7 +133,8 @@ class CompiledRunner:
         if bare is not None:                  # Refresh batches with no padded row: no mask, flash attention
             self.phases["refresh_unpadded"] = bare
             self.input_names["refresh_unpadded"] = self.input_names["refresh"]
-        self.phases = {ph: CompiledProgram(fn, self.input_names[ph], self.config.n_layers)
+        shared: dict = {}                     # pieces alike across programs compile once (reuse / reuse_rows)
+        self.phases = {ph: CompiledProgram(fn, self.input_names[ph], self.config.n_layers, shared)
                        for ph, fn in self.phases.items()}
         self.compiled = True
 

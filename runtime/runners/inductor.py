@@ -105,6 +105,8 @@ def canonical_code(sub: fx.GraphModule) -> str:
 def split_layers(gm: fx.GraphModule, n_layers: int) -> tuple[fx.GraphModule, dict[str, list[str]]] | None:
     """The program as a chain of pieces (prelude, one per layer, epilogue) -> (top module calling them,
     {piece code: piece names}), or None when it cannot be split (then it compiles whole)."""
+    for n in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(n)            # an attribute read nothing uses (a lifted weight's leftover)
     if any(n.op == "get_attr" for n in gm.graph.nodes):     # pieces reading other constants could look alike
         return None
     part = layer_partitions(gm, n_layers)
@@ -180,17 +182,21 @@ class CompiledProgram:
     functions in all: prelude, layer, epilogue), or the whole program is one compiled graph when it does not
     split by layer."""
 
-    def __init__(self, gm: fx.GraphModule, names: list[str], n_layers: int):
+    def __init__(self, gm: fx.GraphModule, names: list[str], n_layers: int, shared: dict | None = None):
+        """``shared``: {piece code: compiled function} across a runner's programs, so that programs with the
+        same pieces (the Reuse program and its rows-only variant: all but the epilogue) compile them once."""
         split, order = split_pool_inputs(gm, n_layers)
         pieces = split_layers(split, n_layers)
         if pieces is None:
             self.module, self.n_compiled = _compile(split), 1
         else:
             top, groups = pieces
-            for names_alike in groups.values():
-                shared = _compile(getattr(top, names_alike[0]))
+            shared = {} if shared is None else shared
+            for code, names_alike in groups.items():
+                if code not in shared:
+                    shared[code] = _compile(getattr(top, names_alike[0]))
                 for name in names_alike:
-                    setattr(top, name, shared)
+                    setattr(top, name, shared[code])
             self.module, self.n_compiled = top, len(groups)
         at = {n: i for i, n in enumerate(names)}
         self.base = [at[n] for n in order if n in at]                 # every input but the pools

@@ -58,7 +58,16 @@ def test_gpu_target_export_engine_with_decode_extras_samples_filters_as_eager(ti
     assert "embed_delta" in ins and "credit_ids" not in ins
     assert [o["name"] for o in m["phases"]["reuse"]["outputs"]] == ["tokens", "confidence", "hidden_rows"]
     from dlc.runtime.session import open_model
-    assert "reuse_rows" in open_model(str(out), device="cpu").runner.phases    # the loaded program's variant
+    runner = open_model(str(out), device="cpu").runner
+    assert "reuse_rows" in runner.phases                             # the loaded program's variant
+    runner.enable_compile(True)                                      # (compiles lazily: nothing runs here)
+    full, rows = (dict(runner.phases[ph].module.named_children()) for ph in ("reuse", "reuse_rows"))
+    alike = [k for k in full if full[k] is rows.get(k)]
+    assert len(alike) == len(full) - 1                               # one compile for all but the epilogue
+    assert len(full) == runner.config.n_layers + 2                   # split: prelude, the layers, epilogue
+    assert len({id(f) for f in full.values()}) == runner.phases["reuse"].n_compiled
+    epilogue = [k for k in full if k not in alike][0]
+    assert rows[epilogue] not in full.values()                       # the variant's own epilogue
     hot = ["--temperature", "1.5", "--seed", "3"]
     for extra in (hot + ["--top-p", "0.5"], ["--smoothing", "--threshold", "0.3"]):
         eager = gen_tokens(str(tiny_ckpt), extra=extra)
