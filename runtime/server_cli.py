@@ -60,7 +60,8 @@ def _options(f):
                      help="Reuse steps as CUDA graphs at bucketed batch sizes [on with CUDA and an "
                           "eager model]"),
         click.option("--graph-decode", default=None, type=click.Choice(["fused", "exact"]),
-                     help="decoding inside the graphs [fused on GPU: Triton selected-row logits]"),
+                     help="decoding inside the graphs, and an engine's rows decoded at T = 0 [fused on "
+                          "GPU: Triton selected-row logits; exact: float64]"),
         click.option("--compile/--no-compile", default=None,
                      help="torch.compile each block of the CUDA-graph runner, or an export engine's "
                           "phase programs (Inductor at load) [on on CUDA]"),
