@@ -77,6 +77,10 @@ class StepBatch:
         return (self.entropy or self.logprobs is not None or (filters and self.top_k is not None)
                 or self.credit_ids is not None or self.soft_tau is not None or self.embed_delta is not None)
 
+    def credit(self) -> tuple | None:
+        """The credit inputs as the decoders take them: (ids, vals, alpha), or None without credit."""
+        return None if self.credit_ids is None else (self.credit_ids, self.credit_vals, self.credit_alpha)
+
     @property
     def fed(self) -> int:
         return self.ids.shape[0]

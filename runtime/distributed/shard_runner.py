@@ -79,7 +79,7 @@ def vocab_decode_rules(shard, rows: torch.Tensor, batch: StepBatch, fused: bool 
     the batch's fields (the filters' route read here, on the host). ``fused`` (a ``fused`` graph runner's
     eager step at T = 0 without guidance, the caller checked): ``fused_rules_decode``, as its captured
     steps."""
-    credit = None if batch.credit_ids is None else (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+    credit = batch.credit()
     if fused:
         ex = GraphRunner._extras_key(batch)
         return StepOutput.from_decode(fused_rules_decode(shard, rows, ex, credit))

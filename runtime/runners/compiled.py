@@ -31,7 +31,7 @@ from ..decoding import FieldError
 from ..step import StepBatch, take_cols
 from ..step_output import StepOutput
 from .eager import decode_step_extras, pad_keys
-from .graph import fused_extras_decode, t0_extras_key
+from .graph import fused_extras_decode, fuses_t0, t0_extras_key
 from .ahead import decoded_cols
 from .program_graphs import ProgramGraphs
 
@@ -251,13 +251,9 @@ class CompiledRunner:
         one home for both runners), else by the eager runner's ``decode_step_extras``."""
         V = self.config.vocab_size
         head, embed = self.weights[HEAD_WEIGHT][:V], self.weights[EMBED_WEIGHT][:V]
-        if (self.decoding == "fused" and batch.temperature == 0 and batch.fed == batch.n_seqs
-                and batch.top_k is None and not (batch.embed_delta is not None and batch.soft_tau is None)):
-            credit = None
-            if batch.credit_ids is not None:
-                credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+        if self.decoding == "fused" and fuses_t0(batch):
             self.stats_fused += 1
-            out = fused_extras_decode(rows, head, embed, t0_extras_key(batch), credit)
+            out = fused_extras_decode(rows, head, embed, t0_extras_key(batch), batch.credit())
             return StepOutput.from_decode(out)
         return decode_step_extras(rows, head, embed, V, batch)
 
@@ -379,9 +375,7 @@ class CompiledRunner:
                              "a T = 0 run none")
         feed, batch = self._credit_n(self._reuse_feed(batch), batch)
         decode = self._ahead_decode(batch) if batch.wants_extras() else None
-        credit = None                    # programs without credit inputs: the run's buffers (the batch's)
-        if batch.credit_ids is not None:
-            credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+        credit = batch.credit()          # programs without credit inputs: the run's buffers (the batch's)
         counts = counts.to(self.device, non_blocking=True)
         return self.graphs.run_ahead(feed, batch.fed, batch.n_fed, batch.n_out,
                                      decoded_cols(batch, self.device), counts, commit, decode, credit,

@@ -201,9 +201,7 @@ def decode_extras(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, v
                   chunk: int, temperature: float | None = None, filtered_conf: bool = False) -> dict:
     """``decode_rows_ext`` over a batch that wants extras; ``temperature``: instead of the batch's (rows
     already scaled by 1 / T: 1.0)."""
-    credit = None
-    if batch.credit_ids is not None:
-        credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
+    credit = batch.credit()
     soft = None if batch.soft_tau is None else (embed[:vocab], batch.soft_tau, batch.soft_top_k)
     filters = None if batch.top_k is None else (batch.top_k, batch.top_p, batch.min_p)
     temp = batch.temperature if temperature is None else temperature

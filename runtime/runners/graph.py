@@ -180,6 +180,14 @@ def t0_extras_key(batch: StepBatch) -> ExtrasKey:
                      batch.soft_top_k if batch.soft_tau is not None else 0)
 
 
+def fuses_t0(batch: StepBatch) -> bool:
+    """Does ``fused`` decoding take this batch: T = 0, no guidance, and extras (if any) that a captured
+    variant holds (``GraphRunner._extras_key``)? One predicate for the graph runner's eager decodes and a
+    compiled engine's row decoding."""
+    return (batch.temperature == 0 and batch.fed == batch.n_seqs
+            and GraphRunner._extras_key(batch) is not None)                  # T = 0: no host reads
+
+
 def fused_extras_decode(rows: torch.Tensor, head: torch.Tensor, embed: torch.Tensor, ex: ExtrasKey,
                         credit: tuple | None) -> dict:
     """``fused`` decoding at T = 0 of rows [B, N, d] with the extras ``ex`` over the LM head and input
@@ -529,8 +537,7 @@ class GraphRunner(EagerRunner):
     def _fuses(self, b: StepBatch) -> bool:
         """Decoded as the captured steps decode: ``fused`` mode, T = 0, no guidance, extras (if any) that the
         fused sweep computes."""
-        return (self.decoding == "fused" and b.temperature == 0 and b.fed == b.n_seqs
-                and self._extras_key(b) is not None)                   # T = 0: no host reads
+        return self.decoding == "fused" and fuses_t0(b)
 
     def _fused(self, rows: list[torch.Tensor]) -> list:
         """Rows [B_i, N_i, d] of one or more parts through the Triton selected-row logits in one pass over the
@@ -549,10 +556,7 @@ class GraphRunner(EagerRunner):
         ex = self._extras_key(batch)
         if not ex:
             return self._fused([rows])[0]
-        credit = None
-        if batch.credit_ids is not None:
-            credit = (batch.credit_ids, batch.credit_vals, batch.credit_alpha)
-        return StepOutput.from_decode(self._decode_extras(rows, ex, credit))
+        return StepOutput.from_decode(self._decode_extras(rows, ex, batch.credit()))
 
     # -- the runner contract (full / refresh: EagerRunner's) -----------------------------------------------
     @contextmanager
