@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,47 +33,27 @@ import torch.nn.functional as F
 from dlc.kernels import smoothing
 from dlc.kernels.smoothing import chunk_columns, smooth_stats
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/probes (python3 -P adds no script dir)
+from nccl_allreduce import captured, timed  # noqa: E402
+
 V, D = 126464, 4096
 SPLITS = (4, 8, 16, 32, 64)
 
 
 def graphed(fn, iters: int, torch_passes: bool = False):
-    """fn captured ``iters`` times back to back in one CUDA graph -> replay(). ``torch_passes``: with
-    smoothing's Triton split kernels off during the capture."""
+    """fn captured ``iters`` times back to back in one CUDA graph (``nccl_allreduce.captured``) -> replay().
+    ``torch_passes``: with smoothing's Triton split kernels off during the capture."""
     keep = smoothing.HAS_TRITON
     smoothing.HAS_TRITON = keep and not torch_passes
     try:
-        return _graphed(fn, iters)
+        return captured(lambda: [fn() for _ in range(iters)])
     finally:
         smoothing.HAS_TRITON = keep
 
 
-def _graphed(fn, iters: int):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    return g.replay
-
-
 def time_ms(replay, iters: int, reps: int) -> float:
-    replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / iters)
-    return statistics.median(out)
+    """Median ms per call of ``replay`` (``iters`` calls each; ``nccl_allreduce.timed``'s CUDA events)."""
+    return timed(replay, reps, warm=1) / iters
 
 
 def split_mm(e: torch.Tensor, we: torch.Tensor, splits: int) -> torch.Tensor:
