@@ -270,6 +270,9 @@ def block_as_prefix(batch: "StepBatch") -> "StepBatch | None":
                    block_size=0)
 
 
+ROW_FIELDS = ("top_k", "top_p", "min_p", "credit_ids", "credit_vals", "credit_alpha")   # [B, ...] inputs
+
+
 def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "list[StepBatch] | None":
     """A block-causal Reuse batch whose every row feeds k >= 2 whole blocks [q_start, q_start + k * bsz) (the
     exact block cache's first step of a block: the finished block and the new one; a prefill of the prompt's
@@ -309,9 +312,8 @@ def block_rows_as_prefix(batch: "StepBatch", max_rows: int, shift: int = 0) -> "
         src_d, ends_d, hid_d, qs_d = _to_device_many([src, ends, out - shift, qs], dev)   # one copy
         keys = batch.key_mask[src_d] & (torch.arange(batch.width, device=dev)[None] < ends_d[:, None])
         ar = torch.arange(len(src), device=dev)
-        per_row = [f for f in ("top_k", "top_p", "min_p", "credit_ids", "credit_vals", "credit_alpha")
-                   if getattr(batch, f) is not None]
-        per_row = {f: getattr(batch, f)[src_d] for f in per_row}          # [R, ...] by each row's sequence
+        per_row = {f: getattr(batch, f)[src_d] for f in ROW_FIELDS
+                   if getattr(batch, f) is not None}                   # [R, ...] by each row's sequence
         views.append(replace(
             batch, n_seqs=len(src), ids=batch.ids[src_d], pos=batch.pos[src_d], key_mask=keys, lengths=ends,
             out_start=out, hid_start=hid_d, q_start=qs, q_start_dev=qs_d, n_fed=bsz,
