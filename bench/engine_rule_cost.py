@@ -93,7 +93,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (tiny preset, target cpu)")
     ap.add_argument("--rules", default=DEFAULT_RULES,
                     help="comma-separated names of bench/rule_cost.py's RULES")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"row decodings to time, of {MODES}")
     args = ap.parse_args()
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: choose from {MODES}, got {args.modes!r}")
     names = [n.strip() for n in args.rules.split(",") if n.strip()]
     bad = [n for n in names if n not in RULES]
     if bad:
@@ -112,14 +116,14 @@ def main() -> None:
         t = time.perf_counter()
         eng = make_engine(session, B, args)
         log(f"B={B}: engine warmed in {time.perf_counter() - t:.0f} s (runner {type(eng.runner).__name__}, "
-            f"decoding {eng.runner.decoding})")
+            f"decoding {eng.runner.decoding}, rows-only Reuse program: {'reuse_rows' in eng.runner.phases})")
         clock = Clock(args.device)
         g = torch.Generator().manual_seed(B)
         hi = min(session.config.vocab_size, session.config.mask_id) - 1
         prompts = [torch.randint(0, hi, (args.prompt,), generator=g).tolist() for _ in range(B)]
         params = {n: dict(gen_length=args.gen, block_length=args.block, steps=args.gen, kv_cache="dual",
                           seed=1, **RULES[n]) for n in names}
-        cells = [(m, n) for m in MODES for n in names]
+        cells = [(m, n) for m in modes for n in names]
         for m, n in cells:                                  # warm every (decoding, rule) once
             eng.runner.decoding = m
             serve_set(eng, prompts, params[n], clock)
@@ -128,7 +132,7 @@ def main() -> None:
             for m, n in (cells if it % 2 == 0 else cells[::-1]):
                 eng.runner.decoding = m
                 samples[m, n].append(serve_set(eng, prompts, params[n], clock))
-        for m in MODES:
+        for m in modes:
             base = statistics.median(x["s"] / x["forwards"] for x in samples[m, names[0]])
             for n in names:
                 sm = samples[m, n]

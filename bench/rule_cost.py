@@ -355,7 +355,9 @@ def count_ahead(runner) -> None:
 
 def engine_rules(model, B: int, names: list, args) -> dict:
     """{rule: medians} of the rules' request sets, interleaved (warmed each first)."""
+    t = time.perf_counter()
     eng = make_engine(model, B, args)
+    print(f"[engine] B={B}: warmed in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     cfg, clock = model.config, Clock(args.device)
     g = torch.Generator().manual_seed(B)
     hi = min(cfg.vocab_size, cfg.mask_id) - 1
@@ -369,6 +371,7 @@ def engine_rules(model, B: int, names: list, args) -> dict:
     for it in range(args.iters):
         for n in (names if it % 2 == 0 else names[::-1]):
             samples[n].append(serve_set(eng, prompts, params[n], clock))
+            print(f"[engine] B={B} iter {it} {n}: {json.dumps(samples[n][-1])}", file=sys.stderr, flush=True)
     res = {}
     for n in names:
         sm = samples[n]
