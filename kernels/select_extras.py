@@ -67,13 +67,14 @@ def reference_sweep(hidden, weight, entropy: bool, topk: int, acc: torch.dtype) 
 
 
 def select_extras_triton(hidden, weight, entropy: bool, topk: int, credit_ids=None, credit_vals=None,
-                         credit_alpha=None, BN=None, BV=128, BD=64, num_warps=4, num_stages=3,
+                         credit_alpha=None, BN=None, BV=128, BD=None, num_warps=4, num_stages=3,
                          programs_per_sm=4) -> dict:
     """One launch of ``logits._select_extras_kernel`` (the plain sweep: credit adds nothing to it), the
     splits' reduction, then credit's sparse correction (``credit_correction``)."""
     N, D = hidden.shape
     V = weight.shape[0]
     BN, BV, n_split, cols = L.plan(N, V, L._sm_count(hidden.device), BN, BV, programs_per_sm)
+    BD = BD or L.block_d(BN, BV, num_stages, hidden)
     dev = hidden.device
 
     def part(dt=torch.float32, *extra):

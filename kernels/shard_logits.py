@@ -93,7 +93,7 @@ def shard_stats_triton(hidden, weight, v0: int, entropy: bool, topk: int, **tile
     return st
 
 
-def _shard_stats_packed(hidden, weight, v0: int, entropy: bool, topk: int, BN=None, BV=128, BD=64,
+def _shard_stats_packed(hidden, weight, v0: int, entropy: bool, topk: int, BN=None, BV=128, BD=None,
                         num_warps=4, num_stages=3, programs_per_sm=4):
     """One launch of the plain (or, with extras, the extras) selected-row logits kernel over the shard's head
     ``weight`` [Vr, d], then one of ``_shard_finish_kernel`` -> (statistics [6, N] float64 in ``STATS``
@@ -102,6 +102,7 @@ def _shard_stats_packed(hidden, weight, v0: int, entropy: bool, topk: int, BN=No
     N, D = hidden.shape
     V = weight.shape[0]
     BN, BV, n_split, cols = L.plan(N, V, L._sm_count(hidden.device), BN, BV, programs_per_sm, invariant())
+    BD = BD or L.block_d(BN, BV, num_stages, hidden)
 
     def part(dt=torch.float32, *extra):
         return torch.empty((N, n_split, *extra), dtype=dt, device=hidden.device)
