@@ -345,3 +345,17 @@ def test_select_extras_refuses_bad_inputs():
                               credit_vals=torch.zeros(3, 2), credit_alpha=torch.zeros(3))
     with pytest.raises(ValueError, match="topk"):
         K.fused_select_extras(h, w, topk=21)
+
+
+def test_select_sweep_hidden_step_by_tile_and_shared_memory(monkeypatch):
+    """logits.block_d: 128 for row tiles of <= 32 rows where the stages fit shared memory (the B = 1 decode
+    measured faster on an H200), 64 for wider or symbolic tiles and where shared memory is short."""
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert L.block_d(32, 128, 3, bf16) == 128 and L.block_d(16, 128, 3, fp32) == 128
+    assert L.block_d(64, 128, 3, bf16) == 64                        # a 1024-row tile: 64 measured faster
+    assert L.block_d(torch.SymInt, 128, 3, bf16) == 64              # not an int: a traced row count
+    monkeypatch.setattr(L, "_smem_per_block", lambda device: 227 * 1024)   # an H100 / H200
+    assert L.block_d(32, 128, 3, bf16) == 128
+    assert L.block_d(32, 128, 3, fp32) == 64                        # fp32 tiles: 240 KB > 227 KB
+    monkeypatch.setattr(L, "_smem_per_block", lambda device: 99 * 1024)    # an RTX 4090
+    assert L.block_d(32, 128, 3, bf16) == 64
