@@ -42,10 +42,11 @@ class Row:
     result: str
     path: str
     section: Section
+    script: str = ""                # a script the section also ran, where the row comes from it
 
     def markdown(self) -> str:
         s = self.section
-        return f"| {self.result} | {self.path} | {s.gpu} | {s.date} | `bench/{s.script}.py` |"
+        return f"| {self.result} | {self.path} | {s.gpu} | {s.date} | `bench/{self.script or s.script}.py` |"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -257,9 +258,31 @@ def block_cost(s: Section) -> list[tuple[str, str]]:
     return rows
 
 
+def engine_rule_cost(s: Section) -> list[tuple]:
+    """The rules' served cost per forward vs low-confidence (issue 18's target < 3%): through the compiled
+    engine (first table's ``now`` columns) and, where the section has it, on the runtime path (a second
+    table with batch 1 and 32 rows, from bench/rule_cost.py)."""
+    rules = ("entropy_bound", "credit", "logprobs", "smoothing")
+    t = s.tables[0]
+    parts = [f"{r.split('_')[0]} {find(t, b='1', rule=r)['now: vs low-conf']}" for r in rules]
+    rows = [("decoding rules' cost a forward vs low-confidence at batch 1 (target < 3%): " + ", ".join(parts),
+             "compiled engine (export, Inductor at load, CUDA graphs, lookahead 16)")]
+    runtime = [t for t in s.tables[1:] if any(r.get("b") == "32" for r in t)]
+    if runtime:
+        t = runtime[0]
+        per_b = [f"batch {b}: " + ", ".join(f"{r.split('_')[0]} {find(t, b=b, rule=r)['vs low-conf']}"
+                                            for r in rules if any(x.get("rule", "").startswith(r) and
+                                                                  x.get("b") == b for x in t))
+                 for b in ("1", "32")]
+        rows.append(("decoding rules' cost a forward vs low-confidence (target < 3%): " + "; ".join(per_b),
+                     "runtime graph path (Engine + GraphRunner, compiled blocks, lookahead 16)", "rule_cost"))
+    return rows
+
+
 EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,
               "tp_bench": tp_bench, "serve_bench": serve_bench, "batch_invariance": batch_invariance,
-              "head_sparse": head_sparse, "block_diffusion": block_diffusion, "block_cost": block_cost}
+              "head_sparse": head_sparse, "block_diffusion": block_diffusion, "block_cost": block_cost,
+              "engine_rule_cost": engine_rule_cost}
 
 
 def highlight_rows(text: str, notes: list[str] | None = None) -> list[Row]:
@@ -270,7 +293,7 @@ def highlight_rows(text: str, notes: list[str] | None = None) -> list[Row]:
         if s is None:
             continue
         try:
-            rows += [Row(res, path, s) for res, path in fn(s)] if s.tables else []
+            rows += [Row(*r[:2], s, *r[2:]) for r in fn(s)] if s.tables else []
         except (KeyError, IndexError, ValueError) as e:
             if notes is not None:
                 notes.append(f"bench/{script}.py ({s.title}, {s.date}): skipped: {e}")

@@ -91,3 +91,30 @@ def test_a_heading_time_orders_as_a_date_line_time(hl):
     secs = hl.parse_sections(text)
     assert [(s.date, s.time) for s in secs] == [("2026-11-28", "22:20"), ("2026-11-28", "23:58")]
     assert hl.latest(secs)["block_cost"].title == "New"
+
+
+def test_rule_cost_rows_name_the_engine_and_the_runtime_path(hl):
+    """engine_rule_cost's section: the compiled engine's ``now`` ratios, then the runtime path's second table
+    (batch 1 and 32, rules it lacks at a batch left out), sourced from bench/rule_cost.py."""
+    text = """## Rules: H200, 2026-11-29 05:41 (bench/engine_rule_cost.py, bench/rule_cost.py --path engine)
+
+| B | rule | before: ms | before: vs low-conf | now: ms | now: vs low-conf |
+|---|---|---|---|---|---|
+| 1 | low_confidence | 5.6 | - | 5.5 | - |
+| 1 | entropy_bound 0.1 | 6.2 | +9.9% | 5.8 | **+3.8%** |
+| 1 | credit 0.9 | 6.4 | +12.6% | 5.8 | +4.5% |
+| 1 | smoothing 0.9 | 6.3 | +12.0% | 5.9 | +7.0% |
+| 1 | logprobs 5 | 6.1 | +7.8% | 5.7 | +3.2% |
+
+| B | rule | ms / forward | vs low-conf |
+|---|---|---|---|
+| 1 | credit 0.9 | 5.8 | +3.1% |
+| 32 | credit 0.9 | 45.6 | +0.7% |
+| 32 | logprobs 5 | 45.6 | +0.9% |
+"""
+    rows = [r.markdown() for r in hl.highlight_rows(text)]
+    assert rows[0].startswith("| decoding rules' cost a forward vs low-confidence at batch 1 (target < 3%): "
+                              "entropy +3.8%, credit +4.5%, logprobs +3.2%, smoothing +7.0% | compiled engine")
+    assert rows[0].endswith("| H200 | 2026-11-29 | `bench/engine_rule_cost.py` |")
+    assert ("batch 1: credit +3.1%; batch 32: credit +0.7%, logprobs +0.9% | runtime graph path" in rows[1]
+            and rows[1].endswith("`bench/rule_cost.py` |"))
