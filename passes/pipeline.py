@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from . import cache_kv_reuse, chunk_logits, fuse_projections, lift_weights, mask_blocks, sparsify_heads
+from . import (cache_kv_reuse, chunk_logits, fold_weight_stacks, fuse_projections, lift_weights, mask_blocks,
+               sparsify_heads)
 
 log = logging.getLogger("dlc.passes")
 
@@ -22,6 +23,7 @@ PHASES = ("refresh", "reuse")
 
 # name -> (module, required). Order is the pipeline order.
 PIPELINE: dict[str, tuple] = {
+    "fold_weight_stacks": (fold_weight_stacks, False),  # default on for MoE models: experts packed once
     "mask_blocks": (mask_blocks, False),                # block-diffusion models only (and there required)
     "cache_kv_reuse": (cache_kv_reuse, True),
     "sparsify_heads": (sparsify_heads, False),
@@ -68,6 +70,8 @@ class PassContext:
                 "lift_weights": {"weights": len(self.shared.get("weights", {}))},
                 "sparsify_heads": sparsify_heads.params(self),
                 "fuse_projections": {"groups": "linears sharing one input (q|k|v, gate|up)"},
+                "fold_weight_stacks": {"folds": "stacks / concatenations of weights (MoE experts), computed "
+                                                "once at build"},
                 "chunk_logits": {"vocab_chunk": self.logit_chunk or self.config.vocab_size,
                                  "logprobs": self.logprobs, "device": self.device,
                                  "decode_dtype":
@@ -78,12 +82,14 @@ class PassContext:
 
 
 def select_passes(names: list[str] | None, sparse_retention: float | None, gpu: bool = False,
-                  block: bool = False) -> list[str]:
+                  block: bool = False, moe: bool = False) -> list[str]:
     """Validate a --passes list; default: the required passes, plus mask_blocks for a block-diffusion model
-    (``block``; required there), sparsify_heads when a retention is set and fuse_projections when the build
-    lowers to the GPU kernels (``gpu``)."""
+    (``block``; required there), fold_weight_stacks for a MoE model (``moe``: its experts' packed weights),
+    sparsify_heads when a retention is set and fuse_projections when the build lowers to the GPU kernels
+    (``gpu``)."""
     if names is None:
-        names = [n for n, (_, req) in PIPELINE.items() if req or (n == "sparsify_heads" and sparse_retention)
+        names = [n for n, (_, req) in PIPELINE.items() if req or (n == "fold_weight_stacks" and moe)
+                 or (n == "sparsify_heads" and sparse_retention)
                  or (n == "fuse_projections" and gpu) or (n == "mask_blocks" and block)]
     unknown = [n for n in names if n not in PIPELINE]
     if unknown:

@@ -91,7 +91,8 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None,
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels,
-                          block=bool(getattr(model.config, "block_diffusion", False)))
+                          block=bool(getattr(model.config, "block_diffusion", False)),
+                          moe=bool(getattr(model.config, "is_moe", False)))
     t0 = time.perf_counter()
     base = trace_forward(model)
     t1 = time.perf_counter()

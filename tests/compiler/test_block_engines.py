@@ -123,8 +123,8 @@ def test_manifest_records_what_the_runtime_needs(checkpoints, shared_engine):
     assert m["model"]["block_diffusion"] and m["build"]["block_diffusion"] and m["build"]["kv_inplace"]
     assert m["generation"]["decoder"] == "llada2" and m["generation"]["kv_cache"] == "block"
     assert m["build"]["block_length"] == m["generation"]["block_length"] == 32     # LLaDA2's own
-    assert [p["name"] for p in m["passes"]] == ["mask_blocks", "cache_kv_reuse", "chunk_logits",
-                                                "lift_weights"]
+    assert [p["name"] for p in m["passes"]] == ["fold_weight_stacks", "mask_blocks", "cache_kv_reuse",
+                                                "chunk_logits", "lift_weights"]
     for phase in ("refresh", "reuse"):
         ins = {i["name"]: i for i in m["phases"][phase]["inputs"]}
         assert ins["block_size"]["shape"] == [1] and ins["block_size"]["dtype"] == "int64"
@@ -208,8 +208,8 @@ def test_llada2_mini_dry_run_plans_passes_and_files():
     res = run_cli(["compile", "llada2-mini", "--target", "h100", "--dry-run", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
-    assert out["plan"]["fits"] and out["passes"] == ["mask_blocks", "cache_kv_reuse", "chunk_logits",
-                                                     "lift_weights"]
+    assert out["plan"]["fits"] and out["passes"] == ["fold_weight_stacks", "mask_blocks", "cache_kv_reuse",
+                                                     "chunk_logits", "lift_weights"]
     assert out["counts"]["mask_blocks/reuse"] == 20 and out["counts"]["cache_kv_reuse/refresh"] == 20
     assert "weights.safetensors" in out["files"] and "reuse.onnx" in out["files"]
     assert "256 experts" in res.output and "block-causal" in res.output and "plan only" not in res.output
