@@ -1,10 +1,11 @@
-"""Weight stacking folded into the build: a MoE program reads its experts' packed weights, never re-stacks them.
+"""Weights stacked once, at build time: a MoE program reads its experts' packed weights, never re-stacks them.
 
-A MoE block runs its experts as a few wide GEMMs over packed weights (``models/llada_moe.py``: ``w_gu`` [E, 2H,
-d] from every expert's gate and up weights, ``w_down`` from their down weights). Eager mode packs them once
-(``pack_experts``); a traced program cannot keep that cache, so the trace holds ``stack`` / ``cat`` over the
-experts' parameters (3 x E weights a layer), and a compiled engine ran them every forward: a copy of every
-expert weight a step (LLaDA2-mini: ~15 GB a forward) and two copies of the experts in memory.
+A MoE block runs its experts as a few wide GEMMs over packed weights (``models/llada_moe.py``: ``w_gu``
+[E, 2H, d] from every expert's gate and up weights, ``w_down`` from their down weights). Eager mode packs
+them once (``pack_experts``); a traced program cannot keep that cache, so the trace holds ``stack`` / ``cat``
+over the experts' parameters (3 x E weights a layer), and a compiled engine ran them every forward: a copy
+of every expert weight a step (LLaDA2-mini: its 28.5 GiB of experts, more than once, every forward) and two
+copies of the experts in memory.
 
 This pass computes such values once, at build time. A node is *constant* when it is a ``get_attr`` of a
 tensor or a pure op in ``FOLDABLE`` over constants only; a constant node read by a non-constant one (the
