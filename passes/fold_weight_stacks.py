@@ -143,10 +143,9 @@ def run(gm: fx.GraphModule, ctx) -> int:
     copies: dict = {}
     frontier = [n for n in gm.graph.nodes if n in const and n.op == "call_function"
                 and any(u not in const for u in n.users) and _copies(n, const, copies)]
-    memo: dict = {}
     for i, n in enumerate(frontier):
         attr = f"{PREFIX}_{i}"
-        gm.register_parameter(attr, _fold(gm, ctx, n, memo))
+        gm.register_parameter(attr, _fold(gm, ctx, n, {}))   # intermediates freed per fold (build memory)
         with gm.graph.inserting_before(n):
             got = gm.graph.get_attr(attr)
         got.meta = dict(n.meta)
