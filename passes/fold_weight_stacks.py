@@ -7,18 +7,20 @@ over the experts' parameters (3 x E weights a layer), and a compiled engine ran 
 of every expert weight a step (LLaDA2-mini: its 28.5 GiB of experts, more than once, every forward) and two
 copies of the experts in memory.
 
-This pass computes such values once, at build time. A node is *constant* when it is a ``get_attr`` of a
-tensor or a pure op in ``FOLDABLE`` over constants only; a constant node read by a non-constant one (the
-*frontier*) whose constant ancestry contains a copying op (``stack``, ``cat``, a ``reshape`` / ``clone`` /
-``contiguous`` that may copy) becomes a ``get_attr`` of one precomputed, contiguous parameter
-(``dlc_folded_<i>``). Constant views of a single weight (``t(lm_head)``) copy nothing and are left alone, so
-no weight is stored twice. The value is built once per build and shared by the phases (``ctx.shared``); where
-its memory holds each source parameter as a view (stack / cat chains with transposes and reshapes), the
-model's parameters are re-pointed at those views (as ``fuse_projections`` does), so the build holds one copy
-of the experts; the per-expert attributes the programs no longer read are dropped.
+This pass computes such values once, at build time. A node is *constant* when it is a ``get_attr`` of a tensor
+or a pure op in ``FOLDABLE`` over constants only; a constant node read by a non-constant one (the *frontier*)
+whose constant ancestry contains a copying op (``stack``, ``cat``, a ``reshape`` / ``clone`` / ``contiguous``
+that may copy, a dtype cast: LLaDA2's router reads its gate weight in fp32) becomes a ``get_attr`` of one
+precomputed, contiguous parameter (``dlc_folded_<i>``). Constant views of a single weight (``t(lm_head)``)
+copy nothing and are left alone, so no weight is stored twice. The value is built once per build and shared by
+the phases (``ctx.shared``); where its memory holds each source parameter as a view (stack / cat chains with
+transposes and reshapes), the model's parameters are re-pointed at those views (as ``fuse_projections`` does),
+so the build holds one copy of the experts; the per-expert attributes the programs no longer read are dropped,
+and so are export's dtype checks of a weight (``_assert_tensor_metadata``: fixed at build time).
 
-Numbers: the same values (a stack or cat moves elements, it computes nothing). Rewrites counted: one per
-folded frontier node."""
+Numbers: the same values (a stack or cat moves elements; a cast at build time is the cast the forward made).
+Rewrites counted: one per folded frontier node.
+"""
 from __future__ import annotations
 
 import torch
@@ -33,7 +35,16 @@ COPYING = {aten.stack.default, aten.cat.default, aten.reshape.default, aten.clon
 VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
          aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.slice.Tensor,
          aten.narrow.default, aten.alias.default}
-FOLDABLE = COPYING | VIEWS
+CASTS = {aten.to.dtype, aten._to_copy.default}     # a weight's cast (LLaDA2's router: its gate in fp32)
+FOLDABLE = COPYING | VIEWS | CASTS
+ASSERT_META = aten._assert_tensor_metadata.default
+
+
+def _pure(n: fx.Node) -> bool:
+    """A FOLDABLE op that computes a value from its inputs only (no out=, a cast changes the dtype only)."""
+    if n.target in CASTS:
+        return set(n.kwargs) <= {"dtype"} and all(not isinstance(a, torch.device) for a in n.args)
+    return n.target in FOLDABLE and not n.kwargs.get("out")
 
 
 def _tensor_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -46,7 +57,7 @@ def constant_nodes(gm: fx.GraphModule) -> set:
     for n in gm.graph.nodes:
         if n.op == "get_attr" and _tensor_attr(gm, n):
             const.add(n)
-        elif n.op == "call_function" and n.target in FOLDABLE and not n.kwargs.get("out"):
+        elif n.op == "call_function" and _pure(n):
             ins = n.all_input_nodes
             if ins and all(i in const for i in ins):
                 const.add(n)
@@ -56,7 +67,7 @@ def constant_nodes(gm: fx.GraphModule) -> set:
 def _copies(n: fx.Node, const: set, memo: dict) -> bool:
     """Does n's constant ancestry contain a copying op?"""
     if n not in memo:
-        memo[n] = n.op == "call_function" and (n.target in COPYING or
+        memo[n] = n.op == "call_function" and (n.target in COPYING or n.target in CASTS or
                                                any(_copies(i, const, memo) for i in n.all_input_nodes))
     return memo[n]
 
@@ -152,5 +163,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         for u in [u for u in n.users if u not in const]:
             u.replace_input_with(n, got)
     if frontier:
+        for n in list(gm.graph.nodes):           # export's dtype checks of a weight: fixed at build time
+            if n.target == ASSERT_META and n.args and n.args[0] in const:
+                gm.graph.erase_node(n)
         _drop_unused_attrs(gm)
     return len(frontier)

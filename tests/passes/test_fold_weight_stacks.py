@@ -71,3 +71,22 @@ def test_dense_models_fold_nothing_and_keep_their_weights():
     assert ctx.counts[("fold_weight_stacks", "refresh")] == 0
     assert build_phases(m)[2][0] == "cache_kv_reuse"
     assert build_phases(tiny("tiny-llada-moe"))[2][0] == "fold_weight_stacks"
+
+
+def test_a_weight_cast_every_forward_is_stored_cast_once():
+    """LLaDA2's router reads its gate weight and expert bias in fp32: a bf16 build stores them in fp32 once
+    (folded) instead of casting every forward, and lifts no bf16 copy of them; no constant cast is left."""
+    m = load_model("tiny-llada2", seed=1).model.to(torch.bfloat16)
+    phases, ctx, names = build_phases(m)
+    assert names[0] == "fold_weight_stacks"
+    w = ctx.shared["weights"]
+    routers = [k for k in w if k.endswith("mlp__gate__weight") or k.endswith("expert_bias")]
+    assert not routers                                               # lifted as folded tensors instead
+    folded = {k: v for k, v in w.items() if PREFIX in k}
+    assert sum(v.dtype == torch.float32 for v in folded.values()) == 2 * sum(
+        1 for n, _ in m.named_modules() if n.endswith("mlp.gate"))   # gate weight + bias a MoE layer
+    for gm in phases.values():
+        weights = {n for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("w__")}
+        casts = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] in weights
+                 and n.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)]
+        assert not casts
