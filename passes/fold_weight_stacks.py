@@ -9,9 +9,9 @@ copies of the experts in memory.
 
 This pass computes such values once, at build time. A node is *constant* when it is a ``get_attr`` of a tensor
 or a pure op in ``FOLDABLE`` over constants only; a constant node read by a non-constant one (the *frontier*)
-whose constant ancestry contains a copying op (``stack``, ``cat``, a ``reshape`` / ``clone`` / ``contiguous``
-that may copy, a dtype cast: LLaDA2's router reads its gate weight in fp32) becomes a ``get_attr`` of one
-precomputed, contiguous parameter (``dlc_folded_<i>``). Constant views of a single weight (``t(lm_head)``)
+whose constant ancestry contains an op in ``COPIES`` (``stack``, ``cat``, a dtype cast: LLaDA2's router reads
+its gate weight in fp32; reshapes and clones of their results are folded with them) becomes a ``get_attr`` of
+one precomputed, contiguous parameter (``dlc_folded_<i>``). Constant views of a single weight (``t(lm_head)``)
 copy nothing and are left alone, so no weight is stored twice. The value is built once per build and shared by
 the phases (``ctx.shared``); where its memory holds each source parameter as a view (stack / cat chains with
 transposes and reshapes), the model's parameters are re-pointed at those views (as ``fuse_projections`` does),
@@ -30,13 +30,13 @@ from .fuse_projections import _drop_unused_attrs, getattr_path
 
 aten = torch.ops.aten
 PREFIX = "dlc_folded"
-COPYING = {aten.stack.default, aten.cat.default, aten.reshape.default, aten.clone.default,
-           aten.contiguous.default, aten._unsafe_view.default}
+CASTS = {aten.to.dtype, aten._to_copy.default}     # a weight's cast (LLaDA2's router: its gate in fp32)
+COPIES = {aten.stack.default, aten.cat.default} | CASTS          # always new memory: these trigger a fold
+MAY_COPY = {aten.reshape.default, aten.clone.default, aten.contiguous.default, aten._unsafe_view.default}
 VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
          aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.slice.Tensor,
          aten.narrow.default, aten.alias.default}
-CASTS = {aten.to.dtype, aten._to_copy.default}     # a weight's cast (LLaDA2's router: its gate in fp32)
-FOLDABLE = COPYING | VIEWS | CASTS
+FOLDABLE = COPIES | MAY_COPY | VIEWS
 ASSERT_META = aten._assert_tensor_metadata.default
 
 
@@ -65,9 +65,10 @@ def constant_nodes(gm: fx.GraphModule) -> set:
 
 
 def _copies(n: fx.Node, const: set, memo: dict) -> bool:
-    """Does n's constant ancestry contain a copying op?"""
+    """Does n's constant ancestry contain an op in ``COPIES``? (A reshape or clone of one weight alone never
+    triggers a fold: it may copy nothing, and folding it would store that weight twice.)"""
     if n not in memo:
-        memo[n] = n.op == "call_function" and (n.target in COPYING or n.target in CASTS or
+        memo[n] = n.op == "call_function" and (n.target in COPIES or
                                                any(_copies(i, const, memo) for i in n.all_input_nodes))
     return memo[n]
 

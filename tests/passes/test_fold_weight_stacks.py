@@ -90,3 +90,36 @@ def test_a_weight_cast_every_forward_is_stored_cast_once():
         casts = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] in weights
                  and n.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)]
         assert not casts
+
+
+class _Weights(torch.nn.Module):
+    """Two ways to read weights: a stack -> transpose -> reshape chain (copies: folded) and a reshape of one
+    contiguous weight (a view: left alone, never stored twice)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1, self.w2 = (torch.nn.Parameter(torch.randn(4, 3, generator=g)) for _ in range(2))
+        self.w3 = torch.nn.Parameter(torch.randn(12, generator=g))
+
+    def forward(self, x):                                            # x [n, 4]
+        packed = torch.stack([self.w1, self.w2]).transpose(1, 2).reshape(6, 4)   # [2, 4, 3] -> [6, 4]
+        return torch.nn.functional.linear(x, packed), torch.nn.functional.linear(x, self.w3.reshape(3, 4))
+
+
+def test_only_chains_that_copy_are_folded_and_weights_become_views():
+    from dlc.passes import fold_weight_stacks
+    m = _Weights()
+    x = torch.randn(5, 4)
+    ref = m(x)
+    gm = torch.export.export(m, (x,)).module()
+    ctx = PassContext(config=None)
+    assert fold_weight_stacks.run(gm, ctx) == 1                      # the stack chain; not w3's reshape
+    names = {n for n, _ in gm.named_parameters()}
+    assert names == {f"{PREFIX}_0", "w3"}
+    folded = gm.get_parameter(f"{PREFIX}_0")
+    assert folded.shape == (6, 4) and folded.is_contiguous()
+    assert m.w1.untyped_storage().data_ptr() == folded.untyped_storage().data_ptr()   # re-pointed: a view
+    gm.recompile()
+    out = gm(x)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
