@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dlc.runtime.engine import graph_runner_for
 from dlc.runtime.generate import GenerationConfig, generate
@@ -53,3 +54,22 @@ def test_generate_cli_flags():
     p = _dlc(*base, "--no-cuda-graphs", "--compile")
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("Error: compile:")
     assert "Traceback" not in p.stderr
+
+
+def test_compiled_blocks_default_is_off_for_moe_models(monkeypatch):
+    """Compiled blocks are the CUDA default for dense models only: a MoE block under torch.compile re-stacks
+    every expert's weights each forward (the eager packing cannot be kept), so MoE models keep the
+    uncompiled blocks (their grouped GEMM replayed in the graphs) unless --compile is given."""
+    from dlc.models.presets import preset_config
+    from dlc.runtime import engine as E
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert E.compiled_blocks_default(cuda, preset_config("llada-8b"))
+    for moe in ("llada-moe-7b", "llada2-mini", "sdar-30b-a3b"):
+        assert not E.compiled_blocks_default(cuda, preset_config(moe))
+    assert not E.compiled_blocks_default(cpu, preset_config("llada-8b"))
+    seen = []                                   # graph_runner_for asks it (a CPU model, graphs forced on)
+    monkeypatch.setattr(E, "compiled_blocks_default", lambda dev, cfg: seen.append(cfg.is_moe) or True)
+    moe = open_model("tiny-llada-moe", progress=False).runner
+    gr = E.graph_runner_for(moe, cuda_graphs=True)
+    assert seen == [True] and gr.compiled
+    assert not E.graph_runner_for(moe, cuda_graphs=True, compile=False).compiled
