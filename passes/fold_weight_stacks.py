@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .fuse_projections import _drop_unused_attrs, getattr_path
+from .graph_utils import drop_unused_attrs, getattr_path
 
 aten = torch.ops.aten
 PREFIX = "dlc_folded"
@@ -55,7 +55,7 @@ def constant_nodes(gm: fx.GraphModule) -> set:
     """Nodes whose value depends on weights only: tensor get_attrs and FOLDABLE ops over such nodes."""
     const: set = set()
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and _tensor_attr(gm, n):
+        if _tensor_attr(gm, n):
             const.add(n)
         elif n.op == "call_function" and _pure(n):
             ins = n.all_input_nodes
@@ -116,7 +116,7 @@ def _inverse_views(n: fx.Node, folded: torch.Tensor, gm: fx.GraphModule, memo: d
                 size = _value(gm, x, memo).shape[dim]
                 _inverse_views(x, folded.narrow(dim, off, size), gm, memo, out)
                 off += size
-        elif t in (aten.transpose.int,):
+        elif t == aten.transpose.int:
             _inverse_views(a[0], folded.transpose(a[1], a[2]), gm, memo, out)
         elif t == aten.t.default:
             _inverse_views(a[0], folded.t(), gm, memo, out)
@@ -167,5 +167,5 @@ def run(gm: fx.GraphModule, ctx) -> int:
         for n in list(gm.graph.nodes):           # export's dtype checks of a weight: fixed at build time
             if n.target == ASSERT_META and n.args and n.args[0] in const:
                 gm.graph.erase_node(n)
-        _drop_unused_attrs(gm)
+        drop_unused_attrs(gm)
     return len(frontier)

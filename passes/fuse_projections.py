@@ -21,6 +21,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from .graph_utils import drop_unused_attrs, getattr_path
+
 LINEAR = torch.ops.aten.linear.default
 PREFIX = "dlc_fused_proj"
 
@@ -30,12 +32,6 @@ def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
         t = getattr_path(gm, node.target)
         return t if isinstance(t, torch.Tensor) else None
     return None
-
-
-def getattr_path(mod, target: str):
-    for part in target.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -101,16 +97,5 @@ def run(gm: fx.GraphModule, ctx) -> int:
             n.replace_all_uses_with(o)
             g.erase_node(n)
         n_groups += 1
-    _drop_unused_attrs(gm)
+    drop_unused_attrs(gm)
     return n_groups
-
-
-def _drop_unused_attrs(gm: fx.GraphModule) -> None:
-    """Delete parameters no get_attr node reads any more (they would be lifted into exported artifacts)."""
-    gm.graph.eliminate_dead_code()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()):
-        if name not in used:
-            path, _, attr = name.rpartition(".")
-            owner = gm.get_submodule(path) if path else gm
-            delattr(owner, attr)

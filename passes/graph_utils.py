@@ -1,4 +1,5 @@
-"""Small FX helpers shared by the passes: finding attention nodes, adding inputs/outputs, inlining code.
+"""Small FX helpers shared by the passes: finding attention nodes, adding inputs/outputs, inlining code,
+reading and dropping a program's attributes.
 
 Phase graphs are plain ``torch.fx.GraphModule``s with a flat calling convention: positional tensor inputs
 (placeholders, in order) and a tuple output. Every pass keeps that form."""
@@ -99,3 +100,21 @@ def remove_guard_calls(gm: fx.GraphModule) -> int:
 
 def getitem(graph: fx.Graph, node: fx.Node, i: int) -> fx.Node:
     return graph.call_function(operator.getitem, (node, i))
+
+
+def getattr_path(mod, target: str):
+    """The attribute a ``get_attr`` target names (dotted path from ``mod``)."""
+    for part in target.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> None:
+    """Delete parameters no get_attr node reads any more (they would be lifted into exported artifacts)."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()):
+        if name not in used:
+            path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(path) if path else gm
+            delattr(owner, attr)

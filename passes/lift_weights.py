@@ -15,18 +15,11 @@ import torch.fx as fx
 
 from dlc.manifest import WEIGHT_PREFIX
 
-from .graph_utils import add_input
+from .graph_utils import add_input, getattr_path
 
 
 def weight_input_name(target: str) -> str:
     return WEIGHT_PREFIX + target.replace(".", "__")
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _drop(gm: fx.GraphModule, target: str) -> None:
@@ -44,11 +37,11 @@ def run(gm: fx.GraphModule, ctx) -> int:
     store: dict[str, torch.Tensor] = ctx.shared.setdefault("weights", {})
     uses: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(_fetch(gm, node.target), torch.Tensor):
+        if node.op == "get_attr" and isinstance(getattr_path(gm, node.target), torch.Tensor):
             uses.setdefault(node.target, []).append(node)
     last = None                       # the inputs go after the last placeholder, in order (one scan: MoE
     for target in sorted(uses):       # programs lift ~15k weights)
-        tensor = _fetch(gm, target).detach()
+        tensor = getattr_path(gm, target).detach()
         name = weight_input_name(target)
         if name in store and not _same(store[name], tensor):
             raise ValueError(f"lift_weights: two different tensors named {target} in the phase programs")
