@@ -69,7 +69,8 @@ def build_engine(ckpt: Path, eng_dir: Path, target: str, res: dict, args) -> Non
     L = args.prompt + args.gen
     t = time.perf_counter()
     compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype="bf16", max_batch_size=max(
-        int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log)
+        int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log,
+        **({"moe_impl": args.moe_impl} if args.moe_impl != "auto" else {}))
     res["compile_s"] = time.perf_counter() - t
     gc.collect()
     torch.cuda.empty_cache()
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--once", action="store_true", help="open the engine once (no cached-verification load)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the checkpoint and engine a previous run left in --work")
+    p.add_argument("--moe-impl", default="auto", choices=["auto", "fused", "stacked"],
+                   help="MoE presets: the expert forward the engine traces (dlc compile --moe-impl)")
     p.add_argument("--uncompiled", action="store_true",
                    help="also time the engine's programs interpreted (no Inductor at load), first")
     args = p.parse_args()
@@ -126,6 +129,7 @@ def main() -> None:
     engine = open_model(str(eng_dir), device="cuda", progress=False)
     torch.cuda.synchronize()
     res["load_s"] = time.perf_counter() - t
+    res["moe"] = json.loads((eng_dir / "dlc_engine.json").read_text())["build"].get("moe", "-")
     res["engine_device_bytes"] = torch.cuda.memory_allocated() - base
     res["device_over_weights"] = res["engine_device_bytes"] / res["weight_bytes"]
     res["load_cached_s"] = float("nan")
@@ -178,7 +182,8 @@ def main() -> None:
     print("engine = export engine, programs compiled by Inductor at load (the AOTI code generation; "
           "CUDA AOTI loading crashes on this image), Reuse as CUDA graphs; runtime = eager model + compiled "
           "blocks + CUDA graphs; engine-interpreted = the exported programs as loaded")
-    print(f"\ncompile {res['compile_s']:.0f}s; engine {res['engine_bytes'] / 1e9:.2f} GB = "
+    print(f"\npreset {args.preset}; engine MoE forward: {res.get('moe', '-')}; "
+          f"compile {res['compile_s']:.0f}s; engine {res['engine_bytes'] / 1e9:.2f} GB = "
           f"{res['engine_over_weights']:.3f}x weights; device after load {res['device_over_weights']:.3f}x "
           f"weights; load {res['load_s']:.1f}s verified / {res['load_cached_s']:.1f}s cached; "
           f"GPU {res['gpu']}")

@@ -235,6 +235,9 @@ def summary_lines(m: dict) -> list[str]:
              f"limits      batch {b.get('max_batch_size')} seq {b.get('max_seq_len')} block "
              f"{b.get('block_length')} logit chunk {b.get('logit_chunk')}",
              "passes      " + ", ".join(f"{p['name']}{p.get('params') or ''}" for p in m.get("passes", []))]
+    if b.get("moe"):
+        how = "grouped GEMMs over routed tokens" if b["moe"] == "fused" else "every expert on every token"
+        lines.append(f"moe         {b['moe']} ({how})")
     w = m.get("weights") or {}
     if w:
         lines.append(f"weights     {w.get('file')} ({sum(w.get('bytes', {}).values()) / 1e6:.2f} MB, "

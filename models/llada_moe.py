@@ -222,6 +222,10 @@ def moe_stacked(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn
     return h.reshape(N, E * H) @ w_down.reshape(E * H, d)                                       # [N, d]
 
 
+# compute capability majors whose torch._grouped_mm is CUTLASS's device kernel in bf16 (sm90, sm100)
+GROUPED_MM_MAJORS = (9, 10)
+
+
 def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` runs this MoE on x's device without a host sync. Its rules (ATen
     ``GroupedMMUtils.h`` / ``cuda/GroupedBlas.cpp``): fp32 / bf16 / fp16; row strides multiples of 16 bytes
@@ -238,8 +242,16 @@ def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
         return False                              # its fake-tensor (meta) kernel takes bf16 only
     if x.device.type == "cuda":
         return (x.dtype == torch.bfloat16 and E < 1024
-                and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
-    return x.device.type == "cpu"
+                and torch.cuda.get_device_capability(x.device)[0] in GROUPED_MM_MAJORS)
+    # a meta twin traced for a GPU target (dlc.compiler.export.trace_forward): the build checked the target
+    return x.device.type == "cpu" or (x.device.type == "meta" and _tracing() and E < 1024)
+
+
+def grouped_mm_target(arch: str, dtype: torch.dtype) -> bool:
+    """Whether a program built for CUDA ``arch`` ("sm_90") in ``dtype`` may trace ``moe_fused``: the GPUs
+    whose ``torch._grouped_mm`` reads the expert offsets on the device (``grouped_mm_fits``)."""
+    return dtype == torch.bfloat16 and arch.startswith("sm_") and arch[3:-1].isdigit() \
+        and int(arch[3:-1]) in GROUPED_MM_MAJORS
 
 
 def expert_offsets(idx: torch.Tensor, n_experts: int):

@@ -151,6 +151,33 @@ def phases_line(block: bool, kv_inplace: bool) -> str:
             f"weights are inputs, stored once ({WEIGHTS_FILE})")
 
 
+MOE_LINES = {"fused": "grouped GEMMs over each expert's routed tokens: the routed FLOPs only",
+             "stacked": "every expert on every token, one static GEMM pair: E / k times the routed FLOPs"}
+
+
+def traced_moe_impl(cfg, tgt, dtype: torch.dtype, runtime: str, asked: str = "auto") -> str | None:
+    """The MoE forward a build traces (None for dense models). ``auto``: ``fused`` (``torch._grouped_mm``
+    over each expert's routed tokens, the path the runtime's CUDA graphs replay) for torch artifacts (export,
+    AOTI) in bf16 on GPUs whose grouped GEMM reads its offsets on the device (sm90 / sm100); ``stacked``
+    elsewhere: ONNX / TensorRT have no grouped GEMM, and older GPUs' fallback copies the offsets to the host
+    (no CUDA graph). ``fused`` asked where it cannot run is an error naming the option."""
+    from dlc.models.llada_moe import grouped_mm_target
+
+    if asked not in ("auto", "fused", "stacked"):
+        raise ValueError(f"--moe-impl {asked!r}: choose auto, fused or stacked")
+    if not getattr(cfg, "is_moe", False):
+        return None
+    fits = runtime in ("export", "aoti") and dtype == torch.bfloat16 and (
+        tgt.device == "cpu" or grouped_mm_target(tgt.arch, dtype))
+    if asked == "fused" and not fits:
+        raise ValueError(f"--moe-impl fused needs a torch artifact (--backend export or aoti) in bf16 for an "
+                         f"sm90 / sm100 target or the CPU; this build is {runtime} {str(dtype)[6:]} for "
+                         f"{tgt.name} ({tgt.arch})")
+    if asked == "auto":
+        return "fused" if fits and tgt.device == "cuda" else "stacked"
+    return asked
+
+
 def tp_engines_later(model: str, n: int, dry_run: bool = False) -> str:
     """The one line ``dlc compile --tensor-parallel-size N`` (N > 1) answers: no per-rank engines yet."""
     return (f"--tensor-parallel-size {n}: dlc compile builds single-GPU engines; tensor-parallel "
@@ -166,7 +193,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
                   passes: list[str] | None = None,
                   sparse_retention: float | None = None, dump_graph_after: str | None = None,
                   dry_run: bool = False, logprobs: int = 0, echo=print, force: bool = False,
-                  prepare_only: bool = False, decode_extras: bool = False, tensor_parallel: int = 1) -> dict:
+                  prepare_only: bool = False, decode_extras: bool = False, tensor_parallel: int = 1,
+                  moe_impl: str = "auto") -> dict:
     """Compile MODEL for TARGET into OUT_DIR; returns the manifest dict (dry run: the plan). OUT_DIR must be
     empty, absent, or an engine directory (recompiled in place); anything else needs ``force``.
 
@@ -242,12 +270,15 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     if decode_extras and not extras:
         raise ValueError("--decode-extras is not available for --backend tensorrt (its float32 build); use "
                          "--backend onnx, export or aoti")
+    traced_moe = traced_moe_impl(cfg, tgt, DTYPES[dtype], runtime, moe_impl)
+    if traced_moe:
+        echo(f"MoE forward traced: {traced_moe} ({MOE_LINES[traced_moe]})")
     with stage("trace+passes"):
         phases, ctx, names = build_phases(m, passes=passes, sparse_retention=sparse_retention,
                                           logit_chunk=plan.logit_chunk, logprobs=logprobs,
                                           dump_after=dump_graph_after, dump=echo, device=tgt.device,
                                           kernels=kernels, decode_dtype=decode_dtype, kv_inplace=kv_inplace,
-                                          extras=extras)
+                                          extras=extras, moe_impl=traced_moe)
     echo(phases_line(block, kv_inplace))
     for name in names:
         echo(f"  pass {name:<15} rewrites: refresh {ctx.counts[(name, 'refresh')]}, "
@@ -272,7 +303,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
             echo(f"note: {pending}")
         return {"plan": plan.to_dict(), "passes": names,
                 "counts": {f"{k[0]}/{k[1]}": v for k, v in ctx.counts.items()}, "files": files,
-                "times": times, "device": ctx.device, "lowering": ctx.params("chunk_logits")["lowering"]}
+                "times": times, "device": ctx.device, "lowering": ctx.params("chunk_logits")["lowering"],
+                **({"moe": traced_moe} if traced_moe else {})}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +341,8 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         "build": {**{k: v for k, v in plan.to_dict().items() if k in ("max_batch_size", "max_seq_len",
                                                                         "block_length", "logit_chunk")},
                   "dims": limits, "plan": plan.to_dict(), "kv_inplace": kv_inplace,
-                  **({"block_diffusion": True} if block else {})},
+                  **({"block_diffusion": True} if block else {}),
+                  **({"moe": traced_moe} if traced_moe else {})},
         "weights": weights_info,
         "passes": [{"name": n, "params": ctx.params(n),
                     "rewrites": {ph: ctx.counts[(n, ph)] for ph in phases}} for n in names],

@@ -31,6 +31,11 @@ import click
               "smoothing's soft inputs and return the decoded hidden rows (smoothing, T > 0 top-k / top-p / "
               "min-p; the GPU kernel lowering: only these two, the runner decodes the rest from the rows); "
               "not TensorRT")
+@click.option("--moe-impl", default="auto", show_default=True,
+              type=click.Choice(["auto", "fused", "stacked"]),
+              help="MoE models: the expert forward the programs trace; auto = fused (grouped GEMMs, the "
+                   "routed FLOPs only) for export / AOTI bf16 engines on sm90 / sm100 targets, stacked "
+                   "(every expert on every token, static) elsewhere")
 @click.option("--dump-graph-after", default=None, help="print the graph after this pass")
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel", default=1, show_default=True,
               type=click.IntRange(min=1), help="plan one GPU of a tensor (+ expert) parallel layout "
@@ -46,7 +51,7 @@ import click
               "that finish it")
 def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_size, max_seq_len,
                     block_length, passes, sparse_retention, logprobs, decode_extras, dump_graph_after,
-                    dry_run, as_json, verbose, force, prepare_only, tensor_parallel):
+                    dry_run, as_json, verbose, force, prepare_only, tensor_parallel, moe_impl):
     """Compile MODEL (preset or checkpoint dir) for TARGET into an engine directory."""
     from .backends import BackendUnavailable
     from .build import compile_model
@@ -60,7 +65,8 @@ def compile_command(model, target, out_dir, backend, weights, dtype, max_batch_s
                             passes=names, sparse_retention=sparse_retention,
                             dump_graph_after=dump_graph_after, dry_run=dry_run, logprobs=logprobs,
                             echo=click.echo, force=force, prepare_only=prepare_only,
-                            decode_extras=decode_extras, tensor_parallel=tensor_parallel)
+                            decode_extras=decode_extras, tensor_parallel=tensor_parallel,
+                            moe_impl=moe_impl)
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -28,19 +28,29 @@ class _Forward(torch.nn.Module):
         return self.m(input_ids, position_ids, key_mask)
 
 
-def trace_forward(model: DiffusionLM) -> fx.GraphModule:
+def trace_forward(model: DiffusionLM, moe_impl: str | None = None) -> fx.GraphModule:
     """torch.export of the full forward (dynamic batch and sequence), unlifted to a GraphModule whose
     parameters are the model's own tensors (shared, not copied).
 
     CUDA models are traced through a meta-device twin (same architecture and parameter names; the real
     parameters are bound afterwards and traced device constants retargeted), so tracing never runs real
-    kernels or allocates activations on the GPU. Checked on the H200 (torch 2.11): tokens equal eager."""
+    kernels or allocates activations on the GPU. Checked on the H200 (torch 2.11): tokens equal eager.
+    ``moe_impl``: the MoE forward traced (a key of ``dlc.models.llada_moe.MOE_IMPLS``; None: the model's
+    own, ``auto``, which traces ``stacked``); the model is back on ``auto`` afterwards."""
     dev = next(model.parameters()).device
     if dev.type != "cuda":
-        return _export_forward(model, dev)
+        if moe_impl is None:
+            return _export_forward(model, dev)
+        model.set_moe_impl(moe_impl)
+        try:
+            return _export_forward(model, dev)
+        finally:
+            model.set_moe_impl("auto")
     from dlc.models import build_model
     with torch.device("meta"):
         twin = build_model(model.config).to(next(model.parameters()).dtype).eval()
+    if moe_impl is not None:
+        twin.set_moe_impl(moe_impl)
     gm = _export_forward(twin, torch.device("meta"))
     real = dict(model.named_parameters())
     for name, _ in list(gm.named_parameters()):
@@ -79,7 +89,7 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None,
                  sparse_retention: float | None = None, logit_chunk: int = 0, logprobs: int = 0,
                  dump_after: str | None = None, dump=print, timings: dict | None = None, device: str = "cpu",
                  kernels: bool | None = None, decode_dtype: torch.dtype = torch.float64,
-                 kv_inplace: bool = True, extras: bool = False):
+                 kv_inplace: bool = True, extras: bool = False, moe_impl: str | None = None):
     """Trace + pass pipeline -> ({phase: GraphModule}, PassContext with rewrite counts, pass names).
 
     ``device`` is the build target's device kind ("cpu" or "cuda"): GPU targets lower to the dlc kernel ops
@@ -87,14 +97,15 @@ def build_phases(model: DiffusionLM, *, passes: list[str] | None = None,
     live anywhere: ``device="cuda"`` on a CPU model gives the GPU graph, runnable on CPU through the ops'
     references. GPU lowering also adds ``fuse_projections`` to the default pass list. ``kv_inplace``: the
     programs write K/V into the pool inputs (torch artifacts); False returns it (ONNX / TensorRT). The weights
-    the programs take as inputs are ``ctx.shared["weights"]`` (name -> tensor)."""
+    the programs take as inputs are ``ctx.shared["weights"]`` (name -> tensor). ``moe_impl``: the MoE forward
+    traced (``trace_forward``; the driver's ``traced_moe_impl`` picks it per target)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     names = select_passes(passes, sparse_retention, gpu=device == "cuda" if kernels is None else kernels,
                           block=bool(getattr(model.config, "block_diffusion", False)),
                           moe=bool(getattr(model.config, "is_moe", False)))
     t0 = time.perf_counter()
-    base = trace_forward(model)
+    base = trace_forward(model, moe_impl)
     t1 = time.perf_counter()
     ctx = PassContext(config=model.config, head_weight=head_weight(model),
                       logit_chunk=logit_chunk, logprobs=logprobs, sparse_retention=sparse_retention,

@@ -16,9 +16,28 @@ from .compiled import CompiledRunner
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_device(path: Path, m: dict, device) -> None:
+    """Refuse a GPU the programs cannot run on: a MoE engine traced with grouped GEMMs (``build.moe`` =
+    ``fused``: built for sm90 / sm100) on a CUDA GPU whose ``torch._grouped_mm`` would copy the expert offsets
+    to the host each call (no CUDA graph could hold it)."""
+    from dlc.models.llada_moe import GROUPED_MM_MAJORS
+
+    dev = torch.device(device)
+    if m.get("build", {}).get("moe") != "fused" or dev.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major not in GROUPED_MM_MAJORS:
+        target = m.get("target", {})
+        raise EngineError(f"{path}: built for {target.get('name')} ({target.get('arch')}) with grouped-GEMM "
+                          f"MoE programs, which need an sm90 / sm100 GPU; this one is sm_{major}{minor}. "
+                          f"Recompile for it: `dlc compile {m.get('source')} --target <this GPU>` (its MoE "
+                          "programs are then stacked)")
+
+
 def engine_runner(path, device="cpu") -> tuple[CompiledRunner, dict]:
     path = Path(path)
     m = load_manifest(path)
+    check_device(path, m, device)
     cfg = ModelConfig.from_dict(m["model"])
     phases, names = {}, {}
     for ph, spec in m["phases"].items():
