@@ -54,8 +54,9 @@ def build(preset: str, dev: str, dtype=torch.bfloat16):
 
 def run(model, B: int, args) -> dict:
     from dlc.runtime.session import Session
-    res = run_session(Session(eager_runner(model), None, model.config, False, "bench"), B, args)
-    return {"label": args.label, **res}
+    compile = {"default": None, "on": True, "off": False}[getattr(args, "compile", "default")]
+    res = run_session(Session(eager_runner(model), None, model.config, False, "bench"), B, args, compile)
+    return {"label": args.label, "compile": args.compile, **res}
 
 
 def run_session(session, B: int, args, compile: bool | None = None) -> dict:
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", default="default", choices=["default", "on", "off"],
+                   help="the blocks compiled (ServeConfig.compile; default: the serving default)")
     args = p.parse_args()
     model = build(args.preset, "cuda")
     for B in (int(b) for b in args.batches.split(",")):

@@ -157,6 +157,12 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def _exporting() -> bool:
+    """torch.export / ONNX / jit tracing: a program that must hold every op (``_tracing`` less Dynamo's
+    torch.compile, which keeps module state as inputs)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _weights_id(experts: nn.ModuleList):
     """Storage identity of the first and last experts' weights: changes when loading or ``.to()`` replaces
     them."""
@@ -199,10 +205,23 @@ def pack_experts(experts: Experts) -> None:
     experts.packed = (_weights_id(experts), (w_gu, w_down))
 
 
+def pack_model_experts(model: nn.Module) -> None:
+    """Pack every MoE block's experts now (``pack_experts``; skipped where the pack is current). The graph
+    runner calls it before compiling the blocks: compiled code reads the packs as they are."""
+    for m in model.modules():
+        if isinstance(m, Experts) and m[0].gate_proj.weight.device.type != "meta":
+            _packed(m)
+
+
 def _packed(experts: Experts):
     """(w_gu [E, 2H, d], w_down [E, H, d]): the packed tensors while the experts still point into them,
-    packing first in eager mode; inside a traced graph (or on the meta device) a plain stack of the
-    parameters."""
+    packing first in eager mode. Inside torch.compile (Dynamo) the existing pack as it is (module state: the
+    compiled code takes the tensors as inputs, no copy; ``pack_model_experts`` packs before compiling: a
+    check of the weights' storage cannot be compiled). While exporting (the engines' programs, whose
+    ``fold_weight_stacks`` pass computes the stack once at build), without a pack, or on the meta device: a
+    plain stack of the parameters."""
+    if torch.compiler.is_compiling() and not _exporting() and experts.packed is not None:
+        return experts.packed[1]
     if _tracing() or experts[0].gate_proj.weight.device.type == "meta":
         return _stack_experts(experts)
     if experts.packed is None or experts.packed[0] != _weights_id(experts):
@@ -240,9 +259,9 @@ def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
         return False
     if _tracing() and x.dtype != torch.bfloat16:
         return False                              # its fake-tensor (meta) kernel takes bf16 only
-    if x.device.type == "cuda":
+    if x.device.type == "cuda":             # (properties, not capability: Dynamo constant-folds them)
         return (x.dtype == torch.bfloat16 and E < 1024
-                and torch.cuda.get_device_capability(x.device)[0] in GROUPED_MM_MAJORS)
+                and torch.cuda.get_device_properties(x.device).major in GROUPED_MM_MAJORS)
     # a meta twin traced for a GPU target (dlc.compiler.export.trace_forward): the build checked the target
     return x.device.type == "cpu" or (x.device.type == "meta" and _tracing() and E < 1024)
 
@@ -294,7 +313,7 @@ def moe_auto(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.Mo
     ``torch._grouped_mm`` has its device kernel (bf16 on sm90 / sm100); ``stacked`` elsewhere: on the CPU,
     on other GPUs and dtypes (where fused would fall back to a loop over experts), and wherever the program
     is traced (torch.export / ONNX engines, torch.compile), whose graphs keep static, data-independent ops."""
-    if x.device.type == "cuda" and not _tracing() and grouped_mm_fits(x, _packed(experts)[1]):
+    if x.device.type == "cuda" and not _exporting() and grouped_mm_fits(x, _packed(experts)[1]):
         return moe_fused(x, w, idx, experts)
     return moe_stacked(x, w, idx, experts)
 

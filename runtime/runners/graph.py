@@ -340,6 +340,9 @@ class GraphRunner(EagerRunner):
         each bucket compiles once (slower warm-up) instead of failing at startup
         (tests/runtime/test_compile_buckets.py counts the compilations, so such a change fails there)."""
         import torch._dynamo
+
+        from dlc.models.llada_moe import pack_model_experts
+        pack_model_experts(self.model)           # MoE: compiled blocks read the packed experts as they are
         cfg = torch._dynamo.config
         need = 2 * len(self.buckets) + len(self.token_buckets) + 32
         if getattr(cfg, "recompile_limit", need) < need:

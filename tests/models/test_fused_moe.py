@@ -8,7 +8,7 @@ import torch
 from hf_layouts import HF_CONFIGS, HF_NAMES, random_tensors, write_checkpoint
 
 from dlc.models import build_model
-from dlc.models.llada_moe import Experts, _packed, expert_offsets, grouped_mm_fits
+from dlc.models.llada_moe import Experts, _packed, expert_offsets, grouped_mm_fits, pack_model_experts
 from dlc.models.loading import load_model, load_weights
 from dlc.models.presets import preset_config
 
@@ -205,6 +205,40 @@ def test_engine_with_fused_gives_dense_tokens():
     assert len({tuple(t) for t in solo}) == len(PROMPTS)
 
 
+def _compiled_ops(block, x):
+    """(output, names of the ops Dynamo traced) of ``torch.compile(block, fullgraph=True)`` on x."""
+    ops = []
+
+    def backend(gm, example):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+    with torch.no_grad():
+        return torch.compile(block, fullgraph=True, backend=backend)(x), ops
+
+
+@pytest.mark.parametrize("family", ["llada_moe", "llada2_moe"])
+def test_compiled_blocks_read_the_packed_experts_without_copying(family):
+    """torch.compile (the graph runner's compiled blocks) of a MoE block takes the experts' packed tensors as
+    they are (module state, no stack or cat of the weights each forward) once ``pack_model_experts`` has
+    packed them, and computes eager's output; unpacked (nothing to read yet) it stacks, as before."""
+    model = load_model({"llada_moe": "tiny-llada-moe", "llada2_moe": "tiny-llada2"}[family], seed=2,
+                       dtype=torch.bfloat16).model
+    block = _moe_blocks(model)[0]
+    block.impl = "fused"
+    x = torch.randn(2, 7, model.config.d_model, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    torch._dynamo.reset()
+    _, unpacked = _compiled_ops(block, x)
+    assert any("stack" in o for o in unpacked)
+    pack_model_experts(model)
+    with torch.no_grad():
+        ref = block(x)
+    torch._dynamo.reset()
+    out, ops = _compiled_ops(block, x)
+    assert not [o for o in ops if "stack" in o or "cat" in o]
+    assert sum("_grouped_mm" in o for o in ops) == 2
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 # --- GPU ----------------------------------------------------------------------------------------------------
 
 def _gpu_block():
@@ -257,3 +291,22 @@ def test_fused_bf16_on_gpu_matches_dense_and_replays_in_a_cuda_graph():
         torch.testing.assert_close(static_out, eager, rtol=1e-2, atol=1e-2)
         assert not torch.allclose(static_out, out, rtol=1e-2, atol=1e-2)   # the replay used the new input
     del block.impl
+
+
+@pytest.mark.gpu
+def test_compiled_block_on_gpu_runs_the_grouped_gemm_on_the_packed_experts():
+    """On sm90 / sm100 in bf16 the default forward (``auto``) inside torch.compile is the grouped GEMM over
+    the packed experts (no stack of the weights), as in eager mode, and equals eager."""
+    block, cfg = _gpu_block()
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("torch._grouped_mm's bf16 kernel needs sm90 / sm100")
+    block = block.to(torch.bfloat16)
+    pack_model_experts(block)
+    xb = torch.randn(4, 32, cfg.d_model, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        ref = block(xb)
+    torch._dynamo.reset()
+    out, ops = _compiled_ops(block, xb)
+    assert not [o for o in ops if "stack" in o or "cat" in o]
+    assert sum("_grouped_mm" in o for o in ops) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
