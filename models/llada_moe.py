@@ -38,6 +38,8 @@ re-pointed once into two packed tensors (``pack_experts``: gate+up [E, 2H, d], d
 same names in the state dict, no extra memory); while tracing, the stacking is part of the graph."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,10 +159,26 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+_PROGRAM_TRACE = [False]       # set while dlc.compiler.export traces an engine's programs (program_trace)
+
+
+@contextlib.contextmanager
+def program_trace():
+    """While dlc.compiler traces an engine's programs: the experts' weights enter the graph as a stack of the
+    parameters (``fold_weight_stacks`` computes it once at build), never as a pack made before. A flag of
+    our own: inside torch.compile, torch 2.11's ``torch.compiler.is_exporting()`` is True as well (seen on
+    the H200 image), so torch's predicates cannot tell an export from a compiled block."""
+    old, _PROGRAM_TRACE[0] = _PROGRAM_TRACE[0], True
+    try:
+        yield
+    finally:
+        _PROGRAM_TRACE[0] = old
+
+
 def _exporting() -> bool:
-    """torch.export / ONNX / jit tracing: a program that must hold every op (``_tracing`` less Dynamo's
-    torch.compile, which keeps module state as inputs)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """A program that must hold every op (an engine's trace, ONNX, jit tracing): ``_tracing`` less Dynamo's
+    torch.compile of the blocks, which keeps module state (the packed experts) as inputs."""
+    return _PROGRAM_TRACE[0] or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _weights_id(experts: nn.ModuleList):

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from dlc.models.common import DiffusionLM
+from dlc.models.llada_moe import program_trace
 from dlc.passes.graph_utils import remove_guard_calls
 from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
 
@@ -71,8 +72,9 @@ def _export_forward(model: DiffusionLM, dev) -> fx.GraphModule:
     b, l = torch.export.Dim("B", min=1), torch.export.Dim("L", min=2)
     dyn = ({0: b, 1: l},) * 3
     # deferred runtime asserts: torch 2.11 emits stride guards (min(16 L, 32 L) == 16 L) it cannot prove
-    ep = torch.export.export(_Forward(model).eval(), (ids, pos, km), dynamic_shapes=dyn, strict=False,
-                             prefer_deferred_runtime_asserts_over_guards=True)
+    with program_trace():
+        ep = torch.export.export(_Forward(model).eval(), (ids, pos, km), dynamic_shapes=dyn, strict=False,
+                                 prefer_deferred_runtime_asserts_over_guards=True)
     gm = ep.module()
     remove_guard_calls(gm)
     gm.graph.eliminate_dead_code()
