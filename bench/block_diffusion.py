@@ -8,8 +8,8 @@ Schedule: LLaDA2.0's ``generate`` (``decoder llada2``): prompt ``--prompt`` (all
 block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, threshold ``--threshold``, greedy.
 
 * dlc (``--runner graphs``, the default on a GPU): the served path, ``dlc.runtime.Engine`` over the
-  CUDA-graph runner (``--compile``: its blocks compiled, as ``dlc serve --compile`` does; off by default, as
-  ``dlc serve``'s default for MoE models: compiled MoE blocks re-stack the experts every forward) and 16
+  CUDA-graph runner (``--compile``: its blocks compiled, ``dlc serve``'s default on CUDA; off by default
+  here, as the rows measured before compiled MoE blocks kept the packed experts) and 16
   Reuse steps run ahead (the exact block KV cache, ``kv_cache
   block``: the prompt's complete blocks prefilled once, each step feeds the current block, the finished
   block's K/V written in the next block's first forward; every step replayed, bench/block_cost.py's

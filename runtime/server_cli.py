@@ -64,7 +64,7 @@ def _options(f):
                           "GPU: Triton selected-row logits; exact: float64]"),
         click.option("--compile/--no-compile", default=None,
                      help="torch.compile each block of the CUDA-graph runner, or an export engine's "
-                          "phase programs (Inductor at load) [on on CUDA; blocks of MoE models: off]"),
+                          "phase programs (Inductor at load) [on on CUDA]"),
         click.option("--mix-iterations", default=None, type=click.Choice(MIX_ITERATIONS),
                      help="a mixed iteration (Refresh beside Reuse rows) on the CUDA-graph runner: two "
                           "calls, one eager ragged forward, one packed forward through the compiled "

@@ -100,3 +100,17 @@ def test_a_fused_engine_refuses_a_gpu_without_the_device_grouped_gemm(monkeypatc
     check_device(tmp_path, {**m, "build": {"moe": "stacked"}}, "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
     check_device(tmp_path, m, "cuda")
+
+
+def test_an_engine_trace_of_a_packed_model_stacks_the_parameters():
+    """A model whose experts were packed (any eager forward, the graph runner before compiling) still
+    traces its experts as a stack of its parameters (program_trace), which fold_weight_stacks computes once
+    at build; without the flag torch.export (which counts as compiling) would read the packs made before."""
+    from dlc.models.llada_moe import pack_model_experts
+    model = load_model("tiny-llada-moe", seed=2).model
+    pack_model_experts(model)
+    gm = trace_forward(model)
+    assert count_ops(gm, STACK) == 3 * model.config.n_layers          # gate, up, down of every layer
+    phases = run_pipeline(gm, PassContext(config=model.config, kv_inplace=False), ["fold_weight_stacks",
+                                                                                   "cache_kv_reuse"])
+    assert count_ops(phases["refresh"], STACK) == 0

@@ -56,20 +56,17 @@ def test_generate_cli_flags():
     assert "Traceback" not in p.stderr
 
 
-def test_compiled_blocks_default_is_off_for_moe_models(monkeypatch):
-    """Compiled blocks are the CUDA default for dense models only: a MoE block under torch.compile re-stacks
-    every expert's weights each forward (the eager packing cannot be kept), so MoE models keep the
-    uncompiled blocks (their grouped GEMM replayed in the graphs) unless --compile is given."""
-    from dlc.models.presets import preset_config
+def test_compiled_blocks_are_the_cuda_default_moe_models_included(monkeypatch):
+    """Compiled blocks are the CUDA default for every model: compiled MoE blocks read the packed experts
+    (tests/models/test_fused_moe.py), and the graph runner packs them before it compiles."""
     from dlc.runtime import engine as E
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert E.compiled_blocks_default(cuda, preset_config("llada-8b"))
-    for moe in ("llada-moe-7b", "llada2-mini", "sdar-30b-a3b"):
-        assert not E.compiled_blocks_default(cuda, preset_config(moe))
-    assert not E.compiled_blocks_default(cpu, preset_config("llada-8b"))
+    assert E.compiled_blocks_default(torch.device("cuda"))
+    assert not E.compiled_blocks_default(torch.device("cpu"))
     seen = []                                   # graph_runner_for asks it (a CPU model, graphs forced on)
-    monkeypatch.setattr(E, "compiled_blocks_default", lambda dev, cfg: seen.append(cfg.is_moe) or True)
+    monkeypatch.setattr(E, "compiled_blocks_default", lambda dev: seen.append(dev.type) or True)
     moe = open_model("tiny-llada-moe", progress=False).runner
     gr = E.graph_runner_for(moe, cuda_graphs=True)
-    assert seen == [True] and gr.compiled
+    assert seen == ["cpu"] and gr.compiled
+    blocks = [m for m in moe.model.modules() if type(m).__name__ == "Experts"]
+    assert blocks and all(b.packed is not None for b in blocks)      # packed before the blocks compiled
     assert not E.graph_runner_for(moe, cuda_graphs=True, compile=False).compiled
