@@ -46,7 +46,8 @@ class Row:
 
     def markdown(self) -> str:
         s = self.section
-        return f"| {self.result} | {self.path} | {s.gpu} | {s.date} | `bench/{self.script or s.script}.py` |"
+        script = self.script or s.script.split(":")[0]
+        return f"| {self.result} | {self.path} | {s.gpu} | {s.date} | `bench/{script}.py` |"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -87,8 +88,8 @@ def parse_sections(text: str) -> list[Section]:
 
 def new_section(heading: str, order: int) -> Section | None:
     """``What: GPU, 2026-11-27 (bench/x.py, issue 13)`` or ``What: GPU (bench/x.py)``; None without a
-    bench script."""
-    m = re.search(r"\(bench/(\w+)\.py", heading)
+    bench script. ``(bench/x.py --preset P, ...)``: a run of x on another model, its own entry ``x:P``."""
+    m = re.search(r"\(bench/(\w+)\.py(?: --preset ([\w.-]+))?", heading)
     if not m:
         return None
     head = heading[:m.start()].strip()
@@ -96,7 +97,8 @@ def new_section(heading: str, order: int) -> Section | None:
     gpu, _, date = rest.rpartition(",") if re.search(r",\s*\d{4}-", rest) else (rest, "", "")
     d = re.match(r"(\d{4}-\d{2}-\d{2})\s+(\d{1,2}:\d{2})", date.strip())      # "2026-11-28 22:20": split
     day, time = (d.group(1), d.group(2)) if d else (date.strip(), "")
-    return Section(title.strip(), m.group(1), gpu.strip() or "-", day, time, order)
+    script = m.group(1) + (f":{m.group(2)}" if m.group(2) else "")
+    return Section(title.strip(), script, gpu.strip() or "-", day, time, order)
 
 
 def latest(sections: list[Section]) -> dict[str, Section]:
@@ -279,10 +281,33 @@ def engine_rule_cost(s: Section) -> list[tuple]:
     return rows
 
 
+def moe_engine_bench(s: Section) -> list[tuple]:
+    """LLaDA-MoE-7B: the engine with the grouped-GEMM MoE vs the runtime path (first table), and the
+    runtime's compiled blocks over the packed experts vs uncompiled (second table, bench/engine_path.py)."""
+    t = s.tables[0]
+    parts = []
+    for b in ("1", "32"):
+        r = find(t, **{"engine moe forward": "fused", "b": b})
+        parts.append(f"{r['engine tok/s']} vs {r['runtime tok/s (uncompiled blocks)']} tok/s = "
+                     f"{r['engine / runtime']} (batch {b})")
+    rows = [("LLaDA-MoE-7B shape end to end, engine vs runtime graph path (uncompiled blocks): "
+             + ", ".join(parts),
+             "compiled engine (export, grouped-GEMM MoE, Inductor at load, CUDA graphs)")]
+    if len(s.tables) > 1:
+        t2 = s.tables[1]
+        now = find(t2, **{"runtime blocks": "compiled, packed"})
+        before = find(t2, **{"runtime blocks": "uncompiled"})
+        rows.append((f"LLaDA-MoE-7B shape, compiled blocks over the packed experts vs uncompiled: "
+                     f"{now['b = 1 tok/s']} vs {before['b = 1 tok/s']} (batch 1), {now['b = 32 tok/s']} vs "
+                     f"{before['b = 32 tok/s']} tok/s (batch 32)",
+                     "runtime graph path (Engine + GraphRunner)", "engine_path"))
+    return rows
+
+
 EXTRACTORS = {"gpu_bench": gpu_bench, "engine_bench": engine_bench, "serve_pace": serve_pace,
               "tp_bench": tp_bench, "serve_bench": serve_bench, "batch_invariance": batch_invariance,
               "head_sparse": head_sparse, "block_diffusion": block_diffusion, "block_cost": block_cost,
-              "engine_rule_cost": engine_rule_cost}
+              "engine_rule_cost": engine_rule_cost, "engine_bench:llada-moe-7b": moe_engine_bench}
 
 
 def highlight_rows(text: str, notes: list[str] | None = None) -> list[Row]:

@@ -118,3 +118,32 @@ def test_rule_cost_rows_name_the_engine_and_the_runtime_path(hl):
     assert rows[0].endswith("| H200 | 2026-11-29 | `bench/engine_rule_cost.py` |")
     assert ("batch 1: credit +3.1%; batch 32: credit +0.7%, logprobs +0.9% | runtime graph path" in rows[1]
             and rows[1].endswith("`bench/rule_cost.py` |"))
+
+
+MOE = """
+## Engine at 8B: H200, 2026-11-27 (bench/engine_bench.py, issue 13)
+
+| path | B | tok/s | s | ratio to runtime |
+|---|---|---|---|---|
+| engine | 1 | 135.1 | 1.9 | 1.033 |
+| runtime | 1 | 130.7 | 2.0 | 1.000 |
+| engine | 32 | 678.0 | 12.1 | 1.001 |
+| runtime | 32 | 677.6 | 12.1 | 1.000 |
+
+## MoE engines: H200, 2026-11-29 08:13 (bench/engine_bench.py --preset llada-moe-7b, bench/engine_path.py)
+
+| engine MoE forward | B | engine tok/s | runtime tok/s (uncompiled blocks) | engine / runtime |
+|---|---|---|---|---|
+| stacked (before) | 1 | 198.7 | 139.5 | 1.424 |
+| **fused (now)** | 1 | **251.1** | 137.4 | **1.828** |
+| fused (now) | 32 | 1584.8 | 1212.8 | 1.307 |
+"""
+
+
+def test_a_preset_run_of_a_bench_is_its_own_entry(hl):
+    """``(bench/x.py --preset P`` sections are x:P: the MoE engine run does not hide the 8B engine row."""
+    rows = [r.markdown() for r in hl.highlight_rows(MOE)]
+    assert len(rows) == 2
+    assert "135.1 vs 130.7 tok/s" in rows[0] and "`bench/engine_bench.py` |" in rows[0]
+    assert rows[1].startswith("| LLaDA-MoE-7B shape end to end") and "251.1 vs 137.4 tok/s = 1.828 (batch 1)" \
+        in rows[1] and "| H200 | 2026-11-29 | `bench/engine_bench.py` |" in rows[1]
