@@ -216,6 +216,17 @@ def _compiled_ops(block, x):
         return torch.compile(block, fullgraph=True, backend=backend)(x), ops
 
 
+def _compiled_reads_packs_and_equals_eager(block, x, **tol):
+    """The compiled block: no stack / cat of the weights, its two grouped GEMMs, eager's output."""
+    with torch.no_grad():
+        ref = block(x)
+    torch._dynamo.reset()
+    out, ops = _compiled_ops(block, x)
+    assert not [o for o in ops if "stack" in o or "cat" in o]
+    assert sum("_grouped_mm" in o for o in ops) == 2
+    torch.testing.assert_close(out, ref, **tol)
+
+
 @pytest.mark.parametrize("family", ["llada_moe", "llada2_moe"])
 def test_compiled_blocks_read_the_packed_experts_without_copying(family):
     """torch.compile (the graph runner's compiled blocks) of a MoE block takes the experts' packed tensors as
@@ -230,13 +241,7 @@ def test_compiled_blocks_read_the_packed_experts_without_copying(family):
     _, unpacked = _compiled_ops(block, x)
     assert any("stack" in o for o in unpacked)
     pack_model_experts(model)
-    with torch.no_grad():
-        ref = block(x)
-    torch._dynamo.reset()
-    out, ops = _compiled_ops(block, x)
-    assert not [o for o in ops if "stack" in o or "cat" in o]
-    assert sum("_grouped_mm" in o for o in ops) == 2
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _compiled_reads_packs_and_equals_eager(block, x, rtol=0, atol=0)
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------
@@ -303,10 +308,4 @@ def test_compiled_block_on_gpu_runs_the_grouped_gemm_on_the_packed_experts():
     block = block.to(torch.bfloat16)
     pack_model_experts(block)
     xb = torch.randn(4, 32, cfg.d_model, device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        ref = block(xb)
-    torch._dynamo.reset()
-    out, ops = _compiled_ops(block, xb)
-    assert not [o for o in ops if "stack" in o or "cat" in o]
-    assert sum("_grouped_mm" in o for o in ops) == 2
-    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    _compiled_reads_packs_and_equals_eager(block, xb, rtol=1e-2, atol=1e-2)
