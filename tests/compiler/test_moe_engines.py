@@ -87,7 +87,8 @@ def test_dry_run_for_an_sm90_target_traces_the_fused_forward_on_meta():
         twin = build_model(moe_config()).to(torch.bfloat16).eval()
     assert count_ops(trace_forward(twin, "fused"), GROUPED) == 2 * twin.config.n_layers
     for target, want in (("h100", "fused"), ("rtx4090", "stacked")):
-        res = compile_model("tiny-llada-moe", target, None, backend="export", dry_run=True, echo=lambda s: None)
+        res = compile_model("tiny-llada-moe", target, None, backend="export", dry_run=True,
+                            echo=lambda line: None)
         assert res["moe"] == want
 
 
