@@ -224,11 +224,13 @@ def pack_experts(experts: Experts) -> None:
 
 
 def pack_model_experts(model: nn.Module) -> None:
-    """Pack every MoE block's experts now (``pack_experts``; skipped where the pack is current). The graph
+    """Pack every MoE block's experts now (``pack_experts``; skipped where the pack is current), the
+    expert-parallel shards' local experts too (a compute view held outside the module tree). The graph
     runner calls it before compiling the blocks: compiled code reads the packs as they are."""
     for m in model.modules():
-        if isinstance(m, Experts) and m[0].gate_proj.weight.device.type != "meta":
-            _packed(m)
+        for e in (m, m.__dict__.get("_local")):
+            if isinstance(e, Experts) and e[0].gate_proj.weight.device.type != "meta":
+                _packed(e)
 
 
 def _packed(experts: Experts):

@@ -244,6 +244,19 @@ def test_compiled_blocks_read_the_packed_experts_without_copying(family):
     _compiled_reads_packs_and_equals_eager(block, x, rtol=0, atol=0)
 
 
+def test_compiled_expert_parallel_shard_reads_its_packed_local_experts():
+    """An expert-parallel shard (rank 0 of 2) holds its experts' compute view outside the module tree; the
+    graph runner's packing reaches it, so its compiled block reads the packs too."""
+    from dlc.models.expert_parallel import shard_moe_layer
+    model = load_model("tiny-llada-moe", seed=2, dtype=torch.bfloat16).model
+    shard = shard_moe_layer(_moe_blocks(model)[0], 0, 2, None)
+    shard.impl = "fused"
+    shard.combine = lambda y: y                       # one process: this rank's share, no all-reduce
+    x = torch.randn(2, 7, model.config.d_model, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    pack_model_experts(shard)
+    _compiled_reads_packs_and_equals_eager(shard, x, rtol=0, atol=0)
+
+
 # --- GPU ----------------------------------------------------------------------------------------------------
 
 def _gpu_block():
