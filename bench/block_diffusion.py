@@ -8,8 +8,8 @@ Schedule: LLaDA2.0's ``generate`` (``decoder llada2``): prompt ``--prompt`` (all
 block alignment is common), gen ``--gen``, block 32, ``--steps`` per block, threshold ``--threshold``, greedy.
 
 * dlc (``--runner graphs``, the default on a GPU): the served path, ``dlc.runtime.Engine`` over the
-  CUDA-graph runner (``--compile``: its blocks compiled, ``dlc serve``'s default on CUDA; off by default
-  here, as the rows measured before compiled MoE blocks kept the packed experts) and 16
+  CUDA-graph runner (its blocks compiled as ``dlc serve`` does by default on CUDA; ``--no-compile``: not,
+  as the rows measured before compiled MoE blocks kept the packed experts) and 16
   Reuse steps run ahead (the exact block KV cache, ``kv_cache
   block``: the prompt's complete blocks prefilled once, each step feeds the current block, the finished
   block's K/V written in the next block's first forward; every step replayed, bench/block_cost.py's
@@ -295,8 +295,9 @@ def main():
     ap.add_argument("--time-limit", type=float, default=540.0,
                     help="seconds after start: no forward starts later; the table is printed anyway")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny-llada2 preset, small shapes (tests)")
-    ap.add_argument("--compile", action="store_true",
-                    help="--runner graphs: compile the graph runner's blocks")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="--runner graphs: compile the graph runner's blocks (default: dlc serve's, on on "
+                         "CUDA)")
     ap.add_argument("--runner", choices=("graphs", "eager"), default=None,
                     help="dlc's path: the served Engine on the CUDA-graph runner (default on a GPU) or "
                          "generate() over the eager runner (default with --smoke)")
