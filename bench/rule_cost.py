@@ -32,7 +32,8 @@ the total against the 3% target. Rows:
 
 ``--path engine`` measures the served cost instead (issues 15 / 18): one request set of B requests per rule
 through ``dlc.runtime.Engine`` with the graph runner (compiled blocks on CUDA, as ``dlc serve``; runs before
-2026-11-29 timed it without: ``--no-compile``) and ``--lookahead`` steps run ahead (the serving default, 16), every rule's set run once per iteration, interleaved, the order reversed every other iteration; per rule
+2026-11-29 timed it without: ``--no-compile``) and ``--lookahead`` steps run ahead (the serving default,
+16), every rule's set run once per iteration, interleaved, the order reversed every other iteration; per rule
 the median seconds per forward (the set's wall time / its mean forwards per request), its ratio to
 low-confidence, tokens per forward, steps run ahead (``ahead`` replays / all Reuse replays) and the steps the
 core dropped (of those: launched after the row's block had completed). On random weights a threshold rule

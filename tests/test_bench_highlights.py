@@ -114,7 +114,8 @@ def test_rule_cost_rows_name_the_engine_and_the_runtime_path(hl):
 """
     rows = [r.markdown() for r in hl.highlight_rows(text)]
     assert rows[0].startswith("| decoding rules' cost a forward vs low-confidence at batch 1 (target < 3%): "
-                              "entropy +3.8%, credit +4.5%, logprobs +3.2%, smoothing +7.0% | compiled engine")
+                              "entropy +3.8%, credit +4.5%, logprobs +3.2%, smoothing +7.0% | "
+                              "compiled engine")
     assert rows[0].endswith("| H200 | 2026-11-29 | `bench/engine_rule_cost.py` |")
     assert ("batch 1: credit +3.1%; batch 32: credit +0.7%, logprobs +0.9% | runtime graph path" in rows[1]
             and rows[1].endswith("`bench/rule_cost.py` |"))

@@ -86,7 +86,8 @@ def test_two_processes_asking_at_once_build_once(tmp_path):
     """Two xdist workers asking for one engine at the same time: the second waits for the first's build (the
     file lock) and gets its directory."""
     cmd = [sys.executable, "-c", WORKER, str(HERE), str(tmp_path)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     assert (tmp_path / "builds.log").read_text() == "dlc-tiny aoti\n"

@@ -72,7 +72,8 @@ def kernel_level(dev: str, dtype: torch.dtype, params: dict, temp_tensor: bool) 
     if tok_diff or bool((mask_diff > 0).any()):
         r = (mask_diff > 0).nonzero()[0].tolist() if bool((mask_diff > 0).any()) else \
             (a["tokens"] != b["tokens"]).nonzero()[0].tolist()
-        print(f"   row {r}: sort keeps {int(ms[r[0], r[1]].sum())}, bisect keeps {int(mb[r[0], r[1]].sum())}, "
+        print(f"   row {r}: sort keeps {int(ms[r[0], r[1]].sum())}, "
+              f"bisect keeps {int(mb[r[0], r[1]].sum())}, "
               f"tokens {int(a['tokens'][r[0], r[1]])} vs {int(b['tokens'][r[0], r[1]])}", flush=True)
 
 

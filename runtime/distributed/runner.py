@@ -197,7 +197,8 @@ class TensorParallelRunner:
         """step.LookaheadRunner: the workers run the same steps ahead (the same commits on the device: every
         rank's combine ends with the same tokens, entropy and logprobs, and each rank rebuilds the core's
         ``commit`` from the rules the AHEAD frame carries), so their fed ids stay equal to rank 0's. A
-        sampled run's per-step ``seeds`` travel as the frame's columns after the counts (``ahead_columns``)."""
+        sampled run's per-step ``seeds`` travel as the frame's columns after the counts
+        (``ahead_columns``)."""
         words = encode_commit(commit)
         if commit is not None and words is None:
             raise ValueError("tensor parallel: this commit cannot run ahead on every rank "

@@ -6,7 +6,8 @@ are committed on the device into the static fed ids (``decoding.commit_ahead``),
 and the step's candidates, confidences and committed block are copied back to the host as the step ends
 (``AheadSteps``: one event per step on CUDA), so the host applies step s while the device runs the later
 ones. Sampled runs (T > 0) copy each step's seeds (``step.ahead_seeds``, on the device) into the runner's
-static seeds before its launch. A run goes on from where its last launch left the device (``AheadRun.steps``: no restaging), which the
+static seeds before its launch. A run goes on from where its last launch left the device
+(``AheadRun.steps``: no restaging), which the
 engine uses to keep a window of steps in flight (``step.LookaheadRunner.continue_ahead``).
 
 Rules beyond low-confidence: the run takes the decoding core's ``AheadCommit`` (``commit``), which selects

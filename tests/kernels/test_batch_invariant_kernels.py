@@ -1,4 +1,5 @@
-"""The batch-invariant mode's kernels under TRITON_INTERPRET=1 on CPU (skipped where Triton is missing or older than 3.9):
+"""The batch-invariant mode's kernels under TRITON_INTERPRET=1 on CPU (skipped where Triton is missing or
+older than 3.9):
 a row's result is bitwise identical whatever batch it is computed in (invariant_check.py says what each
 check computes); one subprocess per check (the variable must be set before Triton is imported)."""
 import os

@@ -19,7 +19,8 @@ REL_BF16 = 1e-2            # bf16 P@V, fp32 accumulation vs float32 reference on
 
 
 def _run_interpreted(code: str) -> None:
-    """Run ``code`` (which prints interpret-ok) in a subprocess under TRITON_INTERPRET=1 with a random seed."""
+    """Run ``code`` (which prints interpret-ok) in a subprocess under TRITON_INTERPRET=1 with a random
+    seed."""
     seed = str(int.from_bytes(os.urandom(2), "little"))
     r = subprocess.run([sys.executable, "-c", code, seed], env=dict(os.environ, TRITON_INTERPRET="1"),
                        capture_output=True, text=True, timeout=300)

@@ -1,7 +1,8 @@
 """Every decoding rule tensor parallelism serves runs its Reuse steps ahead on every rank (issues 18,
 15, 16), sampled steps too (each step's seeds travel with the frames; block decoders' tempered draws,
 filtered or not): threshold, factor, hierarchical, entropy-bound and logprobs rows commit on each rank's
-device with the decoding core's ``AheadCommit``, which each worker rebuilds from the rules the AHEAD frame carries
+device with the decoding core's ``AheadCommit``, which each worker rebuilds from the rules the AHEAD frame
+carries
 (runtime/distributed/ahead_rules.py); the vocab-parallel combine gives every rank the same tokens,
 confidences, entropies and logprobs, so every rank commits the same block and the ranks stay in lockstep
 with no collective of their own. Credit and smoothing run ahead too: the frame carries each row's credit
@@ -146,7 +147,8 @@ def test_sampled_block_steps_replay_on_every_rank(pair, filters):
 
 @pytest.mark.parametrize("pair", ["sdar"], indirect=True)
 @pytest.mark.parametrize("extras", [dict(credit=True, smoothing=True, logprobs=1),
-                                    dict(threshold=None, entropy_bound=0.5)], ids=["credit_smooth_lp", "entropy"])
+                                    dict(threshold=None, entropy_bound=0.5)],
+                         ids=["credit_smooth_lp", "entropy"])
 def test_block_rule_extras_replay_on_every_rank(pair, extras):
     """Block decoders with the rules' extras (credit, smoothing, logprobs; entropy-bound): every rank replays
     every step, a block's first step as rows per block, run ahead and one step at a time; tokens and

@@ -80,7 +80,8 @@ def test_new_rules_over_blocks_within_two_points_and_the_best_is_reported(sessio
         for kv in ("block", "none"):
             r = evaluate(session, block_rule_config(name, kv), n=N, batch_size=N)
             outs[name, kv] = [c[1] for c in r.completions]
-            rows.append({"setting": f"{name} {kv}", "delta": 100 * (r.accuracy - exact.accuracy), "tpf": r.tpf})
+            rows.append({"setting": f"{name} {kv}", "delta": 100 * (r.accuracy - exact.accuracy),
+                         "tpf": r.tpf})
     assert all(r["delta"] >= -100 * MAX_DROP for r in rows), rows
     assert all(outs[name, "block"] == outs[name, "none"] for name in BLOCK_RULES)     # the cache is exact
     best = best_rule(rows)
