@@ -171,16 +171,22 @@ def time_rules(runner, B, names, args) -> dict:
             time_step(runner, states[n], slots, pool, clock)
     samples = {n: [] for n in names}
     for it in range(args.iters):
+        t_it = time.perf_counter()
         for n in (names if it % 2 == 0 else names[::-1]):
             e0 = stats.get("eager_reuse", 0)
             samples[n].append(time_step(runner, states[n], slots, pool, clock))
             eager[n] += stats.get("eager_reuse", 0) - e0
+        if out_of_time(args, time.perf_counter() - t_it):
+            break
     res = {}
     for n in names:
         res[n] = {k: statistics.median(s[k] for s in samples[n]) for k in samples[n][0]}
         if "eager_reuse" in stats:             # graph runner: Reuse steps of this rule that ran eagerly
             res[n]["eager_reuse"] = eager[n]
     return res
+
+
+START = time.perf_counter()        # --time-limit counts from here (the model build included)
 
 
 def main():
@@ -194,6 +200,9 @@ def main():
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds from the start: no iteration (every rule once) starts that would end later; "
+                         "the table prints with the iterations done (sets per row in the JSON)")
     ap.add_argument("--rules", default=",".join(RULES), help="comma-separated names of RULES")
     ap.add_argument("--runners", default="graph", help="comma-separated: graph, eager")
     ap.add_argument("--graph-decode", default=None, choices=["fused", "exact"],
@@ -370,9 +379,13 @@ def engine_rules(model, B: int, names: list, args) -> dict:
             serve_set(eng, prompts, params[n], clock)
     samples = {n: [] for n in names}
     for it in range(args.iters):
+        t_it = time.perf_counter()
         for n in (names if it % 2 == 0 else names[::-1]):
             samples[n].append(serve_set(eng, prompts, params[n], clock))
             print(f"[engine] B={B} iter {it} {n}: {json.dumps(samples[n][-1])}", file=sys.stderr, flush=True)
+        if out_of_time(args, time.perf_counter() - t_it):
+            print(f"[engine] B={B}: --time-limit: {it + 1} of {args.iters} sets", file=sys.stderr, flush=True)
+            break
     res = {}
     for n in names:
         sm = samples[n]
@@ -381,8 +394,15 @@ def engine_rules(model, B: int, names: list, args) -> dict:
                   "forwards": statistics.median(x["forwards"] for x in sm),
                   "ahead_share": sum(x["ahead"] for x in sm) / max(1, sum(x["replays"] for x in sm)),
                   "dropped": sum(x["dropped"] for x in sm) / len(sm),
-                  "past_block": sum(x["past_block"] for x in sm) / len(sm)}
+                  "past_block": sum(x["past_block"] for x in sm) / len(sm), "sets": len(sm)}
     return res
+
+
+def out_of_time(args, last_iteration_s: float) -> bool:
+    """Whether another iteration (every rule once) would end past ``--time-limit`` seconds from the start:
+    the run stops with whole iterations, so the interleaving stays balanced and the table still prints."""
+    limit = getattr(args, "time_limit", None)
+    return limit is not None and time.perf_counter() - START + last_iteration_s > limit
 
 
 def engine_main(model, names: list, args) -> None:
@@ -403,8 +423,10 @@ def engine_main(model, names: list, args) -> None:
                    "vs": round(res[n]["s_per_forward"] / base - 1, 4)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    sets = sorted({r["sets"] for r in rows})
     print(f"\nserved cost per forward (Engine, lookahead {args.lookahead}"
-          f"{', paced ' + args.paced if args.paced else ''}); medians over {args.iters} interleaved sets; "
+          f"{', paced ' + args.paced if args.paced else ''}); medians over {'/'.join(map(str, sets))} "
+          f"interleaved sets (of {args.iters} asked; per B); "
           f"ahead = share of Reuse steps run ahead; dropped (past block) = steps the core dropped per set")
     print("\n| B | rule | ms / forward | vs low-conf | tokens / forward | ahead | dropped (past block) |")
     print("|---|---|---|---|---|---|---|")

@@ -144,3 +144,19 @@ def test_rule_cost_smoke_times_every_rule_on_the_graph_runner():
     assert all(r["runner"] == "graph" and r["eager_reuse"] == 0 for r in rows)
     assert {r["target"] for r in rows} <= {"PASS", "MISS"}
     assert "| runner | B | rule |" in out.stdout
+
+
+@pytest.mark.parametrize("limit,sets", [("0", 1), ("600", 3)])
+def test_rule_cost_engine_path_stops_whole_iterations_at_its_time_limit(limit, sets):
+    """bench/rule_cost.py --path engine --time-limit: no iteration starts that would end past the limit (a
+    spent limit: one iteration), and the table still closes the log with the sets it has."""
+    args = ["--path", "engine", "--preset", "tiny-llada", "--device", "cpu", "--dtype", "fp32",
+            "--batches", "1", "--prompt", "8", "--gen", "16", "--block", "8", "--iters", "3", "--warmup", "1",
+            "--rules", "low_confidence,threshold 0.9", "--time-limit", limit]
+    out = subprocess.run([sys.executable, str(BENCH / "rule_cost.py"), *args], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"B"')]
+    assert [(r["rule"], r["sets"]) for r in rows] == [("low_confidence", sets), ("threshold 0.9", sets)]
+    assert f"medians over {sets} interleaved sets (of 3 asked" in out.stdout
+    assert out.stdout.rstrip().endswith("|")
