@@ -539,6 +539,11 @@ class DiffusionLM(nn.Module):
 
     config: ModelConfig
 
+    def set_moe_impl(self, impl: str) -> None:
+        """Every MoE block runs ``impl`` (a key of ``dlc.models.llada_moe.MOE_IMPLS``; dense models: none)."""
+        from .llada_moe import set_moe_impl
+        set_moe_impl(self, impl)
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
                 return_kv: bool = False, embed_add: torch.Tensor | None = None):

@@ -240,9 +240,4 @@ class LLaDA2MoeModel(DiffusionLM):
     norm = property(lambda self: self.model.norm)
     head = property(lambda self: self.lm_head)
 
-    def set_moe_impl(self, impl: str) -> None:
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, MoEBlock):
-                layer.mlp.impl = impl
+

@@ -342,6 +342,34 @@ MOE_IMPLS = {"auto": moe_auto, "fused": moe_fused, "stacked": moe_stacked, "dens
              "grouped": moe_grouped}
 
 
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's MoE blocks (every family's, and expert-parallel shards): modules with experts and an
+    ``impl`` (a key of MOE_IMPLS)."""
+    return [m for m in model.modules() if hasattr(m, "experts") and isinstance(getattr(m, "impl", None), str)]
+
+
+def set_moe_impl(model: nn.Module, impl: str) -> None:
+    """Every MoE block of ``model`` runs ``impl`` (``DiffusionLM.set_moe_impl`` calls this)."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
+    for block in moe_blocks(model):
+        block.impl = impl
+
+
+@contextlib.contextmanager
+def moe_impl_set(model: nn.Module, impl: str | None):
+    """``impl`` on every MoE block for the duration (None: unchanged); each block's own afterwards."""
+    blocks = moe_blocks(model) if impl is not None else []
+    before = [b.impl for b in blocks]
+    if impl is not None:
+        set_moe_impl(model, impl)
+    try:
+        yield
+    finally:
+        for b, old in zip(blocks, before):
+            b.impl = old
+
+
 class SparseMoeBlock(nn.Module):
     impl = "auto"       # key of MOE_IMPLS; set per instance or on the class
 
@@ -371,9 +399,3 @@ class LLaDAMoEModel(HFLayoutLM):
         if not config.is_moe:
             raise ValueError("LLaDA-MoE model config: n_experts must be > 0")
         super().__init__(config, make_layer)
-
-    def set_moe_impl(self, impl: str) -> None:
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
-        for layer in self.model.layers:
-            layer.mlp.impl = impl

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .common import HFAttention, HFLayoutLM, PreNormLayer, SwiGLU
 from .config import ModelConfig, hf_eos_id, refuse_unsupported, require_keys
-from .llada_moe import HeadRMSNorm, MOE_IMPLS, SparseMoeBlock
+from .llada_moe import HeadRMSNorm, SparseMoeBlock
 
 MODEL_TYPES = ("sdar", "sdar_moe")
 MASK_ID, EOS_ID, IM_END_ID = 151669, 151643, 151645
@@ -103,9 +103,4 @@ class SDARModel(HFLayoutLM):
             raise ValueError("SDAR model config: block_diffusion must be set (its attention is block-causal)")
         super().__init__(config, make_layer)
 
-    def set_moe_impl(self, impl: str) -> None:
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, SparseMoeBlock):
-                layer.mlp.impl = impl
+

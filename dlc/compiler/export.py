@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from dlc.models.common import DiffusionLM
-from dlc.models.llada_moe import program_trace
+from dlc.models.llada_moe import moe_impl_set, program_trace
 from dlc.passes.graph_utils import remove_guard_calls
 from dlc.passes.pipeline import PassContext, input_names, run_pipeline, select_passes
 
@@ -37,22 +37,16 @@ def trace_forward(model: DiffusionLM, moe_impl: str | None = None) -> fx.GraphMo
     parameters are bound afterwards and traced device constants retargeted), so tracing never runs real
     kernels or allocates activations on the GPU. Checked on the H200 (torch 2.11): tokens equal eager.
     ``moe_impl``: the MoE forward traced (a key of ``dlc.models.llada_moe.MOE_IMPLS``; None: the model's
-    own, ``auto``, which traces ``stacked``); the model is back on ``auto`` afterwards."""
+    own, ``auto``, which traces ``stacked``); the model's own afterwards."""
     dev = next(model.parameters()).device
     if dev.type != "cuda":
-        if moe_impl is None:
+        with moe_impl_set(model, moe_impl):
             return _export_forward(model, dev)
-        model.set_moe_impl(moe_impl)
-        try:
-            return _export_forward(model, dev)
-        finally:
-            model.set_moe_impl("auto")
     from dlc.models import build_model
     with torch.device("meta"):
         twin = build_model(model.config).to(next(model.parameters()).dtype).eval()
-    if moe_impl is not None:
-        twin.set_moe_impl(moe_impl)
-    gm = _export_forward(twin, torch.device("meta"))
+    with moe_impl_set(twin, moe_impl):
+        gm = _export_forward(twin, torch.device("meta"))
     real = dict(model.named_parameters())
     for name, _ in list(gm.named_parameters()):
         path, _, attr = name.rpartition(".")

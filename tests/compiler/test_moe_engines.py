@@ -47,11 +47,12 @@ def test_fused_programs_run_grouped_gemms_and_equal_eager():
     """The traced fused forward through the pipeline (experts folded once, K/V phases): two grouped GEMMs a
     MoE layer, no expert stacked per forward, at a batch and length other than the trace's; the Refresh
     and Reuse programs' hidden states equal the eager model's (bf16 tolerance), and the model is back on
-    its default forward afterwards."""
+    its own forward afterwards."""
     model = load_model("tiny-llada-moe", seed=2, dtype=torch.bfloat16).model
     c = model.config
+    model.set_moe_impl("dense")
     base = trace_forward(model, "fused")
-    assert {layer.mlp.impl for layer in model.model.layers} == {"auto"}
+    assert {layer.mlp.impl for layer in model.model.layers} == {"dense"}       # the model's own again
     ctx = PassContext(config=c, kv_inplace=False)
     phases = run_pipeline(base, ctx, ["fold_weight_stacks", "cache_kv_reuse"])
     for ph in ("refresh", "reuse"):
