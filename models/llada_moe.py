@@ -307,9 +307,9 @@ def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.M
     """Each expert on its routed tokens only, as two grouped GEMMs over all experts (static shapes, no host
     sync, so CUDA graphs capture it): rows sorted by expert (``expert_offsets``), gathered once [N * k, d];
     gate+up in one ``torch._grouped_mm`` over ``w_gu`` [E, 2H, d] (read transposed, no copy); SiLU(gate) *
-    up; down in a second over ``w_down`` [E, H, d]; rows put back in (token, slot) order and combined by one
-    batched [1, k] x [k, d] product with the routing weights per token (fixed order: deterministic, no
-    atomics). Where ``grouped_mm_fits`` says no (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it
+    up; down in a second over ``w_down`` [E, H, d]; rows put back in (token, slot) order (one scatter through
+    the sort's permutation, no second sort) and combined by one batched [1, k] x [k, d] product with the
+    routing weights per token (fixed order: deterministic, no atomics). Where ``grouped_mm_fits`` says no (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it
     runs ``moe_grouped`` instead (a Python loop over experts with data-dependent gathers, so a host sync
     each), or ``moe_stacked`` while a CUDA graph is being captured or the program traced (static shapes).
     In bf16 it traces as is (torch.export: sort, searchsorted, _grouped_mm; no data-dependent shapes)."""
@@ -324,7 +324,7 @@ def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.M
     gu = torch._grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs)                    # [N * k, 2H]
     h = F.silu(gu[:, :H]) * gu[:, H:]                                                # [N * k, H]
     ys = torch._grouped_mm(h, w_down, offs=offs)                                     # [N * k, d]
-    y = ys[order.argsort()].view(N, k, d)                                            # [N, k, d] (token, slot)
+    y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, d)                 # [N, k, d] (token, slot)
     return torch.bmm(w.to(x.dtype)[:, None, :], y)[:, 0]                             # [N, d]
 
 
