@@ -16,9 +16,10 @@ renamed it (``lladamoe``, ``llada_moe``) load too. Parameter names: ``model.embe
 ``model.layers.N.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``.
 
 The MoE forward has four implementations (``MOE_IMPLS``), all exact against the released per-token routing,
-and ``auto`` (the default) picks one: ``fused`` on CUDA in eager mode where ``torch._grouped_mm`` has its
-device kernel (bf16 on sm90 / sm100), ``stacked`` elsewhere (CPU, other GPUs or dtypes, and traced programs:
-torch.export / ONNX engines, torch.compile).
+and ``auto`` (the default) picks one: ``fused`` on CUDA, eager or inside torch.compile, where
+``torch._grouped_mm`` has its device kernel (bf16 on sm90 / sm100), ``stacked`` elsewhere (CPU, other GPUs
+or dtypes, and programs traced without an explicit choice). Engines choose per target: ``dlc compile``
+traces ``fused`` for bf16 export / AOTI builds for sm90 / sm100 (``dlc.compiler.build.traced_moe_impl``).
 
 * ``fused``: each expert on its routed tokens only, as two grouped GEMMs over all experts
   (``torch._grouped_mm``): tokens sorted by expert on the device, per-expert offsets without a host sync, so
@@ -35,7 +36,9 @@ torch.export / ONNX engines, torch.compile).
 
 ``stacked`` and ``fused`` share one copy of the expert weights: in eager mode the experts' parameters are
 re-pointed once into two packed tensors (``pack_experts``: gate+up [E, 2H, d], down [E, H, d]; same values,
-same names in the state dict, no extra memory); while tracing, the stacking is part of the graph."""
+same names in the state dict, no extra memory); torch.compile reads those packs as module state (the graph
+runner packs before compiling, ``pack_model_experts``); an engine's trace (``program_trace``) holds the
+stacking instead, and its ``fold_weight_stacks`` pass computes it once at build."""
 from __future__ import annotations
 
 import contextlib
@@ -329,10 +332,10 @@ def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.M
 
 
 def moe_auto(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
-    """The default: ``fused`` on CUDA in eager mode (and so inside the graph runner's CUDA graphs) where
-    ``torch._grouped_mm`` has its device kernel (bf16 on sm90 / sm100); ``stacked`` elsewhere: on the CPU,
-    on other GPUs and dtypes (where fused would fall back to a loop over experts), and wherever the program
-    is traced (torch.export / ONNX engines, torch.compile), whose graphs keep static, data-independent ops."""
+    """The default: ``fused`` on CUDA, eager or compiled (and so inside the graph runner's CUDA graphs),
+    where ``torch._grouped_mm`` has its device kernel (bf16 on sm90 / sm100); ``stacked`` elsewhere: on the
+    CPU, on other GPUs and dtypes (where fused would fall back to a loop over experts), and in programs
+    traced for export (ONNX, jit; ``dlc compile`` sets ``fused`` itself where its target runs it)."""
     if x.device.type == "cuda" and not _exporting() and grouped_mm_fits(x, _packed(experts)[1]):
         return moe_fused(x, w, idx, experts)
     return moe_stacked(x, w, idx, experts)
