@@ -312,10 +312,11 @@ def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.M
     gate+up in one ``torch._grouped_mm`` over ``w_gu`` [E, 2H, d] (read transposed, no copy); SiLU(gate) *
     up; down in a second over ``w_down`` [E, H, d]; rows put back in (token, slot) order (one scatter through
     the sort's permutation, no second sort) and combined by one batched [1, k] x [k, d] product with the
-    routing weights per token (fixed order: deterministic, no atomics). Where ``grouped_mm_fits`` says no (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it
-    runs ``moe_grouped`` instead (a Python loop over experts with data-dependent gathers, so a host sync
-    each), or ``moe_stacked`` while a CUDA graph is being captured or the program traced (static shapes).
-    In bf16 it traces as is (torch.export: sort, searchsorted, _grouped_mm; no data-dependent shapes)."""
+    routing weights per token (fixed order: deterministic, no atomics). Where ``grouped_mm_fits`` says no
+    (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it runs ``moe_grouped`` instead (a Python loop
+    over experts with data-dependent gathers, so a host sync each), or ``moe_stacked`` while a CUDA graph is
+    being captured or the program traced (static shapes). In bf16 it traces as is (torch.export: sort,
+    searchsorted, _grouped_mm; no data-dependent shapes)."""
     w_gu, w_down = _packed(experts)
     if not grouped_mm_fits(x, w_down):
         if _tracing() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
