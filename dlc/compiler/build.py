@@ -228,7 +228,9 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     gen_defaults = block_generation(lm, model, cfg, block_length) if block else None
     if block_length is None:
         block_length = gen_defaults["block_length"] if block else 32
-    plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length, tensor_parallel)
+    runtime = "onnx" if backend == "tensorrt" or (backend == "aoti" and not local) else backend
+    traced_moe = traced_moe_impl(cfg, tgt, DTYPES[dtype], runtime, moe_impl)
+    plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length, tensor_parallel, traced_moe)
     on = f"{tensor_parallel} x {tgt.name}" if tensor_parallel > 1 else tgt.name
     echo(f"plan for {model} on {on} ({tgt.description}; {tgt.memory_gib} GiB, {tgt.bandwidth_gbs} GB/s, "
          f"{tgt.bf16_tflops} TFLOP/s bf16):")
@@ -240,16 +242,12 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
         echo(f"dry run, plan only: {tp_engines_later(model, tensor_parallel, dry_run=True)}")
         return {"plan": plan.to_dict(), "passes": [], "files": [], "tensor_parallel": tensor_parallel}
 
-    runtime = backend
     pending = None
     if backend in ("aoti", "tensorrt") and not local:
-        runtime = "onnx"
         pending = (f"the {backend} artifacts must be built on a {tgt.arch} GPU ({tgt.name}); this "
                    f"machine has {'no CUDA GPU' if not torch.cuda.is_available() else 'another GPU'}. Run "
                    f"`dlc compile {model} --target {tgt.name} --backend {backend} -o OUT_DIR` there; "
                    f"{MANIFEST} carries the trtexec commands for the ONNX.")
-    elif backend == "tensorrt":
-        runtime = "onnx"                                  # until the engines are built
     blocker = pending or (trt_available() if backend == "tensorrt" else None)
     if blocker and not dry_run and not prepare_only:
         raise BackendUnavailable(f"--backend {backend} cannot be built on this machine: "
@@ -270,7 +268,6 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     if decode_extras and not extras:
         raise ValueError("--decode-extras is not available for --backend tensorrt (its float32 build); use "
                          "--backend onnx, export or aoti")
-    traced_moe = traced_moe_impl(cfg, tgt, DTYPES[dtype], runtime, moe_impl)
     if traced_moe:
         echo(f"MoE forward traced: {traced_moe} ({MOE_LINES[traced_moe]})")
     with stage("trace+passes"):

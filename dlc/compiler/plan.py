@@ -31,10 +31,13 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes
 
 
-def act_bytes_per_token(config, dtype_bytes: int) -> int:
+def act_bytes_per_token(config, dtype_bytes: int, moe_impl: str | None = None) -> int:
     """Refresh-forward transients per token, one layer live at a time: hidden + residual + q/k/v + attention
-    out (6 d) and the MLP's gate/up/act (3 hidden), plus fp32 RoPE copies of q and k (2 d x 4 B)."""
-    hidden = config.expert_hidden * config.n_experts_per_tok if config.is_moe else config.mlp_hidden
+    out (6 d) and the MLP's gate/up/act (3 hidden), plus fp32 RoPE copies of q and k (2 d x 4 B). A MoE
+    layer's hidden is its routed experts' (top k), except in a ``stacked`` program, whose wide GEMM holds
+    every expert's hidden for every token (E / k times as much: 32x for LLaDA2's top 8 of 256)."""
+    experts = config.n_experts if moe_impl == "stacked" else config.n_experts_per_tok
+    hidden = config.expert_hidden * experts if config.is_moe else config.mlp_hidden
     return (6 * config.d_model + 3 * hidden) * dtype_bytes + 2 * config.d_model * 4
 
 
@@ -224,9 +227,10 @@ def layout_note(c, target, best: Layout) -> str:
 
 
 def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_len: int | None,
-               block_length: int, tensor_parallel: int = 1) -> Plan:
+               block_length: int, tensor_parallel: int = 1, moe_impl: str | None = None) -> Plan:
     """Size the build. Unset limits are derived: seq = the model's max, batch = the most that fits (<= 256).
-    ``tensor_parallel`` > 1 plans one GPU of that layout (``Layout``): weights, KV and the batch per GPU."""
+    ``tensor_parallel`` > 1 plans one GPU of that layout (``Layout``): weights, KV and the batch per GPU.
+    ``moe_impl``: the MoE forward the programs trace (``act_bytes_per_token``)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
     if block_length <= 0:
@@ -245,14 +249,15 @@ def plan_build(config, target, dtype: str, max_batch_size: int | None, max_seq_l
     weights = sum(weights_per_gpu(config, tp, db))
     kv_heads = kv_heads_per_gpu(config, tp) if tp > 1 else config.n_kv_heads
     kv_tok = kv_bytes_per_token(config, db) * kv_heads // config.n_kv_heads
-    per_tok = kv_tok + act_bytes_per_token(config, db)
+    act_tok = act_bytes_per_token(config, db, moe_impl)
+    per_tok = kv_tok + act_tok
     free = budget - weights
     # the logit budget: 1/8 of what is left after the weights, between 64 MiB and 2 GiB
     logit_budget = int(min(2 * GIB, max(64 << 20, free // 8))) if free > 0 else 64 << 20
     max_tokens = max(0, (free - logit_budget) // per_tok) if free > 0 else 0
     batch = max_batch_size or max(1, min(256, max_tokens // seq))
     kv = kv_tok * batch * seq
-    acts = act_bytes_per_token(config, db) * batch * seq + logit_budget
+    acts = act_tok * batch * seq + logit_budget
     chunk = logit_chunk_for(config, batch * block_length, logit_budget)
     where = f"{target.name}" if tp == 1 else f"each of {tp} x {target.name} ({layout_name_for(config, tp)})"
     fits, reason = True, ""

@@ -87,10 +87,15 @@ def test_dry_run_for_an_sm90_target_traces_the_fused_forward_on_meta():
     with torch.device("meta"):
         twin = build_model(moe_config()).to(torch.bfloat16).eval()
     assert count_ops(trace_forward(twin, "fused"), GROUPED) == 2 * twin.config.n_layers
-    for target, want in (("h100", "fused"), ("rtx4090", "stacked")):
-        res = compile_model("tiny-llada-moe", target, None, backend="export", dry_run=True,
+    plans = {}
+    for target, impl, want in (("h100", "auto", "fused"), ("rtx4090", "auto", "stacked"),
+                               ("h100", "stacked", "stacked")):
+        res = compile_model("tiny-llada-moe", target, None, backend="export", dry_run=True, moe_impl=impl,
                             echo=lambda line: None)
         assert res["moe"] == want
+        plans[target, want] = res["plan"]
+    # the plan sizes the programs built: a stacked one holds every expert's transients (fewer tokens fit)
+    assert plans["h100", "stacked"]["max_tokens"] < plans["h100", "fused"]["max_tokens"]
 
 
 def test_a_fused_engine_refuses_a_gpu_without_the_device_grouped_gemm(monkeypatch, tmp_path):

@@ -142,3 +142,19 @@ def test_llada2_dry_run_cli():
     small = run_cli(["compile", "llada2-mini", "--target", "rtx4090", "--dry-run"])
     assert small.exit_code != 0 and "needs 2 x rtx4090" in small.output and \
         "expert parallel 2" in small.output and "Traceback" not in small.output
+
+
+def test_stacked_moe_programs_plan_every_experts_transients():
+    """A ``stacked`` MoE program (ONNX / TensorRT, GPUs without the device grouped GEMM) holds every
+    expert's hidden for every token (E / k times the routed MLP transients: 32x for LLaDA2's top 8 of 256), so
+    its plan supports fewer tokens than the grouped-GEMM (``fused``) programs' and the runtime's."""
+    from dlc.compiler.plan import act_bytes_per_token
+    c, h200 = preset_config("llada2-mini"), get_target("h200")
+    fused = plan_build(c, h200, "bf16", None, 4096, 32, moe_impl="fused")
+    stacked = plan_build(c, h200, "bf16", None, 4096, 32, moe_impl="stacked")
+    assert fused.max_tokens == plan_build(c, h200, "bf16", None, 4096, 32).max_tokens
+    mlp = 3 * c.expert_hidden * 2                                       # gate, up, act per expert, bf16
+    assert act_bytes_per_token(c, 2, "stacked") - act_bytes_per_token(c, 2, "fused") == \
+        mlp * (c.n_experts - c.n_experts_per_tok)
+    assert stacked.max_tokens < fused.max_tokens / 4
+    assert stacked.max_batch_size < fused.max_batch_size
