@@ -68,6 +68,16 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    def ffn_hidden(self, every_expert: bool = False) -> int:
+        """The widest MLP hidden one token's forward holds (the activation estimates' MLP term): the dense
+        MLP's; a MoE layer's routed experts' (top k) plus its shared ones, or with ``every_expert`` (a stacked
+        MoE forward: one wide GEMM over all experts) every expert's."""
+        if not self.is_moe:
+            return self.mlp_hidden
+        routed = self.n_experts if every_expert else self.n_experts_per_tok
+        moe = self.expert_hidden * (routed + self.n_shared_experts)
+        return max(moe, self.mlp_hidden if self.first_dense_layers else 0)
+
     def validate(self) -> None:
         positive = ["d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "embedding_size",
                     "max_seq_len"]

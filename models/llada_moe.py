@@ -282,11 +282,16 @@ def grouped_mm_fits(x: torch.Tensor, w_down: torch.Tensor) -> bool:
         return False
     if _tracing() and x.dtype != torch.bfloat16:
         return False                              # its fake-tensor (meta) kernel takes bf16 only
-    if x.device.type == "cuda":             # (properties, not capability: Dynamo constant-folds them)
-        return (x.dtype == torch.bfloat16 and E < 1024
-                and torch.cuda.get_device_properties(x.device).major in GROUPED_MM_MAJORS)
+    if x.device.type == "cuda":
+        return E < 1024 and grouped_mm_device(x.device, x.dtype)
     # a meta twin traced for a GPU target (dlc.compiler.export.trace_forward): the build checked the target
     return x.device.type == "cpu" or (x.device.type == "meta" and _tracing() and E < 1024)
+
+
+def grouped_mm_device(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` on this CUDA device in ``dtype`` is the device kernel (bf16 on sm90 /
+    sm100): where ``auto`` runs ``fused`` (properties, not capability: Dynamo constant-folds them)."""
+    return dtype == torch.bfloat16 and torch.cuda.get_device_properties(device).major in GROUPED_MM_MAJORS
 
 
 def grouped_mm_target(arch: str, dtype: torch.dtype) -> bool:

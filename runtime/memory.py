@@ -72,11 +72,12 @@ def model_bytes(runner) -> int:
 
 
 def activation_bytes(mc, tokens: int, rows: int, max_seq: int, decoded: int, reuse_tokens: int,
-                     elem: int) -> int:
+                     elem: int, stacked_moe: bool = False) -> int:
     """Estimated activation peak of one iteration (bytes), conservative:
 
     * one layer's transients over ``tokens`` fed tokens (residual, norm, q|k|v, RoPE's float32 copies,
-      attention output, gate|up, the SwiGLU product, down);
+      attention output, gate|up, the SwiGLU product, down; a MoE layer: its routed experts' hidden, every
+      expert's where the stacked forward runs, ``stacked_moe``);
     * attention over ``max_seq`` keys: the K/V of ``rows`` rows gathered out of the pool and expanded to every
       query head (the eager path), and the scores of every fed token if SDPA materialises them;
     * decoding ``decoded`` rows: one float64 vocabulary chunk (``VOCAB_CHUNK``) three times (logits, their
@@ -85,7 +86,7 @@ def activation_bytes(mc, tokens: int, rows: int, max_seq: int, decoded: int, reu
     from .runners.eager import VOCAB_CHUNK
 
     d, hd, h, hkv = mc.d_model, mc.head_dim, mc.n_heads, mc.n_kv_heads
-    ffn = mc.mlp_hidden or 4 * d
+    ffn = mc.ffn_hidden(every_expert=stacked_moe) or 4 * d
     per_token = (4 * d + (h + 2 * hkv) * hd + 4 * (h + hkv) * hd + h * hd + 3 * ffn) * elem
     attention = rows * h * max_seq * hd * 2 * elem + tokens * h * max_seq * elem            # K/V, scores
     decode = decoded * min(VOCAB_CHUNK, mc.vocab_size) * 8 * 3
@@ -104,7 +105,9 @@ def plan_kv_budget(cfg, runner, mc, max_seq: int, block: int) -> KVBudget:
     elem = torch.empty((), dtype=runner.dtype).element_size()
     rows = cfg.max_batch_size
     tokens = min(cfg.max_num_tokens, rows * max_seq)
-    act = activation_bytes(mc, tokens, rows, max_seq, min(tokens, rows * block), rows * block, elem)
+    from dlc.models.llada_moe import grouped_mm_device
+    stacked = mc.is_moe and not grouped_mm_device(dev, runner.dtype)   # the MoE forward auto runs here
+    act = activation_bytes(mc, tokens, rows, max_seq, min(tokens, rows * block), rows * block, elem, stacked)
     util = cfg.gpu_memory_utilization
     in_use, weights = total - free, model_bytes(runner)
     left = int(util * total) - in_use - act

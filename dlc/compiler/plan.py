@@ -36,8 +36,7 @@ def act_bytes_per_token(config, dtype_bytes: int, moe_impl: str | None = None) -
     out (6 d) and the MLP's gate/up/act (3 hidden), plus fp32 RoPE copies of q and k (2 d x 4 B). A MoE
     layer's hidden is its routed experts' (top k), except in a ``stacked`` program, whose wide GEMM holds
     every expert's hidden for every token (E / k times as much: 32x for LLaDA2's top 8 of 256)."""
-    experts = config.n_experts if moe_impl == "stacked" else config.n_experts_per_tok
-    hidden = config.expert_hidden * experts if config.is_moe else config.mlp_hidden
+    hidden = config.ffn_hidden(every_expert=moe_impl == "stacked")
     return (6 * config.d_model + 3 * hidden) * dtype_bytes + 2 * config.d_model * 4
 
 

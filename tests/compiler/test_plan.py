@@ -153,8 +153,9 @@ def test_stacked_moe_programs_plan_every_experts_transients():
     fused = plan_build(c, h200, "bf16", None, 4096, 32, moe_impl="fused")
     stacked = plan_build(c, h200, "bf16", None, 4096, 32, moe_impl="stacked")
     assert fused.max_tokens == plan_build(c, h200, "bf16", None, 4096, 32).max_tokens
-    mlp = 3 * c.expert_hidden * 2                                       # gate, up, act per expert, bf16
+    assert c.ffn_hidden(every_expert=True) == c.expert_hidden * (c.n_experts + c.n_shared_experts)
+    assert c.ffn_hidden() == max(c.mlp_hidden, c.expert_hidden * (c.n_experts_per_tok + c.n_shared_experts))
     assert act_bytes_per_token(c, 2, "stacked") - act_bytes_per_token(c, 2, "fused") == \
-        mlp * (c.n_experts - c.n_experts_per_tok)
+        3 * 2 * (c.ffn_hidden(every_expert=True) - c.ffn_hidden())       # gate, up, act in bf16
     assert stacked.max_tokens < fused.max_tokens / 4
     assert stacked.max_batch_size < fused.max_batch_size

@@ -110,3 +110,21 @@ def test_serve_refuses_a_pool_without_one_slot_in_one_line():
     err = res.output.strip()
     assert err.startswith("Error: --kv-cache-mb 0.01 MiB holds no KV slot") and "--max-seq-len" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("major,stacked", [(9, False), (8, True)])
+def test_moe_reserve_follows_the_forward_the_gpu_runs(monkeypatch, major, stacked):
+    """A MoE model's activation reserve holds its routed experts' hidden where the grouped GEMM runs (sm90 /
+    sm100 in bf16) and every expert's where the stacked forward runs (older GPUs): LLaDA2-mini's 257 vs 9
+    experts' hidden for each fed token."""
+    from dlc.runtime.memory import activation_bytes
+    mini = preset_config("llada2-mini")
+    _fake_gpu(monkeypatch, 100 * GIB, 141 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev=None: SimpleNamespace(major=major))
+    b = plan_kv_budget(ServeConfig(max_num_tokens=8192, max_batch_size=32), _runner(), mini, 4096, 32)
+    tokens = 8192
+    want = activation_bytes(mini, tokens, 32, 4096, 32 * 32, 32 * 32, 2, stacked_moe=stacked)
+    assert b.activations == want
+    wide = activation_bytes(mini, tokens, 32, 4096, 32 * 32, 32 * 32, 2, stacked_moe=True)
+    narrow = activation_bytes(mini, tokens, 32, 4096, 32 * 32, 32 * 32, 2)
+    assert wide - narrow == (tokens + 32 * 32) * 3 * 2 * (mini.ffn_hidden(True) - mini.ffn_hidden())
