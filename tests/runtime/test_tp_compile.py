@@ -5,8 +5,8 @@ that already run uncompiled: the switch reaches them too) makes every rank's
 ``ShardGraphRunner`` run its transformer blocks under ``torch.compile`` (Inductor) with the row-parallel
 all-reduces traced inside (``_c10d_functional.all_reduce_`` + ``wait_tensor``); on CPU its static-buffer
 Reuse steps run uncaptured. Tokens must equal one uncompiled process's (fp32, T = 0, dual cache, a decisive
-tiny checkpoint), and each rank must have compiled (Dynamo's graph count in the rank's own process, gathered
-by ``step_times``): a worker left uncompiled fails the count. Inductor on 2 CPU cores is slow, so this is one
+tiny checkpoint; dense and MoE, whose expert-parallel shards all-reduce inside the compiled blocks), and
+each rank must have compiled (Dynamo's graph count in the rank's own process, gathered by ``step_times``): a worker left uncompiled fails the count. Inductor on 2 CPU cores is slow, so this is one
 compact module: one TP session, one generate. The GPU test checks TP=2 compiled + captured against TP=2
 uncompiled on 2 GPUs (NCCL collectives inside compiled code inside CUDA graphs)."""
 import pytest
@@ -23,10 +23,11 @@ GEN = dict(gen_length=16, block_length=8, steps=8, kv_cache="dual")
 
 
 @pytest.mark.slow
-def test_tp2_compiled_blocks_on_every_rank_equal_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["llada", "llada_moe"])    # MoE: experts split, their sum all-reduced
+def test_tp2_compiled_blocks_on_every_rank_equal_one_process(tmp_path, name):
     torch._dynamo.reset()                  # rank 0 (this process) starts from the state the worker has
     counters.clear()
-    path = write_tiny(tmp_path, MODELS["llada"])
+    path = write_tiny(tmp_path, MODELS[name])
     one = open_model(str(path), dtype="fp32", progress=False)
     tp = open_model(str(path), dtype="fp32", progress=False, tensor_parallel_size=2)
     try:
