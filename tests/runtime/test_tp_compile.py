@@ -6,8 +6,9 @@ that already run uncompiled: the switch reaches them too) makes every rank's
 all-reduces traced inside (``_c10d_functional.all_reduce_`` + ``wait_tensor``); on CPU its static-buffer
 Reuse steps run uncaptured. Tokens must equal one uncompiled process's (fp32, T = 0, dual cache, a decisive
 tiny checkpoint; dense and MoE, whose expert-parallel shards all-reduce inside the compiled blocks), and
-each rank must have compiled (Dynamo's graph count in the rank's own process, gathered by ``step_times``): a worker left uncompiled fails the count. Inductor on 2 CPU cores is slow, so this is one
-compact module: one TP session, one generate. The GPU test checks TP=2 compiled + captured against TP=2
+each rank must have compiled (Dynamo's graph count in the rank's own process, gathered by ``step_times``):
+a worker left uncompiled fails the count. Inductor on 2 CPU cores is slow, so this is one compact module:
+one TP session, one generate. The GPU test checks TP=2 compiled + captured against TP=2
 uncompiled on 2 GPUs (NCCL collectives inside compiled code inside CUDA graphs)."""
 import pytest
 import torch
