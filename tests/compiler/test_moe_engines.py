@@ -121,3 +121,10 @@ def test_an_engine_trace_of_a_packed_model_stacks_the_parameters():
     phases = run_pipeline(gm, PassContext(config=model.config, kv_inplace=False), ["fold_weight_stacks",
                                                                                    "cache_kv_reuse"])
     assert count_ops(phases["refresh"], STACK) == 0
+
+
+def test_inspect_names_the_engines_moe_forward():
+    from dlc.manifest import summary_lines
+    lines = summary_lines({"build": {"moe": "fused"}, "model": {}, "passes": []})
+    assert "moe         fused (grouped GEMMs over routed tokens)" in lines
+    assert not [s for s in summary_lines({"build": {}, "model": {}, "passes": []}) if s.startswith("moe")]
