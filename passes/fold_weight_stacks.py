@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_utils import drop_unused_attrs, getattr_path
+from .graph_utils import attr_tensor, drop_unused_attrs, getattr_path
 
 aten = torch.ops.aten
 PREFIX = "dlc_folded"
@@ -47,15 +47,11 @@ def _pure(n: fx.Node) -> bool:
     return n.target in FOLDABLE and not n.kwargs.get("out")
 
 
-def _tensor_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "get_attr" and isinstance(getattr_path(gm, node.target), torch.Tensor)
-
-
 def constant_nodes(gm: fx.GraphModule) -> set:
     """Nodes whose value depends on weights only: tensor get_attrs and FOLDABLE ops over such nodes."""
     const: set = set()
     for n in gm.graph.nodes:
-        if _tensor_attr(gm, n):
+        if attr_tensor(gm, n) is not None:
             const.add(n)
         elif n.op == "call_function" and _pure(n):
             ins = n.all_input_nodes

@@ -21,32 +21,25 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph_utils import drop_unused_attrs, getattr_path
+from .graph_utils import attr_tensor, drop_unused_attrs, getattr_path
 
 LINEAR = torch.ops.aten.linear.default
 PREFIX = "dlc_fused_proj"
-
-
-def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        t = getattr_path(gm, node.target)
-        return t if isinstance(t, torch.Tensor) else None
-    return None
 
 
 def groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Linear nodes sharing their input, with parameter weights [out_i, d] of one dtype and all-or-no bias."""
     by_input: dict[fx.Node, list[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target != LINEAR or _param(gm, n.args[1]) is None:
+        if n.op != "call_function" or n.target != LINEAR or attr_tensor(gm, n.args[1]) is None:
             continue
         bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-        if bias is not None and _param(gm, bias) is None:
+        if bias is not None and attr_tensor(gm, bias) is None:
             continue
         by_input.setdefault(n.args[0], []).append(n)
     out = []
     for nodes in by_input.values():
-        ws = [_param(gm, n.args[1]) for n in nodes]
+        ws = [attr_tensor(gm, n.args[1]) for n in nodes]
         has_bias = [(n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")) is not None for n in nodes]
         if len(nodes) < 2 or len({w.dtype for w in ws}) != 1 or len({w.shape[1] for w in ws}) != 1 \
                 or len(set(has_bias)) != 1 or len({w.device for w in ws}) != 1:
@@ -81,7 +74,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
     n_groups = 0
     for nodes in groups(gm):
         first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
-        sizes = [_param(gm, n.args[1]).shape[0] for n in nodes]
+        sizes = [attr_tensor(gm, n.args[1]).shape[0] for n in nodes]
         w_attr = _concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_w", lambda n: n.args[1])
         b_attr = (_concat(gm, ctx, nodes, f"{PREFIX}_{n_groups}_b", _bias) if _bias(nodes[0]) is not None
                   else None)

@@ -109,6 +109,14 @@ def getattr_path(mod, target: str):
     return mod
 
 
+def attr_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (a weight), or None for any other node or attribute."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        t = getattr_path(gm, node.target)
+        return t if isinstance(t, torch.Tensor) else None
+    return None
+
+
 def drop_unused_attrs(gm: fx.GraphModule) -> None:
     """Delete parameters no get_attr node reads any more (they would be lifted into exported artifacts)."""
     gm.graph.eliminate_dead_code()

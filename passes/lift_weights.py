@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from dlc.manifest import WEIGHT_PREFIX
 
-from .graph_utils import add_input, getattr_path
+from .graph_utils import add_input, attr_tensor, getattr_path
 
 
 def weight_input_name(target: str) -> str:
@@ -37,7 +37,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
     store: dict[str, torch.Tensor] = ctx.shared.setdefault("weights", {})
     uses: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(getattr_path(gm, node.target), torch.Tensor):
+        if attr_tensor(gm, node) is not None:
             uses.setdefault(node.target, []).append(node)
     last = None                       # the inputs go after the last placeholder, in order (one scan: MoE
     for target in sorted(uses):       # programs lift ~15k weights)
