@@ -20,16 +20,16 @@ def check_device(path: Path, m: dict, device) -> None:
     """Refuse a GPU the programs cannot run on: a MoE engine traced with grouped GEMMs (``build.moe`` =
     ``fused``: built for sm90 / sm100) on a CUDA GPU whose ``torch._grouped_mm`` would copy the expert offsets
     to the host each call (no CUDA graph could hold it)."""
-    from dlc.models.llada_moe import GROUPED_MM_MAJORS
+    from dlc.models.llada_moe import grouped_mm_device
 
     dev = torch.device(device)
     if m.get("build", {}).get("moe") != "fused" or dev.type != "cuda":
         return
-    major, minor = torch.cuda.get_device_capability(dev)
-    if major not in GROUPED_MM_MAJORS:
-        target = m.get("target", {})
+    if not grouped_mm_device(dev, torch.bfloat16):                  # fused programs are bf16 builds
+        target, props = m.get("target", {}), torch.cuda.get_device_properties(dev)
         raise EngineError(f"{path}: built for {target.get('name')} ({target.get('arch')}) with grouped-GEMM "
-                          f"MoE programs, which need an sm90 / sm100 GPU; this one is sm_{major}{minor}. "
+                          f"MoE programs, which need an sm90 / sm100 GPU; this one is "
+                          f"sm_{props.major}{props.minor}. "
                           f"Recompile for it: `dlc compile {m.get('source')} --target <this GPU>` (its MoE "
                           "programs are then stacked)")
 

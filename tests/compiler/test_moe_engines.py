@@ -2,6 +2,8 @@
 routed tokens only), the forward the runtime's CUDA graphs replay there, instead of ``moe_stacked`` (every
 expert on every token: E / k times the routed FLOPs); elsewhere (ONNX / TensorRT, older GPUs, fp16 / fp32) the
 static stacked forward. The programs run anywhere torch does (CPU here: torch's reference grouped GEMM)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -100,12 +102,13 @@ def test_dry_run_for_an_sm90_target_traces_the_fused_forward_on_meta():
 
 def test_a_fused_engine_refuses_a_gpu_without_the_device_grouped_gemm(monkeypatch, tmp_path):
     m = {"build": {"moe": "fused"}, "target": {"name": "h100", "arch": "sm_90"}, "source": "llada-moe-7b"}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 9))
+    gpu = SimpleNamespace(major=8, minor=9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev=None: gpu)
     with pytest.raises(EngineError, match=r"sm90 / sm100 GPU; this one is sm_89.*--target"):
         check_device(tmp_path, m, "cuda")
     check_device(tmp_path, m, "cpu")                               # runs on the CPU (reference kernels)
     check_device(tmp_path, {**m, "build": {"moe": "stacked"}}, "cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    gpu.major, gpu.minor = 9, 0
     check_device(tmp_path, m, "cuda")
 
 
