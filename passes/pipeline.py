@@ -6,8 +6,7 @@ phase program. The driver copies the traced full-sequence forward into one progr
 lints the graph, the rewrite count is logged, and ``dump_after`` names a pass whose output graph is printed
 (``--dump-graph-after``). Each phase's module is recompiled once, after its last pass: regenerating the
 Python code of a graph of thousands of nodes after every pass took a fifth of the pipeline's time
-(llada2-mini:
-44.5 -> 34.6 s on the 2-core CI box)."""
+(llada2-mini: 44.5 -> 34.6 s on the 2-core CI box)."""
 from __future__ import annotations
 
 import logging

@@ -91,12 +91,12 @@ def graph_runner_for(runner, cuda_graphs: bool | None = None, compile: bool | No
                      decode: str | None = None, mix_iterations: str | None = None):
     """The runner serving (and ``dlc generate``) uses: a GraphRunner over an eager model when cuda_graphs is
     on (default: on a CUDA device), its blocks compiled when ``compile`` is on (default: with the graph
-    runner on a CUDA device, ``compiled_blocks_default``; off on CPU). An engine keeps its
-    runner: graphs of its Reuse program (default: on CUDA) and its export programs compiled by Inductor at
-    load (``compile``, default: on CUDA); explicit --no-cuda-graphs keeps the runner as it is. Tensor
-    parallel: the same defaults on every rank (graphs and compiled blocks on CUDA;
-    distributed/shard_graph.py). ``mix_iterations``: how the graph runner runs a mixed iteration
-    (runners/packed.py; others refuse a value)."""
+    runner on a CUDA device, ``compiled_blocks_default``; off on CPU). An engine keeps its runner: graphs of
+    its Reuse program (default: on CUDA) and its export programs compiled by Inductor at load (``compile``,
+    default: on CUDA); explicit --no-cuda-graphs keeps the runner as it is. Tensor parallel: the same
+    defaults on every rank (graphs and compiled blocks on CUDA; distributed/shard_graph.py).
+    ``mix_iterations``: how the graph runner runs a mixed iteration (runners/packed.py; others refuse a
+    value)."""
     if isinstance(runner, GraphRunner):
         return runner
     # an eager model gets a GraphRunner where graphs are on (default: on a CUDA device)

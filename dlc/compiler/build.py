@@ -228,6 +228,7 @@ def compile_model(model: str, target: str, out_dir: str | None, backend: str = "
     gen_defaults = block_generation(lm, model, cfg, block_length) if block else None
     if block_length is None:
         block_length = gen_defaults["block_length"] if block else 32
+    # what this machine writes: TensorRT's ONNX until its engines are built; AOTI for another GPU: ONNX
     runtime = "onnx" if backend == "tensorrt" or (backend == "aoti" and not local) else backend
     traced_moe = traced_moe_impl(cfg, tgt, DTYPES[dtype], runtime, moe_impl)
     plan = plan_build(cfg, tgt, dtype, max_batch_size, max_seq_len, block_length, tensor_parallel, traced_moe)
