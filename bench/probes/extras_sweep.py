@@ -36,10 +36,13 @@ from nccl_allreduce import captured, timed  # noqa: E402
 V, D = 126464, 4096
 
 
-def extras_kernel(h, w, entropy: bool, topk: int, BV=128, BD=64, num_warps=4, num_stages=3, pps=4, BN=None):
-    """``select_extras_triton``'s launch alone (no combine) -> a closure."""
+def extras_kernel(h, w, entropy: bool, topk: int, BV=128, BD=64, num_warps=4, num_stages=3, pps=4, BN=None,
+                  graph_plan=False):
+    """``select_extras_triton``'s launch alone (no combine) -> a closure. ``graph_plan``: the tiles and split
+    ``logits.plan`` picks for a symbolic row count (the op traced in a compiled graph: BN 64, split sized for
+    one row tile), whatever the rows."""
     N = h.shape[0]
-    BN, BV, n_split, cols = L.plan(N, V, L._sm_count(h.device), BN, BV, pps)
+    BN, BV, n_split, cols = L.plan(64 if graph_plan else N, V, L._sm_count(h.device), BN, BV, pps)
     part = [torch.empty((N, n_split), dtype=torch.float32, device=h.device) for _ in range(3)]
     pi = torch.empty((N, n_split), dtype=torch.int32, device=h.device)
     kpad = 1 << max(0, (topk - 1).bit_length()) if topk else 1
@@ -56,9 +59,9 @@ def extras_kernel(h, w, entropy: bool, topk: int, BV=128, BD=64, num_warps=4, nu
     return call, n_split
 
 
-def plain_kernel(h, w, BV=128, BD=64, num_warps=4, num_stages=3, pps=4):
+def plain_kernel(h, w, BV=128, BD=64, num_warps=4, num_stages=3, pps=4, BN=None, graph_plan=False):
     N = h.shape[0]
-    BN, BV, n_split, cols = L.plan(N, V, L._sm_count(h.device), None, BV, pps)
+    BN, BV, n_split, cols = L.plan(64 if graph_plan else N, V, L._sm_count(h.device), BN, BV, pps)
     pm, ps, pb, pl = (torch.empty((N, n_split), dtype=torch.float32, device=h.device) for _ in range(4))
     pi = torch.empty((N, n_split), dtype=torch.int32, device=h.device)
     grid = (-(-N // BN) * n_split,)
@@ -92,6 +95,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--graph-plan", action="store_true",
+                    help="only the in-graph plan (BN 64, split for one row tile) at BD 64 vs 128 per row count")
     ap.add_argument("--config-rows", type=int, default=32,
                     help="rows of the tile-configuration sweep (0: none)")
     a = ap.parse_args()
@@ -102,6 +107,16 @@ def main() -> None:
     table = []
     for R in (int(r) for r in a.rows.split(",")):
         h = (torch.randn(R, D, device="cuda") * 2).to(torch.bfloat16)
+        if a.graph_plan:           # BN 64 row tiles: the in-graph plan, and the eager one above 32 rows
+            plans = [("in-graph", True)] + ([("eager", False)] if R > 32 else [])
+            variants = {f"{kind}, {pn} plan, BD {bd}": (
+                plain_kernel(h, w, BD=bd, BN=64, graph_plan=g) if kind == "plain kernel" else
+                extras_kernel(h, w, True, 0, BD=bd, BN=64, graph_plan=g)[0])
+                for pn, g in plans for kind in ("plain kernel", "extras kernel, entropy") for bd in (64, 128)}
+            for n, v in measure(variants, a.iters, a.reps, a.rounds).items():
+                table.append((R, n, v))
+                print(f"R={R} {n}: {v:.4f} ms", flush=True)
+            continue
         ek, n_split = extras_kernel(h, w, True, 0)
         base = {
             "floor: h @ W.T (cuBLAS)": lambda: h @ w.t(),
