@@ -3,9 +3,11 @@
 Without it, a block ends on the host's critical path: the run's last step lands, the host applies it and
 closes the block, the next iteration builds the Refresh's batch and launches its forward (a Refresh is eager:
 its launches are host work too), and only then does the device start it. But the fixed schedule knows when a
-run ends its block, and the block's final tokens are already on the device (the run's static fed ids hold the
-last commit). So once the run's last step is launched, ``prelaunch`` builds the next block's Refresh from a
-copy of each row's decoding state moved past the block (``DecodeState.advance`` on the copy; a sampled row's
+run ends its block (a variable-count rule knows it once a row has one mask left: the next step unmasks it),
+and the block's final tokens are already on the device (the run's static fed ids hold the last commit). So
+once the step that ends the block is launched, ``prelaunch`` builds the next block's Refresh from a copy of
+each row's decoding state moved past the block (``DecodeState.advance`` on the copy, which a variable-count
+rule's copy first closes: ``close_block``, its host tokens still hold the last mask; a sampled row's
 seed: its generator's draw after the run's steps, which the engine draws as it takes the Refresh), writes the
 device's final block into its fed ids, and launches the Refresh behind the steps in flight: the device goes
 from the last Reuse step to the Refresh with no host round trip, and the host's launch work hides behind the
@@ -45,11 +47,14 @@ class Prelaunched:
     result: object
 
 
-def prelaunch(runner, rows: list, left: int, device_blocks: torch.Tensor, kv, width) -> Prelaunched | None:
+def prelaunch(runner, rows: list, left: int, device_blocks: torch.Tensor, kv, width,
+              close: bool = False) -> Prelaunched | None:
     """Launch the Refresh that follows a run ahead ending its block, for the rows (requests) whose next step
-    is a new block's Refresh. ``left``: the run's steps the host has not applied yet (all launched);
-    ``device_blocks`` [B, N]: each row's block after the run's last commit, on the device;
-    ``width(request)``: the width a block started now gets. None where no row starts a new block."""
+    is a new block's Refresh. ``left``: the run's steps the host has yet to apply before the block ends (all
+    launched); ``device_blocks`` [B, N]: each row's block after the run's last commit, on the device;
+    ``width(request)``: the width a block started now gets; ``close``: those steps end every row's block
+    whatever the host's tokens say (a variable-count rule's block ends by its masks, and the host's copy
+    still holds the masks the device unmasks). None where no row starts a new block."""
     keep, states, blocks, seeds = [], [], [], []
     for j, r in enumerate(rows):
         # smoothing's soft embedding (a view of a run's device buffer) is not copied: a new block drops it
@@ -57,6 +62,8 @@ def prelaunch(runner, rows: list, left: int, device_blocks: torch.Tensor, kv, wi
         bs, be = st.bs, st.be
         seed = st.peek_seeds(left + 1)[-1]                # sampled: the draw after the run's last steps
         st.step += left                                   # the run's steps, their tokens on the device only
+        if close:
+            st.close_block()
         st.advance(width(r))
         if st.phase == "refresh" and st.bs != bs:         # not: the last block, a stop, a mid-block refresh
             keep.append(j)

@@ -844,6 +844,15 @@ class DecodeState:
             s += 1
         return counts
 
+    def masks_left(self) -> int:
+        """Masked positions left in the current block (0 outside a block)."""
+        return 0 if self.bs is None else int(self._masked().sum())
+
+    def close_block(self) -> None:
+        """The next ``advance`` ends the current block whatever its tokens: a copy predicting the state after
+        steps whose tokens are on the device only (runtime/boundary.py)."""
+        self.settled = True
+
     def fed_ahead(self, count: int) -> bool:
         """Whether the state's next step is a Reuse step that ``lookahead`` gave ``count`` (the engine also
         checks the block the device fed it)."""

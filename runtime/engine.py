@@ -495,7 +495,7 @@ class Engine:
         rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
         win, live = results[id(rows[0])].window, list(rows)
         bounded = results[id(rows[0])].bounded
-        s, pre, landed, launching = 0, False, (0.0, 0), True
+        s, pre, landed, launching, tried = 0, False, (0.0, 0), True, False
 
         def may_launch() -> bool:      # every row still fed as the core, steps left, no request waiting
             return launching and len(live) == len(rows) and win.launched < win.n and not self._arrivals()
@@ -519,11 +519,9 @@ class Engine:
             if bounded and may_launch():
                 launching = self._refill(win, s + 1 + self._horizon([r.state for r in live],
                                                                     [results[id(r)].bs for r in live]))
-            if s == win.n - 2 == win.launched - 2 and len(live) == len(rows) \
-                    and len(rows) <= boundary.PRELAUNCH_MAX_ROWS \
-                    and all(self._fed_as_core(r, win, results[id(r)].j, s + 1, results[id(r)].bs)
-                            for r in rows):
-                pre = self._prelaunch(rows, win, s + 1, n_running)         # see _prelaunch: why only now
+            if not tried and len(live) == len(rows) and self._block_ends_next(rows, win, results, s, bounded):
+                tried, pre = True, self._prelaunch(rows, win, n_running, close=bounded)  # _prelaunch: why now
+                launching = launching and not pre          # nothing launches behind the Refresh
             s += 1
         self._time_steps(len(rows), (landed[0] - results[id(rows[0])].launched) / landed[1])
         self.metrics.set("lookahead_in_flight_max", win.max_in_flight)
@@ -555,19 +553,35 @@ class Engine:
         return not r.finished and (bs is None or st.bs == bs) and st.fed_ahead(int(win.counts[j, s])) and (
             s == 0 or torch.equal(st.x[st.bs:st.be], win.fed_block(s, j)))
 
-    def _prelaunch(self, rows: list[Request], win: AheadWindow, s: int, n_running: int):
-        """The next block's Refresh launched behind the run's last step ``s`` (runtime/boundary.py) while
-        nothing waits; False where it does not apply or fails (the Refresh then runs the normal way). Only
-        once every earlier step is applied and the last one is known to be fed what the core would feed it:
-        the Refresh rewrites every column's K/V, which a row whose Reuse steps were dropped (run again in this
-        block) would still read; after the last step a row either refreshes or finishes, so a dropped
-        prelaunch is harmless."""
+    def _block_ends_next(self, rows: list[Request], win: AheadWindow, results: dict, s: int,
+                         bounded: bool) -> bool:
+        """Whether step s + 1 (launched, step s applied) ends every row's block: the fixed schedule's run
+        ends there (its last step); a variable-count run (``bounded``) has one mask left in each row, which
+        that step unmasks (every step unmasks one at least; steps launched after it commit nothing). Only
+        small groups (``boundary.PRELAUNCH_MAX_ROWS``), every row fed step s + 1 as the core would."""
+        if len(rows) > boundary.PRELAUNCH_MAX_ROWS or win.launched < s + 2:
+            return False
+        if bounded:
+            if any(r.state.masks_left() != 1 for r in rows):
+                return False
+        elif not s == win.n - 2 == win.launched - 2:
+            return False
+        return all(self._fed_as_core(r, win, results[id(r)].j, s + 1, results[id(r)].bs) for r in rows)
+
+    def _prelaunch(self, rows: list[Request], win: AheadWindow, n_running: int, close: bool = False):
+        """The next block's Refresh launched behind the step that ends the rows' blocks (``_block_ends_next``;
+        runtime/boundary.py) while nothing waits; False where it does not apply or fails (the Refresh then
+        runs the normal way). ``close``: a variable-count run, whose block ends by its masks (the copies
+        close it; their host tokens still hold the last mask). Only once every earlier step is applied and
+        the last one is known to be fed what the core would feed it: the Refresh rewrites every column's K/V,
+        which a row whose Reuse steps were dropped (run again in this block) would still read; after the last
+        step a row either refreshes or finishes, so a dropped prelaunch is harmless."""
         if self._arrivals():
             return False
         try:
             with batch_invariant_mode(self.cfg.batch_invariant):
-                return boundary.prelaunch(self.runner, rows, win.n - s, win.last_block(), self.kv,
-                                          lambda r: self.gran.width(r, n_running)) or False
+                return boundary.prelaunch(self.runner, rows, 1, win.last_block(), self.kv,
+                                          lambda r: self.gran.width(r, n_running), close) or False
         except Exception as e:             # noqa: BLE001 - nothing of the states changed
             log.debug("refresh prelaunch failed: %s", e)
             return False
@@ -577,7 +591,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             with batch_invariant_mode(self.cfg.batch_invariant):
-                out = boundary.take(pre, self.runner, [win.fed_block(win.n, j) for j in pre.index])
+                out = boundary.take(pre, self.runner, [win.fed_block(win.launched, j) for j in pre.index])
         except Exception as e:             # noqa: BLE001 - the normal Refresh runs next iteration
             log.debug("prelaunched refresh failed: %s", e)
             out = None

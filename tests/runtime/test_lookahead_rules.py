@@ -130,6 +130,57 @@ def test_a_wrong_device_selection_is_caught(session, monkeypatch):
     assert counter(eng, "lookahead_dropped_steps_total") > counter(eng, "lookahead_past_block_steps_total")
 
 
+# variable-count rules that unmask one token a step on tiny-llada: a block ends on its last mask
+ONE_A_STEP = {"threshold": dict(threshold=1.0), "entropy_bound": dict(entropy_bound=1e-9),
+              "credit": dict(threshold=1.0, credit=True), "smoothing": dict(threshold=1.0, smoothing=True)}
+FOUR_BLOCKS = dict(gen_length=32, block_length=8, steps=32, kv_cache="dual")
+
+
+def prelaunched(eng, status):
+    return counter(eng, "lookahead_refresh_prelaunched_total", status=status)
+
+
+@pytest.mark.parametrize("rule", list(ONE_A_STEP))
+def test_a_variable_count_run_launches_the_next_refresh_behind_its_last_step(session, rule):
+    """A variable-count rule ends a block by its masks, not by a schedule: once the row has one mask left and
+    the step that unmasks it is launched, the next block's Refresh is launched behind that step
+    (runtime/boundary.py, the copy's block closed) and used. One request, 4 blocks of 8, a token a step:
+    3 Refreshes launched ahead, none dropped, tokens the synchronous path's."""
+    eng, _ = check_ahead(session, [(prompts(1, seed=4)[0], dict(FOUR_BLOCKS, **ONE_A_STEP[rule]))])
+    assert check_ahead.forwards == [32]                                 # one token a forward
+    assert prelaunched(eng, "used") == 3 and prelaunched(eng, "dropped") == 0
+
+
+def test_a_refresh_goes_ahead_only_where_the_block_surely_ends(session):
+    """Rules whose steps unmask several tokens at times: a Refresh is launched ahead only where each row has
+    one mask left (its launched step surely ends the block), so none is ever dropped; blocks whose last step
+    unmasks several refresh the normal way. Tokens are the synchronous path's."""
+    used = 0
+    for i, p in enumerate(prompts(6, seed=7)):
+        rule = ("threshold", "entropy_bound", "credit")[i % 3]
+        eng, _ = check_ahead(session, [(p, dict(FOUR_BLOCKS, **RULES[rule]))])
+        assert prelaunched(eng, "dropped") == 0
+        used += prelaunched(eng, "used")
+    assert 0 < used < 6 * 3                               # some blocks' last step unmasked several tokens
+
+
+def test_a_variable_count_refresh_on_a_wrong_block_is_dropped(session, monkeypatch):
+    """A device commit that gets a block's last token wrong: the Refresh launched behind it read that block;
+    the core's state differs, so it is dropped and the Refresh runs again over the core's tokens."""
+    real = decoding.AheadCommit.step
+
+    def wrong_last(self, blk, x0, conf, n_now, extras=None):
+        new = real(self, blk, x0, conf, n_now, extras)
+        done = (new != self.mask_id).all(dim=1, keepdim=True)                 # [B, 1] the block's last step
+        return torch.where(done & (blk == self.mask_id), (new + 1) % 200, new)
+    items = [(prompts(1, seed=4)[0], dict(FOUR_BLOCKS, **ONE_A_STEP["threshold"]))]
+    _, want, _ = serve(session, items, 1)
+    monkeypatch.setattr(decoding.AheadCommit, "step", wrong_last)
+    eng, got, _ = serve(session, items, 16)
+    assert got == want
+    assert prelaunched(eng, "dropped") == 3 and prelaunched(eng, "used") == 0
+
+
 def test_credit_carried_on_the_device_is_the_hosts(session):
     """After a run of credit steps ahead, the graph variant's static credit inputs (what the next launch
     reads) hold exactly the credit the host's state computed applying the same steps (ids and float64

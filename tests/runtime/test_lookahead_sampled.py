@@ -81,11 +81,13 @@ def test_a_dropped_sampled_step_runs_again_with_its_seed(session, monkeypatch):
     assert eng.metrics.counter("lookahead_dropped_steps_total") > 0
 
 
-def test_the_refresh_behind_a_sampled_run_draws_the_next_seed(session):
+@pytest.mark.parametrize("rule", [{}, dict(threshold=1.0)], ids=["schedule", "threshold"])
+def test_the_refresh_behind_a_sampled_run_draws_the_next_seed(session, rule):
     """One sampled request, 4 blocks: each later block's Refresh is launched behind the run's last step with
-    the seed the synchronous path draws for it, and used (tokens are generate()'s)."""
+    the seed the synchronous path draws for it, and used (tokens are generate()'s); a variable-count rule
+    (threshold 1: one token a step) too, its run closing the block on its last mask."""
     items = [(prompts(1, seed=4)[0], dict(gen_length=32, block_length=8, steps=32, kv_cache="dual",
-                                          temperature=1.2, seed=22))]
+                                          temperature=1.2, seed=22, **rule))]
     eng, outs = run(session, items, lookahead=3)
     assert outs == refs_of(session, items)
     m = eng.metrics
