@@ -1016,6 +1016,26 @@ class DecodeState:
         self.step, self.has_cache, self.stuck = 0, False, False
         self.snapshot = (self.x.clone(), None if self.generator is None else self.generator.get_state())
 
+    def final_prefix(self) -> list[int]:
+        """Generated tokens final before their block ends (the engine streams them at once): the current
+        block's committed tokens from the first one not yet returned up to the first still masked. A committed
+        token never changes, except under LLaDA2.1's editing (its blocks return at their end). A stop id ends
+        the run as ``_end_block`` cuts: the stop and what follows return (cut) when the block ends. A
+        preempted block recomputes the same tokens (``restart_block``), so the returned ones stand."""
+        if self.bs is None or getattr(self.rule, "edits", False):
+            return []
+        start, end = self.P + self.emitted, min(self.be, self.P + self.gen.gen_length)
+        if start >= end or int(self.x[start]) == self.mask_id:          # the usual case: one look
+            return []
+        seg = self.x[start:end]
+        masked = (seg == self.mask_id).nonzero()
+        new = seg[:int(masked[0]) if masked.numel() else seg.numel()].tolist()
+        if self.gen.stop_at_eos or self.attn_block:
+            stops = set(self.stop_ids)
+            new = new[:next((j for j, t in enumerate(new) if t in stops), len(new))]
+        self.emitted += len(new)
+        return new
+
     def _end_block(self) -> list[int]:
         """Close the current block; returns the generated tokens it finalised
         (cut before the first stop id)."""

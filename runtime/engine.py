@@ -385,7 +385,7 @@ class Engine:
         if before is not None:               # provisional tokens: what this step unmasked in the block
             pos = (st.x[st.bs:st.be] != before).nonzero()[:, 0]
             r.on_step(r, st.bs - st.P, pos.tolist(), st.x[st.bs + pos].tolist())
-        self._emit(r, st.advance(self.gran.width(r, n_running)))
+        self._emit(r, st.final_prefix() + st.advance(self.gran.width(r, n_running)))
 
     def _run(self, reqs: list[Request]) -> dict[int, tuple]:
         """One runner call per group; one ``mixed`` call for all groups of an iteration that holds Refresh (or
