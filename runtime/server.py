@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn + pydantic).
 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template),
-``/health``, ``/metrics`` (Prometheus). ``stream: true`` answers with Server-Sent Events, one chunk per
-finalized block (with a ``token_ids`` extension field) and a last chunk with the finish reason, then
+``/health``, ``/metrics`` (Prometheus). ``stream: true`` answers with Server-Sent Events, a chunk per step
+that finalized tokens (with a ``token_ids`` extension field) and a last chunk with the finish reason, then
 ``data: [DONE]``; the streamed text always
 concatenates to the non-streamed text (text is decoded from all tokens so far and only the new suffix is sent,
 holding back an incomplete UTF-8 character).
@@ -463,7 +463,7 @@ class Server:
                 new, done = payload
                 delta = streams[i].push(new, done, r.stop_text if done else None)
                 if not done:
-                    yield event([choice(i, delta, None, ids=new)])      # one chunk per finalized block
+                    yield event([choice(i, delta, None, ids=new)])      # the tokens a step finalized
                     continue
                 left.discard(i)
                 if r.finish_reason == "error":
