@@ -64,9 +64,10 @@ from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request
 
 
 def on_ttft_path(req: Request) -> bool:
-    """Whether the request's first block is still to come (waiting, or running before its first output):
-    its time to first token is still running."""
-    return req.first_token_time is None
+    """Whether the request's first block is still to come or running (waiting, or running before its first
+    block closed): its first tokens stream within that block (``DecodeState.final_prefix``), so the block
+    stays first until it closes, whatever has streamed of it (the order does not depend on the streaming)."""
+    return req.state.done == 0
 
 
 class BaseScheduler:
