@@ -648,6 +648,7 @@ class DecodeState:
     started: bool = False                    # advance() has run once
     snapshot: tuple | None = None            # (x, generator state) at the current block start
     emitted: int = 0                         # generated columns already returned as final
+    streamed: torch.Tensor | None = None     # a restarted block's tokens returned before (kept at its end)
     forwards: int = 0                        # forwards this sequence took part in
     # credit decoding: (ids [K, M], vals [K, M]) of the block so far, as the next step sends it (decayed)
     credit: tuple | None = None
@@ -981,6 +982,10 @@ class DecodeState:
         """Preemption by recompute: the cache is gone; rewind to the current block's start (same output)."""
         if self.snapshot is not None and self.bs is not None:
             x, gstate = self.snapshot
+            a, b = self.P + self.done, self.P + self.emitted          # this block's tokens returned so far
+            kept = self.x[a:a] if self.streamed is None else self.streamed
+            if b > a + kept.numel():
+                self.streamed = torch.cat([kept, self.x[a + kept.numel():b]])
             self.x.copy_(x)
             if gstate is not None:
                 self.generator.set_state(gstate)
@@ -1021,7 +1026,8 @@ class DecodeState:
         block's committed tokens from the first one not yet returned up to the first still masked. A committed
         token never changes, except under LLaDA2.1's editing (its blocks return at their end). A stop id ends
         the run as ``_end_block`` cuts: the stop and what follows return (cut) when the block ends. A
-        preempted block recomputes the same tokens (``restart_block``), so the returned ones stand."""
+        preempted block recomputes its tokens (``restart_block``): the same ones, but where batch variance
+        makes them differ, its end keeps the ones returned (``streamed``), so later blocks read them."""
         if self.bs is None or getattr(self.rule, "edits", False):
             return []
         start, end = self.P + self.emitted, min(self.be, self.P + self.gen.gen_length)
@@ -1041,6 +1047,10 @@ class DecodeState:
         (cut before the first stop id)."""
         # references always stop
         P, be, stop = self.P, self.be, self.gen.stop_at_eos or bool(self.attn_block)
+        if self.streamed is not None:        # a restarted block keeps what it returned (the recompute is the
+            a = P + self.done                # same but for batch variance: the stream and x never part)
+            self.x[a:a + self.streamed.numel()] = self.streamed
+            self.streamed = None
         if stop:
             hit = torch.isin(self.x[P:be], torch.tensor(self.stop_ids, dtype=torch.long)).nonzero()
             if hit.numel():

@@ -47,6 +47,25 @@ def test_the_committed_run_from_the_block_start_is_returned_once():
     assert int(st.x[P + 7]) == m
 
 
+def test_a_restarted_block_keeps_the_tokens_it_returned():
+    """Preemption mid-block after tokens streamed: the block recomputes from its start; where the recompute
+    gives other tokens there (batch variance), the block's end keeps the streamed ones (later blocks read
+    what the user got) and returns only the rest; a second restart keeps what streamed since too."""
+    st, mc = state()
+    P, m = st.P, mc.mask_id
+    st.x[P:P + 2] = torch.tensor([7, 8])
+    assert st.final_prefix() == [7, 8]
+    st.restart_block()
+    assert bool((st.x[P:P + 16] == m).all())                            # rewound: the block recomputes
+    st.x[P:P + 3] = torch.tensor([70, 80, 90])                            # a recompute that differs
+    assert st.final_prefix() == [90]
+    st.restart_block()
+    st.x[P:P + 16] = torch.arange(100, 116)                               # the block completes
+    out = st.advance(16)
+    assert st.x[P:P + 3].tolist() == [7, 8, 90]                          # what streamed stands
+    assert out == list(range(103, 116)) and st.streamed is None
+
+
 def test_an_editing_rule_returns_nothing_early():
     """LLaDA2.1's token editing may change a committed token: its blocks return at their end only."""
     st, _ = state()
