@@ -835,7 +835,7 @@ class DecodeState:
                 or not (g.kv_cache in ("dual", "prefix") or one_block) or g.cfg_scale > 0):
             return []
         fixed = self.rule.fixed_steps
-        left = 0 if fixed else int(self._masked().sum())
+        left = 0 if fixed else self.masks_left()
         counts, s = [], self.step
         while len(counts) < cap and (len(counts) < left if not fixed else
                                      s < self.sched.shape[0] and int(self.sched[s]) > 0):
@@ -873,7 +873,7 @@ class DecodeState:
         completes (those commit nothing on the device and the host drops them)."""
         if not self.ahead_bounded() or self.bs is None:
             return 1 << 30
-        left = int(self._masked().sum())
+        left = self.masks_left()
         done = self._masks_at_block_start() - left
         if self.step == 0 or done <= 0:
             return max(1, left)
@@ -1035,11 +1035,17 @@ class DecodeState:
             return []
         seg = self.x[start:end]
         masked = (seg == self.mask_id).nonzero()
-        new = seg[:int(masked[0]) if masked.numel() else seg.numel()].tolist()
-        if self.gen.stop_at_eos or self.attn_block:
-            stops = set(self.stop_ids)
-            new = new[:next((j for j, t in enumerate(new) if t in stops), len(new))]
+        new = self._cut_at_stop(seg[:int(masked[0]) if masked.numel() else seg.numel()].tolist())
         self.emitted += len(new)
+        return new
+
+    def _cut_at_stop(self, new: list[int]) -> list[int]:
+        """``new`` (generated tokens) before its first stop id, where stops apply (``stop_at_eos``, block
+        decoders, whose references always stop)."""
+        if self.gen.stop_at_eos or self.attn_block:
+            for j, t in enumerate(new):
+                if t in self.stop_ids:
+                    return new[:j]
         return new
 
     def _end_block(self) -> list[int]:
@@ -1061,11 +1067,7 @@ class DecodeState:
         end = min(be, P + self.gen.gen_length)        # block canvases: the overhang is dropped
         new = self.x[P + self.emitted:end].tolist()
         self.emitted = end - P
-        if stop:
-            for j, t in enumerate(new):
-                if t in self.stop_ids:
-                    return new[:j]
-        return new
+        return self._cut_at_stop(new)
 
 
 

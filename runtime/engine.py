@@ -495,7 +495,7 @@ class Engine:
         rows = sorted(rows, key=lambda r: results[id(r)].j)          # the run's row order
         win, live = results[id(rows[0])].window, list(rows)
         bounded = results[id(rows[0])].bounded
-        s, pre, landed, launching, tried = 0, False, (0.0, 0), True, False
+        s, pre, landed, launching = 0, False, (0.0, 0), True
 
         def may_launch() -> bool:      # every row still fed as the core, steps left, no request waiting
             return launching and len(live) == len(rows) and win.launched < win.n and not self._arrivals()
@@ -519,8 +519,8 @@ class Engine:
             if bounded and may_launch():
                 launching = self._refill(win, s + 1 + self._horizon([r.state for r in live],
                                                                     [results[id(r)].bs for r in live]))
-            if not tried and len(live) == len(rows) and self._block_ends_next(rows, win, results, s, bounded):
-                tried, pre = True, self._prelaunch(rows, win, n_running, close=bounded)  # _prelaunch: why now
+            if not pre and len(live) == len(rows) and self._block_ends_next(rows, win, results, s, bounded):
+                pre = self._prelaunch(rows, win, n_running, close=bounded)     # see _prelaunch: why only now
                 launching = launching and not pre          # nothing launches behind the Refresh
             s += 1
         self._time_steps(len(rows), (landed[0] - results[id(rows[0])].launched) / landed[1])
