@@ -302,38 +302,52 @@ def grouped_mm_target(arch: str, dtype: torch.dtype) -> bool:
 
 
 def expert_offsets(idx: torch.Tensor, n_experts: int):
-    """Tokens sorted by expert, on the device (no host sync): (order [N * k]: the flat (token, slot) of each
-    sorted row, stable, so rows of one expert keep token order; offs [E] int32: cumulative row ends per
-    expert, as ``torch._grouped_mm`` takes them; an expert without tokens repeats its predecessor's end).
-    Not ``torch.bincount``: on CUDA it reads the ids' min and max back to the host."""
-    ids, order = idx.reshape(-1).sort(stable=True)                                   # [N * k], [N * k]
-    ends = torch.arange(1, n_experts + 1, device=idx.device, dtype=ids.dtype)       # [E]
-    return order, torch.searchsorted(ids, ends, out_int32=True)                      # [N * k], [E]
+    """Rows (token, slot) grouped by expert, on the device (no host sync): (order [N * k]: the flat (token,
+    slot) of each grouped row, stable, so rows of one expert keep token order; dest [N * k]: where each flat
+    row went, ``order``'s inverse; offs [E] int32: cumulative row ends per expert, as ``torch._grouped_mm``
+    takes them; an expert without rows repeats its predecessor's end).
+
+    A counting sort (a count, a scan over tokens and a gather, which Inductor fuses; a scatter inverts it),
+    not ``sort``: a Reuse step routes a few hundred to a few thousand rows, where ``sort`` launched a
+    segmented radix sort per layer (16% of LLaDA-MoE's kernel time at B=1, bench/RESULTS.md). Its [N, E]
+    count is 4 bytes a (token, expert), small beside a forward's activations at any N, and it has no branch on
+    N, so a program traced with a symbolic token count keeps one path. Not ``torch.bincount``: on CUDA it
+    reads the ids' min and max back to the host."""
+    M = idx.numel()
+    experts = torch.arange(n_experts, device=idx.device, dtype=idx.dtype)           # [E]
+    rows = torch.arange(M, device=idx.device, dtype=idx.dtype)                       # [M]
+    hot = (idx[:, :, None] == experts).sum(1, dtype=torch.int32)                     # [N, E] token t's rows of e
+    counts = hot.sum(0, dtype=torch.int32)                                           # [E]
+    ends = counts.cumsum(0, dtype=torch.int32)                                       # [E]
+    before = hot.cumsum(0, dtype=torch.int32) - hot                                  # [N, E] earlier tokens'
+    same = (idx[:, :, None] == idx[:, None, :]).tril(-1).sum(-1, dtype=torch.int32)  # [N, k] earlier slots'
+    dest = ((ends - counts)[idx] + before.gather(1, idx) + same).reshape(-1).long()  # [M]
+    return torch.empty_like(rows).scatter_(0, dest, rows), dest, ends
 
 
 def moe_fused(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """Each expert on its routed tokens only, as two grouped GEMMs over all experts (static shapes, no host
-    sync, so CUDA graphs capture it): rows sorted by expert (``expert_offsets``), gathered once [N * k, d];
+    sync, so CUDA graphs capture it): rows grouped by expert (``expert_offsets``), gathered once [N * k, d];
     gate+up in one ``torch._grouped_mm`` over ``w_gu`` [E, 2H, d] (read transposed, no copy); SiLU(gate) *
-    up; down in a second over ``w_down`` [E, H, d]; rows put back in (token, slot) order (one scatter through
-    the sort's permutation, no second sort) and combined by one batched [1, k] x [k, d] product with the
+    up; down in a second over ``w_down`` [E, H, d]; rows put back in (token, slot) order (one gather through
+    the grouping's inverse, no second sort) and combined by one batched [1, k] x [k, d] product with the
     routing weights per token (fixed order: deterministic, no atomics). Where ``grouped_mm_fits`` says no
     (fp32 / fp16 on CUDA, GPUs before sm90, misaligned dims) it runs ``moe_grouped`` instead (a Python loop
     over experts with data-dependent gathers, so a host sync each), or ``moe_stacked`` while a CUDA graph is
-    being captured or the program traced (static shapes). In bf16 it traces as is (torch.export: sort,
-    searchsorted, _grouped_mm; no data-dependent shapes)."""
+    being captured or the program traced (static shapes). In bf16 it traces as is (torch.export: a
+    count, a scan, _grouped_mm; no data-dependent shapes)."""
     w_gu, w_down = _packed(experts)
     if not grouped_mm_fits(x, w_down):
         if _tracing() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return moe_stacked(x, w, idx, experts)
         return moe_grouped(x, w, idx, experts)
     (N, k), (E, H, d) = idx.shape, w_down.shape
-    order, offs = expert_offsets(idx, E)                                             # [N * k], [E]
+    order, dest, offs = expert_offsets(idx, E)                                 # [N * k], [N * k], [E]
     xs = x[order // k]                                                               # [N * k, d]
     gu = torch._grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs)                    # [N * k, 2H]
     h = F.silu(gu[:, :H]) * gu[:, H:]                                                # [N * k, H]
     ys = torch._grouped_mm(h, w_down, offs=offs)                                     # [N * k, d]
-    y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, d)                 # [N, k, d] (token, slot)
+    y = ys[dest].view(N, k, d)                                                       # [N, k, d] (token, slot)
     return torch.bmm(w.to(x.dtype)[:, None, :], y)[:, 0]                             # [N, d]
 
 

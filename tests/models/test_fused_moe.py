@@ -63,15 +63,27 @@ def test_fused_block_equals_dense(ckpt, n_tok):
     assert ref.abs().max() > 0.1                                       # a decisive comparison
 
 
-def test_expert_offsets_sort_rows_by_expert():
+def test_expert_offsets_group_rows_by_expert():
+    """The counting sort gives the stable sort's grouping, its inverse and the ends."""
     idx = torch.tensor([[3, 0], [3, 1], [0, 5], [1, 3]])                 # [N=4, k=2], experts 2 and 4 empty
-    order, offs = expert_offsets(idx, 6)
+    order, dest, offs = expert_offsets(idx, 6)
     assert offs.dtype == torch.int32
     assert offs.tolist() == torch.bincount(idx.flatten(), minlength=6).cumsum(0).tolist()
     assert offs.tolist() == [2, 4, 4, 7, 7, 8]
     flat = idx.flatten()
     assert flat[order].tolist() == sorted(flat.tolist())
     assert order.tolist() == [1, 4, 3, 6, 0, 2, 7, 5]                  # stable: token order inside an expert
+    assert dest[order].tolist() == list(range(8))                     # the inverse permutation
+    twice = torch.tensor([[2, 2], [2, 0]])                               # an expert twice in one token
+    order, dest, offs = expert_offsets(twice, 3)
+    assert order.tolist() == [3, 0, 1, 2] and offs.tolist() == [1, 1, 4]
+    assert dest[order].tolist() == list(range(4))
+    big = torch.randint(0, 64, (300, 8), generator=torch.Generator().manual_seed(0))
+    order, dest, offs = expert_offsets(big, 64)
+    ref_ids, ref_order = big.flatten().sort(stable=True)
+    assert order.tolist() == ref_order.tolist()
+    assert dest[order].tolist() == list(range(2400))
+    assert offs.tolist() == torch.bincount(big.flatten(), minlength=64).cumsum(0).tolist()
 
 
 def test_fused_falls_back_where_grouped_mm_does_not_fit():
@@ -138,10 +150,14 @@ def test_fused_traces_with_torch_export(dtype):
     model = load_model("tiny-llada-moe", seed=2).model.to(dtype)
     model.set_moe_impl("fused")
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
-    ep = torch.export.export(model, (ids,), strict=False)
+    T = torch.export.Dim("T", min=2, max=4096)
+    ep = torch.export.export(model, (ids,), dynamic_shapes=({1: T},), strict=False)
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert not ops & {"aten.nonzero.default", "aten.item.default", "aten._local_scalar_dense.default"}
+    assert not ops & {"aten.nonzero.default", "aten.item.default", "aten._local_scalar_dense.default",
+                      "aten._assert_scalar.default"}                   # no guard on the token count
+    assert [(r.lower, r.upper) for r in ep.range_constraints.values()] == [(2, 4096)]
     assert ("aten._grouped_mm.default" in ops) == (dtype == torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 700), generator=torch.Generator().manual_seed(4))   # another T
     with torch.no_grad():
         out, ref = ep.module()(ids), model(ids)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else TOL
