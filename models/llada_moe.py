@@ -22,7 +22,7 @@ or dtypes, and programs traced without an explicit choice). Engines choose per t
 traces ``fused`` for bf16 export / AOTI builds for sm90 / sm100 (``dlc.compiler.build.traced_moe_impl``).
 
 * ``fused``: each expert on its routed tokens only, as two grouped GEMMs over all experts
-  (``torch._grouped_mm``): tokens sorted by expert on the device, per-expert offsets without a host sync, so
+  (``torch._grouped_mm``): rows grouped by expert on the device (a counting sort), per-expert offsets without a host sync, so
   CUDA graphs capture it; the routed FLOPs only, two grouped GEMMs per layer whatever E. Falls back to
   ``grouped`` where ``torch._grouped_mm`` would sync or refuse (``grouped_mm_fits``), to ``stacked`` there
   while a CUDA graph is captured or the program traced.
