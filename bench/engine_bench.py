@@ -17,7 +17,14 @@ dlc's LLaDA HF layout, this script:
    Each B also gets its floor-bound ceiling (bench/floors.py at this GPU's measured copy bandwidth and
    matmul rate) and each path its share.
 
+Block-diffusion presets (``--preset llada2-mini``, ``sdar-8b``) run LLaDA2's decoder with one token a step
+(``steps_per_block`` = block, no threshold: the static schedule) over the exact block cache on both paths,
+against the block-diffusion floor (``floors.bd_floor_s``: the prompt's prefill once, no whole-sequence
+Refresh a block). ``--device cpu`` is a smoke run of a tiny preset (fp32, target cpu; timings meaningless).
+
     python3 -P bench/engine_bench.py --out $OUT/engine_bench.json
+    python3 -P bench/engine_bench.py --preset llada2-mini --batches 1,32 --once --repeats 3
+    python bench/engine_bench.py --device cpu --preset tiny-llada2 --prompt 16 --gen 16 --block 8 --batches 2
 """
 from __future__ import annotations
 
@@ -33,7 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
 import floors  # noqa: E402
-from engine_path import build, run_session  # noqa: E402
+from engine_path import build, run_session, sync  # noqa: E402
+
+DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
 
 def log(msg: str) -> None:
@@ -44,16 +53,26 @@ def dir_bytes(path: Path, skip=()) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name not in skip)
 
 
-def build_checkpoint(ckpt: Path, preset: str) -> tuple[int, float]:
+def free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def allocated(dev: torch.device) -> int:
+    """Device bytes allocated (0 on the CPU, where the smoke run does not measure memory)."""
+    return torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+
+
+def build_checkpoint(ckpt: Path, preset: str, dev: torch.device) -> tuple[int, float]:
     from dlc.models.loading import save_checkpoint
-    model = build(preset, "cuda")                                # random bf16 weights, head x4
+    model = build(preset, dev.type, DTYPES[dev.type])            # random weights, head x4
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     t = time.perf_counter()
     save_checkpoint(model, ckpt)
     secs = time.perf_counter() - t
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    free(dev)
     return weight_bytes, secs
 
 
@@ -62,18 +81,19 @@ def build_engine(ckpt: Path, eng_dir: Path, target: str, res: dict, args) -> Non
     from dlc.compiler.build import compile_model
     shutil.rmtree(ckpt.parent, ignore_errors=True)
     ckpt.mkdir(parents=True)
-    log(f"building {args.preset} (random bf16) -> {ckpt}")
-    res["weight_bytes"], res["save_s"] = build_checkpoint(ckpt, args.preset)
+    dev = torch.device(args.device)
+    log(f"building {args.preset} (random {DTYPES[dev.type]}) -> {ckpt}")
+    res["weight_bytes"], res["save_s"] = build_checkpoint(ckpt, args.preset, dev)
     log(f"weights {res['weight_bytes'] / 1e9:.2f} GB written in {res['save_s']:.1f}s")
 
     L = args.prompt + args.gen
     t = time.perf_counter()
-    compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype="bf16", max_batch_size=max(
+    dtype = "bf16" if dev.type == "cuda" else "fp32"
+    compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype=dtype, max_batch_size=max(
         int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log,
         **({"moe_impl": args.moe_impl} if args.moe_impl != "auto" else {}))
     res["compile_s"] = time.perf_counter() - t
-    gc.collect()
-    torch.cuda.empty_cache()
+    free(dev)
     res["engine_bytes"] = dir_bytes(eng_dir)
     res["engine_over_weights"] = res["engine_bytes"] / res["weight_bytes"]
     log(f"compile {res['compile_s']:.1f}s, engine {res['engine_bytes'] / 1e9:.2f} GB "
@@ -84,8 +104,7 @@ def run(session, B: int, args, compile: bool | None = None) -> dict:
     """engine_path.run_session (the same Engine timing loop), then free the engine's KV pool."""
     res = run_session(session, B, args, compile)
     getattr(session.runner, "bind_pool", lambda kv: None)(None)   # an engine runner outlives its pool
-    gc.collect()
-    torch.cuda.empty_cache()
+    free(torch.device(args.device))
     return res
 
 
@@ -106,6 +125,7 @@ def main() -> None:
                    help="keep the checkpoint and engine a previous run left in --work")
     p.add_argument("--moe-impl", default="auto", choices=["auto", "fused", "stacked"],
                    help="MoE presets: the expert forward the engine traces (dlc compile --moe-impl)")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of a tiny preset (fp32, target cpu)")
     p.add_argument("--uncompiled", action="store_true",
                    help="also time the engine's programs interpreted (no Inductor at load), first")
     args = p.parse_args()
@@ -113,9 +133,11 @@ def main() -> None:
 
     work = Path(args.work)
     ckpt, eng_dir = work / "ckpt", work / "engine"
-    target = args.target or ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "target": target}
-    res["copy_bw"], res["matmul_rate"] = floors.measure("cuda")
+    dev = torch.device(args.device)
+    gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    target = args.target or ("cpu" if dev.type == "cpu" else "h200" if "H200" in gpu else "h100")
+    res = {"gpu": gpu, "torch": torch.__version__, "target": target}
+    res["copy_bw"], res["matmul_rate"] = floors.measure(dev.type)
     log(f"copy bandwidth {res['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul {res['matmul_rate'] / 1e12:.0f} "
         f"TFLOP/s")
     if args.reuse and (eng_dir / "dlc_engine.json").exists():
@@ -124,27 +146,26 @@ def main() -> None:
         res["compile_s"], res["engine_bytes"], res["engine_over_weights"] = 0.0, dir_bytes(eng_dir), 1.0
     else:
         build_engine(ckpt, eng_dir, target, res, args)
-    base = torch.cuda.memory_allocated()
+    base = allocated(dev)
     t = time.perf_counter()
-    engine = open_model(str(eng_dir), device="cuda", progress=False)
-    torch.cuda.synchronize()
+    engine = open_model(str(eng_dir), device=dev.type, progress=False)
+    sync(dev)
     res["load_s"] = time.perf_counter() - t
     res["moe"] = json.loads((eng_dir / "dlc_engine.json").read_text())["build"].get("moe", "-")
-    res["engine_device_bytes"] = torch.cuda.memory_allocated() - base
+    res["engine_device_bytes"] = allocated(dev) - base
     res["device_over_weights"] = res["engine_device_bytes"] / res["weight_bytes"]
     res["load_cached_s"] = float("nan")
     if not args.once:
         del engine
-        gc.collect()
-        torch.cuda.empty_cache()
+        free(dev)
         t = time.perf_counter()
-        engine = open_model(str(eng_dir), device="cuda", progress=False)   # verification cached now
-        torch.cuda.synchronize()
+        engine = open_model(str(eng_dir), device=dev.type, progress=False)   # verification cached now
+        sync(dev)
         res["load_cached_s"] = time.perf_counter() - t
     log(f"load {res['load_s']:.1f}s (verified), {res['load_cached_s']:.1f}s (cached); device "
         f"{res['engine_device_bytes'] / 1e9:.2f} GB ({res['device_over_weights']:.3f}x weights)")
     t = time.perf_counter()
-    runtime = open_model(str(ckpt), device="cuda", dtype=torch.bfloat16, progress=False)
+    runtime = open_model(str(ckpt), device=dev.type, dtype=DTYPES[dev.type], progress=False)
     res["runtime_load_s"] = time.perf_counter() - t
 
     res["e2e"] = []

@@ -59,6 +59,21 @@ def run(model, B: int, args) -> dict:
     return {"label": args.label, "compile": args.compile, **res}
 
 
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def schedule_params(cfg, args) -> dict:
+    """One token a step, a fixed number of forwards on every path: full attention, ``steps`` = gen (dual
+    cache); a block-diffusion model, LLaDA2's decoder with ``steps_per_block`` = block and no threshold (its
+    static low-confidence schedule, ``ScheduleRule``) over the exact block cache."""
+    if cfg.block_diffusion:
+        return dict(gen_length=args.gen, block_length=args.block, steps_per_block=args.block, threshold=None,
+                    decoder="llada2", kv_cache="block")
+    return dict(gen_length=args.gen, block_length=args.block, steps=args.gen)
+
+
 def run_session(session, B: int, args, compile: bool | None = None) -> dict:
     """One batch of B requests through dlc.runtime.Engine on ``session`` (an eager model or an engine
     directory; ``compile``: ServeConfig.compile, None = the serving default): median seconds of
@@ -67,23 +82,26 @@ def run_session(session, B: int, args, compile: bool | None = None) -> dict:
     from dlc.runtime.engine import Engine
     from dlc.runtime.kv_cache import slot_bytes
     cfg, L = session.config, args.prompt + args.gen
-    mib = slot_bytes(cfg, L, torch.bfloat16) * (B + 2) / 2**20 + 1
-    sc = ServeConfig(model="bench", policy="fcfs", device="cuda", max_batch_size=B, max_num_tokens=2 * B * L,
-                     max_seq_len=L, kv_cache_mb=mib, max_queue=4096, kv_cache="dual", compile=compile)
+    dev = torch.device(getattr(args, "device", "cuda"))
+    mib = slot_bytes(cfg, L, getattr(session.runner, "dtype", torch.bfloat16)) * (B + 2) / 2**20 + 1
+    sc = ServeConfig(model="bench", policy="fcfs", device=dev.type, max_batch_size=B,
+                     max_num_tokens=2 * B * L, max_seq_len=L, kv_cache_mb=mib, max_queue=4096,
+                     kv_cache="block" if cfg.block_diffusion else "dual", compile=compile)
     eng = Engine(session, sc)
     g = torch.Generator().manual_seed(B)
-    prompts = [torch.randint(0, cfg.vocab_size - 512, (args.prompt,), generator=g).tolist() for _ in range(B)]
-    params = dict(gen_length=args.gen, block_length=args.block, steps=args.gen)
+    top = cfg.vocab_size - min(512, cfg.vocab_size // 4)          # below the special ids (tiny vocabularies)
+    prompts = [torch.randint(0, top, (args.prompt,), generator=g).tolist() for _ in range(B)]
+    params = schedule_params(cfg, args)
     t = time.perf_counter()
     eng.generate(prompts, params)          # warm-up at the timed shapes: captures, compiles (sequence length)
-    torch.cuda.synchronize()
+    sync(dev)
     warm = time.perf_counter() - t
     secs = []
     for _ in range(args.repeats):
-        torch.cuda.synchronize()
+        sync(dev)
         t = time.perf_counter()
         outs = eng.generate(prompts, params)
-        torch.cuda.synchronize()
+        sync(dev)
         secs.append(time.perf_counter() - t)
     toks = sum(len(o) for o in outs)
     med = statistics.median(secs)
@@ -92,7 +110,7 @@ def run_session(session, B: int, args, compile: bool | None = None) -> dict:
     return {"B": B, "seconds": med, "all_seconds": secs, "tokens": toks, "tok_s": toks / med,
             "replays": stats.get("replays"),
             "host_ms_per_replay": 1e3 * stats.get("host_s", 0) / max(1, stats.get("replays") or 1),
-            "first_tokens": outs[0][:8], "warmup_s": warm}
+            "first_tokens": outs[0][:8], "warmup_s": warm, "schedule": params}
 
 
 def main() -> None:

@@ -98,10 +98,26 @@ def e2e_floor_s(cfg, B: int, prompt: int, gen: int, block: int, steps_per_block:
     return (gen // block) * (refresh + (steps_per_block - 1) * reuse)
 
 
+def bd_floor_s(cfg, B: int, prompt: int, gen: int, block: int, steps_per_block: int, bw: float,
+               rate: float, elt: int = 2) -> float:
+    """Seconds a block-diffusion schedule needs at the floors (exact block cache): the prompt's prefill once,
+    then per block ``steps_per_block`` steps of the block over the cached blocks before it and itself; a
+    block's first step also feeds the finished block before it (its clean K/V written in that forward,
+    docs/BLOCK_DIFFUSION.md), so it is a step of two blocks."""
+    total = refresh_cost(cfg, B, prompt, 0, elt).seconds(bw, rate)
+    for i in range(gen // block):
+        S = prompt + (i + 1) * block                            # cached columns the block's steps read
+        first = reuse_cost(cfg, B, 2 * block if i else block, S, elt).seconds(bw, rate)
+        total += first + (steps_per_block - 1) * reuse_cost(cfg, B, block, S, elt).seconds(bw, rate)
+    return total
+
+
 def e2e_ceiling_tok_s(cfg, B: int, prompt: int, gen: int, block: int, steps_per_block: int, bw: float,
                       rate: float, elt: int = 2) -> float:
-    """Generated tokens per second at the floors (the best any implementation of the schedule can do)."""
-    return B * gen / e2e_floor_s(cfg, B, prompt, gen, block, steps_per_block, bw, rate, elt)
+    """Generated tokens per second at the floors (the best any implementation of the schedule can do): the
+    dual-cache schedule's, or a block-diffusion model's (``bd_floor_s``)."""
+    floor = bd_floor_s if getattr(cfg, "block_diffusion", False) else e2e_floor_s
+    return B * gen / floor(cfg, B, prompt, gen, block, steps_per_block, bw, rate, elt)
 
 
 # -------------------------------------------------------------------------------------- measured device rates
