@@ -310,8 +310,9 @@ def expert_offsets(idx: torch.Tensor, n_experts: int):
     A counting sort (a count, a scan over tokens and a gather, which Inductor fuses; a scatter inverts it),
     not ``sort``: a Reuse step routes a few hundred to a few thousand rows, where ``sort`` launched a
     segmented radix sort per layer (16% of LLaDA-MoE's kernel time at B=1, bench/RESULTS.md). Its [N, E]
-    count is 4 bytes a (token, expert), small beside a forward's activations at any N, and it has no branch on
-    N, so a program traced with a symbolic token count keeps one path. Not ``torch.bincount``: on CUDA it
+    count is 4 bytes a (token, expert) (uncompiled, the [N, k, E] comparison before it k bytes more; compiled,
+    fused away), small beside a forward's activations at any N, and it has no branch on N, so a program
+    traced with a symbolic token count keeps one path. Not ``torch.bincount``: on CUDA it
     reads the ids' min and max back to the host."""
     M = idx.numel()
     experts = torch.arange(n_experts, device=idx.device, dtype=idx.dtype)           # [E]
