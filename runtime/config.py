@@ -82,6 +82,10 @@ class ServeConfig:
     # a request's output does not depend on what else runs (fixed GEMM / reduction / attention / logits
     # splits on CUDA: runtime/batch_invariant.py); costs speed, keeps compile off
     batch_invariant: bool = False
+    # an export engine compiled at load keeps Inductor's code in its directory and loads it at the next
+    # open (runtime/compile_cache.py: a pickle written by this runtime; off where the directory is shared
+    # with writers you do not trust)
+    compile_cache: bool = True
     gen_length: int | None = None
     block_length: int | None = None
     steps: int | None = None
@@ -154,6 +158,8 @@ class ServeConfig:
         r = self.sparse_retention
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
             raise ValueError(f"serve config: sparse_retention must be in (0, 1], got {r!r}")
+        if not isinstance(self.compile_cache, bool):
+            raise ValueError(f"serve config: compile_cache must be true or false, got {self.compile_cache!r}")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"serve config: batch_invariant must be true or false, got "
                              f"{self.batch_invariant!r}")

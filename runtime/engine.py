@@ -44,6 +44,7 @@ from . import boundary
 from .ahead_window import AheadWindow
 from .batch_invariant import batch_invariant_mode
 from .batch_invariant import check_runner as check_invariant_runner
+from .compile_cache import CompileCache
 from .config import BLOCK_GEN_KEYS, GEN_KEYS, ServeConfig, model_generation_defaults
 from .decoding import DecodeState, FieldError, GenerationConfig, ahead_commit, apply_batch
 from .distributed.runner import TensorParallelRunner
@@ -178,6 +179,11 @@ class Engine:
                                        cfg.graph_decode, cfg.mix_iterations)
         if cfg.batch_invariant:
             check_invariant_runner(self.runner)
+        # an export engine compiled at load: Inductor's code kept in its directory (runtime/compile_cache.py)
+        self.compile_cache = (CompileCache.for_engine(session.source, self.runner) if cfg.compile_cache
+                              else None)
+        if self.compile_cache is not None:
+            self.compile_cache.load()
         self.mc = session.config
         self.max_seq = min(cfg.max_seq_len or self.mc.max_seq_len, self.runner.max_seq_len,
                            cfg.max_num_tokens)
@@ -749,6 +755,8 @@ class Engine:
             self.gran.calibrate(timings)
         self._update_gauges()
         self.timings["warmup_s"] = time.perf_counter() - t0
+        if self.compile_cache is not None:
+            self.compile_cache.save()
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -810,3 +818,5 @@ class Engine:
             self.lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.compile_cache is not None:            # the shapes compiled while serving, for the next start
+            self.compile_cache.save()

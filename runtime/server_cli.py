@@ -79,6 +79,9 @@ def _options(f):
         click.option("--sparse-retention", default=None, type=float,
                      help="head-sparse Reuse (eager models): each KV head attends over the block and this "
                           "share of the other cached keys, chosen at Refresh [off: dense]"),
+        click.option("--compile-cache/--no-compile-cache", default=None,
+                     help="an export engine compiled at load writes Inductor's code into its directory "
+                          "(compile_cache/, per GPU and torch version) and loads it at the next open [on]"),
         click.option("--batch-invariant/--no-batch-invariant", default=None,
                      help="a request's output does not depend on what else runs (fixed GEMM, attention and "
                           "logits splits on CUDA; slower, no --compile) [off]"),

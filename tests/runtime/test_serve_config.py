@@ -10,7 +10,8 @@ from dlc.runtime.server_cli import build_config
     ("port", 70000, "port"), ("policy", "lifo", "policy"), ("granularity", "auto", "granularity"),
     ("refresh_share", 0.0, "refresh_share"), ("kv_cache_mb", 0, "kv_cache_mb"),
     ("max_queue", 1.5, "max_queue"), ("api_key", "", "api_key"),
-    ("batch_invariant", "yes", "batch_invariant"), ("ttft_defer_iters", -1, "ttft_defer_iters"),
+    ("batch_invariant", "yes", "batch_invariant"), ("compile_cache", 1, "compile_cache"),
+    ("ttft_defer_iters", -1, "ttft_defer_iters"),
     ("ttft_defer_iters", 2.5, "ttft_defer_iters"), ("lookahead_max_ms", -1, "lookahead_max_ms"),
     ("lookahead_max_ms", "x", "lookahead_max_ms")])
 def test_bad_values(field, value, needle):

@@ -1,0 +1,71 @@
+"""An export engine compiled at load keeps Inductor's code in its directory (runtime/compile_cache.py): a
+second open on a "fresh machine" (an empty Inductor cache directory, Dynamo reset) finds every graph it
+compiles in the engine's cache file instead of generating it, and serves the same tokens."""
+import shutil
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from dlc.runtime.compile_cache import CACHE_DIR, device_key
+from dlc.runtime.config import ServeConfig
+from dlc.runtime.engine import Engine
+from dlc.runtime.session import open_model
+
+PROMPTS = [[5, 17, 99, 3]]
+PARAMS = dict(gen_length=8, block_length=8, steps=8)
+
+
+def _fresh_machine(monkeypatch, cache_dir) -> None:
+    """What a new container has: no Inductor cache on disk, nothing compiled in memory."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def _serve(engine_dir, **cfg) -> tuple[Engine, list[list[int]]]:
+    """Two request sets, the cache saved between them (as after a warm-up, then at shutdown): two chunks."""
+    eng = Engine(open_model(str(engine_dir), device="cpu", progress=False),
+                 ServeConfig(model="x", device="cpu", max_batch_size=2, max_seq_len=32, kv_cache_mb=8,
+                             compile=True, **cfg))
+    out = eng.generate(PROMPTS, PARAMS)                    # compiles what it runs (no warm-up: fewer graphs)
+    eng.compile_cache.save()
+    out += eng.generate([list(range(3, 17))], PARAMS)      # a longer Refresh: compiled once more
+    eng.shutdown()
+    return eng, out
+
+
+@pytest.fixture
+def engine_dir(shared_engine, tmp_path):
+    d = tmp_path / "engine"                                # the shared engine is read-only: a copy
+    shutil.copytree(shared_engine("tiny-llada", "export"), d)
+    return d
+
+
+def test_a_fresh_open_loads_the_engines_compiled_code_and_serves_the_same_tokens(engine_dir, tmp_path,
+                                                                              monkeypatch):
+    _fresh_machine(monkeypatch, tmp_path / "inductor-1")
+    first, tokens = _serve(engine_dir)
+    cache = engine_dir / CACHE_DIR / f"{device_key(torch.device('cpu'))}.bin"
+    assert cache.is_file() and first.compile_cache.saved > 0 and first.compile_cache.loaded == 0
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0                 # it compiled
+    assert len({t for out in tokens for t in out}) > 1                     # a decisive model
+
+    _fresh_machine(monkeypatch, tmp_path / "inductor-2")
+    second, again = _serve(engine_dir)
+    assert second.compile_cache.loaded == first.compile_cache.saved        # both chunks, not the last
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0                 # nothing generated again
+    assert again == tokens
+
+
+def test_only_compiled_export_engines_with_the_flag_keep_a_cache(engine_dir):
+    """``--no-compile-cache`` (ServeConfig.compile_cache) and programs run interpreted keep none."""
+    session = open_model(str(engine_dir), device="cpu", progress=False)
+
+    def cache_of(**cfg):                  # in this order: compile=True leaves the session's runner compiled
+        sc = ServeConfig(model="x", device="cpu", max_batch_size=2, max_seq_len=32, kv_cache_mb=8, **cfg)
+        return Engine(session, sc).compile_cache
+    assert cache_of(compile=False) is None
+    assert cache_of(compile=True, compile_cache=False) is None
+    assert cache_of(compile=True) is not None
