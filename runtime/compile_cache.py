@@ -36,7 +36,7 @@ def device_key(device: torch.device) -> str:
 
 class CompileCache:
     """The cache file of one engine directory on one device: ``load`` before the first compile, ``save``
-    after compiles (only what is new: more artifacts than the file holds)."""
+    after compiles (the file's artifacts and the process's, written where that is more than the file held)."""
 
     def __init__(self, engine_dir: Path, device: torch.device):
         self.file = Path(engine_dir) / CACHE_DIR / f"{device_key(device)}.bin"
@@ -67,16 +67,26 @@ class CompileCache:
         return self.loaded
 
     def save(self) -> int:
-        """Write this process's artifacts where they are more than the file holds -> how many written (0:
+        """Write the file's artifacts and this process's together (a start that compiled new shapes adds
+        them; one that used only some of the file's keeps the rest) -> how many the file holds now (0:
         nothing new, or the directory cannot be written)."""
         try:
             got = torch.compiler.save_cache_artifacts()
         except Exception as e:             # noqa: BLE001 - saving is best effort, serving goes on
             log.debug("compile cache: nothing saved: %s", e)
             return 0
-        if got is None or _count(got[1]) <= self.saved:
+        if got is None:
             return 0
         data, n = got[0], _count(got[1])
+        if self.file.is_file():
+            try:
+                data, n = _merge(self.file.read_bytes(), data)
+            except (ImportError, AttributeError, TypeError) as e:    # torch's layout differs: more wins
+                log.debug("compile cache: no merge: %s", e)
+            except Exception as e:         # noqa: BLE001 - a damaged file: this process's artifacts replace it
+                log.warning("compile cache %s unreadable, rewritten: %s", self.file, str(e)[:160])
+        if n <= self.saved:
+            return 0
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
         try:
             self.file.parent.mkdir(exist_ok=True)
@@ -91,6 +101,27 @@ class CompileCache:
         return n
 
 
+def _chunks(data: bytes) -> list:
+    """[(kind, [artifact])] of every chunk of a payload (torch's private serializer)."""
+    from torch.compiler._cache import AppendingByteSerializer, CacheArtifactManager, _deserialize_single_cache
+    CacheArtifactManager._ensure_cache_artifacts_registered()
+    return AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache)
+
+
+def _merge(*payloads: bytes) -> tuple[bytes, int]:
+    """One payload of every artifact of ``payloads`` (one chunk per kind, each key once: a later payload's
+    artifact replaces an earlier one of the same key) -> (bytes, artifacts)."""
+    from torch.compiler._cache import _serialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+    merged: dict[str, dict] = {}
+    for data in payloads:
+        for kind, artifacts in _chunks(data):
+            merged.setdefault(kind, {}).update((a.key, a) for a in artifacts)
+    out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+    out.extend((kind, list(arts.values())) for kind, arts in merged.items())
+    return out.to_bytes(), sum(len(a) for a in merged.values())
+
+
 def _load_all(data: bytes):
     """``torch.compiler.load_cache_artifacts`` over every chunk of ``data``. Each ``save_cache_artifacts``
     call appends a chunk per kind of artifact (the ones new since the last call) to one growing payload, and
@@ -98,12 +129,9 @@ def _load_all(data: bytes):
     2.13: a file saved after the warm-up and again at shutdown loaded 6 of its 9 graphs). This merges the
     chunks of a kind first; where torch's private layout differs it falls back to the public loader."""
     try:
-        from torch.compiler._cache import (AppendingByteSerializer, CacheArtifactManager,
-                                           _deserialize_single_cache)
-        CacheArtifactManager._ensure_cache_artifacts_registered()
+        from torch.compiler._cache import CacheArtifactManager
         merged: dict = {}
-        chunks = AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache)
-        for kind, artifacts in chunks:
+        for kind, artifacts in _chunks(data):
             merged.setdefault(kind, []).extend(artifacts)
     except (ImportError, AttributeError, TypeError) as e:
         log.debug("compile cache: torch's loader (no chunk merge): %s", e)
