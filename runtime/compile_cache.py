@@ -108,15 +108,22 @@ def _chunks(data: bytes) -> list:
     return AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache)
 
 
-def _merge(*payloads: bytes) -> tuple[bytes, int]:
-    """One payload of every artifact of ``payloads`` (one chunk per kind, each key once: a later payload's
-    artifact replaces an earlier one of the same key) -> (bytes, artifacts)."""
-    from torch.compiler._cache import _serialize_single_cache
-    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+def _by_kind(*payloads: bytes) -> dict[str, dict]:
+    """{kind: {key: artifact}} over every chunk of ``payloads``: each key once, a later chunk's or payload's
+    artifact replacing an earlier one of the same key."""
     merged: dict[str, dict] = {}
     for data in payloads:
         for kind, artifacts in _chunks(data):
             merged.setdefault(kind, {}).update((a.key, a) for a in artifacts)
+    return merged
+
+
+def _merge(*payloads: bytes) -> tuple[bytes, int]:
+    """One payload of every artifact of ``payloads`` (``_by_kind``; one chunk per kind) -> (bytes,
+    artifacts)."""
+    from torch.compiler._cache import _serialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+    merged = _by_kind(*payloads)
     out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
     out.extend((kind, list(arts.values())) for kind, arts in merged.items())
     return out.to_bytes(), sum(len(a) for a in merged.values())
@@ -127,12 +134,11 @@ def _load_all(data: bytes):
     call appends a chunk per kind of artifact (the ones new since the last call) to one growing payload, and
     the public loader reads the chunks into a dict by kind, so only the last chunk of each kind loads (torch
     2.13: a file saved after the warm-up and again at shutdown loaded 6 of its 9 graphs). This merges the
-    chunks of a kind first; where torch's private layout differs it falls back to the public loader."""
+    chunks of a kind first (``_by_kind``); where torch's private layout differs it falls back to the public
+    loader."""
     try:
         from torch.compiler._cache import CacheArtifactManager
-        merged: dict = {}
-        for kind, artifacts in _chunks(data):
-            merged.setdefault(kind, []).extend(artifacts)
+        merged = {kind: list(arts.values()) for kind, arts in _by_kind(data).items()}
     except (ImportError, AttributeError, TypeError) as e:
         log.debug("compile cache: torch's loader (no chunk merge): %s", e)
         return torch.compiler.load_cache_artifacts(data)
