@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
-from engine_path import build, eager_runner  # noqa: E402  (the random-weight model every bench times)
+from engine_path import build, eager_runner, sync  # noqa: E402  (the random-weight model every bench times)
 
 VARIANTS = ("eager", "la16 first eager", "graphs la1", "graphs la16")
 
@@ -60,11 +60,6 @@ def parse(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="compile the graph runner's blocks (slow warm-up)")
     return ap.parse_args(argv)
-
-
-def sync(dev) -> None:
-    if torch.device(dev).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_engine(model, args, max_b: int, graphs: bool, lookahead: int = 1):

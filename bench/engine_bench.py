@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 
 import floors  # noqa: E402
 from engine_path import build, run_session, sync  # noqa: E402
 
-DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
+DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}     # as dlc compile's default for the target
 
 
 def log(msg: str) -> None:
@@ -88,8 +88,7 @@ def build_engine(ckpt: Path, eng_dir: Path, target: str, res: dict, args) -> Non
 
     L = args.prompt + args.gen
     t = time.perf_counter()
-    dtype = "bf16" if dev.type == "cuda" else "fp32"
-    compile_model(str(ckpt), target, str(eng_dir), backend="export", dtype=dtype, max_batch_size=max(
+    compile_model(str(ckpt), target, str(eng_dir), backend="export", max_batch_size=max(    # target's dtype
         int(b) for b in args.batches.split(",")), max_seq_len=L, block_length=args.block, echo=log,
         **({"moe_impl": args.moe_impl} if args.moe_impl != "auto" else {}))
     res["compile_s"] = time.perf_counter() - t

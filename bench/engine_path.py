@@ -59,8 +59,10 @@ def run(model, B: int, args) -> dict:
     return {"label": args.label, "compile": args.compile, **res}
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
+def sync(dev) -> None:
+    """Wait for the device's queued work (``dev``: a torch.device or its name; a no-op off CUDA). The benches
+    that import engine_path time with it."""
+    if torch.device(dev).type == "cuda":
         torch.cuda.synchronize()
 
 

@@ -53,7 +53,7 @@ from dlc.runtime.step import build_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
 import floors  # noqa: E402  (the step floors every bench counts with)
-from engine_path import construct  # noqa: E402  (every bench's random model starts there)
+from engine_path import construct, sync  # noqa: E402  (every bench's random model starts there)
 
 GiB = 2**30
 # the one table: section, case, eager, optimized, floor/budget, ratio, target, status
@@ -66,11 +66,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 time_ms = floors.time_ms
 
 

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
 import floors  # noqa: E402  (the byte counts and the copy bandwidth every bench uses)
-from engine_path import build  # noqa: E402  (the random LLaDA-shaped model every bench times)
+from engine_path import build, sync  # noqa: E402  (the random LLaDA-shaped model every bench times)
 
 from dlc.models.sparse_heads import kept_counts  # noqa: E402
 from dlc.runtime.kv_cache import KVCacheManager, slot_bytes  # noqa: E402
@@ -61,11 +61,6 @@ GiB = 2**30
 def log(msg: str = "") -> None:
     print(msg, flush=True)
     LINES.append(msg)
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timer(dev):

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (python3 -P does not add it)
-from engine_path import build  # noqa: E402  (the random LLaDA-shaped model every bench times)
+from engine_path import build, sync  # noqa: E402  (the random LLaDA-shaped model every bench times)
 
 GPU_MIXES = "2x768+30x32,1x768+7x32,4x768+60x32"
 TINY_MIXES = "2x64+30x8,1x64+7x8,4x64+60x8"
@@ -58,11 +58,6 @@ def parse_mix(s: str) -> tuple[int, int, int, int]:
     if min(R, L, U, K) < 1 or K > L:
         raise SystemExit(f"--mixes: {s!r} needs positive counts and a block K <= L")
     return R, L, U, K
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def batches(runner, pool, R: int, L: int, U: int, K: int, g: torch.Generator):
